@@ -1,0 +1,41 @@
+"""feature-cloud: long-tail representation learning heads and losses (LEAP and FTL) for PyTorch."""
+from . import functional
+from .heads import LEAPMarginHead
+from .regularizers import MetricL2
+from .statistics import ClassStatistics
+
+__version__ = "0.1.0"
+
+__all__ = ["functional", "LEAPMarginHead", "MetricL2", "ClassStatistics", "__version__"]
+
+
+def _source_checkout_integrations() -> None:
+    """Make ``feature_cloud.integrations`` resolve in a source checkout.
+
+    The adapters live in the top-level ``integrations/`` folder, which the wheel installs as
+    ``feature_cloud/integrations`` (setuptools ``package-dir``). When this package is imported
+    straight from a checkout (``PYTHONPATH=.``), point the subpackage's search path there.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isdir(os.path.join(here, "integrations")) or "feature_cloud.integrations" in sys.modules:
+        return
+    src = os.path.join(os.path.dirname(here), "integrations")
+    init = os.path.join(src, "__init__.py")
+    if not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location(
+        "feature_cloud.integrations", init, submodule_search_locations=[src]
+    )
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_source_checkout_integrations()
+del _source_checkout_integrations

@@ -1,0 +1,322 @@
+"""Pure tensor functions: every equation of LEAP and FTL that the package implements.
+
+Nothing here holds state. Modules in :mod:`feature_cloud.heads`, :mod:`feature_cloud.statistics`,
+:mod:`feature_cloud.regularizers` and every framework adapter call these functions; none of them
+re-implements the math.
+
+Equation numbers refer to
+
+* LEAP: Liu et al., "Deep Representation Learning on Long-tailed Data: A Learnable Embedding
+  Augmentation Perspective", CVPR 2020.
+* FTL: Yin et al., "Feature Transfer Learning for Face Recognition with Under-Represented Data",
+  CVPR 2019.
+
+Shapes: ``B`` batch, ``C`` classes, ``D`` embedding size. Class weights are stored ``(C, D)`` like
+``nn.Linear`` (pytorch-metric-learning stores ``(D, C)``; its adapter transposes a view).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "MARGIN_TYPES",
+    "CLOUD_RULES",
+    "safe_acos",
+    "cosine_logits",
+    "shifted_cosine",
+    "margin_logits",
+    "margin_cross_entropy",
+    "angle_noise",
+    "metric_l2",
+    "metric_l2_from_logits",
+    "batch_class_means",
+    "ema_centers",
+    "angles_to_centers",
+    "ring_slots",
+    "angle_moments",
+    "vanilla_cloud_variance",
+    "full_cloud_variance",
+    "cloud_variance",
+]
+
+MARGIN_TYPES = ("cosface", "arcface")
+CLOUD_RULES = ("full", "vanilla")
+
+# Floor for 1 - x^2 in the acos derivative: keeps the gradient finite (|grad| <= ~2.9e3) where the
+# true derivative -1/sqrt(1 - x^2) is infinite, i.e. at x = +-1 exactly (a feature equal to a class
+# weight). Everywhere with 1 - x^2 >= this floor the gradient is exact.
+_ACOS_GRAD_FLOOR = float(torch.finfo(torch.float32).eps)
+
+
+class _SafeAcos(torch.autograd.Function):
+    """``acos`` with inputs clamped to ``[-1, 1]`` and a finite derivative at ``+-1``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        x = x.clamp(-1.0, 1.0)
+        ctx.save_for_backward(x)
+        return torch.acos(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        floor = _ACOS_GRAD_FLOOR if x.dtype != torch.float64 else 1e-30
+        return -grad * torch.rsqrt((1.0 - x * x).clamp_min(floor))
+
+
+def safe_acos(x: Tensor) -> Tensor:
+    r"""Numerically safe :math:`\arccos` (the angle of LEAP Eq. 3 and of every margin).
+
+    The input is clamped to ``[-1, 1]`` (rounding can push a cosine of normalised vectors past 1)
+    and the derivative :math:`-1/\sqrt{1-x^2}` uses ``max(1 - x^2, eps)`` so that it stays finite
+    at ``x = +-1``; elsewhere it is the exact derivative (no straight-through approximation).
+    Half-precision inputs should be upcast first; :func:`margin_logits` does that.
+    """
+    return _SafeAcos.apply(x)
+
+
+def cosine_logits(embeddings: Tensor, weight: Tensor) -> Tensor:
+    r"""Cosine of the angle between every embedding and every class weight, :math:`\cos\theta_{nj}`.
+
+    ``embeddings`` ``(B, D)``, ``weight`` ``(C, D)``; both are L2-normalised (LEAP Eq. 1-2).
+    Runs in the input dtype (autocast may make it bf16/fp16); callers upcast before margins.
+    """
+    return F.linear(F.normalize(embeddings, dim=1), F.normalize(weight, dim=1))
+
+
+def shifted_cosine(cos: Tensor, shift: Tensor | float) -> Tensor:
+    r""":math:`\cos(\mathrm{clip}(\theta + \delta, 0, \pi))` with :math:`\theta = \arccos(\cos)`.
+
+    The clipped angle sum of LEAP Eq. 7-8: ``shift`` is the cloud angle :math:`\alpha` (plus the
+    ArcFace margin :math:`m_a` on the target). Clipping to ``[0, pi]`` keeps ``cos`` monotone in
+    the angle, so noise or margin never *raise* a logit by wrapping around ``pi``.
+    """
+    theta = safe_acos(cos)
+    return torch.cos((theta + shift).clamp(0.0, math.pi))
+
+
+def margin_logits(
+    cos: Tensor,
+    labels: Tensor,
+    *,
+    margin_type: str = "cosface",
+    scale: float = 24.0,
+    margin: float = 0.2,
+    alpha: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Scaled margin logits of CosFace/ArcFace with an optional feature cloud.
+
+    Without a cloud (``alpha=None``) these are the logits of LEAP Eq. 1 (CosFace,
+    :math:`s(\cos\theta_y - m_c)` on the target) and Eq. 2 (ArcFace, :math:`s\cos(\theta_y + m_a)`).
+    With a per-logit cloud angle ``alpha`` ``(B, C)`` they are LEAP Eq. 7 / Eq. 8:
+
+    .. math::
+        z_{ny} = s(\cos(\theta_{ny} + \alpha_{ny}) - m_c) \;\text{or}\;
+        s\cos(\theta_{ny} + \alpha_{ny} + m_a), \qquad
+        z_{nj} = s\cos(\theta_{nj} + \alpha_{nj}),\ j \ne y,
+
+    every angle sum clipped to ``[0, pi]``. Labels ``< 0`` mark ignored rows (their target logit
+    is left unmodified). Computed in float32 at least, whatever the autocast dtype of ``cos``.
+    """
+    if margin_type not in MARGIN_TYPES:
+        raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {margin_type!r}")
+    if cos.dtype not in (torch.float32, torch.float64):
+        cos = cos.float()
+    index = labels.clamp_min(0).unsqueeze(1)
+    cos_y = cos.gather(1, index)
+    if alpha is None:
+        logits = cos * scale
+        if margin_type == "cosface":
+            target = cos_y - margin
+        else:
+            target = shifted_cosine(cos_y, margin)
+    else:
+        alpha = alpha.to(cos.dtype)
+        logits = shifted_cosine(cos, alpha) * scale
+        alpha_y = alpha.gather(1, index)
+        if margin_type == "cosface":
+            target = shifted_cosine(cos_y, alpha_y) - margin
+        else:
+            target = shifted_cosine(cos_y, alpha_y + margin)
+    target = target * scale
+    target = torch.where(labels.unsqueeze(1) >= 0, target, logits.gather(1, index))
+    return logits.scatter(1, index, target)
+
+
+def margin_cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Softmax cross-entropy over margin logits; labels ``< 0`` are ignored.
+
+    ``"mean"`` averages over the non-ignored rows and returns 0 (not NaN) when every row is
+    ignored or the batch is empty.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    per_sample = F.cross_entropy(logits, labels.clamp_min(-1), ignore_index=-1, reduction="none")
+    if reduction == "none":
+        return per_sample
+    total = per_sample.sum()
+    if reduction == "sum":
+        return total
+    return total / (labels >= 0).sum().clamp_min(1)
+
+
+def angle_noise(
+    std: Tensor, num_classes: int, generator: Optional[torch.Generator] = None
+) -> Tensor:
+    r"""Per-logit cloud angles :math:`\alpha_n \in \mathbb{R}^{1\times C}` of LEAP Sec. 3.4.
+
+    Row ``n`` is drawn i.i.d. from :math:`N(0, \mathrm{std}_n^2)`; a row with ``std = 0`` (a class
+    without cloud) is exactly zero. ``std`` is ``(B,)`` float32 on the target device.
+    """
+    noise = torch.randn(
+        (std.shape[0], num_classes), generator=generator, device=std.device, dtype=std.dtype
+    )
+    return noise.mul_(std.unsqueeze(1))
+
+
+def metric_l2(embeddings: Tensor, weight: Tensor, reduction: str = "mean") -> Tensor:
+    r"""m-L2 regulariser of FTL Eq. 3, :math:`\mathcal{L}_{reg} = \|W^T f\|_2^2`.
+
+    ``weight`` is ``(C, D)``; the squared norm of the raw (unnormalised) logit vector of each
+    sample, averaged over the batch (``reduction="mean"``) or summed.
+    """
+    return metric_l2_from_logits(F.linear(embeddings, weight), reduction)
+
+
+def metric_l2_from_logits(logits: Tensor, reduction: str = "mean") -> Tensor:
+    r"""FTL Eq. 3 from already computed raw logits :math:`W^T f` ``(B, C)`` (saves a GEMM)."""
+    per_sample = logits.float().pow(2).sum(dim=1)
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "mean":
+        return per_sample.sum() / max(per_sample.shape[0], 1)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Class statistics (LEAP Sec. 3.3-3.4)
+# --------------------------------------------------------------------------------------------
+
+
+def batch_class_means(features: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+    """For each sample, the mean feature of its class within the batch, and that class's count.
+
+    Returns ``(means (B, D), counts (B,))``. Rows with ``labels < 0`` get count 0 and mean 0.
+    Uses a ``B x B`` same-label matrix, so it costs ``O(B^2 D)`` whatever the number of classes.
+    """
+    valid = labels >= 0
+    same = (labels.unsqueeze(0) == labels.unsqueeze(1)) & valid.unsqueeze(0) & valid.unsqueeze(1)
+    counts = same.sum(dim=1)
+    means = same.to(features.dtype) @ features
+    return means / counts.clamp_min(1).unsqueeze(1).to(features.dtype), counts
+
+
+def ema_centers(old: Tensor, batch_mean: Tensor, initialized: Tensor, gamma: float) -> Tensor:
+    r"""EMA class-center update of LEAP Eq. 4 with :math:`\gamma` the *center learning rate*.
+
+    .. math:: c_i \leftarrow (1-\gamma)\, c_i + \gamma\, \bar f_i^{\text{batch}}
+
+    The printed Eq. 4 has the two weights swapped; Sec. 4.1 calls :math:`\gamma = 0.1` "the
+    learning rate of class center", i.e. the weight of the *current* batch. Read literally, the
+    center would be almost the batch mean, defeating its purpose (resisting mislabelled samples)
+    and biasing small classes' angles towards zero. A class not yet initialised takes the batch
+    mean. All arguments are rows for the same classes (``(N, D)``, ``(N, D)``, ``(N,)`` bool).
+    """
+    ema = torch.lerp(old, batch_mean, gamma)
+    return torch.where(initialized.unsqueeze(1), ema, batch_mean)
+
+
+def angles_to_centers(features: Tensor, centers: Tensor) -> Tensor:
+    r"""LEAP Eq. 3: :math:`\beta = \arccos(f \cdot c / \|f\|\|c\|)` row by row (``(N, D)`` each)."""
+    cos = F.cosine_similarity(features, centers, dim=1, eps=1e-12)
+    return torch.acos(cos.clamp(-1.0, 1.0))
+
+
+def ring_slots(
+    labels: Tensor, offsets: Tensor, capacity: Tensor, pointer: Tensor, trash: int
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Slots of a flat per-class ring memory (LEAP Eq. 5) for one batch, fully vectorised.
+
+    Class ``i`` owns ``memory[offsets[i] : offsets[i] + capacity[i]]`` and writes at
+    ``pointer[i]``. Sample ``n`` of class ``y`` with rank ``r`` among its class in the batch goes to
+    ``offsets[y] + (pointer[y] + r) % capacity[y]``. When a batch holds more samples of a class than
+    its capacity, only the last ``capacity`` of them are written; the others (and ignored labels)
+    go to the ``trash`` slot. Returns ``(slots (B,), keep (B,) bool, per-sample class count (B,))``.
+    """
+    valid = labels >= 0
+    y = labels.clamp_min(0)
+    # rank of each sample among the samples of its class in the batch, by a stable sort
+    key = torch.where(valid, y, torch.full_like(y, -1))
+    order = torch.sort(key, stable=True).indices
+    sorted_key = key[order]
+    first = torch.searchsorted(sorted_key, sorted_key, right=False)
+    last = torch.searchsorted(sorted_key, sorted_key, right=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=labels.device) - first
+    count = torch.empty_like(order)
+    count[order] = last - first
+    cap = capacity[y]
+    keep = valid & (rank >= count - cap)
+    slot = offsets[y] + (pointer[y] + rank) % cap
+    slot = torch.where(keep, slot, torch.full_like(slot, trash))
+    return slot, keep, count
+
+
+def angle_moments(
+    angle_sum: Tensor, angle_sqsum: Tensor, fill: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    r"""Per-class mean :math:`\mu_i` and unbiased variance :math:`\sigma_i^2` of the angle memory.
+
+    From float64 running sums over the ``fill`` valid entries. Returns float32
+    ``(mean, var, has_stats)``; classes with fewer than two angles have ``var = 0`` and
+    ``has_stats = False``.
+    """
+    n = fill.to(angle_sum.dtype)
+    mean = angle_sum / n.clamp_min(1)
+    var = (angle_sqsum - angle_sum * mean) / (n - 1).clamp_min(1)
+    has_stats = fill >= 2
+    var = torch.where(has_stats, var.clamp_min(0), torch.zeros_like(var))
+    return mean.float(), var.float(), has_stats
+
+
+def vanilla_cloud_variance(
+    var: Tensor, has_stats: Tensor, class_counts: Tensor, threshold: int
+) -> Tensor:
+    r"""Vanilla LEAP (Sec. 3.4, Eq. 6): head classes have ``K_i > T``.
+
+    :math:`\sigma_h^2` is the mean variance over head classes (with statistics); every tail class
+    gets cloud variance :math:`\max(\sigma_h^2 - \sigma_t^2, 0)`, head classes get 0.
+    """
+    head = class_counts > threshold
+    use = head & has_stats
+    sigma_h2 = (var * use).sum() / use.sum().clamp_min(1)
+    return torch.where(head, torch.zeros_like(var), (sigma_h2 - var).clamp_min(0))
+
+
+def full_cloud_variance(var: Tensor, has_stats: Tensor, class_counts: Tensor) -> Tensor:
+    r"""Full LEAP (Sec. 3.4, Eq. 9): pooled :math:`\sigma^2 = \sum_i (K_i-1)\sigma_i^2 / \sum_i (K_i-1)`.
+
+    A class with :math:`\sigma_i^2 < \sigma^2` gets cloud variance :math:`\sigma^2 - \sigma_i^2`.
+    Classes without statistics yet do not enter the pooled sum.
+    """
+    w = (class_counts.to(var.dtype) - 1).clamp_min(0) * has_stats
+    sigma2 = (w * var).sum() / w.sum().clamp_min(1e-12)
+    return (sigma2 - var).clamp_min(0)
+
+
+def cloud_variance(
+    rule: str, var: Tensor, has_stats: Tensor, class_counts: Tensor, threshold: int = 20
+) -> Tensor:
+    """Dispatch to :func:`full_cloud_variance` or :func:`vanilla_cloud_variance` by ``rule``."""
+    if rule == "full":
+        return full_cloud_variance(var, has_stats, class_counts)
+    if rule == "vanilla":
+        return vanilla_cloud_variance(var, has_stats, class_counts, threshold)
+    raise ValueError(f"cloud rule must be one of {CLOUD_RULES}, got {rule!r}")

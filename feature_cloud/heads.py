@@ -1,0 +1,202 @@
+"""``LEAPMarginHead``: a CosFace/ArcFace classifier head with the LEAP feature cloud."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as FC
+from ._validation import check_batch, check_embeddings
+from .statistics import ClassStatistics
+
+__all__ = ["LEAPMarginHead", "DEFAULT_SCALE", "DEFAULT_MARGIN"]
+
+#: Paper defaults for re-ID (LEAP Sec. 4.1): CosFace s=24, m=0.2; ArcFace s=16, m=0.2 (radians).
+DEFAULT_SCALE = {"cosface": 24.0, "arcface": 16.0}
+DEFAULT_MARGIN = {"cosface": 0.2, "arcface": 0.2}
+
+
+class LEAPMarginHead(nn.Module):
+    r"""Margin softmax head with a learnable feature cloud for tail classes (LEAP Eq. 7-8).
+
+    Holds the class weights ``weight`` ``(C, D)`` and a :class:`ClassStatistics`. In a training
+    step (module in train mode, gradients enabled) it
+
+    1. folds the detached batch into the class centers and angle memory (LEAP Eq. 3-5),
+    2. after ``warmup_steps`` steps, draws per-logit cloud angles
+       :math:`\alpha_n \sim N(0, v_{y_n})^{C}` where :math:`v` is the cloud variance of the
+       sample's class (Eq. 6 vanilla or Eq. 9 full rule; 0 for classes without cloud),
+    3. returns the cross-entropy of the CosFace (Eq. 7) / ArcFace (Eq. 8) logits.
+
+    With ``cloud=None``, during warm-up, in eval mode or under ``torch.no_grad()`` the loss is
+    plain CosFace / ArcFace (LEAP Eq. 1-2) and no statistic changes; labels ``< 0`` are ignored.
+
+    Args:
+        embedding_size: ``D``.
+        num_classes: ``C``.
+        margin_type: ``"cosface"`` (cosine margin :math:`m_c`) or ``"arcface"`` (angular margin
+            :math:`m_a`, radians).
+        scale: ``s``; default 24 (CosFace) / 16 (ArcFace), the paper's re-ID setting.
+        margin: default 0.2 for both.
+        cloud: ``"full"``, ``"vanilla"`` or ``None`` (no cloud).
+        tail_threshold: ``T`` of the vanilla rule (classes with ``K_i > T`` are head classes).
+        gamma: center learning rate (paper: 0.1).
+        memory_per_sample: ``P`` of LEAP Eq. 5.
+        warmup_steps: training steps without cloud (the paper starts the cloud after some
+            epochs). With ``class_counts=None`` the counts ``K_i`` are taken online during warm-up,
+            which must then be ``>= 1`` and should cover an epoch.
+        class_counts: ``K_i`` per class from the dataset (recommended).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        seed: seed of the cloud's ``torch.Generator`` (saved with the state); default draws one
+            from the global RNG, so ``torch.manual_seed`` makes runs reproducible.
+        validate: check label range and finiteness each step (one host sync; skipped under
+            ``torch.compile``). Shape/dtype checks are always on.
+    """
+
+    weight: Tensor
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        margin_type: str = "cosface",
+        scale: Optional[float] = None,
+        margin: Optional[float] = None,
+        cloud: Optional[str] = "full",
+        tail_threshold: int = 20,
+        gamma: float = 0.1,
+        memory_per_sample: int = 1,
+        warmup_steps: int = 0,
+        class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
+        reduction: str = "mean",
+        seed: Optional[int] = None,
+        validate: bool = True,
+    ) -> None:
+        super().__init__()
+        if margin_type not in FC.MARGIN_TYPES:
+            raise ValueError(f"margin_type must be one of {FC.MARGIN_TYPES}, got {margin_type!r}")
+        if cloud is not None and cloud not in FC.CLOUD_RULES:
+            raise ValueError(f"cloud must be one of {FC.CLOUD_RULES} or None, got {cloud!r}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if int(warmup_steps) < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if cloud is not None and class_counts is None and int(warmup_steps) == 0:
+            raise ValueError(
+                "class_counts is required when warmup_steps == 0: the cloud needs K_i (LEAP "
+                "Eq. 5). Pass the per-class sample counts, or warmup_steps >= 1 epoch to count "
+                "them online."
+            )
+        self.embedding_size = int(embedding_size)
+        self.num_classes = int(num_classes)
+        self.margin_type = margin_type
+        self.scale = float(DEFAULT_SCALE[margin_type] if scale is None else scale)
+        self.margin = float(DEFAULT_MARGIN[margin_type] if margin is None else margin)
+        self.cloud = cloud
+        self.warmup_steps = int(warmup_steps)
+        self.reduction = reduction
+        self.validate = bool(validate)
+        self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
+        nn.init.xavier_normal_(self.weight)
+        self.statistics = ClassStatistics(
+            self.num_classes,
+            self.embedding_size,
+            gamma=gamma,
+            memory_per_sample=memory_per_sample,
+            class_counts=class_counts,
+            cloud=cloud or "full",
+            tail_threshold=tail_threshold,
+        )
+        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
+        self.step = 0  # training steps taken (saved with the state)
+        self._generator: Optional[torch.Generator] = None
+        self._pending_rng: Optional[Tensor] = None
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def cloud_active(self) -> bool:
+        """Whether the next training step draws a feature cloud."""
+        return self.cloud is not None and self.step >= self.warmup_steps
+
+    def logits(self, embeddings: Tensor) -> Tensor:
+        """Plain scaled cosine logits ``s cos(theta)`` ``(B, C)`` for inference (no margin)."""
+        check_embeddings(embeddings, self.embedding_size)
+        return FC.cosine_logits(embeddings, self.weight) * self.scale
+
+    def margin_logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Margin logits of the training loss (LEAP Eq. 1-2 or, with the cloud, Eq. 7-8).
+
+        Updates the statistics and draws the cloud when training (see the class docstring);
+        ``forward`` is the cross-entropy of these logits. Adapters that compute their own
+        cross-entropy (fastreid) call this.
+        """
+        check_batch(embeddings, labels, self.embedding_size, self.num_classes, self.validate)
+        alpha = None
+        if self.training and torch.is_grad_enabled() and embeddings.shape[0] > 0:
+            if self.cloud is not None:
+                if self.statistics.counting and self.step >= self.warmup_steps:
+                    self.statistics.allocate_memory()  # online K_i: lay out the memory once
+                self.statistics.update(embeddings, labels, validate=False)
+                if self.step >= self.warmup_steps:
+                    std = self.statistics.cloud_variance()[labels.clamp_min(0)].sqrt()
+                    alpha = FC.angle_noise(std, self.num_classes, self._generator_for(std.device))
+            self.step += 1
+        cos = FC.cosine_logits(embeddings, self.weight)
+        return FC.margin_logits(
+            cos, labels, margin_type=self.margin_type, scale=self.scale, margin=self.margin,
+            alpha=alpha,
+        )
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """The LEAP margin softmax loss of a batch (reduced by ``reduction``)."""
+        return FC.margin_cross_entropy(self.margin_logits(embeddings, labels), labels, self.reduction)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+            f"margin_type={self.margin_type!r}, scale={self.scale}, margin={self.margin}, "
+            f"cloud={self.cloud!r}, warmup_steps={self.warmup_steps}, reduction={self.reduction!r}"
+        )
+
+    # ------------------------------------------------------------------ RNG and checkpoints
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        gen = self._generator
+        if gen is None or gen.device.type != device.type or (
+            device.type != "cpu" and gen.device != device
+        ):
+            gen = torch.Generator(device=device)
+            pending = self._pending_rng
+            if pending is not None and pending[0] == device.type:
+                gen.set_state(pending[1])
+            else:  # fresh, or a checkpoint from another device type: reseed deterministically
+                gen.manual_seed((self.seed + self.step) % (2**63))
+            self._generator, self._pending_rng = gen, None
+        return gen
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        state: Dict[str, Any] = {"step": self.step, "seed": self.seed}
+        if self._generator is not None:
+            state["rng_device"] = self._generator.device.type
+            state["rng_state"] = self._generator.get_state()
+        elif self._pending_rng is not None:
+            state["rng_device"], state["rng_state"] = self._pending_rng
+        return state
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.seed = int(state["seed"])
+        self._generator = None
+        self._pending_rng = (
+            (state["rng_device"], state["rng_state"].cpu()) if "rng_state" in state else None
+        )
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        key = prefix + "weight"
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(self.weight.shape):
+            c, d = state_dict[key].shape
+            raise ValueError(
+                f"checkpoint head has num_classes={c}, embedding_size={d}; this head has "
+                f"num_classes={self.num_classes}, embedding_size={self.embedding_size}"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args)

@@ -1,0 +1,227 @@
+"""Class statistics of LEAP (Sec. 3.3): EMA centers, per-class angle memory, cloud variances.
+
+A thin stateful Module: every formula lives in :mod:`feature_cloud.functional`.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as FC
+from ._validation import check_batch
+
+__all__ = ["ClassStatistics"]
+
+_MEMORY_BUFFERS = ("memory",)
+
+
+class ClassStatistics(nn.Module):
+    r"""EMA class centers (LEAP Eq. 4), angle memory (Eq. 3, 5) and cloud variances (Eq. 6, 9).
+
+    Args:
+        num_classes: ``C``.
+        embedding_size: ``D``.
+        gamma: center learning rate (paper Sec. 4.1: 0.1), the weight of the current batch mean in
+            :func:`~feature_cloud.functional.ema_centers` (the printed Eq. 4 swaps the weights).
+        memory_per_sample: ``P`` of Eq. 5; class ``i`` keeps its last ``K_i * P`` angles.
+        class_counts: ``K_i`` per class, from the dataset. If ``None`` they are counted online
+            while :meth:`counting` is true (the head counts during its warm-up, which should then
+            cover at least one epoch) and the memory is laid out by :meth:`allocate_memory`.
+        cloud: ``"full"`` (Eq. 9) or ``"vanilla"`` (Eq. 6, head classes have ``K_i > T``).
+        tail_threshold: ``T`` of the vanilla rule.
+
+    The memory is one flat float32 buffer with per-class ``memory_offsets``, ``memory_capacity``,
+    ring ``memory_pointer`` and ``memory_fill``; float64 running sums give the per-class moments
+    in ``O(C)`` without reading the memory. Every update is a handful of vectorised gather/scatter
+    ops over the batch (no Python loop, no host sync). Statistics are float32 whatever the autocast
+    dtype of the features, and :meth:`update` ignores labels ``< 0``.
+    """
+
+    centers: Tensor
+    center_initialized: Tensor
+    class_counts: Tensor
+    memory: Tensor
+    memory_offsets: Tensor
+    memory_capacity: Tensor
+    memory_pointer: Tensor
+    memory_fill: Tensor
+    angle_sum: Tensor
+    angle_sqsum: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        *,
+        gamma: float = 0.1,
+        memory_per_sample: int = 1,
+        class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
+        cloud: str = "full",
+        tail_threshold: int = 20,
+    ) -> None:
+        super().__init__()
+        if int(num_classes) < 1 or int(embedding_size) < 1:
+            raise ValueError(
+                f"num_classes and embedding_size must be >= 1, got {num_classes}, {embedding_size}"
+            )
+        if not 0.0 < float(gamma) <= 1.0:
+            raise ValueError(f"gamma (center learning rate) must be in (0, 1], got {gamma}")
+        if int(memory_per_sample) < 1:
+            raise ValueError(f"memory_per_sample (P) must be >= 1, got {memory_per_sample}")
+        if cloud not in FC.CLOUD_RULES:
+            raise ValueError(f"cloud must be one of {FC.CLOUD_RULES}, got {cloud!r}")
+        self.num_classes = int(num_classes)
+        self.embedding_size = int(embedding_size)
+        self.gamma = float(gamma)
+        self.memory_per_sample = int(memory_per_sample)
+        self.rule = cloud
+        self.tail_threshold = int(tail_threshold)
+
+        C = self.num_classes
+        self.register_buffer("centers", torch.zeros(C, self.embedding_size))
+        self.register_buffer("center_initialized", torch.zeros(C, dtype=torch.bool))
+        self.register_buffer("class_counts", torch.zeros(C, dtype=torch.long))
+        self.register_buffer("memory_offsets", torch.zeros(C, dtype=torch.long))
+        self.register_buffer("memory_capacity", torch.ones(C, dtype=torch.long))
+        self.register_buffer("memory_pointer", torch.zeros(C, dtype=torch.long))
+        self.register_buffer("memory_fill", torch.zeros(C, dtype=torch.long))
+        self.register_buffer("angle_sum", torch.zeros(C, dtype=torch.float64))
+        self.register_buffer("angle_sqsum", torch.zeros(C, dtype=torch.float64))
+        self.register_buffer("memory", torch.zeros(0))
+        if class_counts is not None:
+            self.allocate_memory(class_counts)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def memory_allocated(self) -> bool:
+        """Whether the angle memory exists (``class_counts`` known)."""
+        return self.memory.numel() > 0
+
+    @property
+    def counting(self) -> bool:
+        """True while ``class_counts`` are being counted online (memory not yet allocated)."""
+        return not self.memory_allocated
+
+    def allocate_memory(self, class_counts: Optional[Union[Tensor, Sequence[int]]] = None) -> None:
+        """Lay out the flat angle memory, ``K_i * P`` slots per class (LEAP Eq. 5).
+
+        With ``class_counts=None`` the online counts are used. This reads sizes on the host (one
+        sync), so it runs once, outside the steady training step. Existing angles are dropped.
+        """
+        device = self.centers.device
+        if class_counts is None:
+            counts = self.class_counts.detach().clone()
+        else:
+            counts = torch.as_tensor(class_counts, device=device)
+            if counts.is_floating_point() or counts.dim() != 1:
+                raise TypeError("class_counts must be a 1-D integer sequence or tensor")
+            if counts.numel() != self.num_classes:
+                raise ValueError(
+                    f"class_counts has {counts.numel()} entries, expected num_classes={self.num_classes}"
+                )
+            if bool((counts < 0).any()):
+                raise ValueError("class_counts must be non-negative")
+        counts = counts.to(device=device, dtype=torch.long)
+        capacity = (counts * self.memory_per_sample).clamp_min(1)
+        offsets = torch.cumsum(capacity, 0) - capacity
+        total = int(capacity.sum())
+        self.class_counts.copy_(counts)
+        self.memory_capacity.copy_(capacity)
+        self.memory_offsets.copy_(offsets)
+        self.memory_pointer.zero_()
+        self.memory_fill.zero_()
+        self.angle_sum.zero_()
+        self.angle_sqsum.zero_()
+        # one extra trash slot at the end absorbs writes that must not land
+        self.memory = torch.zeros(total + 1, device=device)
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def update(self, features: Tensor, labels: Tensor, validate: bool = True) -> None:
+        """Fold one batch into the centers, the counts (while counting) and the angle memory.
+
+        Call only with training batches; labels ``< 0`` are skipped. ``features`` may be any
+        float dtype; everything is computed and stored in float32.
+        """
+        check_batch(features, labels, self.embedding_size, self.num_classes, validate)
+        if features.shape[0] == 0:
+            return
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            self._update(features.detach().float(), labels)
+
+    def _update(self, features: Tensor, labels: Tensor) -> None:
+        valid = labels >= 0
+        y = labels.clamp_min(0)
+        batch_mean, _ = FC.batch_class_means(features, labels)
+        new_centers = FC.ema_centers(
+            self.centers[y], batch_mean, self.center_initialized[y], self.gamma
+        )
+        # rows of the same class carry identical values, so duplicate indices are harmless;
+        # ignored rows rewrite their (label 0) row with its current value.
+        new_centers = torch.where(valid.unsqueeze(1), new_centers, self.centers[y])
+        self.centers.index_copy_(0, y, new_centers)
+        self.center_initialized.index_copy_(0, y, self.center_initialized[y] | valid)
+        if self.counting:
+            self.class_counts.index_add_(0, y, valid.long())
+            return
+        angles = FC.angles_to_centers(features, new_centers)
+        slots, keep, count = FC.ring_slots(
+            labels, self.memory_offsets, self.memory_capacity, self.memory_pointer,
+            trash=self.memory.numel() - 1,
+        )
+        old = self.memory[slots].double()
+        new = angles.double()
+        w = keep.double()
+        self.angle_sum.index_add_(0, y, w * (new - old))
+        self.angle_sqsum.index_add_(0, y, w * (new * new - old * old))
+        self.memory.index_copy_(0, slots, torch.where(keep, angles, self.memory[slots]))
+        self.memory[-1] = 0.0
+        # per-class pointer/fill advance once per class present; duplicates carry equal values
+        cap = self.memory_capacity[y]
+        written = torch.minimum(count, cap) * valid
+        self.memory_pointer.index_copy_(0, y, torch.where(
+            valid, (self.memory_pointer[y] + count) % cap, self.memory_pointer[y]))
+        self.memory_fill.index_copy_(0, y, torch.minimum(self.memory_fill[y] + written, cap))
+
+    # ------------------------------------------------------------------ read-out
+    def angle_moments(self):
+        """Per-class ``(mean, variance, has_stats)`` of the angle memory (float32)."""
+        return FC.angle_moments(self.angle_sum, self.angle_sqsum, self.memory_fill)
+
+    def cloud_variance(self) -> Tensor:
+        """Per-class cloud variance ``(C,)`` by the configured rule (LEAP Eq. 6 or Eq. 9)."""
+        _, var, has_stats = self.angle_moments()
+        return FC.cloud_variance(self.rule, var, has_stats, self.class_counts, self.tail_threshold)
+
+    def reset(self) -> None:
+        """Forget centers and angles (keeps ``class_counts`` and the memory layout)."""
+        for name in ("centers", "memory", "angle_sum", "angle_sqsum"):
+            getattr(self, name).zero_()
+        for name in ("memory_pointer", "memory_fill"):
+            getattr(self, name).zero_()
+        self.center_initialized.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
+            f"gamma={self.gamma}, memory_per_sample={self.memory_per_sample}, cloud={self.rule!r}, "
+            f"tail_threshold={self.tail_threshold}, memory_slots={max(self.memory.numel() - 1, 0)}"
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        key = prefix + "centers"
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(self.centers.shape):
+            c, d = state_dict[key].shape
+            raise ValueError(
+                f"checkpoint statistics are for num_classes={c}, embedding_size={d}; this module "
+                f"has num_classes={self.num_classes}, embedding_size={self.embedding_size}"
+            )
+        # the memory's length depends on class_counts: take the checkpoint's layout
+        for name in _MEMORY_BUFFERS:
+            src = state_dict.get(prefix + name)
+            if src is not None and src.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(src, device=self.centers.device))
+        super()._load_from_state_dict(state_dict, prefix, *args)
