@@ -7,10 +7,14 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as FC
+from . import fused
 from ._validation import check_batch, check_embeddings
 from .statistics import ClassStatistics
 
-__all__ = ["LEAPMarginHead", "DEFAULT_SCALE", "DEFAULT_MARGIN"]
+__all__ = ["LEAPMarginHead", "DEFAULT_SCALE", "DEFAULT_MARGIN", "IMPLS"]
+
+#: Loss implementations of :meth:`LEAPMarginHead.forward` (all compute the same loss).
+IMPLS = ("auto", "reference", "fused", "chunked")
 
 #: Paper defaults for re-ID (LEAP Sec. 4.1): CosFace s=24, m=0.2; ArcFace s=16, m=0.2 (radians).
 DEFAULT_SCALE = {"cosface": 24.0, "arcface": 16.0}
@@ -52,6 +56,15 @@ class LEAPMarginHead(nn.Module):
             from the global RNG, so ``torch.manual_seed`` makes runs reproducible.
         validate: check label range and finiteness each step (one host sync; skipped under
             ``torch.compile``). Shape/dtype checks are always on.
+        impl: how :meth:`forward` computes the loss, all equal to rounding:
+            ``"reference"`` (the :mod:`~feature_cloud.functional` pipeline),
+            ``"fused"`` (:func:`feature_cloud.fused.margin_loss`, one autograd Function),
+            ``"chunked"`` (the same over class chunks of ``chunk_size``: no ``B x C`` tensor,
+            for very many classes), ``"auto"`` (``"chunked"`` if ``chunk_size`` is given,
+            else ``"fused"``). The cloud is drawn class-major
+            (:func:`feature_cloud.fused.class_major_noise`) by every implementation, so a seed
+            gives the same cloud whichever is used.
+        chunk_size: classes per chunk of the ``"chunked"`` implementation.
     """
 
     weight: Tensor
@@ -72,8 +85,16 @@ class LEAPMarginHead(nn.Module):
         reduction: str = "mean",
         seed: Optional[int] = None,
         validate: bool = True,
+        impl: str = "auto",
+        chunk_size: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if impl == "chunked" and chunk_size is None:
+            raise ValueError("impl='chunked' needs chunk_size (classes per chunk)")
         if margin_type not in FC.MARGIN_TYPES:
             raise ValueError(f"margin_type must be one of {FC.MARGIN_TYPES}, got {margin_type!r}")
         if cloud is not None and cloud not in FC.CLOUD_RULES:
@@ -97,6 +118,8 @@ class LEAPMarginHead(nn.Module):
         self.warmup_steps = int(warmup_steps)
         self.reduction = reduction
         self.validate = bool(validate)
+        self.impl = impl
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
         nn.init.xavier_normal_(self.weight)
         self.statistics = ClassStatistics(
@@ -131,17 +154,12 @@ class LEAPMarginHead(nn.Module):
         ``forward`` is the cross-entropy of these logits. Adapters that compute their own
         cross-entropy (fastreid) call this.
         """
-        check_batch(embeddings, labels, self.embedding_size, self.num_classes, self.validate)
+        std = self._training_step(embeddings, labels)
         alpha = None
-        if self.training and torch.is_grad_enabled() and embeddings.shape[0] > 0:
-            if self.cloud is not None:
-                if self.statistics.counting and self.step >= self.warmup_steps:
-                    self.statistics.allocate_memory()  # online K_i: lay out the memory once
-                self.statistics.update(embeddings, labels, validate=False)
-                if self.step >= self.warmup_steps:
-                    std = self.statistics.cloud_variance()[labels.clamp_min(0)].sqrt()
-                    alpha = FC.angle_noise(std, self.num_classes, self._generator_for(std.device))
-            self.step += 1
+        if std is not None:
+            noise = fused.class_major_noise(self.num_classes, std.shape[0],
+                                            self._generator_for(std.device), std.device)
+            alpha = noise.t() * std.unsqueeze(1)
         cos = FC.cosine_logits(embeddings, self.weight)
         return FC.margin_logits(
             cos, labels, margin_type=self.margin_type, scale=self.scale, margin=self.margin,
@@ -150,13 +168,42 @@ class LEAPMarginHead(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The LEAP margin softmax loss of a batch (reduced by ``reduction``)."""
-        return FC.margin_cross_entropy(self.margin_logits(embeddings, labels), labels, self.reduction)
+        if self.impl == "reference":
+            return FC.margin_cross_entropy(
+                self.margin_logits(embeddings, labels), labels, self.reduction)
+        std = self._training_step(embeddings, labels)
+        chunked = self.impl == "chunked" or (self.impl == "auto" and self.chunk_size is not None)
+        return fused.margin_loss(
+            embeddings, self.weight, labels, margin_type=self.margin_type, scale=self.scale,
+            margin=self.margin, noise_std=std,
+            generator=None if std is None else self._generator_for(std.device),
+            reduction=self.reduction, chunk_size=self.chunk_size if chunked else None,
+        )
+
+    def _training_step(self, embeddings: Tensor, labels: Tensor) -> Optional[Tensor]:
+        """Check the batch; when training, update the statistics and count the step.
+
+        Returns the per-sample cloud standard deviation ``(B,)`` when the cloud is active, else
+        ``None``.
+        """
+        check_batch(embeddings, labels, self.embedding_size, self.num_classes, self.validate)
+        std = None
+        if self.training and torch.is_grad_enabled() and embeddings.shape[0] > 0:
+            if self.cloud is not None:
+                if self.statistics.counting and self.step >= self.warmup_steps:
+                    self.statistics.allocate_memory()  # online K_i: lay out the memory once
+                self.statistics.update(embeddings, labels, validate=False)
+                if self.step >= self.warmup_steps:
+                    std = self.statistics.cloud_variance()[labels.clamp_min(0)].sqrt()
+            self.step += 1
+        return std
 
     def extra_repr(self) -> str:
         return (
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"margin_type={self.margin_type!r}, scale={self.scale}, margin={self.margin}, "
-            f"cloud={self.cloud!r}, warmup_steps={self.warmup_steps}, reduction={self.reduction!r}"
+            f"cloud={self.cloud!r}, warmup_steps={self.warmup_steps}, reduction={self.reduction!r}, "
+            f"impl={self.impl!r}" + ("" if self.chunk_size is None else f", chunk_size={self.chunk_size}")
         )
 
     # ------------------------------------------------------------------ RNG and checkpoints
