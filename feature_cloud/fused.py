@@ -277,7 +277,7 @@ def _chunk_backward(
     rw2c: Tensor,
     plan: _Plan,
 ) -> Tensor:
-    """Gradients of one chunk from ``E = exp(Z - shift)`` (overwritten).
+    """Gradients of one chunk from ``E = exp(Z - shift)`` (left unchanged).
 
     With the per-row factor ``b_n = g_n / S_n`` folded into the GEMMs, ``G = E * d * s * rw``
     (target entries ``(E_y - S_n) d_y s rw_y``), i.e. ``b_n G_jn = rw_j dL/dc_jn``. Returns
@@ -286,11 +286,13 @@ def _chunk_backward(
     ``W_j / ||W_j||``, done on ``C x D`` once instead of through ``F.normalize``).
     """
     B = E.shape[1]
-    flat = E.view(-1)
-    e_y = flat.gather(0, idx)
+    e_y = E.view(-1).gather(0, idx)
+    # out of place first: the saved E stays intact (retain_graph, gradcheck)
     if d is not None:
-        E.mul_(d)
-    E.mul_(srwc.unsqueeze(1))
+        E = torch.mul(E, d).mul_(srwc.unsqueeze(1))
+    else:
+        E = torch.mul(E, srwc.unsqueeze(1))
+    flat = E.view(-1)
     srw_y = srwc.gather(0, torch.div(idx, max(B, 1), rounding_mode="floor"))
     g_y = (e_y - total) * d_y * srw_y
     flat.scatter_(0, idx, torch.where(inside, g_y, flat.gather(0, idx)))
