@@ -88,6 +88,25 @@ def _gemm_dtype(device: torch.device, compute: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------------------------------
 
 
+def _cloud_cosine_(
+    c: Tensor, alpha: Tensor, out_f: Tensor, work: Tensor, out_d: Tensor, sqrt_floor: float
+) -> Tuple[Tensor, Tensor]:
+    """In-place kernel of :func:`cloud_cosine`: destroys ``c`` and ``alpha``; ``f`` is written to
+    ``out_f`` and the derivative to ``out_d``; ``work`` is scratch. Five same-shape buffers in
+    all, no allocation (fresh pages of big tensors cost as much as a transcendental pass)."""
+    ca = torch.cos(alpha, out=out_f)
+    sa = alpha.sin_()
+    t = torch.addcmul(torch.ones((), dtype=c.dtype, device=c.device), c, c, value=-1, out=work)
+    t.clamp_min_(0.0).sqrt_()
+    sn = torch.mul(t, ca, out=out_d).addcmul_(c, sa)  # sin(theta + alpha)
+    f = ca.mul_(c).addcmul_(t, sa, value=-1)  # cos(theta + alpha), unclipped
+    clipped = torch.clamp_max(sn, 0.0, out=c).sign_()  # -1 where clipped, else 0
+    # where clipped: f + (-(sign(alpha) + f)) = -sign(alpha); elsewhere f + 0
+    f.add_(sa.sign_().add_(f).mul_(clipped))
+    d = sn.clamp_min_(0.0).div_(t.clamp_min_(sqrt_floor))
+    return f, d
+
+
 def cloud_cosine(c: Tensor, alpha: Tensor, sqrt_floor: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     r""":math:`f = \cos(\mathrm{clip}(\theta + \alpha, 0, \pi))` and :math:`\partial f/\partial c`.
 
@@ -99,23 +118,14 @@ def cloud_cosine(c: Tensor, alpha: Tensor, sqrt_floor: Optional[float] = None) -
     Otherwise :math:`f = c\cos\alpha - t\sin\alpha` and :math:`f' = \sin(\theta+\alpha) /
     \sqrt{\max(1-c^2, \epsilon)}`, the derivative of ``cos(safe_acos(c) + alpha)``.
 
-    ``alpha`` is overwritten (it becomes scratch space); ``c`` is not. Uses only arithmetic
-    (no boolean tensors, which are slow on CPU).
+    Only arithmetic (no boolean tensors, which are slow on CPU). Inputs are not modified; the
+    outputs are plain tensors (the derivative is returned, not tracked by autograd).
     """
     if sqrt_floor is None:
         sqrt_floor = _SQRT_FLOOR[c.dtype if c.dtype in _SQRT_FLOOR else torch.float32]
-    ca = torch.cos(alpha)
-    sa = alpha.sin_()
-    t = torch.addcmul(torch.ones((), dtype=c.dtype, device=c.device), c, c, value=-1)
-    t.clamp_min_(0.0).sqrt_()
-    sn = t * ca
-    sn.addcmul_(c, sa)  # sin(theta + alpha)
-    f = ca.mul_(c).addcmul_(t, sa, value=-1)  # cos(theta + alpha), unclipped
-    clipped = torch.clamp_max(sn, 0.0).sign_()  # -1 where clipped, else 0
-    # where clipped: f + (-(sign(alpha) + f)) = -sign(alpha); elsewhere f + 0
-    f.add_(sa.sign_().add_(f).mul_(clipped))
-    d = sn.clamp_min_(0.0).div_(t.clamp_min_(sqrt_floor))
-    return f, d
+    c, alpha = c.detach().clone(), alpha.detach().clone()
+    return _cloud_cosine_(c, alpha, torch.empty_like(c), torch.empty_like(c), torch.empty_like(c),
+                          sqrt_floor)
 
 
 # ------------------------------------------------------------------------------------------
@@ -184,7 +194,23 @@ def _target_index(labels: Tensor, valid: Tensor, j0: int, j1: int, batch: int) -
     return idx, inside
 
 
-def _chunk_forward(
+class _Workspace:
+    """Chunk buffers allocated once per call and reused by every chunk."""
+
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.rows, self.cols, self.dtype, self.device = rows, cols, dtype, device
+        self.bufs: dict = {}
+
+    def get(self, name: str, rows: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+        key = (name, dtype)
+        buf = self.bufs.get(key)
+        if buf is None:
+            buf = torch.empty(self.rows * self.cols, dtype=dtype or self.dtype, device=self.device)
+            self.bufs[key] = buf
+        return buf[: rows * self.cols].view(rows, self.cols)
+
+
+def _chunk_logits(
     xg: Tensor,
     Wc: Tensor,
     rwc: Tensor,
@@ -194,30 +220,34 @@ def _chunk_forward(
     noise_c: Optional[Tensor],
     sigma: Optional[Tensor],
     plan: _Plan,
+    ws: _Workspace,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor]:
     """Scaled margin logits of classes ``j0 .. j0 + len(Wc)`` (class-major), LEAP Eq. 1-2 / 7-8.
 
-    Returns ``(Z, d, idx, inside, z_y, d_y)``: logits ``(Cc, B)``; the elementwise derivative
-    ``d cos(theta + alpha) / d c`` (``None`` without cloud, meaning 1); the target index and
-    in-chunk mask; the target logit (margin applied) and the derivative of its cosine.
+    Returns ``(Z, d, idx, inside, z_y, d_y)``: logits ``(Cc, B)`` (a workspace buffer); the
+    elementwise derivative ``d cos(theta + alpha) / d c`` (``None`` without cloud, meaning 1);
+    the target index and in-chunk mask; the target logit (margin applied) and the derivative of
+    its cosine. ``noise_c`` (when generated) is a workspace buffer and is overwritten.
     """
-    B = xg.shape[0]
+    B, Cc = xg.shape[0], Wc.shape[0]
     s, m = plan.scale, plan.margin
-    Z = torch.mm(Wc.to(plan.gemm), xg.t())
-    if Z.dtype != plan.compute:
-        Z = Z.to(plan.compute)
-    idx, inside = _target_index(labels, valid, j0, j0 + Wc.shape[0], B)
+    Z = ws.get("z", Cc)
+    if plan.gemm == plan.compute:
+        torch.mm(Wc, xg.t(), out=Z)
+    else:
+        Z.copy_(torch.mm(Wc.to(plan.gemm), xg.t()))
+    idx, inside = _target_index(labels, valid, j0, j0 + Cc, B)
     if plan.cloud:
         c = Z.mul_(rwc.unsqueeze(1)).clamp_(-1.0, 1.0)
-        if plan.explicit_noise:  # never write into the caller's tensor
-            alpha = noise_c.to(plan.compute) * sigma.unsqueeze(0)
+        if plan.explicit_noise or noise_c.dtype != plan.compute:  # never write the caller's
+            alpha = torch.mul(noise_c.to(plan.compute), sigma.unsqueeze(0), out=ws.get("n", Cc))
         else:
-            alpha = noise_c.to(plan.compute).mul_(sigma.unsqueeze(0))
+            alpha = noise_c.mul_(sigma.unsqueeze(0))
         alpha.clamp_(-plan.pi_below, plan.pi_below)
         c_y = c.view(-1).gather(0, idx)
         alpha_y = alpha.view(-1).gather(0, idx)
-        f, d = cloud_cosine(c, alpha, plan.sqrt_floor)
-        del c, alpha
+        f, d = _cloud_cosine_(c, alpha, ws.get("f", Cc), ws.get("t", Cc), ws.get("d", Cc),
+                              plan.sqrt_floor)
         Z = f.mul_(s)
         if plan.margin_type == "cosface":  # s (cos(theta_y + alpha_y) - m), LEAP Eq. 7
             d_y = d.view(-1).gather(0, idx)
@@ -263,9 +293,18 @@ def _lse_update(
     return new_max
 
 
+def _grad_buffer_(E: Tensor, d: Optional[Tensor], srwc: Tensor, idx: Tensor) -> Tensor:
+    """``E -> G0 = E * d * s * rw`` in place; returns the target entries ``E_y`` read first."""
+    e_y = E.view(-1).gather(0, idx)
+    if d is not None:
+        E.mul_(d)
+    E.mul_(srwc.unsqueeze(1))
+    return e_y
+
+
 def _chunk_backward(
-    E: Tensor,
-    d: Optional[Tensor],
+    G0: Tensor,
+    e_y: Tensor,
     idx: Tensor,
     inside: Tensor,
     d_y: Tensor,
@@ -277,46 +316,44 @@ def _chunk_backward(
     rw2c: Tensor,
     plan: _Plan,
 ) -> Tensor:
-    """Gradients of one chunk from ``E = exp(Z - shift)`` (left unchanged).
+    """Gradients of one chunk; ``G0`` is read only (``retain_graph`` and gradcheck work).
 
-    With the per-row factor ``b_n = g_n / S_n`` folded into the GEMMs, ``G = E * d * s * rw``
-    (target entries ``(E_y - S_n) d_y s rw_y``), i.e. ``b_n G_jn = rw_j dL/dc_jn``. Returns
-    ``G^T @ Wc`` (the caller scales it by ``b``) and writes the class-weight gradient into
-    ``gWc``: ``M = G @ (b * xn)``, ``grad W_j = M_j - rw_j^2 (W_j . M_j) W_j`` (the backward of
-    ``W_j / ||W_j||``, done on ``C x D`` once instead of through ``F.normalize``).
+    With ``b_n = g_n / S_n`` folded into the GEMMs, ``b_n G_jn = rw_j dL/dc_jn`` where ``G`` is
+    ``G0 = E d s rw`` except at the targets, ``(E_y - S_n) d_y s rw_y``: that difference
+    ``delta`` (one entry per sample) is applied as a rank-``B`` correction after the GEMMs, so
+    the backward makes no pass over ``B x C``. Returns ``G^T @ Wc`` (the caller scales it by
+    ``b``) and writes the class-weight gradient into ``gWc``: ``M = G @ (b * xn)``,
+    ``grad W_j = M_j - rw_j^2 (W_j . M_j) W_j`` (the backward of ``W_j / ||W_j||`` done once on
+    ``C x D`` instead of through ``F.normalize``).
     """
-    B = E.shape[1]
-    e_y = E.view(-1).gather(0, idx)
-    # out of place first: the saved E stays intact (retain_graph, gradcheck)
-    if d is not None:
-        E = torch.mul(E, d).mul_(srwc.unsqueeze(1))
-    else:
-        E = torch.mul(E, srwc.unsqueeze(1))
-    flat = E.view(-1)
-    srw_y = srwc.gather(0, torch.div(idx, max(B, 1), rounding_mode="floor"))
-    g_y = (e_y - total) * d_y * srw_y
-    flat.scatter_(0, idx, torch.where(inside, g_y, flat.gather(0, idx)))
-    G = E.to(plan.gemm) if plan.gemm != E.dtype else E
+    B = G0.shape[1]
+    local = torch.div(idx, max(B, 1), rounding_mode="floor")
+    delta = (e_y - total) * d_y * srwc.gather(0, local) - G0.view(-1).gather(0, idx)
+    delta = torch.where(inside, delta, torch.zeros_like(delta))
+    Gg = G0.to(plan.gemm) if plan.gemm != G0.dtype else G0
     Wg = Wc.to(plan.gemm) if plan.gemm != Wc.dtype else Wc
-    gx = torch.mm(G.t(), Wg)
+    gx = torch.mm(Gg.t(), Wg).to(plan.compute)
+    gx.addcmul_(delta.unsqueeze(1), Wc.index_select(0, local).to(plan.compute))
+    bxg = bx.to(plan.gemm) if plan.gemm != bx.dtype else bx
     if gWc.dtype == plan.gemm:
-        torch.mm(G, bx, out=gWc)
+        torch.mm(Gg, bxg, out=gWc)
     else:
-        gWc.copy_(torch.mm(G, bx))
+        gWc.copy_(torch.mm(Gg, bxg))
+    gWc.index_add_(0, local, (delta.unsqueeze(1) * bx).to(gWc.dtype))
     coef = rw2c * (gWc * Wc).sum(1)
     gWc.addcmul_(Wc, coef.unsqueeze(1).to(gWc.dtype), value=-1)
-    return gx.to(plan.compute)
+    return gx
 
 
 def _chunk_noise(
-    noise: Optional[Tensor], j0: int, j1: int, B: int, device: torch.device,
-    generator: Optional[torch.Generator], plan: _Plan,
+    noise: Optional[Tensor], j0: int, j1: int, B: int,
+    generator: Optional[torch.Generator], plan: _Plan, ws: _Workspace,
 ) -> Optional[Tensor]:
     if not plan.cloud:
         return None
     if plan.explicit_noise:
         return noise[j0:j1]
-    out = torch.empty(j1 - j0, B, dtype=torch.float32, device=device)
+    out = ws.get("n", j1 - j0, torch.float32)
     _fill_noise(out, j0, generator, plan.block)
     return out
 
@@ -340,17 +377,20 @@ class _FusedMarginCE(torch.autograd.Function):
         gen_state = None
         if plan.cloud and not plan.explicit_noise and not dense and plan.generator is not None:
             gen_state = plan.generator.get_state()
+        ws = _Workspace(min(plan.chunk, C), B, compute, device)
         saved: Tuple[Tensor, ...] = ()
         for j0 in range(0, C, plan.chunk):
             j1 = min(j0 + plan.chunk, C)
-            noise_c = _chunk_noise(noise, j0, j1, B, device, plan.generator, plan)
-            Z, d, idx, inside, z_y, d_y = _chunk_forward(
-                xg, W[j0:j1], rw[j0:j1], labels, valid, j0, noise_c, sigma, plan)
+            noise_c = _chunk_noise(noise, j0, j1, B, plan.generator, plan, ws)
+            Z, d, idx, inside, z_y, d_y = _chunk_logits(
+                xg, W[j0:j1], rw[j0:j1], labels, valid, j0, noise_c, sigma, plan, ws)
             z_target.add_(torch.where(inside, z_y, torch.zeros_like(z_y)))
             run_max = _lse_update(Z, run_max, total, plan)
             if dense:
-                saved = (Z, Z.new_empty(0) if d is None else d, idx, inside, d_y)
+                e_y = _grad_buffer_(Z, d, rw * plan.scale, idx)
+                saved = (Z, e_y, idx, inside, d_y)
             del Z, d, noise_c
+        del ws
         shift = run_max if run_max is not None else plan.const_shift
         per_sample = torch.where(valid, torch.log(total) + shift - z_target,
                                  torch.zeros_like(total))
@@ -379,18 +419,19 @@ class _FusedMarginCE(torch.autograd.Function):
         g = grad_out.to(compute)
         if plan.reduction == "mean":
             g = g / valid.sum().clamp_min(1)
-        g = torch.where(valid, g.expand(B) if g.dim() == 0 else g, torch.zeros((), dtype=compute, device=device))
+        g = torch.where(valid, g.expand(B) if g.dim() == 0 else g,
+                        torch.zeros((), dtype=compute, device=device))
         b = g / total.clamp_min(torch.finfo(compute).tiny)
-        bx = (xn.to(compute) * b.unsqueeze(1)).to(plan.gemm)
+        bx = xn.to(compute) * b.unsqueeze(1)
         srw = rw * plan.scale
         rw2 = torch.where(norms > 1e-12, rw * rw, torch.zeros_like(rw))
         grad_W = torch.empty(C, W.shape[1], dtype=W.dtype, device=device)
         grad_x = torch.zeros(B, xn.shape[1], dtype=compute, device=device)
         if ctx.dense:
             if C > 0:
-                E, d, idx, inside, d_y = saved
-                grad_x += _chunk_backward(E, d if d.numel() else None, idx, inside, d_y, total,
-                                          srw, W, bx, grad_W, rw2, plan)
+                G0, e_y, idx, inside, d_y = saved
+                grad_x += _chunk_backward(G0, e_y, idx, inside, d_y, total, srw, W, bx, grad_W,
+                                          rw2, plan)
         else:
             generator = None
             if plan.cloud and not plan.explicit_noise:
@@ -398,17 +439,19 @@ class _FusedMarginCE(torch.autograd.Function):
                 if ctx.gen_state is not None:
                     generator.set_state(ctx.gen_state)
             xg = xn.to(plan.gemm)
+            ws = _Workspace(plan.chunk, B, compute, device)
             for j0 in range(0, C, plan.chunk):
                 j1 = min(j0 + plan.chunk, C)
-                noise_c = _chunk_noise(noise if ctx.has_noise else None, j0, j1, B, device,
-                                       generator, plan)
-                Z, d, idx, inside, _, d_y = _chunk_forward(
-                    xg, W[j0:j1], rw[j0:j1], labels, valid, j0, noise_c, sigma, plan)
+                noise_c = _chunk_noise(noise if ctx.has_noise else None, j0, j1, B, generator,
+                                       plan, ws)
+                Z, d, idx, inside, _, d_y = _chunk_logits(
+                    xg, W[j0:j1], rw[j0:j1], labels, valid, j0, noise_c, sigma, plan, ws)
                 if shift_t.numel():
                     Z.sub_(shift_t.unsqueeze(0)).exp_()
                 else:
                     Z.sub_(plan.const_shift).exp_()
-                grad_x += _chunk_backward(Z, d, idx, inside, d_y, total, srw[j0:j1], W[j0:j1],
+                e_y = _grad_buffer_(Z, d, srw[j0:j1], idx)
+                grad_x += _chunk_backward(Z, e_y, idx, inside, d_y, total, srw[j0:j1], W[j0:j1],
                                           bx, grad_W[j0:j1], rw2[j0:j1], plan)
                 del Z, d, noise_c
         grad_x.mul_(b.unsqueeze(1))

@@ -106,7 +106,7 @@ def test_cloud_cosine_matches_shifted_cosine_including_clip_edges():
     c = torch.tensor([1.0, -1.0, 0.999999, -0.999999, 0.3, -0.7, 0.0, 0.5, 0.5, 0.9, -0.9, 1.0, -1.0])
     a = torch.tensor([-4.0, 4.0, -0.2, 0.2, 2.5, -2.9, 1.0, -1.2, 3.5, -0.5, 0.5, 0.4, -0.4])
     for dtype in (torch.float32, torch.float64):
-        cc = c.to(dtype).requires_grad_(True)
+        cc = c.to(dtype).clone().requires_grad_(True)
         ref = FC.shifted_cosine(cc, a.to(dtype))
         (dref,) = torch.autograd.grad(ref.sum(), cc)
         pi = fused._PI_BELOW[dtype]
