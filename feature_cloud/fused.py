@@ -97,12 +97,12 @@ def _cloud_cosine_(
     ca = torch.cos(alpha, out=out_f)
     sa = alpha.sin_()
     t = torch.addcmul(torch.ones((), dtype=c.dtype, device=c.device), c, c, value=-1, out=work)
-    t.clamp_min_(0.0).sqrt_()
+    t.sqrt_()  # c in [-1, 1]: 1 - c*c rounds to >= 0
     sn = torch.mul(t, ca, out=out_d).addcmul_(c, sa)  # sin(theta + alpha)
     f = ca.mul_(c).addcmul_(t, sa, value=-1)  # cos(theta + alpha), unclipped
     clipped = torch.clamp_max(sn, 0.0, out=c).sign_()  # -1 where clipped, else 0
     # where clipped: f + (-(sign(alpha) + f)) = -sign(alpha); elsewhere f + 0
-    f.add_(sa.sign_().add_(f).mul_(clipped))
+    f.addcmul_(sa.sign_().add_(f), clipped)
     d = sn.clamp_min_(0.0).div_(t.clamp_min_(sqrt_floor))
     return f, d
 
@@ -224,13 +224,17 @@ def _chunk_logits(
 ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor]:
     """Scaled margin logits of classes ``j0 .. j0 + len(Wc)`` (class-major), LEAP Eq. 1-2 / 7-8.
 
-    Returns ``(Z, d, idx, inside, z_y, d_y)``: logits ``(Cc, B)`` (a workspace buffer); the
+    Returns ``(Z, d, idx, inside, z_y, d_y)``: logits ``(Cc, B)`` (a workspace buffer; minus
+    ``plan.const_shift`` when that is set); the
     elementwise derivative ``d cos(theta + alpha) / d c`` (``None`` without cloud, meaning 1);
     the target index and in-chunk mask; the target logit (margin applied) and the derivative of
     its cosine. ``noise_c`` (when generated) is a workspace buffer and is overwritten.
     """
     B, Cc = xg.shape[0], Wc.shape[0]
     s, m = plan.scale, plan.margin
+    # with a fixed log-sum-exp shift the logits are returned already shifted (one pass saved)
+    off = plan.const_shift or 0.0
+    neg_off = torch.tensor(-off, dtype=plan.compute, device=xg.device)
     Z = ws.get("z", Cc)
     if plan.gemm == plan.compute:
         torch.mm(Wc, xg.t(), out=Z)
@@ -248,27 +252,31 @@ def _chunk_logits(
         alpha_y = alpha.view(-1).gather(0, idx)
         f, d = _cloud_cosine_(c, alpha, ws.get("f", Cc), ws.get("t", Cc), ws.get("d", Cc),
                               plan.sqrt_floor)
-        Z = f.mul_(s)
+        Z = torch.add(neg_off, f, alpha=s, out=f) if off else f.mul_(s)
         if plan.margin_type == "cosface":  # s (cos(theta_y + alpha_y) - m), LEAP Eq. 7
             d_y = d.view(-1).gather(0, idx)
-            z_y = Z.view(-1).gather(0, idx) - s * m
+            z_y = Z.view(-1).gather(0, idx) + (off - s * m)
         else:  # s cos(theta_y + alpha_y + m), LEAP Eq. 8
             shift_y = (alpha_y + m).clamp_(-plan.pi_below, plan.pi_below)
             f_y, d_y = cloud_cosine(c_y, shift_y, plan.sqrt_floor)
             z_y = f_y * s
     else:
-        Z.mul_((rwc * s).unsqueeze(1))
         d = None
+        srw_col = (rwc * s).unsqueeze(1)
+        if off:
+            torch.addcmul(neg_off, Z, srw_col, out=Z)
+        else:
+            Z.mul_(srw_col)
         if plan.margin_type == "cosface":  # s (cos theta_y - m), LEAP Eq. 1
             d_y = torch.ones(B, dtype=plan.compute, device=Z.device)
-            z_y = Z.view(-1).gather(0, idx) - s * m
+            z_y = Z.view(-1).gather(0, idx) + (off - s * m)
         else:  # s cos(theta_y + m), LEAP Eq. 2
-            c_y = (Z.view(-1).gather(0, idx) / s).clamp_(-1.0, 1.0)
+            c_y = ((Z.view(-1).gather(0, idx) + off) / s).clamp_(-1.0, 1.0)
             shift_y = torch.full_like(c_y, min(m, plan.pi_below))
             f_y, d_y = cloud_cosine(c_y, shift_y, plan.sqrt_floor)
             z_y = f_y * s
     flat = Z.view(-1)
-    flat.scatter_(0, idx, torch.where(inside, z_y, flat.gather(0, idx)))
+    flat.scatter_(0, idx, torch.where(inside, z_y - off, flat.gather(0, idx)))
     return Z, d, idx, inside, z_y, d_y
 
 
@@ -280,8 +288,8 @@ def _lse_update(
     Fixed shift: ``plan.const_shift``. Otherwise an online maximum: ``total`` is rescaled by
     ``exp(old_max - new_max)`` (the online log-sum-exp); returns the new running maximum.
     """
-    if plan.const_shift is not None:
-        Z.sub_(plan.const_shift).exp_()
+    if plan.const_shift is not None:  # _chunk_logits already subtracted it
+        Z.exp_()
         total.add_(Z.sum(0))
         return run_max
     if Z.shape[0] == 0 or Z.shape[1] == 0:
@@ -448,8 +456,8 @@ class _FusedMarginCE(torch.autograd.Function):
                     xg, W[j0:j1], rw[j0:j1], labels, valid, j0, noise_c, sigma, plan, ws)
                 if shift_t.numel():
                     Z.sub_(shift_t.unsqueeze(0)).exp_()
-                else:
-                    Z.sub_(plan.const_shift).exp_()
+                else:  # already shifted by _chunk_logits
+                    Z.exp_()
                 e_y = _grad_buffer_(Z, d, srw[j0:j1], idx)
                 grad_x += _chunk_backward(Z, e_y, idx, inside, d_y, total, srw[j0:j1], W[j0:j1],
                                           bx, grad_W[j0:j1], rw2[j0:j1], plan)

@@ -1,0 +1,171 @@
+"""Turn benchmark JSON into the ratio tables (and a PNG) of benchmarks/README.md.
+
+    python -m benchmarks.report --bench results.json --interleaved inter.json [more.json ...] \
+        --memory mem.json --readme benchmarks/README.md --png benchmarks/ratios.png
+
+``--bench``: a pytest-benchmark JSON (``--benchmark-json``); each group (margin type, B, C) gets
+one row per method with the median time and its ratio to the group's floor. ``--interleaved``:
+JSON files of ``python -m benchmarks.interleaved`` (median of per-repetition ratios).
+``--memory``: JSON of ``python -m benchmarks.peak_memory``. The tables replace the text between
+``<!-- results:start -->`` and ``<!-- results:end -->`` in the README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+LABELS = {
+    "floor": "floor: normalised linear + F.cross_entropy",
+    "leap": "LEAPMarginHead, cloud off (fused)",
+    "leap_cloud": "LEAPMarginHead, cloud on (fused)",
+    "leap_cloud_nostats": "fused cloud loss without the statistics update",
+    "leap_reference": "LEAPMarginHead, cloud off, impl='reference'",
+    "leap_cloud_reference": "LEAPMarginHead, cloud on, impl='reference'",
+    "leap_chunked": "LEAPMarginHead, cloud off, impl='chunked'",
+    "leap_cloud_chunked": "LEAPMarginHead, cloud on, impl='chunked'",
+    "pml": "PML CosFaceLoss / ArcFaceLoss",
+    "fastreid": "fastreid CosSoftmax / ArcSoftmax + CE",
+    "statistics": "ClassStatistics update + cloud variance",
+}
+
+
+def bench_table(data: Dict) -> List[str]:
+    groups: Dict[str, Dict[str, float]] = defaultdict(dict)
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        groups[b["group"]][info.get("method", b["name"])] = b["stats"]["median"]
+    lines = []
+    machine = data.get("machine_info", {})
+    lines.append(f"pytest-benchmark run of {data.get('datetime', '?')} on "
+                 f"{machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}; "
+                 "medians; ratio = median / median of the floor in the same group.\n")
+    lines.append("| group | method | median ms | x floor |")
+    lines.append("|---|---|---:|---:|")
+    for group in sorted(groups):
+        meds = groups[group]
+        floor = meds.get("floor")
+        for method, med in sorted(meds.items(), key=lambda kv: kv[1]):
+            ratio = f"{med / floor:.2f}" if floor else "-"
+            lines.append(f"| {group} | {LABELS.get(method, method)} | {1e3 * med:.1f} | {ratio} |")
+    return lines
+
+
+def interleaved_table(runs: List[Dict]) -> List[str]:
+    lines = []
+    for run in runs:
+        lines.append(
+            f"\nB={run['batch']}, D={run['dim']}, C={run['classes']}, float32, CPU "
+            f"({run['cpus']} cores, {run['threads']} torch threads), {run['reps']} interleaved "
+            f"repetitions, torch {run['torch']}; load average {run['loadavg_before'][0]:.1f} before, "
+            f"{run['loadavg_after'][0]:.1f} after. Ratio: median over repetitions of time / floor's "
+            "time in the same repetition (IQR in brackets).\n")
+        types = list(run["results"])
+        lines.append("| method | " + " | ".join(f"{t} ms | {t} x floor" for t in types) + " |")
+        lines.append("|---|" + "---:|---:|" * len(types))
+        methods = list(run["results"][types[0]])
+        for m in methods:
+            cells = []
+            for t in types:
+                r = run["results"][t].get(m)
+                cells.append(f"{r['median_ms']:.0f} | **{r['ratio']:.2f}** "
+                             f"({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})" if r else "- | -")
+            lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def memory_table(rows: List[Dict]) -> List[str]:
+    gib = 2**30
+    lines = ["| config | C | B | D | status | peak RSS GiB | W GiB | extra beyond W + grad W GiB | extra / (W + grad W) | s |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("peak_rss"):
+            frac = r.get("extra_over_w_and_grad")
+            lines.append(
+                f"| {r['config']}" + (f" (chunk {r['chunk_size']})" if r.get("chunk_size") else "")
+                + f" | {r['classes']} | {r['batch']} | {r['dim']} | {r['status']} | "
+                f"{r['peak_rss'] / gib:.2f} | {r['w_bytes'] / gib:.2f} | "
+                + (f"{r['extra_bytes'] / gib:.2f} | {100 * frac:.1f}% |" if frac is not None else "- | - |")
+                + f" {r['seconds']:.0f} |")
+        else:
+            lines.append(f"| {r['config']} | {r.get('classes')} | {r.get('batch')} | {r.get('dim')} | "
+                         f"{r['status']} | - | - | - | - | - |")
+    return lines
+
+
+def plot(runs: List[Dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = runs[0]
+    types = list(run["results"])
+    methods = [m for m in run["results"][types[0]] if m != "leap_cloud_nostats"]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(types)
+    for i, t in enumerate(types):
+        vals = [run["results"][t][m]["ratio"] for m in methods]
+        ax.bar([k + i * width for k in range(len(methods))], vals, width, label=t)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(1.10, color="g", lw=0.8, ls="--", label="target cloud off (1.10)")
+    ax.axhline(1.25, color="r", lw=0.8, ls="--", label="target cloud on (1.25)")
+    ax.set_xticks([k + width * (len(types) - 1) / 2 for k in range(len(methods))])
+    ax.set_xticklabels([m.replace("_", "\n") for m in methods], fontsize=8)
+    ax.set_ylabel("time / floor (fwd+bwd)")
+    ax.set_title(f"B={run['batch']} D={run['dim']} C={run['classes']}, CPU, {run['threads']} thread(s)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(bench: Optional[Dict], inter: List[Dict], memory: Optional[List[Dict]]) -> str:
+    out: List[str] = []
+    if inter:
+        out += ["### Interleaved ratios (the targets of issue 7)"] + interleaved_table(inter)
+    if memory:
+        out += ["", "### Peak memory (one process per row)", ""] + memory_table(memory)
+    if bench:
+        out += ["", "### pytest-benchmark grid", ""] + bench_table(bench)
+    return "\n".join(out) + "\n"
+
+
+def update_readme(path: str, text: str) -> None:
+    try:
+        with open(path) as f:
+            readme = f.read()
+    except FileNotFoundError:
+        readme = f"# Benchmarks\n\n{START}\n{END}\n"
+    if START not in readme:
+        readme += f"\n{START}\n{END}\n"
+    new = re.sub(re.escape(START) + ".*?" + re.escape(END),
+                 lambda _: f"{START}\n{text}{END}", readme, flags=re.S)
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bench", default=None)
+    p.add_argument("--interleaved", nargs="*", default=[])
+    p.add_argument("--memory", default=None)
+    p.add_argument("--readme", default=None)
+    p.add_argument("--png", default=None)
+    a = p.parse_args(argv)
+    bench = json.load(open(a.bench)) if a.bench else None
+    inter = [json.load(open(f)) for f in a.interleaved]
+    memory = json.load(open(a.memory)) if a.memory else None
+    text = render(bench, inter, memory)
+    print(text)
+    if a.readme:
+        update_readme(a.readme, text)
+    if a.png and inter:
+        plot(inter, a.png)
+
+
+if __name__ == "__main__":
+    main()
