@@ -348,9 +348,17 @@ def _chunk_backward(
     else:
         gWc.copy_(torch.mm(Gg, bxg))
     gWc.index_add_(0, local, (delta.unsqueeze(1) * bx).to(gWc.dtype))
-    coef = rw2c * (gWc * Wc).sum(1)
+    coef = rw2c * _rowdot(gWc, Wc)
     gWc.addcmul_(Wc, coef.unsqueeze(1).to(gWc.dtype), value=-1)
     return gx
+
+
+def _rowdot(a: Tensor, b: Tensor, rows: int = 16384) -> Tensor:
+    """``(a * b).sum(1)`` in row blocks (no ``C x D`` temporary)."""
+    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
+    for r0 in range(0, a.shape[0], rows):
+        torch.sum(a[r0:r0 + rows] * b[r0:r0 + rows], dim=1, out=out[r0:r0 + rows])
+    return out
 
 
 def _chunk_noise(
