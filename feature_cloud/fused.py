@@ -89,20 +89,28 @@ def _gemm_dtype(device: torch.device, compute: torch.dtype) -> torch.dtype:
 
 
 def _cloud_cosine_(
-    c: Tensor, alpha: Tensor, out_f: Tensor, work: Tensor, out_d: Tensor, sqrt_floor: float
+    c: Tensor, half: Tensor, out_f: Tensor, work: Tensor, out_d: Tensor, sqrt_floor: float
 ) -> Tuple[Tensor, Tensor]:
-    """In-place kernel of :func:`cloud_cosine`: destroys ``c`` and ``alpha``; ``f`` is written to
-    ``out_f`` and the derivative to ``out_d``; ``work`` is scratch. Five same-shape buffers in
-    all, no allocation (fresh pages of big tensors cost as much as a transcendental pass)."""
-    ca = torch.cos(alpha, out=out_f)
-    sa = alpha.sin_()
-    t = torch.addcmul(torch.ones((), dtype=c.dtype, device=c.device), c, c, value=-1, out=work)
-    t.sqrt_()  # c in [-1, 1]: 1 - c*c rounds to >= 0
-    sn = torch.mul(t, ca, out=out_d).addcmul_(c, sa)  # sin(theta + alpha)
-    f = ca.mul_(c).addcmul_(t, sa, value=-1)  # cos(theta + alpha), unclipped
+    """In-place kernel of :func:`cloud_cosine` from the half angle ``half = alpha / 2``.
+
+    Destroys ``c`` and ``half``; ``f`` is written to ``out_f`` and the derivative to ``out_d``;
+    ``work`` is scratch: five same-shape buffers, no allocation (fresh pages of big tensors cost
+    as much as a transcendental pass). One ``sin`` instead of ``cos`` and ``sin``:
+    ``h = sin(alpha/2)``, ``cos alpha = 1 - 2h^2``, ``sin alpha = 2h cos(alpha/2)`` with
+    ``cos(alpha/2) = sqrt(1 - h^2) > 0`` (floored at 1e-15 so that ``sin alpha`` keeps the sign of
+    ``alpha`` when ``h`` rounds to +-1).
+    """
+    one = torch.ones((), dtype=c.dtype, device=c.device)
+    h = half.sin_()
+    ca = torch.addcmul(one, h, h, value=-2, out=out_f)  # cos(alpha)
+    sa2 = torch.addcmul(one, h, h, value=-1, out=work).clamp_min_(1e-30).sqrt_().mul_(h)
+    # sa2 = sin(alpha) / 2; h is free from here on
+    t = torch.addcmul(one, c, c, value=-1, out=half).sqrt_()  # c in [-1, 1]: 1 - c*c >= 0
+    sn = torch.mul(t, ca, out=out_d).addcmul_(c, sa2, value=2)  # sin(theta + alpha)
+    f = ca.mul_(c).addcmul_(t, sa2, value=-2)  # cos(theta + alpha), unclipped
     clipped = torch.clamp_max(sn, 0.0, out=c).sign_()  # -1 where clipped, else 0
     # where clipped: f + (-(sign(alpha) + f)) = -sign(alpha); elsewhere f + 0
-    f.addcmul_(sa.sign_().add_(f), clipped)
+    f.addcmul_(sa2.sign_().add_(f), clipped)
     d = sn.clamp_min_(0.0).div_(t.clamp_min_(sqrt_floor))
     return f, d
 
@@ -123,8 +131,9 @@ def cloud_cosine(c: Tensor, alpha: Tensor, sqrt_floor: Optional[float] = None) -
     """
     if sqrt_floor is None:
         sqrt_floor = _SQRT_FLOOR[c.dtype if c.dtype in _SQRT_FLOOR else torch.float32]
-    c, alpha = c.detach().clone(), alpha.detach().clone()
-    return _cloud_cosine_(c, alpha, torch.empty_like(c), torch.empty_like(c), torch.empty_like(c),
+    pi = _PI_BELOW[c.dtype if c.dtype in _PI_BELOW else torch.float32]
+    c, half = c.detach().clone(), alpha.detach().clamp(-pi, pi).mul(0.5)
+    return _cloud_cosine_(c, half, torch.empty_like(c), torch.empty_like(c), torch.empty_like(c),
                           sqrt_floor)
 
 
@@ -243,14 +252,15 @@ def _chunk_logits(
     idx, inside = _target_index(labels, valid, j0, j0 + Cc, B)
     if plan.cloud:
         c = Z.mul_(rwc.unsqueeze(1)).clamp_(-1.0, 1.0)
+        half_sigma = (sigma * 0.5).unsqueeze(0)  # the kernel works on alpha / 2 (exact)
         if plan.explicit_noise or noise_c.dtype != plan.compute:  # never write the caller's
-            alpha = torch.mul(noise_c.to(plan.compute), sigma.unsqueeze(0), out=ws.get("n", Cc))
+            half = torch.mul(noise_c.to(plan.compute), half_sigma, out=ws.get("n", Cc))
         else:
-            alpha = noise_c.mul_(sigma.unsqueeze(0))
-        alpha.clamp_(-plan.pi_below, plan.pi_below)
+            half = noise_c.mul_(half_sigma)
+        half.clamp_(-0.5 * plan.pi_below, 0.5 * plan.pi_below)
         c_y = c.view(-1).gather(0, idx)
-        alpha_y = alpha.view(-1).gather(0, idx)
-        f, d = _cloud_cosine_(c, alpha, ws.get("f", Cc), ws.get("t", Cc), ws.get("d", Cc),
+        alpha_y = half.view(-1).gather(0, idx) * 2.0
+        f, d = _cloud_cosine_(c, half, ws.get("f", Cc), ws.get("t", Cc), ws.get("d", Cc),
                               plan.sqrt_floor)
         Z = torch.add(neg_off, f, alpha=s, out=f) if off else f.mul_(s)
         if plan.margin_type == "cosface":  # s (cos(theta_y + alpha_y) - m), LEAP Eq. 7
