@@ -507,15 +507,13 @@ class ShardedLEAPMarginHead(nn.Module):
             check_values(emb.detach(), lab, self.num_classes)
         train = self.training and torch.is_grad_enabled()
         std = None
-        if train:
-            if self.cloud is not None:
-                stats = self.statistics
-                if stats.counting and self.step >= self.warmup_steps:
-                    stats.allocate_memory()
-                stats.update(emb.detach(), lab, validate=False)
-                if self.step >= self.warmup_steps:
-                    std = stats.cloud_variance()[lab.clamp_min(0)].sqrt()
-            self.step += 1
+        if train and self.cloud is not None:
+            stats = self.statistics
+            if stats.counting and self.step >= self.warmup_steps:
+                stats.allocate_memory()
+            stats.update(emb.detach(), lab, validate=False)
+            if self.step >= self.warmup_steps:
+                std = stats.cloud_variance()[lab.clamp_min(0)].sqrt()
 
         owned = (lab >= self.shard_start) & (lab < self.shard_end)
         local = torch.where(owned, lab - self.shard_start, torch.full_like(lab, -1))
@@ -525,6 +523,8 @@ class ShardedLEAPMarginHead(nn.Module):
         alpha = None
         if std is not None:
             alpha = FC.angle_noise(std, weight.shape[0], self._generator_for(emb.device))
+        if train:  # after the draws, as in LEAPMarginHead: rank 0's stream is the dense one
+            self.step += 1
         cos = FC.cosine_logits(emb, weight)
         logits = FC.margin_logits(
             cos, local, margin_type=self.margin_type, scale=self.scale, margin=self.margin,
@@ -707,15 +707,15 @@ def split_state_dict(
     key = prefix + "weight"
     if key not in state:
         raise ValueError(f"state dict has no {key!r}: not a LEAPMarginHead under prefix {prefix!r}")
+    base_extra = dict(state.get(prefix + _EXTRA) or {})
+    if "shard" in base_extra:
+        raise ValueError("state dict is already a shard; consolidate it first")
     weight = state[key]
     num_classes = weight.shape[0]
     sizes = (
         _check_sizes(shard_sizes, num_classes, world_size) if shard_sizes is not None
         else even_shard_sizes(num_classes, world_size)
     )
-    base_extra = dict(state.get(prefix + _EXTRA) or {})
-    if "shard" in base_extra:
-        raise ValueError("state dict is already a shard; consolidate it first")
     out = []
     for r, rows in enumerate(torch.split(weight, sizes, 0)):
         shard = dict(state)
