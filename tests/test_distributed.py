@@ -353,7 +353,8 @@ def check_ddp_training(rank: int, world: int) -> None:
 
     DDP averages the ranks' mean losses, which is the global mean only when every rank has as
     many valid labels: the batches here have no ignored labels."""
-    for broadcast_buffers in (False, True):
+    # fastreid's setting (False) at both world sizes, DDP's default (True) at two ranks
+    for broadcast_buffers in (False, True) if world == 2 else (False,):
         torch.manual_seed(0)
         net = _Net(LEAPMarginHead(D, C, class_counts=COUNTS, seed=11))
         ref = copy.deepcopy(net)
@@ -421,7 +422,7 @@ def check_sharded_ddp_training(rank: int, world: int) -> None:
 
 
 def check_pml_wrapper(rank: int, world: int) -> None:
-    """Inside pytorch-metric-learning's DistributedLossWrapper (which hands every rank the
+    """(Three ranks only: importing PML costs seconds per process.) Inside pytorch-metric-learning's DistributedLossWrapper (which hands every rank the
     gathered batch, own rank first) the statistics are replicated and equal the reference.
 
     ``feature_cloud.integrations.pml.LEAPLoss`` is not on main yet: a minimal
@@ -477,8 +478,8 @@ CHECKS = [
     "check_negative_sampling",
     "check_ddp_training",
     "check_sharded_ddp_training",
-    "check_pml_wrapper",
 ]
+CHECKS_ONCE = ["check_pml_wrapper"]  # at 3 ranks, where PML's rotated order is not trivial
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,7 +520,7 @@ def _spawn(world: int, checks: Sequence[str]) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_checks(world: int) -> None:
-    _spawn(world, CHECKS)
+    _spawn(world, CHECKS + (CHECKS_ONCE if world == 3 else []))
 
 
 # --------------------------------------------------------------------------------------------
