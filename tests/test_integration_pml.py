@@ -286,3 +286,12 @@ def test_pml_trainer_and_tester_loop():
     )
     acc = tester.test({"val": test}, 2, trunk)
     assert acc["val"]["precision_at_1_level0"] > 0.5
+
+
+def test_pml_cosface_state_dict_loads_into_leap_loss():
+    ref = losses.CosFaceLoss(C, D)
+    ours = LEAPLoss(C, D, cloud="full", class_counts=[4] * C, seed=0)
+    result = ours.load_state_dict(ref.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert all(k.startswith("head.") for k in result.missing_keys)
+    assert torch.equal(ours.W, ref.W)
