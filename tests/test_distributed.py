@@ -422,36 +422,28 @@ def check_sharded_ddp_training(rank: int, world: int) -> None:
 
 
 def check_pml_wrapper(rank: int, world: int) -> None:
-    """(Three ranks only: importing PML costs seconds per process.) Inside pytorch-metric-learning's DistributedLossWrapper (which hands every rank the
-    gathered batch, own rank first) the statistics are replicated and equal the reference.
-
-    ``feature_cloud.integrations.pml.LEAPLoss`` is not on main yet: a minimal
-    ``BaseMetricLossFunction`` calling the core head stands in for it."""
-    from pytorch_metric_learning.losses import BaseMetricLossFunction
+    """(Three ranks only: importing PML costs seconds per process.) Inside PML's
+    ``DistributedLossWrapper`` around ``integrations.pml.LEAPLoss`` (the wrapper hands every rank
+    the gathered batch, own rank first) the statistics are replicated and equal the reference."""
     from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
-    class HeadLoss(BaseMetricLossFunction):
-        def __init__(self, head: nn.Module) -> None:
-            super().__init__()
-            self.head = head
-
-        def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
-            return self.head(embeddings, labels)
+    from feature_cloud.integrations.pml import LEAPLoss
 
     torch.manual_seed(0)
-    head = synchronize(LEAPMarginHead(D, C, class_counts=COUNTS, seed=6), batch="pml_gathered")
-    assert not head.statistics.collective
-    loss_fn = DistributedLossWrapper(HeadLoss(head))
+    loss = LEAPLoss(C, D, class_counts=COUNTS, seed=6)
+    synchronize(loss.head, batch="pml_gathered")
+    assert not loss.statistics.collective and loss.statistics.noise_stream == rank
+    loss_fn = DistributedLossWrapper(loss)
     ref = ClassStatistics(C, D, class_counts=COUNTS)
     for step in range(4):
-        batches = _batches(step, [4] * world)
+        batches = _batches(step, [4] * world, ignored=0.0)
         x, y = batches[rank]
         x = x.clone().requires_grad_()
         loss_fn(x, y).backward()
-        assert x.grad is not None
+        assert x.grad is not None and bool(torch.isfinite(x.grad).all())
         ref.update(*_cat(batches))
-    _assert_replicated(head.statistics.state_dict(), "PML statistics")
-    _assert_close_states(head.statistics.state_dict(), ref.state_dict(), "PML vs reference")
+    _assert_replicated(loss.statistics.state_dict(), "PML statistics")
+    _assert_close_states(loss.statistics.state_dict(), ref.state_dict(), "PML vs reference")
 
 
 def check_gather_batch(rank: int, world: int) -> None:
