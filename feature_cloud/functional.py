@@ -53,6 +53,11 @@ CLOUD_RULES = ("full", "vanilla")
 _ACOS_GRAD_FLOOR = float(torch.finfo(torch.float32).eps)
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Upcast half-precision tensors (autocast outputs) to float32; keep float32/float64."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 class _SafeAcos(torch.autograd.Function):
     """``acos`` with inputs clamped to ``[-1, 1]`` and a finite derivative at ``+-1``."""
 
@@ -125,8 +130,7 @@ def margin_logits(
     """
     if margin_type not in MARGIN_TYPES:
         raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {margin_type!r}")
-    if cos.dtype not in (torch.float32, torch.float64):
-        cos = cos.float()
+    cos = _at_least_float32(cos)
     index = labels.clamp_min(0).unsqueeze(1)
     cos_y = cos.gather(1, index)
     if alpha is None:
@@ -190,7 +194,7 @@ def metric_l2(embeddings: Tensor, weight: Tensor, reduction: str = "mean") -> Te
 
 def metric_l2_from_logits(logits: Tensor, reduction: str = "mean") -> Tensor:
     r"""FTL Eq. 3 from already computed raw logits :math:`W^T f` ``(B, C)`` (saves a GEMM)."""
-    per_sample = logits.float().pow(2).sum(dim=1)
+    per_sample = _at_least_float32(logits).pow(2).sum(dim=1)
     if reduction == "none":
         return per_sample
     if reduction == "sum":
