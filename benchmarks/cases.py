@@ -58,10 +58,9 @@ def _primed_head(classes: int, dim: int, margin_type: str, x, y, W, **kw) -> LEA
     head = LEAPMarginHead(dim, classes, margin_type, cloud="full",
                           class_counts=_long_tail_counts(classes), seed=0, validate=False, **kw)
     head.weight.data.copy_(W)
-    with torch.no_grad():
-        pass
+    g = torch.Generator().manual_seed(1)
     for _ in range(2):  # two angles for the batch's classes: the cloud is on for most samples
-        head(x.detach(), y)
+        head(x.detach() + torch.randn(x.shape, generator=g), y)
     head.weight.grad = None
     return head
 

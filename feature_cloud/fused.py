@@ -46,7 +46,7 @@ from torch import Tensor
 
 from .functional import MARGIN_TYPES
 
-__all__ = ["NOISE_BLOCK", "margin_loss", "class_major_noise", "cloud_cosine"]
+__all__ = ["NOISE_BLOCK", "margin_loss", "class_major_noise", "cloud_angles", "cloud_cosine"]
 
 #: Classes per cloud-noise block (one ``randn`` call each); chunk sizes are multiples of it.
 NOISE_BLOCK = 1024
@@ -171,6 +171,21 @@ def class_major_noise(
     out = torch.empty(num_classes, batch_size, device=device, dtype=torch.float32)
     _fill_noise(out, 0, generator, block)
     return out
+
+
+def cloud_angles(
+    std: Tensor, num_classes: int, generator: Optional[torch.Generator] = None,
+    block: Optional[int] = None,
+) -> Tensor:
+    r"""Per-logit cloud angles :math:`\alpha` ``(B, C)`` of LEAP Sec. 3.4 as every head draws them.
+
+    :math:`\alpha_{nj} = \mathrm{std}_n z_{jn}` with ``z = class_major_noise(C, B, generator)``:
+    the same distribution as :func:`~feature_cloud.functional.angle_noise` (i.i.d.
+    :math:`N(0, \mathrm{std}_n^2)`), drawn in the class-major block order that makes a chunked
+    computation draw the same cloud. Returned as a transposed view.
+    """
+    noise = class_major_noise(num_classes, std.shape[0], generator, std.device, block)
+    return noise.t() * std.to(noise.dtype).unsqueeze(1)
 
 
 # ------------------------------------------------------------------------------------------

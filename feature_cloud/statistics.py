@@ -104,6 +104,16 @@ class ClassStatistics(nn.Module):
         """True while ``class_counts`` are being counted online (memory not yet allocated)."""
         return not self.memory_allocated
 
+    #: True in subclasses whose :meth:`update` is a collective call (every process must make it
+    #: on every training step, even with an empty batch); the head then never skips the update.
+    collective: bool = False
+
+    @property
+    def noise_stream(self) -> int:
+        """Index of this process's cloud-noise stream: 0 here; a process-group subclass returns
+        the rank, so that ranks draw independent clouds (see :mod:`feature_cloud.distributed`)."""
+        return 0
+
     def allocate_memory(self, class_counts: Optional[Union[Tensor, Sequence[int]]] = None) -> None:
         """Lay out the flat angle memory, ``K_i * P`` slots per class (LEAP Eq. 5).
 
