@@ -64,3 +64,14 @@ def test_peak_memory_child_process(tmp_path):
     (row,) = json.loads(out.read_text())
     assert row["status"] == "ok" and row["peak_rss"] >= row["rss_before_step"] > 0
     assert row["w_bytes"] == 4096 * 32 * 4
+
+
+def test_feature_transfer_benchmark_case():
+    from benchmarks.test_bench_transfer import make_transfer
+
+    ft, stream, counts = make_transfer(samples=3000, dim=16, classes=50, batch=256)
+    ft.update_stats(stream)
+    assert ft.ready and ft.regular.any() and (~ft.regular).any()
+    y_r = torch.nonzero(ft.regular).flatten()[:4]
+    y_t = torch.nonzero(~ft.regular).flatten()[:4]
+    assert ft.transfer(torch.randn(4, 16), y_r, y_t).shape == (4, 16)
