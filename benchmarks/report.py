@@ -86,13 +86,13 @@ def memory_table(rows: List[Dict]) -> List[str]:
             frac = r.get("extra_over_w_and_grad")
             lines.append(
                 f"| {r['config']}" + (f" (chunk {r['chunk_size']})" if r.get("chunk_size") else "")
-                + f" | {r['classes']} | {r['batch']} | {r['dim']} | {r['status']} | "
+                + f" | {r['classes']} | {r['batch']} | {r['dim']} | {r['status'].split(': [')[0]} | "
                 f"{r['peak_rss'] / gib:.2f} | {r['w_bytes'] / gib:.2f} | "
                 + (f"{r['extra_bytes'] / gib:.2f} | {100 * frac:.1f}% |" if frac is not None else "- | - |")
                 + f" {r['seconds']:.0f} |")
         else:
             lines.append(f"| {r['config']} | {r.get('classes')} | {r.get('batch')} | {r.get('dim')} | "
-                         f"{r['status']} | - | - | - | - | - |")
+                         f"{r['status'].split(': [')[0]} | - | - | - | - | - |")
     return lines
 
 

@@ -20,9 +20,14 @@ with one custom :class:`torch.autograd.Function` instead of a chain of autograd 
   :func:`~feature_cloud.functional.safe_acos`.
 * The class weights are normalised implicitly (a per-class factor folded into the logits and the
   backward), so no normalised copy of ``W`` and no ``F.normalize`` backward over ``C x D``.
+  ``cos alpha`` and ``sin alpha`` come from one ``sin(alpha / 2)`` (half-angle identities).
 * The cross-entropy uses a log-sum-exp with a fixed shift (``scale``, an upper bound of every
-  logit) when that cannot underflow, else an online running maximum.
-* Backward is ``softmax - onehot`` times the derivative, built in place in the one saved buffer.
+  logit, folded into the scaling pass) when that cannot underflow, else an online running
+  maximum.
+* The one saved ``B x C`` buffer is ``softmax * d logit / d cos`` (turned in place from the
+  exponentials); the ``- onehot`` of the target column is a rank-``B`` correction applied after
+  the two backward GEMMs, so the backward makes no elementwise pass over ``B x C`` and leaves the
+  saved buffer intact (``retain_graph`` works).
 
 The layout is class-major (``C x B``) so that a chunk of classes is a contiguous block. With
 ``chunk_size`` set, classes are processed in chunks: the forward keeps only ``B``-vectors (online
@@ -39,7 +44,7 @@ copy of the generator state saved in the forward.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor

@@ -1,5 +1,4 @@
 """Fused and chunked margin loss (feature_cloud.fused) against the reference functional pipeline."""
-import math
 
 import pytest
 import torch
