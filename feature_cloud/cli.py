@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="std of the shared nuisance factors: intra-class variance (1.5)")
     syn.add_argument("--synthetic-noise", type=float, default=None, help="isotropic noise (0.1)")
     syn.add_argument("--synthetic-seed", type=int, default=None, help="generator seed (0)")
-    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads (the models are tiny: one thread is fastest on a "
+                      "busy machine; 0 keeps torch's default)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
 
     report = sub.add_parser("report", help="re-render tables and plots of a saved run")
@@ -122,8 +124,11 @@ def _demo_config(args: argparse.Namespace):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``feature-cloud`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from .demo._progress import set_progress
+    import torch
 
+    from .demo._progress import is_enabled, set_progress
+
+    progress_before, threads_before = is_enabled(), torch.get_num_threads()
     set_progress(not args.quiet)
     log = (lambda *_: None) if args.quiet else print
     try:
@@ -132,8 +137,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             render_report(args.path, log=log)
             return 0
-        import torch
-
         from .demo.runner import run_demo
 
         if args.threads:
@@ -143,7 +146,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"feature-cloud: error: {exc}", file=sys.stderr)
         return 2
-
+    finally:  # leave the process as we found it (main() is also called in-process)
+        set_progress(progress_before)
+        torch.set_num_threads(threads_before)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

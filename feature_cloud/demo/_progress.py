@@ -14,6 +14,11 @@ def set_progress(enabled: bool) -> None:
     _ENABLED = bool(enabled)
 
 
+def is_enabled() -> bool:
+    """Whether progress bars are shown."""
+    return _ENABLED
+
+
 def progress(iterable: Iterable[Any] = None, **kwargs: Any) -> tqdm:
     """``tqdm(iterable, **kwargs)``, disabled when :func:`set_progress` turned bars off."""
     kwargs.setdefault("leave", False)
