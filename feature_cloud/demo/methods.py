@@ -107,6 +107,10 @@ class _Method(nn.Module):
     def on_epoch_start(self, epoch: int) -> None:  # hook for schedule-driven methods
         pass
 
+    def per_class_diagnostics(self) -> Dict[str, Tensor]:
+        """Extra ``(C,)`` per-class quantities of the method (reported as diagnostics)."""
+        return {}
+
 
 class SoftmaxMethod(_Method):
     """Plain softmax over raw logits ``W f`` (bias-free linear classifier); with ``ml2_alpha > 0``
@@ -146,6 +150,13 @@ class MarginMethod(_Method):
 
     def class_weight(self) -> Tensor:
         return self.head.weight
+
+    def per_class_diagnostics(self) -> Dict[str, Tensor]:
+        """The standard deviation of the cloud angles each class received at the end of
+        training, ``sqrt`` of LEAP Eq. 6 / Eq. 9 (absent for plain CosFace / ArcFace)."""
+        if self.head.cloud is None:
+            return {}
+        return {"cloud_std": self.head.statistics.cloud_variance().detach().sqrt()}
 
 
 def _margin(margin_type: str, cloud):

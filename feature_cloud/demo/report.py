@@ -44,6 +44,7 @@ DIAG_COLUMNS: List[Tuple[str, str, float]] = [
     ("angle_var_test_tail", "ang. var test tail", 1.0),
     ("weight_norm_head", "‖W‖ head", 1.0),
     ("weight_norm_tail", "‖W‖ tail", 1.0),
+    ("cloud_std_tail", "cloud std tail", 1.0),
 ]
 
 RESULTS_FILE = "results.json"
@@ -71,8 +72,8 @@ def aggregate(results: Dict[str, Any]) -> Dict[str, Dict[str, Tuple[float, float
         if not rows:
             continue
         out[method] = {}
-        for key in rows[0]:
-            vals = np.array([np.nan if r[key] is None else r[key] for r in rows], dtype=float)
+        for key in dict.fromkeys(k for r in rows for k in r):
+            vals = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
             vals = vals[~np.isnan(vals)]
             n = int(vals.size)
             mean = float(vals.mean()) if n else math.nan
@@ -99,7 +100,9 @@ def _table(
         if method not in agg:
             continue
         label = results.get("labels", {}).get(method, method)
-        rows.append([label] + [_fmt(agg[method][k], s, digits) for k, _, s in columns])
+        rows.append([label] + [
+            _fmt(agg[method][k], s, digits) if k in agg[method] else "–" for k, _, s in columns
+        ])
     return rows
 
 
@@ -147,7 +150,9 @@ def results_markdown(results: Dict[str, Any]) -> str:
         _markdown(_table(results, MAIN_COLUMNS, 1)),
         "Diagnostics: angle (radians) between each feature and its class center, mean and "
         "variance per class averaged over head / tail classes, on the training and the "
-        "evaluation features; classifier weight norm per class.",
+        "evaluation features; classifier weight norm per class (cosine heads normalise W, so "
+        "their norm does not enter the logits); cloud std = sqrt of the LEAP cloud variance "
+        "(Eq. 6 / 9) each tail class received at the end of training.",
         _markdown(_table(results, DIAG_COLUMNS, 3)),
     ]) + "\n"
 
@@ -160,22 +165,22 @@ def _write_csvs(results: Dict[str, Any], out: str) -> None:
         for method, stats in agg.items():
             for key, (mean, std, n) in stats.items():
                 w.writerow([method, key, f"{mean:.6g}", f"{std:.6g}", n])
-    keys = list(results["runs"][0]["metrics"]) if results["runs"] else []
+    keys = list(dict.fromkeys(k for r in results["runs"] for k in r["metrics"]))
     with open(os.path.join(out, "runs.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["seed", "method", "train_seconds"] + keys)
         for r in results["runs"]:
-            w.writerow([r["seed"], r["method"], r["train_seconds"]] + [r["metrics"][k] for k in keys])
+            w.writerow([r["seed"], r["method"], r["train_seconds"]] + [r["metrics"].get(k) for k in keys])
     with open(os.path.join(out, "per_class.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
-        pc_keys = list(results["runs"][0]["per_class"]) if results["runs"] else []
+        pc_keys = list(dict.fromkeys(k for r in results["runs"] for k in r["per_class"]))
         w.writerow(["seed", "method", "class", "train_count", "head"] + pc_keys)
         for r in results["runs"]:
             split = results["splits"][str(r["seed"])]
             for c in range(len(split["train_counts"])):
                 w.writerow(
                     [r["seed"], r["method"], c, split["train_counts"][c], int(split["head"][c])]
-                    + [r["per_class"][k][c] for k in pc_keys]
+                    + [r["per_class"][k][c] if k in r["per_class"] else None for k in pc_keys]
                 )
 
 

@@ -235,6 +235,7 @@ def evaluate_method(
         "angle_mean_train": mean_tr, "angle_var_train": var_tr,
         "angle_mean_test": mean_ev, "angle_var_test": var_ev, "weight_norm": norms,
     }
+    per_class_sets.update({k: v.cpu().float() for k, v in model.per_class_diagnostics().items()})
     for key, values in per_class_sets.items():
         put(key, M.head_tail(values, head))
     class_fc = torch.zeros(num_classes).index_add_(0, eval_y, fc)
