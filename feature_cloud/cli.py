@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", nargs="+", default=["digits"], metavar=("SOURCE", "PATH"),
         help="digits (sklearn, offline) | synthetic | market1501 PATH | imagefolder PATH",
     )
-    demo.add_argument("--out", default=None, help="output directory (default: demo_runs/<source>)")
+    demo.add_argument("--out", default=None, help="output directory (default: outputs/demo/<source>)")
     demo.add_argument("-H", "--head", type=int, default=None,
                       help=f"number of head identities H (defaults per source: {defaults})")
     demo.add_argument("-S", "--shots", type=int, default=None,
@@ -117,7 +117,7 @@ def _demo_config(args: argparse.Namespace):
         memory_per_sample=args.memory_per_sample, gamma=args.gamma,
         tail_threshold=args.tail_threshold, ml2_alpha=args.ml2_alpha,
         image_size=tuple(args.image_size) if args.image_size else None, synthetic=synthetic,
-        out=args.out or os.path.join("demo_runs", source),
+        out=args.out or os.path.join("outputs", "demo", source),
     )
 
 
