@@ -3,10 +3,13 @@ from . import functional
 from .heads import LEAPMarginHead
 from .regularizers import MetricL2
 from .statistics import ClassStatistics
+from .transfer import FeatureBatch, FeatureTransfer
+from .ftl import AlternatingScheduler, FTLModel
 
 __version__ = "0.1.0"
 
 __all__ = ["functional", "LEAPMarginHead", "MetricL2", "ClassStatistics", "__version__"]
+__all__ += ["FeatureTransfer", "FeatureBatch", "FTLModel", "AlternatingScheduler"]
 
 
 def _source_checkout_integrations() -> None:

@@ -53,6 +53,11 @@ CLOUD_RULES = ("full", "vanilla")
 _ACOS_GRAD_FLOOR = float(torch.finfo(torch.float32).eps)
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Upcast half-precision tensors (autocast outputs) to float32; keep float32/float64."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 class _SafeAcos(torch.autograd.Function):
     """``acos`` with inputs clamped to ``[-1, 1]`` and a finite derivative at ``+-1``."""
 
@@ -125,8 +130,7 @@ def margin_logits(
     """
     if margin_type not in MARGIN_TYPES:
         raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {margin_type!r}")
-    if cos.dtype not in (torch.float32, torch.float64):
-        cos = cos.float()
+    cos = _at_least_float32(cos)
     index = labels.clamp_min(0).unsqueeze(1)
     cos_y = cos.gather(1, index)
     if alpha is None:
@@ -190,7 +194,7 @@ def metric_l2(embeddings: Tensor, weight: Tensor, reduction: str = "mean") -> Te
 
 def metric_l2_from_logits(logits: Tensor, reduction: str = "mean") -> Tensor:
     r"""FTL Eq. 3 from already computed raw logits :math:`W^T f` ``(B, C)`` (saves a GEMM)."""
-    per_sample = logits.float().pow(2).sum(dim=1)
+    per_sample = _at_least_float32(logits).pow(2).sum(dim=1)
     if reduction == "none":
         return per_sample
     if reduction == "sum":
@@ -234,9 +238,15 @@ def ema_centers(old: Tensor, batch_mean: Tensor, initialized: Tensor, gamma: flo
 
 
 def angles_to_centers(features: Tensor, centers: Tensor) -> Tensor:
-    r"""LEAP Eq. 3: :math:`\beta = \arccos(f \cdot c / \|f\|\|c\|)` row by row (``(N, D)`` each)."""
-    cos = F.cosine_similarity(features, centers, dim=1, eps=1e-12)
-    return torch.acos(cos.clamp(-1.0, 1.0))
+    r"""LEAP Eq. 3: :math:`\beta = \arccos(f \cdot c / \|f\|\|c\|)` row by row (``(N, D)`` each).
+
+    Evaluated as :math:`2\,\mathrm{atan2}(\|\hat f - \hat c\|, \|\hat f + \hat c\|)`, which equals
+    the arccos but stays accurate for small angles (``acos`` of a float32 cosine near 1 loses
+    ~4e-4 rad, as much as the spread of a tight class).
+    """
+    f = F.normalize(features, dim=1, eps=1e-12)
+    c = F.normalize(centers, dim=1, eps=1e-12)
+    return 2.0 * torch.atan2((f - c).norm(dim=1), (f + c).norm(dim=1))
 
 
 def ring_slots(
@@ -320,3 +330,199 @@ def cloud_variance(
     if rule == "vanilla":
         return vanilla_cloud_variance(var, has_stats, class_counts, threshold)
     raise ValueError(f"cloud rule must be one of {CLOUD_RULES}, got {rule!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# FTL: feature transfer (Yin et al. 2019)
+# --------------------------------------------------------------------------------------------
+# The pieces of FTL Sec. 3.3 and of UpdateStats() / Transfer() in Algorithm 1. The stateful side
+# (buffers, the two passes over the data) lives in :class:`feature_cloud.FeatureTransfer`.
+
+__all__ += [
+    "ftl_regular_classes",
+    "ftl_center_sums",
+    "ftl_centers",
+    "ftl_residual_scatter",
+    "ftl_center_distances",
+    "ftl_class_mean",
+    "ftl_hard_mask",
+    "ftl_num_components",
+    "ftl_pca_basis",
+    "feature_transfer",
+]
+
+
+def ftl_regular_classes(class_counts: Tensor, threshold: int = 20) -> Tensor:
+    """Regular-class mask of FTL Sec. 4: a class with no more than ``threshold`` images is long-tail.
+
+    ``class_counts`` ``(C,)`` -> bool ``(C,)``, ``True`` where ``count > threshold`` (paper: 20).
+    """
+    return class_counts > threshold
+
+
+def ftl_center_sums(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    flipped: Optional[Tensor] = None,
+    keep: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    r"""One batch's contribution to the class centers of FTL Eq. 5, in float64.
+
+    .. math:: \mathbf{c}_i = \frac{1}{2|\Omega_i|}\sum_{k\in\Omega_i}(\mathbf{g}_{ik} + \bar{\mathbf{g}}_{ik})
+
+    Returns ``(sums (C, D), weights (C,))`` so that ``sums / weights`` summed over batches is the
+    center: each kept sample adds ``g + g_flip`` with weight 2 (or ``g`` with weight 1 when
+    ``flipped`` is ``None``). ``keep`` ``(B,)`` bool is the quality filter :math:`\Omega` (paper:
+    yaw below :math:`\tau`); ``None`` keeps every sample. Labels ``< 0`` are ignored.
+    """
+    valid = labels >= 0
+    if keep is not None:
+        valid = valid & keep.to(torch.bool)
+    x = features.to(torch.float64)
+    weight = 1.0
+    if flipped is not None:
+        x = x + flipped.to(torch.float64)
+        weight = 2.0
+    w = valid.to(torch.float64)
+    y = labels.clamp_min(0)
+    sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device)
+    sums.index_add_(0, y, x * w.unsqueeze(1))
+    weights = torch.zeros(num_classes, dtype=torch.float64, device=x.device)
+    weights.index_add_(0, y, w * weight)
+    return sums, weights
+
+
+def ftl_centers(sums: Tensor, weights: Tensor) -> Tuple[Tensor, Tensor]:
+    """Centers ``sums / weights`` (FTL Eq. 5) and the mask of classes that have one (``weights > 0``).
+
+    Classes without any kept sample get a zero center and ``False``.
+    """
+    has = weights > 0
+    centers = sums / weights.clamp_min(1e-300).unsqueeze(1)
+    return torch.where(has.unsqueeze(1), centers, torch.zeros_like(centers)), has
+
+
+def ftl_residual_scatter(
+    features: Tensor, labels: Tensor, centers: Tensor, regular: Tensor
+) -> Tuple[Tensor, Tensor]:
+    r"""One batch's intra-class scatter :math:`\sum_k \mathbf{r}_k\mathbf{r}_k^T`, float64 ``(D, D)``.
+
+    :math:`\mathbf{r}_k = \mathbf{g}_k - \mathbf{c}_{y_k}` over the samples of regular classes (the
+    ``V`` of UpdateStats in Algorithm 1); samples of long-tail classes and labels ``< 0`` add
+    nothing. Returns ``(scatter, count)``; the covariance is ``sum(scatter) / sum(count)``.
+    Residuals are formed from the final centers before squaring, so the float64 sum has no
+    catastrophic cancellation (unlike :math:`\sum gg^T - n\,cc^T`).
+    """
+    y = labels.clamp_min(0)
+    use = (labels >= 0) & regular[y]
+    r = (features.to(torch.float64) - centers[y].to(torch.float64)) * use.unsqueeze(1)
+    return r.T @ r, use.sum()
+
+
+def ftl_center_distances(features: Tensor, labels: Tensor, centers: Tensor) -> Tensor:
+    r""":math:`\|\mathbf{g}_k - \mathbf{c}_{y_k}\|_2` per sample (UpdateStats, Algorithm 1), float64."""
+    y = labels.clamp_min(0)
+    return torch.linalg.vector_norm(
+        features.to(torch.float64) - centers[y].to(torch.float64), dim=1
+    )
+
+
+def ftl_class_mean(
+    values: Tensor, labels: Tensor, num_classes: int, mask: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """Per-class sums of ``values`` ``(N,)`` and counts, as ``(sums (C,), counts (C,))`` float64.
+
+    Summed over batches and divided, this is the per-class mean (e.g. the mean distance ``d`` of
+    UpdateStats). ``mask`` selects samples; labels ``< 0`` are ignored.
+    """
+    use = labels >= 0
+    if mask is not None:
+        use = use & mask
+    w = use.to(torch.float64)
+    y = labels.clamp_min(0)
+    sums = torch.zeros(num_classes, dtype=torch.float64, device=values.device)
+    sums.index_add_(0, y, values.to(torch.float64) * w)
+    counts = torch.zeros(num_classes, dtype=torch.float64, device=values.device)
+    counts.index_add_(0, y, w)
+    return sums, counts
+
+
+def ftl_hard_mask(
+    distances: Tensor, labels: Tensor, mean_distance: Tensor, regular: Tensor
+) -> Tensor:
+    r"""Hard samples of UpdateStats (Algorithm 1): regular-class samples with
+    :math:`\|\mathbf{g}_{ij} - \mathbf{c}_i\|_2 > d_i`, :math:`d_i` the class's mean distance.
+    """
+    y = labels.clamp_min(0)
+    return (labels >= 0) & regular[y] & (distances > mean_distance[y])
+
+
+def ftl_num_components(eigenvalues: Tensor, energy: float) -> int:
+    """Smallest ``k`` whose top-``k`` eigenvalues hold at least ``energy`` of the total (paper:
+    150 of 320 components keep 95%). ``eigenvalues`` sorted descending; a one-off host read.
+    """
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    lam = eigenvalues.clamp_min(0).to(torch.float64)
+    total = lam.sum()
+    if float(total) <= 0.0:
+        return 1
+    cum = torch.cumsum(lam, 0) / total
+    # a tiny tolerance so that energy=1.0 does not ask for components of rounding-level variance
+    k = int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=cum.dtype, device=cum.device)))
+    return min(k + 1, lam.numel())
+
+
+def ftl_pca_basis(
+    covariance: Tensor, num_components: Optional[int] = None, energy: Optional[float] = None
+) -> Tuple[Tensor, Tensor]:
+    r"""PCA basis :math:`\mathbf{Q}` ``(D, k)`` of the regular classes' intra-class covariance (FTL
+    Sec. 3.3) and all eigenvalues ``(D,)``, both sorted by decreasing eigenvalue.
+
+    Give exactly one of ``num_components`` (top-``k``) or ``energy`` (smallest ``k`` reaching that
+    fraction, :func:`ftl_num_components`). Solved with ``torch.linalg.eigh`` in float64; each
+    eigenvector's sign is fixed (largest-magnitude entry positive) so the basis is reproducible.
+    """
+    if (num_components is None) == (energy is None):
+        raise ValueError("give exactly one of num_components or energy")
+    d = covariance.shape[0]
+    if covariance.dim() != 2 or covariance.shape[1] != d:
+        raise ValueError(f"covariance must be square (D, D), got {tuple(covariance.shape)}")
+    cov = covariance.to(torch.float64)
+    cov = 0.5 * (cov + cov.T)
+    evals, evecs = torch.linalg.eigh(cov)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    pivot = evecs.abs().argmax(dim=0)
+    signs = torch.sign(evecs.gather(0, pivot.unsqueeze(0)))
+    evecs = evecs * torch.where(signs == 0, torch.ones_like(signs), signs)
+    if num_components is not None:
+        k = int(num_components)
+        if not 1 <= k <= d:
+            raise ValueError(f"num_components must be in [1, D={d}], got {k}")
+    else:
+        k = ftl_num_components(evals, float(energy))  # type: ignore[arg-type]
+    return evecs[:, :k], evals
+
+
+def feature_transfer(
+    g_regular: Tensor, y_regular: Tensor, y_tail: Tensor, centers: Tensor, basis: Tensor
+) -> Tensor:
+    r"""Center-based feature transfer, FTL Eq. 6:
+
+    .. math:: \tilde{\mathbf{g}}_{ik} = \mathbf{c}_i + \mathbf{Q}\mathbf{Q}^T(\mathbf{g}_{jk} - \mathbf{c}_j)
+
+    row by row, with :math:`j` = ``y_regular[k]`` (the class of the regular sample
+    ``g_regular[k]``) and :math:`i` = ``y_tail[k]`` (the long-tail class that receives it).
+    Note: the Transfer() box of Algorithm 1 swaps the two center indices (it adds the *regular*
+    center and subtracts the *tail* one); that would produce a regular-class feature, so this
+    follows Eq. 6 (and the appendix's ``g_12 = c_2 + QQ^T(g_1 - c_1)``).
+
+    Batched, differentiable w.r.t. ``g_regular``; ``centers`` ``(C, D)``, ``basis`` ``(D, k)``.
+    Computed in the dtype of ``g_regular``.
+    """
+    dtype = g_regular.dtype
+    c = centers.to(dtype)
+    q = basis.to(dtype)
+    residual = g_regular - c[y_regular]
+    return c[y_tail] + (residual @ q) @ q.T

@@ -1,7 +1,7 @@
 """``LEAPMarginHead``: a CosFace/ArcFace classifier head with the LEAP feature cloud."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +11,14 @@ from ._validation import check_batch, check_embeddings
 from .statistics import ClassStatistics
 
 __all__ = ["LEAPMarginHead", "DEFAULT_SCALE", "DEFAULT_MARGIN"]
+
+# Odd 64-bit constant (golden ratio) spreading the seeds of different noise streams far apart.
+_STREAM_STRIDE = 0x9E3779B97F4A7C15
+
+
+def _noise_seed(seed: int, step: int, stream: int = 0) -> int:
+    """Seed of the cloud generator at ``step`` for noise stream ``stream`` (0: single process)."""
+    return (seed + step + stream * _STREAM_STRIDE) % (2**63)
 
 #: Paper defaults for re-ID (LEAP Sec. 4.1): CosFace s=24, m=0.2; ArcFace s=16, m=0.2 (radians).
 DEFAULT_SCALE = {"cosface": 24.0, "arcface": 16.0}
@@ -111,7 +119,8 @@ class LEAPMarginHead(nn.Module):
         self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
         self.step = 0  # training steps taken (saved with the state)
         self._generator: Optional[torch.Generator] = None
-        self._pending_rng: Optional[Tensor] = None
+        self._generator_stream = 0
+        self._pending_rng: Optional[Tuple[str, Tensor, int]] = None
 
     # ------------------------------------------------------------------ public API
     @property
@@ -133,7 +142,10 @@ class LEAPMarginHead(nn.Module):
         """
         check_batch(embeddings, labels, self.embedding_size, self.num_classes, self.validate)
         alpha = None
-        if self.training and torch.is_grad_enabled() and embeddings.shape[0] > 0:
+        # a collective statistics update must run on every rank each step, even for an empty batch
+        if self.training and torch.is_grad_enabled() and (
+            embeddings.shape[0] > 0 or self.statistics.collective
+        ):
             if self.cloud is not None:
                 if self.statistics.counting and self.step >= self.warmup_steps:
                     self.statistics.allocate_memory()  # online K_i: lay out the memory once
@@ -160,18 +172,24 @@ class LEAPMarginHead(nn.Module):
         )
 
     # ------------------------------------------------------------------ RNG and checkpoints
+    def _noise_stream(self) -> int:
+        """This process's noise stream (the rank under synchronised statistics, else 0)."""
+        return self.statistics.noise_stream
+
     def _generator_for(self, device: torch.device) -> torch.Generator:
         gen = self._generator
-        if gen is None or gen.device.type != device.type or (
+        stream = self._noise_stream()
+        if gen is None or gen.device.type != device.type or stream != self._generator_stream or (
             device.type != "cpu" and gen.device != device
         ):
             gen = torch.Generator(device=device)
             pending = self._pending_rng
-            if pending is not None and pending[0] == device.type:
+            if pending is not None and pending[0] == device.type and pending[2] == stream:
                 gen.set_state(pending[1])
-            else:  # fresh, or a checkpoint from another device type: reseed deterministically
-                gen.manual_seed((self.seed + self.step) % (2**63))
+            else:  # fresh, or a checkpoint from another device type or rank: reseed
+                gen.manual_seed(_noise_seed(self.seed, self.step, stream))
             self._generator, self._pending_rng = gen, None
+            self._generator_stream = stream
         return gen
 
     def get_extra_state(self) -> Dict[str, Any]:
@@ -179,16 +197,19 @@ class LEAPMarginHead(nn.Module):
         if self._generator is not None:
             state["rng_device"] = self._generator.device.type
             state["rng_state"] = self._generator.get_state()
+            state["rng_stream"] = self._generator_stream
         elif self._pending_rng is not None:
-            state["rng_device"], state["rng_state"] = self._pending_rng
+            state["rng_device"], state["rng_state"], state["rng_stream"] = self._pending_rng
         return state
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.seed = int(state["seed"])
         self._generator = None
+        # the saved generator state is used only by the stream (rank) that saved it
         self._pending_rng = (
-            (state["rng_device"], state["rng_state"].cpu()) if "rng_state" in state else None
+            (state["rng_device"], state["rng_state"].cpu(), int(state.get("rng_stream", 0)))
+            if "rng_state" in state else None
         )
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:

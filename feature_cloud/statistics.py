@@ -104,6 +104,16 @@ class ClassStatistics(nn.Module):
         """True while ``class_counts`` are being counted online (memory not yet allocated)."""
         return not self.memory_allocated
 
+    #: True in subclasses whose :meth:`update` is a collective call (every process must make it
+    #: on every training step, even with an empty batch); the head then never skips the update.
+    collective: bool = False
+
+    @property
+    def noise_stream(self) -> int:
+        """Index of this process's cloud-noise stream: 0 here; a process-group subclass returns
+        the rank, so that ranks draw independent clouds (see :mod:`feature_cloud.distributed`)."""
+        return 0
+
     def allocate_memory(self, class_counts: Optional[Union[Tensor, Sequence[int]]] = None) -> None:
         """Lay out the flat angle memory, ``K_i * P`` slots per class (LEAP Eq. 5).
 
@@ -154,18 +164,23 @@ class ClassStatistics(nn.Module):
     def _update(self, features: Tensor, labels: Tensor) -> None:
         valid = labels >= 0
         y = labels.clamp_min(0)
+        # Scatter targets: duplicate indices must carry identical values, so every ignored row
+        # (label < 0) writes exactly what the first valid row writes ("donor"); with no valid
+        # row at all every write is a no-op rewrite of the current values.
+        donor = torch.argmax(valid.to(torch.uint8))
+        rows = torch.where(valid, torch.arange(labels.numel(), device=labels.device), donor)
+        y_w = y[rows]
+
         batch_mean, _ = FC.batch_class_means(features, labels)
-        new_centers = FC.ema_centers(
-            self.centers[y], batch_mean, self.center_initialized[y], self.gamma
-        )
-        # rows of the same class carry identical values, so duplicate indices are harmless;
-        # ignored rows rewrite their (label 0) row with its current value.
-        new_centers = torch.where(valid.unsqueeze(1), new_centers, self.centers[y])
-        self.centers.index_copy_(0, y, new_centers)
-        self.center_initialized.index_copy_(0, y, self.center_initialized[y] | valid)
+        old_centers = self.centers[y]
+        new_centers = FC.ema_centers(old_centers, batch_mean, self.center_initialized[y], self.gamma)
+        new_centers = torch.where(valid.unsqueeze(1), new_centers, old_centers)
+        self.centers.index_copy_(0, y_w, new_centers[rows])
+        self.center_initialized.index_copy_(0, y_w, (self.center_initialized[y] | valid)[rows])
         if self.counting:
             self.class_counts.index_add_(0, y, valid.long())
             return
+
         angles = FC.angles_to_centers(features, new_centers)
         slots, keep, count = FC.ring_slots(
             labels, self.memory_offsets, self.memory_capacity, self.memory_pointer,
@@ -176,14 +191,14 @@ class ClassStatistics(nn.Module):
         w = keep.double()
         self.angle_sum.index_add_(0, y, w * (new - old))
         self.angle_sqsum.index_add_(0, y, w * (new * new - old * old))
-        self.memory.index_copy_(0, slots, torch.where(keep, angles, self.memory[slots]))
+        self.memory.index_copy_(0, slots, torch.where(keep, angles, old.to(angles.dtype)))
         self.memory[-1] = 0.0
-        # per-class pointer/fill advance once per class present; duplicates carry equal values
+        # per-class ring pointer and fill advance once per class present in the batch
         cap = self.memory_capacity[y]
-        written = torch.minimum(count, cap) * valid
-        self.memory_pointer.index_copy_(0, y, torch.where(
-            valid, (self.memory_pointer[y] + count) % cap, self.memory_pointer[y]))
-        self.memory_fill.index_copy_(0, y, torch.minimum(self.memory_fill[y] + written, cap))
+        pointer = torch.where(valid, (self.memory_pointer[y] + count) % cap, self.memory_pointer[y])
+        fill = torch.minimum(self.memory_fill[y] + count * valid, cap)
+        self.memory_pointer.index_copy_(0, y_w, pointer[rows])
+        self.memory_fill.index_copy_(0, y_w, fill[rows])
 
     # ------------------------------------------------------------------ read-out
     def angle_moments(self):

@@ -1,0 +1,648 @@
+"""FTL end to end (Yin et al. 2019): the Enc-Dec-R-FC model and the alternating training of Algorithm 1.
+
+* :class:`FTLModel` composes ``Enc -> g -> Dec`` (reconstruction, Eq. 1) and ``g -> R -> f -> FC``
+  (softmax, Eq. 2, with the m-L2 regulariser of Eq. 3) and computes the total loss of Eq. 4. It owns
+  the :class:`~feature_cloud.FeatureTransfer` that holds ``C``, ``Q`` and ``h``.
+* :class:`AlternatingScheduler` runs Algorithm 1: stage 0 (pre-training), then stage 1 (decision
+  boundary reshape) and stage 2 (compact feature learning) alternating every ``stage_iters``
+  iterations. It owns which parts are trainable, the resumable batch samplers (hard list,
+  long-tail classes, whole dataset) and its own checkpointable state.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from . import functional as FC
+from .heads import LEAPMarginHead
+from .regularizers import MetricL2
+from .transfer import FeatureBatch, FeatureTransfer
+
+__all__ = [
+    "FTLModel",
+    "AlternatingScheduler",
+    "StreamSampler",
+    "IndexedDataset",
+    "make_filter",
+    "ConvDecoder",
+    "PARTS",
+    "STAGE_TRAINABLE",
+]
+
+#: The four modules of FTL Fig. 2, by the names used for freezing and parameter groups.
+PARTS = ("encoder", "decoder", "filter", "classifier")
+
+#: Trainable parts per stage of Algorithm 1.
+STAGE_TRAINABLE: Dict[int, Tuple[str, ...]] = {
+    0: ("encoder", "decoder", "filter", "classifier"),  # train M with Eq. 4
+    1: ("filter", "classifier"),  # fix Enc and Dec, train R and FC
+    2: ("encoder", "decoder", "filter"),  # fix FC, train Enc, Dec and R
+}
+
+
+def make_filter(in_dim: int = 320, out_dim: int = 320, hidden: int = 640) -> nn.Sequential:
+    """Default filtering network ``R`` (FTL Fig. 2) for a vector feature ``g``: ``Linear -> BN ->
+    ReLU -> Linear``. The paper's ``R`` (appendix Table 5: FC, two full convolutions, two
+    convolutions, average pooling) works on a 6x6 map; an MLP is its counterpart for any backbone.
+    """
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        nn.Linear(hidden, out_dim),
+    )
+
+
+class ConvDecoder(nn.Module):
+    """Default decoder ``Dec`` (FTL Eq. 1, appendix Table 5): ``g -> FC -> 6x6 map -> upsampling
+    full convolutions -> image``.
+
+    Each stage doubles the resolution (``ConvTranspose2d`` 4x4/2 + BN + ReLU); the last layer is a
+    plain 3x3 convolution (no BN/ReLU, like "FCv11"); a final bilinear resize gives exactly
+    ``out_shape`` (100x100 in the paper). Defaults are sized for the paper's 320-D ``g``.
+    """
+
+    def __init__(
+        self,
+        feature_dim: int = 320,
+        out_shape: Sequence[int] = (3, 100, 100),
+        channels: Sequence[int] = (256, 192, 128, 64),
+        base: int = 6,
+    ) -> None:
+        super().__init__()
+        if len(out_shape) != 3:
+            raise ValueError(f"out_shape must be (channels, height, width), got {tuple(out_shape)}")
+        if not channels:
+            raise ValueError("channels must name at least one upsampling stage")
+        self.out_shape = tuple(int(v) for v in out_shape)
+        self.base = int(base)
+        self.fc = nn.Linear(feature_dim, channels[0] * base * base)
+        layers: List[nn.Module] = []
+        prev = channels[0]
+        for ch in list(channels[1:]) + [channels[-1]]:
+            layers += [nn.ConvTranspose2d(prev, ch, 4, 2, 1), nn.BatchNorm2d(ch), nn.ReLU(inplace=True)]
+            prev = ch
+        layers.append(nn.Conv2d(prev, self.out_shape[0], 3, 1, 1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, g: Tensor) -> Tensor:
+        x = self.fc(g).view(g.shape[0], -1, self.base, self.base)
+        x = self.body(x)
+        if tuple(x.shape[-2:]) != self.out_shape[1:]:
+            x = F.interpolate(x, size=self.out_shape[1:], mode="bilinear", align_corners=False)
+        return x
+
+
+class FTLModel(nn.Module):
+    r"""FTL's network (Fig. 2) and its total loss, Eq. 4:
+
+    .. math:: \mathcal{L} = \alpha_{sfmx}\mathcal{L}_{sfmx} + \alpha_{recon}\mathcal{L}_{recon}
+              + \alpha_{reg}\mathcal{L}_{reg}
+
+    with :math:`\mathcal{L}_{recon}` Eq. 1 (``Dec(Enc(x))`` vs ``x``, mean squared error per
+    element, i.e. Eq. 1 divided by the number of pixels), :math:`\mathcal{L}_{sfmx}` the softmax
+    cross-entropy of ``FC(R(g))`` (Eq. 2) and :math:`\mathcal{L}_{reg}` the m-L2 regulariser of
+    Eq. 3 (:class:`~feature_cloud.MetricL2` on the FC weight). Paper: all weights 1 but
+    ``alpha_reg = 0.25``.
+
+    Args:
+        encoder: ``Enc``, any backbone mapping inputs to a ``(B, feature_dim)`` rich feature ``g``
+            (a timm model with ``num_classes=0``, a fastreid backbone + pooling, ...).
+        classifier: ``FC``: an ``nn.Linear(embedding_size, num_classes)`` (the paper's plain softmax
+            classifier) or a :class:`~feature_cloud.LEAPMarginHead` (its own margin loss then
+            replaces the softmax; it normalises ``W`` and ``f``, so m-L2 only shrinks norms there:
+            pass ``alpha_reg=0`` with it — a warning says so otherwise).
+        feature_dim: size of ``g`` (paper: 320).
+        filter_net: ``R``; default :func:`make_filter` (``feature_dim -> embedding_size``).
+        decoder: ``Dec`` producing the input's shape from ``g`` (e.g. :class:`ConvDecoder`).
+            **Reconstruction is optional:** with ``decoder=None`` you must pass ``alpha_recon=0``
+            (Eq. 4 without Eq. 1) — for backbones where reconstruction makes no sense, e.g. a
+            pretrained classifier backbone; then ``g`` keeps only the variation the softmax needs,
+            which makes the transferred variance less rich (the paper's motivation for Dec).
+        alpha_sfmx, alpha_recon, alpha_reg: the weights of Eq. 4.
+        transfer: the :class:`~feature_cloud.FeatureTransfer`; default
+            ``FeatureTransfer(feature_dim, num_classes)`` (95% energy, long-tail ``<= 20`` images).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        classifier: nn.Module,
+        *,
+        feature_dim: int = 320,
+        filter_net: Optional[nn.Module] = None,
+        decoder: Optional[nn.Module] = None,
+        alpha_sfmx: float = 1.0,
+        alpha_recon: float = 1.0,
+        alpha_reg: float = 0.25,
+        transfer: Optional[FeatureTransfer] = None,
+    ) -> None:
+        super().__init__()
+        weight = getattr(classifier, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise TypeError(
+                "classifier must be an nn.Linear or a LEAPMarginHead (a module with a "
+                f"(num_classes, embedding_size) .weight), got {type(classifier).__name__}"
+            )
+        for name, value in (("alpha_sfmx", alpha_sfmx), ("alpha_recon", alpha_recon), ("alpha_reg", alpha_reg)):
+            if float(value) < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if decoder is None and float(alpha_recon) > 0:
+            raise ValueError(
+                "alpha_recon > 0 needs a decoder (FTL Eq. 1): pass decoder=..., or alpha_recon=0 "
+                "to train without reconstruction"
+            )
+        self.is_margin_head = isinstance(classifier, LEAPMarginHead)
+        if self.is_margin_head and float(alpha_reg) > 0:
+            warnings.warn(
+                "LEAPMarginHead normalises W and f, so the m-L2 term (alpha_reg > 0) only shrinks "
+                "their norms; consider alpha_reg=0 with a margin head",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.num_classes, self.embedding_size = int(weight.shape[0]), int(weight.shape[1])
+        self.feature_dim = int(feature_dim)
+        self.encoder = encoder
+        self.decoder = decoder
+        self.filter = filter_net if filter_net is not None else make_filter(self.feature_dim, self.embedding_size)
+        self.classifier = classifier
+        self.alpha_sfmx, self.alpha_recon, self.alpha_reg = float(alpha_sfmx), float(alpha_recon), float(alpha_reg)
+        self.metric_l2 = MetricL2(alpha=1.0)  # weighted by alpha_reg in Eq. 4
+        if transfer is None:
+            transfer = FeatureTransfer(self.feature_dim, self.num_classes)
+        if transfer.feature_dim != self.feature_dim or transfer.num_classes != self.num_classes:
+            raise ValueError(
+                f"transfer has feature_dim={transfer.feature_dim}, num_classes={transfer.num_classes}; "
+                f"the model has {self.feature_dim}, {self.num_classes}"
+            )
+        self.feature_transfer = transfer
+        self.frozen: Tuple[str, ...] = ()
+        self._base_requires_grad: Optional[Dict[str, bool]] = None
+
+    # ------------------------------------------------------------------ forward pieces
+    def part(self, name: str) -> Optional[nn.Module]:
+        """The module of one of :data:`PARTS` (``None`` for an absent decoder)."""
+        if name not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}, got {name!r}")
+        return getattr(self, name)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Rich feature ``g = Enc(x)`` ``(B, feature_dim)``."""
+        g = self.encoder(x)
+        if g.dim() != 2 or g.shape[1] != self.feature_dim:
+            raise ValueError(
+                f"encoder must return (batch, feature_dim={self.feature_dim}), got {tuple(g.shape)}"
+            )
+        return g
+
+    def embed(self, g: Tensor) -> Tensor:
+        """Identity feature ``f = R(g)``."""
+        return self.filter(g)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The identity feature ``f = R(Enc(x))`` (the embedding used at test time)."""
+        return self.embed(self.encode(x))
+
+    def logits(self, f: Tensor) -> Tensor:
+        """Classifier logits of ``f``: ``W f + b`` for a linear FC, ``s cos`` for a margin head."""
+        if self.is_margin_head:
+            return self.classifier.logits(f)  # type: ignore[operator]
+        return self.classifier(f)
+
+    def classification_loss(self, f: Tensor, labels: Tensor) -> Dict[str, Tensor]:
+        r""":math:`\alpha_{sfmx}\mathcal{L}_{sfmx} + \alpha_{reg}\mathcal{L}_{reg}` on identity
+        features ``f`` (Eq. 2-3); labels ``< 0`` ignored. Returns ``loss``, ``sfmx``, ``reg``."""
+        if self.is_margin_head:
+            sfmx = self.classifier(f, labels)
+        else:
+            sfmx = FC.margin_cross_entropy(self.classifier(f), labels)
+        if self.alpha_reg > 0:
+            reg = self.metric_l2(f, self.classifier)
+        else:
+            reg = f.new_zeros(())
+        return {"loss": self.alpha_sfmx * sfmx + self.alpha_reg * reg, "sfmx": sfmx, "reg": reg}
+
+    def feature_loss(self, g: Tensor, labels: Tensor) -> Dict[str, Tensor]:
+        """Loss of a batch given as rich features ``g`` (stage 1 of Algorithm 1: ``R`` and ``FC``)."""
+        return self.classification_loss(self.embed(g), labels)
+
+    def loss(self, x: Tensor, labels: Tensor) -> Dict[str, Tensor]:
+        """The total loss of Eq. 4 on an input batch; returns ``loss``, ``sfmx``, ``recon``, ``reg``.
+
+        ``Dec`` runs only when ``alpha_recon > 0`` and the decoder is not frozen (in stage 1 it
+        is fixed and Eq. 1 has no trainable parameter left).
+        """
+        g = self.encode(x)
+        out = self.classification_loss(self.embed(g), labels)
+        if self.alpha_recon > 0 and self.decoder is not None and "decoder" not in self.frozen:
+            recon = F.mse_loss(self.decoder(g).float(), x.float())
+        else:
+            recon = g.new_zeros((), dtype=torch.float32)
+        out["recon"] = recon
+        out["loss"] = out["loss"] + self.alpha_recon * recon
+        return out
+
+    # ------------------------------------------------------------------ freezing
+    def set_frozen(self, parts: Iterable[str]) -> None:
+        """Freeze ``parts`` (a subset of :data:`PARTS`) and unfreeze the others.
+
+        Frozen: ``requires_grad=False``, gradients cleared to ``None`` (so optimisers skip them
+        and momentum cannot move them) and eval mode (BatchNorm statistics stay fixed, a
+        :class:`LEAPMarginHead` stops updating its class statistics). Unfrozen parameters get back
+        the ``requires_grad`` they had before the first freeze (a backbone's own frozen stages
+        stay frozen).
+        """
+        parts = tuple(parts)
+        for p in parts:
+            if p not in PARTS:
+                raise ValueError(f"unknown part {p!r}; parts are {PARTS}")
+        if self._base_requires_grad is None:
+            self._base_requires_grad = {n: q.requires_grad for n, q in self.named_parameters()}
+        base = self._base_requires_grad
+        for name in PARTS:
+            module = getattr(self, name)
+            if module is None:
+                continue
+            frozen = name in parts
+            for pname, q in module.named_parameters(prefix=name):
+                if frozen:
+                    q.requires_grad_(False)
+                    q.grad = None
+                else:
+                    q.requires_grad_(base.get(pname, True))
+        self.frozen = parts
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "FTLModel":
+        """Like ``nn.Module.train``, but frozen parts stay in eval mode."""
+        super().train(mode)
+        for name in self.frozen:
+            module = getattr(self, name)
+            if module is not None:
+                module.eval()
+        return self
+
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """One optimiser parameter group per part (``{"params": [...], "name": part}``).
+
+        Build the optimiser over all groups once; freezing leaves frozen groups without
+        gradients, which ``torch.optim`` optimisers skip.
+        """
+        groups = []
+        for name in PARTS:
+            module = getattr(self, name)
+            if module is not None:
+                params = list(module.parameters())
+                if params:
+                    groups.append({"params": params, "name": name})
+        return groups
+
+
+class IndexedDataset(Dataset):
+    """Wrap a dataset of ``(x, y)`` items so that item ``i`` is ``(x, y, i)`` (the dataset index
+    that :meth:`AlternatingScheduler.update_stats` stores in the hard list)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Tuple[Any, ...]:
+        item = self.dataset[index]
+        if not isinstance(item, (tuple, list)):
+            raise TypeError("IndexedDataset expects (x, y) items")
+        return (*item, index)
+
+
+class StreamSampler(Sampler[int]):
+    """A resumable stream of dataset indices drawn from a pool, for a normal ``DataLoader``.
+
+    The stream is a concatenation of random permutations of the pool (epochs without
+    replacement), seeded by ``seed``; it yields positions ``start .. start + num_samples - 1`` of
+    that stream, so a resumed run can continue exactly where it stopped. ``pool`` is a tensor of
+    dataset indices or a callable returning one, read when iteration starts (the hard list and
+    the long-tail pool change at every UpdateStats).
+    """
+
+    def __init__(
+        self,
+        pool: Union[Tensor, Callable[[], Tensor]],
+        num_samples: int,
+        seed: int = 0,
+        start: int = 0,
+        name: str = "pool",
+    ) -> None:
+        if int(num_samples) < 0 or int(start) < 0:
+            raise ValueError(f"num_samples and start must be >= 0, got {num_samples}, {start}")
+        self.pool = pool
+        self.num_samples, self.seed, self.start, self.name = int(num_samples), int(seed), int(start), name
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        pool = self.pool() if callable(self.pool) else self.pool
+        pool = pool.detach().to("cpu", torch.long).flatten()
+        if pool.numel() == 0:
+            raise RuntimeError(
+                f"the {self.name} is empty: call AlternatingScheduler.update_stats() before "
+                "iterating the stage-1 loaders"
+            )
+        gen = torch.Generator().manual_seed(self.seed)
+        n, end = pool.numel(), self.start + self.num_samples
+        first_epoch = self.start // n
+        for _ in range(first_epoch):  # advance the generator to the epoch holding `start`
+            torch.randperm(n, generator=gen)
+        chunks, pos = [], first_epoch * n
+        while pos < end:
+            perm = torch.randperm(n, generator=gen)
+            lo, hi = max(self.start - pos, 0), min(end - pos, n)
+            chunks.append(perm[lo:hi])
+            pos += n
+        order = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
+        return iter(pool[order].tolist())
+
+
+class AlternatingScheduler:
+    r"""The alternating training scheme of FTL, Algorithm 1.
+
+    * **Stage 0** (``stage0_iters`` iterations; 0 for an already trained model): train all of
+      ``Enc, Dec, R, FC`` with Eq. 4 on normal batches.
+    * **Stage 1** (``stage_iters``, paper 5K): ``Enc`` and ``Dec`` fixed; :meth:`update_stats`
+      (UpdateStats) first, then each iteration trains ``R`` and ``FC`` on three batches: a hard
+      regular batch from ``h``, a long-tail batch, and the long-tail batch's labels carried by the
+      hard batch's features transferred with Eq. 6 (:meth:`stage1_loss`).
+    * **Stage 2** (``stage_iters``): ``FC`` fixed, train ``Enc``, ``Dec`` and ``R`` with Eq. 4 on
+      normal batches.
+    * Stages 1 and 2 alternate until ``max_alternations`` pairs are done (paper: 10-15; ``None``:
+      until the caller stops, e.g. on a validation criterion).
+
+    The scheduler freezes and unfreezes the model's parts (:meth:`FTLModel.set_frozen`) at every
+    stage change; one optimiser over ``model.param_groups()`` (or ``model.parameters()``) serves
+    all stages (paper: Adam, lr 2e-4 in stage 0, 1e-5 afterwards: the caller owns the lr).
+    Call :meth:`step` after each optimiser step; it returns the stage of the next iteration.
+
+    Batches are ``(x, y)`` or ``(x, y, index[, keep])`` tuples; :meth:`loaders` builds
+    ``DataLoader``\ s over resumable :class:`StreamSampler`\ s (hard list, long-tail samples, or the
+    whole dataset) that start at the current position of the stage, so a run restored with
+    :meth:`load_state_dict` continues identically.
+
+    Args:
+        model: the :class:`FTLModel`.
+        stage0_iters: iterations of stage 0.
+        stage_iters: iterations of each stage 1 and stage 2 (paper: 5000).
+        max_alternations: number of (stage 1, stage 2) pairs, or ``None``.
+        seed: seed of the samplers.
+        flip: ``x -> flipped x`` for the flipped-image centers of Eq. 5 (e.g.
+            ``lambda x: x.flip(-1)`` for images); ``None``: plain means.
+        quality: ``(x, g) -> bool (B,)`` quality filter :math:`\Omega` of Eq. 5 (paper: yaw below
+            ``tau``); a 4th batch element ``keep`` is used when given instead.
+    """
+
+    def __init__(
+        self,
+        model: FTLModel,
+        *,
+        stage0_iters: int,
+        stage_iters: int = 5000,
+        max_alternations: Optional[int] = None,
+        seed: int = 0,
+        flip: Optional[Callable[[Tensor], Tensor]] = None,
+        quality: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    ) -> None:
+        if not isinstance(model, FTLModel):
+            raise TypeError(f"model must be an FTLModel, got {type(model).__name__}")
+        if int(stage0_iters) < 0:
+            raise ValueError(f"stage0_iters must be >= 0, got {stage0_iters}")
+        if int(stage_iters) < 1:
+            raise ValueError(f"stage_iters must be >= 1, got {stage_iters}")
+        if max_alternations is not None and int(max_alternations) < 1:
+            raise ValueError(f"max_alternations must be >= 1 or None, got {max_alternations}")
+        self.model = model
+        self.stage0_iters = int(stage0_iters)
+        self.stage_iters = int(stage_iters)
+        self.max_alternations = None if max_alternations is None else int(max_alternations)
+        self.seed = int(seed)
+        self.flip = flip
+        self.quality = quality
+        self.iteration = 0  # iterations done in total
+        self.stage_iteration = 0  # iterations done in the current stage
+        self.alternation = 0  # (stage 1, stage 2) pairs completed
+        self._stage = 0 if self.stage0_iters > 0 else 1
+        self.needs_stats = self._stage == 1
+        self.apply()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def stage(self) -> int:
+        """The stage of the next iteration (0, 1 or 2)."""
+        return self._stage
+
+    @property
+    def finished(self) -> bool:
+        """Whether ``max_alternations`` (stage 1, stage 2) pairs are done."""
+        return self.max_alternations is not None and self.alternation >= self.max_alternations
+
+    @property
+    def stage_length(self) -> int:
+        """Iterations of the current stage."""
+        return self.stage0_iters if self._stage == 0 else self.stage_iters
+
+    @property
+    def remaining(self) -> int:
+        """Iterations left in the current stage."""
+        return self.stage_length - self.stage_iteration
+
+    def apply(self) -> None:
+        """Freeze the parts that the current stage keeps fixed (idempotent)."""
+        trainable = STAGE_TRAINABLE[self._stage]
+        self.model.set_frozen(p for p in PARTS if p not in trainable)
+
+    def step(self) -> int:
+        """Count one finished iteration (call after ``optimizer.step()``); switch stage at the end
+        of one (re-freezing the parts, and flagging :attr:`needs_stats` on entering stage 1).
+        Returns the stage of the next iteration."""
+        if self.finished:
+            raise RuntimeError("the schedule is finished (max_alternations reached)")
+        if self._stage == 1 and self.needs_stats:
+            raise RuntimeError("stage 1 started without update_stats(): call it before training")
+        self.iteration += 1
+        self.stage_iteration += 1
+        if self.stage_iteration >= self.stage_length:
+            self.stage_iteration = 0
+            if self._stage == 2:
+                self.alternation += 1
+            self._stage = 2 if self._stage == 1 else 1
+            self.needs_stats = self._stage == 1
+            self.apply()
+        return self._stage
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Stage, counters and settings (the statistics ``C``, ``Q``, ``h`` are model buffers)."""
+        return {
+            "stage": self._stage,
+            "iteration": self.iteration,
+            "stage_iteration": self.stage_iteration,
+            "alternation": self.alternation,
+            "needs_stats": self.needs_stats,
+            "stage0_iters": self.stage0_iters,
+            "stage_iters": self.stage_iters,
+            "max_alternations": self.max_alternations,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` and re-apply the stage's freezing."""
+        missing = {"stage", "iteration", "stage_iteration", "alternation", "needs_stats"} - set(state)
+        if missing:
+            raise ValueError(f"scheduler state lacks {sorted(missing)}")
+        if int(state["stage"]) not in STAGE_TRAINABLE:
+            raise ValueError(f"invalid stage {state['stage']!r}")
+        for key in ("stage0_iters", "stage_iters", "seed"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise ValueError(
+                    f"checkpoint has {key}={state[key]} but this scheduler has {getattr(self, key)}"
+                )
+        self._stage = int(state["stage"])
+        self.iteration = int(state["iteration"])
+        self.stage_iteration = int(state["stage_iteration"])
+        self.alternation = int(state["alternation"])
+        self.needs_stats = bool(state["needs_stats"])
+        if "max_alternations" in state:
+            self.max_alternations = state["max_alternations"]
+        self.apply()
+
+    # ------------------------------------------------------------------ data
+    def _device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return self.model.feature_transfer.centers.device
+
+    def _split(self, batch: Any) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+        if not isinstance(batch, (tuple, list)) or not 2 <= len(batch) <= 4:
+            raise ValueError("a batch must be (x, y), (x, y, index) or (x, y, index, keep)")
+        x, y = batch[0], batch[1]
+        idx = batch[2] if len(batch) > 2 else None
+        keep = batch[3] if len(batch) > 3 else None
+        dev = self._device()
+        return (
+            x.to(dev),
+            torch.as_tensor(y).to(dev),
+            None if idx is None else torch.as_tensor(idx).to(dev),
+            None if keep is None else torch.as_tensor(keep).to(dev),
+        )
+
+    @torch.no_grad()
+    def update_stats(self, loader: Iterable[Any]) -> Dict[str, Any]:
+        """UpdateStats() of Algorithm 1: encode the whole training set (twice: see
+        :meth:`FeatureTransfer.update_stats`) with ``Enc`` in eval mode and refresh ``C``, ``Q``,
+        ``h`` and the long-tail pool. ``loader`` must be re-iterable (a ``DataLoader``) and yield
+        ``(x, y, index[, keep])``; without ``index`` the positions in the loader are used, so it
+        must not shuffle. Returns the :meth:`FeatureTransfer.update_stats` summary.
+        """
+        model = self.model
+        was_training = model.encoder.training
+
+        def features() -> Iterator[FeatureBatch]:
+            for batch in loader:
+                x, y, idx, keep = self._split(batch)
+                g = model.encode(x)
+                flipped = model.encode(self.flip(x)) if self.flip is not None else None
+                if keep is None and self.quality is not None:
+                    keep = self.quality(x, g)
+                yield FeatureBatch(g, y, idx, flipped, keep)
+
+        model.encoder.eval()
+        try:
+            summary = model.feature_transfer.update_stats(features)
+        finally:
+            model.encoder.train(was_training and "encoder" not in model.frozen)
+        self.needs_stats = False
+        return summary
+
+    def hard_sampler(self, batch_size: int) -> StreamSampler:
+        """Sampler over the hard list ``h`` for the rest of the current (or next) stage 1."""
+        ft = self.model.feature_transfer
+        return self._sampler(lambda: ft.hard_indices, batch_size, 1, "hard list")
+
+    def tail_sampler(self, batch_size: int) -> StreamSampler:
+        """Sampler over the samples of the long-tail classes (``D_lt``), same schedule."""
+        ft = self.model.feature_transfer
+        return self._sampler(lambda: ft.tail_indices, batch_size, 2, "long-tail pool")
+
+    def data_sampler(self, dataset_size: int, batch_size: int) -> StreamSampler:
+        """Sampler over the whole dataset for the rest of the current stage 0 or 2 (Eq. 4)."""
+        pool = torch.arange(int(dataset_size))
+        return self._sampler(pool, batch_size, 0, "dataset")
+
+    def _sampler(self, pool: Any, batch_size: int, which: int, name: str) -> StreamSampler:
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        b = int(batch_size)
+        # one independent stream per (stage run, sampler kind): stage 0 is run 0, then stage 1
+        # and stage 2 of alternation a are runs 2a+1 and 2a+2
+        run = 0 if self._stage == 0 else 2 * self.alternation + self._stage
+        seed = (self.seed * 1_000_003 + run * 7 + which) % (2**63)
+        start = self.stage_iteration * b
+        return StreamSampler(pool, self.remaining * b, seed=seed, start=start, name=name)
+
+    def loaders(self, dataset: Any, batch_size: int, **loader_kwargs: Any) -> Union[DataLoader, Tuple[DataLoader, DataLoader]]:
+        """``DataLoader``\\ s for the rest of the current stage: ``(hard_loader, tail_loader)`` in
+        stage 1, one loader over the whole dataset in stages 0 and 2. Each yields exactly
+        :attr:`remaining` batches (``drop_last``); extra keyword arguments go to ``DataLoader``.
+        Create them after :meth:`update_stats` in stage 1.
+        """
+        kw = dict(loader_kwargs)
+        for bad in ("sampler", "batch_sampler", "shuffle", "batch_size", "drop_last"):
+            if bad in kw:
+                raise ValueError(f"loaders() sets {bad!r} itself")
+        if self._stage == 1:
+            return (
+                DataLoader(dataset, batch_size=batch_size, sampler=self.hard_sampler(batch_size), drop_last=True, **kw),
+                DataLoader(dataset, batch_size=batch_size, sampler=self.tail_sampler(batch_size), drop_last=True, **kw),
+            )
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=self.data_sampler(len(dataset), batch_size), drop_last=True, **kw
+        )
+
+    # ------------------------------------------------------------------ stage 1
+    def stage1_batches(
+        self, hard_batch: Any, tail_batch: Any
+    ) -> Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]:
+        """The three stage-1 batches of Algorithm 1 as rich features ``(g, y)``:
+
+        ``(g_r, y_r)`` the hard regular batch, ``(g_t, y_t)`` the long-tail batch and
+        ``(g~, y_t')`` the transferred batch, ``g~ = C[y_t] + QQ^T(g_r - C[y_r])`` (Eq. 6), pairing
+        row ``k`` of both batches (the first ``min(B_r, B_t)`` rows). ``Enc`` is fixed in stage 1,
+        so ``g`` is computed without gradient.
+        """
+        if self.needs_stats:
+            raise RuntimeError("call update_stats() at the start of stage 1 (UpdateStats of Algorithm 1)")
+        xr, yr, _, _ = self._split(hard_batch)
+        xt, yt, _, _ = self._split(tail_batch)
+        with torch.no_grad():
+            gr = self.model.encode(xr)
+            gt = self.model.encode(xt)
+        n = min(gr.shape[0], gt.shape[0])
+        g_tr = self.model.feature_transfer.transfer(gr[:n], yr[:n], yt[:n])
+        return (gr, yr), (gt, yt), (g_tr, yt[:n])
+
+    def stage1_loss(self, hard_batch: Any, tail_batch: Any) -> Dict[str, Tensor]:
+        """The ``R``/``FC`` loss (Eq. 2-3) of the three stage-1 batches, concatenated into one
+        forward pass (one BatchNorm statistic, one optimiser step): the mean over all their
+        samples. Returns ``loss``, ``sfmx``, ``reg`` as :meth:`FTLModel.classification_loss`."""
+        (gr, yr), (gt, yt), (gx, yx) = self.stage1_batches(hard_batch, tail_batch)
+        g = torch.cat([gr, gt.to(gr.dtype), gx.to(gr.dtype)])
+        y = torch.cat([yr, yt, yx])
+        return self.model.feature_loss(g, y)
+
+    def __repr__(self) -> str:
+        return (
+            f"AlternatingScheduler(stage={self._stage}, iteration={self.iteration}, "
+            f"stage_iteration={self.stage_iteration}/{self.stage_length}, "
+            f"alternation={self.alternation}/{self.max_alternations})"
+        )

@@ -1,0 +1,437 @@
+"""``FeatureTransfer``: FTL's center-based feature transfer (Yin et al. 2019, Sec. 3.3, Algorithm 1).
+
+A thin stateful Module around the FTL functions of :mod:`feature_cloud.functional`: it holds the
+statistics of UpdateStats() (centers ``C``, PCA basis ``Q``, hard list ``h``) as buffers and
+applies Eq. 6.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as FC
+
+__all__ = ["FeatureTransfer", "FeatureBatch"]
+
+# buffers whose length depends on the data; resized when a checkpoint is loaded
+_VARIABLE_BUFFERS = ("basis", "hard_indices", "hard_labels", "tail_indices", "tail_labels")
+
+
+class FeatureBatch(NamedTuple):
+    """One batch of rich features ``g`` for :meth:`FeatureTransfer.update_stats`.
+
+    ``features`` ``(B, D)``; ``labels`` ``(B,)`` (``< 0`` ignored); ``indices`` ``(B,)`` dataset
+    indices (``None``: positions in the stream, so the stream must then be unshuffled);
+    ``flipped`` ``(B, D)`` features of the horizontally flipped inputs (Eq. 5, optional);
+    ``keep`` ``(B,)`` bool quality filter :math:`\\Omega` (Eq. 5, optional).
+    """
+
+    features: Tensor
+    labels: Tensor
+    indices: Optional[Tensor] = None
+    flipped: Optional[Tensor] = None
+    keep: Optional[Tensor] = None
+
+
+FeatureSource = Union[Iterable[Any], Callable[[], Iterable[Any]]]
+
+
+class FeatureTransfer(nn.Module):
+    r"""FTL feature transfer: UpdateStats() of Algorithm 1 and the transfer of Eq. 6.
+
+    :meth:`update_stats` reads the rich features ``g`` of the whole training set (a stream of
+    :class:`FeatureBatch`, or tuples in that order) and computes
+
+    * class centers ``C`` (Eq. 5): mean of ``g`` and of the flipped-image feature over the samples
+      kept by the quality filter :math:`\Omega_i`; plain class means when neither is given. A class
+      whose samples are all filtered out falls back to the mean over all its samples;
+    * the intra-class covariance ``V`` of the regular classes, :math:`\frac1N\sum (g-c_y)(g-c_y)^T`
+      over *all* their samples (Algorithm 1), accumulated batch by batch in float64 (``O(D^2)``
+      memory, no residual matrix is ever held);
+    * the PCA basis ``Q`` ``(D, k)``: the top ``num_components`` eigenvectors of ``V``, or the
+      smallest ``k`` reaching ``energy`` of the total variance (paper: 150 of 320, 95%);
+    * the hard list ``h``: dataset indices (``hard_indices``, ``hard_labels``) of regular-class
+      samples farther from their center than the class's mean distance; and the indices of the
+      long-tail samples (``tail_indices``, ``tail_labels``) for the long-tail batch sampler.
+
+    **Two passes.** UpdateStats needs the final centers before residuals, distances and the
+    per-class mean distance exist, so it reads the stream twice: pass 1 accumulates the centers,
+    pass 2 forms exact residuals ``g - c`` against them (no ``sum gg^T - n cc^T`` cancellation) and
+    accumulates ``V`` and the distances. Memory is ``O(D^2 + C D)`` plus one scalar distance and
+    index per regular sample (needed to compare against ``d_i`` at the end). The source must
+    therefore be re-iterable (a list, a ``DataLoader``) or a zero-argument callable returning a
+    fresh iterable; both passes must yield the same samples. All statistics are committed
+    together at the end: an error leaves the previous ones untouched.
+
+    Regular vs long-tail classes: an explicit ``regular_mask``, or ``class_counts > tail_threshold``
+    (paper: a class with <= 20 images is long-tail); with neither, the counts are taken from pass 1
+    of every :meth:`update_stats` (all valid samples, before the quality filter).
+
+    :meth:`transfer` (Eq. 6) is batched, differentiable w.r.t. ``g_regular`` and device-agnostic.
+    All statistics are buffers and travel with ``state_dict``.
+
+    Args:
+        feature_dim: ``D``, the size of the rich feature ``g`` (paper: 320).
+        num_classes: ``C``.
+        num_components: keep the top ``k`` eigenvectors (``1 <= k <= D``).
+        energy: keep the smallest ``k`` reaching this fraction of the variance; the default 0.95
+            (paper) applies when ``num_components`` is not given.
+        tail_threshold: classes with ``count <= tail_threshold`` are long-tail (paper: 20).
+        class_counts: images per class ``(C,)``.
+        regular_mask: bool ``(C,)``, ``True`` for regular classes (overrides the counts).
+        validate: check label values in :meth:`transfer` (one host sync per call).
+    """
+
+    centers: Tensor
+    has_center: Tensor
+    class_counts: Tensor
+    regular: Tensor
+    covariance: Tensor
+    eigenvalues: Tensor
+    basis: Tensor
+    mean_distance: Tensor
+    hard_indices: Tensor
+    hard_labels: Tensor
+    tail_indices: Tensor
+    tail_labels: Tensor
+
+    def __init__(
+        self,
+        feature_dim: int,
+        num_classes: int,
+        *,
+        num_components: Optional[int] = None,
+        energy: Optional[float] = None,
+        tail_threshold: int = 20,
+        class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
+        regular_mask: Optional[Union[Tensor, Sequence[bool]]] = None,
+        validate: bool = True,
+    ) -> None:
+        super().__init__()
+        d, c = int(feature_dim), int(num_classes)
+        if d < 1 or c < 1:
+            raise ValueError(f"feature_dim and num_classes must be >= 1, got {feature_dim}, {num_classes}")
+        if num_components is not None and energy is not None:
+            raise ValueError("give num_components or energy, not both")
+        if num_components is not None and not 1 <= int(num_components) <= d:
+            raise ValueError(
+                f"num_components must be in [1, feature_dim={d}], got {num_components} (k > D?)"
+            )
+        if num_components is None:
+            energy = 0.95 if energy is None else float(energy)
+            if not 0.0 < energy <= 1.0:
+                raise ValueError(f"energy must be in (0, 1], got {energy}")
+        if int(tail_threshold) < 0:
+            raise ValueError(f"tail_threshold must be >= 0, got {tail_threshold}")
+        self.feature_dim, self.num_classes = d, c
+        self.num_components_requested = None if num_components is None else int(num_components)
+        self.energy = energy
+        self.tail_threshold = int(tail_threshold)
+        self.validate = bool(validate)
+
+        counts = torch.zeros(c, dtype=torch.long)
+        regular = torch.zeros(c, dtype=torch.bool)
+        self._counts_given = class_counts is not None
+        self._regular_fixed = class_counts is not None or regular_mask is not None
+        if class_counts is not None:
+            counts = torch.as_tensor(class_counts).to(torch.long).flatten()
+            if counts.shape != (c,):
+                raise ValueError(f"class_counts must have {c} entries, got {tuple(counts.shape)}")
+            if bool((counts < 0).any()):
+                raise ValueError("class_counts must be >= 0")
+            regular = FC.ftl_regular_classes(counts, self.tail_threshold)
+        if regular_mask is not None:
+            regular = torch.as_tensor(regular_mask).flatten()
+            if regular.dtype != torch.bool or regular.shape != (c,):
+                raise ValueError(f"regular_mask must be a bool tensor of {c} entries")
+        if self._regular_fixed and not bool(regular.any()):
+            raise ValueError(
+                "no regular class: every class has <= tail_threshold images (or regular_mask is "
+                "all False); the intra-class variance to transfer needs regular classes"
+            )
+        self.register_buffer("class_counts", counts)
+        self.register_buffer("regular", regular.clone())
+        self.register_buffer("centers", torch.zeros(c, d))
+        self.register_buffer("has_center", torch.zeros(c, dtype=torch.bool))
+        self.register_buffer("covariance", torch.zeros(d, d, dtype=torch.float64))
+        self.register_buffer("eigenvalues", torch.zeros(d, dtype=torch.float64))
+        self.register_buffer("basis", torch.zeros(d, 0))
+        self.register_buffer("mean_distance", torch.zeros(c))
+        for name in ("hard_indices", "hard_labels", "tail_indices", "tail_labels"):
+            self.register_buffer(name, torch.zeros(0, dtype=torch.long))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def ready(self) -> bool:
+        """Whether :meth:`update_stats` has run (shape test only: no device sync)."""
+        return self.basis.shape[1] > 0
+
+    @property
+    def num_components(self) -> int:
+        """``k``, the number of columns of ``Q`` (0 before :meth:`update_stats`)."""
+        return int(self.basis.shape[1])
+
+    @property
+    def explained_energy(self) -> float:
+        """Fraction of the regular classes' intra-class variance that ``Q`` keeps."""
+        lam = self.eigenvalues.clamp_min(0)
+        total = float(lam.sum())
+        return float(lam[: self.num_components].sum()) / total if total > 0 else 0.0
+
+    # ------------------------------------------------------------------ Eq. 6
+    def transfer(self, g_regular: Tensor, y_regular: Tensor, y_tail: Tensor) -> Tensor:
+        r"""Transferred features :math:`\tilde g = c_{y_t} + QQ^T(g_r - c_{y_r})`, FTL Eq. 6.
+
+        ``g_regular`` ``(B, D)`` features of regular-class samples with labels ``y_regular``
+        ``(B,)``; ``y_tail`` ``(B,)`` the classes that receive them. Row ``k`` keeps the center of
+        ``y_tail[k]`` and carries the residual of ``g_regular[k]`` projected on ``Q``. This is
+        Eq. 6, *not* the Transfer() box of Algorithm 1, whose center indices are swapped (it
+        would add the regular center and subtract the tail one).
+        """
+        if not self.ready:
+            raise RuntimeError("FeatureTransfer has no statistics yet: call update_stats() first")
+        if not isinstance(g_regular, Tensor) or not g_regular.is_floating_point():
+            raise TypeError("g_regular must be a floating point tensor")
+        if g_regular.dim() != 2 or g_regular.shape[1] != self.feature_dim:
+            raise ValueError(
+                f"g_regular must have shape (batch, {self.feature_dim}), got {tuple(g_regular.shape)}"
+            )
+        b = g_regular.shape[0]
+        for name, y in (("y_regular", y_regular), ("y_tail", y_tail)):
+            if not isinstance(y, Tensor) or y.is_floating_point() or y.dtype == torch.bool:
+                raise TypeError(f"{name} must be an integer tensor")
+            if y.shape != (b,):
+                raise ValueError(f"{name} must have shape ({b},), got {tuple(y.shape)}")
+        if self.validate and b > 0:
+            self._check_transfer_labels(y_regular, y_tail)
+        dev = self.centers.device
+        out = FC.feature_transfer(
+            g_regular, y_regular.to(dev), y_tail.to(dev), self.centers, self.basis
+        )
+        return out
+
+    def _check_transfer_labels(self, y_regular: Tensor, y_tail: Tensor) -> None:
+        c = self.num_classes
+        in_range = ((y_regular >= 0) & (y_regular < c)).all() & ((y_tail >= 0) & (y_tail < c)).all()
+        yr, yt = y_regular.clamp(0, c - 1).to(self.centers.device), y_tail.clamp(0, c - 1).to(self.centers.device)
+        flags = torch.stack(
+            [~in_range.to(self.centers.device), ~(self.regular[yr] & self.has_center[yr]).all(),
+             ~self.has_center[yt].all()]
+        ).tolist()
+        if flags[0]:
+            raise ValueError(f"labels must lie in [0, {c}) for transfer()")
+        if flags[1]:
+            bad = y_regular[~(self.regular[yr] & self.has_center[yr]).to(y_regular.device)]
+            raise ValueError(
+                "y_regular must be regular classes seen by update_stats() (is the argument order "
+                f"transfer(g_regular, y_regular, y_tail)?); got e.g. class {int(bad[0])}"
+            )
+        if flags[2]:
+            bad = y_tail[~self.has_center[yt].to(y_tail.device)]
+            raise ValueError(f"y_tail class {int(bad[0])} has no center: unknown to update_stats()")
+
+    def forward(self, g_regular: Tensor, y_regular: Tensor, y_tail: Tensor) -> Tensor:
+        """Same as :meth:`transfer`."""
+        return self.transfer(g_regular, y_regular, y_tail)
+
+    # ------------------------------------------------------------------ UpdateStats
+    @torch.no_grad()
+    def update_stats(self, source: FeatureSource) -> Dict[str, Any]:
+        """UpdateStats() of Algorithm 1 over a whole dataset, in two streaming passes.
+
+        ``source``: a re-iterable of :class:`FeatureBatch` (or tuples ``(features, labels[,
+        indices[, flipped[, keep]]])``) or a zero-argument callable returning a fresh one. Returns
+        a summary (``num_components``, ``explained_energy``, ``num_hard``, ``num_regular_classes``,
+        ``num_tail_classes``, ``num_regular_samples``).
+        """
+        open_pass = self._opener(source)
+        dev = self.centers.device
+        c, d = self.num_classes, self.feature_dim
+
+        # pass 1: Eq. 5 centers (kept samples) + fallback means (all samples) + image counts
+        kept_sum = torch.zeros(c, d, dtype=torch.float64, device=dev)
+        kept_w = torch.zeros(c, dtype=torch.float64, device=dev)
+        all_sum = torch.zeros(c, d, dtype=torch.float64, device=dev)
+        all_w = torch.zeros(c, dtype=torch.float64, device=dev)
+        counts = torch.zeros(c, dtype=torch.long, device=dev)
+        seen = 0
+        for batch in open_pass():
+            fb = self._as_batch(batch, dev)
+            s, w = FC.ftl_center_sums(fb.features, fb.labels, c, fb.flipped, fb.keep)
+            kept_sum += s
+            kept_w += w
+            s, w = FC.ftl_center_sums(fb.features, fb.labels, c, fb.flipped)
+            all_sum += s
+            all_w += w
+            valid = fb.labels >= 0
+            counts.index_add_(0, fb.labels.clamp_min(0), valid.to(torch.long))
+            seen += fb.features.shape[0]
+        if seen == 0:
+            raise ValueError("update_stats() got an empty stream")
+        kept_c, kept_has = FC.ftl_centers(kept_sum, kept_w)
+        all_c, has_center = FC.ftl_centers(all_sum, all_w)
+        centers64 = torch.where(kept_has.unsqueeze(1), kept_c, all_c)
+        if self._regular_fixed:
+            regular = self.regular.clone()
+        else:
+            regular = FC.ftl_regular_classes(counts, self.tail_threshold)
+        regular_seen = regular & has_center
+        if not bool(regular_seen.any()):
+            raise ValueError(
+                "empty regular set: no class seen by update_stats() has more than "
+                f"tail_threshold={self.tail_threshold} images (or is marked regular)"
+            )
+
+        # pass 2: exact residuals against the final centers
+        scatter = torch.zeros(d, d, dtype=torch.float64, device=dev)
+        n_reg = torch.zeros((), dtype=torch.long, device=dev)
+        dist_sum = torch.zeros(c, dtype=torch.float64, device=dev)
+        dist_cnt = torch.zeros(c, dtype=torch.float64, device=dev)
+        reg_dist: List[Tensor] = []
+        reg_idx: List[Tensor] = []
+        reg_lab: List[Tensor] = []
+        tail_idx: List[Tensor] = []
+        tail_lab: List[Tensor] = []
+        position = 0
+        for batch in open_pass():
+            fb = self._as_batch(batch, dev)
+            b = fb.features.shape[0]
+            idx = fb.indices
+            if idx is None:
+                idx = torch.arange(position, position + b, device=dev)
+            position += b
+            y = fb.labels
+            yc = y.clamp_min(0)
+            if bool((~has_center[yc] & (y >= 0)).any()):
+                raise ValueError("pass 2 of update_stats() saw a class absent from pass 1: the "
+                                 "source must yield the same samples in both passes")
+            s, n = FC.ftl_residual_scatter(fb.features, y, centers64, regular)
+            scatter += s
+            n_reg += n
+            dist = FC.ftl_center_distances(fb.features, y, centers64)
+            is_reg = (y >= 0) & regular[yc]
+            ds, dc = FC.ftl_class_mean(dist, y, c, mask=is_reg)
+            dist_sum += ds
+            dist_cnt += dc
+            reg_dist.append(dist[is_reg])
+            reg_idx.append(idx[is_reg])
+            reg_lab.append(y[is_reg])
+            is_tail = (y >= 0) & ~regular[yc]
+            tail_idx.append(idx[is_tail])
+            tail_lab.append(y[is_tail])
+        if position != seen:
+            raise ValueError(f"pass 1 saw {seen} samples but pass 2 saw {position}: the source "
+                             "must yield the same samples in both passes")
+        n_total = int(n_reg)
+        if n_total < 2:
+            raise ValueError("the regular classes have fewer than 2 samples: no covariance")
+        covariance = scatter / n_total
+        basis, evals = FC.ftl_pca_basis(
+            covariance, self.num_components_requested,
+            None if self.num_components_requested is not None else self.energy,
+        )
+        mean_distance = dist_sum / dist_cnt.clamp_min(1)
+        dists = torch.cat(reg_dist)
+        labs = torch.cat(reg_lab)
+        hard = FC.ftl_hard_mask(dists, labs, mean_distance, regular)
+
+        # commit everything together
+        self.centers.copy_(centers64.to(self.centers.dtype))
+        self.has_center.copy_(has_center)
+        if not self._counts_given:
+            self.class_counts.copy_(counts)
+        self.regular.copy_(regular)
+        self.covariance.copy_(covariance)
+        self.eigenvalues.copy_(evals)
+        self.basis = basis.to(torch.float32).contiguous()  # same memory layout as a loaded checkpoint
+        self.mean_distance.copy_(mean_distance.to(self.mean_distance.dtype))
+        self.hard_indices = torch.cat(reg_idx)[hard].to(torch.long)
+        self.hard_labels = labs[hard].to(torch.long)
+        self.tail_indices = torch.cat(tail_idx).to(torch.long)
+        self.tail_labels = torch.cat(tail_lab).to(torch.long)
+        return {
+            "num_components": self.num_components,
+            "explained_energy": self.explained_energy,
+            "num_hard": int(self.hard_indices.numel()),
+            "num_regular_classes": int(regular_seen.sum()),
+            "num_tail_classes": int((has_center & ~regular).sum()),
+            "num_regular_samples": n_total,
+        }
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _opener(source: FeatureSource) -> Callable[[], Iterable[Any]]:
+        if callable(source) and not hasattr(source, "__iter__"):
+            return source  # type: ignore[return-value]
+        if not hasattr(source, "__iter__"):
+            raise TypeError("source must be a re-iterable of feature batches or a callable returning one")
+        if iter(source) is source:  # type: ignore[arg-type]
+            raise TypeError(
+                "update_stats() reads the data twice (centers, then residuals): pass a re-iterable "
+                "(list, DataLoader) or a zero-argument callable, not a one-shot iterator/generator"
+            )
+        return lambda: source  # type: ignore[return-value]
+
+    def _as_batch(self, batch: Any, device: torch.device) -> FeatureBatch:
+        if isinstance(batch, dict):
+            fb = FeatureBatch(**batch)
+        elif isinstance(batch, FeatureBatch):
+            fb = batch
+        elif isinstance(batch, (tuple, list)):
+            if not 2 <= len(batch) <= 5:
+                raise ValueError("a feature batch is (features, labels[, indices[, flipped[, keep]]])")
+            fb = FeatureBatch(*batch)
+        else:
+            raise TypeError(f"expected a FeatureBatch or tuple, got {type(batch).__name__}")
+        g, y = fb.features, fb.labels
+        if not isinstance(g, Tensor) or not g.is_floating_point():
+            raise TypeError("features must be a floating point tensor")
+        if g.dim() != 2 or g.shape[1] != self.feature_dim:
+            raise ValueError(f"features must have shape (batch, {self.feature_dim}), got {tuple(g.shape)}")
+        b = g.shape[0]
+        if not isinstance(y, Tensor) or y.is_floating_point() or y.dtype == torch.bool or y.shape != (b,):
+            raise ValueError(f"labels must be an integer tensor of shape ({b},)")
+        if fb.flipped is not None and fb.flipped.shape != g.shape:
+            raise ValueError(f"flipped must have the shape of features {tuple(g.shape)}")
+        if fb.keep is not None and (fb.keep.dtype != torch.bool or fb.keep.shape != (b,)):
+            raise ValueError(f"keep must be a bool tensor of shape ({b},)")
+        if fb.indices is not None and (fb.indices.is_floating_point() or fb.indices.shape != (b,)):
+            raise ValueError(f"indices must be an integer tensor of shape ({b},)")
+        if b and bool(((y < -1) | (y >= self.num_classes)).any()):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}) or be -1 (ignored)")
+        if b and not bool(torch.isfinite(g).all()):
+            raise ValueError("features contain NaN or Inf values")
+        return FeatureBatch(
+            g.to(device),
+            y.to(device),
+            None if fb.indices is None else fb.indices.to(device),
+            None if fb.flipped is None else fb.flipped.to(device),
+            None if fb.keep is None else fb.keep.to(device),
+        )
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        for name in _VARIABLE_BUFFERS:
+            key = prefix + name
+            if key in state_dict:
+                cur = getattr(self, name)
+                src = state_dict[key]
+                if name == "basis" and (src.dim() != 2 or src.shape[0] != self.feature_dim):
+                    raise ValueError(
+                        f"checkpoint basis has shape {tuple(src.shape)}; this FeatureTransfer has "
+                        f"feature_dim={self.feature_dim}"
+                    )
+                setattr(self, name, torch.empty(src.shape, dtype=cur.dtype, device=cur.device))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def extra_repr(self) -> str:
+        sel = (
+            f"num_components={self.num_components_requested}"
+            if self.num_components_requested is not None
+            else f"energy={self.energy}"
+        )
+        return (
+            f"feature_dim={self.feature_dim}, num_classes={self.num_classes}, {sel}, "
+            f"tail_threshold={self.tail_threshold}"
+        )

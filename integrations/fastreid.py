@@ -1,0 +1,353 @@
+"""fastreid adapter: the ``LEAPHead`` re-ID head, selected from YAML.
+
+Importing this module
+
+1. applies :func:`patch_fastreid_compat` (fastreid 1.4.0 does not import on Python >= 3.10 /
+   torch >= 2 without it; every patch is listed in its docstring and is a no-op where the
+   environment does not need it),
+2. registers :class:`LEAPHead` in ``fastreid.modeling.heads.REID_HEADS_REGISTRY``.
+
+A training script adds the config node once (fastreid's ``add_*_config`` convention)::
+
+    from feature_cloud.integrations.fastreid import add_feature_cloud_config
+    cfg = get_cfg()
+    add_feature_cloud_config(cfg)
+    cfg.merge_from_file("examples/fastreid/Market1501/leap_R50.yml")
+
+and the YAML switches the head::
+
+    MODEL:
+      HEADS:
+        NAME: LEAPHead
+        CLS_LAYER: CosSoftmax      # or ArcSoftmax (margin in radians, fastreid's convention)
+        SCALE: 24
+        MARGIN: 0.2
+        FEATURE_CLOUD:
+          CLOUD: full              # full | vanilla | none
+          TAIL_THRESHOLD: 20
+          GAMMA: 0.1
+          MEMORY_PER_SAMPLE: 1
+          WARMUP_ITERS: 0
+          CLASS_COUNTS: dataset    # dataset | online
+
+The head's training output feeds fastreid's own meta-arch losses (``cls_outputs`` go to
+``MODEL.LOSSES.NAME: CrossEntropyLoss`` with its label smoothing, ``features`` to the triplet
+loss). The head holds no math: pooling/neck are fastreid's layers, the margin logits and the
+cloud come from :class:`feature_cloud.LEAPMarginHead`.
+"""
+from __future__ import annotations
+
+import collections
+import collections.abc
+import importlib
+import logging
+import math
+import sys
+import types
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from feature_cloud.heads import LEAPMarginHead
+
+__all__ = [
+    "patch_fastreid_compat",
+    "add_feature_cloud_config",
+    "LEAPHead",
+    "class_counts_from_dataset",
+    "class_counts_from_config",
+    "CLS_LAYER_TO_MARGIN",
+]
+
+logger = logging.getLogger(__name__)
+
+#: fastreid's ``MODEL.HEADS.CLS_LAYER`` names and the margin they mean.
+CLS_LAYER_TO_MARGIN = {"CosSoftmax": "cosface", "ArcSoftmax": "arcface"}
+
+_APPLIED: List[str] = []
+
+
+def patch_fastreid_compat() -> List[str]:
+    """Make fastreid 1.4.0 import and train on Python 3.10+, torch 2, NumPy 2 and CPU-only hosts.
+
+    Idempotent; each patch is applied only where needed and the names of those applied are
+    returned (and kept in ``APPLIED_PATCHES``). Exactly these, nothing else:
+
+    1. ``torch._six`` (removed in torch 2.0; ``fastreid.data.build`` imports ``string_classes``
+       from it): registers a module ``torch._six`` with ``string_classes = (str, bytes)``,
+       ``int_classes = int``, ``inf = math.inf``, ``container_abcs = collections.abc``.
+    2. ``collections.Mapping`` (removed in Python 3.10; imported by ``fastreid.data.build`` and
+       ``fastreid.evaluation.testing``): sets ``collections.Mapping = collections.abc.Mapping``.
+    3. ``np.bool`` (removed in NumPy 1.24, back in 2.0; used by ``fastreid.evaluation.rank``):
+       sets ``np.bool = bool`` if missing.
+    4. CPU-only hosts (``torch.cuda.is_available()`` false): fastreid's ``DataLoaderX`` creates a
+       CUDA stream and moves every batch to ``cuda:<rank>``; ``fastreid.data.build.DataLoaderX``
+       is replaced by a plain ``torch.utils.data.DataLoader`` subclass with the same signature.
+    5. ``ReidEvaluator._compile_dependencies`` runs ``make`` inside the installed package to
+       build a Cython ranking extension and calls ``sys.exit(1)`` when that fails (no Cython):
+       it is replaced by a check that logs which implementation is used; without the extension
+       fastreid's own pure-Python ``evaluate_rank`` computes CMC/mAP.
+
+    fastreid's ``solver/optim/lamb.py`` imports ``torch.utils.tensorboard``: that needs the
+    ``tensorboard`` package (in the ``fastreid`` extra); it is not patched.
+    """
+    if "torch._six" not in sys.modules:
+        try:
+            importlib.import_module("torch._six")  # torch < 2.0 still has it
+        except ImportError:
+            six = types.ModuleType("torch._six")
+            six.string_classes = (str, bytes)  # type: ignore[attr-defined]
+            six.int_classes = int  # type: ignore[attr-defined]
+            six.inf = math.inf  # type: ignore[attr-defined]
+            six.container_abcs = collections.abc  # type: ignore[attr-defined]
+            sys.modules["torch._six"] = six
+            torch._six = six  # type: ignore[attr-defined]
+            _APPLIED.append("torch._six")
+    if not hasattr(collections, "Mapping"):
+        collections.Mapping = collections.abc.Mapping  # type: ignore[attr-defined]
+        _APPLIED.append("collections.Mapping")
+    if "bool" not in np.__dict__:
+        np.bool = bool  # type: ignore[attr-defined]
+        _APPLIED.append("np.bool")
+
+    from fastreid.data import build as data_build
+
+    if not torch.cuda.is_available() and not getattr(data_build.DataLoaderX, "_feature_cloud_cpu", False):
+        data_build.DataLoaderX = _CPUDataLoaderX
+        _APPLIED.append("fastreid.data.build.DataLoaderX")
+
+    from fastreid.evaluation import reid_evaluation
+
+    if reid_evaluation.ReidEvaluator._compile_dependencies is not _no_compile_dependencies:
+        reid_evaluation.ReidEvaluator._compile_dependencies = _no_compile_dependencies
+        _APPLIED.append("fastreid.evaluation.ReidEvaluator._compile_dependencies")
+    return list(_APPLIED)
+
+
+APPLIED_PATCHES = _APPLIED
+
+
+class _CPUDataLoaderX(torch.utils.data.DataLoader):
+    """``DataLoaderX``'s signature (``local_rank`` first) without CUDA streams or device moves."""
+
+    _feature_cloud_cpu = True
+
+    def __init__(self, local_rank: int, **kwargs: Any) -> None:
+        kwargs["pin_memory"] = False
+        super().__init__(**kwargs)
+        self.local_rank = local_rank
+
+
+def _no_compile_dependencies(self: Any) -> None:
+    from fastreid.evaluation import rank
+
+    logger.info(
+        "fastreid rank evaluation: %s",
+        "Cython extension" if rank.IS_CYTHON_AVAI else "pure-Python evaluate_rank (no Cython build)",
+    )
+
+
+patch_fastreid_compat()
+
+from fastreid.config import CfgNode, configurable  # noqa: E402
+from fastreid.layers import get_norm, pooling  # noqa: E402
+from fastreid.layers.weight_init import weights_init_kaiming  # noqa: E402
+from fastreid.modeling.heads import REID_HEADS_REGISTRY  # noqa: E402
+
+
+# ------------------------------------------------------------------ configuration
+def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
+    """Add the ``MODEL.HEADS.FEATURE_CLOUD`` node (defaults = LEAP paper, Sec. 4.1).
+
+    ``CLOUD``: ``full`` (LEAP Eq. 9), ``vanilla`` (Eq. 6) or ``none``; ``TAIL_THRESHOLD``: ``T``
+    of the vanilla rule; ``GAMMA``: center learning rate of Eq. 4; ``MEMORY_PER_SAMPLE``: ``P`` of
+    Eq. 5; ``WARMUP_ITERS``: iterations without cloud; ``CLASS_COUNTS``: ``dataset`` (count
+    ``K_i`` from the training split of ``DATASETS.NAMES`` when the head is built) or ``online``
+    (count during the warm-up, which must then cover an epoch); ``SEED``: cloud RNG seed (``-1``:
+    from the global RNG); ``VALIDATE``: per-step label/finiteness check (one host sync).
+    The margin is fastreid's own ``MODEL.HEADS.CLS_LAYER`` / ``SCALE`` / ``MARGIN``.
+    """
+    node = CfgNode()
+    node.CLOUD = "full"
+    node.TAIL_THRESHOLD = 20
+    node.GAMMA = 0.1
+    node.MEMORY_PER_SAMPLE = 1
+    node.WARMUP_ITERS = 0
+    node.CLASS_COUNTS = "dataset"
+    node.SEED = -1
+    node.VALIDATE = True
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.MODEL.HEADS.FEATURE_CLOUD = node
+    if frozen:
+        cfg.freeze()
+    return cfg
+
+
+def class_counts_from_dataset(dataset: Any) -> Tensor:
+    """Per-class sample counts ``K_i`` of a fastreid ``CommDataset`` (labels as it relabels them)."""
+    pid_dict = getattr(dataset, "pid_dict", None)
+    items = getattr(dataset, "img_items", None)
+    if pid_dict is None or items is None:
+        raise TypeError(
+            "expected a fastreid CommDataset built with relabel=True (it has img_items and "
+            f"pid_dict), got {type(dataset).__name__}"
+        )
+    labels = torch.tensor([pid_dict[item[1]] for item in items], dtype=torch.long)
+    return torch.bincount(labels, minlength=len(pid_dict))
+
+
+def class_counts_from_config(cfg: CfgNode) -> Tensor:
+    """``K_i`` of the training set that ``DefaultTrainer.build_train_loader(cfg)`` would build."""
+    from fastreid.data import build as data_build
+    from fastreid.data.common import CommDataset
+    from fastreid.data.datasets import DATASET_REGISTRY
+
+    items: List[Any] = []
+    for name in cfg.DATASETS.NAMES:
+        data = DATASET_REGISTRY.get(name)(root=data_build._root, combineall=cfg.DATASETS.COMBINEALL)
+        items.extend(data.train)
+    return class_counts_from_dataset(CommDataset(items, None, relabel=True))
+
+
+# ------------------------------------------------------------------ the head
+@REID_HEADS_REGISTRY.register()
+class LEAPHead(nn.Module):
+    """fastreid re-ID head: pooling + BN neck (as ``EmbeddingHead``) + LEAP margin classifier.
+
+    Training returns ``{"cls_outputs", "pred_class_logits", "features"}`` like
+    ``EmbeddingHead``: ``cls_outputs`` are the CosFace/ArcFace margin logits with the feature
+    cloud (LEAP Eq. 7-8) for fastreid's cross-entropy, ``pred_class_logits`` the plain
+    ``s cos(theta)`` (accuracy logging), ``features`` the pooled (``NECK_FEAT: before``) or neck
+    (``after``) features. Inference returns the neck features. The class statistics update only
+    in training steps with gradients, so fastreid's PreciseBN pass (``no_grad``, dummy labels)
+    leaves them untouched.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        feat_dim: int,
+        embedding_dim: int,
+        num_classes: int,
+        neck_feat: str,
+        pool_type: str,
+        margin_type: str,
+        scale: float,
+        margin: float,
+        with_bnneck: bool,
+        norm_type: str,
+        cloud: Optional[str] = "full",
+        tail_threshold: int = 20,
+        gamma: float = 0.1,
+        memory_per_sample: int = 1,
+        warmup_steps: int = 0,
+        class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
+        seed: Optional[int] = None,
+        validate: bool = True,
+    ) -> None:
+        super().__init__()
+        if not hasattr(pooling, pool_type):
+            raise ValueError(f"unknown MODEL.HEADS.POOL_LAYER {pool_type!r}; expected one of {pooling.__all__}")
+        if neck_feat not in ("before", "after"):
+            raise ValueError(f"MODEL.HEADS.NECK_FEAT must be 'before' or 'after', got {neck_feat!r}")
+        self.pool_layer = getattr(pooling, pool_type)()
+        self.neck_feat = neck_feat
+        neck: List[nn.Module] = []
+        if embedding_dim > 0:
+            neck.append(nn.Conv2d(feat_dim, embedding_dim, 1, 1, bias=False))
+            feat_dim = embedding_dim
+        if with_bnneck:
+            neck.append(get_norm(norm_type, feat_dim, bias_freeze=True))
+        self.bottleneck = nn.Sequential(*neck)
+        self.bottleneck.apply(weights_init_kaiming)
+        self.margin_head = LEAPMarginHead(
+            feat_dim,
+            num_classes,
+            margin_type=margin_type,
+            scale=scale,
+            margin=margin,
+            cloud=cloud,
+            tail_threshold=tail_threshold,
+            gamma=gamma,
+            memory_per_sample=memory_per_sample,
+            warmup_steps=warmup_steps,
+            class_counts=class_counts,
+            seed=seed,
+            validate=validate,
+        )
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
+        heads = cfg.MODEL.HEADS
+        if "FEATURE_CLOUD" not in heads:
+            raise KeyError(
+                "MODEL.HEADS.FEATURE_CLOUD is missing: call "
+                "feature_cloud.integrations.fastreid.add_feature_cloud_config(cfg) before "
+                "cfg.merge_from_file(...)"
+            )
+        fc = heads.FEATURE_CLOUD
+        if heads.CLS_LAYER not in CLS_LAYER_TO_MARGIN:
+            raise ValueError(
+                f"LEAPHead needs MODEL.HEADS.CLS_LAYER in {sorted(CLS_LAYER_TO_MARGIN)}, "
+                f"got {heads.CLS_LAYER!r}"
+            )
+        cloud = None if str(fc.CLOUD).lower() == "none" else str(fc.CLOUD).lower()
+        mode = str(fc.CLASS_COUNTS).lower()
+        if mode not in ("dataset", "online"):
+            raise ValueError(
+                f"MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS must be 'dataset' or 'online', got {fc.CLASS_COUNTS!r}"
+            )
+        counts = None
+        if cloud is not None and mode == "dataset":
+            counts = class_counts_from_config(cfg)
+            if counts.numel() != heads.NUM_CLASSES:
+                raise ValueError(
+                    f"the training set has {counts.numel()} identities but MODEL.HEADS.NUM_CLASSES "
+                    f"is {heads.NUM_CLASSES}"
+                )
+        return {
+            "feat_dim": cfg.MODEL.BACKBONE.FEAT_DIM,
+            "embedding_dim": heads.EMBEDDING_DIM,
+            "num_classes": heads.NUM_CLASSES,
+            "neck_feat": heads.NECK_FEAT,
+            "pool_type": heads.POOL_LAYER,
+            "margin_type": CLS_LAYER_TO_MARGIN[heads.CLS_LAYER],
+            "scale": float(heads.SCALE),
+            "margin": float(heads.MARGIN),
+            "with_bnneck": heads.WITH_BNNECK,
+            "norm_type": heads.NORM,
+            "cloud": cloud,
+            "tail_threshold": int(fc.TAIL_THRESHOLD),
+            "gamma": float(fc.GAMMA),
+            "memory_per_sample": int(fc.MEMORY_PER_SAMPLE),
+            "warmup_steps": int(fc.WARMUP_ITERS),
+            "class_counts": counts,
+            "seed": None if int(fc.SEED) < 0 else int(fc.SEED),
+            "validate": bool(fc.VALIDATE),
+        }
+
+    @property
+    def statistics(self):
+        """The :class:`feature_cloud.ClassStatistics` of the cloud."""
+        return self.margin_head.statistics
+
+    def forward(self, features: Tensor, targets: Optional[Tensor] = None):
+        pool_feat = self.pool_layer(features)
+        neck_feat = self.bottleneck(pool_feat)[..., 0, 0]
+        if not self.training:
+            return neck_feat
+        if targets is None:
+            raise ValueError("LEAPHead needs targets (identity labels) in training mode")
+        cls_outputs = self.margin_head.margin_logits(neck_feat, targets)
+        with torch.no_grad():
+            pred_class_logits = self.margin_head.logits(neck_feat)
+        feat = pool_feat[..., 0, 0] if self.neck_feat == "before" else neck_feat
+        return {
+            "cls_outputs": cls_outputs,
+            "pred_class_logits": pred_class_logits,
+            "features": feat,
+        }

@@ -1,0 +1,253 @@
+"""LEAPHead inside the real fastreid 1.4.0: registry, YAML config, DefaultTrainer, evaluation, PreciseBN."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastreid")
+fr = pytest.importorskip("feature_cloud.integrations.fastreid")
+
+from fastreid.config import get_cfg  # noqa: E402
+from fastreid.data import build as data_build  # noqa: E402
+from fastreid.engine import DefaultTrainer, hooks  # noqa: E402
+from fastreid.modeling.heads import REID_HEADS_REGISTRY, build_heads  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+YAML = os.path.join(ROOT, "examples", "fastreid", "Market1501", "leap_R50.yml")
+
+
+def _example_module():
+    spec = importlib.util.spec_from_file_location("fastreid_train_example", os.path.join(ROOT, "examples", "fastreid_train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+EXAMPLE = _example_module()
+NUM_IDS, HEAD_IDS, HEAD_IMAGES, TAIL_IMAGES = 12, 3, 16, 4
+
+
+@pytest.fixture(scope="module")
+def market_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("market"))
+    EXAMPLE.write_synthetic_market1501(
+        root, num_ids=NUM_IDS, head_ids=HEAD_IDS, head_images=HEAD_IMAGES,
+        tail_images=TAIL_IMAGES, size=(32, 16),
+    )
+    old = data_build._root
+    data_build._root = root
+    yield root
+    data_build._root = old
+
+
+@pytest.fixture
+def one_thread():
+    # the test machine is shared: one intra-op thread is several times faster than two here
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _tiny_cfg(output_dir, *extra):
+    opts = list(EXAMPLE.TINY_OPTS) + [
+        "INPUT.SIZE_TRAIN", "[32, 16]",
+        "INPUT.SIZE_TEST", "[32, 16]",
+        "SOLVER.MAX_EPOCH", "3",
+        "TEST.EVAL_PERIOD", "3",
+        "MODEL.HEADS.FEATURE_CLOUD.SEED", "0",
+        "OUTPUT_DIR", str(output_dir),
+    ] + list(extra)
+    return EXAMPLE.build_cfg(YAML, opts)
+
+
+# ---------------------------------------------------------------- compat, registry, config
+def test_compat_patches_are_reported_and_idempotent():
+    applied = fr.patch_fastreid_compat()
+    assert applied == fr.patch_fastreid_compat()
+    import sys
+
+    assert "torch._six" in sys.modules  # fastreid.data.build imported
+    assert "fastreid.evaluation.ReidEvaluator._compile_dependencies" in applied
+    if not torch.cuda.is_available():
+        assert "fastreid.data.build.DataLoaderX" in applied
+
+
+def test_head_is_registered_and_yaml_needs_the_config_node():
+    assert REID_HEADS_REGISTRY.get("LEAPHead") is fr.LEAPHead
+    cfg = get_cfg()
+    with pytest.raises(Exception, match="FEATURE_CLOUD"):
+        cfg.merge_from_file(YAML)  # yacs rejects the unknown key without add_feature_cloud_config
+    cfg = get_cfg()
+    fr.add_feature_cloud_config(cfg)
+    cfg.merge_from_file(YAML)
+    assert cfg.MODEL.HEADS.NAME == "LEAPHead"
+    assert cfg.MODEL.HEADS.FEATURE_CLOUD.CLOUD == "full"
+
+
+def _head_cfg(**heads):
+    cfg = get_cfg()
+    fr.add_feature_cloud_config(cfg)
+    cfg.merge_from_file(YAML)
+    cfg.MODEL.BACKBONE.FEAT_DIM = 32
+    cfg.MODEL.HEADS.NUM_CLASSES = 5
+    cfg.MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS = "online"
+    cfg.MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS = 2
+    for key, value in heads.items():
+        node, _, name = key.rpartition("__")
+        target = cfg.MODEL.HEADS.FEATURE_CLOUD if node == "FC" else cfg.MODEL.HEADS
+        setattr(target, name, value)
+    return cfg
+
+
+def test_from_config_translates_fastreid_keys():
+    head = build_heads(_head_cfg(CLS_LAYER="ArcSoftmax", SCALE=16.0, MARGIN=0.3, FC__CLOUD="vanilla", FC__TAIL_THRESHOLD=7))
+    mh = head.margin_head
+    assert (mh.margin_type, mh.scale, mh.margin, mh.cloud) == ("arcface", 16.0, 0.3, "vanilla")
+    assert mh.statistics.tail_threshold == 7 and mh.warmup_steps == 2
+    with pytest.raises(ValueError, match="CLS_LAYER"):
+        build_heads(_head_cfg(CLS_LAYER="Linear"))
+    with pytest.raises(ValueError, match="CLASS_COUNTS"):
+        build_heads(_head_cfg(FC__CLASS_COUNTS="guess"))
+    assert build_heads(_head_cfg(FC__CLOUD="none")).margin_head.cloud is None
+
+
+def test_head_contract_training_and_inference():
+    torch.manual_seed(0)
+    head = build_heads(_head_cfg())
+    feats = torch.randn(8, 32, 4, 2)
+    labels = torch.tensor([0, 0, 1, 1, 2, 3, 4, 4])
+    out = head(feats, labels)
+    assert set(out) == {"cls_outputs", "pred_class_logits", "features"}
+    assert out["cls_outputs"].shape == out["pred_class_logits"].shape == (8, 5)
+    assert out["features"].shape == (8, 32)
+    assert not out["pred_class_logits"].requires_grad and out["cls_outputs"].requires_grad
+    # online counting during the warm-up, then the memory is laid out
+    head(feats, labels)
+    head(feats, labels)
+    assert head.statistics.class_counts.tolist() == [4, 4, 2, 2, 4]
+    assert head.statistics.memory_allocated
+    head.eval()
+    emb = head(feats)
+    assert emb.shape == (8, 32)
+
+
+# ---------------------------------------------------------------- DefaultTrainer end to end
+class _Recorder(hooks.HookBase):
+    """Records the loss and, after the last training step, the head statistics and BN stats."""
+
+    def __init__(self):
+        self.losses = []
+        self.stats_at_end = None
+        self.bn_at_end = None
+
+    def after_step(self):
+        self.losses.append(self.trainer.storage.history("loss_cls").latest())
+        if self.trainer.iter == self.trainer.max_iter - 1:
+            model = self.trainer.model
+            self.stats_at_end = {k: v.clone() for k, v in model.heads.margin_head.state_dict().items()
+                                 if isinstance(v, torch.Tensor)}
+            self.step_at_end = model.heads.margin_head.step
+            self.bn_at_end = model.heads.bottleneck[0].running_mean.clone()
+
+
+def test_default_trainer_end_to_end(market_root, tmp_path, one_thread):
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    cfg = _tiny_cfg(tmp_path)
+    trainer = DefaultTrainer(cfg)
+    recorder = _Recorder()
+    trainer.register_hooks([recorder])
+    model = trainer.model
+    head = model.heads
+    assert isinstance(head, fr.LEAPHead)
+    assert any(isinstance(h, hooks.PreciseBN) for h in trainer._hooks)
+
+    # class counts from the YAML's dataset match the trainer's own data set
+    expected = fr.class_counts_from_dataset(trainer.data_loader.dataset)
+    assert sorted(expected.tolist()) == sorted([HEAD_IMAGES] * HEAD_IDS + [TAIL_IMAGES] * (NUM_IDS - HEAD_IDS))
+    assert torch.equal(head.statistics.class_counts, expected)
+
+    # plain (no-cloud) margin loss of the eval-mode model over the whole training split
+    from fastreid.data.common import CommDataset
+    from fastreid.data.datasets import DATASET_REGISTRY
+    from fastreid.data.transforms import build_transforms
+
+    items = DATASET_REGISTRY.get("Market1501")(root=market_root).train
+    train_set = CommDataset(items, build_transforms(cfg, is_train=False), relabel=True)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=32, collate_fn=data_build.fast_batch_collator)
+
+    def train_loss():
+        model.eval()
+        total = 0.0
+        with torch.no_grad():
+            for batch in loader:
+                feats = model(batch)
+                head.margin_head.eval()
+                total += float(head.margin_head(feats, batch["targets"])) * len(batch["targets"])
+        model.train()
+        return total / len(train_set)
+
+    loss_before = train_loss()
+    results = trainer.train()
+    loss_after = train_loss()
+    elapsed = time.perf_counter() - start
+
+    iters = trainer.max_iter
+    assert len(recorder.losses) == iters
+    assert all(torch.isfinite(torch.tensor(recorder.losses)))
+    assert loss_after < 0.95 * loss_before, (loss_before, loss_after)
+
+    # statistics updated by every training step, the cloud active for tail classes
+    stats = head.statistics
+    assert head.margin_head.step == iters
+    assert bool(stats.center_initialized.all())
+    assert int(stats.memory_fill.sum()) > 0
+    variance = stats.cloud_variance()
+    assert float(variance.max()) > 0
+
+    # PreciseBN ran (BN statistics replaced) and did not touch the class statistics
+    assert not torch.equal(recorder.bn_at_end, head.bottleneck[0].running_mean)
+    assert head.margin_head.step == recorder.step_at_end
+    for key, value in head.margin_head.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, recorder.stats_at_end[key]), key
+
+    # fastreid evaluation: CMC / mAP on query vs gallery
+    for key in ("Rank-1", "Rank-5", "mAP", "mINP"):
+        assert 0.0 <= results[key] <= 100.0
+    assert results["Rank-1"] > 100.0 / NUM_IDS  # better than chance
+
+    # the statistics are saved in fastreid's checkpoint
+    ckpt = torch.load(os.path.join(str(tmp_path), "model_final.pth"), map_location="cpu", weights_only=False)
+    assert torch.equal(ckpt["model"]["heads.margin_head.statistics.memory"], stats.memory)
+    print(f"\nfastreid e2e: {iters} iterations + PreciseBN + eval in {elapsed:.1f} s; "
+          f"train loss {loss_before:.3f} -> {loss_after:.3f}; results {dict(results)}")
+
+
+def test_precise_bn_hook_leaves_statistics_untouched(market_root, tmp_path, one_thread):
+    torch.manual_seed(1)
+    cfg = _tiny_cfg(tmp_path, "SOLVER.MAX_EPOCH", "1")
+    trainer = DefaultTrainer(cfg)
+    model = trainer.model
+    # a few real training steps so the statistics are non-trivial
+    from fastreid.utils.events import EventStorage
+
+    with EventStorage(0):
+        for trainer.iter in range(3):
+            trainer.run_step()
+    before = {k: v.clone() for k, v in model.heads.margin_head.state_dict().items() if isinstance(v, torch.Tensor)}
+    step = model.heads.margin_head.step
+    assert step == 3 and int(model.heads.statistics.memory_fill.sum()) > 0
+    bn_before = model.heads.bottleneck[0].running_mean.clone()
+    precise = hooks.PreciseBN(model, DefaultTrainer.build_train_loader(cfg), 2)
+    precise.update_stats()  # targets filled with -1, model in train mode under no_grad
+    assert not torch.equal(bn_before, model.heads.bottleneck[0].running_mean)
+    assert model.heads.margin_head.step == step
+    for key, value in model.heads.margin_head.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, before[key]), key
