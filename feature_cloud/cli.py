@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="vanilla LEAP threshold T (default: S)")
     demo.add_argument("--gamma", type=float, default=d.gamma, help="LEAP center learning rate")
     demo.add_argument("--ml2-alpha", type=float, default=d.ml2_alpha, help="m-L2 weight (FTL Eq. 4)")
+    demo.add_argument("--ftl-alternations", type=int, default=d.ftl_alternations,
+                      help="FTL: (stage 1, stage 2) pairs after stage 0 (the warm-up)")
     demo.add_argument("--test-fraction", type=float, default=d.test_fraction)
     demo.add_argument("--val-fraction", type=float, default=d.val_fraction)
     demo.add_argument("--eval-split", choices=("test", "val"), default=d.eval_split,
@@ -116,6 +118,7 @@ def _demo_config(args: argparse.Namespace):
         embedding_size=args.embedding_size, leap_margin=args.leap_margin,
         memory_per_sample=args.memory_per_sample, gamma=args.gamma,
         tail_threshold=args.tail_threshold, ml2_alpha=args.ml2_alpha,
+        ftl_alternations=args.ftl_alternations,
         image_size=tuple(args.image_size) if args.image_size else None, synthetic=synthetic,
         out=args.out or os.path.join("outputs", "demo", source),
     )

@@ -7,7 +7,8 @@ and loss. Each is an ``nn.Module`` with
 * ``loss(x, y) -> Tensor``: the training loss of one batch,
 * ``embed(x) -> Tensor``: the embedding used for retrieval (eval mode),
 * ``classify(emb) -> Tensor``: closed-set logits,
-* ``class_weight() -> Tensor``: the ``(C, D)`` classifier weights (for the weight-norm plot).
+* ``class_weight() -> Tensor``: the ``(C, D)`` classifier weights (for the weight-norm plot),
+* optionally ``fit(x, y, total_steps, batch_size, step)``: its own schedule (FTL), same budget.
 
 The heads and losses come from the package (:class:`~feature_cloud.LEAPMarginHead`,
 :class:`~feature_cloud.MetricL2`); nothing here re-implements their math.
@@ -21,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ftl import AlternatingScheduler, ConvDecoder, FTLModel, IndexedDataset, make_filter
 from ..heads import LEAPMarginHead
 from ..regularizers import MetricL2
+from ..transfer import FeatureTransfer
 
 __all__ = [
     "MethodConfig",
@@ -93,6 +96,7 @@ class MethodConfig:
     gamma: float = 0.1  # center learning rate, LEAP Sec. 4.1
     warmup_steps: int = 0  # steps before the cloud starts
     ml2_alpha: float = 0.01  # FTL Eq. 4 uses 0.25 (too strong for BN-normalised 64-d features)
+    ftl_alternations: int = 2  # (stage 1, stage 2) pairs of FTL Algorithm 1 after stage 0
     seed: int = 0
 
 
@@ -103,9 +107,6 @@ class _Method(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         return self.backbone(x)
-
-    def on_epoch_start(self, epoch: int) -> None:  # hook for schedule-driven methods
-        pass
 
     def per_class_diagnostics(self) -> Dict[str, Tensor]:
         """Extra ``(C,)`` per-class quantities of the method (reported as diagnostics)."""
@@ -159,6 +160,81 @@ class MarginMethod(_Method):
         return {"cloud_std": self.head.statistics.cloud_variance().detach().sqrt()}
 
 
+class FTLMethod(_Method):
+    """FTL (Yin et al. 2019) through :class:`~feature_cloud.FTLModel` and
+    :class:`~feature_cloud.AlternatingScheduler`: ``Enc`` = the shared backbone (its 64-d output is
+    the rich feature ``g``), ``Dec`` reconstructs the input (a :class:`ConvDecoder` for images, an
+    MLP for vectors), ``R`` = :func:`make_filter`, ``FC`` = a bias-free linear softmax with m-L2.
+    It trains itself (:meth:`fit`): stage 0 for the warm-up, then ``ftl_alternations`` pairs of
+    stage 1 (classifier on hard + tail + transferred batches, Eq. 6) and stage 2, within the same
+    number of optimiser steps as every other method.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, input_shape: Sequence[int], num_classes: int, counts: Tensor,
+        cfg: MethodConfig,
+    ) -> None:
+        super().__init__(backbone)
+        d = cfg.embedding_size
+        if len(input_shape) == 3:
+            c, h, w = (int(v) for v in input_shape)
+            base = max(2, min(h, w) // 4)
+            decoder: nn.Module = ConvDecoder(d, (c, h, w), channels=(64, 32), base=base)
+        else:
+            decoder = nn.Sequential(
+                nn.Linear(d, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True),
+                nn.Linear(256, int(input_shape[0])),
+            )
+        transfer = FeatureTransfer(d, num_classes, tail_threshold=cfg.tail_threshold,
+                                   class_counts=counts)
+        self.ftl = FTLModel(
+            backbone, nn.Linear(d, num_classes, bias=False), feature_dim=d,
+            filter_net=make_filter(d, d, 2 * d), decoder=decoder, alpha_reg=cfg.ml2_alpha,
+            transfer=transfer,
+        )
+        self.warmup_steps = cfg.warmup_steps
+        self.alternations = cfg.ftl_alternations
+        self.seed = cfg.seed
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.ftl(x)  # f = R(Enc(x))
+
+    def classify(self, emb: Tensor) -> Tensor:
+        return self.ftl.logits(emb)
+
+    def class_weight(self) -> Tensor:
+        return self.ftl.classifier.weight
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:  # stage 0 / 2 loss, Eq. 4
+        return self.ftl.loss(x, y)["loss"]
+
+    def fit(self, x: Tensor, y: Tensor, total_steps: int, batch_size: int, step: Callable[[Tensor], None]) -> None:
+        """Algorithm 1 for ``total_steps`` optimiser steps; ``step(loss)`` does backward + update."""
+        pairs = max(1, self.alternations)
+        stage_iters = max(1, (total_steps - self.warmup_steps) // (2 * pairs))
+        stage0 = max(0, total_steps - 2 * pairs * stage_iters)
+        ds = IndexedDataset(torch.utils.data.TensorDataset(x, y))
+        stats_loader = torch.utils.data.DataLoader(ds, batch_size=1024)
+        sched = AlternatingScheduler(self.ftl, stage0_iters=stage0, stage_iters=stage_iters,
+                                     seed=self.seed)
+        done = 0
+        while done < total_steps:
+            stage = sched.stage
+            if sched.needs_stats:
+                sched.update_stats(stats_loader)
+            loaders = sched.loaders(ds, batch_size)
+            for batches in zip(*loaders) if stage == 1 else loaders:
+                if stage == 1:
+                    loss = sched.stage1_loss(*batches)["loss"]
+                else:
+                    loss = self.ftl.loss(batches[0], batches[1])["loss"]
+                step(loss)
+                done += 1
+                if sched.step() != stage or done >= total_steps:
+                    break
+        self.ftl.set_frozen(())
+
+
 def _margin(margin_type: str, cloud):
     def build(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> nn.Module:
         head = LEAPMarginHead(
@@ -187,6 +263,10 @@ def _softmax(ml2: bool):
     return build
 
 
+def _ftl(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> nn.Module:
+    return FTLMethod(backbone, backbone.input_shape, num_classes, counts, cfg)  # type: ignore[arg-type]
+
+
 Builder = Callable[[nn.Module, int, Tensor, MethodConfig], nn.Module]
 
 #: name -> builder, in the order the tables list them.
@@ -197,6 +277,7 @@ METHODS: Dict[str, Builder] = {
     "arcface": _margin("arcface", None),
     "leap_vanilla": _leap("vanilla"),
     "leap_full": _leap("full"),
+    "ftl": _ftl,
 }
 
 METHOD_LABELS: Dict[str, str] = {
@@ -217,6 +298,7 @@ def build_method(
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}")
     backbone = build_backbone(input_shape, cfg.embedding_size)
+    backbone.input_shape = tuple(int(v) for v in input_shape)  # type: ignore[assignment]
     return METHODS[name](backbone, num_classes, counts, cfg)
 
 

@@ -136,7 +136,9 @@ def _describe(results: Dict[str, Any]) -> str:
         f"seeds). Budget: {cfg['epochs']} epochs, batch {cfg['batch_size']}, Adam lr {cfg['lr']} "
         f"(cosine decay), embedding {cfg['embedding_size']}-d; LEAP cloud from epoch "
         f"{cfg['warmup_epochs']}, P={cfg['memory_per_sample']}, T={cfg['tail_threshold']}, "
-        f"gamma={cfg['gamma']}; m-L2 alpha={cfg['ml2_alpha']}. Wall time "
+        f"gamma={cfg['gamma']}; m-L2 alpha={cfg['ml2_alpha']}; FTL: stage 0 until epoch "
+        f"{cfg['warmup_epochs']}, then {cfg.get('ftl_alternations', 'n/a')} (stage 1, stage 2) "
+        f"pairs. Wall time "
         f"{results.get('wall_seconds', 'n/a')} s."
     )
 

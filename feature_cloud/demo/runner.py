@@ -68,6 +68,7 @@ class DemoConfig:
     gamma: float = 0.1
     tail_threshold: Optional[int] = None  # T; None: S
     ml2_alpha: float = 0.01  # FTL Eq. 4 uses 0.25; chosen on the validation split, see docs
+    ftl_alternations: int = 2  # (stage 1, stage 2) pairs of FTL Algorithm 1; chosen on validation
     image_size: Optional[Tuple[int, int]] = None
     synthetic: Dict[str, Any] = field(default_factory=dict)
     projection_classes: int = 3  # head and tail classes shown in the 2-D plot
@@ -99,7 +100,7 @@ class DemoConfig:
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
         if self.eval_split not in ("test", "val"):
             raise ValueError(f"eval_split must be 'test' or 'val', got {self.eval_split!r}")
-        for name in ("epochs", "batch_size", "embedding_size", "memory_per_sample"):
+        for name in ("epochs", "batch_size", "embedding_size", "memory_per_sample", "ftl_alternations"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:
@@ -164,7 +165,7 @@ def train_method(
         embedding_size=cfg.embedding_size, leap_margin=cfg.leap_margin,
         tail_threshold=int(cfg.tail_threshold), memory_per_sample=cfg.memory_per_sample,  # type: ignore[arg-type]
         gamma=cfg.gamma, warmup_steps=int(cfg.warmup_epochs) * steps, ml2_alpha=cfg.ml2_alpha,  # type: ignore[arg-type]
-        seed=seed,
+        ftl_alternations=cfg.ftl_alternations, seed=seed,
     )
     torch.manual_seed(seed)
     model = build_method(name, tuple(x.shape[1:]), num_classes, counts, mcfg)
@@ -176,16 +177,24 @@ def train_method(
     gen = torch.Generator().manual_seed(seed)
     model.train()
     bar = progress(total=total, desc=desc or name, unit="step")
-    for epoch in range(int(cfg.epochs)):  # type: ignore[arg-type]
-        model.on_epoch_start(epoch)
-        for idx in _batches(x.shape[0], cfg.batch_size, gen):
-            loss = model.loss(x[idx], y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")  # once per epoch, outside the step
+
+    def step(loss: Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.update(1)
+
+    fit = getattr(model, "fit", None)
+    if fit is not None:  # methods with their own schedule (FTL's Algorithm 1), same budget
+        torch.manual_seed(seed)
+        fit(x, y, total, cfg.batch_size, step)
+    else:
+        for _ in range(int(cfg.epochs)):  # type: ignore[arg-type]
+            for idx in _batches(x.shape[0], cfg.batch_size, gen):
+                loss = model.loss(x[idx], y[idx])
+                step(loss)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")  # once per epoch
     bar.close()
     model.eval()
     return model
