@@ -202,3 +202,10 @@ def test_angles_to_centers():
     f = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]])
     c = torch.tensor([[1.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
     torch.testing.assert_close(FC.angles_to_centers(f, c), torch.tensor([0.0, math.pi / 2, math.pi]))
+
+
+def test_angles_to_centers_accurate_for_tiny_angles():
+    eps = torch.tensor([1e-5, 1e-4, 1e-3])
+    f = torch.stack([torch.ones(3), eps, torch.zeros(3)], dim=1)
+    c = torch.tensor([[1.0, 0.0, 0.0]]).expand(3, 3)
+    torch.testing.assert_close(FC.angles_to_centers(f, c), torch.atan(eps), rtol=1e-4, atol=0)
