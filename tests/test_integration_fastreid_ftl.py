@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,6 +121,7 @@ class _Recorder(hooks.HookBase):
 def test_ftl_trainer_runs_algorithm_1(market_root, tmp_path, one_thread):
     start = time.perf_counter()
     torch.manual_seed(0)
+    np.random.seed(0)  # fastreid's TrainingSampler draws its seed from NumPy's global RNG
     cfg = _ftl_cfg(tmp_path)
     trainer = ftlint.FTLTrainer(cfg)
     hook = trainer.ftl_hook
