@@ -57,7 +57,7 @@ from fastreid.utils import comm  # noqa: E402
 
 __all__ = ["add_ftl_config", "FTLEncoder", "FTLBaseline", "FTLHook", "FTLTrainer"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fastreid.feature_cloud.ftl")  # under "fastreid": shown in its log
 
 
 # ------------------------------------------------------------------ configuration
@@ -430,7 +430,10 @@ class FTLHook(HookBase):
             return
         self.trainer.storage.put_scalar("ftl_stage", sched.stage, smoothing_hint=False)
         sched.step()
-        self._sync()
+        if self.trainer.iter + 1 < self.trainer.max_iter:
+            self._sync()
+        else:  # no step left: a stage 1 starting now gets its UpdateStats on resume (before_train)
+            self._leave_stage1()
 
     def after_train(self) -> None:
         self._leave_stage1()
