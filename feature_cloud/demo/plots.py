@@ -102,6 +102,11 @@ def plot_per_class(
             ax.scatter(jitter[~head], vals[~head], s=16, c="#DD8452", marker="^", alpha=0.7,
                        label="tail" if r["seed"] == results["config"]["seeds"][0] else None)
         ax.set_xscale("log")
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(_label(results, method), fontsize=9)
         ax.grid(alpha=0.3)
         if i % cols == 0:
