@@ -1,10 +1,13 @@
-"""Train fastreid's ``DefaultTrainer`` with the LEAP head (``MODEL.HEADS.NAME: LEAPHead``).
+"""Train fastreid's ``DefaultTrainer`` with the LEAP head (``MODEL.HEADS.NAME: LEAPHead``)
+or with FTL (``MODEL.META_ARCHITECTURE: FTLBaseline``, trained by ``FTLTrainer``).
 
-fastreid's own ``tools/train_net.py`` with two added lines (the import and
-``add_feature_cloud_config``). Real data::
+fastreid's own ``tools/train_net.py`` with a few added lines (the imports, the config nodes,
+the trainer choice). Real data::
 
     FASTREID_DATASETS=/data python examples/fastreid_train.py \
         --config-file examples/fastreid/Market1501/leap_R50.yml MODEL.DEVICE cuda
+    FASTREID_DATASETS=/data python examples/fastreid_train.py \
+        --config-file examples/fastreid/Market1501/ftl_R50.yml MODEL.DEVICE cuda
 
 CPU smoke run on a generated Market-1501-format set (no download, ~1 min)::
 
@@ -100,9 +103,11 @@ def build_cfg(config_file: str, opts: List[str]):
     from fastreid.config import get_cfg
 
     from feature_cloud.integrations.fastreid import add_feature_cloud_config
+    from feature_cloud.integrations.fastreid_ftl import add_ftl_config
 
     cfg = get_cfg()
-    add_feature_cloud_config(cfg)  # adds MODEL.HEADS.FEATURE_CLOUD
+    add_feature_cloud_config(cfg)  # adds MODEL.HEADS.FEATURE_CLOUD (LEAPHead)
+    add_ftl_config(cfg)  # adds MODEL.FTL (FTLBaseline)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(opts)
     cfg.freeze()
@@ -122,6 +127,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     from fastreid.data import build as data_build
     from fastreid.engine import DefaultTrainer
 
+    from feature_cloud.integrations.fastreid_ftl import FTLTrainer  # registers FTLBaseline
+
     if args.synthetic:
         write_synthetic_market1501(args.synthetic)
         data_build._root = args.synthetic  # fastreid reads FASTREID_DATASETS at import time
@@ -131,7 +138,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     cfg = build_cfg(args.config_file, opts)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
 
-    trainer = DefaultTrainer(cfg)
+    # FTL: DefaultTrainer + FTLHook (Algorithm 1), optimizer over the parameters themselves
+    trainer_cls = FTLTrainer if cfg.MODEL.META_ARCHITECTURE == "FTLBaseline" else DefaultTrainer
+    trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=False)
     results = trainer.train()
     print({k: round(float(v), 2) for k, v in results.items() if k != "dataset"})

@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import functools
 import importlib
+import inspect
 import logging
 import math
 import sys
 import types
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -90,6 +92,15 @@ def patch_fastreid_compat() -> List[str]:
        it is replaced by a check that logs which implementation is used; without the extension
        fastreid's own pure-Python ``evaluate_rank`` computes CMC/mAP.
 
+    6. ``Optimizer.zero_grad()`` defaults to ``set_to_none=True`` since torch 2.0. fastreid's
+       default optimizer (``build_optimizer(..., contiguous=True)``) steps flat
+       ``ContiguousParams`` buffers whose ``.grad`` must stay the shared gradient buffer; with
+       ``set_to_none=True`` the trainer's ``zero_grad()`` drops it and **no parameter is ever
+       updated** (backward still writes into the per-parameter views, the optimizer skips the
+       flat buffers). ``build_optimizer`` (in ``fastreid.solver.build``, ``fastreid.solver``
+       and ``fastreid.engine.defaults``) is wrapped so that an optimizer over contiguous
+       buffers zeroes gradients in place (``set_to_none=False``); nothing else changes.
+
     fastreid's ``solver/optim/lamb.py`` imports ``torch.utils.tensorboard``: that needs the
     ``tensorboard`` package (in the ``fastreid`` extra); it is not patched.
     """
@@ -123,6 +134,18 @@ def patch_fastreid_compat() -> List[str]:
     if reid_evaluation.ReidEvaluator._compile_dependencies is not _no_compile_dependencies:
         reid_evaluation.ReidEvaluator._compile_dependencies = _no_compile_dependencies
         _APPLIED.append("fastreid.evaluation.ReidEvaluator._compile_dependencies")
+
+    zero_grad_default = inspect.signature(torch.optim.Optimizer.zero_grad).parameters["set_to_none"].default
+    if zero_grad_default is True:
+        import fastreid.engine.defaults as engine_defaults
+        import fastreid.solver as solver
+        from fastreid.solver import build as solver_build
+
+        for module in (solver_build, solver, engine_defaults):
+            if not getattr(module.build_optimizer, "_feature_cloud_keep_grad", False):
+                module.build_optimizer = _keep_grad_build_optimizer(solver_build.build_optimizer)
+        if "fastreid.solver.build_optimizer" not in _APPLIED:
+            _APPLIED.append("fastreid.solver.build_optimizer")
     return list(_APPLIED)
 
 
@@ -138,6 +161,29 @@ class _CPUDataLoaderX(torch.utils.data.DataLoader):
         kwargs["pin_memory"] = False
         super().__init__(**kwargs)
         self.local_rank = local_rank
+
+
+def _keep_grad_build_optimizer(build_optimizer: Callable[..., Any]) -> Callable[..., Any]:
+    """Patch 6 of :func:`patch_fastreid_compat`: ``build_optimizer`` whose optimizer over
+    ``ContiguousParams`` zeroes the shared gradient buffers in place instead of dropping them."""
+    if getattr(build_optimizer, "_feature_cloud_keep_grad", False):
+        return build_optimizer
+    from fastreid.utils.params import ContiguousParams
+
+    @functools.wraps(build_optimizer)
+    def wrapped(cfg: Any, model: nn.Module, contiguous: bool = True) -> Any:
+        optimizer, params = build_optimizer(cfg, model, contiguous=contiguous)
+        if isinstance(params, ContiguousParams):
+            base = type(optimizer)
+
+            def zero_grad(self: torch.optim.Optimizer, set_to_none: bool = False) -> None:
+                base.zero_grad(self, set_to_none=False)  # the flat .grad buffers must survive
+
+            optimizer.__class__ = type(base.__name__, (base,), {"zero_grad": zero_grad})
+        return optimizer, params
+
+    wrapped._feature_cloud_keep_grad = True  # type: ignore[attr-defined]
+    return wrapped
 
 
 def _no_compile_dependencies(self: Any) -> None:

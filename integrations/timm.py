@@ -16,10 +16,15 @@ Layout follows timm's ``FeatureDistillationTask``: the **eval model** is the bac
 reports closed-set top-1/top-5 of the head's ``s cos(theta)`` logits. No math here: the loss is
 :class:`feature_cloud.LEAPMarginHead` (LEAP Eq. 1-8) plus optionally
 :class:`feature_cloud.MetricL2` (FTL Eq. 3).
+
+:class:`FTLTask` is the FTL option: ``Enc = timm.create_model(name, num_classes=0)`` inside an
+:class:`feature_cloud.FTLModel` (``Enc -> g -> R -> f -> FC``, optional ``Dec``) whose ``FC`` is a
+``LEAPMarginHead`` (or the paper's linear softmax), trained with Algorithm 1 by an
+:class:`feature_cloud.AlternatingScheduler` that the task owns.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -27,10 +32,15 @@ from timm.task import ClassificationEvaluator, TrainingTask
 from timm.utils.model import unwrap_model
 from torch import Tensor, nn
 
+from feature_cloud.ftl import AlternatingScheduler, ConvDecoder, FTLModel, make_filter
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.regularizers import MetricL2
+from feature_cloud.transfer import FeatureTransfer
 
-__all__ = ["LEAPTask", "LEAPTrainableModule", "LEAPEvaluator", "create_backbone_and_head"]
+__all__ = [
+    "LEAPTask", "LEAPTrainableModule", "LEAPEvaluator", "create_backbone_and_head",
+    "FTLTask", "FTLEmbedding", "create_ftl_model",
+]
 
 
 def create_backbone_and_head(
@@ -75,9 +85,10 @@ class LEAPTrainableModule(nn.Module):
 
 
 class LEAPEvaluator(ClassificationEvaluator):
-    """timm's classification evaluator on the head's cosine logits of the eval model's embeddings."""
+    """timm's classification evaluator on the head's cosine logits of the eval model's embeddings
+    (``head``: a :class:`LEAPMarginHead`, or an :class:`FTLModel` whose ``logits(f)`` is its FC)."""
 
-    def __init__(self, head: LEAPMarginHead, device=None, **kwargs: Any) -> None:
+    def __init__(self, head: Union[LEAPMarginHead, FTLModel], device=None, **kwargs: Any) -> None:
         super().__init__(device=device, **kwargs)
         self.head = head
 
@@ -218,3 +229,288 @@ class LEAPTask(TrainingTask):
             result["metric_l2_loss"] = reg
             result["loss"] = leap_loss + reg
         return result
+
+
+# ====================================================================== FTL
+def create_ftl_model(
+    model_name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    classifier: str = "leap",
+    embedding_size: Optional[int] = None,
+    filter_hidden: Optional[int] = None,
+    decoder_shape: Optional[Sequence[int]] = None,
+    decoder_channels: Sequence[int] = (256, 192, 128, 64),
+    alpha_sfmx: float = 1.0,
+    alpha_recon: Optional[float] = None,
+    alpha_reg: Optional[float] = None,
+    transfer_kwargs: Optional[Dict[str, Any]] = None,
+    **head_kwargs: Any,
+) -> FTLModel:
+    """An :class:`FTLModel` (FTL Fig. 2) around ``timm.create_model(model_name, num_classes=0)``.
+
+    ``Enc`` is the timm backbone (``g`` has ``num_features`` dims); ``R`` is
+    :func:`~feature_cloud.ftl.make_filter` to ``embedding_size`` (default ``num_features``);
+    ``FC`` is a :class:`LEAPMarginHead` (``classifier="leap"``, ``head_kwargs`` go to it; m-L2
+    off by default, ``alpha_reg=0``) or the paper's ``nn.Linear`` (``"linear"``, ``alpha_reg``
+    default 0.25); ``Dec`` is a :class:`~feature_cloud.ftl.ConvDecoder` to ``decoder_shape``
+    (``(C, H, W)`` of the input; ``None``: no reconstruction, ``alpha_recon`` default 0, else 1).
+    ``transfer_kwargs`` go to :class:`FeatureTransfer` (``energy``, ``num_components``,
+    ``tail_threshold``, ``class_counts``, ...).
+    """
+    if classifier not in ("leap", "linear"):
+        raise ValueError(f"classifier must be 'leap' or 'linear', got {classifier!r}")
+    if classifier == "linear" and head_kwargs:
+        raise TypeError(f"classifier='linear' takes no LEAPMarginHead arguments, got {sorted(head_kwargs)}")
+    backbone = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {}))
+    feat = int(backbone.num_features)
+    emb = int(embedding_size) if embedding_size is not None else feat
+    if classifier == "leap":
+        fc: nn.Module = LEAPMarginHead(emb, int(num_classes), **head_kwargs)
+    else:
+        fc = nn.Linear(emb, int(num_classes), bias=False)
+    decoder = ConvDecoder(feat, out_shape=decoder_shape, channels=decoder_channels) if decoder_shape is not None else None
+    if alpha_recon is None:
+        alpha_recon = 1.0 if decoder is not None else 0.0
+    if alpha_reg is None:
+        alpha_reg = 0.0 if classifier == "leap" else 0.25
+    return FTLModel(
+        backbone, fc, feature_dim=feat,
+        filter_net=make_filter(feat, emb, int(filter_hidden) if filter_hidden is not None else 2 * emb),
+        decoder=decoder, alpha_sfmx=alpha_sfmx, alpha_recon=alpha_recon, alpha_reg=alpha_reg,
+        transfer=FeatureTransfer(feat, int(num_classes), **(transfer_kwargs or {})),
+    )
+
+
+class FTLEmbedding(nn.Module):
+    """The eval model of :class:`FTLTask`: the identity feature ``f = R(Enc(x))``.
+
+    Shares ``Enc`` and ``R`` with the :class:`FTLModel` (its ``state_dict`` has ``encoder.*`` and
+    ``filter.*``); ``train()`` keeps the model's frozen parts in eval mode.
+    """
+
+    def __init__(self, model: FTLModel) -> None:
+        super().__init__()
+        self.encoder = model.encoder
+        self.filter = model.filter
+        self._frozen = lambda: model.frozen
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.filter(self.encoder(x))
+
+    def train(self, mode: bool = True) -> "FTLEmbedding":
+        super().train(mode)
+        for name in self._frozen():
+            if name in ("encoder", "filter"):
+                getattr(self, name).eval()
+        return self
+
+
+class FTLTask(TrainingTask):
+    """FTL (Yin et al. 2019) as a timm training task: an :class:`FTLModel` around a timm backbone,
+    trained with Algorithm 1 by the task's :class:`AlternatingScheduler`.
+
+    ``forward(input, target)`` in stages 0 and 2 returns Eq. 4 (:meth:`FTLModel.loss`):
+    ``{"loss", "sfmx_loss", "recon_loss", "reg_loss"}``. Stage 1 needs the long-tail batch as
+    well: ``forward(hard_x, hard_y, tail_x, tail_y)`` returns the ``R``/``FC`` loss of the hard,
+    long-tail and transferred batches (:meth:`AlternatingScheduler.stage1_loss`):
+    ``{"loss", "sfmx_loss", "reg_loss"}``. There is no ``"output"``: :meth:`FTLModel.loss` does
+    not expose the logits (the evaluator computes them from the eval model's ``f``).
+
+    The loop drives the schedule (see the FTL README): :meth:`update_stats` when
+    :attr:`needs_stats`, :meth:`loaders` for the current stage's batches, :meth:`step` after each
+    optimiser step. Freezing (``requires_grad=False``, ``.grad=None``, eval mode) makes
+    ``torch.optim`` skip the frozen parts: build one optimiser over
+    ``task.get_trainable_module().param_groups()``.
+
+    Checkpoints (timm layout): the **eval model** is :class:`FTLEmbedding` (``Enc`` + ``R``:
+    ``f`` for retrieval); **task state** is ``{"classifier", "decoder", "feature_transfer",
+    "scheduler"}`` (FC, Dec, ``C``/``Q``/``h``, the position in Algorithm 1).
+
+    Args:
+        model: the :class:`FTLModel` (e.g. from :func:`create_ftl_model`).
+        stage0_iters, stage_iters, max_alternations, seed, flip, quality: the
+            :class:`AlternatingScheduler`'s.
+        device, dtype, verbose: as in ``timm.task.TrainingTask``.
+    """
+
+    def __init__(
+        self,
+        model: FTLModel,
+        *,
+        stage0_iters: int,
+        stage_iters: int = 5000,
+        max_alternations: Optional[int] = None,
+        seed: int = 0,
+        flip: Optional[Callable[[Tensor], Tensor]] = None,
+        quality: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(device=device, dtype=dtype, verbose=verbose)
+        if not isinstance(model, FTLModel):
+            raise TypeError(f"model must be a feature_cloud.FTLModel, got {type(model).__name__}")
+        self.trainable_module = model.to(device=self.device)
+        self.scheduler = AlternatingScheduler(
+            model, stage0_iters=stage0_iters, stage_iters=stage_iters, max_alternations=max_alternations,
+            seed=seed, flip=flip, quality=quality,
+        )
+
+    @classmethod
+    def from_timm(
+        cls,
+        model_name: str,
+        num_classes: int,
+        *,
+        stage0_iters: int,
+        stage_iters: int = 5000,
+        max_alternations: Optional[int] = None,
+        seed: int = 0,
+        flip: Optional[Callable[[Tensor], Tensor]] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+        verbose: bool = True,
+        **model_kwargs: Any,
+    ) -> "FTLTask":
+        """:func:`create_ftl_model` (``model_kwargs``) wrapped in the task."""
+        model = create_ftl_model(model_name, num_classes, **model_kwargs)
+        return cls(
+            model, stage0_iters=stage0_iters, stage_iters=stage_iters, max_alternations=max_alternations,
+            seed=seed, flip=flip, device=device, dtype=dtype, verbose=verbose,
+        )
+
+    # ------------------------------------------------------------------ parts
+    def _parts(self, module: Optional[nn.Module] = None) -> FTLModel:
+        current = module if module is not None else self.get_trainable_module()
+        while not isinstance(current, FTLModel):
+            if not hasattr(current, "module"):
+                raise TypeError(f"cannot find the FTLModel inside {type(current).__name__}")
+            current = current.module
+        return current
+
+    @property
+    def model(self) -> FTLModel:
+        """The :class:`FTLModel`."""
+        return self._parts()
+
+    # ------------------------------------------------------------------ Algorithm 1
+    @property
+    def stage(self) -> int:
+        """The stage of the next iteration (0, 1 or 2)."""
+        return self.scheduler.stage
+
+    @property
+    def needs_stats(self) -> bool:
+        """Whether stage 1 is about to start without UpdateStats: call :meth:`update_stats`."""
+        return self.scheduler.needs_stats
+
+    @property
+    def finished(self) -> bool:
+        return self.scheduler.finished
+
+    def update_stats(self, loader: Iterable[Any]) -> Dict[str, Any]:
+        """UpdateStats() of Algorithm 1 (:meth:`AlternatingScheduler.update_stats`)."""
+        return self.scheduler.update_stats(loader)
+
+    def loaders(self, dataset: Any, batch_size: int, **loader_kwargs: Any):
+        """The current stage's ``DataLoader``\\ s (:meth:`AlternatingScheduler.loaders`)."""
+        return self.scheduler.loaders(dataset, batch_size, **loader_kwargs)
+
+    def step(self) -> int:
+        """Count one finished iteration (after ``optimizer.step()``); returns the next stage."""
+        return self.scheduler.step()
+
+    # ------------------------------------------------------------------ timm task hooks
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs: Any) -> "FTLTask":
+        raise NotImplementedError(
+            "FTLTask is single-process: UpdateStats does not all-reduce its statistics and DDP "
+            "needs every parameter it wraps to get a gradient in every stage"
+        )
+
+    def setup_ema(self, *args: Any, **kwargs: Any) -> nn.Module:
+        raise NotImplementedError(
+            "FTLTask has no EMA: the FTL statistics (basis Q, hard list h) change shape at every "
+            "UpdateStats, which timm's ModelEmaV3 cannot average"
+        )
+
+    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+        """:class:`FTLEmbedding`: ``f = R(Enc(x))``."""
+        if ema:
+            return None
+        return FTLEmbedding(self._parts(module))
+
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        """``{"classifier", "decoder", "feature_transfer", "scheduler"}`` state dicts."""
+        parts = self._parts(module)
+        return {
+            "classifier": parts.classifier.state_dict(),
+            "decoder": parts.decoder.state_dict() if parts.decoder is not None else {},
+            "feature_transfer": parts.feature_transfer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_task_state(
+        self,
+        state: Optional[Dict[str, Any]],
+        strict: bool = True,
+        module: Optional[nn.Module] = None,
+        ema: bool = False,
+    ) -> None:
+        if not state:
+            if strict:
+                raise RuntimeError("the checkpoint has no FTL task state ('task_state')")
+            return
+        missing = {"classifier", "decoder", "feature_transfer", "scheduler"} - set(state)
+        if missing:
+            raise KeyError(f"FTL task state lacks {sorted(missing)}")
+        parts = self._parts(module)
+        if parts.decoder is None and state["decoder"] and strict:
+            raise RuntimeError("the checkpoint has a decoder but this FTLModel has none")
+        previous = self.scheduler.state_dict()
+        self.scheduler.load_state_dict(state["scheduler"])  # checks the schedule settings first
+        try:
+            if parts.decoder is not None:
+                parts.decoder.load_state_dict(state["decoder"], strict=strict)
+            parts.classifier.load_state_dict(state["classifier"], strict=strict)
+            parts.feature_transfer.load_state_dict(state["feature_transfer"], strict=strict)
+        except Exception:
+            self.scheduler.load_state_dict(previous)
+            raise
+
+    def create_evaluator(self, **kwargs: Any) -> LEAPEvaluator:
+        """timm's top-1/top-5 on ``FC(f)`` logits (``s cos`` for a margin head)."""
+        return LEAPEvaluator(self._parts(), device=self.device, **kwargs)
+
+    def get_clip_parameters(self, exclude_head: bool = False):
+        parts = self._parts()
+        if exclude_head:
+            head = {id(p) for p in parts.classifier.parameters()}
+            return [p for p in parts.parameters() if id(p) not in head]
+        return parts.parameters()
+
+    def forward(
+        self,
+        input: Tensor,
+        target: Tensor,
+        tail_input: Optional[Tensor] = None,
+        tail_target: Optional[Tensor] = None,
+    ) -> Dict[str, Tensor]:
+        """Eq. 4 on ``(input, target)`` in stages 0 and 2; in stage 1 the loss of the hard batch
+        ``(input, target)``, the long-tail batch ``(tail_input, tail_target)`` and their
+        transferred batch (Eq. 6)."""
+        has_tail = tail_input is not None or tail_target is not None
+        if self.scheduler.stage == 1:
+            if tail_input is None or tail_target is None:
+                raise ValueError(
+                    "stage 1 of Algorithm 1 needs the long-tail batch: task(hard_x, hard_y, tail_x, tail_y) "
+                    "with the batches of task.loaders(...)"
+                )
+            out = self.scheduler.stage1_loss((input, target), (tail_input, tail_target))
+            return {"loss": out["loss"], "sfmx_loss": out["sfmx"], "reg_loss": out["reg"]}
+        if has_tail:
+            raise ValueError(f"a long-tail batch is only used in stage 1; the task is in stage {self.scheduler.stage}")
+        out = self._parts().loss(input, target)
+        return {"loss": out["loss"], "sfmx_loss": out["sfmx"], "recon_loss": out["recon"], "reg_loss": out["reg"]}

@@ -1,0 +1,157 @@
+"""The ``feature-cloud`` command (also ``python -m feature_cloud``).
+
+``feature-cloud demo``
+    Train every method on a long-tailed split and report head/tail metrics, diagnostics and
+    plots into an output directory (see :mod:`feature_cloud.demo`).
+``feature-cloud report PATH``
+    Re-render the tables, CSV files and plots of a saved run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo.methods import METHODS
+    from .demo.runner import DATA_DEFAULTS, DemoConfig
+
+    d = DemoConfig()
+    parser = argparse.ArgumentParser(
+        prog="feature-cloud",
+        description="Long-tail representation learning (LEAP feature cloud, FTL): demo and reports.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{demo,report}")
+    sub.required = True
+
+    demo = sub.add_parser(
+        "demo", help="train every method on a long-tailed split; head/tail metrics and plots",
+        description="Train every method on the same backbone and budget on a long-tailed split "
+        "(LEAP's <H, S> protocol) and write tables (Markdown, CSV, JSON) and PNG plots to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = ", ".join(
+        f"{k}: H{v['num_head']} S{v['tail_shots']} {v['epochs']} epochs" for k, v in DATA_DEFAULTS.items()
+    )
+    demo.add_argument(
+        "--data", nargs="+", default=["digits"], metavar=("SOURCE", "PATH"),
+        help="digits (sklearn, offline) | synthetic | market1501 PATH | imagefolder PATH",
+    )
+    demo.add_argument("--out", default=None, help="output directory (default: outputs/demo/<source>)")
+    demo.add_argument("-H", "--head", type=int, default=None,
+                      help=f"number of head identities H (defaults per source: {defaults})")
+    demo.add_argument("-S", "--shots", type=int, default=None,
+                      help="training samples kept per tail identity S")
+    demo.add_argument("--seeds", type=int, nargs="+", default=d.seeds)
+    demo.add_argument("--methods", nargs="+", default=d.methods, choices=list(METHODS),
+                      metavar="METHOD", help=f"subset of {list(METHODS)}")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (per-source default)")
+    demo.add_argument("--batch-size", type=int, default=d.batch_size)
+    demo.add_argument("--lr", type=float, default=d.lr)
+    demo.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    demo.add_argument("--warmup-epochs", type=int, default=None,
+                      help="epochs before the LEAP cloud starts (default: epochs // 3)")
+    demo.add_argument("--embedding-size", type=int, default=d.embedding_size)
+    demo.add_argument("--leap-margin", choices=("cosface", "arcface"), default=d.leap_margin,
+                      help="base margin of the LEAP variants")
+    demo.add_argument("--memory-per-sample", "-P", type=int, default=d.memory_per_sample,
+                      help="LEAP angle memory P (Eq. 5)")
+    demo.add_argument("--tail-threshold", "-T", type=int, default=None,
+                      help="vanilla LEAP threshold T (default: S)")
+    demo.add_argument("--gamma", type=float, default=d.gamma, help="LEAP center learning rate")
+    demo.add_argument("--ml2-alpha", type=float, default=d.ml2_alpha, help="m-L2 weight (FTL Eq. 4)")
+    demo.add_argument("--ftl-alternations", type=int, default=d.ftl_alternations,
+                      help="FTL: (stage 1, stage 2) pairs after stage 0 (the warm-up)")
+    demo.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    demo.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    demo.add_argument("--eval-split", choices=("test", "val"), default=d.eval_split,
+                      help="evaluate on the validation split (for tuning) instead of the test split")
+    demo.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                      help="resize for market1501 (default 64 32) / imagefolder (32 32)")
+    syn = demo.add_argument_group("synthetic data (--data synthetic)")
+    syn.add_argument("--synthetic-classes", type=int, default=None, help="identities (100)")
+    syn.add_argument("--synthetic-max", type=int, default=None, help="largest class size (80)")
+    syn.add_argument("--synthetic-min", type=int, default=None, help="smallest class size (20)")
+    syn.add_argument("--synthetic-spread", type=float, default=None,
+                     help="std of the shared nuisance factors: intra-class variance (1.5)")
+    syn.add_argument("--synthetic-noise", type=float, default=None, help="isotropic noise (0.1)")
+    syn.add_argument("--synthetic-seed", type=int, default=None, help="generator seed (0)")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads (the models are tiny: one thread is fastest on a "
+                      "busy machine; 0 keeps torch's default)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+
+    report = sub.add_parser("report", help="re-render tables and plots of a saved run")
+    report.add_argument("path", help="run directory (holding results.json)")
+    report.add_argument("--quiet", action="store_true", help="print nothing")
+    return parser
+
+
+def _demo_config(args: argparse.Namespace):
+    from .demo.data import DATA_SOURCES
+    from .demo.runner import DemoConfig
+
+    source, *rest = args.data
+    if source not in DATA_SOURCES:
+        raise ValueError(f"--data must be one of {DATA_SOURCES}, got {source!r}")
+    if len(rest) > 1:
+        raise ValueError(f"--data takes a source and at most one PATH, got {args.data}")
+    synthetic = {
+        key: value for key, value in (
+            ("num_classes", args.synthetic_classes), ("max_per_class", args.synthetic_max),
+            ("min_per_class", args.synthetic_min), ("spread", args.synthetic_spread),
+            ("noise", args.synthetic_noise), ("seed", args.synthetic_seed),
+        ) if value is not None
+    }
+    if synthetic and source != "synthetic":
+        raise ValueError("--synthetic-* options need --data synthetic")
+    return DemoConfig(
+        data=source, path=rest[0] if rest else None, num_head=args.head, tail_shots=args.shots,
+        test_fraction=args.test_fraction, val_fraction=args.val_fraction,
+        eval_split=args.eval_split, seeds=list(args.seeds), methods=list(dict.fromkeys(args.methods)),
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+        embedding_size=args.embedding_size, leap_margin=args.leap_margin,
+        memory_per_sample=args.memory_per_sample, gamma=args.gamma,
+        tail_threshold=args.tail_threshold, ml2_alpha=args.ml2_alpha,
+        ftl_alternations=args.ftl_alternations,
+        image_size=tuple(args.image_size) if args.image_size else None, synthetic=synthetic,
+        out=args.out or os.path.join("outputs", "demo", source),
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``feature-cloud`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from .demo._progress import is_enabled, set_progress
+
+    progress_before, threads_before = is_enabled(), torch.get_num_threads()
+    set_progress(not args.quiet)
+    log = (lambda *_: None) if args.quiet else print
+    try:
+        if args.command == "report":
+            from .demo.report import render_report
+
+            render_report(args.path, log=log)
+            return 0
+        from .demo.runner import run_demo
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run_demo(_demo_config(args).resolved(), log=log)
+        return 0
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"feature-cloud: error: {exc}", file=sys.stderr)
+        return 2
+    finally:  # leave the process as we found it (main() is also called in-process)
+        set_progress(progress_before)
+        torch.set_num_threads(threads_before)
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Data sources of the demo: every one returns a :class:`LabeledData` held in memory.
+
+* ``digits``: ``sklearn.datasets.load_digits`` (1,797 real 8x8 handwritten digits, shipped with
+  scikit-learn, no download).
+* ``synthetic``: identity-structured feature vectors from a fixed random generator whose
+  identities share nuisance factors (the "pose/expression" that head classes show and tail
+  classes lack), with controllable class sizes and intra-class spread.
+* ``market1501``: the ``bounding_box_train`` folder of the standard Market-1501 layout.
+* ``imagefolder``: one sub-folder of images per identity.
+
+Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LabeledData",
+    "SyntheticConfig",
+    "load_digits",
+    "make_synthetic",
+    "load_market1501",
+    "load_imagefolder",
+    "load_data",
+    "DATA_SOURCES",
+]
+
+DATA_SOURCES = ("digits", "synthetic", "market1501", "imagefolder")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class LabeledData:
+    """Inputs ``x`` (``(N, F)`` vectors or ``(N, C, H, W)`` images, float32) and labels ``y``
+    ``(N,)`` in ``0 .. num_classes-1``; ``class_names[i]`` names identity ``i``."""
+
+    x: Tensor
+    y: Tensor
+    class_names: List[str]
+    name: str
+    info: Dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(f"{self.x.shape[0]} inputs but {self.y.shape[0]} labels")
+        if self.x.dim() not in (2, 4):
+            raise ValueError(f"inputs must be (N, F) or (N, C, H, W), got {tuple(self.x.shape)}")
+        if self.y.numel() and (int(self.y.min()) < 0 or int(self.y.max()) >= len(self.class_names)):
+            raise ValueError("labels must lie in 0 .. len(class_names) - 1")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def is_image(self) -> bool:
+        return self.x.dim() == 4
+
+
+def load_digits() -> LabeledData:
+    """scikit-learn's handwritten digits as ``(1797, 1, 8, 8)`` images scaled to ``[0, 1]``."""
+    from sklearn.datasets import load_digits as _load
+
+    bunch = _load()
+    x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.as_tensor(bunch.target, dtype=torch.long)
+    return LabeledData(x, y, [str(c) for c in bunch.target_names], "digits")
+
+
+@dataclass
+class SyntheticConfig:
+    r"""Generator of identity-structured features.
+
+    Identity ``i`` has a latent code :math:`z_i \sim N(0, I_{d_{id}})`; each of its samples draws
+    nuisance factors :math:`u \sim N(0, \text{spread}^2 I_{d_{nu}})` *shared by all identities*
+    and is observed as :math:`x = \tanh(A z_i + B u) + \text{noise}\,\epsilon`, with fixed random
+    ``A`` and ``B``. The class sizes fall geometrically from ``max_per_class`` to
+    ``min_per_class`` (a long tail before the protocol cuts it further). A network can learn the
+    nuisance directions only where it sees them: in the classes with many samples.
+    """
+
+    num_classes: int = 100
+    max_per_class: int = 80
+    min_per_class: int = 20
+    dim: int = 64
+    identity_dim: int = 16
+    nuisance_dim: int = 8
+    spread: float = 1.5
+    noise: float = 0.1
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.num_classes < 2:
+            raise ValueError(f"synthetic num_classes must be >= 2, got {self.num_classes}")
+        if not 1 <= self.min_per_class <= self.max_per_class:
+            raise ValueError(
+                "synthetic class sizes need 1 <= min_per_class <= max_per_class, got "
+                f"{self.min_per_class}, {self.max_per_class}"
+            )
+        for name in ("dim", "identity_dim", "nuisance_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"synthetic {name} must be >= 1, got {getattr(self, name)}")
+        if self.spread < 0 or self.noise < 0:
+            raise ValueError("synthetic spread and noise must be >= 0")
+
+
+def synthetic_class_sizes(cfg: SyntheticConfig) -> np.ndarray:
+    """Geometrically decaying class sizes from ``max_per_class`` down to ``min_per_class``."""
+    if cfg.num_classes == 1:
+        return np.array([cfg.max_per_class])
+    ratio = cfg.min_per_class / cfg.max_per_class
+    sizes = cfg.max_per_class * ratio ** (np.arange(cfg.num_classes) / (cfg.num_classes - 1))
+    return np.maximum(np.round(sizes).astype(int), cfg.min_per_class)
+
+
+def make_synthetic(cfg: Optional[SyntheticConfig] = None) -> LabeledData:
+    """Generate the synthetic long-tailed identity data described in :class:`SyntheticConfig`."""
+    cfg = cfg or SyntheticConfig()
+    cfg.validate()
+    rng = np.random.default_rng(cfg.seed)
+    sizes = synthetic_class_sizes(cfg)
+    a = rng.standard_normal((cfg.identity_dim, cfg.dim)) / np.sqrt(cfg.identity_dim)
+    b = rng.standard_normal((cfg.nuisance_dim, cfg.dim)) / np.sqrt(cfg.nuisance_dim)
+    z = rng.standard_normal((cfg.num_classes, cfg.identity_dim))
+    labels = np.repeat(np.arange(cfg.num_classes), sizes)
+    u = rng.standard_normal((labels.size, cfg.nuisance_dim)) * cfg.spread
+    x = np.tanh(z[labels] @ a + u @ b) + cfg.noise * rng.standard_normal((labels.size, cfg.dim))
+    return LabeledData(
+        torch.as_tensor(x, dtype=torch.float32),
+        torch.as_tensor(labels, dtype=torch.long),
+        [f"id{i:03d}" for i in range(cfg.num_classes)],
+        "synthetic",
+        info={"synthetic": cfg.__dict__.copy()},
+    )
+
+
+def _load_images(paths: Sequence[str], size: Tuple[int, int]) -> Tensor:
+    """Read images as RGB, resize to ``size`` = (height, width), return ``(N, 3, H, W)`` in [0, 1]."""
+    from PIL import Image
+
+    from ._progress import progress
+
+    h, w = size
+    out = torch.empty(len(paths), 3, h, w)
+    for i, path in enumerate(progress(paths, desc="loading images", unit="img")):
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB").resize((w, h), Image.BILINEAR), dtype=np.float32)
+        out[i] = torch.from_numpy(arr).permute(2, 0, 1) / 255.0
+    return out
+
+
+def _from_paths(
+    paths: List[str], ids: List[str], size: Tuple[int, int], name: str, root: str
+) -> LabeledData:
+    if not paths:
+        raise ValueError(f"no images found under {root!r}")
+    names = sorted(set(ids))
+    index = {n: i for i, n in enumerate(names)}
+    y = torch.tensor([index[i] for i in ids], dtype=torch.long)
+    return LabeledData(_load_images(paths, size), y, names, name, info={"root": root})
+
+
+_MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+
+
+def load_market1501(root: str, size: Tuple[int, int] = (64, 32)) -> LabeledData:
+    """Market-1501's ``bounding_box_train`` (``PID_cCsS_FRAME_NN.jpg``) as one identity per PID.
+
+    ``root`` is the dataset folder (holding ``bounding_box_train``) or that folder itself.
+    Junk (PID ``-1``) and distractor (PID ``0000``) images are skipped. The official
+    query/gallery identities are disjoint from the training ones, so this closed-set protocol
+    holds out images of the training identities instead (see :mod:`.protocol`).
+    """
+    folder = os.path.join(root, "bounding_box_train")
+    if not os.path.isdir(folder):
+        if os.path.basename(os.path.normpath(root)) == "bounding_box_train" and os.path.isdir(root):
+            folder = root
+        else:
+            raise ValueError(f"{root!r} is not a Market-1501 folder (no bounding_box_train/)")
+    paths, ids = [], []
+    for fname in sorted(os.listdir(folder)):
+        match = _MARKET_NAME.match(fname)
+        if not match or not fname.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        pid = int(match.group(1))
+        if pid <= 0:
+            continue
+        paths.append(os.path.join(folder, fname))
+        ids.append(f"{pid:04d}")
+    return _from_paths(paths, ids, size, "market1501", root)
+
+
+def load_imagefolder(root: str, size: Tuple[int, int] = (32, 32)) -> LabeledData:
+    """One sub-folder per identity (``root/<identity>/<image>``), images resized to ``size``."""
+    if not os.path.isdir(root):
+        raise ValueError(f"imagefolder path {root!r} is not a directory")
+    paths, ids = [], []
+    for ident in sorted(os.listdir(root)):
+        sub = os.path.join(root, ident)
+        if not os.path.isdir(sub):
+            continue
+        for fname in sorted(os.listdir(sub)):
+            if fname.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(sub, fname))
+                ids.append(ident)
+    return _from_paths(paths, ids, size, "imagefolder", root)
+
+
+def load_data(
+    source: str,
+    path: Optional[str] = None,
+    *,
+    image_size: Optional[Tuple[int, int]] = None,
+    synthetic: Optional[SyntheticConfig] = None,
+) -> LabeledData:
+    """Dispatch on ``source`` (one of :data:`DATA_SOURCES`)."""
+    if source not in DATA_SOURCES:
+        raise ValueError(f"data source must be one of {DATA_SOURCES}, got {source!r}")
+    needs_path = source in ("market1501", "imagefolder")
+    if needs_path and not path:
+        raise ValueError(f"--data {source} needs a PATH")
+    if not needs_path and path:
+        raise ValueError(f"--data {source} takes no PATH (got {path!r})")
+    if source == "digits":
+        return load_digits()
+    if source == "synthetic":
+        return make_synthetic(synthetic)
+    if source == "market1501":
+        return load_market1501(path, image_size or (64, 32))  # type: ignore[arg-type]
+    return load_imagefolder(path, image_size or (32, 32))  # type: ignore[arg-type]

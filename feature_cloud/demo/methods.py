@@ -1,0 +1,313 @@
+"""The backbone shared by every method and the methods compared by the demo.
+
+Every method wraps the *same* small backbone (a CNN for images, an MLP for feature vectors,
+both ending in a BatchNorm embedding as in LEAP Sec. 4.1) and differs only in its classifier
+and loss. Each is an ``nn.Module`` with
+
+* ``loss(x, y) -> Tensor``: the training loss of one batch,
+* ``embed(x) -> Tensor``: the embedding used for retrieval (eval mode),
+* ``classify(emb) -> Tensor``: closed-set logits,
+* ``class_weight() -> Tensor``: the ``(C, D)`` classifier weights (for the weight-norm plot),
+* optionally ``fit(x, y, total_steps, batch_size, step)``: its own schedule (FTL), same budget.
+
+The heads and losses come from the package (:class:`~feature_cloud.LEAPMarginHead`,
+:class:`~feature_cloud.MetricL2`); nothing here re-implements their math.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ftl import AlternatingScheduler, ConvDecoder, FTLModel, IndexedDataset, make_filter
+from ..heads import LEAPMarginHead
+from ..regularizers import MetricL2
+from ..transfer import FeatureTransfer
+
+__all__ = [
+    "MethodConfig",
+    "METHODS",
+    "METHOD_LABELS",
+    "build_backbone",
+    "build_method",
+    "ConvBackbone",
+    "MLPBackbone",
+]
+
+
+class ConvBackbone(nn.Module):
+    """Three 3x3 conv blocks (strides 1, 2, 2), global average pooling, linear + BN embedding."""
+
+    def __init__(self, in_channels: int, embedding_size: int, width: int = 32) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            )
+
+        self.features = nn.Sequential(
+            block(in_channels, width, 1), block(width, 2 * width, 2), block(2 * width, 4 * width, 2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.embedding = nn.Sequential(nn.Linear(4 * width, embedding_size), nn.BatchNorm1d(embedding_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.embedding(self.features(x))
+
+
+class MLPBackbone(nn.Module):
+    """Two hidden layers (Linear-BN-ReLU) and a linear + BN embedding."""
+
+    def __init__(self, in_features: int, embedding_size: int, width: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_features, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+            nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+            nn.Linear(width, embedding_size), nn.BatchNorm1d(embedding_size),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def build_backbone(input_shape: Sequence[int], embedding_size: int) -> nn.Module:
+    """A :class:`ConvBackbone` for ``(C, H, W)`` inputs, an :class:`MLPBackbone` for ``(F,)``."""
+    if len(input_shape) == 3:
+        return ConvBackbone(int(input_shape[0]), embedding_size)
+    if len(input_shape) == 1:
+        return MLPBackbone(int(input_shape[0]), embedding_size)
+    raise ValueError(f"input shape must be (C, H, W) or (F,), got {tuple(input_shape)}")
+
+
+@dataclass
+class MethodConfig:
+    """Hyper-parameters shared by the methods (paper defaults where the paper gives them)."""
+
+    embedding_size: int = 64
+    leap_margin: str = "cosface"  # base margin of the LEAP variants (LEAP-CV / LEAP-CF)
+    tail_threshold: int = 5  # T of vanilla LEAP: classes with K_i > T are head classes
+    memory_per_sample: int = 1  # P of LEAP Eq. 5
+    gamma: float = 0.1  # center learning rate, LEAP Sec. 4.1
+    warmup_steps: int = 0  # steps before the cloud starts
+    ml2_alpha: float = 0.01  # FTL Eq. 4 uses 0.25 (too strong for BN-normalised 64-d features)
+    ftl_alternations: int = 2  # (stage 1, stage 2) pairs of FTL Algorithm 1 after stage 0
+    seed: int = 0
+
+
+class _Method(nn.Module):
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+    def per_class_diagnostics(self) -> Dict[str, Tensor]:
+        """Extra ``(C,)`` per-class quantities of the method (reported as diagnostics)."""
+        return {}
+
+
+class SoftmaxMethod(_Method):
+    """Plain softmax over raw logits ``W f`` (bias-free linear classifier); with ``ml2_alpha > 0``
+    plus FTL's m-L2 regulariser (Eq. 3-4 without feature transfer)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, cfg: MethodConfig, ml2_alpha: float) -> None:
+        super().__init__(backbone)
+        self.fc = nn.Linear(cfg.embedding_size, num_classes, bias=False)
+        self.reg = MetricL2(ml2_alpha) if ml2_alpha > 0 else None
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        logits = self.fc(self.backbone(x))
+        loss = F.cross_entropy(logits, y)
+        if self.reg is not None:
+            loss = loss + self.reg.from_logits(logits)
+        return loss
+
+    def classify(self, emb: Tensor) -> Tensor:
+        return self.fc(emb)
+
+    def class_weight(self) -> Tensor:
+        return self.fc.weight
+
+
+class MarginMethod(_Method):
+    """CosFace / ArcFace (LEAP Eq. 1-2) or LEAP (Eq. 7-8) through :class:`LEAPMarginHead`."""
+
+    def __init__(self, backbone: nn.Module, head: LEAPMarginHead) -> None:
+        super().__init__(backbone)
+        self.head = head
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.head(self.backbone(x), y)
+
+    def classify(self, emb: Tensor) -> Tensor:
+        return self.head.logits(emb)
+
+    def class_weight(self) -> Tensor:
+        return self.head.weight
+
+    def per_class_diagnostics(self) -> Dict[str, Tensor]:
+        """The standard deviation of the cloud angles each class received at the end of
+        training, ``sqrt`` of LEAP Eq. 6 / Eq. 9 (absent for plain CosFace / ArcFace)."""
+        if self.head.cloud is None:
+            return {}
+        return {"cloud_std": self.head.statistics.cloud_variance().detach().sqrt()}
+
+
+class FTLMethod(_Method):
+    """FTL (Yin et al. 2019) through :class:`~feature_cloud.FTLModel` and
+    :class:`~feature_cloud.AlternatingScheduler`: ``Enc`` = the shared backbone (its 64-d output is
+    the rich feature ``g``), ``Dec`` reconstructs the input (a :class:`ConvDecoder` for images, an
+    MLP for vectors), ``R`` = :func:`make_filter`, ``FC`` = a bias-free linear softmax with m-L2.
+    It trains itself (:meth:`fit`): stage 0 for the warm-up, then ``ftl_alternations`` pairs of
+    stage 1 (classifier on hard + tail + transferred batches, Eq. 6) and stage 2, within the same
+    number of optimiser steps as every other method.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, input_shape: Sequence[int], num_classes: int, counts: Tensor,
+        cfg: MethodConfig,
+    ) -> None:
+        super().__init__(backbone)
+        d = cfg.embedding_size
+        if len(input_shape) == 3:
+            c, h, w = (int(v) for v in input_shape)
+            base = max(2, min(h, w) // 4)
+            decoder: nn.Module = ConvDecoder(d, (c, h, w), channels=(64, 32), base=base)
+        else:
+            decoder = nn.Sequential(
+                nn.Linear(d, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True),
+                nn.Linear(256, int(input_shape[0])),
+            )
+        transfer = FeatureTransfer(d, num_classes, tail_threshold=cfg.tail_threshold,
+                                   class_counts=counts)
+        self.ftl = FTLModel(
+            backbone, nn.Linear(d, num_classes, bias=False), feature_dim=d,
+            filter_net=make_filter(d, d, 2 * d), decoder=decoder, alpha_reg=cfg.ml2_alpha,
+            transfer=transfer,
+        )
+        self.warmup_steps = cfg.warmup_steps
+        self.alternations = cfg.ftl_alternations
+        self.seed = cfg.seed
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.ftl(x)  # f = R(Enc(x))
+
+    def classify(self, emb: Tensor) -> Tensor:
+        return self.ftl.logits(emb)
+
+    def class_weight(self) -> Tensor:
+        return self.ftl.classifier.weight
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:  # stage 0 / 2 loss, Eq. 4
+        return self.ftl.loss(x, y)["loss"]
+
+    def fit(self, x: Tensor, y: Tensor, total_steps: int, batch_size: int, step: Callable[[Tensor], None]) -> None:
+        """Algorithm 1 for ``total_steps`` optimiser steps; ``step(loss)`` does backward + update."""
+        pairs = max(1, self.alternations)
+        stage_iters = max(1, (total_steps - self.warmup_steps) // (2 * pairs))
+        stage0 = max(0, total_steps - 2 * pairs * stage_iters)
+        ds = IndexedDataset(torch.utils.data.TensorDataset(x, y))
+        stats_loader = torch.utils.data.DataLoader(ds, batch_size=1024)
+        sched = AlternatingScheduler(self.ftl, stage0_iters=stage0, stage_iters=stage_iters,
+                                     seed=self.seed)
+        done = 0
+        while done < total_steps:
+            stage = sched.stage
+            if sched.needs_stats:
+                sched.update_stats(stats_loader)
+            loaders = sched.loaders(ds, batch_size)
+            for batches in zip(*loaders) if stage == 1 else loaders:
+                if stage == 1:
+                    loss = sched.stage1_loss(*batches)["loss"]
+                else:
+                    loss = self.ftl.loss(batches[0], batches[1])["loss"]
+                step(loss)
+                done += 1
+                if sched.step() != stage or done >= total_steps:
+                    break
+        self.ftl.set_frozen(())
+
+
+def _margin(margin_type: str, cloud):
+    def build(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> nn.Module:
+        head = LEAPMarginHead(
+            cfg.embedding_size, num_classes, margin_type=margin_type, cloud=cloud,
+            tail_threshold=cfg.tail_threshold, gamma=cfg.gamma,
+            memory_per_sample=cfg.memory_per_sample,
+            warmup_steps=cfg.warmup_steps if cloud else 0,
+            class_counts=counts if cloud else None, seed=cfg.seed, validate=False,
+        )
+        return MarginMethod(backbone, head)
+
+    return build
+
+
+def _leap(cloud: str):
+    def build(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> nn.Module:
+        return _margin(cfg.leap_margin, cloud)(backbone, num_classes, counts, cfg)
+
+    return build
+
+
+def _softmax(ml2: bool):
+    def build(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> nn.Module:
+        return SoftmaxMethod(backbone, num_classes, cfg, cfg.ml2_alpha if ml2 else 0.0)
+
+    return build
+
+
+def _ftl(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> nn.Module:
+    return FTLMethod(backbone, backbone.input_shape, num_classes, counts, cfg)  # type: ignore[arg-type]
+
+
+Builder = Callable[[nn.Module, int, Tensor, MethodConfig], nn.Module]
+
+#: name -> builder, in the order the tables list them.
+METHODS: Dict[str, Builder] = {
+    "softmax": _softmax(False),
+    "ml2": _softmax(True),
+    "cosface": _margin("cosface", None),
+    "arcface": _margin("arcface", None),
+    "leap_vanilla": _leap("vanilla"),
+    "leap_full": _leap("full"),
+    "ftl": _ftl,
+}
+
+METHOD_LABELS: Dict[str, str] = {
+    "softmax": "Softmax",
+    "ml2": "m-L2 (softmax + FTL Eq. 3)",
+    "cosface": "CosFace",
+    "arcface": "ArcFace",
+    "leap_vanilla": "LEAP vanilla",
+    "leap_full": "LEAP full",
+    "ftl": "FTL",
+}
+
+
+def build_method(
+    name: str, input_shape: Sequence[int], num_classes: int, counts: Tensor, cfg: MethodConfig
+) -> nn.Module:
+    """A fresh backbone + the classifier/loss of method ``name`` (a key of :data:`METHODS`)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}")
+    backbone = build_backbone(input_shape, cfg.embedding_size)
+    backbone.input_shape = tuple(int(v) for v in input_shape)  # type: ignore[assignment]
+    return METHODS[name](backbone, num_classes, counts, cfg)
+
+
+def method_label(name: str, cfg: MethodConfig) -> str:
+    label = METHOD_LABELS.get(name, name)
+    if name.startswith("leap_"):
+        label += f" ({'CosFace' if cfg.leap_margin == 'cosface' else 'ArcFace'})"
+    return label
+
+
+def split_input_shape(x: Tensor) -> Tuple[int, ...]:
+    return tuple(int(s) for s in x.shape[1:])

@@ -1,0 +1,112 @@
+"""Evaluation metrics of the demo, split into head and tail identities.
+
+* closed-set classifier accuracy (FTL's "FC" evaluation) and nearest-class-center accuracy
+  (FTL's "NN": centers of the training features as gallery),
+* leave-one-out retrieval on the test set with cosine similarity: rank-1 and average precision
+  per query (the re-ID metrics, LEAP Sec. 4.1),
+* intra-class angular spread: per class, the mean and variance of the angle between each
+  feature and the class center (the LEAP paper's head-vs-tail observation, Sec. 1),
+* classifier weight norm per class (FTL Sec. 3.1, Fig. 1b).
+
+All functions take CPU tensors and return per-sample or per-class tensors; :func:`group_mean`
+reduces them over head or tail classes.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "correct_predictions",
+    "nearest_center_predictions",
+    "retrieval_per_query",
+    "angle_spread",
+    "weight_norms",
+    "group_mean",
+    "head_tail",
+]
+
+
+def correct_predictions(logits: Tensor, labels: Tensor) -> Tensor:
+    """``(N,)`` float 0/1: whether the arg-max class of each row is its label."""
+    return (logits.argmax(dim=1) == labels).float()
+
+
+def nearest_center_predictions(
+    query: Tensor, gallery: Tensor, gallery_labels: Tensor, num_classes: int
+) -> Tensor:
+    """Class of the nearest (cosine) class center, centers = mean of the normalised gallery
+    features of each class (FTL's NN classifier). Classes without gallery samples never win."""
+    g = F.normalize(gallery, dim=1)
+    sums = torch.zeros(num_classes, g.shape[1], dtype=g.dtype).index_add_(0, gallery_labels, g)
+    present = torch.bincount(gallery_labels, minlength=num_classes) > 0
+    sim = F.normalize(query, dim=1) @ F.normalize(sums, dim=1).T
+    sim[:, ~present] = float("-inf")
+    return sim.argmax(dim=1)
+
+
+def retrieval_per_query(features: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Leave-one-out retrieval within ``features`` by cosine similarity.
+
+    Each sample queries all the others (ties broken by lower index). Returns per query
+    ``(rank1, average_precision, valid)``: ``rank1`` is 1 when the most similar other sample
+    shares the label; AP is the mean over the relevant items of the precision at their rank;
+    ``valid`` is False for queries with no other sample of their class (their rank-1 and AP are
+    0 and must be left out of averages).
+    """
+    n = features.shape[0]
+    f = F.normalize(features.double(), dim=1)
+    sim = f @ f.T
+    sim.fill_diagonal_(float("-inf"))
+    # stable sort on the negated similarity: equal scores keep index order
+    order = torch.sort(-sim, dim=1, stable=True).indices[:, : max(n - 1, 0)]
+    match = (labels[order] == labels.unsqueeze(1)).double()
+    positives = match.sum(dim=1)
+    valid = positives > 0
+    ranks = torch.arange(1, match.shape[1] + 1, dtype=torch.float64)
+    precision = match.cumsum(dim=1) / ranks
+    ap = (precision * match).sum(dim=1) / positives.clamp_min(1)
+    rank1 = match[:, 0] if match.shape[1] else torch.zeros(n, dtype=torch.float64)
+    return rank1.float() * valid, ap.float() * valid, valid
+
+
+def angle_spread(features: Tensor, labels: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
+    """Per class: mean and unbiased variance of the angle (radians) between each L2-normalised
+    feature and the class center, the normalised mean of the class's normalised features
+    (the quantity LEAP Eq. 3 tracks online). Classes with fewer than two samples get NaN."""
+    f = F.normalize(features.double(), dim=1)
+    sums = torch.zeros(num_classes, f.shape[1], dtype=f.dtype).index_add_(0, labels, f)
+    centers = F.normalize(sums, dim=1)
+    angles = torch.acos((f * centers[labels]).sum(dim=1).clamp(-1.0, 1.0))
+    n = torch.bincount(labels, minlength=num_classes).double()
+    s1 = torch.zeros(num_classes, dtype=f.dtype).index_add_(0, labels, angles)
+    mean = s1 / n.clamp_min(1)
+    dev2 = (angles - mean[labels]) ** 2
+    var = torch.zeros(num_classes, dtype=f.dtype).index_add_(0, labels, dev2) / (n - 1).clamp_min(1)
+    nan = torch.full_like(mean, float("nan"))
+    return torch.where(n >= 2, mean, nan).float(), torch.where(n >= 2, var, nan).float()
+
+
+def weight_norms(weight: Tensor) -> Tensor:
+    """L2 norm of each class weight, ``(C, D) -> (C,)``."""
+    return weight.detach().float().norm(dim=1)
+
+
+def group_mean(values: Tensor, mask: Tensor) -> float:
+    """Mean of ``values`` over the entries where ``mask`` holds, ignoring NaN (NaN if none)."""
+    v = values[mask.bool()].double()
+    v = v[~torch.isnan(v)]
+    return float(v.mean()) if v.numel() else float("nan")
+
+
+def head_tail(values: Tensor, is_head: Tensor, valid: Tensor = None) -> Dict[str, float]:
+    """``{"all", "head", "tail"}`` means of per-sample or per-class ``values``."""
+    keep = torch.ones_like(is_head, dtype=torch.bool) if valid is None else valid.bool()
+    return {
+        "all": group_mean(values, keep),
+        "head": group_mean(values, keep & is_head),
+        "tail": group_mean(values, keep & ~is_head),
+    }

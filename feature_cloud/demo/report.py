@@ -1,0 +1,215 @@
+"""Tables (Markdown, CSV, terminal) and plots of a saved demo run.
+
+Everything here reads only ``results.json`` and ``projection.npz`` from a run directory, so
+``feature-cloud report PATH`` re-renders a run without training anything.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "load_results",
+    "aggregate",
+    "results_markdown",
+    "compact_table",
+    "render_report",
+    "MAIN_COLUMNS",
+    "DIAG_COLUMNS",
+]
+
+#: (metric key, column title, scale) of the main table: accuracies in percent.
+MAIN_COLUMNS: List[Tuple[str, str, float]] = [
+    ("fc_acc_head", "FC acc head", 100.0),
+    ("fc_acc_tail", "FC acc tail", 100.0),
+    ("nn_acc_tail", "NN acc tail", 100.0),
+    ("rank1_head", "rank-1 head", 100.0),
+    ("rank1_tail", "rank-1 tail", 100.0),
+    ("map_head", "mAP head", 100.0),
+    ("map_tail", "mAP tail", 100.0),
+]
+
+#: Diagnostics: angles in radians (variance in rad^2), weight norms as stored.
+DIAG_COLUMNS: List[Tuple[str, str, float]] = [
+    ("angle_mean_train_head", "angle train head", 1.0),
+    ("angle_mean_train_tail", "angle train tail", 1.0),
+    ("angle_var_train_head", "ang. var train head", 1.0),
+    ("angle_var_train_tail", "ang. var train tail", 1.0),
+    ("angle_var_test_head", "ang. var test head", 1.0),
+    ("angle_var_test_tail", "ang. var test tail", 1.0),
+    ("weight_norm_head", "‖W‖ head", 1.0),
+    ("weight_norm_tail", "‖W‖ tail", 1.0),
+    ("cloud_std_tail", "cloud std tail", 1.0),
+]
+
+RESULTS_FILE = "results.json"
+PROJECTION_FILE = "projection.npz"
+
+
+def load_results(path: str) -> Dict[str, Any]:
+    """``results.json`` of a run directory (or the file itself)."""
+    file = os.path.join(path, RESULTS_FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no {RESULTS_FILE} in {path!r}: not a feature-cloud demo run")
+    with open(file) as fh:
+        results = json.load(fh)
+    for key in ("config", "methods", "runs", "splits"):
+        if key not in results:
+            raise ValueError(f"{file} has no {key!r}: not a feature-cloud demo run")
+    return results
+
+
+def aggregate(results: Dict[str, Any]) -> Dict[str, Dict[str, Tuple[float, float, int]]]:
+    """``{method: {metric: (mean, std, n)}}`` over seeds (sample std, ``ddof=1``; 0 for n=1)."""
+    out: Dict[str, Dict[str, Tuple[float, float, int]]] = {}
+    for method in results["methods"]:
+        rows = [r["metrics"] for r in results["runs"] if r["method"] == method]
+        if not rows:
+            continue
+        out[method] = {}
+        for key in dict.fromkeys(k for r in rows for k in r):
+            vals = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
+            vals = vals[~np.isnan(vals)]
+            n = int(vals.size)
+            mean = float(vals.mean()) if n else math.nan
+            std = float(vals.std(ddof=1)) if n > 1 else 0.0
+            out[method][key] = (mean, std, n)
+    return out
+
+
+def _fmt(stat: Tuple[float, float, int], scale: float, digits: int) -> str:
+    mean, std, n = stat
+    if math.isnan(mean):
+        return "n/a"
+    if n > 1:
+        return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f}"
+
+
+def _table(
+    results: Dict[str, Any], columns: Sequence[Tuple[str, str, float]], digits: int
+) -> List[List[str]]:
+    agg = aggregate(results)
+    rows = [["Method"] + [title for _, title, _ in columns]]
+    for method in results["methods"]:
+        if method not in agg:
+            continue
+        label = results.get("labels", {}).get(method, method)
+        rows.append([label] + [
+            _fmt(agg[method][k], s, digits) if k in agg[method] else "–" for k, _, s in columns
+        ])
+    return rows
+
+
+def _markdown(rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def compact_table(results: Dict[str, Any]) -> str:
+    """The main table as aligned plain text for the terminal."""
+    rows = _table(results, MAIN_COLUMNS, 1)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _describe(results: Dict[str, Any]) -> str:
+    cfg = results["config"]
+    data = results["data"]
+    seeds = cfg["seeds"]
+    split = results["splits"][str(seeds[0])]
+    return (
+        f"Data: **{data['name']}** ({data['samples']} samples, {data['num_classes']} identities), "
+        f"long-tail split <H{cfg['num_head']}, S{cfg['tail_shots']}>: {split['head_classes']} head "
+        f"identities keep all their training samples, {split['tail_classes']} tail identities keep "
+        f"{cfg['tail_shots']} (train {split['train']} = {split['train_head']} head + "
+        f"{split['train_tail']} tail samples; evaluated on the held-out **{cfg['eval_split']}** "
+        f"split, {split[cfg['eval_split']]} samples). Seeds {seeds}: mean ± std (sample std over "
+        f"seeds). Budget: {cfg['epochs']} epochs, batch {cfg['batch_size']}, Adam lr {cfg['lr']} "
+        f"(cosine decay), embedding {cfg['embedding_size']}-d; LEAP cloud from epoch "
+        f"{cfg['warmup_epochs']}, P={cfg['memory_per_sample']}, T={cfg['tail_threshold']}, "
+        f"gamma={cfg['gamma']}; m-L2 alpha={cfg['ml2_alpha']}; FTL: stage 0 until epoch "
+        f"{cfg['warmup_epochs']}, then {cfg.get('ftl_alternations', 'n/a')} (stage 1, stage 2) "
+        f"pairs. Wall time "
+        f"{results.get('wall_seconds', 'n/a')} s."
+    )
+
+
+def results_markdown(results: Dict[str, Any]) -> str:
+    """``results.md``: the run description, the accuracy table and the diagnostics table."""
+    return "\n\n".join([
+        _describe(results),
+        "Accuracy (%): FC = closed-set classifier, NN = nearest class center of the training "
+        "features, rank-1 / mAP = leave-one-out cosine retrieval on the evaluation split.",
+        _markdown(_table(results, MAIN_COLUMNS, 1)),
+        "Diagnostics: angle (radians) between each feature and its class center, mean and "
+        "variance per class averaged over head / tail classes, on the training and the "
+        "evaluation features; classifier weight norm per class (cosine heads normalise W, so "
+        "their norm does not enter the logits); cloud std = sqrt of the LEAP cloud variance "
+        "(Eq. 6 / 9) each tail class received at the end of training.",
+        _markdown(_table(results, DIAG_COLUMNS, 3)),
+    ]) + "\n"
+
+
+def _write_csvs(results: Dict[str, Any], out: str) -> None:
+    agg = aggregate(results)
+    with open(os.path.join(out, "summary.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "metric", "mean", "std", "n"])
+        for method, stats in agg.items():
+            for key, (mean, std, n) in stats.items():
+                w.writerow([method, key, f"{mean:.6g}", f"{std:.6g}", n])
+    keys = list(dict.fromkeys(k for r in results["runs"] for k in r["metrics"]))
+    with open(os.path.join(out, "runs.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["seed", "method", "train_seconds"] + keys)
+        for r in results["runs"]:
+            w.writerow([r["seed"], r["method"], r["train_seconds"]] + [r["metrics"].get(k) for k in keys])
+    with open(os.path.join(out, "per_class.csv"), "w", newline="") as fh:
+        w = csv.writer(fh)
+        pc_keys = list(dict.fromkeys(k for r in results["runs"] for k in r["per_class"]))
+        w.writerow(["seed", "method", "class", "train_count", "head"] + pc_keys)
+        for r in results["runs"]:
+            split = results["splits"][str(r["seed"])]
+            for c in range(len(split["train_counts"])):
+                w.writerow(
+                    [r["seed"], r["method"], c, split["train_counts"][c], int(split["head"][c])]
+                    + [r["per_class"][k][c] if k in r["per_class"] else None for k in pc_keys]
+                )
+
+
+def render_report(path: str, log: Callable[[str], None] = print) -> Dict[str, str]:
+    """Re-render ``results.md``, the CSV files and the PNG plots of the run in ``path``.
+
+    Returns ``{artifact: file path}``.
+    """
+    from . import plots
+
+    results = load_results(path)
+    out = path if os.path.isdir(path) else os.path.dirname(path)
+    md = results_markdown(results)
+    files = {"results.md": os.path.join(out, "results.md")}
+    with open(files["results.md"], "w") as fh:
+        fh.write(md)
+    _write_csvs(results, out)
+    for name in ("summary.csv", "runs.csv", "per_class.csv"):
+        files[name] = os.path.join(out, name)
+    projection = None
+    proj_file = os.path.join(out, PROJECTION_FILE)
+    if os.path.isfile(proj_file):
+        with np.load(proj_file) as npz:
+            projection = {k: npz[k] for k in npz.files}
+    files.update(plots.render_all(results, projection, out))
+    log("")
+    log(compact_table(results))
+    log("")
+    log(f"wrote {', '.join(sorted(os.path.basename(f) for f in files.values()))} to {out}")
+    return files

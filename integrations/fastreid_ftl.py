@@ -1,0 +1,496 @@
+"""fastreid adapter for FTL (Yin et al. 2019): the ``FTLBaseline`` meta-architecture, the
+``FTLHook`` that runs Algorithm 1 inside fastreid's trainer, and ``FTLTrainer``.
+
+Importing this module applies fastreid's compatibility patches (see
+:func:`feature_cloud.integrations.fastreid.patch_fastreid_compat`) and registers
+``FTLBaseline`` in ``fastreid.modeling.meta_arch.META_ARCH_REGISTRY``. A training script::
+
+    from feature_cloud.integrations.fastreid_ftl import FTLTrainer, add_ftl_config
+    cfg = get_cfg()
+    add_ftl_config(cfg)                        # adds MODEL.FTL
+    cfg.merge_from_file("examples/fastreid/Market1501/ftl_R50.yml")
+    trainer = FTLTrainer(cfg)                  # DefaultTrainer + FTLHook
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+
+How FTL's Fig. 2 maps onto fastreid (the adapter only wires; every equation is the core's):
+
+* ``Enc`` = fastreid backbone (``MODEL.BACKBONE``) + fastreid pooling (``MODEL.HEADS.POOL_LAYER``):
+  the rich feature ``g`` (``MODEL.BACKBONE.FEAT_DIM``);
+* ``Dec`` = :class:`feature_cloud.ftl.ConvDecoder` to the normalised training image
+  (``MODEL.FTL.DECODER_CHANNELS``; empty: no reconstruction, ``ALPHA_RECON`` must be 0);
+* ``R`` = :func:`feature_cloud.ftl.make_filter` (``g -> f``, ``MODEL.HEADS.EMBEDDING_DIM``);
+* ``FC`` = ``nn.Linear`` (``MODEL.HEADS.CLS_LAYER: Linear``, the paper's softmax) or a
+  :class:`feature_cloud.LEAPMarginHead` without cloud (``CosSoftmax`` / ``ArcSoftmax``);
+* the loss is :meth:`FTLModel.loss` (Eq. 4) on fastreid's training batches (stages 0 and 2) and
+  :meth:`FTLModel.feature_loss` on the three stage-1 batches that :class:`FTLHook` builds with
+  :meth:`AlternatingScheduler.stage1_batches`; fastreid's ``MODEL.LOSSES`` are not used.
+  Inference returns ``f = R(g)``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from feature_cloud.ftl import AlternatingScheduler, ConvDecoder, FTLModel, make_filter
+from feature_cloud.heads import LEAPMarginHead
+from feature_cloud.integrations.fastreid import CLS_LAYER_TO_MARGIN, patch_fastreid_compat
+from feature_cloud.transfer import FeatureTransfer
+
+patch_fastreid_compat()
+
+from fastreid.config import CfgNode, configurable  # noqa: E402
+from fastreid.data.build import fast_batch_collator  # noqa: E402
+from fastreid.data.transforms import build_transforms  # noqa: E402
+from fastreid.engine import DefaultTrainer, hooks  # noqa: E402
+from fastreid.engine.train_loop import HookBase  # noqa: E402
+from fastreid.layers import pooling  # noqa: E402
+from fastreid.modeling.backbones import build_backbone  # noqa: E402
+from fastreid.modeling.meta_arch import META_ARCH_REGISTRY  # noqa: E402
+from fastreid.solver import build as solver_build  # noqa: E402
+from fastreid.utils import comm  # noqa: E402
+
+__all__ = ["add_ftl_config", "FTLEncoder", "FTLBaseline", "FTLHook", "FTLTrainer"]
+
+logger = logging.getLogger("fastreid.feature_cloud.ftl")  # under "fastreid": shown in its log
+
+
+# ------------------------------------------------------------------ configuration
+def add_ftl_config(cfg: CfgNode) -> CfgNode:
+    """Add the ``MODEL.FTL`` node (defaults: FTL paper, Sec. 3-4).
+
+    Schedule (Algorithm 1, in trainer iterations): ``STAGE0_ITERS`` (stage 0, all modules),
+    ``STAGE_ITERS`` (each stage 1 / stage 2; paper 5000), ``MAX_ALTERNATIONS`` ((stage 1, stage 2)
+    pairs; 0: until the trainer stops). Loss (Eq. 4): ``ALPHA_SFMX``, ``ALPHA_RECON``,
+    ``ALPHA_REG`` (paper 1, 1, 0.25). Modules: ``FILTER_HIDDEN`` (hidden width of ``R``; 0: twice
+    the embedding size), ``DECODER_CHANNELS`` (``Dec`` upsampling stages; empty: no decoder).
+    UpdateStats: ``ENERGY`` (PCA energy kept, paper 0.95) or ``NUM_COMPONENTS`` (> 0 wins),
+    ``TAIL_THRESHOLD`` (a class with <= T training images is long-tail, paper 20), ``FLIP``
+    (flipped-image centers of Eq. 5), ``STATS_BATCH_SIZE`` (0: ``TEST.IMS_PER_BATCH``).
+    Stage 1: ``STAGE1_BATCH_SIZE`` of the hard and of the long-tail batch (0:
+    ``SOLVER.IMS_PER_BATCH``). ``SEED``: the stage-1 samplers' seed.
+    """
+    node = CfgNode()
+    node.STAGE0_ITERS = 5000
+    node.STAGE_ITERS = 5000
+    node.MAX_ALTERNATIONS = 0
+    node.ALPHA_SFMX = 1.0
+    node.ALPHA_RECON = 1.0
+    node.ALPHA_REG = 0.25
+    node.FILTER_HIDDEN = 0
+    node.DECODER_CHANNELS = [256, 192, 128, 64]
+    node.ENERGY = 0.95
+    node.NUM_COMPONENTS = 0
+    node.TAIL_THRESHOLD = 20
+    node.FLIP = True
+    node.STATS_BATCH_SIZE = 0
+    node.STAGE1_BATCH_SIZE = 0
+    node.SEED = 0
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.MODEL.FTL = node
+    if frozen:
+        cfg.freeze()
+    return cfg
+
+
+def _ftl_node(cfg: CfgNode) -> CfgNode:
+    if "FTL" not in cfg.MODEL:
+        raise KeyError(
+            "MODEL.FTL is missing: call feature_cloud.integrations.fastreid_ftl.add_ftl_config(cfg) "
+            "before cfg.merge_from_file(...)"
+        )
+    return cfg.MODEL.FTL
+
+
+# ------------------------------------------------------------------ the model
+class FTLEncoder(nn.Module):
+    """FTL's ``Enc`` for fastreid: backbone feature map -> fastreid pooling -> ``g`` ``(B, D)``."""
+
+    def __init__(self, backbone: nn.Module, pool: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pool = pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.backbone(x)).flatten(1)
+
+
+@META_ARCH_REGISTRY.register()
+class FTLBaseline(nn.Module):
+    """fastreid meta-architecture holding an :class:`~feature_cloud.FTLModel` (FTL Fig. 2).
+
+    ``forward(batched_inputs)`` in training returns ``{"loss_ftl": L}``: Eq. 4
+    (:meth:`FTLModel.loss`) on a fastreid batch, or, for the stage-1 batches that
+    :class:`FTLHook` feeds (``{"ftl_features": g, "targets": y}``), the ``R``/``FC`` loss of
+    Eq. 2-3 on those rich features (:meth:`FTLModel.feature_loss`). In eval mode it returns the
+    identity feature ``f = R(Enc(x))`` for fastreid's evaluator.
+    """
+
+    @configurable
+    def __init__(self, *, ftl: FTLModel, pixel_mean: Sequence[float], pixel_std: Sequence[float]) -> None:
+        super().__init__()
+        if not isinstance(ftl, FTLModel):
+            raise TypeError(f"ftl must be a feature_cloud.FTLModel, got {type(ftl).__name__}")
+        self.ftl = ftl
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, -1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, -1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
+        ftl_cfg = _ftl_node(cfg)
+        heads = cfg.MODEL.HEADS
+        feat_dim = int(cfg.MODEL.BACKBONE.FEAT_DIM)
+        emb_dim = int(heads.EMBEDDING_DIM) or feat_dim
+        num_classes = int(heads.NUM_CLASSES)
+        if num_classes < 1:
+            raise ValueError("MODEL.HEADS.NUM_CLASSES must be set (DefaultTrainer fills it from the training set)")
+        if not hasattr(pooling, heads.POOL_LAYER):
+            raise ValueError(f"unknown MODEL.HEADS.POOL_LAYER {heads.POOL_LAYER!r}; expected one of {pooling.__all__}")
+        encoder = FTLEncoder(build_backbone(cfg), getattr(pooling, heads.POOL_LAYER)())
+        if heads.CLS_LAYER == "Linear":
+            classifier: nn.Module = nn.Linear(emb_dim, num_classes, bias=False)
+        elif heads.CLS_LAYER in CLS_LAYER_TO_MARGIN:
+            classifier = LEAPMarginHead(
+                emb_dim, num_classes, margin_type=CLS_LAYER_TO_MARGIN[heads.CLS_LAYER],
+                scale=float(heads.SCALE), margin=float(heads.MARGIN), cloud=None,
+            )
+        else:
+            raise ValueError(
+                f"FTLBaseline needs MODEL.HEADS.CLS_LAYER in ['Linear', {', '.join(map(repr, sorted(CLS_LAYER_TO_MARGIN)))}], "
+                f"got {heads.CLS_LAYER!r}"
+            )
+        channels = [int(c) for c in ftl_cfg.DECODER_CHANNELS]
+        decoder = None
+        if channels:
+            decoder = ConvDecoder(feat_dim, out_shape=(3, *[int(v) for v in cfg.INPUT.SIZE_TRAIN]), channels=channels)
+        hidden = int(ftl_cfg.FILTER_HIDDEN) or 2 * emb_dim
+        k = int(ftl_cfg.NUM_COMPONENTS)
+        transfer = FeatureTransfer(
+            feat_dim, num_classes,
+            num_components=k if k > 0 else None,
+            energy=None if k > 0 else float(ftl_cfg.ENERGY),
+            tail_threshold=int(ftl_cfg.TAIL_THRESHOLD),
+        )
+        ftl = FTLModel(
+            encoder, classifier, feature_dim=feat_dim, filter_net=make_filter(feat_dim, emb_dim, hidden),
+            decoder=decoder, alpha_sfmx=float(ftl_cfg.ALPHA_SFMX), alpha_recon=float(ftl_cfg.ALPHA_RECON),
+            alpha_reg=float(ftl_cfg.ALPHA_REG), transfer=transfer,
+        )
+        return {"ftl": ftl, "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD}
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The fastreid backbone inside ``Enc``."""
+        return self.ftl.encoder.backbone
+
+    def preprocess_image(self, batched_inputs: Any) -> Tensor:
+        """fastreid's normalisation, ``(x - PIXEL_MEAN) / PIXEL_STD``, on the model's device."""
+        images = batched_inputs["images"] if isinstance(batched_inputs, dict) else batched_inputs
+        if not isinstance(images, Tensor):
+            raise TypeError(f"batched_inputs must be a dict with 'images' or a tensor, got {type(batched_inputs).__name__}")
+        return (images.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std
+
+    def forward(self, batched_inputs: Dict[str, Any]) -> Any:
+        if not self.training:
+            return self.ftl(self.preprocess_image(batched_inputs))
+        if "targets" not in batched_inputs:
+            raise ValueError("FTLBaseline needs 'targets' (identity labels) in training mode")
+        targets = batched_inputs["targets"].to(self.device)
+        if "ftl_features" in batched_inputs:  # stage 1 of Algorithm 1, fed by FTLHook
+            out = self.ftl.feature_loss(batched_inputs["ftl_features"], targets)
+        else:
+            out = self.ftl.loss(self.preprocess_image(batched_inputs), targets)
+        return {"loss_ftl": out["loss"]}
+
+
+# ------------------------------------------------------------------ data plumbing
+class _WithIndex(Dataset):
+    """A fastreid dataset whose items also carry their dataset ``index`` (for the hard list)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        item = dict(self.dataset[index])
+        item["index"] = index
+        return item
+
+
+class _Batches:
+    """Re-iterable view of a fastreid ``DataLoader`` as ``(normalised images, targets, index)``
+    tuples, the batch format of :class:`AlternatingScheduler`."""
+
+    def __init__(self, loader: DataLoader, preprocess: Callable[[Any], Tensor]) -> None:
+        self.loader = loader
+        self.preprocess = preprocess
+
+    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+        for batch in self.loader:
+            yield self.preprocess(batch), batch["targets"], batch["index"]
+
+
+class _Stage1Stream:
+    """The trainer's data source during stage 1: each item is the three stage-1 batches of
+    Algorithm 1 (hard regular batch from ``h``, long-tail batch, transferred batch, Eq. 6) as
+    rich features, from :meth:`AlternatingScheduler.stage1_batches` (``Enc`` is fixed in stage 1,
+    so ``g`` is data here)."""
+
+    def __init__(self, scheduler: AlternatingScheduler, hard: _Batches, tail: _Batches) -> None:
+        self.scheduler = scheduler
+        self._pairs = zip(hard, tail)
+
+    def __iter__(self) -> "_Stage1Stream":
+        return self
+
+    def __next__(self) -> Dict[str, Tensor]:
+        hard, tail = next(self._pairs)
+        (gr, yr), (gt, yt), (gx, yx) = self.scheduler.stage1_batches(hard, tail)
+        return {"ftl_features": torch.cat([gr, gt.to(gr.dtype), gx.to(gr.dtype)]), "targets": torch.cat([yr, yt, yx])}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+# ------------------------------------------------------------------ the hook
+class FTLHook(HookBase):
+    """Runs FTL's Algorithm 1 inside fastreid's trainer by driving an
+    :class:`~feature_cloud.AlternatingScheduler`.
+
+    * **Stage switches**: :meth:`after_step` counts the iteration (:meth:`AlternatingScheduler.step`),
+      which freezes the stage's fixed parts (``requires_grad=False``, ``.grad=None``, eval mode).
+      The optimizer must hold the parameters themselves (``build_optimizer(cfg, model,
+      contiguous=False)``, as :class:`FTLTrainer` does): then ``torch.optim`` skips a frozen
+      parameter entirely — no weight decay, no momentum step. fastreid's default flat
+      ``ContiguousParams`` buffers would keep moving them, so they are refused.
+    * **UpdateStats** on entering stage 1: :meth:`AlternatingScheduler.update_stats` over the
+      whole training set (the trainer's dataset with the deterministic test transform at the
+      training size, ``Enc`` in eval mode, optional flipped views for Eq. 5).
+    * **Stage 1 batches**: while stage 1 runs, the trainer's data iterator is swapped for a stream
+      of hard + long-tail + transferred feature batches (the scheduler's resumable samplers over
+      the trainer's dataset with its training transform); the trainer's own ``run_step``
+      (forward, backward, optimizer step, metrics) is unchanged. Stages 0 and 2 use the trainer's
+      own data loader.
+    * **Checkpoint**: registered in the trainer's ``Checkpointer`` as ``"ftl_scheduler"``:
+      the scheduler state and the :class:`FeatureTransfer` statistics (``C``, ``Q``, ``h``:
+      fastreid's checkpointer would skip the data-sized buffers when loading the model).
+
+    Args:
+        model: the (possibly DDP-wrapped) :class:`FTLBaseline`.
+        train_set: the training dataset of fastreid dicts (``trainer.data_loader.dataset``).
+        stats_transform: deterministic transform for UpdateStats.
+        stage0_iters, stage_iters, max_alternations, seed: :class:`AlternatingScheduler`'s.
+        flip: use horizontally flipped images for the centers (Eq. 5).
+        stats_batch_size, stage1_batch_size, num_workers: the hook's data loaders.
+        optimizer: checked to hold the model's parameters themselves.
+        checkpointer: registers ``"ftl_scheduler"`` in it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_set: Dataset,
+        *,
+        stats_transform: Optional[Callable[[Any], Any]] = None,
+        stage0_iters: int,
+        stage_iters: int,
+        max_alternations: Optional[int] = None,
+        seed: int = 0,
+        flip: bool = True,
+        stats_batch_size: int = 64,
+        stage1_batch_size: int = 64,
+        num_workers: int = 0,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        checkpointer: Optional[Any] = None,
+    ) -> None:
+        meta = _unwrap(model)
+        if not isinstance(meta, FTLBaseline):
+            raise TypeError(
+                f"FTLHook needs the FTLBaseline meta-architecture (MODEL.META_ARCHITECTURE: FTLBaseline), got {type(meta).__name__}"
+            )
+        if comm.get_world_size() > 1:
+            raise NotImplementedError(
+                "FTLHook runs single-process: UpdateStats would need an all-reduce of the statistics "
+                "and fastreid's DDP wrapper has no find_unused_parameters for frozen stages"
+            )
+        if int(stats_batch_size) < 1 or int(stage1_batch_size) < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {stats_batch_size}, {stage1_batch_size}")
+        if optimizer is not None:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            missing = [n for n, p in meta.ftl.named_parameters() if p.requires_grad and id(p) not in held]
+            if missing:
+                raise ValueError(
+                    "the optimizer does not hold the model's parameters themselves (e.g. fastreid's "
+                    "contiguous buffers): frozen FTL parts would still move by weight decay and momentum. "
+                    "Build it with fastreid.solver.build_optimizer(cfg, model, contiguous=False) (FTLTrainer "
+                    f"does); missing e.g. {missing[0]}"
+                )
+        self.meta = meta
+        self.ftl: FTLModel = meta.ftl
+        self.scheduler = AlternatingScheduler(
+            self.ftl, stage0_iters=stage0_iters, stage_iters=stage_iters,
+            max_alternations=max_alternations, seed=seed,
+            flip=(lambda x: x.flip(-1)) if flip else None,
+        )
+        self.train_set = _WithIndex(train_set)
+        stats_set = copy.copy(train_set)
+        if stats_transform is not None:
+            if not hasattr(stats_set, "transform"):
+                raise TypeError("stats_transform needs a dataset with a .transform attribute (fastreid's CommDataset)")
+            stats_set.transform = stats_transform
+        loader_kw = dict(num_workers=int(num_workers), collate_fn=fast_batch_collator)
+        self.stats_batches = _Batches(
+            DataLoader(_WithIndex(stats_set), batch_size=int(stats_batch_size), shuffle=False, **loader_kw),
+            meta.preprocess_image,
+        )
+        self.stage1_batch_size = int(stage1_batch_size)
+        self._loader_kw = loader_kw
+        self._stage1: Optional[_Stage1Stream] = None
+        self._saved_iter: Optional[Any] = None
+        self.last_update: Optional[Dict[str, Any]] = None
+        if checkpointer is not None:
+            checkpointer.checkpointables["ftl_scheduler"] = self
+
+    @classmethod
+    def from_trainer(cls, trainer: DefaultTrainer, cfg: Optional[CfgNode] = None) -> "FTLHook":
+        """Build the hook from a constructed ``DefaultTrainer`` and ``MODEL.FTL`` (see
+        :func:`add_ftl_config`); registers it in the trainer's checkpointer. Register the hook
+        with ``trainer.register_hooks([...])`` before ``resume_or_load`` / ``train``."""
+        cfg = trainer.cfg if cfg is None else cfg
+        ftl_cfg = _ftl_node(cfg)
+        stats_cfg = cfg.clone()
+        stats_cfg.defrost()
+        stats_cfg.INPUT.SIZE_TEST = cfg.INPUT.SIZE_TRAIN  # statistics of the training-size g
+        alternations = int(ftl_cfg.MAX_ALTERNATIONS)
+        return cls(
+            trainer.model,
+            trainer.data_loader.dataset,
+            stats_transform=build_transforms(stats_cfg, is_train=False),
+            stage0_iters=int(ftl_cfg.STAGE0_ITERS),
+            stage_iters=int(ftl_cfg.STAGE_ITERS),
+            max_alternations=alternations if alternations > 0 else None,
+            seed=int(ftl_cfg.SEED),
+            flip=bool(ftl_cfg.FLIP),
+            stats_batch_size=int(ftl_cfg.STATS_BATCH_SIZE) or int(cfg.TEST.IMS_PER_BATCH),
+            stage1_batch_size=int(ftl_cfg.STAGE1_BATCH_SIZE) or int(cfg.SOLVER.IMS_PER_BATCH),
+            num_workers=int(cfg.DATALOADER.NUM_WORKERS),
+            optimizer=trainer.optimizer,
+            checkpointer=trainer.checkpointer,
+        )
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> Dict[str, Any]:
+        """``{"scheduler": ..., "feature_transfer": ...}`` (Algorithm 1 position, ``C``/``Q``/``h``)."""
+        return {"scheduler": self.scheduler.state_dict(), "feature_transfer": self.ftl.feature_transfer.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        missing = {"scheduler", "feature_transfer"} - set(state)
+        if missing:
+            raise ValueError(f"FTL hook state lacks {sorted(missing)}")
+        self.ftl.feature_transfer.load_state_dict(state["feature_transfer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._leave_stage1()
+
+    # ------------------------------------------------------------------ hook methods
+    def before_train(self) -> None:
+        sched = self.scheduler
+        if sched.iteration != self.trainer.iter:
+            logger.warning(
+                "FTL schedule at iteration %d but the trainer starts at %d (checkpoint without "
+                "'ftl_scheduler'?): the stages count from the schedule's own position",
+                sched.iteration, self.trainer.iter,
+            )
+        if sched.max_alternations is not None:
+            total = sched.stage0_iters + 2 * sched.stage_iters * sched.max_alternations
+            left = total - sched.iteration
+            if self.trainer.max_iter - self.trainer.iter > left:
+                raise ValueError(
+                    f"the FTL schedule ends after {total} iterations but the trainer runs to "
+                    f"{self.trainer.max_iter}: set MODEL.FTL.MAX_ALTERNATIONS to 0 (until the trainer "
+                    "stops) or shorten SOLVER.MAX_EPOCH"
+                )
+        self._sync()
+
+    def after_step(self) -> None:
+        sched = self.scheduler
+        if sched.finished:
+            return
+        self.trainer.storage.put_scalar("ftl_stage", sched.stage, smoothing_hint=False)
+        sched.step()
+        if self.trainer.iter + 1 < self.trainer.max_iter:
+            self._sync()
+        else:  # no step left: a stage 1 starting now gets its UpdateStats on resume (before_train)
+            self._leave_stage1()
+
+    def after_train(self) -> None:
+        self._leave_stage1()
+
+    # ------------------------------------------------------------------ stage plumbing
+    def _inner_trainer(self) -> Any:
+        return getattr(self.trainer, "_trainer", self.trainer)
+
+    def _sync(self) -> None:
+        """Bring the data source and statistics in line with the scheduler's stage."""
+        sched = self.scheduler
+        if sched.stage != 1 or sched.finished:
+            self._leave_stage1()
+            return
+        if sched.needs_stats:
+            self._leave_stage1()
+            self.last_update = sched.update_stats(self.stats_batches)
+            logger.info("FTL UpdateStats at iteration %d: %s", sched.iteration, self.last_update)
+        if self._stage1 is None:
+            kw = self._loader_kw
+            b = self.stage1_batch_size
+            hard = DataLoader(self.train_set, batch_size=b, sampler=sched.hard_sampler(b), drop_last=True, **kw)
+            tail = DataLoader(self.train_set, batch_size=b, sampler=sched.tail_sampler(b), drop_last=True, **kw)
+            preprocess = self.meta.preprocess_image
+            self._stage1 = _Stage1Stream(sched, _Batches(hard, preprocess), _Batches(tail, preprocess))
+            inner = self._inner_trainer() if getattr(self, "trainer", None) is not None else None
+            if inner is not None:
+                self._saved_iter = inner._data_loader_iter
+                inner._data_loader_iter = self._stage1
+
+    def _leave_stage1(self) -> None:
+        if self._stage1 is None:
+            return
+        if self._saved_iter is not None:
+            self._inner_trainer()._data_loader_iter = self._saved_iter
+        self._stage1 = None
+        self._saved_iter = None
+
+
+# ------------------------------------------------------------------ the trainer
+class FTLTrainer(DefaultTrainer):
+    """fastreid's ``DefaultTrainer`` with two changes for FTL: the optimizer is built over the
+    parameters themselves (``contiguous=False``, so that frozen parts get no weight decay or
+    momentum step) and :class:`FTLHook` is registered right after the LR scheduler hook."""
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> Tuple[torch.optim.Optimizer, List[Dict[str, Any]]]:
+        return solver_build.build_optimizer(cfg, model, contiguous=False)
+
+    def build_hooks(self) -> List[HookBase]:
+        ret = super().build_hooks()
+        position = next((i + 1 for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)), 0)
+        ret.insert(position, FTLHook.from_trainer(self))
+        return ret
+
+    @property
+    def ftl_hook(self) -> FTLHook:
+        """The registered :class:`FTLHook`."""
+        return next(h for h in self._hooks if isinstance(h, FTLHook))
+
