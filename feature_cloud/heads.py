@@ -70,7 +70,7 @@ class LEAPMarginHead(nn.Module):
             ``"chunked"`` (the same over class chunks of ``chunk_size``: no ``B x C`` tensor,
             for very many classes), ``"auto"`` (``"chunked"`` if ``chunk_size`` is given,
             else ``"fused"``). The cloud is drawn class-major
-            (:func:`feature_cloud.fused.class_major_noise`) by every implementation, so a seed
+            (:func:`feature_cloud.fused.cloud_angles`) by every implementation, so a seed
             gives the same cloud whichever is used.
         chunk_size: classes per chunk of the ``"chunked"`` implementation.
     """
