@@ -23,5 +23,9 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing (exit code 5)"; exit 1; fi; \
 	exit $$rc
 
+# Not one of the two newcomer commands: the full benchmark suite, its ratio table and plot
+# (benchmarks/README.md, benchmarks/ratios.png). `make test` runs only a smoke subset.
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks -q --benchmark-only
+	FC_BENCH_THREADS=1 $(PY) -m pytest benchmarks -q --benchmark-only --benchmark-json=benchmarks/results/bench.json
+	FC_BENCH_THREADS=1 $(PY) -m benchmarks.interleaved --reps 21 --out benchmarks/results/interleaved_1thread.json
+	$(PY) -m benchmarks.report --bench benchmarks/results/bench.json --interleaved benchmarks/results/interleaved_1thread.json --memory benchmarks/results/memory.json --readme benchmarks/README.md --png benchmarks/ratios.png
