@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from . import functional as FC
 from ._validation import check_batch, check_embeddings, check_values
 from .fused import cloud_angles
-from .heads import DEFAULT_MARGIN, DEFAULT_SCALE, LEAPMarginHead, _noise_seed
+from ._rng import CloudRNG
+from .heads import DEFAULT_MARGIN, DEFAULT_SCALE, LEAPMarginHead
 from .statistics import ClassStatistics
 
 __all__ = [
@@ -473,10 +474,8 @@ class ShardedLEAPMarginHead(nn.Module):
                 src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
                 dist.broadcast(s, src=src, group=process_group)
             seed = int(s.item())
-        self.seed = int(seed)
+        self._rng = CloudRNG(seed)
         self.step = 0
-        self._generator: Optional[torch.Generator] = None
-        self._pending_rng: Optional[Tuple[str, Tensor, int]] = None
 
     # ------------------------------------------------------------------ public API
     @property
@@ -569,41 +568,20 @@ class ShardedLEAPMarginHead(nn.Module):
 
     # ------------------------------------------------------------------ RNG and checkpoints
     def _generator_for(self, device: torch.device) -> torch.Generator:
-        gen = self._generator
-        if gen is None or gen.device.type != device.type or (
-            device.type != "cpu" and gen.device != device
-        ):
-            gen = torch.Generator(device=device)
-            pending = self._pending_rng
-            if pending is not None and pending[0] == device.type and pending[2] == self.rank:
-                gen.set_state(pending[1])
-            else:
-                gen.manual_seed(_noise_seed(self.seed, self.step, self.rank))
-            self._generator, self._pending_rng = gen, None
-        return gen
+        return self._rng.generator(device, self.step, self.rank)
+
+    @property
+    def seed(self) -> int:
+        """Seed shared by every rank's noise stream (saved with the state)."""
+        return self._rng.seed
 
     def get_extra_state(self) -> Dict[str, Any]:
-        state: Dict[str, Any] = {
-            "step": self.step,
-            "seed": self.seed,
-            "shard": {"rank": self.rank, "sizes": list(self.sizes), "num_classes": self.num_classes},
-        }
-        if self._generator is not None:
-            state["rng_device"] = self._generator.device.type
-            state["rng_state"] = self._generator.get_state()
-            state["rng_stream"] = self.rank
-        elif self._pending_rng is not None:
-            state["rng_device"], state["rng_state"], state["rng_stream"] = self._pending_rng
-        return state
+        shard = {"rank": self.rank, "sizes": list(self.sizes), "num_classes": self.num_classes}
+        return {"step": self.step, "shard": shard, **self._rng.state()}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.seed = int(state["seed"])
-        self._generator = None
-        self._pending_rng = (
-            (state["rng_device"], state["rng_state"].cpu(), int(state.get("rng_stream", 0)))
-            if "rng_state" in state else None
-        )
+        self._rng.load(state)
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         key = prefix + "weight"

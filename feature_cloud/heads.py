@@ -1,7 +1,7 @@
 """``LEAPMarginHead``: a CosFace/ArcFace classifier head with the LEAP feature cloud."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -9,20 +9,13 @@ from torch import Tensor, nn
 from . import functional as FC
 from . import fused
 from ._validation import check_batch, check_embeddings
+from ._rng import CloudRNG
 from .statistics import ClassStatistics
 
 __all__ = ["LEAPMarginHead", "DEFAULT_SCALE", "DEFAULT_MARGIN", "IMPLS"]
 
 #: Loss implementations of :meth:`LEAPMarginHead.forward` (all compute the same loss).
 IMPLS = ("auto", "reference", "fused", "chunked")
-
-# Odd 64-bit constant (golden ratio) spreading the seeds of different noise streams far apart.
-_STREAM_STRIDE = 0x9E3779B97F4A7C15
-
-
-def _noise_seed(seed: int, step: int, stream: int = 0) -> int:
-    """Seed of the cloud generator at ``step`` for noise stream ``stream`` (0: single process)."""
-    return (seed + step + stream * _STREAM_STRIDE) % (2**63)
 
 #: Paper defaults for re-ID (LEAP Sec. 4.1): CosFace s=24, m=0.2; ArcFace s=16, m=0.2 (radians).
 DEFAULT_SCALE = {"cosface": 24.0, "arcface": 16.0}
@@ -139,11 +132,8 @@ class LEAPMarginHead(nn.Module):
             cloud=cloud or "full",
             tail_threshold=tail_threshold,
         )
-        self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
         self.step = 0  # training steps taken (saved with the state)
-        self._generator: Optional[torch.Generator] = None
-        self._generator_stream = 0
-        self._pending_rng: Optional[Tuple[str, Tensor, int]] = None
+        self._rng = CloudRNG(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -224,40 +214,19 @@ class LEAPMarginHead(nn.Module):
         return self.statistics.noise_stream
 
     def _generator_for(self, device: torch.device) -> torch.Generator:
-        gen = self._generator
-        stream = self._noise_stream()
-        if gen is None or gen.device.type != device.type or stream != self._generator_stream or (
-            device.type != "cpu" and gen.device != device
-        ):
-            gen = torch.Generator(device=device)
-            pending = self._pending_rng
-            if pending is not None and pending[0] == device.type and pending[2] == stream:
-                gen.set_state(pending[1])
-            else:  # fresh, or a checkpoint from another device type or rank: reseed
-                gen.manual_seed(_noise_seed(self.seed, self.step, stream))
-            self._generator, self._pending_rng = gen, None
-            self._generator_stream = stream
-        return gen
+        return self._rng.generator(device, self.step, self._noise_stream())
+
+    @property
+    def seed(self) -> int:
+        """Seed of the cloud's noise stream (saved with the state)."""
+        return self._rng.seed
 
     def get_extra_state(self) -> Dict[str, Any]:
-        state: Dict[str, Any] = {"step": self.step, "seed": self.seed}
-        if self._generator is not None:
-            state["rng_device"] = self._generator.device.type
-            state["rng_state"] = self._generator.get_state()
-            state["rng_stream"] = self._generator_stream
-        elif self._pending_rng is not None:
-            state["rng_device"], state["rng_state"], state["rng_stream"] = self._pending_rng
-        return state
+        return {"step": self.step, **self._rng.state()}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.seed = int(state["seed"])
-        self._generator = None
-        # the saved generator state is used only by the stream (rank) that saved it
-        self._pending_rng = (
-            (state["rng_device"], state["rng_state"].cpu(), int(state.get("rng_stream", 0)))
-            if "rng_state" in state else None
-        )
+        self._rng.load(state)
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         key = prefix + "weight"

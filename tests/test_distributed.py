@@ -34,7 +34,7 @@ from feature_cloud.distributed import (
     split_state_dict,
     synchronize,
 )
-from feature_cloud.heads import _noise_seed
+from feature_cloud._rng import noise_seed
 from feature_cloud.fused import cloud_angles
 
 C, D, IN = 7, 5, 6
@@ -253,7 +253,7 @@ def check_sharded_cloud_and_checkpoints(rank: int, world: int) -> None:
     sizes_cls = even_shard_sizes(C, world)
     lo, hi = sharded.shard_start, sharded.shard_end
     ref = ClassStatistics(C, D, class_counts=COUNTS)
-    gens = [torch.Generator().manual_seed(_noise_seed(8, 0, r)) for r in range(world)]
+    gens = [torch.Generator().manual_seed(noise_seed(8, 0, r)) for r in range(world)]
     for step, sizes in enumerate(SCHEDULE):
         batches = _batches(step, sizes[:world])
         ref.update(*_cat(batches))
@@ -364,7 +364,7 @@ def check_ddp_training(rank: int, world: int) -> None:
         synchronize(model.module.head)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
-        gens = [torch.Generator().manual_seed(_noise_seed(11, 0, r)) for r in range(world)]
+        gens = [torch.Generator().manual_seed(noise_seed(11, 0, r)) for r in range(world)]
         for step in range(3):
             batches = _batches(step, [4] * world, dim=IN, ignored=0.0)
             x, y = batches[rank]
@@ -399,7 +399,7 @@ def check_sharded_ddp_training(rank: int, world: int) -> None:
     head.load_state_dict(split_state_dict(ref.head.state_dict(), world)[rank])
     opt = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.5)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
-    gens = [torch.Generator().manual_seed(_noise_seed(12, 0, r)) for r in range(world)]
+    gens = [torch.Generator().manual_seed(noise_seed(12, 0, r)) for r in range(world)]
     sizes_cls = even_shard_sizes(C, world)
     for step in range(3):
         batches = _batches(step, [4] * world, dim=IN)

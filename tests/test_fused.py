@@ -157,7 +157,7 @@ def test_chunked_and_dense_draw_identical_noise_and_leave_the_generator_alike(mo
     chunked.weight.data.copy_(dense.weight.data)
     _train(dense, 2)
     _train(chunked, 2)
-    assert torch.equal(dense._generator.get_state(), chunked._generator.get_state())
+    assert torch.equal(dense._rng.get_state(), chunked._rng.get_state())
     # the draw is the class-major block sequence
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     full = fused.class_major_noise(C, 6, g1, block=4)

@@ -111,7 +111,7 @@ def test_bad_input_raises_and_leaves_state_untouched(make_bad, exc, match):
     head(x, y)  # some state
     before = _snapshot(head)
     step = head.step
-    rng = head._generator.get_state().clone()
+    rng = head._rng.get_state().clone()
     bx, by = make_bad(x, y)
     with pytest.raises(exc, match=match):
         head(bx, by)
@@ -119,7 +119,7 @@ def test_bad_input_raises_and_leaves_state_untouched(make_bad, exc, match):
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]), k
-    assert head.step == step and torch.equal(head._generator.get_state(), rng)
+    assert head.step == step and torch.equal(head._rng.get_state(), rng)
 
 
 def test_ignored_labels_and_empty_batch():
