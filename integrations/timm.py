@@ -62,6 +62,15 @@ def create_backbone_and_head(
     return backbone, head
 
 
+
+def _has_task_state(state: Optional[Dict[str, Any]], strict: bool, what: str) -> bool:
+    """timm's ``load_task_state`` contract: an empty state is an error only when ``strict``."""
+    if state:
+        return True
+    if strict:
+        raise RuntimeError(f"the checkpoint has no {what} task state ('task_state')")
+    return False
+
 class LEAPTrainableModule(nn.Module):
     """Backbone + head in one Module (what DDP wraps and what EMA copies).
 
@@ -203,9 +212,7 @@ class LEAPTask(TrainingTask):
         module: Optional[nn.Module] = None,
         ema: bool = False,
     ) -> None:
-        if not state:
-            if strict:
-                raise RuntimeError("the checkpoint has no LEAP head task state ('task_state')")
+        if not _has_task_state(state, strict, "LEAP head"):
             return
         if "head" not in state:
             raise KeyError(f"LEAP task state needs a 'head' entry, got keys {sorted(state)}")
@@ -459,9 +466,7 @@ class FTLTask(TrainingTask):
         module: Optional[nn.Module] = None,
         ema: bool = False,
     ) -> None:
-        if not state:
-            if strict:
-                raise RuntimeError("the checkpoint has no FTL task state ('task_state')")
+        if not _has_task_state(state, strict, "FTL"):
             return
         missing = {"classifier", "decoder", "feature_transfer", "scheduler"} - set(state)
         if missing:

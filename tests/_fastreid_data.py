@@ -42,15 +42,6 @@ def market_root(tmp_path_factory):
     data_build._root = old
 
 
-@pytest.fixture
-def one_thread():
-    # the test machine is shared: one intra-op thread is several times faster than two here
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_cfg(yaml, output_dir, *extra):
     """``EXAMPLE.TINY_OPTS`` (ResNet-18 from scratch, CPU) at 32x16, 3 epochs, then ``extra``."""
     opts = list(EXAMPLE.TINY_OPTS) + [

@@ -14,15 +14,6 @@ import feature_cloud.functional as FC
 from feature_cloud import AlternatingScheduler, FeatureTransfer, FTLModel, LEAPMarginHead, MetricL2
 from feature_cloud.ftl import ConvDecoder, IndexedDataset, StreamSampler, make_filter
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is faster and avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 P, D, E = 12, 16, 16  # input size, rich feature g, identity feature f
 
 

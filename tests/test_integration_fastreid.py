@@ -15,7 +15,7 @@ from fastreid.data import build as data_build  # noqa: E402
 from fastreid.engine import DefaultTrainer, hooks  # noqa: E402
 from fastreid.modeling.heads import REID_HEADS_REGISTRY, build_heads  # noqa: E402
 
-from _fastreid_data import HEAD_IDS, HEAD_IMAGES, LEAP_YAML as YAML, NUM_IDS, TAIL_IMAGES, market_root, one_thread, tiny_cfg  # noqa: E402,F401
+from _fastreid_data import HEAD_IDS, HEAD_IMAGES, LEAP_YAML as YAML, NUM_IDS, TAIL_IMAGES, market_root, tiny_cfg  # noqa: E402,F401
 
 
 def _tiny_cfg(output_dir, *extra):
@@ -114,7 +114,7 @@ class _Recorder(hooks.HookBase):
             self.bn_at_end = model.heads.bottleneck[0].running_mean.clone()
 
 
-def test_default_trainer_end_to_end(market_root, tmp_path, one_thread):
+def test_default_trainer_end_to_end(market_root, tmp_path):
     start = time.perf_counter()
     torch.manual_seed(0)
     cfg = _tiny_cfg(tmp_path)
@@ -191,7 +191,7 @@ def test_default_trainer_end_to_end(market_root, tmp_path, one_thread):
           f"train loss {loss_before:.3f} -> {loss_after:.3f}; results {dict(results)}")
 
 
-def test_precise_bn_hook_leaves_statistics_untouched(market_root, tmp_path, one_thread):
+def test_precise_bn_hook_leaves_statistics_untouched(market_root, tmp_path):
     torch.manual_seed(1)
     cfg = _tiny_cfg(tmp_path, "SOLVER.MAX_EPOCH", "1")
     trainer = DefaultTrainer(cfg)

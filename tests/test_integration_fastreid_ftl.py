@@ -17,7 +17,7 @@ from fastreid.config import get_cfg  # noqa: E402
 from fastreid.engine import DefaultTrainer, hooks  # noqa: E402
 from fastreid.modeling import build_model  # noqa: E402
 
-from _fastreid_data import FTL_YAML, HEAD_IDS, HEAD_IMAGES, NUM_IDS, TAIL_IMAGES, market_root, one_thread, tiny_cfg  # noqa: E402,F401
+from _fastreid_data import FTL_YAML, HEAD_IDS, HEAD_IMAGES, NUM_IDS, TAIL_IMAGES, market_root, tiny_cfg  # noqa: E402,F401
 from feature_cloud import FTLModel  # noqa: E402
 
 STAGE0, STAGE = 5, 5  # 84 training images / 16 per batch = 5 iterations per epoch, 3 epochs
@@ -74,7 +74,7 @@ def test_yaml_needs_the_config_node_and_builds_ftl_baseline(tmp_path):
     assert (ftl.classifier.margin_type, ftl.classifier.scale, ftl.classifier.cloud) == ("cosface", 16.0, None)
 
 
-def test_hook_refuses_fastreid_contiguous_optimizer_and_a_short_schedule(market_root, tmp_path, one_thread):
+def test_hook_refuses_fastreid_contiguous_optimizer_and_a_short_schedule(market_root, tmp_path):
     cfg = _ftl_cfg(tmp_path)
     plain = DefaultTrainer(cfg)  # fastreid's optimizer over flat ContiguousParams buffers
     with pytest.raises(ValueError, match="contiguous=False"):
@@ -118,7 +118,7 @@ class _Recorder(hooks.HookBase):
         self.losses.append(self.trainer.storage.history("total_loss").latest())  # = loss_ftl, the only term
 
 
-def test_ftl_trainer_runs_algorithm_1(market_root, tmp_path, one_thread):
+def test_ftl_trainer_runs_algorithm_1(market_root, tmp_path):
     start = time.perf_counter()
     torch.manual_seed(0)
     np.random.seed(0)  # fastreid's TrainingSampler draws its seed from NumPy's global RNG
@@ -214,7 +214,7 @@ def test_ftl_trainer_runs_algorithm_1(market_root, tmp_path, one_thread):
           f"hard={ft.hard_indices.numel()}; Rank-1 {float(results['Rank-1']):.1f}, mAP {float(results['mAP']):.1f}")
 
 
-def test_stage1_stream_matches_the_scheduler_loss(market_root, tmp_path, one_thread):
+def test_stage1_stream_matches_the_scheduler_loss(market_root, tmp_path):
     """The trainer's stage-1 step (hook stream -> FTLBaseline.forward) is AlternatingScheduler.stage1_loss."""
     torch.manual_seed(2)
     trainer = ftlint.FTLTrainer(_ftl_cfg(tmp_path, "MODEL.FTL.STAGE0_ITERS", "0", "MODEL.FTL.STAGE1_BATCH_SIZE", "6"))

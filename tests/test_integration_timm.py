@@ -29,14 +29,6 @@ def _images(n_per_class, seed):
     return x, labels
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _task(seed=0, **kwargs):
     torch.manual_seed(seed)
     kw = dict(cloud="full", class_counts=COUNTS, seed=seed, scale=16.0, margin=0.2)
@@ -57,7 +49,7 @@ def test_is_a_timm_training_task_and_builds_backbone_and_head():
         LEAPTask(backbone, torch.nn.Linear(backbone.num_features, C), verbose=False)
 
 
-def test_training_steps_decrease_loss_and_update_statistics(one_thread):
+def test_training_steps_decrease_loss_and_update_statistics():
     task = _task(metric_l2=1e-3)
     x, y = _images(COUNTS, 0)
     opt = torch.optim.Adam(task.get_trainable_module().parameters(), lr=3e-3)
@@ -91,7 +83,7 @@ def test_training_steps_decrease_loss_and_update_statistics(one_thread):
     assert metrics["top1"] > 100.0 / C
 
 
-def test_task_state_round_trips_through_a_timm_checkpoint(tmp_path, one_thread):
+def test_task_state_round_trips_through_a_timm_checkpoint(tmp_path):
     task = _task(seed=1)
     x, y = _images([8] * C, 1)
     opt = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.05)
@@ -130,7 +122,7 @@ def test_task_state_round_trips_through_a_timm_checkpoint(tmp_path, one_thread):
         restored.load_task_state({"projection": {}})
 
 
-def test_ema_copy_carries_the_head(one_thread):
+def test_ema_copy_carries_the_head():
     task = _task(seed=2)
     task.setup_ema(decay=0.5)
     assert task.has_ema()
@@ -211,7 +203,7 @@ def _run(task, dataset, stats_loader, opt, until=None, record=None):
             return
 
 
-def test_ftl_task_runs_the_stages(one_thread):
+def test_ftl_task_runs_the_stages():
     task = _ftl_task()
     model = task.model
     dataset, stats_loader = _data()
@@ -248,7 +240,7 @@ def test_ftl_task_runs_the_stages(one_thread):
     assert 0.0 <= evaluator.compute()["top1"] <= 100.0
 
 
-def test_ftl_task_state_round_trips_mid_stage_1(tmp_path, one_thread):
+def test_ftl_task_state_round_trips_mid_stage_1(tmp_path):
     dataset, stats_loader = _data(1)
     task = _ftl_task(seed=1)
     opt = torch.optim.Adam(task.model.param_groups(), lr=1e-3)

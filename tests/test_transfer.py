@@ -8,15 +8,6 @@ import feature_cloud.functional as FC
 from feature_cloud import FeatureBatch, FeatureTransfer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one intra-op thread is faster and avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _batches(g, y, sizes, idx=None, flipped=None, keep=None):
     out, pos = [], 0
     for b in sizes:
