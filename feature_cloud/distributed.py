@@ -247,6 +247,10 @@ class SyncedClassStatistics(ClassStatistics):
             memory_per_sample=stats.memory_per_sample,
             cloud=stats.rule,
             tail_threshold=stats.tail_threshold,
+            count_updates=stats.count_updates,
+            center_rate=stats.center_rate,
+            unknown_variance=stats.unknown_variance,
+            max_age=stats.max_age,
             **kwargs,
         ).to(stats.centers.device)
         new.load_state_dict(stats.state_dict())

@@ -1,6 +1,7 @@
 """``LEAPMarginHead``: a CosFace/ArcFace classifier head with the LEAP feature cloud."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -66,6 +67,13 @@ class LEAPMarginHead(nn.Module):
             (:func:`feature_cloud.fused.cloud_angles`) by every implementation, so a seed
             gives the same cloud whichever is used.
         chunk_size: classes per chunk of the ``"chunked"`` implementation.
+        count_steps: with ``class_counts=None``, the steps of one epoch: ``K_i`` are counted
+            online over the first ``count_steps`` steps only (must be ``<= warmup_steps``);
+            default ``warmup_steps`` (then the warm-up must be exactly one epoch, else the
+            counts are multiplied by the number of epochs: a warning says so).
+        center_rate, unknown_variance, angle_max_age: statistics options, see
+            :class:`~feature_cloud.ClassStatistics` (``center_rate``, ``unknown_variance``,
+            ``max_age``).
     """
 
     weight: Tensor
@@ -88,6 +96,10 @@ class LEAPMarginHead(nn.Module):
         validate: bool = True,
         impl: str = "auto",
         chunk_size: Optional[int] = None,
+        count_steps: Optional[int] = None,
+        center_rate: str = "adaptive",
+        unknown_variance: str = "tail_prior",
+        angle_max_age: Optional[int] = None,
     ) -> None:
         super().__init__()
         embedding_size = as_int(embedding_size, "embedding_size", 1)
@@ -122,6 +134,17 @@ class LEAPMarginHead(nn.Module):
                 "Eq. 5). Pass the per-class sample counts, or warmup_steps >= 1 epoch to count "
                 "them online."
             )
+        if count_steps is not None and not 1 <= int(count_steps) <= max(int(warmup_steps), 1):
+            raise ValueError(
+                f"count_steps must be in [1, warmup_steps={warmup_steps}] (K_i are counted during "
+                f"the warm-up), got {count_steps}"
+            )
+        if cloud is not None and class_counts is None and count_steps is None:
+            warnings.warn(
+                f"LEAPMarginHead counts K_i online over all warmup_steps={warmup_steps} steps: "
+                "correct only if the warm-up is exactly one epoch. Pass class_counts, or "
+                "count_steps=<steps per epoch>.", UserWarning, stacklevel=2,
+            )
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
         self.margin_type = margin_type
@@ -143,6 +166,10 @@ class LEAPMarginHead(nn.Module):
             class_counts=class_counts,
             cloud=cloud or "full",
             tail_threshold=tail_threshold,
+            count_updates=count_steps if class_counts is None else None,
+            center_rate=center_rate,
+            unknown_variance=unknown_variance,
+            max_age=angle_max_age,
         )
         self.step = 0  # training steps taken (saved with the state)
         self._rng = CloudRNG(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
