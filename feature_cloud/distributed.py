@@ -39,7 +39,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as FC
-from ._validation import check_batch, check_embeddings, check_values
+from ._validation import (
+    as_float, as_int, check_batch, check_class_counts, check_embeddings, check_values,
+)
 from .fused import cloud_angles
 from ._rng import CloudRNG
 from .heads import DEFAULT_MARGIN, DEFAULT_SCALE, LEAPMarginHead
@@ -245,6 +247,10 @@ class SyncedClassStatistics(ClassStatistics):
             memory_per_sample=stats.memory_per_sample,
             cloud=stats.rule,
             tail_threshold=stats.tail_threshold,
+            count_updates=stats.count_updates,
+            center_rate=stats.center_rate,
+            unknown_variance=stats.unknown_variance,
+            max_age=stats.max_age,
             **kwargs,
         ).to(stats.centers.device)
         new.load_state_dict(stats.state_dict())
@@ -267,7 +273,7 @@ class SyncedClassStatistics(ClassStatistics):
         if not is_distributed(self.process_group):
             super().update(features, labels, validate)
             return
-        check_batch(features, labels, self.embedding_size, self.num_classes, validate=False)
+        labels = check_batch(features, labels, self.embedding_size, self.num_classes, validate=False)
         if self.batch == "local":
             features, labels = gather_batch(
                 features, labels, self.process_group, pad_to=self.pad_to
@@ -421,6 +427,19 @@ class ShardedLEAPMarginHead(nn.Module):
         sample_rate: float = 1.0,
     ) -> None:
         super().__init__()
+        embedding_size = as_int(embedding_size, "embedding_size", 1)
+        num_classes = as_int(num_classes, "num_classes", 1)
+        if scale is not None:
+            scale = as_float(scale, "scale", minimum=0.0, min_inclusive=False)
+        if margin is not None:
+            margin = as_float(margin, "margin")
+        warmup_steps = as_int(warmup_steps, "warmup_steps", 0)
+        sample_rate = as_float(sample_rate, "sample_rate", minimum=0.0, maximum=1.0,
+                               min_inclusive=False)
+        if pad_to is not None:
+            pad_to = as_int(pad_to, "pad_to", 0)
+        if class_counts is not None:
+            class_counts = check_class_counts(class_counts, num_classes)
         if margin_type not in FC.MARGIN_TYPES:
             raise ValueError(f"margin_type must be one of {FC.MARGIN_TYPES}, got {margin_type!r}")
         if cloud is not None and cloud not in FC.CLOUD_RULES:
@@ -491,7 +510,7 @@ class ShardedLEAPMarginHead(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """LEAP margin softmax loss of the global batch (see the class docstring)."""
-        check_batch(embeddings, labels, self.embedding_size, self.num_classes, validate=False)
+        labels = check_batch(embeddings, labels, self.embedding_size, self.num_classes, validate=False)
         group = self.process_group
         distributed = self.world_size > 1
         local_rows = embeddings.shape[0]

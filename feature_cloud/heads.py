@@ -1,14 +1,15 @@
 """``LEAPMarginHead``: a CosFace/ArcFace classifier head with the LEAP feature cloud."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Union
+import warnings
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as FC
 from . import fused
-from ._validation import check_batch, check_embeddings
+from ._validation import as_float, as_int, check_batch, check_class_counts, check_embeddings
 from ._rng import CloudRNG
 from .statistics import ClassStatistics
 
@@ -66,6 +67,13 @@ class LEAPMarginHead(nn.Module):
             (:func:`feature_cloud.fused.cloud_angles`) by every implementation, so a seed
             gives the same cloud whichever is used.
         chunk_size: classes per chunk of the ``"chunked"`` implementation.
+        count_steps: with ``class_counts=None``, the steps of one epoch: ``K_i`` are counted
+            online over the first ``count_steps`` steps only (must be ``<= warmup_steps``);
+            default ``warmup_steps`` (then the warm-up must be exactly one epoch, else the
+            counts are multiplied by the number of epochs: a warning says so).
+        center_rate, unknown_variance, angle_max_age: statistics options, see
+            :class:`~feature_cloud.ClassStatistics` (``center_rate``, ``unknown_variance``,
+            ``max_age``).
     """
 
     weight: Tensor
@@ -88,12 +96,28 @@ class LEAPMarginHead(nn.Module):
         validate: bool = True,
         impl: str = "auto",
         chunk_size: Optional[int] = None,
+        count_steps: Optional[int] = None,
+        center_rate: str = "adaptive",
+        unknown_variance: str = "tail_prior",
+        angle_max_age: Optional[int] = None,
     ) -> None:
         super().__init__()
+        embedding_size = as_int(embedding_size, "embedding_size", 1)
+        num_classes = as_int(num_classes, "num_classes", 1)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if chunk_size is not None:
+            chunk_size = as_int(chunk_size, "chunk_size", 1)
+        if scale is not None:
+            scale = as_float(scale, "scale", minimum=0.0, min_inclusive=False)
+        if margin is not None:
+            margin = as_float(margin, "margin")
+        warmup_steps = as_int(warmup_steps, "warmup_steps", 0)
+        tail_threshold = as_int(tail_threshold, "tail_threshold", 0)
+        memory_per_sample = as_int(memory_per_sample, "memory_per_sample", 1)
+        gamma = as_float(gamma, "gamma", minimum=0.0, maximum=1.0, min_inclusive=False)
+        if class_counts is not None:
+            class_counts = check_class_counts(class_counts, num_classes)
         if impl == "chunked" and chunk_size is None:
             raise ValueError("impl='chunked' needs chunk_size (classes per chunk)")
         if margin_type not in FC.MARGIN_TYPES:
@@ -109,6 +133,17 @@ class LEAPMarginHead(nn.Module):
                 "class_counts is required when warmup_steps == 0: the cloud needs K_i (LEAP "
                 "Eq. 5). Pass the per-class sample counts, or warmup_steps >= 1 epoch to count "
                 "them online."
+            )
+        if count_steps is not None and not 1 <= int(count_steps) <= max(int(warmup_steps), 1):
+            raise ValueError(
+                f"count_steps must be in [1, warmup_steps={warmup_steps}] (K_i are counted during "
+                f"the warm-up), got {count_steps}"
+            )
+        if cloud is not None and class_counts is None and count_steps is None:
+            warnings.warn(
+                f"LEAPMarginHead counts K_i online over all warmup_steps={warmup_steps} steps: "
+                "correct only if the warm-up is exactly one epoch. Pass class_counts, or "
+                "count_steps=<steps per epoch>.", UserWarning, stacklevel=2,
             )
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
@@ -131,6 +166,10 @@ class LEAPMarginHead(nn.Module):
             class_counts=class_counts,
             cloud=cloud or "full",
             tail_threshold=tail_threshold,
+            count_updates=count_steps if class_counts is None else None,
+            center_rate=center_rate,
+            unknown_variance=unknown_variance,
+            max_age=angle_max_age,
         )
         self.step = 0  # training steps taken (saved with the state)
         self._rng = CloudRNG(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
@@ -153,11 +192,11 @@ class LEAPMarginHead(nn.Module):
         ``forward`` is the cross-entropy of these logits. Adapters that compute their own
         cross-entropy (fastreid) call this.
         """
-        std = self._training_step(embeddings, labels)
+        std, labels = self._training_step(embeddings, labels)
         alpha = None
         if std is not None:
             alpha = fused.cloud_angles(std, self.num_classes, self._generator_for(std.device))
-        cos = FC.cosine_logits(embeddings, self.weight)
+        cos = FC.cosine_logits(*FC.common_float(embeddings, self.weight))
         return FC.margin_logits(
             cos, labels, margin_type=self.margin_type, scale=self.scale, margin=self.margin,
             alpha=alpha,
@@ -166,24 +205,25 @@ class LEAPMarginHead(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The LEAP margin softmax loss of a batch (reduced by ``reduction``)."""
         if self.impl == "reference":
-            return FC.margin_cross_entropy(
-                self.margin_logits(embeddings, labels), labels, self.reduction)
-        std = self._training_step(embeddings, labels)
+            logits = self.margin_logits(embeddings, labels)
+            return FC.margin_cross_entropy(logits, labels.long(), self.reduction)
+        std, labels = self._training_step(embeddings, labels)
         chunked = self.impl == "chunked" or (self.impl == "auto" and self.chunk_size is not None)
+        x, w = FC.common_float(embeddings, self.weight)
         return fused.margin_loss(
-            embeddings, self.weight, labels, margin_type=self.margin_type, scale=self.scale,
+            x, w, labels, margin_type=self.margin_type, scale=self.scale, validate=False,
             margin=self.margin, noise_std=std,
             generator=None if std is None else self._generator_for(std.device),
             reduction=self.reduction, chunk_size=self.chunk_size if chunked else None,
         )
 
-    def _training_step(self, embeddings: Tensor, labels: Tensor) -> Optional[Tensor]:
+    def _training_step(self, embeddings: Tensor, labels: Tensor) -> Tuple[Optional[Tensor], Tensor]:
         """Check the batch; when training, update the statistics and count the step.
 
-        Returns the per-sample cloud standard deviation ``(B,)`` when the cloud is active, else
-        ``None``.
+        Returns the per-sample cloud standard deviation ``(B,)`` when the cloud is active (else
+        ``None``) and the labels as int64.
         """
-        check_batch(embeddings, labels, self.embedding_size, self.num_classes, self.validate)
+        labels = check_batch(embeddings, labels, self.embedding_size, self.num_classes, self.validate)
         std = None
         # a collective statistics update must run on every rank each step, even for an empty batch
         if self.training and torch.is_grad_enabled() and (
@@ -198,7 +238,7 @@ class LEAPMarginHead(nn.Module):
                     # a fresh generator is seeded from the step: create it before the count moves
                     self._generator_for(std.device)
             self.step += 1
-        return std
+        return std, labels
 
     def extra_repr(self) -> str:
         return (
