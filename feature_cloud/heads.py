@@ -223,7 +223,13 @@ class LEAPMarginHead(nn.Module):
         Returns the per-sample cloud standard deviation ``(B,)`` when the cloud is active (else
         ``None``) and the labels as int64.
         """
-        labels = check_batch(embeddings, labels, self.embedding_size, self.num_classes, self.validate)
+        train = self.training and torch.is_grad_enabled()
+        if train and self.cloud is not None and self.statistics.collective:
+            # every rank agrees on the batch (one all-reduce) before anything changes
+            labels = self.statistics.agree(embeddings, labels, self.validate)
+        else:
+            labels = check_batch(embeddings, labels, self.embedding_size, self.num_classes,
+                                 self.validate)
         std = None
         # a collective statistics update must run on every rank each step, even for an empty batch
         if self.training and torch.is_grad_enabled() and (

@@ -184,6 +184,12 @@ class ClassStatistics(nn.Module):
         self.memory_owner = torch.cat([owner, owner.new_zeros(1)])
 
     # ------------------------------------------------------------------ update
+    def agree(self, features: Tensor, labels: Tensor, validate: bool = True) -> Tensor:
+        """Every check of an :meth:`update` batch, before any state changes; returns the labels
+        as int64. A process-group subclass makes all ranks agree on the verdict first (see
+        :meth:`feature_cloud.distributed.SyncedClassStatistics.agree`)."""
+        return check_batch(features, labels, self.embedding_size, self.num_classes, validate)
+
     @torch.no_grad()
     def update(self, features: Tensor, labels: Tensor, validate: bool = True) -> None:
         """Fold one batch into the centers, the counts (while counting) and the angle memory.
