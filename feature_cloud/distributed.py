@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as FC
+from . import margins
 from ._validation import check_batch, check_embeddings, check_values
 from .fused import cloud_angles
 from ._rng import CloudRNG
@@ -425,8 +426,9 @@ class ShardedLEAPMarginHead(nn.Module):
         sample_rate: float = 1.0,
     ) -> None:
         super().__init__()
-        if margin_type not in FC.MARGIN_TYPES:
-            raise ValueError(f"margin_type must be one of {FC.MARGIN_TYPES}, got {margin_type!r}")
+        if margins.get(margin_type).sub_centers != 1:
+            raise ValueError(f"margin_type {margin_type!r} uses sub-centers, which the sharded "
+                             "head does not support; use LEAPMarginHead")
         if cloud is not None and cloud not in FC.CLOUD_RULES:
             raise ValueError(f"cloud must be one of {FC.CLOUD_RULES} or None, got {cloud!r}")
         if reduction not in ("mean", "sum", "none"):
