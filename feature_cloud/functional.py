@@ -29,6 +29,8 @@ __all__ = [
     "MARGIN_TYPES",
     "CLOUD_RULES",
     "safe_acos",
+    "safe_normalize",
+    "common_float",
     "cosine_logits",
     "shifted_cosine",
     "margin_logits",
@@ -92,6 +94,30 @@ def safe_acos(x: Tensor) -> Tensor:
     return _SafeAcos.apply(x)
 
 
+def safe_normalize(x: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
+    r"""``F.normalize(x, dim=dim)`` that stays exact for huge and tiny finite vectors.
+
+    The squared norm of a float32 vector overflows above ~1.8e19 (fp16: 256) and underflows
+    below ~1e-19, and ``F.normalize`` then returns a zero (or unscaled) vector. Dividing by the
+    detached per-row max-abs first keeps :math:`\|x\|` near 1; normalisation is scale-invariant,
+    so value and gradient equal those of ``x / ||x||`` (the scale is a constant for autograd).
+    Rows that are exactly zero stay zero.
+    """
+    m = x.detach().abs().amax(dim=dim, keepdim=True)
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    return F.normalize(x / m, dim=dim, eps=eps)
+
+
+def common_float(embeddings: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """Cast features and class weights to one compute dtype: float64 if either is float64,
+    else float32 (half-precision inputs without autocast are upcast, as autocast does for every
+    op but the GEMM; under autocast the GEMM still runs in the autocast dtype). No copy when a
+    tensor already has that dtype; the casts are differentiable (gradients come back in each
+    input's own dtype)."""
+    dtype = torch.float64 if torch.float64 in (embeddings.dtype, weight.dtype) else torch.float32
+    return embeddings.to(dtype), weight.to(dtype)
+
+
 def cosine_logits(embeddings: Tensor, weight: Tensor, sub_centers: int = 1) -> Tensor:
     r"""Cosine of the angle between every embedding and every class weight, :math:`\cos\theta_{nj}`.
 
@@ -101,7 +127,7 @@ def cosine_logits(embeddings: Tensor, weight: Tensor, sub_centers: int = 1) -> T
     PML's ``SubCenterArcFaceLoss.get_cosine``). Runs in the input dtype (autocast may make it
     bf16/fp16); callers upcast before margins.
     """
-    cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(weight, dim=1))
+    cos = F.linear(safe_normalize(embeddings, dim=1), F.normalize(weight, dim=1))
     if sub_centers == 1:
         return cos
     if weight.shape[0] % sub_centers:
@@ -276,8 +302,8 @@ def angles_to_centers(features: Tensor, centers: Tensor) -> Tensor:
     the arccos but stays accurate for small angles (``acos`` of a float32 cosine near 1 loses
     ~4e-4 rad, as much as the spread of a tight class).
     """
-    f = F.normalize(features, dim=1, eps=1e-12)
-    c = F.normalize(centers, dim=1, eps=1e-12)
+    f = safe_normalize(features, dim=1, eps=1e-12)
+    c = safe_normalize(centers, dim=1, eps=1e-12)
     return 2.0 * torch.atan2((f - c).norm(dim=1), (f + c).norm(dim=1))
 
 

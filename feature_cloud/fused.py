@@ -61,6 +61,8 @@ import torch
 from torch import Tensor
 
 from . import margins as _margins
+from ._validation import check_values
+from .functional import safe_normalize
 
 __all__ = ["NOISE_BLOCK", "EXP_FLOOR", "margin_loss", "class_major_noise", "cloud_angles", "cloud_cosine"]
 
@@ -521,6 +523,7 @@ def margin_loss(
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
     block: Optional[int] = None,
+    validate: bool = True,
 ) -> Tensor:
     r"""LEAP margin softmax loss (a registered margin, :mod:`feature_cloud.margins`, with an
     optional feature cloud) in one fused op. The margin must implement
@@ -541,7 +544,10 @@ def margin_loss(
     ``None`` processes all classes at once and keeps ``2 B C`` floats for the backward.
 
     Labels ``< 0`` are ignored (mean over the others; 0 when none). Under autocast the GEMMs run
-    in the autocast dtype and everything else in float32. No host synchronisation.
+    in the autocast dtype and everything else in float32. ``validate=True`` rejects labels
+    outside ``[0, C)`` other than ``-1`` and non-finite embeddings, like the reference raises
+    for out-of-range labels (one host sync, skipped under ``torch.compile``); with
+    ``validate=False`` (callers that checked already) there is no host synchronisation.
     """
     rule = _margins.get(margin_type)
     if not rule.has_fused or rule.sub_centers != 1:
@@ -558,6 +564,11 @@ def margin_loss(
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"labels must be ({embeddings.shape[0]},), got {tuple(labels.shape)}")
     B, C = embeddings.shape[0], weight.shape[0]
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    labels = labels.long()
+    if validate:
+        check_values(embeddings, labels, C)
     block = NOISE_BLOCK if block is None else int(block)
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
@@ -594,7 +605,7 @@ def margin_loss(
         pi_below=_PI_BELOW[compute], sqrt_floor=_SQRT_FLOOR[compute], cloud=cloud,
         explicit_noise=noise is not None,
     )
-    xn = torch.nn.functional.normalize(embeddings, dim=1)
+    xn = safe_normalize(embeddings, dim=1)
     sigma = noise_std.to(compute) if cloud else None
     with torch.autocast(device_type=device.type, enabled=False):
         return _FusedMarginCE.apply(xn, weight, labels, sigma, noise, plan)

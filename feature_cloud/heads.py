@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from . import functional as FC
 from . import fused
 from . import margins
-from ._validation import check_batch, check_embeddings
+from ._validation import as_float, as_int, check_batch, check_class_counts, check_embeddings
 from ._rng import CloudRNG
 from .statistics import ClassStatistics
 
@@ -121,10 +121,22 @@ class LEAPMarginHead(nn.Module):
         sub_centers: Optional[int] = None,
     ) -> None:
         super().__init__()
+        embedding_size = as_int(embedding_size, "embedding_size", 1)
+        num_classes = as_int(num_classes, "num_classes", 1)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if chunk_size is not None:
+            chunk_size = as_int(chunk_size, "chunk_size", 1)
+        if scale is not None:
+            scale = as_float(scale, "scale", minimum=0.0, min_inclusive=False)
+        if margin is not None:
+            margin = as_float(margin, "margin")
+        warmup_steps = as_int(warmup_steps, "warmup_steps", 0)
+        tail_threshold = as_int(tail_threshold, "tail_threshold", 0)
+        memory_per_sample = as_int(memory_per_sample, "memory_per_sample", 1)
+        gamma = as_float(gamma, "gamma", minimum=0.0, maximum=1.0, min_inclusive=False)
+        if class_counts is not None:
+            class_counts = check_class_counts(class_counts, num_classes)
         if impl == "chunked" and chunk_size is None:
             raise ValueError("impl='chunked' needs chunk_size (classes per chunk)")
         rule = margins.get(margin_type)
@@ -204,11 +216,11 @@ class LEAPMarginHead(nn.Module):
         ``forward`` is the cross-entropy of these logits. Adapters that compute their own
         cross-entropy (fastreid) call this.
         """
-        std = self._training_step(embeddings, labels)
+        std, labels = self._training_step(embeddings, labels)
         alpha = None
         if std is not None:
             alpha = fused.cloud_angles(std, self.num_classes, self._generator_for(std.device))
-        cos = FC.cosine_logits(embeddings, self.weight, self.sub_centers)
+        cos = FC.cosine_logits(*FC.common_float(embeddings, self.weight), self.sub_centers)
         return FC.margin_logits(
             cos, labels, margin_type=self.margin_rule, scale=self.scale, margin=self.margin,
             alpha=alpha,
@@ -217,11 +229,12 @@ class LEAPMarginHead(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The LEAP margin softmax loss of a batch (reduced by ``reduction``)."""
         if self.backend == "reference":
-            return FC.margin_cross_entropy(
-                self.margin_logits(embeddings, labels), labels, self.reduction)
-        std = self._training_step(embeddings, labels)
+            logits = self.margin_logits(embeddings, labels)
+            return FC.margin_cross_entropy(logits, labels.long(), self.reduction)
+        std, labels = self._training_step(embeddings, labels)
+        x, w = FC.common_float(embeddings, self.weight)
         return fused.margin_loss(
-            embeddings, self.weight, labels, margin_type=self.margin_rule, scale=self.scale,
+            x, w, labels, margin_type=self.margin_rule, scale=self.scale, validate=False,
             margin=self.margin, noise_std=std,
             generator=None if std is None else self._generator_for(std.device),
             reduction=self.reduction,
@@ -234,13 +247,19 @@ class LEAPMarginHead(nn.Module):
         fusable = self.margin_rule.has_fused and self.sub_centers == 1
         return _BACKENDS[(self.impl, fusable, self.chunk_size is not None)]
 
-    def _training_step(self, embeddings: Tensor, labels: Tensor) -> Optional[Tensor]:
+    def _training_step(self, embeddings: Tensor, labels: Tensor) -> Tuple[Optional[Tensor], Tensor]:
         """Check the batch; when training, update the statistics and count the step.
 
-        Returns the per-sample cloud standard deviation ``(B,)`` when the cloud is active, else
-        ``None``.
+        Returns the per-sample cloud standard deviation ``(B,)`` when the cloud is active (else
+        ``None``) and the labels as int64.
         """
-        check_batch(embeddings, labels, self.embedding_size, self.num_classes, self.validate)
+        train = self.training and torch.is_grad_enabled()
+        if train and self.cloud is not None and self.statistics.collective:
+            # every rank agrees on the batch (one all-reduce) before anything changes
+            labels = self.statistics.agree(embeddings, labels, self.validate)
+        else:
+            labels = check_batch(embeddings, labels, self.embedding_size, self.num_classes,
+                                 self.validate)
         std = None
         # a collective statistics update must run on every rank each step, even for an empty batch
         if self.training and torch.is_grad_enabled() and (
@@ -255,7 +274,7 @@ class LEAPMarginHead(nn.Module):
                     # a fresh generator is seeded from the step: create it before the count moves
                     self._generator_for(std.device)
             self.step += 1
-        return std
+        return std, labels
 
     def extra_repr(self) -> str:
         return (
