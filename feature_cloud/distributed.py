@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as FC
+from . import margins
 from ._validation import (
     PROBLEM_SLOTS, as_float, as_int, check_batch, check_class_counts, check_embeddings,
     problem_tensor, raise_for_problems,
@@ -534,8 +535,9 @@ class ShardedLEAPMarginHead(nn.Module):
             pad_to = as_int(pad_to, "pad_to", 0)
         if class_counts is not None:
             class_counts = check_class_counts(class_counts, num_classes)
-        if margin_type not in FC.MARGIN_TYPES:
-            raise ValueError(f"margin_type must be one of {FC.MARGIN_TYPES}, got {margin_type!r}")
+        if margins.get(margin_type).sub_centers != 1:
+            raise ValueError(f"margin_type {margin_type!r} uses sub-centers, which the sharded "
+                             "head does not support; use LEAPMarginHead")
         if cloud is not None and cloud not in FC.CLOUD_RULES:
             raise ValueError(f"cloud must be one of {FC.CLOUD_RULES} or None, got {cloud!r}")
         if reduction not in ("mean", "sum", "none"):
