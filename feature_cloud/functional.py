@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import margins as _margins
+
 __all__ = [
     "MARGIN_TYPES",
     "CLOUD_RULES",
@@ -50,7 +52,8 @@ __all__ = [
     "masked_angle_moments",
 ]
 
-MARGIN_TYPES = ("cosface", "arcface")
+#: names of the built-in margins (the registry, :func:`feature_cloud.margins.names`, is authoritative)
+MARGIN_TYPES = _margins.names()
 CLOUD_RULES = ("full", "vanilla")
 
 # Floor for 1 - x^2 in the acos derivative: keeps the gradient finite (|grad| <= ~2.9e3) where the
@@ -115,13 +118,21 @@ def common_float(embeddings: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
     return embeddings.to(dtype), weight.to(dtype)
 
 
-def cosine_logits(embeddings: Tensor, weight: Tensor) -> Tensor:
+def cosine_logits(embeddings: Tensor, weight: Tensor, sub_centers: int = 1) -> Tensor:
     r"""Cosine of the angle between every embedding and every class weight, :math:`\cos\theta_{nj}`.
 
     ``embeddings`` ``(B, D)``, ``weight`` ``(C, D)``; both are L2-normalised (LEAP Eq. 1-2).
-    Runs in the input dtype (autocast may make it bf16/fp16); callers upcast before margins.
+    With ``sub_centers = K > 1`` the weight is ``(K C, D)`` with rows ``j K .. j K + K - 1`` for
+    class ``j`` and the class cosine is the largest over its sub-centers (sub-center ArcFace,
+    PML's ``SubCenterArcFaceLoss.get_cosine``). Runs in the input dtype (autocast may make it
+    bf16/fp16); callers upcast before margins.
     """
-    return F.linear(safe_normalize(embeddings, dim=1), F.normalize(weight, dim=1))
+    cos = F.linear(safe_normalize(embeddings, dim=1), F.normalize(weight, dim=1))
+    if sub_centers == 1:
+        return cos
+    if weight.shape[0] % sub_centers:
+        raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of sub_centers={sub_centers}")
+    return cos.view(cos.shape[0], -1, sub_centers).max(dim=2).values
 
 
 def shifted_cosine(cos: Tensor, shift: Tensor | float) -> Tensor:
@@ -144,11 +155,14 @@ def margin_logits(
     margin: float = 0.2,
     alpha: Optional[Tensor] = None,
 ) -> Tensor:
-    r"""Scaled margin logits of CosFace/ArcFace with an optional feature cloud.
+    r"""Scaled margin logits (CosFace, ArcFace, ... from :mod:`feature_cloud.margins`) with an
+    optional feature cloud.
 
-    Without a cloud (``alpha=None``) these are the logits of LEAP Eq. 1 (CosFace,
-    :math:`s(\cos\theta_y - m_c)` on the target) and Eq. 2 (ArcFace, :math:`s\cos(\theta_y + m_a)`).
-    With a per-logit cloud angle ``alpha`` ``(B, C)`` they are LEAP Eq. 7 / Eq. 8:
+    The margin ``margin_type`` (a registered name or a :class:`~feature_cloud.margins.Margin`)
+    modifies the target logit only. Without a cloud (``alpha=None``) these are the logits of
+    LEAP Eq. 1 (CosFace, :math:`s(\cos\theta_y - m_c)` on the target) and Eq. 2 (ArcFace,
+    :math:`s\cos(\theta_y + m_a)`). With a per-logit cloud angle ``alpha`` ``(B, C)`` they are
+    LEAP Eq. 7 / Eq. 8:
 
     .. math::
         z_{ny} = s(\cos(\theta_{ny} + \alpha_{ny}) - m_c) \;\text{or}\;
@@ -158,26 +172,18 @@ def margin_logits(
     every angle sum clipped to ``[0, pi]``. Labels ``< 0`` mark ignored rows (their target logit
     is left unmodified). Computed in float32 at least, whatever the autocast dtype of ``cos``.
     """
-    if margin_type not in MARGIN_TYPES:
-        raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {margin_type!r}")
+    rule = _margins.get(margin_type)
     cos = _at_least_float32(cos)
     index = labels.clamp_min(0).unsqueeze(1)
     cos_y = cos.gather(1, index)
+    alpha_y = None
     if alpha is None:
         logits = cos * scale
-        if margin_type == "cosface":
-            target = cos_y - margin
-        else:
-            target = shifted_cosine(cos_y, margin)
     else:
         alpha = alpha.to(cos.dtype)
         logits = shifted_cosine(cos, alpha) * scale
         alpha_y = alpha.gather(1, index)
-        if margin_type == "cosface":
-            target = shifted_cosine(cos_y, alpha_y) - margin
-        else:
-            target = shifted_cosine(cos_y, alpha_y + margin)
-    target = target * scale
+    target = rule.target(cos_y, alpha_y, margin) * scale
     target = torch.where(labels.unsqueeze(1) >= 0, target, logits.gather(1, index))
     return logits.scatter(1, index, target)
 

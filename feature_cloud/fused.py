@@ -55,13 +55,14 @@ copy of the generator state saved in the forward.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from . import margins as _margins
 from ._validation import check_values
-from .functional import MARGIN_TYPES, safe_normalize
+from .functional import safe_normalize
 
 __all__ = ["NOISE_BLOCK", "EXP_FLOOR", "margin_loss", "class_major_noise", "cloud_angles", "cloud_cosine"]
 
@@ -224,7 +225,7 @@ class _Plan:
     """Static configuration of one call (plain Python values, no tensors)."""
 
     __slots__ = (
-        "margin_type", "scale", "margin", "reduction", "chunk", "block", "generator",
+        "rule", "scale", "margin", "reduction", "chunk", "block", "generator",
         "compute", "gemm", "exp_floor", "pi_below", "sqrt_floor", "cloud", "explicit_noise",
     )
 
@@ -298,28 +299,17 @@ def _chunk_logits(
             half = noise_c.mul_(half_sigma)
         half.clamp_(-0.5 * plan.pi_below, 0.5 * plan.pi_below)
         c_y = c.view(-1).gather(0, idx)
-        alpha_y = half.view(-1).gather(0, idx) * 2.0
+        alpha_y: Optional[Tensor] = half.view(-1).gather(0, idx) * 2.0
         f, d = _cloud_cosine_(c, half, ws.get("f", Cc), ws.get("t", Cc), ws.get("d", Cc),
                               plan.sqrt_floor)
         Z = f.mul_(s)
-        if plan.margin_type == "cosface":  # s (cos(theta_y + alpha_y) - m), LEAP Eq. 7
-            d_y = d.view(-1).gather(0, idx)
-            z_y = Z.view(-1).gather(0, idx) - s * m
-        else:  # s cos(theta_y + alpha_y + m), LEAP Eq. 8
-            shift_y = (alpha_y + m).clamp_(-plan.pi_below, plan.pi_below)
-            f_y, d_y = cloud_cosine(c_y, shift_y, plan.sqrt_floor)
-            z_y = f_y * s
     else:
-        d = None
+        d, alpha_y = None, None
         Z.mul_((rwc * s).unsqueeze(1))
-        if plan.margin_type == "cosface":  # s (cos theta_y - m), LEAP Eq. 1
-            d_y = torch.ones(B, dtype=plan.compute, device=Z.device)
-            z_y = Z.view(-1).gather(0, idx) - s * m
-        else:  # s cos(theta_y + m), LEAP Eq. 2
-            c_y = (Z.view(-1).gather(0, idx) / s).clamp_(-1.0, 1.0)
-            shift_y = torch.full_like(c_y, min(m, plan.pi_below))
-            f_y, d_y = cloud_cosine(c_y, shift_y, plan.sqrt_floor)
-            z_y = f_y * s
+        c_y = (Z.view(-1).gather(0, idx) / s).clamp_(-1.0, 1.0)
+    # the margin's target (LEAP Eq. 1-2 / 7-8) and its derivative, from the registry
+    f_y, d_y = plan.rule.fused_target(c_y, alpha_y, m)
+    z_y = f_y * s
     flat = Z.view(-1)
     flat.scatter_(0, idx, torch.where(inside, z_y, flat.gather(0, idx)))
     return Z, d, idx, inside, z_y, d_y
@@ -524,7 +514,7 @@ def margin_loss(
     weight: Tensor,
     labels: Tensor,
     *,
-    margin_type: str = "cosface",
+    margin_type: Union[str, "_margins.Margin"] = "cosface",
     scale: float = 24.0,
     margin: float = 0.2,
     noise_std: Optional[Tensor] = None,
@@ -535,7 +525,9 @@ def margin_loss(
     block: Optional[int] = None,
     validate: bool = True,
 ) -> Tensor:
-    r"""LEAP margin softmax loss (CosFace/ArcFace with optional feature cloud) in one fused op.
+    r"""LEAP margin softmax loss (a registered margin, :mod:`feature_cloud.margins`, with an
+    optional feature cloud) in one fused op. The margin must implement
+    :meth:`~feature_cloud.margins.Margin.fused_target` and use one weight row per class.
 
     Equals ``margin_cross_entropy(margin_logits(cosine_logits(embeddings, weight), labels,
     alpha=alpha), labels, reduction)`` (LEAP Eq. 1-2 without, Eq. 7-8 with the cloud) in value
@@ -557,8 +549,12 @@ def margin_loss(
     for out-of-range labels (one host sync, skipped under ``torch.compile``); with
     ``validate=False`` (callers that checked already) there is no host synchronisation.
     """
-    if margin_type not in MARGIN_TYPES:
-        raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {margin_type!r}")
+    rule = _margins.get(margin_type)
+    if not rule.has_fused or rule.sub_centers != 1:
+        raise ValueError(
+            f"margin {rule.name!r} has no fused implementation (no fused_target or a "
+            f"sub-center weight layout); use feature_cloud.functional (LEAPMarginHead falls "
+            "back to it automatically)")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
@@ -602,7 +598,7 @@ def margin_loss(
         else:
             raise ValueError(f"pass a generator for the cloud noise on device {device}")
     plan = _Plan(
-        margin_type=margin_type, scale=float(scale), margin=float(margin), reduction=reduction,
+        rule=rule, scale=float(scale), margin=float(margin), reduction=reduction,
         chunk=chunk, block=block, generator=generator, compute=compute,
         gemm=_gemm_dtype(device, compute),
         exp_floor=_EXP_FLOOR[compute],

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as FC
+from ._buffers import KeepBufferDtypes
 from ._validation import as_float, as_int, check_batch, check_class_counts
 
 __all__ = ["ClassStatistics"]
@@ -21,7 +22,7 @@ _MEMORY_BUFFERS = ("memory", "memory_stamp", "memory_owner")
 CENTER_RATES = ("adaptive", "paper")
 
 
-class ClassStatistics(nn.Module):
+class ClassStatistics(KeepBufferDtypes):
     r"""EMA class centers (LEAP Eq. 4), angle memory (Eq. 3, 5) and cloud variances (Eq. 6, 9).
 
     Args:
@@ -184,6 +185,12 @@ class ClassStatistics(nn.Module):
         self.memory_owner = torch.cat([owner, owner.new_zeros(1)])
 
     # ------------------------------------------------------------------ update
+    def agree(self, features: Tensor, labels: Tensor, validate: bool = True) -> Tensor:
+        """Every check of an :meth:`update` batch, before any state changes; returns the labels
+        as int64. A process-group subclass makes all ranks agree on the verdict first (see
+        :meth:`feature_cloud.distributed.SyncedClassStatistics.agree`)."""
+        return check_batch(features, labels, self.embedding_size, self.num_classes, validate)
+
     @torch.no_grad()
     def update(self, features: Tensor, labels: Tensor, validate: bool = True) -> None:
         """Fold one batch into the centers, the counts (while counting) and the angle memory.
