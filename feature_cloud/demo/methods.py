@@ -96,7 +96,7 @@ class MethodConfig:
     gamma: float = 0.1  # center learning rate, LEAP Sec. 4.1
     warmup_steps: int = 0  # steps before the cloud starts
     ml2_alpha: float = 0.01  # FTL Eq. 4 uses 0.25 (too strong for BN-normalised 64-d features)
-    ftl_alternations: int = 2  # (stage 1, stage 2) pairs of FTL Algorithm 1 after stage 0
+    ftl_alternations: int = 1  # (stage 1, stage 2) pairs of FTL Algorithm 1 after stage 0 (paper: 10-15)
     # FTL stage 0 as a share of the steps; None: ``warmup_steps`` (the LEAP warm-up) as before.
     # Real faces (README, FTL results): a short stage 0 leaves Enc under-trained for the budget.
     ftl_stage0_fraction: Optional[float] = 0.7
