@@ -226,11 +226,25 @@ class LEAPMarginHead(nn.Module):
             alpha=alpha,
         )
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The LEAP margin softmax loss of a batch (reduced by ``reduction``)."""
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, *, label_smoothing: float = 0.0,
+        return_predictions: bool = False,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """The LEAP margin softmax loss of a batch (reduced by ``reduction``).
+
+        ``label_smoothing``: as ``F.cross_entropy``'s (targets ``1 - eps + eps / C``, ``eps / C``).
+        ``return_predictions``: also return each sample's best class by plain cosine (for
+        accuracy logging; the fused path gets it without a second GEMM).
+        """
         if self.backend == "reference":
             logits = self.margin_logits(embeddings, labels)
-            return FC.margin_cross_entropy(logits, labels.long(), self.reduction)
+            loss = FC.margin_cross_entropy(logits, labels.long(), self.reduction, label_smoothing)
+            if not return_predictions:
+                return loss
+            with torch.no_grad():
+                pred = FC.cosine_logits(*FC.common_float(embeddings, self.weight),
+                                        self.sub_centers).argmax(1)
+            return loss, pred
         std, labels = self._training_step(embeddings, labels)
         x, w = FC.common_float(embeddings, self.weight)
         return fused.margin_loss(
@@ -239,6 +253,7 @@ class LEAPMarginHead(nn.Module):
             generator=None if std is None else self._generator_for(std.device),
             reduction=self.reduction,
             chunk_size=self.chunk_size if self.backend == "chunked" else None,
+            label_smoothing=label_smoothing, return_predictions=return_predictions,
         )
 
     @property
