@@ -507,6 +507,16 @@ class AlternatingScheduler:
                 raise ValueError(
                     f"checkpoint has {key}={state[key]} but this scheduler has {getattr(self, key)}"
                 )
+        stage = int(state["stage"])
+        length = self.stage0_iters if stage == 0 else self.stage_iters
+        for key in ("iteration", "stage_iteration", "alternation"):
+            if isinstance(state[key], bool) or int(state[key]) < 0:
+                raise ValueError(f"scheduler state has {key}={state[key]!r}; must be >= 0")
+        if int(state["stage_iteration"]) >= length:
+            raise ValueError(
+                f"scheduler state has stage_iteration={state['stage_iteration']} but stage {stage} "
+                f"lasts {length} iterations (stage_iteration must be in [0, {length}))"
+            )
         self._stage = int(state["stage"])
         self.iteration = int(state["iteration"])
         self.stage_iteration = int(state["stage_iteration"])

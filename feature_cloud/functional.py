@@ -23,10 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import margins as _margins
+
 __all__ = [
     "MARGIN_TYPES",
     "CLOUD_RULES",
     "safe_acos",
+    "safe_normalize",
+    "common_float",
     "cosine_logits",
     "shifted_cosine",
     "margin_logits",
@@ -48,7 +52,8 @@ __all__ = [
     "masked_angle_moments",
 ]
 
-MARGIN_TYPES = ("cosface", "arcface")
+#: names of the built-in margins (the registry, :func:`feature_cloud.margins.names`, is authoritative)
+MARGIN_TYPES = _margins.names()
 CLOUD_RULES = ("full", "vanilla")
 
 # Floor for 1 - x^2 in the acos derivative: keeps the gradient finite (|grad| <= ~2.9e3) where the
@@ -89,13 +94,45 @@ def safe_acos(x: Tensor) -> Tensor:
     return _SafeAcos.apply(x)
 
 
-def cosine_logits(embeddings: Tensor, weight: Tensor) -> Tensor:
+def safe_normalize(x: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
+    r"""``F.normalize(x, dim=dim)`` that stays exact for huge and tiny finite vectors.
+
+    The squared norm of a float32 vector overflows above ~1.8e19 (fp16: 256) and underflows
+    below ~1e-19, and ``F.normalize`` then returns a zero (or unscaled) vector. Dividing by the
+    detached per-row max-abs first keeps :math:`\|x\|` near 1; normalisation is scale-invariant,
+    so value and gradient equal those of ``x / ||x||`` (the scale is a constant for autograd).
+    Rows that are exactly zero stay zero.
+    """
+    m = x.detach().abs().amax(dim=dim, keepdim=True)
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    return F.normalize(x / m, dim=dim, eps=eps)
+
+
+def common_float(embeddings: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """Cast features and class weights to one compute dtype: float64 if either is float64,
+    else float32 (half-precision inputs without autocast are upcast, as autocast does for every
+    op but the GEMM; under autocast the GEMM still runs in the autocast dtype). No copy when a
+    tensor already has that dtype; the casts are differentiable (gradients come back in each
+    input's own dtype)."""
+    dtype = torch.float64 if torch.float64 in (embeddings.dtype, weight.dtype) else torch.float32
+    return embeddings.to(dtype), weight.to(dtype)
+
+
+def cosine_logits(embeddings: Tensor, weight: Tensor, sub_centers: int = 1) -> Tensor:
     r"""Cosine of the angle between every embedding and every class weight, :math:`\cos\theta_{nj}`.
 
     ``embeddings`` ``(B, D)``, ``weight`` ``(C, D)``; both are L2-normalised (LEAP Eq. 1-2).
-    Runs in the input dtype (autocast may make it bf16/fp16); callers upcast before margins.
+    With ``sub_centers = K > 1`` the weight is ``(K C, D)`` with rows ``j K .. j K + K - 1`` for
+    class ``j`` and the class cosine is the largest over its sub-centers (sub-center ArcFace,
+    PML's ``SubCenterArcFaceLoss.get_cosine``). Runs in the input dtype (autocast may make it
+    bf16/fp16); callers upcast before margins.
     """
-    return F.linear(F.normalize(embeddings, dim=1), F.normalize(weight, dim=1))
+    cos = F.linear(safe_normalize(embeddings, dim=1), F.normalize(weight, dim=1))
+    if sub_centers == 1:
+        return cos
+    if weight.shape[0] % sub_centers:
+        raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of sub_centers={sub_centers}")
+    return cos.view(cos.shape[0], -1, sub_centers).max(dim=2).values
 
 
 def shifted_cosine(cos: Tensor, shift: Tensor | float) -> Tensor:
@@ -118,11 +155,14 @@ def margin_logits(
     margin: float = 0.2,
     alpha: Optional[Tensor] = None,
 ) -> Tensor:
-    r"""Scaled margin logits of CosFace/ArcFace with an optional feature cloud.
+    r"""Scaled margin logits (CosFace, ArcFace, ... from :mod:`feature_cloud.margins`) with an
+    optional feature cloud.
 
-    Without a cloud (``alpha=None``) these are the logits of LEAP Eq. 1 (CosFace,
-    :math:`s(\cos\theta_y - m_c)` on the target) and Eq. 2 (ArcFace, :math:`s\cos(\theta_y + m_a)`).
-    With a per-logit cloud angle ``alpha`` ``(B, C)`` they are LEAP Eq. 7 / Eq. 8:
+    The margin ``margin_type`` (a registered name or a :class:`~feature_cloud.margins.Margin`)
+    modifies the target logit only. Without a cloud (``alpha=None``) these are the logits of
+    LEAP Eq. 1 (CosFace, :math:`s(\cos\theta_y - m_c)` on the target) and Eq. 2 (ArcFace,
+    :math:`s\cos(\theta_y + m_a)`). With a per-logit cloud angle ``alpha`` ``(B, C)`` they are
+    LEAP Eq. 7 / Eq. 8:
 
     .. math::
         z_{ny} = s(\cos(\theta_{ny} + \alpha_{ny}) - m_c) \;\text{or}\;
@@ -132,26 +172,18 @@ def margin_logits(
     every angle sum clipped to ``[0, pi]``. Labels ``< 0`` mark ignored rows (their target logit
     is left unmodified). Computed in float32 at least, whatever the autocast dtype of ``cos``.
     """
-    if margin_type not in MARGIN_TYPES:
-        raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {margin_type!r}")
+    rule = _margins.get(margin_type)
     cos = _at_least_float32(cos)
     index = labels.clamp_min(0).unsqueeze(1)
     cos_y = cos.gather(1, index)
+    alpha_y = None
     if alpha is None:
         logits = cos * scale
-        if margin_type == "cosface":
-            target = cos_y - margin
-        else:
-            target = shifted_cosine(cos_y, margin)
     else:
         alpha = alpha.to(cos.dtype)
         logits = shifted_cosine(cos, alpha) * scale
         alpha_y = alpha.gather(1, index)
-        if margin_type == "cosface":
-            target = shifted_cosine(cos_y, alpha_y) - margin
-        else:
-            target = shifted_cosine(cos_y, alpha_y + margin)
-    target = target * scale
+    target = rule.target(cos_y, alpha_y, margin) * scale
     target = torch.where(labels.unsqueeze(1) >= 0, target, logits.gather(1, index))
     return logits.scatter(1, index, target)
 
@@ -270,8 +302,8 @@ def angles_to_centers(features: Tensor, centers: Tensor) -> Tensor:
     the arccos but stays accurate for small angles (``acos`` of a float32 cosine near 1 loses
     ~4e-4 rad, as much as the spread of a tight class).
     """
-    f = F.normalize(features, dim=1, eps=1e-12)
-    c = F.normalize(centers, dim=1, eps=1e-12)
+    f = safe_normalize(features, dim=1, eps=1e-12)
+    c = safe_normalize(centers, dim=1, eps=1e-12)
     return 2.0 * torch.atan2((f - c).norm(dim=1), (f + c).norm(dim=1))
 
 

@@ -6,7 +6,7 @@ from typing import Union
 from torch import Tensor, nn
 
 from . import functional as FC
-from ._validation import check_embeddings
+from ._validation import as_float, check_embeddings
 
 __all__ = ["MetricL2"]
 
@@ -27,9 +27,7 @@ class MetricL2(nn.Module):
         super().__init__()
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        if float(alpha) < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = as_float(alpha, "alpha", minimum=0.0)
         self.reduction = reduction
 
     def forward(self, embeddings: Tensor, classifier: Union[Tensor, nn.Module]) -> Tensor:

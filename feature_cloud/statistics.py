@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as FC
-from ._validation import check_batch
+from ._validation import as_float, as_int, check_batch, check_class_counts
 
 __all__ = ["ClassStatistics"]
 
@@ -85,14 +85,12 @@ class ClassStatistics(nn.Module):
         max_age: Optional[int] = None,
     ) -> None:
         super().__init__()
-        if int(num_classes) < 1 or int(embedding_size) < 1:
-            raise ValueError(
-                f"num_classes and embedding_size must be >= 1, got {num_classes}, {embedding_size}"
-            )
-        if not 0.0 < float(gamma) <= 1.0:
-            raise ValueError(f"gamma (center learning rate) must be in (0, 1], got {gamma}")
-        if int(memory_per_sample) < 1:
-            raise ValueError(f"memory_per_sample (P) must be >= 1, got {memory_per_sample}")
+        num_classes = as_int(num_classes, "num_classes", 1)
+        embedding_size = as_int(embedding_size, "embedding_size", 1)
+        gamma = as_float(gamma, "gamma (center learning rate)", minimum=0.0, maximum=1.0,
+                         min_inclusive=False)
+        memory_per_sample = as_int(memory_per_sample, "memory_per_sample (P)", 1)
+        tail_threshold = as_int(tail_threshold, "tail_threshold", 0)
         if cloud not in FC.CLOUD_RULES:
             raise ValueError(f"cloud must be one of {FC.CLOUD_RULES}, got {cloud!r}")
         if center_rate not in CENTER_RATES:
@@ -165,15 +163,7 @@ class ClassStatistics(nn.Module):
         if class_counts is None:
             counts = self.class_counts.detach().clone()
         else:
-            counts = torch.as_tensor(class_counts, device=device)
-            if counts.is_floating_point() or counts.dim() != 1:
-                raise TypeError("class_counts must be a 1-D integer sequence or tensor")
-            if counts.numel() != self.num_classes:
-                raise ValueError(
-                    f"class_counts has {counts.numel()} entries, expected num_classes={self.num_classes}"
-                )
-            if bool((counts < 0).any()):
-                raise ValueError("class_counts must be non-negative")
+            counts = check_class_counts(class_counts, self.num_classes)
         counts = counts.to(device=device, dtype=torch.long)
         capacity = (counts * self.memory_per_sample).clamp_min(1)
         offsets = torch.cumsum(capacity, 0) - capacity
@@ -194,6 +184,12 @@ class ClassStatistics(nn.Module):
         self.memory_owner = torch.cat([owner, owner.new_zeros(1)])
 
     # ------------------------------------------------------------------ update
+    def agree(self, features: Tensor, labels: Tensor, validate: bool = True) -> Tensor:
+        """Every check of an :meth:`update` batch, before any state changes; returns the labels
+        as int64. A process-group subclass makes all ranks agree on the verdict first (see
+        :meth:`feature_cloud.distributed.SyncedClassStatistics.agree`)."""
+        return check_batch(features, labels, self.embedding_size, self.num_classes, validate)
+
     @torch.no_grad()
     def update(self, features: Tensor, labels: Tensor, validate: bool = True) -> None:
         """Fold one batch into the centers, the counts (while counting) and the angle memory.
@@ -201,7 +197,7 @@ class ClassStatistics(nn.Module):
         Call only with training batches; labels ``< 0`` are skipped. ``features`` may be any
         float dtype; everything is computed and stored in float32.
         """
-        check_batch(features, labels, self.embedding_size, self.num_classes, validate)
+        labels = check_batch(features, labels, self.embedding_size, self.num_classes, validate)
         if features.shape[0] == 0:
             return
         with torch.autocast(device_type=features.device.type, enabled=False):
