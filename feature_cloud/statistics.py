@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as FC
+from ._buffers import KeepBufferDtypes
 from ._validation import as_float, as_int, check_batch, check_class_counts
 
 __all__ = ["ClassStatistics"]
@@ -21,7 +22,7 @@ _MEMORY_BUFFERS = ("memory", "memory_stamp", "memory_owner")
 CENTER_RATES = ("adaptive", "paper")
 
 
-class ClassStatistics(nn.Module):
+class ClassStatistics(KeepBufferDtypes):
     r"""EMA class centers (LEAP Eq. 4), angle memory (Eq. 3, 5) and cloud variances (Eq. 6, 9).
 
     Args:

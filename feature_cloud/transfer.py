@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as FC
+from ._buffers import KeepBufferDtypes
 from ._validation import as_float, as_int, check_class_counts, check_labels
 
 __all__ = ["FeatureTransfer", "FeatureBatch"]
@@ -39,7 +40,7 @@ class FeatureBatch(NamedTuple):
 FeatureSource = Union[Iterable[Any], Callable[[], Iterable[Any]]]
 
 
-class FeatureTransfer(nn.Module):
+class FeatureTransfer(KeepBufferDtypes):
     r"""FTL feature transfer: UpdateStats() of Algorithm 1 and the transfer of Eq. 6.
 
     :meth:`update_stats` reads the rich features ``g`` of the whole training set (a stream of

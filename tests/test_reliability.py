@@ -302,3 +302,141 @@ def test_scheduler_rejects_stage_iteration_beyond_the_stage():
         sched.load_state_dict({**good, "stage": 1, "stage_iteration": 2})
     sched.load_state_dict({**good, "stage": 2, "stage_iteration": 1})
     assert sched.stage == 2 and sched.remaining == 1
+
+
+# ------------------------------------------------------------------ item 1: dtypes of the features
+
+STAT_DTYPES = {"centers": torch.float32, "memory": torch.float32, "angle_sum": torch.float64,
+               "angle_sqsum": torch.float64, "class_counts": torch.int64,
+               "memory_pointer": torch.int64, "center_initialized": torch.bool}
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_features_of_any_float_dtype_train_without_autocast(impl, dtype):
+    """float64 / fp16 / bf16 features (no autocast) train; the loss equals the float32 one to the
+    input's rounding, the statistics stay float32 and the gradient comes back in the input dtype."""
+    ref, other = _head(impl), _head(impl)
+    for step in range(3):
+        x, y = _batch(step)
+        xd = x.to(dtype).requires_grad_(True)
+        l_ref, l = ref(x.to(dtype).float(), y), other(xd, y)
+        l.backward()
+        assert torch.isfinite(l) and xd.grad.dtype == dtype and torch.isfinite(xd.grad).all()
+        tol = 1e-5 if dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(l.float(), l_ref.detach(), rtol=tol, atol=tol)
+    for name, want in STAT_DTYPES.items():
+        assert getattr(other.statistics, name).dtype == want, name
+    assert other.step == 3
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("bad", ["nan", "labels_float", "labels_2d", "width", "range", "numpy"])
+def test_bad_batch_raises_before_any_state_change(impl, bad):
+    head = _head(impl, warmup_steps=1, class_counts=None, count_steps=1)  # online counting
+    x, y = _batch(0)
+    head(x, y)
+    head(x, y)  # memory laid out, cloud active
+    before = _state(head)
+    x, y = _batch(1)
+    if bad == "nan":
+        x[3, 2] = float("nan")
+    elif bad == "labels_float":
+        y = y.float()
+    elif bad == "labels_2d":
+        y = y.unsqueeze(1)
+    elif bad == "width":
+        x = x[:, :-1]
+    elif bad == "range":
+        y[0] = C
+    else:
+        x = x.numpy()
+    with pytest.raises((TypeError, ValueError)):
+        head(x, y)
+    _same_state(before, _state(head))
+
+
+# ------------------------------------------------------------------ item 5: module casts
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_module_casts_keep_statistics_dtypes_and_training_works(cast, impl):
+    head = _head(impl)
+    x, y = _batch(0)
+    head(x, y)  # some statistics to keep
+    centers = head.statistics.centers.clone()
+    getattr(head, cast)()
+    dtype = {"half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}[cast]
+    assert head.weight.dtype == dtype  # the weights follow the cast
+    for name, want in STAT_DTYPES.items():
+        assert getattr(head.statistics, name).dtype == want, name
+    assert torch.equal(head.statistics.centers, centers)  # not round-tripped through fp16
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    for step in range(1, 4):
+        x, y = _batch(step)
+        xd = x.to(dtype).requires_grad_(True)
+        loss = head(xd, y)
+        loss.backward()
+        assert torch.isfinite(loss) and head.weight.grad.dtype == dtype
+        assert torch.isfinite(head.weight.grad).all() and torch.isfinite(xd.grad).all()
+        opt.step()
+        opt.zero_grad()
+    assert head.statistics.centers.dtype == torch.float32 and head.step == 4
+    head.to(torch.float32)
+    assert head.weight.dtype == torch.float32 and head.statistics.angle_sum.dtype == torch.float64
+
+
+def test_pml_loss_double_keeps_float32_statistics():
+    pml = pytest.importorskip("integrations.pml")
+    loss_fn = pml.LEAPLoss(C, D, class_counts=COUNTS, seed=1).double()
+    assert loss_fn.W.dtype == torch.float64
+    assert loss_fn.statistics.centers.dtype == torch.float32
+    for step in range(3):
+        x, y = _batch(step)
+        x = x.double().requires_grad_(True)
+        loss = loss_fn(x, y)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert loss_fn.statistics.centers.dtype == torch.float32
+
+
+def test_feature_transfer_cast_keeps_statistics():
+    ft = FeatureTransfer(D, 8, num_components=3)
+    ft.update_stats(_ftl_stream(torch.int64))
+    cov = ft.covariance.clone()
+    ft.half()
+    assert ft.covariance.dtype == torch.float64 and torch.equal(ft.covariance, cov)
+    assert ft.centers.dtype == torch.float32 and ft.basis.dtype == torch.float32
+    out = ft.transfer(torch.randn(2, D).half(), torch.tensor([0, 1]), torch.tensor([4, 5]))
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+@pytest.mark.filterwarnings("ignore:LEAPMarginHead counts K_i online")
+def test_fastreid_head_half_keeps_float32_statistics_and_trains():
+    pytest.importorskip("fastreid")
+    fr = pytest.importorskip("feature_cloud.integrations.fastreid")
+    from _fastreid_data import LEAP_YAML
+    from fastreid.config import get_cfg
+    from fastreid.modeling.heads import build_heads
+
+    cfg = get_cfg()
+    fr.add_feature_cloud_config(cfg)
+    cfg.merge_from_file(LEAP_YAML)
+    cfg.MODEL.BACKBONE.FEAT_DIM, cfg.MODEL.HEADS.NUM_CLASSES = 32, 5
+    cfg.MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS = "online"
+    cfg.MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS = 2
+    cfg.MODEL.HEADS.FEATURE_CLOUD.SEED = 0
+    torch.manual_seed(0)
+    head = build_heads(cfg).half()
+    assert head.margin_head.weight.dtype == torch.float16
+    feats = torch.randn(8, 32, 4, 2).half()
+    labels = torch.tensor([0, 0, 1, 1, 2, 3, 4, 4], dtype=torch.int32)
+    for _ in range(4):  # warm-up (online counts), then the cloud
+        out = head(feats, labels)
+        loss = torch.nn.functional.cross_entropy(out["cls_outputs"].float(), labels.long())
+        loss.backward()
+        assert torch.isfinite(loss)
+    assert head.margin_head.cloud_active and head.margin_head.statistics.memory_allocated
+    for name, want in STAT_DTYPES.items():
+        assert getattr(head.margin_head.statistics, name).dtype == want, name
