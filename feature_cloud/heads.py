@@ -1,14 +1,16 @@
 """``LEAPMarginHead``: a CosFace/ArcFace classifier head with the LEAP feature cloud."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Union
+import warnings
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as FC
 from . import fused
-from ._validation import check_batch, check_embeddings
+from . import margins
+from ._validation import as_float, as_int, check_batch, check_class_counts, check_embeddings
 from ._rng import CloudRNG
 from .statistics import ClassStatistics
 
@@ -17,9 +19,19 @@ __all__ = ["LEAPMarginHead", "DEFAULT_SCALE", "DEFAULT_MARGIN", "IMPLS"]
 #: Loss implementations of :meth:`LEAPMarginHead.forward` (all compute the same loss).
 IMPLS = ("auto", "reference", "fused", "chunked")
 
-#: Paper defaults for re-ID (LEAP Sec. 4.1): CosFace s=24, m=0.2; ArcFace s=16, m=0.2 (radians).
-DEFAULT_SCALE = {"cosface": 24.0, "arcface": 16.0}
-DEFAULT_MARGIN = {"cosface": 0.2, "arcface": 0.2}
+#: (impl, margin has a fused path, chunk_size given) -> backend that forward runs.
+_BACKENDS = {
+    (impl, fusable, chunk): (
+        "reference" if impl == "reference" or not fusable
+        else "chunked" if impl == "chunked" or (impl == "auto" and chunk) else "fused"
+    )
+    for impl in IMPLS for fusable in (False, True) for chunk in (False, True)
+}
+
+#: Defaults of the built-in margins (paper re-ID setting, LEAP Sec. 4.1: CosFace s=24, m=0.2;
+#: ArcFace s=16, m=0.2 rad). The registry (:mod:`feature_cloud.margins`) is authoritative.
+DEFAULT_SCALE = {n: margins.get(n).default_scale for n in margins.names()}
+DEFAULT_MARGIN = {n: margins.get(n).default_margin for n in margins.names()}
 
 
 class LEAPMarginHead(nn.Module):
@@ -40,10 +52,16 @@ class LEAPMarginHead(nn.Module):
     Args:
         embedding_size: ``D``.
         num_classes: ``C``.
-        margin_type: ``"cosface"`` (cosine margin :math:`m_c`) or ``"arcface"`` (angular margin
-            :math:`m_a`, radians).
-        scale: ``s``; default 24 (CosFace) / 16 (ArcFace), the paper's re-ID setting.
-        margin: default 0.2 for both.
+        margin_type: a registered margin (:mod:`feature_cloud.margins`): ``"cosface"`` (cosine
+            margin :math:`m_c`), ``"arcface"`` (angular margin :math:`m_a`, radians),
+            ``"subcenter_arcface"`` (ArcFace over the best of ``sub_centers`` weight rows per
+            class), or a :class:`~feature_cloud.margins.Margin` instance.
+        scale: ``s``; default from the margin: 24 (CosFace) / 16 (ArcFace), the paper's re-ID
+            setting.
+        margin: default from the margin (0.2 for both).
+        sub_centers: weight rows per class (``weight`` is ``(sub_centers * C, D)``, rows
+            ``j K .. j K + K - 1`` for class ``j``); default from the margin (3 for sub-center
+            ArcFace, else 1).
         cloud: ``"full"``, ``"vanilla"`` or ``None`` (no cloud).
         tail_threshold: ``T`` of the vanilla rule (classes with ``K_i > T`` are head classes).
         gamma: center learning rate (paper: 0.1).
@@ -62,10 +80,18 @@ class LEAPMarginHead(nn.Module):
             ``"fused"`` (:func:`feature_cloud.fused.margin_loss`, one autograd Function),
             ``"chunked"`` (the same over class chunks of ``chunk_size``: no ``B x C`` tensor,
             for very many classes), ``"auto"`` (``"chunked"`` if ``chunk_size`` is given,
-            else ``"fused"``). The cloud is drawn class-major
+            else ``"fused"``). A margin without a fused derivative, or a sub-center layout,
+            runs ``"reference"`` whatever ``impl`` says. The cloud is drawn class-major
             (:func:`feature_cloud.fused.cloud_angles`) by every implementation, so a seed
             gives the same cloud whichever is used.
         chunk_size: classes per chunk of the ``"chunked"`` implementation.
+        count_steps: with ``class_counts=None``, the steps of one epoch: ``K_i`` are counted
+            online over the first ``count_steps`` steps only (must be ``<= warmup_steps``);
+            default ``warmup_steps`` (then the warm-up must be exactly one epoch, else the
+            counts are multiplied by the number of epochs: a warning says so).
+        center_rate, unknown_variance, angle_max_age: statistics options, see
+            :class:`~feature_cloud.ClassStatistics` (``center_rate``, ``unknown_variance``,
+            ``max_age``).
     """
 
     weight: Tensor
@@ -88,16 +114,35 @@ class LEAPMarginHead(nn.Module):
         validate: bool = True,
         impl: str = "auto",
         chunk_size: Optional[int] = None,
+        count_steps: Optional[int] = None,
+        center_rate: str = "adaptive",
+        unknown_variance: str = "tail_prior",
+        angle_max_age: Optional[int] = None,
+        sub_centers: Optional[int] = None,
     ) -> None:
         super().__init__()
+        embedding_size = as_int(embedding_size, "embedding_size", 1)
+        num_classes = as_int(num_classes, "num_classes", 1)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if chunk_size is not None:
+            chunk_size = as_int(chunk_size, "chunk_size", 1)
+        if scale is not None:
+            scale = as_float(scale, "scale", minimum=0.0, min_inclusive=False)
+        if margin is not None:
+            margin = as_float(margin, "margin")
+        warmup_steps = as_int(warmup_steps, "warmup_steps", 0)
+        tail_threshold = as_int(tail_threshold, "tail_threshold", 0)
+        memory_per_sample = as_int(memory_per_sample, "memory_per_sample", 1)
+        gamma = as_float(gamma, "gamma", minimum=0.0, maximum=1.0, min_inclusive=False)
+        if class_counts is not None:
+            class_counts = check_class_counts(class_counts, num_classes)
         if impl == "chunked" and chunk_size is None:
             raise ValueError("impl='chunked' needs chunk_size (classes per chunk)")
-        if margin_type not in FC.MARGIN_TYPES:
-            raise ValueError(f"margin_type must be one of {FC.MARGIN_TYPES}, got {margin_type!r}")
+        rule = margins.get(margin_type)
+        k = rule.sub_centers if sub_centers is None else sub_centers
+        if isinstance(k, bool) or int(k) < 1:
+            raise ValueError(f"sub_centers must be a positive integer, got {sub_centers!r}")
         if cloud is not None and cloud not in FC.CLOUD_RULES:
             raise ValueError(f"cloud must be one of {FC.CLOUD_RULES} or None, got {cloud!r}")
         if reduction not in ("mean", "sum", "none"):
@@ -110,18 +155,32 @@ class LEAPMarginHead(nn.Module):
                 "Eq. 5). Pass the per-class sample counts, or warmup_steps >= 1 epoch to count "
                 "them online."
             )
+        if count_steps is not None and not 1 <= int(count_steps) <= max(int(warmup_steps), 1):
+            raise ValueError(
+                f"count_steps must be in [1, warmup_steps={warmup_steps}] (K_i are counted during "
+                f"the warm-up), got {count_steps}"
+            )
+        if cloud is not None and class_counts is None and count_steps is None:
+            warnings.warn(
+                f"LEAPMarginHead counts K_i online over all warmup_steps={warmup_steps} steps: "
+                "correct only if the warm-up is exactly one epoch. Pass class_counts, or "
+                "count_steps=<steps per epoch>.", UserWarning, stacklevel=2,
+            )
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
-        self.margin_type = margin_type
-        self.scale = float(DEFAULT_SCALE[margin_type] if scale is None else scale)
-        self.margin = float(DEFAULT_MARGIN[margin_type] if margin is None else margin)
+        self.margin_type = rule.name
+        self.margin_rule = rule
+        self.sub_centers = int(k)
+        self.scale = float(rule.default_scale if scale is None else scale)
+        self.margin = float(rule.default_margin if margin is None else margin)
         self.cloud = cloud
         self.warmup_steps = int(warmup_steps)
         self.reduction = reduction
         self.validate = bool(validate)
         self.impl = impl
         self.chunk_size = None if chunk_size is None else int(chunk_size)
-        self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
+        self.weight = nn.Parameter(
+            torch.empty(self.num_classes * self.sub_centers, self.embedding_size))
         nn.init.xavier_normal_(self.weight)
         self.statistics = ClassStatistics(
             self.num_classes,
@@ -131,6 +190,10 @@ class LEAPMarginHead(nn.Module):
             class_counts=class_counts,
             cloud=cloud or "full",
             tail_threshold=tail_threshold,
+            count_updates=count_steps if class_counts is None else None,
+            center_rate=center_rate,
+            unknown_variance=unknown_variance,
+            max_age=angle_max_age,
         )
         self.step = 0  # training steps taken (saved with the state)
         self._rng = CloudRNG(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
@@ -144,7 +207,7 @@ class LEAPMarginHead(nn.Module):
     def logits(self, embeddings: Tensor) -> Tensor:
         """Plain scaled cosine logits ``s cos(theta)`` ``(B, C)`` for inference (no margin)."""
         check_embeddings(embeddings, self.embedding_size)
-        return FC.cosine_logits(embeddings, self.weight) * self.scale
+        return FC.cosine_logits(embeddings, self.weight, self.sub_centers) * self.scale
 
     def margin_logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Margin logits of the training loss (LEAP Eq. 1-2 or, with the cloud, Eq. 7-8).
@@ -153,37 +216,50 @@ class LEAPMarginHead(nn.Module):
         ``forward`` is the cross-entropy of these logits. Adapters that compute their own
         cross-entropy (fastreid) call this.
         """
-        std = self._training_step(embeddings, labels)
+        std, labels = self._training_step(embeddings, labels)
         alpha = None
         if std is not None:
             alpha = fused.cloud_angles(std, self.num_classes, self._generator_for(std.device))
-        cos = FC.cosine_logits(embeddings, self.weight)
+        cos = FC.cosine_logits(*FC.common_float(embeddings, self.weight), self.sub_centers)
         return FC.margin_logits(
-            cos, labels, margin_type=self.margin_type, scale=self.scale, margin=self.margin,
+            cos, labels, margin_type=self.margin_rule, scale=self.scale, margin=self.margin,
             alpha=alpha,
         )
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The LEAP margin softmax loss of a batch (reduced by ``reduction``)."""
-        if self.impl == "reference":
-            return FC.margin_cross_entropy(
-                self.margin_logits(embeddings, labels), labels, self.reduction)
-        std = self._training_step(embeddings, labels)
-        chunked = self.impl == "chunked" or (self.impl == "auto" and self.chunk_size is not None)
+        if self.backend == "reference":
+            logits = self.margin_logits(embeddings, labels)
+            return FC.margin_cross_entropy(logits, labels.long(), self.reduction)
+        std, labels = self._training_step(embeddings, labels)
+        x, w = FC.common_float(embeddings, self.weight)
         return fused.margin_loss(
-            embeddings, self.weight, labels, margin_type=self.margin_type, scale=self.scale,
+            x, w, labels, margin_type=self.margin_rule, scale=self.scale, validate=False,
             margin=self.margin, noise_std=std,
             generator=None if std is None else self._generator_for(std.device),
-            reduction=self.reduction, chunk_size=self.chunk_size if chunked else None,
+            reduction=self.reduction,
+            chunk_size=self.chunk_size if self.backend == "chunked" else None,
         )
 
-    def _training_step(self, embeddings: Tensor, labels: Tensor) -> Optional[Tensor]:
+    @property
+    def backend(self) -> str:
+        """The implementation :meth:`forward` runs: ``impl`` resolved against the margin."""
+        fusable = self.margin_rule.has_fused and self.sub_centers == 1
+        return _BACKENDS[(self.impl, fusable, self.chunk_size is not None)]
+
+    def _training_step(self, embeddings: Tensor, labels: Tensor) -> Tuple[Optional[Tensor], Tensor]:
         """Check the batch; when training, update the statistics and count the step.
 
-        Returns the per-sample cloud standard deviation ``(B,)`` when the cloud is active, else
-        ``None``.
+        Returns the per-sample cloud standard deviation ``(B,)`` when the cloud is active (else
+        ``None``) and the labels as int64.
         """
-        check_batch(embeddings, labels, self.embedding_size, self.num_classes, self.validate)
+        train = self.training and torch.is_grad_enabled()
+        if train and self.cloud is not None and self.statistics.collective:
+            # every rank agrees on the batch (one all-reduce) before anything changes
+            labels = self.statistics.agree(embeddings, labels, self.validate)
+        else:
+            labels = check_batch(embeddings, labels, self.embedding_size, self.num_classes,
+                                 self.validate)
         std = None
         # a collective statistics update must run on every rank each step, even for an empty batch
         if self.training and torch.is_grad_enabled() and (
@@ -198,13 +274,14 @@ class LEAPMarginHead(nn.Module):
                     # a fresh generator is seeded from the step: create it before the count moves
                     self._generator_for(std.device)
             self.step += 1
-        return std
+        return std, labels
 
     def extra_repr(self) -> str:
         return (
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"margin_type={self.margin_type!r}, scale={self.scale}, margin={self.margin}, "
-            f"cloud={self.cloud!r}, warmup_steps={self.warmup_steps}, reduction={self.reduction!r}, "
+            + (f"sub_centers={self.sub_centers}, " if self.sub_centers != 1 else "")
+            + f"cloud={self.cloud!r}, warmup_steps={self.warmup_steps}, reduction={self.reduction!r}, "
             f"impl={self.impl!r}" + ("" if self.chunk_size is None else f", chunk_size={self.chunk_size}")
         )
 
@@ -233,7 +310,9 @@ class LEAPMarginHead(nn.Module):
         if key in state_dict and tuple(state_dict[key].shape) != tuple(self.weight.shape):
             c, d = state_dict[key].shape
             raise ValueError(
-                f"checkpoint head has num_classes={c}, embedding_size={d}; this head has "
-                f"num_classes={self.num_classes}, embedding_size={self.embedding_size}"
+                f"checkpoint head has {c} weight rows (num_classes={c // self.sub_centers} x "
+                f"sub_centers={self.sub_centers}) of size {d}; this head has "
+                f"num_classes={self.num_classes} x sub_centers={self.sub_centers} rows of size "
+                f"embedding_size={self.embedding_size}"
             )
         super()._load_from_state_dict(state_dict, prefix, *args)

@@ -183,7 +183,7 @@ class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
         with self._bound_weight():
             logits = self.head.margin_logits(embeddings, labels)
-        losses = FC.margin_cross_entropy(logits, labels, reduction="none")
+        losses = FC.margin_cross_entropy(logits, labels.long(), reduction="none")  # any int dtype
         indices = c_f.torch_arange_from_size(embeddings)
         loss_dict: Dict[str, Dict[str, Any]] = {
             "loss": {
