@@ -235,6 +235,7 @@ def _train_split_reads(monkeypatch, cfg):
         return original(self, dir_path, *args, **kwargs)
 
     monkeypatch.setattr(Market1501, "process_dir", counting)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     DefaultTrainer(cfg)
     return len(reads)
 
