@@ -197,6 +197,8 @@ NAN, INF = float("nan"), float("inf")
     (dict(gamma=NAN), ValueError, "gamma must be finite"),
     (dict(memory_per_sample="2"), TypeError, "memory_per_sample must be an integer"),
     (dict(tail_threshold=-1), ValueError, "tail_threshold must be >= 0"),
+    (dict(class_counts=None, warmup_steps=4, count_steps="2"), TypeError, "count_steps must be"),
+    (dict(angle_max_age=NAN), TypeError, "max_age must be an integer"),
 ])
 def test_head_hyper_parameters_are_validated(kwargs, exc, match):
     kwargs.setdefault("class_counts", COUNTS)
