@@ -155,6 +155,8 @@ class LEAPMarginHead(nn.Module):
                 "Eq. 5). Pass the per-class sample counts, or warmup_steps >= 1 epoch to count "
                 "them online."
             )
+        if count_steps is not None:
+            count_steps = as_int(count_steps, "count_steps")
         if count_steps is not None and not 1 <= int(count_steps) <= max(int(warmup_steps), 1):
             raise ValueError(
                 f"count_steps must be in [1, warmup_steps={warmup_steps}] (K_i are counted during "
