@@ -105,9 +105,12 @@ def write_synthetic_market1501(
 
 
 def build_cfg(config_file: str, opts: List[str]):
+    # the adapter first: it makes fastreid importable
+    # isort: off
     from feature_cloud.integrations.fastreid import add_feature_cloud_config, config_path
     from feature_cloud.integrations.fastreid_ftl import add_ftl_config
     from fastreid.config import get_cfg
+    # isort: on
 
     cfg = get_cfg()
     add_feature_cloud_config(cfg)  # adds MODEL.HEADS.FEATURE_CLOUD (LEAPHead)
@@ -129,11 +132,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
 
+    # isort: off
     import feature_cloud.integrations.fastreid  # noqa: F401  (first: fastreid compat, registers LEAPHead)
     from feature_cloud.integrations.fastreid_ftl import FTLTrainer  # registers FTLBaseline
     from fastreid.data import build as data_build
     from fastreid.engine import DefaultTrainer
     from fastreid.utils.checkpoint import Checkpointer
+    # isort: on
 
     if args.synthetic:
         write_synthetic_market1501(args.synthetic)

@@ -392,7 +392,7 @@ class FeatureCloudHook(HookBase):
             head.set_class_counts(counts)
 
 
-def _leap_heads(model: nn.Module) -> List["LEAPHead"]:
+def _leap_heads(model: nn.Module) -> List[LEAPHead]:
     return [m for m in model.modules() if isinstance(m, LEAPHead)]
 
 
@@ -637,6 +637,7 @@ class LEAPHead(nn.Module):
 
 def _counts_loaded(module: nn.Module, incompatible: Any) -> None:
     """After loading a state dict: counts in the checkpoint (a trained head) are the ``K_i``."""
-    head = module.margin_head if isinstance(module, LEAPHead) else None
-    if head is not None and module._counts_pending and bool(head.statistics.class_counts.sum() > 0):
+    if not isinstance(module, LEAPHead) or module.margin_head is None or not module._counts_pending:
+        return
+    if bool(module.margin_head.statistics.class_counts.sum() > 0):
         module._counts_pending = False

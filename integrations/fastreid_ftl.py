@@ -39,7 +39,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from feature_cloud.ftl import AlternatingScheduler, ConvDecoder, FTLModel, make_filter
 from feature_cloud.heads import LEAPMarginHead
-from feature_cloud.integrations.fastreid import CLS_LAYER_TO_MARGIN, config_path, patch_fastreid_compat  # noqa: F401
+from feature_cloud.integrations.fastreid import (  # noqa: F401
+    CLS_LAYER_TO_MARGIN,
+    config_path,
+    patch_fastreid_compat,
+)
 from feature_cloud.transfer import FeatureTransfer
 
 patch_fastreid_compat()
@@ -266,7 +270,7 @@ class _Stage1Stream:
         self.scheduler = scheduler
         self._pairs = zip(hard, tail)
 
-    def __iter__(self) -> "_Stage1Stream":
+    def __iter__(self) -> _Stage1Stream:
         return self
 
     def __next__(self) -> Dict[str, Tensor]:
@@ -379,7 +383,7 @@ class FTLHook(HookBase):
             checkpointer.checkpointables["ftl_scheduler"] = self
 
     @classmethod
-    def from_trainer(cls, trainer: DefaultTrainer, cfg: Optional[CfgNode] = None) -> "FTLHook":
+    def from_trainer(cls, trainer: DefaultTrainer, cfg: Optional[CfgNode] = None) -> FTLHook:
         """Build the hook from a constructed ``DefaultTrainer`` and ``MODEL.FTL`` (see
         :func:`add_ftl_config`); registers it in the trainer's checkpointer. Register the hook
         with ``trainer.register_hooks([...])`` before ``resume_or_load`` / ``train``."""

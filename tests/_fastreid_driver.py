@@ -28,13 +28,16 @@ import sys
 
 import torch
 
-import feature_cloud.integrations.fastreid as fc_fastreid  # first: fastreid compat patches
+# the adapter first: it makes fastreid importable
+# isort: off
+import feature_cloud.integrations.fastreid as fc_fastreid
 from feature_cloud.integrations.fastreid_ftl import FTLBaseline, FTLTrainer, add_ftl_config
 from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer, hooks
 from fastreid.modeling import build_model
 from fastreid.utils.checkpoint import Checkpointer
 from fastreid.utils.events import EventStorage
+# isort: on
 
 torch.set_num_threads(1)
 
@@ -118,7 +121,7 @@ def main(mode, out_json, config, opts):
         summary["loaded"] = head_summary(trainer.model)
         if mode == "resume":
             torch.save(probe(trainer.model, trainer.cfg), base + ".probe.pt")
-            torch.save({k: v for k, v in unwrap(trainer.model).state_dict().items()}, base + ".loaded.pt")
+            torch.save(dict(unwrap(trainer.model).state_dict()), base + ".loaded.pt")
         results = trainer.train()
         summary["results"] = {k: float(v) for k, v in results.items() if k != "dataset"}
         summary["final"] = head_summary(trainer.model)
