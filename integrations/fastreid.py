@@ -137,7 +137,7 @@ def patch_fastreid_compat() -> List[str]:
         collections.Mapping = collections.abc.Mapping  # type: ignore[attr-defined]
         _APPLIED.append("collections.Mapping")
     if "bool" not in np.__dict__:
-        np.bool = bool  # type: ignore[attr-defined]
+        setattr(np, "bool", bool)
         _APPLIED.append("np.bool")
 
     from fastreid.data import build as data_build
