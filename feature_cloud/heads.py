@@ -166,6 +166,8 @@ class LEAPMarginHead(nn.Module):
             raise ValueError(f"cloud_mode must be one of {FC.CLOUD_MODES}, got {cloud_mode!r}")
         if not float(cloud_scale) >= 0.0:
             raise ValueError(f"cloud_scale must be >= 0, got {cloud_scale}")
+        if count_steps is not None:
+            count_steps = as_int(count_steps, "count_steps")
         if count_steps is not None and not 1 <= int(count_steps) <= max(int(warmup_steps), 1):
             raise ValueError(
                 f"count_steps must be in [1, warmup_steps={warmup_steps}] (K_i are counted during "
