@@ -427,3 +427,17 @@ def test_fastreid_head_half_keeps_float32_statistics_and_trains():
     assert head.margin_head.cloud_active and head.margin_head.statistics.memory_allocated
     for name, want in STAT_DTYPES.items():
         assert getattr(head.margin_head.statistics, name).dtype == want, name
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_ftl_model_loss_accepts_integer_label_dtypes(dtype):
+    from feature_cloud import FTLModel
+
+    torch.manual_seed(0)
+    model = FTLModel(torch.nn.Linear(6, D), torch.nn.Linear(D, 5, bias=False), feature_dim=D,
+                     decoder=torch.nn.Linear(D, 6), transfer=FeatureTransfer(D, 5))
+    x, y = torch.randn(10, 6), torch.randint(0, 5, (10,))
+    want, got = model.loss(x, y), model.loss(x, y.to(dtype))
+    assert torch.equal(want["loss"].detach(), got["loss"].detach())
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        model.loss(x, y.float())
