@@ -24,10 +24,10 @@ Synchronised statistics (:class:`SyncedClassStatistics`, :func:`synchronize`)
 Sharded classifier (:class:`ShardedLEAPMarginHead`)
     Model parallelism for very many classes (insightface's PartialFC is the reference): rank ``r``
     holds rows ``[start_r, end_r)`` of the ``(C, D)`` class weights. The embeddings of all ranks
-    are all-gathered; each rank runs the fused margin loss (:func:`feature_cloud.fused.margin_loss`,
-    LEAP Eq. 7-8) of the global batch against its own classes, and the softmax cross-entropy is
-    assembled exactly from a distributed max, a distributed sum of ``exp`` and the target logit
-    of the one shard that owns each label (Partial FC's scheme, inside the fused kernels).
+    are all-gathered; each rank computes the margin logits (LEAP Eq. 7-8 via
+    :func:`feature_cloud.functional.margin_logits`) of the global batch against its own classes,
+    and the softmax cross-entropy is assembled exactly from a distributed max, a distributed sum
+    of ``exp`` and the target logit of the one shard that owns each label.
 """
 from __future__ import annotations
 
@@ -44,7 +44,6 @@ from ._validation import (
     PROBLEM_SLOTS, as_float, as_int, check_batch, check_class_counts, check_embeddings,
     problem_tensor, raise_for_problems,
 )
-from . import fused
 from .fused import cloud_angles
 from ._rng import CloudRNG
 from .heads import DEFAULT_MARGIN, DEFAULT_SCALE, LEAPMarginHead
@@ -461,10 +460,9 @@ class ShardedLEAPMarginHead(nn.Module):
     same value on every rank and equal to :class:`~feature_cloud.heads.LEAPMarginHead` with the
     full weight on the concatenated batch:
 
-    * margin logits of the global batch against the local classes, LEAP Eq. 1-2 / 7-8, by the
-      fused kernels of :func:`~feature_cloud.fused.margin_loss` (the margin lands on the shard
-      that owns the label; the others see ``label = -1``; a margin without a fused derivative
-      uses :func:`~feature_cloud.functional.margin_logits`);
+    * margin logits of the global batch against the local classes, LEAP Eq. 1-2 / 7-8 by
+      :func:`~feature_cloud.functional.margin_logits` (the margin lands on the shard that owns
+      the label; the others see ``label = -1``);
     * :math:`\ell_n = \log\sum_r\sum_{j\in r} e^{z_{nj}-m_n} + m_n - z_{ny_n}` with
       :math:`m_n` the all-reduced row maximum, the sum of exponentials all-reduced and the target
       logit taken from its owner shard.
@@ -641,30 +639,20 @@ class ShardedLEAPMarginHead(nn.Module):
         weight = self.weight
         if train and self.sample_rate < 1.0:
             weight, local = self._sample_classes(local, emb.device)
-        valid = lab >= 0
-        # the cloud is drawn as LEAPMarginHead draws it (class-major blocks), so one shard
-        # equals the dense head; the generator exists before the step count moves
-        gen = None if std is None else self._generator_for(emb.device)
-        if train:
+        alpha = None
+        if std is not None:
+            # the draw of LEAPMarginHead (class-major blocks), so one shard equals the dense head
+            alpha = cloud_angles(std, weight.shape[0], self._generator_for(emb.device))
+        if train:  # after the draws, as in LEAPMarginHead: rank 0's stream is the dense one
             self.step += 1
-        if margins.get(self.margin_type).has_fused:
-            # Partial FC on the fused kernels: per-shard logits, log-sum-exp and target term,
-            # the row maximum, the sum of exponentials and the target logit all-reduced
-            x, w = FC.common_float(emb, weight)
-            per_sample = fused.margin_loss(
-                x, w, local, margin_type=self.margin_type, scale=self.scale, margin=self.margin,
-                noise_std=std, generator=gen, reduction="none", validate=False, row_valid=valid,
-                reducer=_all_reducer(group) if distributed else None,
-                num_classes=self.num_classes)
-        else:  # a margin without a fused derivative: margin logits and a sharded softmax
-            alpha = None if std is None else cloud_angles(std, weight.shape[0], gen)
-            cos = FC.cosine_logits(*FC.common_float(emb, weight))
-            logits = FC.margin_logits(
-                cos, local, margin_type=self.margin_type, scale=self.scale, margin=self.margin,
-                alpha=alpha,
-            )
-            per_sample = _sharded_cross_entropy(logits, local, group, distributed)
-            per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
+        cos = FC.cosine_logits(emb, weight)
+        logits = FC.margin_logits(
+            cos, local, margin_type=self.margin_type, scale=self.scale, margin=self.margin,
+            alpha=alpha,
+        )
+        per_sample = _sharded_cross_entropy(logits, local, group, distributed)
+        valid = lab >= 0
+        per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
         if self.reduction == "none":
             rows = emb.shape[0] // self.world_size
             return per_sample[self.rank * rows:self.rank * rows + local_rows]
@@ -724,18 +712,6 @@ class ShardedLEAPMarginHead(nn.Module):
                 "consolidate_state_dicts / split_state_dict to change the layout)"
             )
         super()._load_from_state_dict(state_dict, prefix, *args)
-
-
-def _all_reducer(group: ProcessGroup) -> "fused.Reducer":
-    """``fused.margin_loss``'s shard reducer: an all-reduce (max or sum) over ``group``."""
-
-    def reduce(t: Tensor, op: str) -> Tensor:
-        t = t.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
-                        group=group)
-        return t
-
-    return reduce
 
 
 def _sharded_cross_entropy(

@@ -12,15 +12,14 @@ initialised by ``weight_init_func`` and regularised by ``weight_regularizer`` ex
 ``CosFaceLoss.W``; ``reducer``, ``distance`` (cosine only), miners' ``indices_tuple``,
 ``get_logits`` and ``utils.distributed.DistributedLossWrapper`` work as for the PML losses.
 
-No math lives here: the cloud (statistics update, LEAP Eq. 3-6/9; noise, Sec. 3.4) and the
-per-sample margin softmax losses (Eq. 1-2, 7-8; ``reduction="none"``, so PML's reducers and
-miner weights apply) come from :class:`feature_cloud.LEAPMarginHead` on its fused kernels, the
-margins and their PML units from :mod:`feature_cloud.margins`, the m-L2 term (FTL Eq. 3) from
-:class:`feature_cloud.MetricL2`.
+No math lives here: the cloud (statistics update, LEAP Eq. 3-6/9; noise, Sec. 3.4) and the margin
+logits (Eq. 1-2, 7-8) come from :class:`feature_cloud.LEAPMarginHead`, the cross-entropy and the
+m-L2 term (FTL Eq. 3) from :mod:`feature_cloud.functional` / :class:`feature_cloud.MetricL2`.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
@@ -31,15 +30,15 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor
 
-from feature_cloud import margins
+from feature_cloud import functional as FC
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.regularizers import MetricL2
 
 __all__ = ["LEAPLoss", "PML_DEFAULT_MARGIN", "PML_DEFAULT_SCALE"]
 
 #: PML's defaults: ``CosFaceLoss(margin=0.35, scale=64)``, ``ArcFaceLoss(margin=28.6 deg, scale=64)``.
-PML_DEFAULT_MARGIN = {n: margins.get(n).pml_margin for n in margins.names()}
-PML_DEFAULT_SCALE = {n: margins.get(n).pml_scale for n in margins.names()}
+PML_DEFAULT_MARGIN = {"cosface": 0.35, "arcface": 28.6}
+PML_DEFAULT_SCALE = {"cosface": 64.0, "arcface": 64.0}
 
 
 class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
@@ -57,9 +56,7 @@ class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         margin: PML convention: cosine margin for ``"cosface"`` (default 0.35), **degrees** for
             ``"arcface"`` (default 28.6).
         scale: ``s`` (PML default 64).
-        margin_type: a registered margin (:mod:`feature_cloud.margins`): ``"cosface"``,
-            ``"arcface"`` or ``"subcenter_arcface"`` (PML's ``SubCenterArcFaceLoss``: ``W`` is
-            ``(embedding_size, num_classes * sub_centers)``, default 3 sub-centers).
+        margin_type: ``"cosface"`` or ``"arcface"``.
         cloud: ``"full"`` (LEAP Eq. 9), ``"vanilla"`` (Eq. 6) or ``None`` (plain CosFace/ArcFace).
         tail_threshold, gamma, memory_per_sample, warmup_steps, class_counts, seed, validate:
             as in :class:`feature_cloud.LEAPMarginHead` (``class_counts`` are the per-class sample
@@ -92,10 +89,10 @@ class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         seed: Optional[int] = None,
         validate: bool = True,
         metric_l2: Union[None, float, MetricL2] = None,
-        sub_centers: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
-        rule = margins.get(margin_type)
+        if margin_type not in FC.MARGIN_TYPES:
+            raise ValueError(f"margin_type must be one of {FC.MARGIN_TYPES}, got {margin_type!r}")
         if metric_l2 is not None and not isinstance(metric_l2, (MetricL2, int, float)):
             raise TypeError(
                 f"metric_l2 must be None, a float alpha or a MetricL2, got {type(metric_l2).__name__}"
@@ -105,24 +102,21 @@ class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         super().__init__(**kwargs)
         c_f.assert_distance_type(self, CosineSimilarity)
         self.num_classes = int(num_classes)
-        self.margin_type = rule.name
-        self.margin = float(rule.pml_margin if margin is None else margin)
-        self.scale = float(rule.pml_scale if scale is None else scale)
-        self.sub_centers = int(rule.sub_centers if sub_centers is None else sub_centers)
+        self.margin_type = margin_type
+        self.margin = float(PML_DEFAULT_MARGIN[margin_type] if margin is None else margin)
+        self.scale = float(PML_DEFAULT_SCALE[margin_type] if scale is None else scale)
         self.add_to_recordable_attributes(
             list_of_names=["num_classes", "margin", "scale"], is_stat=False
         )
         # W first, so that under the same seed it equals PML's CosFaceLoss/ArcFaceLoss W
-        self.W = torch.nn.Parameter(
-            torch.empty(int(embedding_size), self.num_classes * self.sub_centers))
+        self.W = torch.nn.Parameter(torch.empty(int(embedding_size), self.num_classes))
         self.weight_init_func(self.W)
         self.head = LEAPMarginHead(
             int(embedding_size),
             self.num_classes,
-            margin_type=rule,
+            margin_type=margin_type,
             scale=self.scale,
-            margin=rule.from_pml(self.margin),
-            sub_centers=self.sub_centers,
+            margin=math.radians(self.margin) if margin_type == "arcface" else self.margin,
             cloud=cloud,
             tail_threshold=tail_threshold,
             gamma=gamma,
@@ -187,8 +181,9 @@ class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         dtype, device = embeddings.dtype, embeddings.device
         self.cast_types(dtype, device)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
-        with self._bound_weight():  # per-sample losses (reduction="none") on the fused kernels
-            losses = self.head(embeddings, labels)
+        with self._bound_weight():
+            logits = self.head.margin_logits(embeddings, labels)
+        losses = FC.margin_cross_entropy(logits, labels.long(), reduction="none")  # any int dtype
         indices = c_f.torch_arange_from_size(embeddings)
         loss_dict: Dict[str, Dict[str, Any]] = {
             "loss": {
