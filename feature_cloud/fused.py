@@ -402,17 +402,18 @@ def _chunk_backward(
         if post is not None:
             gWc.mul_(post)
     gWc.index_add_(0, local, (corr.unsqueeze(1) * xn).to(gWc.dtype))
-    coef = rw2c * _rowdot(gWc, Wc)
-    gWc.addcmul_(Wc, coef.unsqueeze(1).to(gWc.dtype), value=-1)
+    _normalize_backward_(gWc, Wc, rw2c)
     return gx, gx_corr
 
 
-def _rowdot(a: Tensor, b: Tensor, rows: int = 16384) -> Tensor:
-    """``(a * b).sum(1)`` in row blocks (no ``C x D`` temporary)."""
-    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
-    for r0 in range(0, a.shape[0], rows):
-        torch.sum(a[r0:r0 + rows] * b[r0:r0 + rows], dim=1, out=out[r0:r0 + rows])
-    return out
+def _normalize_backward_(gW: Tensor, W: Tensor, rw2: Tensor, rows: int = 256) -> None:
+    """``gW_j -= rw_j^2 (W_j . gW_j) W_j`` in place, in row blocks that stay in cache (one pass
+    over ``C x D`` instead of a row-dot pass and an update pass, no ``C x D`` temporary)."""
+    tmp = torch.empty(min(rows, gW.shape[0]), gW.shape[1], dtype=gW.dtype, device=gW.device)
+    for r0 in range(0, gW.shape[0], rows):
+        g, w = gW[r0:r0 + rows], W[r0:r0 + rows].to(gW.dtype)
+        dot = torch.mul(g, w, out=tmp[:g.shape[0]]).sum(1)
+        g.addcmul_(w, (dot * rw2[r0:r0 + rows]).unsqueeze(1).to(gW.dtype), value=-1)
 
 
 def _chunk_noise(
