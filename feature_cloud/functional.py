@@ -217,15 +217,19 @@ def target_cloud_angles(
     return (z.abs() if mode == "margin" else z) * std
 
 
-def margin_cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+def margin_cross_entropy(
+    logits: Tensor, labels: Tensor, reduction: str = "mean", label_smoothing: float = 0.0
+) -> Tensor:
     """Softmax cross-entropy over margin logits; labels ``< 0`` are ignored.
 
     ``"mean"`` averages over the non-ignored rows and returns 0 (not NaN) when every row is
-    ignored or the batch is empty.
+    ignored or the batch is empty. ``label_smoothing`` as in ``F.cross_entropy`` (targets
+    ``1 - eps + eps / C`` and ``eps / C``).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    per_sample = F.cross_entropy(logits, labels.clamp_min(-1), ignore_index=-1, reduction="none")
+    per_sample = F.cross_entropy(logits, labels.clamp_min(-1), ignore_index=-1, reduction="none",
+                                 label_smoothing=label_smoothing)
     if reduction == "none":
         return per_sample
     total = per_sample.sum()

@@ -245,25 +245,45 @@ class LEAPMarginHead(nn.Module):
             alpha=alpha, target_alpha=target_alpha,
         )
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The LEAP margin softmax loss of a batch (reduced by ``reduction``)."""
-        if self.backend == "reference" or (self.cloud_mode != "paper" and self.cloud is not None):
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, *, label_smoothing: float = 0.0,
+        return_predictions: bool = False, reduction: Optional[str] = None,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """The LEAP margin softmax loss of a batch (reduced by ``reduction``, default the
+        head's).
+
+        ``label_smoothing``: as ``F.cross_entropy``'s (targets ``1 - eps + eps / C``, ``eps / C``).
+        ``return_predictions``: also return each sample's best class by plain cosine (for
+        accuracy logging; the fused path gets it without a second GEMM).
+        """
+        reduction = self.reduction if reduction is None else reduction
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if self.backend == "reference":
             logits = self.margin_logits(embeddings, labels)
-            return FC.margin_cross_entropy(logits, labels.long(), self.reduction)
+            loss = FC.margin_cross_entropy(logits, labels.long(), reduction, label_smoothing)
+            if not return_predictions:
+                return loss
+            with torch.no_grad():
+                pred = FC.cosine_logits(*FC.common_float(embeddings, self.weight),
+                                        self.sub_centers).argmax(1)
+            return loss, pred
         std, labels = self._training_step(embeddings, labels)
         x, w = FC.common_float(embeddings, self.weight)
         return fused.margin_loss(
             x, w, labels, margin_type=self.margin_rule, scale=self.scale, validate=False,
             margin=self.margin, noise_std=std,
             generator=None if std is None else self._generator_for(std.device),
-            reduction=self.reduction,
+            reduction=reduction,
             chunk_size=self.chunk_size if self.backend == "chunked" else None,
+            label_smoothing=label_smoothing, return_predictions=return_predictions,
         )
 
     @property
     def backend(self) -> str:
         """The implementation :meth:`forward` runs: ``impl`` resolved against the margin."""
-        fusable = self.margin_rule.has_fused and self.sub_centers == 1
+        fusable = (self.margin_rule.has_fused and self.sub_centers == 1
+                   and (self.cloud is None or self.cloud_mode == "paper"))
         return _BACKENDS[(self.impl, fusable, self.chunk_size is not None)]
 
     def _training_step(self, embeddings: Tensor, labels: Tensor) -> Tuple[Optional[Tensor], Tensor]:

@@ -73,6 +73,7 @@ __all__ = [
     "patch_fastreid_compat",
     "add_feature_cloud_config",
     "LEAPHead",
+    "LEAPBaseline",
     "class_counts_from_dataset",
     "class_counts_from_config",
     "CLS_LAYER_TO_MARGIN",
@@ -220,6 +221,7 @@ from fastreid.engine.train_loop import HookBase  # noqa: E402
 from fastreid.layers import get_norm, pooling  # noqa: E402
 from fastreid.layers.weight_init import weights_init_kaiming  # noqa: E402
 from fastreid.modeling.heads import REID_HEADS_REGISTRY  # noqa: E402
+from fastreid.modeling.meta_arch import META_ARCH_REGISTRY, Baseline  # noqa: E402
 from fastreid.utils.checkpoint import Checkpointer  # noqa: E402
 
 from feature_cloud import statistics as _statistics  # noqa: E402
@@ -512,6 +514,9 @@ class LEAPHead(nn.Module):
                 # identical statistics on every rank under a process group (a no-op without one)
                 synchronize(self.margin_head, pad_to=batch_size_per_rank)
         self.register_load_state_dict_post_hook(_counts_loaded)
+        #: fastreid's ``CE.EPSILON`` when :class:`LEAPBaseline` runs the cross-entropy inside the
+        #: head (fused kernels); ``None``: return margin logits for fastreid's own loss
+        self.fused_ce_epsilon: Optional[float] = None
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
@@ -624,10 +629,16 @@ class LEAPHead(nn.Module):
                 "head.set_class_counts(class_counts_from_dataset(train_set)) first, load a checkpoint, "
                 "or use CLASS_COUNTS: online with WARMUP_ITERS covering an epoch"
             )
+        feat = pool_feat[..., 0, 0] if self.neck_feat == "before" else neck_feat
+        if self.fused_ce_epsilon is not None:  # LEAPBaseline: the loss on the fused kernels
+            losses, pred = head(
+                neck_feat, targets, return_predictions=True, reduction="none",
+                label_smoothing=fastreid_epsilon_to_label_smoothing(self.fused_ce_epsilon,
+                                                                    head.num_classes))
+            return {"cls_losses": losses, "pred_classes": pred, "features": feat}
         cls_outputs = head.margin_logits(neck_feat, targets)
         with torch.no_grad():
             pred_class_logits = head.logits(neck_feat)
-        feat = pool_feat[..., 0, 0] if self.neck_feat == "before" else neck_feat
         return {
             "cls_outputs": cls_outputs,
             "pred_class_logits": pred_class_logits,
@@ -641,3 +652,75 @@ def _counts_loaded(module: nn.Module, incompatible: Any) -> None:
         return
     if bool(module.margin_head.statistics.class_counts.sum() > 0):
         module._counts_pending = False
+
+
+def fastreid_epsilon_to_label_smoothing(epsilon: float, num_classes: int) -> float:
+    """fastreid's ``CE.EPSILON`` ``e`` (targets ``1 - e`` and ``e / (C - 1)``) as
+    ``F.cross_entropy``'s ``label_smoothing`` (targets ``1 - eps + eps / C`` and ``eps / C``):
+    ``eps = e C / (C - 1)``."""
+    return float(epsilon) * num_classes / max(num_classes - 1, 1)
+
+
+class _PredictedClasses:
+    """Stands in for ``pred_class_logits`` in fastreid's ``log_accuracy`` (which takes the top-1
+    class): the fused loss returns each sample's best class, not a ``B x C`` logit matrix."""
+
+    def __init__(self, pred: Tensor) -> None:
+        self.pred = pred
+
+    def detach(self) -> "_PredictedClasses":
+        return self
+
+    def size(self, dim: int = 0) -> int:
+        return self.pred.shape[0]
+
+    def topk(self, k: int, dim: int = 1, largest: bool = True, sorted: bool = True):
+        if k != 1 or dim != 1 or not largest:
+            raise ValueError("only the top-1 class is known (fastreid logs top-1 accuracy)")
+        return None, self.pred.unsqueeze(1)
+
+
+@META_ARCH_REGISTRY.register()
+class LEAPBaseline(Baseline):
+    """fastreid's ``Baseline`` whose cross-entropy runs inside :class:`LEAPHead` on the fused
+    kernels (``MODEL.META_ARCHITECTURE: LEAPBaseline``).
+
+    Same configuration and losses as ``Baseline``: ``CrossEntropyLoss`` with ``CE.EPSILON``
+    label smoothing (``1 - e`` on the target, ``e / (C - 1)`` elsewhere), normalised like
+    fastreid's ``cross_entropy_loss`` (sum over the non-zero losses' count) and scaled by
+    ``CE.SCALE``; top-1 accuracy logged as ``cls_accuracy``; triplet, circle and pairwise
+    cosface losses computed by ``Baseline.losses`` on the head's features. The head returns
+    per-sample losses instead of ``B x C`` margin logits, so the step makes no logit matrix
+    outside the fused kernels. With adaptive label smoothing (``CE.EPSILON < 0``) or another
+    head it is exactly ``Baseline``.
+    """
+
+    @configurable
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        names = self.loss_kwargs["loss_names"]
+        eps = float(self.loss_kwargs.get("ce", {}).get("eps", 0.0))
+        if isinstance(self.heads, LEAPHead) and "CrossEntropyLoss" in names and eps >= 0:
+            self.heads.fused_ce_epsilon = eps
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
+        return Baseline.from_config(cfg)
+
+    def losses(self, outputs: Dict[str, Any], gt_labels: Tensor) -> Dict[str, Tensor]:
+        if "cls_losses" not in outputs:  # margin logits: fastreid's own cross-entropy
+            return super().losses(outputs, gt_labels)
+        kwargs = self.loss_kwargs
+        names = kwargs["loss_names"]
+        self.loss_kwargs = dict(kwargs, loss_names=[n for n in names if n != "CrossEntropyLoss"])
+        try:  # accuracy and every other loss by Baseline itself
+            loss_dict = super().losses(
+                {"pred_class_logits": _PredictedClasses(outputs["pred_classes"]),
+                 "cls_outputs": None, "features": outputs["features"]}, gt_labels)
+        finally:
+            self.loss_kwargs = kwargs
+        if "CrossEntropyLoss" in names:
+            per_sample = outputs["cls_losses"]
+            count = torch.count_nonzero(per_sample).clamp_min(1)  # fastreid's normalisation
+            loss_dict["loss_cls"] = per_sample.sum() / count * kwargs["ce"].get("scale", 1.0)
+        return loss_dict

@@ -331,3 +331,59 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", _ORDERS[order] + check], cwd=root, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=root), timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- LEAPBaseline: fused CE
+def _meta_pair(eps, cloud="none"):
+    import copy
+
+    from fastreid.modeling.meta_arch import META_ARCH_REGISTRY, Baseline
+
+    torch.manual_seed(0)
+    head = build_heads(_head_cfg(FC__CLOUD=cloud, FC__SEED=3))
+    kwargs = {"loss_names": ("CrossEntropyLoss", "TripletLoss"),
+              "ce": {"eps": eps, "alpha": 0.2, "scale": 0.7},
+              "tri": {"margin": 0.3, "norm_feat": False, "hard_mining": True, "scale": 1.0}}
+    arch = META_ARCH_REGISTRY.get("LEAPBaseline")
+    assert arch is fr.LEAPBaseline
+    common = dict(backbone=torch.nn.Identity(), pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3)
+    ref = Baseline(heads=copy.deepcopy(head), loss_kwargs=copy.deepcopy(kwargs), **common)
+    ours = arch(heads=head, loss_kwargs=kwargs, **common)
+    return ref, ours
+
+
+def _meta_step(model, feats, labels):
+    from fastreid.utils.events import EventStorage
+
+    feats = feats.clone().requires_grad_(True)
+    with EventStorage(0) as storage:
+        losses = model.losses(model.heads(feats, labels), labels)
+        acc = storage.history("cls_accuracy").latest()
+    sum(losses.values()).backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    return {k: v.detach() for k, v in losses.items()}, acc, feats.grad, grads
+
+
+@pytest.mark.parametrize("eps,cloud", [(0.0, "none"), (0.1, "none"), (-1.0, "none"), (0.1, "full")])
+def test_leap_baseline_runs_the_fused_loss_and_equals_baseline(eps, cloud):
+    """MODEL.META_ARCHITECTURE: LEAPBaseline computes fastreid's cross-entropy (CE.EPSILON label
+    smoothing, its normalisation and CE.SCALE) inside the head on the fused kernels: the same
+    losses, accuracy and gradients as Baseline + fastreid's cross_entropy_loss on margin logits."""
+    ref, ours = _meta_pair(eps, cloud)
+    assert (ours.heads.fused_ce_epsilon is None) == (eps < 0)  # adaptive smoothing: Baseline's
+    feats = torch.randn(8, 32, 1, 1, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 0, 1, 1, 2, 3, 4, 4])
+    for _ in range(3 if cloud != "none" else 1):  # past the 2 warm-up steps: the cloud is on
+        got, want = _meta_step(ours, feats, labels), _meta_step(ref, feats, labels)
+    assert ours.heads.margin_head.cloud_active == (cloud != "none")
+    assert set(got[0]) == set(want[0]) == {"loss_cls", "loss_triplet"}
+    for k in want[0]:
+        torch.testing.assert_close(got[0][k], want[0][k], atol=1e-5, rtol=1e-5)
+    assert got[1] == want[1]
+    torch.testing.assert_close(got[2], want[2], atol=1e-5, rtol=1e-5)
+    for g, w in zip(got[3], want[3]):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    if eps >= 0:
+        out = ours.heads(feats, labels)
+        assert set(out) == {"cls_losses", "pred_classes", "features"} and out["cls_losses"].shape == (8,)
+        assert ours.heads.margin_head.backend == "fused"
