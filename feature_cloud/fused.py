@@ -55,7 +55,7 @@ copy of the generator state saved in the forward.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -225,7 +225,7 @@ class _Plan:
     """Static configuration of one call (plain Python values, no tensors)."""
 
     __slots__ = (
-        "rule", "scale", "margin", "reduction", "chunk", "block", "generator",
+        "rule", "scale", "smoothing", "num_classes", "reducer", "want_pred", "margin", "reduction", "chunk", "block", "generator",
         "compute", "gemm", "exp_floor", "pi_below", "sqrt_floor", "cloud", "explicit_noise",
     )
 
@@ -273,14 +273,16 @@ def _chunk_logits(
     sigma: Optional[Tensor],
     plan: _Plan,
     ws: _Workspace,
-) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Tensor]:
     """Scaled margin logits of classes ``j0 .. j0 + len(Wc)`` (class-major), LEAP Eq. 1-2 / 7-8.
 
-    Returns ``(Z, d, idx, inside, z_y, d_y)``: logits ``(Cc, B)`` (a workspace buffer, target
-    entries included); the elementwise derivative ``d cos(theta + alpha) / d c`` (``None``
-    without cloud, meaning 1); the target index and in-chunk mask; the target logit (margin
-    applied) and the derivative of its cosine. ``noise_c`` (when generated) is a workspace
-    buffer and is overwritten.
+    Returns ``(Z, d, idx, inside, z_y, d_y, pred, c_y)``: logits ``(Cc, B)`` (a workspace buffer,
+    target entries included); the elementwise derivative ``d cos(theta + alpha) / d c``
+    (``None`` without cloud, meaning 1); the target index and in-chunk mask (``valid``: rows
+    with a target in this weight); the target logit (margin applied) and the derivative of its
+    cosine; the largest plain cosine over the chunk per sample when ``plan.want_pred``; the
+    target's plain cosine.
+    ``noise_c`` (when generated) is a workspace buffer and is overwritten.
     """
     B, Cc = xg.shape[0], Wc.shape[0]
     s, m = plan.scale, plan.margin
@@ -290,8 +292,11 @@ def _chunk_logits(
     else:
         Z.copy_(torch.mm(Wc.to(plan.gemm), xg.t()))
     idx, inside = _target_index(labels, valid, j0, j0 + Cc, B)
+    pred: Optional[Tensor] = None
     if plan.cloud:
         c = Z.mul_(rwc.unsqueeze(1)).clamp_(-1.0, 1.0)
+        if plan.want_pred:  # the plain cosine's best (before the cloud destroys c)
+            pred = c.amax(0)
         half_sigma = (sigma * 0.5).unsqueeze(0)  # the kernel works on alpha / 2 (exact)
         if plan.explicit_noise or noise_c.dtype != plan.compute:  # never write the caller's
             half = torch.mul(noise_c.to(plan.compute), half_sigma, out=ws.get("n", Cc))
@@ -306,13 +311,15 @@ def _chunk_logits(
     else:
         d, alpha_y = None, None
         Z.mul_((rwc * s).unsqueeze(1))
+        if plan.want_pred:
+            pred = (Z.amax(0) / s).clamp_(-1.0, 1.0)
         c_y = (Z.view(-1).gather(0, idx) / s).clamp_(-1.0, 1.0)
     # the margin's target (LEAP Eq. 1-2 / 7-8) and its derivative, from the registry
     f_y, d_y = plan.rule.fused_target(c_y, alpha_y, m)
     z_y = f_y * s
     flat = Z.view(-1)
     flat.scatter_(0, idx, torch.where(inside, z_y, flat.gather(0, idx)))
-    return Z, d, idx, inside, z_y, d_y
+    return Z, d, idx, inside, z_y, d_y, pred, c_y
 
 
 def _shifted_exp_(Z: Tensor, shift: Tensor, plan: _Plan) -> Tensor:
@@ -334,9 +341,13 @@ def _lse_update(Z: Tensor, run_max: Tensor, total: Tensor, plan: _Plan) -> Tenso
     return new_max
 
 
-def _grad_buffer_(E: Tensor, d: Optional[Tensor], rwc: Tensor, idx: Tensor) -> Tensor:
-    """``E -> G0 = E * d * rw`` in place; returns the target entries ``E_y`` read first."""
+def _grad_buffer_(E: Tensor, d: Optional[Tensor], rwc: Tensor, idx: Tensor,
+                  u: Optional[Tensor] = None) -> Tensor:
+    """``E -> G0 = (E - u) * d * rw`` in place (``u`` per sample: the label-smoothing term);
+    returns the target entries ``E_y`` read first."""
     e_y = E.view(-1).gather(0, idx)
+    if u is not None:
+        E.sub_(u.unsqueeze(0))
     if d is not None:
         E.mul_(d)
     E.mul_(rwc.unsqueeze(1))
@@ -349,35 +360,41 @@ def _chunk_backward(
     idx: Tensor,
     inside: Tensor,
     d_y: Tensor,
-    total: Tensor,
+    a: Tensor,
+    c: Tensor,
+    u: Optional[Tensor],
     rwc: Tensor,
     Wc: Tensor,
+    xn: Tensor,
     xs: Tensor,
-    bx: Tensor,
     post: Optional[Tensor],
     gWc: Tensor,
     rw2c: Tensor,
     plan: _Plan,
-) -> Tensor:
+) -> Tuple[Tensor, Tensor]:
     """Gradients of one chunk; ``G0`` is read only (``retain_graph`` and gradcheck work).
 
-    With ``b_n = g_n / S_n``, ``dL/d(W_j . xn_n) = s b_n G_jn`` where ``G`` is ``G0 = E d rw``
-    except at the targets, ``(E_y - S_n) d_y rw_y``: that difference ``delta`` (one entry per
-    sample) is applied as a rank-``B`` correction after the GEMMs, so the backward makes no pass
-    over ``B x C``. Returns ``G^T @ Wc`` (the caller scales it by ``s b``) and writes the
-    class-weight gradient into ``gWc``: ``M = G @ (s b xn)`` (``bx = s b xn``; the GEMM operand
-    is ``xs``, equal to ``bx``, or ``bx / post`` under reduced-precision GEMMs, then ``post`` is
-    applied in float32), ``grad W_j = M_j - rw_j^2 (W_j . M_j) W_j`` (the backward of
-    ``W_j / ||W_j||`` done once on ``C x D`` instead of through ``F.normalize``).
+    With upstream ``a_n = dL/dS_n`` (``S`` the sum of exponentials, so ``dL/dz_jn = a_n
+    E_jn`` plus target and smoothing terms) and ``c_n = dL/dz_{n y_n}``, ``dL/d(W_j . xn_n) =
+    s (a_n G_jn + c_n d_y rw_y [j = y_n])`` where ``G0 = (E - u) d rw`` everywhere except at the
+    targets, which hold ``(E_y - u) d_y rw_y``. The target terms form one coefficient per sample
+    (``corr``), applied as a rank-``B`` correction after the GEMMs, so the backward makes no
+    pass over ``B x C``. Returns ``(G0^T @ Wc, corr * W_y)`` (the caller scales the first by
+    ``s a``) and writes the class-weight gradient into ``gWc``: ``M = s G0 @ (a xn)`` (the GEMM
+    operand is ``xs = s a xn``, divided by ``post`` under reduced-precision GEMMs and ``post``
+    applied in float32) plus ``corr xn`` on the target rows, then ``grad W_j = M_j - rw_j^2
+    (W_j . M_j) W_j`` (the backward of ``W_j / ||W_j||`` done once on ``C x D``).
     """
     B = G0.shape[1]
     local = torch.div(idx, max(B, 1), rounding_mode="floor")
-    delta = (e_y - total) * d_y * rwc.gather(0, local) - G0.view(-1).gather(0, idx)
-    delta = torch.where(inside, delta, torch.zeros_like(delta))
+    ey = e_y if u is None else e_y - u
+    rw_y = rwc.gather(0, local)
+    corr = (a * (ey * d_y * rw_y - G0.view(-1).gather(0, idx)) + c * d_y * rw_y) * plan.scale
+    corr = torch.where(inside, corr, torch.zeros_like(corr))
     Gg = G0.to(plan.gemm) if plan.gemm != G0.dtype else G0
     Wg = Wc.to(plan.gemm) if plan.gemm != Wc.dtype else Wc
     gx = torch.mm(Gg.t(), Wg).to(plan.compute)
-    gx.addcmul_(delta.unsqueeze(1), Wc.index_select(0, local).to(plan.compute))
+    gx_corr = corr.unsqueeze(1) * Wc.index_select(0, local).to(plan.compute)
     xsg = xs.to(plan.gemm) if plan.gemm != xs.dtype else xs
     if post is None and gWc.dtype == plan.gemm:
         torch.mm(Gg, xsg, out=gWc)
@@ -385,18 +402,19 @@ def _chunk_backward(
         gWc.copy_(torch.mm(Gg, xsg))
         if post is not None:
             gWc.mul_(post)
-    gWc.index_add_(0, local, (delta.unsqueeze(1) * bx).to(gWc.dtype))
-    coef = rw2c * _rowdot(gWc, Wc)
-    gWc.addcmul_(Wc, coef.unsqueeze(1).to(gWc.dtype), value=-1)
-    return gx
+    gWc.index_add_(0, local, (corr.unsqueeze(1) * xn).to(gWc.dtype))
+    _normalize_backward_(gWc, Wc, rw2c)
+    return gx, gx_corr
 
 
-def _rowdot(a: Tensor, b: Tensor, rows: int = 16384) -> Tensor:
-    """``(a * b).sum(1)`` in row blocks (no ``C x D`` temporary)."""
-    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
-    for r0 in range(0, a.shape[0], rows):
-        torch.sum(a[r0:r0 + rows] * b[r0:r0 + rows], dim=1, out=out[r0:r0 + rows])
-    return out
+def _normalize_backward_(gW: Tensor, W: Tensor, rw2: Tensor, rows: int = 256) -> None:
+    """``gW_j -= rw_j^2 (W_j . gW_j) W_j`` in place, in row blocks that stay in cache (one pass
+    over ``C x D`` instead of a row-dot pass and an update pass, no ``C x D`` temporary)."""
+    tmp = torch.empty(min(rows, gW.shape[0]), gW.shape[1], dtype=gW.dtype, device=gW.device)
+    for r0 in range(0, gW.shape[0], rows):
+        g, w = gW[r0:r0 + rows], W[r0:r0 + rows].to(gW.dtype)
+        dot = torch.mul(g, w, out=tmp[:g.shape[0]]).sum(1)
+        g.addcmul_(w, (dot * rw2[r0:r0 + rows]).unsqueeze(1).to(gW.dtype), value=-1)
 
 
 def _chunk_noise(
@@ -412,20 +430,35 @@ def _chunk_noise(
     return out
 
 
+#: ``all_reduce(tensor, op)`` with ``op`` in ``("max", "sum")``, returning the reduced tensor:
+#: how a sharded caller combines the per-shard log-sum-exp (Partial FC style).
+Reducer = Callable[[Tensor, str], Tensor]
+
+
 class _FusedMarginCE(torch.autograd.Function):
-    """Margin softmax cross-entropy over ``(xn, W)``; see the module docstring."""
+    """Margin softmax cross-entropy over ``(xn, W)``; see the module docstring.
+
+    ``labels`` index ``W`` (``-1``: the row's target is not in ``W``); ``valid`` marks the rows
+    that count (``labels >= 0`` unless the caller holds one shard of the classes). With
+    ``plan.reducer`` the per-row maximum, the sum of exponentials and the target logit are
+    all-reduced over the shards; the backward needs no communication (each shard's gradients
+    are local; the caller sums the embeddings' gradient, e.g. by a reduce-scatter).
+    """
 
     @staticmethod
-    def forward(ctx, xn, W, labels, sigma, noise, plan):  # type: ignore[override]
+    def forward(ctx, xn, W, labels, valid, sigma, noise, plan):  # type: ignore[override]
         B, C = xn.shape[0], W.shape[0]
         compute, device = plan.compute, xn.device
         xg = xn.to(plan.gemm)
-        valid = labels >= 0
+        has_target = labels >= 0
         norms = torch.linalg.vector_norm(W, dim=1, dtype=compute)
         rw = 1.0 / norms.clamp_min(1e-12)
         total = torch.zeros(B, dtype=compute, device=device)
         run_max = torch.full((B,), -math.inf, dtype=compute, device=device)
         z_target = torch.zeros(B, dtype=compute, device=device)
+        z_sum = torch.zeros(B, dtype=compute, device=device) if plan.smoothing else None
+        best = torch.full((B,), -math.inf, dtype=compute, device=device)
+        c_target = torch.zeros(B, dtype=compute, device=device)
         dense = plan.chunk >= C
         gen_state = None
         if plan.cloud and not plan.explicit_noise and not dense and plan.generator is not None:
@@ -435,58 +468,89 @@ class _FusedMarginCE(torch.autograd.Function):
         for j0 in range(0, C, plan.chunk):
             j1 = min(j0 + plan.chunk, C)
             noise_c = _chunk_noise(noise, j0, j1, B, plan.generator, plan, ws)
-            Z, d, idx, inside, z_y, d_y = _chunk_logits(
-                xg, W[j0:j1], rw[j0:j1], labels, valid, j0, noise_c, sigma, plan, ws)
+            Z, d, idx, inside, z_y, d_y, cmax, c_y = _chunk_logits(
+                xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws)
             z_target.add_(torch.where(inside, z_y, torch.zeros_like(z_y)))
+            if cmax is not None:  # top-1: the target's plain cosine against the best one
+                best = torch.maximum(best, cmax)
+                c_target.add_(torch.where(inside, c_y, torch.zeros_like(c_y)))
+            if z_sum is not None:
+                z_sum.add_(Z.sum(0))
             run_max = _lse_update(Z, run_max, total, plan)
             if dense:
-                e_y = _grad_buffer_(Z, d, rw, idx)
-                saved = (Z, e_y, idx, inside, d_y)
+                saved = (Z, d, idx, inside, d_y)
             del Z, d, noise_c
         del ws
-        per_sample = torch.where(valid, torch.log(total) + run_max - z_target,
-                                 torch.zeros_like(total))
+        if plan.reducer is not None:  # Partial FC: global max, sum and target over the shards
+            shift = plan.reducer(run_max, "max")
+            local_scale = torch.exp((run_max - shift).clamp_min_(plan.exp_floor))
+            S = plan.reducer(total * local_scale, "sum")
+            z_target = plan.reducer(z_target, "sum")
+        else:
+            shift, local_scale, S = run_max, torch.ones_like(total), total
+        target = z_target
+        if z_sum is not None:  # label smoothing: targets 1 - eps + eps / C and eps / C
+            eps = plan.smoothing
+            target = z_target * (1.0 - eps) + z_sum * (eps / plan.num_classes)
+        per_sample = torch.where(valid, torch.log(S) + shift - target, torch.zeros_like(S))
         if plan.reduction == "none":
             out = per_sample
         elif plan.reduction == "sum":
             out = per_sample.sum()
         else:
             out = per_sample.sum() / valid.sum().clamp_min(1)
+        u = None
+        if dense and C > 0:
+            if plan.smoothing:
+                u = S * (plan.smoothing / plan.num_classes) / local_scale
+            Z, d, idx, inside, d_y = saved
+            e_y = _grad_buffer_(Z, d, rw, idx, u)
+            saved = (Z, e_y, idx, inside, d_y)
         ctx.plan, ctx.dense, ctx.gen_state = plan, dense, gen_state
         ctx.has_noise = noise is not None
-        ctx.save_for_backward(xn, W, labels, sigma if sigma is not None else xn.new_empty(0),
+        ctx.save_for_backward(xn, W, labels, valid,
+                              sigma if sigma is not None else xn.new_empty(0),
                               noise if noise is not None else xn.new_empty(0),
-                              rw, norms, total, run_max, *saved)
-        ctx.mark_non_differentiable(labels)
-        return out
+                              rw, norms, S, local_scale, run_max, *saved)
+        top1 = has_target & valid & (c_target >= best)
+        ctx.mark_non_differentiable(labels, top1)
+        return out, top1
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out, _grad_pred):  # type: ignore[override]
         plan: _Plan = ctx.plan
-        xn, W, labels, sigma, noise, rw, norms, total, shift_t, *saved = ctx.saved_tensors
+        (xn, W, labels, valid, sigma, noise, rw, norms, S, local_scale, shift_t,
+         *saved) = ctx.saved_tensors
         B, C = xn.shape[0], W.shape[0]
         compute, device = plan.compute, xn.device
-        valid = labels >= 0
+        has_target = labels >= 0
         g = grad_out.to(compute)
         if plan.reduction == "mean":
             g = g / valid.sum().clamp_min(1)
         g = torch.where(valid, g.expand(B) if g.dim() == 0 else g,
                         torch.zeros((), dtype=compute, device=device))
-        sb = g / total.clamp_min(torch.finfo(compute).tiny) * plan.scale  # s b, b = g / S
-        bx = xn.to(compute) * sb.unsqueeze(1)
+        tiny = torch.finfo(compute).tiny
+        a = g * local_scale / S.clamp_min(tiny)  # dL/dS_local, S_local = sum exp(z - local max)
+        c = -g * (1.0 - plan.smoothing)  # dL/dz_y
+        u = S * (plan.smoothing / plan.num_classes) / local_scale if plan.smoothing else None
+        sa = a * plan.scale
+        xs = xn.to(compute) * sa.unsqueeze(1)
         post: Optional[Tensor] = None
-        xs = bx
         if plan.gemm != compute:  # the GEMM operand in [-1, 1]; the scale goes back in float32
-            post = sb.abs().amax().clamp_min(torch.finfo(compute).tiny)
-            xs = bx / post
+            post = sa.abs().amax().clamp_min(tiny)
+            xs = xs / post
+        xn_c = xn.to(compute)
         rw2 = torch.where(norms > 1e-12, rw * rw, torch.zeros_like(rw))
         grad_W = torch.empty(C, W.shape[1], dtype=W.dtype, device=device)
         grad_x = torch.zeros(B, xn.shape[1], dtype=compute, device=device)
+        grad_corr = torch.zeros(B, xn.shape[1], dtype=compute, device=device)
         if ctx.dense:
             if C > 0:
                 G0, e_y, idx, inside, d_y = saved
-                grad_x += _chunk_backward(G0, e_y, idx, inside, d_y, total, rw, W, xs, bx, post,
-                                          grad_W, rw2, plan)
+                gx, gc = _chunk_backward(G0, e_y, idx, inside, d_y, a, c, u, rw, W, xn_c, xs,
+                                         post, grad_W, rw2, plan)
+                grad_x += gx
+                grad_corr += gc
         else:
             generator = None
             if plan.cloud and not plan.explicit_noise:
@@ -499,14 +563,16 @@ class _FusedMarginCE(torch.autograd.Function):
                 j1 = min(j0 + plan.chunk, C)
                 noise_c = _chunk_noise(noise if ctx.has_noise else None, j0, j1, B, generator,
                                        plan, ws)
-                Z, d, idx, inside, _, d_y = _chunk_logits(
-                    xg, W[j0:j1], rw[j0:j1], labels, valid, j0, noise_c, sigma, plan, ws)
-                e_y = _grad_buffer_(_shifted_exp_(Z, shift_t, plan), d, rw[j0:j1], idx)
-                grad_x += _chunk_backward(Z, e_y, idx, inside, d_y, total, rw[j0:j1], W[j0:j1],
-                                          xs, bx, post, grad_W[j0:j1], rw2[j0:j1], plan)
+                Z, d, idx, inside, _, d_y, _, _ = _chunk_logits(
+                    xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws)
+                e_y = _grad_buffer_(_shifted_exp_(Z, shift_t, plan), d, rw[j0:j1], idx, u)
+                gx, gc = _chunk_backward(Z, e_y, idx, inside, d_y, a, c, u, rw[j0:j1], W[j0:j1],
+                                         xn_c, xs, post, grad_W[j0:j1], rw2[j0:j1], plan)
+                grad_x += gx
+                grad_corr += gc
                 del Z, d, noise_c
-        grad_x.mul_(sb.unsqueeze(1))
-        return grad_x.to(xn.dtype), grad_W, None, None, None, None
+        grad_x.mul_(sa.unsqueeze(1)).add_(grad_corr)
+        return grad_x.to(xn.dtype), grad_W, None, None, None, None, None
 
 
 def margin_loss(
@@ -524,7 +590,12 @@ def margin_loss(
     chunk_size: Optional[int] = None,
     block: Optional[int] = None,
     validate: bool = True,
-) -> Tensor:
+    label_smoothing: float = 0.0,
+    return_top1: bool = False,
+    row_valid: Optional[Tensor] = None,
+    reducer: Optional[Reducer] = None,
+    num_classes: Optional[int] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     r"""LEAP margin softmax loss (a registered margin, :mod:`feature_cloud.margins`, with an
     optional feature cloud) in one fused op. The margin must implement
     :meth:`~feature_cloud.margins.Margin.fused_target` and use one weight row per class.
@@ -548,8 +619,25 @@ def margin_loss(
     outside ``[0, C)`` other than ``-1`` and non-finite embeddings, like the reference raises
     for out-of-range labels (one host sync, skipped under ``torch.compile``); with
     ``validate=False`` (callers that checked already) there is no host synchronisation.
+
+    ``label_smoothing`` ``eps``: the cross-entropy against targets ``1 - eps + eps / C`` and
+    ``eps / C`` (``F.cross_entropy(label_smoothing=eps)``; fastreid's ``CE.EPSILON`` ``e``
+    is ``eps = e C / (C - 1)``), at the cost of one sum over the logits.
+    ``return_top1``: also return, per sample, whether its target has the largest plain cosine
+    (top-1 correct by ``s cos theta``, ties counted correct; for accuracy logging without a
+    second GEMM or an arg-max pass).
+
+    Sharded classes (Partial FC; :class:`~feature_cloud.distributed.ShardedLEAPMarginHead`):
+    ``weight`` is this process's shard, ``labels`` index it (``-1`` where another shard owns
+    the target), ``row_valid`` marks the rows that count, ``reducer(t, "max" | "sum")``
+    all-reduces over the shards and ``num_classes`` is the total. The loss is then the global
+    one on every shard; the embeddings' gradient is this shard's part (sum it over shards).
     """
     rule = _margins.get(margin_type)
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if label_smoothing and reducer is not None:
+        raise ValueError("label_smoothing is not supported with sharded classes (reducer)")
     if not rule.has_fused or rule.sub_centers != 1:
         raise ValueError(
             f"margin {rule.name!r} has no fused implementation (no fused_target or a "
@@ -567,6 +655,10 @@ def margin_loss(
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     labels = labels.long()
+    if row_valid is None:
+        row_valid = labels >= 0
+    elif tuple(row_valid.shape) != (B,) or row_valid.dtype != torch.bool:
+        raise ValueError(f"row_valid must be a bool tensor of shape ({B},)")
     if validate:
         check_values(embeddings, labels, C)
     block = NOISE_BLOCK if block is None else int(block)
@@ -603,9 +695,12 @@ def margin_loss(
         gemm=_gemm_dtype(device, compute),
         exp_floor=_EXP_FLOOR[compute],
         pi_below=_PI_BELOW[compute], sqrt_floor=_SQRT_FLOOR[compute], cloud=cloud,
-        explicit_noise=noise is not None,
+        explicit_noise=noise is not None, smoothing=float(label_smoothing),
+        num_classes=int(C if num_classes is None else num_classes), reducer=reducer,
+        want_pred=bool(return_top1),
     )
     xn = safe_normalize(embeddings, dim=1)
     sigma = noise_std.to(compute) if cloud else None
     with torch.autocast(device_type=device.type, enabled=False):
-        return _FusedMarginCE.apply(xn, weight, labels, sigma, noise, plan)
+        loss, top1 = _FusedMarginCE.apply(xn, weight, labels, row_valid, sigma, noise, plan)
+    return (loss, top1) if return_top1 else loss

@@ -89,6 +89,11 @@ class LEAPMarginHead(nn.Module):
             online over the first ``count_steps`` steps only (must be ``<= warmup_steps``);
             default ``warmup_steps`` (then the warm-up must be exactly one epoch, else the
             counts are multiplied by the number of epochs: a warning says so).
+        cloud_mode: where the cloud enters the logits, one of
+            :data:`~feature_cloud.functional.CLOUD_MODES`: ``"paper"`` (LEAP Eq. 7-8, every
+            logit), ``"target"`` or ``"margin"`` (target logit only; these run the reference
+            implementation whatever ``impl``).
+        cloud_scale: factor on the cloud's standard deviation (1: the paper's variance).
         center_rate, unknown_variance, angle_max_age: statistics options, see
             :class:`~feature_cloud.ClassStatistics` (``center_rate``, ``unknown_variance``,
             ``max_age``).
@@ -115,6 +120,8 @@ class LEAPMarginHead(nn.Module):
         impl: str = "auto",
         chunk_size: Optional[int] = None,
         count_steps: Optional[int] = None,
+        cloud_mode: str = "paper",
+        cloud_scale: float = 1.0,
         center_rate: str = "adaptive",
         unknown_variance: str = "tail_prior",
         angle_max_age: Optional[int] = None,
@@ -155,6 +162,12 @@ class LEAPMarginHead(nn.Module):
                 "Eq. 5). Pass the per-class sample counts, or warmup_steps >= 1 epoch to count "
                 "them online."
             )
+        if cloud_mode not in FC.CLOUD_MODES:
+            raise ValueError(f"cloud_mode must be one of {FC.CLOUD_MODES}, got {cloud_mode!r}")
+        if not float(cloud_scale) >= 0.0:
+            raise ValueError(f"cloud_scale must be >= 0, got {cloud_scale}")
+        if count_steps is not None:
+            count_steps = as_int(count_steps, "count_steps")
         if count_steps is not None and not 1 <= int(count_steps) <= max(int(warmup_steps), 1):
             raise ValueError(
                 f"count_steps must be in [1, warmup_steps={warmup_steps}] (K_i are counted during "
@@ -174,6 +187,8 @@ class LEAPMarginHead(nn.Module):
         self.scale = float(rule.default_scale if scale is None else scale)
         self.margin = float(rule.default_margin if margin is None else margin)
         self.cloud = cloud
+        self.cloud_mode = cloud_mode
+        self.cloud_scale = float(cloud_scale)
         self.warmup_steps = int(warmup_steps)
         self.reduction = reduction
         self.validate = bool(validate)
@@ -217,34 +232,59 @@ class LEAPMarginHead(nn.Module):
         cross-entropy (fastreid) call this.
         """
         std, labels = self._training_step(embeddings, labels)
-        alpha = None
+        alpha = target_alpha = None
         if std is not None:
-            alpha = fused.cloud_angles(std, self.num_classes, self._generator_for(std.device))
+            gen = self._generator_for(std.device)
+            if self.cloud_mode == "paper":
+                alpha = fused.cloud_angles(std, self.num_classes, gen)
+            else:
+                target_alpha = FC.target_cloud_angles(std, self.cloud_mode, gen)
         cos = FC.cosine_logits(*FC.common_float(embeddings, self.weight), self.sub_centers)
         return FC.margin_logits(
             cos, labels, margin_type=self.margin_rule, scale=self.scale, margin=self.margin,
-            alpha=alpha,
+            alpha=alpha, target_alpha=target_alpha,
         )
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The LEAP margin softmax loss of a batch (reduced by ``reduction``)."""
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, *, label_smoothing: float = 0.0,
+        return_top1: bool = False, reduction: Optional[str] = None,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """The LEAP margin softmax loss of a batch (reduced by ``reduction``, default the
+        head's).
+
+        ``label_smoothing``: as ``F.cross_entropy``'s (targets ``1 - eps + eps / C``, ``eps / C``).
+        ``return_top1``: also return, per sample, whether its target has the largest plain
+        cosine (top-1 accuracy logging; the fused path gets it without a second GEMM).
+        """
+        reduction = self.reduction if reduction is None else reduction
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         if self.backend == "reference":
             logits = self.margin_logits(embeddings, labels)
-            return FC.margin_cross_entropy(logits, labels.long(), self.reduction)
+            loss = FC.margin_cross_entropy(logits, labels.long(), reduction, label_smoothing)
+            if not return_top1:
+                return loss
+            with torch.no_grad():
+                cos = FC.cosine_logits(*FC.common_float(embeddings, self.weight), self.sub_centers)
+                y = labels.long()
+                top1 = (y >= 0) & (cos.gather(1, y.clamp_min(0)[:, None])[:, 0] >= cos.amax(1))
+            return loss, top1
         std, labels = self._training_step(embeddings, labels)
         x, w = FC.common_float(embeddings, self.weight)
         return fused.margin_loss(
             x, w, labels, margin_type=self.margin_rule, scale=self.scale, validate=False,
             margin=self.margin, noise_std=std,
             generator=None if std is None else self._generator_for(std.device),
-            reduction=self.reduction,
+            reduction=reduction,
             chunk_size=self.chunk_size if self.backend == "chunked" else None,
+            label_smoothing=label_smoothing, return_top1=return_top1,
         )
 
     @property
     def backend(self) -> str:
         """The implementation :meth:`forward` runs: ``impl`` resolved against the margin."""
-        fusable = self.margin_rule.has_fused and self.sub_centers == 1
+        fusable = (self.margin_rule.has_fused and self.sub_centers == 1
+                   and (self.cloud is None or self.cloud_mode == "paper"))
         return _BACKENDS[(self.impl, fusable, self.chunk_size is not None)]
 
     def _training_step(self, embeddings: Tensor, labels: Tensor) -> Tuple[Optional[Tensor], Tensor]:
@@ -271,6 +311,8 @@ class LEAPMarginHead(nn.Module):
                 self.statistics.update(embeddings, labels, validate=False)
                 if self.step >= self.warmup_steps:
                     std = self.statistics.cloud_variance()[labels.clamp_min(0)].sqrt()
+                    if self.cloud_scale != 1.0:
+                        std = std * self.cloud_scale
                     # a fresh generator is seeded from the step: create it before the count moves
                     self._generator_for(std.device)
             self.step += 1
@@ -281,7 +323,7 @@ class LEAPMarginHead(nn.Module):
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"margin_type={self.margin_type!r}, scale={self.scale}, margin={self.margin}, "
             + (f"sub_centers={self.sub_centers}, " if self.sub_centers != 1 else "")
-            + f"cloud={self.cloud!r}, warmup_steps={self.warmup_steps}, reduction={self.reduction!r}, "
+            + f"cloud={self.cloud!r}, cloud_mode={self.cloud_mode!r}, cloud_scale={self.cloud_scale}, warmup_steps={self.warmup_steps}, reduction={self.reduction!r}, "
             f"impl={self.impl!r}" + ("" if self.chunk_size is None else f", chunk_size={self.chunk_size}")
         )
 

@@ -100,10 +100,10 @@ class ClassStatistics(KeepBufferDtypes):
             raise ValueError(
                 f"unknown_variance must be one of {FC.UNKNOWN_VARIANCE}, got {unknown_variance!r}"
             )
-        if count_updates is not None and int(count_updates) < 1:
-            raise ValueError(f"count_updates must be >= 1 or None, got {count_updates}")
-        if max_age is not None and int(max_age) < 1:
-            raise ValueError(f"max_age must be >= 1 or None, got {max_age}")
+        if count_updates is not None:
+            count_updates = as_int(count_updates, "count_updates", 1)
+        if max_age is not None:
+            max_age = as_int(max_age, "max_age", 1)
         self.count_updates = None if count_updates is None else int(count_updates)
         self.center_rate = center_rate
         self.unknown_variance = unknown_variance

@@ -411,3 +411,58 @@ def test_gradscaler_never_skips_a_step_under_fp16(impl):
         assert torch.isfinite(loss)
     assert head.cloud_active
     assert scaler.get_scale() == 65536.0
+
+
+@pytest.mark.parametrize("cloud", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_label_smoothing_matches_cross_entropy_with_label_smoothing(cloud, chunk_size):
+    x, W, y = _data()
+    std = noise = alpha = None
+    if cloud:
+        std = torch.full((B,), 0.3)
+        noise = torch.randn(C, B, generator=torch.Generator().manual_seed(2))
+        alpha = noise.t() * std.unsqueeze(1)
+    for mt in ("cosface", "arcface"):
+        for reduction in ("mean", "none"):
+            def ref(a, w):
+                logits = FC.margin_logits(FC.cosine_logits(a, w), y, margin_type=mt, scale=30.0,
+                                          margin=0.3, alpha=alpha)
+                per = torch.nn.functional.cross_entropy(logits, y.clamp_min(0), label_smoothing=0.1,
+                                                        reduction="none") * (y >= 0)
+                return per if reduction == "none" else per.sum() / (y >= 0).sum()
+
+            want = _loss_and_grads(ref, x, W)
+            got = _loss_and_grads(
+                lambda a, w: fused.margin_loss(a, w, y, margin_type=mt, scale=30.0, margin=0.3,
+                                               noise_std=std, noise=noise, label_smoothing=0.1,
+                                               reduction=reduction, chunk_size=chunk_size, block=4),
+                x, W)
+            for r, g in zip(want, got):
+                torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_label_smoothing_gradcheck_float64():
+    x, W, y = _data(torch.float64, seed=3, b=5, c=11)
+    x.requires_grad_(True)
+    W.requires_grad_(True)
+    std = torch.full((5,), 0.4, dtype=torch.float64)
+    noise = torch.randn(11, 5, generator=torch.Generator().manual_seed(4))
+    for chunk in (None, 4):
+        assert torch.autograd.gradcheck(
+            lambda a, w: fused.margin_loss(a, w, y, scale=4.0, margin=0.3, noise_std=std,
+                                           noise=noise, label_smoothing=0.2, chunk_size=chunk,
+                                           block=2, reduction="none"),
+            (x, W), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_top1_is_the_plain_cosine_argmax_hitting_the_label(chunk_size):
+    x, W, y = _data(c=29)
+    y[:6] = FC.cosine_logits(x[:6], W).argmax(1)  # some hits for sure
+    want = (FC.cosine_logits(x, W).argmax(1) == y) & (y >= 0)
+    assert 6 <= int(want.sum()) < B
+    for std in (None, torch.full((B,), 0.3)):
+        loss, top1 = fused.margin_loss(x, W, y, noise_std=std, chunk_size=chunk_size, block=4,
+                                       return_top1=True,
+                                       generator=torch.Generator().manual_seed(0))
+        assert torch.equal(top1, want) and loss.dim() == 0
