@@ -119,6 +119,12 @@ def patch_fastreid_compat() -> List[str]:
        and ``fastreid.engine.defaults``) is wrapped so that an optimizer over contiguous
        buffers zeroes gradients in place (``set_to_none=False``); nothing else changes.
 
+    7. CPU-only hosts: ``DefaultTrainer`` wraps the model in
+       ``DistributedDataParallel(model, device_ids=[local_rank], ...)`` under a process group,
+       which torch refuses for a CPU module; ``fastreid.engine.defaults.DistributedDataParallel``
+       is replaced by a function that passes ``device_ids=None`` for a CPU module (gloo),
+       everything else unchanged.
+
     fastreid's ``solver/optim/lamb.py`` imports ``torch.utils.tensorboard``: that needs the
     ``tensorboard`` package (in the ``fastreid`` extra); it is not patched.
     """
@@ -153,6 +159,13 @@ def patch_fastreid_compat() -> List[str]:
         reid_evaluation.ReidEvaluator._compile_dependencies = _no_compile_dependencies
         _APPLIED.append("fastreid.evaluation.ReidEvaluator._compile_dependencies")
 
+    if not torch.cuda.is_available():
+        import fastreid.engine.defaults as engine_defaults
+
+        if not getattr(engine_defaults.DistributedDataParallel, "_feature_cloud_cpu", False):
+            engine_defaults.DistributedDataParallel = _cpu_ddp
+            _APPLIED.append("fastreid.engine.defaults.DistributedDataParallel")
+
     zero_grad_default = inspect.signature(torch.optim.Optimizer.zero_grad).parameters["set_to_none"].default
     if zero_grad_default is True:
         import fastreid.engine.defaults as engine_defaults
@@ -179,6 +192,17 @@ class _CPUDataLoaderX(torch.utils.data.DataLoader):
         kwargs["pin_memory"] = False
         super().__init__(**kwargs)
         self.local_rank = local_rank
+
+
+def _cpu_ddp(module: nn.Module, device_ids: Optional[Sequence[int]] = None, **kwargs: Any) -> nn.Module:
+    """Patch 7 of :func:`patch_fastreid_compat`: fastreid's DDP wrapping for a CPU module."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+    return DistributedDataParallel(module, device_ids=None if on_cpu else device_ids, **kwargs)
+
+
+_cpu_ddp._feature_cloud_cpu = True  # type: ignore[attr-defined]
 
 
 def _keep_grad_build_optimizer(build_optimizer: Callable[..., Any]) -> Callable[..., Any]:

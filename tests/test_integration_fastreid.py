@@ -32,6 +32,7 @@ def test_compat_patches_are_reported_and_idempotent():
     assert "fastreid.evaluation.ReidEvaluator._compile_dependencies" in applied
     if not torch.cuda.is_available():
         assert "fastreid.data.build.DataLoaderX" in applied
+        assert "fastreid.engine.defaults.DistributedDataParallel" in applied
     if int(torch.__version__.split(".")[0]) >= 2:
         assert "fastreid.solver.build_optimizer" in applied
 
