@@ -144,7 +144,7 @@ def patch_fastreid_compat() -> List[str]:
         collections.Mapping = collections.abc.Mapping  # type: ignore[attr-defined]
         _APPLIED.append("collections.Mapping")
     if "bool" not in np.__dict__:
-        setattr(np, "bool", bool)
+        np.bool = bool  # type: ignore[misc, assignment, unused-ignore]
         _APPLIED.append("np.bool")
 
     from fastreid.data import build as data_build
@@ -692,7 +692,7 @@ class _PredictedClasses:
     def __init__(self, pred: Tensor) -> None:
         self.pred = pred
 
-    def detach(self) -> "_PredictedClasses":
+    def detach(self) -> _PredictedClasses:
         return self
 
     def size(self, dim: int = 0) -> int:

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("fastreid")
 
-from _fastreid_data import EXAMPLE, HEAD_IDS, HEAD_IMAGES, NUM_IDS, ROOT, TAIL_IMAGES  # noqa: E402
+from _fastreid_data import EXAMPLE, HEAD_IDS, HEAD_IMAGES, NUM_IDS, ROOT, TAIL_IMAGES
 
 SCRIPT = r'''
 import os, sys
