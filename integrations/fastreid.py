@@ -655,11 +655,11 @@ class LEAPHead(nn.Module):
             )
         feat = pool_feat[..., 0, 0] if self.neck_feat == "before" else neck_feat
         if self.fused_ce_epsilon is not None:  # LEAPBaseline: the loss on the fused kernels
-            losses, pred = head(
-                neck_feat, targets, return_predictions=True, reduction="none",
+            losses, top1 = head(
+                neck_feat, targets, return_top1=True, reduction="none",
                 label_smoothing=fastreid_epsilon_to_label_smoothing(self.fused_ce_epsilon,
                                                                     head.num_classes))
-            return {"cls_losses": losses, "pred_classes": pred, "features": feat}
+            return {"cls_losses": losses, "top1": top1, "features": feat}
         cls_outputs = head.margin_logits(neck_feat, targets)
         with torch.no_grad():
             pred_class_logits = head.logits(neck_feat)
@@ -687,7 +687,8 @@ def fastreid_epsilon_to_label_smoothing(epsilon: float, num_classes: int) -> flo
 
 class _PredictedClasses:
     """Stands in for ``pred_class_logits`` in fastreid's ``log_accuracy`` (which takes the top-1
-    class): the fused loss returns each sample's best class, not a ``B x C`` logit matrix."""
+    class): the fused loss returns whether each sample's target ranks first, not a ``B x C``
+    logit matrix; ``pred`` is the label where it does and ``-1`` elsewhere."""
 
     def __init__(self, pred: Tensor) -> None:
         self.pred = pred
@@ -739,7 +740,8 @@ class LEAPBaseline(Baseline):
         self.loss_kwargs = dict(kwargs, loss_names=[n for n in names if n != "CrossEntropyLoss"])
         try:  # accuracy and every other loss by Baseline itself
             loss_dict = super().losses(
-                {"pred_class_logits": _PredictedClasses(outputs["pred_classes"]),
+                {"pred_class_logits": _PredictedClasses(
+                    torch.where(outputs["top1"], gt_labels, torch.full_like(gt_labels, -1))),
                  "cls_outputs": None, "features": outputs["features"]}, gt_labels)
         finally:
             self.loss_kwargs = kwargs

@@ -386,5 +386,5 @@ def test_leap_baseline_runs_the_fused_loss_and_equals_baseline(eps, cloud):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     if eps >= 0:
         out = ours.heads(feats, labels)
-        assert set(out) == {"cls_losses", "pred_classes", "features"} and out["cls_losses"].shape == (8,)
+        assert set(out) == {"cls_losses", "top1", "features"} and out["cls_losses"].shape == (8,)
         assert ours.heads.margin_head.backend == "fused"
