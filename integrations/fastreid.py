@@ -281,7 +281,8 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     of the vanilla rule; ``GAMMA``: center learning rate of Eq. 4; ``MEMORY_PER_SAMPLE``: ``P`` of
     Eq. 5; ``WARMUP_ITERS``: iterations without cloud; ``CLASS_COUNTS``: ``dataset`` (``K_i`` of
     the trainer's own training set, taken when training starts; a checkpoint carries them) or
-    ``online`` (counted during the warm-up, which must then cover an epoch); ``SEED``: cloud RNG
+    ``online`` (counted during the warm-up); ``COUNT_ITERS``: with ``online``, count over the
+    first ``COUNT_ITERS`` iterations only (one epoch; ``0``: the whole warm-up); ``SEED``: cloud RNG
     seed (``-1``: from the global RNG); ``VALIDATE``: per-step label/finiteness check (one host
     sync). The margin is fastreid's own ``MODEL.HEADS.CLS_LAYER`` / ``SCALE`` / ``MARGIN``.
     """
@@ -292,6 +293,7 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     node.MEMORY_PER_SAMPLE = 1
     node.WARMUP_ITERS = 0
     node.CLASS_COUNTS = "dataset"
+    node.COUNT_ITERS = 0
     node.SEED = -1
     node.VALIDATE = True
     frozen = cfg.is_frozen()
@@ -335,6 +337,7 @@ def class_counts_from_config(cfg: CfgNode) -> Tensor:
 #: ``LEAPMarginHead`` argument -> the YAML key it comes from (error messages name the key)
 _YAML_KEYS = {
     "warmup_steps": "MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS",
+    "count_steps": "MODEL.HEADS.FEATURE_CLOUD.COUNT_ITERS",
     "class_counts": "MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS",
     "tail_threshold": "MODEL.HEADS.FEATURE_CLOUD.TAIL_THRESHOLD",
     "memory_per_sample": "MODEL.HEADS.FEATURE_CLOUD.MEMORY_PER_SAMPLE",
@@ -488,6 +491,7 @@ class LEAPHead(nn.Module):
         memory_per_sample: int = 1,
         warmup_steps: int = 0,
         class_counts: Optional[Union[Tensor, Sequence[int], str]] = "dataset",
+        count_steps: Optional[int] = None,
         seed: Optional[int] = None,
         validate: bool = True,
         batch_size_per_rank: Optional[int] = None,
@@ -531,6 +535,7 @@ class LEAPHead(nn.Module):
                     cloud=cloud, tail_threshold=tail_threshold, gamma=gamma,
                     memory_per_sample=memory_per_sample, warmup_steps=warmup_steps,
                     class_counts=counts, seed=seed, validate=validate,
+                    count_steps=count_steps if self.class_counts_source == "online" else None,
                 )
             except (TypeError, ValueError) as error:
                 raise _yaml_error(error) from error
@@ -590,6 +595,7 @@ class LEAPHead(nn.Module):
             "memory_per_sample": int(fc.MEMORY_PER_SAMPLE),
             "warmup_steps": int(fc.WARMUP_ITERS),
             "class_counts": mode,
+            "count_steps": int(fc.COUNT_ITERS) if int(fc.COUNT_ITERS) > 0 else None,
             "seed": None if int(fc.SEED) < 0 else int(fc.SEED),
             "validate": bool(fc.VALIDATE),
             "batch_size_per_rank": per_rank if world > 1 else None,

@@ -275,6 +275,11 @@ def test_online_counts_error_names_the_yaml_keys():
     with pytest.raises(ValueError, match="WARMUP_ITERS") as info:
         build_heads(_head_cfg(FC__WARMUP_ITERS=0))
     assert "warmup_steps" not in str(info.value)
+    with pytest.raises(ValueError, match="COUNT_ITERS") as info:
+        build_heads(_head_cfg(FC__COUNT_ITERS=5))  # more than WARMUP_ITERS
+    assert "count_steps" not in str(info.value)
+    head = build_heads(_head_cfg(FC__WARMUP_ITERS=4, FC__COUNT_ITERS=2))
+    assert head.margin_head.statistics.count_updates == 2
     with pytest.raises(ValueError, match="MODEL.HEADS.FEATURE_CLOUD.GAMMA") as info:
         build_heads(_head_cfg(FC__GAMMA=1.5))
     assert "gamma" not in str(info.value)
