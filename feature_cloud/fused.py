@@ -35,11 +35,10 @@ log-sum-exp) and the backward recomputes each chunk (GEMM, cloud noise, margins)
 tensor is ever materialised and the extra memory beyond ``W`` and its gradient is
 ``O(chunk_size * (B + D))``. Loss and gradients equal the dense path to rounding.
 
-The cloud noise is drawn class-major in blocks of :data:`NOISE_BLOCK` classes, one ``randn`` call
-per block from the given generator, in class order, in float32. Dense and chunked modes make the
-same calls in the same order, so with the same generator state they draw identical clouds (chunk
-sizes are rounded up to a multiple of the block). The chunked backward replays the blocks from a
-copy of the generator state saved in the forward.
+The cloud noise is counter-based (:mod:`feature_cloud.noise`): the normal of sample ``n`` and
+class ``j`` is a pure function of the noise key and ``(n, j)``, so dense and chunked modes (and
+every chunk size) draw identical clouds and the chunked backward recomputes a chunk's noise from
+the key alone. Chunk sizes are rounded up to a multiple of :data:`NOISE_BLOCK`.
 """
 from __future__ import annotations
 
@@ -50,10 +49,11 @@ import torch
 from torch import Tensor
 
 from .functional import MARGIN_TYPES
+from .noise import counter_normal, random_key
 
 __all__ = ["NOISE_BLOCK", "margin_loss", "class_major_noise", "cloud_angles", "cloud_cosine"]
 
-#: Classes per cloud-noise block (one ``randn`` call each); chunk sizes are multiples of it.
+#: Chunk sizes are multiples of this many classes.
 NOISE_BLOCK = 1024
 
 # Largest float below pi per dtype: clamping alpha there keeps |alpha| < pi, where "clipped" is
@@ -147,49 +147,51 @@ def cloud_cosine(c: Tensor, alpha: Tensor, sqrt_floor: Optional[float] = None) -
 # ------------------------------------------------------------------------------------------
 
 
-def _fill_noise(out: Tensor, start: int, generator: Optional[torch.Generator], block: int) -> None:
-    """Fill ``out`` (rows = classes ``start ..``) with N(0, 1), one ``randn`` call per block.
-
-    ``start`` must be a multiple of ``block``; every block is drawn whole, in class order.
-    """
-    rows = out.shape[0]
-    for r0 in range(0, rows, block):
-        r1 = min(r0 + block, rows)
-        torch.randn(out[r0:r1].shape, generator=generator, out=out[r0:r1])
-
-
 def class_major_noise(
     num_classes: int,
     batch_size: int,
-    generator: Optional[torch.Generator] = None,
+    key: Optional[Tensor] = None,
     device: Optional[torch.device] = None,
     block: Optional[int] = None,
+    *,
+    class_start: int = 0,
+    total_classes: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """The standard-normal cloud draw ``(C, B)`` that :func:`margin_loss` makes from ``generator``.
+    """The standard-normal cloud draw ``(C, B)`` that :func:`margin_loss` makes from ``key``.
 
-    ``margin_loss`` with ``noise_std=std`` uses angles ``alpha = noise.t() * std[:, None]``;
-    exposed so that tests and users can reproduce a draw with the reference functions.
+    ``key``: a noise key (:func:`feature_cloud.noise.noise_key`); ``None`` draws one from
+    ``generator`` (the global RNG when ``None``). Rows are the classes ``class_start ..
+    class_start + num_classes`` of a head with ``total_classes`` (default ``num_classes``)
+    classes. ``block`` is accepted for compatibility and has no effect (the draw does not depend
+    on any chunking). ``margin_loss`` with ``noise_std=std`` uses angles
+    ``alpha = noise.t() * std[:, None]``; exposed so that tests and users can reproduce a draw
+    with the reference functions.
     """
-    block = NOISE_BLOCK if block is None else int(block)
-    if device is None:
-        device = generator.device if generator is not None else torch.device("cpu")
-    out = torch.empty(num_classes, batch_size, device=device, dtype=torch.float32)
-    _fill_noise(out, 0, generator, block)
-    return out
+    del block
+    if key is None:
+        key = random_key(device if device is not None else torch.device("cpu"), generator)
+    elif device is not None:
+        key = key.to(device)
+    total = num_classes + class_start if total_classes is None else int(total_classes)
+    return counter_normal(key, batch_size, class_start, class_start + num_classes, total)
 
 
 def cloud_angles(
-    std: Tensor, num_classes: int, generator: Optional[torch.Generator] = None,
-    block: Optional[int] = None,
+    std: Tensor, num_classes: int, key: Optional[Tensor] = None, block: Optional[int] = None,
+    *, class_start: int = 0, total_classes: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     r"""Per-logit cloud angles :math:`\alpha` ``(B, C)`` of LEAP Sec. 3.4 as every head draws them.
 
-    :math:`\alpha_{nj} = \mathrm{std}_n z_{jn}` with ``z = class_major_noise(C, B, generator)``:
+    :math:`\alpha_{nj} = \mathrm{std}_n z_{jn}` with ``z = class_major_noise(C, B, key, ...)``:
     the same distribution as :func:`~feature_cloud.functional.angle_noise` (i.i.d.
-    :math:`N(0, \mathrm{std}_n^2)`), drawn in the class-major block order that makes a chunked
-    computation draw the same cloud. Returned as a transposed view.
+    :math:`N(0, \mathrm{std}_n^2)`), the same numbers in every chunking and class shard
+    (``class_start``/``total_classes``). Returned as a transposed view.
     """
-    noise = class_major_noise(num_classes, std.shape[0], generator, std.device, block)
+    noise = class_major_noise(num_classes, std.shape[0], key, std.device, block,
+                              class_start=class_start, total_classes=total_classes,
+                              generator=generator)
     return noise.t() * std.to(noise.dtype).unsqueeze(1)
 
 
@@ -202,7 +204,7 @@ class _Plan:
     """Static configuration of one call (plain Python values, no tensors)."""
 
     __slots__ = (
-        "margin_type", "scale", "margin", "reduction", "chunk", "block", "generator",
+        "margin_type", "scale", "margin", "reduction", "chunk", "block", "total",
         "compute", "gemm", "const_shift", "pi_below", "sqrt_floor", "cloud", "explicit_noise",
     )
 
@@ -392,23 +394,20 @@ def _rowdot(a: Tensor, b: Tensor, rows: int = 16384) -> Tensor:
 
 
 def _chunk_noise(
-    noise: Optional[Tensor], j0: int, j1: int, B: int,
-    generator: Optional[torch.Generator], plan: _Plan, ws: _Workspace,
+    noise: Optional[Tensor], j0: int, j1: int, B: int, key: Optional[Tensor], plan: _Plan,
 ) -> Optional[Tensor]:
     if not plan.cloud:
         return None
     if plan.explicit_noise:
         return noise[j0:j1]
-    out = ws.get("n", j1 - j0, torch.float32)
-    _fill_noise(out, j0, generator, plan.block)
-    return out
+    return counter_normal(key, B, j0, j1, plan.total)
 
 
 class _FusedMarginCE(torch.autograd.Function):
     """Margin softmax cross-entropy over ``(xn, W)``; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, xn, W, labels, sigma, noise, plan):  # type: ignore[override]
+    def forward(ctx, xn, W, labels, sigma, noise, key, plan):  # type: ignore[override]
         B, C = xn.shape[0], W.shape[0]
         compute, device = plan.compute, xn.device
         xg = xn.to(plan.gemm)
@@ -420,14 +419,11 @@ class _FusedMarginCE(torch.autograd.Function):
             (B,), -math.inf, dtype=compute, device=device)
         z_target = torch.zeros(B, dtype=compute, device=device)
         dense = plan.chunk >= C
-        gen_state = None
-        if plan.cloud and not plan.explicit_noise and not dense and plan.generator is not None:
-            gen_state = plan.generator.get_state()
         ws = _Workspace(min(plan.chunk, C), B, compute, device)
         saved: Tuple[Tensor, ...] = ()
         for j0 in range(0, C, plan.chunk):
             j1 = min(j0 + plan.chunk, C)
-            noise_c = _chunk_noise(noise, j0, j1, B, plan.generator, plan, ws)
+            noise_c = _chunk_noise(noise, j0, j1, B, key, plan)
             Z, d, idx, inside, z_y, d_y = _chunk_logits(
                 xg, W[j0:j1], rw[j0:j1], labels, valid, j0, noise_c, sigma, plan, ws)
             z_target.add_(torch.where(inside, z_y, torch.zeros_like(z_y)))
@@ -447,10 +443,11 @@ class _FusedMarginCE(torch.autograd.Function):
         else:
             out = per_sample.sum() / valid.sum().clamp_min(1)
         shift_t = run_max if run_max is not None else torch.empty(0, device=device)
-        ctx.plan, ctx.dense, ctx.gen_state = plan, dense, gen_state
+        ctx.plan, ctx.dense = plan, dense
         ctx.has_noise = noise is not None
         ctx.save_for_backward(xn, W, labels, sigma if sigma is not None else xn.new_empty(0),
                               noise if noise is not None else xn.new_empty(0),
+                              key if key is not None else labels.new_empty(0),
                               rw, norms, total, shift_t, *saved)
         ctx.mark_non_differentiable(labels)
         return out
@@ -458,7 +455,7 @@ class _FusedMarginCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         plan: _Plan = ctx.plan
-        xn, W, labels, sigma, noise, rw, norms, total, shift_t, *saved = ctx.saved_tensors
+        xn, W, labels, sigma, noise, key, rw, norms, total, shift_t, *saved = ctx.saved_tensors
         B, C = xn.shape[0], W.shape[0]
         compute, device = plan.compute, xn.device
         valid = labels >= 0
@@ -479,17 +476,11 @@ class _FusedMarginCE(torch.autograd.Function):
                 grad_x += _chunk_backward(G0, e_y, idx, inside, d_y, total, srw, W, bx, grad_W,
                                           rw2, plan)
         else:
-            generator = None
-            if plan.cloud and not plan.explicit_noise:
-                generator = torch.Generator(device=device)
-                if ctx.gen_state is not None:
-                    generator.set_state(ctx.gen_state)
             xg = xn.to(plan.gemm)
             ws = _Workspace(plan.chunk, B, compute, device)
             for j0 in range(0, C, plan.chunk):
                 j1 = min(j0 + plan.chunk, C)
-                noise_c = _chunk_noise(noise if ctx.has_noise else None, j0, j1, B, generator,
-                                       plan, ws)
+                noise_c = _chunk_noise(noise if ctx.has_noise else None, j0, j1, B, key, plan)
                 Z, d, idx, inside, _, d_y = _chunk_logits(
                     xg, W[j0:j1], rw[j0:j1], labels, valid, j0, noise_c, sigma, plan, ws)
                 if shift_t.numel():
@@ -501,7 +492,7 @@ class _FusedMarginCE(torch.autograd.Function):
                                           bx, grad_W[j0:j1], rw2[j0:j1], plan)
                 del Z, d, noise_c
         grad_x.mul_(b.unsqueeze(1))
-        return grad_x.to(xn.dtype), grad_W, None, None, None, None
+        return grad_x.to(xn.dtype), grad_W, None, None, None, None, None
 
 
 def _lse_shift_is_safe(scale: float, margin: float, dtype: torch.dtype) -> bool:
@@ -521,6 +512,7 @@ def margin_loss(
     noise_std: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     noise: Optional[Tensor] = None,
+    noise_key: Optional[Tensor] = None,
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
     block: Optional[int] = None,
@@ -532,8 +524,9 @@ def margin_loss(
     and gradient, where the cloud angles are ``alpha[n, j] = noise[j, n] * noise_std[n]``:
 
     * ``noise_std=None``: no cloud (plain CosFace/ArcFace).
-    * ``noise_std`` ``(B,)`` and ``noise=None``: ``noise`` is drawn class-major from
-      ``generator`` (the global RNG when ``None``), exactly as :func:`class_major_noise` draws it.
+    * ``noise_std`` ``(B,)`` and ``noise=None``: ``noise`` is the counter-based draw of
+      ``noise_key`` (:mod:`feature_cloud.noise`; a key drawn from ``generator``, or the global
+      RNG, when ``None``), exactly as :func:`class_major_noise` draws it.
     * ``noise`` ``(C, B)`` given: used as is (standard normal, class-major).
 
     ``chunk_size``: process the classes in chunks of (a multiple of ``block`` not below) this
@@ -575,17 +568,12 @@ def margin_loss(
         raise ValueError(f"noise_std must have shape ({B},), got {tuple(noise_std.shape)}")
     compute = _compute_dtype(embeddings, weight)
     device = embeddings.device
-    if cloud and noise is None and generator is None:  # the global RNG of the device
-        if device.type == "cpu":
-            generator = torch.default_generator
-        elif device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            generator = torch.cuda.default_generators[index]
-        else:
-            raise ValueError(f"pass a generator for the cloud noise on device {device}")
+    key = None
+    if cloud and noise is None:
+        key = random_key(device, generator) if noise_key is None else noise_key.to(device)
     plan = _Plan(
         margin_type=margin_type, scale=float(scale), margin=float(margin), reduction=reduction,
-        chunk=chunk, block=block, generator=generator, compute=compute,
+        chunk=chunk, block=block, total=C, compute=compute,
         gemm=_gemm_dtype(device, compute),
         const_shift=float(scale) if _lse_shift_is_safe(float(scale), float(margin), compute) else None,
         pi_below=_PI_BELOW[compute], sqrt_floor=_SQRT_FLOOR[compute], cloud=cloud,
@@ -594,4 +582,4 @@ def margin_loss(
     xn = torch.nn.functional.normalize(embeddings, dim=1)
     sigma = noise_std.to(compute) if cloud else None
     with torch.autocast(device_type=device.type, enabled=False):
-        return _FusedMarginCE.apply(xn, weight, labels, sigma, noise, plan)
+        return _FusedMarginCE.apply(xn, weight, labels, sigma, noise, key, plan)

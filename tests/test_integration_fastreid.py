@@ -186,7 +186,7 @@ def test_default_trainer_end_to_end(market_root, tmp_path):
 
     # the statistics are saved in fastreid's checkpoint
     ckpt = torch.load(os.path.join(str(tmp_path), "model_final.pth"), map_location="cpu", weights_only=False)
-    assert torch.equal(ckpt["model"]["heads.margin_head.statistics.memory"], stats.memory)
+    assert torch.equal(ckpt["model"]["heads.margin_head.feature_cloud.statistics.memory"], stats.memory)
     print(f"\nfastreid e2e: {iters} iterations + PreciseBN + eval in {elapsed:.1f} s; "
           f"train loss {loss_before:.3f} -> {loss_after:.3f}; results {dict(results)}")
 

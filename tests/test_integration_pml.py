@@ -66,7 +66,8 @@ def test_pml_default_kwargs_are_pml_defaults():
     assert LEAPLoss(C, D, cloud=None).margin == losses.CosFaceLoss(C, D).margin
     arc = LEAPLoss(C, D, margin_type="arcface", cloud=None)
     assert arc.margin == 28.6 and arc.scale == 64.0
-    assert math.isclose(arc.head.margin, math.radians(28.6))
+    with pytest.warns(UserWarning, match="looks like radians"):
+        LEAPLoss(C, D, margin=0.5, margin_type="arcface", cloud=None)
 
 
 def test_arcface_margin_is_in_degrees_like_pml():
@@ -74,7 +75,8 @@ def test_arcface_margin_is_in_degrees_like_pml():
     emb, labels = _batch(5)
     assert torch.allclose(ref(emb, labels), ours(emb, labels), atol=1e-5)
     # interpreting 28.6 as radians would give a very different loss
-    wrong = LEAPLoss(C, D, margin=28.6 * math.pi / 180.0, margin_type="arcface", cloud=None)
+    with pytest.warns(UserWarning, match="looks like radians"):
+        wrong = LEAPLoss(C, D, margin=28.6 * math.pi / 180.0, margin_type="arcface", cloud=None)
     wrong.W.data.copy_(ref.W.data)
     assert not torch.allclose(ref(emb, labels), wrong(emb, labels), atol=1e-2)
 
@@ -158,7 +160,8 @@ def test_cloud_updates_statistics_and_they_are_saved_buffers():
     assert bool(stats.center_initialized.any()) and int(stats.memory_fill.sum()) > 0
     assert float(stats.cloud_variance().max()) > 0
     state = loss.state_dict()
-    assert "head.statistics.centers" in state and "W" in state
+    assert "feature_cloud.statistics.centers" in state and "W" in state
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
@@ -166,8 +169,8 @@ def test_cloud_updates_statistics_and_they_are_saved_buffers():
     fresh.load_state_dict(torch.load(buf))
     assert torch.equal(fresh.statistics.memory, stats.memory)
     assert torch.equal(fresh.W, loss.W)
-    assert fresh.head.step == loss.head.step
-    # identical next step (same RNG state restored)
+    assert fresh.step == loss.step
+    # identical next step (seed and step restored: the same counter-based cloud)
     emb, labels = _batch(9)
     assert torch.equal(fresh(emb, labels), loss(emb, labels))
 
@@ -228,7 +231,7 @@ def test_bad_input_raises_and_leaves_state_untouched():
     for k, v in before.items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, after[k]), k
-    assert not hasattr(loss.head, "weight") or "weight" not in loss.head._parameters
+    assert [name for name, _ in loss.named_parameters()] == ["W"]
 
 
 # ---------------------------------------------------------------- a PML trainer / tester loop
@@ -278,7 +281,7 @@ def test_pml_trainer_and_tester_loop():
     assert len(iterations) == 12
     assert not torch.equal(w0, loss_func.W)  # the loss optimizer trains W
     assert int(loss_func.statistics.memory_fill.sum()) > 0
-    assert loss_func.head.step == 12
+    assert loss_func.step == 12
     assert sum(loss_values[-3:]) < sum(loss_values[:3])
     tester = testers.GlobalEmbeddingSpaceTester(
         dataloader_num_workers=0, data_device=torch.device("cpu"),
@@ -293,5 +296,5 @@ def test_pml_cosface_state_dict_loads_into_leap_loss():
     ours = LEAPLoss(C, D, cloud="full", class_counts=[4] * C, seed=0)
     result = ours.load_state_dict(ref.state_dict(), strict=False)
     assert result.unexpected_keys == []
-    assert all(k.startswith("head.") for k in result.missing_keys)
+    assert all(k.startswith("feature_cloud.") for k in result.missing_keys)
     assert torch.equal(ours.W, ref.W)

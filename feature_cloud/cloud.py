@@ -1,0 +1,267 @@
+r"""``FeatureCloud``: the LEAP feature cloud as one component (statistics, step, warm-up, noise).
+
+Every head (:class:`~feature_cloud.heads.LEAPMarginHead`,
+:class:`~feature_cloud.distributed.ShardedLEAPMarginHead`) and adapter (PML ``LEAPLoss``,
+fastreid, timm) holds one :class:`FeatureCloud` and nothing else of the cloud: its settings,
+their checks, the training-step bookkeeping and the checkpoint state live here once.
+
+Module state is tensors only (buffers ``step`` and ``seed`` next to the statistics' buffers):
+``state_dict()`` loads with ``strict=True``, copies into EMA models, and the module traces and
+exports (``torch.jit.trace``, ``torch.export``, ONNX) and compiles (``torch.compile``) without an
+opaque generator. The noise is counter-based (:mod:`feature_cloud.noise`): the cloud of a step is
+a pure function of ``(seed, step, stream, row, class)``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as FC
+from . import noise as N
+from .statistics import ClassStatistics
+from .sync import BATCH_MODES, SyncedClassStatistics, is_distributed
+
+__all__ = ["FeatureCloud", "SYNC_MODES", "check_margin_unit", "migrate_state_dict"]
+
+#: ``sync`` settings: ``"auto"`` synchronises the statistics over the default process group
+#: whenever one is initialised with more than one rank (every rank all-gathers the detached batch,
+#: see :class:`~feature_cloud.sync.SyncedClassStatistics`); ``"pml_gathered"`` expects the batch
+#: pytorch-metric-learning's ``DistributedLossWrapper`` has already gathered; ``"off"`` keeps
+#: per-rank statistics (explicit opt-out; they then differ between ranks).
+SYNC_MODES = ("auto", "pml_gathered", "off")
+
+ProcessGroup = Any
+
+
+def check_margin_unit(margin_type: str, margin: float, unit: str = "radians") -> None:
+    """Warn when an ArcFace margin looks like the other unit.
+
+    ``unit="radians"`` (the heads, fastreid): a margin above ``pi / 2`` is almost certainly in
+    degrees. ``unit="degrees"`` (the PML adapter, as PML's ``ArcFaceLoss``): a non-zero margin
+    below 1 is almost certainly in radians. CosFace margins are cosines and are not checked.
+    """
+    if margin_type != "arcface":
+        return
+    m = float(margin)
+    if unit == "radians" and abs(m) > math.pi / 2:
+        warnings.warn(
+            f"ArcFace margin={m} is in radians here ({math.degrees(m):.0f} degrees); a margin "
+            f"above pi/2 looks like degrees: did you mean margin={math.radians(m):.3f}?",
+            UserWarning, stacklevel=3,
+        )
+    elif unit == "degrees" and 0.0 < abs(m) < 1.0:
+        warnings.warn(
+            f"ArcFace margin={m} is in degrees here (PML's convention, default 28.6); a margin "
+            f"below 1 looks like radians: did you mean margin={math.degrees(m):.1f}?",
+            UserWarning, stacklevel=3,
+        )
+    elif unit not in ("radians", "degrees"):
+        raise ValueError(f"unit must be 'radians' or 'degrees', got {unit!r}")
+
+
+def _check_config(
+    rule: Optional[str], warmup_steps: int, class_counts: Any, seed: Optional[int], sync: str,
+    tail_threshold: int,
+) -> None:
+    """The cloud's own argument checks (the statistics check theirs: sizes, gamma, P, counts)."""
+    if rule is not None and rule not in FC.CLOUD_RULES:
+        raise ValueError(f"cloud must be one of {FC.CLOUD_RULES} or None, got {rule!r}")
+    if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+    if rule is not None and class_counts is None and int(warmup_steps) == 0:
+        raise ValueError(
+            "class_counts is required when warmup_steps == 0: the cloud needs K_i (LEAP "
+            "Eq. 5). Pass the per-class sample counts, or warmup_steps >= 1 epoch to count "
+            "them online."
+        )
+    if int(tail_threshold) < 0:
+        raise ValueError(f"tail_threshold must be >= 0, got {tail_threshold}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
+
+
+class FeatureCloud(nn.Module):
+    r"""Class statistics, step counter, warm-up and noise stream of the LEAP feature cloud.
+
+    Args:
+        num_classes: ``C``.
+        embedding_size: ``D``.
+        rule: ``"full"`` (LEAP Eq. 9), ``"vanilla"`` (Eq. 6) or ``None`` (no cloud: the
+            statistics still exist but are not updated and no noise is drawn).
+        tail_threshold: ``T`` of the vanilla rule (classes with ``K_i > T`` are head classes).
+        gamma: center learning rate (paper: 0.1).
+        memory_per_sample: ``P`` of LEAP Eq. 5.
+        warmup_steps: training steps without cloud. With ``class_counts=None`` the counts
+            ``K_i`` are taken online during warm-up, which must then be ``>= 1`` and should
+            cover an epoch.
+        class_counts: ``K_i`` per class from the dataset (recommended).
+        seed: seed of the noise stream (a buffer, saved with the state); default draws one from
+            the global RNG, so ``torch.manual_seed`` makes runs reproducible.
+        sync: one of :data:`SYNC_MODES`; default ``"auto"``: statistics are identical on all
+            ranks of an initialised process group without any extra call.
+        process_group, pad_to: of the synchronised statistics (see
+            :func:`~feature_cloud.sync.gather_batch`).
+
+    State (all buffers): ``step`` (training steps taken), ``seed`` and ``statistics.*``.
+    The cloud of a step draws :math:`z(\mathrm{seed}, \mathrm{step}, \mathrm{stream}, n, j)`
+    (:mod:`feature_cloud.noise`) with ``stream`` the rank under synchronised statistics (0
+    otherwise), so ranks draw independent clouds and a resumed run continues bit-identically.
+    """
+
+    step: Tensor
+    seed: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        rule: Optional[str] = "full",
+        *,
+        tail_threshold: int = 20,
+        gamma: float = 0.1,
+        memory_per_sample: int = 1,
+        warmup_steps: int = 0,
+        class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
+        seed: Optional[int] = None,
+        sync: str = "auto",
+        process_group: ProcessGroup = None,
+        pad_to: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        _check_config(rule, warmup_steps, class_counts, seed, sync, tail_threshold)
+        self.rule = rule
+        self.warmup_steps = int(warmup_steps)
+        self.sync = sync
+        kwargs: Dict[str, Any] = dict(
+            gamma=gamma, memory_per_sample=memory_per_sample, class_counts=class_counts,
+            cloud=rule or "full", tail_threshold=tail_threshold,
+        )
+        if sync == "off":
+            self.statistics: ClassStatistics = ClassStatistics(num_classes, embedding_size, **kwargs)
+        else:
+            batch = "pml_gathered" if sync == "pml_gathered" else BATCH_MODES[0]
+            self.statistics = SyncedClassStatistics(
+                num_classes, embedding_size, process_group=process_group, pad_to=pad_to,
+                batch=batch, **kwargs)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.long))
+        self._count = 0  # host copy of ``step`` (control flow without a device sync)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def num_classes(self) -> int:
+        return self.statistics.num_classes
+
+    @property
+    def embedding_size(self) -> int:
+        return self.statistics.embedding_size
+
+    @property
+    def steps_taken(self) -> int:
+        """Training steps taken (host copy of the ``step`` buffer, kept in step with it)."""
+        return self._count
+
+    @property
+    def active(self) -> bool:
+        """Whether the next training step draws a feature cloud (rule set, warm-up over)."""
+        return self.rule is not None and self._count >= self.warmup_steps
+
+    @property
+    def noise_stream(self) -> int:
+        """This process's noise stream: the rank under synchronised statistics, else 0."""
+        return self.statistics.noise_stream
+
+    @property
+    def collective(self) -> bool:
+        """Whether a training step communicates (every rank must then make it every step)."""
+        return self.rule is not None and self.statistics.collective
+
+    def reseed(self, seed: int) -> None:
+        """Set the seed of the noise stream."""
+        self.seed.fill_(int(seed))
+
+    # ------------------------------------------------------------------ training step
+    def advance(
+        self, features: Tensor, labels: Tensor, *, train: bool = True, count_empty: bool = False
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """One training step of the cloud: fold the batch into the statistics, count the step.
+
+        Call after the caller has checked the batch (shapes, dtypes, label range): this mutates
+        state. Does nothing unless ``train``; an empty batch is skipped (not counted) unless the
+        update is collective or ``count_empty`` (the caller's step is collective). Returns ``(std, key)``: the per-sample cloud
+        standard deviation ``(B,)`` (LEAP Eq. 6 / 9 via the sample's class) and the noise key of
+        this step (:func:`feature_cloud.noise.noise_key`) when the cloud is active, else
+        ``(None, None)``.
+        """
+        std = key = None
+        if not train or (features.shape[0] == 0 and not (count_empty or self.collective)):
+            return std, key
+        if self.rule is not None:
+            active = self.active
+            stats = self.statistics
+            if stats.counting and active:
+                stats.allocate_memory()  # online K_i: lay out the memory once (one host sync)
+            stats.update(features, labels, validate=False)
+            if active:
+                std = stats.cloud_variance()[labels.clamp_min(0)].sqrt()
+                key = self.noise_key()
+        self.step.add_(1)
+        self._count += 1
+        return std, key
+
+    def noise_key(self, stream: Optional[int] = None, purpose: int = N.PURPOSE_CLOUD) -> Tensor:
+        """Key of the current step's draw (before :meth:`advance` counts it)."""
+        return N.noise_key(self.seed, self.step, self.noise_stream if stream is None else stream,
+                           purpose)
+
+    # ------------------------------------------------------------------ distributed
+    def synchronize(
+        self, process_group: ProcessGroup = None, *, pad_to: Optional[int] = None,
+        batch: str = "local",
+    ) -> None:
+        """Replace the statistics by :class:`SyncedClassStatistics` holding the same state."""
+        self.statistics = SyncedClassStatistics.from_statistics(
+            self.statistics, process_group=process_group, pad_to=pad_to, batch=batch)
+        self.sync = "pml_gathered" if batch == "pml_gathered" else "auto"
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if prefix + "step" in state_dict:
+            self._count = int(self.step)
+
+    def extra_repr(self) -> str:
+        return (f"rule={self.rule!r}, warmup_steps={self.warmup_steps}, sync={self.sync!r}, "
+                f"steps_taken={self._count}")
+
+
+def migrate_state_dict(
+    state_dict: Dict[str, Any], old_prefix: str, new_prefix: str
+) -> Dict[str, Any]:
+    """Rewrite a 0.1.0 checkpoint's cloud entries in place into the tensor-only layout.
+
+    0.1.0 kept ``{old_prefix}statistics.*`` and a dict ``{old_prefix}_extra_state`` (step, seed,
+    generator state). They become ``{new_prefix}statistics.*``, ``{new_prefix}step`` and
+    ``{new_prefix}seed``; the generator state is dropped (the noise is counter-based now: a
+    resumed run continues from ``(seed, step)``). Returns the 0.1.0 extra-state dict (empty when
+    the entries are already in the new layout) for callers with more to migrate.
+    """
+    extra = state_dict.pop(old_prefix + "_extra_state", None)
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict) or "step" not in extra:
+        raise ValueError(f"unrecognised extra state under {old_prefix + '_extra_state'!r}")
+    if old_prefix != new_prefix:
+        for key in [k for k in state_dict if k.startswith(old_prefix + "statistics.")]:
+            state_dict[new_prefix + key[len(old_prefix):]] = state_dict.pop(key)
+    state_dict.setdefault(new_prefix + "step", torch.tensor(int(extra["step"]), dtype=torch.long))
+    state_dict.setdefault(new_prefix + "seed", torch.tensor(int(extra["seed"]), dtype=torch.long))
+    return extra
