@@ -1,15 +1,127 @@
-"""Input checks shared by the Modules: clear exceptions before any state changes."""
+"""Input checks shared by the Modules: clear exceptions before any state changes.
+
+Pure functions, no state. The policies in one place:
+
+* **Labels**: any integer dtype (``uint8``, ``int8``, ``int16``, ``int32``, ``int64``) is accepted
+  and converted to ``int64`` after the type/shape check (:func:`check_labels` returns the
+  converted tensor); ``bool``, floating and complex labels raise ``TypeError``. ``-1`` marks an
+  ignored sample.
+* **Features**: any floating dtype; value checks (finite) cost one host sync together with the
+  label range check (:func:`check_values`), skipped under ``torch.compile``.
+* **Hyper-parameters**: :func:`as_int` / :func:`as_float` reject ``bool``, strings, ``nan`` and
+  ``inf`` with a ``TypeError`` / ``ValueError`` naming the argument.
+* **Ranks**: :func:`problem_tensor` computes every check as an integer code without raising, so
+  that a process group can agree on one verdict (all-reduce of the codes) *before* any collective
+  touches the batch; :func:`raise_for_problems` turns the agreed codes into the same exception on
+  every rank.
+"""
 from __future__ import annotations
 
-from typing import Optional
+import math
+import numbers
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+__all__ = [
+    "check_embeddings",
+    "check_labels",
+    "check_values",
+    "check_batch",
+    "as_int",
+    "as_float",
+    "check_class_counts",
+    "problem_tensor",
+    "raise_for_problems",
+    "PROBLEM_SLOTS",
+]
 
 
 def _compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling())
+
+
+# ------------------------------------------------------------------------------------------
+# hyper-parameters
+# ------------------------------------------------------------------------------------------
+
+
+def as_int(value: Any, name: str, minimum: Optional[int] = None) -> int:
+    """``value`` as an ``int`` (Python/NumPy integer, integral float such as ``2.0``, 0-d integer
+    tensor); ``TypeError`` for ``bool``, strings, fractional or non-finite floats and other
+    types, ``ValueError`` below ``minimum``."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool and not value.is_complex():
+        value = int(value.item())
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    out = int(value)
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {out}")
+    return out
+
+
+def as_float(
+    value: Any,
+    name: str,
+    *,
+    minimum: Optional[float] = None,
+    maximum: Optional[float] = None,
+    min_inclusive: bool = True,
+    max_inclusive: bool = True,
+) -> float:
+    """``value`` as a finite ``float`` within the given bounds; ``TypeError`` for ``bool``,
+    strings and non-numbers, ``ValueError`` for ``nan``/``inf`` or out of bounds."""
+    if isinstance(value, Tensor) and value.dim() == 0 and value.dtype != torch.bool \
+            and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be finite, got {out}")
+    low_bad = minimum is not None and (out < minimum if min_inclusive else out <= minimum)
+    high_bad = maximum is not None and (out > maximum if max_inclusive else out >= maximum)
+    if low_bad or high_bad:
+        lo = "(-inf" if minimum is None else ("[" if min_inclusive else "(") + f"{minimum}"
+        hi = "inf)" if maximum is None else f"{maximum}" + ("]" if max_inclusive else ")")
+        raise ValueError(f"{name} must be in {lo}, {hi}, got {out}")
+    return out
+
+
+def check_class_counts(
+    counts: Union[Tensor, Sequence[int]], num_classes: int, name: str = "class_counts"
+) -> Tensor:
+    """Per-class sample counts as an ``int64`` tensor ``(C,)`` (on the input's device).
+
+    ``TypeError`` for bool, floating or non-numeric input; ``ValueError`` for a wrong length or
+    negative counts (one host read: this runs at construction, not in the training step).
+    """
+    if isinstance(counts, (str, bytes)):
+        raise TypeError(f"{name} must be a 1-D integer sequence or tensor, got a string")
+    try:
+        t = torch.as_tensor(counts)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be a 1-D integer sequence or tensor: {exc}") from None
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise TypeError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    if t.numel() != num_classes:
+        raise ValueError(f"{name} has {t.numel()} entries, expected num_classes={num_classes}")
+    t = t.to(torch.long)
+    if t.numel() and bool((t < 0).any()):
+        raise ValueError(f"{name} must be non-negative")
+    return t
+
+
+# ------------------------------------------------------------------------------------------
+# batches
+# ------------------------------------------------------------------------------------------
 
 
 def check_embeddings(embeddings: Tensor, embedding_size: int, name: str = "embeddings") -> None:
@@ -27,18 +139,28 @@ def check_embeddings(embeddings: Tensor, embedding_size: int, name: str = "embed
         )
 
 
-def check_labels(labels: Tensor, batch_size: int, name: str = "labels") -> None:
-    """Type and shape of ``(B,)`` integer labels (free: no device sync)."""
+def _label_dtype_ok(labels: Tensor) -> bool:
+    return not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
+
+
+def check_labels(labels: Tensor, batch_size: int, name: str = "labels") -> Tensor:
+    """Type and shape of ``(B,)`` integer labels (free: no device sync); returns them as int64.
+
+    Every integer dtype is accepted and converted (``uint8`` / ``int16`` / ``int32`` labels index
+    the statistics like ``int64`` ones); ``bool``, floating and complex labels raise ``TypeError``.
+    """
     if not isinstance(labels, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    if not _label_dtype_ok(labels):
         raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
     if labels.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
     if labels.shape[0] != batch_size:
         raise ValueError(
-            f"batch size mismatch: {batch_size} embeddings but {labels.shape[0]} {name}"
+            f"batch size mismatch: {batch_size} embeddings but {labels.shape[0]} {name} "
+            f"({name} must have shape ({batch_size},))"
         )
+    return labels if labels.dtype == torch.long else labels.long()
 
 
 def check_values(
@@ -47,12 +169,14 @@ def check_values(
     """Value checks: labels in ``[0, C)`` or ``-1`` (ignored), finite embeddings.
 
     One host sync for all checks together; skipped while ``torch.compile`` traces (the compiled
-    step stays sync-free) and when the caller passes ``validate=False`` to its Module.
+    step stays sync-free) and when the caller passes ``validate=False`` to its Module. Pass
+    labels already converted by :func:`check_labels` (unsigned dtypes cannot hold ``-1``).
     """
     if _compiling() or embeddings.numel() == 0:
         return
     flags = [~torch.isfinite(embeddings).all()]
     if labels is not None:
+        labels = labels.long()
         flags.append(((labels < -1) | (labels >= num_classes)).any())
     bad = torch.stack(flags).tolist()
     if bad[0]:
@@ -71,9 +195,72 @@ def check_batch(
     embedding_size: int,
     num_classes: int,
     validate: bool = True,
-) -> None:
-    """All checks for an ``(embeddings, labels)`` training batch."""
+) -> Tensor:
+    """All checks for an ``(embeddings, labels)`` training batch; returns the int64 labels."""
     check_embeddings(embeddings, embedding_size)
-    check_labels(labels, embeddings.shape[0])
+    labels = check_labels(labels, embeddings.shape[0])
     if validate:
         check_values(embeddings, labels, num_classes)
+    return labels
+
+
+# ------------------------------------------------------------------------------------------
+# checks that a process group agrees on
+# ------------------------------------------------------------------------------------------
+
+#: The entries of :func:`problem_tensor`, in order (``0`` = fine).
+PROBLEM_SLOTS = (
+    "embeddings_type",  # 1: not a floating tensor
+    "embeddings_shape",  # 1: not (B, D)
+    "labels_type",  # 1: not an integer tensor
+    "labels_shape",  # 1: not (B,)
+    "nonfinite",  # 1: NaN/Inf in the embeddings
+    "label_range",  # 1: a label outside [0, C) and != -1
+)
+
+
+def problem_tensor(
+    embeddings: Any,
+    labels: Any,
+    embedding_size: int,
+    num_classes: int,
+    validate: bool,
+    device: torch.device,
+) -> Tensor:
+    """Every batch check as an int64 code vector on ``device`` (see :data:`PROBLEM_SLOTS`;
+    ``0`` = fine), never raising and without a host sync of its own: the payload of the one
+    all-reduce by which ranks agree on a batch before any collective touches it."""
+    emb_ok = isinstance(embeddings, Tensor) and embeddings.is_floating_point()
+    shape_ok = emb_ok and embeddings.dim() == 2 and embeddings.shape[1] == embedding_size
+    lab_ok = isinstance(labels, Tensor) and _label_dtype_ok(labels)
+    lab_shape_ok = lab_ok and labels.dim() == 1 and (
+        not shape_ok or labels.shape[0] == embeddings.shape[0])
+    static = [int(not emb_ok), int(emb_ok and not shape_ok), int(not lab_ok),
+              int(lab_ok and not lab_shape_ok)]
+    out = torch.tensor(static + [0, 0], dtype=torch.long, device=device)
+    if validate and shape_ok and lab_shape_ok and embeddings.numel() and not _compiling():
+        y = labels.long()
+        values = torch.stack([(~torch.isfinite(embeddings.detach())).any(),
+                              ((y < -1) | (y >= num_classes)).any()])
+        out[4:] = values.to(device=device, dtype=torch.long)
+    return out
+
+
+def raise_for_problems(
+    worst: Sequence[int], embedding_size: int, num_classes: int, where: str = ""
+) -> None:
+    """Raise the exception that :func:`problem_tensor` codes describe (``worst``: their MAX over
+    the ranks, so every rank raises the same). ``where`` says which rank(s) had the problem."""
+    suffix = f" ({where})" if where else ""
+    if worst[0]:
+        raise TypeError(f"embeddings must be a floating point tensor{suffix}")
+    if worst[1]:
+        raise ValueError(f"embeddings must have shape (batch, {embedding_size}){suffix}")
+    if worst[2]:
+        raise TypeError(f"labels must be an integer tensor{suffix}")
+    if worst[3]:
+        raise ValueError(f"labels must be 1-D with one label per embedding{suffix}")
+    if worst[4]:
+        raise ValueError(f"embeddings contain NaN or Inf values{suffix}")
+    if worst[5]:
+        raise ValueError(f"labels must lie in [0, {num_classes}) or be -1 (ignored){suffix}")

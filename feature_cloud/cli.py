@@ -3,6 +3,9 @@
 ``feature-cloud demo``
     Train every method on a long-tailed split and report head/tail metrics, diagnostics and
     plots into an output directory (see :mod:`feature_cloud.demo`).
+``feature-cloud evaluate DATA``
+    Real-data evaluation: every method against its own baseline, paired by seed, on the natural
+    long tail or LEAP's ``<H, S>`` splits (see :mod:`feature_cloud.evaluate`).
 ``feature-cloud report PATH``
     Re-render the tables, CSV files and plots of a saved run.
 """
@@ -25,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="feature-cloud",
         description="Long-tail representation learning (LEAP feature cloud, FTL): demo and reports.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{demo,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,evaluate,report}")
     sub.required = True
 
     demo = sub.add_parser(
@@ -85,10 +88,114 @@ def build_parser() -> argparse.ArgumentParser:
                       "busy machine; 0 keeps torch's default)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
 
+    _add_evaluate(sub)
+
     report = sub.add_parser("report", help="re-render tables and plots of a saved run")
     report.add_argument("path", help="run directory (holding results.json)")
     report.add_argument("--quiet", action="store_true", help="print nothing")
     return parser
+
+
+def _add_evaluate(sub) -> None:
+    from .evaluate.methods import EVAL_METHODS
+    from .evaluate.runner import EvalConfig
+
+    e = EvalConfig()
+    ev = sub.add_parser(
+        "evaluate", help="real-data evaluation: methods vs their own baselines, paired by seed",
+        description="Train each method and its baseline (LEAP vs the same margin head with the "
+        "cloud off, FTL vs the same Enc/R/FC model without transfer) on the same backbone, budget "
+        "and batch order per seed; report head/tail FC and NN accuracy, rank-1/mAP, per-class "
+        "angle variance and weight norm, paired differences with 95%% t-intervals (Markdown, CSV, "
+        "JSON, PNG) under --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ev.add_argument("data", help=".npz (images, labels[, camids]) or a folder with one sub-folder "
+                    "per identity")
+    ev.add_argument("--protocol", choices=("natural", "hs"), default=e.protocol,
+                    help="natural long tail, or LEAP's <H, S> splits")
+    ev.add_argument("--n-test", type=int, default=e.n_test, help="test images per identity")
+    ev.add_argument("-T", "--threshold", type=int, default=e.threshold,
+                    help="natural: head = more than T training images; LEAP vanilla's T")
+    ev.add_argument("-H", "--head", type=int, default=e.num_head, help="hs: head identities H")
+    ev.add_argument("-S", "--shots", type=int, nargs="+", default=[e.shots],
+                    help="hs: training images per tail identity (several: one run each)")
+    ev.add_argument("--backbone", default=e.backbone, help="conv4 or timm:<model> (pretrained=False)")
+    ev.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                    help="resize the images (area); folders default to 64 64")
+    ev.add_argument("--methods", nargs="+", default=e.methods, choices=list(EVAL_METHODS),
+                    metavar="METHOD", help=f"from {list(EVAL_METHODS)}; baselines are added")
+    ev.add_argument("--seeds", type=int, nargs="+", default=e.seeds)
+    ev.add_argument("--epochs", type=int, default=e.epochs)
+    ev.add_argument("--batch-size", type=int, default=e.batch_size)
+    ev.add_argument("--optimizer", choices=("sgd", "adam"), default=e.optimizer)
+    ev.add_argument("--lr", type=float, default=e.lr)
+    ev.add_argument("--weight-decay", type=float, default=e.weight_decay)
+    ev.add_argument("--warmup-fraction", type=float, default=e.warmup_fraction,
+                    help="share of training before the LEAP cloud / FTL transfer starts")
+    ev.add_argument("--embedding-size", type=int, default=e.embedding_size)
+    ev.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    ev.add_argument("--ml2-alpha", type=float, default=e.ml2_alpha)
+    ev.add_argument("--ftl-alternations", type=int, default=e.ftl_alternations)
+    ev.add_argument("--leap-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra LEAPMarginHead keyword (repeatable), e.g. cloud_mode=paper")
+    ev.add_argument("--out", default="outputs/evaluate", help="output directory")
+    ev.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+
+
+def _parse_value(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None if text == "None" else text
+
+
+def _run_evaluate(args: argparse.Namespace, log) -> None:
+    from dataclasses import replace
+
+    from .evaluate.data import load_dataset
+    from .evaluate.methods import BASELINES
+    from .evaluate.report import combine_settings
+    from .evaluate.runner import EvalConfig, run_evaluation, setting_name
+
+    methods: list = []
+    for m in args.methods:  # each method after its baseline
+        base = BASELINES[m]
+        for name in ([base] if base else []) + [m]:
+            if name not in methods:
+                methods.append(name)
+    options = {}
+    for item in args.leap_option:
+        if "=" not in item:
+            raise ValueError(f"--leap-option takes KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        options[k.strip()] = _parse_value(v.strip())
+    base = EvalConfig(
+        protocol=args.protocol, n_test=args.n_test, threshold=args.threshold, num_head=args.head,
+        backbone=args.backbone, methods=methods, seeds=list(args.seeds), epochs=args.epochs,
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
+        embedding_size=args.embedding_size, flip=not args.no_flip, ml2_alpha=args.ml2_alpha,
+        ftl_alternations=args.ftl_alternations, leap_options=options, out=args.out,
+    )
+    shots = args.shots if args.protocol == "hs" else [base.shots]
+    configs = [replace(base, shots=s) for s in dict.fromkeys(shots)]
+    for c in configs:
+        c.validate()
+    data = load_dataset(args.data, tuple(args.image_size) if args.image_size else None)
+    if len(configs) == 1:
+        run_evaluation(configs[0], data, log=log)
+        return
+    dirs = []
+    for c in configs:
+        c.out = os.path.join(args.out, setting_name(c))
+        run_evaluation(c, data, log=log)
+        dirs.append(c.out)
+    log("")
+    log(combine_settings(dirs, args.out))
 
 
 def _demo_config(args: argparse.Namespace):
@@ -136,9 +243,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log = (lambda *_: None) if args.quiet else print
     try:
         if args.command == "report":
-            from .demo.report import render_report
+            from .demo.report import load_results, render_report
 
-            render_report(args.path, log=log)
+            if load_results(args.path).get("kind") == "evaluate":
+                from .evaluate.report import render_evaluation
+
+                render_evaluation(args.path, log=log)
+            else:
+                render_report(args.path, log=log)
+            return 0
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.command == "evaluate":
+            _run_evaluate(args, log)
             return 0
         from .demo.runner import run_demo
 

@@ -13,7 +13,6 @@ a pure function of ``(seed, step, stream, row, class)``.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -22,10 +21,11 @@ from torch import Tensor, nn
 
 from . import functional as FC
 from . import noise as N
+from ._validation import as_float, as_int, check_batch, check_class_counts
 from .statistics import ClassStatistics
 from .sync import BATCH_MODES, SyncedClassStatistics, is_distributed
 
-__all__ = ["FeatureCloud", "SYNC_MODES", "check_margin_unit", "migrate_state_dict"]
+__all__ = ["FeatureCloud", "WithFeatureCloud", "SYNC_MODES", "migrate_state_dict"]
 
 #: ``sync`` settings: ``"auto"`` synchronises the statistics over the default process group
 #: whenever one is initialised with more than one rank (every rank all-gathers the detached batch,
@@ -37,53 +37,36 @@ SYNC_MODES = ("auto", "pml_gathered", "off")
 ProcessGroup = Any
 
 
-def check_margin_unit(margin_type: str, margin: float, unit: str = "radians") -> None:
-    """Warn when an ArcFace margin looks like the other unit.
-
-    ``unit="radians"`` (the heads, fastreid): a margin above ``pi / 2`` is almost certainly in
-    degrees. ``unit="degrees"`` (the PML adapter, as PML's ``ArcFaceLoss``): a non-zero margin
-    below 1 is almost certainly in radians. CosFace margins are cosines and are not checked.
-    """
-    if margin_type != "arcface":
-        return
-    m = float(margin)
-    if unit == "radians" and abs(m) > math.pi / 2:
-        warnings.warn(
-            f"ArcFace margin={m} is in radians here ({math.degrees(m):.0f} degrees); a margin "
-            f"above pi/2 looks like degrees: did you mean margin={math.radians(m):.3f}?",
-            UserWarning, stacklevel=3,
-        )
-    elif unit == "degrees" and 0.0 < abs(m) < 1.0:
-        warnings.warn(
-            f"ArcFace margin={m} is in degrees here (PML's convention, default 28.6); a margin "
-            f"below 1 looks like radians: did you mean margin={math.degrees(m):.1f}?",
-            UserWarning, stacklevel=3,
-        )
-    elif unit not in ("radians", "degrees"):
-        raise ValueError(f"unit must be 'radians' or 'degrees', got {unit!r}")
-
-
 def _check_config(
-    rule: Optional[str], warmup_steps: int, class_counts: Any, seed: Optional[int], sync: str,
-    tail_threshold: int,
-) -> None:
-    """The cloud's own argument checks (the statistics check theirs: sizes, gamma, P, counts)."""
+    rule: Optional[str], warmup_steps: Any, class_counts: Any, seed: Any, sync: str,
+    count_steps: Any, gamma: Any, memory_per_sample: Any, tail_threshold: Any,
+) -> Tuple[int, Optional[int]]:
+    """The cloud's argument checks, named as the user passed them (the statistics re-check
+    their own); returns ``(warmup_steps, count_steps)`` as ints."""
     if rule is not None and rule not in FC.CLOUD_RULES:
         raise ValueError(f"cloud must be one of {FC.CLOUD_RULES} or None, got {rule!r}")
-    if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-    if rule is not None and class_counts is None and int(warmup_steps) == 0:
+    as_int(tail_threshold, "tail_threshold", 0)
+    as_int(memory_per_sample, "memory_per_sample", 1)
+    as_float(gamma, "gamma", minimum=0.0, maximum=1.0, min_inclusive=False)
+    warmup_steps = as_int(warmup_steps, "warmup_steps", 0)
+    if rule is not None and class_counts is None and warmup_steps == 0:
         raise ValueError(
             "class_counts is required when warmup_steps == 0: the cloud needs K_i (LEAP "
             "Eq. 5). Pass the per-class sample counts, or warmup_steps >= 1 epoch to count "
             "them online."
         )
-    if int(tail_threshold) < 0:
-        raise ValueError(f"tail_threshold must be >= 0, got {tail_threshold}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if count_steps is not None:
+        count_steps = as_int(count_steps, "count_steps")
+        if not 1 <= count_steps <= max(warmup_steps, 1):
+            raise ValueError(
+                f"count_steps must be in [1, warmup_steps={warmup_steps}] (K_i are counted "
+                f"during the warm-up), got {count_steps}"
+            )
+    if seed is not None:
+        seed = as_int(seed, "seed")
     if sync not in SYNC_MODES:
         raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
+    return warmup_steps, count_steps
 
 
 class FeatureCloud(nn.Module):
@@ -97,10 +80,17 @@ class FeatureCloud(nn.Module):
         tail_threshold: ``T`` of the vanilla rule (classes with ``K_i > T`` are head classes).
         gamma: center learning rate (paper: 0.1).
         memory_per_sample: ``P`` of LEAP Eq. 5.
-        warmup_steps: training steps without cloud. With ``class_counts=None`` the counts
-            ``K_i`` are taken online during warm-up, which must then be ``>= 1`` and should
-            cover an epoch.
+        warmup_steps: training steps without cloud (the paper starts the cloud after some
+            epochs). With ``class_counts=None`` the counts ``K_i`` are taken online during
+            warm-up, which must then be ``>= 1`` and should cover an epoch.
         class_counts: ``K_i`` per class from the dataset (recommended).
+        count_steps: with ``class_counts=None``, the steps of one epoch: ``K_i`` are counted
+            online over the first ``count_steps`` steps only (must be ``<= warmup_steps``);
+            default ``warmup_steps`` (then the warm-up must be exactly one epoch, else the
+            counts are multiplied by the number of epochs: a warning says so).
+        center_rate, unknown_variance, angle_max_age: statistics options, see
+            :class:`~feature_cloud.ClassStatistics` (``center_rate``, ``unknown_variance``,
+            ``max_age``).
         seed: seed of the noise stream (a buffer, saved with the state); default draws one from
             the global RNG, so ``torch.manual_seed`` makes runs reproducible.
         sync: one of :data:`SYNC_MODES`; default ``"auto"``: statistics are identical on all
@@ -129,18 +119,28 @@ class FeatureCloud(nn.Module):
         warmup_steps: int = 0,
         class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
         seed: Optional[int] = None,
+        count_steps: Optional[int] = None,
+        center_rate: str = "adaptive",
+        unknown_variance: str = "tail_prior",
+        angle_max_age: Optional[int] = None,
         sync: str = "auto",
         process_group: ProcessGroup = None,
         pad_to: Optional[int] = None,
     ) -> None:
         super().__init__()
-        _check_config(rule, warmup_steps, class_counts, seed, sync, tail_threshold)
+        warmup_steps, count_steps = _check_config(
+            rule, warmup_steps, class_counts, seed, sync, count_steps, gamma, memory_per_sample,
+            tail_threshold)
+        if class_counts is not None:
+            class_counts = check_class_counts(class_counts, as_int(num_classes, "num_classes", 1))
         self.rule = rule
-        self.warmup_steps = int(warmup_steps)
+        self.warmup_steps = warmup_steps
         self.sync = sync
         kwargs: Dict[str, Any] = dict(
             gamma=gamma, memory_per_sample=memory_per_sample, class_counts=class_counts,
             cloud=rule or "full", tail_threshold=tail_threshold,
+            count_updates=count_steps if class_counts is None else None,
+            center_rate=center_rate, unknown_variance=unknown_variance, max_age=angle_max_age,
         )
         if sync == "off":
             self.statistics: ClassStatistics = ClassStatistics(num_classes, embedding_size, **kwargs)
@@ -149,6 +149,12 @@ class FeatureCloud(nn.Module):
             self.statistics = SyncedClassStatistics(
                 num_classes, embedding_size, process_group=process_group, pad_to=pad_to,
                 batch=batch, **kwargs)
+        if rule is not None and class_counts is None and count_steps is None:
+            warnings.warn(
+                f"the feature cloud counts K_i online over all warmup_steps={warmup_steps} "
+                "steps: correct only if the warm-up is exactly one epoch. Pass class_counts, or "
+                "count_steps=<steps per epoch>.", UserWarning, stacklevel=3,
+            )
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -189,13 +195,24 @@ class FeatureCloud(nn.Module):
         self.seed.fill_(int(seed))
 
     # ------------------------------------------------------------------ training step
+    def check(self, embeddings: Tensor, labels: Tensor, *, validate: bool = True,
+              train: bool = True) -> Tensor:
+        """Every check of a batch, before any state changes; returns the labels as int64.
+
+        When the training step's update is collective, all ranks agree on the verdict first
+        (one all-reduce: every rank raises together, see
+        :meth:`~feature_cloud.sync.SyncedClassStatistics.agree`)."""
+        if train and self.collective:
+            return self.statistics.agree(embeddings, labels, validate)
+        return check_batch(embeddings, labels, self.embedding_size, self.num_classes, validate)
+
     def advance(
         self, features: Tensor, labels: Tensor, *, train: bool = True, count_empty: bool = False
     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         """One training step of the cloud: fold the batch into the statistics, count the step.
 
-        Call after the caller has checked the batch (shapes, dtypes, label range): this mutates
-        state. Does nothing unless ``train``; an empty batch is skipped (not counted) unless the
+        Call after :meth:`check` (with the same tensors: a collective check is reused by the
+        update): this mutates state. Does nothing unless ``train``; an empty batch is skipped (not counted) unless the
         update is collective or ``count_empty`` (the caller's step is collective). Returns ``(std, key)``: the per-sample cloud
         standard deviation ``(B,)`` (LEAP Eq. 6 / 9 via the sample's class) and the noise key of
         this step (:func:`feature_cloud.noise.noise_key`) when the cloud is active, else
@@ -241,6 +258,42 @@ class FeatureCloud(nn.Module):
     def extra_repr(self) -> str:
         return (f"rule={self.rule!r}, warmup_steps={self.warmup_steps}, sync={self.sync!r}, "
                 f"steps_taken={self._count}")
+
+
+class WithFeatureCloud:
+    """Read-only views of ``self.feature_cloud`` shared by every head and adapter holding one."""
+
+    feature_cloud: FeatureCloud
+
+    @property
+    def cloud(self) -> Optional[str]:
+        """The cloud rule (``"full"``, ``"vanilla"``) or ``None``."""
+        return self.feature_cloud.rule
+
+    @property
+    def statistics(self) -> ClassStatistics:
+        """The class statistics of the cloud (buffers)."""
+        return self.feature_cloud.statistics
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.feature_cloud.warmup_steps
+
+    @property
+    def step(self) -> int:
+        """Training steps taken (the ``feature_cloud.step`` buffer)."""
+        return self.feature_cloud.steps_taken
+
+    @property
+    def seed(self) -> int:
+        """Seed of the cloud's noise stream (the ``feature_cloud.seed`` buffer; shared by all
+        ranks, whose streams differ by rank)."""
+        return int(self.feature_cloud.seed)
+
+    @property
+    def cloud_active(self) -> bool:
+        """Whether the next training step draws a feature cloud."""
+        return self.feature_cloud.active
 
 
 def migrate_state_dict(

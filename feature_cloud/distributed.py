@@ -40,18 +40,19 @@ from torch import Tensor, nn
 
 from . import functional as FC
 from . import noise as N
-from ._validation import check_batch, check_embeddings, check_values
-from .cloud import FeatureCloud, migrate_state_dict
+from ._validation import as_float, as_int, check_batch, check_embeddings
+from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from .heads import LEAPMarginHead, cloud_margin_logits, make_cloud, resolve_margin
 from .sync import (  # noqa: F401  (re-exported: the process-group API lives here)
     BATCH_MODES, ProcessGroup, SyncedClassStatistics, _pml_to_rank_order, _rank_world,
-    _ReplicatedSum, gather_batch, is_distributed,
+    _ReplicatedSum, agree_on_batch, gather_batch, is_distributed,
 )
 
 __all__ = [
     "BATCH_MODES",
     "is_distributed",
     "gather_batch",
+    "agree_on_batch",
     "SyncedClassStatistics",
     "synchronize",
     "even_shard_sizes",
@@ -117,7 +118,7 @@ def _check_sizes(sizes: Sequence[int], num_classes: int, world_size: int) -> Lis
     return sizes
 
 
-class ShardedLEAPMarginHead(nn.Module):
+class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
     r"""LEAP margin softmax head whose ``(C, D)`` class weights are split over the ranks.
 
     Rank ``r`` of ``process_group`` holds ``weight`` rows ``[shard_start, shard_end)`` (sizes from
@@ -191,13 +192,19 @@ class ShardedLEAPMarginHead(nn.Module):
         **cloud_options: Any,
     ) -> None:
         super().__init__()
-        self.margin_type, self.scale, self.margin = resolve_margin(margin_type, scale, margin)
+        embedding_size = as_int(embedding_size, "embedding_size", 1)
+        num_classes = as_int(num_classes, "num_classes", 1)
+        rule, self.scale, self.margin = resolve_margin(margin_type, scale, margin)
+        if rule.sub_centers != 1:
+            raise ValueError(f"margin_type {rule.name!r} uses sub-centers, which the sharded "
+                             "head does not support; use LEAPMarginHead")
+        self.margin_type, self.margin_rule = rule.name, rule
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        if not 0.0 < float(sample_rate) <= 1.0:
-            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        if pad_to is not None and int(pad_to) < 0:
-            raise ValueError(f"pad_to must be >= 0, got {pad_to}")
+        sample_rate = as_float(sample_rate, "sample_rate", minimum=0.0, maximum=1.0,
+                               min_inclusive=False)
+        if pad_to is not None:
+            pad_to = as_int(pad_to, "pad_to", 0)
         if "sync" in cloud_options:
             raise TypeError("ShardedLEAPMarginHead has no sync option: its statistics are updated "
                             "from the gathered global batch")
@@ -231,35 +238,6 @@ class ShardedLEAPMarginHead(nn.Module):
         self.register_buffer("shard_sizes", torch.tensor(sizes, dtype=torch.long))
 
     # ------------------------------------------------------------------ public API
-    @property
-    def cloud(self) -> Optional[str]:
-        """The cloud rule (``"full"``, ``"vanilla"``) or ``None``."""
-        return self.feature_cloud.rule
-
-    @property
-    def statistics(self):
-        """The replicated class statistics of the cloud (buffers)."""
-        return self.feature_cloud.statistics
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.feature_cloud.warmup_steps
-
-    @property
-    def step(self) -> int:
-        """Training steps taken (the ``feature_cloud.step`` buffer)."""
-        return self.feature_cloud.steps_taken
-
-    @property
-    def seed(self) -> int:
-        """Seed shared by every rank's noise stream (the ``feature_cloud.seed`` buffer)."""
-        return int(self.feature_cloud.seed)
-
-    @property
-    def cloud_active(self) -> bool:
-        """Whether the next training step draws a feature cloud."""
-        return self.feature_cloud.active
-
     def shard_logits(self, embeddings: Tensor) -> Tensor:
         """Plain ``s cos(theta)`` of this rank's embeddings against this rank's classes,
         ``(B, shard_end - shard_start)``, columns ``shard_start..shard_end-1`` (no communication)."""
@@ -268,20 +246,24 @@ class ShardedLEAPMarginHead(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """LEAP margin softmax loss of the global batch (see the class docstring)."""
-        check_batch(embeddings, labels, self.embedding_size, self.num_classes, validate=False)
         group = self.process_group
         distributed = self.world_size > 1
+        if distributed:  # every rank agrees on every check before the gather: all raise or none
+            labels, rows = agree_on_batch(
+                embeddings, labels, self.embedding_size, self.num_classes, validate=self.validate,
+                group=group, device=self.weight.device, pad_to=self.pad_to, same_dtype=True,
+            )
+        else:
+            labels = check_batch(embeddings, labels, self.embedding_size, self.num_classes,
+                                 self.validate)
         local_rows = embeddings.shape[0]
         if distributed:
             scale = float(self.world_size) if self.ddp_backbone else 1.0
             emb, lab = gather_batch(
-                embeddings, labels, group, pad_to=self.pad_to, differentiable=True,
-                grad_scale=scale,
+                embeddings, labels, group, pad_to=rows, differentiable=True, grad_scale=scale,
             )
         else:
             emb, lab = embeddings, labels
-        if self.validate:  # on the gathered batch: every rank raises together
-            check_values(emb.detach(), lab, self.num_classes)
         train = self.training and torch.is_grad_enabled()
         # the noise key is the step's before the count moves; stream 0: the dense head's cloud
         sampling = train and self.sample_rate < 1.0
@@ -313,12 +295,13 @@ class ShardedLEAPMarginHead(nn.Module):
         """This shard's margin logits; the cloud of the kept global classes (dense head's draw)."""
         if columns is None or std is None:
             return cloud_margin_logits(
-                self.feature_cloud, emb, weight, local, (std, key), margin_type=self.margin_type,
+                self.feature_cloud, emb, weight, local, (std, key), margin_type=self.margin_rule,
                 scale=self.scale, margin=self.margin, class_start=self.shard_start)
         alpha = N.counter_normal_at(key, emb.shape[0], columns + self.shard_start,
                                     self.num_classes).t() * std.unsqueeze(1)
-        return FC.margin_logits(FC.cosine_logits(emb, weight), local, margin_type=self.margin_type,
-                                scale=self.scale, margin=self.margin, alpha=alpha)
+        cos = FC.cosine_logits(*FC.common_float(emb, weight))
+        return FC.margin_logits(cos, local, margin_type=self.margin_rule, scale=self.scale,
+                                margin=self.margin, alpha=alpha)
 
     def _sample_classes(self, local: Tensor, key: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """PartialFC-style subset of this shard's classes: all positives plus random negatives.

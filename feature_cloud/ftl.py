@@ -125,6 +125,18 @@ class FTLModel(nn.Module):
         alpha_sfmx, alpha_recon, alpha_reg: the weights of Eq. 4.
         transfer: the :class:`~feature_cloud.FeatureTransfer`; default
             ``FeatureTransfer(feature_dim, num_classes)`` (95% energy, long-tail ``<= 20`` images).
+        head_cloud_when_frozen: with a :class:`~feature_cloud.LEAPMarginHead` as ``FC``: keep the
+            head in train mode while it is frozen (stage 2 of Algorithm 1), so that its class
+            statistics follow the features that ``Enc``/``R`` are still learning from normal
+            batches and the LEAP cloud keeps acting on ``f`` (the weights stay fixed either way).
+            ``False``: the frozen head is in eval mode (no statistics, no cloud in stage 2).
+            Ignored for a linear ``FC``.
+
+    **LEAP head statistics in stage 1.** :meth:`AlternatingScheduler.stage1_loss` passes
+    ``stats_rows`` = the real long-tail batch: only those rows update the head's class statistics
+    and get the cloud; the hard-only regular batch (a biased sample: the samples farthest from
+    their centers) and the transferred features (already spread by Eq. 6; counting them would make
+    tail classes look like head classes) get the plain margin loss and leave the statistics alone.
     """
 
     def __init__(
@@ -139,6 +151,7 @@ class FTLModel(nn.Module):
         alpha_recon: float = 1.0,
         alpha_reg: float = 0.25,
         transfer: Optional[FeatureTransfer] = None,
+        head_cloud_when_frozen: bool = True,
     ) -> None:
         super().__init__()
         weight = getattr(classifier, "weight", None)
@@ -179,6 +192,7 @@ class FTLModel(nn.Module):
                 f"the model has {self.feature_dim}, {self.num_classes}"
             )
         self.feature_transfer = transfer
+        self.head_cloud_when_frozen = bool(head_cloud_when_frozen)
         self.frozen: Tuple[str, ...] = ()
         self._base_requires_grad: Optional[Dict[str, bool]] = None
 
@@ -212,22 +226,62 @@ class FTLModel(nn.Module):
             return self.classifier.logits(f)  # type: ignore[operator]
         return self.classifier(f)
 
-    def classification_loss(self, f: Tensor, labels: Tensor) -> Dict[str, Tensor]:
+    def classification_loss(
+        self, f: Tensor, labels: Tensor, stats_rows: Optional[slice] = None
+    ) -> Dict[str, Tensor]:
         r""":math:`\alpha_{sfmx}\mathcal{L}_{sfmx} + \alpha_{reg}\mathcal{L}_{reg}` on identity
-        features ``f`` (Eq. 2-3); labels ``< 0`` ignored. Returns ``loss``, ``sfmx``, ``reg``."""
-        if self.is_margin_head:
+        features ``f`` (Eq. 2-3); labels ``< 0`` ignored (in both terms). Returns ``loss``,
+        ``sfmx``, ``reg``.
+
+        ``stats_rows`` (a contiguous slice of the batch) matters only for a
+        :class:`~feature_cloud.LEAPMarginHead` in train mode: only those rows update its class
+        statistics and draw the cloud; the other rows get the plain margin loss (the head in
+        eval mode). The loss is the same mean over all valid rows either way.
+        """
+        if self.is_margin_head and stats_rows is not None and self.classifier.training:
+            sfmx = self._split_margin_loss(f, labels, stats_rows)
+        elif self.is_margin_head:
             sfmx = self.classifier(f, labels)
         else:
             sfmx = FC.margin_cross_entropy(self.classifier(f), labels)
         if self.alpha_reg > 0:
-            reg = self.metric_l2(f, self.classifier)
+            reg = self.metric_l2(f, self.classifier, labels)
         else:
             reg = f.new_zeros(())
         return {"loss": self.alpha_sfmx * sfmx + self.alpha_reg * reg, "sfmx": sfmx, "reg": reg}
 
-    def feature_loss(self, g: Tensor, labels: Tensor) -> Dict[str, Tensor]:
-        """Loss of a batch given as rich features ``g`` (stage 1 of Algorithm 1: ``R`` and ``FC``)."""
-        return self.classification_loss(self.embed(g), labels)
+    def _split_margin_loss(self, f: Tensor, labels: Tensor, rows: slice) -> Tensor:
+        head = self.classifier
+        start, stop, stride = rows.indices(f.shape[0])
+        if stride != 1:
+            raise ValueError("stats_rows must be a contiguous slice (step 1)")
+        segments = [(a, b) for a, b in ((0, start), (start, stop), (stop, f.shape[0])) if b > a]
+        losses: List[Tensor] = []
+        for a, b in segments:
+            if (a, b) == (start, stop):
+                losses.append(head(f[a:b], labels[a:b]))  # train mode: statistics + cloud
+                continue
+            head.train(False)
+            try:  # eval mode: the plain margin loss, statistics untouched
+                losses.append(head(f[a:b], labels[a:b]))
+            finally:
+                head.train(True)
+        if head.reduction == "none":
+            return torch.cat(losses)
+        if head.reduction == "sum":
+            return torch.stack(losses).sum()
+        # "mean": the per-segment means over valid rows, recombined into the mean over all of them
+        total, count = losses[0].new_zeros(()), losses[0].new_zeros(())
+        for (a, b), part in zip(segments, losses):
+            n = (labels[a:b] >= 0).sum().to(part.dtype)
+            total = total + torch.where(n > 0, part * n, part.new_zeros(()))
+            count = count + n
+        return total / count.clamp_min(1)
+
+    def feature_loss(self, g: Tensor, labels: Tensor, stats_rows: Optional[slice] = None) -> Dict[str, Tensor]:
+        """Loss of a batch given as rich features ``g`` (stage 1 of Algorithm 1: ``R`` and ``FC``);
+        ``stats_rows`` as in :meth:`classification_loss`."""
+        return self.classification_loss(self.embed(g), labels, stats_rows)
 
     def loss(self, x: Tensor, labels: Tensor) -> Dict[str, Tensor]:
         """The total loss of Eq. 4 on an input batch; returns ``loss``, ``sfmx``, ``recon``, ``reg``.
@@ -250,8 +304,9 @@ class FTLModel(nn.Module):
         """Freeze ``parts`` (a subset of :data:`PARTS`) and unfreeze the others.
 
         Frozen: ``requires_grad=False``, gradients cleared to ``None`` (so optimisers skip them
-        and momentum cannot move them) and eval mode (BatchNorm statistics stay fixed, a
-        :class:`LEAPMarginHead` stops updating its class statistics). Unfrozen parameters get back
+        and momentum cannot move them) and eval mode (BatchNorm statistics stay fixed); a frozen
+        :class:`LEAPMarginHead` stays in train mode (statistics and cloud live, weights fixed)
+        unless ``head_cloud_when_frozen=False``. Unfrozen parameters get back
         the ``requires_grad`` they had before the first freeze (a backbone's own frozen stages
         stay frozen).
         """
@@ -281,8 +336,11 @@ class FTLModel(nn.Module):
         super().train(mode)
         for name in self.frozen:
             module = getattr(self, name)
-            if module is not None:
-                module.eval()
+            if module is None:
+                continue
+            if name == "classifier" and self.is_margin_head and self.head_cloud_when_frozen:
+                continue  # fixed weights, live statistics and cloud (see head_cloud_when_frozen)
+            module.eval()
         return self
 
     def param_groups(self) -> List[Dict[str, Any]]:
@@ -507,6 +565,16 @@ class AlternatingScheduler:
                 raise ValueError(
                     f"checkpoint has {key}={state[key]} but this scheduler has {getattr(self, key)}"
                 )
+        stage = int(state["stage"])
+        length = self.stage0_iters if stage == 0 else self.stage_iters
+        for key in ("iteration", "stage_iteration", "alternation"):
+            if isinstance(state[key], bool) or int(state[key]) < 0:
+                raise ValueError(f"scheduler state has {key}={state[key]!r}; must be >= 0")
+        if int(state["stage_iteration"]) >= length:
+            raise ValueError(
+                f"scheduler state has stage_iteration={state['stage_iteration']} but stage {stage} "
+                f"lasts {length} iterations (stage_iteration must be in [0, {length}))"
+            )
         self._stage = int(state["stage"])
         self.iteration = int(state["iteration"])
         self.stage_iteration = int(state["stage_iteration"])
@@ -638,7 +706,8 @@ class AlternatingScheduler:
         (gr, yr), (gt, yt), (gx, yx) = self.stage1_batches(hard_batch, tail_batch)
         g = torch.cat([gr, gt.to(gr.dtype), gx.to(gr.dtype)])
         y = torch.cat([yr, yt, yx])
-        return self.model.feature_loss(g, y)
+        # only the real long-tail rows feed a LEAP head's statistics and cloud (FTLModel docs)
+        return self.model.feature_loss(g, y, stats_rows=slice(gr.shape[0], gr.shape[0] + gt.shape[0]))
 
     def __repr__(self) -> str:
         return (

@@ -23,10 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import margins as _margins
+
 __all__ = [
     "MARGIN_TYPES",
     "CLOUD_RULES",
     "safe_acos",
+    "safe_normalize",
+    "common_float",
     "cosine_logits",
     "shifted_cosine",
     "margin_logits",
@@ -35,6 +39,7 @@ __all__ = [
     "metric_l2",
     "metric_l2_from_logits",
     "batch_class_means",
+    "center_rate",
     "ema_centers",
     "angles_to_centers",
     "ring_slots",
@@ -42,9 +47,13 @@ __all__ = [
     "vanilla_cloud_variance",
     "full_cloud_variance",
     "cloud_variance",
+    "UNKNOWN_VARIANCE",
+    "unknown_variance_prior",
+    "masked_angle_moments",
 ]
 
-MARGIN_TYPES = ("cosface", "arcface")
+#: names of the built-in margins (the registry, :func:`feature_cloud.margins.names`, is authoritative)
+MARGIN_TYPES = _margins.names()
 CLOUD_RULES = ("full", "vanilla")
 
 # Floor for 1 - x^2 in the acos derivative: keeps the gradient finite (|grad| <= ~2.9e3) where the
@@ -85,13 +94,45 @@ def safe_acos(x: Tensor) -> Tensor:
     return _SafeAcos.apply(x)
 
 
-def cosine_logits(embeddings: Tensor, weight: Tensor) -> Tensor:
+def safe_normalize(x: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
+    r"""``F.normalize(x, dim=dim)`` that stays exact for huge and tiny finite vectors.
+
+    The squared norm of a float32 vector overflows above ~1.8e19 (fp16: 256) and underflows
+    below ~1e-19, and ``F.normalize`` then returns a zero (or unscaled) vector. Dividing by the
+    detached per-row max-abs first keeps :math:`\|x\|` near 1; normalisation is scale-invariant,
+    so value and gradient equal those of ``x / ||x||`` (the scale is a constant for autograd).
+    Rows that are exactly zero stay zero.
+    """
+    m = x.detach().abs().amax(dim=dim, keepdim=True)
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    return F.normalize(x / m, dim=dim, eps=eps)
+
+
+def common_float(embeddings: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """Cast features and class weights to one compute dtype: float64 if either is float64,
+    else float32 (half-precision inputs without autocast are upcast, as autocast does for every
+    op but the GEMM; under autocast the GEMM still runs in the autocast dtype). No copy when a
+    tensor already has that dtype; the casts are differentiable (gradients come back in each
+    input's own dtype)."""
+    dtype = torch.float64 if torch.float64 in (embeddings.dtype, weight.dtype) else torch.float32
+    return embeddings.to(dtype), weight.to(dtype)
+
+
+def cosine_logits(embeddings: Tensor, weight: Tensor, sub_centers: int = 1) -> Tensor:
     r"""Cosine of the angle between every embedding and every class weight, :math:`\cos\theta_{nj}`.
 
     ``embeddings`` ``(B, D)``, ``weight`` ``(C, D)``; both are L2-normalised (LEAP Eq. 1-2).
-    Runs in the input dtype (autocast may make it bf16/fp16); callers upcast before margins.
+    With ``sub_centers = K > 1`` the weight is ``(K C, D)`` with rows ``j K .. j K + K - 1`` for
+    class ``j`` and the class cosine is the largest over its sub-centers (sub-center ArcFace,
+    PML's ``SubCenterArcFaceLoss.get_cosine``). Runs in the input dtype (autocast may make it
+    bf16/fp16); callers upcast before margins.
     """
-    return F.linear(F.normalize(embeddings, dim=1), F.normalize(weight, dim=1))
+    cos = F.linear(safe_normalize(embeddings, dim=1), F.normalize(weight, dim=1))
+    if sub_centers == 1:
+        return cos
+    if weight.shape[0] % sub_centers:
+        raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of sub_centers={sub_centers}")
+    return cos.view(cos.shape[0], -1, sub_centers).max(dim=2).values
 
 
 def shifted_cosine(cos: Tensor, shift: Tensor | float) -> Tensor:
@@ -114,11 +155,14 @@ def margin_logits(
     margin: float = 0.2,
     alpha: Optional[Tensor] = None,
 ) -> Tensor:
-    r"""Scaled margin logits of CosFace/ArcFace with an optional feature cloud.
+    r"""Scaled margin logits (CosFace, ArcFace, ... from :mod:`feature_cloud.margins`) with an
+    optional feature cloud.
 
-    Without a cloud (``alpha=None``) these are the logits of LEAP Eq. 1 (CosFace,
-    :math:`s(\cos\theta_y - m_c)` on the target) and Eq. 2 (ArcFace, :math:`s\cos(\theta_y + m_a)`).
-    With a per-logit cloud angle ``alpha`` ``(B, C)`` they are LEAP Eq. 7 / Eq. 8:
+    The margin ``margin_type`` (a registered name or a :class:`~feature_cloud.margins.Margin`)
+    modifies the target logit only. Without a cloud (``alpha=None``) these are the logits of
+    LEAP Eq. 1 (CosFace, :math:`s(\cos\theta_y - m_c)` on the target) and Eq. 2 (ArcFace,
+    :math:`s\cos(\theta_y + m_a)`). With a per-logit cloud angle ``alpha`` ``(B, C)`` they are
+    LEAP Eq. 7 / Eq. 8:
 
     .. math::
         z_{ny} = s(\cos(\theta_{ny} + \alpha_{ny}) - m_c) \;\text{or}\;
@@ -128,26 +172,18 @@ def margin_logits(
     every angle sum clipped to ``[0, pi]``. Labels ``< 0`` mark ignored rows (their target logit
     is left unmodified). Computed in float32 at least, whatever the autocast dtype of ``cos``.
     """
-    if margin_type not in MARGIN_TYPES:
-        raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {margin_type!r}")
+    rule = _margins.get(margin_type)
     cos = _at_least_float32(cos)
     index = labels.clamp_min(0).unsqueeze(1)
     cos_y = cos.gather(1, index)
+    alpha_y = None
     if alpha is None:
         logits = cos * scale
-        if margin_type == "cosface":
-            target = cos_y - margin
-        else:
-            target = shifted_cosine(cos_y, margin)
     else:
         alpha = alpha.to(cos.dtype)
         logits = shifted_cosine(cos, alpha) * scale
         alpha_y = alpha.gather(1, index)
-        if margin_type == "cosface":
-            target = shifted_cosine(cos_y, alpha_y) - margin
-        else:
-            target = shifted_cosine(cos_y, alpha_y + margin)
-    target = target * scale
+    target = rule.target(cos_y, alpha_y, margin) * scale
     target = torch.where(labels.unsqueeze(1) >= 0, target, logits.gather(1, index))
     return logits.scatter(1, index, target)
 
@@ -222,7 +258,26 @@ def batch_class_means(features: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]
     return means / counts.clamp_min(1).unsqueeze(1).to(features.dtype), counts
 
 
-def ema_centers(old: Tensor, batch_mean: Tensor, initialized: Tensor, gamma: float) -> Tensor:
+def center_rate(gamma: float, appearances: Tensor, adaptive: bool = True) -> Tensor:
+    r"""Per-row center learning rate: :math:`\max(\gamma, 1/n)` at a class's ``n``-th appearance.
+
+    With ``adaptive=False`` the constant :math:`\gamma` of LEAP Sec. 4.1 (the first appearance
+    still initialises the center, see :func:`ema_centers`). The adaptive rate makes the center
+    the running mean of the class's first :math:`1/\gamma` batch means and an EMA after that: a
+    tail class seen a few times an epoch otherwise keeps most of the weight of its first batch
+    for many epochs (after ``n`` appearances the first one still weighs :math:`(1-\gamma)^{n-1}`),
+    which biases its angles. ``appearances`` ``(N,)`` counts this appearance (``>= 1``).
+    Returns float ``(N, 1)``.
+    """
+    n = appearances.clamp_min(1).to(torch.float32).unsqueeze(1)
+    if not adaptive:
+        return torch.full_like(n, float(gamma))
+    return torch.clamp(1.0 / n, min=float(gamma))
+
+
+def ema_centers(
+    old: Tensor, batch_mean: Tensor, initialized: Tensor, gamma: "float | Tensor"
+) -> Tensor:
     r"""EMA class-center update of LEAP Eq. 4 with :math:`\gamma` the *center learning rate*.
 
     .. math:: c_i \leftarrow (1-\gamma)\, c_i + \gamma\, \bar f_i^{\text{batch}}
@@ -231,8 +286,11 @@ def ema_centers(old: Tensor, batch_mean: Tensor, initialized: Tensor, gamma: flo
     learning rate of class center", i.e. the weight of the *current* batch. Read literally, the
     center would be almost the batch mean, defeating its purpose (resisting mislabelled samples)
     and biasing small classes' angles towards zero. A class not yet initialised takes the batch
-    mean. All arguments are rows for the same classes (``(N, D)``, ``(N, D)``, ``(N,)`` bool).
+    mean. All arguments are rows for the same classes (``(N, D)``, ``(N, D)``, ``(N,)`` bool);
+    ``gamma`` may be a per-row rate ``(N, 1)`` (:func:`center_rate`).
     """
+    if isinstance(gamma, Tensor):
+        gamma = gamma.to(old.dtype)
     ema = torch.lerp(old, batch_mean, gamma)
     return torch.where(initialized.unsqueeze(1), ema, batch_mean)
 
@@ -244,8 +302,8 @@ def angles_to_centers(features: Tensor, centers: Tensor) -> Tensor:
     the arccos but stays accurate for small angles (``acos`` of a float32 cosine near 1 loses
     ~4e-4 rad, as much as the spread of a tight class).
     """
-    f = F.normalize(features, dim=1, eps=1e-12)
-    c = F.normalize(centers, dim=1, eps=1e-12)
+    f = safe_normalize(features, dim=1, eps=1e-12)
+    c = safe_normalize(centers, dim=1, eps=1e-12)
     return 2.0 * torch.atan2((f - c).norm(dim=1), (f + c).norm(dim=1))
 
 
@@ -296,39 +354,94 @@ def angle_moments(
     return mean.float(), var.float(), has_stats
 
 
+def masked_angle_moments(
+    memory: Tensor, owner: Tensor, valid: Tensor, num_classes: int
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`angle_moments` of the memory slots with ``valid`` set (e.g. not older than an age).
+
+    ``memory``, ``owner`` (class of each slot) and ``valid`` are ``(M,)``; one pass of
+    ``index_add`` over the memory (float64 sums), no host sync.
+    """
+    w = valid.to(torch.float64)
+    a = memory.to(torch.float64) * w
+    total = torch.zeros(num_classes, dtype=torch.float64, device=memory.device)
+    fill = torch.zeros(num_classes, dtype=torch.long, device=memory.device)
+    fill.index_add_(0, owner, valid.long())
+    s1 = total.index_add(0, owner, a)
+    s2 = total.index_add(0, owner, a * memory.to(torch.float64))
+    return angle_moments(s1, s2, fill)
+
+
+#: What a class whose angle variance is not known yet (fewer than two stored angles) gets:
+#: ``"tail_prior"`` the pooled variance only if its memory can never hold two angles (a one-shot
+#: class with ``K_i * P < 2``: its observed spread is zero, the paper's premise), else no cloud
+#: until two angles are stored; ``"pooled"`` the pooled variance for every such class (the
+#: package's behaviour before 0.3, head classes included); ``"none"`` never a cloud.
+UNKNOWN_VARIANCE = ("tail_prior", "pooled", "none")
+
+
+def unknown_variance_prior(
+    policy: str, has_stats: Tensor, capacity: Tensor, class_counts: Tensor
+) -> Tensor:
+    """``(C,)`` bool: classes without statistics that take the prior (as if ``sigma_i^2 = 0``).
+
+    See :data:`UNKNOWN_VARIANCE` for ``policy``. Classes with ``K_i = 0`` never take it.
+    """
+    if policy not in UNKNOWN_VARIANCE:
+        raise ValueError(f"unknown_variance must be one of {UNKNOWN_VARIANCE}, got {policy!r}")
+    unknown = ~has_stats & (class_counts > 0)
+    if policy == "pooled":
+        return unknown
+    if policy == "none":
+        return torch.zeros_like(unknown)
+    return unknown & (capacity < 2)
+
+
 def vanilla_cloud_variance(
-    var: Tensor, has_stats: Tensor, class_counts: Tensor, threshold: int
+    var: Tensor, has_stats: Tensor, class_counts: Tensor, threshold: int,
+    prior: Optional[Tensor] = None,
 ) -> Tensor:
     r"""Vanilla LEAP (Sec. 3.4, Eq. 6): head classes have ``K_i > T``.
 
     :math:`\sigma_h^2` is the mean variance over head classes (with statistics); every tail class
     gets cloud variance :math:`\max(\sigma_h^2 - \sigma_t^2, 0)`, head classes get 0.
+    A class without statistics gets a cloud only if ``prior`` marks it (then with
+    :math:`\sigma_t^2 = 0`); ``prior=None`` marks every class without statistics.
     """
     head = class_counts > threshold
     use = head & has_stats
     sigma_h2 = (var * use).sum() / use.sum().clamp_min(1)
-    return torch.where(head, torch.zeros_like(var), (sigma_h2 - var).clamp_min(0))
+    prior = ~has_stats if prior is None else prior
+    cloud = has_stats | prior
+    out = torch.where(head, torch.zeros_like(var), (sigma_h2 - var).clamp_min(0))
+    return torch.where(cloud, out, torch.zeros_like(out))
 
 
-def full_cloud_variance(var: Tensor, has_stats: Tensor, class_counts: Tensor) -> Tensor:
+def full_cloud_variance(
+    var: Tensor, has_stats: Tensor, class_counts: Tensor, prior: Optional[Tensor] = None
+) -> Tensor:
     r"""Full LEAP (Sec. 3.4, Eq. 9): pooled :math:`\sigma^2 = \sum_i (K_i-1)\sigma_i^2 / \sum_i (K_i-1)`.
 
     A class with :math:`\sigma_i^2 < \sigma^2` gets cloud variance :math:`\sigma^2 - \sigma_i^2`.
-    Classes without statistics yet do not enter the pooled sum.
+    Classes without statistics yet do not enter the pooled sum; they get a cloud only if
+    ``prior`` marks them (then :math:`\sigma^2`); ``prior=None`` marks all of them.
     """
     w = (class_counts.to(var.dtype) - 1).clamp_min(0) * has_stats
     sigma2 = (w * var).sum() / w.sum().clamp_min(1e-12)
-    return (sigma2 - var).clamp_min(0)
+    prior = ~has_stats if prior is None else prior
+    out = (sigma2 - var).clamp_min(0)
+    return torch.where(has_stats | prior, out, torch.zeros_like(out))
 
 
 def cloud_variance(
-    rule: str, var: Tensor, has_stats: Tensor, class_counts: Tensor, threshold: int = 20
+    rule: str, var: Tensor, has_stats: Tensor, class_counts: Tensor, threshold: int = 20,
+    prior: Optional[Tensor] = None,
 ) -> Tensor:
     """Dispatch to :func:`full_cloud_variance` or :func:`vanilla_cloud_variance` by ``rule``."""
     if rule == "full":
-        return full_cloud_variance(var, has_stats, class_counts)
+        return full_cloud_variance(var, has_stats, class_counts, prior)
     if rule == "vanilla":
-        return vanilla_cloud_variance(var, has_stats, class_counts, threshold)
+        return vanilla_cloud_variance(var, has_stats, class_counts, threshold, prior)
     raise ValueError(f"cloud rule must be one of {CLOUD_RULES}, got {rule!r}")
 
 

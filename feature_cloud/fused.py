@@ -21,13 +21,24 @@ with one custom :class:`torch.autograd.Function` instead of a chain of autograd 
 * The class weights are normalised implicitly (a per-class factor folded into the logits and the
   backward), so no normalised copy of ``W`` and no ``F.normalize`` backward over ``C x D``.
   ``cos alpha`` and ``sin alpha`` come from one ``sin(alpha / 2)`` (half-angle identities).
-* The cross-entropy uses a log-sum-exp with a fixed shift (``scale``, an upper bound of every
-  logit, folded into the scaling pass) when that cannot underflow, else an online running
-  maximum.
-* The one saved ``B x C`` buffer is ``softmax * d logit / d cos`` (turned in place from the
-  exponentials); the ``- onehot`` of the target column is a rank-``B`` correction applied after
-  the two backward GEMMs, so the backward makes no elementwise pass over ``B x C`` and leaves the
-  saved buffer intact (``retain_graph`` works).
+* The cross-entropy's log-sum-exp is shifted by the per-row maximum (online over class
+  chunks), so every row's largest exponential is 1, the sum is ``>= 1`` and ``g / sum`` is at
+  most the upstream gradient. **No subnormal floats**: the exponent is floored at
+  :data:`EXP_FLOOR` (``exp(-40)``; this raises an exponential below ``4e-18`` of the row's
+  largest to that value, a relative change of the sum below ``C * 4e-18``, far under float32
+  rounding) and the cloud derivative is flushed to 0 below ``1e-12``, so every exponential,
+  derivative and their products in the saved buffer are normal floats (or exactly 0) for class
+  weights of norm below ``1e8``. Subnormal operands slow CPU GEMMs down by ~8x (and ``exp``
+  writing them by ~30x): with a fixed shift, LEAP at ``s = 64`` wrote several percent of them.
+* The one saved ``B x C`` buffer is ``softmax * d cos(theta + alpha) / d c / ||W_j||`` (turned
+  in place from the exponentials; ``s`` and ``g / sum`` are applied after the GEMMs); the
+  ``- onehot`` of the target column is a rank-``B`` correction applied after the two backward
+  GEMMs, so the backward makes no elementwise pass over ``B x C`` and leaves the saved buffer
+  intact (``retain_graph`` works).
+* Under autocast the GEMMs run in the autocast dtype on operands of bounded magnitude: the
+  saved buffer is at most ``max d / ||W_j||``, and the per-sample factor ``g / sum`` enters the
+  weight-gradient GEMM divided by its maximum, which is multiplied back in float32 afterwards;
+  so a ``GradScaler``-sized upstream gradient (``65536``) cannot overflow float16.
 
 The layout is class-major (``C x B``) so that a chunk of classes is a contiguous block. With
 ``chunk_size`` set, classes are processed in chunks: the forward keeps only ``B``-vectors (online
@@ -36,25 +47,35 @@ tensor is ever materialised and the extra memory beyond ``W`` and its gradient i
 ``O(chunk_size * (B + D))``. Loss and gradients equal the dense path to rounding.
 
 The cloud noise is counter-based (:mod:`feature_cloud.noise`): the normal of sample ``n`` and
-class ``j`` is a pure function of the noise key and ``(n, j)``, so dense and chunked modes (and
-every chunk size) draw identical clouds and the chunked backward recomputes a chunk's noise from
-the key alone. Chunk sizes are rounded up to a multiple of :data:`NOISE_BLOCK`.
+class ``j`` is a pure function of the noise key and ``(n, j)``, so dense and chunked modes (every
+chunk size, every class shard) draw identical clouds and the chunked backward recomputes a chunk's
+noise from the key alone. Chunk sizes are rounded up to a multiple of :data:`NOISE_BLOCK`.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .functional import MARGIN_TYPES
+from . import margins as _margins
+from ._validation import check_values
+from .functional import safe_normalize
 from .noise import counter_normal, random_key
 
-__all__ = ["NOISE_BLOCK", "margin_loss", "class_major_noise", "cloud_angles", "cloud_cosine"]
+__all__ = ["NOISE_BLOCK", "EXP_FLOOR", "margin_loss", "class_major_noise", "cloud_angles", "cloud_cosine"]
 
 #: Chunk sizes are multiples of this many classes.
 NOISE_BLOCK = 1024
+
+#: Floor of the log-sum-exp exponent ``z - max`` (float32; float64 uses -300): no subnormal
+#: exponentials (see the module docstring).
+EXP_FLOOR = -40.0
+_EXP_FLOOR = {torch.float32: EXP_FLOOR, torch.float64: -300.0}
+# d cos(theta + alpha)/dc is flushed to 0 below this (the sin(theta + alpha) factor), so that
+# exponential * derivative stays a normal float: exp(-40) * 1e-12 = 4e-30 (float64: 5e-231).
+_SIN_FLOOR = {torch.float32: 1e-12, torch.float64: 1e-100}
 
 # Largest float below pi per dtype: clamping alpha there keeps |alpha| < pi, where "clipped" is
 # exactly sin(theta + alpha) < 0 (see cloud_cosine). float64(math.pi) is already below pi.
@@ -98,7 +119,8 @@ def _cloud_cosine_(
 ) -> Tuple[Tensor, Tensor]:
     """In-place kernel of :func:`cloud_cosine` from the half angle ``half = alpha / 2``.
 
-    Destroys ``c`` and ``half``; ``f`` is written to ``out_f`` and the derivative to ``out_d``;
+    Destroys ``c`` and ``half``; ``f`` is written to ``out_f`` and the derivative to ``out_d``
+    (flushed to 0 where ``sin(theta + alpha) <= 1e-12``: no subnormal products downstream);
     ``work`` is scratch: five same-shape buffers, no allocation (fresh pages of big tensors cost
     as much as a transcendental pass). One ``sin`` instead of ``cos`` and ``sin``:
     ``h = sin(alpha/2)``, ``cos alpha = 1 - 2h^2``, ``sin alpha = 2h cos(alpha/2)`` with
@@ -116,7 +138,8 @@ def _cloud_cosine_(
     clipped = torch.clamp_max(sn, 0.0, out=c).sign_()  # -1 where clipped, else 0
     # where clipped: f + (-(sign(alpha) + f)) = -sign(alpha); elsewhere f + 0
     f.addcmul_(sa2.sign_().add_(f), clipped)
-    d = sn.clamp_min_(0.0).div_(t.clamp_min_(sqrt_floor))
+    sin_floor = _SIN_FLOOR[torch.float64 if c.dtype == torch.float64 else torch.float32]
+    d = torch.nn.functional.threshold_(sn, sin_floor, 0.0).div_(t.clamp_min_(sqrt_floor))
     return f, d
 
 
@@ -162,7 +185,7 @@ def class_major_noise(
 
     ``key``: a noise key (:func:`feature_cloud.noise.noise_key`); ``None`` draws one from
     ``generator`` (the global RNG when ``None``). Rows are the classes ``class_start ..
-    class_start + num_classes`` of a head with ``total_classes`` (default ``num_classes``)
+    class_start + num_classes`` of a head with ``total_classes`` (default: up to the last row)
     classes. ``block`` is accepted for compatibility and has no effect (the draw does not depend
     on any chunking). ``margin_loss`` with ``noise_std=std`` uses angles
     ``alpha = noise.t() * std[:, None]``; exposed so that tests and users can reproduce a draw
@@ -204,8 +227,8 @@ class _Plan:
     """Static configuration of one call (plain Python values, no tensors)."""
 
     __slots__ = (
-        "margin_type", "scale", "margin", "reduction", "chunk", "block", "total",
-        "compute", "gemm", "const_shift", "pi_below", "sqrt_floor", "cloud", "explicit_noise",
+        "rule", "scale", "smoothing", "num_classes", "reducer", "want_pred", "margin", "reduction", "chunk", "block", "class_start",
+        "compute", "gemm", "exp_floor", "pi_below", "sqrt_floor", "cloud", "explicit_noise",
     )
 
     def __init__(self, **kw) -> None:
@@ -252,28 +275,29 @@ def _chunk_logits(
     sigma: Optional[Tensor],
     plan: _Plan,
     ws: _Workspace,
-) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor, Any]:
     """Scaled margin logits of classes ``j0 .. j0 + len(Wc)`` (class-major), LEAP Eq. 1-2 / 7-8.
 
-    Returns ``(Z, d, idx, inside, z_y, d_y)``: logits ``(Cc, B)`` (a workspace buffer; minus
-    ``plan.const_shift`` when that is set); the
-    elementwise derivative ``d cos(theta + alpha) / d c`` (``None`` without cloud, meaning 1);
-    the target index and in-chunk mask; the target logit (margin applied) and the derivative of
-    its cosine. ``noise_c`` (when generated) is a workspace buffer and is overwritten.
+    Returns ``(Z, d, idx, inside, z_y, d_y, pred)``: logits ``(Cc, B)`` (a workspace buffer,
+    target entries included); the elementwise derivative ``d cos(theta + alpha) / d c``
+    (``None`` without cloud, meaning 1); the target index and in-chunk mask (``valid``: rows
+    with a target in this weight); the target logit (margin applied) and the derivative of its
+    cosine; ``(max, argmax)`` of the plain cosine over the chunk when ``plan.want_pred``.
+    ``noise_c`` (when generated) is a workspace buffer and is overwritten.
     """
     B, Cc = xg.shape[0], Wc.shape[0]
     s, m = plan.scale, plan.margin
-    # with a fixed log-sum-exp shift the logits are returned already shifted (one pass saved)
-    off = plan.const_shift or 0.0
-    neg_off = torch.tensor(-off, dtype=plan.compute, device=xg.device)
     Z = ws.get("z", Cc)
     if plan.gemm == plan.compute:
         torch.mm(Wc, xg.t(), out=Z)
     else:
         Z.copy_(torch.mm(Wc.to(plan.gemm), xg.t()))
     idx, inside = _target_index(labels, valid, j0, j0 + Cc, B)
+    pred: Optional[Tuple[Tensor, Tensor]] = None
     if plan.cloud:
         c = Z.mul_(rwc.unsqueeze(1)).clamp_(-1.0, 1.0)
+        if plan.want_pred:  # the plain cosine's best class (before the cloud destroys c)
+            pred = c.max(0)
         half_sigma = (sigma * 0.5).unsqueeze(0)  # the kernel works on alpha / 2 (exact)
         if plan.explicit_noise or noise_c.dtype != plan.compute:  # never write the caller's
             half = torch.mul(noise_c.to(plan.compute), half_sigma, out=ws.get("n", Cc))
@@ -281,64 +305,53 @@ def _chunk_logits(
             half = noise_c.mul_(half_sigma)
         half.clamp_(-0.5 * plan.pi_below, 0.5 * plan.pi_below)
         c_y = c.view(-1).gather(0, idx)
-        alpha_y = half.view(-1).gather(0, idx) * 2.0
+        alpha_y: Optional[Tensor] = half.view(-1).gather(0, idx) * 2.0
         f, d = _cloud_cosine_(c, half, ws.get("f", Cc), ws.get("t", Cc), ws.get("d", Cc),
                               plan.sqrt_floor)
-        Z = torch.add(neg_off, f, alpha=s, out=f) if off else f.mul_(s)
-        if plan.margin_type == "cosface":  # s (cos(theta_y + alpha_y) - m), LEAP Eq. 7
-            d_y = d.view(-1).gather(0, idx)
-            z_y = Z.view(-1).gather(0, idx) + (off - s * m)
-        else:  # s cos(theta_y + alpha_y + m), LEAP Eq. 8
-            shift_y = (alpha_y + m).clamp_(-plan.pi_below, plan.pi_below)
-            f_y, d_y = cloud_cosine(c_y, shift_y, plan.sqrt_floor)
-            z_y = f_y * s
+        Z = f.mul_(s)
     else:
-        d = None
-        srw_col = (rwc * s).unsqueeze(1)
-        if off:
-            torch.addcmul(neg_off, Z, srw_col, out=Z)
-        else:
-            Z.mul_(srw_col)
-        if plan.margin_type == "cosface":  # s (cos theta_y - m), LEAP Eq. 1
-            d_y = torch.ones(B, dtype=plan.compute, device=Z.device)
-            z_y = Z.view(-1).gather(0, idx) + (off - s * m)
-        else:  # s cos(theta_y + m), LEAP Eq. 2
-            c_y = ((Z.view(-1).gather(0, idx) + off) / s).clamp_(-1.0, 1.0)
-            shift_y = torch.full_like(c_y, min(m, plan.pi_below))
-            f_y, d_y = cloud_cosine(c_y, shift_y, plan.sqrt_floor)
-            z_y = f_y * s
+        d, alpha_y = None, None
+        Z.mul_((rwc * s).unsqueeze(1))
+        if plan.want_pred:
+            pred = Z.max(0)
+        c_y = (Z.view(-1).gather(0, idx) / s).clamp_(-1.0, 1.0)
+    # the margin's target (LEAP Eq. 1-2 / 7-8) and its derivative, from the registry
+    f_y, d_y = plan.rule.fused_target(c_y, alpha_y, m)
+    z_y = f_y * s
     flat = Z.view(-1)
-    flat.scatter_(0, idx, torch.where(inside, z_y - off, flat.gather(0, idx)))
-    return Z, d, idx, inside, z_y, d_y
+    flat.scatter_(0, idx, torch.where(inside, z_y, flat.gather(0, idx)))
+    return Z, d, idx, inside, z_y, d_y, pred
 
 
-def _lse_update(
-    Z: Tensor, run_max: Optional[Tensor], total: Tensor, plan: _Plan
-) -> Optional[Tensor]:
-    """Turn logits ``Z`` into ``exp(Z - shift)`` in place and add them to ``total`` (in place).
+def _shifted_exp_(Z: Tensor, shift: Tensor, plan: _Plan) -> Tensor:
+    """``Z -> exp(max(Z - shift, EXP_FLOOR))`` in place (``shift`` per column, ``>=`` its max)."""
+    return Z.sub_(shift.unsqueeze(0)).clamp_min_(plan.exp_floor).exp_()
 
-    Fixed shift: ``plan.const_shift``. Otherwise an online maximum: ``total`` is rescaled by
-    ``exp(old_max - new_max)`` (the online log-sum-exp); returns the new running maximum.
+
+def _lse_update(Z: Tensor, run_max: Tensor, total: Tensor, plan: _Plan) -> Tensor:
+    """Turn logits ``Z`` into ``exp(Z - max)`` in place and add them to ``total`` (in place).
+
+    Online log-sum-exp: ``max`` is the running per-sample maximum over the chunks so far,
+    ``total`` is rescaled by ``exp(old_max - new_max)``; returns the new maximum.
     """
-    if plan.const_shift is not None:  # _chunk_logits already subtracted it
-        Z.exp_()
-        total.add_(Z.sum(0))
-        return run_max
     if Z.shape[0] == 0 or Z.shape[1] == 0:
         return run_max
     new_max = torch.maximum(run_max, Z.amax(0))
-    total.mul_(torch.exp(run_max - new_max))
-    Z.sub_(new_max.unsqueeze(0)).exp_()
-    total.add_(Z.sum(0))
+    total.mul_(torch.exp((run_max - new_max).clamp_min_(plan.exp_floor)))  # 0 when -inf
+    total.add_(_shifted_exp_(Z, new_max, plan).sum(0))
     return new_max
 
 
-def _grad_buffer_(E: Tensor, d: Optional[Tensor], srwc: Tensor, idx: Tensor) -> Tensor:
-    """``E -> G0 = E * d * s * rw`` in place; returns the target entries ``E_y`` read first."""
+def _grad_buffer_(E: Tensor, d: Optional[Tensor], rwc: Tensor, idx: Tensor,
+                  u: Optional[Tensor] = None) -> Tensor:
+    """``E -> G0 = (E - u) * d * rw`` in place (``u`` per sample: the label-smoothing term);
+    returns the target entries ``E_y`` read first."""
     e_y = E.view(-1).gather(0, idx)
+    if u is not None:
+        E.sub_(u.unsqueeze(0))
     if d is not None:
         E.mul_(d)
-    E.mul_(srwc.unsqueeze(1))
+    E.mul_(rwc.unsqueeze(1))
     return e_y
 
 
@@ -348,41 +361,52 @@ def _chunk_backward(
     idx: Tensor,
     inside: Tensor,
     d_y: Tensor,
-    total: Tensor,
-    srwc: Tensor,
+    a: Tensor,
+    c: Tensor,
+    u: Optional[Tensor],
+    rwc: Tensor,
     Wc: Tensor,
-    bx: Tensor,
+    xn: Tensor,
+    xs: Tensor,
+    post: Optional[Tensor],
     gWc: Tensor,
     rw2c: Tensor,
     plan: _Plan,
-) -> Tensor:
+) -> Tuple[Tensor, Tensor]:
     """Gradients of one chunk; ``G0`` is read only (``retain_graph`` and gradcheck work).
 
-    With ``b_n = g_n / S_n`` folded into the GEMMs, ``b_n G_jn = rw_j dL/dc_jn`` where ``G`` is
-    ``G0 = E d s rw`` except at the targets, ``(E_y - S_n) d_y s rw_y``: that difference
-    ``delta`` (one entry per sample) is applied as a rank-``B`` correction after the GEMMs, so
-    the backward makes no pass over ``B x C``. Returns ``G^T @ Wc`` (the caller scales it by
-    ``b``) and writes the class-weight gradient into ``gWc``: ``M = G @ (b * xn)``,
-    ``grad W_j = M_j - rw_j^2 (W_j . M_j) W_j`` (the backward of ``W_j / ||W_j||`` done once on
-    ``C x D`` instead of through ``F.normalize``).
+    With upstream ``a_n = dL/dS_n`` (``S`` the sum of exponentials, so ``dL/dz_jn = a_n
+    E_jn`` plus target and smoothing terms) and ``c_n = dL/dz_{n y_n}``, ``dL/d(W_j . xn_n) =
+    s (a_n G_jn + c_n d_y rw_y [j = y_n])`` where ``G0 = (E - u) d rw`` everywhere except at the
+    targets, which hold ``(E_y - u) d_y rw_y``. The target terms form one coefficient per sample
+    (``corr``), applied as a rank-``B`` correction after the GEMMs, so the backward makes no
+    pass over ``B x C``. Returns ``(G0^T @ Wc, corr * W_y)`` (the caller scales the first by
+    ``s a``) and writes the class-weight gradient into ``gWc``: ``M = s G0 @ (a xn)`` (the GEMM
+    operand is ``xs = s a xn``, divided by ``post`` under reduced-precision GEMMs and ``post``
+    applied in float32) plus ``corr xn`` on the target rows, then ``grad W_j = M_j - rw_j^2
+    (W_j . M_j) W_j`` (the backward of ``W_j / ||W_j||`` done once on ``C x D``).
     """
     B = G0.shape[1]
     local = torch.div(idx, max(B, 1), rounding_mode="floor")
-    delta = (e_y - total) * d_y * srwc.gather(0, local) - G0.view(-1).gather(0, idx)
-    delta = torch.where(inside, delta, torch.zeros_like(delta))
+    ey = e_y if u is None else e_y - u
+    rw_y = rwc.gather(0, local)
+    corr = (a * (ey * d_y * rw_y - G0.view(-1).gather(0, idx)) + c * d_y * rw_y) * plan.scale
+    corr = torch.where(inside, corr, torch.zeros_like(corr))
     Gg = G0.to(plan.gemm) if plan.gemm != G0.dtype else G0
     Wg = Wc.to(plan.gemm) if plan.gemm != Wc.dtype else Wc
     gx = torch.mm(Gg.t(), Wg).to(plan.compute)
-    gx.addcmul_(delta.unsqueeze(1), Wc.index_select(0, local).to(plan.compute))
-    bxg = bx.to(plan.gemm) if plan.gemm != bx.dtype else bx
-    if gWc.dtype == plan.gemm:
-        torch.mm(Gg, bxg, out=gWc)
+    gx_corr = corr.unsqueeze(1) * Wc.index_select(0, local).to(plan.compute)
+    xsg = xs.to(plan.gemm) if plan.gemm != xs.dtype else xs
+    if post is None and gWc.dtype == plan.gemm:
+        torch.mm(Gg, xsg, out=gWc)
     else:
-        gWc.copy_(torch.mm(Gg, bxg))
-    gWc.index_add_(0, local, (delta.unsqueeze(1) * bx).to(gWc.dtype))
+        gWc.copy_(torch.mm(Gg, xsg))
+        if post is not None:
+            gWc.mul_(post)
+    gWc.index_add_(0, local, (corr.unsqueeze(1) * xn).to(gWc.dtype))
     coef = rw2c * _rowdot(gWc, Wc)
     gWc.addcmul_(Wc, coef.unsqueeze(1).to(gWc.dtype), value=-1)
-    return gx
+    return gx, gx_corr
 
 
 def _rowdot(a: Tensor, b: Tensor, rows: int = 16384) -> Tensor:
@@ -400,105 +424,145 @@ def _chunk_noise(
         return None
     if plan.explicit_noise:
         return noise[j0:j1]
-    return counter_normal(key, B, j0, j1, plan.total)
+    c0 = plan.class_start
+    return counter_normal(key, B, c0 + j0, c0 + j1, plan.num_classes)
+
+
+#: ``all_reduce(tensor, op)`` with ``op`` in ``("max", "sum")``, returning the reduced tensor:
+#: how a sharded caller combines the per-shard log-sum-exp (Partial FC style).
+Reducer = Callable[[Tensor, str], Tensor]
 
 
 class _FusedMarginCE(torch.autograd.Function):
-    """Margin softmax cross-entropy over ``(xn, W)``; see the module docstring."""
+    """Margin softmax cross-entropy over ``(xn, W)``; see the module docstring.
+
+    ``labels`` index ``W`` (``-1``: the row's target is not in ``W``); ``valid`` marks the rows
+    that count (``labels >= 0`` unless the caller holds one shard of the classes). With
+    ``plan.reducer`` the per-row maximum, the sum of exponentials and the target logit are
+    all-reduced over the shards; the backward needs no communication (each shard's gradients
+    are local; the caller sums the embeddings' gradient, e.g. by a reduce-scatter).
+    """
 
     @staticmethod
-    def forward(ctx, xn, W, labels, sigma, noise, key, plan):  # type: ignore[override]
+    def forward(ctx, xn, W, labels, valid, sigma, noise, key, plan):  # type: ignore[override]
         B, C = xn.shape[0], W.shape[0]
         compute, device = plan.compute, xn.device
         xg = xn.to(plan.gemm)
-        valid = labels >= 0
+        has_target = labels >= 0
         norms = torch.linalg.vector_norm(W, dim=1, dtype=compute)
         rw = 1.0 / norms.clamp_min(1e-12)
         total = torch.zeros(B, dtype=compute, device=device)
-        run_max = None if plan.const_shift is not None else torch.full(
-            (B,), -math.inf, dtype=compute, device=device)
+        run_max = torch.full((B,), -math.inf, dtype=compute, device=device)
         z_target = torch.zeros(B, dtype=compute, device=device)
+        z_sum = torch.zeros(B, dtype=compute, device=device) if plan.smoothing else None
+        best = torch.full((B,), -math.inf, dtype=compute, device=device) if plan.want_pred else None
+        pred = torch.zeros(B, dtype=torch.long, device=device)
         dense = plan.chunk >= C
         ws = _Workspace(min(plan.chunk, C), B, compute, device)
         saved: Tuple[Tensor, ...] = ()
         for j0 in range(0, C, plan.chunk):
             j1 = min(j0 + plan.chunk, C)
             noise_c = _chunk_noise(noise, j0, j1, B, key, plan)
-            Z, d, idx, inside, z_y, d_y = _chunk_logits(
-                xg, W[j0:j1], rw[j0:j1], labels, valid, j0, noise_c, sigma, plan, ws)
+            Z, d, idx, inside, z_y, d_y, cmax = _chunk_logits(
+                xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws)
             z_target.add_(torch.where(inside, z_y, torch.zeros_like(z_y)))
+            if cmax is not None:
+                better = cmax[0] > best
+                best = torch.where(better, cmax[0], best)
+                pred = torch.where(better, cmax[1] + j0, pred)
+            if z_sum is not None:
+                z_sum.add_(Z.sum(0))
             run_max = _lse_update(Z, run_max, total, plan)
             if dense:
-                e_y = _grad_buffer_(Z, d, rw * plan.scale, idx)
-                saved = (Z, e_y, idx, inside, d_y)
+                saved = (Z, d, idx, inside, d_y)
             del Z, d, noise_c
         del ws
-        shift = run_max if run_max is not None else plan.const_shift
-        per_sample = torch.where(valid, torch.log(total) + shift - z_target,
-                                 torch.zeros_like(total))
+        if plan.reducer is not None:  # Partial FC: global max, sum and target over the shards
+            shift = plan.reducer(run_max, "max")
+            local_scale = torch.exp((run_max - shift).clamp_min_(plan.exp_floor))
+            S = plan.reducer(total * local_scale, "sum")
+            z_target = plan.reducer(z_target, "sum")
+        else:
+            shift, local_scale, S = run_max, torch.ones_like(total), total
+        target = z_target
+        if z_sum is not None:  # label smoothing: targets 1 - eps + eps / C and eps / C
+            eps = plan.smoothing
+            target = z_target * (1.0 - eps) + z_sum * (eps / plan.num_classes)
+        per_sample = torch.where(valid, torch.log(S) + shift - target, torch.zeros_like(S))
         if plan.reduction == "none":
             out = per_sample
         elif plan.reduction == "sum":
             out = per_sample.sum()
         else:
             out = per_sample.sum() / valid.sum().clamp_min(1)
-        shift_t = run_max if run_max is not None else torch.empty(0, device=device)
+        u = None
+        if dense and C > 0:
+            if plan.smoothing:
+                u = S * (plan.smoothing / plan.num_classes) / local_scale
+            Z, d, idx, inside, d_y = saved
+            e_y = _grad_buffer_(Z, d, rw, idx, u)
+            saved = (Z, e_y, idx, inside, d_y)
         ctx.plan, ctx.dense = plan, dense
         ctx.has_noise = noise is not None
-        ctx.save_for_backward(xn, W, labels, sigma if sigma is not None else xn.new_empty(0),
+        ctx.save_for_backward(xn, W, labels, valid,
+                              sigma if sigma is not None else xn.new_empty(0),
                               noise if noise is not None else xn.new_empty(0),
                               key if key is not None else labels.new_empty(0),
-                              rw, norms, total, shift_t, *saved)
-        ctx.mark_non_differentiable(labels)
-        return out
+                              rw, norms, S, local_scale, run_max, *saved)
+        ctx.mark_non_differentiable(labels, pred)
+        return out, pred
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out, _grad_pred):  # type: ignore[override]
         plan: _Plan = ctx.plan
-        xn, W, labels, sigma, noise, key, rw, norms, total, shift_t, *saved = ctx.saved_tensors
+        (xn, W, labels, valid, sigma, noise, key, rw, norms, S, local_scale, shift_t,
+         *saved) = ctx.saved_tensors
         B, C = xn.shape[0], W.shape[0]
         compute, device = plan.compute, xn.device
-        valid = labels >= 0
+        has_target = labels >= 0
         g = grad_out.to(compute)
         if plan.reduction == "mean":
             g = g / valid.sum().clamp_min(1)
         g = torch.where(valid, g.expand(B) if g.dim() == 0 else g,
                         torch.zeros((), dtype=compute, device=device))
-        b = g / total.clamp_min(torch.finfo(compute).tiny)
-        bx = xn.to(compute) * b.unsqueeze(1)
-        srw = rw * plan.scale
+        tiny = torch.finfo(compute).tiny
+        a = g * local_scale / S.clamp_min(tiny)  # dL/dS_local, S_local = sum exp(z - local max)
+        c = -g * (1.0 - plan.smoothing)  # dL/dz_y
+        u = S * (plan.smoothing / plan.num_classes) / local_scale if plan.smoothing else None
+        sa = a * plan.scale
+        xs = xn.to(compute) * sa.unsqueeze(1)
+        post: Optional[Tensor] = None
+        if plan.gemm != compute:  # the GEMM operand in [-1, 1]; the scale goes back in float32
+            post = sa.abs().amax().clamp_min(tiny)
+            xs = xs / post
+        xn_c = xn.to(compute)
         rw2 = torch.where(norms > 1e-12, rw * rw, torch.zeros_like(rw))
         grad_W = torch.empty(C, W.shape[1], dtype=W.dtype, device=device)
         grad_x = torch.zeros(B, xn.shape[1], dtype=compute, device=device)
+        grad_corr = torch.zeros(B, xn.shape[1], dtype=compute, device=device)
         if ctx.dense:
             if C > 0:
                 G0, e_y, idx, inside, d_y = saved
-                grad_x += _chunk_backward(G0, e_y, idx, inside, d_y, total, srw, W, bx, grad_W,
-                                          rw2, plan)
+                gx, gc = _chunk_backward(G0, e_y, idx, inside, d_y, a, c, u, rw, W, xn_c, xs,
+                                         post, grad_W, rw2, plan)
+                grad_x += gx
+                grad_corr += gc
         else:
             xg = xn.to(plan.gemm)
             ws = _Workspace(plan.chunk, B, compute, device)
             for j0 in range(0, C, plan.chunk):
                 j1 = min(j0 + plan.chunk, C)
                 noise_c = _chunk_noise(noise if ctx.has_noise else None, j0, j1, B, key, plan)
-                Z, d, idx, inside, _, d_y = _chunk_logits(
-                    xg, W[j0:j1], rw[j0:j1], labels, valid, j0, noise_c, sigma, plan, ws)
-                if shift_t.numel():
-                    Z.sub_(shift_t.unsqueeze(0)).exp_()
-                else:  # already shifted by _chunk_logits
-                    Z.exp_()
-                e_y = _grad_buffer_(Z, d, srw[j0:j1], idx)
-                grad_x += _chunk_backward(Z, e_y, idx, inside, d_y, total, srw[j0:j1], W[j0:j1],
-                                          bx, grad_W[j0:j1], rw2[j0:j1], plan)
+                Z, d, idx, inside, _, d_y, _ = _chunk_logits(
+                    xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws)
+                e_y = _grad_buffer_(_shifted_exp_(Z, shift_t, plan), d, rw[j0:j1], idx, u)
+                gx, gc = _chunk_backward(Z, e_y, idx, inside, d_y, a, c, u, rw[j0:j1], W[j0:j1],
+                                         xn_c, xs, post, grad_W[j0:j1], rw2[j0:j1], plan)
+                grad_x += gx
+                grad_corr += gc
                 del Z, d, noise_c
-        grad_x.mul_(b.unsqueeze(1))
-        return grad_x.to(xn.dtype), grad_W, None, None, None, None, None
-
-
-def _lse_shift_is_safe(scale: float, margin: float, dtype: torch.dtype) -> bool:
-    """Whether ``exp(z - scale)`` cannot underflow for any logit ``z`` in ``[-s(1+|m|), s]``."""
-    limit = -math.log(torch.finfo(dtype).tiny) - 8.0  # keep a margin above the denormals
-    return scale * (2.0 + abs(margin)) + 1.0 < limit
+        grad_x.mul_(sa.unsqueeze(1)).add_(grad_corr)
+        return grad_x.to(xn.dtype), grad_W, None, None, None, None, None, None
 
 
 def margin_loss(
@@ -506,7 +570,7 @@ def margin_loss(
     weight: Tensor,
     labels: Tensor,
     *,
-    margin_type: str = "cosface",
+    margin_type: Union[str, "_margins.Margin"] = "cosface",
     scale: float = 24.0,
     margin: float = 0.2,
     noise_std: Optional[Tensor] = None,
@@ -516,8 +580,17 @@ def margin_loss(
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
     block: Optional[int] = None,
-) -> Tensor:
-    r"""LEAP margin softmax loss (CosFace/ArcFace with optional feature cloud) in one fused op.
+    validate: bool = True,
+    label_smoothing: float = 0.0,
+    return_predictions: bool = False,
+    row_valid: Optional[Tensor] = None,
+    reducer: Optional[Reducer] = None,
+    num_classes: Optional[int] = None,
+    class_start: int = 0,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    r"""LEAP margin softmax loss (a registered margin, :mod:`feature_cloud.margins`, with an
+    optional feature cloud) in one fused op. The margin must implement
+    :meth:`~feature_cloud.margins.Margin.fused_target` and use one weight row per class.
 
     Equals ``margin_cross_entropy(margin_logits(cosine_logits(embeddings, weight), labels,
     alpha=alpha), labels, reduction)`` (LEAP Eq. 1-2 without, Eq. 7-8 with the cloud) in value
@@ -535,10 +608,35 @@ def margin_loss(
     ``None`` processes all classes at once and keeps ``2 B C`` floats for the backward.
 
     Labels ``< 0`` are ignored (mean over the others; 0 when none). Under autocast the GEMMs run
-    in the autocast dtype and everything else in float32. No host synchronisation.
+    in the autocast dtype and everything else in float32. ``validate=True`` rejects labels
+    outside ``[0, C)`` other than ``-1`` and non-finite embeddings, like the reference raises
+    for out-of-range labels (one host sync, skipped under ``torch.compile``); with
+    ``validate=False`` (callers that checked already) there is no host synchronisation.
+
+    ``label_smoothing`` ``eps``: the cross-entropy against targets ``1 - eps + eps / C`` and
+    ``eps / C`` (``F.cross_entropy(label_smoothing=eps)``; fastreid's ``CE.EPSILON`` ``e``
+    is ``eps = e C / (C - 1)``), at the cost of one sum over the logits.
+    ``return_predictions``: also return the best class of the plain cosine per sample
+    (``argmax_j cos theta_nj``, for accuracy logging without a second GEMM).
+
+    Sharded classes (Partial FC; :class:`~feature_cloud.distributed.ShardedLEAPMarginHead`):
+    ``weight`` is this process's shard, ``labels`` index it (``-1`` where another shard owns
+    the target), ``row_valid`` marks the rows that count, ``reducer(t, "max" | "sum")``
+    all-reduces over the shards, ``num_classes`` is the total and ``class_start`` the global
+    index of the shard's first class (the cloud noise is indexed by global class). The loss is
+    then the global one on every shard; the embeddings' gradient is this shard's part (sum it
+    over shards).
     """
-    if margin_type not in MARGIN_TYPES:
-        raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {margin_type!r}")
+    rule = _margins.get(margin_type)
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if label_smoothing and reducer is not None:
+        raise ValueError("label_smoothing is not supported with sharded classes (reducer)")
+    if not rule.has_fused or rule.sub_centers != 1:
+        raise ValueError(
+            f"margin {rule.name!r} has no fused implementation (no fused_target or a "
+            f"sub-center weight layout); use feature_cloud.functional (LEAPMarginHead falls "
+            "back to it automatically)")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
@@ -548,6 +646,15 @@ def margin_loss(
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"labels must be ({embeddings.shape[0]},), got {tuple(labels.shape)}")
     B, C = embeddings.shape[0], weight.shape[0]
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    labels = labels.long()
+    if row_valid is None:
+        row_valid = labels >= 0
+    elif tuple(row_valid.shape) != (B,) or row_valid.dtype != torch.bool:
+        raise ValueError(f"row_valid must be a bool tensor of shape ({B},)")
+    if validate:
+        check_values(embeddings, labels, C)
     block = NOISE_BLOCK if block is None else int(block)
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
@@ -572,14 +679,17 @@ def margin_loss(
     if cloud and noise is None:
         key = random_key(device, generator) if noise_key is None else noise_key.to(device)
     plan = _Plan(
-        margin_type=margin_type, scale=float(scale), margin=float(margin), reduction=reduction,
-        chunk=chunk, block=block, total=C, compute=compute,
+        rule=rule, scale=float(scale), margin=float(margin), reduction=reduction,
+        chunk=chunk, block=block, class_start=int(class_start), compute=compute,
         gemm=_gemm_dtype(device, compute),
-        const_shift=float(scale) if _lse_shift_is_safe(float(scale), float(margin), compute) else None,
+        exp_floor=_EXP_FLOOR[compute],
         pi_below=_PI_BELOW[compute], sqrt_floor=_SQRT_FLOOR[compute], cloud=cloud,
-        explicit_noise=noise is not None,
+        explicit_noise=noise is not None, smoothing=float(label_smoothing),
+        num_classes=int(C + class_start if num_classes is None else num_classes), reducer=reducer,
+        want_pred=bool(return_predictions),
     )
-    xn = torch.nn.functional.normalize(embeddings, dim=1)
+    xn = safe_normalize(embeddings, dim=1)
     sigma = noise_std.to(compute) if cloud else None
     with torch.autocast(device_type=device.type, enabled=False):
-        return _FusedMarginCE.apply(xn, weight, labels, sigma, noise, key, plan)
+        loss, pred = _FusedMarginCE.apply(xn, weight, labels, row_valid, sigma, noise, key, plan)
+    return (loss, pred) if return_predictions else loss

@@ -8,37 +8,49 @@ from torch import Tensor, nn
 
 from . import functional as FC
 from . import fused
-from ._validation import check_batch, check_embeddings
-from .cloud import FeatureCloud, check_margin_unit, migrate_state_dict
+from . import margins
+from ._validation import as_float, as_int, check_embeddings
+from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from .statistics import ClassStatistics
 
-__all__ = ["LEAPMarginHead", "DEFAULT_SCALE", "DEFAULT_MARGIN", "IMPLS", "make_cloud", "resolve_margin",
-           "cloud_margin_logits"]
+__all__ = ["LEAPMarginHead", "DEFAULT_SCALE", "DEFAULT_MARGIN", "IMPLS", "resolve_margin",
+           "make_cloud", "cloud_margin_logits"]
 
 #: Loss implementations of :meth:`LEAPMarginHead.forward` (all compute the same loss).
 IMPLS = ("auto", "reference", "fused", "chunked")
 
-#: Paper defaults for re-ID (LEAP Sec. 4.1): CosFace s=24, m=0.2; ArcFace s=16, m=0.2 (radians).
-DEFAULT_SCALE = {"cosface": 24.0, "arcface": 16.0}
-DEFAULT_MARGIN = {"cosface": 0.2, "arcface": 0.2}
+#: (impl, margin has a fused path, chunk_size given) -> backend that forward runs.
+_BACKENDS = {
+    (impl, fusable, chunk): (
+        "reference" if impl == "reference" or not fusable
+        else "chunked" if impl == "chunked" or (impl == "auto" and chunk) else "fused"
+    )
+    for impl in IMPLS for fusable in (False, True) for chunk in (False, True)
+}
+
+#: Defaults of the built-in margins (paper re-ID setting, LEAP Sec. 4.1: CosFace s=24, m=0.2;
+#: ArcFace s=16, m=0.2 rad). The registry (:mod:`feature_cloud.margins`) is authoritative.
+DEFAULT_SCALE = {n: margins.get(n).default_scale for n in margins.names()}
+DEFAULT_MARGIN = {n: margins.get(n).default_margin for n in margins.names()}
 
 
 def _tracing() -> bool:
     """Whether a graph is being captured (compile, export or TorchScript tracing)."""
     compiler = torch.compiler
-    return (compiler.is_compiling() or compiler.is_exporting()) or torch.jit.is_tracing()
+    return compiler.is_compiling() or compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def resolve_margin(
-    margin_type: str, scale: Optional[float], margin: Optional[float]
-) -> Tuple[str, float, float]:
-    """Checked ``(margin_type, scale, margin)`` with the paper defaults filled in (radians)."""
-    if margin_type not in FC.MARGIN_TYPES:
-        raise ValueError(f"margin_type must be one of {FC.MARGIN_TYPES}, got {margin_type!r}")
-    scale = float(DEFAULT_SCALE[margin_type] if scale is None else scale)
-    margin = float(DEFAULT_MARGIN[margin_type] if margin is None else margin)
-    check_margin_unit(margin_type, margin, "radians")
-    return margin_type, scale, margin
+    margin_type: Union[str, margins.Margin], scale: Optional[float], margin: Optional[float],
+) -> Tuple[margins.Margin, float, float]:
+    """The checked margin rule, scale and margin (radians for angular margins) of a head, with
+    the registry's defaults filled in; an angular margin that looks like degrees warns."""
+    rule = margins.get(margin_type)
+    scale = rule.default_scale if scale is None else as_float(
+        scale, "scale", minimum=0.0, min_inclusive=False)
+    margin = rule.default_margin if margin is None else as_float(margin, "margin")
+    margins.check_unit(rule, margin, "radians")
+    return rule, float(scale), float(margin)
 
 
 def make_cloud(
@@ -65,27 +77,32 @@ def cloud_margin_logits(
     labels: Tensor,
     draw: Tuple[Optional[Tensor], Optional[Tensor]],
     *,
-    margin_type: str,
+    margin_type: Union[str, margins.Margin],
     scale: float,
     margin: float,
+    sub_centers: int = 1,
     class_start: int = 0,
 ) -> Tensor:
     """Margin logits (LEAP Eq. 1-2, or Eq. 7-8 with the cloud ``draw = (std, key)`` of
-    :meth:`FeatureCloud.advance`) of ``embeddings`` against ``weight`` ``(C_w, D)``, the classes
-    ``class_start ..`` of the cloud's ``C``: the reference pipeline of every head and adapter."""
+    :meth:`FeatureCloud.advance`) of ``embeddings`` against ``weight`` (``sub_centers`` rows per
+    class), for the classes ``class_start ..`` of the cloud's ``C``: the reference pipeline of
+    every head and adapter."""
     std, key = draw
+    columns = weight.shape[0] // sub_centers
     alpha = None
     if std is not None:
-        alpha = fused.cloud_angles(std, weight.shape[0], key, class_start=class_start,
+        alpha = fused.cloud_angles(std, columns, key, class_start=class_start,
                                    total_classes=cloud.num_classes)
-    return FC.margin_logits(FC.cosine_logits(embeddings, weight), labels, margin_type=margin_type,
-                            scale=scale, margin=margin, alpha=alpha)
+    cos = FC.cosine_logits(*FC.common_float(embeddings, weight), sub_centers)
+    return FC.margin_logits(cos, labels, margin_type=margin_type, scale=scale, margin=margin,
+                            alpha=alpha)
 
 
-class LEAPMarginHead(nn.Module):
+class LEAPMarginHead(WithFeatureCloud, nn.Module):
     r"""Margin softmax head with a learnable feature cloud for tail classes (LEAP Eq. 7-8).
 
-    Holds the class weights ``weight`` ``(C, D)`` and a :class:`ClassStatistics`. In a training
+    Holds the class weights ``weight`` ``(C, D)`` and a :class:`~feature_cloud.cloud.FeatureCloud`
+    (class statistics, step, warm-up, noise stream). In a training
     step (module in train mode, gradients enabled) it
 
     1. folds the detached batch into the class centers and angle memory (LEAP Eq. 3-5),
@@ -100,10 +117,16 @@ class LEAPMarginHead(nn.Module):
     Args:
         embedding_size: ``D``.
         num_classes: ``C``.
-        margin_type: ``"cosface"`` (cosine margin :math:`m_c`) or ``"arcface"`` (angular margin
-            :math:`m_a`, **radians**; a margin above ``pi / 2`` warns: it looks like degrees).
-        scale: ``s``; default 24 (CosFace) / 16 (ArcFace), the paper's re-ID setting.
-        margin: default 0.2 for both.
+        margin_type: a registered margin (:mod:`feature_cloud.margins`): ``"cosface"`` (cosine
+            margin :math:`m_c`), ``"arcface"`` (angular margin :math:`m_a`, radians),
+            ``"subcenter_arcface"`` (ArcFace over the best of ``sub_centers`` weight rows per
+            class), or a :class:`~feature_cloud.margins.Margin` instance.
+        scale: ``s``; default from the margin: 24 (CosFace) / 16 (ArcFace), the paper's re-ID
+            setting.
+        margin: default from the margin (0.2 for both).
+        sub_centers: weight rows per class (``weight`` is ``(sub_centers * C, D)``, rows
+            ``j K .. j K + K - 1`` for class ``j``); default from the margin (3 for sub-center
+            ArcFace, else 1).
         cloud: ``"full"``, ``"vanilla"`` or ``None`` (no cloud), or a ready
             :class:`~feature_cloud.cloud.FeatureCloud`.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
@@ -114,17 +137,22 @@ class LEAPMarginHead(nn.Module):
             ``"fused"`` (:func:`feature_cloud.fused.margin_loss`, one autograd Function),
             ``"chunked"`` (the same over class chunks of ``chunk_size``: no ``B x C`` tensor,
             for very many classes), ``"auto"`` (``"chunked"`` if ``chunk_size`` is given,
-            else ``"fused"``). Every implementation draws the same counter-based cloud
+            else ``"fused"``). A margin without a fused derivative, or a sub-center layout,
+            runs ``"reference"`` whatever ``impl`` says, and so does a graph capture
+            (``torch.compile``, ``torch.export``, ``torch.jit.trace``: the compiler fuses it).
+            Every implementation draws the same counter-based cloud
             (:mod:`feature_cloud.noise`), so a seed gives the same cloud whichever is used.
         chunk_size: classes per chunk of the ``"chunked"`` implementation.
         **cloud_options: the cloud's settings, passed to
-            :class:`~feature_cloud.cloud.FeatureCloud`: ``tail_threshold`` (``T`` of the vanilla
-            rule), ``gamma`` (center learning rate, paper 0.1), ``memory_per_sample`` (``P`` of
-            Eq. 5), ``warmup_steps`` (steps without cloud; with ``class_counts=None`` the counts
-            are taken online during warm-up, which should cover an epoch), ``class_counts``
-            (``K_i`` per class, recommended), ``seed`` (of the noise stream; default from the
-            global RNG) and ``sync`` (``"auto"``: statistics synchronised over an initialised
-            process group; ``"off"``: per rank).
+            :class:`~feature_cloud.cloud.FeatureCloud` (checked there, once for every head and
+            adapter): ``tail_threshold`` (``T`` of the vanilla rule), ``gamma`` (center
+            learning rate, paper 0.1), ``memory_per_sample`` (``P`` of Eq. 5),
+            ``warmup_steps`` (steps without cloud; with ``class_counts=None`` the counts are
+            taken online during warm-up, which should cover an epoch), ``class_counts``
+            (``K_i`` per class, recommended), ``count_steps``, ``center_rate``,
+            ``unknown_variance``, ``angle_max_age``, ``seed`` (of the noise stream; default
+            from the global RNG) and ``sync`` (``"auto"``: statistics synchronised over an
+            initialised process group; ``"off"``: per rank).
 
     State (tensors only): ``weight``, ``feature_cloud.step``, ``feature_cloud.seed`` and
     ``feature_cloud.statistics.*``; 0.1.0 checkpoints (with an ``_extra_state`` dict) load.
@@ -145,62 +173,44 @@ class LEAPMarginHead(nn.Module):
         validate: bool = True,
         impl: str = "auto",
         chunk_size: Optional[int] = None,
+        sub_centers: Optional[int] = None,
         **cloud_options: Any,
     ) -> None:
         super().__init__()
+        embedding_size = as_int(embedding_size, "embedding_size", 1)
+        num_classes = as_int(num_classes, "num_classes", 1)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if chunk_size is not None:
+            chunk_size = as_int(chunk_size, "chunk_size", 1)
         if impl == "chunked" and chunk_size is None:
             raise ValueError("impl='chunked' needs chunk_size (classes per chunk)")
-        self.margin_type, self.scale, self.margin = resolve_margin(margin_type, scale, margin)
+        rule, scale, margin = resolve_margin(margin_type, scale, margin)
+        k = rule.sub_centers if sub_centers is None else sub_centers
+        if isinstance(k, bool) or int(k) < 1:
+            raise ValueError(f"sub_centers must be a positive integer, got {sub_centers!r}")
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.feature_cloud = make_cloud(cloud, num_classes, embedding_size, cloud_options)
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
-        self.feature_cloud = make_cloud(cloud, self.num_classes, self.embedding_size, cloud_options)
+        self.margin_type = rule.name
+        self.margin_rule = rule
+        self.sub_centers = int(k)
+        self.scale, self.margin = scale, margin
         self.reduction = reduction
         self.validate = bool(validate)
         self.impl = impl
         self.chunk_size = None if chunk_size is None else int(chunk_size)
-        self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
+        self.weight = nn.Parameter(
+            torch.empty(self.num_classes * self.sub_centers, self.embedding_size))
         nn.init.xavier_normal_(self.weight)
 
     # ------------------------------------------------------------------ public API
-    @property
-    def cloud(self) -> Optional[str]:
-        """The cloud rule (``"full"``, ``"vanilla"``) or ``None``."""
-        return self.feature_cloud.rule
-
-    @property
-    def statistics(self) -> ClassStatistics:
-        """The class statistics of the cloud (buffers)."""
-        return self.feature_cloud.statistics
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.feature_cloud.warmup_steps
-
-    @property
-    def step(self) -> int:
-        """Training steps taken (the ``feature_cloud.step`` buffer)."""
-        return self.feature_cloud.steps_taken
-
-    @property
-    def seed(self) -> int:
-        """Seed of the cloud's noise stream (the ``feature_cloud.seed`` buffer)."""
-        return int(self.feature_cloud.seed)
-
-    @property
-    def cloud_active(self) -> bool:
-        """Whether the next training step draws a feature cloud."""
-        return self.feature_cloud.active
-
     def logits(self, embeddings: Tensor) -> Tensor:
         """Plain scaled cosine logits ``s cos(theta)`` ``(B, C)`` for inference (no margin)."""
         check_embeddings(embeddings, self.embedding_size)
-        return FC.cosine_logits(embeddings, self.weight) * self.scale
+        return FC.cosine_logits(embeddings, self.weight, self.sub_centers) * self.scale
 
     def margin_logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Margin logits of the training loss (LEAP Eq. 1-2 or, with the cloud, Eq. 7-8).
@@ -209,38 +219,50 @@ class LEAPMarginHead(nn.Module):
         ``forward`` is the cross-entropy of these logits. Adapters that compute their own
         cross-entropy (fastreid) call this.
         """
+        std, key, labels = self._training_step(embeddings, labels)
         return cloud_margin_logits(
-            self.feature_cloud, embeddings, self.weight, labels, self._train_step(embeddings, labels),
-            margin_type=self.margin_type, scale=self.scale, margin=self.margin)
+            self.feature_cloud, embeddings, self.weight, labels, (std, key),
+            margin_type=self.margin_rule, scale=self.scale, margin=self.margin,
+            sub_centers=self.sub_centers)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The LEAP margin softmax loss of a batch (reduced by ``reduction``).
-
-        Under ``torch.compile``, ``torch.export`` and ``torch.jit.trace`` the reference pipeline
-        is traced whatever ``impl`` (a compiler fuses it; the fused autograd Function is the
-        eager-mode optimisation)."""
-        if self.impl == "reference" or _tracing():
-            return FC.margin_cross_entropy(
-                self.margin_logits(embeddings, labels), labels, self.reduction)
-        std, key = self._train_step(embeddings, labels)
-        chunked = self.impl == "chunked" or (self.impl == "auto" and self.chunk_size is not None)
+        """The LEAP margin softmax loss of a batch (reduced by ``reduction``)."""
+        if self.backend == "reference":
+            logits = self.margin_logits(embeddings, labels)
+            return FC.margin_cross_entropy(logits, labels.long(), self.reduction)
+        std, key, labels = self._training_step(embeddings, labels)
+        x, w = FC.common_float(embeddings, self.weight)
         return fused.margin_loss(
-            embeddings, self.weight, labels, margin_type=self.margin_type, scale=self.scale,
-            margin=self.margin, noise_std=std, noise_key=key,
-            reduction=self.reduction, chunk_size=self.chunk_size if chunked else None,
+            x, w, labels, margin_type=self.margin_rule, scale=self.scale, validate=False,
+            margin=self.margin, noise_std=std, noise_key=key, reduction=self.reduction,
+            chunk_size=self.chunk_size if self.backend == "chunked" else None,
         )
 
-    def _train_step(self, embeddings: Tensor, labels: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-        """Check the batch (before any state changes); when training, advance the cloud."""
-        check_batch(embeddings, labels, self.embedding_size, self.num_classes, self.validate)
+    @property
+    def backend(self) -> str:
+        """The implementation :meth:`forward` runs: ``impl`` resolved against the margin (and
+        ``"reference"`` while a graph is captured)."""
+        fusable = self.margin_rule.has_fused and self.sub_centers == 1 and not _tracing()
+        return _BACKENDS[(self.impl, fusable, self.chunk_size is not None)]
+
+    def _training_step(
+        self, embeddings: Tensor, labels: Tensor
+    ) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor]:
+        """Check the batch (every check before any state changes); when training, advance the
+        cloud. Returns the cloud draw ``(std, key)`` (``None`` when inactive) and the labels as
+        int64."""
         train = self.training and torch.is_grad_enabled()
-        return self.feature_cloud.advance(embeddings.detach(), labels, train=train)
+        cloud = self.feature_cloud
+        labels = cloud.check(embeddings, labels, validate=self.validate, train=train)
+        std, key = cloud.advance(embeddings, labels, train=train)
+        return std, key, labels
 
     def extra_repr(self) -> str:
         return (
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"margin_type={self.margin_type!r}, scale={self.scale}, margin={self.margin}, "
-            f"reduction={self.reduction!r}, impl={self.impl!r}"
+            + (f"sub_centers={self.sub_centers}, " if self.sub_centers != 1 else "")
+            + f"reduction={self.reduction!r}, impl={self.impl!r}"
             + ("" if self.chunk_size is None else f", chunk_size={self.chunk_size}")
         )
 
@@ -250,8 +272,10 @@ class LEAPMarginHead(nn.Module):
         if key in state_dict and tuple(state_dict[key].shape) != tuple(self.weight.shape):
             c, d = state_dict[key].shape
             raise ValueError(
-                f"checkpoint head has num_classes={c}, embedding_size={d}; this head has "
-                f"num_classes={self.num_classes}, embedding_size={self.embedding_size}"
+                f"checkpoint head has {c} weight rows (num_classes={c // self.sub_centers} x "
+                f"sub_centers={self.sub_centers}) of size {d}; this head has "
+                f"num_classes={self.num_classes} x sub_centers={self.sub_centers} rows of size "
+                f"embedding_size={self.embedding_size}"
             )
         migrate_state_dict(state_dict, prefix, prefix + "feature_cloud.")
         super()._load_from_state_dict(state_dict, prefix, *args)

@@ -1,12 +1,12 @@
 """``MetricL2``: the m-L2 regulariser of FTL (Eq. 3)."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 from torch import Tensor, nn
 
 from . import functional as FC
-from ._validation import check_embeddings
+from ._validation import as_float, check_embeddings
 
 __all__ = ["MetricL2"]
 
@@ -21,18 +21,22 @@ class MetricL2(nn.Module):
     ``forward(embeddings, classifier)`` takes the classifier as a ``(C, D)`` weight tensor or any
     module with such a ``.weight`` (``nn.Linear``, :class:`~feature_cloud.LEAPMarginHead`).
     When the raw logits are already computed, :meth:`from_logits` saves the GEMM.
+
+    With ``labels``, rows labelled ``< 0`` (ignored, as in the classification loss) are left out:
+    ``"mean"`` averages over the valid rows only, ``"sum"`` sums them, ``"none"`` gives 0 for the
+    ignored rows. Without ``labels`` every row counts.
     """
 
     def __init__(self, alpha: float = 0.25, reduction: str = "mean") -> None:
         super().__init__()
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        if float(alpha) < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = as_float(alpha, "alpha", minimum=0.0)
         self.reduction = reduction
 
-    def forward(self, embeddings: Tensor, classifier: Union[Tensor, nn.Module]) -> Tensor:
+    def forward(
+        self, embeddings: Tensor, classifier: Union[Tensor, nn.Module], labels: Optional[Tensor] = None
+    ) -> Tensor:
         weight = classifier if isinstance(classifier, Tensor) else getattr(classifier, "weight", None)
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise TypeError(
@@ -40,13 +44,37 @@ class MetricL2(nn.Module):
                 f"a .weight, got {type(classifier).__name__}"
             )
         check_embeddings(embeddings, weight.shape[1])
-        return self.alpha * FC.metric_l2(embeddings, weight, self.reduction)
+        if labels is None:
+            return self.alpha * FC.metric_l2(embeddings, weight, self.reduction)
+        self._check_labels(labels, embeddings.shape[0])
+        return self.alpha * self._masked(FC.metric_l2(embeddings, weight, "none"), labels)
 
-    def from_logits(self, logits: Tensor) -> Tensor:
+    def from_logits(self, logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         """The regulariser from raw logits :math:`W^T f` ``(B, C)``."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be (batch, num_classes), got {tuple(logits.shape)}")
-        return self.alpha * FC.metric_l2_from_logits(logits, self.reduction)
+        if labels is None:
+            return self.alpha * FC.metric_l2_from_logits(logits, self.reduction)
+        self._check_labels(labels, logits.shape[0])
+        return self.alpha * self._masked(FC.metric_l2_from_logits(logits, "none"), labels)
+
+    @staticmethod
+    def _check_labels(labels: Tensor, batch: int) -> None:
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != batch:
+            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"labels must be a ({batch},) tensor matching the batch, got {shape}")
+        if labels.is_floating_point() or labels.is_complex():
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+
+    def _masked(self, per_sample: Tensor, labels: Tensor) -> Tensor:
+        valid = (labels >= 0).to(per_sample.device)
+        per_sample = per_sample.masked_fill(~valid, 0.0)  # ignored rows contribute exactly 0 (even if not finite)
+        if self.reduction == "none":
+            return per_sample
+        if self.reduction == "sum":
+            return per_sample.sum()
+        # mean over the valid rows (no host sync: the count stays on the device)
+        return per_sample.sum() / valid.sum().clamp_min(1).to(per_sample.dtype)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, reduction={self.reduction!r}"

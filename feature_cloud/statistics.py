@@ -4,20 +4,25 @@ A thin stateful Module: every formula lives in :mod:`feature_cloud.functional`.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as FC
-from ._validation import check_batch
+from ._buffers import KeepBufferDtypes
+from ._validation import as_float, as_int, check_batch, check_class_counts
 
 __all__ = ["ClassStatistics"]
 
-_MEMORY_BUFFERS = ("memory",)
+_MEMORY_BUFFERS = ("memory", "memory_stamp", "memory_owner")
+
+#: Center update rules: ``"adaptive"`` rate max(gamma, 1/n), ``"paper"`` constant gamma.
+CENTER_RATES = ("adaptive", "paper")
 
 
-class ClassStatistics(nn.Module):
+class ClassStatistics(KeepBufferDtypes):
     r"""EMA class centers (LEAP Eq. 4), angle memory (Eq. 3, 5) and cloud variances (Eq. 6, 9).
 
     Args:
@@ -31,6 +36,17 @@ class ClassStatistics(nn.Module):
             cover at least one epoch) and the memory is laid out by :meth:`allocate_memory`.
         cloud: ``"full"`` (Eq. 9) or ``"vanilla"`` (Eq. 6, head classes have ``K_i > T``).
         tail_threshold: ``T`` of the vanilla rule.
+        count_updates: with online counting, count ``K_i`` over the first ``count_updates``
+            updates only (one epoch of steps); ``None`` counts every update until
+            :meth:`allocate_memory` (correct only if that is exactly one epoch).
+        center_rate: ``"adaptive"`` (default) uses rate :math:`\max(\gamma, 1/n)` at a class's
+            ``n``-th appearance (:func:`~feature_cloud.functional.center_rate`): unbiased
+            running mean while a class is young; ``"paper"`` the constant :math:`\gamma`.
+        unknown_variance: cloud of classes with fewer than two stored angles, one of
+            :data:`~feature_cloud.functional.UNKNOWN_VARIANCE` (default ``"tail_prior"``).
+        max_age: if set, angles written more than ``max_age`` updates ago do not count (stale
+            angles of rarely seen classes, computed under an older network); ``None`` keeps
+            every angle until overwritten (the paper's ring memory).
 
     The memory is one flat float32 buffer with per-class ``memory_offsets``, ``memory_capacity``,
     ring ``memory_pointer`` and ``memory_fill``; float64 running sums give the per-class moments
@@ -49,6 +65,10 @@ class ClassStatistics(nn.Module):
     memory_fill: Tensor
     angle_sum: Tensor
     angle_sqsum: Tensor
+    num_updates: Tensor
+    center_updates: Tensor
+    memory_stamp: Tensor
+    memory_owner: Tensor
 
     def __init__(
         self,
@@ -60,18 +80,34 @@ class ClassStatistics(nn.Module):
         class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
         cloud: str = "full",
         tail_threshold: int = 20,
+        count_updates: Optional[int] = None,
+        center_rate: str = "adaptive",
+        unknown_variance: str = "tail_prior",
+        max_age: Optional[int] = None,
     ) -> None:
         super().__init__()
-        if int(num_classes) < 1 or int(embedding_size) < 1:
-            raise ValueError(
-                f"num_classes and embedding_size must be >= 1, got {num_classes}, {embedding_size}"
-            )
-        if not 0.0 < float(gamma) <= 1.0:
-            raise ValueError(f"gamma (center learning rate) must be in (0, 1], got {gamma}")
-        if int(memory_per_sample) < 1:
-            raise ValueError(f"memory_per_sample (P) must be >= 1, got {memory_per_sample}")
+        num_classes = as_int(num_classes, "num_classes", 1)
+        embedding_size = as_int(embedding_size, "embedding_size", 1)
+        gamma = as_float(gamma, "gamma (center learning rate)", minimum=0.0, maximum=1.0,
+                         min_inclusive=False)
+        memory_per_sample = as_int(memory_per_sample, "memory_per_sample (P)", 1)
+        tail_threshold = as_int(tail_threshold, "tail_threshold", 0)
         if cloud not in FC.CLOUD_RULES:
             raise ValueError(f"cloud must be one of {FC.CLOUD_RULES}, got {cloud!r}")
+        if center_rate not in CENTER_RATES:
+            raise ValueError(f"center_rate must be one of {CENTER_RATES}, got {center_rate!r}")
+        if unknown_variance not in FC.UNKNOWN_VARIANCE:
+            raise ValueError(
+                f"unknown_variance must be one of {FC.UNKNOWN_VARIANCE}, got {unknown_variance!r}"
+            )
+        if count_updates is not None:
+            count_updates = as_int(count_updates, "count_updates", 1)
+        if max_age is not None:
+            max_age = as_int(max_age, "max_age", 1)
+        self.count_updates = None if count_updates is None else int(count_updates)
+        self.center_rate = center_rate
+        self.unknown_variance = unknown_variance
+        self.max_age = None if max_age is None else int(max_age)
         self.num_classes = int(num_classes)
         self.embedding_size = int(embedding_size)
         self.gamma = float(gamma)
@@ -89,7 +125,11 @@ class ClassStatistics(nn.Module):
         self.register_buffer("memory_fill", torch.zeros(C, dtype=torch.long))
         self.register_buffer("angle_sum", torch.zeros(C, dtype=torch.float64))
         self.register_buffer("angle_sqsum", torch.zeros(C, dtype=torch.float64))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("center_updates", torch.zeros(C, dtype=torch.long))
         self.register_buffer("memory", torch.zeros(0))
+        self.register_buffer("memory_stamp", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("memory_owner", torch.zeros(0, dtype=torch.long))
         if class_counts is not None:
             self.allocate_memory(class_counts)
 
@@ -124,15 +164,7 @@ class ClassStatistics(nn.Module):
         if class_counts is None:
             counts = self.class_counts.detach().clone()
         else:
-            counts = torch.as_tensor(class_counts, device=device)
-            if counts.is_floating_point() or counts.dim() != 1:
-                raise TypeError("class_counts must be a 1-D integer sequence or tensor")
-            if counts.numel() != self.num_classes:
-                raise ValueError(
-                    f"class_counts has {counts.numel()} entries, expected num_classes={self.num_classes}"
-                )
-            if bool((counts < 0).any()):
-                raise ValueError("class_counts must be non-negative")
+            counts = check_class_counts(class_counts, self.num_classes)
         counts = counts.to(device=device, dtype=torch.long)
         capacity = (counts * self.memory_per_sample).clamp_min(1)
         offsets = torch.cumsum(capacity, 0) - capacity
@@ -146,8 +178,19 @@ class ClassStatistics(nn.Module):
         self.angle_sqsum.zero_()
         # one extra trash slot at the end absorbs writes that must not land
         self.memory = torch.zeros(total + 1, device=device)
+        # write time of each slot (-1: empty) and its class; the trash slot belongs to class 0
+        # and is never valid
+        self.memory_stamp = torch.full((total + 1,), -1, dtype=torch.long, device=device)
+        owner = torch.repeat_interleave(torch.arange(self.num_classes, device=device), capacity)
+        self.memory_owner = torch.cat([owner, owner.new_zeros(1)])
 
     # ------------------------------------------------------------------ update
+    def agree(self, features: Tensor, labels: Tensor, validate: bool = True) -> Tensor:
+        """Every check of an :meth:`update` batch, before any state changes; returns the labels
+        as int64. A process-group subclass makes all ranks agree on the verdict first (see
+        :meth:`feature_cloud.distributed.SyncedClassStatistics.agree`)."""
+        return check_batch(features, labels, self.embedding_size, self.num_classes, validate)
+
     @torch.no_grad()
     def update(self, features: Tensor, labels: Tensor, validate: bool = True) -> None:
         """Fold one batch into the centers, the counts (while counting) and the angle memory.
@@ -155,7 +198,7 @@ class ClassStatistics(nn.Module):
         Call only with training batches; labels ``< 0`` are skipped. ``features`` may be any
         float dtype; everything is computed and stored in float32.
         """
-        check_batch(features, labels, self.embedding_size, self.num_classes, validate)
+        labels = check_batch(features, labels, self.embedding_size, self.num_classes, validate)
         if features.shape[0] == 0:
             return
         with torch.autocast(device_type=features.device.type, enabled=False):
@@ -173,12 +216,21 @@ class ClassStatistics(nn.Module):
 
         batch_mean, _ = FC.batch_class_means(features, labels)
         old_centers = self.centers[y]
-        new_centers = FC.ema_centers(old_centers, batch_mean, self.center_initialized[y], self.gamma)
+        appearances = self.center_updates[y] + 1
+        rate = FC.center_rate(self.gamma, appearances, adaptive=self.center_rate == "adaptive")
+        new_centers = FC.ema_centers(old_centers, batch_mean, self.center_initialized[y], rate)
         new_centers = torch.where(valid.unsqueeze(1), new_centers, old_centers)
         self.centers.index_copy_(0, y_w, new_centers[rows])
         self.center_initialized.index_copy_(0, y_w, (self.center_initialized[y] | valid)[rows])
+        self.center_updates.index_copy_(
+            0, y_w, torch.where(valid, appearances, self.center_updates[y])[rows])
+        now = self.num_updates.clone()
+        self.num_updates += valid.any().long()  # a batch of ignored rows changes nothing
         if self.counting:
-            self.class_counts.index_add_(0, y, valid.long())
+            if self.count_updates is None:
+                self.class_counts.index_add_(0, y, valid.long())
+            else:  # count one epoch only: a tensor comparison, no host sync
+                self.class_counts.index_add_(0, y, valid.long() * (now < self.count_updates))
             return
 
         angles = FC.angles_to_centers(features, new_centers)
@@ -193,6 +245,9 @@ class ClassStatistics(nn.Module):
         self.angle_sqsum.index_add_(0, y, w * (new * new - old * old))
         self.memory.index_copy_(0, slots, torch.where(keep, angles, old.to(angles.dtype)))
         self.memory[-1] = 0.0
+        self.memory_stamp.index_copy_(
+            0, slots, torch.where(keep, now.expand_as(slots), self.memory_stamp[slots]))
+        self.memory_stamp[-1] = -1
         # per-class ring pointer and fill advance once per class present in the batch
         cap = self.memory_capacity[y]
         pointer = torch.where(valid, (self.memory_pointer[y] + count) % cap, self.memory_pointer[y])
@@ -202,27 +257,39 @@ class ClassStatistics(nn.Module):
 
     # ------------------------------------------------------------------ read-out
     def angle_moments(self):
-        """Per-class ``(mean, variance, has_stats)`` of the angle memory (float32)."""
-        return FC.angle_moments(self.angle_sum, self.angle_sqsum, self.memory_fill)
+        """Per-class ``(mean, variance, has_stats)`` of the angle memory (float32).
+
+        With ``max_age`` only the angles written in the last ``max_age`` updates count.
+        """
+        if self.max_age is None or not self.memory_allocated:
+            return FC.angle_moments(self.angle_sum, self.angle_sqsum, self.memory_fill)
+        valid = (self.memory_stamp >= 0) & (self.num_updates - self.memory_stamp <= self.max_age)
+        return FC.masked_angle_moments(self.memory, self.memory_owner, valid, self.num_classes)
 
     def cloud_variance(self) -> Tensor:
         """Per-class cloud variance ``(C,)`` by the configured rule (LEAP Eq. 6 or Eq. 9)."""
         _, var, has_stats = self.angle_moments()
-        return FC.cloud_variance(self.rule, var, has_stats, self.class_counts, self.tail_threshold)
+        prior = FC.unknown_variance_prior(
+            self.unknown_variance, has_stats, self.memory_capacity, self.class_counts)
+        return FC.cloud_variance(
+            self.rule, var, has_stats, self.class_counts, self.tail_threshold, prior)
 
     def reset(self) -> None:
         """Forget centers and angles (keeps ``class_counts`` and the memory layout)."""
         for name in ("centers", "memory", "angle_sum", "angle_sqsum"):
             getattr(self, name).zero_()
-        for name in ("memory_pointer", "memory_fill"):
+        for name in ("memory_pointer", "memory_fill", "center_updates"):
             getattr(self, name).zero_()
+        self.memory_stamp.fill_(-1)
         self.center_initialized.zero_()
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
             f"gamma={self.gamma}, memory_per_sample={self.memory_per_sample}, cloud={self.rule!r}, "
-            f"tail_threshold={self.tail_threshold}, memory_slots={max(self.memory.numel() - 1, 0)}"
+            f"tail_threshold={self.tail_threshold}, memory_slots={max(self.memory.numel() - 1, 0)}, "
+            f"center_rate={self.center_rate!r}, unknown_variance={self.unknown_variance!r}, "
+            f"count_updates={self.count_updates}, max_age={self.max_age}"
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -234,6 +301,26 @@ class ClassStatistics(nn.Module):
                 f"checkpoint statistics are for num_classes={c}, embedding_size={d}; this module "
                 f"has num_classes={self.num_classes}, embedding_size={self.embedding_size}"
             )
+        # checkpoints written before these buffers existed: fill them from the layout
+        if prefix + "memory" in state_dict and prefix + "memory_stamp" not in state_dict:
+            mem = state_dict[prefix + "memory"]
+            fill = state_dict.get(prefix + "memory_fill")
+            cap = state_dict.get(prefix + "memory_capacity")
+            stamp = torch.full(mem.shape, -1, dtype=torch.long)
+            owner = torch.zeros(mem.shape, dtype=torch.long)
+            if mem.numel() > 0 and fill is not None and cap is not None:
+                owner[:-1] = torch.repeat_interleave(torch.arange(cap.numel()), cap.cpu())
+                offs = torch.cumsum(cap.cpu(), 0) - cap.cpu()
+                for c in range(cap.numel()):  # once, at load time
+                    stamp[int(offs[c]):int(offs[c]) + int(fill[c])] = 0
+            state_dict[prefix + "memory_stamp"] = stamp
+            state_dict[prefix + "memory_owner"] = owner
+        if prefix + "centers" in state_dict and prefix + "num_updates" not in state_dict:
+            state_dict[prefix + "num_updates"] = torch.zeros((), dtype=torch.long)
+        init = state_dict.get(prefix + "center_initialized")
+        if init is not None and prefix + "center_updates" not in state_dict:
+            # settled centers continue at rate gamma
+            state_dict[prefix + "center_updates"] = init.long() * math.ceil(1.0 / self.gamma)
         # the memory's length depends on class_counts: take the checkpoint's layout
         for name in _MEMORY_BUFFERS:
             src = state_dict.get(prefix + name)

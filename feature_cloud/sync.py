@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._validation import check_batch
+from ._validation import PROBLEM_SLOTS, check_batch, problem_tensor, raise_for_problems
 from .statistics import ClassStatistics
 
-__all__ = ["BATCH_MODES", "is_distributed", "gather_batch", "SyncedClassStatistics"]
+__all__ = ["BATCH_MODES", "is_distributed", "gather_batch", "agree_on_batch",
+           "SyncedClassStatistics"]
 
 #: What a synchronised head receives each step: ``"local"`` (this rank's own batch) or
 #: ``"pml_gathered"`` (the batch pytorch-metric-learning's ``DistributedLossWrapper`` has
@@ -149,6 +150,72 @@ def gather_batch(
 
 
 # --------------------------------------------------------------------------------------------
+# ranks that agree on a batch
+# --------------------------------------------------------------------------------------------
+
+# dtype codes compared across ranks (all-reduced with MAX of the code and of its negation)
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+def agree_on_batch(
+    embeddings: Tensor,
+    labels: Tensor,
+    embedding_size: int,
+    num_classes: int,
+    *,
+    validate: bool = True,
+    group: ProcessGroup = None,
+    device: Optional[torch.device] = None,
+    pad_to: Optional[int] = None,
+    same_dtype: bool = False,
+) -> Tuple[Tensor, int]:
+    """Check this rank's batch and agree with every rank of ``group`` before any collective
+    touches it; returns the labels as int64 and the per-rank row count to pad to.
+
+    All checks (type, shape, finite values, label range, ``pad_to``, and with ``same_dtype``
+    the embeddings' dtype) become a small int64 code vector (:func:`problem_tensor`) that is
+    all-reduced with ``MAX`` in **one** collective, together with the batch size (which the
+    padded gather needs anyway) and the lowest failing rank. Every rank then raises the same
+    exception, naming that rank, or none does: no rank is left blocked in a later collective and
+    no rank's state moves ahead of the others'. One host sync (the verdict), replacing the
+    size all-reduce of :func:`gather_batch` and the value check of a single process. Without a
+    process group this is the local check.
+    """
+    rank, world = _rank_world(group)
+    if device is None:
+        device = embeddings.device if isinstance(embeddings, Tensor) else torch.device("cpu")
+    codes = problem_tensor(embeddings, labels, embedding_size, num_classes, validate, device)
+    n = int(embeddings.shape[0]) if isinstance(embeddings, Tensor) and embeddings.dim() else 0
+    too_big = int(pad_to is not None and n > pad_to)
+    dtype_code = _DTYPE_CODES.get(embeddings.dtype, 5) if isinstance(embeddings, Tensor) else 0
+    extra = torch.tensor([too_big, n, dtype_code, -dtype_code, 0], dtype=torch.long, device=device)
+    payload = torch.cat([codes, extra])
+    k = len(PROBLEM_SLOTS)
+    payload[-1] = (world - rank) * payload[: k + 1].amax().clamp_max(1)  # lowest failing rank
+    if world > 1:
+        dist.all_reduce(payload, op=dist.ReduceOp.MAX, group=group)
+    verdict = payload.tolist()  # the one host sync
+    where = ""
+    if world > 1 and verdict[-1]:
+        where = f"rank {world - verdict[-1]} of {world}; raised on every rank"
+    raise_for_problems(verdict[:k], embedding_size, num_classes, where)
+    if verdict[k]:
+        raise ValueError(
+            f"a rank's batch has more than pad_to={pad_to} samples ({where}); pass the largest "
+            "per-rank batch size (the same value on every rank)"
+        )
+    if same_dtype and world > 1 and verdict[k + 2] != -verdict[k + 3]:
+        names = {v: str(d).replace("torch.", "") for d, v in _DTYPE_CODES.items()}
+        raise TypeError(
+            "ranks passed embeddings of different dtypes ("
+            f"{names.get(-verdict[k + 3], 'other')} and {names.get(verdict[k + 2], 'other')}); "
+            "use the same dtype (or autocast) on every rank"
+        )
+    rows = int(pad_to) if pad_to is not None else int(verdict[k + 1])
+    return labels.long(), rows
+
+
+# --------------------------------------------------------------------------------------------
 # synchronised statistics
 # --------------------------------------------------------------------------------------------
 
@@ -171,9 +238,11 @@ class SyncedClassStatistics(ClassStatistics):
     :class:`ClassStatistics`. The state dict is the same as the base class's, so checkpoints move
     freely between synchronised and single-process modules.
 
-    Value checks (finite features, label range) run on the *gathered* batch, so a bad sample
-    on one rank raises the same ``ValueError`` on every rank instead of leaving the others
-    blocked in the collective; shape and dtype checks run locally first.
+    Every check (type, shape, finite features, label range, ``pad_to``) is agreed on by all
+    ranks in one all-reduce before the gather (:func:`agree_on_batch`), so a bad batch on one
+    rank raises the same exception on every rank, before any state changes, instead of leaving
+    the others blocked in the collective. Features are gathered in float32 (the statistics'
+    dtype) and labels as int64, so ranks may pass different float / integer dtypes.
     """
 
     def __init__(
@@ -194,6 +263,7 @@ class SyncedClassStatistics(ClassStatistics):
         self.process_group = process_group
         self.pad_to = None if pad_to is None else int(pad_to)
         self.batch = batch
+        self._agreed: Optional[Tuple[Tensor, Tensor, int]] = None
 
     @classmethod
     def from_statistics(cls, stats: ClassStatistics, **kwargs: Any) -> "SyncedClassStatistics":
@@ -205,6 +275,10 @@ class SyncedClassStatistics(ClassStatistics):
             memory_per_sample=stats.memory_per_sample,
             cloud=stats.rule,
             tail_threshold=stats.tail_threshold,
+            count_updates=stats.count_updates,
+            center_rate=stats.center_rate,
+            unknown_variance=stats.unknown_variance,
+            max_age=stats.max_age,
             **kwargs,
         ).to(stats.centers.device)
         new.load_state_dict(stats.state_dict())
@@ -221,19 +295,42 @@ class SyncedClassStatistics(ClassStatistics):
         """The rank in the process group (0 without one)."""
         return _rank_world(self.process_group)[0]
 
+    def agree(self, features: Tensor, labels: Tensor, validate: bool = True) -> Tensor:
+        """All ranks check their batch and agree on the verdict (one all-reduce; a collective
+        call when :attr:`collective`); returns the int64 labels. The next :meth:`update` with
+        these tensors reuses the verdict instead of agreeing again."""
+        if not self.collective:
+            return super().agree(features, labels, validate)
+        labels, rows = agree_on_batch(
+            features, labels, self.embedding_size, self.num_classes, validate=validate,
+            group=self.process_group, device=self.centers.device, pad_to=self.pad_to,
+        )
+        self._agreed = (features, labels, rows)
+        return labels
+
     @torch.no_grad()
     def update(self, features: Tensor, labels: Tensor, validate: bool = True) -> None:
         """All-gather the batch (or reorder a PML-gathered one) and fold it into the statistics."""
         if not is_distributed(self.process_group):
             super().update(features, labels, validate)
             return
-        check_batch(features, labels, self.embedding_size, self.num_classes, validate=False)
         if self.batch == "local":
+            agreed, self._agreed = self._agreed, None
+            if agreed is not None and agreed[0] is features and agreed[1] is labels:
+                rows = agreed[2]
+            else:
+                labels, rows = agree_on_batch(
+                    features, labels, self.embedding_size, self.num_classes, validate=validate,
+                    group=self.process_group, device=self.centers.device, pad_to=self.pad_to,
+                )
             features, labels = gather_batch(
-                features, labels, self.process_group, pad_to=self.pad_to
+                features.detach().float(), labels, self.process_group, pad_to=rows
             )
-        else:
+            validate = False  # agreed above
+        else:  # the same gathered batch on every rank: local checks agree
+            labels = check_batch(features, labels, self.embedding_size, self.num_classes, validate)
             features, labels = _pml_to_rank_order(features, labels, self.process_group)
+            validate = False
         super().update(features, labels, validate)
 
     def extra_repr(self) -> str:

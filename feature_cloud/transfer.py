@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as FC
+from ._buffers import KeepBufferDtypes
+from ._validation import as_float, as_int, check_class_counts, check_labels
 
 __all__ = ["FeatureTransfer", "FeatureBatch"]
 
@@ -38,7 +40,7 @@ class FeatureBatch(NamedTuple):
 FeatureSource = Union[Iterable[Any], Callable[[], Iterable[Any]]]
 
 
-class FeatureTransfer(nn.Module):
+class FeatureTransfer(KeepBufferDtypes):
     r"""FTL feature transfer: UpdateStats() of Algorithm 1 and the transfer of Eq. 6.
 
     :meth:`update_stats` reads the rich features ``g`` of the whole training set (a stream of
@@ -110,9 +112,12 @@ class FeatureTransfer(nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
-        d, c = int(feature_dim), int(num_classes)
-        if d < 1 or c < 1:
-            raise ValueError(f"feature_dim and num_classes must be >= 1, got {feature_dim}, {num_classes}")
+        d, c = as_int(feature_dim, "feature_dim", 1), as_int(num_classes, "num_classes", 1)
+        if num_components is not None:
+            num_components = as_int(num_components, "num_components", 1)
+        if energy is not None:
+            energy = as_float(energy, "energy", minimum=0.0, maximum=1.0, min_inclusive=False)
+        tail_threshold = as_int(tail_threshold, "tail_threshold", 0)
         if num_components is not None and energy is not None:
             raise ValueError("give num_components or energy, not both")
         if num_components is not None and not 1 <= int(num_components) <= d:
@@ -136,11 +141,7 @@ class FeatureTransfer(nn.Module):
         self._counts_given = class_counts is not None
         self._regular_fixed = class_counts is not None or regular_mask is not None
         if class_counts is not None:
-            counts = torch.as_tensor(class_counts).to(torch.long).flatten()
-            if counts.shape != (c,):
-                raise ValueError(f"class_counts must have {c} entries, got {tuple(counts.shape)}")
-            if bool((counts < 0).any()):
-                raise ValueError("class_counts must be >= 0")
+            counts = check_class_counts(class_counts, c).cpu()
             regular = FC.ftl_regular_classes(counts, self.tail_threshold)
         if regular_mask is not None:
             regular = torch.as_tensor(regular_mask).flatten()
@@ -199,11 +200,8 @@ class FeatureTransfer(nn.Module):
                 f"g_regular must have shape (batch, {self.feature_dim}), got {tuple(g_regular.shape)}"
             )
         b = g_regular.shape[0]
-        for name, y in (("y_regular", y_regular), ("y_tail", y_tail)):
-            if not isinstance(y, Tensor) or y.is_floating_point() or y.dtype == torch.bool:
-                raise TypeError(f"{name} must be an integer tensor")
-            if y.shape != (b,):
-                raise ValueError(f"{name} must have shape ({b},), got {tuple(y.shape)}")
+        y_regular = check_labels(y_regular, b, "y_regular")
+        y_tail = check_labels(y_tail, b, "y_tail")
         if self.validate and b > 0:
             self._check_transfer_labels(y_regular, y_tail)
         dev = self.centers.device
@@ -391,14 +389,12 @@ class FeatureTransfer(nn.Module):
         if g.dim() != 2 or g.shape[1] != self.feature_dim:
             raise ValueError(f"features must have shape (batch, {self.feature_dim}), got {tuple(g.shape)}")
         b = g.shape[0]
-        if not isinstance(y, Tensor) or y.is_floating_point() or y.dtype == torch.bool or y.shape != (b,):
-            raise ValueError(f"labels must be an integer tensor of shape ({b},)")
+        y = check_labels(y, b)
         if fb.flipped is not None and fb.flipped.shape != g.shape:
             raise ValueError(f"flipped must have the shape of features {tuple(g.shape)}")
         if fb.keep is not None and (fb.keep.dtype != torch.bool or fb.keep.shape != (b,)):
             raise ValueError(f"keep must be a bool tensor of shape ({b},)")
-        if fb.indices is not None and (fb.indices.is_floating_point() or fb.indices.shape != (b,)):
-            raise ValueError(f"indices must be an integer tensor of shape ({b},)")
+        indices = None if fb.indices is None else check_labels(fb.indices, b, "indices")
         if b and bool(((y < -1) | (y >= self.num_classes)).any()):
             raise ValueError(f"labels must lie in [0, {self.num_classes}) or be -1 (ignored)")
         if b and not bool(torch.isfinite(g).all()):
@@ -406,7 +402,7 @@ class FeatureTransfer(nn.Module):
         return FeatureBatch(
             g.to(device),
             y.to(device),
-            None if fb.indices is None else fb.indices.to(device),
+            None if indices is None else indices.to(device),
             None if fb.flipped is None else fb.flipped.to(device),
             None if fb.keep is None else fb.keep.to(device),
         )

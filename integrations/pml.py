@@ -25,7 +25,6 @@ rank holds the same statistics, with no extra call.
 """
 from __future__ import annotations
 
-import math
 import sys
 from typing import Any, Dict, List, Optional, Union
 
@@ -38,20 +37,22 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor
 
 from feature_cloud import functional as FC
-from feature_cloud._validation import check_batch, check_embeddings
-from feature_cloud.cloud import FeatureCloud, check_margin_unit, migrate_state_dict
+from feature_cloud import margins
+from feature_cloud._validation import check_embeddings
+from feature_cloud.cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from feature_cloud.heads import cloud_margin_logits, make_cloud
 from feature_cloud.regularizers import MetricL2
 from feature_cloud.sync import is_distributed
 
 __all__ = ["LEAPLoss", "PML_DEFAULT_MARGIN", "PML_DEFAULT_SCALE"]
 
-#: PML's defaults: ``CosFaceLoss(margin=0.35, scale=64)``, ``ArcFaceLoss(margin=28.6 deg, scale=64)``.
-PML_DEFAULT_MARGIN = {"cosface": 0.35, "arcface": 28.6}
-PML_DEFAULT_SCALE = {"cosface": 64.0, "arcface": 64.0}
+#: PML's defaults (from the margin registry): ``CosFaceLoss(margin=0.35, scale=64)``,
+#: ``ArcFaceLoss(margin=28.6 deg, scale=64)``.
+PML_DEFAULT_MARGIN = {n: margins.get(n).pml_margin for n in margins.names()}
+PML_DEFAULT_SCALE = {n: margins.get(n).pml_scale for n in margins.names()}
 
 
-class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction):
     r"""CosFace / ArcFace loss with the LEAP feature cloud for tail classes (LEAP Eq. 7-8).
 
     With ``cloud=None`` it computes the same values and gradients as PML's ``CosFaceLoss`` /
@@ -103,8 +104,10 @@ class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         metric_l2: Union[None, float, MetricL2] = None,
         **kwargs: Any,
     ) -> None:
-        if margin_type not in FC.MARGIN_TYPES:
-            raise ValueError(f"margin_type must be one of {FC.MARGIN_TYPES}, got {margin_type!r}")
+        rule = margins.get(margin_type)
+        if rule.sub_centers != 1:
+            raise ValueError(f"margin_type {rule.name!r} needs a sub-center weight layout; "
+                             "LEAPLoss has PML's (D, C) W: use LEAPMarginHead")
         if metric_l2 is not None and not isinstance(metric_l2, (MetricL2, int, float)):
             raise TypeError(
                 f"metric_l2 must be None, a float alpha or a MetricL2, got {type(metric_l2).__name__}"
@@ -115,10 +118,11 @@ class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         super().__init__(**kwargs)
         c_f.assert_distance_type(self, CosineSimilarity)
         self.num_classes = int(num_classes)
-        self.margin_type = margin_type
-        self.margin = float(PML_DEFAULT_MARGIN[margin_type] if margin is None else margin)
-        check_margin_unit(margin_type, self.margin, "degrees")
-        self.scale = float(PML_DEFAULT_SCALE[margin_type] if scale is None else scale)
+        self.margin_type = rule.name
+        self.margin_rule = rule
+        self.margin = float(rule.pml_margin if margin is None else margin)
+        margins.check_unit(rule, self.margin, "degrees")
+        self.scale = float(rule.pml_scale if scale is None else scale)
         self.add_to_recordable_attributes(
             list_of_names=["num_classes", "margin", "scale"], is_stat=False
         )
@@ -148,20 +152,6 @@ class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.W.data = c_f.to_device(self.W.data, device=device, dtype=dtype)
         if self.feature_cloud.step.device != device:
             self.feature_cloud.to(device)
-
-    @property
-    def statistics(self):
-        """The :class:`feature_cloud.ClassStatistics` of the cloud (buffers)."""
-        return self.feature_cloud.statistics
-
-    @property
-    def cloud(self) -> Optional[str]:
-        return self.feature_cloud.rule
-
-    @property
-    def step(self) -> int:
-        """Training steps taken (the ``feature_cloud.step`` buffer)."""
-        return self.feature_cloud.steps_taken
 
     def _wrapped_by_pml(self) -> bool:
         """Whether this call comes from a ``DistributedLossWrapper`` holding this loss (its
@@ -197,14 +187,15 @@ class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         dtype, device = embeddings.dtype, embeddings.device
         self.cast_types(dtype, device)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
-        check_batch(embeddings, labels, self.embedding_size, self.num_classes, self.validate)
         train = self.training and torch.is_grad_enabled()
         if train:
             self._sync_mode()
-        draw = self.feature_cloud.advance(embeddings.detach(), labels, train=train)
-        margin = math.radians(self.margin) if self.margin_type == "arcface" else self.margin
-        logits = cloud_margin_logits(self.feature_cloud, embeddings, self.W.t(), labels, draw,
-                                     margin_type=self.margin_type, scale=self.scale, margin=margin)
+        cloud = self.feature_cloud
+        labels = cloud.check(embeddings, labels, validate=self.validate, train=train)
+        draw = cloud.advance(embeddings, labels, train=train)
+        logits = cloud_margin_logits(
+            cloud, embeddings, self.W.t(), labels, draw, margin_type=self.margin_rule,
+            scale=self.scale, margin=self.margin_rule.from_pml(self.margin))
         losses = FC.margin_cross_entropy(logits, labels, reduction="none")
         indices = c_f.torch_arange_from_size(embeddings)
         loss_dict: Dict[str, Dict[str, Any]] = {

@@ -232,7 +232,7 @@ class LEAPTask(TrainingTask):
         leap_loss, logits, embeddings = self.trainable_module(input, target)
         result = {"loss": leap_loss, "output": logits, "leap_loss": leap_loss}
         if self.metric_l2 is not None:
-            reg = self.metric_l2(embeddings, self.head.weight)
+            reg = self.metric_l2(embeddings, self.head.weight, target)  # rows labelled -1 left out
             result["metric_l2_loss"] = reg
             result["loss"] = leap_loss + reg
         return result

@@ -259,6 +259,88 @@ def test_stage1_batches_are_the_three_batches_of_algorithm1():
     torch.testing.assert_close(out["loss"], ref)
 
 
+def _leap_ftl(seed: int, counts, **kw):
+    torch.manual_seed(seed)
+    head = LEAPMarginHead(E, 30, cloud="vanilla", tail_threshold=20, class_counts=counts, seed=seed, validate=False)
+    enc = nn.Sequential(nn.Linear(P, 64), nn.ReLU(), nn.Linear(64, D))
+    return FTLModel(enc, head, feature_dim=D, filter_net=make_filter(D, E, 64), alpha_recon=0, alpha_reg=0,
+                    transfer=FeatureTransfer(D, 30, energy=0.95, class_counts=counts), **kw)
+
+
+def test_stage1_with_leap_head_only_real_tail_rows_enter_statistics():
+    """Issue 16: the hard-only regular batch and the transferred features must not enter the LEAP
+    statistics (they would bias head variances and make tail classes look like head classes);
+    the real long-tail rows do, and they alone draw the cloud."""
+    xtr, ytr, _, _, n_reg = _data(4)
+    counts = torch.bincount(ytr, minlength=30)
+    model = _leap_ftl(4, counts)
+    head = model.classifier
+    ds = IndexedDataset(TensorDataset(xtr, ytr))
+    sched = AlternatingScheduler(model, stage0_iters=0, stage_iters=4)
+    sched.update_stats(DataLoader(ds, batch_size=256))
+    hl, tl = sched.loaders(ds, 16)
+    hb, tb = next(iter(hl)), next(iter(tl))
+    (gr, yr), (gt, yt), (gx, yx) = sched.stage1_batches(hb, tb)
+    stats0 = {k: v.clone() for k, v in head.statistics.state_dict().items()}
+    twin = copy.deepcopy(head)  # same statistics and cloud generator
+    out = sched.stage1_loss(hb, tb)
+    stats1 = head.statistics.state_dict()
+    # only tail classes of the real long-tail batch moved; the regular classes are untouched
+    moved = (stats1["centers"] != stats0["centers"]).any(1)
+    assert moved[yt].all()
+    assert not moved[:n_reg].any() and set(torch.nonzero(moved).flatten().tolist()) <= set(yt.tolist())
+    assert int(stats1["memory_fill"].sum() - stats0["memory_fill"].sum()) == yt.numel()
+    assert head.step == 1
+    # the loss is the mean over all rows: cloud (train mode) on the tail rows, plain margin elsewhere
+    with torch.no_grad():
+        f = model.filter(torch.cat([gr, gt, gx]))
+    nr, nt = gr.shape[0], gt.shape[0]
+    inside = twin(f[nr:nr + nt], yt)
+    twin.eval()
+    outside_r, outside_x = twin(f[:nr], yr), twin(f[nr + nt:], yx)
+    ref = (inside * nt + outside_r * nr + outside_x * gx.shape[0]) / (nr + nt + gx.shape[0])
+    torch.testing.assert_close(out["loss"].detach(), ref)
+    out["loss"].backward()
+    assert head.weight.grad is not None and model.filter[0].weight.grad is not None
+
+
+def test_stage1_split_loss_ignored_rows_and_reductions():
+    xtr, ytr, _, _, _ = _data(5)
+    counts = torch.bincount(ytr, minlength=30)
+    model = _leap_ftl(5, counts)
+    f = torch.randn(9, E)
+    y = torch.tensor([0, 1, -1, 25, -1, 26, 2, -1, 3])
+    model.train()
+    assert torch.isfinite(model.classification_loss(f, y, stats_rows=slice(3, 6))["sfmx"])
+    model2 = _leap_ftl(5, counts)
+    model2.classifier.cloud = None  # no cloud: the split loss must equal one call on the whole batch
+    b = model2.classification_loss(f, y, stats_rows=slice(3, 6))["sfmx"]
+    torch.testing.assert_close(b, model2.classifier(f, y))  # mean over the 6 valid rows
+    model3 = _leap_ftl(5, counts)
+    model3.classifier.reduction = "none"
+    per_row = model3.classification_loss(f, y, stats_rows=slice(3, 6))["sfmx"]
+    assert per_row.shape == (9,)
+    with pytest.raises(ValueError, match="contiguous"):
+        model.classification_loss(f, y, stats_rows=slice(0, 9, 2))
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_frozen_leap_head_keeps_statistics_and_cloud_in_stage2(live):
+    xtr, ytr, _, _, _ = _data(6)
+    counts = torch.bincount(ytr, minlength=30)
+    model = _leap_ftl(6, counts, head_cloud_when_frozen=live)
+    head = model.classifier
+    model.set_frozen(("classifier",))  # stage 2 of Algorithm 1
+    model.train()
+    assert head.training is live and not head.weight.requires_grad
+    c0 = head.statistics.centers.clone()
+    loss = model.loss(xtr[:32], ytr[:32])["loss"]
+    loss.backward()
+    assert head.weight.grad is None
+    assert bool((head.statistics.centers != c0).any()) is live
+    assert head.step == (1 if live else 0)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def _train(model, sched, opt, ds, stats_loader, n_iters, batch=32):
     """A plain loop over Algorithm 1 that stops after n_iters iterations (mid-stage allowed)."""

@@ -65,10 +65,8 @@ def test_matches_reference_values_and_grads(margin_type, cloud, chunk_size, dtyp
 
 
 @pytest.mark.parametrize("chunk_size", [None, 8])
-def test_large_scale_uses_online_max_and_matches(chunk_size):
-    """s = 64: a fixed shift could underflow, so the online running maximum is used."""
-    assert not fused._lse_shift_is_safe(64.0, 0.35, torch.float32)
-    assert fused._lse_shift_is_safe(24.0, 0.2, torch.float32)
+def test_large_scale_matches_reference(chunk_size):
+    """s = 64 (face setting): the per-row log-sum-exp shift and the exponent floor keep parity."""
     x, W, y = _data()
     std = torch.full((B,), 0.3)
     noise = torch.randn(C, B, generator=torch.Generator().manual_seed(2))
@@ -81,6 +79,107 @@ def test_large_scale_uses_online_max_and_matches(chunk_size):
                                            block=4), x, W)
         for r, g in zip(ref, got):
             torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-6)
+
+
+def _trained_like(b=64, c=2000, d=64, cos_target=0.66, seed=0):
+    """Features = class weight direction (cos ~0.66 to the target) + orthogonal noise, as after
+    some training; random negatives. Returns ``(x, W, y)``."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(c, d, generator=g) * 0.05
+    y = torch.randint(0, c, (b,), generator=g)
+    wd = torch.nn.functional.normalize(W, dim=1)[y]
+    n = torch.randn(b, d, generator=g)
+    n = torch.nn.functional.normalize(n - (n * wd).sum(1, keepdim=True) * wd, dim=1)
+    x = cos_target * wd + (1 - cos_target ** 2) ** 0.5 * n
+    return x * 3.0, W, y
+
+
+def _random_batch(b=64, c=2000, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g), torch.randn(c, d, generator=g) * 0.05, \
+        torch.randint(0, c, (b,), generator=g)
+
+
+_DATA = {"trained": _trained_like, "random": _random_batch}
+
+
+class _Subnormals(TorchDispatchMode):
+    """Counts subnormal floats in the output of every op (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = {}
+
+    UNINITIALISED = {"empty", "empty_like", "new_empty", "empty_strided", "resize_"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in self.UNINITIALISED:
+            return out
+        returns = func._schema.returns
+        for i, t in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
+            alias = returns[i].alias_info if i < len(returns) else None
+            if alias is not None and not alias.is_write:  # a view: its base was checked
+                continue
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                a = t.detach().abs()
+                n = int(((a > 0) & (a < torch.finfo(t.dtype).tiny)).sum())
+                if n:
+                    name = func.overloadpacket.__name__
+                    self.found[name] = self.found.get(name, 0) + n
+        return out
+
+
+@pytest.mark.parametrize("data", sorted(_DATA))
+@pytest.mark.parametrize("chunk_size", [None, 512])
+def test_no_subnormal_intermediates_at_face_scale(data, chunk_size):
+    """s = 64, m = 0.35, cloud std 0.28: no op of the forward or backward writes a subnormal
+    float (they slow CPU GEMMs ~8x and exp ~30x); the saved buffer in particular."""
+    x, W, y = _DATA[data]()
+    for margin_type in ("cosface", "arcface"):
+        for std in (None, torch.full((x.shape[0],), 0.28)):
+            xx, WW = x.clone().requires_grad_(True), W.clone().requires_grad_(True)
+            with _Subnormals() as watch:
+                loss = fused.margin_loss(xx, WW, y, margin_type=margin_type, scale=64.0,
+                                         margin=0.35, noise_std=std, chunk_size=chunk_size,
+                                         generator=torch.Generator().manual_seed(0), block=256)
+                loss.backward()
+            assert watch.found == {}, (margin_type, std is not None, watch.found)
+
+
+def test_subnormal_watch_can_fail():
+    with _Subnormals() as watch:
+        torch.exp(torch.full((4,), -95.0))
+    assert watch.found == {"exp": 4}
+
+
+def _upstream_scaled_grads(x, W, y, dtype, scale, std, chunk_size, upstream=65536.0):
+    xx, WW = x.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.autocast("cpu", enabled=False)
+    with ctx:
+        loss = fused.margin_loss(xx, WW, y, scale=scale, margin=0.35, noise_std=std,
+                                 noise=None if std is None else
+                                 torch.randn(W.shape[0], x.shape[0], generator=torch.Generator().manual_seed(3)),
+                                 chunk_size=chunk_size, block=256)
+    (loss * upstream).backward()  # what GradScaler does
+    return loss.detach(), xx.grad / upstream, WW.grad / upstream
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [24.0, 64.0])
+@pytest.mark.parametrize("chunk_size", [None, 512])
+def test_half_precision_autocast_finite_with_gradscaler_upstream(dtype, scale, chunk_size):
+    """fp16 / bf16 autocast with a GradScaler-sized upstream gradient: finite loss and gradients
+    close to float32 (not just finite: an underflowed, all-zero gradient fails too)."""
+    for data in sorted(_DATA):
+        x, W, y = _DATA[data]()
+        for std in (None, torch.full((x.shape[0],), 0.28)):
+            ref = _upstream_scaled_grads(x, W, y, None, scale, std, chunk_size)
+            got = _upstream_scaled_grads(x, W, y, dtype, scale, std, chunk_size)
+            for r, g in zip(ref, got):
+                assert torch.isfinite(g).all(), (data, std is not None)
+                err = (g.float() - r).norm() / r.norm().clamp_min(1e-12)
+                assert err < (0.03 if dtype == torch.float16 else 0.1), (data, std is not None, float(err))
 
 
 @pytest.mark.parametrize("margin_type", ["cosface", "arcface"])
@@ -291,3 +390,80 @@ def test_bad_arguments_raise():
         LEAPMarginHead(D, C, cloud=None, impl="chunked")
     with pytest.raises(ValueError, match="chunk_size"):
         LEAPMarginHead(D, C, cloud=None, chunk_size=0)
+
+
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+def test_gradscaler_never_skips_a_step_under_fp16(impl):
+    """The user's loop: fp16 autocast + torch.amp.GradScaler at s = 64 with the cloud on; a
+    non-finite gradient would make the scaler skip the step and halve its scale."""
+    x, W, y = _trained_like(b=32, c=600)
+    head = LEAPMarginHead(x.shape[1], W.shape[0], "cosface", scale=64.0, margin=0.35,
+                          cloud="full", class_counts=[30] * 300 + [3] * 300, seed=0, impl=impl,
+                          chunk_size=256 if impl == "chunked" else None)
+    head.weight.data.copy_(W)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
+    for step in range(4):
+        xx = (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(step)))
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = head(xx, y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        assert torch.isfinite(loss)
+    assert head.cloud_active
+    assert scaler.get_scale() == 65536.0
+
+
+@pytest.mark.parametrize("cloud", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_label_smoothing_matches_cross_entropy_with_label_smoothing(cloud, chunk_size):
+    x, W, y = _data()
+    std = noise = alpha = None
+    if cloud:
+        std = torch.full((B,), 0.3)
+        noise = torch.randn(C, B, generator=torch.Generator().manual_seed(2))
+        alpha = noise.t() * std.unsqueeze(1)
+    for mt in ("cosface", "arcface"):
+        for reduction in ("mean", "none"):
+            def ref(a, w):
+                logits = FC.margin_logits(FC.cosine_logits(a, w), y, margin_type=mt, scale=30.0,
+                                          margin=0.3, alpha=alpha)
+                per = torch.nn.functional.cross_entropy(logits, y.clamp_min(0), label_smoothing=0.1,
+                                                        reduction="none") * (y >= 0)
+                return per if reduction == "none" else per.sum() / (y >= 0).sum()
+
+            want = _loss_and_grads(ref, x, W)
+            got = _loss_and_grads(
+                lambda a, w: fused.margin_loss(a, w, y, margin_type=mt, scale=30.0, margin=0.3,
+                                               noise_std=std, noise=noise, label_smoothing=0.1,
+                                               reduction=reduction, chunk_size=chunk_size, block=4),
+                x, W)
+            for r, g in zip(want, got):
+                torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_label_smoothing_gradcheck_float64():
+    x, W, y = _data(torch.float64, seed=3, b=5, c=11)
+    x.requires_grad_(True)
+    W.requires_grad_(True)
+    std = torch.full((5,), 0.4, dtype=torch.float64)
+    noise = torch.randn(11, 5, generator=torch.Generator().manual_seed(4))
+    for chunk in (None, 4):
+        assert torch.autograd.gradcheck(
+            lambda a, w: fused.margin_loss(a, w, y, scale=4.0, margin=0.3, noise_std=std,
+                                           noise=noise, label_smoothing=0.2, chunk_size=chunk,
+                                           block=2, reduction="none"),
+            (x, W), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_predictions_are_the_plain_cosine_argmax(chunk_size):
+    x, W, y = _data(c=29)
+    want = FC.cosine_logits(x, W).argmax(1)
+    for std in (None, torch.full((B,), 0.3)):
+        loss, pred = fused.margin_loss(x, W, y, noise_std=std, chunk_size=chunk_size, block=4,
+                                       return_predictions=True,
+                                       generator=torch.Generator().manual_seed(0))
+        assert torch.equal(pred, want) and loss.dim() == 0

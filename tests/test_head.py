@@ -32,7 +32,7 @@ def _pml_twin(head):
 @pytest.mark.parametrize("mode", ["cloud_off", "warmup"])
 def test_parity_with_pml_loss_and_grads(margin_type, mode):
     torch.manual_seed(0)
-    kw = dict(cloud=None) if mode == "cloud_off" else dict(cloud="full", warmup_steps=3)
+    kw = dict(cloud=None) if mode == "cloud_off" else dict(cloud="full", warmup_steps=3, count_steps=3)
     head = LEAPMarginHead(D, C, margin_type, **kw)
     pml = _pml_twin(head)
     for step in range(3):  # the warm-up steps must all match
@@ -194,7 +194,7 @@ def test_constructor_validation():
 
 
 def test_online_counting_during_warmup():
-    head = LEAPMarginHead(D, C, cloud="full", warmup_steps=3, memory_per_sample=2)
+    head = LEAPMarginHead(D, C, cloud="full", warmup_steps=3, memory_per_sample=2, count_steps=3)
     total = torch.zeros(C, dtype=torch.long)
     for step in range(3):
         x, y = _batch(step)
@@ -206,6 +206,23 @@ def test_online_counting_during_warmup():
     assert not head.statistics.counting
     assert head.statistics.class_counts.tolist() == total.tolist()
     assert head.statistics.memory_capacity.tolist() == (total * 2).clamp_min(1).tolist()
+
+
+def test_online_counting_over_a_multi_epoch_warmup_counts_one_epoch():
+    """warm-up of 2 epochs of 3 steps: count_steps=3 keeps K_i of one epoch; without it the
+    head warns that the counts cover the whole warm-up."""
+    head = LEAPMarginHead(D, C, cloud="full", warmup_steps=6, count_steps=3)
+    epoch = torch.zeros(C, dtype=torch.long)
+    for step in range(7):
+        x, y = _batch(step % 3)
+        if step < 3:
+            epoch += torch.bincount(y, minlength=C)
+        head(x, y)
+    assert head.statistics.class_counts.tolist() == epoch.tolist()
+    with pytest.warns(UserWarning, match="count_steps"):
+        LEAPMarginHead(D, C, cloud="full", warmup_steps=6)
+    with pytest.raises(ValueError, match="count_steps"):
+        LEAPMarginHead(D, C, cloud="full", warmup_steps=2, count_steps=3)
 
 
 def test_inference_logits_and_metric_l2_on_head():

@@ -15,8 +15,8 @@ The heads and losses come from the package (:class:`~feature_cloud.LEAPMarginHea
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +98,7 @@ class MethodConfig:
     ml2_alpha: float = 0.01  # FTL Eq. 4 uses 0.25 (too strong for BN-normalised 64-d features)
     ftl_alternations: int = 2  # (stage 1, stage 2) pairs of FTL Algorithm 1 after stage 0
     seed: int = 0
+    leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
 
 
 class _Method(nn.Module):
@@ -237,13 +238,15 @@ class FTLMethod(_Method):
 
 def _margin(margin_type: str, cloud):
     def build(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> nn.Module:
-        head = LEAPMarginHead(
-            cfg.embedding_size, num_classes, margin_type=margin_type, cloud=cloud,
-            tail_threshold=cfg.tail_threshold, gamma=cfg.gamma,
-            memory_per_sample=cfg.memory_per_sample,
+        kwargs: Dict[str, Any] = dict(
+            margin_type=margin_type, cloud=cloud, tail_threshold=cfg.tail_threshold,
+            gamma=cfg.gamma, memory_per_sample=cfg.memory_per_sample,
             warmup_steps=cfg.warmup_steps if cloud else 0,
             class_counts=counts if cloud else None, seed=cfg.seed, validate=False,
         )
+        if cloud:  # options of the cloud (they override the fields above)
+            kwargs.update(cfg.leap_options)
+        head = LEAPMarginHead(cfg.embedding_size, num_classes, **kwargs)
         return MarginMethod(backbone, head)
 
     return build

@@ -57,8 +57,14 @@ def load_results(path: str) -> Dict[str, Any]:
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no {RESULTS_FILE} in {path!r}: not a feature-cloud demo run")
     with open(file) as fh:
-        results = json.load(fh)
-    for key in ("config", "methods", "runs", "splits"):
+        try:
+            results = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{file} is not valid JSON ({exc}): not a feature-cloud demo run") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{file} holds a JSON {type(results).__name__}, not an object: not a "
+                         "feature-cloud demo run")
+    for key in ("config", "data", "methods", "runs", "splits"):
         if key not in results:
             raise ValueError(f"{file} has no {key!r}: not a feature-cloud demo run")
     return results
@@ -195,7 +201,11 @@ def render_report(path: str, log: Callable[[str], None] = print) -> Dict[str, st
 
     results = load_results(path)
     out = path if os.path.isdir(path) else os.path.dirname(path)
-    md = results_markdown(results)
+    try:
+        md = results_markdown(results)
+    except (KeyError, IndexError, TypeError) as exc:  # a field inside the sections is missing
+        raise ValueError(f"{path}: results.json lacks an entry the report needs ({exc!r}); was "
+                         "it written by a feature-cloud demo run?") from None
     files = {"results.md": os.path.join(out, "results.md")}
     with open(files["results.md"], "w") as fh:
         fh.write(md)

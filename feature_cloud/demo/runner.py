@@ -107,8 +107,19 @@ class DemoConfig:
             raise ValueError("batch_size must be >= 2 (BatchNorm)")
         if not 0 <= int(self.warmup_epochs) <= int(self.epochs):  # type: ignore[arg-type]
             raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("lr must be > 0 and weight_decay >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.gamma) and 0 < self.gamma <= 1):
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+        if not (math.isfinite(self.ml2_alpha) and self.ml2_alpha >= 0):
+            raise ValueError(f"ml2_alpha must be a finite number >= 0, got {self.ml2_alpha}")
+        if not (0 < self.test_fraction < 1 and 0 <= self.val_fraction < 1
+                and self.test_fraction + self.val_fraction < 1):  # also rejects nan
+            raise ValueError(
+                f"test_fraction must be in (0, 1) and val_fraction in [0, 1) with a sum below 1, "
+                f"got {self.test_fraction}, {self.val_fraction}")
         if self.leap_margin not in ("cosface", "arcface"):
             raise ValueError(f"leap_margin must be 'cosface' or 'arcface', got {self.leap_margin!r}")
 

@@ -1,0 +1,31 @@
+"""``feature-cloud evaluate``: real-data evaluation of LEAP and FTL against their own baselines.
+
+Reads identity-labelled images (an ``.npz`` with ``images``, ``labels``, optional ``camids``, or
+one folder per identity), splits them by the natural long tail or LEAP's ``<H, S>`` protocol,
+trains every method on the same backbone, budget and batch order per seed, and reports head/tail
+metrics with **paired** differences of each method against its own baseline and 95% t-intervals
+(Markdown, CSV, JSON, PNG). The metrics, method builders, progress bars and plot helpers are
+those of :mod:`feature_cloud.demo`.
+"""
+from .data import load_dataset
+from .protocol import natural_split, hs_split
+from .backbones import BACKBONES, build_backbone
+from .methods import EVAL_METHODS, BASELINES
+from .stats import paired_differences, t_interval
+from .runner import EvalConfig, run_evaluation
+from .report import render_evaluation
+
+__all__ = [
+    "load_dataset",
+    "natural_split",
+    "hs_split",
+    "BACKBONES",
+    "build_backbone",
+    "EVAL_METHODS",
+    "BASELINES",
+    "paired_differences",
+    "t_interval",
+    "EvalConfig",
+    "run_evaluation",
+    "render_evaluation",
+]

@@ -1,0 +1,194 @@
+"""Tables (Markdown, CSV, JSON) and PNG plots of an evaluation, from ``results.json`` only."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+from ..demo import plots as demo_plots
+from ..demo.report import _markdown, aggregate, load_results
+from .stats import paired_differences, t_interval
+
+__all__ = ["render_evaluation", "summary_rows", "paired_rows", "combine_settings",
+           "SUMMARY_KEYS", "PAIRED_KEYS"]
+
+#: (key, title, scale) of the per-method table (mean ± 95% t-interval over seeds).
+SUMMARY_KEYS: List[Tuple[str, str, float]] = [
+    ("fc_acc_head", "FC head", 100.0), ("fc_acc_tail", "FC tail", 100.0),
+    ("nn_acc_head", "NN head", 100.0), ("nn_acc_tail", "NN tail", 100.0),
+    ("rank1_tail", "rank-1 tail", 100.0), ("map_tail", "mAP tail", 100.0),
+    ("angle_var_train_head", "ang. var head", 1.0), ("angle_var_train_tail", "ang. var tail", 1.0),
+    ("weight_norm_head", "‖W‖ head", 1.0), ("weight_norm_tail", "‖W‖ tail", 1.0),
+    ("cloud_std_head", "cloud std head", 1.0), ("cloud_std_tail", "cloud std tail", 1.0),
+]
+
+#: metrics whose paired differences are reported (points of accuracy).
+PAIRED_KEYS: List[Tuple[str, str]] = [
+    ("fc_acc_head", "Δ FC head"), ("fc_acc_tail", "Δ FC tail"),
+    ("nn_acc_head", "Δ NN head"), ("nn_acc_tail", "Δ NN tail"),
+    ("rank1_tail", "Δ rank-1 tail"), ("map_tail", "Δ mAP tail"),
+]
+
+
+def _fmt(mean: float, half: float, digits: int) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    if math.isnan(half):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def summary_rows(results: Dict[str, Any]) -> List[List[str]]:
+    """Per method: mean ± 95% t-interval half-width over seeds."""
+    header = ["Method", "seeds"] + [t for _, t, _ in SUMMARY_KEYS]
+    rows = [header]
+    for m in results["methods"]:
+        ms = [r["metrics"] for r in results["runs"] if r["method"] == m]
+        if not ms:
+            continue
+        cells = [results["labels"].get(m, m), str(len(ms))]
+        for k, _, s in SUMMARY_KEYS:
+            mean, half, _ = t_interval([r.get(k, float("nan")) for r in ms])
+            cells.append(_fmt(mean * s, half * s, 1 if s == 100.0 else 4))
+        rows.append(cells)
+    return rows
+
+
+def paired(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """``{method: {"baseline": name, metric: {"mean", "ci95", "n", "per_seed"}}}`` in points."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for m, base in results.get("baselines", {}).items():
+        d = paired_differences(results["runs"], m, base, [k for k, _ in PAIRED_KEYS])
+        for v in d.values():
+            v["mean"] = 100 * v["mean"]
+            v["ci95"] = 100 * v["ci95"]
+            v["per_seed"] = {str(s): 100 * x for s, x in v["per_seed"].items()}
+        out[m] = {"baseline": base, **d}
+    return out
+
+
+def paired_rows(results: Dict[str, Any], setting: bool = False) -> List[List[str]]:
+    """Per method with a baseline: paired differences (points) with 95% t-intervals."""
+    header = (["Setting"] if setting else []) + ["Method", "vs", "pairs"] + [t for _, t in PAIRED_KEYS]
+    rows = [header]
+    labels = results["labels"]
+    for m, d in paired(results).items():
+        n = d[PAIRED_KEYS[0][0]]["n"]
+        cells = ([results["setting"]] if setting else []) + [labels.get(m, m), labels.get(d["baseline"], d["baseline"]), str(n)]
+        cells += [_fmt(d[k]["mean"], d[k]["ci95"], 1) for k, _ in PAIRED_KEYS]
+        rows.append(cells)
+    return rows
+
+
+def _write_csv(rows: List[List[str]], file: str) -> None:
+    with open(file, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+
+
+def _runs_csv(results: Dict[str, Any], file: str) -> None:
+    keys = sorted({k for r in results["runs"] for k in r["metrics"]})
+    rows = [["setting", "seed", "method"] + keys]
+    for r in results["runs"]:
+        rows.append([results["setting"], r["seed"], r["method"]] + [r["metrics"].get(k) for k in keys])
+    _write_csv(rows, file)
+
+
+def plot_paired(results: Dict[str, Any], file: str) -> str:
+    """Bars of the paired differences (points) with 95% t-interval error bars."""
+    plt = demo_plots._plt()
+    d = paired(results)
+    methods = list(d)
+    keys = [k for k, _ in PAIRED_KEYS[:4]]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(methods) + 2), 3.8))
+    width = 0.8 / len(keys)
+    colors = demo_plots._colors(len(keys))
+    for j, k in enumerate(keys):
+        means = [d[m][k]["mean"] for m in methods]
+        errs = [0.0 if math.isnan(d[m][k]["ci95"]) else d[m][k]["ci95"] for m in methods]
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(methods))]
+        ax.bar(xs, means, width, yerr=errs, capsize=3, color=colors[j], label=dict(PAIRED_KEYS)[k])
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels([f"{results['labels'].get(m, m)}\nvs {results['labels'].get(d[m]['baseline'])}"
+                        for m in methods], fontsize=7)
+    ax.set_ylabel("paired difference (points)")
+    ax.set_title(f"{results['data']['name']} {results['setting']}: paired differences, 95% t-intervals",
+                 fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+    return file
+
+
+def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str, str]:
+    """Write ``summary.md/.csv``, ``paired.md/.csv/.json``, ``runs.csv`` and the PNG plots of the
+    evaluation in ``path``. Returns ``{artifact: file}``."""
+    results = load_results(path)
+    out = path if os.path.isdir(path) else os.path.dirname(path)
+    files: Dict[str, str] = {}
+    srows, prows = summary_rows(results), paired_rows(results)
+    cfg = results["config"]
+    text = [f"# {results['data']['name']}: {results['setting']} ({cfg['backbone']}, {cfg['epochs']} "
+            f"epochs, seeds {cfg['seeds']})", "",
+            "Mean ± 95% t-interval half-width over seeds (accuracies in %, angles in rad²).", "",
+            _markdown(srows), ""]
+    if len(prows) > 1:
+        text += ["Paired differences against each method's own baseline (same seed, backbone, "
+                 "budget and batch order), points, mean ± 95% t-interval.", "", _markdown(prows), ""]
+    for name, content in (("summary.md", "\n".join(text)),):
+        files[name] = os.path.join(out, name)
+        with open(files[name], "w") as fh:
+            fh.write(content)
+    files["summary.csv"] = os.path.join(out, "summary.csv")
+    _write_csv(srows, files["summary.csv"])
+    files["paired.csv"] = os.path.join(out, "paired.csv")
+    _write_csv(prows, files["paired.csv"])
+    files["paired.json"] = os.path.join(out, "paired.json")
+    with open(files["paired.json"], "w") as fh:
+        json.dump(paired(results), fh, indent=1)
+    files["runs.csv"] = os.path.join(out, "runs.csv")
+    _runs_csv(results, files["runs.csv"])
+    try:
+        if len(prows) > 1:
+            files["paired.png"] = plot_paired(results, os.path.join(out, "paired.png"))
+        files["accuracy_head_tail.png"] = demo_plots.plot_accuracy(
+            results, os.path.join(out, "accuracy_head_tail.png"))
+        files["angle_variance_vs_class_size.png"] = demo_plots.plot_per_class(
+            results, "angle_var_train", "angle variance (rad²)",
+            "Intra-class angular variance of the training features vs class size",
+            os.path.join(out, "angle_variance_vs_class_size.png"))
+        files["weight_norm_vs_class_size.png"] = demo_plots.plot_per_class(
+            results, "weight_norm", "‖W_c‖ / mean ‖W‖", "Classifier weight norm vs class size",
+            os.path.join(out, "weight_norm_vs_class_size.png"), relative=True)
+    except ImportError as exc:  # matplotlib is an optional extra
+        log(f"(no plots: {exc})")
+    log("")
+    log(_markdown(prows if len(prows) > 1 else srows))
+    log(f"wrote {', '.join(sorted(os.path.basename(f) for f in files.values()))} to {out}")
+    return files
+
+
+def combine_settings(paths: Sequence[str], out: str) -> str:
+    """One Markdown/CSV table of the paired differences of several settings (sub-runs)."""
+    rows: List[List[str]] = []
+    base_rows: List[List[str]] = []
+    for p in paths:
+        res = load_results(p)
+        pr = paired_rows(res, setting=True)
+        rows = rows or pr[:1]
+        rows += pr[1:]
+        sr = summary_rows(res)
+        base_rows = base_rows or [["Setting"] + sr[0][:6]]
+        base_rows += [[res["setting"]] + r[:6] for r in sr[1:]]
+    os.makedirs(out, exist_ok=True)
+    md = ("Paired differences (points, mean ± 95% t-interval over seeds)\n\n" + _markdown(rows)
+          + "\n\nAbsolute accuracies (%, mean ± 95% t-interval)\n\n" + _markdown(base_rows) + "\n")
+    with open(os.path.join(out, "combined.md"), "w") as fh:
+        fh.write(md)
+    _write_csv(rows, os.path.join(out, "combined_paired.csv"))
+    _write_csv(base_rows, os.path.join(out, "combined_summary.csv"))
+    return md

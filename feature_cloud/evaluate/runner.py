@@ -1,0 +1,243 @@
+"""Train every method on every seed of one protocol setting and evaluate it."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..demo import metrics as M
+from ..demo._progress import progress
+from ..demo.data import LabeledData
+from ..demo.methods import MethodConfig
+from ..demo.protocol import LongTailSplit
+from ..demo.runner import evaluate_method
+from .backbones import build_backbone
+from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
+from .protocol import hs_split, natural_split
+
+__all__ = ["EvalConfig", "run_evaluation", "train_model", "setting_name", "RESULTS_FILE"]
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation setting (saved in ``results.json``)."""
+
+    protocol: str = "natural"  # "natural" | "hs"
+    n_test: int = 2  # test images per identity
+    threshold: int = 20  # natural: head = more than T training images; also LEAP vanilla's T
+    num_head: int = 20  # hs: H
+    shots: int = 5  # hs: S
+    backbone: str = "conv4"  # "conv4" | "timm:<name>"
+    methods: List[str] = field(default_factory=lambda: ["cosface", "leap_full_cosface"])
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs: int = 20
+    batch_size: int = 64
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9, Nesterov, one-cycle) | "adam" (cosine)
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 1.0 / 3.0  # LEAP cloud / FTL stage-0 share of training
+    embedding_size: int = 128
+    flip: bool = True  # random horizontal flips
+    ml2_alpha: float = 0.01
+    ftl_alternations: int = 2
+    leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
+    out: str = "outputs/evaluate"
+
+    def validate(self) -> None:
+        if self.protocol not in ("natural", "hs"):
+            raise ValueError(f"protocol must be 'natural' or 'hs', got {self.protocol!r}")
+        unknown = [m for m in self.methods if m not in EVAL_METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; available: {list(EVAL_METHODS)}")
+        if not self.methods or not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("need at least one method and distinct seeds")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        for name in ("n_test", "epochs", "embedding_size", "shots"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2 (BatchNorm)")
+        if not 0.0 <= self.warmup_fraction <= 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+
+
+def setting_name(cfg: EvalConfig) -> str:
+    return "natural" if cfg.protocol == "natural" else f"H{cfg.num_head}_S{cfg.shots}"
+
+
+def make_split(cfg: EvalConfig, data: LabeledData, seed: int) -> LongTailSplit:
+    if cfg.protocol == "natural":
+        return natural_split(data.y, data.num_classes, cfg.n_test, cfg.threshold, seed)
+    return hs_split(data.y, data.num_classes, cfg.num_head, cfg.shots, cfg.n_test, seed)
+
+
+def _steps_per_epoch(n: int, batch_size: int) -> int:
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= 2 or (full == 0 and rest > 0) else 0)
+
+
+def train_model(
+    name: str, x: Tensor, y: Tensor, num_classes: int, counts: Tensor, cfg: EvalConfig, seed: int,
+    desc: str = "",
+) -> nn.Module:
+    """A fresh backbone (seeded by ``seed``: identical for every method) + method ``name``,
+    trained for ``cfg.epochs`` epochs in the batch order of ``seed``."""
+    steps = _steps_per_epoch(x.shape[0], cfg.batch_size)
+    total = cfg.epochs * steps
+    mcfg = MethodConfig(
+        embedding_size=cfg.embedding_size, tail_threshold=cfg.threshold,
+        warmup_steps=int(round(cfg.warmup_fraction * total)), ml2_alpha=cfg.ml2_alpha,
+        ftl_alternations=cfg.ftl_alternations, seed=seed, leap_options=dict(cfg.leap_options),
+    )
+    torch.manual_seed(seed)
+    backbone = build_backbone(cfg.backbone, tuple(x.shape[1:]), cfg.embedding_size)
+    model = EVAL_METHODS[name](backbone, num_classes, counts, mcfg)
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+        sched: Any = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=max(total, 2), pct_start=0.15)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / max(total, 1))))
+    gen = torch.Generator().manual_seed(seed)
+    bar = progress(total=total, desc=desc or name, unit="step")
+    done = [0]
+
+    def step(loss: Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if done[0] < total:  # the one-cycle schedule has exactly `total` steps
+            sched.step()
+        done[0] += 1
+        bar.update(1)
+
+    def augment(xb: Tensor) -> Tensor:
+        if not cfg.flip:
+            return xb
+        flip = torch.rand(xb.shape[0], generator=gen) < 0.5
+        return torch.where(flip[:, None, None, None], xb.flip(3), xb)
+
+    model.train()
+    fit = getattr(model, "fit", None)
+    if fit is not None:  # FTL's own schedule (Algorithm 1) within the same budget
+        torch.manual_seed(seed)
+        fit(augment(x), y, total, cfg.batch_size, step)
+    else:
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(x.shape[0], generator=gen)
+            chunks = list(perm.split(cfg.batch_size))
+            if len(chunks) > 1 and chunks[-1].numel() < 2:
+                chunks.pop()
+            for idx in chunks:
+                step(model.loss(augment(x[idx]), y[idx]))
+    bar.close()
+    model.eval()
+    return model
+
+
+def camera_retrieval(features: Tensor, labels: Tensor, camids: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Leave-one-out retrieval where a query never matches images of its own identity taken by
+    its own camera (the re-ID convention): ``(rank1, AP, valid)`` per query as
+    :func:`feature_cloud.demo.metrics.retrieval_per_query`."""
+    f = F.normalize(features.double(), dim=1)
+    sim = f @ f.T
+    same = (labels[:, None] == labels[None, :]) & (camids[:, None] == camids[None, :])
+    sim = sim.masked_fill(same, float("-inf"))  # includes the diagonal
+    order = torch.sort(-sim, dim=1, stable=True).indices
+    usable = torch.gather(~same, 1, order)
+    match = (labels[order] == labels[:, None]).double() * usable
+    positives = match.sum(1)
+    valid = positives > 0
+    ranks = usable.double().cumsum(1).clamp_min(1)
+    precision = match.cumsum(1) / ranks
+    ap = (precision * match).sum(1) / positives.clamp_min(1)
+    first = torch.argmax(usable.to(torch.uint8), dim=1)
+    rank1 = match.gather(1, first[:, None]).squeeze(1)
+    return rank1.float() * valid, ap.float() * valid, valid
+
+
+def _normalise(x: Tensor, train: Tensor) -> Tensor:
+    mean = x[train].mean(dim=(0, 2, 3), keepdim=True)
+    std = x[train].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (x - mean) / std
+
+
+def run_evaluation(
+    cfg: EvalConfig, data: LabeledData, log: Callable[[str], None] = print,
+    write: bool = True,
+) -> Dict[str, Any]:
+    """Train and evaluate every method on every seed; write ``results.json`` and the report to
+    ``cfg.out`` (if ``write``). Returns the results dictionary."""
+    cfg.validate()
+    start = time.perf_counter()
+    camids: Optional[Tensor] = getattr(data, "camids", None)
+    runs: List[Dict[str, Any]] = []
+    splits: Dict[str, Any] = {}
+    log(f"feature-cloud evaluate: {data.name} ({data.x.shape[0]} images, {data.num_classes} "
+        f"identities), {setting_name(cfg)}, backbone {cfg.backbone}, {cfg.epochs} epochs, "
+        f"seeds {cfg.seeds}, methods {cfg.methods}")
+    for seed in cfg.seeds:
+        split = make_split(cfg, data, seed)
+        splits[str(seed)] = dict(split.summary(), train_counts=split.train_counts.tolist(),
+                                 head=split.head.tolist())
+        x = _normalise(data.x, split.train)
+        tx, ty = x[split.train], data.y[split.train]
+        ex, ey = x[split.test], data.y[split.test]
+        for name in cfg.methods:
+            t0 = time.perf_counter()
+            model = train_model(name, tx, ty, data.num_classes, split.train_counts, cfg, seed,
+                                desc=f"{setting_name(cfg)} seed {seed} {name}")
+            seconds = time.perf_counter() - t0
+            scalars, per_class, _, f_ev = evaluate_method(model, tx, ty, ex, ey, split.head)
+            if camids is not None:
+                r1, ap, valid = camera_retrieval(f_ev, ey, camids[split.test])
+                is_head = split.head[ey]
+                for k, v in (("rank1", r1), ("map", ap)):
+                    for part, val in M.head_tail(v, is_head, valid).items():
+                        scalars[f"{k}_{part}"] = val
+            runs.append({"seed": seed, "method": name, "metrics": scalars, "per_class": per_class,
+                         "train_seconds": round(seconds, 2)})
+            log(f"  seed {seed} {METHOD_LABELS[name]:<26} FC head {100 * scalars['fc_acc_head']:5.1f}"
+                f" tail {100 * scalars['fc_acc_tail']:5.1f} | NN head "
+                f"{100 * scalars['nn_acc_head']:5.1f} tail {100 * scalars['nn_acc_tail']:5.1f} "
+                f"({seconds:.0f} s)")
+    results = {
+        "version": 1,
+        "kind": "evaluate",
+        "setting": setting_name(cfg),
+        "config": asdict(cfg),
+        "data": {"name": data.name, "samples": int(data.x.shape[0]),
+                 "num_classes": data.num_classes, "input_shape": list(data.x.shape[1:]),
+                 "camids": camids is not None, "info": json.loads(json.dumps(data.info, default=str))},
+        "splits": splits,
+        "methods": list(cfg.methods),
+        "labels": {m: METHOD_LABELS[m] for m in cfg.methods},
+        "baselines": {m: BASELINES[m] for m in cfg.methods
+                      if BASELINES[m] is not None and BASELINES[m] in cfg.methods},
+        "runs": runs,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "threads": torch.get_num_threads()},
+        "wall_seconds": round(time.perf_counter() - start, 1),
+    }
+    if write:
+        from .report import render_evaluation
+
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, RESULTS_FILE), "w") as fh:
+            json.dump(results, fh, indent=1)
+        render_evaluation(cfg.out, log=log)
+    return results

@@ -1,0 +1,187 @@
+"""Margins as small plug-ins of one margin-softmax pipeline, in one registry.
+
+A margin changes only the **target** logit of each sample (LEAP Eq. 1-2 without, Eq. 7-8 with
+the feature cloud); every other logit is :math:`s\\cos(\\theta + \\alpha)` whatever the margin.
+A :class:`Margin` therefore supplies
+
+* :meth:`Margin.target`: the target's modified cosine from the cosine :math:`\\cos\\theta_y` and
+  the cloud angle :math:`\\alpha_y` (``None`` without cloud), differentiable by autograd (the
+  reference path, :func:`feature_cloud.functional.margin_logits`);
+* :meth:`Margin.fused_target`: the same value **and** its derivative w.r.t. :math:`\\cos\\theta_y`
+  (the fused paths, :mod:`feature_cloud.fused`). A margin that returns ``NotImplemented`` there
+  (the default) still works: :attr:`Margin.has_fused` is false and the heads fall back to the
+  reference path;
+* defaults (``scale``, ``margin``), PML's defaults and unit (:meth:`Margin.from_pml`: degrees
+  for the angular margins) and the weight layout (:attr:`Margin.sub_centers` rows per class).
+
+Adding a margin is one subclass and one :func:`register` call; ``functional``, ``fused``, the
+heads and the adapters look it up by name (:func:`get`).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import functional as FC
+
+__all__ = ["Margin", "CosFace", "ArcFace", "SubCenterArcFace", "register", "get", "names",
+           "check_unit"]
+
+
+class Margin:
+    """Base class: a named margin with its defaults; subclasses implement :meth:`target`."""
+
+    #: registry name (``margin_type`` everywhere)
+    name: str = ""
+    #: defaults of :class:`~feature_cloud.LEAPMarginHead` (LEAP Sec. 4.1, re-ID)
+    default_scale: float = 24.0
+    default_margin: float = 0.2
+    #: pytorch-metric-learning's defaults (in PML's unit, see :meth:`from_pml`)
+    pml_scale: float = 64.0
+    pml_margin: float = 0.35
+    #: whether PML gives this margin in degrees (converted to radians by :meth:`from_pml`)
+    pml_degrees: bool = False
+    #: class-weight rows per class (weight layout ``(sub_centers * C, D)``, class-major)
+    sub_centers: int = 1
+
+    def target(self, cos_y: Tensor, alpha_y: Optional[Tensor], margin: float) -> Tensor:
+        """Modified cosine of the target (before the scale ``s``); autograd-differentiable."""
+        raise NotImplementedError
+
+    def fused_target(
+        self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float
+    ) -> Union[Tuple[Tensor, Tensor], "NotImplementedType"]:  # noqa: F821
+        """``(value, d value / d c_y)`` for the fused paths (plain tensors, no autograd), or
+        ``NotImplemented`` when only :meth:`target` exists (the heads then use the reference
+        path). ``c_y`` is clamped to ``[-1, 1]``."""
+        return NotImplemented
+
+    @property
+    def has_fused(self) -> bool:
+        """Whether :meth:`fused_target` is implemented (the fused paths can run this margin)."""
+        return type(self).fused_target is not Margin.fused_target
+
+    def from_pml(self, margin: float) -> float:
+        """PML's margin value in this package's unit (radians for angular margins)."""
+        return math.radians(margin) if self.pml_degrees else float(margin)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class CosFace(Margin):
+    r"""Cosine margin: :math:`\cos(\theta_y + \alpha_y) - m_c` (LEAP Eq. 1, 7)."""
+
+    name = "cosface"
+    default_scale, default_margin = 24.0, 0.2
+    pml_scale, pml_margin, pml_degrees = 64.0, 0.35, False
+
+    def target(self, cos_y: Tensor, alpha_y: Optional[Tensor], margin: float) -> Tensor:
+        base = cos_y if alpha_y is None else FC.shifted_cosine(cos_y, alpha_y)
+        return base - margin
+
+    def fused_target(self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float):
+        from .fused import cloud_cosine
+
+        if alpha_y is None:
+            return c_y - margin, torch.ones_like(c_y)
+        f, d = cloud_cosine(c_y, alpha_y)
+        return f - margin, d
+
+
+class ArcFace(Margin):
+    r"""Additive angular margin: :math:`\cos(\mathrm{clip}(\theta_y + \alpha_y + m_a, 0, \pi))`
+    (LEAP Eq. 2, 8; the clip keeps the logit monotone, see :func:`~feature_cloud.functional.shifted_cosine`)."""
+
+    name = "arcface"
+    default_scale, default_margin = 16.0, 0.2
+    pml_scale, pml_margin, pml_degrees = 64.0, 28.6, True
+
+    def target(self, cos_y: Tensor, alpha_y: Optional[Tensor], margin: float) -> Tensor:
+        return FC.shifted_cosine(cos_y, margin if alpha_y is None else alpha_y + margin)
+
+    def fused_target(self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float):
+        from .fused import cloud_cosine
+
+        shift = torch.full_like(c_y, margin) if alpha_y is None else alpha_y + margin
+        return cloud_cosine(c_y, shift)  # clamps the angle below pi
+
+
+class SubCenterArcFace(ArcFace):
+    r"""Sub-center ArcFace (Deng et al., ECCV 2020): ``K`` weight rows per class and
+    :math:`\cos\theta_{nj} = \max_k \cos(x_n, w_{jk})` (PML's ``SubCenterArcFaceLoss``: rows
+    ``j K .. j K + K - 1`` of the ``(K C, D)`` weight, i.e. PML's ``W`` columns), then ArcFace.
+    The layout is read by :func:`feature_cloud.functional.cosine_logits` (``sub_centers``)."""
+
+    name = "subcenter_arcface"
+    sub_centers = 3
+
+
+_REGISTRY: Dict[str, Margin] = {}
+
+
+def register(margin: Margin, *, replace: bool = False) -> Margin:
+    """Add ``margin`` under ``margin.name``; returns it. ``replace=True`` overrides an entry."""
+    if not isinstance(margin, Margin) or not margin.name:
+        raise TypeError(f"register expects a named Margin instance, got {margin!r}")
+    if margin.name in _REGISTRY and not replace:
+        raise ValueError(f"a margin named {margin.name!r} is already registered")
+    _REGISTRY[margin.name] = margin
+    return margin
+
+
+def unregister(name: str) -> None:
+    """Remove a registered margin (tests, plug-in teardown)."""
+    _REGISTRY.pop(name, None)
+
+
+def names() -> Tuple[str, ...]:
+    """Registered margin names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get(margin_type: Union[str, Margin]) -> Margin:
+    """The registered :class:`Margin` named ``margin_type`` (a ``Margin`` is returned as is)."""
+    if isinstance(margin_type, Margin):
+        return margin_type
+    try:
+        return _REGISTRY[margin_type]
+    except (KeyError, TypeError):
+        raise ValueError(f"margin_type must be one of {names()}, got {margin_type!r}") from None
+
+
+def check_unit(margin_type: Union[str, Margin], margin: float, unit: str = "radians") -> None:
+    """Warn when an angular margin (ArcFace, sub-center ArcFace) looks like the other unit.
+
+    ``unit="radians"`` (the heads, fastreid): a margin above ``pi / 2`` is almost certainly in
+    degrees. ``unit="degrees"`` (the PML adapter, as PML's ``ArcFaceLoss``): a non-zero margin
+    below 1 is almost certainly in radians. Cosine margins (CosFace) are not checked.
+    """
+    if unit not in ("radians", "degrees"):
+        raise ValueError(f"unit must be 'radians' or 'degrees', got {unit!r}")
+    rule = get(margin_type)
+    if not rule.pml_degrees:  # not an angular margin
+        return
+    m = float(margin)
+    if unit == "radians" and abs(m) > math.pi / 2:
+        warnings.warn(
+            f"{rule.name} margin={m} is in radians here ({math.degrees(m):.0f} degrees); a margin "
+            f"above pi/2 looks like degrees: did you mean margin={math.radians(m):.3f}?",
+            UserWarning, stacklevel=3,
+        )
+    elif unit == "degrees" and 0.0 < abs(m) < 1.0:
+        warnings.warn(
+            f"{rule.name} margin={m} is in degrees here (PML's convention, default "
+            f"{rule.pml_margin}); a margin below 1 looks like radians: did you mean "
+            f"margin={math.degrees(m):.1f}?",
+            UserWarning, stacklevel=3,
+        )
+
+
+for _m in (CosFace(), ArcFace(), SubCenterArcFace()):
+    register(_m)
+del _m
