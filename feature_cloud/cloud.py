@@ -190,6 +190,14 @@ class FeatureCloud(nn.Module):
         """Whether a training step communicates (every rank must then make it every step)."""
         return self.rule is not None and self.statistics.collective
 
+    def set_rule(self, rule: Optional[str]) -> None:
+        """Change the cloud rule (``"full"``, ``"vanilla"``) or turn the cloud off (``None``)."""
+        if rule is not None and rule not in FC.CLOUD_RULES:
+            raise ValueError(f"cloud must be one of {FC.CLOUD_RULES} or None, got {rule!r}")
+        self.rule = rule
+        if rule is not None:
+            self.statistics.rule = rule
+
     def reseed(self, seed: int) -> None:
         """Set the seed of the noise stream."""
         self.seed.fill_(int(seed))
@@ -267,8 +275,13 @@ class WithFeatureCloud:
 
     @property
     def cloud(self) -> Optional[str]:
-        """The cloud rule (``"full"``, ``"vanilla"``) or ``None``."""
+        """The cloud rule (``"full"``, ``"vanilla"``) or ``None``; settable (``None`` turns the
+        cloud off: plain CosFace/ArcFace, no statistics update)."""
         return self.feature_cloud.rule
+
+    @cloud.setter
+    def cloud(self, rule: Optional[str]) -> None:
+        self.feature_cloud.set_rule(rule)
 
     @property
     def statistics(self) -> ClassStatistics:
