@@ -17,9 +17,9 @@ class KeepBufferDtypes(nn.Module):
     original buffer is converted once (device only), never round-tripped through the new dtype.
     """
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "KeepBufferDtypes":
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> KeepBufferDtypes:
         before: Dict[str, Tensor] = {n: b for n, b in self._buffers.items() if b is not None}
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
         for name, old in before.items():
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:

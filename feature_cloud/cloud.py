@@ -88,6 +88,10 @@ class FeatureCloud(nn.Module):
             online over the first ``count_steps`` steps only (must be ``<= warmup_steps``);
             default ``warmup_steps`` (then the warm-up must be exactly one epoch, else the
             counts are multiplied by the number of epochs: a warning says so).
+        cloud_mode: where the cloud enters the logits, one of
+            :data:`~feature_cloud.functional.CLOUD_MODES`: ``"paper"`` (LEAP Eq. 7-8, every
+            logit), ``"target"`` or ``"margin"`` (target logit only).
+        cloud_scale: factor on the cloud's standard deviation (1: the paper's variance).
         center_rate, unknown_variance, angle_max_age: statistics options, see
             :class:`~feature_cloud.ClassStatistics` (``center_rate``, ``unknown_variance``,
             ``max_age``).
@@ -120,6 +124,8 @@ class FeatureCloud(nn.Module):
         class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
         seed: Optional[int] = None,
         count_steps: Optional[int] = None,
+        cloud_mode: str = "paper",
+        cloud_scale: float = 1.0,
         center_rate: str = "adaptive",
         unknown_variance: str = "tail_prior",
         angle_max_age: Optional[int] = None,
@@ -133,7 +139,11 @@ class FeatureCloud(nn.Module):
             tail_threshold)
         if class_counts is not None:
             class_counts = check_class_counts(class_counts, as_int(num_classes, "num_classes", 1))
+        if cloud_mode not in FC.CLOUD_MODES:
+            raise ValueError(f"cloud_mode must be one of {FC.CLOUD_MODES}, got {cloud_mode!r}")
         self.rule = rule
+        self.mode = cloud_mode
+        self.scale = as_float(cloud_scale, "cloud_scale", minimum=0.0)
         self.warmup_steps = warmup_steps
         self.sync = sync
         kwargs: Dict[str, Any] = dict(
@@ -172,8 +182,14 @@ class FeatureCloud(nn.Module):
 
     @property
     def steps_taken(self) -> int:
-        """Training steps taken (host copy of the ``step`` buffer, kept in step with it)."""
-        return self._count
+        """Training steps taken: the ``step`` buffer (one host read)."""
+        return int(self.step)
+
+    def train(self, mode: bool = True) -> "FeatureCloud":
+        """Also re-reads the host copy of ``step`` that the training step branches on (the
+        buffer may have been written from outside, e.g. an EMA copy or ``copy_``)."""
+        self._count = int(self.step)
+        return super().train(mode)
 
     @property
     def active(self) -> bool:
@@ -237,6 +253,8 @@ class FeatureCloud(nn.Module):
             stats.update(features, labels, validate=False)
             if active:
                 std = stats.cloud_variance()[labels.clamp_min(0)].sqrt()
+                if self.scale != 1.0:
+                    std = std * self.scale
                 key = self.noise_key()
         self.step.add_(1)
         self._count += 1
@@ -246,6 +264,12 @@ class FeatureCloud(nn.Module):
         """Key of the current step's draw (before :meth:`advance` counts it)."""
         return N.noise_key(self.seed, self.step, self.noise_stream if stream is None else stream,
                            purpose)
+
+    @staticmethod
+    def row_noise(key: Tensor, std: Tensor) -> Tensor:
+        """One standard normal per sample row ``(B,)`` from ``key`` (the target-only cloud modes;
+        the paper mode draws ``B x C`` with :func:`feature_cloud.fused.cloud_angles`)."""
+        return N.counter_normal(key, std.shape[0], 0, 1, 1)[0].to(std.dtype)
 
     # ------------------------------------------------------------------ distributed
     def synchronize(
@@ -264,8 +288,8 @@ class FeatureCloud(nn.Module):
             self._count = int(self.step)
 
     def extra_repr(self) -> str:
-        return (f"rule={self.rule!r}, warmup_steps={self.warmup_steps}, sync={self.sync!r}, "
-                f"steps_taken={self._count}")
+        return (f"rule={self.rule!r}, mode={self.mode!r}, scale={self.scale}, warmup_steps="
+                f"{self.warmup_steps}, sync={self.sync!r}, steps_taken={self._count}")
 
 
 class WithFeatureCloud:

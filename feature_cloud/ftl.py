@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import functional as FC
+from ._validation import check_labels
 from .heads import LEAPMarginHead
 from .regularizers import MetricL2
 from .transfer import FeatureBatch, FeatureTransfer
@@ -238,6 +239,7 @@ class FTLModel(nn.Module):
         statistics and draw the cloud; the other rows get the plain margin loss (the head in
         eval mode). The loss is the same mean over all valid rows either way.
         """
+        labels = check_labels(labels, f.shape[0])  # any integer dtype, as int64
         if self.is_margin_head and stats_rows is not None and self.classifier.training:
             sfmx = self._split_margin_loss(f, labels, stats_rows)
         elif self.is_margin_head:

@@ -28,6 +28,8 @@ from . import margins as _margins
 __all__ = [
     "MARGIN_TYPES",
     "CLOUD_RULES",
+    "CLOUD_MODES",
+    "target_cloud_angles",
     "safe_acos",
     "safe_normalize",
     "common_float",
@@ -154,9 +156,13 @@ def margin_logits(
     scale: float = 24.0,
     margin: float = 0.2,
     alpha: Optional[Tensor] = None,
+    target_alpha: Optional[Tensor] = None,
 ) -> Tensor:
     r"""Scaled margin logits (CosFace, ArcFace, ... from :mod:`feature_cloud.margins`) with an
     optional feature cloud.
+
+    ``target_alpha`` ``(B,)`` (exclusive with ``alpha``) shifts the target angle only: the
+    cloud of :data:`CLOUD_MODES` ``"target"`` / ``"margin"`` (see :func:`target_cloud_angles`).
 
     The margin ``margin_type`` (a registered name or a :class:`~feature_cloud.margins.Margin`)
     modifies the target logit only. Without a cloud (``alpha=None``) these are the logits of
@@ -177,7 +183,12 @@ def margin_logits(
     index = labels.clamp_min(0).unsqueeze(1)
     cos_y = cos.gather(1, index)
     alpha_y = None
-    if alpha is None:
+    if alpha is not None and target_alpha is not None:
+        raise ValueError("pass alpha (every logit) or target_alpha (target only), not both")
+    if target_alpha is not None:
+        logits = cos * scale
+        alpha_y = target_alpha.to(cos.dtype).unsqueeze(1)
+    elif alpha is None:
         logits = cos * scale
     else:
         alpha = alpha.to(cos.dtype)
@@ -188,15 +199,40 @@ def margin_logits(
     return logits.scatter(1, index, target)
 
 
-def margin_cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+#: Where the cloud enters the logits. ``"paper"``: LEAP Eq. 7-8, an independent angle on each
+#: of the ``C`` logits. ``"target"``: the same draw on the target logit only. ``"margin"``: the
+#: target angle moves *away* by :math:`|\alpha|` (half-normal): the class's missing spread acts as
+#: a per-class extra angular margin and no noise reaches the ``C - 1`` other logits.
+CLOUD_MODES = ("paper", "target", "margin")
+
+
+def target_cloud_angles(
+    std: Tensor, mode: str, generator: Optional[torch.Generator] = None,
+    noise: Optional[Tensor] = None,
+) -> Tensor:
+    r"""``(B,)`` target-only cloud angles: :math:`\mathrm{std}_n z_n` (``"target"``) or
+    :math:`\mathrm{std}_n |z_n|` (``"margin"``), :math:`z_n \sim N(0, 1)` (``noise`` when
+    given, e.g. the heads' counter-based draw, else from ``generator``)."""
+    if mode not in ("target", "margin"):
+        raise ValueError(f"target-only cloud mode must be 'target' or 'margin', got {mode!r}")
+    z = noise if noise is not None else torch.randn(
+        std.shape, generator=generator, device=std.device, dtype=std.dtype)
+    return (z.abs() if mode == "margin" else z) * std
+
+
+def margin_cross_entropy(
+    logits: Tensor, labels: Tensor, reduction: str = "mean", label_smoothing: float = 0.0
+) -> Tensor:
     """Softmax cross-entropy over margin logits; labels ``< 0`` are ignored.
 
     ``"mean"`` averages over the non-ignored rows and returns 0 (not NaN) when every row is
-    ignored or the batch is empty.
+    ignored or the batch is empty. ``label_smoothing`` as in ``F.cross_entropy`` (targets
+    ``1 - eps + eps / C`` and ``eps / C``).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    per_sample = F.cross_entropy(logits, labels.clamp_min(-1), ignore_index=-1, reduction="none")
+    per_sample = F.cross_entropy(logits, labels.clamp_min(-1), ignore_index=-1, reduction="none",
+                                 label_smoothing=label_smoothing)
     if reduction == "none":
         return per_sample
     total = per_sample.sum()

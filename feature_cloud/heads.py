@@ -89,13 +89,15 @@ def cloud_margin_logits(
     every head and adapter."""
     std, key = draw
     columns = weight.shape[0] // sub_centers
-    alpha = None
-    if std is not None:
+    alpha = target_alpha = None
+    if std is not None and cloud.mode == "paper":
         alpha = fused.cloud_angles(std, columns, key, class_start=class_start,
                                    total_classes=cloud.num_classes)
+    elif std is not None:
+        target_alpha = FC.target_cloud_angles(std, cloud.mode, noise=cloud.row_noise(key, std))
     cos = FC.cosine_logits(*FC.common_float(embeddings, weight), sub_centers)
     return FC.margin_logits(cos, labels, margin_type=margin_type, scale=scale, margin=margin,
-                            alpha=alpha)
+                            alpha=alpha, target_alpha=target_alpha)
 
 
 class LEAPMarginHead(WithFeatureCloud, nn.Module):
@@ -149,7 +151,9 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             learning rate, paper 0.1), ``memory_per_sample`` (``P`` of Eq. 5),
             ``warmup_steps`` (steps without cloud; with ``class_counts=None`` the counts are
             taken online during warm-up, which should cover an epoch), ``class_counts``
-            (``K_i`` per class, recommended), ``count_steps``, ``center_rate``,
+            (``K_i`` per class, recommended), ``count_steps``, ``cloud_mode`` (where the cloud
+            enters the logits: ``"paper"``, or ``"target"`` / ``"margin"``, which run the
+            reference implementation whatever ``impl``), ``cloud_scale``, ``center_rate``,
             ``unknown_variance``, ``angle_max_age``, ``seed`` (of the noise stream; default
             from the global RNG) and ``sync`` (``"auto"``: statistics synchronised over an
             initialised process group; ``"off"``: per rank).
@@ -225,24 +229,44 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             margin_type=self.margin_rule, scale=self.scale, margin=self.margin,
             sub_centers=self.sub_centers)
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The LEAP margin softmax loss of a batch (reduced by ``reduction``)."""
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, *, label_smoothing: float = 0.0,
+        return_predictions: bool = False, reduction: Optional[str] = None,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """The LEAP margin softmax loss of a batch (reduced by ``reduction``, default the
+        head's).
+
+        ``label_smoothing``: as ``F.cross_entropy``'s (targets ``1 - eps + eps / C``, ``eps / C``).
+        ``return_predictions``: also return each sample's best class by plain cosine (for
+        accuracy logging; the fused path gets it without a second GEMM).
+        """
+        reduction = self.reduction if reduction is None else reduction
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         if self.backend == "reference":
             logits = self.margin_logits(embeddings, labels)
-            return FC.margin_cross_entropy(logits, labels.long(), self.reduction)
+            loss = FC.margin_cross_entropy(logits, labels.long(), reduction, label_smoothing)
+            if not return_predictions:
+                return loss
+            with torch.no_grad():
+                pred = FC.cosine_logits(*FC.common_float(embeddings, self.weight),
+                                        self.sub_centers).argmax(1)
+            return loss, pred
         std, key, labels = self._training_step(embeddings, labels)
         x, w = FC.common_float(embeddings, self.weight)
         return fused.margin_loss(
             x, w, labels, margin_type=self.margin_rule, scale=self.scale, validate=False,
-            margin=self.margin, noise_std=std, noise_key=key, reduction=self.reduction,
+            margin=self.margin, noise_std=std, noise_key=key, reduction=reduction,
             chunk_size=self.chunk_size if self.backend == "chunked" else None,
+            label_smoothing=label_smoothing, return_predictions=return_predictions,
         )
 
     @property
     def backend(self) -> str:
-        """The implementation :meth:`forward` runs: ``impl`` resolved against the margin (and
-        ``"reference"`` while a graph is captured)."""
-        fusable = self.margin_rule.has_fused and self.sub_centers == 1 and not _tracing()
+        """The implementation :meth:`forward` runs: ``impl`` resolved against the margin and
+        the cloud mode (and ``"reference"`` while a graph is captured)."""
+        fusable = (self.margin_rule.has_fused and self.sub_centers == 1 and not _tracing()
+                   and (self.cloud is None or self.feature_cloud.mode == "paper"))
         return _BACKENDS[(self.impl, fusable, self.chunk_size is not None)]
 
     def _training_step(

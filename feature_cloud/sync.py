@@ -72,14 +72,14 @@ class _GatherRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: ProcessGroup, grad_scale: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup, grad_scale: float) -> Tensor:
         ctx.group, ctx.grad_scale = group, grad_scale
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts, 0)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None, None]:
         world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
         grad = grad.contiguous()
         rows = grad.shape[0] // world
@@ -104,13 +104,13 @@ class _ReplicatedSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: ProcessGroup) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup) -> Tensor:
         x = x.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(x, group=group)
         return x
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None]:
         return grad, None
 
 

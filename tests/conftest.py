@@ -1,8 +1,61 @@
-"""Test-suite settings: one intra-op thread.
+"""Test-suite settings and the helpers the test modules share (``from conftest import ...``).
 
-The models in these tests are tiny; on a 2-core CI machine (or a loaded one) a second torch
-thread only adds contention, and a fixed thread count keeps float reductions reproducible.
+One intra-op thread: the models in these tests are tiny; on a 2-core CI machine (or a loaded
+one) a second torch thread only adds contention, and a fixed thread count keeps float
+reductions reproducible. Tests live by area: ``core/`` (the package), ``integrations/`` (PML,
+fastreid, timm, examples), ``demo/`` (the command line tool and the evaluation).
 """
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from typing import Any, Callable, Dict, Iterable, Tuple
+
 import torch
+from torch import Tensor
 
 torch.set_num_threads(1)
+
+#: the repository root (examples/, benchmarks/)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_batch(seed: int = 0, b: int = 32, d: int = 16, c: int = 12) -> Tuple[Tensor, Tensor]:
+    """A reproducible batch: ``(b, d)`` standard-normal features and ``(b,)`` labels in ``[0, c)``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g), torch.randint(0, c, (b,), generator=g)
+
+
+def loss_and_grads(
+    fn: Callable[..., Tensor], *inputs: Tensor, params: Iterable[Tensor] = ()
+) -> Tuple[Tensor, ...]:
+    """``(loss, grad of each input, grad of each param)`` of ``fn(*inputs)``; the inputs are
+    cloned as fresh leaves, a non-scalar loss is summed for the gradients."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    params = list(params)
+    loss = fn(*leaves)
+    grads = torch.autograd.grad(loss.sum(), leaves + params)
+    return (loss.detach(), *grads)
+
+
+def state_snapshot(module: torch.nn.Module) -> Dict[str, Any]:
+    """Every parameter, buffer and extra state (step, RNG) of ``module``, deep-copied."""
+    return copy.deepcopy(module.state_dict())
+
+
+def assert_same_state(a: Dict[str, Any], b: Dict[str, Any], what: str = "") -> None:
+    """Two :func:`state_snapshot` results are bit-identical (tensors: dtype and values)."""
+    assert a.keys() == b.keys(), what
+    for k in a:
+        if isinstance(a[k], Tensor):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{what}: {k}"
+        else:
+            assert repr(a[k]) == repr(b[k]), f"{what}: {k}"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a gloo process group)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

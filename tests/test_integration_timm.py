@@ -168,8 +168,6 @@ def test_ftl_task_wraps_a_timm_backbone_and_leap_head():
     assert isinstance(linear.classifier, torch.nn.Linear) and linear.alpha_reg == 0.25 and linear.decoder is None
     with pytest.raises(TypeError, match="linear"):
         create_ftl_model("test_resnet", C, classifier="linear", cloud="full")
-    with pytest.raises(NotImplementedError, match="EMA"):
-        task.setup_ema()
 
 
 def _data(seed=0):

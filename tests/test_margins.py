@@ -156,3 +156,16 @@ def test_subcenter_layout_with_the_cloud_trains():
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(head.weight.grad).all()
     assert head.cloud_active and head.statistics.centers.shape == (C, D)
+
+
+def test_sharded_head_runs_fused_and_falls_back_like_the_dense_head(registered):
+    from feature_cloud.distributed import ShardedLEAPMarginHead
+
+    x, y = _batch(3)
+    for name in ("test_combined", "test_combined_nofused"):
+        torch.manual_seed(0)
+        dense = LEAPMarginHead(D, C, name, scale=16.0, margin=0.3, cloud=None, impl="reference")
+        sharded = ShardedLEAPMarginHead(D, C, name, scale=16.0, margin=0.3, cloud=None)
+        sharded.weight.data.copy_(dense.weight.data)
+        for r, g in zip(_run(dense, x, y), _run(sharded, x, y)):
+            torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-5)

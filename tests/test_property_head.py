@@ -3,7 +3,6 @@ dtypes, label patterns (-1, repeats, absent classes, out of range), bad values a
 implementation, a training step either raises a clear ``ValueError``/``TypeError`` with every
 buffer, the step and the RNG state untouched, or returns a finite loss equal across
 implementations (with equal statistics afterwards)."""
-import copy
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from conftest import assert_same_state, state_snapshot  # noqa: E402
 from feature_cloud import LEAPMarginHead  # noqa: E402
 
 IMPLS = ("reference", "fused", "chunked")
@@ -30,19 +30,6 @@ def _heads(d, c, margin_type, cloud, counts):
             impl=impl, chunk_size=2 if impl == "chunked" else None, scale=16.0,
         )
     return out
-
-
-def _snapshot(head):
-    return copy.deepcopy(head.state_dict())
-
-
-def _assert_same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-        else:
-            assert repr(a[k]) == repr(b[k]), k
 
 
 @st.composite
@@ -113,11 +100,11 @@ def test_head_step_raises_cleanly_or_agrees_across_implementations(case):
         x, y, bad = _batch(case, step)
         if _expect_error(bad, x, y):
             for impl, head in heads.items():
-                before = _snapshot(head)
+                before = state_snapshot(head)
                 with pytest.raises((ValueError, TypeError)) as info:
                     head(x.clone().requires_grad_(True), y)
                 assert str(info.value), impl  # a message that names the problem
-                _assert_same(before, _snapshot(head))
+                assert_same_state(before, state_snapshot(head))
             return
         losses = {}
         for impl, head in heads.items():

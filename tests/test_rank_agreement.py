@@ -6,9 +6,7 @@ changes, and training continues in step afterwards; integer label dtypes may dif
 """
 from __future__ import annotations
 
-import copy
 import os
-import socket
 import time
 from datetime import timedelta
 from typing import Callable, List, Optional, Sequence
@@ -18,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import assert_same_state, free_port, make_batch, state_snapshot
 from feature_cloud import ClassStatistics, LEAPMarginHead
 from feature_cloud.distributed import ShardedLEAPMarginHead, SyncedClassStatistics, synchronize
 
@@ -27,21 +26,7 @@ SPAWN_TIMEOUT = 120.0
 
 
 def _batch(step: int, rank: int):
-    g = torch.Generator().manual_seed(100 * step + rank)
-    return torch.randn(B, D, generator=g), torch.randint(0, C, (B,), generator=g)
-
-
-def _state(module):
-    return copy.deepcopy(module.state_dict())
-
-
-def _assert_same(a, b, what):
-    assert a.keys() == b.keys(), what
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert torch.equal(a[k], b[k]), f"{what}: {k}"
-        else:
-            assert repr(a[k]) == repr(b[k]), f"{what}: {k}"
+    return make_batch(100 * step + rank, B, D, C)
 
 
 def _fails_together(rank: int, call: Callable[[], object], exc: type, match: str) -> None:
@@ -65,7 +50,7 @@ def check_synced_head(rank: int, world: int) -> None:
     head(x, y).backward()
     ref.update(*[torch.cat(t) for t in zip(*[_batch(0, r) for r in range(world)])])
 
-    before = _state(head)
+    before = state_snapshot(head)
     bad_x, bad_y = _batch(1, rank)
     if rank == 1:
         bad_x[2, 1] = float("nan")
@@ -76,7 +61,7 @@ def check_synced_head(rank: int, world: int) -> None:
     if rank == 1:
         bad_x = bad_x[:, :3]
     _fails_together(rank, lambda: head(bad_x, _batch(1, rank)[1]), ValueError, "shape")
-    _assert_same(_state(head), before, f"rank {rank} after rejected batches")
+    assert_same_state(state_snapshot(head), before, f"rank {rank} after rejected batches")
 
     # still in step: int32 labels on rank 0, int64 on rank 1 (the label-dtype policy)
     x, y = _batch(2, rank)
@@ -89,12 +74,12 @@ def check_synced_head(rank: int, world: int) -> None:
 
 def check_synced_statistics_pad_to(rank: int, world: int) -> None:
     stats = SyncedClassStatistics(C, D, class_counts=COUNTS, pad_to=B)
-    before = _state(stats)
+    before = state_snapshot(stats)
     x, y = _batch(0, rank)
     if rank == 0:
         x, y = torch.randn(B + 2, D), torch.zeros(B + 2, dtype=torch.long)
     _fails_together(rank, lambda: stats.update(x, y), ValueError, "pad_to")
-    _assert_same(_state(stats), before, "statistics after a rejected batch")
+    assert_same_state(state_snapshot(stats), before, "statistics after a rejected batch")
     x, y = _batch(0, rank)
     stats.update(x.double(), y.to(torch.int16))  # other float / int dtypes on every rank: fine
 
@@ -102,7 +87,7 @@ def check_synced_statistics_pad_to(rank: int, world: int) -> None:
 def check_sharded_head(rank: int, world: int) -> None:
     torch.manual_seed(0)
     head = ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=2)
-    before = _state(head)
+    before = state_snapshot(head)
     x, y = _batch(0, rank)
     if rank == 1:
         x[0, 0] = float("inf")
@@ -114,19 +99,13 @@ def check_sharded_head(rank: int, world: int) -> None:
     x, y = _batch(0, rank)
     _fails_together(rank, lambda: head(x.half() if rank == 0 else x, y), TypeError,
                     "different dtypes")
-    _assert_same(_state(head), before, f"sharded rank {rank} after rejected batches")
+    assert_same_state(state_snapshot(head), before, f"sharded rank {rank} after rejected batches")
     loss = head(x, y.int() if rank == 1 else y)
     loss.backward()
     assert head.step == 1 and torch.isfinite(loss)
 
 
 CHECKS = ["check_synced_head", "check_synced_statistics_pad_to", "check_sharded_head"]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, checks: Sequence[str]) -> None:
@@ -145,7 +124,7 @@ def _worker(rank: int, world: int, port: int, checks: Sequence[str]) -> None:
 
 def test_ranks_fail_together() -> None:
     world = 2
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), CHECKS), nprocs=world,
+    ctx = mp.start_processes(_worker, args=(world, free_port(), CHECKS), nprocs=world,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + SPAWN_TIMEOUT
     while not ctx.join(timeout=1.0):

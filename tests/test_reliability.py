@@ -2,15 +2,14 @@
 features, hyper-parameter validation, CLI / report / scheduler errors."""
 import copy
 import json
-import math
 import os
 
 import pytest
 import torch
 
 import feature_cloud.functional as FC
-from feature_cloud import FeatureTransfer, LEAPMarginHead, MetricL2
-from feature_cloud import fused
+from conftest import assert_same_state, make_batch, state_snapshot
+from feature_cloud import FeatureTransfer, LEAPMarginHead, MetricL2, fused
 from feature_cloud.statistics import ClassStatistics
 
 B, D, C = 12, 8, 10
@@ -19,8 +18,7 @@ INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
 
 
 def _batch(seed=0, b=B, classes=C):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, D, generator=g), torch.randint(0, classes, (b,), generator=g)
+    return make_batch(seed, b, D, classes)
 
 
 def _head(impl="auto", **kw):
@@ -28,20 +26,6 @@ def _head(impl="auto", **kw):
     kw.setdefault("class_counts", COUNTS)
     return LEAPMarginHead(D, C, seed=3, impl=impl, chunk_size=4 if impl == "chunked" else None,
                           **kw)
-
-
-def _state(module):
-    """Every buffer, parameter and extra state (step, RNG) of ``module``, deep-copied."""
-    return copy.deepcopy(module.state_dict())
-
-
-def _same_state(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-        else:
-            assert repr(a[k]) == repr(b[k]), k
 
 
 # ------------------------------------------------------------------ item 2: label dtypes
@@ -59,18 +43,18 @@ def test_every_integer_label_dtype_trains_like_int64(impl, dtype):
         l2.backward()
         assert torch.equal(l1.detach(), l2.detach())
         assert torch.equal(x1.grad, x2.grad)
-    _same_state(_state(ref), _state(other))
+    assert_same_state(state_snapshot(ref), state_snapshot(other))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.complex64])
 def test_non_integer_labels_raise_type_error_before_any_state_change(dtype):
     for impl in ("reference", "fused"):
         head = _head(impl)
-        before = _state(head)
+        before = state_snapshot(head)
         x, y = _batch()
         with pytest.raises(TypeError, match="labels must be an integer tensor"):
             head(x, y.to(dtype))
-        _same_state(before, _state(head))
+        assert_same_state(before, state_snapshot(head))
 
 
 def test_statistics_accept_integer_label_dtypes():
@@ -80,7 +64,7 @@ def test_statistics_accept_integer_label_dtypes():
     for dtype in (torch.uint8, torch.int16, torch.int32):
         b = ClassStatistics(C, D, class_counts=COUNTS)
         b.update(x, y.to(dtype))
-        _same_state(_state(a), _state(b))
+        assert_same_state(state_snapshot(a), state_snapshot(b))
 
 
 def _ftl_stream(label_dtype):
@@ -97,7 +81,7 @@ def test_feature_transfer_accepts_integer_label_dtypes(dtype):
     ref, other = FeatureTransfer(D, 8, num_components=3), FeatureTransfer(D, 8, num_components=3)
     ref.update_stats(_ftl_stream(torch.int64))
     other.update_stats(_ftl_stream(dtype))
-    _same_state(_state(ref), _state(other))
+    assert_same_state(state_snapshot(ref), state_snapshot(other))
     g = torch.randn(4, D)
     yr, yt = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7])
     assert torch.equal(ref.transfer(g, yr, yt), other.transfer(g, yr.to(dtype), yt.to(dtype)))
@@ -112,7 +96,7 @@ def test_pml_adapter_accepts_int32_labels():
     b = copy.deepcopy(a)
     x, y = _batch()
     assert torch.equal(a(x, y), b(x, y.int()))
-    _same_state(_state(a), _state(b))
+    assert_same_state(state_snapshot(a), state_snapshot(b))
 
 
 # ------------------------------------------------------------------ item 4: fused label range
@@ -322,11 +306,11 @@ def test_features_of_any_float_dtype_train_without_autocast(impl, dtype):
     for step in range(3):
         x, y = _batch(step)
         xd = x.to(dtype).requires_grad_(True)
-        l_ref, l = ref(x.to(dtype).float(), y), other(xd, y)
-        l.backward()
-        assert torch.isfinite(l) and xd.grad.dtype == dtype and torch.isfinite(xd.grad).all()
+        l_ref, loss = ref(x.to(dtype).float(), y), other(xd, y)
+        loss.backward()
+        assert torch.isfinite(loss) and xd.grad.dtype == dtype and torch.isfinite(xd.grad).all()
         tol = 1e-5 if dtype == torch.float64 else 1e-4
-        torch.testing.assert_close(l.float(), l_ref.detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(loss.float(), l_ref.detach(), rtol=tol, atol=tol)
     for name, want in STAT_DTYPES.items():
         assert getattr(other.statistics, name).dtype == want, name
     assert other.step == 3
@@ -339,7 +323,7 @@ def test_bad_batch_raises_before_any_state_change(impl, bad):
     x, y = _batch(0)
     head(x, y)
     head(x, y)  # memory laid out, cloud active
-    before = _state(head)
+    before = state_snapshot(head)
     x, y = _batch(1)
     if bad == "nan":
         x[3, 2] = float("nan")
@@ -355,7 +339,7 @@ def test_bad_batch_raises_before_any_state_change(impl, bad):
         x = x.numpy()
     with pytest.raises((TypeError, ValueError)):
         head(x, y)
-    _same_state(before, _state(head))
+    assert_same_state(before, state_snapshot(head))
 
 
 # ------------------------------------------------------------------ item 5: module casts
@@ -418,9 +402,10 @@ def test_feature_transfer_cast_keeps_statistics():
 def test_fastreid_head_half_keeps_float32_statistics_and_trains():
     pytest.importorskip("fastreid")
     fr = pytest.importorskip("feature_cloud.integrations.fastreid")
-    from _fastreid_data import LEAP_YAML
     from fastreid.config import get_cfg
     from fastreid.modeling.heads import build_heads
+
+    from _fastreid_data import LEAP_YAML
 
     cfg = get_cfg()
     fr.add_feature_cloud_config(cfg)
@@ -442,3 +427,17 @@ def test_fastreid_head_half_keeps_float32_statistics_and_trains():
     assert head.margin_head.cloud_active and head.margin_head.statistics.memory_allocated
     for name, want in STAT_DTYPES.items():
         assert getattr(head.margin_head.statistics, name).dtype == want, name
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_ftl_model_loss_accepts_integer_label_dtypes(dtype):
+    from feature_cloud import FTLModel
+
+    torch.manual_seed(0)
+    model = FTLModel(torch.nn.Linear(6, D), torch.nn.Linear(D, 5, bias=False), feature_dim=D,
+                     decoder=torch.nn.Linear(D, 6), transfer=FeatureTransfer(D, 5))
+    x, y = torch.randn(10, 6), torch.randint(0, 5, (10,))
+    want, got = model.loss(x, y), model.loss(x, y.to(dtype))
+    assert torch.equal(want["loss"].detach(), got["loss"].detach())
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        model.loss(x, y.float())
