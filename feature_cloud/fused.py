@@ -275,14 +275,15 @@ def _chunk_logits(
     sigma: Optional[Tensor],
     plan: _Plan,
     ws: _Workspace,
-) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor, Any]:
+) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Tensor]:
     """Scaled margin logits of classes ``j0 .. j0 + len(Wc)`` (class-major), LEAP Eq. 1-2 / 7-8.
 
-    Returns ``(Z, d, idx, inside, z_y, d_y, pred)``: logits ``(Cc, B)`` (a workspace buffer,
+    Returns ``(Z, d, idx, inside, z_y, d_y, pred, c_y)``: logits ``(Cc, B)`` (a workspace buffer,
     target entries included); the elementwise derivative ``d cos(theta + alpha) / d c``
     (``None`` without cloud, meaning 1); the target index and in-chunk mask (``valid``: rows
     with a target in this weight); the target logit (margin applied) and the derivative of its
-    cosine; ``(max, argmax)`` of the plain cosine over the chunk when ``plan.want_pred``.
+    cosine; the largest plain cosine over the chunk per sample when ``plan.want_pred``; the
+    target's plain cosine.
     ``noise_c`` (when generated) is a workspace buffer and is overwritten.
     """
     B, Cc = xg.shape[0], Wc.shape[0]
@@ -293,11 +294,11 @@ def _chunk_logits(
     else:
         Z.copy_(torch.mm(Wc.to(plan.gemm), xg.t()))
     idx, inside = _target_index(labels, valid, j0, j0 + Cc, B)
-    pred: Optional[Tuple[Tensor, Tensor]] = None
+    pred: Optional[Tensor] = None
     if plan.cloud:
         c = Z.mul_(rwc.unsqueeze(1)).clamp_(-1.0, 1.0)
-        if plan.want_pred:  # the plain cosine's best class (before the cloud destroys c)
-            pred = c.max(0)
+        if plan.want_pred:  # the plain cosine's best (before the cloud destroys c)
+            pred = c.amax(0)
         half_sigma = (sigma * 0.5).unsqueeze(0)  # the kernel works on alpha / 2 (exact)
         if plan.explicit_noise or noise_c.dtype != plan.compute:  # never write the caller's
             half = torch.mul(noise_c.to(plan.compute), half_sigma, out=ws.get("n", Cc))
@@ -313,14 +314,14 @@ def _chunk_logits(
         d, alpha_y = None, None
         Z.mul_((rwc * s).unsqueeze(1))
         if plan.want_pred:
-            pred = Z.max(0)
+            pred = (Z.amax(0) / s).clamp_(-1.0, 1.0)
         c_y = (Z.view(-1).gather(0, idx) / s).clamp_(-1.0, 1.0)
     # the margin's target (LEAP Eq. 1-2 / 7-8) and its derivative, from the registry
     f_y, d_y = plan.rule.fused_target(c_y, alpha_y, m)
     z_y = f_y * s
     flat = Z.view(-1)
     flat.scatter_(0, idx, torch.where(inside, z_y, flat.gather(0, idx)))
-    return Z, d, idx, inside, z_y, d_y, pred
+    return Z, d, idx, inside, z_y, d_y, pred, c_y
 
 
 def _shifted_exp_(Z: Tensor, shift: Tensor, plan: _Plan) -> Tensor:
@@ -404,17 +405,18 @@ def _chunk_backward(
         if post is not None:
             gWc.mul_(post)
     gWc.index_add_(0, local, (corr.unsqueeze(1) * xn).to(gWc.dtype))
-    coef = rw2c * _rowdot(gWc, Wc)
-    gWc.addcmul_(Wc, coef.unsqueeze(1).to(gWc.dtype), value=-1)
+    _normalize_backward_(gWc, Wc, rw2c)
     return gx, gx_corr
 
 
-def _rowdot(a: Tensor, b: Tensor, rows: int = 16384) -> Tensor:
-    """``(a * b).sum(1)`` in row blocks (no ``C x D`` temporary)."""
-    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
-    for r0 in range(0, a.shape[0], rows):
-        torch.sum(a[r0:r0 + rows] * b[r0:r0 + rows], dim=1, out=out[r0:r0 + rows])
-    return out
+def _normalize_backward_(gW: Tensor, W: Tensor, rw2: Tensor, rows: int = 256) -> None:
+    """``gW_j -= rw_j^2 (W_j . gW_j) W_j`` in place, in row blocks that stay in cache (one pass
+    over ``C x D`` instead of a row-dot pass and an update pass, no ``C x D`` temporary)."""
+    tmp = torch.empty(min(rows, gW.shape[0]), gW.shape[1], dtype=gW.dtype, device=gW.device)
+    for r0 in range(0, gW.shape[0], rows):
+        g, w = gW[r0:r0 + rows], W[r0:r0 + rows].to(gW.dtype)
+        dot = torch.mul(g, w, out=tmp[:g.shape[0]]).sum(1)
+        g.addcmul_(w, (dot * rw2[r0:r0 + rows]).unsqueeze(1).to(gW.dtype), value=-1)
 
 
 def _chunk_noise(
@@ -455,21 +457,20 @@ class _FusedMarginCE(torch.autograd.Function):
         run_max = torch.full((B,), -math.inf, dtype=compute, device=device)
         z_target = torch.zeros(B, dtype=compute, device=device)
         z_sum = torch.zeros(B, dtype=compute, device=device) if plan.smoothing else None
-        best = torch.full((B,), -math.inf, dtype=compute, device=device) if plan.want_pred else None
-        pred = torch.zeros(B, dtype=torch.long, device=device)
+        best = torch.full((B,), -math.inf, dtype=compute, device=device)
+        c_target = torch.zeros(B, dtype=compute, device=device)
         dense = plan.chunk >= C
         ws = _Workspace(min(plan.chunk, C), B, compute, device)
         saved: Tuple[Tensor, ...] = ()
         for j0 in range(0, C, plan.chunk):
             j1 = min(j0 + plan.chunk, C)
             noise_c = _chunk_noise(noise, j0, j1, B, key, plan)
-            Z, d, idx, inside, z_y, d_y, cmax = _chunk_logits(
+            Z, d, idx, inside, z_y, d_y, cmax, c_y = _chunk_logits(
                 xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws)
             z_target.add_(torch.where(inside, z_y, torch.zeros_like(z_y)))
-            if cmax is not None:
-                better = cmax[0] > best
-                best = torch.where(better, cmax[0], best)
-                pred = torch.where(better, cmax[1] + j0, pred)
+            if cmax is not None:  # top-1: the target's plain cosine against the best one
+                best = torch.maximum(best, cmax)
+                c_target.add_(torch.where(inside, c_y, torch.zeros_like(c_y)))
             if z_sum is not None:
                 z_sum.add_(Z.sum(0))
             run_max = _lse_update(Z, run_max, total, plan)
@@ -509,8 +510,9 @@ class _FusedMarginCE(torch.autograd.Function):
                               noise if noise is not None else xn.new_empty(0),
                               key if key is not None else labels.new_empty(0),
                               rw, norms, S, local_scale, run_max, *saved)
-        ctx.mark_non_differentiable(labels, pred)
-        return out, pred
+        top1 = has_target & valid & (c_target >= best)
+        ctx.mark_non_differentiable(labels, top1)
+        return out, top1
 
     @staticmethod
     def backward(ctx, grad_out, _grad_pred):  # type: ignore[override]
@@ -553,7 +555,7 @@ class _FusedMarginCE(torch.autograd.Function):
             for j0 in range(0, C, plan.chunk):
                 j1 = min(j0 + plan.chunk, C)
                 noise_c = _chunk_noise(noise if ctx.has_noise else None, j0, j1, B, key, plan)
-                Z, d, idx, inside, _, d_y, _ = _chunk_logits(
+                Z, d, idx, inside, _, d_y, _, _ = _chunk_logits(
                     xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws)
                 e_y = _grad_buffer_(_shifted_exp_(Z, shift_t, plan), d, rw[j0:j1], idx, u)
                 gx, gc = _chunk_backward(Z, e_y, idx, inside, d_y, a, c, u, rw[j0:j1], W[j0:j1],
@@ -582,7 +584,7 @@ def margin_loss(
     block: Optional[int] = None,
     validate: bool = True,
     label_smoothing: float = 0.0,
-    return_predictions: bool = False,
+    return_top1: bool = False,
     row_valid: Optional[Tensor] = None,
     reducer: Optional[Reducer] = None,
     num_classes: Optional[int] = None,
@@ -616,8 +618,9 @@ def margin_loss(
     ``label_smoothing`` ``eps``: the cross-entropy against targets ``1 - eps + eps / C`` and
     ``eps / C`` (``F.cross_entropy(label_smoothing=eps)``; fastreid's ``CE.EPSILON`` ``e``
     is ``eps = e C / (C - 1)``), at the cost of one sum over the logits.
-    ``return_predictions``: also return the best class of the plain cosine per sample
-    (``argmax_j cos theta_nj``, for accuracy logging without a second GEMM).
+    ``return_top1``: also return, per sample, whether its target has the largest plain cosine
+    (top-1 correct by ``s cos theta``, ties counted correct; for accuracy logging without a
+    second GEMM or an arg-max pass).
 
     Sharded classes (Partial FC; :class:`~feature_cloud.distributed.ShardedLEAPMarginHead`):
     ``weight`` is this process's shard, ``labels`` index it (``-1`` where another shard owns
@@ -686,10 +689,10 @@ def margin_loss(
         pi_below=_PI_BELOW[compute], sqrt_floor=_SQRT_FLOOR[compute], cloud=cloud,
         explicit_noise=noise is not None, smoothing=float(label_smoothing),
         num_classes=int(C + class_start if num_classes is None else num_classes), reducer=reducer,
-        want_pred=bool(return_predictions),
+        want_pred=bool(return_top1),
     )
     xn = safe_normalize(embeddings, dim=1)
     sigma = noise_std.to(compute) if cloud else None
     with torch.autocast(device_type=device.type, enabled=False):
-        loss, pred = _FusedMarginCE.apply(xn, weight, labels, row_valid, sigma, noise, key, plan)
-    return (loss, pred) if return_predictions else loss
+        loss, top1 = _FusedMarginCE.apply(xn, weight, labels, row_valid, sigma, noise, key, plan)
+    return (loss, top1) if return_top1 else loss

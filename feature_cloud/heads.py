@@ -231,14 +231,14 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
 
     def forward(
         self, embeddings: Tensor, labels: Tensor, *, label_smoothing: float = 0.0,
-        return_predictions: bool = False, reduction: Optional[str] = None,
+        return_top1: bool = False, reduction: Optional[str] = None,
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         """The LEAP margin softmax loss of a batch (reduced by ``reduction``, default the
         head's).
 
         ``label_smoothing``: as ``F.cross_entropy``'s (targets ``1 - eps + eps / C``, ``eps / C``).
-        ``return_predictions``: also return each sample's best class by plain cosine (for
-        accuracy logging; the fused path gets it without a second GEMM).
+        ``return_top1``: also return, per sample, whether its target has the largest plain
+        cosine (top-1 accuracy logging; the fused path gets it without a second GEMM).
         """
         reduction = self.reduction if reduction is None else reduction
         if reduction not in ("mean", "sum", "none"):
@@ -246,19 +246,20 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         if self.backend == "reference":
             logits = self.margin_logits(embeddings, labels)
             loss = FC.margin_cross_entropy(logits, labels.long(), reduction, label_smoothing)
-            if not return_predictions:
+            if not return_top1:
                 return loss
             with torch.no_grad():
-                pred = FC.cosine_logits(*FC.common_float(embeddings, self.weight),
-                                        self.sub_centers).argmax(1)
-            return loss, pred
+                cos = FC.cosine_logits(*FC.common_float(embeddings, self.weight), self.sub_centers)
+                y = labels.long()
+                top1 = (y >= 0) & (cos.gather(1, y.clamp_min(0)[:, None])[:, 0] >= cos.amax(1))
+            return loss, top1
         std, key, labels = self._training_step(embeddings, labels)
         x, w = FC.common_float(embeddings, self.weight)
         return fused.margin_loss(
             x, w, labels, margin_type=self.margin_rule, scale=self.scale, validate=False,
             margin=self.margin, noise_std=std, noise_key=key, reduction=reduction,
             chunk_size=self.chunk_size if self.backend == "chunked" else None,
-            label_smoothing=label_smoothing, return_predictions=return_predictions,
+            label_smoothing=label_smoothing, return_top1=return_top1,
         )
 
     @property

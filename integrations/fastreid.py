@@ -119,6 +119,12 @@ def patch_fastreid_compat() -> List[str]:
        and ``fastreid.engine.defaults``) is wrapped so that an optimizer over contiguous
        buffers zeroes gradients in place (``set_to_none=False``); nothing else changes.
 
+    7. CPU-only hosts: ``DefaultTrainer`` wraps the model in
+       ``DistributedDataParallel(model, device_ids=[local_rank], ...)`` under a process group,
+       which torch refuses for a CPU module; ``fastreid.engine.defaults.DistributedDataParallel``
+       is replaced by a function that passes ``device_ids=None`` for a CPU module (gloo),
+       everything else unchanged.
+
     fastreid's ``solver/optim/lamb.py`` imports ``torch.utils.tensorboard``: that needs the
     ``tensorboard`` package (in the ``fastreid`` extra); it is not patched.
     """
@@ -138,7 +144,7 @@ def patch_fastreid_compat() -> List[str]:
         collections.Mapping = collections.abc.Mapping  # type: ignore[attr-defined]
         _APPLIED.append("collections.Mapping")
     if "bool" not in np.__dict__:
-        setattr(np, "bool", bool)
+        np.bool = bool  # type: ignore[misc, assignment, unused-ignore]
         _APPLIED.append("np.bool")
 
     from fastreid.data import build as data_build
@@ -152,6 +158,13 @@ def patch_fastreid_compat() -> List[str]:
     if reid_evaluation.ReidEvaluator._compile_dependencies is not _no_compile_dependencies:
         reid_evaluation.ReidEvaluator._compile_dependencies = _no_compile_dependencies
         _APPLIED.append("fastreid.evaluation.ReidEvaluator._compile_dependencies")
+
+    if not torch.cuda.is_available():
+        import fastreid.engine.defaults as engine_defaults
+
+        if not getattr(engine_defaults.DistributedDataParallel, "_feature_cloud_cpu", False):
+            engine_defaults.DistributedDataParallel = _cpu_ddp
+            _APPLIED.append("fastreid.engine.defaults.DistributedDataParallel")
 
     zero_grad_default = inspect.signature(torch.optim.Optimizer.zero_grad).parameters["set_to_none"].default
     if zero_grad_default is True:
@@ -179,6 +192,17 @@ class _CPUDataLoaderX(torch.utils.data.DataLoader):
         kwargs["pin_memory"] = False
         super().__init__(**kwargs)
         self.local_rank = local_rank
+
+
+def _cpu_ddp(module: nn.Module, device_ids: Optional[Sequence[int]] = None, **kwargs: Any) -> nn.Module:
+    """Patch 7 of :func:`patch_fastreid_compat`: fastreid's DDP wrapping for a CPU module."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+    return DistributedDataParallel(module, device_ids=None if on_cpu else device_ids, **kwargs)
+
+
+_cpu_ddp._feature_cloud_cpu = True  # type: ignore[attr-defined]
 
 
 def _keep_grad_build_optimizer(build_optimizer: Callable[..., Any]) -> Callable[..., Any]:
@@ -257,7 +281,8 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     of the vanilla rule; ``GAMMA``: center learning rate of Eq. 4; ``MEMORY_PER_SAMPLE``: ``P`` of
     Eq. 5; ``WARMUP_ITERS``: iterations without cloud; ``CLASS_COUNTS``: ``dataset`` (``K_i`` of
     the trainer's own training set, taken when training starts; a checkpoint carries them) or
-    ``online`` (counted during the warm-up, which must then cover an epoch); ``SEED``: cloud RNG
+    ``online`` (counted during the warm-up); ``COUNT_ITERS``: with ``online``, count over the
+    first ``COUNT_ITERS`` iterations only (one epoch; ``0``: the whole warm-up); ``SEED``: cloud RNG
     seed (``-1``: from the global RNG); ``VALIDATE``: per-step label/finiteness check (one host
     sync). The margin is fastreid's own ``MODEL.HEADS.CLS_LAYER`` / ``SCALE`` / ``MARGIN``.
     """
@@ -268,6 +293,7 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     node.MEMORY_PER_SAMPLE = 1
     node.WARMUP_ITERS = 0
     node.CLASS_COUNTS = "dataset"
+    node.COUNT_ITERS = 0
     node.SEED = -1
     node.VALIDATE = True
     frozen = cfg.is_frozen()
@@ -311,6 +337,7 @@ def class_counts_from_config(cfg: CfgNode) -> Tensor:
 #: ``LEAPMarginHead`` argument -> the YAML key it comes from (error messages name the key)
 _YAML_KEYS = {
     "warmup_steps": "MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS",
+    "count_steps": "MODEL.HEADS.FEATURE_CLOUD.COUNT_ITERS",
     "class_counts": "MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS",
     "tail_threshold": "MODEL.HEADS.FEATURE_CLOUD.TAIL_THRESHOLD",
     "memory_per_sample": "MODEL.HEADS.FEATURE_CLOUD.MEMORY_PER_SAMPLE",
@@ -464,6 +491,7 @@ class LEAPHead(nn.Module):
         memory_per_sample: int = 1,
         warmup_steps: int = 0,
         class_counts: Optional[Union[Tensor, Sequence[int], str]] = "dataset",
+        count_steps: Optional[int] = None,
         seed: Optional[int] = None,
         validate: bool = True,
         batch_size_per_rank: Optional[int] = None,
@@ -507,6 +535,7 @@ class LEAPHead(nn.Module):
                     cloud=cloud, tail_threshold=tail_threshold, gamma=gamma,
                     memory_per_sample=memory_per_sample, warmup_steps=warmup_steps,
                     class_counts=counts, seed=seed, validate=validate,
+                    count_steps=count_steps if self.class_counts_source == "online" else None,
                 )
             except (TypeError, ValueError) as error:
                 raise _yaml_error(error) from error
@@ -566,6 +595,7 @@ class LEAPHead(nn.Module):
             "memory_per_sample": int(fc.MEMORY_PER_SAMPLE),
             "warmup_steps": int(fc.WARMUP_ITERS),
             "class_counts": mode,
+            "count_steps": int(fc.COUNT_ITERS) if int(fc.COUNT_ITERS) > 0 else None,
             "seed": None if int(fc.SEED) < 0 else int(fc.SEED),
             "validate": bool(fc.VALIDATE),
             "batch_size_per_rank": per_rank if world > 1 else None,
@@ -631,11 +661,11 @@ class LEAPHead(nn.Module):
             )
         feat = pool_feat[..., 0, 0] if self.neck_feat == "before" else neck_feat
         if self.fused_ce_epsilon is not None:  # LEAPBaseline: the loss on the fused kernels
-            losses, pred = head(
-                neck_feat, targets, return_predictions=True, reduction="none",
+            losses, top1 = head(
+                neck_feat, targets, return_top1=True, reduction="none",
                 label_smoothing=fastreid_epsilon_to_label_smoothing(self.fused_ce_epsilon,
                                                                     head.num_classes))
-            return {"cls_losses": losses, "pred_classes": pred, "features": feat}
+            return {"cls_losses": losses, "top1": top1, "features": feat}
         cls_outputs = head.margin_logits(neck_feat, targets)
         with torch.no_grad():
             pred_class_logits = head.logits(neck_feat)
@@ -663,12 +693,13 @@ def fastreid_epsilon_to_label_smoothing(epsilon: float, num_classes: int) -> flo
 
 class _PredictedClasses:
     """Stands in for ``pred_class_logits`` in fastreid's ``log_accuracy`` (which takes the top-1
-    class): the fused loss returns each sample's best class, not a ``B x C`` logit matrix."""
+    class): the fused loss returns whether each sample's target ranks first, not a ``B x C``
+    logit matrix; ``pred`` is the label where it does and ``-1`` elsewhere."""
 
     def __init__(self, pred: Tensor) -> None:
         self.pred = pred
 
-    def detach(self) -> "_PredictedClasses":
+    def detach(self) -> _PredictedClasses:
         return self
 
     def size(self, dim: int = 0) -> int:
@@ -715,7 +746,8 @@ class LEAPBaseline(Baseline):
         self.loss_kwargs = dict(kwargs, loss_names=[n for n in names if n != "CrossEntropyLoss"])
         try:  # accuracy and every other loss by Baseline itself
             loss_dict = super().losses(
-                {"pred_class_logits": _PredictedClasses(outputs["pred_classes"]),
+                {"pred_class_logits": _PredictedClasses(
+                    torch.where(outputs["top1"], gt_labels, torch.full_like(gt_labels, -1))),
                  "cls_outputs": None, "features": outputs["features"]}, gt_labels)
         finally:
             self.loss_kwargs = kwargs

@@ -32,6 +32,7 @@ def test_compat_patches_are_reported_and_idempotent():
     assert "fastreid.evaluation.ReidEvaluator._compile_dependencies" in applied
     if not torch.cuda.is_available():
         assert "fastreid.data.build.DataLoaderX" in applied
+        assert "fastreid.engine.defaults.DistributedDataParallel" in applied
     if int(torch.__version__.split(".")[0]) >= 2:
         assert "fastreid.solver.build_optimizer" in applied
 
@@ -274,6 +275,11 @@ def test_online_counts_error_names_the_yaml_keys():
     with pytest.raises(ValueError, match="WARMUP_ITERS") as info:
         build_heads(_head_cfg(FC__WARMUP_ITERS=0))
     assert "warmup_steps" not in str(info.value)
+    with pytest.raises(ValueError, match="COUNT_ITERS") as info:
+        build_heads(_head_cfg(FC__COUNT_ITERS=5))  # more than WARMUP_ITERS
+    assert "count_steps" not in str(info.value)
+    head = build_heads(_head_cfg(FC__WARMUP_ITERS=4, FC__COUNT_ITERS=2))
+    assert head.margin_head.statistics.count_updates == 2
     with pytest.raises(ValueError, match="MODEL.HEADS.FEATURE_CLOUD.GAMMA") as info:
         build_heads(_head_cfg(FC__GAMMA=1.5))
     assert "gamma" not in str(info.value)
@@ -385,5 +391,5 @@ def test_leap_baseline_runs_the_fused_loss_and_equals_baseline(eps, cloud):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     if eps >= 0:
         out = ours.heads(feats, labels)
-        assert set(out) == {"cls_losses", "pred_classes", "features"} and out["cls_losses"].shape == (8,)
+        assert set(out) == {"cls_losses", "top1", "features"} and out["cls_losses"].shape == (8,)
         assert ours.heads.margin_head.backend == "fused"
