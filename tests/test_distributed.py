@@ -425,7 +425,7 @@ def check_sharded_ddp_training(rank: int, world: int) -> None:
 
 
 def check_pml_wrapper(rank: int, world: int) -> None:
-    """(Three ranks only: importing PML costs seconds per process.) Inside PML's
+    """Inside PML's
     ``DistributedLossWrapper`` around ``integrations.pml.LEAPLoss`` (the wrapper hands every rank
     the gathered batch, own rank first) the statistics are replicated and equal the reference,
     without any synchronize() call; the same for a LEAPLoss called on each rank's own batch."""
@@ -480,7 +480,9 @@ CHECKS = [
     "check_ddp_training",
     "check_sharded_ddp_training",
 ]
-CHECKS_ONCE = ["check_pml_wrapper"]  # at 3 ranks, where PML's rotated order is not trivial
+#: PML's DistributedLossWrapper: 2 ranks (the usual setting) and 3, where its rotated order is
+#: not trivial
+CHECKS_PML = ["check_pml_wrapper"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,7 +523,7 @@ def _spawn(world: int, checks: Sequence[str]) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_checks(world: int) -> None:
-    _spawn(world, CHECKS + (CHECKS_ONCE if world == 3 else []))
+    _spawn(world, CHECKS + CHECKS_PML)
 
 
 # --------------------------------------------------------------------------------------------
