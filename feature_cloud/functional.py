@@ -207,13 +207,16 @@ CLOUD_MODES = ("paper", "target", "margin")
 
 
 def target_cloud_angles(
-    std: Tensor, mode: str, generator: Optional[torch.Generator] = None
+    std: Tensor, mode: str, generator: Optional[torch.Generator] = None,
+    noise: Optional[Tensor] = None,
 ) -> Tensor:
     r"""``(B,)`` target-only cloud angles: :math:`\mathrm{std}_n z_n` (``"target"``) or
-    :math:`\mathrm{std}_n |z_n|` (``"margin"``), :math:`z_n \sim N(0, 1)`."""
+    :math:`\mathrm{std}_n |z_n|` (``"margin"``), :math:`z_n \sim N(0, 1)` (``noise`` when
+    given, e.g. the heads' counter-based draw, else from ``generator``)."""
     if mode not in ("target", "margin"):
         raise ValueError(f"target-only cloud mode must be 'target' or 'margin', got {mode!r}")
-    z = torch.randn(std.shape, generator=generator, device=std.device, dtype=std.dtype)
+    z = noise if noise is not None else torch.randn(
+        std.shape, generator=generator, device=std.device, dtype=std.dtype)
     return (z.abs() if mode == "margin" else z) * std
 
 

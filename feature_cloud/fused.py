@@ -46,11 +46,10 @@ log-sum-exp) and the backward recomputes each chunk (GEMM, cloud noise, margins)
 tensor is ever materialised and the extra memory beyond ``W`` and its gradient is
 ``O(chunk_size * (B + D))``. Loss and gradients equal the dense path to rounding.
 
-The cloud noise is drawn class-major in blocks of :data:`NOISE_BLOCK` classes, one ``randn`` call
-per block from the given generator, in class order, in float32. Dense and chunked modes make the
-same calls in the same order, so with the same generator state they draw identical clouds (chunk
-sizes are rounded up to a multiple of the block). The chunked backward replays the blocks from a
-copy of the generator state saved in the forward.
+The cloud noise is counter-based (:mod:`feature_cloud.noise`): the normal of sample ``n`` and
+class ``j`` is a pure function of the noise key and ``(n, j)``, so dense and chunked modes (every
+chunk size, every class shard) draw identical clouds and the chunked backward recomputes a chunk's
+noise from the key alone. Chunk sizes are rounded up to a multiple of :data:`NOISE_BLOCK`.
 """
 from __future__ import annotations
 
@@ -63,10 +62,11 @@ from torch import Tensor
 from . import margins as _margins
 from ._validation import check_values
 from .functional import safe_normalize
+from .noise import counter_normal, random_key
 
 __all__ = ["NOISE_BLOCK", "EXP_FLOOR", "margin_loss", "class_major_noise", "cloud_angles", "cloud_cosine"]
 
-#: Classes per cloud-noise block (one ``randn`` call each); chunk sizes are multiples of it.
+#: Chunk sizes are multiples of this many classes.
 NOISE_BLOCK = 1024
 
 #: Floor of the log-sum-exp exponent ``z - max`` (float32; float64 uses -300): no subnormal
@@ -170,49 +170,51 @@ def cloud_cosine(c: Tensor, alpha: Tensor, sqrt_floor: Optional[float] = None) -
 # ------------------------------------------------------------------------------------------
 
 
-def _fill_noise(out: Tensor, start: int, generator: Optional[torch.Generator], block: int) -> None:
-    """Fill ``out`` (rows = classes ``start ..``) with N(0, 1), one ``randn`` call per block.
-
-    ``start`` must be a multiple of ``block``; every block is drawn whole, in class order.
-    """
-    rows = out.shape[0]
-    for r0 in range(0, rows, block):
-        r1 = min(r0 + block, rows)
-        torch.randn(out[r0:r1].shape, generator=generator, out=out[r0:r1])
-
-
 def class_major_noise(
     num_classes: int,
     batch_size: int,
-    generator: Optional[torch.Generator] = None,
+    key: Optional[Tensor] = None,
     device: Optional[torch.device] = None,
     block: Optional[int] = None,
+    *,
+    class_start: int = 0,
+    total_classes: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """The standard-normal cloud draw ``(C, B)`` that :func:`margin_loss` makes from ``generator``.
+    """The standard-normal cloud draw ``(C, B)`` that :func:`margin_loss` makes from ``key``.
 
-    ``margin_loss`` with ``noise_std=std`` uses angles ``alpha = noise.t() * std[:, None]``;
-    exposed so that tests and users can reproduce a draw with the reference functions.
+    ``key``: a noise key (:func:`feature_cloud.noise.noise_key`); ``None`` draws one from
+    ``generator`` (the global RNG when ``None``). Rows are the classes ``class_start ..
+    class_start + num_classes`` of a head with ``total_classes`` (default: up to the last row)
+    classes. ``block`` is accepted for compatibility and has no effect (the draw does not depend
+    on any chunking). ``margin_loss`` with ``noise_std=std`` uses angles
+    ``alpha = noise.t() * std[:, None]``; exposed so that tests and users can reproduce a draw
+    with the reference functions.
     """
-    block = NOISE_BLOCK if block is None else int(block)
-    if device is None:
-        device = generator.device if generator is not None else torch.device("cpu")
-    out = torch.empty(num_classes, batch_size, device=device, dtype=torch.float32)
-    _fill_noise(out, 0, generator, block)
-    return out
+    del block
+    if key is None:
+        key = random_key(device if device is not None else torch.device("cpu"), generator)
+    elif device is not None:
+        key = key.to(device)
+    total = num_classes + class_start if total_classes is None else int(total_classes)
+    return counter_normal(key, batch_size, class_start, class_start + num_classes, total)
 
 
 def cloud_angles(
-    std: Tensor, num_classes: int, generator: Optional[torch.Generator] = None,
-    block: Optional[int] = None,
+    std: Tensor, num_classes: int, key: Optional[Tensor] = None, block: Optional[int] = None,
+    *, class_start: int = 0, total_classes: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     r"""Per-logit cloud angles :math:`\alpha` ``(B, C)`` of LEAP Sec. 3.4 as every head draws them.
 
-    :math:`\alpha_{nj} = \mathrm{std}_n z_{jn}` with ``z = class_major_noise(C, B, generator)``:
+    :math:`\alpha_{nj} = \mathrm{std}_n z_{jn}` with ``z = class_major_noise(C, B, key, ...)``:
     the same distribution as :func:`~feature_cloud.functional.angle_noise` (i.i.d.
-    :math:`N(0, \mathrm{std}_n^2)`), drawn in the class-major block order that makes a chunked
-    computation draw the same cloud. Returned as a transposed view.
+    :math:`N(0, \mathrm{std}_n^2)`), the same numbers in every chunking and class shard
+    (``class_start``/``total_classes``). Returned as a transposed view.
     """
-    noise = class_major_noise(num_classes, std.shape[0], generator, std.device, block)
+    noise = class_major_noise(num_classes, std.shape[0], key, std.device, block,
+                              class_start=class_start, total_classes=total_classes,
+                              generator=generator)
     return noise.t() * std.to(noise.dtype).unsqueeze(1)
 
 
@@ -225,7 +227,7 @@ class _Plan:
     """Static configuration of one call (plain Python values, no tensors)."""
 
     __slots__ = (
-        "rule", "scale", "smoothing", "num_classes", "reducer", "want_pred", "margin", "reduction", "chunk", "block", "generator",
+        "rule", "scale", "smoothing", "num_classes", "reducer", "want_pred", "margin", "reduction", "chunk", "block", "class_start",
         "compute", "gemm", "exp_floor", "pi_below", "sqrt_floor", "cloud", "explicit_noise",
     )
 
@@ -418,16 +420,14 @@ def _normalize_backward_(gW: Tensor, W: Tensor, rw2: Tensor, rows: int = 256) ->
 
 
 def _chunk_noise(
-    noise: Optional[Tensor], j0: int, j1: int, B: int,
-    generator: Optional[torch.Generator], plan: _Plan, ws: _Workspace,
+    noise: Optional[Tensor], j0: int, j1: int, B: int, key: Optional[Tensor], plan: _Plan,
 ) -> Optional[Tensor]:
     if not plan.cloud:
         return None
     if plan.explicit_noise:
         return noise[j0:j1]
-    out = ws.get("n", j1 - j0, torch.float32)
-    _fill_noise(out, j0, generator, plan.block)
-    return out
+    c0 = plan.class_start
+    return counter_normal(key, B, c0 + j0, c0 + j1, plan.num_classes)
 
 
 #: ``all_reduce(tensor, op)`` with ``op`` in ``("max", "sum")``, returning the reduced tensor:
@@ -446,7 +446,7 @@ class _FusedMarginCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xn, W, labels, valid, sigma, noise, plan):  # type: ignore[override]
+    def forward(ctx, xn, W, labels, valid, sigma, noise, key, plan):  # type: ignore[override]
         B, C = xn.shape[0], W.shape[0]
         compute, device = plan.compute, xn.device
         xg = xn.to(plan.gemm)
@@ -460,14 +460,11 @@ class _FusedMarginCE(torch.autograd.Function):
         best = torch.full((B,), -math.inf, dtype=compute, device=device)
         c_target = torch.zeros(B, dtype=compute, device=device)
         dense = plan.chunk >= C
-        gen_state = None
-        if plan.cloud and not plan.explicit_noise and not dense and plan.generator is not None:
-            gen_state = plan.generator.get_state()
         ws = _Workspace(min(plan.chunk, C), B, compute, device)
         saved: Tuple[Tensor, ...] = ()
         for j0 in range(0, C, plan.chunk):
             j1 = min(j0 + plan.chunk, C)
-            noise_c = _chunk_noise(noise, j0, j1, B, plan.generator, plan, ws)
+            noise_c = _chunk_noise(noise, j0, j1, B, key, plan)
             Z, d, idx, inside, z_y, d_y, cmax, c_y = _chunk_logits(
                 xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws)
             z_target.add_(torch.where(inside, z_y, torch.zeros_like(z_y)))
@@ -506,11 +503,12 @@ class _FusedMarginCE(torch.autograd.Function):
             Z, d, idx, inside, d_y = saved
             e_y = _grad_buffer_(Z, d, rw, idx, u)
             saved = (Z, e_y, idx, inside, d_y)
-        ctx.plan, ctx.dense, ctx.gen_state = plan, dense, gen_state
+        ctx.plan, ctx.dense = plan, dense
         ctx.has_noise = noise is not None
         ctx.save_for_backward(xn, W, labels, valid,
                               sigma if sigma is not None else xn.new_empty(0),
                               noise if noise is not None else xn.new_empty(0),
+                              key if key is not None else labels.new_empty(0),
                               rw, norms, S, local_scale, run_max, *saved)
         top1 = has_target & valid & (c_target >= best)
         ctx.mark_non_differentiable(labels, top1)
@@ -519,7 +517,7 @@ class _FusedMarginCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_pred):  # type: ignore[override]
         plan: _Plan = ctx.plan
-        (xn, W, labels, valid, sigma, noise, rw, norms, S, local_scale, shift_t,
+        (xn, W, labels, valid, sigma, noise, key, rw, norms, S, local_scale, shift_t,
          *saved) = ctx.saved_tensors
         B, C = xn.shape[0], W.shape[0]
         compute, device = plan.compute, xn.device
@@ -552,17 +550,11 @@ class _FusedMarginCE(torch.autograd.Function):
                 grad_x += gx
                 grad_corr += gc
         else:
-            generator = None
-            if plan.cloud and not plan.explicit_noise:
-                generator = torch.Generator(device=device)
-                if ctx.gen_state is not None:
-                    generator.set_state(ctx.gen_state)
             xg = xn.to(plan.gemm)
             ws = _Workspace(plan.chunk, B, compute, device)
             for j0 in range(0, C, plan.chunk):
                 j1 = min(j0 + plan.chunk, C)
-                noise_c = _chunk_noise(noise if ctx.has_noise else None, j0, j1, B, generator,
-                                       plan, ws)
+                noise_c = _chunk_noise(noise if ctx.has_noise else None, j0, j1, B, key, plan)
                 Z, d, idx, inside, _, d_y, _, _ = _chunk_logits(
                     xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws)
                 e_y = _grad_buffer_(_shifted_exp_(Z, shift_t, plan), d, rw[j0:j1], idx, u)
@@ -572,7 +564,7 @@ class _FusedMarginCE(torch.autograd.Function):
                 grad_corr += gc
                 del Z, d, noise_c
         grad_x.mul_(sa.unsqueeze(1)).add_(grad_corr)
-        return grad_x.to(xn.dtype), grad_W, None, None, None, None, None
+        return grad_x.to(xn.dtype), grad_W, None, None, None, None, None, None
 
 
 def margin_loss(
@@ -586,6 +578,7 @@ def margin_loss(
     noise_std: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     noise: Optional[Tensor] = None,
+    noise_key: Optional[Tensor] = None,
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
     block: Optional[int] = None,
@@ -595,6 +588,7 @@ def margin_loss(
     row_valid: Optional[Tensor] = None,
     reducer: Optional[Reducer] = None,
     num_classes: Optional[int] = None,
+    class_start: int = 0,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     r"""LEAP margin softmax loss (a registered margin, :mod:`feature_cloud.margins`, with an
     optional feature cloud) in one fused op. The margin must implement
@@ -605,8 +599,9 @@ def margin_loss(
     and gradient, where the cloud angles are ``alpha[n, j] = noise[j, n] * noise_std[n]``:
 
     * ``noise_std=None``: no cloud (plain CosFace/ArcFace).
-    * ``noise_std`` ``(B,)`` and ``noise=None``: ``noise`` is drawn class-major from
-      ``generator`` (the global RNG when ``None``), exactly as :func:`class_major_noise` draws it.
+    * ``noise_std`` ``(B,)`` and ``noise=None``: ``noise`` is the counter-based draw of
+      ``noise_key`` (:mod:`feature_cloud.noise`; a key drawn from ``generator``, or the global
+      RNG, when ``None``), exactly as :func:`class_major_noise` draws it.
     * ``noise`` ``(C, B)`` given: used as is (standard normal, class-major).
 
     ``chunk_size``: process the classes in chunks of (a multiple of ``block`` not below) this
@@ -630,8 +625,10 @@ def margin_loss(
     Sharded classes (Partial FC; :class:`~feature_cloud.distributed.ShardedLEAPMarginHead`):
     ``weight`` is this process's shard, ``labels`` index it (``-1`` where another shard owns
     the target), ``row_valid`` marks the rows that count, ``reducer(t, "max" | "sum")``
-    all-reduces over the shards and ``num_classes`` is the total. The loss is then the global
-    one on every shard; the embeddings' gradient is this shard's part (sum it over shards).
+    all-reduces over the shards, ``num_classes`` is the total and ``class_start`` the global
+    index of the shard's first class (the cloud noise is indexed by global class). The loss is
+    then the global one on every shard; the embeddings' gradient is this shard's part (sum it
+    over shards).
     """
     rule = _margins.get(margin_type)
     if not 0.0 <= float(label_smoothing) < 1.0:
@@ -681,26 +678,21 @@ def margin_loss(
         raise ValueError(f"noise_std must have shape ({B},), got {tuple(noise_std.shape)}")
     compute = _compute_dtype(embeddings, weight)
     device = embeddings.device
-    if cloud and noise is None and generator is None:  # the global RNG of the device
-        if device.type == "cpu":
-            generator = torch.default_generator
-        elif device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            generator = torch.cuda.default_generators[index]
-        else:
-            raise ValueError(f"pass a generator for the cloud noise on device {device}")
+    key = None
+    if cloud and noise is None:
+        key = random_key(device, generator) if noise_key is None else noise_key.to(device)
     plan = _Plan(
         rule=rule, scale=float(scale), margin=float(margin), reduction=reduction,
-        chunk=chunk, block=block, generator=generator, compute=compute,
+        chunk=chunk, block=block, class_start=int(class_start), compute=compute,
         gemm=_gemm_dtype(device, compute),
         exp_floor=_EXP_FLOOR[compute],
         pi_below=_PI_BELOW[compute], sqrt_floor=_SQRT_FLOOR[compute], cloud=cloud,
         explicit_noise=noise is not None, smoothing=float(label_smoothing),
-        num_classes=int(C if num_classes is None else num_classes), reducer=reducer,
+        num_classes=int(C + class_start if num_classes is None else num_classes), reducer=reducer,
         want_pred=bool(return_top1),
     )
     xn = safe_normalize(embeddings, dim=1)
     sigma = noise_std.to(compute) if cloud else None
     with torch.autocast(device_type=device.type, enabled=False):
-        loss, top1 = _FusedMarginCE.apply(xn, weight, labels, row_valid, sigma, noise, plan)
+        loss, top1 = _FusedMarginCE.apply(xn, weight, labels, row_valid, sigma, noise, key, plan)
     return (loss, top1) if return_top1 else loss
