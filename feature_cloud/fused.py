@@ -54,7 +54,7 @@ noise from the key alone. Chunk sizes are rounded up to a multiple of :data:`NOI
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -572,7 +572,7 @@ def margin_loss(
     weight: Tensor,
     labels: Tensor,
     *,
-    margin_type: Union[str, "_margins.Margin"] = "cosface",
+    margin_type: Union[str, _margins.Margin] = "cosface",
     scale: float = 24.0,
     margin: float = 0.2,
     noise_std: Optional[Tensor] = None,

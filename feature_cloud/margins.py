@@ -54,7 +54,7 @@ class Margin:
 
     def fused_target(
         self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float
-    ) -> Union[Tuple[Tensor, Tensor], "NotImplementedType"]:  # noqa: F821
+    ) -> Union[Tuple[Tensor, Tensor], NotImplementedType]:  # noqa: F821
         """``(value, d value / d c_y)`` for the fused paths (plain tensors, no autograd), or
         ``NotImplemented`` when only :meth:`target` exists (the heads then use the reference
         path). ``c_y`` is clamped to ``[-1, 1]``."""
