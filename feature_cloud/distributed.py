@@ -24,10 +24,10 @@ Synchronised statistics (:class:`SyncedClassStatistics`, :func:`synchronize`)
 Sharded classifier (:class:`ShardedLEAPMarginHead`)
     Model parallelism for very many classes (insightface's PartialFC is the reference): rank ``r``
     holds rows ``[start_r, end_r)`` of the ``(C, D)`` class weights. The embeddings of all ranks
-    are all-gathered; each rank computes the margin logits (LEAP Eq. 7-8 via
-    :func:`feature_cloud.functional.margin_logits`) of the global batch against its own classes,
-    and the softmax cross-entropy is assembled exactly from a distributed max, a distributed sum
-    of ``exp`` and the target logit of the one shard that owns each label.
+    are all-gathered; each rank runs the fused margin loss (:func:`feature_cloud.fused.margin_loss`,
+    LEAP Eq. 7-8) of the global batch against its own classes, and the softmax cross-entropy is
+    assembled exactly from a distributed max, a distributed sum of ``exp`` and the target logit
+    of the one shard that owns each label (Partial FC's scheme, inside the fused kernels).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as FC
+from . import fused
 from . import noise as N
 from ._validation import as_float, as_int, check_batch, check_embeddings
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
@@ -134,9 +135,10 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
     same value on every rank and equal to :class:`~feature_cloud.heads.LEAPMarginHead` with the
     full weight on the concatenated batch:
 
-    * margin logits of the global batch against the local classes, LEAP Eq. 1-2 / 7-8 by
-      :func:`~feature_cloud.heads.cloud_margin_logits` (the margin lands on the shard that owns
-      the label; the others see ``label = -1``);
+    * margin logits of the global batch against the local classes, LEAP Eq. 1-2 / 7-8, by the
+      fused kernels of :func:`~feature_cloud.fused.margin_loss` (the margin lands on the shard
+      that owns the label; the others see ``label = -1``; a margin without a fused derivative or
+      a target-only cloud mode uses :func:`~feature_cloud.heads.cloud_margin_logits`);
     * :math:`\ell_n = \log\sum_r\sum_{j\in r} e^{z_{nj}-m_n} + m_n - z_{ny_n}` with
       :math:`m_n` the all-reduced row maximum, the sum of exponentials all-reduced and the target
       logit taken from its owner shard.
@@ -283,10 +285,25 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
         weight, columns = self.weight, None
         if key is not None:
             weight, local, columns = self._sample_classes(local, key)
-        logits = self._margin_logits(emb, weight, local, std, cloud_key, columns)
-        per_sample = _sharded_cross_entropy(logits, local, group, distributed)
         valid = lab >= 0
-        per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
+        if self.margin_rule.has_fused and (std is None or self.feature_cloud.mode == "paper"):
+            # Partial FC on the fused kernels: per-shard logits, log-sum-exp and target term;
+            # the row maximum, the sum of exponentials and the target logit all-reduced
+            noise = None
+            if std is not None and columns is not None:  # sampled classes: their own draws
+                noise = N.counter_normal_at(cloud_key, emb.shape[0], columns + self.shard_start,
+                                            self.num_classes)
+            x, w = FC.common_float(emb, weight)
+            per_sample = fused.margin_loss(
+                x, w, local, margin_type=self.margin_rule, scale=self.scale, margin=self.margin,
+                noise_std=std, noise=noise, noise_key=None if noise is not None else cloud_key,
+                class_start=self.shard_start, num_classes=self.num_classes, reduction="none",
+                validate=False, row_valid=valid,
+                reducer=_all_reducer(group) if distributed else None)
+        else:  # no fused derivative or a target-only cloud mode: logits and a sharded softmax
+            logits = self._margin_logits(emb, weight, local, std, cloud_key, columns)
+            per_sample = _sharded_cross_entropy(logits, local, group, distributed)
+            per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
         if self.reduction == "none":
             rows = emb.shape[0] // self.world_size
             return per_sample[self.rank * rows:self.rank * rows + local_rows]
@@ -371,6 +388,18 @@ def _broadcast_seed(process_group: ProcessGroup) -> int:
         src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
         dist.broadcast(s, src=src, group=process_group)
     return int(s.item())
+
+
+def _all_reducer(group: ProcessGroup) -> "fused.Reducer":
+    """``fused.margin_loss``'s shard reducer: an all-reduce (max or sum) over ``group``."""
+
+    def reduce(t: Tensor, op: str) -> Tensor:
+        t = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
+                        group=group)
+        return t
+
+    return reduce
 
 
 def _sharded_cross_entropy(

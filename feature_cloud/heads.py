@@ -93,6 +93,36 @@ def cloud_margin_logits(
                             alpha=alpha, target_alpha=target_alpha)
 
 
+def cloud_margin_loss(
+    cloud: FeatureCloud,
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    draw: Tuple[Optional[Tensor], Optional[Tensor]],
+    *,
+    margin_type: Union[str, margins.Margin],
+    scale: float,
+    margin: float,
+    sub_centers: int = 1,
+    reduction: str = "mean",
+) -> Tensor:
+    """The margin softmax loss of :func:`cloud_margin_logits` (same arguments), on the fused
+    kernels (:func:`feature_cloud.fused.margin_loss`) whenever the margin has a fused derivative,
+    one weight row per class, the paper's cloud mode and no graph capture; otherwise on the
+    reference pipeline. For adapters that hold their own weight (PML's ``W``)."""
+    rule = margins.get(margin_type)
+    std, key = draw
+    if (rule.has_fused and sub_centers == 1 and not _tracing()
+            and (std is None or cloud.mode == "paper")):
+        x, w = FC.common_float(embeddings, weight)
+        return fused.margin_loss(x, w, labels, margin_type=rule, scale=scale, margin=margin,
+                                 noise_std=std, noise_key=key, reduction=reduction,
+                                 validate=False)
+    logits = cloud_margin_logits(cloud, embeddings, weight, labels, draw, margin_type=rule,
+                                 scale=scale, margin=margin, sub_centers=sub_centers)
+    return FC.margin_cross_entropy(logits, labels, reduction=reduction)
+
+
 class LEAPMarginHead(WithFeatureCloud, nn.Module):
     r"""Margin softmax head with a learnable feature cloud for tail classes (LEAP Eq. 7-8).
 

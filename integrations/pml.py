@@ -13,10 +13,11 @@ initialised by ``weight_init_func`` and regularised by ``weight_regularizer`` ex
 ``get_logits`` and ``utils.distributed.DistributedLossWrapper`` work as for the PML losses.
 
 No math lives here: the cloud (statistics update, LEAP Eq. 3-6/9; noise, Sec. 3.4) is a
-:class:`feature_cloud.FeatureCloud`, the margin logits (Eq. 1-2, 7-8) come from
-:func:`feature_cloud.heads.cloud_margin_logits` (the heads' own pipeline, on ``W.t()``), the
-cross-entropy and the m-L2 term (FTL Eq. 3) from :mod:`feature_cloud.functional` /
-:class:`feature_cloud.MetricL2`.
+:class:`feature_cloud.FeatureCloud`, the per-sample margin softmax losses (Eq. 1-2, 7-8;
+``reduction="none"`` so PML's reducers and miner weights apply) come from
+:func:`feature_cloud.heads.cloud_margin_loss` (the heads' own pipeline on ``W.t()``, on the fused
+kernels), the margins and their PML units from :mod:`feature_cloud.margins`, the m-L2 term
+(FTL Eq. 3) from :class:`feature_cloud.MetricL2`.
 
 Under ``torch.distributed`` the statistics are synchronised by default (``sync="auto"``): inside
 PML's ``DistributedLossWrapper`` the loss sees the batch the wrapper has gathered and uses it as
@@ -39,9 +40,9 @@ from torch import Tensor
 
 from feature_cloud import functional as FC
 from feature_cloud import margins
-from feature_cloud._validation import check_embeddings
+from feature_cloud._validation import as_int, check_embeddings
 from feature_cloud.cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
-from feature_cloud.heads import cloud_margin_logits, make_cloud
+from feature_cloud.heads import cloud_margin_loss, make_cloud
 from feature_cloud.regularizers import MetricL2
 from feature_cloud.sync import SyncedClassStatistics, is_distributed
 
@@ -68,7 +69,9 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         margin: PML convention: cosine margin for ``"cosface"`` (default 0.35), **degrees** for
             ``"arcface"`` (default 28.6; a margin below 1 warns: it looks like radians).
         scale: ``s`` (PML default 64).
-        margin_type: ``"cosface"`` or ``"arcface"``.
+        margin_type: a registered margin (:mod:`feature_cloud.margins`): ``"cosface"``,
+            ``"arcface"`` or ``"subcenter_arcface"`` (PML's ``SubCenterArcFaceLoss``: ``W`` is
+            ``(embedding_size, num_classes * sub_centers)``; ``sub_centers`` default 3).
         cloud: ``"full"`` (LEAP Eq. 9), ``"vanilla"`` (Eq. 6) or ``None`` (plain CosFace/ArcFace),
             or a ready :class:`feature_cloud.FeatureCloud`.
         validate: check label range and finiteness each step (one host sync).
@@ -103,12 +106,10 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         cloud: Union[None, str, FeatureCloud] = "full",
         validate: bool = True,
         metric_l2: Union[None, float, MetricL2] = None,
+        sub_centers: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         rule = margins.get(margin_type)
-        if rule.sub_centers != 1:
-            raise ValueError(f"margin_type {rule.name!r} needs a sub-center weight layout; "
-                             "LEAPLoss has PML's (D, C) W: use LEAPMarginHead")
         if metric_l2 is not None and not isinstance(metric_l2, (MetricL2, int, float)):
             raise TypeError(
                 f"metric_l2 must be None, a float alpha or a MetricL2, got {type(metric_l2).__name__}"
@@ -124,11 +125,15 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         self.margin = float(rule.pml_margin if margin is None else margin)
         margins.check_unit(rule, self.margin, "degrees")
         self.scale = float(rule.pml_scale if scale is None else scale)
+        self.sub_centers = as_int(rule.sub_centers if sub_centers is None else sub_centers,
+                                  "sub_centers", 1)
         self.add_to_recordable_attributes(
             list_of_names=["num_classes", "margin", "scale"], is_stat=False
         )
         # W first, so that under the same seed it equals PML's CosFaceLoss/ArcFaceLoss W
-        self.W = torch.nn.Parameter(torch.empty(int(embedding_size), self.num_classes))
+        # (PML's SubCenterArcFaceLoss: D x C K, the K columns of class j side by side)
+        self.W = torch.nn.Parameter(
+            torch.empty(int(embedding_size), self.num_classes * self.sub_centers))
         self.weight_init_func(self.W)
         self.embedding_size = int(embedding_size)
         self.feature_cloud = make_cloud(cloud, self.num_classes, self.embedding_size, cloud_options)
@@ -195,10 +200,11 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         cloud = self.feature_cloud
         labels = cloud.check(embeddings, labels, validate=self.validate, train=train)
         draw = cloud.advance(embeddings, labels, train=train)
-        logits = cloud_margin_logits(
+        # per-sample losses (PML's reducers and miner weights apply) on the fused kernels
+        losses = cloud_margin_loss(
             cloud, embeddings, self.W.t(), labels, draw, margin_type=self.margin_rule,
-            scale=self.scale, margin=self.margin_rule.from_pml(self.margin))
-        losses = FC.margin_cross_entropy(logits, labels, reduction="none")
+            scale=self.scale, margin=self.margin_rule.from_pml(self.margin),
+            sub_centers=self.sub_centers, reduction="none")
         indices = c_f.torch_arange_from_size(embeddings)
         loss_dict: Dict[str, Dict[str, Any]] = {
             "loss": {
@@ -220,7 +226,7 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         """``s cos(theta)`` for every class ``(B, C)``, as PML's ``CosFaceLoss.get_logits``."""
         self.cast_types(embeddings.dtype, embeddings.device)
         check_embeddings(embeddings, self.embedding_size)
-        return FC.cosine_logits(embeddings, self.W.t()) * self.scale
+        return FC.cosine_logits(embeddings, self.W.t(), self.sub_centers) * self.scale
 
     def extra_repr(self) -> str:
         return (

@@ -161,11 +161,20 @@ def test_subcenter_layout_with_the_cloud_trains():
 def test_sharded_head_runs_fused_and_falls_back_like_the_dense_head(registered):
     from feature_cloud.distributed import ShardedLEAPMarginHead
 
+    from unittest import mock
+
+    from feature_cloud import distributed
+
     x, y = _batch(3)
     for name in ("test_combined", "test_combined_nofused"):
         torch.manual_seed(0)
         dense = LEAPMarginHead(D, C, name, scale=16.0, margin=0.3, cloud=None, impl="reference")
         sharded = ShardedLEAPMarginHead(D, C, name, scale=16.0, margin=0.3, cloud=None)
         sharded.weight.data.copy_(dense.weight.data)
-        for r, g in zip(_run(dense, x, y), _run(sharded, x, y)):
+        spy = mock.patch.object(distributed, "_sharded_cross_entropy",
+                                wraps=distributed._sharded_cross_entropy)
+        with spy as reference:
+            got = _run(sharded, x, y)
+        assert reference.called == (name == "test_combined_nofused")  # fused unless it cannot
+        for r, g in zip(_run(dense, x, y), got):
             torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-5)
