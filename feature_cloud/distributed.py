@@ -390,7 +390,7 @@ def _broadcast_seed(process_group: ProcessGroup) -> int:
     return int(s.item())
 
 
-def _all_reducer(group: ProcessGroup) -> "fused.Reducer":
+def _all_reducer(group: ProcessGroup) -> fused.Reducer:
     """``fused.margin_loss``'s shard reducer: an all-reduce (max or sum) over ``group``."""
 
     def reduce(t: Tensor, op: str) -> Tensor:

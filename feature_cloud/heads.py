@@ -112,7 +112,7 @@ def cloud_margin_loss(
     reference pipeline. For adapters that hold their own weight (PML's ``W``)."""
     rule = margins.get(margin_type)
     std, key = draw
-    if (rule.has_fused and sub_centers == 1 and not _tracing()
+    if (rule.has_fused and sub_centers == 1 and not capturing()
             and (std is None or cloud.mode == "paper")):
         x, w = FC.common_float(embeddings, weight)
         return fused.margin_loss(x, w, labels, margin_type=rule, scale=scale, margin=margin,
