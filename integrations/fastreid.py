@@ -246,11 +246,11 @@ from fastreid.layers import get_norm, pooling  # noqa: E402
 from fastreid.layers.weight_init import weights_init_kaiming  # noqa: E402
 from fastreid.modeling.heads import REID_HEADS_REGISTRY  # noqa: E402
 from fastreid.modeling.meta_arch import META_ARCH_REGISTRY, Baseline  # noqa: E402
-from fastreid.utils.checkpoint import Checkpointer  # noqa: E402
+from fastreid.utils.checkpoint import Checkpointer, _strip_prefix_if_present  # noqa: E402
 
 from feature_cloud import statistics as _statistics  # noqa: E402
 from feature_cloud import transfer as _transfer  # noqa: E402
-from feature_cloud.distributed import synchronize  # noqa: E402
+from feature_cloud.cloud import migrate_state_dict  # noqa: E402
 
 #: the shipped example configs (installed with the package, see :func:`config_path`)
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastreid_configs")
@@ -388,14 +388,24 @@ def _size_variable_buffers(model: nn.Module, state: Dict[str, Any]) -> None:
                 setattr(module, name, torch.empty(tuple(src.shape), dtype=cur.dtype, device=cur.device))
 
 
+def _migrate_legacy_heads(model: nn.Module, state: Dict[str, Any]) -> None:
+    """Rewrite the entries of 0.1.0 heads (a dict ``_extra_state``, which fastreid's loader
+    rejects) into the tensor-only layout, in place, before fastreid sees them."""
+    for name, module in model.named_modules():
+        if isinstance(module, LEAPMarginHead):
+            prefix = name + "." if name else ""
+            migrate_state_dict(state, prefix, prefix + "feature_cloud.")
+
+
 def _checkpointer_load_model(load_model: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(load_model)
     def wrapped(self: Checkpointer, checkpoint: Any) -> Any:
         state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
         if isinstance(state, dict):
             model = self.model.module if hasattr(self.model, "module") else self.model
-            stripped = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-            _size_variable_buffers(model, stripped)
+            _strip_prefix_if_present(state, "module.")  # what fastreid's loader does first
+            _migrate_legacy_heads(model, state)
+            _size_variable_buffers(model, state)
         return load_model(self, checkpoint)
 
     wrapped._feature_cloud = True  # type: ignore[attr-defined]
@@ -468,7 +478,7 @@ class LEAPHead(nn.Module):
     or to a checkpoint; a training step before either raises. With ``num_classes=0`` (the shipped
     YAMLs: fastreid's trainer fills ``NUM_CLASSES`` from the training set) the head has no
     classifier and serves inference only. Under an initialised process group the class
-    statistics are synchronised across ranks (:func:`feature_cloud.distributed.synchronize`).
+    statistics are synchronised across ranks (the head's ``sync="auto"``).
     """
 
     @configurable
@@ -536,12 +546,12 @@ class LEAPHead(nn.Module):
                     memory_per_sample=memory_per_sample, warmup_steps=warmup_steps,
                     class_counts=counts, seed=seed, validate=validate,
                     count_steps=count_steps if self.class_counts_source == "online" else None,
+                    # statistics identical on every rank under a process group (sync="auto", the
+                    # head's default); the per-rank batch size spares a host sync per step
+                    pad_to=batch_size_per_rank,
                 )
             except (TypeError, ValueError) as error:
                 raise _yaml_error(error) from error
-            if cloud is not None:
-                # identical statistics on every rank under a process group (a no-op without one)
-                synchronize(self.margin_head, pad_to=batch_size_per_rank)
         self.register_load_state_dict_post_hook(_counts_loaded)
         #: fastreid's ``CE.EPSILON`` when :class:`LEAPBaseline` runs the cross-entropy inside the
         #: head (fused kernels); ``None``: return margin logits for fastreid's own loss

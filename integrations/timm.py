@@ -33,7 +33,6 @@ from timm.utils.model import unwrap_model
 from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 
-from feature_cloud.distributed import SyncedClassStatistics, synchronize
 from feature_cloud.ftl import AlternatingScheduler, ConvDecoder, FTLModel, make_filter
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.regularizers import MetricL2
@@ -72,14 +71,6 @@ def _has_task_state(state: Optional[Dict[str, Any]], strict: bool, what: str) ->
     if strict:
         raise RuntimeError(f"the checkpoint has no {what} task state ('task_state')")
     return False
-
-def _sync_by_default(head: LEAPMarginHead) -> None:
-    """Synchronised class statistics whenever a process group is initialised (looked up at every
-    step, so the task may be built before ``init_process_group``); a head the user synchronised
-    already (e.g. with ``pad_to``) is left as it is."""
-    if head.cloud is not None and not isinstance(head.statistics, SyncedClassStatistics):
-        synchronize(head)
-
 
 class ModelEmaV3Following(ModelEmaV3):
     """timm's ``ModelEmaV3`` for models with data-sized buffers.
@@ -167,7 +158,6 @@ class LEAPTask(TrainingTask):
                 f"the backbone outputs num_features={features} but the head expects "
                 f"embedding_size={head.embedding_size}"
             )
-        _sync_by_default(head)
         self.trainable_module = LEAPTrainableModule(model, head).to(device=self.device)
         self.metric_l2 = MetricL2(float(metric_l2)) if metric_l2 is not None else None
 
@@ -214,11 +204,10 @@ class LEAPTask(TrainingTask):
 
     # ------------------------------------------------------------------ timm task hooks
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs: Any) -> LEAPTask:
-        """DDP over backbone + head. The class statistics are synchronised across the ranks
-        already (the task did it when built): identical on every rank, no extra call."""
+        """DDP over backbone + head. The class statistics are synchronised across the ranks by
+        the head itself (``sync="auto"``, its default): identical on every rank, no extra call."""
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        _sync_by_default(self.head)
         self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
 

@@ -121,6 +121,7 @@ def main(mode, out_json, config, opts):
         summary["loaded"] = head_summary(trainer.model)
         if mode == "resume":
             torch.save(probe(trainer.model, trainer.cfg), base + ".probe.pt")
+        if mode != "train":
             torch.save(dict(unwrap(trainer.model).state_dict()), base + ".loaded.pt")
         results = trainer.train()
         summary["results"] = {k: float(v) for k, v in results.items() if k != "dataset"}

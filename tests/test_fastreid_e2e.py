@@ -26,19 +26,7 @@ fr = pytest.importorskip("feature_cloud.integrations.fastreid")
 
 from _fastreid_data import EXAMPLE, HEAD_IDS, HEAD_IMAGES, NUM_IDS, ROOT, TAIL_IMAGES  # noqa: E402
 
-
-def _head_state_loads_in_fastreid() -> bool:
-    """fastreid's Checkpointer takes tensors only; until the head's state is tensors only
-    (issue 13, deliverable 1) no checkpoint holding a LEAP head loads there."""
-    from feature_cloud import LEAPMarginHead
-
-    return all(isinstance(v, torch.Tensor) for v in LEAPMarginHead(4, 3, cloud=None).state_dict().values())
-
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not _head_state_loads_in_fastreid(), reason="LEAPMarginHead state is not tensors-only yet"),
-]
+pytestmark = pytest.mark.slow
 
 DRIVER = os.path.join(ROOT, "tests", "_fastreid_driver.py")
 EXAMPLE_SCRIPT = os.path.join(ROOT, "examples", "fastreid_train.py")
@@ -201,6 +189,18 @@ def test_ftl_baseline_train_resume_eval_infer(data_root, tmp_path):
     a = torch.load(base + ".probe.pt", weights_only=False)
     b = torch.load(rbase + ".probe.pt", weights_only=False)
     assert torch.equal(a["loss"], b["loss"])
+    # fine-tuning from MODEL.WEIGHTS: every tensor of the model (the FTL statistics C, Q, h with
+    # their data-sized shapes included) comes from the weights; the schedule starts afresh
+    final = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)["model"]
+    ft_dir = str(tmp_path / "ftl_ft")
+    finetuned, fbase, _ = _drive("finetune", ft_dir, data_root, "Market1501/ftl_R50.yml", *FTL_OPTS, "SOLVER.MAX_EPOCH", "1",
+                                 "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "OUTPUT_DIR", ft_dir,
+                                 label="ftl finetune")
+    loaded = torch.load(fbase + ".loaded.pt", weights_only=False)
+    assert final["ftl.feature_transfer.basis"].numel() > 0
+    for key, value in final.items():
+        assert torch.equal(torch.as_tensor(value), loaded[key]), key
+    assert finetuned["start_epoch"] == 0
     # --eval-only on the shipped YAML (NUM_CLASSES 0) through the example script
     proc = _run([EXAMPLE_SCRIPT, "--eval-only", "--config-file", "Market1501/ftl_R50.yml", *FTL_OPTS,
                  "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"), "OUTPUT_DIR", os.path.join(out, "eval")],

@@ -393,3 +393,28 @@ def test_leap_baseline_runs_the_fused_loss_and_equals_baseline(eps, cloud):
         out = ours.heads(feats, labels)
         assert set(out) == {"cls_losses", "top1", "features"} and out["cls_losses"].shape == (8,)
         assert ours.heads.margin_head.backend == "fused"
+
+
+# ---------------------------------------------------------------- 0.1.0 checkpoints
+def test_checkpointer_loads_a_0_1_0_head(tmp_path):
+    """A fastreid checkpoint written by feature-cloud 0.1.0 (dict ``_extra_state``, which
+    fastreid's loader rejects) loads through fastreid's Checkpointer, statistics included."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "v0_1_0_checkpoints.pt")
+    old = torch.load(fixture, weights_only=False)
+    dense = old["dense"]
+    c, d = dense["weight"].shape
+    model = torch.nn.Module()
+    model.heads = fr.LEAPHead(feat_dim=d, embedding_dim=0, num_classes=c, neck_feat="before",
+                              pool_type="GlobalAvgPool", margin_type="cosface", scale=24.0, margin=0.2,
+                              with_bnneck=False, norm_type="BN", class_counts="dataset")
+    assert model.heads.class_counts_pending
+    path = str(tmp_path / "model_old.pth")
+    torch.save({"model": {"module.heads.margin_head." + k: v for k, v in dense.items()}}, path)
+    Checkpointer(model).load(path)
+    head = model.heads.margin_head
+    assert head.step == int(dense["_extra_state"]["step"]) and head.seed == int(dense["_extra_state"]["seed"])
+    for key in ("centers", "class_counts", "memory", "memory_fill"):
+        assert torch.equal(getattr(head.statistics, key), dense["statistics." + key]), key
+    assert torch.equal(head.weight, dense["weight"]) and not model.heads.class_counts_pending

@@ -17,20 +17,11 @@ pytest.importorskip("timm.task")
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint  # noqa: E402
 from timm.utils import CheckpointSaver  # noqa: E402
 
-from feature_cloud import LEAPMarginHead  # noqa: E402
 from feature_cloud.integrations.timm import FTLTask, LEAPTask, ModelEmaV3Following  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C = 6
 COUNTS = [24, 24, 6, 6, 6, 6]
-
-
-def _tensors_only_state() -> bool:
-    return all(isinstance(v, torch.Tensor) for v in LEAPMarginHead(4, 3, cloud=None).state_dict().values())
-
-
-needs_tensor_state = pytest.mark.skipif(
-    not _tensors_only_state(), reason="LEAPMarginHead state is not tensors-only yet (issue 13, deliverable 1)")
 
 
 def _images(n_per_class, seed):
@@ -60,7 +51,6 @@ def _steps(task, opt, x, y, n, ema=None):
 
 
 # ---------------------------------------------------------------- EMA
-@needs_tensor_state
 def test_leap_task_ema_follows_the_model():
     task = _leap_task()
     ema = task.setup_ema(decay=0.5)
@@ -79,7 +69,6 @@ def test_leap_task_ema_follows_the_model():
     assert ema_backbone is not task.backbone and ema_backbone(x[:2]).shape == (2, task.head.embedding_size)
 
 
-@needs_tensor_state
 def test_ema_follows_online_counting_memory():
     """The angle memory is laid out when the online-count warm-up ends: the EMA copy follows."""
     task = _leap_task(class_counts=None, warmup_steps=2, count_steps=2)
@@ -128,7 +117,6 @@ def test_ftl_task_ema_through_update_stats():
 
 
 # ---------------------------------------------------------------- CheckpointSaver
-@needs_tensor_state
 def test_checkpoint_saver_resume_is_bit_identical(tmp_path):
     task = _leap_task(seed=1)
     ema = task.setup_ema(decay=0.9)
@@ -188,7 +176,6 @@ def test_eval_models_export_with_jit_trace_and_onnx(tmp_path):
     _export_and_compare(ftl.get_eval_model(), x[:4], tmp_path, "ftl_embedding")  # f = R(Enc(x))
 
 
-@needs_tensor_state
 def test_model_holding_the_head_exports(tmp_path):
     """The trainable module (backbone + LEAP head: closed-set s cos logits) with its state."""
     pytest.importorskip("onnxruntime")

@@ -71,6 +71,8 @@ class EvalConfig:
             raise ValueError("batch_size must be >= 2 (BatchNorm)")
         if not 0.0 <= self.warmup_fraction <= 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+        if self.ftl_stage0_fraction is not None and not 0.0 <= float(self.ftl_stage0_fraction) < 1.0:
+            raise ValueError(f"ftl_stage0_fraction must be in [0, 1) or None, got {self.ftl_stage0_fraction}")
 
 
 def setting_name(cfg: EvalConfig) -> str:
