@@ -127,7 +127,7 @@ def suite_tables(run: Dict) -> List[str]:
     for n, per in res.items():
         for st, per_kind in per.items():
             for kind, rows in per_kind.items():
-                def g(k: str, key: str = "x_gemm3") -> str:
+                def g(k: str, key: str = "x_gemm3", rows: Dict = rows) -> str:
                     return f"{rows[k][key]:.2f}" if k in rows and key in rows[k] else "-"
                 lines.append(
                     f"| {n} | {name(st, kind)} | {rows['gemm3']['median_ms']:.0f} | {g('floor')} | "

@@ -23,7 +23,7 @@ from . import functional as FC
 from . import noise as N
 from ._validation import as_float, as_int, check_batch, check_class_counts
 from .statistics import ClassStatistics
-from .sync import BATCH_MODES, SyncedClassStatistics, is_distributed
+from .sync import BATCH_MODES, SyncedClassStatistics
 
 __all__ = ["FeatureCloud", "WithFeatureCloud", "SYNC_MODES", "migrate_state_dict"]
 
@@ -185,7 +185,7 @@ class FeatureCloud(nn.Module):
         """Training steps taken: the ``step`` buffer (one host read)."""
         return int(self.step)
 
-    def train(self, mode: bool = True) -> "FeatureCloud":
+    def train(self, mode: bool = True) -> FeatureCloud:
         """Also re-reads the host copy of ``step`` that the training step branches on (the
         buffer may have been written from outside, e.g. an EMA copy or ``copy_``)."""
         self._count = int(self.step)

@@ -43,10 +43,17 @@ from . import fused
 from . import noise as N
 from ._validation import as_float, as_int, check_batch, check_embeddings
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
-from .heads import LEAPMarginHead, cloud_margin_logits, make_cloud, resolve_margin
+from .heads import cloud_margin_logits, make_cloud, resolve_margin
 from .sync import (  # noqa: F401  (re-exported: the process-group API lives here)
-    BATCH_MODES, ProcessGroup, SyncedClassStatistics, _pml_to_rank_order, _rank_world,
-    _ReplicatedSum, agree_on_batch, gather_batch, is_distributed,
+    BATCH_MODES,
+    ProcessGroup,
+    SyncedClassStatistics,
+    _pml_to_rank_order,
+    _rank_world,
+    _ReplicatedSum,
+    agree_on_batch,
+    gather_batch,
+    is_distributed,
 )
 
 __all__ = [
@@ -310,7 +317,7 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
         key: Optional[Tensor], columns: Optional[Tensor],
     ) -> Tensor:
         """This shard's margin logits; the cloud of the kept global classes (dense head's draw)."""
-        if columns is None or std is None:
+        if columns is None or std is None or key is None:
             return cloud_margin_logits(
                 self.feature_cloud, emb, weight, local, (std, key), margin_type=self.margin_rule,
                 scale=self.scale, margin=self.margin, class_start=self.shard_start)
@@ -383,7 +390,7 @@ def _broadcast_seed(process_group: ProcessGroup) -> int:
     return int(s.item())
 
 
-def _all_reducer(group: ProcessGroup) -> "fused.Reducer":
+def _all_reducer(group: ProcessGroup) -> fused.Reducer:
     """``fused.margin_loss``'s shard reducer: an all-reduce (max or sum) over ``group``."""
 
     def reduce(t: Tensor, op: str) -> Tensor:

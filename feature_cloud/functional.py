@@ -17,7 +17,7 @@ Shapes: ``B`` batch, ``C`` classes, ``D`` embedding size. Class weights are stor
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +152,7 @@ def margin_logits(
     cos: Tensor,
     labels: Tensor,
     *,
-    margin_type: str = "cosface",
+    margin_type: Union[str, _margins.Margin] = "cosface",
     scale: float = 24.0,
     margin: float = 0.2,
     alpha: Optional[Tensor] = None,

@@ -54,7 +54,7 @@ noise from the key alone. Chunk sizes are rounded up to a multiple of :data:`NOI
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -398,8 +398,10 @@ def _chunk_backward(
     gx = torch.mm(Gg.t(), Wg).to(plan.compute)
     gx_corr = corr.unsqueeze(1) * Wc.index_select(0, local).to(plan.compute)
     xsg = xs.to(plan.gemm) if plan.gemm != xs.dtype else xs
-    if post is None and gWc.dtype == plan.gemm:
+    if post is None and gWc.dtype == plan.gemm and gWc.is_contiguous():
         torch.mm(Gg, xsg, out=gWc)
+    elif post is None and gWc.dtype == plan.gemm and gWc.t().is_contiguous():
+        torch.mm(xsg.t(), Gg.t(), out=gWc.t())  # the (D, C) layout of a transposed weight
     else:
         gWc.copy_(torch.mm(Gg, xsg))
         if post is not None:
@@ -411,7 +413,17 @@ def _chunk_backward(
 
 def _normalize_backward_(gW: Tensor, W: Tensor, rw2: Tensor, rows: int = 256) -> None:
     """``gW_j -= rw_j^2 (W_j . gW_j) W_j`` in place, in row blocks that stay in cache (one pass
-    over ``C x D`` instead of a row-dot pass and an update pass, no ``C x D`` temporary)."""
+    over ``C x D`` instead of a row-dot pass and an update pass, no ``C x D`` temporary).
+    Weights stored ``(D, C)`` (PML's ``W``, passed as ``W.t()``) are walked in their own layout."""
+    if gW.t().is_contiguous() and W.t().is_contiguous() and not gW.is_contiguous():
+        gt, wt = gW.t(), W.t().to(gW.dtype)  # (D, C): blocks of D rows, all classes
+        dot = torch.zeros(gW.shape[0], dtype=gW.dtype, device=gW.device)
+        for r0 in range(0, gt.shape[0], 64):
+            dot.add_((gt[r0:r0 + 64] * wt[r0:r0 + 64]).sum(0))
+        coef = (dot * rw2.to(gW.dtype)).unsqueeze(0)
+        for r0 in range(0, gt.shape[0], 64):
+            gt[r0:r0 + 64].addcmul_(wt[r0:r0 + 64], coef, value=-1)
+        return
     tmp = torch.empty(min(rows, gW.shape[0]), gW.shape[1], dtype=gW.dtype, device=gW.device)
     for r0 in range(0, gW.shape[0], rows):
         g, w = gW[r0:r0 + rows], W[r0:r0 + rows].to(gW.dtype)
@@ -435,6 +447,12 @@ def _chunk_noise(
 Reducer = Callable[[Tensor, str], Tensor]
 
 
+def _transposed(W: Tensor) -> bool:
+    """Whether ``W`` ``(C, D)`` is the transpose of a contiguous ``(D, C)`` tensor (PML's ``W``):
+    its norms and its gradient are then computed in that layout (no transposing copy)."""
+    return W.dim() == 2 and W.shape[0] > 1 and W.stride() == (1, W.shape[0])
+
+
 class _FusedMarginCE(torch.autograd.Function):
     """Margin softmax cross-entropy over ``(xn, W)``; see the module docstring.
 
@@ -451,7 +469,8 @@ class _FusedMarginCE(torch.autograd.Function):
         compute, device = plan.compute, xn.device
         xg = xn.to(plan.gemm)
         has_target = labels >= 0
-        norms = torch.linalg.vector_norm(W, dim=1, dtype=compute)
+        norms = (torch.linalg.vector_norm(W.t(), dim=0, dtype=compute) if _transposed(W)
+                 else torch.linalg.vector_norm(W, dim=1, dtype=compute))
         rw = 1.0 / norms.clamp_min(1e-12)
         total = torch.zeros(B, dtype=compute, device=device)
         run_max = torch.full((B,), -math.inf, dtype=compute, device=device)
@@ -539,7 +558,8 @@ class _FusedMarginCE(torch.autograd.Function):
             xs = xs / post
         xn_c = xn.to(compute)
         rw2 = torch.where(norms > 1e-12, rw * rw, torch.zeros_like(rw))
-        grad_W = torch.empty(C, W.shape[1], dtype=W.dtype, device=device)
+        grad_W = (torch.empty(W.shape[1], C, dtype=W.dtype, device=device).t() if _transposed(W)
+                  else torch.empty(C, W.shape[1], dtype=W.dtype, device=device))
         grad_x = torch.zeros(B, xn.shape[1], dtype=compute, device=device)
         grad_corr = torch.zeros(B, xn.shape[1], dtype=compute, device=device)
         if ctx.dense:
@@ -572,7 +592,7 @@ def margin_loss(
     weight: Tensor,
     labels: Tensor,
     *,
-    margin_type: Union[str, "_margins.Margin"] = "cosface",
+    margin_type: Union[str, _margins.Margin] = "cosface",
     scale: float = 24.0,
     margin: float = 0.2,
     noise_std: Optional[Tensor] = None,

@@ -7,11 +7,10 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as FC
-from . import fused
-from . import margins
+from . import fused, margins
 from ._validation import as_float, as_int, check_embeddings
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
-from .statistics import ClassStatistics
+from .noise import capturing
 
 __all__ = ["LEAPMarginHead", "DEFAULT_SCALE", "DEFAULT_MARGIN", "IMPLS", "resolve_margin",
            "make_cloud", "cloud_margin_logits"]
@@ -32,12 +31,6 @@ _BACKENDS = {
 #: ArcFace s=16, m=0.2 rad). The registry (:mod:`feature_cloud.margins`) is authoritative.
 DEFAULT_SCALE = {n: margins.get(n).default_scale for n in margins.names()}
 DEFAULT_MARGIN = {n: margins.get(n).default_margin for n in margins.names()}
-
-
-def _tracing() -> bool:
-    """Whether a graph is being captured (compile, export or TorchScript tracing)."""
-    compiler = torch.compiler
-    return compiler.is_compiling() or compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def resolve_margin(
@@ -93,7 +86,7 @@ def cloud_margin_logits(
     if std is not None and cloud.mode == "paper":
         alpha = fused.cloud_angles(std, columns, key, class_start=class_start,
                                    total_classes=cloud.num_classes)
-    elif std is not None:
+    elif std is not None and key is not None:
         target_alpha = FC.target_cloud_angles(std, cloud.mode, noise=cloud.row_noise(key, std))
     cos = FC.cosine_logits(*FC.common_float(embeddings, weight), sub_centers)
     return FC.margin_logits(cos, labels, margin_type=margin_type, scale=scale, margin=margin,
@@ -119,7 +112,7 @@ def cloud_margin_loss(
     reference pipeline. For adapters that hold their own weight (PML's ``W``)."""
     rule = margins.get(margin_type)
     std, key = draw
-    if (rule.has_fused and sub_centers == 1 and not _tracing()
+    if (rule.has_fused and sub_centers == 1 and not capturing()
             and (std is None or cloud.mode == "paper")):
         x, w = FC.common_float(embeddings, weight)
         return fused.margin_loss(x, w, labels, margin_type=rule, scale=scale, margin=margin,
@@ -296,7 +289,7 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
     def backend(self) -> str:
         """The implementation :meth:`forward` runs: ``impl`` resolved against the margin and
         the cloud mode (and ``"reference"`` while a graph is captured)."""
-        fusable = (self.margin_rule.has_fused and self.sub_centers == 1 and not _tracing()
+        fusable = (self.margin_rule.has_fused and self.sub_centers == 1 and not capturing()
                    and (self.cloud is None or self.feature_cloud.mode == "paper"))
         return _BACKENDS[(self.impl, fusable, self.chunk_size is not None)]
 

@@ -20,6 +20,7 @@ heads and the adapters look it up by name (:func:`get`).
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from typing import Dict, Optional, Tuple, Union
 
@@ -54,11 +55,11 @@ class Margin:
 
     def fused_target(
         self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float
-    ) -> Union[Tuple[Tensor, Tensor], "NotImplementedType"]:  # noqa: F821
+    ) -> Union[Tuple[Tensor, Tensor], types.NotImplementedType]:
         """``(value, d value / d c_y)`` for the fused paths (plain tensors, no autograd), or
         ``NotImplemented`` when only :meth:`target` exists (the heads then use the reference
         path). ``c_y`` is clamped to ``[-1, 1]``."""
-        return NotImplemented
+        return NotImplemented  # type: ignore[no-any-return]
 
     @property
     def has_fused(self) -> bool:
@@ -84,7 +85,9 @@ class CosFace(Margin):
         base = cos_y if alpha_y is None else FC.shifted_cosine(cos_y, alpha_y)
         return base - margin
 
-    def fused_target(self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float):
+    def fused_target(
+        self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float
+    ) -> Tuple[Tensor, Tensor]:
         from .fused import cloud_cosine
 
         if alpha_y is None:
@@ -104,7 +107,9 @@ class ArcFace(Margin):
     def target(self, cos_y: Tensor, alpha_y: Optional[Tensor], margin: float) -> Tensor:
         return FC.shifted_cosine(cos_y, margin if alpha_y is None else alpha_y + margin)
 
-    def fused_target(self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float):
+    def fused_target(
+        self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float
+    ) -> Tuple[Tensor, Tensor]:
         from .fused import cloud_cosine
 
         shift = torch.full_like(c_y, margin) if alpha_y is None else alpha_y + margin

@@ -82,14 +82,14 @@ def noise_key(seed: Tensor, step: Tensor, stream: int = 0, purpose: int = PURPOS
     return torch.stack([h, _hash64(h ^ 0x5BD1E995)])
 
 
-def random_key(device: torch.device, generator: "torch.Generator | None" = None) -> Tensor:
+def random_key(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     """A key drawn from a ``torch.Generator`` (the global RNG when ``None``), for one-off draws."""
     words = torch.randint(0, 2**32, (2,), dtype=torch.int64, generator=generator,
                           device=generator.device if generator is not None else "cpu")
     return words.to(device)
 
 
-def _box_muller(pair: Tensor, key: Tensor, odd: "Tensor | None" = None) -> Tensor:
+def _box_muller(pair: Tensor, key: Tensor, odd: Tensor | None = None) -> Tensor:
     """Normals of the int32 pair counters ``pair`` ``(P, B)`` (overwritten): ``(P, 2, B)`` (cosine
     and sine normal of each pair) or, with ``odd`` given, ``(P, B)`` (the sine where ``odd``)."""
     h1 = _hash32_(pair)
@@ -107,8 +107,11 @@ def _box_muller(pair: Tensor, key: Tensor, odd: "Tensor | None" = None) -> Tenso
     return out
 
 
-def _capturing() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+def capturing() -> bool:
+    """Whether a graph is being captured (``torch.compile``, ``torch.export``, ``jit.trace``)."""
+    compiler = torch.compiler
+    tracing = bool(torch._C._get_tracing_state())  # torch.jit.is_tracing(), typed
+    return compiler.is_compiling() or compiler.is_exporting() or tracing
 
 
 def _hash32_buf_(x: Tensor, t: Tensor) -> Tensor:
@@ -170,7 +173,7 @@ def counter_normal(
         raise ValueError(f"class range [{class_start}, {class_end}) outside [0, {num_classes}]")
     p0, p1 = class_start // 2, (class_end + 1) // 2
     pairs = torch.arange(p0, p1, dtype=torch.int32, device=key.device)
-    if key.device.type == "cpu" and not _capturing():
+    if key.device.type == "cpu" and not capturing():
         z = _blocked_box_muller(key, pairs, num_rows, num_classes)
     else:
         z = _box_muller(_pair_counters(key, pairs, num_rows, num_classes), key)

@@ -266,7 +266,7 @@ class SyncedClassStatistics(ClassStatistics):
         self._agreed: Optional[Tuple[Tensor, Tensor, int]] = None
 
     @classmethod
-    def from_statistics(cls, stats: ClassStatistics, **kwargs: Any) -> "SyncedClassStatistics":
+    def from_statistics(cls, stats: ClassStatistics, **kwargs: Any) -> SyncedClassStatistics:
         """A synchronised copy of ``stats`` (same configuration, buffers and device)."""
         new = cls(
             stats.num_classes,

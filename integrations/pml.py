@@ -27,6 +27,7 @@ rank holds the same statistics, with no extra call.
 from __future__ import annotations
 
 import sys
+from types import FrameType
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -43,7 +44,7 @@ from feature_cloud._validation import as_int, check_embeddings
 from feature_cloud.cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from feature_cloud.heads import cloud_margin_loss, make_cloud
 from feature_cloud.regularizers import MetricL2
-from feature_cloud.sync import is_distributed
+from feature_cloud.sync import SyncedClassStatistics, is_distributed
 
 __all__ = ["LEAPLoss", "PML_DEFAULT_MARGIN", "PML_DEFAULT_SCALE"]
 
@@ -163,9 +164,9 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         batch is then the gathered global batch, own rank first)."""
         from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
-        frame = sys._getframe(1)
+        frame: Optional[FrameType] = sys._getframe(1)
         for _ in range(12):
-            frame = frame.f_back
+            frame = frame.f_back if frame is not None else None
             if frame is None:
                 return False
             owner = frame.f_locals.get("self")
@@ -176,7 +177,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
     def _sync_mode(self) -> None:
         """Under ``sync="auto"`` tell the statistics whether the batch is PML-gathered."""
         stats = self.feature_cloud.statistics
-        if self.feature_cloud.sync == "auto" and hasattr(stats, "batch") and is_distributed():
+        if self.feature_cloud.sync == "auto" and isinstance(stats, SyncedClassStatistics) \
+                and is_distributed():
             stats.batch = "pml_gathered" if self._wrapped_by_pml() else "local"
 
     def compute_loss(

@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -34,8 +33,8 @@ from feature_cloud.distributed import (
     split_state_dict,
     synchronize,
 )
-from feature_cloud.noise import noise_key
 from feature_cloud.fused import cloud_angles
+from feature_cloud.noise import noise_key
 
 C, D, IN = 7, 5, 6
 COUNTS = [2, 1, 3, 1, 2, 1, 4]  # small ring capacities: the memory wraps within a few steps
@@ -251,7 +250,6 @@ def check_sharded_cloud_and_checkpoints(rank: int, world: int) -> None:
     sharded = ShardedLEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=8,
                                     ddp_backbone=False)
     sharded.load_state_dict(split_state_dict(dense.state_dict(), world)[rank])
-    sizes_cls = even_shard_sizes(C, world)
     lo, hi = sharded.shard_start, sharded.shard_end
     ref = ClassStatistics(C, D, class_counts=COUNTS)
     for step, sizes in enumerate(SCHEDULE):

@@ -469,3 +469,20 @@ def test_top1_is_the_plain_cosine_argmax_hitting_the_label(chunk_size):
                                        return_top1=True,
                                        generator=torch.Generator().manual_seed(0))
         assert torch.equal(top1, want) and loss.dim() == 0
+
+
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_transposed_weight_layout_gives_the_same_gradient_without_a_copy(chunk_size):
+    """PML stores W as (D, C) and passes W.t(): norms, gradient and the normalisation backward
+    run in that layout and the (D, C) parameter gets a contiguous gradient of equal value."""
+    x, W, y = _data(c=29)
+    std = torch.full((B,), 0.3)
+    noise = torch.randn(29, B, generator=torch.Generator().manual_seed(2))
+    W_dc = W.t().contiguous().requires_grad_(True)
+    W_cd = W.clone().requires_grad_(True)
+    for w in (W_dc.t(), W_cd):
+        fused.margin_loss(x, w, y, noise_std=std, noise=noise, chunk_size=chunk_size,
+                          block=4).backward()
+    torch.testing.assert_close(W_dc.grad.t(), W_cd.grad, atol=1e-6, rtol=1e-5)
+    if chunk_size is None:
+        assert W_dc.grad.is_contiguous()

@@ -128,7 +128,7 @@ def test_subcenter_arcface_equals_pml(seed=0):
     assert head.weight.shape == (k * c, d) and head.backend == "reference"
     head.weight.data.copy_(pml.W.data.t())
     g = torch.Generator().manual_seed(seed + 1)
-    for step in range(3):
+    for _ in range(3):
         x = torch.randn(b, d, generator=g)
         y = torch.randint(0, c, (b,), generator=g)
         x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -151,19 +151,18 @@ def test_subcenter_layout_with_the_cloud_trains():
     torch.manual_seed(0)
     head = LEAPMarginHead(D, C, "subcenter_arcface", cloud="full", class_counts=[4] * C, seed=0)
     x, y = _batch(2)
-    for step in range(3):
-        loss = head(x + 0.1 * step, y)
+    for shift in (0.0, 0.1, 0.2):
+        loss = head(x + shift, y)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(head.weight.grad).all()
     assert head.cloud_active and head.statistics.centers.shape == (C, D)
 
 
 def test_sharded_head_runs_fused_and_falls_back_like_the_dense_head(registered):
-    from feature_cloud.distributed import ShardedLEAPMarginHead
-
     from unittest import mock
 
     from feature_cloud import distributed
+    from feature_cloud.distributed import ShardedLEAPMarginHead
 
     x, y = _batch(3)
     for name in ("test_combined", "test_combined_nofused"):
