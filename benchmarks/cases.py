@@ -9,14 +9,26 @@ Every case returns a zero-argument callable that runs one step and returns the l
 * ``pml``: pytorch-metric-learning ``CosFaceLoss`` / ``ArcFaceLoss``.
 * ``fastreid``: fastreid's ``CosSoftmax`` / ``ArcSoftmax`` layer on normalised-linear logits (as
   its ``EmbeddingHead`` does, ``logits.clone()`` included) followed by ``F.cross_entropy``.
-* ``leap_cloud_nostats``: the fused cloud loss alone with a fixed per-sample std (the
-  statistics update and variance read-out removed) to price the statistics.
+* ``leap_cloud_nostats``: the fused cloud loss alone with a fixed per-sample std
+  (``cloud_std``, default 0.28 rad; the statistics update and variance read-out removed).
+* ``gemm3``: the three GEMMs of any such step alone (``x W^T``, ``g W``, ``g^T x``), the limit.
+* ``pml_leap`` / ``pml_leap_cloud``: the PML adapter ``LEAPLoss`` (cloud off / on), called as
+  PML calls a loss.
+* ``fastreid_leap`` / ``fastreid_leap_cloud``: the fastreid ``LEAPHead`` (BN neck on ``(B, D,
+  1, 1)`` features) and the loss of the meta-architecture the adapter pairs it with
+  (``CE.EPSILON`` 0.1 label smoothing), as ``forward`` of the meta-architecture runs them
+  after the backbone.
+
+Data (``data=``): ``"random"`` (Gaussian features, Xavier weights: cosines near 0) or
+``"trained"`` (each feature is its class weight's direction at cosine ``0.66`` plus orthogonal
+noise, as after training; the negatives stay near 0). ``scale`` / ``margin`` default to the
+re-ID setting (CosFace s=24, ArcFace s=16, m=0.2); the face setting is s=64, m=0.35.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +36,14 @@ import torch.nn.functional as F
 from feature_cloud import LEAPMarginHead, fused
 
 SCALE = {"cosface": 24.0, "arcface": 16.0}
-MARGIN = 0.2
+_MARGIN = 0.2
 METHODS = (
     "floor", "leap", "leap_cloud", "leap_reference", "leap_cloud_reference", "leap_chunked",
-    "leap_cloud_chunked", "leap_cloud_nostats", "pml", "fastreid",
+    "leap_cloud_chunked", "leap_cloud_nostats", "pml", "fastreid", "gemm3", "pml_leap",
+    "pml_leap_cloud", "fastreid_leap", "fastreid_leap_cloud",
 )
+DATA = ("random", "trained")
+TARGET_COS = 0.66
 
 
 def set_threads() -> int:
@@ -39,13 +54,19 @@ def set_threads() -> int:
     return torch.get_num_threads()
 
 
-def _data(batch: int, classes: int, dim: int, seed: int):
+def _data(batch: int, classes: int, dim: int, seed: int, data: str = "random"):
+    if data not in DATA:
+        raise ValueError(f"data must be one of {DATA}, got {data!r}")
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, dim, generator=g).requires_grad_(True)
+    x = torch.randn(batch, dim, generator=g)
     y = torch.randint(0, classes, (batch,), generator=g)
     W = torch.empty(classes, dim)
     torch.nn.init.xavier_normal_(W, generator=g)
-    return x, y, W
+    if data == "trained":  # feature = class direction (cos 0.66) + orthogonal noise
+        wd = F.normalize(W, dim=1)[y]
+        n = F.normalize(x - (x * wd).sum(1, keepdim=True) * wd, dim=1)
+        x = (TARGET_COS * wd + math.sqrt(1 - TARGET_COS ** 2) * n) * math.sqrt(dim)
+    return x.requires_grad_(True), y, W
 
 
 def _long_tail_counts(classes: int) -> torch.Tensor:
@@ -65,14 +86,52 @@ def _primed_head(classes: int, dim: int, margin_type: str, x, y, W, **kw) -> LEA
     return head
 
 
+def _fastreid_leap_case(cloud: bool, classes: int, dim: int, margin_type: str, s: float,
+                        m: float, x, y, W0):
+    from fastreid.modeling.meta_arch import Baseline
+    from fastreid.utils.events import EventStorage
+
+    from feature_cloud.integrations import fastreid as fr
+
+    head = fr.LEAPHead(
+        feat_dim=dim, embedding_dim=0, num_classes=classes, neck_feat="before",
+        pool_type="Identity", margin_type=margin_type, scale=s, margin=m, with_bnneck=True,
+        norm_type="BN", cloud="full" if cloud else None, seed=0, validate=False,
+        class_counts=_long_tail_counts(classes) if cloud else None)
+    head.margin_head.weight.data.copy_(W0)
+    arch = getattr(fr, "LEAPBaseline", Baseline)  # the meta-architecture the adapter provides
+    model = arch(backbone=torch.nn.Identity(), heads=head, pixel_mean=[0.0] * 3,
+                 pixel_std=[1.0] * 3, loss_kwargs={
+                     "loss_names": ("CrossEntropyLoss",),
+                     "ce": {"eps": 0.1, "alpha": 0.2, "scale": 1.0}})
+    storage = EventStorage(0)
+    feats = x[:, :, None, None]
+    if cloud:
+        g = torch.Generator().manual_seed(1)
+        with storage:
+            for _ in range(2):
+                model.losses(model.heads(feats.detach() + torch.randn(feats.shape, generator=g), y), y)
+    model.zero_grad()
+
+    def loss():
+        with storage:
+            out = model.losses(model.heads(feats, y), y)
+        return sum(out.values())
+
+    return loss, list(model.parameters())
+
+
 def make_case(method: str, batch: int, classes: int, dim: int = 512,
               margin_type: str = "cosface", seed: int = 0,
-              chunk_size: int = 8192) -> Callable[[], torch.Tensor]:
-    """A callable running one fwd+bwd step of ``method`` on fixed random data."""
+              chunk_size: int = 8192, *, scale: Optional[float] = None,
+              margin: Optional[float] = None, data: str = "random",
+              cloud_std: float = 0.28) -> Callable[[], torch.Tensor]:
+    """A callable running one fwd+bwd step of ``method`` on fixed data (see the module doc)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    x, y, W0 = _data(batch, classes, dim, seed)
-    s = SCALE[margin_type]
+    x, y, W0 = _data(batch, classes, dim, seed, data)
+    s = SCALE[margin_type] if scale is None else float(scale)
+    m = _MARGIN if margin is None else float(margin)
     params = []
 
     if method == "floor":
@@ -82,6 +141,41 @@ def make_case(method: str, batch: int, classes: int, dim: int = 512,
         def loss():
             return F.cross_entropy(F.linear(F.normalize(x), F.normalize(W)) * s, y)
 
+    elif method == "gemm3":
+        W = W0.clone().requires_grad_(True)
+        params = [W]
+        gz = torch.randn(batch, classes, generator=torch.Generator().manual_seed(seed + 7))
+        xd = x.detach()
+
+        def loss():
+            z = xd @ W.detach().t()
+            gx = gz @ W.detach()
+            gw = gz.t() @ xd
+            return z[0, 0] + gx[0, 0] + gw[0, 0]
+
+    elif method.startswith("pml_leap"):
+        from feature_cloud.integrations.pml import LEAPLoss
+
+        cloud = method.endswith("_cloud")
+        pml_margin = math.degrees(m) if margin_type == "arcface" else m
+        mod = LEAPLoss(classes, dim, margin=pml_margin, scale=s, margin_type=margin_type,
+                       cloud="full" if cloud else None, seed=0, validate=False,
+                       class_counts=_long_tail_counts(classes) if cloud else None)
+        mod.W.data.copy_(W0.t())
+        if cloud:
+            g = torch.Generator().manual_seed(1)
+            for _ in range(2):
+                mod(x.detach() + torch.randn(x.shape, generator=g), y)
+        mod.W.grad = None
+        params = [mod.W]
+
+        def loss():
+            return mod(x, y)
+
+    elif method.startswith("fastreid_leap"):
+        loss, params = _fastreid_leap_case(method.endswith("_cloud"), classes, dim, margin_type,
+                                           s, m, x, y, W0)
+
     elif method.startswith("leap"):
         impl = "auto"
         kw: Dict = {}
@@ -90,18 +184,19 @@ def make_case(method: str, batch: int, classes: int, dim: int = 512,
         if method.endswith("_chunked"):
             impl, kw = "chunked", {"chunk_size": chunk_size}
         if method.startswith("leap_cloud"):
-            head = _primed_head(classes, dim, margin_type, x, y, W0, impl=impl, **kw)
+            head = _primed_head(classes, dim, margin_type, x, y, W0, impl=impl, scale=s,
+                                margin=m, **kw)
             if method == "leap_cloud_nostats":
-                std = head.statistics.cloud_variance()[y].sqrt()
+                std = torch.full((batch,), float(cloud_std))
                 gen = torch.Generator().manual_seed(0)
 
                 def loss():
                     return fused.margin_loss(x, head.weight, y, margin_type=margin_type,
-                                             scale=s, margin=MARGIN, noise_std=std,
+                                             scale=s, margin=m, noise_std=std,
                                              generator=gen)
         else:
             head = LEAPMarginHead(dim, classes, margin_type, cloud=None, validate=False,
-                                  impl=impl, **kw)
+                                  impl=impl, scale=s, margin=m, **kw)
             head.weight.data.copy_(W0)
         params = [head.weight]
         if method != "leap_cloud_nostats":
@@ -113,10 +208,10 @@ def make_case(method: str, batch: int, classes: int, dim: int = 512,
 
         if margin_type == "cosface":
             mod = pml_losses.CosFaceLoss(num_classes=classes, embedding_size=dim,
-                                         margin=MARGIN, scale=s)
+                                         margin=m, scale=s)
         else:
             mod = pml_losses.ArcFaceLoss(num_classes=classes, embedding_size=dim,
-                                         margin=math.degrees(MARGIN), scale=s)
+                                         margin=math.degrees(m), scale=s)
         mod.W.data.copy_(W0.t())
         params = [mod.W]
 
@@ -126,7 +221,7 @@ def make_case(method: str, batch: int, classes: int, dim: int = 512,
     else:  # fastreid: import only its layer module
         from fastreid.layers.any_softmax import ArcSoftmax, CosSoftmax
 
-        layer = (CosSoftmax if margin_type == "cosface" else ArcSoftmax)(classes, s, MARGIN)
+        layer = (CosSoftmax if margin_type == "cosface" else ArcSoftmax)(classes, s, m)
         W = W0.clone().requires_grad_(True)
         params = [W]
 
@@ -139,7 +234,8 @@ def make_case(method: str, batch: int, classes: int, dim: int = 512,
         for p in params:
             p.grad = None
         out = loss()
-        out.backward()
+        if out.requires_grad:  # gemm3 runs its three GEMMs without autograd
+            out.backward()
         return out.detach()
 
     return step

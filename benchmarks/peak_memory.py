@@ -28,6 +28,8 @@ CONFIGS = {
     "fused_cloud": ("fused", True),
     "reference": ("reference", False),
     "floor": ("floor", False),
+    "pml": ("pml", False),            # pytorch-metric-learning CosFaceLoss
+    "pml_leap": ("pml_leap", False),  # the PML adapter LEAPLoss (cloud off)
 }
 
 
@@ -56,6 +58,16 @@ def child(a: argparse.Namespace) -> Dict:
     x = torch.randn(a.batch, a.dim, generator=g, requires_grad=True)
     y = torch.randint(0, a.classes, (a.batch,), generator=g)
     std = torch.full((a.batch,), 0.2) if cloud else None
+    mod = None
+    if impl in ("pml", "pml_leap"):  # built before the baseline RSS; W (D, C) is a view of ours
+        if impl == "pml":
+            from pytorch_metric_learning.losses import CosFaceLoss
+            mod = CosFaceLoss(num_classes=a.classes, embedding_size=a.dim, margin=0.2, scale=24.0)
+        else:
+            from feature_cloud.integrations.pml import LEAPLoss
+            mod = LEAPLoss(a.classes, a.dim, margin=0.2, scale=24.0, cloud=None, validate=False)
+        mod.W = torch.nn.Parameter(W.detach().t())  # shares W's memory: no second copy
+        W = mod.W
     base = _rss_bytes()
     t0 = time.perf_counter()
     status = "ok"
@@ -64,6 +76,8 @@ def child(a: argparse.Namespace) -> Dict:
             loss = F.cross_entropy(F.linear(F.normalize(x), F.normalize(W)) * 24.0, y)
         elif impl == "reference":
             loss = FC.margin_cross_entropy(FC.margin_logits(FC.cosine_logits(x, W), y), y)
+        elif mod is not None:
+            loss = mod(x, y)
         else:
             loss = fused.margin_loss(x, W, y, scale=24.0, margin=0.2, noise_std=std,
                                      generator=torch.Generator().manual_seed(1),

@@ -2,12 +2,18 @@
 or with FTL (``MODEL.META_ARCHITECTURE: FTLBaseline``, trained by ``FTLTrainer``).
 
 fastreid's own ``tools/train_net.py`` with a few added lines (the imports, the config nodes,
-the trainer choice). Real data::
+the trainer choice), and its flags: ``--eval-only`` (with ``MODEL.WEIGHTS``), ``--resume``.
+``--config-file`` takes a path or the name of a shipped config
+(``feature_cloud.integrations.fastreid.config_path``). Real data::
 
     FASTREID_DATASETS=/data python examples/fastreid_train.py \
-        --config-file examples/fastreid/Market1501/leap_R50.yml MODEL.DEVICE cuda
+        --config-file Market1501/leap_R50.yml MODEL.DEVICE cuda
     FASTREID_DATASETS=/data python examples/fastreid_train.py \
-        --config-file examples/fastreid/Market1501/ftl_R50.yml MODEL.DEVICE cuda
+        --config-file Market1501/ftl_R50.yml MODEL.DEVICE cuda
+    FASTREID_DATASETS=/data python examples/fastreid_train.py --eval-only \
+        --config-file Market1501/leap_R50.yml MODEL.WEIGHTS logs/market1501/leap_R50/model_final.pth
+    FASTREID_DATASETS=/data python examples/fastreid_train.py --resume \
+        --config-file Market1501/leap_R50.yml                 # continues from OUTPUT_DIR
 
 CPU smoke run on a generated Market-1501-format set (no download, ~1 min)::
 
@@ -22,8 +28,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CONFIG = os.path.join(HERE, "fastreid", "Market1501", "leap_R50.yml")
+DEFAULT_CONFIG = "Market1501/leap_R50.yml"  # a shipped config (config_path)
 
 #: CPU-sized overrides of ``--tiny`` (ResNet-18 from scratch, 64x32 inputs, 3 epochs).
 TINY_OPTS = [
@@ -100,15 +105,17 @@ def write_synthetic_market1501(
 
 
 def build_cfg(config_file: str, opts: List[str]):
-    from fastreid.config import get_cfg
-
-    from feature_cloud.integrations.fastreid import add_feature_cloud_config
+    # the adapter first: it makes fastreid importable
+    # isort: off
+    from feature_cloud.integrations.fastreid import add_feature_cloud_config, config_path
     from feature_cloud.integrations.fastreid_ftl import add_ftl_config
+    from fastreid.config import get_cfg
+    # isort: on
 
     cfg = get_cfg()
     add_feature_cloud_config(cfg)  # adds MODEL.HEADS.FEATURE_CLOUD (LEAPHead)
     add_ftl_config(cfg)  # adds MODEL.FTL (FTLBaseline)
-    cfg.merge_from_file(config_file)
+    cfg.merge_from_file(config_file if os.path.isfile(config_file) else config_path(config_file))
     cfg.merge_from_list(opts)
     cfg.freeze()
     return cfg
@@ -120,14 +127,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--synthetic", metavar="DIR", help="write a tiny generated Market-1501 set to DIR and use it")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized overrides (see TINY_OPTS)")
     parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS (fastreid's train_net.py)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT_DIR")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
 
-    import feature_cloud.integrations.fastreid  # noqa: F401  (registers LEAPHead, fastreid compat)
+    # isort: off
+    import feature_cloud.integrations.fastreid  # noqa: F401  (first: fastreid compat, registers LEAPHead)
+    from feature_cloud.integrations.fastreid_ftl import FTLTrainer  # registers FTLBaseline
     from fastreid.data import build as data_build
     from fastreid.engine import DefaultTrainer
-
-    from feature_cloud.integrations.fastreid_ftl import FTLTrainer  # registers FTLBaseline
+    from fastreid.utils.checkpoint import Checkpointer
+    # isort: on
 
     if args.synthetic:
         write_synthetic_market1501(args.synthetic)
@@ -138,10 +149,19 @@ def main(argv: Optional[List[str]] = None) -> dict:
     cfg = build_cfg(args.config_file, opts)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
 
+    if args.eval_only:  # as fastreid's tools/train_net.py
+        cfg.defrost()
+        cfg.MODEL.BACKBONE.PRETRAIN = False
+        model = DefaultTrainer.build_model(cfg)
+        Checkpointer(model).load(cfg.MODEL.WEIGHTS)  # load trained model
+        results = DefaultTrainer.test(cfg, model)
+        print({k: round(float(v), 2) for k, v in results.items() if k != "dataset"})
+        return results
+
     # FTL: DefaultTrainer + FTLHook (Algorithm 1), optimizer over the parameters themselves
     trainer_cls = FTLTrainer if cfg.MODEL.META_ARCHITECTURE == "FTLBaseline" else DefaultTrainer
     trainer = trainer_cls(cfg)
-    trainer.resume_or_load(resume=False)
+    trainer.resume_or_load(resume=args.resume)
     results = trainer.train()
     print({k: round(float(v), 2) for k, v in results.items() if k != "dataset"})
     return results

@@ -1,5 +1,6 @@
 """feature-cloud: long-tail representation learning heads and losses (LEAP and FTL) for PyTorch."""
 from . import functional
+from .cloud import FeatureCloud
 from .heads import LEAPMarginHead
 from .regularizers import MetricL2
 from .statistics import ClassStatistics
@@ -8,7 +9,7 @@ from .ftl import AlternatingScheduler, FTLModel
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "LEAPMarginHead", "MetricL2", "ClassStatistics", "__version__"]
+__all__ = ["functional", "FeatureCloud", "LEAPMarginHead", "MetricL2", "ClassStatistics", "__version__"]
 __all__ += ["FeatureTransfer", "FeatureBatch", "FTLModel", "AlternatingScheduler"]
 
 

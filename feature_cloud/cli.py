@@ -137,11 +137,17 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     ev.add_argument("--ml2-alpha", type=float, default=e.ml2_alpha)
     ev.add_argument("--ftl-alternations", type=int, default=e.ftl_alternations)
+    ev.add_argument("--ftl-stage0-fraction", type=_fraction_or_none, default=e.ftl_stage0_fraction,
+                    help="FTL stage-0 share of the steps; 'none': --warmup-fraction (the old rule)")
     ev.add_argument("--leap-option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra LEAPMarginHead keyword (repeatable), e.g. cloud_mode=paper")
     ev.add_argument("--out", default="outputs/evaluate", help="output directory")
     ev.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+
+
+def _fraction_or_none(text: str):
+    return None if text.strip().lower() == "none" else float(text)
 
 
 def _parse_value(text: str):
@@ -179,7 +185,8 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
         embedding_size=args.embedding_size, flip=not args.no_flip, ml2_alpha=args.ml2_alpha,
-        ftl_alternations=args.ftl_alternations, leap_options=options, out=args.out,
+        ftl_alternations=args.ftl_alternations, ftl_stage0_fraction=args.ftl_stage0_fraction,
+        leap_options=options, out=args.out,
     )
     shots = args.shots if args.protocol == "hs" else [base.shots]
     configs = [replace(base, shots=s) for s in dict.fromkeys(shots)]

@@ -17,7 +17,7 @@ Shapes: ``B`` batch, ``C`` classes, ``D`` embedding size. Class weights are stor
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +152,7 @@ def margin_logits(
     cos: Tensor,
     labels: Tensor,
     *,
-    margin_type: str = "cosface",
+    margin_type: Union[str, _margins.Margin] = "cosface",
     scale: float = 24.0,
     margin: float = 0.2,
     alpha: Optional[Tensor] = None,
@@ -207,25 +207,32 @@ CLOUD_MODES = ("paper", "target", "margin")
 
 
 def target_cloud_angles(
-    std: Tensor, mode: str, generator: Optional[torch.Generator] = None
+    std: Tensor, mode: str, generator: Optional[torch.Generator] = None,
+    noise: Optional[Tensor] = None,
 ) -> Tensor:
     r"""``(B,)`` target-only cloud angles: :math:`\mathrm{std}_n z_n` (``"target"``) or
-    :math:`\mathrm{std}_n |z_n|` (``"margin"``), :math:`z_n \sim N(0, 1)`."""
+    :math:`\mathrm{std}_n |z_n|` (``"margin"``), :math:`z_n \sim N(0, 1)` (``noise`` when
+    given, e.g. the heads' counter-based draw, else from ``generator``)."""
     if mode not in ("target", "margin"):
         raise ValueError(f"target-only cloud mode must be 'target' or 'margin', got {mode!r}")
-    z = torch.randn(std.shape, generator=generator, device=std.device, dtype=std.dtype)
+    z = noise if noise is not None else torch.randn(
+        std.shape, generator=generator, device=std.device, dtype=std.dtype)
     return (z.abs() if mode == "margin" else z) * std
 
 
-def margin_cross_entropy(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+def margin_cross_entropy(
+    logits: Tensor, labels: Tensor, reduction: str = "mean", label_smoothing: float = 0.0
+) -> Tensor:
     """Softmax cross-entropy over margin logits; labels ``< 0`` are ignored.
 
     ``"mean"`` averages over the non-ignored rows and returns 0 (not NaN) when every row is
-    ignored or the batch is empty.
+    ignored or the batch is empty. ``label_smoothing`` as in ``F.cross_entropy`` (targets
+    ``1 - eps + eps / C`` and ``eps / C``).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    per_sample = F.cross_entropy(logits, labels.clamp_min(-1), ignore_index=-1, reduction="none")
+    per_sample = F.cross_entropy(logits, labels.clamp_min(-1), ignore_index=-1, reduction="none",
+                                 label_smoothing=label_smoothing)
     if reduction == "none":
         return per_sample
     total = per_sample.sum()

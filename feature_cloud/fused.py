@@ -46,16 +46,15 @@ log-sum-exp) and the backward recomputes each chunk (GEMM, cloud noise, margins)
 tensor is ever materialised and the extra memory beyond ``W`` and its gradient is
 ``O(chunk_size * (B + D))``. Loss and gradients equal the dense path to rounding.
 
-The cloud noise is drawn class-major in blocks of :data:`NOISE_BLOCK` classes, one ``randn`` call
-per block from the given generator, in class order, in float32. Dense and chunked modes make the
-same calls in the same order, so with the same generator state they draw identical clouds (chunk
-sizes are rounded up to a multiple of the block). The chunked backward replays the blocks from a
-copy of the generator state saved in the forward.
+The cloud noise is counter-based (:mod:`feature_cloud.noise`): the normal of sample ``n`` and
+class ``j`` is a pure function of the noise key and ``(n, j)``, so dense and chunked modes (every
+chunk size, every class shard) draw identical clouds and the chunked backward recomputes a chunk's
+noise from the key alone. Chunk sizes are rounded up to a multiple of :data:`NOISE_BLOCK`.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -63,10 +62,11 @@ from torch import Tensor
 from . import margins as _margins
 from ._validation import check_values
 from .functional import safe_normalize
+from .noise import counter_normal, random_key
 
 __all__ = ["NOISE_BLOCK", "EXP_FLOOR", "margin_loss", "class_major_noise", "cloud_angles", "cloud_cosine"]
 
-#: Classes per cloud-noise block (one ``randn`` call each); chunk sizes are multiples of it.
+#: Chunk sizes are multiples of this many classes.
 NOISE_BLOCK = 1024
 
 #: Floor of the log-sum-exp exponent ``z - max`` (float32; float64 uses -300): no subnormal
@@ -170,49 +170,51 @@ def cloud_cosine(c: Tensor, alpha: Tensor, sqrt_floor: Optional[float] = None) -
 # ------------------------------------------------------------------------------------------
 
 
-def _fill_noise(out: Tensor, start: int, generator: Optional[torch.Generator], block: int) -> None:
-    """Fill ``out`` (rows = classes ``start ..``) with N(0, 1), one ``randn`` call per block.
-
-    ``start`` must be a multiple of ``block``; every block is drawn whole, in class order.
-    """
-    rows = out.shape[0]
-    for r0 in range(0, rows, block):
-        r1 = min(r0 + block, rows)
-        torch.randn(out[r0:r1].shape, generator=generator, out=out[r0:r1])
-
-
 def class_major_noise(
     num_classes: int,
     batch_size: int,
-    generator: Optional[torch.Generator] = None,
+    key: Optional[Tensor] = None,
     device: Optional[torch.device] = None,
     block: Optional[int] = None,
+    *,
+    class_start: int = 0,
+    total_classes: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> Tensor:
-    """The standard-normal cloud draw ``(C, B)`` that :func:`margin_loss` makes from ``generator``.
+    """The standard-normal cloud draw ``(C, B)`` that :func:`margin_loss` makes from ``key``.
 
-    ``margin_loss`` with ``noise_std=std`` uses angles ``alpha = noise.t() * std[:, None]``;
-    exposed so that tests and users can reproduce a draw with the reference functions.
+    ``key``: a noise key (:func:`feature_cloud.noise.noise_key`); ``None`` draws one from
+    ``generator`` (the global RNG when ``None``). Rows are the classes ``class_start ..
+    class_start + num_classes`` of a head with ``total_classes`` (default: up to the last row)
+    classes. ``block`` is accepted for compatibility and has no effect (the draw does not depend
+    on any chunking). ``margin_loss`` with ``noise_std=std`` uses angles
+    ``alpha = noise.t() * std[:, None]``; exposed so that tests and users can reproduce a draw
+    with the reference functions.
     """
-    block = NOISE_BLOCK if block is None else int(block)
-    if device is None:
-        device = generator.device if generator is not None else torch.device("cpu")
-    out = torch.empty(num_classes, batch_size, device=device, dtype=torch.float32)
-    _fill_noise(out, 0, generator, block)
-    return out
+    del block
+    if key is None:
+        key = random_key(device if device is not None else torch.device("cpu"), generator)
+    elif device is not None:
+        key = key.to(device)
+    total = num_classes + class_start if total_classes is None else int(total_classes)
+    return counter_normal(key, batch_size, class_start, class_start + num_classes, total)
 
 
 def cloud_angles(
-    std: Tensor, num_classes: int, generator: Optional[torch.Generator] = None,
-    block: Optional[int] = None,
+    std: Tensor, num_classes: int, key: Optional[Tensor] = None, block: Optional[int] = None,
+    *, class_start: int = 0, total_classes: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     r"""Per-logit cloud angles :math:`\alpha` ``(B, C)`` of LEAP Sec. 3.4 as every head draws them.
 
-    :math:`\alpha_{nj} = \mathrm{std}_n z_{jn}` with ``z = class_major_noise(C, B, generator)``:
+    :math:`\alpha_{nj} = \mathrm{std}_n z_{jn}` with ``z = class_major_noise(C, B, key, ...)``:
     the same distribution as :func:`~feature_cloud.functional.angle_noise` (i.i.d.
-    :math:`N(0, \mathrm{std}_n^2)`), drawn in the class-major block order that makes a chunked
-    computation draw the same cloud. Returned as a transposed view.
+    :math:`N(0, \mathrm{std}_n^2)`), the same numbers in every chunking and class shard
+    (``class_start``/``total_classes``). Returned as a transposed view.
     """
-    noise = class_major_noise(num_classes, std.shape[0], generator, std.device, block)
+    noise = class_major_noise(num_classes, std.shape[0], key, std.device, block,
+                              class_start=class_start, total_classes=total_classes,
+                              generator=generator)
     return noise.t() * std.to(noise.dtype).unsqueeze(1)
 
 
@@ -225,7 +227,7 @@ class _Plan:
     """Static configuration of one call (plain Python values, no tensors)."""
 
     __slots__ = (
-        "rule", "scale", "smoothing", "num_classes", "reducer", "want_pred", "margin", "reduction", "chunk", "block", "generator",
+        "rule", "scale", "smoothing", "num_classes", "reducer", "want_pred", "margin", "reduction", "chunk", "block", "class_start",
         "compute", "gemm", "exp_floor", "pi_below", "sqrt_floor", "cloud", "explicit_noise",
     )
 
@@ -273,14 +275,15 @@ def _chunk_logits(
     sigma: Optional[Tensor],
     plan: _Plan,
     ws: _Workspace,
-) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor, Any]:
+) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Tensor]:
     """Scaled margin logits of classes ``j0 .. j0 + len(Wc)`` (class-major), LEAP Eq. 1-2 / 7-8.
 
-    Returns ``(Z, d, idx, inside, z_y, d_y, pred)``: logits ``(Cc, B)`` (a workspace buffer,
+    Returns ``(Z, d, idx, inside, z_y, d_y, pred, c_y)``: logits ``(Cc, B)`` (a workspace buffer,
     target entries included); the elementwise derivative ``d cos(theta + alpha) / d c``
     (``None`` without cloud, meaning 1); the target index and in-chunk mask (``valid``: rows
     with a target in this weight); the target logit (margin applied) and the derivative of its
-    cosine; ``(max, argmax)`` of the plain cosine over the chunk when ``plan.want_pred``.
+    cosine; the largest plain cosine over the chunk per sample when ``plan.want_pred``; the
+    target's plain cosine.
     ``noise_c`` (when generated) is a workspace buffer and is overwritten.
     """
     B, Cc = xg.shape[0], Wc.shape[0]
@@ -291,11 +294,11 @@ def _chunk_logits(
     else:
         Z.copy_(torch.mm(Wc.to(plan.gemm), xg.t()))
     idx, inside = _target_index(labels, valid, j0, j0 + Cc, B)
-    pred: Optional[Tuple[Tensor, Tensor]] = None
+    pred: Optional[Tensor] = None
     if plan.cloud:
         c = Z.mul_(rwc.unsqueeze(1)).clamp_(-1.0, 1.0)
-        if plan.want_pred:  # the plain cosine's best class (before the cloud destroys c)
-            pred = c.max(0)
+        if plan.want_pred:  # the plain cosine's best (before the cloud destroys c)
+            pred = c.amax(0)
         half_sigma = (sigma * 0.5).unsqueeze(0)  # the kernel works on alpha / 2 (exact)
         if plan.explicit_noise or noise_c.dtype != plan.compute:  # never write the caller's
             half = torch.mul(noise_c.to(plan.compute), half_sigma, out=ws.get("n", Cc))
@@ -311,14 +314,14 @@ def _chunk_logits(
         d, alpha_y = None, None
         Z.mul_((rwc * s).unsqueeze(1))
         if plan.want_pred:
-            pred = Z.max(0)
+            pred = (Z.amax(0) / s).clamp_(-1.0, 1.0)
         c_y = (Z.view(-1).gather(0, idx) / s).clamp_(-1.0, 1.0)
     # the margin's target (LEAP Eq. 1-2 / 7-8) and its derivative, from the registry
     f_y, d_y = plan.rule.fused_target(c_y, alpha_y, m)
     z_y = f_y * s
     flat = Z.view(-1)
     flat.scatter_(0, idx, torch.where(inside, z_y, flat.gather(0, idx)))
-    return Z, d, idx, inside, z_y, d_y, pred
+    return Z, d, idx, inside, z_y, d_y, pred, c_y
 
 
 def _shifted_exp_(Z: Tensor, shift: Tensor, plan: _Plan) -> Tensor:
@@ -395,42 +398,59 @@ def _chunk_backward(
     gx = torch.mm(Gg.t(), Wg).to(plan.compute)
     gx_corr = corr.unsqueeze(1) * Wc.index_select(0, local).to(plan.compute)
     xsg = xs.to(plan.gemm) if plan.gemm != xs.dtype else xs
-    if post is None and gWc.dtype == plan.gemm:
+    if post is None and gWc.dtype == plan.gemm and gWc.is_contiguous():
         torch.mm(Gg, xsg, out=gWc)
+    elif post is None and gWc.dtype == plan.gemm and gWc.t().is_contiguous():
+        torch.mm(xsg.t(), Gg.t(), out=gWc.t())  # the (D, C) layout of a transposed weight
     else:
         gWc.copy_(torch.mm(Gg, xsg))
         if post is not None:
             gWc.mul_(post)
     gWc.index_add_(0, local, (corr.unsqueeze(1) * xn).to(gWc.dtype))
-    coef = rw2c * _rowdot(gWc, Wc)
-    gWc.addcmul_(Wc, coef.unsqueeze(1).to(gWc.dtype), value=-1)
+    _normalize_backward_(gWc, Wc, rw2c)
     return gx, gx_corr
 
 
-def _rowdot(a: Tensor, b: Tensor, rows: int = 16384) -> Tensor:
-    """``(a * b).sum(1)`` in row blocks (no ``C x D`` temporary)."""
-    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
-    for r0 in range(0, a.shape[0], rows):
-        torch.sum(a[r0:r0 + rows] * b[r0:r0 + rows], dim=1, out=out[r0:r0 + rows])
-    return out
+def _normalize_backward_(gW: Tensor, W: Tensor, rw2: Tensor, rows: int = 256) -> None:
+    """``gW_j -= rw_j^2 (W_j . gW_j) W_j`` in place, in row blocks that stay in cache (one pass
+    over ``C x D`` instead of a row-dot pass and an update pass, no ``C x D`` temporary).
+    Weights stored ``(D, C)`` (PML's ``W``, passed as ``W.t()``) are walked in their own layout."""
+    if gW.t().is_contiguous() and W.t().is_contiguous() and not gW.is_contiguous():
+        gt, wt = gW.t(), W.t().to(gW.dtype)  # (D, C): blocks of D rows, all classes
+        dot = torch.zeros(gW.shape[0], dtype=gW.dtype, device=gW.device)
+        for r0 in range(0, gt.shape[0], 64):
+            dot.add_((gt[r0:r0 + 64] * wt[r0:r0 + 64]).sum(0))
+        coef = (dot * rw2.to(gW.dtype)).unsqueeze(0)
+        for r0 in range(0, gt.shape[0], 64):
+            gt[r0:r0 + 64].addcmul_(wt[r0:r0 + 64], coef, value=-1)
+        return
+    tmp = torch.empty(min(rows, gW.shape[0]), gW.shape[1], dtype=gW.dtype, device=gW.device)
+    for r0 in range(0, gW.shape[0], rows):
+        g, w = gW[r0:r0 + rows], W[r0:r0 + rows].to(gW.dtype)
+        dot = torch.mul(g, w, out=tmp[:g.shape[0]]).sum(1)
+        g.addcmul_(w, (dot * rw2[r0:r0 + rows]).unsqueeze(1).to(gW.dtype), value=-1)
 
 
 def _chunk_noise(
-    noise: Optional[Tensor], j0: int, j1: int, B: int,
-    generator: Optional[torch.Generator], plan: _Plan, ws: _Workspace,
+    noise: Optional[Tensor], j0: int, j1: int, B: int, key: Optional[Tensor], plan: _Plan,
 ) -> Optional[Tensor]:
     if not plan.cloud:
         return None
     if plan.explicit_noise:
         return noise[j0:j1]
-    out = ws.get("n", j1 - j0, torch.float32)
-    _fill_noise(out, j0, generator, plan.block)
-    return out
+    c0 = plan.class_start
+    return counter_normal(key, B, c0 + j0, c0 + j1, plan.num_classes)
 
 
 #: ``all_reduce(tensor, op)`` with ``op`` in ``("max", "sum")``, returning the reduced tensor:
 #: how a sharded caller combines the per-shard log-sum-exp (Partial FC style).
 Reducer = Callable[[Tensor, str], Tensor]
+
+
+def _transposed(W: Tensor) -> bool:
+    """Whether ``W`` ``(C, D)`` is the transpose of a contiguous ``(D, C)`` tensor (PML's ``W``):
+    its norms and its gradient are then computed in that layout (no transposing copy)."""
+    return W.dim() == 2 and W.shape[0] > 1 and W.stride() == (1, W.shape[0])
 
 
 class _FusedMarginCE(torch.autograd.Function):
@@ -444,35 +464,32 @@ class _FusedMarginCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xn, W, labels, valid, sigma, noise, plan):  # type: ignore[override]
+    def forward(ctx, xn, W, labels, valid, sigma, noise, key, plan):  # type: ignore[override]
         B, C = xn.shape[0], W.shape[0]
         compute, device = plan.compute, xn.device
         xg = xn.to(plan.gemm)
         has_target = labels >= 0
-        norms = torch.linalg.vector_norm(W, dim=1, dtype=compute)
+        norms = (torch.linalg.vector_norm(W.t(), dim=0, dtype=compute) if _transposed(W)
+                 else torch.linalg.vector_norm(W, dim=1, dtype=compute))
         rw = 1.0 / norms.clamp_min(1e-12)
         total = torch.zeros(B, dtype=compute, device=device)
         run_max = torch.full((B,), -math.inf, dtype=compute, device=device)
         z_target = torch.zeros(B, dtype=compute, device=device)
         z_sum = torch.zeros(B, dtype=compute, device=device) if plan.smoothing else None
-        best = torch.full((B,), -math.inf, dtype=compute, device=device) if plan.want_pred else None
-        pred = torch.zeros(B, dtype=torch.long, device=device)
+        best = torch.full((B,), -math.inf, dtype=compute, device=device)
+        c_target = torch.zeros(B, dtype=compute, device=device)
         dense = plan.chunk >= C
-        gen_state = None
-        if plan.cloud and not plan.explicit_noise and not dense and plan.generator is not None:
-            gen_state = plan.generator.get_state()
         ws = _Workspace(min(plan.chunk, C), B, compute, device)
         saved: Tuple[Tensor, ...] = ()
         for j0 in range(0, C, plan.chunk):
             j1 = min(j0 + plan.chunk, C)
-            noise_c = _chunk_noise(noise, j0, j1, B, plan.generator, plan, ws)
-            Z, d, idx, inside, z_y, d_y, cmax = _chunk_logits(
+            noise_c = _chunk_noise(noise, j0, j1, B, key, plan)
+            Z, d, idx, inside, z_y, d_y, cmax, c_y = _chunk_logits(
                 xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws)
             z_target.add_(torch.where(inside, z_y, torch.zeros_like(z_y)))
-            if cmax is not None:
-                better = cmax[0] > best
-                best = torch.where(better, cmax[0], best)
-                pred = torch.where(better, cmax[1] + j0, pred)
+            if cmax is not None:  # top-1: the target's plain cosine against the best one
+                best = torch.maximum(best, cmax)
+                c_target.add_(torch.where(inside, c_y, torch.zeros_like(c_y)))
             if z_sum is not None:
                 z_sum.add_(Z.sum(0))
             run_max = _lse_update(Z, run_max, total, plan)
@@ -505,19 +522,21 @@ class _FusedMarginCE(torch.autograd.Function):
             Z, d, idx, inside, d_y = saved
             e_y = _grad_buffer_(Z, d, rw, idx, u)
             saved = (Z, e_y, idx, inside, d_y)
-        ctx.plan, ctx.dense, ctx.gen_state = plan, dense, gen_state
+        ctx.plan, ctx.dense = plan, dense
         ctx.has_noise = noise is not None
         ctx.save_for_backward(xn, W, labels, valid,
                               sigma if sigma is not None else xn.new_empty(0),
                               noise if noise is not None else xn.new_empty(0),
+                              key if key is not None else labels.new_empty(0),
                               rw, norms, S, local_scale, run_max, *saved)
-        ctx.mark_non_differentiable(labels, pred)
-        return out, pred
+        top1 = has_target & valid & (c_target >= best)
+        ctx.mark_non_differentiable(labels, top1)
+        return out, top1
 
     @staticmethod
     def backward(ctx, grad_out, _grad_pred):  # type: ignore[override]
         plan: _Plan = ctx.plan
-        (xn, W, labels, valid, sigma, noise, rw, norms, S, local_scale, shift_t,
+        (xn, W, labels, valid, sigma, noise, key, rw, norms, S, local_scale, shift_t,
          *saved) = ctx.saved_tensors
         B, C = xn.shape[0], W.shape[0]
         compute, device = plan.compute, xn.device
@@ -539,7 +558,8 @@ class _FusedMarginCE(torch.autograd.Function):
             xs = xs / post
         xn_c = xn.to(compute)
         rw2 = torch.where(norms > 1e-12, rw * rw, torch.zeros_like(rw))
-        grad_W = torch.empty(C, W.shape[1], dtype=W.dtype, device=device)
+        grad_W = (torch.empty(W.shape[1], C, dtype=W.dtype, device=device).t() if _transposed(W)
+                  else torch.empty(C, W.shape[1], dtype=W.dtype, device=device))
         grad_x = torch.zeros(B, xn.shape[1], dtype=compute, device=device)
         grad_corr = torch.zeros(B, xn.shape[1], dtype=compute, device=device)
         if ctx.dense:
@@ -550,18 +570,12 @@ class _FusedMarginCE(torch.autograd.Function):
                 grad_x += gx
                 grad_corr += gc
         else:
-            generator = None
-            if plan.cloud and not plan.explicit_noise:
-                generator = torch.Generator(device=device)
-                if ctx.gen_state is not None:
-                    generator.set_state(ctx.gen_state)
             xg = xn.to(plan.gemm)
             ws = _Workspace(plan.chunk, B, compute, device)
             for j0 in range(0, C, plan.chunk):
                 j1 = min(j0 + plan.chunk, C)
-                noise_c = _chunk_noise(noise if ctx.has_noise else None, j0, j1, B, generator,
-                                       plan, ws)
-                Z, d, idx, inside, _, d_y, _ = _chunk_logits(
+                noise_c = _chunk_noise(noise if ctx.has_noise else None, j0, j1, B, key, plan)
+                Z, d, idx, inside, _, d_y, _, _ = _chunk_logits(
                     xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws)
                 e_y = _grad_buffer_(_shifted_exp_(Z, shift_t, plan), d, rw[j0:j1], idx, u)
                 gx, gc = _chunk_backward(Z, e_y, idx, inside, d_y, a, c, u, rw[j0:j1], W[j0:j1],
@@ -570,7 +584,7 @@ class _FusedMarginCE(torch.autograd.Function):
                 grad_corr += gc
                 del Z, d, noise_c
         grad_x.mul_(sa.unsqueeze(1)).add_(grad_corr)
-        return grad_x.to(xn.dtype), grad_W, None, None, None, None, None
+        return grad_x.to(xn.dtype), grad_W, None, None, None, None, None, None
 
 
 def margin_loss(
@@ -578,21 +592,23 @@ def margin_loss(
     weight: Tensor,
     labels: Tensor,
     *,
-    margin_type: Union[str, "_margins.Margin"] = "cosface",
+    margin_type: Union[str, _margins.Margin] = "cosface",
     scale: float = 24.0,
     margin: float = 0.2,
     noise_std: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     noise: Optional[Tensor] = None,
+    noise_key: Optional[Tensor] = None,
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
     block: Optional[int] = None,
     validate: bool = True,
     label_smoothing: float = 0.0,
-    return_predictions: bool = False,
+    return_top1: bool = False,
     row_valid: Optional[Tensor] = None,
     reducer: Optional[Reducer] = None,
     num_classes: Optional[int] = None,
+    class_start: int = 0,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     r"""LEAP margin softmax loss (a registered margin, :mod:`feature_cloud.margins`, with an
     optional feature cloud) in one fused op. The margin must implement
@@ -603,8 +619,9 @@ def margin_loss(
     and gradient, where the cloud angles are ``alpha[n, j] = noise[j, n] * noise_std[n]``:
 
     * ``noise_std=None``: no cloud (plain CosFace/ArcFace).
-    * ``noise_std`` ``(B,)`` and ``noise=None``: ``noise`` is drawn class-major from
-      ``generator`` (the global RNG when ``None``), exactly as :func:`class_major_noise` draws it.
+    * ``noise_std`` ``(B,)`` and ``noise=None``: ``noise`` is the counter-based draw of
+      ``noise_key`` (:mod:`feature_cloud.noise`; a key drawn from ``generator``, or the global
+      RNG, when ``None``), exactly as :func:`class_major_noise` draws it.
     * ``noise`` ``(C, B)`` given: used as is (standard normal, class-major).
 
     ``chunk_size``: process the classes in chunks of (a multiple of ``block`` not below) this
@@ -621,14 +638,17 @@ def margin_loss(
     ``label_smoothing`` ``eps``: the cross-entropy against targets ``1 - eps + eps / C`` and
     ``eps / C`` (``F.cross_entropy(label_smoothing=eps)``; fastreid's ``CE.EPSILON`` ``e``
     is ``eps = e C / (C - 1)``), at the cost of one sum over the logits.
-    ``return_predictions``: also return the best class of the plain cosine per sample
-    (``argmax_j cos theta_nj``, for accuracy logging without a second GEMM).
+    ``return_top1``: also return, per sample, whether its target has the largest plain cosine
+    (top-1 correct by ``s cos theta``, ties counted correct; for accuracy logging without a
+    second GEMM or an arg-max pass).
 
     Sharded classes (Partial FC; :class:`~feature_cloud.distributed.ShardedLEAPMarginHead`):
     ``weight`` is this process's shard, ``labels`` index it (``-1`` where another shard owns
     the target), ``row_valid`` marks the rows that count, ``reducer(t, "max" | "sum")``
-    all-reduces over the shards and ``num_classes`` is the total. The loss is then the global
-    one on every shard; the embeddings' gradient is this shard's part (sum it over shards).
+    all-reduces over the shards, ``num_classes`` is the total and ``class_start`` the global
+    index of the shard's first class (the cloud noise is indexed by global class). The loss is
+    then the global one on every shard; the embeddings' gradient is this shard's part (sum it
+    over shards).
     """
     rule = _margins.get(margin_type)
     if not 0.0 <= float(label_smoothing) < 1.0:
@@ -678,26 +698,21 @@ def margin_loss(
         raise ValueError(f"noise_std must have shape ({B},), got {tuple(noise_std.shape)}")
     compute = _compute_dtype(embeddings, weight)
     device = embeddings.device
-    if cloud and noise is None and generator is None:  # the global RNG of the device
-        if device.type == "cpu":
-            generator = torch.default_generator
-        elif device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            generator = torch.cuda.default_generators[index]
-        else:
-            raise ValueError(f"pass a generator for the cloud noise on device {device}")
+    key = None
+    if cloud and noise is None:
+        key = random_key(device, generator) if noise_key is None else noise_key.to(device)
     plan = _Plan(
         rule=rule, scale=float(scale), margin=float(margin), reduction=reduction,
-        chunk=chunk, block=block, generator=generator, compute=compute,
+        chunk=chunk, block=block, class_start=int(class_start), compute=compute,
         gemm=_gemm_dtype(device, compute),
         exp_floor=_EXP_FLOOR[compute],
         pi_below=_PI_BELOW[compute], sqrt_floor=_SQRT_FLOOR[compute], cloud=cloud,
         explicit_noise=noise is not None, smoothing=float(label_smoothing),
-        num_classes=int(C if num_classes is None else num_classes), reducer=reducer,
-        want_pred=bool(return_predictions),
+        num_classes=int(C + class_start if num_classes is None else num_classes), reducer=reducer,
+        want_pred=bool(return_top1),
     )
     xn = safe_normalize(embeddings, dim=1)
     sigma = noise_std.to(compute) if cloud else None
     with torch.autocast(device_type=device.type, enabled=False):
-        loss, pred = _FusedMarginCE.apply(xn, weight, labels, row_valid, sigma, noise, plan)
-    return (loss, pred) if return_predictions else loss
+        loss, top1 = _FusedMarginCE.apply(xn, weight, labels, row_valid, sigma, noise, key, plan)
+    return (loss, top1) if return_top1 else loss

@@ -1,20 +1,19 @@
 """``LEAPMarginHead``: a CosFace/ArcFace classifier head with the LEAP feature cloud."""
 from __future__ import annotations
 
-import warnings
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as FC
-from . import fused
-from . import margins
-from ._validation import as_float, as_int, check_batch, check_class_counts, check_embeddings
-from ._rng import CloudRNG
-from .statistics import ClassStatistics
+from . import fused, margins
+from ._validation import as_float, as_int, check_embeddings
+from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
+from .noise import capturing
 
-__all__ = ["LEAPMarginHead", "DEFAULT_SCALE", "DEFAULT_MARGIN", "IMPLS"]
+__all__ = ["LEAPMarginHead", "DEFAULT_SCALE", "DEFAULT_MARGIN", "IMPLS", "resolve_margin",
+           "make_cloud", "cloud_margin_logits"]
 
 #: Loss implementations of :meth:`LEAPMarginHead.forward` (all compute the same loss).
 IMPLS = ("auto", "reference", "fused", "chunked")
@@ -34,10 +33,101 @@ DEFAULT_SCALE = {n: margins.get(n).default_scale for n in margins.names()}
 DEFAULT_MARGIN = {n: margins.get(n).default_margin for n in margins.names()}
 
 
-class LEAPMarginHead(nn.Module):
+def resolve_margin(
+    margin_type: Union[str, margins.Margin], scale: Optional[float], margin: Optional[float],
+) -> Tuple[margins.Margin, float, float]:
+    """The checked margin rule, scale and margin (radians for angular margins) of a head, with
+    the registry's defaults filled in; an angular margin that looks like degrees warns."""
+    rule = margins.get(margin_type)
+    scale = rule.default_scale if scale is None else as_float(
+        scale, "scale", minimum=0.0, min_inclusive=False)
+    margin = rule.default_margin if margin is None else as_float(margin, "margin")
+    margins.check_unit(rule, margin, "radians")
+    return rule, float(scale), float(margin)
+
+
+def make_cloud(
+    cloud: Union[None, str, FeatureCloud], num_classes: int, embedding_size: int,
+    options: Mapping[str, Any],
+) -> FeatureCloud:
+    """The :class:`FeatureCloud` of a head: ``cloud`` itself, or one built from the rule and the
+    cloud options (the one place the heads and adapters turn their arguments into a cloud)."""
+    if isinstance(cloud, FeatureCloud):
+        if options:
+            raise TypeError(f"cloud options {sorted(options)} given with a ready FeatureCloud")
+        if (cloud.num_classes, cloud.embedding_size) != (num_classes, embedding_size):
+            raise ValueError(
+                f"the FeatureCloud is for num_classes={cloud.num_classes}, embedding_size="
+                f"{cloud.embedding_size}; the head has {num_classes}, {embedding_size}")
+        return cloud
+    return FeatureCloud(num_classes, embedding_size, cloud, **options)
+
+
+def cloud_margin_logits(
+    cloud: FeatureCloud,
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    draw: Tuple[Optional[Tensor], Optional[Tensor]],
+    *,
+    margin_type: Union[str, margins.Margin],
+    scale: float,
+    margin: float,
+    sub_centers: int = 1,
+    class_start: int = 0,
+) -> Tensor:
+    """Margin logits (LEAP Eq. 1-2, or Eq. 7-8 with the cloud ``draw = (std, key)`` of
+    :meth:`FeatureCloud.advance`) of ``embeddings`` against ``weight`` (``sub_centers`` rows per
+    class), for the classes ``class_start ..`` of the cloud's ``C``: the reference pipeline of
+    every head and adapter."""
+    std, key = draw
+    columns = weight.shape[0] // sub_centers
+    alpha = target_alpha = None
+    if std is not None and cloud.mode == "paper":
+        alpha = fused.cloud_angles(std, columns, key, class_start=class_start,
+                                   total_classes=cloud.num_classes)
+    elif std is not None and key is not None:
+        target_alpha = FC.target_cloud_angles(std, cloud.mode, noise=cloud.row_noise(key, std))
+    cos = FC.cosine_logits(*FC.common_float(embeddings, weight), sub_centers)
+    return FC.margin_logits(cos, labels, margin_type=margin_type, scale=scale, margin=margin,
+                            alpha=alpha, target_alpha=target_alpha)
+
+
+def cloud_margin_loss(
+    cloud: FeatureCloud,
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    draw: Tuple[Optional[Tensor], Optional[Tensor]],
+    *,
+    margin_type: Union[str, margins.Margin],
+    scale: float,
+    margin: float,
+    sub_centers: int = 1,
+    reduction: str = "mean",
+) -> Tensor:
+    """The margin softmax loss of :func:`cloud_margin_logits` (same arguments), on the fused
+    kernels (:func:`feature_cloud.fused.margin_loss`) whenever the margin has a fused derivative,
+    one weight row per class, the paper's cloud mode and no graph capture; otherwise on the
+    reference pipeline. For adapters that hold their own weight (PML's ``W``)."""
+    rule = margins.get(margin_type)
+    std, key = draw
+    if (rule.has_fused and sub_centers == 1 and not capturing()
+            and (std is None or cloud.mode == "paper")):
+        x, w = FC.common_float(embeddings, weight)
+        return fused.margin_loss(x, w, labels, margin_type=rule, scale=scale, margin=margin,
+                                 noise_std=std, noise_key=key, reduction=reduction,
+                                 validate=False)
+    logits = cloud_margin_logits(cloud, embeddings, weight, labels, draw, margin_type=rule,
+                                 scale=scale, margin=margin, sub_centers=sub_centers)
+    return FC.margin_cross_entropy(logits, labels, reduction=reduction)
+
+
+class LEAPMarginHead(WithFeatureCloud, nn.Module):
     r"""Margin softmax head with a learnable feature cloud for tail classes (LEAP Eq. 7-8).
 
-    Holds the class weights ``weight`` ``(C, D)`` and a :class:`ClassStatistics`. In a training
+    Holds the class weights ``weight`` ``(C, D)`` and a :class:`~feature_cloud.cloud.FeatureCloud`
+    (class statistics, step, warm-up, noise stream). In a training
     step (module in train mode, gradients enabled) it
 
     1. folds the detached batch into the class centers and angle memory (LEAP Eq. 3-5),
@@ -62,17 +152,9 @@ class LEAPMarginHead(nn.Module):
         sub_centers: weight rows per class (``weight`` is ``(sub_centers * C, D)``, rows
             ``j K .. j K + K - 1`` for class ``j``); default from the margin (3 for sub-center
             ArcFace, else 1).
-        cloud: ``"full"``, ``"vanilla"`` or ``None`` (no cloud).
-        tail_threshold: ``T`` of the vanilla rule (classes with ``K_i > T`` are head classes).
-        gamma: center learning rate (paper: 0.1).
-        memory_per_sample: ``P`` of LEAP Eq. 5.
-        warmup_steps: training steps without cloud (the paper starts the cloud after some
-            epochs). With ``class_counts=None`` the counts ``K_i`` are taken online during warm-up,
-            which must then be ``>= 1`` and should cover an epoch.
-        class_counts: ``K_i`` per class from the dataset (recommended).
+        cloud: ``"full"``, ``"vanilla"`` or ``None`` (no cloud), or a ready
+            :class:`~feature_cloud.cloud.FeatureCloud`.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        seed: seed of the cloud's ``torch.Generator`` (saved with the state); default draws one
-            from the global RNG, so ``torch.manual_seed`` makes runs reproducible.
         validate: check label range and finiteness each step (one host sync; skipped under
             ``torch.compile``). Shape/dtype checks are always on.
         impl: how :meth:`forward` computes the loss, all equal to rounding:
@@ -81,22 +163,26 @@ class LEAPMarginHead(nn.Module):
             ``"chunked"`` (the same over class chunks of ``chunk_size``: no ``B x C`` tensor,
             for very many classes), ``"auto"`` (``"chunked"`` if ``chunk_size`` is given,
             else ``"fused"``). A margin without a fused derivative, or a sub-center layout,
-            runs ``"reference"`` whatever ``impl`` says. The cloud is drawn class-major
-            (:func:`feature_cloud.fused.cloud_angles`) by every implementation, so a seed
-            gives the same cloud whichever is used.
+            runs ``"reference"`` whatever ``impl`` says, and so does a graph capture
+            (``torch.compile``, ``torch.export``, ``torch.jit.trace``: the compiler fuses it).
+            Every implementation draws the same counter-based cloud
+            (:mod:`feature_cloud.noise`), so a seed gives the same cloud whichever is used.
         chunk_size: classes per chunk of the ``"chunked"`` implementation.
-        count_steps: with ``class_counts=None``, the steps of one epoch: ``K_i`` are counted
-            online over the first ``count_steps`` steps only (must be ``<= warmup_steps``);
-            default ``warmup_steps`` (then the warm-up must be exactly one epoch, else the
-            counts are multiplied by the number of epochs: a warning says so).
-        cloud_mode: where the cloud enters the logits, one of
-            :data:`~feature_cloud.functional.CLOUD_MODES`: ``"paper"`` (LEAP Eq. 7-8, every
-            logit), ``"target"`` or ``"margin"`` (target logit only; these run the reference
-            implementation whatever ``impl``).
-        cloud_scale: factor on the cloud's standard deviation (1: the paper's variance).
-        center_rate, unknown_variance, angle_max_age: statistics options, see
-            :class:`~feature_cloud.ClassStatistics` (``center_rate``, ``unknown_variance``,
-            ``max_age``).
+        **cloud_options: the cloud's settings, passed to
+            :class:`~feature_cloud.cloud.FeatureCloud` (checked there, once for every head and
+            adapter): ``tail_threshold`` (``T`` of the vanilla rule), ``gamma`` (center
+            learning rate, paper 0.1), ``memory_per_sample`` (``P`` of Eq. 5),
+            ``warmup_steps`` (steps without cloud; with ``class_counts=None`` the counts are
+            taken online during warm-up, which should cover an epoch), ``class_counts``
+            (``K_i`` per class, recommended), ``count_steps``, ``cloud_mode`` (where the cloud
+            enters the logits: ``"paper"``, or ``"target"`` / ``"margin"``, which run the
+            reference implementation whatever ``impl``), ``cloud_scale``, ``center_rate``,
+            ``unknown_variance``, ``angle_max_age``, ``seed`` (of the noise stream; default
+            from the global RNG) and ``sync`` (``"auto"``: statistics synchronised over an
+            initialised process group; ``"off"``: per rank).
+
+    State (tensors only): ``weight``, ``feature_cloud.step``, ``feature_cloud.seed`` and
+    ``feature_cloud.statistics.*``; 0.1.0 checkpoints (with an ``_extra_state`` dict) load.
     """
 
     weight: Tensor
@@ -108,24 +194,14 @@ class LEAPMarginHead(nn.Module):
         margin_type: str = "cosface",
         scale: Optional[float] = None,
         margin: Optional[float] = None,
-        cloud: Optional[str] = "full",
-        tail_threshold: int = 20,
-        gamma: float = 0.1,
-        memory_per_sample: int = 1,
-        warmup_steps: int = 0,
-        class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
+        cloud: Union[None, str, FeatureCloud] = "full",
+        *,
         reduction: str = "mean",
-        seed: Optional[int] = None,
         validate: bool = True,
         impl: str = "auto",
         chunk_size: Optional[int] = None,
-        count_steps: Optional[int] = None,
-        cloud_mode: str = "paper",
-        cloud_scale: float = 1.0,
-        center_rate: str = "adaptive",
-        unknown_variance: str = "tail_prior",
-        angle_max_age: Optional[int] = None,
         sub_centers: Optional[int] = None,
+        **cloud_options: Any,
     ) -> None:
         super().__init__()
         embedding_size = as_int(embedding_size, "embedding_size", 1)
@@ -134,62 +210,21 @@ class LEAPMarginHead(nn.Module):
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if chunk_size is not None:
             chunk_size = as_int(chunk_size, "chunk_size", 1)
-        if scale is not None:
-            scale = as_float(scale, "scale", minimum=0.0, min_inclusive=False)
-        if margin is not None:
-            margin = as_float(margin, "margin")
-        warmup_steps = as_int(warmup_steps, "warmup_steps", 0)
-        tail_threshold = as_int(tail_threshold, "tail_threshold", 0)
-        memory_per_sample = as_int(memory_per_sample, "memory_per_sample", 1)
-        gamma = as_float(gamma, "gamma", minimum=0.0, maximum=1.0, min_inclusive=False)
-        if class_counts is not None:
-            class_counts = check_class_counts(class_counts, num_classes)
         if impl == "chunked" and chunk_size is None:
             raise ValueError("impl='chunked' needs chunk_size (classes per chunk)")
-        rule = margins.get(margin_type)
+        rule, scale, margin = resolve_margin(margin_type, scale, margin)
         k = rule.sub_centers if sub_centers is None else sub_centers
         if isinstance(k, bool) or int(k) < 1:
             raise ValueError(f"sub_centers must be a positive integer, got {sub_centers!r}")
-        if cloud is not None and cloud not in FC.CLOUD_RULES:
-            raise ValueError(f"cloud must be one of {FC.CLOUD_RULES} or None, got {cloud!r}")
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        if int(warmup_steps) < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if cloud is not None and class_counts is None and int(warmup_steps) == 0:
-            raise ValueError(
-                "class_counts is required when warmup_steps == 0: the cloud needs K_i (LEAP "
-                "Eq. 5). Pass the per-class sample counts, or warmup_steps >= 1 epoch to count "
-                "them online."
-            )
-        if cloud_mode not in FC.CLOUD_MODES:
-            raise ValueError(f"cloud_mode must be one of {FC.CLOUD_MODES}, got {cloud_mode!r}")
-        if not float(cloud_scale) >= 0.0:
-            raise ValueError(f"cloud_scale must be >= 0, got {cloud_scale}")
-        if count_steps is not None:
-            count_steps = as_int(count_steps, "count_steps")
-        if count_steps is not None and not 1 <= int(count_steps) <= max(int(warmup_steps), 1):
-            raise ValueError(
-                f"count_steps must be in [1, warmup_steps={warmup_steps}] (K_i are counted during "
-                f"the warm-up), got {count_steps}"
-            )
-        if cloud is not None and class_counts is None and count_steps is None:
-            warnings.warn(
-                f"LEAPMarginHead counts K_i online over all warmup_steps={warmup_steps} steps: "
-                "correct only if the warm-up is exactly one epoch. Pass class_counts, or "
-                "count_steps=<steps per epoch>.", UserWarning, stacklevel=2,
-            )
+        self.feature_cloud = make_cloud(cloud, num_classes, embedding_size, cloud_options)
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
         self.margin_type = rule.name
         self.margin_rule = rule
         self.sub_centers = int(k)
-        self.scale = float(rule.default_scale if scale is None else scale)
-        self.margin = float(rule.default_margin if margin is None else margin)
-        self.cloud = cloud
-        self.cloud_mode = cloud_mode
-        self.cloud_scale = float(cloud_scale)
-        self.warmup_steps = int(warmup_steps)
+        self.scale, self.margin = scale, margin
         self.reduction = reduction
         self.validate = bool(validate)
         self.impl = impl
@@ -197,28 +232,8 @@ class LEAPMarginHead(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(self.num_classes * self.sub_centers, self.embedding_size))
         nn.init.xavier_normal_(self.weight)
-        self.statistics = ClassStatistics(
-            self.num_classes,
-            self.embedding_size,
-            gamma=gamma,
-            memory_per_sample=memory_per_sample,
-            class_counts=class_counts,
-            cloud=cloud or "full",
-            tail_threshold=tail_threshold,
-            count_updates=count_steps if class_counts is None else None,
-            center_rate=center_rate,
-            unknown_variance=unknown_variance,
-            max_age=angle_max_age,
-        )
-        self.step = 0  # training steps taken (saved with the state)
-        self._rng = CloudRNG(int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
 
     # ------------------------------------------------------------------ public API
-    @property
-    def cloud_active(self) -> bool:
-        """Whether the next training step draws a feature cloud."""
-        return self.cloud is not None and self.step >= self.warmup_steps
-
     def logits(self, embeddings: Tensor) -> Tensor:
         """Plain scaled cosine logits ``s cos(theta)`` ``(B, C)`` for inference (no margin)."""
         check_embeddings(embeddings, self.embedding_size)
@@ -231,101 +246,75 @@ class LEAPMarginHead(nn.Module):
         ``forward`` is the cross-entropy of these logits. Adapters that compute their own
         cross-entropy (fastreid) call this.
         """
-        std, labels = self._training_step(embeddings, labels)
-        alpha = target_alpha = None
-        if std is not None:
-            gen = self._generator_for(std.device)
-            if self.cloud_mode == "paper":
-                alpha = fused.cloud_angles(std, self.num_classes, gen)
-            else:
-                target_alpha = FC.target_cloud_angles(std, self.cloud_mode, gen)
-        cos = FC.cosine_logits(*FC.common_float(embeddings, self.weight), self.sub_centers)
-        return FC.margin_logits(
-            cos, labels, margin_type=self.margin_rule, scale=self.scale, margin=self.margin,
-            alpha=alpha, target_alpha=target_alpha,
-        )
+        std, key, labels = self._training_step(embeddings, labels)
+        return cloud_margin_logits(
+            self.feature_cloud, embeddings, self.weight, labels, (std, key),
+            margin_type=self.margin_rule, scale=self.scale, margin=self.margin,
+            sub_centers=self.sub_centers)
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The LEAP margin softmax loss of a batch (reduced by ``reduction``)."""
-        if self.backend == "reference" or (self.cloud_mode != "paper" and self.cloud is not None):
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, *, label_smoothing: float = 0.0,
+        return_top1: bool = False, reduction: Optional[str] = None,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """The LEAP margin softmax loss of a batch (reduced by ``reduction``, default the
+        head's).
+
+        ``label_smoothing``: as ``F.cross_entropy``'s (targets ``1 - eps + eps / C``, ``eps / C``).
+        ``return_top1``: also return, per sample, whether its target has the largest plain
+        cosine (top-1 accuracy logging; the fused path gets it without a second GEMM).
+        """
+        reduction = self.reduction if reduction is None else reduction
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if self.backend == "reference":
             logits = self.margin_logits(embeddings, labels)
-            return FC.margin_cross_entropy(logits, labels.long(), self.reduction)
-        std, labels = self._training_step(embeddings, labels)
+            loss = FC.margin_cross_entropy(logits, labels.long(), reduction, label_smoothing)
+            if not return_top1:
+                return loss
+            with torch.no_grad():
+                cos = FC.cosine_logits(*FC.common_float(embeddings, self.weight), self.sub_centers)
+                y = labels.long()
+                top1 = (y >= 0) & (cos.gather(1, y.clamp_min(0)[:, None])[:, 0] >= cos.amax(1))
+            return loss, top1
+        std, key, labels = self._training_step(embeddings, labels)
         x, w = FC.common_float(embeddings, self.weight)
         return fused.margin_loss(
             x, w, labels, margin_type=self.margin_rule, scale=self.scale, validate=False,
-            margin=self.margin, noise_std=std,
-            generator=None if std is None else self._generator_for(std.device),
-            reduction=self.reduction,
+            margin=self.margin, noise_std=std, noise_key=key, reduction=reduction,
             chunk_size=self.chunk_size if self.backend == "chunked" else None,
+            label_smoothing=label_smoothing, return_top1=return_top1,
         )
 
     @property
     def backend(self) -> str:
-        """The implementation :meth:`forward` runs: ``impl`` resolved against the margin."""
-        fusable = self.margin_rule.has_fused and self.sub_centers == 1
+        """The implementation :meth:`forward` runs: ``impl`` resolved against the margin and
+        the cloud mode (and ``"reference"`` while a graph is captured)."""
+        fusable = (self.margin_rule.has_fused and self.sub_centers == 1 and not capturing()
+                   and (self.cloud is None or self.feature_cloud.mode == "paper"))
         return _BACKENDS[(self.impl, fusable, self.chunk_size is not None)]
 
-    def _training_step(self, embeddings: Tensor, labels: Tensor) -> Tuple[Optional[Tensor], Tensor]:
-        """Check the batch; when training, update the statistics and count the step.
-
-        Returns the per-sample cloud standard deviation ``(B,)`` when the cloud is active (else
-        ``None``) and the labels as int64.
-        """
+    def _training_step(
+        self, embeddings: Tensor, labels: Tensor
+    ) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor]:
+        """Check the batch (every check before any state changes); when training, advance the
+        cloud. Returns the cloud draw ``(std, key)`` (``None`` when inactive) and the labels as
+        int64."""
         train = self.training and torch.is_grad_enabled()
-        if train and self.cloud is not None and self.statistics.collective:
-            # every rank agrees on the batch (one all-reduce) before anything changes
-            labels = self.statistics.agree(embeddings, labels, self.validate)
-        else:
-            labels = check_batch(embeddings, labels, self.embedding_size, self.num_classes,
-                                 self.validate)
-        std = None
-        # a collective statistics update must run on every rank each step, even for an empty batch
-        if self.training and torch.is_grad_enabled() and (
-            embeddings.shape[0] > 0 or self.statistics.collective
-        ):
-            if self.cloud is not None:
-                if self.statistics.counting and self.step >= self.warmup_steps:
-                    self.statistics.allocate_memory()  # online K_i: lay out the memory once
-                self.statistics.update(embeddings, labels, validate=False)
-                if self.step >= self.warmup_steps:
-                    std = self.statistics.cloud_variance()[labels.clamp_min(0)].sqrt()
-                    if self.cloud_scale != 1.0:
-                        std = std * self.cloud_scale
-                    # a fresh generator is seeded from the step: create it before the count moves
-                    self._generator_for(std.device)
-            self.step += 1
-        return std, labels
+        cloud = self.feature_cloud
+        labels = cloud.check(embeddings, labels, validate=self.validate, train=train)
+        std, key = cloud.advance(embeddings, labels, train=train)
+        return std, key, labels
 
     def extra_repr(self) -> str:
         return (
             f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
             f"margin_type={self.margin_type!r}, scale={self.scale}, margin={self.margin}, "
             + (f"sub_centers={self.sub_centers}, " if self.sub_centers != 1 else "")
-            + f"cloud={self.cloud!r}, cloud_mode={self.cloud_mode!r}, cloud_scale={self.cloud_scale}, warmup_steps={self.warmup_steps}, reduction={self.reduction!r}, "
-            f"impl={self.impl!r}" + ("" if self.chunk_size is None else f", chunk_size={self.chunk_size}")
+            + f"reduction={self.reduction!r}, impl={self.impl!r}"
+            + ("" if self.chunk_size is None else f", chunk_size={self.chunk_size}")
         )
 
-    # ------------------------------------------------------------------ RNG and checkpoints
-    def _noise_stream(self) -> int:
-        """This process's noise stream (the rank under synchronised statistics, else 0)."""
-        return self.statistics.noise_stream
-
-    def _generator_for(self, device: torch.device) -> torch.Generator:
-        return self._rng.generator(device, self.step, self._noise_stream())
-
-    @property
-    def seed(self) -> int:
-        """Seed of the cloud's noise stream (saved with the state)."""
-        return self._rng.seed
-
-    def get_extra_state(self) -> Dict[str, Any]:
-        return {"step": self.step, **self._rng.state()}
-
-    def set_extra_state(self, state: Dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self._rng.load(state)
-
+    # ------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         key = prefix + "weight"
         if key in state_dict and tuple(state_dict[key].shape) != tuple(self.weight.shape):
@@ -336,4 +325,5 @@ class LEAPMarginHead(nn.Module):
                 f"num_classes={self.num_classes} x sub_centers={self.sub_centers} rows of size "
                 f"embedding_size={self.embedding_size}"
             )
+        migrate_state_dict(state_dict, prefix, prefix + "feature_cloud.")
         super()._load_from_state_dict(state_dict, prefix, *args)

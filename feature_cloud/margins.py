@@ -20,6 +20,8 @@ heads and the adapters look it up by name (:func:`get`).
 from __future__ import annotations
 
 import math
+import types
+import warnings
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -27,7 +29,8 @@ from torch import Tensor
 
 from . import functional as FC
 
-__all__ = ["Margin", "CosFace", "ArcFace", "SubCenterArcFace", "register", "get", "names"]
+__all__ = ["Margin", "CosFace", "ArcFace", "SubCenterArcFace", "register", "get", "names",
+           "check_unit"]
 
 
 class Margin:
@@ -52,11 +55,11 @@ class Margin:
 
     def fused_target(
         self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float
-    ) -> Union[Tuple[Tensor, Tensor], "NotImplementedType"]:  # noqa: F821
+    ) -> Union[Tuple[Tensor, Tensor], types.NotImplementedType]:
         """``(value, d value / d c_y)`` for the fused paths (plain tensors, no autograd), or
         ``NotImplemented`` when only :meth:`target` exists (the heads then use the reference
         path). ``c_y`` is clamped to ``[-1, 1]``."""
-        return NotImplemented
+        return NotImplemented  # type: ignore[no-any-return]
 
     @property
     def has_fused(self) -> bool:
@@ -82,7 +85,9 @@ class CosFace(Margin):
         base = cos_y if alpha_y is None else FC.shifted_cosine(cos_y, alpha_y)
         return base - margin
 
-    def fused_target(self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float):
+    def fused_target(
+        self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float
+    ) -> Tuple[Tensor, Tensor]:
         from .fused import cloud_cosine
 
         if alpha_y is None:
@@ -102,7 +107,9 @@ class ArcFace(Margin):
     def target(self, cos_y: Tensor, alpha_y: Optional[Tensor], margin: float) -> Tensor:
         return FC.shifted_cosine(cos_y, margin if alpha_y is None else alpha_y + margin)
 
-    def fused_target(self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float):
+    def fused_target(
+        self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float
+    ) -> Tuple[Tensor, Tensor]:
         from .fused import cloud_cosine
 
         shift = torch.full_like(c_y, margin) if alpha_y is None else alpha_y + margin
@@ -150,6 +157,34 @@ def get(margin_type: Union[str, Margin]) -> Margin:
         return _REGISTRY[margin_type]
     except (KeyError, TypeError):
         raise ValueError(f"margin_type must be one of {names()}, got {margin_type!r}") from None
+
+
+def check_unit(margin_type: Union[str, Margin], margin: float, unit: str = "radians") -> None:
+    """Warn when an angular margin (ArcFace, sub-center ArcFace) looks like the other unit.
+
+    ``unit="radians"`` (the heads, fastreid): a margin above ``pi / 2`` is almost certainly in
+    degrees. ``unit="degrees"`` (the PML adapter, as PML's ``ArcFaceLoss``): a non-zero margin
+    below 1 is almost certainly in radians. Cosine margins (CosFace) are not checked.
+    """
+    if unit not in ("radians", "degrees"):
+        raise ValueError(f"unit must be 'radians' or 'degrees', got {unit!r}")
+    rule = get(margin_type)
+    if not rule.pml_degrees:  # not an angular margin
+        return
+    m = float(margin)
+    if unit == "radians" and abs(m) > math.pi / 2:
+        warnings.warn(
+            f"{rule.name} margin={m} is in radians here ({math.degrees(m):.0f} degrees); a margin "
+            f"above pi/2 looks like degrees: did you mean margin={math.radians(m):.3f}?",
+            UserWarning, stacklevel=3,
+        )
+    elif unit == "degrees" and 0.0 < abs(m) < 1.0:
+        warnings.warn(
+            f"{rule.name} margin={m} is in degrees here (PML's convention, default "
+            f"{rule.pml_margin}); a margin below 1 looks like radians: did you mean "
+            f"margin={math.degrees(m):.1f}?",
+            UserWarning, stacklevel=3,
+        )
 
 
 for _m in (CosFace(), ArcFace(), SubCenterArcFace()):

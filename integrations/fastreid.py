@@ -4,15 +4,28 @@ Importing this module
 
 1. applies :func:`patch_fastreid_compat` (fastreid 1.4.0 does not import on Python >= 3.10 /
    torch >= 2 without it; every patch is listed in its docstring and is a no-op where the
-   environment does not need it),
-2. registers :class:`LEAPHead` in ``fastreid.modeling.heads.REID_HEADS_REGISTRY``.
+   environment does not need it). Import this module before ``fastreid.engine`` /
+   ``fastreid.data``: on Python >= 3.10 those fail inside fastreid itself
+   (``cannot import name 'Mapping' from 'collections'``) until the patches are applied. fastreid
+   modules that did import (``fastreid.config``, or all of them on an older Python) are patched
+   where they are.
+2. registers :class:`LEAPHead` in ``fastreid.modeling.heads.REID_HEADS_REGISTRY``,
+3. hooks into fastreid's trainer (:func:`_integrate_trainer`): ``DefaultTrainer.build_hooks``
+   adds :class:`FeatureCloudHook` (class counts from the trainer's training set when training
+   starts), and ``Checkpointer`` gives data-sized feature-cloud buffers the checkpoint's shape
+   before its shape filter, so ``MODEL.WEIGHTS`` / ``--eval-only`` / ``resume_or_load`` restore
+   the complete head.
 
 A training script adds the config node once (fastreid's ``add_*_config`` convention)::
 
-    from feature_cloud.integrations.fastreid import add_feature_cloud_config
+    import feature_cloud.integrations.fastreid as fc_fastreid   # first: patches fastreid
+    from fastreid.config import get_cfg
+    from fastreid.engine import DefaultTrainer
+
     cfg = get_cfg()
-    add_feature_cloud_config(cfg)
-    cfg.merge_from_file("examples/fastreid/Market1501/leap_R50.yml")
+    fc_fastreid.add_feature_cloud_config(cfg)
+    cfg.merge_from_file(fc_fastreid.config_path("Market1501/leap_R50.yml"))  # shipped YAML
+    trainer = DefaultTrainer(cfg)
 
 and the YAML switches the head::
 
@@ -33,7 +46,7 @@ and the YAML switches the head::
 The head's training output feeds fastreid's own meta-arch losses (``cls_outputs`` go to
 ``MODEL.LOSSES.NAME: CrossEntropyLoss`` with its label smoothing, ``features`` to the triplet
 loss). The head holds no math: pooling/neck are fastreid's layers, the margin logits and the
-cloud come from :class:`feature_cloud.LEAPMarginHead`.
+cloud come from :class:`feature_cloud.LEAPMarginHead`. Building it reads no data.
 """
 from __future__ import annotations
 
@@ -44,6 +57,8 @@ import importlib
 import inspect
 import logging
 import math
+import os
+import re
 import sys
 import types
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -58,9 +73,12 @@ __all__ = [
     "patch_fastreid_compat",
     "add_feature_cloud_config",
     "LEAPHead",
+    "LEAPBaseline",
     "class_counts_from_dataset",
     "class_counts_from_config",
     "CLS_LAYER_TO_MARGIN",
+    "config_path",
+    "FeatureCloudHook",
 ]
 
 logger = logging.getLogger(__name__)
@@ -101,6 +119,12 @@ def patch_fastreid_compat() -> List[str]:
        and ``fastreid.engine.defaults``) is wrapped so that an optimizer over contiguous
        buffers zeroes gradients in place (``set_to_none=False``); nothing else changes.
 
+    7. CPU-only hosts: ``DefaultTrainer`` wraps the model in
+       ``DistributedDataParallel(model, device_ids=[local_rank], ...)`` under a process group,
+       which torch refuses for a CPU module; ``fastreid.engine.defaults.DistributedDataParallel``
+       is replaced by a function that passes ``device_ids=None`` for a CPU module (gloo),
+       everything else unchanged.
+
     fastreid's ``solver/optim/lamb.py`` imports ``torch.utils.tensorboard``: that needs the
     ``tensorboard`` package (in the ``fastreid`` extra); it is not patched.
     """
@@ -120,7 +144,7 @@ def patch_fastreid_compat() -> List[str]:
         collections.Mapping = collections.abc.Mapping  # type: ignore[attr-defined]
         _APPLIED.append("collections.Mapping")
     if "bool" not in np.__dict__:
-        np.bool = bool  # type: ignore[attr-defined]
+        np.bool = bool  # type: ignore[misc, assignment, unused-ignore]
         _APPLIED.append("np.bool")
 
     from fastreid.data import build as data_build
@@ -134,6 +158,13 @@ def patch_fastreid_compat() -> List[str]:
     if reid_evaluation.ReidEvaluator._compile_dependencies is not _no_compile_dependencies:
         reid_evaluation.ReidEvaluator._compile_dependencies = _no_compile_dependencies
         _APPLIED.append("fastreid.evaluation.ReidEvaluator._compile_dependencies")
+
+    if not torch.cuda.is_available():
+        import fastreid.engine.defaults as engine_defaults
+
+        if not getattr(engine_defaults.DistributedDataParallel, "_feature_cloud_cpu", False):
+            engine_defaults.DistributedDataParallel = _cpu_ddp
+            _APPLIED.append("fastreid.engine.defaults.DistributedDataParallel")
 
     zero_grad_default = inspect.signature(torch.optim.Optimizer.zero_grad).parameters["set_to_none"].default
     if zero_grad_default is True:
@@ -161,6 +192,17 @@ class _CPUDataLoaderX(torch.utils.data.DataLoader):
         kwargs["pin_memory"] = False
         super().__init__(**kwargs)
         self.local_rank = local_rank
+
+
+def _cpu_ddp(module: nn.Module, device_ids: Optional[Sequence[int]] = None, **kwargs: Any) -> nn.Module:
+    """Patch 7 of :func:`patch_fastreid_compat`: fastreid's DDP wrapping for a CPU module."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+    return DistributedDataParallel(module, device_ids=None if on_cpu else device_ids, **kwargs)
+
+
+_cpu_ddp._feature_cloud_cpu = True  # type: ignore[attr-defined]
 
 
 def _keep_grad_build_optimizer(build_optimizer: Callable[..., Any]) -> Callable[..., Any]:
@@ -198,9 +240,37 @@ def _no_compile_dependencies(self: Any) -> None:
 patch_fastreid_compat()
 
 from fastreid.config import CfgNode, configurable  # noqa: E402
+from fastreid.engine import DefaultTrainer  # noqa: E402
+from fastreid.engine.train_loop import HookBase  # noqa: E402
 from fastreid.layers import get_norm, pooling  # noqa: E402
 from fastreid.layers.weight_init import weights_init_kaiming  # noqa: E402
 from fastreid.modeling.heads import REID_HEADS_REGISTRY  # noqa: E402
+from fastreid.modeling.meta_arch import META_ARCH_REGISTRY, Baseline  # noqa: E402
+from fastreid.utils.checkpoint import Checkpointer, _strip_prefix_if_present  # noqa: E402
+
+from feature_cloud import statistics as _statistics  # noqa: E402
+from feature_cloud import transfer as _transfer  # noqa: E402
+from feature_cloud.cloud import migrate_state_dict  # noqa: E402
+
+#: the shipped example configs (installed with the package, see :func:`config_path`)
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastreid_configs")
+
+
+def config_path(name: str = "Market1501/leap_R50.yml") -> str:
+    """Path of a shipped example config, for ``cfg.merge_from_file(config_path(...))``.
+
+    ``name`` is relative to the config folder: ``"Base-LEAP.yml"``, ``"Base-FTL.yml"``,
+    ``"Market1501/leap_R50.yml"``, ``"Market1501/ftl_R50.yml"``. The files are package data, so
+    this works from an installed wheel as well as from a checkout.
+    """
+    path = os.path.normpath(os.path.join(CONFIG_DIR, name))
+    if os.path.commonpath([path, CONFIG_DIR]) != CONFIG_DIR or not os.path.isfile(path):
+        available = sorted(
+            os.path.relpath(os.path.join(d, f), CONFIG_DIR).replace(os.sep, "/")
+            for d, _, files in os.walk(CONFIG_DIR) for f in files if f.endswith(".yml")
+        )
+        raise FileNotFoundError(f"no shipped fastreid config {name!r}; available: {available}")
+    return path
 
 
 # ------------------------------------------------------------------ configuration
@@ -209,11 +279,12 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
 
     ``CLOUD``: ``full`` (LEAP Eq. 9), ``vanilla`` (Eq. 6) or ``none``; ``TAIL_THRESHOLD``: ``T``
     of the vanilla rule; ``GAMMA``: center learning rate of Eq. 4; ``MEMORY_PER_SAMPLE``: ``P`` of
-    Eq. 5; ``WARMUP_ITERS``: iterations without cloud; ``CLASS_COUNTS``: ``dataset`` (count
-    ``K_i`` from the training split of ``DATASETS.NAMES`` when the head is built) or ``online``
-    (count during the warm-up, which must then cover an epoch); ``SEED``: cloud RNG seed (``-1``:
-    from the global RNG); ``VALIDATE``: per-step label/finiteness check (one host sync).
-    The margin is fastreid's own ``MODEL.HEADS.CLS_LAYER`` / ``SCALE`` / ``MARGIN``.
+    Eq. 5; ``WARMUP_ITERS``: iterations without cloud; ``CLASS_COUNTS``: ``dataset`` (``K_i`` of
+    the trainer's own training set, taken when training starts; a checkpoint carries them) or
+    ``online`` (counted during the warm-up); ``COUNT_ITERS``: with ``online``, count over the
+    first ``COUNT_ITERS`` iterations only (one epoch; ``0``: the whole warm-up); ``SEED``: cloud RNG
+    seed (``-1``: from the global RNG); ``VALIDATE``: per-step label/finiteness check (one host
+    sync). The margin is fastreid's own ``MODEL.HEADS.CLS_LAYER`` / ``SCALE`` / ``MARGIN``.
     """
     node = CfgNode()
     node.CLOUD = "full"
@@ -222,6 +293,7 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     node.MEMORY_PER_SAMPLE = 1
     node.WARMUP_ITERS = 0
     node.CLASS_COUNTS = "dataset"
+    node.COUNT_ITERS = 0
     node.SEED = -1
     node.VALIDATE = True
     frozen = cfg.is_frozen()
@@ -246,7 +318,11 @@ def class_counts_from_dataset(dataset: Any) -> Tensor:
 
 
 def class_counts_from_config(cfg: CfgNode) -> Tensor:
-    """``K_i`` of the training set that ``DefaultTrainer.build_train_loader(cfg)`` would build."""
+    """``K_i`` of the training set that ``DefaultTrainer.build_train_loader(cfg)`` would build.
+
+    Reads the training split; the trainer does not need this (:class:`FeatureCloudHook` takes the
+    counts from the dataset it already built). For custom training loops.
+    """
     from fastreid.data import build as data_build
     from fastreid.data.common import CommDataset
     from fastreid.data.datasets import DATASET_REGISTRY
@@ -256,6 +332,132 @@ def class_counts_from_config(cfg: CfgNode) -> Tensor:
         data = DATASET_REGISTRY.get(name)(root=data_build._root, combineall=cfg.DATASETS.COMBINEALL)
         items.extend(data.train)
     return class_counts_from_dataset(CommDataset(items, None, relabel=True))
+
+
+#: ``LEAPMarginHead`` argument -> the YAML key it comes from (error messages name the key)
+_YAML_KEYS = {
+    "warmup_steps": "MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS",
+    "count_steps": "MODEL.HEADS.FEATURE_CLOUD.COUNT_ITERS",
+    "class_counts": "MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS",
+    "tail_threshold": "MODEL.HEADS.FEATURE_CLOUD.TAIL_THRESHOLD",
+    "memory_per_sample": "MODEL.HEADS.FEATURE_CLOUD.MEMORY_PER_SAMPLE",
+    "gamma": "MODEL.HEADS.FEATURE_CLOUD.GAMMA",
+    "seed": "MODEL.HEADS.FEATURE_CLOUD.SEED",
+    "cloud": "MODEL.HEADS.FEATURE_CLOUD.CLOUD",
+    "margin_type": "MODEL.HEADS.CLS_LAYER",
+    "scale": "MODEL.HEADS.SCALE",
+    "margin": "MODEL.HEADS.MARGIN",
+    "num_classes": "MODEL.HEADS.NUM_CLASSES",
+    "embedding_size": "MODEL.HEADS.EMBEDDING_DIM (or MODEL.BACKBONE.FEAT_DIM)",
+}
+_YAML_PATTERN = re.compile(r"\b(" + "|".join(_YAML_KEYS) + r")\b")
+
+
+def _yaml_error(error: Exception) -> Exception:
+    """The same exception with the head's argument names replaced by the YAML keys."""
+    return type(error)(_YAML_PATTERN.sub(lambda m: _YAML_KEYS[m.group(1)], str(error)))
+
+
+# ------------------------------------------------------------------ checkpoints and the trainer
+def _variable_buffers(module: nn.Module) -> Sequence[str]:
+    """Buffers whose shape follows the data rather than the configuration (the LEAP angle memory
+    is ``sum_i K_i P`` long; FTL's basis and sample lists change at every UpdateStats)."""
+    if isinstance(module, _statistics.ClassStatistics):
+        return _statistics._MEMORY_BUFFERS
+    if isinstance(module, _transfer.FeatureTransfer):
+        return _transfer._VARIABLE_BUFFERS
+    return ()
+
+
+def _size_variable_buffers(model: nn.Module, state: Dict[str, Any]) -> None:
+    """Give each data-sized buffer the checkpoint's shape, where the module's fixed-size tensors
+    (class count, feature size) all match the checkpoint; otherwise leave fastreid's rule
+    (skip mismatching tensors) in charge, e.g. fine-tuning to another number of classes."""
+    for prefix, module in model.named_modules():
+        names = _variable_buffers(module)
+        if not names:
+            continue
+        prefix = prefix + "." if prefix else ""
+        fixed = [(n, t) for n, t in module.state_dict().items() if n.split(".")[0] not in names]
+        if any(prefix + n in state and tuple(state[prefix + n].shape) != tuple(t.shape) for n, t in fixed
+               if isinstance(t, Tensor)):
+            continue
+        for name in names:
+            src, cur = state.get(prefix + name), getattr(module, name, None)
+            if isinstance(src, (Tensor, np.ndarray)) and isinstance(cur, Tensor) and tuple(src.shape) != tuple(cur.shape):
+                setattr(module, name, torch.empty(tuple(src.shape), dtype=cur.dtype, device=cur.device))
+
+
+def _migrate_legacy_heads(model: nn.Module, state: Dict[str, Any]) -> None:
+    """Rewrite the entries of 0.1.0 heads (a dict ``_extra_state``, which fastreid's loader
+    rejects) into the tensor-only layout, in place, before fastreid sees them."""
+    for name, module in model.named_modules():
+        if isinstance(module, LEAPMarginHead):
+            prefix = name + "." if name else ""
+            migrate_state_dict(state, prefix, prefix + "feature_cloud.")
+
+
+def _checkpointer_load_model(load_model: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(load_model)
+    def wrapped(self: Checkpointer, checkpoint: Any) -> Any:
+        state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+        if isinstance(state, dict):
+            model = self.model.module if hasattr(self.model, "module") else self.model
+            _strip_prefix_if_present(state, "module.")  # what fastreid's loader does first
+            _migrate_legacy_heads(model, state)
+            _size_variable_buffers(model, state)
+        return load_model(self, checkpoint)
+
+    wrapped._feature_cloud = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+class FeatureCloudHook(HookBase):
+    """Gives every :class:`LEAPHead` with ``CLASS_COUNTS: dataset`` the ``K_i`` of the trainer's
+    own training set (``trainer.data_loader.dataset``, already read by the trainer) when training
+    starts, after ``resume_or_load``. A head restored from a checkpoint keeps its counts when
+    they match; when they differ (fine-tuning on another split) the angle memory is laid out
+    again for the new counts (centers kept). Added to ``DefaultTrainer.build_hooks`` by this
+    module (first in the list) whenever the model holds a ``LEAPHead``.
+    """
+
+    def before_train(self) -> None:
+        dataset = self.trainer.data_loader.dataset
+        counts = None
+        for head in _leap_heads(self.trainer.model):
+            if head.class_counts_source != "dataset":
+                continue
+            counts = class_counts_from_dataset(dataset) if counts is None else counts
+            head.set_class_counts(counts)
+
+
+def _leap_heads(model: nn.Module) -> List[LEAPHead]:
+    return [m for m in model.modules() if isinstance(m, LEAPHead)]
+
+
+def _build_hooks_with_feature_cloud(build_hooks: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(build_hooks)
+    def wrapped(self: DefaultTrainer) -> List[HookBase]:
+        ret = build_hooks(self)
+        if _leap_heads(self.model) and not any(isinstance(h, FeatureCloudHook) for h in ret):
+            ret.insert(0, FeatureCloudHook())
+        return ret
+
+    wrapped._feature_cloud = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _integrate_trainer() -> None:
+    """The two trainer integrations this module installs (idempotent): ``Checkpointer`` gives
+    data-sized feature-cloud buffers the checkpoint's shape before fastreid's shape filter (which
+    would drop them), and ``DefaultTrainer.build_hooks`` adds :class:`FeatureCloudHook`."""
+    if not getattr(Checkpointer._load_model, "_feature_cloud", False):
+        Checkpointer._load_model = _checkpointer_load_model(Checkpointer._load_model)
+    if not getattr(DefaultTrainer.build_hooks, "_feature_cloud", False):
+        DefaultTrainer.build_hooks = _build_hooks_with_feature_cloud(DefaultTrainer.build_hooks)
+
+
+_integrate_trainer()
 
 
 # ------------------------------------------------------------------ the head
@@ -270,6 +472,13 @@ class LEAPHead(nn.Module):
     (``after``) features. Inference returns the neck features. The class statistics update only
     in training steps with gradients, so fastreid's PreciseBN pass (``no_grad``, dummy labels)
     leaves them untouched.
+
+    Building the head reads no data. ``class_counts="dataset"`` leaves ``K_i`` to
+    :meth:`set_class_counts` (:class:`FeatureCloudHook` calls it when fastreid's trainer starts)
+    or to a checkpoint; a training step before either raises. With ``num_classes=0`` (the shipped
+    YAMLs: fastreid's trainer fills ``NUM_CLASSES`` from the training set) the head has no
+    classifier and serves inference only. Under an initialised process group the class
+    statistics are synchronised across ranks (the head's ``sync="auto"``).
     """
 
     @configurable
@@ -291,15 +500,23 @@ class LEAPHead(nn.Module):
         gamma: float = 0.1,
         memory_per_sample: int = 1,
         warmup_steps: int = 0,
-        class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
+        class_counts: Optional[Union[Tensor, Sequence[int], str]] = "dataset",
+        count_steps: Optional[int] = None,
         seed: Optional[int] = None,
         validate: bool = True,
+        batch_size_per_rank: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not hasattr(pooling, pool_type):
             raise ValueError(f"unknown MODEL.HEADS.POOL_LAYER {pool_type!r}; expected one of {pooling.__all__}")
         if neck_feat not in ("before", "after"):
             raise ValueError(f"MODEL.HEADS.NECK_FEAT must be 'before' or 'after', got {neck_feat!r}")
+        if isinstance(class_counts, str) and class_counts not in ("dataset", "online"):
+            raise ValueError(
+                f"MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS must be 'dataset' or 'online', got {class_counts!r}"
+            )
+        if int(num_classes) < 0:
+            raise ValueError(f"MODEL.HEADS.NUM_CLASSES must be >= 0, got {num_classes}")
         self.pool_layer = getattr(pooling, pool_type)()
         self.neck_feat = neck_feat
         neck: List[nn.Module] = []
@@ -310,21 +527,35 @@ class LEAPHead(nn.Module):
             neck.append(get_norm(norm_type, feat_dim, bias_freeze=True))
         self.bottleneck = nn.Sequential(*neck)
         self.bottleneck.apply(weights_init_kaiming)
-        self.margin_head = LEAPMarginHead(
-            feat_dim,
-            num_classes,
-            margin_type=margin_type,
-            scale=scale,
-            margin=margin,
-            cloud=cloud,
-            tail_threshold=tail_threshold,
-            gamma=gamma,
-            memory_per_sample=memory_per_sample,
-            warmup_steps=warmup_steps,
-            class_counts=class_counts,
-            seed=seed,
-            validate=validate,
-        )
+
+        #: where ``K_i`` come from: "dataset" (set_class_counts / a checkpoint), "online" or "given"
+        self.class_counts_source = class_counts if isinstance(class_counts, str) else "given"
+        if class_counts is None:
+            self.class_counts_source = "online"
+        self._counts_pending = cloud is not None and self.class_counts_source == "dataset"
+        self.margin_head: Optional[LEAPMarginHead] = None
+        if int(num_classes) > 0:
+            if self._counts_pending:
+                counts: Any = torch.zeros(int(num_classes), dtype=torch.long)  # placeholder layout
+            else:
+                counts = None if isinstance(class_counts, str) else class_counts
+            try:
+                self.margin_head = LEAPMarginHead(
+                    feat_dim, int(num_classes), margin_type=margin_type, scale=scale, margin=margin,
+                    cloud=cloud, tail_threshold=tail_threshold, gamma=gamma,
+                    memory_per_sample=memory_per_sample, warmup_steps=warmup_steps,
+                    class_counts=counts, seed=seed, validate=validate,
+                    count_steps=count_steps if self.class_counts_source == "online" else None,
+                    # statistics identical on every rank under a process group (sync="auto", the
+                    # head's default); the per-rank batch size spares a host sync per step
+                    pad_to=batch_size_per_rank,
+                )
+            except (TypeError, ValueError) as error:
+                raise _yaml_error(error) from error
+        self.register_load_state_dict_post_hook(_counts_loaded)
+        #: fastreid's ``CE.EPSILON`` when :class:`LEAPBaseline` runs the cross-entropy inside the
+        #: head (fused kernels); ``None``: return margin logits for fastreid's own loss
+        self.fused_ce_epsilon: Optional[float] = None
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
@@ -347,14 +578,16 @@ class LEAPHead(nn.Module):
             raise ValueError(
                 f"MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS must be 'dataset' or 'online', got {fc.CLASS_COUNTS!r}"
             )
-        counts = None
-        if cloud is not None and mode == "dataset":
-            counts = class_counts_from_config(cfg)
-            if counts.numel() != heads.NUM_CLASSES:
-                raise ValueError(
-                    f"the training set has {counts.numel()} identities but MODEL.HEADS.NUM_CLASSES "
-                    f"is {heads.NUM_CLASSES}"
-                )
+        if cloud is not None and mode == "online" and int(fc.WARMUP_ITERS) <= 0:
+            raise ValueError(
+                "MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS: online counts K_i during "
+                f"MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS, which is {fc.WARMUP_ITERS}: set WARMUP_ITERS "
+                "to at least one epoch of iterations, or use CLASS_COUNTS: dataset"
+            )
+        from fastreid.utils import comm
+
+        world = comm.get_world_size()
+        per_rank = int(cfg.SOLVER.IMS_PER_BATCH) // world if int(cfg.SOLVER.IMS_PER_BATCH) % world == 0 else None
         return {
             "feat_dim": cfg.MODEL.BACKBONE.FEAT_DIM,
             "embedding_dim": heads.EMBEDDING_DIM,
@@ -371,15 +604,54 @@ class LEAPHead(nn.Module):
             "gamma": float(fc.GAMMA),
             "memory_per_sample": int(fc.MEMORY_PER_SAMPLE),
             "warmup_steps": int(fc.WARMUP_ITERS),
-            "class_counts": counts,
+            "class_counts": mode,
+            "count_steps": int(fc.COUNT_ITERS) if int(fc.COUNT_ITERS) > 0 else None,
             "seed": None if int(fc.SEED) < 0 else int(fc.SEED),
             "validate": bool(fc.VALIDATE),
+            "batch_size_per_rank": per_rank if world > 1 else None,
         }
 
     @property
     def statistics(self):
         """The :class:`feature_cloud.ClassStatistics` of the cloud."""
-        return self.margin_head.statistics
+        return self._margin_head().statistics
+
+    @property
+    def class_counts_pending(self) -> bool:
+        """Whether ``K_i`` still have to come from the training set (:meth:`set_class_counts`)."""
+        return self._counts_pending
+
+    def set_class_counts(self, counts: Union[Tensor, Sequence[int]]) -> None:
+        """Give the cloud its ``K_i`` (LEAP Eq. 5), e.g. ``class_counts_from_dataset(dataset)``.
+
+        Lays out the angle memory. Counts equal to those already held (a resumed checkpoint) change
+        nothing; different counts re-lay out the memory (centers kept) with a warning.
+        """
+        head = self._margin_head()
+        counts = torch.as_tensor(counts)
+        if counts.dim() != 1 or counts.numel() != head.num_classes:
+            raise ValueError(
+                f"the training set has {counts.numel()} identities but MODEL.HEADS.NUM_CLASSES is {head.num_classes}"
+            )
+        stats = head.statistics
+        if not self._counts_pending:
+            if torch.equal(stats.class_counts.cpu(), counts.cpu().long()):
+                return
+            logger.warning(
+                "LEAPHead: the class counts of the loaded checkpoint differ from the training set's; "
+                "the angle memory is laid out again for the training set (class centers kept)"
+            )
+        stats.allocate_memory(counts)
+        self._counts_pending = False
+
+    def _margin_head(self) -> LEAPMarginHead:
+        if self.margin_head is None:
+            raise RuntimeError(
+                "LEAPHead was built with MODEL.HEADS.NUM_CLASSES: 0 (inference only). fastreid's "
+                "DefaultTrainer sets NUM_CLASSES from the training set; set it in the config to train "
+                "or to use the classifier"
+            )
+        return self.margin_head
 
     def forward(self, features: Tensor, targets: Optional[Tensor] = None):
         pool_feat = self.pool_layer(features)
@@ -388,12 +660,109 @@ class LEAPHead(nn.Module):
             return neck_feat
         if targets is None:
             raise ValueError("LEAPHead needs targets (identity labels) in training mode")
-        cls_outputs = self.margin_head.margin_logits(neck_feat, targets)
-        with torch.no_grad():
-            pred_class_logits = self.margin_head.logits(neck_feat)
+        head = self._margin_head()
+        if self._counts_pending and torch.is_grad_enabled():
+            raise RuntimeError(
+                "MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS: dataset, but the class counts are not set yet: "
+                "fastreid's DefaultTrainer sets them from its training set when training starts "
+                "(FeatureCloudHook); in another training loop call "
+                "head.set_class_counts(class_counts_from_dataset(train_set)) first, load a checkpoint, "
+                "or use CLASS_COUNTS: online with WARMUP_ITERS covering an epoch"
+            )
         feat = pool_feat[..., 0, 0] if self.neck_feat == "before" else neck_feat
+        if self.fused_ce_epsilon is not None:  # LEAPBaseline: the loss on the fused kernels
+            losses, top1 = head(
+                neck_feat, targets, return_top1=True, reduction="none",
+                label_smoothing=fastreid_epsilon_to_label_smoothing(self.fused_ce_epsilon,
+                                                                    head.num_classes))
+            return {"cls_losses": losses, "top1": top1, "features": feat}
+        cls_outputs = head.margin_logits(neck_feat, targets)
+        with torch.no_grad():
+            pred_class_logits = head.logits(neck_feat)
         return {
             "cls_outputs": cls_outputs,
             "pred_class_logits": pred_class_logits,
             "features": feat,
         }
+
+
+def _counts_loaded(module: nn.Module, incompatible: Any) -> None:
+    """After loading a state dict: counts in the checkpoint (a trained head) are the ``K_i``."""
+    if not isinstance(module, LEAPHead) or module.margin_head is None or not module._counts_pending:
+        return
+    if bool(module.margin_head.statistics.class_counts.sum() > 0):
+        module._counts_pending = False
+
+
+def fastreid_epsilon_to_label_smoothing(epsilon: float, num_classes: int) -> float:
+    """fastreid's ``CE.EPSILON`` ``e`` (targets ``1 - e`` and ``e / (C - 1)``) as
+    ``F.cross_entropy``'s ``label_smoothing`` (targets ``1 - eps + eps / C`` and ``eps / C``):
+    ``eps = e C / (C - 1)``."""
+    return float(epsilon) * num_classes / max(num_classes - 1, 1)
+
+
+class _PredictedClasses:
+    """Stands in for ``pred_class_logits`` in fastreid's ``log_accuracy`` (which takes the top-1
+    class): the fused loss returns whether each sample's target ranks first, not a ``B x C``
+    logit matrix; ``pred`` is the label where it does and ``-1`` elsewhere."""
+
+    def __init__(self, pred: Tensor) -> None:
+        self.pred = pred
+
+    def detach(self) -> _PredictedClasses:
+        return self
+
+    def size(self, dim: int = 0) -> int:
+        return self.pred.shape[0]
+
+    def topk(self, k: int, dim: int = 1, largest: bool = True, sorted: bool = True):
+        if k != 1 or dim != 1 or not largest:
+            raise ValueError("only the top-1 class is known (fastreid logs top-1 accuracy)")
+        return None, self.pred.unsqueeze(1)
+
+
+@META_ARCH_REGISTRY.register()
+class LEAPBaseline(Baseline):
+    """fastreid's ``Baseline`` whose cross-entropy runs inside :class:`LEAPHead` on the fused
+    kernels (``MODEL.META_ARCHITECTURE: LEAPBaseline``).
+
+    Same configuration and losses as ``Baseline``: ``CrossEntropyLoss`` with ``CE.EPSILON``
+    label smoothing (``1 - e`` on the target, ``e / (C - 1)`` elsewhere), normalised like
+    fastreid's ``cross_entropy_loss`` (sum over the non-zero losses' count) and scaled by
+    ``CE.SCALE``; top-1 accuracy logged as ``cls_accuracy``; triplet, circle and pairwise
+    cosface losses computed by ``Baseline.losses`` on the head's features. The head returns
+    per-sample losses instead of ``B x C`` margin logits, so the step makes no logit matrix
+    outside the fused kernels. With adaptive label smoothing (``CE.EPSILON < 0``) or another
+    head it is exactly ``Baseline``.
+    """
+
+    @configurable
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        names = self.loss_kwargs["loss_names"]
+        eps = float(self.loss_kwargs.get("ce", {}).get("eps", 0.0))
+        if isinstance(self.heads, LEAPHead) and "CrossEntropyLoss" in names and eps >= 0:
+            self.heads.fused_ce_epsilon = eps
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
+        return Baseline.from_config(cfg)
+
+    def losses(self, outputs: Dict[str, Any], gt_labels: Tensor) -> Dict[str, Tensor]:
+        if "cls_losses" not in outputs:  # margin logits: fastreid's own cross-entropy
+            return super().losses(outputs, gt_labels)
+        kwargs = self.loss_kwargs
+        names = kwargs["loss_names"]
+        self.loss_kwargs = dict(kwargs, loss_names=[n for n in names if n != "CrossEntropyLoss"])
+        try:  # accuracy and every other loss by Baseline itself
+            loss_dict = super().losses(
+                {"pred_class_logits": _PredictedClasses(
+                    torch.where(outputs["top1"], gt_labels, torch.full_like(gt_labels, -1))),
+                 "cls_outputs": None, "features": outputs["features"]}, gt_labels)
+        finally:
+            self.loss_kwargs = kwargs
+        if "CrossEntropyLoss" in names:
+            per_sample = outputs["cls_losses"]
+            count = torch.count_nonzero(per_sample).clamp_min(1)  # fastreid's normalisation
+            loss_dict["loss_cls"] = per_sample.sum() / count * kwargs["ce"].get("scale", 1.0)
+        return loss_dict

@@ -8,7 +8,7 @@ Importing this module applies fastreid's compatibility patches (see
     from feature_cloud.integrations.fastreid_ftl import FTLTrainer, add_ftl_config
     cfg = get_cfg()
     add_ftl_config(cfg)                        # adds MODEL.FTL
-    cfg.merge_from_file("examples/fastreid/Market1501/ftl_R50.yml")
+    cfg.merge_from_file(config_path("Market1501/ftl_R50.yml"))  # feature_cloud.integrations.fastreid
     trainer = FTLTrainer(cfg)                  # DefaultTrainer + FTLHook
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -39,7 +39,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from feature_cloud.ftl import AlternatingScheduler, ConvDecoder, FTLModel, make_filter
 from feature_cloud.heads import LEAPMarginHead
-from feature_cloud.integrations.fastreid import CLS_LAYER_TO_MARGIN, patch_fastreid_compat
+from feature_cloud.integrations.fastreid import (  # noqa: F401
+    CLS_LAYER_TO_MARGIN,
+    config_path,
+    patch_fastreid_compat,
+)
 from feature_cloud.transfer import FeatureTransfer
 
 patch_fastreid_compat()
@@ -133,8 +137,12 @@ class FTLBaseline(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, ftl: FTLModel, pixel_mean: Sequence[float], pixel_std: Sequence[float]) -> None:
+    def __init__(
+        self, *, ftl: FTLModel, pixel_mean: Sequence[float], pixel_std: Sequence[float], inference_only: bool = False,
+    ) -> None:
         super().__init__()
+        #: built with ``MODEL.HEADS.NUM_CLASSES: 0``: ``f = R(Enc(x))`` only, no training
+        self.inference_only = bool(inference_only)
         if not isinstance(ftl, FTLModel):
             raise TypeError(f"ftl must be a feature_cloud.FTLModel, got {type(ftl).__name__}")
         self.ftl = ftl
@@ -148,8 +156,12 @@ class FTLBaseline(nn.Module):
         feat_dim = int(cfg.MODEL.BACKBONE.FEAT_DIM)
         emb_dim = int(heads.EMBEDDING_DIM) or feat_dim
         num_classes = int(heads.NUM_CLASSES)
-        if num_classes < 1:
-            raise ValueError("MODEL.HEADS.NUM_CLASSES must be set (DefaultTrainer fills it from the training set)")
+        if num_classes < 0:
+            raise ValueError(f"MODEL.HEADS.NUM_CLASSES must be >= 0, got {num_classes}")
+        # NUM_CLASSES 0 (the shipped YAMLs; DefaultTrainer fills it from the training set): an
+        # inference-only model, Enc + R load from a checkpoint, the one-class FC is a placeholder
+        inference_only = num_classes == 0
+        num_classes = max(num_classes, 1)
         if not hasattr(pooling, heads.POOL_LAYER):
             raise ValueError(f"unknown MODEL.HEADS.POOL_LAYER {heads.POOL_LAYER!r}; expected one of {pooling.__all__}")
         encoder = FTLEncoder(build_backbone(cfg), getattr(pooling, heads.POOL_LAYER)())
@@ -182,7 +194,8 @@ class FTLBaseline(nn.Module):
             decoder=decoder, alpha_sfmx=float(ftl_cfg.ALPHA_SFMX), alpha_recon=float(ftl_cfg.ALPHA_RECON),
             alpha_reg=float(ftl_cfg.ALPHA_REG), transfer=transfer,
         )
-        return {"ftl": ftl, "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD}
+        return {"ftl": ftl, "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
+                "inference_only": inference_only}
 
     @property
     def device(self) -> torch.device:
@@ -203,6 +216,11 @@ class FTLBaseline(nn.Module):
     def forward(self, batched_inputs: Dict[str, Any]) -> Any:
         if not self.training:
             return self.ftl(self.preprocess_image(batched_inputs))
+        if self.inference_only:
+            raise RuntimeError(
+                "FTLBaseline was built with MODEL.HEADS.NUM_CLASSES: 0 (inference only); fastreid's "
+                "DefaultTrainer sets NUM_CLASSES from the training set, set it in the config to train"
+            )
         if "targets" not in batched_inputs:
             raise ValueError("FTLBaseline needs 'targets' (identity labels) in training mode")
         targets = batched_inputs["targets"].to(self.device)
@@ -252,7 +270,7 @@ class _Stage1Stream:
         self.scheduler = scheduler
         self._pairs = zip(hard, tail)
 
-    def __iter__(self) -> "_Stage1Stream":
+    def __iter__(self) -> _Stage1Stream:
         return self
 
     def __next__(self) -> Dict[str, Tensor]:
@@ -365,7 +383,7 @@ class FTLHook(HookBase):
             checkpointer.checkpointables["ftl_scheduler"] = self
 
     @classmethod
-    def from_trainer(cls, trainer: DefaultTrainer, cfg: Optional[CfgNode] = None) -> "FTLHook":
+    def from_trainer(cls, trainer: DefaultTrainer, cfg: Optional[CfgNode] = None) -> FTLHook:
         """Build the hook from a constructed ``DefaultTrainer`` and ``MODEL.FTL`` (see
         :func:`add_ftl_config`); registers it in the trainer's checkpointer. Register the hook
         with ``trainer.register_hooks([...])`` before ``resume_or_load`` / ``train``."""

@@ -12,15 +12,23 @@ initialised by ``weight_init_func`` and regularised by ``weight_regularizer`` ex
 ``CosFaceLoss.W``; ``reducer``, ``distance`` (cosine only), miners' ``indices_tuple``,
 ``get_logits`` and ``utils.distributed.DistributedLossWrapper`` work as for the PML losses.
 
-No math lives here: the cloud (statistics update, LEAP Eq. 3-6/9; noise, Sec. 3.4) and the margin
-logits (Eq. 1-2, 7-8) come from :class:`feature_cloud.LEAPMarginHead`, the cross-entropy and the
-m-L2 term (FTL Eq. 3) from :mod:`feature_cloud.functional` / :class:`feature_cloud.MetricL2`.
+No math lives here: the cloud (statistics update, LEAP Eq. 3-6/9; noise, Sec. 3.4) is a
+:class:`feature_cloud.FeatureCloud`, the per-sample margin softmax losses (Eq. 1-2, 7-8;
+``reduction="none"`` so PML's reducers and miner weights apply) come from
+:func:`feature_cloud.heads.cloud_margin_loss` (the heads' own pipeline on ``W.t()``, on the fused
+kernels), the margins and their PML units from :mod:`feature_cloud.margins`, the m-L2 term
+(FTL Eq. 3) from :class:`feature_cloud.MetricL2`.
+
+Under ``torch.distributed`` the statistics are synchronised by default (``sync="auto"``): inside
+PML's ``DistributedLossWrapper`` the loss sees the batch the wrapper has gathered and uses it as
+is; called directly on each rank's own batch it all-gathers the batch itself. Either way every
+rank holds the same statistics, with no extra call.
 """
 from __future__ import annotations
 
-import contextlib
-import math
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+import sys
+from types import FrameType
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity
@@ -31,17 +39,22 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor
 
 from feature_cloud import functional as FC
-from feature_cloud.heads import LEAPMarginHead
+from feature_cloud import margins
+from feature_cloud._validation import as_int, check_embeddings
+from feature_cloud.cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
+from feature_cloud.heads import cloud_margin_loss, make_cloud
 from feature_cloud.regularizers import MetricL2
+from feature_cloud.sync import SyncedClassStatistics, is_distributed
 
 __all__ = ["LEAPLoss", "PML_DEFAULT_MARGIN", "PML_DEFAULT_SCALE"]
 
-#: PML's defaults: ``CosFaceLoss(margin=0.35, scale=64)``, ``ArcFaceLoss(margin=28.6 deg, scale=64)``.
-PML_DEFAULT_MARGIN = {"cosface": 0.35, "arcface": 28.6}
-PML_DEFAULT_SCALE = {"cosface": 64.0, "arcface": 64.0}
+#: PML's defaults (from the margin registry): ``CosFaceLoss(margin=0.35, scale=64)``,
+#: ``ArcFaceLoss(margin=28.6 deg, scale=64)``.
+PML_DEFAULT_MARGIN = {n: margins.get(n).pml_margin for n in margins.names()}
+PML_DEFAULT_SCALE = {n: margins.get(n).pml_scale for n in margins.names()}
 
 
-class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction):
     r"""CosFace / ArcFace loss with the LEAP feature cloud for tail classes (LEAP Eq. 7-8).
 
     With ``cloud=None`` it computes the same values and gradients as PML's ``CosFaceLoss`` /
@@ -54,24 +67,34 @@ class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         num_classes: ``C``.
         embedding_size: ``D``.
         margin: PML convention: cosine margin for ``"cosface"`` (default 0.35), **degrees** for
-            ``"arcface"`` (default 28.6).
+            ``"arcface"`` (default 28.6; a margin below 1 warns: it looks like radians).
         scale: ``s`` (PML default 64).
-        margin_type: ``"cosface"`` or ``"arcface"``.
-        cloud: ``"full"`` (LEAP Eq. 9), ``"vanilla"`` (Eq. 6) or ``None`` (plain CosFace/ArcFace).
-        tail_threshold, gamma, memory_per_sample, warmup_steps, class_counts, seed, validate:
-            as in :class:`feature_cloud.LEAPMarginHead` (``class_counts`` are the per-class sample
-            counts ``K_i`` of the training set; without them ``warmup_steps`` must cover an epoch
-            so they can be counted online).
+        margin_type: a registered margin (:mod:`feature_cloud.margins`): ``"cosface"``,
+            ``"arcface"`` or ``"subcenter_arcface"`` (PML's ``SubCenterArcFaceLoss``: ``W`` is
+            ``(embedding_size, num_classes * sub_centers)``; ``sub_centers`` default 3).
+        cloud: ``"full"`` (LEAP Eq. 9), ``"vanilla"`` (Eq. 6) or ``None`` (plain CosFace/ArcFace),
+            or a ready :class:`feature_cloud.FeatureCloud`.
+        validate: check label range and finiteness each step (one host sync).
         metric_l2: ``None``, an ``alpha`` (float) or a :class:`feature_cloud.MetricL2`. Adds the
             m-L2 regulariser of FTL Eq. 3, :math:`\alpha\|W^T f\|^2`, as a second sub-loss
             ``"metric_l2_loss"`` (per element, so PML reducers apply). PML's regularisers see
             either the embeddings or the weights; m-L2 needs both, so it lives in the loss.
         **kwargs: PML's ``weight_regularizer``, ``weight_reg_weight``, ``weight_init_func``,
             ``embedding_regularizer``, ``embedding_reg_weight``, ``reducer``, ``distance``,
-            ``collect_stats``.
+            ``collect_stats``; every other keyword is a cloud setting of
+            :class:`feature_cloud.FeatureCloud` (``tail_threshold``, ``gamma``,
+            ``memory_per_sample``, ``warmup_steps``, ``class_counts`` (the per-class sample counts
+            ``K_i`` of the training set; without them ``warmup_steps`` must cover an epoch so
+            they can be counted online), ``seed``, ``sync``).
 
-    The class statistics are buffers of ``self.head`` (saved in ``state_dict()`` with ``W``).
+    State (tensors only): ``W`` and ``feature_cloud.*`` (statistics, step, seed); 0.1.0
+    checkpoints (``head.*``) load.
     """
+
+    #: keywords that belong to PML's base classes; every other keyword configures the cloud
+    _PML_KWARGS = ("weight_regularizer", "weight_reg_weight", "weight_init_func",
+                   "embedding_regularizer", "embedding_reg_weight", "reducer", "distance",
+                   "collect_stats")
 
     def __init__(
         self,
@@ -80,56 +103,41 @@ class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         margin: Optional[float] = None,
         scale: Optional[float] = None,
         margin_type: str = "cosface",
-        cloud: Optional[str] = "full",
-        tail_threshold: int = 20,
-        gamma: float = 0.1,
-        memory_per_sample: int = 1,
-        warmup_steps: int = 0,
-        class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
-        seed: Optional[int] = None,
+        cloud: Union[None, str, FeatureCloud] = "full",
         validate: bool = True,
         metric_l2: Union[None, float, MetricL2] = None,
+        sub_centers: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
-        if margin_type not in FC.MARGIN_TYPES:
-            raise ValueError(f"margin_type must be one of {FC.MARGIN_TYPES}, got {margin_type!r}")
+        rule = margins.get(margin_type)
         if metric_l2 is not None and not isinstance(metric_l2, (MetricL2, int, float)):
             raise TypeError(
                 f"metric_l2 must be None, a float alpha or a MetricL2, got {type(metric_l2).__name__}"
             )
+        cloud_options = {k: kwargs.pop(k) for k in list(kwargs) if k not in self._PML_KWARGS}
         # read by sub_loss_names() while the PML base classes build the reducer
         self._with_metric_l2 = metric_l2 is not None
         super().__init__(**kwargs)
         c_f.assert_distance_type(self, CosineSimilarity)
         self.num_classes = int(num_classes)
-        self.margin_type = margin_type
-        self.margin = float(PML_DEFAULT_MARGIN[margin_type] if margin is None else margin)
-        self.scale = float(PML_DEFAULT_SCALE[margin_type] if scale is None else scale)
+        self.margin_type = rule.name
+        self.margin_rule = rule
+        self.margin = float(rule.pml_margin if margin is None else margin)
+        margins.check_unit(rule, self.margin, "degrees")
+        self.scale = float(rule.pml_scale if scale is None else scale)
+        self.sub_centers = as_int(rule.sub_centers if sub_centers is None else sub_centers,
+                                  "sub_centers", 1)
         self.add_to_recordable_attributes(
             list_of_names=["num_classes", "margin", "scale"], is_stat=False
         )
         # W first, so that under the same seed it equals PML's CosFaceLoss/ArcFaceLoss W
-        self.W = torch.nn.Parameter(torch.empty(int(embedding_size), self.num_classes))
+        # (PML's SubCenterArcFaceLoss: D x C K, the K columns of class j side by side)
+        self.W = torch.nn.Parameter(
+            torch.empty(int(embedding_size), self.num_classes * self.sub_centers))
         self.weight_init_func(self.W)
-        self.head = LEAPMarginHead(
-            int(embedding_size),
-            self.num_classes,
-            margin_type=margin_type,
-            scale=self.scale,
-            margin=math.radians(self.margin) if margin_type == "arcface" else self.margin,
-            cloud=cloud,
-            tail_threshold=tail_threshold,
-            gamma=gamma,
-            memory_per_sample=memory_per_sample,
-            warmup_steps=warmup_steps,
-            class_counts=class_counts,
-            reduction="none",
-            seed=seed,
-            validate=validate,
-        )
-        # PML's W (D, C) is the single class-weight parameter: the head reads it, transposed,
-        # through _bound_weight() (the head keeps its statistics, step counter and cloud RNG).
-        del self.head.weight
+        self.embedding_size = int(embedding_size)
+        self.feature_cloud = make_cloud(cloud, self.num_classes, self.embedding_size, cloud_options)
+        self.validate = bool(validate)
         if metric_l2 is None:
             self.metric_l2: Optional[MetricL2] = None
         elif isinstance(metric_l2, MetricL2):
@@ -145,28 +153,33 @@ class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         return CosineSimilarity()
 
     def cast_types(self, dtype: torch.dtype, device: torch.device) -> None:
-        """PML convention: ``W`` follows the embeddings' device and dtype; statistics follow the
-        device (they stay float32)."""
+        """PML convention: ``W`` follows the embeddings' device and dtype; the cloud follows the
+        device (its statistics stay float32)."""
         self.W.data = c_f.to_device(self.W.data, device=device, dtype=dtype)
-        if self.head.statistics.centers.device != device:
-            self.head.to(device)
+        if self.feature_cloud.step.device != device:
+            self.feature_cloud.to(device)
 
-    @contextlib.contextmanager
-    def _bound_weight(self) -> Iterator[None]:
-        self.head.weight = self.W.t()
-        try:
-            yield
-        finally:
-            del self.head.weight
+    def _wrapped_by_pml(self) -> bool:
+        """Whether this call comes from a ``DistributedLossWrapper`` holding this loss (its
+        batch is then the gathered global batch, own rank first)."""
+        from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
-    @property
-    def statistics(self):
-        """The :class:`feature_cloud.ClassStatistics` of the cloud (buffers)."""
-        return self.head.statistics
+        frame: Optional[FrameType] = sys._getframe(1)
+        for _ in range(12):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return False
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, DistributedLossWrapper) and owner.loss is self:
+                return True
+        return False
 
-    @property
-    def cloud(self) -> Optional[str]:
-        return self.head.cloud
+    def _sync_mode(self) -> None:
+        """Under ``sync="auto"`` tell the statistics whether the batch is PML-gathered."""
+        stats = self.feature_cloud.statistics
+        if self.feature_cloud.sync == "auto" and isinstance(stats, SyncedClassStatistics) \
+                and is_distributed():
+            stats.batch = "pml_gathered" if self._wrapped_by_pml() else "local"
 
     def compute_loss(
         self,
@@ -181,9 +194,17 @@ class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         dtype, device = embeddings.dtype, embeddings.device
         self.cast_types(dtype, device)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
-        with self._bound_weight():
-            logits = self.head.margin_logits(embeddings, labels)
-        losses = FC.margin_cross_entropy(logits, labels.long(), reduction="none")  # any int dtype
+        train = self.training and torch.is_grad_enabled()
+        if train:
+            self._sync_mode()
+        cloud = self.feature_cloud
+        labels = cloud.check(embeddings, labels, validate=self.validate, train=train)
+        draw = cloud.advance(embeddings, labels, train=train)
+        # per-sample losses (PML's reducers and miner weights apply) on the fused kernels
+        losses = cloud_margin_loss(
+            cloud, embeddings, self.W.t(), labels, draw, margin_type=self.margin_rule,
+            scale=self.scale, margin=self.margin_rule.from_pml(self.margin),
+            sub_centers=self.sub_centers, reduction="none")
         indices = c_f.torch_arange_from_size(embeddings)
         loss_dict: Dict[str, Dict[str, Any]] = {
             "loss": {
@@ -204,11 +225,15 @@ class LEAPLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """``s cos(theta)`` for every class ``(B, C)``, as PML's ``CosFaceLoss.get_logits``."""
         self.cast_types(embeddings.dtype, embeddings.device)
-        with self._bound_weight():
-            return self.head.logits(embeddings)
+        check_embeddings(embeddings, self.embedding_size)
+        return FC.cosine_logits(embeddings, self.W.t(), self.sub_centers) * self.scale
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, margin={self.margin}, scale={self.scale}, "
-            f"margin_type={self.margin_type!r}, cloud={self.head.cloud!r}"
+            f"margin_type={self.margin_type!r}, cloud={self.cloud!r}"
         )
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        migrate_state_dict(state_dict, prefix + "head.", prefix + "feature_cloud.")
+        super()._load_from_state_dict(state_dict, prefix, *args)

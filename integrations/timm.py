@@ -30,6 +30,7 @@ import timm
 import torch
 from timm.task import ClassificationEvaluator, TrainingTask
 from timm.utils.model import unwrap_model
+from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 
 from feature_cloud.ftl import AlternatingScheduler, ConvDecoder, FTLModel, make_filter
@@ -39,7 +40,7 @@ from feature_cloud.transfer import FeatureTransfer
 
 __all__ = [
     "LEAPTask", "LEAPTrainableModule", "LEAPEvaluator", "create_backbone_and_head",
-    "FTLTask", "FTLEmbedding", "create_ftl_model",
+    "FTLTask", "FTLEmbedding", "create_ftl_model", "ModelEmaV3Following",
 ]
 
 
@@ -70,6 +71,29 @@ def _has_task_state(state: Optional[Dict[str, Any]], strict: bool, what: str) ->
     if strict:
         raise RuntimeError(f"the checkpoint has no {what} task state ('task_state')")
     return False
+
+class ModelEmaV3Following(ModelEmaV3):
+    """timm's ``ModelEmaV3`` for models with data-sized buffers.
+
+    ``ModelEmaV3`` pairs the EMA copy's and the model's ``state_dict`` entries by position and
+    interpolates (or copies) them in place, so a buffer that changes shape in the model (the LEAP
+    angle memory laid out after an online-count warm-up, FTL's basis and sample lists at every
+    UpdateStats) would break it. Before each update such a buffer is replaced in the copy by the
+    model's current one; everything else is timm's update.
+    """
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: Optional[int] = None) -> None:
+        model = unwrap_model(model)
+        ema_buffers = dict(self.module.named_buffers())
+        for name, buf in model.named_buffers():
+            mine = ema_buffers.get(name)
+            if mine is not None and mine.shape != buf.shape:
+                owner, _, attr = name.rpartition(".")
+                target = self.module.get_submodule(owner) if owner else self.module
+                setattr(target, attr, buf.detach().to(device=mine.device, copy=True))
+        super().update(model, step=step)
+
 
 class LEAPTrainableModule(nn.Module):
     """Backbone + head in one Module (what DDP wraps and what EMA copies).
@@ -150,7 +174,7 @@ class LEAPTask(TrainingTask):
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
         **head_kwargs: Any,
-    ) -> "LEAPTask":
+    ) -> LEAPTask:
         """Build the backbone and head with :func:`create_backbone_and_head` and wrap them."""
         backbone, head = create_backbone_and_head(
             model_name, num_classes, pretrained=pretrained, model_kwargs=model_kwargs, **head_kwargs
@@ -179,11 +203,24 @@ class LEAPTask(TrainingTask):
         return self._parts().backbone
 
     # ------------------------------------------------------------------ timm task hooks
-    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs: Any) -> "LEAPTask":
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs: Any) -> LEAPTask:
+        """DDP over backbone + head. The class statistics are synchronised across the ranks by
+        the head itself (``sync="auto"``, its default): identical on every rank, no extra call."""
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
+
+    def setup_ema(
+        self, decay: float = 0.9999, use_warmup: bool = False, device: Optional[torch.device] = None, **kwargs: Any,
+    ) -> ModelEmaV3Following:
+        """timm's EMA of backbone + head (:class:`ModelEmaV3Following`); ``task.update_ema()`` or
+        ``ema.update(task.get_trainable_module())`` after each optimiser step. The EMA head's class
+        statistics are averaged like BatchNorm statistics; only its weights feed the evaluator."""
+        self.trainable_module_ema = ModelEmaV3Following(
+            unwrap_model(self.get_trainable_module()), decay=decay, use_warmup=use_warmup, device=device, **kwargs,
+        )
+        return self.trainable_module_ema
 
     def compile(self, backend: str = "inductor", mode: Optional[str] = None, **compile_kwargs: Any) -> nn.Module:
         """Compile the backbone (the head stays eager: it updates buffers with data-dependent indices)."""
@@ -307,7 +344,7 @@ class FTLEmbedding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.filter(self.encoder(x))
 
-    def train(self, mode: bool = True) -> "FTLEmbedding":
+    def train(self, mode: bool = True) -> FTLEmbedding:
         super().train(mode)
         for name in self._frozen():
             if name in ("encoder", "filter"):
@@ -381,7 +418,7 @@ class FTLTask(TrainingTask):
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
         **model_kwargs: Any,
-    ) -> "FTLTask":
+    ) -> FTLTask:
         """:func:`create_ftl_model` (``model_kwargs``) wrapped in the task."""
         model = create_ftl_model(model_name, num_classes, **model_kwargs)
         return cls(
@@ -431,33 +468,48 @@ class FTLTask(TrainingTask):
         return self.scheduler.step()
 
     # ------------------------------------------------------------------ timm task hooks
-    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs: Any) -> "FTLTask":
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs: Any) -> FTLTask:
         raise NotImplementedError(
             "FTLTask is single-process: UpdateStats does not all-reduce its statistics and DDP "
             "needs every parameter it wraps to get a gradient in every stage"
         )
 
-    def setup_ema(self, *args: Any, **kwargs: Any) -> nn.Module:
-        raise NotImplementedError(
-            "FTLTask has no EMA: the FTL statistics (basis Q, hard list h) change shape at every "
-            "UpdateStats, which timm's ModelEmaV3 cannot average"
+    def setup_ema(
+        self, decay: float = 0.9999, use_warmup: bool = False, device: Optional[torch.device] = None, **kwargs: Any,
+    ) -> ModelEmaV3Following:
+        """timm's EMA of the :class:`FTLModel` (:class:`ModelEmaV3Following`: the FTL statistics
+        change shape at every UpdateStats and are followed, not averaged away). ``task.update_ema()``
+        or ``ema.update(task.model)`` after each optimiser step; the EMA eval model is
+        :class:`FTLEmbedding` of the copy."""
+        self.trainable_module_ema = ModelEmaV3Following(
+            self._parts(), decay=decay, use_warmup=use_warmup, device=device, **kwargs,
         )
+        return self.trainable_module_ema
 
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
-        """:class:`FTLEmbedding`: ``f = R(Enc(x))``."""
-        if ema:
-            return None
+        """:class:`FTLEmbedding`: ``f = R(Enc(x))`` (of the EMA copy with ``ema=True``)."""
+        if module is None and ema:
+            module = self.get_trainable_module(ema=True)
+            if module is None:
+                return None
         return FTLEmbedding(self._parts(module))
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
-        """``{"classifier", "decoder", "feature_transfer", "scheduler"}`` state dicts."""
+        """``{"classifier", "decoder", "feature_transfer", "scheduler"}`` state dicts (the EMA
+        copy's, without the shared scheduler, with ``ema=True``)."""
+        if module is None and ema:
+            module = self.get_trainable_module(ema=True)
+            if module is None:
+                return {}
         parts = self._parts(module)
-        return {
+        state = {
             "classifier": parts.classifier.state_dict(),
             "decoder": parts.decoder.state_dict() if parts.decoder is not None else {},
             "feature_transfer": parts.feature_transfer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
         }
+        if not ema:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
 
     def load_task_state(
         self,
@@ -468,14 +520,20 @@ class FTLTask(TrainingTask):
     ) -> None:
         if not _has_task_state(state, strict, "FTL"):
             return
-        missing = {"classifier", "decoder", "feature_transfer", "scheduler"} - set(state)
+        missing = {"classifier", "decoder", "feature_transfer"} | (set() if ema else {"scheduler"})
+        missing -= set(state)
         if missing:
             raise KeyError(f"FTL task state lacks {sorted(missing)}")
+        if module is None and ema:
+            module = self.get_trainable_module(ema=True)
+            if module is None:
+                raise RuntimeError("the EMA module does not exist yet: call setup_ema() first")
         parts = self._parts(module)
         if parts.decoder is None and state["decoder"] and strict:
             raise RuntimeError("the checkpoint has a decoder but this FTLModel has none")
         previous = self.scheduler.state_dict()
-        self.scheduler.load_state_dict(state["scheduler"])  # checks the schedule settings first
+        if not ema:
+            self.scheduler.load_state_dict(state["scheduler"])  # checks the schedule settings first
         try:
             if parts.decoder is not None:
                 parts.decoder.load_state_dict(state["decoder"], strict=strict)

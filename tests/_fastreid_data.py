@@ -9,8 +9,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LEAP_YAML = os.path.join(ROOT, "examples", "fastreid", "Market1501", "leap_R50.yml")
-FTL_YAML = os.path.join(ROOT, "examples", "fastreid", "Market1501", "ftl_R50.yml")
+CONFIGS = os.path.join(ROOT, "integrations", "fastreid_configs")  # = fastreid.config_path(...)
+LEAP_YAML = os.path.join(CONFIGS, "Market1501", "leap_R50.yml")
+FTL_YAML = os.path.join(CONFIGS, "Market1501", "ftl_R50.yml")
 
 #: identities, of which the first HEAD_IDS have HEAD_IMAGES training images, the rest TAIL_IMAGES
 NUM_IDS, HEAD_IDS, HEAD_IMAGES, TAIL_IMAGES = 12, 3, 16, 4

@@ -75,3 +75,28 @@ def test_feature_transfer_benchmark_case():
     y_r = torch.nonzero(ft.regular).flatten()[:4]
     y_t = torch.nonzero(~ft.regular).flatten()[:4]
     assert ft.transfer(torch.randn(4, 16), y_r, y_t).shape == (4, 16)
+
+
+def test_suite_grid_and_its_tables(tmp_path):
+    """The issue-14 grid (benchmarks/suite.py) at toy size: every method of every setting runs,
+    ratios are per repetition and setting, and the report renders them into both READMEs."""
+    from benchmarks import suite
+
+    pytest.importorskip("pytorch_metric_learning")
+    pytest.importorskip("fastreid.layers.any_softmax")
+    res = suite.run(list(suite.METHODS), ["reid", "face"], ["random", "trained"], [1], 8, 96, 16,
+                    reps=1, warmup=0)
+    rows = res["1"]["face"]["trained"]
+    assert set(rows) == set(suite.METHODS)
+    assert rows["floor"]["x_floor"] == 1.0 and rows["gemm3"]["x_gemm3"] == 1.0
+    assert "x_bare" in rows["pml_leap"] and "x_bare" in rows["fastreid_leap_cloud"]
+    run = {"batch": 8, "classes": 96, "dim": 16, "reps": 1, "torch": torch.__version__,
+           "cpus": 1, "settings": {k: suite.SETTINGS[k] for k in ("reid", "face")},
+           "loadavg_before": (0.0, 0, 0), "loadavg_after": (0.0, 0, 0), "results": res}
+    (tmp_path / "suite.json").write_text(json.dumps(run))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# R\n\n{report.SPEED_START}\nold\n{report.SPEED_END}\n")
+    report.main(["--suite", str(tmp_path / "suite.json"), "--main-readme", str(readme)])
+    text = readme.read_text()
+    assert "old" not in text and "| 1 | face (s=64, m=0.35) trained |" in text
+    assert "Time / three-GEMM limit" in text

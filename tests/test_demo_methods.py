@@ -68,3 +68,44 @@ def test_train_method_step_count(tiny, name, monkeypatch):
     monkeypatch.setattr(torch.optim.Adam, "step", counting)
     train_method(name, x, y, 6, counts, cfg, seed=0)
     assert len(steps) == 2 * steps_per_epoch(x.shape[0], 8)
+
+
+@pytest.mark.parametrize("fraction, warmup, expected_stage0", [(0.5, 4, 6), (None, 4, 4)])
+def test_ftl_stage0_share_and_per_batch_augmentation(tiny, fraction, warmup, expected_stage0):
+    """Stage 0 takes ``ftl_stage0_fraction`` of the budget (``None``: ``warmup_steps``, the old
+    rule); ``augment`` is applied to every training batch of every stage."""
+    x, y, counts = tiny
+    torch.manual_seed(0)
+    cfg = MethodConfig(warmup_steps=warmup, ftl_alternations=1, tail_threshold=3, ftl_stage0_fraction=fraction)
+    model = build_method("ftl", (x.shape[1],), 6, counts, cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    stages, seen = [], []
+    import feature_cloud.demo.methods as methods_module
+
+    real = methods_module.AlternatingScheduler.step
+
+    def spy(self):
+        stages.append(self.stage)
+        return real(self)
+
+    def augment(xb):
+        seen.append(xb.shape[0])
+        return -xb
+
+    def step(loss):
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    model.train()
+    try:
+        methods_module.AlternatingScheduler.step = spy
+        model.fit(x, y, 12, 8, step, augment=augment)
+    finally:
+        methods_module.AlternatingScheduler.step = real
+    assert stages.count(0) == expected_stage0 and len(stages) == 12
+    assert stages[expected_stage0] == 1 and stages[-1] == 2
+    n1 = stages.count(1)
+    assert len(seen) == 12 + n1  # stage 1 augments both its hard and its long-tail batch
+    with pytest.raises(ValueError, match="ftl_stage0_fraction"):
+        build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_stage0_fraction=1.0))

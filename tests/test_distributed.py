@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -34,8 +33,8 @@ from feature_cloud.distributed import (
     split_state_dict,
     synchronize,
 )
-from feature_cloud._rng import noise_seed
 from feature_cloud.fused import cloud_angles
+from feature_cloud.noise import noise_key
 
 C, D, IN = 7, 5, 6
 COUNTS = [2, 1, 3, 1, 2, 1, 4]  # small ring capacities: the memory wraps within a few steps
@@ -156,7 +155,7 @@ def check_synced_head(rank: int, world: int) -> None:
     single-process reference (online class counts during warm-up, uneven and empty batches);
     the cloud differs per rank and is reproducible."""
     torch.manual_seed(0)
-    head = synchronize(LEAPMarginHead(D, C, warmup_steps=2, seed=3))
+    head = LEAPMarginHead(D, C, warmup_steps=2, seed=3)  # synchronised by default (sync="auto")
     ref = ClassStatistics(C, D)
     for step, sizes in enumerate(SCHEDULE):
         batches = _batches(step, sizes[:world])
@@ -241,8 +240,9 @@ def check_sharded_head(rank: int, world: int) -> None:
 
 
 def check_sharded_cloud_and_checkpoints(rank: int, world: int) -> None:
-    """With the feature cloud: loss and gradients equal the dense computation whose cloud angles
-    are the shards' streams side by side; replicated statistics equal the single-process ones.
+    """With the feature cloud: loss and gradients equal the dense computation with the dense
+    head's counter-based cloud (every shard draws its columns of it); replicated statistics equal
+    the single-process ones.
     Then: consolidate to a LEAPMarginHead checkpoint and split back."""
     torch.manual_seed(0)
     dense = LEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=8)
@@ -250,17 +250,15 @@ def check_sharded_cloud_and_checkpoints(rank: int, world: int) -> None:
     sharded = ShardedLEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=8,
                                     ddp_backbone=False)
     sharded.load_state_dict(split_state_dict(dense.state_dict(), world)[rank])
-    sizes_cls = even_shard_sizes(C, world)
     lo, hi = sharded.shard_start, sharded.shard_end
     ref = ClassStatistics(C, D, class_counts=COUNTS)
-    gens = [torch.Generator().manual_seed(noise_seed(8, 0, r)) for r in range(world)]
     for step, sizes in enumerate(SCHEDULE):
         batches = _batches(step, sizes[:world])
         ref.update(*_cat(batches))
         xp, yp = _pad_cat(batches)
         xp.requires_grad_()
         std = ref.cloud_variance()[yp.clamp_min(0)].sqrt()
-        alpha = torch.cat([cloud_angles(std, n, g) for n, g in zip(sizes_cls, gens)], 1)
+        alpha = cloud_angles(std, C, noise_key(torch.tensor(8), torch.tensor(step)))
         loss_d = _dense_reference(weight, xp, yp, "arcface", dense.scale, dense.margin, alpha)
         gx_d, gw_d = torch.autograd.grad(loss_d, [xp, weight])
         x, y = batches[rank]
@@ -292,10 +290,10 @@ def check_sharded_cloud_and_checkpoints(rank: int, world: int) -> None:
     again = ShardedLEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=0)
     again.load_state_dict(split_state_dict(single.state_dict(), world)[rank])
     got, want = again.state_dict(), sharded.state_dict()
-    assert got["_extra_state"]["step"] == want["_extra_state"]["step"]
+    assert int(got["feature_cloud.step"]) == int(want["feature_cloud.step"]) == len(SCHEDULE)
+    assert all(isinstance(v, torch.Tensor) for v in got.values())
     _assert_close_states(got, want, "split back", atol=0)
-    # a rank resuming from its own shard continues its noise stream (split ones reseed but
-    # rank 0, whose stream the consolidated head carries on)
+    # a rank resuming from its own shard continues the same counter-based cloud
     resumed = ShardedLEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=0)
     resumed.load_state_dict(shards[rank])
     x, y = _batches(30, [4] * world)[rank]
@@ -359,12 +357,12 @@ def check_ddp_training(rank: int, world: int) -> None:
         torch.manual_seed(0)
         net = _Net(LEAPMarginHead(D, C, class_counts=COUNTS, seed=11))
         ref = copy.deepcopy(net)
+        ref.head.feature_cloud.statistics = ClassStatistics(C, D, class_counts=COUNTS)  # 1 process
         model = DDP(_Net(net.head), broadcast_buffers=broadcast_buffers)
         model.module.backbone.load_state_dict(net.backbone.state_dict())
-        synchronize(model.module.head)
+        # no synchronize(): the statistics follow the process group by default (sync="auto")
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
-        gens = [torch.Generator().manual_seed(noise_seed(11, 0, r)) for r in range(world)]
         for step in range(3):
             batches = _batches(step, [4] * world, dim=IN, ignored=0.0)
             x, y = batches[rank]
@@ -375,9 +373,10 @@ def check_ddp_training(rank: int, world: int) -> None:
             f = ref.backbone(xa)
             ref.head.statistics.update(f.detach(), ya)
             std = ref.head.statistics.cloud_variance()[ya.clamp_min(0)].sqrt()
-            # the heads draw their cloud class-major (feature_cloud.fused.cloud_angles)
-            alpha = torch.cat([cloud_angles(std[4 * r:4 * r + 4], C, g)
-                               for r, g in enumerate(gens)])
+            # each rank draws the counter-based cloud of its own stream (the rank)
+            alpha = torch.cat([cloud_angles(std[4 * r:4 * r + 4], C,
+                                            noise_key(torch.tensor(11), torch.tensor(step), r))
+                               for r in range(world)])
             ref_opt.zero_grad()
             _dense_reference(ref.head.weight, f, ya, "cosface", ref.head.scale,
                              ref.head.margin, alpha).backward()
@@ -385,6 +384,8 @@ def check_ddp_training(rank: int, world: int) -> None:
         what = f"DDP broadcast_buffers={broadcast_buffers}"
         assert float(ref.head.statistics.cloud_variance().max()) > 0
         _assert_replicated(model.module.state_dict(), what)
+        assert model.module.head.step == 3
+        ref.head.feature_cloud.step.fill_(3)  # the reference never ran the head's forward
         _assert_close_states(model.module.state_dict(), ref.state_dict(), what, atol=1e-5,
                              angle_atol=_ACOS_ATOL)
 
@@ -393,14 +394,12 @@ def check_sharded_ddp_training(rank: int, world: int) -> None:
     """DDP backbone + sharded head (not in DDP) for three steps equals the single-process dense
     run; the consolidated head equals the reference head."""
     torch.manual_seed(0)
-    ref = _Net(LEAPMarginHead(D, C, class_counts=COUNTS, seed=12))
+    ref = _Net(LEAPMarginHead(D, C, class_counts=COUNTS, seed=12, sync="off"))
     backbone = DDP(copy.deepcopy(ref.backbone))
     head = ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=12)
     head.load_state_dict(split_state_dict(ref.head.state_dict(), world)[rank])
     opt = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.5)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
-    gens = [torch.Generator().manual_seed(noise_seed(12, 0, r)) for r in range(world)]
-    sizes_cls = even_shard_sizes(C, world)
     for step in range(3):
         batches = _batches(step, [4] * world, dim=IN)
         x, y = batches[rank]
@@ -411,7 +410,7 @@ def check_sharded_ddp_training(rank: int, world: int) -> None:
         f = ref.backbone(xa)
         ref.head.statistics.update(f.detach(), ya)
         std = ref.head.statistics.cloud_variance()[ya.clamp_min(0)].sqrt()
-        alpha = torch.cat([cloud_angles(std, n, g) for n, g in zip(sizes_cls, gens)], 1)
+        alpha = cloud_angles(std, C, noise_key(torch.tensor(12), torch.tensor(step)))
         ref_opt.zero_grad()
         _dense_reference(ref.head.weight, f, ya, "cosface", ref.head.scale, ref.head.margin,
                          alpha).backward()
@@ -424,17 +423,18 @@ def check_sharded_ddp_training(rank: int, world: int) -> None:
 
 
 def check_pml_wrapper(rank: int, world: int) -> None:
-    """(Three ranks only: importing PML costs seconds per process.) Inside PML's
+    """Inside PML's
     ``DistributedLossWrapper`` around ``integrations.pml.LEAPLoss`` (the wrapper hands every rank
-    the gathered batch, own rank first) the statistics are replicated and equal the reference."""
+    the gathered batch, own rank first) the statistics are replicated and equal the reference,
+    without any synchronize() call; the same for a LEAPLoss called on each rank's own batch."""
     from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
     from feature_cloud.integrations.pml import LEAPLoss
 
     torch.manual_seed(0)
     loss = LEAPLoss(C, D, class_counts=COUNTS, seed=6)
-    synchronize(loss.head, batch="pml_gathered")
-    assert not loss.statistics.collective and loss.statistics.noise_stream == rank
+    direct = LEAPLoss(C, D, class_counts=COUNTS, seed=6)  # not wrapped: gathers by itself
+    assert loss.statistics.noise_stream == rank
     loss_fn = DistributedLossWrapper(loss)
     ref = ClassStatistics(C, D, class_counts=COUNTS)
     for step in range(4):
@@ -443,9 +443,14 @@ def check_pml_wrapper(rank: int, world: int) -> None:
         x = x.clone().requires_grad_()
         loss_fn(x, y).backward()
         assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+        assert loss.statistics.batch == "pml_gathered" and not loss.statistics.collective
+        direct(x.detach(), y)
+        assert direct.statistics.batch == "local"
         ref.update(*_cat(batches))
-    _assert_replicated(loss.statistics.state_dict(), "PML statistics")
-    _assert_close_states(loss.statistics.state_dict(), ref.state_dict(), "PML vs reference")
+    for what, module in (("PML wrapper", loss), ("PML direct", direct)):
+        assert module.step == 4
+        _assert_replicated(module.statistics.state_dict(), what)
+        _assert_close_states(module.statistics.state_dict(), ref.state_dict(), what)
 
 
 def check_gather_batch(rank: int, world: int) -> None:
@@ -473,7 +478,9 @@ CHECKS = [
     "check_ddp_training",
     "check_sharded_ddp_training",
 ]
-CHECKS_ONCE = ["check_pml_wrapper"]  # at 3 ranks, where PML's rotated order is not trivial
+#: PML's DistributedLossWrapper: 2 ranks (the usual setting) and 3, where its rotated order is
+#: not trivial
+CHECKS_PML = ["check_pml_wrapper"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,7 +521,7 @@ def _spawn(world: int, checks: Sequence[str]) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_checks(world: int) -> None:
-    _spawn(world, CHECKS + (CHECKS_ONCE if world == 3 else []))
+    _spawn(world, CHECKS + CHECKS_PML)
 
 
 # --------------------------------------------------------------------------------------------
@@ -554,20 +561,20 @@ def test_sharded_head_on_one_process_is_the_dense_head() -> None:
 def test_split_and_consolidate_round_trip_with_uneven_shards() -> None:
     torch.manual_seed(0)
     dense = LEAPMarginHead(D, C, class_counts=COUNTS, seed=3)
-    dense(*_cat(_batches(0, [6])))  # a step: statistics, step count and generator state
+    dense(*_cat(_batches(0, [6])))  # a step: statistics and step count
     state = {"heads." + k: v for k, v in dense.state_dict().items()}
     state["backbone.weight"] = torch.ones(2)
     shards = split_state_dict(state, 3, shard_sizes=[1, 4, 2], prefix="heads.")
     assert [s["heads.weight"].shape[0] for s in shards] == [1, 4, 2]
-    assert "rng_state" in shards[0]["heads._extra_state"]
-    assert "rng_state" not in shards[1]["heads._extra_state"]
+    assert [int(s["heads.shard_rank"]) for s in shards] == [0, 1, 2]
     back = consolidate_state_dicts(shards, prefix="heads.")
     restored = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
     restored.load_state_dict({k[6:]: v for k, v in back.items() if k.startswith("heads.")})
     _assert_close_states(restored.state_dict(), dense.state_dict(), "round trip", atol=0)
     x, y = _cat(_batches(1, [6]))
     torch.testing.assert_close(restored(x, y), dense(x, y), rtol=0, atol=0)  # same cloud
-    shards[1]["heads.statistics.centers"] = shards[1]["heads.statistics.centers"] + 1
+    key = "heads.feature_cloud.statistics.centers"
+    shards[1][key] = shards[1][key] + 1
     with pytest.raises(ValueError, match="replicated"):
         consolidate_state_dicts(shards, prefix="heads.")
     with pytest.raises(ValueError, match="already a shard"):

@@ -126,6 +126,7 @@ def test_cli_evaluate_rejects_bad_arguments(tmp_path):
     assert main(["evaluate", p, "--protocol", "hs", "-S", "0", "--quiet"]) == 2
     assert main(["evaluate", str(tmp_path / "missing.npz"), "--quiet"]) == 2
     assert main(["evaluate", p, "--leap-option", "nokey", "--quiet"]) == 2
+    assert main(["evaluate", p, "--ftl-stage0-fraction", "1.0", "--quiet"]) == 2
 
 
 def test_backbones_conv4_and_timm_without_download():

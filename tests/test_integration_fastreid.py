@@ -32,6 +32,7 @@ def test_compat_patches_are_reported_and_idempotent():
     assert "fastreid.evaluation.ReidEvaluator._compile_dependencies" in applied
     if not torch.cuda.is_available():
         assert "fastreid.data.build.DataLoaderX" in applied
+        assert "fastreid.engine.defaults.DistributedDataParallel" in applied
     if int(torch.__version__.split(".")[0]) >= 2:
         assert "fastreid.solver.build_optimizer" in applied
 
@@ -126,10 +127,10 @@ def test_default_trainer_end_to_end(market_root, tmp_path):
     assert isinstance(head, fr.LEAPHead)
     assert any(isinstance(h, hooks.PreciseBN) for h in trainer._hooks)
 
-    # class counts from the YAML's dataset match the trainer's own data set
+    # CLASS_COUNTS: dataset: K_i come from the trainer's own data set when training starts
     expected = fr.class_counts_from_dataset(trainer.data_loader.dataset)
     assert sorted(expected.tolist()) == sorted([HEAD_IMAGES] * HEAD_IDS + [TAIL_IMAGES] * (NUM_IDS - HEAD_IDS))
-    assert torch.equal(head.statistics.class_counts, expected)
+    assert head.class_counts_pending and isinstance(trainer._hooks[0], fr.FeatureCloudHook)
 
     # plain (no-cloud) margin loss of the eval-mode model over the whole training split
     from fastreid.data.common import CommDataset
@@ -166,6 +167,7 @@ def test_default_trainer_end_to_end(market_root, tmp_path):
 
     # statistics updated by every training step, the cloud active for tail classes
     stats = head.statistics
+    assert not head.class_counts_pending and torch.equal(stats.class_counts, expected)
     assert head.margin_head.step == iters
     assert bool(stats.center_initialized.all())
     assert int(stats.memory_fill.sum()) > 0
@@ -186,7 +188,7 @@ def test_default_trainer_end_to_end(market_root, tmp_path):
 
     # the statistics are saved in fastreid's checkpoint
     ckpt = torch.load(os.path.join(str(tmp_path), "model_final.pth"), map_location="cpu", weights_only=False)
-    assert torch.equal(ckpt["model"]["heads.margin_head.statistics.memory"], stats.memory)
+    assert torch.equal(ckpt["model"]["heads.margin_head.feature_cloud.statistics.memory"], stats.memory)
     print(f"\nfastreid e2e: {iters} iterations + PreciseBN + eval in {elapsed:.1f} s; "
           f"train loss {loss_before:.3f} -> {loss_after:.3f}; results {dict(results)}")
 
@@ -199,6 +201,11 @@ def test_precise_bn_hook_leaves_statistics_untouched(market_root, tmp_path):
     # a few real training steps so the statistics are non-trivial
     from fastreid.utils.events import EventStorage
 
+    trainer.iter = 0
+    with pytest.raises(RuntimeError, match="CLASS_COUNTS: dataset"):  # a loop outside train()
+        with EventStorage(0):
+            trainer.run_step()
+    model.heads.set_class_counts(fr.class_counts_from_dataset(trainer.data_loader.dataset))
     with EventStorage(0):
         for trainer.iter in range(3):
             trainer.run_step()
@@ -213,3 +220,201 @@ def test_precise_bn_hook_leaves_statistics_untouched(market_root, tmp_path):
     for key, value in model.heads.margin_head.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, before[key]), key
+
+
+# ---------------------------------------------------------------- building reads no data
+def _train_split_reads(monkeypatch, cfg):
+    """How often building ``DefaultTrainer(cfg)`` reads the training split from disk."""
+    from fastreid.data.datasets.market1501 import Market1501
+
+    reads = []
+    original = Market1501.process_dir
+
+    def counting(self, dir_path, *args, **kwargs):
+        if dir_path.endswith("bounding_box_train"):
+            reads.append(dir_path)
+        return original(self, dir_path, *args, **kwargs)
+
+    monkeypatch.setattr(Market1501, "process_dir", counting)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    DefaultTrainer(cfg)
+    return len(reads)
+
+
+def test_training_split_is_read_as_often_as_with_fastreids_own_head(market_root, tmp_path, monkeypatch):
+    off = ("TEST.PRECISE_BN.ENABLED", "False")
+    leap = _train_split_reads(monkeypatch, _tiny_cfg(tmp_path / "a", *off))
+    own = _train_split_reads(monkeypatch, _tiny_cfg(tmp_path / "b", *off, "MODEL.HEADS.NAME", "EmbeddingHead"))
+    assert leap == own == 1
+
+
+def test_inference_build_needs_no_data_and_no_num_classes(tmp_path, monkeypatch):
+    from fastreid.modeling import build_model
+
+    monkeypatch.setattr(data_build, "_root", str(tmp_path / "nothing_here"))
+    cfg = get_cfg()
+    fr.add_feature_cloud_config(cfg)
+    cfg.merge_from_file(fr.config_path("Market1501/leap_R50.yml"))  # NUM_CLASSES 0, CLASS_COUNTS dataset
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.DEPTH", "18x", "MODEL.BACKBONE.FEAT_DIM", "512",
+                         "MODEL.BACKBONE.PRETRAIN", "False"])
+    model = build_model(cfg)
+    assert model.heads.margin_head is None
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 64, 32) * 255).shape == (2, 512)
+    model.train()
+    with pytest.raises(RuntimeError, match="NUM_CLASSES"):
+        model({"images": torch.rand(2, 3, 64, 32) * 255, "targets": torch.tensor([0, 1])})
+    cfg.defrost()
+    cfg.MODEL.HEADS.NUM_CLASSES = 5
+    head = build_model(cfg).heads
+    assert head.class_counts_pending and head.margin_head.num_classes == 5
+
+
+def test_online_counts_error_names_the_yaml_keys():
+    with pytest.raises(ValueError, match="WARMUP_ITERS") as info:
+        build_heads(_head_cfg(FC__WARMUP_ITERS=0))
+    assert "warmup_steps" not in str(info.value)
+    with pytest.raises(ValueError, match="COUNT_ITERS") as info:
+        build_heads(_head_cfg(FC__COUNT_ITERS=5))  # more than WARMUP_ITERS
+    assert "count_steps" not in str(info.value)
+    head = build_heads(_head_cfg(FC__WARMUP_ITERS=4, FC__COUNT_ITERS=2))
+    assert head.margin_head.statistics.count_updates == 2
+    with pytest.raises(ValueError, match="MODEL.HEADS.FEATURE_CLOUD.GAMMA") as info:
+        build_heads(_head_cfg(FC__GAMMA=1.5))
+    assert "gamma" not in str(info.value)
+
+
+def test_config_path_returns_the_shipped_yamls():
+    for name in ("Base-LEAP.yml", "Base-FTL.yml", "Market1501/leap_R50.yml", "Market1501/ftl_R50.yml"):
+        assert os.path.isfile(fr.config_path(name))
+    with pytest.raises(FileNotFoundError, match="Base-LEAP.yml"):
+        fr.config_path("bagtricks_R50.yml")
+
+
+# ---------------------------------------------------------------- import order
+_ORDERS = {
+    # fastreid's registries first (they import on Python >= 3.10), then the adapter, then the engine
+    "fastreid.modeling first": """
+from fastreid.config import get_cfg
+from fastreid.modeling import build_model
+import feature_cloud.integrations.fastreid as fc
+from fastreid.engine import DefaultTrainer
+""",
+    # an environment where fastreid imports on its own (here: the two import shims applied by
+    # hand): fastreid.engine and fastreid.data are already loaded when the adapter comes
+    "fastreid.engine first": """
+import collections, collections.abc, sys, types, math
+collections.Mapping = collections.abc.Mapping
+six = types.ModuleType("torch._six"); six.string_classes = (str, bytes); six.int_classes = int
+six.inf = math.inf; six.container_abcs = collections.abc; sys.modules["torch._six"] = six
+from fastreid.engine import DefaultTrainer
+import fastreid.data.build
+import feature_cloud.integrations.fastreid as fc
+""",
+}
+
+
+@pytest.mark.parametrize("order", sorted(_ORDERS))
+def test_adapter_works_whatever_fastreid_was_imported_first(order):
+    import subprocess
+    import sys
+
+    check = """
+import fastreid.data.build as build, fastreid.engine.defaults as defaults
+from fastreid.modeling.heads import REID_HEADS_REGISTRY
+from fastreid.utils.checkpoint import Checkpointer
+import torch
+assert REID_HEADS_REGISTRY.get("LEAPHead") is fc.LEAPHead
+assert DefaultTrainer.build_hooks._feature_cloud and Checkpointer._load_model._feature_cloud
+if int(torch.__version__.split(".")[0]) >= 2:
+    assert defaults.build_optimizer._feature_cloud_keep_grad
+if not torch.cuda.is_available():
+    assert build.DataLoaderX._feature_cloud_cpu
+print("ok")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _ORDERS[order] + check], cwd=root, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=root), timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- LEAPBaseline: fused CE
+def _meta_pair(eps, cloud="none"):
+    import copy
+
+    from fastreid.modeling.meta_arch import META_ARCH_REGISTRY, Baseline
+
+    torch.manual_seed(0)
+    head = build_heads(_head_cfg(FC__CLOUD=cloud, FC__SEED=3))
+    kwargs = {"loss_names": ("CrossEntropyLoss", "TripletLoss"),
+              "ce": {"eps": eps, "alpha": 0.2, "scale": 0.7},
+              "tri": {"margin": 0.3, "norm_feat": False, "hard_mining": True, "scale": 1.0}}
+    arch = META_ARCH_REGISTRY.get("LEAPBaseline")
+    assert arch is fr.LEAPBaseline
+    common = dict(backbone=torch.nn.Identity(), pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3)
+    ref = Baseline(heads=copy.deepcopy(head), loss_kwargs=copy.deepcopy(kwargs), **common)
+    ours = arch(heads=head, loss_kwargs=kwargs, **common)
+    return ref, ours
+
+
+def _meta_step(model, feats, labels):
+    from fastreid.utils.events import EventStorage
+
+    feats = feats.clone().requires_grad_(True)
+    with EventStorage(0) as storage:
+        losses = model.losses(model.heads(feats, labels), labels)
+        acc = storage.history("cls_accuracy").latest()
+    sum(losses.values()).backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    return {k: v.detach() for k, v in losses.items()}, acc, feats.grad, grads
+
+
+@pytest.mark.parametrize("eps,cloud", [(0.0, "none"), (0.1, "none"), (-1.0, "none"), (0.1, "full")])
+def test_leap_baseline_runs_the_fused_loss_and_equals_baseline(eps, cloud):
+    """MODEL.META_ARCHITECTURE: LEAPBaseline computes fastreid's cross-entropy (CE.EPSILON label
+    smoothing, its normalisation and CE.SCALE) inside the head on the fused kernels: the same
+    losses, accuracy and gradients as Baseline + fastreid's cross_entropy_loss on margin logits."""
+    ref, ours = _meta_pair(eps, cloud)
+    assert (ours.heads.fused_ce_epsilon is None) == (eps < 0)  # adaptive smoothing: Baseline's
+    feats = torch.randn(8, 32, 1, 1, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 0, 1, 1, 2, 3, 4, 4])
+    for _ in range(3 if cloud != "none" else 1):  # past the 2 warm-up steps: the cloud is on
+        got, want = _meta_step(ours, feats, labels), _meta_step(ref, feats, labels)
+    assert ours.heads.margin_head.cloud_active == (cloud != "none")
+    assert set(got[0]) == set(want[0]) == {"loss_cls", "loss_triplet"}
+    for k in want[0]:
+        torch.testing.assert_close(got[0][k], want[0][k], atol=1e-5, rtol=1e-5)
+    assert got[1] == want[1]
+    torch.testing.assert_close(got[2], want[2], atol=1e-5, rtol=1e-5)
+    for g, w in zip(got[3], want[3]):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    if eps >= 0:
+        out = ours.heads(feats, labels)
+        assert set(out) == {"cls_losses", "top1", "features"} and out["cls_losses"].shape == (8,)
+        assert ours.heads.margin_head.backend == "fused"
+
+
+# ---------------------------------------------------------------- 0.1.0 checkpoints
+def test_checkpointer_loads_a_0_1_0_head(tmp_path):
+    """A fastreid checkpoint written by feature-cloud 0.1.0 (dict ``_extra_state``, which
+    fastreid's loader rejects) loads through fastreid's Checkpointer, statistics included."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "v0_1_0_checkpoints.pt")
+    old = torch.load(fixture, weights_only=False)
+    dense = old["dense"]
+    c, d = dense["weight"].shape
+    model = torch.nn.Module()
+    model.heads = fr.LEAPHead(feat_dim=d, embedding_dim=0, num_classes=c, neck_feat="before",
+                              pool_type="GlobalAvgPool", margin_type="cosface", scale=24.0, margin=0.2,
+                              with_bnneck=False, norm_type="BN", class_counts="dataset")
+    assert model.heads.class_counts_pending
+    path = str(tmp_path / "model_old.pth")
+    torch.save({"model": {"module.heads.margin_head." + k: v for k, v in dense.items()}}, path)
+    Checkpointer(model).load(path)
+    head = model.heads.margin_head
+    assert head.step == int(dense["_extra_state"]["step"]) and head.seed == int(dense["_extra_state"]["seed"])
+    for key in ("centers", "class_counts", "memory", "memory_fill"):
+        assert torch.equal(getattr(head.statistics, key), dense["statistics." + key]), key
+    assert torch.equal(head.weight, dense["weight"]) and not model.heads.class_counts_pending

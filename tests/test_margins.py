@@ -128,7 +128,7 @@ def test_subcenter_arcface_equals_pml(seed=0):
     assert head.weight.shape == (k * c, d) and head.backend == "reference"
     head.weight.data.copy_(pml.W.data.t())
     g = torch.Generator().manual_seed(seed + 1)
-    for step in range(3):
+    for _ in range(3):
         x = torch.randn(b, d, generator=g)
         y = torch.randint(0, c, (b,), generator=g)
         x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
@@ -151,8 +151,29 @@ def test_subcenter_layout_with_the_cloud_trains():
     torch.manual_seed(0)
     head = LEAPMarginHead(D, C, "subcenter_arcface", cloud="full", class_counts=[4] * C, seed=0)
     x, y = _batch(2)
-    for step in range(3):
-        loss = head(x + 0.1 * step, y)
+    for shift in (0.0, 0.1, 0.2):
+        loss = head(x + shift, y)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(head.weight.grad).all()
     assert head.cloud_active and head.statistics.centers.shape == (C, D)
+
+
+def test_sharded_head_runs_fused_and_falls_back_like_the_dense_head(registered):
+    from unittest import mock
+
+    from feature_cloud import distributed
+    from feature_cloud.distributed import ShardedLEAPMarginHead
+
+    x, y = _batch(3)
+    for name in ("test_combined", "test_combined_nofused"):
+        torch.manual_seed(0)
+        dense = LEAPMarginHead(D, C, name, scale=16.0, margin=0.3, cloud=None, impl="reference")
+        sharded = ShardedLEAPMarginHead(D, C, name, scale=16.0, margin=0.3, cloud=None)
+        sharded.weight.data.copy_(dense.weight.data)
+        spy = mock.patch.object(distributed, "_sharded_cross_entropy",
+                                wraps=distributed._sharded_cross_entropy)
+        with spy as reference:
+            got = _run(sharded, x, y)
+        assert reference.called == (name == "test_combined_nofused")  # fused unless it cannot
+        for r, g in zip(_run(dense, x, y), got):
+            torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-5)

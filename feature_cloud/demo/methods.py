@@ -16,7 +16,7 @@ The heads and losses come from the package (:class:`~feature_cloud.LEAPMarginHea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +96,10 @@ class MethodConfig:
     gamma: float = 0.1  # center learning rate, LEAP Sec. 4.1
     warmup_steps: int = 0  # steps before the cloud starts
     ml2_alpha: float = 0.01  # FTL Eq. 4 uses 0.25 (too strong for BN-normalised 64-d features)
-    ftl_alternations: int = 2  # (stage 1, stage 2) pairs of FTL Algorithm 1 after stage 0
+    ftl_alternations: int = 1  # (stage 1, stage 2) pairs of FTL Algorithm 1 after stage 0 (paper: 10-15)
+    # FTL stage 0 as a share of the steps; None: ``warmup_steps`` (the LEAP warm-up) as before.
+    # Real faces (README, FTL results): a short stage 0 leaves Enc under-trained for the budget.
+    ftl_stage0_fraction: Optional[float] = 0.7
     seed: int = 0
     leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
 
@@ -180,7 +183,7 @@ class FTLMethod(_Method):
         if len(input_shape) == 3:
             c, h, w = (int(v) for v in input_shape)
             base = max(2, min(h, w) // 4)
-            decoder: nn.Module = ConvDecoder(d, (c, h, w), channels=(64, 32), base=base)
+            decoder: nn.Module = ConvDecoder(d, (c, h, w), channels=(32, 16), base=base)
         else:
             decoder = nn.Sequential(
                 nn.Linear(d, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True),
@@ -193,7 +196,10 @@ class FTLMethod(_Method):
             filter_net=make_filter(d, d, 2 * d), decoder=decoder, alpha_reg=cfg.ml2_alpha,
             transfer=transfer,
         )
+        if cfg.ftl_stage0_fraction is not None and not 0.0 <= float(cfg.ftl_stage0_fraction) < 1.0:
+            raise ValueError(f"ftl_stage0_fraction must be in [0, 1) or None, got {cfg.ftl_stage0_fraction}")
         self.warmup_steps = cfg.warmup_steps
+        self.stage0_fraction = cfg.ftl_stage0_fraction
         self.alternations = cfg.ftl_alternations
         self.seed = cfg.seed
 
@@ -209,10 +215,20 @@ class FTLMethod(_Method):
     def loss(self, x: Tensor, y: Tensor) -> Tensor:  # stage 0 / 2 loss, Eq. 4
         return self.ftl.loss(x, y)["loss"]
 
-    def fit(self, x: Tensor, y: Tensor, total_steps: int, batch_size: int, step: Callable[[Tensor], None]) -> None:
-        """Algorithm 1 for ``total_steps`` optimiser steps; ``step(loss)`` does backward + update."""
+    def fit(
+        self, x: Tensor, y: Tensor, total_steps: int, batch_size: int, step: Callable[[Tensor], None],
+        augment: Optional[Callable[[Tensor], Tensor]] = None,
+    ) -> None:
+        """Algorithm 1 for ``total_steps`` optimiser steps; ``step(loss)`` does backward + update.
+
+        Stage 0 takes ``ftl_stage0_fraction`` of the steps (or ``warmup_steps`` when that is
+        ``None``), the rest is split evenly into ``ftl_alternations`` (stage 1, stage 2) pairs.
+        ``augment`` (e.g. random flips) is applied to every training batch, as the caller does for
+        the other methods; UpdateStats reads the un-augmented ``x``.
+        """
         pairs = max(1, self.alternations)
-        stage_iters = max(1, (total_steps - self.warmup_steps) // (2 * pairs))
+        warm = self.warmup_steps if self.stage0_fraction is None else int(round(self.stage0_fraction * total_steps))
+        stage_iters = max(1, (total_steps - warm) // (2 * pairs))
         stage0 = max(0, total_steps - 2 * pairs * stage_iters)
         ds = IndexedDataset(torch.utils.data.TensorDataset(x, y))
         stats_loader = torch.utils.data.DataLoader(ds, batch_size=1024)
@@ -225,6 +241,8 @@ class FTLMethod(_Method):
                 sched.update_stats(stats_loader)
             loaders = sched.loaders(ds, batch_size)
             for batches in zip(*loaders) if stage == 1 else loaders:
+                if augment is not None:
+                    batches = [(augment(b[0]), *b[1:]) for b in batches] if stage == 1 else (augment(batches[0]), *batches[1:])
                 if stage == 1:
                     loss = sched.stage1_loss(*batches)["loss"]
                 else:

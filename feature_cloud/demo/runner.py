@@ -68,7 +68,7 @@ class DemoConfig:
     gamma: float = 0.1
     tail_threshold: Optional[int] = None  # T; None: S
     ml2_alpha: float = 0.01  # FTL Eq. 4 uses 0.25; chosen on the validation split, see docs
-    ftl_alternations: int = 2  # (stage 1, stage 2) pairs of FTL Algorithm 1; chosen on validation
+    ftl_alternations: int = 1  # (stage 1, stage 2) pairs of FTL Algorithm 1; chosen on validation
     image_size: Optional[Tuple[int, int]] = None
     synthetic: Dict[str, Any] = field(default_factory=dict)
     projection_classes: int = 3  # head and tail classes shown in the 2-D plot

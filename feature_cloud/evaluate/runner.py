@@ -45,11 +45,12 @@ class EvalConfig:
     optimizer: str = "sgd"  # "sgd" (momentum 0.9, Nesterov, one-cycle) | "adam" (cosine)
     lr: float = 0.1
     weight_decay: float = 5e-4
-    warmup_fraction: float = 1.0 / 3.0  # LEAP cloud / FTL stage-0 share of training
+    warmup_fraction: float = 1.0 / 3.0  # LEAP cloud warm-up share of training
     embedding_size: int = 128
     flip: bool = True  # random horizontal flips
     ml2_alpha: float = 0.01
-    ftl_alternations: int = 2
+    ftl_alternations: int = 1  # (stage 1, stage 2) pairs after FTL's stage 0
+    ftl_stage0_fraction: Optional[float] = 0.7  # FTL stage-0 share; None: warmup_fraction (old rule)
     leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
     out: str = "outputs/evaluate"
 
@@ -70,6 +71,8 @@ class EvalConfig:
             raise ValueError("batch_size must be >= 2 (BatchNorm)")
         if not 0.0 <= self.warmup_fraction <= 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+        if self.ftl_stage0_fraction is not None and not 0.0 <= float(self.ftl_stage0_fraction) < 1.0:
+            raise ValueError(f"ftl_stage0_fraction must be in [0, 1) or None, got {self.ftl_stage0_fraction}")
 
 
 def setting_name(cfg: EvalConfig) -> str:
@@ -98,7 +101,7 @@ def train_model(
     mcfg = MethodConfig(
         embedding_size=cfg.embedding_size, tail_threshold=cfg.threshold,
         warmup_steps=int(round(cfg.warmup_fraction * total)), ml2_alpha=cfg.ml2_alpha,
-        ftl_alternations=cfg.ftl_alternations, seed=seed, leap_options=dict(cfg.leap_options),
+        ftl_alternations=cfg.ftl_alternations, ftl_stage0_fraction=cfg.ftl_stage0_fraction, seed=seed, leap_options=dict(cfg.leap_options),
     )
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.backbone, tuple(x.shape[1:]), cfg.embedding_size)
@@ -135,7 +138,7 @@ def train_model(
     fit = getattr(model, "fit", None)
     if fit is not None:  # FTL's own schedule (Algorithm 1) within the same budget
         torch.manual_seed(seed)
-        fit(augment(x), y, total, cfg.batch_size, step)
+        fit(x, y, total, cfg.batch_size, step, augment=augment)  # fresh flips per batch, as below
     else:
         for _ in range(cfg.epochs):
             perm = torch.randperm(x.shape[0], generator=gen)

@@ -1,0 +1,357 @@
+r"""``FeatureCloud``: the LEAP feature cloud as one component (statistics, step, warm-up, noise).
+
+Every head (:class:`~feature_cloud.heads.LEAPMarginHead`,
+:class:`~feature_cloud.distributed.ShardedLEAPMarginHead`) and adapter (PML ``LEAPLoss``,
+fastreid, timm) holds one :class:`FeatureCloud` and nothing else of the cloud: its settings,
+their checks, the training-step bookkeeping and the checkpoint state live here once.
+
+Module state is tensors only (buffers ``step`` and ``seed`` next to the statistics' buffers):
+``state_dict()`` loads with ``strict=True``, copies into EMA models, and the module traces and
+exports (``torch.jit.trace``, ``torch.export``, ONNX) and compiles (``torch.compile``) without an
+opaque generator. The noise is counter-based (:mod:`feature_cloud.noise`): the cloud of a step is
+a pure function of ``(seed, step, stream, row, class)``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as FC
+from . import noise as N
+from ._validation import as_float, as_int, check_batch, check_class_counts
+from .statistics import ClassStatistics
+from .sync import BATCH_MODES, SyncedClassStatistics
+
+__all__ = ["FeatureCloud", "WithFeatureCloud", "SYNC_MODES", "migrate_state_dict"]
+
+#: ``sync`` settings: ``"auto"`` synchronises the statistics over the default process group
+#: whenever one is initialised with more than one rank (every rank all-gathers the detached batch,
+#: see :class:`~feature_cloud.sync.SyncedClassStatistics`); ``"pml_gathered"`` expects the batch
+#: pytorch-metric-learning's ``DistributedLossWrapper`` has already gathered; ``"off"`` keeps
+#: per-rank statistics (explicit opt-out; they then differ between ranks).
+SYNC_MODES = ("auto", "pml_gathered", "off")
+
+ProcessGroup = Any
+
+
+def _check_config(
+    rule: Optional[str], warmup_steps: Any, class_counts: Any, seed: Any, sync: str,
+    count_steps: Any, gamma: Any, memory_per_sample: Any, tail_threshold: Any,
+) -> Tuple[int, Optional[int]]:
+    """The cloud's argument checks, named as the user passed them (the statistics re-check
+    their own); returns ``(warmup_steps, count_steps)`` as ints."""
+    if rule is not None and rule not in FC.CLOUD_RULES:
+        raise ValueError(f"cloud must be one of {FC.CLOUD_RULES} or None, got {rule!r}")
+    as_int(tail_threshold, "tail_threshold", 0)
+    as_int(memory_per_sample, "memory_per_sample", 1)
+    as_float(gamma, "gamma", minimum=0.0, maximum=1.0, min_inclusive=False)
+    warmup_steps = as_int(warmup_steps, "warmup_steps", 0)
+    if rule is not None and class_counts is None and warmup_steps == 0:
+        raise ValueError(
+            "class_counts is required when warmup_steps == 0: the cloud needs K_i (LEAP "
+            "Eq. 5). Pass the per-class sample counts, or warmup_steps >= 1 epoch to count "
+            "them online."
+        )
+    if count_steps is not None:
+        count_steps = as_int(count_steps, "count_steps")
+        if not 1 <= count_steps <= max(warmup_steps, 1):
+            raise ValueError(
+                f"count_steps must be in [1, warmup_steps={warmup_steps}] (K_i are counted "
+                f"during the warm-up), got {count_steps}"
+            )
+    if seed is not None:
+        seed = as_int(seed, "seed")
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
+    return warmup_steps, count_steps
+
+
+class FeatureCloud(nn.Module):
+    r"""Class statistics, step counter, warm-up and noise stream of the LEAP feature cloud.
+
+    Args:
+        num_classes: ``C``.
+        embedding_size: ``D``.
+        rule: ``"full"`` (LEAP Eq. 9), ``"vanilla"`` (Eq. 6) or ``None`` (no cloud: the
+            statistics still exist but are not updated and no noise is drawn).
+        tail_threshold: ``T`` of the vanilla rule (classes with ``K_i > T`` are head classes).
+        gamma: center learning rate (paper: 0.1).
+        memory_per_sample: ``P`` of LEAP Eq. 5.
+        warmup_steps: training steps without cloud (the paper starts the cloud after some
+            epochs). With ``class_counts=None`` the counts ``K_i`` are taken online during
+            warm-up, which must then be ``>= 1`` and should cover an epoch.
+        class_counts: ``K_i`` per class from the dataset (recommended).
+        count_steps: with ``class_counts=None``, the steps of one epoch: ``K_i`` are counted
+            online over the first ``count_steps`` steps only (must be ``<= warmup_steps``);
+            default ``warmup_steps`` (then the warm-up must be exactly one epoch, else the
+            counts are multiplied by the number of epochs: a warning says so).
+        cloud_mode: where the cloud enters the logits, one of
+            :data:`~feature_cloud.functional.CLOUD_MODES`: ``"paper"`` (LEAP Eq. 7-8, every
+            logit), ``"target"`` or ``"margin"`` (target logit only).
+        cloud_scale: factor on the cloud's standard deviation (1: the paper's variance).
+        center_rate, unknown_variance, angle_max_age: statistics options, see
+            :class:`~feature_cloud.ClassStatistics` (``center_rate``, ``unknown_variance``,
+            ``max_age``).
+        seed: seed of the noise stream (a buffer, saved with the state); default draws one from
+            the global RNG, so ``torch.manual_seed`` makes runs reproducible.
+        sync: one of :data:`SYNC_MODES`; default ``"auto"``: statistics are identical on all
+            ranks of an initialised process group without any extra call.
+        process_group, pad_to: of the synchronised statistics (see
+            :func:`~feature_cloud.sync.gather_batch`).
+
+    State (all buffers): ``step`` (training steps taken), ``seed`` and ``statistics.*``.
+    The cloud of a step draws :math:`z(\mathrm{seed}, \mathrm{step}, \mathrm{stream}, n, j)`
+    (:mod:`feature_cloud.noise`) with ``stream`` the rank under synchronised statistics (0
+    otherwise), so ranks draw independent clouds and a resumed run continues bit-identically.
+    """
+
+    step: Tensor
+    seed: Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        rule: Optional[str] = "full",
+        *,
+        tail_threshold: int = 20,
+        gamma: float = 0.1,
+        memory_per_sample: int = 1,
+        warmup_steps: int = 0,
+        class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
+        seed: Optional[int] = None,
+        count_steps: Optional[int] = None,
+        cloud_mode: str = "paper",
+        cloud_scale: float = 1.0,
+        center_rate: str = "adaptive",
+        unknown_variance: str = "tail_prior",
+        angle_max_age: Optional[int] = None,
+        sync: str = "auto",
+        process_group: ProcessGroup = None,
+        pad_to: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        warmup_steps, count_steps = _check_config(
+            rule, warmup_steps, class_counts, seed, sync, count_steps, gamma, memory_per_sample,
+            tail_threshold)
+        if class_counts is not None:
+            class_counts = check_class_counts(class_counts, as_int(num_classes, "num_classes", 1))
+        if cloud_mode not in FC.CLOUD_MODES:
+            raise ValueError(f"cloud_mode must be one of {FC.CLOUD_MODES}, got {cloud_mode!r}")
+        self.rule = rule
+        self.mode = cloud_mode
+        self.scale = as_float(cloud_scale, "cloud_scale", minimum=0.0)
+        self.warmup_steps = warmup_steps
+        self.sync = sync
+        kwargs: Dict[str, Any] = dict(
+            gamma=gamma, memory_per_sample=memory_per_sample, class_counts=class_counts,
+            cloud=rule or "full", tail_threshold=tail_threshold,
+            count_updates=count_steps if class_counts is None else None,
+            center_rate=center_rate, unknown_variance=unknown_variance, max_age=angle_max_age,
+        )
+        if sync == "off":
+            self.statistics: ClassStatistics = ClassStatistics(num_classes, embedding_size, **kwargs)
+        else:
+            batch = "pml_gathered" if sync == "pml_gathered" else BATCH_MODES[0]
+            self.statistics = SyncedClassStatistics(
+                num_classes, embedding_size, process_group=process_group, pad_to=pad_to,
+                batch=batch, **kwargs)
+        if rule is not None and class_counts is None and count_steps is None:
+            warnings.warn(
+                f"the feature cloud counts K_i online over all warmup_steps={warmup_steps} "
+                "steps: correct only if the warm-up is exactly one epoch. Pass class_counts, or "
+                "count_steps=<steps per epoch>.", UserWarning, stacklevel=3,
+            )
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.long))
+        self._count = 0  # host copy of ``step`` (control flow without a device sync)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def num_classes(self) -> int:
+        return self.statistics.num_classes
+
+    @property
+    def embedding_size(self) -> int:
+        return self.statistics.embedding_size
+
+    @property
+    def steps_taken(self) -> int:
+        """Training steps taken: the ``step`` buffer (one host read)."""
+        return int(self.step)
+
+    def train(self, mode: bool = True) -> FeatureCloud:
+        """Also re-reads the host copy of ``step`` that the training step branches on (the
+        buffer may have been written from outside, e.g. an EMA copy or ``copy_``)."""
+        self._count = int(self.step)
+        return super().train(mode)
+
+    @property
+    def active(self) -> bool:
+        """Whether the next training step draws a feature cloud (rule set, warm-up over)."""
+        return self.rule is not None and self._count >= self.warmup_steps
+
+    @property
+    def noise_stream(self) -> int:
+        """This process's noise stream: the rank under synchronised statistics, else 0."""
+        return self.statistics.noise_stream
+
+    @property
+    def collective(self) -> bool:
+        """Whether a training step communicates (every rank must then make it every step)."""
+        return self.rule is not None and self.statistics.collective
+
+    def set_rule(self, rule: Optional[str]) -> None:
+        """Change the cloud rule (``"full"``, ``"vanilla"``) or turn the cloud off (``None``)."""
+        if rule is not None and rule not in FC.CLOUD_RULES:
+            raise ValueError(f"cloud must be one of {FC.CLOUD_RULES} or None, got {rule!r}")
+        self.rule = rule
+        if rule is not None:
+            self.statistics.rule = rule
+
+    def reseed(self, seed: int) -> None:
+        """Set the seed of the noise stream."""
+        self.seed.fill_(int(seed))
+
+    # ------------------------------------------------------------------ training step
+    def check(self, embeddings: Tensor, labels: Tensor, *, validate: bool = True,
+              train: bool = True) -> Tensor:
+        """Every check of a batch, before any state changes; returns the labels as int64.
+
+        When the training step's update is collective, all ranks agree on the verdict first
+        (one all-reduce: every rank raises together, see
+        :meth:`~feature_cloud.sync.SyncedClassStatistics.agree`)."""
+        if train and self.collective:
+            return self.statistics.agree(embeddings, labels, validate)
+        return check_batch(embeddings, labels, self.embedding_size, self.num_classes, validate)
+
+    def advance(
+        self, features: Tensor, labels: Tensor, *, train: bool = True, count_empty: bool = False
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """One training step of the cloud: fold the batch into the statistics, count the step.
+
+        Call after :meth:`check` (with the same tensors: a collective check is reused by the
+        update): this mutates state. Does nothing unless ``train``; an empty batch is skipped (not counted) unless the
+        update is collective or ``count_empty`` (the caller's step is collective). Returns ``(std, key)``: the per-sample cloud
+        standard deviation ``(B,)`` (LEAP Eq. 6 / 9 via the sample's class) and the noise key of
+        this step (:func:`feature_cloud.noise.noise_key`) when the cloud is active, else
+        ``(None, None)``.
+        """
+        std = key = None
+        if not train or (features.shape[0] == 0 and not (count_empty or self.collective)):
+            return std, key
+        if self.rule is not None:
+            active = self.active
+            stats = self.statistics
+            if stats.counting and active:
+                stats.allocate_memory()  # online K_i: lay out the memory once (one host sync)
+            stats.update(features, labels, validate=False)
+            if active:
+                std = stats.cloud_variance()[labels.clamp_min(0)].sqrt()
+                if self.scale != 1.0:
+                    std = std * self.scale
+                key = self.noise_key()
+        self.step.add_(1)
+        self._count += 1
+        return std, key
+
+    def noise_key(self, stream: Optional[int] = None, purpose: int = N.PURPOSE_CLOUD) -> Tensor:
+        """Key of the current step's draw (before :meth:`advance` counts it)."""
+        return N.noise_key(self.seed, self.step, self.noise_stream if stream is None else stream,
+                           purpose)
+
+    @staticmethod
+    def row_noise(key: Tensor, std: Tensor) -> Tensor:
+        """One standard normal per sample row ``(B,)`` from ``key`` (the target-only cloud modes;
+        the paper mode draws ``B x C`` with :func:`feature_cloud.fused.cloud_angles`)."""
+        return N.counter_normal(key, std.shape[0], 0, 1, 1)[0].to(std.dtype)
+
+    # ------------------------------------------------------------------ distributed
+    def synchronize(
+        self, process_group: ProcessGroup = None, *, pad_to: Optional[int] = None,
+        batch: str = "local",
+    ) -> None:
+        """Replace the statistics by :class:`SyncedClassStatistics` holding the same state."""
+        self.statistics = SyncedClassStatistics.from_statistics(
+            self.statistics, process_group=process_group, pad_to=pad_to, batch=batch)
+        self.sync = "pml_gathered" if batch == "pml_gathered" else "auto"
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if prefix + "step" in state_dict:
+            self._count = int(self.step)
+
+    def extra_repr(self) -> str:
+        return (f"rule={self.rule!r}, mode={self.mode!r}, scale={self.scale}, warmup_steps="
+                f"{self.warmup_steps}, sync={self.sync!r}, steps_taken={self._count}")
+
+
+class WithFeatureCloud:
+    """Read-only views of ``self.feature_cloud`` shared by every head and adapter holding one."""
+
+    feature_cloud: FeatureCloud
+
+    @property
+    def cloud(self) -> Optional[str]:
+        """The cloud rule (``"full"``, ``"vanilla"``) or ``None``; settable (``None`` turns the
+        cloud off: plain CosFace/ArcFace, no statistics update)."""
+        return self.feature_cloud.rule
+
+    @cloud.setter
+    def cloud(self, rule: Optional[str]) -> None:
+        self.feature_cloud.set_rule(rule)
+
+    @property
+    def statistics(self) -> ClassStatistics:
+        """The class statistics of the cloud (buffers)."""
+        return self.feature_cloud.statistics
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.feature_cloud.warmup_steps
+
+    @property
+    def step(self) -> int:
+        """Training steps taken (the ``feature_cloud.step`` buffer)."""
+        return self.feature_cloud.steps_taken
+
+    @property
+    def seed(self) -> int:
+        """Seed of the cloud's noise stream (the ``feature_cloud.seed`` buffer; shared by all
+        ranks, whose streams differ by rank)."""
+        return int(self.feature_cloud.seed)
+
+    @property
+    def cloud_active(self) -> bool:
+        """Whether the next training step draws a feature cloud."""
+        return self.feature_cloud.active
+
+
+def migrate_state_dict(
+    state_dict: Dict[str, Any], old_prefix: str, new_prefix: str
+) -> Dict[str, Any]:
+    """Rewrite a 0.1.0 checkpoint's cloud entries in place into the tensor-only layout.
+
+    0.1.0 kept ``{old_prefix}statistics.*`` and a dict ``{old_prefix}_extra_state`` (step, seed,
+    generator state). They become ``{new_prefix}statistics.*``, ``{new_prefix}step`` and
+    ``{new_prefix}seed``; the generator state is dropped (the noise is counter-based now: a
+    resumed run continues from ``(seed, step)``). Returns the 0.1.0 extra-state dict (empty when
+    the entries are already in the new layout) for callers with more to migrate.
+    """
+    extra = state_dict.pop(old_prefix + "_extra_state", None)
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict) or "step" not in extra:
+        raise ValueError(f"unrecognised extra state under {old_prefix + '_extra_state'!r}")
+    if old_prefix != new_prefix:
+        for key in [k for k in state_dict if k.startswith(old_prefix + "statistics.")]:
+            state_dict[new_prefix + key[len(old_prefix):]] = state_dict.pop(key)
+    state_dict.setdefault(new_prefix + "step", torch.tensor(int(extra["step"]), dtype=torch.long))
+    state_dict.setdefault(new_prefix + "seed", torch.tensor(int(extra["seed"]), dtype=torch.long))
+    return extra

@@ -1,0 +1,355 @@
+"""Collectives and synchronised class statistics (the process-group side of :class:`FeatureCloud`).
+
+See :mod:`feature_cloud.distributed` for the design (all-gather of the detached batch rather than
+an all-reduce of per-class sums). Without an initialised process group everything here is the
+single-process behaviour.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._validation import PROBLEM_SLOTS, check_batch, problem_tensor, raise_for_problems
+from .statistics import ClassStatistics
+
+__all__ = ["BATCH_MODES", "is_distributed", "gather_batch", "agree_on_batch",
+           "SyncedClassStatistics"]
+
+#: What a synchronised head receives each step: ``"local"`` (this rank's own batch) or
+#: ``"pml_gathered"`` (the batch pytorch-metric-learning's ``DistributedLossWrapper`` has
+#: already gathered from all ranks, own rank first).
+BATCH_MODES = ("local", "pml_gathered")
+
+ProcessGroup = Any  # torch.distributed.ProcessGroup; None means the default (WORLD) group
+
+
+def is_distributed(group: ProcessGroup = None) -> bool:
+    """True when ``torch.distributed`` is initialised and ``group`` spans more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _rank_world(group: ProcessGroup = None) -> Tuple[int, int]:
+    if is_distributed(group):
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+# --------------------------------------------------------------------------------------------
+# collectives
+# --------------------------------------------------------------------------------------------
+
+
+def _common_size(n: int, device: torch.device, group: ProcessGroup, pad_to: Optional[int]) -> int:
+    """The per-rank size every rank pads to: ``pad_to``, or the all-reduced maximum."""
+    if pad_to is not None:
+        if n > pad_to:
+            raise ValueError(
+                f"this rank's batch has {n} samples, more than pad_to={pad_to}; pass the largest "
+                "per-rank batch size (the same value on every rank)"
+            )
+        return int(pad_to)
+    size = torch.tensor([n], device=device, dtype=torch.long)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX, group=group)
+    return int(size.item())  # one host sync per step; pass pad_to to avoid it
+
+
+def _pad_rows(x: Tensor, rows: int, value: float) -> Tensor:
+    if x.shape[0] == rows:
+        return x
+    pad = x.new_full((rows - x.shape[0],) + tuple(x.shape[1:]), value)
+    return torch.cat([x, pad], 0)
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather equal-sized row blocks; backward sums every rank's gradient of this rank's block.
+
+    The backward is the reduce-scatter of the all-gather (the gradient of rank ``r``'s rows is the
+    sum over ranks of the gradient each rank's part of the loss sends to them), times
+    ``grad_scale`` (``world_size`` undoes DDP's gradient averaging of the backbone).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup, grad_scale: float) -> Tensor:
+        ctx.group, ctx.grad_scale = group, grad_scale
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, 0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None, None]:
+        world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        grad = grad.contiguous()
+        rows = grad.shape[0] // world
+        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
+            out = grad.new_empty((rows,) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+        else:  # gloo has no reduce-scatter: all-reduce and keep this rank's block
+            dist.all_reduce(grad, group=ctx.group)
+            out = grad[rank * rows:(rank + 1) * rows]
+        if ctx.grad_scale != 1.0:
+            out = out * ctx.grad_scale
+        return out, None, None
+
+
+class _ReplicatedSum(torch.autograd.Function):
+    """Sum over ranks whose result feeds computation replicated identically on every rank.
+
+    Forward all-reduces; backward is the identity, because every rank then back-propagates the
+    same upstream gradient (Megatron's "reduce from the model-parallel region").
+    ``torch.distributed.nn.functional.all_reduce`` would instead sum those equal gradients and
+    scale them by ``world_size``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup) -> Tensor:
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None]:
+        return grad, None
+
+
+def gather_batch(
+    features: Tensor,
+    labels: Tensor,
+    group: ProcessGroup = None,
+    *,
+    pad_to: Optional[int] = None,
+    differentiable: bool = False,
+    grad_scale: float = 1.0,
+) -> Tuple[Tensor, Tensor]:
+    """All-gather ``(B_r, D)`` features and ``(B_r,)`` labels of every rank, in rank order.
+
+    Batches may differ in size (also 0): each rank pads to a common size ``P`` with zero rows
+    labelled ``-1`` (ignored by every loss and statistic), so the result is ``(world * P, D)``
+    and rank ``r``'s rows start at ``r * P``. ``P`` is ``pad_to`` when given (no host sync: pass
+    the loader's batch size, the same on every rank), else the all-reduced maximum batch size
+    (one host sync). ``differentiable=True`` lets gradients flow back to this rank's ``features``
+    (scaled by ``grad_scale``); otherwise the features are detached. Without a process group
+    the inputs are returned unchanged.
+    """
+    if not is_distributed(group):
+        return (features if differentiable else features.detach()), labels
+    rows = _common_size(features.shape[0], features.device, group, pad_to)
+    x = _pad_rows(features if differentiable else features.detach(), rows, 0.0)
+    y = _pad_rows(labels, rows, -1)
+    y_parts = [torch.empty_like(y) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(y_parts, y.contiguous(), group=group)
+    if differentiable:
+        x_all = _GatherRows.apply(x, group, float(grad_scale))
+    else:
+        x_parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(x_parts, x.contiguous(), group=group)
+        x_all = torch.cat(x_parts, 0)
+    return x_all, torch.cat(y_parts, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# ranks that agree on a batch
+# --------------------------------------------------------------------------------------------
+
+# dtype codes compared across ranks (all-reduced with MAX of the code and of its negation)
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+def agree_on_batch(
+    embeddings: Tensor,
+    labels: Tensor,
+    embedding_size: int,
+    num_classes: int,
+    *,
+    validate: bool = True,
+    group: ProcessGroup = None,
+    device: Optional[torch.device] = None,
+    pad_to: Optional[int] = None,
+    same_dtype: bool = False,
+) -> Tuple[Tensor, int]:
+    """Check this rank's batch and agree with every rank of ``group`` before any collective
+    touches it; returns the labels as int64 and the per-rank row count to pad to.
+
+    All checks (type, shape, finite values, label range, ``pad_to``, and with ``same_dtype``
+    the embeddings' dtype) become a small int64 code vector (:func:`problem_tensor`) that is
+    all-reduced with ``MAX`` in **one** collective, together with the batch size (which the
+    padded gather needs anyway) and the lowest failing rank. Every rank then raises the same
+    exception, naming that rank, or none does: no rank is left blocked in a later collective and
+    no rank's state moves ahead of the others'. One host sync (the verdict), replacing the
+    size all-reduce of :func:`gather_batch` and the value check of a single process. Without a
+    process group this is the local check.
+    """
+    rank, world = _rank_world(group)
+    if device is None:
+        device = embeddings.device if isinstance(embeddings, Tensor) else torch.device("cpu")
+    codes = problem_tensor(embeddings, labels, embedding_size, num_classes, validate, device)
+    n = int(embeddings.shape[0]) if isinstance(embeddings, Tensor) and embeddings.dim() else 0
+    too_big = int(pad_to is not None and n > pad_to)
+    dtype_code = _DTYPE_CODES.get(embeddings.dtype, 5) if isinstance(embeddings, Tensor) else 0
+    extra = torch.tensor([too_big, n, dtype_code, -dtype_code, 0], dtype=torch.long, device=device)
+    payload = torch.cat([codes, extra])
+    k = len(PROBLEM_SLOTS)
+    payload[-1] = (world - rank) * payload[: k + 1].amax().clamp_max(1)  # lowest failing rank
+    if world > 1:
+        dist.all_reduce(payload, op=dist.ReduceOp.MAX, group=group)
+    verdict = payload.tolist()  # the one host sync
+    where = ""
+    if world > 1 and verdict[-1]:
+        where = f"rank {world - verdict[-1]} of {world}; raised on every rank"
+    raise_for_problems(verdict[:k], embedding_size, num_classes, where)
+    if verdict[k]:
+        raise ValueError(
+            f"a rank's batch has more than pad_to={pad_to} samples ({where}); pass the largest "
+            "per-rank batch size (the same value on every rank)"
+        )
+    if same_dtype and world > 1 and verdict[k + 2] != -verdict[k + 3]:
+        names = {v: str(d).replace("torch.", "") for d, v in _DTYPE_CODES.items()}
+        raise TypeError(
+            "ranks passed embeddings of different dtypes ("
+            f"{names.get(-verdict[k + 3], 'other')} and {names.get(verdict[k + 2], 'other')}); "
+            "use the same dtype (or autocast) on every rank"
+        )
+    rows = int(pad_to) if pad_to is not None else int(verdict[k + 1])
+    return labels.long(), rows
+
+
+# --------------------------------------------------------------------------------------------
+# synchronised statistics
+# --------------------------------------------------------------------------------------------
+
+
+class SyncedClassStatistics(ClassStatistics):
+    r""":class:`ClassStatistics` updated from the global batch of a process group.
+
+    Every rank calls :meth:`update` with its own batch (``batch="local"``); the detached features
+    and labels are all-gathered (padded, see :func:`gather_batch`) and folded in with the
+    single-process update, so centers (LEAP Eq. 4), angle memory (Eq. 3, 5) and hence the cloud
+    variances (Eq. 6, 9) are identical on all ranks and equal to one process fed the
+    concatenation of the ranks' batches in rank order. :attr:`noise_stream` is the rank, so the
+    owning head draws an independent, reproducible cloud on each rank.
+
+    With ``batch="pml_gathered"`` the input is already the global batch as arranged by
+    pytorch-metric-learning's ``DistributedLossWrapper`` (own rank first, then the others in
+    rank order, equal sizes); it is reordered to rank order and no communication happens.
+
+    Without an initialised process group (or with one rank) this is exactly
+    :class:`ClassStatistics`. The state dict is the same as the base class's, so checkpoints move
+    freely between synchronised and single-process modules.
+
+    Every check (type, shape, finite features, label range, ``pad_to``) is agreed on by all
+    ranks in one all-reduce before the gather (:func:`agree_on_batch`), so a bad batch on one
+    rank raises the same exception on every rank, before any state changes, instead of leaving
+    the others blocked in the collective. Features are gathered in float32 (the statistics'
+    dtype) and labels as int64, so ranks may pass different float / integer dtypes.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        *,
+        process_group: ProcessGroup = None,
+        pad_to: Optional[int] = None,
+        batch: str = "local",
+        **kwargs: Any,
+    ) -> None:
+        if batch not in BATCH_MODES:
+            raise ValueError(f"batch must be one of {BATCH_MODES}, got {batch!r}")
+        if pad_to is not None and int(pad_to) < 0:
+            raise ValueError(f"pad_to must be >= 0, got {pad_to}")
+        super().__init__(num_classes, embedding_size, **kwargs)
+        self.process_group = process_group
+        self.pad_to = None if pad_to is None else int(pad_to)
+        self.batch = batch
+        self._agreed: Optional[Tuple[Tensor, Tensor, int]] = None
+
+    @classmethod
+    def from_statistics(cls, stats: ClassStatistics, **kwargs: Any) -> SyncedClassStatistics:
+        """A synchronised copy of ``stats`` (same configuration, buffers and device)."""
+        new = cls(
+            stats.num_classes,
+            stats.embedding_size,
+            gamma=stats.gamma,
+            memory_per_sample=stats.memory_per_sample,
+            cloud=stats.rule,
+            tail_threshold=stats.tail_threshold,
+            count_updates=stats.count_updates,
+            center_rate=stats.center_rate,
+            unknown_variance=stats.unknown_variance,
+            max_age=stats.max_age,
+            **kwargs,
+        ).to(stats.centers.device)
+        new.load_state_dict(stats.state_dict())
+        new.train(stats.training)
+        return new
+
+    @property
+    def collective(self) -> bool:  # type: ignore[override]
+        """Whether :meth:`update` communicates (every rank must then call it every step)."""
+        return self.batch == "local" and is_distributed(self.process_group)
+
+    @property
+    def noise_stream(self) -> int:
+        """The rank in the process group (0 without one)."""
+        return _rank_world(self.process_group)[0]
+
+    def agree(self, features: Tensor, labels: Tensor, validate: bool = True) -> Tensor:
+        """All ranks check their batch and agree on the verdict (one all-reduce; a collective
+        call when :attr:`collective`); returns the int64 labels. The next :meth:`update` with
+        these tensors reuses the verdict instead of agreeing again."""
+        if not self.collective:
+            return super().agree(features, labels, validate)
+        labels, rows = agree_on_batch(
+            features, labels, self.embedding_size, self.num_classes, validate=validate,
+            group=self.process_group, device=self.centers.device, pad_to=self.pad_to,
+        )
+        self._agreed = (features, labels, rows)
+        return labels
+
+    @torch.no_grad()
+    def update(self, features: Tensor, labels: Tensor, validate: bool = True) -> None:
+        """All-gather the batch (or reorder a PML-gathered one) and fold it into the statistics."""
+        if not is_distributed(self.process_group):
+            super().update(features, labels, validate)
+            return
+        if self.batch == "local":
+            agreed, self._agreed = self._agreed, None
+            if agreed is not None and agreed[0] is features and agreed[1] is labels:
+                rows = agreed[2]
+            else:
+                labels, rows = agree_on_batch(
+                    features, labels, self.embedding_size, self.num_classes, validate=validate,
+                    group=self.process_group, device=self.centers.device, pad_to=self.pad_to,
+                )
+            features, labels = gather_batch(
+                features.detach().float(), labels, self.process_group, pad_to=rows
+            )
+            validate = False  # agreed above
+        else:  # the same gathered batch on every rank: local checks agree
+            labels = check_batch(features, labels, self.embedding_size, self.num_classes, validate)
+            features, labels = _pml_to_rank_order(features, labels, self.process_group)
+            validate = False
+        super().update(features, labels, validate)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", batch={self.batch!r}, pad_to={self.pad_to}"
+
+
+def _pml_to_rank_order(
+    features: Tensor, labels: Tensor, group: ProcessGroup
+) -> Tuple[Tensor, Tensor]:
+    """Undo ``DistributedLossWrapper``'s order ``[own, 0, .., r-1, r+1, ..]`` (equal blocks)."""
+    rank, world = _rank_world(group)
+    n = features.shape[0]
+    if n % world:
+        raise ValueError(
+            f"a batch gathered by DistributedLossWrapper has world_size * B rows; got {n} rows "
+            f"for world_size={world}"
+        )
+    b = n // world
+    # block position of rank k in PML's order
+    pos = [0 if k == rank else (k + 1 if k < rank else k) for k in range(world)]
+    index = torch.cat([torch.arange(p * b, (p + 1) * b, device=features.device) for p in pos])
+    return features.detach().index_select(0, index), labels.index_select(0, index)
