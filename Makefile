@@ -30,4 +30,4 @@ bench: $(STAMP)
 	FC_BENCH_THREADS=1 $(PY) -m benchmarks.interleaved --reps 21 --out benchmarks/results/interleaved_1thread.json
 	$(PY) -m benchmarks.suite --reps 5 --out benchmarks/results/suite.json
 	$(PY) -m benchmarks.peak_memory --configs fused,fused_cloud,chunked,chunked_cloud,reference,floor,pml,pml_leap --classes 100000 --threads 1 --cap-gib 6 --out benchmarks/results/memory.json
-	$(PY) -m benchmarks.report --bench benchmarks/results/bench.json --interleaved benchmarks/results/interleaved_1thread.json --memory benchmarks/results/memory.json --suite benchmarks/results/suite.json --readme benchmarks/README.md --main-readme README.md --png benchmarks/ratios.png
+	$(PY) -m benchmarks.report --bench benchmarks/results/bench.json --interleaved benchmarks/results/interleaved_1thread.json --memory benchmarks/results/memory.json --suite benchmarks/results/suite.json benchmarks/results/suite_full_both_threads.json --readme benchmarks/README.md --main-readme README.md --png benchmarks/ratios.png

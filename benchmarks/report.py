@@ -95,8 +95,8 @@ def suite_tables(run: Dict) -> List[str]:
     res = run["results"]
     settings = run.get("settings", {})
     lines = [f"B={run['batch']}, D={run['dim']}, C={run['classes']}, CosFace, fwd+bwd float32, CPU "
-             f"({run['cpus']} cores, shared), {run['reps']} interleaved repetitions (all settings, "
-             f"both thread counts inside each), torch {run['torch']}; load average "
+             f"({run['cpus']} cores, shared), {run['reps']} interleaved repetitions (all settings "
+             f"and torch thread counts {', '.join(res)} inside each), torch {run['torch']}; load average "
              f"{run['loadavg_before'][0]:.1f} before, {run['loadavg_after'][0]:.1f} after. "
              "Ratio: median over repetitions of time / time of the reference in the same "
              "repetition. `trained`: features at cosine 0.66 to their class weight; `random`: "
@@ -184,11 +184,14 @@ def plot(runs: List[Dict], path: str) -> None:
 
 
 def render(bench: Optional[Dict], inter: List[Dict], memory: Optional[List[Dict]],
-           suite: Optional[Dict] = None) -> str:
+           suite: Optional[List[Dict]] = None) -> str:
     out: List[str] = []
-    if suite:
-        out += ["### What users run: re-ID and face settings, random and trained-like data", ""]
-        out += suite_tables(suite) + [""]
+    for i, run in enumerate(suite or []):
+        title = "What users run: re-ID and face settings, random and trained-like data"
+        out += [f"### {title}" if i == 0 else f"#### {run.get('title', 'Another run')}", ""]
+        if run.get("note"):
+            out += [run["note"], ""]
+        out += suite_tables(run) + [""]
     if inter:
         out += ["### Interleaved ratios (the targets of issue 7)"] + interleaved_table(inter)
     if memory:
@@ -219,14 +222,15 @@ def main(argv=None) -> None:
     p.add_argument("--memory", default=None)
     p.add_argument("--readme", default=None)
     p.add_argument("--png", default=None)
-    p.add_argument("--suite", default=None, help="JSON of python -m benchmarks.suite")
+    p.add_argument("--suite", nargs="*", default=[],
+                   help="JSON of python -m benchmarks.suite (several: one table set each)")
     p.add_argument("--main-readme", default=None,
                    help="also write the suite and memory tables between the speed markers here")
     a = p.parse_args(argv)
     bench = json.load(open(a.bench)) if a.bench else None
     inter = [json.load(open(f)) for f in a.interleaved]
     memory = json.load(open(a.memory)) if a.memory else None
-    suite = json.load(open(a.suite)) if a.suite else None
+    suite = [json.load(open(f)) for f in a.suite]
     text = render(bench, inter, memory, suite)
     print(text)
     if a.readme:

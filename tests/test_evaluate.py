@@ -127,3 +127,14 @@ def test_cli_evaluate_rejects_bad_arguments(tmp_path):
     assert main(["evaluate", str(tmp_path / "missing.npz"), "--quiet"]) == 2
     assert main(["evaluate", p, "--leap-option", "nokey", "--quiet"]) == 2
     assert main(["evaluate", p, "--ftl-stage0-fraction", "1.0", "--quiet"]) == 2
+
+
+def test_backbones_conv4_and_timm_without_download():
+    from feature_cloud.evaluate import build_backbone
+
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("conv4", "timm:resnet18"):
+        net = build_backbone(name, (3, 32, 32), 16)
+        assert net(x).shape == (2, 16)
+    with pytest.raises(ValueError, match="backbone"):
+        build_backbone("vgg", (3, 32, 32), 16)
