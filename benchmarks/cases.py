@@ -24,6 +24,7 @@ Data (``data=``): ``"random"`` (Gaussian features, Xavier weights: cosines near 
 noise, as after training; the negatives stay near 0). ``scale`` / ``margin`` default to the
 re-ID setting (CosFace s=24, ArcFace s=16, m=0.2); the face setting is s=64, m=0.35.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,9 +39,21 @@ from feature_cloud import LEAPMarginHead, fused
 SCALE = {"cosface": 24.0, "arcface": 16.0}
 _MARGIN = 0.2
 METHODS = (
-    "floor", "leap", "leap_cloud", "leap_reference", "leap_cloud_reference", "leap_chunked",
-    "leap_cloud_chunked", "leap_cloud_nostats", "pml", "fastreid", "gemm3", "pml_leap",
-    "pml_leap_cloud", "fastreid_leap", "fastreid_leap_cloud",
+    "floor",
+    "leap",
+    "leap_cloud",
+    "leap_reference",
+    "leap_cloud_reference",
+    "leap_chunked",
+    "leap_cloud_chunked",
+    "leap_cloud_nostats",
+    "pml",
+    "fastreid",
+    "gemm3",
+    "pml_leap",
+    "pml_leap_cloud",
+    "fastreid_leap",
+    "fastreid_leap_cloud",
 )
 DATA = ("random", "trained")
 TARGET_COS = 0.66
@@ -65,7 +78,7 @@ def _data(batch: int, classes: int, dim: int, seed: int, data: str = "random"):
     if data == "trained":  # feature = class direction (cos 0.66) + orthogonal noise
         wd = F.normalize(W, dim=1)[y]
         n = F.normalize(x - (x * wd).sum(1, keepdim=True) * wd, dim=1)
-        x = (TARGET_COS * wd + math.sqrt(1 - TARGET_COS ** 2) * n) * math.sqrt(dim)
+        x = (TARGET_COS * wd + math.sqrt(1 - TARGET_COS**2) * n) * math.sqrt(dim)
     return x.requires_grad_(True), y, W
 
 
@@ -76,8 +89,16 @@ def _long_tail_counts(classes: int) -> torch.Tensor:
 
 
 def _primed_head(classes: int, dim: int, margin_type: str, x, y, W, **kw) -> LEAPMarginHead:
-    head = LEAPMarginHead(dim, classes, margin_type, cloud="full",
-                          class_counts=_long_tail_counts(classes), seed=0, validate=False, **kw)
+    head = LEAPMarginHead(
+        dim,
+        classes,
+        margin_type,
+        cloud="full",
+        class_counts=_long_tail_counts(classes),
+        seed=0,
+        validate=False,
+        **kw,
+    )
     head.weight.data.copy_(W)
     g = torch.Generator().manual_seed(1)
     for _ in range(2):  # two angles for the batch's classes: the cloud is on for most samples
@@ -86,31 +107,51 @@ def _primed_head(classes: int, dim: int, margin_type: str, x, y, W, **kw) -> LEA
     return head
 
 
-def _fastreid_leap_case(cloud: bool, classes: int, dim: int, margin_type: str, s: float,
-                        m: float, x, y, W0):
+def _fastreid_leap_case(
+    cloud: bool, classes: int, dim: int, margin_type: str, s: float, m: float, x, y, W0
+):
     from fastreid.modeling.meta_arch import Baseline
     from fastreid.utils.events import EventStorage
 
     from feature_cloud.integrations import fastreid as fr
 
     head = fr.LEAPHead(
-        feat_dim=dim, embedding_dim=0, num_classes=classes, neck_feat="before",
-        pool_type="Identity", margin_type=margin_type, scale=s, margin=m, with_bnneck=True,
-        norm_type="BN", cloud="full" if cloud else None, seed=0, validate=False,
-        class_counts=_long_tail_counts(classes) if cloud else None)
+        feat_dim=dim,
+        embedding_dim=0,
+        num_classes=classes,
+        neck_feat="before",
+        pool_type="Identity",
+        margin_type=margin_type,
+        scale=s,
+        margin=m,
+        with_bnneck=True,
+        norm_type="BN",
+        cloud="full" if cloud else None,
+        seed=0,
+        validate=False,
+        class_counts=_long_tail_counts(classes) if cloud else None,
+    )
     head.margin_head.weight.data.copy_(W0)
     arch = getattr(fr, "LEAPBaseline", Baseline)  # the meta-architecture the adapter provides
-    model = arch(backbone=torch.nn.Identity(), heads=head, pixel_mean=[0.0] * 3,
-                 pixel_std=[1.0] * 3, loss_kwargs={
-                     "loss_names": ("CrossEntropyLoss",),
-                     "ce": {"eps": 0.1, "alpha": 0.2, "scale": 1.0}})
+    model = arch(
+        backbone=torch.nn.Identity(),
+        heads=head,
+        pixel_mean=[0.0] * 3,
+        pixel_std=[1.0] * 3,
+        loss_kwargs={
+            "loss_names": ("CrossEntropyLoss",),
+            "ce": {"eps": 0.1, "alpha": 0.2, "scale": 1.0},
+        },
+    )
     storage = EventStorage(0)
     feats = x[:, :, None, None]
     if cloud:
         g = torch.Generator().manual_seed(1)
         with storage:
             for _ in range(2):
-                model.losses(model.heads(feats.detach() + torch.randn(feats.shape, generator=g), y), y)
+                model.losses(
+                    model.heads(feats.detach() + torch.randn(feats.shape, generator=g), y), y
+                )
     model.zero_grad()
 
     def loss():
@@ -121,11 +162,20 @@ def _fastreid_leap_case(cloud: bool, classes: int, dim: int, margin_type: str, s
     return loss, list(model.parameters())
 
 
-def make_case(method: str, batch: int, classes: int, dim: int = 512,
-              margin_type: str = "cosface", seed: int = 0,
-              chunk_size: int = 8192, *, scale: Optional[float] = None,
-              margin: Optional[float] = None, data: str = "random",
-              cloud_std: float = 0.28) -> Callable[[], torch.Tensor]:
+def make_case(
+    method: str,
+    batch: int,
+    classes: int,
+    dim: int = 512,
+    margin_type: str = "cosface",
+    seed: int = 0,
+    chunk_size: int = 8192,
+    *,
+    scale: Optional[float] = None,
+    margin: Optional[float] = None,
+    data: str = "random",
+    cloud_std: float = 0.28,
+) -> Callable[[], torch.Tensor]:
     """A callable running one fwd+bwd step of ``method`` on fixed data (see the module doc)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -158,9 +208,17 @@ def make_case(method: str, batch: int, classes: int, dim: int = 512,
 
         cloud = method.endswith("_cloud")
         pml_margin = math.degrees(m) if margin_type == "arcface" else m
-        mod = LEAPLoss(classes, dim, margin=pml_margin, scale=s, margin_type=margin_type,
-                       cloud="full" if cloud else None, seed=0, validate=False,
-                       class_counts=_long_tail_counts(classes) if cloud else None)
+        mod = LEAPLoss(
+            classes,
+            dim,
+            margin=pml_margin,
+            scale=s,
+            margin_type=margin_type,
+            cloud="full" if cloud else None,
+            seed=0,
+            validate=False,
+            class_counts=_long_tail_counts(classes) if cloud else None,
+        )
         mod.W.data.copy_(W0.t())
         if cloud:
             g = torch.Generator().manual_seed(1)
@@ -173,8 +231,9 @@ def make_case(method: str, batch: int, classes: int, dim: int = 512,
             return mod(x, y)
 
     elif method.startswith("fastreid_leap"):
-        loss, params = _fastreid_leap_case(method.endswith("_cloud"), classes, dim, margin_type,
-                                           s, m, x, y, W0)
+        loss, params = _fastreid_leap_case(
+            method.endswith("_cloud"), classes, dim, margin_type, s, m, x, y, W0
+        )
 
     elif method.startswith("leap"):
         impl = "auto"
@@ -184,22 +243,40 @@ def make_case(method: str, batch: int, classes: int, dim: int = 512,
         if method.endswith("_chunked"):
             impl, kw = "chunked", {"chunk_size": chunk_size}
         if method.startswith("leap_cloud"):
-            head = _primed_head(classes, dim, margin_type, x, y, W0, impl=impl, scale=s,
-                                margin=m, **kw)
+            head = _primed_head(
+                classes, dim, margin_type, x, y, W0, impl=impl, scale=s, margin=m, **kw
+            )
             if method == "leap_cloud_nostats":
                 std = torch.full((batch,), float(cloud_std))
                 gen = torch.Generator().manual_seed(0)
 
                 def loss():
-                    return fused.margin_loss(x, head.weight, y, margin_type=margin_type,
-                                             scale=s, margin=m, noise_std=std,
-                                             generator=gen)
+                    return fused.margin_loss(
+                        x,
+                        head.weight,
+                        y,
+                        margin_type=margin_type,
+                        scale=s,
+                        margin=m,
+                        noise_std=std,
+                        generator=gen,
+                    )
         else:
-            head = LEAPMarginHead(dim, classes, margin_type, cloud=None, validate=False,
-                                  impl=impl, scale=s, margin=m, **kw)
+            head = LEAPMarginHead(
+                dim,
+                classes,
+                margin_type,
+                cloud=None,
+                validate=False,
+                impl=impl,
+                scale=s,
+                margin=m,
+                **kw,
+            )
             head.weight.data.copy_(W0)
         params = [head.weight]
         if method != "leap_cloud_nostats":
+
             def loss():
                 return head(x, y)
 
@@ -207,11 +284,11 @@ def make_case(method: str, batch: int, classes: int, dim: int = 512,
         from pytorch_metric_learning import losses as pml_losses
 
         if margin_type == "cosface":
-            mod = pml_losses.CosFaceLoss(num_classes=classes, embedding_size=dim,
-                                         margin=m, scale=s)
+            mod = pml_losses.CosFaceLoss(num_classes=classes, embedding_size=dim, margin=m, scale=s)
         else:
-            mod = pml_losses.ArcFaceLoss(num_classes=classes, embedding_size=dim,
-                                         margin=math.degrees(m), scale=s)
+            mod = pml_losses.ArcFaceLoss(
+                num_classes=classes, embedding_size=dim, margin=math.degrees(m), scale=s
+            )
         mod.W.data.copy_(W0.t())
         params = [mod.W]
 

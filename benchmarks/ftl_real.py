@@ -11,6 +11,7 @@ Prints one JSON line per run with head / tail FC accuracy and nearest-neighbour 
 
     python benchmarks/ftl_real.py --setting natural --seed 0 --variant default
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from feature_cloud import FeatureTransfer  # noqa: E402
-from feature_cloud.ftl import AlternatingScheduler, ConvDecoder, FTLModel, make_filter  # noqa: E402
+from feature_cloud import FeatureTransfer
+from feature_cloud.ftl import AlternatingScheduler, ConvDecoder, FTLModel, make_filter
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "lfw_dev_64px.npz")
 
@@ -44,7 +45,9 @@ def load(path: str, size: int) -> tuple[Tensor, Tensor]:
     return x, torch.from_numpy(d["labels"]).long()
 
 
-def split(labels: Tensor, setting: str, seed: int, test_per_id: int, threshold: int) -> Dict[str, Tensor]:
+def split(
+    labels: Tensor, setting: str, seed: int, test_per_id: int, threshold: int
+) -> Dict[str, Tensor]:
     """Natural long tail or <H, S>: test = ``test_per_id`` random images per identity; head =
     identities with more than ``threshold`` training images in the natural split."""
     rng = np.random.default_rng(1000 + seed)
@@ -79,12 +82,20 @@ class Enc(nn.Module):
         super().__init__()
 
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+            )
 
         w = width
         self.features = nn.Sequential(
-            block(3, w, 1), block(w, 2 * w, 2), block(2 * w, 4 * w, 2), block(4 * w, 8 * w, 2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            block(3, w, 1),
+            block(w, 2 * w, 2),
+            block(2 * w, 4 * w, 2),
+            block(4 * w, 8 * w, 2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.out = nn.Sequential(nn.Linear(8 * w, dim), nn.BatchNorm1d(dim))
 
@@ -94,17 +105,28 @@ class Enc(nn.Module):
 
 def build(num_classes: int, size: int, dim: int, counts: Tensor, a: argparse.Namespace) -> FTLModel:
     ch = tuple(int(v) for v in a.dec_ch.split(","))
-    decoder = ConvDecoder(dim, (3, size, size), channels=ch, base=max(2, size // 4)) if a.alpha_recon > 0 else None
+    decoder = (
+        ConvDecoder(dim, (3, size, size), channels=ch, base=max(2, size // 4))
+        if a.alpha_recon > 0
+        else None
+    )
     kw: Dict[str, Any] = {}
     if a.components:
         kw["num_components"] = a.components
     elif a.energy:
         kw["energy"] = a.energy
-    transfer = FeatureTransfer(dim, num_classes, tail_threshold=a.threshold, class_counts=counts, **kw)
+    transfer = FeatureTransfer(
+        dim, num_classes, tail_threshold=a.threshold, class_counts=counts, **kw
+    )
     return FTLModel(
-        Enc(dim, a.width), nn.Linear(dim, num_classes, bias=False), feature_dim=dim,
-        filter_net=make_filter(dim, dim, 2 * dim), decoder=decoder, alpha_recon=a.alpha_recon,
-        alpha_reg=a.alpha_reg, transfer=transfer,
+        Enc(dim, a.width),
+        nn.Linear(dim, num_classes, bias=False),
+        feature_dim=dim,
+        filter_net=make_filter(dim, dim, 2 * dim),
+        decoder=decoder,
+        alpha_recon=a.alpha_recon,
+        alpha_reg=a.alpha_reg,
+        transfer=transfer,
     )
 
 
@@ -145,7 +167,9 @@ def run(a: argparse.Namespace) -> Dict[str, Any]:
     torch.manual_seed(a.seed)
     model = build(c, a.size, a.dim, counts, a)
     if a.opt == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9, nesterov=True, weight_decay=a.wd)
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=a.lr, momentum=0.9, nesterov=True, weight_decay=a.wd
+        )
     else:
         opt = torch.optim.Adam(model.parameters(), lr=a.lr, weight_decay=a.wd)
     steps_per_epoch = n // a.batch
@@ -156,7 +180,6 @@ def run(a: argparse.Namespace) -> Dict[str, Any]:
     if a.variant != "base":
         stage0 = total - 2 * pairs * stage_iters
     gen = torch.Generator().manual_seed(a.seed)
-    flip = (lambda t: t.flip(-1))
 
     def aug(xb: Tensor) -> Tensor:
         m = torch.rand(xb.shape[0], generator=gen) < 0.5
@@ -166,15 +189,21 @@ def run(a: argparse.Namespace) -> Dict[str, Any]:
         if a.opt == "sgd":  # one-cycle as torch's OneCycleLR (pct_start 0.15, cosine annealing)
             up = int(0.15 * total)
             if step < up:
-                base = a.lr / 25 + (a.lr - a.lr / 25) * 0.5 * (1 - math.cos(math.pi * step / max(up, 1)))
+                base = a.lr / 25 + (a.lr - a.lr / 25) * 0.5 * (
+                    1 - math.cos(math.pi * step / max(up, 1))
+                )
             else:
                 t = (step - up) / max(total - up, 1)
-                base = a.lr / 25 / 1e4 + (a.lr - a.lr / 25 / 1e4) * 0.5 * (1 + math.cos(math.pi * t))
+                base = a.lr / 25 / 1e4 + (a.lr - a.lr / 25 / 1e4) * 0.5 * (
+                    1 + math.cos(math.pi * t)
+                )
         else:
             base = a.lr * 0.5 * (1 + math.cos(math.pi * step / total))
         return base * (a.lr12 if stage in (1, 2) else 1.0)
 
-    sched = AlternatingScheduler(model, stage0_iters=stage0, stage_iters=stage_iters, max_alternations=pairs, seed=a.seed)
+    sched = AlternatingScheduler(
+        model, stage0_iters=stage0, stage_iters=stage_iters, max_alternations=pairs, seed=a.seed
+    )
     stats_log = []
     step = 0
     idx_all = torch.arange(n)
@@ -188,7 +217,8 @@ def run(a: argparse.Namespace) -> Dict[str, Any]:
             with torch.no_grad():
                 model.eval()
                 g = torch.cat([model.encode(xtr[i : i + 512]) for i in range(0, n, 512)])
-                model.train(); sched.apply()
+                model.train()
+                sched.apply()
                 res = g - ft.centers[ytr]
                 reg = ft.regular[ytr]
                 proj = res @ ft.basis
@@ -204,7 +234,13 @@ def run(a: argparse.Namespace) -> Dict[str, Any]:
                     hard_resid=float(res[ft.hard_indices].norm(dim=1).mean()),
                 )
             s["step"] = step
-            stats_log.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items() if not isinstance(v, torch.Tensor)})
+            stats_log.append(
+                {
+                    k: (round(v, 4) if isinstance(v, float) else v)
+                    for k, v in s.items()
+                    if not isinstance(v, torch.Tensor)
+                }
+            )
         if stage == 1:
             hs = iter(sched.hard_sampler(a.batch)) if a.regular == "hard" else None
             ts = iter(sched.tail_sampler(a.batch))
@@ -235,9 +271,20 @@ def run(a: argparse.Namespace) -> Dict[str, Any]:
             break
     model.set_frozen(())
     res = evaluate(model, x, y, sp)
-    res.update(setting=a.setting, seed=a.seed, variant=a.variant, tag=a.tag, epochs=a.epochs, steps=step,
-               stage0=stage0, stage_iters=stage_iters, secs=round(time.time() - t0, 1), stats=stats_log,
-               n_train=n, head_classes=int(sp["head"].sum()))
+    res.update(
+        setting=a.setting,
+        seed=a.seed,
+        variant=a.variant,
+        tag=a.tag,
+        epochs=a.epochs,
+        steps=step,
+        stage0=stage0,
+        stage_iters=stage_iters,
+        secs=round(time.time() - t0, 1),
+        stats=stats_log,
+        n_train=n,
+        head_classes=int(sp["head"].sum()),
+    )
     return res
 
 
@@ -256,16 +303,25 @@ def run_method(a: argparse.Namespace) -> Dict[str, Any]:
     counts = torch.bincount(ytr, minlength=c)
     steps_per_epoch = n // a.batch
     total = a.epochs * steps_per_epoch
-    cfg = MethodConfig(embedding_size=a.dim, tail_threshold=a.threshold, warmup_steps=int(round(total / 3)),
-                       ml2_alpha=a.alpha_reg, seed=a.seed)
+    cfg = MethodConfig(
+        embedding_size=a.dim,
+        tail_threshold=a.threshold,
+        warmup_steps=int(round(total / 3)),
+        ml2_alpha=a.alpha_reg,
+        seed=a.seed,
+    )
     if a.paper_schedule:  # the previous rule: stage 0 = the LEAP warm-up (a third), 2 alternations
         cfg.ftl_stage0_fraction, cfg.ftl_alternations = None, 2
     torch.manual_seed(a.seed)
     backbone = Enc(a.dim, a.width)
     backbone.input_shape = (3, a.size, a.size)
     method = FTLMethod(backbone, (3, a.size, a.size), c, counts, cfg)
-    opt = torch.optim.SGD(method.parameters(), lr=a.lr, momentum=0.9, nesterov=True, weight_decay=a.wd)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=max(total, 2), pct_start=0.15)
+    opt = torch.optim.SGD(
+        method.parameters(), lr=a.lr, momentum=0.9, nesterov=True, weight_decay=a.wd
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=a.lr, total_steps=max(total, 2), pct_start=0.15
+    )
     gen = torch.Generator().manual_seed(a.seed)
     done = [0]
 
@@ -292,14 +348,33 @@ def run_method(a: argparse.Namespace) -> Dict[str, Any]:
                     continue
                 step(method.loss(augment(xtr[idx]), ytr[idx]))
     res = evaluate(method.ftl, x, y, sp)
-    res.update(setting=a.setting, seed=a.seed, variant=a.variant, tag=a.tag, epochs=a.epochs, steps=done[0],
-               secs=round(time.time() - t0, 1), stats=[], n_train=n, head_classes=int(sp["head"].sum()),
-               engine="method", stage0_fraction=cfg.ftl_stage0_fraction, alternations=cfg.ftl_alternations)
+    res.update(
+        setting=a.setting,
+        seed=a.seed,
+        variant=a.variant,
+        tag=a.tag,
+        epochs=a.epochs,
+        steps=done[0],
+        secs=round(time.time() - t0, 1),
+        stats=[],
+        n_train=n,
+        head_classes=int(sp["head"].sum()),
+        engine="method",
+        stage0_fraction=cfg.ftl_stage0_fraction,
+        alternations=cfg.ftl_alternations,
+    )
     return res
 
 
-def stage1_loss(model: FTLModel, sched: AlternatingScheduler, xr: Tensor, yr: Tensor, xt: Tensor, yt: Tensor,
-                a: argparse.Namespace) -> Tensor:
+def stage1_loss(
+    model: FTLModel,
+    sched: AlternatingScheduler,
+    xr: Tensor,
+    yr: Tensor,
+    xt: Tensor,
+    yt: Tensor,
+    a: argparse.Namespace,
+) -> Tensor:
     with torch.no_grad():
         gr = model.encode(xr)
         gt = model.encode(xt)
@@ -307,11 +382,14 @@ def stage1_loss(model: FTLModel, sched: AlternatingScheduler, xr: Tensor, yr: Te
     ft = model.feature_transfer
     parts_g, parts_y = [], []
     if a.use_regular:
-        parts_g.append(gr); parts_y.append(yr)
-    parts_g.append(gt); parts_y.append(yt)
+        parts_g.append(gr)
+        parts_y.append(yr)
+    parts_g.append(gt)
+    parts_y.append(yt)
     if a.variant == "ftl" and n > 0:
         gx = ft.centers[yt[:n]] + a.scale * ((gr[:n] - ft.centers[yr[:n]]) @ ft.basis) @ ft.basis.T
-        parts_g.append(gx); parts_y.append(yt[:n])
+        parts_g.append(gx)
+        parts_y.append(yt[:n])
     if a.bn == "concat":
         return model.feature_loss(torch.cat(parts_g), torch.cat(parts_y))["loss"]
     if a.bn == "eval":  # R's BatchNorm uses its running statistics (from real batches) in stage 1
@@ -320,7 +398,8 @@ def stage1_loss(model: FTLModel, sched: AlternatingScheduler, xr: Tensor, yr: Te
         model.filter.train()
         return out
     # "real": BN batch statistics from the real rows only, applied to all rows
-    g = torch.cat(parts_g); yy = torch.cat(parts_y)
+    g = torch.cat(parts_g)
+    yy = torch.cat(parts_y)
     nreal = sum(p.shape[0] for p in parts_g[: (2 if a.use_regular else 1)])
     return model.classification_loss(_filter_real_stats(model.filter, g, nreal), yy)["loss"]
 
@@ -345,8 +424,12 @@ def main(argv: Optional[list] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", default=DATA)
     p.add_argument("--setting", default="natural", help="natural | S1 | S2 | S3 | S5")
-    p.add_argument("--variant", default="ftl", choices=["base", "ftl", "alt"],
-                   help="base: stage 0 only (no transfer); ftl: Algorithm 1; alt: Algorithm 1 without the transferred batch")
+    p.add_argument(
+        "--variant",
+        default="ftl",
+        choices=["base", "ftl", "alt"],
+        help="base: stage 0 only (no transfer); ftl: Algorithm 1; alt: Algorithm 1 without the transferred batch",
+    )
     p.add_argument("--tag", default="")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=32)
@@ -358,7 +441,9 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--dec-ch", default="32,16", help="ConvDecoder channels")
     p.add_argument("--wd", type=float, default=5e-4)
-    p.add_argument("--lr12", type=float, default=1.0, help="lr multiplier in stages 1-2 (paper 1e-5/2e-4=0.05)")
+    p.add_argument(
+        "--lr12", type=float, default=1.0, help="lr multiplier in stages 1-2 (paper 1e-5/2e-4=0.05)"
+    )
     p.add_argument("--warm", type=float, default=1 / 3, help="stage-0 share of the steps")
     p.add_argument("--alternations", type=int, default=2)
     p.add_argument("--alpha-reg", type=float, default=0.01)
@@ -366,16 +451,25 @@ def main(argv: Optional[list] = None) -> None:
     p.add_argument("--threshold", type=int, default=20)
     p.add_argument("--test-per-id", type=int, default=2)
     p.add_argument("--share", type=float, default=1.0, help="transferred rows per tail-batch row")
-    p.add_argument("--scale", type=float, default=1.0, help="multiplier of the transferred residual")
+    p.add_argument(
+        "--scale", type=float, default=1.0, help="multiplier of the transferred residual"
+    )
     p.add_argument("--components", type=int, default=0)
     p.add_argument("--energy", type=float, default=0.0)
     p.add_argument("--regular", default="hard", choices=["hard", "all"])
     p.add_argument("--use-regular", type=int, default=1)
     p.add_argument("--bn", default="concat", choices=["concat", "eval", "real"])
-    p.add_argument("--engine", default="script", choices=["script", "method"],
-                   help="method: the shipped FTLMethod with its defaults (variants ftl / base only)")
-    p.add_argument("--paper-schedule", action="store_true",
-                   help="engine=method: the previous schedule (stage 0 a third, 2 alternations)")
+    p.add_argument(
+        "--engine",
+        default="script",
+        choices=["script", "method"],
+        help="method: the shipped FTLMethod with its defaults (variants ftl / base only)",
+    )
+    p.add_argument(
+        "--paper-schedule",
+        action="store_true",
+        help="engine=method: the previous schedule (stage 0 a third, 2 alternations)",
+    )
     a = p.parse_args(argv)
     print(json.dumps(run_method(a) if a.engine == "method" else run(a)), flush=True)
 

@@ -5,6 +5,7 @@
 Prints a Markdown table per metric with the baseline mean, the method mean and the mean paired
 difference with its 95% t-interval over seeds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,18 @@ from collections import defaultdict
 from typing import Dict, List, Tuple
 
 # two-sided 95% Student t quantiles by degrees of freedom
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+_T95 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+}
 
 SETTINGS = ["natural", "S5", "S3", "S2", "S1"]
 
@@ -49,16 +61,20 @@ def main() -> None:
         print("| setting | seeds | baseline | method | paired diff | 95% CI |")
         print("|---|---|---|---|---|---|")
         by_setting = defaultdict(list)
-        for (tag, setting, seed) in rows:
+        for tag, setting, seed in rows:
             if tag == a.method and (a.baseline, setting, seed) in rows:
                 by_setting[setting].append(seed)
-        for setting in [s for s in SETTINGS if s in by_setting] + sorted(set(by_setting) - set(SETTINGS)):
+        for setting in [s for s in SETTINGS if s in by_setting] + sorted(
+            set(by_setting) - set(SETTINGS)
+        ):
             seeds = sorted(by_setting[setting])
             base = [rows[(a.baseline, setting, s)][metric] for s in seeds]
             meth = [rows[(a.method, setting, s)][metric] for s in seeds]
             mean, half = interval([m - b for m, b in zip(meth, base)])
-            print(f"| {setting} | {','.join(map(str, seeds))} | {sum(base) / len(base):.1f} | "
-                  f"{sum(meth) / len(meth):.1f} | {mean:+.1f} | [{mean - half:+.1f}, {mean + half:+.1f}] |")
+            print(
+                f"| {setting} | {','.join(map(str, seeds))} | {sum(base) / len(base):.1f} | "
+                f"{sum(meth) / len(meth):.1f} | {mean:+.1f} | [{mean - half:+.1f}, {mean + half:+.1f}] |"
+            )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ the floor's time in the same repetition.
 
     python -m benchmarks.interleaved --batch 256 --classes 10000 --reps 15 --out bench.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,27 @@ import torch
 
 from benchmarks.cases import make_case, set_threads
 
-DEFAULT_METHODS = ("floor", "leap", "leap_cloud", "leap_cloud_nostats", "leap_reference",
-                   "leap_cloud_reference", "pml", "fastreid")
+DEFAULT_METHODS = (
+    "floor",
+    "leap",
+    "leap_cloud",
+    "leap_cloud_nostats",
+    "leap_reference",
+    "leap_cloud_reference",
+    "pml",
+    "fastreid",
+)
 
 
-def measure(methods: Sequence[str], batch: int, classes: int, dim: int, margin_type: str,
-            reps: int, warmup: int = 1) -> Dict[str, Dict[str, float]]:
+def measure(
+    methods: Sequence[str],
+    batch: int,
+    classes: int,
+    dim: int,
+    margin_type: str,
+    reps: int,
+    warmup: int = 1,
+) -> Dict[str, Dict[str, float]]:
     steps = {m: make_case(m, batch, classes, dim, margin_type) for m in methods}
     times: Dict[str, List[float]] = {m: [] for m in methods}
     for r in range(warmup + reps):
@@ -41,8 +57,12 @@ def measure(methods: Sequence[str], batch: int, classes: int, dim: int, margin_t
         out[m] = {
             "median_ms": 1e3 * statistics.median(ts),
             "ratio": statistics.median(t / f for t, f in zip(ts, floor)),
-            "ratio_q1": statistics.quantiles([t / f for t, f in zip(ts, floor)], n=4)[0] if reps > 1 else float("nan"),
-            "ratio_q3": statistics.quantiles([t / f for t, f in zip(ts, floor)], n=4)[2] if reps > 1 else float("nan"),
+            "ratio_q1": statistics.quantiles([t / f for t, f in zip(ts, floor)], n=4)[0]
+            if reps > 1
+            else float("nan"),
+            "ratio_q3": statistics.quantiles([t / f for t, f in zip(ts, floor)], n=4)[2]
+            if reps > 1
+            else float("nan"),
         }
     return out
 
@@ -59,9 +79,18 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     threads = set_threads()
     load = os.getloadavg()
-    result = {"batch": a.batch, "classes": a.classes, "dim": a.dim, "reps": a.reps,
-              "threads": threads, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-              "cpus": os.cpu_count(), "loadavg_before": load, "results": {}}
+    result = {
+        "batch": a.batch,
+        "classes": a.classes,
+        "dim": a.dim,
+        "reps": a.reps,
+        "threads": threads,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "loadavg_before": load,
+        "results": {},
+    }
     methods = [m for m in a.methods.split(",") if m]
     if "floor" not in methods:
         methods.insert(0, "floor")
@@ -70,8 +99,10 @@ def main(argv=None) -> None:
         result["results"][mt] = res
         print(f"[{mt}] B={a.batch} C={a.classes} D={a.dim} threads={threads} reps={a.reps}")
         for m, r in res.items():
-            print(f"  {m:24s} {r['median_ms']:9.1f} ms   x{r['ratio']:.2f} floor "
-                  f"(IQR {r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})")
+            print(
+                f"  {m:24s} {r['median_ms']:9.1f} ms   x{r['ratio']:.2f} floor "
+                f"(IQR {r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})"
+            )
     result["loadavg_after"] = os.getloadavg()
     print("load average before/after:", load, result["loadavg_after"])
     if a.out:

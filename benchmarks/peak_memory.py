@@ -9,6 +9,7 @@ out-of-memory error instead of pushing a shared machine into the OOM killer, all
 resident set (``getrusage``). "Extra" is the peak minus the resident set before the step minus
 ``grad W``: the memory the loss itself needs beyond ``W`` and its gradient.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ CONFIGS = {
     "fused_cloud": ("fused", True),
     "reference": ("reference", False),
     "floor": ("floor", False),
-    "pml": ("pml", False),            # pytorch-metric-learning CosFaceLoss
+    "pml": ("pml", False),  # pytorch-metric-learning CosFaceLoss
     "pml_leap": ("pml_leap", False),  # the PML adapter LEAPLoss (cloud off)
 }
 
@@ -45,8 +46,8 @@ def child(a: argparse.Namespace) -> Dict:
     import torch
     import torch.nn.functional as F
 
-    from feature_cloud import fused
     from feature_cloud import functional as FC
+    from feature_cloud import fused
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -62,9 +63,11 @@ def child(a: argparse.Namespace) -> Dict:
     if impl in ("pml", "pml_leap"):  # built before the baseline RSS; W (D, C) is a view of ours
         if impl == "pml":
             from pytorch_metric_learning.losses import CosFaceLoss
+
             mod = CosFaceLoss(num_classes=a.classes, embedding_size=a.dim, margin=0.2, scale=24.0)
         else:
             from feature_cloud.integrations.pml import LEAPLoss
+
             mod = LEAPLoss(a.classes, a.dim, margin=0.2, scale=24.0, cloud=None, validate=False)
         mod.W = torch.nn.Parameter(W.detach().t())  # shares W's memory: no second copy
         W = mod.W
@@ -79,22 +82,42 @@ def child(a: argparse.Namespace) -> Dict:
         elif mod is not None:
             loss = mod(x, y)
         else:
-            loss = fused.margin_loss(x, W, y, scale=24.0, margin=0.2, noise_std=std,
-                                     generator=torch.Generator().manual_seed(1),
-                                     chunk_size=a.chunk_size if impl == "chunked" else None)
+            loss = fused.margin_loss(
+                x,
+                W,
+                y,
+                scale=24.0,
+                margin=0.2,
+                noise_std=std,
+                generator=torch.Generator().manual_seed(1),
+                chunk_size=a.chunk_size if impl == "chunked" else None,
+            )
         loss.backward()
         value = float(loss)
     except (MemoryError, RuntimeError) as e:  # RLIMIT_AS: allocation failure
-        status, value = f"out of memory under the {a.cap_gib} GiB cap: {str(e).splitlines()[0][:120]}", None
+        status, value = (
+            f"out of memory under the {a.cap_gib} GiB cap: {str(e).splitlines()[0][:120]}",
+            None,
+        )
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     w_bytes = W.numel() * W.element_size()
     return {
-        "config": a.config, "classes": a.classes, "batch": a.batch, "dim": a.dim,
-        "chunk_size": a.chunk_size if impl == "chunked" else None, "status": status,
-        "loss": value, "seconds": seconds, "rss_before_step": base, "peak_rss": peak,
-        "w_bytes": w_bytes, "extra_bytes": peak - base - (w_bytes if status == "ok" else 0),
-        "extra_over_w_and_grad": (peak - base - w_bytes) / (2 * w_bytes) if status == "ok" else None,
+        "config": a.config,
+        "classes": a.classes,
+        "batch": a.batch,
+        "dim": a.dim,
+        "chunk_size": a.chunk_size if impl == "chunked" else None,
+        "status": status,
+        "loss": value,
+        "seconds": seconds,
+        "rss_before_step": base,
+        "peak_rss": peak,
+        "w_bytes": w_bytes,
+        "extra_bytes": peak - base - (w_bytes if status == "ok" else 0),
+        "extra_over_w_and_grad": (peak - base - w_bytes) / (2 * w_bytes)
+        if status == "ok"
+        else None,
         "cap_gib": a.cap_gib,
     }
 
@@ -108,7 +131,9 @@ def main(argv: List[str] = None) -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--chunk-size", type=int, default=16_384)
-    p.add_argument("--cap-gib", type=float, default=0.0, help="address-space cap per child (0: none)")
+    p.add_argument(
+        "--cap-gib", type=float, default=0.0, help="address-space cap per child (0: none)"
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -117,15 +142,36 @@ def main(argv: List[str] = None) -> None:
         return
     results = []
     for name in a.configs.split(","):
-        cmd = [sys.executable, "-m", "benchmarks.peak_memory", "--child", "--config", name,
-               "--classes", str(a.classes), "--batch", str(a.batch), "--dim", str(a.dim),
-               "--chunk-size", str(a.chunk_size), "--cap-gib", str(a.cap_gib),
-               "--threads", str(a.threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.peak_memory",
+            "--child",
+            "--config",
+            name,
+            "--classes",
+            str(a.classes),
+            "--batch",
+            str(a.batch),
+            "--dim",
+            str(a.dim),
+            "--chunk-size",
+            str(a.chunk_size),
+            "--cap-gib",
+            str(a.cap_gib),
+            "--threads",
+            str(a.threads),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
-            r = {"config": name, "classes": a.classes, "batch": a.batch, "dim": a.dim,
-                 "status": f"child failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"}
+            r = {
+                "config": name,
+                "classes": a.classes,
+                "batch": a.batch,
+                "dim": a.dim,
+                "status": f"child failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}",
+            }
         else:
             r = json.loads(lines[-1])
         results.append(r)
@@ -133,10 +179,13 @@ def main(argv: List[str] = None) -> None:
         if r.get("peak_rss"):
             extra = r["extra_bytes"] / gib
             frac = r.get("extra_over_w_and_grad")
-            print(f"{name:14s} C={a.classes} B={a.batch} D={a.dim}: {r['status']}; peak RSS "
-                  f"{r['peak_rss'] / gib:.2f} GiB, W {r['w_bytes'] / gib:.2f} GiB, extra beyond W "
-                  f"and grad W {extra:.2f} GiB" + (f" = {100 * frac:.1f}% of (W + grad W)" if frac is not None else "")
-                  + f", {r['seconds']:.1f} s")
+            print(
+                f"{name:14s} C={a.classes} B={a.batch} D={a.dim}: {r['status']}; peak RSS "
+                f"{r['peak_rss'] / gib:.2f} GiB, W {r['w_bytes'] / gib:.2f} GiB, extra beyond W "
+                f"and grad W {extra:.2f} GiB"
+                + (f" = {100 * frac:.1f}% of (W + grad W)" if frac is not None else "")
+                + f", {r['seconds']:.1f} s"
+            )
         else:
             print(f"{name:14s}: {r['status']}")
     if a.out:

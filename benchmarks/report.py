@@ -9,6 +9,7 @@ JSON files of ``python -m benchmarks.interleaved`` (median of per-repetition rat
 ``--memory``: JSON of ``python -m benchmarks.peak_memory``. The tables replace the text between
 ``<!-- results:start -->`` and ``<!-- results:end -->`` in the README.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +39,17 @@ LABELS = {
 }
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
 #: columns of the suite's x-floor table (short headers)
-SUITE_COLS = (("leap", "LEAP off"), ("leap_cloud", "LEAP cloud"),
-              ("leap_cloud_nostats", "cloud, std 0.28"), ("pml", "PML"), ("fastreid", "fastreid"),
-              ("pml_leap", "PML LEAPLoss off"), ("pml_leap_cloud", "PML LEAPLoss cloud"),
-              ("fastreid_leap", "fastreid LEAPHead off"),
-              ("fastreid_leap_cloud", "fastreid LEAPHead cloud"))
+SUITE_COLS = (
+    ("leap", "LEAP off"),
+    ("leap_cloud", "LEAP cloud"),
+    ("leap_cloud_nostats", "cloud, std 0.28"),
+    ("pml", "PML"),
+    ("fastreid", "fastreid"),
+    ("pml_leap", "PML LEAPLoss off"),
+    ("pml_leap_cloud", "PML LEAPLoss cloud"),
+    ("fastreid_leap", "fastreid LEAPHead off"),
+    ("fastreid_leap_cloud", "fastreid LEAPHead cloud"),
+)
 
 
 def bench_table(data: Dict) -> List[str]:
@@ -52,9 +59,11 @@ def bench_table(data: Dict) -> List[str]:
         groups[b["group"]][info.get("method", b["name"])] = b["stats"]["median"]
     lines = []
     machine = data.get("machine_info", {})
-    lines.append(f"pytest-benchmark run of {data.get('datetime', '?')} on "
-                 f"{machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}; "
-                 "medians; ratio = median / median of the floor in the same group.\n")
+    lines.append(
+        f"pytest-benchmark run of {data.get('datetime', '?')} on "
+        f"{machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}; "
+        "medians; ratio = median / median of the floor in the same group.\n"
+    )
     lines.append("| group | method | median ms | x floor |")
     lines.append("|---|---|---:|---:|")
     for group in sorted(groups):
@@ -74,7 +83,8 @@ def interleaved_table(runs: List[Dict]) -> List[str]:
             f"({run['cpus']} cores, {run['threads']} torch threads), {run['reps']} interleaved "
             f"repetitions, torch {run['torch']}; load average {run['loadavg_before'][0]:.1f} before, "
             f"{run['loadavg_after'][0]:.1f} after. Ratio: median over repetitions of time / floor's "
-            "time in the same repetition (IQR in brackets).\n")
+            "time in the same repetition (IQR in brackets).\n"
+        )
         types = list(run["results"])
         lines.append("| method | " + " | ".join(f"{t} ms | {t} x floor" for t in types) + " |")
         lines.append("|---|" + "---:|---:|" * len(types))
@@ -83,8 +93,12 @@ def interleaved_table(runs: List[Dict]) -> List[str]:
             cells = []
             for t in types:
                 r = run["results"][t].get(m)
-                cells.append(f"{r['median_ms']:.0f} | **{r['ratio']:.2f}** "
-                             f"({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})" if r else "- | -")
+                cells.append(
+                    f"{r['median_ms']:.0f} | **{r['ratio']:.2f}** "
+                    f"({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f})"
+                    if r
+                    else "- | -"
+                )
             lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -94,65 +108,92 @@ def suite_tables(run: Dict) -> List[str]:
     x bare head, per thread count and setting (re-ID s=24 m=0.2, face s=64 m=0.35) and data."""
     res = run["results"]
     settings = run.get("settings", {})
-    lines = [f"B={run['batch']}, D={run['dim']}, C={run['classes']}, CosFace, fwd+bwd float32, CPU "
-             f"({run['cpus']} cores, shared), {run['reps']} interleaved repetitions (all settings "
-             f"and torch thread counts {', '.join(res)} inside each), torch {run['torch']}; load average "
-             f"{run['loadavg_before'][0]:.1f} before, {run['loadavg_after'][0]:.1f} after. "
-             "Ratio: median over repetitions of time / time of the reference in the same "
-             "repetition. `trained`: features at cosine 0.66 to their class weight; `random`: "
-             "Gaussian features. Cloud from the head's statistics (primed on a long tail), "
-             "`std 0.28`: the fused cloud loss with a fixed cloud std of 0.28 rad on every sample.",
-             ""]
+    lines = [
+        f"B={run['batch']}, D={run['dim']}, C={run['classes']}, CosFace, fwd+bwd float32, CPU "
+        f"({run['cpus']} cores, shared), {run['reps']} interleaved repetitions (all settings "
+        f"and torch thread counts {', '.join(res)} inside each), torch {run['torch']}; load average "
+        f"{run['loadavg_before'][0]:.1f} before, {run['loadavg_after'][0]:.1f} after. "
+        "Ratio: median over repetitions of time / time of the reference in the same "
+        "repetition. `trained`: features at cosine 0.66 to their class weight; `random`: "
+        "Gaussian features. Cloud from the head's statistics (primed on a long tail), "
+        "`std 0.28`: the fused cloud loss with a fixed cloud std of 0.28 rad on every sample.",
+        "",
+    ]
 
     def name(st: str, kind: str) -> str:
         s_m = settings.get(st)
         return f"{st} (s={s_m[0]:g}, m={s_m[1]:g}) {kind}" if s_m else f"{st} {kind}"
 
     lines += ["**Time / floor** (normalised linear + `F.cross_entropy`, same s):", ""]
-    cols = [(k, h) for k, h in SUITE_COLS
-            if any(k in rows for per in res.values() for pk in per.values() for rows in pk.values())]
+    cols = [
+        (k, h)
+        for k, h in SUITE_COLS
+        if any(k in rows for per in res.values() for pk in per.values() for rows in pk.values())
+    ]
     lines.append("| threads | setting | floor ms | " + " | ".join(h for _, h in cols) + " |")
     lines.append("|---|---|---:|" + "---:|" * len(cols))
     for n, per in res.items():
         for st, per_kind in per.items():
             for kind, rows in per_kind.items():
                 cells = [f"{rows[k]['x_floor']:.2f}" if k in rows else "-" for k, _ in cols]
-                lines.append(f"| {n} | {name(st, kind)} | {rows['floor']['median_ms']:.0f} | "
-                             + " | ".join(cells) + " |")
-    lines += ["", "**Time / three-GEMM limit** (`x W^T`, `g W`, `g^T x` alone) and "
-              "**adapters / bare fused head**:", ""]
-    lines.append("| threads | setting | gemm3 ms | floor | LEAP off | LEAP cloud | "
-                 "PML LEAPLoss / head (off, cloud) | fastreid LEAPHead / head (off, cloud) |")
+                lines.append(
+                    f"| {n} | {name(st, kind)} | {rows['floor']['median_ms']:.0f} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+    lines += [
+        "",
+        "**Time / three-GEMM limit** (`x W^T`, `g W`, `g^T x` alone) and "
+        "**adapters / bare fused head**:",
+        "",
+    ]
+    lines.append(
+        "| threads | setting | gemm3 ms | floor | LEAP off | LEAP cloud | "
+        "PML LEAPLoss / head (off, cloud) | fastreid LEAPHead / head (off, cloud) |"
+    )
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
     for n, per in res.items():
         for st, per_kind in per.items():
             for kind, rows in per_kind.items():
+
                 def g(k: str, key: str = "x_gemm3", rows: Dict = rows) -> str:
                     return f"{rows[k][key]:.2f}" if k in rows and key in rows[k] else "-"
+
                 lines.append(
                     f"| {n} | {name(st, kind)} | {rows['gemm3']['median_ms']:.0f} | {g('floor')} | "
                     f"{g('leap')} | {g('leap_cloud')} | {g('pml_leap', 'x_bare')}, "
                     f"{g('pml_leap_cloud', 'x_bare')} | {g('fastreid_leap', 'x_bare')}, "
-                    f"{g('fastreid_leap_cloud', 'x_bare')} |")
+                    f"{g('fastreid_leap_cloud', 'x_bare')} |"
+                )
     return lines
 
 
 def memory_table(rows: List[Dict]) -> List[str]:
     gib = 2**30
-    lines = ["| config | C | B | D | status | peak RSS GiB | W GiB | extra beyond W + grad W GiB | extra / (W + grad W) | s |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| config | C | B | D | status | peak RSS GiB | W GiB | extra beyond W + grad W GiB | extra / (W + grad W) | s |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if r.get("peak_rss"):
             frac = r.get("extra_over_w_and_grad")
             lines.append(
-                f"| {r['config']}" + (f" (chunk {r['chunk_size']})" if r.get("chunk_size") else "")
+                f"| {r['config']}"
+                + (f" (chunk {r['chunk_size']})" if r.get("chunk_size") else "")
                 + f" | {r['classes']} | {r['batch']} | {r['dim']} | {r['status'].split(': [')[0]} | "
                 f"{r['peak_rss'] / gib:.2f} | {r['w_bytes'] / gib:.2f} | "
-                + (f"{r['extra_bytes'] / gib:.2f} | {100 * frac:.1f}% |" if frac is not None else "- | - |")
-                + f" {r['seconds']:.0f} |")
+                + (
+                    f"{r['extra_bytes'] / gib:.2f} | {100 * frac:.1f}% |"
+                    if frac is not None
+                    else "- | - |"
+                )
+                + f" {r['seconds']:.0f} |"
+            )
         else:
-            lines.append(f"| {r['config']} | {r.get('classes')} | {r.get('batch')} | {r.get('dim')} | "
-                         f"{r['status'].split(': [')[0]} | - | - | - | - | - |")
+            lines.append(
+                f"| {r['config']} | {r.get('classes')} | {r.get('batch')} | {r.get('dim')} | "
+                f"{r['status'].split(': [')[0]} | - | - | - | - | - |"
+            )
     return lines
 
 
@@ -176,15 +217,21 @@ def plot(runs: List[Dict], path: str) -> None:
     ax.set_xticks([k + width * (len(types) - 1) / 2 for k in range(len(methods))])
     ax.set_xticklabels([m.replace("_", "\n") for m in methods], fontsize=8)
     ax.set_ylabel("time / floor (fwd+bwd)")
-    ax.set_title(f"B={run['batch']} D={run['dim']} C={run['classes']}, CPU, {run['threads']} thread(s)")
+    ax.set_title(
+        f"B={run['batch']} D={run['dim']} C={run['classes']}, CPU, {run['threads']} thread(s)"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def render(bench: Optional[Dict], inter: List[Dict], memory: Optional[List[Dict]],
-           suite: Optional[List[Dict]] = None) -> str:
+def render(
+    bench: Optional[Dict],
+    inter: List[Dict],
+    memory: Optional[List[Dict]],
+    suite: Optional[List[Dict]] = None,
+) -> str:
     out: List[str] = []
     for i, run in enumerate(suite or []):
         title = "What users run: re-ID and face settings, random and trained-like data"
@@ -209,8 +256,12 @@ def update_readme(path: str, text: str, start: str = START, end: str = END) -> N
         readme = f"# Benchmarks\n\n{start}\n{end}\n"
     if start not in readme:
         readme += f"\n{start}\n{end}\n"
-    new = re.sub(re.escape(start) + ".*?" + re.escape(end),
-                 lambda _: f"{start}\n{text}{end}", readme, flags=re.S)
+    new = re.sub(
+        re.escape(start) + ".*?" + re.escape(end),
+        lambda _: f"{start}\n{text}{end}",
+        readme,
+        flags=re.S,
+    )
     with open(path, "w") as f:
         f.write(new)
 
@@ -222,10 +273,17 @@ def main(argv=None) -> None:
     p.add_argument("--memory", default=None)
     p.add_argument("--readme", default=None)
     p.add_argument("--png", default=None)
-    p.add_argument("--suite", nargs="*", default=[],
-                   help="JSON of python -m benchmarks.suite (several: one table set each)")
-    p.add_argument("--main-readme", default=None,
-                   help="also write the suite and memory tables between the speed markers here")
+    p.add_argument(
+        "--suite",
+        nargs="*",
+        default=[],
+        help="JSON of python -m benchmarks.suite (several: one table set each)",
+    )
+    p.add_argument(
+        "--main-readme",
+        default=None,
+        help="also write the suite and memory tables between the speed markers here",
+    )
     a = p.parse_args(argv)
     bench = json.load(open(a.bench)) if a.bench else None
     inter = [json.load(open(f)) for f in a.interleaved]

@@ -9,6 +9,7 @@ adapters).
 
     python -m benchmarks.suite --reps 7 --out benchmarks/results/suite.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,26 +25,51 @@ import torch
 from benchmarks.cases import make_case
 
 SETTINGS = {"reid": (24.0, 0.2), "face": (64.0, 0.35)}
-METHODS = ("floor", "gemm3", "leap", "leap_cloud", "leap_cloud_nostats", "pml", "fastreid",
-           "pml_leap", "pml_leap_cloud", "fastreid_leap", "fastreid_leap_cloud")
+METHODS = (
+    "floor",
+    "gemm3",
+    "leap",
+    "leap_cloud",
+    "leap_cloud_nostats",
+    "pml",
+    "fastreid",
+    "pml_leap",
+    "pml_leap_cloud",
+    "fastreid_leap",
+    "fastreid_leap_cloud",
+)
 #: adapter -> the bare fused head it wraps (the adapters' overhead ratio)
-BARE = {"pml_leap": "leap", "pml_leap_cloud": "leap_cloud",
-        "fastreid_leap": "leap", "fastreid_leap_cloud": "leap_cloud"}
+BARE = {
+    "pml_leap": "leap",
+    "pml_leap_cloud": "leap_cloud",
+    "fastreid_leap": "leap",
+    "fastreid_leap_cloud": "leap_cloud",
+}
 
 
 def _ratio(ts: Sequence[float], ref: Sequence[float]) -> float:
     return statistics.median(t / r for t, r in zip(ts, ref))
 
 
-def run(methods: Sequence[str], settings: Sequence[str], data: Sequence[str],
-        threads: Sequence[int], batch: int, classes: int, dim: int, reps: int,
-        warmup: int = 1) -> Dict:
+def run(
+    methods: Sequence[str],
+    settings: Sequence[str],
+    data: Sequence[str],
+    threads: Sequence[int],
+    batch: int,
+    classes: int,
+    dim: int,
+    reps: int,
+    warmup: int = 1,
+) -> Dict:
     cases: Dict[Tuple[str, str], Dict[str, object]] = {}
     for st in settings:
         s, m = SETTINGS[st]
         for kind in data:
-            cases[(st, kind)] = {meth: make_case(meth, batch, classes, dim, "cosface", scale=s,
-                                                 margin=m, data=kind) for meth in methods}
+            cases[(st, kind)] = {
+                meth: make_case(meth, batch, classes, dim, "cosface", scale=s, margin=m, data=kind)
+                for meth in methods
+            }
     times: Dict[Tuple[int, str, str, str], List[float]] = {}
     for r in range(warmup + reps):
         for n in threads:
@@ -85,21 +111,42 @@ def main(argv=None) -> None:
             methods.insert(0, need)
     load = os.getloadavg()
     t0 = time.time()
-    results = run(methods, a.settings.split(","), a.data.split(","),
-                  [int(t) for t in a.threads.split(",")], a.batch, a.classes, a.dim, a.reps)
-    result = {"suite": "issue14", "batch": a.batch, "classes": a.classes, "dim": a.dim,
-              "reps": a.reps, "torch": torch.__version__,
-              "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-              "settings": {k: SETTINGS[k] for k in a.settings.split(",")},
-              "loadavg_before": load, "loadavg_after": os.getloadavg(),
-              "wall_s": time.time() - t0, "results": results}
+    results = run(
+        methods,
+        a.settings.split(","),
+        a.data.split(","),
+        [int(t) for t in a.threads.split(",")],
+        a.batch,
+        a.classes,
+        a.dim,
+        a.reps,
+    )
+    result = {
+        "suite": "issue14",
+        "batch": a.batch,
+        "classes": a.classes,
+        "dim": a.dim,
+        "reps": a.reps,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "settings": {k: SETTINGS[k] for k in a.settings.split(",")},
+        "loadavg_before": load,
+        "loadavg_after": os.getloadavg(),
+        "wall_s": time.time() - t0,
+        "results": results,
+    }
     for n, per in results.items():
         for st, per_kind in per.items():
             for kind, rows in per_kind.items():
                 print(f"[threads={n} {st} s={SETTINGS[st][0]:g} m={SETTINGS[st][1]:g} {kind}]")
                 for meth, row in rows.items():
-                    extra = "".join(f"  x{row[k]:.2f} {k[2:]}" for k in ("x_gemm3", "x_bare") if k in row)
-                    print(f"  {meth:22s} {row['median_ms']:8.1f} ms  x{row['x_floor']:.2f} floor{extra}")
+                    extra = "".join(
+                        f"  x{row[k]:.2f} {k[2:]}" for k in ("x_gemm3", "x_bare") if k in row
+                    )
+                    print(
+                        f"  {meth:22s} {row['median_ms']:8.1f} ms  x{row['x_floor']:.2f} floor{extra}"
+                    )
     print("load average before/after:", load, result["loadavg_after"])
     if a.out:
         with open(a.out, "w") as f:

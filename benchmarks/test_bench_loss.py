@@ -8,6 +8,7 @@ sets ``torch.set_num_threads``; ``FC_BENCH_CLASSES`` / ``FC_BENCH_BATCHES`` (com
 the grid. Ratios against the floor of the same group are computed by ``benchmarks/report.py``;
 for ratios robust to machine load use ``python -m benchmarks.interleaved`` (interleaved runs).
 """
+
 import os
 
 import pytest
@@ -18,8 +19,16 @@ from benchmarks.cases import make_case, set_threads
 ROUNDS = int(os.environ.get("FC_BENCH_ROUNDS", "5"))
 CLASSES = [int(c) for c in os.environ.get("FC_BENCH_CLASSES", "10000,100000").split(",")]
 BATCHES = [int(b) for b in os.environ.get("FC_BENCH_BATCHES", "64,256").split(",")]
-METHODS = ["floor", "leap", "leap_cloud", "leap_reference", "leap_cloud_reference",
-           "leap_cloud_chunked", "pml", "fastreid"]
+METHODS = [
+    "floor",
+    "leap",
+    "leap_cloud",
+    "leap_reference",
+    "leap_cloud_reference",
+    "leap_cloud_chunked",
+    "pml",
+    "fastreid",
+]
 THREADS = set_threads()
 
 
@@ -38,9 +47,15 @@ def test_loss_step(benchmark, method, margin_type, classes, batch):
     _skip_missing(method)
     step = make_case(method, batch, classes, 512, margin_type)
     benchmark.group = f"{margin_type} B={batch} C={classes}"
-    benchmark.extra_info.update(method=method, margin_type=margin_type, batch=batch,
-                                classes=classes, dim=512, threads=THREADS,
-                                loadavg=os.getloadavg())
+    benchmark.extra_info.update(
+        method=method,
+        margin_type=margin_type,
+        batch=batch,
+        classes=classes,
+        dim=512,
+        threads=THREADS,
+        loadavg=os.getloadavg(),
+    )
     loss = benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     assert torch.isfinite(loss)
 
@@ -61,7 +76,8 @@ def test_statistics_update(benchmark, classes):
         return head.statistics.cloud_variance()[y].sqrt()
 
     benchmark.group = f"statistics B={batch} C={classes}"
-    benchmark.extra_info.update(method="statistics", batch=batch, classes=classes, dim=dim,
-                                threads=THREADS)
+    benchmark.extra_info.update(
+        method="statistics", batch=batch, classes=classes, dim=dim, threads=THREADS
+    )
     std = benchmark.pedantic(stats, rounds=ROUNDS * 4, warmup_rounds=1, iterations=1)
     assert torch.isfinite(std).all()

@@ -1,6 +1,7 @@
 """pytest-benchmark: FTL FeatureTransfer costs (update_stats over 100k x 320 features; transfer
 of a 256 batch). Sizes: ``FC_BENCH_FTL_SAMPLES`` (default 100000), 320-d features, 1000 classes
 with a long tail, batches of 1024."""
+
 import os
 
 import pytest
@@ -23,9 +24,12 @@ def make_transfer(samples: int = SAMPLES, dim: int = 320, classes: int = 1000, b
     centers = torch.randn(classes, dim, generator=g) * 3
     feats = centers[labels] + torch.randn(samples, dim, generator=g)
     counts = torch.bincount(labels, minlength=classes)
-    stream = [FeatureBatch(feats[i:i + batch], labels[i:i + batch],
-                           torch.arange(i, min(i + batch, samples)))
-              for i in range(0, samples, batch)]
+    stream = [
+        FeatureBatch(
+            feats[i : i + batch], labels[i : i + batch], torch.arange(i, min(i + batch, samples))
+        )
+        for i in range(0, samples, batch)
+    ]
     return FeatureTransfer(dim, classes, class_counts=counts, validate=False), stream, counts
 
 
@@ -33,8 +37,9 @@ def test_update_stats(benchmark):
     ft, stream, _ = make_transfer()
     benchmark.group = f"FeatureTransfer update_stats {SAMPLES} x 320"
     benchmark.extra_info.update(method="update_stats", samples=SAMPLES, dim=320, threads=THREADS)
-    benchmark.pedantic(ft.update_stats, args=(stream,), rounds=max(ROUNDS // 2, 1),
-                       warmup_rounds=0, iterations=1)
+    benchmark.pedantic(
+        ft.update_stats, args=(stream,), rounds=max(ROUNDS // 2, 1), warmup_rounds=0, iterations=1
+    )
     assert ft.ready
 
 
@@ -51,6 +56,7 @@ def test_transfer_batch(benchmark):
     x = torch.randn(256, 320, generator=g, requires_grad=True)
     benchmark.group = "FeatureTransfer transfer B=256"
     benchmark.extra_info.update(method="transfer", batch=256, dim=320, threads=THREADS)
-    out = benchmark.pedantic(ft.transfer, args=(x, y_r, y_t), rounds=ROUNDS * 20,
-                             warmup_rounds=2, iterations=1)
+    out = benchmark.pedantic(
+        ft.transfer, args=(x, y_r, y_t), rounds=ROUNDS * 20, warmup_rounds=2, iterations=1
+    )
     assert out.shape == (256, 320)

@@ -19,6 +19,7 @@ CPU smoke run on a generated Market-1501-format set (no download, ~1 min)::
 
     python examples/fastreid_train.py --synthetic /tmp/market --tiny
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,27 +33,48 @@ DEFAULT_CONFIG = "Market1501/leap_R50.yml"  # a shipped config (config_path)
 
 #: CPU-sized overrides of ``--tiny`` (ResNet-18 from scratch, 64x32 inputs, 3 epochs).
 TINY_OPTS = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.BACKBONE.DEPTH", "18x",
-    "MODEL.BACKBONE.FEAT_DIM", "512",
-    "MODEL.BACKBONE.PRETRAIN", "False",
-    "INPUT.SIZE_TRAIN", "[64, 32]",
-    "INPUT.SIZE_TEST", "[64, 32]",
-    "INPUT.REA.ENABLED", "False",
-    "INPUT.PADDING.ENABLED", "False",
-    "DATALOADER.NUM_WORKERS", "0",
-    "SOLVER.AMP.ENABLED", "False",
-    "SOLVER.IMS_PER_BATCH", "16",
-    "SOLVER.BASE_LR", "0.001",
-    "SOLVER.MAX_EPOCH", "3",
-    "SOLVER.WARMUP_ITERS", "0",
-    "SOLVER.STEPS", "[100]",
-    "SOLVER.CHECKPOINT_PERIOD", "100",
-    "TEST.EVAL_PERIOD", "3",
-    "TEST.IMS_PER_BATCH", "32",
-    "TEST.PRECISE_BN.ENABLED", "True",
-    "TEST.PRECISE_BN.NUM_ITER", "2",
-    "CUDNN_BENCHMARK", "False",
+    "MODEL.DEVICE",
+    "cpu",
+    "MODEL.BACKBONE.DEPTH",
+    "18x",
+    "MODEL.BACKBONE.FEAT_DIM",
+    "512",
+    "MODEL.BACKBONE.PRETRAIN",
+    "False",
+    "INPUT.SIZE_TRAIN",
+    "[64, 32]",
+    "INPUT.SIZE_TEST",
+    "[64, 32]",
+    "INPUT.REA.ENABLED",
+    "False",
+    "INPUT.PADDING.ENABLED",
+    "False",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "SOLVER.AMP.ENABLED",
+    "False",
+    "SOLVER.IMS_PER_BATCH",
+    "16",
+    "SOLVER.BASE_LR",
+    "0.001",
+    "SOLVER.MAX_EPOCH",
+    "3",
+    "SOLVER.WARMUP_ITERS",
+    "0",
+    "SOLVER.STEPS",
+    "[100]",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "100",
+    "TEST.EVAL_PERIOD",
+    "3",
+    "TEST.IMS_PER_BATCH",
+    "32",
+    "TEST.PRECISE_BN.ENABLED",
+    "True",
+    "TEST.PRECISE_BN.NUM_ITER",
+    "2",
+    "CUDNN_BENCHMARK",
+    "False",
 ]
 
 
@@ -87,12 +109,16 @@ def write_synthetic_market1501(
         top, mid = max(0, 4 + dy), h // 2 + dy
         img[top:mid, 4 + dx : w - 4 + dx] = upper[pid]
         img[mid : h - 2, 6 + dx : w - 6 + dx] = lower[pid]
-        img[top:mid:stripes[pid], :] *= 0.5
+        img[top : mid : stripes[pid], :] *= 0.5
         img += rng.normal(0.0, 12.0, size=img.shape)
         return np.clip(img, 0, 255).astype(np.uint8)
 
     frame = 0
-    for split, per_id, cam in (("bounding_box_train", None, None), ("query", 1, 1), ("bounding_box_test", 2, 2)):
+    for split, per_id, cam in (
+        ("bounding_box_train", None, None),
+        ("query", 1, 1),
+        ("bounding_box_test", 2, 2),
+    ):
         os.makedirs(os.path.join(base, split), exist_ok=True)
         for pid in range(num_ids):
             n = per_id or (head_images if pid < head_ids else tail_images)
@@ -124,11 +150,19 @@ def build_cfg(config_file: str, opts: List[str]):
 def main(argv: Optional[List[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config-file", default=DEFAULT_CONFIG)
-    parser.add_argument("--synthetic", metavar="DIR", help="write a tiny generated Market-1501 set to DIR and use it")
+    parser.add_argument(
+        "--synthetic",
+        metavar="DIR",
+        help="write a tiny generated Market-1501 set to DIR and use it",
+    )
     parser.add_argument("--tiny", action="store_true", help="CPU-sized overrides (see TINY_OPTS)")
     parser.add_argument("--output-dir", default=None)
-    parser.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS (fastreid's train_net.py)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT_DIR")
+    parser.add_argument(
+        "--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS (fastreid's train_net.py)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in OUTPUT_DIR"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
 

@@ -6,6 +6,7 @@ accuracy of the head's cosine classifier.
 
     python examples/plain_pytorch.py --epochs 30
 """
+
 import argparse
 
 import torch
@@ -22,8 +23,12 @@ def long_tailed_digits(tail_samples: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(y), generator=g)
     test = perm[: len(y) // 3]
-    train = perm[len(y) // 3:]
-    keep = [i for c in range(10) for i in train[y[train] == c].tolist()[: None if c < 5 else tail_samples]]
+    train = perm[len(y) // 3 :]
+    keep = [
+        i
+        for c in range(10)
+        for i in train[y[train] == c].tolist()[: None if c < 5 else tail_samples]
+    ]
     keep = torch.tensor(keep)
     return x[keep], y[keep], x[test], y[test]
 
@@ -39,12 +44,20 @@ def main(argv=None) -> dict:
 
     x_tr, y_tr, x_te, y_te = long_tailed_digits(args.tail_samples, args.seed)
     counts = torch.bincount(y_tr, minlength=10)
-    backbone = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
-    head = LEAPMarginHead(32, 10, margin_type="cosface", cloud=None if args.cloud == "none" else args.cloud,
-                          class_counts=counts, tail_threshold=args.tail_samples,
-                          warmup_steps=5 * (len(y_tr) // 64 + 1))
+    backbone = torch.nn.Sequential(
+        torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32)
+    )
+    head = LEAPMarginHead(
+        32,
+        10,
+        margin_type="cosface",
+        cloud=None if args.cloud == "none" else args.cloud,
+        class_counts=counts,
+        tail_threshold=args.tail_samples,
+        warmup_steps=5 * (len(y_tr) // 64 + 1),
+    )
     opt = torch.optim.Adam(list(backbone.parameters()) + list(head.parameters()), lr=3e-3)
-    for epoch in range(args.epochs):
+    for _epoch in range(args.epochs):
         for idx in torch.randperm(len(y_tr)).split(64):
             loss = head(backbone(x_tr[idx]), y_tr[idx])
             opt.zero_grad()
@@ -55,10 +68,15 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         pred = head.logits(backbone(x_te)).argmax(1)
     correct = (pred == y_te).float()
-    result = {"head_acc": correct[y_te < 5].mean().item(), "tail_acc": correct[y_te >= 5].mean().item(),
-              "final_loss": loss.item()}
-    print(f"head accuracy {result['head_acc']:.3f}  tail accuracy {result['tail_acc']:.3f}  "
-          f"last loss {result['final_loss']:.3f}")
+    result = {
+        "head_acc": correct[y_te < 5].mean().item(),
+        "tail_acc": correct[y_te >= 5].mean().item(),
+        "final_loss": loss.item(),
+    }
+    print(
+        f"head accuracy {result['head_acc']:.3f}  tail accuracy {result['tail_acc']:.3f}  "
+        f"last loss {result['final_loss']:.3f}"
+    )
     return result
 
 

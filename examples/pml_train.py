@@ -5,6 +5,7 @@ trainer and evaluates with PML's ``GlobalEmbeddingSpaceTester`` (CPU, a few seco
 
     python examples/pml_train.py --epochs 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,9 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from feature_cloud.integrations.pml import LEAPLoss
 
 
-def long_tail_blobs(num_classes: int, head: int, tail: int, dim: int, seed: int) -> torch.utils.data.TensorDataset:
+def long_tail_blobs(
+    num_classes: int, head: int, tail: int, dim: int, seed: int
+) -> torch.utils.data.TensorDataset:
     """``num_classes`` Gaussian blobs; the first quarter of the classes are head classes."""
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(0)) * 2.5
@@ -60,8 +63,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     )
     trainer.train(num_epochs=args.epochs)
     tester = testers.GlobalEmbeddingSpaceTester(
-        dataloader_num_workers=0, data_device=torch.device("cpu"),
-        accuracy_calculator=AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r")),
+        dataloader_num_workers=0,
+        data_device=torch.device("cpu"),
+        accuracy_calculator=AccuracyCalculator(
+            include=("precision_at_1", "mean_average_precision_at_r")
+        ),
     )
     accuracies = tester.test({"val": val}, args.epochs, trunk)["val"]
     print({k: round(float(v), 4) for k, v in accuracies.items() if k != "epoch"})

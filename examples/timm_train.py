@@ -4,6 +4,7 @@ Generated long-tailed colour-pattern images, no download, CPU::
 
     python examples/timm_train.py --model test_resnet --steps 20
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,12 +38,20 @@ def main(argv: Optional[List[str]] = None) -> dict:
     x, y = pattern_images(counts, args.image_size, seed=1)
 
     # the swap: ClassificationTask(timm.create_model(name, num_classes=C)) ->
-    task = LEAPTask.from_timm(args.model, args.classes, cloud="full", class_counts=counts,
-                              margin_type="cosface", scale=16.0, margin=0.2, verbose=False)
+    task = LEAPTask.from_timm(
+        args.model,
+        args.classes,
+        cloud="full",
+        class_counts=counts,
+        margin_type="cosface",
+        scale=16.0,
+        margin=0.2,
+        verbose=False,
+    )
     optimizer = torch.optim.Adam(task.get_trainable_module().parameters(), lr=3e-3)
     task.train()
     first = last = None
-    for step in range(args.steps):
+    for _step in range(args.steps):
         idx = torch.randint(0, len(y), (args.batch_size,))
         result = task(x[idx], y[idx])  # {"loss", "output", "leap_loss"}
         optimizer.zero_grad()
@@ -55,9 +64,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
     with torch.no_grad():
         evaluator.update(task.get_eval_model()(x), y)
     metrics = {k: float(v) for k, v in evaluator.compute().items()}
-    checkpoint = task.get_checkpoint_state()  # {"state_dict": backbone, "task_state": {"head": ...}}
-    print({"first_loss": round(first, 3), "last_loss": round(last, 3), **{k: round(v, 2) for k, v in metrics.items()},
-           "checkpoint_keys": sorted(checkpoint)})
+    checkpoint = (
+        task.get_checkpoint_state()
+    )  # {"state_dict": backbone, "task_state": {"head": ...}}
+    print(
+        {
+            "first_loss": round(first, 3),
+            "last_loss": round(last, 3),
+            **{k: round(v, 2) for k, v in metrics.items()},
+            "checkpoint_keys": sorted(checkpoint),
+        }
+    )
     return metrics
 
 

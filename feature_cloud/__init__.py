@@ -1,15 +1,23 @@
 """feature-cloud: long-tail representation learning heads and losses (LEAP and FTL) for PyTorch."""
+
 from . import functional
 from .cloud import FeatureCloud
+from .ftl import AlternatingScheduler, FTLModel
 from .heads import LEAPMarginHead
 from .regularizers import MetricL2
 from .statistics import ClassStatistics
 from .transfer import FeatureBatch, FeatureTransfer
-from .ftl import AlternatingScheduler, FTLModel
 
 __version__ = "0.1.0"
 
-__all__ = ["functional", "FeatureCloud", "LEAPMarginHead", "MetricL2", "ClassStatistics", "__version__"]
+__all__ = [
+    "functional",
+    "FeatureCloud",
+    "LEAPMarginHead",
+    "MetricL2",
+    "ClassStatistics",
+    "__version__",
+]
 __all__ += ["FeatureTransfer", "FeatureBatch", "FTLModel", "AlternatingScheduler"]
 
 
@@ -25,7 +33,10 @@ def _source_checkout_integrations() -> None:
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
-    if os.path.isdir(os.path.join(here, "integrations")) or "feature_cloud.integrations" in sys.modules:
+    if (
+        os.path.isdir(os.path.join(here, "integrations"))
+        or "feature_cloud.integrations" in sys.modules
+    ):
         return
     src = os.path.join(os.path.dirname(here), "integrations")
     init = os.path.join(src, "__init__.py")

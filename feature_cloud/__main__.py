@@ -1,4 +1,5 @@
 """``python -m feature_cloud``: the same as the ``feature-cloud`` console script."""
+
 import sys
 
 from .cli import main

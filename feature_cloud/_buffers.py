@@ -1,4 +1,5 @@
 """Buffers whose dtype a module cast must not change (statistics stay float32 / float64 / int)."""
+
 from __future__ import annotations
 
 from typing import Callable, Dict

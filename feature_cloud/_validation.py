@@ -15,6 +15,7 @@ Pure functions, no state. The policies in one place:
   touches the batch; :func:`raise_for_problems` turns the agreed codes into the same exception on
   every rank.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,13 @@ def as_int(value: Any, name: str, minimum: Optional[int] = None) -> int:
     """``value`` as an ``int`` (Python/NumPy integer, integral float such as ``2.0``, 0-d integer
     tensor); ``TypeError`` for ``bool``, strings, fractional or non-finite floats and other
     types, ``ValueError`` below ``minimum``."""
-    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point() \
-            and value.dtype != torch.bool and not value.is_complex():
+    if (
+        isinstance(value, Tensor)
+        and value.dim() == 0
+        and not value.is_floating_point()
+        and value.dtype != torch.bool
+        and not value.is_complex()
+    ):
         value = int(value.item())
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
@@ -76,8 +82,12 @@ def as_float(
 ) -> float:
     """``value`` as a finite ``float`` within the given bounds; ``TypeError`` for ``bool``,
     strings and non-numbers, ``ValueError`` for ``nan``/``inf`` or out of bounds."""
-    if isinstance(value, Tensor) and value.dim() == 0 and value.dtype != torch.bool \
-            and not value.is_complex():
+    if (
+        isinstance(value, Tensor)
+        and value.dim() == 0
+        and value.dtype != torch.bool
+        and not value.is_complex()
+    ):
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
@@ -131,7 +141,9 @@ def check_embeddings(embeddings: Tensor, embedding_size: int, name: str = "embed
     if not embeddings.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got dtype {embeddings.dtype}")
     if embeddings.dim() != 2:
-        raise ValueError(f"{name} must have shape (batch, {embedding_size}), got {tuple(embeddings.shape)}")
+        raise ValueError(
+            f"{name} must have shape (batch, {embedding_size}), got {tuple(embeddings.shape)}"
+        )
     if embeddings.shape[1] != embedding_size:
         raise ValueError(
             f"{name} has dimension {embeddings.shape[1]} but the module expects "
@@ -233,15 +245,21 @@ def problem_tensor(
     emb_ok = isinstance(embeddings, Tensor) and embeddings.is_floating_point()
     shape_ok = emb_ok and embeddings.dim() == 2 and embeddings.shape[1] == embedding_size
     lab_ok = isinstance(labels, Tensor) and _label_dtype_ok(labels)
-    lab_shape_ok = lab_ok and labels.dim() == 1 and (
-        not shape_ok or labels.shape[0] == embeddings.shape[0])
-    static = [int(not emb_ok), int(emb_ok and not shape_ok), int(not lab_ok),
-              int(lab_ok and not lab_shape_ok)]
+    lab_shape_ok = (
+        lab_ok and labels.dim() == 1 and (not shape_ok or labels.shape[0] == embeddings.shape[0])
+    )
+    static = [
+        int(not emb_ok),
+        int(emb_ok and not shape_ok),
+        int(not lab_ok),
+        int(lab_ok and not lab_shape_ok),
+    ]
     out = torch.tensor(static + [0, 0], dtype=torch.long, device=device)
     if validate and shape_ok and lab_shape_ok and embeddings.numel() and not _compiling():
         y = labels.long()
-        values = torch.stack([(~torch.isfinite(embeddings.detach())).any(),
-                              ((y < -1) | (y >= num_classes)).any()])
+        values = torch.stack(
+            [(~torch.isfinite(embeddings.detach())).any(), ((y < -1) | (y >= num_classes)).any()]
+        )
         out[4:] = values.to(device=device, dtype=torch.long)
     return out
 

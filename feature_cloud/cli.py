@@ -9,12 +9,13 @@
 ``feature-cloud report PATH``
     Re-render the tables, CSV files and plots of a saved run.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -32,60 +33,123 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     demo = sub.add_parser(
-        "demo", help="train every method on a long-tailed split; head/tail metrics and plots",
+        "demo",
+        help="train every method on a long-tailed split; head/tail metrics and plots",
         description="Train every method on the same backbone and budget on a long-tailed split "
         "(LEAP's <H, S> protocol) and write tables (Markdown, CSV, JSON) and PNG plots to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = ", ".join(
-        f"{k}: H{v['num_head']} S{v['tail_shots']} {v['epochs']} epochs" for k, v in DATA_DEFAULTS.items()
+        f"{k}: H{v['num_head']} S{v['tail_shots']} {v['epochs']} epochs"
+        for k, v in DATA_DEFAULTS.items()
     )
     demo.add_argument(
-        "--data", nargs="+", default=["digits"], metavar=("SOURCE", "PATH"),
+        "--data",
+        nargs="+",
+        default=["digits"],
+        metavar=("SOURCE", "PATH"),
         help="digits (sklearn, offline) | synthetic | market1501 PATH | imagefolder PATH",
     )
-    demo.add_argument("--out", default=None, help="output directory (default: outputs/demo/<source>)")
-    demo.add_argument("-H", "--head", type=int, default=None,
-                      help=f"number of head identities H (defaults per source: {defaults})")
-    demo.add_argument("-S", "--shots", type=int, default=None,
-                      help="training samples kept per tail identity S")
+    demo.add_argument(
+        "--out", default=None, help="output directory (default: outputs/demo/<source>)"
+    )
+    demo.add_argument(
+        "-H",
+        "--head",
+        type=int,
+        default=None,
+        help=f"number of head identities H (defaults per source: {defaults})",
+    )
+    demo.add_argument(
+        "-S", "--shots", type=int, default=None, help="training samples kept per tail identity S"
+    )
     demo.add_argument("--seeds", type=int, nargs="+", default=d.seeds)
-    demo.add_argument("--methods", nargs="+", default=d.methods, choices=list(METHODS),
-                      metavar="METHOD", help=f"subset of {list(METHODS)}")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs (per-source default)")
+    demo.add_argument(
+        "--methods",
+        nargs="+",
+        default=d.methods,
+        choices=list(METHODS),
+        metavar="METHOD",
+        help=f"subset of {list(METHODS)}",
+    )
+    demo.add_argument(
+        "--epochs", type=int, default=None, help="training epochs (per-source default)"
+    )
     demo.add_argument("--batch-size", type=int, default=d.batch_size)
     demo.add_argument("--lr", type=float, default=d.lr)
     demo.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    demo.add_argument("--warmup-epochs", type=int, default=None,
-                      help="epochs before the LEAP cloud starts (default: epochs // 3)")
+    demo.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=None,
+        help="epochs before the LEAP cloud starts (default: epochs // 3)",
+    )
     demo.add_argument("--embedding-size", type=int, default=d.embedding_size)
-    demo.add_argument("--leap-margin", choices=("cosface", "arcface"), default=d.leap_margin,
-                      help="base margin of the LEAP variants")
-    demo.add_argument("--memory-per-sample", "-P", type=int, default=d.memory_per_sample,
-                      help="LEAP angle memory P (Eq. 5)")
-    demo.add_argument("--tail-threshold", "-T", type=int, default=None,
-                      help="vanilla LEAP threshold T (default: S)")
+    demo.add_argument(
+        "--leap-margin",
+        choices=("cosface", "arcface"),
+        default=d.leap_margin,
+        help="base margin of the LEAP variants",
+    )
+    demo.add_argument(
+        "--memory-per-sample",
+        "-P",
+        type=int,
+        default=d.memory_per_sample,
+        help="LEAP angle memory P (Eq. 5)",
+    )
+    demo.add_argument(
+        "--tail-threshold",
+        "-T",
+        type=int,
+        default=None,
+        help="vanilla LEAP threshold T (default: S)",
+    )
     demo.add_argument("--gamma", type=float, default=d.gamma, help="LEAP center learning rate")
-    demo.add_argument("--ml2-alpha", type=float, default=d.ml2_alpha, help="m-L2 weight (FTL Eq. 4)")
-    demo.add_argument("--ftl-alternations", type=int, default=d.ftl_alternations,
-                      help="FTL: (stage 1, stage 2) pairs after stage 0 (the warm-up)")
+    demo.add_argument(
+        "--ml2-alpha", type=float, default=d.ml2_alpha, help="m-L2 weight (FTL Eq. 4)"
+    )
+    demo.add_argument(
+        "--ftl-alternations",
+        type=int,
+        default=d.ftl_alternations,
+        help="FTL: (stage 1, stage 2) pairs after stage 0 (the warm-up)",
+    )
     demo.add_argument("--test-fraction", type=float, default=d.test_fraction)
     demo.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    demo.add_argument("--eval-split", choices=("test", "val"), default=d.eval_split,
-                      help="evaluate on the validation split (for tuning) instead of the test split")
-    demo.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                      help="resize for market1501 (default 64 32) / imagefolder (32 32)")
+    demo.add_argument(
+        "--eval-split",
+        choices=("test", "val"),
+        default=d.eval_split,
+        help="evaluate on the validation split (for tuning) instead of the test split",
+    )
+    demo.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="resize for market1501 (default 64 32) / imagefolder (32 32)",
+    )
     syn = demo.add_argument_group("synthetic data (--data synthetic)")
     syn.add_argument("--synthetic-classes", type=int, default=None, help="identities (100)")
     syn.add_argument("--synthetic-max", type=int, default=None, help="largest class size (80)")
     syn.add_argument("--synthetic-min", type=int, default=None, help="smallest class size (20)")
-    syn.add_argument("--synthetic-spread", type=float, default=None,
-                     help="std of the shared nuisance factors: intra-class variance (1.5)")
+    syn.add_argument(
+        "--synthetic-spread",
+        type=float,
+        default=None,
+        help="std of the shared nuisance factors: intra-class variance (1.5)",
+    )
     syn.add_argument("--synthetic-noise", type=float, default=None, help="isotropic noise (0.1)")
     syn.add_argument("--synthetic-seed", type=int, default=None, help="generator seed (0)")
-    demo.add_argument("--threads", type=int, default=1,
-                      help="torch CPU threads (the models are tiny: one thread is fastest on a "
-                      "busy machine; 0 keeps torch's default)")
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (the models are tiny: one thread is fastest on a "
+        "busy machine; 0 keeps torch's default)",
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
 
     _add_evaluate(sub)
@@ -102,7 +166,8 @@ def _add_evaluate(sub) -> None:
 
     e = EvalConfig()
     ev = sub.add_parser(
-        "evaluate", help="real-data evaluation: methods vs their own baselines, paired by seed",
+        "evaluate",
+        help="real-data evaluation: methods vs their own baselines, paired by seed",
         description="Train each method and its baseline (LEAP vs the same margin head with the "
         "cloud off, FTL vs the same Enc/R/FC model without transfer) on the same backbone, budget "
         "and batch order per seed; report head/tail FC and NN accuracy, rank-1/mAP, per-class "
@@ -110,37 +175,80 @@ def _add_evaluate(sub) -> None:
         "JSON, PNG) under --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ev.add_argument("data", help=".npz (images, labels[, camids]) or a folder with one sub-folder "
-                    "per identity")
-    ev.add_argument("--protocol", choices=("natural", "hs"), default=e.protocol,
-                    help="natural long tail, or LEAP's <H, S> splits")
+    ev.add_argument(
+        "data", help=".npz (images, labels[, camids]) or a folder with one sub-folder per identity"
+    )
+    ev.add_argument(
+        "--protocol",
+        choices=("natural", "hs"),
+        default=e.protocol,
+        help="natural long tail, or LEAP's <H, S> splits",
+    )
     ev.add_argument("--n-test", type=int, default=e.n_test, help="test images per identity")
-    ev.add_argument("-T", "--threshold", type=int, default=e.threshold,
-                    help="natural: head = more than T training images; LEAP vanilla's T")
+    ev.add_argument(
+        "-T",
+        "--threshold",
+        type=int,
+        default=e.threshold,
+        help="natural: head = more than T training images; LEAP vanilla's T",
+    )
     ev.add_argument("-H", "--head", type=int, default=e.num_head, help="hs: head identities H")
-    ev.add_argument("-S", "--shots", type=int, nargs="+", default=[e.shots],
-                    help="hs: training images per tail identity (several: one run each)")
-    ev.add_argument("--backbone", default=e.backbone, help="conv4 or timm:<model> (pretrained=False)")
-    ev.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                    help="resize the images (area); folders default to 64 64")
-    ev.add_argument("--methods", nargs="+", default=e.methods, choices=list(EVAL_METHODS),
-                    metavar="METHOD", help=f"from {list(EVAL_METHODS)}; baselines are added")
+    ev.add_argument(
+        "-S",
+        "--shots",
+        type=int,
+        nargs="+",
+        default=[e.shots],
+        help="hs: training images per tail identity (several: one run each)",
+    )
+    ev.add_argument(
+        "--backbone", default=e.backbone, help="conv4 or timm:<model> (pretrained=False)"
+    )
+    ev.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="resize the images (area); folders default to 64 64",
+    )
+    ev.add_argument(
+        "--methods",
+        nargs="+",
+        default=e.methods,
+        choices=list(EVAL_METHODS),
+        metavar="METHOD",
+        help=f"from {list(EVAL_METHODS)}; baselines are added",
+    )
     ev.add_argument("--seeds", type=int, nargs="+", default=e.seeds)
     ev.add_argument("--epochs", type=int, default=e.epochs)
     ev.add_argument("--batch-size", type=int, default=e.batch_size)
     ev.add_argument("--optimizer", choices=("sgd", "adam"), default=e.optimizer)
     ev.add_argument("--lr", type=float, default=e.lr)
     ev.add_argument("--weight-decay", type=float, default=e.weight_decay)
-    ev.add_argument("--warmup-fraction", type=float, default=e.warmup_fraction,
-                    help="share of training before the LEAP cloud / FTL transfer starts")
+    ev.add_argument(
+        "--warmup-fraction",
+        type=float,
+        default=e.warmup_fraction,
+        help="share of training before the LEAP cloud / FTL transfer starts",
+    )
     ev.add_argument("--embedding-size", type=int, default=e.embedding_size)
     ev.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     ev.add_argument("--ml2-alpha", type=float, default=e.ml2_alpha)
     ev.add_argument("--ftl-alternations", type=int, default=e.ftl_alternations)
-    ev.add_argument("--ftl-stage0-fraction", type=_fraction_or_none, default=e.ftl_stage0_fraction,
-                    help="FTL stage-0 share of the steps; 'none': --warmup-fraction (the old rule)")
-    ev.add_argument("--leap-option", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra LEAPMarginHead keyword (repeatable), e.g. cloud_mode=paper")
+    ev.add_argument(
+        "--ftl-stage0-fraction",
+        type=_fraction_or_none,
+        default=e.ftl_stage0_fraction,
+        help="FTL stage-0 share of the steps; 'none': --warmup-fraction (the old rule)",
+    )
+    ev.add_argument(
+        "--leap-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra LEAPMarginHead keyword (repeatable), e.g. cloud_mode=paper",
+    )
     ev.add_argument("--out", default="outputs/evaluate", help="output directory")
     ev.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
@@ -180,13 +288,26 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         k, v = item.split("=", 1)
         options[k.strip()] = _parse_value(v.strip())
     base = EvalConfig(
-        protocol=args.protocol, n_test=args.n_test, threshold=args.threshold, num_head=args.head,
-        backbone=args.backbone, methods=methods, seeds=list(args.seeds), epochs=args.epochs,
-        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
-        embedding_size=args.embedding_size, flip=not args.no_flip, ml2_alpha=args.ml2_alpha,
-        ftl_alternations=args.ftl_alternations, ftl_stage0_fraction=args.ftl_stage0_fraction,
-        leap_options=options, out=args.out,
+        protocol=args.protocol,
+        n_test=args.n_test,
+        threshold=args.threshold,
+        num_head=args.head,
+        backbone=args.backbone,
+        methods=methods,
+        seeds=list(args.seeds),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_fraction=args.warmup_fraction,
+        embedding_size=args.embedding_size,
+        flip=not args.no_flip,
+        ml2_alpha=args.ml2_alpha,
+        ftl_alternations=args.ftl_alternations,
+        ftl_stage0_fraction=args.ftl_stage0_fraction,
+        leap_options=options,
+        out=args.out,
     )
     shots = args.shots if args.protocol == "hs" else [base.shots]
     configs = [replace(base, shots=s) for s in dict.fromkeys(shots)]
@@ -215,25 +336,43 @@ def _demo_config(args: argparse.Namespace):
     if len(rest) > 1:
         raise ValueError(f"--data takes a source and at most one PATH, got {args.data}")
     synthetic = {
-        key: value for key, value in (
-            ("num_classes", args.synthetic_classes), ("max_per_class", args.synthetic_max),
-            ("min_per_class", args.synthetic_min), ("spread", args.synthetic_spread),
-            ("noise", args.synthetic_noise), ("seed", args.synthetic_seed),
-        ) if value is not None
+        key: value
+        for key, value in (
+            ("num_classes", args.synthetic_classes),
+            ("max_per_class", args.synthetic_max),
+            ("min_per_class", args.synthetic_min),
+            ("spread", args.synthetic_spread),
+            ("noise", args.synthetic_noise),
+            ("seed", args.synthetic_seed),
+        )
+        if value is not None
     }
     if synthetic and source != "synthetic":
         raise ValueError("--synthetic-* options need --data synthetic")
     return DemoConfig(
-        data=source, path=rest[0] if rest else None, num_head=args.head, tail_shots=args.shots,
-        test_fraction=args.test_fraction, val_fraction=args.val_fraction,
-        eval_split=args.eval_split, seeds=list(args.seeds), methods=list(dict.fromkeys(args.methods)),
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-        embedding_size=args.embedding_size, leap_margin=args.leap_margin,
-        memory_per_sample=args.memory_per_sample, gamma=args.gamma,
-        tail_threshold=args.tail_threshold, ml2_alpha=args.ml2_alpha,
+        data=source,
+        path=rest[0] if rest else None,
+        num_head=args.head,
+        tail_shots=args.shots,
+        test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction,
+        eval_split=args.eval_split,
+        seeds=list(args.seeds),
+        methods=list(dict.fromkeys(args.methods)),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        embedding_size=args.embedding_size,
+        leap_margin=args.leap_margin,
+        memory_per_sample=args.memory_per_sample,
+        gamma=args.gamma,
+        tail_threshold=args.tail_threshold,
+        ml2_alpha=args.ml2_alpha,
         ftl_alternations=args.ftl_alternations,
-        image_size=tuple(args.image_size) if args.image_size else None, synthetic=synthetic,
+        image_size=tuple(args.image_size) if args.image_size else None,
+        synthetic=synthetic,
         out=args.out or os.path.join("outputs", "demo", source),
     )
 
@@ -276,6 +415,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:  # leave the process as we found it (main() is also called in-process)
         set_progress(progress_before)
         torch.set_num_threads(threads_before)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

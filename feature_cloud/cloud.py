@@ -11,6 +11,7 @@ exports (``torch.jit.trace``, ``torch.export``, ONNX) and compiles (``torch.comp
 opaque generator. The noise is counter-based (:mod:`feature_cloud.noise`): the cloud of a step is
 a pure function of ``(seed, step, stream, row, class)``.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -38,8 +39,15 @@ ProcessGroup = Any
 
 
 def _check_config(
-    rule: Optional[str], warmup_steps: Any, class_counts: Any, seed: Any, sync: str,
-    count_steps: Any, gamma: Any, memory_per_sample: Any, tail_threshold: Any,
+    rule: Optional[str],
+    warmup_steps: Any,
+    class_counts: Any,
+    seed: Any,
+    sync: str,
+    count_steps: Any,
+    gamma: Any,
+    memory_per_sample: Any,
+    tail_threshold: Any,
 ) -> Tuple[int, Optional[int]]:
     """The cloud's argument checks, named as the user passed them (the statistics re-check
     their own); returns ``(warmup_steps, count_steps)`` as ints."""
@@ -135,8 +143,16 @@ class FeatureCloud(nn.Module):
     ) -> None:
         super().__init__()
         warmup_steps, count_steps = _check_config(
-            rule, warmup_steps, class_counts, seed, sync, count_steps, gamma, memory_per_sample,
-            tail_threshold)
+            rule,
+            warmup_steps,
+            class_counts,
+            seed,
+            sync,
+            count_steps,
+            gamma,
+            memory_per_sample,
+            tail_threshold,
+        )
         if class_counts is not None:
             class_counts = check_class_counts(class_counts, as_int(num_classes, "num_classes", 1))
         if cloud_mode not in FC.CLOUD_MODES:
@@ -147,23 +163,37 @@ class FeatureCloud(nn.Module):
         self.warmup_steps = warmup_steps
         self.sync = sync
         kwargs: Dict[str, Any] = dict(
-            gamma=gamma, memory_per_sample=memory_per_sample, class_counts=class_counts,
-            cloud=rule or "full", tail_threshold=tail_threshold,
+            gamma=gamma,
+            memory_per_sample=memory_per_sample,
+            class_counts=class_counts,
+            cloud=rule or "full",
+            tail_threshold=tail_threshold,
             count_updates=count_steps if class_counts is None else None,
-            center_rate=center_rate, unknown_variance=unknown_variance, max_age=angle_max_age,
+            center_rate=center_rate,
+            unknown_variance=unknown_variance,
+            max_age=angle_max_age,
         )
         if sync == "off":
-            self.statistics: ClassStatistics = ClassStatistics(num_classes, embedding_size, **kwargs)
+            self.statistics: ClassStatistics = ClassStatistics(
+                num_classes, embedding_size, **kwargs
+            )
         else:
             batch = "pml_gathered" if sync == "pml_gathered" else BATCH_MODES[0]
             self.statistics = SyncedClassStatistics(
-                num_classes, embedding_size, process_group=process_group, pad_to=pad_to,
-                batch=batch, **kwargs)
+                num_classes,
+                embedding_size,
+                process_group=process_group,
+                pad_to=pad_to,
+                batch=batch,
+                **kwargs,
+            )
         if rule is not None and class_counts is None and count_steps is None:
             warnings.warn(
                 f"the feature cloud counts K_i online over all warmup_steps={warmup_steps} "
                 "steps: correct only if the warm-up is exactly one epoch. Pass class_counts, or "
-                "count_steps=<steps per epoch>.", UserWarning, stacklevel=3,
+                "count_steps=<steps per epoch>.",
+                UserWarning,
+                stacklevel=3,
             )
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
@@ -219,8 +249,9 @@ class FeatureCloud(nn.Module):
         self.seed.fill_(int(seed))
 
     # ------------------------------------------------------------------ training step
-    def check(self, embeddings: Tensor, labels: Tensor, *, validate: bool = True,
-              train: bool = True) -> Tensor:
+    def check(
+        self, embeddings: Tensor, labels: Tensor, *, validate: bool = True, train: bool = True
+    ) -> Tensor:
         """Every check of a batch, before any state changes; returns the labels as int64.
 
         When the training step's update is collective, all ranks agree on the verdict first
@@ -262,8 +293,9 @@ class FeatureCloud(nn.Module):
 
     def noise_key(self, stream: Optional[int] = None, purpose: int = N.PURPOSE_CLOUD) -> Tensor:
         """Key of the current step's draw (before :meth:`advance` counts it)."""
-        return N.noise_key(self.seed, self.step, self.noise_stream if stream is None else stream,
-                           purpose)
+        return N.noise_key(
+            self.seed, self.step, self.noise_stream if stream is None else stream, purpose
+        )
 
     @staticmethod
     def row_noise(key: Tensor, std: Tensor) -> Tensor:
@@ -273,12 +305,16 @@ class FeatureCloud(nn.Module):
 
     # ------------------------------------------------------------------ distributed
     def synchronize(
-        self, process_group: ProcessGroup = None, *, pad_to: Optional[int] = None,
+        self,
+        process_group: ProcessGroup = None,
+        *,
+        pad_to: Optional[int] = None,
         batch: str = "local",
     ) -> None:
         """Replace the statistics by :class:`SyncedClassStatistics` holding the same state."""
         self.statistics = SyncedClassStatistics.from_statistics(
-            self.statistics, process_group=process_group, pad_to=pad_to, batch=batch)
+            self.statistics, process_group=process_group, pad_to=pad_to, batch=batch
+        )
         self.sync = "pml_gathered" if batch == "pml_gathered" else "auto"
 
     # ------------------------------------------------------------------ checkpoints
@@ -288,8 +324,10 @@ class FeatureCloud(nn.Module):
             self._count = int(self.step)
 
     def extra_repr(self) -> str:
-        return (f"rule={self.rule!r}, mode={self.mode!r}, scale={self.scale}, warmup_steps="
-                f"{self.warmup_steps}, sync={self.sync!r}, steps_taken={self._count}")
+        return (
+            f"rule={self.rule!r}, mode={self.mode!r}, scale={self.scale}, warmup_steps="
+            f"{self.warmup_steps}, sync={self.sync!r}, steps_taken={self._count}"
+        )
 
 
 class WithFeatureCloud:
@@ -351,7 +389,7 @@ def migrate_state_dict(
         raise ValueError(f"unrecognised extra state under {old_prefix + '_extra_state'!r}")
     if old_prefix != new_prefix:
         for key in [k for k in state_dict if k.startswith(old_prefix + "statistics.")]:
-            state_dict[new_prefix + key[len(old_prefix):]] = state_dict.pop(key)
+            state_dict[new_prefix + key[len(old_prefix) :]] = state_dict.pop(key)
     state_dict.setdefault(new_prefix + "step", torch.tensor(int(extra["step"]), dtype=torch.long))
     state_dict.setdefault(new_prefix + "seed", torch.tensor(int(extra["seed"]), dtype=torch.long))
     return extra

@@ -29,6 +29,7 @@ Sharded classifier (:class:`ShardedLEAPMarginHead`)
     assembled exactly from a distributed max, a distributed sum of ``exp`` and the target logit
     of the one shard that owns each label (Partial FC's scheme, inside the fused kernels).
 """
+
 from __future__ import annotations
 
 import math
@@ -91,10 +92,13 @@ def synchronize(
     if not isinstance(cloud, FeatureCloud):
         raise TypeError(
             f"synchronize expects a head holding a FeatureCloud (LEAPMarginHead, LEAPLoss), got "
-            f"{type(head).__name__}")
+            f"{type(head).__name__}"
+        )
     if isinstance(head, ShardedLEAPMarginHead):
-        raise TypeError("ShardedLEAPMarginHead updates its statistics from the gathered batch "
-                        "already; synchronize() is for replicated heads")
+        raise TypeError(
+            "ShardedLEAPMarginHead updates its statistics from the gathered batch "
+            "already; synchronize() is for replicated heads"
+        )
     cloud.synchronize(process_group, pad_to=pad_to, batch=batch)
     return head
 
@@ -205,22 +209,28 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
         num_classes = as_int(num_classes, "num_classes", 1)
         rule, self.scale, self.margin = resolve_margin(margin_type, scale, margin)
         if rule.sub_centers != 1:
-            raise ValueError(f"margin_type {rule.name!r} uses sub-centers, which the sharded "
-                             "head does not support; use LEAPMarginHead")
+            raise ValueError(
+                f"margin_type {rule.name!r} uses sub-centers, which the sharded "
+                "head does not support; use LEAPMarginHead"
+            )
         self.margin_type, self.margin_rule = rule.name, rule
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        sample_rate = as_float(sample_rate, "sample_rate", minimum=0.0, maximum=1.0,
-                               min_inclusive=False)
+        sample_rate = as_float(
+            sample_rate, "sample_rate", minimum=0.0, maximum=1.0, min_inclusive=False
+        )
         if pad_to is not None:
             pad_to = as_int(pad_to, "pad_to", 0)
         if "sync" in cloud_options:
-            raise TypeError("ShardedLEAPMarginHead has no sync option: its statistics are updated "
-                            "from the gathered global batch")
+            raise TypeError(
+                "ShardedLEAPMarginHead has no sync option: its statistics are updated "
+                "from the gathered global batch"
+            )
         rank, world = _rank_world(process_group)
         num_classes = int(num_classes)
         sizes = (
-            _check_sizes(shard_sizes, num_classes, world) if shard_sizes is not None
+            _check_sizes(shard_sizes, num_classes, world)
+            if shard_sizes is not None
             else even_shard_sizes(num_classes, world)
         )
         if not isinstance(cloud, FeatureCloud):
@@ -259,26 +269,42 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
         distributed = self.world_size > 1
         if distributed:  # every rank agrees on every check before the gather: all raise or none
             labels, rows = agree_on_batch(
-                embeddings, labels, self.embedding_size, self.num_classes, validate=self.validate,
-                group=group, device=self.weight.device, pad_to=self.pad_to, same_dtype=True,
+                embeddings,
+                labels,
+                self.embedding_size,
+                self.num_classes,
+                validate=self.validate,
+                group=group,
+                device=self.weight.device,
+                pad_to=self.pad_to,
+                same_dtype=True,
             )
         else:
-            labels = check_batch(embeddings, labels, self.embedding_size, self.num_classes,
-                                 self.validate)
+            labels = check_batch(
+                embeddings, labels, self.embedding_size, self.num_classes, self.validate
+            )
         local_rows = embeddings.shape[0]
         if distributed:
             scale = float(self.world_size) if self.ddp_backbone else 1.0
             emb, lab = gather_batch(
-                embeddings, labels, group, pad_to=rows, differentiable=True, grad_scale=scale,
+                embeddings,
+                labels,
+                group,
+                pad_to=rows,
+                differentiable=True,
+                grad_scale=scale,
             )
         else:
             emb, lab = embeddings, labels
         train = self.training and torch.is_grad_enabled()
         # the noise key is the step's before the count moves; stream 0: the dense head's cloud
         sampling = train and self.sample_rate < 1.0
-        key = self.feature_cloud.noise_key(stream=0, purpose=N.PURPOSE_SAMPLING) if sampling else None
-        std, cloud_key = self.feature_cloud.advance(emb.detach(), lab, train=train,
-                                                      count_empty=distributed)
+        key = (
+            self.feature_cloud.noise_key(stream=0, purpose=N.PURPOSE_SAMPLING) if sampling else None
+        )
+        std, cloud_key = self.feature_cloud.advance(
+            emb.detach(), lab, train=train, count_empty=distributed
+        )
 
         owned = (lab >= self.shard_start) & (lab < self.shard_end)
         local = torch.where(owned, lab - self.shard_start, torch.full_like(lab, -1))
@@ -291,41 +317,75 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
             # the row maximum, the sum of exponentials and the target logit all-reduced
             noise = None
             if std is not None and columns is not None:  # sampled classes: their own draws
-                noise = N.counter_normal_at(cloud_key, emb.shape[0], columns + self.shard_start,
-                                            self.num_classes)
+                assert cloud_key is not None  # a cloud draw comes with its key
+                noise = N.counter_normal_at(
+                    cloud_key, emb.shape[0], columns + self.shard_start, self.num_classes
+                )
             x, w = FC.common_float(emb, weight)
             per_sample = fused.margin_loss(
-                x, w, local, margin_type=self.margin_rule, scale=self.scale, margin=self.margin,
-                noise_std=std, noise=noise, noise_key=None if noise is not None else cloud_key,
-                class_start=self.shard_start, num_classes=self.num_classes, reduction="none",
-                validate=False, row_valid=valid,
-                reducer=_all_reducer(group) if distributed else None)
+                x,
+                w,
+                local,
+                margin_type=self.margin_rule,
+                scale=self.scale,
+                margin=self.margin,
+                noise_std=std,
+                noise=noise,
+                noise_key=None if noise is not None else cloud_key,
+                class_start=self.shard_start,
+                num_classes=self.num_classes,
+                reduction="none",
+                validate=False,
+                row_valid=valid,
+                reducer=_all_reducer(group) if distributed else None,
+            )
         else:  # no fused derivative or a target-only cloud mode: logits and a sharded softmax
             logits = self._margin_logits(emb, weight, local, std, cloud_key, columns)
             per_sample = _sharded_cross_entropy(logits, local, group, distributed)
             per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
         if self.reduction == "none":
             rows = emb.shape[0] // self.world_size
-            return per_sample[self.rank * rows:self.rank * rows + local_rows]
+            return per_sample[self.rank * rows : self.rank * rows + local_rows]
         total = per_sample.sum()
         if self.reduction == "sum":
             return total
         return total / valid.sum().clamp_min(1)
 
     def _margin_logits(
-        self, emb: Tensor, weight: Tensor, local: Tensor, std: Optional[Tensor],
-        key: Optional[Tensor], columns: Optional[Tensor],
+        self,
+        emb: Tensor,
+        weight: Tensor,
+        local: Tensor,
+        std: Optional[Tensor],
+        key: Optional[Tensor],
+        columns: Optional[Tensor],
     ) -> Tensor:
         """This shard's margin logits; the cloud of the kept global classes (dense head's draw)."""
         if columns is None or std is None or key is None:
             return cloud_margin_logits(
-                self.feature_cloud, emb, weight, local, (std, key), margin_type=self.margin_rule,
-                scale=self.scale, margin=self.margin, class_start=self.shard_start)
-        alpha = N.counter_normal_at(key, emb.shape[0], columns + self.shard_start,
-                                    self.num_classes).t() * std.unsqueeze(1)
+                self.feature_cloud,
+                emb,
+                weight,
+                local,
+                (std, key),
+                margin_type=self.margin_rule,
+                scale=self.scale,
+                margin=self.margin,
+                class_start=self.shard_start,
+            )
+        assert key is not None  # a cloud draw comes with its key
+        alpha = N.counter_normal_at(
+            key, emb.shape[0], columns + self.shard_start, self.num_classes
+        ).t() * std.unsqueeze(1)
         cos = FC.cosine_logits(*FC.common_float(emb, weight))
-        return FC.margin_logits(cos, local, margin_type=self.margin_rule, scale=self.scale,
-                                margin=self.margin, alpha=alpha)
+        return FC.margin_logits(
+            cos,
+            local,
+            margin_type=self.margin_rule,
+            scale=self.scale,
+            margin=self.margin,
+            alpha=alpha,
+        )
 
     def _sample_classes(self, local: Tensor, key: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """PartialFC-style subset of this shard's classes: all positives plus random negatives.
@@ -336,8 +396,12 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
         k = min(c, max(math.ceil(self.sample_rate * c), local.shape[0]))
         if k >= c:
             return self.weight, local, torch.arange(c, device=device)
-        score = torch.cat([N.counter_uniform(key, self.shard_start, self.shard_end),
-                           torch.zeros(1, device=device)])
+        score = torch.cat(
+            [
+                N.counter_uniform(key, self.shard_start, self.shard_end),
+                torch.zeros(1, device=device),
+            ]
+        )
         slot = torch.where(local >= 0, local, torch.full_like(local, c))  # c: trash slot
         score.index_fill_(0, slot, 2.0)  # positives outrank every negative
         index = torch.topk(score[:c], k).indices.sort().values
@@ -358,12 +422,16 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
         extra = migrate_state_dict(state_dict, prefix, prefix + "feature_cloud.")
         if "shard" in extra:  # 0.1.0 kept the layout in the extra state
             state_dict.setdefault(prefix + "shard_rank", torch.tensor(int(extra["shard"]["rank"])))
-            state_dict.setdefault(prefix + "shard_sizes", torch.tensor(list(extra["shard"]["sizes"])))
+            state_dict.setdefault(
+                prefix + "shard_sizes", torch.tensor(list(extra["shard"]["sizes"]))
+            )
         key = prefix + "weight"
         layout = state_dict.get(prefix + "shard_sizes")
         if (key in state_dict and tuple(state_dict[key].shape) != tuple(self.weight.shape)) or (
-            layout is not None and (layout.tolist() != self.sizes
-                                    or int(state_dict[prefix + "shard_rank"]) != self.rank)
+            layout is not None
+            and (
+                layout.tolist() != self.sizes or int(state_dict[prefix + "shard_rank"]) != self.rank
+            )
         ):
             rows, d = state_dict[key].shape if key in state_dict else (None, None)
             raise ValueError(
@@ -395,8 +463,7 @@ def _all_reducer(group: ProcessGroup) -> fused.Reducer:
 
     def reduce(t: Tensor, op: str) -> Tensor:
         t = t.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM,
-                        group=group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
         return t
 
     return reduce
@@ -464,15 +531,19 @@ def consolidate_state_dicts(
                 f"{prefix + 'shard_rank'!r})"
             )
         if int(state[prefix + "shard_rank"]) != r:
-            raise ValueError(f"state dict {r} is the shard of rank {int(state[prefix + 'shard_rank'])}; "
-                             "pass the shards in rank order")
+            raise ValueError(
+                f"state dict {r} is the shard of rank {int(state[prefix + 'shard_rank'])}; "
+                "pass the shards in rank order"
+            )
     sizes = states[0][prefix + "shard_sizes"].tolist()
     if len(sizes) != len(states):
         raise ValueError(f"the shards were saved by {len(sizes)} ranks, got {len(states)}")
     for r, state in enumerate(states):
         if tuple(state[prefix + "weight"].shape[:1]) != (sizes[r],):
-            raise ValueError(f"shard {r} weight has {state[prefix + 'weight'].shape[0]} rows, "
-                             f"expected {sizes[r]}")
+            raise ValueError(
+                f"shard {r} weight has {state[prefix + 'weight'].shape[0]} rows, "
+                f"expected {sizes[r]}"
+            )
     out: Dict[str, Any] = dict(states[0])
     out[prefix + "weight"] = torch.cat([s[prefix + "weight"] for s in states], 0)
     for name in _LAYOUT:
@@ -482,8 +553,10 @@ def consolidate_state_dicts(
         for r, state in enumerate(states[1:], start=1):
             for k in cloud_keys:
                 if not torch.equal(state[k], out[k]):
-                    raise ValueError(f"shard {r} differs from shard 0 in {k!r}: the statistics "
-                                     "must be replicated")
+                    raise ValueError(
+                        f"shard {r} differs from shard 0 in {k!r}: the statistics "
+                        "must be replicated"
+                    )
     return out
 
 
@@ -507,7 +580,8 @@ def split_state_dict(
     weight = state[key]
     num_classes = weight.shape[0]
     sizes = (
-        _check_sizes(shard_sizes, num_classes, world_size) if shard_sizes is not None
+        _check_sizes(shard_sizes, num_classes, world_size)
+        if shard_sizes is not None
         else even_shard_sizes(num_classes, world_size)
     )
     out = []

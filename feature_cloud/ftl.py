@@ -8,6 +8,7 @@
   iterations. It owns which parts are trainable, the resumable batch samplers (hard list,
   long-tail classes, whole dataset) and its own checkpointable state.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -52,7 +53,9 @@ def make_filter(in_dim: int = 320, out_dim: int = 320, hidden: int = 640) -> nn.
     convolutions, average pooling) works on a 6x6 map; an MLP is its counterpart for any backbone.
     """
     return nn.Sequential(
-        nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        nn.Linear(in_dim, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
         nn.Linear(hidden, out_dim),
     )
 
@@ -84,7 +87,11 @@ class ConvDecoder(nn.Module):
         layers: List[nn.Module] = []
         prev = channels[0]
         for ch in list(channels[1:]) + [channels[-1]]:
-            layers += [nn.ConvTranspose2d(prev, ch, 4, 2, 1), nn.BatchNorm2d(ch), nn.ReLU(inplace=True)]
+            layers += [
+                nn.ConvTranspose2d(prev, ch, 4, 2, 1),
+                nn.BatchNorm2d(ch),
+                nn.ReLU(inplace=True),
+            ]
             prev = ch
         layers.append(nn.Conv2d(prev, self.out_shape[0], 3, 1, 1))
         self.body = nn.Sequential(*layers)
@@ -161,7 +168,11 @@ class FTLModel(nn.Module):
                 "classifier must be an nn.Linear or a LEAPMarginHead (a module with a "
                 f"(num_classes, embedding_size) .weight), got {type(classifier).__name__}"
             )
-        for name, value in (("alpha_sfmx", alpha_sfmx), ("alpha_recon", alpha_recon), ("alpha_reg", alpha_reg)):
+        for name, value in (
+            ("alpha_sfmx", alpha_sfmx),
+            ("alpha_recon", alpha_recon),
+            ("alpha_reg", alpha_reg),
+        ):
             if float(value) < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if decoder is None and float(alpha_recon) > 0:
@@ -181,9 +192,17 @@ class FTLModel(nn.Module):
         self.feature_dim = int(feature_dim)
         self.encoder = encoder
         self.decoder = decoder
-        self.filter = filter_net if filter_net is not None else make_filter(self.feature_dim, self.embedding_size)
+        self.filter = (
+            filter_net
+            if filter_net is not None
+            else make_filter(self.feature_dim, self.embedding_size)
+        )
         self.classifier = classifier
-        self.alpha_sfmx, self.alpha_recon, self.alpha_reg = float(alpha_sfmx), float(alpha_recon), float(alpha_reg)
+        self.alpha_sfmx, self.alpha_recon, self.alpha_reg = (
+            float(alpha_sfmx),
+            float(alpha_recon),
+            float(alpha_reg),
+        )
         self.metric_l2 = MetricL2(alpha=1.0)  # weighted by alpha_reg in Eq. 4
         if transfer is None:
             transfer = FeatureTransfer(self.feature_dim, self.num_classes)
@@ -280,7 +299,9 @@ class FTLModel(nn.Module):
             count = count + n
         return total / count.clamp_min(1)
 
-    def feature_loss(self, g: Tensor, labels: Tensor, stats_rows: Optional[slice] = None) -> Dict[str, Tensor]:
+    def feature_loss(
+        self, g: Tensor, labels: Tensor, stats_rows: Optional[slice] = None
+    ) -> Dict[str, Tensor]:
         """Loss of a batch given as rich features ``g`` (stage 1 of Algorithm 1: ``R`` and ``FC``);
         ``stats_rows`` as in :meth:`classification_loss`."""
         return self.classification_loss(self.embed(g), labels, stats_rows)
@@ -333,7 +354,7 @@ class FTLModel(nn.Module):
         self.frozen = parts
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> "FTLModel":
+    def train(self, mode: bool = True) -> FTLModel:
         """Like ``nn.Module.train``, but frozen parts stay in eval mode."""
         super().train(mode)
         for name in self.frozen:
@@ -361,7 +382,7 @@ class FTLModel(nn.Module):
         return groups
 
 
-class IndexedDataset(Dataset):
+class IndexedDataset(Dataset[Tuple[Any, ...]]):
     """Wrap a dataset of ``(x, y)`` items so that item ``i`` is ``(x, y, i)`` (the dataset index
     that :meth:`AlternatingScheduler.update_stats` stores in the hard list)."""
 
@@ -399,7 +420,12 @@ class StreamSampler(Sampler[int]):
         if int(num_samples) < 0 or int(start) < 0:
             raise ValueError(f"num_samples and start must be >= 0, got {num_samples}, {start}")
         self.pool = pool
-        self.num_samples, self.seed, self.start, self.name = int(num_samples), int(seed), int(start), name
+        self.num_samples, self.seed, self.start, self.name = (
+            int(num_samples),
+            int(seed),
+            int(start),
+            name,
+        )
 
     def __len__(self) -> int:
         return self.num_samples
@@ -557,7 +583,9 @@ class AlternatingScheduler:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict` and re-apply the stage's freezing."""
-        missing = {"stage", "iteration", "stage_iteration", "alternation", "needs_stats"} - set(state)
+        missing = {"stage", "iteration", "stage_iteration", "alternation", "needs_stats"} - set(
+            state
+        )
         if missing:
             raise ValueError(f"scheduler state lacks {sorted(missing)}")
         if int(state["stage"]) not in STAGE_TRAINABLE:
@@ -660,7 +688,9 @@ class AlternatingScheduler:
         start = self.stage_iteration * b
         return StreamSampler(pool, self.remaining * b, seed=seed, start=start, name=name)
 
-    def loaders(self, dataset: Any, batch_size: int, **loader_kwargs: Any) -> Union[DataLoader, Tuple[DataLoader, DataLoader]]:
+    def loaders(
+        self, dataset: Any, batch_size: int, **loader_kwargs: Any
+    ) -> Union[DataLoader[Any], Tuple[DataLoader[Any], DataLoader[Any]]]:
         """``DataLoader``\\ s for the rest of the current stage: ``(hard_loader, tail_loader)`` in
         stage 1, one loader over the whole dataset in stages 0 and 2. Each yields exactly
         :attr:`remaining` batches (``drop_last``); extra keyword arguments go to ``DataLoader``.
@@ -672,11 +702,27 @@ class AlternatingScheduler:
                 raise ValueError(f"loaders() sets {bad!r} itself")
         if self._stage == 1:
             return (
-                DataLoader(dataset, batch_size=batch_size, sampler=self.hard_sampler(batch_size), drop_last=True, **kw),
-                DataLoader(dataset, batch_size=batch_size, sampler=self.tail_sampler(batch_size), drop_last=True, **kw),
+                DataLoader(
+                    dataset,
+                    batch_size=batch_size,
+                    sampler=self.hard_sampler(batch_size),
+                    drop_last=True,
+                    **kw,
+                ),
+                DataLoader(
+                    dataset,
+                    batch_size=batch_size,
+                    sampler=self.tail_sampler(batch_size),
+                    drop_last=True,
+                    **kw,
+                ),
             )
         return DataLoader(
-            dataset, batch_size=batch_size, sampler=self.data_sampler(len(dataset), batch_size), drop_last=True, **kw
+            dataset,
+            batch_size=batch_size,
+            sampler=self.data_sampler(len(dataset), batch_size),
+            drop_last=True,
+            **kw,
         )
 
     # ------------------------------------------------------------------ stage 1
@@ -691,7 +737,9 @@ class AlternatingScheduler:
         so ``g`` is computed without gradient.
         """
         if self.needs_stats:
-            raise RuntimeError("call update_stats() at the start of stage 1 (UpdateStats of Algorithm 1)")
+            raise RuntimeError(
+                "call update_stats() at the start of stage 1 (UpdateStats of Algorithm 1)"
+            )
         xr, yr, _, _ = self._split(hard_batch)
         xt, yt, _, _ = self._split(tail_batch)
         with torch.no_grad():
@@ -709,7 +757,9 @@ class AlternatingScheduler:
         g = torch.cat([gr, gt.to(gr.dtype), gx.to(gr.dtype)])
         y = torch.cat([yr, yt, yx])
         # only the real long-tail rows feed a LEAP head's statistics and cloud (FTLModel docs)
-        return self.model.feature_loss(g, y, stats_rows=slice(gr.shape[0], gr.shape[0] + gt.shape[0]))
+        return self.model.feature_loss(
+            g, y, stats_rows=slice(gr.shape[0], gr.shape[0] + gt.shape[0])
+        )
 
     def __repr__(self) -> str:
         return (

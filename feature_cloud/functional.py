@@ -14,10 +14,11 @@ Equation numbers refer to
 Shapes: ``B`` batch, ``C`` classes, ``D`` embedding size. Class weights are stored ``(C, D)`` like
 ``nn.Linear`` (pytorch-metric-learning stores ``(D, C)``; its adapter transposes a view).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -73,13 +74,13 @@ class _SafeAcos(torch.autograd.Function):
     """``acos`` with inputs clamped to ``[-1, 1]`` and a finite derivative at ``+-1``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor) -> Tensor:
         x = x.clamp(-1.0, 1.0)
         ctx.save_for_backward(x)
         return torch.acos(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         floor = _ACOS_GRAD_FLOOR if x.dtype != torch.float64 else 1e-30
         return -grad * torch.rsqrt((1.0 - x * x).clamp_min(floor))
@@ -133,7 +134,9 @@ def cosine_logits(embeddings: Tensor, weight: Tensor, sub_centers: int = 1) -> T
     if sub_centers == 1:
         return cos
     if weight.shape[0] % sub_centers:
-        raise ValueError(f"weight has {weight.shape[0]} rows, not a multiple of sub_centers={sub_centers}")
+        raise ValueError(
+            f"weight has {weight.shape[0]} rows, not a multiple of sub_centers={sub_centers}"
+        )
     return cos.view(cos.shape[0], -1, sub_centers).max(dim=2).values
 
 
@@ -207,7 +210,9 @@ CLOUD_MODES = ("paper", "target", "margin")
 
 
 def target_cloud_angles(
-    std: Tensor, mode: str, generator: Optional[torch.Generator] = None,
+    std: Tensor,
+    mode: str,
+    generator: Optional[torch.Generator] = None,
     noise: Optional[Tensor] = None,
 ) -> Tensor:
     r"""``(B,)`` target-only cloud angles: :math:`\mathrm{std}_n z_n` (``"target"``) or
@@ -215,8 +220,11 @@ def target_cloud_angles(
     given, e.g. the heads' counter-based draw, else from ``generator``)."""
     if mode not in ("target", "margin"):
         raise ValueError(f"target-only cloud mode must be 'target' or 'margin', got {mode!r}")
-    z = noise if noise is not None else torch.randn(
-        std.shape, generator=generator, device=std.device, dtype=std.dtype)
+    z = (
+        noise
+        if noise is not None
+        else torch.randn(std.shape, generator=generator, device=std.device, dtype=std.dtype)
+    )
     return (z.abs() if mode == "margin" else z) * std
 
 
@@ -231,8 +239,13 @@ def margin_cross_entropy(
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    per_sample = F.cross_entropy(logits, labels.clamp_min(-1), ignore_index=-1, reduction="none",
-                                 label_smoothing=label_smoothing)
+    per_sample = F.cross_entropy(
+        logits,
+        labels.clamp_min(-1),
+        ignore_index=-1,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
     if reduction == "none":
         return per_sample
     total = per_sample.sum()
@@ -312,7 +325,7 @@ def center_rate(gamma: float, appearances: Tensor, adaptive: bool = True) -> Ten
 
 
 def ema_centers(
-    old: Tensor, batch_mean: Tensor, initialized: Tensor, gamma: "float | Tensor"
+    old: Tensor, batch_mean: Tensor, initialized: Tensor, gamma: float | Tensor
 ) -> Tensor:
     r"""EMA class-center update of LEAP Eq. 4 with :math:`\gamma` the *center learning rate*.
 
@@ -434,7 +447,10 @@ def unknown_variance_prior(
 
 
 def vanilla_cloud_variance(
-    var: Tensor, has_stats: Tensor, class_counts: Tensor, threshold: int,
+    var: Tensor,
+    has_stats: Tensor,
+    class_counts: Tensor,
+    threshold: int,
     prior: Optional[Tensor] = None,
 ) -> Tensor:
     r"""Vanilla LEAP (Sec. 3.4, Eq. 6): head classes have ``K_i > T``.
@@ -470,7 +486,11 @@ def full_cloud_variance(
 
 
 def cloud_variance(
-    rule: str, var: Tensor, has_stats: Tensor, class_counts: Tensor, threshold: int = 20,
+    rule: str,
+    var: Tensor,
+    has_stats: Tensor,
+    class_counts: Tensor,
+    threshold: int = 20,
     prior: Optional[Tensor] = None,
 ) -> Tensor:
     """Dispatch to :func:`full_cloud_variance` or :func:`vanilla_cloud_variance` by ``rule``."""
@@ -619,7 +639,9 @@ def ftl_num_components(eigenvalues: Tensor, energy: float) -> int:
         return 1
     cum = torch.cumsum(lam, 0) / total
     # a tiny tolerance so that energy=1.0 does not ask for components of rounding-level variance
-    k = int(torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=cum.dtype, device=cum.device)))
+    k = int(
+        torch.searchsorted(cum, torch.tensor(energy - 1e-12, dtype=cum.dtype, device=cum.device))
+    )
     return min(k + 1, lam.numel())
 
 

@@ -51,10 +51,11 @@ class ``j`` is a pure function of the noise key and ``(n, j)``, so dense and chu
 chunk size, every class shard) draw identical clouds and the chunked backward recomputes a chunk's
 noise from the key alone. Chunk sizes are rounded up to a multiple of :data:`NOISE_BLOCK`.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -64,7 +65,14 @@ from ._validation import check_values
 from .functional import safe_normalize
 from .noise import counter_normal, random_key
 
-__all__ = ["NOISE_BLOCK", "EXP_FLOOR", "margin_loss", "class_major_noise", "cloud_angles", "cloud_cosine"]
+__all__ = [
+    "NOISE_BLOCK",
+    "EXP_FLOOR",
+    "margin_loss",
+    "class_major_noise",
+    "cloud_angles",
+    "cloud_cosine",
+]
 
 #: Chunk sizes are multiples of this many classes.
 NOISE_BLOCK = 1024
@@ -139,11 +147,13 @@ def _cloud_cosine_(
     # where clipped: f + (-(sign(alpha) + f)) = -sign(alpha); elsewhere f + 0
     f.addcmul_(sa2.sign_().add_(f), clipped)
     sin_floor = _SIN_FLOOR[torch.float64 if c.dtype == torch.float64 else torch.float32]
-    d = torch.nn.functional.threshold_(sn, sin_floor, 0.0).div_(t.clamp_min_(sqrt_floor))
+    d = torch.nn.functional.threshold_(sn, sin_floor, 0.0).div_(t.clamp_min_(sqrt_floor))  # type: ignore[attr-defined]
     return f, d
 
 
-def cloud_cosine(c: Tensor, alpha: Tensor, sqrt_floor: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+def cloud_cosine(
+    c: Tensor, alpha: Tensor, sqrt_floor: Optional[float] = None
+) -> Tuple[Tensor, Tensor]:
     r""":math:`f = \cos(\mathrm{clip}(\theta + \alpha, 0, \pi))` and :math:`\partial f/\partial c`.
 
     LEAP Eq. 7-8 without ``acos``: ``c`` is :math:`\cos\theta` clamped to ``[-1, 1]``, ``alpha``
@@ -161,8 +171,9 @@ def cloud_cosine(c: Tensor, alpha: Tensor, sqrt_floor: Optional[float] = None) -
         sqrt_floor = _SQRT_FLOOR[c.dtype if c.dtype in _SQRT_FLOOR else torch.float32]
     pi = _PI_BELOW[c.dtype if c.dtype in _PI_BELOW else torch.float32]
     c, half = c.detach().clone(), alpha.detach().clamp(-pi, pi).mul(0.5)
-    return _cloud_cosine_(c, half, torch.empty_like(c), torch.empty_like(c), torch.empty_like(c),
-                          sqrt_floor)
+    return _cloud_cosine_(
+        c, half, torch.empty_like(c), torch.empty_like(c), torch.empty_like(c), sqrt_floor
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -201,8 +212,13 @@ def class_major_noise(
 
 
 def cloud_angles(
-    std: Tensor, num_classes: int, key: Optional[Tensor] = None, block: Optional[int] = None,
-    *, class_start: int = 0, total_classes: Optional[int] = None,
+    std: Tensor,
+    num_classes: int,
+    key: Optional[Tensor] = None,
+    block: Optional[int] = None,
+    *,
+    class_start: int = 0,
+    total_classes: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     r"""Per-logit cloud angles :math:`\alpha` ``(B, C)`` of LEAP Sec. 3.4 as every head draws them.
@@ -212,9 +228,16 @@ def cloud_angles(
     :math:`N(0, \mathrm{std}_n^2)`), the same numbers in every chunking and class shard
     (``class_start``/``total_classes``). Returned as a transposed view.
     """
-    noise = class_major_noise(num_classes, std.shape[0], key, std.device, block,
-                              class_start=class_start, total_classes=total_classes,
-                              generator=generator)
+    noise = class_major_noise(
+        num_classes,
+        std.shape[0],
+        key,
+        std.device,
+        block,
+        class_start=class_start,
+        total_classes=total_classes,
+        generator=generator,
+    )
     return noise.t() * std.to(noise.dtype).unsqueeze(1)
 
 
@@ -227,16 +250,53 @@ class _Plan:
     """Static configuration of one call (plain Python values, no tensors)."""
 
     __slots__ = (
-        "rule", "scale", "smoothing", "num_classes", "reducer", "want_pred", "margin", "reduction", "chunk", "block", "class_start",
-        "compute", "gemm", "exp_floor", "pi_below", "sqrt_floor", "cloud", "explicit_noise",
+        "rule",
+        "scale",
+        "smoothing",
+        "num_classes",
+        "reducer",
+        "want_pred",
+        "margin",
+        "reduction",
+        "chunk",
+        "block",
+        "class_start",
+        "compute",
+        "gemm",
+        "exp_floor",
+        "pi_below",
+        "sqrt_floor",
+        "cloud",
+        "explicit_noise",
     )
 
-    def __init__(self, **kw) -> None:
+    rule: Any  # margins.Margin
+    scale: float
+    smoothing: float
+    num_classes: int
+    reducer: Any
+    want_pred: bool
+    margin: float
+    reduction: str
+    chunk: int
+    block: int
+    class_start: int
+    compute: torch.dtype
+    gemm: torch.dtype
+    exp_floor: float
+    pi_below: float
+    sqrt_floor: float
+    cloud: bool
+    explicit_noise: bool
+
+    def __init__(self, **kw: Any) -> None:
         for k, v in kw.items():
             setattr(self, k, v)
 
 
-def _target_index(labels: Tensor, valid: Tensor, j0: int, j1: int, batch: int) -> Tuple[Tensor, Tensor]:
+def _target_index(
+    labels: Tensor, valid: Tensor, j0: int, j1: int, batch: int
+) -> Tuple[Tensor, Tensor]:
     """Flat index of each row's target inside a class-major chunk, and whether it is there.
 
     Rows whose target is outside the chunk (or ignored) point at ``(0, n)``, a slot no other
@@ -253,7 +313,7 @@ class _Workspace:
 
     def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> None:
         self.rows, self.cols, self.dtype, self.device = rows, cols, dtype, device
-        self.bufs: dict = {}
+        self.bufs: Dict[Tuple[str, Optional[torch.dtype]], Tensor] = {}
 
     def get(self, name: str, rows: int, dtype: Optional[torch.dtype] = None) -> Tensor:
         key = (name, dtype)
@@ -296,6 +356,7 @@ def _chunk_logits(
     idx, inside = _target_index(labels, valid, j0, j0 + Cc, B)
     pred: Optional[Tensor] = None
     if plan.cloud:
+        assert sigma is not None and noise_c is not None
         c = Z.mul_(rwc.unsqueeze(1)).clamp_(-1.0, 1.0)
         if plan.want_pred:  # the plain cosine's best (before the cloud destroys c)
             pred = c.amax(0)
@@ -307,8 +368,9 @@ def _chunk_logits(
         half.clamp_(-0.5 * plan.pi_below, 0.5 * plan.pi_below)
         c_y = c.view(-1).gather(0, idx)
         alpha_y: Optional[Tensor] = half.view(-1).gather(0, idx) * 2.0
-        f, d = _cloud_cosine_(c, half, ws.get("f", Cc), ws.get("t", Cc), ws.get("d", Cc),
-                              plan.sqrt_floor)
+        f, d = _cloud_cosine_(
+            c, half, ws.get("f", Cc), ws.get("t", Cc), ws.get("d", Cc), plan.sqrt_floor
+        )
         Z = f.mul_(s)
     else:
         d, alpha_y = None, None
@@ -343,8 +405,9 @@ def _lse_update(Z: Tensor, run_max: Tensor, total: Tensor, plan: _Plan) -> Tenso
     return new_max
 
 
-def _grad_buffer_(E: Tensor, d: Optional[Tensor], rwc: Tensor, idx: Tensor,
-                  u: Optional[Tensor] = None) -> Tensor:
+def _grad_buffer_(
+    E: Tensor, d: Optional[Tensor], rwc: Tensor, idx: Tensor, u: Optional[Tensor] = None
+) -> Tensor:
     """``E -> G0 = (E - u) * d * rw`` in place (``u`` per sample: the label-smoothing term);
     returns the target entries ``E_y`` read first."""
     e_y = E.view(-1).gather(0, idx)
@@ -419,25 +482,32 @@ def _normalize_backward_(gW: Tensor, W: Tensor, rw2: Tensor, rows: int = 256) ->
         gt, wt = gW.t(), W.t().to(gW.dtype)  # (D, C): blocks of D rows, all classes
         dot = torch.zeros(gW.shape[0], dtype=gW.dtype, device=gW.device)
         for r0 in range(0, gt.shape[0], 64):
-            dot.add_((gt[r0:r0 + 64] * wt[r0:r0 + 64]).sum(0))
+            dot.add_((gt[r0 : r0 + 64] * wt[r0 : r0 + 64]).sum(0))
         coef = (dot * rw2.to(gW.dtype)).unsqueeze(0)
         for r0 in range(0, gt.shape[0], 64):
-            gt[r0:r0 + 64].addcmul_(wt[r0:r0 + 64], coef, value=-1)
+            gt[r0 : r0 + 64].addcmul_(wt[r0 : r0 + 64], coef, value=-1)
         return
     tmp = torch.empty(min(rows, gW.shape[0]), gW.shape[1], dtype=gW.dtype, device=gW.device)
     for r0 in range(0, gW.shape[0], rows):
-        g, w = gW[r0:r0 + rows], W[r0:r0 + rows].to(gW.dtype)
-        dot = torch.mul(g, w, out=tmp[:g.shape[0]]).sum(1)
-        g.addcmul_(w, (dot * rw2[r0:r0 + rows]).unsqueeze(1).to(gW.dtype), value=-1)
+        g, w = gW[r0 : r0 + rows], W[r0 : r0 + rows].to(gW.dtype)
+        dot = torch.mul(g, w, out=tmp[: g.shape[0]]).sum(1)
+        g.addcmul_(w, (dot * rw2[r0 : r0 + rows]).unsqueeze(1).to(gW.dtype), value=-1)
 
 
 def _chunk_noise(
-    noise: Optional[Tensor], j0: int, j1: int, B: int, key: Optional[Tensor], plan: _Plan,
+    noise: Optional[Tensor],
+    j0: int,
+    j1: int,
+    B: int,
+    key: Optional[Tensor],
+    plan: _Plan,
 ) -> Optional[Tensor]:
     if not plan.cloud:
         return None
     if plan.explicit_noise:
+        assert noise is not None
         return noise[j0:j1]
+    assert key is not None
     c0 = plan.class_start
     return counter_normal(key, B, c0 + j0, c0 + j1, plan.num_classes)
 
@@ -464,13 +534,26 @@ class _FusedMarginCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xn, W, labels, valid, sigma, noise, key, plan):  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        xn: Tensor,
+        W: Tensor,
+        labels: Tensor,
+        valid: Tensor,
+        sigma: Optional[Tensor],
+        noise: Optional[Tensor],
+        key: Optional[Tensor],
+        plan: _Plan,
+    ) -> Tuple[Tensor, Tensor]:
         B, C = xn.shape[0], W.shape[0]
         compute, device = plan.compute, xn.device
         xg = xn.to(plan.gemm)
         has_target = labels >= 0
-        norms = (torch.linalg.vector_norm(W.t(), dim=0, dtype=compute) if _transposed(W)
-                 else torch.linalg.vector_norm(W, dim=1, dtype=compute))
+        norms = (
+            torch.linalg.vector_norm(W.t(), dim=0, dtype=compute)
+            if _transposed(W)
+            else torch.linalg.vector_norm(W, dim=1, dtype=compute)
+        )
         rw = 1.0 / norms.clamp_min(1e-12)
         total = torch.zeros(B, dtype=compute, device=device)
         run_max = torch.full((B,), -math.inf, dtype=compute, device=device)
@@ -480,12 +563,13 @@ class _FusedMarginCE(torch.autograd.Function):
         c_target = torch.zeros(B, dtype=compute, device=device)
         dense = plan.chunk >= C
         ws = _Workspace(min(plan.chunk, C), B, compute, device)
-        saved: Tuple[Tensor, ...] = ()
+        saved: Tuple[Any, ...] = ()
         for j0 in range(0, C, plan.chunk):
             j1 = min(j0 + plan.chunk, C)
             noise_c = _chunk_noise(noise, j0, j1, B, key, plan)
             Z, d, idx, inside, z_y, d_y, cmax, c_y = _chunk_logits(
-                xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws)
+                xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws
+            )
             z_target.add_(torch.where(inside, z_y, torch.zeros_like(z_y)))
             if cmax is not None:  # top-1: the target's plain cosine against the best one
                 best = torch.maximum(best, cmax)
@@ -524,28 +608,40 @@ class _FusedMarginCE(torch.autograd.Function):
             saved = (Z, e_y, idx, inside, d_y)
         ctx.plan, ctx.dense = plan, dense
         ctx.has_noise = noise is not None
-        ctx.save_for_backward(xn, W, labels, valid,
-                              sigma if sigma is not None else xn.new_empty(0),
-                              noise if noise is not None else xn.new_empty(0),
-                              key if key is not None else labels.new_empty(0),
-                              rw, norms, S, local_scale, run_max, *saved)
+        ctx.save_for_backward(
+            xn,
+            W,
+            labels,
+            valid,
+            sigma if sigma is not None else xn.new_empty(0),
+            noise if noise is not None else xn.new_empty(0),
+            key if key is not None else labels.new_empty(0),
+            rw,
+            norms,
+            S,
+            local_scale,
+            run_max,
+            *saved,
+        )
         top1 = has_target & valid & (c_target >= best)
         ctx.mark_non_differentiable(labels, top1)
         return out, top1
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_pred):  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor, _grad_pred: Optional[Tensor]) -> Tuple[Any, ...]:
         plan: _Plan = ctx.plan
-        (xn, W, labels, valid, sigma, noise, key, rw, norms, S, local_scale, shift_t,
-         *saved) = ctx.saved_tensors
+        (xn, W, labels, valid, sigma, noise, key, rw, norms, S, local_scale, shift_t, *saved) = (
+            ctx.saved_tensors
+        )
         B, C = xn.shape[0], W.shape[0]
         compute, device = plan.compute, xn.device
         has_target = labels >= 0
         g = grad_out.to(compute)
         if plan.reduction == "mean":
             g = g / valid.sum().clamp_min(1)
-        g = torch.where(valid, g.expand(B) if g.dim() == 0 else g,
-                        torch.zeros((), dtype=compute, device=device))
+        g = torch.where(
+            valid, g.expand(B) if g.dim() == 0 else g, torch.zeros((), dtype=compute, device=device)
+        )
         tiny = torch.finfo(compute).tiny
         a = g * local_scale / S.clamp_min(tiny)  # dL/dS_local, S_local = sum exp(z - local max)
         c = -g * (1.0 - plan.smoothing)  # dL/dz_y
@@ -558,15 +654,19 @@ class _FusedMarginCE(torch.autograd.Function):
             xs = xs / post
         xn_c = xn.to(compute)
         rw2 = torch.where(norms > 1e-12, rw * rw, torch.zeros_like(rw))
-        grad_W = (torch.empty(W.shape[1], C, dtype=W.dtype, device=device).t() if _transposed(W)
-                  else torch.empty(C, W.shape[1], dtype=W.dtype, device=device))
+        grad_W = (
+            torch.empty(W.shape[1], C, dtype=W.dtype, device=device).t()
+            if _transposed(W)
+            else torch.empty(C, W.shape[1], dtype=W.dtype, device=device)
+        )
         grad_x = torch.zeros(B, xn.shape[1], dtype=compute, device=device)
         grad_corr = torch.zeros(B, xn.shape[1], dtype=compute, device=device)
         if ctx.dense:
             if C > 0:
                 G0, e_y, idx, inside, d_y = saved
-                gx, gc = _chunk_backward(G0, e_y, idx, inside, d_y, a, c, u, rw, W, xn_c, xs,
-                                         post, grad_W, rw2, plan)
+                gx, gc = _chunk_backward(
+                    G0, e_y, idx, inside, d_y, a, c, u, rw, W, xn_c, xs, post, grad_W, rw2, plan
+                )
                 grad_x += gx
                 grad_corr += gc
         else:
@@ -576,10 +676,27 @@ class _FusedMarginCE(torch.autograd.Function):
                 j1 = min(j0 + plan.chunk, C)
                 noise_c = _chunk_noise(noise if ctx.has_noise else None, j0, j1, B, key, plan)
                 Z, d, idx, inside, _, d_y, _, _ = _chunk_logits(
-                    xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws)
+                    xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws
+                )
                 e_y = _grad_buffer_(_shifted_exp_(Z, shift_t, plan), d, rw[j0:j1], idx, u)
-                gx, gc = _chunk_backward(Z, e_y, idx, inside, d_y, a, c, u, rw[j0:j1], W[j0:j1],
-                                         xn_c, xs, post, grad_W[j0:j1], rw2[j0:j1], plan)
+                gx, gc = _chunk_backward(
+                    Z,
+                    e_y,
+                    idx,
+                    inside,
+                    d_y,
+                    a,
+                    c,
+                    u,
+                    rw[j0:j1],
+                    W[j0:j1],
+                    xn_c,
+                    xs,
+                    post,
+                    grad_W[j0:j1],
+                    rw2[j0:j1],
+                    plan,
+                )
                 grad_x += gx
                 grad_corr += gc
                 del Z, d, noise_c
@@ -609,7 +726,7 @@ def margin_loss(
     reducer: Optional[Reducer] = None,
     num_classes: Optional[int] = None,
     class_start: int = 0,
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+) -> Any:  # the loss, or (loss, top1) with return_top1
     r"""LEAP margin softmax loss (a registered margin, :mod:`feature_cloud.margins`, with an
     optional feature cloud) in one fused op. The margin must implement
     :meth:`~feature_cloud.margins.Margin.fused_target` and use one weight row per class.
@@ -659,13 +776,15 @@ def margin_loss(
         raise ValueError(
             f"margin {rule.name!r} has no fused implementation (no fused_target or a "
             f"sub-center weight layout); use feature_cloud.functional (LEAPMarginHead falls "
-            "back to it automatically)")
+            "back to it automatically)"
+        )
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
         raise ValueError(
             f"embeddings (B, D) and weight (C, D) must agree in D, got {tuple(embeddings.shape)} "
-            f"and {tuple(weight.shape)}")
+            f"and {tuple(weight.shape)}"
+        )
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"labels must be ({embeddings.shape[0]},), got {tuple(labels.shape)}")
     B, C = embeddings.shape[0], weight.shape[0]
@@ -693,8 +812,10 @@ def margin_loss(
         if not cloud:
             raise ValueError("noise needs noise_std (the per-sample cloud standard deviation)")
         if tuple(noise.shape) != (C, B):
-            raise ValueError(f"noise must be class-major (C, B) = ({C}, {B}), got {tuple(noise.shape)}")
-    if cloud and tuple(noise_std.shape) != (B,):
+            raise ValueError(
+                f"noise must be class-major (C, B) = ({C}, {B}), got {tuple(noise.shape)}"
+            )
+    if noise_std is not None and tuple(noise_std.shape) != (B,):
         raise ValueError(f"noise_std must have shape ({B},), got {tuple(noise_std.shape)}")
     compute = _compute_dtype(embeddings, weight)
     device = embeddings.device
@@ -702,17 +823,27 @@ def margin_loss(
     if cloud and noise is None:
         key = random_key(device, generator) if noise_key is None else noise_key.to(device)
     plan = _Plan(
-        rule=rule, scale=float(scale), margin=float(margin), reduction=reduction,
-        chunk=chunk, block=block, class_start=int(class_start), compute=compute,
+        rule=rule,
+        scale=float(scale),
+        margin=float(margin),
+        reduction=reduction,
+        chunk=chunk,
+        block=block,
+        class_start=int(class_start),
+        compute=compute,
         gemm=_gemm_dtype(device, compute),
         exp_floor=_EXP_FLOOR[compute],
-        pi_below=_PI_BELOW[compute], sqrt_floor=_SQRT_FLOOR[compute], cloud=cloud,
-        explicit_noise=noise is not None, smoothing=float(label_smoothing),
-        num_classes=int(C + class_start if num_classes is None else num_classes), reducer=reducer,
+        pi_below=_PI_BELOW[compute],
+        sqrt_floor=_SQRT_FLOOR[compute],
+        cloud=cloud,
+        explicit_noise=noise is not None,
+        smoothing=float(label_smoothing),
+        num_classes=int(C + class_start if num_classes is None else num_classes),
+        reducer=reducer,
         want_pred=bool(return_top1),
     )
     xn = safe_normalize(embeddings, dim=1)
-    sigma = noise_std.to(compute) if cloud else None
+    sigma = noise_std.to(compute) if noise_std is not None else None
     with torch.autocast(device_type=device.type, enabled=False):
         loss, top1 = _FusedMarginCE.apply(xn, weight, labels, row_valid, sigma, noise, key, plan)
     return (loss, top1) if return_top1 else loss

@@ -1,4 +1,5 @@
 """``LEAPMarginHead``: a CosFace/ArcFace classifier head with the LEAP feature cloud."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -12,8 +13,15 @@ from ._validation import as_float, as_int, check_embeddings
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from .noise import capturing
 
-__all__ = ["LEAPMarginHead", "DEFAULT_SCALE", "DEFAULT_MARGIN", "IMPLS", "resolve_margin",
-           "make_cloud", "cloud_margin_logits"]
+__all__ = [
+    "LEAPMarginHead",
+    "DEFAULT_SCALE",
+    "DEFAULT_MARGIN",
+    "IMPLS",
+    "resolve_margin",
+    "make_cloud",
+    "cloud_margin_logits",
+]
 
 #: Loss implementations of :meth:`LEAPMarginHead.forward` (all compute the same loss).
 IMPLS = ("auto", "reference", "fused", "chunked")
@@ -21,10 +29,15 @@ IMPLS = ("auto", "reference", "fused", "chunked")
 #: (impl, margin has a fused path, chunk_size given) -> backend that forward runs.
 _BACKENDS = {
     (impl, fusable, chunk): (
-        "reference" if impl == "reference" or not fusable
-        else "chunked" if impl == "chunked" or (impl == "auto" and chunk) else "fused"
+        "reference"
+        if impl == "reference" or not fusable
+        else "chunked"
+        if impl == "chunked" or (impl == "auto" and chunk)
+        else "fused"
     )
-    for impl in IMPLS for fusable in (False, True) for chunk in (False, True)
+    for impl in IMPLS
+    for fusable in (False, True)
+    for chunk in (False, True)
 }
 
 #: Defaults of the built-in margins (paper re-ID setting, LEAP Sec. 4.1: CosFace s=24, m=0.2;
@@ -34,20 +47,27 @@ DEFAULT_MARGIN = {n: margins.get(n).default_margin for n in margins.names()}
 
 
 def resolve_margin(
-    margin_type: Union[str, margins.Margin], scale: Optional[float], margin: Optional[float],
+    margin_type: Union[str, margins.Margin],
+    scale: Optional[float],
+    margin: Optional[float],
 ) -> Tuple[margins.Margin, float, float]:
     """The checked margin rule, scale and margin (radians for angular margins) of a head, with
     the registry's defaults filled in; an angular margin that looks like degrees warns."""
     rule = margins.get(margin_type)
-    scale = rule.default_scale if scale is None else as_float(
-        scale, "scale", minimum=0.0, min_inclusive=False)
+    scale = (
+        rule.default_scale
+        if scale is None
+        else as_float(scale, "scale", minimum=0.0, min_inclusive=False)
+    )
     margin = rule.default_margin if margin is None else as_float(margin, "margin")
     margins.check_unit(rule, margin, "radians")
     return rule, float(scale), float(margin)
 
 
 def make_cloud(
-    cloud: Union[None, str, FeatureCloud], num_classes: int, embedding_size: int,
+    cloud: Union[None, str, FeatureCloud],
+    num_classes: int,
+    embedding_size: int,
     options: Mapping[str, Any],
 ) -> FeatureCloud:
     """The :class:`FeatureCloud` of a head: ``cloud`` itself, or one built from the rule and the
@@ -58,7 +78,8 @@ def make_cloud(
         if (cloud.num_classes, cloud.embedding_size) != (num_classes, embedding_size):
             raise ValueError(
                 f"the FeatureCloud is for num_classes={cloud.num_classes}, embedding_size="
-                f"{cloud.embedding_size}; the head has {num_classes}, {embedding_size}")
+                f"{cloud.embedding_size}; the head has {num_classes}, {embedding_size}"
+            )
         return cloud
     return FeatureCloud(num_classes, embedding_size, cloud, **options)
 
@@ -84,13 +105,21 @@ def cloud_margin_logits(
     columns = weight.shape[0] // sub_centers
     alpha = target_alpha = None
     if std is not None and cloud.mode == "paper":
-        alpha = fused.cloud_angles(std, columns, key, class_start=class_start,
-                                   total_classes=cloud.num_classes)
+        alpha = fused.cloud_angles(
+            std, columns, key, class_start=class_start, total_classes=cloud.num_classes
+        )
     elif std is not None and key is not None:
         target_alpha = FC.target_cloud_angles(std, cloud.mode, noise=cloud.row_noise(key, std))
     cos = FC.cosine_logits(*FC.common_float(embeddings, weight), sub_centers)
-    return FC.margin_logits(cos, labels, margin_type=margin_type, scale=scale, margin=margin,
-                            alpha=alpha, target_alpha=target_alpha)
+    return FC.margin_logits(
+        cos,
+        labels,
+        margin_type=margin_type,
+        scale=scale,
+        margin=margin,
+        alpha=alpha,
+        target_alpha=target_alpha,
+    )
 
 
 def cloud_margin_loss(
@@ -112,14 +141,36 @@ def cloud_margin_loss(
     reference pipeline. For adapters that hold their own weight (PML's ``W``)."""
     rule = margins.get(margin_type)
     std, key = draw
-    if (rule.has_fused and sub_centers == 1 and not capturing()
-            and (std is None or cloud.mode == "paper")):
+    if (
+        rule.has_fused
+        and sub_centers == 1
+        and not capturing()
+        and (std is None or cloud.mode == "paper")
+    ):
         x, w = FC.common_float(embeddings, weight)
-        return fused.margin_loss(x, w, labels, margin_type=rule, scale=scale, margin=margin,
-                                 noise_std=std, noise_key=key, reduction=reduction,
-                                 validate=False)
-    logits = cloud_margin_logits(cloud, embeddings, weight, labels, draw, margin_type=rule,
-                                 scale=scale, margin=margin, sub_centers=sub_centers)
+        return fused.margin_loss(
+            x,
+            w,
+            labels,
+            margin_type=rule,
+            scale=scale,
+            margin=margin,
+            noise_std=std,
+            noise_key=key,
+            reduction=reduction,
+            validate=False,
+        )
+    logits = cloud_margin_logits(
+        cloud,
+        embeddings,
+        weight,
+        labels,
+        draw,
+        margin_type=rule,
+        scale=scale,
+        margin=margin,
+        sub_centers=sub_centers,
+    )
     return FC.margin_cross_entropy(logits, labels, reduction=reduction)
 
 
@@ -230,7 +281,8 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         self.impl = impl
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.weight = nn.Parameter(
-            torch.empty(self.num_classes * self.sub_centers, self.embedding_size))
+            torch.empty(self.num_classes * self.sub_centers, self.embedding_size)
+        )
         nn.init.xavier_normal_(self.weight)
 
     # ------------------------------------------------------------------ public API
@@ -248,13 +300,25 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         """
         std, key, labels = self._training_step(embeddings, labels)
         return cloud_margin_logits(
-            self.feature_cloud, embeddings, self.weight, labels, (std, key),
-            margin_type=self.margin_rule, scale=self.scale, margin=self.margin,
-            sub_centers=self.sub_centers)
+            self.feature_cloud,
+            embeddings,
+            self.weight,
+            labels,
+            (std, key),
+            margin_type=self.margin_rule,
+            scale=self.scale,
+            margin=self.margin,
+            sub_centers=self.sub_centers,
+        )
 
     def forward(
-        self, embeddings: Tensor, labels: Tensor, *, label_smoothing: float = 0.0,
-        return_top1: bool = False, reduction: Optional[str] = None,
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        *,
+        label_smoothing: float = 0.0,
+        return_top1: bool = False,
+        reduction: Optional[str] = None,
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         """The LEAP margin softmax loss of a batch (reduced by ``reduction``, default the
         head's).
@@ -279,18 +343,31 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         std, key, labels = self._training_step(embeddings, labels)
         x, w = FC.common_float(embeddings, self.weight)
         return fused.margin_loss(
-            x, w, labels, margin_type=self.margin_rule, scale=self.scale, validate=False,
-            margin=self.margin, noise_std=std, noise_key=key, reduction=reduction,
+            x,
+            w,
+            labels,
+            margin_type=self.margin_rule,
+            scale=self.scale,
+            validate=False,
+            margin=self.margin,
+            noise_std=std,
+            noise_key=key,
+            reduction=reduction,
             chunk_size=self.chunk_size if self.backend == "chunked" else None,
-            label_smoothing=label_smoothing, return_top1=return_top1,
+            label_smoothing=label_smoothing,
+            return_top1=return_top1,
         )
 
     @property
     def backend(self) -> str:
         """The implementation :meth:`forward` runs: ``impl`` resolved against the margin and
         the cloud mode (and ``"reference"`` while a graph is captured)."""
-        fusable = (self.margin_rule.has_fused and self.sub_centers == 1 and not capturing()
-                   and (self.cloud is None or self.feature_cloud.mode == "paper"))
+        fusable = (
+            self.margin_rule.has_fused
+            and self.sub_centers == 1
+            and not capturing()
+            and (self.cloud is None or self.feature_cloud.mode == "paper")
+        )
         return _BACKENDS[(self.impl, fusable, self.chunk_size is not None)]
 
     def _training_step(

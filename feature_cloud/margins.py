@@ -17,6 +17,7 @@ A :class:`Margin` therefore supplies
 Adding a margin is one subclass and one :func:`register` call; ``functional``, ``fused``, the
 heads and the adapters look it up by name (:func:`get`).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,16 @@ from torch import Tensor
 
 from . import functional as FC
 
-__all__ = ["Margin", "CosFace", "ArcFace", "SubCenterArcFace", "register", "get", "names",
-           "check_unit"]
+__all__ = [
+    "Margin",
+    "CosFace",
+    "ArcFace",
+    "SubCenterArcFace",
+    "register",
+    "get",
+    "names",
+    "check_unit",
+]
 
 
 class Margin:
@@ -59,7 +68,7 @@ class Margin:
         """``(value, d value / d c_y)`` for the fused paths (plain tensors, no autograd), or
         ``NotImplemented`` when only :meth:`target` exists (the heads then use the reference
         path). ``c_y`` is clamped to ``[-1, 1]``."""
-        return NotImplemented  # type: ignore[no-any-return]
+        return NotImplemented
 
     @property
     def has_fused(self) -> bool:
@@ -176,14 +185,16 @@ def check_unit(margin_type: Union[str, Margin], margin: float, unit: str = "radi
         warnings.warn(
             f"{rule.name} margin={m} is in radians here ({math.degrees(m):.0f} degrees); a margin "
             f"above pi/2 looks like degrees: did you mean margin={math.radians(m):.3f}?",
-            UserWarning, stacklevel=3,
+            UserWarning,
+            stacklevel=3,
         )
     elif unit == "degrees" and 0.0 < abs(m) < 1.0:
         warnings.warn(
             f"{rule.name} margin={m} is in degrees here (PML's convention, default "
             f"{rule.pml_margin}); a margin below 1 looks like radians: did you mean "
             f"margin={math.degrees(m):.1f}?",
-            UserWarning, stacklevel=3,
+            UserWarning,
+            stacklevel=3,
         )
 
 

@@ -26,6 +26,7 @@ as ``B * ceil(C / 2) < 2**32``. The key words ``k_0, k_1`` hash the 64-bit seed,
 and a small ``stream`` (the rank under synchronised statistics) and ``purpose`` (cloud angles or
 class sampling) together.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,15 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["noise_key", "random_key", "counter_normal", "counter_normal_at", "counter_uniform", "PURPOSE_CLOUD",
-           "PURPOSE_SAMPLING"]
+__all__ = [
+    "noise_key",
+    "random_key",
+    "counter_normal",
+    "counter_normal_at",
+    "counter_uniform",
+    "PURPOSE_CLOUD",
+    "PURPOSE_SAMPLING",
+]
 
 #: ``purpose`` of the cloud angles and of the sharded head's class sampling (independent keys).
 PURPOSE_CLOUD = 0
@@ -43,7 +51,7 @@ PURPOSE_SAMPLING = 1
 _M32 = 0xFFFFFFFF
 _MUL1, _MUL2 = 0x21F0AAAD, 0x735A2D97  # hash prospector [16 21f0aaad 15 735a2d97 15]
 _GOLDEN = 0x9E3779B9
-_TWO_PI_2_24 = 2.0 * math.pi * 2.0 ** -24
+_TWO_PI_2_24 = 2.0 * math.pi * 2.0**-24
 
 
 def _hash64(x: Tensor) -> Tensor:
@@ -75,8 +83,14 @@ def noise_key(seed: Tensor, step: Tensor, stream: int = 0, purpose: int = PURPOS
     """
     seed = seed.reshape(()).to(torch.int64)
     step = step.reshape(()).to(device=seed.device, dtype=torch.int64)
-    h = _hash64(torch.full((), (int(stream) * _GOLDEN + int(purpose) * 0x85EBCA6B + 1) & _M32,
-                           dtype=torch.int64, device=seed.device))
+    h = _hash64(
+        torch.full(
+            (),
+            (int(stream) * _GOLDEN + int(purpose) * 0x85EBCA6B + 1) & _M32,
+            dtype=torch.int64,
+            device=seed.device,
+        )
+    )
     for i, word in enumerate((seed & _M32, (seed >> 32) & _M32, step & _M32, (step >> 32) & _M32)):
         h = _hash64(((h ^ word) + (i + 1) * _GOLDEN) & _M32)
     return torch.stack([h, _hash64(h ^ 0x5BD1E995)])
@@ -84,8 +98,14 @@ def noise_key(seed: Tensor, step: Tensor, stream: int = 0, purpose: int = PURPOS
 
 def random_key(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     """A key drawn from a ``torch.Generator`` (the global RNG when ``None``), for one-off draws."""
-    words = torch.randint(0, 2**32, (2,), dtype=torch.int64, generator=generator,
-                          device=generator.device if generator is not None else "cpu")
+    words = torch.randint(
+        0,
+        2**32,
+        (2,),
+        dtype=torch.int64,
+        generator=generator,
+        device=generator.device if generator is not None else "cpu",
+    )
     return words.to(device)
 
 
@@ -94,7 +114,7 @@ def _box_muller(pair: Tensor, key: Tensor, odd: Tensor | None = None) -> Tensor:
     and sine normal of each pair) or, with ``odd`` given, ``(P, B)`` (the sine where ``odd``)."""
     h1 = _hash32_(pair)
     h2 = _hash32_(h1 ^ _to_int32(key[1]))
-    u1 = ((h1 >> 8) & 0xFFFFFF).add_(1).to(torch.float32).mul_(2.0 ** -24)  # (0, 1]
+    u1 = ((h1 >> 8) & 0xFFFFFF).add_(1).to(torch.float32).mul_(2.0**-24)  # (0, 1]
     phi = ((h2 >> 8) & 0xFFFFFF).to(torch.float32).mul_(_TWO_PI_2_24)  # [0, 2 pi)
     r = u1.log_().mul_(-2.0).sqrt_()
     if odd is not None:
@@ -110,7 +130,7 @@ def _box_muller(pair: Tensor, key: Tensor, odd: Tensor | None = None) -> Tensor:
 def capturing() -> bool:
     """Whether a graph is being captured (``torch.compile``, ``torch.export``, ``jit.trace``)."""
     compiler = torch.compiler
-    tracing = bool(torch._C._get_tracing_state())  # torch.jit.is_tracing(), typed
+    tracing = bool(torch._C._get_tracing_state())  # torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call], typed
     return compiler.is_compiling() or compiler.is_exporting() or tracing
 
 
@@ -133,8 +153,9 @@ def _blocked_box_muller(key: Tensor, pairs: Tensor, num_rows: int, num_classes: 
     place (CPU eager: the same numbers, about as fast as ``torch.randn``)."""
     P = pairs.shape[0]
     out = torch.empty((P, 2, num_rows), dtype=torch.float32)
-    rows = _to_int32((torch.arange(num_rows, dtype=torch.int64) * ((num_classes + 1) // 2)
-                      + key[0]) & _M32)
+    rows = _to_int32(
+        (torch.arange(num_rows, dtype=torch.int64) * ((num_classes + 1) // 2) + key[0]) & _M32
+    )
     k1 = _to_int32(key[1])  # a tensor: no host read
     n = max(8, (_CPU_BLOCK // max(num_rows, 1)) // 8 * 8)  # whole vectors per block
     h1 = torch.empty((min(n, P), num_rows), dtype=torch.int32)
@@ -142,12 +163,12 @@ def _blocked_box_muller(key: Tensor, pairs: Tensor, num_rows: int, num_classes: 
     for a in range(0, P, n):
         m = min(n, P - a)
         x, y, tt, ff = h1[:m], h2[:m], t[:m], f[:m]
-        torch.add(pairs[a:a + m, None], rows[None, :], out=x)
+        torch.add(pairs[a : a + m, None], rows[None, :], out=x)
         _hash32_buf_(x, tt)
         _hash32_buf_(torch.bitwise_xor(x, k1, out=y), tt)
-        r, s = out[a:a + m, 0], out[a:a + m, 1]
+        r, s = out[a : a + m, 0], out[a : a + m, 1]
         torch.bitwise_right_shift(x, 8, out=tt).bitwise_and_(0xFFFFFF).add_(1)
-        torch.mul(tt, 2.0 ** -24, out=r).log_().mul_(-2.0).sqrt_()  # r from u1 in (0, 1]
+        torch.mul(tt, 2.0**-24, out=r).log_().mul_(-2.0).sqrt_()  # r from u1 in (0, 1]
         torch.bitwise_right_shift(y, 8, out=tt).bitwise_and_(0xFFFFFF)
         torch.mul(tt, _TWO_PI_2_24, out=ff)  # phi in [0, 2 pi)
         torch.sin(ff, out=s).mul_(r)
@@ -179,7 +200,7 @@ def counter_normal(
         z = _box_muller(_pair_counters(key, pairs, num_rows, num_classes), key)
     z = z.view(2 * (p1 - p0), num_rows)  # rows 2p (cosine normal), 2p + 1 (sine normal)
     first = class_start - 2 * p0
-    return z[first:first + class_end - class_start]
+    return z[first : first + class_end - class_start]
 
 
 def counter_normal_at(key: Tensor, num_rows: int, classes: Tensor, num_classes: int) -> Tensor:
@@ -194,4 +215,4 @@ def counter_uniform(key: Tensor, start: int, end: int) -> Tensor:
     device = key.device
     c = _to_int32((torch.arange(start, end, dtype=torch.int64, device=device) + key[0]) & _M32)
     h = _hash32_(_hash32_(c) ^ _to_int32(key[1]))
-    return ((h >> 8) & 0xFFFFFF).to(torch.float32).mul_(2.0 ** -24)
+    return ((h >> 8) & 0xFFFFFF).to(torch.float32).mul_(2.0**-24)

@@ -1,4 +1,5 @@
 """``MetricL2``: the m-L2 regulariser of FTL (Eq. 3)."""
+
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -35,9 +36,14 @@ class MetricL2(nn.Module):
         self.reduction = reduction
 
     def forward(
-        self, embeddings: Tensor, classifier: Union[Tensor, nn.Module], labels: Optional[Tensor] = None
+        self,
+        embeddings: Tensor,
+        classifier: Union[Tensor, nn.Module],
+        labels: Optional[Tensor] = None,
     ) -> Tensor:
-        weight = classifier if isinstance(classifier, Tensor) else getattr(classifier, "weight", None)
+        weight = (
+            classifier if isinstance(classifier, Tensor) else getattr(classifier, "weight", None)
+        )
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise TypeError(
                 "classifier must be a (num_classes, embedding_size) tensor or a module with such "
@@ -68,7 +74,9 @@ class MetricL2(nn.Module):
 
     def _masked(self, per_sample: Tensor, labels: Tensor) -> Tensor:
         valid = (labels >= 0).to(per_sample.device)
-        per_sample = per_sample.masked_fill(~valid, 0.0)  # ignored rows contribute exactly 0 (even if not finite)
+        per_sample = per_sample.masked_fill(
+            ~valid, 0.0
+        )  # ignored rows contribute exactly 0 (even if not finite)
         if self.reduction == "none":
             return per_sample
         if self.reduction == "sum":

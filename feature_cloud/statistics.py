@@ -2,13 +2,14 @@
 
 A thin stateful Module: every formula lives in :mod:`feature_cloud.functional`.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import functional as FC
 from ._buffers import KeepBufferDtypes
@@ -88,8 +89,9 @@ class ClassStatistics(KeepBufferDtypes):
         super().__init__()
         num_classes = as_int(num_classes, "num_classes", 1)
         embedding_size = as_int(embedding_size, "embedding_size", 1)
-        gamma = as_float(gamma, "gamma (center learning rate)", minimum=0.0, maximum=1.0,
-                         min_inclusive=False)
+        gamma = as_float(
+            gamma, "gamma (center learning rate)", minimum=0.0, maximum=1.0, min_inclusive=False
+        )
         memory_per_sample = as_int(memory_per_sample, "memory_per_sample (P)", 1)
         tail_threshold = as_int(tail_threshold, "tail_threshold", 0)
         if cloud not in FC.CLOUD_RULES:
@@ -223,7 +225,8 @@ class ClassStatistics(KeepBufferDtypes):
         self.centers.index_copy_(0, y_w, new_centers[rows])
         self.center_initialized.index_copy_(0, y_w, (self.center_initialized[y] | valid)[rows])
         self.center_updates.index_copy_(
-            0, y_w, torch.where(valid, appearances, self.center_updates[y])[rows])
+            0, y_w, torch.where(valid, appearances, self.center_updates[y])[rows]
+        )
         now = self.num_updates.clone()
         self.num_updates += valid.any().long()  # a batch of ignored rows changes nothing
         if self.counting:
@@ -235,7 +238,10 @@ class ClassStatistics(KeepBufferDtypes):
 
         angles = FC.angles_to_centers(features, new_centers)
         slots, keep, count = FC.ring_slots(
-            labels, self.memory_offsets, self.memory_capacity, self.memory_pointer,
+            labels,
+            self.memory_offsets,
+            self.memory_capacity,
+            self.memory_pointer,
             trash=self.memory.numel() - 1,
         )
         old = self.memory[slots].double()
@@ -246,7 +252,8 @@ class ClassStatistics(KeepBufferDtypes):
         self.memory.index_copy_(0, slots, torch.where(keep, angles, old.to(angles.dtype)))
         self.memory[-1] = 0.0
         self.memory_stamp.index_copy_(
-            0, slots, torch.where(keep, now.expand_as(slots), self.memory_stamp[slots]))
+            0, slots, torch.where(keep, now.expand_as(slots), self.memory_stamp[slots])
+        )
         self.memory_stamp[-1] = -1
         # per-class ring pointer and fill advance once per class present in the batch
         cap = self.memory_capacity[y]
@@ -256,7 +263,7 @@ class ClassStatistics(KeepBufferDtypes):
         self.memory_fill.index_copy_(0, y_w, fill[rows])
 
     # ------------------------------------------------------------------ read-out
-    def angle_moments(self):
+    def angle_moments(self) -> Tuple[Tensor, Tensor, Tensor]:
         """Per-class ``(mean, variance, has_stats)`` of the angle memory (float32).
 
         With ``max_age`` only the angles written in the last ``max_age`` updates count.
@@ -270,9 +277,11 @@ class ClassStatistics(KeepBufferDtypes):
         """Per-class cloud variance ``(C,)`` by the configured rule (LEAP Eq. 6 or Eq. 9)."""
         _, var, has_stats = self.angle_moments()
         prior = FC.unknown_variance_prior(
-            self.unknown_variance, has_stats, self.memory_capacity, self.class_counts)
+            self.unknown_variance, has_stats, self.memory_capacity, self.class_counts
+        )
         return FC.cloud_variance(
-            self.rule, var, has_stats, self.class_counts, self.tail_threshold, prior)
+            self.rule, var, has_stats, self.class_counts, self.tail_threshold, prior
+        )
 
     def reset(self) -> None:
         """Forget centers and angles (keeps ``class_counts`` and the memory layout)."""
@@ -312,7 +321,7 @@ class ClassStatistics(KeepBufferDtypes):
                 owner[:-1] = torch.repeat_interleave(torch.arange(cap.numel()), cap.cpu())
                 offs = torch.cumsum(cap.cpu(), 0) - cap.cpu()
                 for c in range(cap.numel()):  # once, at load time
-                    stamp[int(offs[c]):int(offs[c]) + int(fill[c])] = 0
+                    stamp[int(offs[c]) : int(offs[c]) + int(fill[c])] = 0
             state_dict[prefix + "memory_stamp"] = stamp
             state_dict[prefix + "memory_owner"] = owner
         if prefix + "centers" in state_dict and prefix + "num_updates" not in state_dict:

@@ -4,6 +4,7 @@ See :mod:`feature_cloud.distributed` for the design (all-gather of the detached 
 an all-reduce of per-class sums). Without an initialised process group everything here is the
 single-process behaviour.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Tuple
@@ -15,8 +16,13 @@ from torch import Tensor
 from ._validation import PROBLEM_SLOTS, check_batch, problem_tensor, raise_for_problems
 from .statistics import ClassStatistics
 
-__all__ = ["BATCH_MODES", "is_distributed", "gather_batch", "agree_on_batch",
-           "SyncedClassStatistics"]
+__all__ = [
+    "BATCH_MODES",
+    "is_distributed",
+    "gather_batch",
+    "agree_on_batch",
+    "SyncedClassStatistics",
+]
 
 #: What a synchronised head receives each step: ``"local"`` (this rank's own batch) or
 #: ``"pml_gathered"`` (the batch pytorch-metric-learning's ``DistributedLossWrapper`` has
@@ -88,7 +94,7 @@ class _GatherRows(torch.autograd.Function):
             dist.reduce_scatter_tensor(out, grad, group=ctx.group)
         else:  # gloo has no reduce-scatter: all-reduce and keep this rank's block
             dist.all_reduce(grad, group=ctx.group)
-            out = grad[rank * rows:(rank + 1) * rows]
+            out = grad[rank * rows : (rank + 1) * rows]
         if ctx.grad_scale != 1.0:
             out = out * ctx.grad_scale
         return out, None, None
@@ -302,8 +308,14 @@ class SyncedClassStatistics(ClassStatistics):
         if not self.collective:
             return super().agree(features, labels, validate)
         labels, rows = agree_on_batch(
-            features, labels, self.embedding_size, self.num_classes, validate=validate,
-            group=self.process_group, device=self.centers.device, pad_to=self.pad_to,
+            features,
+            labels,
+            self.embedding_size,
+            self.num_classes,
+            validate=validate,
+            group=self.process_group,
+            device=self.centers.device,
+            pad_to=self.pad_to,
         )
         self._agreed = (features, labels, rows)
         return labels
@@ -320,8 +332,14 @@ class SyncedClassStatistics(ClassStatistics):
                 rows = agreed[2]
             else:
                 labels, rows = agree_on_batch(
-                    features, labels, self.embedding_size, self.num_classes, validate=validate,
-                    group=self.process_group, device=self.centers.device, pad_to=self.pad_to,
+                    features,
+                    labels,
+                    self.embedding_size,
+                    self.num_classes,
+                    validate=validate,
+                    group=self.process_group,
+                    device=self.centers.device,
+                    pad_to=self.pad_to,
                 )
             features, labels = gather_batch(
                 features.detach().float(), labels, self.process_group, pad_to=rows

@@ -4,12 +4,13 @@ A thin stateful Module around the FTL functions of :mod:`feature_cloud.functiona
 statistics of UpdateStats() (centers ``C``, PCA basis ``Q``, hard list ``h``) as buffers and
 applies Eq. 6.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import functional as FC
 from ._buffers import KeepBufferDtypes
@@ -213,10 +214,16 @@ class FeatureTransfer(KeepBufferDtypes):
     def _check_transfer_labels(self, y_regular: Tensor, y_tail: Tensor) -> None:
         c = self.num_classes
         in_range = ((y_regular >= 0) & (y_regular < c)).all() & ((y_tail >= 0) & (y_tail < c)).all()
-        yr, yt = y_regular.clamp(0, c - 1).to(self.centers.device), y_tail.clamp(0, c - 1).to(self.centers.device)
+        yr, yt = (
+            y_regular.clamp(0, c - 1).to(self.centers.device),
+            y_tail.clamp(0, c - 1).to(self.centers.device),
+        )
         flags = torch.stack(
-            [~in_range.to(self.centers.device), ~(self.regular[yr] & self.has_center[yr]).all(),
-             ~self.has_center[yt].all()]
+            [
+                ~in_range.to(self.centers.device),
+                ~(self.regular[yr] & self.has_center[yr]).all(),
+                ~self.has_center[yt].all(),
+            ]
         ).tolist()
         if flags[0]:
             raise ValueError(f"labels must lie in [0, {c}) for transfer()")
@@ -303,8 +310,10 @@ class FeatureTransfer(KeepBufferDtypes):
             y = fb.labels
             yc = y.clamp_min(0)
             if bool((~has_center[yc] & (y >= 0)).any()):
-                raise ValueError("pass 2 of update_stats() saw a class absent from pass 1: the "
-                                 "source must yield the same samples in both passes")
+                raise ValueError(
+                    "pass 2 of update_stats() saw a class absent from pass 1: the "
+                    "source must yield the same samples in both passes"
+                )
             s, n = FC.ftl_residual_scatter(fb.features, y, centers64, regular)
             scatter += s
             n_reg += n
@@ -320,14 +329,17 @@ class FeatureTransfer(KeepBufferDtypes):
             tail_idx.append(idx[is_tail])
             tail_lab.append(y[is_tail])
         if position != seen:
-            raise ValueError(f"pass 1 saw {seen} samples but pass 2 saw {position}: the source "
-                             "must yield the same samples in both passes")
+            raise ValueError(
+                f"pass 1 saw {seen} samples but pass 2 saw {position}: the source "
+                "must yield the same samples in both passes"
+            )
         n_total = int(n_reg)
         if n_total < 2:
             raise ValueError("the regular classes have fewer than 2 samples: no covariance")
         covariance = scatter / n_total
         basis, evals = FC.ftl_pca_basis(
-            covariance, self.num_components_requested,
+            covariance,
+            self.num_components_requested,
             None if self.num_components_requested is not None else self.energy,
         )
         mean_distance = dist_sum / dist_cnt.clamp_min(1)
@@ -343,7 +355,9 @@ class FeatureTransfer(KeepBufferDtypes):
         self.regular.copy_(regular)
         self.covariance.copy_(covariance)
         self.eigenvalues.copy_(evals)
-        self.basis = basis.to(torch.float32).contiguous()  # same memory layout as a loaded checkpoint
+        self.basis = basis.to(
+            torch.float32
+        ).contiguous()  # same memory layout as a loaded checkpoint
         self.mean_distance.copy_(mean_distance.to(self.mean_distance.dtype))
         self.hard_indices = torch.cat(reg_idx)[hard].to(torch.long)
         self.hard_labels = labs[hard].to(torch.long)
@@ -362,15 +376,17 @@ class FeatureTransfer(KeepBufferDtypes):
     @staticmethod
     def _opener(source: FeatureSource) -> Callable[[], Iterable[Any]]:
         if callable(source) and not hasattr(source, "__iter__"):
-            return source  # type: ignore[return-value]
+            return source
         if not hasattr(source, "__iter__"):
-            raise TypeError("source must be a re-iterable of feature batches or a callable returning one")
-        if iter(source) is source:  # type: ignore[arg-type]
+            raise TypeError(
+                "source must be a re-iterable of feature batches or a callable returning one"
+            )
+        if iter(source) is source:
             raise TypeError(
                 "update_stats() reads the data twice (centers, then residuals): pass a re-iterable "
                 "(list, DataLoader) or a zero-argument callable, not a one-shot iterator/generator"
             )
-        return lambda: source  # type: ignore[return-value]
+        return lambda: source
 
     def _as_batch(self, batch: Any, device: torch.device) -> FeatureBatch:
         if isinstance(batch, dict):
@@ -379,7 +395,9 @@ class FeatureTransfer(KeepBufferDtypes):
             fb = batch
         elif isinstance(batch, (tuple, list)):
             if not 2 <= len(batch) <= 5:
-                raise ValueError("a feature batch is (features, labels[, indices[, flipped[, keep]]])")
+                raise ValueError(
+                    "a feature batch is (features, labels[, indices[, flipped[, keep]]])"
+                )
             fb = FeatureBatch(*batch)
         else:
             raise TypeError(f"expected a FeatureBatch or tuple, got {type(batch).__name__}")
@@ -387,7 +405,9 @@ class FeatureTransfer(KeepBufferDtypes):
         if not isinstance(g, Tensor) or not g.is_floating_point():
             raise TypeError("features must be a floating point tensor")
         if g.dim() != 2 or g.shape[1] != self.feature_dim:
-            raise ValueError(f"features must have shape (batch, {self.feature_dim}), got {tuple(g.shape)}")
+            raise ValueError(
+                f"features must have shape (batch, {self.feature_dim}), got {tuple(g.shape)}"
+            )
         b = g.shape[0]
         y = check_labels(y, b)
         if fb.flipped is not None and fb.flipped.shape != g.shape:

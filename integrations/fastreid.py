@@ -48,6 +48,7 @@ The head's training output feeds fastreid's own meta-arch losses (``cls_outputs`
 loss). The head holds no math: pooling/neck are fastreid's layers, the margin logits and the
 cloud come from :class:`feature_cloud.LEAPMarginHead`. Building it reads no data.
 """
+
 from __future__ import annotations
 
 import collections
@@ -149,7 +150,9 @@ def patch_fastreid_compat() -> List[str]:
 
     from fastreid.data import build as data_build
 
-    if not torch.cuda.is_available() and not getattr(data_build.DataLoaderX, "_feature_cloud_cpu", False):
+    if not torch.cuda.is_available() and not getattr(
+        data_build.DataLoaderX, "_feature_cloud_cpu", False
+    ):
         data_build.DataLoaderX = _CPUDataLoaderX
         _APPLIED.append("fastreid.data.build.DataLoaderX")
 
@@ -166,7 +169,9 @@ def patch_fastreid_compat() -> List[str]:
             engine_defaults.DistributedDataParallel = _cpu_ddp
             _APPLIED.append("fastreid.engine.defaults.DistributedDataParallel")
 
-    zero_grad_default = inspect.signature(torch.optim.Optimizer.zero_grad).parameters["set_to_none"].default
+    zero_grad_default = (
+        inspect.signature(torch.optim.Optimizer.zero_grad).parameters["set_to_none"].default
+    )
     if zero_grad_default is True:
         import fastreid.engine.defaults as engine_defaults
         import fastreid.solver as solver
@@ -194,7 +199,9 @@ class _CPUDataLoaderX(torch.utils.data.DataLoader):
         self.local_rank = local_rank
 
 
-def _cpu_ddp(module: nn.Module, device_ids: Optional[Sequence[int]] = None, **kwargs: Any) -> nn.Module:
+def _cpu_ddp(
+    module: nn.Module, device_ids: Optional[Sequence[int]] = None, **kwargs: Any
+) -> nn.Module:
     """Patch 7 of :func:`patch_fastreid_compat`: fastreid's DDP wrapping for a CPU module."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -233,7 +240,9 @@ def _no_compile_dependencies(self: Any) -> None:
 
     logger.info(
         "fastreid rank evaluation: %s",
-        "Cython extension" if rank.IS_CYTHON_AVAI else "pure-Python evaluate_rank (no Cython build)",
+        "Cython extension"
+        if rank.IS_CYTHON_AVAI
+        else "pure-Python evaluate_rank (no Cython build)",
     )
 
 
@@ -267,7 +276,9 @@ def config_path(name: str = "Market1501/leap_R50.yml") -> str:
     if os.path.commonpath([path, CONFIG_DIR]) != CONFIG_DIR or not os.path.isfile(path):
         available = sorted(
             os.path.relpath(os.path.join(d, f), CONFIG_DIR).replace(os.sep, "/")
-            for d, _, files in os.walk(CONFIG_DIR) for f in files if f.endswith(".yml")
+            for d, _, files in os.walk(CONFIG_DIR)
+            for f in files
+            if f.endswith(".yml")
         )
         raise FileNotFoundError(f"no shipped fastreid config {name!r}; available: {available}")
     return path
@@ -379,13 +390,22 @@ def _size_variable_buffers(model: nn.Module, state: Dict[str, Any]) -> None:
             continue
         prefix = prefix + "." if prefix else ""
         fixed = [(n, t) for n, t in module.state_dict().items() if n.split(".")[0] not in names]
-        if any(prefix + n in state and tuple(state[prefix + n].shape) != tuple(t.shape) for n, t in fixed
-               if isinstance(t, Tensor)):
+        if any(
+            prefix + n in state and tuple(state[prefix + n].shape) != tuple(t.shape)
+            for n, t in fixed
+            if isinstance(t, Tensor)
+        ):
             continue
         for name in names:
             src, cur = state.get(prefix + name), getattr(module, name, None)
-            if isinstance(src, (Tensor, np.ndarray)) and isinstance(cur, Tensor) and tuple(src.shape) != tuple(cur.shape):
-                setattr(module, name, torch.empty(tuple(src.shape), dtype=cur.dtype, device=cur.device))
+            if (
+                isinstance(src, (Tensor, np.ndarray))
+                and isinstance(cur, Tensor)
+                and tuple(src.shape) != tuple(cur.shape)
+            ):
+                setattr(
+                    module, name, torch.empty(tuple(src.shape), dtype=cur.dtype, device=cur.device)
+                )
 
 
 def _migrate_legacy_heads(model: nn.Module, state: Dict[str, Any]) -> None:
@@ -508,9 +528,13 @@ class LEAPHead(nn.Module):
     ) -> None:
         super().__init__()
         if not hasattr(pooling, pool_type):
-            raise ValueError(f"unknown MODEL.HEADS.POOL_LAYER {pool_type!r}; expected one of {pooling.__all__}")
+            raise ValueError(
+                f"unknown MODEL.HEADS.POOL_LAYER {pool_type!r}; expected one of {pooling.__all__}"
+            )
         if neck_feat not in ("before", "after"):
-            raise ValueError(f"MODEL.HEADS.NECK_FEAT must be 'before' or 'after', got {neck_feat!r}")
+            raise ValueError(
+                f"MODEL.HEADS.NECK_FEAT must be 'before' or 'after', got {neck_feat!r}"
+            )
         if isinstance(class_counts, str) and class_counts not in ("dataset", "online"):
             raise ValueError(
                 f"MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS must be 'dataset' or 'online', got {class_counts!r}"
@@ -541,10 +565,19 @@ class LEAPHead(nn.Module):
                 counts = None if isinstance(class_counts, str) else class_counts
             try:
                 self.margin_head = LEAPMarginHead(
-                    feat_dim, int(num_classes), margin_type=margin_type, scale=scale, margin=margin,
-                    cloud=cloud, tail_threshold=tail_threshold, gamma=gamma,
-                    memory_per_sample=memory_per_sample, warmup_steps=warmup_steps,
-                    class_counts=counts, seed=seed, validate=validate,
+                    feat_dim,
+                    int(num_classes),
+                    margin_type=margin_type,
+                    scale=scale,
+                    margin=margin,
+                    cloud=cloud,
+                    tail_threshold=tail_threshold,
+                    gamma=gamma,
+                    memory_per_sample=memory_per_sample,
+                    warmup_steps=warmup_steps,
+                    class_counts=counts,
+                    seed=seed,
+                    validate=validate,
                     count_steps=count_steps if self.class_counts_source == "online" else None,
                     # statistics identical on every rank under a process group (sync="auto", the
                     # head's default); the per-rank batch size spares a host sync per step
@@ -587,7 +620,11 @@ class LEAPHead(nn.Module):
         from fastreid.utils import comm
 
         world = comm.get_world_size()
-        per_rank = int(cfg.SOLVER.IMS_PER_BATCH) // world if int(cfg.SOLVER.IMS_PER_BATCH) % world == 0 else None
+        per_rank = (
+            int(cfg.SOLVER.IMS_PER_BATCH) // world
+            if int(cfg.SOLVER.IMS_PER_BATCH) % world == 0
+            else None
+        )
         return {
             "feat_dim": cfg.MODEL.BACKBONE.FEAT_DIM,
             "embedding_dim": heads.EMBEDDING_DIM,
@@ -672,9 +709,14 @@ class LEAPHead(nn.Module):
         feat = pool_feat[..., 0, 0] if self.neck_feat == "before" else neck_feat
         if self.fused_ce_epsilon is not None:  # LEAPBaseline: the loss on the fused kernels
             losses, top1 = head(
-                neck_feat, targets, return_top1=True, reduction="none",
-                label_smoothing=fastreid_epsilon_to_label_smoothing(self.fused_ce_epsilon,
-                                                                    head.num_classes))
+                neck_feat,
+                targets,
+                return_top1=True,
+                reduction="none",
+                label_smoothing=fastreid_epsilon_to_label_smoothing(
+                    self.fused_ce_epsilon, head.num_classes
+                ),
+            )
             return {"cls_losses": losses, "top1": top1, "features": feat}
         cls_outputs = head.margin_logits(neck_feat, targets)
         with torch.no_grad():
@@ -756,9 +798,15 @@ class LEAPBaseline(Baseline):
         self.loss_kwargs = dict(kwargs, loss_names=[n for n in names if n != "CrossEntropyLoss"])
         try:  # accuracy and every other loss by Baseline itself
             loss_dict = super().losses(
-                {"pred_class_logits": _PredictedClasses(
-                    torch.where(outputs["top1"], gt_labels, torch.full_like(gt_labels, -1))),
-                 "cls_outputs": None, "features": outputs["features"]}, gt_labels)
+                {
+                    "pred_class_logits": _PredictedClasses(
+                        torch.where(outputs["top1"], gt_labels, torch.full_like(gt_labels, -1))
+                    ),
+                    "cls_outputs": None,
+                    "features": outputs["features"],
+                },
+                gt_labels,
+            )
         finally:
             self.loss_kwargs = kwargs
         if "CrossEntropyLoss" in names:

@@ -27,6 +27,7 @@ How FTL's Fig. 2 maps onto fastreid (the adapter only wires; every equation is t
   :meth:`AlternatingScheduler.stage1_batches`; fastreid's ``MODEL.LOSSES`` are not used.
   Inference returns ``f = R(g)``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -138,7 +139,12 @@ class FTLBaseline(nn.Module):
 
     @configurable
     def __init__(
-        self, *, ftl: FTLModel, pixel_mean: Sequence[float], pixel_std: Sequence[float], inference_only: bool = False,
+        self,
+        *,
+        ftl: FTLModel,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        inference_only: bool = False,
     ) -> None:
         super().__init__()
         #: built with ``MODEL.HEADS.NUM_CLASSES: 0``: ``f = R(Enc(x))`` only, no training
@@ -146,8 +152,12 @@ class FTLBaseline(nn.Module):
         if not isinstance(ftl, FTLModel):
             raise TypeError(f"ftl must be a feature_cloud.FTLModel, got {type(ftl).__name__}")
         self.ftl = ftl
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, -1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, -1, 1, 1), False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, -1, 1, 1), False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, -1, 1, 1), False
+        )
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
@@ -163,14 +173,20 @@ class FTLBaseline(nn.Module):
         inference_only = num_classes == 0
         num_classes = max(num_classes, 1)
         if not hasattr(pooling, heads.POOL_LAYER):
-            raise ValueError(f"unknown MODEL.HEADS.POOL_LAYER {heads.POOL_LAYER!r}; expected one of {pooling.__all__}")
+            raise ValueError(
+                f"unknown MODEL.HEADS.POOL_LAYER {heads.POOL_LAYER!r}; expected one of {pooling.__all__}"
+            )
         encoder = FTLEncoder(build_backbone(cfg), getattr(pooling, heads.POOL_LAYER)())
         if heads.CLS_LAYER == "Linear":
             classifier: nn.Module = nn.Linear(emb_dim, num_classes, bias=False)
         elif heads.CLS_LAYER in CLS_LAYER_TO_MARGIN:
             classifier = LEAPMarginHead(
-                emb_dim, num_classes, margin_type=CLS_LAYER_TO_MARGIN[heads.CLS_LAYER],
-                scale=float(heads.SCALE), margin=float(heads.MARGIN), cloud=None,
+                emb_dim,
+                num_classes,
+                margin_type=CLS_LAYER_TO_MARGIN[heads.CLS_LAYER],
+                scale=float(heads.SCALE),
+                margin=float(heads.MARGIN),
+                cloud=None,
             )
         else:
             raise ValueError(
@@ -180,22 +196,35 @@ class FTLBaseline(nn.Module):
         channels = [int(c) for c in ftl_cfg.DECODER_CHANNELS]
         decoder = None
         if channels:
-            decoder = ConvDecoder(feat_dim, out_shape=(3, *[int(v) for v in cfg.INPUT.SIZE_TRAIN]), channels=channels)
+            decoder = ConvDecoder(
+                feat_dim, out_shape=(3, *[int(v) for v in cfg.INPUT.SIZE_TRAIN]), channels=channels
+            )
         hidden = int(ftl_cfg.FILTER_HIDDEN) or 2 * emb_dim
         k = int(ftl_cfg.NUM_COMPONENTS)
         transfer = FeatureTransfer(
-            feat_dim, num_classes,
+            feat_dim,
+            num_classes,
             num_components=k if k > 0 else None,
             energy=None if k > 0 else float(ftl_cfg.ENERGY),
             tail_threshold=int(ftl_cfg.TAIL_THRESHOLD),
         )
         ftl = FTLModel(
-            encoder, classifier, feature_dim=feat_dim, filter_net=make_filter(feat_dim, emb_dim, hidden),
-            decoder=decoder, alpha_sfmx=float(ftl_cfg.ALPHA_SFMX), alpha_recon=float(ftl_cfg.ALPHA_RECON),
-            alpha_reg=float(ftl_cfg.ALPHA_REG), transfer=transfer,
+            encoder,
+            classifier,
+            feature_dim=feat_dim,
+            filter_net=make_filter(feat_dim, emb_dim, hidden),
+            decoder=decoder,
+            alpha_sfmx=float(ftl_cfg.ALPHA_SFMX),
+            alpha_recon=float(ftl_cfg.ALPHA_RECON),
+            alpha_reg=float(ftl_cfg.ALPHA_REG),
+            transfer=transfer,
         )
-        return {"ftl": ftl, "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
-                "inference_only": inference_only}
+        return {
+            "ftl": ftl,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "inference_only": inference_only,
+        }
 
     @property
     def device(self) -> torch.device:
@@ -210,7 +239,9 @@ class FTLBaseline(nn.Module):
         """fastreid's normalisation, ``(x - PIXEL_MEAN) / PIXEL_STD``, on the model's device."""
         images = batched_inputs["images"] if isinstance(batched_inputs, dict) else batched_inputs
         if not isinstance(images, Tensor):
-            raise TypeError(f"batched_inputs must be a dict with 'images' or a tensor, got {type(batched_inputs).__name__}")
+            raise TypeError(
+                f"batched_inputs must be a dict with 'images' or a tensor, got {type(batched_inputs).__name__}"
+            )
         return (images.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std
 
     def forward(self, batched_inputs: Dict[str, Any]) -> Any:
@@ -276,11 +307,16 @@ class _Stage1Stream:
     def __next__(self) -> Dict[str, Tensor]:
         hard, tail = next(self._pairs)
         (gr, yr), (gt, yt), (gx, yx) = self.scheduler.stage1_batches(hard, tail)
-        return {"ftl_features": torch.cat([gr, gt.to(gr.dtype), gx.to(gr.dtype)]), "targets": torch.cat([yr, yt, yx])}
+        return {
+            "ftl_features": torch.cat([gr, gt.to(gr.dtype), gx.to(gr.dtype)]),
+            "targets": torch.cat([yr, yt, yx]),
+        }
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    return (
+        model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+    )
 
 
 # ------------------------------------------------------------------ the hook
@@ -345,10 +381,14 @@ class FTLHook(HookBase):
                 "and fastreid's DDP wrapper has no find_unused_parameters for frozen stages"
             )
         if int(stats_batch_size) < 1 or int(stage1_batch_size) < 1:
-            raise ValueError(f"batch sizes must be >= 1, got {stats_batch_size}, {stage1_batch_size}")
+            raise ValueError(
+                f"batch sizes must be >= 1, got {stats_batch_size}, {stage1_batch_size}"
+            )
         if optimizer is not None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            missing = [n for n, p in meta.ftl.named_parameters() if p.requires_grad and id(p) not in held]
+            missing = [
+                n for n, p in meta.ftl.named_parameters() if p.requires_grad and id(p) not in held
+            ]
             if missing:
                 raise ValueError(
                     "the optimizer does not hold the model's parameters themselves (e.g. fastreid's "
@@ -359,19 +399,26 @@ class FTLHook(HookBase):
         self.meta = meta
         self.ftl: FTLModel = meta.ftl
         self.scheduler = AlternatingScheduler(
-            self.ftl, stage0_iters=stage0_iters, stage_iters=stage_iters,
-            max_alternations=max_alternations, seed=seed,
+            self.ftl,
+            stage0_iters=stage0_iters,
+            stage_iters=stage_iters,
+            max_alternations=max_alternations,
+            seed=seed,
             flip=(lambda x: x.flip(-1)) if flip else None,
         )
         self.train_set = _WithIndex(train_set)
         stats_set = copy.copy(train_set)
         if stats_transform is not None:
             if not hasattr(stats_set, "transform"):
-                raise TypeError("stats_transform needs a dataset with a .transform attribute (fastreid's CommDataset)")
+                raise TypeError(
+                    "stats_transform needs a dataset with a .transform attribute (fastreid's CommDataset)"
+                )
             stats_set.transform = stats_transform
         loader_kw = dict(num_workers=int(num_workers), collate_fn=fast_batch_collator)
         self.stats_batches = _Batches(
-            DataLoader(_WithIndex(stats_set), batch_size=int(stats_batch_size), shuffle=False, **loader_kw),
+            DataLoader(
+                _WithIndex(stats_set), batch_size=int(stats_batch_size), shuffle=False, **loader_kw
+            ),
             meta.preprocess_image,
         )
         self.stage1_batch_size = int(stage1_batch_size)
@@ -412,7 +459,10 @@ class FTLHook(HookBase):
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> Dict[str, Any]:
         """``{"scheduler": ..., "feature_transfer": ...}`` (Algorithm 1 position, ``C``/``Q``/``h``)."""
-        return {"scheduler": self.scheduler.state_dict(), "feature_transfer": self.ftl.feature_transfer.state_dict()}
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "feature_transfer": self.ftl.feature_transfer.state_dict(),
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         missing = {"scheduler", "feature_transfer"} - set(state)
@@ -429,7 +479,8 @@ class FTLHook(HookBase):
             logger.warning(
                 "FTL schedule at iteration %d but the trainer starts at %d (checkpoint without "
                 "'ftl_scheduler'?): the stages count from the schedule's own position",
-                sched.iteration, self.trainer.iter,
+                sched.iteration,
+                self.trainer.iter,
             )
         if sched.max_alternations is not None:
             total = sched.stage0_iters + 2 * sched.stage_iters * sched.max_alternations
@@ -473,10 +524,16 @@ class FTLHook(HookBase):
         if self._stage1 is None:
             kw = self._loader_kw
             b = self.stage1_batch_size
-            hard = DataLoader(self.train_set, batch_size=b, sampler=sched.hard_sampler(b), drop_last=True, **kw)
-            tail = DataLoader(self.train_set, batch_size=b, sampler=sched.tail_sampler(b), drop_last=True, **kw)
+            hard = DataLoader(
+                self.train_set, batch_size=b, sampler=sched.hard_sampler(b), drop_last=True, **kw
+            )
+            tail = DataLoader(
+                self.train_set, batch_size=b, sampler=sched.tail_sampler(b), drop_last=True, **kw
+            )
             preprocess = self.meta.preprocess_image
-            self._stage1 = _Stage1Stream(sched, _Batches(hard, preprocess), _Batches(tail, preprocess))
+            self._stage1 = _Stage1Stream(
+                sched, _Batches(hard, preprocess), _Batches(tail, preprocess)
+            )
             inner = self._inner_trainer() if getattr(self, "trainer", None) is not None else None
             if inner is not None:
                 self._saved_iter = inner._data_loader_iter
@@ -498,7 +555,9 @@ class FTLTrainer(DefaultTrainer):
     momentum step) and :class:`FTLHook` is registered right after the LR scheduler hook."""
 
     @classmethod
-    def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> Tuple[torch.optim.Optimizer, List[Dict[str, Any]]]:
+    def build_optimizer(
+        cls, cfg: CfgNode, model: nn.Module
+    ) -> Tuple[torch.optim.Optimizer, List[Dict[str, Any]]]:
         return solver_build.build_optimizer(cfg, model, contiguous=False)
 
     def build_hooks(self) -> List[HookBase]:
@@ -511,4 +570,3 @@ class FTLTrainer(DefaultTrainer):
     def ftl_hook(self) -> FTLHook:
         """The registered :class:`FTLHook`."""
         return next(h for h in self._hooks if isinstance(h, FTLHook))
-

@@ -24,6 +24,7 @@ PML's ``DistributedLossWrapper`` the loss sees the batch the wrapper has gathere
 is; called directly on each rank's own batch it all-gathers the batch itself. Either way every
 rank holds the same statistics, with no extra call.
 """
+
 from __future__ import annotations
 
 import sys
@@ -92,9 +93,16 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
     """
 
     #: keywords that belong to PML's base classes; every other keyword configures the cloud
-    _PML_KWARGS = ("weight_regularizer", "weight_reg_weight", "weight_init_func",
-                   "embedding_regularizer", "embedding_reg_weight", "reducer", "distance",
-                   "collect_stats")
+    _PML_KWARGS = (
+        "weight_regularizer",
+        "weight_reg_weight",
+        "weight_init_func",
+        "embedding_regularizer",
+        "embedding_reg_weight",
+        "reducer",
+        "distance",
+        "collect_stats",
+    )
 
     def __init__(
         self,
@@ -125,15 +133,17 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         self.margin = float(rule.pml_margin if margin is None else margin)
         margins.check_unit(rule, self.margin, "degrees")
         self.scale = float(rule.pml_scale if scale is None else scale)
-        self.sub_centers = as_int(rule.sub_centers if sub_centers is None else sub_centers,
-                                  "sub_centers", 1)
+        self.sub_centers = as_int(
+            rule.sub_centers if sub_centers is None else sub_centers, "sub_centers", 1
+        )
         self.add_to_recordable_attributes(
             list_of_names=["num_classes", "margin", "scale"], is_stat=False
         )
         # W first, so that under the same seed it equals PML's CosFaceLoss/ArcFaceLoss W
         # (PML's SubCenterArcFaceLoss: D x C K, the K columns of class j side by side)
         self.W = torch.nn.Parameter(
-            torch.empty(int(embedding_size), self.num_classes * self.sub_centers))
+            torch.empty(int(embedding_size), self.num_classes * self.sub_centers)
+        )
         self.weight_init_func(self.W)
         self.embedding_size = int(embedding_size)
         self.feature_cloud = make_cloud(cloud, self.num_classes, self.embedding_size, cloud_options)
@@ -177,8 +187,11 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
     def _sync_mode(self) -> None:
         """Under ``sync="auto"`` tell the statistics whether the batch is PML-gathered."""
         stats = self.feature_cloud.statistics
-        if self.feature_cloud.sync == "auto" and isinstance(stats, SyncedClassStatistics) \
-                and is_distributed():
+        if (
+            self.feature_cloud.sync == "auto"
+            and isinstance(stats, SyncedClassStatistics)
+            and is_distributed()
+        ):
             stats.batch = "pml_gathered" if self._wrapped_by_pml() else "local"
 
     def compute_loss(
@@ -202,9 +215,17 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         draw = cloud.advance(embeddings, labels, train=train)
         # per-sample losses (PML's reducers and miner weights apply) on the fused kernels
         losses = cloud_margin_loss(
-            cloud, embeddings, self.W.t(), labels, draw, margin_type=self.margin_rule,
-            scale=self.scale, margin=self.margin_rule.from_pml(self.margin),
-            sub_centers=self.sub_centers, reduction="none")
+            cloud,
+            embeddings,
+            self.W.t(),
+            labels,
+            draw,
+            margin_type=self.margin_rule,
+            scale=self.scale,
+            margin=self.margin_rule.from_pml(self.margin),
+            sub_centers=self.sub_centers,
+            reduction="none",
+        )
         indices = c_f.torch_arange_from_size(embeddings)
         loss_dict: Dict[str, Dict[str, Any]] = {
             "loss": {

@@ -22,6 +22,7 @@ reports closed-set top-1/top-5 of the head's ``s cos(theta)`` logits. No math he
 ``LEAPMarginHead`` (or the paper's linear softmax), trained with Algorithm 1 by an
 :class:`feature_cloud.AlternatingScheduler` that the task owns.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
@@ -39,8 +40,14 @@ from feature_cloud.regularizers import MetricL2
 from feature_cloud.transfer import FeatureTransfer
 
 __all__ = [
-    "LEAPTask", "LEAPTrainableModule", "LEAPEvaluator", "create_backbone_and_head",
-    "FTLTask", "FTLEmbedding", "create_ftl_model", "ModelEmaV3Following",
+    "LEAPTask",
+    "LEAPTrainableModule",
+    "LEAPEvaluator",
+    "create_backbone_and_head",
+    "FTLTask",
+    "FTLEmbedding",
+    "create_ftl_model",
+    "ModelEmaV3Following",
 ]
 
 
@@ -58,10 +65,11 @@ def create_backbone_and_head(
     :class:`LEAPMarginHead` (``margin_type``, ``scale``, ``margin``, ``cloud``,
     ``class_counts``, ``warmup_steps``, ...).
     """
-    backbone = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {}))
+    backbone = timm.create_model(
+        model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {})
+    )
     head = LEAPMarginHead(int(backbone.num_features), int(num_classes), **head_kwargs)
     return backbone, head
-
 
 
 def _has_task_state(state: Optional[Dict[str, Any]], strict: bool, what: str) -> bool:
@@ -71,6 +79,7 @@ def _has_task_state(state: Optional[Dict[str, Any]], strict: bool, what: str) ->
     if strict:
         raise RuntimeError(f"the checkpoint has no {what} task state ('task_state')")
     return False
+
 
 class ModelEmaV3Following(ModelEmaV3):
     """timm's ``ModelEmaV3`` for models with data-sized buffers.
@@ -151,7 +160,9 @@ class LEAPTask(TrainingTask):
     ) -> None:
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         if not isinstance(head, LEAPMarginHead):
-            raise TypeError(f"head must be a feature_cloud.LEAPMarginHead, got {type(head).__name__}")
+            raise TypeError(
+                f"head must be a feature_cloud.LEAPMarginHead, got {type(head).__name__}"
+            )
         features = getattr(unwrap_model(model), "num_features", None)
         if features is not None and int(features) != head.embedding_size:
             raise ValueError(
@@ -185,12 +196,17 @@ class LEAPTask(TrainingTask):
     def _parts(self, module: Optional[nn.Module] = None, ema: bool = False) -> LEAPTrainableModule:
         module = module if module is not None else self.get_trainable_module(ema=ema)
         if module is None:
-            raise RuntimeError("the EMA module does not exist yet: call setup_ema() first" if ema
-                               else "the task has no trainable module")
+            raise RuntimeError(
+                "the EMA module does not exist yet: call setup_ema() first"
+                if ema
+                else "the task has no trainable module"
+            )
         current = module
         while not isinstance(current, LEAPTrainableModule):
             if not hasattr(current, "module"):
-                raise TypeError(f"cannot find the LEAP backbone/head inside {type(module).__name__}")
+                raise TypeError(
+                    f"cannot find the LEAP backbone/head inside {type(module).__name__}"
+                )
             current = current.module  # DDP, ModelEmaV3, compile wrappers
         return current
 
@@ -212,24 +228,36 @@ class LEAPTask(TrainingTask):
         return self
 
     def setup_ema(
-        self, decay: float = 0.9999, use_warmup: bool = False, device: Optional[torch.device] = None, **kwargs: Any,
+        self,
+        decay: float = 0.9999,
+        use_warmup: bool = False,
+        device: Optional[torch.device] = None,
+        **kwargs: Any,
     ) -> ModelEmaV3Following:
         """timm's EMA of backbone + head (:class:`ModelEmaV3Following`); ``task.update_ema()`` or
         ``ema.update(task.get_trainable_module())`` after each optimiser step. The EMA head's class
         statistics are averaged like BatchNorm statistics; only its weights feed the evaluator."""
         self.trainable_module_ema = ModelEmaV3Following(
-            unwrap_model(self.get_trainable_module()), decay=decay, use_warmup=use_warmup, device=device, **kwargs,
+            unwrap_model(self.get_trainable_module()),
+            decay=decay,
+            use_warmup=use_warmup,
+            device=device,
+            **kwargs,
         )
         return self.trainable_module_ema
 
-    def compile(self, backend: str = "inductor", mode: Optional[str] = None, **compile_kwargs: Any) -> nn.Module:
+    def compile(
+        self, backend: str = "inductor", mode: Optional[str] = None, **compile_kwargs: Any
+    ) -> nn.Module:
         """Compile the backbone (the head stays eager: it updates buffers with data-dependent indices)."""
         parts = self._parts()
         parts.backbone = torch.compile(parts.backbone, backend=backend, mode=mode, **compile_kwargs)
         self.eval_model = parts.backbone
         return self.eval_model
 
-    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+    def get_eval_model(
+        self, module: Optional[nn.Module] = None, ema: bool = False
+    ) -> Optional[nn.Module]:
         """The backbone alone (embeddings); the head is task state."""
         if module is None and not ema and hasattr(self, "eval_model"):
             return self.eval_model
@@ -238,7 +266,9 @@ class LEAPTask(TrainingTask):
         except RuntimeError:
             return None
 
-    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+    def get_task_state(
+        self, module: Optional[nn.Module] = None, ema: bool = False
+    ) -> Dict[str, Any]:
         """``{"head": LEAPMarginHead.state_dict()}``: class weights, statistics, step and RNG."""
         return {"head": self._parts(module, ema).head.state_dict()}
 
@@ -307,23 +337,38 @@ def create_ftl_model(
     if classifier not in ("leap", "linear"):
         raise ValueError(f"classifier must be 'leap' or 'linear', got {classifier!r}")
     if classifier == "linear" and head_kwargs:
-        raise TypeError(f"classifier='linear' takes no LEAPMarginHead arguments, got {sorted(head_kwargs)}")
-    backbone = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {}))
+        raise TypeError(
+            f"classifier='linear' takes no LEAPMarginHead arguments, got {sorted(head_kwargs)}"
+        )
+    backbone = timm.create_model(
+        model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {})
+    )
     feat = int(backbone.num_features)
     emb = int(embedding_size) if embedding_size is not None else feat
     if classifier == "leap":
         fc: nn.Module = LEAPMarginHead(emb, int(num_classes), **head_kwargs)
     else:
         fc = nn.Linear(emb, int(num_classes), bias=False)
-    decoder = ConvDecoder(feat, out_shape=decoder_shape, channels=decoder_channels) if decoder_shape is not None else None
+    decoder = (
+        ConvDecoder(feat, out_shape=decoder_shape, channels=decoder_channels)
+        if decoder_shape is not None
+        else None
+    )
     if alpha_recon is None:
         alpha_recon = 1.0 if decoder is not None else 0.0
     if alpha_reg is None:
         alpha_reg = 0.0 if classifier == "leap" else 0.25
     return FTLModel(
-        backbone, fc, feature_dim=feat,
-        filter_net=make_filter(feat, emb, int(filter_hidden) if filter_hidden is not None else 2 * emb),
-        decoder=decoder, alpha_sfmx=alpha_sfmx, alpha_recon=alpha_recon, alpha_reg=alpha_reg,
+        backbone,
+        fc,
+        feature_dim=feat,
+        filter_net=make_filter(
+            feat, emb, int(filter_hidden) if filter_hidden is not None else 2 * emb
+        ),
+        decoder=decoder,
+        alpha_sfmx=alpha_sfmx,
+        alpha_recon=alpha_recon,
+        alpha_reg=alpha_reg,
         transfer=FeatureTransfer(feat, int(num_classes), **(transfer_kwargs or {})),
     )
 
@@ -399,8 +444,13 @@ class FTLTask(TrainingTask):
             raise TypeError(f"model must be a feature_cloud.FTLModel, got {type(model).__name__}")
         self.trainable_module = model.to(device=self.device)
         self.scheduler = AlternatingScheduler(
-            model, stage0_iters=stage0_iters, stage_iters=stage_iters, max_alternations=max_alternations,
-            seed=seed, flip=flip, quality=quality,
+            model,
+            stage0_iters=stage0_iters,
+            stage_iters=stage_iters,
+            max_alternations=max_alternations,
+            seed=seed,
+            flip=flip,
+            quality=quality,
         )
 
     @classmethod
@@ -422,8 +472,15 @@ class FTLTask(TrainingTask):
         """:func:`create_ftl_model` (``model_kwargs``) wrapped in the task."""
         model = create_ftl_model(model_name, num_classes, **model_kwargs)
         return cls(
-            model, stage0_iters=stage0_iters, stage_iters=stage_iters, max_alternations=max_alternations,
-            seed=seed, flip=flip, device=device, dtype=dtype, verbose=verbose,
+            model,
+            stage0_iters=stage0_iters,
+            stage_iters=stage_iters,
+            max_alternations=max_alternations,
+            seed=seed,
+            flip=flip,
+            device=device,
+            dtype=dtype,
+            verbose=verbose,
         )
 
     # ------------------------------------------------------------------ parts
@@ -475,18 +532,28 @@ class FTLTask(TrainingTask):
         )
 
     def setup_ema(
-        self, decay: float = 0.9999, use_warmup: bool = False, device: Optional[torch.device] = None, **kwargs: Any,
+        self,
+        decay: float = 0.9999,
+        use_warmup: bool = False,
+        device: Optional[torch.device] = None,
+        **kwargs: Any,
     ) -> ModelEmaV3Following:
         """timm's EMA of the :class:`FTLModel` (:class:`ModelEmaV3Following`: the FTL statistics
         change shape at every UpdateStats and are followed, not averaged away). ``task.update_ema()``
         or ``ema.update(task.model)`` after each optimiser step; the EMA eval model is
         :class:`FTLEmbedding` of the copy."""
         self.trainable_module_ema = ModelEmaV3Following(
-            self._parts(), decay=decay, use_warmup=use_warmup, device=device, **kwargs,
+            self._parts(),
+            decay=decay,
+            use_warmup=use_warmup,
+            device=device,
+            **kwargs,
         )
         return self.trainable_module_ema
 
-    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+    def get_eval_model(
+        self, module: Optional[nn.Module] = None, ema: bool = False
+    ) -> Optional[nn.Module]:
         """:class:`FTLEmbedding`: ``f = R(Enc(x))`` (of the EMA copy with ``ema=True``)."""
         if module is None and ema:
             module = self.get_trainable_module(ema=True)
@@ -494,7 +561,9 @@ class FTLTask(TrainingTask):
                 return None
         return FTLEmbedding(self._parts(module))
 
-    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+    def get_task_state(
+        self, module: Optional[nn.Module] = None, ema: bool = False
+    ) -> Dict[str, Any]:
         """``{"classifier", "decoder", "feature_transfer", "scheduler"}`` state dicts (the EMA
         copy's, without the shared scheduler, with ``ema=True``)."""
         if module is None and ema:
@@ -574,6 +643,13 @@ class FTLTask(TrainingTask):
             out = self.scheduler.stage1_loss((input, target), (tail_input, tail_target))
             return {"loss": out["loss"], "sfmx_loss": out["sfmx"], "reg_loss": out["reg"]}
         if has_tail:
-            raise ValueError(f"a long-tail batch is only used in stage 1; the task is in stage {self.scheduler.stage}")
+            raise ValueError(
+                f"a long-tail batch is only used in stage 1; the task is in stage {self.scheduler.stage}"
+            )
         out = self._parts().loss(input, target)
-        return {"loss": out["loss"], "sfmx_loss": out["sfmx"], "recon_loss": out["recon"], "reg_loss": out["reg"]}
+        return {
+            "loss": out["loss"],
+            "sfmx_loss": out["sfmx"],
+            "recon_loss": out["recon"],
+            "reg_loss": out["reg"],
+        }

@@ -1,12 +1,12 @@
 """Shared helpers of the fastreid integration tests: the tiny generated Market-1501 set, the
 CPU-sized config and the one-thread fixture (import the fixtures into a test module to use them)."""
+
 from __future__ import annotations
 
 import importlib.util
 import os
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "integrations", "fastreid_configs")  # = fastreid.config_path(...)
@@ -18,7 +18,9 @@ NUM_IDS, HEAD_IDS, HEAD_IMAGES, TAIL_IMAGES = 12, 3, 16, 4
 
 
 def _example_module():
-    spec = importlib.util.spec_from_file_location("fastreid_train_example", os.path.join(ROOT, "examples", "fastreid_train.py"))
+    spec = importlib.util.spec_from_file_location(
+        "fastreid_train_example", os.path.join(ROOT, "examples", "fastreid_train.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -34,8 +36,12 @@ def market_root(tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("market"))
     EXAMPLE.write_synthetic_market1501(
-        root, num_ids=NUM_IDS, head_ids=HEAD_IDS, head_images=HEAD_IMAGES,
-        tail_images=TAIL_IMAGES, size=(32, 16),
+        root,
+        num_ids=NUM_IDS,
+        head_ids=HEAD_IDS,
+        head_images=HEAD_IMAGES,
+        tail_images=TAIL_IMAGES,
+        size=(32, 16),
     )
     old = data_build._root
     data_build._root = root
@@ -45,11 +51,20 @@ def market_root(tmp_path_factory):
 
 def tiny_cfg(yaml, output_dir, *extra):
     """``EXAMPLE.TINY_OPTS`` (ResNet-18 from scratch, CPU) at 32x16, 3 epochs, then ``extra``."""
-    opts = list(EXAMPLE.TINY_OPTS) + [
-        "INPUT.SIZE_TRAIN", "[32, 16]",
-        "INPUT.SIZE_TEST", "[32, 16]",
-        "SOLVER.MAX_EPOCH", "3",
-        "TEST.EVAL_PERIOD", "3",
-        "OUTPUT_DIR", str(output_dir),
-    ] + list(extra)
+    opts = (
+        list(EXAMPLE.TINY_OPTS)
+        + [
+            "INPUT.SIZE_TRAIN",
+            "[32, 16]",
+            "INPUT.SIZE_TEST",
+            "[32, 16]",
+            "SOLVER.MAX_EPOCH",
+            "3",
+            "TEST.EVAL_PERIOD",
+            "3",
+            "OUTPUT_DIR",
+            str(output_dir),
+        ]
+        + list(extra)
+    )
     return EXAMPLE.build_cfg(yaml, opts)

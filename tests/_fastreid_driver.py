@@ -19,6 +19,7 @@ the margin logits' sum, and the class statistics after that step). It depends on
 BatchNorm statistics, the LEAP class statistics, the step counter and the cloud's noise stream,
 so two processes give bit-identical probes only if the checkpoint restored all of them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -90,7 +91,9 @@ class ProbeAfterFirstCheckpoint(hooks.HookBase):
         self.done = False
 
     def after_epoch(self):
-        if not self.done and os.path.isfile(os.path.join(self.trainer.cfg.OUTPUT_DIR, "model_0000.pth")):
+        if not self.done and os.path.isfile(
+            os.path.join(self.trainer.cfg.OUTPUT_DIR, "model_0000.pth")
+        ):
             torch.save(probe(self.trainer.model, self.trainer.cfg), self.path)
             self.done = True
 
@@ -104,8 +107,11 @@ def head_summary(model):
     if isinstance(model, FTLBaseline):
         return {"step": None, "counts": None}
     head = model.heads.margin_head
-    return {"step": int(head.step), "counts": head.statistics.class_counts.tolist(),
-            "pending": model.heads.class_counts_pending}
+    return {
+        "step": int(head.step),
+        "counts": head.statistics.class_counts.tolist(),
+        "pending": model.heads.class_counts_pending,
+    }
 
 
 def main(mode, out_json, config, opts):
@@ -130,7 +136,9 @@ def main(mode, out_json, config, opts):
     elif mode == "infer":
         model = build_model(cfg)
         incompatible = Checkpointer(model).load(cfg.MODEL.WEIGHTS)
-        summary["has_checkpointables"] = sorted(incompatible) if isinstance(incompatible, dict) else None
+        summary["has_checkpointables"] = (
+            sorted(incompatible) if isinstance(incompatible, dict) else None
+        )
         model.eval()
         images = probe_batch(cfg, 1)["images"]
         with torch.no_grad():
@@ -140,7 +148,14 @@ def main(mode, out_json, config, opts):
         import onnxruntime
 
         path = base + ".onnx"
-        torch.onnx.export(model, (images.clone(),), path, input_names=["input"], output_names=["output"], dynamo=False)
+        torch.onnx.export(
+            model,
+            (images.clone(),),
+            path,
+            input_names=["input"],
+            output_names=["output"],
+            dynamo=False,
+        )
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         onnx_feats = torch.from_numpy(session.run(None, {"input": images.numpy()})[0])
         summary["onnx_max_abs_diff"] = float((onnx_feats - feats).abs().max())

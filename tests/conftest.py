@@ -5,6 +5,7 @@ one) a second torch thread only adds contention, and a fixed thread count keeps 
 reductions reproducible. Tests live by area: ``core/`` (the package), ``integrations/`` (PML,
 fastreid, timm, examples), ``demo/`` (the command line tool and the evaluation).
 """
+
 from __future__ import annotations
 
 import copy

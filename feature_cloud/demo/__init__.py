@@ -5,6 +5,7 @@ Layout: :mod:`.data` (sources), :mod:`.protocol` (LEAP's <H, S> split), :mod:`.m
 (backbone + heads), :mod:`.metrics`, :mod:`.runner` (training and evaluation),
 :mod:`.report` and :mod:`.plots` (re-rendered from a saved run by ``feature-cloud report``).
 """
+
 from .data import DATA_SOURCES, LabeledData, SyntheticConfig, load_data
 from .protocol import LongTailSplit, long_tail_split
 from .report import load_results, render_report

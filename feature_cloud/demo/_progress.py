@@ -1,4 +1,5 @@
 """tqdm progress bars that can be silenced (tests, ``--quiet``)."""
+
 from __future__ import annotations
 
 from typing import Any, Iterable

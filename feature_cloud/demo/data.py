@@ -10,6 +10,7 @@
 
 Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import os

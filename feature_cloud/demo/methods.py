@@ -13,6 +13,7 @@ and loss. Each is an ``nn.Module`` with
 The heads and losses come from the package (:class:`~feature_cloud.LEAPMarginHead`,
 :class:`~feature_cloud.MetricL2`); nothing here re-implements their math.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -52,10 +53,15 @@ class ConvBackbone(nn.Module):
             )
 
         self.features = nn.Sequential(
-            block(in_channels, width, 1), block(width, 2 * width, 2), block(2 * width, 4 * width, 2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            block(in_channels, width, 1),
+            block(width, 2 * width, 2),
+            block(2 * width, 4 * width, 2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
-        self.embedding = nn.Sequential(nn.Linear(4 * width, embedding_size), nn.BatchNorm1d(embedding_size))
+        self.embedding = nn.Sequential(
+            nn.Linear(4 * width, embedding_size), nn.BatchNorm1d(embedding_size)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.embedding(self.features(x))
@@ -67,9 +73,14 @@ class MLPBackbone(nn.Module):
     def __init__(self, in_features: int, embedding_size: int, width: int = 256) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(in_features, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
-            nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
-            nn.Linear(width, embedding_size), nn.BatchNorm1d(embedding_size),
+            nn.Linear(in_features, width),
+            nn.BatchNorm1d(width),
+            nn.ReLU(inplace=True),
+            nn.Linear(width, width),
+            nn.BatchNorm1d(width),
+            nn.ReLU(inplace=True),
+            nn.Linear(width, embedding_size),
+            nn.BatchNorm1d(embedding_size),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -96,7 +107,9 @@ class MethodConfig:
     gamma: float = 0.1  # center learning rate, LEAP Sec. 4.1
     warmup_steps: int = 0  # steps before the cloud starts
     ml2_alpha: float = 0.01  # FTL Eq. 4 uses 0.25 (too strong for BN-normalised 64-d features)
-    ftl_alternations: int = 1  # (stage 1, stage 2) pairs of FTL Algorithm 1 after stage 0 (paper: 10-15)
+    ftl_alternations: int = (
+        1  # (stage 1, stage 2) pairs of FTL Algorithm 1 after stage 0 (paper: 10-15)
+    )
     # FTL stage 0 as a share of the steps; None: ``warmup_steps`` (the LEAP warm-up) as before.
     # Real faces (README, FTL results): a short stage 0 leaves Enc under-trained for the budget.
     ftl_stage0_fraction: Optional[float] = 0.7
@@ -121,7 +134,9 @@ class SoftmaxMethod(_Method):
     """Plain softmax over raw logits ``W f`` (bias-free linear classifier); with ``ml2_alpha > 0``
     plus FTL's m-L2 regulariser (Eq. 3-4 without feature transfer)."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, cfg: MethodConfig, ml2_alpha: float) -> None:
+    def __init__(
+        self, backbone: nn.Module, num_classes: int, cfg: MethodConfig, ml2_alpha: float
+    ) -> None:
         super().__init__(backbone)
         self.fc = nn.Linear(cfg.embedding_size, num_classes, bias=False)
         self.reg = MetricL2(ml2_alpha) if ml2_alpha > 0 else None
@@ -175,7 +190,11 @@ class FTLMethod(_Method):
     """
 
     def __init__(
-        self, backbone: nn.Module, input_shape: Sequence[int], num_classes: int, counts: Tensor,
+        self,
+        backbone: nn.Module,
+        input_shape: Sequence[int],
+        num_classes: int,
+        counts: Tensor,
         cfg: MethodConfig,
     ) -> None:
         super().__init__(backbone)
@@ -186,18 +205,27 @@ class FTLMethod(_Method):
             decoder: nn.Module = ConvDecoder(d, (c, h, w), channels=(32, 16), base=base)
         else:
             decoder = nn.Sequential(
-                nn.Linear(d, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True),
+                nn.Linear(d, 256),
+                nn.BatchNorm1d(256),
+                nn.ReLU(inplace=True),
                 nn.Linear(256, int(input_shape[0])),
             )
-        transfer = FeatureTransfer(d, num_classes, tail_threshold=cfg.tail_threshold,
-                                   class_counts=counts)
+        transfer = FeatureTransfer(
+            d, num_classes, tail_threshold=cfg.tail_threshold, class_counts=counts
+        )
         self.ftl = FTLModel(
-            backbone, nn.Linear(d, num_classes, bias=False), feature_dim=d,
-            filter_net=make_filter(d, d, 2 * d), decoder=decoder, alpha_reg=cfg.ml2_alpha,
+            backbone,
+            nn.Linear(d, num_classes, bias=False),
+            feature_dim=d,
+            filter_net=make_filter(d, d, 2 * d),
+            decoder=decoder,
+            alpha_reg=cfg.ml2_alpha,
             transfer=transfer,
         )
         if cfg.ftl_stage0_fraction is not None and not 0.0 <= float(cfg.ftl_stage0_fraction) < 1.0:
-            raise ValueError(f"ftl_stage0_fraction must be in [0, 1) or None, got {cfg.ftl_stage0_fraction}")
+            raise ValueError(
+                f"ftl_stage0_fraction must be in [0, 1) or None, got {cfg.ftl_stage0_fraction}"
+            )
         self.warmup_steps = cfg.warmup_steps
         self.stage0_fraction = cfg.ftl_stage0_fraction
         self.alternations = cfg.ftl_alternations
@@ -216,7 +244,12 @@ class FTLMethod(_Method):
         return self.ftl.loss(x, y)["loss"]
 
     def fit(
-        self, x: Tensor, y: Tensor, total_steps: int, batch_size: int, step: Callable[[Tensor], None],
+        self,
+        x: Tensor,
+        y: Tensor,
+        total_steps: int,
+        batch_size: int,
+        step: Callable[[Tensor], None],
         augment: Optional[Callable[[Tensor], Tensor]] = None,
     ) -> None:
         """Algorithm 1 for ``total_steps`` optimiser steps; ``step(loss)`` does backward + update.
@@ -227,13 +260,18 @@ class FTLMethod(_Method):
         the other methods; UpdateStats reads the un-augmented ``x``.
         """
         pairs = max(1, self.alternations)
-        warm = self.warmup_steps if self.stage0_fraction is None else int(round(self.stage0_fraction * total_steps))
+        warm = (
+            self.warmup_steps
+            if self.stage0_fraction is None
+            else int(round(self.stage0_fraction * total_steps))
+        )
         stage_iters = max(1, (total_steps - warm) // (2 * pairs))
         stage0 = max(0, total_steps - 2 * pairs * stage_iters)
         ds = IndexedDataset(torch.utils.data.TensorDataset(x, y))
         stats_loader = torch.utils.data.DataLoader(ds, batch_size=1024)
-        sched = AlternatingScheduler(self.ftl, stage0_iters=stage0, stage_iters=stage_iters,
-                                     seed=self.seed)
+        sched = AlternatingScheduler(
+            self.ftl, stage0_iters=stage0, stage_iters=stage_iters, seed=self.seed
+        )
         done = 0
         while done < total_steps:
             stage = sched.stage
@@ -242,7 +280,11 @@ class FTLMethod(_Method):
             loaders = sched.loaders(ds, batch_size)
             for batches in zip(*loaders) if stage == 1 else loaders:
                 if augment is not None:
-                    batches = [(augment(b[0]), *b[1:]) for b in batches] if stage == 1 else (augment(batches[0]), *batches[1:])
+                    batches = (
+                        [(augment(b[0]), *b[1:]) for b in batches]
+                        if stage == 1
+                        else (augment(batches[0]), *batches[1:])
+                    )
                 if stage == 1:
                     loss = sched.stage1_loss(*batches)["loss"]
                 else:
@@ -255,12 +297,19 @@ class FTLMethod(_Method):
 
 
 def _margin(margin_type: str, cloud):
-    def build(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> nn.Module:
+    def build(
+        backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig
+    ) -> nn.Module:
         kwargs: Dict[str, Any] = dict(
-            margin_type=margin_type, cloud=cloud, tail_threshold=cfg.tail_threshold,
-            gamma=cfg.gamma, memory_per_sample=cfg.memory_per_sample,
+            margin_type=margin_type,
+            cloud=cloud,
+            tail_threshold=cfg.tail_threshold,
+            gamma=cfg.gamma,
+            memory_per_sample=cfg.memory_per_sample,
             warmup_steps=cfg.warmup_steps if cloud else 0,
-            class_counts=counts if cloud else None, seed=cfg.seed, validate=False,
+            class_counts=counts if cloud else None,
+            seed=cfg.seed,
+            validate=False,
         )
         if cloud:  # options of the cloud (they override the fields above)
             kwargs.update(cfg.leap_options)
@@ -271,14 +320,18 @@ def _margin(margin_type: str, cloud):
 
 
 def _leap(cloud: str):
-    def build(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> nn.Module:
+    def build(
+        backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig
+    ) -> nn.Module:
         return _margin(cfg.leap_margin, cloud)(backbone, num_classes, counts, cfg)
 
     return build
 
 
 def _softmax(ml2: bool):
-    def build(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> nn.Module:
+    def build(
+        backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig
+    ) -> nn.Module:
         return SoftmaxMethod(backbone, num_classes, cfg, cfg.ml2_alpha if ml2 else 0.0)
 
     return build

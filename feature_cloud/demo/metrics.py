@@ -11,6 +11,7 @@
 All functions take CPU tensors and return per-sample or per-class tensors; :func:`group_mean`
 reduces them over head or tail classes.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Tuple

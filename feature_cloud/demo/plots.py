@@ -1,4 +1,5 @@
 """PNG plots of a demo run (matplotlib, Agg backend: no display needed)."""
+
 from __future__ import annotations
 
 import math
@@ -49,14 +50,30 @@ def plot_accuracy(results: Dict[str, Any], file: str) -> str:
         for j, (part, color) in enumerate((("head", "#4C72B0"), ("tail", "#DD8452"))):
             means = [100 * agg[m][f"{key}_{part}"][0] for m in methods]
             stds = [100 * agg[m][f"{key}_{part}"][1] for m in methods]
-            bars = ax.bar(x + (j - 0.5) * 0.38, means, 0.38, yerr=stds, capsize=3, color=color,
-                          label=f"{part} classes")
+            bars = ax.bar(
+                x + (j - 0.5) * 0.38,
+                means,
+                0.38,
+                yerr=stds,
+                capsize=3,
+                color=color,
+                label=f"{part} classes",
+            )
             for b, v in zip(bars, means):
                 if not math.isnan(v):
-                    ax.text(b.get_x() + b.get_width() / 2, 1, f"{v:.0f}", ha="center",
-                            va="bottom", fontsize=7, color="white")
+                    ax.text(
+                        b.get_x() + b.get_width() / 2,
+                        1,
+                        f"{v:.0f}",
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                        color="white",
+                    )
         ax.set_xticks(x)
-        ax.set_xticklabels([_label(results, m) for m in methods], rotation=30, ha="right", fontsize=8)
+        ax.set_xticklabels(
+            [_label(results, m) for m in methods], rotation=30, ha="right", fontsize=8
+        )
         ax.set_title(title, fontsize=10)
         ax.set_ylim(0, 105)
         ax.grid(axis="y", alpha=0.3)
@@ -82,8 +99,9 @@ def plot_per_class(
     methods = [m for m in results["methods"] if any(r["method"] == m for r in results["runs"])]
     cols = min(4, len(methods))
     rows = math.ceil(len(methods) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.9 * rows), squeeze=False,
-                             sharex=True)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.3 * cols, 2.9 * rows), squeeze=False, sharex=True
+    )
     rng = np.random.default_rng(0)
     for i, method in enumerate(methods):
         ax = axes[i // cols][i % cols]
@@ -97,10 +115,24 @@ def plot_per_class(
             if relative:
                 vals = vals / np.nanmean(vals)
             jitter = counts * np.exp(rng.uniform(-0.06, 0.06, counts.size))
-            ax.scatter(jitter[head], vals[head], s=14, c="#4C72B0", marker="o", alpha=0.7,
-                       label="head" if r["seed"] == results["config"]["seeds"][0] else None)
-            ax.scatter(jitter[~head], vals[~head], s=16, c="#DD8452", marker="^", alpha=0.7,
-                       label="tail" if r["seed"] == results["config"]["seeds"][0] else None)
+            ax.scatter(
+                jitter[head],
+                vals[head],
+                s=14,
+                c="#4C72B0",
+                marker="o",
+                alpha=0.7,
+                label="head" if r["seed"] == results["config"]["seeds"][0] else None,
+            )
+            ax.scatter(
+                jitter[~head],
+                vals[~head],
+                s=16,
+                c="#DD8452",
+                marker="^",
+                alpha=0.7,
+                label="tail" if r["seed"] == results["config"]["seeds"][0] else None,
+            )
         ax.set_xscale("log")
         from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
@@ -159,27 +191,44 @@ def plot_projection(results: Dict[str, Any], projection: Dict[str, np.ndarray], 
         both = np.concatenate([ftr, fev]).astype(np.float64)
         both /= np.linalg.norm(both, axis=1, keepdims=True).clip(1e-12)
         xy = pca_2d(both)
-        xy_tr, xy_ev = xy[: len(ftr)], xy[len(ftr):]
+        xy_tr, xy_ev = xy[: len(ftr)], xy[len(ftr) :]
         for c, head, color in zip(classes, is_head, colors):
             name = names[c] if names else str(c)
-            ax.scatter(xy_ev[yev == c, 0], xy_ev[yev == c, 1], s=10, marker="x", color=color,
-                       alpha=0.35, linewidths=0.8)
-            ax.scatter(xy_tr[ytr == c, 0], xy_tr[ytr == c, 1], s=22 if head else 46,
-                       marker="o" if head else "^", color=color, alpha=0.8 if head else 1.0,
-                       edgecolors="none" if head else "black", linewidths=0.6,
-                       label=f"{name} ({'head' if head else 'tail'})")
+            ax.scatter(
+                xy_ev[yev == c, 0],
+                xy_ev[yev == c, 1],
+                s=10,
+                marker="x",
+                color=color,
+                alpha=0.35,
+                linewidths=0.8,
+            )
+            ax.scatter(
+                xy_tr[ytr == c, 0],
+                xy_tr[ytr == c, 1],
+                s=22 if head else 46,
+                marker="o" if head else "^",
+                color=color,
+                alpha=0.8 if head else 1.0,
+                edgecolors="none" if head else "black",
+                linewidths=0.6,
+                label=f"{name} ({'head' if head else 'tail'})",
+            )
         ax.set_title(_label(results, method), fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     for j in range(len(methods), rows * cols):
         axes[j // cols][j % cols].axis("off")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(classes), 6), fontsize=8,
-               frameon=False)
+    fig.legend(
+        handles, labels, loc="lower center", ncol=min(len(classes), 6), fontsize=8, frameon=False
+    )
     seed = results["config"]["seeds"][0]
     fig.suptitle(
         f"Feature clouds (PCA of normalised embeddings, seed {seed}): dots = head training "
-        "samples, triangles = tail training samples, x = held-out samples", fontsize=9)
+        "samples, triangles = tail training samples, x = held-out samples",
+        fontsize=9,
+    )
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(file, dpi=110)
     plt.close(fig)
@@ -191,21 +240,30 @@ def render_all(
 ) -> Dict[str, str]:
     """Every plot of a run into ``out``; returns ``{name: path}``."""
     files = {
-        "accuracy_head_tail.png": plot_accuracy(results, os.path.join(out, "accuracy_head_tail.png")),
+        "accuracy_head_tail.png": plot_accuracy(
+            results, os.path.join(out, "accuracy_head_tail.png")
+        ),
         "angle_variance_vs_class_size.png": plot_per_class(
-            results, "angle_var_train", "angle variance (rad²)",
+            results,
+            "angle_var_train",
+            "angle variance (rad²)",
             "Intra-class angular variance of the training features vs class size",
             os.path.join(out, "angle_variance_vs_class_size.png"),
         ),
         "angle_variance_test_vs_class_size.png": plot_per_class(
-            results, "angle_var_test", "angle variance (rad²)",
+            results,
+            "angle_var_test",
+            "angle variance (rad²)",
             "Intra-class angular variance of the held-out features vs training class size",
             os.path.join(out, "angle_variance_test_vs_class_size.png"),
         ),
         "weight_norm_vs_class_size.png": plot_per_class(
-            results, "weight_norm", "‖W_c‖ / mean ‖W‖",
+            results,
+            "weight_norm",
+            "‖W_c‖ / mean ‖W‖",
             "Classifier weight norm (relative to the method's mean) vs class size",
-            os.path.join(out, "weight_norm_vs_class_size.png"), relative=True,
+            os.path.join(out, "weight_norm_vs_class_size.png"),
+            relative=True,
         ),
     }
     if projection is not None and "classes" in projection:

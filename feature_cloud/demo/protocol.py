@@ -8,6 +8,7 @@ first ``S`` samples of its pool (tail classes; all of it if the pool is smaller)
 pool samples join the validation split. Test images of every identity are held out, so head and
 tail accuracy are measured on the same closed set of identities the classifier was trained on.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -120,6 +121,12 @@ def long_tail_split(
         return torch.as_tensor(np.sort(np.concatenate(parts)), dtype=torch.long)
 
     return LongTailSplit(
-        train=cat(train), val=cat(val), test=cat(test), head=head, total_counts=total,
-        train_counts=train_counts, num_head=num_head, tail_shots=tail_shots,
+        train=cat(train),
+        val=cat(val),
+        test=cat(test),
+        head=head,
+        total_counts=total,
+        train_counts=train_counts,
+        num_head=num_head,
+        tail_shots=tail_shots,
     )

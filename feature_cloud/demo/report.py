@@ -3,6 +3,7 @@
 Everything here reads only ``results.json`` and ``projection.npz`` from a run directory, so
 ``feature-cloud report PATH`` re-renders a run without training anything.
 """
+
 from __future__ import annotations
 
 import csv
@@ -60,10 +61,14 @@ def load_results(path: str) -> Dict[str, Any]:
         try:
             results = json.load(fh)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{file} is not valid JSON ({exc}): not a feature-cloud demo run") from None
+            raise ValueError(
+                f"{file} is not valid JSON ({exc}): not a feature-cloud demo run"
+            ) from None
     if not isinstance(results, dict):
-        raise ValueError(f"{file} holds a JSON {type(results).__name__}, not an object: not a "
-                         "feature-cloud demo run")
+        raise ValueError(
+            f"{file} holds a JSON {type(results).__name__}, not an object: not a "
+            "feature-cloud demo run"
+        )
     for key in ("config", "data", "methods", "runs", "splits"):
         if key not in results:
             raise ValueError(f"{file} has no {key!r}: not a feature-cloud demo run")
@@ -106,9 +111,10 @@ def _table(
         if method not in agg:
             continue
         label = results.get("labels", {}).get(method, method)
-        rows.append([label] + [
-            _fmt(agg[method][k], s, digits) if k in agg[method] else "–" for k, _, s in columns
-        ])
+        rows.append(
+            [label]
+            + [_fmt(agg[method][k], s, digits) if k in agg[method] else "–" for k, _, s in columns]
+        )
     return rows
 
 
@@ -151,18 +157,23 @@ def _describe(results: Dict[str, Any]) -> str:
 
 def results_markdown(results: Dict[str, Any]) -> str:
     """``results.md``: the run description, the accuracy table and the diagnostics table."""
-    return "\n\n".join([
-        _describe(results),
-        "Accuracy (%): FC = closed-set classifier, NN = nearest class center of the training "
-        "features, rank-1 / mAP = leave-one-out cosine retrieval on the evaluation split.",
-        _markdown(_table(results, MAIN_COLUMNS, 1)),
-        "Diagnostics: angle (radians) between each feature and its class center, mean and "
-        "variance per class averaged over head / tail classes, on the training and the "
-        "evaluation features; classifier weight norm per class (cosine heads normalise W, so "
-        "their norm does not enter the logits); cloud std = sqrt of the LEAP cloud variance "
-        "(Eq. 6 / 9) each tail class received at the end of training.",
-        _markdown(_table(results, DIAG_COLUMNS, 3)),
-    ]) + "\n"
+    return (
+        "\n\n".join(
+            [
+                _describe(results),
+                "Accuracy (%): FC = closed-set classifier, NN = nearest class center of the training "
+                "features, rank-1 / mAP = leave-one-out cosine retrieval on the evaluation split.",
+                _markdown(_table(results, MAIN_COLUMNS, 1)),
+                "Diagnostics: angle (radians) between each feature and its class center, mean and "
+                "variance per class averaged over head / tail classes, on the training and the "
+                "evaluation features; classifier weight norm per class (cosine heads normalise W, so "
+                "their norm does not enter the logits); cloud std = sqrt of the LEAP cloud variance "
+                "(Eq. 6 / 9) each tail class received at the end of training.",
+                _markdown(_table(results, DIAG_COLUMNS, 3)),
+            ]
+        )
+        + "\n"
+    )
 
 
 def _write_csvs(results: Dict[str, Any], out: str) -> None:
@@ -178,7 +189,9 @@ def _write_csvs(results: Dict[str, Any], out: str) -> None:
         w = csv.writer(fh)
         w.writerow(["seed", "method", "train_seconds"] + keys)
         for r in results["runs"]:
-            w.writerow([r["seed"], r["method"], r["train_seconds"]] + [r["metrics"].get(k) for k in keys])
+            w.writerow(
+                [r["seed"], r["method"], r["train_seconds"]] + [r["metrics"].get(k) for k in keys]
+            )
     with open(os.path.join(out, "per_class.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
         pc_keys = list(dict.fromkeys(k for r in results["runs"] for k in r["per_class"]))
@@ -204,8 +217,10 @@ def render_report(path: str, log: Callable[[str], None] = print) -> Dict[str, st
     try:
         md = results_markdown(results)
     except (KeyError, IndexError, TypeError) as exc:  # a field inside the sections is missing
-        raise ValueError(f"{path}: results.json lacks an entry the report needs ({exc!r}); was "
-                         "it written by a feature-cloud demo run?") from None
+        raise ValueError(
+            f"{path}: results.json lacks an entry the report needs ({exc!r}); was "
+            "it written by a feature-cloud demo run?"
+        ) from None
     files = {"results.md": os.path.join(out, "results.md")}
     with open(files["results.md"], "w") as fh:
         fh.write(md)

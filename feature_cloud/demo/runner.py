@@ -1,4 +1,5 @@
 """Run the demo: split, train every method on every seed, evaluate, save the run."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -74,7 +75,7 @@ class DemoConfig:
     projection_classes: int = 3  # head and tail classes shown in the 2-D plot
     out: str = "outputs/demo/digits"
 
-    def resolved(self) -> "DemoConfig":
+    def resolved(self) -> DemoConfig:
         """A copy with every ``None`` default filled from :data:`DATA_DEFAULTS`."""
         if self.data not in DATA_DEFAULTS:
             raise ValueError(f"data must be one of {tuple(DATA_DEFAULTS)}, got {self.data!r}")
@@ -100,7 +101,13 @@ class DemoConfig:
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
         if self.eval_split not in ("test", "val"):
             raise ValueError(f"eval_split must be 'test' or 'val', got {self.eval_split!r}")
-        for name in ("epochs", "batch_size", "embedding_size", "memory_per_sample", "ftl_alternations"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "embedding_size",
+            "memory_per_sample",
+            "ftl_alternations",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:
@@ -115,13 +122,19 @@ class DemoConfig:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         if not (math.isfinite(self.ml2_alpha) and self.ml2_alpha >= 0):
             raise ValueError(f"ml2_alpha must be a finite number >= 0, got {self.ml2_alpha}")
-        if not (0 < self.test_fraction < 1 and 0 <= self.val_fraction < 1
-                and self.test_fraction + self.val_fraction < 1):  # also rejects nan
+        if not (
+            0 < self.test_fraction < 1
+            and 0 <= self.val_fraction < 1
+            and self.test_fraction + self.val_fraction < 1
+        ):  # also rejects nan
             raise ValueError(
                 f"test_fraction must be in (0, 1) and val_fraction in [0, 1) with a sum below 1, "
-                f"got {self.test_fraction}, {self.val_fraction}")
+                f"got {self.test_fraction}, {self.val_fraction}"
+            )
         if self.leap_margin not in ("cosface", "arcface"):
-            raise ValueError(f"leap_margin must be 'cosface' or 'arcface', got {self.leap_margin!r}")
+            raise ValueError(
+                f"leap_margin must be 'cosface' or 'arcface', got {self.leap_margin!r}"
+            )
 
 
 def drop_small_classes(data: LabeledData, min_count: int = 2) -> LabeledData:
@@ -137,7 +150,11 @@ def drop_small_classes(data: LabeledData, min_count: int = 2) -> LabeledData:
     rows = remap[data.y] >= 0
     info = dict(data.info, dropped_classes=int(data.num_classes - keep.numel()))
     return LabeledData(
-        data.x[rows], remap[data.y[rows]], [data.class_names[i] for i in keep.tolist()], data.name, info
+        data.x[rows],
+        remap[data.y[rows]],
+        [data.class_names[i] for i in keep.tolist()],
+        data.name,
+        info,
     )
 
 
@@ -173,10 +190,15 @@ def train_method(
     and batch order for every method): Adam, cosine learning-rate decay, ``cfg.epochs`` epochs."""
     steps = steps_per_epoch(x.shape[0], cfg.batch_size)
     mcfg = MethodConfig(
-        embedding_size=cfg.embedding_size, leap_margin=cfg.leap_margin,
-        tail_threshold=int(cfg.tail_threshold), memory_per_sample=cfg.memory_per_sample,  # type: ignore[arg-type]
-        gamma=cfg.gamma, warmup_steps=int(cfg.warmup_epochs) * steps, ml2_alpha=cfg.ml2_alpha,  # type: ignore[arg-type]
-        ftl_alternations=cfg.ftl_alternations, seed=seed,
+        embedding_size=cfg.embedding_size,
+        leap_margin=cfg.leap_margin,
+        tail_threshold=int(cfg.tail_threshold),
+        memory_per_sample=cfg.memory_per_sample,  # type: ignore[arg-type]
+        gamma=cfg.gamma,
+        warmup_steps=int(cfg.warmup_epochs) * steps,
+        ml2_alpha=cfg.ml2_alpha,  # type: ignore[arg-type]
+        ftl_alternations=cfg.ftl_alternations,
+        seed=seed,
     )
     torch.manual_seed(seed)
     model = build_method(name, tuple(x.shape[1:]), num_classes, counts, mcfg)
@@ -252,8 +274,11 @@ def evaluate_method(
     mean_ev, var_ev = M.angle_spread(f_eval, eval_y, num_classes)
     norms = M.weight_norms(model.class_weight())
     per_class_sets = {
-        "angle_mean_train": mean_tr, "angle_var_train": var_tr,
-        "angle_mean_test": mean_ev, "angle_var_test": var_ev, "weight_norm": norms,
+        "angle_mean_train": mean_tr,
+        "angle_var_train": var_tr,
+        "angle_mean_test": mean_ev,
+        "angle_var_test": var_ev,
+        "weight_norm": norms,
     }
     per_class_sets.update({k: v.cpu().float() for k, v in model.per_class_diagnostics().items()})
     for key, values in per_class_sets.items():
@@ -283,7 +308,9 @@ def projection_classes(split: LongTailSplit, k: int) -> List[int]:
 
 
 def rank_classes_from_counts(counts: Tensor) -> List[int]:
-    return rank_classes(torch.repeat_interleave(torch.arange(counts.numel()), counts), counts.numel()).tolist()
+    return rank_classes(
+        torch.repeat_interleave(torch.arange(counts.numel()), counts), counts.numel()
+    ).tolist()
 
 
 def run_demo(cfg: DemoConfig, data: Optional[LabeledData] = None, log=print) -> Dict[str, Any]:
@@ -307,8 +334,13 @@ def run_demo(cfg: DemoConfig, data: Optional[LabeledData] = None, log=print) -> 
     )
     for seed in cfg.seeds:
         split = long_tail_split(
-            data.y, data.num_classes, int(cfg.num_head), int(cfg.tail_shots),  # type: ignore[arg-type]
-            test_fraction=cfg.test_fraction, val_fraction=cfg.val_fraction, seed=seed,
+            data.y,
+            data.num_classes,
+            int(cfg.num_head),
+            int(cfg.tail_shots),  # type: ignore[arg-type]
+            test_fraction=cfg.test_fraction,
+            val_fraction=cfg.val_fraction,
+            seed=seed,
         )
         splits[str(seed)] = dict(
             split.summary(), train_counts=split.train_counts.tolist(), head=split.head.tolist()
@@ -323,14 +355,26 @@ def run_demo(cfg: DemoConfig, data: Optional[LabeledData] = None, log=print) -> 
         for name in cfg.methods:
             t0 = time.perf_counter()
             model = train_method(
-                name, tx, ty, data.num_classes, split.train_counts, cfg, seed, desc=f"seed {seed} {name}"
+                name,
+                tx,
+                ty,
+                data.num_classes,
+                split.train_counts,
+                cfg,
+                seed,
+                desc=f"seed {seed} {name}",
             )
             train_s = time.perf_counter() - t0
             scalars, per_class, f_tr, f_ev = evaluate_method(model, tx, ty, ex, ey, split.head)
-            runs.append({
-                "seed": seed, "method": name, "metrics": scalars, "per_class": per_class,
-                "train_seconds": round(train_s, 2),
-            })
+            runs.append(
+                {
+                    "seed": seed,
+                    "method": name,
+                    "metrics": scalars,
+                    "per_class": per_class,
+                    "train_seconds": round(train_s, 2),
+                }
+            )
             log(
                 f"  seed {seed} {labels[name]:<28} FC acc head {100 * scalars['fc_acc_head']:5.1f} "
                 f"tail {100 * scalars['fc_acc_tail']:5.1f} | rank-1 head "
@@ -346,8 +390,11 @@ def run_demo(cfg: DemoConfig, data: Optional[LabeledData] = None, log=print) -> 
         "version": 1,
         "config": asdict(cfg),
         "data": {
-            "name": data.name, "samples": int(data.x.shape[0]), "num_classes": data.num_classes,
-            "input_shape": list(data.x.shape[1:]), "class_names": data.class_names,
+            "name": data.name,
+            "samples": int(data.x.shape[0]),
+            "num_classes": data.num_classes,
+            "input_shape": list(data.x.shape[1:]),
+            "class_names": data.class_names,
             "info": _jsonable(data.info),
         },
         "splits": splits,
@@ -358,8 +405,10 @@ def run_demo(cfg: DemoConfig, data: Optional[LabeledData] = None, log=print) -> 
         "labels": labels,
         "runs": runs,
         "environment": {
-            "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
             "loadavg_start": _loadavg(),
         },
     }

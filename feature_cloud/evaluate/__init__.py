@@ -7,13 +7,14 @@ metrics with **paired** differences of each method against its own baseline and 
 (Markdown, CSV, JSON, PNG). The metrics, method builders, progress bars and plot helpers are
 those of :mod:`feature_cloud.demo`.
 """
-from .data import load_dataset
-from .protocol import natural_split, hs_split
+
 from .backbones import BACKBONES, build_backbone
-from .methods import EVAL_METHODS, BASELINES
-from .stats import paired_differences, t_interval
-from .runner import EvalConfig, run_evaluation
+from .data import load_dataset
+from .methods import BASELINES, EVAL_METHODS
+from .protocol import hs_split, natural_split
 from .report import render_evaluation
+from .runner import EvalConfig, run_evaluation
+from .stats import paired_differences, t_interval
 
 __all__ = [
     "load_dataset",

@@ -2,6 +2,7 @@
 
 Both end in a linear + BatchNorm embedding (LEAP Sec. 4.1), like the demo's backbones.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Sequence
@@ -14,7 +15,8 @@ __all__ = ["ConvNet4", "TimmBackbone", "BACKBONES", "build_backbone"]
 def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-        nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -26,10 +28,16 @@ class ConvNet4(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _block(in_channels, w, 1), _block(w, 2 * w, 2), _block(2 * w, 4 * w, 2),
-            _block(4 * w, 8 * w, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            _block(in_channels, w, 1),
+            _block(w, 2 * w, 2),
+            _block(2 * w, 4 * w, 2),
+            _block(4 * w, 8 * w, 2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
-        self.embedding = nn.Sequential(nn.Linear(8 * w, embedding_size), nn.BatchNorm1d(embedding_size))
+        self.embedding = nn.Sequential(
+            nn.Linear(8 * w, embedding_size), nn.BatchNorm1d(embedding_size)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.embedding(self.features(x))
@@ -45,7 +53,8 @@ class TimmBackbone(nn.Module):
 
         self.body = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels)
         self.embedding = nn.Sequential(
-            nn.Linear(self.body.num_features, embedding_size), nn.BatchNorm1d(embedding_size))
+            nn.Linear(self.body.num_features, embedding_size), nn.BatchNorm1d(embedding_size)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.embedding(self.body(x))
@@ -66,6 +75,8 @@ def build_backbone(name: str, input_shape: Sequence[int], embedding_size: int) -
     elif name in BACKBONES:
         net = BACKBONES[name](c, embedding_size)
     else:
-        raise ValueError(f"backbone must be one of {list(BACKBONES)} or 'timm:<name>', got {name!r}")
+        raise ValueError(
+            f"backbone must be one of {list(BACKBONES)} or 'timm:<name>', got {name!r}"
+        )
     net.input_shape = tuple(int(v) for v in input_shape)  # type: ignore[assignment]
     return net

@@ -1,4 +1,5 @@
 """Identity-labelled images from an ``.npz`` file or an image folder."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,10 @@ def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> Labeled
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"images must be (N, H, W[, C]) with N = len(labels); got {images.shape}, "
-                         f"{labels.shape}")
+        raise ValueError(
+            f"images must be (N, H, W[, C]) with N = len(labels); got {images.shape}, "
+            f"{labels.shape}"
+        )
     if labels.dtype.kind not in "iu":
         raise ValueError(f"labels must be integers, got {labels.dtype}")
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
@@ -42,12 +45,19 @@ def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> Labeled
     if names is None or len(names) != len(uniq):
         class_names = [str(u) for u in uniq]
     else:
-        class_names = [names[int(u)] for u in uniq] if uniq.max() < len(names) else [str(u) for u in uniq]
+        class_names = (
+            [names[int(u)] for u in uniq] if uniq.max() < len(names) else [str(u) for u in uniq]
+        )
     info = {"path": os.path.abspath(path)}
     if camids is not None:
         info["has_camids"] = True
-    data = LabeledData(x.contiguous(), torch.as_tensor(y, dtype=torch.long), class_names,
-                       os.path.splitext(os.path.basename(path))[0], info)
+    data = LabeledData(
+        x.contiguous(),
+        torch.as_tensor(y, dtype=torch.long),
+        class_names,
+        os.path.splitext(os.path.basename(path))[0],
+        info,
+    )
     data.camids = None if camids is None else torch.as_tensor(camids, dtype=torch.long)  # type: ignore[attr-defined]
     return data
 

@@ -4,6 +4,7 @@ The builders are the demo's (:mod:`feature_cloud.demo.methods`); LEAP is availab
 margins, and FTL gets its own baseline: the same Enc/R/FC model (decoder and m-L2 included)
 trained for the same number of steps without feature transfer (stage 0 throughout).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional
@@ -21,7 +22,9 @@ class FTLWithoutTransfer(FTLMethod):
     fit = None  # type: ignore[assignment]
 
 
-def _ftl_base(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> nn.Module:
+def _ftl_base(
+    backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig
+) -> nn.Module:
     return FTLWithoutTransfer(backbone, backbone.input_shape, num_classes, counts, cfg)  # type: ignore[arg-type]
 
 

@@ -8,6 +8,7 @@
 Identities with fewer than ``n + 1`` images are left out (nothing to train on). Test images are
 the same for both protocols and a seed, so settings share their test set.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,16 +40,20 @@ def _pools(labels: Tensor, num_classes: int, n_test: int, seed: int):
 def _make(labels, num_classes, test, train, head, num_head, shots) -> LongTailSplit:
     train_t = torch.as_tensor(np.sort(train), dtype=torch.long)
     return LongTailSplit(
-        train=train_t, val=torch.zeros(0, dtype=torch.long),
-        test=torch.as_tensor(np.sort(test), dtype=torch.long), head=head,
+        train=train_t,
+        val=torch.zeros(0, dtype=torch.long),
+        test=torch.as_tensor(np.sort(test), dtype=torch.long),
+        head=head,
         total_counts=torch.bincount(labels, minlength=num_classes),
         train_counts=torch.bincount(labels[train_t], minlength=num_classes),
-        num_head=num_head, tail_shots=shots,
+        num_head=num_head,
+        tail_shots=shots,
     )
 
 
-def natural_split(labels: Tensor, num_classes: int, n_test: int = 2, threshold: int = 20,
-                  seed: int = 0) -> LongTailSplit:
+def natural_split(
+    labels: Tensor, num_classes: int, n_test: int = 2, threshold: int = 20, seed: int = 0
+) -> LongTailSplit:
     """Natural long tail: ``n_test`` test images per identity, head = more than ``threshold``
     training images. ``tail_shots`` of the result is ``-1`` (not a fixed number)."""
     test, pools = _pools(labels, num_classes, n_test, seed)
@@ -58,8 +63,9 @@ def natural_split(labels: Tensor, num_classes: int, n_test: int = 2, threshold: 
     return _make(labels, num_classes, test, train, head, int(head.sum()), -1)
 
 
-def hs_split(labels: Tensor, num_classes: int, num_head: int, shots: int, n_test: int = 2,
-             seed: int = 0) -> LongTailSplit:
+def hs_split(
+    labels: Tensor, num_classes: int, num_head: int, shots: int, n_test: int = 2, seed: int = 0
+) -> LongTailSplit:
     """LEAP's ``<H, S>``: the ``num_head`` largest identities keep their whole pool, the others
     their first ``shots`` pool images."""
     if num_head < 0 or shots < 1:

@@ -1,4 +1,5 @@
 """Tables (Markdown, CSV, JSON) and PNG plots of an evaluation, from ``results.json`` only."""
+
 from __future__ import annotations
 
 import csv
@@ -8,27 +9,42 @@ import os
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from ..demo import plots as demo_plots
-from ..demo.report import _markdown, aggregate, load_results
+from ..demo.report import _markdown, load_results
 from .stats import paired_differences, t_interval
 
-__all__ = ["render_evaluation", "summary_rows", "paired_rows", "combine_settings",
-           "SUMMARY_KEYS", "PAIRED_KEYS"]
+__all__ = [
+    "render_evaluation",
+    "summary_rows",
+    "paired_rows",
+    "combine_settings",
+    "SUMMARY_KEYS",
+    "PAIRED_KEYS",
+]
 
 #: (key, title, scale) of the per-method table (mean ± 95% t-interval over seeds).
 SUMMARY_KEYS: List[Tuple[str, str, float]] = [
-    ("fc_acc_head", "FC head", 100.0), ("fc_acc_tail", "FC tail", 100.0),
-    ("nn_acc_head", "NN head", 100.0), ("nn_acc_tail", "NN tail", 100.0),
-    ("rank1_tail", "rank-1 tail", 100.0), ("map_tail", "mAP tail", 100.0),
-    ("angle_var_train_head", "ang. var head", 1.0), ("angle_var_train_tail", "ang. var tail", 1.0),
-    ("weight_norm_head", "‖W‖ head", 1.0), ("weight_norm_tail", "‖W‖ tail", 1.0),
-    ("cloud_std_head", "cloud std head", 1.0), ("cloud_std_tail", "cloud std tail", 1.0),
+    ("fc_acc_head", "FC head", 100.0),
+    ("fc_acc_tail", "FC tail", 100.0),
+    ("nn_acc_head", "NN head", 100.0),
+    ("nn_acc_tail", "NN tail", 100.0),
+    ("rank1_tail", "rank-1 tail", 100.0),
+    ("map_tail", "mAP tail", 100.0),
+    ("angle_var_train_head", "ang. var head", 1.0),
+    ("angle_var_train_tail", "ang. var tail", 1.0),
+    ("weight_norm_head", "‖W‖ head", 1.0),
+    ("weight_norm_tail", "‖W‖ tail", 1.0),
+    ("cloud_std_head", "cloud std head", 1.0),
+    ("cloud_std_tail", "cloud std tail", 1.0),
 ]
 
 #: metrics whose paired differences are reported (points of accuracy).
 PAIRED_KEYS: List[Tuple[str, str]] = [
-    ("fc_acc_head", "Δ FC head"), ("fc_acc_tail", "Δ FC tail"),
-    ("nn_acc_head", "Δ NN head"), ("nn_acc_tail", "Δ NN tail"),
-    ("rank1_tail", "Δ rank-1 tail"), ("map_tail", "Δ mAP tail"),
+    ("fc_acc_head", "Δ FC head"),
+    ("fc_acc_tail", "Δ FC tail"),
+    ("nn_acc_head", "Δ NN head"),
+    ("nn_acc_tail", "Δ NN tail"),
+    ("rank1_tail", "Δ rank-1 tail"),
+    ("map_tail", "Δ mAP tail"),
 ]
 
 
@@ -71,12 +87,18 @@ def paired(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
 
 def paired_rows(results: Dict[str, Any], setting: bool = False) -> List[List[str]]:
     """Per method with a baseline: paired differences (points) with 95% t-intervals."""
-    header = (["Setting"] if setting else []) + ["Method", "vs", "pairs"] + [t for _, t in PAIRED_KEYS]
+    header = (
+        (["Setting"] if setting else []) + ["Method", "vs", "pairs"] + [t for _, t in PAIRED_KEYS]
+    )
     rows = [header]
     labels = results["labels"]
     for m, d in paired(results).items():
         n = d[PAIRED_KEYS[0][0]]["n"]
-        cells = ([results["setting"]] if setting else []) + [labels.get(m, m), labels.get(d["baseline"], d["baseline"]), str(n)]
+        cells = ([results["setting"]] if setting else []) + [
+            labels.get(m, m),
+            labels.get(d["baseline"], d["baseline"]),
+            str(n),
+        ]
         cells += [_fmt(d[k]["mean"], d[k]["ci95"], 1) for k, _ in PAIRED_KEYS]
         rows.append(cells)
     return rows
@@ -91,7 +113,9 @@ def _runs_csv(results: Dict[str, Any], file: str) -> None:
     keys = sorted({k for r in results["runs"] for k in r["metrics"]})
     rows = [["setting", "seed", "method"] + keys]
     for r in results["runs"]:
-        rows.append([results["setting"], r["seed"], r["method"]] + [r["metrics"].get(k) for k in keys])
+        rows.append(
+            [results["setting"], r["seed"], r["method"]] + [r["metrics"].get(k) for k in keys]
+        )
     _write_csv(rows, file)
 
 
@@ -111,11 +135,18 @@ def plot_paired(results: Dict[str, Any], file: str) -> str:
         ax.bar(xs, means, width, yerr=errs, capsize=3, color=colors[j], label=dict(PAIRED_KEYS)[k])
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(methods)))
-    ax.set_xticklabels([f"{results['labels'].get(m, m)}\nvs {results['labels'].get(d[m]['baseline'])}"
-                        for m in methods], fontsize=7)
+    ax.set_xticklabels(
+        [
+            f"{results['labels'].get(m, m)}\nvs {results['labels'].get(d[m]['baseline'])}"
+            for m in methods
+        ],
+        fontsize=7,
+    )
     ax.set_ylabel("paired difference (points)")
-    ax.set_title(f"{results['data']['name']} {results['setting']}: paired differences, 95% t-intervals",
-                 fontsize=9)
+    ax.set_title(
+        f"{results['data']['name']} {results['setting']}: paired differences, 95% t-intervals",
+        fontsize=9,
+    )
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -132,13 +163,23 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     files: Dict[str, str] = {}
     srows, prows = summary_rows(results), paired_rows(results)
     cfg = results["config"]
-    text = [f"# {results['data']['name']}: {results['setting']} ({cfg['backbone']}, {cfg['epochs']} "
-            f"epochs, seeds {cfg['seeds']})", "",
-            "Mean ± 95% t-interval half-width over seeds (accuracies in %, angles in rad²).", "",
-            _markdown(srows), ""]
+    text = [
+        f"# {results['data']['name']}: {results['setting']} ({cfg['backbone']}, {cfg['epochs']} "
+        f"epochs, seeds {cfg['seeds']})",
+        "",
+        "Mean ± 95% t-interval half-width over seeds (accuracies in %, angles in rad²).",
+        "",
+        _markdown(srows),
+        "",
+    ]
     if len(prows) > 1:
-        text += ["Paired differences against each method's own baseline (same seed, backbone, "
-                 "budget and batch order), points, mean ± 95% t-interval.", "", _markdown(prows), ""]
+        text += [
+            "Paired differences against each method's own baseline (same seed, backbone, "
+            "budget and batch order), points, mean ± 95% t-interval.",
+            "",
+            _markdown(prows),
+            "",
+        ]
     for name, content in (("summary.md", "\n".join(text)),):
         files[name] = os.path.join(out, name)
         with open(files[name], "w") as fh:
@@ -156,14 +197,23 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
         if len(prows) > 1:
             files["paired.png"] = plot_paired(results, os.path.join(out, "paired.png"))
         files["accuracy_head_tail.png"] = demo_plots.plot_accuracy(
-            results, os.path.join(out, "accuracy_head_tail.png"))
+            results, os.path.join(out, "accuracy_head_tail.png")
+        )
         files["angle_variance_vs_class_size.png"] = demo_plots.plot_per_class(
-            results, "angle_var_train", "angle variance (rad²)",
+            results,
+            "angle_var_train",
+            "angle variance (rad²)",
             "Intra-class angular variance of the training features vs class size",
-            os.path.join(out, "angle_variance_vs_class_size.png"))
+            os.path.join(out, "angle_variance_vs_class_size.png"),
+        )
         files["weight_norm_vs_class_size.png"] = demo_plots.plot_per_class(
-            results, "weight_norm", "‖W_c‖ / mean ‖W‖", "Classifier weight norm vs class size",
-            os.path.join(out, "weight_norm_vs_class_size.png"), relative=True)
+            results,
+            "weight_norm",
+            "‖W_c‖ / mean ‖W‖",
+            "Classifier weight norm vs class size",
+            os.path.join(out, "weight_norm_vs_class_size.png"),
+            relative=True,
+        )
     except ImportError as exc:  # matplotlib is an optional extra
         log(f"(no plots: {exc})")
     log("")
@@ -185,8 +235,13 @@ def combine_settings(paths: Sequence[str], out: str) -> str:
         base_rows = base_rows or [["Setting"] + sr[0][:6]]
         base_rows += [[res["setting"]] + r[:6] for r in sr[1:]]
     os.makedirs(out, exist_ok=True)
-    md = ("Paired differences (points, mean ± 95% t-interval over seeds)\n\n" + _markdown(rows)
-          + "\n\nAbsolute accuracies (%, mean ± 95% t-interval)\n\n" + _markdown(base_rows) + "\n")
+    md = (
+        "Paired differences (points, mean ± 95% t-interval over seeds)\n\n"
+        + _markdown(rows)
+        + "\n\nAbsolute accuracies (%, mean ± 95% t-interval)\n\n"
+        + _markdown(base_rows)
+        + "\n"
+    )
     with open(os.path.join(out, "combined.md"), "w") as fh:
         fh.write(md)
     _write_csv(rows, os.path.join(out, "combined_paired.csv"))

@@ -1,4 +1,5 @@
 """Train every method on every seed of one protocol setting and evaluate it."""
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,9 @@ class EvalConfig:
     flip: bool = True  # random horizontal flips
     ml2_alpha: float = 0.01
     ftl_alternations: int = 1  # (stage 1, stage 2) pairs after FTL's stage 0
-    ftl_stage0_fraction: Optional[float] = 0.7  # FTL stage-0 share; None: warmup_fraction (old rule)
+    ftl_stage0_fraction: Optional[float] = (
+        0.7  # FTL stage-0 share; None: warmup_fraction (old rule)
+    )
     leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
     out: str = "outputs/evaluate"
 
@@ -71,8 +74,13 @@ class EvalConfig:
             raise ValueError("batch_size must be >= 2 (BatchNorm)")
         if not 0.0 <= self.warmup_fraction <= 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
-        if self.ftl_stage0_fraction is not None and not 0.0 <= float(self.ftl_stage0_fraction) < 1.0:
-            raise ValueError(f"ftl_stage0_fraction must be in [0, 1) or None, got {self.ftl_stage0_fraction}")
+        if (
+            self.ftl_stage0_fraction is not None
+            and not 0.0 <= float(self.ftl_stage0_fraction) < 1.0
+        ):
+            raise ValueError(
+                f"ftl_stage0_fraction must be in [0, 1) or None, got {self.ftl_stage0_fraction}"
+            )
 
 
 def setting_name(cfg: EvalConfig) -> str:
@@ -91,7 +99,13 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def train_model(
-    name: str, x: Tensor, y: Tensor, num_classes: int, counts: Tensor, cfg: EvalConfig, seed: int,
+    name: str,
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    counts: Tensor,
+    cfg: EvalConfig,
+    seed: int,
     desc: str = "",
 ) -> nn.Module:
     """A fresh backbone (seeded by ``seed``: identical for every method) + method ``name``,
@@ -99,22 +113,34 @@ def train_model(
     steps = _steps_per_epoch(x.shape[0], cfg.batch_size)
     total = cfg.epochs * steps
     mcfg = MethodConfig(
-        embedding_size=cfg.embedding_size, tail_threshold=cfg.threshold,
-        warmup_steps=int(round(cfg.warmup_fraction * total)), ml2_alpha=cfg.ml2_alpha,
-        ftl_alternations=cfg.ftl_alternations, ftl_stage0_fraction=cfg.ftl_stage0_fraction, seed=seed, leap_options=dict(cfg.leap_options),
+        embedding_size=cfg.embedding_size,
+        tail_threshold=cfg.threshold,
+        warmup_steps=int(round(cfg.warmup_fraction * total)),
+        ml2_alpha=cfg.ml2_alpha,
+        ftl_alternations=cfg.ftl_alternations,
+        ftl_stage0_fraction=cfg.ftl_stage0_fraction,
+        seed=seed,
+        leap_options=dict(cfg.leap_options),
     )
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.backbone, tuple(x.shape[1:]), cfg.embedding_size)
     model = EVAL_METHODS[name](backbone, num_classes, counts, mcfg)
     if cfg.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+            model.parameters(),
+            lr=cfg.lr,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=cfg.weight_decay,
+        )
         sched: Any = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=max(total, 2), pct_start=0.15)
+            opt, max_lr=cfg.lr, total_steps=max(total, 2), pct_start=0.15
+        )
     else:
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / max(total, 1))))
+            opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / max(total, 1)))
+        )
     gen = torch.Generator().manual_seed(seed)
     bar = progress(total=total, desc=desc or name, unit="step")
     done = [0]
@@ -152,7 +178,9 @@ def train_model(
     return model
 
 
-def camera_retrieval(features: Tensor, labels: Tensor, camids: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def camera_retrieval(
+    features: Tensor, labels: Tensor, camids: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
     """Leave-one-out retrieval where a query never matches images of its own identity taken by
     its own camera (the re-ID convention): ``(rank1, AP, valid)`` per query as
     :func:`feature_cloud.demo.metrics.retrieval_per_query`."""
@@ -180,7 +208,9 @@ def _normalise(x: Tensor, train: Tensor) -> Tensor:
 
 
 def run_evaluation(
-    cfg: EvalConfig, data: LabeledData, log: Callable[[str], None] = print,
+    cfg: EvalConfig,
+    data: LabeledData,
+    log: Callable[[str], None] = print,
     write: bool = True,
 ) -> Dict[str, Any]:
     """Train and evaluate every method on every seed; write ``results.json`` and the report to
@@ -190,20 +220,31 @@ def run_evaluation(
     camids: Optional[Tensor] = getattr(data, "camids", None)
     runs: List[Dict[str, Any]] = []
     splits: Dict[str, Any] = {}
-    log(f"feature-cloud evaluate: {data.name} ({data.x.shape[0]} images, {data.num_classes} "
+    log(
+        f"feature-cloud evaluate: {data.name} ({data.x.shape[0]} images, {data.num_classes} "
         f"identities), {setting_name(cfg)}, backbone {cfg.backbone}, {cfg.epochs} epochs, "
-        f"seeds {cfg.seeds}, methods {cfg.methods}")
+        f"seeds {cfg.seeds}, methods {cfg.methods}"
+    )
     for seed in cfg.seeds:
         split = make_split(cfg, data, seed)
-        splits[str(seed)] = dict(split.summary(), train_counts=split.train_counts.tolist(),
-                                 head=split.head.tolist())
+        splits[str(seed)] = dict(
+            split.summary(), train_counts=split.train_counts.tolist(), head=split.head.tolist()
+        )
         x = _normalise(data.x, split.train)
         tx, ty = x[split.train], data.y[split.train]
         ex, ey = x[split.test], data.y[split.test]
         for name in cfg.methods:
             t0 = time.perf_counter()
-            model = train_model(name, tx, ty, data.num_classes, split.train_counts, cfg, seed,
-                                desc=f"{setting_name(cfg)} seed {seed} {name}")
+            model = train_model(
+                name,
+                tx,
+                ty,
+                data.num_classes,
+                split.train_counts,
+                cfg,
+                seed,
+                desc=f"{setting_name(cfg)} seed {seed} {name}",
+            )
             seconds = time.perf_counter() - t0
             scalars, per_class, _, f_ev = evaluate_method(model, tx, ty, ex, ey, split.head)
             if camids is not None:
@@ -212,28 +253,48 @@ def run_evaluation(
                 for k, v in (("rank1", r1), ("map", ap)):
                     for part, val in M.head_tail(v, is_head, valid).items():
                         scalars[f"{k}_{part}"] = val
-            runs.append({"seed": seed, "method": name, "metrics": scalars, "per_class": per_class,
-                         "train_seconds": round(seconds, 2)})
-            log(f"  seed {seed} {METHOD_LABELS[name]:<26} FC head {100 * scalars['fc_acc_head']:5.1f}"
+            runs.append(
+                {
+                    "seed": seed,
+                    "method": name,
+                    "metrics": scalars,
+                    "per_class": per_class,
+                    "train_seconds": round(seconds, 2),
+                }
+            )
+            log(
+                f"  seed {seed} {METHOD_LABELS[name]:<26} FC head {100 * scalars['fc_acc_head']:5.1f}"
                 f" tail {100 * scalars['fc_acc_tail']:5.1f} | NN head "
                 f"{100 * scalars['nn_acc_head']:5.1f} tail {100 * scalars['nn_acc_tail']:5.1f} "
-                f"({seconds:.0f} s)")
+                f"({seconds:.0f} s)"
+            )
     results = {
         "version": 1,
         "kind": "evaluate",
         "setting": setting_name(cfg),
         "config": asdict(cfg),
-        "data": {"name": data.name, "samples": int(data.x.shape[0]),
-                 "num_classes": data.num_classes, "input_shape": list(data.x.shape[1:]),
-                 "camids": camids is not None, "info": json.loads(json.dumps(data.info, default=str))},
+        "data": {
+            "name": data.name,
+            "samples": int(data.x.shape[0]),
+            "num_classes": data.num_classes,
+            "input_shape": list(data.x.shape[1:]),
+            "camids": camids is not None,
+            "info": json.loads(json.dumps(data.info, default=str)),
+        },
         "splits": splits,
         "methods": list(cfg.methods),
         "labels": {m: METHOD_LABELS[m] for m in cfg.methods},
-        "baselines": {m: BASELINES[m] for m in cfg.methods
-                      if BASELINES[m] is not None and BASELINES[m] in cfg.methods},
+        "baselines": {
+            m: BASELINES[m]
+            for m in cfg.methods
+            if BASELINES[m] is not None and BASELINES[m] in cfg.methods
+        },
         "runs": runs,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads()},
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
         "wall_seconds": round(time.perf_counter() - start, 1),
     }
     if write:

@@ -1,4 +1,5 @@
 """Paired differences over seeds with Student-t 95% intervals."""
+
 from __future__ import annotations
 
 import math
@@ -7,9 +8,38 @@ from typing import Dict, List, Sequence, Tuple
 __all__ = ["t_quantile", "t_interval", "paired_differences"]
 
 # two-sided 95% quantiles t_{0.975, df}, df = 1..30
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+_T975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 
 
 def t_quantile(df: int) -> float:
@@ -20,7 +50,7 @@ def t_quantile(df: int) -> float:
     if df <= 30:
         return _T975[df - 1]
     z = 1.959964
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
 def t_interval(values: Sequence[float]) -> Tuple[float, float, int]:
@@ -46,8 +76,10 @@ def paired_differences(
     seeds = sorted({s for (m, s) in by if m == method and (baseline, s) in by})
     out: Dict[str, Dict[str, object]] = {}
     for k in keys:
-        diffs = [by[(method, s)].get(k, float("nan")) - by[(baseline, s)].get(k, float("nan"))
-                 for s in seeds]
+        diffs = [
+            by[(method, s)].get(k, float("nan")) - by[(baseline, s)].get(k, float("nan"))
+            for s in seeds
+        ]
         mean, half, n = t_interval(diffs)
         out[k] = {"mean": mean, "ci95": half, "n": n, "per_seed": dict(zip(seeds, diffs))}
     return out

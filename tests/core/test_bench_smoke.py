@@ -1,0 +1,167 @@
+"""Smoke subset of the benchmark suite (tiny sizes, a few seconds): every case runs and agrees."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import cases, interleaved, report
+
+pytestmark = pytest.mark.bench_smoke
+B, C, D = 8, 96, 16
+
+
+@pytest.mark.parametrize("margin_type", ["cosface", "arcface"])
+def test_every_case_runs_and_implementations_agree(margin_type):
+    losses = {}
+    for method in cases.METHODS:
+        if method == "pml":
+            pytest.importorskip("pytorch_metric_learning")
+        if method == "fastreid":
+            pytest.importorskip("fastreid.layers.any_softmax")
+        step = cases.make_case(method, B, C, D, margin_type, chunk_size=32)
+        losses[method] = step()
+        assert torch.isfinite(losses[method]), method
+    # same data, same seed: every LEAP implementation gives the same loss, and so does PML
+    # without cloud (fastreid's ArcSoftmax has no clamp: equal here since no angle passes pi)
+    for m in ("leap_reference", "leap_chunked", "pml", "fastreid"):
+        torch.testing.assert_close(losses[m], losses["leap"], atol=1e-5, rtol=1e-5)
+    for m in ("leap_cloud_reference", "leap_cloud_chunked"):
+        torch.testing.assert_close(losses[m], losses["leap_cloud"], atol=1e-5, rtol=1e-5)
+    assert abs(losses["leap_cloud"] - losses["leap"]) > 1e-4  # the cloud is on
+
+
+def test_interleaved_report_and_png(tmp_path):
+    run = {
+        "batch": B,
+        "classes": C,
+        "dim": D,
+        "reps": 2,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": "test",
+        "cpus": 1,
+        "loadavg_before": (0.0, 0, 0),
+        "loadavg_after": (0.0, 0, 0),
+        "results": {},
+    }
+    for mt in ("cosface", "arcface"):
+        run["results"][mt] = interleaved.measure(
+            ["floor", "leap", "leap_cloud"], B, C, D, mt, reps=2
+        )
+        assert run["results"][mt]["floor"]["ratio"] == 1.0
+        assert run["results"][mt]["leap"]["median_ms"] > 0
+    inter = tmp_path / "inter.json"
+    inter.write_text(json.dumps(run))
+    bench = {
+        "datetime": "now",
+        "machine_info": {"cpu": {"brand_raw": "x"}},
+        "benchmarks": [
+            {"group": "g", "name": n, "extra_info": {"method": n}, "stats": {"median": t}}
+            for n, t in (("floor", 0.2), ("leap", 0.1))
+        ],
+    }
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# B\n\nintro\n\n{report.START}\nold\n{report.END}\n\noutro\n")
+    report.main(
+        [
+            "--bench",
+            str(tmp_path / "bench.json"),
+            "--interleaved",
+            str(inter),
+            "--readme",
+            str(readme),
+            "--png",
+            str(tmp_path / "r.png"),
+        ]
+    )
+    text = readme.read_text()
+    assert "intro" in text and "outro" in text and "old" not in text
+    assert "| g | LEAPMarginHead, cloud off (fused) | 100.0 | 0.50 |" in text
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_peak_memory_child_process(tmp_path):
+    out = tmp_path / "mem.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.peak_memory",
+            "--configs",
+            "chunked_cloud",
+            "--classes",
+            "4096",
+            "--batch",
+            "16",
+            "--dim",
+            "32",
+            "--chunk-size",
+            "1024",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    (row,) = json.loads(out.read_text())
+    assert row["status"] == "ok" and row["peak_rss"] >= row["rss_before_step"] > 0
+    assert row["w_bytes"] == 4096 * 32 * 4
+
+
+def test_feature_transfer_benchmark_case():
+    from benchmarks.test_bench_transfer import make_transfer
+
+    ft, stream, counts = make_transfer(samples=3000, dim=16, classes=50, batch=256)
+    ft.update_stats(stream)
+    assert ft.ready and ft.regular.any() and (~ft.regular).any()
+    y_r = torch.nonzero(ft.regular).flatten()[:4]
+    y_t = torch.nonzero(~ft.regular).flatten()[:4]
+    assert ft.transfer(torch.randn(4, 16), y_r, y_t).shape == (4, 16)
+
+
+def test_suite_grid_and_its_tables(tmp_path):
+    """The issue-14 grid (benchmarks/suite.py) at toy size: every method of every setting runs,
+    ratios are per repetition and setting, and the report renders them into both READMEs."""
+    from benchmarks import suite
+
+    pytest.importorskip("pytorch_metric_learning")
+    pytest.importorskip("fastreid.layers.any_softmax")
+    res = suite.run(
+        list(suite.METHODS),
+        ["reid", "face"],
+        ["random", "trained"],
+        [1],
+        8,
+        96,
+        16,
+        reps=1,
+        warmup=0,
+    )
+    rows = res["1"]["face"]["trained"]
+    assert set(rows) == set(suite.METHODS)
+    assert rows["floor"]["x_floor"] == 1.0 and rows["gemm3"]["x_gemm3"] == 1.0
+    assert "x_bare" in rows["pml_leap"] and "x_bare" in rows["fastreid_leap_cloud"]
+    run = {
+        "batch": 8,
+        "classes": 96,
+        "dim": 16,
+        "reps": 1,
+        "torch": torch.__version__,
+        "cpus": 1,
+        "settings": {k: suite.SETTINGS[k] for k in ("reid", "face")},
+        "loadavg_before": (0.0, 0, 0),
+        "loadavg_after": (0.0, 0, 0),
+        "results": res,
+    }
+    (tmp_path / "suite.json").write_text(json.dumps(run))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# R\n\n{report.SPEED_START}\nold\n{report.SPEED_END}\n")
+    report.main(["--suite", str(tmp_path / "suite.json"), "--main-readme", str(readme)])
+    text = readme.read_text()
+    assert "old" not in text and "| 1 | face (s=64, m=0.35) trained |" in text
+    assert "Time / three-GEMM limit" in text

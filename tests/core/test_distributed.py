@@ -1,0 +1,645 @@
+"""torch.distributed tests: CPU, gloo, processes spawned on 127.0.0.1 with a free port.
+
+One spawn per world size (2 and 3 processes) runs every distributed check in turn, since
+starting processes costs far more than the checks. A check failing on any rank fails the test
+with that rank's traceback; the whole spawn is bounded by ``SPAWN_TIMEOUT``. Every reference is
+computed on each rank from the batches of *all* ranks, which every rank can regenerate.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from datetime import timedelta
+from typing import Dict, List, Sequence, Tuple
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from conftest import free_port
+from feature_cloud import ClassStatistics, LEAPMarginHead
+from feature_cloud import functional as FC
+from feature_cloud.distributed import (
+    ShardedLEAPMarginHead,
+    SyncedClassStatistics,
+    consolidate_state_dicts,
+    even_shard_sizes,
+    gather_batch,
+    split_state_dict,
+    synchronize,
+)
+from feature_cloud.fused import cloud_angles
+from feature_cloud.noise import noise_key
+
+C, D, IN = 7, 5, 6
+COUNTS = [2, 1, 3, 1, 2, 1, 4]  # small ring capacities: the memory wraps within a few steps
+SPAWN_TIMEOUT = 150.0
+
+# per-rank batch sizes of each step (cut to the world size): equal, uneven with an empty rank,
+# uneven, all empty, equal again
+SCHEDULE = [[4, 4, 4], [5, 0, 3], [2, 6, 1], [0, 0, 0], [3, 3, 3]]
+
+
+# --------------------------------------------------------------------------------------------
+# data and comparisons
+# --------------------------------------------------------------------------------------------
+
+
+def _batches(
+    step: int,
+    sizes: Sequence[int],
+    dim: int = D,
+    classes: int = C,
+    seed: int = 0,
+    ignored: float = 0.15,
+) -> List[Tuple[Tensor, Tensor]]:
+    """The batch of every rank at ``step``; the same on every rank. A share ``ignored`` of the
+    labels is -1."""
+    g = torch.Generator().manual_seed(1000 * seed + step)
+    out = []
+    for n in sizes:
+        x = torch.randn(n, dim, generator=g)
+        y = torch.randint(0, classes, (n,), generator=g)
+        y = torch.where(torch.rand(n, generator=g) < ignored, torch.full_like(y, -1), y)
+        out.append((x, y))
+    return out
+
+
+def _cat(batches):
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def _pad_cat(batches, dim=D):
+    """Global batch as the sharded head sees it: every rank padded to the largest size."""
+    p = max(b[0].shape[0] for b in batches)
+    xs, ys = [], []
+    for x, y in batches:
+        xs.append(torch.cat([x, x.new_zeros(p - x.shape[0], x.shape[1])]))
+        ys.append(torch.cat([y, y.new_full((p - y.shape[0],), -1)]))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _tensors(state: Dict) -> Dict[str, Tensor]:
+    return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _assert_replicated(state: Dict, what: str) -> None:
+    """Bit-identical on every rank."""
+    mine = _tensors(state)
+    states: List = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    for r, other in enumerate(states):
+        for k, v in mine.items():
+            assert torch.equal(other[k], v), f"{what}: {k} differs between rank {r} and this rank"
+
+
+# An angle to a center is acos(cos) with cos near 1 for samples close to their center (a class
+# with one sample in the batch): an input rounding of 1 ulp moves it by up to sqrt(2 eps_f32),
+# about 5e-4 rad. Where features come from different GEMM shapes (DDP vs one process) the angle
+# buffers can therefore only agree to that; centers and weights agree to 1e-5.
+_ANGLE_KEYS = ("memory", "angle_sum", "angle_sqsum")
+_ACOS_ATOL = 2 * math.sqrt(2 * torch.finfo(torch.float32).eps)
+
+
+def _assert_close_states(
+    got: Dict, want: Dict, what: str, atol: float = 1e-6, angle_atol: float = 0.0
+) -> None:
+    got, want = _tensors(got), _tensors(want)
+    assert got.keys() == want.keys(), what
+    for k in want:
+        a, b = got[k], want[k]
+        if a.is_floating_point():
+            tol = max(atol, angle_atol) if k.endswith(_ANGLE_KEYS) else atol
+            torch.testing.assert_close(a, b, atol=tol, rtol=1e-5, msg=lambda m: f"{what}: {k}: {m}")
+        else:
+            assert torch.equal(a, b), f"{what}: {k}"
+
+
+def _close(a: Tensor, b: Tensor, msg: str, tol: float = 1e-5) -> None:
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=msg)
+
+
+# --------------------------------------------------------------------------------------------
+# checks, each run on every rank of the spawned group
+# --------------------------------------------------------------------------------------------
+
+
+def check_synced_statistics(rank: int, world: int) -> None:
+    """Identical statistics on all ranks, equal to one process fed the concatenated batches,
+    with uneven, empty and class-less per-rank batches, with and without ``pad_to``."""
+    for pad_to in (None, 6):
+        stats = SyncedClassStatistics(C, D, class_counts=COUNTS, pad_to=pad_to)
+        ref = ClassStatistics(C, D, class_counts=COUNTS)
+        assert stats.collective and stats.noise_stream == rank
+        for step, sizes in enumerate(SCHEDULE):
+            batches = _batches(step, sizes[:world])
+            stats.update(*batches[rank])
+            ref.update(*_cat(batches))
+        assert int(ref.memory_fill.sum()) > 0
+        _assert_replicated(stats.state_dict(), "synced statistics")
+        _assert_close_states(stats.state_dict(), ref.state_dict(), "synced vs single process")
+
+    # a NaN on one rank raises on every rank (no rank left blocked) and changes nothing
+    before = copy.deepcopy(stats.state_dict())
+    x, y = _batches(9, [3] * world)[rank]
+    if rank == world - 1:
+        x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        stats.update(x, y)
+    _assert_close_states(stats.state_dict(), before, "state after a rejected batch", atol=0)
+    with pytest.raises(ValueError, match="pad_to"):
+        stats.update(torch.randn(7, D), torch.zeros(7, dtype=torch.long))  # only if all ranks do
+
+
+def check_synced_head(rank: int, world: int) -> None:
+    """A synchronised head inside a training loop: statistics replicated and equal to the
+    single-process reference (online class counts during warm-up, uneven and empty batches);
+    the cloud differs per rank and is reproducible."""
+    torch.manual_seed(0)
+    head = LEAPMarginHead(D, C, warmup_steps=2, seed=3)  # synchronised by default (sync="auto")
+    ref = ClassStatistics(C, D)
+    for step, sizes in enumerate(SCHEDULE):
+        batches = _batches(step, sizes[:world])
+        x, y = batches[rank]
+        x = x.clone().requires_grad_()
+        head(x, y).backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+        if ref.counting and step >= 2:
+            ref.allocate_memory()
+        ref.update(*_cat(batches))
+    assert head.step == len(SCHEDULE) and head.cloud_active
+    _assert_replicated(head.statistics.state_dict(), "head statistics")
+    _assert_close_states(head.statistics.state_dict(), ref.state_dict(), "head vs reference")
+    assert torch.equal(head.statistics.class_counts, ref.class_counts)
+
+    # same batch on every rank: the clouds (hence the losses) differ between ranks, and a second
+    # head with the same seed reproduces them
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        h = synchronize(LEAPMarginHead(D, C, class_counts=[6] * C, seed=4))
+        x, y = _batches(20, [8])[0]
+        y = y.clamp_min(0)
+        for _ in range(3):  # fill the memory so that the cloud has a variance
+            loss = h(x, y)
+        losses.append(loss.detach())
+    assert torch.equal(losses[0], losses[1])
+    everyone = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(everyone, losses[0])
+    assert len({float(v) for v in everyone}) == world, f"ranks drew the same cloud: {everyone}"
+
+
+def _dense_reference(
+    weight: Tensor, x: Tensor, y: Tensor, margin_type: str, scale: float, margin: float, alpha=None
+) -> Tensor:
+    cos = FC.cosine_logits(x, weight)
+    logits = FC.margin_logits(
+        cos, y, margin_type=margin_type, scale=scale, margin=margin, alpha=alpha
+    )
+    return FC.margin_cross_entropy(logits, y)
+
+
+def check_sharded_head(rank: int, world: int) -> None:
+    """Loss and gradients of the sharded head equal the dense LEAPMarginHead (within 1e-5) on
+    the concatenated batch, for both margins, even and uneven shards, empty rank batches."""
+    custom = [1, C - 1] if world == 2 else [1, 4, 2]
+    for margin_type in ("cosface", "arcface"):
+        for sizes_cls in (None, custom):
+            torch.manual_seed(0)
+            dense = LEAPMarginHead(D, C, margin_type, cloud=None, seed=5)
+            sharded = ShardedLEAPMarginHead(
+                D, C, margin_type, cloud=None, seed=5, shard_sizes=sizes_cls, ddp_backbone=False
+            )
+            sharded.load_state_dict(split_state_dict(dense.state_dict(), world, sizes_cls)[rank])
+            lo, hi = sharded.shard_start, sharded.shard_end
+            for step, sizes in enumerate(SCHEDULE):
+                batches = _batches(step, sizes[:world])
+                xa, ya = _cat(batches)
+                xa.requires_grad_()
+                loss_d = dense(xa, ya)
+                gx_d, gw_d = torch.autograd.grad(loss_d, [xa, dense.weight])
+                x, y = batches[rank]
+                x = x.clone().requires_grad_()
+                loss_s = sharded(x, y)
+                gx_s, gw_s = torch.autograd.grad(loss_s, [x, sharded.weight])
+                start = sum(sizes[:rank])
+                what = f"{margin_type} shards={sizes_cls} step {step}"
+                _close(loss_s, loss_d, f"loss {what}")
+                _close(gw_s, gw_d[lo:hi], f"weight grad {what}")
+                _close(gx_s, gx_d[start : start + x.shape[0]], f"embedding grad {what}")
+
+    # ddp_backbone (default) scales the embeddings' gradient by world_size
+    torch.manual_seed(0)
+    dense = LEAPMarginHead(D, C, cloud=None, seed=5)
+    sharded = ShardedLEAPMarginHead(D, C, cloud=None, seed=5, pad_to=4)
+    sharded.load_state_dict(split_state_dict(dense.state_dict(), world)[rank])
+    batches = _batches(0, [4] * world)
+    xa, ya = _cat(batches)
+    xa.requires_grad_()
+    (gx_d,) = torch.autograd.grad(dense(xa, ya), [xa])
+    x = batches[rank][0].clone().requires_grad_()
+    (gx_s,) = torch.autograd.grad(sharded(x, batches[rank][1]), [x])
+    _close(gx_s, world * gx_d[4 * rank : 4 * rank + 4], "ddp_backbone embedding grad")
+
+
+def check_sharded_cloud_and_checkpoints(rank: int, world: int) -> None:
+    """With the feature cloud: loss and gradients equal the dense computation with the dense
+    head's counter-based cloud (every shard draws its columns of it); replicated statistics equal
+    the single-process ones.
+    Then: consolidate to a LEAPMarginHead checkpoint and split back."""
+    torch.manual_seed(0)
+    dense = LEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=8)
+    weight = dense.weight.detach().clone().requires_grad_()
+    sharded = ShardedLEAPMarginHead(
+        D, C, "arcface", class_counts=COUNTS, seed=8, ddp_backbone=False
+    )
+    sharded.load_state_dict(split_state_dict(dense.state_dict(), world)[rank])
+    lo, hi = sharded.shard_start, sharded.shard_end
+    ref = ClassStatistics(C, D, class_counts=COUNTS)
+    for step, sizes in enumerate(SCHEDULE):
+        batches = _batches(step, sizes[:world])
+        ref.update(*_cat(batches))
+        xp, yp = _pad_cat(batches)
+        xp.requires_grad_()
+        std = ref.cloud_variance()[yp.clamp_min(0)].sqrt()
+        alpha = cloud_angles(std, C, noise_key(torch.tensor(8), torch.tensor(step)))
+        loss_d = _dense_reference(weight, xp, yp, "arcface", dense.scale, dense.margin, alpha)
+        gx_d, gw_d = torch.autograd.grad(loss_d, [xp, weight])
+        x, y = batches[rank]
+        x = x.clone().requires_grad_()
+        loss_s = sharded(x, y)
+        gx_s, gw_s = torch.autograd.grad(loss_s, [x, sharded.weight])
+        p = max(sizes[:world])
+        _close(loss_s, loss_d, f"cloud loss step {step}")
+        _close(gw_s, gw_d[lo:hi], f"cloud weight grad step {step}")
+        _close(gx_s, gx_d[p * rank : p * rank + x.shape[0]], f"cloud embedding grad step {step}")
+        with torch.no_grad():
+            weight -= 0.5 * gw_d
+            sharded.weight -= 0.5 * gw_s
+    assert float(ref.cloud_variance().max()) > 0
+    _assert_replicated(sharded.statistics.state_dict(), "sharded statistics")
+    _assert_close_states(sharded.statistics.state_dict(), ref.state_dict(), "sharded statistics")
+
+    # checkpoints: every rank saves its shard; consolidate, load into the dense head, split back
+    shards: List = [None] * world
+    dist.all_gather_object(shards, sharded.state_dict())
+    full = consolidate_state_dicts(shards)
+    single = LEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=0)
+    single.load_state_dict(full)
+    _close(single.weight.detach(), weight.detach(), "consolidated weight")
+    assert single.step == sharded.step and single.seed == 8
+    _assert_close_states(single.statistics.state_dict(), ref.state_dict(), "consolidated stats")
+    with pytest.raises(ValueError, match="rank order"):
+        consolidate_state_dicts(shards[::-1])
+    again = ShardedLEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=0)
+    again.load_state_dict(split_state_dict(single.state_dict(), world)[rank])
+    got, want = again.state_dict(), sharded.state_dict()
+    assert int(got["feature_cloud.step"]) == int(want["feature_cloud.step"]) == len(SCHEDULE)
+    assert all(isinstance(v, torch.Tensor) for v in got.values())
+    _assert_close_states(got, want, "split back", atol=0)
+    # a rank resuming from its own shard continues the same counter-based cloud
+    resumed = ShardedLEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=0)
+    resumed.load_state_dict(shards[rank])
+    x, y = _batches(30, [4] * world)[rank]
+    torch.testing.assert_close(resumed(x, y), sharded(x, y), rtol=0, atol=0)
+
+
+def check_negative_sampling(rank: int, world: int) -> None:
+    """PartialFC-style sampling: each shard keeps every positive class and k classes in all;
+    the loss is exactly the dense softmax restricted to the kept classes."""
+    classes = 40
+    torch.manual_seed(0)
+    dense = LEAPMarginHead(D, classes, cloud=None, seed=2)
+    sharded = ShardedLEAPMarginHead(
+        D, classes, cloud=None, seed=2, sample_rate=0.5, ddp_backbone=False
+    )
+    sharded.load_state_dict(split_state_dict(dense.state_dict(), world)[rank])
+    batches = _batches(0, [2] * world, classes=classes)
+    x, y = batches[rank]
+    loss = sharded(x, y)
+    (gw,) = torch.autograd.grad(loss, [sharded.weight])
+    kept = (gw.abs().sum(1) > 0).nonzero().squeeze(1) + sharded.shard_start
+    c_r = sharded.shard_end - sharded.shard_start
+    assert kept.numel() == min(c_r, max(math.ceil(0.5 * c_r), 2 * world)) < c_r
+    everyone: List = [None] * world
+    dist.all_gather_object(everyone, kept)
+    kept_all = torch.cat(everyone)
+    xa, ya = _cat(batches)
+    positives = ya[ya >= 0].unique()
+    assert torch.isin(positives, kept_all).all(), "a positive class was not sampled"
+    with torch.no_grad():
+        cos = FC.cosine_logits(xa, dense.weight)
+        logits = FC.margin_logits(cos, ya, scale=dense.scale, margin=dense.margin)[:, kept_all]
+        remap = torch.full((classes,), -1, dtype=torch.long)
+        remap[kept_all] = torch.arange(kept_all.numel())
+        want = FC.margin_cross_entropy(logits, torch.where(ya >= 0, remap[ya.clamp_min(0)], ya))
+        exact = dense(xa, ya)
+    _close(loss.detach(), want, "sampled loss")
+    assert loss < exact
+    sharded.eval()  # no sampling outside training
+    with torch.no_grad():
+        _close(sharded(x, y), exact, "eval loss uses every class")
+
+
+class _Net(nn.Module):
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(IN, D)
+        self.head = head
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.head(self.backbone(x), y)
+
+
+def check_ddp_training(rank: int, world: int) -> None:
+    """Three SGD steps of a tiny model in DDP (buffers broadcast or not, as fastreid) equal the
+    single-process run on the concatenated batches with the ranks' clouds side by side.
+
+    DDP averages the ranks' mean losses, which is the global mean only when every rank has as
+    many valid labels: the batches here have no ignored labels."""
+    # fastreid's setting (False) at both world sizes, DDP's default (True) at two ranks
+    for broadcast_buffers in (False, True) if world == 2 else (False,):
+        torch.manual_seed(0)
+        net = _Net(LEAPMarginHead(D, C, class_counts=COUNTS, seed=11))
+        ref = copy.deepcopy(net)
+        ref.head.feature_cloud.statistics = ClassStatistics(C, D, class_counts=COUNTS)  # 1 process
+        model = DDP(_Net(net.head), broadcast_buffers=broadcast_buffers)
+        model.module.backbone.load_state_dict(net.backbone.state_dict())
+        # no synchronize(): the statistics follow the process group by default (sync="auto")
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+        for step in range(3):
+            batches = _batches(step, [4] * world, dim=IN, ignored=0.0)
+            x, y = batches[rank]
+            opt.zero_grad()
+            model(x, y).backward()
+            opt.step()
+            xa, ya = _cat(batches)
+            f = ref.backbone(xa)
+            ref.head.statistics.update(f.detach(), ya)
+            std = ref.head.statistics.cloud_variance()[ya.clamp_min(0)].sqrt()
+            # each rank draws the counter-based cloud of its own stream (the rank)
+            alpha = torch.cat(
+                [
+                    cloud_angles(
+                        std[4 * r : 4 * r + 4],
+                        C,
+                        noise_key(torch.tensor(11), torch.tensor(step), r),
+                    )
+                    for r in range(world)
+                ]
+            )
+            ref_opt.zero_grad()
+            _dense_reference(
+                ref.head.weight, f, ya, "cosface", ref.head.scale, ref.head.margin, alpha
+            ).backward()
+            ref_opt.step()
+        what = f"DDP broadcast_buffers={broadcast_buffers}"
+        assert float(ref.head.statistics.cloud_variance().max()) > 0
+        _assert_replicated(model.module.state_dict(), what)
+        assert model.module.head.step == 3
+        ref.head.feature_cloud.step.fill_(3)  # the reference never ran the head's forward
+        _assert_close_states(
+            model.module.state_dict(), ref.state_dict(), what, atol=1e-5, angle_atol=_ACOS_ATOL
+        )
+
+
+def check_sharded_ddp_training(rank: int, world: int) -> None:
+    """DDP backbone + sharded head (not in DDP) for three steps equals the single-process dense
+    run; the consolidated head equals the reference head."""
+    torch.manual_seed(0)
+    ref = _Net(LEAPMarginHead(D, C, class_counts=COUNTS, seed=12, sync="off"))
+    backbone = DDP(copy.deepcopy(ref.backbone))
+    head = ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=12)
+    head.load_state_dict(split_state_dict(ref.head.state_dict(), world)[rank])
+    opt = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.5)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    for step in range(3):
+        batches = _batches(step, [4] * world, dim=IN)
+        x, y = batches[rank]
+        opt.zero_grad()
+        head(backbone(x), y).backward()
+        opt.step()
+        xa, ya = _cat(batches)
+        f = ref.backbone(xa)
+        ref.head.statistics.update(f.detach(), ya)
+        std = ref.head.statistics.cloud_variance()[ya.clamp_min(0)].sqrt()
+        alpha = cloud_angles(std, C, noise_key(torch.tensor(12), torch.tensor(step)))
+        ref_opt.zero_grad()
+        _dense_reference(
+            ref.head.weight, f, ya, "cosface", ref.head.scale, ref.head.margin, alpha
+        ).backward()
+        ref_opt.step()
+    _assert_close_states(
+        backbone.module.state_dict(), ref.backbone.state_dict(), "backbone", atol=1e-5
+    )
+    shards: List = [None] * world
+    dist.all_gather_object(shards, head.state_dict())
+    _close(consolidate_state_dicts(shards)["weight"], ref.head.weight.detach(), "head weight")
+
+
+def check_pml_wrapper(rank: int, world: int) -> None:
+    """Inside PML's
+    ``DistributedLossWrapper`` around ``integrations.pml.LEAPLoss`` (the wrapper hands every rank
+    the gathered batch, own rank first) the statistics are replicated and equal the reference,
+    without any synchronize() call; the same for a LEAPLoss called on each rank's own batch."""
+    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    torch.manual_seed(0)
+    loss = LEAPLoss(C, D, class_counts=COUNTS, seed=6)
+    direct = LEAPLoss(C, D, class_counts=COUNTS, seed=6)  # not wrapped: gathers by itself
+    assert loss.statistics.noise_stream == rank
+    loss_fn = DistributedLossWrapper(loss)
+    ref = ClassStatistics(C, D, class_counts=COUNTS)
+    for step in range(4):
+        batches = _batches(step, [4] * world, ignored=0.0)
+        x, y = batches[rank]
+        x = x.clone().requires_grad_()
+        loss_fn(x, y).backward()
+        assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+        assert loss.statistics.batch == "pml_gathered" and not loss.statistics.collective
+        direct(x.detach(), y)
+        assert direct.statistics.batch == "local"
+        ref.update(*_cat(batches))
+    for what, module in (("PML wrapper", loss), ("PML direct", direct)):
+        assert module.step == 4
+        _assert_replicated(module.statistics.state_dict(), what)
+        _assert_close_states(module.statistics.state_dict(), ref.state_dict(), what)
+
+
+def check_gather_batch(rank: int, world: int) -> None:
+    """Padding layout and the differentiable gather's backward (sum over ranks, scaled)."""
+    sizes = [3, 0, 2][:world]
+    x = torch.full((sizes[rank], 2), float(rank + 1), requires_grad=True)
+    y = torch.full((sizes[rank],), rank, dtype=torch.long)
+    xa, ya = gather_batch(x, y, differentiable=True, grad_scale=2.0)
+    assert xa.shape == (3 * world, 2)
+    want = torch.cat(
+        [torch.cat([torch.full((n,), r), torch.full((3 - n,), -1)]) for r, n in enumerate(sizes)]
+    )
+    assert torch.equal(ya, want)
+    (xa * (rank + 1)).sum().backward()  # every rank's "loss" weights all rows by rank + 1
+    total = sum(r + 1 for r in range(world))
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0 * total))
+
+
+CHECKS = [
+    "check_gather_batch",
+    "check_synced_statistics",
+    "check_synced_head",
+    "check_sharded_head",
+    "check_sharded_cloud_and_checkpoints",
+    "check_negative_sampling",
+    "check_ddp_training",
+    "check_sharded_ddp_training",
+]
+#: PML's DistributedLossWrapper: 2 ranks (the usual setting) and 3, where its rotated order is
+#: not trivial
+CHECKS_PML = ["check_pml_wrapper"]
+
+
+# --------------------------------------------------------------------------------------------
+# spawning
+# --------------------------------------------------------------------------------------------
+
+
+def _worker(rank: int, world: int, port: int, checks: Sequence[str]) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        for name in checks:
+            globals()[name](rank, world)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, checks: Sequence[str]) -> None:
+    ctx = mp.start_processes(
+        _worker,
+        args=(world, free_port(), list(checks)),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + SPAWN_TIMEOUT
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"distributed checks with {world} processes exceeded {SPAWN_TIMEOUT} s")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_checks(world: int) -> None:
+    _spawn(world, CHECKS + CHECKS_PML)
+
+
+# --------------------------------------------------------------------------------------------
+# no process group
+# --------------------------------------------------------------------------------------------
+
+
+def test_synchronize_without_process_group_is_the_plain_head() -> None:
+    torch.manual_seed(0)
+    plain = LEAPMarginHead(D, C, class_counts=COUNTS, seed=1)
+    synced = synchronize(copy.deepcopy(plain))
+    assert isinstance(synced.statistics, SyncedClassStatistics)
+    assert not synced.statistics.collective and synced.statistics.noise_stream == 0
+    for step, sizes in enumerate(SCHEDULE):
+        x, y = _cat(_batches(step, sizes))
+        torch.testing.assert_close(synced(x, y), plain(x, y), rtol=0, atol=0)
+    _assert_close_states(synced.state_dict(), plain.state_dict(), "no group", atol=0)
+
+
+def test_sharded_head_on_one_process_is_the_dense_head() -> None:
+    torch.manual_seed(0)
+    dense = LEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=9)
+    sharded = ShardedLEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=9)
+    assert (sharded.rank, sharded.world_size, sharded.shard_end) == (0, 1, C)
+    sharded.load_state_dict(split_state_dict(dense.state_dict(), 1)[0])
+    for step, sizes in enumerate(SCHEDULE):
+        x, y = _cat(_batches(step, sizes))
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g1 = torch.autograd.grad(dense(x1, y), [x1, dense.weight])
+        g2 = torch.autograd.grad(sharded(x2, y), [x2, sharded.weight])
+        for a, b in zip(g1, g2):
+            _close(a, b, f"step {step}")
+    full = consolidate_state_dicts([sharded.state_dict()])
+    _assert_close_states(full, dense.state_dict(), "consolidated", atol=1e-6)
+
+
+def test_split_and_consolidate_round_trip_with_uneven_shards() -> None:
+    torch.manual_seed(0)
+    dense = LEAPMarginHead(D, C, class_counts=COUNTS, seed=3)
+    dense(*_cat(_batches(0, [6])))  # a step: statistics and step count
+    state = {"heads." + k: v for k, v in dense.state_dict().items()}
+    state["backbone.weight"] = torch.ones(2)
+    shards = split_state_dict(state, 3, shard_sizes=[1, 4, 2], prefix="heads.")
+    assert [s["heads.weight"].shape[0] for s in shards] == [1, 4, 2]
+    assert [int(s["heads.shard_rank"]) for s in shards] == [0, 1, 2]
+    back = consolidate_state_dicts(shards, prefix="heads.")
+    restored = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    restored.load_state_dict({k[6:]: v for k, v in back.items() if k.startswith("heads.")})
+    _assert_close_states(restored.state_dict(), dense.state_dict(), "round trip", atol=0)
+    x, y = _cat(_batches(1, [6]))
+    torch.testing.assert_close(restored(x, y), dense(x, y), rtol=0, atol=0)  # same cloud
+    key = "heads.feature_cloud.statistics.centers"
+    shards[1][key] = shards[1][key] + 1
+    with pytest.raises(ValueError, match="replicated"):
+        consolidate_state_dicts(shards, prefix="heads.")
+    with pytest.raises(ValueError, match="already a shard"):
+        split_state_dict(shards[0], 2, prefix="heads.")
+    with pytest.raises(ValueError, match="no sharded head"):
+        consolidate_state_dicts([dense.state_dict()])
+    with pytest.raises(ValueError, match="summing"):
+        split_state_dict(dense.state_dict(), 2, shard_sizes=[3, 3])
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="batch"):
+        SyncedClassStatistics(C, D, batch="global")
+    with pytest.raises(TypeError, match="LEAPMarginHead"):
+        synchronize(nn.Linear(2, 2))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sample_rate"):
+        ShardedLEAPMarginHead(D, C, cloud=None, sample_rate=0.0)
+    with pytest.raises(ValueError, match="class_counts"):
+        ShardedLEAPMarginHead(D, C)
+    with pytest.raises(ValueError, match="every rank"):
+        even_shard_sizes(2, 3)
+    head = ShardedLEAPMarginHead(D, C, cloud=None)
+    with pytest.raises(ValueError, match=r"\[0, 7\)"):
+        head(torch.randn(2, D), torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="holds"):
+        head.load_state_dict({**head.state_dict(), "weight": torch.zeros(3, D)})
+
+
+def test_ignored_rows_do_not_change_the_statistics() -> None:
+    """The padding rows (label -1) of a gathered batch leave the update unchanged wherever
+    they sit (regression: a trailing -1 row used to undo the update of class 0)."""
+    x, y = _cat(_batches(3, [9]))
+    y = y.clamp_min(0)
+    y[:3] = 0
+    a = ClassStatistics(C, D, class_counts=COUNTS)
+    b = ClassStatistics(C, D, class_counts=COUNTS)
+    a.update(x, y)
+    pad_x = torch.cat([x[:4], torch.zeros(2, D), x[4:], torch.zeros(1, D)])
+    pad_y = torch.cat([y[:4], torch.full((2,), -1), y[4:], torch.full((1,), -1)])
+    b.update(pad_x, pad_y)
+    _assert_close_states(b.state_dict(), a.state_dict(), "padded update")

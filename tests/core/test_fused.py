@@ -1,0 +1,621 @@
+"""Fused and chunked margin loss (feature_cloud.fused) against the reference functional pipeline."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import loss_and_grads
+from feature_cloud import LEAPMarginHead, fused
+from feature_cloud import functional as FC
+from feature_cloud.noise import noise_key
+
+B, D, C = 24, 8, 37
+
+
+def _data(dtype=torch.float32, seed=0, b=B, c=C, ignore=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, D, generator=g, dtype=dtype)
+    W = torch.randn(c, D, generator=g, dtype=dtype)
+    y = torch.randint(0, c, (b,), generator=g)
+    if ignore and b > 3:
+        y[3] = -1
+    return x, W, y
+
+
+def _reference(x, W, y, margin_type, scale, margin, alpha, reduction="mean"):
+    cos = FC.cosine_logits(x, W)
+    logits = FC.margin_logits(
+        cos, y, margin_type=margin_type, scale=scale, margin=margin, alpha=alpha
+    )
+    return FC.margin_cross_entropy(logits, y, reduction)
+
+
+@pytest.mark.parametrize("margin_type", ["cosface", "arcface"])
+@pytest.mark.parametrize("cloud", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_reference_values_and_grads(margin_type, cloud, chunk_size, dtype):
+    x, W, y = _data(dtype)
+    scale = 24.0 if margin_type == "cosface" else 16.0
+    std = noise = alpha = None
+    if cloud:
+        std = torch.rand(B, generator=torch.Generator().manual_seed(1), dtype=dtype) * 0.8
+        std[1] = 0.0  # a sample whose class has no cloud
+        noise = torch.randn(C, B, generator=torch.Generator().manual_seed(2))
+        alpha = noise.t().to(dtype) * std.unsqueeze(1)
+    tol = 2e-6 if dtype == torch.float32 else 1e-12
+    for reduction in ("mean", "sum", "none"):
+        ref = loss_and_grads(
+            lambda a, w: _reference(a, w, y, margin_type, scale, 0.2, alpha, reduction), x, W
+        )
+        got = loss_and_grads(
+            lambda a, w: fused.margin_loss(
+                a,
+                w,
+                y,
+                margin_type=margin_type,
+                scale=scale,
+                margin=0.2,
+                noise_std=std,
+                noise=noise,
+                reduction=reduction,
+                chunk_size=chunk_size,
+                block=4,
+            ),
+            x,
+            W,
+        )
+        for r, g in zip(ref, got):
+            assert r.dtype == g.dtype
+            torch.testing.assert_close(g, r, atol=tol * 5, rtol=tol)
+        assert torch.all(got[0].reshape(-1)[3:4] == 0) or reduction != "none"
+
+
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_large_scale_matches_reference(chunk_size):
+    """s = 64 (face setting): the per-row log-sum-exp shift and the exponent floor keep parity."""
+    x, W, y = _data()
+    std = torch.full((B,), 0.3)
+    noise = torch.randn(C, B, generator=torch.Generator().manual_seed(2))
+    for mt in ("cosface", "arcface"):
+        ref = loss_and_grads(
+            lambda a, w: _reference(a, w, y, mt, 64.0, 0.35, noise.t() * std[:, None]), x, W
+        )
+        got = loss_and_grads(
+            lambda a, w: fused.margin_loss(
+                a,
+                w,
+                y,
+                margin_type=mt,
+                scale=64.0,
+                margin=0.35,
+                noise_std=std,
+                noise=noise,
+                chunk_size=chunk_size,
+                block=4,
+            ),
+            x,
+            W,
+        )
+        for r, g in zip(ref, got):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-6)
+
+
+def _trained_like(b=64, c=2000, d=64, cos_target=0.66, seed=0):
+    """Features = class weight direction (cos ~0.66 to the target) + orthogonal noise, as after
+    some training; random negatives. Returns ``(x, W, y)``."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(c, d, generator=g) * 0.05
+    y = torch.randint(0, c, (b,), generator=g)
+    wd = torch.nn.functional.normalize(W, dim=1)[y]
+    n = torch.randn(b, d, generator=g)
+    n = torch.nn.functional.normalize(n - (n * wd).sum(1, keepdim=True) * wd, dim=1)
+    x = cos_target * wd + (1 - cos_target**2) ** 0.5 * n
+    return x * 3.0, W, y
+
+
+def _random_batch(b=64, c=2000, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(b, d, generator=g),
+        torch.randn(c, d, generator=g) * 0.05,
+        torch.randint(0, c, (b,), generator=g),
+    )
+
+
+_DATA = {"trained": _trained_like, "random": _random_batch}
+
+
+class _Subnormals(TorchDispatchMode):
+    """Counts subnormal floats in the output of every op (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = {}
+
+    UNINITIALISED = {"empty", "empty_like", "new_empty", "empty_strided", "resize_"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in self.UNINITIALISED:
+            return out
+        returns = func._schema.returns
+        for i, t in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
+            alias = returns[i].alias_info if i < len(returns) else None
+            if alias is not None and not alias.is_write:  # a view: its base was checked
+                continue
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                a = t.detach().abs()
+                n = int(((a > 0) & (a < torch.finfo(t.dtype).tiny)).sum())
+                if n:
+                    name = func.overloadpacket.__name__
+                    self.found[name] = self.found.get(name, 0) + n
+        return out
+
+
+@pytest.mark.parametrize("data", sorted(_DATA))
+@pytest.mark.parametrize("chunk_size", [None, 512])
+def test_no_subnormal_intermediates_at_face_scale(data, chunk_size):
+    """s = 64, m = 0.35, cloud std 0.28: no op of the forward or backward writes a subnormal
+    float (they slow CPU GEMMs ~8x and exp ~30x); the saved buffer in particular."""
+    x, W, y = _DATA[data]()
+    for margin_type in ("cosface", "arcface"):
+        for std in (None, torch.full((x.shape[0],), 0.28)):
+            xx, WW = x.clone().requires_grad_(True), W.clone().requires_grad_(True)
+            with _Subnormals() as watch:
+                loss = fused.margin_loss(
+                    xx,
+                    WW,
+                    y,
+                    margin_type=margin_type,
+                    scale=64.0,
+                    margin=0.35,
+                    noise_std=std,
+                    chunk_size=chunk_size,
+                    generator=torch.Generator().manual_seed(0),
+                    block=256,
+                )
+                loss.backward()
+            assert watch.found == {}, (margin_type, std is not None, watch.found)
+
+
+def test_subnormal_watch_can_fail():
+    with _Subnormals() as watch:
+        torch.exp(torch.full((4,), -95.0))
+    assert watch.found == {"exp": 4}
+
+
+def _upstream_scaled_grads(x, W, y, dtype, scale, std, chunk_size, upstream=65536.0):
+    xx, WW = x.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    ctx = (
+        torch.autocast("cpu", dtype=dtype)
+        if dtype is not None
+        else torch.autocast("cpu", enabled=False)
+    )
+    with ctx:
+        loss = fused.margin_loss(
+            xx,
+            WW,
+            y,
+            scale=scale,
+            margin=0.35,
+            noise_std=std,
+            noise=None
+            if std is None
+            else torch.randn(W.shape[0], x.shape[0], generator=torch.Generator().manual_seed(3)),
+            chunk_size=chunk_size,
+            block=256,
+        )
+    (loss * upstream).backward()  # what GradScaler does
+    return loss.detach(), xx.grad / upstream, WW.grad / upstream
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [24.0, 64.0])
+@pytest.mark.parametrize("chunk_size", [None, 512])
+def test_half_precision_autocast_finite_with_gradscaler_upstream(dtype, scale, chunk_size):
+    """fp16 / bf16 autocast with a GradScaler-sized upstream gradient: finite loss and gradients
+    close to float32 (not just finite: an underflowed, all-zero gradient fails too)."""
+    for data in sorted(_DATA):
+        x, W, y = _DATA[data]()
+        for std in (None, torch.full((x.shape[0],), 0.28)):
+            ref = _upstream_scaled_grads(x, W, y, None, scale, std, chunk_size)
+            got = _upstream_scaled_grads(x, W, y, dtype, scale, std, chunk_size)
+            for r, g in zip(ref, got):
+                assert torch.isfinite(g).all(), (data, std is not None)
+                err = (g.float() - r).norm() / r.norm().clamp_min(1e-12)
+                assert err < (0.03 if dtype == torch.float16 else 0.1), (
+                    data,
+                    std is not None,
+                    float(err),
+                )
+
+
+@pytest.mark.parametrize("margin_type", ["cosface", "arcface"])
+@pytest.mark.parametrize("cloud", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_gradcheck_float64(margin_type, cloud, chunk_size):
+    b, c = 5, 11
+    x, W, y = _data(torch.float64, seed=3, b=b, c=c)
+    std = torch.full((b,), 0.5, dtype=torch.float64) if cloud else None
+    noise = torch.randn(c, b, generator=torch.Generator().manual_seed(4)) if cloud else None
+    x.requires_grad_(True)
+    W.requires_grad_(True)
+
+    def fn(a, w):
+        return fused.margin_loss(
+            a,
+            w,
+            y,
+            margin_type=margin_type,
+            scale=4.0,
+            margin=0.3,
+            noise_std=std,
+            noise=noise,
+            chunk_size=chunk_size,
+            block=2,
+            reduction="none",
+        )
+
+    assert torch.autograd.gradcheck(fn, (x, W), eps=1e-6, atol=1e-6)
+
+
+def test_cloud_cosine_matches_shifted_cosine_including_clip_edges():
+    c = torch.tensor(
+        [1.0, -1.0, 0.999999, -0.999999, 0.3, -0.7, 0.0, 0.5, 0.5, 0.9, -0.9, 1.0, -1.0]
+    )
+    a = torch.tensor([-4.0, 4.0, -0.2, 0.2, 2.5, -2.9, 1.0, -1.2, 3.5, -0.5, 0.5, 0.4, -0.4])
+    for dtype in (torch.float32, torch.float64):
+        cc = c.to(dtype).clone().requires_grad_(True)
+        ref = FC.shifted_cosine(cc, a.to(dtype))
+        (dref,) = torch.autograd.grad(ref.sum(), cc)
+        pi = fused._PI_BELOW[dtype]
+        f, d = fused.cloud_cosine(c.to(dtype), a.to(dtype).clamp(-pi, pi))
+        torch.testing.assert_close(f, ref.detach(), atol=1e-6, rtol=0)
+        # at c = +-1 with |alpha| >= pi the reference derivative is 0, ours <= sin(pi - pi_below)/floor
+        torch.testing.assert_close(
+            d, dref, atol=5e-4 if dtype == torch.float32 else 1e-12, rtol=1e-5
+        )
+        assert torch.isfinite(d).all()
+
+
+def _head(impl, **kw):
+    torch.manual_seed(0)
+    counts = [40] * (C // 2) + [3] * (C - C // 2)
+    return LEAPMarginHead(
+        D,
+        C,
+        kw.pop("margin_type", "cosface"),
+        cloud="full",
+        class_counts=counts,
+        seed=5,
+        impl=impl,
+        **kw,
+    )
+
+
+def _train(head, steps=3):
+    out = []
+    for step in range(steps):
+        x, _, y = _data(seed=10 + step)
+        x.requires_grad_(True)
+        loss = head(x, y)
+        loss.backward()
+        out.append((loss.detach(), x.grad.clone(), head.weight.grad.clone()))
+        head.weight.grad = None
+    return out
+
+
+@pytest.mark.parametrize("margin_type", ["cosface", "arcface"])
+def test_every_impl_draws_the_same_cloud_and_agrees(monkeypatch, margin_type):
+    """Same seed: reference, fused and chunked heads give the same losses and gradients step by
+    step (the cloud is drawn class-major in blocks, so chunking does not change it)."""
+    monkeypatch.setattr(fused, "NOISE_BLOCK", 4)
+    runs = {
+        impl: _train(
+            _head(impl, margin_type=margin_type, chunk_size=8 if impl == "chunked" else None)
+        )
+        for impl in ("reference", "fused", "chunked")
+    }
+    plain = _train(LEAPMarginHead(D, C, margin_type, cloud=None))
+    for step in range(1, 3):  # the cloud is active and changes the loss
+        assert abs(runs["fused"][step][0] - plain[step][0]) > 1e-4
+    for impl in ("fused", "chunked"):
+        for ref, got in zip(runs["reference"], runs[impl]):
+            for r, g in zip(ref, got):
+                torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_and_dense_draw_identical_noise(monkeypatch):
+    monkeypatch.setattr(fused, "NOISE_BLOCK", 4)
+    dense, chunked = _head("fused"), _head("chunked", chunk_size=5)  # rounded up to 8
+    chunked.weight.data.copy_(dense.weight.data)
+    _train(dense, 2)
+    _train(chunked, 2)
+    assert dense.step == chunked.step and dense.seed == chunked.seed
+    torch.testing.assert_close(chunked.weight, dense.weight, atol=1e-5, rtol=1e-5)
+    # the counter-based draw does not depend on how the classes are split
+    key = noise_key(torch.tensor(7), torch.tensor(3))
+    full = fused.class_major_noise(C, 6, key)
+    parts = [
+        fused.class_major_noise(min(5, C - j), 6, key, class_start=j, total_classes=C)
+        for j in range(0, C, 5)
+    ]
+    assert torch.equal(full, torch.cat(parts))
+
+
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+def test_bf16_autocast_no_nan_including_feature_equal_to_weight(impl):
+    for margin_type in ("cosface", "arcface"):
+        head = _head(impl, margin_type=margin_type, chunk_size=8 if impl == "chunked" else None)
+        x, _, y = _data(seed=1)
+        x[0] = head.weight.detach()[y[0]] * 3.0  # cos = +1
+        x[1] = -head.weight.detach()[y[1]]  # cos = -1
+        x.requires_grad_(True)
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = head(x, y)
+            loss.backward()
+            assert loss.dtype == torch.float32 and torch.isfinite(loss)
+            assert torch.isfinite(x.grad).all() and torch.isfinite(head.weight.grad).all()
+        # under autocast the value still matches the reference computed the same way
+        head.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = FC.margin_cross_entropy(head.margin_logits(x, y), y)
+            got = head(x, y)
+        assert abs(ref.item() - got.item()) < 0.05
+
+
+def test_empty_and_all_ignored_batches():
+    for impl in ("fused", "chunked"):
+        head = _head(impl, chunk_size=8 if impl == "chunked" else None)
+        x = torch.zeros(0, D, requires_grad=True)
+        loss = head(x, torch.zeros(0, dtype=torch.long))
+        loss.backward()
+        assert loss.item() == 0.0
+        x, _, y = _data()
+        x.requires_grad_(True)
+        loss = head(x, torch.full_like(y, -1))
+        loss.backward()
+        assert loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0
+        assert torch.count_nonzero(head.weight.grad) == 0
+
+
+class _Watch(TorchDispatchMode):
+    """Records ops that force a host sync and the largest tensor any op returns."""
+
+    SYNC = {"_local_scalar_dense", "nonzero", "masked_select", "item", "_assert_async"}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs, self.largest = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.SYNC:
+            self.syncs.append(name)
+        if name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (args[1] if len(args) > 1 else ())
+            if i is not None
+        ):
+            self.syncs.append(name + "[bool mask]")
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+def test_training_step_has_no_host_sync(impl):
+    """Forward (statistics update, cloud draw, loss) and backward dispatch no op that reads a
+    tensor on the host. (``torch.compile(fullgraph=True)`` cannot be used here: dynamo does not
+    trace this autograd.Function's non-tensor plan argument; tests/core/test_head.py compiles the
+    reference step.)"""
+    head = _head(impl, chunk_size=8 if impl == "chunked" else None, validate=False)
+    x, _, y = _data()
+    head(x, y)  # creates the generator (once)
+    x.requires_grad_(True)
+    with _Watch() as watch:
+        loss = head(x, y)
+        loss.backward()
+    assert watch.syncs == []
+
+
+def test_sync_watch_can_fail():
+    """The check above sees what .item(), bool() and boolean-mask indexing dispatch."""
+    t = torch.randn(5)
+    with _Watch() as watch:
+        t.sum().item()
+        bool(t[0] > 0)
+        t[t > 0]
+    assert watch.syncs == ["_local_scalar_dense", "_local_scalar_dense", "index[bool mask]"]
+
+
+def test_chunked_never_materialises_a_batch_by_class_tensor():
+    b, c, chunk = 64, 4096, 256
+    x, W, y = _data(b=b, c=c)
+    W.requires_grad_(True)
+    std = torch.full((b,), 0.2)
+    with _Watch() as watch:
+        loss = fused.margin_loss(
+            x,
+            W,
+            y,
+            noise_std=std,
+            generator=torch.Generator().manual_seed(0),
+            chunk_size=chunk,
+            block=256,
+        )
+        loss.backward()
+    assert watch.largest <= max(c * D, chunk * max(b, D)) < b * c
+    with _Watch() as dense:
+        fused.margin_loss(
+            x, W, y, noise_std=std, generator=torch.Generator().manual_seed(0)
+        ).backward()
+    assert dense.largest >= b * c  # the check can fail
+
+
+def test_bad_arguments_raise():
+    x, W, y = _data()
+    with pytest.raises(ValueError, match="margin_type"):
+        fused.margin_loss(x, W, y, margin_type="sphere")
+    with pytest.raises(ValueError, match="reduction"):
+        fused.margin_loss(x, W, y, reduction="avg")
+    with pytest.raises(ValueError, match="agree in D"):
+        fused.margin_loss(x[:, :3], W, y)
+    with pytest.raises(ValueError, match="class-major"):
+        fused.margin_loss(x, W, y, noise_std=torch.ones(B), noise=torch.randn(B, C))
+    with pytest.raises(ValueError, match="noise_std"):
+        fused.margin_loss(x, W, y, noise=torch.randn(C, B))
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused.margin_loss(x, W, y, chunk_size=0)
+    with pytest.raises(ValueError, match="impl"):
+        LEAPMarginHead(D, C, cloud=None, impl="fast")
+    with pytest.raises(ValueError, match="chunk_size"):
+        LEAPMarginHead(D, C, cloud=None, impl="chunked")
+    with pytest.raises(ValueError, match="chunk_size"):
+        LEAPMarginHead(D, C, cloud=None, chunk_size=0)
+
+
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+def test_gradscaler_never_skips_a_step_under_fp16(impl):
+    """The user's loop: fp16 autocast + torch.amp.GradScaler at s = 64 with the cloud on; a
+    non-finite gradient would make the scaler skip the step and halve its scale."""
+    x, W, y = _trained_like(b=32, c=600)
+    head = LEAPMarginHead(
+        x.shape[1],
+        W.shape[0],
+        "cosface",
+        scale=64.0,
+        margin=0.35,
+        cloud="full",
+        class_counts=[30] * 300 + [3] * 300,
+        seed=0,
+        impl=impl,
+        chunk_size=256 if impl == "chunked" else None,
+    )
+    head.weight.data.copy_(W)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
+    for step in range(4):
+        xx = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(step))
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = head(xx, y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        assert torch.isfinite(loss)
+    assert head.cloud_active
+    assert scaler.get_scale() == 65536.0
+
+
+@pytest.mark.parametrize("cloud", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_label_smoothing_matches_cross_entropy_with_label_smoothing(cloud, chunk_size):
+    x, W, y = _data()
+    std = noise = alpha = None
+    if cloud:
+        std = torch.full((B,), 0.3)
+        noise = torch.randn(C, B, generator=torch.Generator().manual_seed(2))
+        alpha = noise.t() * std.unsqueeze(1)
+    for mt in ("cosface", "arcface"):
+        for reduction in ("mean", "none"):
+
+            def ref(a, w):
+                logits = FC.margin_logits(
+                    FC.cosine_logits(a, w), y, margin_type=mt, scale=30.0, margin=0.3, alpha=alpha
+                )
+                per = torch.nn.functional.cross_entropy(
+                    logits, y.clamp_min(0), label_smoothing=0.1, reduction="none"
+                ) * (y >= 0)
+                return per if reduction == "none" else per.sum() / (y >= 0).sum()
+
+            want = loss_and_grads(ref, x, W)
+            got = loss_and_grads(
+                lambda a, w: fused.margin_loss(
+                    a,
+                    w,
+                    y,
+                    margin_type=mt,
+                    scale=30.0,
+                    margin=0.3,
+                    noise_std=std,
+                    noise=noise,
+                    label_smoothing=0.1,
+                    reduction=reduction,
+                    chunk_size=chunk_size,
+                    block=4,
+                ),
+                x,
+                W,
+            )
+            for r, g in zip(want, got):
+                torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_label_smoothing_gradcheck_float64():
+    x, W, y = _data(torch.float64, seed=3, b=5, c=11)
+    x.requires_grad_(True)
+    W.requires_grad_(True)
+    std = torch.full((5,), 0.4, dtype=torch.float64)
+    noise = torch.randn(11, 5, generator=torch.Generator().manual_seed(4))
+    for chunk in (None, 4):
+        assert torch.autograd.gradcheck(
+            lambda a, w: fused.margin_loss(
+                a,
+                w,
+                y,
+                scale=4.0,
+                margin=0.3,
+                noise_std=std,
+                noise=noise,
+                label_smoothing=0.2,
+                chunk_size=chunk,
+                block=2,
+                reduction="none",
+            ),
+            (x, W),
+            eps=1e-6,
+            atol=1e-6,
+        )
+
+
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_top1_is_the_plain_cosine_argmax_hitting_the_label(chunk_size):
+    x, W, y = _data(c=29)
+    y[:6] = FC.cosine_logits(x[:6], W).argmax(1)  # some hits for sure
+    want = (FC.cosine_logits(x, W).argmax(1) == y) & (y >= 0)
+    assert 6 <= int(want.sum()) < B
+    for std in (None, torch.full((B,), 0.3)):
+        loss, top1 = fused.margin_loss(
+            x,
+            W,
+            y,
+            noise_std=std,
+            chunk_size=chunk_size,
+            block=4,
+            return_top1=True,
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert torch.equal(top1, want) and loss.dim() == 0
+
+
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_transposed_weight_layout_gives_the_same_gradient_without_a_copy(chunk_size):
+    """PML stores W as (D, C) and passes W.t(): norms, gradient and the normalisation backward
+    run in that layout and the (D, C) parameter gets a contiguous gradient of equal value."""
+    x, W, y = _data(c=29)
+    std = torch.full((B,), 0.3)
+    noise = torch.randn(29, B, generator=torch.Generator().manual_seed(2))
+    W_dc = W.t().contiguous().requires_grad_(True)
+    W_cd = W.clone().requires_grad_(True)
+    for w in (W_dc.t(), W_cd):
+        fused.margin_loss(
+            x, w, y, noise_std=std, noise=noise, chunk_size=chunk_size, block=4
+        ).backward()
+    torch.testing.assert_close(W_dc.grad.t(), W_cd.grad, atol=1e-6, rtol=1e-5)
+    if chunk_size is None:
+        assert W_dc.grad.is_contiguous()

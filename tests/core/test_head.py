@@ -1,0 +1,418 @@
+"""LEAPMarginHead: PML parity, numerics, input contract, checkpoints, no host sync, behaviour."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_batch
+from feature_cloud import LEAPMarginHead, MetricL2
+from feature_cloud import functional as FC
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+
+B, D, C = 32, 16, 12
+
+
+def _batch(seed=0, b=B):
+    return make_batch(seed, b, D, C)
+
+
+def _pml_twin(head):
+    if head.margin_type == "cosface":
+        pml = pml_losses.CosFaceLoss(
+            num_classes=C, embedding_size=D, margin=head.margin, scale=head.scale
+        )
+    else:  # PML takes the ArcFace margin in degrees
+        pml = pml_losses.ArcFaceLoss(
+            num_classes=C, embedding_size=D, margin=math.degrees(head.margin), scale=head.scale
+        )
+    pml.W.data.copy_(head.weight.detach().t())
+    return pml
+
+
+@pytest.mark.parametrize("margin_type", ["cosface", "arcface"])
+@pytest.mark.parametrize("mode", ["cloud_off", "warmup"])
+def test_parity_with_pml_loss_and_grads(margin_type, mode):
+    torch.manual_seed(0)
+    kw = (
+        dict(cloud=None)
+        if mode == "cloud_off"
+        else dict(cloud="full", warmup_steps=3, count_steps=3)
+    )
+    head = LEAPMarginHead(D, C, margin_type, **kw)
+    pml = _pml_twin(head)
+    for step in range(3):  # the warm-up steps must all match
+        x, y = _batch(step)
+        x1 = x.clone().requires_grad_(True)
+        x2 = x.clone().requires_grad_(True)
+        ours = head(x1, y)
+        theirs = pml(x2, y)
+        ours.backward()
+        theirs.backward()
+        assert abs(ours.item() - theirs.item()) < 1e-5
+        torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=0)
+        torch.testing.assert_close(head.weight.grad, pml.W.grad.t(), atol=1e-5, rtol=0)
+        head.weight.grad = None
+        pml.W.grad = None
+
+
+def test_cloud_starts_after_warmup_and_changes_loss():
+    torch.manual_seed(0)
+    counts = [40] * 6 + [3] * 6
+    head = LEAPMarginHead(D, C, cloud="vanilla", warmup_steps=2, class_counts=counts, seed=1)
+    plain = LEAPMarginHead(D, C, cloud=None)
+    plain.weight.data.copy_(head.weight.data)
+    losses = []
+    for step in range(5):
+        x, y = _batch(step)
+        losses.append((head(x, y).item(), plain(x, y).item(), head.cloud_active))
+    assert losses[0][0] == pytest.approx(losses[0][1], abs=1e-6)
+    assert losses[1][0] == pytest.approx(losses[1][1], abs=1e-6)
+    assert [active for _, _, active in losses] == [False, True, True, True, True]
+    assert any(abs(a - b) > 1e-4 for a, b, _ in losses[2:])
+    assert head.step == 5
+
+
+def test_bf16_autocast_no_nan_including_feature_equal_to_weight():
+    torch.manual_seed(0)
+    for margin_type in ("cosface", "arcface"):
+        head = LEAPMarginHead(D, C, margin_type, cloud="full", class_counts=[10] * C)
+        x, y = _batch(1)
+        x = x.clone()
+        x[0] = head.weight.detach()[y[0]] * 3.0  # cos = +1 exactly
+        x[1] = -head.weight.detach()[y[1]]  # cos = -1 exactly
+        x.requires_grad_(True)
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = head(x, y)
+            loss.backward()
+            assert torch.isfinite(loss)
+            assert torch.isfinite(x.grad).all() and torch.isfinite(head.weight.grad).all()
+        assert head.statistics.centers.dtype == torch.float32
+        assert torch.isfinite(head.statistics.cloud_variance()).all()
+
+
+def _snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize(
+    "make_bad, exc, match",
+    [
+        (lambda x, y: (x[:, :-1], y), ValueError, "embedding_size=16"),
+        (lambda x, y: (x, y.clone().fill_(C)), ValueError, r"\[0, 12\)"),
+        (lambda x, y: (x, torch.where(y == y[0], -5, y)), ValueError, "ignored"),
+        (lambda x, y: (x.index_fill(0, torch.tensor([3]), float("nan")), y), ValueError, "NaN"),
+        (lambda x, y: (x.index_fill(0, torch.tensor([3]), float("inf")), y), ValueError, "Inf"),
+        (lambda x, y: (x, y[:-1]), ValueError, "batch size mismatch"),
+        (lambda x, y: (x, y.float()), TypeError, "integer"),
+        (lambda x, y: (x.long(), y), TypeError, "floating"),
+        (lambda x, y: (x[0], y), ValueError, "shape"),
+        (lambda x, y: (x.numpy(), y), TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input_raises_and_leaves_state_untouched(make_bad, exc, match):
+    head = LEAPMarginHead(D, C, cloud="full", class_counts=[5] * C, seed=0)
+    x, y = _batch(0)
+    head(x, y)  # some state
+    before = _snapshot(head)
+    step = head.step
+    bx, by = make_bad(x, y)
+    with pytest.raises(exc, match=match):
+        head(bx, by)
+    after = _snapshot(head)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert head.step == step
+
+
+def test_ignored_labels_and_empty_batch():
+    head = LEAPMarginHead(D, C, cloud="full", class_counts=[5] * C)
+    x, y = _batch(0)
+    y = y.clone()
+    y[::2] = -1
+    loss = head(x, y)
+    assert torch.isfinite(loss)
+    empty = head(torch.zeros(0, D, requires_grad=True), torch.zeros(0, dtype=torch.long))
+    empty.backward()
+    assert empty.item() == 0.0
+
+
+def test_no_statistics_update_in_eval_no_grad_or_for_ignored_labels():
+    head = LEAPMarginHead(D, C, cloud="full", class_counts=[5] * C)
+    x, y = _batch(0)
+    before = _snapshot(head)
+    with torch.no_grad():  # fastreid's PreciseBN calls heads like this
+        head(x, torch.zeros_like(y))
+    head.eval()
+    head(x, y)
+    head.train()
+    head(x, torch.full_like(y, -1))
+    after = _snapshot(head)
+    for k in before:
+        if k.startswith("feature_cloud.statistics.") and k != "feature_cloud.statistics.memory":
+            assert torch.equal(before[k], after[k]), k
+    mem = "feature_cloud.statistics.memory"
+    assert torch.equal(before[mem][:-1], after[mem][:-1])
+    head(x, y)
+    assert not torch.equal(before["feature_cloud.statistics.centers"], head.statistics.centers)
+
+
+def test_state_dict_roundtrip_resumes_bit_identically(tmp_path):
+    torch.manual_seed(0)
+    counts = [30] * 6 + [3] * 6
+
+    def make():
+        return LEAPMarginHead(D, C, "arcface", cloud="full", class_counts=counts, warmup_steps=1)
+
+    head = make()
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    for step in range(4):
+        x, y = _batch(step)
+        opt.zero_grad()
+        head(x, y).backward()
+        opt.step()
+    torch.save(head.state_dict(), tmp_path / "head.pt")
+    x, y = _batch(99)
+    expected = head(x, y)
+
+    resumed = make()
+    resumed.load_state_dict(torch.load(tmp_path / "head.pt", weights_only=True))
+    got = resumed(x, y)
+    assert torch.equal(got, expected)  # (seed, step) restored: the same counter-based cloud
+    assert resumed.step == head.step
+
+    with pytest.raises(ValueError, match="num_classes=12"):
+        LEAPMarginHead(D, C + 1, cloud="full", class_counts=[3] * (C + 1)).load_state_dict(
+            torch.load(tmp_path / "head.pt", weights_only=True)
+        )
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError, match="margin_type"):
+        LEAPMarginHead(D, C, "sphereface")
+    with pytest.raises(ValueError, match="cloud"):
+        LEAPMarginHead(D, C, cloud="half")
+    with pytest.raises(ValueError, match="class_counts is required"):
+        LEAPMarginHead(D, C, cloud="full")
+    with pytest.raises(ValueError, match="reduction"):
+        LEAPMarginHead(D, C, cloud=None, reduction="avg")
+
+
+def test_online_counting_during_warmup():
+    head = LEAPMarginHead(D, C, cloud="full", warmup_steps=3, memory_per_sample=2, count_steps=3)
+    total = torch.zeros(C, dtype=torch.long)
+    for step in range(3):
+        x, y = _batch(step)
+        total += torch.bincount(y, minlength=C)
+        head(x, y)
+    assert head.statistics.counting
+    x, y = _batch(3)
+    head(x, y)
+    assert not head.statistics.counting
+    assert head.statistics.class_counts.tolist() == total.tolist()
+    assert head.statistics.memory_capacity.tolist() == (total * 2).clamp_min(1).tolist()
+
+
+def test_online_counting_over_a_multi_epoch_warmup_counts_one_epoch():
+    """warm-up of 2 epochs of 3 steps: count_steps=3 keeps K_i of one epoch; without it the
+    head warns that the counts cover the whole warm-up."""
+    head = LEAPMarginHead(D, C, cloud="full", warmup_steps=6, count_steps=3)
+    epoch = torch.zeros(C, dtype=torch.long)
+    for step in range(7):
+        x, y = _batch(step % 3)
+        if step < 3:
+            epoch += torch.bincount(y, minlength=C)
+        head(x, y)
+    assert head.statistics.class_counts.tolist() == epoch.tolist()
+    with pytest.warns(UserWarning, match="count_steps"):
+        LEAPMarginHead(D, C, cloud="full", warmup_steps=6)
+    with pytest.raises(ValueError, match="count_steps"):
+        LEAPMarginHead(D, C, cloud="full", warmup_steps=2, count_steps=3)
+
+
+def test_inference_logits_and_metric_l2_on_head():
+    head = LEAPMarginHead(D, C, cloud=None)
+    x, _ = _batch(0)
+    torch.testing.assert_close(
+        head.logits(x), head.scale * F.normalize(x) @ F.normalize(head.weight).t()
+    )
+    reg = MetricL2(alpha=0.25)
+    torch.testing.assert_close(reg(x, head), 0.25 * (x @ head.weight.t()).pow(2).sum(1).mean())
+    torch.testing.assert_close(reg(x, head), reg.from_logits(x @ head.weight.t()))
+    with pytest.raises(TypeError, match="classifier"):
+        reg(x, torch.nn.ReLU())
+    with pytest.raises(ValueError, match="embedding_size"):
+        reg(x[:, :3], head)
+
+
+def test_leap_widens_tail_angular_spread_on_synthetic_long_tail():
+    """Short training on long-tailed synthetic data (LEAP Fig. 2 / Sec. 3.1).
+
+    Without the cloud, tail classes train with a much smaller angular variance around their
+    centers than head classes. With the cloud, the angle each tail sample presents to the loss is
+    theta + alpha, whose variance sigma_t^2 + cloud_var must be widened towards the head level.
+    The baseline runs the same head with the cloud held in warm-up, so both collect statistics.
+    """
+    g = torch.Generator().manual_seed(0)
+    n_cls, in_dim, emb = 16, 32, 16
+    counts = [60] * 8 + [4] * 8
+    protos = torch.randn(n_cls, in_dim, generator=g) * 1.5
+    ys = torch.arange(n_cls).repeat_interleave(torch.tensor(counts))
+    xs = protos[ys] + torch.randn(len(ys), in_dim, generator=g)
+
+    def train(warmup):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(in_dim, 64), torch.nn.ReLU(), torch.nn.Linear(64, emb)
+        )
+        head = LEAPMarginHead(
+            emb,
+            n_cls,
+            cloud="full",
+            class_counts=counts,
+            warmup_steps=warmup,
+            memory_per_sample=2,
+            seed=0,
+        )
+        opt = torch.optim.Adam(list(model.parameters()) + list(head.parameters()), lr=3e-3)
+        for epoch in range(30):
+            perm = torch.randperm(len(ys), generator=torch.Generator().manual_seed(epoch))
+            for i in range(0, len(ys), 64):
+                idx = perm[i : i + 64]
+                opt.zero_grad()
+                head(model(xs[idx]), ys[idx]).backward()
+                opt.step()
+        _, var, _ = head.statistics.angle_moments()
+        return var, head.statistics.cloud_variance() if head.cloud_active else torch.zeros_like(var)
+
+    base_var, _ = train(warmup=10**9)
+    leap_var, leap_cloud = train(warmup=30)
+    # medians over classes: a 4-sample class's variance estimate is noisy
+    head_base, tail_base = base_var[:8].median().item(), base_var[8:].median().item()
+    tail_eff = (leap_var[8:] + leap_cloud[8:]).median().item()
+    head_leap = leap_var[:8].median().item()
+    print(
+        f"\nangle variance  baseline: head {head_base:.4f} tail {tail_base:.4f} | "
+        f"LEAP full: head {head_leap:.4f} tail (theta+alpha) {tail_eff:.4f} "
+        f"tail features {leap_var[8:].median().item():.4f} (medians over classes)"
+    )
+    assert tail_base < 0.6 * head_base  # the long-tail imbalance LEAP addresses
+    assert tail_eff > 1.5 * tail_base  # the cloud widens the tail spread ...
+    assert abs(tail_eff - head_leap) < 0.5 * abs(head_base - tail_base)  # ... to the head level
+
+
+def test_training_step_has_no_host_sync_fullgraph_compile():
+    """The whole training step of the core compiles with fullgraph=True (a host sync would
+    force a graph break). Cloud sampling is given an explicit noise draw here because
+    ``torch.Generator`` arguments are not traceable."""
+    from feature_cloud import functional as FC
+    from feature_cloud.statistics import ClassStatistics
+
+    stats = ClassStatistics(C, D, class_counts=[6] * C)
+    weight = torch.randn(C, D, requires_grad=True)
+
+    def step(x, y, noise):
+        stats._update(x.detach(), y)
+        std = stats.cloud_variance()[y.clamp_min(0)].sqrt()
+        alpha = noise * std.unsqueeze(1)
+        logits = FC.margin_logits(
+            FC.cosine_logits(x, weight),
+            y,
+            margin_type="arcface",
+            scale=16.0,
+            margin=0.2,
+            alpha=alpha,
+        )
+        return FC.margin_cross_entropy(logits, y)
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    x, y = _batch(0)
+    for _i in range(2):
+        loss = compiled(x, y, torch.randn(B, C))
+        loss.backward()
+    assert torch.isfinite(loss)
+    assert stats.memory_fill.sum() > 0
+
+
+@pytest.mark.parametrize("margin_type", ["cosface", "arcface"])
+def test_target_only_cloud_modes(margin_type):
+    """cloud_mode="target" equals the paper's logits with the cloud on the target column only;
+    "margin" never raises the target logit; every impl runs the same (reference) math."""
+    counts = [6] * C
+    x, y = _batch(0)
+    torch.manual_seed(0)
+    base = LEAPMarginHead(
+        D,
+        C,
+        margin_type,
+        cloud="full",
+        class_counts=counts,
+        seed=4,
+        cloud_mode="target",
+        impl="reference",
+    )
+    head_fused = LEAPMarginHead(
+        D,
+        C,
+        margin_type,
+        cloud="full",
+        class_counts=counts,
+        seed=4,
+        cloud_mode="target",
+        impl="fused",
+    )
+    head_fused.load_state_dict(base.state_dict())
+    for _ in range(3):  # fill the memory, then compare a clouded step
+        base(x, y)
+        head_fused(x, y)
+    twin = copy.deepcopy(base)
+    logits = base.margin_logits(x, y)
+    std, key, _ = twin._training_step(x, y)  # the same step on an identical copy
+    assert std is not None and (std > 0).any()
+    z = FC.target_cloud_angles(std, "target", noise=twin.feature_cloud.row_noise(key, std))
+    alpha = torch.zeros(x.shape[0], C).scatter(1, y[:, None], z[:, None])
+    ref = FC.margin_logits(
+        FC.cosine_logits(x, twin.weight),
+        y,
+        margin_type=margin_type,
+        scale=base.scale,
+        margin=base.margin,
+        alpha=alpha,
+    )
+    torch.testing.assert_close(logits, ref)
+    head_fused(x, y)  # same number of steps as base: the next losses agree (reference fallback)
+    torch.testing.assert_close(head_fused(x, y), base(x, y))
+    torch.testing.assert_close(head_fused(x, y), base(x, y))
+
+    m = LEAPMarginHead(
+        D,
+        C,
+        margin_type,
+        cloud="full",
+        class_counts=counts,
+        seed=4,
+        cloud_mode="margin",
+        impl="fused",
+    )
+    off = LEAPMarginHead(D, C, margin_type, cloud=None, impl="reference")
+    off.weight.data.copy_(m.weight.data)
+    for _ in range(3):
+        lm = m.margin_logits(x, y)
+    lo = off.margin_logits(x, y)
+    assert (lm.gather(1, y[:, None]) <= lo.gather(1, y[:, None]) + 1e-5).all()
+    mask = torch.ones_like(lm, dtype=torch.bool).scatter(1, y[:, None], False)
+    torch.testing.assert_close(lm[mask], lo[mask])
+    zero = LEAPMarginHead(D, C, margin_type, cloud="full", class_counts=counts, cloud_scale=0.0)
+    zero.weight.data.copy_(m.weight.data)
+    for _ in range(2):
+        lz = zero.margin_logits(x, y)
+    torch.testing.assert_close(lz, lo)
+    with pytest.raises(ValueError, match="cloud_mode"):
+        LEAPMarginHead(D, C, cloud="full", class_counts=counts, cloud_mode="logits")
+    with pytest.raises(ValueError, match="cloud_scale"):
+        LEAPMarginHead(D, C, cloud="full", class_counts=counts, cloud_scale=-1.0)

@@ -1,0 +1,201 @@
+"""The margin registry (feature_cloud.margins): plug-ins used by functional and fused alike."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_batch
+from feature_cloud import LEAPMarginHead, fused, margins
+from feature_cloud import functional as FC
+
+B, D, C = 16, 12, 9
+
+
+class CombinedMargin(margins.ArcFace):
+    r"""A plug-in defined only here: :math:`\cos(\theta_y + \alpha_y + m) - 0.1` (ArcFace + CosFace)."""
+
+    name = "test_combined"
+
+    def target(self, cos_y, alpha_y, margin):
+        return super().target(cos_y, alpha_y, margin) - 0.1
+
+    def fused_target(self, c_y, alpha_y, margin):
+        f, d = super().fused_target(c_y, alpha_y, margin)
+        return f - 0.1, d
+
+
+class CombinedNoFused(CombinedMargin):
+    """The same margin without a fused derivative."""
+
+    name = "test_combined_nofused"
+    fused_target = margins.Margin.fused_target
+
+
+@pytest.fixture
+def registered():
+    for m in (CombinedMargin(), CombinedNoFused()):
+        margins.register(m)
+    yield
+    for name in ("test_combined", "test_combined_nofused"):
+        margins.unregister(name)
+
+
+def _batch(seed=0):
+    return make_batch(seed, B, D, C)
+
+
+def _run(head, x, y):
+    x = x.clone().requires_grad_(True)
+    loss = head(x, y)
+    loss.backward()
+    out = (loss.detach(), x.grad, head.weight.grad.clone())
+    head.weight.grad = None
+    return out
+
+
+@pytest.mark.parametrize("cloud", [None, "full"])
+def test_a_new_margin_is_one_subclass_and_runs_on_every_backend(registered, cloud):
+    x, y = _batch()
+    results = {}
+    for name, impl in (
+        ("test_combined", "reference"),
+        ("test_combined", "fused"),
+        ("test_combined", "chunked"),
+        ("test_combined_nofused", "fused"),
+    ):
+        torch.manual_seed(0)
+        head = LEAPMarginHead(
+            D,
+            C,
+            name,
+            scale=16.0,
+            margin=0.3,
+            cloud=cloud,
+            class_counts=[5] * C,
+            seed=1,
+            impl=impl,
+            chunk_size=4 if impl == "chunked" else None,
+        )
+        if cloud:
+            head(x + 0.3, y)  # two angles per class: the cloud is on in the next step
+            head(x - 0.3, y)
+            head.weight.grad = None
+        results[(name, impl)] = (head.backend, _run(head, x, y))
+    assert results[("test_combined", "fused")][0] == "fused"
+    assert results[("test_combined", "chunked")][0] == "chunked"
+    assert results[("test_combined_nofused", "fused")][0] == "reference"  # automatic fallback
+    ref = results[("test_combined", "reference")][1]
+    for key, (_, got) in results.items():
+        for r, g in zip(ref, got):
+            torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-5, msg=str(key))
+    # and it is not ArcFace: the extra -0.1 changes the loss
+    torch.manual_seed(0)
+    arc = LEAPMarginHead(D, C, "arcface", scale=16.0, margin=0.3, cloud=None, seed=1)
+    assert not torch.allclose(_run(arc, x, y)[0], ref[0])
+
+
+def test_functional_and_fused_read_the_registry(registered):
+    x, y = _batch(1)
+    W = torch.randn(C, D)
+    cos = FC.cosine_logits(x, W)
+    logits = FC.margin_logits(cos, y, margin_type="test_combined", scale=8.0, margin=0.2)
+    want = FC.margin_logits(cos, y, margin_type="arcface", scale=8.0, margin=0.2)
+    want = want.scatter(1, y[:, None], want.gather(1, y[:, None]) - 0.8)
+    torch.testing.assert_close(logits, want)
+    got = fused.margin_loss(x, W, y, margin_type="test_combined", scale=8.0, margin=0.2)
+    torch.testing.assert_close(got, FC.margin_cross_entropy(logits, y))
+    with pytest.raises(ValueError, match="no fused implementation"):
+        fused.margin_loss(x, W, y, margin_type="test_combined_nofused")
+
+
+def test_registry_lookup_and_units():
+    assert {"cosface", "arcface", "subcenter_arcface"} <= set(margins.names())
+    assert margins.get("arcface").from_pml(28.6) == pytest.approx(math.radians(28.6))
+    assert margins.get("cosface").from_pml(0.35) == 0.35
+    assert margins.get("subcenter_arcface").sub_centers == 3
+    rule = margins.get("cosface")
+    assert margins.get(rule) is rule
+    assert (rule.default_scale, rule.default_margin) == (24.0, 0.2)
+    with pytest.raises(ValueError, match="margin_type must be one of"):
+        margins.get("sphereface")
+    with pytest.raises(ValueError, match="margin_type must be one of"):
+        LEAPMarginHead(D, C, "sphereface", cloud=None)
+    with pytest.raises(ValueError, match="already registered"):
+        margins.register(margins.CosFace())
+    with pytest.raises(TypeError):
+        margins.register("cosface")
+
+
+def test_subcenter_arcface_equals_pml(seed=0):
+    """Sub-center ArcFace through the registry and the (K C, D) layout equals PML's
+    SubCenterArcFaceLoss (values and gradients, 1e-5)."""
+    from pytorch_metric_learning import losses as pml_losses
+
+    torch.manual_seed(seed)
+    k, c, d, b = 3, 11, 16, 20
+    pml = pml_losses.SubCenterArcFaceLoss(
+        num_classes=c, embedding_size=d, margin=28.6, scale=64, sub_centers=k
+    )
+    rule = margins.get("subcenter_arcface")
+    head = LEAPMarginHead(
+        d,
+        c,
+        "subcenter_arcface",
+        scale=rule.pml_scale,
+        margin=rule.from_pml(rule.pml_margin),
+        cloud=None,
+    )
+    assert head.weight.shape == (k * c, d) and head.backend == "reference"
+    head.weight.data.copy_(pml.W.data.t())
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(3):
+        x = torch.randn(b, d, generator=g)
+        y = torch.randint(0, c, (b,), generator=g)
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        want = pml(x1, y)
+        want.backward()
+        got = head(x2, y)
+        got.backward()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x2.grad, x1.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(head.weight.grad, pml.W.grad.t(), atol=1e-5, rtol=1e-5)
+        assert head.weight.grad.abs().sum() > 0
+        pml.W.grad, head.weight.grad = None, None
+    # the max over sub-centers matters: a single-center ArcFace on the first rows differs
+    plain = LEAPMarginHead(d, c, "arcface", scale=64.0, margin=math.radians(28.6), cloud=None)
+    plain.weight.data.copy_(pml.W.data.t()[::k])
+    assert not torch.allclose(plain(x, y), head(x, y))
+
+
+def test_subcenter_layout_with_the_cloud_trains():
+    torch.manual_seed(0)
+    head = LEAPMarginHead(D, C, "subcenter_arcface", cloud="full", class_counts=[4] * C, seed=0)
+    x, y = _batch(2)
+    for shift in (0.0, 0.1, 0.2):
+        loss = head(x + shift, y)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(head.weight.grad).all()
+    assert head.cloud_active and head.statistics.centers.shape == (C, D)
+
+
+def test_sharded_head_runs_fused_and_falls_back_like_the_dense_head(registered):
+    from unittest import mock
+
+    from feature_cloud import distributed
+    from feature_cloud.distributed import ShardedLEAPMarginHead
+
+    x, y = _batch(3)
+    for name in ("test_combined", "test_combined_nofused"):
+        torch.manual_seed(0)
+        dense = LEAPMarginHead(D, C, name, scale=16.0, margin=0.3, cloud=None, impl="reference")
+        sharded = ShardedLEAPMarginHead(D, C, name, scale=16.0, margin=0.3, cloud=None)
+        sharded.weight.data.copy_(dense.weight.data)
+        spy = mock.patch.object(
+            distributed, "_sharded_cross_entropy", wraps=distributed._sharded_cross_entropy
+        )
+        with spy as reference:
+            got = _run(sharded, x, y)
+        assert reference.called == (name == "test_combined_nofused")  # fused unless it cannot
+        for r, g in zip(_run(dense, x, y), got):
+            torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-5)

@@ -1,0 +1,257 @@
+"""Module state is tensors only: checkpoints, EMA copies, export, tracing and compilation work on a
+model holding a LEAP head, through the real tools; 0.1.0 checkpoints still load."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from feature_cloud import FeatureCloud, LEAPMarginHead
+from feature_cloud.distributed import ShardedLEAPMarginHead, consolidate_state_dicts
+
+D, C, IN = 8, 5, 6
+COUNTS = [3, 1, 2, 4, 1]
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURE = Path(__file__).parent.parent / "data" / "v0_1_0_checkpoints.pt"
+
+
+class _Net(nn.Module):
+    """A backbone and a LEAP head: logits for inference, the loss when labels are given."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(IN, D)
+        self.head = head
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        f = self.backbone(x)
+        return self.head.logits(f) if y is None else self.head(f, y)
+
+
+def _net(seed: int = 3, **kw) -> _Net:
+    torch.manual_seed(0)
+    kw.setdefault("class_counts", COUNTS)
+    return _Net(LEAPMarginHead(D, C, "arcface", seed=seed, warmup_steps=1, **kw))
+
+
+def _batch(step: int, b: int = 6):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(b, IN, generator=g), torch.randint(0, C, (b,), generator=g)
+
+
+def _train(model: nn.Module, steps: int, start: int = 0, lr: float = 0.1) -> list:
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for step in range(start, start + steps):
+        x, y = _batch(step)
+        opt.zero_grad()
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return losses
+
+
+# ---------------------------------------------------------------- state layout and migration
+def test_state_dict_holds_tensors_only_and_loads_strictly() -> None:
+    model = _net()
+    _train(model, 3)
+    state = model.state_dict()
+    assert all(isinstance(v, Tensor) for v in state.values()), {
+        k: type(v) for k, v in state.items() if not isinstance(v, Tensor)
+    }
+    assert int(state["head.feature_cloud.step"]) == 3 and int(state["head.feature_cloud.seed"]) == 3
+    fresh = _net(seed=99)
+    fresh.load_state_dict(state, strict=True)
+    assert fresh.head.step == 3 and fresh.head.seed == 3
+    x, y = _batch(50)
+    assert torch.equal(fresh(x, y), model(x, y))  # the same counter-based cloud
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)  # plain tensors: the safe loader accepts them
+
+
+def test_v0_1_0_checkpoints_load_with_step_and_seed() -> None:
+    """The fixture was written by feature-cloud 0.1.0 (``_extra_state`` dicts with the
+    generator state): dense head, sharded head and PML loss."""
+    old = torch.load(FIXTURE, weights_only=False)
+    assert old["version"] == "0.1.0" and isinstance(old["dense"]["_extra_state"], dict)
+    x, y = old["x"], old["y"]
+
+    head = LEAPMarginHead(D, C, class_counts=[1] * C, warmup_steps=1, seed=0)
+    head.load_state_dict(old["dense"], strict=True)
+    assert (head.step, head.seed) == (3, 1234)
+    assert torch.equal(head.weight, old["dense"]["weight"])
+    assert torch.equal(head.statistics.memory, old["dense"]["statistics.memory"])
+    assert torch.equal(head.statistics.class_counts, torch.tensor(COUNTS))
+    loss = head(x, y)
+    assert torch.isfinite(loss) and head.step == 4
+    assert all(isinstance(v, Tensor) for v in head.state_dict().values())
+
+    sharded = ShardedLEAPMarginHead(D, C, class_counts=[1] * C, warmup_steps=1, seed=0)
+    sharded.load_state_dict(old["sharded"], strict=True)
+    assert (sharded.step, sharded.seed) == (2, 99)
+    full = consolidate_state_dicts([old["sharded"]])  # 0.1.0 shards consolidate too
+    assert int(full["feature_cloud.step"]) == 2 and "_extra_state" not in full
+
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    pml = LEAPLoss(C, D, class_counts=[1] * C, warmup_steps=1, seed=0)
+    pml.load_state_dict(old["pml"], strict=True)
+    assert (pml.step, int(pml.feature_cloud.seed)) == (4, 7)
+    assert torch.equal(pml.W, old["pml"]["W"])
+    assert torch.equal(pml.statistics.centers, old["pml"]["head.statistics.centers"])
+
+
+def test_resume_in_a_fresh_process_is_bit_identical(tmp_path: Path) -> None:
+    model = _net()
+    _train(model, 3)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    x, y = _batch(7)
+    expected = model(x, y)
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_module_state import _net, _batch
+model = _net(seed=12345)
+model.load_state_dict(torch.load({str(tmp_path / "model.pt")!r}, weights_only=True), strict=True)
+x, y = _batch(7)
+torch.save(model(x, y).detach(), {str(tmp_path / "loss.pt")!r})
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env, timeout=300)
+    got = torch.load(tmp_path / "loss.pt")
+    assert torch.equal(got, expected.detach()), (got, expected)
+
+
+# ---------------------------------------------------------------- the frameworks' tools
+def test_timm_model_ema_v3_updates_a_model_holding_the_head() -> None:
+    timm_ema = pytest.importorskip("timm.utils.model_ema")
+    model = _net()
+    ema = timm_ema.ModelEmaV3(model, decay=0.5)
+    _train(model, 2)
+    ema.update(model, step=2)
+    src, dst = model.state_dict(), ema.module.state_dict()
+    assert dst.keys() == src.keys()
+    # integer buffers (step, seed, memory layout) are copied, float ones averaged
+    assert int(dst["head.feature_cloud.step"]) == 2
+    assert torch.equal(dst["head.feature_cloud.statistics.class_counts"], torch.tensor(COUNTS))
+    assert not torch.equal(dst["head.weight"], src["head.weight"])
+    x, _ = _batch(0)
+    assert ema.module(x).shape == (6, C)
+
+
+def test_onnx_export_legacy_and_dynamo() -> None:
+    pytest.importorskip("onnx")
+    model = _net()
+    _train(model, 2)
+    model.eval()
+    x, _ = _batch(0)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buf, dynamo=False)
+    import onnx
+
+    graph = onnx.load_from_string(buf.getvalue())
+    assert [o.name for o in graph.graph.output]
+    pytest.importorskip("onnxscript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    assert program is not None and program.model.graph is not None
+
+
+def test_jit_trace_and_torch_export() -> None:
+    model = _net()
+    _train(model, 2)
+    model.eval()
+    x, y = _batch(1)
+    traced = torch.jit.trace(model, (x,))
+    assert torch.equal(traced(x), model(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced_loss = torch.jit.trace(model, (x, y))
+    torch.testing.assert_close(traced_loss(x, y), model(x, y))
+    exported = torch.export.export(model, (x,))
+    assert torch.equal(exported.module()(x), model(x))
+    assert "head.feature_cloud.step" in exported.state_dict
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_compiled_training_step_fullgraph_matches_eager(impl: str) -> None:
+    """``torch.compile(fullgraph=True)`` of the model's training forward (statistics update,
+    step count, counter-based cloud) with the eager backward and optimizer."""
+    torch._dynamo.reset()
+    eager, compiled = _net(impl=impl, validate=False), _net(impl=impl, validate=False)
+    cmodel = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_c = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    for step in range(4):  # warm-up step, then the cloud
+        x, y = _batch(step)
+        for model, opt in ((eager, opt_e), (cmodel, opt_c)):
+            opt.zero_grad()
+            model(x, y).backward()
+            opt.step()
+        if impl == "reference":  # the same graph: bit-identical
+            assert torch.equal(compiled.head.weight, eager.head.weight), step
+        else:  # eager uses the fused Function, compiled the reference graph
+            torch.testing.assert_close(
+                compiled.head.weight, eager.head.weight, atol=1e-5, rtol=1e-5
+            )
+    assert compiled.head.step == eager.head.step == 4
+    assert int(compiled.head.feature_cloud.step) == 4
+    for k, v in eager.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[k], v, atol=1e-5, rtol=1e-5, msg=k)
+
+
+# ---------------------------------------------------------------- the FeatureCloud component
+def test_feature_cloud_is_shared_and_checks_its_arguments_once() -> None:
+    cloud = FeatureCloud(C, D, "vanilla", class_counts=COUNTS, seed=4)
+    head = LEAPMarginHead(D, C, cloud=cloud)
+    assert head.feature_cloud is cloud and head.cloud == "vanilla" and head.seed == 4
+    with pytest.raises(TypeError, match="ready FeatureCloud"):
+        LEAPMarginHead(D, C, cloud=cloud, gamma=0.5)
+    with pytest.raises(ValueError, match="num_classes=5"):
+        LEAPMarginHead(D, C + 1, cloud=cloud)
+    for kwargs, match in [
+        (dict(cloud="half"), "cloud must be one of"),
+        (dict(cloud="full"), "class_counts is required"),
+        (dict(cloud="full", class_counts=COUNTS, warmup_steps=-1), "warmup_steps"),
+        (dict(cloud="full", class_counts=COUNTS, gamma=0.0), "gamma"),
+        (dict(cloud="full", class_counts=COUNTS, memory_per_sample=0), "memory_per_sample"),
+        (dict(cloud="full", class_counts=COUNTS, sync="always"), "sync"),
+        (dict(cloud="full", class_counts=[1, 2]), "class_counts has 2 entries"),
+    ]:
+        builders = [LEAPMarginHead] + ([] if "sync" in kwargs else [ShardedLEAPMarginHead])
+        for build in builders:
+            with pytest.raises(ValueError, match=match):
+                build(D, C, **kwargs)
+    with pytest.raises(TypeError, match="sync"):
+        ShardedLEAPMarginHead(D, C, cloud=None, sync="off")
+    with pytest.raises(TypeError, match="seed"):
+        LEAPMarginHead(D, C, class_counts=COUNTS, seed=1.5)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        LEAPMarginHead(D, C, class_counts=COUNTS, tail_treshold=3)
+
+
+def test_arcface_margin_in_the_wrong_unit_warns() -> None:
+    with pytest.warns(UserWarning, match="looks like degrees"):
+        LEAPMarginHead(D, C, "arcface", margin=28.6, cloud=None)
+    with pytest.warns(UserWarning, match="looks like degrees"):
+        ShardedLEAPMarginHead(D, C, "arcface", margin=28.6, cloud=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LEAPMarginHead(D, C, "arcface", margin=0.5, cloud=None)
+        LEAPMarginHead(D, C, "cosface", margin=0.35, cloud=None)

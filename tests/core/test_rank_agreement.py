@@ -1,0 +1,143 @@
+"""Ranks fail together (issue 15, item 3): 2 gloo processes on 127.0.0.1.
+
+A bad batch on one rank (NaN, float labels, wrong shape, a batch above ``pad_to``, embeddings of
+another dtype) raises the *same* exception on every rank within seconds, before any state
+changes, and training continues in step afterwards; integer label dtypes may differ per rank.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from typing import Callable, List, Optional, Sequence
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import assert_same_state, free_port, make_batch, state_snapshot
+from feature_cloud import ClassStatistics, LEAPMarginHead
+from feature_cloud.distributed import ShardedLEAPMarginHead, SyncedClassStatistics, synchronize
+
+C, D, B = 6, 4, 5
+COUNTS = [3, 2, 4, 1, 2, 3]
+SPAWN_TIMEOUT = 120.0
+
+
+def _batch(step: int, rank: int):
+    return make_batch(100 * step + rank, B, D, C)
+
+
+def _fails_together(rank: int, call: Callable[[], object], exc: type, match: str) -> None:
+    """``call`` raises ``exc`` on every rank with the same message, within seconds."""
+    start = time.monotonic()
+    message: Optional[str] = None
+    with pytest.raises(exc, match=match) as info:
+        call()
+    message = str(info.value)
+    assert time.monotonic() - start < 10.0
+    messages: List[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    assert len(set(messages)) == 1, messages
+
+
+def check_synced_head(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    head = synchronize(LEAPMarginHead(D, C, class_counts=COUNTS, seed=1))
+    ref = ClassStatistics(C, D, class_counts=COUNTS)
+    x, y = _batch(0, rank)
+    head(x, y).backward()
+    ref.update(*[torch.cat(t) for t in zip(*[_batch(0, r) for r in range(world)])])
+
+    before = state_snapshot(head)
+    bad_x, bad_y = _batch(1, rank)
+    if rank == 1:
+        bad_x[2, 1] = float("nan")
+    _fails_together(rank, lambda: head(bad_x, bad_y), ValueError, r"NaN.*rank 1 of 2")
+    if rank == 0:
+        bad_y = bad_y.float()
+    _fails_together(rank, lambda: head(bad_x, bad_y), TypeError, r"integer tensor.*rank 0")
+    if rank == 1:
+        bad_x = bad_x[:, :3]
+    _fails_together(rank, lambda: head(bad_x, _batch(1, rank)[1]), ValueError, "shape")
+    assert_same_state(state_snapshot(head), before, f"rank {rank} after rejected batches")
+
+    # still in step: int32 labels on rank 0, int64 on rank 1 (the label-dtype policy)
+    x, y = _batch(2, rank)
+    head(x, y.int() if rank == 0 else y).backward()
+    ref.update(*[torch.cat(t) for t in zip(*[_batch(2, r) for r in range(world)])])
+    assert head.step == 2
+    for name, value in ref.state_dict().items():
+        torch.testing.assert_close(head.statistics.state_dict()[name], value, msg=name)
+
+
+def check_synced_statistics_pad_to(rank: int, world: int) -> None:
+    stats = SyncedClassStatistics(C, D, class_counts=COUNTS, pad_to=B)
+    before = state_snapshot(stats)
+    x, y = _batch(0, rank)
+    if rank == 0:
+        x, y = torch.randn(B + 2, D), torch.zeros(B + 2, dtype=torch.long)
+    _fails_together(rank, lambda: stats.update(x, y), ValueError, "pad_to")
+    assert_same_state(state_snapshot(stats), before, "statistics after a rejected batch")
+    x, y = _batch(0, rank)
+    stats.update(x.double(), y.to(torch.int16))  # other float / int dtypes on every rank: fine
+
+
+def check_sharded_head(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    head = ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=2)
+    before = state_snapshot(head)
+    x, y = _batch(0, rank)
+    if rank == 1:
+        x[0, 0] = float("inf")
+    _fails_together(rank, lambda: head(x, y), ValueError, r"NaN or Inf.*rank 1 of 2")
+    x, y = _batch(0, rank)
+    if rank == 1:
+        y[3] = C  # out of range
+    _fails_together(rank, lambda: head(x, y), ValueError, r"labels must lie in \[0, 6\)")
+    x, y = _batch(0, rank)
+    _fails_together(
+        rank, lambda: head(x.half() if rank == 0 else x, y), TypeError, "different dtypes"
+    )
+    assert_same_state(state_snapshot(head), before, f"sharded rank {rank} after rejected batches")
+    loss = head(x, y.int() if rank == 1 else y)
+    loss.backward()
+    assert head.step == 1 and torch.isfinite(loss)
+
+
+CHECKS = ["check_synced_head", "check_synced_statistics_pad_to", "check_sharded_head"]
+
+
+def _worker(rank: int, world: int, port: int, checks: Sequence[str]) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    # a short group timeout: a rank left blocked in a collective would fail the test quickly
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=30),
+    )
+    try:
+        for name in checks:
+            globals()[name](rank, world)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_fail_together() -> None:
+    world = 2
+    ctx = mp.start_processes(
+        _worker, args=(world, free_port(), CHECKS), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + SPAWN_TIMEOUT
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"rank-agreement checks exceeded {SPAWN_TIMEOUT} s")

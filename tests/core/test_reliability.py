@@ -1,0 +1,497 @@
+"""Reliability contract (issue 15): one label-dtype policy, range checks in the fused loss, huge
+features, hyper-parameter validation, CLI / report / scheduler errors."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import feature_cloud.functional as FC
+from conftest import assert_same_state, make_batch, state_snapshot
+from feature_cloud import FeatureTransfer, LEAPMarginHead, MetricL2, fused
+from feature_cloud.statistics import ClassStatistics
+
+B, D, C = 12, 8, 10
+COUNTS = [30] * 5 + [3] * 5
+INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+def _batch(seed=0, b=B, classes=C):
+    return make_batch(seed, b, D, classes)
+
+
+def _head(impl="auto", **kw):
+    torch.manual_seed(0)
+    kw.setdefault("class_counts", COUNTS)
+    return LEAPMarginHead(
+        D, C, seed=3, impl=impl, chunk_size=4 if impl == "chunked" else None, **kw
+    )
+
+
+# ------------------------------------------------------------------ item 2: label dtypes
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "chunked"])
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+def test_every_integer_label_dtype_trains_like_int64(impl, dtype):
+    ref, other = _head(impl), _head(impl)
+    for step in range(3):
+        x, y = _batch(step)
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        l1, l2 = ref(x1, y), other(x2, y.to(dtype))
+        l1.backward()
+        l2.backward()
+        assert torch.equal(l1.detach(), l2.detach())
+        assert torch.equal(x1.grad, x2.grad)
+    assert_same_state(state_snapshot(ref), state_snapshot(other))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.complex64])
+def test_non_integer_labels_raise_type_error_before_any_state_change(dtype):
+    for impl in ("reference", "fused"):
+        head = _head(impl)
+        before = state_snapshot(head)
+        x, y = _batch()
+        with pytest.raises(TypeError, match="labels must be an integer tensor"):
+            head(x, y.to(dtype))
+        assert_same_state(before, state_snapshot(head))
+
+
+def test_statistics_accept_integer_label_dtypes():
+    x, y = _batch()
+    a = ClassStatistics(C, D, class_counts=COUNTS)
+    a.update(x, y)
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        b = ClassStatistics(C, D, class_counts=COUNTS)
+        b.update(x, y.to(dtype))
+        assert_same_state(state_snapshot(a), state_snapshot(b))
+
+
+def _ftl_stream(label_dtype):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.arange(4).repeat_interleave(30), torch.arange(4, 8).repeat(3)])
+    feats = torch.randn(labels.numel(), D, generator=g) + labels.unsqueeze(1).float()
+    idx = torch.arange(labels.numel())
+    return [
+        (feats[i : i + 32], labels[i : i + 32].to(label_dtype), idx[i : i + 32].to(label_dtype))
+        for i in range(0, labels.numel(), 32)
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_feature_transfer_accepts_integer_label_dtypes(dtype):
+    ref, other = FeatureTransfer(D, 8, num_components=3), FeatureTransfer(D, 8, num_components=3)
+    ref.update_stats(_ftl_stream(torch.int64))
+    other.update_stats(_ftl_stream(dtype))
+    assert_same_state(state_snapshot(ref), state_snapshot(other))
+    g = torch.randn(4, D)
+    yr, yt = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7])
+    assert torch.equal(ref.transfer(g, yr, yt), other.transfer(g, yr.to(dtype), yt.to(dtype)))
+    with pytest.raises(TypeError, match="y_tail must be an integer tensor"):
+        other.transfer(g, yr, yt.float())
+
+
+def test_pml_adapter_accepts_int32_labels():
+    pml = pytest.importorskip("integrations.pml")
+    torch.manual_seed(0)
+    a = pml.LEAPLoss(C, D, class_counts=COUNTS, seed=1)
+    b = copy.deepcopy(a)
+    x, y = _batch()
+    assert torch.equal(a(x, y), b(x, y.int()))
+    assert_same_state(state_snapshot(a), state_snapshot(b))
+
+
+# ------------------------------------------------------------------ item 4: fused label range
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("bad", [9, 500, -2])
+def test_fused_margin_loss_rejects_out_of_range_labels_like_the_reference(bad, chunk_size):
+    x = torch.randn(4, D)
+    w = torch.randn(5, D)
+    y = torch.tensor([0, 1, 2, bad])
+    if bad >= 5:
+        with pytest.raises((IndexError, RuntimeError)):  # the reference raises
+            FC.margin_cross_entropy(FC.margin_logits(FC.cosine_logits(x, w), y), y)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        fused.margin_loss(x, w, y, chunk_size=chunk_size)
+    # -1 (ignored) stays valid; validate=False (a caller that checked) skips the host sync
+    y_ok = torch.tensor([0, 1, 2, -1])
+    assert torch.isfinite(fused.margin_loss(x, w, y_ok, chunk_size=chunk_size))
+    assert torch.isfinite(fused.margin_loss(x, w, y_ok, chunk_size=chunk_size, validate=False))
+
+
+# ------------------------------------------------------------------ item 6: huge features
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "chunked"])
+@pytest.mark.parametrize(
+    "factor", [2.0**66, 2.0**100, 2.0**-100]
+)  # exact scalings, ~1e20, 1e30, 1e-30
+def test_huge_and_tiny_features_are_normalised_exactly(impl, factor):
+    ref, other = _head(impl), _head(impl)
+    for step in range(3):  # statistics and the cloud see the same directions
+        x, y = _batch(step)
+        x1 = x.clone().requires_grad_(True)
+        x2 = (x * factor).requires_grad_(True)
+        l1, l2 = ref(x1, y), other(x2, y)
+        l1.backward()
+        l2.backward()
+        torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x2.grad * factor, x1.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(other.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        other.statistics.angle_sum, ref.statistics.angle_sum, rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_features_of_1e20_give_the_loss_of_their_direction(impl):
+    ref, other = _head(impl, cloud=None), _head(impl, cloud=None)
+    x, y = _batch()
+    torch.testing.assert_close(other(x * 1e20, y), ref(x, y), rtol=1e-5, atol=1e-5)
+    big = other(x * 1e20, y).detach()
+    zero = other(torch.zeros_like(x), y).detach()  # what an overflowing norm used to give
+    assert abs(big.item() - zero.item()) > 0.1
+
+
+def test_safe_normalize_matches_f_normalize_in_value_and_gradient():
+    x = torch.randn(6, 5, dtype=torch.float64)
+    x[2] = 0.0
+    torch.testing.assert_close(FC.safe_normalize(x), torch.nn.functional.normalize(x, dim=1))
+    assert torch.autograd.gradcheck(FC.safe_normalize, (x[[0, 1, 3]].requires_grad_(),))
+    big = torch.tensor([[3e20, 4e20]], dtype=torch.float32)
+    torch.testing.assert_close(FC.safe_normalize(big), torch.tensor([[0.6, 0.8]]))
+
+
+# ------------------------------------------------------------------ item 7: hyper-parameters
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(scale=NAN), ValueError, "scale must be finite"),
+        (dict(scale=INF), ValueError, "scale must be finite"),
+        (dict(scale=-1.0), ValueError, "scale must be in"),
+        (dict(margin=NAN), ValueError, "margin must be finite"),
+        (dict(margin=-INF), ValueError, "margin must be finite"),
+        (dict(class_counts=[True] * C), TypeError, "class_counts must hold integers"),
+        (dict(class_counts=torch.ones(C, dtype=torch.bool)), TypeError, "class_counts"),
+        (dict(class_counts=[1.5] * C), TypeError, "class_counts must hold integers"),
+        (dict(class_counts=[3] * (C - 1)), ValueError, "entries"),
+        (dict(chunk_size="4"), TypeError, "chunk_size must be an integer"),
+        (dict(chunk_size=True), TypeError, "chunk_size must be an integer"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be >= 1"),
+        (dict(warmup_steps=NAN), TypeError, "warmup_steps must be an integer"),
+        (dict(gamma=NAN), ValueError, "gamma must be finite"),
+        (dict(memory_per_sample="2"), TypeError, "memory_per_sample must be an integer"),
+        (dict(tail_threshold=-1), ValueError, "tail_threshold must be >= 0"),
+        (
+            dict(class_counts=None, warmup_steps=4, count_steps="2"),
+            TypeError,
+            "count_steps must be",
+        ),
+        (dict(angle_max_age=NAN), TypeError, "max_age must be an integer"),
+    ],
+)
+def test_head_hyper_parameters_are_validated(kwargs, exc, match):
+    kwargs.setdefault("class_counts", COUNTS)
+    with pytest.raises(exc, match=match):
+        LEAPMarginHead(D, C, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        ((D, -1), ValueError, "num_classes must be >= 1"),
+        ((D, 0), ValueError, "num_classes must be >= 1"),
+        ((0, C), ValueError, "embedding_size must be >= 1"),
+        ((D, "10"), TypeError, "num_classes must be an integer"),
+        ((D, 2.5), TypeError, "num_classes must be an integer"),
+    ],
+)
+def test_head_sizes_are_validated(args, exc, match):
+    with pytest.raises(exc, match=match):
+        LEAPMarginHead(*args, cloud=None)
+    with pytest.raises(exc):
+        ClassStatistics(args[1], args[0])
+
+
+@pytest.mark.parametrize(
+    "alpha, exc",
+    [
+        (NAN, ValueError),
+        (INF, ValueError),
+        (-0.1, ValueError),
+        ("0.25", TypeError),
+        (True, TypeError),
+    ],
+)
+def test_metric_l2_alpha_is_validated(alpha, exc):
+    with pytest.raises(exc, match="alpha"):
+        MetricL2(alpha)
+
+
+def test_other_modules_validate_their_hyper_parameters():
+    with pytest.raises(ValueError, match="gamma"):
+        ClassStatistics(C, D, gamma=NAN)
+    with pytest.raises(TypeError, match="class_counts"):
+        ClassStatistics(C, D, class_counts=[False] * C)
+    with pytest.raises(TypeError, match="class_counts"):
+        FeatureTransfer(D, C, class_counts=[True] * C)
+    with pytest.raises(ValueError, match="energy"):
+        FeatureTransfer(D, C, energy=NAN)
+    with pytest.raises(TypeError, match="num_components"):
+        FeatureTransfer(D, C, num_components="3")
+    from feature_cloud.distributed import ShardedLEAPMarginHead
+
+    with pytest.raises(ValueError, match="scale"):
+        ShardedLEAPMarginHead(D, C, scale=NAN, cloud=None)
+    with pytest.raises(ValueError, match="sample_rate"):
+        ShardedLEAPMarginHead(D, C, sample_rate=NAN, cloud=None)
+    with pytest.raises(ValueError, match="num_classes"):
+        ShardedLEAPMarginHead(D, -1, cloud=None)
+
+
+# ------------------------------------------------------------------ item 8: CLI, report, scheduler
+
+
+def _write(path, text):
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
+def test_report_without_data_section_is_a_clear_error(tmp_path, capsys):
+    from feature_cloud.cli import main
+
+    results = {"config": {"seeds": [0]}, "methods": [], "runs": [], "splits": {}}
+    _write(tmp_path / "results.json", json.dumps(results))
+    assert main(["report", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "has no 'data'" in err and "results.json" in err and "Traceback" not in err
+
+
+def test_report_json_syntax_error_names_the_file(tmp_path, capsys):
+    from feature_cloud.cli import main
+
+    _write(tmp_path / "results.json", '{"config": {"seeds": [0]},')
+    assert main(["report", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert os.path.join(str(tmp_path), "results.json") in err and "not valid JSON" in err
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--lr", "nan"),
+        ("--lr", "inf"),
+        ("--lr", "-1"),
+        ("--weight-decay", "nan"),
+        ("--gamma", "nan"),
+        ("--ml2-alpha", "nan"),
+        ("--test-fraction", "nan"),
+    ],
+)
+def test_demo_rejects_bad_numbers_before_creating_the_output_folder(
+    tmp_path, capsys, option, value
+):
+    from feature_cloud.cli import main
+
+    out = tmp_path / "never"
+    assert main(["demo", "--data", "synthetic", "--quiet", "--out", str(out), option, value]) == 2
+    assert not out.exists()
+    assert option.lstrip("-").replace("-", "_") in capsys.readouterr().err
+
+
+def test_scheduler_rejects_stage_iteration_beyond_the_stage():
+    from feature_cloud import AlternatingScheduler, FTLModel
+
+    model = FTLModel(
+        torch.nn.Linear(4, D),
+        torch.nn.Linear(D, C, bias=False),
+        feature_dim=D,
+        alpha_recon=0,
+        transfer=FeatureTransfer(D, C, energy=0.95),
+    )
+    sched = AlternatingScheduler(model, stage0_iters=3, stage_iters=2)
+    good = sched.state_dict()
+    for key, value, match in [
+        ("stage_iteration", 99, "stage 0 lasts 3"),
+        ("stage_iteration", 3, "stage_iteration must be in"),
+        ("iteration", -1, "iteration=-1"),
+        ("alternation", -2, "alternation"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            sched.load_state_dict({**good, key: value})
+    with pytest.raises(ValueError, match="stage 1 lasts 2"):
+        sched.load_state_dict({**good, "stage": 1, "stage_iteration": 2})
+    sched.load_state_dict({**good, "stage": 2, "stage_iteration": 1})
+    assert sched.stage == 2 and sched.remaining == 1
+
+
+# ------------------------------------------------------------------ item 1: dtypes of the features
+
+STAT_DTYPES = {
+    "centers": torch.float32,
+    "memory": torch.float32,
+    "angle_sum": torch.float64,
+    "angle_sqsum": torch.float64,
+    "class_counts": torch.int64,
+    "memory_pointer": torch.int64,
+    "center_initialized": torch.bool,
+}
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_features_of_any_float_dtype_train_without_autocast(impl, dtype):
+    """float64 / fp16 / bf16 features (no autocast) train; the loss equals the float32 one to the
+    input's rounding, the statistics stay float32 and the gradient comes back in the input dtype."""
+    ref, other = _head(impl), _head(impl)
+    for step in range(3):
+        x, y = _batch(step)
+        xd = x.to(dtype).requires_grad_(True)
+        l_ref, loss = ref(x.to(dtype).float(), y), other(xd, y)
+        loss.backward()
+        assert torch.isfinite(loss) and xd.grad.dtype == dtype and torch.isfinite(xd.grad).all()
+        tol = 1e-5 if dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(loss.float(), l_ref.detach(), rtol=tol, atol=tol)
+    for name, want in STAT_DTYPES.items():
+        assert getattr(other.statistics, name).dtype == want, name
+    assert other.step == 3
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("bad", ["nan", "labels_float", "labels_2d", "width", "range", "numpy"])
+def test_bad_batch_raises_before_any_state_change(impl, bad):
+    head = _head(impl, warmup_steps=1, class_counts=None, count_steps=1)  # online counting
+    x, y = _batch(0)
+    head(x, y)
+    head(x, y)  # memory laid out, cloud active
+    before = state_snapshot(head)
+    x, y = _batch(1)
+    if bad == "nan":
+        x[3, 2] = float("nan")
+    elif bad == "labels_float":
+        y = y.float()
+    elif bad == "labels_2d":
+        y = y.unsqueeze(1)
+    elif bad == "width":
+        x = x[:, :-1]
+    elif bad == "range":
+        y[0] = C
+    else:
+        x = x.numpy()
+    with pytest.raises((TypeError, ValueError)):
+        head(x, y)
+    assert_same_state(before, state_snapshot(head))
+
+
+# ------------------------------------------------------------------ item 5: module casts
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_module_casts_keep_statistics_dtypes_and_training_works(cast, impl):
+    head = _head(impl)
+    x, y = _batch(0)
+    head(x, y)  # some statistics to keep
+    centers = head.statistics.centers.clone()
+    getattr(head, cast)()
+    dtype = {"half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}[cast]
+    assert head.weight.dtype == dtype  # the weights follow the cast
+    for name, want in STAT_DTYPES.items():
+        assert getattr(head.statistics, name).dtype == want, name
+    assert torch.equal(head.statistics.centers, centers)  # not round-tripped through fp16
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    for step in range(1, 4):
+        x, y = _batch(step)
+        xd = x.to(dtype).requires_grad_(True)
+        loss = head(xd, y)
+        loss.backward()
+        assert torch.isfinite(loss) and head.weight.grad.dtype == dtype
+        assert torch.isfinite(head.weight.grad).all() and torch.isfinite(xd.grad).all()
+        opt.step()
+        opt.zero_grad()
+    assert head.statistics.centers.dtype == torch.float32 and head.step == 4
+    head.to(torch.float32)
+    assert head.weight.dtype == torch.float32 and head.statistics.angle_sum.dtype == torch.float64
+
+
+def test_pml_loss_double_keeps_float32_statistics():
+    pml = pytest.importorskip("integrations.pml")
+    loss_fn = pml.LEAPLoss(C, D, class_counts=COUNTS, seed=1).double()
+    assert loss_fn.W.dtype == torch.float64
+    assert loss_fn.statistics.centers.dtype == torch.float32
+    for step in range(3):
+        x, y = _batch(step)
+        x = x.double().requires_grad_(True)
+        loss = loss_fn(x, y)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert loss_fn.statistics.centers.dtype == torch.float32
+
+
+def test_feature_transfer_cast_keeps_statistics():
+    ft = FeatureTransfer(D, 8, num_components=3)
+    ft.update_stats(_ftl_stream(torch.int64))
+    cov = ft.covariance.clone()
+    ft.half()
+    assert ft.covariance.dtype == torch.float64 and torch.equal(ft.covariance, cov)
+    assert ft.centers.dtype == torch.float32 and ft.basis.dtype == torch.float32
+    out = ft.transfer(torch.randn(2, D).half(), torch.tensor([0, 1]), torch.tensor([4, 5]))
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+@pytest.mark.filterwarnings("ignore:.*counts K_i online")
+def test_fastreid_head_half_keeps_float32_statistics_and_trains():
+    pytest.importorskip("fastreid")
+    fr = pytest.importorskip("feature_cloud.integrations.fastreid")
+    from fastreid.config import get_cfg
+    from fastreid.modeling.heads import build_heads
+
+    from _fastreid_data import LEAP_YAML
+
+    cfg = get_cfg()
+    fr.add_feature_cloud_config(cfg)
+    cfg.merge_from_file(LEAP_YAML)
+    cfg.MODEL.BACKBONE.FEAT_DIM, cfg.MODEL.HEADS.NUM_CLASSES = 32, 5
+    cfg.MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS = "online"
+    cfg.MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS = 2
+    cfg.MODEL.HEADS.FEATURE_CLOUD.SEED = 0
+    torch.manual_seed(0)
+    head = build_heads(cfg).half()
+    assert head.margin_head.weight.dtype == torch.float16
+    feats = torch.randn(8, 32, 4, 2).half()
+    labels = torch.tensor([0, 0, 1, 1, 2, 3, 4, 4], dtype=torch.int32)
+    for _ in range(4):  # warm-up (online counts), then the cloud
+        out = head(feats, labels)
+        loss = torch.nn.functional.cross_entropy(out["cls_outputs"].float(), labels.long())
+        loss.backward()
+        assert torch.isfinite(loss)
+    assert head.margin_head.cloud_active and head.margin_head.statistics.memory_allocated
+    for name, want in STAT_DTYPES.items():
+        assert getattr(head.margin_head.statistics, name).dtype == want, name
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_ftl_model_loss_accepts_integer_label_dtypes(dtype):
+    from feature_cloud import FTLModel
+
+    torch.manual_seed(0)
+    model = FTLModel(
+        torch.nn.Linear(6, D),
+        torch.nn.Linear(D, 5, bias=False),
+        feature_dim=D,
+        decoder=torch.nn.Linear(D, 6),
+        transfer=FeatureTransfer(D, 5),
+    )
+    x, y = torch.randn(10, 6), torch.randint(0, 5, (10,))
+    want, got = model.loss(x, y), model.loss(x, y.to(dtype))
+    assert torch.equal(want["loss"].detach(), got["loss"].detach())
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        model.loss(x, y.float())

@@ -1,0 +1,170 @@
+"""The ``feature-cloud`` command end to end on tiny configurations, and report re-rendering."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from feature_cloud.cli import main
+from feature_cloud.demo.data import SyntheticConfig, make_synthetic
+from feature_cloud.demo.methods import METHODS
+from feature_cloud.demo.protocol import long_tail_split
+
+PNGS = [
+    "accuracy_head_tail.png",
+    "angle_variance_vs_class_size.png",
+    "angle_variance_test_vs_class_size.png",
+    "weight_norm_vs_class_size.png",
+    "feature_cloud_2d.png",
+]
+TINY = [
+    "demo",
+    "--data",
+    "synthetic",
+    "--synthetic-classes",
+    "8",
+    "--synthetic-max",
+    "24",
+    "--synthetic-min",
+    "8",
+    "-H",
+    "2",
+    "-S",
+    "3",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "16",
+    "--quiet",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run") / "synthetic")
+    assert main(TINY + ["--seeds", "0", "1", "--out", out]) == 0
+    return out
+
+
+def test_demo_writes_every_artifact(tiny_run):
+    for name in [
+        "results.json",
+        "results.md",
+        "summary.csv",
+        "runs.csv",
+        "per_class.csv",
+        "projection.npz",
+    ] + PNGS:
+        path = os.path.join(tiny_run, name)
+        assert os.path.isfile(path) and os.path.getsize(path) > 0, name
+    with open(os.path.join(tiny_run, "results.json")) as fh:
+        res = json.load(fh)
+    assert res["methods"] == list(METHODS)
+    assert len(res["runs"]) == 2 * len(METHODS)
+    for run in res["runs"]:
+        for key in (
+            "fc_acc_head",
+            "fc_acc_tail",
+            "rank1_head",
+            "rank1_tail",
+            "map_head",
+            "map_tail",
+            "nn_acc_tail",
+        ):
+            assert 0.0 <= run["metrics"][key] <= 1.0, key
+        assert len(run["per_class"]["weight_norm"]) == 8
+    # the saved split is the protocol's split for that seed
+    data = make_synthetic(SyntheticConfig(num_classes=8, max_per_class=24, min_per_class=8))
+    for seed in (0, 1):
+        split = long_tail_split(data.y, 8, 2, 3, test_fraction=0.3, val_fraction=0.1, seed=seed)
+        saved = res["splits"][str(seed)]
+        assert saved["train_counts"] == split.train_counts.tolist()
+        assert saved["head"] == split.head.tolist()
+        assert saved["test"] == split.test.numel()
+    md = open(os.path.join(tiny_run, "results.md")).read()
+    assert "<H2, S3>" in md and "LEAP full" in md and "±" in md
+    with open(os.path.join(tiny_run, "summary.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    one = [r for r in rows if r["method"] == "cosface" and r["metric"] == "fc_acc_tail"][0]
+    vals = [r["metrics"]["fc_acc_tail"] for r in res["runs"] if r["method"] == "cosface"]
+    assert float(one["mean"]) == pytest.approx(np.mean(vals), rel=1e-4)
+    assert float(one["std"]) == pytest.approx(np.std(vals, ddof=1), rel=1e-4, abs=1e-9)
+    with np.load(os.path.join(tiny_run, "projection.npz")) as npz:
+        assert npz["classes"].size == 2 + 3  # 2 head + the 3 first-ranked tail classes
+        assert npz["cosface/train_features"].shape[1] == 64
+
+
+def test_report_rerenders_identically(tiny_run, tmp_path):
+    before = open(os.path.join(tiny_run, "results.md")).read()
+    summary = open(os.path.join(tiny_run, "summary.csv")).read()
+    for name in ["results.md", "summary.csv"] + PNGS:
+        os.remove(os.path.join(tiny_run, name))
+    # through ``python -m feature_cloud`` (the __main__ module)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.run(
+        [sys.executable, "-m", "feature_cloud", "report", tiny_run],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "FC acc tail" in proc.stdout  # the compact table
+    assert open(os.path.join(tiny_run, "results.md")).read() == before
+    assert open(os.path.join(tiny_run, "summary.csv")).read() == summary
+    for name in PNGS:
+        with open(os.path.join(tiny_run, name), "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_are_reproducible(tiny_run, tmp_path):
+    out = str(tmp_path / "again")
+    assert main(TINY + ["--seeds", "0", "--methods", "cosface", "leap_full", "--out", out]) == 0
+    with open(os.path.join(tiny_run, "results.json")) as fh:
+        first = {(r["seed"], r["method"]): r["metrics"] for r in json.load(fh)["runs"]}
+    with open(os.path.join(out, "results.json")) as fh:
+        again = {(r["seed"], r["method"]): r["metrics"] for r in json.load(fh)["runs"]}
+    for key, metrics in again.items():
+        assert metrics == pytest.approx(first[key], nan_ok=True)
+
+
+def test_digits_end_to_end(tmp_path):
+    out = str(tmp_path / "digits")
+    assert (
+        main(
+            [
+                "demo",
+                "--seeds",
+                "0",
+                "--epochs",
+                "1",
+                "--methods",
+                "softmax",
+                "leap_vanilla",
+                "--quiet",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["data"]["name"] == "digits" and res["config"]["num_head"] == 3
+    assert res["splits"]["0"]["train_counts"].count(5) == 7
+
+
+def test_cli_errors_are_clean(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "results.json" in capsys.readouterr().err
+    assert main(["demo", "--data", "imagefolder", "--quiet"]) == 2
+    assert "needs a PATH" in capsys.readouterr().err
+    assert main(["demo", "--data", "digits", "--synthetic-classes", "5", "--quiet"]) == 2
+    assert main(["demo", "--data", "nope", "--quiet"]) == 2
+    assert main(["demo", "--seeds", "0", "0", "--quiet"]) == 2
+    assert main(["demo", "--epochs", "3", "--warmup-epochs", "4", "--quiet"]) == 2
+    with pytest.raises(SystemExit):
+        main(["demo", "--methods", "magic"])

@@ -1,0 +1,114 @@
+"""The demo's methods: every one trains on the same budget from the same initial backbone."""
+
+import pytest
+import torch
+
+from feature_cloud.demo.data import SyntheticConfig, make_synthetic
+from feature_cloud.demo.methods import METHODS, MethodConfig, build_method
+from feature_cloud.demo.protocol import long_tail_split
+from feature_cloud.demo.runner import DemoConfig, steps_per_epoch, train_method
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    data = make_synthetic(SyntheticConfig(num_classes=6, max_per_class=30, min_per_class=10))
+    split = long_tail_split(data.y, 6, 2, 3, seed=0)
+    return data.x[split.train], data.y[split.train], split.train_counts
+
+
+def test_same_initial_backbone_for_every_method(tiny):
+    x, y, counts = tiny
+    firsts = []
+    for name in METHODS:
+        torch.manual_seed(0)
+        model = build_method(name, (x.shape[1],), 6, counts, MethodConfig())
+        firsts.append(next(model.backbone.parameters()).detach().clone())
+    for w in firsts[1:]:
+        assert torch.equal(w, firsts[0])
+
+
+def test_ftl_runs_algorithm_1_within_the_budget(tiny):
+    x, y, counts = tiny
+    torch.manual_seed(0)
+    cfg = MethodConfig(warmup_steps=4, ftl_alternations=2, tail_threshold=3)
+    model = build_method("ftl", (x.shape[1],), 6, counts, cfg)
+    before = model.ftl.classifier.weight.detach().clone()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    calls = []
+
+    def step(loss):
+        calls.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    model.train()
+    model.fit(x, y, 13, 8, step)
+    assert len(calls) == 13
+    # stage 1 ran: the transfer statistics exist and the classifier moved
+    assert model.ftl.feature_transfer.ready
+    assert not torch.equal(before, model.ftl.classifier.weight)
+    assert model.ftl.frozen == ()  # left unfrozen for evaluation
+    model.eval()
+    with torch.no_grad():
+        emb = model.embed(x[:5])
+    assert emb.shape == (5, 64) and model.classify(emb).shape == (5, 6)
+
+
+@pytest.mark.parametrize("name", ["cosface", "ftl"])
+def test_train_method_step_count(tiny, name, monkeypatch):
+    x, y, counts = tiny
+    cfg = DemoConfig(data="synthetic", epochs=2, batch_size=8, seeds=[0]).resolved()
+    steps = []
+    real_step = torch.optim.Adam.step
+
+    def counting(self, *a, **k):
+        steps.append(1)
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counting)
+    train_method(name, x, y, 6, counts, cfg, seed=0)
+    assert len(steps) == 2 * steps_per_epoch(x.shape[0], 8)
+
+
+@pytest.mark.parametrize("fraction, warmup, expected_stage0", [(0.5, 4, 6), (None, 4, 4)])
+def test_ftl_stage0_share_and_per_batch_augmentation(tiny, fraction, warmup, expected_stage0):
+    """Stage 0 takes ``ftl_stage0_fraction`` of the budget (``None``: ``warmup_steps``, the old
+    rule); ``augment`` is applied to every training batch of every stage."""
+    x, y, counts = tiny
+    torch.manual_seed(0)
+    cfg = MethodConfig(
+        warmup_steps=warmup, ftl_alternations=1, tail_threshold=3, ftl_stage0_fraction=fraction
+    )
+    model = build_method("ftl", (x.shape[1],), 6, counts, cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    stages, seen = [], []
+    import feature_cloud.demo.methods as methods_module
+
+    real = methods_module.AlternatingScheduler.step
+
+    def spy(self):
+        stages.append(self.stage)
+        return real(self)
+
+    def augment(xb):
+        seen.append(xb.shape[0])
+        return -xb
+
+    def step(loss):
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    model.train()
+    try:
+        methods_module.AlternatingScheduler.step = spy
+        model.fit(x, y, 12, 8, step, augment=augment)
+    finally:
+        methods_module.AlternatingScheduler.step = real
+    assert stages.count(0) == expected_stage0 and len(stages) == 12
+    assert stages[expected_stage0] == 1 and stages[-1] == 2
+    n1 = stages.count(1)
+    assert len(seen) == 12 + n1  # stage 1 augments both its hard and its long-tail batch
+    with pytest.raises(ValueError, match="ftl_stage0_fraction"):
+        build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_stage0_fraction=1.0))

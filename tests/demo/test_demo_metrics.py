@@ -1,0 +1,120 @@
+"""Every demo metric against a brute-force computation with Python loops."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from feature_cloud.demo import metrics as M
+
+
+def _data(seed=0, n=40, d=6, c=5):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(n, d, generator=g)
+    y = torch.randint(0, c, (n,), generator=g)
+    return f, y
+
+
+def _cos(a, b):
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_correct_predictions():
+    logits = torch.tensor([[0.1, 0.9], [2.0, -1.0], [0.0, 0.5]])
+    assert M.correct_predictions(logits, torch.tensor([1, 1, 1])).tolist() == [1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_retrieval_against_brute_force(seed):
+    f, y = _data(seed)
+    y[0] = 4
+    y[1:] = torch.where(y[1:] == 4, torch.zeros_like(y[1:]), y[1:])  # class 4 has one sample
+    r1, ap, valid = M.retrieval_per_query(f, y)
+    fn, yn = f.numpy().astype(np.float64), y.numpy()
+    for q in range(len(yn)):
+        others = [j for j in range(len(yn)) if j != q]
+        sims = [_cos(fn[q], fn[j]) for j in others]
+        ranked = [
+            others[k] for k in sorted(range(len(others)), key=lambda k: (-sims[k], others[k]))
+        ]
+        rel = [int(yn[j] == yn[q]) for j in ranked]
+        if sum(rel) == 0:
+            assert not valid[q] and r1[q] == 0 and ap[q] == 0
+            continue
+        hits, precisions = 0, []
+        for k, r in enumerate(rel, start=1):
+            if r:
+                hits += 1
+                precisions.append(hits / k)
+        assert valid[q]
+        assert r1[q] == rel[0]
+        assert ap[q] == pytest.approx(sum(precisions) / len(precisions), abs=1e-6)
+    assert not valid[0]
+
+
+def test_retrieval_ties_break_by_index():
+    f = torch.tensor([[1.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 1, 0, 1])
+    r1, ap, valid = M.retrieval_per_query(f, y)
+    # query 0: samples 1 and 2 tie at cos 1; lower index (1, wrong class) comes first
+    assert r1[0] == 0 and ap[0] == pytest.approx(0.5)
+    # query 2: samples 0 (same class) and 1 tie; 0 comes first
+    assert r1[2] == 1
+    # query 1: both ties are wrong, its only match (3) is orthogonal and ranks third
+    assert r1[1] == 0 and ap[1] == pytest.approx(1 / 3)
+    assert valid.all()
+
+
+def test_nearest_center_against_brute_force():
+    f, y = _data(2, n=30)
+    q, _ = _data(3, n=12)
+    y[y == 3] = 0  # class 3 has no gallery sample and must never win
+    pred = M.nearest_center_predictions(q, f, y, 5)
+    fn = f.numpy().astype(np.float64)
+    fn /= np.linalg.norm(fn, axis=1, keepdims=True)
+    for i, row in enumerate(q.numpy().astype(np.float64)):
+        best, best_c = -math.inf, None
+        for c in range(5):
+            members = fn[y.numpy() == c]
+            if len(members) == 0:
+                continue
+            s = _cos(row, members.mean(axis=0))
+            if s > best:
+                best, best_c = s, c
+        assert pred[i] == best_c
+
+
+def test_angle_spread_against_brute_force():
+    f, y = _data(4, n=50)
+    y[y == 2] = 1
+    y[0] = 2  # class 2: a single sample -> NaN
+    mean, var = M.angle_spread(f, y, 5)
+    fn, yn = f.numpy().astype(np.float64), y.numpy()
+    for c in range(5):
+        members = fn[yn == c]
+        if len(members) < 2:
+            assert math.isnan(mean[c]) and math.isnan(var[c])
+            continue
+        unit = members / np.linalg.norm(members, axis=1, keepdims=True)
+        center = unit.mean(axis=0)
+        angles = [math.acos(max(-1.0, min(1.0, _cos(u, center)))) for u in unit]
+        mu = sum(angles) / len(angles)
+        v = sum((a - mu) ** 2 for a in angles) / (len(angles) - 1)
+        assert mean[c] == pytest.approx(mu, abs=1e-5)
+        assert var[c] == pytest.approx(v, abs=1e-5)
+
+
+def test_weight_norms_and_group_means():
+    w = torch.tensor([[3.0, 4.0], [0.0, 1.0], [1.0, 1.0]])
+    assert M.weight_norms(w).tolist() == pytest.approx([5.0, 1.0, math.sqrt(2)])
+    values = torch.tensor([1.0, 2.0, float("nan"), 4.0])
+    head = torch.tensor([True, False, False, True])
+    out = M.head_tail(values, head)
+    assert out == {
+        "all": pytest.approx(7 / 3),
+        "head": pytest.approx(2.5),
+        "tail": pytest.approx(2.0),
+    }
+    valid = torch.tensor([True, False, True, True])
+    assert math.isnan(M.head_tail(values, head, valid)["tail"])

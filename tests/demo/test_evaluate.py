@@ -1,0 +1,185 @@
+"""feature-cloud evaluate: protocols, paired statistics, camera retrieval and the CLI end to end
+on tiny synthetic image arrays (no real data)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from feature_cloud.evaluate import hs_split, natural_split, paired_differences, t_interval
+from feature_cloud.evaluate.data import load_npz
+from feature_cloud.evaluate.runner import camera_retrieval
+from feature_cloud.evaluate.stats import t_quantile
+
+
+def _labels(sizes):
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+
+
+def test_natural_split_n_test_per_identity_and_head_by_threshold():
+    y = _labels([30, 12, 5, 3, 2])
+    s = natural_split(y, 5, n_test=2, threshold=10, seed=0)
+    assert torch.bincount(y[s.test], minlength=5).tolist() == [2, 2, 2, 2, 0]  # class 4: too small
+    assert s.train_counts.tolist() == [28, 10, 3, 1, 0]
+    assert s.head.tolist() == [True, False, False, False, False]
+    assert not set(s.train.tolist()) & set(s.test.tolist())
+
+
+def test_hs_split_keeps_s_for_tail_and_same_test_set():
+    y = _labels([30, 20, 9, 7, 4])
+    s = hs_split(y, 5, num_head=2, shots=3, n_test=2, seed=1)
+    n = natural_split(y, 5, n_test=2, seed=1)
+    assert s.train_counts.tolist() == [28, 18, 3, 3, 2]
+    assert s.head.tolist() == [True, True, False, False, False]
+    assert torch.equal(s.test, n.test)
+    assert set(s.train.tolist()) <= set(n.train.tolist())
+
+
+def test_t_interval_and_paired_differences():
+    assert t_quantile(2) == pytest.approx(4.303)
+    assert t_quantile(1000) == pytest.approx(1.9623, abs=2e-3)
+    mean, half, n = t_interval([1.0, 2.0, 3.0])
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    runs = [
+        {"seed": s, "method": m, "metrics": {"acc": v}}
+        for s, m, v in [(0, "a", 0.5), (0, "b", 0.6), (1, "a", 0.4), (1, "b", 0.6), (2, "b", 0.9)]
+    ]  # seed 2 has no pair: left out
+    d = paired_differences(runs, "b", "a", ["acc"])["acc"]
+    assert d["n"] == 2 and d["mean"] == pytest.approx(0.15)
+    assert d["ci95"] == pytest.approx(12.706 * math.sqrt(0.005) / math.sqrt(2))
+
+
+def test_camera_retrieval_ignores_same_camera_matches():
+    f = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0], [0.1, 0.99]])
+    y = torch.tensor([0, 0, 1, 1])
+    same_cam = torch.tensor([0, 0, 0, 1])
+    r1, ap, valid = camera_retrieval(f, y, same_cam)
+    # queries 0 and 1 share identity AND camera: no valid match
+    assert valid.tolist() == [False, False, True, True]
+    assert r1[2:].tolist() == [1.0, 1.0]
+
+
+def _tiny_npz(path, camids=False):
+    rng = np.random.RandomState(0)
+    sizes = [16, 12, 4, 4, 3, 3]
+    y = np.repeat(np.arange(len(sizes)), sizes)
+    proto = rng.randint(0, 255, size=(len(sizes), 12, 12, 3))
+    imgs = np.clip(proto[y] + rng.randint(-30, 30, size=(y.size, 12, 12, 3)), 0, 255).astype(
+        np.uint8
+    )
+    extra = {"camids": (np.arange(y.size) % 2)} if camids else {}
+    np.savez(path, images=imgs, labels=y, **extra)
+
+
+def test_load_npz(tmp_path):
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p, camids=True)
+    d = load_npz(p, (8, 8))
+    assert d.x.shape == (42, 3, 8, 8) and float(d.x.max()) <= 1.0
+    assert d.num_classes == 6 and d.camids.shape == (42,)
+    np.savez(str(tmp_path / "bad.npz"), pictures=np.zeros((2, 4, 4)))
+    with pytest.raises(ValueError, match="images"):
+        load_npz(str(tmp_path / "bad.npz"))
+
+
+@pytest.mark.slow
+def test_cli_evaluate_end_to_end(tmp_path):
+    """The subcommand in a fresh process: two <H, S> settings, LEAP and FTL with their baselines
+    added automatically, paired tables and plots written."""
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p, camids=True)
+    out = str(tmp_path / "out")
+    cmd = [
+        sys.executable,
+        "-m",
+        "feature_cloud",
+        "evaluate",
+        p,
+        "--protocol",
+        "hs",
+        "-H",
+        "2",
+        "-S",
+        "1",
+        "2",
+        "--methods",
+        "leap_full_cosface",
+        "ftl",
+        "--seeds",
+        "0",
+        "1",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--embedding-size",
+        "8",
+        "--quiet",
+        "-T",
+        "3",
+        "--leap-option",
+        "center_rate=adaptive",
+        "--out",
+        out,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for sub in ("H2_S1", "H2_S2"):
+        with open(os.path.join(out, sub, "results.json")) as fh:
+            r = json.load(fh)
+        assert r["methods"] == ["cosface", "leap_full_cosface", "ftl_base", "ftl"]
+        assert r["baselines"] == {"leap_full_cosface": "cosface", "ftl": "ftl_base"}
+        assert len(r["runs"]) == 8
+        for f in (
+            "summary.md",
+            "paired.csv",
+            "paired.json",
+            "runs.csv",
+            "paired.png",
+            "angle_variance_vs_class_size.png",
+            "weight_norm_vs_class_size.png",
+        ):
+            assert os.path.isfile(os.path.join(out, sub, f)), f
+        with open(os.path.join(out, sub, "paired.json")) as fh:
+            pj = json.load(fh)
+        assert pj["ftl"]["fc_acc_tail"]["n"] == 2
+    with open(os.path.join(out, "combined.md")) as fh:
+        text = fh.read()
+    assert "H2_S1" in text and "H2_S2" in text and "Δ FC tail" in text
+    # report re-renders an evaluation
+    res = subprocess.run(
+        [sys.executable, "-m", "feature_cloud", "report", os.path.join(out, "H2_S1"), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_cli_evaluate_rejects_bad_arguments(tmp_path):
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    assert main(["evaluate", p, "--protocol", "hs", "-S", "0", "--quiet"]) == 2
+    assert main(["evaluate", str(tmp_path / "missing.npz"), "--quiet"]) == 2
+    assert main(["evaluate", p, "--leap-option", "nokey", "--quiet"]) == 2
+    assert main(["evaluate", p, "--ftl-stage0-fraction", "1.0", "--quiet"]) == 2
+
+
+def test_backbones_conv4_and_timm_without_download():
+    from feature_cloud.evaluate import build_backbone
+
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("conv4", "timm:resnet18"):
+        net = build_backbone(name, (3, 32, 32), 16)
+        assert net(x).shape == (2, 16)
+    with pytest.raises(ValueError, match="backbone"):
+        build_backbone("vgg", (3, 32, 32), 16)

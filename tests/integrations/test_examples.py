@@ -1,0 +1,66 @@
+"""Smoke tests: every script in examples/ runs end to end (small settings, CPU, no download)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(args, timeout=240):
+    env = dict(
+        os.environ,
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = [line for line in proc.stdout.splitlines() if line.startswith("{")][-1]
+    return ast.literal_eval(last.replace("np.float32(", "(").replace("np.float64(", "("))
+
+
+def test_pml_example():
+    pytest.importorskip("pytorch_metric_learning")
+    result = _run(["examples/pml_train.py", "--epochs", "1", "--classes", "12"])
+    assert 0.0 <= result["precision_at_1_level0"] <= 1.0
+
+
+def test_timm_example():
+    pytest.importorskip("timm.task")
+    result = _run(
+        ["examples/timm_train.py", "--steps", "6", "--classes", "4", "--batch-size", "16"]
+    )
+    assert result["last_loss"] < result["first_loss"]
+    assert result["checkpoint_keys"] == ["state_dict", "task_state"]
+
+
+def test_fastreid_example(tmp_path):
+    pytest.importorskip("fastreid")
+    result = _run(
+        [
+            "examples/fastreid_train.py",
+            "--synthetic",
+            str(tmp_path / "data"),
+            "--tiny",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "INPUT.SIZE_TRAIN",
+            "[32, 16]",
+            "INPUT.SIZE_TEST",
+            "[32, 16]",
+            "SOLVER.MAX_EPOCH",
+            "1",
+            "TEST.EVAL_PERIOD",
+            "1",
+        ]
+    )
+    assert set(result) >= {"Rank-1", "mAP"}
+    assert os.path.isfile(tmp_path / "out" / "model_final.pth")

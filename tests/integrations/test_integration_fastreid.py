@@ -1,0 +1,497 @@
+"""LEAPHead inside the real fastreid 1.4.0: registry, YAML config, DefaultTrainer, evaluation, PreciseBN."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastreid")
+fr = pytest.importorskip("feature_cloud.integrations.fastreid")
+
+from fastreid.config import get_cfg
+from fastreid.data import build as data_build
+from fastreid.engine import DefaultTrainer, hooks
+from fastreid.modeling.heads import REID_HEADS_REGISTRY, build_heads
+
+from _fastreid_data import (
+    HEAD_IDS,
+    HEAD_IMAGES,
+    NUM_IDS,
+    TAIL_IMAGES,
+    market_root,  # noqa: F401 (a pytest fixture)
+    tiny_cfg,
+)
+from _fastreid_data import LEAP_YAML as YAML
+
+
+def _tiny_cfg(output_dir, *extra):
+    return tiny_cfg(YAML, output_dir, "MODEL.HEADS.FEATURE_CLOUD.SEED", "0", *extra)
+
+
+# ---------------------------------------------------------------- compat, registry, config
+def test_compat_patches_are_reported_and_idempotent():
+    applied = fr.patch_fastreid_compat()
+    assert applied == fr.patch_fastreid_compat()
+    import sys
+
+    assert "torch._six" in sys.modules  # fastreid.data.build imported
+    assert "fastreid.evaluation.ReidEvaluator._compile_dependencies" in applied
+    if not torch.cuda.is_available():
+        assert "fastreid.data.build.DataLoaderX" in applied
+        assert "fastreid.engine.defaults.DistributedDataParallel" in applied
+    if int(torch.__version__.split(".")[0]) >= 2:
+        assert "fastreid.solver.build_optimizer" in applied
+
+
+def test_head_is_registered_and_yaml_needs_the_config_node():
+    assert REID_HEADS_REGISTRY.get("LEAPHead") is fr.LEAPHead
+    cfg = get_cfg()
+    with pytest.raises(Exception, match="FEATURE_CLOUD"):
+        cfg.merge_from_file(YAML)  # yacs rejects the unknown key without add_feature_cloud_config
+    cfg = get_cfg()
+    fr.add_feature_cloud_config(cfg)
+    cfg.merge_from_file(YAML)
+    assert cfg.MODEL.HEADS.NAME == "LEAPHead"
+    assert cfg.MODEL.HEADS.FEATURE_CLOUD.CLOUD == "full"
+
+
+def _head_cfg(**heads):
+    cfg = get_cfg()
+    fr.add_feature_cloud_config(cfg)
+    cfg.merge_from_file(YAML)
+    cfg.MODEL.BACKBONE.FEAT_DIM = 32
+    cfg.MODEL.HEADS.NUM_CLASSES = 5
+    cfg.MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS = "online"
+    cfg.MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS = 2
+    for key, value in heads.items():
+        node, _, name = key.rpartition("__")
+        target = cfg.MODEL.HEADS.FEATURE_CLOUD if node == "FC" else cfg.MODEL.HEADS
+        setattr(target, name, value)
+    return cfg
+
+
+def test_from_config_translates_fastreid_keys():
+    head = build_heads(
+        _head_cfg(
+            CLS_LAYER="ArcSoftmax",
+            SCALE=16.0,
+            MARGIN=0.3,
+            FC__CLOUD="vanilla",
+            FC__TAIL_THRESHOLD=7,
+        )
+    )
+    mh = head.margin_head
+    assert (mh.margin_type, mh.scale, mh.margin, mh.cloud) == ("arcface", 16.0, 0.3, "vanilla")
+    assert mh.statistics.tail_threshold == 7 and mh.warmup_steps == 2
+    with pytest.raises(ValueError, match="CLS_LAYER"):
+        build_heads(_head_cfg(CLS_LAYER="Linear"))
+    with pytest.raises(ValueError, match="CLASS_COUNTS"):
+        build_heads(_head_cfg(FC__CLASS_COUNTS="guess"))
+    assert build_heads(_head_cfg(FC__CLOUD="none")).margin_head.cloud is None
+
+
+def test_head_contract_training_and_inference():
+    torch.manual_seed(0)
+    head = build_heads(_head_cfg())
+    feats = torch.randn(8, 32, 4, 2)
+    labels = torch.tensor([0, 0, 1, 1, 2, 3, 4, 4])
+    out = head(feats, labels)
+    assert set(out) == {"cls_outputs", "pred_class_logits", "features"}
+    assert out["cls_outputs"].shape == out["pred_class_logits"].shape == (8, 5)
+    assert out["features"].shape == (8, 32)
+    assert not out["pred_class_logits"].requires_grad and out["cls_outputs"].requires_grad
+    # online counting during the warm-up, then the memory is laid out
+    head(feats, labels)
+    head(feats, labels)
+    assert head.statistics.class_counts.tolist() == [4, 4, 2, 2, 4]
+    assert head.statistics.memory_allocated
+    head.eval()
+    emb = head(feats)
+    assert emb.shape == (8, 32)
+
+
+# ---------------------------------------------------------------- DefaultTrainer end to end
+class _Recorder(hooks.HookBase):
+    """Records the loss and, after the last training step, the head statistics and BN stats."""
+
+    def __init__(self):
+        self.losses = []
+        self.stats_at_end = None
+        self.bn_at_end = None
+
+    def after_step(self):
+        self.losses.append(self.trainer.storage.history("loss_cls").latest())
+        if self.trainer.iter == self.trainer.max_iter - 1:
+            model = self.trainer.model
+            self.stats_at_end = {
+                k: v.clone()
+                for k, v in model.heads.margin_head.state_dict().items()
+                if isinstance(v, torch.Tensor)
+            }
+            self.step_at_end = model.heads.margin_head.step
+            self.bn_at_end = model.heads.bottleneck[0].running_mean.clone()
+
+
+def test_default_trainer_end_to_end(market_root, tmp_path):
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    cfg = _tiny_cfg(tmp_path)
+    trainer = DefaultTrainer(cfg)
+    recorder = _Recorder()
+    trainer.register_hooks([recorder])
+    model = trainer.model
+    head = model.heads
+    assert isinstance(head, fr.LEAPHead)
+    assert any(isinstance(h, hooks.PreciseBN) for h in trainer._hooks)
+
+    # CLASS_COUNTS: dataset: K_i come from the trainer's own data set when training starts
+    expected = fr.class_counts_from_dataset(trainer.data_loader.dataset)
+    assert sorted(expected.tolist()) == sorted(
+        [HEAD_IMAGES] * HEAD_IDS + [TAIL_IMAGES] * (NUM_IDS - HEAD_IDS)
+    )
+    assert head.class_counts_pending and isinstance(trainer._hooks[0], fr.FeatureCloudHook)
+
+    # plain (no-cloud) margin loss of the eval-mode model over the whole training split
+    from fastreid.data.common import CommDataset
+    from fastreid.data.datasets import DATASET_REGISTRY
+    from fastreid.data.transforms import build_transforms
+
+    items = DATASET_REGISTRY.get("Market1501")(root=market_root).train
+    train_set = CommDataset(items, build_transforms(cfg, is_train=False), relabel=True)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=32, collate_fn=data_build.fast_batch_collator
+    )
+
+    def train_loss():
+        model.eval()
+        total = 0.0
+        with torch.no_grad():
+            for batch in loader:
+                feats = model(batch)
+                head.margin_head.eval()
+                total += float(head.margin_head(feats, batch["targets"])) * len(batch["targets"])
+        model.train()
+        return total / len(train_set)
+
+    loss_before = train_loss()
+    conv_before = model.backbone.conv1.weight.detach().clone()
+    results = trainer.train()
+    loss_after = train_loss()
+    elapsed = time.perf_counter() - start
+
+    iters = trainer.max_iter
+    assert len(recorder.losses) == iters
+    assert all(torch.isfinite(torch.tensor(recorder.losses)))
+    assert loss_after < 0.95 * loss_before, (loss_before, loss_after)
+    # fastreid's contiguous optimizer really steps the parameters (compat patch 6 on torch >= 2)
+    assert not torch.equal(conv_before, model.backbone.conv1.weight)
+
+    # statistics updated by every training step, the cloud active for tail classes
+    stats = head.statistics
+    assert not head.class_counts_pending and torch.equal(stats.class_counts, expected)
+    assert head.margin_head.step == iters
+    assert bool(stats.center_initialized.all())
+    assert int(stats.memory_fill.sum()) > 0
+    variance = stats.cloud_variance()
+    assert float(variance.max()) > 0
+
+    # PreciseBN ran (BN statistics replaced) and did not touch the class statistics
+    assert not torch.equal(recorder.bn_at_end, head.bottleneck[0].running_mean)
+    assert head.margin_head.step == recorder.step_at_end
+    for key, value in head.margin_head.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, recorder.stats_at_end[key]), key
+
+    # fastreid evaluation: CMC / mAP on query vs gallery
+    for key in ("Rank-1", "Rank-5", "mAP", "mINP"):
+        assert 0.0 <= results[key] <= 100.0
+    assert results["Rank-1"] > 100.0 / NUM_IDS  # better than chance
+
+    # the statistics are saved in fastreid's checkpoint
+    ckpt = torch.load(
+        os.path.join(str(tmp_path), "model_final.pth"), map_location="cpu", weights_only=False
+    )
+    assert torch.equal(
+        ckpt["model"]["heads.margin_head.feature_cloud.statistics.memory"], stats.memory
+    )
+    print(
+        f"\nfastreid e2e: {iters} iterations + PreciseBN + eval in {elapsed:.1f} s; "
+        f"train loss {loss_before:.3f} -> {loss_after:.3f}; results {dict(results)}"
+    )
+
+
+def test_precise_bn_hook_leaves_statistics_untouched(market_root, tmp_path):
+    torch.manual_seed(1)
+    cfg = _tiny_cfg(tmp_path, "SOLVER.MAX_EPOCH", "1")
+    trainer = DefaultTrainer(cfg)
+    model = trainer.model
+    # a few real training steps so the statistics are non-trivial
+    from fastreid.utils.events import EventStorage
+
+    trainer.iter = 0
+    with pytest.raises(RuntimeError, match="CLASS_COUNTS: dataset"):  # a loop outside train()
+        with EventStorage(0):
+            trainer.run_step()
+    model.heads.set_class_counts(fr.class_counts_from_dataset(trainer.data_loader.dataset))
+    with EventStorage(0):
+        for trainer.iter in range(3):
+            trainer.run_step()
+    before = {
+        k: v.clone()
+        for k, v in model.heads.margin_head.state_dict().items()
+        if isinstance(v, torch.Tensor)
+    }
+    step = model.heads.margin_head.step
+    assert step == 3 and int(model.heads.statistics.memory_fill.sum()) > 0
+    bn_before = model.heads.bottleneck[0].running_mean.clone()
+    precise = hooks.PreciseBN(model, DefaultTrainer.build_train_loader(cfg), 2)
+    precise.update_stats()  # targets filled with -1, model in train mode under no_grad
+    assert not torch.equal(bn_before, model.heads.bottleneck[0].running_mean)
+    assert model.heads.margin_head.step == step
+    for key, value in model.heads.margin_head.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, before[key]), key
+
+
+# ---------------------------------------------------------------- building reads no data
+def _train_split_reads(monkeypatch, cfg):
+    """How often building ``DefaultTrainer(cfg)`` reads the training split from disk."""
+    from fastreid.data.datasets.market1501 import Market1501
+
+    reads = []
+    original = Market1501.process_dir
+
+    def counting(self, dir_path, *args, **kwargs):
+        if dir_path.endswith("bounding_box_train"):
+            reads.append(dir_path)
+        return original(self, dir_path, *args, **kwargs)
+
+    monkeypatch.setattr(Market1501, "process_dir", counting)
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    DefaultTrainer(cfg)
+    return len(reads)
+
+
+def test_training_split_is_read_as_often_as_with_fastreids_own_head(
+    market_root, tmp_path, monkeypatch
+):
+    off = ("TEST.PRECISE_BN.ENABLED", "False")
+    leap = _train_split_reads(monkeypatch, _tiny_cfg(tmp_path / "a", *off))
+    own = _train_split_reads(
+        monkeypatch, _tiny_cfg(tmp_path / "b", *off, "MODEL.HEADS.NAME", "EmbeddingHead")
+    )
+    assert leap == own == 1
+
+
+def test_inference_build_needs_no_data_and_no_num_classes(tmp_path, monkeypatch):
+    from fastreid.modeling import build_model
+
+    monkeypatch.setattr(data_build, "_root", str(tmp_path / "nothing_here"))
+    cfg = get_cfg()
+    fr.add_feature_cloud_config(cfg)
+    cfg.merge_from_file(
+        fr.config_path("Market1501/leap_R50.yml")
+    )  # NUM_CLASSES 0, CLASS_COUNTS dataset
+    cfg.merge_from_list(
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.BACKBONE.DEPTH",
+            "18x",
+            "MODEL.BACKBONE.FEAT_DIM",
+            "512",
+            "MODEL.BACKBONE.PRETRAIN",
+            "False",
+        ]
+    )
+    model = build_model(cfg)
+    assert model.heads.margin_head is None
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 64, 32) * 255).shape == (2, 512)
+    model.train()
+    with pytest.raises(RuntimeError, match="NUM_CLASSES"):
+        model({"images": torch.rand(2, 3, 64, 32) * 255, "targets": torch.tensor([0, 1])})
+    cfg.defrost()
+    cfg.MODEL.HEADS.NUM_CLASSES = 5
+    head = build_model(cfg).heads
+    assert head.class_counts_pending and head.margin_head.num_classes == 5
+
+
+def test_online_counts_error_names_the_yaml_keys():
+    with pytest.raises(ValueError, match="WARMUP_ITERS") as info:
+        build_heads(_head_cfg(FC__WARMUP_ITERS=0))
+    assert "warmup_steps" not in str(info.value)
+    with pytest.raises(ValueError, match="COUNT_ITERS") as info:
+        build_heads(_head_cfg(FC__COUNT_ITERS=5))  # more than WARMUP_ITERS
+    assert "count_steps" not in str(info.value)
+    head = build_heads(_head_cfg(FC__WARMUP_ITERS=4, FC__COUNT_ITERS=2))
+    assert head.margin_head.statistics.count_updates == 2
+    with pytest.raises(ValueError, match="MODEL.HEADS.FEATURE_CLOUD.GAMMA") as info:
+        build_heads(_head_cfg(FC__GAMMA=1.5))
+    assert "gamma" not in str(info.value)
+
+
+def test_config_path_returns_the_shipped_yamls():
+    for name in (
+        "Base-LEAP.yml",
+        "Base-FTL.yml",
+        "Market1501/leap_R50.yml",
+        "Market1501/ftl_R50.yml",
+    ):
+        assert os.path.isfile(fr.config_path(name))
+    with pytest.raises(FileNotFoundError, match="Base-LEAP.yml"):
+        fr.config_path("bagtricks_R50.yml")
+
+
+# ---------------------------------------------------------------- import order
+_ORDERS = {
+    # fastreid's registries first (they import on Python >= 3.10), then the adapter, then the engine
+    "fastreid.modeling first": """
+from fastreid.config import get_cfg
+from fastreid.modeling import build_model
+import feature_cloud.integrations.fastreid as fc
+from fastreid.engine import DefaultTrainer
+""",
+    # an environment where fastreid imports on its own (here: the two import shims applied by
+    # hand): fastreid.engine and fastreid.data are already loaded when the adapter comes
+    "fastreid.engine first": """
+import collections, collections.abc, sys, types, math
+collections.Mapping = collections.abc.Mapping
+six = types.ModuleType("torch._six"); six.string_classes = (str, bytes); six.int_classes = int
+six.inf = math.inf; six.container_abcs = collections.abc; sys.modules["torch._six"] = six
+from fastreid.engine import DefaultTrainer
+import fastreid.data.build
+import feature_cloud.integrations.fastreid as fc
+""",
+}
+
+
+@pytest.mark.parametrize("order", sorted(_ORDERS))
+def test_adapter_works_whatever_fastreid_was_imported_first(order):
+    import subprocess
+    import sys
+
+    check = """
+import fastreid.data.build as build, fastreid.engine.defaults as defaults
+from fastreid.modeling.heads import REID_HEADS_REGISTRY
+from fastreid.utils.checkpoint import Checkpointer
+import torch
+assert REID_HEADS_REGISTRY.get("LEAPHead") is fc.LEAPHead
+assert DefaultTrainer.build_hooks._feature_cloud and Checkpointer._load_model._feature_cloud
+if int(torch.__version__.split(".")[0]) >= 2:
+    assert defaults.build_optimizer._feature_cloud_keep_grad
+if not torch.cuda.is_available():
+    assert build.DataLoaderX._feature_cloud_cpu
+print("ok")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-c", _ORDERS[order] + check],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=root),
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- LEAPBaseline: fused CE
+def _meta_pair(eps, cloud="none"):
+    import copy
+
+    from fastreid.modeling.meta_arch import META_ARCH_REGISTRY, Baseline
+
+    torch.manual_seed(0)
+    head = build_heads(_head_cfg(FC__CLOUD=cloud, FC__SEED=3))
+    kwargs = {
+        "loss_names": ("CrossEntropyLoss", "TripletLoss"),
+        "ce": {"eps": eps, "alpha": 0.2, "scale": 0.7},
+        "tri": {"margin": 0.3, "norm_feat": False, "hard_mining": True, "scale": 1.0},
+    }
+    arch = META_ARCH_REGISTRY.get("LEAPBaseline")
+    assert arch is fr.LEAPBaseline
+    common = dict(backbone=torch.nn.Identity(), pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3)
+    ref = Baseline(heads=copy.deepcopy(head), loss_kwargs=copy.deepcopy(kwargs), **common)
+    ours = arch(heads=head, loss_kwargs=kwargs, **common)
+    return ref, ours
+
+
+def _meta_step(model, feats, labels):
+    from fastreid.utils.events import EventStorage
+
+    feats = feats.clone().requires_grad_(True)
+    with EventStorage(0) as storage:
+        losses = model.losses(model.heads(feats, labels), labels)
+        acc = storage.history("cls_accuracy").latest()
+    sum(losses.values()).backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    return {k: v.detach() for k, v in losses.items()}, acc, feats.grad, grads
+
+
+@pytest.mark.parametrize("eps,cloud", [(0.0, "none"), (0.1, "none"), (-1.0, "none"), (0.1, "full")])
+def test_leap_baseline_runs_the_fused_loss_and_equals_baseline(eps, cloud):
+    """MODEL.META_ARCHITECTURE: LEAPBaseline computes fastreid's cross-entropy (CE.EPSILON label
+    smoothing, its normalisation and CE.SCALE) inside the head on the fused kernels: the same
+    losses, accuracy and gradients as Baseline + fastreid's cross_entropy_loss on margin logits."""
+    ref, ours = _meta_pair(eps, cloud)
+    assert (ours.heads.fused_ce_epsilon is None) == (eps < 0)  # adaptive smoothing: Baseline's
+    feats = torch.randn(8, 32, 1, 1, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 0, 1, 1, 2, 3, 4, 4])
+    for _ in range(3 if cloud != "none" else 1):  # past the 2 warm-up steps: the cloud is on
+        got, want = _meta_step(ours, feats, labels), _meta_step(ref, feats, labels)
+    assert ours.heads.margin_head.cloud_active == (cloud != "none")
+    assert set(got[0]) == set(want[0]) == {"loss_cls", "loss_triplet"}
+    for k in want[0]:
+        torch.testing.assert_close(got[0][k], want[0][k], atol=1e-5, rtol=1e-5)
+    assert got[1] == want[1]
+    torch.testing.assert_close(got[2], want[2], atol=1e-5, rtol=1e-5)
+    for g, w in zip(got[3], want[3]):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    if eps >= 0:
+        out = ours.heads(feats, labels)
+        assert set(out) == {"cls_losses", "top1", "features"} and out["cls_losses"].shape == (8,)
+        assert ours.heads.margin_head.backend == "fused"
+
+
+# ---------------------------------------------------------------- 0.1.0 checkpoints
+def test_checkpointer_loads_a_0_1_0_head(tmp_path):
+    """A fastreid checkpoint written by feature-cloud 0.1.0 (dict ``_extra_state``, which
+    fastreid's loader rejects) loads through fastreid's Checkpointer, statistics included."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    fixture = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "v0_1_0_checkpoints.pt"
+    )
+    old = torch.load(fixture, weights_only=False)
+    dense = old["dense"]
+    c, d = dense["weight"].shape
+    model = torch.nn.Module()
+    model.heads = fr.LEAPHead(
+        feat_dim=d,
+        embedding_dim=0,
+        num_classes=c,
+        neck_feat="before",
+        pool_type="GlobalAvgPool",
+        margin_type="cosface",
+        scale=24.0,
+        margin=0.2,
+        with_bnneck=False,
+        norm_type="BN",
+        class_counts="dataset",
+    )
+    assert model.heads.class_counts_pending
+    path = str(tmp_path / "model_old.pth")
+    torch.save({"model": {"module.heads.margin_head." + k: v for k, v in dense.items()}}, path)
+    Checkpointer(model).load(path)
+    head = model.heads.margin_head
+    assert head.step == int(dense["_extra_state"]["step"]) and head.seed == int(
+        dense["_extra_state"]["seed"]
+    )
+    for key in ("centers", "class_counts", "memory", "memory_fill"):
+        assert torch.equal(getattr(head.statistics, key), dense["statistics." + key]), key
+    assert torch.equal(head.weight, dense["weight"]) and not model.heads.class_counts_pending

@@ -1,0 +1,297 @@
+"""FTL inside the real fastreid 1.4.0: FTLBaseline from YAML, FTLHook driving Algorithm 1 in the
+DefaultTrainer (stage switches, UpdateStats, freezing with fastreid's optimizer, stage-1 batches),
+evaluation and the checkpoint."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastreid")
+ftlint = pytest.importorskip("feature_cloud.integrations.fastreid_ftl")
+
+from fastreid.config import get_cfg
+from fastreid.engine import DefaultTrainer, hooks
+from fastreid.modeling import build_model
+
+from _fastreid_data import (
+    FTL_YAML,
+    HEAD_IDS,
+    HEAD_IMAGES,
+    NUM_IDS,
+    TAIL_IMAGES,
+    market_root,  # noqa: F401 (a pytest fixture)
+    tiny_cfg,
+)
+from feature_cloud import FTLModel
+
+STAGE0, STAGE = 5, 5  # 84 training images / 16 per batch = 5 iterations per epoch, 3 epochs
+NUM_TAIL_IDS = NUM_IDS - HEAD_IDS
+
+
+def _ftl_cfg(output_dir, *extra):
+    return tiny_cfg(
+        FTL_YAML,
+        output_dir,
+        "MODEL.HEADS.EMBEDDING_DIM",
+        "64",
+        "MODEL.FTL.FILTER_HIDDEN",
+        "128",
+        "MODEL.FTL.DECODER_CHANNELS",
+        "[16, 8]",
+        "MODEL.FTL.STAGE0_ITERS",
+        str(STAGE0),
+        "MODEL.FTL.STAGE_ITERS",
+        str(STAGE),
+        "MODEL.FTL.MAX_ALTERNATIONS",
+        "1",
+        "MODEL.FTL.TAIL_THRESHOLD",
+        "8",  # 3 regular identities (16 images), 9 long-tail (4)
+        *extra,
+    )
+
+
+# ---------------------------------------------------------------- config and model
+def test_yaml_needs_the_config_node_and_builds_ftl_baseline(tmp_path):
+    cfg = get_cfg()
+    with pytest.raises(Exception, match="FTL"):
+        cfg.merge_from_file(FTL_YAML)  # yacs rejects MODEL.FTL without add_ftl_config
+    cfg = _ftl_cfg(tmp_path, "MODEL.HEADS.NUM_CLASSES", "7")
+    assert cfg.MODEL.META_ARCHITECTURE == "FTLBaseline"
+    model = build_model(cfg)
+    assert isinstance(model, ftlint.FTLBaseline) and isinstance(model.ftl, FTLModel)
+    ftl = model.ftl
+    assert ftl.feature_dim == 512 and ftl.embedding_size == 64 and ftl.num_classes == 7
+    assert isinstance(ftl.classifier, torch.nn.Linear) and ftl.classifier.bias is None
+    assert ftl.decoder.out_shape == (3, 32, 16)
+    assert (ftl.alpha_sfmx, ftl.alpha_recon, ftl.alpha_reg) == (1.0, 1.0, 0.25)
+    assert ftl.feature_transfer.tail_threshold == 8 and ftl.feature_transfer.energy == 0.95
+    assert model.backbone is ftl.encoder.backbone
+    model.eval()
+    with torch.no_grad():
+        f = model({"images": torch.rand(2, 3, 32, 16) * 255})
+    assert f.shape == (2, 64)
+
+    bad = _ftl_cfg(
+        tmp_path, "MODEL.HEADS.NUM_CLASSES", "7", "MODEL.HEADS.CLS_LAYER", "CircleSoftmax"
+    )
+    with pytest.raises(ValueError, match="CLS_LAYER"):
+        build_model(bad)
+    no_dec = _ftl_cfg(tmp_path, "MODEL.HEADS.NUM_CLASSES", "7", "MODEL.FTL.DECODER_CHANNELS", "[]")
+    with pytest.raises(ValueError, match="alpha_recon"):
+        build_model(no_dec)  # FTLModel: reconstruction needs a decoder
+    margin = _ftl_cfg(
+        tmp_path,
+        "MODEL.HEADS.NUM_CLASSES",
+        "7",
+        "MODEL.FTL.DECODER_CHANNELS",
+        "[]",
+        "MODEL.FTL.ALPHA_RECON",
+        "0.0",
+        "MODEL.FTL.ALPHA_REG",
+        "0.0",
+        "MODEL.HEADS.CLS_LAYER",
+        "CosSoftmax",
+        "MODEL.HEADS.SCALE",
+        "16",
+        "MODEL.HEADS.MARGIN",
+        "0.2",
+    )
+    ftl = build_model(margin).ftl
+    assert ftl.is_margin_head and ftl.decoder is None
+    assert (ftl.classifier.margin_type, ftl.classifier.scale, ftl.classifier.cloud) == (
+        "cosface",
+        16.0,
+        None,
+    )
+
+
+def test_hook_refuses_fastreid_contiguous_optimizer_and_a_short_schedule(market_root, tmp_path):
+    cfg = _ftl_cfg(tmp_path)
+    plain = DefaultTrainer(cfg)  # fastreid's optimizer over flat ContiguousParams buffers
+    with pytest.raises(ValueError, match="contiguous=False"):
+        ftlint.FTLHook.from_trainer(plain)
+    trainer = ftlint.FTLTrainer(
+        _ftl_cfg(tmp_path, "SOLVER.MAX_EPOCH", "4")
+    )  # 20 iterations > 5 + 2 * 5
+    hook = trainer.ftl_hook
+    trainer.iter = 0
+    with pytest.raises(ValueError, match="MAX_ALTERNATIONS"):
+        hook.before_train()
+
+
+# ---------------------------------------------------------------- the trainer end to end
+class _Recorder(hooks.HookBase):
+    """Stage, data source, frozen parts and snapshots at the stage boundaries."""
+
+    def __init__(self, ftl_hook):
+        self.ftl_hook = ftl_hook
+        self.stages, self.sources, self.frozen, self.losses = [], [], [], []
+        self.snap = {}
+
+    def _state(self, *parts):
+        ftl = self.ftl_hook.ftl
+        return {
+            f"{p}.{k}": v.detach().clone()
+            for p in parts
+            for k, v in getattr(ftl, p).state_dict().items()
+        }
+
+    def before_step(self):
+        it = self.trainer.iter
+        self.stages.append(self.ftl_hook.scheduler.stage)
+        source = self.trainer._trainer._data_loader_iter
+        self.snap.setdefault("loader_iter", source)
+        self.sources.append(
+            "stage1"
+            if isinstance(source, ftlint._Stage1Stream)
+            else "fastreid"
+            if source is self.snap["loader_iter"]
+            else "other"
+        )
+        self.frozen.append(self.ftl_hook.ftl.frozen)
+        if it == STAGE0:  # stage 1 begins
+            self.snap["stage1_start"] = self._state("encoder", "decoder", "filter", "classifier")
+            enc = next(self.ftl_hook.ftl.encoder.parameters())
+            self.snap["adam_state_enc"] = {
+                k: v.clone() for k, v in self.trainer.optimizer.state[enc].items()
+            }
+        if it == STAGE0 + STAGE:  # stage 2 begins
+            self.snap["stage2_start"] = self._state("encoder", "decoder", "filter", "classifier")
+
+    def after_step(self):
+        self.losses.append(
+            self.trainer.storage.history("total_loss").latest()
+        )  # = loss_ftl, the only term
+
+
+def test_ftl_trainer_runs_algorithm_1(market_root, tmp_path):
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    np.random.seed(0)  # fastreid's TrainingSampler draws its seed from NumPy's global RNG
+    cfg = _ftl_cfg(tmp_path)
+    trainer = ftlint.FTLTrainer(cfg)
+    hook = trainer.ftl_hook
+    ftl, sched = hook.ftl, hook.scheduler
+    names = [type(h).__name__ for h in trainer._hooks]
+    assert names.index("FTLHook") == names.index("LRScheduler") + 1
+    assert "ftl_scheduler" in trainer.checkpointer.checkpointables
+    assert any(g["weight_decay"] > 0 for g in trainer.optimizer.param_groups)  # Adam + weight decay
+    recorder = _Recorder(hook)
+    trainer.register_hooks([recorder])
+
+    # train-split loss of FC(R(Enc(x))) in eval mode, before and after
+    from fastreid.data.build import fast_batch_collator
+
+    stats_loader = hook.stats_batches.loader
+    assert stats_loader.collate_fn is fast_batch_collator
+
+    def train_loss():
+        trainer.model.eval()
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for x, y, _ in hook.stats_batches:
+                total += float(ftl.classification_loss(ftl(x), y)["sfmx"]) * len(y)
+                n += len(y)
+        trainer.model.train()
+        return total / n
+
+    loss_before = train_loss()
+    results = trainer.train()
+    loss_after = train_loss()
+    elapsed = time.perf_counter() - start
+    iters = trainer.max_iter
+    assert iters == STAGE0 + 2 * STAGE
+
+    # stage switches at the right iterations; stage 1 fed by the hook's three-batch stream
+    assert recorder.stages == [0] * STAGE0 + [1] * STAGE + [2] * STAGE
+    assert recorder.sources == ["fastreid"] * STAGE0 + ["stage1"] * STAGE + ["fastreid"] * STAGE
+    assert (
+        recorder.frozen
+        == [()] * STAGE0 + [("encoder", "decoder")] * STAGE + [("classifier",)] * STAGE
+    )
+    assert sched.finished and sched.iteration == iters and sched.alternation == 1
+    stage_log = [v for v, _ in trainer.storage.history("ftl_stage").values()]
+    assert stage_log == recorder.stages
+
+    # UpdateStats ran over the whole training split: C, Q, h and the long-tail pool
+    ft = ftl.feature_transfer
+    assert hook.last_update is not None and ft.ready
+    assert bool(ft.has_center.all())
+    assert 1 <= ft.num_components <= 512 and ft.explained_energy >= 0.95
+    assert int(ft.regular.sum()) == HEAD_IDS
+    assert ft.tail_indices.numel() == NUM_TAIL_IDS * TAIL_IMAGES
+    assert 0 < ft.hard_indices.numel() < HEAD_IDS * HEAD_IMAGES
+    assert bool(ft.regular[ft.hard_labels].all())
+    assert hook.last_update["num_regular_samples"] == HEAD_IDS * HEAD_IMAGES
+
+    # frozen parts did not move during their frozen stage (Adam momentum and weight decay included)
+    s1, s2 = recorder.snap["stage1_start"], recorder.snap["stage2_start"]
+    assert recorder.snap["adam_state_enc"], "the encoder had Adam moments from stage 0"
+    for key in s1:
+        changed = not torch.equal(s1[key], s2[key])
+        if key.startswith(("encoder.", "decoder.")):
+            assert not changed, f"{key} changed in stage 1"
+    assert any(not torch.equal(s1[k], s2[k]) for k in s1 if k.startswith("filter."))
+    assert not torch.equal(s1["classifier.weight"], s2["classifier.weight"])
+    assert torch.equal(s2["classifier.weight"], ftl.classifier.weight)  # FC fixed in stage 2
+    enc_w = [k for k in s2 if k.startswith("encoder.") and k.endswith("conv1.weight")][0]
+    assert not torch.equal(
+        s2[enc_w], ftl.encoder.state_dict()[enc_w[len("encoder.") :]]
+    )  # Enc trains in stage 2
+
+    # losses finite, the model learned
+    assert len(recorder.losses) == iters and all(torch.isfinite(torch.tensor(recorder.losses)))
+    assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
+    for key in ("Rank-1", "mAP"):
+        assert 0.0 <= results[key] <= 100.0
+
+    # the scheduler state and the statistics are in fastreid's checkpoint ...
+    path = os.path.join(str(tmp_path), "model_final.pth")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    assert ckpt["ftl_scheduler"]["scheduler"] == sched.state_dict()
+    assert torch.equal(ckpt["ftl_scheduler"]["feature_transfer"]["basis"], ft.basis)
+    assert torch.equal(ckpt["model"]["ftl.classifier.weight"], ftl.classifier.weight)
+
+    # ... and resuming restores them (fastreid's model loader alone skips the data-sized buffers)
+    resumed = ftlint.FTLTrainer(cfg)
+    resumed.resume_or_load(resume=True)
+    rhook = resumed.ftl_hook
+    assert rhook.scheduler.state_dict() == sched.state_dict()
+    for name in ("basis", "centers", "hard_indices", "tail_indices"):
+        assert torch.equal(getattr(rhook.ftl.feature_transfer, name), getattr(ft, name)), name
+    assert rhook.ftl.frozen == ftl.frozen
+    print(
+        f"\nfastreid FTL: {iters} iterations (stages 0/1/2) + UpdateStats + PreciseBN + eval in "
+        f"{elapsed:.1f} s; train loss {loss_before:.3f} -> {loss_after:.3f}; k={ft.num_components}, "
+        f"hard={ft.hard_indices.numel()}; Rank-1 {float(results['Rank-1']):.1f}, mAP {float(results['mAP']):.1f}"
+    )
+
+
+def test_stage1_stream_matches_the_scheduler_loss(market_root, tmp_path):
+    """The trainer's stage-1 step (hook stream -> FTLBaseline.forward) is AlternatingScheduler.stage1_loss."""
+    torch.manual_seed(2)
+    trainer = ftlint.FTLTrainer(
+        _ftl_cfg(tmp_path, "MODEL.FTL.STAGE0_ITERS", "0", "MODEL.FTL.STAGE1_BATCH_SIZE", "6")
+    )
+    hook = trainer.ftl_hook
+    sched = hook.scheduler
+    assert sched.stage == 1 and hook.ftl.frozen == ("encoder", "decoder")
+    hook._sync()  # what before_train does: UpdateStats, then the stage-1 stream
+    assert not sched.needs_stats and hook._stage1 is not None
+    ft = hook.ftl.feature_transfer
+    hard, tail = next(hook._stage1._pairs)
+    assert bool(torch.isin(hard[2], ft.hard_indices).all()) and bool(
+        torch.isin(tail[2], ft.tail_indices).all()
+    )
+    (gr, yr), (gt, yt), (gx, yx) = sched.stage1_batches(hard, tail)
+    data = {"ftl_features": torch.cat([gr, gt, gx]), "targets": torch.cat([yr, yt, yx])}
+    assert data["targets"].shape == (18,) and torch.equal(yx, yt)
+    assert bool(ft.regular[yr].all()) and not bool(ft.regular[yt].any())
+    model = trainer.model
+    model.train()
+    torch.testing.assert_close(model(data)["loss_ftl"], sched.stage1_loss(hard, tail)["loss"])

@@ -1,0 +1,349 @@
+"""LEAPLoss against the real pytorch-metric-learning package."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+losses = pytest.importorskip("pytorch_metric_learning.losses")
+from pytorch_metric_learning import miners, reducers, regularizers, testers, trainers
+from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils import distributed as pml_distributed
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+from conftest import loss_and_grads, make_batch
+from feature_cloud.integrations.pml import LEAPLoss
+
+C, D, B = 12, 16, 48
+
+
+def _batch(seed: int = 0, b: int = B):
+    return make_batch(seed, b, D, C)
+
+
+def _pair(margin_type, margin, scale, **kwargs):
+    pml_cls = losses.CosFaceLoss if margin_type == "cosface" else losses.ArcFaceLoss
+    torch.manual_seed(3)
+    ref = pml_cls(C, D, margin=margin, scale=scale, **copy.deepcopy(kwargs))
+    torch.manual_seed(3)
+    ours = LEAPLoss(C, D, margin=margin, scale=scale, margin_type=margin_type, cloud=None, **kwargs)
+    return ref, ours
+
+
+def _loss_and_grads(loss_fn, emb, labels, indices_tuple=None):
+    return loss_and_grads(lambda e: loss_fn(e, labels, indices_tuple), emb, params=[loss_fn.W])
+
+
+def _max_diff(a, b):
+    """Largest difference, relative above 1 (a summed loss of 48 samples at s=64 is ~500: the
+    fused kernels and PML round differently in the last bits)."""
+    return max(((x - y).abs() / (1.0 + y.abs())).max().item() for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------- parity with the cloud off
+@pytest.mark.parametrize(
+    "margin_type,margin,scale",
+    [
+        ("cosface", 0.35, 64.0),
+        ("cosface", 0.2, 24.0),
+        ("arcface", 28.6, 64.0),
+        ("arcface", 11.46, 16.0),
+    ],
+)
+def test_cloud_off_matches_pml_values_and_gradients(margin_type, margin, scale):
+    ref, ours = _pair(margin_type, margin, scale)
+    assert torch.equal(ref.W, ours.W), "same seed must give PML's W (same init order)"
+    for seed in range(3):
+        emb, labels = _batch(seed)
+        r = _loss_and_grads(ref, emb, labels)
+        o = _loss_and_grads(ours, emb, labels)
+        assert _max_diff(r, o) <= 1e-5, (r[0], o[0])
+
+
+def test_pml_default_kwargs_are_pml_defaults():
+    assert LEAPLoss(C, D, cloud=None).margin == losses.CosFaceLoss(C, D).margin
+    arc = LEAPLoss(C, D, margin_type="arcface", cloud=None)
+    assert arc.margin == 28.6 and arc.scale == 64.0
+    with pytest.warns(UserWarning, match="looks like radians"):
+        LEAPLoss(C, D, margin=0.5, margin_type="arcface", cloud=None)
+
+
+def test_arcface_margin_is_in_degrees_like_pml():
+    ref, ours = _pair("arcface", 28.6, 64.0)
+    emb, labels = _batch(5)
+    assert torch.allclose(ref(emb, labels), ours(emb, labels), atol=1e-5)
+    # interpreting 28.6 as radians would give a very different loss
+    with pytest.warns(UserWarning, match="looks like radians"):
+        wrong = LEAPLoss(C, D, margin=28.6 * math.pi / 180.0, margin_type="arcface", cloud=None)
+    wrong.W.data.copy_(ref.W.data)
+    assert not torch.allclose(ref(emb, labels), wrong(emb, labels), atol=1e-2)
+
+
+def test_arcface_large_angle_regime_is_the_documented_difference():
+    # target angle near pi: PML uses cos(theta) - m sin(m), the core clips theta + m to pi
+    ref, ours = _pair("arcface", 28.6, 64.0)
+    emb = -ref.W.detach().t()[:4].clone()  # each embedding opposite its class weight
+    labels = torch.arange(4)
+    m = math.radians(28.6)
+    theta = torch.full((4,), math.pi)
+    pml_target = torch.cos(theta) - m * math.sin(m)
+    ours_target = torch.cos(torch.clamp(theta + m, 0, math.pi))
+    assert not torch.allclose(pml_target, ours_target)
+    assert not torch.allclose(ref(emb, labels), ours(emb, labels), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "reducer",
+    [
+        reducers.SumReducer(),
+        reducers.ThresholdReducer(low=0.5),
+        reducers.AvgNonZeroReducer(),
+        reducers.ClassWeightedReducer(torch.linspace(0.5, 2.0, C)),
+    ],
+    ids=lambda r: type(r).__name__,
+)
+def test_reducers_match_pml(reducer):
+    ref, ours = _pair("cosface", 0.35, 64.0, reducer=reducer)
+    emb, labels = _batch(1)
+    assert _max_diff(_loss_and_grads(ref, emb, labels), _loss_and_grads(ours, emb, labels)) <= 1e-5
+
+
+def test_miner_weights_match_pml():
+    ref, ours = _pair("arcface", 28.6, 64.0)
+    emb, labels = _batch(2)
+    tuple_ = miners.MultiSimilarityMiner(epsilon=0.1)(emb, labels)
+    assert (
+        _max_diff(
+            _loss_and_grads(ref, emb, labels, tuple_), _loss_and_grads(ours, emb, labels, tuple_)
+        )
+        <= 1e-5
+    )
+
+
+def test_weight_regularizer_and_init_match_pml():
+    init = c_f.TorchInitWrapper(torch.nn.init.xavier_uniform_)
+    kwargs = dict(
+        weight_regularizer=regularizers.RegularFaceRegularizer(),
+        weight_reg_weight=0.5,
+        weight_init_func=init,
+        embedding_regularizer=regularizers.LpRegularizer(),
+        embedding_reg_weight=0.1,
+    )
+    ref, ours = _pair("cosface", 0.35, 64.0, **kwargs)
+    assert torch.equal(ref.W, ours.W)
+    assert set(ours.sub_loss_names()) == set(ref.sub_loss_names())
+    emb, labels = _batch(3)
+    assert _max_diff(_loss_and_grads(ref, emb, labels), _loss_and_grads(ours, emb, labels)) <= 1e-5
+
+
+def test_get_logits_matches_pml():
+    ref, ours = _pair("cosface", 0.35, 64.0)
+    emb, _ = _batch(4)
+    assert torch.allclose(ref.get_logits(emb), ours.get_logits(emb), atol=1e-5)
+
+
+def test_distributed_loss_wrapper_single_process():
+    ref, ours = _pair("cosface", 0.35, 64.0)
+    emb, labels = _batch(6)
+    with pytest.warns(UserWarning, match="non-distributed"):
+        wrapped = pml_distributed.DistributedLossWrapper(ours)
+        value = wrapped(emb, labels)
+    assert torch.allclose(value, ref(emb, labels), atol=1e-5)
+    wrapped_cloud = pml_distributed.DistributedLossWrapper(
+        LEAPLoss(C, D, cloud="full", class_counts=[4] * C, seed=0)
+    )
+    with pytest.warns(UserWarning):
+        assert torch.isfinite(wrapped_cloud(emb, labels))
+    assert int(wrapped_cloud.loss.statistics.memory_fill.sum()) > 0
+
+
+# ---------------------------------------------------------------- the cloud
+def test_cloud_updates_statistics_and_they_are_saved_buffers():
+    counts = torch.full((C,), 4)
+    counts[:3] = 40  # a few head classes
+    loss = LEAPLoss(C, D, cloud="full", class_counts=counts, seed=0)
+    for seed in range(4):
+        emb, labels = _batch(seed)
+        loss(emb.requires_grad_(), labels).backward()
+    stats = loss.statistics
+    assert bool(stats.center_initialized.any()) and int(stats.memory_fill.sum()) > 0
+    assert float(stats.cloud_variance().max()) > 0
+    state = loss.state_dict()
+    assert "feature_cloud.statistics.centers" in state and "W" in state
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    fresh = LEAPLoss(C, D, cloud="full", class_counts=[1] * C, seed=1)
+    fresh.load_state_dict(torch.load(buf))
+    assert torch.equal(fresh.statistics.memory, stats.memory)
+    assert torch.equal(fresh.W, loss.W)
+    assert fresh.step == loss.step
+    # identical next step (seed and step restored: the same counter-based cloud)
+    emb, labels = _batch(9)
+    assert torch.equal(fresh(emb, labels), loss(emb, labels))
+
+
+def test_cloud_changes_the_loss_and_only_while_training():
+    counts = torch.full((C,), 4)
+    counts[:3] = 40
+    loss = LEAPLoss(C, D, cloud="vanilla", tail_threshold=20, class_counts=counts, seed=0)
+    for seed in range(3):
+        emb, labels = _batch(seed)
+        loss(emb.requires_grad_(), labels)
+    plain = LEAPLoss(C, D, cloud=None)
+    plain.W.data.copy_(loss.W.data)
+    emb, labels = _batch(7)
+    before = {k: v.clone() for k, v in loss.statistics.state_dict().items()}
+    with torch.no_grad():
+        assert torch.allclose(loss(emb, labels), plain(emb, labels))
+    loss.eval()
+    assert torch.allclose(loss(emb, labels), plain(emb, labels))
+    for k, v in loss.statistics.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    loss.train()
+    assert not torch.allclose(loss(emb, labels), plain(emb, labels))
+
+
+def test_metric_l2_sub_loss():
+    alpha = 0.25
+    ref, _ = _pair("cosface", 0.35, 64.0)
+    ours = LEAPLoss(C, D, margin=0.35, scale=64.0, cloud=None, metric_l2=alpha)
+    ours.W.data.copy_(ref.W.data)
+    assert ours.sub_loss_names() == ["loss", "metric_l2_loss"]
+    emb, labels = _batch(8)
+    expected = ref(emb, labels) + alpha * (emb @ ref.W).pow(2).sum(1).mean()
+    assert torch.allclose(ours(emb, labels), expected, rtol=1e-5)
+    # it is a PML sub-loss: a per-sub-loss reducer applies to it
+    summed = LEAPLoss(
+        C,
+        D,
+        margin=0.35,
+        scale=64.0,
+        cloud=None,
+        metric_l2=alpha,
+        reducer=reducers.MultipleReducers({"metric_l2_loss": reducers.SumReducer()}),
+    )
+    summed.W.data.copy_(ref.W.data)
+    expected = ref(emb, labels) + alpha * (emb @ ref.W).pow(2).sum()
+    assert torch.allclose(summed(emb, labels), expected, rtol=1e-5)
+
+
+def test_bad_input_raises_and_leaves_state_untouched():
+    loss = LEAPLoss(C, D, cloud="full", class_counts=[4] * C, seed=0)
+    before = copy.deepcopy(loss.state_dict())
+    emb, labels = _batch(0)
+    with pytest.raises(ValueError, match="labels"):
+        loss(emb, labels + C)
+    with pytest.raises(ValueError, match="dimension"):
+        loss(torch.randn(B, D + 1), labels)
+    with pytest.raises(ValueError, match="margin_type"):
+        LEAPLoss(C, D, margin_type="sphereface")
+    with pytest.raises(TypeError, match="metric_l2"):
+        LEAPLoss(C, D, cloud=None, metric_l2="yes")
+    with pytest.raises(ValueError, match="class_counts"):
+        LEAPLoss(C, D, cloud="full")
+    after = loss.state_dict()
+    for k, v in before.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, after[k]), k
+    assert [name for name, _ in loss.named_parameters()] == ["W"]
+
+
+# ---------------------------------------------------------------- a PML trainer / tester loop
+class _Blobs(torch.utils.data.Dataset):
+    def __init__(self, n_per_class, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.centers = torch.randn(C, 8, generator=torch.Generator().manual_seed(123)) * 3
+        self.labels = torch.arange(C).repeat_interleave(n_per_class)
+        self.x = self.centers[self.labels] + torch.randn(len(self.labels), 8, generator=g)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.x[i], self.labels[i]
+
+
+def test_pml_trainer_and_tester_loop():
+    torch.manual_seed(0)
+    train, test = _Blobs(10, 0), _Blobs(5, 1)
+    trunk = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, D))
+    counts = torch.bincount(train.labels, minlength=C)
+    loss_func = LEAPLoss(C, D, margin=0.2, scale=16, cloud="full", class_counts=counts, seed=0)
+    iterations = []
+    loss_values = []
+
+    def end_of_iteration(trainer):
+        iterations.append(trainer.iteration)
+        loss_values.append(float(trainer.losses["total_loss"].detach()))
+
+    trainer = trainers.MetricLossOnly(
+        models={"trunk": trunk},
+        optimizers={
+            "trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.1),
+            "metric_loss_optimizer": torch.optim.SGD(loss_func.parameters(), lr=0.1),
+        },
+        batch_size=40,
+        loss_funcs={"metric_loss": loss_func},
+        dataset=train,
+        data_device=torch.device("cpu"),
+        dataloader_num_workers=0,
+        iterations_per_epoch=6,
+        end_of_iteration_hook=end_of_iteration,
+    )
+    w0 = loss_func.W.detach().clone()
+    trainer.train(num_epochs=2)
+    assert len(iterations) == 12
+    assert not torch.equal(w0, loss_func.W)  # the loss optimizer trains W
+    assert int(loss_func.statistics.memory_fill.sum()) > 0
+    assert loss_func.step == 12
+    assert sum(loss_values[-3:]) < sum(loss_values[:3])
+    tester = testers.GlobalEmbeddingSpaceTester(
+        dataloader_num_workers=0,
+        data_device=torch.device("cpu"),
+        accuracy_calculator=AccuracyCalculator(include=("precision_at_1",), k=5),
+    )
+    acc = tester.test({"val": test}, 2, trunk)
+    assert acc["val"]["precision_at_1_level0"] > 0.5
+
+
+def test_pml_cosface_state_dict_loads_into_leap_loss():
+    ref = losses.CosFaceLoss(C, D)
+    ours = LEAPLoss(C, D, cloud="full", class_counts=[4] * C, seed=0)
+    result = ours.load_state_dict(ref.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert all(k.startswith("feature_cloud.") for k in result.missing_keys)
+    assert torch.equal(ours.W, ref.W)
+
+
+def test_leaploss_runs_on_the_fused_kernels_and_subcenter_equals_pml():
+    """The adapter's per-sample losses come from the fused path (the reference one is not
+    called); sub-center ArcFace (registry + PML's (D, K C) layout) equals PML's
+    SubCenterArcFaceLoss in values and gradients (1e-5)."""
+    from unittest import mock
+
+    from feature_cloud import heads
+
+    ref, ours = _pair("cosface", 0.35, 64.0)
+    emb, labels = _batch(4)
+    with mock.patch.object(heads, "cloud_margin_logits", side_effect=AssertionError("reference")):
+        assert (
+            _max_diff(_loss_and_grads(ref, emb, labels), _loss_and_grads(ours, emb, labels)) <= 1e-5
+        )
+    torch.manual_seed(5)
+    ref = losses.SubCenterArcFaceLoss(num_classes=C, embedding_size=D, sub_centers=3)
+    torch.manual_seed(5)
+    ours = LEAPLoss(C, D, margin_type="subcenter_arcface", cloud=None)
+    assert ours.W.shape == ref.W.shape == (D, 3 * C) and torch.equal(ours.W, ref.W)
+    assert (ours.margin, ours.scale, ours.sub_centers) == (28.6, 64.0, 3)
+    for seed in range(3):
+        emb, labels = _batch(10 + seed)
+        assert (
+            _max_diff(_loss_and_grads(ref, emb, labels), _loss_and_grads(ours, emb, labels)) <= 1e-5
+        )
+    torch.testing.assert_close(ours.get_logits(emb), ref.get_logits(emb), atol=1e-4, rtol=1e-5)

@@ -1,0 +1,298 @@
+"""LEAPTask against the real timm ``TrainingTask`` API (timm >= 1.0 ``timm.task``)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("timm.task")
+from timm.task import TrainingTask, resume_task_checkpoint
+
+from feature_cloud import LEAPMarginHead
+from feature_cloud.integrations.timm import LEAPEvaluator, LEAPTask, create_backbone_and_head
+
+C = 6
+COUNTS = [24, 24, 6, 6, 6, 6]
+
+
+def _images(n_per_class, seed):
+    """Class-dependent colour blocks plus noise, 3x32x32."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.rand(C, 3, 1, 1, generator=torch.Generator().manual_seed(99)) * 2 - 1
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(n_per_class)])
+    x = colours[labels].expand(-1, 3, 32, 32).clone()
+    x[:, :, :16] *= -1 * (labels.view(-1, 1, 1, 1) % 2 * 2 - 1)  # a label-dependent pattern
+    x += 0.3 * torch.randn(x.shape, generator=g)
+    return x, labels
+
+
+def _task(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    kw = dict(cloud="full", class_counts=COUNTS, seed=seed, scale=16.0, margin=0.2)
+    kw.update(kwargs)
+    return LEAPTask.from_timm("test_resnet", C, verbose=False, **kw)
+
+
+def test_is_a_timm_training_task_and_builds_backbone_and_head():
+    backbone, head = create_backbone_and_head("test_resnet", C, cloud=None)
+    assert isinstance(head, LEAPMarginHead) and head.embedding_size == backbone.num_features
+    assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, backbone.num_features)
+    task = _task()
+    assert isinstance(task, TrainingTask)
+    assert task.get_eval_model() is task.backbone
+    with pytest.raises(ValueError, match="num_features"):
+        LEAPTask(backbone, LEAPMarginHead(backbone.num_features + 1, C, cloud=None), verbose=False)
+    with pytest.raises(TypeError, match="LEAPMarginHead"):
+        LEAPTask(backbone, torch.nn.Linear(backbone.num_features, C), verbose=False)
+
+
+def test_training_steps_decrease_loss_and_update_statistics():
+    task = _task(metric_l2=1e-3)
+    x, y = _images(COUNTS, 0)
+    opt = torch.optim.Adam(task.get_trainable_module().parameters(), lr=3e-3)
+    task.train()
+    losses = []
+    for step in range(8):
+        idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(step))[:32]
+        result = task(x[idx], y[idx])
+        assert set(result) == {"loss", "output", "leap_loss", "metric_l2_loss"}
+        assert result["output"].shape == (32, C)
+        assert torch.allclose(result["loss"], result["leap_loss"] + result["metric_l2_loss"])
+        opt.zero_grad()
+        result["loss"].backward()
+        opt.step()
+        losses.append(float(result["leap_loss"].detach()))
+    head = task.head
+    assert head.step == 8
+    assert int(head.statistics.memory_fill.sum()) > 0
+    assert float(head.statistics.cloud_variance().max()) > 0
+    # plain margin loss on the full set, eval mode (no cloud, no statistics update)
+    task.eval()
+    with torch.no_grad():
+        emb = task.get_eval_model()(x)
+        final = float(head(emb, y))
+    assert sum(losses[-2:]) / 2 < losses[0], losses
+    assert final < losses[0]
+    evaluator = task.create_evaluator()
+    assert isinstance(evaluator, LEAPEvaluator)
+    evaluator.update(emb, y)
+    metrics = evaluator.compute()
+    assert metrics["top1"] > 100.0 / C
+
+
+def test_task_state_round_trips_through_a_timm_checkpoint(tmp_path):
+    task = _task(seed=1)
+    x, y = _images([8] * C, 1)
+    opt = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.05)
+    task.train()
+    for _ in range(3):
+        opt.zero_grad()
+        task(x, y)["loss"].backward()
+        opt.step()
+    state = task.get_checkpoint_state()
+    assert set(state) == {"state_dict", "task_state"}
+    # the eval model's state_dict is a plain timm backbone checkpoint
+    plain = timm.create_model("test_resnet", num_classes=0)
+    plain.load_state_dict(state["state_dict"])
+    assert "feature_cloud.statistics.memory" in state["task_state"]["head"]
+    path = os.path.join(str(tmp_path), "checkpoint.pth.tar")
+    torch.save(dict(state, epoch=3, version=2), path)
+
+    restored = _task(seed=7)
+    epoch = resume_task_checkpoint(
+        restored, path, log_info=False
+    )  # timm's own loader, weights_only
+    assert epoch == 4
+    for (ka, va), (kb, vb) in zip(
+        task.head.state_dict().items(), restored.head.state_dict().items()
+    ):
+        assert ka == kb
+        if isinstance(va, torch.Tensor):
+            assert torch.equal(va, vb), ka
+    assert restored.head.step == task.head.step == 3
+    # identical next training step: weights, statistics and the cloud RNG all restored
+    restored.train()
+    torch.manual_seed(0)
+    a = task(x, y)["loss"]
+    torch.manual_seed(0)
+    b = restored(x, y)["loss"]
+    assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="task_state"):
+        restored.load_task_state(None)
+    with pytest.raises(KeyError, match="head"):
+        restored.load_task_state({"projection": {}})
+
+
+def test_ema_copy_carries_the_head():
+    task = _task(seed=2)
+    task.setup_ema(decay=0.5)
+    assert task.has_ema()
+    ema_backbone = task.get_eval_model(ema=True)
+    assert ema_backbone is not task.backbone
+    state = task.get_task_state(ema=True)
+    assert set(state) == {"head"}
+    copy.deepcopy(task)  # tasks are deep-copyable (timm EMA relies on it)
+
+
+# ---------------------------------------------------------------- FTL option: FTLTask
+from torch.utils.data import DataLoader, TensorDataset
+
+from feature_cloud import FTLModel
+from feature_cloud.ftl import IndexedDataset
+from feature_cloud.integrations.timm import FTLEmbedding, FTLTask, create_ftl_model
+
+
+def _ftl_task(seed=0, init_seed=None, **kwargs):
+    torch.manual_seed(seed if init_seed is None else init_seed)
+    kw = dict(
+        stage0_iters=3,
+        stage_iters=2,
+        max_alternations=1,
+        seed=seed,
+        embedding_size=32,
+        filter_hidden=64,
+        decoder_shape=(3, 32, 32),
+        decoder_channels=(16, 8),
+        transfer_kwargs=dict(tail_threshold=10, energy=0.95),
+        cloud="full",
+        class_counts=COUNTS,
+        scale=16.0,
+        margin=0.2,  # LEAPMarginHead as FC
+        flip=lambda x: x.flip(-1),
+        verbose=False,
+    )
+    kw.update(kwargs)
+    return FTLTask.from_timm("test_resnet", C, **kw)
+
+
+def test_ftl_task_wraps_a_timm_backbone_and_leap_head():
+    task = _ftl_task()
+    assert isinstance(task, TrainingTask)
+    model = task.model
+    assert isinstance(model, FTLModel) and isinstance(model.classifier, LEAPMarginHead)
+    backbone = model.encoder
+    assert backbone.num_classes == 0 and model.feature_dim == backbone.num_features
+    assert (model.alpha_recon, model.alpha_reg) == (
+        1.0,
+        0.0,
+    )  # decoder on, m-L2 off with a margin head
+    emb = task.get_eval_model()
+    assert isinstance(emb, FTLEmbedding) and emb(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+    linear = create_ftl_model("test_resnet", C, classifier="linear")
+    assert (
+        isinstance(linear.classifier, torch.nn.Linear)
+        and linear.alpha_reg == 0.25
+        and linear.decoder is None
+    )
+    with pytest.raises(TypeError, match="linear"):
+        create_ftl_model("test_resnet", C, classifier="linear", cloud="full")
+
+
+def _data(seed=0):
+    x, y = _images(COUNTS, seed)
+    dataset = IndexedDataset(TensorDataset(x, y))
+    return dataset, DataLoader(dataset, batch_size=32)
+
+
+def _run(task, dataset, stats_loader, opt, until=None, record=None):
+    """The README loop; stops after `until` iterations if given."""
+    while not task.finished:
+        stage = task.stage
+        if task.needs_stats:
+            task.update_stats(stats_loader)
+        loaders = task.loaders(dataset, batch_size=12)
+        for batch in zip(*loaders) if stage == 1 else loaders:
+            if stage == 1:
+                (xr, yr, _), (xt, yt, _) = batch  # hard batch from h, long-tail batch
+                result = task(xr, yr, xt, yt)
+            else:
+                x, y, _ = batch
+                result = task(x, y)
+            opt.zero_grad()
+            result["loss"].backward()
+            opt.step()
+            if record is not None:
+                record.append((stage, float(result["loss"].detach())))
+            if task.step() != stage or (until is not None and task.scheduler.iteration >= until):
+                break
+        if until is not None and task.scheduler.iteration >= until:
+            return
+
+
+def test_ftl_task_runs_the_stages():
+    task = _ftl_task()
+    model = task.model
+    dataset, stats_loader = _data()
+    opt = torch.optim.Adam(model.param_groups(), lr=1e-3, weight_decay=1e-4)
+    task.train()
+    x, y = dataset.dataset.tensors
+    with pytest.raises(ValueError, match="only used in stage 1"):
+        task(x[:4], y[:4], x[:4], y[:4])
+    record, snaps = [], {}
+
+    _run(task, dataset, stats_loader, opt, until=3, record=record)  # stage 0
+    assert task.stage == 1 and task.needs_stats and model.frozen == ("encoder", "decoder")
+    with pytest.raises(ValueError, match="long-tail batch"):
+        task(x[:4], y[:4])
+    snaps["enc"] = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    snaps["fc"] = model.classifier.weight.detach().clone()
+    _run(task, dataset, stats_loader, opt, until=5, record=record)  # stage 1 (UpdateStats first)
+    ft = model.feature_transfer
+    assert ft.ready and ft.tail_indices.numel() == sum(COUNTS[2:]) and ft.hard_indices.numel() > 0
+    assert task.stage == 2 and model.frozen == ("classifier",)
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(v, snaps["enc"][k]), (
+            k
+        )  # Enc fixed in stage 1 despite Adam momentum + decay
+    assert not torch.equal(snaps["fc"], model.classifier.weight)
+    snaps["fc"] = model.classifier.weight.detach().clone()
+    _run(task, dataset, stats_loader, opt, record=record)  # stage 2
+    assert torch.equal(snaps["fc"], model.classifier.weight)  # FC fixed in stage 2
+    assert task.finished and [s for s, _ in record] == [0, 0, 0, 1, 1, 2, 2]
+    assert all(torch.isfinite(torch.tensor([v for _, v in record])))
+
+    task.eval()
+    evaluator = task.create_evaluator()
+    with torch.no_grad():
+        evaluator.update(task.get_eval_model()(x), y)
+    assert 0.0 <= evaluator.compute()["top1"] <= 100.0
+
+
+def test_ftl_task_state_round_trips_mid_stage_1(tmp_path):
+    dataset, stats_loader = _data(1)
+    task = _ftl_task(seed=1)
+    opt = torch.optim.Adam(task.model.param_groups(), lr=1e-3)
+    task.train()
+    _run(task, dataset, stats_loader, opt, until=4)  # stage 0, UpdateStats, one stage-1 step
+    assert task.stage == 1 and task.scheduler.stage_iteration == 1
+    state = task.get_checkpoint_state()
+    assert set(state) == {"state_dict", "task_state"}
+    assert set(state["task_state"]) == {"classifier", "decoder", "feature_transfer", "scheduler"}
+    assert all(k.startswith(("encoder.", "filter.")) for k in state["state_dict"])
+    path = os.path.join(str(tmp_path), "checkpoint.pth.tar")
+    torch.save(dict(state, epoch=0, version=2), path)
+
+    restored = _ftl_task(seed=1, init_seed=5)  # other initial weights, same schedule settings
+    with pytest.raises(ValueError, match="seed"):
+        _ftl_task(seed=2).load_task_state(state["task_state"])  # another sampler seed is refused
+    resume_task_checkpoint(restored, path, log_info=False)  # timm's loader, weights_only
+    assert restored.scheduler.state_dict() == task.scheduler.state_dict()
+    assert restored.model.frozen == ("encoder", "decoder") and not restored.needs_stats
+    for name, value in task.model.feature_transfer.state_dict().items():
+        assert torch.equal(value, restored.model.feature_transfer.state_dict()[name]), name
+    # the next stage-1 step is identical: same samplers position, statistics, weights, cloud RNG
+    restored.train()
+    batches = []
+    for t in (task, restored):
+        hard, tail = t.loaders(dataset, batch_size=12)
+        (xr, yr, ir), (xt, yt, it) = next(iter(hard)), next(iter(tail))
+        torch.manual_seed(0)
+        batches.append((ir, it, t(xr, yr, xt, yt)["loss"]))
+    assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
+    assert torch.equal(batches[0][2], batches[1][2])
+    with pytest.raises(KeyError, match="scheduler"):
+        restored.load_task_state({"classifier": {}, "decoder": {}, "feature_transfer": {}})

@@ -1,0 +1,288 @@
+"""timm end to end with timm's own tools: ``setup_ema`` + ``ModelEmaV3`` updates,
+``CheckpointSaver`` + ``resume_task_checkpoint`` / ``load_task_ema_checkpoint``, the eval model
+exported (``torch.jit.trace``, ``torch.onnx.export`` run by onnxruntime), and statistics
+synchronised under ``prepare_distributed`` (2 gloo processes started like ``torchrun``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("timm.task")
+from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
+from timm.utils import CheckpointSaver
+
+from feature_cloud.integrations.timm import FTLTask, LEAPTask, ModelEmaV3Following
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+C = 6
+COUNTS = [24, 24, 6, 6, 6, 6]
+
+
+def _images(n_per_class, seed):
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.rand(C, 3, 1, 1, generator=torch.Generator().manual_seed(99)) * 2 - 1
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(n_per_class)])
+    x = colours[labels].expand(-1, 3, 32, 32).clone()
+    x[:, :, :16] *= -1
+    return x + 0.3 * torch.randn(x.shape, generator=g), labels
+
+
+def _leap_task(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    kw = dict(cloud="full", class_counts=COUNTS, seed=seed, scale=16.0, margin=0.2, verbose=False)
+    kw.update(kwargs)
+    return LEAPTask.from_timm("test_resnet", C, **kw)
+
+
+def _steps(task, opt, x, y, n, ema=None):
+    task.train()
+    for _ in range(n):
+        opt.zero_grad()
+        task(x, y)["loss"].backward()
+        opt.step()
+        if ema is not None:
+            ema.update(task.get_trainable_module())
+
+
+# ---------------------------------------------------------------- EMA
+def test_leap_task_ema_follows_the_model():
+    task = _leap_task()
+    ema = task.setup_ema(decay=0.5)
+    assert isinstance(ema, ModelEmaV3Following) and task.get_trainable_module(ema=True) is ema
+    x, y = _images([4] * C, 0)
+    opt = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    _steps(task, opt, x, y, 1)
+    ema.update(task.get_trainable_module())  # timm's ModelEmaV3.update, as a user calls it
+    live = task.get_trainable_module().state_dict()
+    w = "head.weight"
+    torch.testing.assert_close(ema.module.state_dict()[w], 0.5 * before[w] + 0.5 * live[w])
+    task.update_ema()  # timm's task API
+    assert int(ema.module.head.step) == int(task.head.step) == 1
+    ema_backbone = task.get_eval_model(ema=True)
+    assert ema_backbone is not task.backbone and ema_backbone(x[:2]).shape == (
+        2,
+        task.head.embedding_size,
+    )
+
+
+def test_ema_follows_online_counting_memory():
+    """The angle memory is laid out when the online-count warm-up ends: the EMA copy follows."""
+    task = _leap_task(class_counts=None, warmup_steps=2, count_steps=2)
+    ema = task.setup_ema(decay=0.9)
+    x, y = _images([4] * C, 1)
+    opt = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.05)
+    _steps(task, opt, x, y, 4, ema=ema)
+    assert task.head.statistics.memory.numel() > 0
+    assert ema.module.head.statistics.memory.shape == task.head.statistics.memory.shape
+
+
+def test_ftl_task_ema_through_update_stats():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from feature_cloud.ftl import IndexedDataset
+
+    torch.manual_seed(0)
+    task = FTLTask.from_timm(
+        "test_resnet",
+        C,
+        stage0_iters=2,
+        stage_iters=1,
+        max_alternations=1,
+        embedding_size=32,
+        filter_hidden=64,
+        transfer_kwargs=dict(tail_threshold=10, energy=0.95),
+        classifier="linear",
+        verbose=False,
+    )
+    ema = task.setup_ema(decay=0.5)
+    x, y = _images(COUNTS, 2)
+    dataset = IndexedDataset(TensorDataset(x, y))
+    opt = torch.optim.SGD(task.model.param_groups(), lr=0.05)
+    task.train()
+    while not task.finished:
+        stage = task.stage
+        if task.needs_stats:
+            task.update_stats(DataLoader(dataset, batch_size=32))
+        loaders = task.loaders(dataset, batch_size=12)
+        for batch in zip(*loaders) if stage == 1 else loaders:
+            result = (
+                task(batch[0][0], batch[0][1], batch[1][0], batch[1][1])
+                if stage == 1
+                else task(batch[0], batch[1])
+            )
+            opt.zero_grad()
+            result["loss"].backward()
+            opt.step()
+            ema.update(task.model)  # the FTLModel itself
+            if task.step() != stage:
+                break
+    ft, ema_ft = task.model.feature_transfer, ema.module.feature_transfer
+    assert (
+        ft.basis.numel() > 0 and ema_ft.basis.shape == ft.basis.shape
+    )  # followed across UpdateStats
+    emb = task.get_eval_model(ema=True)
+    assert emb(x[:2]).shape == (2, 32)
+    state = task.get_checkpoint_state(ema=True)
+    assert (
+        set(state) == {"state_dict_ema", "task_state_ema"}
+        and "scheduler" not in state["task_state_ema"]
+    )
+
+
+# ---------------------------------------------------------------- CheckpointSaver
+def test_checkpoint_saver_resume_is_bit_identical(tmp_path):
+    task = _leap_task(seed=1)
+    ema = task.setup_ema(decay=0.9)
+    x, y = _images([6] * C, 3)
+    opt = torch.optim.Adam(task.get_trainable_module().parameters(), lr=1e-3)
+    _steps(task, opt, x, y, 3, ema=ema)
+    saver = CheckpointSaver(
+        task.get_trainable_module(),
+        opt,
+        task=task,
+        checkpoint_dir=str(tmp_path),
+        recovery_dir=str(tmp_path),
+        max_history=2,
+    )
+    best, _ = saver.save_checkpoint(epoch=0, metric=1.0)
+    path = os.path.join(str(tmp_path), "checkpoint-0.pth.tar")
+    assert os.path.isfile(path)
+
+    restored = _leap_task(seed=7)  # other initial weights
+    restored_opt = torch.optim.Adam(restored.get_trainable_module().parameters(), lr=1e-3)
+    restored.setup_ema(decay=0.9)
+    epoch = resume_task_checkpoint(
+        restored, path, optimizer=restored_opt, log_info=False
+    )  # weights_only
+    load_task_ema_checkpoint(restored, path)
+    assert epoch == 1
+    for ema in (False, True):
+        for (ka, va), (kb, vb) in zip(
+            task.get_trainable_module(ema=ema).state_dict().items(),
+            restored.get_trainable_module(ema=ema).state_dict().items(),
+        ):
+            assert ka == kb and torch.equal(va, vb), ka
+    # the next two optimiser steps are identical (weights, Adam moments, statistics, cloud noise)
+    for t, o in ((task, opt), (restored, restored_opt)):
+        torch.manual_seed(0)
+        _steps(t, o, x, y, 2)
+    for (ka, va), (kb, vb) in zip(
+        task.get_trainable_module().state_dict().items(),
+        restored.get_trainable_module().state_dict().items(),
+    ):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+# ---------------------------------------------------------------- export for inference
+def _export_and_compare(model, x, tmp_path, name):
+    import onnxruntime
+
+    model.eval()
+    with torch.no_grad():
+        want = model(x)
+        traced = torch.jit.trace(model, x)
+        torch.testing.assert_close(traced(x), want)
+    path = str(tmp_path / f"{name}.onnx")
+    torch.onnx.export(
+        model, (x,), path, input_names=["input"], output_names=["output"], dynamo=False
+    )
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_models_export_with_jit_trace_and_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    x, y = _images([2] * C, 4)
+    task = _leap_task(seed=3)
+    opt = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.05)
+    _steps(task, opt, x, y, 2)
+    _export_and_compare(task.get_eval_model(), x[:4], tmp_path, "leap_backbone")  # embeddings
+    ftl = FTLTask.from_timm(
+        "test_resnet",
+        C,
+        stage0_iters=1,
+        embedding_size=16,
+        filter_hidden=32,
+        classifier="linear",
+        verbose=False,
+    )
+    _export_and_compare(ftl.get_eval_model(), x[:4], tmp_path, "ftl_embedding")  # f = R(Enc(x))
+
+
+def test_model_holding_the_head_exports(tmp_path):
+    """The trainable module (backbone + LEAP head: closed-set s cos logits) with its state."""
+    pytest.importorskip("onnxruntime")
+    x, y = _images([2] * C, 5)
+    task = _leap_task(seed=4)
+    opt = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.05)
+    _steps(task, opt, x, y, 2)
+    _export_and_compare(task.get_trainable_module(), x[:4], tmp_path, "leap_logits")
+
+
+# ---------------------------------------------------------------- distributed: 2 gloo processes
+DIST_SCRIPT = r"""
+import json, os, sys
+import torch, torch.distributed as dist
+torch.set_num_threads(1)
+from feature_cloud.integrations.timm import LEAPTask
+
+dist.init_process_group("gloo")                      # as torchrun-launched timm training does
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+task = LEAPTask.from_timm("test_resnet", 6, cloud="full", class_counts=[30] * 6, seed=0,
+                          scale=16.0, margin=0.2, verbose=False)
+task.prepare_distributed()                           # timm's task API: DDP; no synchronize() call
+opt = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.05)
+g = torch.Generator().manual_seed(100 + rank)        # each rank its own data
+task.train()
+for step in range(3):
+    x = torch.randn(8, 3, 32, 32, generator=g)
+    y = torch.randint(0, 6, (8,), generator=g)
+    opt.zero_grad()
+    task(x, y)["loss"].backward()
+    opt.step()
+stats = task.head.statistics
+torch.save({k: v for k, v in stats.state_dict().items()}, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+dist.destroy_process_group()
+"""
+
+
+def test_prepare_distributed_synchronises_statistics_on_two_gloo_ranks(tmp_path):
+    script = tmp_path / "train_ddp.py"
+    script.write_text(DIST_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    print(f"\n2-process gloo timm run: {time.perf_counter() - start:.1f} s")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (
+        int(a["memory_fill"].sum()) == 2 * 3 * 8
+    )  # both ranks' samples on each rank (capacity 30 per class)
