@@ -301,13 +301,11 @@ class SyncedClassStatistics(ClassStatistics):
         """The rank in the process group (0 without one)."""
         return _rank_world(self.process_group)[0]
 
-    def agree(self, features: Tensor, labels: Tensor, validate: bool = True) -> Tensor:
-        """All ranks check their batch and agree on the verdict (one all-reduce; a collective
-        call when :attr:`collective`); returns the int64 labels. The next :meth:`update` with
-        these tensors reuses the verdict instead of agreeing again."""
-        if not self.collective:
-            return super().agree(features, labels, validate)
-        labels, rows = agree_on_batch(
+    def _agree_on_batch(
+        self, features: Tensor, labels: Tensor, validate: bool
+    ) -> Tuple[Tensor, int]:
+        """:func:`agree_on_batch` with this module's sizes, group, device and padding."""
+        return agree_on_batch(
             features,
             labels,
             self.embedding_size,
@@ -317,6 +315,14 @@ class SyncedClassStatistics(ClassStatistics):
             device=self.centers.device,
             pad_to=self.pad_to,
         )
+
+    def agree(self, features: Tensor, labels: Tensor, validate: bool = True) -> Tensor:
+        """All ranks check their batch and agree on the verdict (one all-reduce; a collective
+        call when :attr:`collective`); returns the int64 labels. The next :meth:`update` with
+        these tensors reuses the verdict instead of agreeing again."""
+        if not self.collective:
+            return super().agree(features, labels, validate)
+        labels, rows = self._agree_on_batch(features, labels, validate)
         self._agreed = (features, labels, rows)
         return labels
 
@@ -331,16 +337,7 @@ class SyncedClassStatistics(ClassStatistics):
             if agreed is not None and agreed[0] is features and agreed[1] is labels:
                 rows = agreed[2]
             else:
-                labels, rows = agree_on_batch(
-                    features,
-                    labels,
-                    self.embedding_size,
-                    self.num_classes,
-                    validate=validate,
-                    group=self.process_group,
-                    device=self.centers.device,
-                    pad_to=self.pad_to,
-                )
+                labels, rows = self._agree_on_batch(features, labels, validate)
             features, labels = gather_batch(
                 features.detach().float(), labels, self.process_group, pad_to=rows
             )
