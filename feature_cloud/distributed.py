@@ -44,7 +44,7 @@ from . import fused
 from . import noise as N
 from ._validation import as_float, as_int, check_batch, check_embeddings
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
-from .heads import cloud_margin_logits, make_cloud, resolve_margin
+from .heads import cloud_margin_logits, fused_cloud, make_cloud, resolve_margin
 from .sync import (  # noqa: F401  (re-exported: the process-group API lives here)
     BATCH_MODES,
     ProcessGroup,
@@ -141,8 +141,8 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
 
     * margin logits of the global batch against the local classes, LEAP Eq. 1-2 / 7-8, by the
       fused kernels of :func:`~feature_cloud.fused.margin_loss` (the margin lands on the shard
-      that owns the label; the others see ``label = -1``; a margin without a fused derivative or
-      a target-only cloud mode uses :func:`~feature_cloud.heads.cloud_margin_logits`);
+      that owns the label; the others see ``label = -1``; a margin without a fused derivative
+      uses :func:`~feature_cloud.heads.cloud_margin_logits`);
     * :math:`\ell_n = \log\sum_r\sum_{j\in r} e^{z_{nj}-m_n} + m_n - z_{ny_n}` with
       :math:`m_n` the all-reduced row maximum, the sum of exponentials all-reduced and the target
       logit taken from its owner shard.
@@ -312,11 +312,13 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
         if key is not None:
             weight, local, columns = self._sample_classes(local, key)
         valid = lab >= 0
-        if self.margin_rule.has_fused and (std is None or self.feature_cloud.mode == "paper"):
+        if self.margin_rule.has_fused:
             # Partial FC on the fused kernels: per-shard logits, log-sum-exp and target term;
             # the row maximum, the sum of exponentials and the target logit all-reduced
             noise = None
-            if std is not None and columns is not None:  # sampled classes: their own draws
+            cloud = fused_cloud(self.feature_cloud, (std, cloud_key))
+            paper = cloud["noise_std"] is not None
+            if paper and columns is not None:  # sampled classes: their own draws
                 assert cloud_key is not None  # a cloud draw comes with its key
                 noise = N.counter_normal_at(
                     cloud_key, emb.shape[0], columns + self.shard_start, self.num_classes
@@ -329,9 +331,10 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
                 margin_type=self.margin_rule,
                 scale=self.scale,
                 margin=self.margin,
-                noise_std=std,
+                noise_std=cloud["noise_std"],
                 noise=noise,
-                noise_key=None if noise is not None else cloud_key,
+                noise_key=None if noise is not None else cloud["noise_key"],
+                target_angles=cloud["target_angles"],
                 class_start=self.shard_start,
                 num_classes=self.num_classes,
                 reduction="none",
@@ -339,7 +342,7 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
                 row_valid=valid,
                 reducer=_all_reducer(group) if distributed else None,
             )
-        else:  # no fused derivative or a target-only cloud mode: logits and a sharded softmax
+        else:  # no fused derivative: logits and a sharded softmax
             logits = self._margin_logits(emb, weight, local, std, cloud_key, columns)
             per_sample = _sharded_cross_entropy(logits, local, group, distributed)
             per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
@@ -361,8 +364,8 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
         columns: Optional[Tensor],
     ) -> Tensor:
         """This shard's margin logits; the cloud of the kept global classes (dense head's draw)."""
-        if columns is None or std is None or key is None:
-            return cloud_margin_logits(
+        if columns is None or std is None or key is None or self.feature_cloud.mode != "paper":
+            return cloud_margin_logits(  # a target-only cloud does not depend on the columns
                 self.feature_cloud,
                 emb,
                 weight,

@@ -268,6 +268,7 @@ class _Plan:
         "sqrt_floor",
         "cloud",
         "explicit_noise",
+        "target_cloud",
     )
 
     rule: Any  # margins.Margin
@@ -288,6 +289,7 @@ class _Plan:
     sqrt_floor: float
     cloud: bool
     explicit_noise: bool
+    target_cloud: bool
 
     def __init__(self, **kw: Any) -> None:
         for k, v in kw.items():
@@ -335,6 +337,7 @@ def _chunk_logits(
     sigma: Optional[Tensor],
     plan: _Plan,
     ws: _Workspace,
+    alpha_t: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Tensor]:
     """Scaled margin logits of classes ``j0 .. j0 + len(Wc)`` (class-major), LEAP Eq. 1-2 / 7-8.
 
@@ -344,7 +347,8 @@ def _chunk_logits(
     with a target in this weight); the target logit (margin applied) and the derivative of its
     cosine; the largest plain cosine over the chunk per sample when ``plan.want_pred``; the
     target's plain cosine.
-    ``noise_c`` (when generated) is a workspace buffer and is overwritten.
+    ``noise_c`` (when generated) is a workspace buffer and is overwritten. ``alpha_t`` ``(B,)``:
+    a target-only cloud (angles added to each row's target angle only, no per-logit cloud).
     """
     B, Cc = xg.shape[0], Wc.shape[0]
     s, m = plan.scale, plan.margin
@@ -373,7 +377,7 @@ def _chunk_logits(
         )
         Z = f.mul_(s)
     else:
-        d, alpha_y = None, None
+        d, alpha_y = None, alpha_t
         Z.mul_((rwc * s).unsqueeze(1))
         if plan.want_pred:
             pred = (Z.amax(0) / s).clamp_(-1.0, 1.0)
@@ -544,6 +548,7 @@ class _FusedMarginCE(torch.autograd.Function):
         noise: Optional[Tensor],
         key: Optional[Tensor],
         plan: _Plan,
+        alpha_t: Optional[Tensor] = None,
     ) -> Tuple[Tensor, Tensor]:
         B, C = xn.shape[0], W.shape[0]
         compute, device = plan.compute, xn.device
@@ -568,7 +573,7 @@ class _FusedMarginCE(torch.autograd.Function):
             j1 = min(j0 + plan.chunk, C)
             noise_c = _chunk_noise(noise, j0, j1, B, key, plan)
             Z, d, idx, inside, z_y, d_y, cmax, c_y = _chunk_logits(
-                xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws
+                xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws, alpha_t
             )
             z_target.add_(torch.where(inside, z_y, torch.zeros_like(z_y)))
             if cmax is not None:  # top-1: the target's plain cosine against the best one
@@ -616,6 +621,7 @@ class _FusedMarginCE(torch.autograd.Function):
             sigma if sigma is not None else xn.new_empty(0),
             noise if noise is not None else xn.new_empty(0),
             key if key is not None else labels.new_empty(0),
+            alpha_t if alpha_t is not None else xn.new_empty(0),
             rw,
             norms,
             S,
@@ -630,9 +636,10 @@ class _FusedMarginCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, _grad_pred: Optional[Tensor]) -> Tuple[Any, ...]:
         plan: _Plan = ctx.plan
-        (xn, W, labels, valid, sigma, noise, key, rw, norms, S, local_scale, shift_t, *saved) = (
-            ctx.saved_tensors
+        (xn, W, labels, valid, sigma, noise, key, alpha_t, rw, norms, S, local_scale, shift_t) = (
+            ctx.saved_tensors[:13]
         )
+        saved = ctx.saved_tensors[13:]
         B, C = xn.shape[0], W.shape[0]
         compute, device = plan.compute, xn.device
         has_target = labels >= 0
@@ -676,7 +683,17 @@ class _FusedMarginCE(torch.autograd.Function):
                 j1 = min(j0 + plan.chunk, C)
                 noise_c = _chunk_noise(noise if ctx.has_noise else None, j0, j1, B, key, plan)
                 Z, d, idx, inside, _, d_y, _, _ = _chunk_logits(
-                    xg, W[j0:j1], rw[j0:j1], labels, has_target, j0, noise_c, sigma, plan, ws
+                    xg,
+                    W[j0:j1],
+                    rw[j0:j1],
+                    labels,
+                    has_target,
+                    j0,
+                    noise_c,
+                    sigma,
+                    plan,
+                    ws,
+                    alpha_t if plan.target_cloud else None,
                 )
                 e_y = _grad_buffer_(_shifted_exp_(Z, shift_t, plan), d, rw[j0:j1], idx, u)
                 gx, gc = _chunk_backward(
@@ -701,7 +718,7 @@ class _FusedMarginCE(torch.autograd.Function):
                 grad_corr += gc
                 del Z, d, noise_c
         grad_x.mul_(sa.unsqueeze(1)).add_(grad_corr)
-        return grad_x.to(xn.dtype), grad_W, None, None, None, None, None, None
+        return grad_x.to(xn.dtype), grad_W, None, None, None, None, None, None, None
 
 
 def margin_loss(
@@ -716,6 +733,7 @@ def margin_loss(
     generator: Optional[torch.Generator] = None,
     noise: Optional[Tensor] = None,
     noise_key: Optional[Tensor] = None,
+    target_angles: Optional[Tensor] = None,
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
     block: Optional[int] = None,
@@ -740,6 +758,9 @@ def margin_loss(
       ``noise_key`` (:mod:`feature_cloud.noise`; a key drawn from ``generator``, or the global
       RNG, when ``None``), exactly as :func:`class_major_noise` draws it.
     * ``noise`` ``(C, B)`` given: used as is (standard normal, class-major).
+    * ``target_angles`` ``(B,)`` instead: a target-only cloud (``cloud_mode`` ``"target"`` /
+      ``"margin"``, :func:`~feature_cloud.functional.target_cloud_angles`): ``alpha`` is
+      ``target_angles[n]`` on each row's target logit and 0 elsewhere.
 
     ``chunk_size``: process the classes in chunks of (a multiple of ``block`` not below) this
     many, with an online log-sum-exp and a recomputing backward, so that no ``B x C`` tensor
@@ -817,6 +838,13 @@ def margin_loss(
             )
     if noise_std is not None and tuple(noise_std.shape) != (B,):
         raise ValueError(f"noise_std must have shape ({B},), got {tuple(noise_std.shape)}")
+    if target_angles is not None:
+        if cloud:
+            raise ValueError("give noise_std (a per-logit cloud) or target_angles, not both")
+        if tuple(target_angles.shape) != (B,):
+            raise ValueError(
+                f"target_angles must have shape ({B},), got {tuple(target_angles.shape)}"
+            )
     compute = _compute_dtype(embeddings, weight)
     device = embeddings.device
     key = None
@@ -837,6 +865,7 @@ def margin_loss(
         sqrt_floor=_SQRT_FLOOR[compute],
         cloud=cloud,
         explicit_noise=noise is not None,
+        target_cloud=target_angles is not None,
         smoothing=float(label_smoothing),
         num_classes=int(C + class_start if num_classes is None else num_classes),
         reducer=reducer,
@@ -844,6 +873,9 @@ def margin_loss(
     )
     xn = safe_normalize(embeddings, dim=1)
     sigma = noise_std.to(compute) if noise_std is not None else None
+    alpha_t = target_angles.detach().to(compute) if target_angles is not None else None
     with torch.autocast(device_type=device.type, enabled=False):
-        loss, top1 = _FusedMarginCE.apply(xn, weight, labels, row_valid, sigma, noise, key, plan)
+        loss, top1 = _FusedMarginCE.apply(
+            xn, weight, labels, row_valid, sigma, noise, key, plan, alpha_t
+        )
     return (loss, top1) if return_top1 else loss

@@ -122,6 +122,21 @@ def cloud_margin_logits(
     )
 
 
+def fused_cloud(
+    cloud: FeatureCloud, draw: Tuple[Optional[Tensor], Optional[Tensor]]
+) -> Dict[str, Optional[Tensor]]:
+    """The cloud of ``draw = (std, key)`` as :func:`feature_cloud.fused.margin_loss` keywords:
+    the paper's per-logit cloud (``noise_std``, ``noise_key``) or a target-only cloud
+    (``target_angles``, the same draw as :func:`cloud_margin_logits`)."""
+    std, key = draw
+    if std is None or key is None:
+        return {"noise_std": None, "noise_key": None, "target_angles": None}
+    if cloud.mode == "paper":
+        return {"noise_std": std, "noise_key": key, "target_angles": None}
+    angles = FC.target_cloud_angles(std, cloud.mode, noise=cloud.row_noise(key, std))
+    return {"noise_std": None, "noise_key": None, "target_angles": angles}
+
+
 def cloud_margin_loss(
     cloud: FeatureCloud,
     embeddings: Tensor,
@@ -137,16 +152,10 @@ def cloud_margin_loss(
 ) -> Tensor:
     """The margin softmax loss of :func:`cloud_margin_logits` (same arguments), on the fused
     kernels (:func:`feature_cloud.fused.margin_loss`) whenever the margin has a fused derivative,
-    one weight row per class, the paper's cloud mode and no graph capture; otherwise on the
+    one weight row per class and no graph capture (every cloud mode); otherwise on the
     reference pipeline. For adapters that hold their own weight (PML's ``W``)."""
     rule = margins.get(margin_type)
-    std, key = draw
-    if (
-        rule.has_fused
-        and sub_centers == 1
-        and not capturing()
-        and (std is None or cloud.mode == "paper")
-    ):
+    if rule.has_fused and sub_centers == 1 and not capturing():
         x, w = FC.common_float(embeddings, weight)
         return fused.margin_loss(
             x,
@@ -155,10 +164,9 @@ def cloud_margin_loss(
             margin_type=rule,
             scale=scale,
             margin=margin,
-            noise_std=std,
-            noise_key=key,
             reduction=reduction,
             validate=False,
+            **fused_cloud(cloud, draw),
         )
     logits = cloud_margin_logits(
         cloud,
@@ -350,24 +358,18 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             scale=self.scale,
             validate=False,
             margin=self.margin,
-            noise_std=std,
-            noise_key=key,
             reduction=reduction,
             chunk_size=self.chunk_size if self.backend == "chunked" else None,
             label_smoothing=label_smoothing,
             return_top1=return_top1,
+            **fused_cloud(self.feature_cloud, (std, key)),
         )
 
     @property
     def backend(self) -> str:
         """The implementation :meth:`forward` runs: ``impl`` resolved against the margin and
         the cloud mode (and ``"reference"`` while a graph is captured)."""
-        fusable = (
-            self.margin_rule.has_fused
-            and self.sub_centers == 1
-            and not capturing()
-            and (self.cloud is None or self.feature_cloud.mode == "paper")
-        )
+        fusable = self.margin_rule.has_fused and self.sub_centers == 1 and not capturing()
         return _BACKENDS[(self.impl, fusable, self.chunk_size is not None)]
 
     def _training_step(

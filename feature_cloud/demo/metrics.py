@@ -14,7 +14,7 @@ reduces them over head or tail classes.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ __all__ = [
     "nearest_center_predictions",
     "retrieval_per_query",
     "angle_spread",
+    "class_centers",
     "weight_norms",
     "group_mean",
     "head_tail",
@@ -74,13 +75,20 @@ def retrieval_per_query(features: Tensor, labels: Tensor) -> Tuple[Tensor, Tenso
     return rank1.float() * valid, ap.float() * valid, valid
 
 
-def angle_spread(features: Tensor, labels: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
+def angle_spread(
+    features: Tensor, labels: Tensor, num_classes: int, centers: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """Per class: mean and unbiased variance of the angle (radians) between each L2-normalised
     feature and the class center, the normalised mean of the class's normalised features
-    (the quantity LEAP Eq. 3 tracks online). Classes with fewer than two samples get NaN."""
+    (the quantity LEAP Eq. 3 tracks online). Classes with fewer than two samples get NaN.
+
+    ``centers`` ``(C, D)``: measure against these instead (e.g. the training centers for test
+    features: with two test images per class their own center is equidistant from both, so the
+    variance around it is always 0)."""
     f = F.normalize(features.double(), dim=1)
-    sums = torch.zeros(num_classes, f.shape[1], dtype=f.dtype).index_add_(0, labels, f)
-    centers = F.normalize(sums, dim=1)
+    if centers is None:
+        centers = class_centers(f, labels, num_classes)
+    centers = F.normalize(centers.double(), dim=1)
     angles = torch.acos((f * centers[labels]).sum(dim=1).clamp(-1.0, 1.0))
     n = torch.bincount(labels, minlength=num_classes).double()
     s1 = torch.zeros(num_classes, dtype=f.dtype).index_add_(0, labels, angles)
@@ -89,6 +97,12 @@ def angle_spread(features: Tensor, labels: Tensor, num_classes: int) -> Tuple[Te
     var = torch.zeros(num_classes, dtype=f.dtype).index_add_(0, labels, dev2) / (n - 1).clamp_min(1)
     nan = torch.full_like(mean, float("nan"))
     return torch.where(n >= 2, mean, nan).float(), torch.where(n >= 2, var, nan).float()
+
+
+def class_centers(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """``(C, D)`` sums of the L2-normalised features per class (a direction; zero if absent)."""
+    f = F.normalize(features.double(), dim=1)
+    return torch.zeros(num_classes, f.shape[1], dtype=f.dtype).index_add_(0, labels, f)
 
 
 def weight_norms(weight: Tensor) -> Tensor:

@@ -271,7 +271,9 @@ def evaluate_method(
     put("rank1", M.head_tail(r1, is_head_q, valid))
     put("map", M.head_tail(ap, is_head_q, valid))
     mean_tr, var_tr = M.angle_spread(f_train, train_y, num_classes)
-    mean_ev, var_ev = M.angle_spread(f_eval, eval_y, num_classes)
+    # test angles against the training centers (their own center is degenerate for 2 images)
+    train_centers = M.class_centers(f_train, train_y, num_classes)
+    mean_ev, var_ev = M.angle_spread(f_eval, eval_y, num_classes, centers=train_centers)
     norms = M.weight_norms(model.class_weight())
     per_class_sets = {
         "angle_mean_train": mean_tr,

@@ -568,10 +568,13 @@ def test_synchronize_without_process_group_is_the_plain_head() -> None:
     _assert_close_states(synced.state_dict(), plain.state_dict(), "no group", atol=0)
 
 
-def test_sharded_head_on_one_process_is_the_dense_head() -> None:
+@pytest.mark.parametrize("cloud_mode", ["paper", "margin"])
+def test_sharded_head_on_one_process_is_the_dense_head(cloud_mode: str) -> None:
+    """Every cloud mode (a target-only cloud runs on the fused kernels in both heads)."""
     torch.manual_seed(0)
-    dense = LEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=9)
-    sharded = ShardedLEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=9)
+    kw = dict(class_counts=COUNTS, seed=9, cloud_mode=cloud_mode)
+    dense = LEAPMarginHead(D, C, "arcface", **kw)
+    sharded = ShardedLEAPMarginHead(D, C, "arcface", **kw)
     assert (sharded.rank, sharded.world_size, sharded.shard_end) == (0, 1, C)
     sharded.load_state_dict(split_state_dict(dense.state_dict(), 1)[0])
     for step, sizes in enumerate(SCHEDULE):

@@ -30,19 +30,30 @@ def _reference(x, W, y, margin_type, scale, margin, alpha, reduction="mean"):
     return FC.margin_cross_entropy(logits, y, reduction)
 
 
+def _target_only(y, angles, c):
+    """``(B, C)`` cloud angles that are ``angles`` on each row's target and 0 elsewhere."""
+    alpha = torch.zeros(y.shape[0], c, dtype=angles.dtype)
+    return alpha.scatter(1, y.clamp_min(0)[:, None], torch.where(y >= 0, angles, 0.0)[:, None])
+
+
 @pytest.mark.parametrize("margin_type", ["cosface", "arcface"])
-@pytest.mark.parametrize("cloud", [False, True])
+@pytest.mark.parametrize("cloud", [False, True, "target"])
 @pytest.mark.parametrize("chunk_size", [None, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matches_reference_values_and_grads(margin_type, cloud, chunk_size, dtype):
+    """Every cloud: none, the paper's per-logit cloud, a target-only cloud (target_angles)."""
     x, W, y = _data(dtype)
     scale = 24.0 if margin_type == "cosface" else 16.0
-    std = noise = alpha = None
-    if cloud:
+    std = noise = alpha = angles = None
+    if cloud is True:
         std = torch.rand(B, generator=torch.Generator().manual_seed(1), dtype=dtype) * 0.8
         std[1] = 0.0  # a sample whose class has no cloud
         noise = torch.randn(C, B, generator=torch.Generator().manual_seed(2))
         alpha = noise.t().to(dtype) * std.unsqueeze(1)
+    elif cloud == "target":
+        angles = torch.randn(B, generator=torch.Generator().manual_seed(1), dtype=dtype) * 0.4
+        angles[1] = 0.0
+        alpha = _target_only(y, angles, C)
     tol = 2e-6 if dtype == torch.float32 else 1e-12
     for reduction in ("mean", "sum", "none"):
         ref = loss_and_grads(
@@ -58,6 +69,7 @@ def test_matches_reference_values_and_grads(margin_type, cloud, chunk_size, dtyp
                 margin=0.2,
                 noise_std=std,
                 noise=noise,
+                target_angles=angles,
                 reduction=reduction,
                 chunk_size=chunk_size,
                 block=4,
@@ -232,13 +244,15 @@ def test_half_precision_autocast_finite_with_gradscaler_upstream(dtype, scale, c
 
 
 @pytest.mark.parametrize("margin_type", ["cosface", "arcface"])
-@pytest.mark.parametrize("cloud", [False, True])
+@pytest.mark.parametrize("cloud", [False, True, "target"])
 @pytest.mark.parametrize("chunk_size", [None, 4])
 def test_gradcheck_float64(margin_type, cloud, chunk_size):
     b, c = 5, 11
     x, W, y = _data(torch.float64, seed=3, b=b, c=c)
-    std = torch.full((b,), 0.5, dtype=torch.float64) if cloud else None
-    noise = torch.randn(c, b, generator=torch.Generator().manual_seed(4)) if cloud else None
+    paper = cloud is True
+    std = torch.full((b,), 0.5, dtype=torch.float64) if paper else None
+    noise = torch.randn(c, b, generator=torch.Generator().manual_seed(4)) if paper else None
+    angles = torch.linspace(-0.6, 0.6, b, dtype=torch.float64).abs() if cloud == "target" else None
     x.requires_grad_(True)
     W.requires_grad_(True)
 
@@ -252,6 +266,7 @@ def test_gradcheck_float64(margin_type, cloud, chunk_size):
             margin=0.3,
             noise_std=std,
             noise=noise,
+            target_angles=angles,
             chunk_size=chunk_size,
             block=2,
             reduction="none",
@@ -477,6 +492,10 @@ def test_bad_arguments_raise():
         LEAPMarginHead(D, C, cloud=None, impl="chunked")
     with pytest.raises(ValueError, match="chunk_size"):
         LEAPMarginHead(D, C, cloud=None, chunk_size=0)
+    with pytest.raises(ValueError, match="target_angles"):
+        fused.margin_loss(x, W, y, target_angles=torch.zeros(B + 1))
+    with pytest.raises(ValueError, match="not both"):
+        fused.margin_loss(x, W, y, noise_std=torch.zeros(B), target_angles=torch.zeros(B))
 
 
 @pytest.mark.parametrize("impl", ["fused", "chunked"])

@@ -385,9 +385,14 @@ def test_target_only_cloud_modes(margin_type):
         alpha=alpha,
     )
     torch.testing.assert_close(logits, ref)
-    head_fused(x, y)  # same number of steps as base: the next losses agree (reference fallback)
+    assert head_fused.backend == "fused"  # a target-only cloud runs on the fused kernels
+    head_fused(x, y)  # same number of steps as base: the next losses and gradients agree
     torch.testing.assert_close(head_fused(x, y), base(x, y))
-    torch.testing.assert_close(head_fused(x, y), base(x, y))
+    xf, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    head_fused(xf, y).backward()
+    base(xr, y).backward()
+    torch.testing.assert_close(xf.grad, xr.grad)
+    torch.testing.assert_close(head_fused.weight.grad, base.weight.grad)
 
     m = LEAPMarginHead(
         D,

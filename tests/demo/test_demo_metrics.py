@@ -85,6 +85,33 @@ def test_nearest_center_against_brute_force():
         assert pred[i] == best_c
 
 
+def test_test_angle_spread_against_training_centers():
+    """Two test images per class are equidistant from their own center (variance 0 always);
+    against the training centers the spread is the brute-force one and not 0."""
+    f, y = _data(4, n=40, c=4)
+    g, z = _data(5, n=12, c=4)
+    own = M.angle_spread(g, z, 4)[1]
+    assert torch.all(own[~torch.isnan(own)] >= 0)
+    centers = M.class_centers(f, y, 4)
+    mean, var = M.angle_spread(g, z, 4, centers=centers)
+    fn, yn, gn, zn = (t.numpy().astype(np.float64) for t in (f, y, g, z))
+    for c in range(4):
+        if (zn == c).sum() < 2:
+            continue
+        unit = fn[yn == c] / np.linalg.norm(fn[yn == c], axis=1, keepdims=True)
+        center = unit.mean(axis=0)
+        center /= np.linalg.norm(center)
+        members = gn[zn == c] / np.linalg.norm(gn[zn == c], axis=1, keepdims=True)
+        angles = np.arccos(np.clip(members @ center, -1, 1))
+        assert mean[c] == pytest.approx(angles.mean(), abs=1e-5)
+        assert var[c] == pytest.approx(angles.var(ddof=1), abs=1e-5)
+        assert var[c] > 0
+    two = torch.tensor([0, 0])  # exactly two test images: own center gives 0, training center not
+    pair = g[:2]
+    assert float(M.angle_spread(pair, two, 1)[1][0]) == pytest.approx(0.0, abs=1e-10)
+    assert float(M.angle_spread(pair, two, 1, centers=centers[:1])[1][0]) > 0
+
+
 def test_angle_spread_against_brute_force():
     f, y = _data(4, n=50)
     y[y == 2] = 1
