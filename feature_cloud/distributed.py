@@ -316,9 +316,8 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
             # Partial FC on the fused kernels: per-shard logits, log-sum-exp and target term;
             # the row maximum, the sum of exponentials and the target logit all-reduced
             noise = None
-            cloud = fused_cloud(self.feature_cloud, (std, cloud_key))
-            paper = cloud["noise_std"] is not None
-            if paper and columns is not None:  # sampled classes: their own draws
+            noise_std, noise_key, target_angles = fused_cloud(self.feature_cloud, (std, cloud_key))
+            if noise_std is not None and columns is not None:  # sampled classes: their own draws
                 assert cloud_key is not None  # a cloud draw comes with its key
                 noise = N.counter_normal_at(
                     cloud_key, emb.shape[0], columns + self.shard_start, self.num_classes
@@ -331,10 +330,10 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
                 margin_type=self.margin_rule,
                 scale=self.scale,
                 margin=self.margin,
-                noise_std=cloud["noise_std"],
+                noise_std=noise_std,
                 noise=noise,
-                noise_key=None if noise is not None else cloud["noise_key"],
-                target_angles=cloud["target_angles"],
+                noise_key=None if noise is not None else noise_key,
+                target_angles=target_angles,
                 class_start=self.shard_start,
                 num_classes=self.num_classes,
                 reduction="none",

@@ -124,17 +124,16 @@ def cloud_margin_logits(
 
 def fused_cloud(
     cloud: FeatureCloud, draw: Tuple[Optional[Tensor], Optional[Tensor]]
-) -> Dict[str, Optional[Tensor]]:
-    """The cloud of ``draw = (std, key)`` as :func:`feature_cloud.fused.margin_loss` keywords:
-    the paper's per-logit cloud (``noise_std``, ``noise_key``) or a target-only cloud
-    (``target_angles``, the same draw as :func:`cloud_margin_logits`)."""
+) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The cloud of ``draw = (std, key)`` as :func:`feature_cloud.fused.margin_loss` arguments
+    ``(noise_std, noise_key, target_angles)``: the paper's per-logit cloud, or a target-only
+    cloud (the same draw as :func:`cloud_margin_logits`)."""
     std, key = draw
     if std is None or key is None:
-        return {"noise_std": None, "noise_key": None, "target_angles": None}
+        return None, None, None
     if cloud.mode == "paper":
-        return {"noise_std": std, "noise_key": key, "target_angles": None}
-    angles = FC.target_cloud_angles(std, cloud.mode, noise=cloud.row_noise(key, std))
-    return {"noise_std": None, "noise_key": None, "target_angles": angles}
+        return std, key, None
+    return None, None, FC.target_cloud_angles(std, cloud.mode, noise=cloud.row_noise(key, std))
 
 
 def cloud_margin_loss(
@@ -156,6 +155,7 @@ def cloud_margin_loss(
     reference pipeline. For adapters that hold their own weight (PML's ``W``)."""
     rule = margins.get(margin_type)
     if rule.has_fused and sub_centers == 1 and not capturing():
+        noise_std, noise_key, target_angles = fused_cloud(cloud, draw)
         x, w = FC.common_float(embeddings, weight)
         return fused.margin_loss(
             x,
@@ -164,9 +164,11 @@ def cloud_margin_loss(
             margin_type=rule,
             scale=scale,
             margin=margin,
+            noise_std=noise_std,
+            noise_key=noise_key,
+            target_angles=target_angles,
             reduction=reduction,
             validate=False,
-            **fused_cloud(cloud, draw),
         )
     logits = cloud_margin_logits(
         cloud,
@@ -349,6 +351,7 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
                 top1 = (y >= 0) & (cos.gather(1, y.clamp_min(0)[:, None])[:, 0] >= cos.amax(1))
             return loss, top1
         std, key, labels = self._training_step(embeddings, labels)
+        noise_std, noise_key, target_angles = fused_cloud(self.feature_cloud, (std, key))
         x, w = FC.common_float(embeddings, self.weight)
         return fused.margin_loss(
             x,
@@ -362,7 +365,9 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             chunk_size=self.chunk_size if self.backend == "chunked" else None,
             label_smoothing=label_smoothing,
             return_top1=return_top1,
-            **fused_cloud(self.feature_cloud, (std, key)),
+            noise_std=noise_std,
+            noise_key=noise_key,
+            target_angles=target_angles,
         )
 
     @property
