@@ -463,7 +463,7 @@ def _chunk_backward(
     Gg = G0.to(plan.gemm) if plan.gemm != G0.dtype else G0
     Wg = Wc.to(plan.gemm) if plan.gemm != Wc.dtype else Wc
     gx = torch.mm(Gg.t(), Wg).to(plan.compute)
-    gx_corr = corr.unsqueeze(1) * Wc.index_select(0, local).to(plan.compute)
+    gx_corr = corr.unsqueeze(1) * _rows_of(Wc, local).to(plan.compute)
     xsg = xs.to(plan.gemm) if plan.gemm != xs.dtype else xs
     if post is None and gWc.dtype == plan.gemm and gWc.is_contiguous():
         torch.mm(Gg, xsg, out=gWc)
@@ -473,7 +473,11 @@ def _chunk_backward(
         gWc.copy_(torch.mm(Gg, xsg))
         if post is not None:
             gWc.mul_(post)
-    gWc.index_add_(0, local, (corr.unsqueeze(1) * xn).to(gWc.dtype))
+    rows = (corr.unsqueeze(1) * xn).to(gWc.dtype)
+    if _column_major(gWc):  # PML's (D, C) gradient: add along its contiguous dimension
+        gWc.t().index_add_(1, local, rows.t())
+    else:
+        gWc.index_add_(0, local, rows)
     _normalize_backward_(gWc, Wc, rw2c)
     return gx, gx_corr
 
@@ -527,6 +531,31 @@ def _transposed(W: Tensor) -> bool:
     return W.dim() == 2 and W.shape[0] > 1 and W.stride() == (1, W.shape[0])
 
 
+def _column_major(W: Tensor) -> bool:
+    """Whether the rows of ``W`` ``(C, D)`` are strided columns (a slice of PML's ``W.t()``)."""
+    return W.dim() == 2 and W.shape[0] > 1 and W.shape[1] > 1 and W.stride(0) == 1
+
+
+def _row_norms(W: Tensor, compute: torch.dtype) -> Tensor:
+    """``||W_j||`` ``(C,)`` in ``compute``; a transposed weight is walked in its own ``(D, C)``
+    layout, in blocks of 64 rows (a strided norm over ``dim=0`` is several times slower)."""
+    if not _column_major(W):
+        return torch.linalg.vector_norm(W, dim=1, dtype=compute)
+    wt = W.t()
+    acc = torch.zeros(W.shape[0], dtype=compute, device=W.device)
+    for r0 in range(0, wt.shape[0], 64):
+        block = wt[r0 : r0 + 64].to(compute)
+        acc.add_(block.mul(block).sum(0))
+    return acc.sqrt_()
+
+
+def _rows_of(W: Tensor, index: Tensor) -> Tensor:
+    """``W[index]`` (gathered in the layout ``W`` is stored in)."""
+    if _column_major(W):
+        return W.t().index_select(1, index).t()
+    return W.index_select(0, index)
+
+
 class _FusedMarginCE(torch.autograd.Function):
     """Margin softmax cross-entropy over ``(xn, W)``; see the module docstring.
 
@@ -554,11 +583,7 @@ class _FusedMarginCE(torch.autograd.Function):
         compute, device = plan.compute, xn.device
         xg = xn.to(plan.gemm)
         has_target = labels >= 0
-        norms = (
-            torch.linalg.vector_norm(W.t(), dim=0, dtype=compute)
-            if _transposed(W)
-            else torch.linalg.vector_norm(W, dim=1, dtype=compute)
-        )
+        norms = _row_norms(W, compute)
         rw = 1.0 / norms.clamp_min(1e-12)
         total = torch.zeros(B, dtype=compute, device=device)
         run_max = torch.full((B,), -math.inf, dtype=compute, device=device)
