@@ -26,7 +26,19 @@ from ._validation import as_float, as_int, check_batch, check_class_counts
 from .statistics import ClassStatistics
 from .sync import BATCH_MODES, SyncedClassStatistics
 
-__all__ = ["FeatureCloud", "WithFeatureCloud", "SYNC_MODES", "migrate_state_dict"]
+__all__ = [
+    "FeatureCloud",
+    "WithFeatureCloud",
+    "SYNC_MODES",
+    "DEFAULT_CLOUD_MODE",
+    "DEFAULT_CLOUD_SCALE",
+    "migrate_state_dict",
+]
+
+#: where the cloud enters the logits by default (:data:`feature_cloud.functional.CLOUD_MODES`)
+DEFAULT_CLOUD_MODE = "paper"
+#: factor on the cloud's standard deviation by default (1: the paper's variance)
+DEFAULT_CLOUD_SCALE = 1.0
 
 #: ``sync`` settings: ``"auto"`` synchronises the statistics over the default process group
 #: whenever one is initialised with more than one rank (every rank all-gathers the detached batch,
@@ -132,8 +144,8 @@ class FeatureCloud(nn.Module):
         class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
         seed: Optional[int] = None,
         count_steps: Optional[int] = None,
-        cloud_mode: str = "paper",
-        cloud_scale: float = 1.0,
+        cloud_mode: str = DEFAULT_CLOUD_MODE,
+        cloud_scale: float = DEFAULT_CLOUD_SCALE,
         center_rate: str = "adaptive",
         unknown_variance: str = "tail_prior",
         angle_max_age: Optional[int] = None,

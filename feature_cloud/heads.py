@@ -236,8 +236,8 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             ``warmup_steps`` (steps without cloud; with ``class_counts=None`` the counts are
             taken online during warm-up, which should cover an epoch), ``class_counts``
             (``K_i`` per class, recommended), ``count_steps``, ``cloud_mode`` (where the cloud
-            enters the logits: ``"paper"``, or ``"target"`` / ``"margin"``, which run the
-            reference implementation whatever ``impl``), ``cloud_scale``, ``center_rate``,
+            enters the logits: ``"paper"``, or the target-only ``"target"`` / ``"margin"``),
+            ``cloud_scale``, ``center_rate``,
             ``unknown_variance``, ``angle_max_age``, ``seed`` (of the noise stream; default
             from the global RNG) and ``sync`` (``"auto"``: statistics synchronised over an
             initialised process group; ``"off"``: per rank).

@@ -68,6 +68,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from feature_cloud.cloud import DEFAULT_CLOUD_MODE, DEFAULT_CLOUD_SCALE
 from feature_cloud.heads import LEAPMarginHead
 
 __all__ = [
@@ -295,7 +296,9 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     ``online`` (counted during the warm-up); ``COUNT_ITERS``: with ``online``, count over the
     first ``COUNT_ITERS`` iterations only (one epoch; ``0``: the whole warm-up); ``SEED``: cloud RNG
     seed (``-1``: from the global RNG); ``VALIDATE``: per-step label/finiteness check (one host
-    sync). The margin is fastreid's own ``MODEL.HEADS.CLS_LAYER`` / ``SCALE`` / ``MARGIN``.
+    sync); ``MODE``: where the cloud enters the logits (``paper``, ``target``, ``margin``) and
+    ``SCALE``: factor on the cloud's standard deviation (the head's ``cloud_mode`` /
+    ``cloud_scale``, defaults those of :class:`feature_cloud.FeatureCloud`). The margin is fastreid's own ``MODEL.HEADS.CLS_LAYER`` / ``SCALE`` / ``MARGIN``.
     """
     node = CfgNode()
     node.CLOUD = "full"
@@ -307,6 +310,8 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     node.COUNT_ITERS = 0
     node.SEED = -1
     node.VALIDATE = True
+    node.MODE = DEFAULT_CLOUD_MODE
+    node.SCALE = DEFAULT_CLOUD_SCALE
     frozen = cfg.is_frozen()
     cfg.defrost()
     cfg.MODEL.HEADS.FEATURE_CLOUD = node
@@ -355,6 +360,8 @@ _YAML_KEYS = {
     "gamma": "MODEL.HEADS.FEATURE_CLOUD.GAMMA",
     "seed": "MODEL.HEADS.FEATURE_CLOUD.SEED",
     "cloud": "MODEL.HEADS.FEATURE_CLOUD.CLOUD",
+    "cloud_mode": "MODEL.HEADS.FEATURE_CLOUD.MODE",
+    "cloud_scale": "MODEL.HEADS.FEATURE_CLOUD.SCALE",
     "margin_type": "MODEL.HEADS.CLS_LAYER",
     "scale": "MODEL.HEADS.SCALE",
     "margin": "MODEL.HEADS.MARGIN",
@@ -525,6 +532,8 @@ class LEAPHead(nn.Module):
         seed: Optional[int] = None,
         validate: bool = True,
         batch_size_per_rank: Optional[int] = None,
+        cloud_mode: str = DEFAULT_CLOUD_MODE,
+        cloud_scale: float = DEFAULT_CLOUD_SCALE,
     ) -> None:
         super().__init__()
         if not hasattr(pooling, pool_type):
@@ -579,6 +588,8 @@ class LEAPHead(nn.Module):
                     seed=seed,
                     validate=validate,
                     count_steps=count_steps if self.class_counts_source == "online" else None,
+                    cloud_mode=cloud_mode,
+                    cloud_scale=cloud_scale,
                     # statistics identical on every rank under a process group (sync="auto", the
                     # head's default); the per-rank batch size spares a host sync per step
                     pad_to=batch_size_per_rank,
@@ -646,6 +657,8 @@ class LEAPHead(nn.Module):
             "seed": None if int(fc.SEED) < 0 else int(fc.SEED),
             "validate": bool(fc.VALIDATE),
             "batch_size_per_rank": per_rank if world > 1 else None,
+            "cloud_mode": str(fc.get("MODE", DEFAULT_CLOUD_MODE)).lower(),
+            "cloud_scale": fc.get("SCALE", DEFAULT_CLOUD_SCALE),
         }
 
     @property

@@ -333,6 +333,18 @@ def test_online_counts_error_names_the_yaml_keys():
     with pytest.raises(ValueError, match="MODEL.HEADS.FEATURE_CLOUD.GAMMA") as info:
         build_heads(_head_cfg(FC__GAMMA=1.5))
     assert "gamma" not in str(info.value)
+    head = build_heads(_head_cfg(FC__MODE="margin", FC__SCALE=2.5))
+    assert (head.margin_head.feature_cloud.mode, head.margin_head.feature_cloud.scale) == (
+        "margin",
+        2.5,
+    )
+    default = build_heads(_head_cfg()).margin_head.feature_cloud
+    assert (default.mode, default.scale) == (fr.DEFAULT_CLOUD_MODE, fr.DEFAULT_CLOUD_SCALE)
+    with pytest.raises(ValueError, match="MODEL.HEADS.FEATURE_CLOUD.MODE") as info:
+        build_heads(_head_cfg(FC__MODE="logits"))
+    assert "cloud_mode" not in str(info.value)
+    with pytest.raises(ValueError, match="MODEL.HEADS.FEATURE_CLOUD.SCALE"):
+        build_heads(_head_cfg(FC__SCALE=-1.0))
 
 
 def test_config_path_returns_the_shipped_yamls():
