@@ -3,17 +3,18 @@
 Every case returns a zero-argument callable that runs one step and returns the loss. Methods:
 
 * ``floor``: ``F.cross_entropy(s * F.linear(F.normalize(x), F.normalize(W)), y)`` (no margin).
-* ``leap`` / ``leap_cloud``: :class:`feature_cloud.LEAPMarginHead`, cloud off / on (default
-  ``impl="auto"``, the fused path); ``*_reference``: ``impl="reference"``; ``*_chunked``:
-  ``impl="chunked"``.
+* ``leap`` / ``leap_cloud``: :class:`feature_cloud.LEAPMarginHead`, cloud off / on (the paper's
+  per-logit cloud, ``cloud_mode="paper"``; default ``impl="auto"``, the fused path);
+  ``*_reference``: ``impl="reference"``; ``*_chunked``: ``impl="chunked"``.
+  ``leap_cloud_margin``: the target-only cloud ``cloud_mode="margin"``, ``cloud_scale=2``.
 * ``pml``: pytorch-metric-learning ``CosFaceLoss`` / ``ArcFaceLoss``.
 * ``fastreid``: fastreid's ``CosSoftmax`` / ``ArcSoftmax`` layer on normalised-linear logits (as
   its ``EmbeddingHead`` does, ``logits.clone()`` included) followed by ``F.cross_entropy``.
 * ``leap_cloud_nostats``: the fused cloud loss alone with a fixed per-sample std
   (``cloud_std``, default 0.28 rad; the statistics update and variance read-out removed).
 * ``gemm3``: the three GEMMs of any such step alone (``x W^T``, ``g W``, ``g^T x``), the limit.
-* ``pml_leap`` / ``pml_leap_cloud``: the PML adapter ``LEAPLoss`` (cloud off / on), called as
-  PML calls a loss.
+* ``pml_leap`` / ``pml_leap_cloud``: the PML adapter ``LEAPLoss`` (cloud off / on, the paper's
+  cloud), called as PML calls a loss.
 * ``fastreid_leap`` / ``fastreid_leap_cloud``: the fastreid ``LEAPHead`` (BN neck on ``(B, D,
   1, 1)`` features) and the loss of the meta-architecture the adapter pairs it with
   (``CE.EPSILON`` 0.1 label smoothing), as ``forward`` of the meta-architecture runs them
@@ -42,6 +43,7 @@ METHODS = (
     "floor",
     "leap",
     "leap_cloud",
+    "leap_cloud_margin",
     "leap_reference",
     "leap_cloud_reference",
     "leap_chunked",
@@ -130,6 +132,8 @@ def _fastreid_leap_case(
         seed=0,
         validate=False,
         class_counts=_long_tail_counts(classes) if cloud else None,
+        cloud_mode="paper",  # the paper's per-logit cloud, whatever the default
+        cloud_scale=1.0,
     )
     head.margin_head.weight.data.copy_(W0)
     arch = getattr(fr, "LEAPBaseline", Baseline)  # the meta-architecture the adapter provides
@@ -218,6 +222,7 @@ def make_case(
             seed=0,
             validate=False,
             class_counts=_long_tail_counts(classes) if cloud else None,
+            **({"cloud_mode": "paper", "cloud_scale": 1.0} if cloud else {}),
         )
         mod.W.data.copy_(W0.t())
         if cloud:
@@ -243,8 +248,21 @@ def make_case(
         if method.endswith("_chunked"):
             impl, kw = "chunked", {"chunk_size": chunk_size}
         if method.startswith("leap_cloud"):
+            # the paper's per-logit cloud, or the target-only margin cloud (cloud_mode="margin")
+            mode = ("margin", 2.0) if method == "leap_cloud_margin" else ("paper", 1.0)
             head = _primed_head(
-                classes, dim, margin_type, x, y, W0, impl=impl, scale=s, margin=m, **kw
+                classes,
+                dim,
+                margin_type,
+                x,
+                y,
+                W0,
+                impl=impl,
+                scale=s,
+                margin=m,
+                cloud_mode=mode[0],
+                cloud_scale=mode[1],
+                **kw,
             )
             if method == "leap_cloud_nostats":
                 std = torch.full((batch,), float(cloud_std))

@@ -30,6 +30,7 @@ METHODS = (
     "gemm3",
     "leap",
     "leap_cloud",
+    "leap_cloud_margin",
     "leap_cloud_nostats",
     "pml",
     "fastreid",
