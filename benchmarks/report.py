@@ -23,6 +23,7 @@ LABELS = {
     "floor": "floor: normalised linear + F.cross_entropy",
     "leap": "LEAPMarginHead, cloud off (fused)",
     "leap_cloud": "LEAPMarginHead, cloud on (fused)",
+    "leap_cloud_margin": "LEAPMarginHead, margin cloud on (fused, cloud_mode='margin')",
     "leap_cloud_nostats": "fused cloud loss without the statistics update",
     "leap_reference": "LEAPMarginHead, cloud off, impl='reference'",
     "leap_cloud_reference": "LEAPMarginHead, cloud on, impl='reference'",
@@ -42,6 +43,7 @@ SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
 SUITE_COLS = (
     ("leap", "LEAP off"),
     ("leap_cloud", "LEAP cloud"),
+    ("leap_cloud_margin", "LEAP margin cloud"),
     ("leap_cloud_nostats", "cloud, std 0.28"),
     ("pml", "PML"),
     ("fastreid", "fastreid"),
@@ -115,8 +117,10 @@ def suite_tables(run: Dict) -> List[str]:
         f"{run['loadavg_before'][0]:.1f} before, {run['loadavg_after'][0]:.1f} after. "
         "Ratio: median over repetitions of time / time of the reference in the same "
         "repetition. `trained`: features at cosine 0.66 to their class weight; `random`: "
-        "Gaussian features. Cloud from the head's statistics (primed on a long tail), "
-        "`std 0.28`: the fused cloud loss with a fixed cloud std of 0.28 rad on every sample.",
+        "Gaussian features. Cloud from the head's statistics (primed on a long tail): `cloud` "
+        "the paper's per-logit cloud (`cloud_mode='paper'`), `margin cloud` the target-only "
+        "`cloud_mode='margin'` (`cloud_scale=2`); `std 0.28`: the fused paper cloud loss with "
+        "a fixed cloud std of 0.28 rad on every sample.",
         "",
     ]
 

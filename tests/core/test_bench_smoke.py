@@ -146,6 +146,7 @@ def test_suite_grid_and_its_tables(tmp_path):
     assert set(rows) == set(suite.METHODS)
     assert rows["floor"]["x_floor"] == 1.0 and rows["gemm3"]["x_gemm3"] == 1.0
     assert "x_bare" in rows["pml_leap"] and "x_bare" in rows["fastreid_leap_cloud"]
+    assert rows["leap_cloud_margin"]["x_floor"] > 0
     run = {
         "batch": 8,
         "classes": 96,
@@ -164,4 +165,4 @@ def test_suite_grid_and_its_tables(tmp_path):
     report.main(["--suite", str(tmp_path / "suite.json"), "--main-readme", str(readme)])
     text = readme.read_text()
     assert "old" not in text and "| 1 | face (s=64, m=0.35) trained |" in text
-    assert "Time / three-GEMM limit" in text
+    assert "Time / three-GEMM limit" in text and "LEAP margin cloud" in text
