@@ -192,10 +192,16 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
     step (module in train mode, gradients enabled) it
 
     1. folds the detached batch into the class centers and angle memory (LEAP Eq. 3-5),
-    2. after ``warmup_steps`` steps, draws per-logit cloud angles
-       :math:`\alpha_n \sim N(0, v_{y_n})^{C}` where :math:`v` is the cloud variance of the
-       sample's class (Eq. 6 vanilla or Eq. 9 full rule; 0 for classes without cloud),
+    2. after ``warmup_steps`` steps, draws the cloud from the cloud variance :math:`v` of the
+       sample's class (Eq. 6 vanilla or Eq. 9 full rule; 0 for classes without cloud), scaled
+       by ``cloud_scale``: by default (``cloud_mode="margin"``) one angle per sample,
+       :math:`|\alpha_n|` with :math:`\alpha_n \sim N(0, v_{y_n})`, added to its target angle;
+       with ``cloud_mode="paper"`` the paper's per-logit angles
+       :math:`\alpha_n \sim N(0, v_{y_n})^{C}`,
     3. returns the cross-entropy of the CosFace (Eq. 7) / ArcFace (Eq. 8) logits.
+
+    Paper-exact LEAP: ``cloud_mode="paper", cloud_scale=1.0`` (the defaults differ for real-data
+    reasons: README, "Real faces").
 
     With ``cloud=None``, during warm-up, in eval mode or under ``torch.no_grad()`` the loss is
     plain CosFace / ArcFace (LEAP Eq. 1-2) and no statistic changes; labels ``< 0`` are ignored.
@@ -236,8 +242,8 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             ``warmup_steps`` (steps without cloud; with ``class_counts=None`` the counts are
             taken online during warm-up, which should cover an epoch), ``class_counts``
             (``K_i`` per class, recommended), ``count_steps``, ``cloud_mode`` (where the cloud
-            enters the logits: ``"paper"``, or the target-only ``"target"`` / ``"margin"``),
-            ``cloud_scale``, ``center_rate``,
+            enters the logits: ``"margin"`` (default), ``"paper"`` or ``"target"``),
+            ``cloud_scale`` (default 2), ``center_rate``,
             ``unknown_variance``, ``angle_max_age``, ``seed`` (of the noise stream; default
             from the global RNG) and ``sync`` (``"auto"``: statistics synchronised over an
             initialised process group; ``"off"``: per rank).

@@ -86,7 +86,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             :class:`feature_cloud.FeatureCloud` (``tail_threshold``, ``gamma``,
             ``memory_per_sample``, ``warmup_steps``, ``class_counts`` (the per-class sample counts
             ``K_i`` of the training set; without them ``warmup_steps`` must cover an epoch so
-            they can be counted online), ``seed``, ``sync``).
+            they can be counted online), ``seed``, ``sync``, ``cloud_mode`` / ``cloud_scale`` (default
+            ``"margin"`` / 2; the paper's cloud: ``cloud_mode="paper", cloud_scale=1.0``)).
 
     State (tensors only): ``W`` and ``feature_cloud.*`` (statistics, step, seed); 0.1.0
     checkpoints (``head.*``) load.

@@ -254,10 +254,11 @@ def check_sharded_cloud_and_checkpoints(rank: int, world: int) -> None:
     the single-process ones.
     Then: consolidate to a LEAPMarginHead checkpoint and split back."""
     torch.manual_seed(0)
-    dense = LEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=8)
+    paper = dict(cloud_mode="paper", cloud_scale=1.0)  # the per-logit cloud of the reference
+    dense = LEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=8, **paper)
     weight = dense.weight.detach().clone().requires_grad_()
     sharded = ShardedLEAPMarginHead(
-        D, C, "arcface", class_counts=COUNTS, seed=8, ddp_backbone=False
+        D, C, "arcface", class_counts=COUNTS, seed=8, ddp_backbone=False, **paper
     )
     sharded.load_state_dict(split_state_dict(dense.state_dict(), world)[rank])
     lo, hi = sharded.shard_start, sharded.shard_end
@@ -290,21 +291,21 @@ def check_sharded_cloud_and_checkpoints(rank: int, world: int) -> None:
     shards: List = [None] * world
     dist.all_gather_object(shards, sharded.state_dict())
     full = consolidate_state_dicts(shards)
-    single = LEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=0)
+    single = LEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=0, **paper)
     single.load_state_dict(full)
     _close(single.weight.detach(), weight.detach(), "consolidated weight")
     assert single.step == sharded.step and single.seed == 8
     _assert_close_states(single.statistics.state_dict(), ref.state_dict(), "consolidated stats")
     with pytest.raises(ValueError, match="rank order"):
         consolidate_state_dicts(shards[::-1])
-    again = ShardedLEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=0)
+    again = ShardedLEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=0, **paper)
     again.load_state_dict(split_state_dict(single.state_dict(), world)[rank])
     got, want = again.state_dict(), sharded.state_dict()
     assert int(got["feature_cloud.step"]) == int(want["feature_cloud.step"]) == len(SCHEDULE)
     assert all(isinstance(v, torch.Tensor) for v in got.values())
     _assert_close_states(got, want, "split back", atol=0)
     # a rank resuming from its own shard continues the same counter-based cloud
-    resumed = ShardedLEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=0)
+    resumed = ShardedLEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=0, **paper)
     resumed.load_state_dict(shards[rank])
     x, y = _batches(30, [4] * world)[rank]
     torch.testing.assert_close(resumed(x, y), sharded(x, y), rtol=0, atol=0)
@@ -366,7 +367,8 @@ def check_ddp_training(rank: int, world: int) -> None:
     # fastreid's setting (False) at both world sizes, DDP's default (True) at two ranks
     for broadcast_buffers in (False, True) if world == 2 else (False,):
         torch.manual_seed(0)
-        net = _Net(LEAPMarginHead(D, C, class_counts=COUNTS, seed=11))
+        paper = dict(cloud_mode="paper", cloud_scale=1.0)  # the reference's per-logit cloud
+        net = _Net(LEAPMarginHead(D, C, class_counts=COUNTS, seed=11, **paper))
         ref = copy.deepcopy(net)
         ref.head.feature_cloud.statistics = ClassStatistics(C, D, class_counts=COUNTS)  # 1 process
         model = DDP(_Net(net.head), broadcast_buffers=broadcast_buffers)
@@ -414,9 +416,10 @@ def check_sharded_ddp_training(rank: int, world: int) -> None:
     """DDP backbone + sharded head (not in DDP) for three steps equals the single-process dense
     run; the consolidated head equals the reference head."""
     torch.manual_seed(0)
-    ref = _Net(LEAPMarginHead(D, C, class_counts=COUNTS, seed=12, sync="off"))
+    paper = dict(cloud_mode="paper", cloud_scale=1.0)  # the reference's per-logit cloud
+    ref = _Net(LEAPMarginHead(D, C, class_counts=COUNTS, seed=12, sync="off", **paper))
     backbone = DDP(copy.deepcopy(ref.backbone))
-    head = ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=12)
+    head = ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=12, **paper)
     head.load_state_dict(split_state_dict(ref.head.state_dict(), world)[rank])
     opt = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.5)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
