@@ -183,3 +183,31 @@ def test_backbones_conv4_and_timm_without_download():
         assert net(x).shape == (2, 16)
     with pytest.raises(ValueError, match="backbone"):
         build_backbone("vgg", (3, 32, 32), 16)
+
+
+def test_leap_screen_script_pairs_variants_with_the_cloud_off_baseline(tmp_path, capsys):
+    """benchmarks/leap_screen.py (the exploration behind the LEAP defaults) on a tiny set: one
+    JSON line per run, the baseline is deterministic per seed and the summary pairs by seed."""
+    from benchmarks import leap_screen
+
+    data = str(tmp_path / "d.npz")
+    _tiny_npz(data)
+    out = str(tmp_path / "s.jsonl")
+    args = [data, "--epochs", "1", "--size", "12", "--seeds", "0", "1", "--out", out]
+    variants = ["base:none", "margin2:full:cloud_mode=margin,cloud_scale=2,cfg.batch_size=8"]
+    leap_screen.main([*args, "--variants", *variants])
+    leap_screen.main([*args, "--seeds", "0", "--out", out + "2", "--variants", "base:none"])
+    rows = [json.loads(line) for line in open(out)]
+    assert [(r["seed"], r["variant"]) for r in rows] == [
+        (0, "base"),
+        (0, "margin2"),
+        (1, "base"),
+        (1, "margin2"),
+    ]
+    again = json.loads(open(out + "2").read())
+    assert again["fc_acc_tail"] == rows[0]["fc_acc_tail"]  # same seed, same baseline
+    table = leap_screen.summary([out])
+    assert "| natural | 1 | margin2 | 2 |" in table
+    capsys.readouterr()
+    leap_screen.main(["--summary", out])
+    assert "margin2" in capsys.readouterr().out

@@ -1,0 +1,147 @@
+"""Screen LEAP cloud variants against the cloud-off head on real images, paired by seed.
+
+The exploration behind the LEAP defaults (README, "Real faces"): the evaluation tool's own split,
+backbone, optimiser and batch order (:mod:`feature_cloud.evaluate.runner`), one JSON line per run
+(all metrics of :func:`feature_cloud.demo.runner.evaluate_method`), many cloud variants per seed
+without re-running the baseline for each::
+
+    python benchmarks/leap_screen.py DATA.npz --epochs 30 --seeds 0 1 --out nat.jsonl \\
+        --variants base:none full_paper:full full_margin3:full:cloud_mode=margin,cloud_scale=3
+    python benchmarks/leap_screen.py DATA.npz --protocol hs -S 5 ... --out s5.jsonl --variants ...
+    python benchmarks/leap_screen.py --summary nat.jsonl s5.jsonl
+
+A variant is ``name:rule[:key=value,...]``: ``rule`` ``none`` (the baseline, cloud off), ``full``
+or ``vanilla``, or the name of an evaluation method (e.g. ``ftl_base``, ``ftl``); the options go to
+``LEAPMarginHead`` (``margin_type=arcface`` picks the margin; ``cfg.<field>`` sets an
+:class:`~feature_cloud.evaluate.runner.EvalConfig` field). Variants named ``base`` or ``ftl_base``
+are the baselines of ``--summary``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import time
+from typing import Any, Dict, List
+
+import torch
+
+from feature_cloud.demo._progress import set_progress
+from feature_cloud.demo.methods import _margin
+from feature_cloud.demo.runner import evaluate_method
+from feature_cloud.evaluate import methods as EM
+from feature_cloud.evaluate.data import load_dataset
+from feature_cloud.evaluate.runner import EvalConfig, _normalise, make_split, train_model
+
+BASES = ("base", "ftl_base")
+METRICS = ("fc_acc_tail", "fc_acc_head", "nn_acc_tail", "nn_acc_head")
+
+
+def _options(text: str) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for kv in text.split(",") if text else []:
+        key, value = kv.split("=")
+        try:
+            out[key] = float(value) if ("." in value or "e" in value) else int(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def screen(a: argparse.Namespace) -> None:
+    torch.set_num_threads(a.threads)
+    set_progress(False)
+    size = (a.size, a.size)
+    data = load_dataset(a.data, size)
+    for seed in a.seeds:
+        base_cfg = EvalConfig(protocol=a.protocol, shots=a.S, epochs=a.epochs)
+        split = make_split(base_cfg, data, seed)
+        x = _normalise(data.x, split.train)
+        tx, ty, ex, ey = x[split.train], data.y[split.train], x[split.test], data.y[split.test]
+        for variant in a.variants:
+            name, rule, *rest = variant.split(":")
+            opts = _options(rest[0] if rest else "")
+            fields = {k[4:]: opts.pop(k) for k in list(opts) if k.startswith("cfg.")}
+            cfg = EvalConfig(
+                protocol=a.protocol, shots=a.S, epochs=a.epochs, backbone=a.backbone, **fields
+            )
+            if rule in EM.EVAL_METHODS:
+                key = rule
+            else:
+                key = f"_screen_{name}"
+                margin = opts.pop("margin_type", "cosface")
+                EM.EVAL_METHODS[key] = _margin(margin, None if rule == "none" else rule)
+            cfg.leap_options = opts
+            t0 = time.time()
+            model = train_model(key, tx, ty, data.num_classes, split.train_counts, cfg, seed)
+            scalars = evaluate_method(model, tx, ty, ex, ey, split.head)[0]
+            row = dict(
+                setting=a.protocol if a.protocol == "natural" else f"S{a.S}",
+                seed=seed,
+                variant=name,
+                epochs=a.epochs,
+                size=a.size,
+                seconds=round(time.time() - t0),
+                **scalars,
+            )
+            print(json.dumps(row), flush=True)
+            with open(a.out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+
+def summary(files: List[str]) -> str:
+    """Markdown: per setting and variant, the mean paired difference (points) to the baseline of
+    the same seed, setting, epochs and size, and the per-seed tail differences."""
+    rows = [json.loads(line) for f in files for line in open(f)]
+    base = {
+        (r["setting"], r["seed"], r["epochs"], r["size"]): r for r in rows if r["variant"] in BASES
+    }
+    diffs: Dict[tuple, List[List[float]]] = collections.defaultdict(list)
+    for r in rows:
+        b = base.get((r["setting"], r["seed"], r["epochs"], r["size"]))
+        if r["variant"] in BASES or b is None:
+            continue
+        key = (r["setting"], r["epochs"], r["variant"])
+        diffs[key].append([100 * (r[k] - b[k]) for k in METRICS])
+    lines = [
+        "| setting | epochs | variant | seeds | Δ FC tail | Δ FC head | Δ NN tail | Δ NN head | Δ FC tail per seed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(diffs):
+        v = diffs[key]
+        means = [statistics.mean(c) for c in zip(*v)]
+        per_seed = ", ".join(f"{d[0]:+.1f}" for d in v)
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]} | {len(v)} | "
+            + " | ".join(f"{m:+.1f}" for m in means)
+            + f" | {per_seed} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Any = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data", nargs="?", help=".npz or image folder")
+    p.add_argument("--protocol", default="natural", choices=("natural", "hs"))
+    p.add_argument("-S", type=int, default=5)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--backbone", default="conv4")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--variants", nargs="+", default=[])
+    p.add_argument("--out", default="screen.jsonl")
+    p.add_argument("--summary", nargs="+", metavar="JSONL", help="print the paired table")
+    a = p.parse_args(argv)
+    if a.summary:
+        print(summary(a.summary))
+        return
+    if not a.data or not a.variants:
+        p.error("give DATA and --variants (or --summary FILES)")
+    screen(a)
+
+
+if __name__ == "__main__":
+    main()
