@@ -499,9 +499,11 @@ def test_bad_arguments_raise():
 
 
 @pytest.mark.parametrize("impl", ["fused", "chunked"])
-def test_gradscaler_never_skips_a_step_under_fp16(impl):
-    """The user's loop: fp16 autocast + torch.amp.GradScaler at s = 64 with the cloud on; a
-    non-finite gradient would make the scaler skip the step and halve its scale."""
+@pytest.mark.parametrize("cloud_mode", ["margin", "paper"])
+def test_gradscaler_never_skips_a_step_under_fp16(impl, cloud_mode):
+    """The user's loop: fp16 autocast + torch.amp.GradScaler at s = 64 with the cloud on (the
+    default target-only margin cloud and the paper's per-logit one); a non-finite gradient would
+    make the scaler skip the step and halve its scale."""
     x, W, y = _trained_like(b=32, c=600)
     head = LEAPMarginHead(
         x.shape[1],
@@ -514,6 +516,7 @@ def test_gradscaler_never_skips_a_step_under_fp16(impl):
         seed=0,
         impl=impl,
         chunk_size=256 if impl == "chunked" else None,
+        cloud_mode=cloud_mode,
     )
     head.weight.data.copy_(W)
     opt = torch.optim.SGD(head.parameters(), lr=0.1)

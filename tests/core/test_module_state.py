@@ -189,12 +189,16 @@ def test_jit_trace_and_torch_export() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["reference", "auto"])
-def test_compiled_training_step_fullgraph_matches_eager(impl: str) -> None:
+@pytest.mark.parametrize(
+    "impl, cloud_mode", [("reference", "margin"), ("auto", "margin"), ("reference", "paper")]
+)
+def test_compiled_training_step_fullgraph_matches_eager(impl: str, cloud_mode: str) -> None:
     """``torch.compile(fullgraph=True)`` of the model's training forward (statistics update,
-    step count, counter-based cloud) with the eager backward and optimizer."""
+    step count, counter-based cloud: the default margin cloud and the paper's) with the eager
+    backward and optimizer."""
     torch._dynamo.reset()
-    eager, compiled = _net(impl=impl, validate=False), _net(impl=impl, validate=False)
+    kw = dict(impl=impl, validate=False, cloud_mode=cloud_mode)
+    eager, compiled = _net(**kw), _net(**kw)
     cmodel = torch.compile(compiled, fullgraph=True, backend="aot_eager")
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
     opt_c = torch.optim.SGD(compiled.parameters(), lr=0.1)
