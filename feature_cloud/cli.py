@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_evaluate(sub) -> None:
+    from .demo.methods import FTL_CLASSIFIERS
     from .evaluate.methods import EVAL_METHODS
     from .evaluate.runner import EvalConfig
 
@@ -243,6 +244,12 @@ def _add_evaluate(sub) -> None:
         help="FTL stage-0 share of the steps; 'none': --warmup-fraction (the old rule)",
     )
     ev.add_argument(
+        "--ftl-classifier",
+        choices=FTL_CLASSIFIERS,
+        default=e.ftl_classifier,
+        help="FTL's FC (and its baseline's): the paper's linear softmax + m-L2, or a cosine-margin head",
+    )
+    ev.add_argument(
         "--leap-option",
         action="append",
         default=[],
@@ -306,6 +313,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         ml2_alpha=args.ml2_alpha,
         ftl_alternations=args.ftl_alternations,
         ftl_stage0_fraction=args.ftl_stage0_fraction,
+        ftl_classifier=args.ftl_classifier,
         leap_options=options,
         out=args.out,
     )

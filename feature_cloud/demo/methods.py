@@ -113,6 +113,9 @@ class MethodConfig:
     # FTL stage 0 as a share of the steps; None: ``warmup_steps`` (the LEAP warm-up) as before.
     # Real faces (README, FTL results): a short stage 0 leaves Enc under-trained for the budget.
     ftl_stage0_fraction: Optional[float] = 0.7
+    # FTL's FC: "linear" (the paper's softmax + m-L2) or a cosine-margin head, "cosface" /
+    # "arcface" (a LEAPMarginHead without cloud; no m-L2: the head normalises W and f).
+    ftl_classifier: str = "linear"
     seed: int = 0
     leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
 
@@ -179,6 +182,25 @@ class MarginMethod(_Method):
         return {"cloud_std": self.head.statistics.cloud_variance().detach().sqrt()}
 
 
+FTL_CLASSIFIERS = ("linear", "cosface", "arcface")
+
+
+def ftl_classifier(
+    cfg: MethodConfig, embedding_size: int, num_classes: int
+) -> Tuple[nn.Module, float]:
+    """FTL's ``FC`` and its m-L2 weight for ``cfg.ftl_classifier``: a bias-free linear softmax with
+    ``cfg.ml2_alpha`` (the paper), or a cloud-free :class:`LEAPMarginHead` of that margin with no
+    m-L2 (it normalises ``W`` and ``f``, so the class weight norms cannot absorb the tail
+    re-balancing of stage 1)."""
+    kind = cfg.ftl_classifier
+    if kind not in FTL_CLASSIFIERS:
+        raise ValueError(f"ftl_classifier must be one of {FTL_CLASSIFIERS}, got {kind!r}")
+    if kind == "linear":
+        return nn.Linear(embedding_size, num_classes, bias=False), cfg.ml2_alpha
+    head = LEAPMarginHead(embedding_size, num_classes, margin_type=kind, cloud=None, validate=False)
+    return head, 0.0
+
+
 class FTLMethod(_Method):
     """FTL (Yin et al. 2019) through :class:`~feature_cloud.FTLModel` and
     :class:`~feature_cloud.AlternatingScheduler`: ``Enc`` = the shared backbone (its 64-d output is
@@ -213,13 +235,14 @@ class FTLMethod(_Method):
         transfer = FeatureTransfer(
             d, num_classes, tail_threshold=cfg.tail_threshold, class_counts=counts
         )
+        classifier, alpha_reg = ftl_classifier(cfg, d, num_classes)
         self.ftl = FTLModel(
             backbone,
-            nn.Linear(d, num_classes, bias=False),
+            classifier,
             feature_dim=d,
             filter_net=make_filter(d, d, 2 * d),
             decoder=decoder,
-            alpha_reg=cfg.ml2_alpha,
+            alpha_reg=alpha_reg,
             transfer=transfer,
         )
         if cfg.ftl_stage0_fraction is not None and not 0.0 <= float(cfg.ftl_stage0_fraction) < 1.0:

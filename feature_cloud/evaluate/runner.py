@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..demo import metrics as M
 from ..demo._progress import progress
 from ..demo.data import LabeledData
-from ..demo.methods import MethodConfig
+from ..demo.methods import FTL_CLASSIFIERS, MethodConfig
 from ..demo.protocol import LongTailSplit
 from ..demo.runner import evaluate_method
 from .backbones import build_backbone
@@ -54,6 +54,7 @@ class EvalConfig:
     ftl_stage0_fraction: Optional[float] = (
         0.7  # FTL stage-0 share; None: warmup_fraction (old rule)
     )
+    ftl_classifier: str = "linear"  # FTL's FC: "linear" (paper) | "cosface" | "arcface"
     leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
     out: str = "outputs/evaluate"
 
@@ -80,6 +81,10 @@ class EvalConfig:
         ):
             raise ValueError(
                 f"ftl_stage0_fraction must be in [0, 1) or None, got {self.ftl_stage0_fraction}"
+            )
+        if self.ftl_classifier not in FTL_CLASSIFIERS:
+            raise ValueError(
+                f"ftl_classifier must be one of {FTL_CLASSIFIERS}, got {self.ftl_classifier!r}"
             )
 
 
@@ -119,6 +124,7 @@ def train_model(
         ml2_alpha=cfg.ml2_alpha,
         ftl_alternations=cfg.ftl_alternations,
         ftl_stage0_fraction=cfg.ftl_stage0_fraction,
+        ftl_classifier=cfg.ftl_classifier,
         seed=seed,
         leap_options=dict(cfg.leap_options),
     )
