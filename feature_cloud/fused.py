@@ -440,16 +440,18 @@ def _chunk_backward(
     gWc: Tensor,
     rw2c: Tensor,
     plan: _Plan,
-) -> Tuple[Tensor, Tensor]:
-    """Gradients of one chunk; ``G0`` is read only (``retain_graph`` and gradcheck work).
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Gradients of one chunk; ``G0`` is left as it was (``retain_graph`` and gradcheck work).
 
     With upstream ``a_n = dL/dS_n`` (``S`` the sum of exponentials, so ``dL/dz_jn = a_n
     E_jn`` plus target and smoothing terms) and ``c_n = dL/dz_{n y_n}``, ``dL/d(W_j . xn_n) =
     s (a_n G_jn + c_n d_y rw_y [j = y_n])`` where ``G0 = (E - u) d rw`` everywhere except at the
     targets, which hold ``(E_y - u) d_y rw_y``. The target terms form one coefficient per sample
-    (``corr``), applied as a rank-``B`` correction after the GEMMs, so the backward makes no
-    pass over ``B x C``. Returns ``(G0^T @ Wc, corr * W_y)`` (the caller scales the first by
-    ``s a``) and writes the class-weight gradient into ``gWc``: ``M = s G0 @ (a xn)`` (the GEMM
+    (``corr``), so the backward makes no pass over ``B x C``: with full-precision GEMMs in one
+    process they are folded into the ``B`` target entries of ``G0`` (``+ corr / (s a)``) for
+    the two GEMMs and the entries are written back after them; otherwise they are a rank-``B``
+    correction after the GEMMs. Returns ``(G0^T @ Wc, corr * W_y or None when folded)`` (the
+    caller scales the first by ``s a``) and writes the class-weight gradient into ``gWc``: ``M = s G0 @ (a xn)`` (the GEMM
     operand is ``xs = s a xn``, divided by ``post`` under reduced-precision GEMMs and ``post``
     applied in float32) plus ``corr xn`` on the target rows, then ``grad W_j = M_j - rw_j^2
     (W_j . M_j) W_j`` (the backward of ``W_j / ||W_j||`` done once on ``C x D``).
@@ -458,12 +460,22 @@ def _chunk_backward(
     local = torch.div(idx, max(B, 1), rounding_mode="floor")
     ey = e_y if u is None else e_y - u
     rw_y = rwc.gather(0, local)
-    corr = (a * (ey * d_y * rw_y - G0.view(-1).gather(0, idx)) + c * d_y * rw_y) * plan.scale
+    flat = G0.data.view(-1)  # .data: the fold below restores G0, no autograd version bump
+    g_y = flat.gather(0, idx)
+    corr = (a * (ey * d_y * rw_y - g_y) + c * d_y * rw_y) * plan.scale
     corr = torch.where(inside, corr, torch.zeros_like(corr))
+    # Full-precision GEMMs of one process: fold the target terms into G0's target entries for
+    # the GEMMs (corr / (s a), read by both) and put the entries back afterwards, instead of a
+    # gather of W_y and a scatter of corr xn (strided in PML's (D, C) layout). Sharded, the local
+    # s a can underflow while corr (the target's own term) cannot, so the correction stays apart.
+    fold = plan.reducer is None and post is None and G0.dtype == plan.gemm == Wc.dtype
+    if fold:
+        sa = a * plan.scale
+        flat.scatter_(0, idx, g_y + torch.where(sa != 0, corr / sa, torch.zeros_like(corr)))
     Gg = G0.to(plan.gemm) if plan.gemm != G0.dtype else G0
     Wg = Wc.to(plan.gemm) if plan.gemm != Wc.dtype else Wc
     gx = torch.mm(Gg.t(), Wg).to(plan.compute)
-    gx_corr = corr.unsqueeze(1) * _rows_of(Wc, local).to(plan.compute)
+    gx_corr = None if fold else corr.unsqueeze(1) * _rows_of(Wc, local).to(plan.compute)
     xsg = xs.to(plan.gemm) if plan.gemm != xs.dtype else xs
     if post is None and gWc.dtype == plan.gemm and gWc.is_contiguous():
         torch.mm(Gg, xsg, out=gWc)
@@ -473,11 +485,14 @@ def _chunk_backward(
         gWc.copy_(torch.mm(Gg, xsg))
         if post is not None:
             gWc.mul_(post)
-    rows = (corr.unsqueeze(1) * xn).to(gWc.dtype)
-    if _column_major(gWc):  # PML's (D, C) gradient: add along its contiguous dimension
-        gWc.t().index_add_(1, local, rows.t())
+    if fold:
+        flat.scatter_(0, idx, g_y)  # G0 exactly as saved (retain_graph, double backward)
     else:
-        gWc.index_add_(0, local, rows)
+        rows = (corr.unsqueeze(1) * xn).to(gWc.dtype)
+        if _column_major(gWc):  # PML's (D, C) gradient: add along its contiguous dimension
+            gWc.t().index_add_(1, local, rows.t())
+        else:
+            gWc.index_add_(0, local, rows)
     _normalize_backward_(gWc, Wc, rw2c)
     return gx, gx_corr
 
@@ -700,7 +715,8 @@ class _FusedMarginCE(torch.autograd.Function):
                     G0, e_y, idx, inside, d_y, a, c, u, rw, W, xn_c, xs, post, grad_W, rw2, plan
                 )
                 grad_x += gx
-                grad_corr += gc
+                if gc is not None:
+                    grad_corr += gc
         else:
             xg = xn.to(plan.gemm)
             ws = _Workspace(plan.chunk, B, compute, device)
@@ -740,7 +756,8 @@ class _FusedMarginCE(torch.autograd.Function):
                     plan,
                 )
                 grad_x += gx
-                grad_corr += gc
+                if gc is not None:
+                    grad_corr += gc
                 del Z, d, noise_c
         grad_x.mul_(sa.unsqueeze(1)).add_(grad_corr)
         return grad_x.to(xn.dtype), grad_W, None, None, None, None, None, None, None

@@ -112,3 +112,41 @@ def test_ftl_stage0_share_and_per_batch_augmentation(tiny, fraction, warmup, exp
     assert len(seen) == 12 + n1  # stage 1 augments both its hard and its long-tail batch
     with pytest.raises(ValueError, match="ftl_stage0_fraction"):
         build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_stage0_fraction=1.0))
+
+
+@pytest.mark.parametrize("kind", ["cosface", "arcface"])
+def test_ftl_with_a_cosine_margin_classifier_trains_and_drops_ml2(tiny, kind):
+    """``ftl_classifier`` gives FTL (and its no-transfer baseline) a cloud-free margin head as
+    ``FC``: no m-L2 (the head normalises W and f), Algorithm 1 runs, logits are ``s cos``."""
+    from feature_cloud import LEAPMarginHead
+    from feature_cloud.evaluate.methods import EVAL_METHODS
+
+    x, y, counts = tiny
+    cfg = MethodConfig(warmup_steps=4, tail_threshold=3, ftl_classifier=kind, ml2_alpha=0.5)
+    for name in ("ftl", "ftl_base"):
+        torch.manual_seed(0)
+        backbone = build_method("cosface", (x.shape[1],), 6, counts, cfg).backbone
+        model = EVAL_METHODS[name](backbone, 6, counts, cfg)
+        head = model.ftl.classifier
+        assert isinstance(head, LEAPMarginHead) and head.cloud is None
+        assert head.margin_type == kind and model.ftl.alpha_reg == 0.0
+
+    def step(loss):
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    torch.manual_seed(0)
+    model = build_method("ftl", (x.shape[1],), 6, counts, cfg)
+    before = model.ftl.classifier.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    model.train()
+    model.fit(x, y, 10, 8, step)
+    assert model.ftl.feature_transfer.ready
+    assert not torch.equal(before, model.ftl.classifier.weight)
+    model.eval()
+    with torch.no_grad():
+        logits = model.classify(model.embed(x[:5]))
+    assert logits.shape == (5, 6) and float(logits.abs().max()) <= head.scale + 1e-4
+    with pytest.raises(ValueError, match="ftl_classifier"):
+        build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_classifier="svm"))

@@ -124,6 +124,8 @@ def test_cli_evaluate_end_to_end(tmp_path):
         "3",
         "--leap-option",
         "center_rate=adaptive",
+        "--ftl-classifier",
+        "cosface",
         "--out",
         out,
     ]
@@ -136,6 +138,7 @@ def test_cli_evaluate_end_to_end(tmp_path):
         assert r["methods"] == ["cosface", "leap_full_cosface", "ftl_base", "ftl"]
         assert r["baselines"] == {"leap_full_cosface": "cosface", "ftl": "ftl_base"}
         assert len(r["runs"]) == 8
+        assert r["config"]["ftl_classifier"] == "cosface"
         for f in (
             "summary.md",
             "paired.csv",
@@ -165,6 +168,7 @@ def test_cli_evaluate_end_to_end(tmp_path):
 
 def test_cli_evaluate_rejects_bad_arguments(tmp_path):
     from feature_cloud.cli import main
+    from feature_cloud.evaluate.runner import EvalConfig
 
     p = str(tmp_path / "d.npz")
     _tiny_npz(p)
@@ -172,6 +176,10 @@ def test_cli_evaluate_rejects_bad_arguments(tmp_path):
     assert main(["evaluate", str(tmp_path / "missing.npz"), "--quiet"]) == 2
     assert main(["evaluate", p, "--leap-option", "nokey", "--quiet"]) == 2
     assert main(["evaluate", p, "--ftl-stage0-fraction", "1.0", "--quiet"]) == 2
+    with pytest.raises(SystemExit):  # argparse choices
+        main(["evaluate", p, "--ftl-classifier", "svm", "--quiet"])
+    with pytest.raises(ValueError, match="ftl_classifier"):
+        EvalConfig(ftl_classifier="svm").validate()
 
 
 def test_backbones_conv4_and_timm_without_download():
