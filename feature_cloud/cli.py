@@ -21,7 +21,7 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo.methods import METHODS
+    from .demo.methods import FTL_CLASSIFIERS, METHODS
     from .demo.runner import DATA_DEFAULTS, DemoConfig
 
     d = DemoConfig()
@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.ftl_alternations,
         help="FTL: (stage 1, stage 2) pairs after stage 0 (the warm-up)",
+    )
+    demo.add_argument(
+        "--ftl-classifier",
+        choices=FTL_CLASSIFIERS,
+        default=d.ftl_classifier,
+        help="FTL's FC: the paper's linear softmax + m-L2, or a cosine-margin head",
     )
     demo.add_argument("--test-fraction", type=float, default=d.test_fraction)
     demo.add_argument("--val-fraction", type=float, default=d.val_fraction)
@@ -379,6 +385,7 @@ def _demo_config(args: argparse.Namespace):
         tail_threshold=args.tail_threshold,
         ml2_alpha=args.ml2_alpha,
         ftl_alternations=args.ftl_alternations,
+        ftl_classifier=args.ftl_classifier,
         image_size=tuple(args.image_size) if args.image_size else None,
         synthetic=synthetic,
         out=args.out or os.path.join("outputs", "demo", source),

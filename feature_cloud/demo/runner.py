@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from . import metrics as M
 from ._progress import progress
 from .data import LabeledData, SyntheticConfig, load_data
-from .methods import METHODS, MethodConfig, build_method, method_label
+from .methods import FTL_CLASSIFIERS, METHODS, MethodConfig, build_method, method_label
 from .protocol import LongTailSplit, long_tail_split, rank_classes
 from .report import PROJECTION_FILE, RESULTS_FILE, render_report
 
@@ -70,6 +70,7 @@ class DemoConfig:
     tail_threshold: Optional[int] = None  # T; None: S
     ml2_alpha: float = 0.01  # FTL Eq. 4 uses 0.25; chosen on the validation split, see docs
     ftl_alternations: int = 1  # (stage 1, stage 2) pairs of FTL Algorithm 1; chosen on validation
+    ftl_classifier: str = "linear"  # FTL's FC: the paper's linear softmax (+ m-L2) or "cosface"
     image_size: Optional[Tuple[int, int]] = None
     synthetic: Dict[str, Any] = field(default_factory=dict)
     projection_classes: int = 3  # head and tail classes shown in the 2-D plot
@@ -112,6 +113,10 @@ class DemoConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (BatchNorm)")
+        if self.ftl_classifier not in FTL_CLASSIFIERS:
+            raise ValueError(
+                f"ftl_classifier must be one of {FTL_CLASSIFIERS}, got {self.ftl_classifier!r}"
+            )
         if not 0 <= int(self.warmup_epochs) <= int(self.epochs):  # type: ignore[arg-type]
             raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -198,6 +203,7 @@ def train_method(
         warmup_steps=int(cfg.warmup_epochs) * steps,
         ml2_alpha=cfg.ml2_alpha,  # type: ignore[arg-type]
         ftl_alternations=cfg.ftl_alternations,
+        ftl_classifier=cfg.ftl_classifier,
         seed=seed,
     )
     torch.manual_seed(seed)

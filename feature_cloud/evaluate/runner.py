@@ -54,7 +54,8 @@ class EvalConfig:
     ftl_stage0_fraction: Optional[float] = (
         0.7  # FTL stage-0 share; None: warmup_fraction (old rule)
     )
-    ftl_classifier: str = "linear"  # FTL's FC: "linear" (paper) | "cosface" | "arcface"
+    # FTL's FC: "cosface" (real faces, README "Real faces") | "linear" (paper) | "arcface"
+    ftl_classifier: str = "cosface"
     leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
     out: str = "outputs/evaluate"
 

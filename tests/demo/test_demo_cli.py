@@ -145,6 +145,9 @@ def test_digits_end_to_end(tmp_path):
                 "--methods",
                 "softmax",
                 "leap_vanilla",
+                "ftl",
+                "--ftl-classifier",
+                "cosface",
                 "--quiet",
                 "--out",
                 out,
@@ -155,6 +158,7 @@ def test_digits_end_to_end(tmp_path):
     res = json.load(open(os.path.join(out, "results.json")))
     assert res["data"]["name"] == "digits" and res["config"]["num_head"] == 3
     assert res["splits"]["0"]["train_counts"].count(5) == 7
+    assert res["config"]["ftl_classifier"] == "cosface"  # reaches the FTL method (demo: linear)
 
 
 def test_cli_errors_are_clean(tmp_path, capsys):
@@ -168,3 +172,5 @@ def test_cli_errors_are_clean(tmp_path, capsys):
     assert main(["demo", "--epochs", "3", "--warmup-epochs", "4", "--quiet"]) == 2
     with pytest.raises(SystemExit):
         main(["demo", "--methods", "magic"])
+    with pytest.raises(SystemExit):
+        main(["demo", "--ftl-classifier", "svm"])

@@ -125,7 +125,7 @@ def test_cli_evaluate_end_to_end(tmp_path):
         "--leap-option",
         "center_rate=adaptive",
         "--ftl-classifier",
-        "cosface",
+        "linear",
         "--out",
         out,
     ]
@@ -138,7 +138,7 @@ def test_cli_evaluate_end_to_end(tmp_path):
         assert r["methods"] == ["cosface", "leap_full_cosface", "ftl_base", "ftl"]
         assert r["baselines"] == {"leap_full_cosface": "cosface", "ftl": "ftl_base"}
         assert len(r["runs"]) == 8
-        assert r["config"]["ftl_classifier"] == "cosface"
+        assert r["config"]["ftl_classifier"] == "linear"  # the paper's FC (default: cosface)
         for f in (
             "summary.md",
             "paired.csv",
@@ -180,6 +180,7 @@ def test_cli_evaluate_rejects_bad_arguments(tmp_path):
         main(["evaluate", p, "--ftl-classifier", "svm", "--quiet"])
     with pytest.raises(ValueError, match="ftl_classifier"):
         EvalConfig(ftl_classifier="svm").validate()
+    assert EvalConfig().ftl_classifier == "cosface"  # real faces (README): the evaluate default
 
 
 def test_backbones_conv4_and_timm_without_download():
