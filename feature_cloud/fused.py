@@ -32,9 +32,10 @@ with one custom :class:`torch.autograd.Function` instead of a chain of autograd 
   writing them by ~30x): with a fixed shift, LEAP at ``s = 64`` wrote several percent of them.
 * The one saved ``B x C`` buffer is ``softmax * d cos(theta + alpha) / d c / ||W_j||`` (turned
   in place from the exponentials; ``s`` and ``g / sum`` are applied after the GEMMs); the
-  ``- onehot`` of the target column is a rank-``B`` correction applied after the two backward
-  GEMMs, so the backward makes no elementwise pass over ``B x C`` and leaves the saved buffer
-  intact (``retain_graph`` works).
+  ``- onehot`` of the target column is written into the buffer's ``B`` target entries for the
+  two backward GEMMs and the saved values are put back after them (full-precision GEMMs in one
+  process; otherwise a rank-``B`` correction after the GEMMs), so the backward makes no
+  elementwise pass over ``B x C`` and leaves the saved buffer intact (``retain_graph`` works).
 * Under autocast the GEMMs run in the autocast dtype on operands of bounded magnitude: the
   saved buffer is at most ``max d / ||W_j||``, and the per-sample factor ``g / sum`` enters the
   weight-gradient GEMM divided by its maximum, which is multiplied back in float32 afterwards;
