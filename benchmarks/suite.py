@@ -3,9 +3,10 @@
 Settings: CosFace re-ID (s=24, m=0.2) and face (s=64, m=0.35); ``random`` and ``trained``-like
 data (:mod:`benchmarks.cases`); 1 and 2 torch threads. Every repetition runs one step of every
 method of every setting in turn (threads switched inside the repetition), so machine load hits
-all alike; a ratio is the median over repetitions of ``time / time of the reference method in
-the same repetition and setting`` (``floor``, ``gemm3``, or the bare fused head for the
-adapters).
+all alike; the methods run in a fresh random order each repetition, so that none always follows
+the same one (cache contents and allocator state depend on the previous step). A ratio is the
+median over repetitions of ``time / time of the reference method in the same repetition and
+setting`` (``floor``, ``gemm3``, or the bare fused head for the adapters).
 
     python -m benchmarks.suite --reps 7 --out benchmarks/results/suite.json
 """
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from typing import Dict, List, Sequence, Tuple
@@ -72,11 +74,17 @@ def run(
                 for meth in methods
             }
     times: Dict[Tuple[int, str, str, str], List[float]] = {}
+    order = random.Random(0)
     for r in range(warmup + reps):
         for n in threads:
             torch.set_num_threads(n)
             for (st, kind), steps in cases.items():
-                for meth, step in steps.items():
+                # a fresh order every repetition: no method always runs after the same one
+                # (cache contents and allocator state depend on the previous step)
+                names = list(steps)
+                order.shuffle(names)
+                for meth in names:
+                    step = steps[meth]
                     t0 = time.perf_counter()
                     step()  # type: ignore[operator]
                     dt = time.perf_counter() - t0

@@ -505,8 +505,7 @@ def _normalize_backward_(gW: Tensor, W: Tensor, rw2: Tensor, rows: int = 256) ->
     if gW.t().is_contiguous() and W.t().is_contiguous() and not gW.is_contiguous():
         gt, wt = gW.t(), W.t().to(gW.dtype)  # (D, C): blocks of D rows, all classes
         coef = (_column_dots(gt, wt, gW.dtype) * rw2.to(gW.dtype)).unsqueeze(0)
-        for r0 in range(0, gt.shape[0], 64):
-            gt[r0 : r0 + 64].addcmul_(wt[r0 : r0 + 64], coef, value=-1)
+        gt.addcmul_(wt, coef, value=-1)
         return
     tmp = torch.empty(min(rows, gW.shape[0]), gW.shape[1], dtype=gW.dtype, device=gW.device)
     for r0 in range(0, gW.shape[0], rows):
@@ -551,19 +550,20 @@ def _column_major(W: Tensor) -> bool:
 
 def _row_norms(W: Tensor, compute: torch.dtype) -> Tensor:
     """``||W_j||`` ``(C,)`` in ``compute``; a transposed weight is walked in its own ``(D, C)``
-    layout, in blocks of 64 rows (a strided norm over ``dim=0`` is several times slower)."""
+    layout, in blocks of rows (a strided norm over ``dim=0`` is several times slower)."""
     if not _column_major(W):
         return torch.linalg.vector_norm(W, dim=1, dtype=compute)
     wt = W.t()
     return _column_dots(wt, wt, compute).sqrt_()
 
 
-def _column_dots(a: Tensor, b: Tensor, dtype: torch.dtype, rows: int = 64) -> Tensor:
+def _column_dots(a: Tensor, b: Tensor, dtype: torch.dtype, rows: int = 32) -> Tensor:
     """``(a * b).sum(0)`` ``(C,)`` of two contiguous ``(D, C)`` tensors in ``dtype``: products
     accumulated into a ``rows x C`` buffer block by block (one fused multiply-add pass, no
-    ``D x C`` temporary), reduced once at the end (about 1.7x faster than a sum per block)."""
-    acc = torch.zeros(min(rows, a.shape[0]), a.shape[1], dtype=dtype, device=a.device)
-    for r0 in range(0, a.shape[0], rows):
+    ``D x C`` temporary), reduced once at the end (about 1.7x faster than a sum per block;
+    32 rows keep the buffer in cache for ``C`` up to ~10k)."""
+    acc = torch.mul(a[:rows].to(dtype), b[:rows].to(dtype))
+    for r0 in range(rows, a.shape[0], rows):
         x, y = a[r0 : r0 + rows].to(dtype), b[r0 : r0 + rows].to(dtype)
         acc[: x.shape[0]].addcmul_(x, y)
     return acc.sum(0)

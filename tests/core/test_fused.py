@@ -663,3 +663,16 @@ def test_backward_twice_with_retain_graph_gives_the_same_gradients(chunk_size):
     ref = torch.autograd.grad(_reference(x, W, y, "cosface", 64.0, 0.35, None, "sum"), (x, W))
     for a, r in zip(first, ref):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dim", [5, 32, 33, 70])
+def test_column_dots_of_a_d_by_c_weight(dim: int) -> None:
+    """Column dots / norms of PML's ``(D, C)`` layout, any ``D`` against the 32-row blocks."""
+    from feature_cloud.fused import _column_dots, _row_norms
+
+    g = torch.Generator().manual_seed(dim)
+    a, b = torch.randn(dim, 301, generator=g), torch.randn(dim, 301, generator=g)
+    ref = (a.double() * b.double()).sum(0)
+    torch.testing.assert_close(_column_dots(a, b, torch.float64), ref)
+    torch.testing.assert_close(_column_dots(a, b, torch.float32), ref.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_row_norms(a.t(), torch.float64), a.double().norm(dim=0))

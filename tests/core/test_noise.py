@@ -84,3 +84,15 @@ def test_cloud_angles_scale_rows_by_std_and_shard_consistently() -> None:
         for s, e in [(0, 3), (3, 7), (7, 10)]
     ]
     assert torch.equal(torch.cat(shards, 1), alpha)
+
+
+@pytest.mark.parametrize("block", [64, 1000, 1 << 17])
+def test_blocked_cpu_path_equals_the_generic_path(monkeypatch, block: int) -> None:
+    """The CPU path (cache-sized blocks, transcendental ops on contiguous scratch) draws exactly
+    the numbers of the generic path used on other devices and under graph capture."""
+    monkeypatch.setattr(N, "_CPU_BLOCK", block)
+    key, B, C = _key(seed=99, step=3), 37, 1001
+    pairs = torch.arange(0, (C + 1) // 2, dtype=torch.int32)
+    generic = N._box_muller(N._pair_counters(key, pairs, B, C), key).view(-1, B)[:C]
+    assert torch.equal(N.counter_normal(key, B, 0, C, C), generic)
+    assert torch.equal(N.counter_normal(key, B, 11, 700, C), generic[11:700])
