@@ -6,7 +6,7 @@
 ``feature-cloud evaluate DATA``
     Real-data evaluation: every method against its own baseline, paired by seed, on the natural
     long tail or LEAP's ``<H, S>`` splits (see :mod:`feature_cloud.evaluate`).
-``feature-cloud report PATH``
+``feature-cloud report PATH`` (or ``report PATH PATH ... --out DIR``: seeds of several runs pooled)
     Re-render the tables, CSV files and plots of a saved run.
 """
 
@@ -160,8 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_evaluate(sub)
 
-    report = sub.add_parser("report", help="re-render tables and plots of a saved run")
-    report.add_argument("path", help="run directory (holding results.json)")
+    report = sub.add_parser(
+        "report",
+        help="re-render tables and plots of a saved run, or pool the seeds of several "
+        "evaluate runs of one setting (PATH PATH ... --out DIR)",
+    )
+    report.add_argument(
+        "paths", nargs="+", metavar="PATH", help="run directory (holding results.json)"
+    )
+    report.add_argument(
+        "--out",
+        default=None,
+        help="with several PATHs: directory of the merged evaluation (seeds pooled)",
+    )
     report.add_argument("--quiet", action="store_true", help="print nothing")
     return parser
 
@@ -406,12 +417,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "report":
             from .demo.report import load_results, render_report
 
-            if load_results(args.path).get("kind") == "evaluate":
+            path = args.paths[0]
+            if len(args.paths) > 1:
+                from .evaluate.report import merge_runs
+
+                if args.out is None:
+                    raise ValueError("several PATHs are merged: give --out DIR for the result")
+                path = merge_runs(args.paths, args.out)
+            elif args.out is not None:
+                raise ValueError("--out is for merging several PATHs")
+            if load_results(path).get("kind") == "evaluate":
                 from .evaluate.report import render_evaluation
 
-                render_evaluation(args.path, log=log)
+                render_evaluation(path, log=log)
             else:
-                render_report(args.path, log=log)
+                render_report(path, log=log)
             return 0
         if args.threads:
             torch.set_num_threads(args.threads)

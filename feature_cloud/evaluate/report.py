@@ -17,6 +17,7 @@ __all__ = [
     "summary_rows",
     "paired_rows",
     "combine_settings",
+    "merge_runs",
     "SUMMARY_KEYS",
     "PAIRED_KEYS",
 ]
@@ -247,3 +248,84 @@ def combine_settings(paths: Sequence[str], out: str) -> str:
     _write_csv(rows, os.path.join(out, "combined_paired.csv"))
     _write_csv(base_rows, os.path.join(out, "combined_summary.csv"))
     return md
+
+
+#: config keys that may differ between runs merged by :func:`merge_runs`
+_MERGE_FREE = ("seeds", "methods", "out")
+#: dataset keys that must agree (its ``info``, e.g. the path it was read from, may differ)
+_DATA_KEYS = ("name", "samples", "num_classes", "input_shape", "camids")
+
+
+def merge_runs(paths: Sequence[str], out: str) -> str:
+    """Pool the seeds of several evaluations of one setting into ``out/results.json``.
+
+    For seeds run in separate processes or machines (e.g. ``--seeds 0 1 2`` here and
+    ``--seeds 3 4`` there): the runs must share the data, setting and every configuration
+    field except ``seeds``, ``methods`` and ``out``; a (method, seed) pair may appear in one run
+    only, and a seed's split must be the same wherever it appears. Methods are the union (a
+    method's paired differences use the seeds where it and its baseline both ran). Returns
+    the path of the merged ``results.json``; render it with :func:`render_evaluation`.
+    """
+    if len(paths) < 2:
+        raise ValueError("merge_runs needs at least two run directories")
+    runs = [(p, load_results(p)) for p in paths]
+    first_path, first = runs[0]
+    for p, res in runs:
+        if res.get("kind") != "evaluate":
+            raise ValueError(
+                f"{p} is not a `feature-cloud evaluate` run (kind={res.get('kind')!r})"
+            )
+    merged: Dict[str, Any] = json.loads(json.dumps(first))
+    seen: Dict[Tuple[str, int], str] = {}
+    for p, res in runs:
+        if res["setting"] != first["setting"]:
+            raise ValueError(
+                f"cannot merge {p} (setting {res['setting']!r}) with {first_path} "
+                f"(setting {first['setting']!r})"
+            )
+        diff = sorted(
+            k
+            for k in set(res["config"]) | set(first["config"])
+            if k not in _MERGE_FREE and res["config"].get(k) != first["config"].get(k)
+        )
+        if diff:
+            raise ValueError(
+                f"cannot merge {p} with {first_path}: configuration differs in {diff} "
+                f"({[res['config'].get(k) for k in diff]} vs {[first['config'].get(k) for k in diff]})"
+            )
+        data_diff = [k for k in _DATA_KEYS if res["data"].get(k) != first["data"].get(k)]
+        if data_diff:
+            raise ValueError(f"cannot merge {p} with {first_path}: the data differ in {data_diff}")
+        for seed, split in res["splits"].items():
+            if seed in merged["splits"] and merged["splits"][seed] != split:
+                raise ValueError(f"seed {seed} has a different split in {p} than in an earlier run")
+            merged["splits"][seed] = split
+        for key in ("labels", "baselines"):
+            for m, v in res.get(key, {}).items():
+                if merged[key].setdefault(m, v) != v:
+                    raise ValueError(f"{key} of method {m!r} differ between the runs ({p})")
+        for m in res["methods"]:
+            if m not in merged["methods"]:
+                merged["methods"].append(m)
+        if res is first:
+            merged["runs"] = []
+            merged["wall_seconds"] = 0.0
+        for r in res["runs"]:
+            key = (r["method"], int(r["seed"]))
+            if key in seen:
+                raise ValueError(
+                    f"method {key[0]!r} seed {key[1]} is in both {seen[key]} and {p}: "
+                    "merge runs of different seeds"
+                )
+            seen[key] = p
+            merged["runs"].append(r)
+        merged["wall_seconds"] += float(res.get("wall_seconds", 0.0))
+    merged["config"]["seeds"] = sorted({int(s) for s in merged["splits"]})
+    merged["config"]["methods"] = list(merged["methods"])
+    merged["config"]["out"] = out
+    merged["merged_from"] = [os.path.abspath(p) for p, _ in runs]
+    os.makedirs(out, exist_ok=True)
+    file = os.path.join(out, "results.json")
+    with open(file, "w") as fh:
+        json.dump(merged, fh, indent=1)
+    return file

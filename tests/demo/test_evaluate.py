@@ -220,3 +220,42 @@ def test_leap_screen_script_pairs_variants_with_the_cloud_off_baseline(tmp_path,
     capsys.readouterr()
     leap_screen.main(["--summary", out])
     assert "margin2" in capsys.readouterr().out
+
+
+def test_report_pools_the_seeds_of_separate_runs(tmp_path, capsys):
+    """`report A B --out M` equals one run over all seeds (paired tables, summary); overlapping
+    seeds, different settings/configuration and a lone --out are refused with a clear message."""
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = ["evaluate", p, "--protocol", "natural", "-T", "5", "--n-test", "1"]
+    common += ["--methods", "leap_full_cosface", "--epochs", "2", "--batch-size", "8"]
+    common += ["--embedding-size", "8", "--image-size", "8", "8", "--quiet"]
+    out = {k: str(tmp_path / k) for k in ("all", "a", "b", "m", "c")}
+    assert main(common + ["--seeds", "0", "1", "2", "--out", out["all"]]) == 0
+    assert main(common + ["--seeds", "0", "2", "--out", out["a"]]) == 0
+    assert main(common + ["--seeds", "1", "--out", out["b"]]) == 0
+    assert main(["report", out["a"], out["b"], "--out", out["m"], "--quiet"]) == 0
+
+    def load(d, f):
+        with open(os.path.join(d, f)) as fh:
+            return json.load(fh) if f.endswith(".json") else fh.read()
+
+    merged, whole = load(out["m"], "results.json"), load(out["all"], "results.json")
+    assert merged["config"]["seeds"] == [0, 1, 2] and len(merged["runs"]) == 6
+    assert merged["splits"] == whole["splits"]
+    assert load(out["m"], "paired.json") == load(out["all"], "paired.json")
+    assert load(out["m"], "summary.csv") == load(out["all"], "summary.csv")
+    assert load(out["m"], "paired.json")["leap_full_cosface"]["fc_acc_tail"]["n"] == 3
+
+    capsys.readouterr()
+    assert main(["report", out["a"], out["all"], "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "seed 0 is in both" in capsys.readouterr().err
+    assert main(common + ["--seeds", "3", "--epochs", "1", "--out", out["c"]]) == 0
+    capsys.readouterr()
+    assert main(["report", out["a"], out["c"], "--out", str(tmp_path / "y"), "--quiet"]) == 2
+    assert "configuration differs in ['epochs']" in capsys.readouterr().err
+    assert main(["report", out["a"], "--out", str(tmp_path / "z"), "--quiet"]) == 2
+    assert "--out is for merging" in capsys.readouterr().err
+    assert not os.path.exists(str(tmp_path / "x")) and not os.path.exists(str(tmp_path / "y"))
