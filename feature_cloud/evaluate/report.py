@@ -300,10 +300,10 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
             if seed in merged["splits"] and merged["splits"][seed] != split:
                 raise ValueError(f"seed {seed} has a different split in {p} than in an earlier run")
             merged["splits"][seed] = split
-        for key in ("labels", "baselines"):
-            for m, v in res.get(key, {}).items():
-                if merged[key].setdefault(m, v) != v:
-                    raise ValueError(f"{key} of method {m!r} differ between the runs ({p})")
+        for field in ("labels", "baselines"):
+            for m, v in res.get(field, {}).items():
+                if merged[field].setdefault(m, v) != v:
+                    raise ValueError(f"{field} of method {m!r} differ between the runs ({p})")
         for m in res["methods"]:
             if m not in merged["methods"]:
                 merged["methods"].append(m)
@@ -311,13 +311,13 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
             merged["runs"] = []
             merged["wall_seconds"] = 0.0
         for r in res["runs"]:
-            key = (r["method"], int(r["seed"]))
-            if key in seen:
+            pair = (str(r["method"]), int(r["seed"]))
+            if pair in seen:
                 raise ValueError(
-                    f"method {key[0]!r} seed {key[1]} is in both {seen[key]} and {p}: "
+                    f"method {pair[0]!r} seed {pair[1]} is in both {seen[pair]} and {p}: "
                     "merge runs of different seeds"
                 )
-            seen[key] = p
+            seen[pair] = p
             merged["runs"].append(r)
         merged["wall_seconds"] += float(res.get("wall_seconds", 0.0))
     merged["config"]["seeds"] = sorted({int(s) for s in merged["splits"]})
