@@ -256,13 +256,44 @@ _MERGE_FREE = ("seeds", "methods", "out")
 _DATA_KEYS = ("name", "samples", "num_classes", "input_shape", "camids")
 
 
+def _head_defaults() -> Dict[str, Any]:
+    """Keyword defaults of ``LEAPMarginHead`` and its ``FeatureCloud`` (what ``leap_options``
+    left out resolves to)."""
+    import inspect
+
+    from ..cloud import FeatureCloud
+    from ..heads import LEAPMarginHead
+
+    out: Dict[str, Any] = {}
+    for fn in (FeatureCloud.__init__, LEAPMarginHead.__init__):
+        for name, par in inspect.signature(fn).parameters.items():
+            if par.default is not inspect.Parameter.empty:
+                out[name] = par.default
+    return out
+
+
+def _same_setting(key: str, a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """Whether configuration field ``key`` is the same in ``a`` and ``b``; ``leap_options`` are
+    compared as resolved head options (an option spelled out at its default equals leaving it out)."""
+    if key != "leap_options":
+        return bool(a.get(key) == b.get(key))
+    oa, ob = a.get(key) or {}, b.get(key) or {}
+    defaults = _head_defaults()
+    missing = object()
+    return all(
+        oa.get(k, defaults.get(k, missing)) == ob.get(k, defaults.get(k, missing))
+        for k in set(oa) | set(ob)
+    )
+
+
 def merge_runs(paths: Sequence[str], out: str) -> str:
     """Pool the seeds of several evaluations of one setting into ``out/results.json``.
 
     For seeds run in separate processes or machines (e.g. ``--seeds 0 1 2`` here and
     ``--seeds 3 4`` there): the runs must share the data, setting and every configuration
-    field except ``seeds``, ``methods`` and ``out``; a (method, seed) pair may appear in one run
-    only, and a seed's split must be the same wherever it appears. Methods are the union (a
+    field except ``seeds``, ``methods`` and ``out`` (``leap_options`` compared as resolved head
+    options: an option spelled out at its default equals leaving it out); a (method, seed) pair
+    may appear in one run only, and a seed's split must be the same wherever it appears. Methods are the union (a
     method's paired differences use the seeds where it and its baseline both ran). Returns
     the path of the merged ``results.json``; render it with :func:`render_evaluation`.
     """
@@ -286,7 +317,7 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
         diff = sorted(
             k
             for k in set(res["config"]) | set(first["config"])
-            if k not in _MERGE_FREE and res["config"].get(k) != first["config"].get(k)
+            if k not in _MERGE_FREE and not _same_setting(k, res["config"], first["config"])
         )
         if diff:
             raise ValueError(

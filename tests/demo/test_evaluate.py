@@ -258,4 +258,17 @@ def test_report_pools_the_seeds_of_separate_runs(tmp_path, capsys):
     assert "configuration differs in ['epochs']" in capsys.readouterr().err
     assert main(["report", out["a"], "--out", str(tmp_path / "z"), "--quiet"]) == 2
     assert "--out is for merging" in capsys.readouterr().err
+    # leap options compare as resolved head options: the defaults spelled out pool, others not
+    spelled = ["--leap-option", "cloud_mode=margin", "--leap-option", "cloud_scale=2"]
+    assert main(common + ["--seeds", "4", *spelled, "--out", str(tmp_path / "d")]) == 0
+    assert main(["report", out["a"], str(tmp_path / "d"), "--out", str(tmp_path / "ad")]) == 0
+    assert (
+        main(
+            common + ["--seeds", "5", "--leap-option", "cloud_scale=3"] + ["--out", out["c"] + "5"]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["report", out["a"], out["c"] + "5", "--out", str(tmp_path / "w"), "--quiet"]) == 2
+    assert "configuration differs in ['leap_options']" in capsys.readouterr().err
     assert not os.path.exists(str(tmp_path / "x")) and not os.path.exists(str(tmp_path / "y"))
