@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -293,20 +294,22 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
     ``--seeds 3 4`` there): the runs must share the data, setting and every configuration
     field except ``seeds``, ``methods`` and ``out`` (``leap_options`` compared as resolved head
     options: an option spelled out at its default equals leaving it out); a (method, seed) pair
-    may appear in one run only, and a seed's split must be the same wherever it appears. Methods are the union (a
-    method's paired differences use the seeds where it and its baseline both ran). Returns
-    the path of the merged ``results.json``; render it with :func:`render_evaluation`.
+    may appear in one run only, and a seed's split must be the same wherever it appears.
+    Methods are the union (a method's paired differences use the seeds where it and its
+    baseline both ran). Returns the path of the merged ``results.json``; render it with
+    :func:`render_evaluation`.
     """
     if len(paths) < 2:
         raise ValueError("merge_runs needs at least two run directories")
     runs = [(p, load_results(p)) for p in paths]
-    first_path, first = runs[0]
     for p, res in runs:
         if res.get("kind") != "evaluate":
             raise ValueError(
                 f"{p} is not a `feature-cloud evaluate` run (kind={res.get('kind')!r})"
             )
-    merged: Dict[str, Any] = json.loads(json.dumps(first))
+    first_path, first = runs[0]
+    merged: Dict[str, Any] = copy.deepcopy(first)
+    merged["runs"], merged["wall_seconds"] = [], 0.0
     seen: Dict[Tuple[str, int], str] = {}
     for p, res in runs:
         if res["setting"] != first["setting"]:
@@ -338,9 +341,6 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
         for m in res["methods"]:
             if m not in merged["methods"]:
                 merged["methods"].append(m)
-        if res is first:
-            merged["runs"] = []
-            merged["wall_seconds"] = 0.0
         for r in res["runs"]:
             pair = (str(r["method"]), int(r["seed"]))
             if pair in seen:

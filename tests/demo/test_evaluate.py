@@ -262,12 +262,8 @@ def test_report_pools_the_seeds_of_separate_runs(tmp_path, capsys):
     spelled = ["--leap-option", "cloud_mode=margin", "--leap-option", "cloud_scale=2"]
     assert main(common + ["--seeds", "4", *spelled, "--out", str(tmp_path / "d")]) == 0
     assert main(["report", out["a"], str(tmp_path / "d"), "--out", str(tmp_path / "ad")]) == 0
-    assert (
-        main(
-            common + ["--seeds", "5", "--leap-option", "cloud_scale=3"] + ["--out", out["c"] + "5"]
-        )
-        == 0
-    )
+    scale3 = ["--leap-option", "cloud_scale=3"]
+    assert main(common + ["--seeds", "5", *scale3, "--out", out["c"] + "5"]) == 0
     capsys.readouterr()
     assert main(["report", out["a"], out["c"] + "5", "--out", str(tmp_path / "w"), "--quiet"]) == 2
     assert "configuration differs in ['leap_options']" in capsys.readouterr().err
