@@ -11,7 +11,9 @@ without re-running the baseline for each::
     python benchmarks/leap_screen.py --summary nat.jsonl s5.jsonl
 
 A variant is ``name:rule[:key=value,...]``: ``rule`` ``none`` (the baseline, cloud off), ``full``
-or ``vanilla``, or the name of an evaluation method (e.g. ``ftl_base``, ``ftl``); the options go to
+or ``vanilla``, one of the not-adopted rules of :data:`EXPERIMENTAL_RULES` (screened on real faces,
+README "Real faces"; they replace the head's cloud for that variant only), or the name of an
+evaluation method (e.g. ``ftl_base``, ``ftl``); the options go to
 ``LEAPMarginHead`` (``margin_type=arcface`` picks the margin; ``cfg.<field>`` sets an
 :class:`~feature_cloud.evaluate.runner.EvalConfig` field). Variants named ``base`` or ``ftl_base``
 are the baselines of ``--summary``.
@@ -21,22 +23,102 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
+import math
 import statistics
 import time
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+from torch import Tensor
 
+import feature_cloud.functional as FC
 from feature_cloud.demo._progress import set_progress
 from feature_cloud.demo.methods import _margin
 from feature_cloud.demo.runner import evaluate_method
 from feature_cloud.evaluate import methods as EM
 from feature_cloud.evaluate.data import load_dataset
 from feature_cloud.evaluate.runner import EvalConfig, _normalise, make_split, train_model
+from feature_cloud.statistics import ClassStatistics
 
 BASES = ("base", "ftl_base")
 METRICS = ("fc_acc_tail", "fc_acc_head", "nn_acc_tail", "nn_acc_head")
+
+
+# ---------------------------------------------------------------- experimental (not adopted) rules
+# Each is (cloud variance of a ClassStatistics, per-row target angle from (std, mode, noise)); the
+# variant trains a full-rule margin head (use cloud_scale=1 with the deterministic shifts).
+
+
+def _hybrid_variance(stats: ClassStatistics) -> Tensor:
+    """Tail classes (K_i <= T) the vanilla cloud (Eq. 6), head classes the full-rule one (Eq. 9)."""
+    _, var, has = stats.angle_moments()
+    prior = FC.unknown_variance_prior(
+        stats.unknown_variance, has, stats.memory_capacity, stats.class_counts
+    )
+    van = FC.vanilla_cloud_variance(var, has, stats.class_counts, stats.tail_threshold, prior)
+    full = FC.full_cloud_variance(var, has, stats.class_counts, prior)
+    return torch.where(stats.class_counts > stats.tail_threshold, full, van)
+
+
+def _mean_shift_variance(reference: str) -> Callable[[ClassStatistics], Tensor]:
+    """Squared shift ``max(mu_ref - mu_i, 0)`` of the angular *mean* (not the variance):
+    ``mu_ref`` the mean over head classes (tail classes only shift, ``"head"``) or the
+    ``(K_i - 1)``-weighted mean over all classes (``"pooled"``)."""
+
+    def variance(stats: ClassStatistics) -> Tensor:
+        mu, _, has = stats.angle_moments()
+        k = stats.class_counts
+        head = k > stats.tail_threshold
+        if reference == "head":
+            use = head & has
+            ref = (mu * use).sum() / use.sum().clamp_min(1)
+            shift = torch.where(head, torch.zeros_like(mu), (ref - mu).clamp_min(0))
+        else:
+            w = (k.to(mu.dtype) - 1).clamp_min(0) * has
+            shift = ((w * mu).sum() / w.sum().clamp_min(1e-12) - mu).clamp_min(0)
+        shift = torch.where(has, shift, torch.zeros_like(shift))
+        return shift * shift
+
+    return variance
+
+
+def _expected_angle(std: Tensor, mode: str, generator: Any = None, noise: Any = None) -> Tensor:
+    """The margin cloud's expectation ``E|alpha| = std * sqrt(2 / pi)``: no draw."""
+    return std * math.sqrt(2.0 / math.pi)
+
+
+def _fixed_angle(std: Tensor, mode: str, generator: Any = None, noise: Any = None) -> Tensor:
+    """The cloud ``std`` itself as a deterministic per-class angle."""
+    return std
+
+
+_Rule = Tuple[Optional[Callable[[ClassStatistics], Tensor]], Optional[Callable[..., Tensor]]]
+
+#: rule -> (cloud variance, target angle); ``None`` keeps the package's.
+EXPERIMENTAL_RULES: Dict[str, _Rule] = {
+    "expected": (None, _expected_angle),  # full rule, margin = E|alpha|
+    "mean_head": (_mean_shift_variance("head"), _fixed_angle),
+    "mean_pooled": (_mean_shift_variance("pooled"), _fixed_angle),
+    "hybrid": (_hybrid_variance, None),
+}
+
+
+@contextlib.contextmanager
+def experimental_rule(rule: str) -> Iterator[None]:
+    """Replace the cloud variance / target angle by ``EXPERIMENTAL_RULES[rule]`` inside the block
+    (a ``rule`` not in it changes nothing); the package's functions are restored on exit."""
+    variance, angle = EXPERIMENTAL_RULES.get(rule, (None, None))
+    saved = ClassStatistics.cloud_variance, FC.target_cloud_angles
+    try:
+        if variance is not None:
+            ClassStatistics.cloud_variance = variance  # type: ignore[method-assign,assignment]
+        if angle is not None:
+            FC.target_cloud_angles = angle  # type: ignore[assignment]
+        yield
+    finally:
+        ClassStatistics.cloud_variance, FC.target_cloud_angles = saved  # type: ignore[method-assign]
 
 
 def _options(text: str) -> Dict[str, Any]:
@@ -72,11 +154,13 @@ def screen(a: argparse.Namespace) -> None:
             else:
                 key = f"_screen_{name}"
                 margin = opts.pop("margin_type", "cosface")
-                EM.EVAL_METHODS[key] = _margin(margin, None if rule == "none" else rule)
+                head_rule = "full" if rule in EXPERIMENTAL_RULES else rule
+                EM.EVAL_METHODS[key] = _margin(margin, None if rule == "none" else head_rule)
             cfg.leap_options = opts
             t0 = time.time()
-            model = train_model(key, tx, ty, data.num_classes, split.train_counts, cfg, seed)
-            scalars = evaluate_method(model, tx, ty, ex, ey, split.head)[0]
+            with experimental_rule(rule):
+                model = train_model(key, tx, ty, data.num_classes, split.train_counts, cfg, seed)
+                scalars = evaluate_method(model, tx, ty, ex, ey, split.head)[0]
             row = dict(
                 setting=a.protocol if a.protocol == "natural" else f"S{a.S}",
                 seed=seed,

@@ -203,15 +203,21 @@ def test_leap_screen_script_pairs_variants_with_the_cloud_off_baseline(tmp_path,
     _tiny_npz(data)
     out = str(tmp_path / "s.jsonl")
     args = [data, "--epochs", "1", "--size", "12", "--seeds", "0", "1", "--out", out]
-    variants = ["base:none", "margin2:full:cloud_mode=margin,cloud_scale=2,cfg.batch_size=8"]
+    variants = [
+        "base:none",
+        "margin2:full:cloud_mode=margin,cloud_scale=2,cfg.batch_size=8",
+        "hyb:hybrid",
+    ]
     leap_screen.main([*args, "--variants", *variants])
     leap_screen.main([*args, "--seeds", "0", "--out", out + "2", "--variants", "base:none"])
     rows = [json.loads(line) for line in open(out)]
     assert [(r["seed"], r["variant"]) for r in rows] == [
         (0, "base"),
         (0, "margin2"),
+        (0, "hyb"),
         (1, "base"),
         (1, "margin2"),
+        (1, "hyb"),
     ]
     again = json.loads(open(out + "2").read())
     assert again["fc_acc_tail"] == rows[0]["fc_acc_tail"]  # same seed, same baseline
@@ -220,6 +226,57 @@ def test_leap_screen_script_pairs_variants_with_the_cloud_off_baseline(tmp_path,
     capsys.readouterr()
     leap_screen.main(["--summary", out])
     assert "margin2" in capsys.readouterr().out
+
+
+def test_leap_screen_experimental_rules_are_scoped_and_compute_their_clouds():
+    """The not-adopted cloud rules of the screening script: hybrid = vanilla on tail classes and
+    full on head classes; the angular-mean shifts; E|alpha|; the package is restored on exit."""
+    import math
+
+    import feature_cloud.functional as FC
+    from benchmarks import leap_screen
+    from feature_cloud.statistics import ClassStatistics
+
+    counts = [40, 30, 4, 3, 5]
+    stats = ClassStatistics(5, 8, class_counts=counts, tail_threshold=20)
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.tensor([1.0, 1.5, 0.3, 0.2, 0.4])
+    for _ in range(60):
+        y = torch.randint(0, 5, (32,), generator=gen)
+        f = torch.randn(32, 8, generator=gen) * spread[y, None] + 3 * torch.eye(8)[y]
+        stats.update(f, y)
+    mu, var, has = stats.angle_moments()
+    assert bool(has.all())
+    head = torch.tensor(counts) > 20
+    full = stats.cloud_variance()  # the package's rule (full)
+    original = ClassStatistics.cloud_variance, FC.target_cloud_angles
+    with leap_screen.experimental_rule("hybrid"):
+        hybrid = stats.cloud_variance()
+        assert FC.target_cloud_angles is original[1]
+    vanilla = FC.vanilla_cloud_variance(var, has, stats.class_counts, 20)
+    assert torch.equal(hybrid[head], full[head]) and torch.equal(hybrid[~head], vanilla[~head])
+    assert float(vanilla[~head].max()) > 0 and not torch.equal(hybrid, full)
+    with leap_screen.experimental_rule("mean_head"):
+        shift = stats.cloud_variance().sqrt()
+        assert torch.equal(FC.target_cloud_angles(shift, "margin"), shift)
+    ref = mu[head].mean()
+    assert torch.all(shift[head] == 0)
+    torch.testing.assert_close(shift[~head], (ref - mu[~head]).clamp_min(0))
+    with leap_screen.experimental_rule("mean_pooled"):
+        pooled = stats.cloud_variance().sqrt()
+    w = torch.tensor(counts, dtype=torch.float32) - 1
+    torch.testing.assert_close(pooled, ((w * mu).sum() / w.sum() - mu).clamp_min(0))
+    std = torch.tensor([0.1, 0.2])
+    with pytest.raises(RuntimeError, match="boom"):
+        with leap_screen.experimental_rule("expected"):
+            assert ClassStatistics.cloud_variance is original[0]
+            torch.testing.assert_close(
+                FC.target_cloud_angles(std, "margin"), std * math.sqrt(2 / math.pi)
+            )
+            raise RuntimeError("boom")
+    assert (ClassStatistics.cloud_variance, FC.target_cloud_angles) == original
+    with leap_screen.experimental_rule("full"):  # not experimental: nothing replaced
+        assert (ClassStatistics.cloud_variance, FC.target_cloud_angles) == original
 
 
 def test_report_pools_the_seeds_of_separate_runs(tmp_path, capsys):
