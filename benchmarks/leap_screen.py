@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 import feature_cloud.functional as FC
+import feature_cloud.heads as H
 from feature_cloud.demo._progress import set_progress
 from feature_cloud.demo.methods import _margin
 from feature_cloud.demo.runner import evaluate_method
@@ -94,31 +95,79 @@ def _fixed_angle(std: Tensor, mode: str, generator: Any = None, noise: Any = Non
     return std
 
 
-_Rule = Tuple[Optional[Callable[[ClassStatistics], Tensor]], Optional[Callable[..., Tensor]]]
+def _negative_side(with_target: bool) -> Callable[..., Tensor]:
+    """Logits with the class's cloud on the *negative* side as well: a sample of class ``n``
+    sees every other class ``j`` at the angle ``theta_nj - E|alpha_j|`` (the nearest point of a
+    cloud of std ``sigma_j`` around ``W_j``, in expectation), so other classes' samples are pushed
+    out of a tail class's missing spread; ``with_target`` keeps the default target-angle cloud,
+    else the target gets the plain margin. Runs on the reference pipeline (``impl="reference"``)."""
 
-#: rule -> (cloud variance, target angle); ``None`` keeps the package's.
+    def logits(
+        cloud: Any,
+        embeddings: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        draw: Tuple[Optional[Tensor], Optional[Tensor]],
+        **kw: Any,
+    ) -> Tensor:
+        std, key = draw
+        if std is None or key is None:
+            return _package_logits(cloud, embeddings, weight, labels, draw, **kw)
+        cos = FC.cosine_logits(*FC.common_float(embeddings, weight))
+        spread = (cloud.statistics.cloud_variance().sqrt() * cloud.scale).to(cos.dtype)
+        alpha = -(spread * math.sqrt(2.0 / math.pi)).unsqueeze(0).expand_as(cos).clone()
+        y = labels.clamp_min(0).unsqueeze(1)
+        target = torch.zeros_like(std)
+        if with_target:
+            target = FC.target_cloud_angles(std, cloud.mode, noise=cloud.row_noise(key, std))
+        alpha.scatter_(1, y, target.to(cos.dtype).unsqueeze(1))
+        return FC.margin_logits(
+            cos,
+            labels,
+            margin_type=kw["margin_type"],
+            scale=kw["scale"],
+            margin=kw["margin"],
+            alpha=alpha,
+        )
+
+    return logits
+
+
+_package_logits = H.cloud_margin_logits
+_Rule = Tuple[
+    Optional[Callable[[ClassStatistics], Tensor]],
+    Optional[Callable[..., Tensor]],
+    Optional[Callable[..., Tensor]],
+]
+
+#: rule -> (cloud variance, target angle, head logits); ``None`` keeps the package's. A rule
+#: with its own logits runs the head on the reference pipeline.
 EXPERIMENTAL_RULES: Dict[str, _Rule] = {
-    "expected": (None, _expected_angle),  # full rule, margin = E|alpha|
-    "mean_head": (_mean_shift_variance("head"), _fixed_angle),
-    "mean_pooled": (_mean_shift_variance("pooled"), _fixed_angle),
-    "hybrid": (_hybrid_variance, None),
+    "expected": (None, _expected_angle, None),  # full rule, margin = E|alpha|
+    "mean_head": (_mean_shift_variance("head"), _fixed_angle, None),
+    "mean_pooled": (_mean_shift_variance("pooled"), _fixed_angle, None),
+    "hybrid": (_hybrid_variance, None, None),
+    "negative": (None, None, _negative_side(with_target=True)),  # target and negative side
+    "negative_only": (None, None, _negative_side(with_target=False)),
 }
 
 
 @contextlib.contextmanager
 def experimental_rule(rule: str) -> Iterator[None]:
-    """Replace the cloud variance / target angle by ``EXPERIMENTAL_RULES[rule]`` inside the block
+    """Replace the cloud variance / target angle / logits by ``EXPERIMENTAL_RULES[rule]`` in the block
     (a ``rule`` not in it changes nothing); the package's functions are restored on exit."""
-    variance, angle = EXPERIMENTAL_RULES.get(rule, (None, None))
-    saved = ClassStatistics.cloud_variance, FC.target_cloud_angles
+    variance, angle, logits = EXPERIMENTAL_RULES.get(rule, (None, None, None))
+    saved = ClassStatistics.cloud_variance, FC.target_cloud_angles, H.cloud_margin_logits
     try:
         if variance is not None:
             ClassStatistics.cloud_variance = variance  # type: ignore[method-assign,assignment]
         if angle is not None:
             FC.target_cloud_angles = angle  # type: ignore[assignment]
+        if logits is not None:
+            H.cloud_margin_logits = logits
         yield
     finally:
-        ClassStatistics.cloud_variance, FC.target_cloud_angles = saved  # type: ignore[method-assign]
+        ClassStatistics.cloud_variance, FC.target_cloud_angles, H.cloud_margin_logits = saved  # type: ignore[method-assign]
 
 
 def _options(text: str) -> Dict[str, Any]:
@@ -155,6 +204,8 @@ def screen(a: argparse.Namespace) -> None:
                 key = f"_screen_{name}"
                 margin = opts.pop("margin_type", "cosface")
                 head_rule = "full" if rule in EXPERIMENTAL_RULES else rule
+                if EXPERIMENTAL_RULES.get(rule, (None, None, None))[2] is not None:
+                    opts.setdefault("impl", "reference")
                 EM.EVAL_METHODS[key] = _margin(margin, None if rule == "none" else head_rule)
             cfg.leap_options = opts
             t0 = time.time()

@@ -279,6 +279,48 @@ def test_leap_screen_experimental_rules_are_scoped_and_compute_their_clouds():
         assert (ClassStatistics.cloud_variance, FC.target_cloud_angles) == original
 
 
+def test_leap_screen_negative_side_rules_shift_other_classes_logits():
+    """The negative-side rules: every non-target class j is seen at theta - E|alpha_j| (its
+    cloud, from the head's own statistics, in expectation); the target keeps the margin cloud
+    (``negative``) or the plain margin (``negative_only``); outside the block the package's."""
+    import copy
+    import math
+
+    import feature_cloud.functional as FC
+    import feature_cloud.heads as H
+    from benchmarks import leap_screen
+    from feature_cloud import LEAPMarginHead
+
+    torch.manual_seed(0)
+    counts = [40, 30, 4, 3, 5]
+    head = LEAPMarginHead(
+        8, 5, "cosface", cloud="full", class_counts=counts, seed=3, impl="reference"
+    )
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 8, generator=gen)
+    y = torch.randint(0, 5, (64,), generator=gen)
+    head(x, y).backward()  # statistics filled, cloud active (no warm-up)
+    original = H.cloud_margin_logits
+    for rule, with_target in (("negative", True), ("negative_only", False)):
+        ours, package = copy.deepcopy(head), copy.deepcopy(head)  # same step, statistics, draw
+        with leap_screen.experimental_rule(rule):
+            z = ours.margin_logits(x, y)
+            assert z.requires_grad
+        ref = package.margin_logits(x, y).detach()  # the package: target cloud, plain negatives
+        cloud = ours.feature_cloud
+        std = (cloud.statistics.cloud_variance().sqrt() * cloud.scale).detach()
+        s, cos = ours.scale, FC.cosine_logits(x, ours.weight).detach()
+        shifted = torch.cos((torch.acos(cos) - std * math.sqrt(2 / math.pi)).clamp_min(0)) * s
+        other = torch.ones_like(cos, dtype=torch.bool).scatter_(1, y[:, None], False)
+        torch.testing.assert_close(z.detach()[other], shifted[other], atol=1e-4, rtol=1e-4)
+        zy, refy = z.detach().gather(1, y[:, None]), ref.gather(1, y[:, None])
+        plain = (cos.gather(1, y[:, None]) - ours.margin) * s
+        torch.testing.assert_close(zy, refy if with_target else plain, atol=1e-4, rtol=1e-4)
+        assert bool((refy < plain - 1e-3).any())  # the package draws a target cloud here
+        assert float(std.max()) > 0 and cloud.scale == 2.0
+    assert H.cloud_margin_logits is original
+
+
 def test_report_pools_the_seeds_of_separate_runs(tmp_path, capsys):
     """`report A B --out M` equals one run over all seeds (paired tables, summary); overlapping
     seeds, different settings/configuration and a lone --out are refused with a clear message."""
