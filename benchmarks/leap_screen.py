@@ -133,6 +133,24 @@ def _negative_side(with_target: bool) -> Callable[..., Tensor]:
     return logits
 
 
+def _logit_adjusted(
+    cloud: Any,
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    draw: Tuple[Optional[Tensor], Optional[Tensor]],
+    **kw: Any,
+) -> Tensor:
+    """A reference point, not a cloud: once the cloud would start, the margin logits without
+    cloud plus ``log(K_j / N)`` on every class ``j`` (the logit-adjusted loss of Menon et al.,
+    tau = 1): how much a class-prior margin moves the tail at the same budget."""
+    z = _package_logits(cloud, embeddings, weight, labels, (None, None), **kw)
+    if draw[0] is None:
+        return z
+    k = cloud.statistics.class_counts.to(z.dtype)
+    return z + torch.log(k / k.sum()).unsqueeze(0)
+
+
 _package_logits = H.cloud_margin_logits
 _Rule = Tuple[
     Optional[Callable[[ClassStatistics], Tensor]],
@@ -149,6 +167,7 @@ EXPERIMENTAL_RULES: Dict[str, _Rule] = {
     "hybrid": (_hybrid_variance, None, None),
     "negative": (None, None, _negative_side(with_target=True)),  # target and negative side
     "negative_only": (None, None, _negative_side(with_target=False)),
+    "logit_adjusted": (None, None, _logit_adjusted),  # reference: no cloud, log prior
 }
 
 

@@ -279,12 +279,15 @@ def test_leap_screen_experimental_rules_are_scoped_and_compute_their_clouds():
         assert (ClassStatistics.cloud_variance, FC.target_cloud_angles) == original
 
 
-def test_leap_screen_negative_side_rules_shift_other_classes_logits():
+def test_leap_screen_logit_rules_negative_side_and_logit_adjusted():
     """The negative-side rules: every non-target class j is seen at theta - E|alpha_j| (its
     cloud, from the head's own statistics, in expectation); the target keeps the margin cloud
-    (``negative``) or the plain margin (``negative_only``); outside the block the package's."""
+    (``negative``) or the plain margin (``negative_only``); ``logit_adjusted`` adds log(K_j / N) to
+    the cloud-free logits; outside the block the package's."""
     import copy
     import math
+
+    import torch.nn.functional as F
 
     import feature_cloud.functional as FC
     import feature_cloud.heads as H
@@ -318,6 +321,13 @@ def test_leap_screen_negative_side_rules_shift_other_classes_logits():
         torch.testing.assert_close(zy, refy if with_target else plain, atol=1e-4, rtol=1e-4)
         assert bool((refy < plain - 1e-3).any())  # the package draws a target cloud here
         assert float(std.max()) > 0 and cloud.scale == 2.0
+    ours = copy.deepcopy(head)
+    with leap_screen.experimental_rule("logit_adjusted"):  # no cloud, log prior on every logit
+        z = ours.margin_logits(x, y).detach()
+    cos = FC.cosine_logits(x, ours.weight).detach()
+    plain = (cos - ours.margin * F.one_hot(y, 5)) * ours.scale
+    prior = torch.tensor(counts, dtype=torch.float32) / sum(counts)
+    torch.testing.assert_close(z, plain + prior.log(), atol=1e-4, rtol=1e-4)
     assert H.cloud_margin_logits is original
 
 
