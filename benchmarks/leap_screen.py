@@ -95,12 +95,14 @@ def _fixed_angle(std: Tensor, mode: str, generator: Any = None, noise: Any = Non
     return std
 
 
-def _negative_side(with_target: bool) -> Callable[..., Tensor]:
+def _negative_side(with_target: bool, sign: float = -1.0) -> Callable[..., Tensor]:
     """Logits with the class's cloud on the *negative* side as well: a sample of class ``n``
     sees every other class ``j`` at the angle ``theta_nj - E|alpha_j|`` (the nearest point of a
     cloud of std ``sigma_j`` around ``W_j``, in expectation), so other classes' samples are pushed
-    out of a tail class's missing spread; ``with_target`` keeps the default target-angle cloud,
-    else the target gets the plain margin. Runs on the reference pipeline (``impl="reference"``)."""
+    out of a tail class's missing spread; with ``sign=+1`` at ``theta_nj + E|alpha_j|`` instead
+    (an easier negative, the direction of the logit-adjusted loss); ``with_target`` keeps the
+    default target-angle cloud, else the target gets the plain margin. Runs on the reference
+    pipeline (``impl="reference"``)."""
 
     def logits(
         cloud: Any,
@@ -115,7 +117,7 @@ def _negative_side(with_target: bool) -> Callable[..., Tensor]:
             return _package_logits(cloud, embeddings, weight, labels, draw, **kw)
         cos = FC.cosine_logits(*FC.common_float(embeddings, weight))
         spread = (cloud.statistics.cloud_variance().sqrt() * cloud.scale).to(cos.dtype)
-        alpha = -(spread * math.sqrt(2.0 / math.pi)).unsqueeze(0).expand_as(cos).clone()
+        alpha = (sign * math.sqrt(2.0 / math.pi) * spread).unsqueeze(0).expand_as(cos).clone()
         y = labels.clamp_min(0).unsqueeze(1)
         target = torch.zeros_like(std)
         if with_target:
@@ -133,22 +135,26 @@ def _negative_side(with_target: bool) -> Callable[..., Tensor]:
     return logits
 
 
-def _logit_adjusted(
-    cloud: Any,
-    embeddings: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    draw: Tuple[Optional[Tensor], Optional[Tensor]],
-    **kw: Any,
-) -> Tensor:
+def _logit_adjusted(tau: float) -> Callable[..., Tensor]:
     """A reference point, not a cloud: once the cloud would start, the margin logits without
-    cloud plus ``log(K_j / N)`` on every class ``j`` (the logit-adjusted loss of Menon et al.,
-    tau = 1): how much a class-prior margin moves the tail at the same budget."""
-    z = _package_logits(cloud, embeddings, weight, labels, (None, None), **kw)
-    if draw[0] is None:
-        return z
-    k = cloud.statistics.class_counts.to(z.dtype)
-    return z + torch.log(k / k.sum()).unsqueeze(0)
+    cloud plus ``tau * log(K_j / N)`` on every class ``j`` (the logit-adjusted loss of Menon et
+    al.): how much a class-prior margin moves the tail at the same budget."""
+
+    def logits(
+        cloud: Any,
+        embeddings: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        draw: Tuple[Optional[Tensor], Optional[Tensor]],
+        **kw: Any,
+    ) -> Tensor:
+        z = _package_logits(cloud, embeddings, weight, labels, (None, None), **kw)
+        if draw[0] is None:
+            return z
+        k = cloud.statistics.class_counts.to(z.dtype)
+        return z + tau * torch.log(k / k.sum()).unsqueeze(0)
+
+    return logits
 
 
 _package_logits = H.cloud_margin_logits
@@ -167,7 +173,9 @@ EXPERIMENTAL_RULES: Dict[str, _Rule] = {
     "hybrid": (_hybrid_variance, None, None),
     "negative": (None, None, _negative_side(with_target=True)),  # target and negative side
     "negative_only": (None, None, _negative_side(with_target=False)),
-    "logit_adjusted": (None, None, _logit_adjusted),  # reference: no cloud, log prior
+    "negative_easy": (None, None, _negative_side(with_target=True, sign=1.0)),
+    "logit_adjusted": (None, None, _logit_adjusted(1.0)),  # reference: no cloud, log prior
+    "logit_adjusted_half": (None, None, _logit_adjusted(0.5)),
 }
 
 

@@ -282,8 +282,8 @@ def test_leap_screen_experimental_rules_are_scoped_and_compute_their_clouds():
 def test_leap_screen_logit_rules_negative_side_and_logit_adjusted():
     """The negative-side rules: every non-target class j is seen at theta - E|alpha_j| (its
     cloud, from the head's own statistics, in expectation); the target keeps the margin cloud
-    (``negative``) or the plain margin (``negative_only``); ``logit_adjusted`` adds log(K_j / N) to
-    the cloud-free logits; outside the block the package's."""
+    (``negative``) or the plain margin (``negative_only``); ``negative_easy`` shifts the other way;
+    ``logit_adjusted`` adds log(K_j / N) to the cloud-free logits; outside the block the package's."""
     import copy
     import math
 
@@ -304,7 +304,8 @@ def test_leap_screen_logit_rules_negative_side_and_logit_adjusted():
     y = torch.randint(0, 5, (64,), generator=gen)
     head(x, y).backward()  # statistics filled, cloud active (no warm-up)
     original = H.cloud_margin_logits
-    for rule, with_target in (("negative", True), ("negative_only", False)):
+    rules = (("negative", True, -1), ("negative_only", False, -1), ("negative_easy", True, 1))
+    for rule, with_target, sign in rules:
         ours, package = copy.deepcopy(head), copy.deepcopy(head)  # same step, statistics, draw
         with leap_screen.experimental_rule(rule):
             z = ours.margin_logits(x, y)
@@ -313,7 +314,8 @@ def test_leap_screen_logit_rules_negative_side_and_logit_adjusted():
         cloud = ours.feature_cloud
         std = (cloud.statistics.cloud_variance().sqrt() * cloud.scale).detach()
         s, cos = ours.scale, FC.cosine_logits(x, ours.weight).detach()
-        shifted = torch.cos((torch.acos(cos) - std * math.sqrt(2 / math.pi)).clamp_min(0)) * s
+        angle = torch.acos(cos) + sign * std * math.sqrt(2 / math.pi)
+        shifted = torch.cos(angle.clamp(0, math.pi)) * s
         other = torch.ones_like(cos, dtype=torch.bool).scatter_(1, y[:, None], False)
         torch.testing.assert_close(z.detach()[other], shifted[other], atol=1e-4, rtol=1e-4)
         zy, refy = z.detach().gather(1, y[:, None]), ref.gather(1, y[:, None])
@@ -321,13 +323,14 @@ def test_leap_screen_logit_rules_negative_side_and_logit_adjusted():
         torch.testing.assert_close(zy, refy if with_target else plain, atol=1e-4, rtol=1e-4)
         assert bool((refy < plain - 1e-3).any())  # the package draws a target cloud here
         assert float(std.max()) > 0 and cloud.scale == 2.0
-    ours = copy.deepcopy(head)
-    with leap_screen.experimental_rule("logit_adjusted"):  # no cloud, log prior on every logit
-        z = ours.margin_logits(x, y).detach()
-    cos = FC.cosine_logits(x, ours.weight).detach()
-    plain = (cos - ours.margin * F.one_hot(y, 5)) * ours.scale
     prior = torch.tensor(counts, dtype=torch.float32) / sum(counts)
-    torch.testing.assert_close(z, plain + prior.log(), atol=1e-4, rtol=1e-4)
+    for rule, tau in (("logit_adjusted", 1.0), ("logit_adjusted_half", 0.5)):
+        ours = copy.deepcopy(head)
+        with leap_screen.experimental_rule(rule):  # no cloud, tau * log prior on every logit
+            z = ours.margin_logits(x, y).detach()
+        cos = FC.cosine_logits(x, ours.weight).detach()
+        plain = (cos - ours.margin * F.one_hot(y, 5)) * ours.scale
+        torch.testing.assert_close(z, plain + tau * prior.log(), atol=1e-4, rtol=1e-4)
     assert H.cloud_margin_logits is original
 
 
