@@ -48,8 +48,9 @@ METRICS = ("fc_acc_tail", "fc_acc_head", "nn_acc_tail", "nn_acc_head")
 
 
 # ---------------------------------------------------------------- experimental (not adopted) rules
-# Each is (cloud variance of a ClassStatistics, per-row target angle from (std, mode, noise)); the
-# variant trains a full-rule margin head (use cloud_scale=1 with the deterministic shifts).
+# Each is (cloud variance of a ClassStatistics, per-row target angle from (std, mode, noise), head
+# logits); the variant trains a full-rule margin head (use cloud_scale=1 with the deterministic
+# shifts).
 
 
 def _hybrid_variance(stats: ClassStatistics) -> Tensor:
@@ -95,14 +96,13 @@ def _fixed_angle(std: Tensor, mode: str, generator: Any = None, noise: Any = Non
     return std
 
 
-def _negative_side(with_target: bool, sign: float = -1.0) -> Callable[..., Tensor]:
-    """Logits with the class's cloud on the *negative* side as well: a sample of class ``n``
-    sees every other class ``j`` at the angle ``theta_nj - E|alpha_j|`` (the nearest point of a
-    cloud of std ``sigma_j`` around ``W_j``, in expectation), so other classes' samples are pushed
-    out of a tail class's missing spread; with ``sign=+1`` at ``theta_nj + E|alpha_j|`` instead
-    (an easier negative, the direction of the logit-adjusted loss); ``with_target`` keeps the
-    default target-angle cloud, else the target gets the plain margin. Runs on the reference
-    pipeline (``impl="reference"``)."""
+_CosineRule = Callable[[Any, Tensor, Tensor, Tensor, Tensor, Dict[str, Any]], Tensor]
+
+
+def _on_cosines(rule: _CosineRule) -> Callable[..., Tensor]:
+    """Head logits (the signature of :func:`feature_cloud.heads.cloud_margin_logits`) that are the
+    package's until the cloud starts, then ``rule(cloud, cos, labels, std, key, margin_kwargs)``
+    on the plain cosine matrix."""
 
     def logits(
         cloud: Any,
@@ -116,23 +116,33 @@ def _negative_side(with_target: bool, sign: float = -1.0) -> Callable[..., Tenso
         if std is None or key is None:
             return _package_logits(cloud, embeddings, weight, labels, draw, **kw)
         cos = FC.cosine_logits(*FC.common_float(embeddings, weight))
+        margin = {k: kw[k] for k in ("margin_type", "scale", "margin")}
+        return rule(cloud, cos, labels, std, key, margin)
+
+    return logits
+
+
+def _negative_side(with_target: bool, sign: float = -1.0) -> Callable[..., Tensor]:
+    """Logits with the class's cloud on the *negative* side as well: a sample of class ``n``
+    sees every other class ``j`` at the angle ``theta_nj - E|alpha_j|`` (the nearest point of a
+    cloud of std ``sigma_j`` around ``W_j``, in expectation), so other classes' samples are pushed
+    out of a tail class's missing spread; with ``sign=+1`` at ``theta_nj + E|alpha_j|`` instead
+    (an easier negative, the direction of the logit-adjusted loss); ``with_target`` keeps the
+    default target-angle cloud, else the target gets the plain margin. Runs on the reference
+    pipeline (``impl="reference"``)."""
+
+    def rule(
+        cloud: Any, cos: Tensor, labels: Tensor, std: Tensor, key: Tensor, margin: Dict[str, Any]
+    ) -> Tensor:
         spread = (cloud.statistics.cloud_variance().sqrt() * cloud.scale).to(cos.dtype)
         alpha = (sign * math.sqrt(2.0 / math.pi) * spread).unsqueeze(0).expand_as(cos).clone()
-        y = labels.clamp_min(0).unsqueeze(1)
         target = torch.zeros_like(std)
         if with_target:
             target = FC.target_cloud_angles(std, cloud.mode, noise=cloud.row_noise(key, std))
-        alpha.scatter_(1, y, target.to(cos.dtype).unsqueeze(1))
-        return FC.margin_logits(
-            cos,
-            labels,
-            margin_type=kw["margin_type"],
-            scale=kw["scale"],
-            margin=kw["margin"],
-            alpha=alpha,
-        )
+        alpha.scatter_(1, labels.clamp_min(0).unsqueeze(1), target.to(cos.dtype).unsqueeze(1))
+        return FC.margin_logits(cos, labels, alpha=alpha, **margin)
 
-    return logits
+    return _on_cosines(rule)
 
 
 def _logit_adjusted(tau: float) -> Callable[..., Tensor]:
@@ -140,21 +150,14 @@ def _logit_adjusted(tau: float) -> Callable[..., Tensor]:
     cloud plus ``tau * log(K_j / N)`` on every class ``j`` (the logit-adjusted loss of Menon et
     al.): how much a class-prior margin moves the tail at the same budget."""
 
-    def logits(
-        cloud: Any,
-        embeddings: Tensor,
-        weight: Tensor,
-        labels: Tensor,
-        draw: Tuple[Optional[Tensor], Optional[Tensor]],
-        **kw: Any,
+    def rule(
+        cloud: Any, cos: Tensor, labels: Tensor, std: Tensor, key: Tensor, margin: Dict[str, Any]
     ) -> Tensor:
-        z = _package_logits(cloud, embeddings, weight, labels, (None, None), **kw)
-        if draw[0] is None:
-            return z
+        z = FC.margin_logits(cos, labels, **margin)
         k = cloud.statistics.class_counts.to(z.dtype)
         return z + tau * torch.log(k / k.sum()).unsqueeze(0)
 
-    return logits
+    return _on_cosines(rule)
 
 
 _package_logits = H.cloud_margin_logits
