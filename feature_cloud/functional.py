@@ -53,6 +53,7 @@ __all__ = [
     "UNKNOWN_VARIANCE",
     "unknown_variance_prior",
     "masked_angle_moments",
+    "center_prototypes",
 ]
 
 #: names of the built-in margins (the registry, :func:`feature_cloud.margins.names`, is authoritative)
@@ -499,6 +500,43 @@ def cloud_variance(
     if rule == "vanilla":
         return vanilla_cloud_variance(var, has_stats, class_counts, threshold, prior)
     raise ValueError(f"cloud rule must be one of {CLOUD_RULES}, got {rule!r}")
+
+
+def center_prototypes(
+    weight: Tensor,
+    centers: Tensor,
+    initialized: Tensor,
+    class_counts: Tensor,
+    shrinkage: float,
+    sub_centers: int = 1,
+) -> Tensor:
+    r"""Inference prototypes shrunk towards the class centers (not in the papers; README, "Real
+    faces"):
+
+    .. math:: p_i = \frac{(1-\lambda_i)\,\hat w_i + \lambda_i\,\hat c_i}
+              {\|(1-\lambda_i)\,\hat w_i + \lambda_i\,\hat c_i\|},\qquad
+              \lambda_i = \frac{\kappa}{\kappa + K_i}
+
+    with :math:`\hat w_i` the normalised class weight, :math:`\hat c_i` the normalised LEAP center
+    (Eq. 4) and :math:`\kappa` = ``shrinkage``. A class seen a few times an epoch gets its weight
+    pushed away from every other class's features by the softmax's negative gradients and pulled
+    back by its own few samples only, so its weight ends up off its features' mean direction;
+    its center is that mean. Classes with many samples keep (nearly) their weight; classes whose
+    center is not ``initialized`` keep it exactly. ``weight`` ``(sub_centers * C, D)`` (every
+    sub-center row leans towards its class center), ``centers`` ``(C, D)``, ``initialized``
+    ``(C,)`` bool, ``class_counts`` ``(C,)``. Computed in float32 (at least), returned in
+    ``weight.dtype``; differentiable in ``weight``.
+    """
+    w = safe_normalize(_at_least_float32(weight), dim=1)
+    c = safe_normalize(centers.to(w.dtype), dim=1)
+    k = class_counts.to(w.dtype).clamp_min(0)
+    lam = float(shrinkage) / (float(shrinkage) + k).clamp_min(1e-12)  # kappa = 0: the weights
+    lam = torch.where(initialized, lam, torch.zeros_like(lam))
+    if sub_centers > 1:
+        lam = lam.repeat_interleave(sub_centers)
+        c = c.repeat_interleave(sub_centers, dim=0)
+    lam = lam.unsqueeze(1)
+    return safe_normalize((1.0 - lam) * w + lam * c, dim=1).to(weight.dtype)
 
 
 # --------------------------------------------------------------------------------------------

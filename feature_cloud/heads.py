@@ -200,8 +200,10 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
        :math:`\alpha_n \sim N(0, v_{y_n})^{C}`,
     3. returns the cross-entropy of the CosFace (Eq. 7) / ArcFace (Eq. 8) logits.
 
-    Paper-exact LEAP: ``cloud_mode="paper", cloud_scale=1.0`` (the defaults differ for real-data
-    reasons: README, "Real faces").
+    Paper-exact LEAP: ``cloud_mode="paper", cloud_scale=1.0, prototype_shrinkage=None`` (the
+    defaults differ for real-data reasons: README, "Real faces"). The training loss always uses
+    ``weight``; :meth:`logits` in eval mode (inference) scores against the weights shrunk towards
+    the class centers (``prototype_shrinkage``), in train mode against the weights.
 
     With ``cloud=None``, during warm-up, in eval mode or under ``torch.no_grad()`` the loss is
     plain CosFace / ArcFace (LEAP Eq. 1-2) and no statistic changes; labels ``< 0`` are ignored.
@@ -243,7 +245,9 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             taken online during warm-up, which should cover an epoch), ``class_counts``
             (``K_i`` per class, recommended), ``count_steps``, ``cloud_mode`` (where the cloud
             enters the logits: ``"margin"`` (default), ``"paper"`` or ``"target"``),
-            ``cloud_scale`` (default 2), ``center_rate``,
+            ``cloud_scale`` (default 2), ``prototype_shrinkage`` (``kappa`` of the
+            prototypes :meth:`logits` scores against, default 10; ``None``: the weights, as in
+            the paper), ``center_rate``,
             ``unknown_variance``, ``angle_max_age``, ``seed`` (of the noise stream; default
             from the global RNG) and ``sync`` (``"auto"``: statistics synchronised over an
             initialised process group; ``"off"``: per rank).
@@ -303,9 +307,13 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
 
     # ------------------------------------------------------------------ public API
     def logits(self, embeddings: Tensor) -> Tensor:
-        """Plain scaled cosine logits ``s cos(theta)`` ``(B, C)`` for inference (no margin)."""
+        """Scaled cosine logits ``s cos(theta)`` ``(B, C)`` for inference (no margin), in eval
+        mode against the cloud's prototypes: the weights shrunk towards the class centers
+        (:meth:`FeatureCloud.prototypes <feature_cloud.cloud.FeatureCloud.prototypes>`;
+        ``prototype_shrinkage=None``: the weights themselves)."""
         check_embeddings(embeddings, self.embedding_size)
-        return FC.cosine_logits(embeddings, self.weight, self.sub_centers) * self.scale
+        weight = self.feature_cloud.prototypes(self.weight, self.sub_centers)
+        return FC.cosine_logits(embeddings, weight, self.sub_centers) * self.scale
 
     def margin_logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Margin logits of the training loss (LEAP Eq. 1-2 or, with the cloud, Eq. 7-8).

@@ -68,7 +68,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from feature_cloud.cloud import DEFAULT_CLOUD_MODE, DEFAULT_CLOUD_SCALE
+from feature_cloud.cloud import (
+    DEFAULT_CLOUD_MODE,
+    DEFAULT_CLOUD_SCALE,
+    DEFAULT_PROTOTYPE_SHRINKAGE,
+)
 from feature_cloud.heads import LEAPMarginHead
 
 __all__ = [
@@ -298,7 +302,10 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     seed (``-1``: from the global RNG); ``VALIDATE``: per-step label/finiteness check (one host
     sync); ``MODE``: where the cloud enters the logits (``paper``, ``target``, ``margin``) and
     ``SCALE``: factor on the cloud's standard deviation (the head's ``cloud_mode`` /
-    ``cloud_scale``, defaults those of :class:`feature_cloud.FeatureCloud`). The margin is fastreid's own ``MODEL.HEADS.CLS_LAYER`` / ``SCALE`` / ``MARGIN``.
+    ``cloud_scale``, defaults those of :class:`feature_cloud.FeatureCloud`);
+    ``PROTOTYPE_SHRINKAGE``: ``kappa`` of the classification logits' prototypes (the head's
+    ``prototype_shrinkage``; ``-1``: the weights, as in the paper). The margin is fastreid's own
+    ``MODEL.HEADS.CLS_LAYER`` / ``SCALE`` / ``MARGIN``.
     """
     node = CfgNode()
     node.CLOUD = "full"
@@ -312,12 +319,18 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     node.VALIDATE = True
     node.MODE = DEFAULT_CLOUD_MODE
     node.SCALE = DEFAULT_CLOUD_SCALE
+    node.PROTOTYPE_SHRINKAGE = DEFAULT_PROTOTYPE_SHRINKAGE
     frozen = cfg.is_frozen()
     cfg.defrost()
     cfg.MODEL.HEADS.FEATURE_CLOUD = node
     if frozen:
         cfg.freeze()
     return cfg
+
+
+def _shrinkage(value: Any) -> Optional[float]:
+    """``MODEL.HEADS.FEATURE_CLOUD.PROTOTYPE_SHRINKAGE``: a negative value means none (the weights)."""
+    return None if value is None or float(value) < 0 else float(value)
 
 
 def class_counts_from_dataset(dataset: Any) -> Tensor:
@@ -362,6 +375,7 @@ _YAML_KEYS = {
     "cloud": "MODEL.HEADS.FEATURE_CLOUD.CLOUD",
     "cloud_mode": "MODEL.HEADS.FEATURE_CLOUD.MODE",
     "cloud_scale": "MODEL.HEADS.FEATURE_CLOUD.SCALE",
+    "prototype_shrinkage": "MODEL.HEADS.FEATURE_CLOUD.PROTOTYPE_SHRINKAGE",
     "margin_type": "MODEL.HEADS.CLS_LAYER",
     "scale": "MODEL.HEADS.SCALE",
     "margin": "MODEL.HEADS.MARGIN",
@@ -534,6 +548,7 @@ class LEAPHead(nn.Module):
         batch_size_per_rank: Optional[int] = None,
         cloud_mode: str = DEFAULT_CLOUD_MODE,
         cloud_scale: float = DEFAULT_CLOUD_SCALE,
+        prototype_shrinkage: Optional[float] = DEFAULT_PROTOTYPE_SHRINKAGE,
     ) -> None:
         super().__init__()
         if not hasattr(pooling, pool_type):
@@ -590,6 +605,7 @@ class LEAPHead(nn.Module):
                     count_steps=count_steps if self.class_counts_source == "online" else None,
                     cloud_mode=cloud_mode,
                     cloud_scale=cloud_scale,
+                    prototype_shrinkage=prototype_shrinkage,
                     # statistics identical on every rank under a process group (sync="auto", the
                     # head's default); the per-rank batch size spares a host sync per step
                     pad_to=batch_size_per_rank,
@@ -659,6 +675,9 @@ class LEAPHead(nn.Module):
             "batch_size_per_rank": per_rank if world > 1 else None,
             "cloud_mode": str(fc.get("MODE", DEFAULT_CLOUD_MODE)).lower(),
             "cloud_scale": fc.get("SCALE", DEFAULT_CLOUD_SCALE),
+            "prototype_shrinkage": _shrinkage(
+                fc.get("PROTOTYPE_SHRINKAGE", DEFAULT_PROTOTYPE_SHRINKAGE)
+            ),
         }
 
     @property

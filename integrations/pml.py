@@ -87,7 +87,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             ``memory_per_sample``, ``warmup_steps``, ``class_counts`` (the per-class sample counts
             ``K_i`` of the training set; without them ``warmup_steps`` must cover an epoch so
             they can be counted online), ``seed``, ``sync``, ``cloud_mode`` / ``cloud_scale`` (default
-            ``"margin"`` / 2; the paper's cloud: ``cloud_mode="paper", cloud_scale=1.0``)).
+            ``"margin"`` / 2; the paper's cloud: ``cloud_mode="paper", cloud_scale=1.0``),
+            ``prototype_shrinkage`` (``get_logits``' prototypes, default 10; ``None``: ``W``)).
 
     State (tensors only): ``W`` and ``feature_cloud.*`` (statistics, step, seed); 0.1.0
     checkpoints (``head.*``) load.
@@ -245,10 +246,13 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         return loss_dict
 
     def get_logits(self, embeddings: Tensor) -> Tensor:
-        """``s cos(theta)`` for every class ``(B, C)``, as PML's ``CosFaceLoss.get_logits``."""
+        """``s cos(theta)`` for every class ``(B, C)``, as PML's ``CosFaceLoss.get_logits``,
+        in eval mode against the cloud's prototypes (``prototype_shrinkage``; see
+        ``LEAPMarginHead.logits``)."""
         self.cast_types(embeddings.dtype, embeddings.device)
         check_embeddings(embeddings, self.embedding_size)
-        return FC.cosine_logits(embeddings, self.W.t(), self.sub_centers) * self.scale
+        weight = self.feature_cloud.prototypes(self.W.t(), self.sub_centers)
+        return FC.cosine_logits(embeddings, weight, self.sub_centers) * self.scale
 
     def extra_repr(self) -> str:
         return (

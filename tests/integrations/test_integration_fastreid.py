@@ -345,6 +345,10 @@ def test_online_counts_error_names_the_yaml_keys():
     assert "cloud_mode" not in str(info.value)
     with pytest.raises(ValueError, match="MODEL.HEADS.FEATURE_CLOUD.SCALE"):
         build_heads(_head_cfg(FC__SCALE=-1.0))
+    assert default.prototype_shrinkage == fr.DEFAULT_PROTOTYPE_SHRINKAGE
+    for value, expected in ((4.0, 4.0), (0.0, 0.0), (-1.0, None)):
+        cloud = build_heads(_head_cfg(FC__PROTOTYPE_SHRINKAGE=value)).margin_head.feature_cloud
+        assert cloud.prototype_shrinkage == expected
 
 
 def test_config_path_returns_the_shipped_yamls():

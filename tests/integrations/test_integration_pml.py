@@ -347,3 +347,29 @@ def test_leaploss_runs_on_the_fused_kernels_and_subcenter_equals_pml():
             _max_diff(_loss_and_grads(ref, emb, labels), _loss_and_grads(ours, emb, labels)) <= 1e-5
         )
     torch.testing.assert_close(ours.get_logits(emb), ref.get_logits(emb), atol=1e-4, rtol=1e-5)
+
+
+def test_get_logits_use_the_cloud_prototypes():
+    """After training steps ``get_logits`` in eval mode scores against the weights shrunk towards
+    the class centers (``prototype_shrinkage``, as ``LEAPMarginHead.logits``); in train mode or
+    with ``None``: PML's logits."""
+    import torch.nn.functional as F
+
+    from feature_cloud import functional as FC
+
+    torch.manual_seed(0)
+    counts = torch.tensor([2, 3, 4, 5, 8, 10, 20, 30, 40, 60, 80, 100])
+    ours = LEAPLoss(C, D, cloud="full", class_counts=counts, seed=0)
+    emb, labels = _batch(7)
+    ours(emb, labels)
+    plain = ours.scale * F.normalize(emb) @ F.normalize(ours.W.t()).t()
+    torch.testing.assert_close(ours.get_logits(emb), plain, atol=1e-5, rtol=1e-5)  # train mode
+    ours.eval()
+    stats = ours.feature_cloud.statistics
+    proto = FC.center_prototypes(
+        ours.W.t(), stats.centers, stats.center_initialized, stats.class_counts, 10.0
+    )
+    torch.testing.assert_close(ours.get_logits(emb), ours.scale * F.normalize(emb) @ proto.t())
+    assert (ours.get_logits(emb) - plain).abs().max() > 0.1
+    ours.feature_cloud.prototype_shrinkage = None
+    torch.testing.assert_close(ours.get_logits(emb), plain, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,150 @@
+"""Inference prototypes: class weights shrunk towards the LEAP centers (``prototype_shrinkage``)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_batch
+from feature_cloud import LEAPMarginHead
+from feature_cloud import functional as FC
+from feature_cloud.cloud import DEFAULT_PROTOTYPE_SHRINKAGE
+
+D, C = 16, 6
+
+
+def _manual(weight, centers, initialized, counts, kappa):
+    lam = torch.where(initialized, kappa / (kappa + counts.double()), torch.zeros(len(counts)))
+    mix = (1 - lam[:, None]) * F.normalize(weight.double(), dim=1) + lam[:, None] * F.normalize(
+        centers.double(), dim=1
+    )
+    return F.normalize(mix, dim=1)
+
+
+def test_center_prototypes_formula_edges_dtype_and_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    w, c = torch.randn(C, D, generator=g), torch.randn(C, D, generator=g)
+    counts = torch.tensor([1, 3, 10, 40, 500, 0])
+    init = torch.tensor([True, True, True, True, True, False])
+    p = FC.center_prototypes(w, c, init, counts, 10.0)
+    torch.testing.assert_close(p.double(), _manual(w, c, init, counts, 10.0), atol=1e-6, rtol=0)
+    # a class without a center keeps its weight's direction; kappa = 0 gives the weights
+    torch.testing.assert_close(p[5], F.normalize(w, dim=1)[5])
+    torch.testing.assert_close(FC.center_prototypes(w, c, init, counts, 0.0), F.normalize(w, dim=1))
+    # the fewer samples, the closer to the center
+    cos_to_center = (p * F.normalize(c, dim=1)).sum(1)[:5]
+    lam = 10.0 / (10.0 + counts[:5].double())
+    assert torch.all(lam[:-1] > lam[1:])
+    assert cos_to_center[0] > 0.99 * (F.normalize(w, dim=1)[0] @ F.normalize(c, dim=1)[0])
+    # sub-centers: every row of class j leans towards center j
+    k = 3
+    wk = torch.randn(k * C, D, generator=g)
+    pk = FC.center_prototypes(wk, c, init, counts, 10.0, sub_centers=k)
+    rows = _manual(
+        wk, c.repeat_interleave(k, 0), init.repeat_interleave(k), counts.repeat_interleave(k), 10.0
+    )
+    torch.testing.assert_close(pk.double(), rows, atol=1e-6, rtol=0)
+    # half-precision weights: computed in float32, returned in the weight's dtype
+    pb = FC.center_prototypes(w.bfloat16(), c, init, counts, 10.0)
+    assert pb.dtype == torch.bfloat16
+    ref = FC.center_prototypes(w.bfloat16().float(), c, init, counts, 10.0)
+    torch.testing.assert_close(pb.float(), ref, atol=8e-3, rtol=0)
+    # differentiable in the weight (float64 gradcheck)
+    wd = w.double().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x: FC.center_prototypes(x, c.double(), init, counts, 10.0), (wd,)
+    )
+
+
+def test_head_logits_use_the_prototypes_after_training_steps():
+    torch.manual_seed(0)
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+    head = LEAPMarginHead(D, C, class_counts=counts, seed=0)
+    assert head.feature_cloud.prototype_shrinkage == DEFAULT_PROTOTYPE_SHRINKAGE
+    x, y = make_batch(0, 48, D, C)
+    plain = head.scale * F.normalize(x) @ F.normalize(head.weight).t()
+    # before any training step no center exists: the weights (to rounding)
+    torch.testing.assert_close(head.logits(x), plain)
+    head(x, y)
+    # train mode: the weights (training accuracy monitors the classifier being trained)
+    torch.testing.assert_close(
+        head.logits(x), head.scale * FC.cosine_logits(x, head.weight), rtol=0, atol=0
+    )
+    head.eval()
+    stats = head.statistics
+    expected = (
+        head.scale
+        * F.normalize(x)
+        @ FC.center_prototypes(
+            head.weight, stats.centers, stats.center_initialized, stats.class_counts, 10.0
+        ).t()
+    )
+    torch.testing.assert_close(head.logits(x), expected)
+    assert (
+        head.logits(x) - head.scale * F.normalize(x) @ F.normalize(head.weight).t()
+    ).abs().max() > 0.1
+    # the paper's inference logits on request, exactly
+    paper = LEAPMarginHead(D, C, class_counts=counts, seed=0, prototype_shrinkage=None)
+    paper.load_state_dict(head.state_dict())
+    paper.eval()
+    torch.testing.assert_close(
+        paper.logits(x), paper.scale * FC.cosine_logits(x, paper.weight), rtol=0, atol=0
+    )
+    # a head without cloud updates no center: plain CosFace logits
+    off = LEAPMarginHead(D, C, cloud=None)
+    off(x, y)
+    off.eval()
+    assert not off.statistics.center_initialized.any()
+    torch.testing.assert_close(
+        off.logits(x), off.scale * F.normalize(x) @ F.normalize(off.weight).t()
+    )
+    # the prototypes travel with the state: a fresh head loaded strictly gives the same logits
+    fresh = LEAPMarginHead(D, C, class_counts=counts)
+    fresh.load_state_dict(head.state_dict(), strict=True)
+    torch.testing.assert_close(fresh.eval().logits(x), head.logits(x), rtol=0, atol=0)
+
+
+def test_prototype_shrinkage_is_checked_by_name():
+    with pytest.raises(ValueError, match="prototype_shrinkage"):
+        LEAPMarginHead(D, C, class_counts=[3] * C, prototype_shrinkage=-1.0)
+    with pytest.raises((TypeError, ValueError), match="prototype_shrinkage"):
+        LEAPMarginHead(D, C, class_counts=[3] * C, prototype_shrinkage="big")
+
+
+def _long_tail(seed, per_class):
+    """Gaussian classes around random unit means (spread 0.35 per dimension), 32-d."""
+    g = torch.Generator().manual_seed(100)
+    mu = F.normalize(torch.randn(len(per_class), 32, generator=g), dim=1)
+    g.manual_seed(seed)
+    y = torch.repeat_interleave(torch.arange(len(per_class)), per_class)
+    return mu[y] + 0.35 * torch.randn(len(y), 32, generator=g), y
+
+
+def test_prototypes_lift_tail_accuracy_of_a_trained_long_tailed_head():
+    """The mechanism on a trained head: 10 classes x 60 samples, 30 x 3; held-out 20 a class.
+    The tail weights drift off their features (negative gradients from every other class's
+    samples); the centers do not, and the prototypes classify the held-out tail samples better."""
+    counts = torch.tensor([60] * 10 + [3] * 30)
+    x, y = _long_tail(1, counts)
+    xt, yt = _long_tail(2, torch.full((40,), 20))
+    torch.manual_seed(0)
+    head = LEAPMarginHead(32, 40, class_counts=counts, seed=0)
+    opt = torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(30):
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y), 32):
+            b = perm[i : i + 32]
+            opt.zero_grad()
+            head(x[b], y[b]).backward()
+            opt.step()
+    tail = yt >= 10
+    with torch.no_grad():
+        proto = head.eval().logits(xt).argmax(1) == yt
+        head.feature_cloud.prototype_shrinkage = None
+        weights = head.logits(xt).argmax(1) == yt
+    tail_gain = proto[tail].float().mean() - weights[tail].float().mean()
+    balanced_gain = (proto[tail].float().mean() + proto[~tail].float().mean()) - (
+        weights[tail].float().mean() + weights[~tail].float().mean()
+    )
+    assert tail_gain > 0.05, tail_gain
+    assert balanced_gain > 0.0, balanced_gain
