@@ -6,7 +6,8 @@ and loss. Each is an ``nn.Module`` with
 
 * ``loss(x, y) -> Tensor``: the training loss of one batch,
 * ``embed(x) -> Tensor``: the embedding used for retrieval (eval mode),
-* ``classify(emb) -> Tensor``: closed-set logits,
+* ``classify(emb) -> Tensor``: closed-set logits (a LEAP head's: against its prototypes),
+* ``classify_weights(emb) -> Tensor``: closed-set logits against the class weights themselves,
 * ``class_weight() -> Tensor``: the ``(C, D)`` classifier weights (for the weight-norm plot),
 * optionally ``fit(x, y, total_steps, batch_size, step)``: its own schedule (FTL), same budget.
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import functional as FC
 from ..ftl import AlternatingScheduler, ConvDecoder, FTLModel, IndexedDataset, make_filter
 from ..heads import LEAPMarginHead
 from ..regularizers import MetricL2
@@ -132,6 +134,11 @@ class _Method(nn.Module):
         """Extra ``(C,)`` per-class quantities of the method (reported as diagnostics)."""
         return {}
 
+    def classify_weights(self, emb: Tensor) -> Tensor:
+        """Logits against the class weights themselves (a LEAP head's ``logits`` use its
+        prototypes; the same as :meth:`classify` for every other method)."""
+        return self.classify(emb)  # type: ignore[no-any-return,operator]
+
 
 class SoftmaxMethod(_Method):
     """Plain softmax over raw logits ``W f`` (bias-free linear classifier); with ``ml2_alpha > 0``
@@ -170,6 +177,10 @@ class MarginMethod(_Method):
 
     def classify(self, emb: Tensor) -> Tensor:
         return self.head.logits(emb)
+
+    def classify_weights(self, emb: Tensor) -> Tensor:
+        head = self.head
+        return FC.cosine_logits(emb, head.weight, head.sub_centers) * head.scale
 
     def class_weight(self) -> Tensor:
         return self.head.weight

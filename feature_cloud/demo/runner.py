@@ -271,6 +271,9 @@ def evaluate_method(
 
     fc = M.correct_predictions(logits, eval_y)
     put("fc_acc", M.head_tail(fc, is_head_q))
+    # the same FC against the class weights themselves (a LEAP head classifies with prototypes)
+    fcw = M.correct_predictions(model.classify_weights(f_eval), eval_y)
+    put("fcw_acc", M.head_tail(fcw, is_head_q))
     nn_pred = M.nearest_center_predictions(f_eval, f_train, train_y, num_classes)
     put("nn_acc", M.head_tail((nn_pred == eval_y).float(), is_head_q))
     r1, ap, valid = M.retrieval_per_query(f_eval, eval_y)

@@ -27,6 +27,8 @@ __all__ = [
 SUMMARY_KEYS: List[Tuple[str, str, float]] = [
     ("fc_acc_head", "FC head", 100.0),
     ("fc_acc_tail", "FC tail", 100.0),
+    ("fcw_acc_head", "FC(W) head", 100.0),
+    ("fcw_acc_tail", "FC(W) tail", 100.0),
     ("nn_acc_head", "NN head", 100.0),
     ("nn_acc_tail", "NN tail", 100.0),
     ("rank1_tail", "rank-1 tail", 100.0),
@@ -43,6 +45,8 @@ SUMMARY_KEYS: List[Tuple[str, str, float]] = [
 PAIRED_KEYS: List[Tuple[str, str]] = [
     ("fc_acc_head", "Δ FC head"),
     ("fc_acc_tail", "Δ FC tail"),
+    ("fcw_acc_head", "Δ FC(W) head"),
+    ("fcw_acc_tail", "Δ FC(W) tail"),
     ("nn_acc_head", "Δ NN head"),
     ("nn_acc_tail", "Δ NN tail"),
     ("rank1_tail", "Δ rank-1 tail"),
@@ -126,7 +130,7 @@ def plot_paired(results: Dict[str, Any], file: str) -> str:
     plt = demo_plots._plt()
     d = paired(results)
     methods = list(d)
-    keys = [k for k, _ in PAIRED_KEYS[:4]]
+    keys = ["fc_acc_head", "fc_acc_tail", "nn_acc_head", "nn_acc_tail"]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(methods) + 2), 3.8))
     width = 0.8 / len(keys)
     colors = demo_plots._colors(len(keys))

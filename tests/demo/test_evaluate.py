@@ -152,9 +152,17 @@ def test_cli_evaluate_end_to_end(tmp_path):
         with open(os.path.join(out, sub, "paired.json")) as fh:
             pj = json.load(fh)
         assert pj["ftl"]["fc_acc_tail"]["n"] == 2
+        # FC against the class weights as well: the same as FC except for the LEAP head, which
+        # classifies with its prototypes (the weights shrunk towards its centers)
+        assert "fcw_acc_tail" in pj["leap_full_cosface"]
+        for run in r["runs"]:
+            m = run["metrics"]
+            if run["method"] != "leap_full_cosface":
+                assert m["fcw_acc_tail"] == m["fc_acc_tail"], run["method"]
+                assert m["fcw_acc_head"] == m["fc_acc_head"], run["method"]
     with open(os.path.join(out, "combined.md")) as fh:
         text = fh.read()
-    assert "H2_S1" in text and "H2_S2" in text and "Δ FC tail" in text
+    assert "H2_S1" in text and "H2_S2" in text and "Δ FC tail" in text and "Δ FC(W) tail" in text
     # report re-renders an evaluation
     res = subprocess.run(
         [sys.executable, "-m", "feature_cloud", "report", os.path.join(out, "H2_S1"), "--quiet"],
