@@ -238,8 +238,8 @@ def combine_settings(paths: Sequence[str], out: str) -> str:
         rows = rows or pr[:1]
         rows += pr[1:]
         sr = summary_rows(res)
-        base_rows = base_rows or [["Setting"] + sr[0][:6]]
-        base_rows += [[res["setting"]] + r[:6] for r in sr[1:]]
+        base_rows = base_rows or [["Setting"] + sr[0][:8]]
+        base_rows += [[res["setting"]] + r[:8] for r in sr[1:]]
     os.makedirs(out, exist_ok=True)
     md = (
         "Paired differences (points, mean ± 95% t-interval over seeds)\n\n"
