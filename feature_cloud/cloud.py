@@ -125,9 +125,10 @@ class FeatureCloud(nn.Module):
             variance). ``cloud_mode="paper", cloud_scale=1.0, prototype_shrinkage=None`` is the
             paper's LEAP.
         prototype_shrinkage: ``kappa`` of the inference prototypes (:meth:`prototypes`, used by
-            the heads' ``logits`` in eval mode, never by the training loss): class ``i``'s weight leans towards
-            its center by ``kappa / (kappa + K_i)`` (default 10; ``None``: the weights, as in the
-            paper). Classes whose center was never updated (``rule=None``) keep their weights.
+            the heads' ``logits`` in eval mode, never by the training loss): class ``i``'s
+            weight leans towards its center by ``kappa / (kappa + K_i)`` (default 10; ``None``:
+            the weights, as in the paper). Classes whose center was never updated
+            (``rule=None``) keep their weights.
         center_rate, unknown_variance, angle_max_age: statistics options, see
             :class:`~feature_cloud.ClassStatistics` (``center_rate``, ``unknown_variance``,
             ``max_age``).
