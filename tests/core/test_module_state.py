@@ -3,6 +3,7 @@ model holding a LEAP head, through the real tools; 0.1.0 checkpoints still load.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from feature_cloud import FeatureCloud, LEAPMarginHead
+from feature_cloud import functional as FC
 from feature_cloud.distributed import ShardedLEAPMarginHead, consolidate_state_dicts
 
 D, C, IN = 8, 5, 6
@@ -127,11 +129,19 @@ model = _net(seed=12345)
 model.load_state_dict(torch.load({str(tmp_path / "model.pt")!r}, weights_only=True), strict=True)
 x, y = _batch(7)
 torch.save(model(x, y).detach(), {str(tmp_path / "loss.pt")!r})
+with torch.no_grad():
+    torch.save(model.eval()(x), {str(tmp_path / "logits.pt")!r})
 """
+    with torch.no_grad():  # eval-mode inference logits: the prototypes, from weight + centers
+        logits = copy.deepcopy(model).eval()(x)
+        f = model.backbone(x)
+        plain = model.head.scale * FC.cosine_logits(f, model.head.weight)
+    assert (logits - plain).abs().max() > 1e-3  # the prototypes are in effect
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env, timeout=300)
     got = torch.load(tmp_path / "loss.pt")
     assert torch.equal(got, expected.detach()), (got, expected)
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), logits)
 
 
 # ---------------------------------------------------------------- the frameworks' tools
@@ -149,6 +159,19 @@ def test_timm_model_ema_v3_updates_a_model_holding_the_head() -> None:
     assert not torch.equal(dst["head.weight"], src["head.weight"])
     x, _ = _batch(0)
     assert ema.module(x).shape == (6, C)
+    # the EMA copy's inference logits use its own (averaged) weight and centers
+    ema_head = ema.module.eval().head
+    stats = ema_head.statistics
+    with torch.no_grad():
+        f = ema.module.backbone(x)
+        proto = FC.center_prototypes(
+            ema_head.weight,
+            stats.centers,
+            stats.center_initialized,
+            stats.class_counts,
+            ema_head.feature_cloud.prototype_shrinkage,
+        )
+        torch.testing.assert_close(ema.module(x), ema_head.scale * FC.cosine_logits(f, proto))
 
 
 def test_onnx_export_legacy_and_dynamo() -> None:
@@ -165,6 +188,11 @@ def test_onnx_export_legacy_and_dynamo() -> None:
 
     graph = onnx.load_from_string(buf.getvalue())
     assert [o.name for o in graph.graph.output]
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    (onnx_logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():  # the exported eval-mode logits (prototypes) match eager
+        torch.testing.assert_close(torch.from_numpy(onnx_logits), model(x), atol=1e-4, rtol=1e-4)
     pytest.importorskip("onnxscript")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -13,6 +13,7 @@ pytest.importorskip("timm.task")
 from timm.task import TrainingTask, resume_task_checkpoint
 
 from feature_cloud import LEAPMarginHead
+from feature_cloud import functional as FC
 from feature_cloud.integrations.timm import LEAPEvaluator, LEAPTask, create_backbone_and_head
 
 C = 6
@@ -82,6 +83,12 @@ def test_training_steps_decrease_loss_and_update_statistics():
     evaluator.update(emb, y)
     metrics = evaluator.compute()
     assert metrics["top1"] > 100.0 / C
+    # eval mode: timm's evaluator and the trainable module score against the prototypes
+    with torch.no_grad():
+        plain = head.scale * FC.cosine_logits(emb, head.weight)
+        proto = head.logits(emb)
+        assert (proto - plain).abs().max() > 1e-3
+        torch.testing.assert_close(task.get_trainable_module()(x), proto)
 
 
 def test_task_state_round_trips_through_a_timm_checkpoint(tmp_path):
