@@ -207,7 +207,7 @@ def _options(text: str) -> Dict[str, Any]:
         try:
             out[key] = float(value) if ("." in value or "e" in value) else int(value)
         except ValueError:
-            out[key] = value
+            out[key] = None if value == "None" else value  # e.g. prototype_shrinkage=None
     return out
 
 
