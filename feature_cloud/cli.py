@@ -267,6 +267,13 @@ def _add_evaluate(sub) -> None:
         help="FTL's FC (and its baseline's): the paper's linear softmax + m-L2, or a cosine-margin head",
     )
     ev.add_argument(
+        "--ftl-prototype-shrinkage",
+        type=_fraction_or_none,
+        default=e.ftl_prototype_shrinkage,
+        help="FTL's cosine FC scores against inference prototypes with this kappa (not its "
+        "baseline); 'none': plain weights",
+    )
+    ev.add_argument(
         "--leap-option",
         action="append",
         default=[],
@@ -331,6 +338,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         ftl_alternations=args.ftl_alternations,
         ftl_stage0_fraction=args.ftl_stage0_fraction,
         ftl_classifier=args.ftl_classifier,
+        ftl_prototype_shrinkage=args.ftl_prototype_shrinkage,
         leap_options=options,
         out=args.out,
     )

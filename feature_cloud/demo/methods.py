@@ -118,6 +118,11 @@ class MethodConfig:
     # FTL's FC: "linear" (the paper's softmax + m-L2) or a cosine-margin head, "cosface" /
     # "arcface" (a LEAPMarginHead without cloud; no m-L2: the head normalises W and f).
     ftl_classifier: str = "linear"
+    # Inference prototypes of FTL's cosine-margin FC (LEAPMarginHead ``prototype_shrinkage``): the
+    # FC tracks its class centers of ``f`` (Eq. 4 of LEAP, no cloud) and scores tail classes
+    # against weights shrunk towards them; None: plain weights. The no-transfer baseline never
+    # gets them. No effect with the linear FC.
+    ftl_prototype_shrinkage: Optional[float] = None
     seed: int = 0
     leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
 
@@ -165,6 +170,11 @@ class SoftmaxMethod(_Method):
         return self.fc.weight
 
 
+def _weight_logits(head: LEAPMarginHead, emb: Tensor) -> Tensor:
+    """A margin head's logits against its class weights (not its inference prototypes)."""
+    return FC.cosine_logits(emb, head.weight, head.sub_centers) * head.scale
+
+
 class MarginMethod(_Method):
     """CosFace / ArcFace (LEAP Eq. 1-2) or LEAP (Eq. 7-8) through :class:`LEAPMarginHead`."""
 
@@ -179,8 +189,7 @@ class MarginMethod(_Method):
         return self.head.logits(emb)
 
     def classify_weights(self, emb: Tensor) -> Tensor:
-        head = self.head
-        return FC.cosine_logits(emb, head.weight, head.sub_centers) * head.scale
+        return _weight_logits(self.head, emb)
 
     def class_weight(self) -> Tensor:
         return self.head.weight
@@ -197,18 +206,41 @@ FTL_CLASSIFIERS = ("linear", "cosface", "arcface")
 
 
 def ftl_classifier(
-    cfg: MethodConfig, embedding_size: int, num_classes: int
+    cfg: MethodConfig,
+    embedding_size: int,
+    num_classes: int,
+    counts: Optional[Tensor] = None,
+    prototypes: bool = True,
 ) -> Tuple[nn.Module, float]:
     """FTL's ``FC`` and its m-L2 weight for ``cfg.ftl_classifier``: a bias-free linear softmax with
-    ``cfg.ml2_alpha`` (the paper), or a cloud-free :class:`LEAPMarginHead` of that margin with no
-    m-L2 (it normalises ``W`` and ``f``, so the class weight norms cannot absorb the tail
-    re-balancing of stage 1)."""
+    ``cfg.ml2_alpha`` (the paper), or a :class:`LEAPMarginHead` of that margin with no m-L2 (it
+    normalises ``W`` and ``f``, so the class weight norms cannot absorb the tail re-balancing of
+    stage 1) and no cloud. With ``prototypes`` and ``cfg.ftl_prototype_shrinkage`` set, the head
+    keeps class centers of ``f`` (a full-rule cloud of scale 0: statistics, no noise, the same
+    training) and its eval-mode logits use the inference prototypes
+    (:func:`~feature_cloud.functional.center_prototypes`)."""
     kind = cfg.ftl_classifier
     if kind not in FTL_CLASSIFIERS:
         raise ValueError(f"ftl_classifier must be one of {FTL_CLASSIFIERS}, got {kind!r}")
     if kind == "linear":
         return nn.Linear(embedding_size, num_classes, bias=False), cfg.ml2_alpha
-    head = LEAPMarginHead(embedding_size, num_classes, margin_type=kind, cloud=None, validate=False)
+    kappa = cfg.ftl_prototype_shrinkage
+    if not prototypes or kappa is None:
+        head = LEAPMarginHead(
+            embedding_size, num_classes, margin_type=kind, cloud=None, validate=False
+        )
+        return head, 0.0
+    head = LEAPMarginHead(
+        embedding_size,
+        num_classes,
+        margin_type=kind,
+        cloud="full",
+        cloud_scale=0.0,
+        prototype_shrinkage=kappa,
+        gamma=cfg.gamma,
+        class_counts=counts,
+        validate=False,  # no seed: its cloud draws one from the global RNG as the plain head's does
+    )
     return head, 0.0
 
 
@@ -221,6 +253,9 @@ class FTLMethod(_Method):
     stage 1 (classifier on hard + tail + transferred batches, Eq. 6) and stage 2, within the same
     number of optimiser steps as every other method.
     """
+
+    #: whether a cosine FC gets ``cfg.ftl_prototype_shrinkage`` (the no-transfer baseline: never)
+    prototypes = True
 
     def __init__(
         self,
@@ -246,7 +281,7 @@ class FTLMethod(_Method):
         transfer = FeatureTransfer(
             d, num_classes, tail_threshold=cfg.tail_threshold, class_counts=counts
         )
-        classifier, alpha_reg = ftl_classifier(cfg, d, num_classes)
+        classifier, alpha_reg = ftl_classifier(cfg, d, num_classes, counts, self.prototypes)
         self.ftl = FTLModel(
             backbone,
             classifier,
@@ -270,6 +305,12 @@ class FTLMethod(_Method):
 
     def classify(self, emb: Tensor) -> Tensor:
         return self.ftl.logits(emb)
+
+    def classify_weights(self, emb: Tensor) -> Tensor:
+        head = self.ftl.classifier
+        if isinstance(head, LEAPMarginHead):
+            return _weight_logits(head, emb)
+        return self.classify(emb)
 
     def class_weight(self) -> Tensor:
         return self.ftl.classifier.weight

@@ -261,9 +261,9 @@ _MERGE_FREE = ("seeds", "methods", "out")
 _DATA_KEYS = ("name", "samples", "num_classes", "input_shape", "camids")
 
 
-def _head_defaults() -> Dict[str, Any]:
+def head_defaults() -> Dict[str, Any]:
     """Keyword defaults of ``LEAPMarginHead`` and its ``FeatureCloud`` (what ``leap_options``
-    left out resolves to)."""
+    left out resolves to), JSON-safe; every evaluation records them (``head_defaults``)."""
     import inspect
 
     from ..cloud import FeatureCloud
@@ -274,20 +274,26 @@ def _head_defaults() -> Dict[str, Any]:
         for name, par in inspect.signature(fn).parameters.items():
             if par.default is not inspect.Parameter.empty:
                 out[name] = par.default
-    return out
+    return json.loads(json.dumps(out, default=str))  # type: ignore[no-any-return]
 
 
-def _same_setting(key: str, a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+def _same_setting(
+    key: str,
+    a: Dict[str, Any],
+    b: Dict[str, Any],
+    defaults_a: Dict[str, Any],
+    defaults_b: Dict[str, Any],
+) -> bool:
     """Whether configuration field ``key`` is the same in ``a`` and ``b``; ``leap_options`` are
-    compared as resolved head options (an option spelled out at its default equals leaving it out)."""
+    compared as resolved head options, each against the head defaults of its own run (an option
+    spelled out at its default equals leaving it out)."""
     if key != "leap_options":
         return bool(a.get(key) == b.get(key))
     oa, ob = a.get(key) or {}, b.get(key) or {}
-    defaults = _head_defaults()
     missing = object()
     return all(
-        oa.get(k, defaults.get(k, missing)) == ob.get(k, defaults.get(k, missing))
-        for k in set(oa) | set(ob)
+        oa.get(k, defaults_a.get(k, missing)) == ob.get(k, defaults_b.get(k, missing))
+        for k in set(oa) | set(ob) | set(defaults_a) | set(defaults_b)
     )
 
 
@@ -312,6 +318,7 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
                 f"{p} is not a `feature-cloud evaluate` run (kind={res.get('kind')!r})"
             )
     first_path, first = runs[0]
+    current = head_defaults()  # runs of releases that did not record theirs: compared with these
     merged: Dict[str, Any] = copy.deepcopy(first)
     merged["runs"], merged["wall_seconds"] = [], 0.0
     seen: Dict[Tuple[str, int], str] = {}
@@ -321,10 +328,18 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
                 f"cannot merge {p} (setting {res['setting']!r}) with {first_path} "
                 f"(setting {first['setting']!r})"
             )
+        if ("head_defaults" in res) != ("head_defaults" in first):
+            old = p if "head_defaults" not in res else first_path
+            raise ValueError(
+                f"cannot merge {p} with {first_path}: {old} was made by an earlier release that "
+                "did not record the head's defaults (they have changed since, e.g. "
+                "prototype_shrinkage); pool runs of one release"
+            )
+        da, db = res.get("head_defaults", current), first.get("head_defaults", current)
         diff = sorted(
             k
             for k in set(res["config"]) | set(first["config"])
-            if k not in _MERGE_FREE and not _same_setting(k, res["config"], first["config"])
+            if k not in _MERGE_FREE and not _same_setting(k, res["config"], first["config"], da, db)
         )
         if diff:
             raise ValueError(

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..cloud import DEFAULT_PROTOTYPE_SHRINKAGE
 from ..demo import metrics as M
 from ..demo._progress import progress
 from ..demo.data import LabeledData
@@ -23,6 +24,7 @@ from ..demo.runner import evaluate_method
 from .backbones import build_backbone
 from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
 from .protocol import hs_split, natural_split
+from .report import head_defaults
 
 __all__ = ["EvalConfig", "run_evaluation", "train_model", "setting_name", "RESULTS_FILE"]
 
@@ -56,6 +58,8 @@ class EvalConfig:
     )
     # FTL's FC: "cosface" (real faces, README "Real faces") | "linear" (paper) | "arcface"
     ftl_classifier: str = "cosface"
+    # FTL's cosine FC: inference prototypes (kappa; None: plain weights), README "Real faces"
+    ftl_prototype_shrinkage: Optional[float] = DEFAULT_PROTOTYPE_SHRINKAGE
     leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
     out: str = "outputs/evaluate"
 
@@ -87,6 +91,9 @@ class EvalConfig:
             raise ValueError(
                 f"ftl_classifier must be one of {FTL_CLASSIFIERS}, got {self.ftl_classifier!r}"
             )
+        kappa = self.ftl_prototype_shrinkage
+        if kappa is not None and not float(kappa) >= 0.0:
+            raise ValueError(f"ftl_prototype_shrinkage must be >= 0 or None, got {kappa}")
 
 
 def setting_name(cfg: EvalConfig) -> str:
@@ -126,6 +133,7 @@ def train_model(
         ftl_alternations=cfg.ftl_alternations,
         ftl_stage0_fraction=cfg.ftl_stage0_fraction,
         ftl_classifier=cfg.ftl_classifier,
+        ftl_prototype_shrinkage=cfg.ftl_prototype_shrinkage,
         seed=seed,
         leap_options=dict(cfg.leap_options),
     )
@@ -280,6 +288,7 @@ def run_evaluation(
         "kind": "evaluate",
         "setting": setting_name(cfg),
         "config": asdict(cfg),
+        "head_defaults": head_defaults(),  # what leap_options left out resolved to (report merge)
         "data": {
             "name": data.name,
             "samples": int(data.x.shape[0]),

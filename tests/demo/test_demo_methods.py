@@ -150,3 +150,60 @@ def test_ftl_with_a_cosine_margin_classifier_trains_and_drops_ml2(tiny, kind):
     assert logits.shape == (5, 6) and float(logits.abs().max()) <= head.scale + 1e-4
     with pytest.raises(ValueError, match="ftl_classifier"):
         build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_classifier="svm"))
+
+
+def test_ftl_cosine_fc_prototypes_train_the_same_and_score_against_the_centers(tiny):
+    """``ftl_prototype_shrinkage``: FTL's cosine FC keeps class centers of ``f`` (a cloud of scale
+    0) and classifies with the inference prototypes in eval mode; training is bit-identical to
+    the plain head (the same weights after Algorithm 1), ``classify_weights`` gives the plain
+    logits, and the no-transfer baseline never gets centers."""
+    import feature_cloud.functional as FC
+    from feature_cloud.evaluate.methods import EVAL_METHODS
+
+    x, y, counts = tiny
+
+    def trained(name, kappa):
+        cfg = MethodConfig(warmup_steps=4, tail_threshold=3, ftl_classifier="cosface")
+        cfg.ftl_prototype_shrinkage = kappa
+        torch.manual_seed(0)
+        backbone = build_method("cosface", (x.shape[1],), 6, counts, cfg).backbone
+        model = EVAL_METHODS[name](backbone, 6, counts, cfg)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+
+        def step(loss):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        model.train()
+        if name == "ftl":
+            model.fit(x, y, 12, 8, step)
+        else:
+            for i in range(0, 48, 8):
+                step(model.loss(x[i : i + 8], y[i : i + 8]))
+        return model.eval()
+
+    plain, proto = trained("ftl", None), trained("ftl", 10.0)
+    assert plain.ftl.classifier.cloud is None
+    head = proto.ftl.classifier
+    assert head.cloud == "full" and head.feature_cloud.scale == 0.0
+    assert head.feature_cloud.prototype_shrinkage == 10.0
+    assert torch.equal(plain.ftl.classifier.weight, head.weight)  # the same training
+    stats = head.statistics
+    assert bool(stats.center_initialized.all())  # every class's centers, stage 0 to 2
+    with torch.no_grad():
+        f = proto.embed(x[:16])
+        assert torch.equal(f, plain.embed(x[:16]))
+        expected = FC.center_prototypes(
+            head.weight, stats.centers, stats.center_initialized, stats.class_counts, 10.0
+        )
+        want = FC.cosine_logits(f, expected) * head.scale
+        torch.testing.assert_close(proto.classify(f), want)
+        torch.testing.assert_close(proto.classify_weights(f), plain.classify(f))
+        assert not torch.allclose(proto.classify(f), plain.classify(f))
+    base = trained("ftl_base", 10.0)  # the baseline: plain FC whatever the option says
+    assert base.ftl.classifier.cloud is None
+    with pytest.raises(ValueError, match="ftl_prototype_shrinkage"):
+        from feature_cloud.evaluate.runner import EvalConfig
+
+        EvalConfig(ftl_prototype_shrinkage=-1.0).validate()

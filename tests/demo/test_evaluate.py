@@ -4,6 +4,7 @@ on tiny synthetic image arrays (no real data)."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -174,6 +175,34 @@ def test_cli_evaluate_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+def test_cli_evaluate_ftl_prototypes_default_and_none(tmp_path):
+    """The default FTL (cosine FC) scores against its inference prototypes, its baseline against
+    plain weights; ``--ftl-prototype-shrinkage none`` turns them off (FC = FC(W) again). Both
+    settings train the same networks, so FC(W) agrees between the two runs."""
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = ["--methods", "ftl", "--seeds", "0", "--epochs", "3", "--batch-size", "8"]
+    common += ["--embedding-size", "8", "-T", "3", "--quiet", "--n-test", "1"]
+    runs = {}
+    for tag, extra in (("default", []), ("none", ["--ftl-prototype-shrinkage", "none"])):
+        out = str(tmp_path / tag)
+        assert main(["evaluate", p, *common, *extra, "--out", out]) == 0
+        with open(os.path.join(out, "results.json")) as fh:
+            r = json.load(fh)
+        assert r["config"]["ftl_prototype_shrinkage"] == (10.0 if tag == "default" else None)
+        runs[tag] = {run["method"]: run["metrics"] for run in r["runs"]}
+    for tag in runs:
+        base = runs[tag]["ftl_base"]
+        assert base["fcw_acc_tail"] == base["fc_acc_tail"]
+    plain, proto = runs["none"]["ftl"], runs["default"]["ftl"]
+    assert plain["fcw_acc_tail"] == plain["fc_acc_tail"]
+    for key in ("fcw_acc_tail", "fcw_acc_head", "nn_acc_tail"):
+        assert proto[key] == plain[key], key  # the same training, the same features
+    assert runs["default"]["ftl_base"] == runs["none"]["ftl_base"]
+
+
 def test_cli_evaluate_rejects_bad_arguments(tmp_path):
     from feature_cloud.cli import main
     from feature_cloud.evaluate.runner import EvalConfig
@@ -184,11 +213,13 @@ def test_cli_evaluate_rejects_bad_arguments(tmp_path):
     assert main(["evaluate", str(tmp_path / "missing.npz"), "--quiet"]) == 2
     assert main(["evaluate", p, "--leap-option", "nokey", "--quiet"]) == 2
     assert main(["evaluate", p, "--ftl-stage0-fraction", "1.0", "--quiet"]) == 2
+    assert main(["evaluate", p, "--ftl-prototype-shrinkage", "-1", "--quiet"]) == 2
     with pytest.raises(SystemExit):  # argparse choices
         main(["evaluate", p, "--ftl-classifier", "svm", "--quiet"])
     with pytest.raises(ValueError, match="ftl_classifier"):
         EvalConfig(ftl_classifier="svm").validate()
     assert EvalConfig().ftl_classifier == "cosface"  # real faces (README): the evaluate default
+    assert EvalConfig().ftl_prototype_shrinkage == 10.0  # its inference prototypes (README)
 
 
 def test_backbones_conv4_and_timm_without_download():
@@ -231,6 +262,8 @@ def test_leap_screen_script_pairs_variants_with_the_cloud_off_baseline(tmp_path,
     assert again["fc_acc_tail"] == rows[0]["fc_acc_tail"]  # same seed, same baseline
     table = leap_screen.summary([out])
     assert "| natural | 1 | margin2 | 2 |" in table
+    row = next(line for line in table.splitlines() if "| margin2 |" in line).split("|")
+    assert "Δ FC(W) tail" in table and "nan" not in row[7]  # FC(W) tail of the rows' metrics
     capsys.readouterr()
     leap_screen.main(["--summary", out])
     assert "margin2" in capsys.readouterr().out
@@ -387,4 +420,22 @@ def test_report_pools_the_seeds_of_separate_runs(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", out["a"], out["c"] + "5", "--out", str(tmp_path / "w"), "--quiet"]) == 2
     assert "configuration differs in ['leap_options']" in capsys.readouterr().err
+    # each run resolves against the head defaults it recorded: a run whose release had another
+    # default (here prototype_shrinkage) does not pool, nor does one that recorded none
+    for name, edit in (("old_default", "change"), ("no_record", "drop")):
+        d = str(tmp_path / name)
+        shutil.copytree(str(tmp_path / "d"), d)
+        res = load(d, "results.json")
+        assert res["head_defaults"]["prototype_shrinkage"] == 10.0
+        if edit == "change":
+            res["head_defaults"]["prototype_shrinkage"] = None
+        else:
+            del res["head_defaults"]
+        with open(os.path.join(d, "results.json"), "w") as fh:
+            json.dump(res, fh)
+        capsys.readouterr()
+        assert main(["report", out["a"], d, "--out", str(tmp_path / f"m_{name}"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        want = "differs in ['leap_options']" if edit == "change" else "earlier release"
+        assert want in err, err
     assert not os.path.exists(str(tmp_path / "x")) and not os.path.exists(str(tmp_path / "y"))
