@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ftl-classifier",
         choices=FTL_CLASSIFIERS,
         default=d.ftl_classifier,
-        help="FTL's FC: the paper's linear softmax + m-L2, or a cosine-margin head",
+        help="FTL's FC: the paper's linear softmax + m-L2, a cosine-margin head, or 'leap': the "
+        "default LEAP head (its baseline: the plain margin head)",
     )
     demo.add_argument("--test-fraction", type=float, default=d.test_fraction)
     demo.add_argument("--val-fraction", type=float, default=d.val_fraction)
@@ -264,7 +265,8 @@ def _add_evaluate(sub) -> None:
         "--ftl-classifier",
         choices=FTL_CLASSIFIERS,
         default=e.ftl_classifier,
-        help="FTL's FC (and its baseline's): the paper's linear softmax + m-L2, or a cosine-margin head",
+        help="FTL's FC (and its baseline's): the paper's linear softmax + m-L2, a cosine-margin "
+        "head, or 'leap': the default LEAP head (its baseline: the plain margin head)",
     )
     ev.add_argument(
         "--ftl-prototype-shrinkage",

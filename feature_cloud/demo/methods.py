@@ -116,7 +116,8 @@ class MethodConfig:
     # Real faces (README, FTL results): a short stage 0 leaves Enc under-trained for the budget.
     ftl_stage0_fraction: Optional[float] = 0.7
     # FTL's FC: "linear" (the paper's softmax + m-L2) or a cosine-margin head, "cosface" /
-    # "arcface" (a LEAPMarginHead without cloud; no m-L2: the head normalises W and f).
+    # "arcface" (a LEAPMarginHead without cloud; no m-L2: the head normalises W and f), or "leap"
+    # (the LEAP methods' default head on ``leap_margin``, ``leap_options`` applied).
     ftl_classifier: str = "linear"
     # Inference prototypes of FTL's cosine-margin FC (LEAPMarginHead ``prototype_shrinkage``): the
     # FC tracks its class centers of ``f`` (Eq. 4 of LEAP, no cloud) and scores tail classes
@@ -202,7 +203,7 @@ class MarginMethod(_Method):
         return {"cloud_std": self.head.statistics.cloud_variance().detach().sqrt()}
 
 
-FTL_CLASSIFIERS = ("linear", "cosface", "arcface")
+FTL_CLASSIFIERS = ("linear", "cosface", "arcface", "leap")
 
 
 def ftl_classifier(
@@ -215,19 +216,37 @@ def ftl_classifier(
     """FTL's ``FC`` and its m-L2 weight for ``cfg.ftl_classifier``: a bias-free linear softmax with
     ``cfg.ml2_alpha`` (the paper), or a :class:`LEAPMarginHead` of that margin with no m-L2 (it
     normalises ``W`` and ``f``, so the class weight norms cannot absorb the tail re-balancing of
-    stage 1) and no cloud. With ``prototypes`` and ``cfg.ftl_prototype_shrinkage`` set, the head
+    stage 1) and no cloud, or (``"leap"``) the LEAP methods' default head (cloud, warm-up, class
+    counts, prototypes). With ``prototypes`` and ``cfg.ftl_prototype_shrinkage`` set, the head
     keeps class centers of ``f`` (a full-rule cloud of scale 0: statistics, no noise, the same
     training) and its eval-mode logits use the inference prototypes
-    (:func:`~feature_cloud.functional.center_prototypes`)."""
+    (:func:`~feature_cloud.functional.center_prototypes`). Without ``prototypes`` (the no-transfer
+    baseline) every cosine kind is the plain, cloud-free head."""
     kind = cfg.ftl_classifier
     if kind not in FTL_CLASSIFIERS:
         raise ValueError(f"ftl_classifier must be one of {FTL_CLASSIFIERS}, got {kind!r}")
     if kind == "linear":
         return nn.Linear(embedding_size, num_classes, bias=False), cfg.ml2_alpha
+    margin = cfg.leap_margin if kind == "leap" else kind
     kappa = cfg.ftl_prototype_shrinkage
-    if not prototypes or kappa is None:
+    if not prototypes or (kind != "leap" and kappa is None):
         head = LEAPMarginHead(
-            embedding_size, num_classes, margin_type=kind, cloud=None, validate=False
+            embedding_size, num_classes, margin_type=margin, cloud=None, validate=False
+        )
+        return head, 0.0
+    if kind == "leap":  # the default LEAP head of the LEAP methods (cloud, warm-up, prototypes)
+        options: Dict[str, Any] = dict(
+            tail_threshold=cfg.tail_threshold,
+            gamma=cfg.gamma,
+            memory_per_sample=cfg.memory_per_sample,
+            warmup_steps=cfg.warmup_steps,
+            class_counts=counts,
+        )
+        if kappa is not None:
+            options["prototype_shrinkage"] = kappa
+        options.update(cfg.leap_options)
+        head = LEAPMarginHead(
+            embedding_size, num_classes, margin_type=margin, cloud="full", validate=False, **options
         )
         return head, 0.0
     head = LEAPMarginHead(

@@ -56,7 +56,8 @@ class EvalConfig:
     ftl_stage0_fraction: Optional[float] = (
         0.7  # FTL stage-0 share; None: warmup_fraction (old rule)
     )
-    # FTL's FC: "cosface" (real faces, README "Real faces") | "linear" (paper) | "arcface"
+    # FTL's FC: "cosface" (real faces, README "Real faces") | "linear" (paper) | "arcface" |
+    # "leap" (the LEAP methods' default head; the baseline gets the plain margin head)
     ftl_classifier: str = "cosface"
     # FTL's cosine FC: inference prototypes (kappa; None: plain weights), README "Real faces"
     ftl_prototype_shrinkage: Optional[float] = DEFAULT_PROTOTYPE_SHRINKAGE

@@ -207,3 +207,41 @@ def test_ftl_cosine_fc_prototypes_train_the_same_and_score_against_the_centers(t
         from feature_cloud.evaluate.runner import EvalConfig
 
         EvalConfig(ftl_prototype_shrinkage=-1.0).validate()
+
+
+def test_ftl_with_the_leap_head_as_fc_and_its_plain_baseline(tiny):
+    """``ftl_classifier="leap"``: FTL's FC is the LEAP methods' default head (full cloud, warm-up,
+    class counts, prototypes; ``leap_options`` apply), its no-transfer baseline the plain margin
+    head of the same margin; both start from the same initial weights (R, FC, decoder)."""
+    from feature_cloud.evaluate.methods import EVAL_METHODS
+
+    x, y, counts = tiny
+    cfg = MethodConfig(warmup_steps=4, tail_threshold=3, ftl_classifier="leap")
+    cfg.leap_options = {"cloud_scale": 2.0}
+    models = {}
+    for name in ("ftl", "ftl_base"):
+        torch.manual_seed(0)
+        backbone = build_method("cosface", (x.shape[1],), 6, counts, cfg).backbone
+        models[name] = EVAL_METHODS[name](backbone, 6, counts, cfg)
+    head, base = models["ftl"].ftl.classifier, models["ftl_base"].ftl.classifier
+    assert head.cloud == "full" and base.cloud is None
+    assert head.margin_type == base.margin_type == cfg.leap_margin
+    cloud = head.feature_cloud
+    assert cloud.scale == 2.0 and cloud.warmup_steps == 4 and cloud.prototype_shrinkage == 10.0
+    assert torch.equal(cloud.statistics.class_counts, counts)
+    for a, b in zip(models["ftl"].ftl.parameters(), models["ftl_base"].ftl.parameters()):
+        assert torch.equal(a, b)
+    opt = torch.optim.SGD(models["ftl"].parameters(), lr=1e-2)
+
+    def step(loss):
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    model = models["ftl"].train()
+    model.fit(x, y, 12, 8, step)
+    assert int(cloud.step) > 0 and bool(cloud.statistics.center_initialized.any())
+    model.eval()
+    with torch.no_grad():
+        f = model.embed(x[:5])
+        assert not torch.allclose(model.classify(f), model.classify_weights(f))
