@@ -272,8 +272,8 @@ def _add_evaluate(sub) -> None:
         "--ftl-prototype-shrinkage",
         type=_fraction_or_none,
         default=e.ftl_prototype_shrinkage,
-        help="FTL's cosine FC scores against inference prototypes with this kappa (not its "
-        "baseline); 'none': plain weights",
+        help="FTL's cosine FC scores against inference prototypes with this kappa (never its "
+        "baseline); 'none' (default): plain weights (with --ftl-classifier leap: the head's default)",
     )
     ev.add_argument(
         "--leap-option",

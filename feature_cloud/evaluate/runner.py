@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cloud import DEFAULT_PROTOTYPE_SHRINKAGE
 from ..demo import metrics as M
 from ..demo._progress import progress
 from ..demo.data import LabeledData
@@ -59,8 +58,9 @@ class EvalConfig:
     # FTL's FC: "cosface" (real faces, README "Real faces") | "linear" (paper) | "arcface" |
     # "leap" (the LEAP methods' default head; the baseline gets the plain margin head)
     ftl_classifier: str = "cosface"
-    # FTL's cosine FC: inference prototypes (kappa; None: plain weights), README "Real faces"
-    ftl_prototype_shrinkage: Optional[float] = DEFAULT_PROTOTYPE_SHRINKAGE
+    # FTL's cosine FC: inference prototypes (kappa; None: plain weights). Off by default: on real
+    # faces they cost head accuracy at S = 1-3 (README, FTL results); "leap": the head's own default
+    ftl_prototype_shrinkage: Optional[float] = None
     leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
     out: str = "outputs/evaluate"
 

@@ -175,9 +175,9 @@ def test_cli_evaluate_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-def test_cli_evaluate_ftl_prototypes_default_and_none(tmp_path):
-    """The default FTL (cosine FC) scores against its inference prototypes, its baseline against
-    plain weights; ``--ftl-prototype-shrinkage none`` turns them off (FC = FC(W) again). Both
+def test_cli_evaluate_ftl_prototypes_option_and_default(tmp_path):
+    """``--ftl-prototype-shrinkage 10``: FTL (cosine FC) scores against its inference prototypes,
+    its baseline against plain weights; the default (none) uses the weights (FC = FC(W)). Both
     settings train the same networks, so FC(W) agrees between the two runs."""
     from feature_cloud.cli import main
 
@@ -186,21 +186,21 @@ def test_cli_evaluate_ftl_prototypes_default_and_none(tmp_path):
     common = ["--methods", "ftl", "--seeds", "0", "--epochs", "3", "--batch-size", "8"]
     common += ["--embedding-size", "8", "-T", "3", "--quiet", "--n-test", "1"]
     runs = {}
-    for tag, extra in (("default", []), ("none", ["--ftl-prototype-shrinkage", "none"])):
+    for tag, extra in (("proto", ["--ftl-prototype-shrinkage", "10"]), ("none", [])):
         out = str(tmp_path / tag)
         assert main(["evaluate", p, *common, *extra, "--out", out]) == 0
         with open(os.path.join(out, "results.json")) as fh:
             r = json.load(fh)
-        assert r["config"]["ftl_prototype_shrinkage"] == (10.0 if tag == "default" else None)
+        assert r["config"]["ftl_prototype_shrinkage"] == (10.0 if tag == "proto" else None)
         runs[tag] = {run["method"]: run["metrics"] for run in r["runs"]}
     for tag in runs:
         base = runs[tag]["ftl_base"]
         assert base["fcw_acc_tail"] == base["fc_acc_tail"]
-    plain, proto = runs["none"]["ftl"], runs["default"]["ftl"]
+    plain, proto = runs["none"]["ftl"], runs["proto"]["ftl"]
     assert plain["fcw_acc_tail"] == plain["fc_acc_tail"]
     for key in ("fcw_acc_tail", "fcw_acc_head", "nn_acc_tail"):
         assert proto[key] == plain[key], key  # the same training, the same features
-    assert runs["default"]["ftl_base"] == runs["none"]["ftl_base"]
+    assert runs["proto"]["ftl_base"] == runs["none"]["ftl_base"]
 
 
 def test_cli_evaluate_rejects_bad_arguments(tmp_path):
@@ -219,7 +219,7 @@ def test_cli_evaluate_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="ftl_classifier"):
         EvalConfig(ftl_classifier="svm").validate()
     assert EvalConfig().ftl_classifier == "cosface"  # real faces (README): the evaluate default
-    assert EvalConfig().ftl_prototype_shrinkage == 10.0  # its inference prototypes (README)
+    assert EvalConfig().ftl_prototype_shrinkage is None  # off: head cost at S = 1-3 (README)
 
 
 def test_backbones_conv4_and_timm_without_download():
