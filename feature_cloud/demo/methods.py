@@ -206,6 +206,21 @@ class MarginMethod(_Method):
 FTL_CLASSIFIERS = ("linear", "cosface", "arcface", "leap")
 
 
+def _cloud_options(cfg: MethodConfig, counts: Optional[Tensor], cloud: bool) -> Dict[str, Any]:
+    """The LEAP methods' cloud keywords of :class:`LEAPMarginHead` from ``cfg`` (``leap_options``
+    override them); without a cloud: no warm-up, no class counts, no options."""
+    options: Dict[str, Any] = dict(
+        tail_threshold=cfg.tail_threshold,
+        gamma=cfg.gamma,
+        memory_per_sample=cfg.memory_per_sample,
+        warmup_steps=cfg.warmup_steps if cloud else 0,
+        class_counts=counts if cloud else None,
+    )
+    if cloud:
+        options.update(cfg.leap_options)
+    return options
+
+
 def ftl_classifier(
     cfg: MethodConfig,
     embedding_size: int,
@@ -235,16 +250,9 @@ def ftl_classifier(
         )
         return head, 0.0
     if kind == "leap":  # the default LEAP head of the LEAP methods (cloud, warm-up, prototypes)
-        options: Dict[str, Any] = dict(
-            tail_threshold=cfg.tail_threshold,
-            gamma=cfg.gamma,
-            memory_per_sample=cfg.memory_per_sample,
-            warmup_steps=cfg.warmup_steps,
-            class_counts=counts,
-        )
+        options = _cloud_options(cfg, counts, True)
         if kappa is not None:
             options["prototype_shrinkage"] = kappa
-        options.update(cfg.leap_options)
         head = LEAPMarginHead(
             embedding_size, num_classes, margin_type=margin, cloud="full", validate=False, **options
         )
@@ -395,18 +403,9 @@ def _margin(margin_type: str, cloud):
         backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig
     ) -> nn.Module:
         kwargs: Dict[str, Any] = dict(
-            margin_type=margin_type,
-            cloud=cloud,
-            tail_threshold=cfg.tail_threshold,
-            gamma=cfg.gamma,
-            memory_per_sample=cfg.memory_per_sample,
-            warmup_steps=cfg.warmup_steps if cloud else 0,
-            class_counts=counts if cloud else None,
-            seed=cfg.seed,
-            validate=False,
+            margin_type=margin_type, cloud=cloud, seed=cfg.seed, validate=False
         )
-        if cloud:  # options of the cloud (they override the fields above)
-            kwargs.update(cfg.leap_options)
+        kwargs.update(_cloud_options(cfg, counts, bool(cloud)))
         head = LEAPMarginHead(cfg.embedding_size, num_classes, **kwargs)
         return MarginMethod(backbone, head)
 
