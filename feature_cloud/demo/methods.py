@@ -226,16 +226,16 @@ def ftl_classifier(
     embedding_size: int,
     num_classes: int,
     counts: Optional[Tensor] = None,
-    prototypes: bool = True,
+    plain: bool = False,
 ) -> Tuple[nn.Module, float]:
     """FTL's ``FC`` and its m-L2 weight for ``cfg.ftl_classifier``: a bias-free linear softmax with
     ``cfg.ml2_alpha`` (the paper), or a :class:`LEAPMarginHead` of that margin with no m-L2 (it
     normalises ``W`` and ``f``, so the class weight norms cannot absorb the tail re-balancing of
     stage 1) and no cloud, or (``"leap"``) the LEAP methods' default head (cloud, warm-up, class
-    counts, prototypes). With ``prototypes`` and ``cfg.ftl_prototype_shrinkage`` set, the head
+    counts, prototypes). With ``cfg.ftl_prototype_shrinkage`` set (and not ``plain``), the head
     keeps class centers of ``f`` (a full-rule cloud of scale 0: statistics, no noise, the same
     training) and its eval-mode logits use the inference prototypes
-    (:func:`~feature_cloud.functional.center_prototypes`). Without ``prototypes`` (the no-transfer
+    (:func:`~feature_cloud.functional.center_prototypes`). With ``plain`` (the no-transfer
     baseline) every cosine kind is the plain, cloud-free head."""
     kind = cfg.ftl_classifier
     if kind not in FTL_CLASSIFIERS:
@@ -244,7 +244,7 @@ def ftl_classifier(
         return nn.Linear(embedding_size, num_classes, bias=False), cfg.ml2_alpha
     margin = cfg.leap_margin if kind == "leap" else kind
     kappa = cfg.ftl_prototype_shrinkage
-    if not prototypes or (kind != "leap" and kappa is None):
+    if plain or (kind != "leap" and kappa is None):
         head = LEAPMarginHead(
             embedding_size, num_classes, margin_type=margin, cloud=None, validate=False
         )
@@ -281,8 +281,8 @@ class FTLMethod(_Method):
     number of optimiser steps as every other method.
     """
 
-    #: whether a cosine FC gets ``cfg.ftl_prototype_shrinkage`` (the no-transfer baseline: never)
-    prototypes = True
+    #: a plain, cloud-free cosine FC whatever ``cfg`` asks (the no-transfer baseline)
+    plain_fc = False
 
     def __init__(
         self,
@@ -308,7 +308,7 @@ class FTLMethod(_Method):
         transfer = FeatureTransfer(
             d, num_classes, tail_threshold=cfg.tail_threshold, class_counts=counts
         )
-        classifier, alpha_reg = ftl_classifier(cfg, d, num_classes, counts, self.prototypes)
+        classifier, alpha_reg = ftl_classifier(cfg, d, num_classes, counts, self.plain_fc)
         self.ftl = FTLModel(
             backbone,
             classifier,

@@ -20,7 +20,7 @@ class FTLWithoutTransfer(FTLMethod):
     """FTL's Enc/R/FC model trained by its stage-0 loss only (the FTL baseline)."""
 
     fit = None  # type: ignore[assignment]
-    prototypes = False  # the user's plain FC: no class centers, no inference prototypes
+    plain_fc = True  # the user's plain FC: no cloud, no centers, no inference prototypes
 
 
 def _ftl_base(
