@@ -344,8 +344,9 @@ class FeatureCloud(nn.Module):
         class centers (:func:`~feature_cloud.functional.center_prototypes`, ``kappa =
         prototype_shrinkage``); ``weight`` itself in train mode (training accuracy monitors the
         classifier being trained, as the fused loss's top-1 does) or with
-        ``prototype_shrinkage=None``."""
-        if self.prototype_shrinkage is None or self.training:
+        ``prototype_shrinkage=None``; and without a cloud (``rule=None``), whose centers never
+        move (the blend would only renormalise ``weight`` on every inference call)."""
+        if self.prototype_shrinkage is None or self.training or self.rule is None:
             return weight
         stats = self.statistics
         return FC.center_prototypes(
