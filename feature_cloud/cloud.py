@@ -339,21 +339,24 @@ class FeatureCloud(nn.Module):
         return N.counter_normal(key, std.shape[0], 0, 1, 1)[0].to(std.dtype)
 
     # ------------------------------------------------------------------ inference
-    def prototypes(self, weight: Tensor, sub_centers: int = 1) -> Tensor:
+    def prototypes(self, weight: Tensor, sub_centers: int = 1, class_start: int = 0) -> Tensor:
         """The class prototypes of inference logits: in eval mode ``weight`` shrunk towards the
         class centers (:func:`~feature_cloud.functional.center_prototypes`, ``kappa =
         prototype_shrinkage``); ``weight`` itself in train mode (training accuracy monitors the
         classifier being trained, as the fused loss's top-1 does) or with
         ``prototype_shrinkage=None``; and without a cloud (``rule=None``), whose centers never
-        move (the blend would only renormalise ``weight`` on every inference call)."""
+        move (the blend would only renormalise ``weight`` on every inference call).
+        ``weight`` holds the classes ``class_start .. class_start + rows / sub_centers - 1``
+        (a shard of a model-parallel head; default: all classes)."""
         if self.prototype_shrinkage is None or self.training or self.rule is None:
             return weight
         stats = self.statistics
+        rows = slice(class_start, class_start + weight.shape[0] // sub_centers)
         return FC.center_prototypes(
             weight,
-            stats.centers,
-            stats.center_initialized,
-            stats.class_counts,
+            stats.centers[rows],
+            stats.center_initialized[rows],
+            stats.class_counts[rows],
             self.prototype_shrinkage,
             sub_centers,
         )

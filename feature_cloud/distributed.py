@@ -258,10 +258,47 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
 
     # ------------------------------------------------------------------ public API
     def shard_logits(self, embeddings: Tensor) -> Tensor:
-        """Plain ``s cos(theta)`` of this rank's embeddings against this rank's classes,
-        ``(B, shard_end - shard_start)``, columns ``shard_start..shard_end-1`` (no communication)."""
+        """Inference ``s cos(theta)`` of ``embeddings`` against this rank's classes,
+        ``(B, shard_end - shard_start)``, columns ``shard_start..shard_end-1`` (no communication):
+        the columns of :meth:`LEAPMarginHead.logits <feature_cloud.heads.LEAPMarginHead.logits>`
+        of the consolidated head (in eval mode against this shard's rows of the cloud's
+        prototypes; in train mode, or with ``prototype_shrinkage=None``, against the weights)."""
         check_embeddings(embeddings, self.embedding_size)
-        return FC.cosine_logits(embeddings, self.weight) * self.scale
+        weight = self.feature_cloud.prototypes(self.weight, class_start=self.shard_start)
+        return FC.cosine_logits(embeddings, weight) * self.scale
+
+    def logits(self, embeddings: Tensor) -> Tensor:
+        """All classes' inference logits ``(B_r, C)`` of this rank's ``embeddings``, equal to the
+        consolidated :class:`~feature_cloud.heads.LEAPMarginHead`'s ``logits``. Every rank of
+        the group calls it (batch sizes may differ): the batches are checked on every rank and
+        all-gathered, each shard scores the global batch (:meth:`shard_logits`), the shards'
+        columns are all-gathered and each rank keeps its own rows. Inference only (detached);
+        one host sync (the batch check)."""
+        if self.world_size == 1:
+            return self.shard_logits(embeddings)
+        group = self.process_group
+        dummy = torch.zeros(
+            embeddings.shape[0] if isinstance(embeddings, Tensor) and embeddings.dim() else 0,
+            dtype=torch.long,
+            device=self.weight.device,
+        )
+        _, rows = agree_on_batch(
+            embeddings,
+            dummy,
+            self.embedding_size,
+            self.num_classes,
+            group=group,
+            device=self.weight.device,
+        )
+        emb, _ = gather_batch(embeddings.detach(), dummy, group, pad_to=rows)
+        local = self.shard_logits(emb).detach()  # (world * rows, C_r)
+        widest = max(self.sizes)
+        padded = local.new_zeros(local.shape[0], widest)
+        padded[:, : local.shape[1]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded, group=group)
+        full = torch.cat([part[:, :n] for part, n in zip(parts, self.sizes)], dim=1)
+        return full[self.rank * rows : self.rank * rows + embeddings.shape[0]]
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """LEAP margin softmax loss of the global batch (see the class docstring)."""

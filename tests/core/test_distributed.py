@@ -304,6 +304,23 @@ def check_sharded_cloud_and_checkpoints(rank: int, world: int) -> None:
     assert int(got["feature_cloud.step"]) == int(want["feature_cloud.step"]) == len(SCHEDULE)
     assert all(isinstance(v, torch.Tensor) for v in got.values())
     _assert_close_states(got, want, "split back", atol=0)
+    # inference: the shard's columns and the gathered logits are the consolidated head's, in
+    # eval mode against the prototypes (which differ from the weights here), batch sizes uneven
+    # and one rank empty; a NaN on one rank raises on every rank
+    sharded.eval(), single.eval()
+    for step in (1, 2):
+        xs = _batches(40 + step, SCHEDULE[step][:world])[rank][0]
+        want = single.logits(xs)
+        _close(sharded.shard_logits(xs), want[:, lo:hi], f"shard logits {step}")
+        _close(sharded.logits(xs), want, f"gathered logits {step}")
+    xs = _batches(43, [3] * world)[rank][0]
+    plain = FC.cosine_logits(xs, single.weight) * single.scale
+    assert not torch.allclose(single.logits(xs), plain, atol=1e-3)  # prototypes are in play
+    if rank == world - 1:
+        xs[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sharded.logits(xs)
+    sharded.train(), single.train()
     # a rank resuming from its own shard continues the same counter-based cloud
     resumed = ShardedLEAPMarginHead(D, C, "arcface", class_counts=COUNTS, seed=0, **paper)
     resumed.load_state_dict(shards[rank])
@@ -589,6 +606,10 @@ def test_sharded_head_on_one_process_is_the_dense_head(cloud_mode: str) -> None:
             _close(a, b, f"step {step}")
     full = consolidate_state_dicts([sharded.state_dict()])
     _assert_close_states(full, dense.state_dict(), "consolidated", atol=1e-6)
+    dense.eval(), sharded.eval()  # inference logits against the same prototypes
+    x = _batches(50, [6])[0][0]
+    _close(sharded.logits(x), dense.logits(x), "eval logits")
+    _close(sharded.shard_logits(x), dense.logits(x), "eval shard logits")
 
 
 def test_split_and_consolidate_round_trip_with_uneven_shards() -> None:
