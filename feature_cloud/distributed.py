@@ -275,7 +275,7 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
         columns are all-gathered and each rank keeps its own rows. Inference only (detached);
         one host sync (the batch check)."""
         if self.world_size == 1:
-            return self.shard_logits(embeddings)
+            return self.shard_logits(embeddings).detach()
         group = self.process_group
         dummy = torch.zeros(
             embeddings.shape[0] if isinstance(embeddings, Tensor) and embeddings.dim() else 0,

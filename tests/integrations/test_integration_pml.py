@@ -38,6 +38,13 @@ def _loss_and_grads(loss_fn, emb, labels, indices_tuple=None):
     return loss_and_grads(lambda e: loss_fn(e, labels, indices_tuple), emb, params=[loss_fn.W])
 
 
+#: parity tolerance of :func:`_max_diff`: float32 rounding of two different reduction orders
+#: (fused kernels vs PML's logits) at s=64; the SumReducer's weight gradient (48 summed rows)
+#: measured 1.3e-5 on one machine's BLAS and below 1e-5 on another. A wrong margin, scale or
+#: reduction differs by 1e-3 and more.
+TOL = 5e-5
+
+
 def _max_diff(a, b):
     """Largest difference, relative above 1 (a summed loss of 48 samples at s=64 is ~500: the
     fused kernels and PML round differently in the last bits)."""
@@ -61,7 +68,7 @@ def test_cloud_off_matches_pml_values_and_gradients(margin_type, margin, scale):
         emb, labels = _batch(seed)
         r = _loss_and_grads(ref, emb, labels)
         o = _loss_and_grads(ours, emb, labels)
-        assert _max_diff(r, o) <= 1e-5, (r[0], o[0])
+        assert _max_diff(r, o) <= TOL, (r[0], o[0])
 
 
 def test_pml_default_kwargs_are_pml_defaults():
@@ -109,7 +116,7 @@ def test_arcface_large_angle_regime_is_the_documented_difference():
 def test_reducers_match_pml(reducer):
     ref, ours = _pair("cosface", 0.35, 64.0, reducer=reducer)
     emb, labels = _batch(1)
-    assert _max_diff(_loss_and_grads(ref, emb, labels), _loss_and_grads(ours, emb, labels)) <= 1e-5
+    assert _max_diff(_loss_and_grads(ref, emb, labels), _loss_and_grads(ours, emb, labels)) <= TOL
 
 
 def test_miner_weights_match_pml():
@@ -120,7 +127,7 @@ def test_miner_weights_match_pml():
         _max_diff(
             _loss_and_grads(ref, emb, labels, tuple_), _loss_and_grads(ours, emb, labels, tuple_)
         )
-        <= 1e-5
+        <= TOL
     )
 
 
@@ -137,7 +144,7 @@ def test_weight_regularizer_and_init_match_pml():
     assert torch.equal(ref.W, ours.W)
     assert set(ours.sub_loss_names()) == set(ref.sub_loss_names())
     emb, labels = _batch(3)
-    assert _max_diff(_loss_and_grads(ref, emb, labels), _loss_and_grads(ours, emb, labels)) <= 1e-5
+    assert _max_diff(_loss_and_grads(ref, emb, labels), _loss_and_grads(ours, emb, labels)) <= TOL
 
 
 def test_get_logits_matches_pml():
@@ -333,7 +340,7 @@ def test_leaploss_runs_on_the_fused_kernels_and_subcenter_equals_pml():
     emb, labels = _batch(4)
     with mock.patch.object(heads, "cloud_margin_logits", side_effect=AssertionError("reference")):
         assert (
-            _max_diff(_loss_and_grads(ref, emb, labels), _loss_and_grads(ours, emb, labels)) <= 1e-5
+            _max_diff(_loss_and_grads(ref, emb, labels), _loss_and_grads(ours, emb, labels)) <= TOL
         )
     torch.manual_seed(5)
     ref = losses.SubCenterArcFaceLoss(num_classes=C, embedding_size=D, sub_centers=3)
@@ -344,7 +351,7 @@ def test_leaploss_runs_on_the_fused_kernels_and_subcenter_equals_pml():
     for seed in range(3):
         emb, labels = _batch(10 + seed)
         assert (
-            _max_diff(_loss_and_grads(ref, emb, labels), _loss_and_grads(ours, emb, labels)) <= 1e-5
+            _max_diff(_loss_and_grads(ref, emb, labels), _loss_and_grads(ours, emb, labels)) <= TOL
         )
     torch.testing.assert_close(ours.get_logits(emb), ref.get_logits(emb), atol=1e-4, rtol=1e-5)
 
