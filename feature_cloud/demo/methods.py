@@ -176,6 +176,14 @@ def _weight_logits(head: LEAPMarginHead, emb: Tensor) -> Tensor:
     return FC.cosine_logits(emb, head.weight, head.sub_centers) * head.scale
 
 
+def _cloud_diagnostics(head: nn.Module) -> Dict[str, Tensor]:
+    """The standard deviation of the cloud angles each class received at the end of training,
+    ``sqrt`` of LEAP Eq. 6 / Eq. 9, for a :class:`LEAPMarginHead` with a cloud (else nothing)."""
+    if not isinstance(head, LEAPMarginHead) or head.cloud is None:
+        return {}
+    return {"cloud_std": head.statistics.cloud_variance().detach().sqrt()}
+
+
 class MarginMethod(_Method):
     """CosFace / ArcFace (LEAP Eq. 1-2) or LEAP (Eq. 7-8) through :class:`LEAPMarginHead`."""
 
@@ -196,11 +204,8 @@ class MarginMethod(_Method):
         return self.head.weight
 
     def per_class_diagnostics(self) -> Dict[str, Tensor]:
-        """The standard deviation of the cloud angles each class received at the end of
-        training, ``sqrt`` of LEAP Eq. 6 / Eq. 9 (absent for plain CosFace / ArcFace)."""
-        if self.head.cloud is None:
-            return {}
-        return {"cloud_std": self.head.statistics.cloud_variance().detach().sqrt()}
+        """The cloud's per-class std (absent for plain CosFace / ArcFace)."""
+        return _cloud_diagnostics(self.head)
 
 
 FTL_CLASSIFIERS = ("linear", "cosface", "arcface", "leap")
@@ -341,6 +346,11 @@ class FTLMethod(_Method):
 
     def class_weight(self) -> Tensor:
         return self.ftl.classifier.weight
+
+    def per_class_diagnostics(self) -> Dict[str, Tensor]:
+        """The cloud's per-class std when ``FC`` is a LEAP head with a cloud
+        (``--ftl-classifier leap``)."""
+        return _cloud_diagnostics(self.ftl.classifier)
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:  # stage 0 / 2 loss, Eq. 4
         return self.ftl.loss(x, y)["loss"]

@@ -245,3 +245,8 @@ def test_ftl_with_the_leap_head_as_fc_and_its_plain_baseline(tiny):
     with torch.no_grad():
         f = model.embed(x[:5])
         assert not torch.allclose(model.classify(f), model.classify_weights(f))
+    # the FC's cloud std is reported per class (as for the LEAP methods); the baseline has none
+    std = model.per_class_diagnostics()["cloud_std"]
+    assert std.shape == (6,) and bool(torch.isfinite(std).all()) and float(std.max()) > 0
+    torch.testing.assert_close(std, cloud.statistics.cloud_variance().sqrt())
+    assert models["ftl_base"].per_class_diagnostics() == {}
