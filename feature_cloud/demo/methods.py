@@ -249,29 +249,24 @@ def ftl_classifier(
         return nn.Linear(embedding_size, num_classes, bias=False), cfg.ml2_alpha
     margin = cfg.leap_margin if kind == "leap" else kind
     kappa = cfg.ftl_prototype_shrinkage
+    options: Dict[str, Any]
     if plain or (kind != "leap" and kappa is None):
-        head = LEAPMarginHead(
-            embedding_size, num_classes, margin_type=margin, cloud=None, validate=False
-        )
-        return head, 0.0
-    if kind == "leap":  # the default LEAP head of the LEAP methods (cloud, warm-up, prototypes)
-        options = _cloud_options(cfg, counts, True)
+        options = dict(cloud=None)
+    elif kind == "leap":  # the default LEAP head of the LEAP methods (cloud, warm-up, prototypes)
+        options = dict(cloud="full", **_cloud_options(cfg, counts, True))
         if kappa is not None:
             options["prototype_shrinkage"] = kappa
-        head = LEAPMarginHead(
-            embedding_size, num_classes, margin_type=margin, cloud="full", validate=False, **options
+    else:  # statistics only: class centers for the prototypes, no noise, the same training
+        options = dict(
+            cloud="full",
+            cloud_scale=0.0,
+            prototype_shrinkage=kappa,
+            gamma=cfg.gamma,
+            class_counts=counts,
         )
-        return head, 0.0
+    # no seed: a cloud draws one from the global RNG as the plain head's does (same init)
     head = LEAPMarginHead(
-        embedding_size,
-        num_classes,
-        margin_type=kind,
-        cloud="full",
-        cloud_scale=0.0,
-        prototype_shrinkage=kappa,
-        gamma=cfg.gamma,
-        class_counts=counts,
-        validate=False,  # no seed: its cloud draws one from the global RNG as the plain head's does
+        embedding_size, num_classes, margin_type=margin, validate=False, **options
     )
     return head, 0.0
 
