@@ -285,6 +285,12 @@ def _add_evaluate(sub) -> None:
     ev.add_argument("--out", default="outputs/evaluate", help="output directory")
     ev.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+    ev.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the finished (seed, method) runs of --out's results.json (written after "
+        "every run) and train only the missing ones",
+    )
 
 
 def _fraction_or_none(text: str):
@@ -350,12 +356,12 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         c.validate()
     data = load_dataset(args.data, tuple(args.image_size) if args.image_size else None)
     if len(configs) == 1:
-        run_evaluation(configs[0], data, log=log)
+        run_evaluation(configs[0], data, log=log, resume=args.resume)
         return
     dirs = []
     for c in configs:
         c.out = os.path.join(args.out, setting_name(c))
-        run_evaluation(c, data, log=log)
+        run_evaluation(c, data, log=log, resume=args.resume)
         dirs.append(c.out)
     log("")
     log(combine_settings(dirs, args.out))

@@ -7,7 +7,7 @@ import csv
 import json
 import math
 import os
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..demo import plots as demo_plots
 from ..demo.report import _markdown, load_results
@@ -19,6 +19,7 @@ __all__ = [
     "paired_rows",
     "combine_settings",
     "merge_runs",
+    "check_compatible",
     "SUMMARY_KEYS",
     "PAIRED_KEYS",
 ]
@@ -175,6 +176,14 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
         "",
         "Mean ± 95% t-interval half-width over seeds (accuracies in %, angles in rad²).",
         "",
+    ]
+    if results.get("complete") is False:  # absent in files of earlier releases: complete
+        text += [
+            f"**Partial**: the evaluation stopped after {len(results['runs'])} of "
+            f"{len(cfg['seeds']) * len(cfg['methods'])} runs (`--resume` trains the rest).",
+            "",
+        ]
+    text += [
         _markdown(srows),
         "",
     ]
@@ -297,6 +306,48 @@ def _same_setting(
     )
 
 
+def check_compatible(
+    res: Dict[str, Any],
+    first: Dict[str, Any],
+    path: str,
+    first_path: str,
+    current: Optional[Dict[str, Any]] = None,
+    verb: str = "merge",
+) -> None:
+    """Raise ``ValueError`` unless the evaluation ``res`` (read from ``path``) may be pooled with
+    ``first`` (from ``first_path``): same setting and data, every configuration field equal
+    except ``seeds``, ``methods`` and ``out`` (``leap_options`` as resolved head options), both
+    made by releases that record the head defaults (``current``: the defaults assumed where a
+    run recorded none, default this release's). ``verb`` names the action in the message."""
+    current = head_defaults() if current is None else current
+    if res["setting"] != first["setting"]:
+        raise ValueError(
+            f"cannot {verb} {path} (setting {res['setting']!r}) with {first_path} "
+            f"(setting {first['setting']!r})"
+        )
+    if ("head_defaults" in res) != ("head_defaults" in first):
+        old = path if "head_defaults" not in res else first_path
+        raise ValueError(
+            f"cannot {verb} {path} with {first_path}: {old} was made by an earlier release that "
+            "did not record the head's defaults (they have changed since, e.g. "
+            "prototype_shrinkage); pool runs of one release"
+        )
+    da, db = res.get("head_defaults", current), first.get("head_defaults", current)
+    diff = sorted(
+        k
+        for k in set(res["config"]) | set(first["config"])
+        if k not in _MERGE_FREE and not _same_setting(k, res["config"], first["config"], da, db)
+    )
+    if diff:
+        raise ValueError(
+            f"cannot {verb} {path} with {first_path}: configuration differs in {diff} "
+            f"({[res['config'].get(k) for k in diff]} vs {[first['config'].get(k) for k in diff]})"
+        )
+    data_diff = [k for k in _DATA_KEYS if res["data"].get(k) != first["data"].get(k)]
+    if data_diff:
+        raise ValueError(f"cannot {verb} {path} with {first_path}: the data differ in {data_diff}")
+
+
 def merge_runs(paths: Sequence[str], out: str) -> str:
     """Pool the seeds of several evaluations of one setting into ``out/results.json``.
 
@@ -323,32 +374,7 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
     merged["runs"], merged["wall_seconds"] = [], 0.0
     seen: Dict[Tuple[str, int], str] = {}
     for p, res in runs:
-        if res["setting"] != first["setting"]:
-            raise ValueError(
-                f"cannot merge {p} (setting {res['setting']!r}) with {first_path} "
-                f"(setting {first['setting']!r})"
-            )
-        if ("head_defaults" in res) != ("head_defaults" in first):
-            old = p if "head_defaults" not in res else first_path
-            raise ValueError(
-                f"cannot merge {p} with {first_path}: {old} was made by an earlier release that "
-                "did not record the head's defaults (they have changed since, e.g. "
-                "prototype_shrinkage); pool runs of one release"
-            )
-        da, db = res.get("head_defaults", current), first.get("head_defaults", current)
-        diff = sorted(
-            k
-            for k in set(res["config"]) | set(first["config"])
-            if k not in _MERGE_FREE and not _same_setting(k, res["config"], first["config"], da, db)
-        )
-        if diff:
-            raise ValueError(
-                f"cannot merge {p} with {first_path}: configuration differs in {diff} "
-                f"({[res['config'].get(k) for k in diff]} vs {[first['config'].get(k) for k in diff]})"
-            )
-        data_diff = [k for k in _DATA_KEYS if res["data"].get(k) != first["data"].get(k)]
-        if data_diff:
-            raise ValueError(f"cannot merge {p} with {first_path}: the data differ in {data_diff}")
+        check_compatible(res, first, p, first_path, current)
         for seed, split in res["splits"].items():
             if seed in merged["splits"] and merged["splits"][seed] != split:
                 raise ValueError(f"seed {seed} has a different split in {p} than in an earlier run")
@@ -370,6 +396,7 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
             seen[pair] = p
             merged["runs"].append(r)
         merged["wall_seconds"] += float(res.get("wall_seconds", 0.0))
+    merged["complete"] = all(res.get("complete") is not False for _, res in runs)
     merged["config"]["seeds"] = sorted({int(s) for s in merged["splits"]})
     merged["config"]["methods"] = list(merged["methods"])
     merged["config"]["out"] = out

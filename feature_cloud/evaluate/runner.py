@@ -223,33 +223,117 @@ def _normalise(x: Tensor, train: Tensor) -> Tensor:
     return (x - mean) / std
 
 
+def _write_json(obj: Dict[str, Any], file: str) -> None:
+    """Write ``obj`` to ``file`` atomically (a killed run never leaves half a file)."""
+    tmp = file + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, file)
+
+
+def _previous_runs(
+    cfg: EvalConfig, results: Dict[str, Any]
+) -> Dict[Tuple[int, str], Dict[str, Any]]:
+    """The finished ``(seed, method)`` runs of ``cfg.out/results.json`` that ``results`` (this
+    run's header and splits) may reuse; ``{}`` without a file. Raises ``ValueError`` naming the
+    difference when that file is another evaluation (setting, configuration other than seeds /
+    methods, data, a seed's split) or holds runs this one does not ask for."""
+    from ..demo.report import load_results
+    from .report import check_compatible
+
+    file = os.path.join(cfg.out, RESULTS_FILE)
+    if not os.path.exists(file):
+        return {}
+    prev = load_results(file)
+    if prev.get("kind") != "evaluate":
+        raise ValueError(f"--resume: {file} is not a `feature-cloud evaluate` run")
+    check_compatible(prev, results, file, "this run", verb="resume")
+    for seed, split in prev["splits"].items():
+        if seed in results["splits"] and results["splits"][seed] != split:
+            raise ValueError(f"--resume: seed {seed} has a different split in {file}")
+    done = {(int(r["seed"]), str(r["method"])): r for r in prev["runs"]}
+    extra = sorted(k for k in done if k[0] not in cfg.seeds or k[1] not in cfg.methods)
+    if extra:
+        raise ValueError(
+            f"--resume: {file} holds runs (seed, method) {extra} outside --seeds {cfg.seeds} / "
+            f"--methods {cfg.methods}; ask for them too, or write to another --out"
+        )
+    return done
+
+
 def run_evaluation(
     cfg: EvalConfig,
     data: LabeledData,
     log: Callable[[str], None] = print,
     write: bool = True,
+    resume: bool = False,
 ) -> Dict[str, Any]:
     """Train and evaluate every method on every seed; write ``results.json`` and the report to
-    ``cfg.out`` (if ``write``). Returns the results dictionary."""
+    ``cfg.out`` (if ``write``). Returns the results dictionary.
+
+    With ``write``, ``results.json`` is rewritten after every (seed, method) run with
+    ``"complete": false`` until the last one, so a killed evaluation keeps what it finished;
+    ``resume`` reuses those runs (the file must be of this setting, configuration, data and
+    splits) and trains only the missing ones."""
     cfg.validate()
     start = time.perf_counter()
     camids: Optional[Tensor] = getattr(data, "camids", None)
-    runs: List[Dict[str, Any]] = []
-    splits: Dict[str, Any] = {}
+    splits = {seed: make_split(cfg, data, seed) for seed in cfg.seeds}
+    results: Dict[str, Any] = {
+        "version": 1,
+        "kind": "evaluate",
+        "setting": setting_name(cfg),
+        "config": asdict(cfg),
+        "head_defaults": head_defaults(),  # what leap_options left out resolved to (report merge)
+        "data": {
+            "name": data.name,
+            "samples": int(data.x.shape[0]),
+            "num_classes": data.num_classes,
+            "input_shape": list(data.x.shape[1:]),
+            "camids": camids is not None,
+            "info": json.loads(json.dumps(data.info, default=str)),
+        },
+        "splits": {
+            str(seed): dict(
+                split.summary(), train_counts=split.train_counts.tolist(), head=split.head.tolist()
+            )
+            for seed, split in splits.items()
+        },
+        "methods": list(cfg.methods),
+        "labels": {m: METHOD_LABELS[m] for m in cfg.methods},
+        "baselines": {
+            m: BASELINES[m]
+            for m in cfg.methods
+            if BASELINES[m] is not None and BASELINES[m] in cfg.methods
+        },
+        "runs": [],
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "complete": False,
+        "wall_seconds": 0.0,
+    }
+    done = _previous_runs(cfg, results) if resume else {}
+    file = os.path.join(cfg.out, RESULTS_FILE)
+    if write:
+        os.makedirs(cfg.out, exist_ok=True)
     log(
         f"feature-cloud evaluate: {data.name} ({data.x.shape[0]} images, {data.num_classes} "
         f"identities), {setting_name(cfg)}, backbone {cfg.backbone}, {cfg.epochs} epochs, "
         f"seeds {cfg.seeds}, methods {cfg.methods}"
+        + (f"; {len(done)} runs reused from {file}" if done else "")
     )
-    for seed in cfg.seeds:
-        split = make_split(cfg, data, seed)
-        splits[str(seed)] = dict(
-            split.summary(), train_counts=split.train_counts.tolist(), head=split.head.tolist()
-        )
+    runs: List[Dict[str, Any]] = results["runs"]
+    for seed, split in splits.items():
         x = _normalise(data.x, split.train)
         tx, ty = x[split.train], data.y[split.train]
         ex, ey = x[split.test], data.y[split.test]
         for name in cfg.methods:
+            if (seed, name) in done:
+                runs.append(done[(seed, name)])
+                continue
             t0 = time.perf_counter()
             model = train_model(
                 name,
@@ -284,41 +368,14 @@ def run_evaluation(
                 f"{100 * scalars['nn_acc_head']:5.1f} tail {100 * scalars['nn_acc_tail']:5.1f} "
                 f"({seconds:.0f} s)"
             )
-    results = {
-        "version": 1,
-        "kind": "evaluate",
-        "setting": setting_name(cfg),
-        "config": asdict(cfg),
-        "head_defaults": head_defaults(),  # what leap_options left out resolved to (report merge)
-        "data": {
-            "name": data.name,
-            "samples": int(data.x.shape[0]),
-            "num_classes": data.num_classes,
-            "input_shape": list(data.x.shape[1:]),
-            "camids": camids is not None,
-            "info": json.loads(json.dumps(data.info, default=str)),
-        },
-        "splits": splits,
-        "methods": list(cfg.methods),
-        "labels": {m: METHOD_LABELS[m] for m in cfg.methods},
-        "baselines": {
-            m: BASELINES[m]
-            for m in cfg.methods
-            if BASELINES[m] is not None and BASELINES[m] in cfg.methods
-        },
-        "runs": runs,
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
-        "wall_seconds": round(time.perf_counter() - start, 1),
-    }
+            if write:  # every finished run on disk (a killed evaluation keeps it: --resume)
+                results["wall_seconds"] = round(time.perf_counter() - start, 1)
+                _write_json(results, file)
+    results["complete"] = True
+    results["wall_seconds"] = round(time.perf_counter() - start, 1)
     if write:
         from .report import render_evaluation
 
-        os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, RESULTS_FILE), "w") as fh:
-            json.dump(results, fh, indent=1)
+        _write_json(results, file)
         render_evaluation(cfg.out, log=log)
     return results

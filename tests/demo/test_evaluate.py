@@ -439,3 +439,75 @@ def test_report_pools_the_seeds_of_separate_runs(tmp_path, capsys):
         want = "differs in ['leap_options']" if edit == "change" else "earlier release"
         assert want in err, err
     assert not os.path.exists(str(tmp_path / "x")) and not os.path.exists(str(tmp_path / "y"))
+
+
+def test_evaluate_writes_every_run_and_resume_trains_only_the_missing_ones(
+    tmp_path, capsys, monkeypatch
+):
+    """A killed evaluation keeps its finished runs (``results.json`` after every run, marked
+    partial); ``--resume`` trains only the missing ones and ends where an uninterrupted run
+    ends; a results file of another configuration or with runs not asked for is refused
+    before anything is trained or written."""
+    import feature_cloud.evaluate.runner as R
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = ["evaluate", p, "--protocol", "natural", "-T", "5", "--n-test", "1"]
+    common += ["--methods", "leap_full_cosface", "--epochs", "2", "--batch-size", "8"]
+    common += ["--embedding-size", "8", "--image-size", "8", "8", "--quiet", "--seeds", "0", "1"]
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+
+    def load(d, f):
+        with open(os.path.join(d, f)) as fh:
+            return json.load(fh) if f.endswith(".json") else fh.read()
+
+    # --resume without a results file: an ordinary run
+    assert main(common + ["--out", whole, "--resume"]) == 0
+    assert load(whole, "results.json")["complete"] is True
+
+    real, calls = R.train_model, []
+
+    def killed_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user's Ctrl-C in the third training run
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "train_model", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        main(common + ["--out", part])
+    partial = load(part, "results.json")
+    assert partial["complete"] is False
+    assert [(r["seed"], r["method"]) for r in partial["runs"]] == [
+        (0, "cosface"),
+        (0, "leap_full_cosface"),
+    ]
+    assert not os.path.exists(os.path.join(part, "results.json.tmp"))
+    assert main(["report", part, "--quiet"]) == 0  # a partial run renders, and says so
+    assert "**Partial**: the evaluation stopped after 2 of 4 runs" in load(part, "summary.md")
+
+    # refused before training or writing: another configuration; runs outside --seeds
+    monkeypatch.setattr(R, "train_model", lambda *a, **k: pytest.fail("trained"))
+    before = load(part, "results.json")
+    capsys.readouterr()
+    assert main([*common, "--epochs", "1", "--out", part, "--resume"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    assert main([*common[:-3], "--seeds", "1", "--out", part, "--resume"]) == 2
+    assert "outside --seeds [1]" in capsys.readouterr().err
+    assert load(part, "results.json") == before
+
+    trained = []
+
+    def counted(*args, **kwargs):
+        trained.append((args[-1], args[0]))  # (seed, method)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "train_model", counted)
+    assert main(common + ["--out", part, "--resume"]) == 0
+    assert trained == [(1, "cosface"), (1, "leap_full_cosface")]
+    resumed, ref = load(part, "results.json"), load(whole, "results.json")
+    assert resumed["complete"] is True
+    assert [r["metrics"] for r in resumed["runs"]] == [r["metrics"] for r in ref["runs"]]
+    assert load(part, "paired.json") == load(whole, "paired.json")
+    assert "Partial" not in load(part, "summary.md")
