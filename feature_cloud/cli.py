@@ -276,6 +276,13 @@ def _add_evaluate(sub) -> None:
         "baseline); 'none' (default): plain weights (with --ftl-classifier leap: the head's default)",
     )
     ev.add_argument(
+        "--imprint-fraction",
+        type=_fraction_or_none,
+        default=e.imprint_fraction,
+        help="LEAP methods: imprint the class weights with the inference prototypes at this "
+        "share of training (the head's imprint_step); 'none': never (the paper)",
+    )
+    ev.add_argument(
         "--leap-option",
         action="append",
         default=[],
@@ -347,6 +354,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         ftl_stage0_fraction=args.ftl_stage0_fraction,
         ftl_classifier=args.ftl_classifier,
         ftl_prototype_shrinkage=args.ftl_prototype_shrinkage,
+        imprint_fraction=args.imprint_fraction,
         leap_options=options,
         out=args.out,
     )

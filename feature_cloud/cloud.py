@@ -129,6 +129,12 @@ class FeatureCloud(nn.Module):
             weight leans towards its center by ``kappa / (kappa + K_i)`` (default 10; ``None``:
             the weights, as in the paper). Classes whose center was never updated
             (``rule=None``) keep their weights.
+        imprint_step: weight imprinting (not in the papers; README, "Real faces"): before
+            training step ``imprint_step`` the owning head's class weights are replaced, once
+            and in place, by the inference prototypes (:meth:`imprint`; their row norms kept),
+            so the rest of training adapts the other classes and the features to tail weights
+            that sit on their class centers. Default ``None`` (never; the paper). Needs a cloud
+            rule and ``prototype_shrinkage``; the evaluation tool sets it to 80 % of training.
         center_rate, unknown_variance, angle_max_age: statistics options, see
             :class:`~feature_cloud.ClassStatistics` (``center_rate``, ``unknown_variance``,
             ``max_age``).
@@ -167,6 +173,7 @@ class FeatureCloud(nn.Module):
         center_rate: str = "adaptive",
         unknown_variance: str = "tail_prior",
         angle_max_age: Optional[int] = None,
+        imprint_step: Optional[int] = None,
         sync: str = "auto",
         process_group: ProcessGroup = None,
         pad_to: Optional[int] = None,
@@ -195,6 +202,15 @@ class FeatureCloud(nn.Module):
             if prototype_shrinkage is None
             else as_float(prototype_shrinkage, "prototype_shrinkage", minimum=0.0)
         )
+        if imprint_step is not None:
+            imprint_step = as_int(imprint_step, "imprint_step", 0)
+            if rule is None or self.prototype_shrinkage is None:
+                raise ValueError(
+                    f"imprint_step={imprint_step} imprints the inference prototypes: it needs a "
+                    f"cloud rule (got {rule!r}) and prototype_shrinkage (got "
+                    f"{self.prototype_shrinkage!r})"
+                )
+        self.imprint_step = imprint_step
         self.warmup_steps = warmup_steps
         self.sync = sync
         kwargs: Dict[str, Any] = dict(
@@ -235,6 +251,7 @@ class FeatureCloud(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.long))
         self._count = 0  # host copy of ``step`` (control flow without a device sync)
+        self._imprinted = -1  # the step imprint() last ran at
 
     # ------------------------------------------------------------------ state
     @property
@@ -350,6 +367,9 @@ class FeatureCloud(nn.Module):
         (a shard of a model-parallel head; default: all classes)."""
         if self.prototype_shrinkage is None or self.training or self.rule is None:
             return weight
+        return self._prototypes(weight, sub_centers, class_start)
+
+    def _prototypes(self, weight: Tensor, sub_centers: int, class_start: int) -> Tensor:
         stats = self.statistics
         rows = slice(class_start, class_start + weight.shape[0] // sub_centers)
         return FC.center_prototypes(
@@ -357,9 +377,33 @@ class FeatureCloud(nn.Module):
             stats.centers[rows],
             stats.center_initialized[rows],
             stats.class_counts[rows],
-            self.prototype_shrinkage,
+            float(self.prototype_shrinkage),  # type: ignore[arg-type]
             sub_centers,
         )
+
+    def imprint(
+        self, weight: Tensor, sub_centers: int = 1, class_start: int = 0, *, train: bool = True
+    ) -> bool:
+        """Weight imprinting (``imprint_step``): before training step ``imprint_step`` (the
+        heads call this ahead of :meth:`advance`) replace ``weight`` in place by its inference
+        prototypes (:meth:`prototypes`), each row keeping its norm; ``weight`` holds the classes
+        from ``class_start`` on (a shard). Once: later steps, eval mode and ``train=False`` do
+        nothing. No communication: replicas stay identical where the statistics are (the heads
+        refuse ``sync="off"`` with ``imprint_step`` in a process group of several ranks).
+        Returns whether it imprinted."""
+        if (
+            not train
+            or self.rule is None
+            or self.imprint_step is None
+            or self._count != self.imprint_step
+            or self._imprinted == self._count  # a skipped (empty) step does not count
+        ):
+            return False
+        self._imprinted = self._count
+        with torch.no_grad():
+            new = self._prototypes(weight, sub_centers, class_start).float()
+            weight.copy_(new * weight.float().norm(dim=1, keepdim=True))
+        return True
 
     # ------------------------------------------------------------------ distributed
     def synchronize(
@@ -384,7 +428,9 @@ class FeatureCloud(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"rule={self.rule!r}, mode={self.mode!r}, scale={self.scale}, "
-            f"prototype_shrinkage={self.prototype_shrinkage}, warmup_steps="
+            f"prototype_shrinkage={self.prototype_shrinkage}, "
+            + ("" if self.imprint_step is None else f"imprint_step={self.imprint_step}, ")
+            + "warmup_steps="
             f"{self.warmup_steps}, sync={self.sync!r}, steps_taken={self._count}"
         )
 

@@ -239,7 +239,9 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
             cloud_options["sync"] = "off"
         self.embedding_size = int(embedding_size)
         self.num_classes = num_classes
-        self.feature_cloud = make_cloud(cloud, num_classes, self.embedding_size, cloud_options)
+        self.feature_cloud = make_cloud(
+            cloud, num_classes, self.embedding_size, cloud_options, replicated=True
+        )
         self.reduction = reduction
         self.validate = bool(validate)
         self.process_group = process_group
@@ -339,6 +341,7 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
         key = (
             self.feature_cloud.noise_key(stream=0, purpose=N.PURPOSE_SAMPLING) if sampling else None
         )
+        self.feature_cloud.imprint(self.weight, class_start=self.shard_start, train=train)
         std, cloud_key = self.feature_cloud.advance(
             emb.detach(), lab, train=train, count_empty=distributed
         )

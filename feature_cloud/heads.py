@@ -69,9 +69,13 @@ def make_cloud(
     num_classes: int,
     embedding_size: int,
     options: Mapping[str, Any],
+    *,
+    replicated: bool = False,
 ) -> FeatureCloud:
     """The :class:`FeatureCloud` of a head: ``cloud`` itself, or one built from the rule and the
-    cloud options (the one place the heads and adapters turn their arguments into a cloud)."""
+    cloud options (the one place the heads and adapters turn their arguments into a cloud).
+    ``replicated``: the head feeds every rank the same (gathered) batch, so statistics that are
+    not synchronised are identical anyway (the sharded head)."""
     if isinstance(cloud, FeatureCloud):
         if options:
             raise TypeError(f"cloud options {sorted(options)} given with a ready FeatureCloud")
@@ -80,8 +84,17 @@ def make_cloud(
                 f"the FeatureCloud is for num_classes={cloud.num_classes}, embedding_size="
                 f"{cloud.embedding_size}; the head has {num_classes}, {embedding_size}"
             )
-        return cloud
-    return FeatureCloud(num_classes, embedding_size, cloud, **options)
+    else:
+        cloud = FeatureCloud(num_classes, embedding_size, cloud, **options)
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if cloud.imprint_step is not None and cloud.sync == "off" and not replicated and world > 1:
+        raise ValueError(
+            f"imprint_step with sync='off' in a process group of {world} ranks: each rank would "
+            "imprint the class weights from its own statistics and the replicas would differ; "
+            "use sync='auto' (statistics identical on every rank)"
+        )
+    return cloud
 
 
 def cloud_margin_logits(
@@ -400,6 +413,7 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         train = self.training and torch.is_grad_enabled()
         cloud = self.feature_cloud
         labels = cloud.check(embeddings, labels, validate=self.validate, train=train)
+        cloud.imprint(self.weight, self.sub_centers, train=train)
         std, key = cloud.advance(embeddings, labels, train=train)
         return std, key, labels
 

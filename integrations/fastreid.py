@@ -304,7 +304,9 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     ``SCALE``: factor on the cloud's standard deviation (the head's ``cloud_mode`` /
     ``cloud_scale``, defaults those of :class:`feature_cloud.FeatureCloud`);
     ``PROTOTYPE_SHRINKAGE``: ``kappa`` of the classification logits' prototypes (the head's
-    ``prototype_shrinkage``; ``-1``: the weights, as in the paper). The margin is fastreid's own
+    ``prototype_shrinkage``; ``-1``: the weights, as in the paper); ``IMPRINT_ITERS``: the
+    iteration at which the class weights are imprinted with those prototypes (the head's
+    ``imprint_step``; ``-1``: never, the default and the paper). The margin is fastreid's own
     ``MODEL.HEADS.CLS_LAYER`` / ``SCALE`` / ``MARGIN``.
     """
     node = CfgNode()
@@ -320,6 +322,7 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     node.MODE = DEFAULT_CLOUD_MODE
     node.SCALE = DEFAULT_CLOUD_SCALE
     node.PROTOTYPE_SHRINKAGE = DEFAULT_PROTOTYPE_SHRINKAGE
+    node.IMPRINT_ITERS = -1
     frozen = cfg.is_frozen()
     cfg.defrost()
     cfg.MODEL.HEADS.FEATURE_CLOUD = node
@@ -376,6 +379,7 @@ _YAML_KEYS = {
     "cloud_mode": "MODEL.HEADS.FEATURE_CLOUD.MODE",
     "cloud_scale": "MODEL.HEADS.FEATURE_CLOUD.SCALE",
     "prototype_shrinkage": "MODEL.HEADS.FEATURE_CLOUD.PROTOTYPE_SHRINKAGE",
+    "imprint_step": "MODEL.HEADS.FEATURE_CLOUD.IMPRINT_ITERS",
     "margin_type": "MODEL.HEADS.CLS_LAYER",
     "scale": "MODEL.HEADS.SCALE",
     "margin": "MODEL.HEADS.MARGIN",
@@ -549,6 +553,7 @@ class LEAPHead(nn.Module):
         cloud_mode: str = DEFAULT_CLOUD_MODE,
         cloud_scale: float = DEFAULT_CLOUD_SCALE,
         prototype_shrinkage: Optional[float] = DEFAULT_PROTOTYPE_SHRINKAGE,
+        imprint_step: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not hasattr(pooling, pool_type):
@@ -606,6 +611,7 @@ class LEAPHead(nn.Module):
                     cloud_mode=cloud_mode,
                     cloud_scale=cloud_scale,
                     prototype_shrinkage=prototype_shrinkage,
+                    imprint_step=imprint_step,
                     # statistics identical on every rank under a process group (sync="auto", the
                     # head's default); the per-rank batch size spares a host sync per step
                     pad_to=batch_size_per_rank,
@@ -678,6 +684,7 @@ class LEAPHead(nn.Module):
             "prototype_shrinkage": _shrinkage(
                 fc.get("PROTOTYPE_SHRINKAGE", DEFAULT_PROTOTYPE_SHRINKAGE)
             ),
+            "imprint_step": None if int(fc.get("IMPRINT_ITERS", -1)) < 0 else int(fc.IMPRINT_ITERS),
         }
 
     @property

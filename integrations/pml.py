@@ -214,6 +214,7 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             self._sync_mode()
         cloud = self.feature_cloud
         labels = cloud.check(embeddings, labels, validate=self.validate, train=train)
+        cloud.imprint(self.W.t(), self.sub_centers, train=train)
         draw = cloud.advance(embeddings, labels, train=train)
         # per-sample losses (PML's reducers and miner weights apply) on the fused kernels
         losses = cloud_margin_loss(

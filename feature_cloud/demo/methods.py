@@ -124,6 +124,9 @@ class MethodConfig:
     # against weights shrunk towards them; None: plain weights. The no-transfer baseline never
     # gets them. No effect with the linear FC.
     ftl_prototype_shrinkage: Optional[float] = None
+    # LEAP methods: FeatureCloud ``imprint_step`` (the class weights imprinted with the inference
+    # prototypes before this step); None: never
+    imprint_step: Optional[int] = None
     seed: int = 0
     leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
 
@@ -222,6 +225,8 @@ def _cloud_options(cfg: MethodConfig, counts: Optional[Tensor], cloud: bool) -> 
         class_counts=counts if cloud else None,
     )
     if cloud:
+        if cfg.imprint_step is not None:
+            options["imprint_step"] = cfg.imprint_step
         options.update(cfg.leap_options)
     return options
 

@@ -61,6 +61,9 @@ class EvalConfig:
     # FTL's cosine FC: inference prototypes (kappa; None: plain weights). Off by default: on real
     # faces they cost head accuracy at S = 1-3 (README, FTL results); "leap": the head's own default
     ftl_prototype_shrinkage: Optional[float] = None
+    # LEAP methods: the class weights are imprinted with the inference prototypes at this share of
+    # training (FeatureCloud ``imprint_step``); None: never (the paper)
+    imprint_fraction: Optional[float] = None
     leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
     out: str = "outputs/evaluate"
 
@@ -92,6 +95,9 @@ class EvalConfig:
             raise ValueError(
                 f"ftl_classifier must be one of {FTL_CLASSIFIERS}, got {self.ftl_classifier!r}"
             )
+        f = self.imprint_fraction
+        if f is not None and not 0.0 <= float(f) < 1.0:
+            raise ValueError(f"imprint_fraction must be in [0, 1) or None, got {f}")
         kappa = self.ftl_prototype_shrinkage
         if kappa is not None and not float(kappa) >= 0.0:
             raise ValueError(f"ftl_prototype_shrinkage must be >= 0 or None, got {kappa}")
@@ -135,6 +141,9 @@ def train_model(
         ftl_stage0_fraction=cfg.ftl_stage0_fraction,
         ftl_classifier=cfg.ftl_classifier,
         ftl_prototype_shrinkage=cfg.ftl_prototype_shrinkage,
+        imprint_step=None
+        if cfg.imprint_fraction is None
+        else int(round(cfg.imprint_fraction * total)),
         seed=seed,
         leap_options=dict(cfg.leap_options),
     )

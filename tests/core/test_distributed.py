@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from conftest import free_port
-from feature_cloud import ClassStatistics, LEAPMarginHead
+from feature_cloud import ClassStatistics, FeatureCloud, LEAPMarginHead
 from feature_cloud import functional as FC
 from feature_cloud.distributed import (
     ShardedLEAPMarginHead,
@@ -511,6 +511,40 @@ def check_gather_batch(rank: int, world: int) -> None:
     torch.testing.assert_close(x.grad, torch.full_like(x, 2.0 * total))
 
 
+def check_imprint(rank: int, world: int) -> None:
+    """``imprint_step`` under a process group: the synchronised head's imprinted weights are
+    replicated and equal the single-process head's on the concatenated batches (an empty global
+    step included); the sharded head imprints its rows of them; ``sync="off"`` (per-rank
+    statistics, per-rank step counts) is refused on every rank when the head is built."""
+    torch.manual_seed(0)  # the single-process reference: every rank feeds it all batches
+    dense = LEAPMarginHead(D, C, cloud=None)
+    dense.feature_cloud = FeatureCloud(
+        C, D, class_counts=COUNTS, seed=6, imprint_step=3, sync="off"
+    )
+    synced = LEAPMarginHead(D, C, class_counts=COUNTS, seed=6, imprint_step=3)
+    synced.weight.data.copy_(dense.weight)
+    with pytest.raises(ValueError, match="replicas would differ"):  # on every rank
+        LEAPMarginHead(D, C, class_counts=COUNTS, seed=6, imprint_step=3, sync="off")
+    sharded = ShardedLEAPMarginHead(
+        D, C, class_counts=COUNTS, seed=6, ddp_backbone=False, imprint_step=3
+    )
+    sharded.load_state_dict(split_state_dict(dense.state_dict(), world)[rank])
+    lo, hi = sharded.shard_start, sharded.shard_end
+    start = dense.weight.detach().clone()
+    for step, sizes in enumerate(SCHEDULE):
+        batches = _batches(step, sizes[:world])
+        dense(*_cat(batches))  # no optimiser: only the imprint moves the weights
+        x, y = batches[rank]
+        for head in (synced, sharded):
+            head(x.clone().requires_grad_(), y).backward()
+        if step < 3:
+            assert torch.equal(synced.weight, start), step
+    assert not torch.allclose(dense.weight, start)
+    _close(synced.weight, dense.weight, "synced imprint vs single process")
+    _close(sharded.weight, dense.weight[lo:hi], "sharded imprint vs dense rows")
+    _assert_replicated({"weight": synced.weight.detach()}, "imprinted weights")
+
+
 CHECKS = [
     "check_gather_batch",
     "check_synced_statistics",
@@ -520,6 +554,7 @@ CHECKS = [
     "check_negative_sampling",
     "check_ddp_training",
     "check_sharded_ddp_training",
+    "check_imprint",
 ]
 #: PML's DistributedLossWrapper: 2 ranks (the usual setting) and 3, where its rotated order is
 #: not trivial

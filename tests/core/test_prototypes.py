@@ -148,3 +148,81 @@ def test_prototypes_lift_tail_accuracy_of_a_trained_long_tailed_head():
     )
     assert tail_gain > 0.05, tail_gain
     assert balanced_gain > 0.0, balanced_gain
+
+
+def test_imprint_step_replaces_the_weights_by_the_prototypes_once():
+    """Before training step ``imprint_step`` the weights become the inference prototypes (row
+    norms kept), exactly once; eval mode, no-grad and other steps leave them alone; PML's
+    ``(D, C)`` weight gets the same rows."""
+    from integrations.pml import LEAPLoss
+
+    torch.manual_seed(0)
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+    head = LEAPMarginHead(D, C, class_counts=counts, seed=0, warmup_steps=1, imprint_step=3)
+    assert "imprint_step=3" in repr(head)
+    pml = LEAPLoss(C, D, class_counts=counts, seed=0, warmup_steps=1, imprint_step=3)
+    pml.W.data.copy_(head.weight.detach().t())
+    for step in range(6):
+        x, y = make_batch(step, 24, D, C)
+        before = head.weight.detach().clone()
+        stats = head.statistics
+        want = FC.center_prototypes(
+            before, stats.centers, stats.center_initialized, stats.class_counts, 10.0
+        ) * before.norm(dim=1, keepdim=True)
+        head.eval()
+        head(x, y)  # eval mode: never
+        with torch.no_grad():
+            head.train()(x, y)  # no training step either
+        assert torch.equal(head.weight, before)
+        head(x, y)
+        pml(x, y)
+        if step == 3:
+            torch.testing.assert_close(head.weight.detach(), want)
+            assert (head.weight - before).abs().max() > 0.1
+        else:
+            assert torch.equal(head.weight, before), step
+        torch.testing.assert_close(pml.W.detach().t(), head.weight.detach())
+
+
+def test_imprint_step_is_checked_by_name():
+    for kwargs in (
+        dict(imprint_step=-1),
+        dict(imprint_step=2, cloud=None),
+        dict(imprint_step=2, prototype_shrinkage=None),
+    ):
+        with pytest.raises(ValueError, match="imprint_step"):
+            LEAPMarginHead(D, C, class_counts=[3] * C, **kwargs)
+
+
+def test_imprint_resumes_from_a_checkpoint_like_an_uninterrupted_run():
+    """Training with SGD through the imprint step, stopped before it and resumed from
+    ``state_dict``s into fresh modules, ends bit-identical to the run that never stopped (the
+    step counter travels with the state, so the imprint happens once, at the same step)."""
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+
+    def build():
+        torch.manual_seed(0)
+        head = LEAPMarginHead(D, C, class_counts=counts, seed=1, warmup_steps=1, imprint_step=4)
+        return head, torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9)
+
+    def train(head, opt, steps):
+        for step in steps:
+            x, y = make_batch(step, 24, D, C)
+            opt.zero_grad()
+            head(x, y).backward()
+            opt.step()
+
+    whole, opt = build()
+    train(whole, opt, range(8))
+    first, opt = build()
+    train(first, opt, range(3))
+    state = {"head": first.state_dict(), "opt": opt.state_dict()}
+    resumed, opt = build()
+    resumed.load_state_dict(state["head"])
+    opt.load_state_dict(state["opt"])
+    train(resumed, opt, range(3, 8))
+    assert torch.equal(resumed.weight, whole.weight)
+    never, opt = build()
+    never.feature_cloud.imprint_step = None
+    train(never, opt, range(8))
+    assert not torch.allclose(never.weight, whole.weight)

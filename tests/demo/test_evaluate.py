@@ -214,6 +214,7 @@ def test_cli_evaluate_rejects_bad_arguments(tmp_path):
     assert main(["evaluate", p, "--leap-option", "nokey", "--quiet"]) == 2
     assert main(["evaluate", p, "--ftl-stage0-fraction", "1.0", "--quiet"]) == 2
     assert main(["evaluate", p, "--ftl-prototype-shrinkage", "-1", "--quiet"]) == 2
+    assert main(["evaluate", p, "--imprint-fraction", "1.0", "--quiet"]) == 2
     with pytest.raises(SystemExit):  # argparse choices
         main(["evaluate", p, "--ftl-classifier", "svm", "--quiet"])
     with pytest.raises(ValueError, match="ftl_classifier"):
@@ -511,3 +512,26 @@ def test_evaluate_writes_every_run_and_resume_trains_only_the_missing_ones(
     assert [r["metrics"] for r in resumed["runs"]] == [r["metrics"] for r in ref["runs"]]
     assert load(part, "paired.json") == load(whole, "paired.json")
     assert "Partial" not in load(part, "summary.md")
+
+
+def test_imprint_fraction_reaches_the_leap_heads_only():
+    """``--imprint-fraction f`` gives the LEAP methods' heads ``imprint_step = round(f * steps)``
+    (FTL's LEAP FC included); baselines without a cloud never imprint."""
+    from feature_cloud.evaluate.runner import EvalConfig, _steps_per_epoch, train_model
+
+    torch.manual_seed(0)
+    y = torch.repeat_interleave(torch.arange(5), torch.tensor([16, 12, 4, 4, 4]))
+    x = torch.randn(40, 3, 8, 8)
+    counts = torch.bincount(y, minlength=5)
+    cfg = EvalConfig(epochs=2, batch_size=8, embedding_size=8, imprint_fraction=0.5, threshold=5)
+    want = round(0.5 * 2 * _steps_per_epoch(40, 8))
+    leap = train_model("leap_full_cosface", x, y, 5, counts, cfg, 0)
+    assert leap.head.feature_cloud.imprint_step == want
+    assert leap.head.feature_cloud.steps_taken > want  # it ran through the imprint
+    assert train_model("cosface", x, y, 5, counts, cfg, 0).head.feature_cloud.imprint_step is None
+    cfg.ftl_classifier = "leap"
+    ftl = train_model("ftl", x, y, 5, counts, cfg, 0).ftl.classifier
+    assert ftl.feature_cloud.imprint_step == want
+    cfg.imprint_fraction = None
+    leap = train_model("leap_full_cosface", x, y, 5, counts, cfg, 0)
+    assert leap.head.feature_cloud.imprint_step is None

@@ -349,6 +349,12 @@ def test_online_counts_error_names_the_yaml_keys():
     for value, expected in ((4.0, 4.0), (0.0, 0.0), (-1.0, None)):
         cloud = build_heads(_head_cfg(FC__PROTOTYPE_SHRINKAGE=value)).margin_head.feature_cloud
         assert cloud.prototype_shrinkage == expected
+    assert default.imprint_step is None  # IMPRINT_ITERS -1: never (the paper)
+    cloud = build_heads(_head_cfg(FC__IMPRINT_ITERS=120)).margin_head.feature_cloud
+    assert cloud.imprint_step == 120
+    with pytest.raises(ValueError, match="MODEL.HEADS.FEATURE_CLOUD.IMPRINT_ITERS") as info:
+        build_heads(_head_cfg(FC__IMPRINT_ITERS=120, FC__PROTOTYPE_SHRINKAGE=-1.0))
+    assert "imprint_step" not in str(info.value)
 
 
 def test_config_path_returns_the_shipped_yamls():
