@@ -134,7 +134,7 @@ class FeatureCloud(nn.Module):
             and in place, by the inference prototypes (:meth:`imprint`; their row norms kept),
             so the rest of training adapts the other classes and the features to tail weights
             that sit on their class centers. Default ``None`` (never; the paper). Needs a cloud
-            rule and ``prototype_shrinkage``; the evaluation tool sets it to 80 % of training.
+            rule and ``prototype_shrinkage``; the evaluation tool's ``--imprint-fraction``.
         center_rate, unknown_variance, angle_max_age: statistics options, see
             :class:`~feature_cloud.ClassStatistics` (``center_rate``, ``unknown_variance``,
             ``max_age``).
