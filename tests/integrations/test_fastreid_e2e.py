@@ -173,6 +173,52 @@ def test_leap_resume_is_bit_identical(leap_run, data_root, tmp_path):
     assert summary["final"]["step"] == trained["max_iter"]
 
 
+def test_leap_imprint_iters_through_default_trainer_and_resume(leap_run, data_root, tmp_path):
+    """``MODEL.HEADS.FEATURE_CLOUD.IMPRINT_ITERS`` at the first iteration after the first
+    checkpoint: DefaultTrainer trains through it, and a new process resumed from that checkpoint
+    takes the same imprinting step (bit-identical probe, which differs from the run without it)."""
+    _, plain, plain_base = leap_run
+    at = str(plain["max_iter"] // 2)  # the first iteration of epoch 1 (model_0000 is before it)
+    opts = [
+        *RUN,
+        "MODEL.HEADS.FEATURE_CLOUD.SEED",
+        "0",
+        "MODEL.HEADS.FEATURE_CLOUD.IMPRINT_ITERS",
+        at,
+    ]
+    out = str(tmp_path / "train")
+    trained, base, _ = _drive(
+        "train",
+        out,
+        data_root,
+        "Market1501/leap_R50.yml",
+        *opts,
+        "OUTPUT_DIR",
+        out,
+        label="leap imprint train",
+    )
+    assert trained["final"]["step"] == trained["max_iter"]
+    run_dir = _resume_dir(out, tmp_path / "resumed")
+    resumed, rbase, _ = _drive(
+        "resume",
+        run_dir,
+        data_root,
+        "Market1501/leap_R50.yml",
+        *opts,
+        "OUTPUT_DIR",
+        run_dir,
+        label="leap imprint resume",
+    )
+    assert resumed["loaded"]["step"] == int(at)
+    a = torch.load(base + ".probe.pt", weights_only=False)
+    b = torch.load(rbase + ".probe.pt", weights_only=False)
+    without = torch.load(plain_base + ".probe.pt", weights_only=False)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["loss_cls"], without["loss_cls"])  # the imprint changed the step
+    assert resumed["final"]["step"] == trained["max_iter"]
+
+
 def test_leap_eval_only_with_shipped_yaml(leap_run, data_root):
     out, trained, _ = leap_run
     proc = _run(

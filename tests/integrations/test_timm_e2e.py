@@ -138,8 +138,11 @@ def test_ftl_task_ema_through_update_stats():
 
 
 # ---------------------------------------------------------------- CheckpointSaver
-def test_checkpoint_saver_resume_is_bit_identical(tmp_path):
-    task = _leap_task(seed=1)
+@pytest.mark.parametrize("imprint_step", [None, 3])
+def test_checkpoint_saver_resume_is_bit_identical(tmp_path, imprint_step):
+    """Also with ``imprint_step`` at the first step after the checkpoint: the resumed task
+    imprints there exactly like the one that never stopped."""
+    task = _leap_task(seed=1, imprint_step=imprint_step)
     ema = task.setup_ema(decay=0.9)
     x, y = _images([6] * C, 3)
     opt = torch.optim.Adam(task.get_trainable_module().parameters(), lr=1e-3)
@@ -156,7 +159,7 @@ def test_checkpoint_saver_resume_is_bit_identical(tmp_path):
     path = os.path.join(str(tmp_path), "checkpoint-0.pth.tar")
     assert os.path.isfile(path)
 
-    restored = _leap_task(seed=7)  # other initial weights
+    restored = _leap_task(seed=7, imprint_step=imprint_step)  # other initial weights
     restored_opt = torch.optim.Adam(restored.get_trainable_module().parameters(), lr=1e-3)
     restored.setup_ema(decay=0.9)
     epoch = resume_task_checkpoint(
@@ -174,6 +177,8 @@ def test_checkpoint_saver_resume_is_bit_identical(tmp_path):
     for t, o in ((task, opt), (restored, restored_opt)):
         torch.manual_seed(0)
         _steps(t, o, x, y, 2)
+        if imprint_step is not None:  # it took the imprint, once, at that step
+            assert t.get_trainable_module().head.feature_cloud._imprinted == imprint_step
     for (ka, va), (kb, vb) in zip(
         task.get_trainable_module().state_dict().items(),
         restored.get_trainable_module().state_dict().items(),
