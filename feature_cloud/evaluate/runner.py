@@ -19,11 +19,12 @@ from ..demo._progress import progress
 from ..demo.data import LabeledData
 from ..demo.methods import FTL_CLASSIFIERS, MethodConfig
 from ..demo.protocol import LongTailSplit
+from ..demo.report import load_results
 from ..demo.runner import evaluate_method
 from .backbones import build_backbone
 from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
 from .protocol import hs_split, natural_split
-from .report import head_defaults
+from .report import check_compatible, head_defaults
 
 __all__ = ["EvalConfig", "run_evaluation", "train_model", "setting_name", "RESULTS_FILE"]
 
@@ -247,9 +248,6 @@ def _previous_runs(
     run's header and splits) may reuse; ``{}`` without a file. Raises ``ValueError`` naming the
     difference when that file is another evaluation (setting, configuration other than seeds /
     methods, data, a seed's split) or holds runs this one does not ask for."""
-    from ..demo.report import load_results
-    from .report import check_compatible
-
     file = os.path.join(cfg.out, RESULTS_FILE)
     if not os.path.exists(file):
         return {}
