@@ -370,6 +370,8 @@ class FeatureCloud(nn.Module):
         return self._prototypes(weight, sub_centers, class_start)
 
     def _prototypes(self, weight: Tensor, sub_centers: int, class_start: int) -> Tensor:
+        kappa = self.prototype_shrinkage
+        assert kappa is not None, "prototypes() and imprint() need prototype_shrinkage"
         stats = self.statistics
         rows = slice(class_start, class_start + weight.shape[0] // sub_centers)
         return FC.center_prototypes(
@@ -377,7 +379,7 @@ class FeatureCloud(nn.Module):
             stats.centers[rows],
             stats.center_initialized[rows],
             stats.class_counts[rows],
-            float(self.prototype_shrinkage),  # type: ignore[arg-type]
+            float(kappa),
             sub_centers,
         )
 

@@ -243,14 +243,15 @@ def _write_json(obj: Dict[str, Any], file: str) -> None:
 
 def _previous_runs(
     cfg: EvalConfig, results: Dict[str, Any]
-) -> Dict[Tuple[int, str], Dict[str, Any]]:
+) -> Tuple[Dict[Tuple[int, str], Dict[str, Any]], float]:
     """The finished ``(seed, method)`` runs of ``cfg.out/results.json`` that ``results`` (this
-    run's header and splits) may reuse; ``{}`` without a file. Raises ``ValueError`` naming the
-    difference when that file is another evaluation (setting, configuration other than seeds /
-    methods, data, a seed's split) or holds runs this one does not ask for."""
+    run's header and splits) may reuse, and that file's ``wall_seconds``; ``({}, 0.0)`` without a
+    file. Raises ``ValueError`` naming the difference when that file is another evaluation
+    (setting, configuration other than seeds / methods, data, a seed's split) or holds runs this
+    one does not ask for."""
     file = os.path.join(cfg.out, RESULTS_FILE)
     if not os.path.exists(file):
-        return {}
+        return {}, 0.0
     prev = load_results(file)
     if prev.get("kind") != "evaluate":
         raise ValueError(f"--resume: {file} is not a `feature-cloud evaluate` run")
@@ -265,7 +266,7 @@ def _previous_runs(
             f"--resume: {file} holds runs (seed, method) {extra} outside --seeds {cfg.seeds} / "
             f"--methods {cfg.methods}; ask for them too, or write to another --out"
         )
-    return done
+    return done, float(prev.get("wall_seconds", 0.0))
 
 
 def run_evaluation(
@@ -322,7 +323,8 @@ def run_evaluation(
         "complete": False,
         "wall_seconds": 0.0,
     }
-    done = _previous_runs(cfg, results) if resume else {}
+    done, earlier = _previous_runs(cfg, results) if resume else ({}, 0.0)
+    start -= earlier  # wall_seconds: summed over the processes that wrote this file
     file = os.path.join(cfg.out, RESULTS_FILE)
     if write:
         os.makedirs(cfg.out, exist_ok=True)

@@ -545,6 +545,33 @@ def check_imprint(rank: int, world: int) -> None:
     _assert_replicated({"weight": synced.weight.detach()}, "imprinted weights")
 
 
+def check_pml_imprint(rank: int, world: int) -> None:
+    """``imprint_step`` in PML's ``DistributedLossWrapper`` around ``LEAPLoss`` (replicated
+    statistics from the gathered batch, one step count per rank): every rank imprints at the
+    same step and the class weights stay replicated, equal to a single-process ``LEAPLoss`` fed
+    the concatenated batches."""
+    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    torch.manual_seed(0)
+    loss = LEAPLoss(C, D, class_counts=COUNTS, seed=6, imprint_step=3)
+    ref = LEAPLoss(C, D, class_counts=COUNTS, seed=6, imprint_step=3)
+    ref.W.data.copy_(loss.W)
+    start = loss.W.detach().clone()
+    loss_fn = DistributedLossWrapper(loss)
+    for step in range(5):  # no optimiser: only the imprint moves the weights
+        batches = _batches(step, [4] * world, ignored=0.0)
+        x, y = batches[rank]
+        loss_fn(x.clone().requires_grad_(), y).backward()
+        ref(*_cat(batches))
+        if step < 3:
+            assert torch.equal(loss.W, start), step
+    assert loss.step == 5 and not torch.allclose(loss.W, start)
+    _close(loss.W, ref.W, "PML wrapper imprint vs single process")
+    _assert_replicated({"W": loss.W.detach()}, "PML imprinted weights")
+
+
 CHECKS = [
     "check_gather_batch",
     "check_synced_statistics",
@@ -558,7 +585,7 @@ CHECKS = [
 ]
 #: PML's DistributedLossWrapper: 2 ranks (the usual setting) and 3, where its rotated order is
 #: not trivial
-CHECKS_PML = ["check_pml_wrapper"]
+CHECKS_PML = ["check_pml_wrapper", "check_pml_imprint"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -218,14 +218,23 @@ def test_jit_trace_and_torch_export() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "impl, cloud_mode", [("reference", "margin"), ("auto", "margin"), ("reference", "paper")]
+    "impl, cloud_mode, imprint_step",
+    [
+        ("reference", "margin", None),
+        ("auto", "margin", None),
+        ("reference", "paper", None),
+        ("reference", "margin", 2),
+    ],
 )
-def test_compiled_training_step_fullgraph_matches_eager(impl: str, cloud_mode: str) -> None:
+def test_compiled_training_step_fullgraph_matches_eager(
+    impl: str, cloud_mode: str, imprint_step
+) -> None:
     """``torch.compile(fullgraph=True)`` of the model's training forward (statistics update,
-    step count, counter-based cloud: the default margin cloud and the paper's) with the eager
+    step count, counter-based cloud: the default margin cloud and the paper's; weight imprinting
+    at one step, an in-place parameter copy inside the compiled forward) with the eager
     backward and optimizer."""
     torch._dynamo.reset()
-    kw = dict(impl=impl, validate=False, cloud_mode=cloud_mode)
+    kw = dict(impl=impl, validate=False, cloud_mode=cloud_mode, imprint_step=imprint_step)
     eager, compiled = _net(**kw), _net(**kw)
     cmodel = torch.compile(compiled, fullgraph=True, backend="aot_eager")
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
@@ -244,6 +253,9 @@ def test_compiled_training_step_fullgraph_matches_eager(impl: str, cloud_mode: s
             )
     assert compiled.head.step == eager.head.step == 4
     assert int(compiled.head.feature_cloud.step) == 4
+    if imprint_step is not None:  # both imprinted, once, at that step (else the weights differ)
+        assert eager.head.feature_cloud._imprinted == imprint_step
+        assert compiled.head.feature_cloud._imprinted == imprint_step
     for k, v in eager.state_dict().items():
         torch.testing.assert_close(compiled.state_dict()[k], v, atol=1e-5, rtol=1e-5, msg=k)
 

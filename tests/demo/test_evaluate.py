@@ -479,7 +479,7 @@ def test_evaluate_writes_every_run_and_resume_trains_only_the_missing_ones(
     with pytest.raises(KeyboardInterrupt):
         main(common + ["--out", part])
     partial = load(part, "results.json")
-    assert partial["complete"] is False
+    assert partial["complete"] is False and partial["wall_seconds"] > 0
     assert [(r["seed"], r["method"]) for r in partial["runs"]] == [
         (0, "cosface"),
         (0, "leap_full_cosface"),
@@ -509,6 +509,9 @@ def test_evaluate_writes_every_run_and_resume_trains_only_the_missing_ones(
     assert trained == [(1, "cosface"), (1, "leap_full_cosface")]
     resumed, ref = load(part, "results.json"), load(whole, "results.json")
     assert resumed["complete"] is True
+    # the killed process's time counts too: at least its two runs plus the two resumed ones
+    resumed_runs = sum(r["train_seconds"] for r in resumed["runs"][2:])
+    assert resumed["wall_seconds"] >= partial["wall_seconds"] + resumed_runs - 0.1  # rounding
     assert [r["metrics"] for r in resumed["runs"]] == [r["metrics"] for r in ref["runs"]]
     assert load(part, "paired.json") == load(whole, "paired.json")
     assert "Partial" not in load(part, "summary.md")
