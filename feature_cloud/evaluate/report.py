@@ -298,12 +298,24 @@ def _same_setting(
     spelled out at its default equals leaving it out)."""
     if key != "leap_options":
         return bool(a.get(key) == b.get(key))
-    oa, ob = a.get(key) or {}, b.get(key) or {}
-    missing = object()
-    return all(
-        oa.get(k, defaults_a.get(k, missing)) == ob.get(k, defaults_b.get(k, missing))
-        for k in set(oa) | set(ob) | set(defaults_a) | set(defaults_b)
-    )
+    return not _head_option_diff(a, b, defaults_a, defaults_b)
+
+
+_ABSENT = "<absent: not an option of that release>"
+
+
+def _head_option_diff(
+    a: Dict[str, Any], b: Dict[str, Any], defaults_a: Dict[str, Any], defaults_b: Dict[str, Any]
+) -> Dict[str, Tuple[Any, Any]]:
+    """The head options that resolve differently in the configurations ``a`` and ``b`` (each
+    against its own run's head defaults): ``{name: (value in a, value in b)}``."""
+    oa, ob = a.get("leap_options") or {}, b.get("leap_options") or {}
+    out: Dict[str, Tuple[Any, Any]] = {}
+    for k in sorted(set(oa) | set(ob) | set(defaults_a) | set(defaults_b)):
+        va, vb = oa.get(k, defaults_a.get(k, _ABSENT)), ob.get(k, defaults_b.get(k, _ABSENT))
+        if va != vb:
+            out[k] = (va, vb)
+    return out
 
 
 def check_compatible(
@@ -339,9 +351,16 @@ def check_compatible(
         if k not in _MERGE_FREE and not _same_setting(k, res["config"], first["config"], da, db)
     )
     if diff:
+        values = [
+            _head_option_diff(res["config"], first["config"], da, db)
+            if k == "leap_options"
+            else (res["config"].get(k), first["config"].get(k))
+            for k in diff
+        ]
         raise ValueError(
             f"cannot {verb} {path} with {first_path}: configuration differs in {diff} "
-            f"({[res['config'].get(k) for k in diff]} vs {[first['config'].get(k) for k in diff]})"
+            f"({', '.join(f'{k}: {v}' for k, v in zip(diff, values))}; leap_options as head "
+            "options resolved against each run's recorded defaults: (this, other))"
         )
     data_diff = [k for k in _DATA_KEYS if res["data"].get(k) != first["data"].get(k)]
     if data_diff:

@@ -420,16 +420,22 @@ def test_report_pools_the_seeds_of_separate_runs(tmp_path, capsys):
     assert main(common + ["--seeds", "5", *scale3, "--out", out["c"] + "5"]) == 0
     capsys.readouterr()
     assert main(["report", out["a"], out["c"] + "5", "--out", str(tmp_path / "w"), "--quiet"]) == 2
-    assert "configuration differs in ['leap_options']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "configuration differs in ['leap_options']" in err
+    assert "leap_options: {'cloud_scale': (3, 2.0)}" in err, err  # names the option
     # each run resolves against the head defaults it recorded: a run whose release had another
     # default (here prototype_shrinkage) does not pool, nor does one that recorded none
-    for name, edit in (("old_default", "change"), ("no_record", "drop")):
+    # a release before an option existed (here imprint_step) does not pool either: the message
+    # names the option, absent there
+    for name, edit in (("old_default", "change"), ("no_record", "drop"), ("older", "new_option")):
         d = str(tmp_path / name)
         shutil.copytree(str(tmp_path / "d"), d)
         res = load(d, "results.json")
         assert res["head_defaults"]["prototype_shrinkage"] == 10.0
         if edit == "change":
             res["head_defaults"]["prototype_shrinkage"] = None
+        elif edit == "new_option":
+            del res["head_defaults"]["imprint_step"]
         else:
             del res["head_defaults"]
         with open(os.path.join(d, "results.json"), "w") as fh:
@@ -437,7 +443,11 @@ def test_report_pools_the_seeds_of_separate_runs(tmp_path, capsys):
         capsys.readouterr()
         assert main(["report", out["a"], d, "--out", str(tmp_path / f"m_{name}"), "--quiet"]) == 2
         err = capsys.readouterr().err
-        want = "differs in ['leap_options']" if edit == "change" else "earlier release"
+        want = {
+            "change": "prototype_shrinkage': (None, 10.0)",
+            "new_option": "imprint_step': ('<absent: not an option of that release>', None)",
+            "drop": "earlier release",
+        }[edit]
         assert want in err, err
     assert not os.path.exists(str(tmp_path / "x")) and not os.path.exists(str(tmp_path / "y"))
 
