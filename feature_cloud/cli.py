@@ -7,7 +7,8 @@
     Real-data evaluation: every method against its own baseline, paired by seed, on the natural
     long tail or LEAP's ``<H, S>`` splits (see :mod:`feature_cloud.evaluate`).
 ``feature-cloud report PATH`` (or ``report PATH PATH ... --out DIR``: seeds of several runs pooled)
-    Re-render the tables, CSV files and plots of a saved run.
+    Re-render the tables, CSV files and plots of a saved run; ``report A B --compare``: ``B - A``
+    per method, seed by seed (a variant against the default on the same seeds).
 """
 
 from __future__ import annotations
@@ -173,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default=None,
         help="with several PATHs: directory of the merged evaluation (seeds pooled)",
+    )
+    report.add_argument(
+        "--compare",
+        action="store_true",
+        help="two evaluate runs A B of one setting: B - A per method, seed by seed "
+        "(a variant against the default on the same seeds); --out DIR writes compare.md/.json",
     )
     report.add_argument("--quiet", action="store_true", help="print nothing")
     return parser
@@ -442,6 +449,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .demo.report import load_results, render_report
 
             path = args.paths[0]
+            if args.compare:
+                from .evaluate.report import compare_runs, comparison_markdown
+
+                if len(args.paths) != 2:
+                    raise ValueError("--compare takes two run directories: A (reference) B")
+                cmp = compare_runs(args.paths[0], args.paths[1], args.out)
+                log(comparison_markdown(cmp, load_results(args.paths[1]).get("labels")))
+                return 0
             if len(args.paths) > 1:
                 from .evaluate.report import merge_runs
 

@@ -19,6 +19,7 @@ __all__ = [
     "paired_rows",
     "combine_settings",
     "merge_runs",
+    "compare_runs",
     "check_compatible",
     "SUMMARY_KEYS",
     "PAIRED_KEYS",
@@ -425,3 +426,123 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
     with open(file, "w") as fh:
         json.dump(merged, fh, indent=1)
     return file
+
+
+#: config keys that define the setting: two evaluations compared seed by seed must share them
+_SETTING_KEYS = ("protocol", "n_test", "threshold", "num_head", "shots")
+
+
+def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[str, Any]:
+    """Pair two evaluations of one setting seed by seed: for every method run in both, the
+    per-seed ``B - A`` of the paired metrics (points) with 95 % t-intervals, on the seeds both
+    ran. For a variant against the default (``--leap-option``, ``--imprint-fraction``, another
+    epoch count ...) on the same seeds: the same split, initial weights and batch order, so the
+    difference is the variant's alone. Refused unless data, setting and the shared seeds' splits
+    agree; the configuration differences are listed, and a baseline whose metrics differ
+    between the two files (another release, another machine) is named in ``notes``. With
+    ``out``: ``compare.md`` and ``compare.json`` there. Returns the comparison."""
+    a, b = load_results(path_a), load_results(path_b)
+    for p, res in ((path_a, a), (path_b, b)):
+        if res.get("kind") != "evaluate":
+            raise ValueError(f"{p} is not a `feature-cloud evaluate` run")
+    for k in _SETTING_KEYS:
+        if a["config"].get(k) != b["config"].get(k):
+            raise ValueError(
+                f"cannot compare {path_b} with {path_a}: another setting ({k}: "
+                f"{b['config'].get(k)} vs {a['config'].get(k)})"
+            )
+    data_diff = [k for k in _DATA_KEYS if a["data"].get(k) != b["data"].get(k)]
+    if data_diff:
+        raise ValueError(f"cannot compare {path_b} with {path_a}: the data differ in {data_diff}")
+    seeds = sorted(set(a["splits"]) & set(b["splits"]), key=int)
+    for seed in seeds:
+        if a["splits"][seed] != b["splits"][seed]:
+            raise ValueError(f"cannot compare: seed {seed} has another split in {path_b}")
+    current = head_defaults()
+    da, db = a.get("head_defaults", current), b.get("head_defaults", current)
+    config: Dict[str, Any] = {}
+    for k in sorted(set(a["config"]) | set(b["config"])):
+        if k in _MERGE_FREE or _same_setting(k, b["config"], a["config"], db, da):
+            continue
+        config[k] = (
+            {o: list(v) for o, v in _head_option_diff(b["config"], a["config"], db, da).items()}
+            if k == "leap_options"
+            else [b["config"].get(k), a["config"].get(k)]
+        )
+    by_a = {(r["method"], int(r["seed"])): r["metrics"] for r in a["runs"]}
+    by_b = {(r["method"], int(r["seed"])): r["metrics"] for r in b["runs"]}
+    methods = [m for m in b["methods"] if m in a["methods"]]
+    diffs: Dict[str, Dict[str, Any]] = {}
+    for m in methods:
+        common = [s for s in map(int, seeds) if (m, s) in by_a and (m, s) in by_b]
+        if not common:
+            continue
+        runs = [{"method": "B", "seed": s, "metrics": by_b[(m, s)]} for s in common]
+        runs += [{"method": "A", "seed": s, "metrics": by_a[(m, s)]} for s in common]
+        d = paired_differences(runs, "B", "A", [k for k, _ in PAIRED_KEYS])
+        for v in d.values():
+            v["mean"], v["ci95"] = 100 * v["mean"], 100 * v["ci95"]
+            v["per_seed"] = {str(s): 100 * x for s, x in v["per_seed"].items()}
+        diffs[m] = d
+    if not diffs:
+        raise ValueError(f"{path_a} and {path_b} share no (method, seed) run")
+    notes = []
+    for m, base in b.get("baselines", {}).items():
+        if (
+            m in diffs
+            and base in diffs
+            and any(
+                v["mean"] != 0.0 or any(x != 0.0 for x in v["per_seed"].values())
+                for v in diffs[base].values()
+                if not math.isnan(v["mean"])
+            )
+        ):
+            notes.append(
+                f"the baseline {base!r} differs between the files: {m}'s differences include "
+                "the baselines' (another release or machine?)"
+            )
+    result = {
+        "a": path_a,
+        "b": path_b,
+        "setting": a["setting"],
+        "config_b_vs_a": config,
+        "differences": diffs,
+        "notes": notes,
+    }
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "compare.json"), "w") as fh:
+            json.dump(result, fh, indent=1)
+        with open(os.path.join(out, "compare.md"), "w") as fh:
+            fh.write(comparison_markdown(result, a["labels"]))
+    return result
+
+
+def comparison_markdown(cmp: Dict[str, Any], labels: Optional[Dict[str, str]] = None) -> str:
+    """The table of :func:`compare_runs` (B - A, points) with its header lines."""
+    labels = labels or {}
+    header = ["Setting", "Method", "pairs"] + [t for _, t in PAIRED_KEYS]
+    rows = [header]
+    for m, d in cmp["differences"].items():
+        cells = [cmp["setting"], labels.get(m, m), str(d[PAIRED_KEYS[0][0]]["n"])]
+        rows.append(cells + [_fmt(d[k]["mean"], d[k]["ci95"], 1) for k, _ in PAIRED_KEYS])
+    conf = "; ".join(f"{k}: {v}" for k, v in cmp["config_b_vs_a"].items()) or "none"
+    lines = [
+        f"B - A, same seeds (points, mean ± 95% t-interval): B = {cmp['b']}, A = {cmp['a']}",
+        "",
+        f"Configuration (B, A): {conf}",
+        "",
+        _markdown(rows),
+        "",
+    ]
+    for m, d in cmp["differences"].items():
+        per = {t: d[k]["per_seed"] for k, t in PAIRED_KEYS[:2]}
+        seeds = list(per[PAIRED_KEYS[0][1]])
+        lines.append(
+            f"Per seed ({', '.join(seeds)}), {labels.get(m, m)}: "
+            + "; ".join(
+                f"{t} " + ", ".join(f"{v:+.1f}" for v in vals.values()) for t, vals in per.items()
+            )
+        )
+    lines += ["", *[f"Note: {n}" for n in cmp["notes"]]] if cmp["notes"] else []
+    return "\n".join(lines) + "\n"

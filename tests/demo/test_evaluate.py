@@ -452,6 +452,64 @@ def test_report_pools_the_seeds_of_separate_runs(tmp_path, capsys):
     assert not os.path.exists(str(tmp_path / "x")) and not os.path.exists(str(tmp_path / "y"))
 
 
+def test_report_compare_pairs_a_variant_with_the_default_seed_by_seed(tmp_path, capsys):
+    """`report A B --compare`: B - A per method on the seeds both ran, from the two files'
+    per-seed metrics (checked against them), the configuration difference named, the identical
+    baseline shown as 0.0 ± 0.0; other settings, splits or data are refused."""
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = ["evaluate", p, "--protocol", "natural", "-T", "5", "--n-test", "1"]
+    common += ["--methods", "leap_full_cosface", "--epochs", "2", "--batch-size", "8"]
+    common += ["--embedding-size", "8", "--image-size", "8", "8", "--quiet"]
+    a, b, c = (str(tmp_path / k) for k in ("a", "b", "c"))
+    assert main(common + ["--seeds", "0", "1", "2", "--out", a]) == 0
+    scale = ["--leap-option", "cloud_scale=4"]
+    assert main(common + ["--seeds", "1", "2", "3", *scale, "--out", b]) == 0
+    capsys.readouterr()
+    out = str(tmp_path / "cmp")
+    assert main(["report", a, b, "--compare", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    with open(os.path.join(out, "compare.json")) as fh:
+        cmp = json.load(fh)
+    assert cmp["config_b_vs_a"] == {"leap_options": {"cloud_scale": [4, 2.0]}}
+    assert "leap_options: {'cloud_scale': [4, 2.0]}" in printed
+    runs = {}
+    for d in (a, b):
+        with open(os.path.join(d, "results.json")) as fh:
+            runs[d] = {(r["method"], r["seed"]): r["metrics"] for r in json.load(fh)["runs"]}
+    tail = cmp["differences"]["leap_full_cosface"]["fc_acc_tail"]
+    assert sorted(tail["per_seed"]) == ["1", "2"] and tail["n"] == 2  # the shared seeds
+    for s in (1, 2):
+        want = 100 * (
+            runs[b][("leap_full_cosface", s)]["fc_acc_tail"]
+            - runs[a][("leap_full_cosface", s)]["fc_acc_tail"]
+        )
+        assert tail["per_seed"][str(s)] == pytest.approx(want)
+    assert tail["mean"] == pytest.approx(sum(tail["per_seed"].values()) / 2)
+    base = cmp["differences"]["cosface"]
+    assert all(v["mean"] == 0.0 and v["ci95"] == 0.0 for v in base.values() if v["n"])
+    assert cmp["notes"] == [] and "| natural | CosFace | 2 | 0.0 ± 0.0" in printed
+    with open(os.path.join(out, "compare.md")) as fh:
+        assert "Per seed (1, 2), LEAP full (CosFace)" in fh.read()
+    # a baseline that differs between the files (another release / machine) is named
+    with open(os.path.join(b, "results.json")) as fh:
+        res = json.load(fh)
+    next(r for r in res["runs"] if r["method"] == "cosface")["metrics"]["fc_acc_tail"] += 0.01
+    with open(os.path.join(b, "results.json"), "w") as fh:
+        json.dump(res, fh)
+    assert main(["report", a, b, "--compare"]) == 0
+    assert "Note: the baseline 'cosface' differs between the files" in capsys.readouterr().out
+    # refused: another setting; one path
+    assert main([*common[:4], "-T", "3", *common[6:], "--seeds", "1", "--out", c]) == 0
+    capsys.readouterr()
+    assert main(["report", a, c, "--compare", "--quiet"]) == 2
+    assert "another setting (threshold: 3 vs 5)" in capsys.readouterr().err
+    assert main(["report", a, "--compare", "--quiet"]) == 2
+    assert "two run directories" in capsys.readouterr().err
+
+
 def test_evaluate_writes_every_run_and_resume_trains_only_the_missing_ones(
     tmp_path, capsys, monkeypatch
 ):
