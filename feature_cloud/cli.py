@@ -455,7 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if len(args.paths) != 2:
                     raise ValueError("--compare takes two run directories: A (reference) B")
                 cmp = compare_runs(args.paths[0], args.paths[1], args.out)
-                log(comparison_markdown(cmp, load_results(args.paths[1]).get("labels")))
+                log(comparison_markdown(cmp))
                 return 0
             if len(args.paths) > 1:
                 from .evaluate.report import merge_runs

@@ -506,6 +506,7 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
         "b": path_b,
         "setting": a["setting"],
         "config_b_vs_a": config,
+        "labels": {m: b["labels"].get(m, a["labels"].get(m, m)) for m in diffs},
         "differences": diffs,
         "notes": notes,
     }
@@ -514,13 +515,13 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
         with open(os.path.join(out, "compare.json"), "w") as fh:
             json.dump(result, fh, indent=1)
         with open(os.path.join(out, "compare.md"), "w") as fh:
-            fh.write(comparison_markdown(result, a["labels"]))
+            fh.write(comparison_markdown(result))
     return result
 
 
-def comparison_markdown(cmp: Dict[str, Any], labels: Optional[Dict[str, str]] = None) -> str:
+def comparison_markdown(cmp: Dict[str, Any]) -> str:
     """The table of :func:`compare_runs` (B - A, points) with its header lines."""
-    labels = labels or {}
+    labels = cmp.get("labels", {})
     header = ["Setting", "Method", "pairs"] + [t for _, t in PAIRED_KEYS]
     rows = [header]
     for m, d in cmp["differences"].items():
