@@ -363,6 +363,12 @@ def check_compatible(
             f"({', '.join(f'{k}: {v}' for k, v in zip(diff, values))}; leap_options as head "
             "options resolved against each run's recorded defaults: (this, other))"
         )
+    _check_same_data(res, first, path, first_path, verb)
+
+
+def _check_same_data(
+    res: Dict[str, Any], first: Dict[str, Any], path: str, first_path: str, verb: str
+) -> None:
     data_diff = [k for k in _DATA_KEYS if res["data"].get(k) != first["data"].get(k)]
     if data_diff:
         raise ValueError(f"cannot {verb} {path} with {first_path}: the data differ in {data_diff}")
@@ -451,9 +457,7 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
                 f"cannot compare {path_b} with {path_a}: another setting ({k}: "
                 f"{b['config'].get(k)} vs {a['config'].get(k)})"
             )
-    data_diff = [k for k in _DATA_KEYS if a["data"].get(k) != b["data"].get(k)]
-    if data_diff:
-        raise ValueError(f"cannot compare {path_b} with {path_a}: the data differ in {data_diff}")
+    _check_same_data(b, a, path_b, path_a, "compare")
     seeds = sorted(set(a["splits"]) & set(b["splits"]), key=int)
     for seed in seeds:
         if a["splits"][seed] != b["splits"][seed]:

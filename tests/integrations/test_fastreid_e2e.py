@@ -108,21 +108,34 @@ def _resume_dir(train_dir, dst):
 
 
 # ---------------------------------------------------------------- LEAPHead
-@pytest.fixture(scope="module")
-def leap_run(data_root, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("leap_train"))
-    summary, base, _ = _drive(
-        "train",
+
+
+def _leap(mode: str, out: str, data_root, *opts: str, label: str):
+    """``_drive`` with the shipped LEAP YAML, ``RUN``, the cloud seed and ``OUTPUT_DIR = out``."""
+    return _drive(
+        mode,
         out,
         data_root,
         "Market1501/leap_R50.yml",
         *RUN,
         "MODEL.HEADS.FEATURE_CLOUD.SEED",
         "0",
+        *opts,
         "OUTPUT_DIR",
         out,
-        label="leap train",
+        label=label,
     )
+
+
+def _probe(base: str) -> dict:
+    """The training step a run took right after its first checkpoint (written by the driver)."""
+    return torch.load(base + ".probe.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def leap_run(data_root, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("leap_train"))
+    summary, base, _ = _leap("train", out, data_root, label="leap train")
     return out, summary, base
 
 
@@ -141,18 +154,7 @@ def test_leap_trained_run_and_counts(leap_run):
 def test_leap_resume_is_bit_identical(leap_run, data_root, tmp_path):
     out, trained, base = leap_run
     run_dir = _resume_dir(out, tmp_path / "resumed")
-    summary, rbase, _ = _drive(
-        "resume",
-        run_dir,
-        data_root,
-        "Market1501/leap_R50.yml",
-        *RUN,
-        "MODEL.HEADS.FEATURE_CLOUD.SEED",
-        "0",
-        "OUTPUT_DIR",
-        run_dir,
-        label="leap resume",
-    )
+    summary, rbase, _ = _leap("resume", run_dir, data_root, label="leap resume")
     assert summary["start_epoch"] == 1
     iters_per_epoch = trained["max_iter"] // 2
     assert summary["loaded"]["step"] == iters_per_epoch and not summary["loaded"]["pending"]
@@ -165,8 +167,7 @@ def test_leap_resume_is_bit_identical(leap_run, data_root, tmp_path):
     for key, value in ckpt.items():
         assert torch.equal(torch.as_tensor(value), loaded[key]), key
     # the next training step is the one the original process would have taken
-    a = torch.load(base + ".probe.pt", weights_only=False)
-    b = torch.load(rbase + ".probe.pt", weights_only=False)
+    a, b = _probe(base), _probe(rbase)
     assert set(a) == set(b) and "loss_cls" in a
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -179,40 +180,14 @@ def test_leap_imprint_iters_through_default_trainer_and_resume(leap_run, data_ro
     takes the same imprinting step (bit-identical probe, which differs from the run without it)."""
     _, plain, plain_base = leap_run
     at = str(plain["max_iter"] // 2)  # the first iteration of epoch 1 (model_0000 is before it)
-    opts = [
-        *RUN,
-        "MODEL.HEADS.FEATURE_CLOUD.SEED",
-        "0",
-        "MODEL.HEADS.FEATURE_CLOUD.IMPRINT_ITERS",
-        at,
-    ]
+    opts = ["MODEL.HEADS.FEATURE_CLOUD.IMPRINT_ITERS", at]
     out = str(tmp_path / "train")
-    trained, base, _ = _drive(
-        "train",
-        out,
-        data_root,
-        "Market1501/leap_R50.yml",
-        *opts,
-        "OUTPUT_DIR",
-        out,
-        label="leap imprint train",
-    )
+    trained, base, _ = _leap("train", out, data_root, *opts, label="leap imprint train")
     assert trained["final"]["step"] == trained["max_iter"]
     run_dir = _resume_dir(out, tmp_path / "resumed")
-    resumed, rbase, _ = _drive(
-        "resume",
-        run_dir,
-        data_root,
-        "Market1501/leap_R50.yml",
-        *opts,
-        "OUTPUT_DIR",
-        run_dir,
-        label="leap imprint resume",
-    )
+    resumed, rbase, _ = _leap("resume", run_dir, data_root, *opts, label="leap imprint resume")
     assert resumed["loaded"]["step"] == int(at)
-    a = torch.load(base + ".probe.pt", weights_only=False)
-    b = torch.load(rbase + ".probe.pt", weights_only=False)
-    without = torch.load(plain_base + ".probe.pt", weights_only=False)
+    a, b, without = _probe(base), _probe(rbase), _probe(plain_base)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert not torch.equal(a["loss_cls"], without["loss_cls"])  # the imprint changed the step
@@ -365,8 +340,7 @@ def test_ftl_baseline_train_resume_eval_infer(data_root, tmp_path):
     loaded = torch.load(rbase + ".loaded.pt", weights_only=False)
     for key, value in ckpt.items():
         assert torch.equal(torch.as_tensor(value), loaded[key]), key
-    a = torch.load(base + ".probe.pt", weights_only=False)
-    b = torch.load(rbase + ".probe.pt", weights_only=False)
+    a, b = _probe(base), _probe(rbase)
     assert torch.equal(a["loss"], b["loss"])
     # fine-tuning from MODEL.WEIGHTS: every tensor of the model (the FTL statistics C, Q, h with
     # their data-sized shapes included) comes from the weights; the schedule starts afresh
