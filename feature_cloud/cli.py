@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_evaluate(sub) -> None:
-    from .demo.methods import FTL_CLASSIFIERS
+    from .demo.methods import FTL_CLASSIFIERS, FTL_SCHEDULES
     from .evaluate.methods import EVAL_METHODS
     from .evaluate.runner import EvalConfig
 
@@ -267,6 +267,13 @@ def _add_evaluate(sub) -> None:
         type=_fraction_or_none,
         default=e.ftl_stage0_fraction,
         help="FTL stage-0 share of the steps; 'none': --warmup-fraction (the old rule)",
+    )
+    ev.add_argument(
+        "--ftl-schedule",
+        choices=FTL_SCHEDULES,
+        default=e.ftl_schedule,
+        help="FTL after stage 0: Algorithm 1's (stage 1, stage 2) pairs, or 'joint': every step "
+        "trains the whole model on a normal batch plus R/FC on transferred tail features",
     )
     ev.add_argument(
         "--ftl-classifier",
@@ -360,6 +367,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         ftl_alternations=args.ftl_alternations,
         ftl_stage0_fraction=args.ftl_stage0_fraction,
         ftl_classifier=args.ftl_classifier,
+        ftl_schedule=args.ftl_schedule,
         ftl_prototype_shrinkage=args.ftl_prototype_shrinkage,
         imprint_fraction=args.imprint_fraction,
         leap_options=options,

@@ -23,9 +23,17 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from .. import functional as FC
-from ..ftl import AlternatingScheduler, ConvDecoder, FTLModel, IndexedDataset, make_filter
+from ..ftl import (
+    AlternatingScheduler,
+    ConvDecoder,
+    FTLModel,
+    IndexedDataset,
+    StreamSampler,
+    make_filter,
+)
 from ..heads import LEAPMarginHead
 from ..regularizers import MetricL2
 from ..transfer import FeatureTransfer
@@ -115,6 +123,10 @@ class MethodConfig:
     # FTL stage 0 as a share of the steps; None: ``warmup_steps`` (the LEAP warm-up) as before.
     # Real faces (README, FTL results): a short stage 0 leaves Enc under-trained for the budget.
     ftl_stage0_fraction: Optional[float] = 0.7
+    # FTL after stage 0: "alternating" (Algorithm 1: stage 1 / stage 2 pairs) or "joint" (every
+    # step trains Enc/Dec/R/FC on a normal batch plus R/FC on a transferred tail batch, Eq. 6,
+    # UpdateStats once an epoch; no part frozen)
+    ftl_schedule: str = "alternating"
     # FTL's FC: "linear" (the paper's softmax + m-L2) or a cosine-margin head, "cosface" /
     # "arcface" (a LEAPMarginHead without cloud; no m-L2: the head normalises W and f), or "leap"
     # (the LEAP methods' default head on ``leap_margin``, ``leap_options`` applied).
@@ -212,6 +224,7 @@ class MarginMethod(_Method):
 
 
 FTL_CLASSIFIERS = ("linear", "cosface", "arcface", "leap")
+FTL_SCHEDULES = ("alternating", "joint")
 
 
 def _cloud_options(cfg: MethodConfig, counts: Optional[Tensor], cloud: bool) -> Dict[str, Any]:
@@ -330,6 +343,11 @@ class FTLMethod(_Method):
         self.warmup_steps = cfg.warmup_steps
         self.stage0_fraction = cfg.ftl_stage0_fraction
         self.alternations = cfg.ftl_alternations
+        if cfg.ftl_schedule not in FTL_SCHEDULES:
+            raise ValueError(
+                f"ftl_schedule must be one of {FTL_SCHEDULES}, got {cfg.ftl_schedule!r}"
+            )
+        self.schedule = cfg.ftl_schedule
         self.seed = cfg.seed
 
     def embed(self, x: Tensor) -> Tensor:
@@ -381,12 +399,19 @@ class FTLMethod(_Method):
         stage0 = max(0, total_steps - 2 * pairs * stage_iters)
         ds = IndexedDataset(torch.utils.data.TensorDataset(x, y))
         stats_loader = torch.utils.data.DataLoader(ds, batch_size=1024)
+        if self.schedule == "joint":  # stage 0, then the joint phase for the rest of the budget
+            stage0, stage_iters = warm, max(1, total_steps - warm)
         sched = AlternatingScheduler(
             self.ftl, stage0_iters=stage0, stage_iters=stage_iters, seed=self.seed
         )
         done = 0
         while done < total_steps:
             stage = sched.stage
+            if stage != 0 and self.schedule == "joint":
+                self._fit_joint(
+                    sched, ds, total_steps - done, batch_size, step, augment, stats_loader
+                )
+                break
             if sched.needs_stats:
                 sched.update_stats(stats_loader)
             loaders = sched.loaders(ds, batch_size)
@@ -406,6 +431,60 @@ class FTLMethod(_Method):
                 if sched.step() != stage or done >= total_steps:
                     break
         self.ftl.set_frozen(())
+
+    def _fit_joint(
+        self,
+        sched: AlternatingScheduler,
+        ds: IndexedDataset,
+        steps: int,
+        batch_size: int,
+        step: Callable[[Tensor], None],
+        augment: Optional[Callable[[Tensor], Tensor]],
+        stats_loader: Any,
+    ) -> None:
+        """The joint phase (``ftl_schedule="joint"``): nothing frozen; each step's loss is Eq. 4 on
+        a normal batch with, in the same ``R``/``FC`` pass, a batch of transferred tail features
+        (Eq. 6: hard regular features, encoded without gradient in eval mode, moved to the centers
+        of tail labels drawn from the long-tail pool). UpdateStats once an epoch."""
+        model, ft = self.ftl, self.ftl.feature_transfer
+        model.set_frozen(())
+        y_all = ds.dataset.tensors[1]
+        per_epoch = max(1, len(ds) // batch_size)
+        done, refresh = 0, 0
+        while done < steps:
+            sched.update_stats(stats_loader)  # Enc in eval mode, back to train (nothing frozen)
+            n = min(per_epoch, steps - done)
+            seed = (self.seed * 1_000_003 + 7919 * (refresh + 1)) % (2**63)
+            loaders = [
+                DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True)
+                for sampler in (
+                    StreamSampler(torch.arange(len(ds)), n * batch_size, seed, name="dataset"),
+                    StreamSampler(ft.hard_indices, n * batch_size, seed + 1, name="hard list"),
+                )
+            ]
+            tail = StreamSampler(ft.tail_indices, n * batch_size, seed + 2, name="long-tail pool")
+            tail_labels = y_all[torch.tensor(list(tail), dtype=torch.long)].view(n, batch_size)
+            for k, (normal, hard) in enumerate(zip(*loaders)):
+                x, y, xr, yr = normal[0], normal[1], hard[0], hard[1]
+                if augment is not None:
+                    x, xr = augment(x), augment(xr)
+                model.encoder.eval()
+                with torch.no_grad():
+                    gr = model.encode(xr)
+                model.encoder.train()
+                gx = ft.transfer(gr, yr, tail_labels[k])
+                g = model.encode(x)
+                f = model.embed(torch.cat([g, gx.to(g.dtype)]))
+                loss = model.classification_loss(
+                    f, torch.cat([y, tail_labels[k]]), stats_rows=slice(0, g.shape[0])
+                )["loss"]
+                if model.alpha_recon > 0 and model.decoder is not None:
+                    loss = loss + model.alpha_recon * F.mse_loss(
+                        model.decoder(g).float(), x.float()
+                    )
+                step(loss)
+                done += 1
+            refresh += 1
 
 
 def _margin(margin_type: str, cloud):

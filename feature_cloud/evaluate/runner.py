@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..demo import metrics as M
 from ..demo._progress import progress
 from ..demo.data import LabeledData
-from ..demo.methods import FTL_CLASSIFIERS, MethodConfig
+from ..demo.methods import FTL_CLASSIFIERS, FTL_SCHEDULES, MethodConfig
 from ..demo.protocol import LongTailSplit
 from ..demo.report import load_results
 from ..demo.runner import evaluate_method
@@ -59,6 +59,8 @@ class EvalConfig:
     # FTL's FC: "cosface" (real faces, README "Real faces") | "linear" (paper) | "arcface" |
     # "leap" (the LEAP methods' default head; the baseline gets the plain margin head)
     ftl_classifier: str = "cosface"
+    # FTL after stage 0: "alternating" (Algorithm 1) | "joint" (normal + transferred batch each step)
+    ftl_schedule: str = "alternating"
     # FTL's cosine FC: inference prototypes (kappa; None: plain weights). Off by default: on real
     # faces they cost head accuracy at S = 1-3 (README, FTL results); "leap": the head's own default
     ftl_prototype_shrinkage: Optional[float] = None
@@ -91,6 +93,10 @@ class EvalConfig:
         ):
             raise ValueError(
                 f"ftl_stage0_fraction must be in [0, 1) or None, got {self.ftl_stage0_fraction}"
+            )
+        if self.ftl_schedule not in FTL_SCHEDULES:
+            raise ValueError(
+                f"ftl_schedule must be one of {FTL_SCHEDULES}, got {self.ftl_schedule!r}"
             )
         if self.ftl_classifier not in FTL_CLASSIFIERS:
             raise ValueError(
@@ -141,6 +147,7 @@ def train_model(
         ftl_alternations=cfg.ftl_alternations,
         ftl_stage0_fraction=cfg.ftl_stage0_fraction,
         ftl_classifier=cfg.ftl_classifier,
+        ftl_schedule=cfg.ftl_schedule,
         ftl_prototype_shrinkage=cfg.ftl_prototype_shrinkage,
         imprint_step=None
         if cfg.imprint_fraction is None

@@ -114,6 +114,62 @@ def test_ftl_stage0_share_and_per_batch_augmentation(tiny, fraction, warmup, exp
         build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_stage0_fraction=1.0))
 
 
+def test_ftl_joint_schedule_trains_every_part_on_normal_plus_transferred_batches(tiny, monkeypatch):
+    """``ftl_schedule="joint"``: after stage 0 nothing is frozen; every step's R/FC pass holds the
+    normal batch (whose rows alone feed a LEAP head's statistics) and as many transferred rows
+    labelled with long-tail classes; UpdateStats once an epoch of the joint phase; the budget is
+    exact; an unknown schedule is refused."""
+    from feature_cloud import FTLModel
+    from feature_cloud.transfer import FeatureTransfer
+
+    x, y, counts = tiny
+    torch.manual_seed(0)
+    cfg = MethodConfig(
+        tail_threshold=3, ftl_stage0_fraction=0.5, ftl_schedule="joint", ftl_classifier="cosface"
+    )
+    model = build_method("ftl", (x.shape[1],), 6, counts, cfg)
+    refreshes, seen = [], []
+    real_update, real_loss = FeatureTransfer.update_stats, FTLModel.classification_loss
+
+    def update(self, source):
+        refreshes.append(1)
+        return real_update(self, source)
+
+    def loss(self, f, labels, stats_rows=None):
+        seen.append((labels.clone(), stats_rows))
+        return real_loss(self, f, labels, stats_rows)
+
+    monkeypatch.setattr(FeatureTransfer, "update_stats", update)
+    monkeypatch.setattr(FTLModel, "classification_loss", loss)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    enc = next(model.ftl.encoder.parameters())
+    enc_moved = []
+
+    def step(loss_value):
+        before = enc.detach().clone()
+        opt.zero_grad()
+        loss_value.backward()
+        opt.step()
+        enc_moved.append(not torch.equal(before, enc))
+
+    total, batch = 24, 8
+    model.train()
+    model.fit(x, y, total, batch, step)
+    assert len(enc_moved) == total and all(enc_moved)  # Enc trains in every step
+    joint = seen[total // 2 :]
+    assert len(seen) == total and len(joint) == total // 2
+    tail = set(torch.nonzero(counts <= 3).flatten().tolist())
+    assert tail and len(tail) < 6
+    for labels, rows in joint:
+        assert labels.shape[0] == 2 * batch and rows == slice(0, batch)
+        assert set(labels[batch:].tolist()) <= tail  # the transferred rows carry tail labels
+    per_epoch = x.shape[0] // batch
+    assert len(refreshes) == -(-(total // 2) // per_epoch)
+    assert model.ftl.frozen == () and model.ftl.feature_transfer.ready
+    with pytest.raises(ValueError, match="ftl_schedule"):
+        build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_schedule="paired"))
+
+
 @pytest.mark.parametrize("kind", ["cosface", "arcface"])
 def test_ftl_with_a_cosine_margin_classifier_trains_and_drops_ml2(tiny, kind):
     """``ftl_classifier`` gives FTL (and its no-transfer baseline) a cloud-free margin head as

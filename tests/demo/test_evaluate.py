@@ -203,6 +203,28 @@ def test_cli_evaluate_ftl_prototypes_option_and_default(tmp_path):
     assert runs["proto"]["ftl_base"] == runs["none"]["ftl_base"]
 
 
+def test_cli_evaluate_ftl_joint_schedule_keeps_the_baseline(tmp_path):
+    """``--ftl-schedule joint`` reaches FTL (recorded in the configuration, other FTL metrics than
+    Algorithm 1's) and leaves its no-transfer baseline bit-identical: the baseline never runs
+    FTL's schedule."""
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = ["--methods", "ftl", "--seeds", "0", "--epochs", "3", "--batch-size", "8"]
+    common += ["--embedding-size", "8", "-T", "3", "--quiet", "--n-test", "1"]
+    runs = {}
+    for schedule in ("joint", "alternating"):
+        out = str(tmp_path / schedule)
+        assert main(["evaluate", p, *common, "--ftl-schedule", schedule, "--out", out]) == 0
+        with open(os.path.join(out, "results.json")) as fh:
+            r = json.load(fh)
+        assert r["config"]["ftl_schedule"] == schedule
+        runs[schedule] = {run["method"]: run["metrics"] for run in r["runs"]}
+    assert runs["joint"]["ftl_base"] == runs["alternating"]["ftl_base"]
+    assert runs["joint"]["ftl"] != runs["alternating"]["ftl"]
+
+
 def test_cli_evaluate_rejects_bad_arguments(tmp_path):
     from feature_cloud.cli import main
     from feature_cloud.evaluate.runner import EvalConfig
@@ -219,6 +241,11 @@ def test_cli_evaluate_rejects_bad_arguments(tmp_path):
         main(["evaluate", p, "--ftl-classifier", "svm", "--quiet"])
     with pytest.raises(ValueError, match="ftl_classifier"):
         EvalConfig(ftl_classifier="svm").validate()
+    with pytest.raises(SystemExit):
+        main(["evaluate", p, "--ftl-schedule", "paired", "--quiet"])
+    with pytest.raises(ValueError, match="ftl_schedule"):
+        EvalConfig(ftl_schedule="paired").validate()
+    assert EvalConfig().ftl_schedule == "alternating"  # Algorithm 1
     assert EvalConfig().ftl_classifier == "cosface"  # real faces (README): the evaluate default
     assert EvalConfig().ftl_prototype_shrinkage is None  # off: head cost at S = 1-3 (README)
 
