@@ -295,8 +295,9 @@ class FTLMethod(_Method):
     the rich feature ``g``), ``Dec`` reconstructs the input (a :class:`ConvDecoder` for images, an
     MLP for vectors), ``R`` = :func:`make_filter`, ``FC`` = a bias-free linear softmax with m-L2.
     It trains itself (:meth:`fit`): stage 0 for the warm-up, then ``ftl_alternations`` pairs of
-    stage 1 (classifier on hard + tail + transferred batches, Eq. 6) and stage 2, within the same
-    number of optimiser steps as every other method.
+    stage 1 (classifier on hard + tail + transferred batches, Eq. 6) and stage 2 (or the joint
+    phase of ``ftl_schedule="joint"``), within the same number of optimiser steps as every other
+    method.
     """
 
     #: a plain, cloud-free cosine FC whatever ``cfg`` asks (the no-transfer baseline)
@@ -385,7 +386,8 @@ class FTLMethod(_Method):
         """Algorithm 1 for ``total_steps`` optimiser steps; ``step(loss)`` does backward + update.
 
         Stage 0 takes ``ftl_stage0_fraction`` of the steps (or ``warmup_steps`` when that is
-        ``None``), the rest is split evenly into ``ftl_alternations`` (stage 1, stage 2) pairs.
+        ``None``), the rest is split evenly into ``ftl_alternations`` (stage 1, stage 2) pairs,
+        or, with ``ftl_schedule="joint"``, is one joint phase (:meth:`_fit_joint`).
         ``augment`` (e.g. random flips) is applied to every training batch, as the caller does for
         the other methods; UpdateStats reads the un-augmented ``x``.
         """
