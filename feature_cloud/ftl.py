@@ -314,13 +314,17 @@ class FTLModel(nn.Module):
         """
         g = self.encode(x)
         out = self.classification_loss(self.embed(g), labels)
-        if self.alpha_recon > 0 and self.decoder is not None and "decoder" not in self.frozen:
-            recon = F.mse_loss(self.decoder(g).float(), x.float())
-        else:
-            recon = g.new_zeros((), dtype=torch.float32)
+        recon = self.reconstruction_loss(x, g)
         out["recon"] = recon
         out["loss"] = out["loss"] + self.alpha_recon * recon
         return out
+
+    def reconstruction_loss(self, x: Tensor, g: Tensor) -> Tensor:
+        """Eq. 1 (unweighted) of ``Dec(g)`` against ``x``: mean squared error per element; zero
+        when ``alpha_recon == 0``, without a decoder or while it is frozen."""
+        if self.alpha_recon > 0 and self.decoder is not None and "decoder" not in self.frozen:
+            return F.mse_loss(self.decoder(g).float(), x.float())
+        return g.new_zeros((), dtype=torch.float32)
 
     # ------------------------------------------------------------------ freezing
     def set_frozen(self, parts: Iterable[str]) -> None:

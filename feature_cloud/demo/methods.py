@@ -397,12 +397,13 @@ class FTLMethod(_Method):
             if self.stage0_fraction is None
             else int(round(self.stage0_fraction * total_steps))
         )
-        stage_iters = max(1, (total_steps - warm) // (2 * pairs))
-        stage0 = max(0, total_steps - 2 * pairs * stage_iters)
-        ds = IndexedDataset(torch.utils.data.TensorDataset(x, y))
-        stats_loader = torch.utils.data.DataLoader(ds, batch_size=1024)
         if self.schedule == "joint":  # stage 0, then the joint phase for the rest of the budget
             stage0, stage_iters = warm, max(1, total_steps - warm)
+        else:
+            stage_iters = max(1, (total_steps - warm) // (2 * pairs))
+            stage0 = max(0, total_steps - 2 * pairs * stage_iters)
+        ds = IndexedDataset(torch.utils.data.TensorDataset(x, y))
+        stats_loader = torch.utils.data.DataLoader(ds, batch_size=1024)
         sched = AlternatingScheduler(
             self.ftl, stage0_iters=stage0, stage_iters=stage_iters, seed=self.seed
         )
@@ -480,11 +481,7 @@ class FTLMethod(_Method):
                 loss = model.classification_loss(
                     f, torch.cat([y, tail_labels[k]]), stats_rows=slice(0, g.shape[0])
                 )["loss"]
-                if model.alpha_recon > 0 and model.decoder is not None:
-                    loss = loss + model.alpha_recon * F.mse_loss(
-                        model.decoder(g).float(), x.float()
-                    )
-                step(loss)
+                step(loss + model.alpha_recon * model.reconstruction_loss(x, g))
                 done += 1
             refresh += 1
 
