@@ -102,9 +102,10 @@ def _primed_head(classes: int, dim: int, margin_type: str, x, y, W, **kw) -> LEA
         **kw,
     )
     head.weight.data.copy_(W)
+    head.to(x.device)
     g = torch.Generator().manual_seed(1)
     for _ in range(2):  # two angles for the batch's classes: the cloud is on for most samples
-        head(x.detach() + torch.randn(x.shape, generator=g), y)
+        head(x.detach() + torch.randn(x.shape, generator=g).to(x.device), y)
     head.weight.grad = None
     return head
 
@@ -136,6 +137,7 @@ def _fastreid_leap_case(
         cloud_scale=1.0,
     )
     head.margin_head.weight.data.copy_(W0)
+    head.to(x.device)
     arch = getattr(fr, "LEAPBaseline", Baseline)  # the meta-architecture the adapter provides
     model = arch(
         backbone=torch.nn.Identity(),
@@ -147,15 +149,15 @@ def _fastreid_leap_case(
             "ce": {"eps": 0.1, "alpha": 0.2, "scale": 1.0},
         },
     )
+    model.to(x.device)
     storage = EventStorage(0)
     feats = x[:, :, None, None]
     if cloud:
         g = torch.Generator().manual_seed(1)
         with storage:
             for _ in range(2):
-                model.losses(
-                    model.heads(feats.detach() + torch.randn(feats.shape, generator=g), y), y
-                )
+                noise = torch.randn(feats.shape, generator=g).to(x.device)
+                model.losses(model.heads(feats.detach() + noise, y), y)
     model.zero_grad()
 
     def loss():
@@ -179,11 +181,19 @@ def make_case(
     margin: Optional[float] = None,
     data: str = "random",
     cloud_std: float = 0.28,
+    device: str = "cpu",
+    autocast: Optional[torch.dtype] = None,
 ) -> Callable[[], torch.Tensor]:
-    """A callable running one fwd+bwd step of ``method`` on fixed data (see the module doc)."""
+    """A callable running one fwd+bwd step of ``method`` on fixed data (see the module doc).
+
+    ``device``: where data, weights and modules live (data drawn on the CPU, then moved: the
+    same numbers on every device); ``autocast``: run the step under ``torch.autocast`` of that
+    dtype on ``device`` (the GEMMs in it, as mixed-precision training does)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    dev = torch.device(device)
     x, y, W0 = _data(batch, classes, dim, seed, data)
+    x, y, W0 = x.detach().to(dev).requires_grad_(True), y.to(dev), W0.to(dev)
     s = SCALE[margin_type] if scale is None else float(scale)
     m = _MARGIN if margin is None else float(margin)
     params = []
@@ -198,7 +208,7 @@ def make_case(
     elif method == "gemm3":
         W = W0.clone().requires_grad_(True)
         params = [W]
-        gz = torch.randn(batch, classes, generator=torch.Generator().manual_seed(seed + 7))
+        gz = torch.randn(batch, classes, generator=torch.Generator().manual_seed(seed + 7)).to(dev)
         xd = x.detach()
 
         def loss():
@@ -225,10 +235,11 @@ def make_case(
             **({"cloud_mode": "paper", "cloud_scale": 1.0} if cloud else {}),
         )
         mod.W.data.copy_(W0.t())
+        mod.to(dev)
         if cloud:
             g = torch.Generator().manual_seed(1)
             for _ in range(2):
-                mod(x.detach() + torch.randn(x.shape, generator=g), y)
+                mod(x.detach() + torch.randn(x.shape, generator=g).to(dev), y)
         mod.W.grad = None
         params = [mod.W]
 
@@ -265,8 +276,8 @@ def make_case(
                 **kw,
             )
             if method == "leap_cloud_nostats":
-                std = torch.full((batch,), float(cloud_std))
-                gen = torch.Generator().manual_seed(0)
+                std = torch.full((batch,), float(cloud_std), device=dev)
+                gen = torch.Generator(device=dev).manual_seed(0)
 
                 def loss():
                     return fused.margin_loss(
@@ -292,6 +303,7 @@ def make_case(
                 **kw,
             )
             head.weight.data.copy_(W0)
+            head.to(dev)
         params = [head.weight]
         if method != "leap_cloud_nostats":
 
@@ -308,6 +320,7 @@ def make_case(
                 num_classes=classes, embedding_size=dim, margin=math.degrees(m), scale=s
             )
         mod.W.data.copy_(W0.t())
+        mod.to(dev)
         params = [mod.W]
 
         def loss():
@@ -316,7 +329,7 @@ def make_case(
     else:  # fastreid: import only its layer module
         from fastreid.layers.any_softmax import ArcSoftmax, CosSoftmax
 
-        layer = (CosSoftmax if margin_type == "cosface" else ArcSoftmax)(classes, s, m)
+        layer = (CosSoftmax if margin_type == "cosface" else ArcSoftmax)(classes, s, m).to(dev)
         W = W0.clone().requires_grad_(True)
         params = [W]
 
@@ -328,7 +341,8 @@ def make_case(
         x.grad = None
         for p in params:
             p.grad = None
-        out = loss()
+        with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
+            out = loss()
         if out.requires_grad:  # gemm3 runs its three GEMMs without autograd
             out.backward()
         return out.detach()

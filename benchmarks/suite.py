@@ -9,6 +9,12 @@ median over repetitions of ``time / time of the reference method in the same rep
 setting`` (``floor``, ``gemm3``, or the bare fused head for the adapters).
 
     python -m benchmarks.suite --reps 7 --out benchmarks/results/suite.json
+
+On a GPU (``--device cuda``) a timing is ``--inner`` back-to-back steps between two device
+synchronisations (a single step of these sizes is mostly launch latency); ``--autocast bf16``
+(or ``fp16``) runs every method's step under ``torch.autocast``, as mixed-precision training does.
+
+    python -m benchmarks.suite --device cuda --threads 1 --inner 20 --classes 100000 --reps 15
 """
 
 from __future__ import annotations
@@ -19,13 +25,15 @@ import os
 import platform
 import random
 import statistics
+import sys
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from benchmarks.cases import make_case
 
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SETTINGS = {"reid": (24.0, 0.2), "face": (64.0, 0.35)}
 METHODS = (
     "floor",
@@ -50,6 +58,10 @@ BARE = {
 }
 
 
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _ratio(ts: Sequence[float], ref: Sequence[float]) -> float:
     return statistics.median(t / r for t, r in zip(ts, ref))
 
@@ -64,15 +76,37 @@ def run(
     dim: int,
     reps: int,
     warmup: int = 1,
+    device: str = "cpu",
+    autocast: Optional[torch.dtype] = None,
+    inner: int = 1,
 ) -> Dict:
     cases: Dict[Tuple[str, str], Dict[str, object]] = {}
     for st in settings:
         s, m = SETTINGS[st]
         for kind in data:
-            cases[(st, kind)] = {
-                meth: make_case(meth, batch, classes, dim, "cosface", scale=s, margin=m, data=kind)
-                for meth in methods
-            }
+            built: Dict[str, object] = {}
+            for meth in methods:
+                t0 = time.perf_counter()
+                built[meth] = make_case(
+                    meth,
+                    batch,
+                    classes,
+                    dim,
+                    "cosface",
+                    scale=s,
+                    margin=m,
+                    data=kind,
+                    device=device,
+                    autocast=autocast,
+                )
+                _progress(f"built {st}/{kind}/{meth} in {time.perf_counter() - t0:.1f} s")
+            cases[(st, kind)] = built
+    cuda = torch.device(device).type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     times: Dict[Tuple[int, str, str, str], List[float]] = {}
     order = random.Random(0)
     for r in range(warmup + reps):
@@ -85,11 +119,15 @@ def run(
                 order.shuffle(names)
                 for meth in names:
                     step = steps[meth]
+                    sync()
                     t0 = time.perf_counter()
-                    step()  # type: ignore[operator]
-                    dt = time.perf_counter() - t0
+                    for _ in range(inner):
+                        step()  # type: ignore[operator]
+                    sync()
+                    dt = (time.perf_counter() - t0) / inner
                     if r >= warmup:
                         times.setdefault((n, st, kind, meth), []).append(dt)
+        _progress(f"repetition {r + 1}/{warmup + reps} done")
     out: Dict = {}
     for (n, st, kind, meth), ts in times.items():
         floor = times[(n, st, kind, "floor")]
@@ -112,6 +150,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--autocast", default="none", choices=sorted(AUTOCAST))
+    p.add_argument("--inner", type=int, default=1, help="steps per timing (GPU: 10-50)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     methods = [m for m in a.methods.split(",") if m]
@@ -129,6 +170,9 @@ def main(argv=None) -> None:
         a.classes,
         a.dim,
         a.reps,
+        device=a.device,
+        autocast=AUTOCAST[a.autocast],
+        inner=a.inner,
     )
     result = {
         "suite": "issue14",
@@ -139,6 +183,9 @@ def main(argv=None) -> None:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
+        "device": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu",
+        "autocast": a.autocast,
+        "inner": a.inner,
         "settings": {k: SETTINGS[k] for k in a.settings.split(",")},
         "loadavg_before": load,
         "loadavg_after": os.getloadavg(),

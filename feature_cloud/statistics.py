@@ -250,11 +250,11 @@ class ClassStatistics(KeepBufferDtypes):
         self.angle_sum.index_add_(0, y, w * (new - old))
         self.angle_sqsum.index_add_(0, y, w * (new * new - old * old))
         self.memory.index_copy_(0, slots, torch.where(keep, angles, old.to(angles.dtype)))
-        self.memory[-1] = 0.0
+        self.memory[-1:].zero_()  # the trash slot; a view: no host-to-device copy
         self.memory_stamp.index_copy_(
             0, slots, torch.where(keep, now.expand_as(slots), self.memory_stamp[slots])
         )
-        self.memory_stamp[-1] = -1
+        self.memory_stamp[-1:].fill_(-1)
         # per-class ring pointer and fill advance once per class present in the batch
         cap = self.memory_capacity[y]
         pointer = torch.where(valid, (self.memory_pointer[y] + count) % cap, self.memory_pointer[y])

@@ -125,11 +125,16 @@ def patch_fastreid_compat() -> List[str]:
        and ``fastreid.engine.defaults``) is wrapped so that an optimizer over contiguous
        buffers zeroes gradients in place (``set_to_none=False``); nothing else changes.
 
-    7. CPU-only hosts: ``DefaultTrainer`` wraps the model in
+    7. ``DefaultTrainer`` wraps the model in
        ``DistributedDataParallel(model, device_ids=[local_rank], ...)`` under a process group,
        which torch refuses for a CPU module; ``fastreid.engine.defaults.DistributedDataParallel``
        is replaced by a function that passes ``device_ids=None`` for a CPU module (gloo),
-       everything else unchanged.
+       everything else unchanged (a GPU module gets fastreid's own call).
+    8. Hosts with a GPU and ``MODEL.DEVICE: cpu``: fastreid's ``DataLoaderX`` moves every batch
+       to ``cuda:<rank>`` whatever ``MODEL.DEVICE`` says, so a CPU model fails on its first batch
+       (``Expected all tensors to be on the same device``). ``DefaultTrainer.build_train_loader``
+       and ``build_test_loader`` are wrapped: when ``cfg.MODEL.DEVICE`` is a CPU device they
+       build the loader with the CPU ``DataLoaderX`` of patch 4; otherwise fastreid's own.
 
     fastreid's ``solver/optim/lamb.py`` imports ``torch.utils.tensorboard``: that needs the
     ``tensorboard`` package (in the ``fastreid`` extra); it is not patched.
@@ -167,12 +172,16 @@ def patch_fastreid_compat() -> List[str]:
         reid_evaluation.ReidEvaluator._compile_dependencies = _no_compile_dependencies
         _APPLIED.append("fastreid.evaluation.ReidEvaluator._compile_dependencies")
 
-    if not torch.cuda.is_available():
-        import fastreid.engine.defaults as engine_defaults
+    import fastreid.engine.defaults as engine_defaults
 
-        if not getattr(engine_defaults.DistributedDataParallel, "_feature_cloud_cpu", False):
-            engine_defaults.DistributedDataParallel = _cpu_ddp
-            _APPLIED.append("fastreid.engine.defaults.DistributedDataParallel")
+    if not getattr(engine_defaults.DistributedDataParallel, "_feature_cloud_cpu", False):
+        engine_defaults.DistributedDataParallel = _cpu_ddp
+        _APPLIED.append("fastreid.engine.defaults.DistributedDataParallel")
+    trainer = engine_defaults.DefaultTrainer
+    for name in ("build_train_loader", "build_test_loader"):
+        if not getattr(getattr(trainer, name), "_feature_cloud_cpu", False):
+            setattr(trainer, name, classmethod(_loader_for_model_device(getattr(trainer, name))))
+            _APPLIED.append(f"fastreid.engine.defaults.DefaultTrainer.{name}")
 
     zero_grad_default = (
         inspect.signature(torch.optim.Optimizer.zero_grad).parameters["set_to_none"].default
@@ -202,6 +211,29 @@ class _CPUDataLoaderX(torch.utils.data.DataLoader):
         kwargs["pin_memory"] = False
         super().__init__(**kwargs)
         self.local_rank = local_rank
+
+
+def _loader_for_model_device(build: Callable[..., Any]) -> Callable[..., Any]:
+    """Patch 8 of :func:`patch_fastreid_compat`: ``build`` (a bound ``DefaultTrainer`` loader
+    classmethod) with the CPU ``DataLoaderX`` when ``cfg.MODEL.DEVICE`` is a CPU device."""
+    func = build.__func__  # type: ignore[attr-defined]
+
+    @functools.wraps(func)
+    def wrapped(cls: Any, cfg: CfgNode, *args: Any, **kwargs: Any) -> Any:
+        from fastreid.data import build as data_build
+
+        device = str(cfg.MODEL.DEVICE) if "MODEL" in cfg and "DEVICE" in cfg.MODEL else "cuda"
+        if torch.device(device).type != "cpu" or data_build.DataLoaderX is _CPUDataLoaderX:
+            return func(cls, cfg, *args, **kwargs)
+        gpu_loader = data_build.DataLoaderX
+        data_build.DataLoaderX = _CPUDataLoaderX
+        try:
+            return func(cls, cfg, *args, **kwargs)
+        finally:
+            data_build.DataLoaderX = gpu_loader
+
+    wrapped._feature_cloud_cpu = True  # type: ignore[attr-defined]
+    return wrapped
 
 
 def _cpu_ddp(

@@ -29,7 +29,15 @@ from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Uni
 
 import timm
 import torch
-from timm.task import ClassificationEvaluator, TrainingTask
+
+try:
+    from timm.task import ClassificationEvaluator, TrainingTask
+except ImportError as _err:  # timm.task: 1.0.25; its ClassificationEvaluator: 1.0.31
+    raise ImportError(
+        "feature_cloud.integrations.timm needs timm >= 1.0.31 (timm.task.TrainingTask and "
+        f"timm.task.ClassificationEvaluator); this is timm {timm.__version__}: "
+        "pip install 'timm>=1.0.31'"
+    ) from _err
 from timm.utils.model import unwrap_model
 from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn

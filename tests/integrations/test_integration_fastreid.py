@@ -41,9 +41,38 @@ def test_compat_patches_are_reported_and_idempotent():
     assert "fastreid.evaluation.ReidEvaluator._compile_dependencies" in applied
     if not torch.cuda.is_available():
         assert "fastreid.data.build.DataLoaderX" in applied
-        assert "fastreid.engine.defaults.DistributedDataParallel" in applied
+    assert "fastreid.engine.defaults.DistributedDataParallel" in applied
+    assert "fastreid.engine.defaults.DefaultTrainer.build_train_loader" in applied
+    assert "fastreid.engine.defaults.DefaultTrainer.build_test_loader" in applied
     if int(torch.__version__.split(".")[0]) >= 2:
         assert "fastreid.solver.build_optimizer" in applied
+
+
+def test_loaders_follow_model_device_on_a_gpu_host(market_root, tmp_path, monkeypatch):
+    """Patch 8: on a host with a GPU fastreid's ``DataLoaderX`` moves every batch to
+    ``cuda:<rank>``; with ``MODEL.DEVICE cpu`` the trainer's loaders must stay on the CPU (else
+    the CPU model fails on its first batch), with ``cuda`` they are fastreid's own. The GPU
+    host's loader is stood in for by a recording class (this runs on CPU-only hosts too)."""
+
+    class GPULoaderX(torch.utils.data.DataLoader):
+        def __init__(self, local_rank, **kwargs):
+            kwargs.pop("pin_memory", None)
+            super().__init__(**kwargs)
+
+    cpu_cfg = _tiny_cfg(tmp_path / "cpu")
+    gpu_cfg = _tiny_cfg(tmp_path / "gpu", "MODEL.DEVICE", "cuda")
+    assert cpu_cfg.MODEL.DEVICE == "cpu"
+    # (after building the configs: that re-applies the compat patches, which on a CPU-only host
+    # would put patch 4's loader back)
+    monkeypatch.setattr(data_build, "DataLoaderX", GPULoaderX)
+    train = DefaultTrainer.build_train_loader(cpu_cfg)
+    test = DefaultTrainer.build_test_loader(cpu_cfg, "Market1501")[0]
+    assert type(train) is type(test) is fr._CPUDataLoaderX
+    batch = next(iter(train))
+    assert batch["images"].device.type == "cpu"
+    assert data_build.DataLoaderX is GPULoaderX  # restored after the build
+    assert type(DefaultTrainer.build_train_loader(gpu_cfg)) is GPULoaderX
+    assert type(DefaultTrainer.build_test_loader(gpu_cfg, "Market1501")[0]) is GPULoaderX
 
 
 def test_head_is_registered_and_yaml_needs_the_config_node():

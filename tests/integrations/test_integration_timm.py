@@ -303,3 +303,36 @@ def test_ftl_task_state_round_trips_mid_stage_1(tmp_path):
     assert torch.equal(batches[0][2], batches[1][2])
     with pytest.raises(KeyError, match="scheduler"):
         restored.load_task_state({"classifier": {}, "decoder": {}, "feature_transfer": {}})
+
+
+_OLD_TIMM = """
+import sys, types
+import timm, timm.task
+old = types.ModuleType("timm.task")  # timm 1.0.25 - 1.0.30: no ClassificationEvaluator
+old.TrainingTask = timm.task.TrainingTask
+sys.modules["timm.task"] = timm.task = old
+timm.__version__ = "1.0.29"
+try:
+    import feature_cloud.integrations.timm
+except ImportError as e:
+    print(e)
+"""
+
+
+def test_an_older_timm_is_named_in_the_import_error():
+    """timm 1.0.29 (e.g. a GPU image's) has ``timm.task`` but not its ``ClassificationEvaluator``:
+    the adapter's import says which timm it needs instead of a bare name error."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-c", _OLD_TIMM],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=root),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "needs timm >= 1.0.31" in proc.stdout and "this is timm 1.0.29" in proc.stdout
