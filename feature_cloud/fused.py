@@ -498,7 +498,21 @@ def _chunk_backward(
     return gx, gx_corr
 
 
-def _normalize_backward_(gW: Tensor, W: Tensor, rw2: Tensor, rows: int = 256) -> None:
+#: Elements of the temporary of one row block off the CPU (128 MiB in float32).
+_DEVICE_BLOCK_ELEMENTS = 1 << 25
+
+
+def _block_rows(t: Tensor, cpu_rows: int) -> int:
+    """Rows per block of the blocked passes over ``t`` ``(R, K)``: ``cpu_rows`` on the CPU (the
+    block stays in cache); elsewhere as many rows as a ``_DEVICE_BLOCK_ELEMENTS`` temporary holds
+    (a GPU pays a kernel launch per block: at ``B = 256, C = 10k`` the CPU's 256-row blocks were
+    most of the fused step's ~500 dispatched ops on an H200)."""
+    if t.device.type == "cpu":
+        return cpu_rows
+    return max(cpu_rows, _DEVICE_BLOCK_ELEMENTS // max(t.shape[1], 1))
+
+
+def _normalize_backward_(gW: Tensor, W: Tensor, rw2: Tensor, rows: Optional[int] = None) -> None:
     """``gW_j -= rw_j^2 (W_j . gW_j) W_j`` in place, in row blocks that stay in cache (one pass
     over ``C x D`` instead of a row-dot pass and an update pass, no ``C x D`` temporary).
     Weights stored ``(D, C)`` (PML's ``W``, passed as ``W.t()``) are walked in their own layout."""
@@ -507,6 +521,7 @@ def _normalize_backward_(gW: Tensor, W: Tensor, rw2: Tensor, rows: int = 256) ->
         coef = (_column_dots(gt, wt, gW.dtype) * rw2.to(gW.dtype)).unsqueeze(0)
         gt.addcmul_(wt, coef, value=-1)
         return
+    rows = _block_rows(gW, 256) if rows is None else rows
     tmp = torch.empty(min(rows, gW.shape[0]), gW.shape[1], dtype=gW.dtype, device=gW.device)
     for r0 in range(0, gW.shape[0], rows):
         g, w = gW[r0 : r0 + rows], W[r0 : r0 + rows].to(gW.dtype)
@@ -557,11 +572,13 @@ def _row_norms(W: Tensor, compute: torch.dtype) -> Tensor:
     return _column_dots(wt, wt, compute).sqrt_()
 
 
-def _column_dots(a: Tensor, b: Tensor, dtype: torch.dtype, rows: int = 32) -> Tensor:
+def _column_dots(a: Tensor, b: Tensor, dtype: torch.dtype, rows: Optional[int] = None) -> Tensor:
     """``(a * b).sum(0)`` ``(C,)`` of two contiguous ``(D, C)`` tensors in ``dtype``: products
     accumulated into a ``rows x C`` buffer block by block (one fused multiply-add pass, no
     ``D x C`` temporary), reduced once at the end (about 1.7x faster than a sum per block;
-    32 rows keep the buffer in cache for ``C`` up to ~10k)."""
+    on the CPU 32 rows keep the buffer in cache for ``C`` up to ~10k; elsewhere
+    :func:`_block_rows`)."""
+    rows = _block_rows(a, 32) if rows is None else rows
     acc = torch.mul(a[:rows].to(dtype), b[:rows].to(dtype))
     for r0 in range(rows, a.shape[0], rows):
         x, y = a[r0 : r0 + rows].to(dtype), b[r0 : r0 + rows].to(dtype)
