@@ -18,7 +18,8 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-compile -e . 2>&1 
 
 echo "== 1. CUDA tests"
 timeout "${T_TESTS:-150}" python3 -m pytest -q -p no:cacheprovider -rs tests/core/test_cuda.py \
-  "tests/core/test_transfer.py::test_cuda_matches_cpu" 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+  "tests/core/test_transfer.py::test_cuda_matches_cpu" \
+  "tests/demo/test_evaluate.py::test_cli_evaluate_on_cuda_matches_the_cpu" 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 
 echo "== 1b. synchronising calls in a training step (with their stacks)"
 timeout "${T_SYNC:-45}" python3 -m benchmarks.cuda_sync_report 2>&1 | tee "$OUT/sync_report.txt"

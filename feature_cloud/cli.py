@@ -269,6 +269,12 @@ def _add_evaluate(sub) -> None:
         help="FTL stage-0 share of the steps; 'none': --warmup-fraction (the old rule)",
     )
     ev.add_argument(
+        "--device",
+        default=e.device,
+        help="train and embed on this torch device (cpu, cuda, cuda:1); results differ from the "
+        "CPU's in rounding only; each seed's method and baseline run on the same device",
+    )
+    ev.add_argument(
         "--ftl-schedule",
         choices=FTL_SCHEDULES,
         default=e.ftl_schedule,
@@ -372,6 +378,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         imprint_fraction=args.imprint_fraction,
         leap_options=options,
         out=args.out,
+        device=args.device,
     )
     shots = args.shots if args.protocol == "hs" else [base.shots]
     configs = [replace(base, shots=s) for s in dict.fromkeys(shots)]

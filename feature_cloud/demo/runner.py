@@ -239,10 +239,18 @@ def train_method(
     return model
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def embed_all(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
+    """Embeddings of ``x`` in batches, computed on the model's device, returned on the CPU."""
     model.eval()
-    return torch.cat([model.embed(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+    dev = _device_of(model)
+    return torch.cat(
+        [model.embed(x[i : i + batch_size].to(dev)).cpu() for i in range(0, x.shape[0], batch_size)]
+    )
 
 
 @torch.no_grad()
@@ -261,7 +269,8 @@ def evaluate_method(
     num_classes = head.numel()
     f_train = embed_all(model, train_x)
     f_eval = embed_all(model, eval_x)
-    logits = model.classify(f_eval)
+    dev = _device_of(model)
+    logits = model.classify(f_eval.to(dev)).cpu()
     is_head_q = head[eval_y]
     out: Dict[str, float] = {}
 
@@ -272,7 +281,7 @@ def evaluate_method(
     fc = M.correct_predictions(logits, eval_y)
     put("fc_acc", M.head_tail(fc, is_head_q))
     # the same FC against the class weights themselves (a LEAP head classifies with prototypes)
-    fcw = M.correct_predictions(model.classify_weights(f_eval), eval_y)
+    fcw = M.correct_predictions(model.classify_weights(f_eval.to(dev)).cpu(), eval_y)
     put("fcw_acc", M.head_tail(fcw, is_head_q))
     nn_pred = M.nearest_center_predictions(f_eval, f_train, train_y, num_classes)
     put("nn_acc", M.head_tail((nn_pred == eval_y).float(), is_head_q))
@@ -283,7 +292,7 @@ def evaluate_method(
     # test angles against the training centers (their own center is degenerate for 2 images)
     train_centers = M.class_centers(f_train, train_y, num_classes)
     mean_ev, var_ev = M.angle_spread(f_eval, eval_y, num_classes, centers=train_centers)
-    norms = M.weight_norms(model.class_weight())
+    norms = M.weight_norms(model.class_weight().detach().cpu())
     per_class_sets = {
         "angle_mean_train": mean_tr,
         "angle_var_train": var_tr,

@@ -266,7 +266,7 @@ def combine_settings(paths: Sequence[str], out: str) -> str:
 
 
 #: config keys that may differ between runs merged by :func:`merge_runs`
-_MERGE_FREE = ("seeds", "methods", "out")
+_MERGE_FREE = ("seeds", "methods", "out", "device")  # device: checked by --resume
 #: dataset keys that must agree (its ``info``, e.g. the path it was read from, may differ)
 _DATA_KEYS = ("name", "samples", "num_classes", "input_shape", "camids")
 

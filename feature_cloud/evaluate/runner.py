@@ -69,6 +69,9 @@ class EvalConfig:
     imprint_fraction: Optional[float] = None
     leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
     out: str = "outputs/evaluate"
+    # where models train and embed ("cpu", "cuda", "cuda:1"); recorded, not part of the setting:
+    # runs on different devices pool (each seed's pair on one device), --resume needs the same
+    device: str = "cpu"
 
     def validate(self) -> None:
         if self.protocol not in ("natural", "hs"):
@@ -108,6 +111,12 @@ class EvalConfig:
         kappa = self.ftl_prototype_shrinkage
         if kappa is not None and not float(kappa) >= 0.0:
             raise ValueError(f"ftl_prototype_shrinkage must be >= 0 or None, got {kappa}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device must name a torch device, got {self.device!r}") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: CUDA is not available on this machine")
 
 
 def setting_name(cfg: EvalConfig) -> str:
@@ -157,7 +166,9 @@ def train_model(
     )
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.backbone, tuple(x.shape[1:]), cfg.embedding_size)
-    model = EVAL_METHODS[name](backbone, num_classes, counts, mcfg)
+    device = torch.device(cfg.device)
+    model = EVAL_METHODS[name](backbone, num_classes, counts.to(device), mcfg).to(device)
+    x, y = x.to(device), y.to(device)
     if cfg.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
             model.parameters(),
@@ -190,7 +201,7 @@ def train_model(
     def augment(xb: Tensor) -> Tensor:
         if not cfg.flip:
             return xb
-        flip = torch.rand(xb.shape[0], generator=gen) < 0.5
+        flip = (torch.rand(xb.shape[0], generator=gen) < 0.5).to(xb.device)
         return torch.where(flip[:, None, None, None], xb.flip(3), xb)
 
     model.train()
@@ -205,6 +216,7 @@ def train_model(
             if len(chunks) > 1 and chunks[-1].numel() < 2:
                 chunks.pop()
             for idx in chunks:
+                idx = idx.to(device)
                 step(model.loss(augment(x[idx]), y[idx]))
     bar.close()
     model.eval()
@@ -240,6 +252,15 @@ def _normalise(x: Tensor, train: Tensor) -> Tensor:
     return (x - mean) / std
 
 
+def _device_name(device: str) -> str:
+    """``device`` and, for a GPU, its name (``"cuda:0 (NVIDIA H200)"``)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return str(dev)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
 def _write_json(obj: Dict[str, Any], file: str) -> None:
     """Write ``obj`` to ``file`` atomically (a killed run never leaves half a file)."""
     tmp = file + ".tmp"
@@ -263,6 +284,12 @@ def _previous_runs(
     if prev.get("kind") != "evaluate":
         raise ValueError(f"--resume: {file} is not a `feature-cloud evaluate` run")
     check_compatible(prev, results, file, "this run", verb="resume")
+    before = str(prev["config"].get("device", "cpu"))
+    if torch.device(before) != torch.device(cfg.device):
+        raise ValueError(
+            f"--resume: {file} was trained on device {before!r}, this run asks for "
+            f"{cfg.device!r}; a seed's method and baseline must share a device"
+        )
     for seed, split in prev["splits"].items():
         if seed in results["splits"] and results["splits"][seed] != split:
             raise ValueError(f"--resume: seed {seed} has a different split in {file}")
@@ -326,6 +353,7 @@ def run_evaluation(
             "python": platform.python_version(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "device": _device_name(cfg.device),
         },
         "complete": False,
         "wall_seconds": 0.0,
@@ -376,6 +404,7 @@ def run_evaluation(
                     "metrics": scalars,
                     "per_class": per_class,
                     "train_seconds": round(seconds, 2),
+                    "device": cfg.device,
                 }
             )
             log(

@@ -225,6 +225,64 @@ def test_cli_evaluate_ftl_joint_schedule_keeps_the_baseline(tmp_path):
     assert runs["joint"]["ftl"] != runs["alternating"]["ftl"]
 
 
+def test_cli_evaluate_device_is_recorded_and_resume_keeps_it(tmp_path, capsys):
+    """``--device``: recorded in the configuration, the environment and every run; not part of
+    the setting for pooling, but ``--resume`` on another device is refused (a seed's method and
+    baseline share a device); a device that is not there is refused before anything trains."""
+    from feature_cloud.cli import main
+    from feature_cloud.evaluate.runner import EvalConfig
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    out = str(tmp_path / "run")
+    common = ["--methods", "cosface", "--seeds", "0", "--epochs", "1", "--batch-size", "8"]
+    common += ["--embedding-size", "8", "-T", "3", "--quiet", "--n-test", "1", "--out", out]
+    assert main(["evaluate", p, *common, "--device", "cpu"]) == 0
+    file = os.path.join(out, "results.json")
+    with open(file) as fh:
+        r = json.load(fh)
+    assert r["config"]["device"] == "cpu" and r["environment"]["device"] == "cpu"
+    assert [run["device"] for run in r["runs"]] == ["cpu"]
+    r["config"]["device"] = "cuda:3"  # as if trained on a GPU
+    with open(file, "w") as fh:
+        json.dump(r, fh)
+    assert main(["evaluate", p, *common, "--resume"]) == 2
+    assert "trained on device 'cuda:3'" in capsys.readouterr().err
+    r["config"].pop("device")  # a release before --device: the CPU
+    with open(file, "w") as fh:
+        json.dump(r, fh)
+    assert main(["evaluate", p, *common, "--resume"]) == 0
+    assert main(["evaluate", p, *common[:-2], "--device", "tpu0", "--out", out + "x"]) == 2
+    assert not os.path.exists(out + "x")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            EvalConfig(device="cuda").validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cli_evaluate_on_cuda_matches_the_cpu(tmp_path):
+    """The LEAP and FTL methods and their baselines train and embed on the GPU (FTL's own
+    schedule, UpdateStats and transfer included) and reach the CPU's accuracies up to rounding."""
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = ["--methods", "leap_full_cosface", "ftl", "--seeds", "0", "--epochs", "3"]
+    common += ["--batch-size", "8", "--embedding-size", "8", "-T", "3", "--quiet", "--n-test", "1"]
+    metrics = {}
+    for device in ("cpu", "cuda"):
+        out = str(tmp_path / device)
+        assert main(["evaluate", p, *common, "--device", device, "--out", out]) == 0
+        with open(os.path.join(out, "results.json")) as fh:
+            r = json.load(fh)
+        assert r["complete"] and r["environment"]["device"].startswith(device)
+        metrics[device] = {run["method"]: run["metrics"] for run in r["runs"]}
+    assert set(metrics["cuda"]) == {"leap_full_cosface", "cosface", "ftl", "ftl_base"}
+    for method, m in metrics["cuda"].items():
+        for key in ("fc_acc_head", "fc_acc_tail", "nn_acc_head", "nn_acc_tail"):
+            assert math.isfinite(m[key]) and abs(m[key] - metrics["cpu"][method][key]) <= 0.35
+
+
 def test_cli_evaluate_rejects_bad_arguments(tmp_path):
     from feature_cloud.cli import main
     from feature_cloud.evaluate.runner import EvalConfig
