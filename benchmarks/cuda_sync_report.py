@@ -48,6 +48,12 @@ def _stacks(step: Callable[[], object]) -> List[str]:
     return found
 
 
+def _report(name: str, found: List[str]) -> None:
+    print(f"{name:24s} {len(found)} sync(s)")
+    for where in sorted(set(found)):
+        print(f"    {found.count(where)} x {where}")
+
+
 def _transfer_step() -> Callable[[], object]:
     from feature_cloud import FeatureTransfer
 
@@ -88,10 +94,7 @@ def main() -> None:
     for name, step in cases.items():
         for _ in range(2):
             step()
-        found = _stacks(step)
-        print(f"{name:24s} {len(found)} sync(s)")
-        for s in sorted(set(found)):
-            print(f"    {found.count(s)} x {s}")
+        _report(name, _stacks(step))
     # the default validate=True: the documented one sync per step
     from feature_cloud import LEAPMarginHead
 
@@ -109,10 +112,7 @@ def main() -> None:
     y = torch.randint(0, 20000, (256,), device="cuda")
     for _ in range(2):
         head(x, y).backward()
-    found = _stacks(lambda: head(x, y).backward())
-    print(f"{'leap_cloud validate=True':24s} {len(found)} sync(s)")
-    for s in sorted(set(found)):
-        print(f"    {found.count(s)} x {s}")
+    _report("leap_cloud validate=True", _stacks(lambda: head(x, y).backward()))
 
 
 if __name__ == "__main__":
