@@ -189,6 +189,7 @@ def _add_evaluate(sub) -> None:
     from .demo.methods import FTL_CLASSIFIERS, FTL_SCHEDULES
     from .evaluate.methods import EVAL_METHODS
     from .evaluate.runner import EvalConfig
+    from .ftl import TAIL_SAMPLING
 
     e = EvalConfig()
     ev = sub.add_parser(
@@ -280,6 +281,13 @@ def _add_evaluate(sub) -> None:
         default=e.ftl_schedule,
         help="FTL after stage 0: Algorithm 1's (stage 1, stage 2) pairs, or 'joint': every step "
         "trains the whole model on a normal batch plus R/FC on transferred tail features",
+    )
+    ev.add_argument(
+        "--ftl-tail-sampling",
+        choices=TAIL_SAMPLING,
+        default=e.ftl_tail_sampling,
+        help="FTL stage 1's long-tail batch: uniform over the long-tail samples (default) or "
+        "'classes': every long-tail class equally often",
     )
     ev.add_argument(
         "--ftl-classifier",
@@ -374,6 +382,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         ftl_stage0_fraction=args.ftl_stage0_fraction,
         ftl_classifier=args.ftl_classifier,
         ftl_schedule=args.ftl_schedule,
+        ftl_tail_sampling=args.ftl_tail_sampling,
         ftl_prototype_shrinkage=args.ftl_prototype_shrinkage,
         imprint_fraction=args.imprint_fraction,
         leap_options=options,

@@ -403,6 +403,26 @@ class IndexedDataset(Dataset[Tuple[Any, ...]]):
         return (*item, index)
 
 
+#: :class:`AlternatingScheduler` ``tail_sampling`` values.
+TAIL_SAMPLING = ("samples", "classes")
+
+
+def class_balanced_pool(indices: Tensor, labels: Tensor) -> Tensor:
+    """``indices`` repeated so that every label holds as many entries as the largest class (a
+    class's samples cyclically): a uniform draw from the result picks each class equally often,
+    then one of its samples (nearly uniformly). ``indices`` and ``labels``: ``(N,)``."""
+    if indices.shape != labels.shape:
+        raise ValueError(f"indices {tuple(indices.shape)} and labels {tuple(labels.shape)} differ")
+    if indices.numel() == 0:
+        return indices
+    order = torch.argsort(labels, stable=True)
+    idx = indices[order]
+    _, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    cycle = torch.arange(int(counts.max()), device=counts.device)
+    return idx[(starts[:, None] + cycle[None, :] % counts[:, None]).flatten()]
+
+
 class StreamSampler(Sampler[int]):
     """A resumable stream of dataset indices drawn from a pool, for a normal ``DataLoader``.
 
@@ -491,6 +511,10 @@ class AlternatingScheduler:
             ``lambda x: x.flip(-1)`` for images); ``None``: plain means.
         quality: ``(x, g) -> bool (B,)`` quality filter :math:`\Omega` of Eq. 5 (paper: yaw below
             ``tau``); a 4th batch element ``keep`` is used when given instead.
+        tail_sampling: how stage 1's long-tail batch is drawn from the long-tail classes:
+            ``"samples"`` (default; uniform over their samples, so a class is drawn in proportion
+            to its size) or ``"classes"`` (every long-tail class equally often, then one of its
+            samples: :func:`class_balanced_pool`). The paper says "sampled from long-tail classes".
     """
 
     def __init__(
@@ -503,9 +527,12 @@ class AlternatingScheduler:
         seed: int = 0,
         flip: Optional[Callable[[Tensor], Tensor]] = None,
         quality: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        tail_sampling: str = "samples",
     ) -> None:
         if not isinstance(model, FTLModel):
             raise TypeError(f"model must be an FTLModel, got {type(model).__name__}")
+        if tail_sampling not in TAIL_SAMPLING:
+            raise ValueError(f"tail_sampling must be one of {TAIL_SAMPLING}, got {tail_sampling!r}")
         if int(stage0_iters) < 0:
             raise ValueError(f"stage0_iters must be >= 0, got {stage0_iters}")
         if int(stage_iters) < 1:
@@ -519,6 +546,7 @@ class AlternatingScheduler:
         self.seed = int(seed)
         self.flip = flip
         self.quality = quality
+        self.tail_sampling = tail_sampling
         self.iteration = 0  # iterations done in total
         self.stage_iteration = 0  # iterations done in the current stage
         self.alternation = 0  # (stage 1, stage 2) pairs completed
@@ -673,8 +701,15 @@ class AlternatingScheduler:
 
     def tail_sampler(self, batch_size: int) -> StreamSampler:
         """Sampler over the samples of the long-tail classes (``D_lt``), same schedule."""
+        return self._sampler(self.tail_pool, batch_size, 2, "long-tail pool")
+
+    def tail_pool(self) -> Tensor:
+        """The dataset indices the long-tail batch is drawn from (uniformly): the long-tail
+        samples, or with ``tail_sampling="classes"`` the :func:`class_balanced_pool` of them."""
         ft = self.model.feature_transfer
-        return self._sampler(lambda: ft.tail_indices, batch_size, 2, "long-tail pool")
+        if self.tail_sampling == "classes":
+            return class_balanced_pool(ft.tail_indices, ft.tail_labels)
+        return ft.tail_indices
 
     def data_sampler(self, dataset_size: int, batch_size: int) -> StreamSampler:
         """Sampler over the whole dataset for the rest of the current stage 0 or 2 (Eq. 4)."""

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from .. import functional as FC
 from ..ftl import (
+    TAIL_SAMPLING,
     AlternatingScheduler,
     ConvDecoder,
     FTLModel,
@@ -127,6 +128,8 @@ class MethodConfig:
     # step trains Enc/Dec/R/FC on a normal batch plus R/FC on a transferred tail batch, Eq. 6,
     # UpdateStats once an epoch; no part frozen)
     ftl_schedule: str = "alternating"
+    # FTL stage 1's long-tail batch: "samples" (uniform over long-tail samples) | "classes"
+    ftl_tail_sampling: str = "samples"
     # FTL's FC: "linear" (the paper's softmax + m-L2) or a cosine-margin head, "cosface" /
     # "arcface" (a LEAPMarginHead without cloud; no m-L2: the head normalises W and f), or "leap"
     # (the LEAP methods' default head on ``leap_margin``, ``leap_options`` applied).
@@ -349,6 +352,11 @@ class FTLMethod(_Method):
                 f"ftl_schedule must be one of {FTL_SCHEDULES}, got {cfg.ftl_schedule!r}"
             )
         self.schedule = cfg.ftl_schedule
+        if cfg.ftl_tail_sampling not in TAIL_SAMPLING:
+            raise ValueError(
+                f"ftl_tail_sampling must be one of {TAIL_SAMPLING}, got {cfg.ftl_tail_sampling!r}"
+            )
+        self.tail_sampling = cfg.ftl_tail_sampling
         self.seed = cfg.seed
 
     def embed(self, x: Tensor) -> Tensor:
@@ -405,7 +413,11 @@ class FTLMethod(_Method):
         ds = IndexedDataset(torch.utils.data.TensorDataset(x, y))
         stats_loader = torch.utils.data.DataLoader(ds, batch_size=1024)
         sched = AlternatingScheduler(
-            self.ftl, stage0_iters=stage0, stage_iters=stage_iters, seed=self.seed
+            self.ftl,
+            stage0_iters=stage0,
+            stage_iters=stage_iters,
+            seed=self.seed,
+            tail_sampling=self.tail_sampling,
         )
         done = 0
         while done < total_steps:
@@ -465,7 +477,7 @@ class FTLMethod(_Method):
                     StreamSampler(ft.hard_indices, n * batch_size, seed + 1, name="hard list"),
                 )
             ]
-            tail = StreamSampler(ft.tail_indices, n * batch_size, seed + 2, name="long-tail pool")
+            tail = StreamSampler(sched.tail_pool(), n * batch_size, seed + 2, name="long-tail pool")
             tail_labels = y_all[torch.tensor(list(tail), dtype=torch.long)].view(n, batch_size)
             for k, (normal, hard) in enumerate(zip(*loaders)):
                 x, y, xr, yr = normal[0], normal[1], hard[0], hard[1]

@@ -21,6 +21,7 @@ from ..demo.methods import FTL_CLASSIFIERS, FTL_SCHEDULES, MethodConfig
 from ..demo.protocol import LongTailSplit
 from ..demo.report import load_results
 from ..demo.runner import evaluate_method
+from ..ftl import TAIL_SAMPLING
 from .backbones import build_backbone
 from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
 from .protocol import hs_split, natural_split
@@ -61,6 +62,8 @@ class EvalConfig:
     ftl_classifier: str = "cosface"
     # FTL after stage 0: "alternating" (Algorithm 1) | "joint" (normal + transferred batch each step)
     ftl_schedule: str = "alternating"
+    # FTL stage 1's long-tail batch: "samples" (uniform over long-tail samples) | "classes"
+    ftl_tail_sampling: str = "samples"
     # FTL's cosine FC: inference prototypes (kappa; None: plain weights). Off by default: on real
     # faces they cost head accuracy at S = 1-3 (README, FTL results); "leap": the head's own default
     ftl_prototype_shrinkage: Optional[float] = None
@@ -100,6 +103,10 @@ class EvalConfig:
         if self.ftl_schedule not in FTL_SCHEDULES:
             raise ValueError(
                 f"ftl_schedule must be one of {FTL_SCHEDULES}, got {self.ftl_schedule!r}"
+            )
+        if self.ftl_tail_sampling not in TAIL_SAMPLING:
+            raise ValueError(
+                f"ftl_tail_sampling must be one of {TAIL_SAMPLING}, got {self.ftl_tail_sampling!r}"
             )
         if self.ftl_classifier not in FTL_CLASSIFIERS:
             raise ValueError(
@@ -157,6 +164,7 @@ def train_model(
         ftl_stage0_fraction=cfg.ftl_stage0_fraction,
         ftl_classifier=cfg.ftl_classifier,
         ftl_schedule=cfg.ftl_schedule,
+        ftl_tail_sampling=cfg.ftl_tail_sampling,
         ftl_prototype_shrinkage=cfg.ftl_prototype_shrinkage,
         imprint_step=None
         if cfg.imprint_fraction is None

@@ -13,7 +13,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import feature_cloud.functional as FC
 from feature_cloud import AlternatingScheduler, FeatureTransfer, FTLModel, LEAPMarginHead, MetricL2
-from feature_cloud.ftl import ConvDecoder, IndexedDataset, StreamSampler, make_filter
+from feature_cloud.ftl import (
+    ConvDecoder,
+    IndexedDataset,
+    StreamSampler,
+    class_balanced_pool,
+    make_filter,
+)
 
 P, D, E = 12, 16, 16  # input size, rich feature g, identity feature f
 
@@ -254,6 +260,41 @@ def test_samplers_draw_from_hard_list_and_long_tail_and_resume():
     assert len(hl) == len(tl) == 10
     xb, yb, ib = next(iter(tl))
     assert (yb >= 10).all() and torch.equal(ytr[ib], yb)
+
+
+def test_class_balanced_pool_gives_every_class_the_largest_class_share():
+    idx = torch.tensor([10, 11, 12, 13, 14, 15, 16])
+    lab = torch.tensor([5, 9, 5, 5, 7, 5, 9])
+    pool = class_balanced_pool(idx, lab)
+    labels_of = dict(zip(idx.tolist(), lab.tolist()))
+    drawn = [labels_of[i] for i in pool.tolist()]
+    assert sorted(drawn) == [5] * 4 + [7] * 4 + [9] * 4
+    assert set(pool.tolist()) == set(idx.tolist())  # every sample stays in the pool
+    assert sorted(i for i in pool.tolist() if labels_of[i] == 9) == [11, 11, 16, 16]
+    assert class_balanced_pool(idx[:0], lab[:0]).numel() == 0
+    with pytest.raises(ValueError, match="differ"):
+        class_balanced_pool(idx, lab[:3])
+
+
+def test_tail_sampling_classes_draws_every_long_tail_class_equally():
+    """``tail_sampling="classes"``: the long-tail batch stream picks each long-tail class about
+    equally often (the default picks them in proportion to their sizes, 2-5 here)."""
+    xtr, ytr, _, _, _ = _data(2)
+    ds = IndexedDataset(TensorDataset(xtr, ytr))
+    with pytest.raises(ValueError, match="tail_sampling"):
+        AlternatingScheduler(_model(2), stage0_iters=0, tail_sampling="balanced")
+    shares = {}
+    for mode in ("samples", "classes"):
+        model = _model(2)
+        sched = AlternatingScheduler(
+            model, stage0_iters=0, stage_iters=500, seed=3, tail_sampling=mode
+        )
+        sched.update_stats(DataLoader(ds, batch_size=256))
+        counts = torch.bincount(ytr[torch.tensor(list(sched.tail_sampler(8)))], minlength=30)
+        shares[mode] = counts[10:].float() / counts[10:].sum()
+    sizes = torch.bincount(ytr, minlength=30)[10:].float()
+    torch.testing.assert_close(shares["samples"], sizes / sizes.sum(), atol=0.01, rtol=0)
+    torch.testing.assert_close(shares["classes"], torch.full((20,), 1 / 20), atol=0.01, rtol=0)
 
 
 def test_stage1_batches_are_the_three_batches_of_algorithm1():

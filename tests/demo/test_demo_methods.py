@@ -306,3 +306,45 @@ def test_ftl_with_the_leap_head_as_fc_and_its_plain_baseline(tiny):
     assert std.shape == (6,) and bool(torch.isfinite(std).all()) and float(std.max()) > 0
     torch.testing.assert_close(std, cloud.statistics.cloud_variance().sqrt())
     assert models["ftl_base"].per_class_diagnostics() == {}
+
+
+@pytest.mark.parametrize("schedule", ["alternating", "joint"])
+def test_ftl_tail_sampling_classes_reaches_the_long_tail_batches(tiny, monkeypatch, schedule):
+    """``ftl_tail_sampling="classes"``: FTL's long-tail labels (stage 1's long-tail batch, or the
+    joint phase's transferred labels) come from the class-balanced pool; "samples" (default) from
+    the long-tail samples themselves; an unknown value is refused."""
+    from feature_cloud import ftl as ftl_module
+
+    x, y, counts = tiny
+    pools = {}
+    for mode in ("samples", "classes"):
+        calls = []
+        real = ftl_module.class_balanced_pool
+
+        def balanced(indices, labels, calls=calls, real=real):
+            calls.append(indices.numel())
+            return real(indices, labels)
+
+        monkeypatch.setattr(ftl_module, "class_balanced_pool", balanced)
+        torch.manual_seed(0)
+        cfg = MethodConfig(
+            tail_threshold=3,
+            ftl_stage0_fraction=0.5,
+            ftl_schedule=schedule,
+            ftl_classifier="cosface",
+            ftl_tail_sampling=mode,
+        )
+        model = build_method("ftl", (x.shape[1],), 6, counts, cfg)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+
+        def step(loss_value):
+            opt.zero_grad()
+            loss_value.backward()
+            opt.step()
+
+        model.train()
+        model.fit(x, y, 24, 8, step)
+        pools[mode] = len(calls)
+    assert pools["samples"] == 0 and pools["classes"] > 0
+    with pytest.raises(ValueError, match="ftl_tail_sampling"):
+        build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_tail_sampling="uniform"))

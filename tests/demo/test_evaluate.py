@@ -300,6 +300,10 @@ def test_cli_evaluate_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="ftl_classifier"):
         EvalConfig(ftl_classifier="svm").validate()
     with pytest.raises(SystemExit):
+        main(["evaluate", p, "--ftl-tail-sampling", "uniform", "--quiet"])
+    with pytest.raises(ValueError, match="ftl_tail_sampling"):
+        EvalConfig(ftl_tail_sampling="uniform").validate()
+    with pytest.raises(SystemExit):
         main(["evaluate", p, "--ftl-schedule", "paired", "--quiet"])
     with pytest.raises(ValueError, match="ftl_schedule"):
         EvalConfig(ftl_schedule="paired").validate()
