@@ -611,10 +611,14 @@ class AlternatingScheduler:
             "stage_iters": self.stage_iters,
             "max_alternations": self.max_alternations,
             "seed": self.seed,
+            "tail_sampling": self.tail_sampling,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` and re-apply the stage's freezing."""
+        """Restore :meth:`state_dict` and re-apply the stage's freezing. A checkpoint whose
+        ``stage0_iters``, ``stage_iters``, ``seed`` or ``tail_sampling`` differ from this
+        scheduler's is refused before anything changes (one without ``tail_sampling`` predates
+        the option and counts as ``"samples"``)."""
         missing = {"stage", "iteration", "stage_iteration", "alternation", "needs_stats"} - set(
             state
         )
@@ -627,6 +631,13 @@ class AlternatingScheduler:
                 raise ValueError(
                     f"checkpoint has {key}={state[key]} but this scheduler has {getattr(self, key)}"
                 )
+        # checkpoints from before the option drew the long-tail batch from the samples
+        saved_sampling = state.get("tail_sampling", "samples")
+        if saved_sampling != self.tail_sampling:
+            raise ValueError(
+                f"checkpoint has tail_sampling={saved_sampling!r} but this scheduler has "
+                f"{self.tail_sampling!r} (the long-tail batch stream would change on resume)"
+            )
         stage = int(state["stage"])
         length = self.stage0_iters if stage == 0 else self.stage_iters
         for key in ("iteration", "stage_iteration", "alternation"):

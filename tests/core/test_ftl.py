@@ -487,6 +487,23 @@ def test_scheduler_state_validation():
         sched.load_state_dict(bad)
     with pytest.raises(ValueError, match="stage_iters"):
         AlternatingScheduler(_model(0), stage0_iters=2, stage_iters=0)
+    # the long-tail sampling is part of the schedule: a resume under the other one is refused
+    # before any counter moves; a checkpoint without the key (older releases) means "samples"
+    classes = AlternatingScheduler(
+        _model(0), stage0_iters=2, stage_iters=3, tail_sampling="classes"
+    )
+    assert sched.state_dict()["tail_sampling"] == "samples"
+    sched.step()
+    before = classes.state_dict()
+    with pytest.raises(ValueError, match="tail_sampling='samples'"):
+        classes.load_state_dict(sched.state_dict())
+    old = {k: v for k, v in sched.state_dict().items() if k != "tail_sampling"}
+    with pytest.raises(ValueError, match="tail_sampling"):
+        classes.load_state_dict(old)
+    assert classes.state_dict() == before
+    sched2 = AlternatingScheduler(_model(0), stage0_iters=2, stage_iters=3)
+    sched2.load_state_dict(old)
+    assert sched2.state_dict() == sched.state_dict()
     with pytest.raises(TypeError, match="FTLModel"):
         AlternatingScheduler(nn.Linear(2, 2), stage0_iters=1)  # type: ignore[arg-type]
 
