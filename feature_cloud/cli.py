@@ -280,7 +280,8 @@ def _add_evaluate(sub) -> None:
         choices=FTL_SCHEDULES,
         default=e.ftl_schedule,
         help="FTL after stage 0: Algorithm 1's (stage 1, stage 2) pairs, or 'joint': every step "
-        "trains the whole model on a normal batch plus R/FC on transferred tail features",
+        "trains the whole model on a normal batch plus R/FC on transferred tail features, or "
+        "'retrain': one stage 1 for the rest of the budget (no stage 2)",
     )
     ev.add_argument(
         "--ftl-tail-sampling",

@@ -126,7 +126,8 @@ class MethodConfig:
     ftl_stage0_fraction: Optional[float] = 0.7
     # FTL after stage 0: "alternating" (Algorithm 1: stage 1 / stage 2 pairs) or "joint" (every
     # step trains Enc/Dec/R/FC on a normal batch plus R/FC on a transferred tail batch, Eq. 6,
-    # UpdateStats once an epoch; no part frozen)
+    # UpdateStats once an epoch; no part frozen) or "retrain" (one stage 1 for the rest of the
+    # budget: Enc fixed after stage 0, R/FC re-trained with transfer; no stage 2)
     ftl_schedule: str = "alternating"
     # FTL stage 1's long-tail batch: "samples" (uniform over long-tail samples) | "classes"
     ftl_tail_sampling: str = "samples"
@@ -227,7 +228,7 @@ class MarginMethod(_Method):
 
 
 FTL_CLASSIFIERS = ("linear", "cosface", "arcface", "leap")
-FTL_SCHEDULES = ("alternating", "joint")
+FTL_SCHEDULES = ("alternating", "joint", "retrain")
 
 
 def _cloud_options(cfg: MethodConfig, counts: Optional[Tensor], cloud: bool) -> Dict[str, Any]:
@@ -395,7 +396,9 @@ class FTLMethod(_Method):
 
         Stage 0 takes ``ftl_stage0_fraction`` of the steps (or ``warmup_steps`` when that is
         ``None``), the rest is split evenly into ``ftl_alternations`` (stage 1, stage 2) pairs,
-        or, with ``ftl_schedule="joint"``, is one joint phase (:meth:`_fit_joint`).
+        or, with ``ftl_schedule="joint"``, is one joint phase (:meth:`_fit_joint`), or, with
+        ``ftl_schedule="retrain"``, is one stage 1 (no stage 2: the encoder stays as stage 0 left
+        it and ``R``/``FC`` are re-trained on the hard, long-tail and transferred batches).
         ``augment`` (e.g. random flips) is applied to every training batch, as the caller does for
         the other methods; UpdateStats reads the un-augmented ``x``.
         """
@@ -405,7 +408,7 @@ class FTLMethod(_Method):
             if self.stage0_fraction is None
             else int(round(self.stage0_fraction * total_steps))
         )
-        if self.schedule == "joint":  # stage 0, then the joint phase for the rest of the budget
+        if self.schedule in ("joint", "retrain"):  # stage 0, then one phase for the rest
             stage0, stage_iters = warm, max(1, total_steps - warm)
         else:
             stage_iters = max(1, (total_steps - warm) // (2 * pairs))

@@ -170,6 +170,53 @@ def test_ftl_joint_schedule_trains_every_part_on_normal_plus_transferred_batches
         build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_schedule="paired"))
 
 
+def test_ftl_retrain_schedule_is_one_stage_1_after_stage_0(tiny, monkeypatch):
+    """``ftl_schedule="retrain"``: stage 0 for ``ftl_stage0_fraction`` of the budget, then one
+    stage 1 (Enc and Dec fixed, R/FC on hard + long-tail + transferred batches) to the end: no
+    stage 2, one UpdateStats, the budget exact, the encoder untouched after stage 0."""
+    from feature_cloud.transfer import FeatureTransfer
+
+    x, y, counts = tiny
+    torch.manual_seed(0)
+    cfg = MethodConfig(
+        tail_threshold=3, ftl_stage0_fraction=0.5, ftl_schedule="retrain", ftl_classifier="cosface"
+    )
+    model = build_method("ftl", (x.shape[1],), 6, counts, cfg)
+    import feature_cloud.demo.methods as methods_module
+
+    stages, refreshes = [], []
+    real_step, real_update = methods_module.AlternatingScheduler.step, FeatureTransfer.update_stats
+
+    def spy(self):
+        stages.append(self.stage)
+        return real_step(self)
+
+    def update(self, source):
+        refreshes.append(1)
+        return real_update(self, source)
+
+    monkeypatch.setattr(methods_module.AlternatingScheduler, "step", spy)
+    monkeypatch.setattr(FeatureTransfer, "update_stats", update)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    enc = next(model.ftl.encoder.parameters())
+    enc_moved = []
+
+    def step(loss_value):
+        before = enc.detach().clone()
+        opt.zero_grad()
+        loss_value.backward()
+        opt.step()
+        enc_moved.append(not torch.equal(before, enc))
+
+    total = 20
+    model.train()
+    model.fit(x, y, total, 8, step)
+    assert stages == [0] * (total // 2) + [1] * (total // 2)
+    assert len(refreshes) == 1
+    assert all(enc_moved[: total // 2]) and not any(enc_moved[total // 2 :])
+    assert model.ftl.frozen == ()  # fit() unfreezes at the end
+
+
 @pytest.mark.parametrize("kind", ["cosface", "arcface"])
 def test_ftl_with_a_cosine_margin_classifier_trains_and_drops_ml2(tiny, kind):
     """``ftl_classifier`` gives FTL (and its no-transfer baseline) a cloud-free margin head as

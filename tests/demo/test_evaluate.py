@@ -204,7 +204,7 @@ def test_cli_evaluate_ftl_prototypes_option_and_default(tmp_path):
 
 
 def test_cli_evaluate_ftl_joint_schedule_keeps_the_baseline(tmp_path):
-    """``--ftl-schedule joint`` reaches FTL (recorded in the configuration, other FTL metrics than
+    """``--ftl-schedule joint`` / ``retrain`` reach FTL (recorded in the configuration, other FTL metrics than
     Algorithm 1's) and leaves its no-transfer baseline bit-identical: the baseline never runs
     FTL's schedule."""
     from feature_cloud.cli import main
@@ -214,7 +214,7 @@ def test_cli_evaluate_ftl_joint_schedule_keeps_the_baseline(tmp_path):
     common = ["--methods", "ftl", "--seeds", "0", "--epochs", "3", "--batch-size", "8"]
     common += ["--embedding-size", "8", "-T", "3", "--quiet", "--n-test", "1"]
     runs = {}
-    for schedule in ("joint", "alternating"):
+    for schedule in ("joint", "alternating", "retrain"):
         out = str(tmp_path / schedule)
         assert main(["evaluate", p, *common, "--ftl-schedule", schedule, "--out", out]) == 0
         with open(os.path.join(out, "results.json")) as fh:
@@ -223,6 +223,8 @@ def test_cli_evaluate_ftl_joint_schedule_keeps_the_baseline(tmp_path):
         runs[schedule] = {run["method"]: run["metrics"] for run in r["runs"]}
     assert runs["joint"]["ftl_base"] == runs["alternating"]["ftl_base"]
     assert runs["joint"]["ftl"] != runs["alternating"]["ftl"]
+    assert runs["retrain"]["ftl_base"] == runs["alternating"]["ftl_base"]
+    assert runs["retrain"]["ftl"] not in (runs["alternating"]["ftl"], runs["joint"]["ftl"])
 
 
 def test_cli_evaluate_device_is_recorded_and_resume_keeps_it(tmp_path, capsys):
