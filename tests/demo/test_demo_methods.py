@@ -114,6 +114,22 @@ def test_ftl_stage0_share_and_per_batch_augmentation(tiny, fraction, warmup, exp
         build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_stage0_fraction=1.0))
 
 
+def _sgd_step_tracking_the_encoder(model):
+    """An SGD ``step(loss)`` for ``FTLMethod.fit`` and the list of whether each step moved Enc."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    enc = next(model.ftl.encoder.parameters())
+    enc_moved = []
+
+    def step(loss_value):
+        before = enc.detach().clone()
+        opt.zero_grad()
+        loss_value.backward()
+        opt.step()
+        enc_moved.append(not torch.equal(before, enc))
+
+    return step, enc_moved
+
+
 def test_ftl_joint_schedule_trains_every_part_on_normal_plus_transferred_batches(tiny, monkeypatch):
     """``ftl_schedule="joint"``: after stage 0 nothing is frozen; every step's R/FC pass holds the
     normal batch (whose rows alone feed a LEAP head's statistics) and as many transferred rows
@@ -141,16 +157,7 @@ def test_ftl_joint_schedule_trains_every_part_on_normal_plus_transferred_batches
 
     monkeypatch.setattr(FeatureTransfer, "update_stats", update)
     monkeypatch.setattr(FTLModel, "classification_loss", loss)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    enc = next(model.ftl.encoder.parameters())
-    enc_moved = []
-
-    def step(loss_value):
-        before = enc.detach().clone()
-        opt.zero_grad()
-        loss_value.backward()
-        opt.step()
-        enc_moved.append(not torch.equal(before, enc))
+    step, enc_moved = _sgd_step_tracking_the_encoder(model)
 
     total, batch = 24, 8
     model.train()
@@ -197,16 +204,7 @@ def test_ftl_retrain_schedule_is_one_stage_1_after_stage_0(tiny, monkeypatch):
 
     monkeypatch.setattr(methods_module.AlternatingScheduler, "step", spy)
     monkeypatch.setattr(FeatureTransfer, "update_stats", update)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    enc = next(model.ftl.encoder.parameters())
-    enc_moved = []
-
-    def step(loss_value):
-        before = enc.detach().clone()
-        opt.zero_grad()
-        loss_value.backward()
-        opt.step()
-        enc_moved.append(not torch.equal(before, enc))
+    step, enc_moved = _sgd_step_tracking_the_encoder(model)
 
     total = 20
     model.train()
