@@ -114,6 +114,20 @@ def test_ftl_stage0_share_and_per_batch_augmentation(tiny, fraction, warmup, exp
         build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_stage0_fraction=1.0))
 
 
+def _count_update_stats(monkeypatch):
+    """A list that gets one entry per ``FeatureTransfer.update_stats`` call (UpdateStats)."""
+    from feature_cloud.transfer import FeatureTransfer
+
+    calls, real_update = [], FeatureTransfer.update_stats
+
+    def update(self, source):
+        calls.append(1)
+        return real_update(self, source)
+
+    monkeypatch.setattr(FeatureTransfer, "update_stats", update)
+    return calls
+
+
 def _sgd_step_tracking_the_encoder(model):
     """An SGD ``step(loss)`` for ``FTLMethod.fit`` and the list of whether each step moved Enc."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
@@ -136,7 +150,6 @@ def test_ftl_joint_schedule_trains_every_part_on_normal_plus_transferred_batches
     labelled with long-tail classes; UpdateStats once an epoch of the joint phase; the budget is
     exact; an unknown schedule is refused."""
     from feature_cloud import FTLModel
-    from feature_cloud.transfer import FeatureTransfer
 
     x, y, counts = tiny
     torch.manual_seed(0)
@@ -144,18 +157,13 @@ def test_ftl_joint_schedule_trains_every_part_on_normal_plus_transferred_batches
         tail_threshold=3, ftl_stage0_fraction=0.5, ftl_schedule="joint", ftl_classifier="cosface"
     )
     model = build_method("ftl", (x.shape[1],), 6, counts, cfg)
-    refreshes, seen = [], []
-    real_update, real_loss = FeatureTransfer.update_stats, FTLModel.classification_loss
-
-    def update(self, source):
-        refreshes.append(1)
-        return real_update(self, source)
+    refreshes, seen = _count_update_stats(monkeypatch), []
+    real_loss = FTLModel.classification_loss
 
     def loss(self, f, labels, stats_rows=None):
         seen.append((labels.clone(), stats_rows))
         return real_loss(self, f, labels, stats_rows)
 
-    monkeypatch.setattr(FeatureTransfer, "update_stats", update)
     monkeypatch.setattr(FTLModel, "classification_loss", loss)
     step, enc_moved = _sgd_step_tracking_the_encoder(model)
 
@@ -181,8 +189,6 @@ def test_ftl_retrain_schedule_is_one_stage_1_after_stage_0(tiny, monkeypatch):
     """``ftl_schedule="retrain"``: stage 0 for ``ftl_stage0_fraction`` of the budget, then one
     stage 1 (Enc and Dec fixed, R/FC on hard + long-tail + transferred batches) to the end: no
     stage 2, one UpdateStats, the budget exact, the encoder untouched after stage 0."""
-    from feature_cloud.transfer import FeatureTransfer
-
     x, y, counts = tiny
     torch.manual_seed(0)
     cfg = MethodConfig(
@@ -191,19 +197,14 @@ def test_ftl_retrain_schedule_is_one_stage_1_after_stage_0(tiny, monkeypatch):
     model = build_method("ftl", (x.shape[1],), 6, counts, cfg)
     import feature_cloud.demo.methods as methods_module
 
-    stages, refreshes = [], []
-    real_step, real_update = methods_module.AlternatingScheduler.step, FeatureTransfer.update_stats
+    stages, refreshes = [], _count_update_stats(monkeypatch)
+    real_step = methods_module.AlternatingScheduler.step
 
     def spy(self):
         stages.append(self.stage)
         return real_step(self)
 
-    def update(self, source):
-        refreshes.append(1)
-        return real_update(self, source)
-
     monkeypatch.setattr(methods_module.AlternatingScheduler, "step", spy)
-    monkeypatch.setattr(FeatureTransfer, "update_stats", update)
     step, enc_moved = _sgd_step_tracking_the_encoder(model)
 
     total = 20
