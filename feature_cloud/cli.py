@@ -284,6 +284,13 @@ def _add_evaluate(sub) -> None:
         "'retrain': one stage 1 for the rest of the budget (no stage 2)",
     )
     ev.add_argument(
+        "--ftl-stage1-share",
+        type=float,
+        default=e.ftl_stage1_share,
+        help="FTL --ftl-schedule alternating: stage 1's share of each (stage 1, stage 2) pair "
+        "(the rest is stage 2); 0.5 (default): equal stages, as in the paper",
+    )
+    ev.add_argument(
         "--ftl-tail-sampling",
         choices=TAIL_SAMPLING,
         default=e.ftl_tail_sampling,
@@ -383,6 +390,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         ftl_stage0_fraction=args.ftl_stage0_fraction,
         ftl_classifier=args.ftl_classifier,
         ftl_schedule=args.ftl_schedule,
+        ftl_stage1_share=args.ftl_stage1_share,
         ftl_tail_sampling=args.ftl_tail_sampling,
         ftl_prototype_shrinkage=args.ftl_prototype_shrinkage,
         imprint_fraction=args.imprint_fraction,

@@ -5,8 +5,9 @@
   the :class:`~feature_cloud.FeatureTransfer` that holds ``C``, ``Q`` and ``h``.
 * :class:`AlternatingScheduler` runs Algorithm 1: stage 0 (pre-training), then stage 1 (decision
   boundary reshape) and stage 2 (compact feature learning) alternating every ``stage_iters``
-  iterations. It owns which parts are trainable, the resumable batch samplers (hard list,
-  long-tail classes, whole dataset) and its own checkpointable state.
+  iterations (stage 2: ``stage2_iters`` when given). It owns which parts are trainable, the
+  resumable batch samplers (hard list, long-tail classes, whole dataset) and its own
+  checkpointable state.
 """
 
 from __future__ import annotations
@@ -486,8 +487,8 @@ class AlternatingScheduler:
       (UpdateStats) first, then each iteration trains ``R`` and ``FC`` on three batches: a hard
       regular batch from ``h``, a long-tail batch, and the long-tail batch's labels carried by the
       hard batch's features transferred with Eq. 6 (:meth:`stage1_loss`).
-    * **Stage 2** (``stage_iters``): ``FC`` fixed, train ``Enc``, ``Dec`` and ``R`` with Eq. 4 on
-      normal batches.
+    * **Stage 2** (``stage2_iters``; default ``stage_iters``, the paper's equal lengths): ``FC``
+      fixed, train ``Enc``, ``Dec`` and ``R`` with Eq. 4 on normal batches.
     * Stages 1 and 2 alternate until ``max_alternations`` pairs are done (paper: 10-15; ``None``:
       until the caller stops, e.g. on a validation criterion).
 
@@ -504,7 +505,9 @@ class AlternatingScheduler:
     Args:
         model: the :class:`FTLModel`.
         stage0_iters: iterations of stage 0.
-        stage_iters: iterations of each stage 1 and stage 2 (paper: 5000).
+        stage_iters: iterations of each stage 1 (paper: 5000), and of each stage 2 unless
+            ``stage2_iters`` is given.
+        stage2_iters: iterations of each stage 2; ``None`` (default): ``stage_iters``.
         max_alternations: number of (stage 1, stage 2) pairs, or ``None``.
         seed: seed of the samplers.
         flip: ``x -> flipped x`` for the flipped-image centers of Eq. 5 (e.g.
@@ -523,6 +526,7 @@ class AlternatingScheduler:
         *,
         stage0_iters: int,
         stage_iters: int = 5000,
+        stage2_iters: Optional[int] = None,
         max_alternations: Optional[int] = None,
         seed: int = 0,
         flip: Optional[Callable[[Tensor], Tensor]] = None,
@@ -537,11 +541,14 @@ class AlternatingScheduler:
             raise ValueError(f"stage0_iters must be >= 0, got {stage0_iters}")
         if int(stage_iters) < 1:
             raise ValueError(f"stage_iters must be >= 1, got {stage_iters}")
+        if stage2_iters is not None and int(stage2_iters) < 1:
+            raise ValueError(f"stage2_iters must be >= 1 or None, got {stage2_iters}")
         if max_alternations is not None and int(max_alternations) < 1:
             raise ValueError(f"max_alternations must be >= 1 or None, got {max_alternations}")
         self.model = model
         self.stage0_iters = int(stage0_iters)
         self.stage_iters = int(stage_iters)
+        self.stage2_iters = self.stage_iters if stage2_iters is None else int(stage2_iters)
         self.max_alternations = None if max_alternations is None else int(max_alternations)
         self.seed = int(seed)
         self.flip = flip
@@ -568,7 +575,10 @@ class AlternatingScheduler:
     @property
     def stage_length(self) -> int:
         """Iterations of the current stage."""
-        return self.stage0_iters if self._stage == 0 else self.stage_iters
+        return self._length(self._stage)
+
+    def _length(self, stage: int) -> int:
+        return (self.stage0_iters, self.stage_iters, self.stage2_iters)[stage]
 
     @property
     def remaining(self) -> int:
@@ -609,6 +619,7 @@ class AlternatingScheduler:
             "needs_stats": self.needs_stats,
             "stage0_iters": self.stage0_iters,
             "stage_iters": self.stage_iters,
+            "stage2_iters": self.stage2_iters,
             "max_alternations": self.max_alternations,
             "seed": self.seed,
             "tail_sampling": self.tail_sampling,
@@ -616,9 +627,10 @@ class AlternatingScheduler:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict` and re-apply the stage's freezing. A checkpoint whose
-        ``stage0_iters``, ``stage_iters``, ``seed`` or ``tail_sampling`` differ from this
-        scheduler's is refused before anything changes (one without ``tail_sampling`` predates
-        the option and counts as ``"samples"``)."""
+        ``stage0_iters``, ``stage_iters``, ``stage2_iters``, ``seed`` or ``tail_sampling`` differ
+        from this scheduler's is refused before anything changes (one without ``tail_sampling``
+        predates the option and counts as ``"samples"``; one without ``stage2_iters`` predates
+        unequal stages and counts as its ``stage_iters``)."""
         missing = {"stage", "iteration", "stage_iteration", "alternation", "needs_stats"} - set(
             state
         )
@@ -631,6 +643,14 @@ class AlternatingScheduler:
                 raise ValueError(
                     f"checkpoint has {key}={state[key]} but this scheduler has {getattr(self, key)}"
                 )
+        # checkpoints from before the option had stage 2 as long as stage 1
+        saved_stage2 = state.get("stage2_iters", state.get("stage_iters"))
+        if saved_stage2 is not None and int(saved_stage2) != self.stage2_iters:
+            raise ValueError(
+                f"checkpoint has stage2_iters={saved_stage2} but this scheduler has "
+                f"{self.stage2_iters}"
+                + ("" if "stage2_iters" in state else " (the checkpoint predates stage2_iters)")
+            )
         # checkpoints from before the option drew the long-tail batch from the samples
         saved_sampling = state.get("tail_sampling", "samples")
         if saved_sampling != self.tail_sampling:
@@ -639,7 +659,7 @@ class AlternatingScheduler:
                 f"{self.tail_sampling!r} (the long-tail batch stream would change on resume)"
             )
         stage = int(state["stage"])
-        length = self.stage0_iters if stage == 0 else self.stage_iters
+        length = self._length(stage)
         for key in ("iteration", "stage_iteration", "alternation"):
             if isinstance(state[key], bool) or int(state[key]) < 0:
                 raise ValueError(f"scheduler state has {key}={state[key]!r}; must be >= 0")

@@ -129,6 +129,9 @@ class MethodConfig:
     # UpdateStats once an epoch; no part frozen) or "retrain" (one stage 1 for the rest of the
     # budget: Enc fixed after stage 0, R/FC re-trained with transfer; no stage 2)
     ftl_schedule: str = "alternating"
+    # FTL "alternating" schedule: the share of each (stage 1, stage 2) pair's steps given to
+    # stage 1 (the rest to stage 2); 0.5: the paper's equal stages. Only for "alternating".
+    ftl_stage1_share: float = 0.5
     # FTL stage 1's long-tail batch: "samples" (uniform over long-tail samples) | "classes"
     ftl_tail_sampling: str = "samples"
     # FTL's FC: "linear" (the paper's softmax + m-L2) or a cosine-margin head, "cosface" /
@@ -353,6 +356,16 @@ class FTLMethod(_Method):
                 f"ftl_schedule must be one of {FTL_SCHEDULES}, got {cfg.ftl_schedule!r}"
             )
         self.schedule = cfg.ftl_schedule
+        share = float(cfg.ftl_stage1_share)
+        if not 0.0 < share < 1.0:
+            raise ValueError(f"ftl_stage1_share must be in (0, 1), got {cfg.ftl_stage1_share}")
+        if share != 0.5 and self.schedule != "alternating":
+            raise ValueError(
+                f"ftl_stage1_share={cfg.ftl_stage1_share} only applies to ftl_schedule="
+                f"'alternating' (it splits each (stage 1, stage 2) pair); ftl_schedule="
+                f"{self.schedule!r} has no stage 2: leave ftl_stage1_share at 0.5"
+            )
+        self.stage1_share = share
         if cfg.ftl_tail_sampling not in TAIL_SAMPLING:
             raise ValueError(
                 f"ftl_tail_sampling must be one of {TAIL_SAMPLING}, got {cfg.ftl_tail_sampling!r}"
@@ -396,11 +409,14 @@ class FTLMethod(_Method):
 
         Stage 0 takes ``ftl_stage0_fraction`` of the steps (or ``warmup_steps`` when that is
         ``None``), the rest is split evenly into ``ftl_alternations`` (stage 1, stage 2) pairs,
-        or, with ``ftl_schedule="joint"``, is one joint phase (:meth:`_fit_joint`), or, with
-        ``ftl_schedule="retrain"``, is one stage 1 (no stage 2: the encoder stays as stage 0 left
-        it and ``R``/``FC`` are re-trained on the hard, long-tail and transferred batches).
-        ``augment`` (e.g. random flips) is applied to every training batch, as the caller does for
-        the other methods; UpdateStats reads the un-augmented ``x``.
+        stage 1 taking ``ftl_stage1_share`` of each pair (rounded, at least one step each; the
+        default 0.5 gives both stages ``rest // (2 * pairs)`` steps, as before the option; stage 0
+        also takes the steps the pairs leave over), or, with ``ftl_schedule="joint"``, is one
+        joint phase (:meth:`_fit_joint`), or, with ``ftl_schedule="retrain"``, is one stage 1 (no
+        stage 2: the encoder stays as stage 0 left it and ``R``/``FC`` are re-trained on the hard,
+        long-tail and transferred batches). ``augment`` (e.g. random flips) is applied to every
+        training batch, as the caller does for the other methods; UpdateStats reads the
+        un-augmented ``x``.
         """
         pairs = max(1, self.alternations)
         warm = (
@@ -410,15 +426,22 @@ class FTLMethod(_Method):
         )
         if self.schedule in ("joint", "retrain"):  # stage 0, then one phase for the rest
             stage0, stage_iters = warm, max(1, total_steps - warm)
+            stage2_iters = stage_iters
         else:
-            stage_iters = max(1, (total_steps - warm) // (2 * pairs))
-            stage0 = max(0, total_steps - 2 * pairs * stage_iters)
+            if self.stage1_share == 0.5:  # equal stages, exactly the lengths before the option
+                stage_iters = stage2_iters = max(1, (total_steps - warm) // (2 * pairs))
+            else:
+                pair = (total_steps - warm) // pairs
+                stage_iters = max(1, round(self.stage1_share * pair))
+                stage2_iters = max(1, pair - stage_iters)
+            stage0 = max(0, total_steps - pairs * (stage_iters + stage2_iters))
         ds = IndexedDataset(torch.utils.data.TensorDataset(x, y))
         stats_loader = torch.utils.data.DataLoader(ds, batch_size=1024)
         sched = AlternatingScheduler(
             self.ftl,
             stage0_iters=stage0,
             stage_iters=stage_iters,
+            stage2_iters=stage2_iters,
             seed=self.seed,
             tail_sampling=self.tail_sampling,
         )

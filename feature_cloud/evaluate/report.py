@@ -298,11 +298,21 @@ def _same_setting(
     compared as resolved head options, each against the head defaults of its own run (an option
     spelled out at its default equals leaving it out)."""
     if key != "leap_options":
-        return bool(a.get(key) == b.get(key))
+        return bool(_config_value(a, key) == _config_value(b, key))
     return not _head_option_diff(a, b, defaults_a, defaults_b)
 
 
 _ABSENT = "<absent: not an option of that release>"
+
+#: configuration fields added after ``results.json`` files were written, with the value that a
+#: file without the field ran with (pooled, resumed and compared as that value)
+_ADDED_FIELDS: Dict[str, Any] = {"ftl_stage1_share": 0.5}
+
+
+def _config_value(cfg: Dict[str, Any], key: str) -> Any:
+    """``cfg[key]``; for a field in :data:`_ADDED_FIELDS` that ``cfg`` lacks, the value it ran
+    with; otherwise ``None``."""
+    return cfg.get(key, _ADDED_FIELDS.get(key))
 
 
 def _head_option_diff(
@@ -329,7 +339,8 @@ def check_compatible(
 ) -> None:
     """Raise ``ValueError`` unless the evaluation ``res`` (read from ``path``) may be pooled with
     ``first`` (from ``first_path``): same setting and data, every configuration field equal
-    except ``seeds``, ``methods`` and ``out`` (``leap_options`` as resolved head options), both
+    except ``seeds``, ``methods`` and ``out`` (``leap_options`` as resolved head options; a
+    field newer than a run, :data:`_ADDED_FIELDS`, as the value that run had), both
     made by releases that record the head defaults (``current``: the defaults assumed where a
     run recorded none, default this release's). ``verb`` names the action in the message."""
     current = head_defaults() if current is None else current
@@ -355,7 +366,7 @@ def check_compatible(
         values = [
             _head_option_diff(res["config"], first["config"], da, db)
             if k == "leap_options"
-            else (res["config"].get(k), first["config"].get(k))
+            else (_config_value(res["config"], k), _config_value(first["config"], k))
             for k in diff
         ]
         raise ValueError(
@@ -471,7 +482,7 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
         config[k] = (
             {o: list(v) for o, v in _head_option_diff(b["config"], a["config"], db, da).items()}
             if k == "leap_options"
-            else [b["config"].get(k), a["config"].get(k)]
+            else [_config_value(b["config"], k), _config_value(a["config"], k)]
         )
     by_a = {(r["method"], int(r["seed"])): r["metrics"] for r in a["runs"]}
     by_b = {(r["method"], int(r["seed"])): r["metrics"] for r in b["runs"]}

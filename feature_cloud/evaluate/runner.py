@@ -62,6 +62,8 @@ class EvalConfig:
     ftl_classifier: str = "cosface"
     # FTL after stage 0: "alternating" (Algorithm 1) | "joint" (normal + transferred batch each step)
     ftl_schedule: str = "alternating"
+    # FTL "alternating": stage 1's share of each (stage 1, stage 2) pair; 0.5: equal (the paper)
+    ftl_stage1_share: float = 0.5
     # FTL stage 1's long-tail batch: "samples" (uniform over long-tail samples) | "classes"
     ftl_tail_sampling: str = "samples"
     # FTL's cosine FC: inference prototypes (kappa; None: plain weights). Off by default: on real
@@ -103,6 +105,13 @@ class EvalConfig:
         if self.ftl_schedule not in FTL_SCHEDULES:
             raise ValueError(
                 f"ftl_schedule must be one of {FTL_SCHEDULES}, got {self.ftl_schedule!r}"
+            )
+        if not 0.0 < float(self.ftl_stage1_share) < 1.0:
+            raise ValueError(f"ftl_stage1_share must be in (0, 1), got {self.ftl_stage1_share}")
+        if float(self.ftl_stage1_share) != 0.5 and self.ftl_schedule != "alternating":
+            raise ValueError(
+                f"ftl_stage1_share={self.ftl_stage1_share} only applies to ftl_schedule="
+                f"'alternating'; ftl_schedule={self.ftl_schedule!r} has no stage 2"
             )
         if self.ftl_tail_sampling not in TAIL_SAMPLING:
             raise ValueError(
@@ -164,6 +173,7 @@ def train_model(
         ftl_stage0_fraction=cfg.ftl_stage0_fraction,
         ftl_classifier=cfg.ftl_classifier,
         ftl_schedule=cfg.ftl_schedule,
+        ftl_stage1_share=cfg.ftl_stage1_share,
         ftl_tail_sampling=cfg.ftl_tail_sampling,
         ftl_prototype_shrinkage=cfg.ftl_prototype_shrinkage,
         imprint_step=None

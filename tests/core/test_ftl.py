@@ -508,6 +508,66 @@ def test_scheduler_state_validation():
         AlternatingScheduler(nn.Linear(2, 2), stage0_iters=1)  # type: ignore[arg-type]
 
 
+def _walk(sched, n):
+    """The stages of the next ``n`` iterations (UpdateStats pretended where it is due)."""
+    seen = []
+    for _ in range(n):
+        seen.append(sched.stage)
+        if sched.needs_stats:
+            sched.needs_stats = False  # pretend UpdateStats ran (no data in this test)
+        sched.step()
+    return seen
+
+
+def test_scheduler_stage2_iters_gives_stage_2_its_own_length():
+    """``stage2_iters``: stage 1 lasts ``stage_iters``, stage 2 ``stage2_iters`` (default: equal
+    lengths); ``stage_length`` / ``remaining`` follow the stage; the length is checkpointed and a
+    resume under another one is refused before anything changes (a checkpoint without the key
+    predates the option: equal lengths)."""
+    sched = AlternatingScheduler(_model(0), stage0_iters=2, stage_iters=3, stage2_iters=1)
+    assert _walk(sched, 14) == [0, 0, 1, 1, 1, 2, 1, 1, 1, 2, 1, 1, 1, 2]
+    assert sched.alternation == 3 and sched.stage == 1 and sched.remaining == 3
+    equal = AlternatingScheduler(_model(0), stage0_iters=2, stage_iters=3)
+    assert equal.stage2_iters == 3 and equal.state_dict()["stage2_iters"] == 3
+    assert _walk(equal, 10) == [0, 0, 1, 1, 1, 2, 2, 2, 1, 1]
+    sched2 = AlternatingScheduler(_model(0), stage0_iters=1, stage_iters=2, stage2_iters=4)
+    _walk(sched2, 4)  # stage 0, stage 1 twice, one iteration into stage 2
+    assert (sched2.stage, sched2.stage_iteration, sched2.stage_length, sched2.remaining) == (
+        2,
+        1,
+        4,
+        3,
+    )
+    # round trip in the middle of stage 2: iteration 2 of 4 is past stage 1's length
+    _walk(sched2, 1)
+    state = sched2.state_dict()
+    assert state["stage2_iters"] == 4 and state["stage"] == 2 and state["stage_iteration"] == 2
+    restored = AlternatingScheduler(_model(0), stage0_iters=1, stage_iters=2, stage2_iters=4)
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state and restored.remaining == 2
+    assert _walk(restored, 5) == _walk(sched2, 5) == [2, 2, 1, 1, 2]
+    # another stage-2 length: refused, nothing changed
+    other = AlternatingScheduler(_model(0), stage0_iters=1, stage_iters=2, stage2_iters=3)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match="stage2_iters=4 but this scheduler has 3"):
+        other.load_state_dict(state)
+    assert other.state_dict() == before and other.stage == 0
+    # a checkpoint of a release before the option (no stage2_iters): equal lengths
+    old = {k: v for k, v in sched2.state_dict().items() if k != "stage2_iters"}
+    with pytest.raises(ValueError, match="stage2_iters"):
+        restored.load_state_dict(old)  # stage 2 of 4 is not the old checkpoint's 2
+    assert restored.state_dict() == sched2.state_dict()
+    old_equal = AlternatingScheduler(_model(0), stage0_iters=2, stage_iters=3)
+    _walk(old_equal, 6)
+    old = {k: v for k, v in old_equal.state_dict().items() if k != "stage2_iters"}
+    fresh = AlternatingScheduler(_model(0), stage0_iters=2, stage_iters=3, stage2_iters=3)
+    fresh.load_state_dict(old)
+    assert fresh.state_dict() == old_equal.state_dict()
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="stage2_iters must be >= 1"):
+            AlternatingScheduler(_model(0), stage0_iters=2, stage_iters=3, stage2_iters=bad)
+
+
 # ----------------------------------------------------------------------------- end to end
 S0, SI, ALT, BATCH = 400, 150, 2, 64
 LR0, LR1 = 2e-3, 3e-3

@@ -216,6 +216,104 @@ def test_ftl_retrain_schedule_is_one_stage_1_after_stage_0(tiny, monkeypatch):
     assert model.ftl.frozen == ()  # fit() unfreezes at the end
 
 
+@pytest.mark.parametrize("total", [32, 35])
+def test_ftl_stage1_share_splits_each_pair_unequally(tiny, monkeypatch, total):
+    """``ftl_stage1_share=0.75``: after stage 0, each of the ``ftl_alternations`` (stage 1,
+    stage 2) pairs gives stage 1 three quarters of its steps (UpdateStats at each stage 1, Enc
+    fixed there and trained in stages 0 and 2); stage 0 takes what the pairs leave; the budget is
+    exact."""
+    x, y, counts = tiny
+    torch.manual_seed(0)
+    cfg = MethodConfig(
+        tail_threshold=3, ftl_stage0_fraction=0.5, ftl_alternations=2, ftl_stage1_share=0.75
+    )
+    model = build_method("ftl", (x.shape[1],), 6, counts, cfg)
+    import feature_cloud.demo.methods as methods_module
+
+    stages, refreshes = [], _count_update_stats(monkeypatch)
+    real_step = methods_module.AlternatingScheduler.step
+
+    def spy(self):
+        stages.append(self.stage)
+        return real_step(self)
+
+    monkeypatch.setattr(methods_module.AlternatingScheduler, "step", spy)
+    step, enc_moved = _sgd_step_tracking_the_encoder(model)
+    model.train()
+    model.fit(x, y, total, 8, step)
+    # 32: stage 0 = 16, pairs of 8 = 6 + 2; 35: round(17.5) = 18 warm-up steps leave 17, pairs of
+    # 8 = 6 + 2, stage 0 the remaining 19
+    s0 = {32: 16, 35: 19}[total]
+    s1, s2 = 6, 2
+    assert stages == [0] * s0 + ([1] * s1 + [2] * s2) * 2
+    assert len(stages) == len(enc_moved) == total
+    assert len(refreshes) == 2
+    assert enc_moved == [stage != 1 for stage in stages]
+    assert model.ftl.frozen == ()
+
+
+class _Lengths(Exception):
+    pass
+
+
+def _fit_lengths(model, x, total):
+    """``(stage0_iters, stage_iters, stage2_iters)`` that ``FTLMethod.fit`` gives its scheduler
+    (with ``AlternatingScheduler`` patched to raise them, so nothing trains)."""
+    with pytest.raises(_Lengths) as stop:
+        model.fit(x, torch.zeros(x.shape[0], dtype=torch.long), total, 8, lambda loss: None)
+    return stop.value.args
+
+
+def test_ftl_stage1_share_default_keeps_the_equal_stage_lengths(tiny, monkeypatch):
+    """The default ``ftl_stage1_share=0.5`` gives exactly the stage lengths of the releases before
+    the option, for every budget (odd pair lengths included, where rounding half of them would
+    not), stage 0 fraction and number of pairs; 0.75 follows the documented split."""
+    import feature_cloud.demo.methods as methods_module
+
+    class Capture(methods_module.AlternatingScheduler):
+        def __init__(self, model, **kw):
+            raise _Lengths(kw["stage0_iters"], kw["stage_iters"], kw["stage2_iters"])
+
+    monkeypatch.setattr(methods_module, "AlternatingScheduler", Capture)
+    x, _, counts = tiny
+    for fraction, warmup in ((0.7, 0), (0.5, 0), (None, 7), (None, 40)):
+        for pairs in (1, 2, 3):
+            cfg = MethodConfig(
+                tail_threshold=3,
+                warmup_steps=warmup,
+                ftl_stage0_fraction=fraction,
+                ftl_alternations=pairs,
+            )
+            equal = build_method("ftl", (x.shape[1],), 6, counts, cfg)
+            cfg.ftl_stage1_share = 0.75
+            unequal = build_method("ftl", (x.shape[1],), 6, counts, cfg)
+            for total in range(1, 61):
+                warm = warmup if fraction is None else int(round(fraction * total))
+                old = max(1, (total - warm) // (2 * pairs))
+                expected = (max(0, total - 2 * pairs * old), old, old)
+                assert _fit_lengths(equal, x, total) == expected
+                pair = (total - warm) // pairs
+                s1 = max(1, round(0.75 * pair))
+                s2 = max(1, pair - s1)
+                expected = (max(0, total - pairs * (s1 + s2)), s1, s2)
+                assert _fit_lengths(unequal, x, total) == expected
+
+
+def test_ftl_stage1_share_is_validated(tiny):
+    """``ftl_stage1_share`` must be in (0, 1), and only the alternating schedule has stage 2 to
+    share with: another share with ``joint`` / ``retrain`` is refused (0.5 is fine there)."""
+    x, _, counts = tiny
+    for share in (0.0, 1.0, -0.25, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="ftl_stage1_share must be in"):
+            build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_stage1_share=share))
+    for schedule in ("joint", "retrain"):
+        cfg = MethodConfig(ftl_schedule=schedule, ftl_stage1_share=0.7)
+        with pytest.raises(ValueError, match="only applies to ftl_schedule='alternating'"):
+            build_method("ftl", (x.shape[1],), 6, counts, cfg)
+        build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_schedule=schedule))
+    build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_stage1_share=0.7))
+
+
 @pytest.mark.parametrize("kind", ["cosface", "arcface"])
 def test_ftl_with_a_cosine_margin_classifier_trains_and_drops_ml2(tiny, kind):
     """``ftl_classifier`` gives FTL (and its no-transfer baseline) a cloud-free margin head as

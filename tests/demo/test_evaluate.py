@@ -227,6 +227,77 @@ def test_cli_evaluate_ftl_joint_schedule_keeps_the_baseline(tmp_path):
     assert runs["retrain"]["ftl"] not in (runs["alternating"]["ftl"], runs["joint"]["ftl"])
 
 
+def test_cli_evaluate_ftl_stage1_share_reaches_ftl_and_resume_checks_it(
+    tmp_path, capsys, monkeypatch
+):
+    """``--ftl-stage1-share 0.75``: recorded in the configuration, other FTL metrics than the
+    default's, the no-transfer baseline bit-identical; ``--resume`` with another share is refused
+    before anything trains; a results file without the field (an earlier release) counts as 0.5;
+    a share other than 0.5 with ``--ftl-schedule joint`` / ``retrain`` or outside (0, 1) is
+    refused."""
+    import feature_cloud.evaluate.runner as R
+    from feature_cloud.cli import main
+    from feature_cloud.evaluate.runner import EvalConfig
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = ["--methods", "ftl", "--seeds", "0", "--epochs", "3", "--batch-size", "8"]
+    common += ["--embedding-size", "8", "-T", "3", "--quiet", "--n-test", "1"]
+    runs, files = {}, {}
+    for tag, extra in (("share", ["--ftl-stage1-share", "0.75"]), ("default", [])):
+        out = str(tmp_path / tag)
+        assert main(["evaluate", p, *common, *extra, "--out", out]) == 0
+        files[tag] = os.path.join(out, "results.json")
+        with open(files[tag]) as fh:
+            r = json.load(fh)
+        assert r["config"]["ftl_stage1_share"] == (0.75 if tag == "share" else 0.5)
+        runs[tag] = {run["method"]: run["metrics"] for run in r["runs"]}
+    assert runs["share"]["ftl_base"] == runs["default"]["ftl_base"]
+    assert runs["share"]["ftl"] != runs["default"]["ftl"]
+
+    monkeypatch.setattr(R, "train_model", lambda *a, **k: pytest.fail("trained"))
+    out = str(tmp_path / "share")
+    with open(files["share"]) as fh:
+        before = fh.read()
+    capsys.readouterr()
+    assert main(["evaluate", p, *common, "--out", out, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "ftl_stage1_share: (0.75, 0.5)" in err
+    with open(files["share"]) as fh:
+        assert fh.read() == before
+    assert (
+        main(["evaluate", p, *common, "--ftl-stage1-share", "0.75", "--out", out, "--resume"]) == 0
+    )
+
+    # a results file of a release before the option: equal stages
+    out = str(tmp_path / "default")
+    with open(files["default"]) as fh:
+        r = json.load(fh)
+    r["config"].pop("ftl_stage1_share")
+    with open(files["default"], "w") as fh:
+        json.dump(r, fh)
+    assert main(["evaluate", p, *common, "--out", out, "--resume"]) == 0
+    with open(files["default"], "w") as fh:  # the resume rewrote it with the field
+        json.dump(r, fh)
+    capsys.readouterr()
+    assert (
+        main(["evaluate", p, *common, "--ftl-stage1-share", "0.75", "--out", out, "--resume"]) == 2
+    )
+    assert "ftl_stage1_share: (0.5, 0.75)" in capsys.readouterr().err
+
+    for bad in (["--ftl-stage1-share", "0"], ["--ftl-stage1-share", "1"]):
+        assert main(["evaluate", p, *common, *bad, "--out", str(tmp_path / "bad")]) == 2
+    for schedule in ("joint", "retrain"):
+        extra = ["--ftl-schedule", schedule, "--ftl-stage1-share", "0.7"]
+        assert main(["evaluate", p, *common, *extra, "--out", str(tmp_path / "bad")]) == 2
+        with pytest.raises(ValueError, match="only applies to ftl_schedule='alternating'"):
+            EvalConfig(ftl_schedule=schedule, ftl_stage1_share=0.7).validate()
+    assert not os.path.exists(str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="ftl_stage1_share must be in"):
+        EvalConfig(ftl_stage1_share=1.0).validate()
+    assert EvalConfig().ftl_stage1_share == 0.5  # the paper's equal stages
+
+
 def test_cli_evaluate_device_is_recorded_and_resume_keeps_it(tmp_path, capsys):
     """``--device``: recorded in the configuration, the environment and every run; not part of
     the setting for pooling, but ``--resume`` on another device is refused (a seed's method and
