@@ -581,6 +581,13 @@ class AlternatingScheduler:
         return (self.stage0_iters, self.stage_iters, self.stage2_iters)[stage]
 
     @property
+    def total_iters(self) -> Optional[int]:
+        """Iterations of the whole schedule (``None`` without ``max_alternations``)."""
+        if self.max_alternations is None:
+            return None
+        return self.stage0_iters + self.max_alternations * (self.stage_iters + self.stage2_iters)
+
+    @property
     def remaining(self) -> int:
         """Iterations left in the current stage."""
         return self.stage_length - self.stage_iteration

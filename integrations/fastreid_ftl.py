@@ -70,8 +70,8 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     """Add the ``MODEL.FTL`` node (defaults: FTL paper, Sec. 3-4).
 
     Schedule (Algorithm 1, in trainer iterations): ``STAGE0_ITERS`` (stage 0, all modules),
-    ``STAGE_ITERS`` (each stage 1 / stage 2; paper 5000), ``MAX_ALTERNATIONS`` ((stage 1, stage 2)
-    pairs; 0: until the trainer stops). Loss (Eq. 4): ``ALPHA_SFMX``, ``ALPHA_RECON``,
+    ``STAGE_ITERS`` (each stage 1, and each stage 2 unless ``STAGE2_ITERS`` > 0; paper 5000 both),
+    ``MAX_ALTERNATIONS`` ((stage 1, stage 2) pairs; 0: until the trainer stops). Loss (Eq. 4): ``ALPHA_SFMX``, ``ALPHA_RECON``,
     ``ALPHA_REG`` (paper 1, 1, 0.25). Modules: ``FILTER_HIDDEN`` (hidden width of ``R``; 0: twice
     the embedding size), ``DECODER_CHANNELS`` (``Dec`` upsampling stages; empty: no decoder).
     UpdateStats: ``ENERGY`` (PCA energy kept, paper 0.95) or ``NUM_COMPONENTS`` (> 0 wins),
@@ -83,6 +83,7 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     node = CfgNode()
     node.STAGE0_ITERS = 5000
     node.STAGE_ITERS = 5000
+    node.STAGE2_ITERS = 0
     node.MAX_ALTERNATIONS = 0
     node.ALPHA_SFMX = 1.0
     node.ALPHA_RECON = 1.0
@@ -346,7 +347,8 @@ class FTLHook(HookBase):
         model: the (possibly DDP-wrapped) :class:`FTLBaseline`.
         train_set: the training dataset of fastreid dicts (``trainer.data_loader.dataset``).
         stats_transform: deterministic transform for UpdateStats.
-        stage0_iters, stage_iters, max_alternations, seed: :class:`AlternatingScheduler`'s.
+        stage0_iters, stage_iters, stage2_iters, max_alternations, seed:
+            :class:`AlternatingScheduler`'s.
         flip: use horizontally flipped images for the centers (Eq. 5).
         stats_batch_size, stage1_batch_size, num_workers: the hook's data loaders.
         optimizer: checked to hold the model's parameters themselves.
@@ -361,6 +363,7 @@ class FTLHook(HookBase):
         stats_transform: Optional[Callable[[Any], Any]] = None,
         stage0_iters: int,
         stage_iters: int,
+        stage2_iters: Optional[int] = None,
         max_alternations: Optional[int] = None,
         seed: int = 0,
         flip: bool = True,
@@ -402,6 +405,7 @@ class FTLHook(HookBase):
             self.ftl,
             stage0_iters=stage0_iters,
             stage_iters=stage_iters,
+            stage2_iters=stage2_iters,
             max_alternations=max_alternations,
             seed=seed,
             flip=(lambda x: x.flip(-1)) if flip else None,
@@ -446,6 +450,7 @@ class FTLHook(HookBase):
             stats_transform=build_transforms(stats_cfg, is_train=False),
             stage0_iters=int(ftl_cfg.STAGE0_ITERS),
             stage_iters=int(ftl_cfg.STAGE_ITERS),
+            stage2_iters=int(ftl_cfg.STAGE2_ITERS) or None,
             max_alternations=alternations if alternations > 0 else None,
             seed=int(ftl_cfg.SEED),
             flip=bool(ftl_cfg.FLIP),
@@ -482,8 +487,8 @@ class FTLHook(HookBase):
                 sched.iteration,
                 self.trainer.iter,
             )
-        if sched.max_alternations is not None:
-            total = sched.stage0_iters + 2 * sched.stage_iters * sched.max_alternations
+        total = sched.total_iters
+        if total is not None:
             left = total - sched.iteration
             if self.trainer.max_iter - self.trainer.iter > left:
                 raise ValueError(

@@ -428,7 +428,7 @@ class FTLTask(TrainingTask):
 
     Args:
         model: the :class:`FTLModel` (e.g. from :func:`create_ftl_model`).
-        stage0_iters, stage_iters, max_alternations, seed, flip, quality: the
+        stage0_iters, stage_iters, stage2_iters, max_alternations, seed, flip, quality: the
             :class:`AlternatingScheduler`'s.
         device, dtype, verbose: as in ``timm.task.TrainingTask``.
     """
@@ -439,6 +439,7 @@ class FTLTask(TrainingTask):
         *,
         stage0_iters: int,
         stage_iters: int = 5000,
+        stage2_iters: Optional[int] = None,
         max_alternations: Optional[int] = None,
         seed: int = 0,
         flip: Optional[Callable[[Tensor], Tensor]] = None,
@@ -455,6 +456,7 @@ class FTLTask(TrainingTask):
             model,
             stage0_iters=stage0_iters,
             stage_iters=stage_iters,
+            stage2_iters=stage2_iters,
             max_alternations=max_alternations,
             seed=seed,
             flip=flip,
@@ -469,6 +471,7 @@ class FTLTask(TrainingTask):
         *,
         stage0_iters: int,
         stage_iters: int = 5000,
+        stage2_iters: Optional[int] = None,
         max_alternations: Optional[int] = None,
         seed: int = 0,
         flip: Optional[Callable[[Tensor], Tensor]] = None,
@@ -483,6 +486,7 @@ class FTLTask(TrainingTask):
             model,
             stage0_iters=stage0_iters,
             stage_iters=stage_iters,
+            stage2_iters=stage2_iters,
             max_alternations=max_alternations,
             seed=seed,
             flip=flip,

@@ -122,6 +122,15 @@ def test_hook_refuses_fastreid_contiguous_optimizer_and_a_short_schedule(market_
     trainer.iter = 0
     with pytest.raises(ValueError, match="MAX_ALTERNATIONS"):
         hook.before_train()
+    # a shorter stage 2 (MODEL.FTL.STAGE2_ITERS) shortens the schedule: 5 + 5 + 4 < 15 iterations
+    short = ftlint.FTLTrainer(
+        _ftl_cfg(tmp_path, "SOLVER.MAX_EPOCH", "3", "MODEL.FTL.STAGE2_ITERS", "4")
+    )
+    sched = short.ftl_hook.scheduler
+    assert (sched.stage_iters, sched.stage2_iters, sched.total_iters) == (STAGE, 4, 14)
+    short.iter = 0
+    with pytest.raises(ValueError, match="ends after 14 iterations"):
+        short.ftl_hook.before_train()
 
 
 # ---------------------------------------------------------------- the trainer end to end

@@ -269,6 +269,26 @@ def test_ftl_task_runs_the_stages():
     assert 0.0 <= evaluator.compute()["top1"] <= 100.0
 
 
+def test_ftl_task_gives_stage_2_its_own_length_and_resume_checks_it():
+    task = _ftl_task(stage2_iters=1, max_alternations=2)
+    assert task.scheduler.total_iters == 3 + 2 * (2 + 1)
+    dataset, stats_loader = _data()
+    opt = torch.optim.Adam(task.model.param_groups(), lr=1e-3)
+    task.train()
+    record = []
+    _run(task, dataset, stats_loader, opt, until=7, record=record)  # into the second stage 1
+    assert [s for s, _ in record] == [0, 0, 0, 1, 1, 2, 1] and task.stage == 1
+    state = task.get_checkpoint_state()["task_state"]
+    assert state["scheduler"]["stage2_iters"] == 1
+    with pytest.raises(ValueError, match="stage2_iters=1 but this scheduler has 2"):
+        _ftl_task(max_alternations=2).load_task_state(state)  # equal stages: refused
+    restored = _ftl_task(stage2_iters=1, max_alternations=2, init_seed=5)
+    restored.load_task_state(state)
+    assert restored.scheduler.state_dict() == task.scheduler.state_dict()
+    _run(task, dataset, stats_loader, opt, record=record)
+    assert task.finished and [s for s, _ in record] == [0, 0, 0, 1, 1, 2, 1, 1, 2]
+
+
 def test_ftl_task_state_round_trips_mid_stage_1(tmp_path):
     dataset, stats_loader = _data(1)
     task = _ftl_task(seed=1)
