@@ -105,14 +105,29 @@ def interleaved_table(runs: List[Dict]) -> List[str]:
     return lines
 
 
+def _ms(v: float) -> str:
+    """Milliseconds: whole numbers from 10 ms (the CPU tables), two digits below (a GPU's)."""
+    return f"{v:.0f}" if v >= 10 else f"{v:.2f}"
+
+
 def suite_tables(run: Dict) -> List[str]:
     """The issue-14 grid (``python -m benchmarks.suite``): x floor, x three-GEMM limit, adapters
     x bare head, per thread count and setting (re-ID s=24 m=0.2, face s=64 m=0.35) and data."""
     res = run["results"]
     settings = run.get("settings", {})
+    device = run.get("device", "cpu")
+    precision = (
+        "float32" if run.get("autocast", "none") == "none" else f"{run['autocast']} autocast"
+    )
+    where = (
+        f"CPU ({run['cpus']} cores, shared)"
+        if device == "cpu"
+        else f"{device} (a time: {run.get('inner', 1)} back-to-back steps between two device "
+        "synchronisations, per step)"
+    )
     lines = [
-        f"B={run['batch']}, D={run['dim']}, C={run['classes']}, CosFace, fwd+bwd float32, CPU "
-        f"({run['cpus']} cores, shared), {run['reps']} interleaved repetitions (all settings "
+        f"B={run['batch']}, D={run['dim']}, C={run['classes']}, CosFace, fwd+bwd {precision}, "
+        f"{where}, {run['reps']} interleaved repetitions (all settings "
         f"and torch thread counts {', '.join(res)} inside each), torch {run['torch']}; load average "
         f"{run['loadavg_before'][0]:.1f} before, {run['loadavg_after'][0]:.1f} after. "
         "Ratio: median over repetitions of time / time of the reference in the same "
@@ -141,7 +156,7 @@ def suite_tables(run: Dict) -> List[str]:
             for kind, rows in per_kind.items():
                 cells = [f"{rows[k]['x_floor']:.2f}" if k in rows else "-" for k, _ in cols]
                 lines.append(
-                    f"| {n} | {name(st, kind)} | {rows['floor']['median_ms']:.0f} | "
+                    f"| {n} | {name(st, kind)} | {_ms(rows['floor']['median_ms'])} | "
                     + " | ".join(cells)
                     + " |"
                 )
@@ -164,7 +179,7 @@ def suite_tables(run: Dict) -> List[str]:
                     return f"{rows[k][key]:.2f}" if k in rows and key in rows[k] else "-"
 
                 lines.append(
-                    f"| {n} | {name(st, kind)} | {rows['gemm3']['median_ms']:.0f} | {g('floor')} | "
+                    f"| {n} | {name(st, kind)} | {_ms(rows['gemm3']['median_ms'])} | {g('floor')} | "
                     f"{g('leap')} | {g('leap_cloud')} | {g('pml_leap', 'x_bare')}, "
                     f"{g('pml_leap_cloud', 'x_bare')} | {g('fastreid_leap', 'x_bare')}, "
                     f"{g('fastreid_leap_cloud', 'x_bare')} |"

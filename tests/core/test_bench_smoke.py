@@ -166,3 +166,11 @@ def test_suite_grid_and_its_tables(tmp_path):
     text = readme.read_text()
     assert "old" not in text and "| 1 | face (s=64, m=0.35) trained |" in text
     assert "Time / three-GEMM limit" in text and "LEAP margin cloud" in text
+    assert "fwd+bwd float32, CPU (1 cores" in text
+    # a GPU run's caption names the device and the autocast; its sub-10 ms times keep two digits
+    gpu = dict(run, device="NVIDIA H200", autocast="bf16", inner=10)
+    text = "\n".join(report.suite_tables(gpu))
+    assert "fwd+bwd bf16 autocast, NVIDIA H200 (a time: 10 back-to-back steps" in text
+    assert "CPU (" not in text
+    floor_ms = res["1"]["face"]["trained"]["floor"]["median_ms"]
+    assert f"| 1 | face (s=64, m=0.35) trained | {floor_ms:.2f} |" in text
