@@ -185,6 +185,21 @@ def test_ftl_joint_schedule_trains_every_part_on_normal_plus_transferred_batches
         build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_schedule="paired"))
 
 
+def _record_stages(monkeypatch):
+    """The stage of every ``AlternatingScheduler.step`` call (the step just trained), in order."""
+    import feature_cloud.demo.methods as methods_module
+
+    stages = []
+    real_step = methods_module.AlternatingScheduler.step
+
+    def spy(self):
+        stages.append(self.stage)
+        return real_step(self)
+
+    monkeypatch.setattr(methods_module.AlternatingScheduler, "step", spy)
+    return stages
+
+
 def test_ftl_retrain_schedule_is_one_stage_1_after_stage_0(tiny, monkeypatch):
     """``ftl_schedule="retrain"``: stage 0 for ``ftl_stage0_fraction`` of the budget, then one
     stage 1 (Enc and Dec fixed, R/FC on hard + long-tail + transferred batches) to the end: no
@@ -195,16 +210,7 @@ def test_ftl_retrain_schedule_is_one_stage_1_after_stage_0(tiny, monkeypatch):
         tail_threshold=3, ftl_stage0_fraction=0.5, ftl_schedule="retrain", ftl_classifier="cosface"
     )
     model = build_method("ftl", (x.shape[1],), 6, counts, cfg)
-    import feature_cloud.demo.methods as methods_module
-
-    stages, refreshes = [], _count_update_stats(monkeypatch)
-    real_step = methods_module.AlternatingScheduler.step
-
-    def spy(self):
-        stages.append(self.stage)
-        return real_step(self)
-
-    monkeypatch.setattr(methods_module.AlternatingScheduler, "step", spy)
+    stages, refreshes = _record_stages(monkeypatch), _count_update_stats(monkeypatch)
     step, enc_moved = _sgd_step_tracking_the_encoder(model)
 
     total = 20
@@ -228,16 +234,7 @@ def test_ftl_stage1_share_splits_each_pair_unequally(tiny, monkeypatch, total):
         tail_threshold=3, ftl_stage0_fraction=0.5, ftl_alternations=2, ftl_stage1_share=0.75
     )
     model = build_method("ftl", (x.shape[1],), 6, counts, cfg)
-    import feature_cloud.demo.methods as methods_module
-
-    stages, refreshes = [], _count_update_stats(monkeypatch)
-    real_step = methods_module.AlternatingScheduler.step
-
-    def spy(self):
-        stages.append(self.stage)
-        return real_step(self)
-
-    monkeypatch.setattr(methods_module.AlternatingScheduler, "step", spy)
+    stages, refreshes = _record_stages(monkeypatch), _count_update_stats(monkeypatch)
     step, enc_moved = _sgd_step_tracking_the_encoder(model)
     model.train()
     model.fit(x, y, total, 8, step)
