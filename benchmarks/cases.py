@@ -13,6 +13,9 @@ Every case returns a zero-argument callable that runs one step and returns the l
 * ``leap_cloud_nostats``: the fused cloud loss alone with a fixed per-sample std
   (``cloud_std``, default 0.28 rad; the statistics update and variance read-out removed).
 * ``gemm3``: the three GEMMs of any such step alone (``x W^T``, ``g W``, ``g^T x``), the limit.
+* ``<m>_compiled`` for ``m`` in :data:`COMPILABLE`: the same step's loss under
+  ``torch.compile(fullgraph=True)`` (a GPU runs Inductor's fused kernels instead of many small
+  launches).
 * ``pml_leap`` / ``pml_leap_cloud``: the PML adapter ``LEAPLoss`` (cloud off / on, the paper's
   cloud), called as PML calls a loss.
 * ``fastreid_leap`` / ``fastreid_leap_cloud``: the fastreid ``LEAPHead`` (BN neck on ``(B, D,
@@ -57,6 +60,9 @@ METHODS = (
     "fastreid_leap",
     "fastreid_leap_cloud",
 )
+#: methods that also run compiled: ``<method>_compiled`` is ``torch.compile(loss, fullgraph=True)``
+#: of the same step (Inductor; the first call compiles)
+COMPILABLE = ("floor", "leap", "leap_cloud", "leap_cloud_margin", "leap_reference")
 DATA = ("random", "trained")
 TARGET_COS = 0.66
 
@@ -189,8 +195,13 @@ def make_case(
     ``device``: where data, weights and modules live (data drawn on the CPU, then moved: the
     same numbers on every device); ``autocast``: run the step under ``torch.autocast`` of that
     dtype on ``device`` (the GEMMs in it, as mixed-precision training does)."""
+    compiled = method.endswith("_compiled") and method[: -len("_compiled")] in COMPILABLE
+    if compiled:
+        method = method[: -len("_compiled")]
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(
+            f"method must be one of {METHODS} or <{'|'.join(COMPILABLE)}>_compiled, got {method!r}"
+        )
     dev = torch.device(device)
     x, y, W0 = _data(batch, classes, dim, seed, data)
     x, y, W0 = x.detach().to(dev).requires_grad_(True), y.to(dev), W0.to(dev)
@@ -336,6 +347,9 @@ def make_case(
         def loss():
             logits = F.linear(F.normalize(x), F.normalize(W))
             return F.cross_entropy(layer(logits.clone(), y), y)
+
+    if compiled:
+        loss = torch.compile(loss, fullgraph=True)
 
     def step() -> torch.Tensor:
         x.grad = None

@@ -273,10 +273,17 @@ class FeatureCloud(nn.Module):
         self._count = int(self.step)
         return super().train(mode)
 
+    def _host_count(self) -> int:
+        """The host copy of ``step``, re-read (one host sync) after compiled steps, which count
+        on the device only (:meth:`_advance_compiled`)."""
+        if self._count < 0:
+            self._count = int(self.step)
+        return self._count
+
     @property
     def active(self) -> bool:
         """Whether the next training step draws a feature cloud (rule set, warm-up over)."""
-        return self.rule is not None and self._count >= self.warmup_steps
+        return self.rule is not None and self._host_count() >= self.warmup_steps
 
     @property
     def noise_stream(self) -> int:
@@ -328,6 +335,8 @@ class FeatureCloud(nn.Module):
         std = key = None
         if not train or (features.shape[0] == 0 and not (count_empty or self.collective)):
             return std, key
+        if torch.compiler.is_compiling():
+            return self._advance_compiled(features, labels)
         if self.rule is not None:
             active = self.active
             stats = self.statistics
@@ -340,7 +349,32 @@ class FeatureCloud(nn.Module):
                     std = std * self.scale
                 key = self.noise_key()
         self.step.add_(1)
-        self._count += 1
+        self._count = self._host_count() + 1
+        return std, key
+
+    def _advance_compiled(
+        self, features: Tensor, labels: Tensor
+    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """:meth:`advance` inside ``torch.compile``: no branch on the host step count, which the
+        compiler would specialise (one graph per step, a failure past its recompile limit under
+        ``fullgraph=True``). The cloud is drawn every step and its std multiplied by
+        ``step >= warmup_steps`` (a tensor): zero during the warm-up, the same cloud after it.
+        The host copy is marked stale and re-read by the next eager step."""
+        std = key = None
+        if self.rule is not None:
+            stats = self.statistics
+            if stats.counting:
+                raise RuntimeError(
+                    "torch.compile of a feature cloud that counts K_i online: the angle memory is "
+                    "laid out when counting ends (a host-side step). Pass class_counts, or run the "
+                    "counting steps (count_steps) eagerly before compiling."
+                )
+            stats.update(features, labels, validate=False)
+            on = (self.step >= self.warmup_steps).float() * self.scale
+            std = stats.cloud_variance()[labels.clamp_min(0)].sqrt() * on
+            key = self.noise_key()
+        self.step.add_(1)
+        self._count = -1
         return std, key
 
     def noise_key(self, stream: Optional[int] = None, purpose: int = N.PURPOSE_CLOUD) -> Tensor:
@@ -393,15 +427,18 @@ class FeatureCloud(nn.Module):
         nothing. No communication: replicas stay identical where the statistics are (the heads
         refuse ``sync="off"`` with ``imprint_step`` in a process group of several ranks).
         Returns whether it imprinted."""
-        if (
-            not train
-            or self.rule is None
-            or self.imprint_step is None
-            or self._count != self.imprint_step
-            or self._imprinted == self._count  # a skipped (empty) step does not count
-        ):
+        if not train or self.rule is None or self.imprint_step is None:
             return False
-        self._imprinted = self._count
+        if torch.compiler.is_compiling():  # no host count: a select on the device step
+            with torch.no_grad():
+                new = self._prototypes(weight, sub_centers, class_start).float()
+                new = new * weight.float().norm(dim=1, keepdim=True)
+                weight.copy_(torch.where(self.step == self.imprint_step, new, weight.float()))
+            return False
+        count = self._host_count()
+        if count != self.imprint_step or self._imprinted == count:  # skipped (empty) steps
+            return False
+        self._imprinted = count
         with torch.no_grad():
             new = self._prototypes(weight, sub_centers, class_start).float()
             weight.copy_(new * weight.float().norm(dim=1, keepdim=True))
@@ -433,7 +470,7 @@ class FeatureCloud(nn.Module):
             f"prototype_shrinkage={self.prototype_shrinkage}, "
             + ("" if self.imprint_step is None else f"imprint_step={self.imprint_step}, ")
             + "warmup_steps="
-            f"{self.warmup_steps}, sync={self.sync!r}, steps_taken={self._count}"
+            f"{self.warmup_steps}, sync={self.sync!r}, steps_taken={self._host_count()}"
         )
 
 

@@ -174,3 +174,15 @@ def test_suite_grid_and_its_tables(tmp_path):
     assert "CPU (" not in text
     floor_ms = res["1"]["face"]["trained"]["floor"]["median_ms"]
     assert f"| 1 | face (s=64, m=0.35) trained | {floor_ms:.2f} |" in text
+
+
+def test_compiled_cases_match_their_eager_step():
+    """``<method>_compiled`` runs the same step under ``torch.compile(fullgraph=True)``; only the
+    methods in ``cases.COMPILABLE`` have one."""
+    torch._dynamo.reset()
+    compiled = cases.make_case("floor_compiled", 8, 40, 16, scale=64.0, margin=0.35)
+    eager = cases.make_case("floor", 8, 40, 16, scale=64.0, margin=0.35)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(), eager())
+    with pytest.raises(ValueError, match="_compiled"):
+        cases.make_case("pml_compiled", 8, 40, 16)

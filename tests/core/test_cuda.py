@@ -49,6 +49,7 @@ def _counts(c):
 def _head(c, d, setting, impl="auto", **kw):
     margin_type, s, m = SETTINGS[setting]
     kw.setdefault("cloud", "full")
+    kw.setdefault("warmup_steps", 0)
     return LEAPMarginHead(
         d,
         c,
@@ -57,7 +58,6 @@ def _head(c, d, setting, impl="auto", **kw):
         margin=m,
         class_counts=_counts(c),
         seed=0,
-        warmup_steps=0,
         impl=impl,
         chunk_size=64 if impl == "chunked" else None,
         **kw,
@@ -241,16 +241,21 @@ def test_fused_gradcheck_float64_on_cuda():
 @pytest.mark.parametrize("impl", ["reference", "fused"])
 def test_compiled_head_on_cuda_equals_eager(impl):
     """``torch.compile(head, fullgraph=True)`` with Inductor's GPU kernels: no graph break (a
-    host sync would be one), the eager head's loss, gradient and statistics, step after step."""
+    host sync would be one) and one graph for the whole run (through the end of the warm-up
+    and past dynamo's recompile limit), the eager head's loss, gradient and statistics, step
+    after step."""
     x, W, y = _trained(64, 200, 32, seed=6)
-    head = _head(200, 32, "face_cosface", impl, validate=False).to(DEV)
+    head = _head(200, 32, "face_cosface", impl, validate=False, warmup_steps=2).to(DEV)
     head.weight.data.copy_(W.to(DEV))
     twin = copy.deepcopy(head)
+    torch._dynamo.reset()
     compiled = torch.compile(head, fullgraph=True)
     yc = y.to(DEV)
-    for i in range(3):
+    for i in range(torch._dynamo.config.recompile_limit + 4):
         feats = _jitter(x, i).to(DEV)
-        got, eager = compiled(feats, yc), twin(feats, yc)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = compiled(feats, yc)
+        eager = twin(feats, yc)
         got.backward()
         eager.backward()
         torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-5)
