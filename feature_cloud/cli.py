@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_evaluate(sub) -> None:
-    from .demo.methods import FTL_CLASSIFIERS, FTL_SCHEDULES
+    from .demo.methods import FTL_CLASSIFIERS, FTL_SCHEDULES, FTL_STAGE1_FC
     from .evaluate.methods import EVAL_METHODS
     from .evaluate.runner import EvalConfig
     from .ftl import TAIL_SAMPLING
@@ -291,6 +291,13 @@ def _add_evaluate(sub) -> None:
         "(the rest is stage 2); 0.5 (default): equal stages, as in the paper",
     )
     ev.add_argument(
+        "--ftl-stage1-fc",
+        choices=FTL_STAGE1_FC,
+        default=e.ftl_stage1_fc,
+        help="FC rows that FTL stage 1 trains: all (default, Algorithm 1) or 'tail': the "
+        "long-tail classes' only, the regular classes' rows kept as stage 0 left them",
+    )
+    ev.add_argument(
         "--ftl-tail-sampling",
         choices=TAIL_SAMPLING,
         default=e.ftl_tail_sampling,
@@ -392,6 +399,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         ftl_schedule=args.ftl_schedule,
         ftl_stage1_share=args.ftl_stage1_share,
         ftl_tail_sampling=args.ftl_tail_sampling,
+        ftl_stage1_fc=args.ftl_stage1_fc,
         ftl_prototype_shrinkage=args.ftl_prototype_shrinkage,
         imprint_fraction=args.imprint_fraction,
         leap_options=options,

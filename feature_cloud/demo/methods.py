@@ -17,8 +17,9 @@ The heads and losses come from the package (:class:`~feature_cloud.LEAPMarginHea
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,9 @@ class MethodConfig:
     ftl_stage1_share: float = 0.5
     # FTL stage 1's long-tail batch: "samples" (uniform over long-tail samples) | "classes"
     ftl_tail_sampling: str = "samples"
+    # FC rows that FTL stage 1 trains: "all" (Algorithm 1) | "tail" (the long-tail classes' rows
+    # only; the regular classes' rows stay as stage 0 left them)
+    ftl_stage1_fc: str = "all"
     # FTL's FC: "linear" (the paper's softmax + m-L2) or a cosine-margin head, "cosface" /
     # "arcface" (a LEAPMarginHead without cloud; no m-L2: the head normalises W and f), or "leap"
     # (the LEAP methods' default head on ``leap_margin``, ``leap_options`` applied).
@@ -232,6 +236,7 @@ class MarginMethod(_Method):
 
 FTL_CLASSIFIERS = ("linear", "cosface", "arcface", "leap")
 FTL_SCHEDULES = ("alternating", "joint", "retrain")
+FTL_STAGE1_FC = ("all", "tail")
 
 
 def _cloud_options(cfg: MethodConfig, counts: Optional[Tensor], cloud: bool) -> Dict[str, Any]:
@@ -371,6 +376,16 @@ class FTLMethod(_Method):
                 f"ftl_tail_sampling must be one of {TAIL_SAMPLING}, got {cfg.ftl_tail_sampling!r}"
             )
         self.tail_sampling = cfg.ftl_tail_sampling
+        if cfg.ftl_stage1_fc not in FTL_STAGE1_FC:
+            raise ValueError(
+                f"ftl_stage1_fc must be one of {FTL_STAGE1_FC}, got {cfg.ftl_stage1_fc!r}"
+            )
+        if cfg.ftl_stage1_fc != "all" and self.schedule == "joint":
+            raise ValueError("ftl_stage1_fc='tail' needs a stage 1: not with ftl_schedule='joint'")
+        #: regular classes (more than ``tail_threshold`` samples): rows fixed in stage 1 ("tail")
+        self.stage1_fixed_rows = (
+            counts > cfg.tail_threshold if cfg.ftl_stage1_fc == "tail" else None
+        )
         self.seed = cfg.seed
 
     def embed(self, x: Tensor) -> Tensor:
@@ -467,11 +482,32 @@ class FTLMethod(_Method):
                     loss = sched.stage1_loss(*batches)["loss"]
                 else:
                     loss = self.ftl.loss(batches[0], batches[1])["loss"]
-                step(loss)
+                with self._stage1_rows_fixed(stage == 1):
+                    step(loss)
                 done += 1
                 if sched.step() != stage or done >= total_steps:
                     break
         self.ftl.set_frozen(())
+
+    @contextlib.contextmanager
+    def _stage1_rows_fixed(self, active: bool) -> Iterator[None]:
+        """Around one stage-1 optimiser step with ``ftl_stage1_fc="tail"``: the regular classes'
+        FC rows get no gradient (so no momentum either) and are put back after the step (weight
+        decay); a no-op otherwise."""
+        rows = self.stage1_fixed_rows
+        if not active or rows is None:
+            yield
+            return
+        weight = self.ftl.classifier.weight
+        mask = rows.to(weight.device).unsqueeze(1)
+        kept = weight.detach().clone()
+        hook = weight.register_hook(lambda g: g.masked_fill(mask, 0.0))
+        try:
+            yield
+        finally:
+            hook.remove()
+            with torch.no_grad():
+                weight.copy_(torch.where(mask, kept, weight))
 
     def _fit_joint(
         self,

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..demo import metrics as M
 from ..demo._progress import progress
 from ..demo.data import LabeledData
-from ..demo.methods import FTL_CLASSIFIERS, FTL_SCHEDULES, MethodConfig
+from ..demo.methods import FTL_CLASSIFIERS, FTL_SCHEDULES, FTL_STAGE1_FC, MethodConfig
 from ..demo.protocol import LongTailSplit
 from ..demo.report import load_results
 from ..demo.runner import evaluate_method
@@ -66,6 +66,8 @@ class EvalConfig:
     ftl_stage1_share: float = 0.5
     # FTL stage 1's long-tail batch: "samples" (uniform over long-tail samples) | "classes"
     ftl_tail_sampling: str = "samples"
+    # FTL stage 1: train every FC row ("all", Algorithm 1) or the long-tail classes' only ("tail")
+    ftl_stage1_fc: str = "all"
     # FTL's cosine FC: inference prototypes (kappa; None: plain weights). Off by default: on real
     # faces they cost head accuracy at S = 1-3 (README, FTL results); "leap": the head's own default
     ftl_prototype_shrinkage: Optional[float] = None
@@ -113,6 +115,12 @@ class EvalConfig:
                 f"ftl_stage1_share={self.ftl_stage1_share} only applies to ftl_schedule="
                 f"'alternating'; ftl_schedule={self.ftl_schedule!r} has no stage 2"
             )
+        if self.ftl_stage1_fc not in FTL_STAGE1_FC:
+            raise ValueError(
+                f"ftl_stage1_fc must be one of {FTL_STAGE1_FC}, got {self.ftl_stage1_fc!r}"
+            )
+        if self.ftl_stage1_fc != "all" and self.ftl_schedule == "joint":
+            raise ValueError("ftl_stage1_fc='tail' needs a stage 1: not with ftl_schedule='joint'")
         if self.ftl_tail_sampling not in TAIL_SAMPLING:
             raise ValueError(
                 f"ftl_tail_sampling must be one of {TAIL_SAMPLING}, got {self.ftl_tail_sampling!r}"
@@ -175,6 +183,7 @@ def train_model(
         ftl_schedule=cfg.ftl_schedule,
         ftl_stage1_share=cfg.ftl_stage1_share,
         ftl_tail_sampling=cfg.ftl_tail_sampling,
+        ftl_stage1_fc=cfg.ftl_stage1_fc,
         ftl_prototype_shrinkage=cfg.ftl_prototype_shrinkage,
         imprint_step=None
         if cfg.imprint_fraction is None

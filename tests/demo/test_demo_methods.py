@@ -489,3 +489,48 @@ def test_ftl_tail_sampling_classes_reaches_the_long_tail_batches(tiny, monkeypat
     assert pools["samples"] == 0 and pools["classes"] > 0
     with pytest.raises(ValueError, match="ftl_tail_sampling"):
         build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_tail_sampling="uniform"))
+
+
+@pytest.mark.parametrize("rows", ["all", "tail"])
+def test_ftl_stage1_fc_tail_keeps_the_regular_rows(tiny, monkeypatch, rows):
+    """``ftl_stage1_fc="tail"``: every stage-1 step leaves the regular classes' FC rows exactly
+    as they were (SGD with momentum and weight decay: no gradient, no drift) and moves the
+    long-tail rows; ``"all"`` (Algorithm 1) moves both; stages 0 and 2 are untouched by it."""
+    x, y, counts = tiny
+    torch.manual_seed(0)
+    cfg = MethodConfig(
+        tail_threshold=3, ftl_stage0_fraction=0.5, ftl_classifier="cosface", ftl_stage1_fc=rows
+    )
+    model = build_method("ftl", (x.shape[1],), 6, counts, cfg)
+    stages = _record_stages(monkeypatch)
+    regular = counts > 3
+    assert regular.any() and (~regular).any()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    weight = model.ftl.classifier.weight
+    snaps = []  # FC at the start of every step (and at the end)
+
+    def step(loss):
+        snaps.append(weight.detach().clone())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    model.train()
+    model.fit(x, y, 20, 8, step)
+    snaps.append(weight.detach().clone())
+    changed = [(b != a).any(dim=1) for a, b in zip(snaps, snaps[1:])]
+    moved = [(bool(c[regular].any()), bool(c[~regular].any())) for c in changed]
+    stage1 = [m for m, s in zip(moved, stages) if s == 1]
+    assert len(stage1) == 5 and all(tail for _, tail in stage1)
+    assert all(reg == (rows == "all") for reg, _ in stage1)
+    assert all(reg and tail for (reg, tail), s in zip(moved, stages) if s == 0)
+    with pytest.raises(ValueError, match="ftl_stage1_fc"):
+        build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_stage1_fc="head"))
+    with pytest.raises(ValueError, match="joint"):
+        build_method(
+            "ftl",
+            (x.shape[1],),
+            6,
+            counts,
+            MethodConfig(ftl_stage1_fc="tail", ftl_schedule="joint"),
+        )

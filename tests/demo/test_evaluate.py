@@ -227,6 +227,39 @@ def test_cli_evaluate_ftl_joint_schedule_keeps_the_baseline(tmp_path):
     assert runs["retrain"]["ftl"] not in (runs["alternating"]["ftl"], runs["joint"]["ftl"])
 
 
+def test_cli_evaluate_ftl_stage1_fc_reaches_ftl_and_resume_checks_it(tmp_path, capsys):
+    """``--ftl-stage1-fc tail``: recorded, other FTL metrics than the default's, the baseline
+    bit-identical; ``--resume`` with the other value is refused; a results file without the field
+    (an earlier release) counts as ``all``; ``tail`` with ``--ftl-schedule joint`` is refused."""
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = ["--methods", "ftl", "--seeds", "0", "--epochs", "3", "--batch-size", "8"]
+    common += ["--embedding-size", "8", "-T", "3", "--quiet", "--n-test", "1"]
+    runs = {}
+    for tag, extra in (("tail", ["--ftl-stage1-fc", "tail"]), ("all", [])):
+        assert main(["evaluate", p, *common, *extra, "--out", str(tmp_path / tag)]) == 0
+        with open(tmp_path / tag / "results.json") as fh:
+            r = json.load(fh)
+        assert r["config"]["ftl_stage1_fc"] == tag
+        runs[tag] = {run["method"]: run["metrics"] for run in r["runs"]}
+    assert runs["tail"]["ftl_base"] == runs["all"]["ftl_base"]
+    assert runs["tail"]["ftl"] != runs["all"]["ftl"]
+    capsys.readouterr()
+    assert main(["evaluate", p, *common, "--out", str(tmp_path / "tail"), "--resume"]) == 2
+    assert "ftl_stage1_fc: ('tail', 'all')" in capsys.readouterr().err
+    path = tmp_path / "all" / "results.json"
+    r = json.loads(path.read_text())
+    r["config"].pop("ftl_stage1_fc")
+    path.write_text(json.dumps(r))
+    args = [*common, "--ftl-stage1-fc", "tail", "--out", str(tmp_path / "all"), "--resume"]
+    assert main(["evaluate", p, *args]) == 2
+    assert "ftl_stage1_fc: ('all', 'tail')" in capsys.readouterr().err
+    joint = ["--ftl-stage1-fc", "tail", "--ftl-schedule", "joint"]
+    assert main(["evaluate", p, *common, *joint, "--out", str(tmp_path / "bad")]) == 2
+
+
 def test_cli_evaluate_ftl_stage1_share_reaches_ftl_and_resume_checks_it(
     tmp_path, capsys, monkeypatch
 ):
