@@ -366,8 +366,8 @@ class FeatureCloud(nn.Module):
             if stats.counting:
                 raise RuntimeError(
                     "torch.compile of a feature cloud that counts K_i online: the angle memory is "
-                    "laid out when counting ends (a host-side step). Pass class_counts, or run the "
-                    "counting steps (count_steps) eagerly before compiling."
+                    "laid out when the warm-up ends (a host-side step). Pass class_counts, or run "
+                    "the warm-up (warmup_steps) eagerly and compile afterwards."
                 )
             stats.update(features, labels, validate=False)
             on = (self.step >= self.warmup_steps).float() * self.scale

@@ -322,3 +322,12 @@ def test_compile_refuses_a_cloud_that_counts_online() -> None:
     chain = f"{err.value} {err.value.__cause__}"
     assert "counts K_i online" in chain and "class_counts" in chain
     assert int(model.head.feature_cloud.step) == 0  # refused before the step counted
+    _train(model, 2)  # the warm-up eagerly: counted, memory laid out at the first cloud step
+    assert not model.head.feature_cloud.statistics.counting
+    torch._dynamo.reset()
+    cmodel = torch.compile(model, fullgraph=True, backend="eager")
+    for step in range(2, 6):
+        x, y = _batch(step)
+        with torch._dynamo.config.patch(error_on_recompile=step > 2):
+            assert torch.isfinite(cmodel(x, y))
+    assert int(model.head.feature_cloud.step) == 6
