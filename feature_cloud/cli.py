@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_evaluate(sub) -> None:
-    from .demo.methods import FTL_CLASSIFIERS, FTL_SCHEDULES, FTL_STAGE1_FC
+    from .demo.methods import FTL_CLASSIFIERS, FTL_SCHEDULES, FTL_STAGE1_FC, FTL_STAGE1_FILTER
     from .evaluate.methods import EVAL_METHODS
     from .evaluate.runner import EvalConfig
     from .ftl import TAIL_SAMPLING
@@ -298,6 +298,13 @@ def _add_evaluate(sub) -> None:
         "long-tail classes' only, the regular classes' rows kept as stage 0 left them",
     )
     ev.add_argument(
+        "--ftl-stage1-filter",
+        choices=FTL_STAGE1_FILTER,
+        default=e.ftl_stage1_filter,
+        help="R (the filter) in FTL stage 1: trained with FC (default, Algorithm 1) or 'fixed': "
+        "stage 1 trains FC alone",
+    )
+    ev.add_argument(
         "--ftl-tail-sampling",
         choices=TAIL_SAMPLING,
         default=e.ftl_tail_sampling,
@@ -400,6 +407,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         ftl_stage1_share=args.ftl_stage1_share,
         ftl_tail_sampling=args.ftl_tail_sampling,
         ftl_stage1_fc=args.ftl_stage1_fc,
+        ftl_stage1_filter=args.ftl_stage1_filter,
         ftl_prototype_shrinkage=args.ftl_prototype_shrinkage,
         imprint_fraction=args.imprint_fraction,
         leap_options=options,

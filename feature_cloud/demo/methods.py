@@ -138,6 +138,8 @@ class MethodConfig:
     # FC rows that FTL stage 1 trains: "all" (Algorithm 1) | "tail" (the long-tail classes' rows
     # only; the regular classes' rows stay as stage 0 left them)
     ftl_stage1_fc: str = "all"
+    # R (the filter) in FTL stage 1: "trained" (Algorithm 1: R and FC) | "fixed" (FC only)
+    ftl_stage1_filter: str = "trained"
     # FTL's FC: "linear" (the paper's softmax + m-L2) or a cosine-margin head, "cosface" /
     # "arcface" (a LEAPMarginHead without cloud; no m-L2: the head normalises W and f), or "leap"
     # (the LEAP methods' default head on ``leap_margin``, ``leap_options`` applied).
@@ -237,6 +239,7 @@ class MarginMethod(_Method):
 FTL_CLASSIFIERS = ("linear", "cosface", "arcface", "leap")
 FTL_SCHEDULES = ("alternating", "joint", "retrain")
 FTL_STAGE1_FC = ("all", "tail")
+FTL_STAGE1_FILTER = ("trained", "fixed")
 
 
 def _cloud_options(cfg: MethodConfig, counts: Optional[Tensor], cloud: bool) -> Dict[str, Any]:
@@ -382,6 +385,16 @@ class FTLMethod(_Method):
             )
         if cfg.ftl_stage1_fc != "all" and self.schedule == "joint":
             raise ValueError("ftl_stage1_fc='tail' needs a stage 1: not with ftl_schedule='joint'")
+        if cfg.ftl_stage1_filter not in FTL_STAGE1_FILTER:
+            raise ValueError(
+                f"ftl_stage1_filter must be one of {FTL_STAGE1_FILTER}, "
+                f"got {cfg.ftl_stage1_filter!r}"
+            )
+        if cfg.ftl_stage1_filter != "trained" and self.schedule == "joint":
+            raise ValueError(
+                "ftl_stage1_filter='fixed' needs a stage 1: not with ftl_schedule='joint'"
+            )
+        self.stage1_filter_fixed = cfg.ftl_stage1_filter == "fixed"
         #: regular classes (more than ``tail_threshold`` samples): rows fixed in stage 1 ("tail")
         self.stage1_fixed_rows = (
             counts > cfg.tail_threshold if cfg.ftl_stage1_fc == "tail" else None
@@ -471,6 +484,8 @@ class FTLMethod(_Method):
             if sched.needs_stats:
                 sched.update_stats(stats_loader)
             loaders = sched.loaders(ds, batch_size)
+            if stage == 1 and self.stage1_filter_fixed:  # FC alone in stage 1
+                self.ftl.set_frozen((*self.ftl.frozen, "filter"))
             for batches in zip(*loaders) if stage == 1 else loaders:
                 if augment is not None:
                     batches = (

@@ -306,7 +306,11 @@ _ABSENT = "<absent: not an option of that release>"
 
 #: configuration fields added after ``results.json`` files were written, with the value that a
 #: file without the field ran with (pooled, resumed and compared as that value)
-_ADDED_FIELDS: Dict[str, Any] = {"ftl_stage1_share": 0.5, "ftl_stage1_fc": "all"}
+_ADDED_FIELDS: Dict[str, Any] = {
+    "ftl_stage1_share": 0.5,
+    "ftl_stage1_fc": "all",
+    "ftl_stage1_filter": "trained",
+}
 
 
 def _config_value(cfg: Dict[str, Any], key: str) -> Any:

@@ -17,7 +17,13 @@ from torch import Tensor, nn
 from ..demo import metrics as M
 from ..demo._progress import progress
 from ..demo.data import LabeledData
-from ..demo.methods import FTL_CLASSIFIERS, FTL_SCHEDULES, FTL_STAGE1_FC, MethodConfig
+from ..demo.methods import (
+    FTL_CLASSIFIERS,
+    FTL_SCHEDULES,
+    FTL_STAGE1_FC,
+    FTL_STAGE1_FILTER,
+    MethodConfig,
+)
 from ..demo.protocol import LongTailSplit
 from ..demo.report import load_results
 from ..demo.runner import evaluate_method
@@ -68,6 +74,8 @@ class EvalConfig:
     ftl_tail_sampling: str = "samples"
     # FTL stage 1: train every FC row ("all", Algorithm 1) or the long-tail classes' only ("tail")
     ftl_stage1_fc: str = "all"
+    # FTL stage 1: R trained with FC ("trained", Algorithm 1) or fixed ("fixed": FC only)
+    ftl_stage1_filter: str = "trained"
     # FTL's cosine FC: inference prototypes (kappa; None: plain weights). Off by default: on real
     # faces they cost head accuracy at S = 1-3 (README, FTL results); "leap": the head's own default
     ftl_prototype_shrinkage: Optional[float] = None
@@ -121,6 +129,15 @@ class EvalConfig:
             )
         if self.ftl_stage1_fc != "all" and self.ftl_schedule == "joint":
             raise ValueError("ftl_stage1_fc='tail' needs a stage 1: not with ftl_schedule='joint'")
+        if self.ftl_stage1_filter not in FTL_STAGE1_FILTER:
+            raise ValueError(
+                f"ftl_stage1_filter must be one of {FTL_STAGE1_FILTER}, "
+                f"got {self.ftl_stage1_filter!r}"
+            )
+        if self.ftl_stage1_filter != "trained" and self.ftl_schedule == "joint":
+            raise ValueError(
+                "ftl_stage1_filter='fixed' needs a stage 1: not with ftl_schedule='joint'"
+            )
         if self.ftl_tail_sampling not in TAIL_SAMPLING:
             raise ValueError(
                 f"ftl_tail_sampling must be one of {TAIL_SAMPLING}, got {self.ftl_tail_sampling!r}"
@@ -184,6 +201,7 @@ def train_model(
         ftl_stage1_share=cfg.ftl_stage1_share,
         ftl_tail_sampling=cfg.ftl_tail_sampling,
         ftl_stage1_fc=cfg.ftl_stage1_fc,
+        ftl_stage1_filter=cfg.ftl_stage1_filter,
         ftl_prototype_shrinkage=cfg.ftl_prototype_shrinkage,
         imprint_step=None
         if cfg.imprint_fraction is None

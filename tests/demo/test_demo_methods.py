@@ -534,3 +534,47 @@ def test_ftl_stage1_fc_tail_keeps_the_regular_rows(tiny, monkeypatch, rows):
             counts,
             MethodConfig(ftl_stage1_fc="tail", ftl_schedule="joint"),
         )
+
+
+@pytest.mark.parametrize("filt", ["trained", "fixed"])
+def test_ftl_stage1_filter_fixed_trains_fc_alone(tiny, monkeypatch, filt):
+    """``ftl_stage1_filter="fixed"``: in stage 1 R (parameters and BatchNorm statistics) stays as
+    stage 0 left it and FC alone trains (with the retrain schedule: to the end); ``"trained"``
+    (Algorithm 1) trains both; stage 0 trains R either way."""
+    x, y, counts = tiny
+    torch.manual_seed(0)
+    cfg = MethodConfig(
+        tail_threshold=3,
+        ftl_stage0_fraction=0.5,
+        ftl_classifier="cosface",
+        ftl_schedule="retrain",
+        ftl_stage1_filter=filt,
+    )
+    model = build_method("ftl", (x.shape[1],), 6, counts, cfg)
+    stages = _record_stages(monkeypatch)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    snaps = []  # (R state, FC) at the start of every step (and at the end)
+
+    def state():
+        r = {k: v.detach().clone() for k, v in model.ftl.filter.state_dict().items()}
+        return r, model.ftl.classifier.weight.detach().clone()
+
+    def step(loss):
+        snaps.append(state())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    model.train()
+    model.fit(x, y, 20, 8, step)
+    snaps.append(state())
+    moved = [
+        (any(not torch.equal(a[0][k], b[0][k]) for k in a[0]), not torch.equal(a[1], b[1]))
+        for a, b in zip(snaps, snaps[1:])
+    ]
+    assert stages == [0] * 10 + [1] * 10
+    assert all(r and fc for (r, fc), s in zip(moved, stages) if s == 0)
+    assert all(fc and r == (filt == "trained") for (r, fc), s in zip(moved, stages) if s == 1)
+    assert model.ftl.frozen == ()
+    with pytest.raises(ValueError, match="ftl_stage1_filter"):
+        build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_stage1_filter="frozen"))

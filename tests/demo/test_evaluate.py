@@ -258,6 +258,13 @@ def test_cli_evaluate_ftl_stage1_fc_reaches_ftl_and_resume_checks_it(tmp_path, c
     assert "ftl_stage1_fc: ('all', 'tail')" in capsys.readouterr().err
     joint = ["--ftl-stage1-fc", "tail", "--ftl-schedule", "joint"]
     assert main(["evaluate", p, *common, *joint, "--out", str(tmp_path / "bad")]) == 2
+    # --ftl-stage1-filter: recorded (absent in an old file = "trained"), refused with joint
+    fixed = ["--ftl-stage1-filter", "fixed", "--ftl-schedule", "retrain"]
+    assert main(["evaluate", p, *common, *fixed, "--out", str(tmp_path / "fixed")]) == 0
+    r = json.loads((tmp_path / "fixed" / "results.json").read_text())
+    assert r["config"]["ftl_stage1_filter"] == "fixed"
+    joint = ["--ftl-stage1-filter", "fixed", "--ftl-schedule", "joint"]
+    assert main(["evaluate", p, *common, *joint, "--out", str(tmp_path / "bad")]) == 2
 
 
 def test_cli_evaluate_ftl_stage1_share_reaches_ftl_and_resume_checks_it(
