@@ -242,6 +242,39 @@ FTL_STAGE1_FC = ("all", "tail")
 FTL_STAGE1_FILTER = ("trained", "fixed")
 
 
+def check_ftl_options(cfg: Any) -> None:
+    """Check the FTL schedule options of a :class:`MethodConfig` or an evaluation config (the
+    same field names), before anything is built; ``ValueError`` names the option."""
+    fraction = cfg.ftl_stage0_fraction
+    if fraction is not None and not 0.0 <= float(fraction) < 1.0:
+        raise ValueError(f"ftl_stage0_fraction must be in [0, 1) or None, got {fraction}")
+    schedule = cfg.ftl_schedule
+    if schedule not in FTL_SCHEDULES:
+        raise ValueError(f"ftl_schedule must be one of {FTL_SCHEDULES}, got {schedule!r}")
+    share = float(cfg.ftl_stage1_share)
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"ftl_stage1_share must be in (0, 1), got {cfg.ftl_stage1_share}")
+    if share != 0.5 and schedule != "alternating":
+        raise ValueError(
+            f"ftl_stage1_share={cfg.ftl_stage1_share} only applies to ftl_schedule="
+            f"'alternating' (it splits each (stage 1, stage 2) pair); ftl_schedule="
+            f"{schedule!r} has no stage 2: leave ftl_stage1_share at 0.5"
+        )
+    if cfg.ftl_tail_sampling not in TAIL_SAMPLING:
+        raise ValueError(
+            f"ftl_tail_sampling must be one of {TAIL_SAMPLING}, got {cfg.ftl_tail_sampling!r}"
+        )
+    for name, choices in (
+        ("ftl_stage1_fc", FTL_STAGE1_FC),
+        ("ftl_stage1_filter", FTL_STAGE1_FILTER),
+    ):
+        value = getattr(cfg, name)
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if value != choices[0] and schedule == "joint":
+            raise ValueError(f"{name}={value!r} needs a stage 1: not with ftl_schedule='joint'")
+
+
 def _cloud_options(cfg: MethodConfig, counts: Optional[Tensor], cloud: bool) -> Dict[str, Any]:
     """The LEAP methods' cloud keywords of :class:`LEAPMarginHead` from ``cfg`` (``leap_options``
     override them); without a cloud: no warm-up, no class counts, no options."""
@@ -352,48 +385,13 @@ class FTLMethod(_Method):
             alpha_reg=alpha_reg,
             transfer=transfer,
         )
-        if cfg.ftl_stage0_fraction is not None and not 0.0 <= float(cfg.ftl_stage0_fraction) < 1.0:
-            raise ValueError(
-                f"ftl_stage0_fraction must be in [0, 1) or None, got {cfg.ftl_stage0_fraction}"
-            )
+        check_ftl_options(cfg)
         self.warmup_steps = cfg.warmup_steps
         self.stage0_fraction = cfg.ftl_stage0_fraction
         self.alternations = cfg.ftl_alternations
-        if cfg.ftl_schedule not in FTL_SCHEDULES:
-            raise ValueError(
-                f"ftl_schedule must be one of {FTL_SCHEDULES}, got {cfg.ftl_schedule!r}"
-            )
         self.schedule = cfg.ftl_schedule
-        share = float(cfg.ftl_stage1_share)
-        if not 0.0 < share < 1.0:
-            raise ValueError(f"ftl_stage1_share must be in (0, 1), got {cfg.ftl_stage1_share}")
-        if share != 0.5 and self.schedule != "alternating":
-            raise ValueError(
-                f"ftl_stage1_share={cfg.ftl_stage1_share} only applies to ftl_schedule="
-                f"'alternating' (it splits each (stage 1, stage 2) pair); ftl_schedule="
-                f"{self.schedule!r} has no stage 2: leave ftl_stage1_share at 0.5"
-            )
-        self.stage1_share = share
-        if cfg.ftl_tail_sampling not in TAIL_SAMPLING:
-            raise ValueError(
-                f"ftl_tail_sampling must be one of {TAIL_SAMPLING}, got {cfg.ftl_tail_sampling!r}"
-            )
+        self.stage1_share = float(cfg.ftl_stage1_share)
         self.tail_sampling = cfg.ftl_tail_sampling
-        if cfg.ftl_stage1_fc not in FTL_STAGE1_FC:
-            raise ValueError(
-                f"ftl_stage1_fc must be one of {FTL_STAGE1_FC}, got {cfg.ftl_stage1_fc!r}"
-            )
-        if cfg.ftl_stage1_fc != "all" and self.schedule == "joint":
-            raise ValueError("ftl_stage1_fc='tail' needs a stage 1: not with ftl_schedule='joint'")
-        if cfg.ftl_stage1_filter not in FTL_STAGE1_FILTER:
-            raise ValueError(
-                f"ftl_stage1_filter must be one of {FTL_STAGE1_FILTER}, "
-                f"got {cfg.ftl_stage1_filter!r}"
-            )
-        if cfg.ftl_stage1_filter != "trained" and self.schedule == "joint":
-            raise ValueError(
-                "ftl_stage1_filter='fixed' needs a stage 1: not with ftl_schedule='joint'"
-            )
         self.stage1_filter_fixed = cfg.ftl_stage1_filter == "fixed"
         #: regular classes (more than ``tail_threshold`` samples): rows fixed in stage 1 ("tail")
         self.stage1_fixed_rows = (

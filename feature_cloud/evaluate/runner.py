@@ -17,17 +17,10 @@ from torch import Tensor, nn
 from ..demo import metrics as M
 from ..demo._progress import progress
 from ..demo.data import LabeledData
-from ..demo.methods import (
-    FTL_CLASSIFIERS,
-    FTL_SCHEDULES,
-    FTL_STAGE1_FC,
-    FTL_STAGE1_FILTER,
-    MethodConfig,
-)
+from ..demo.methods import FTL_CLASSIFIERS, MethodConfig, check_ftl_options
 from ..demo.protocol import LongTailSplit
 from ..demo.report import load_results
 from ..demo.runner import evaluate_method
-from ..ftl import TAIL_SAMPLING
 from .backbones import build_backbone
 from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
 from .protocol import hs_split, natural_split
@@ -105,43 +98,7 @@ class EvalConfig:
             raise ValueError("batch_size must be >= 2 (BatchNorm)")
         if not 0.0 <= self.warmup_fraction <= 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
-        if (
-            self.ftl_stage0_fraction is not None
-            and not 0.0 <= float(self.ftl_stage0_fraction) < 1.0
-        ):
-            raise ValueError(
-                f"ftl_stage0_fraction must be in [0, 1) or None, got {self.ftl_stage0_fraction}"
-            )
-        if self.ftl_schedule not in FTL_SCHEDULES:
-            raise ValueError(
-                f"ftl_schedule must be one of {FTL_SCHEDULES}, got {self.ftl_schedule!r}"
-            )
-        if not 0.0 < float(self.ftl_stage1_share) < 1.0:
-            raise ValueError(f"ftl_stage1_share must be in (0, 1), got {self.ftl_stage1_share}")
-        if float(self.ftl_stage1_share) != 0.5 and self.ftl_schedule != "alternating":
-            raise ValueError(
-                f"ftl_stage1_share={self.ftl_stage1_share} only applies to ftl_schedule="
-                f"'alternating'; ftl_schedule={self.ftl_schedule!r} has no stage 2"
-            )
-        if self.ftl_stage1_fc not in FTL_STAGE1_FC:
-            raise ValueError(
-                f"ftl_stage1_fc must be one of {FTL_STAGE1_FC}, got {self.ftl_stage1_fc!r}"
-            )
-        if self.ftl_stage1_fc != "all" and self.ftl_schedule == "joint":
-            raise ValueError("ftl_stage1_fc='tail' needs a stage 1: not with ftl_schedule='joint'")
-        if self.ftl_stage1_filter not in FTL_STAGE1_FILTER:
-            raise ValueError(
-                f"ftl_stage1_filter must be one of {FTL_STAGE1_FILTER}, "
-                f"got {self.ftl_stage1_filter!r}"
-            )
-        if self.ftl_stage1_filter != "trained" and self.ftl_schedule == "joint":
-            raise ValueError(
-                "ftl_stage1_filter='fixed' needs a stage 1: not with ftl_schedule='joint'"
-            )
-        if self.ftl_tail_sampling not in TAIL_SAMPLING:
-            raise ValueError(
-                f"ftl_tail_sampling must be one of {TAIL_SAMPLING}, got {self.ftl_tail_sampling!r}"
-            )
+        check_ftl_options(self)
         if self.ftl_classifier not in FTL_CLASSIFIERS:
             raise ValueError(
                 f"ftl_classifier must be one of {FTL_CLASSIFIERS}, got {self.ftl_classifier!r}"
