@@ -302,6 +302,8 @@ FTL_OPTS = list(RUN) + [
     "5",
     "MODEL.FTL.STAGE_ITERS",
     "5",
+    "MODEL.FTL.STAGE2_ITERS",  # unequal stages: the scheduler state carries stage2_iters
+    "3",
     "MODEL.FTL.MAX_ALTERNATIONS",
     "0",
     "MODEL.FTL.TAIL_THRESHOLD",
