@@ -333,6 +333,15 @@ def _add_evaluate(sub) -> None:
         "share of training (the head's imprint_step); 'none': never (the paper)",
     )
     ev.add_argument(
+        "--shrinkage-sweep",
+        type=float,
+        nargs="+",
+        default=list(e.shrinkage_sweep),
+        metavar="KAPPA",
+        help="also score each trained LEAP model against its inference prototypes at these "
+        "kappa values (0: the weights; inference only): the head/tail trade-off, sweep.md",
+    )
+    ev.add_argument(
         "--leap-option",
         action="append",
         default=[],
@@ -411,6 +420,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         ftl_prototype_shrinkage=args.ftl_prototype_shrinkage,
         imprint_fraction=args.imprint_fraction,
         leap_options=options,
+        shrinkage_sweep=list(args.shrinkage_sweep),
         out=args.out,
         device=args.device,
     )

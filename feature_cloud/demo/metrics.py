@@ -29,12 +29,22 @@ __all__ = [
     "weight_norms",
     "group_mean",
     "head_tail",
+    "cross_group_predictions",
 ]
 
 
 def correct_predictions(logits: Tensor, labels: Tensor) -> Tensor:
     """``(N,)`` float 0/1: whether the arg-max class of each row is its label."""
     return (logits.argmax(dim=1) == labels).float()
+
+
+def cross_group_predictions(logits: Tensor, labels: Tensor, is_head_class: Tensor) -> Tensor:
+    """``(N,)`` float 0/1: whether the arg-max class of each row lies in the other group than its
+    label (a head-class sample classified as some tail class, or the reverse); ``is_head_class``
+    ``(C,)`` bool. Where a tail gain costs head accuracy, the head samples taken by tail classes
+    show it."""
+    pred = logits.argmax(dim=1)
+    return (is_head_class[pred] != is_head_class[labels]).float()
 
 
 def nearest_center_predictions(

@@ -280,6 +280,8 @@ def evaluate_method(
 
     fc = M.correct_predictions(logits, eval_y)
     put("fc_acc", M.head_tail(fc, is_head_q))
+    # head test samples the FC gives to a tail class ("fc_cross_head") and the reverse
+    put("fc_cross", M.head_tail(M.cross_group_predictions(logits, eval_y, head), is_head_q))
     # the same FC against the class weights themselves (a LEAP head classifies with prototypes)
     fcw = M.correct_predictions(model.classify_weights(f_eval.to(dev)).cpu(), eval_y)
     put("fcw_acc", M.head_tail(fcw, is_head_q))

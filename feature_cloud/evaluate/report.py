@@ -23,6 +23,8 @@ __all__ = [
     "check_compatible",
     "SUMMARY_KEYS",
     "PAIRED_KEYS",
+    "SWEEP_KEYS",
+    "sweep",
 ]
 
 #: (key, title, scale) of the per-method table (mean ± 95% t-interval over seeds).
@@ -31,6 +33,8 @@ SUMMARY_KEYS: List[Tuple[str, str, float]] = [
     ("fc_acc_tail", "FC tail", 100.0),
     ("fcw_acc_head", "FC(W) head", 100.0),
     ("fcw_acc_tail", "FC(W) tail", 100.0),
+    ("fc_cross_head", "FC head→tail", 100.0),
+    ("fc_cross_tail", "FC tail→head", 100.0),
     ("nn_acc_head", "NN head", 100.0),
     ("nn_acc_tail", "NN tail", 100.0),
     ("rank1_tail", "rank-1 tail", 100.0),
@@ -49,10 +53,19 @@ PAIRED_KEYS: List[Tuple[str, str]] = [
     ("fc_acc_tail", "Δ FC tail"),
     ("fcw_acc_head", "Δ FC(W) head"),
     ("fcw_acc_tail", "Δ FC(W) tail"),
+    ("fc_cross_head", "Δ FC head→tail"),
     ("nn_acc_head", "Δ NN head"),
     ("nn_acc_tail", "Δ NN tail"),
     ("rank1_tail", "Δ rank-1 tail"),
     ("map_tail", "Δ mAP tail"),
+]
+
+
+#: metrics of a run's shrinkage sweep (``run["sweep"][kappa]``) and their titles
+SWEEP_KEYS: List[Tuple[str, str]] = [
+    ("fc_acc_head", "Δ FC head"),
+    ("fc_acc_tail", "Δ FC tail"),
+    ("fc_cross_head", "Δ FC head→tail"),
 ]
 
 
@@ -91,6 +104,92 @@ def paired(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
             v["per_seed"] = {str(s): 100 * x for s, x in v["per_seed"].items()}
         out[m] = {"baseline": base, **d}
     return out
+
+
+def sweep(results: Dict[str, Any]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """The inference-prototype sweep (``--shrinkage-sweep``) against each method's baseline:
+    ``{method: {kappa: {metric: {"mean", "ci95", "n", "per_seed"}}}}`` in points, each kappa on
+    the seeds whose run has it (the baseline's plain FC is the reference at every kappa)."""
+    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for m, base in results.get("baselines", {}).items():
+        kappas = sorted(
+            {k for r in results["runs"] if r["method"] == m for k in r.get("sweep", {})},
+            key=float,
+        )
+        for kappa in kappas:
+            runs = [
+                {"method": "m", "seed": r["seed"], "metrics": r["sweep"][kappa]}
+                for r in results["runs"]
+                if r["method"] == m and kappa in r.get("sweep", {})
+            ]
+            runs += [
+                {"method": "b", "seed": r["seed"], "metrics": r["metrics"]}
+                for r in results["runs"]
+                if r["method"] == base
+            ]
+            d = paired_differences(runs, "m", "b", [k for k, _ in SWEEP_KEYS])
+            for v in d.values():
+                v["mean"], v["ci95"] = 100 * v["mean"], 100 * v["ci95"]
+                v["per_seed"] = {str(s): 100 * x for s, x in v["per_seed"].items()}
+            if d[SWEEP_KEYS[0][0]]["n"]:
+                out.setdefault(m, {})[kappa] = d
+    return out
+
+
+def sweep_rows(results: Dict[str, Any], setting: bool = False) -> List[List[str]]:
+    """Per method and kappa of the sweep: paired differences (points) against the baseline's
+    plain FC with 95% t-intervals; only the header without a sweep."""
+    header = (
+        (["Setting"] if setting else [])
+        + ["Method", "vs", "kappa", "pairs"]
+        + [t for _, t in SWEEP_KEYS]
+    )
+    rows = [header]
+    labels = results["labels"]
+    for m, by_kappa in sweep(results).items():
+        base = results["baselines"][m]
+        for kappa, d in by_kappa.items():
+            rows.append(
+                ([results["setting"]] if setting else [])
+                + [labels.get(m, m), labels.get(base, base), kappa, str(d[SWEEP_KEYS[0][0]]["n"])]
+                + [_fmt(d[k]["mean"], d[k]["ci95"], 1) for k, _ in SWEEP_KEYS]
+            )
+    return rows
+
+
+_SWEEP_NOTE = (
+    "Inference prototypes at each kappa (`--shrinkage-sweep`; 0: the class weights) against the "
+    "baseline's plain FC, same trained models: the head/tail trade-off of the prototypes "
+    "(points, mean ± 95% t-interval)."
+)
+
+
+def plot_sweep(results: Dict[str, Any], file: str) -> str:
+    """Δ FC head against Δ FC tail (points) of each method's sweep, one point per kappa."""
+    plt = demo_plots._plt()
+    d = sweep(results)
+    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    colors = demo_plots._colors(max(len(d), 1))
+    for (m, by_kappa), color in zip(d.items(), colors):
+        xs = [v["fc_acc_tail"]["mean"] for v in by_kappa.values()]
+        ys = [v["fc_acc_head"]["mean"] for v in by_kappa.values()]
+        ax.plot(xs, ys, "o-", color=color, label=results["labels"].get(m, m))
+        for kappa, x, y in zip(by_kappa, xs, ys):
+            ax.annotate(f"κ={kappa}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("Δ FC tail (points)")
+    ax.set_ylabel("Δ FC head (points)")
+    ax.set_title(
+        f"{results['data']['name']} {results['setting']}: prototypes at each kappa vs the baseline",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+    return file
 
 
 def paired_rows(results: Dict[str, Any], setting: bool = False) -> List[List[str]]:
@@ -196,6 +295,9 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
             _markdown(prows),
             "",
         ]
+    wrows = sweep_rows(results)
+    if len(wrows) > 1:
+        text += [_SWEEP_NOTE, "", _markdown(wrows), ""]
     for name, content in (("summary.md", "\n".join(text)),):
         files[name] = os.path.join(out, name)
         with open(files[name], "w") as fh:
@@ -209,9 +311,20 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
         json.dump(paired(results), fh, indent=1)
     files["runs.csv"] = os.path.join(out, "runs.csv")
     _runs_csv(results, files["runs.csv"])
+    if len(wrows) > 1:
+        files["sweep.md"] = os.path.join(out, "sweep.md")
+        with open(files["sweep.md"], "w") as fh:
+            fh.write(_SWEEP_NOTE + "\n\n" + _markdown(wrows) + "\n")
+        files["sweep.csv"] = os.path.join(out, "sweep.csv")
+        _write_csv(wrows, files["sweep.csv"])
+        files["sweep.json"] = os.path.join(out, "sweep.json")
+        with open(files["sweep.json"], "w") as fh:
+            json.dump(sweep(results), fh, indent=1)
     try:
         if len(prows) > 1:
             files["paired.png"] = plot_paired(results, os.path.join(out, "paired.png"))
+        if len(wrows) > 1:
+            files["sweep.png"] = plot_sweep(results, os.path.join(out, "sweep.png"))
         files["accuracy_head_tail.png"] = demo_plots.plot_accuracy(
             results, os.path.join(out, "accuracy_head_tail.png")
         )
@@ -242,11 +355,15 @@ def combine_settings(paths: Sequence[str], out: str) -> str:
     """One Markdown/CSV table of the paired differences of several settings (sub-runs)."""
     rows: List[List[str]] = []
     base_rows: List[List[str]] = []
+    sweep_table: List[List[str]] = []
     for p in paths:
         res = load_results(p)
         pr = paired_rows(res, setting=True)
         rows = rows or pr[:1]
         rows += pr[1:]
+        wr = sweep_rows(res, setting=True)
+        if len(wr) > 1:
+            sweep_table = (sweep_table or wr[:1]) + wr[1:]
         sr = summary_rows(res)
         base_rows = base_rows or [["Setting"] + sr[0][:8]]
         base_rows += [[res["setting"]] + r[:8] for r in sr[1:]]
@@ -257,16 +374,20 @@ def combine_settings(paths: Sequence[str], out: str) -> str:
         + "\n\nAbsolute accuracies (%, mean ± 95% t-interval)\n\n"
         + _markdown(base_rows)
         + "\n"
+        + (f"\n{_SWEEP_NOTE}\n\n{_markdown(sweep_table)}\n" if sweep_table else "")
     )
     with open(os.path.join(out, "combined.md"), "w") as fh:
         fh.write(md)
     _write_csv(rows, os.path.join(out, "combined_paired.csv"))
     _write_csv(base_rows, os.path.join(out, "combined_summary.csv"))
+    if sweep_table:
+        _write_csv(sweep_table, os.path.join(out, "combined_sweep.csv"))
     return md
 
 
 #: config keys that may differ between runs merged by :func:`merge_runs`
-_MERGE_FREE = ("seeds", "methods", "out", "device")  # device: checked by --resume
+#: (device: checked by --resume; shrinkage_sweep: inference only, each kappa on the runs that have it)
+_MERGE_FREE = ("seeds", "methods", "out", "device", "shrinkage_sweep")
 #: dataset keys that must agree (its ``info``, e.g. the path it was read from, may differ)
 _DATA_KEYS = ("name", "samples", "num_classes", "input_shape", "camids")
 
@@ -440,6 +561,9 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
     merged["complete"] = all(res.get("complete") is not False for _, res in runs)
     merged["config"]["seeds"] = sorted({int(s) for s in merged["splits"]})
     merged["config"]["methods"] = list(merged["methods"])
+    merged["config"]["shrinkage_sweep"] = sorted(
+        {float(k) for _, res in runs for k in res["config"].get("shrinkage_sweep", [])}
+    )
     merged["config"]["out"] = out
     merged["merged_from"] = [os.path.abspath(p) for p, _ in runs]
     os.makedirs(out, exist_ok=True)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..cloud import FeatureCloud
 from ..demo import metrics as M
 from ..demo._progress import progress
 from ..demo.data import LabeledData
@@ -26,7 +27,14 @@ from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
 from .protocol import hs_split, natural_split
 from .report import check_compatible, head_defaults
 
-__all__ = ["EvalConfig", "run_evaluation", "train_model", "setting_name", "RESULTS_FILE"]
+__all__ = [
+    "EvalConfig",
+    "run_evaluation",
+    "train_model",
+    "setting_name",
+    "shrinkage_sweep",
+    "RESULTS_FILE",
+]
 
 RESULTS_FILE = "results.json"
 
@@ -76,6 +84,11 @@ class EvalConfig:
     # training (FeatureCloud ``imprint_step``); None: never (the paper)
     imprint_fraction: Optional[float] = None
     leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
+    # inference only: each trained model with a feature cloud is also scored against its
+    # prototypes at these kappa values (0: the weights), the head/tail trade-off of the
+    # prototypes on the user's data ("sweep" of a run, sweep.md); recorded, not part of the
+    # setting (runs with other sweeps pool)
+    shrinkage_sweep: List[float] = field(default_factory=list)
     out: str = "outputs/evaluate"
     # where models train and embed ("cpu", "cuda", "cuda:1"); recorded, not part of the setting:
     # runs on different devices pool (each seed's pair on one device), --resume needs the same
@@ -106,6 +119,11 @@ class EvalConfig:
         f = self.imprint_fraction
         if f is not None and not 0.0 <= float(f) < 1.0:
             raise ValueError(f"imprint_fraction must be in [0, 1) or None, got {f}")
+        sweep = [float(k) for k in self.shrinkage_sweep]
+        if any(not k >= 0.0 or math.isinf(k) for k in sweep) or len(set(sweep)) != len(sweep):
+            raise ValueError(
+                f"shrinkage_sweep must hold distinct finite values >= 0, got {self.shrinkage_sweep}"
+            )
         kappa = self.ftl_prototype_shrinkage
         if kappa is not None and not float(kappa) >= 0.0:
             raise ValueError(f"ftl_prototype_shrinkage must be >= 0 or None, got {kappa}")
@@ -246,6 +264,38 @@ def camera_retrieval(
     first = torch.argmax(usable.to(torch.uint8), dim=1)
     rank1 = match.gather(1, first[:, None]).squeeze(1)
     return rank1.float() * valid, ap.float() * valid, valid
+
+
+def shrinkage_sweep(
+    model: nn.Module, emb: Tensor, labels: Tensor, head: Tensor, kappas: List[float]
+) -> Dict[str, Dict[str, float]]:
+    """FC accuracy (head / tail) and the share of head test samples given to a tail class of a
+    trained ``model`` scored against its inference prototypes at each ``kappa``
+    (:func:`~feature_cloud.functional.center_prototypes`; 0: the weights), on the embeddings
+    ``emb`` of the test samples: ``{"<kappa>": {"fc_acc_head", "fc_acc_tail",
+    "fc_cross_head"}}``. Empty for a model without a feature cloud keeping class centers (the
+    baselines) or without ``kappas``; the model is left as it was."""
+    clouds = [m for m in model.modules() if isinstance(m, FeatureCloud) and m.rule is not None]
+    if not kappas or len(clouds) != 1:
+        return {}
+    cloud, saved = clouds[0], clouds[0].prototype_shrinkage
+    is_head = head[labels]
+    out: Dict[str, Dict[str, float]] = {}
+    try:
+        with torch.no_grad():
+            for kappa in kappas:
+                cloud.prototype_shrinkage = float(kappa)
+                logits = model.classify(emb).cpu()  # type: ignore[operator]
+                acc = M.head_tail(M.correct_predictions(logits, labels), is_head)
+                cross = M.head_tail(M.cross_group_predictions(logits, labels, head), is_head)
+                out[f"{float(kappa):g}"] = {
+                    "fc_acc_head": acc["head"],
+                    "fc_acc_tail": acc["tail"],
+                    "fc_cross_head": cross["head"],
+                }
+    finally:
+        cloud.prototype_shrinkage = saved
+    return out
 
 
 def _normalise(x: Tensor, train: Tensor) -> Tensor:
@@ -399,16 +449,19 @@ def run_evaluation(
                 for k, v in (("rank1", r1), ("map", ap)):
                     for part, val in M.head_tail(v, is_head, valid).items():
                         scalars[f"{k}_{part}"] = val
-            runs.append(
-                {
-                    "seed": seed,
-                    "method": name,
-                    "metrics": scalars,
-                    "per_class": per_class,
-                    "train_seconds": round(seconds, 2),
-                    "device": cfg.device,
-                }
-            )
+            run: Dict[str, Any] = {
+                "seed": seed,
+                "method": name,
+                "metrics": scalars,
+                "per_class": per_class,
+                "train_seconds": round(seconds, 2),
+                "device": cfg.device,
+            }
+            dev = next(model.parameters()).device
+            sweep = shrinkage_sweep(model, f_ev.to(dev), ey, split.head, cfg.shrinkage_sweep)
+            if sweep:
+                run["sweep"] = sweep
+            runs.append(run)
             log(
                 f"  seed {seed} {METHOD_LABELS[name]:<26} FC head {100 * scalars['fc_acc_head']:5.1f}"
                 f" tail {100 * scalars['fc_acc_tail']:5.1f} | NN head "

@@ -25,6 +25,23 @@ def test_correct_predictions():
     assert M.correct_predictions(logits, torch.tensor([1, 1, 1])).tolist() == [1.0, 0.0, 1.0]
 
 
+def test_cross_group_predictions():
+    head = torch.tensor([True, True, False, False])  # classes 0, 1 head; 2, 3 tail
+    logits = torch.tensor(
+        [
+            [0.9, 0.1, 0.0, 0.0],  # head sample, right
+            [0.0, 0.9, 0.0, 0.0],  # head sample (label 0) given to head class 1: not cross
+            [0.0, 0.0, 0.0, 0.9],  # head sample given to tail class 3
+            [0.0, 0.9, 0.0, 0.0],  # tail sample given to head class 1
+            [0.0, 0.0, 0.9, 0.0],  # tail sample (label 3) given to tail class 2: not cross
+        ]
+    )
+    labels = torch.tensor([0, 0, 1, 2, 3])
+    got = M.cross_group_predictions(logits, labels, head)
+    assert got.tolist() == [0.0, 0.0, 1.0, 1.0, 0.0]
+    assert M.head_tail(got, head[labels]) == {"all": 0.4, "head": 1 / 3, "tail": 0.5}
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_retrieval_against_brute_force(seed):
     f, y = _data(seed)

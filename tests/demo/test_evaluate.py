@@ -161,9 +161,13 @@ def test_cli_evaluate_end_to_end(tmp_path):
             if run["method"] != "leap_full_cosface":
                 assert m["fcw_acc_tail"] == m["fc_acc_tail"], run["method"]
                 assert m["fcw_acc_head"] == m["fc_acc_head"], run["method"]
+            # a head test image given to a tail class is a head error (and the reverse)
+            assert 0.0 <= m["fc_cross_head"] <= 1.0 - m["fc_acc_head"] + 1e-9, run["method"]
+            assert 0.0 <= m["fc_cross_tail"] <= 1.0 - m["fc_acc_tail"] + 1e-9, run["method"]
     with open(os.path.join(out, "combined.md")) as fh:
         text = fh.read()
     assert "H2_S1" in text and "H2_S2" in text and "Δ FC tail" in text and "Δ FC(W) tail" in text
+    assert "Δ FC head→tail" in text
     # report re-renders an evaluation
     res = subprocess.run(
         [sys.executable, "-m", "feature_cloud", "report", os.path.join(out, "H2_S1"), "--quiet"],
@@ -827,3 +831,100 @@ def test_imprint_fraction_reaches_the_leap_heads_only():
     cfg.imprint_fraction = None
     leap = train_model("leap_full_cosface", x, y, 5, counts, cfg, 0)
     assert leap.head.feature_cloud.imprint_step is None
+
+
+def test_cli_evaluate_shrinkage_sweep_scores_the_same_models_at_each_kappa(tmp_path, capsys):
+    """``--shrinkage-sweep 0 10``: each LEAP model is also scored against its prototypes at
+    kappa 0 (its weights: FC(W)) and 10 (the head's default: FC), in one training; the baseline
+    gets no sweep; the sweep table pairs every kappa with the baseline's plain FC; runs with
+    another sweep (or none) still pool, each kappa on the seeds that have it."""
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = ["evaluate", p, "--protocol", "natural", "-T", "5", "--n-test", "1"]
+    common += ["--methods", "leap_full_cosface", "--epochs", "3", "--batch-size", "8"]
+    common += ["--embedding-size", "8", "--image-size", "8", "8", "--quiet"]
+    a, b, m = (str(tmp_path / k) for k in ("a", "b", "m"))
+    assert main(common + ["--seeds", "0", "1", "--shrinkage-sweep", "0", "10", "--out", a]) == 0
+    assert main(common + ["--seeds", "2", "--out", b]) == 0  # no sweep
+    with open(os.path.join(a, "results.json")) as fh:
+        res = json.load(fh)
+    assert res["config"]["shrinkage_sweep"] == [0.0, 10.0]
+    for run in res["runs"]:
+        if run["method"] == "cosface":
+            assert "sweep" not in run  # no centers: nothing to sweep
+            continue
+        met, sw = run["metrics"], run["sweep"]
+        assert sorted(sw) == ["0", "10"]
+        for part in ("head", "tail"):  # the default kappa is the FC, kappa 0 the weights
+            assert sw["10"][f"fc_acc_{part}"] == met[f"fc_acc_{part}"]
+            assert sw["0"][f"fc_acc_{part}"] == met[f"fcw_acc_{part}"]
+        assert sw["10"]["fc_cross_head"] == met["fc_cross_head"]
+    with open(os.path.join(a, "sweep.json")) as fh:
+        sj = json.load(fh)["leap_full_cosface"]
+    with open(os.path.join(a, "paired.json")) as fh:
+        pj = json.load(fh)["leap_full_cosface"]
+    assert sj["10"]["fc_acc_tail"]["mean"] == pytest.approx(pj["fc_acc_tail"]["mean"])
+    assert sj["0"]["fc_acc_head"]["mean"] == pytest.approx(pj["fcw_acc_head"]["mean"])
+    assert sj["0"]["fc_acc_tail"]["n"] == 2
+    with open(os.path.join(a, "summary.md")) as fh:
+        text = fh.read()
+    assert "--shrinkage-sweep" in text and "Δ FC head→tail" in text
+    for f in ("sweep.md", "sweep.csv", "sweep.png"):
+        assert os.path.isfile(os.path.join(a, f)), f
+    assert not os.path.exists(os.path.join(b, "sweep.md"))
+    assert main(["report", a, b, "--out", m, "--quiet"]) == 0
+    with open(os.path.join(m, "results.json")) as fh:
+        assert json.load(fh)["config"]["shrinkage_sweep"] == [0.0, 10.0]
+    with open(os.path.join(m, "sweep.json")) as fh:
+        assert json.load(fh)["leap_full_cosface"]["10"]["fc_acc_tail"]["n"] == 2  # seeds 0, 1
+    from feature_cloud.evaluate.report import combine_settings
+
+    assert "--shrinkage-sweep" in combine_settings([a, b], str(tmp_path / "comb"))
+    capsys.readouterr()
+    assert main(common + ["--seeds", "0", "--shrinkage-sweep", "-1", "--out", b + "x"]) == 2
+    assert "shrinkage_sweep" in capsys.readouterr().err
+
+
+def test_shrinkage_sweep_restores_the_head_and_skips_models_without_centers():
+    """The sweep leaves the cloud's ``prototype_shrinkage`` as it was (also when scoring
+    fails), and returns nothing for a head that keeps no centers."""
+    from torch import nn
+
+    from feature_cloud import LEAPMarginHead
+    from feature_cloud.evaluate.runner import shrinkage_sweep
+
+    class Model(nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def classify(self, emb):
+            return self.head.logits(emb)
+
+    torch.manual_seed(0)
+    counts = [20, 20, 3, 2]
+    head = LEAPMarginHead(8, 4, cloud="full", class_counts=counts, warmup_steps=0, seed=0)
+    labels = torch.tensor([0, 1, 2, 3] * 4)
+    for _ in range(3):
+        head(torch.randn(16, 8), labels)
+    head.eval()
+    model, emb = Model(head), torch.randn(8, 8)
+    ey, is_head = torch.tensor([0, 1, 2, 3] * 2), torch.tensor([True, True, False, False])
+    got = shrinkage_sweep(model, emb, ey, is_head, [0.0, 10.0, 1e6])
+    assert head.feature_cloud.prototype_shrinkage == 10.0 and sorted(got) == ["0", "10", "1e+06"]
+    want = (head.logits(emb).argmax(1) == ey).float()
+    assert got["10"]["fc_acc_tail"] == want[is_head[ey].logical_not()].mean().item()
+    assert got["10"]["fc_acc_head"] == want[is_head[ey]].mean().item()
+
+    def broken(emb):
+        raise RuntimeError("scoring failed")
+
+    model.classify = broken
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        shrinkage_sweep(model, emb, ey, is_head, [3.0])
+    assert head.feature_cloud.prototype_shrinkage == 10.0
+    plain = Model(LEAPMarginHead(8, 4, cloud=None))
+    assert shrinkage_sweep(plain, emb, ey, is_head, [0.0, 10.0]) == {}
+    assert shrinkage_sweep(model, emb, ey, is_head, []) == {}
