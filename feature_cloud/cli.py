@@ -207,9 +207,17 @@ def _add_evaluate(sub) -> None:
     )
     ev.add_argument(
         "--protocol",
-        choices=("natural", "hs"),
+        choices=("natural", "hs", "open"),
         default=e.protocol,
-        help="natural long tail, or LEAP's <H, S> splits",
+        help="natural long tail, LEAP's <H, S> splits (both closed set: test images of the "
+        "training identities), or 'open': --test-fraction of the identities held out whole, "
+        "retrieval and verification among them",
+    )
+    ev.add_argument(
+        "--test-fraction",
+        type=float,
+        default=e.test_fraction,
+        help="open: share of the identities with 2+ images (re-ID: 2+ cameras) held out",
     )
     ev.add_argument("--n-test", type=int, default=e.n_test, help="test images per identity")
     ev.add_argument(
@@ -394,6 +402,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         options[k.strip()] = _parse_value(v.strip())
     base = EvalConfig(
         protocol=args.protocol,
+        test_fraction=args.test_fraction,
         n_test=args.n_test,
         threshold=args.threshold,
         num_head=args.head,

@@ -14,7 +14,8 @@ reduces them over head or tail classes.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import math
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ __all__ = [
     "group_mean",
     "head_tail",
     "cross_group_predictions",
+    "verification_tar",
 ]
 
 
@@ -45,6 +47,34 @@ def cross_group_predictions(logits: Tensor, labels: Tensor, is_head_class: Tenso
     show it."""
     pred = logits.argmax(dim=1)
     return (is_head_class[pred] != is_head_class[labels]).float()
+
+
+def verification_tar(
+    features: Tensor, labels: Tensor, fars: Sequence[float], camids: Optional[Tensor] = None
+) -> Dict[float, float]:
+    """1:1 verification over every pair of ``features`` (cosine similarity): for each false
+    accept rate ``far``, the share of same-identity pairs scoring above the threshold that
+    accepts ``far`` of the different-identity pairs (the ``ceil(far * n_neg)``-th highest
+    negative score). With ``camids``, same-identity pairs from one camera are left out (re-ID).
+    NaN without a positive or a negative pair."""
+    f = F.normalize(features.double(), dim=1)
+    n = f.shape[0]
+    i, j = torch.triu_indices(n, n, offset=1)
+    sim = (f[i] * f[j]).sum(1)
+    same = labels[i] == labels[j]
+    pos = same if camids is None else same & (camids[i] != camids[j])
+    neg_scores, pos_scores = sim[~same], sim[pos]
+    out: Dict[float, float] = {}
+    for far in fars:
+        if not 0.0 < far < 1.0:
+            raise ValueError(f"far must be in (0, 1), got {far}")
+        if neg_scores.numel() == 0 or pos_scores.numel() == 0:
+            out[far] = math.nan
+            continue
+        k = min(max(1, math.ceil(far * neg_scores.numel())), neg_scores.numel())
+        threshold = neg_scores.topk(k).values[-1]
+        out[far] = float((pos_scores > threshold).double().mean())
+    return out
 
 
 def nearest_center_predictions(

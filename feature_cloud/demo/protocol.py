@@ -12,7 +12,7 @@ tail accuracy are measured on the same closed set of identities the classifier w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -33,10 +33,18 @@ class LongTailSplit:
     train_counts: Tensor  # (C,) K_i: training samples per identity after the cut
     num_head: int
     tail_shots: int
+    # open-set splits only (``feature_cloud.evaluate.protocol.open_split``): (C,) the training
+    # class index of each identity, -1 for the held-out (test) identities
+    label_map: Optional[Tensor] = None
 
     def summary(self) -> Dict[str, int]:
         tail = ~self.head
+        extra = {}
+        if self.label_map is not None:  # open set: the held-out identities are neither
+            extra["test_identities"] = int((self.label_map < 0).sum())
+            tail = tail & (self.label_map >= 0)
         return {
+            **extra,
             "num_classes": int(self.head.numel()),
             "head_classes": int(self.head.sum()),
             "tail_classes": int(tail.sum()),

@@ -1,7 +1,8 @@
 """``feature-cloud evaluate``: real-data evaluation of LEAP and FTL against their own baselines.
 
 Reads identity-labelled images (an ``.npz`` with ``images``, ``labels``, optional ``camids``, or
-one folder per identity), splits them by the natural long tail or LEAP's ``<H, S>`` protocol,
+one folder per identity), splits them by the natural long tail or LEAP's ``<H, S>`` protocol
+(closed set) or holds identities out whole (open set: retrieval and verification),
 trains every method on the same backbone, budget and batch order per seed, and reports head/tail
 metrics with **paired** differences of each method against its own baseline and 95% t-intervals
 (Markdown, CSV, JSON, PNG). The metrics, method builders, progress bars and plot helpers are
@@ -11,7 +12,7 @@ those of :mod:`feature_cloud.demo`.
 from .backbones import BACKBONES, build_backbone
 from .data import load_dataset
 from .methods import BASELINES, EVAL_METHODS
-from .protocol import hs_split, natural_split
+from .protocol import hs_split, natural_split, open_split
 from .report import render_evaluation
 from .runner import EvalConfig, run_evaluation
 from .stats import paired_differences, t_interval
@@ -20,6 +21,7 @@ __all__ = [
     "load_dataset",
     "natural_split",
     "hs_split",
+    "open_split",
     "BACKBONES",
     "build_backbone",
     "EVAL_METHODS",

@@ -4,12 +4,17 @@
   training; head identities are those with more than ``T`` training images.
 * :func:`hs_split`: LEAP's ``<H, S>`` (Sec. 4.1): the ``H`` largest identities keep all their
   training images (head); every other identity keeps ``S`` (all if it has fewer).
+* :func:`open_split`: open set, as faces and re-ID are deployed: a share of the identities is
+  held out whole and only retrieved among themselves (never classified); the others, with their
+  natural long tail, train.
 
-Identities with fewer than ``n + 1`` images are left out (nothing to train on). Test images are
-the same for both protocols and a seed, so settings share their test set.
+Closed-set splits: identities with fewer than ``n + 1`` images are left out (nothing to train on).
+Test images are the same for both closed-set protocols and a seed, so settings share their test set.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import torch
@@ -17,7 +22,7 @@ from torch import Tensor
 
 from ..demo.protocol import LongTailSplit, rank_classes
 
-__all__ = ["natural_split", "hs_split"]
+__all__ = ["natural_split", "hs_split", "open_split"]
 
 
 def _pools(labels: Tensor, num_classes: int, n_test: int, seed: int):
@@ -77,3 +82,48 @@ def hs_split(
     train = [p if head[c] else p[:shots] for c, p in enumerate(pools)]
     train_a = np.concatenate(train) if train else np.zeros(0, dtype=np.int64)
     return _make(labels, num_classes, test, train_a, head, num_head, shots)
+
+
+def open_split(
+    labels: Tensor,
+    num_classes: int,
+    test_fraction: float = 0.5,
+    threshold: int = 20,
+    seed: int = 0,
+    camids: Optional[Tensor] = None,
+) -> LongTailSplit:
+    """Open set: ``round(test_fraction * E)`` of the ``E`` identities that can be retrieved (at
+    least 2 images; with ``camids``: images from at least 2 cameras) are held out whole (a seeded
+    draw), every image of every other identity trains (head = more than ``threshold`` of them).
+    ``label_map`` gives each training identity its class index (in identity order), -1 the held-out
+    ones; ``train_counts`` and ``head`` stay per identity (0 / False for the held-out)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    y = labels.numpy()
+    counts = np.bincount(y, minlength=num_classes)
+    eligible = counts >= 2
+    if camids is not None:
+        pairs = np.unique(np.stack([y, camids.numpy().astype(np.int64)]), axis=1)
+        eligible &= np.bincount(pairs[0], minlength=num_classes) >= 2  # cameras per identity
+    pool = np.nonzero(eligible)[0]
+    n_test = int(round(test_fraction * pool.size))
+    if n_test < 2 or n_test >= np.count_nonzero(counts):
+        raise ValueError(
+            f"open set: {pool.size} identities can be retrieved"
+            + (" (images from 2 cameras)" if camids is not None else " (2 images)")
+            + f"; test_fraction {test_fraction} holds out {n_test}: need at least 2 held out "
+            "and at least 1 identity left to train"
+        )
+    held = np.sort(np.random.RandomState(seed).permutation(pool)[:n_test])
+    is_test = np.zeros(num_classes, dtype=bool)
+    is_test[held] = True
+    test = np.nonzero(is_test[y])[0]
+    train = np.nonzero(~is_test[y])[0]
+    label_map = torch.full((num_classes,), -1, dtype=torch.long)
+    trained = np.nonzero(~is_test & (counts > 0))[0]
+    label_map[torch.as_tensor(trained)] = torch.arange(trained.size)
+    train_counts = torch.bincount(labels[torch.as_tensor(train)], minlength=num_classes)
+    head = train_counts > threshold
+    split = _make(labels, num_classes, test, train, head, int(head.sum()), -1)
+    split.label_map = label_map
+    return split

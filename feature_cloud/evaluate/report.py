@@ -23,6 +23,10 @@ __all__ = [
     "check_compatible",
     "SUMMARY_KEYS",
     "PAIRED_KEYS",
+    "OPEN_SUMMARY_KEYS",
+    "OPEN_PAIRED_KEYS",
+    "summary_keys",
+    "paired_keys",
     "SWEEP_KEYS",
     "sweep",
 ]
@@ -61,6 +65,39 @@ PAIRED_KEYS: List[Tuple[str, str]] = [
 ]
 
 
+#: open-set protocol (held-out identities, never classified): its per-method and paired metrics
+OPEN_SUMMARY_KEYS: List[Tuple[str, str, float]] = [
+    ("rank1_all", "rank-1", 100.0),
+    ("map_all", "mAP", 100.0),
+    ("tar_far2", "TAR@FAR=1e-2", 100.0),
+    ("tar_far3", "TAR@FAR=1e-3", 100.0),
+    ("angle_var_train_head", "ang. var head", 1.0),
+    ("angle_var_train_tail", "ang. var tail", 1.0),
+    ("cloud_std_head", "cloud std head", 1.0),
+    ("cloud_std_tail", "cloud std tail", 1.0),
+]
+OPEN_PAIRED_KEYS: List[Tuple[str, str]] = [
+    ("rank1_all", "Δ rank-1"),
+    ("map_all", "Δ mAP"),
+    ("tar_far2", "Δ TAR@FAR=1e-2"),
+    ("tar_far3", "Δ TAR@FAR=1e-3"),
+]
+
+
+def _open(results: Dict[str, Any]) -> bool:
+    return bool(results["config"].get("protocol") == "open")
+
+
+def summary_keys(results: Dict[str, Any]) -> List[Tuple[str, str, float]]:
+    """``(key, title, scale)`` of the per-method table of ``results`` (its protocol's)."""
+    return OPEN_SUMMARY_KEYS if _open(results) else SUMMARY_KEYS
+
+
+def paired_keys(results: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """``(key, title)`` of the paired differences of ``results`` (its protocol's)."""
+    return OPEN_PAIRED_KEYS if _open(results) else PAIRED_KEYS
+
+
 #: metrics of a run's shrinkage sweep (``run["sweep"][kappa]``) and their titles
 SWEEP_KEYS: List[Tuple[str, str]] = [
     ("fc_acc_head", "Δ FC head"),
@@ -79,14 +116,15 @@ def _fmt(mean: float, half: float, digits: int) -> str:
 
 def summary_rows(results: Dict[str, Any]) -> List[List[str]]:
     """Per method: mean ± 95% t-interval half-width over seeds."""
-    header = ["Method", "seeds"] + [t for _, t, _ in SUMMARY_KEYS]
+    keys = summary_keys(results)
+    header = ["Method", "seeds"] + [t for _, t, _ in keys]
     rows = [header]
     for m in results["methods"]:
         ms = [r["metrics"] for r in results["runs"] if r["method"] == m]
         if not ms:
             continue
         cells = [results["labels"].get(m, m), str(len(ms))]
-        for k, _, s in SUMMARY_KEYS:
+        for k, _, s in keys:
             mean, half, _ = t_interval([r.get(k, float("nan")) for r in ms])
             cells.append(_fmt(mean * s, half * s, 1 if s == 100.0 else 4))
         rows.append(cells)
@@ -97,7 +135,7 @@ def paired(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """``{method: {"baseline": name, metric: {"mean", "ci95", "n", "per_seed"}}}`` in points."""
     out: Dict[str, Dict[str, Any]] = {}
     for m, base in results.get("baselines", {}).items():
-        d = paired_differences(results["runs"], m, base, [k for k, _ in PAIRED_KEYS])
+        d = paired_differences(results["runs"], m, base, [k for k, _ in paired_keys(results)])
         for v in d.values():
             v["mean"] = 100 * v["mean"]
             v["ci95"] = 100 * v["ci95"]
@@ -194,19 +232,18 @@ def plot_sweep(results: Dict[str, Any], file: str) -> str:
 
 def paired_rows(results: Dict[str, Any], setting: bool = False) -> List[List[str]]:
     """Per method with a baseline: paired differences (points) with 95% t-intervals."""
-    header = (
-        (["Setting"] if setting else []) + ["Method", "vs", "pairs"] + [t for _, t in PAIRED_KEYS]
-    )
+    keys = paired_keys(results)
+    header = (["Setting"] if setting else []) + ["Method", "vs", "pairs"] + [t for _, t in keys]
     rows = [header]
     labels = results["labels"]
     for m, d in paired(results).items():
-        n = d[PAIRED_KEYS[0][0]]["n"]
+        n = d[keys[0][0]]["n"]
         cells = ([results["setting"]] if setting else []) + [
             labels.get(m, m),
             labels.get(d["baseline"], d["baseline"]),
             str(n),
         ]
-        cells += [_fmt(d[k]["mean"], d[k]["ci95"], 1) for k, _ in PAIRED_KEYS]
+        cells += [_fmt(d[k]["mean"], d[k]["ci95"], 1) for k, _ in keys]
         rows.append(cells)
     return rows
 
@@ -231,7 +268,9 @@ def plot_paired(results: Dict[str, Any], file: str) -> str:
     plt = demo_plots._plt()
     d = paired(results)
     methods = list(d)
-    keys = ["fc_acc_head", "fc_acc_tail", "nn_acc_head", "nn_acc_tail"]
+    keys = [k for k, _ in paired_keys(results)][:4]
+    if not _open(results):
+        keys = ["fc_acc_head", "fc_acc_tail", "nn_acc_head", "nn_acc_tail"]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(methods) + 2), 3.8))
     width = 0.8 / len(keys)
     colors = demo_plots._colors(len(keys))
@@ -239,7 +278,15 @@ def plot_paired(results: Dict[str, Any], file: str) -> str:
         means = [d[m][k]["mean"] for m in methods]
         errs = [0.0 if math.isnan(d[m][k]["ci95"]) else d[m][k]["ci95"] for m in methods]
         xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(methods))]
-        ax.bar(xs, means, width, yerr=errs, capsize=3, color=colors[j], label=dict(PAIRED_KEYS)[k])
+        ax.bar(
+            xs,
+            means,
+            width,
+            yerr=errs,
+            capsize=3,
+            color=colors[j],
+            label=dict(paired_keys(results))[k],
+        )
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels(
@@ -325,9 +372,10 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
             files["paired.png"] = plot_paired(results, os.path.join(out, "paired.png"))
         if len(wrows) > 1:
             files["sweep.png"] = plot_sweep(results, os.path.join(out, "sweep.png"))
-        files["accuracy_head_tail.png"] = demo_plots.plot_accuracy(
-            results, os.path.join(out, "accuracy_head_tail.png")
-        )
+        if not _open(results):  # FC and rank-1 per head / tail class: closed set only
+            files["accuracy_head_tail.png"] = demo_plots.plot_accuracy(
+                results, os.path.join(out, "accuracy_head_tail.png")
+            )
         files["angle_variance_vs_class_size.png"] = demo_plots.plot_per_class(
             results,
             "angle_var_train",
@@ -352,36 +400,46 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
 
 
 def combine_settings(paths: Sequence[str], out: str) -> str:
-    """One Markdown/CSV table of the paired differences of several settings (sub-runs)."""
-    rows: List[List[str]] = []
-    base_rows: List[List[str]] = []
+    """One Markdown/CSV table of the paired differences of several settings (sub-runs); open-set
+    settings (other metrics) get tables of their own below the closed-set ones."""
+    tables: Dict[bool, Tuple[List[List[str]], List[List[str]]]] = {}
     sweep_table: List[List[str]] = []
     for p in paths:
         res = load_results(p)
+        rows, base_rows = tables.setdefault(_open(res), ([], []))
         pr = paired_rows(res, setting=True)
-        rows = rows or pr[:1]
-        rows += pr[1:]
+        rows += pr[1:] if rows else pr
         wr = sweep_rows(res, setting=True)
         if len(wr) > 1:
             sweep_table = (sweep_table or wr[:1]) + wr[1:]
         sr = summary_rows(res)
-        base_rows = base_rows or [["Setting"] + sr[0][:8]]
-        base_rows += [[res["setting"]] + r[:8] for r in sr[1:]]
+        width = 6 if _open(res) else 8  # the accuracy columns
+        base_rows += [] if base_rows else [["Setting"] + sr[0][:width]]
+        base_rows += [[res["setting"]] + r[:width] for r in sr[1:]]
     os.makedirs(out, exist_ok=True)
-    md = (
-        "Paired differences (points, mean ± 95% t-interval over seeds)\n\n"
-        + _markdown(rows)
-        + "\n\nAbsolute accuracies (%, mean ± 95% t-interval)\n\n"
-        + _markdown(base_rows)
-        + "\n"
-        + (f"\n{_SWEEP_NOTE}\n\n{_markdown(sweep_table)}\n" if sweep_table else "")
-    )
+    parts = []
+    for is_open, (rows, base_rows) in sorted(tables.items()):
+        what = "Open set (held-out identities): p" if is_open else "P"
+        parts += [
+            f"{what}aired differences (points, mean ± 95% t-interval over seeds)\n\n"
+            + _markdown(rows)
+            + (
+                "\n\nOpen set: absolute values (%, mean ± 95% t-interval)\n\n"
+                if is_open
+                else "\n\nAbsolute accuracies (%, mean ± 95% t-interval)\n\n"
+            )
+            + _markdown(base_rows)
+            + "\n"
+        ]
+        stem = "combined_open" if is_open else "combined"
+        _write_csv(rows, os.path.join(out, f"{stem}_paired.csv"))
+        _write_csv(base_rows, os.path.join(out, f"{stem}_summary.csv"))
+    if sweep_table:
+        parts.append(f"{_SWEEP_NOTE}\n\n{_markdown(sweep_table)}\n")
+        _write_csv(sweep_table, os.path.join(out, "combined_sweep.csv"))
+    md = "\n".join(parts)
     with open(os.path.join(out, "combined.md"), "w") as fh:
         fh.write(md)
-    _write_csv(rows, os.path.join(out, "combined_paired.csv"))
-    _write_csv(base_rows, os.path.join(out, "combined_summary.csv"))
-    if sweep_table:
-        _write_csv(sweep_table, os.path.join(out, "combined_sweep.csv"))
     return md
 
 
@@ -431,6 +489,7 @@ _ADDED_FIELDS: Dict[str, Any] = {
     "ftl_stage1_share": 0.5,
     "ftl_stage1_fc": "all",
     "ftl_stage1_filter": "trained",
+    "test_fraction": 0.5,
 }
 
 
@@ -622,7 +681,7 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
             continue
         runs = [{"method": "B", "seed": s, "metrics": by_b[(m, s)]} for s in common]
         runs += [{"method": "A", "seed": s, "metrics": by_a[(m, s)]} for s in common]
-        d = paired_differences(runs, "B", "A", [k for k, _ in PAIRED_KEYS])
+        d = paired_differences(runs, "B", "A", [k for k, _ in paired_keys(a)])
         for v in d.values():
             v["mean"], v["ci95"] = 100 * v["mean"], 100 * v["ci95"]
             v["per_seed"] = {str(s): 100 * x for s, x in v["per_seed"].items()}
@@ -648,6 +707,7 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
         "a": path_a,
         "b": path_b,
         "setting": a["setting"],
+        "protocol": a["config"].get("protocol"),
         "config_b_vs_a": config,
         "labels": {m: b["labels"].get(m, a["labels"].get(m, m)) for m in diffs},
         "differences": diffs,
@@ -665,11 +725,12 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
 def comparison_markdown(cmp: Dict[str, Any]) -> str:
     """The table of :func:`compare_runs` (B - A, points) with its header lines."""
     labels = cmp.get("labels", {})
-    header = ["Setting", "Method", "pairs"] + [t for _, t in PAIRED_KEYS]
+    keys = OPEN_PAIRED_KEYS if cmp.get("protocol") == "open" else PAIRED_KEYS
+    header = ["Setting", "Method", "pairs"] + [t for _, t in keys]
     rows = [header]
     for m, d in cmp["differences"].items():
-        cells = [cmp["setting"], labels.get(m, m), str(d[PAIRED_KEYS[0][0]]["n"])]
-        rows.append(cells + [_fmt(d[k]["mean"], d[k]["ci95"], 1) for k, _ in PAIRED_KEYS])
+        cells = [cmp["setting"], labels.get(m, m), str(d[keys[0][0]]["n"])]
+        rows.append(cells + [_fmt(d[k]["mean"], d[k]["ci95"], 1) for k, _ in keys])
     conf = "; ".join(f"{k}: {v}" for k, v in cmp["config_b_vs_a"].items()) or "none"
     lines = [
         f"B - A, same seeds (points, mean ± 95% t-interval): B = {cmp['b']}, A = {cmp['a']}",
@@ -680,8 +741,8 @@ def comparison_markdown(cmp: Dict[str, Any]) -> str:
         "",
     ]
     for m, d in cmp["differences"].items():
-        per = {t: d[k]["per_seed"] for k, t in PAIRED_KEYS[:2]}
-        seeds = list(per[PAIRED_KEYS[0][1]])
+        per = {t: d[k]["per_seed"] for k, t in keys[:2]}
+        seeds = list(per[keys[0][1]])
         lines.append(
             f"Per seed ({', '.join(seeds)}), {labels.get(m, m)}: "
             + "; ".join(

@@ -21,10 +21,10 @@ from ..demo.data import LabeledData
 from ..demo.methods import FTL_CLASSIFIERS, MethodConfig, check_ftl_options
 from ..demo.protocol import LongTailSplit
 from ..demo.report import load_results
-from ..demo.runner import evaluate_method
+from ..demo.runner import embed_all, evaluate_method
 from .backbones import build_backbone
 from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
-from .protocol import hs_split, natural_split
+from .protocol import hs_split, natural_split, open_split
 from .report import check_compatible, head_defaults
 
 __all__ = [
@@ -38,12 +38,16 @@ __all__ = [
 
 RESULTS_FILE = "results.json"
 
+#: evaluation protocols: closed set (test images of the training identities) and open set
+PROTOCOLS = ("natural", "hs", "open")
+
 
 @dataclass
 class EvalConfig:
     """One evaluation setting (saved in ``results.json``)."""
 
-    protocol: str = "natural"  # "natural" | "hs"
+    protocol: str = "natural"  # "natural" | "hs" | "open" (held-out identities, retrieval only)
+    test_fraction: float = 0.5  # open: share of the retrievable identities held out
     n_test: int = 2  # test images per identity
     threshold: int = 20  # natural: head = more than T training images; also LEAP vanilla's T
     num_head: int = 20  # hs: H
@@ -95,8 +99,10 @@ class EvalConfig:
     device: str = "cpu"
 
     def validate(self) -> None:
-        if self.protocol not in ("natural", "hs"):
-            raise ValueError(f"protocol must be 'natural' or 'hs', got {self.protocol!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if not 0.0 < float(self.test_fraction) < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         unknown = [m for m in self.methods if m not in EVAL_METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; available: {list(EVAL_METHODS)}")
@@ -136,12 +142,17 @@ class EvalConfig:
 
 
 def setting_name(cfg: EvalConfig) -> str:
-    return "natural" if cfg.protocol == "natural" else f"H{cfg.num_head}_S{cfg.shots}"
+    if cfg.protocol == "hs":
+        return f"H{cfg.num_head}_S{cfg.shots}"
+    return cfg.protocol
 
 
 def make_split(cfg: EvalConfig, data: LabeledData, seed: int) -> LongTailSplit:
     if cfg.protocol == "natural":
         return natural_split(data.y, data.num_classes, cfg.n_test, cfg.threshold, seed)
+    if cfg.protocol == "open":
+        camids = getattr(data, "camids", None)
+        return open_split(data.y, data.num_classes, cfg.test_fraction, cfg.threshold, seed, camids)
     return hs_split(data.y, data.num_classes, cfg.num_head, cfg.shots, cfg.n_test, seed)
 
 
@@ -264,6 +275,61 @@ def camera_retrieval(
     first = torch.argmax(usable.to(torch.uint8), dim=1)
     rank1 = match.gather(1, first[:, None]).squeeze(1)
     return rank1.float() * valid, ap.float() * valid, valid
+
+
+#: false accept rates of the open-set verification metrics (``tar_far2``, ``tar_far3``)
+OPEN_FARS = {"tar_far2": 1e-2, "tar_far3": 1e-3}
+
+
+def evaluate_open(
+    model: nn.Module,
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    label_map: Tensor,
+    head: Tensor,
+    camids: Optional[Tensor] = None,
+) -> Tuple[Dict[str, float], Dict[str, List[Optional[float]]], Tensor]:
+    """Open-set metrics of a model trained on ``label_map``'s identities (``train_y`` its class
+    indices) on the held-out identities ``test_y`` (never classified): leave-one-out retrieval
+    rank-1 and mAP (cross-camera with ``camids``) and 1:1 verification TAR at the FARs of
+    :data:`OPEN_FARS`, all as ``<metric>_all``; per identity the training diagnostics of the
+    closed-set evaluation (angle variance, weight norm, cloud), ``None`` for held-out ones, and
+    their head / tail means (``head``: per identity, as the split's).
+    Returns ``(scalars, per_class, test_embeddings)``."""
+    f_train = embed_all(model, train_x)
+    f_test = embed_all(model, test_x)
+    if camids is None:
+        r1, ap, valid = M.retrieval_per_query(f_test, test_y)
+    else:
+        r1, ap, valid = camera_retrieval(f_test, test_y, camids)
+    scalars = {
+        "rank1_all": M.group_mean(r1, valid),
+        "map_all": M.group_mean(ap, valid),
+        "queries_all": float(valid.sum()),
+    }
+    tar = M.verification_tar(f_test, test_y, list(OPEN_FARS.values()), camids)
+    scalars.update({k: tar[far] for k, far in OPEN_FARS.items()})
+    num_train = int(label_map.max()) + 1
+    _, var_tr = M.angle_spread(f_train, train_y, num_train)
+    per_train = {
+        "angle_var_train": var_tr,
+        "weight_norm": M.weight_norms(model.class_weight().detach().cpu()),  # type: ignore[operator]
+    }
+    per_train.update({k: v.cpu().float() for k, v in model.per_class_diagnostics().items()})  # type: ignore[operator]
+    rows = {k: v.numel() for k, v in per_train.items()}
+    if any(n != num_train for n in rows.values()):  # trained on the kept identities only
+        raise RuntimeError(f"open set: {num_train} training classes, per-class values {rows}")
+    kept = label_map >= 0
+    per_class: Dict[str, List[Optional[float]]] = {}
+    for key, values in per_train.items():
+        for part, val in M.head_tail(values, head[kept]).items():  # training classes only
+            scalars[f"{key}_{part}"] = val
+        full = torch.full((label_map.numel(),), math.nan, dtype=torch.float64)
+        full[kept] = values.double()[label_map[kept]]
+        per_class[key] = [None if math.isnan(v) else float(v) for v in full.tolist()]
+    return scalars, per_class, f_test
 
 
 def shrinkage_sweep(
@@ -426,6 +492,11 @@ def run_evaluation(
         x = _normalise(data.x, split.train)
         tx, ty = x[split.train], data.y[split.train]
         ex, ey = x[split.test], data.y[split.test]
+        label_map = split.label_map  # open set: training classes are the kept identities
+        classes, counts = data.num_classes, split.train_counts
+        if label_map is not None:
+            ty, classes = label_map[ty], int(label_map.max()) + 1
+            counts = split.train_counts[label_map >= 0]
         for name in cfg.methods:
             if (seed, name) in done:
                 runs.append(done[(seed, name)])
@@ -435,13 +506,37 @@ def run_evaluation(
                 name,
                 tx,
                 ty,
-                data.num_classes,
-                split.train_counts,
+                classes,
+                counts,
                 cfg,
                 seed,
                 desc=f"{setting_name(cfg)} seed {seed} {name}",
             )
             seconds = time.perf_counter() - t0
+            if label_map is not None:
+                cams = None if camids is None else camids[split.test]
+                scalars, per_class, _ = evaluate_open(
+                    model, tx, ty, ex, ey, label_map, split.head, cams
+                )
+                runs.append(
+                    {
+                        "seed": seed,
+                        "method": name,
+                        "metrics": scalars,
+                        "per_class": per_class,
+                        "train_seconds": round(seconds, 2),
+                        "device": cfg.device,
+                    }
+                )
+                log(
+                    f"  seed {seed} {METHOD_LABELS[name]:<26} open set: rank-1 "
+                    f"{100 * scalars['rank1_all']:5.1f} mAP {100 * scalars['map_all']:5.1f} "
+                    f"TAR@FAR=1e-2 {100 * scalars['tar_far2']:5.1f} ({seconds:.0f} s)"
+                )
+                if write:
+                    results["wall_seconds"] = round(time.perf_counter() - start, 1)
+                    _write_json(results, file)
+                continue
             scalars, per_class, _, f_ev = evaluate_method(model, tx, ty, ex, ey, split.head)
             if camids is not None:
                 r1, ap, valid = camera_retrieval(f_ev, ey, camids[split.test])

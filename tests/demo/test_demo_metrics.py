@@ -70,6 +70,33 @@ def test_retrieval_against_brute_force(seed):
     assert not valid[0]
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("with_cams", [False, True])
+def test_verification_tar_against_brute_force(seed, with_cams):
+    f, y = _data(seed, n=30)
+    cams = torch.arange(30) % 3 if with_cams else None
+    fars = [0.01, 0.1, 0.5]
+    got = M.verification_tar(f, y, fars, cams)
+    fn, yn = f.numpy().astype(np.float64), y.numpy()
+    pos, neg = [], []
+    for i in range(len(yn)):
+        for j in range(i + 1, len(yn)):
+            s = _cos(fn[i], fn[j])
+            if yn[i] != yn[j]:
+                neg.append(s)
+            elif not with_cams or cams[i] != cams[j]:
+                pos.append(s)
+    neg.sort(reverse=True)
+    for far in fars:
+        threshold = neg[max(1, math.ceil(far * len(neg))) - 1]  # accepts `far` of the negatives
+        want = sum(p > threshold for p in pos) / len(pos)
+        assert got[far] == pytest.approx(want), far
+        assert sum(n > threshold for n in neg) <= far * len(neg)
+    assert math.isnan(M.verification_tar(f[:3], torch.tensor([0, 1, 2]), [0.1])[0.1])  # no positive
+    with pytest.raises(ValueError, match="far"):
+        M.verification_tar(f, y, [0.0])
+
+
 def test_retrieval_ties_break_by_index():
     f = torch.tensor([[1.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
     y = torch.tensor([0, 1, 0, 1])

@@ -928,3 +928,94 @@ def test_shrinkage_sweep_restores_the_head_and_skips_models_without_centers():
     plain = Model(LEAPMarginHead(8, 4, cloud=None))
     assert shrinkage_sweep(plain, emb, ey, is_head, [0.0, 10.0]) == {}
     assert shrinkage_sweep(model, emb, ey, is_head, []) == {}
+
+
+def test_open_split_holds_out_whole_retrievable_identities():
+    from feature_cloud.evaluate import open_split
+
+    y = _labels([30, 12, 5, 4, 3, 2, 1, 6])
+    s = open_split(y, 8, test_fraction=0.5, threshold=10, seed=3)
+    held = (s.label_map < 0).nonzero().flatten().tolist()
+    assert len(held) == 4 and 6 not in held  # round(0.5 * 7 retrievable); class 6 has one image
+    assert set(y[s.test].tolist()) == set(held)  # every image of a held-out identity tests
+    assert (
+        set(y[s.train].tolist()).isdisjoint(held) and s.train.numel() + s.test.numel() == y.numel()
+    )
+    kept = (s.label_map >= 0).nonzero().flatten()
+    assert s.label_map[kept].tolist() == list(range(kept.numel()))  # compact, identity order
+    assert s.train_counts[held].tolist() == [0] * 4
+    assert s.head.tolist() == (s.train_counts > 10).tolist()
+    assert s.summary()["test_identities"] == 4
+    assert s.summary()["tail_classes"] == int(((s.label_map >= 0) & ~s.head).sum())
+    again = open_split(y, 8, test_fraction=0.5, threshold=10, seed=3)
+    assert torch.equal(again.test, s.test) and torch.equal(again.label_map, s.label_map)
+    other = [open_split(y, 8, 0.5, 10, seed).label_map for seed in range(4, 12)]
+    assert any(not torch.equal(m, s.label_map) for m in other)  # the draw depends on the seed
+    # re-ID: an identity seen by one camera only cannot be retrieved across cameras
+    cams = torch.zeros_like(y)
+    cams[y == 0] = torch.arange(30) % 2
+    cams[y == 1] = torch.arange(12) % 2
+    cams[y == 2] = torch.arange(5) % 2
+    r = open_split(y, 8, test_fraction=0.5, seed=0, camids=cams)
+    held = (r.label_map < 0).nonzero().flatten().tolist()
+    assert len(held) == 2 and set(held) <= {0, 1, 2}  # round(0.5 * 3) of the two-camera ones
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="test_fraction"):
+            open_split(y, 8, test_fraction=bad)
+    with pytest.raises(ValueError, match="held out"):
+        open_split(y, 8, test_fraction=0.5, camids=torch.zeros_like(y))  # nothing retrievable
+
+
+def test_cli_evaluate_open_set_trains_on_the_kept_identities_and_reports_retrieval(
+    tmp_path, capsys
+):
+    """``--protocol open``: the models train on the kept identities only (a classifier row per
+    kept identity), the held-out ones are retrieved across cameras and verified; the tables carry
+    the open-set metrics; open runs pool, compare, and combine beside a closed-set setting."""
+    from feature_cloud.cli import main
+    from feature_cloud.evaluate.report import combine_settings
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p, camids=True)
+    common = ["evaluate", p, "-T", "5", "--methods", "leap_full_cosface", "--epochs", "2"]
+    common += ["--batch-size", "8", "--embedding-size", "8", "--image-size", "8", "8", "--quiet"]
+    a, b, m, nat = (str(tmp_path / k) for k in ("a", "b", "m", "nat"))
+    assert main(common + ["--protocol", "open", "--seeds", "0", "--out", a]) == 0
+    assert main(common + ["--protocol", "open", "--seeds", "1", "--out", b]) == 0
+    with open(os.path.join(a, "results.json")) as fh:
+        res = json.load(fh)
+    assert res["setting"] == "open" and res["config"]["test_fraction"] == 0.5
+    split = res["splits"]["0"]
+    assert split["test_identities"] == 3  # round(0.5 * 6): every identity has both cameras
+    held = [c for c, k in enumerate(split["train_counts"]) if k == 0]
+    assert len(held) == 3
+    for run in res["runs"]:
+        met = run["metrics"]
+        for k in ("rank1_all", "map_all", "tar_far2", "tar_far3"):
+            assert 0.0 <= met[k] <= 1.0, (run["method"], k)
+        assert "fc_acc_tail" not in met  # nothing is classified
+        norms = run["per_class"]["weight_norm"]
+        assert len(norms) == 6 and [c for c, v in enumerate(norms) if v is None] == held
+    with open(os.path.join(a, "summary.md")) as fh:
+        text = fh.read()
+    assert "Δ TAR@FAR=1e-2" in text and "Δ FC tail" not in text
+    assert os.path.isfile(os.path.join(a, "paired.png"))
+    assert main(["report", a, b, "--out", m, "--quiet"]) == 0
+    with open(os.path.join(m, "paired.json")) as fh:
+        assert json.load(fh)["leap_full_cosface"]["rank1_all"]["n"] == 2
+    # the same seed again with another cloud scale: compared seed by seed on the open metrics
+    c = str(tmp_path / "c")
+    scale = ["--leap-option", "cloud_scale=3"]
+    assert main(common + ["--protocol", "open", "--seeds", "0", *scale, "--out", c]) == 0
+    assert main(["report", a, c, "--compare", "--out", str(tmp_path / "cmp"), "--quiet"]) == 0
+    with open(os.path.join(tmp_path, "cmp", "compare.md")) as fh:
+        assert "Δ mAP" in fh.read()
+    assert (
+        main(common + ["--protocol", "natural", "--seeds", "0", "--n-test", "1", "--out", nat]) == 0
+    )
+    md = combine_settings([nat, m], str(tmp_path / "comb"))
+    assert "Δ FC tail" in md and "Open set (held-out identities)" in md and "Δ rank-1 |" in md
+    assert os.path.isfile(os.path.join(tmp_path, "comb", "combined_open_paired.csv"))
+    capsys.readouterr()
+    assert main(common + ["--protocol", "open", "--test-fraction", "1.5", "--out", c + "x"]) == 2
+    assert "test_fraction" in capsys.readouterr().err
