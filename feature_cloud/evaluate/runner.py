@@ -513,37 +513,31 @@ def run_evaluation(
                 desc=f"{setting_name(cfg)} seed {seed} {name}",
             )
             seconds = time.perf_counter() - t0
+            sweep: Dict[str, Dict[str, float]] = {}
             if label_map is not None:
                 cams = None if camids is None else camids[split.test]
                 scalars, per_class, _ = evaluate_open(
                     model, tx, ty, ex, ey, label_map, split.head, cams
                 )
-                runs.append(
-                    {
-                        "seed": seed,
-                        "method": name,
-                        "metrics": scalars,
-                        "per_class": per_class,
-                        "train_seconds": round(seconds, 2),
-                        "device": cfg.device,
-                    }
+                line = (
+                    f"open set: rank-1 {100 * scalars['rank1_all']:5.1f} mAP "
+                    f"{100 * scalars['map_all']:5.1f} TAR@FAR=1e-2 {100 * scalars['tar_far2']:5.1f}"
                 )
-                log(
-                    f"  seed {seed} {METHOD_LABELS[name]:<26} open set: rank-1 "
-                    f"{100 * scalars['rank1_all']:5.1f} mAP {100 * scalars['map_all']:5.1f} "
-                    f"TAR@FAR=1e-2 {100 * scalars['tar_far2']:5.1f} ({seconds:.0f} s)"
+            else:
+                scalars, per_class, _, f_ev = evaluate_method(model, tx, ty, ex, ey, split.head)
+                if camids is not None:
+                    r1, ap, valid = camera_retrieval(f_ev, ey, camids[split.test])
+                    is_head = split.head[ey]
+                    for k, v in (("rank1", r1), ("map", ap)):
+                        for part, val in M.head_tail(v, is_head, valid).items():
+                            scalars[f"{k}_{part}"] = val
+                dev = next(model.parameters()).device
+                sweep = shrinkage_sweep(model, f_ev.to(dev), ey, split.head, cfg.shrinkage_sweep)
+                line = (
+                    f"FC head {100 * scalars['fc_acc_head']:5.1f} tail "
+                    f"{100 * scalars['fc_acc_tail']:5.1f} | NN head "
+                    f"{100 * scalars['nn_acc_head']:5.1f} tail {100 * scalars['nn_acc_tail']:5.1f}"
                 )
-                if write:
-                    results["wall_seconds"] = round(time.perf_counter() - start, 1)
-                    _write_json(results, file)
-                continue
-            scalars, per_class, _, f_ev = evaluate_method(model, tx, ty, ex, ey, split.head)
-            if camids is not None:
-                r1, ap, valid = camera_retrieval(f_ev, ey, camids[split.test])
-                is_head = split.head[ey]
-                for k, v in (("rank1", r1), ("map", ap)):
-                    for part, val in M.head_tail(v, is_head, valid).items():
-                        scalars[f"{k}_{part}"] = val
             run: Dict[str, Any] = {
                 "seed": seed,
                 "method": name,
@@ -552,17 +546,10 @@ def run_evaluation(
                 "train_seconds": round(seconds, 2),
                 "device": cfg.device,
             }
-            dev = next(model.parameters()).device
-            sweep = shrinkage_sweep(model, f_ev.to(dev), ey, split.head, cfg.shrinkage_sweep)
             if sweep:
                 run["sweep"] = sweep
             runs.append(run)
-            log(
-                f"  seed {seed} {METHOD_LABELS[name]:<26} FC head {100 * scalars['fc_acc_head']:5.1f}"
-                f" tail {100 * scalars['fc_acc_tail']:5.1f} | NN head "
-                f"{100 * scalars['nn_acc_head']:5.1f} tail {100 * scalars['nn_acc_tail']:5.1f} "
-                f"({seconds:.0f} s)"
-            )
+            log(f"  seed {seed} {METHOD_LABELS[name]:<26} {line} ({seconds:.0f} s)")
             if write:  # every finished run on disk (a killed evaluation keeps it: --resume)
                 results["wall_seconds"] = round(time.perf_counter() - start, 1)
                 _write_json(results, file)
