@@ -58,6 +58,7 @@ PAIRED_KEYS: List[Tuple[str, str]] = [
     ("fcw_acc_head", "Δ FC(W) head"),
     ("fcw_acc_tail", "Δ FC(W) tail"),
     ("fc_cross_head", "Δ FC head→tail"),
+    ("fc_cross_tail", "Δ FC tail→head"),
     ("nn_acc_head", "Δ NN head"),
     ("nn_acc_tail", "Δ NN tail"),
     ("rank1_tail", "Δ rank-1 tail"),
@@ -103,6 +104,7 @@ SWEEP_KEYS: List[Tuple[str, str]] = [
     ("fc_acc_head", "Δ FC head"),
     ("fc_acc_tail", "Δ FC tail"),
     ("fc_cross_head", "Δ FC head→tail"),
+    ("fc_cross_tail", "Δ FC tail→head"),
 ]
 
 

@@ -335,12 +335,12 @@ def evaluate_open(
 def shrinkage_sweep(
     model: nn.Module, emb: Tensor, labels: Tensor, head: Tensor, kappas: List[float]
 ) -> Dict[str, Dict[str, float]]:
-    """FC accuracy (head / tail) and the share of head test samples given to a tail class of a
-    trained ``model`` scored against its inference prototypes at each ``kappa``
-    (:func:`~feature_cloud.functional.center_prototypes`; 0: the weights), on the embeddings
-    ``emb`` of the test samples: ``{"<kappa>": {"fc_acc_head", "fc_acc_tail",
-    "fc_cross_head"}}``. Empty for a model without a feature cloud keeping class centers (the
-    baselines) or without ``kappas``; the model is left as it was."""
+    """FC accuracy (head / tail) and the shares of head test samples given to a tail class and
+    the reverse of a trained ``model`` scored against its inference prototypes at each
+    ``kappa`` (:func:`~feature_cloud.functional.center_prototypes`; 0: the weights), on the
+    embeddings ``emb`` of the test samples: ``{"<kappa>": {"fc_acc_head", "fc_acc_tail",
+    "fc_cross_head", "fc_cross_tail"}}``. Empty for a model without a feature cloud keeping
+    class centers (the baselines) or without ``kappas``; the model is left as it was."""
     clouds = [m for m in model.modules() if isinstance(m, FeatureCloud) and m.rule is not None]
     if not kappas or len(clouds) != 1:
         return {}
@@ -358,6 +358,7 @@ def shrinkage_sweep(
                     "fc_acc_head": acc["head"],
                     "fc_acc_tail": acc["tail"],
                     "fc_cross_head": cross["head"],
+                    "fc_cross_tail": cross["tail"],
                 }
     finally:
         cloud.prototype_shrinkage = saved

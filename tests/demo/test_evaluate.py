@@ -167,7 +167,7 @@ def test_cli_evaluate_end_to_end(tmp_path):
     with open(os.path.join(out, "combined.md")) as fh:
         text = fh.read()
     assert "H2_S1" in text and "H2_S2" in text and "Δ FC tail" in text and "Δ FC(W) tail" in text
-    assert "Δ FC head→tail" in text
+    assert "Δ FC head→tail" in text and "Δ FC tail→head" in text
     # report re-renders an evaluation
     res = subprocess.run(
         [sys.executable, "-m", "feature_cloud", "report", os.path.join(out, "H2_S1"), "--quiet"],
@@ -861,6 +861,7 @@ def test_cli_evaluate_shrinkage_sweep_scores_the_same_models_at_each_kappa(tmp_p
             assert sw["10"][f"fc_acc_{part}"] == met[f"fc_acc_{part}"]
             assert sw["0"][f"fc_acc_{part}"] == met[f"fcw_acc_{part}"]
         assert sw["10"]["fc_cross_head"] == met["fc_cross_head"]
+        assert sw["10"]["fc_cross_tail"] == met["fc_cross_tail"]
     with open(os.path.join(a, "sweep.json")) as fh:
         sj = json.load(fh)["leap_full_cosface"]
     with open(os.path.join(a, "paired.json")) as fh:
