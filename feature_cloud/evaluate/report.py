@@ -214,8 +214,17 @@ def plot_sweep(results: Dict[str, Any], file: str) -> str:
         xs = [v["fc_acc_tail"]["mean"] for v in by_kappa.values()]
         ys = [v["fc_acc_head"]["mean"] for v in by_kappa.values()]
         ax.plot(xs, ys, "o-", color=color, label=results["labels"].get(m, m))
+        at: Dict[Tuple[float, float], List[str]] = {}  # one label where the tables show one value
         for kappa, x, y in zip(by_kappa, xs, ys):
-            ax.annotate(f"κ={kappa}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            at.setdefault((round(x, 1), round(y, 1)), []).append(kappa)
+        for (x, y), kappas in at.items():
+            ax.annotate(
+                f"κ={', '.join(kappas)}",
+                (x, y),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     ax.axhline(0, color="black", lw=0.8)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("Δ FC tail (points)")
