@@ -72,8 +72,9 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     Schedule (Algorithm 1, in trainer iterations): ``STAGE0_ITERS`` (stage 0, all modules),
     ``STAGE_ITERS`` (each stage 1, and each stage 2 unless ``STAGE2_ITERS`` > 0; paper 5000 both),
     ``MAX_ALTERNATIONS`` ((stage 1, stage 2) pairs; 0: until the trainer stops). Loss (Eq. 4):
-    ``ALPHA_SFMX``, ``ALPHA_RECON``, ``ALPHA_REG`` (paper 1, 1, 0.25). Modules: ``FILTER_HIDDEN`` (hidden width of ``R``; 0: twice
-    the embedding size), ``DECODER_CHANNELS`` (``Dec`` upsampling stages; empty: no decoder).
+    ``ALPHA_SFMX``, ``ALPHA_RECON``, ``ALPHA_REG`` (paper 1, 1, 0.25). Modules:
+    ``FILTER_HIDDEN`` (hidden width of ``R``; 0: twice the embedding size), ``DECODER_CHANNELS``
+    (``Dec`` upsampling stages; empty: no decoder).
     UpdateStats: ``ENERGY`` (PCA energy kept, paper 0.95) or ``NUM_COMPONENTS`` (> 0 wins),
     ``TAIL_THRESHOLD`` (a class with <= T training images is long-tail, paper 20), ``FLIP``
     (flipped-image centers of Eq. 5), ``STATS_BATCH_SIZE`` (0: ``TEST.IMS_PER_BATCH``).

@@ -484,43 +484,49 @@ class FTLMethod(_Method):
             loaders = sched.loaders(ds, batch_size)
             if stage == 1 and self.stage1_filter_fixed:  # FC alone in stage 1
                 self.ftl.set_frozen((*self.ftl.frozen, "filter"))
-            for batches in zip(*loaders) if stage == 1 else loaders:
-                if augment is not None:
-                    batches = (
-                        [(augment(b[0]), *b[1:]) for b in batches]
-                        if stage == 1
-                        else (augment(batches[0]), *batches[1:])
-                    )
-                if stage == 1:
-                    loss = sched.stage1_loss(*batches)["loss"]
-                else:
-                    loss = self.ftl.loss(batches[0], batches[1])["loss"]
-                with self._stage1_rows_fixed(stage == 1):
+            with self._stage1_rows_fixed(stage == 1) as restore_rows:
+                for batches in zip(*loaders) if stage == 1 else loaders:
+                    if augment is not None:
+                        batches = (
+                            [(augment(b[0]), *b[1:]) for b in batches]
+                            if stage == 1
+                            else (augment(batches[0]), *batches[1:])
+                        )
+                    if stage == 1:
+                        loss = sched.stage1_loss(*batches)["loss"]
+                    else:
+                        loss = self.ftl.loss(batches[0], batches[1])["loss"]
                     step(loss)
-                done += 1
-                if sched.step() != stage or done >= total_steps:
-                    break
+                    restore_rows()
+                    done += 1
+                    if sched.step() != stage or done >= total_steps:
+                        break
         self.ftl.set_frozen(())
 
     @contextlib.contextmanager
-    def _stage1_rows_fixed(self, active: bool) -> Iterator[None]:
-        """Around one stage-1 optimiser step with ``ftl_stage1_fc="tail"``: the regular classes'
-        FC rows get no gradient (so no momentum either) and are put back after the step (weight
-        decay); a no-op otherwise."""
+    def _stage1_rows_fixed(self, active: bool) -> Iterator[Callable[[], None]]:
+        """Around the optimiser steps of one stage-1 pass with ``ftl_stage1_fc="tail"``: the
+        regular classes' FC rows get no gradient (so no momentum either), and the yielded
+        ``restore()``, called after each step, puts them back as they were when the pass began
+        (weight decay); one snapshot and one hook per pass. A no-op otherwise."""
         rows = self.stage1_fixed_rows
         if not active or rows is None:
-            yield
+            yield lambda: None
             return
         weight = self.ftl.classifier.weight
         mask = rows.to(weight.device).unsqueeze(1)
         kept = weight.detach().clone()
-        hook = weight.register_hook(lambda g: g.masked_fill(mask, 0.0))
-        try:
-            yield
-        finally:
-            hook.remove()
+
+        def restore() -> None:
             with torch.no_grad():
                 weight.copy_(torch.where(mask, kept, weight))
+
+        hook = weight.register_hook(lambda g: g.masked_fill(mask, 0.0))
+        try:
+            yield restore
+        finally:
+            hook.remove()
+            restore()
 
     def _fit_joint(
         self,

@@ -60,7 +60,7 @@ def verification_tar(
     f = F.normalize(features.double(), dim=1)
     n = f.shape[0]
     i, j = torch.triu_indices(n, n, offset=1)
-    sim = (f[i] * f[j]).sum(1)
+    sim = (f @ f.T)[i, j]  # n x n, not an (n^2 / 2, D) gather
     same = labels[i] == labels[j]
     pos = same if camids is None else same & (camids[i] != camids[j])
     neg_scores, pos_scores = sim[~same], sim[pos]

@@ -21,7 +21,7 @@ from ..demo.data import LabeledData
 from ..demo.methods import FTL_CLASSIFIERS, MethodConfig, check_ftl_options
 from ..demo.protocol import LongTailSplit
 from ..demo.report import load_results
-from ..demo.runner import embed_all, evaluate_method
+from ..demo.runner import _device_of, embed_all, evaluate_method
 from .backbones import build_backbone
 from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
 from .protocol import hs_split, natural_split, open_split
@@ -532,8 +532,8 @@ def run_evaluation(
                     for k, v in (("rank1", r1), ("map", ap)):
                         for part, val in M.head_tail(v, is_head, valid).items():
                             scalars[f"{k}_{part}"] = val
-                dev = next(model.parameters()).device
-                sweep = shrinkage_sweep(model, f_ev.to(dev), ey, split.head, cfg.shrinkage_sweep)
+                emb = f_ev.to(_device_of(model))
+                sweep = shrinkage_sweep(model, emb, ey, split.head, cfg.shrinkage_sweep)
                 line = (
                     f"FC head {100 * scalars['fc_acc_head']:5.1f} tail "
                     f"{100 * scalars['fc_acc_tail']:5.1f} | NN head "
