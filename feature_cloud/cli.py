@@ -320,6 +320,13 @@ def _add_evaluate(sub) -> None:
         "'classes': every long-tail class equally often",
     )
     ev.add_argument(
+        "--ftl-energy",
+        type=float,
+        default=e.ftl_energy,
+        help="FTL's PCA basis Q keeps the fewest components reaching this share of the regular "
+        "classes' intra-class variance (default 0.95, the paper's; 1: the whole residual)",
+    )
+    ev.add_argument(
         "--ftl-classifier",
         choices=FTL_CLASSIFIERS,
         default=e.ftl_classifier,
@@ -426,6 +433,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         ftl_tail_sampling=args.ftl_tail_sampling,
         ftl_stage1_fc=args.ftl_stage1_fc,
         ftl_stage1_filter=args.ftl_stage1_filter,
+        ftl_energy=args.ftl_energy,
         ftl_prototype_shrinkage=args.ftl_prototype_shrinkage,
         imprint_fraction=args.imprint_fraction,
         leap_options=options,

@@ -320,6 +320,13 @@ class FeatureCloud(nn.Module):
             return self.statistics.agree(embeddings, labels, validate)
         return check_batch(embeddings, labels, self.embedding_size, self.num_classes, validate)
 
+    def counts_batch(self, features: Tensor, *, count_empty: bool = False) -> bool:
+        """Whether a training :meth:`advance` on ``features`` counts a step: a non-empty batch,
+        or any batch when the update is collective or ``count_empty``. A shape test (no sync);
+        the heads imprint only on such batches, so a skipped empty batch at ``imprint_step``
+        cannot imprint the step twice (once on it, once on the next batch)."""
+        return features.shape[0] > 0 or count_empty or self.collective
+
     def advance(
         self, features: Tensor, labels: Tensor, *, train: bool = True, count_empty: bool = False
     ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -333,7 +340,7 @@ class FeatureCloud(nn.Module):
         ``(None, None)``.
         """
         std = key = None
-        if not train or (features.shape[0] == 0 and not (count_empty or self.collective)):
+        if not train or not self.counts_batch(features, count_empty=count_empty):
             return std, key
         if torch.compiler.is_compiling():
             return self._advance_compiled(features, labels)

@@ -341,7 +341,10 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
         key = (
             self.feature_cloud.noise_key(stream=0, purpose=N.PURPOSE_SAMPLING) if sampling else None
         )
-        self.feature_cloud.imprint(self.weight, class_start=self.shard_start, train=train)
+        counted = self.feature_cloud.counts_batch(emb, count_empty=distributed)
+        self.feature_cloud.imprint(
+            self.weight, class_start=self.shard_start, train=train and counted
+        )
         std, cloud_key = self.feature_cloud.advance(
             emb.detach(), lab, train=train, count_empty=distributed
         )

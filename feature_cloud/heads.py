@@ -413,7 +413,7 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         train = self.training and torch.is_grad_enabled()
         cloud = self.feature_cloud
         labels = cloud.check(embeddings, labels, validate=self.validate, train=train)
-        cloud.imprint(self.weight, self.sub_centers, train=train)
+        cloud.imprint(self.weight, self.sub_centers, train=train and cloud.counts_batch(embeddings))
         std, key = cloud.advance(embeddings, labels, train=train)
         return std, key, labels
 

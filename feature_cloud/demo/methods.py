@@ -138,6 +138,9 @@ class MethodConfig:
     # FC rows that FTL stage 1 trains: "all" (Algorithm 1) | "tail" (the long-tail classes' rows
     # only; the regular classes' rows stay as stage 0 left them)
     ftl_stage1_fc: str = "all"
+    # FTL's PCA basis Q: the smallest number of components reaching this share of the regular
+    # classes' intra-class variance (paper: 95 %); 1.0 transfers the whole residual
+    ftl_energy: float = 0.95
     # R (the filter) in FTL stage 1: "trained" (Algorithm 1: R and FC) | "fixed" (FC only)
     ftl_stage1_filter: str = "trained"
     # FTL's FC: "linear" (the paper's softmax + m-L2) or a cosine-margin head, "cosface" /
@@ -260,6 +263,9 @@ def check_ftl_options(cfg: Any) -> None:
             f"'alternating' (it splits each (stage 1, stage 2) pair); ftl_schedule="
             f"{schedule!r} has no stage 2: leave ftl_stage1_share at 0.5"
         )
+    energy = float(cfg.ftl_energy)
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"ftl_energy must be in (0, 1], got {cfg.ftl_energy}")
     if cfg.ftl_tail_sampling not in TAIL_SAMPLING:
         raise ValueError(
             f"ftl_tail_sampling must be one of {TAIL_SAMPLING}, got {cfg.ftl_tail_sampling!r}"
@@ -372,8 +378,13 @@ class FTLMethod(_Method):
                 nn.ReLU(inplace=True),
                 nn.Linear(256, int(input_shape[0])),
             )
+        check_ftl_options(cfg)
         transfer = FeatureTransfer(
-            d, num_classes, tail_threshold=cfg.tail_threshold, class_counts=counts
+            d,
+            num_classes,
+            energy=float(cfg.ftl_energy),
+            tail_threshold=cfg.tail_threshold,
+            class_counts=counts,
         )
         classifier, alpha_reg = ftl_classifier(cfg, d, num_classes, counts, self.plain_fc)
         self.ftl = FTLModel(
@@ -385,7 +396,6 @@ class FTLMethod(_Method):
             alpha_reg=alpha_reg,
             transfer=transfer,
         )
-        check_ftl_options(cfg)
         self.warmup_steps = cfg.warmup_steps
         self.stage0_fraction = cfg.ftl_stage0_fraction
         self.alternations = cfg.ftl_alternations

@@ -81,6 +81,8 @@ class EvalConfig:
     ftl_stage1_fc: str = "all"
     # FTL stage 1: R trained with FC ("trained", Algorithm 1) or fixed ("fixed": FC only)
     ftl_stage1_filter: str = "trained"
+    # FTL's PCA basis: the share of the regular classes' intra-class variance kept (paper: 0.95)
+    ftl_energy: float = 0.95
     # FTL's cosine FC: inference prototypes (kappa; None: plain weights). Off by default: on real
     # faces they cost head accuracy at S = 1-3 (README, FTL results); "leap": the head's own default
     ftl_prototype_shrinkage: Optional[float] = None
@@ -188,6 +190,7 @@ def train_model(
         ftl_tail_sampling=cfg.ftl_tail_sampling,
         ftl_stage1_fc=cfg.ftl_stage1_fc,
         ftl_stage1_filter=cfg.ftl_stage1_filter,
+        ftl_energy=cfg.ftl_energy,
         ftl_prototype_shrinkage=cfg.ftl_prototype_shrinkage,
         imprint_step=None
         if cfg.imprint_fraction is None

@@ -331,3 +331,41 @@ def test_compile_refuses_a_cloud_that_counts_online() -> None:
         with torch._dynamo.config.patch(error_on_recompile=step > 2):
             assert torch.isfinite(cmodel(x, y))
     assert int(model.head.feature_cloud.step) == 6
+
+
+def test_compiled_head_imprints_once_across_an_empty_batch_at_the_imprint_step() -> None:
+    """An empty batch is not a step (the count does not move), so under ``torch.compile`` (where
+    the imprint is a device-side select on the step) it must not imprint either: otherwise the
+    next batch, at the same step, imprints the prototypes of the imprinted weights again. The
+    compiled head stays equal to the eager one, which imprints once."""
+    torch._dynamo.reset()
+
+    def head() -> LEAPMarginHead:
+        torch.manual_seed(0)
+        return LEAPMarginHead(
+            D,
+            C,
+            "arcface",
+            seed=3,
+            warmup_steps=1,
+            class_counts=COUNTS,
+            impl="reference",
+            validate=False,
+            imprint_step=2,
+        )
+
+    eager, compiled = head(), head()
+    heads = ((eager, eager), (compiled, torch.compile(compiled, backend="eager")))
+    for step in range(4):
+        g = torch.Generator().manual_seed(200 + step)
+        x, y = torch.randn(6, D, generator=g), torch.randint(0, C, (6,), generator=g)
+        for module, fn in heads:
+            if step == 2:  # at the imprint step: an empty batch first (not counted)
+                fn(x[:0], y[:0])
+            fn(x, y).backward()
+            with torch.no_grad():
+                module.weight -= 0.1 * module.weight.grad
+                module.weight.grad = None
+        torch.testing.assert_close(compiled.weight, eager.weight, atol=1e-5, rtol=1e-5)
+    assert int(compiled.feature_cloud.step) == int(eager.feature_cloud.step) == 4
+    assert eager.feature_cloud._imprinted == 2

@@ -491,6 +491,43 @@ def test_ftl_tail_sampling_classes_reaches_the_long_tail_batches(tiny, monkeypat
         build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_tail_sampling="uniform"))
 
 
+def test_ftl_energy_sets_the_transfer_basis(tiny):
+    """``ftl_energy``: FTL's PCA basis keeps the fewest components reaching that share of the
+    regular classes' intra-class variance (1.0: all of it); a lower share keeps fewer components
+    and transfers a shorter residual; values outside (0, 1] are refused before anything is built."""
+    x, y, counts = tiny
+    kept, shifts = {}, {}
+    for energy in (0.5, 0.95, 1.0):
+        torch.manual_seed(0)
+        cfg = MethodConfig(tail_threshold=3, ftl_stage0_fraction=0.5, ftl_energy=energy)
+        model = build_method("ftl", (x.shape[1],), 6, counts, cfg)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+
+        def step(loss_value, opt=opt):
+            opt.zero_grad()
+            loss_value.backward()
+            opt.step()
+
+        model.train()
+        model.fit(x, y, 24, 8, step)
+        transfer = model.ftl.feature_transfer
+        assert transfer.energy == energy and transfer.explained_energy >= energy - 1e-6
+        kept[energy] = transfer.num_components
+        lam = transfer.eigenvalues.clamp_min(0)
+        if kept[energy] > 1:  # the fewest components: one less misses the share
+            assert float(lam[: kept[energy] - 1].sum() / lam.sum()) < energy
+        reg = int(transfer.hard_labels[0])
+        tail = int(transfer.tail_labels[0])
+        g = transfer.centers[reg : reg + 1] + torch.randn(1, transfer.feature_dim)
+        out = transfer.transfer(g, torch.tensor([reg]), torch.tensor([tail]))
+        shifts[energy] = float((out - transfer.centers[tail]).norm())
+    assert kept[0.5] < kept[0.95] <= kept[1.0]
+    assert shifts[0.5] < shifts[1.0]
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="ftl_energy"):
+            build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_energy=bad))
+
+
 @pytest.mark.parametrize("rows", ["all", "tail"])
 def test_ftl_stage1_fc_tail_keeps_the_regular_rows(tiny, monkeypatch, rows):
     """``ftl_stage1_fc="tail"``: every stage-1 step leaves the regular classes' FC rows exactly

@@ -431,6 +431,9 @@ def test_cli_evaluate_rejects_bad_arguments(tmp_path):
     assert main(["evaluate", p, "--ftl-stage0-fraction", "1.0", "--quiet"]) == 2
     assert main(["evaluate", p, "--ftl-prototype-shrinkage", "-1", "--quiet"]) == 2
     assert main(["evaluate", p, "--imprint-fraction", "1.0", "--quiet"]) == 2
+    assert main(["evaluate", p, "--ftl-energy", "0", "--quiet"]) == 2
+    with pytest.raises(ValueError, match="ftl_energy"):
+        EvalConfig(ftl_energy=1.01).validate()
     with pytest.raises(SystemExit):  # argparse choices
         main(["evaluate", p, "--ftl-classifier", "svm", "--quiet"])
     with pytest.raises(ValueError, match="ftl_classifier"):
