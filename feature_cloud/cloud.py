@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_CLOUD_MODE",
     "DEFAULT_CLOUD_SCALE",
     "DEFAULT_PROTOTYPE_SHRINKAGE",
+    "DEFAULT_PROTOTYPE_MIN_COUNT",
     "migrate_state_dict",
 ]
 
@@ -48,6 +49,11 @@ DEFAULT_CLOUD_SCALE = 2.0
 #: Not in the paper (``None``: the weights); on real faces it lifted the tail's classification
 #: accuracy (README, "Real faces").
 DEFAULT_PROTOTYPE_SHRINKAGE = 10.0
+#: classes with fewer training samples than this keep their weights as prototypes: a one-shot
+#: class's center is its single training image, not a mean, and leaning its prototype onto it
+#: took head test images on real faces at one shot per tail class (README, "Real faces");
+#: 1: every class leans (the rule of the previous release)
+DEFAULT_PROTOTYPE_MIN_COUNT = 2
 
 #: ``sync`` settings: ``"auto"`` synchronises the statistics over the default process group
 #: whenever one is initialised with more than one rank (every rank all-gathers the detached batch,
@@ -129,6 +135,9 @@ class FeatureCloud(nn.Module):
             weight leans towards its center by ``kappa / (kappa + K_i)`` (default 10; ``None``:
             the weights, as in the paper). Classes whose center was never updated
             (``rule=None``) keep their weights.
+        prototype_min_count: classes with fewer than this many samples ``K_i`` keep their
+            weights as prototypes (default 2: a one-shot class's center is its one image; 1:
+            every class leans, the previous release's rule).
         imprint_step: weight imprinting (not in the papers; README, "Real faces"): before
             training step ``imprint_step`` the owning head's class weights are replaced, once
             and in place, by the inference prototypes (:meth:`imprint`; their row norms kept),
@@ -170,6 +179,7 @@ class FeatureCloud(nn.Module):
         cloud_mode: str = DEFAULT_CLOUD_MODE,
         cloud_scale: float = DEFAULT_CLOUD_SCALE,
         prototype_shrinkage: Optional[float] = DEFAULT_PROTOTYPE_SHRINKAGE,
+        prototype_min_count: int = DEFAULT_PROTOTYPE_MIN_COUNT,
         center_rate: str = "adaptive",
         unknown_variance: str = "tail_prior",
         angle_max_age: Optional[int] = None,
@@ -202,6 +212,7 @@ class FeatureCloud(nn.Module):
             if prototype_shrinkage is None
             else as_float(prototype_shrinkage, "prototype_shrinkage", minimum=0.0)
         )
+        self.prototype_min_count = as_int(prototype_min_count, "prototype_min_count", 1)
         if imprint_step is not None:
             imprint_step = as_int(imprint_step, "imprint_step", 0)
             if rule is None or self.prototype_shrinkage is None:
@@ -422,6 +433,7 @@ class FeatureCloud(nn.Module):
             stats.class_counts[rows],
             float(kappa),
             sub_centers,
+            min_count=self.prototype_min_count,
         )
 
     def imprint(
@@ -475,6 +487,11 @@ class FeatureCloud(nn.Module):
         return (
             f"rule={self.rule!r}, mode={self.mode!r}, scale={self.scale}, "
             f"prototype_shrinkage={self.prototype_shrinkage}, "
+            + (
+                ""
+                if self.prototype_min_count == DEFAULT_PROTOTYPE_MIN_COUNT
+                else f"prototype_min_count={self.prototype_min_count}, "
+            )
             + ("" if self.imprint_step is None else f"imprint_step={self.imprint_step}, ")
             + "warmup_steps="
             f"{self.warmup_steps}, sync={self.sync!r}, steps_taken={self._host_count()}"

@@ -509,20 +509,24 @@ def center_prototypes(
     class_counts: Tensor,
     shrinkage: float,
     sub_centers: int = 1,
+    *,
+    min_count: int = 1,
 ) -> Tensor:
     r"""Inference prototypes shrunk towards the class centers (not in the papers; README, "Real
     faces"):
 
     .. math:: p_i = \frac{(1-\lambda_i)\,\hat w_i + \lambda_i\,\hat c_i}
               {\|(1-\lambda_i)\,\hat w_i + \lambda_i\,\hat c_i\|},\qquad
-              \lambda_i = \frac{\kappa}{\kappa + K_i}
+              \lambda_i = \frac{\kappa}{\kappa + K_i}\;(K_i \ge \texttt{min\_count}),
+              \quad 0 \text{ otherwise}
 
     with :math:`\hat w_i` the normalised class weight, :math:`\hat c_i` the normalised LEAP center
     (Eq. 4) and :math:`\kappa` = ``shrinkage``. A class seen a few times an epoch gets its weight
     pushed away from every other class's features by the softmax's negative gradients and pulled
     back by its own few samples only, so its weight ends up off its features' mean direction;
     its center is that mean. Classes with many samples keep (nearly) their weight; classes whose
-    center is not ``initialized`` keep it exactly. ``weight`` ``(sub_centers * C, D)`` (every
+    center is not ``initialized``, or with fewer than ``min_count`` samples (a center of one
+    sample is that sample, not a mean), keep it exactly. ``weight`` ``(sub_centers * C, D)`` (every
     sub-center row leans towards its class center), ``centers`` ``(C, D)``, ``initialized``
     ``(C,)`` bool, ``class_counts`` ``(C,)``. Computed in float32 (at least), returned in
     ``weight.dtype``; differentiable in ``weight``.
@@ -531,7 +535,7 @@ def center_prototypes(
     c = safe_normalize(centers.to(w.dtype), dim=1)
     k = class_counts.to(w.dtype).clamp_min(0)
     lam = float(shrinkage) / (float(shrinkage) + k).clamp_min(1e-12)  # kappa = 0: the weights
-    lam = torch.where(initialized, lam, torch.zeros_like(lam))
+    lam = torch.where(initialized & (k >= min_count), lam, torch.zeros_like(lam))
     if sub_centers > 1:
         lam = lam.repeat_interleave(sub_centers)
         c = c.repeat_interleave(sub_centers, dim=0)

@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from feature_cloud.cloud import (
     DEFAULT_CLOUD_MODE,
     DEFAULT_CLOUD_SCALE,
+    DEFAULT_PROTOTYPE_MIN_COUNT,
     DEFAULT_PROTOTYPE_SHRINKAGE,
 )
 from feature_cloud.heads import LEAPMarginHead
@@ -336,7 +337,9 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     ``SCALE``: factor on the cloud's standard deviation (the head's ``cloud_mode`` /
     ``cloud_scale``, defaults those of :class:`feature_cloud.FeatureCloud`);
     ``PROTOTYPE_SHRINKAGE``: ``kappa`` of the classification logits' prototypes (the head's
-    ``prototype_shrinkage``; ``-1``: the weights, as in the paper); ``IMPRINT_ITERS``: the
+    ``prototype_shrinkage``; ``-1``: the weights, as in the paper); ``PROTOTYPE_MIN_COUNT``:
+    classes with fewer training images keep their weights (the head's ``prototype_min_count``,
+    default 2; 1: every class leans); ``IMPRINT_ITERS``: the
     iteration at which the class weights are imprinted with those prototypes (the head's
     ``imprint_step``; ``-1``: never, the default and the paper). The margin is fastreid's own
     ``MODEL.HEADS.CLS_LAYER`` / ``SCALE`` / ``MARGIN``.
@@ -354,6 +357,7 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     node.MODE = DEFAULT_CLOUD_MODE
     node.SCALE = DEFAULT_CLOUD_SCALE
     node.PROTOTYPE_SHRINKAGE = DEFAULT_PROTOTYPE_SHRINKAGE
+    node.PROTOTYPE_MIN_COUNT = DEFAULT_PROTOTYPE_MIN_COUNT
     node.IMPRINT_ITERS = -1
     frozen = cfg.is_frozen()
     cfg.defrost()
@@ -411,6 +415,7 @@ _YAML_KEYS = {
     "cloud_mode": "MODEL.HEADS.FEATURE_CLOUD.MODE",
     "cloud_scale": "MODEL.HEADS.FEATURE_CLOUD.SCALE",
     "prototype_shrinkage": "MODEL.HEADS.FEATURE_CLOUD.PROTOTYPE_SHRINKAGE",
+    "prototype_min_count": "MODEL.HEADS.FEATURE_CLOUD.PROTOTYPE_MIN_COUNT",
     "imprint_step": "MODEL.HEADS.FEATURE_CLOUD.IMPRINT_ITERS",
     "margin_type": "MODEL.HEADS.CLS_LAYER",
     "scale": "MODEL.HEADS.SCALE",
@@ -586,6 +591,7 @@ class LEAPHead(nn.Module):
         cloud_scale: float = DEFAULT_CLOUD_SCALE,
         prototype_shrinkage: Optional[float] = DEFAULT_PROTOTYPE_SHRINKAGE,
         imprint_step: Optional[int] = None,
+        prototype_min_count: int = DEFAULT_PROTOTYPE_MIN_COUNT,
     ) -> None:
         super().__init__()
         if not hasattr(pooling, pool_type):
@@ -643,6 +649,7 @@ class LEAPHead(nn.Module):
                     cloud_mode=cloud_mode,
                     cloud_scale=cloud_scale,
                     prototype_shrinkage=prototype_shrinkage,
+                    prototype_min_count=prototype_min_count,
                     imprint_step=imprint_step,
                     # statistics identical on every rank under a process group (sync="auto", the
                     # head's default); the per-rank batch size spares a host sync per step
@@ -717,6 +724,7 @@ class LEAPHead(nn.Module):
                 fc.get("PROTOTYPE_SHRINKAGE", DEFAULT_PROTOTYPE_SHRINKAGE)
             ),
             "imprint_step": None if int(fc.get("IMPRINT_ITERS", -1)) < 0 else int(fc.IMPRINT_ITERS),
+            "prototype_min_count": fc.get("PROTOTYPE_MIN_COUNT", DEFAULT_PROTOTYPE_MIN_COUNT),
         }
 
     @property

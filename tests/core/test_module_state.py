@@ -170,6 +170,7 @@ def test_timm_model_ema_v3_updates_a_model_holding_the_head() -> None:
             stats.center_initialized,
             stats.class_counts,
             ema_head.feature_cloud.prototype_shrinkage,
+            min_count=ema_head.feature_cloud.prototype_min_count,
         )
         torch.testing.assert_close(ema.module(x), ema_head.scale * FC.cosine_logits(f, proto))
 

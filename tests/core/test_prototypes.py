@@ -55,6 +55,52 @@ def test_center_prototypes_formula_edges_dtype_and_gradcheck():
     )
 
 
+def test_min_count_keeps_the_weights_of_classes_with_fewer_samples():
+    """``min_count``: a class with fewer samples keeps its weight's direction exactly; the
+    others get the same prototypes as without it."""
+    g = torch.Generator().manual_seed(1)
+    w, c = torch.randn(C, D, generator=g), torch.randn(C, D, generator=g)
+    counts = torch.tensor([1, 2, 3, 1, 40, 0])
+    init = torch.ones(C, dtype=torch.bool)
+    every = FC.center_prototypes(w, c, init, counts, 10.0)
+    for m in (2, 3):
+        p = FC.center_prototypes(w, c, init, counts, 10.0, min_count=m)
+        few = counts < m
+        torch.testing.assert_close(p[few], F.normalize(w, dim=1)[few])
+        torch.testing.assert_close(p[~few], every[~few])
+        assert (p[0] - every[0]).abs().max() > 0.1  # the one-shot class leaned before
+    assert torch.equal(FC.center_prototypes(w, c, init, counts, 10.0, min_count=1), every)
+
+
+def test_one_shot_classes_keep_their_weights_in_the_head_by_default():
+    """The default ``prototype_min_count=2``: a head's eval logits of a class seen once per epoch
+    use its weight, every other class its prototype; ``prototype_min_count=1`` (the previous
+    rule) leans the one-shot class too; values below 1 are refused by name."""
+    from feature_cloud.cloud import DEFAULT_PROTOTYPE_MIN_COUNT
+
+    assert DEFAULT_PROTOTYPE_MIN_COUNT == 2
+    torch.manual_seed(0)
+    counts = torch.tensor([1, 1, 5, 20, 40, 80])
+    head = LEAPMarginHead(D, C, class_counts=counts, seed=0)
+    every = LEAPMarginHead(D, C, class_counts=counts, seed=0, prototype_min_count=1)
+    assert "prototype_min_count=1" in repr(every) and "prototype_min_count" not in repr(head)
+    for step in range(3):
+        x, y = make_batch(step, 48, D, C)
+        head(x, y)
+    every.load_state_dict(head.state_dict())
+    head.eval(), every.eval()
+    x, _ = make_batch(9, 32, D, C)
+    weights = head.scale * FC.cosine_logits(x, head.weight)
+    assert bool(head.statistics.center_initialized[:2].all())
+    with torch.no_grad():
+        ours, prev = head.logits(x), every.logits(x)
+    torch.testing.assert_close(ours[:, :2], weights[:, :2])
+    torch.testing.assert_close(ours[:, 2:], prev[:, 2:])
+    assert (prev[:, :2] - weights[:, :2]).abs().max() > 0.1
+    with pytest.raises(ValueError, match="prototype_min_count"):
+        LEAPMarginHead(D, C, class_counts=counts, prototype_min_count=0)
+
+
 def test_head_logits_use_the_prototypes_after_training_steps():
     torch.manual_seed(0)
     counts = torch.tensor([2, 3, 5, 20, 40, 80])

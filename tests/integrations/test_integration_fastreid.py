@@ -384,6 +384,12 @@ def test_online_counts_error_names_the_yaml_keys():
     with pytest.raises(ValueError, match="MODEL.HEADS.FEATURE_CLOUD.IMPRINT_ITERS") as info:
         build_heads(_head_cfg(FC__IMPRINT_ITERS=120, FC__PROTOTYPE_SHRINKAGE=-1.0))
     assert "imprint_step" not in str(info.value)
+    assert default.prototype_min_count == fr.DEFAULT_PROTOTYPE_MIN_COUNT == 2
+    cloud = build_heads(_head_cfg(FC__PROTOTYPE_MIN_COUNT=1)).margin_head.feature_cloud
+    assert cloud.prototype_min_count == 1
+    with pytest.raises(ValueError, match="MODEL.HEADS.FEATURE_CLOUD.PROTOTYPE_MIN_COUNT") as info:
+        build_heads(_head_cfg(FC__PROTOTYPE_MIN_COUNT=0))
+    assert "prototype_min_count" not in str(info.value)
 
 
 def test_config_path_returns_the_shipped_yamls():
