@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_evaluate(sub) -> None:
     from .demo.methods import FTL_CLASSIFIERS, FTL_SCHEDULES, FTL_STAGE1_FC, FTL_STAGE1_FILTER
     from .evaluate.methods import EVAL_METHODS
-    from .evaluate.runner import EvalConfig
+    from .evaluate.runner import PROTOCOLS, EvalConfig
     from .ftl import TAIL_SAMPLING
 
     e = EvalConfig()
@@ -207,7 +207,7 @@ def _add_evaluate(sub) -> None:
     )
     ev.add_argument(
         "--protocol",
-        choices=("natural", "hs", "open"),
+        choices=PROTOCOLS,
         default=e.protocol,
         help="natural long tail, LEAP's <H, S> splits (both closed set: test images of the "
         "training identities), or 'open': --test-fraction of the identities held out whole, "

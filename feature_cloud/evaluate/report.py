@@ -31,6 +31,13 @@ __all__ = [
     "sweep",
 ]
 
+#: training diagnostics per head / tail (angles in rad², norms and cloud std as stored)
+_ANGLE_VAR = [
+    ("angle_var_train_head", "ang. var head", 1.0),
+    ("angle_var_train_tail", "ang. var tail", 1.0),
+]
+_CLOUD_STD = [("cloud_std_head", "cloud std head", 1.0), ("cloud_std_tail", "cloud std tail", 1.0)]
+
 #: (key, title, scale) of the per-method table (mean ± 95% t-interval over seeds).
 SUMMARY_KEYS: List[Tuple[str, str, float]] = [
     ("fc_acc_head", "FC head", 100.0),
@@ -43,12 +50,10 @@ SUMMARY_KEYS: List[Tuple[str, str, float]] = [
     ("nn_acc_tail", "NN tail", 100.0),
     ("rank1_tail", "rank-1 tail", 100.0),
     ("map_tail", "mAP tail", 100.0),
-    ("angle_var_train_head", "ang. var head", 1.0),
-    ("angle_var_train_tail", "ang. var tail", 1.0),
+    *_ANGLE_VAR,
     ("weight_norm_head", "‖W‖ head", 1.0),
     ("weight_norm_tail", "‖W‖ tail", 1.0),
-    ("cloud_std_head", "cloud std head", 1.0),
-    ("cloud_std_tail", "cloud std tail", 1.0),
+    *_CLOUD_STD,
 ]
 
 #: metrics whose paired differences are reported (points of accuracy).
@@ -72,10 +77,8 @@ OPEN_SUMMARY_KEYS: List[Tuple[str, str, float]] = [
     ("map_all", "mAP", 100.0),
     ("tar_far2", "TAR@FAR=1e-2", 100.0),
     ("tar_far3", "TAR@FAR=1e-3", 100.0),
-    ("angle_var_train_head", "ang. var head", 1.0),
-    ("angle_var_train_tail", "ang. var tail", 1.0),
-    ("cloud_std_head", "cloud std head", 1.0),
-    ("cloud_std_tail", "cloud std tail", 1.0),
+    *_ANGLE_VAR,
+    *_CLOUD_STD,
 ]
 OPEN_PAIRED_KEYS: List[Tuple[str, str]] = [
     ("rank1_all", "Δ rank-1"),
