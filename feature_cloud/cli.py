@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+import warnings
+from typing import Callable, Optional, Sequence, TextIO, Type, Union
 
 __all__ = ["main", "build_parser"]
 
@@ -302,8 +303,9 @@ def _add_evaluate(sub) -> None:
         "--ftl-stage1-fc",
         choices=FTL_STAGE1_FC,
         default=e.ftl_stage1_fc,
-        help="FC rows that FTL stage 1 trains: all (default, Algorithm 1) or 'tail': the "
-        "long-tail classes' only, the regular classes' rows kept as stage 0 left them",
+        help="FC rows that FTL stage 1 trains: all (default, Algorithm 1), 'tail': the "
+        "long-tail classes' only, the regular classes' rows kept as stage 0 left them, or "
+        "'none': FC kept as stage 0 left it (stage 1 trains R alone)",
     )
     ev.add_argument(
         "--ftl-stage1-filter",
@@ -520,6 +522,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress_before, threads_before = is_enabled(), torch.get_num_threads()
     set_progress(not args.quiet)
     log = (lambda *_: None) if args.quiet else print
+    with warnings.catch_warnings():  # the package's warnings as one CLI line (even --quiet)
+        warnings.showwarning = _show_warning
+        return _main(args, log, progress_before, threads_before)
+
+
+def _show_warning(
+    message: Union[Warning, str],
+    category: Type[Warning],
+    filename: str,
+    lineno: int,
+    file: Optional[TextIO] = None,
+    line: Optional[str] = None,
+) -> None:
+    """``warnings.showwarning`` of the CLI: a warning raised from this package's code is one
+    ``feature-cloud: warning: ...`` line on stderr; any other keeps Python's format."""
+    if os.path.abspath(filename).startswith(os.path.dirname(os.path.abspath(__file__))):
+        print(f"feature-cloud: warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _main(
+    args: argparse.Namespace, log: Callable[..., None], progress_before: bool, threads_before: int
+) -> int:
+    import torch
+
+    from .demo._progress import set_progress
+    from .demo.runner import run_demo
+
     try:
         if args.command == "report":
             from .demo.report import load_results, render_report
@@ -553,8 +584,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "evaluate":
             _run_evaluate(args, log)
             return 0
-        from .demo.runner import run_demo
-
         if args.threads:
             torch.set_num_threads(args.threads)
         run_demo(_demo_config(args).resolved(), log=log)

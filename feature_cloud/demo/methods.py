@@ -136,7 +136,8 @@ class MethodConfig:
     # FTL stage 1's long-tail batch: "samples" (uniform over long-tail samples) | "classes"
     ftl_tail_sampling: str = "samples"
     # FC rows that FTL stage 1 trains: "all" (Algorithm 1) | "tail" (the long-tail classes' rows
-    # only; the regular classes' rows stay as stage 0 left them)
+    # only; the regular classes' rows stay as stage 0 left them) | "none" (FC stays as stage 0
+    # left it: stage 1 trains R alone)
     ftl_stage1_fc: str = "all"
     # FTL's PCA basis Q: the smallest number of components reaching this share of the regular
     # classes' intra-class variance (paper: 95 %); 1.0 transfers the whole residual
@@ -241,7 +242,7 @@ class MarginMethod(_Method):
 
 FTL_CLASSIFIERS = ("linear", "cosface", "arcface", "leap")
 FTL_SCHEDULES = ("alternating", "joint", "retrain")
-FTL_STAGE1_FC = ("all", "tail")
+FTL_STAGE1_FC = ("all", "tail", "none")
 FTL_STAGE1_FILTER = ("trained", "fixed")
 
 
@@ -279,6 +280,11 @@ def check_ftl_options(cfg: Any) -> None:
             raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         if value != choices[0] and schedule == "joint":
             raise ValueError(f"{name}={value!r} needs a stage 1: not with ftl_schedule='joint'")
+    if cfg.ftl_stage1_fc == "none" and cfg.ftl_stage1_filter == "fixed":
+        raise ValueError(
+            "ftl_stage1_fc='none' with ftl_stage1_filter='fixed' leaves nothing to train in "
+            "stage 1 (Enc, R and FC all fixed)"
+        )
 
 
 def _cloud_options(cfg: MethodConfig, counts: Optional[Tensor], cloud: bool) -> Dict[str, Any]:
@@ -403,10 +409,12 @@ class FTLMethod(_Method):
         self.stage1_share = float(cfg.ftl_stage1_share)
         self.tail_sampling = cfg.ftl_tail_sampling
         self.stage1_filter_fixed = cfg.ftl_stage1_filter == "fixed"
-        #: regular classes (more than ``tail_threshold`` samples): rows fixed in stage 1 ("tail")
-        self.stage1_fixed_rows = (
-            counts > cfg.tail_threshold if cfg.ftl_stage1_fc == "tail" else None
-        )
+        #: FC rows fixed in stage 1: the regular classes' ("tail"), every row ("none")
+        self.stage1_fixed_rows: Optional[Tensor] = {
+            "all": None,
+            "tail": counts > cfg.tail_threshold,
+            "none": torch.ones(num_classes, dtype=torch.bool),
+        }[cfg.ftl_stage1_fc]
         self.seed = cfg.seed
 
     def embed(self, x: Tensor) -> Tensor:
@@ -515,8 +523,9 @@ class FTLMethod(_Method):
 
     @contextlib.contextmanager
     def _stage1_rows_fixed(self, active: bool) -> Iterator[Callable[[], None]]:
-        """Around the optimiser steps of one stage-1 pass with ``ftl_stage1_fc="tail"``: the
-        regular classes' FC rows get no gradient (so no momentum either), and the yielded
+        """Around the optimiser steps of one stage-1 pass with ``ftl_stage1_fc="tail"`` or
+        ``"none"``: the fixed FC rows (the regular classes' or all) get no gradient (so no
+        momentum either), and the yielded
         ``restore()``, called after each step, puts them back as they were when the pass began
         (weight decay); one snapshot and one hook per pass. A no-op otherwise."""
         rows = self.stage1_fixed_rows

@@ -38,7 +38,7 @@ class LongTailSplit:
     label_map: Optional[Tensor] = None
 
     def summary(self) -> Dict[str, int]:
-        tail = ~self.head
+        tail = ~self.head & (self.train_counts > 0)  # an identity left out is neither
         extra = {}
         if self.label_map is not None:  # open set: the held-out identities are neither
             extra["test_identities"] = int((self.label_map < 0).sum())

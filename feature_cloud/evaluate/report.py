@@ -149,6 +149,16 @@ def paired(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     return out
 
 
+def _pairs(d: Dict[str, Any], keys: Optional[Sequence[str]] = None) -> int:
+    """The number of seed pairs behind the paired differences ``d`` (``{metric: {"n", ...}}``):
+    the most any of ``keys`` (default: all of ``d``'s metrics) has; a metric that is n/a in every
+    pair (no head identity, say) has none."""
+    return max(
+        (int(v["n"]) for k, v in d.items() if isinstance(v, dict) and (keys is None or k in keys)),
+        default=0,
+    )
+
+
 def sweep(results: Dict[str, Any]) -> Dict[str, Dict[str, Dict[str, Any]]]:
     """The inference-prototype sweep (``--shrinkage-sweep``) against each method's baseline:
     ``{method: {kappa: {metric: {"mean", "ci95", "n", "per_seed"}}}}`` in points, each kappa on
@@ -174,7 +184,7 @@ def sweep(results: Dict[str, Any]) -> Dict[str, Dict[str, Dict[str, Any]]]:
             for v in d.values():
                 v["mean"], v["ci95"] = 100 * v["mean"], 100 * v["ci95"]
                 v["per_seed"] = {str(s): 100 * x for s, x in v["per_seed"].items()}
-            if d[SWEEP_KEYS[0][0]]["n"]:
+            if _pairs(d):
                 out.setdefault(m, {})[kappa] = d
     return out
 
@@ -194,7 +204,7 @@ def sweep_rows(results: Dict[str, Any], setting: bool = False) -> List[List[str]
         for kappa, d in by_kappa.items():
             rows.append(
                 ([results["setting"]] if setting else [])
-                + [labels.get(m, m), labels.get(base, base), kappa, str(d[SWEEP_KEYS[0][0]]["n"])]
+                + [labels.get(m, m), labels.get(base, base), kappa, str(_pairs(d))]
                 + [_fmt(d[k]["mean"], d[k]["ci95"], 1) for k, _ in SWEEP_KEYS]
             )
     return rows
@@ -251,7 +261,7 @@ def paired_rows(results: Dict[str, Any], setting: bool = False) -> List[List[str
     rows = [header]
     labels = results["labels"]
     for m, d in paired(results).items():
-        n = d[keys[0][0]]["n"]
+        n = _pairs(d, [k for k, _ in keys])
         cells = ([results["setting"]] if setting else []) + [
             labels.get(m, m),
             labels.get(d["baseline"], d["baseline"]),
@@ -744,7 +754,7 @@ def comparison_markdown(cmp: Dict[str, Any]) -> str:
     header = ["Setting", "Method", "pairs"] + [t for _, t in keys]
     rows = [header]
     for m, d in cmp["differences"].items():
-        cells = [cmp["setting"], labels.get(m, m), str(d[keys[0][0]]["n"])]
+        cells = [cmp["setting"], labels.get(m, m), str(_pairs(d, [k for k, _ in keys]))]
         rows.append(cells + [_fmt(d[k]["mean"], d[k]["ci95"], 1) for k, _ in keys])
     conf = "; ".join(f"{k}: {v}" for k, v in cmp["config_b_vs_a"].items()) or "none"
     lines = [

@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -425,6 +426,31 @@ def _previous_runs(
     return done, float(prev.get("wall_seconds", 0.0))
 
 
+def _check_split_groups(cfg: EvalConfig, splits: Dict[int, LongTailSplit]) -> None:
+    """Warn when a seed's split has no head or no tail identity: the head (tail) columns of
+    every table are then n/a, which on a balanced set is easy to miss."""
+    for seed, split in splits.items():
+        s = split.summary()
+        empty = [g for g in ("head", "tail") if s[f"{g}_classes"] == 0]
+        if not empty:
+            continue
+        if cfg.protocol == "hs":
+            hint = f"-H {cfg.num_head} leaves no {empty[0]} identity: choose H in (0, number of identities)"
+        else:
+            hint = (
+                f"head = more than -T {cfg.threshold} training images; choose -T below the "
+                "largest identity's training images (or --protocol hs -H N -S K)"
+            )
+        warnings.warn(
+            f"split of seed {seed} ({setting_name(cfg)}): no {' and no '.join(empty)} "
+            f"identities ({s['head_classes']} head, {s['tail_classes']} tail); the "
+            f"{'/'.join(empty)} columns will be n/a. {hint}",
+            UserWarning,
+            stacklevel=3,
+        )
+        return  # one warning, not one a seed
+
+
 def run_evaluation(
     cfg: EvalConfig,
     data: LabeledData,
@@ -480,6 +506,7 @@ def run_evaluation(
         "complete": False,
         "wall_seconds": 0.0,
     }
+    _check_split_groups(cfg, splits)
     done, earlier = _previous_runs(cfg, results) if resume else ({}, 0.0)
     start -= earlier  # wall_seconds: summed over the processes that wrote this file
     file = os.path.join(cfg.out, RESULTS_FILE)

@@ -528,11 +528,12 @@ def test_ftl_energy_sets_the_transfer_basis(tiny):
             build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_energy=bad))
 
 
-@pytest.mark.parametrize("rows", ["all", "tail"])
+@pytest.mark.parametrize("rows", ["all", "tail", "none"])
 def test_ftl_stage1_fc_tail_keeps_the_regular_rows(tiny, monkeypatch, rows):
     """``ftl_stage1_fc="tail"``: every stage-1 step leaves the regular classes' FC rows exactly
     as they were (SGD with momentum and weight decay: no gradient, no drift) and moves the
-    long-tail rows; ``"all"`` (Algorithm 1) moves both; stages 0 and 2 are untouched by it."""
+    long-tail rows; ``"none"`` leaves every row (R still trains); ``"all"`` (Algorithm 1) moves
+    both; stages 0 and 2 are untouched by it."""
     x, y, counts = tiny
     torch.manual_seed(0)
     cfg = MethodConfig(
@@ -545,22 +546,30 @@ def test_ftl_stage1_fc_tail_keeps_the_regular_rows(tiny, monkeypatch, rows):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     weight = model.ftl.classifier.weight
     snaps = []  # FC at the start of every step (and at the end)
+    filters = []  # R's parameters, likewise
+
+    def snap():
+        snaps.append(weight.detach().clone())
+        filters.append(torch.cat([p.detach().flatten() for p in model.ftl.filter.parameters()]))
 
     def step(loss):
-        snaps.append(weight.detach().clone())
+        snap()
         opt.zero_grad()
         loss.backward()
         opt.step()
 
     model.train()
     model.fit(x, y, 20, 8, step)
-    snaps.append(weight.detach().clone())
+    snap()
+    r_steps = [bool((b != a).any()) for a, b in zip(filters, filters[1:])]
+    r_moved = [all(m for m, s in zip(r_steps, stages) if s == st) for st in (0, 1)]
     changed = [(b != a).any(dim=1) for a, b in zip(snaps, snaps[1:])]
     moved = [(bool(c[regular].any()), bool(c[~regular].any())) for c in changed]
     stage1 = [m for m, s in zip(moved, stages) if s == 1]
-    assert len(stage1) == 5 and all(tail for _, tail in stage1)
+    assert len(stage1) == 5 and all(tail == (rows != "none") for _, tail in stage1)
     assert all(reg == (rows == "all") for reg, _ in stage1)
     assert all(reg and tail for (reg, tail), s in zip(moved, stages) if s == 0)
+    assert r_moved[1] and r_moved[0]  # R trains in stage 1 whatever FC does
     with pytest.raises(ValueError, match="ftl_stage1_fc"):
         build_method("ftl", (x.shape[1],), 6, counts, MethodConfig(ftl_stage1_fc="head"))
     with pytest.raises(ValueError, match="joint"):
@@ -569,7 +578,15 @@ def test_ftl_stage1_fc_tail_keeps_the_regular_rows(tiny, monkeypatch, rows):
             (x.shape[1],),
             6,
             counts,
-            MethodConfig(ftl_stage1_fc="tail", ftl_schedule="joint"),
+            MethodConfig(ftl_stage1_fc=rows if rows != "all" else "tail", ftl_schedule="joint"),
+        )
+    with pytest.raises(ValueError, match="nothing to train in stage 1"):
+        build_method(
+            "ftl",
+            (x.shape[1],),
+            6,
+            counts,
+            MethodConfig(ftl_stage1_fc="none", ftl_stage1_filter="fixed"),
         )
 
 

@@ -1,6 +1,7 @@
 """feature-cloud evaluate: protocols, paired statistics, camera retrieval and the CLI end to end
 on tiny synthetic image arrays (no real data)."""
 
+import csv
 import json
 import math
 import os
@@ -269,6 +270,10 @@ def test_cli_evaluate_ftl_stage1_fc_reaches_ftl_and_resume_checks_it(tmp_path, c
     assert r["config"]["ftl_stage1_filter"] == "fixed"
     joint = ["--ftl-stage1-filter", "fixed", "--ftl-schedule", "joint"]
     assert main(["evaluate", p, *common, *joint, "--out", str(tmp_path / "bad")]) == 2
+    nothing = ["--ftl-stage1-fc", "none", "--ftl-stage1-filter", "fixed"]
+    capsys.readouterr()
+    assert main(["evaluate", p, *common, *nothing, "--out", str(tmp_path / "bad")]) == 2
+    assert "nothing to train in stage 1" in capsys.readouterr().err
 
 
 def test_cli_evaluate_ftl_stage1_share_reaches_ftl_and_resume_checks_it(
@@ -1023,3 +1028,38 @@ def test_cli_evaluate_open_set_trains_on_the_kept_identities_and_reports_retriev
     capsys.readouterr()
     assert main(common + ["--protocol", "open", "--test-fraction", "1.5", "--out", c + "x"]) == 2
     assert "test_fraction" in capsys.readouterr().err
+
+
+def test_cli_evaluate_without_head_identities_warns_and_counts_the_pairs(tmp_path, capsys):
+    """A natural split with no head identity (``-T`` above every identity's training images, as
+    on a balanced set): one ``feature-cloud: warning:`` line on stderr (also with ``--quiet``)
+    that names ``-T``; the head columns are n/a, while the paired and sweep tables still count
+    the seed pairs from the tail metrics (they used to say 0 pairs and drop the sweep)."""
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)  # at most 15 training images an identity with --n-test 1
+    out = str(tmp_path / "o")
+    args = ["evaluate", p, "--protocol", "natural", "-T", "20", "--n-test", "1"]
+    args += ["--methods", "leap_full_cosface", "--epochs", "2", "--batch-size", "8"]
+    args += ["--embedding-size", "8", "--image-size", "8", "8", "--quiet", "--seeds", "0", "1"]
+    args += ["--shrinkage-sweep", "0", "10", "--out", out]
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    warned = [ln for ln in err.splitlines() if ln.startswith("feature-cloud: warning:")]
+    assert len(warned) == 1 and "no head identities" in warned[0] and "-T 20" in warned[0]
+    with open(os.path.join(out, "results.json")) as fh:
+        res = json.load(fh)
+    assert res["splits"]["0"]["head_classes"] == 0 and res["splits"]["0"]["tail_classes"] == 6
+    with open(os.path.join(out, "paired.csv")) as fh:
+        rows = list(csv.reader(fh))
+    assert rows[1][rows[0].index("pairs")] == "2" and rows[1][rows[0].index("Δ FC head")] == "n/a"
+    with open(os.path.join(out, "sweep.csv")) as fh:
+        rows = list(csv.reader(fh))
+    assert [r[rows[0].index("pairs")] for r in rows[1:]] == ["2", "2"]
+    # a split with both groups: no warning
+    ok = [a if a != "20" else "5" for a in args[:-1]] + [str(tmp_path / "ok")]
+    capsys.readouterr()
+    assert main(ok) == 0
+    assert "warning" not in capsys.readouterr().err
