@@ -226,7 +226,9 @@ def _add_evaluate(sub) -> None:
         "--threshold",
         type=int,
         default=e.threshold,
-        help="natural: head = more than T training images; LEAP vanilla's T",
+        help="natural / open: head = more than T training images; FTL's regular classes and "
+        "LEAP vanilla's T (hs: lowered to the largest tail count where a head identity has T "
+        "or fewer, so the H head identities are the regular ones)",
     )
     ev.add_argument("-H", "--head", type=int, default=e.num_head, help="hs: head identities H")
     ev.add_argument(

@@ -173,14 +173,16 @@ def train_model(
     cfg: EvalConfig,
     seed: int,
     desc: str = "",
+    threshold: Optional[int] = None,
 ) -> nn.Module:
     """A fresh backbone (seeded by ``seed``: identical for every method) + method ``name``,
-    trained for ``cfg.epochs`` epochs in the batch order of ``seed``."""
+    trained for ``cfg.epochs`` epochs in the batch order of ``seed``; ``threshold``: the methods'
+    ``T`` (default ``cfg.threshold``; :func:`method_threshold`)."""
     steps = _steps_per_epoch(x.shape[0], cfg.batch_size)
     total = cfg.epochs * steps
     mcfg = MethodConfig(
         embedding_size=cfg.embedding_size,
-        tail_threshold=cfg.threshold,
+        tail_threshold=cfg.threshold if threshold is None else int(threshold),
         warmup_steps=int(round(cfg.warmup_fraction * total)),
         ml2_alpha=cfg.ml2_alpha,
         ftl_alternations=cfg.ftl_alternations,
@@ -426,29 +428,67 @@ def _previous_runs(
     return done, float(prev.get("wall_seconds", 0.0))
 
 
+def method_threshold(cfg: EvalConfig, split: LongTailSplit) -> int:
+    """``T`` of the methods (FTL's regular classes ``K_i > T``, LEAP vanilla's rule) on ``split``:
+    ``cfg.threshold``, except in the ``hs`` protocol when a head identity has ``T`` or fewer
+    training images (a balanced set: ten images a person, ``-T 20``): then the largest training
+    count of a tail identity, so that the ``H`` head identities are the regular classes (tail
+    identities keep at most ``S``). Unchanged wherever every head identity has more than ``T``."""
+    t = int(cfg.threshold)
+    if cfg.protocol != "hs":
+        return t
+    counts, head = split.train_counts, split.head
+    tail = ~head & (counts > 0)
+    if not bool(head.any()) or bool((counts[head] > t).all()) or not bool(tail.any()):
+        return t
+    return min(t, int(counts[tail].max()))
+
+
+def _threshold_record(cfg: EvalConfig, split: LongTailSplit) -> Dict[str, int]:
+    t = method_threshold(cfg, split)
+    return {} if t == cfg.threshold else {"method_threshold": t}
+
+
 def _check_split_groups(cfg: EvalConfig, splits: Dict[int, LongTailSplit]) -> None:
-    """Warn when a seed's split has no head or no tail identity: the head (tail) columns of
-    every table are then n/a, which on a balanced set is easy to miss."""
+    """Before anything trains: warn (once) when a seed's split has no head or no tail identity
+    (the head or tail columns of every table are then n/a, easy to miss on a balanced set), and
+    refuse FTL where a split leaves it no regular (``K_i > T``, :func:`method_threshold`) or no
+    long-tail identity (it transfers from the one to the other)."""
+    warned = False
     for seed, split in splits.items():
         s = split.summary()
+        where = f"the split of seed {seed} ({setting_name(cfg)})"
         empty = [g for g in ("head", "tail") if s[f"{g}_classes"] == 0]
-        if not empty:
-            continue
         if cfg.protocol == "hs":
-            hint = f"-H {cfg.num_head} leaves no {empty[0]} identity: choose H in (0, number of identities)"
+            hint = f"choose -H in (0, number of identities), now {cfg.num_head}"
         else:
             hint = (
                 f"head = more than -T {cfg.threshold} training images; choose -T below the "
                 "largest identity's training images (or --protocol hs -H N -S K)"
             )
-        warnings.warn(
-            f"split of seed {seed} ({setting_name(cfg)}): no {' and no '.join(empty)} "
-            f"identities ({s['head_classes']} head, {s['tail_classes']} tail); the "
-            f"{'/'.join(empty)} columns will be n/a. {hint}",
-            UserWarning,
-            stacklevel=3,
-        )
-        return  # one warning, not one a seed
+        if "ftl" in cfg.methods:
+            t = method_threshold(cfg, split)
+            counts = split.train_counts
+            regular = int((counts > t).sum())
+            long_tail = int(((counts > 0) & (counts <= t)).sum())
+            if not regular or not long_tail:
+                raise ValueError(
+                    f"FTL needs regular identities (more than T = {t} training images) and "
+                    f"long-tail ones (1 to {t}): {where} has {regular} and {long_tail}"
+                    + (
+                        f". {hint}"
+                        if empty
+                        else f"; choose -T between the tail's and the head's training images (now -T {cfg.threshold})"
+                    )
+                )
+        if empty and not warned:
+            warnings.warn(
+                f"{where}: no {' and no '.join(empty)} identities ({s['head_classes']} head, "
+                f"{s['tail_classes']} tail); the {'/'.join(empty)} columns will be n/a. {hint}",
+                UserWarning,
+                stacklevel=3,
+            )
+            warned = True
 
 
 def run_evaluation(
@@ -485,7 +525,11 @@ def run_evaluation(
         },
         "splits": {
             str(seed): dict(
-                split.summary(), train_counts=split.train_counts.tolist(), head=split.head.tolist()
+                split.summary(),
+                train_counts=split.train_counts.tolist(),
+                head=split.head.tolist(),
+                # only where it is not cfg.threshold (runs of earlier releases still pool)
+                **_threshold_record(cfg, split),
             )
             for seed, split in splits.items()
         },
@@ -542,6 +586,7 @@ def run_evaluation(
                 cfg,
                 seed,
                 desc=f"{setting_name(cfg)} seed {seed} {name}",
+                threshold=method_threshold(cfg, split),
             )
             seconds = time.perf_counter() - t0
             sweep: Dict[str, Dict[str, float]] = {}

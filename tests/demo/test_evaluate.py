@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -1063,3 +1064,50 @@ def test_cli_evaluate_without_head_identities_warns_and_counts_the_pairs(tmp_pat
     capsys.readouterr()
     assert main(ok) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_hs_split_head_identities_are_the_methods_regular_classes(tmp_path, capsys):
+    """``--protocol hs`` on a set whose head identities have ``T`` or fewer training images (a
+    balanced face set: ten a person, ``-T 20``): FTL used to stop ("no regular class") and LEAP
+    vanilla clouded every class; now the methods' ``T`` is the largest tail count, so the H head
+    identities are FTL's regular classes (recorded as ``method_threshold``). Where every head
+    identity has more than ``T`` images nothing changes (no record: earlier runs still pool).
+    The natural protocol without a head identity is refused for FTL before anything trains."""
+    from feature_cloud.cli import main
+    from feature_cloud.evaluate.runner import EvalConfig, make_split, method_threshold
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)  # 16, 12, 4, 4, 3, 3 images: 15, 11, 3, 3, 2, 2 train with --n-test 1
+    data = load_npz(p)
+    hs = EvalConfig(protocol="hs", num_head=2, shots=2, n_test=1, threshold=20)
+    split = make_split(hs, data, 0)
+    assert split.train_counts.tolist() == [15, 11, 2, 2, 2, 2]
+    assert method_threshold(hs, split) == 2
+    assert method_threshold(replace(hs, threshold=12), split) == 2  # head 11 <= 12
+    assert method_threshold(replace(hs, threshold=10), split) == 10  # every head has more: as given
+    assert method_threshold(replace(hs, threshold=1), split) == 1
+    natural = replace(hs, protocol="natural", threshold=5)
+    assert method_threshold(natural, make_split(natural, data, 0)) == 5
+    common = ["evaluate", p, "--n-test", "1", "--methods", "ftl", "--epochs", "2"]
+    common += ["--batch-size", "8", "--embedding-size", "8", "--image-size", "8", "8", "--quiet"]
+    out = str(tmp_path / "hs")
+    assert main(common + ["--protocol", "hs", "-H", "2", "-S", "2", "--out", out]) == 0
+    with open(os.path.join(out, "results.json")) as fh:
+        res = json.load(fh)
+    assert res["splits"]["0"]["method_threshold"] == 2
+    assert {r["method"] for r in res["runs"]} == {"ftl", "ftl_base"}
+    out = str(tmp_path / "hs5")
+    assert main(common + ["--protocol", "hs", "-H", "2", "-S", "2", "-T", "5", "--out", out]) == 0
+    with open(os.path.join(out, "results.json")) as fh:
+        assert "method_threshold" not in json.load(fh)["splits"]["0"]
+    for args, says in (
+        (["--protocol", "natural", "-T", "20"], "has 0 and 6"),  # no head identity at all
+        (["--protocol", "hs", "-H", "2", "-S", "2", "-T", "1"], "has 6 and 0"),  # T below S
+    ):
+        capsys.readouterr()
+        out = str(tmp_path / "refused")
+        assert main(common + args + ["--out", out]) == 2
+        err = capsys.readouterr().err
+        assert "FTL needs regular identities" in err and says in err, err
+        assert f"-T {args[-1]}" in err
+        assert not os.path.exists(out)  # refused before anything was written or trained
