@@ -525,9 +525,9 @@ class FTLMethod(_Method):
     def _stage1_rows_fixed(self, active: bool) -> Iterator[Callable[[], None]]:
         """Around the optimiser steps of one stage-1 pass with ``ftl_stage1_fc="tail"`` or
         ``"none"``: the fixed FC rows (the regular classes' or all) get no gradient (so no
-        momentum either), and the yielded
-        ``restore()``, called after each step, puts them back as they were when the pass began
-        (weight decay); one snapshot and one hook per pass. A no-op otherwise."""
+        momentum either), and the yielded ``restore()``, called after each step, puts them back
+        as they were when the pass began (weight decay); one snapshot and one hook per pass. A
+        no-op otherwise."""
         rows = self.stage1_fixed_rows
         if not active or rows is None:
             yield lambda: None
