@@ -771,7 +771,9 @@ def comparison_markdown(cmp: Dict[str, Any]) -> str:
         lines.append(
             f"Per seed ({', '.join(seeds)}), {labels.get(m, m)}: "
             + "; ".join(
-                f"{t} " + ", ".join(f"{v:+.1f}" for v in vals.values()) for t, vals in per.items()
+                f"{t} "
+                + ", ".join(f"{v:+.1f}" if math.isfinite(v) else "n/a" for v in vals.values())
+                for t, vals in per.items()
             )
         )
     lines += ["", *[f"Note: {n}" for n in cmp["notes"]]] if cmp["notes"] else []

@@ -1059,6 +1059,10 @@ def test_cli_evaluate_without_head_identities_warns_and_counts_the_pairs(tmp_pat
     with open(os.path.join(out, "sweep.csv")) as fh:
         rows = list(csv.reader(fh))
     assert [r[rows[0].index("pairs")] for r in rows[1:]] == ["2", "2"]
+    cmp = main(["report", out, out, "--compare", "--out", str(tmp_path / "cmp"), "--quiet"])
+    assert cmp == 0
+    text = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "Δ FC head n/a, n/a" in text and "nan" not in text
     # a split with both groups: no warning
     ok = [a if a != "20" else "5" for a in args[:-1]] + [str(tmp_path / "ok")]
     capsys.readouterr()
