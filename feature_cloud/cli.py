@@ -539,7 +539,8 @@ def _show_warning(
 ) -> None:
     """``warnings.showwarning`` of the CLI: a warning raised from this package's code is one
     ``feature-cloud: warning: ...`` line on stderr; any other keeps Python's format."""
-    if os.path.abspath(filename).startswith(os.path.dirname(os.path.abspath(__file__))):
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    if os.path.abspath(filename).startswith(package):
         print(f"feature-cloud: warning: {message}", file=sys.stderr)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
@@ -586,8 +587,6 @@ def _main(
         if args.command == "evaluate":
             _run_evaluate(args, log)
             return 0
-        if args.threads:
-            torch.set_num_threads(args.threads)
         run_demo(_demo_config(args).resolved(), log=log)
         return 0
     except (ValueError, FileNotFoundError) as exc:

@@ -23,6 +23,7 @@ from ..demo.methods import FTL_CLASSIFIERS, MethodConfig, check_ftl_options
 from ..demo.protocol import LongTailSplit
 from ..demo.report import load_results
 from ..demo.runner import _device_of, embed_all, evaluate_method
+from ..functional import ftl_regular_classes
 from .backbones import build_backbone
 from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
 from .protocol import hs_split, natural_split, open_split
@@ -444,16 +445,13 @@ def method_threshold(cfg: EvalConfig, split: LongTailSplit) -> int:
     return min(t, int(counts[tail].max()))
 
 
-def _threshold_record(cfg: EvalConfig, split: LongTailSplit) -> Dict[str, int]:
-    t = method_threshold(cfg, split)
-    return {} if t == cfg.threshold else {"method_threshold": t}
-
-
-def _check_split_groups(cfg: EvalConfig, splits: Dict[int, LongTailSplit]) -> None:
+def _check_split_groups(
+    cfg: EvalConfig, splits: Dict[int, LongTailSplit], thresholds: Dict[int, int]
+) -> None:
     """Before anything trains: warn (once) when a seed's split has no head or no tail identity
     (the head or tail columns of every table are then n/a, easy to miss on a balanced set), and
-    refuse FTL where a split leaves it no regular (``K_i > T``, :func:`method_threshold`) or no
-    long-tail identity (it transfers from the one to the other)."""
+    refuse FTL where a split leaves it no regular (``K_i > T``, ``thresholds[seed]`` of
+    :func:`method_threshold`) or no long-tail identity (it transfers from the one to the other)."""
     warned = False
     for seed, split in splits.items():
         s = split.summary()
@@ -467,10 +465,10 @@ def _check_split_groups(cfg: EvalConfig, splits: Dict[int, LongTailSplit]) -> No
                 "largest identity's training images (or --protocol hs -H N -S K)"
             )
         if "ftl" in cfg.methods:
-            t = method_threshold(cfg, split)
-            counts = split.train_counts
-            regular = int((counts > t).sum())
-            long_tail = int(((counts > 0) & (counts <= t)).sum())
+            t, counts = thresholds[seed], split.train_counts
+            is_regular = ftl_regular_classes(counts, t)  # FeatureTransfer's own rule
+            regular = int(is_regular.sum())
+            long_tail = int(((counts > 0) & ~is_regular).sum())
             if not regular or not long_tail:
                 raise ValueError(
                     f"FTL needs regular identities (more than T = {t} training images) and "
@@ -509,6 +507,7 @@ def run_evaluation(
     start = time.perf_counter()
     camids: Optional[Tensor] = getattr(data, "camids", None)
     splits = {seed: make_split(cfg, data, seed) for seed in cfg.seeds}
+    thresholds = {seed: method_threshold(cfg, split) for seed, split in splits.items()}
     results: Dict[str, Any] = {
         "version": 1,
         "kind": "evaluate",
@@ -529,7 +528,11 @@ def run_evaluation(
                 train_counts=split.train_counts.tolist(),
                 head=split.head.tolist(),
                 # only where it is not cfg.threshold (runs of earlier releases still pool)
-                **_threshold_record(cfg, split),
+                **(
+                    {}
+                    if thresholds[seed] == cfg.threshold
+                    else {"method_threshold": thresholds[seed]}
+                ),
             )
             for seed, split in splits.items()
         },
@@ -550,7 +553,7 @@ def run_evaluation(
         "complete": False,
         "wall_seconds": 0.0,
     }
-    _check_split_groups(cfg, splits)
+    _check_split_groups(cfg, splits, thresholds)
     done, earlier = _previous_runs(cfg, results) if resume else ({}, 0.0)
     start -= earlier  # wall_seconds: summed over the processes that wrote this file
     file = os.path.join(cfg.out, RESULTS_FILE)
@@ -586,7 +589,7 @@ def run_evaluation(
                 cfg,
                 seed,
                 desc=f"{setting_name(cfg)} seed {seed} {name}",
-                threshold=method_threshold(cfg, split),
+                threshold=thresholds[seed],
             )
             seconds = time.perf_counter() - t0
             sweep: Dict[str, Dict[str, float]] = {}
