@@ -7,13 +7,13 @@ trained for the same number of steps without feature transfer (stage 0 throughou
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 from torch import Tensor, nn
 
 from ..demo.methods import METHODS, FTLMethod, MethodConfig, _margin
 
-__all__ = ["EVAL_METHODS", "BASELINES", "METHOD_LABELS", "FTLWithoutTransfer"]
+__all__ = ["EVAL_METHODS", "BASELINES", "METHOD_LABELS", "FTLWithoutTransfer", "head_use"]
 
 
 class FTLWithoutTransfer(FTLMethod):
@@ -70,3 +70,31 @@ METHOD_LABELS: Dict[str, str] = {
     "ftl_base": "Enc/R/FC without transfer",
     "ftl": "FTL",
 }
+
+
+#: what a method's head takes from ``LEAPMarginHead``'s keyword defaults (:func:`head_use`)
+HEAD_USES = ("none", "plain", "statistics", "leap")
+
+
+def head_use(method: str, config: Mapping[str, Any]) -> str:
+    """Which of ``LEAPMarginHead``'s keyword defaults the model of ``method`` depends on, under an
+    evaluation configuration ``config`` (a ``results.json`` ``config``): ``"none"`` (no margin
+    head: softmax, m-L2, FTL with the linear FC), ``"plain"`` (a cloud-free head: its own
+    keywords, not its ``FeatureCloud``'s), ``"statistics"`` (FTL's cosine FC with inference
+    prototypes: a cloud of scale 0, so every keyword, but not ``leap_options``) or ``"leap"``
+    (the LEAP methods' head: every keyword, ``leap_options`` applied). A method this release
+    does not know, or a configuration without ``ftl_classifier``, counts as ``"leap"``."""
+    if method in ("softmax", "ml2"):
+        return "none"
+    if method in ("cosface", "arcface"):
+        return "plain"
+    kind = config.get("ftl_classifier")
+    if method in ("ftl", "ftl_base") and kind in ("linear", "cosface", "arcface", "leap"):
+        if kind == "linear":
+            return "none"
+        if method == "ftl_base":
+            return "plain"
+        if kind == "leap":
+            return "leap"
+        return "plain" if config.get("ftl_prototype_shrinkage") is None else "statistics"
+    return "leap"

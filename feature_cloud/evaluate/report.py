@@ -7,7 +7,7 @@ import csv
 import json
 import math
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..demo import plots as demo_plots
 from ..demo.report import _markdown, load_results
@@ -496,13 +496,14 @@ def _same_setting(
     b: Dict[str, Any],
     defaults_a: Dict[str, Any],
     defaults_b: Dict[str, Any],
+    scope: Optional[Tuple[Set[str], bool]] = None,
 ) -> bool:
     """Whether configuration field ``key`` is the same in ``a`` and ``b``; ``leap_options`` are
     compared as resolved head options, each against the head defaults of its own run (an option
-    spelled out at its default equals leaving it out)."""
+    spelled out at its default equals leaving it out), within ``scope`` (:func:`_head_scope`)."""
     if key != "leap_options":
         return bool(_config_value(a, key) == _config_value(b, key))
-    return not _head_option_diff(a, b, defaults_a, defaults_b)
+    return not _head_option_diff(a, b, defaults_a, defaults_b, scope)
 
 
 _ABSENT = "<absent: not an option of that release>"
@@ -524,14 +525,54 @@ def _config_value(cfg: Dict[str, Any], key: str) -> Any:
     return cfg.get(key, _ADDED_FIELDS.get(key))
 
 
+def _cloud_keys() -> Set[str]:
+    """The keywords of ``FeatureCloud`` (a cloud-free head's results do not depend on them)."""
+    import inspect
+
+    from ..cloud import FeatureCloud
+
+    return set(inspect.signature(FeatureCloud.__init__).parameters) - {"self"}
+
+
+def _head_scope(
+    runs: Sequence[Dict[str, Any]], defaults_a: Dict[str, Any], defaults_b: Dict[str, Any]
+) -> Tuple[Set[str], bool]:
+    """The head defaults that the methods of the evaluations ``runs`` depend on (every method
+    under every run's configuration, :func:`~feature_cloud.evaluate.methods.head_use`), and
+    whether ``leap_options`` reach a head: all recorded keys where a method has a cloud, the
+    head's own keywords where the heads are cloud-free, none without a margin head."""
+    from .methods import head_use
+
+    uses = {
+        head_use(m, r["config"])
+        for r in runs
+        for m in (*r.get("methods", ()), *r["config"].get("methods", ()))
+    }
+    keys = set(defaults_a) | set(defaults_b)
+    if uses & {"leap", "statistics"}:
+        return keys, "leap" in uses
+    return (keys - _cloud_keys() if "plain" in uses else set()), False
+
+
 def _head_option_diff(
-    a: Dict[str, Any], b: Dict[str, Any], defaults_a: Dict[str, Any], defaults_b: Dict[str, Any]
+    a: Dict[str, Any],
+    b: Dict[str, Any],
+    defaults_a: Dict[str, Any],
+    defaults_b: Dict[str, Any],
+    scope: Optional[Tuple[Set[str], bool]] = None,
 ) -> Dict[str, Tuple[Any, Any]]:
     """The head options that resolve differently in the configurations ``a`` and ``b`` (each
-    against its own run's head defaults): ``{name: (value in a, value in b)}``."""
+    against its own run's head defaults): ``{name: (value in a, value in b)}``; with ``scope``
+    (:func:`_head_scope`) only the keys the methods depend on, and ``leap_options`` only where
+    they reach a head."""
     oa, ob = a.get("leap_options") or {}, b.get("leap_options") or {}
+    if scope is not None and not scope[1]:
+        oa, ob = {}, {}
+    keys = set(oa) | set(ob) | set(defaults_a) | set(defaults_b)
+    if scope is not None:
+        keys &= scope[0] | set(oa) | set(ob)
     out: Dict[str, Tuple[Any, Any]] = {}
-    for k in sorted(set(oa) | set(ob) | set(defaults_a) | set(defaults_b)):
+    for k in sorted(keys):
         va, vb = oa.get(k, defaults_a.get(k, _ABSENT)), ob.get(k, defaults_b.get(k, _ABSENT))
         if va != vb:
             out[k] = (va, vb)
@@ -551,29 +592,33 @@ def check_compatible(
     except ``seeds``, ``methods`` and ``out`` (``leap_options`` as resolved head options; a
     field newer than a run, :data:`_ADDED_FIELDS`, as the value that run had), both
     made by releases that record the head defaults (``current``: the defaults assumed where a
-    run recorded none, default this release's). ``verb`` names the action in the message."""
+    run recorded none, default this release's). Only the head defaults that the methods of the
+    two runs depend on count (:func:`_head_scope`): runs without a margin head need no record.
+    ``verb`` names the action in the message."""
     current = head_defaults() if current is None else current
     if res["setting"] != first["setting"]:
         raise ValueError(
             f"cannot {verb} {path} (setting {res['setting']!r}) with {first_path} "
             f"(setting {first['setting']!r})"
         )
-    if ("head_defaults" in res) != ("head_defaults" in first):
+    da, db = res.get("head_defaults", current), first.get("head_defaults", current)
+    scope = _head_scope([res, first], da, db)
+    if ("head_defaults" in res) != ("head_defaults" in first) and scope[0]:
         old = path if "head_defaults" not in res else first_path
         raise ValueError(
             f"cannot {verb} {path} with {first_path}: {old} was made by an earlier release that "
             "did not record the head's defaults (they have changed since, e.g. "
             "prototype_shrinkage); pool runs of one release"
         )
-    da, db = res.get("head_defaults", current), first.get("head_defaults", current)
     diff = sorted(
         k
         for k in set(res["config"]) | set(first["config"])
-        if k not in _MERGE_FREE and not _same_setting(k, res["config"], first["config"], da, db)
+        if k not in _MERGE_FREE
+        and not _same_setting(k, res["config"], first["config"], da, db, scope)
     )
     if diff:
         values = [
-            _head_option_diff(res["config"], first["config"], da, db)
+            _head_option_diff(res["config"], first["config"], da, db, scope)
             if k == "leap_options"
             else (_config_value(res["config"], k), _config_value(first["config"], k))
             for k in diff
@@ -687,12 +732,16 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
             raise ValueError(f"cannot compare: seed {seed} has another split in {path_b}")
     current = head_defaults()
     da, db = a.get("head_defaults", current), b.get("head_defaults", current)
+    scope = _head_scope([a, b], da, db)
     config: Dict[str, Any] = {}
     for k in sorted(set(a["config"]) | set(b["config"])):
-        if k in _MERGE_FREE or _same_setting(k, b["config"], a["config"], db, da):
+        if k in _MERGE_FREE or _same_setting(k, b["config"], a["config"], db, da, scope):
             continue
         config[k] = (
-            {o: list(v) for o, v in _head_option_diff(b["config"], a["config"], db, da).items()}
+            {
+                o: list(v)
+                for o, v in _head_option_diff(b["config"], a["config"], db, da, scope).items()
+            }
             if k == "leap_options"
             else [_config_value(b["config"], k), _config_value(a["config"], k)]
         )

@@ -744,6 +744,117 @@ def test_report_compare_pairs_a_variant_with_the_default_seed_by_seed(tmp_path, 
     assert "two run directories" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosface", "arcface", "leap"])
+def test_head_use_matches_the_heads_the_methods_build(kind):
+    """`head_use` (which head defaults a method's results depend on, used when pooling) agrees
+    with the heads the builders really make, for every method, FTL classifier and prototype
+    option: no margin head, cloud-free heads, a statistics-only cloud, the LEAP head with
+    `leap_options` applied."""
+    from feature_cloud import LEAPMarginHead
+    from feature_cloud.demo.methods import MethodConfig
+    from feature_cloud.evaluate.backbones import build_backbone
+    from feature_cloud.evaluate.methods import EVAL_METHODS, head_use
+
+    counts = torch.tensor([16, 12, 4, 4, 3, 3])
+    seen = set()
+    for kappa in (None, 10.0):
+        cfg = MethodConfig(
+            embedding_size=8,
+            tail_threshold=5,
+            ftl_classifier=kind,
+            ftl_prototype_shrinkage=kappa,
+            leap_options={"cloud_scale": 3.0},
+        )
+        record = {"ftl_classifier": kind, "ftl_prototype_shrinkage": kappa}
+        for name, build in EVAL_METHODS.items():
+            model = build(build_backbone("conv4", (3, 8, 8), 8), 6, counts, cfg)
+            clouds = [m.feature_cloud for m in model.modules() if isinstance(m, LEAPMarginHead)]
+            use = head_use(name, record)
+            seen.add(use)
+            rules = [c.rule for c in clouds]
+            if use == "none":
+                assert not clouds, name
+            elif use == "plain":
+                assert clouds and rules == [None] * len(clouds), (name, rules)
+            elif use == "statistics":
+                assert any(r is not None for r in rules), name
+                assert all(c.scale == 0.0 for c in clouds if c.rule is not None), name
+            else:
+                assert any(c.rule is not None and c.scale == 3.0 for c in clouds), (name, rules)
+    assert seen == {"none", "plain", "leap"} | (
+        {"statistics"} if kind in ("cosface", "arcface") else set()
+    )
+    assert head_use("ftl", {}) == "leap" and head_use("a_new_method", record) == "leap"
+
+
+def test_report_pools_cloud_free_runs_across_cloud_defaults(tmp_path, capsys):
+    """Pooling compares only the head defaults the runs' methods depend on: cloud-free heads pool
+    across releases whose cloud defaults differ and ignore `--leap-option`; a head keyword they
+    use (the scale), a LEAP run beside them or an unrecorded default is still refused; a run
+    without a margin head pools with one that recorded none."""
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = ["evaluate", p, "--protocol", "natural", "-T", "5", "--n-test", "1", "--epochs", "1"]
+    common += ["--batch-size", "8", "--embedding-size", "8", "--image-size", "8", "8", "--quiet"]
+    d = {k: str(tmp_path / k) for k in ("a", "b", "leap", "sa", "sb")}
+    assert main(common + ["--methods", "cosface", "--seeds", "0", "--out", d["a"]]) == 0
+    opt = ["--leap-option", "cloud_scale=3"]
+    assert main(common + ["--methods", "cosface", "--seeds", "1", *opt, "--out", d["b"]]) == 0
+    assert (
+        main(common + ["--methods", "leap_full_cosface", "--seeds", "2", "--out", d["leap"]]) == 0
+    )
+    for k, seed in (("sa", "0"), ("sb", "1")):
+        assert main(common + ["--methods", "softmax", "--seeds", seed, "--out", d[k]]) == 0
+
+    def edit(src, name, change):
+        dst = str(tmp_path / name)
+        shutil.copytree(src, dst)
+        with open(os.path.join(dst, "results.json")) as fh:
+            res = json.load(fh)
+        change(res)
+        with open(os.path.join(dst, "results.json"), "w") as fh:
+            json.dump(res, fh)
+        return dst
+
+    def pool(x, y):
+        capsys.readouterr()
+        rc = main(["report", x, y, "--out", str(tmp_path / "m" / os.path.basename(y)), "--quiet"])
+        return rc, capsys.readouterr().err
+
+    assert pool(d["a"], d["b"]) == (0, "")  # leap_options do not reach a cloud-free head
+    with open(os.path.join(tmp_path, "m", "b", "results.json")) as fh:
+        assert [r["seed"] for r in json.load(fh)["runs"]] == [0, 1]
+    old = edit(d["b"], "old", lambda r: r["head_defaults"].update(prototype_min_count=1))
+    assert pool(d["a"], old)[0] == 0  # a cloud default: not used by these heads
+    scale = edit(d["b"], "scale", lambda r: r["head_defaults"].update(scale=32.0))
+    rc, err = pool(d["a"], scale)
+    assert rc == 2 and "'scale': (32.0, None)" in err, err
+    old_leap = edit(
+        d["leap"], "old_leap", lambda r: r["head_defaults"].update(prototype_min_count=1)
+    )
+    rc, err = pool(d["a"], old_leap)
+    assert rc == 2 and "'prototype_min_count': (1, 2)" in err, err
+    rc, err = pool(
+        d["a"],
+        edit(d["leap"], "leap_opt", lambda r: r["config"].update(leap_options={"cloud_scale": 3})),
+    )
+    assert rc == 2 and "'cloud_scale': (3, 2.0)" in err, err
+    unrecorded = edit(d["b"], "unrecorded", lambda r: r.pop("head_defaults"))
+    rc, err = pool(d["a"], unrecorded)
+    assert rc == 2 and "earlier release" in err, err
+    assert pool(d["sa"], edit(d["sb"], "s_unrecorded", lambda r: r.pop("head_defaults")))[0] == 0
+    # compare lists no configuration difference for an option that reaches no head: same model
+    a_opt = str(tmp_path / "a_opt")
+    assert main(common + ["--methods", "cosface", "--seeds", "0", *opt, "--out", a_opt]) == 0
+    assert main(["report", d["a"], a_opt, "--compare", "--out", str(tmp_path / "cmp")]) == 0
+    with open(os.path.join(tmp_path, "cmp", "compare.json")) as fh:
+        cmp = json.load(fh)
+    assert cmp["config_b_vs_a"] == {}
+    assert cmp["differences"]["cosface"]["fc_acc_tail"]["per_seed"] == {"0": 0.0}
+
+
 def test_evaluate_writes_every_run_and_resume_trains_only_the_missing_ones(
     tmp_path, capsys, monkeypatch
 ):
