@@ -38,7 +38,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from feature_cloud.ftl import AlternatingScheduler, ConvDecoder, FTLModel, make_filter
+from feature_cloud.ftl import (
+    TAIL_SAMPLING,
+    AlternatingScheduler,
+    ConvDecoder,
+    FTLModel,
+    make_filter,
+)
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.integrations.fastreid import (  # noqa: F401
     CLS_LAYER_TO_MARGIN,
@@ -79,7 +85,10 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     ``TAIL_THRESHOLD`` (a class with <= T training images is long-tail, paper 20), ``FLIP``
     (flipped-image centers of Eq. 5), ``STATS_BATCH_SIZE`` (0: ``TEST.IMS_PER_BATCH``).
     Stage 1: ``STAGE1_BATCH_SIZE`` of the hard and of the long-tail batch (0:
-    ``SOLVER.IMS_PER_BATCH``). ``SEED``: the stage-1 samplers' seed.
+    ``SOLVER.IMS_PER_BATCH``), ``TAIL_SAMPLING`` (how the long-tail batch is drawn:
+    ``"samples"``, uniform over the long-tail images, or ``"classes"``, every long-tail class
+    equally often: :class:`AlternatingScheduler`'s ``tail_sampling``). ``SEED``: the stage-1
+    samplers' seed.
     """
     node = CfgNode()
     node.STAGE0_ITERS = 5000
@@ -97,6 +106,7 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     node.FLIP = True
     node.STATS_BATCH_SIZE = 0
     node.STAGE1_BATCH_SIZE = 0
+    node.TAIL_SAMPLING = "samples"
     node.SEED = 0
     frozen = cfg.is_frozen()
     cfg.defrost()
@@ -341,14 +351,16 @@ class FTLHook(HookBase):
       (forward, backward, optimizer step, metrics) is unchanged. Stages 0 and 2 use the trainer's
       own data loader.
     * **Checkpoint**: registered in the trainer's ``Checkpointer`` as ``"ftl_scheduler"``:
-      the scheduler state and the :class:`FeatureTransfer` statistics (``C``, ``Q``, ``h``:
-      fastreid's checkpointer would skip the data-sized buffers when loading the model).
+      the scheduler state and the :class:`FeatureTransfer` statistics (``C``, ``Q``, ``h``; the
+      model's state holds them too, which fastreid's unpatched checkpointer skips: their size
+      depends on the data). Loading it is all or nothing: a checkpoint of another schedule
+      (stage lengths, seed, ``TAIL_SAMPLING``) is refused before the hook changes.
 
     Args:
         model: the (possibly DDP-wrapped) :class:`FTLBaseline`.
         train_set: the training dataset of fastreid dicts (``trainer.data_loader.dataset``).
         stats_transform: deterministic transform for UpdateStats.
-        stage0_iters, stage_iters, stage2_iters, max_alternations, seed:
+        stage0_iters, stage_iters, stage2_iters, max_alternations, seed, tail_sampling:
             :class:`AlternatingScheduler`'s.
         flip: use horizontally flipped images for the centers (Eq. 5).
         stats_batch_size, stage1_batch_size, num_workers: the hook's data loaders.
@@ -367,6 +379,7 @@ class FTLHook(HookBase):
         stage2_iters: Optional[int] = None,
         max_alternations: Optional[int] = None,
         seed: int = 0,
+        tail_sampling: str = "samples",
         flip: bool = True,
         stats_batch_size: int = 64,
         stage1_batch_size: int = 64,
@@ -410,6 +423,7 @@ class FTLHook(HookBase):
             max_alternations=max_alternations,
             seed=seed,
             flip=(lambda x: x.flip(-1)) if flip else None,
+            tail_sampling=tail_sampling,
         )
         self.train_set = _WithIndex(train_set)
         stats_set = copy.copy(train_set)
@@ -445,6 +459,11 @@ class FTLHook(HookBase):
         stats_cfg.defrost()
         stats_cfg.INPUT.SIZE_TEST = cfg.INPUT.SIZE_TRAIN  # statistics of the training-size g
         alternations = int(ftl_cfg.MAX_ALTERNATIONS)
+        tail_sampling = ftl_cfg.get("TAIL_SAMPLING", "samples")
+        if tail_sampling not in TAIL_SAMPLING:
+            raise ValueError(
+                f"MODEL.FTL.TAIL_SAMPLING must be one of {TAIL_SAMPLING}, got {tail_sampling!r}"
+            )
         return cls(
             trainer.model,
             trainer.data_loader.dataset,
@@ -454,6 +473,7 @@ class FTLHook(HookBase):
             stage2_iters=int(ftl_cfg.STAGE2_ITERS) or None,
             max_alternations=alternations if alternations > 0 else None,
             seed=int(ftl_cfg.SEED),
+            tail_sampling=tail_sampling,
             flip=bool(ftl_cfg.FLIP),
             stats_batch_size=int(ftl_cfg.STATS_BATCH_SIZE) or int(cfg.TEST.IMS_PER_BATCH),
             stage1_batch_size=int(ftl_cfg.STAGE1_BATCH_SIZE) or int(cfg.SOLVER.IMS_PER_BATCH),
@@ -474,8 +494,13 @@ class FTLHook(HookBase):
         missing = {"scheduler", "feature_transfer"} - set(state)
         if missing:
             raise ValueError(f"FTL hook state lacks {sorted(missing)}")
-        self.ftl.feature_transfer.load_state_dict(state["feature_transfer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        previous = self.scheduler.state_dict()
+        self.scheduler.load_state_dict(state["scheduler"])  # checks the schedule settings first
+        try:
+            self.ftl.feature_transfer.load_state_dict(state["feature_transfer"])
+        except Exception:
+            self.scheduler.load_state_dict(previous)
+            raise
         self._leave_stage1()
 
     # ------------------------------------------------------------------ hook methods

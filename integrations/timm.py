@@ -428,8 +428,9 @@ class FTLTask(TrainingTask):
 
     Args:
         model: the :class:`FTLModel` (e.g. from :func:`create_ftl_model`).
-        stage0_iters, stage_iters, stage2_iters, max_alternations, seed, flip, quality: the
-            :class:`AlternatingScheduler`'s.
+        stage0_iters, stage_iters, stage2_iters, max_alternations, seed, flip, quality,
+            tail_sampling: the :class:`AlternatingScheduler`'s (``tail_sampling="classes"``: every
+            long-tail class equally often in stage 1's long-tail batch; default ``"samples"``).
         device, dtype, verbose: as in ``timm.task.TrainingTask``.
     """
 
@@ -444,6 +445,7 @@ class FTLTask(TrainingTask):
         seed: int = 0,
         flip: Optional[Callable[[Tensor], Tensor]] = None,
         quality: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        tail_sampling: str = "samples",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
@@ -461,6 +463,7 @@ class FTLTask(TrainingTask):
             seed=seed,
             flip=flip,
             quality=quality,
+            tail_sampling=tail_sampling,
         )
 
     @classmethod
@@ -475,6 +478,8 @@ class FTLTask(TrainingTask):
         max_alternations: Optional[int] = None,
         seed: int = 0,
         flip: Optional[Callable[[Tensor], Tensor]] = None,
+        quality: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        tail_sampling: str = "samples",
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
@@ -490,6 +495,8 @@ class FTLTask(TrainingTask):
             max_alternations=max_alternations,
             seed=seed,
             flip=flip,
+            quality=quality,
+            tail_sampling=tail_sampling,
             device=device,
             dtype=dtype,
             verbose=verbose,

@@ -131,6 +131,14 @@ def test_hook_refuses_fastreid_contiguous_optimizer_and_a_short_schedule(market_
     short.iter = 0
     with pytest.raises(ValueError, match="ends after 14 iterations"):
         short.ftl_hook.before_train()
+    # MODEL.FTL.TAIL_SAMPLING reaches the scheduler (stage 1's long-tail sampler); a bad value
+    # is refused with the key's name
+    assert short.ftl_hook.scheduler.tail_sampling == "samples"
+    classes = ftlint.FTLTrainer(_ftl_cfg(tmp_path, "MODEL.FTL.TAIL_SAMPLING", "classes"))
+    assert classes.ftl_hook.scheduler.tail_sampling == "classes"
+    bad = _ftl_cfg(tmp_path, "MODEL.FTL.TAIL_SAMPLING", "bogus")
+    with pytest.raises(ValueError, match="MODEL.FTL.TAIL_SAMPLING must be one of"):
+        ftlint.FTLHook.from_trainer(classes, bad)
 
 
 # ---------------------------------------------------------------- the trainer end to end
@@ -266,7 +274,7 @@ def test_ftl_trainer_runs_algorithm_1(market_root, tmp_path):
     assert torch.equal(ckpt["ftl_scheduler"]["feature_transfer"]["basis"], ft.basis)
     assert torch.equal(ckpt["model"]["ftl.classifier.weight"], ftl.classifier.weight)
 
-    # ... and resuming restores them (fastreid's model loader alone skips the data-sized buffers)
+    # ... and resuming restores them
     resumed = ftlint.FTLTrainer(cfg)
     resumed.resume_or_load(resume=True)
     rhook = resumed.ftl_hook
@@ -274,6 +282,31 @@ def test_ftl_trainer_runs_algorithm_1(market_root, tmp_path):
     for name in ("basis", "centers", "hard_indices", "tail_indices"):
         assert torch.equal(getattr(rhook.ftl.feature_transfer, name), getattr(ft, name)), name
     assert rhook.ftl.frozen == ftl.frozen
+
+    # a checkpoint of another schedule (here MODEL.FTL.TAIL_SAMPLING) is refused on resume, the
+    # schedule position left as it was
+    other = ftlint.FTLTrainer(_ftl_cfg(tmp_path, "MODEL.FTL.TAIL_SAMPLING", "classes"))
+    before = other.ftl_hook.scheduler.state_dict()
+    with pytest.raises(
+        ValueError, match="tail_sampling='samples' but this scheduler has 'classes'"
+    ):
+        other.resume_or_load(resume=True)
+    assert other.ftl_hook.scheduler.state_dict() == before
+    # the hook's own load is all or nothing: a refused schedule loads no statistics, statistics
+    # that do not load leave the schedule where it was
+    fresh = ftlint.FTLTrainer(_ftl_cfg(tmp_path, "MODEL.FTL.TAIL_SAMPLING", "classes")).ftl_hook
+    with pytest.raises(ValueError, match="tail_sampling='samples'"):
+        fresh.load_state_dict(ckpt["ftl_scheduler"])
+    assert fresh.ftl.feature_transfer.basis.shape[1] == 0 and not fresh.ftl.feature_transfer.ready
+    broken = {
+        "scheduler": ckpt["ftl_scheduler"]["scheduler"],
+        "feature_transfer": {**ckpt["ftl_scheduler"]["feature_transfer"], "basis": torch.zeros(3)},
+    }
+    fresh = ftlint.FTLTrainer(cfg).ftl_hook
+    before = fresh.scheduler.state_dict()
+    with pytest.raises(ValueError, match="checkpoint basis has shape"):
+        fresh.load_state_dict(broken)
+    assert fresh.scheduler.state_dict() == before and fresh.ftl.frozen == ()
     print(
         f"\nfastreid FTL: {iters} iterations (stages 0/1/2) + UpdateStats + PreciseBN + eval in "
         f"{elapsed:.1f} s; train loss {loss_before:.3f} -> {loss_after:.3f}; k={ft.num_components}, "

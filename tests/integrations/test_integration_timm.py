@@ -289,6 +289,35 @@ def test_ftl_task_gives_stage_2_its_own_length_and_resume_checks_it():
     assert task.finished and [s for s, _ in record] == [0, 0, 0, 1, 1, 2, 1, 1, 2]
 
 
+def test_ftl_task_passes_tail_sampling_and_quality_to_the_scheduler():
+    """`FTLTask.from_timm(tail_sampling=..., quality=...)` reach the AlternatingScheduler (stage
+    1's long-tail pool is then the class-balanced one); a checkpoint of the other sampling is
+    refused by `load_task_state` before anything changes."""
+    from feature_cloud.ftl import class_balanced_pool
+
+    quality = lambda x, g: torch.ones(x.shape[0], dtype=torch.bool)
+    task = _ftl_task(tail_sampling="classes", quality=quality)
+    assert task.scheduler.tail_sampling == "classes" and task.scheduler.quality is quality
+    dataset, stats_loader = _data()
+    opt = torch.optim.Adam(task.model.param_groups(), lr=1e-3)
+    task.train()
+    _run(task, dataset, stats_loader, opt, until=4)  # stage 0, UpdateStats, one stage-1 step
+    ft = task.model.feature_transfer
+    want = class_balanced_pool(ft.tail_indices, ft.tail_labels)
+    assert torch.equal(task.scheduler.tail_pool(), want)
+    state = task.get_checkpoint_state()["task_state"]
+    assert state["scheduler"]["tail_sampling"] == "classes"
+    plain = _ftl_task()
+    before = plain.scheduler.state_dict()
+    with pytest.raises(
+        ValueError, match="tail_sampling='classes' but this scheduler has 'samples'"
+    ):
+        plain.load_task_state(state)
+    assert plain.scheduler.state_dict() == before and not plain.model.feature_transfer.ready
+    with pytest.raises(ValueError, match="tail_sampling must be one of"):
+        _ftl_task(tail_sampling="bogus")
+
+
 def test_ftl_task_state_round_trips_mid_stage_1(tmp_path):
     dataset, stats_loader = _data(1)
     task = _ftl_task(seed=1)
