@@ -341,8 +341,14 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     classes with fewer training images keep their weights (the head's ``prototype_min_count``,
     default 2; 1: every class leans); ``IMPRINT_ITERS``: the
     iteration at which the class weights are imprinted with those prototypes (the head's
-    ``imprint_step``; ``-1``: never, the default and the paper). The margin is fastreid's own
-    ``MODEL.HEADS.CLS_LAYER`` / ``SCALE`` / ``MARGIN``.
+    ``imprint_step``; ``-1``: never, the default and the paper). Statistics (the head's options
+    of the same names, :class:`feature_cloud.ClassStatistics`): ``CENTER_RATE`` (``adaptive``,
+    the default, or ``paper``: the constant ``GAMMA`` of Eq. 4), ``UNKNOWN_VARIANCE``
+    (``tail_prior``, the default, ``pooled`` or ``none``: the variance of a class with fewer than
+    two stored angles), ``ANGLE_MAX_AGE`` (angles older than this many statistics updates leave
+    the moments, e.g. under fastreid's identity samplers, which visit a class rarely; ``-1``:
+    never, the default and the paper). The margin is fastreid's own ``MODEL.HEADS.CLS_LAYER`` /
+    ``SCALE`` / ``MARGIN``.
     """
     node = CfgNode()
     node.CLOUD = "full"
@@ -359,12 +365,23 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     node.PROTOTYPE_SHRINKAGE = DEFAULT_PROTOTYPE_SHRINKAGE
     node.PROTOTYPE_MIN_COUNT = DEFAULT_PROTOTYPE_MIN_COUNT
     node.IMPRINT_ITERS = -1
+    node.CENTER_RATE = "adaptive"
+    node.UNKNOWN_VARIANCE = "tail_prior"
+    node.ANGLE_MAX_AGE = -1
     frozen = cfg.is_frozen()
     cfg.defrost()
     cfg.MODEL.HEADS.FEATURE_CLOUD = node
     if frozen:
         cfg.freeze()
     return cfg
+
+
+def _max_age(value: Any) -> Any:
+    """``ANGLE_MAX_AGE``: a negative integer is the head's ``None`` (never); anything else is
+    passed on (the head names the key when it is not a positive integer)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        return None
+    return value
 
 
 def _shrinkage(value: Any) -> Optional[float]:
@@ -417,6 +434,10 @@ _YAML_KEYS = {
     "prototype_shrinkage": "MODEL.HEADS.FEATURE_CLOUD.PROTOTYPE_SHRINKAGE",
     "prototype_min_count": "MODEL.HEADS.FEATURE_CLOUD.PROTOTYPE_MIN_COUNT",
     "imprint_step": "MODEL.HEADS.FEATURE_CLOUD.IMPRINT_ITERS",
+    "center_rate": "MODEL.HEADS.FEATURE_CLOUD.CENTER_RATE",
+    "unknown_variance": "MODEL.HEADS.FEATURE_CLOUD.UNKNOWN_VARIANCE",
+    "angle_max_age": "MODEL.HEADS.FEATURE_CLOUD.ANGLE_MAX_AGE",
+    "max_age": "MODEL.HEADS.FEATURE_CLOUD.ANGLE_MAX_AGE",
     "margin_type": "MODEL.HEADS.CLS_LAYER",
     "scale": "MODEL.HEADS.SCALE",
     "margin": "MODEL.HEADS.MARGIN",
@@ -592,6 +613,9 @@ class LEAPHead(nn.Module):
         prototype_shrinkage: Optional[float] = DEFAULT_PROTOTYPE_SHRINKAGE,
         imprint_step: Optional[int] = None,
         prototype_min_count: int = DEFAULT_PROTOTYPE_MIN_COUNT,
+        center_rate: str = "adaptive",
+        unknown_variance: str = "tail_prior",
+        angle_max_age: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not hasattr(pooling, pool_type):
@@ -651,6 +675,9 @@ class LEAPHead(nn.Module):
                     prototype_shrinkage=prototype_shrinkage,
                     prototype_min_count=prototype_min_count,
                     imprint_step=imprint_step,
+                    center_rate=center_rate,
+                    unknown_variance=unknown_variance,
+                    angle_max_age=angle_max_age,
                     # statistics identical on every rank under a process group (sync="auto", the
                     # head's default); the per-rank batch size spares a host sync per step
                     pad_to=batch_size_per_rank,
@@ -725,6 +752,9 @@ class LEAPHead(nn.Module):
             ),
             "imprint_step": None if int(fc.get("IMPRINT_ITERS", -1)) < 0 else int(fc.IMPRINT_ITERS),
             "prototype_min_count": fc.get("PROTOTYPE_MIN_COUNT", DEFAULT_PROTOTYPE_MIN_COUNT),
+            "center_rate": str(fc.get("CENTER_RATE", "adaptive")).lower(),
+            "unknown_variance": str(fc.get("UNKNOWN_VARIANCE", "tail_prior")).lower(),
+            "angle_max_age": _max_age(fc.get("ANGLE_MAX_AGE", -1)),
         }
 
     @property

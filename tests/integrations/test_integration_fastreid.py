@@ -390,6 +390,40 @@ def test_online_counts_error_names_the_yaml_keys():
     with pytest.raises(ValueError, match="MODEL.HEADS.FEATURE_CLOUD.PROTOTYPE_MIN_COUNT") as info:
         build_heads(_head_cfg(FC__PROTOTYPE_MIN_COUNT=0))
     assert "prototype_min_count" not in str(info.value)
+    stats = default.statistics  # the statistics options: defaults, values and named errors
+    assert (stats.center_rate, stats.unknown_variance, stats.max_age) == (
+        "adaptive",
+        "tail_prior",
+        None,
+    )
+    cfg = _head_cfg(FC__CENTER_RATE="paper", FC__UNKNOWN_VARIANCE="pooled", FC__ANGLE_MAX_AGE=30)
+    stats = build_heads(cfg).margin_head.statistics
+    assert (stats.center_rate, stats.unknown_variance, stats.max_age) == ("paper", "pooled", 30)
+    for key, bad, name in (
+        ("CENTER_RATE", "slow", "center_rate"),
+        ("UNKNOWN_VARIANCE", "zero", "unknown_variance"),
+        ("ANGLE_MAX_AGE", 0, "max_age"),
+    ):
+        with pytest.raises(ValueError, match=f"MODEL.HEADS.FEATURE_CLOUD.{key}") as info:
+            build_heads(_head_cfg(**{f"FC__{key}": bad}))
+        assert name not in str(info.value)
+
+
+def test_every_cloud_option_has_a_yaml_key():
+    """Each keyword of FeatureCloud that a user chooses is a MODEL.HEADS.FEATURE_CLOUD key (the
+    layout keywords the adapter sets itself excepted), so no option is reachable in PML and timm
+    but not in fastreid."""
+    import inspect
+
+    from feature_cloud.cloud import FeatureCloud
+
+    own = {"self", "num_classes", "embedding_size", "sync", "process_group", "pad_to"}
+    options = set(inspect.signature(FeatureCloud.__init__).parameters) - own
+    node = _head_cfg().MODEL.HEADS.FEATURE_CLOUD
+    for name in sorted(options - {"rule"}):
+        key = fr._YAML_KEYS.get(name)
+        assert key and key.startswith("MODEL.HEADS.FEATURE_CLOUD."), name
+        assert key.rsplit(".", 1)[1] in node, (name, key)
 
 
 def test_config_path_returns_the_shipped_yamls():
