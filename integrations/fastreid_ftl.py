@@ -363,6 +363,9 @@ class FTLHook(HookBase):
         stage0_iters, stage_iters, stage2_iters, max_alternations, seed, tail_sampling:
             :class:`AlternatingScheduler`'s.
         flip: use horizontally flipped images for the centers (Eq. 5).
+        quality: Eq. 5's quality filter Omega, ``(x, g) -> (B,) bool`` over the
+            preprocessed images and their rich features (paper: yaw below ``tau``); ``None``:
+            every image (:class:`AlternatingScheduler`'s ``quality``).
         stats_batch_size, stage1_batch_size, num_workers: the hook's data loaders.
         optimizer: checked to hold the model's parameters themselves.
         checkpointer: registers ``"ftl_scheduler"`` in it.
@@ -381,6 +384,7 @@ class FTLHook(HookBase):
         seed: int = 0,
         tail_sampling: str = "samples",
         flip: bool = True,
+        quality: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
         stats_batch_size: int = 64,
         stage1_batch_size: int = 64,
         num_workers: int = 0,
@@ -423,6 +427,7 @@ class FTLHook(HookBase):
             max_alternations=max_alternations,
             seed=seed,
             flip=(lambda x: x.flip(-1)) if flip else None,
+            quality=quality,
             tail_sampling=tail_sampling,
         )
         self.train_set = _WithIndex(train_set)
@@ -449,10 +454,17 @@ class FTLHook(HookBase):
             checkpointer.checkpointables["ftl_scheduler"] = self
 
     @classmethod
-    def from_trainer(cls, trainer: DefaultTrainer, cfg: Optional[CfgNode] = None) -> FTLHook:
+    def from_trainer(
+        cls,
+        trainer: DefaultTrainer,
+        cfg: Optional[CfgNode] = None,
+        quality: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    ) -> FTLHook:
         """Build the hook from a constructed ``DefaultTrainer`` and ``MODEL.FTL`` (see
         :func:`add_ftl_config`); registers it in the trainer's checkpointer. Register the hook
-        with ``trainer.register_hooks([...])`` before ``resume_or_load`` / ``train``."""
+        with ``trainer.register_hooks([...])`` before ``resume_or_load`` / ``train``.
+        ``quality``: Eq. 5's filter (a function, so not a YAML key; :class:`FTLTrainer` takes it
+        from :meth:`FTLTrainer.build_ftl_quality`)."""
         cfg = trainer.cfg if cfg is None else cfg
         ftl_cfg = _ftl_node(cfg)
         stats_cfg = cfg.clone()
@@ -475,6 +487,7 @@ class FTLHook(HookBase):
             seed=int(ftl_cfg.SEED),
             tail_sampling=tail_sampling,
             flip=bool(ftl_cfg.FLIP),
+            quality=quality,
             stats_batch_size=int(ftl_cfg.STATS_BATCH_SIZE) or int(cfg.TEST.IMS_PER_BATCH),
             stage1_batch_size=int(ftl_cfg.STAGE1_BATCH_SIZE) or int(cfg.SOLVER.IMS_PER_BATCH),
             num_workers=int(cfg.DATALOADER.NUM_WORKERS),
@@ -583,7 +596,9 @@ class FTLHook(HookBase):
 class FTLTrainer(DefaultTrainer):
     """fastreid's ``DefaultTrainer`` with two changes for FTL: the optimizer is built over the
     parameters themselves (``contiguous=False``, so that frozen parts get no weight decay or
-    momentum step) and :class:`FTLHook` is registered right after the LR scheduler hook."""
+    momentum step) and :class:`FTLHook` is registered right after the LR scheduler hook. Eq. 5's
+    quality filter comes from :meth:`build_ftl_quality` (override it, as fastreid's ``build_*``
+    class methods)."""
 
     @classmethod
     def build_optimizer(
@@ -594,8 +609,15 @@ class FTLTrainer(DefaultTrainer):
     def build_hooks(self) -> List[HookBase]:
         ret = super().build_hooks()
         position = next((i + 1 for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)), 0)
-        ret.insert(position, FTLHook.from_trainer(self))
+        ret.insert(position, FTLHook.from_trainer(self, quality=self.build_ftl_quality(self.cfg)))
         return ret
+
+    @classmethod
+    def build_ftl_quality(cls, cfg: CfgNode) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
+        """Eq. 5's quality filter Omega for UpdateStats's centers: ``(x, g) -> (B,)
+        bool`` (x: the preprocessed images, g: their rich features; the paper keeps faces with
+        yaw below ``tau``). ``None`` (this default): every image counts."""
+        return None
 
     @property
     def ftl_hook(self) -> FTLHook:

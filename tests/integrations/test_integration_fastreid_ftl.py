@@ -141,6 +141,44 @@ def test_hook_refuses_fastreid_contiguous_optimizer_and_a_short_schedule(market_
         ftlint.FTLHook.from_trainer(classes, bad)
 
 
+def test_ftl_trainer_takes_the_quality_filter_from_build_ftl_quality(market_root, tmp_path):
+    """Eq. 5's filter, a function (no YAML key), comes from `FTLTrainer.build_ftl_quality` (the
+    fastreid way: override a build_* class method) and reaches UpdateStats: the centers are the
+    means of the kept images only."""
+    calls = []
+
+    def bright_half(x, g):
+        calls.append((tuple(x.shape), tuple(g.shape)))
+        m = x.flatten(1).mean(1)
+        return m >= m.median()
+
+    class Filtered(ftlint.FTLTrainer):
+        @classmethod
+        def build_ftl_quality(cls, cfg):
+            return bright_half
+
+    cfg = _ftl_cfg(tmp_path, "MODEL.FTL.FLIP", "False")
+    assert ftlint.FTLTrainer(cfg).ftl_hook.scheduler.quality is None
+    torch.manual_seed(0)
+    hook = Filtered(cfg).ftl_hook
+    assert hook.scheduler.quality is bright_half
+    hook.scheduler.update_stats(hook.stats_batches)
+    assert calls and all(xs[0] == gs[0] and len(xs) == 4 and len(gs) == 2 for xs, gs in calls)
+    ft, enc = hook.ftl.feature_transfer, hook.ftl.encoder
+    enc.eval()
+    sums = torch.zeros_like(ft.centers)
+    n = torch.zeros(ft.centers.shape[0])
+    with torch.no_grad():
+        for x, y, _ in hook.stats_batches:
+            g = enc(x)
+            m = x.flatten(1).mean(1)
+            keep = m >= m.median()
+            sums.index_add_(0, y[keep], g[keep])
+            n.index_add_(0, y[keep], torch.ones(int(keep.sum())))
+    seen = n > 0
+    torch.testing.assert_close(ft.centers[seen], sums[seen] / n[seen, None], atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- the trainer end to end
 class _Recorder(hooks.HookBase):
     """Stage, data source, frozen parts and snapshots at the stage boundaries."""
