@@ -246,9 +246,15 @@ def screen(a: argparse.Namespace) -> None:
                 EM.EVAL_METHODS[key] = _margin(margin, None if rule == "none" else head_rule)
             cfg.leap_options = opts
             t0 = time.time()
-            with experimental_rule(rule):
-                model = train_model(key, tx, ty, data.num_classes, split.train_counts, cfg, seed)
-                scalars = evaluate_method(model, tx, ty, ex, ey, split.head)[0]
+            try:
+                with experimental_rule(rule):
+                    model = train_model(
+                        key, tx, ty, data.num_classes, split.train_counts, cfg, seed
+                    )
+                    scalars = evaluate_method(model, tx, ty, ex, ey, split.head)[0]
+            finally:  # the package's registry holds its own methods only
+                if key.startswith("_screen_"):
+                    EM.EVAL_METHODS.pop(key, None)
             row = dict(
                 setting=a.protocol if a.protocol == "natural" else f"S{a.S}",
                 seed=seed,
