@@ -189,9 +189,15 @@ def sweep(results: Dict[str, Any]) -> Dict[str, Dict[str, Dict[str, Any]]]:
     return out
 
 
-def sweep_rows(results: Dict[str, Any], setting: bool = False) -> List[List[str]]:
+SweepTable = Dict[str, Dict[str, Dict[str, Any]]]
+
+
+def sweep_rows(
+    results: Dict[str, Any], setting: bool = False, table: Optional[SweepTable] = None
+) -> List[List[str]]:
     """Per method and kappa of the sweep: paired differences (points) against the baseline's
-    plain FC with 95% t-intervals; only the header without a sweep."""
+    plain FC with 95% t-intervals; only the header without a sweep. ``table``: :func:`sweep` of
+    ``results``, if already computed."""
     header = (
         (["Setting"] if setting else [])
         + ["Method", "vs", "kappa", "pairs"]
@@ -199,7 +205,7 @@ def sweep_rows(results: Dict[str, Any], setting: bool = False) -> List[List[str]
     )
     rows = [header]
     labels = results["labels"]
-    for m, by_kappa in sweep(results).items():
+    for m, by_kappa in (sweep(results) if table is None else table).items():
         base = results["baselines"][m]
         for kappa, d in by_kappa.items():
             rows.append(
@@ -217,10 +223,11 @@ _SWEEP_NOTE = (
 )
 
 
-def plot_sweep(results: Dict[str, Any], file: str) -> str:
-    """Δ FC head against Δ FC tail (points) of each method's sweep, one point per kappa."""
+def plot_sweep(results: Dict[str, Any], file: str, table: Optional[SweepTable] = None) -> str:
+    """Δ FC head against Δ FC tail (points) of each method's sweep, one point per kappa
+    (``table``: :func:`sweep` of ``results``, if already computed)."""
     plt = demo_plots._plt()
-    d = sweep(results)
+    d = sweep(results) if table is None else table
     fig, ax = plt.subplots(figsize=(5.2, 4.0))
     colors = demo_plots._colors(max(len(d), 1))
     for (m, by_kappa), color in zip(d.items(), colors):
@@ -366,7 +373,8 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
             _markdown(prows),
             "",
         ]
-    wrows = sweep_rows(results)
+    table = sweep(results)  # once: the Markdown, CSV, JSON and the plot
+    wrows = sweep_rows(results, table=table)
     if len(wrows) > 1:
         text += [_SWEEP_NOTE, "", _markdown(wrows), ""]
     for name, content in (("summary.md", "\n".join(text)),):
@@ -390,12 +398,12 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
         _write_csv(wrows, files["sweep.csv"])
         files["sweep.json"] = os.path.join(out, "sweep.json")
         with open(files["sweep.json"], "w") as fh:
-            json.dump(sweep(results), fh, indent=1)
+            json.dump(table, fh, indent=1)
     try:
         if len(prows) > 1:
             files["paired.png"] = plot_paired(results, os.path.join(out, "paired.png"))
         if len(wrows) > 1:
-            files["sweep.png"] = plot_sweep(results, os.path.join(out, "sweep.png"))
+            files["sweep.png"] = plot_sweep(results, os.path.join(out, "sweep.png"), table)
         if not _open(results):  # FC and rank-1 per head / tail class: closed set only
             files["accuracy_head_tail.png"] = demo_plots.plot_accuracy(
                 results, os.path.join(out, "accuracy_head_tail.png")
