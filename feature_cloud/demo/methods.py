@@ -41,6 +41,7 @@ from ..regularizers import MetricL2
 from ..transfer import FeatureTransfer
 
 __all__ = [
+    "Method",
     "MethodConfig",
     "METHODS",
     "METHOD_LABELS",
@@ -160,13 +161,24 @@ class MethodConfig:
     leap_options: Dict[str, Any] = field(default_factory=dict)  # extra LEAPMarginHead kwargs
 
 
-class _Method(nn.Module):
+class Method(nn.Module):
+    """A demo / evaluation method: a backbone and its classifier, trained by ``loss`` (or its
+    own ``fit``), scored by ``classify`` and reported by its diagnostics."""
+
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
 
     def embed(self, x: Tensor) -> Tensor:
         return self.backbone(x)
+
+    def classify(self, emb: Tensor) -> Tensor:
+        """Inference logits ``(B, C)`` of the embeddings."""
+        raise NotImplementedError
+
+    def class_weight(self) -> Tensor:
+        """The ``(C, D)`` class weights."""
+        raise NotImplementedError
 
     def per_class_diagnostics(self) -> Dict[str, Tensor]:
         """Extra ``(C,)`` per-class quantities of the method (reported as diagnostics)."""
@@ -175,10 +187,10 @@ class _Method(nn.Module):
     def classify_weights(self, emb: Tensor) -> Tensor:
         """Logits against the class weights themselves (a LEAP head's ``logits`` use its
         prototypes; the same as :meth:`classify` for every other method)."""
-        return self.classify(emb)  # type: ignore[no-any-return,operator]
+        return self.classify(emb)
 
 
-class SoftmaxMethod(_Method):
+class SoftmaxMethod(Method):
     """Plain softmax over raw logits ``W f`` (bias-free linear classifier); with ``ml2_alpha > 0``
     plus FTL's m-L2 regulariser (Eq. 3-4 without feature transfer)."""
 
@@ -216,7 +228,7 @@ def _cloud_diagnostics(head: nn.Module) -> Dict[str, Tensor]:
     return {"cloud_std": head.statistics.cloud_variance().detach().sqrt()}
 
 
-class MarginMethod(_Method):
+class MarginMethod(Method):
     """CosFace / ArcFace (LEAP Eq. 1-2) or LEAP (Eq. 7-8) through :class:`LEAPMarginHead`."""
 
     def __init__(self, backbone: nn.Module, head: LEAPMarginHead) -> None:
@@ -349,7 +361,7 @@ def ftl_classifier(
     return head, 0.0
 
 
-class FTLMethod(_Method):
+class FTLMethod(Method):
     """FTL (Yin et al. 2019) through :class:`~feature_cloud.FTLModel` and
     :class:`~feature_cloud.AlternatingScheduler`: ``Enc`` = the shared backbone (its 64-d output is
     the rich feature ``g``), ``Dec`` reconstructs the input (a :class:`ConvDecoder` for images, an
@@ -599,9 +611,7 @@ class FTLMethod(_Method):
 
 
 def _margin(margin_type: str, cloud):
-    def build(
-        backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig
-    ) -> nn.Module:
+    def build(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> Method:
         kwargs: Dict[str, Any] = dict(
             margin_type=margin_type, cloud=cloud, seed=cfg.seed, validate=False
         )
@@ -613,28 +623,24 @@ def _margin(margin_type: str, cloud):
 
 
 def _leap(cloud: str):
-    def build(
-        backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig
-    ) -> nn.Module:
+    def build(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> Method:
         return _margin(cfg.leap_margin, cloud)(backbone, num_classes, counts, cfg)
 
     return build
 
 
 def _softmax(ml2: bool):
-    def build(
-        backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig
-    ) -> nn.Module:
+    def build(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> Method:
         return SoftmaxMethod(backbone, num_classes, cfg, cfg.ml2_alpha if ml2 else 0.0)
 
     return build
 
 
-def _ftl(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> nn.Module:
+def _ftl(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> Method:
     return FTLMethod(backbone, backbone.input_shape, num_classes, counts, cfg)  # type: ignore[arg-type]
 
 
-Builder = Callable[[nn.Module, int, Tensor, MethodConfig], nn.Module]
+Builder = Callable[[nn.Module, int, Tensor, MethodConfig], Method]
 
 #: name -> builder, in the order the tables list them.
 METHODS: Dict[str, Builder] = {
@@ -660,7 +666,7 @@ METHOD_LABELS: Dict[str, str] = {
 
 def build_method(
     name: str, input_shape: Sequence[int], num_classes: int, counts: Tensor, cfg: MethodConfig
-) -> nn.Module:
+) -> Method:
     """A fresh backbone + the classifier/loss of method ``name`` (a key of :data:`METHODS`)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}")

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 from torch import Tensor, nn
 
-from ..demo.methods import METHODS, FTLMethod, MethodConfig, _margin
+from ..demo.methods import METHODS, FTLMethod, Method, MethodConfig, _margin
 
 __all__ = ["EVAL_METHODS", "BASELINES", "METHOD_LABELS", "FTLWithoutTransfer", "head_use"]
 
@@ -23,13 +23,11 @@ class FTLWithoutTransfer(FTLMethod):
     plain_fc = True  # the user's plain FC: no cloud, no centers, no inference prototypes
 
 
-def _ftl_base(
-    backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig
-) -> nn.Module:
+def _ftl_base(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> Method:
     return FTLWithoutTransfer(backbone, backbone.input_shape, num_classes, counts, cfg)  # type: ignore[arg-type]
 
 
-Builder = Callable[[nn.Module, int, Tensor, MethodConfig], nn.Module]
+Builder = Callable[[nn.Module, int, Tensor, MethodConfig], Method]
 
 EVAL_METHODS: Dict[str, Builder] = {
     "softmax": METHODS["softmax"],

@@ -13,13 +13,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..cloud import FeatureCloud
 from ..demo import metrics as M
 from ..demo._progress import progress
 from ..demo.data import LabeledData
-from ..demo.methods import FTL_CLASSIFIERS, MethodConfig, check_ftl_options
+from ..demo.methods import FTL_CLASSIFIERS, Method, MethodConfig, check_ftl_options
 from ..demo.protocol import LongTailSplit
 from ..demo.report import load_results
 from ..demo.runner import _device_of, embed_all, evaluate_method
@@ -175,7 +175,7 @@ def train_model(
     seed: int,
     desc: str = "",
     threshold: Optional[int] = None,
-) -> nn.Module:
+) -> Method:
     """A fresh backbone (seeded by ``seed``: identical for every method) + method ``name``,
     trained for ``cfg.epochs`` epochs in the batch order of ``seed``; ``threshold``: the methods'
     ``T`` (default ``cfg.threshold``; :func:`method_threshold`)."""
@@ -289,7 +289,7 @@ OPEN_FARS = {"tar_far2": 1e-2, "tar_far3": 1e-3}
 
 
 def evaluate_open(
-    model: nn.Module,
+    model: Method,
     train_x: Tensor,
     train_y: Tensor,
     test_x: Tensor,
@@ -322,9 +322,9 @@ def evaluate_open(
     _, var_tr = M.angle_spread(f_train, train_y, num_train)
     per_train = {
         "angle_var_train": var_tr,
-        "weight_norm": M.weight_norms(model.class_weight().detach().cpu()),  # type: ignore[operator]
+        "weight_norm": M.weight_norms(model.class_weight().detach().cpu()),
     }
-    per_train.update({k: v.cpu().float() for k, v in model.per_class_diagnostics().items()})  # type: ignore[operator]
+    per_train.update({k: v.cpu().float() for k, v in model.per_class_diagnostics().items()})
     rows = {k: v.numel() for k, v in per_train.items()}
     if any(n != num_train for n in rows.values()):  # trained on the kept identities only
         raise RuntimeError(f"open set: {num_train} training classes, per-class values {rows}")
@@ -340,7 +340,7 @@ def evaluate_open(
 
 
 def shrinkage_sweep(
-    model: nn.Module, emb: Tensor, labels: Tensor, head: Tensor, kappas: List[float]
+    model: Method, emb: Tensor, labels: Tensor, head: Tensor, kappas: List[float]
 ) -> Dict[str, Dict[str, float]]:
     """FC accuracy (head / tail) and the shares of head test samples given to a tail class and
     the reverse of a trained ``model`` scored against its inference prototypes at each
@@ -358,7 +358,7 @@ def shrinkage_sweep(
         with torch.no_grad():
             for kappa in kappas:
                 cloud.prototype_shrinkage = float(kappa)
-                logits = model.classify(emb).cpu()  # type: ignore[operator]
+                logits = model.classify(emb).cpu()
                 acc = M.head_tail(M.correct_predictions(logits, labels), is_head)
                 cross = M.head_tail(M.cross_group_predictions(logits, labels, head), is_head)
                 out[f"{float(kappa):g}"] = {
