@@ -781,9 +781,14 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
                 if not math.isnan(v["mean"])
             )
         ):
+            why = (
+                f"the configurations differ in {sorted(config)}, or another release or machine"
+                if config
+                else "another release or machine?"
+            )
             notes.append(
                 f"the baseline {base!r} differs between the files: {m}'s differences include "
-                "the baselines' (another release or machine?)"
+                f"the baselines' ({why})"
             )
     result = {
         "a": path_a,

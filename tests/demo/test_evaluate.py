@@ -734,7 +734,9 @@ def test_report_compare_pairs_a_variant_with_the_default_seed_by_seed(tmp_path, 
     with open(os.path.join(b, "results.json"), "w") as fh:
         json.dump(res, fh)
     assert main(["report", a, b, "--compare"]) == 0
-    assert "Note: the baseline 'cosface' differs between the files" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Note: the baseline 'cosface' differs between the files" in printed
+    assert "(the configurations differ in ['leap_options'], or another release" in printed
     # refused: another setting; one path
     assert main([*common[:4], "-T", "3", *common[6:], "--seeds", "1", "--out", c]) == 0
     capsys.readouterr()
