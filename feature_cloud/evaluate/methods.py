@@ -70,10 +70,6 @@ METHOD_LABELS: Dict[str, str] = {
 }
 
 
-#: what a method's head takes from ``LEAPMarginHead``'s keyword defaults (:func:`head_use`)
-HEAD_USES = ("none", "plain", "statistics", "leap")
-
-
 def head_use(method: str, config: Mapping[str, Any]) -> str:
     """Which of ``LEAPMarginHead``'s keyword defaults the model of ``method`` depends on, under an
     evaluation configuration ``config`` (a ``results.json`` ``config``): ``"none"`` (no margin

@@ -482,19 +482,24 @@ _MERGE_FREE = ("seeds", "methods", "out", "device", "shrinkage_sweep")
 _DATA_KEYS = ("name", "samples", "num_classes", "input_shape", "camids")
 
 
+def _keyword_defaults(fn: Callable[..., Any]) -> Dict[str, Any]:
+    """The keyword defaults of ``fn``'s signature."""
+    import inspect
+
+    return {
+        name: par.default
+        for name, par in inspect.signature(fn).parameters.items()
+        if par.default is not inspect.Parameter.empty
+    }
+
+
 def head_defaults() -> Dict[str, Any]:
     """Keyword defaults of ``LEAPMarginHead`` and its ``FeatureCloud`` (what ``leap_options``
     left out resolves to), JSON-safe; every evaluation records them (``head_defaults``)."""
-    import inspect
-
     from ..cloud import FeatureCloud
     from ..heads import LEAPMarginHead
 
-    out: Dict[str, Any] = {}
-    for fn in (FeatureCloud.__init__, LEAPMarginHead.__init__):
-        for name, par in inspect.signature(fn).parameters.items():
-            if par.default is not inspect.Parameter.empty:
-                out[name] = par.default
+    out = {**_keyword_defaults(FeatureCloud.__init__), **_keyword_defaults(LEAPMarginHead.__init__)}
     return json.loads(json.dumps(out, default=str))  # type: ignore[no-any-return]
 
 
@@ -533,15 +538,6 @@ def _config_value(cfg: Dict[str, Any], key: str) -> Any:
     return cfg.get(key, _ADDED_FIELDS.get(key))
 
 
-def _cloud_keys() -> Set[str]:
-    """The keywords of ``FeatureCloud`` (a cloud-free head's results do not depend on them)."""
-    import inspect
-
-    from ..cloud import FeatureCloud
-
-    return set(inspect.signature(FeatureCloud.__init__).parameters) - {"self"}
-
-
 def _head_scope(
     runs: Sequence[Dict[str, Any]], defaults_a: Dict[str, Any], defaults_b: Dict[str, Any]
 ) -> Tuple[Set[str], bool]:
@@ -559,7 +555,10 @@ def _head_scope(
     keys = set(defaults_a) | set(defaults_b)
     if uses & {"leap", "statistics"}:
         return keys, "leap" in uses
-    return (keys - _cloud_keys() if "plain" in uses else set()), False
+    from ..cloud import FeatureCloud  # a cloud-free head's results do not depend on its keywords
+
+    cloud_keys = set(_keyword_defaults(FeatureCloud.__init__))
+    return (keys - cloud_keys if "plain" in uses else set()), False
 
 
 def _head_option_diff(
@@ -576,9 +575,8 @@ def _head_option_diff(
     oa, ob = a.get("leap_options") or {}, b.get("leap_options") or {}
     if scope is not None and not scope[1]:
         oa, ob = {}, {}
-    keys = set(oa) | set(ob) | set(defaults_a) | set(defaults_b)
-    if scope is not None:
-        keys &= scope[0] | set(oa) | set(ob)
+    defaults = set(defaults_a) | set(defaults_b) if scope is None else scope[0]
+    keys = set(oa) | set(ob) | defaults
     out: Dict[str, Tuple[Any, Any]] = {}
     for k in sorted(keys):
         va, vb = oa.get(k, defaults_a.get(k, _ABSENT)), ob.get(k, defaults_b.get(k, _ABSENT))
