@@ -561,6 +561,20 @@ def _head_scope(
     return (keys - cloud_keys if "plain" in uses else set()), False
 
 
+#: the methods that read the ``ftl_*`` configuration fields (FTL and its no-transfer model)
+_FTL_METHODS = ("ftl", "ftl_base")
+
+
+def _unused_fields(runs: Sequence[Dict[str, Any]]) -> Set[str]:
+    """Configuration fields none of the methods of the evaluations ``runs`` reads: the ``ftl_*``
+    options where no run has an FTL method (a LEAP-only run pools with one made under another
+    FTL option)."""
+    methods = {m for r in runs for m in (*r.get("methods", ()), *r["config"].get("methods", ()))}
+    if methods & set(_FTL_METHODS):
+        return set()
+    return {k for r in runs for k in r["config"] if k.startswith("ftl_")}
+
+
 def _head_option_diff(
     a: Dict[str, Any],
     b: Dict[str, Any],
@@ -595,7 +609,8 @@ def check_compatible(
 ) -> None:
     """Raise ``ValueError`` unless the evaluation ``res`` (read from ``path``) may be pooled with
     ``first`` (from ``first_path``): same setting and data, every configuration field equal
-    except ``seeds``, ``methods`` and ``out`` (``leap_options`` as resolved head options; a
+    except ``seeds``, ``methods`` and ``out`` and the fields no method of the two runs reads
+    (:func:`_unused_fields`) (``leap_options`` as resolved head options; a
     field newer than a run, :data:`_ADDED_FIELDS`, as the value that run had), both
     made by releases that record the head defaults (``current``: the defaults assumed where a
     run recorded none, default this release's). Only the head defaults that the methods of the
@@ -616,10 +631,12 @@ def check_compatible(
             "did not record the head's defaults (they have changed since, e.g. "
             "prototype_shrinkage); pool runs of one release"
         )
+    unused = _unused_fields([res, first])
     diff = sorted(
         k
         for k in set(res["config"]) | set(first["config"])
         if k not in _MERGE_FREE
+        and k not in unused
         and not _same_setting(k, res["config"], first["config"], da, db, scope)
     )
     if diff:
@@ -739,9 +756,14 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
     current = head_defaults()
     da, db = a.get("head_defaults", current), b.get("head_defaults", current)
     scope = _head_scope([a, b], da, db)
+    unused = _unused_fields([a, b])
     config: Dict[str, Any] = {}
     for k in sorted(set(a["config"]) | set(b["config"])):
-        if k in _MERGE_FREE or _same_setting(k, b["config"], a["config"], db, da, scope):
+        if (
+            k in _MERGE_FREE
+            or k in unused
+            or _same_setting(k, b["config"], a["config"], db, da, scope)
+        ):
             continue
         config[k] = (
             {

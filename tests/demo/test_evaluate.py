@@ -795,7 +795,8 @@ def test_report_pools_cloud_free_runs_across_cloud_defaults(tmp_path, capsys):
     """Pooling compares only the head defaults the runs' methods depend on: cloud-free heads pool
     across releases whose cloud defaults differ and ignore `--leap-option`; a head keyword they
     use (the scale), a LEAP run beside them or an unrecorded default is still refused; a run
-    without a margin head pools with one that recorded none."""
+    without a margin head pools with one that recorded none; the `ftl_*` options count only
+    where a run has an FTL method."""
     from feature_cloud.cli import main
 
     p = str(tmp_path / "d.npz")
@@ -857,6 +858,16 @@ def test_report_pools_cloud_free_runs_across_cloud_defaults(tmp_path, capsys):
         cmp = json.load(fh)
     assert cmp["config_b_vs_a"] == {}
     assert cmp["differences"]["cosface"]["fc_acc_tail"]["per_seed"] == {"0": 0.0}
+    # the FTL options matter only where a run has an FTL method
+    energy = edit(d["b"], "energy", lambda r: r["config"].update(ftl_energy=0.9))
+    assert pool(d["a"], energy) == (0, "")
+    ftl = edit(energy, "ftl_energy", lambda r: r["config"]["methods"].append("ftl_base"))
+    rc, err = pool(d["a"], ftl)
+    assert rc == 2 and "['ftl_energy'] (ftl_energy: (0.9, 0.95)" in err, err
+    a_energy = edit(d["a"], "a_energy", lambda r: r["config"].update(ftl_energy=0.9))
+    assert main(["report", d["a"], a_energy, "--compare", "--out", str(tmp_path / "cmp2")]) == 0
+    with open(os.path.join(tmp_path, "cmp2", "compare.json")) as fh:
+        assert json.load(fh)["config_b_vs_a"] == {}
 
 
 def test_evaluate_writes_every_run_and_resume_trains_only_the_missing_ones(
