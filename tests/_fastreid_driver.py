@@ -107,10 +107,16 @@ def head_summary(model):
     if isinstance(model, FTLBaseline):
         return {"step": None, "counts": None}
     head = model.heads.margin_head
+    stats = head.statistics
     return {
         "step": int(head.step),
-        "counts": head.statistics.class_counts.tolist(),
+        "counts": stats.class_counts.tolist(),
         "pending": model.heads.class_counts_pending,
+        "statistics": {
+            "center_rate": stats.center_rate,
+            "unknown_variance": stats.unknown_variance,
+            "max_age": stats.max_age,
+        },
     }
 
 

@@ -194,6 +194,46 @@ def test_leap_imprint_iters_through_default_trainer_and_resume(leap_run, data_ro
     assert resumed["final"]["step"] == trained["max_iter"]
 
 
+def test_leap_statistics_keys_through_default_trainer_and_resume(leap_run, data_root, tmp_path):
+    """The statistics YAML keys at their non-default values (``CENTER_RATE: paper``,
+    ``UNKNOWN_VARIANCE: pooled``, ``ANGLE_MAX_AGE: 2``): DefaultTrainer builds the head with them
+    and trains; fastreid's ``config.yaml`` and checkpoint take a new process back to the same
+    training step (bit-identical probe), which is not the default run's."""
+    _, plain, plain_base = leap_run
+    keys = {"CENTER_RATE": "paper", "UNKNOWN_VARIANCE": "pooled", "ANGLE_MAX_AGE": "2"}
+    opts = [x for k, v in keys.items() for x in (f"MODEL.HEADS.FEATURE_CLOUD.{k}", v)]
+    out = str(tmp_path / "train")
+    trained, base, _ = _leap("train", out, data_root, *opts, label="leap statistics keys train")
+    expected = {"center_rate": "paper", "unknown_variance": "pooled", "max_age": 2}
+    assert trained["final"]["statistics"] == expected
+    assert plain["final"]["statistics"] == {
+        "center_rate": "adaptive",
+        "unknown_variance": "tail_prior",
+        "max_age": None,
+    }
+    run_dir = _resume_dir(out, tmp_path / "resumed")
+    # the resumed process reads the keys from the run's own config.yaml, as fastreid's tools do
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        written = f.read()
+    assert "CENTER_RATE: paper" in written and "ANGLE_MAX_AGE: 2" in written
+    resumed, rbase, _ = _drive(
+        "resume",
+        run_dir,
+        data_root,
+        os.path.join(run_dir, "config.yaml"),
+        "OUTPUT_DIR",
+        run_dir,
+        label="leap statistics keys resume",
+    )
+    assert resumed["loaded"]["statistics"] == expected
+    a, b, without = _probe(base), _probe(rbase), _probe(plain_base)
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["stats.centers"], without["stats.centers"])  # the paper's rate
+    assert resumed["final"]["step"] == trained["max_iter"]
+
+
 def test_leap_eval_only_with_shipped_yaml(leap_run, data_root):
     out, trained, _ = leap_run
     proc = _run(
