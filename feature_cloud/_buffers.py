@@ -1,12 +1,28 @@
-"""Buffers whose dtype a module cast must not change (statistics stay float32 / float64 / int)."""
+"""Module state helpers: buffers whose dtype a module cast must not change (statistics stay
+float32 / float64 / int), and loads that are all or nothing."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+import contextlib
+import copy
+from typing import Callable, Dict, Iterator
 
 from torch import Tensor, nn
 
-__all__ = ["KeepBufferDtypes"]
+__all__ = ["KeepBufferDtypes", "restore_on_error"]
+
+
+@contextlib.contextmanager
+def restore_on_error(*modules: nn.Module) -> Iterator[None]:
+    """Put the ``modules``' state (copied on entry) back if the block raises: checkpoint loaders
+    that load several parts in turn leave nothing half loaded when a later part is refused."""
+    saved = [copy.deepcopy(m.state_dict()) for m in modules]
+    try:
+        yield
+    except BaseException:
+        for module, state in zip(modules, saved):
+            module.load_state_dict(state)
+        raise
 
 
 class KeepBufferDtypes(nn.Module):

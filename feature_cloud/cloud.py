@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from . import functional as FC
 from . import noise as N
 from ._validation import as_float, as_int, check_batch, check_class_counts
-from .statistics import ClassStatistics
+from .statistics import DEFAULT_CENTER_RATE, ClassStatistics
 from .sync import BATCH_MODES, SyncedClassStatistics
 
 __all__ = [
@@ -180,8 +180,8 @@ class FeatureCloud(nn.Module):
         cloud_scale: float = DEFAULT_CLOUD_SCALE,
         prototype_shrinkage: Optional[float] = DEFAULT_PROTOTYPE_SHRINKAGE,
         prototype_min_count: int = DEFAULT_PROTOTYPE_MIN_COUNT,
-        center_rate: str = "adaptive",
-        unknown_variance: str = "tail_prior",
+        center_rate: str = DEFAULT_CENTER_RATE,
+        unknown_variance: str = FC.DEFAULT_UNKNOWN_VARIANCE,
         angle_max_age: Optional[int] = None,
         imprint_step: Optional[int] = None,
         sync: str = "auto",

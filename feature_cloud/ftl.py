@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import functional as FC
+from ._buffers import restore_on_error
 from ._validation import check_labels
 from .heads import LEAPMarginHead
 from .regularizers import MetricL2
@@ -35,6 +37,8 @@ __all__ = [
     "ConvDecoder",
     "PARTS",
     "STAGE_TRAINABLE",
+    "TAIL_SAMPLING",
+    "DEFAULT_TAIL_SAMPLING",
 ]
 
 #: The four modules of FTL Fig. 2, by the names used for freezing and parameter groups.
@@ -406,6 +410,8 @@ class IndexedDataset(Dataset[Tuple[Any, ...]]):
 
 #: :class:`AlternatingScheduler` ``tail_sampling`` values.
 TAIL_SAMPLING = ("samples", "classes")
+#: the default :data:`TAIL_SAMPLING` (Algorithm 1's uniform draw over the long-tail samples)
+DEFAULT_TAIL_SAMPLING = "samples"
 
 
 def class_balanced_pool(indices: Tensor, labels: Tensor) -> Tensor:
@@ -531,7 +537,7 @@ class AlternatingScheduler:
         seed: int = 0,
         flip: Optional[Callable[[Tensor], Tensor]] = None,
         quality: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-        tail_sampling: str = "samples",
+        tail_sampling: str = DEFAULT_TAIL_SAMPLING,
     ) -> None:
         if not isinstance(model, FTLModel):
             raise TypeError(f"model must be an FTLModel, got {type(model).__name__}")
@@ -632,12 +638,31 @@ class AlternatingScheduler:
             "tail_sampling": self.tail_sampling,
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` and re-apply the stage's freezing. A checkpoint whose
-        ``stage0_iters``, ``stage_iters``, ``stage2_iters``, ``seed`` or ``tail_sampling`` differ
-        from this scheduler's is refused before anything changes (one without ``tail_sampling``
-        predates the option and counts as ``"samples"``; one without ``stage2_iters`` predates
-        unequal stages and counts as its ``stage_iters``)."""
+    @contextlib.contextmanager
+    def restoring(self, *modules: nn.Module) -> Iterator[None]:
+        """Undo the block if it raises: the schedule's position (and freezing) and the state of
+        ``modules`` (copied on entry). Checkpoint loaders load a schedule and the statistics and
+        weights that go with it inside it, so a refused part leaves nothing half loaded::
+
+            with scheduler.restoring(model.classifier, model.feature_transfer):
+                scheduler.load_state_dict(state["scheduler"])  # checks the settings first
+                model.classifier.load_state_dict(state["classifier"])
+                model.feature_transfer.load_state_dict(state["feature_transfer"])
+        """
+        schedule = self.state_dict()
+        try:
+            with restore_on_error(*modules):
+                yield
+        except BaseException:
+            self.load_state_dict(schedule)
+            raise
+
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        """Raise if :meth:`load_state_dict` would refuse ``state``; changes nothing. A checkpoint
+        whose ``stage0_iters``, ``stage_iters``, ``stage2_iters``, ``seed`` or ``tail_sampling``
+        differ from this scheduler's is refused (one without ``tail_sampling`` predates the
+        option and counts as ``"samples"``; one without ``stage2_iters`` predates unequal stages
+        and counts as its ``stage_iters``), as is one with invalid counters."""
         missing = {"stage", "iteration", "stage_iteration", "alternation", "needs_stats"} - set(
             state
         )
@@ -675,6 +700,11 @@ class AlternatingScheduler:
                 f"scheduler state has stage_iteration={state['stage_iteration']} but stage {stage} "
                 f"lasts {length} iterations (stage_iteration must be in [0, {length}))"
             )
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` and re-apply the stage's freezing; a state that
+        :meth:`check_state_dict` refuses is refused before anything changes."""
+        self.check_state_dict(state)
         self._stage = int(state["stage"])
         self.iteration = int(state["iteration"])
         self.stage_iteration = int(state["stage_iteration"])

@@ -51,6 +51,7 @@ __all__ = [
     "full_cloud_variance",
     "cloud_variance",
     "UNKNOWN_VARIANCE",
+    "DEFAULT_UNKNOWN_VARIANCE",
     "unknown_variance_prior",
     "masked_angle_moments",
     "center_prototypes",
@@ -428,6 +429,8 @@ def masked_angle_moments(
 #: until two angles are stored; ``"pooled"`` the pooled variance for every such class (the
 #: package's behaviour before 0.3, head classes included); ``"none"`` never a cloud.
 UNKNOWN_VARIANCE = ("tail_prior", "pooled", "none")
+#: the default :data:`UNKNOWN_VARIANCE` policy
+DEFAULT_UNKNOWN_VARIANCE = "tail_prior"
 
 
 def unknown_variance_prior(

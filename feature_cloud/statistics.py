@@ -15,12 +15,15 @@ from . import functional as FC
 from ._buffers import KeepBufferDtypes
 from ._validation import as_float, as_int, check_batch, check_class_counts
 
-__all__ = ["ClassStatistics"]
+__all__ = ["ClassStatistics", "CENTER_RATES", "DEFAULT_CENTER_RATE"]
 
 _MEMORY_BUFFERS = ("memory", "memory_stamp", "memory_owner")
 
 #: Center update rules: ``"adaptive"`` rate max(gamma, 1/n), ``"paper"`` constant gamma.
 CENTER_RATES = ("adaptive", "paper")
+#: the default center rule: ``"adaptive"`` (not the paper's constant ``gamma``: a tail class's
+#: center starts at one batch mean and moves only when the class appears; README, "Real faces")
+DEFAULT_CENTER_RATE = "adaptive"
 
 
 class ClassStatistics(KeepBufferDtypes):
@@ -82,8 +85,8 @@ class ClassStatistics(KeepBufferDtypes):
         cloud: str = "full",
         tail_threshold: int = 20,
         count_updates: Optional[int] = None,
-        center_rate: str = "adaptive",
-        unknown_variance: str = "tail_prior",
+        center_rate: str = DEFAULT_CENTER_RATE,
+        unknown_variance: str = FC.DEFAULT_UNKNOWN_VARIANCE,
         max_age: Optional[int] = None,
     ) -> None:
         super().__init__()

@@ -428,16 +428,29 @@ class FeatureTransfer(KeepBufferDtypes):
         )
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        # every shape checked before a data-sized buffer is resized: a refused checkpoint leaves
+        # this module as it was
+        src = state_dict.get(prefix + "basis")
+        if src is not None and (src.dim() != 2 or src.shape[0] != self.feature_dim):
+            raise ValueError(
+                f"checkpoint basis has shape {tuple(src.shape)}; this FeatureTransfer has "
+                f"feature_dim={self.feature_dim}"
+            )
+        for name, cur in self._buffers.items():
+            src = state_dict.get(prefix + name)
+            if name in _VARIABLE_BUFFERS or cur is None or not isinstance(src, Tensor):
+                continue
+            if src.shape != cur.shape:
+                raise ValueError(
+                    f"checkpoint {name} has shape {tuple(src.shape)}, this FeatureTransfer's "
+                    f"{tuple(cur.shape)} (num_classes={self.num_classes}, "
+                    f"feature_dim={self.feature_dim}): statistics of another model"
+                )
         for name in _VARIABLE_BUFFERS:
             key = prefix + name
             if key in state_dict:
                 cur = getattr(self, name)
                 src = state_dict[key]
-                if name == "basis" and (src.dim() != 2 or src.shape[0] != self.feature_dim):
-                    raise ValueError(
-                        f"checkpoint basis has shape {tuple(src.shape)}; this FeatureTransfer has "
-                        f"feature_dim={self.feature_dim}"
-                    )
                 setattr(self, name, torch.empty(src.shape, dtype=cur.dtype, device=cur.device))
         super()._load_from_state_dict(state_dict, prefix, *args)
 

@@ -74,7 +74,9 @@ from feature_cloud.cloud import (
     DEFAULT_PROTOTYPE_MIN_COUNT,
     DEFAULT_PROTOTYPE_SHRINKAGE,
 )
+from feature_cloud.functional import DEFAULT_UNKNOWN_VARIANCE
 from feature_cloud.heads import LEAPMarginHead
+from feature_cloud.statistics import DEFAULT_CENTER_RATE
 
 __all__ = [
     "patch_fastreid_compat",
@@ -365,8 +367,8 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     node.PROTOTYPE_SHRINKAGE = DEFAULT_PROTOTYPE_SHRINKAGE
     node.PROTOTYPE_MIN_COUNT = DEFAULT_PROTOTYPE_MIN_COUNT
     node.IMPRINT_ITERS = -1
-    node.CENTER_RATE = "adaptive"
-    node.UNKNOWN_VARIANCE = "tail_prior"
+    node.CENTER_RATE = DEFAULT_CENTER_RATE
+    node.UNKNOWN_VARIANCE = DEFAULT_UNKNOWN_VARIANCE
     node.ANGLE_MAX_AGE = -1
     frozen = cfg.is_frozen()
     cfg.defrost()
@@ -500,9 +502,38 @@ def _migrate_legacy_heads(model: nn.Module, state: Dict[str, Any]) -> None:
             migrate_state_dict(state, prefix, prefix + "feature_cloud.")
 
 
+def _checkpointer_load(load: Callable[..., Any]) -> Callable[..., Any]:
+    """``Checkpointer.load`` that tells ``_load_model`` which checkpointables it will load."""
+
+    @functools.wraps(load)
+    def wrapped(self: Checkpointer, path: str, checkpointables: Optional[List[str]] = None) -> Any:
+        self._feature_cloud_loading = (
+            list(self.checkpointables) if checkpointables is None else list(checkpointables)
+        )
+        try:
+            return load(self, path, checkpointables)
+        finally:
+            del self._feature_cloud_loading
+
+    wrapped._feature_cloud = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _check_checkpointables(self: Checkpointer, checkpoint: Dict[str, Any]) -> None:
+    """Checkpointables with a ``check_state_dict`` (the FTL hook) refuse their entry before the
+    model loads: fastreid loads the model, then each checkpointable, so a late refusal would leave
+    the weights (and optimizer) of a checkpoint the trainer does not take."""
+    for key in getattr(self, "_feature_cloud_loading", ()):
+        check = getattr(self.checkpointables.get(key), "check_state_dict", None)
+        if check is not None and key in checkpoint:
+            check(checkpoint[key])
+
+
 def _checkpointer_load_model(load_model: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(load_model)
     def wrapped(self: Checkpointer, checkpoint: Any) -> Any:
+        if isinstance(checkpoint, dict):
+            _check_checkpointables(self, checkpoint)
         state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
         if isinstance(state, dict):
             model = self.model.module if hasattr(self.model, "module") else self.model
@@ -551,11 +582,14 @@ def _build_hooks_with_feature_cloud(build_hooks: Callable[..., Any]) -> Callable
 
 
 def _integrate_trainer() -> None:
-    """The two trainer integrations this module installs (idempotent): ``Checkpointer`` gives
+    """The trainer integrations this module installs (idempotent): ``Checkpointer`` gives
     data-sized feature-cloud buffers the checkpoint's shape before fastreid's shape filter (which
-    would drop them), and ``DefaultTrainer.build_hooks`` adds :class:`FeatureCloudHook`."""
+    would drop them) and lets checkpointables refuse their entry before the model loads, and
+    ``DefaultTrainer.build_hooks`` adds :class:`FeatureCloudHook`."""
     if not getattr(Checkpointer._load_model, "_feature_cloud", False):
         Checkpointer._load_model = _checkpointer_load_model(Checkpointer._load_model)
+    if not getattr(Checkpointer.load, "_feature_cloud", False):
+        Checkpointer.load = _checkpointer_load(Checkpointer.load)
     if not getattr(DefaultTrainer.build_hooks, "_feature_cloud", False):
         DefaultTrainer.build_hooks = _build_hooks_with_feature_cloud(DefaultTrainer.build_hooks)
 
@@ -613,8 +647,8 @@ class LEAPHead(nn.Module):
         prototype_shrinkage: Optional[float] = DEFAULT_PROTOTYPE_SHRINKAGE,
         imprint_step: Optional[int] = None,
         prototype_min_count: int = DEFAULT_PROTOTYPE_MIN_COUNT,
-        center_rate: str = "adaptive",
-        unknown_variance: str = "tail_prior",
+        center_rate: str = DEFAULT_CENTER_RATE,
+        unknown_variance: str = DEFAULT_UNKNOWN_VARIANCE,
         angle_max_age: Optional[int] = None,
     ) -> None:
         super().__init__()
@@ -752,8 +786,8 @@ class LEAPHead(nn.Module):
             ),
             "imprint_step": None if int(fc.get("IMPRINT_ITERS", -1)) < 0 else int(fc.IMPRINT_ITERS),
             "prototype_min_count": fc.get("PROTOTYPE_MIN_COUNT", DEFAULT_PROTOTYPE_MIN_COUNT),
-            "center_rate": str(fc.get("CENTER_RATE", "adaptive")).lower(),
-            "unknown_variance": str(fc.get("UNKNOWN_VARIANCE", "tail_prior")).lower(),
+            "center_rate": str(fc.get("CENTER_RATE", DEFAULT_CENTER_RATE)).lower(),
+            "unknown_variance": str(fc.get("UNKNOWN_VARIANCE", DEFAULT_UNKNOWN_VARIANCE)).lower(),
             "angle_max_age": _max_age(fc.get("ANGLE_MAX_AGE", -1)),
         }
 

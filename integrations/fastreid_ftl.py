@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from feature_cloud.ftl import (
+    DEFAULT_TAIL_SAMPLING,
     TAIL_SAMPLING,
     AlternatingScheduler,
     ConvDecoder,
@@ -106,7 +107,7 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     node.FLIP = True
     node.STATS_BATCH_SIZE = 0
     node.STAGE1_BATCH_SIZE = 0
-    node.TAIL_SAMPLING = "samples"
+    node.TAIL_SAMPLING = DEFAULT_TAIL_SAMPLING
     node.SEED = 0
     frozen = cfg.is_frozen()
     cfg.defrost()
@@ -354,7 +355,9 @@ class FTLHook(HookBase):
       the scheduler state and the :class:`FeatureTransfer` statistics (``C``, ``Q``, ``h``; the
       model's state holds them too, which fastreid's unpatched checkpointer skips: their size
       depends on the data). Loading it is all or nothing: a checkpoint of another schedule
-      (stage lengths, seed, ``TAIL_SAMPLING``) is refused before the hook changes.
+      (stage lengths, seed, ``TAIL_SAMPLING``) is refused before the trainer changes (the
+      adapter's ``Checkpointer`` asks :meth:`check_state_dict` before it loads the model); a
+      fine-tune from ``MODEL.WEIGHTS`` loads the weights only and is not checked.
 
     Args:
         model: the (possibly DDP-wrapped) :class:`FTLBaseline`.
@@ -382,7 +385,7 @@ class FTLHook(HookBase):
         stage2_iters: Optional[int] = None,
         max_alternations: Optional[int] = None,
         seed: int = 0,
-        tail_sampling: str = "samples",
+        tail_sampling: str = DEFAULT_TAIL_SAMPLING,
         flip: bool = True,
         quality: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
         stats_batch_size: int = 64,
@@ -471,7 +474,7 @@ class FTLHook(HookBase):
         stats_cfg.defrost()
         stats_cfg.INPUT.SIZE_TEST = cfg.INPUT.SIZE_TRAIN  # statistics of the training-size g
         alternations = int(ftl_cfg.MAX_ALTERNATIONS)
-        tail_sampling = ftl_cfg.get("TAIL_SAMPLING", "samples")
+        tail_sampling = ftl_cfg.get("TAIL_SAMPLING", DEFAULT_TAIL_SAMPLING)
         if tail_sampling not in TAIL_SAMPLING:
             raise ValueError(
                 f"MODEL.FTL.TAIL_SAMPLING must be one of {TAIL_SAMPLING}, got {tail_sampling!r}"
@@ -503,17 +506,20 @@ class FTLHook(HookBase):
             "feature_transfer": self.ftl.feature_transfer.state_dict(),
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        """Raise if :meth:`load_state_dict` would refuse the schedule of ``state``; changes
+        nothing. The adapter's ``Checkpointer`` calls it before it loads the model, so a
+        checkpoint of another schedule leaves the whole trainer as it was."""
         missing = {"scheduler", "feature_transfer"} - set(state)
         if missing:
             raise ValueError(f"FTL hook state lacks {sorted(missing)}")
-        previous = self.scheduler.state_dict()
-        self.scheduler.load_state_dict(state["scheduler"])  # checks the schedule settings first
-        try:
+        self.scheduler.check_state_dict(state["scheduler"])
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.check_state_dict(state)
+        with self.scheduler.restoring(self.ftl.feature_transfer):  # all or nothing
+            self.scheduler.load_state_dict(state["scheduler"])  # checks the settings first
             self.ftl.feature_transfer.load_state_dict(state["feature_transfer"])
-        except Exception:
-            self.scheduler.load_state_dict(previous)
-            raise
         self._leave_stage1()
 
     # ------------------------------------------------------------------ hook methods

@@ -25,7 +25,7 @@ reports closed-set top-1/top-5 of the head's ``s cos(theta)`` logits. No math he
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -42,7 +42,14 @@ from timm.utils.model import unwrap_model
 from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 
-from feature_cloud.ftl import AlternatingScheduler, ConvDecoder, FTLModel, make_filter
+from feature_cloud._buffers import restore_on_error
+from feature_cloud.ftl import (
+    DEFAULT_TAIL_SAMPLING,
+    AlternatingScheduler,
+    ConvDecoder,
+    FTLModel,
+    make_filter,
+)
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.regularizers import MetricL2
 from feature_cloud.transfer import FeatureTransfer
@@ -87,6 +94,12 @@ def _has_task_state(state: Optional[Dict[str, Any]], strict: bool, what: str) ->
     if strict:
         raise RuntimeError(f"the checkpoint has no {what} task state ('task_state')")
     return False
+
+
+def _loaded_modules(task: TrainingTask, ema: bool) -> List[nn.Module]:
+    """The module a checkpoint load writes (the EMA copy with ``ema=True``), if it exists."""
+    module = task.get_trainable_module(ema=ema)
+    return [] if module is None else [module]
 
 
 class ModelEmaV3Following(ModelEmaV3):
@@ -280,6 +293,18 @@ class LEAPTask(TrainingTask):
         """``{"head": LEAPMarginHead.state_dict()}``: class weights, statistics, step and RNG."""
         return {"head": self._parts(module, ema).head.state_dict()}
 
+    def load_checkpoint_state(
+        self,
+        state_dict: Dict[str, Any],
+        task_state: Optional[Dict[str, Any]] = None,
+        ema: bool = False,
+        strict: bool = True,
+    ) -> None:
+        """timm's load (backbone weights, then the head's task state), all or nothing: a head
+        state that is refused leaves the backbone weights as they were."""
+        with restore_on_error(*_loaded_modules(self, ema)):
+            super().load_checkpoint_state(state_dict, task_state, ema=ema, strict=strict)
+
     def load_task_state(
         self,
         state: Optional[Dict[str, Any]],
@@ -445,7 +470,7 @@ class FTLTask(TrainingTask):
         seed: int = 0,
         flip: Optional[Callable[[Tensor], Tensor]] = None,
         quality: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-        tail_sampling: str = "samples",
+        tail_sampling: str = DEFAULT_TAIL_SAMPLING,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
@@ -479,7 +504,7 @@ class FTLTask(TrainingTask):
         seed: int = 0,
         flip: Optional[Callable[[Tensor], Tensor]] = None,
         quality: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-        tail_sampling: str = "samples",
+        tail_sampling: str = DEFAULT_TAIL_SAMPLING,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
@@ -599,6 +624,18 @@ class FTLTask(TrainingTask):
             state["scheduler"] = self.scheduler.state_dict()
         return state
 
+    def load_checkpoint_state(
+        self,
+        state_dict: Dict[str, Any],
+        task_state: Optional[Dict[str, Any]] = None,
+        ema: bool = False,
+        strict: bool = True,
+    ) -> None:
+        """timm's load (Enc and R weights, then the task state), all or nothing: a schedule or
+        statistics that are refused leave the weights and the schedule as they were."""
+        with self.scheduler.restoring(*_loaded_modules(self, ema)):
+            super().load_checkpoint_state(state_dict, task_state, ema=ema, strict=strict)
+
     def load_task_state(
         self,
         state: Optional[Dict[str, Any]],
@@ -619,17 +656,16 @@ class FTLTask(TrainingTask):
         parts = self._parts(module)
         if parts.decoder is None and state["decoder"] and strict:
             raise RuntimeError("the checkpoint has a decoder but this FTLModel has none")
-        previous = self.scheduler.state_dict()
-        if not ema:
-            self.scheduler.load_state_dict(state["scheduler"])  # checks the schedule settings first
-        try:
+        loaded = [
+            m for m in (parts.decoder, parts.classifier, parts.feature_transfer) if m is not None
+        ]
+        with self.scheduler.restoring(*loaded):  # all or nothing
+            if not ema:
+                self.scheduler.load_state_dict(state["scheduler"])  # checks the settings first
             if parts.decoder is not None:
                 parts.decoder.load_state_dict(state["decoder"], strict=strict)
             parts.classifier.load_state_dict(state["classifier"], strict=strict)
             parts.feature_transfer.load_state_dict(state["feature_transfer"], strict=strict)
-        except Exception:
-            self.scheduler.load_state_dict(previous)
-            raise
 
     def create_evaluator(self, **kwargs: Any) -> LEAPEvaluator:
         """timm's top-1/top-5 on ``FC(f)`` logits (``s cos`` for a margin head)."""

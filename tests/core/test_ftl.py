@@ -508,6 +508,44 @@ def test_scheduler_state_validation():
         AlternatingScheduler(nn.Linear(2, 2), stage0_iters=1)  # type: ignore[arg-type]
 
 
+def test_scheduler_restoring_undoes_a_failed_load():
+    """``AlternatingScheduler.restoring``: a load that fails part-way (here the statistics of
+    another feature size after the schedule and the classifier loaded) leaves the schedule, the
+    freezing and every listed module as they were; a load that succeeds stays loaded."""
+    xtr, ytr, _, _, _ = _data(4)
+    ds = IndexedDataset(TensorDataset(xtr, ytr))
+    model = _model(4)
+    sched = AlternatingScheduler(model, stage0_iters=2, stage_iters=3, seed=11)
+    opt = torch.optim.Adam(model.param_groups(), lr=1e-3)
+    _train(model, sched, opt, ds, DataLoader(ds, batch_size=256), 3)  # into stage 1
+    assert sched.stage == 1 and model.feature_transfer.ready
+    state = {
+        "scheduler": sched.state_dict(),
+        "classifier": copy.deepcopy(model.classifier.state_dict()),
+        "feature_transfer": copy.deepcopy(model.feature_transfer.state_dict()),
+    }
+
+    other = _model(5)  # other weights, no statistics yet, stage 0
+    osched = AlternatingScheduler(other, stage0_iters=2, stage_iters=3, seed=11)
+    before = _snapshot(other)
+    bad = dict(state, feature_transfer={**state["feature_transfer"], "basis": torch.zeros(3)})
+    with pytest.raises(ValueError, match="basis"):
+        with osched.restoring(other.classifier, other.feature_transfer):
+            osched.load_state_dict(bad["scheduler"])
+            other.classifier.load_state_dict(bad["classifier"])
+            other.feature_transfer.load_state_dict(bad["feature_transfer"])
+    assert osched.stage == 0 and osched.iteration == 0 and other.frozen == ()
+    assert not _changed(before, other) and not other.feature_transfer.ready
+
+    with osched.restoring(other.classifier, other.feature_transfer):
+        osched.load_state_dict(state["scheduler"])
+        other.classifier.load_state_dict(state["classifier"])
+        other.feature_transfer.load_state_dict(state["feature_transfer"])
+    assert osched.state_dict() == sched.state_dict() and other.frozen == model.frozen
+    assert torch.equal(other.classifier.weight, model.classifier.weight)
+    assert torch.equal(other.feature_transfer.basis, model.feature_transfer.basis)
+
+
 def _walk(sched, n):
     """The stages of the next ``n`` iterations (UpdateStats pretended where it is due)."""
     seen = []

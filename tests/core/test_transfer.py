@@ -267,6 +267,14 @@ def test_state_dict_round_trip():
     )
     with pytest.raises(ValueError, match="feature_dim"):
         FeatureTransfer(9, len(counts)).load_state_dict(state)
+    # statistics of another number of classes are refused before a data-sized buffer changes
+    other = FeatureTransfer(8, len(counts) + 1, energy=0.8, class_counts=list(counts) + [3])
+    other.update_stats([(g, y)])
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"checkpoint class_counts has shape .*num_classes="):
+        other.load_state_dict(state)
+    after = other.state_dict()
+    assert all(after[k].shape == v.shape and torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_bad_configuration_fails_clearly():

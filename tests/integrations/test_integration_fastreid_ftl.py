@@ -325,10 +325,17 @@ def test_ftl_trainer_runs_algorithm_1(market_root, tmp_path):
     # schedule position left as it was
     other = ftlint.FTLTrainer(_ftl_cfg(tmp_path, "MODEL.FTL.TAIL_SAMPLING", "classes"))
     before = other.ftl_hook.scheduler.state_dict()
+    weights = {k: v.clone() for k, v in other.model.state_dict().items()}
     with pytest.raises(
         ValueError, match="tail_sampling='samples' but this scheduler has 'classes'"
     ):
         other.resume_or_load(resume=True)
+    assert other.ftl_hook.scheduler.state_dict() == before
+    # refused before fastreid's loader wrote the model: the trainer is as it was
+    assert all(torch.equal(v, weights[k]) for k, v in other.model.state_dict().items())
+    # a fine-tune (weights only, fastreid's resume=False path) does not ask the schedule
+    other.checkpointer.load(path, checkpointables=[])
+    assert torch.equal(other.model.state_dict()["ftl.classifier.weight"], ftl.classifier.weight)
     assert other.ftl_hook.scheduler.state_dict() == before
     # the hook's own load is all or nothing: a refused schedule loads no statistics, statistics
     # that do not load leave the schedule where it was

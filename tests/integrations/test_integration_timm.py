@@ -352,6 +352,18 @@ def test_ftl_task_state_round_trips_mid_stage_1(tmp_path):
     assert torch.equal(batches[0][2], batches[1][2])
     with pytest.raises(KeyError, match="scheduler"):
         restored.load_task_state({"classifier": {}, "decoder": {}, "feature_transfer": {}})
+    # the load is all or nothing: statistics that do not load leave the schedule, the decoder and
+    # the classifier of the task as they were (they load before the statistics)
+    other = _ftl_task(seed=1, init_seed=5)
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    schedule = other.scheduler.state_dict()
+    broken = dict(state["task_state"])
+    broken["feature_transfer"] = {**broken["feature_transfer"], "basis": torch.zeros(3)}
+    with pytest.raises(ValueError, match="basis"):
+        other.load_task_state(broken)
+    assert other.scheduler.state_dict() == schedule and other.model.frozen == ()
+    for name, value in other.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 _OLD_TIMM = """

@@ -84,15 +84,9 @@ def test_ema_follows_online_counting_memory():
     assert ema.module.head.statistics.memory.shape == task.head.statistics.memory.shape
 
 
-def test_ftl_task_ema_through_update_stats():
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from feature_cloud.ftl import IndexedDataset
-
-    torch.manual_seed(0)
-    task = FTLTask.from_timm(
-        "test_resnet",
-        C,
+def _ftl_task(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    kw = dict(
         stage0_iters=2,
         stage_iters=1,
         max_alternations=1,
@@ -102,12 +96,26 @@ def test_ftl_task_ema_through_update_stats():
         classifier="linear",
         verbose=False,
     )
-    ema = task.setup_ema(decay=0.5)
+    kw.update(kwargs)
+    return FTLTask.from_timm("test_resnet", C, **kw)
+
+
+def _ftl_dataset():
+    from torch.utils.data import TensorDataset
+
+    from feature_cloud.ftl import IndexedDataset
+
     x, y = _images(COUNTS, 2)
-    dataset = IndexedDataset(TensorDataset(x, y))
-    opt = torch.optim.SGD(task.model.param_groups(), lr=0.05)
+    return x, IndexedDataset(TensorDataset(x, y))
+
+
+def _ftl_steps(task, dataset, opt, n=None, ema=None):
+    """Algorithm 1 with the task's loaders: ``n`` optimiser steps (to the end with ``None``)."""
+    from torch.utils.data import DataLoader
+
     task.train()
-    while not task.finished:
+    done = 0
+    while not task.finished and (n is None or done < n):
         stage = task.stage
         if task.needs_stats:
             task.update_stats(DataLoader(dataset, batch_size=32))
@@ -121,9 +129,19 @@ def test_ftl_task_ema_through_update_stats():
             opt.zero_grad()
             result["loss"].backward()
             opt.step()
-            ema.update(task.model)  # the FTLModel itself
-            if task.step() != stage:
+            done += 1
+            if ema is not None:
+                ema.update(task.model)  # the FTLModel itself
+            if task.step() != stage or done == n:
                 break
+
+
+def test_ftl_task_ema_through_update_stats():
+    task = _ftl_task()
+    ema = task.setup_ema(decay=0.5)
+    x, dataset = _ftl_dataset()
+    opt = torch.optim.SGD(task.model.param_groups(), lr=0.05)
+    _ftl_steps(task, dataset, opt, ema=ema)
     ft, ema_ft = task.model.feature_transfer, ema.module.feature_transfer
     assert (
         ft.basis.numel() > 0 and ema_ft.basis.shape == ft.basis.shape
@@ -184,6 +202,85 @@ def test_checkpoint_saver_resume_is_bit_identical(tmp_path, imprint_step):
         restored.get_trainable_module().state_dict().items(),
     ):
         assert ka == kb and torch.equal(va, vb), ka
+
+
+def test_leap_resume_of_a_refused_head_leaves_the_task_as_it_was(tmp_path):
+    """timm's loaders write the backbone, then the task state: a checkpoint whose head does not
+    fit (another number of classes) is refused by ``resume_task_checkpoint`` and
+    ``load_task_ema_checkpoint`` without leaving the task half loaded."""
+    task = _leap_task(seed=1)
+    task.setup_ema(decay=0.9)
+    x, y = _images([6] * C, 3)
+    opt = torch.optim.Adam(task.get_trainable_module().parameters(), lr=1e-3)
+    _steps(task, opt, x, y, 2, ema=task.trainable_module_ema)
+    saver = CheckpointSaver(
+        task.get_trainable_module(), opt, task=task, checkpoint_dir=str(tmp_path), max_history=1
+    )
+    saver.save_checkpoint(epoch=0, metric=1.0)
+    path = os.path.join(str(tmp_path), "checkpoint-0.pth.tar")
+
+    torch.manual_seed(7)
+    other = LEAPTask.from_timm(  # seven classes, same backbone
+        "test_resnet", C + 1, cloud="full", class_counts=COUNTS + [6], seed=7, verbose=False
+    )
+    other.setup_ema(decay=0.9)
+    for ema, load in ((False, resume_task_checkpoint), (True, load_task_ema_checkpoint)):
+        before = {k: v.clone() for k, v in other.get_trainable_module(ema=ema).state_dict().items()}
+        with pytest.raises(ValueError, match="checkpoint head has 6 weight rows"):
+            load(other, path)
+        after = other.get_trainable_module(ema=ema).state_dict()
+        assert set(after) == set(before)
+        for key in before:
+            assert torch.equal(after[key], before[key]), (ema, key)
+
+
+def test_ftl_checkpoint_saver_resume_mid_stage_1_with_class_balanced_tail(tmp_path):
+    """FTL with ``tail_sampling="classes"`` saved by timm's ``CheckpointSaver`` in the middle of
+    stage 1 and resumed by ``resume_task_checkpoint`` / ``load_task_ema_checkpoint``: the next
+    steps (class-balanced long-tail stream, statistics, frozen parts) are the ones the task that
+    never stopped takes; a task drawing the other stream refuses the checkpoint unchanged."""
+    kw = dict(stage_iters=3, max_alternations=2, tail_sampling="classes")
+    task = _ftl_task(seed=1, **kw)
+    ema = task.setup_ema(decay=0.5)
+    _, dataset = _ftl_dataset()
+    opt = torch.optim.SGD(task.model.param_groups(), lr=0.05, momentum=0.9)
+    _ftl_steps(task, dataset, opt, n=3, ema=ema)  # stage 0, UpdateStats, one stage-1 step
+    assert task.stage == 1 and task.scheduler.stage_iteration == 1
+    saver = CheckpointSaver(
+        task.get_trainable_module(),
+        opt,
+        task=task,
+        checkpoint_dir=str(tmp_path),
+        recovery_dir=str(tmp_path),
+        max_history=2,
+    )
+    saver.save_checkpoint(epoch=0, metric=1.0)
+    path = os.path.join(str(tmp_path), "checkpoint-0.pth.tar")
+
+    samples = _ftl_task(seed=1, **dict(kw, tail_sampling="samples"))
+    before = {k: v.clone() for k, v in samples.model.state_dict().items()}
+    with pytest.raises(ValueError, match="tail_sampling='classes'"):
+        resume_task_checkpoint(samples, path, log_info=False)
+    assert samples.stage == 0
+    assert all(torch.equal(v, before[k]) for k, v in samples.model.state_dict().items())
+
+    restored = _ftl_task(seed=7, **kw)  # other initial weights
+    restored.setup_ema(decay=0.5)
+    restored_opt = torch.optim.SGD(restored.model.param_groups(), lr=0.05, momentum=0.9)
+    assert resume_task_checkpoint(restored, path, optimizer=restored_opt, log_info=False) == 1
+    load_task_ema_checkpoint(restored, path)
+    assert restored.scheduler.state_dict() == task.scheduler.state_dict()
+    assert restored.model.frozen == task.model.frozen == ("encoder", "decoder")
+    for t, o in ((task, opt), (restored, restored_opt)):
+        torch.manual_seed(0)
+        _ftl_steps(t, dataset, o, n=4, ema=t.trainable_module_ema)  # into stage 2 and back
+    assert restored.scheduler.state_dict() == task.scheduler.state_dict()
+    for ema_copy in (False, True):
+        a = task.get_trainable_module(ema=ema_copy).state_dict()
+        b = restored.get_trainable_module(ema=ema_copy).state_dict()
+        assert set(a) == set(b)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (ema_copy, key)
 
 
 # ---------------------------------------------------------------- export for inference
