@@ -22,6 +22,17 @@ from typing import Callable, Optional, Sequence, TextIO, Type, Union
 __all__ = ["main", "build_parser"]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, except for options whose help states the default itself
+    (a per-source or derived default) or that default to ``None`` (nothing to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        text = action.help or ""
+        if "(default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo.methods import FTL_CLASSIFIERS, METHODS
     from .demo.runner import DATA_DEFAULTS, DemoConfig
@@ -39,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train every method on a long-tailed split; head/tail metrics and plots",
         description="Train every method on the same backbone and budget on a long-tailed split "
         "(LEAP's <H, S> protocol) and write tables (Markdown, CSV, JSON) and PNG plots to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     defaults = ", ".join(
         f"{k}: H{v['num_head']} S{v['tail_shots']} {v['epochs']} epochs"
@@ -65,7 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "-S", "--shots", type=int, default=None, help="training samples kept per tail identity S"
     )
-    demo.add_argument("--seeds", type=int, nargs="+", default=d.seeds)
+    demo.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=d.seeds,
+        help="one split, initialisation and batch order per seed, shared by every method",
+    )
     demo.add_argument(
         "--methods",
         nargs="+",
@@ -77,16 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--epochs", type=int, default=None, help="training epochs (per-source default)"
     )
-    demo.add_argument("--batch-size", type=int, default=d.batch_size)
-    demo.add_argument("--lr", type=float, default=d.lr)
-    demo.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    demo.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+    demo.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (cosine decay)")
+    demo.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay")
     demo.add_argument(
         "--warmup-epochs",
         type=int,
         default=None,
         help="epochs before the LEAP cloud starts (default: epochs // 3)",
     )
-    demo.add_argument("--embedding-size", type=int, default=d.embedding_size)
+    demo.add_argument(
+        "--embedding-size", type=int, default=d.embedding_size, help="embedding dimension D"
+    )
     demo.add_argument(
         "--leap-margin",
         choices=("cosface", "arcface"),
@@ -124,8 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="FTL's FC: the paper's linear softmax + m-L2, a cosine-margin head, or 'leap': the "
         "default LEAP head (its baseline: the plain margin head)",
     )
-    demo.add_argument("--test-fraction", type=float, default=d.test_fraction)
-    demo.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    demo.add_argument(
+        "--test-fraction",
+        type=float,
+        default=d.test_fraction,
+        help="share of each identity's samples held out for testing",
+    )
+    demo.add_argument(
+        "--val-fraction",
+        type=float,
+        default=d.val_fraction,
+        help="share of each identity's samples held out for validation",
+    )
     demo.add_argument(
         "--eval-split",
         choices=("test", "val"),
@@ -199,9 +228,9 @@ def _add_evaluate(sub) -> None:
         description="Train each method and its baseline (LEAP vs the same margin head with the "
         "cloud off, FTL vs the same Enc/R/FC model without transfer) on the same backbone, budget "
         "and batch order per seed; report head/tail FC and NN accuracy, rank-1/mAP, per-class "
-        "angle variance and weight norm, paired differences with 95%% t-intervals (Markdown, CSV, "
+        "angle variance and weight norm, paired differences with 95% t-intervals (Markdown, CSV, "
         "JSON, PNG) under --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     ev.add_argument(
         "data", help=".npz (images, labels[, camids]) or a folder with one sub-folder per identity"
@@ -258,22 +287,46 @@ def _add_evaluate(sub) -> None:
         metavar="METHOD",
         help=f"from {list(EVAL_METHODS)}; baselines are added",
     )
-    ev.add_argument("--seeds", type=int, nargs="+", default=e.seeds)
-    ev.add_argument("--epochs", type=int, default=e.epochs)
-    ev.add_argument("--batch-size", type=int, default=e.batch_size)
-    ev.add_argument("--optimizer", choices=("sgd", "adam"), default=e.optimizer)
-    ev.add_argument("--lr", type=float, default=e.lr)
-    ev.add_argument("--weight-decay", type=float, default=e.weight_decay)
+    ev.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=e.seeds,
+        help="one split, initialisation and batch order per seed, shared by a method and its "
+        "baseline (3 or more for the intervals)",
+    )
+    ev.add_argument("--epochs", type=int, default=e.epochs, help="training epochs of every model")
+    ev.add_argument("--batch-size", type=int, default=e.batch_size, help="training batch size")
+    ev.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam"),
+        default=e.optimizer,
+        help="'sgd': momentum 0.9, Nesterov, one-cycle learning rate; 'adam': cosine",
+    )
+    ev.add_argument("--lr", type=float, default=e.lr, help="peak learning rate")
+    ev.add_argument("--weight-decay", type=float, default=e.weight_decay, help="weight decay")
     ev.add_argument(
         "--warmup-fraction",
         type=float,
         default=e.warmup_fraction,
         help="share of training before the LEAP cloud / FTL transfer starts",
     )
-    ev.add_argument("--embedding-size", type=int, default=e.embedding_size)
+    ev.add_argument(
+        "--embedding-size", type=int, default=e.embedding_size, help="embedding dimension D"
+    )
     ev.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-    ev.add_argument("--ml2-alpha", type=float, default=e.ml2_alpha)
-    ev.add_argument("--ftl-alternations", type=int, default=e.ftl_alternations)
+    ev.add_argument(
+        "--ml2-alpha",
+        type=float,
+        default=e.ml2_alpha,
+        help="weight of the m-L2 regulariser (FTL Eq. 3) of the m-L2 method and FTL's linear FC",
+    )
+    ev.add_argument(
+        "--ftl-alternations",
+        type=int,
+        default=e.ftl_alternations,
+        help="FTL: (stage 1, stage 2) pairs after stage 0",
+    )
     ev.add_argument(
         "--ftl-stage0-fraction",
         type=_fraction_or_none,
@@ -299,7 +352,7 @@ def _add_evaluate(sub) -> None:
         type=float,
         default=e.ftl_stage1_share,
         help="FTL --ftl-schedule alternating: stage 1's share of each (stage 1, stage 2) pair "
-        "(the rest is stage 2); 0.5 (default): equal stages, as in the paper",
+        "(the rest is stage 2); 0.5: equal stages, as in the paper",
     )
     ev.add_argument(
         "--ftl-stage1-fc",
@@ -313,14 +366,14 @@ def _add_evaluate(sub) -> None:
         "--ftl-stage1-filter",
         choices=FTL_STAGE1_FILTER,
         default=e.ftl_stage1_filter,
-        help="R (the filter) in FTL stage 1: trained with FC (default, Algorithm 1) or 'fixed': "
+        help="R (the filter) in FTL stage 1: trained with FC (Algorithm 1) or 'fixed': "
         "stage 1 trains FC alone",
     )
     ev.add_argument(
         "--ftl-tail-sampling",
         choices=TAIL_SAMPLING,
         default=e.ftl_tail_sampling,
-        help="FTL stage 1's long-tail batch: uniform over the long-tail samples (default) or "
+        help="FTL stage 1's long-tail batch: uniform over the long-tail samples (Algorithm 1) or "
         "'classes': every long-tail class equally often",
     )
     ev.add_argument(
@@ -328,7 +381,7 @@ def _add_evaluate(sub) -> None:
         type=float,
         default=e.ftl_energy,
         help="FTL's PCA basis Q keeps the fewest components reaching this share of the regular "
-        "classes' intra-class variance (default 0.95, the paper's; 1: the whole residual)",
+        "classes' intra-class variance (0.95: the paper's; 1: the whole residual)",
     )
     ev.add_argument(
         "--ftl-classifier",

@@ -174,3 +174,25 @@ def test_cli_errors_are_clean(tmp_path, capsys):
         main(["demo", "--methods", "magic"])
     with pytest.raises(SystemExit):
         main(["demo", "--ftl-classifier", "svm"])
+
+
+def test_every_option_is_explained_in_help(capsys):
+    """``feature-cloud <command> --help``: every option has a help text, its default is shown
+    once (argparse's, or the help's own words), never as ``None``, and no format escape leaks
+    into the text."""
+    import argparse
+
+    from feature_cloud.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+            shown = (formatter._get_help_string(action) or "").replace("%(default)s", "")
+            assert shown.count("(default") <= 1, (name, action.option_strings, shown)
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        assert "%%" not in text and "%(" not in text and "(default: None)" not in text, name
