@@ -25,7 +25,17 @@ reports closed-set top-1/top-5 of the head's ``s cos(theta)`` logits. No math he
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    ContextManager,
+    Dict,
+    Iterable,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import timm
 import torch
@@ -96,10 +106,24 @@ def _has_task_state(state: Optional[Dict[str, Any]], strict: bool, what: str) ->
     return False
 
 
-def _loaded_modules(task: TrainingTask, ema: bool) -> List[nn.Module]:
-    """The module a checkpoint load writes (the EMA copy with ``ema=True``), if it exists."""
-    module = task.get_trainable_module(ema=ema)
-    return [] if module is None else [module]
+class _AllOrNothingLoad(TrainingTask):
+    """timm's ``load_checkpoint_state`` (``resume_task_checkpoint``, ``load_task_ema_checkpoint``)
+    writes the eval model's weights, then the task state; here a task state that is refused
+    leaves the weights (of the EMA copy with ``ema=True``) as they were."""
+
+    def _restoring(self, modules: Sequence[nn.Module]) -> ContextManager[None]:
+        return restore_on_error(*modules)
+
+    def load_checkpoint_state(
+        self,
+        state_dict: Dict[str, Any],
+        task_state: Optional[Dict[str, Any]] = None,
+        ema: bool = False,
+        strict: bool = True,
+    ) -> None:
+        module = self.get_trainable_module(ema=ema)
+        with self._restoring([] if module is None else [module]):
+            super().load_checkpoint_state(state_dict, task_state, ema=ema, strict=strict)
 
 
 class ModelEmaV3Following(ModelEmaV3):
@@ -160,7 +184,7 @@ class LEAPEvaluator(ClassificationEvaluator):
         return super().update(self.head.logits(output), target)
 
 
-class LEAPTask(TrainingTask):
+class LEAPTask(_AllOrNothingLoad):
     """Metric-learning training task: timm backbone -> embeddings -> LEAP margin loss.
 
     Args:
@@ -293,18 +317,6 @@ class LEAPTask(TrainingTask):
         """``{"head": LEAPMarginHead.state_dict()}``: class weights, statistics, step and RNG."""
         return {"head": self._parts(module, ema).head.state_dict()}
 
-    def load_checkpoint_state(
-        self,
-        state_dict: Dict[str, Any],
-        task_state: Optional[Dict[str, Any]] = None,
-        ema: bool = False,
-        strict: bool = True,
-    ) -> None:
-        """timm's load (backbone weights, then the head's task state), all or nothing: a head
-        state that is refused leaves the backbone weights as they were."""
-        with restore_on_error(*_loaded_modules(self, ema)):
-            super().load_checkpoint_state(state_dict, task_state, ema=ema, strict=strict)
-
     def load_task_state(
         self,
         state: Optional[Dict[str, Any]],
@@ -430,7 +442,7 @@ class FTLEmbedding(nn.Module):
         return self
 
 
-class FTLTask(TrainingTask):
+class FTLTask(_AllOrNothingLoad):
     """FTL (Yin et al. 2019) as a timm training task: an :class:`FTLModel` around a timm backbone,
     trained with Algorithm 1 by the task's :class:`AlternatingScheduler`.
 
@@ -624,17 +636,10 @@ class FTLTask(TrainingTask):
             state["scheduler"] = self.scheduler.state_dict()
         return state
 
-    def load_checkpoint_state(
-        self,
-        state_dict: Dict[str, Any],
-        task_state: Optional[Dict[str, Any]] = None,
-        ema: bool = False,
-        strict: bool = True,
-    ) -> None:
-        """timm's load (Enc and R weights, then the task state), all or nothing: a schedule or
-        statistics that are refused leave the weights and the schedule as they were."""
-        with self.scheduler.restoring(*_loaded_modules(self, ema)):
-            super().load_checkpoint_state(state_dict, task_state, ema=ema, strict=strict)
+    def _restoring(self, modules: Sequence[nn.Module]) -> ContextManager[None]:
+        """The schedule too: a schedule or statistics that are refused leave the weights and
+        the schedule as they were."""
+        return self.scheduler.restoring(*modules)
 
     def load_task_state(
         self,

@@ -156,6 +156,22 @@ def test_ftl_task_ema_through_update_stats():
 
 
 # ---------------------------------------------------------------- CheckpointSaver
+def _save(task, opt, tmp_path):
+    """timm's ``CheckpointSaver`` writes epoch 0 of ``task``; the checkpoint's path."""
+    saver = CheckpointSaver(
+        task.get_trainable_module(),
+        opt,
+        task=task,
+        checkpoint_dir=str(tmp_path),
+        recovery_dir=str(tmp_path),
+        max_history=2,
+    )
+    saver.save_checkpoint(epoch=0, metric=1.0)
+    path = os.path.join(str(tmp_path), "checkpoint-0.pth.tar")
+    assert os.path.isfile(path)
+    return path
+
+
 @pytest.mark.parametrize("imprint_step", [None, 3])
 def test_checkpoint_saver_resume_is_bit_identical(tmp_path, imprint_step):
     """Also with ``imprint_step`` at the first step after the checkpoint: the resumed task
@@ -165,17 +181,7 @@ def test_checkpoint_saver_resume_is_bit_identical(tmp_path, imprint_step):
     x, y = _images([6] * C, 3)
     opt = torch.optim.Adam(task.get_trainable_module().parameters(), lr=1e-3)
     _steps(task, opt, x, y, 3, ema=ema)
-    saver = CheckpointSaver(
-        task.get_trainable_module(),
-        opt,
-        task=task,
-        checkpoint_dir=str(tmp_path),
-        recovery_dir=str(tmp_path),
-        max_history=2,
-    )
-    best, _ = saver.save_checkpoint(epoch=0, metric=1.0)
-    path = os.path.join(str(tmp_path), "checkpoint-0.pth.tar")
-    assert os.path.isfile(path)
+    path = _save(task, opt, tmp_path)
 
     restored = _leap_task(seed=7, imprint_step=imprint_step)  # other initial weights
     restored_opt = torch.optim.Adam(restored.get_trainable_module().parameters(), lr=1e-3)
@@ -213,11 +219,7 @@ def test_leap_resume_of_a_refused_head_leaves_the_task_as_it_was(tmp_path):
     x, y = _images([6] * C, 3)
     opt = torch.optim.Adam(task.get_trainable_module().parameters(), lr=1e-3)
     _steps(task, opt, x, y, 2, ema=task.trainable_module_ema)
-    saver = CheckpointSaver(
-        task.get_trainable_module(), opt, task=task, checkpoint_dir=str(tmp_path), max_history=1
-    )
-    saver.save_checkpoint(epoch=0, metric=1.0)
-    path = os.path.join(str(tmp_path), "checkpoint-0.pth.tar")
+    path = _save(task, opt, tmp_path)
 
     torch.manual_seed(7)
     other = LEAPTask.from_timm(  # seven classes, same backbone
@@ -246,16 +248,7 @@ def test_ftl_checkpoint_saver_resume_mid_stage_1_with_class_balanced_tail(tmp_pa
     opt = torch.optim.SGD(task.model.param_groups(), lr=0.05, momentum=0.9)
     _ftl_steps(task, dataset, opt, n=3, ema=ema)  # stage 0, UpdateStats, one stage-1 step
     assert task.stage == 1 and task.scheduler.stage_iteration == 1
-    saver = CheckpointSaver(
-        task.get_trainable_module(),
-        opt,
-        task=task,
-        checkpoint_dir=str(tmp_path),
-        recovery_dir=str(tmp_path),
-        max_history=2,
-    )
-    saver.save_checkpoint(epoch=0, metric=1.0)
-    path = os.path.join(str(tmp_path), "checkpoint-0.pth.tar")
+    path = _save(task, opt, tmp_path)
 
     samples = _ftl_task(seed=1, **dict(kw, tail_sampling="samples"))
     before = {k: v.clone() for k, v in samples.model.state_dict().items()}
