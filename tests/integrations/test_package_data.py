@@ -1,4 +1,5 @@
-"""The wheel ships the example fastreid YAMLs that ``config_path`` returns."""
+"""The wheel ships every subpackage (the ``feature-cloud`` command runs from an installed wheel)
+and the example fastreid YAMLs that ``config_path`` returns."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def _mkdir(path):
 
 
 @pytest.mark.slow
-def test_wheel_contains_the_fastreid_configs(tmp_path):
+def test_wheel_contains_every_subpackage_and_the_fastreid_configs(tmp_path):
     pytest.importorskip("setuptools")
     src = tmp_path / "src"  # setuptools builds in the source tree: build a copy
     for name in ("pyproject.toml", "README.md"):
@@ -59,3 +60,45 @@ def test_wheel_contains_the_fastreid_configs(tmp_path):
     for name in shipped:
         assert "feature_cloud/integrations/" + name in names, name
     assert "feature_cloud/integrations/fastreid.py" in names
+    # every subpackage of the source tree is in the wheel (feature_cloud.evaluate was missing)
+    packages = {
+        os.path.relpath(os.path.dirname(p), ROOT).replace(os.sep, "/")
+        for p in glob.glob(os.path.join(ROOT, "feature_cloud", "**", "__init__.py"), recursive=True)
+    }
+    assert "feature_cloud/evaluate" in packages
+    for package in packages:
+        assert package + "/__init__.py" in names, package
+    # the installed wheel, away from the source tree, runs the command line tool
+    target = tmp_path / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), wheel],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = dict(os.environ, PYTHONPATH=str(target))
+    for command in ("evaluate", "report", "demo"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "feature_cloud", command, "--help"],
+            cwd=str(tmp_path),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, (command, proc.stderr[-3000:])
+        assert f"usage: feature-cloud {command}" in proc.stdout
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import feature_cloud.evaluate, feature_cloud; print(feature_cloud.__file__)",
+        ],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith(str(target)), proc.stdout + proc.stderr
