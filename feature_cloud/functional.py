@@ -17,14 +17,14 @@ Shapes: ``B`` batch, ``C`` classes, ``D`` embedding size. Class weights are stor
 
 from __future__ import annotations
 
-import math
-from typing import Any, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import margins as _margins
+from .angles import safe_acos, shifted_cosine
 
 __all__ = [
     "MARGIN_TYPES",
@@ -61,42 +61,10 @@ __all__ = [
 MARGIN_TYPES = _margins.names()
 CLOUD_RULES = ("full", "vanilla")
 
-# Floor for 1 - x^2 in the acos derivative: keeps the gradient finite (|grad| <= ~2.9e3) where the
-# true derivative -1/sqrt(1 - x^2) is infinite, i.e. at x = +-1 exactly (a feature equal to a class
-# weight). Everywhere with 1 - x^2 >= this floor the gradient is exact.
-_ACOS_GRAD_FLOOR = float(torch.finfo(torch.float32).eps)
-
 
 def _at_least_float32(x: Tensor) -> Tensor:
     """Upcast half-precision tensors (autocast outputs) to float32; keep float32/float64."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-class _SafeAcos(torch.autograd.Function):
-    """``acos`` with inputs clamped to ``[-1, 1]`` and a finite derivative at ``+-1``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        x = x.clamp(-1.0, 1.0)
-        ctx.save_for_backward(x)
-        return torch.acos(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        floor = _ACOS_GRAD_FLOOR if x.dtype != torch.float64 else 1e-30
-        return -grad * torch.rsqrt((1.0 - x * x).clamp_min(floor))
-
-
-def safe_acos(x: Tensor) -> Tensor:
-    r"""Numerically safe :math:`\arccos` (the angle of LEAP Eq. 3 and of every margin).
-
-    The input is clamped to ``[-1, 1]`` (rounding can push a cosine of normalised vectors past 1)
-    and the derivative :math:`-1/\sqrt{1-x^2}` uses ``max(1 - x^2, eps)`` so that it stays finite
-    at ``x = +-1``; elsewhere it is the exact derivative (no straight-through approximation).
-    Half-precision inputs should be upcast first; :func:`margin_logits` does that.
-    """
-    return _SafeAcos.apply(x)
 
 
 def safe_normalize(x: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
@@ -140,17 +108,6 @@ def cosine_logits(embeddings: Tensor, weight: Tensor, sub_centers: int = 1) -> T
             f"weight has {weight.shape[0]} rows, not a multiple of sub_centers={sub_centers}"
         )
     return cos.view(cos.shape[0], -1, sub_centers).max(dim=2).values
-
-
-def shifted_cosine(cos: Tensor, shift: Tensor | float) -> Tensor:
-    r""":math:`\cos(\mathrm{clip}(\theta + \delta, 0, \pi))` with :math:`\theta = \arccos(\cos)`.
-
-    The clipped angle sum of LEAP Eq. 7-8: ``shift`` is the cloud angle :math:`\alpha` (plus the
-    ArcFace margin :math:`m_a` on the target). Clipping to ``[0, pi]`` keeps ``cos`` monotone in
-    the angle, so noise or margin never *raise* a logit by wrapping around ``pi``.
-    """
-    theta = safe_acos(cos)
-    return torch.cos((theta + shift).clamp(0.0, math.pi))
 
 
 def margin_logits(

@@ -63,6 +63,7 @@ from torch import Tensor
 
 from . import margins as _margins
 from ._validation import check_values
+from .angles import _PI_BELOW, _SQRT_FLOOR, _cloud_cosine_, cloud_cosine
 from .functional import safe_normalize
 from .noise import counter_normal, random_key
 
@@ -82,21 +83,6 @@ NOISE_BLOCK = 1024
 #: exponentials (see the module docstring).
 EXP_FLOOR = -40.0
 _EXP_FLOOR = {torch.float32: EXP_FLOOR, torch.float64: -300.0}
-# d cos(theta + alpha)/dc is flushed to 0 below this (the sin(theta + alpha) factor), so that
-# exponential * derivative stays a normal float: exp(-40) * 1e-12 = 4e-30 (float64: 5e-231).
-_SIN_FLOOR = {torch.float32: 1e-12, torch.float64: 1e-100}
-
-# Largest float below pi per dtype: clamping alpha there keeps |alpha| < pi, where "clipped" is
-# exactly sin(theta + alpha) < 0 (see cloud_cosine). float64(math.pi) is already below pi.
-_PI_BELOW = {
-    torch.float32: 3.141592502593994,
-    torch.float64: math.pi,
-}
-# sqrt of the floor on 1 - c^2 used by functional.safe_acos (float32 eps; 1e-30 in float64)
-_SQRT_FLOOR = {
-    torch.float32: math.sqrt(float(torch.finfo(torch.float32).eps)),
-    torch.float64: 1e-15,
-}
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -116,65 +102,6 @@ def _gemm_dtype(device: torch.device, compute: torch.dtype) -> torch.dtype:
         if device.type == "cuda" and torch.is_autocast_enabled():
             return torch.get_autocast_gpu_dtype()
     return compute
-
-
-# ------------------------------------------------------------------------------------------
-# Pure elementwise math
-# ------------------------------------------------------------------------------------------
-
-
-def _cloud_cosine_(
-    c: Tensor, half: Tensor, out_f: Tensor, work: Tensor, out_d: Tensor, sqrt_floor: float
-) -> Tuple[Tensor, Tensor]:
-    """In-place kernel of :func:`cloud_cosine` from the half angle ``half = alpha / 2``.
-
-    Destroys ``c`` and ``half``; ``f`` is written to ``out_f`` and the derivative to ``out_d``
-    (flushed to 0 where ``sin(theta + alpha) <= 1e-12``: no subnormal products downstream);
-    ``work`` is scratch: five same-shape buffers, no allocation (fresh pages of big tensors cost
-    as much as a transcendental pass). One ``sin`` instead of ``cos`` and ``sin``:
-    ``h = sin(alpha/2)``, ``cos alpha = 1 - 2h^2``, ``sin alpha = 2h cos(alpha/2)`` with
-    ``cos(alpha/2) = sqrt(1 - h^2) > 0`` (floored at 1e-15 so that ``sin alpha`` keeps the sign of
-    ``alpha`` when ``h`` rounds to +-1).
-    """
-    one = torch.ones((), dtype=c.dtype, device=c.device)
-    h = half.sin_()
-    ca = torch.addcmul(one, h, h, value=-2, out=out_f)  # cos(alpha)
-    sa2 = torch.addcmul(one, h, h, value=-1, out=work).clamp_min_(1e-30).sqrt_().mul_(h)
-    # sa2 = sin(alpha) / 2; h is free from here on
-    t = torch.addcmul(one, c, c, value=-1, out=half).sqrt_()  # c in [-1, 1]: 1 - c*c >= 0
-    sn = torch.mul(t, ca, out=out_d).addcmul_(c, sa2, value=2)  # sin(theta + alpha)
-    f = ca.mul_(c).addcmul_(t, sa2, value=-2)  # cos(theta + alpha), unclipped
-    clipped = torch.clamp_max(sn, 0.0, out=c).sign_()  # -1 where clipped, else 0
-    # where clipped: f + (-(sign(alpha) + f)) = -sign(alpha); elsewhere f + 0
-    f.addcmul_(sa2.sign_().add_(f), clipped)
-    sin_floor = _SIN_FLOOR[torch.float64 if c.dtype == torch.float64 else torch.float32]
-    d = torch.nn.functional.threshold_(sn, sin_floor, 0.0).div_(t.clamp_min_(sqrt_floor))  # type: ignore[attr-defined]
-    return f, d
-
-
-def cloud_cosine(
-    c: Tensor, alpha: Tensor, sqrt_floor: Optional[float] = None
-) -> Tuple[Tensor, Tensor]:
-    r""":math:`f = \cos(\mathrm{clip}(\theta + \alpha, 0, \pi))` and :math:`\partial f/\partial c`.
-
-    LEAP Eq. 7-8 without ``acos``: ``c`` is :math:`\cos\theta` clamped to ``[-1, 1]``, ``alpha``
-    must lie strictly inside ``(-pi, pi)`` (callers clamp it; any :math:`|\alpha| \ge \pi` clips
-    to the same value). With :math:`t = \sqrt{1-c^2}`, :math:`\sin(\theta+\alpha) =
-    t\cos\alpha + c\sin\alpha` is negative exactly when the sum leaves ``[0, pi]``; then
-    ``f = 1`` (below 0, :math:`\alpha < 0`) or ``-1`` (above pi) and the derivative is 0.
-    Otherwise :math:`f = c\cos\alpha - t\sin\alpha` and :math:`f' = \sin(\theta+\alpha) /
-    \sqrt{\max(1-c^2, \epsilon)}`, the derivative of ``cos(safe_acos(c) + alpha)``.
-
-    Only arithmetic (no boolean tensors, which are slow on CPU). Inputs are not modified; the
-    outputs are plain tensors (the derivative is returned, not tracked by autograd).
-    """
-    if sqrt_floor is None:
-        sqrt_floor = _SQRT_FLOOR[c.dtype if c.dtype in _SQRT_FLOOR else torch.float32]
-    pi = _PI_BELOW[c.dtype if c.dtype in _PI_BELOW else torch.float32]
-    c, half = c.detach().clone(), alpha.detach().clamp(-pi, pi).mul(0.5)
-    return _cloud_cosine_(
-        c, half, torch.empty_like(c), torch.empty_like(c), torch.empty_like(c), sqrt_floor
-    )
 
 
 # ------------------------------------------------------------------------------------------

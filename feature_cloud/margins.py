@@ -28,7 +28,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import functional as FC
+from .angles import cloud_cosine, shifted_cosine
 
 __all__ = [
     "Margin",
@@ -91,14 +91,12 @@ class CosFace(Margin):
     pml_scale, pml_margin, pml_degrees = 64.0, 0.35, False
 
     def target(self, cos_y: Tensor, alpha_y: Optional[Tensor], margin: float) -> Tensor:
-        base = cos_y if alpha_y is None else FC.shifted_cosine(cos_y, alpha_y)
+        base = cos_y if alpha_y is None else shifted_cosine(cos_y, alpha_y)
         return base - margin
 
     def fused_target(
         self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float
     ) -> Tuple[Tensor, Tensor]:
-        from .fused import cloud_cosine
-
         if alpha_y is None:
             return c_y - margin, torch.ones_like(c_y)
         f, d = cloud_cosine(c_y, alpha_y)
@@ -114,13 +112,11 @@ class ArcFace(Margin):
     pml_scale, pml_margin, pml_degrees = 64.0, 28.6, True
 
     def target(self, cos_y: Tensor, alpha_y: Optional[Tensor], margin: float) -> Tensor:
-        return FC.shifted_cosine(cos_y, margin if alpha_y is None else alpha_y + margin)
+        return shifted_cosine(cos_y, margin if alpha_y is None else alpha_y + margin)
 
     def fused_target(
         self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float
     ) -> Tuple[Tensor, Tensor]:
-        from .fused import cloud_cosine
-
         shift = torch.full_like(c_y, margin) if alpha_y is None else alpha_y + margin
         return cloud_cosine(c_y, shift)  # clamps the angle below pi
 

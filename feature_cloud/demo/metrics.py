@@ -9,14 +9,15 @@
 * classifier weight norm per class (FTL Sec. 3.1, Fig. 1b).
 
 All functions take CPU tensors and return per-sample or per-class tensors; :func:`group_mean`
-reduces them over head or tail classes.
+reduces them over head or tail classes, :func:`aggregate` a run's metrics over its seeds.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,6 +33,7 @@ __all__ = [
     "head_tail",
     "cross_group_predictions",
     "verification_tar",
+    "aggregate",
 ]
 
 
@@ -165,3 +167,21 @@ def head_tail(values: Tensor, is_head: Tensor, valid: Tensor = None) -> Dict[str
         "head": group_mean(values, keep & is_head),
         "tail": group_mean(values, keep & ~is_head),
     }
+
+
+def aggregate(results: Dict[str, Any]) -> Dict[str, Dict[str, Tuple[float, float, int]]]:
+    """``{method: {metric: (mean, std, n)}}`` over seeds (sample std, ``ddof=1``; 0 for n=1)."""
+    out: Dict[str, Dict[str, Tuple[float, float, int]]] = {}
+    for method in results["methods"]:
+        rows = [r["metrics"] for r in results["runs"] if r["method"] == method]
+        if not rows:
+            continue
+        out[method] = {}
+        for key in dict.fromkeys(k for r in rows for k in r):
+            vals = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
+            vals = vals[~np.isnan(vals)]
+            n = int(vals.size)
+            mean = float(vals.mean()) if n else math.nan
+            std = float(vals.std(ddof=1)) if n > 1 else 0.0
+            out[method][key] = (mean, std, n)
+    return out

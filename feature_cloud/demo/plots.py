@@ -8,6 +8,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from .metrics import aggregate
+
 __all__ = [
     "plot_accuracy",
     "plot_per_class",
@@ -38,8 +40,6 @@ def _label(results: Dict[str, Any], method: str) -> str:
 
 def plot_accuracy(results: Dict[str, Any], file: str) -> str:
     """Grouped bars: head and tail accuracy per method (FC classifier and rank-1), mean +- std."""
-    from .report import aggregate
-
     plt = _plt()
     agg = aggregate(results)
     methods = [m for m in results["methods"] if m in agg]

@@ -14,6 +14,9 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from . import plots
+from .metrics import aggregate
+
 __all__ = [
     "load_results",
     "aggregate",
@@ -73,24 +76,6 @@ def load_results(path: str) -> Dict[str, Any]:
         if key not in results:
             raise ValueError(f"{file} has no {key!r}: not a feature-cloud demo run")
     return results
-
-
-def aggregate(results: Dict[str, Any]) -> Dict[str, Dict[str, Tuple[float, float, int]]]:
-    """``{method: {metric: (mean, std, n)}}`` over seeds (sample std, ``ddof=1``; 0 for n=1)."""
-    out: Dict[str, Dict[str, Tuple[float, float, int]]] = {}
-    for method in results["methods"]:
-        rows = [r["metrics"] for r in results["runs"] if r["method"] == method]
-        if not rows:
-            continue
-        out[method] = {}
-        for key in dict.fromkeys(k for r in rows for k in r):
-            vals = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
-            vals = vals[~np.isnan(vals)]
-            n = int(vals.size)
-            mean = float(vals.mean()) if n else math.nan
-            std = float(vals.std(ddof=1)) if n > 1 else 0.0
-            out[method][key] = (mean, std, n)
-    return out
 
 
 def _fmt(stat: Tuple[float, float, int], scale: float, digits: int) -> str:
@@ -210,8 +195,6 @@ def render_report(path: str, log: Callable[[str], None] = print) -> Dict[str, st
 
     Returns ``{artifact: file path}``.
     """
-    from . import plots
-
     results = load_results(path)
     out = path if os.path.isdir(path) else os.path.dirname(path)
     try:
