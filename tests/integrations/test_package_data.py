@@ -89,16 +89,23 @@ def test_wheel_contains_every_subpackage_and_the_fastreid_configs(tmp_path):
         )
         assert proc.returncode == 0, (command, proc.stderr[-3000:])
         assert f"usage: feature-cloud {command}" in proc.stdout
+    # the package and its adapters import from the installed wheel (none from the checkout)
+    code = (
+        "import os, feature_cloud, feature_cloud.evaluate\n"
+        "import feature_cloud.integrations.pml as p, feature_cloud.integrations.timm as t\n"
+        "import feature_cloud.integrations.fastreid as f, feature_cloud.integrations.fastreid_ftl\n"
+        "assert os.path.isfile(f.config_path('Market1501/leap_R50.yml'))\n"
+        "for m in (feature_cloud, feature_cloud.evaluate, p, t, f):\n"
+        "    print(m.__file__)\n"
+    )
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import feature_cloud.evaluate, feature_cloud; print(feature_cloud.__file__)",
-        ],
+        [sys.executable, "-c", code],
         cwd=str(tmp_path),
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0 and proc.stdout.startswith(str(target)), proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = proc.stdout.split()
+    assert len(files) == 5 and all(f.startswith(str(target)) for f in files), files
