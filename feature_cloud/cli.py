@@ -604,6 +604,7 @@ def _main(
 ) -> int:
     import torch
 
+    from .demo._extras import MissingExtra
     from .demo._progress import set_progress
     from .demo.runner import run_demo
 
@@ -642,7 +643,7 @@ def _main(
             return 0
         run_demo(_demo_config(args).resolved(), log=log)
         return 0
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, MissingExtra) as exc:
         print(f"feature-cloud: error: {exc}", file=sys.stderr)
         return 2
     finally:  # leave the process as we found it (main() is also called in-process)

@@ -1,10 +1,13 @@
-"""tqdm progress bars that can be silenced (tests, ``--quiet``)."""
+"""tqdm progress bars that can be silenced (tests, ``--quiet``); none without tqdm."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Optional
 
-from tqdm.auto import tqdm
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # an optional extra: the tool runs without bars
+    tqdm = None
 
 _ENABLED = True
 
@@ -20,8 +23,30 @@ def is_enabled() -> bool:
     return _ENABLED
 
 
-def progress(iterable: Iterable[Any] = None, **kwargs: Any) -> tqdm:
-    """``tqdm(iterable, **kwargs)``, disabled when :func:`set_progress` turned bars off."""
+class _NoBar:
+    """What the tool uses of a tqdm bar, doing nothing (tqdm is not installed)."""
+
+    def __init__(self, iterable: Optional[Iterable[Any]] = None, **_: Any) -> None:
+        self.iterable = iterable
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.iterable if self.iterable is not None else ())
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress(iterable: Optional[Iterable[Any]] = None, **kwargs: Any) -> Any:
+    """``tqdm(iterable, **kwargs)``, disabled when :func:`set_progress` turned bars off (a bar
+    that does nothing where tqdm is not installed)."""
+    if tqdm is None:
+        return _NoBar(iterable)
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, disable=not _ENABLED or kwargs.pop("disable", False), **kwargs)

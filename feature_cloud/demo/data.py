@@ -67,9 +67,9 @@ class LabeledData:
 
 def load_digits() -> LabeledData:
     """scikit-learn's handwritten digits as ``(1797, 1, 8, 8)`` images scaled to ``[0, 1]``."""
-    from sklearn.datasets import load_digits as _load
+    from ._extras import need
 
-    bunch = _load()
+    bunch = need("sklearn.datasets", "the digits source", "scikit-learn").load_digits()
     x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.as_tensor(bunch.target, dtype=torch.long)
     return LabeledData(x, y, [str(c) for c in bunch.target_names], "digits")
@@ -144,9 +144,10 @@ def make_synthetic(cfg: Optional[SyntheticConfig] = None) -> LabeledData:
 
 def _load_images(paths: Sequence[str], size: Tuple[int, int]) -> Tensor:
     """Read images as RGB, resize to ``size`` = (height, width), return ``(N, 3, H, W)`` in [0, 1]."""
-    from PIL import Image
-
+    from ._extras import need
     from ._progress import progress
+
+    Image = need("PIL.Image", "reading image files", "Pillow")
 
     h, w = size
     out = torch.empty(len(paths), 3, h, w)

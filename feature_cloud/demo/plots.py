@@ -20,9 +20,9 @@ __all__ = [
 
 
 def _plt():
-    import matplotlib
+    from ._extras import need
 
-    matplotlib.use("Agg", force=True)
+    need("matplotlib", "drawing the PNG plots", "matplotlib").use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     return plt

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import numpy as np
 
 from . import plots
+from ._extras import MissingExtra
 from .metrics import aggregate
 
 __all__ = [
@@ -215,7 +216,10 @@ def render_report(path: str, log: Callable[[str], None] = print) -> Dict[str, st
     if os.path.isfile(proj_file):
         with np.load(proj_file) as npz:
             projection = {k: npz[k] for k in npz.files}
-    files.update(plots.render_all(results, projection, out))
+    try:
+        files.update(plots.render_all(results, projection, out))
+    except MissingExtra as exc:  # matplotlib is an optional extra
+        log(f"(no plots: {exc})")
     log("")
     log(compact_table(results))
     log("")

@@ -65,18 +65,30 @@ BACKBONES: Dict[str, Callable[[int, int], nn.Module]] = {
 }
 
 
+def check_backbone(name: str) -> None:
+    """Raise before anything runs unless ``name`` can be built: ``ValueError`` for an unknown
+    name (or timm model), :class:`~feature_cloud.demo._extras.MissingExtra` without timm."""
+    if name.startswith("timm:"):
+        from ..demo._extras import need
+
+        timm = need("timm", f"--backbone {name}", "timm", extra="timm")
+        if not timm.is_model(name[5:]):
+            raise ValueError(f"backbone {name!r}: timm has no model {name[5:]!r}")
+    elif name not in BACKBONES:
+        raise ValueError(
+            f"backbone must be one of {list(BACKBONES)} or 'timm:<name>', got {name!r}"
+        )
+
+
 def build_backbone(name: str, input_shape: Sequence[int], embedding_size: int) -> nn.Module:
     """``"conv4"`` or ``"timm:<model name>"`` (e.g. ``timm:resnet18``) for ``(C, H, W)`` inputs."""
     if len(input_shape) != 3:
         raise ValueError(f"evaluate needs images (C, H, W), got input shape {tuple(input_shape)}")
+    check_backbone(name)
     c = int(input_shape[0])
     if name.startswith("timm:"):
         net: nn.Module = TimmBackbone(name[5:], c, embedding_size)
-    elif name in BACKBONES:
-        net = BACKBONES[name](c, embedding_size)
     else:
-        raise ValueError(
-            f"backbone must be one of {list(BACKBONES)} or 'timm:<name>', got {name!r}"
-        )
+        net = BACKBONES[name](c, embedding_size)
     net.input_shape = tuple(int(v) for v in input_shape)  # type: ignore[assignment]
     return net

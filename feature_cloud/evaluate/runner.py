@@ -24,7 +24,7 @@ from ..demo.protocol import LongTailSplit
 from ..demo.report import load_results
 from ..demo.runner import _device_of, embed_all, evaluate_method
 from ..functional import ftl_regular_classes
-from .backbones import build_backbone
+from .backbones import build_backbone, check_backbone
 from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
 from .protocol import hs_split, natural_split, open_split
 from .report import check_compatible, head_defaults
@@ -122,6 +122,7 @@ class EvalConfig:
         if not 0.0 <= self.warmup_fraction <= 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
         check_ftl_options(self)
+        check_backbone(self.backbone)
         if self.ftl_classifier not in FTL_CLASSIFIERS:
             raise ValueError(
                 f"ftl_classifier must be one of {FTL_CLASSIFIERS}, got {self.ftl_classifier!r}"

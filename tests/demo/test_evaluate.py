@@ -1241,3 +1241,59 @@ def test_hs_split_head_identities_are_the_methods_regular_classes(tmp_path, caps
         assert "FTL needs regular identities" in err and says in err, err
         assert f"-T {args[-1]}" in err
         assert not os.path.exists(out)  # refused before anything was written or trained
+
+
+def test_missing_optional_packages_are_named_not_tracebacks(tmp_path, capsys, monkeypatch):
+    """Without an optional package of the tool (``feature-cloud[demo]`` / ``[timm]``) the command
+    says which ``pip install`` brings it (before anything trains), or does without: no tqdm, no
+    progress bars; no matplotlib, no plots (the tables are still written)."""
+    import sys
+
+    from PIL import Image
+
+    import feature_cloud.demo._progress as progress_mod
+    from feature_cloud.cli import main
+
+    folder = tmp_path / "faces"
+    rng = np.random.RandomState(0)
+    for person, n in enumerate([6, 6, 3, 3]):
+        (folder / f"p{person}").mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.randint(0, 255, size=(8, 8, 3)).astype(np.uint8)
+            Image.fromarray(pixels).save(str(folder / f"p{person}" / f"{i}.png"))
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = ["--protocol", "natural", "-T", "5", "--n-test", "1", "--epochs", "1", "--seeds", "0"]
+    common += ["--batch-size", "8", "--embedding-size", "8", "--image-size", "8", "8"]
+
+    def run(data, *extra, out):
+        capsys.readouterr()
+        rc = main(["evaluate", data, *common, *extra, "--out", str(tmp_path / out)])
+        captured = capsys.readouterr()
+        return rc, captured.out, captured.err
+
+    with monkeypatch.context() as m:  # no Pillow: image folders cannot be read
+        m.setitem(sys.modules, "PIL", None)
+        m.setitem(sys.modules, "PIL.Image", None)
+        rc, _, err = run(str(folder), out="no_pil")
+        assert rc == 2 and "reading image files needs Pillow" in err, err
+        assert "pip install 'feature-cloud[demo]'" in err
+    with monkeypatch.context() as m:  # no timm: refused before the data are read
+        m.setitem(sys.modules, "timm", None)
+        rc, out, err = run(p, "--backbone", "timm:resnet18", out="no_timm")
+        assert rc == 2 and "pip install 'feature-cloud[timm]'" in err, err
+        assert not os.path.exists(str(tmp_path / "no_timm"))
+    rc, _, err = run(p, "--backbone", "timm:no_such_net", out="bad_timm")
+    assert rc == 2 and "timm has no model 'no_such_net'" in err, err
+    with monkeypatch.context() as m:  # no matplotlib, no tqdm: tables without plots or bars
+        m.setitem(sys.modules, "matplotlib", None)
+        m.setitem(sys.modules, "matplotlib.pyplot", None)
+        m.setattr(progress_mod, "tqdm", None)
+        rc, out, err = run(p, out="bare")
+        assert rc == 0, err
+        assert "(no plots: drawing the PNG plots needs matplotlib" in out
+        written = set(os.listdir(str(tmp_path / "bare")))
+        assert {"summary.md", "paired.csv", "results.json"} <= written
+        assert not any(f.endswith(".png") for f in written), written
+    rc, out, err = run(p, out="full")  # and with everything installed, the plots
+    assert rc == 0 and any(f.endswith(".png") for f in os.listdir(str(tmp_path / "full")))
