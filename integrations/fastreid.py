@@ -76,6 +76,7 @@ from feature_cloud.cloud import (
 )
 from feature_cloud.functional import DEFAULT_UNKNOWN_VARIANCE
 from feature_cloud.heads import LEAPMarginHead
+from feature_cloud.integrations import _missing_framework
 from feature_cloud.statistics import DEFAULT_CENTER_RATE
 
 __all__ = [
@@ -286,6 +287,15 @@ def _no_compile_dependencies(self: Any) -> None:
     )
 
 
+try:
+    import fastreid  # noqa: F401
+except ImportError as _err:
+    raise _missing_framework(
+        "fastreid",
+        "fastreid 1.4.0",
+        "pip install 'feature-cloud[fastreid]' && pip install --no-deps fastreid==1.4.0",
+        _err,
+    ) from _err
 patch_fastreid_compat()
 
 from fastreid.config import CfgNode, configurable  # noqa: E402

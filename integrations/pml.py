@@ -32,7 +32,15 @@ from types import FrameType
 from typing import Any, Dict, List, Optional, Union
 
 import torch
-from pytorch_metric_learning.distances import CosineSimilarity
+
+from feature_cloud.integrations import _missing_framework
+
+try:
+    from pytorch_metric_learning.distances import CosineSimilarity
+except ImportError as _err:
+    raise _missing_framework(
+        "pml", "pytorch-metric-learning", "pip install 'feature-cloud[pml]'", _err
+    ) from _err
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f

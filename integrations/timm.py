@@ -37,9 +37,14 @@ from typing import (
     Union,
 )
 
-import timm
 import torch
 
+from feature_cloud.integrations import _missing_framework
+
+try:
+    import timm
+except ImportError as _err:
+    raise _missing_framework("timm", "timm", "pip install 'feature-cloud[timm]'", _err) from _err
 try:
     from timm.task import ClassificationEvaluator, TrainingTask
 except ImportError as _err:  # timm.task: 1.0.25; its ClassificationEvaluator: 1.0.31

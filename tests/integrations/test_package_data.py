@@ -1,5 +1,6 @@
-"""The wheel ships every subpackage (the ``feature-cloud`` command runs from an installed wheel)
-and the example fastreid YAMLs that ``config_path`` returns."""
+"""Packaging as a user meets it: the wheel ships every subpackage (the ``feature-cloud`` command
+runs from an installed wheel) and the example fastreid YAMLs that ``config_path`` returns; an
+adapter whose framework is missing says what to install."""
 
 from __future__ import annotations
 
@@ -109,3 +110,40 @@ def test_wheel_contains_every_subpackage_and_the_fastreid_configs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = proc.stdout.split()
     assert len(files) == 5 and all(f.startswith(str(target)) for f in files), files
+
+
+_BLOCKED_IMPORT = """
+import sys
+sys.modules[{framework!r}] = None  # as if it were not installed
+try:
+    import feature_cloud.integrations.{adapter}
+except ImportError as e:
+    print(e)
+"""
+
+
+@pytest.mark.parametrize(
+    "adapter, framework, install",
+    [
+        ("pml", "pytorch_metric_learning", "pip install 'feature-cloud[pml]'"),
+        ("timm", "timm", "pip install 'feature-cloud[timm]'"),
+        ("fastreid", "fastreid", "pip install --no-deps fastreid==1.4.0"),
+        ("fastreid_ftl", "fastreid", "pip install --no-deps fastreid==1.4.0"),
+    ],
+)
+def test_an_adapter_without_its_framework_says_what_to_install(adapter, framework, install):
+    """Importing an adapter whose framework is not installed raises an ``ImportError`` that
+    names the adapter, the package and the ``pip install`` (fresh process: nothing imported)."""
+    code = _BLOCKED_IMPORT.format(framework=framework, adapter=adapter)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wanted = "fastreid" if adapter.startswith("fastreid") else adapter
+    assert f"feature_cloud.integrations.{wanted} needs" in proc.stdout, proc.stdout
+    assert install in proc.stdout, proc.stdout
