@@ -152,8 +152,12 @@ def _load_images(paths: Sequence[str], size: Tuple[int, int]) -> Tensor:
     h, w = size
     out = torch.empty(len(paths), 3, h, w)
     for i, path in enumerate(progress(paths, desc="loading images", unit="img")):
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB").resize((w, h), Image.BILINEAR), dtype=np.float32)
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB").resize((w, h), Image.BILINEAR)
+        except OSError as exc:  # not an image, truncated, unsupported
+            raise ValueError(f"cannot read image {path!r} ({exc}); remove or replace it") from None
+        arr = np.asarray(rgb, dtype=np.float32)
         out[i] = torch.from_numpy(arr).permute(2, 0, 1) / 255.0
     return out
 
@@ -200,16 +204,17 @@ def load_market1501(root: str, size: Tuple[int, int] = (64, 32)) -> LabeledData:
 
 
 def load_imagefolder(root: str, size: Tuple[int, int] = (32, 32)) -> LabeledData:
-    """One sub-folder per identity (``root/<identity>/<image>``), images resized to ``size``."""
+    """One sub-folder per identity (``root/<identity>/<image>``), images resized to ``size``.
+    Hidden entries (names starting with ``.``, e.g. macOS ``._*`` files) are skipped."""
     if not os.path.isdir(root):
         raise ValueError(f"imagefolder path {root!r} is not a directory")
     paths, ids = [], []
     for ident in sorted(os.listdir(root)):
         sub = os.path.join(root, ident)
-        if not os.path.isdir(sub):
+        if ident.startswith(".") or not os.path.isdir(sub):
             continue
         for fname in sorted(os.listdir(sub)):
-            if fname.lower().endswith(IMAGE_EXTENSIONS):
+            if not fname.startswith(".") and fname.lower().endswith(IMAGE_EXTENSIONS):
                 paths.append(os.path.join(sub, fname))
                 ids.append(ident)
     return _from_paths(paths, ids, size, "imagefolder", root)

@@ -128,9 +128,15 @@ def test_imagefolder_and_market1501_layouts(tmp_path):
         for i in range(n):
             _write_png(root / ident / f"{i}.png", 40 * i)
     (root / "notes.txt").write_text("ignored")
+    (root / "alice" / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata, hidden
+    os.makedirs(root / ".cache")  # a hidden folder is no identity
+    _write_png(root / ".cache" / "0.png", 1)
     data = load_imagefolder(str(root), size=(8, 4))
     assert data.x.shape == (5, 3, 8, 4) and data.class_names == ["alice", "bob"]
     assert torch.bincount(data.y).tolist() == [3, 2]
+    (root / "bob" / "broken.jpg").write_bytes(b"not a jpeg")  # named, not a traceback
+    with pytest.raises(ValueError, match=r"cannot read image .*broken\.jpg"):
+        load_imagefolder(str(root), size=(8, 4))
 
     market = tmp_path / "Market-1501" / "bounding_box_train"
     os.makedirs(market)
