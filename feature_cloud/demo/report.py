@@ -60,13 +60,15 @@ def load_results(path: str) -> Dict[str, Any]:
     """``results.json`` of a run directory (or the file itself)."""
     file = os.path.join(path, RESULTS_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"no {RESULTS_FILE} in {path!r}: not a feature-cloud demo run")
+        raise FileNotFoundError(
+            f"no {RESULTS_FILE} in {path!r}: not a feature-cloud demo or evaluate run"
+        )
     with open(file) as fh:
         try:
             results = json.load(fh)
         except json.JSONDecodeError as exc:
             raise ValueError(
-                f"{file} is not valid JSON ({exc}): not a feature-cloud demo run"
+                f"{file} is not valid JSON ({exc}): not a feature-cloud demo or evaluate run"
             ) from None
     if not isinstance(results, dict):
         raise ValueError(
@@ -75,7 +77,7 @@ def load_results(path: str) -> Dict[str, Any]:
         )
     for key in ("config", "data", "methods", "runs", "splits"):
         if key not in results:
-            raise ValueError(f"{file} has no {key!r}: not a feature-cloud demo run")
+            raise ValueError(f"{file} has no {key!r}: not a feature-cloud demo or evaluate run")
     return results
 
 
