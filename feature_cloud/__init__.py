@@ -8,7 +8,9 @@ from .regularizers import MetricL2
 from .statistics import ClassStatistics
 from .transfer import FeatureBatch, FeatureTransfer
 
-__version__ = "0.1.0"
+#: the one place of the version (pyproject.toml reads it); 0.1.0 was the first release, whose
+#: checkpoints still load
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "functional",

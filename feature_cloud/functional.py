@@ -384,7 +384,7 @@ def masked_angle_moments(
 #: ``"tail_prior"`` the pooled variance only if its memory can never hold two angles (a one-shot
 #: class with ``K_i * P < 2``: its observed spread is zero, the paper's premise), else no cloud
 #: until two angles are stored; ``"pooled"`` the pooled variance for every such class (the
-#: package's behaviour before 0.3, head classes included); ``"none"`` never a cloud.
+#: behaviour of the 0.1.0 release, head classes included); ``"none"`` never a cloud.
 UNKNOWN_VARIANCE = ("tail_prior", "pooled", "none")
 #: the default :data:`UNKNOWN_VARIANCE` policy
 DEFAULT_UNKNOWN_VARIANCE = "tail_prior"

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import __version__
 from . import metrics as M
 from ._progress import progress
 from .data import LabeledData, SyntheticConfig, load_data
@@ -427,6 +428,7 @@ def run_demo(cfg: DemoConfig, data: Optional[LabeledData] = None, log=print) -> 
         "labels": labels,
         "runs": runs,
         "environment": {
+            "feature_cloud": __version__,
             "python": platform.python_version(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import __version__
 from ..cloud import FeatureCloud
 from ..demo import metrics as M
 from ..demo._progress import progress
@@ -546,6 +547,7 @@ def run_evaluation(
         },
         "runs": [],
         "environment": {
+            "feature_cloud": __version__,
             "python": platform.python_version(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),

@@ -366,6 +366,9 @@ def test_cli_evaluate_device_is_recorded_and_resume_keeps_it(tmp_path, capsys):
         r = json.load(fh)
     assert r["config"]["device"] == "cpu" and r["environment"]["device"] == "cpu"
     assert [run["device"] for run in r["runs"]] == ["cpu"]
+    import feature_cloud
+
+    assert r["environment"]["feature_cloud"] == feature_cloud.__version__  # which release ran
     r["config"]["device"] = "cuda:3"  # as if trained on a GPU
     with open(file, "w") as fh:
         json.dump(r, fh)

@@ -50,6 +50,10 @@ def test_wheel_contains_every_subpackage_and_the_fastreid_configs(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = glob.glob(str(tmp_path / "*.whl"))
+    import feature_cloud
+
+    # one version: pyproject.toml reads feature_cloud.__version__
+    assert os.path.basename(wheel).startswith(f"feature_cloud-{feature_cloud.__version__}-")
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {
         os.path.relpath(p, os.path.join(ROOT, "integrations")).replace(os.sep, "/")
