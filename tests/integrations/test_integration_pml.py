@@ -319,6 +319,70 @@ def test_pml_trainer_and_tester_loop():
     assert acc["val"]["precision_at_1_level0"] > 0.5
 
 
+@pytest.mark.parametrize("counts_given", [True, False])
+def test_pml_hook_container_saves_and_resumes_the_loss(tmp_path, counts_given):
+    """PML's own checkpointing: ``HookContainer.save_models`` writes every trainer object (the
+    ``LEAPLoss`` among ``loss_funcs``) and ``load_latest_saved_models`` loads them into a new
+    trainer (``torch.load`` + ``load_state_dict``, strict). The resumed loss takes the same next
+    step as the one that never stopped: weights, statistics, step and cloud noise; also when
+    the class counts were taken online (the angle memory laid out from the checkpoint)."""
+    from pytorch_metric_learning.utils import logging_presets
+
+    train = _Blobs(10, 0)
+    counts = torch.bincount(train.labels, minlength=C) if counts_given else None
+    extra = {} if counts_given else {"warmup_steps": 6, "count_steps": 6}
+
+    def make(seed):
+        torch.manual_seed(seed)
+        trunk = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, D))
+        loss = LEAPLoss(
+            C, D, margin=0.2, scale=16, cloud="full", class_counts=counts, seed=0, **extra
+        )
+        trainer = trainers.MetricLossOnly(
+            models={"trunk": trunk},
+            optimizers={
+                "trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.1, momentum=0.9),
+                "metric_loss_optimizer": torch.optim.SGD(loss.parameters(), lr=0.1, momentum=0.9),
+            },
+            batch_size=40,
+            loss_funcs={"metric_loss": loss},
+            dataset=train,
+            data_device=torch.device("cpu"),
+            dataloader_num_workers=0,
+            iterations_per_epoch=6,
+        )
+        return trainer, trunk, loss
+
+    trainer, trunk, loss = make(0)
+    trainer.train(num_epochs=2)
+    assert loss.step == 12 and int(loss.statistics.memory_fill.sum()) > 0
+    hooks = logging_presets.HookContainer(record_keeper=None)
+    hooks.save_models(trainer, str(tmp_path), "2")
+
+    resumed, rtrunk, rloss = make(7)  # other initial weights
+    assert hooks.load_latest_saved_models(resumed, str(tmp_path), torch.device("cpu")) == 3
+    assert rloss.step == 12
+    for (k, a), (_, b) in zip(loss.state_dict().items(), rloss.state_dict().items()):
+        assert a.shape == b.shape and torch.equal(a, b), k
+    x, y = train.x[:40], train.labels[:40]
+    steps = []
+    for t, lf, opt in (
+        (trunk, loss, trainer.optimizers),
+        (rtrunk, rloss, resumed.optimizers),
+    ):
+        out = []
+        for _ in range(2):  # two optimiser steps of the loss and the trunk
+            for o in opt.values():
+                o.zero_grad()
+            value = lf(t(x), y)
+            value.backward()
+            for o in opt.values():
+                o.step()
+            out.append(value.detach())
+        steps.append(out)
+    assert all(torch.equal(a, b) for a, b in zip(*steps)), steps
+
+
 def test_pml_cosface_state_dict_loads_into_leap_loss():
     ref = losses.CosFaceLoss(C, D)
     ours = LEAPLoss(C, D, cloud="full", class_counts=[4] * C, seed=0)
