@@ -65,7 +65,8 @@ def safe_acos(x: Tensor) -> Tensor:
     The input is clamped to ``[-1, 1]`` (rounding can push a cosine of normalised vectors past 1)
     and the derivative :math:`-1/\sqrt{1-x^2}` uses ``max(1 - x^2, eps)`` so that it stays finite
     at ``x = +-1``; elsewhere it is the exact derivative (no straight-through approximation).
-    Half-precision inputs should be upcast first; :func:`~feature_cloud.functional.margin_logits` does that.
+    Half-precision inputs should be upcast first;
+    :func:`~feature_cloud.functional.margin_logits` does that.
     """
     return _SafeAcos.apply(x)
 
