@@ -60,3 +60,33 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def run_ftl_task(task, dataset, stats_loader, opt, until=None, ema=None, record=None) -> None:
+    """Algorithm 1 through a timm ``FTLTask`` with its own loaders (the README loop), in train
+    mode: to the end of the schedule, or until its ``iteration`` reaches ``until``. ``ema`` is
+    updated with the ``FTLModel`` after each step; ``record`` collects ``(stage, loss)``."""
+    task.train()
+    while not task.finished:
+        stage = task.stage
+        if task.needs_stats:
+            task.update_stats(stats_loader)
+        loaders = task.loaders(dataset, batch_size=12)
+        for batch in zip(*loaders) if stage == 1 else loaders:
+            if stage == 1:
+                (xr, yr, _), (xt, yt, _) = batch  # hard batch from h, long-tail batch
+                result = task(xr, yr, xt, yt)
+            else:
+                x, y, _ = batch
+                result = task(x, y)
+            opt.zero_grad()
+            result["loss"].backward()
+            opt.step()
+            if ema is not None:
+                ema.update(task.model)  # the FTLModel itself
+            if record is not None:
+                record.append((stage, float(result["loss"].detach())))
+            if task.step() != stage or (until is not None and task.scheduler.iteration >= until):
+                break
+        if until is not None and task.scheduler.iteration >= until:
+            return

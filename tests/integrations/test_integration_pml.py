@@ -276,6 +276,27 @@ class _Blobs(torch.utils.data.Dataset):
         return self.x[i], self.labels[i]
 
 
+def _trainer(trunk, loss_func, dataset, momentum=0.0, **kwargs):
+    """PML's ``MetricLossOnly`` over ``trunk`` and the ``LEAPLoss`` (SGD lr 0.1 for both, batch
+    40, six iterations an epoch)."""
+    return trainers.MetricLossOnly(
+        models={"trunk": trunk},
+        optimizers={
+            "trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.1, momentum=momentum),
+            "metric_loss_optimizer": torch.optim.SGD(
+                loss_func.parameters(), lr=0.1, momentum=momentum
+            ),
+        },
+        batch_size=40,
+        loss_funcs={"metric_loss": loss_func},
+        dataset=dataset,
+        data_device=torch.device("cpu"),
+        dataloader_num_workers=0,
+        iterations_per_epoch=6,
+        **kwargs,
+    )
+
+
 def test_pml_trainer_and_tester_loop():
     torch.manual_seed(0)
     train, test = _Blobs(10, 0), _Blobs(5, 1)
@@ -289,20 +310,7 @@ def test_pml_trainer_and_tester_loop():
         iterations.append(trainer.iteration)
         loss_values.append(float(trainer.losses["total_loss"].detach()))
 
-    trainer = trainers.MetricLossOnly(
-        models={"trunk": trunk},
-        optimizers={
-            "trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.1),
-            "metric_loss_optimizer": torch.optim.SGD(loss_func.parameters(), lr=0.1),
-        },
-        batch_size=40,
-        loss_funcs={"metric_loss": loss_func},
-        dataset=train,
-        data_device=torch.device("cpu"),
-        dataloader_num_workers=0,
-        iterations_per_epoch=6,
-        end_of_iteration_hook=end_of_iteration,
-    )
+    trainer = _trainer(trunk, loss_func, train, end_of_iteration_hook=end_of_iteration)
     w0 = loss_func.W.detach().clone()
     trainer.train(num_epochs=2)
     assert len(iterations) == 12
@@ -338,20 +346,7 @@ def test_pml_hook_container_saves_and_resumes_the_loss(tmp_path, counts_given):
         loss = LEAPLoss(
             C, D, margin=0.2, scale=16, cloud="full", class_counts=counts, seed=0, **extra
         )
-        trainer = trainers.MetricLossOnly(
-            models={"trunk": trunk},
-            optimizers={
-                "trunk_optimizer": torch.optim.SGD(trunk.parameters(), lr=0.1, momentum=0.9),
-                "metric_loss_optimizer": torch.optim.SGD(loss.parameters(), lr=0.1, momentum=0.9),
-            },
-            batch_size=40,
-            loss_funcs={"metric_loss": loss},
-            dataset=train,
-            data_device=torch.device("cpu"),
-            dataloader_num_workers=0,
-            iterations_per_epoch=6,
-        )
-        return trainer, trunk, loss
+        return _trainer(trunk, loss, train, momentum=0.9), trunk, loss
 
     trainer, trunk, loss = make(0)
     trainer.train(num_epochs=2)

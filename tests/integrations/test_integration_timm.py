@@ -12,6 +12,7 @@ timm = pytest.importorskip("timm")
 pytest.importorskip("timm.task")
 from timm.task import TrainingTask, resume_task_checkpoint
 
+from conftest import run_ftl_task
 from feature_cloud import LEAPMarginHead
 from feature_cloud import functional as FC
 from feature_cloud.integrations.timm import LEAPEvaluator, LEAPTask, create_backbone_and_head
@@ -205,31 +206,6 @@ def _data(seed=0):
     return dataset, DataLoader(dataset, batch_size=32)
 
 
-def _run(task, dataset, stats_loader, opt, until=None, record=None):
-    """The README loop; stops after `until` iterations if given."""
-    while not task.finished:
-        stage = task.stage
-        if task.needs_stats:
-            task.update_stats(stats_loader)
-        loaders = task.loaders(dataset, batch_size=12)
-        for batch in zip(*loaders) if stage == 1 else loaders:
-            if stage == 1:
-                (xr, yr, _), (xt, yt, _) = batch  # hard batch from h, long-tail batch
-                result = task(xr, yr, xt, yt)
-            else:
-                x, y, _ = batch
-                result = task(x, y)
-            opt.zero_grad()
-            result["loss"].backward()
-            opt.step()
-            if record is not None:
-                record.append((stage, float(result["loss"].detach())))
-            if task.step() != stage or (until is not None and task.scheduler.iteration >= until):
-                break
-        if until is not None and task.scheduler.iteration >= until:
-            return
-
-
 def test_ftl_task_runs_the_stages():
     task = _ftl_task()
     model = task.model
@@ -241,13 +217,15 @@ def test_ftl_task_runs_the_stages():
         task(x[:4], y[:4], x[:4], y[:4])
     record, snaps = [], {}
 
-    _run(task, dataset, stats_loader, opt, until=3, record=record)  # stage 0
+    run_ftl_task(task, dataset, stats_loader, opt, until=3, record=record)  # stage 0
     assert task.stage == 1 and task.needs_stats and model.frozen == ("encoder", "decoder")
     with pytest.raises(ValueError, match="long-tail batch"):
         task(x[:4], y[:4])
     snaps["enc"] = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     snaps["fc"] = model.classifier.weight.detach().clone()
-    _run(task, dataset, stats_loader, opt, until=5, record=record)  # stage 1 (UpdateStats first)
+    run_ftl_task(
+        task, dataset, stats_loader, opt, until=5, record=record
+    )  # stage 1 (UpdateStats first)
     ft = model.feature_transfer
     assert ft.ready and ft.tail_indices.numel() == sum(COUNTS[2:]) and ft.hard_indices.numel() > 0
     assert task.stage == 2 and model.frozen == ("classifier",)
@@ -257,7 +235,7 @@ def test_ftl_task_runs_the_stages():
         )  # Enc fixed in stage 1 despite Adam momentum + decay
     assert not torch.equal(snaps["fc"], model.classifier.weight)
     snaps["fc"] = model.classifier.weight.detach().clone()
-    _run(task, dataset, stats_loader, opt, record=record)  # stage 2
+    run_ftl_task(task, dataset, stats_loader, opt, record=record)  # stage 2
     assert torch.equal(snaps["fc"], model.classifier.weight)  # FC fixed in stage 2
     assert task.finished and [s for s, _ in record] == [0, 0, 0, 1, 1, 2, 2]
     assert all(torch.isfinite(torch.tensor([v for _, v in record])))
@@ -276,7 +254,9 @@ def test_ftl_task_gives_stage_2_its_own_length_and_resume_checks_it():
     opt = torch.optim.Adam(task.model.param_groups(), lr=1e-3)
     task.train()
     record = []
-    _run(task, dataset, stats_loader, opt, until=7, record=record)  # into the second stage 1
+    run_ftl_task(
+        task, dataset, stats_loader, opt, until=7, record=record
+    )  # into the second stage 1
     assert [s for s, _ in record] == [0, 0, 0, 1, 1, 2, 1] and task.stage == 1
     state = task.get_checkpoint_state()["task_state"]
     assert state["scheduler"]["stage2_iters"] == 1
@@ -285,7 +265,7 @@ def test_ftl_task_gives_stage_2_its_own_length_and_resume_checks_it():
     restored = _ftl_task(stage2_iters=1, max_alternations=2, init_seed=5)
     restored.load_task_state(state)
     assert restored.scheduler.state_dict() == task.scheduler.state_dict()
-    _run(task, dataset, stats_loader, opt, record=record)
+    run_ftl_task(task, dataset, stats_loader, opt, record=record)
     assert task.finished and [s for s, _ in record] == [0, 0, 0, 1, 1, 2, 1, 1, 2]
 
 
@@ -301,7 +281,9 @@ def test_ftl_task_passes_tail_sampling_and_quality_to_the_scheduler():
     dataset, stats_loader = _data()
     opt = torch.optim.Adam(task.model.param_groups(), lr=1e-3)
     task.train()
-    _run(task, dataset, stats_loader, opt, until=4)  # stage 0, UpdateStats, one stage-1 step
+    run_ftl_task(
+        task, dataset, stats_loader, opt, until=4
+    )  # stage 0, UpdateStats, one stage-1 step
     ft = task.model.feature_transfer
     want = class_balanced_pool(ft.tail_indices, ft.tail_labels)
     assert torch.equal(task.scheduler.tail_pool(), want)
@@ -323,7 +305,9 @@ def test_ftl_task_state_round_trips_mid_stage_1(tmp_path):
     task = _ftl_task(seed=1)
     opt = torch.optim.Adam(task.model.param_groups(), lr=1e-3)
     task.train()
-    _run(task, dataset, stats_loader, opt, until=4)  # stage 0, UpdateStats, one stage-1 step
+    run_ftl_task(
+        task, dataset, stats_loader, opt, until=4
+    )  # stage 0, UpdateStats, one stage-1 step
     assert task.stage == 1 and task.scheduler.stage_iteration == 1
     state = task.get_checkpoint_state()
     assert set(state) == {"state_dict", "task_state"}

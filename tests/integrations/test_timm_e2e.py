@@ -18,6 +18,7 @@ pytest.importorskip("timm.task")
 from timm.task import load_task_ema_checkpoint, resume_task_checkpoint
 from timm.utils import CheckpointSaver
 
+from conftest import run_ftl_task
 from feature_cloud.integrations.timm import FTLTask, LEAPTask, ModelEmaV3Following
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -101,47 +102,21 @@ def _ftl_task(seed=0, **kwargs):
 
 
 def _ftl_dataset():
-    from torch.utils.data import TensorDataset
+    from torch.utils.data import DataLoader, TensorDataset
 
     from feature_cloud.ftl import IndexedDataset
 
     x, y = _images(COUNTS, 2)
-    return x, IndexedDataset(TensorDataset(x, y))
-
-
-def _ftl_steps(task, dataset, opt, n=None, ema=None):
-    """Algorithm 1 with the task's loaders: ``n`` optimiser steps (to the end with ``None``)."""
-    from torch.utils.data import DataLoader
-
-    task.train()
-    done = 0
-    while not task.finished and (n is None or done < n):
-        stage = task.stage
-        if task.needs_stats:
-            task.update_stats(DataLoader(dataset, batch_size=32))
-        loaders = task.loaders(dataset, batch_size=12)
-        for batch in zip(*loaders) if stage == 1 else loaders:
-            result = (
-                task(batch[0][0], batch[0][1], batch[1][0], batch[1][1])
-                if stage == 1
-                else task(batch[0], batch[1])
-            )
-            opt.zero_grad()
-            result["loss"].backward()
-            opt.step()
-            done += 1
-            if ema is not None:
-                ema.update(task.model)  # the FTLModel itself
-            if task.step() != stage or done == n:
-                break
+    dataset = IndexedDataset(TensorDataset(x, y))
+    return x, dataset, DataLoader(dataset, batch_size=32)
 
 
 def test_ftl_task_ema_through_update_stats():
     task = _ftl_task()
     ema = task.setup_ema(decay=0.5)
-    x, dataset = _ftl_dataset()
+    x, dataset, stats_loader = _ftl_dataset()
     opt = torch.optim.SGD(task.model.param_groups(), lr=0.05)
-    _ftl_steps(task, dataset, opt, ema=ema)
+    run_ftl_task(task, dataset, stats_loader, opt, ema=ema)
     ft, ema_ft = task.model.feature_transfer, ema.module.feature_transfer
     assert (
         ft.basis.numel() > 0 and ema_ft.basis.shape == ft.basis.shape
@@ -244,9 +219,9 @@ def test_ftl_checkpoint_saver_resume_mid_stage_1_with_class_balanced_tail(tmp_pa
     kw = dict(stage_iters=3, max_alternations=2, tail_sampling="classes")
     task = _ftl_task(seed=1, **kw)
     ema = task.setup_ema(decay=0.5)
-    _, dataset = _ftl_dataset()
+    _, dataset, stats_loader = _ftl_dataset()
     opt = torch.optim.SGD(task.model.param_groups(), lr=0.05, momentum=0.9)
-    _ftl_steps(task, dataset, opt, n=3, ema=ema)  # stage 0, UpdateStats, one stage-1 step
+    run_ftl_task(task, dataset, stats_loader, opt, until=3, ema=ema)  # stage 0, UpdateStats, 1 step
     assert task.stage == 1 and task.scheduler.stage_iteration == 1
     path = _save(task, opt, tmp_path)
 
@@ -266,7 +241,8 @@ def test_ftl_checkpoint_saver_resume_mid_stage_1_with_class_balanced_tail(tmp_pa
     assert restored.model.frozen == task.model.frozen == ("encoder", "decoder")
     for t, o in ((task, opt), (restored, restored_opt)):
         torch.manual_seed(0)
-        _ftl_steps(t, dataset, o, n=4, ema=t.trainable_module_ema)  # into stage 2 and back
+        # four more steps: into stage 2 and back
+        run_ftl_task(t, dataset, stats_loader, o, until=7, ema=t.trainable_module_ema)
     assert restored.scheduler.state_dict() == task.scheduler.state_dict()
     for ema_copy in (False, True):
         a = task.get_trainable_module(ema=ema_copy).state_dict()
