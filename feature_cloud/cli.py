@@ -604,7 +604,7 @@ def _main(
 ) -> int:
     import torch
 
-    from .demo._extras import MissingExtra
+    from ._extras import MissingExtra
     from .demo._progress import set_progress
     from .demo.runner import run_demo
 

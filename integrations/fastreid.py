@@ -68,6 +68,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from feature_cloud._extras import missing
 from feature_cloud.cloud import (
     DEFAULT_CLOUD_MODE,
     DEFAULT_CLOUD_SCALE,
@@ -76,7 +77,6 @@ from feature_cloud.cloud import (
 )
 from feature_cloud.functional import DEFAULT_UNKNOWN_VARIANCE
 from feature_cloud.heads import LEAPMarginHead
-from feature_cloud.integrations import _missing_framework
 from feature_cloud.statistics import DEFAULT_CENTER_RATE
 
 __all__ = [
@@ -290,8 +290,8 @@ def _no_compile_dependencies(self: Any) -> None:
 try:
     import fastreid  # noqa: F401
 except ImportError as _err:
-    raise _missing_framework(
-        "fastreid",
+    raise missing(
+        "feature_cloud.integrations.fastreid",
         "fastreid 1.4.0",
         "pip install 'feature-cloud[fastreid]' && pip install --no-deps fastreid==1.4.0",
         _err,

@@ -33,13 +33,16 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from feature_cloud.integrations import _missing_framework
+from feature_cloud._extras import missing
 
 try:
     from pytorch_metric_learning.distances import CosineSimilarity
 except ImportError as _err:
-    raise _missing_framework(
-        "pml", "pytorch-metric-learning", "pip install 'feature-cloud[pml]'", _err
+    raise missing(
+        "feature_cloud.integrations.pml",
+        "pytorch-metric-learning",
+        "pip install 'feature-cloud[pml]'",
+        _err,
     ) from _err
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin

@@ -39,12 +39,14 @@ from typing import (
 
 import torch
 
-from feature_cloud.integrations import _missing_framework
+from feature_cloud._extras import missing
 
 try:
     import timm
 except ImportError as _err:
-    raise _missing_framework("timm", "timm", "pip install 'feature-cloud[timm]'", _err) from _err
+    raise missing(
+        "feature_cloud.integrations.timm", "timm", "pip install 'feature-cloud[timm]'", _err
+    ) from _err
 try:
     from timm.task import ClassificationEvaluator, TrainingTask
 except ImportError as _err:  # timm.task: 1.0.25; its ClassificationEvaluator: 1.0.31

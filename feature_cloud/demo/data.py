@@ -67,7 +67,7 @@ class LabeledData:
 
 def load_digits() -> LabeledData:
     """scikit-learn's handwritten digits as ``(1797, 1, 8, 8)`` images scaled to ``[0, 1]``."""
-    from ._extras import need
+    from .._extras import need
 
     bunch = need("sklearn.datasets", "the digits source", "scikit-learn").load_digits()
     x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -144,7 +144,7 @@ def make_synthetic(cfg: Optional[SyntheticConfig] = None) -> LabeledData:
 
 def _load_images(paths: Sequence[str], size: Tuple[int, int]) -> Tensor:
     """Read images as RGB, resize to ``size`` = (height, width), return ``(N, 3, H, W)`` in [0, 1]."""
-    from ._extras import need
+    from .._extras import need
     from ._progress import progress
 
     Image = need("PIL.Image", "reading image files", "Pillow")

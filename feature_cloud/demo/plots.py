@@ -20,7 +20,7 @@ __all__ = [
 
 
 def _plt():
-    from ._extras import need
+    from .._extras import need
 
     need("matplotlib", "drawing the PNG plots", "matplotlib").use("Agg", force=True)
     import matplotlib.pyplot as plt

@@ -14,8 +14,8 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from .._extras import MissingExtra
 from . import plots
-from ._extras import MissingExtra
 from .metrics import aggregate
 
 __all__ = [

@@ -67,9 +67,9 @@ BACKBONES: Dict[str, Callable[[int, int], nn.Module]] = {
 
 def check_backbone(name: str) -> None:
     """Raise before anything runs unless ``name`` can be built: ``ValueError`` for an unknown
-    name (or timm model), :class:`~feature_cloud.demo._extras.MissingExtra` without timm."""
+    name (or timm model), :class:`~feature_cloud._extras.MissingExtra` without timm."""
     if name.startswith("timm:"):
-        from ..demo._extras import need
+        from .._extras import need
 
         timm = need("timm", f"--backbone {name}", "timm", extra="timm")
         if not timm.is_model(name[5:]):
