@@ -316,6 +316,20 @@ def _add_evaluate(sub) -> None:
     )
     ev.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     ev.add_argument(
+        "--scale",
+        type=float,
+        default=e.scale,
+        help="scale s of every margin head, each method's and its baseline's (CosFace, ArcFace, "
+        "LEAP, FTL's cosine FC); default: the margin's (CosFace 24, ArcFace 16); faces: 64",
+    )
+    ev.add_argument(
+        "--margin",
+        type=float,
+        default=e.margin,
+        help="margin m of every margin head (CosFace: cosine, ArcFace: radians), as --scale; "
+        "default: the margin's (0.2); faces: CosFace 0.35, ArcFace 0.5",
+    )
+    ev.add_argument(
         "--ml2-alpha",
         type=float,
         default=e.ml2_alpha,
@@ -480,6 +494,8 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         weight_decay=args.weight_decay,
         warmup_fraction=args.warmup_fraction,
         embedding_size=args.embedding_size,
+        scale=args.scale,
+        margin=args.margin,
         flip=not args.no_flip,
         ml2_alpha=args.ml2_alpha,
         ftl_alternations=args.ftl_alternations,

@@ -18,6 +18,7 @@ The heads and losses come from the package (:class:`~feature_cloud.LEAPMarginHea
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
@@ -115,6 +116,11 @@ class MethodConfig:
 
     embedding_size: int = 64
     leap_margin: str = "cosface"  # base margin of the LEAP variants (LEAP-CV / LEAP-CF)
+    # scale s and margin m of every margin head (CosFace / ArcFace, the LEAP heads, FTL's cosine
+    # FC and its baseline's), so that a method and its baseline share them; None: the margin's
+    # default (CosFace s=24, m=0.2; ArcFace s=16, m=0.2 rad: the paper's re-ID setting)
+    scale: Optional[float] = None
+    margin: Optional[float] = None
     tail_threshold: int = 5  # T of vanilla LEAP: classes with K_i > T are head classes
     memory_per_sample: int = 1  # P of LEAP Eq. 5
     gamma: float = 0.1  # center learning rate, LEAP Sec. 4.1
@@ -258,6 +264,25 @@ FTL_STAGE1_FC = ("all", "tail", "none")
 FTL_STAGE1_FILTER = ("trained", "fixed")
 
 
+def check_margin_options(cfg: Any) -> None:
+    """Check ``scale`` and ``margin`` of a :class:`MethodConfig` or an evaluation config: ``None``
+    or a finite number (scale > 0, margin >= 0), and not also in ``leap_options`` (they apply to
+    a method *and* its baseline; ``leap_options`` only to the LEAP heads); ``ValueError``."""
+    for name, low in (("scale", 0.0), ("margin", 0.0)):
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value) or value < low or (name == "scale" and value == 0):
+            bound = "> 0" if name == "scale" else ">= 0"
+            raise ValueError(f"{name} must be a finite number {bound} or None, got {value!r}")
+        if name in (cfg.leap_options or {}):
+            raise ValueError(
+                f"{name} is given twice: as the {name} of every margin head ({value}) and in "
+                f"leap_options ({cfg.leap_options[name]}, the LEAP heads only); set it once"
+            )
+
+
 def check_ftl_options(cfg: Any) -> None:
     """Check the FTL schedule options of a :class:`MethodConfig` or an evaluation config (the
     same field names), before anything is built; ``ValueError`` names the option."""
@@ -333,6 +358,7 @@ def ftl_classifier(
     (:func:`~feature_cloud.functional.center_prototypes`). With ``plain`` (the no-transfer
     baseline) every cosine kind is the plain, cloud-free head."""
     kind = cfg.ftl_classifier
+    check_margin_options(cfg)
     if kind not in FTL_CLASSIFIERS:
         raise ValueError(f"ftl_classifier must be one of {FTL_CLASSIFIERS}, got {kind!r}")
     if kind == "linear":
@@ -356,7 +382,13 @@ def ftl_classifier(
         )
     # no seed: a cloud draws one from the global RNG as the plain head's does (same init)
     head = LEAPMarginHead(
-        embedding_size, num_classes, margin_type=margin, validate=False, **options
+        embedding_size,
+        num_classes,
+        margin_type=margin,
+        scale=cfg.scale,
+        margin=cfg.margin,
+        validate=False,
+        **options,
     )
     return head, 0.0
 
@@ -612,8 +644,14 @@ class FTLMethod(Method):
 
 def _margin(margin_type: str, cloud):
     def build(backbone: nn.Module, num_classes: int, counts: Tensor, cfg: MethodConfig) -> Method:
+        check_margin_options(cfg)
         kwargs: Dict[str, Any] = dict(
-            margin_type=margin_type, cloud=cloud, seed=cfg.seed, validate=False
+            margin_type=margin_type,
+            scale=cfg.scale,
+            margin=cfg.margin,
+            cloud=cloud,
+            seed=cfg.seed,
+            validate=False,
         )
         kwargs.update(_cloud_options(cfg, counts, bool(cloud)))
         head = LEAPMarginHead(cfg.embedding_size, num_classes, **kwargs)

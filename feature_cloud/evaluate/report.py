@@ -529,6 +529,8 @@ _ADDED_FIELDS: Dict[str, Any] = {
     "ftl_stage1_filter": "trained",
     "test_fraction": 0.5,
     "ftl_energy": 0.95,
+    "scale": None,
+    "margin": None,
 }
 
 
@@ -565,14 +567,23 @@ def _head_scope(
 _FTL_METHODS = ("ftl", "ftl_base")
 
 
+#: the configuration fields that only the margin heads read
+_MARGIN_FIELDS = ("scale", "margin")
+
+
 def _unused_fields(runs: Sequence[Dict[str, Any]]) -> Set[str]:
     """Configuration fields none of the methods of the evaluations ``runs`` reads: the ``ftl_*``
     options where no run has an FTL method (a LEAP-only run pools with one made under another
-    FTL option)."""
+    FTL option), ``scale`` and ``margin`` where no method has a margin head."""
+    from .methods import head_use
+
     methods = {m for r in runs for m in (*r.get("methods", ()), *r["config"].get("methods", ()))}
-    if methods & set(_FTL_METHODS):
-        return set()
-    return {k for r in runs for k in r["config"] if k.startswith("ftl_")}
+    unused: Set[str] = set()
+    if not methods & set(_FTL_METHODS):
+        unused |= {k for r in runs for k in r["config"] if k.startswith("ftl_")}
+    if all(head_use(m, r["config"]) == "none" for r in runs for m in methods):
+        unused |= set(_MARGIN_FIELDS)
+    return unused
 
 
 def _head_option_diff(

@@ -20,7 +20,13 @@ from ..cloud import FeatureCloud
 from ..demo import metrics as M
 from ..demo._progress import progress
 from ..demo.data import LabeledData
-from ..demo.methods import FTL_CLASSIFIERS, Method, MethodConfig, check_ftl_options
+from ..demo.methods import (
+    FTL_CLASSIFIERS,
+    Method,
+    MethodConfig,
+    check_ftl_options,
+    check_margin_options,
+)
 from ..demo.protocol import LongTailSplit
 from ..demo.report import load_results
 from ..demo.runner import _device_of, embed_all, evaluate_method
@@ -65,6 +71,11 @@ class EvalConfig:
     weight_decay: float = 5e-4
     warmup_fraction: float = 1.0 / 3.0  # LEAP cloud warm-up share of training
     embedding_size: int = 128
+    # scale s and margin m of every margin head, a method's and its baseline's alike (CosFace /
+    # ArcFace, LEAP, FTL's cosine FC); None: the margin's default (CosFace s=24, m=0.2; ArcFace
+    # s=16, m=0.2 rad); face recognition usually trains CosFace at s=64, m=0.35
+    scale: Optional[float] = None
+    margin: Optional[float] = None
     flip: bool = True  # random horizontal flips
     ml2_alpha: float = 0.01
     ftl_alternations: int = 1  # (stage 1, stage 2) pairs after FTL's stage 0
@@ -123,6 +134,7 @@ class EvalConfig:
         if not 0.0 <= self.warmup_fraction <= 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
         check_ftl_options(self)
+        check_margin_options(self)
         check_backbone(self.backbone)
         if self.ftl_classifier not in FTL_CLASSIFIERS:
             raise ValueError(
@@ -185,6 +197,8 @@ def train_model(
     total = cfg.epochs * steps
     mcfg = MethodConfig(
         embedding_size=cfg.embedding_size,
+        scale=cfg.scale,
+        margin=cfg.margin,
         tail_threshold=cfg.threshold if threshold is None else int(threshold),
         warmup_steps=int(round(cfg.warmup_fraction * total)),
         ml2_alpha=cfg.ml2_alpha,

@@ -1300,3 +1300,127 @@ def test_missing_optional_packages_are_named_not_tracebacks(tmp_path, capsys, mo
         assert not any(f.endswith(".png") for f in written), written
     rc, out, err = run(p, out="full")  # and with everything installed, the plots
     assert rc == 0 and any(f.endswith(".png") for f in os.listdir(str(tmp_path / "full")))
+
+
+def test_scale_and_margin_reach_every_margin_head_and_its_baseline():
+    """``EvalConfig(scale=64, margin=0.35)`` (face recognition's CosFace) builds every margin
+    head with them, each method's and its baseline's alike (CosFace, LEAP, FTL's cosine FC and
+    the no-transfer model's); ``None`` keeps each margin's default; the linear FC has none."""
+    from feature_cloud.evaluate.runner import EvalConfig, train_model
+    from feature_cloud.heads import DEFAULT_MARGIN, DEFAULT_SCALE
+
+    torch.manual_seed(0)
+    y = torch.repeat_interleave(torch.arange(5), torch.tensor([16, 12, 4, 4, 4]))
+    x = torch.randn(40, 3, 8, 8)
+    counts = torch.bincount(y, minlength=5)
+
+    def heads(cfg):
+        out = {}
+        for name in ("cosface", "leap_full_cosface", "arcface", "leap_vanilla_arcface"):
+            out[name] = train_model(name, x, y, 5, counts, cfg, 0).head
+        for name in ("ftl", "ftl_base"):
+            out[name] = train_model(name, x, y, 5, counts, cfg, 0).ftl.classifier
+        return out
+
+    cfg = EvalConfig(epochs=1, batch_size=8, embedding_size=8, threshold=5)
+    cfg.validate()
+    for name, head in heads(cfg).items():
+        kind = "arcface" if "arcface" in name else "cosface"
+        assert (head.scale, head.margin) == (DEFAULT_SCALE[kind], DEFAULT_MARGIN[kind]), name
+    cfg = EvalConfig(epochs=1, batch_size=8, embedding_size=8, threshold=5, scale=64, margin=0.35)
+    cfg.validate()
+    built = heads(cfg)
+    for name, head in built.items():
+        assert (head.scale, head.margin) == (64.0, 0.35), name
+    assert built["leap_full_cosface"].feature_cloud.rule == "full"
+    cfg.ftl_classifier = "linear"  # the paper's FC: no scale or margin to set
+    assert isinstance(train_model("ftl", x, y, 5, counts, cfg, 0).ftl.classifier, torch.nn.Linear)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(scale=0.0), "scale must be a finite number > 0"),
+        (dict(scale=float("inf")), "scale must be a finite number > 0"),
+        (dict(margin=-0.1), "margin must be a finite number >= 0"),
+        (dict(margin=float("nan")), "margin must be a finite number >= 0"),
+        (dict(scale=64.0, leap_options={"scale": 32}), "scale is given twice"),
+        (dict(margin=0.35, leap_options={"margin": 0.2}), "margin is given twice"),
+    ],
+)
+def test_scale_and_margin_are_checked_before_training(fields, match):
+    from feature_cloud.evaluate.runner import EvalConfig
+
+    with pytest.raises(ValueError, match=match):
+        EvalConfig(**fields).validate()
+
+
+def test_cli_evaluate_scale_and_margin_are_recorded_resumed_and_pooled(tmp_path, capsys):
+    """``--scale 64 --margin 0.35``: recorded, other metrics than the defaults' for the method and
+    its baseline; ``--resume`` and ``report`` refuse to mix them with default runs; a results
+    file without the fields (an earlier release) counts as the defaults; runs without a margin
+    head (softmax, m-L2) pool whatever the fields say."""
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = ["--methods", "leap_full_cosface", "--epochs", "2", "--batch-size", "8"]
+    common += ["--embedding-size", "8", "-T", "3", "--quiet", "--n-test", "1"]
+    face = ["--scale", "64", "--margin", "0.35"]
+    runs = {}
+    for tag, extra, seed in (("face", face, "0"), ("default", [], "0"), ("face1", face, "1")):
+        args = [*common, *extra, "--seeds", seed, "--out", str(tmp_path / tag)]
+        assert main(["evaluate", p, *args]) == 0
+        r = json.loads((tmp_path / tag / "results.json").read_text())
+        runs[tag] = {run["method"]: run["metrics"] for run in r["runs"]}
+        assert (r["config"]["scale"], r["config"]["margin"]) == (
+            (64.0, 0.35) if extra else (None, None)
+        )
+    for method in ("cosface", "leap_full_cosface"):
+        assert runs["face"][method] != runs["default"][method], method
+    capsys.readouterr()
+    resume = [*common, "--seeds", "0", "--out", str(tmp_path / "face"), "--resume"]
+    assert main(["evaluate", p, *resume]) == 2
+    assert "scale: (64.0, None)" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "report",
+                str(tmp_path / "face"),
+                str(tmp_path / "face1"),
+                "--out",
+                str(tmp_path / "pooled"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "report",
+                str(tmp_path / "face1"),
+                str(tmp_path / "default"),
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
+    assert "configuration differs in ['margin', 'scale']" in capsys.readouterr().err
+    # a file of an earlier release (no scale / margin fields) resumes as the defaults
+    path = tmp_path / "default" / "results.json"
+    r = json.loads(path.read_text())
+    r["config"].pop("scale"), r["config"].pop("margin")
+    path.write_text(json.dumps(r))
+    resume = [*common, "--seeds", "0", "--out", str(tmp_path / "default"), "--resume"]
+    assert main(["evaluate", p, *resume]) == 0
+    # no margin head: the fields do not matter
+    soft = ["--methods", "ml2", *common[2:]]
+    for tag, extra, seed in (("s0", face, "0"), ("s1", [], "1")):
+        assert (
+            main(["evaluate", p, *soft, *extra, "--seeds", seed, "--out", str(tmp_path / tag)]) == 0
+        )
+    assert (
+        main(["report", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "sp")])
+        == 0
+    )
