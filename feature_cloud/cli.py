@@ -219,7 +219,7 @@ def _add_evaluate(sub) -> None:
     from .demo.methods import FTL_CLASSIFIERS, FTL_SCHEDULES, FTL_STAGE1_FC, FTL_STAGE1_FILTER
     from .evaluate.methods import EVAL_METHODS
     from .evaluate.runner import PROTOCOLS, EvalConfig
-    from .ftl import TAIL_SAMPLING
+    from .ftl import FILTERS, TAIL_SAMPLING
 
     e = EvalConfig()
     ev = sub.add_parser(
@@ -398,6 +398,13 @@ def _add_evaluate(sub) -> None:
         "classes' intra-class variance (0.95: the paper's; 1: the whole residual)",
     )
     ev.add_argument(
+        "--ftl-filter",
+        choices=FILTERS,
+        default=e.ftl_filter,
+        help="FTL's filter R (and its baseline's): 'mlp' (Linear-BN-ReLU-Linear, the paper's "
+        "role) or 'residual' (f = g + R(g), starting at f = g)",
+    )
+    ev.add_argument(
         "--ftl-classifier",
         choices=FTL_CLASSIFIERS,
         default=e.ftl_classifier,
@@ -507,6 +514,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         ftl_stage1_fc=args.ftl_stage1_fc,
         ftl_stage1_filter=args.ftl_stage1_filter,
         ftl_energy=args.ftl_energy,
+        ftl_filter=args.ftl_filter,
         ftl_prototype_shrinkage=args.ftl_prototype_shrinkage,
         imprint_fraction=args.imprint_fraction,
         leap_options=options,

@@ -34,6 +34,8 @@ __all__ = [
     "StreamSampler",
     "IndexedDataset",
     "make_filter",
+    "ResidualFilter",
+    "FILTERS",
     "ConvDecoder",
     "PARTS",
     "STAGE_TRAINABLE",
@@ -52,11 +54,55 @@ STAGE_TRAINABLE: Dict[int, Tuple[str, ...]] = {
 }
 
 
-def make_filter(in_dim: int = 320, out_dim: int = 320, hidden: int = 640) -> nn.Sequential:
-    """Default filtering network ``R`` (FTL Fig. 2) for a vector feature ``g``: ``Linear -> BN ->
-    ReLU -> Linear``. The paper's ``R`` (appendix Table 5: FC, two full convolutions, two
-    convolutions, average pooling) works on a 6x6 map; an MLP is its counterpart for any backbone.
+#: the forms of the filtering network ``R`` (:func:`make_filter`)
+FILTERS = ("mlp", "residual")
+
+
+class ResidualFilter(nn.Sequential):
+    """A residual filtering network: ``f = g + R(g)`` with ``R`` = ``Linear -> BN -> ReLU ->
+    Linear`` whose last layer starts at zero, so ``Enc -> R -> FC`` starts as ``Enc -> FC`` (the
+    user's own model) and ``R`` learns only what it adds. Its parameters are named as the plain
+    MLP's; the buffer ``residual`` (a constant 1) keeps a checkpoint of one form from loading
+    into the other (a missing / unexpected key), so ``f`` never silently changes meaning."""
+
+    residual: Tensor
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        first, last = nn.Linear(dim, hidden), nn.Linear(hidden, dim)  # the MLP's init order
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        super().__init__(first, nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), last)
+        self.register_buffer("residual", torch.ones(()))
+
+    def forward(self, g: Tensor) -> Tensor:
+        r = g
+        for module in self:
+            r = module(r)
+        return g + r
+
+
+def make_filter(
+    in_dim: int = 320, out_dim: int = 320, hidden: int = 640, form: str = "mlp"
+) -> nn.Sequential:
+    """Filtering network ``R`` (FTL Fig. 2) for a vector feature ``g``.
+
+    ``form="mlp"`` (default, the paper's role): ``Linear -> BN -> ReLU -> Linear``. The paper's
+    ``R`` (appendix Table 5: FC, two full convolutions, two convolutions, average pooling) works on
+    a 6x6 map; an MLP is its counterpart for any backbone. ``form="residual"``:
+    :class:`ResidualFilter`, ``f = g + R(g)`` starting at ``f = g`` (needs ``in_dim ==
+    out_dim``); on real faces the plain MLP between backbone and FC cost the Enc/R/FC model
+    tail accuracy against the backbone + FC alone (README, "Real faces", FTL).
     """
+    if form not in FILTERS:
+        raise ValueError(f"form must be one of {FILTERS}, got {form!r}")
+    if form == "residual":
+        if int(in_dim) != int(out_dim):
+            raise ValueError(
+                f"a residual filter maps g to f of the same size: in_dim={in_dim} and "
+                f"out_dim={out_dim} differ (set the embedding size to the feature size, or use "
+                "form='mlp')"
+            )
+        return ResidualFilter(int(in_dim), int(hidden))
     return nn.Sequential(
         nn.Linear(in_dim, hidden),
         nn.BatchNorm1d(hidden),

@@ -75,6 +75,7 @@ from feature_cloud.cloud import (
     DEFAULT_PROTOTYPE_MIN_COUNT,
     DEFAULT_PROTOTYPE_SHRINKAGE,
 )
+from feature_cloud.ftl import FTLModel, ResidualFilter
 from feature_cloud.functional import DEFAULT_UNKNOWN_VARIANCE
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.statistics import DEFAULT_CENTER_RATE
@@ -512,6 +513,27 @@ def _migrate_legacy_heads(model: nn.Module, state: Dict[str, Any]) -> None:
             migrate_state_dict(state, prefix, prefix + "feature_cloud.")
 
 
+def _check_filter_forms(model: nn.Module, state: Dict[str, Any]) -> None:
+    """Refuse a checkpoint whose FTL filter ``R`` has the other form (plain MLP vs residual,
+    ``MODEL.FTL.FILTER``): the parameters share their names, and fastreid's non-strict load
+    would only log the marker buffer, silently changing what ``f = R(g)`` means."""
+    for name, module in model.named_modules():
+        if not isinstance(module, FTLModel):
+            continue
+        prefix = name + "." if name else ""
+        if prefix + "filter.0.weight" not in state:
+            continue  # R not in the checkpoint (e.g. a backbone's weights): nothing to mix up
+        saved = prefix + "filter.residual" in state
+        current = isinstance(module.filter, ResidualFilter)
+        if saved != current:
+            forms = {True: "residual", False: "mlp"}
+            raise ValueError(
+                f"the checkpoint's FTL filter R is MODEL.FTL.FILTER: {forms[saved]}, the model's "
+                f"is {forms[current]}: the same parameters mean another f = R(g); build the "
+                f"model with MODEL.FTL.FILTER: {forms[saved]}"
+            )
+
+
 def _checkpointer_load(load: Callable[..., Any]) -> Callable[..., Any]:
     """``Checkpointer.load`` that tells ``_load_model`` which checkpointables it will load."""
 
@@ -548,6 +570,7 @@ def _checkpointer_load_model(load_model: Callable[..., Any]) -> Callable[..., An
         if isinstance(state, dict):
             model = self.model.module if hasattr(self.model, "module") else self.model
             _strip_prefix_if_present(state, "module.")  # what fastreid's loader does first
+            _check_filter_forms(model, state)
             _migrate_legacy_heads(model, state)
             _size_variable_buffers(model, state)
         return load_model(self, checkpoint)

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from feature_cloud.ftl import (
     DEFAULT_TAIL_SAMPLING,
+    FILTERS,
     TAIL_SAMPLING,
     AlternatingScheduler,
     ConvDecoder,
@@ -80,7 +81,10 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     ``STAGE_ITERS`` (each stage 1, and each stage 2 unless ``STAGE2_ITERS`` > 0; paper 5000 both),
     ``MAX_ALTERNATIONS`` ((stage 1, stage 2) pairs; 0: until the trainer stops). Loss (Eq. 4):
     ``ALPHA_SFMX``, ``ALPHA_RECON``, ``ALPHA_REG`` (paper 1, 1, 0.25). Modules:
-    ``FILTER_HIDDEN`` (hidden width of ``R``; 0: twice the embedding size), ``DECODER_CHANNELS``
+    ``FILTER`` (``R``'s form: ``"mlp"``, the paper's role, or ``"residual"``, ``f = g + R(g)``
+    starting at ``f = g``, needs ``EMBEDDING_DIM`` = the backbone's feature size:
+    :func:`~feature_cloud.ftl.make_filter`), ``FILTER_HIDDEN`` (hidden width of ``R``; 0: twice
+    the embedding size), ``DECODER_CHANNELS``
     (``Dec`` upsampling stages; empty: no decoder).
     UpdateStats: ``ENERGY`` (PCA energy kept, paper 0.95) or ``NUM_COMPONENTS`` (> 0 wins),
     ``TAIL_THRESHOLD`` (a class with <= T training images is long-tail, paper 20), ``FLIP``
@@ -99,6 +103,7 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     node.ALPHA_SFMX = 1.0
     node.ALPHA_RECON = 1.0
     node.ALPHA_REG = 0.25
+    node.FILTER = "mlp"
     node.FILTER_HIDDEN = 0
     node.DECODER_CHANNELS = [256, 192, 128, 64]
     node.ENERGY = 0.95
@@ -137,6 +142,20 @@ class FTLEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pool(self.backbone(x)).flatten(1)
+
+
+def _filter(ftl_cfg: CfgNode, feat_dim: int, emb_dim: int, hidden: int) -> nn.Module:
+    """``R`` of ``MODEL.FTL.FILTER`` (``mlp`` in configurations written before the key)."""
+    form = str(ftl_cfg.get("FILTER", "mlp"))
+    if form not in FILTERS:
+        raise ValueError(f"MODEL.FTL.FILTER must be one of {FILTERS}, got {form!r}")
+    if form == "residual" and emb_dim != feat_dim:
+        raise ValueError(
+            f"MODEL.FTL.FILTER: residual maps g to f of the same size: MODEL.HEADS.EMBEDDING_DIM "
+            f"({emb_dim}) must be the backbone's feature size MODEL.BACKBONE.FEAT_DIM "
+            f"({feat_dim}), or 0"
+        )
+    return make_filter(feat_dim, emb_dim, hidden, form=form)
 
 
 @META_ARCH_REGISTRY.register()
@@ -225,7 +244,7 @@ class FTLBaseline(nn.Module):
             encoder,
             classifier,
             feature_dim=feat_dim,
-            filter_net=make_filter(feat_dim, emb_dim, hidden),
+            filter_net=_filter(ftl_cfg, feat_dim, emb_dim, hidden),
             decoder=decoder,
             alpha_sfmx=float(ftl_cfg.ALPHA_SFMX),
             alpha_recon=float(ftl_cfg.ALPHA_RECON),

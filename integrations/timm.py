@@ -367,6 +367,7 @@ def create_ftl_model(
     classifier: str = "leap",
     embedding_size: Optional[int] = None,
     filter_hidden: Optional[int] = None,
+    filter: str = "mlp",
     decoder_shape: Optional[Sequence[int]] = None,
     decoder_channels: Sequence[int] = (256, 192, 128, 64),
     alpha_sfmx: float = 1.0,
@@ -378,7 +379,8 @@ def create_ftl_model(
     """An :class:`FTLModel` (FTL Fig. 2) around ``timm.create_model(model_name, num_classes=0)``.
 
     ``Enc`` is the timm backbone (``g`` has ``num_features`` dims); ``R`` is
-    :func:`~feature_cloud.ftl.make_filter` to ``embedding_size`` (default ``num_features``);
+    :func:`~feature_cloud.ftl.make_filter` to ``embedding_size`` (default ``num_features``;
+    ``filter="residual"``: ``f = g + R(g)``, starting at ``f = g``);
     ``FC`` is a :class:`LEAPMarginHead` (``classifier="leap"``, ``head_kwargs`` go to it; m-L2
     off by default, ``alpha_reg=0``) or the paper's ``nn.Linear`` (``"linear"``, ``alpha_reg``
     default 0.25); ``Dec`` is a :class:`~feature_cloud.ftl.ConvDecoder` to ``decoder_shape``
@@ -415,7 +417,10 @@ def create_ftl_model(
         fc,
         feature_dim=feat,
         filter_net=make_filter(
-            feat, emb, int(filter_hidden) if filter_hidden is not None else 2 * emb
+            feat,
+            emb,
+            int(filter_hidden) if filter_hidden is not None else 2 * emb,
+            form=filter,
         ),
         decoder=decoder,
         alpha_sfmx=alpha_sfmx,

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from .. import functional as FC
 from ..ftl import (
+    FILTERS,
     TAIL_SAMPLING,
     AlternatingScheduler,
     ConvDecoder,
@@ -151,6 +152,9 @@ class MethodConfig:
     ftl_energy: float = 0.95
     # R (the filter) in FTL stage 1: "trained" (Algorithm 1: R and FC) | "fixed" (FC only)
     ftl_stage1_filter: str = "trained"
+    # FTL's filter R: "mlp" (Linear-BN-ReLU-Linear, the paper's role) | "residual" (f = g + R(g),
+    # R's last layer zero-initialised: Enc/R/FC starts as Enc/FC; feature_cloud.ftl.make_filter)
+    ftl_filter: str = "mlp"
     # FTL's FC: "linear" (the paper's softmax + m-L2) or a cosine-margin head, "cosface" /
     # "arcface" (a LEAPMarginHead without cloud; no m-L2: the head normalises W and f), or "leap"
     # (the LEAP methods' default head on ``leap_margin``, ``leap_options`` applied).
@@ -308,6 +312,8 @@ def check_ftl_options(cfg: Any) -> None:
         raise ValueError(
             f"ftl_tail_sampling must be one of {TAIL_SAMPLING}, got {cfg.ftl_tail_sampling!r}"
         )
+    if cfg.ftl_filter not in FILTERS:
+        raise ValueError(f"ftl_filter must be one of {FILTERS}, got {cfg.ftl_filter!r}")
     for name, choices in (
         ("ftl_stage1_fc", FTL_STAGE1_FC),
         ("ftl_stage1_filter", FTL_STAGE1_FILTER),
@@ -441,7 +447,7 @@ class FTLMethod(Method):
             backbone,
             classifier,
             feature_dim=d,
-            filter_net=make_filter(d, d, 2 * d),
+            filter_net=make_filter(d, d, 2 * d, form=cfg.ftl_filter),
             decoder=decoder,
             alpha_reg=alpha_reg,
             transfer=transfer,

@@ -529,6 +529,7 @@ _ADDED_FIELDS: Dict[str, Any] = {
     "ftl_stage1_filter": "trained",
     "test_fraction": 0.5,
     "ftl_energy": 0.95,
+    "ftl_filter": "mlp",
     "scale": None,
     "margin": None,
 }

@@ -97,6 +97,9 @@ class EvalConfig:
     ftl_stage1_filter: str = "trained"
     # FTL's PCA basis: the share of the regular classes' intra-class variance kept (paper: 0.95)
     ftl_energy: float = 0.95
+    # FTL's filter R, FTL's and its baseline's: "mlp" (the paper's role) | "residual" (f = g + R(g)
+    # starting at f = g; real faces: README "Real faces", FTL)
+    ftl_filter: str = "mlp"
     # FTL's cosine FC: inference prototypes (kappa; None: plain weights). Off by default: on real
     # faces they cost head accuracy at S = 1-3 (README, FTL results); "leap": the head's own default
     ftl_prototype_shrinkage: Optional[float] = None
@@ -211,6 +214,7 @@ def train_model(
         ftl_stage1_fc=cfg.ftl_stage1_fc,
         ftl_stage1_filter=cfg.ftl_stage1_filter,
         ftl_energy=cfg.ftl_energy,
+        ftl_filter=cfg.ftl_filter,
         ftl_prototype_shrinkage=cfg.ftl_prototype_shrinkage,
         imprint_step=None
         if cfg.imprint_fraction is None

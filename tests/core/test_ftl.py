@@ -16,6 +16,7 @@ from feature_cloud import AlternatingScheduler, FeatureTransfer, FTLModel, LEAPM
 from feature_cloud.ftl import (
     ConvDecoder,
     IndexedDataset,
+    ResidualFilter,
     StreamSampler,
     class_balanced_pool,
     make_filter,
@@ -49,13 +50,14 @@ def _data(
     return xtr, ytr, xte, yte, n_reg
 
 
-def _model(seed: int, num_classes: int = 30, **kw) -> FTLModel:
+def _model(seed: int, num_classes: int = 30, form: str = "mlp", **kw) -> FTLModel:
     torch.manual_seed(seed)
     enc = nn.Sequential(nn.Linear(P, 64), nn.ReLU(), nn.Linear(64, D))
     dec = nn.Sequential(nn.Linear(D, 64), nn.ReLU(), nn.Linear(64, P))
     fc = nn.Linear(E, num_classes, bias=False)  # the paper's FC: w_j^T f, no bias
     kw.setdefault("transfer", FeatureTransfer(D, num_classes, energy=0.95))
-    return FTLModel(enc, fc, feature_dim=D, decoder=dec, filter_net=make_filter(D, E, 64), **kw)
+    r = make_filter(D, E, 64, form=form)
+    return FTLModel(enc, fc, feature_dim=D, decoder=dec, filter_net=r, **kw)
 
 
 # ----------------------------------------------------------------------------- the model, Eq. 4
@@ -440,14 +442,16 @@ def _train(model, sched, opt, ds, stats_loader, n_iters, batch=32):
                 break
 
 
-@pytest.mark.parametrize("stop_at", [9, 15])  # mid stage 1, mid stage 2
-def test_checkpoint_resume_mid_stage_continues_identically(stop_at):
+@pytest.mark.parametrize(
+    "stop_at, form", [(9, "mlp"), (15, "mlp"), (9, "residual")]
+)  # mid stage 1, mid stage 2
+def test_checkpoint_resume_mid_stage_continues_identically(stop_at, form):
     xtr, ytr, _, _, _ = _data(4)
     ds = IndexedDataset(TensorDataset(xtr, ytr))
     stats_loader = DataLoader(ds, batch_size=256)
 
     def fresh():
-        model = _model(4)
+        model = _model(4, form=form)
         sched = AlternatingScheduler(
             model, stage0_iters=4, stage_iters=6, max_alternations=2, seed=11
         )
@@ -476,6 +480,53 @@ def test_checkpoint_resume_mid_stage_continues_identically(stop_at):
     assert sched2.state_dict() == sched.state_dict()
     for (k, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_residual_filter_starts_as_the_identity_and_learns():
+    """``make_filter(form="residual")``: ``f = g + R(g)`` is ``g`` at initialisation (the
+    Enc/R/FC model starts as Enc/FC), ``R`` trains (its last layer first, then the rest) and
+    keeps the plain MLP's initialisation of the other layers and its parameter names."""
+    torch.manual_seed(0)
+    r = make_filter(D, D, 32, form="residual")
+    torch.manual_seed(0)
+    mlp = make_filter(D, D, 32)
+    assert isinstance(r, ResidualFilter)
+    assert [k for k, _ in r.named_parameters()] == [k for k, _ in mlp.named_parameters()]
+    assert torch.equal(r[0].weight, mlp[0].weight) and not r[3].weight.any()
+    g = torch.randn(8, D)
+    r.train()
+    assert torch.equal(r(g), g)
+    opt = torch.optim.SGD(r.parameters(), lr=0.1)
+    target = torch.randn(8, D)
+    first = r[0].weight.detach().clone()
+    for step in range(2):
+        opt.zero_grad()
+        F.mse_loss(r(g), target).backward()
+        opt.step()
+        if step == 0:  # the last layer starts at zero: only it (and its bias) moves first
+            assert r[3].weight.any() and torch.equal(r[0].weight, first)
+    assert not torch.equal(r[0].weight, first)
+    assert not torch.equal(r(g), g)
+
+
+def test_filter_forms_refuse_each_others_checkpoints_and_bad_arguments():
+    """A residual filter's state does not load into a plain MLP filter (nor the reverse): the
+    parameter names agree, the buffer ``filter.residual`` tells them apart, so a model never
+    silently changes what ``f`` means; the residual form needs ``in_dim == out_dim``."""
+    res, mlp = _model(0, form="residual"), _model(0)
+    with pytest.raises(RuntimeError, match='Unexpected key.*"filter.residual"'):
+        mlp.load_state_dict(res.state_dict())
+    with pytest.raises(RuntimeError, match='Missing key.*"filter.residual"'):
+        res.load_state_dict(mlp.state_dict())
+    again = _model(1, form="residual")
+    again.load_state_dict(res.state_dict())
+    x = torch.randn(4, P)
+    res.eval(), again.eval()
+    assert torch.equal(res(x), again(x))
+    with pytest.raises(ValueError, match="in_dim=16 and out_dim=8 differ"):
+        make_filter(16, 8, 32, form="residual")
+    with pytest.raises(ValueError, match="form must be one of"):
+        make_filter(16, 16, 32, form="conv")
 
 
 def test_scheduler_state_validation():

@@ -110,6 +110,48 @@ def test_yaml_needs_the_config_node_and_builds_ftl_baseline(tmp_path):
     )
 
 
+def test_filter_key_builds_the_residual_filter_and_checkpointer_refuses_the_other_form(tmp_path):
+    """``MODEL.FTL.FILTER: residual`` builds ``f = g + R(g)`` (EMBEDDING_DIM = the feature size);
+    bad values name the key. fastreid's ``Checkpointer`` (non-strict: it would only log the
+    marker buffer) refuses a checkpoint of the other form before it loads anything, and loads
+    one of the same form whole."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    from feature_cloud.ftl import ResidualFilter
+
+    def build(form, *opts):
+        cfg = _ftl_cfg(
+            tmp_path, "MODEL.HEADS.NUM_CLASSES", "7", "MODEL.HEADS.EMBEDDING_DIM", "0", *opts
+        )
+        cfg.defrost()
+        cfg.MODEL.FTL.FILTER = form
+        return build_model(cfg)
+
+    residual = build("residual")
+    assert isinstance(residual.ftl.filter, ResidualFilter)
+    assert residual.ftl.embedding_size == residual.ftl.feature_dim == 512
+    mlp = build("mlp")
+    assert not isinstance(mlp.ftl.filter, ResidualFilter)
+    assert _ftl_cfg(tmp_path).MODEL.FTL.FILTER == "mlp"  # the shipped YAML: the paper's form
+    with pytest.raises(ValueError, match="MODEL.FTL.FILTER must be one of"):
+        build("conv")
+    with pytest.raises(ValueError, match=r"EMBEDDING_DIM \(64\) must be"):
+        build("residual", "MODEL.HEADS.EMBEDDING_DIM", "64")
+
+    for name, model in (("mlp", mlp), ("residual", residual)):
+        Checkpointer(model, str(tmp_path), save_to_disk=True).save(name)
+    other = build("residual")
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="checkpoint's FTL filter R is MODEL.FTL.FILTER: mlp"):
+        Checkpointer(other).load(str(tmp_path / "mlp.pth"))
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    with pytest.raises(ValueError, match="MODEL.FTL.FILTER: residual, the model's is mlp"):
+        Checkpointer(build("mlp")).load(str(tmp_path / "residual.pth"))
+    Checkpointer(other).load(str(tmp_path / "residual.pth"))
+    for key, value in residual.state_dict().items():
+        assert torch.equal(other.state_dict()[key], value), key
+
+
 def test_hook_refuses_fastreid_contiguous_optimizer_and_a_short_schedule(market_root, tmp_path):
     cfg = _ftl_cfg(tmp_path)
     plain = DefaultTrainer(cfg)  # fastreid's optimizer over flat ContiguousParams buffers

@@ -252,6 +252,48 @@ def test_ftl_checkpoint_saver_resume_mid_stage_1_with_class_balanced_tail(tmp_pa
             assert torch.equal(a[key], b[key]), (ema_copy, key)
 
 
+def test_ftl_residual_filter_through_checkpoint_saver_and_export(tmp_path):
+    """``filter="residual"`` (``f = g + R(g)``): the model starts with ``f = g``, trains through
+    Algorithm 1 with an EMA, is saved by timm's ``CheckpointSaver`` mid stage 1 and resumed by
+    ``resume_task_checkpoint`` into the same next steps; a task built with the plain MLP filter
+    refuses the checkpoint (its marker buffer is missing) and keeps its state; the eval model
+    exports to ONNX."""
+    pytest.importorskip("onnxruntime")
+    kw = dict(stage_iters=3, max_alternations=2, filter="residual", embedding_size=None)
+    task = _ftl_task(seed=1, **kw)
+    x, dataset, stats_loader = _ftl_dataset()
+    task.model.eval()
+    with torch.no_grad():
+        g = task.model.encode(x[:4])
+        torch.testing.assert_close(task.model.embed(g), g)  # R starts at zero: f = g
+    ema = task.setup_ema(decay=0.5)
+    opt = torch.optim.SGD(task.model.param_groups(), lr=0.05, momentum=0.9)
+    run_ftl_task(task, dataset, stats_loader, opt, until=3, ema=ema)
+    assert task.stage == 1
+    path = _save(task, opt, tmp_path)
+
+    mlp = _ftl_task(seed=1, **dict(kw, filter="mlp"))
+    before = {k: v.clone() for k, v in mlp.model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="filter.residual"):
+        resume_task_checkpoint(mlp, path, log_info=False)
+    assert all(torch.equal(v, before[k]) for k, v in mlp.model.state_dict().items())
+
+    restored = _ftl_task(seed=7, **kw)
+    restored.setup_ema(decay=0.5)
+    restored_opt = torch.optim.SGD(restored.model.param_groups(), lr=0.05, momentum=0.9)
+    assert resume_task_checkpoint(restored, path, optimizer=restored_opt, log_info=False) == 1
+    load_task_ema_checkpoint(restored, path)
+    for t, o in ((task, opt), (restored, restored_opt)):
+        torch.manual_seed(0)
+        run_ftl_task(t, dataset, stats_loader, o, until=7, ema=t.trainable_module_ema)
+    a, b = task.model.state_dict(), restored.model.state_dict()
+    assert set(a) == set(b) and "filter.residual" in a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["filter.3.weight"], torch.zeros_like(a["filter.3.weight"]))
+    _export_and_compare(task.get_eval_model(), x[:4], tmp_path, "ftl_residual")
+
+
 # ---------------------------------------------------------------- export for inference
 def _export_and_compare(model, x, tmp_path, name):
     import onnxruntime
