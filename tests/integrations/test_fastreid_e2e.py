@@ -442,3 +442,48 @@ def test_ftl_baseline_train_resume_eval_infer(data_root, tmp_path):
         label="ftl infer",
     )
     assert infer["feature_shape"] == [8, 64] and infer["onnx_max_abs_diff"] < 1e-3
+
+
+def test_ftl_residual_filter_through_default_trainer_and_resume(data_root, tmp_path):
+    """``MODEL.FTL.FILTER: residual`` (``EMBEDDING_DIM: 0``: f has the backbone's size) trains
+    Algorithm 1 in fastreid's trainer; a new process resumes from the first checkpoint with every
+    tensor (the filter's marker included) and takes the same next step; the run's config.yaml
+    records the key."""
+    opts = [*FTL_OPTS, "MODEL.HEADS.EMBEDDING_DIM", "0", "MODEL.FTL.FILTER", "residual"]
+    out = str(tmp_path / "train")
+    trained, base, _ = _drive(
+        "train",
+        out,
+        data_root,
+        "Market1501/ftl_R50.yml",
+        *opts,
+        "OUTPUT_DIR",
+        out,
+        label="ftl residual train",
+    )
+    with open(os.path.join(out, "config.yaml")) as f:
+        assert "FILTER: residual" in f.read()
+    ckpt = torch.load(os.path.join(out, "model_0000.pth"), map_location="cpu", weights_only=False)[
+        "model"
+    ]
+    assert "ftl.filter.residual" in ckpt and ckpt["ftl.filter.3.weight"].shape == (512, 128)
+    run_dir = _resume_dir(out, tmp_path / "resumed")
+    resumed, rbase, _ = _drive(
+        "resume",
+        run_dir,
+        data_root,
+        "Market1501/ftl_R50.yml",
+        *opts,
+        "OUTPUT_DIR",
+        run_dir,
+        label="ftl residual resume",
+    )
+    assert resumed["start_epoch"] == 1
+    loaded = torch.load(rbase + ".loaded.pt", weights_only=False)
+    assert set(ckpt) == set(loaded)
+    for key, value in ckpt.items():
+        assert torch.equal(torch.as_tensor(value), loaded[key]), key
+    a, b = _probe(base), _probe(rbase)
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
