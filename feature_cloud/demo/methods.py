@@ -272,13 +272,14 @@ def check_margin_options(cfg: Any) -> None:
     """Check ``scale`` and ``margin`` of a :class:`MethodConfig` or an evaluation config: ``None``
     or a finite number (scale > 0, margin >= 0), and not also in ``leap_options`` (they apply to
     a method *and* its baseline; ``leap_options`` only to the LEAP heads); ``ValueError``."""
-    for name, low in (("scale", 0.0), ("margin", 0.0)):
+    for name, bound in (("scale", "> 0"), ("margin", ">= 0")):
         value = getattr(cfg, name)
         if value is None:
             continue
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or not math.isfinite(value) or value < low or (name == "scale" and value == 0):
-            bound = "> 0" if name == "scale" else ">= 0"
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (
+            number and math.isfinite(value) and (value > 0 or (value == 0 and name == "margin"))
+        ):
             raise ValueError(f"{name} must be a finite number {bound} or None, got {value!r}")
         if name in (cfg.leap_options or {}):
             raise ValueError(
