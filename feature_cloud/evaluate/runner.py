@@ -97,9 +97,10 @@ class EvalConfig:
     ftl_stage1_filter: str = "trained"
     # FTL's PCA basis: the share of the regular classes' intra-class variance kept (paper: 0.95)
     ftl_energy: float = 0.95
-    # FTL's filter R, FTL's and its baseline's: "mlp" (the paper's role) | "residual" (f = g + R(g)
-    # starting at f = g; real faces: README "Real faces", FTL)
-    ftl_filter: str = "mlp"
+    # FTL's filter R, FTL's and its baseline's: "residual" (f = g + R(g) starting at f = g; on real
+    # faces the plain MLP cost the Enc/R/FC model 5-9 tail points, README "Real faces", FTL) |
+    # "mlp" (Linear-BN-ReLU-Linear, the paper's role)
+    ftl_filter: str = "residual"
     # FTL's cosine FC: inference prototypes (kappa; None: plain weights). Off by default: on real
     # faces they cost head accuracy at S = 1-3 (README, FTL results); "leap": the head's own default
     ftl_prototype_shrinkage: Optional[float] = None

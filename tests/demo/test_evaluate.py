@@ -1427,9 +1427,10 @@ def test_cli_evaluate_scale_and_margin_are_recorded_resumed_and_pooled(tmp_path,
 
 
 def test_cli_evaluate_ftl_filter_reaches_ftl_and_its_baseline(tmp_path, capsys):
-    """``--ftl-filter residual``: FTL's and its baseline's ``R`` are ``f = g + R(g)``, both
-    models differ from the plain MLP's; recorded; ``--resume`` refuses the other form; a results
-    file without the field (an earlier release) counts as ``mlp``."""
+    """``--ftl-filter residual`` (the default): FTL's and its baseline's ``R`` are ``f = g +
+    R(g)``, both models differ from the plain MLP's (``--ftl-filter mlp``); recorded; ``--resume``
+    refuses the other form; a results file without the field (an earlier release) counts as
+    ``mlp``."""
     from feature_cloud.cli import main
     from feature_cloud.evaluate.runner import EvalConfig, train_model
     from feature_cloud.ftl import ResidualFilter
@@ -1437,7 +1438,8 @@ def test_cli_evaluate_ftl_filter_reaches_ftl_and_its_baseline(tmp_path, capsys):
     torch.manual_seed(0)
     y = torch.repeat_interleave(torch.arange(5), torch.tensor([16, 12, 4, 4, 4]))
     x, counts = torch.randn(40, 3, 8, 8), torch.bincount(y, minlength=5)
-    cfg = EvalConfig(epochs=1, batch_size=8, embedding_size=8, threshold=5, ftl_filter="residual")
+    cfg = EvalConfig(epochs=1, batch_size=8, embedding_size=8, threshold=5)
+    assert cfg.ftl_filter == "residual"
     cfg.validate()
     for name in ("ftl", "ftl_base"):
         assert isinstance(train_model(name, x, y, 5, counts, cfg, 0).ftl.filter, ResidualFilter)
@@ -1451,7 +1453,7 @@ def test_cli_evaluate_ftl_filter_reaches_ftl_and_its_baseline(tmp_path, capsys):
     common += ["--embedding-size", "8", "-T", "3", "--quiet", "--n-test", "1"]
     runs = {}
     for form in ("residual", "mlp"):
-        extra = ["--ftl-filter", form] if form == "residual" else []
+        extra = ["--ftl-filter", form] if form == "mlp" else []
         assert main(["evaluate", p, *common, *extra, "--out", str(tmp_path / form)]) == 0
         r = json.loads((tmp_path / form / "results.json").read_text())
         assert r["config"]["ftl_filter"] == form
@@ -1459,10 +1461,12 @@ def test_cli_evaluate_ftl_filter_reaches_ftl_and_its_baseline(tmp_path, capsys):
     for method in ("ftl", "ftl_base"):
         assert runs["residual"][method] != runs["mlp"][method], method
     capsys.readouterr()
-    assert main(["evaluate", p, *common, "--out", str(tmp_path / "residual"), "--resume"]) == 2
+    mlp = [*common, "--ftl-filter", "mlp"]
+    assert main(["evaluate", p, *mlp, "--out", str(tmp_path / "residual"), "--resume"]) == 2
     assert "ftl_filter: ('residual', 'mlp')" in capsys.readouterr().err
     path = tmp_path / "mlp" / "results.json"
     r = json.loads(path.read_text())
     r["config"].pop("ftl_filter")
     path.write_text(json.dumps(r))
-    assert main(["evaluate", p, *common, "--out", str(tmp_path / "mlp"), "--resume"]) == 0
+    assert main(["evaluate", p, *common, "--out", str(tmp_path / "mlp"), "--resume"]) == 2
+    assert main(["evaluate", p, *mlp, "--out", str(tmp_path / "mlp"), "--resume"]) == 0
