@@ -103,3 +103,46 @@ def test_readme_block_runs(block, tmp_path):
     assert proc.returncode == 0, (
         f"README.md line {block.line}:\n" + proc.stdout[-2000:] + proc.stderr[-4000:]
     )
+
+
+def heading_anchors(text: str) -> set:
+    """GitHub's anchors of the Markdown headings of ``text`` (lower case, punctuation dropped,
+    spaces to hyphens, ``-1``, ``-2`` for repeats; fenced code skipped)."""
+    anchors, seen, fenced = set(), {}, False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        match = None if fenced else re.match(r"^#{1,6}\s+(.*?)\s*$", line)
+        if match:
+            slug = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower()).replace(" ", "-")
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+def broken_links(path: str) -> List[str]:
+    """The ``[...](file#anchor)`` / ``[...](#anchor)`` links of the Markdown file ``path`` whose
+    file or heading does not exist."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    bad = []
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", text):
+        file = os.path.normpath(os.path.join(os.path.dirname(path), target)) if target else path
+        if not os.path.isfile(file):
+            bad.append(f"{target}#{anchor} (no such file)")
+            continue
+        with open(file, encoding="utf-8") as fh:
+            if anchor not in heading_anchors(fh.read()):
+                bad.append(f"{target}#{anchor}")
+    return bad
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/real-faces.md", "benchmarks/README.md"])
+def test_links_to_sections_resolve(doc, tmp_path):
+    """Every link to a section (README <-> docs/real-faces.md, within a file) names a heading
+    that exists, by GitHub's anchor rules (sections get renamed as results move)."""
+    assert broken_links(os.path.join(ROOT, doc)) == []
+    page = tmp_path / "page.md"  # the check itself finds a renamed section
+    page.write_text("# A title: `x` (y)\n\n## A title: `x` (y)\n\n[a](#a-title-x-y-1) [b](#gone)\n")
+    assert broken_links(str(page)) == ["#gone"]
