@@ -351,30 +351,27 @@ FTL_OPTS = list(RUN) + [
 ]
 
 
+def _ftl(mode: str, out: str, data_root, *opts: str, label: str):
+    """``_drive`` with the shipped FTL YAML, ``FTL_OPTS`` (then ``opts``) and ``OUTPUT_DIR = out``."""
+    return _drive(
+        mode,
+        out,
+        data_root,
+        "Market1501/ftl_R50.yml",
+        *FTL_OPTS,
+        *opts,
+        "OUTPUT_DIR",
+        out,
+        label=label,
+    )
+
+
 def test_ftl_baseline_train_resume_eval_infer(data_root, tmp_path):
     out = str(tmp_path / "ftl")
-    trained, base, _ = _drive(
-        "train",
-        out,
-        data_root,
-        "Market1501/ftl_R50.yml",
-        *FTL_OPTS,
-        "OUTPUT_DIR",
-        out,
-        label="ftl train",
-    )
+    trained, base, _ = _ftl("train", out, data_root, label="ftl train")
     # resume from the first checkpoint (end of stage 0, stage 1 next) in a fresh process
     run_dir = _resume_dir(out, tmp_path / "ftl_resumed")
-    resumed, rbase, _ = _drive(
-        "resume",
-        run_dir,
-        data_root,
-        "Market1501/ftl_R50.yml",
-        *FTL_OPTS,
-        "OUTPUT_DIR",
-        run_dir,
-        label="ftl resume",
-    )
+    resumed, rbase, _ = _ftl("resume", run_dir, data_root, label="ftl resume")
     assert resumed["start_epoch"] == 1
     ckpt = torch.load(os.path.join(out, "model_0000.pth"), map_location="cpu", weights_only=False)[
         "model"
@@ -449,18 +446,9 @@ def test_ftl_residual_filter_through_default_trainer_and_resume(data_root, tmp_p
     Algorithm 1 in fastreid's trainer; a new process resumes from the first checkpoint with every
     tensor (the filter's marker included) and takes the same next step; the run's config.yaml
     records the key."""
-    opts = [*FTL_OPTS, "MODEL.HEADS.EMBEDDING_DIM", "0", "MODEL.FTL.FILTER", "residual"]
+    opts = ["MODEL.HEADS.EMBEDDING_DIM", "0", "MODEL.FTL.FILTER", "residual"]
     out = str(tmp_path / "train")
-    trained, base, _ = _drive(
-        "train",
-        out,
-        data_root,
-        "Market1501/ftl_R50.yml",
-        *opts,
-        "OUTPUT_DIR",
-        out,
-        label="ftl residual train",
-    )
+    trained, base, _ = _ftl("train", out, data_root, *opts, label="ftl residual train")
     with open(os.path.join(out, "config.yaml")) as f:
         assert "FILTER: residual" in f.read()
     ckpt = torch.load(os.path.join(out, "model_0000.pth"), map_location="cpu", weights_only=False)[
@@ -468,16 +456,7 @@ def test_ftl_residual_filter_through_default_trainer_and_resume(data_root, tmp_p
     ]
     assert "ftl.filter.residual" in ckpt and ckpt["ftl.filter.3.weight"].shape == (512, 128)
     run_dir = _resume_dir(out, tmp_path / "resumed")
-    resumed, rbase, _ = _drive(
-        "resume",
-        run_dir,
-        data_root,
-        "Market1501/ftl_R50.yml",
-        *opts,
-        "OUTPUT_DIR",
-        run_dir,
-        label="ftl residual resume",
-    )
+    resumed, rbase, _ = _ftl("resume", run_dir, data_root, *opts, label="ftl residual resume")
     assert resumed["start_epoch"] == 1
     loaded = torch.load(rbase + ".loaded.pt", weights_only=False)
     assert set(ckpt) == set(loaded)
