@@ -58,6 +58,16 @@ STAGE_TRAINABLE: Dict[int, Tuple[str, ...]] = {
 FILTERS = ("mlp", "residual")
 
 
+def _filter_layers(in_dim: int, hidden: int, out_dim: int) -> List[nn.Module]:
+    """``Linear -> BN -> ReLU -> Linear``, created in that order (the initialisation order)."""
+    return [
+        nn.Linear(in_dim, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, out_dim),
+    ]
+
+
 class ResidualFilter(nn.Sequential):
     """A residual filtering network: ``f = g + R(g)`` with ``R`` = ``Linear -> BN -> ReLU ->
     Linear`` whose last layer starts at zero, so ``Enc -> R -> FC`` starts as ``Enc -> FC`` (the
@@ -68,10 +78,12 @@ class ResidualFilter(nn.Sequential):
     residual: Tensor
 
     def __init__(self, dim: int, hidden: int) -> None:
-        first, last = nn.Linear(dim, hidden), nn.Linear(hidden, dim)  # the MLP's init order
+        layers = _filter_layers(dim, hidden, dim)
+        last = layers[-1]
+        assert isinstance(last, nn.Linear)
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
-        super().__init__(first, nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), last)
+        super().__init__(*layers)
         self.register_buffer("residual", torch.ones(()))
 
     def forward(self, g: Tensor) -> Tensor:
@@ -103,12 +115,7 @@ def make_filter(
                 "form='mlp')"
             )
         return ResidualFilter(int(in_dim), int(hidden))
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden),
-        nn.BatchNorm1d(hidden),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, out_dim),
-    )
+    return nn.Sequential(*_filter_layers(in_dim, hidden, out_dim))
 
 
 class ConvDecoder(nn.Module):

@@ -98,7 +98,7 @@ class EvalConfig:
     # FTL's PCA basis: the share of the regular classes' intra-class variance kept (paper: 0.95)
     ftl_energy: float = 0.95
     # FTL's filter R, FTL's and its baseline's: "residual" (f = g + R(g) starting at f = g; on real
-    # faces the plain MLP cost the Enc/R/FC model 5-9 tail points, README "Real faces", FTL) |
+    # faces the plain MLP cost the Enc/R/FC model 8.1 tail points against CosFace, docs) |
     # "mlp" (Linear-BN-ReLU-Linear, the paper's role)
     ftl_filter: str = "residual"
     # FTL's cosine FC: inference prototypes (kappa; None: plain weights). Off by default: on real
