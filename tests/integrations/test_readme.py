@@ -126,15 +126,17 @@ def broken_links(path: str) -> List[str]:
     file or heading does not exist."""
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
-    bad = []
+    bad, anchors = [], {}  # anchors per linked file, read once
     for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", text):
         file = os.path.normpath(os.path.join(os.path.dirname(path), target)) if target else path
         if not os.path.isfile(file):
             bad.append(f"{target}#{anchor} (no such file)")
             continue
-        with open(file, encoding="utf-8") as fh:
-            if anchor not in heading_anchors(fh.read()):
-                bad.append(f"{target}#{anchor}")
+        if file not in anchors:
+            with open(file, encoding="utf-8") as fh:
+                anchors[file] = heading_anchors(fh.read())
+        if anchor not in anchors[file]:
+            bad.append(f"{target}#{anchor}")
     return bad
 
 
