@@ -435,6 +435,12 @@ def _add_evaluate(sub) -> None:
         "kappa values (0: the weights; inference only): the head/tail trade-off, sweep.md",
     )
     ev.add_argument(
+        "--save-logits",
+        action="store_true",
+        help="write each closed-set run's test logits, labels and head-class mask to "
+        "OUT/logits/METHOD_seedSEED.npz (runs reused by --resume keep the files they wrote)",
+    )
+    ev.add_argument(
         "--leap-option",
         action="append",
         default=[],
@@ -519,6 +525,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         imprint_fraction=args.imprint_fraction,
         leap_options=options,
         shrinkage_sweep=list(args.shrinkage_sweep),
+        save_logits=args.save_logits,
         out=args.out,
         device=args.device,
     )

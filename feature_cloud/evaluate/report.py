@@ -476,8 +476,9 @@ def combine_settings(paths: Sequence[str], out: str) -> str:
 
 
 #: config keys that may differ between runs merged by :func:`merge_runs`
-#: (device: checked by --resume; shrinkage_sweep: inference only, each kappa on the runs that have it)
-_MERGE_FREE = ("seeds", "methods", "out", "device", "shrinkage_sweep")
+#: (device: checked by --resume; shrinkage_sweep: inference only, each kappa on the runs that have
+#: it; save_logits: an output only)
+_MERGE_FREE = ("seeds", "methods", "out", "device", "shrinkage_sweep", "save_logits")
 #: dataset keys that must agree (its ``info``, e.g. the path it was read from, may differ)
 _DATA_KEYS = ("name", "samples", "num_classes", "input_shape", "camids")
 

@@ -11,6 +11,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,6 +43,7 @@ __all__ = [
     "train_model",
     "setting_name",
     "shrinkage_sweep",
+    "save_logits",
     "RESULTS_FILE",
 ]
 
@@ -113,6 +115,10 @@ class EvalConfig:
     # prototypes on the user's data ("sweep" of a run, sweep.md); recorded, not part of the
     # setting (runs with other sweeps pool)
     shrinkage_sweep: List[float] = field(default_factory=list)
+    # inference output only: each closed-set run writes its test logits (the FC's), labels and
+    # head-class mask to <out>/logits/<method>_seed<seed>.npz, for analyses of the user's own
+    # (calibration, offsets, other metrics); recorded, not part of the setting
+    save_logits: bool = False
     out: str = "outputs/evaluate"
     # where models train and embed ("cpu", "cuda", "cuda:1"); recorded, not part of the setting:
     # runs on different devices pool (each seed's pair on one device), --resume needs the same
@@ -151,6 +157,10 @@ class EvalConfig:
         if any(not k >= 0.0 or math.isinf(k) for k in sweep) or len(set(sweep)) != len(sweep):
             raise ValueError(
                 f"shrinkage_sweep must hold distinct finite values >= 0, got {self.shrinkage_sweep}"
+            )
+        if self.save_logits and self.protocol == "open":
+            raise ValueError(
+                "save_logits: the open protocol scores retrieval only; it has no closed-set logits"
             )
         kappa = self.ftl_prototype_shrinkage
         if kappa is not None and not float(kappa) >= 0.0:
@@ -393,6 +403,30 @@ def shrinkage_sweep(
     return out
 
 
+#: folder of ``--save-logits`` files inside an evaluation's output directory
+LOGITS_DIR = "logits"
+
+
+def save_logits(
+    model: Any, emb: Tensor, labels: Tensor, head: Tensor, out: str, method: str, seed: int
+) -> str:
+    """Write the closed-set test logits of ``model`` (``classify`` of the test embeddings
+    ``emb``: the logits the FC accuracy is computed from), the test ``labels`` and the head-class
+    mask ``head`` (``(C,)``) to ``<out>/logits/<method>_seed<seed>.npz``; returns the path."""
+    with torch.no_grad():
+        logits = model.classify(emb).float().cpu().numpy()
+    folder = os.path.join(out, LOGITS_DIR)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{method}_seed{seed}.npz")
+    np.savez(
+        path,
+        logits=logits,
+        labels=labels.cpu().numpy().astype(np.int64),
+        head_classes=head.cpu().numpy().astype(bool),
+    )
+    return path
+
+
 def _normalise(x: Tensor, train: Tensor) -> Tensor:
     mean = x[train].mean(dim=(0, 2, 3), keepdim=True)
     std = x[train].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
@@ -633,6 +667,8 @@ def run_evaluation(
                         for part, val in M.head_tail(v, is_head, valid).items():
                             scalars[f"{k}_{part}"] = val
                 emb = f_ev.to(_device_of(model))
+                if cfg.save_logits and write:
+                    save_logits(model, emb, ey, split.head, cfg.out, name, seed)
                 sweep = shrinkage_sweep(model, emb, ey, split.head, cfg.shrinkage_sweep)
                 line = (
                     f"FC head {100 * scalars['fc_acc_head']:5.1f} tail "

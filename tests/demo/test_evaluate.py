@@ -1026,6 +1026,86 @@ def test_cli_evaluate_shrinkage_sweep_scores_the_same_models_at_each_kappa(tmp_p
     assert "shrinkage_sweep" in capsys.readouterr().err
 
 
+def test_cli_evaluate_save_logits_reproduces_the_fc_accuracy(tmp_path, capsys):
+    """``--save-logits``: every closed-set run writes its test logits, labels and head-class
+    mask; their argmax gives the run's FC head / tail accuracy exactly; the option is an output,
+    not a setting (runs with and without it pool); the open protocol has no closed-set logits."""
+    import numpy as np
+
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = ["evaluate", p, "--protocol", "natural", "-T", "5", "--n-test", "1"]
+    common += ["--methods", "leap_full_cosface", "--epochs", "2", "--batch-size", "8"]
+    common += ["--embedding-size", "8", "--image-size", "8", "8", "--quiet"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main(common + ["--seeds", "0", "1", "--save-logits", "--out", a]) == 0
+    assert main(common + ["--seeds", "2", "--out", b]) == 0
+    with open(os.path.join(a, "results.json")) as fh:
+        res = json.load(fh)
+    assert res["config"]["save_logits"] is True
+    assert sorted(os.listdir(os.path.join(a, "logits"))) == [
+        f"{m}_seed{s}.npz" for m in ("cosface", "leap_full_cosface") for s in (0, 1)
+    ]
+    for run in res["runs"]:
+        got = np.load(os.path.join(a, "logits", f"{run['method']}_seed{run['seed']}.npz"))
+        logits, labels, head = got["logits"], got["labels"], got["head_classes"]
+        assert logits.shape == (labels.shape[0], head.shape[0]) and head.dtype == bool
+        ok = logits.argmax(1) == labels
+        is_head = head[labels]
+        assert is_head.any() and (~is_head).any()
+        assert ok[is_head].mean() == pytest.approx(run["metrics"]["fc_acc_head"], abs=1e-6)
+        assert ok[~is_head].mean() == pytest.approx(run["metrics"]["fc_acc_tail"], abs=1e-6)
+    assert not os.path.exists(os.path.join(b, "logits"))
+    assert main(["report", a, b, "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    capsys.readouterr()
+    opn = ["evaluate", p, "--protocol", "open", "--seeds", "0", "--save-logits", "--quiet"]
+    assert main(opn + ["--out", str(tmp_path / "o")]) == 2
+    assert "save_logits" in capsys.readouterr().err
+    assert not os.path.exists(str(tmp_path / "o"))
+
+
+def test_head_offset_script_restores_the_head_and_shifts_the_baseline(tmp_path, capsys):
+    """benchmarks/head_offset.py on hand-made logits (head classes 0, 1; one test image each):
+    the method trades head image 1 (lost to tail class 2 by 0.22) for tail image 2 (won by 0.1);
+    an offset of 0.25 gives the head back and the tail gain with it; the baseline reaches the
+    method's tail at 0.35 and loses head image 1 there."""
+    import numpy as np
+
+    from benchmarks import head_offset
+
+    d = tmp_path / "run"
+    (d / "logits").mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"setting": "natural"}))
+    labels, head = np.arange(4), np.array([True, True, False, False])
+    base = np.array(
+        [[1.0, 0, 0, 0], [0, 1.0, 0, 0.8], [1.0, 0, 0.7, 0], [0, 0, 0, 1.0]], dtype=np.float32
+    )
+    method = np.array(
+        [[1.0, 0, 0, 0], [0, 0.78, 1.0, 0], [0.9, 0, 1.0, 0], [0, 0, 0, 1.0]], dtype=np.float32
+    )
+    for name, lg in (("ftl_base", base), ("ftl", method)):
+        np.savez(d / "logits" / f"{name}_seed0.npz", logits=lg, labels=labels, head_classes=head)
+    assert head_offset.head_tail_accuracy(method, labels, head, 0.0) == (50.0, 100.0)
+    assert head_offset.head_tail_accuracy(method, labels, head, 0.25) == (100.0, 50.0)
+    head_offset.main([str(d)])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| natural")]
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells == [
+        "natural",
+        "1",
+        "0",
+        "+50.0",
+        "-50.0",
+        "0",
+        "1: +0.0",
+        "0",
+        "-50.0 (1)",
+        "+0.0",
+    ]
+
+
 def test_shrinkage_sweep_restores_the_head_and_skips_models_without_centers():
     """The sweep leaves the cloud's ``prototype_shrinkage`` as it was (also when scoring
     fails), and returns nothing for a head that keeps no centers."""
