@@ -27,10 +27,12 @@ import glob
 import json
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-from scipy import stats
+
+from feature_cloud.evaluate.stats import t_interval
 
 
 def head_tail_accuracy(
@@ -45,32 +47,28 @@ def head_tail_accuracy(
 
 
 def smallest_offset(
-    fn,
-    target: float,
-    grid: np.ndarray,  # type: ignore[no-untyped-def]
-) -> Optional[Tuple[float, Tuple[float, float]]]:
-    """The first ``delta`` of ``grid`` at which ``fn(delta)`` reaches ``target`` (with the
-    accuracies there), or ``None``."""
+    fn: Callable[[float], Tuple[float, float]], target: float, grid: np.ndarray
+) -> Optional[Tuple[float, float]]:
+    """``fn(delta)`` at the first ``delta`` of ``grid`` whose first value reaches ``target``,
+    or ``None``."""
     for d in grid:
         acc = fn(float(d))
         if acc[0] >= target - 1e-9:
-            return float(d), acc
+            return acc
     return None
 
 
 def interval(values: List[float]) -> str:
-    v = np.asarray(values, dtype=float)
-    if len(v) == 0:
+    """``mean ± 95 % t half-width`` of ``values`` (the tool's :func:`t_interval`)."""
+    mean, half, n = t_interval(values)
+    if n == 0:
         return "-"
-    if len(v) == 1:
-        return f"{v[0]:+.1f}"
-    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-    return f"{v.mean():+.1f} ± {half:.1f}"
+    return f"{mean:+.1f}" if n == 1 else f"{mean:+.1f} ± {half:.1f}"
 
 
 def load_pairs(
     directory: str, method: str, baseline: str
-) -> Tuple[str, Dict[int, Tuple[dict, dict]]]:
+) -> Tuple[str, Dict[int, Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]]]:
     """The setting name and ``{seed: (method file, baseline file)}`` of one evaluate output."""
     with open(os.path.join(directory, "results.json")) as fh:
         setting = json.load(fh)["setting"]
@@ -92,30 +90,24 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--step", type=float, default=0.05)
     args = ap.parse_args(argv)
     grid = np.round(np.arange(0.0, args.max_offset + args.step / 2, args.step), 6)
-    rows: Dict[str, List[dict]] = {}
+    rows: Dict[str, List[Dict[str, Any]]] = {}
     for d in args.dirs:
         setting, pairs = load_pairs(d, args.method, args.baseline)
         for seed, (m, b) in sorted(pairs.items()):
-            bh, bt = head_tail_accuracy(b["logits"], b["labels"], b["head_classes"], 0.0)
-            mh, mt = head_tail_accuracy(m["logits"], m["labels"], m["head_classes"], 0.0)
-            restore = smallest_offset(
-                lambda x: head_tail_accuracy(m["logits"], m["labels"], m["head_classes"], x),
-                bh,
-                grid,
-            )
-            # the baseline shifted toward the tail: reach the method's tail accuracy
-            shift = smallest_offset(
-                lambda x: head_tail_accuracy(b["logits"], b["labels"], b["head_classes"], -x)[::-1],
-                mt,
-                grid,
-            )
+            method = partial(head_tail_accuracy, m["logits"], m["labels"], m["head_classes"])
+            base = partial(head_tail_accuracy, b["logits"], b["labels"], b["head_classes"])
+            (bh, bt), (mh, mt) = base(0.0), method(0.0)
+            # (head, tail) once the method's head is back; (tail, head) of the baseline shifted
+            # toward the tail until it reaches the method's tail
+            restore = smallest_offset(method, bh, grid)
+            shift = smallest_offset(lambda x: base(-x)[::-1], mt, grid)
             rows.setdefault(setting, []).append(
                 {
                     "seed": seed,
                     "dh": mh - bh,
                     "dt": mt - bt,
-                    "restored_tail": None if restore is None else restore[1][1] - bt,
-                    "shifted_head": None if shift is None else shift[1][1] - bh,
+                    "restored_tail": None if restore is None else restore[1] - bt,
+                    "shifted_head": None if shift is None else shift[1] - bh,
                 }
             )
     print(
@@ -124,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"the method's tail (pairs) | method head − shifted baseline head |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    everything: List[dict] = []
+    everything: List[Dict[str, Any]] = []
     for setting in list(rows) + ["all"]:
         v = everything if setting == "all" else rows[setting]
         if setting != "all":
