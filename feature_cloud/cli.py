@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="feature-cloud",
         description="Long-tail representation learning (LEAP feature cloud, FTL): demo and reports.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"feature-cloud {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{demo,evaluate,report}")
     sub.required = True
 
@@ -128,13 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--gamma", type=float, default=d.gamma, help="LEAP center learning rate")
     demo.add_argument(
-        "--ml2-alpha", type=float, default=d.ml2_alpha, help="m-L2 weight (FTL Eq. 4)"
+        "--ml2-alpha",
+        type=float,
+        default=d.ml2_alpha,
+        help="weight alpha_reg (FTL Eq. 4) of the m-L2 regulariser (FTL Eq. 3)",
     )
     demo.add_argument(
         "--ftl-alternations",
         type=int,
         default=d.ftl_alternations,
-        help="FTL: (stage 1, stage 2) pairs after stage 0 (the warm-up)",
+        help="FTL: (stage 1, stage 2) pairs after stage 0 (70 %% of the steps)",
     )
     demo.add_argument(
         "--ftl-classifier",
@@ -333,7 +339,8 @@ def _add_evaluate(sub) -> None:
         "--ml2-alpha",
         type=float,
         default=e.ml2_alpha,
-        help="weight of the m-L2 regulariser (FTL Eq. 3) of the m-L2 method and FTL's linear FC",
+        help="weight alpha_reg (FTL Eq. 4) of the m-L2 regulariser (FTL Eq. 3) of the m-L2 "
+        "method and FTL's linear FC",
     )
     ev.add_argument(
         "--ftl-alternations",
@@ -465,10 +472,51 @@ def _fraction_or_none(text: str):
 def _parse_value(text: str):
     import ast
 
+    if text.lower() in ("none", "null"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return None if text == "None" else text
+        return text
+
+
+def _ignored_options(args: argparse.Namespace, methods: Sequence[str]) -> list:
+    """The evaluate options given away from their defaults that no part of this evaluation
+    reads (a protocol's or a method's own), each with what would read it."""
+    from .evaluate.runner import EvalConfig
+
+    e, out = EvalConfig(), []
+    if args.protocol != "hs" and (args.head != e.num_head or list(args.shots) != [e.shots]):
+        out.append("-H / -S (--protocol hs only)")
+    if args.protocol != "open" and args.test_fraction != e.test_fraction:
+        out.append("--test-fraction (--protocol open only)")
+    ftl = "ftl" in methods
+    if not ftl:
+        changed = [
+            "--" + k.replace("_", "-")
+            for k, v in vars(args).items()
+            if k.startswith("ftl_") and v != getattr(e, k, v)
+        ]
+        if changed:
+            out.append(f"{', '.join(sorted(changed))} (the ftl method only)")
+    leap = any(m.startswith("leap_") for m in methods) or (
+        ftl and (args.ftl_classifier == "leap" or args.ftl_prototype_shrinkage is not None)
+    )
+    if not leap:
+        changed = [
+            flag
+            for flag, given in (
+                ("--leap-option", bool(args.leap_option)),
+                ("--imprint-fraction", args.imprint_fraction is not None),
+                ("--shrinkage-sweep", bool(args.shrinkage_sweep)),
+            )
+            if given
+        ]
+        if changed:
+            out.append(f"{', '.join(changed)} (the LEAP methods only)")
+    return out
 
 
 def _run_evaluate(args: argparse.Namespace, log) -> None:
@@ -477,7 +525,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
     from .evaluate.data import load_dataset
     from .evaluate.methods import BASELINES
     from .evaluate.report import combine_settings
-    from .evaluate.runner import EvalConfig, run_evaluation, setting_name
+    from .evaluate.runner import EvalConfig, check_output, run_evaluation, setting_name
 
     methods: list = []
     for m in args.methods:  # each method after its baseline
@@ -529,17 +577,25 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         out=args.out,
         device=args.device,
     )
+    ignored = _ignored_options(args, methods)
+    if ignored:
+        warnings.warn(
+            f"ignored in this evaluation: {'; '.join(ignored)}", UserWarning, stacklevel=2
+        )
     shots = args.shots if args.protocol == "hs" else [base.shots]
     configs = [replace(base, shots=s) for s in dict.fromkeys(shots)]
+    if len(configs) > 1:
+        for c in configs:
+            c.out = os.path.join(args.out, setting_name(c))
     for c in configs:
         c.validate()
+        check_output(c, args.resume)
     data = load_dataset(args.data, tuple(args.image_size) if args.image_size else None)
     if len(configs) == 1:
         run_evaluation(configs[0], data, log=log, resume=args.resume)
         return
     dirs = []
     for c in configs:
-        c.out = os.path.join(args.out, setting_name(c))
         run_evaluation(c, data, log=log, resume=args.resume)
         dirs.append(c.out)
     log("")
@@ -667,6 +723,8 @@ def _main(
             else:
                 render_report(path, log=log)
             return 0
+        if args.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
         if args.threads:
             torch.set_num_threads(args.threads)
         if args.command == "evaluate":

@@ -291,6 +291,8 @@ def check_margin_options(cfg: Any) -> None:
 def check_ftl_options(cfg: Any) -> None:
     """Check the FTL schedule options of a :class:`MethodConfig` or an evaluation config (the
     same field names), before anything is built; ``ValueError`` names the option."""
+    if int(cfg.ftl_alternations) < 1:
+        raise ValueError(f"ftl_alternations must be >= 1, got {cfg.ftl_alternations}")
     fraction = cfg.ftl_stage0_fraction
     if fraction is not None and not 0.0 <= float(fraction) < 1.0:
         raise ValueError(f"ftl_stage0_fraction must be in [0, 1) or None, got {fraction}")
@@ -513,7 +515,7 @@ class FTLMethod(Method):
         training batch, as the caller does for the other methods; UpdateStats reads the
         un-augmented ``x``.
         """
-        pairs = max(1, self.alternations)
+        pairs = self.alternations  # >= 1 (check_ftl_options)
         warm = (
             self.warmup_steps
             if self.stage0_fraction is None

@@ -58,6 +58,8 @@ PROJECTION_FILE = "projection.npz"
 
 def load_results(path: str) -> Dict[str, Any]:
     """``results.json`` of a run directory (or the file itself)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such run directory or results file: {path!r}")
     file = os.path.join(path, RESULTS_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise FileNotFoundError(

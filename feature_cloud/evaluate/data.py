@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Optional, Tuple
 
 import numpy as np
@@ -15,16 +16,31 @@ __all__ = ["load_dataset", "load_npz"]
 
 
 def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> LabeledData:
-    """``images`` ``(N, H, W[, 3])`` uint8 or float, ``labels`` ``(N,)`` ints, optional ``camids``
-    and ``subject_names``. Images become ``(N, 3, H, W)`` float in [0, 1], area-resized to
-    ``image_size`` if given (no pickle is loaded)."""
-    with np.load(path, allow_pickle=False) as d:
+    """``images`` ``(N, H, W[, 1 | 3])`` (uint8 or other integers in 0..255, or finite floats),
+    ``labels`` ``(N,)`` ints, optional ``camids`` ``(N,)`` ints and ``subject_names``. Images
+    become ``(N, 3, H, W)`` float (integers / 255), area-resized to ``image_size`` if given (no
+    pickle is loaded). Refuses, naming the problem: missing arrays, other layouts (e.g.
+    PyTorch's ``(N, C, H, W)``), non-finite pixels, labels or camids that are not 1-D integers
+    of length ``N``, and fewer than 2 identities."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path!r} is not an .npz archive (np.savez writes one)")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:  # a .npz name on another file
+        raise ValueError(f"{path!r} is not a readable .npz archive ({err})") from None
+    if not hasattr(archive, "files"):  # a plain .npy array saved under an .npz name
+        raise ValueError(f"{path!r} is a single array (.npy), not an .npz with named arrays")
+    with archive as d:
         for key in ("images", "labels"):
             if key not in d.files:
                 raise ValueError(f"{path!r} has no {key!r} array (found {d.files})")
         images, labels = d["images"], d["labels"]
         names = [str(n) for n in d["subject_names"]] if "subject_names" in d.files else None
         camids = d["camids"] if "camids" in d.files else None
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D (N,), got shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integers, got {labels.dtype}")
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[0] != labels.shape[0]:
@@ -32,16 +48,46 @@ def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> Labeled
             f"images must be (N, H, W[, C]) with N = len(labels); got {images.shape}, "
             f"{labels.shape}"
         )
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{path!r} holds no images")
+    if images.shape[3] not in (1, 3):
+        hint = (
+            "; it looks like (N, C, H, W): save images.transpose(0, 2, 3, 1)"
+            if images.shape[1] in (1, 3)
+            else ""
+        )
+        raise ValueError(
+            f"images must be (N, H, W) or (N, H, W, C) with C = 1 or 3 channels last; got "
+            f"{images.shape}{hint}"
+        )
+    kind = images.dtype.kind
+    if kind in "iu":
+        low, high = int(images.min()), int(images.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"integer images must hold 0..255, got {images.dtype} values {low}..{high}"
+            )
+    elif kind == "f":
+        if not np.isfinite(images).all():
+            raise ValueError(f"images hold non-finite values (NaN or inf): {path!r}")
+    else:
+        raise ValueError(f"images must be integers (0..255) or floats, got {images.dtype}")
+    if camids is not None:
+        if camids.shape != labels.shape or camids.dtype.kind not in "iu":
+            raise ValueError(
+                f"camids must be integers of shape {labels.shape} (one camera per image), got "
+                f"{camids.dtype} {camids.shape}"
+            )
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    if images.dtype == np.uint8:
+    if kind in "iu":
         x = x / 255.0
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if image_size is not None and tuple(x.shape[2:]) != tuple(image_size):
         x = F.interpolate(x, size=tuple(image_size), mode="area")
     uniq, y = np.unique(labels, return_inverse=True)
+    if uniq.size < 2:
+        raise ValueError(f"{path!r} holds {uniq.size} identity: need at least 2")
     if names is None or len(names) != len(uniq):
         class_names = [str(u) for u in uniq]
     else:
@@ -53,7 +99,7 @@ def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> Labeled
         info["has_camids"] = True
     data = LabeledData(
         x.contiguous(),
-        torch.as_tensor(y, dtype=torch.long),
+        torch.as_tensor(y.reshape(-1), dtype=torch.long),
         class_names,
         os.path.splitext(os.path.basename(path))[0],
         info,
@@ -64,8 +110,14 @@ def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> Labeled
 
 def load_dataset(path: str, image_size: Optional[Tuple[int, int]] = None) -> LabeledData:
     """An ``.npz`` file (see :func:`load_npz`) or a folder with one sub-folder per identity."""
+    if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
+        raise ValueError(f"image_size must be two sizes >= 1 (H, W), got {tuple(image_size)}")
     if os.path.isdir(path):
         data = load_imagefolder(path, image_size or (64, 64))
+        if data.num_classes < 2:
+            raise ValueError(
+                f"{path!r} holds {data.num_classes} identity (sub-folder): need at least 2"
+            )
         data.camids = None  # type: ignore[attr-defined]
         return data
     if not os.path.isfile(path):

@@ -33,8 +33,8 @@ __all__ = [
 
 #: training diagnostics per head / tail (angles in rad², norms and cloud std as stored)
 _ANGLE_VAR = [
-    ("angle_var_train_head", "ang. var head", 1.0),
-    ("angle_var_train_tail", "ang. var tail", 1.0),
+    ("angle_var_train_head", "ang. var train head", 1.0),
+    ("angle_var_train_tail", "ang. var train tail", 1.0),
 ]
 _CLOUD_STD = [("cloud_std_head", "cloud std head", 1.0), ("cloud_std_tail", "cloud std tail", 1.0)]
 
@@ -340,9 +340,26 @@ def plot_paired(results: Dict[str, Any], file: str) -> str:
     return file
 
 
+def make_output_dir(path: str) -> None:
+    """Create the output directory ``path`` (and its parents); ``ValueError`` naming the path
+    where it or a parent is an existing file."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise ValueError(
+            f"output directory {path!r}: {err.strerror} (a file is in the way)"
+        ) from None
+
+
+_PAIRED_NOTE = (
+    "Paired differences against each method's own baseline (same seed, backbone, "
+    "budget and batch order), points, mean ± 95% t-interval."
+)
+
+
 def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str, str]:
-    """Write ``summary.md/.csv``, ``paired.md/.csv/.json``, ``runs.csv`` and the PNG plots of the
-    evaluation in ``path``. Returns ``{artifact: file}``."""
+    """Write ``summary.md/.csv``, ``paired.md/.csv/.json`` (paired.md: with a baseline in the
+    run), ``runs.csv`` and the PNG plots of the evaluation in ``path``. Returns ``{artifact: file}``."""
     results = load_results(path)
     out = path if os.path.isdir(path) else os.path.dirname(path)
     files: Dict[str, str] = {}
@@ -367,8 +384,7 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     ]
     if len(prows) > 1:
         text += [
-            "Paired differences against each method's own baseline (same seed, backbone, "
-            "budget and batch order), points, mean ± 95% t-interval.",
+            _PAIRED_NOTE,
             "",
             _markdown(prows),
             "",
@@ -377,7 +393,10 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     wrows = sweep_rows(results, table=table)
     if len(wrows) > 1:
         text += [_SWEEP_NOTE, "", _markdown(wrows), ""]
-    for name, content in (("summary.md", "\n".join(text)),):
+    pieces = [("summary.md", "\n".join(text))]
+    if len(prows) > 1:
+        pieces.append(("paired.md", _PAIRED_NOTE + "\n\n" + _markdown(prows) + "\n"))
+    for name, content in pieces:
         files[name] = os.path.join(out, name)
         with open(files[name], "w") as fh:
             fh.write(content)
@@ -426,6 +445,11 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     except ImportError as exc:  # matplotlib is an optional extra
         log(f"(no plots: {exc})")
     log("")
+    if results.get("complete") is False:
+        log(
+            f"Partial: {len(results['runs'])} of {len(cfg['seeds']) * len(cfg['methods'])} runs "
+            "(--resume trains the rest)"
+        )
     log(_markdown(prows if len(prows) > 1 else srows))
     log(f"wrote {', '.join(sorted(os.path.basename(f) for f in files.values()))} to {out}")
     return files
@@ -448,7 +472,7 @@ def combine_settings(paths: Sequence[str], out: str) -> str:
         width = 6 if _open(res) else 8  # the accuracy columns
         base_rows += [] if base_rows else [["Setting"] + sr[0][:width]]
         base_rows += [[res["setting"]] + r[:width] for r in sr[1:]]
-    os.makedirs(out, exist_ok=True)
+    make_output_dir(out)
     parts = []
     for is_open, (rows, base_rows) in sorted(tables.items()):
         what = "Open set (held-out identities): p" if is_open else "P"
@@ -661,8 +685,9 @@ def check_compatible(
         ]
         raise ValueError(
             f"cannot {verb} {path} with {first_path}: configuration differs in {diff} "
-            f"({', '.join(f'{k}: {v}' for k, v in zip(diff, values))}; leap_options as head "
-            "options resolved against each run's recorded defaults: (this, other))"
+            f"({', '.join(f'{k}: {v}' for k, v in zip(diff, values))}; each pair: ({path}, "
+            f"{first_path}), leap_options as head options resolved against each run's "
+            "recorded defaults)"
         )
     _check_same_data(res, first, path, first_path, verb)
 
@@ -731,7 +756,7 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
     )
     merged["config"]["out"] = out
     merged["merged_from"] = [os.path.abspath(p) for p, _ in runs]
-    os.makedirs(out, exist_ok=True)
+    make_output_dir(out)
     file = os.path.join(out, "results.json")
     with open(file, "w") as fh:
         json.dump(merged, fh, indent=1)
@@ -834,7 +859,7 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
         "notes": notes,
     }
     if out is not None:
-        os.makedirs(out, exist_ok=True)
+        make_output_dir(out)
         with open(os.path.join(out, "compare.json"), "w") as fh:
             json.dump(result, fh, indent=1)
         with open(os.path.join(out, "compare.md"), "w") as fh:

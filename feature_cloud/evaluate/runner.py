@@ -35,7 +35,7 @@ from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
 from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
 from .protocol import hs_split, natural_split, open_split
-from .report import check_compatible, head_defaults
+from .report import check_compatible, head_defaults, make_output_dir
 
 __all__ = [
     "EvalConfig",
@@ -44,6 +44,9 @@ __all__ = [
     "setting_name",
     "shrinkage_sweep",
     "save_logits",
+    "check_output",
+    "check_models",
+    "TrainingDiverged",
     "RESULTS_FILE",
 ]
 
@@ -141,6 +144,17 @@ class EvalConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (BatchNorm)")
+        for name in ("threshold", "num_head"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        bad_seeds = [s for s in self.seeds if not 0 <= int(s) < 2**32]
+        if bad_seeds:
+            raise ValueError(f"seeds must be in [0, 2**32), got {bad_seeds}")
+        for name, low in (("lr", None), ("weight_decay", 0.0), ("ml2_alpha", 0.0)):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and (value > 0 if low is None else value >= low)):
+                bound = "> 0" if low is None else ">= 0"
+                raise ValueError(f"{name} must be a finite number {bound}, got {value}")
         if not 0.0 <= self.warmup_fraction <= 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
         check_ftl_options(self)
@@ -193,23 +207,11 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
     return full + (1 if rest >= 2 or (full == 0 and rest > 0) else 0)
 
 
-def train_model(
-    name: str,
-    x: Tensor,
-    y: Tensor,
-    num_classes: int,
-    counts: Tensor,
-    cfg: EvalConfig,
-    seed: int,
-    desc: str = "",
-    threshold: Optional[int] = None,
-) -> Method:
-    """A fresh backbone (seeded by ``seed``: identical for every method) + method ``name``,
-    trained for ``cfg.epochs`` epochs in the batch order of ``seed``; ``threshold``: the methods'
-    ``T`` (default ``cfg.threshold``; :func:`method_threshold`)."""
-    steps = _steps_per_epoch(x.shape[0], cfg.batch_size)
-    total = cfg.epochs * steps
-    mcfg = MethodConfig(
+def _method_config(
+    cfg: EvalConfig, total: int, seed: int, threshold: Optional[int] = None
+) -> MethodConfig:
+    """The methods' :class:`MethodConfig` for ``total`` training steps of ``cfg``."""
+    return MethodConfig(
         embedding_size=cfg.embedding_size,
         scale=cfg.scale,
         margin=cfg.margin,
@@ -233,6 +235,29 @@ def train_model(
         seed=seed,
         leap_options=dict(cfg.leap_options),
     )
+
+
+class TrainingDiverged(ValueError):
+    """A model's training loss or parameters became non-finite (NaN or inf)."""
+
+
+def train_model(
+    name: str,
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    counts: Tensor,
+    cfg: EvalConfig,
+    seed: int,
+    desc: str = "",
+    threshold: Optional[int] = None,
+) -> Method:
+    """A fresh backbone (seeded by ``seed``: identical for every method) + method ``name``,
+    trained for ``cfg.epochs`` epochs in the batch order of ``seed``; ``threshold``: the methods'
+    ``T`` (default ``cfg.threshold``; :func:`method_threshold`)."""
+    steps = _steps_per_epoch(x.shape[0], cfg.batch_size)
+    total = cfg.epochs * steps
+    mcfg = _method_config(cfg, total, seed, threshold)
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.backbone, tuple(x.shape[1:]), cfg.embedding_size)
     device = torch.device(cfg.device)
@@ -257,8 +282,17 @@ def train_model(
     gen = torch.Generator().manual_seed(seed)
     bar = progress(total=total, desc=desc or name, unit="step")
     done = [0]
+    finite = torch.ones((), dtype=torch.bool, device=device)  # every loss so far finite
+
+    def diverged(where: str) -> TrainingDiverged:
+        bar.close()
+        return TrainingDiverged(
+            f"training diverged: {desc or name + f', seed {seed}'}: {where} became non-finite (NaN "
+            f"or inf) by step {done[0]} of {total}; lower --lr (now {cfg.lr}) or check the data"
+        )
 
     def step(loss: Tensor) -> None:
+        finite.logical_and_(torch.isfinite(loss.detach()))  # on the device: no host sync
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -266,6 +300,8 @@ def train_model(
             sched.step()
         done[0] += 1
         bar.update(1)
+        if done[0] % steps == 0 and not bool(finite):  # one check an epoch
+            raise diverged("the training loss")
 
     def augment(xb: Tensor) -> Tensor:
         if not cfg.flip:
@@ -288,6 +324,10 @@ def train_model(
                 idx = idx.to(device)
                 step(model.loss(augment(x[idx]), y[idx]))
     bar.close()
+    if not bool(finite):
+        raise diverged("the training loss")
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise diverged("the model's parameters")
     model.eval()
     return model
 
@@ -416,7 +456,7 @@ def save_logits(
     with torch.no_grad():
         logits = model.classify(emb).float().cpu().numpy()
     folder = os.path.join(out, LOGITS_DIR)
-    os.makedirs(folder, exist_ok=True)
+    make_output_dir(folder)
     path = os.path.join(folder, f"{method}_seed{seed}.npz")
     np.savez(
         path,
@@ -544,6 +584,94 @@ def _check_split_groups(
             warned = True
 
 
+def check_output(cfg: EvalConfig, resume: bool = False) -> None:
+    """Before anything is trained or written: ``cfg.out`` must be a directory (or not exist yet,
+    with no file in its path), and hold no evaluation (``results.json``) unless ``resume``
+    continues it: a finished evaluation is never overwritten. ``ValueError``."""
+    out = os.path.abspath(cfg.out)
+    probe = out
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"--out {cfg.out!r}: {probe!r} is a file, not a directory")
+    file = os.path.join(cfg.out, RESULTS_FILE)
+    if not resume and os.path.exists(file):
+        raise ValueError(
+            f"--out {cfg.out!r} already holds an evaluation ({file}); continue it with --resume "
+            "(resume=True), or remove it or choose another --out (nothing is overwritten)"
+        )
+
+
+def _check_training_sets(
+    cfg: EvalConfig, data: LabeledData, splits: Dict[int, LongTailSplit]
+) -> None:
+    """Before anything trains: every seed's split must train at least 2 identities and, closed
+    set, test some images; in the ``hs`` protocol warn (once) when no tail identity has ``S``
+    training images (the setting is then the natural tail of those identities)."""
+    counts = torch.bincount(data.y, minlength=data.num_classes)
+    for seed, split in splits.items():
+        trained = int((split.train_counts > 0).sum())
+        where = f"the split of seed {seed} ({setting_name(cfg)})"
+        if trained < 2 or (split.label_map is None and split.test.numel() == 0):
+            if split.label_map is None:
+                more = int((counts > cfg.n_test).sum())
+                hint = (
+                    f"each identity gives --n-test {cfg.n_test} test images first and trains on "
+                    f"the rest: {more} of {data.num_classes} identities have more than "
+                    f"{cfg.n_test} images; lower --n-test or add images"
+                )
+            else:
+                hint = "lower --test-fraction"
+            raise ValueError(f"{where} trains {trained} identities: need at least 2 ({hint})")
+    if cfg.protocol == "hs":
+        split = next(iter(splits.values()))
+        tail = ~split.head & (split.train_counts > 0)
+        if bool(tail.any()) and int(split.train_counts[tail].max()) < cfg.shots:
+            warnings.warn(
+                f"-S {cfg.shots}: no tail identity has {cfg.shots} training images (the most: "
+                f"{int(split.train_counts[tail].max())}), so every tail identity keeps all it "
+                "has: the setting is the natural tail of those identities",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def check_models(
+    cfg: EvalConfig, data: LabeledData, splits: Dict[int, LongTailSplit], thresholds: Dict[int, int]
+) -> None:
+    """Before anything is written or trained: build every method of ``cfg`` for the data's
+    image size and identities (the heads check their own options, ``leap_options`` included)
+    and embed and classify two training images in eval mode, on the CPU, the global RNG left as
+    it was. ``ValueError`` naming the method, instead of a failure after the runs before it."""
+    seed = cfg.seeds[0]
+    split = splits[seed]
+    idx = split.train[:2]
+    classes, counts = data.num_classes, split.train_counts
+    if split.label_map is not None:
+        classes = int(split.label_map.max()) + 1
+        counts = split.train_counts[split.label_map >= 0]
+    steps = _steps_per_epoch(int(split.train.numel()), cfg.batch_size)
+    mcfg = _method_config(cfg, cfg.epochs * steps, seed, thresholds[seed])
+    shape = tuple(data.x.shape[1:])
+    with torch.random.fork_rng(devices=[]):
+        for name in cfg.methods:
+            try:
+                backbone = build_backbone(cfg.backbone, shape, cfg.embedding_size)
+                model = EVAL_METHODS[name](backbone, classes, counts, mcfg).eval()
+                with torch.no_grad():
+                    model.classify(model.embed(data.x[idx]))
+            except (TypeError, ValueError, RuntimeError) as err:
+                hint = (
+                    " (--leap-option keys and values are LEAPMarginHead keywords)"
+                    if cfg.leap_options and name.startswith("leap")
+                    else ""
+                )
+                raise ValueError(
+                    f"method {name!r} cannot be built or run on these images {list(shape)} "
+                    f"with these options{hint}: {err}"
+                ) from None
+
+
 def run_evaluation(
     cfg: EvalConfig,
     data: LabeledData,
@@ -559,6 +687,8 @@ def run_evaluation(
     ``resume`` reuses those runs (the file must be of this setting, configuration, data and
     splits) and trains only the missing ones."""
     cfg.validate()
+    if write:
+        check_output(cfg, resume)
     start = time.perf_counter()
     camids: Optional[Tensor] = getattr(data, "camids", None)
     splits = {seed: make_split(cfg, data, seed) for seed in cfg.seeds}
@@ -609,12 +739,14 @@ def run_evaluation(
         "complete": False,
         "wall_seconds": 0.0,
     }
+    _check_training_sets(cfg, data, splits)
     _check_split_groups(cfg, splits, thresholds)
+    check_models(cfg, data, splits, thresholds)
     done, earlier = _previous_runs(cfg, results) if resume else ({}, 0.0)
     start -= earlier  # wall_seconds: summed over the processes that wrote this file
     file = os.path.join(cfg.out, RESULTS_FILE)
     if write:
-        os.makedirs(cfg.out, exist_ok=True)
+        make_output_dir(cfg.out)
     log(
         f"feature-cloud evaluate: {data.name} ({data.x.shape[0]} images, {data.num_classes} "
         f"identities), {setting_name(cfg)}, backbone {cfg.backbone}, {cfg.epochs} epochs, "

@@ -1,0 +1,168 @@
+"""feature-cloud evaluate on bad input, as a user meets it: every problem named in one line,
+before an output folder is made or a model trains; a finished evaluation is never overwritten;
+a diverged training is reported, never scored."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from feature_cloud.cli import _parse_value, main
+from feature_cloud.evaluate.data import load_npz
+
+
+def _arrays(sizes=(16, 12, 4, 4, 3, 3), seed=0):
+    rng = np.random.RandomState(seed)
+    y = np.repeat(np.arange(len(sizes)), sizes)
+    proto = rng.randint(0, 255, size=(len(sizes), 12, 12, 3))
+    noise = rng.randint(-30, 30, size=(y.size, 12, 12, 3))
+    return np.clip(proto[y] + noise, 0, 255).astype(np.uint8), y
+
+
+def _npz(path, **arrays):
+    images, labels = _arrays()
+    data = {"images": images, "labels": labels}
+    data.update(arrays)
+    np.savez(path, **{k: v for k, v in data.items() if v is not None})
+    return str(path)
+
+
+def _bad_arrays():
+    images, labels = _arrays()
+    nan = images.astype(np.float32) / 255
+    nan[3, 0, 0, 0] = np.nan
+    return {
+        "channels first": (dict(images=images.transpose(0, 3, 1, 2)), "images.transpose"),
+        "4 channels": (dict(images=np.concatenate([images, images[..., :1]], 3)), "C = 1 or 3"),
+        "2-D labels": (dict(labels=labels[:, None]), "labels must be 1-D"),
+        "NaN pixel": (dict(images=nan), "non-finite"),
+        "ints above 255": (dict(images=images.astype(np.int64) * 4), r"0\.\.255"),
+        "bool images": (dict(images=images > 127), "integers .* or floats"),
+        "camids too short": (dict(camids=np.zeros(labels.size - 1, np.int64)), "camids"),
+        "float camids": (dict(camids=np.zeros(labels.size)), "camids must be integers"),
+        "one identity": (dict(labels=np.zeros_like(labels)), "1 identity: need at least 2"),
+        "no images": (dict(images=images[:0], labels=labels[:0]), "no images"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_arrays()))
+def test_load_npz_names_what_is_wrong_with_the_arrays(tmp_path, case):
+    arrays, match = _bad_arrays()[case]
+    path = _npz(tmp_path / "d.npz", **arrays)
+    with pytest.raises(ValueError, match=match):
+        load_npz(path)
+
+
+def test_load_npz_scales_any_integer_images_and_refuses_other_files(tmp_path):
+    images, _ = _arrays()
+    a = load_npz(_npz(tmp_path / "u8.npz"))
+    b = load_npz(_npz(tmp_path / "i64.npz", images=images.astype(np.int64)))
+    assert float(a.x.max()) <= 1.0 and bool((a.x == b.x).all())
+    text = tmp_path / "text.npz"
+    text.write_text("not an archive")
+    with pytest.raises(ValueError, match="not an .npz archive"):
+        load_npz(str(text))
+
+
+def test_leap_option_values_parse_as_a_user_types_them():
+    assert _parse_value("none") is None and _parse_value("None") is None
+    assert _parse_value("false") is False and _parse_value("True") is True
+    assert _parse_value("0.5") == 0.5 and _parse_value("paper") == "paper"
+
+
+TINY = ["--image-size", "8", "8", "--epochs", "2", "--seeds", "0", "-T", "5", "--quiet"]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--leap-option", "bogus=1"], "unexpected keyword argument 'bogus'"),
+        (["--leap-option", "prototype_shrinkage=abc"], "prototype_shrinkage"),
+        (["--leap-option", "cloud_mode=xyz"], "cloud_mode"),
+        (["--lr", "nan"], "lr must be a finite number > 0"),
+        (["--weight-decay", "-1"], "weight_decay"),
+        (["-T", "-1"], "threshold must be >= 0"),
+        (["--methods", "ftl", "--ftl-alternations", "0"], "ftl_alternations must be >= 1"),
+        (["--seeds", "-1"], r"seeds must be in \[0, 2\*\*32\)"),
+        (["--threads", "-1"], "--threads must be >= 0"),
+        (["--n-test", "16"], "trains 0 identities: need at least 2"),
+        (["--image-size", "0", "0"], "image_size must be two sizes >= 1"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v),
+)
+def test_cli_evaluate_refuses_before_anything_is_written(tmp_path, capsys, args, match):
+    """A bad option or a split with nothing to train on is one error line (exit 2), raised
+    before the output folder exists: the LEAP head's own options before the baseline trains."""
+    data = _npz(tmp_path / "d.npz")
+    out = tmp_path / "out"
+    assert main(["evaluate", data, *TINY, *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("feature-cloud: error:") and err.count("\n") == 1, err
+    assert __import__("re").search(match, err), err
+    assert not out.exists()
+
+
+def test_cli_evaluate_refuses_an_output_path_through_a_file(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["evaluate", data, *TINY, "--out", str(blocker / "out")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), str(tmp_path), "--out", str(blocker)]) == 2
+
+
+def test_cli_evaluate_never_overwrites_an_evaluation_and_writes_paired_md(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    out = tmp_path / "out"
+    args = ["evaluate", data, *TINY, "--methods", "leap_full_cosface", "--out", str(out)]
+    assert main(args) == 0
+    assert (out / "paired.md").read_text().count("LEAP full (CosFace)") == 1
+    before = (out / "results.json").read_text()
+    assert main(args[:-4] + ["--seeds", "1", "--out", str(out)]) == 2
+    assert "already holds an evaluation" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == before
+    assert main(args + ["--resume"]) == 0  # continuing it is allowed (nothing left to train)
+    assert json.loads((out / "results.json").read_text())["complete"] is True
+
+
+def test_cli_evaluate_reports_a_diverged_training_instead_of_scoring_it(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    out = tmp_path / "out"
+    args = ["evaluate", data, *TINY, "--methods", "cosface", "--lr", "1e9", "--batch-size", "8"]
+    args += ["--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "cosface" in err and "--lr" in err, err
+    assert not (out / "results.json").exists()  # nothing scored, nothing to resume
+
+
+def test_cli_evaluate_warns_when_no_tail_identity_reaches_s(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    out = str(tmp_path / "out")
+    args = ["evaluate", data, *TINY, "--methods", "cosface", "--protocol", "hs", "-H", "2"]
+    assert main(args + ["-S", "50", "--out", out]) == 0
+    assert "no tail identity has 50 training images (the most: 2)" in capsys.readouterr().err
+    assert os.path.exists(os.path.join(out, "results.json"))
+
+
+def test_cli_version(capsys):
+    from feature_cloud import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"feature-cloud {__version__}"
+
+
+def test_cli_evaluate_warns_about_options_this_evaluation_ignores(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    args = ["evaluate", data, *TINY, "--methods", "cosface", "--out", str(tmp_path / "out")]
+    extra = ["-H", "3", "--ftl-energy", "0.9", "--leap-option", "gamma=0.2"]
+    assert main(args + extra + ["--test-fraction", "0.3"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("feature-cloud: warning: ignored in this evaluation:") == 1, err
+    for name in ("-H / -S", "--test-fraction", "--ftl-energy", "--leap-option"):
+        assert name in err, err
+    args[-1] = str(tmp_path / "out2")
+    assert main(args + ["--methods", "leap_full_cosface", "--leap-option", "gamma=0.2"]) == 0
+    assert "ignored" not in capsys.readouterr().err
