@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import functional as FC
 from ._buffers import restore_on_error
-from ._validation import check_labels
+from ._validation import check_class_counts, check_labels
 from .heads import LEAPMarginHead
 from .regularizers import MetricL2
 from .transfer import FeatureBatch, FeatureTransfer
@@ -33,6 +33,7 @@ __all__ = [
     "AlternatingScheduler",
     "StreamSampler",
     "IndexedDataset",
+    "check_tail_split",
     "make_filter",
     "ResidualFilter",
     "FILTERS",
@@ -483,6 +484,32 @@ def class_balanced_pool(indices: Tensor, labels: Tensor) -> Tensor:
     return idx[(starts[:, None] + cycle[None, :] % counts[:, None]).flatten()]
 
 
+def check_tail_split(transfer: FeatureTransfer, class_counts: Union[Tensor, Sequence[int]]) -> None:
+    """Raise ``ValueError`` unless a training set with ``class_counts`` images per class has both
+    regular classes (their intra-class variance is what FTL transfers) and long-tail ones (stage 1
+    trains on them) for ``transfer`` (its ``regular_mask`` / ``class_counts`` when given, else
+    ``count > tail_threshold``); classes without images count as neither. Changes nothing."""
+    counts = check_class_counts(class_counts, transfer.num_classes).cpu()
+    t = transfer.tail_threshold
+    regular = (
+        transfer.regular.cpu()
+        if transfer._regular_fixed
+        else FC.ftl_regular_classes(counts, transfer.tail_threshold)
+    )
+    present = counts > 0
+    if not bool((regular & present).any()):
+        raise ValueError(
+            f"no regular class: no class has more than tail_threshold={t} training images (or is "
+            "marked regular), so there is no intra-class variance to transfer: lower tail_threshold"
+        )
+    if not bool((~regular & present).any()):
+        raise ValueError(
+            f"no long-tail class: no class has <= tail_threshold={t} training images (or is marked "
+            "long-tail), so stage 1 has nothing to transfer to: FTL needs long-tail classes; raise "
+            "tail_threshold"
+        )
+
+
 class StreamSampler(Sampler[int]):
     """A resumable stream of dataset indices drawn from a pool, for a normal ``DataLoader``.
 
@@ -519,8 +546,8 @@ class StreamSampler(Sampler[int]):
         pool = pool.detach().to("cpu", torch.long).flatten()
         if pool.numel() == 0:
             raise RuntimeError(
-                f"the {self.name} is empty: call AlternatingScheduler.update_stats() before "
-                "iterating the stage-1 loaders"
+                f"the {self.name} is empty: has AlternatingScheduler.update_stats() run before "
+                "the stage-1 loaders were iterated?"
             )
         gen = torch.Generator().manual_seed(self.seed)
         n, end = pool.numel(), self.start + self.num_samples
@@ -618,7 +645,21 @@ class AlternatingScheduler:
         self.alternation = 0  # (stage 1, stage 2) pairs completed
         self._stage = 0 if self.stage0_iters > 0 else 1
         self.needs_stats = self._stage == 1
+        transfer = model.feature_transfer
+        if transfer._regular_fixed:  # the split is known now: refuse it before training
+            given = transfer._counts_given
+            self.check_class_counts(
+                transfer.class_counts
+                if given
+                else torch.ones(transfer.num_classes, dtype=torch.long)
+            )
         self.apply()
+
+    def check_class_counts(self, class_counts: Union[Tensor, Sequence[int]]) -> None:
+        """:func:`check_tail_split` for the model's :class:`FeatureTransfer`: called when the
+        scheduler is built (split given to the transfer) and at the end of :meth:`update_stats`'
+        first pass; adapters that know the training set call it before training starts."""
+        check_tail_split(self.model.feature_transfer, class_counts)
 
     # ------------------------------------------------------------------ state
     @property
@@ -793,19 +834,30 @@ class AlternatingScheduler:
         :meth:`FeatureTransfer.update_stats`) with ``Enc`` in eval mode and refresh ``C``, ``Q``,
         ``h`` and the long-tail pool. ``loader`` must be re-iterable (a ``DataLoader``) and yield
         ``(x, y, index[, keep])``; without ``index`` the positions in the loader are used, so it
-        must not shuffle. Returns the :meth:`FeatureTransfer.update_stats` summary.
+        must not shuffle. Returns the :meth:`FeatureTransfer.update_stats` summary. A training
+        set without regular or without long-tail classes (:func:`check_tail_split`) is refused
+        at the end of the first pass, before the statistics change.
         """
         model = self.model
         was_training = model.encoder.training
+        c = model.feature_transfer.num_classes
+        passes: List[Tensor] = []  # the first pass's image counts
 
         def features() -> Iterator[FeatureBatch]:
+            counts = None if passes else torch.zeros(c, dtype=torch.long, device=self._device())
             for batch in loader:
                 x, y, idx, keep = self._split(batch)
+                if counts is not None:  # out-of-range labels are FeatureTransfer's to refuse
+                    counts += torch.bincount(y[(y >= 0) & (y < c)], minlength=c)
                 g = model.encode(x)
                 flipped = model.encode(self.flip(x)) if self.flip is not None else None
                 if keep is None and self.quality is not None:
                     keep = self.quality(x, g)
                 yield FeatureBatch(g, y, idx, flipped, keep)
+            if counts is not None:
+                passes.append(counts)
+                if bool(counts.sum() > 0):  # before the statistics change
+                    self.check_class_counts(counts)
 
         model.encoder.eval()
         try:
@@ -817,8 +869,16 @@ class AlternatingScheduler:
 
     def hard_sampler(self, batch_size: int) -> StreamSampler:
         """Sampler over the hard list ``h`` for the rest of the current (or next) stage 1."""
+        return self._sampler(self._hard_pool, batch_size, 1, "hard list")
+
+    def _hard_pool(self) -> Tensor:
         ft = self.model.feature_transfer
-        return self._sampler(lambda: ft.hard_indices, batch_size, 1, "hard list")
+        if ft.ready and ft.hard_indices.numel() == 0:
+            raise ValueError(
+                "the hard list is empty although update_stats() has run: no regular-class sample "
+                "lies farther from its class center than the class's mean distance"
+            )
+        return ft.hard_indices
 
     def tail_sampler(self, batch_size: int) -> StreamSampler:
         """Sampler over the samples of the long-tail classes (``D_lt``), same schedule."""
@@ -828,6 +888,12 @@ class AlternatingScheduler:
         """The dataset indices the long-tail batch is drawn from (uniformly): the long-tail
         samples, or with ``tail_sampling="classes"`` the :func:`class_balanced_pool` of them."""
         ft = self.model.feature_transfer
+        if ft.ready and ft.tail_indices.numel() == 0:
+            raise ValueError(
+                "the long-tail pool is empty although update_stats() has run: no long-tail sample "
+                f"(no class has <= tail_threshold={ft.tail_threshold} training images); FTL needs "
+                "long-tail classes: raise tail_threshold"
+            )
         if self.tail_sampling == "classes":
             return class_balanced_pool(ft.tail_indices, ft.tail_labels)
         return ft.tail_indices

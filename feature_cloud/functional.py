@@ -98,8 +98,11 @@ def cosine_logits(embeddings: Tensor, weight: Tensor, sub_centers: int = 1) -> T
     With ``sub_centers = K > 1`` the weight is ``(K C, D)`` with rows ``j K .. j K + K - 1`` for
     class ``j`` and the class cosine is the largest over its sub-centers (sub-center ArcFace,
     PML's ``SubCenterArcFaceLoss.get_cosine``). Runs in the input dtype (autocast may make it
-    bf16/fp16); callers upcast before margins.
+    bf16/fp16); callers upcast before margins. Inputs of two dtypes (bf16 features, float32
+    weights, without autocast) meet in :func:`common_float`'s.
     """
+    if embeddings.dtype != weight.dtype:  # under autocast the GEMM still runs in its dtype
+        embeddings, weight = common_float(embeddings, weight)
     cos = F.linear(safe_normalize(embeddings, dim=1), F.normalize(weight, dim=1))
     if sub_centers == 1:
         return cos

@@ -14,7 +14,9 @@ Importing this module
    adds :class:`FeatureCloudHook` (class counts from the trainer's training set when training
    starts), and ``Checkpointer`` gives data-sized feature-cloud buffers the checkpoint's shape
    before its shape filter, so ``MODEL.WEIGHTS`` / ``--eval-only`` / ``resume_or_load`` restore
-   the complete head.
+   the complete head; fine-tuning from ``MODEL.WEIGHTS`` to another number of classes skips the
+   head's whole feature-cloud state (it starts fresh, with one warning), not only the per-class
+   tensors that fastreid's shape filter drops.
 
 A training script adds the config node once (fastreid's ``add_*_config`` convention)::
 
@@ -62,7 +64,7 @@ import os
 import re
 import sys
 import types
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -74,9 +76,10 @@ from feature_cloud.cloud import (
     DEFAULT_CLOUD_SCALE,
     DEFAULT_PROTOTYPE_MIN_COUNT,
     DEFAULT_PROTOTYPE_SHRINKAGE,
+    FeatureCloud,
 )
 from feature_cloud.ftl import FTLModel, ResidualFilter
-from feature_cloud.functional import DEFAULT_UNKNOWN_VARIANCE
+from feature_cloud.functional import CLOUD_RULES, DEFAULT_UNKNOWN_VARIANCE
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.statistics import DEFAULT_CENTER_RATE
 
@@ -457,12 +460,16 @@ _YAML_KEYS = {
     "num_classes": "MODEL.HEADS.NUM_CLASSES",
     "embedding_size": "MODEL.HEADS.EMBEDDING_DIM (or MODEL.BACKBONE.FEAT_DIM)",
 }
-_YAML_PATTERN = re.compile(r"\b(" + "|".join(_YAML_KEYS) + r")\b")
+#: a quoted value (kept as it is: ``'margin'`` is a MODE value, not the argument) or an argument name
+_YAML_PATTERN = re.compile(r"""('[^']*'|"[^"]*")|\b(""" + "|".join(_YAML_KEYS) + r")\b")
 
 
 def _yaml_error(error: Exception) -> Exception:
-    """The same exception with the head's argument names replaced by the YAML keys."""
-    return type(error)(_YAML_PATTERN.sub(lambda m: _YAML_KEYS[m.group(1)], str(error)))
+    """The same exception with the head's argument names replaced by the YAML keys; quoted values
+    (the user's value, the allowed choices) are left as they are."""
+    return type(error)(
+        _YAML_PATTERN.sub(lambda m: m.group(1) or _YAML_KEYS[m.group(2)], str(error))
+    )
 
 
 # ------------------------------------------------------------------ checkpoints and the trainer
@@ -476,10 +483,64 @@ def _variable_buffers(module: nn.Module) -> Sequence[str]:
     return ()
 
 
+#: modules whose checkpoint state loads as a unit: all of it or, when a fixed-size tensor (class
+#: count, feature size) differs from the model's, none of it
+_STATE_UNITS = (FeatureCloud, _transfer.FeatureTransfer)
+
+
+def _skip_mismatched_units(model: nn.Module, state: Dict[str, Any]) -> None:
+    """Drop from ``state`` every entry of a :data:`_STATE_UNITS` module whose fixed-size tensors
+    do not all match the checkpoint's (fine-tuning from ``MODEL.WEIGHTS`` to another number of
+    classes), with one warning each. fastreid's shape filter would skip only the per-class tensors
+    and load the scalars (``step``, ``seed``, ``num_updates``): a new head past its warm-up with
+    empty statistics. Without the unit's entries the module keeps its fresh state (step 0)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, _STATE_UNITS):
+            continue
+        prefix = name + "." if name else ""
+        mismatched = [
+            (key, tuple(state[prefix + key].shape), tuple(tensor.shape))
+            for key, tensor in _fixed_tensors(module)
+            if prefix + key in state and tuple(state[prefix + key].shape) != tuple(tensor.shape)
+        ]
+        if not mismatched:
+            continue
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+        key, saved, own = mismatched[0]
+        logger.warning(
+            "%s not loaded from the checkpoint: it holds the state of a model with %s classes, "
+            "this model has %s (its %s is %s, the model's %s); it starts fresh (step 0, warm-up, "
+            "class counts from the new training set). fastreid skips the class weights itself",
+            name or type(module).__name__,
+            saved[0] if saved else "?",
+            own[0] if own else "?",
+            key,
+            saved,
+            own,
+        )
+
+
+def _fixed_tensors(module: nn.Module) -> List[Tuple[str, Tensor]]:
+    """The entries of ``module.state_dict()`` whose shape follows the configuration (class count,
+    feature size), the data-sized buffers of its submodules (:func:`_variable_buffers`) left out."""
+    variable = {
+        (prefix + "." if prefix else "") + buf
+        for prefix, sub in module.named_modules()
+        for buf in _variable_buffers(sub)
+    }
+    return [
+        (key, tensor)
+        for key, tensor in module.state_dict().items()
+        if isinstance(tensor, Tensor) and key not in variable and tensor.dim() > 0
+    ]
+
+
 def _size_variable_buffers(model: nn.Module, state: Dict[str, Any]) -> None:
     """Give each data-sized buffer the checkpoint's shape, where the module's fixed-size tensors
-    (class count, feature size) all match the checkpoint; otherwise leave fastreid's rule
-    (skip mismatching tensors) in charge, e.g. fine-tuning to another number of classes."""
+    (class count, feature size) all match the checkpoint (a unit of another class count has been
+    dropped by :func:`_skip_mismatched_units`); otherwise leave fastreid's rule (skip mismatching
+    tensors) in charge."""
     for prefix, module in model.named_modules():
         names = _variable_buffers(module)
         if not names:
@@ -572,6 +633,7 @@ def _checkpointer_load_model(load_model: Callable[..., Any]) -> Callable[..., An
             _strip_prefix_if_present(state, "module.")  # what fastreid's loader does first
             _check_filter_forms(model, state)
             _migrate_legacy_heads(model, state)
+            _skip_mismatched_units(model, state)
             _size_variable_buffers(model, state)
         return load_model(self, checkpoint)
 
@@ -617,7 +679,8 @@ def _build_hooks_with_feature_cloud(build_hooks: Callable[..., Any]) -> Callable
 def _integrate_trainer() -> None:
     """The trainer integrations this module installs (idempotent): ``Checkpointer`` gives
     data-sized feature-cloud buffers the checkpoint's shape before fastreid's shape filter (which
-    would drop them) and lets checkpointables refuse their entry before the model loads, and
+    would drop them), skips a feature-cloud / FTL statistics state of another class count as a
+    whole, and lets checkpointables refuse their entry before the model loads, and
     ``DefaultTrainer.build_hooks`` adds :class:`FeatureCloudHook`."""
     if not getattr(Checkpointer._load_model, "_feature_cloud", False):
         Checkpointer._load_model = _checkpointer_load_model(Checkpointer._load_model)
@@ -771,7 +834,12 @@ class LEAPHead(nn.Module):
                 f"LEAPHead needs MODEL.HEADS.CLS_LAYER in {sorted(CLS_LAYER_TO_MARGIN)}, "
                 f"got {heads.CLS_LAYER!r}"
             )
-        cloud = None if str(fc.CLOUD).lower() == "none" else str(fc.CLOUD).lower()
+        clouds: Dict[str, Optional[str]] = {**{r: r for r in CLOUD_RULES}, "none": None}
+        if str(fc.CLOUD).lower() not in clouds:
+            raise ValueError(
+                f"MODEL.HEADS.FEATURE_CLOUD.CLOUD must be one of {tuple(clouds)}, got {fc.CLOUD!r}"
+            )
+        cloud = clouds[str(fc.CLOUD).lower()]
         mode = str(fc.CLASS_COUNTS).lower()
         if mode not in ("dataset", "online"):
             raise ValueError(

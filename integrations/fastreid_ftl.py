@@ -45,11 +45,13 @@ from feature_cloud.ftl import (
     AlternatingScheduler,
     ConvDecoder,
     FTLModel,
+    check_tail_split,
     make_filter,
 )
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.integrations.fastreid import (  # noqa: F401
     CLS_LAYER_TO_MARGIN,
+    class_counts_from_dataset,
     config_path,
     patch_fastreid_compat,
 )
@@ -345,6 +347,28 @@ class _Stage1Stream:
         }
 
 
+def _check_tail_split(
+    ftl: FTLModel, train_set: Dataset, datasets: Optional[Sequence[str]] = None
+) -> None:
+    """Refuse a training set without long-tail or without regular classes
+    (:func:`feature_cloud.ftl.check_tail_split`) before anything trains; with ``datasets``
+    (``DATASETS.NAMES``) the message names ``MODEL.FTL.TAIL_THRESHOLD``. A dataset that is not
+    fastreid's ``CommDataset`` is left to UpdateStats, which checks the same after its first pass."""
+    try:
+        counts = class_counts_from_dataset(train_set)
+    except TypeError:
+        return
+    try:
+        check_tail_split(ftl.feature_transfer, counts)
+    except ValueError as error:
+        if datasets is None:
+            raise
+        raise ValueError(
+            str(error).replace("tail_threshold", "MODEL.FTL.TAIL_THRESHOLD")
+            + f" (training set: DATASETS.NAMES {tuple(datasets)})"
+        ) from error
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return (
         model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
@@ -370,6 +394,9 @@ class FTLHook(HookBase):
       the trainer's dataset with its training transform); the trainer's own ``run_step``
       (forward, backward, optimizer step, metrics) is unchanged. Stages 0 and 2 use the trainer's
       own data loader.
+    * **Regular and long-tail classes**: a training set without either (every class above, or
+      every class at or below, ``TAIL_THRESHOLD`` images) is refused when the hook is built
+      (:func:`feature_cloud.ftl.check_tail_split`), before anything trains.
     * **Checkpoint**: registered in the trainer's ``Checkpointer`` as ``"ftl_scheduler"``:
       the scheduler state and the :class:`FeatureTransfer` statistics (``C``, ``Q``, ``h``; the
       model's state holds them too, which fastreid's unpatched checkpointer skips: their size
@@ -439,6 +466,7 @@ class FTLHook(HookBase):
                     "Build it with fastreid.solver.build_optimizer(cfg, model, contiguous=False) (FTLTrainer "
                     f"does); missing e.g. {missing[0]}"
                 )
+        _check_tail_split(meta.ftl, train_set)
         self.meta = meta
         self.ftl: FTLModel = meta.ftl
         self.scheduler = AlternatingScheduler(
@@ -488,6 +516,9 @@ class FTLHook(HookBase):
         ``quality``: Eq. 5's filter (a function, so not a YAML key; :class:`FTLTrainer` takes it
         from :meth:`FTLTrainer.build_ftl_quality`)."""
         cfg = trainer.cfg if cfg is None else cfg
+        meta = _unwrap(trainer.model)
+        if isinstance(meta, FTLBaseline):  # else __init__ names the meta-architecture
+            _check_tail_split(meta.ftl, trainer.data_loader.dataset, cfg.DATASETS.NAMES)
         ftl_cfg = _ftl_node(cfg)
         stats_cfg = cfg.clone()
         stats_cfg.defrost()

@@ -28,6 +28,7 @@ rank holds the same statistics, with no extra call.
 from __future__ import annotations
 
 import sys
+import warnings
 from types import FrameType
 from typing import Any, Dict, List, Optional, Union
 
@@ -64,6 +65,18 @@ __all__ = ["LEAPLoss", "PML_DEFAULT_MARGIN", "PML_DEFAULT_SCALE"]
 #: ``ArcFaceLoss(margin=28.6 deg, scale=64)``.
 PML_DEFAULT_MARGIN = {n: margins.get(n).pml_margin for n in margins.names()}
 PML_DEFAULT_SCALE = {n: margins.get(n).pml_scale for n in margins.names()}
+
+METRIC_L2_WITH_MARGIN_LOSS = (
+    "LEAPLoss normalises W and f, so the m-L2 term (metric_l2 > 0, FTL Eq. 3 on the raw "
+    "||W^T f||^2) only shrinks their norms, and under PML's default W init (columns of norm "
+    "~sqrt(embedding_size)) it can outweigh the margin loss by orders of magnitude; consider "
+    "metric_l2=None with a margin loss"
+)
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is bf16/fp16 (differentiable; float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction):
@@ -167,6 +180,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             self.metric_l2 = MetricL2(metric_l2.alpha, reduction="none")
         else:
             self.metric_l2 = MetricL2(float(metric_l2), reduction="none")
+        if self.metric_l2 is not None and self.metric_l2.alpha > 0:
+            warnings.warn(METRIC_L2_WITH_MARGIN_LOSS, UserWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ PML hooks
     def _sub_loss_names(self) -> List[str]:
@@ -176,8 +191,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         return CosineSimilarity()
 
     def cast_types(self, dtype: torch.dtype, device: torch.device) -> None:
-        """PML convention: ``W`` follows the embeddings' device and dtype; the cloud follows the
-        device (its statistics stay float32)."""
+        """PML convention: ``W`` follows the embeddings' device and dtype (at least float32:
+        see :meth:`forward`); the cloud follows the device (its statistics stay float32)."""
         self.W.data = c_f.to_device(self.W.data, device=device, dtype=dtype)
         if self.feature_cloud.step.device != device:
             self.feature_cloud.to(device)
@@ -206,6 +221,23 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             and is_distributed()
         ):
             stats.batch = "pml_gathered" if self._wrapped_by_pml() else "local"
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Optional[Tensor] = None,
+        indices_tuple: Any = None,
+        ref_emb: Optional[Tensor] = None,
+        ref_labels: Optional[Tensor] = None,
+    ) -> Tensor:
+        """PML's ``forward`` on the embeddings upcast to at least float32 (bf16/fp16 under
+        autocast; the core computes in float32 anyway): ``W`` stays float32, and PML's reducers
+        (with ``metric_l2`` or a regulariser, ``MultipleReducers`` sums the sub-losses in the
+        embeddings' dtype) return a float32 loss, as PML's ``CosFaceLoss`` does."""
+        upcast = _at_least_float32(embeddings)
+        if ref_emb is embeddings:
+            ref_emb = upcast
+        return super().forward(upcast, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(
         self,
@@ -261,6 +293,7 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         """``s cos(theta)`` for every class ``(B, C)``, as PML's ``CosFaceLoss.get_logits``,
         in eval mode against the cloud's prototypes (``prototype_shrinkage``; see
         ``LEAPMarginHead.logits``)."""
+        embeddings = _at_least_float32(embeddings)
         self.cast_types(embeddings.dtype, embeddings.device)
         check_embeddings(embeddings, self.embedding_size)
         weight = self.feature_cloud.prototypes(self.W.t(), self.sub_centers)

@@ -25,6 +25,7 @@ reports closed-set top-1/top-5 of the head's ``s cos(theta)`` logits. No math he
 
 from __future__ import annotations
 
+import warnings
 from typing import (
     Any,
     Callable,
@@ -33,6 +34,7 @@ from typing import (
     Iterable,
     Optional,
     Sequence,
+    Set,
     Tuple,
     Union,
 )
@@ -55,6 +57,7 @@ except ImportError as _err:  # timm.task: 1.0.25; its ClassificationEvaluator: 1
         f"timm.task.ClassificationEvaluator); this is timm {timm.__version__}: "
         "pip install 'timm>=1.0.31'"
     ) from _err
+from timm.models import group_parameters
 from timm.utils.model import unwrap_model
 from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
@@ -78,9 +81,16 @@ __all__ = [
     "create_backbone_and_head",
     "FTLTask",
     "FTLEmbedding",
+    "TimmFTLModel",
     "create_ftl_model",
     "ModelEmaV3Following",
 ]
+
+METRIC_L2_WITH_MARGIN_HEAD = (
+    "LEAPMarginHead normalises W and f, so the m-L2 term (metric_l2 > 0, FTL Eq. 3 on the raw "
+    "||W^T f||^2) only shrinks their norms, and at a raw-feature scale it can outweigh the margin "
+    "loss; consider metric_l2=None with a margin head"
+)
 
 
 def create_backbone_and_head(
@@ -111,6 +121,58 @@ def _has_task_state(state: Optional[Dict[str, Any]], strict: bool, what: str) ->
     if strict:
         raise RuntimeError(f"the checkpoint has no {what} task state ('task_state')")
     return False
+
+
+def _forget_compiled_ema(task: TrainingTask) -> None:
+    """A new EMA copy is not the one ``compile_ema()`` compiled: drop the old ``eval_model_ema``."""
+    if hasattr(task, "eval_model_ema"):
+        del task.eval_model_ema
+
+
+def _compiled_eval_model(task: TrainingTask, ema: bool) -> Optional[nn.Module]:
+    """timm's base ``get_eval_model``: ``eval_model`` / ``eval_model_ema`` once ``compile()`` /
+    ``compile_ema()`` set them."""
+    return getattr(task, "eval_model_ema" if ema else "eval_model", None)
+
+
+class _BackboneOptimizerHooks:
+    """timm's optimizer hooks for a module around a timm backbone, as timm's
+    ``FeatureDistillationTrainableModule`` does for its student: ``create_optimizer_v2`` sees the
+    backbone's ``no_weight_decay()`` and ``group_matcher()`` (layer decay) under the backbone's
+    prefix; the other parameters (the head; ``R``, ``FC``, ``Dec``) form one last layer group,
+    where timm puts a model's unmatched classifier head."""
+
+    def _timm_backbone(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _backbone_and_prefix(self) -> Tuple[nn.Module, str]:
+        backbone = unwrap_model(self._timm_backbone())  # through compile / DDP wrappers
+        for name, module in self.named_modules():  # type: ignore[attr-defined]
+            if module is backbone:
+                return backbone, name + "."
+        raise RuntimeError("the backbone is not a submodule of this module")
+
+    def no_weight_decay(self) -> Set[str]:
+        backbone, prefix = self._backbone_and_prefix()
+        if not hasattr(backbone, "no_weight_decay"):
+            return set()
+        return {prefix + name for name in backbone.no_weight_decay()}
+
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        backbone, prefix = self._backbone_and_prefix()
+        layers: Dict[str, int] = (
+            group_parameters(backbone, backbone.group_matcher(coarse=coarse), reverse=True)
+            if hasattr(backbone, "group_matcher")
+            else {}
+        )
+        last = max(layers.values(), default=0) + 1
+
+        def _matcher(name: str) -> int:
+            if name.startswith(prefix):
+                return layers.get(name[len(prefix) :], 0)
+            return last
+
+        return _matcher
 
 
 class _AllOrNothingLoad(TrainingTask):
@@ -156,17 +218,21 @@ class ModelEmaV3Following(ModelEmaV3):
         super().update(model, step=step)
 
 
-class LEAPTrainableModule(nn.Module):
+class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
     """Backbone + head in one Module (what DDP wraps and what EMA copies).
 
     ``forward(input, target)`` returns ``(loss, logits, embeddings)``; ``forward(input)`` returns
-    the plain ``s cos(theta)`` logits.
+    the plain ``s cos(theta)`` logits. ``no_weight_decay()`` / ``group_matcher()`` are the
+    backbone's (``backbone.*``), the head a last layer group, for timm's ``create_optimizer_v2``.
     """
 
     def __init__(self, backbone: nn.Module, head: LEAPMarginHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+
+    def _timm_backbone(self) -> nn.Module:
+        return self.backbone
 
     def forward(self, input: Tensor, target: Optional[Tensor] = None):
         embeddings = self.backbone(input)
@@ -223,6 +289,8 @@ class LEAPTask(_AllOrNothingLoad):
             )
         self.trainable_module = LEAPTrainableModule(model, head).to(device=self.device)
         self.metric_l2 = MetricL2(float(metric_l2)) if metric_l2 is not None else None
+        if self.metric_l2 is not None and self.metric_l2.alpha > 0:
+            warnings.warn(METRIC_L2_WITH_MARGIN_HEAD, UserWarning, stacklevel=2)
 
     @classmethod
     def from_timm(
@@ -288,7 +356,9 @@ class LEAPTask(_AllOrNothingLoad):
     ) -> ModelEmaV3Following:
         """timm's EMA of backbone + head (:class:`ModelEmaV3Following`); ``task.update_ema()`` or
         ``ema.update(task.get_trainable_module())`` after each optimiser step. The EMA head's class
-        statistics are averaged like BatchNorm statistics; only its weights feed the evaluator."""
+        statistics are averaged like BatchNorm statistics; only its weights feed the evaluator
+        (``create_evaluator(ema=True)``)."""
+        _forget_compiled_ema(self)
         self.trainable_module_ema = ModelEmaV3Following(
             unwrap_model(self.get_trainable_module()),
             decay=decay,
@@ -310,9 +380,11 @@ class LEAPTask(_AllOrNothingLoad):
     def get_eval_model(
         self, module: Optional[nn.Module] = None, ema: bool = False
     ) -> Optional[nn.Module]:
-        """The backbone alone (embeddings); the head is task state."""
-        if module is None and not ema and hasattr(self, "eval_model"):
-            return self.eval_model
+        """The backbone alone (embeddings; the compiled one after ``compile()`` /
+        ``compile_ema()``); the head is task state."""
+        compiled = _compiled_eval_model(self, ema) if module is None else None
+        if compiled is not None:
+            return compiled
         try:
             return self._parts(module, ema).backbone
         except RuntimeError:
@@ -337,8 +409,10 @@ class LEAPTask(_AllOrNothingLoad):
             raise KeyError(f"LEAP task state needs a 'head' entry, got keys {sorted(state)}")
         self._parts(module, ema).head.load_state_dict(state["head"], strict=strict)
 
-    def create_evaluator(self, **kwargs: Any) -> LEAPEvaluator:
-        return LEAPEvaluator(self.head, device=self.device, **kwargs)
+    def create_evaluator(self, ema: bool = False, **kwargs: Any) -> LEAPEvaluator:
+        """timm's top-1/top-5 on the head's logits; ``ema=True``: the EMA copy's head, to score
+        ``get_eval_model(ema=True)``."""
+        return LEAPEvaluator(self._parts(ema=ema).head, device=self.device, **kwargs)
 
     def get_clip_parameters(self, exclude_head: bool = False):
         parts = self._parts()
@@ -412,7 +486,7 @@ def create_ftl_model(
         alpha_recon = 1.0 if decoder is not None else 0.0
     if alpha_reg is None:
         alpha_reg = 0.0 if classifier == "leap" else 0.25
-    return FTLModel(
+    return TimmFTLModel(
         backbone,
         fc,
         feature_dim=feat,
@@ -428,6 +502,16 @@ def create_ftl_model(
         alpha_reg=alpha_reg,
         transfer=FeatureTransfer(feat, int(num_classes), **(transfer_kwargs or {})),
     )
+
+
+class TimmFTLModel(_BackboneOptimizerHooks, FTLModel):
+    """:class:`feature_cloud.FTLModel` whose ``Enc`` is a timm model (what
+    :func:`create_ftl_model` builds): ``no_weight_decay()`` / ``group_matcher()`` are the
+    encoder's (``encoder.*``), ``R``, ``FC`` and ``Dec`` a last layer group, for timm's
+    ``create_optimizer_v2``. Otherwise an ``FTLModel`` (same state, same loss)."""
+
+    def _timm_backbone(self) -> nn.Module:
+        return self.encoder
 
 
 class FTLEmbedding(nn.Module):
@@ -609,7 +693,9 @@ class FTLTask(_AllOrNothingLoad):
         """timm's EMA of the :class:`FTLModel` (:class:`ModelEmaV3Following`: the FTL statistics
         change shape at every UpdateStats and are followed, not averaged away). ``task.update_ema()``
         or ``ema.update(task.model)`` after each optimiser step; the EMA eval model is
-        :class:`FTLEmbedding` of the copy."""
+        :class:`FTLEmbedding` of the copy; ``create_evaluator(ema=True)`` scores it with the
+        copy's ``FC``."""
+        _forget_compiled_ema(self)
         self.trainable_module_ema = ModelEmaV3Following(
             self._parts(),
             decay=decay,
@@ -622,11 +708,16 @@ class FTLTask(_AllOrNothingLoad):
     def get_eval_model(
         self, module: Optional[nn.Module] = None, ema: bool = False
     ) -> Optional[nn.Module]:
-        """:class:`FTLEmbedding`: ``f = R(Enc(x))`` (of the EMA copy with ``ema=True``)."""
-        if module is None and ema:
-            module = self.get_trainable_module(ema=True)
-            if module is None:
-                return None
+        """:class:`FTLEmbedding`: ``f = R(Enc(x))`` (of the EMA copy with ``ema=True``; the
+        compiled one after ``compile_ema()``)."""
+        if module is None:
+            compiled = _compiled_eval_model(self, ema)
+            if compiled is not None:
+                return compiled
+            if ema:
+                module = self.get_trainable_module(ema=True)
+                if module is None:
+                    return None
         return FTLEmbedding(self._parts(module))
 
     def get_task_state(
@@ -667,9 +758,7 @@ class FTLTask(_AllOrNothingLoad):
         if missing:
             raise KeyError(f"FTL task state lacks {sorted(missing)}")
         if module is None and ema:
-            module = self.get_trainable_module(ema=True)
-            if module is None:
-                raise RuntimeError("the EMA module does not exist yet: call setup_ema() first")
+            module = self._ema_module()
         parts = self._parts(module)
         if parts.decoder is None and state["decoder"] and strict:
             raise RuntimeError("the checkpoint has a decoder but this FTLModel has none")
@@ -684,9 +773,17 @@ class FTLTask(_AllOrNothingLoad):
             parts.classifier.load_state_dict(state["classifier"], strict=strict)
             parts.feature_transfer.load_state_dict(state["feature_transfer"], strict=strict)
 
-    def create_evaluator(self, **kwargs: Any) -> LEAPEvaluator:
-        """timm's top-1/top-5 on ``FC(f)`` logits (``s cos`` for a margin head)."""
-        return LEAPEvaluator(self._parts(), device=self.device, **kwargs)
+    def _ema_module(self) -> nn.Module:
+        module = self.get_trainable_module(ema=True)
+        if module is None:
+            raise RuntimeError("the EMA module does not exist yet: call setup_ema() first")
+        return module
+
+    def create_evaluator(self, ema: bool = False, **kwargs: Any) -> LEAPEvaluator:
+        """timm's top-1/top-5 on ``FC(f)`` logits (``s cos`` for a margin head); ``ema=True``:
+        the EMA copy's ``FC``, to score ``get_eval_model(ema=True)``."""
+        model = self._parts(self._ema_module() if ema else None)
+        return LEAPEvaluator(model, device=self.device, **kwargs)
 
     def get_clip_parameters(self, exclude_head: bool = False):
         parts = self._parts()

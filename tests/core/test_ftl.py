@@ -816,3 +816,42 @@ def test_transferred_features_widen_tail_classes_for_a_linear_softmax(capsys):
         assert ftl_reg >= bal_reg - 0.01
     with capsys.disabled():
         print("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- regular / long-tail split
+def test_split_without_long_tail_or_regular_classes_is_refused_early():
+    """FTL needs both regular classes (> tail_threshold images: the variance to transfer) and
+    long-tail ones (the stage-1 batches): a training set without either is refused as soon as
+    the counts are known, naming tail_threshold, instead of at the first stage-1 batch with a
+    message about update_stats() having not run."""
+    xtr, ytr, _, _, n_reg = _data(3, n_tail=0)  # ten classes of 120 images: no long-tail class
+    ds = IndexedDataset(TensorDataset(xtr, ytr))
+    model = _model(3, num_classes=10)
+    sched = AlternatingScheduler(model, stage0_iters=0, stage_iters=5)
+    with pytest.raises(ValueError, match=r"no class has <= tail_threshold=20 training images"):
+        sched.update_stats(DataLoader(ds, batch_size=256))
+    assert not model.feature_transfer.ready and sched.needs_stats  # nothing committed
+    counts = torch.bincount(ytr, minlength=10)
+    with pytest.raises(ValueError, match="long-tail"):
+        sched.check_class_counts(counts)
+    few = torch.full((10,), 3)
+    with pytest.raises(ValueError, match=r"no class has more than tail_threshold=20"):
+        sched.check_class_counts(few)
+    sched.check_class_counts(torch.tensor([30] * 5 + [3] * 5))  # both kinds: accepted
+    # counts given to the FeatureTransfer: refused when the scheduler is built
+    given = FeatureTransfer(D, 10, class_counts=counts)
+    with pytest.raises(ValueError, match="long-tail"):
+        AlternatingScheduler(_model(3, num_classes=10, transfer=given), stage0_iters=0)
+    marked = FeatureTransfer(D, 10, regular_mask=torch.ones(10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="long-tail"):
+        AlternatingScheduler(_model(3, num_classes=10, transfer=marked), stage0_iters=0)
+    # the long-tail pool of a FeatureTransfer that has statistics but no long-tail sample (a
+    # state loaded from elsewhere) names the cause, not a missing update_stats()
+    tail = AlternatingScheduler(_model(4), stage0_iters=0, stage_iters=5)
+    xtr, ytr, _, _, _ = _data(4)
+    tail.update_stats(DataLoader(IndexedDataset(TensorDataset(xtr, ytr)), batch_size=256))
+    ft = tail.model.feature_transfer
+    ft.tail_indices, ft.tail_labels = ft.tail_indices[:0], ft.tail_labels[:0]
+    with pytest.raises(ValueError, match="no long-tail sample") as info:
+        list(tail.tail_sampler(4))
+    assert "call AlternatingScheduler.update_stats()" not in str(info.value)

@@ -421,3 +421,16 @@ def test_target_only_cloud_modes(margin_type):
         LEAPMarginHead(D, C, cloud="full", class_counts=counts, cloud_mode="logits")
     with pytest.raises(ValueError, match="cloud_scale"):
         LEAPMarginHead(D, C, cloud="full", class_counts=counts, cloud_scale=-1.0)
+
+
+def test_logits_of_half_precision_features_without_autocast():
+    """bf16 / fp16 embeddings against the float32 head outside autocast (an exported or cast
+    backbone feeding the head): float32 logits, the float32 computation's up to the input
+    rounding, instead of a dtype mismatch in the GEMM."""
+    head = LEAPMarginHead(8, 5, class_counts=torch.tensor([9, 9, 2, 2, 1])).eval()
+    x = torch.randn(4, 8)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = x.to(dtype)
+        out = head.logits(low)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, head.logits(low.float()))

@@ -586,3 +586,94 @@ def test_checkpointer_loads_a_0_1_0_head(tmp_path):
     for key in ("centers", "class_counts", "memory", "memory_fill"):
         assert torch.equal(getattr(head.statistics, key), dense["statistics." + key]), key
     assert torch.equal(head.weight, dense["weight"]) and not model.heads.class_counts_pending
+
+
+# ---------------------------------------------------------------- fine-tuning to other classes
+def _trained_model(num_classes, steps, **fc):
+    """A model holding ``build_heads`` of the shipped YAML (``num_classes``, ``fc`` keys of
+    MODEL.HEADS.FEATURE_CLOUD) after ``steps`` training forwards: step, seed, counts and
+    statistics set."""
+    torch.manual_seed(num_classes)
+    fc = {"SEED": 3, "COUNT_ITERS": fc.get("WARMUP_ITERS", 0), **fc}
+    model = torch.nn.Module()
+    model.heads = build_heads(
+        _head_cfg(NUM_CLASSES=num_classes, **{f"FC__{k}": v for k, v in fc.items()})
+    )
+    if steps and model.heads.class_counts_pending:
+        model.heads.set_class_counts(torch.full((num_classes,), 4))
+    labels = torch.arange(8) % num_classes
+    for _ in range(steps):
+        model.heads(torch.randn(8, 32, 2, 1), labels)
+    return model
+
+
+def test_checkpointer_finetune_to_other_classes_starts_a_fresh_cloud(tmp_path, caplog):
+    """fastreid's fine-tuning (``MODEL.WEIGHTS`` from a model with C classes into one with C'):
+    its shape filter skips the per-class tensors, so the head's feature-cloud state is skipped as
+    a unit (step, seed and statistics with it): the new head starts at step 0, honours its
+    warm-up and counts K_i online, with one warning. Same-class loads restore it exactly."""
+    import logging
+
+    from fastreid.utils.checkpoint import Checkpointer
+
+    source = _trained_model(7, 5, CLASS_COUNTS="online", WARMUP_ITERS=2)
+    assert source.heads.margin_head.step == 5
+    assert source.heads.statistics.num_updates > 0
+    Checkpointer(source, str(tmp_path)).save("model_src")
+    path = str(tmp_path / "model_src.pth")
+
+    # online counts with a warm-up: step 0, counted during the warm-up
+    model = _trained_model(4, 0, CLASS_COUNTS="online", WARMUP_ITERS=3, SEED=11)
+    fresh = {k: v.clone() for k, v in model.heads.margin_head.feature_cloud.state_dict().items()}
+    with caplog.at_level(logging.WARNING, logger=fr.logger.name):
+        Checkpointer(model).load(path)
+    loaded = model.heads.margin_head.feature_cloud.state_dict()
+    for key, value in fresh.items():
+        assert torch.equal(loaded[key], value), key
+    assert model.heads.margin_head.step == 0
+    notes = [r.getMessage() for r in caplog.records if r.name == fr.logger.name]
+    assert len(notes) == 1 and "7" in notes[0] and "4" in notes[0], notes
+    assert "feature_cloud" in notes[0]
+    labels = torch.tensor([0, 0, 1, 1, 2, 3, 3, 3])
+    for _ in range(4):  # K_i counted during the 3 warm-up steps, the memory laid out after them
+        model.heads(torch.randn(8, 32, 2, 1), labels)
+    assert model.heads.statistics.class_counts.tolist() == [6, 6, 3, 9]
+    assert model.heads.statistics.memory_allocated
+
+    # CLASS_COUNTS dataset: step 0 and the counts still to come from the training set
+    model = _trained_model(4, 0, CLASS_COUNTS="dataset", WARMUP_ITERS=2)
+    Checkpointer(model).load(path)
+    assert model.heads.margin_head.step == 0 and model.heads.class_counts_pending
+
+    # the same number of classes: everything restored exactly, no warning
+    caplog.clear()
+    same = _trained_model(7, 0, CLASS_COUNTS="online", WARMUP_ITERS=2, SEED=11)
+    with caplog.at_level(logging.WARNING, logger=fr.logger.name):
+        Checkpointer(same).load(path)
+    assert not [r for r in caplog.records if r.name == fr.logger.name]
+    want = source.state_dict()
+    got = same.state_dict()
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_yaml_error_messages_keep_the_allowed_values():
+    """Only argument names become YAML keys: quoted values and tuples of choices stay as the
+    user types them (``margin`` is a MODE value as well as an argument), and CLOUD's choices are
+    the YAML spellings (``none``, not Python's ``None``)."""
+    with pytest.raises(ValueError, match="MODEL.HEADS.FEATURE_CLOUD.MODE") as info:
+        build_heads(_head_cfg(FC__MODE="paperr"))
+    message = str(info.value)
+    assert "'margin'" in message and "'paper'" in message and "'target'" in message, message
+    assert "MODEL.HEADS.MARGIN" not in message
+    with pytest.raises(ValueError, match="MODEL.HEADS.FEATURE_CLOUD.CLOUD") as info:
+        build_heads(_head_cfg(FC__CLOUD="fulll"))
+    message = str(info.value)
+    assert "'none'" in message and "None" not in message and "'fulll'" in message, message
+    assert "'full'" in message and "'vanilla'" in message
+    # an argument name outside quotes still becomes its key
+    error = fr._yaml_error(ValueError("gamma must be in (0, 1], got 'gamma' for margin"))
+    assert str(error) == (
+        "MODEL.HEADS.FEATURE_CLOUD.GAMMA must be in (0, 1], got 'gamma' for MODEL.HEADS.MARGIN"
+    )

@@ -183,6 +183,26 @@ def test_hook_refuses_fastreid_contiguous_optimizer_and_a_short_schedule(market_
         ftlint.FTLHook.from_trainer(classes, bad)
 
 
+@pytest.mark.parametrize(
+    "threshold, kind",
+    [("2", "no long-tail class"), ("20", "no regular class")],  # 3 x 16 and 9 x 4 images
+)
+def test_trainer_refuses_a_split_without_long_tail_or_regular_classes_before_training(
+    market_root, tmp_path, threshold, kind
+):
+    """A training set without long-tail classes (every class > MODEL.FTL.TAIL_THRESHOLD images)
+    or without regular ones is refused when the trainer is built (its training set read), naming
+    the key: not at the first stage-1 batch (no long-tail) or after stage 0 (no regular)."""
+    cfg = _ftl_cfg(tmp_path, "MODEL.FTL.TAIL_THRESHOLD", threshold)
+    with pytest.raises(ValueError, match=f"{kind}: .*MODEL.FTL.TAIL_THRESHOLD={threshold}"):
+        ftlint.FTLTrainer(cfg)
+    # the hook on fastreid's own trainer (FTLHook.from_trainer) refuses it the same way
+    trainer = DefaultTrainer(cfg)
+    with pytest.raises(ValueError, match=f"{kind}: .*MODEL.FTL.TAIL_THRESHOLD={threshold}"):
+        ftlint.FTLHook.from_trainer(trainer)
+    assert all(p.requires_grad for p in trainer.model.parameters())  # nothing frozen
+
+
 def test_ftl_trainer_takes_the_quality_filter_from_build_ftl_quality(market_root, tmp_path):
     """Eq. 5's filter, a function (no YAML key), comes from `FTLTrainer.build_ftl_quality` (the
     fastreid way: override a build_* class method) and reaches UpdateStats: the centers are the

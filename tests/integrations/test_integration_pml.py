@@ -216,6 +216,7 @@ def test_cloud_changes_the_loss_and_only_while_training():
     assert not torch.allclose(loss(emb, labels), plain(emb, labels))
 
 
+@pytest.mark.filterwarnings("ignore:LEAPLoss normalises W and f")  # tested in test_pml_dtype.py
 def test_metric_l2_sub_loss():
     alpha = 0.25
     ref, _ = _pair("cosface", 0.35, 64.0)

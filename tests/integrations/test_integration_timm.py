@@ -52,6 +52,7 @@ def test_is_a_timm_training_task_and_builds_backbone_and_head():
         LEAPTask(backbone, torch.nn.Linear(backbone.num_features, C), verbose=False)
 
 
+@pytest.mark.filterwarnings("ignore:LEAPMarginHead normalises W and f")  # test_timm_optim_ema.py
 def test_training_steps_decrease_loss_and_update_statistics():
     task = _task(metric_l2=1e-3)
     x, y = _images(COUNTS, 0)

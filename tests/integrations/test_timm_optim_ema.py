@@ -1,0 +1,192 @@
+"""LEAPTask / FTLTask with timm's optimizer factory, ``compile_ema`` and EMA validation."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("timm.task")
+from timm.optim import create_optimizer_v2
+
+from feature_cloud.integrations.timm import FTLTask, LEAPTask, create_ftl_model
+
+C = 4
+VIT = dict(img_size=32, depth=2)  # a two-block ViT: pos_embed / cls_token, layer groups
+
+
+def _leap(name="vit_tiny_patch16_224", model_kwargs=VIT, **kwargs):
+    torch.manual_seed(0)
+    return LEAPTask.from_timm(
+        name,
+        C,
+        model_kwargs=model_kwargs,
+        cloud="full",
+        class_counts=[5] * C,
+        verbose=False,
+        **kwargs,
+    )
+
+
+def _ftl(name="vit_tiny_patch16_224", model_kwargs=VIT):
+    torch.manual_seed(0)
+    return FTLTask.from_timm(
+        name,
+        C,
+        model_kwargs=model_kwargs,
+        stage0_iters=2,
+        embedding_size=16,
+        decoder_shape=(3, 32, 32),
+        decoder_channels=(8,),
+        cloud="full",
+        class_counts=[5] * C,
+        verbose=False,
+    )
+
+
+def _groups(opt, module):
+    """``{parameter name: (weight_decay, lr_scale)}`` of a timm optimizer over ``module``."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return {
+        names[id(p)]: (g["weight_decay"], g.get("lr_scale", 1.0))
+        for g in opt.param_groups
+        for p in g["params"]
+    }
+
+
+def _timm_reference(layer_decay):
+    """timm's own grouping of the same ViT *with* a classifier head (unmatched: a last layer)."""
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", num_classes=C, **VIT)
+    return _groups(
+        create_optimizer_v2(ref, "adamw", weight_decay=0.05, layer_decay=layer_decay), ref
+    )
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_leap_trainable_module_forwards_no_weight_decay_and_group_matcher(compiled, caplog):
+    task = _leap()
+    if compiled:
+        task.compile(backend="eager")  # backbone names gain `_orig_mod.`
+    module = task.get_trainable_module()
+    prefix = "backbone._orig_mod." if compiled else "backbone."
+    plain = _groups(create_optimizer_v2(module, "adamw", weight_decay=0.05), module)
+    for name in ("pos_embed", "cls_token"):
+        assert plain[prefix + name][0] == 0.0, name  # timm's no_weight_decay() of the ViT
+    assert plain[prefix + "blocks.0.attn.qkv.weight"][0] == 0.05
+    assert plain["head.weight"][0] == 0.05
+
+    with caplog.at_level("WARNING"):
+        layered = _groups(
+            create_optimizer_v2(module, "adamw", weight_decay=0.05, layer_decay=0.75), module
+        )
+    assert "no effect" not in caplog.text
+    ref = _timm_reference(0.75)
+    # the backbone's layers as timm groups them, the LEAP head in a last group like timm's head
+    for name, (wd, scale) in layered.items():
+        key = name[len(prefix) :] if name.startswith(prefix) else name
+        assert key in ref, name
+        assert (wd, scale) == pytest.approx(ref[key]), name
+    assert layered["head.weight"][1] == 1.0
+    assert (
+        layered[prefix + "blocks.0.attn.qkv.weight"][1]
+        < layered[prefix + "blocks.1.mlp.fc1.weight"][1]
+    )
+    assert layered[prefix + "norm.weight"][1] < 1.0
+
+
+def test_backbone_without_timm_hooks_still_builds_an_optimizer():
+    task = _leap("test_resnet", model_kwargs=None)
+    module = task.get_trainable_module()
+    opt = create_optimizer_v2(module, "adamw", weight_decay=0.05, layer_decay=0.75)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(module.parameters()))
+    assert _groups(opt, module)["head.weight"][1] == 1.0
+
+
+def test_ftl_model_forwards_the_encoder_hooks():
+    task = _ftl()
+    module = task.get_trainable_module()
+    plain = _groups(create_optimizer_v2(module, "adamw", weight_decay=0.05), module)
+    assert plain["encoder.pos_embed"][0] == 0.0 and plain["encoder.cls_token"][0] == 0.0
+    assert plain["classifier.weight"][0] == 0.05
+    layered = _groups(
+        create_optimizer_v2(module, "adamw", weight_decay=0.05, layer_decay=0.75), module
+    )
+    ref = _timm_reference(0.75)
+    for name, (wd, scale) in layered.items():
+        if name.startswith("encoder."):
+            assert (wd, scale) == pytest.approx(ref[name[len("encoder.") :]]), name
+        else:  # R, FC, Dec: the last group, like timm's classifier head
+            assert scale == 1.0, name
+    assert layered["encoder.blocks.0.attn.qkv.weight"][1] < layered["encoder.norm.weight"][1] < 1.0
+
+
+@pytest.mark.parametrize("make", [_leap, _ftl])
+def test_compile_ema_gives_the_compiled_ema_eval_model(make):
+    task = make("test_resnet", model_kwargs=None)
+    task.setup_ema(decay=0.5)
+    plain = task.get_eval_model(ema=True)
+    compiled = task.compile_ema(backend="eager")
+    assert compiled is not None and task.get_eval_model(ema=True) is compiled
+    assert task.get_eval_model() is not compiled
+    x = torch.randn(2, 3, 32, 32)
+    task.eval()
+    torch.testing.assert_close(compiled(x), plain(x))
+    # a new EMA copy is not scored by the old compiled one
+    task.setup_ema(decay=0.5)
+    assert task.get_eval_model(ema=True) is not compiled
+
+
+def _diverged_ema(make):
+    task = make("test_resnet", model_kwargs=None)
+    task.setup_ema(decay=0.5)
+    with torch.no_grad():  # live weights move on, the EMA copy stays
+        for p in task.get_trainable_module().parameters():
+            p.add_(torch.randn_like(p))
+    return task.eval()
+
+
+def test_ema_evaluator_uses_the_ema_head():
+    task = _diverged_ema(_leap)
+    ema = task.get_trainable_module(ema=True).module
+    x, y = torch.randn(6, 3, 32, 32), torch.arange(6) % C
+    live_ev, ema_ev = task.create_evaluator(), task.create_evaluator(ema=True)
+    assert live_ev.head is task.head and ema_ev.head is ema.head
+    with torch.no_grad():
+        ema_ev.update(task.get_eval_model(ema=True)(x), y)
+        expected = torch.nn.functional.cross_entropy(ema(x), y)  # EMA backbone + EMA head
+    assert ema_ev.compute()["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_ftl_ema_evaluator_uses_the_ema_classifier():
+    task = _diverged_ema(_ftl)
+    ema = task.get_trainable_module(ema=True).module
+    ev = task.create_evaluator(ema=True)
+    assert ev.head is ema and task.create_evaluator().head is task.model
+    x, y = torch.randn(6, 3, 32, 32), torch.arange(6) % C
+    with torch.no_grad():
+        ev.update(task.get_eval_model(ema=True)(x), y)
+        expected = torch.nn.functional.cross_entropy(ema.logits(ema(x)), y)
+    assert ev.compute()["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_ema_evaluator_before_setup_ema_is_an_error():
+    for task in (_leap("test_resnet", model_kwargs=None), _ftl("test_resnet", model_kwargs=None)):
+        with pytest.raises(RuntimeError, match="setup_ema"):
+            task.create_evaluator(ema=True)
+
+
+def test_metric_l2_with_a_margin_head_warns():
+    with pytest.warns(UserWarning, match="normalises"):
+        _leap("test_resnet", model_kwargs=None, metric_l2=0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _leap("test_resnet", model_kwargs=None)
+        _leap("test_resnet", model_kwargs=None, metric_l2=0.0)
+
+
+def test_create_ftl_model_keeps_its_class_contract():
+    model = create_ftl_model("test_resnet", C, embedding_size=16, cloud=None)
+    assert hasattr(model, "no_weight_decay") and hasattr(model, "group_matcher")
