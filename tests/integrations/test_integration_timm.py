@@ -207,6 +207,19 @@ def _data(seed=0):
     return dataset, DataLoader(dataset, batch_size=32)
 
 
+def test_ftl_task_refuses_a_split_without_long_tail_classes():
+    """With the training set's counts the task refuses at build; without them, at the end of
+    the first UpdateStats pass, before any statistics change (every class above T here)."""
+    with pytest.raises(ValueError, match="no long-tail class"):
+        _ftl_task(transfer_kwargs=dict(tail_threshold=5, class_counts=COUNTS))
+    task = _ftl_task(transfer_kwargs=dict(tail_threshold=5))
+    before = {k: v.clone() for k, v in task.model.feature_transfer.state_dict().items()}
+    with pytest.raises(ValueError, match="no long-tail class"):
+        task.update_stats(_data()[1])
+    after = task.model.feature_transfer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_ftl_task_runs_the_stages():
     task = _ftl_task()
     model = task.model
