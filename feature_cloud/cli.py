@@ -584,12 +584,12 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         )
     shots = args.shots if args.protocol == "hs" else [base.shots]
     configs = [replace(base, shots=s) for s in dict.fromkeys(shots)]
-    if len(configs) > 1:
-        for c in configs:
-            c.out = os.path.join(args.out, setting_name(c))
     for c in configs:
         c.validate()
-        check_output(c, args.resume)
+    if len(configs) > 1:  # every setting's folder before the first trains (one: run_evaluation)
+        for c in configs:
+            c.out = os.path.join(args.out, setting_name(c))
+            check_output(c, args.resume)
     data = load_dataset(args.data, tuple(args.image_size) if args.image_size else None)
     if len(configs) == 1:
         run_evaluation(configs[0], data, log=log, resume=args.resume)

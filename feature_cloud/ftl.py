@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -25,7 +24,7 @@ from . import functional as FC
 from ._buffers import restore_on_error
 from ._validation import check_class_counts, check_labels
 from .heads import LEAPMarginHead
-from .regularizers import MetricL2
+from .regularizers import MetricL2, warn_metric_l2_with_margin
 from .transfer import FeatureBatch, FeatureTransfer
 
 __all__ = [
@@ -240,13 +239,8 @@ class FTLModel(nn.Module):
                 "to train without reconstruction"
             )
         self.is_margin_head = isinstance(classifier, LEAPMarginHead)
-        if self.is_margin_head and float(alpha_reg) > 0:
-            warnings.warn(
-                "LEAPMarginHead normalises W and f, so the m-L2 term (alpha_reg > 0) only shrinks "
-                "their norms; consider alpha_reg=0 with a margin head",
-                UserWarning,
-                stacklevel=2,
-            )
+        if self.is_margin_head:
+            warn_metric_l2_with_margin("LEAPMarginHead", "alpha_reg", float(alpha_reg))
         self.num_classes, self.embedding_size = int(weight.shape[0]), int(weight.shape[1])
         self.feature_dim = int(feature_dim)
         self.encoder = encoder

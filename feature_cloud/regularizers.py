@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Union
 
 from torch import Tensor, nn
@@ -9,7 +10,7 @@ from torch import Tensor, nn
 from . import functional as FC
 from ._validation import as_float, check_embeddings
 
-__all__ = ["MetricL2"]
+__all__ = ["MetricL2", "warn_metric_l2_with_margin"]
 
 
 class MetricL2(nn.Module):
@@ -86,3 +87,18 @@ class MetricL2(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, reduction={self.reduction!r}"
+
+
+def warn_metric_l2_with_margin(owner: str, option: str, alpha: float, stacklevel: int = 3) -> None:
+    """Warn when m-L2 (``option`` = ``alpha`` > 0) is on with a cosine-margin loss (``owner``
+    normalises ``W`` and ``f``): FTL's term is for a linear softmax; here it only shrinks the
+    norms and, at the raw features' scale (e.g. PML's default ``W`` init), can outweigh the
+    margin loss by orders of magnitude."""
+    if alpha > 0:
+        warnings.warn(
+            f"{owner} normalises W and f, so the m-L2 term ({option} > 0, FTL Eq. 3 on the raw "
+            "||W^T f||^2) only shrinks their norms and, at the raw features' scale, can outweigh "
+            f"the margin loss; consider {option}=0 with a margin head",
+            UserWarning,
+            stacklevel=stacklevel,
+        )

@@ -28,7 +28,6 @@ rank holds the same statistics, with no extra call.
 from __future__ import annotations
 
 import sys
-import warnings
 from types import FrameType
 from typing import Any, Dict, List, Optional, Union
 
@@ -56,7 +55,7 @@ from feature_cloud import margins
 from feature_cloud._validation import as_int, check_embeddings
 from feature_cloud.cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from feature_cloud.heads import cloud_margin_loss, make_cloud
-from feature_cloud.regularizers import MetricL2
+from feature_cloud.regularizers import MetricL2, warn_metric_l2_with_margin
 from feature_cloud.sync import SyncedClassStatistics, is_distributed
 
 __all__ = ["LEAPLoss", "PML_DEFAULT_MARGIN", "PML_DEFAULT_SCALE"]
@@ -65,13 +64,6 @@ __all__ = ["LEAPLoss", "PML_DEFAULT_MARGIN", "PML_DEFAULT_SCALE"]
 #: ``ArcFaceLoss(margin=28.6 deg, scale=64)``.
 PML_DEFAULT_MARGIN = {n: margins.get(n).pml_margin for n in margins.names()}
 PML_DEFAULT_SCALE = {n: margins.get(n).pml_scale for n in margins.names()}
-
-METRIC_L2_WITH_MARGIN_LOSS = (
-    "LEAPLoss normalises W and f, so the m-L2 term (metric_l2 > 0, FTL Eq. 3 on the raw "
-    "||W^T f||^2) only shrinks their norms, and under PML's default W init (columns of norm "
-    "~sqrt(embedding_size)) it can outweigh the margin loss by orders of magnitude; consider "
-    "metric_l2=None with a margin loss"
-)
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
@@ -180,8 +172,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             self.metric_l2 = MetricL2(metric_l2.alpha, reduction="none")
         else:
             self.metric_l2 = MetricL2(float(metric_l2), reduction="none")
-        if self.metric_l2 is not None and self.metric_l2.alpha > 0:
-            warnings.warn(METRIC_L2_WITH_MARGIN_LOSS, UserWarning, stacklevel=2)
+        if self.metric_l2 is not None:
+            warn_metric_l2_with_margin("LEAPLoss", "metric_l2", self.metric_l2.alpha)
 
     # ------------------------------------------------------------------ PML hooks
     def _sub_loss_names(self) -> List[str]:

@@ -25,7 +25,6 @@ reports closed-set top-1/top-5 of the head's ``s cos(theta)`` logits. No math he
 
 from __future__ import annotations
 
-import warnings
 from typing import (
     Any,
     Callable,
@@ -71,7 +70,7 @@ from feature_cloud.ftl import (
     make_filter,
 )
 from feature_cloud.heads import LEAPMarginHead
-from feature_cloud.regularizers import MetricL2
+from feature_cloud.regularizers import MetricL2, warn_metric_l2_with_margin
 from feature_cloud.transfer import FeatureTransfer
 
 __all__ = [
@@ -85,12 +84,6 @@ __all__ = [
     "create_ftl_model",
     "ModelEmaV3Following",
 ]
-
-METRIC_L2_WITH_MARGIN_HEAD = (
-    "LEAPMarginHead normalises W and f, so the m-L2 term (metric_l2 > 0, FTL Eq. 3 on the raw "
-    "||W^T f||^2) only shrinks their norms, and at a raw-feature scale it can outweigh the margin "
-    "loss; consider metric_l2=None with a margin head"
-)
 
 
 def create_backbone_and_head(
@@ -289,8 +282,8 @@ class LEAPTask(_AllOrNothingLoad):
             )
         self.trainable_module = LEAPTrainableModule(model, head).to(device=self.device)
         self.metric_l2 = MetricL2(float(metric_l2)) if metric_l2 is not None else None
-        if self.metric_l2 is not None and self.metric_l2.alpha > 0:
-            warnings.warn(METRIC_L2_WITH_MARGIN_HEAD, UserWarning, stacklevel=2)
+        if self.metric_l2 is not None:
+            warn_metric_l2_with_margin("LEAPMarginHead", "metric_l2", self.metric_l2.alpha)
 
     @classmethod
     def from_timm(

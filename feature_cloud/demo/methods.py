@@ -288,6 +288,16 @@ def check_margin_options(cfg: Any) -> None:
             )
 
 
+def check_training_options(cfg: Any) -> None:
+    """Check ``lr`` (finite, > 0), ``weight_decay`` and ``ml2_alpha`` (finite, >= 0) of a demo or
+    evaluation config (the same field names); ``ValueError`` names the option."""
+    for name, positive in (("lr", True), ("weight_decay", False), ("ml2_alpha", False)):
+        value = float(getattr(cfg, name))
+        if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+            bound = "> 0" if positive else ">= 0"
+            raise ValueError(f"{name} must be a finite number {bound}, got {getattr(cfg, name)}")
+
+
 def check_ftl_options(cfg: Any) -> None:
     """Check the FTL schedule options of a :class:`MethodConfig` or an evaluation config (the
     same field names), before anything is built; ``ValueError`` names the option."""

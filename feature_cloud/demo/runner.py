@@ -18,7 +18,14 @@ from .. import __version__
 from . import metrics as M
 from ._progress import progress
 from .data import LabeledData, SyntheticConfig, load_data
-from .methods import FTL_CLASSIFIERS, METHODS, MethodConfig, build_method, method_label
+from .methods import (
+    FTL_CLASSIFIERS,
+    METHODS,
+    MethodConfig,
+    build_method,
+    check_training_options,
+    method_label,
+)
 from .protocol import LongTailSplit, long_tail_split, rank_classes
 from .report import PROJECTION_FILE, RESULTS_FILE, render_report
 
@@ -120,14 +127,9 @@ class DemoConfig:
             )
         if not 0 <= int(self.warmup_epochs) <= int(self.epochs):  # type: ignore[arg-type]
             raise ValueError(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        check_training_options(self)
         if not (math.isfinite(self.gamma) and 0 < self.gamma <= 1):
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
-        if not (math.isfinite(self.ml2_alpha) and self.ml2_alpha >= 0):
-            raise ValueError(f"ml2_alpha must be a finite number >= 0, got {self.ml2_alpha}")
         if not (
             0 < self.test_fraction < 1
             and 0 <= self.val_fraction < 1

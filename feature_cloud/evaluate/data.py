@@ -26,10 +26,8 @@ def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> Labeled
         raise ValueError(f"{path!r} is not an .npz archive (np.savez writes one)")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:  # a .npz name on another file
+    except (OSError, ValueError) as err:  # a damaged archive
         raise ValueError(f"{path!r} is not a readable .npz archive ({err})") from None
-    if not hasattr(archive, "files"):  # a plain .npy array saved under an .npz name
-        raise ValueError(f"{path!r} is a single array (.npy), not an .npz with named arrays")
     with archive as d:
         for key in ("images", "labels"):
             if key not in d.files:
@@ -99,7 +97,7 @@ def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> Labeled
         info["has_camids"] = True
     data = LabeledData(
         x.contiguous(),
-        torch.as_tensor(y.reshape(-1), dtype=torch.long),
+        torch.as_tensor(y, dtype=torch.long),
         class_names,
         os.path.splitext(os.path.basename(path))[0],
         info,

@@ -341,13 +341,16 @@ def plot_paired(results: Dict[str, Any], file: str) -> str:
 
 
 def make_output_dir(path: str) -> None:
-    """Create the output directory ``path`` (and its parents); ``ValueError`` naming the path
-    where it or a parent is an existing file."""
+    """Create the output directory ``path`` (and its parents); ``ValueError`` naming the file
+    in the way where ``path`` or a parent is an existing file."""
     try:
         os.makedirs(path, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as err:
+    except (FileExistsError, NotADirectoryError):
+        blocker = os.path.abspath(path)
+        while not os.path.isfile(blocker) and blocker != os.path.dirname(blocker):
+            blocker = os.path.dirname(blocker)
         raise ValueError(
-            f"output directory {path!r}: {err.strerror} (a file is in the way)"
+            f"output directory {path!r}: {blocker!r} is a file, not a directory"
         ) from None
 
 

@@ -27,6 +27,7 @@ from ..demo.methods import (
     MethodConfig,
     check_ftl_options,
     check_margin_options,
+    check_training_options,
 )
 from ..demo.protocol import LongTailSplit
 from ..demo.report import load_results
@@ -150,11 +151,7 @@ class EvalConfig:
         bad_seeds = [s for s in self.seeds if not 0 <= int(s) < 2**32]
         if bad_seeds:
             raise ValueError(f"seeds must be in [0, 2**32), got {bad_seeds}")
-        for name, low in (("lr", None), ("weight_decay", 0.0), ("ml2_alpha", 0.0)):
-            value = float(getattr(self, name))
-            if not (math.isfinite(value) and (value > 0 if low is None else value >= low)):
-                bound = "> 0" if low is None else ">= 0"
-                raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+        check_training_options(self)
         if not 0.0 <= self.warmup_fraction <= 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
         check_ftl_options(self)
@@ -323,9 +320,7 @@ def train_model(
             for idx in chunks:
                 idx = idx.to(device)
                 step(model.loss(augment(x[idx]), y[idx]))
-    bar.close()
-    if not bool(finite):
-        raise diverged("the training loss")
+    bar.close()  # the last step checked the loss (``total`` is whole epochs)
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise diverged("the model's parameters")
     model.eval()
@@ -585,15 +580,9 @@ def _check_split_groups(
 
 
 def check_output(cfg: EvalConfig, resume: bool = False) -> None:
-    """Before anything is trained or written: ``cfg.out`` must be a directory (or not exist yet,
-    with no file in its path), and hold no evaluation (``results.json``) unless ``resume``
-    continues it: a finished evaluation is never overwritten. ``ValueError``."""
-    out = os.path.abspath(cfg.out)
-    probe = out
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"--out {cfg.out!r}: {probe!r} is a file, not a directory")
+    """Before anything is trained or written: ``cfg.out`` must hold no evaluation
+    (``results.json``) unless ``resume`` continues it: a finished evaluation is never
+    overwritten (a file in the way of ``cfg.out``: :func:`make_output_dir`). ``ValueError``."""
     file = os.path.join(cfg.out, RESULTS_FILE)
     if not resume and os.path.exists(file):
         raise ValueError(
@@ -626,10 +615,11 @@ def _check_training_sets(
     if cfg.protocol == "hs":
         split = next(iter(splits.values()))
         tail = ~split.head & (split.train_counts > 0)
-        if bool(tail.any()) and int(split.train_counts[tail].max()) < cfg.shots:
+        most = int(split.train_counts[tail].max()) if bool(tail.any()) else cfg.shots
+        if most < cfg.shots:
             warnings.warn(
                 f"-S {cfg.shots}: no tail identity has {cfg.shots} training images (the most: "
-                f"{int(split.train_counts[tail].max())}), so every tail identity keeps all it "
+                f"{most}), so every tail identity keeps all it "
                 "has: the setting is the natural tail of those identities",
                 UserWarning,
                 stacklevel=3,
