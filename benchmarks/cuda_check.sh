@@ -4,6 +4,7 @@
 #   1. the CUDA tests (tests/core/test_cuda.py and every other CUDA-only test),
 #   2. the interleaved timing suite on the GPU (float32 and bf16 autocast; face 100k classes and
 #      the CPU table's 10k), ratios against the floor and the three-GEMM limit,
+#      2c. the head compiled (floor, head, margin cloud) at face size, s=64 and s=24,
 #   3. the whole test suite with a GPU present (the adapters take their CUDA branches).
 # Every part has its own time limit and writes into OUT (default ./cuda_check_out).
 set -u
@@ -31,8 +32,14 @@ timeout "${T_BENCH:-80}" $S --batch 512 --classes 100000 --settings face --out "
 timeout "${T_BENCH:-80}" $S --batch 512 --classes 100000 --settings face --autocast bf16 --out "$OUT/suite_cuda_bf16_100k.json" > "$OUT/suite_cuda_bf16_100k.txt" 2>&1
 grep -h -B2 -A13 "face s=64 m=0.35 trained" "$OUT"/suite_cuda_*.txt | grep -v "^built\|^repetition" | head -60
 
+echo "== 2c. GPU timings, the head under torch.compile (Inductor; the first call of each compiles)"
+timeout "${T_COMPILE:-150}" $S --batch 512 --classes 100000 --settings face,reid --data trained \
+  --methods floor,gemm3,leap,leap_cloud_margin,floor_compiled,leap_compiled,leap_cloud_margin_compiled \
+  --out "$OUT/suite_cuda_fp32_100k_compiled.json" > "$OUT/suite_cuda_fp32_100k_compiled.txt" 2>&1
+grep -v "^built\|^repetition\|warn" "$OUT/suite_cuda_fp32_100k_compiled.txt" | tail -18
+
 echo "== 3. whole suite with a GPU present"
-timeout "${T_SUITE:-150}" python3 -m pytest -v -p no:cacheprovider -n "${WORKERS:-14}" -rfEs 2>&1 \
+timeout "${T_SUITE:-240}" python3 -m pytest -v -p no:cacheprovider -n "${WORKERS:-14}" -rfEs 2>&1 \
   | grep -v -i "benchmark" > "$OUT/suite_tests.log"
 grep -E "(FAILED|ERROR)" "$OUT/suite_tests.log" | sort -u | tee "$OUT/suite_failures.txt"
 tail -3 "$OUT/suite_tests.log"

@@ -51,6 +51,10 @@ SUITE_COLS = (
     ("pml_leap_cloud", "PML LEAPLoss cloud"),
     ("fastreid_leap", "fastreid LEAPHead off"),
     ("fastreid_leap_cloud", "fastreid LEAPHead cloud"),
+    ("floor_compiled", "floor compiled"),
+    ("leap_compiled", "LEAP off compiled"),
+    ("leap_cloud_compiled", "LEAP cloud compiled"),
+    ("leap_cloud_margin_compiled", "LEAP margin cloud compiled"),
 )
 
 

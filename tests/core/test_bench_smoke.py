@@ -174,6 +174,12 @@ def test_suite_grid_and_its_tables(tmp_path):
     assert "CPU (" not in text
     floor_ms = res["1"]["face"]["trained"]["floor"]["median_ms"]
     assert f"| 1 | face (s=64, m=0.35) trained | {floor_ms:.2f} |" in text
+    assert "compiled" not in text
+    # compiled cases (``--methods ..._compiled``) get their own columns, in the floor's units
+    rows = gpu["results"]["1"]["face"]["trained"]
+    rows["leap_compiled"] = dict(rows["leap"], x_floor=0.74)
+    text = "\n".join(report.suite_tables(gpu))
+    assert "| LEAP off compiled |" in text and "| 0.74 |" in text
 
 
 def test_compiled_cases_match_their_eager_step():
