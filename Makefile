@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.feature-cloud-installed
 
-.PHONY: demo test bench
+.PHONY: demo test test-oldest bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,19 @@ test: $(STAMP)
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing (exit code 5)"; exit 1; fi; \
 	exit $$rc
+
+# The oldest releases pyproject.toml allows, in .venv-oldest (not part of `make test`: a ~3 GB
+# torch): Python 3.9, torch 2.2.2 (with numpy 1.x, which that torch needs) and
+# pytorch-metric-learning 2.0.0; the core, the demo / evaluate tools and the PML adapter. Not the
+# timm adapter (timm >= 1.0.31 needs Python >= 3.10) nor fastreid's (its own pinned stack).
+OLDEST_PYTHON ?= python3.9
+test-oldest:
+	test -x .venv-oldest/bin/python || $(OLDEST_PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install -q "torch==2.2.2" "numpy<2" "pytorch-metric-learning==2.0.0" \
+		pytest hypothesis scikit-learn matplotlib tqdm Pillow faiss-cpu
+	.venv-oldest/bin/python -m pip install -q --no-deps -e .
+	.venv-oldest/bin/python -m pytest -q -p no:cacheprovider tests/core tests/demo \
+		tests/integrations/test_integration_pml.py tests/integrations/test_pml_dtype.py
 
 # Not one of the two newcomer commands: the full benchmark suite, its ratio table and plot
 # (benchmarks/README.md, benchmarks/ratios.png). `make test` runs only a smoke subset.

@@ -25,6 +25,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ._compat import is_compiling
+
 __all__ = [
     "check_embeddings",
     "check_labels",
@@ -40,8 +42,7 @@ __all__ = [
 
 
 def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
+    return bool(is_compiling())
 
 
 # ------------------------------------------------------------------------------------------
@@ -56,9 +57,9 @@ def as_int(value: Any, name: str, minimum: Optional[int] = None) -> int:
     if (
         isinstance(value, Tensor)
         and value.dim() == 0
-        and not value.is_floating_point()
+        and not value.dtype.is_floating_point
         and value.dtype != torch.bool
-        and not value.is_complex()
+        and not value.dtype.is_complex
     ):
         value = int(value.item())
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
@@ -86,7 +87,7 @@ def as_float(
         isinstance(value, Tensor)
         and value.dim() == 0
         and value.dtype != torch.bool
-        and not value.is_complex()
+        and not value.dtype.is_complex
     ):
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -117,7 +118,7 @@ def check_class_counts(
         t = torch.as_tensor(counts)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{name} must be a 1-D integer sequence or tensor: {exc}") from None
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+    if t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex:
         raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
     if t.dim() != 1:
         raise TypeError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
@@ -138,7 +139,7 @@ def check_embeddings(embeddings: Tensor, embedding_size: int, name: str = "embed
     """Type and shape of a ``(B, D)`` floating tensor (free: no device sync)."""
     if not isinstance(embeddings, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(embeddings).__name__}")
-    if not embeddings.is_floating_point():
+    if not embeddings.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating point tensor, got dtype {embeddings.dtype}")
     if embeddings.dim() != 2:
         raise ValueError(
@@ -152,7 +153,9 @@ def check_embeddings(embeddings: Tensor, embedding_size: int, name: str = "embed
 
 
 def _label_dtype_ok(labels: Tensor) -> bool:
-    return not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
+    return not (
+        labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool
+    )
 
 
 def check_labels(labels: Tensor, batch_size: int, name: str = "labels") -> Tensor:
@@ -242,7 +245,7 @@ def problem_tensor(
     """Every batch check as an int64 code vector on ``device`` (see :data:`PROBLEM_SLOTS`;
     ``0`` = fine), never raising and without a host sync of its own: the payload of the one
     all-reduce by which ranks agree on a batch before any collective touches it."""
-    emb_ok = isinstance(embeddings, Tensor) and embeddings.is_floating_point()
+    emb_ok = isinstance(embeddings, Tensor) and embeddings.dtype.is_floating_point
     shape_ok = emb_ok and embeddings.dim() == 2 and embeddings.shape[1] == embedding_size
     lab_ok = isinstance(labels, Tensor) and _label_dtype_ok(labels)
     lab_shape_ok = (

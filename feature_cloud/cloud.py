@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import functional as FC
 from . import noise as N
+from ._compat import is_compiling
 from ._validation import as_float, as_int, check_batch, check_class_counts
 from .statistics import DEFAULT_CENTER_RATE, ClassStatistics
 from .sync import BATCH_MODES, SyncedClassStatistics
@@ -353,7 +354,7 @@ class FeatureCloud(nn.Module):
         std = key = None
         if not train or not self.counts_batch(features, count_empty=count_empty):
             return std, key
-        if torch.compiler.is_compiling():
+        if is_compiling():
             return self._advance_compiled(features, labels)
         if self.rule is not None:
             active = self.active
@@ -448,7 +449,7 @@ class FeatureCloud(nn.Module):
         Returns whether it imprinted."""
         if not train or self.rule is None or self.imprint_step is None:
             return False
-        if torch.compiler.is_compiling():  # no host count: a select on the device step
+        if is_compiling():  # no host count: a select on the device step
             with torch.no_grad():
                 new = self._prototypes(weight, sub_centers, class_start).float()
                 new = new * weight.float().norm(dim=1, keepdim=True)

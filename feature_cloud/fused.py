@@ -800,7 +800,7 @@ def margin_loss(
     if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(f"labels must be ({embeddings.shape[0]},), got {tuple(labels.shape)}")
     B, C = embeddings.shape[0], weight.shape[0]
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     labels = labels.long()
     if row_valid is None:

@@ -34,6 +34,8 @@ import math
 import torch
 from torch import Tensor
 
+from ._compat import is_compiling, is_exporting
+
 __all__ = [
     "noise_key",
     "random_key",
@@ -119,7 +121,7 @@ def _box_muller(pair: Tensor, key: Tensor, odd: Tensor | None = None) -> Tensor:
     r = u1.log_().mul_(-2.0).sqrt_()
     if odd is not None:
         return r.mul_(torch.where(odd, torch.sin(phi), torch.cos(phi)))
-    if torch.compiler.is_compiling():  # (no strided out= under dynamo; fused away anyway)
+    if is_compiling():  # (no strided out= under dynamo; fused away anyway)
         return torch.stack([r * torch.cos(phi), r * torch.sin(phi)], 1)
     out = torch.empty((pair.shape[0], 2, pair.shape[1]), dtype=torch.float32, device=pair.device)
     torch.mul(r, torch.cos(phi), out=out[:, 0])  # written in place: no stacking copy in eager
@@ -129,9 +131,8 @@ def _box_muller(pair: Tensor, key: Tensor, odd: Tensor | None = None) -> Tensor:
 
 def capturing() -> bool:
     """Whether a graph is being captured (``torch.compile``, ``torch.export``, ``jit.trace``)."""
-    compiler = torch.compiler
     tracing = bool(torch._C._get_tracing_state())  # torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call], typed
-    return compiler.is_compiling() or compiler.is_exporting() or tracing
+    return is_compiling() or is_exporting() or tracing
 
 
 def _hash32_buf_(x: Tensor, t: Tensor) -> Tensor:

@@ -70,7 +70,7 @@ class MetricL2(nn.Module):
         if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != batch:
             shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
             raise ValueError(f"labels must be a ({batch},) tensor matching the batch, got {shape}")
-        if labels.is_floating_point() or labels.is_complex():
+        if labels.dtype.is_floating_point or labels.dtype.is_complex:
             raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
 
     def _masked(self, per_sample: Tensor, labels: Tensor) -> Tensor:

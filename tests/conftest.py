@@ -19,6 +19,8 @@ from torch import Tensor
 torch.set_num_threads(1)
 
 #: the repository root (examples/, benchmarks/)
+#: (major, minor) of the installed torch: tests of behaviour that older releases lack ask for it
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -53,6 +55,19 @@ def assert_same_state(a: Dict[str, Any], b: Dict[str, Any], what: str = "") -> N
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{what}: {k}"
         else:
             assert repr(a[k]) == repr(b[k]), f"{what}: {k}"
+
+
+def dynamo_limits(limit: int, **kw: Any) -> Any:
+    """``torch._dynamo.config.patch`` with the recompile limit (``recompile_limit`` since torch 2.6,
+    ``cache_size_limit`` before)."""
+    import torch._dynamo
+
+    key = (
+        "recompile_limit"
+        if hasattr(torch._dynamo.config, "recompile_limit")
+        else "cache_size_limit"
+    )
+    return torch._dynamo.config.patch(**{key: limit}, **kw)
 
 
 def free_port() -> int:

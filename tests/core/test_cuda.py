@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import dynamo_limits
 from feature_cloud import FeatureTransfer, LEAPMarginHead, MetricL2, fused
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -254,7 +255,7 @@ def test_compiled_head_on_cuda_equals_eager(impl):
     limit = 8  # dynamo's default, fixed (importing timm.optim raises the global one to 1e6)
     for i in range(limit + 4):
         feats = _jitter(x, i).to(DEV)
-        with torch._dynamo.config.patch(error_on_recompile=i > 0, recompile_limit=limit):
+        with dynamo_limits(limit, error_on_recompile=i > 0):
             got = compiled(feats, yc)
         eager = twin(feats, yc)
         got.backward()
@@ -268,7 +269,7 @@ def test_compiled_head_on_cuda_equals_eager(impl):
 
 _RESUME = """
 import sys, torch
-sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r}); sys.path.insert(0, {conftest_dir!r})
 from test_cuda import _head, _jitter, _trained
 assert not torch.cuda.is_available()
 x, W, y = _trained(96, 200, 32, seed=7)
@@ -295,7 +296,8 @@ def test_checkpoint_from_the_gpu_resumes_in_a_cpu_only_process(tmp_path):
     torch.save(head.state_dict(), ckpt)
     loss = head(_jitter(x, 3).to(DEV), y.to(DEV))
     loss.backward()
-    code = _RESUME.format(root=ROOT, tests=os.path.dirname(__file__), ckpt=str(ckpt))
+    here = os.path.dirname(__file__)
+    code = _RESUME.format(root=ROOT, tests=here, conftest_dir=os.path.dirname(here), ckpt=str(ckpt))
     proc = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

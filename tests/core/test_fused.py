@@ -165,11 +165,19 @@ class _Subnormals(TorchDispatchMode):
         return out
 
 
+def _skip_if_flushing_to_zero():
+    """With flush-to-zero on, no op can write a subnormal and the watch would pass vacuously.
+    (torch 2.4 / 2.5 turn it on for the process at a CPU ``torch.compile``; 2.14 does not.)"""
+    if float(torch.mul(torch.full((1,), 1e-30), 1e-10)) == 0.0:
+        pytest.skip("flush-to-zero is on in this process (an earlier CPU torch.compile?)")
+
+
 @pytest.mark.parametrize("data", sorted(_DATA))
 @pytest.mark.parametrize("chunk_size", [None, 512])
 def test_no_subnormal_intermediates_at_face_scale(data, chunk_size):
     """s = 64, m = 0.35, cloud std 0.28: no op of the forward or backward writes a subnormal
     float (they slow CPU GEMMs ~8x and exp ~30x); the saved buffer in particular."""
+    _skip_if_flushing_to_zero()
     x, W, y = _DATA[data]()
     for margin_type in ("cosface", "arcface"):
         for std in (None, torch.full((x.shape[0],), 0.28)):
@@ -192,9 +200,11 @@ def test_no_subnormal_intermediates_at_face_scale(data, chunk_size):
 
 
 def test_subnormal_watch_can_fail():
+    _skip_if_flushing_to_zero()
+    # (a product: torch 2.4's vectorised CPU exp flushes exp(-95) to zero, 2.14's does not)
     with _Subnormals() as watch:
-        torch.exp(torch.full((4,), -95.0))
-    assert watch.found == {"exp": 4}
+        torch.mul(torch.full((4,), 1e-30), 1e-10)
+    assert watch.found == {"mul": 4}
 
 
 def _upstream_scaled_grads(x, W, y, dtype, scale, std, chunk_size, upstream=65536.0):
@@ -504,6 +514,8 @@ def test_gradscaler_never_skips_a_step_under_fp16(impl, cloud_mode):
     """The user's loop: fp16 autocast + torch.amp.GradScaler at s = 64 with the cloud on (the
     default target-only margin cloud and the paper's per-logit one); a non-finite gradient would
     make the scaler skip the step and halve its scale."""
+    if not hasattr(torch.amp, "GradScaler"):
+        pytest.skip("torch.amp.GradScaler (device-generic, CPU too) needs torch >= 2.3")
     x, W, y = _trained_like(b=32, c=600)
     head = LEAPMarginHead(
         x.shape[1],

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from conftest import TORCH_VERSION, dynamo_limits
 from feature_cloud import FeatureCloud, LEAPMarginHead
 from feature_cloud import functional as FC
 from feature_cloud.distributed import ShardedLEAPMarginHead, consolidate_state_dicts
@@ -124,6 +125,7 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path: Path) -> None:
 import sys, torch
 sys.path.insert(0, {str(ROOT)!r})
 sys.path.insert(0, {str(Path(__file__).parent)!r})
+sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
 from test_module_state import _net, _batch
 model = _net(seed=12345)
 model.load_state_dict(torch.load({str(tmp_path / "model.pt")!r}, weights_only=True), strict=True)
@@ -214,7 +216,9 @@ def test_jit_trace_and_torch_export() -> None:
     torch.testing.assert_close(traced_loss(x, y), model(x, y))
     exported = torch.export.export(model, (x,))
     assert torch.equal(exported.module()(x), model(x))
-    assert "head.feature_cloud.step" in exported.state_dict
+    assert "head.weight" in exported.state_dict
+    if TORCH_VERSION >= (2, 3):  # (torch 2.2 keeps only the buffers the graph reads)
+        assert "head.feature_cloud.step" in exported.state_dict
 
 
 @pytest.mark.slow
@@ -249,7 +253,7 @@ def test_compiled_training_step_fullgraph_matches_eager(
         x, y = _batch(step)
         for model, opt in ((eager, opt_e), (cmodel, opt_c)):
             opt.zero_grad()
-            with torch._dynamo.config.patch(error_on_recompile=step > 0, recompile_limit=limit):
+            with dynamo_limits(limit, error_on_recompile=step > 0):
                 model(x, y).backward()
             opt.step()
         # equal up to rounding: eager "auto" runs the fused Function where the compiled model
@@ -323,7 +327,10 @@ def test_compile_refuses_a_cloud_that_counts_online() -> None:
     with pytest.raises(Exception) as err:
         cmodel(x, y)
     chain = f"{err.value} {err.value.__cause__}"
-    assert "counts K_i online" in chain and "class_counts" in chain
+    # (dynamo of torch 2.2-2.8 stops at the raise without its message: "Observed exception";
+    # 2.11 and 2.14 carry it; 2.9 / 2.10 not tried)
+    if TORCH_VERSION >= (2, 11):
+        assert "counts K_i online" in chain and "class_counts" in chain
     assert int(model.head.feature_cloud.step) == 0  # refused before the step counted
     _train(model, 2)  # the warm-up eagerly: counted, memory laid out at the first cloud step
     assert not model.head.feature_cloud.statistics.counting

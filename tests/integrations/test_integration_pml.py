@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -156,6 +157,13 @@ def test_get_logits_matches_pml():
 def test_distributed_loss_wrapper_single_process():
     ref, ours = _pair("cosface", 0.35, 64.0)
     emb, labels = _batch(6)
+    if not torch.distributed.is_initialized():
+        try:  # PML 2.0's wrapper needs a process group; later ones warn and run alone
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pml_distributed.DistributedLossWrapper(ours)(emb, labels)
+        except ValueError as e:
+            pytest.skip(f"this PML's DistributedLossWrapper needs a process group: {e}")
     with pytest.warns(UserWarning, match="non-distributed"):
         wrapped = pml_distributed.DistributedLossWrapper(ours)
         value = wrapped(emb, labels)
@@ -299,6 +307,7 @@ def _trainer(trunk, loss_func, dataset, momentum=0.0, **kwargs):
 
 
 def test_pml_trainer_and_tester_loop():
+    pytest.importorskip("faiss")  # PML's testers need it
     torch.manual_seed(0)
     train, test = _Blobs(10, 0), _Blobs(5, 1)
     trunk = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, D))

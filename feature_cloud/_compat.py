@@ -1,0 +1,30 @@
+"""The torch APIs this package calls that are newer than its oldest supported torch (``torch>=2.1``).
+
+``torch.compiler.is_compiling`` arrived in torch 2.3 (``torch._dynamo.is_compiling`` before) and
+``torch.compiler.is_exporting`` in 2.5 (``torch.export`` traces through dynamo there, so
+``is_compiling`` already answers). The functions are bound, not wrapped, so that dynamo sees the
+ones it knows.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = ["is_compiling", "is_exporting"]
+
+is_compiling: Callable[[], bool]
+is_exporting: Callable[[], bool]
+
+if hasattr(torch.compiler, "is_compiling"):
+    is_compiling = torch.compiler.is_compiling
+else:  # torch < 2.3
+    from torch._dynamo import is_compiling
+
+if hasattr(torch.compiler, "is_exporting"):
+    is_exporting = torch.compiler.is_exporting
+else:  # torch < 2.5
+
+    def is_exporting() -> bool:
+        return False

@@ -1,0 +1,45 @@
+"""``feature_cloud._compat``: the torch APIs newer than the oldest supported torch (``torch>=2.2``,
+``make test-oldest``) fall back to their older spellings."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch._dynamo
+
+import feature_cloud._compat as compat
+
+
+def test_the_installed_torch_functions_are_bound_directly() -> None:
+    if hasattr(torch.compiler, "is_compiling"):
+        assert compat.is_compiling is torch.compiler.is_compiling
+    else:
+        assert compat.is_compiling is torch._dynamo.is_compiling
+    if hasattr(torch.compiler, "is_exporting"):
+        assert compat.is_exporting is torch.compiler.is_exporting
+
+
+def test_older_torch_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``torch.compiler.is_compiling`` (torch < 2.3) / ``is_exporting`` (< 2.5)."""
+    monkeypatch.delattr(torch.compiler, "is_compiling", raising=False)
+    monkeypatch.delattr(torch.compiler, "is_exporting", raising=False)
+    try:
+        old = importlib.reload(compat)
+    finally:
+        monkeypatch.undo()  # (dynamo itself calls torch.compiler.is_compiling)
+    try:
+        assert old.is_compiling is torch._dynamo.is_compiling
+        assert old.is_compiling() is False and old.is_exporting() is False
+        seen = []
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            seen.append(old.is_compiling())
+            return x + 1
+
+        torch._dynamo.reset()
+        torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(2))
+        assert seen == [True]  # inside a compiled graph the fallback answers True
+    finally:
+        importlib.reload(compat)
