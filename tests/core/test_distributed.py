@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import time
-from datetime import timedelta
 from typing import Dict, List, Sequence, Tuple
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import free_port
+from conftest import run_gloo_checks
 from feature_cloud import ClassStatistics, FeatureCloud, LEAPMarginHead
 from feature_cloud import functional as FC
 from feature_cloud.distributed import (
@@ -593,44 +589,9 @@ CHECKS_PML = ["check_pml_wrapper", "check_pml_imprint"]
 # --------------------------------------------------------------------------------------------
 
 
-def _worker(rank: int, world: int, port: int, checks: Sequence[str]) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        for name in checks:
-            globals()[name](rank, world)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(world: int, checks: Sequence[str]) -> None:
-    ctx = mp.start_processes(
-        _worker,
-        args=(world, free_port(), list(checks)),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"distributed checks with {world} processes exceeded {SPAWN_TIMEOUT} s")
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_checks(world: int) -> None:
-    _spawn(world, CHECKS + CHECKS_PML)
+    run_gloo_checks(__name__, world, CHECKS + CHECKS_PML, SPAWN_TIMEOUT, group_timeout=60)
 
 
 # --------------------------------------------------------------------------------------------

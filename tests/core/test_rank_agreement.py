@@ -7,17 +7,14 @@ changes, and training continues in step afterwards; integer label dtypes may dif
 
 from __future__ import annotations
 
-import os
 import time
-from datetime import timedelta
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import assert_same_state, free_port, make_batch, state_snapshot
+from conftest import assert_same_state, make_batch, run_gloo_checks, state_snapshot
 from feature_cloud import ClassStatistics, LEAPMarginHead
 from feature_cloud.distributed import ShardedLEAPMarginHead, SyncedClassStatistics, synchronize
 
@@ -110,34 +107,6 @@ def check_sharded_head(rank: int, world: int) -> None:
 CHECKS = ["check_synced_head", "check_synced_statistics_pad_to", "check_sharded_head"]
 
 
-def _worker(rank: int, world: int, port: int, checks: Sequence[str]) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    # a short group timeout: a rank left blocked in a collective would fail the test quickly
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=30),
-    )
-    try:
-        for name in checks:
-            globals()[name](rank, world)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ranks_fail_together() -> None:
-    world = 2
-    ctx = mp.start_processes(
-        _worker, args=(world, free_port(), CHECKS), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"rank-agreement checks exceeded {SPAWN_TIMEOUT} s")
+    # a short group timeout: a rank left blocked in a collective would fail the test quickly
+    run_gloo_checks(__name__, 2, CHECKS, SPAWN_TIMEOUT, group_timeout=30)
