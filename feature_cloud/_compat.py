@@ -1,4 +1,4 @@
-"""The torch APIs this package calls that are newer than its oldest supported torch (``torch>=2.1``).
+"""The torch APIs this package calls that are newer than its oldest supported torch (``torch>=2.2``).
 
 ``torch.compiler.is_compiling`` arrived in torch 2.3 (``torch._dynamo.is_compiling`` before) and
 ``torch.compiler.is_exporting`` in 2.5 (``torch.export`` traces through dynamo there, so
