@@ -41,10 +41,6 @@ __all__ = [
 ]
 
 
-def _compiling() -> bool:
-    return bool(is_compiling())
-
-
 # ------------------------------------------------------------------------------------------
 # hyper-parameters
 # ------------------------------------------------------------------------------------------
@@ -187,7 +183,7 @@ def check_values(
     step stays sync-free) and when the caller passes ``validate=False`` to its Module. Pass
     labels already converted by :func:`check_labels` (unsigned dtypes cannot hold ``-1``).
     """
-    if _compiling() or embeddings.numel() == 0:
+    if is_compiling() or embeddings.numel() == 0:
         return
     flags = [~torch.isfinite(embeddings).all()]
     if labels is not None:
@@ -258,7 +254,7 @@ def problem_tensor(
         int(lab_ok and not lab_shape_ok),
     ]
     out = torch.tensor(static + [0, 0], dtype=torch.long, device=device)
-    if validate and shape_ok and lab_shape_ok and embeddings.numel() and not _compiling():
+    if validate and shape_ok and lab_shape_ok and embeddings.numel() and not is_compiling():
         y = labels.long()
         values = torch.stack(
             [(~torch.isfinite(embeddings.detach())).any(), ((y < -1) | (y >= num_classes)).any()]

@@ -9,18 +9,26 @@ fastreid, timm, examples), ``demo/`` (the command line tool and the evaluation).
 from __future__ import annotations
 
 import copy
+import faulthandler
+import importlib
 import os
 import socket
+import sys
+import time
+from datetime import timedelta
 from typing import Any, Callable, Dict, Iterable, List, Tuple
 
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import Tensor
 
 torch.set_num_threads(1)
 
-#: the repository root (examples/, benchmarks/)
 #: (major, minor) of the installed torch: tests of behaviour that older releases lack ask for it
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+#: the repository root (examples/, benchmarks/)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -79,13 +87,6 @@ def _gloo_worker(
     group_timeout: float,
     dump: float,
 ) -> None:
-    import faulthandler
-    import importlib
-    import sys
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     # a rank still running near the parent's deadline prints where it waits (then is killed)
@@ -121,11 +122,6 @@ def run_gloo_checks(
     """Run ``module``'s functions ``checks`` (each ``(rank, world)``, a barrier after each) in
     ``world`` spawned gloo processes; a failing rank fails the test with its traceback, and the
     whole run is bounded by ``timeout`` seconds (a collective by ``group_timeout``)."""
-    import time
-
-    import pytest
-    import torch.multiprocessing as mp
-
     args = (world, free_port(), module, list(checks), group_timeout, timeout - 15)
     ctx = mp.start_processes(
         _gloo_worker, args=args, nprocs=world, join=False, start_method="spawn"
