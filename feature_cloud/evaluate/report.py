@@ -119,10 +119,24 @@ def _fmt(mean: float, half: float, digits: int) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def summary_rows(results: Dict[str, Any]) -> List[List[str]]:
-    """Per method: mean ± 95% t-interval half-width over seeds."""
+def _stat(mean: float, half: float, digits: int, numeric: bool) -> List[Any]:
+    """One value column: the Markdown cell ``mean ± half`` (``n/a`` where the mean is NaN) or,
+    ``numeric``, two CSV cells: the mean and the half-width as numbers (empty where NaN)."""
+    if not numeric:
+        return [_fmt(mean, half, digits)]
+    return ["" if math.isnan(x) else round(x, digits + 3) for x in (mean, half)]
+
+
+def _titles(titles: Sequence[str], numeric: bool) -> List[str]:
+    """The header of :func:`_stat`'s columns: ``numeric`` adds ``"<title> ci95"`` after each."""
+    return [c for t in titles for c in ((t, f"{t} ci95") if numeric else (t,))]
+
+
+def summary_rows(results: Dict[str, Any], numeric: bool = False) -> List[List[Any]]:
+    """Per method: mean ± 95% t-interval half-width over seeds (``numeric``: the CSV form, the
+    mean and the half-width of each metric in columns of their own)."""
     keys = summary_keys(results)
-    header = ["Method", "seeds"] + [t for _, t, _ in keys]
+    header = ["Method", "seeds"] + _titles([t for _, t, _ in keys], numeric)
     rows = [header]
     for m in results["methods"]:
         ms = [r["metrics"] for r in results["runs"] if r["method"] == m]
@@ -131,7 +145,7 @@ def summary_rows(results: Dict[str, Any]) -> List[List[str]]:
         cells = [results["labels"].get(m, m), str(len(ms))]
         for k, _, s in keys:
             mean, half, _ = t_interval([r.get(k, float("nan")) for r in ms])
-            cells.append(_fmt(mean * s, half * s, 1 if s == 100.0 else 4))
+            cells += _stat(mean * s, half * s, 1 if s == 100.0 else 4, numeric)
         rows.append(cells)
     return rows
 
@@ -193,15 +207,18 @@ SweepTable = Dict[str, Dict[str, Dict[str, Any]]]
 
 
 def sweep_rows(
-    results: Dict[str, Any], setting: bool = False, table: Optional[SweepTable] = None
-) -> List[List[str]]:
+    results: Dict[str, Any],
+    setting: bool = False,
+    table: Optional[SweepTable] = None,
+    numeric: bool = False,
+) -> List[List[Any]]:
     """Per method and kappa of the sweep: paired differences (points) against the baseline's
     plain FC with 95% t-intervals; only the header without a sweep. ``table``: :func:`sweep` of
-    ``results``, if already computed."""
+    ``results``, if already computed; ``numeric``: as in :func:`summary_rows`."""
     header = (
         (["Setting"] if setting else [])
         + ["Method", "vs", "kappa", "pairs"]
-        + [t for _, t in SWEEP_KEYS]
+        + _titles([t for _, t in SWEEP_KEYS], numeric)
     )
     rows = [header]
     labels = results["labels"]
@@ -211,7 +228,7 @@ def sweep_rows(
             rows.append(
                 ([results["setting"]] if setting else [])
                 + [labels.get(m, m), labels.get(base, base), kappa, str(_pairs(d))]
-                + [_fmt(d[k]["mean"], d[k]["ci95"], 1) for k, _ in SWEEP_KEYS]
+                + [c for k, _ in SWEEP_KEYS for c in _stat(d[k]["mean"], d[k]["ci95"], 1, numeric)]
             )
     return rows
 
@@ -261,10 +278,17 @@ def plot_sweep(results: Dict[str, Any], file: str, table: Optional[SweepTable] =
     return file
 
 
-def paired_rows(results: Dict[str, Any], setting: bool = False) -> List[List[str]]:
-    """Per method with a baseline: paired differences (points) with 95% t-intervals."""
+def paired_rows(
+    results: Dict[str, Any], setting: bool = False, numeric: bool = False
+) -> List[List[Any]]:
+    """Per method with a baseline: paired differences (points) with 95% t-intervals
+    (``numeric``: as in :func:`summary_rows`)."""
     keys = paired_keys(results)
-    header = (["Setting"] if setting else []) + ["Method", "vs", "pairs"] + [t for _, t in keys]
+    header = (
+        (["Setting"] if setting else [])
+        + ["Method", "vs", "pairs"]
+        + _titles([t for _, t in keys], numeric)
+    )
     rows = [header]
     labels = results["labels"]
     for m, d in paired(results).items():
@@ -274,12 +298,12 @@ def paired_rows(results: Dict[str, Any], setting: bool = False) -> List[List[str
             labels.get(d["baseline"], d["baseline"]),
             str(n),
         ]
-        cells += [_fmt(d[k]["mean"], d[k]["ci95"], 1) for k, _ in keys]
+        cells += [c for k, _ in keys for c in _stat(d[k]["mean"], d[k]["ci95"], 1, numeric)]
         rows.append(cells)
     return rows
 
 
-def _write_csv(rows: List[List[str]], file: str) -> None:
+def _write_csv(rows: List[List[Any]], file: str) -> None:
     with open(file, "w", newline="") as fh:
         csv.writer(fh).writerows(rows)
 
@@ -404,9 +428,9 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
         with open(files[name], "w") as fh:
             fh.write(content)
     files["summary.csv"] = os.path.join(out, "summary.csv")
-    _write_csv(srows, files["summary.csv"])
+    _write_csv(summary_rows(results, numeric=True), files["summary.csv"])
     files["paired.csv"] = os.path.join(out, "paired.csv")
-    _write_csv(prows, files["paired.csv"])
+    _write_csv(paired_rows(results, numeric=True), files["paired.csv"])
     files["paired.json"] = os.path.join(out, "paired.json")
     with open(files["paired.json"], "w") as fh:
         json.dump(paired(results), fh, indent=1)
@@ -417,7 +441,7 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
         with open(files["sweep.md"], "w") as fh:
             fh.write(_SWEEP_NOTE + "\n\n" + _markdown(wrows) + "\n")
         files["sweep.csv"] = os.path.join(out, "sweep.csv")
-        _write_csv(wrows, files["sweep.csv"])
+        _write_csv(sweep_rows(results, table=table, numeric=True), files["sweep.csv"])
         files["sweep.json"] = os.path.join(out, "sweep.json")
         with open(files["sweep.json"], "w") as fh:
             json.dump(table, fh, indent=1)
@@ -461,23 +485,31 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
 def combine_settings(paths: Sequence[str], out: str) -> str:
     """One Markdown/CSV table of the paired differences of several settings (sub-runs); open-set
     settings (other metrics) get tables of their own below the closed-set ones."""
-    tables: Dict[bool, Tuple[List[List[str]], List[List[str]]]] = {}
-    sweep_table: List[List[str]] = []
+    # per protocol kind (open set or not) and form (Markdown, numeric CSV): paired, summary rows
+    tables: Dict[Tuple[bool, bool], Tuple[List[List[Any]], List[List[Any]]]] = {}
+    sweep_tables: Dict[bool, List[List[Any]]] = {False: [], True: []}
     for p in paths:
         res = load_results(p)
-        rows, base_rows = tables.setdefault(_open(res), ([], []))
-        pr = paired_rows(res, setting=True)
-        rows += pr[1:] if rows else pr
-        wr = sweep_rows(res, setting=True)
-        if len(wr) > 1:
-            sweep_table = (sweep_table or wr[:1]) + wr[1:]
-        sr = summary_rows(res)
-        width = 6 if _open(res) else 8  # the accuracy columns
-        base_rows += [] if base_rows else [["Setting"] + sr[0][:width]]
-        base_rows += [[res["setting"]] + r[:width] for r in sr[1:]]
+        for numeric in (False, True):
+            rows, base_rows = tables.setdefault((_open(res), numeric), ([], []))
+            pr = paired_rows(res, setting=True, numeric=numeric)
+            rows += pr[1:] if rows else pr
+            wr = sweep_rows(res, setting=True, numeric=numeric)
+            if len(wr) > 1:
+                sweep_tables[numeric] = (sweep_tables[numeric] or wr[:1]) + wr[1:]
+            sr = summary_rows(res, numeric=numeric)
+            values = 4 if _open(res) else 6  # the accuracy columns
+            width = 2 + values * (2 if numeric else 1)  # after "Method", "seeds"
+            base_rows += [] if base_rows else [["Setting"] + sr[0][:width]]
+            base_rows += [[res["setting"]] + r[:width] for r in sr[1:]]
     make_output_dir(out)
     parts = []
-    for is_open, (rows, base_rows) in sorted(tables.items()):
+    for (is_open, numeric), (rows, base_rows) in sorted(tables.items()):
+        stem = "combined_open" if is_open else "combined"
+        if numeric:
+            _write_csv(rows, os.path.join(out, f"{stem}_paired.csv"))
+            _write_csv(base_rows, os.path.join(out, f"{stem}_summary.csv"))
+            continue
         what = "Open set (held-out identities): p" if is_open else "P"
         parts += [
             f"{what}aired differences (points, mean ± 95% t-interval over seeds)\n\n"
@@ -490,12 +522,9 @@ def combine_settings(paths: Sequence[str], out: str) -> str:
             + _markdown(base_rows)
             + "\n"
         ]
-        stem = "combined_open" if is_open else "combined"
-        _write_csv(rows, os.path.join(out, f"{stem}_paired.csv"))
-        _write_csv(base_rows, os.path.join(out, f"{stem}_summary.csv"))
-    if sweep_table:
-        parts.append(f"{_SWEEP_NOTE}\n\n{_markdown(sweep_table)}\n")
-        _write_csv(sweep_table, os.path.join(out, "combined_sweep.csv"))
+    if sweep_tables[False]:
+        parts.append(f"{_SWEEP_NOTE}\n\n{_markdown(sweep_tables[False])}\n")
+        _write_csv(sweep_tables[True], os.path.join(out, "combined_sweep.csv"))
     md = "\n".join(parts)
     with open(os.path.join(out, "combined.md"), "w") as fh:
         fh.write(md)

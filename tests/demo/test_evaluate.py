@@ -171,6 +171,35 @@ def test_cli_evaluate_end_to_end(tmp_path):
         text = fh.read()
     assert "H2_S1" in text and "H2_S2" in text and "Δ FC tail" in text and "Δ FC(W) tail" in text
     assert "Δ FC head→tail" in text and "Δ FC tail→head" in text
+    # the CSV files hold numbers (a column for the mean, one for the half-width), read back equal
+    # to paired.json and to the Markdown's rounded cells
+    with open(os.path.join(out, "H2_S2", "paired.json")) as fh:
+        pj = json.load(fh)
+    with open(os.path.join(out, "H2_S2", "paired.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["Method"] for r in rows] == ["LEAP full (CosFace)", "FTL"]
+    with open(os.path.join(out, "combined_paired.csv")) as fh:
+        comb = [r for r in csv.DictReader(fh) if r["Setting"] == "H2_S2"]
+    assert comb == [{"Setting": "H2_S2", **r} for r in rows]
+    for row, method in zip(rows, ("leap_full_cosface", "ftl")):
+        for key, title in (("fc_acc_tail", "Δ FC tail"), ("fc_cross_head", "Δ FC head→tail")):
+            want = pj[method][key]
+            assert float(row[title]) == pytest.approx(want["mean"], abs=1e-4), (method, key)
+            assert float(row[f"{title} ci95"]) == pytest.approx(want["ci95"], abs=1e-4)
+        assert int(row["pairs"]) == 2
+    with open(os.path.join(out, "H2_S2", "summary.csv")) as fh:
+        summary = list(csv.DictReader(fh))
+    with open(os.path.join(out, "H2_S2", "summary.md")) as fh:
+        md = fh.read()
+    for row in summary:
+        cell = f"{float(row['FC tail']):.1f} ± {float(row['FC tail ci95']):.1f}"
+        assert f"| {row['Method']} | 2 | {float(row['FC head']):.1f} ± " in md
+        assert cell in md, cell
+        assert 0.0 <= float(row["FC tail"]) <= 100.0 and float(row["‖W‖ tail ci95"]) >= 0.0
+    with open(os.path.join(out, "combined_summary.csv")) as fh:
+        header = next(csv.reader(fh))
+    assert header[:5] == ["Setting", "Method", "seeds", "FC head", "FC head ci95"]
+    assert header[-1] == "FC tail→head ci95" and len(header) == 3 + 2 * 6
     # report re-renders an evaluation
     res = subprocess.run(
         [sys.executable, "-m", "feature_cloud", "report", os.path.join(out, "H2_S1"), "--quiet"],
@@ -1014,6 +1043,13 @@ def test_cli_evaluate_shrinkage_sweep_scores_the_same_models_at_each_kappa(tmp_p
     assert "--shrinkage-sweep" in text and "Δ FC head→tail" in text
     for f in ("sweep.md", "sweep.csv", "sweep.png"):
         assert os.path.isfile(os.path.join(a, f)), f
+    with open(os.path.join(a, "sweep.csv")) as fh:
+        rows = {r["kappa"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"0", "10"}
+    for kappa, row in rows.items():
+        assert float(row["Δ FC tail"]) == pytest.approx(sj[kappa]["fc_acc_tail"]["mean"], abs=1e-4)
+        ci = sj[kappa]["fc_acc_tail"]["ci95"]
+        assert float(row["Δ FC tail ci95"]) == pytest.approx(ci, abs=1e-4, nan_ok=True)
     assert not os.path.exists(os.path.join(b, "sweep.md"))
     assert main(["report", a, b, "--out", m, "--quiet"]) == 0
     with open(os.path.join(m, "results.json")) as fh:
@@ -1266,10 +1302,13 @@ def test_cli_evaluate_without_head_identities_warns_and_counts_the_pairs(tmp_pat
     assert res["splits"]["0"]["head_classes"] == 0 and res["splits"]["0"]["tail_classes"] == 6
     with open(os.path.join(out, "paired.csv")) as fh:
         rows = list(csv.reader(fh))
-    assert rows[1][rows[0].index("pairs")] == "2" and rows[1][rows[0].index("Δ FC head")] == "n/a"
+    assert rows[1][rows[0].index("pairs")] == "2" and rows[1][rows[0].index("Δ FC head")] == ""
+    assert rows[1][rows[0].index("Δ FC head ci95")] == ""  # n/a: an empty CSV cell
+    float(rows[1][rows[0].index("Δ FC tail")])
     with open(os.path.join(out, "sweep.csv")) as fh:
         rows = list(csv.reader(fh))
     assert [r[rows[0].index("pairs")] for r in rows[1:]] == ["2", "2"]
+    assert {r[rows[0].index("Δ FC head")] for r in rows[1:]} == {""}
     cmp = main(["report", out, out, "--compare", "--out", str(tmp_path / "cmp"), "--quiet"])
     assert cmp == 0
     text = (tmp_path / "cmp" / "compare.md").read_text()
