@@ -58,14 +58,16 @@ STAGE_TRAINABLE: Dict[int, Tuple[str, ...]] = {
 FILTERS = ("mlp", "residual")
 
 
-def _filter_layers(in_dim: int, hidden: int, out_dim: int) -> List[nn.Module]:
+def _filter_layers(
+    in_dim: int, hidden: int, out_dim: int
+) -> Tuple[nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]:
     """``Linear -> BN -> ReLU -> Linear``, created in that order (the initialisation order)."""
-    return [
+    return (
         nn.Linear(in_dim, hidden),
         nn.BatchNorm1d(hidden),
         nn.ReLU(inplace=True),
         nn.Linear(hidden, out_dim),
-    ]
+    )
 
 
 class ResidualFilter(nn.Sequential):
@@ -79,10 +81,8 @@ class ResidualFilter(nn.Sequential):
 
     def __init__(self, dim: int, hidden: int) -> None:
         layers = _filter_layers(dim, hidden, dim)
-        last = layers[-1]
-        assert isinstance(last, nn.Linear)
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
         super().__init__(*layers)
         self.register_buffer("residual", torch.ones(()))
 
