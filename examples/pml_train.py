@@ -1,7 +1,8 @@
 """pytorch-metric-learning: swap ``CosFaceLoss`` for ``LEAPLoss`` in a ``trainers.MetricLossOnly`` loop.
 
 A long-tailed set of generated 2-D "identities" embedded by a small MLP; trains with PML's
-trainer and evaluates with PML's ``GlobalEmbeddingSpaceTester`` (CPU, a few seconds)::
+trainer and evaluates with PML's ``GlobalEmbeddingSpaceTester`` (CPU, a few seconds; the tester
+needs ``faiss``: ``pip install faiss-cpu``)::
 
     python examples/pml_train.py --epochs 2
 """
@@ -37,6 +38,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--embedding-size", type=int, default=32)
     parser.add_argument("--baseline", action="store_true", help="use PML's CosFaceLoss instead")
     args = parser.parse_args(argv)
+    try:  # before training: PML's tester needs it
+        import faiss  # noqa: F401
+    except ImportError:
+        parser.exit(
+            2,
+            "pml_train.py: PML's GlobalEmbeddingSpaceTester (AccuracyCalculator) needs faiss: "
+            "pip install faiss-cpu\n",
+        )
     torch.manual_seed(0)
     C, D = args.classes, args.embedding_size
     train = long_tail_blobs(C, head=40, tail=5, dim=16, seed=1)

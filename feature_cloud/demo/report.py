@@ -62,20 +62,34 @@ def load_results(path: str) -> Dict[str, Any]:
         raise FileNotFoundError(f"no such run directory or results file: {path!r}")
     file = os.path.join(path, RESULTS_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
+        # an evaluation of several settings (-S 1 5) keeps one run per setting in a sub-folder
+        subs = sorted(
+            name
+            for name in os.listdir(path)
+            if os.path.isfile(os.path.join(path, name, RESULTS_FILE))
+        )
         raise FileNotFoundError(
             f"no {RESULTS_FILE} in {path!r}: not a feature-cloud demo or evaluate run"
+            + (
+                f"; its sub-folders {', '.join(subs)} are (one per setting: report each, or "
+                "combine_settings for one table)"
+                if subs
+                else ""
+            )
         )
-    with open(file) as fh:
+    with open(file, encoding="utf-8") as fh:
         try:
             results = json.load(fh)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            what = "text" if isinstance(exc, UnicodeDecodeError) else "valid JSON"
             raise ValueError(
-                f"{file} is not valid JSON ({exc}): not a feature-cloud demo or evaluate run"
+                f"{file} is not {what} ({exc}): not a feature-cloud demo or evaluate run "
+                f"(give its folder or its {RESULTS_FILE})"
             ) from None
     if not isinstance(results, dict):
         raise ValueError(
             f"{file} holds a JSON {type(results).__name__}, not an object: not a "
-            "feature-cloud demo run"
+            "feature-cloud demo or evaluate run"
         )
     for key in ("config", "data", "methods", "runs", "splits"):
         if key not in results:

@@ -347,6 +347,11 @@ def run_demo(cfg: DemoConfig, data: Optional[LabeledData] = None, log=print) -> 
         syn = SyntheticConfig(**cfg.synthetic) if cfg.data == "synthetic" else None
         data = load_data(cfg.data, cfg.path, image_size=cfg.image_size, synthetic=syn)
     data = drop_small_classes(data)
+    if not 0 <= int(cfg.num_head) <= data.num_classes:  # checked before --out is created
+        raise ValueError(
+            f"-H {cfg.num_head}: {data.name} has {data.num_classes} identities with at least two "
+            f"samples; choose -H in [0, {data.num_classes}]"
+        )
     os.makedirs(cfg.out, exist_ok=True)
     runs: List[Dict[str, Any]] = []
     splits: Dict[str, Any] = {}

@@ -548,12 +548,17 @@ def _check_split_groups(
         where = f"the split of seed {seed} ({setting_name(cfg)})"
         empty = [g for g in ("head", "tail") if s[f"{g}_classes"] == 0]
         if cfg.protocol == "hs":
-            hint = f"choose -H in (0, number of identities), now {cfg.num_head}"
+            identities = s["head_classes"] + s["tail_classes"]
+            hint = f"choose -H in (0, {identities}) (the identities), now {cfg.num_head}"
         else:
-            hint = (
-                f"head = more than -T {cfg.threshold} training images; choose -T below the "
-                "largest identity's training images (or --protocol hs -H N -S K)"
+            kept = split.train_counts[split.train_counts > 0]
+            most, fewest = int(kept.max()), int(kept.min())
+            hint = f"head = more than -T {cfg.threshold} training images; choose -T " + (
+                f"below {most}, the largest identity's training images"
+                if "head" in empty
+                else f"at or above {fewest}, the smallest identity's training images"
             )
+            hint += " (or --protocol hs -H N -S K)"
         if "ftl" in cfg.methods:
             t, counts = thresholds[seed], split.train_counts
             is_regular = ftl_regular_classes(counts, t)  # FeatureTransfer's own rule
@@ -579,6 +584,12 @@ def _check_split_groups(
             warned = True
 
 
+def _percent(value: float) -> str:
+    """A metric in % for the per-run log line; ``n/a`` (as in the tables) where it is NaN (no
+    head or no tail test image)."""
+    return "  n/a" if math.isnan(value) else f"{100 * value:5.1f}"
+
+
 def check_output(cfg: EvalConfig, resume: bool = False) -> None:
     """Before anything is trained or written: ``cfg.out`` must hold no evaluation
     (``results.json``) unless ``resume`` continues it: a finished evaluation is never
@@ -587,7 +598,8 @@ def check_output(cfg: EvalConfig, resume: bool = False) -> None:
     if not resume and os.path.exists(file):
         raise ValueError(
             f"--out {cfg.out!r} already holds an evaluation ({file}); continue it with --resume "
-            "(resume=True), or remove it or choose another --out (nothing is overwritten)"
+            "(run_evaluation(..., resume=True) in Python), or remove it or choose another --out "
+            "(nothing is overwritten)"
         )
 
 
@@ -776,9 +788,10 @@ def run_evaluation(
                 scalars, per_class, _ = evaluate_open(
                     model, tx, ty, ex, ey, label_map, split.head, cams
                 )
+                pct = {k: _percent(v) for k, v in scalars.items()}
                 line = (
-                    f"open set: rank-1 {100 * scalars['rank1_all']:5.1f} mAP "
-                    f"{100 * scalars['map_all']:5.1f} TAR@FAR=1e-2 {100 * scalars['tar_far2']:5.1f}"
+                    f"open set: rank-1 {pct['rank1_all']} mAP {pct['map_all']} "
+                    f"TAR@FAR=1e-2 {pct['tar_far2']}"
                 )
             else:
                 scalars, per_class, _, f_ev = evaluate_method(model, tx, ty, ex, ey, split.head)
@@ -792,10 +805,10 @@ def run_evaluation(
                 if cfg.save_logits and write:
                     save_logits(model, emb, ey, split.head, cfg.out, name, seed)
                 sweep = shrinkage_sweep(model, emb, ey, split.head, cfg.shrinkage_sweep)
+                pct = {k: _percent(v) for k, v in scalars.items()}
                 line = (
-                    f"FC head {100 * scalars['fc_acc_head']:5.1f} tail "
-                    f"{100 * scalars['fc_acc_tail']:5.1f} | NN head "
-                    f"{100 * scalars['nn_acc_head']:5.1f} tail {100 * scalars['nn_acc_tail']:5.1f}"
+                    f"FC head {pct['fc_acc_head']} tail {pct['fc_acc_tail']} | NN head "
+                    f"{pct['nn_acc_head']} tail {pct['nn_acc_tail']}"
                 )
             run: Dict[str, Any] = {
                 "seed": seed,

@@ -284,6 +284,30 @@ def test_report_json_syntax_error_names_the_file(tmp_path, capsys):
     assert os.path.join(str(tmp_path), "results.json") in err and "not valid JSON" in err
 
 
+def test_report_on_a_binary_file_or_a_multi_setting_folder_says_what_to_give(tmp_path, capsys):
+    """``report data.npz`` (a binary file, not a results.json) is one error line, not a codec
+    traceback; the ``--out`` of an evaluation of several settings (one sub-folder each) names
+    its sub-folders."""
+    import numpy as np
+
+    from feature_cloud.cli import main
+
+    np.savez(tmp_path / "data.npz", images=np.full((2, 4, 4, 3), 204, np.uint8))
+    assert main(["report", str(tmp_path / "data.npz"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "data.npz is not text" in err and "not a feature-cloud demo or evaluate run" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    for name in ("H20_S1", "H20_S5"):
+        os.makedirs(tmp_path / "ev" / name)
+        _write(tmp_path / "ev" / name / "results.json", "{}")
+    os.makedirs(tmp_path / "ev" / "logs")  # not a run: not named
+    assert main(["report", str(tmp_path / "ev"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no results.json in" in err and "its sub-folders H20_S1, H20_S5 are" in err, err
+    assert main(["report", str(tmp_path / "ev" / "logs"), "--quiet"]) == 2
+    assert "sub-folders" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "option, value",
     [
@@ -305,6 +329,21 @@ def test_demo_rejects_bad_numbers_before_creating_the_output_folder(
     assert main(["demo", "--data", "synthetic", "--quiet", "--out", str(out), option, value]) == 2
     assert not out.exists()
     assert option.lstrip("-").replace("-", "_") in capsys.readouterr().err
+
+
+def test_demo_rejects_more_head_identities_than_the_data_has_before_creating_the_output(
+    tmp_path, capsys
+):
+    """``-H`` above the identities of the data (the default H = 20 on a 12-identity folder):
+    one error naming ``-H`` and the count, and no output folder."""
+    from feature_cloud.cli import main
+
+    out = tmp_path / "never"
+    args = ["demo", "--data", "synthetic", "--synthetic-classes", "12", "-H", "20", "--quiet"]
+    assert main(args + ["--out", str(out)]) == 2
+    assert not out.exists()
+    err = capsys.readouterr().err
+    assert "-H 20" in err and "12 identities" in err and "choose -H in [0, 12]" in err, err
 
 
 def test_scheduler_rejects_stage_iteration_beyond_the_stage():

@@ -1290,11 +1290,15 @@ def test_cli_evaluate_without_head_identities_warns_and_counts_the_pairs(tmp_pat
     out = str(tmp_path / "o")
     args = ["evaluate", p, "--protocol", "natural", "-T", "20", "--n-test", "1"]
     args += ["--methods", "leap_full_cosface", "--epochs", "2", "--batch-size", "8"]
-    args += ["--embedding-size", "8", "--image-size", "8", "8", "--quiet", "--seeds", "0", "1"]
+    args += ["--embedding-size", "8", "--image-size", "8", "8", "--seeds", "0", "1"]
     args += ["--shrinkage-sweep", "0", "10", "--out", out]
     capsys.readouterr()
     assert main(args) == 0
-    err = capsys.readouterr().err
+    std = capsys.readouterr()
+    err = std.err
+    runs = [ln for ln in std.out.splitlines() if ln.startswith("  seed ")]
+    assert len(runs) == 4 and all("FC head   n/a tail " in ln for ln in runs), runs  # not "nan"
+    assert not any("nan" in ln for ln in runs), runs
     warned = [ln for ln in err.splitlines() if ln.startswith("feature-cloud: warning:")]
     assert len(warned) == 1 and "no head identities" in warned[0] and "-T 20" in warned[0]
     with open(os.path.join(out, "results.json")) as fh:
@@ -1355,7 +1359,17 @@ def test_hs_split_head_identities_are_the_methods_regular_classes(tmp_path, caps
     with open(os.path.join(out, "results.json")) as fh:
         assert "method_threshold" not in json.load(fh)["splits"]["0"]
     for args, says in (
-        (["--protocol", "natural", "-T", "20"], "has 0 and 6"),  # no head identity at all
+        # no head identity at all: the hint says which way to move -T (the largest has 15)
+        (
+            ["--protocol", "natural", "-T", "20"],
+            "has 0 and 6. head = more than -T 20 training images; choose -T below 15, the largest",
+        ),
+        # no tail identity (every one has more than 1): -T up to the smallest's 2, not down
+        (
+            ["--protocol", "natural", "-T", "1"],
+            "has 6 and 0. head = more than -T 1 training "
+            "images; choose -T at or above 2, the smallest",
+        ),
         (["--protocol", "hs", "-H", "2", "-S", "2", "-T", "1"], "has 6 and 0"),  # T below S
     ):
         capsys.readouterr()

@@ -29,6 +29,7 @@ def _run(args, timeout=240):
 
 def test_pml_example():
     pytest.importorskip("pytorch_metric_learning")
+    pytest.importorskip("faiss")  # PML's tester; without it the example says so (below)
     result = _run(["examples/pml_train.py", "--epochs", "1", "--classes", "12"])
     assert 0.0 <= result["precision_at_1_level0"] <= 1.0
 
@@ -64,3 +65,23 @@ def test_fastreid_example(tmp_path):
     )
     assert set(result) >= {"Rank-1", "mAP"}
     assert os.path.isfile(tmp_path / "out" / "model_final.pth")
+
+
+def test_pml_example_without_faiss_names_it_before_training():
+    """Without faiss (PML's tester needs it; the ``pml`` extra does not install it) the example
+    stops at once with the pip command instead of PML's NameError after training."""
+    pytest.importorskip("pytorch_metric_learning")
+    hide = (
+        "import runpy, sys; sys.modules['faiss'] = None; sys.argv = [sys.argv[1], '--epochs', '1'];"
+        " runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", hide, "examples/pml_train.py"],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "needs faiss: pip install faiss-cpu" in proc.stderr and "Traceback" not in proc.stderr

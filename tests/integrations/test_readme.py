@@ -89,7 +89,11 @@ def test_readme_block_runs(block, tmp_path):
         + block.code
         + "\n"
     )
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    # TMPDIR: what a snippet's setup puts in tempfile.mkdtemp() (fastreid checkpoints, ~250 MB)
+    # goes with pytest's tmp_path instead of staying in /tmp after the run
+    env = dict(
+        os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", MPLBACKEND="Agg", TMPDIR=str(tmp_path)
+    )
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, str(script)],
