@@ -610,6 +610,11 @@ def _check_training_sets(
     set, test some images; in the ``hs`` protocol warn (once) when no tail identity has ``S``
     training images (the setting is then the natural tail of those identities)."""
     counts = torch.bincount(data.y, minlength=data.num_classes)
+    if cfg.protocol == "hs" and cfg.num_head > data.num_classes:
+        raise ValueError(
+            f"-H {cfg.num_head}: {data.name} has {data.num_classes} identities; choose -H in "
+            f"[0, {data.num_classes}] (below it, so that some identities are the tail)"
+        )
     for seed, split in splits.items():
         trained = int((split.train_counts > 0).sum())
         where = f"the split of seed {seed} ({setting_name(cfg)})"

@@ -87,6 +87,7 @@ TINY = ["--image-size", "8", "8", "--epochs", "2", "--seeds", "0", "-T", "5", "-
         (["--seeds", "-1"], r"seeds must be in \[0, 2\*\*32\)"),
         (["--threads", "-1"], "--threads must be >= 0"),
         (["--n-test", "16"], "trains 0 identities: need at least 2"),
+        (["--protocol", "hs", "-H", "500"], r"-H 500: .* has \d+ identities; choose -H in \[0, "),
         (["--image-size", "0", "0"], "image_size must be two sizes >= 1"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),
