@@ -71,8 +71,8 @@ def load_results(path: str) -> Dict[str, Any]:
         raise FileNotFoundError(
             f"no {RESULTS_FILE} in {path!r}: not a feature-cloud demo or evaluate run"
             + (
-                f"; its sub-folders {', '.join(subs)} are (one per setting: report each, or "
-                "combine_settings for one table)"
+                f"; its sub-folders {', '.join(subs)} are runs (one per setting): report "
+                "each, or combine_settings() for one table"
                 if subs
                 else ""
             )
