@@ -137,6 +137,15 @@ def compact_table(results: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ftl_stage0(cfg: Dict[str, Any]) -> str:
+    """Where FTL's stage 0 ends: a share of the steps (``ftl_stage0_fraction``, recorded since
+    that default) or, in files without it, the LEAP warm-up (the schedule of those releases)."""
+    share = cfg.get("ftl_stage0_fraction")
+    if share is None:
+        return f"until epoch {cfg['warmup_epochs']}"
+    return f"for the first {100 * share:g} % of the steps (to epoch {share * cfg['epochs']:g})"
+
+
 def _describe(results: Dict[str, Any]) -> str:
     cfg = results["config"]
     data = results["data"]
@@ -152,9 +161,8 @@ def _describe(results: Dict[str, Any]) -> str:
         f"seeds). Budget: {cfg['epochs']} epochs, batch {cfg['batch_size']}, Adam lr {cfg['lr']} "
         f"(cosine decay), embedding {cfg['embedding_size']}-d; LEAP cloud from epoch "
         f"{cfg['warmup_epochs']}, P={cfg['memory_per_sample']}, T={cfg['tail_threshold']}, "
-        f"gamma={cfg['gamma']}; m-L2 alpha={cfg['ml2_alpha']}; FTL: stage 0 until epoch "
-        f"{cfg['warmup_epochs']}, then {cfg.get('ftl_alternations', 'n/a')} (stage 1, stage 2) "
-        f"pairs. Wall time "
+        f"gamma={cfg['gamma']}; m-L2 alpha={cfg['ml2_alpha']}; FTL: stage 0 {_ftl_stage0(cfg)}, "
+        f"then {cfg.get('ftl_alternations', 'n/a')} (stage 1, stage 2) pairs. Wall time "
         f"{results.get('wall_seconds', 'n/a')} s."
     )
 

@@ -418,7 +418,8 @@ def run_demo(cfg: DemoConfig, data: Optional[LabeledData] = None, log=print) -> 
                     projection[f"{name}/{part}_labels"] = yy[rows].numpy()
     results = {
         "version": 1,
-        "config": asdict(cfg),
+        # + the FTL stage-0 share the demo's methods use (MethodConfig's; no demo option)
+        "config": dict(asdict(cfg), ftl_stage0_fraction=MethodConfig.ftl_stage0_fraction),
         "data": {
             "name": data.name,
             "samples": int(data.x.shape[0]),

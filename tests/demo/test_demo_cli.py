@@ -11,7 +11,7 @@ import pytest
 
 from feature_cloud.cli import main
 from feature_cloud.demo.data import SyntheticConfig, make_synthetic
-from feature_cloud.demo.methods import METHODS
+from feature_cloud.demo.methods import METHODS, MethodConfig
 from feature_cloud.demo.protocol import long_tail_split
 
 PNGS = [
@@ -87,6 +87,16 @@ def test_demo_writes_every_artifact(tiny_run):
         assert saved["test"] == split.test.numel()
     md = open(os.path.join(tiny_run, "results.md")).read()
     assert "<H2, S3>" in md and "LEAP full" in md and "±" in md
+    # FTL's stage 0 as the methods run it (MethodConfig's share of the steps), not the LEAP
+    # warm-up it used to be printed as; files without the share keep the warm-up's description
+    assert res["config"]["ftl_stage0_fraction"] == MethodConfig.ftl_stage0_fraction == 0.7
+    assert "FTL: stage 0 for the first 70 % of the steps (to epoch 1.4), then 1 (stage 1" in md
+    from feature_cloud.demo.report import results_markdown
+
+    older = dict(res, config={k: v for k, v in res["config"].items() if k != "ftl_stage0_fraction"})
+    assert f"FTL: stage 0 until epoch {res['config']['warmup_epochs']}, then" in results_markdown(
+        older
+    )
     with open(os.path.join(tiny_run, "summary.csv")) as fh:
         rows = list(csv.DictReader(fh))
     one = [r for r in rows if r["method"] == "cosface" and r["metric"] == "fc_acc_tail"][0]
