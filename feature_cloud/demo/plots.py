@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 import numpy as np
 
@@ -103,8 +103,11 @@ def plot_per_class(
         rows, cols, figsize=(3.3 * cols, 2.9 * rows), squeeze=False, sharex=True
     )
     rng = np.random.default_rng(0)
+    labelled: Set[str] = set()  # one legend entry per group that has points
+    plotted = False
     for i, method in enumerate(methods):
         ax = axes[i // cols][i % cols]
+        points = 0
         for r in results["runs"]:
             if r["method"] != method:
                 continue
@@ -112,43 +115,66 @@ def plot_per_class(
             counts = np.array(split["train_counts"], dtype=float)
             head = np.array(split["head"], dtype=bool)
             vals = np.array([np.nan if v is None else v for v in r["per_class"][key]], dtype=float)
-            if relative:
-                vals = vals / np.nanmean(vals)
+            shown = np.isfinite(vals) & (counts > 0)  # n/a (e.g. one training image) left out
+            if relative and shown.any():
+                vals = vals / np.mean(vals[shown])
             jitter = counts * np.exp(rng.uniform(-0.06, 0.06, counts.size))
-            ax.scatter(
-                jitter[head],
-                vals[head],
-                s=14,
-                c="#4C72B0",
-                marker="o",
-                alpha=0.7,
-                label="head" if r["seed"] == results["config"]["seeds"][0] else None,
+            for group, mask, color, marker, size in (
+                ("head", head & shown, "#4C72B0", "o", 14),
+                ("tail", ~head & shown, "#DD8452", "^", 16),
+            ):
+                if not mask.any():
+                    continue
+                ax.scatter(
+                    jitter[mask],
+                    vals[mask],
+                    s=size,
+                    c=color,
+                    marker=marker,
+                    alpha=0.7,
+                    label=None if group in labelled else group,
+                )
+                labelled.add(group)
+                points += int(mask.sum())
+        if points:
+            plotted = True
+        else:  # nothing to show (no class with a value): say so instead of an empty log axis
+            ax.text(
+                0.5,
+                0.5,
+                "n/a for every class",
+                ha="center",
+                va="center",
+                fontsize=8,
+                transform=ax.transAxes,
             )
-            ax.scatter(
-                jitter[~head],
-                vals[~head],
-                s=16,
-                c="#DD8452",
-                marker="^",
-                alpha=0.7,
-                label="tail" if r["seed"] == results["config"]["seeds"][0] else None,
-            )
-        ax.set_xscale("log")
-        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
-
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(_label(results, method), fontsize=9)
         ax.grid(alpha=0.3)
         if i % cols == 0:
             ax.set_ylabel(ylabel, fontsize=8)
-        if i // cols == rows - 1:
-            ax.set_xlabel("training samples of the class (log)", fontsize=8)
         ax.tick_params(labelsize=7)
+    for i in range(len(methods)):
+        if i // cols == rows - 1 or i + cols >= len(methods):  # the lowest panel of its column
+            xlabel = "training samples of the class" + (" (log)" if plotted else "")
+            axes[i // cols][i % cols].set_xlabel(xlabel, fontsize=8)
+    if plotted:  # log x only with points: an axis without data cannot be log-scaled
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+        for i in range(len(methods)):
+            ax = axes[i // cols][i % cols]
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
     for j in range(len(methods), rows * cols):
         axes[j // cols][j % cols].axis("off")
-    axes[0][0].legend(fontsize=7)
+    handles: List[Any] = []
+    names: List[str] = []
+    for a in axes.flat:
+        h, n = a.get_legend_handles_labels()
+        handles, names = handles + h, names + n
+    if handles:
+        axes[0][0].legend(handles, names, fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(file, dpi=110)

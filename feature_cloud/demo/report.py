@@ -56,6 +56,36 @@ RESULTS_FILE = "results.json"
 PROJECTION_FILE = "projection.npz"
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float as ``None``: JSON has no NaN (Python and jq read it,
+    JavaScript and most other parsers do not), so the files say ``null`` where a table says n/a."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def write_json(obj: Any, file: str) -> None:
+    """Write ``obj`` to ``file`` as strict JSON (:func:`strict_json`), atomically (through a
+    temporary file: a killed run never leaves half a file)."""
+    tmp = file + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(strict_json(obj), fh, indent=1, allow_nan=False)
+    os.replace(tmp, file)
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell: empty where the value is NaN / missing (the tables' n/a), else the value."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def _nan_for_null(values: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: math.nan if v is None else v for k, v in values.items()}
+
+
 def load_results(path: str) -> Dict[str, Any]:
     """``results.json`` of a run directory (or the file itself)."""
     if not os.path.exists(path):
@@ -94,6 +124,11 @@ def load_results(path: str) -> Dict[str, Any]:
     for key in ("config", "data", "methods", "runs", "splits"):
         if key not in results:
             raise ValueError(f"{file} has no {key!r}: not a feature-cloud demo or evaluate run")
+    for run in results["runs"]:  # n/a metrics: null in the file (strict JSON), NaN in the tables
+        if isinstance(run, dict) and isinstance(run.get("metrics"), dict):
+            run["metrics"] = _nan_for_null(run["metrics"])
+            if isinstance(run.get("sweep"), dict):
+                run["sweep"] = {k: _nan_for_null(v) for k, v in run["sweep"].items()}
     return results
 
 
@@ -195,14 +230,17 @@ def _write_csvs(results: Dict[str, Any], out: str) -> None:
         w.writerow(["method", "metric", "mean", "std", "n"])
         for method, stats in agg.items():
             for key, (mean, std, n) in stats.items():
-                w.writerow([method, key, f"{mean:.6g}", f"{std:.6g}", n])
+                w.writerow(
+                    [method, key, csv_cell(float(f"{mean:.6g}")), csv_cell(float(f"{std:.6g}")), n]
+                )
     keys = list(dict.fromkeys(k for r in results["runs"] for k in r["metrics"]))
     with open(os.path.join(out, "runs.csv"), "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["seed", "method", "train_seconds"] + keys)
         for r in results["runs"]:
             w.writerow(
-                [r["seed"], r["method"], r["train_seconds"]] + [r["metrics"].get(k) for k in keys]
+                [r["seed"], r["method"], r["train_seconds"]]
+                + [csv_cell(r["metrics"].get(k)) for k in keys]
             )
     with open(os.path.join(out, "per_class.csv"), "w", newline="") as fh:
         w = csv.writer(fh)

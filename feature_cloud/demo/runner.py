@@ -27,7 +27,7 @@ from .methods import (
     method_label,
 )
 from .protocol import LongTailSplit, long_tail_split, rank_classes
-from .report import PROJECTION_FILE, RESULTS_FILE, render_report
+from .report import PROJECTION_FILE, RESULTS_FILE, render_report, write_json
 
 __all__ = [
     "DemoConfig",
@@ -446,8 +446,7 @@ def run_demo(cfg: DemoConfig, data: Optional[LabeledData] = None, log=print) -> 
     }
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
     results["environment"]["loadavg_end"] = _loadavg()
-    with open(os.path.join(cfg.out, RESULTS_FILE), "w") as fh:
-        json.dump(results, fh, indent=1)
+    write_json(results, os.path.join(cfg.out, RESULTS_FILE))
     np.savez_compressed(os.path.join(cfg.out, PROJECTION_FILE), **projection)
     render_report(cfg.out, log=log)
     return results

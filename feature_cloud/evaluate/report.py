@@ -10,7 +10,7 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..demo import plots as demo_plots
-from ..demo.report import _markdown, load_results
+from ..demo.report import _markdown, csv_cell, load_results, write_json
 from .stats import paired_differences, t_interval
 
 __all__ = [
@@ -313,7 +313,8 @@ def _runs_csv(results: Dict[str, Any], file: str) -> None:
     rows = [["setting", "seed", "method"] + keys]
     for r in results["runs"]:
         rows.append(
-            [results["setting"], r["seed"], r["method"]] + [r["metrics"].get(k) for k in keys]
+            [results["setting"], r["seed"], r["method"]]
+            + [csv_cell(r["metrics"].get(k)) for k in keys]
         )
     _write_csv(rows, file)
 
@@ -432,8 +433,7 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     files["paired.csv"] = os.path.join(out, "paired.csv")
     _write_csv(paired_rows(results, numeric=True), files["paired.csv"])
     files["paired.json"] = os.path.join(out, "paired.json")
-    with open(files["paired.json"], "w") as fh:
-        json.dump(paired(results), fh, indent=1)
+    write_json(paired(results), files["paired.json"])
     files["runs.csv"] = os.path.join(out, "runs.csv")
     _runs_csv(results, files["runs.csv"])
     if len(wrows) > 1:
@@ -443,8 +443,7 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
         files["sweep.csv"] = os.path.join(out, "sweep.csv")
         _write_csv(sweep_rows(results, table=table, numeric=True), files["sweep.csv"])
         files["sweep.json"] = os.path.join(out, "sweep.json")
-        with open(files["sweep.json"], "w") as fh:
-            json.dump(table, fh, indent=1)
+        write_json(table, files["sweep.json"])
     try:
         if len(prows) > 1:
             files["paired.png"] = plot_paired(results, os.path.join(out, "paired.png"))
@@ -790,8 +789,7 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
     merged["merged_from"] = [os.path.abspath(p) for p, _ in runs]
     make_output_dir(out)
     file = os.path.join(out, "results.json")
-    with open(file, "w") as fh:
-        json.dump(merged, fh, indent=1)
+    write_json(merged, file)
     return file
 
 
@@ -892,8 +890,7 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
     }
     if out is not None:
         make_output_dir(out)
-        with open(os.path.join(out, "compare.json"), "w") as fh:
-            json.dump(result, fh, indent=1)
+        write_json(result, os.path.join(out, "compare.json"))
         with open(os.path.join(out, "compare.md"), "w") as fh:
             fh.write(comparison_markdown(result))
     return result

@@ -30,7 +30,7 @@ from ..demo.methods import (
     check_training_options,
 )
 from ..demo.protocol import LongTailSplit
-from ..demo.report import load_results
+from ..demo.report import load_results, write_json
 from ..demo.runner import _device_of, embed_all, evaluate_method
 from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
@@ -182,6 +182,14 @@ class EvalConfig:
             raise ValueError(f"device must name a torch device, got {self.device!r}") from err
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: CUDA is not available on this machine")
+        if device.type == "meta":
+            raise ValueError(f"device {self.device!r} holds no data: training needs cpu, cuda, ...")
+        try:  # mps / xpu / ... without support in this torch build, a missing GPU index
+            torch.zeros(1, device=device)
+        except (RuntimeError, AssertionError, AttributeError) as err:
+            text = str(err).strip()
+            reason = text.splitlines()[0].split(". ")[0][:160] if text else type(err).__name__
+            raise ValueError(f"device {self.device!r} is not usable here: {reason}") from None
 
 
 def setting_name(cfg: EvalConfig) -> str:
@@ -475,14 +483,6 @@ def _device_name(device: str) -> str:
         return str(dev)
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-
-
-def _write_json(obj: Dict[str, Any], file: str) -> None:
-    """Write ``obj`` to ``file`` atomically (a killed run never leaves half a file)."""
-    tmp = file + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, file)
 
 
 def _previous_runs(
@@ -829,12 +829,12 @@ def run_evaluation(
             log(f"  seed {seed} {METHOD_LABELS[name]:<26} {line} ({seconds:.0f} s)")
             if write:  # every finished run on disk (a killed evaluation keeps it: --resume)
                 results["wall_seconds"] = round(time.perf_counter() - start, 1)
-                _write_json(results, file)
+                write_json(results, file)
     results["complete"] = True
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
     if write:
         from .report import render_evaluation
 
-        _write_json(results, file)
+        write_json(results, file)
         render_evaluation(cfg.out, log=log)
     return results

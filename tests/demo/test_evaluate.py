@@ -413,6 +413,17 @@ def test_cli_evaluate_device_is_recorded_and_resume_keeps_it(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             EvalConfig(device="cuda").validate()
+    # a device type this torch build has no backend for (a Mac user's "mps" on Linux), or "meta":
+    # one error line before anything is written, not a traceback after the output folder exists
+    unusable = ["meta"] + ([] if torch.backends.mps.is_available() else ["mps"])
+    for device in unusable:
+        capsys.readouterr()
+        args = ["evaluate", p, *common[:-2], "--device", device, "--out", out + device]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("feature-cloud: error: device") and device in err, err
+        assert "Traceback" not in err and err.count("\n") == 1, err
+        assert not os.path.exists(out + device)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -1301,9 +1312,21 @@ def test_cli_evaluate_without_head_identities_warns_and_counts_the_pairs(tmp_pat
     assert not any("nan" in ln for ln in runs), runs
     warned = [ln for ln in err.splitlines() if ln.startswith("feature-cloud: warning:")]
     assert len(warned) == 1 and "no head identities" in warned[0] and "-T 20" in warned[0]
-    with open(os.path.join(out, "results.json")) as fh:
-        res = json.load(fh)
+
+    def strict(name):  # JSON has no NaN: n/a is null in every file (JavaScript parses them)
+        with open(os.path.join(out, name)) as fh:
+            return json.load(fh, parse_constant=lambda c: pytest.fail(f"{c} in {name}"))
+
+    res = strict("results.json")
     assert res["splits"]["0"]["head_classes"] == 0 and res["splits"]["0"]["tail_classes"] == 6
+    assert {r["metrics"]["fc_acc_head"] for r in res["runs"]} == {None}
+    assert strict("paired.json")["leap_full_cosface"]["fc_acc_head"]["mean"] is None
+    assert strict("sweep.json")["leap_full_cosface"]["10"]["fc_acc_head"]["mean"] is None
+    with open(os.path.join(out, "runs.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["fc_acc_head"] for r in rows} == {""} and all(
+        float(r["fc_acc_tail"]) >= 0 for r in rows
+    )
     with open(os.path.join(out, "paired.csv")) as fh:
         rows = list(csv.reader(fh))
     assert rows[1][rows[0].index("pairs")] == "2" and rows[1][rows[0].index("Δ FC head")] == ""
@@ -1317,6 +1340,12 @@ def test_cli_evaluate_without_head_identities_warns_and_counts_the_pairs(tmp_pat
     assert cmp == 0
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert "Δ FC head n/a, n/a" in text and "nan" not in text
+    with open(tmp_path / "cmp" / "compare.json") as fh:
+        json.load(fh, parse_constant=lambda c: pytest.fail(f"{c} in compare.json"))
+    # the nulls read back as n/a: --resume (nothing left to train) re-renders the same tables
+    before = (tmp_path / "o" / "paired.md").read_text()
+    assert main(args + ["--resume", "--quiet"]) == 0
+    assert (tmp_path / "o" / "paired.md").read_text() == before and "n/a" in before
     # a split with both groups: no warning
     ok = [a if a != "20" else "5" for a in args[:-1]] + [str(tmp_path / "ok")]
     capsys.readouterr()

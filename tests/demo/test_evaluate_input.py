@@ -167,3 +167,23 @@ def test_cli_evaluate_warns_about_options_this_evaluation_ignores(tmp_path, caps
     args[-1] = str(tmp_path / "out2")
     assert main(args + ["--methods", "leap_full_cosface", "--leap-option", "gamma=0.2"]) == 0
     assert "ignored" not in capsys.readouterr().err
+
+
+def test_cli_evaluate_with_one_training_image_per_identity_plots_and_reports(tmp_path, capsys):
+    """Two images an identity and ``--n-test 1`` (VIPeR's case): every class trains on one
+    image, so its angle variance is n/a everywhere. The per-class plots say so instead of
+    failing on an empty log axis (the evaluation used to stop after training, ``report`` too)."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(8), 2)
+    images = rng.integers(0, 256, (labels.size, 8, 8, 3), dtype=np.uint8)
+    data = _npz(tmp_path / "pairs.npz", images=images, labels=labels)
+    out = tmp_path / "out"
+    args = ["evaluate", data, "--image-size", "8", "8", "--epochs", "1", "--seeds", "0"]
+    args += ["--n-test", "1", "-T", "0", "--methods", "cosface", "--quiet", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    for name in ("angle_variance_vs_class_size.png", "weight_norm_vs_class_size.png"):
+        assert (out / name).stat().st_size > 0, name
+    with open(out / "results.json") as fh:
+        run = json.load(fh)["runs"][0]
+    assert set(run["per_class"]["angle_var_train"]) == {None}  # n/a: one training image each
+    assert main(["report", str(out), "--quiet"]) == 0
