@@ -33,6 +33,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+#: --quiet of the commands that train
+QUIET_HELP = (
+    "print nothing but warnings and errors (no progress bars, per-run lines or final table; "
+    "every file is written)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo.methods import FTL_CLASSIFIERS, METHODS
     from .demo.runner import DATA_DEFAULTS, DemoConfig
@@ -194,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads (the models are tiny: one thread is fastest on a "
         "busy machine; 0 keeps torch's default)",
     )
-    demo.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+    demo.add_argument(
+        "--quiet",
+        action="store_true",
+        help=QUIET_HELP,
+    )
 
     _add_evaluate(sub)
 
@@ -204,7 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate runs of one setting (PATH PATH ... --out DIR)",
     )
     report.add_argument(
-        "paths", nargs="+", metavar="PATH", help="run directory (holding results.json)"
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="run directory (holding results.json), or the --out of an evaluation of several "
+        "settings (-S 1 5: every setting's sub-folder and the combined table)",
     )
     report.add_argument(
         "--out",
@@ -456,7 +471,11 @@ def _add_evaluate(sub) -> None:
     )
     ev.add_argument("--out", default="outputs/evaluate", help="output directory")
     ev.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+    ev.add_argument(
+        "--quiet",
+        action="store_true",
+        help=QUIET_HELP,
+    )
     ev.add_argument(
         "--resume",
         action="store_true",
@@ -697,7 +716,7 @@ def _main(
 
     try:
         if args.command == "report":
-            from .demo.report import load_results, render_report
+            from .demo.report import RESULTS_FILE, load_results, render_report, run_subfolders
 
             path = args.paths[0]
             if args.compare:
@@ -716,6 +735,19 @@ def _main(
                 path = merge_runs(args.paths, args.out)
             elif args.out is not None:
                 raise ValueError("--out is for merging several PATHs")
+            subs = run_subfolders(path)
+            if subs and not os.path.isfile(os.path.join(path, RESULTS_FILE)):
+                # the --out of an evaluation of several settings: each, then the combined table
+                from .evaluate.report import combine_settings, render_evaluation
+
+                for sub in subs:
+                    if load_results(sub).get("kind") != "evaluate":
+                        raise ValueError(f"{sub!r} is not a feature-cloud evaluate run")
+                for sub in subs:
+                    render_evaluation(sub, log=log)
+                combine_settings(subs, path)
+                log(f"wrote combined.md and combined_*.csv of {len(subs)} settings to {path}")
+                return 0
             if load_results(path).get("kind") == "evaluate":
                 from .evaluate.report import render_evaluation
 

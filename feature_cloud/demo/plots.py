@@ -59,16 +59,17 @@ def plot_accuracy(results: Dict[str, Any], file: str) -> str:
                 color=color,
                 label=f"{part} classes",
             )
-            for b, v in zip(bars, means):
-                if not math.isnan(v):
+            for b, v in zip(bars, means):  # the value at the foot of its bar, readable on it
+                if not math.isnan(v):  # or above a bar too short to hold it
+                    inside = v >= 12
                     ax.text(
                         b.get_x() + b.get_width() / 2,
-                        1,
+                        1 if inside else v + 1,
                         f"{v:.0f}",
                         ha="center",
                         va="bottom",
                         fontsize=7,
-                        color="white",
+                        color="white" if inside else "black",
                     )
         ax.set_xticks(x)
         ax.set_xticklabels(
@@ -82,7 +83,8 @@ def plot_accuracy(results: Dict[str, Any], file: str) -> str:
     fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=2, frameon=False)
     n = len(results["config"]["seeds"])
     over = f"mean ± std over {n} seeds" if n > 1 else "1 seed"
-    fig.suptitle(f"{results['data']['name']}: head vs tail accuracy ({over})", fontsize=11, x=0.4)
+    where = results["data"]["name"] + (f" {results['setting']}" if "setting" in results else "")
+    fig.suptitle(f"{where}: head vs tail accuracy ({over})", fontsize=11, x=0.4)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(file, dpi=110)
     plt.close(fig)

@@ -86,26 +86,28 @@ def _nan_for_null(values: Dict[str, Any]) -> Dict[str, Any]:
     return {k: math.nan if v is None else v for k, v in values.items()}
 
 
+def run_subfolders(path: str) -> List[str]:
+    """The sub-folders of ``path`` that hold a run (``results.json``), sorted: an evaluation of
+    several settings (``-S 1 5``) keeps one run per setting there, e.g. ``H20_S1``."""
+    if not os.path.isdir(path):
+        return []
+    return sorted(
+        os.path.join(path, name)
+        for name in os.listdir(path)
+        if os.path.isfile(os.path.join(path, name, RESULTS_FILE))
+    )
+
+
 def load_results(path: str) -> Dict[str, Any]:
     """``results.json`` of a run directory (or the file itself)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such run directory or results file: {path!r}")
     file = os.path.join(path, RESULTS_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        # an evaluation of several settings (-S 1 5) keeps one run per setting in a sub-folder
-        subs = sorted(
-            name
-            for name in os.listdir(path)
-            if os.path.isfile(os.path.join(path, name, RESULTS_FILE))
-        )
+        subs = [os.path.basename(p) for p in run_subfolders(path)]
         raise FileNotFoundError(
             f"no {RESULTS_FILE} in {path!r}: not a feature-cloud demo or evaluate run"
-            + (
-                f"; its sub-folders {', '.join(subs)} are runs (one per setting): report "
-                "each, or combine_settings() for one table"
-                if subs
-                else ""
-            )
+            + (f"; its sub-folders {', '.join(subs)} are runs (one per setting)" if subs else "")
         )
     with open(file, encoding="utf-8") as fh:
         try:

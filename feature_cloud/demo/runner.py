@@ -306,10 +306,15 @@ def evaluate_method(
         "weight_norm": norms,
     }
     per_class_sets.update({k: v.cpu().float() for k, v in model.per_class_diagnostics().items()})
+    # a class without training images (an identity the split left out) has an untrained row:
+    # no diagnostic of the classes that trained, so n/a here and outside the head / tail means
+    trained = torch.bincount(train_y, minlength=num_classes) > 0
     for key, values in per_class_sets.items():
+        per_class_sets[key] = values = values.masked_fill(~trained, float("nan"))
         put(key, M.head_tail(values, head))
-    class_fc = torch.zeros(num_classes).index_add_(0, eval_y, fc)
-    class_fc /= torch.bincount(eval_y, minlength=num_classes).clamp_min(1)
+    tested = torch.bincount(eval_y, minlength=num_classes)
+    class_fc = torch.zeros(num_classes).index_add_(0, eval_y, fc) / tested.clamp_min(1)
+    class_fc = class_fc.masked_fill(tested == 0, float("nan"))  # n/a without a test image
     per_class = {k: _floats(v) for k, v in per_class_sets.items()}
     per_class["fc_acc"] = _floats(class_fc)
     return out, per_class, f_train, f_eval

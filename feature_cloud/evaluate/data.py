@@ -17,11 +17,13 @@ __all__ = ["load_dataset", "load_npz"]
 
 def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> LabeledData:
     """``images`` ``(N, H, W[, 1 | 3])`` (uint8 or other integers in 0..255, or finite floats),
-    ``labels`` ``(N,)`` ints, optional ``camids`` ``(N,)`` ints and ``subject_names``. Images
+    ``labels`` ``(N,)`` ints or strings (identity names, classes in sorted order), optional
+    ``camids`` ``(N,)`` ints and ``subject_names``. Images
     become ``(N, 3, H, W)`` float (integers / 255), area-resized to ``image_size`` if given (no
     pickle is loaded). Refuses, naming the problem: missing arrays, other layouts (e.g.
-    PyTorch's ``(N, C, H, W)``), non-finite pixels, labels or camids that are not 1-D integers
-    of length ``N``, and fewer than 2 identities."""
+    PyTorch's ``(N, C, H, W)``), non-finite pixels, labels that are not 1-D integers or strings
+    of length ``N`` (or object arrays, which need pickle), camids that are not 1-D integers, and
+    fewer than 2 identities."""
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path!r} is not an .npz archive (np.savez writes one)")
     try:
@@ -32,13 +34,24 @@ def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> Labeled
         for key in ("images", "labels"):
             if key not in d.files:
                 raise ValueError(f"{path!r} has no {key!r} array (found {d.files})")
-        images, labels = d["images"], d["labels"]
-        names = [str(n) for n in d["subject_names"]] if "subject_names" in d.files else None
-        camids = d["camids"] if "camids" in d.files else None
+        arrays = {}
+        for key in ("images", "labels", "subject_names", "camids"):
+            if key not in d.files:
+                continue
+            try:
+                arrays[key] = d[key]
+            except ValueError as err:  # an object array: it would need pickle
+                raise ValueError(
+                    f"{path!r}: {key!r} is an array of Python objects ({err}); save it with a "
+                    "plain dtype, e.g. np.asarray(names, dtype=str) or integer ids"
+                ) from None
+        images, labels = arrays["images"], arrays["labels"]
+        names = [str(n) for n in arrays["subject_names"]] if "subject_names" in arrays else None
+        camids = arrays.get("camids")
     if labels.ndim != 1:
         raise ValueError(f"labels must be 1-D (N,), got shape {labels.shape}")
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    if labels.dtype.kind not in "iuUS":
+        raise ValueError(f"labels must be integers or strings (identity names), got {labels.dtype}")
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[0] != labels.shape[0]:
@@ -86,7 +99,9 @@ def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> Labeled
     uniq, y = np.unique(labels, return_inverse=True)
     if uniq.size < 2:
         raise ValueError(f"{path!r} holds {uniq.size} identity: need at least 2")
-    if names is None or len(names) != len(uniq):
+    if labels.dtype.kind in "US":  # identity names: the classes in sorted name order
+        class_names = [u.decode() if isinstance(u, bytes) else str(u) for u in uniq]
+    elif names is None or len(names) != len(uniq):
         class_names = [str(u) for u in uniq]
     else:
         class_names = (

@@ -554,9 +554,9 @@ def _check_split_groups(
             kept = split.train_counts[split.train_counts > 0]
             most, fewest = int(kept.max()), int(kept.min())
             hint = f"head = more than -T {cfg.threshold} training images; choose -T " + (
-                f"below {most}, the largest identity's training images"
+                f"at most {most - 1} (the largest identity trains on {most})"
                 if "head" in empty
-                else f"at or above {fewest}, the smallest identity's training images"
+                else f"at least {fewest} (the smallest identity trains on {fewest})"
             )
             hint += " (or --protocol hs -H N -S K)"
         if "ftl" in cfg.methods:
@@ -629,6 +629,17 @@ def _check_training_sets(
             else:
                 hint = "lower --test-fraction"
             raise ValueError(f"{where} trains {trained} identities: need at least 2 ({hint})")
+    first = next(iter(splits.values()))
+    if first.label_map is None:  # closed set: the same identities are left out in every seed
+        left = int(((counts > 0) & (counts <= cfg.n_test)).sum())
+        if left:
+            warnings.warn(
+                f"{left} of {data.num_classes} identities have at most --n-test {cfg.n_test} "
+                "images: they are left out (no training or test image; their classifier rows "
+                "stay, untrained, and their per-class values are n/a)",
+                UserWarning,
+                stacklevel=3,
+            )
     if cfg.protocol == "hs":
         split = next(iter(splits.values()))
         tail = ~split.head & (split.train_counts > 0)

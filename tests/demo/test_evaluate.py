@@ -200,7 +200,7 @@ def test_cli_evaluate_end_to_end(tmp_path):
         header = next(csv.reader(fh))
     assert header[:5] == ["Setting", "Method", "seeds", "FC head", "FC head ci95"]
     assert header[-1] == "FC tail→head ci95" and len(header) == 3 + 2 * 6
-    # report re-renders an evaluation
+    # report re-renders an evaluation, and the --out of several settings with its combined table
     res = subprocess.run(
         [sys.executable, "-m", "feature_cloud", "report", os.path.join(out, "H2_S1"), "--quiet"],
         capture_output=True,
@@ -209,6 +209,20 @@ def test_cli_evaluate_end_to_end(tmp_path):
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-2000:]
+    os.remove(os.path.join(out, "combined.md"))
+    os.remove(os.path.join(out, "H2_S2", "paired.md"))
+    res = subprocess.run(
+        [sys.executable, "-m", "feature_cloud", "report", out],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "wrote combined.md and combined_*.csv of 2 settings" in res.stdout
+    with open(os.path.join(out, "combined.md")) as fh:
+        assert fh.read() == text  # the same combined table as the evaluation wrote
+    assert os.path.isfile(os.path.join(out, "H2_S2", "paired.md"))
 
 
 def test_cli_evaluate_ftl_prototypes_option_and_default(tmp_path):
@@ -1391,13 +1405,14 @@ def test_hs_split_head_identities_are_the_methods_regular_classes(tmp_path, caps
         # no head identity at all: the hint says which way to move -T (the largest has 15)
         (
             ["--protocol", "natural", "-T", "20"],
-            "has 0 and 6. head = more than -T 20 training images; choose -T below 15, the largest",
+            "has 0 and 6. head = more than -T 20 training images; choose -T at most 14 (the "
+            "largest identity trains on 15)",
         ),
         # no tail identity (every one has more than 1): -T up to the smallest's 2, not down
         (
             ["--protocol", "natural", "-T", "1"],
-            "has 6 and 0. head = more than -T 1 training "
-            "images; choose -T at or above 2, the smallest",
+            "has 6 and 0. head = more than -T 1 training images; choose -T at least 2 (the "
+            "smallest identity trains on 2)",
         ),
         (["--protocol", "hs", "-H", "2", "-S", "2", "-T", "1"], "has 6 and 0"),  # T below S
     ):

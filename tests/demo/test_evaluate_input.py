@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from feature_cloud.cli import _parse_value, main
 from feature_cloud.evaluate.data import load_npz
@@ -43,6 +44,11 @@ def _bad_arrays():
         "float camids": (dict(camids=np.zeros(labels.size)), "camids must be integers"),
         "one identity": (dict(labels=np.zeros_like(labels)), "1 identity: need at least 2"),
         "no images": (dict(images=images[:0], labels=labels[:0]), "no images"),
+        "float labels": (dict(labels=labels.astype(float)), "integers or strings"),
+        "object labels": (
+            dict(labels=np.array([f"id{v}" for v in labels], dtype=object)),
+            "'labels' is an array of Python objects .* dtype=str",
+        ),
     }
 
 
@@ -52,6 +58,19 @@ def test_load_npz_names_what_is_wrong_with_the_arrays(tmp_path, case):
     path = _npz(tmp_path / "d.npz", **arrays)
     with pytest.raises(ValueError, match=match):
         load_npz(path)
+
+
+def test_load_npz_takes_identity_names_as_labels(tmp_path):
+    """String labels (names, as researchers keep them) are identities in sorted name order: the
+    same data as integer ids in that order, with the names as class names."""
+    images, labels = _arrays()
+    names = np.array([f"person_{chr(ord('a') + int(v))}" for v in labels])
+    by_name = load_npz(_npz(tmp_path / "names.npz", labels=names))
+    by_id = load_npz(_npz(tmp_path / "ids.npz", labels=labels))
+    assert torch.equal(by_name.y, by_id.y) and torch.equal(by_name.x, by_id.x)
+    assert by_name.class_names == sorted(set(names.tolist()))
+    as_bytes = load_npz(_npz(tmp_path / "bytes.npz", labels=names.astype("S")))
+    assert as_bytes.class_names == by_name.class_names and torch.equal(as_bytes.y, by_id.y)
 
 
 def test_load_npz_scales_any_integer_images_and_refuses_other_files(tmp_path):
@@ -174,16 +193,23 @@ def test_cli_evaluate_with_one_training_image_per_identity_plots_and_reports(tmp
     image, so its angle variance is n/a everywhere. The per-class plots say so instead of
     failing on an empty log axis (the evaluation used to stop after training, ``report`` too)."""
     rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(8), 2)
+    labels = np.concatenate([np.repeat(np.arange(8), 2), [8, 9]])  # 8, 9: one image each
     images = rng.integers(0, 256, (labels.size, 8, 8, 3), dtype=np.uint8)
     data = _npz(tmp_path / "pairs.npz", images=images, labels=labels)
     out = tmp_path / "out"
     args = ["evaluate", data, "--image-size", "8", "8", "--epochs", "1", "--seeds", "0"]
     args += ["--n-test", "1", "-T", "0", "--methods", "cosface", "--quiet", "--out", str(out)]
-    assert main(args) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(args) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "identities have" in ln]
+    # identities 8 and 9 have no image to train on: said once, and n/a in the per-class values
+    assert len(warned) == 1 and "2 of 10 identities have at most --n-test 1 images" in warned[0]
     for name in ("angle_variance_vs_class_size.png", "weight_norm_vs_class_size.png"):
         assert (out / name).stat().st_size > 0, name
     with open(out / "results.json") as fh:
         run = json.load(fh)["runs"][0]
     assert set(run["per_class"]["angle_var_train"]) == {None}  # n/a: one training image each
+    norms, accs = run["per_class"]["weight_norm"], run["per_class"]["fc_acc"]
+    assert norms[8:] == [None, None] and None not in norms[:8]  # the untrained rows: n/a
+    assert accs[8:] == [None, None] and None not in accs[:8]  # no test image: n/a, not 0
     assert main(["report", str(out), "--quiet"]) == 0
