@@ -516,7 +516,7 @@ def combine_settings(paths: Sequence[str], out: str) -> str:
             + (
                 "\n\nOpen set: absolute values (%, mean ± 95% t-interval)\n\n"
                 if is_open
-                else "\n\nAbsolute accuracies (%, mean ± 95% t-interval)\n\n"
+                else "\n\nAbsolute accuracies and head↔tail shares (%, mean ± 95% t-interval)\n\n"
             )
             + _markdown(base_rows)
             + "\n"
