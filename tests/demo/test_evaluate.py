@@ -201,24 +201,18 @@ def test_cli_evaluate_end_to_end(tmp_path):
     assert header[:5] == ["Setting", "Method", "seeds", "FC head", "FC head ci95"]
     assert header[-1] == "FC tail→head ci95" and len(header) == 3 + 2 * 6
     # report re-renders an evaluation, and the --out of several settings with its combined table
-    res = subprocess.run(
-        [sys.executable, "-m", "feature_cloud", "report", os.path.join(out, "H2_S1"), "--quiet"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    os.remove(os.path.join(out, "combined.md"))
-    os.remove(os.path.join(out, "H2_S2", "paired.md"))
-    res = subprocess.run(
-        [sys.executable, "-m", "feature_cloud", "report", out],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
+    for report in ([os.path.join(out, "H2_S1"), "--quiet"], [out]):
+        if report == [out]:
+            os.remove(os.path.join(out, "combined.md"))
+            os.remove(os.path.join(out, "H2_S2", "paired.md"))
+        res = subprocess.run(
+            [sys.executable, "-m", "feature_cloud", "report", *report],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
     assert "wrote combined.md and combined_*.csv of 2 settings" in res.stdout
     with open(os.path.join(out, "combined.md")) as fh:
         assert fh.read() == text  # the same combined table as the evaluation wrote
