@@ -479,7 +479,15 @@ class FeatureCloud(nn.Module):
         self.sync = "pml_gathered" if batch == "pml_gathered" else "auto"
 
     # ------------------------------------------------------------------ checkpoints
+    def check_state_dict(self, state_dict: Dict[str, Any], prefix: str = "") -> None:
+        """Raise if the cloud state under ``prefix`` in ``state_dict`` does not fit this cloud
+        (another class count or embedding size); changes nothing. Loading checks it before any
+        buffer of the cloud loads, so a refused checkpoint leaves step, seed and statistics as
+        they were."""
+        self.statistics.check_state_dict(state_dict, prefix + "statistics.")
+
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        self.check_state_dict(state_dict, prefix)  # torch loads step / seed before statistics
         super()._load_from_state_dict(state_dict, prefix, *args)
         if prefix + "step" in state_dict:
             self._count = int(self.step)

@@ -491,16 +491,26 @@ def check_tail_split(transfer: FeatureTransfer, class_counts: Union[Tensor, Sequ
         else FC.ftl_regular_classes(counts, transfer.tail_threshold)
     )
     present = counts > 0
+    sizes = counts[present]
+    lo, hi = (int(sizes.min()), int(sizes.max())) if sizes.numel() else (0, 0)
+    if lo == hi and not transfer._regular_fixed:  # no threshold can split the classes
+        fix = (
+            f"every class has {lo} training images, so no tail_threshold splits them: FTL needs "
+            "classes of different sizes (a long tail), e.g. fewer images for some identities"
+        )
+    else:
+        fix = ""
     if not bool((regular & present).any()):
         raise ValueError(
             f"no regular class: no class has more than tail_threshold={t} training images (or is "
-            "marked regular), so there is no intra-class variance to transfer: lower tail_threshold"
+            "marked regular), so there is no intra-class variance to transfer: "
+            + (fix or f"lower tail_threshold (the classes have {lo}..{hi} training images)")
         )
     if not bool((~regular & present).any()):
         raise ValueError(
             f"no long-tail class: no class has <= tail_threshold={t} training images (or is marked "
-            "long-tail), so stage 1 has nothing to transfer to: FTL needs long-tail classes; raise "
-            "tail_threshold"
+            "long-tail), so stage 1 has nothing to transfer to: FTL needs long-tail classes; "
+            + (fix or f"raise tail_threshold (the classes have {lo}..{hi} training images)")
         )
 
 

@@ -6,6 +6,7 @@ A thin stateful Module: every formula lives in :mod:`feature_cloud.functional`.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -171,6 +172,8 @@ class ClassStatistics(KeepBufferDtypes):
         else:
             counts = check_class_counts(class_counts, self.num_classes)
         counts = counts.to(device=device, dtype=torch.long)
+        if self.rule == "vanilla":
+            _warn_vanilla_without_both_groups(counts, self.tail_threshold)
         capacity = (counts * self.memory_per_sample).clamp_min(1)
         offsets = torch.cumsum(capacity, 0) - capacity
         total = int(capacity.sum())
@@ -305,7 +308,9 @@ class ClassStatistics(KeepBufferDtypes):
         )
 
     # ------------------------------------------------------------------ checkpoints
-    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    def check_state_dict(self, state_dict: Dict[str, Any], prefix: str = "") -> None:
+        """Raise if the statistics under ``prefix`` are for another class count or embedding
+        size; changes nothing."""
         key = prefix + "centers"
         if key in state_dict and tuple(state_dict[key].shape) != tuple(self.centers.shape):
             c, d = state_dict[key].shape
@@ -313,6 +318,9 @@ class ClassStatistics(KeepBufferDtypes):
                 f"checkpoint statistics are for num_classes={c}, embedding_size={d}; this module "
                 f"has num_classes={self.num_classes}, embedding_size={self.embedding_size}"
             )
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        self.check_state_dict(state_dict, prefix)
         # checkpoints written before these buffers existed: fill them from the layout
         if prefix + "memory" in state_dict and prefix + "memory_stamp" not in state_dict:
             mem = state_dict[prefix + "memory"]
@@ -339,3 +347,22 @@ class ClassStatistics(KeepBufferDtypes):
             if src is not None and src.shape != getattr(self, name).shape:
                 setattr(self, name, torch.empty_like(src, device=self.centers.device))
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def _warn_vanilla_without_both_groups(counts: Tensor, threshold: int) -> None:
+    """The vanilla rule (LEAP Eq. 6) transfers the head classes' mean variance (``K_i > T``) to
+    the tail (``K_i <= T``): without either group every cloud is zero. Said once, when the
+    counts are laid out (all-zero placeholder counts, still to come, say nothing)."""
+    seen = counts[counts > 0]
+    if seen.numel() == 0:
+        return
+    head = int((seen > threshold).sum())
+    if head == 0 or head == seen.numel():
+        missing = "head class (K_i > T)" if head == 0 else "tail class (K_i <= T)"
+        warnings.warn(
+            f"cloud='vanilla' with tail_threshold T={threshold}: no {missing} among the "
+            f"{seen.numel()} classes (K_i {int(seen.min())}..{int(seen.max())}), so every cloud "
+            "is zero; choose T between the class sizes, or use cloud='full' (no threshold)",
+            UserWarning,
+            stacklevel=4,
+        )

@@ -95,7 +95,7 @@ __all__ = [
     "FeatureCloudHook",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("fastreid.feature_cloud")  # under "fastreid": in its log.txt
 
 #: fastreid's ``MODEL.HEADS.CLS_LAYER`` names and the margin they mean.
 CLS_LAYER_TO_MARGIN = {"CosSoftmax": "cosface", "ArcSoftmax": "arcface"}
@@ -488,31 +488,42 @@ def _variable_buffers(module: nn.Module) -> Sequence[str]:
 _STATE_UNITS = (FeatureCloud, _transfer.FeatureTransfer)
 
 
-def _skip_mismatched_units(model: nn.Module, state: Dict[str, Any]) -> None:
+def _mismatched_units(
+    model: nn.Module, state: Dict[str, Any]
+) -> List[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]]:
+    """``(module name, key, checkpoint shape, model shape)`` of the first mismatched fixed-size
+    tensor of every :data:`_STATE_UNITS` module whose checkpoint entries do not fit (a model of
+    another number of classes)."""
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, _STATE_UNITS):
+            continue
+        prefix = name + "." if name else ""
+        for key, tensor in _fixed_tensors(module):
+            saved = state.get(prefix + key)
+            if saved is not None and tuple(saved.shape) != tuple(tensor.shape):
+                found.append((name, key, tuple(saved.shape), tuple(tensor.shape)))
+                break
+    return found
+
+
+def _skip_mismatched_units(
+    model: nn.Module, state: Dict[str, Any], mismatched: List[Tuple[str, str, Any, Any]]
+) -> None:
     """Drop from ``state`` every entry of a :data:`_STATE_UNITS` module whose fixed-size tensors
     do not all match the checkpoint's (fine-tuning from ``MODEL.WEIGHTS`` to another number of
     classes), with one warning each. fastreid's shape filter would skip only the per-class tensors
     and load the scalars (``step``, ``seed``, ``num_updates``): a new head past its warm-up with
     empty statistics. Without the unit's entries the module keeps its fresh state (step 0)."""
-    for name, module in model.named_modules():
-        if not isinstance(module, _STATE_UNITS):
-            continue
+    for name, key, saved, own in mismatched:
         prefix = name + "." if name else ""
-        mismatched = [
-            (key, tuple(state[prefix + key].shape), tuple(tensor.shape))
-            for key, tensor in _fixed_tensors(module)
-            if prefix + key in state and tuple(state[prefix + key].shape) != tuple(tensor.shape)
-        ]
-        if not mismatched:
-            continue
-        for key in [k for k in state if k.startswith(prefix)]:
-            del state[key]
-        key, saved, own = mismatched[0]
+        for k in [k for k in state if k.startswith(prefix)]:
+            del state[k]
         logger.warning(
             "%s not loaded from the checkpoint: it holds the state of a model with %s classes, "
             "this model has %s (its %s is %s, the model's %s); it starts fresh (step 0, warm-up, "
             "class counts from the new training set). fastreid skips the class weights itself",
-            name or type(module).__name__,
+            name or type(model.get_submodule(name)).__name__,
             saved[0] if saved else "?",
             own[0] if own else "?",
             key,
@@ -633,7 +644,20 @@ def _checkpointer_load_model(load_model: Callable[..., Any]) -> Callable[..., An
             _strip_prefix_if_present(state, "module.")  # what fastreid's loader does first
             _check_filter_forms(model, state)
             _migrate_legacy_heads(model, state)
-            _skip_mismatched_units(model, state)
+            mismatched = _mismatched_units(model, state)
+            loading = getattr(self, "_feature_cloud_loading", ())
+            if mismatched and "optimizer" in loading and "optimizer" in checkpoint:
+                # resume=True: fastreid would load the optimizer state of the other class count
+                # too, and the first step would fail on its shapes
+                name, _, saved, own = mismatched[0]
+                raise ValueError(
+                    f"cannot resume: the checkpoint's {name or 'head'} is of a model with "
+                    f"{saved[0] if saved else '?'} classes, this model has "
+                    f"{own[0] if own else '?'} (its optimizer state would not fit); to start "
+                    "from its weights on this training set, load it with resume=False "
+                    "(MODEL.WEIGHTS, without --resume)"
+                )
+            _skip_mismatched_units(model, state, mismatched)
             _size_variable_buffers(model, state)
         return load_model(self, checkpoint)
 
@@ -660,6 +684,17 @@ class FeatureCloudHook(HookBase):
             head.set_class_counts(counts)
 
 
+def _check_class_count(heads: List[LEAPHead], dataset: Any) -> None:
+    """When the trainer is built (``DefaultTrainer(cfg)``): a ``MODEL.HEADS.NUM_CLASSES`` other
+    than the training set's identities is refused there, not in the first hook of ``train()``
+    (where fastreid's own hooks, not yet started, would bury the message under theirs)."""
+    sized = [h for h in heads if h.class_counts_source == "dataset" and h.margin_head is not None]
+    if sized:
+        counts = class_counts_from_dataset(dataset)
+        for head in sized:
+            head.check_class_count(counts.numel())
+
+
 def _leap_heads(model: nn.Module) -> List[LEAPHead]:
     return [m for m in model.modules() if isinstance(m, LEAPHead)]
 
@@ -668,7 +703,9 @@ def _build_hooks_with_feature_cloud(build_hooks: Callable[..., Any]) -> Callable
     @functools.wraps(build_hooks)
     def wrapped(self: DefaultTrainer) -> List[HookBase]:
         ret = build_hooks(self)
-        if _leap_heads(self.model) and not any(isinstance(h, FeatureCloudHook) for h in ret):
+        heads = _leap_heads(self.model)
+        if heads and not any(isinstance(h, FeatureCloudHook) for h in ret):
+            _check_class_count(heads, self.data_loader.dataset)
             ret.insert(0, FeatureCloudHook())
         return ret
 
@@ -778,6 +815,7 @@ class LEAPHead(nn.Module):
         if class_counts is None:
             self.class_counts_source = "online"
         self._counts_pending = cloud is not None and self.class_counts_source == "dataset"
+        self._counts_from_checkpoint = False  # K_i came with a loaded state dict
         self.margin_head: Optional[LEAPMarginHead] = None
         if int(num_classes) > 0:
             if self._counts_pending:
@@ -910,20 +948,30 @@ class LEAPHead(nn.Module):
         """
         head = self._margin_head()
         counts = torch.as_tensor(counts)
-        if counts.dim() != 1 or counts.numel() != head.num_classes:
-            raise ValueError(
-                f"the training set has {counts.numel()} identities but MODEL.HEADS.NUM_CLASSES is {head.num_classes}"
-            )
+        if counts.dim() != 1:
+            raise ValueError(f"class counts must be 1-D, got shape {tuple(counts.shape)}")
+        self.check_class_count(counts.numel())
         stats = head.statistics
         if not self._counts_pending:
             if torch.equal(stats.class_counts.cpu(), counts.cpu().long()):
                 return
-            logger.warning(
-                "LEAPHead: the class counts of the loaded checkpoint differ from the training set's; "
-                "the angle memory is laid out again for the training set (class centers kept)"
-            )
+            if self._counts_from_checkpoint:
+                logger.warning(
+                    "LEAPHead: the class counts of the loaded checkpoint differ from the training "
+                    "set's; the angle memory is laid out again for the training set (class "
+                    "centers kept)"
+                )
         stats.allocate_memory(counts)
         self._counts_pending = False
+
+    def check_class_count(self, identities: int) -> None:
+        """Raise unless the training set's ``identities`` are this head's classes."""
+        head = self._margin_head()
+        if identities != head.num_classes:
+            raise ValueError(
+                f"the training set has {identities} identities but MODEL.HEADS.NUM_CLASSES is "
+                f"{head.num_classes} (leave it 0: fastreid's trainer sets it from the data)"
+            )
 
     def _margin_head(self) -> LEAPMarginHead:
         if self.margin_head is None:
@@ -974,10 +1022,11 @@ class LEAPHead(nn.Module):
 
 def _counts_loaded(module: nn.Module, incompatible: Any) -> None:
     """After loading a state dict: counts in the checkpoint (a trained head) are the ``K_i``."""
-    if not isinstance(module, LEAPHead) or module.margin_head is None or not module._counts_pending:
+    if not isinstance(module, LEAPHead) or module.margin_head is None:
         return
     if bool(module.margin_head.statistics.class_counts.sum() > 0):
         module._counts_pending = False
+        module._counts_from_checkpoint = True
 
 
 def fastreid_epsilon_to_label_smoothing(epsilon: float, num_classes: int) -> float:

@@ -242,13 +242,15 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         c_f.labels_required(labels)
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         dtype, device = embeddings.dtype, embeddings.device
-        self.cast_types(dtype, device)
-        miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
+        cloud = self.feature_cloud
+        if cloud.step.device != device:  # the checks of a collective update run on the device
+            cloud.to(device)
         train = self.training and torch.is_grad_enabled()
         if train:
             self._sync_mode()
-        cloud = self.feature_cloud
         labels = cloud.check(embeddings, labels, validate=self.validate, train=train)
+        self.cast_types(dtype, device)  # W follows the batch once the batch is accepted
+        miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
         cloud.imprint(self.W.t(), self.sub_centers, train=train)
         draw = cloud.advance(embeddings, labels, train=train)
         # per-sample losses (PML's reducers and miner weights apply) on the fused kernels
@@ -299,4 +301,15 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         migrate_state_dict(state_dict, prefix + "head.", prefix + "feature_cloud.")
+        # refused before anything loads (torch loads W, then the cloud's own buffers, then its
+        # statistics, which would refuse another class count with W and the step already taken)
+        key = prefix + "W"
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(self.W.shape):
+            d, c = state_dict[key].shape
+            raise ValueError(
+                f"checkpoint loss has W of shape ({d}, {c}) (embedding_size={d}, num_classes="
+                f"{c // self.sub_centers} x sub_centers={self.sub_centers}); this loss has "
+                f"{tuple(self.W.shape)}"
+            )
+        self.feature_cloud.check_state_dict(state_dict, prefix + "feature_cloud.")
         super()._load_from_state_dict(state_dict, prefix, *args)

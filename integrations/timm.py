@@ -62,6 +62,7 @@ from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 
 from feature_cloud._buffers import restore_on_error
+from feature_cloud._validation import check_labels
 from feature_cloud.ftl import (
     DEFAULT_TAIL_SAMPLING,
     AlternatingScheduler,
@@ -228,6 +229,8 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
         return self.backbone
 
     def forward(self, input: Tensor, target: Optional[Tensor] = None):
+        if target is not None:  # type and shape before the backbone's BatchNorm takes the batch
+            check_labels(target, input.shape[0], "target")  # (free: the range needs a sync)
         embeddings = self.backbone(input)
         if target is None:
             return self.head.logits(embeddings)

@@ -855,3 +855,28 @@ def test_split_without_long_tail_or_regular_classes_is_refused_early():
     with pytest.raises(ValueError, match="no long-tail sample") as info:
         list(tail.tail_sampler(4))
     assert "call AlternatingScheduler.update_stats()" not in str(info.value)
+
+
+def test_check_tail_split_says_which_way_to_move_the_threshold_or_that_none_works():
+    """FTL's split check names the class sizes: which way ``tail_threshold`` must move, or, on a
+    training set whose classes all have the same size (VIPeR: two images each), that no
+    threshold works (the README's "lower / raise it" led nowhere there)."""
+    from feature_cloud import FeatureTransfer
+    from feature_cloud.ftl import check_tail_split
+
+    transfer = FeatureTransfer(8, 4, tail_threshold=20)
+    with pytest.raises(
+        ValueError, match=r"no regular class: .* lower tail_threshold \(the classes have 3\.\.9"
+    ):
+        check_tail_split(transfer, [3, 9, 5, 0])
+    transfer = FeatureTransfer(8, 4, tail_threshold=2)
+    with pytest.raises(
+        ValueError, match=r"no long-tail class: .* raise tail_threshold \(the classes have 3\.\.9"
+    ):
+        check_tail_split(transfer, [3, 9, 5, 4])
+    for t in (1, 2, 5):
+        with pytest.raises(
+            ValueError, match="every class has 2 training images, so no tail_threshold splits"
+        ):
+            check_tail_split(FeatureTransfer(8, 4, tail_threshold=t), [2, 2, 2, 2])
+    check_tail_split(FeatureTransfer(8, 4, tail_threshold=4), [3, 9, 5, 4])  # both kinds: fine

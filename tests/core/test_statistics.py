@@ -288,3 +288,29 @@ def test_old_checkpoint_without_new_buffers_loads():
     b.load_state_dict(sd)
     torch.testing.assert_close(b.angle_moments()[1], a.angle_moments()[1])
     assert b.center_updates.tolist() == [10, 10]
+
+
+def test_vanilla_rule_warns_when_the_counts_leave_no_head_or_no_tail_class():
+    """LEAP Eq. 6 moves the head classes' mean variance to the tail: with every class on one
+    side of T every cloud is zero, which is said once when the counts are laid out (not for
+    the all-zero placeholder counts of a head whose counts are still to come)."""
+    import warnings
+
+    from feature_cloud import LEAPMarginHead
+
+    for counts, missing in (([2, 2, 2, 2], "no head class"), ([30, 25, 40, 21], "no tail class")):
+        with pytest.warns(
+            UserWarning, match=f"cloud='vanilla' with tail_threshold T=20: {missing}"
+        ):
+            head = LEAPMarginHead(
+                8, 4, cloud="vanilla", tail_threshold=20, class_counts=counts, warmup_steps=0
+            )
+        x = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
+        for _ in range(3):
+            head(x, torch.arange(16) % 4)
+        assert float(head.statistics.cloud_variance().max()) == 0.0  # what the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LEAPMarginHead(8, 4, cloud="vanilla", tail_threshold=20, class_counts=[30, 2, 3, 40])
+        LEAPMarginHead(8, 4, cloud="full", class_counts=[2, 2, 2, 2])  # no threshold: no warning
+        LEAPMarginHead(8, 4, cloud="vanilla", class_counts=[0, 0, 0, 0])  # placeholder counts

@@ -252,6 +252,30 @@ def test_default_trainer_end_to_end(market_root, tmp_path):
     )
 
 
+def test_trainer_refuses_a_wrong_num_classes_when_built_and_cloud_none_does_not_warn(
+    market_root, tmp_path, caplog
+):
+    """``MODEL.HEADS.NUM_CLASSES`` set to other than the training identities is refused by
+    ``DefaultTrainer(cfg)`` (it used to be raised by the first hook of ``train()``, and fastreid's
+    IterationTimer, never started, buried it under an AttributeError). ``CLOUD: none`` on a
+    fresh model gets its counts without the "loaded checkpoint" warning (no checkpoint)."""
+    import logging
+
+    for wrong in (NUM_IDS - 2, NUM_IDS + 3):
+        cfg = _tiny_cfg(tmp_path, "MODEL.HEADS.NUM_CLASSES", str(wrong))
+        with pytest.raises(ValueError, match=f"has {NUM_IDS} identities but MODEL.HEADS.NUM_CL"):
+            DefaultTrainer(cfg)
+    cfg = _tiny_cfg(tmp_path, "MODEL.HEADS.FEATURE_CLOUD.CLOUD", "none")
+    trainer = DefaultTrainer(cfg)
+    hook = trainer._hooks[0]
+    assert isinstance(hook, fr.FeatureCloudHook)
+    with caplog.at_level(logging.WARNING, logger=fr.logger.name):
+        hook.before_train()  # what train() calls first
+    assert not [r for r in caplog.records if "loaded checkpoint" in r.getMessage()]
+    counts = fr.class_counts_from_dataset(trainer.data_loader.dataset)
+    assert torch.equal(trainer.model.heads.statistics.class_counts.cpu(), counts)
+
+
 def test_precise_bn_hook_leaves_statistics_untouched(market_root, tmp_path):
     torch.manual_seed(1)
     cfg = _tiny_cfg(tmp_path, "SOLVER.MAX_EPOCH", "1")
@@ -656,6 +680,30 @@ def test_checkpointer_finetune_to_other_classes_starts_a_fresh_cloud(tmp_path, c
     assert set(got) == set(want)
     for key, value in want.items():
         assert torch.equal(got[key], value), key
+
+
+def test_resuming_onto_another_class_count_is_refused_before_anything_loads(tmp_path):
+    """``resume_or_load(resume=True)`` loads the optimizer too: from a checkpoint of another
+    class count its state cannot fit (the first step used to fail on the shapes after a "starts
+    fresh" warning), so the load is refused before the model changes. Loading the weights only
+    (``MODEL.WEIGHTS`` without resume: no checkpointables) still fine-tunes."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    from conftest import assert_same_state, state_snapshot
+
+    source = _trained_model(7, 3, CLASS_COUNTS="online")
+    opt = torch.optim.SGD(source.parameters(), lr=0.1, momentum=0.9)
+    Checkpointer(source, str(tmp_path), optimizer=opt).save("model_src")
+    path = str(tmp_path / "model_src.pth")
+    model = _trained_model(4, 2, CLASS_COUNTS="online")
+    before = state_snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    checkpointer = Checkpointer(model, str(tmp_path / "new"), optimizer=opt)
+    with pytest.raises(ValueError, match="cannot resume: .* 7 classes, this model has 4"):
+        checkpointer.load(path)  # what resume=True does
+    assert_same_state(before, state_snapshot(model), "refused resume")
+    checkpointer.load(path, checkpointables=[])  # what MODEL.WEIGHTS without resume does
+    assert model.heads.margin_head.step == 2  # the cloud unit of 7 classes skipped as a whole
 
 
 def test_yaml_error_messages_keep_the_allowed_values():

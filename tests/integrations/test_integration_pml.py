@@ -449,3 +449,51 @@ def test_get_logits_use_the_cloud_prototypes():
     assert (ours.get_logits(emb) - plain).abs().max() > 0.1
     ours.feature_cloud.prototype_shrinkage = None
     torch.testing.assert_close(ours.get_logits(emb), plain, atol=1e-5, rtol=1e-5)
+
+
+def test_a_refused_checkpoint_or_batch_leaves_the_loss_as_it_was():
+    """The reliability contract through PML's loss: a checkpoint of another class count or
+    embedding size is refused before W, the cloud's step / seed or its statistics load (torch
+    loads them in that order), and a refused batch does not move W to the batch's dtype."""
+    from conftest import assert_same_state, state_snapshot
+
+    D, C = 8, 6
+    counts = torch.tensor([9, 9, 3, 2, 2, 1])
+    g = torch.Generator().manual_seed(0)
+
+    def trained(num_classes, dim, seed):
+        loss = LEAPLoss(
+            num_classes,
+            dim,
+            class_counts=torch.full((num_classes,), 3),
+            seed=seed,
+            warmup_steps=1,
+        )
+        for _ in range(3):
+            x = torch.randn(12, dim, generator=g)
+            loss(x, torch.randint(0, num_classes, (12,), generator=g))
+        return loss
+
+    for other in (trained(C + 1, D, seed=1), trained(C, D + 1, seed=1)):
+        loss = LEAPLoss(C, D, class_counts=counts, seed=2, warmup_steps=2)
+        before = state_snapshot(loss)
+        with pytest.raises(ValueError, match="checkpoint"):
+            loss.load_state_dict(other.state_dict())
+        assert_same_state(before, state_snapshot(loss), "refused checkpoint")
+        assert loss.feature_cloud.steps_taken == 0 and not loss.feature_cloud.active
+        cloud = loss.feature_cloud  # the bare FeatureCloud as well
+        with pytest.raises(ValueError, match="checkpoint statistics"):
+            cloud.load_state_dict(other.feature_cloud.state_dict())
+        assert_same_state(before, state_snapshot(loss), "refused cloud checkpoint")
+    loss = trained(C, D, seed=3)
+    before = state_snapshot(loss)
+    y = torch.randint(0, C, (12,), generator=g)
+    for x, labels in (
+        (torch.randn(12, D + 1, dtype=torch.float64), y),  # wrong width, another dtype
+        (torch.randn(12, D, dtype=torch.float64), y.clone().fill_(C)),  # labels out of range
+        (torch.randn(12, D, dtype=torch.float64), y.double()),  # float labels
+    ):
+        with pytest.raises((TypeError, ValueError)):
+            loss(x, labels)
+        assert loss.W.dtype == torch.float32
+        assert_same_state(before, state_snapshot(loss), "refused batch")

@@ -52,6 +52,23 @@ def test_is_a_timm_training_task_and_builds_backbone_and_head():
         LEAPTask(backbone, torch.nn.Linear(backbone.num_features, C), verbose=False)
 
 
+def test_targets_of_the_wrong_type_or_shape_are_refused_before_the_backbone_runs():
+    """A float, 2-D or short target is refused before the backbone's forward, so its BatchNorm
+    running statistics do not take the refused batch (nothing of the task changes)."""
+    from conftest import assert_same_state, state_snapshot
+
+    task = _task()
+    task.train()
+    x, y = _images(COUNTS, 0)
+    x, y = x[:16], y[:16]
+    before = state_snapshot(task.get_trainable_module())
+    for bad, error in ((y.float(), TypeError), (y[:, None], ValueError), (y[:15], ValueError)):
+        with pytest.raises(error, match="target"):
+            task(x, bad)
+        assert_same_state(before, state_snapshot(task.get_trainable_module()), str(bad.shape))
+    task(x, y.int())  # any integer dtype is a target
+
+
 @pytest.mark.filterwarnings("ignore:LEAPMarginHead normalises W and f")  # test_timm_optim_ema.py
 def test_training_steps_decrease_loss_and_update_statistics():
     task = _task(metric_l2=1e-3)
