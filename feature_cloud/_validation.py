@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -39,6 +42,35 @@ __all__ = [
     "raise_for_problems",
     "PROBLEM_SLOTS",
 ]
+
+
+# ------------------------------------------------------------------------------------------
+# warnings
+# ------------------------------------------------------------------------------------------
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+#: code whose frames a warning skips to reach the user's line: this package, its adapters (a
+#: sibling folder in a source checkout, inside the package once installed) and torch's Module
+#: call machinery
+_SKIPPED = (
+    _PACKAGE + os.sep,
+    os.path.join(os.path.dirname(_PACKAGE), "integrations") + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
+
+
+def warn_user(message: str, category: type = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside this package (and torch's
+    ``Module.__call__``): the user's line that built the head, the loss or the task, wherever
+    in the package the warning is raised."""
+    frame = sys._getframe(1)
+    level = 2  # the caller of this function
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        _SKIPPED
+    ):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 # ------------------------------------------------------------------------------------------

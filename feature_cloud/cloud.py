@@ -14,7 +14,6 @@ a pure function of ``(seed, step, stream, row, class)``.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 from . import functional as FC
 from . import noise as N
 from ._compat import is_compiling
-from ._validation import as_float, as_int, check_batch, check_class_counts
+from ._validation import as_float, as_int, check_batch, check_class_counts, warn_user
 from .statistics import DEFAULT_CENTER_RATE, ClassStatistics
 from .sync import BATCH_MODES, SyncedClassStatistics
 
@@ -251,12 +250,10 @@ class FeatureCloud(nn.Module):
                 **kwargs,
             )
         if rule is not None and class_counts is None and count_steps is None:
-            warnings.warn(
+            warn_user(
                 f"the feature cloud counts K_i online over all warmup_steps={warmup_steps} "
                 "steps: correct only if the warm-up is exactly one epoch. Pass class_counts, or "
-                "count_steps=<steps per epoch>.",
-                UserWarning,
-                stacklevel=3,
+                "count_steps=<steps per epoch>."
             )
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())

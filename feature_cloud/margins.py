@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import math
 import types
-import warnings
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from ._validation import warn_user
 from .angles import cloud_cosine, shifted_cosine
 
 __all__ = [
@@ -178,19 +178,15 @@ def check_unit(margin_type: Union[str, Margin], margin: float, unit: str = "radi
         return
     m = float(margin)
     if unit == "radians" and abs(m) > math.pi / 2:
-        warnings.warn(
+        warn_user(
             f"{rule.name} margin={m} is in radians here ({math.degrees(m):.0f} degrees); a margin "
-            f"above pi/2 looks like degrees: did you mean margin={math.radians(m):.3f}?",
-            UserWarning,
-            stacklevel=3,
+            f"above pi/2 looks like degrees: did you mean margin={math.radians(m):.3f}?"
         )
     elif unit == "degrees" and 0.0 < abs(m) < 1.0:
-        warnings.warn(
+        warn_user(
             f"{rule.name} margin={m} is in degrees here (PML's convention, default "
             f"{rule.pml_margin}); a margin below 1 looks like radians: did you mean "
-            f"margin={math.degrees(m):.1f}?",
-            UserWarning,
-            stacklevel=3,
+            f"margin={math.degrees(m):.1f}?"
         )
 
 

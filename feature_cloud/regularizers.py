@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional, Union
 
 from torch import Tensor, nn
 
 from . import functional as FC
-from ._validation import as_float, check_embeddings
+from ._validation import as_float, check_embeddings, warn_user
 
 __all__ = ["MetricL2", "warn_metric_l2_with_margin"]
 
@@ -89,16 +88,14 @@ class MetricL2(nn.Module):
         return f"alpha={self.alpha}, reduction={self.reduction!r}"
 
 
-def warn_metric_l2_with_margin(owner: str, option: str, alpha: float, stacklevel: int = 3) -> None:
+def warn_metric_l2_with_margin(owner: str, option: str, alpha: float) -> None:
     """Warn when m-L2 (``option`` = ``alpha`` > 0) is on with a cosine-margin loss (``owner``
     normalises ``W`` and ``f``): FTL's term is for a linear softmax; here it only shrinks the
     norms and, at the raw features' scale (e.g. PML's default ``W`` init), can outweigh the
     margin loss by orders of magnitude."""
     if alpha > 0:
-        warnings.warn(
+        warn_user(
             f"{owner} normalises W and f, so the m-L2 term ({option} > 0, FTL Eq. 3 on the raw "
             "||W^T f||^2) only shrinks their norms and, at the raw features' scale, can outweigh "
-            f"the margin loss; consider {option}=0 with a margin head",
-            UserWarning,
-            stacklevel=stacklevel,
+            f"the margin loss; consider {option}=0 with a margin head"
         )

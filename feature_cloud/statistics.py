@@ -6,7 +6,6 @@ A thin stateful Module: every formula lives in :mod:`feature_cloud.functional`.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -14,7 +13,7 @@ from torch import Tensor
 
 from . import functional as FC
 from ._buffers import KeepBufferDtypes
-from ._validation import as_float, as_int, check_batch, check_class_counts
+from ._validation import as_float, as_int, check_batch, check_class_counts, warn_user
 
 __all__ = ["ClassStatistics", "CENTER_RATES", "DEFAULT_CENTER_RATE"]
 
@@ -359,10 +358,8 @@ def _warn_vanilla_without_both_groups(counts: Tensor, threshold: int) -> None:
     head = int((seen > threshold).sum())
     if head == 0 or head == seen.numel():
         missing = "head class (K_i > T)" if head == 0 else "tail class (K_i <= T)"
-        warnings.warn(
+        warn_user(
             f"cloud='vanilla' with tail_threshold T={threshold}: no {missing} among the "
             f"{seen.numel()} classes (K_i {int(seen.min())}..{int(seen.max())}), so every cloud "
-            "is zero; choose T between the class sizes, or use cloud='full' (no threshold)",
-            UserWarning,
-            stacklevel=4,
+            "is zero; choose T between the class sizes, or use cloud='full' (no threshold)"
         )

@@ -469,6 +469,11 @@ def create_ftl_model(
     )
     feat = int(backbone.num_features)
     emb = int(embedding_size) if embedding_size is not None else feat
+    if filter == "residual" and emb != feat:
+        raise ValueError(
+            f"filter='residual' maps g to f of the same size: embedding_size={emb} differs from "
+            f"{model_name}'s num_features={feat} (leave embedding_size=None, or use filter='mlp')"
+        )
     if classifier == "leap":
         fc: nn.Module = LEAPMarginHead(emb, int(num_classes), **head_kwargs)
     else:

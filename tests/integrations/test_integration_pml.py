@@ -497,3 +497,22 @@ def test_a_refused_checkpoint_or_batch_leaves_the_loss_as_it_was():
             loss(x, labels)
         assert loss.W.dtype == torch.float32
         assert_same_state(before, state_snapshot(loss), "refused batch")
+
+
+def test_warnings_point_at_the_users_line():
+    """The package's warnings are attributed to the caller's line (here: this file), not to the
+    package line that raises them, through the core, PML's loss and torch's Module call."""
+    from feature_cloud import LEAPMarginHead
+
+    with pytest.warns(UserWarning, match="counts K_i online") as online:
+        LEAPLoss(4, 8, warmup_steps=5)  # K_i counted over the warm-up
+    with pytest.warns(UserWarning, match="looks like degrees") as degrees:
+        LEAPMarginHead(8, 4, margin_type="arcface", margin=30.0, cloud=None)
+    with pytest.warns(UserWarning, match="normalises W and f") as ml2:
+        LEAPLoss(4, 8, class_counts=[3, 3, 3, 3], metric_l2=0.25)
+    head = LEAPMarginHead(8, 4, cloud="vanilla", tail_threshold=20, count_steps=1, warmup_steps=1)
+    with pytest.warns(UserWarning, match="cloud='vanilla'") as vanilla:
+        for _ in range(3):  # counted online in the first step, laid out in a later forward
+            head(torch.randn(8, 8), torch.arange(8) % 4)
+    for record in (online, degrees, ml2, vanilla):
+        assert [r.filename for r in record] == [__file__] * len(record), record[0].filename

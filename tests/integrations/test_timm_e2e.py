@@ -272,6 +272,8 @@ def test_ftl_residual_filter_through_checkpoint_saver_and_export(tmp_path):
     assert task.stage == 1
     path = _save(task, opt, tmp_path)
 
+    with pytest.raises(ValueError, match="filter='residual' maps g to f .* or use filter='mlp'"):
+        _ftl_task(seed=1, **dict(kw, embedding_size=24))  # the adapter's keywords, not form=
     mlp = _ftl_task(seed=1, **dict(kw, filter="mlp"))
     before = {k: v.clone() for k, v in mlp.model.state_dict().items()}
     with pytest.raises(RuntimeError, match="filter.residual"):
