@@ -23,7 +23,7 @@ import numbers
 import os
 import sys
 import warnings
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -71,6 +71,16 @@ def warn_user(message: str, category: type = UserWarning) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def refuse_other_shape(
+    state_dict: Dict[str, Any], key: str, own: Tensor, message: Callable[..., str]
+) -> None:
+    """Checkpoints: ``ValueError(message(*saved_shape))`` when ``state_dict[key]`` exists with
+    another shape than ``own`` (another class count or feature size), before anything loads."""
+    saved = state_dict.get(key)
+    if saved is not None and tuple(saved.shape) != tuple(own.shape):
+        raise ValueError(message(*saved.shape))
 
 
 # ------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from . import functional as FC
 from . import fused, margins
-from ._validation import as_float, as_int, check_embeddings
+from ._validation import as_float, as_int, check_embeddings, refuse_other_shape
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from .noise import capturing
 
@@ -428,14 +428,16 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-        key = prefix + "weight"
-        if key in state_dict and tuple(state_dict[key].shape) != tuple(self.weight.shape):
-            c, d = state_dict[key].shape
-            raise ValueError(
-                f"checkpoint head has {c} weight rows (num_classes={c // self.sub_centers} x "
-                f"sub_centers={self.sub_centers}) of size {d}; this head has "
-                f"num_classes={self.num_classes} x sub_centers={self.sub_centers} rows of size "
+        refuse_other_shape(
+            state_dict,
+            prefix + "weight",
+            self.weight,
+            lambda c, d: (
+                f"checkpoint head has {c} weight rows (num_classes="
+                f"{c // self.sub_centers} x sub_centers={self.sub_centers}) of size {d}; this head "
+                f"has num_classes={self.num_classes} x sub_centers={self.sub_centers} rows of size "
                 f"embedding_size={self.embedding_size}"
-            )
+            ),
+        )
         migrate_state_dict(state_dict, prefix, prefix + "feature_cloud.")
         super()._load_from_state_dict(state_dict, prefix, *args)

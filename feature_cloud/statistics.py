@@ -13,7 +13,14 @@ from torch import Tensor
 
 from . import functional as FC
 from ._buffers import KeepBufferDtypes
-from ._validation import as_float, as_int, check_batch, check_class_counts, warn_user
+from ._validation import (
+    as_float,
+    as_int,
+    check_batch,
+    check_class_counts,
+    refuse_other_shape,
+    warn_user,
+)
 
 __all__ = ["ClassStatistics", "CENTER_RATES", "DEFAULT_CENTER_RATE"]
 
@@ -310,13 +317,15 @@ class ClassStatistics(KeepBufferDtypes):
     def check_state_dict(self, state_dict: Dict[str, Any], prefix: str = "") -> None:
         """Raise if the statistics under ``prefix`` are for another class count or embedding
         size; changes nothing."""
-        key = prefix + "centers"
-        if key in state_dict and tuple(state_dict[key].shape) != tuple(self.centers.shape):
-            c, d = state_dict[key].shape
-            raise ValueError(
-                f"checkpoint statistics are for num_classes={c}, embedding_size={d}; this module "
-                f"has num_classes={self.num_classes}, embedding_size={self.embedding_size}"
-            )
+        refuse_other_shape(
+            state_dict,
+            prefix + "centers",
+            self.centers,
+            lambda c, d: (
+                f"checkpoint statistics are for num_classes={c}, embedding_size={d}; "
+                f"this module has num_classes={self.num_classes}, embedding_size={self.embedding_size}"
+            ),
+        )
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         self.check_state_dict(state_dict, prefix)

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from feature_cloud import functional as FC
 from feature_cloud import margins
-from feature_cloud._validation import as_int, check_embeddings
+from feature_cloud._validation import as_int, check_embeddings, refuse_other_shape
 from feature_cloud.cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from feature_cloud.heads import cloud_margin_loss, make_cloud
 from feature_cloud.regularizers import MetricL2, warn_metric_l2_with_margin
@@ -303,13 +303,15 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         migrate_state_dict(state_dict, prefix + "head.", prefix + "feature_cloud.")
         # refused before anything loads (torch loads W, then the cloud's own buffers, then its
         # statistics, which would refuse another class count with W and the step already taken)
-        key = prefix + "W"
-        if key in state_dict and tuple(state_dict[key].shape) != tuple(self.W.shape):
-            d, c = state_dict[key].shape
-            raise ValueError(
-                f"checkpoint loss has W of shape ({d}, {c}) (embedding_size={d}, num_classes="
-                f"{c // self.sub_centers} x sub_centers={self.sub_centers}); this loss has "
-                f"{tuple(self.W.shape)}"
-            )
+        refuse_other_shape(
+            state_dict,
+            prefix + "W",
+            self.W,
+            lambda d, c: (
+                f"checkpoint loss has W of shape ({d}, {c}) (embedding_size={d}, "
+                f"num_classes={c // self.sub_centers} x sub_centers={self.sub_centers}); this loss "
+                f"has {tuple(self.W.shape)}"
+            ),
+        )
         self.feature_cloud.check_state_dict(state_dict, prefix + "feature_cloud.")
         super()._load_from_state_dict(state_dict, prefix, *args)
