@@ -186,6 +186,10 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         """PML convention: ``W`` follows the embeddings' device and dtype (at least float32:
         see :meth:`forward`); the cloud follows the device (its statistics stay float32)."""
         self.W.data = c_f.to_device(self.W.data, device=device, dtype=dtype)
+        self._cloud_to(device)
+
+    def _cloud_to(self, device: torch.device) -> None:
+        """The cloud's buffers on ``device`` (a no-op once they are)."""
         if self.feature_cloud.step.device != device:
             self.feature_cloud.to(device)
 
@@ -242,9 +246,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         c_f.labels_required(labels)
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         dtype, device = embeddings.dtype, embeddings.device
+        self._cloud_to(device)  # the checks of a collective update run on the device
         cloud = self.feature_cloud
-        if cloud.step.device != device:  # the checks of a collective update run on the device
-            cloud.to(device)
         train = self.training and torch.is_grad_enabled()
         if train:
             self._sync_mode()

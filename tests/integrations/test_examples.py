@@ -12,16 +12,21 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _run(args, timeout=240):
+def _python(args, timeout=240):
+    """``python *args`` in a fresh process at the repository root (one thread)."""
     env = dict(
         os.environ,
         PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
     )
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def _run(args, timeout=240):
+    proc = _python(args, timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     last = [line for line in proc.stdout.splitlines() if line.startswith("{")][-1]
     return ast.literal_eval(last.replace("np.float32(", "(").replace("np.float64(", "("))
@@ -75,13 +80,6 @@ def test_pml_example_without_faiss_names_it_before_training():
         "import runpy, sys; sys.modules['faiss'] = None; sys.argv = [sys.argv[1], '--epochs', '1'];"
         " runpy.run_path(sys.argv[0], run_name='__main__')"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", hide, "examples/pml_train.py"],
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=ROOT),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _python(["-c", hide, "examples/pml_train.py"], timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "needs faiss: pip install faiss-cpu" in proc.stderr and "Traceback" not in proc.stderr
