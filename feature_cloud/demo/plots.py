@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -38,8 +38,12 @@ def _label(results: Dict[str, Any], method: str) -> str:
     return results.get("labels", {}).get(method, method)
 
 
-def plot_accuracy(results: Dict[str, Any], file: str) -> str:
-    """Grouped bars: head and tail accuracy per method (FC classifier and rank-1), mean +- std."""
+def plot_accuracy(
+    results: Dict[str, Any], file: str, t_quantile: Optional[Callable[[int], float]] = None
+) -> str:
+    """Grouped bars: head and tail accuracy per method (FC classifier and rank-1), mean +- std;
+    with ``t_quantile`` (``df -> t_0.975``) mean +- the 95% t-interval's half-width, as in the
+    evaluation tool's tables."""
     plt = _plt()
     agg = aggregate(results)
     methods = [m for m in results["methods"] if m in agg]
@@ -49,7 +53,7 @@ def plot_accuracy(results: Dict[str, Any], file: str) -> str:
     for ax, (key, title) in zip(axes, panels):
         for j, (part, color) in enumerate((("head", "#4C72B0"), ("tail", "#DD8452"))):
             means = [100 * agg[m][f"{key}_{part}"][0] for m in methods]
-            stds = [100 * agg[m][f"{key}_{part}"][1] for m in methods]
+            stds = [_spread(agg[m][f"{key}_{part}"], t_quantile) for m in methods]
             bars = ax.bar(
                 x + (j - 0.5) * 0.38,
                 means,
@@ -82,13 +86,22 @@ def plot_accuracy(results: Dict[str, Any], file: str) -> str:
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=2, frameon=False)
     n = len(results["config"]["seeds"])
-    over = f"mean ± std over {n} seeds" if n > 1 else "1 seed"
+    spread = "std" if t_quantile is None else "95% t-interval"
+    over = f"mean ± {spread} over {n} seeds" if n > 1 else "1 seed"
     where = results["data"]["name"] + (f" {results['setting']}" if "setting" in results else "")
     fig.suptitle(f"{where}: head vs tail accuracy ({over})", fontsize=11, x=0.4)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(file, dpi=110)
     plt.close(fig)
     return file
+
+
+def _spread(stat: Tuple[float, float, int], t_quantile: Optional[Callable[[int], float]]) -> float:
+    """The error bar of one ``aggregate`` entry ``(mean, std, n)``, in points."""
+    _, std, n = stat
+    if t_quantile is None:
+        return 100 * std
+    return 100 * t_quantile(n - 1) * std / math.sqrt(n) if n > 1 else 0.0
 
 
 def plot_per_class(

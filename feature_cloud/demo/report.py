@@ -56,6 +56,11 @@ RESULTS_FILE = "results.json"
 PROJECTION_FILE = "projection.npz"
 
 
+def counted(n: int, noun: str) -> str:
+    """``"1 epoch"``, ``"3 epochs"``: a count with its noun (plural in ``s``)."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def strict_json(obj: Any) -> Any:
     """``obj`` with every non-finite float as ``None``: JSON has no NaN (Python and jq read it,
     JavaScript and most other parsers do not), so the files say ``null`` where a table says n/a."""
@@ -195,7 +200,7 @@ def _describe(results: Dict[str, Any]) -> str:
         f"{cfg['tail_shots']} (train {split['train']} = {split['train_head']} head + "
         f"{split['train_tail']} tail samples; evaluated on the held-out **{cfg['eval_split']}** "
         f"split, {split[cfg['eval_split']]} samples). Seeds {seeds}: mean ± std (sample std over "
-        f"seeds). Budget: {cfg['epochs']} epochs, batch {cfg['batch_size']}, Adam lr {cfg['lr']} "
+        f"seeds). Budget: {counted(cfg['epochs'], 'epoch')}, batch {cfg['batch_size']}, Adam lr {cfg['lr']} "
         f"(cosine decay), embedding {cfg['embedding_size']}-d; LEAP cloud from epoch "
         f"{cfg['warmup_epochs']}, P={cfg['memory_per_sample']}, T={cfg['tail_threshold']}, "
         f"gamma={cfg['gamma']}; m-L2 alpha={cfg['ml2_alpha']}; FTL: stage 0 {_ftl_stage0(cfg)}, "

@@ -10,8 +10,8 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..demo import plots as demo_plots
-from ..demo.report import _markdown, csv_cell, load_results, write_json
-from .stats import paired_differences, t_interval
+from ..demo.report import _markdown, counted, csv_cell, load_results, write_json
+from .stats import paired_differences, t_interval, t_quantile
 
 __all__ = [
     "render_evaluation",
@@ -394,8 +394,8 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     srows, prows = summary_rows(results), paired_rows(results)
     cfg = results["config"]
     text = [
-        f"# {results['data']['name']}: {results['setting']} ({cfg['backbone']}, {cfg['epochs']} "
-        f"epochs, seeds {cfg['seeds']})",
+        f"# {results['data']['name']}: {results['setting']} ({cfg['backbone']}, "
+        f"{counted(cfg['epochs'], 'epoch')}, seeds {cfg['seeds']})",
         "",
         "Mean ± 95% t-interval half-width over seeds (accuracies in %, angles in rad²).",
         "",
@@ -403,7 +403,8 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     if results.get("complete") is False:  # absent in files of earlier releases: complete
         text += [
             f"**Partial**: the evaluation stopped after {len(results['runs'])} of "
-            f"{len(cfg['seeds']) * len(cfg['methods'])} runs (`--resume` trains the rest).",
+            f"{counted(len(cfg['seeds']) * len(cfg['methods']), 'run')} (`--resume` trains the "
+            "rest).",
             "",
         ]
     text += [
@@ -451,7 +452,7 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
             files["sweep.png"] = plot_sweep(results, os.path.join(out, "sweep.png"), table)
         if not _open(results):  # FC and rank-1 per head / tail class: closed set only
             files["accuracy_head_tail.png"] = demo_plots.plot_accuracy(
-                results, os.path.join(out, "accuracy_head_tail.png")
+                results, os.path.join(out, "accuracy_head_tail.png"), t_quantile=t_quantile
             )
         files["angle_variance_vs_class_size.png"] = demo_plots.plot_per_class(
             results,
@@ -473,8 +474,8 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     log("")
     if results.get("complete") is False:
         log(
-            f"Partial: {len(results['runs'])} of {len(cfg['seeds']) * len(cfg['methods'])} runs "
-            "(--resume trains the rest)"
+            f"Partial: {len(results['runs'])} of "
+            f"{counted(len(cfg['seeds']) * len(cfg['methods']), 'run')} (--resume trains the rest)"
         )
     log(_markdown(prows if len(prows) > 1 else srows))
     log(f"wrote {', '.join(sorted(os.path.basename(f) for f in files.values()))} to {out}")

@@ -30,7 +30,7 @@ from ..demo.methods import (
     check_training_options,
 )
 from ..demo.protocol import LongTailSplit
-from ..demo.report import load_results, write_json
+from ..demo.report import counted, load_results, write_json
 from ..demo.runner import _device_of, embed_all, evaluate_method
 from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
@@ -767,9 +767,9 @@ def run_evaluation(
         make_output_dir(cfg.out)
     log(
         f"feature-cloud evaluate: {data.name} ({data.x.shape[0]} images, {data.num_classes} "
-        f"identities), {setting_name(cfg)}, backbone {cfg.backbone}, {cfg.epochs} epochs, "
+        f"identities), {setting_name(cfg)}, backbone {cfg.backbone}, {counted(cfg.epochs, 'epoch')}, "
         f"seeds {cfg.seeds}, methods {cfg.methods}"
-        + (f"; {len(done)} runs reused from {file}" if done else "")
+        + (f"; {counted(len(done), 'run')} reused from {file}" if done else "")
     )
     runs: List[Dict[str, Any]] = results["runs"]
     for seed, split in splits.items():

@@ -189,3 +189,49 @@ def test_weight_norms_and_group_means():
     }
     valid = torch.tensor([True, False, True, True])
     assert math.isnan(M.head_tail(values, head, valid)["tail"])
+
+
+def test_accuracy_plot_error_bars_std_or_t_interval(tmp_path, monkeypatch):
+    """The demo's bars show the sample std over seeds; the evaluation tool's, given its
+    ``t_quantile``, the 95% t-interval's half-width, as its tables do."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from feature_cloud.demo import plots
+    from feature_cloud.evaluate.stats import t_interval, t_quantile
+
+    heads = [0.50, 0.60, 0.70]
+    runs = [
+        {
+            "method": "m",
+            "metrics": {"fc_acc_head": h, "fc_acc_tail": 0.2, "rank1_head": h, "rank1_tail": 0.1},
+        }
+        for h in heads
+    ]
+    results = {
+        "methods": ["m"],
+        "runs": runs,
+        "config": {"seeds": [0, 1, 2]},
+        "data": {"name": "toy"},
+    }
+    seen = []
+    bar = Axes.bar
+
+    def record(self, x, height, *args, yerr=None, **kwargs):
+        seen.append(list(yerr))
+        return bar(self, x, height, *args, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", record)
+    plots.plot_accuracy(results, str(tmp_path / "a.png"))
+    assert seen[0] == pytest.approx([100 * float(np.std(heads, ddof=1))])
+    seen.clear()
+    plots.plot_accuracy(results, str(tmp_path / "b.png"), t_quantile=t_quantile)
+    assert seen[0] == pytest.approx([100 * t_interval(heads)[1]])
+    assert seen[1] == pytest.approx([0.0], abs=1e-9)  # the same tail accuracy every seed
+    assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_counted_nouns_agree_with_their_number():
+    from feature_cloud.demo.report import counted
+
+    assert [counted(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]

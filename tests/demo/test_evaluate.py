@@ -968,6 +968,7 @@ def test_evaluate_writes_every_run_and_resume_trains_only_the_missing_ones(
     assert not os.path.exists(os.path.join(part, "results.json.tmp"))
     assert main(["report", part, "--quiet"]) == 0  # a partial run renders, and says so
     assert "**Partial**: the evaluation stopped after 2 of 4 runs" in load(part, "summary.md")
+    assert ", 2 epochs, seeds [0, 1])" in load(part, "summary.md").splitlines()[0]
 
     # refused before training or writing: another configuration; runs outside --seeds
     monkeypatch.setattr(R, "train_model", lambda *a, **k: pytest.fail("trained"))
