@@ -113,6 +113,32 @@ def test_large_scale_matches_reference(chunk_size):
             torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 256])
+def test_converged_rows_keep_their_small_losses_at_face_scale(chunk_size):
+    """Rows near their class weight (cosine 0.99-0.9999, s = 64, CosFace m = 0.35) have
+    per-sample losses of 1e-7..1e-4: float32 must give them as the reference does, not rounded
+    to the ulp of s (4e-6; a sum ``log(S) + shift`` before the shift cancels gave exact zeros)."""
+    g = torch.Generator().manual_seed(0)
+    b, c, d = 64, 2000, 64
+    W = torch.randn(c, d, generator=g)
+    y = torch.randint(0, c, (b,), generator=g)
+    wd = torch.nn.functional.normalize(W, dim=1)[y]
+    n = torch.randn(b, d, generator=g)
+    n = torch.nn.functional.normalize(n - (n * wd).sum(1, keepdim=True) * wd, dim=1)
+    cos = torch.empty(b, 1).uniform_(0.99, 0.9999, generator=g)
+    x = (cos * wd + (1 - cos**2).sqrt() * n) * 10.0
+    kw = dict(margin_type="cosface", scale=64.0, margin=0.35, reduction="none")
+    truth = fused.margin_loss(x.double(), W.double(), y, **kw)
+    got = fused.margin_loss(x, W, y, chunk_size=chunk_size, **kw)
+    ref = _reference(x, W, y, "cosface", 64.0, 0.35, None, reduction="none")
+    assert truth.min() < 1e-6 < truth.max()  # the regime: losses below the ulp of s
+    err, ref_err = (got.double() - truth).abs(), (ref.double() - truth).abs()
+    assert err.max() <= 2 * ref_err.max() + 1e-7, (err.max(), ref_err.max())
+    assert ((got == 0) & (truth > 1e-6)).sum() == 0
+    mean = fused.margin_loss(x, W, y, chunk_size=chunk_size, **{**kw, "reduction": "mean"})
+    torch.testing.assert_close(mean.double(), truth.mean(), rtol=2e-2, atol=0.0)
+
+
 def _trained_like(b=64, c=2000, d=64, cos_target=0.66, seed=0):
     """Features = class weight direction (cos ~0.66 to the target) + orthogonal noise, as after
     some training; random negatives. Returns ``(x, W, y)``."""
