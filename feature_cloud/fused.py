@@ -166,7 +166,8 @@ def cloud_angles(
         total_classes=total_classes,
         generator=generator,
     )
-    return noise.t() * std.to(noise.dtype).unsqueeze(1)
+    dtype = torch.promote_types(noise.dtype, std.dtype)  # float64 std: float64 angles
+    return noise.t().to(dtype) * std.to(dtype).unsqueeze(1)
 
 
 # ------------------------------------------------------------------------------------------

@@ -117,13 +117,14 @@ def cloud_margin_logits(
     std, key = draw
     columns = weight.shape[0] // sub_centers
     alpha = target_alpha = None
-    if std is not None and cloud.mode == "paper":
+    cos = FC.cosine_logits(*FC.common_float(embeddings, weight), sub_centers)
+    if std is not None and cloud.mode == "paper":  # angles in the logits' precision, as the
+        std = std.to(torch.promote_types(std.dtype, cos.dtype))  # fused kernel draws them
         alpha = fused.cloud_angles(
             std, columns, key, class_start=class_start, total_classes=cloud.num_classes
         )
     elif std is not None and key is not None:
         target_alpha = FC.target_cloud_angles(std, cloud.mode, noise=cloud.row_noise(key, std))
-    cos = FC.cosine_logits(*FC.common_float(embeddings, weight), sub_centers)
     return FC.margin_logits(
         cos,
         labels,

@@ -352,8 +352,9 @@ class ClassStatistics(KeepBufferDtypes):
         # the memory's length depends on class_counts: take the checkpoint's layout
         for name in _MEMORY_BUFFERS:
             src = state_dict.get(prefix + name)
-            if src is not None and src.shape != getattr(self, name).shape:
-                setattr(self, name, torch.empty_like(src, device=self.centers.device))
+            own = getattr(self, name)
+            if src is not None and src.shape != own.shape:  # own dtype: load_state_dict casts
+                setattr(self, name, torch.empty(src.shape, dtype=own.dtype, device=own.device))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 

@@ -345,10 +345,10 @@ def _head(impl, **kw):
     )
 
 
-def _train(head, steps=3):
+def _train(head, steps=3, dtype=torch.float32):
     out = []
     for step in range(steps):
-        x, _, y = _data(seed=10 + step)
+        x, _, y = _data(dtype=dtype, seed=10 + step)
         x.requires_grad_(True)
         loss = head(x, y)
         loss.backward()
@@ -375,6 +375,22 @@ def test_every_impl_draws_the_same_cloud_and_agrees(monkeypatch, margin_type):
         for ref, got in zip(runs["reference"], runs[impl]):
             for r, g in zip(ref, got):
                 torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cloud_mode", ["margin", "paper"])
+def test_float64_heads_agree_to_float64_precision_with_the_cloud_on(cloud_mode):
+    """A float64 head: the reference pipeline draws the paper's per-logit angles in float64 as
+    the fused kernel does (they were rounded to float32: 1e-7 apart once the cloud was on)."""
+    runs = {
+        impl: _train(_head(impl, cloud_mode=cloud_mode).double(), dtype=torch.float64)
+        for impl in ("reference", "fused")
+    }
+    plain = _train(LEAPMarginHead(D, C, "cosface", cloud=None).double(), dtype=torch.float64)
+    assert abs(runs["fused"][2][0] - plain[2][0]) > 1e-4  # the cloud is on
+    for ref, got in zip(runs["reference"], runs["fused"]):
+        for r, g in zip(ref, got):
+            assert g.dtype == torch.float64
+            torch.testing.assert_close(g, r, atol=1e-11, rtol=1e-11)
 
 
 def test_chunked_and_dense_draw_identical_noise(monkeypatch):

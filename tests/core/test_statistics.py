@@ -159,6 +159,15 @@ def test_state_dict_roundtrip_with_different_memory_layout(tmp_path):
     with pytest.raises(ValueError, match="num_classes=3"):
         ClassStatistics(4, 4).load_state_dict(a.state_dict())
 
+    # a checkpoint whose floats were cast (a user's .half() of the state dict): the memory of
+    # the new layout keeps the module's float32, and the next update runs
+    half = {k: v.half() if v.is_floating_point() else v for k, v in a.state_dict().items()}
+    c = ClassStatistics(3, 4)
+    c.load_state_dict(half)
+    assert c.memory.dtype == torch.float32 and c.memory.shape == a.memory.shape
+    c.update(torch.randn(2, 4), torch.tensor([1, 2]))
+    assert torch.isfinite(c.memory).all()
+
 
 def test_adaptive_center_rate_is_running_mean_then_gamma():
     """Rate max(gamma, 1/n): the n-th appearance weighs 1/n until 1/n < gamma."""
