@@ -260,6 +260,7 @@ class FeatureCloud(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.long))
         self._count = 0  # host copy of ``step`` (control flow without a device sync)
+        self._seen = self._stamp()  # the ``step`` tensor that ``_count`` was read from
         self._imprinted = -1  # the step imprint() last ran at
 
     # ------------------------------------------------------------------ state
@@ -276,17 +277,22 @@ class FeatureCloud(nn.Module):
         """Training steps taken: the ``step`` buffer (one host read)."""
         return int(self.step)
 
-    def train(self, mode: bool = True) -> FeatureCloud:
-        """Also re-reads the host copy of ``step`` that the training step branches on (the
-        buffer may have been written from outside, e.g. an EMA copy or ``copy_``)."""
-        self._count = int(self.step)
-        return super().train(mode)
+    def _stamp(self) -> Tuple[int, int]:
+        """Which ``step`` tensor, at which in-place version: a write from outside (an EMA copy,
+        ``copy_``, ``load_state_dict``, ``.to(device)``) changes it."""
+        step = self.step
+        try:
+            return id(step), step._version
+        except RuntimeError:  # an inference-mode tensor has no version counter
+            return id(step), -1
 
     def _host_count(self) -> int:
-        """The host copy of ``step``, re-read (one host sync) after compiled steps, which count
-        on the device only (:meth:`_advance_compiled`)."""
-        if self._count < 0:
-            self._count = int(self.step)
+        """The host copy of ``step`` that the training step branches on, re-read (one host
+        sync) only when the buffer was written from outside or after compiled steps, which count
+        on the device only (:meth:`_advance_compiled`); ``train()`` needs no read."""
+        stamp = self._stamp()
+        if self._count < 0 or stamp != getattr(self, "_seen", None) or stamp[1] < 0:
+            self._count, self._seen = int(self.step), stamp
         return self._count
 
     @property
@@ -364,8 +370,9 @@ class FeatureCloud(nn.Module):
                 if self.scale != 1.0:
                     std = std * self.scale
                 key = self.noise_key()
+        count = self._host_count()
         self.step.add_(1)
-        self._count = self._host_count() + 1
+        self._count, self._seen = count + 1, self._stamp()
         return std, key
 
     def _advance_compiled(
@@ -487,7 +494,7 @@ class FeatureCloud(nn.Module):
         self.check_state_dict(state_dict, prefix)  # torch loads step / seed before statistics
         super()._load_from_state_dict(state_dict, prefix, *args)
         if prefix + "step" in state_dict:
-            self._count = int(self.step)
+            self._count = -1  # re-read when next needed
 
     def extra_repr(self) -> str:
         return (

@@ -209,14 +209,20 @@ class ClassStatistics(KeepBufferDtypes):
     def update(self, features: Tensor, labels: Tensor, validate: bool = True) -> None:
         """Fold one batch into the centers, the counts (while counting) and the angle memory.
 
-        Call only with training batches; labels ``< 0`` are skipped. ``features`` may be any
-        float dtype; everything is computed and stored in float32.
+        Call only with training batches; labels ``< 0`` are skipped, and so are rows without a
+        direction (all zero, or non-finite: an fp16 overflow that ``validate=False`` or
+        ``torch.compile`` let through, whose step GradScaler skips), so one such batch cannot
+        poison the centers and angles for good. ``features`` may be any float dtype; everything
+        is computed and stored in float32.
         """
         labels = check_batch(features, labels, self.embedding_size, self.num_classes, validate)
         if features.shape[0] == 0:
             return
         with torch.autocast(device_type=features.device.type, enabled=False):
-            self._update(features.detach().float(), labels)
+            x = features.detach().float()
+            usable = torch.isfinite(x).all(1) & x.ne(0).any(1)  # a mask: no host sync
+            x = torch.where(usable.unsqueeze(1), x, torch.zeros_like(x))
+            self._update(x, torch.where(usable, labels, torch.full_like(labels, -1)))
 
     def _update(self, features: Tensor, labels: Tensor) -> None:
         valid = labels >= 0

@@ -490,6 +490,30 @@ def test_training_step_has_no_host_sync(impl):
     assert watch.syncs == []
 
 
+def test_train_mode_switch_reads_no_step_and_outside_writes_are_seen():
+    """Loops that call ``model.train()`` every step (e.g. transformers' Trainer) pay no host
+    read for it; a write to the ``step`` buffer from outside (an EMA copy, ``copy_``) is still
+    seen by the next training step (the cloud turns off again before the warm-up's end)."""
+    head = _head("fused", validate=False, warmup_steps=2)
+    x, _, y = _data()
+    for _ in range(3):
+        head(x, y)
+    assert head.cloud_active
+    with _Watch() as watch:
+        head.train()
+        head.eval()
+        head.train()
+        head(x, y)
+    assert watch.syncs == []
+    with torch.no_grad():
+        head.feature_cloud.step.copy_(torch.tensor(0))  # an EMA / hand-written copy
+    assert not head.cloud_active and head.feature_cloud.steps_taken == 0
+    cloudless = LEAPMarginHead(D, C, "cosface", cloud=None)
+    cloudless.weight.data.copy_(head.weight.data)
+    assert torch.equal(head(x, y), cloudless(x, y))  # step 0: no cloud yet
+    assert head.feature_cloud.steps_taken == 1
+
+
 def test_sync_watch_can_fail():
     """The check above sees what .item(), bool() and boolean-mask indexing dispatch."""
     t = torch.randn(5)

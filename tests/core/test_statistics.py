@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from feature_cloud import ClassStatistics
+from feature_cloud import ClassStatistics, LEAPMarginHead
 from feature_cloud import functional as FC
 
 
@@ -323,3 +323,39 @@ def test_vanilla_rule_warns_when_the_counts_leave_no_head_or_no_tail_class():
         LEAPMarginHead(8, 4, cloud="vanilla", tail_threshold=20, class_counts=[30, 2, 3, 40])
         LEAPMarginHead(8, 4, cloud="full", class_counts=[2, 2, 2, 2])  # no threshold: no warning
         LEAPMarginHead(8, 4, cloud="vanilla", class_counts=[0, 0, 0, 0])  # placeholder counts
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 0.0])
+def test_rows_without_a_direction_are_skipped_not_folded_in(bad):
+    """An unchecked batch (``validate=False``, or under torch.compile, where the checks do not
+    run) with a non-finite row (an fp16 overflow) or an all-zero row: the statistics are those
+    of the batch with that row ignored, and stay finite; the head trains on afterwards."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, generator=gen)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    poisoned = x.clone()
+    poisoned[3] = bad if bad == 0.0 else poisoned[3]
+    poisoned[3, 1] = bad
+    a = ClassStatistics(3, 4, class_counts=[5, 5, 2])
+    b = ClassStatistics(3, 4, class_counts=[5, 5, 2])
+    for s in (a, b):
+        s.update(torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), y[:6])
+    a.update(poisoned, y, validate=False)
+    b.update(x, torch.where(torch.arange(8) == 3, -1, y))
+    for k, v in b.state_dict().items():
+        assert torch.equal(a.state_dict()[k], v), k
+
+    head = LEAPMarginHead(
+        4,
+        3,
+        "cosface",
+        scale=64.0,
+        margin=0.35,
+        cloud="full",
+        class_counts=[5, 5, 2],
+        validate=False,
+    )
+    head(poisoned, y)
+    assert all(torch.isfinite(v).all() for v in head.state_dict().values())
+    loss = head(x, y)
+    assert torch.isfinite(loss) and torch.isfinite(head.eval().logits(x)).all()
