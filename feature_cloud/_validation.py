@@ -153,7 +153,8 @@ def check_class_counts(
     if isinstance(counts, (str, bytes)):
         raise TypeError(f"{name} must be a 1-D integer sequence or tensor, got a string")
     try:
-        t = torch.as_tensor(counts)
+        # a list becomes a host tensor, also under ``with torch.device("meta")``
+        t = counts if isinstance(counts, Tensor) else torch.as_tensor(counts, device="cpu")
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{name} must be a 1-D integer sequence or tensor: {exc}") from None
     if t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex:
@@ -162,6 +163,10 @@ def check_class_counts(
         raise TypeError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     if t.numel() != num_classes:
         raise ValueError(f"{name} has {t.numel()} entries, expected num_classes={num_classes}")
+    if t.is_meta:
+        raise ValueError(
+            f"{name} is a meta tensor: pass the counts' values (a list, or a CPU tensor)"
+        )
     t = t.to(torch.long)
     if t.numel() and bool((t < 0).any()):
         raise ValueError(f"{name} must be non-negative")

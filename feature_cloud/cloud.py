@@ -256,7 +256,7 @@ class FeatureCloud(nn.Module):
                 "count_steps=<steps per epoch>."
             )
         if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
+            seed = int(torch.randint(0, 2**62, (), device="cpu").item())  # also on meta
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.long))
         self._count = 0  # host copy of ``step`` (control flow without a device sync)
@@ -311,9 +311,26 @@ class FeatureCloud(nn.Module):
         return self.rule is not None and self.statistics.collective
 
     def set_rule(self, rule: Optional[str]) -> None:
-        """Change the cloud rule (``"full"``, ``"vanilla"``) or turn the cloud off (``None``)."""
+        """Change the cloud rule (``"full"``, ``"vanilla"``) or turn the cloud off (``None``).
+
+        Turning a cloud on past the warm-up needs ``K_i``: a head built with ``cloud=None`` and
+        no ``class_counts`` never counted them, so lay them out first
+        (``statistics.allocate_memory(class_counts)``)."""
         if rule is not None and rule not in FC.CLOUD_RULES:
             raise ValueError(f"cloud must be one of {FC.CLOUD_RULES} or None, got {rule!r}")
+        stats = self.statistics
+        if (
+            rule is not None
+            and stats.counting
+            and self._host_count() >= self.warmup_steps
+            and not bool(stats.class_counts.any())
+        ):
+            raise ValueError(
+                f"cloud={rule!r} after {self._host_count()} steps (warmup_steps="
+                f"{self.warmup_steps}): the class sizes K_i (LEAP Eq. 5) were never counted. "
+                "Call statistics.allocate_memory(class_counts) first (the head's "
+                "`.statistics`), or build the head with class_counts."
+            )
         self.rule = rule
         if rule is not None:
             self.statistics.rule = rule
@@ -418,11 +435,14 @@ class FeatureCloud(nn.Module):
         class centers (:func:`~feature_cloud.functional.center_prototypes`, ``kappa =
         prototype_shrinkage``); ``weight`` itself in train mode (training accuracy monitors the
         classifier being trained, as the fused loss's top-1 does) or with
-        ``prototype_shrinkage=None``; and without a cloud (``rule=None``), whose centers never
-        move (the blend would only renormalise ``weight`` on every inference call).
+        ``prototype_shrinkage=None``; and without a cloud (``rule=None``) unless centers were
+        trained or loaded (a cloud-less inference head loading a trained LEAP head scores as
+        that head did; without centers the blend would only renormalise ``weight``).
         ``weight`` holds the classes ``class_start .. class_start + rows / sub_centers - 1``
         (a shard of a model-parallel head; default: all classes)."""
-        if self.prototype_shrinkage is None or self.training or self.rule is None:
+        if self.prototype_shrinkage is None or self.training:
+            return weight
+        if self.rule is None and not getattr(self.statistics, "has_centers", False):
             return weight
         return self._prototypes(weight, sub_centers, class_start)
 

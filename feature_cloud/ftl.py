@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import functional as FC
 from ._buffers import restore_on_error
-from ._validation import check_class_counts, check_labels
+from ._validation import check_class_counts, check_labels, check_values
 from .heads import LEAPMarginHead
 from .regularizers import MetricL2, warn_metric_l2_with_margin
 from .transfer import FeatureBatch, FeatureTransfer
@@ -197,6 +197,10 @@ class FTLModel(nn.Module):
             batches and the LEAP cloud keeps acting on ``f`` (the weights stay fixed either way).
             ``False``: the frozen head is in eval mode (no statistics, no cloud in stage 2).
             Ignored for a linear ``FC``.
+        validate: for a linear ``FC``, check the labels' values (in ``[0, C)`` or ``-1``) and
+            the features' finiteness before the loss (one host sync per step, as a
+            :class:`~feature_cloud.LEAPMarginHead` does with its own ``validate``); ``False``
+            leaves them to ``cross_entropy`` (an ``IndexError``, or a device-side assert on CUDA).
 
     **LEAP head statistics in stage 1.** :meth:`AlternatingScheduler.stage1_loss` passes
     ``stats_rows`` = the real long-tail batch: only those rows update the head's class statistics
@@ -218,8 +222,10 @@ class FTLModel(nn.Module):
         alpha_reg: float = 0.25,
         transfer: Optional[FeatureTransfer] = None,
         head_cloud_when_frozen: bool = True,
+        validate: bool = True,
     ) -> None:
         super().__init__()
+        self.validate = bool(validate)
         weight = getattr(classifier, "weight", None)
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise TypeError(
@@ -269,6 +275,15 @@ class FTLModel(nn.Module):
         self.frozen: Tuple[str, ...] = ()
         self._base_requires_grad: Optional[Dict[str, bool]] = None
 
+    def extra_repr(self) -> str:
+        """The loss weights of Eq. 4 (the ``metric_l2`` child is weighted by ``alpha_reg``)."""
+        return (
+            f"feature_dim={self.feature_dim}, embedding_size={self.embedding_size}, "
+            f"num_classes={self.num_classes}, alpha_sfmx={self.alpha_sfmx}, "
+            f"alpha_recon={self.alpha_recon}, alpha_reg={self.alpha_reg}"
+            + ("" if self.validate else ", validate=False")
+        )
+
     # ------------------------------------------------------------------ forward pieces
     def part(self, name: str) -> Optional[nn.Module]:
         """The module of one of :data:`PARTS` (``None`` for an absent decoder)."""
@@ -317,6 +332,8 @@ class FTLModel(nn.Module):
         elif self.is_margin_head:
             sfmx = self.classifier(f, labels)
         else:
+            if self.validate:
+                check_values(f, labels, self.num_classes)
             sfmx = FC.margin_cross_entropy(self.classifier(f), labels)
         if self.alpha_reg > 0:
             reg = self.metric_l2(f, self.classifier, labels)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
@@ -64,6 +66,25 @@ def resolve_margin(
     return rule, float(scale), float(margin)
 
 
+def _check_cloud_options(options: Mapping[str, Any]) -> None:
+    """A keyword that is no cloud option (a typo) is named, with the nearest one."""
+    known = [
+        p
+        for p in inspect.signature(FeatureCloud.__init__).parameters
+        if p not in ("self", "num_classes", "embedding_size", "rule")
+    ]
+    for key in options:
+        if key not in known:
+            near = {"s": ["scale"], "m": ["margin"]}.get(key) or difflib.get_close_matches(
+                key, known, n=1
+            )
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise TypeError(
+                f"unexpected keyword argument {key!r}{hint}; the feature cloud's options are "
+                f"{', '.join(known)}"
+            )
+
+
 def make_cloud(
     cloud: Union[None, str, FeatureCloud],
     num_classes: int,
@@ -85,6 +106,7 @@ def make_cloud(
                 f"{cloud.embedding_size}; the head has {num_classes}, {embedding_size}"
             )
     else:
+        _check_cloud_options(options)
         cloud = FeatureCloud(num_classes, embedding_size, cloud, **options)
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -352,7 +374,7 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
     def forward(
         self,
         embeddings: Tensor,
-        labels: Tensor,
+        labels: Optional[Tensor] = None,
         *,
         label_smoothing: float = 0.0,
         return_top1: bool = False,
@@ -365,6 +387,12 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         ``return_top1``: also return, per sample, whether its target has the largest plain
         cosine (top-1 accuracy logging; the fused path gets it without a second GEMM).
         """
+        if labels is None:
+            raise TypeError(
+                f"{type(self).__name__}(embeddings, labels): the forward is the training loss "
+                "and needs labels; for inference scores call head.logits(embeddings) (with "
+                "head.eval(): cosines to the prototypes)"
+            )
         reduction = self.reduction if reduction is None else reduction
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")

@@ -41,6 +41,9 @@ class MetricL2(nn.Module):
         classifier: Union[Tensor, nn.Module],
         labels: Optional[Tensor] = None,
     ) -> Tensor:
+        """``alpha * ||W^T f||^2`` of ``embeddings`` ``(B, D)`` against the classifier's
+        ``(C, D)`` weight (or the weight itself), reduced over the rows (labels ``< 0`` left
+        out)."""
         weight = (
             classifier if isinstance(classifier, Tensor) else getattr(classifier, "weight", None)
         )

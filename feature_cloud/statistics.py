@@ -25,6 +25,17 @@ from ._validation import (
 __all__ = ["ClassStatistics", "CENTER_RATES", "DEFAULT_CENTER_RATE"]
 
 _MEMORY_BUFFERS = ("memory", "memory_stamp", "memory_owner")
+#: What ``class_counts`` lays out (:meth:`ClassStatistics.allocate_memory`).
+_LAYOUT_BUFFERS = (
+    "class_counts",
+    "memory_capacity",
+    "memory_offsets",
+    "memory_pointer",
+    "memory_fill",
+    "angle_sum",
+    "angle_sqsum",
+    *_MEMORY_BUFFERS,
+)
 
 #: Center update rules: ``"adaptive"`` rate max(gamma, 1/n), ``"paper"`` constant gamma.
 CENTER_RATES = ("adaptive", "paper")
@@ -142,6 +153,8 @@ class ClassStatistics(KeepBufferDtypes):
         self.register_buffer("memory", torch.zeros(0))
         self.register_buffer("memory_stamp", torch.zeros(0, dtype=torch.long))
         self.register_buffer("memory_owner", torch.zeros(0, dtype=torch.long))
+        #: Whether centers were trained (an update) or loaded: a host flag, no device read.
+        self.has_centers = False
         if class_counts is not None:
             self.allocate_memory(class_counts)
 
@@ -177,12 +190,14 @@ class ClassStatistics(KeepBufferDtypes):
             counts = self.class_counts.detach().clone()
         else:
             counts = check_class_counts(class_counts, self.num_classes)
-        counts = counts.to(device=device, dtype=torch.long)
+        counts = counts.to(dtype=torch.long)
         if self.rule == "vanilla":
             _warn_vanilla_without_both_groups(counts, self.tail_threshold)
+        # sized from the counts where they are (a module built on "meta" gets host counts)
+        total = int((counts * self.memory_per_sample).clamp_min(1).sum())
+        counts = counts.to(device)
         capacity = (counts * self.memory_per_sample).clamp_min(1)
         offsets = torch.cumsum(capacity, 0) - capacity
-        total = int(capacity.sum())
         self.class_counts.copy_(counts)
         self.memory_capacity.copy_(capacity)
         self.memory_offsets.copy_(offsets)
@@ -195,7 +210,9 @@ class ClassStatistics(KeepBufferDtypes):
         # write time of each slot (-1: empty) and its class; the trash slot belongs to class 0
         # and is never valid
         self.memory_stamp = torch.full((total + 1,), -1, dtype=torch.long, device=device)
-        owner = torch.repeat_interleave(torch.arange(self.num_classes, device=device), capacity)
+        owner = torch.repeat_interleave(
+            torch.arange(self.num_classes, device=device), capacity, output_size=total
+        )
         self.memory_owner = torch.cat([owner, owner.new_zeros(1)])
 
     # ------------------------------------------------------------------ update
@@ -218,6 +235,7 @@ class ClassStatistics(KeepBufferDtypes):
         labels = check_batch(features, labels, self.embedding_size, self.num_classes, validate)
         if features.shape[0] == 0:
             return
+        self.has_centers = True
         with torch.autocast(device_type=features.device.type, enabled=False):
             x = features.detach().float()
             usable = torch.isfinite(x).all(1) & x.ne(0).any(1)  # a mask: no host sync
@@ -355,6 +373,18 @@ class ClassStatistics(KeepBufferDtypes):
         if init is not None and prefix + "center_updates" not in state_dict:
             # settled centers continue at rate gamma
             state_dict[prefix + "center_updates"] = init.long() * math.ceil(1.0 / self.gamma)
+        self.has_centers = isinstance(init, Tensor) and bool(init.any())  # one read, at load
+        counts, mem = state_dict.get(prefix + "class_counts"), state_dict.get(prefix + "memory")
+        if (
+            self.memory_allocated
+            and isinstance(counts, Tensor)
+            and isinstance(mem, Tensor)
+            and mem.numel() == 0
+            and not bool(counts.any())
+        ):  # a checkpoint that never knew K_i (trained with cloud=None): keep this module's
+            for name in _LAYOUT_BUFFERS:  # counts and memory (one host read, at load)
+                if prefix + name in state_dict:
+                    state_dict[prefix + name] = getattr(self, name)
         # the memory's length depends on class_counts: take the checkpoint's layout
         for name in _MEMORY_BUFFERS:
             src = state_dict.get(prefix + name)

@@ -262,6 +262,7 @@ class FeatureTransfer(KeepBufferDtypes):
         all_w = torch.zeros(c, dtype=torch.float64, device=dev)
         counts = torch.zeros(c, dtype=torch.long, device=dev)
         seen = 0
+        stream_labels: List[Tensor] = []  # without indices: positions must match in pass 2
         for batch in open_pass():
             fb = self._as_batch(batch, dev)
             s, w = FC.ftl_center_sums(fb.features, fb.labels, c, fb.flipped, fb.keep)
@@ -273,6 +274,8 @@ class FeatureTransfer(KeepBufferDtypes):
             valid = fb.labels >= 0
             counts.index_add_(0, fb.labels.clamp_min(0), valid.to(torch.long))
             seen += fb.features.shape[0]
+            if fb.indices is None:
+                stream_labels.append(fb.labels)
         if seen == 0:
             raise ValueError("update_stats() got an empty stream")
         kept_c, kept_has = FC.ftl_centers(kept_sum, kept_w)
@@ -300,12 +303,21 @@ class FeatureTransfer(KeepBufferDtypes):
         tail_idx: List[Tensor] = []
         tail_lab: List[Tensor] = []
         position = 0
+        first = torch.cat(stream_labels) if stream_labels else None
         for batch in open_pass():
             fb = self._as_batch(batch, dev)
             b = fb.features.shape[0]
             idx = fb.indices
             if idx is None:
                 idx = torch.arange(position, position + b, device=dev)
+                if first is None or not torch.equal(first[position : position + b], fb.labels):
+                    raise ValueError(
+                        "update_stats(): the batches have no indices and pass 2 yielded other "
+                        f"labels than pass 1 at positions {position}..{position + b - 1}: a "
+                        "shuffling loader? Without indices the hard list holds stream "
+                        "positions, so the source must yield the same order in both passes "
+                        "(shuffle=False), or give dataset indices (FeatureBatch.indices)"
+                    )
             position += b
             y = fb.labels
             yc = y.clamp_min(0)

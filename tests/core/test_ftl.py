@@ -93,6 +93,14 @@ def test_decoder_is_optional_only_explicitly():
         )
     with pytest.raises(TypeError, match="classifier"):
         FTLModel(enc, nn.ReLU(), feature_dim=D, alpha_recon=0)
+    # a label outside [0, C) with the linear FC: named, as the margin head names it (was
+    # cross_entropy's IndexError; on CUDA a device-side assert)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
+        model.loss(torch.randn(4, P), torch.tensor([0, 1, 2, 5]))
+    unchecked = FTLModel(enc, nn.Linear(E, 5), feature_dim=D, alpha_recon=0.0, validate=False)
+    assert "validate=False" in repr(unchecked) and "alpha_reg=0.25" in repr(unchecked)
+    with pytest.raises(IndexError):
+        unchecked.loss(torch.randn(4, P), torch.tensor([0, 1, 2, 5]))
 
 
 def test_leap_margin_head_as_classifier():

@@ -201,6 +201,16 @@ def test_constructor_validation():
         LEAPMarginHead(D, C, cloud="full")
     with pytest.raises(ValueError, match="reduction"):
         LEAPMarginHead(D, C, cloud=None, reduction="avg")
+    # a misspelt keyword is named with the nearest option (it used to surface as an unexpected
+    # argument of the internal FeatureCloud.__init__)
+    with pytest.raises(TypeError, match="'warmup_step' \\(did you mean 'warmup_steps'\\?\\)"):
+        LEAPMarginHead(D, C, warmup_step=10)
+    with pytest.raises(TypeError, match="'s' \\(did you mean 'scale'\\?\\)"):
+        LEAPMarginHead(D, C, cloud=None, s=64.0)
+    with pytest.raises(TypeError, match="'zzz'; the feature cloud's options are tail_threshold"):
+        LEAPMarginHead(D, C, cloud=None, zzz=1)
+    with pytest.raises(TypeError, match=r"needs labels; for inference scores call head.logits"):
+        LEAPMarginHead(D, C, cloud=None)(torch.randn(2, D))
 
 
 def test_online_counting_during_warmup():

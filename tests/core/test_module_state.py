@@ -379,3 +379,104 @@ def test_compiled_head_imprints_once_across_an_empty_batch_at_the_imprint_step()
         torch.testing.assert_close(compiled.weight, eager.weight, atol=1e-5, rtol=1e-5)
     assert int(compiled.feature_cloud.step) == int(eager.feature_cloud.step) == 4
     assert eager.feature_cloud._imprinted == 2
+
+
+def test_pretrained_cloudless_head_then_leap_keeps_the_given_class_counts() -> None:
+    """Pretrain plain CosFace (``cloud=None``), then build the LEAP head with ``class_counts`` and
+    load the pretrained state: the checkpoint never knew K_i, so the given counts and their
+    memory stay (they were wiped to zeros: the cloud stayed at zero while reported active), and
+    the statistics then evolve exactly as a fresh LEAP head's on the same batches."""
+    D, C = 16, 5
+    counts = torch.tensor([50, 50, 10, 3, 1])
+    y = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    gen = torch.Generator().manual_seed(0)
+    plain = LEAPMarginHead(D, C, cloud=None)
+    for _ in range(3):
+        plain(torch.randn(8, D, generator=gen), y)
+    buf = io.BytesIO()
+    torch.save(plain.state_dict(), buf)
+    leap = LEAPMarginHead(D, C, class_counts=counts, seed=1)
+    fresh = LEAPMarginHead(D, C, class_counts=counts, seed=1)
+    buf.seek(0)
+    leap.load_state_dict(torch.load(buf, weights_only=True))
+    assert leap.statistics.class_counts.tolist() == counts.tolist()
+    assert leap.statistics.memory.numel() == fresh.statistics.memory.numel() > 0
+    for _ in range(6):
+        x = torch.randn(8, D, generator=gen)
+        leap(x, y)
+        fresh(x, y)
+    assert leap.statistics.cloud_variance().max() > 0
+    for k, v in fresh.statistics.state_dict().items():
+        assert torch.equal(leap.statistics.state_dict()[k], v), k
+
+
+def test_turning_the_cloud_on_needs_class_sizes() -> None:
+    """``head.cloud = "full"`` on a head built with ``cloud=None`` and no counts is refused
+    (it gave a zero cloud reported active); with the counts laid out first it trains."""
+    D, C = 8, 4
+    head = LEAPMarginHead(D, C, cloud=None)
+    with pytest.raises(ValueError, match="never counted.*allocate_memory"):
+        head.cloud = "full"
+    assert head.cloud is None
+    head.statistics.allocate_memory([30, 30, 2, 2])
+    head.cloud = "full"
+    y = torch.tensor([0, 1, 2, 3] * 4)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        head(torch.randn(16, D, generator=gen), y)
+    assert head.cloud_active and head.statistics.cloud_variance()[2:].min() > 0
+
+
+def test_cloudless_inference_head_scores_a_loaded_leap_head_as_it_did() -> None:
+    """An inference-only head (``cloud=None``: no class_counts needed) loading a trained LEAP
+    head's state gives the trained head's eval logits (its prototypes); a ``cloud=None`` head
+    trained from scratch has no centers and scores its weights exactly."""
+    D, C = 16, 6
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])
+    gen = torch.Generator().manual_seed(0)
+    trained = LEAPMarginHead(D, C, class_counts=[40, 40, 40, 3, 3, 2], seed=0)
+    for _ in range(5):
+        trained(torch.randn(8, D, generator=gen), y)
+    q = torch.randn(5, D, generator=gen)
+    infer = LEAPMarginHead(D, C, cloud=None)
+    infer.load_state_dict(trained.state_dict())
+    want = trained.eval().logits(q)
+    assert not torch.allclose(want, trained.scale * FC.cosine_logits(q, trained.weight))
+    torch.testing.assert_close(infer.eval().logits(q), want)
+    plain = LEAPMarginHead(D, C, cloud=None)
+    plain(torch.randn(8, D, generator=gen), y)
+    assert not plain.statistics.has_centers
+    assert torch.equal(plain.eval().logits(q), plain.scale * FC.cosine_logits(q, plain.weight))
+
+
+@pytest.mark.parametrize("assign", [True, False])
+def test_head_built_on_meta_then_loaded_scores_as_the_trained_head(assign: bool) -> None:
+    """Large face heads are built without memory (``with torch.device("meta")``), then given
+    a checkpoint (``load_state_dict(assign=True)``, or ``to_empty`` and a load): construction
+    draws no seed and reads no counts on the meta device, and the loaded head is the trained one."""
+    D, C = 16, 6
+    counts = [40, 40, 40, 3, 3, 2]
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])
+    gen = torch.Generator().manual_seed(0)
+    trained = LEAPMarginHead(D, C, class_counts=counts)
+    for _ in range(4):
+        trained(torch.randn(8, D, generator=gen), y)
+    with torch.device("meta"):
+        head = LEAPMarginHead(D, C, class_counts=counts)
+        assert LEAPMarginHead(D, C, cloud=None).weight.is_meta
+    assert head.weight.is_meta and head.statistics.memory.is_meta
+    buf = io.BytesIO()
+    torch.save(trained.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)  # as from a file: no storage shared
+    if assign:
+        head.load_state_dict(state, assign=True)
+    else:
+        head.to_empty(device="cpu")
+        head.load_state_dict(state)
+    q = torch.randn(5, D, generator=gen)
+    assert torch.equal(head.eval().logits(q), trained.eval().logits(q))
+    x = torch.randn(8, D, generator=gen)
+    assert torch.equal(head.train()(x, y), trained.train()(x, y))  # the next step too
+    with pytest.raises(ValueError, match="meta tensor"):
+        LEAPMarginHead(D, C, class_counts=torch.tensor(counts, device="meta"))

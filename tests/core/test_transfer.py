@@ -322,6 +322,16 @@ def test_update_stats_errors_leave_state_untouched():
     with pytest.raises(ValueError, match="same samples"):
         ft.update_stats(lambda: next(passes))
     unchanged()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    passes = iter([[(g, y)], [(g[perm], y[perm])]])  # a shuffling loader, no indices
+    with pytest.raises(ValueError, match="shuffling loader"):
+        ft.update_stats(lambda: next(passes))
+    unchanged()
+    idx = torch.arange(len(y))  # with dataset indices a shuffled second pass is fine
+    passes = iter([[(g, y, idx)], [(g[perm], y[perm], idx[perm])]])
+    fresh = FeatureTransfer(8, len(counts), num_components=3)
+    fresh.update_stats(lambda: next(passes))
+    assert torch.equal(y[fresh.hard_indices], fresh.hard_labels)
     nan = g.clone()
     nan[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
