@@ -55,6 +55,7 @@ from .sync import (  # noqa: F401  (re-exported: the process-group API lives her
     agree_on_batch,
     gather_batch,
     is_distributed,
+    own_rows,
 )
 
 __all__ = [
@@ -162,7 +163,9 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
     Args:
         embedding_size, num_classes, margin_type, scale, margin, cloud, reduction, validate:
             as :class:`~feature_cloud.heads.LEAPMarginHead` (``num_classes`` is the total ``C``;
-            ``reduction="none"`` returns the losses of this rank's own samples).
+            ``reduction="none"`` returns the losses of this rank's own samples; their backward
+            all-gathers every rank's upstream gradient, so per-sample weights reach every shard:
+            every rank must back-propagate).
         process_group: the group the classes are sharded over (default: WORLD). Without an
             initialised process group the head holds all classes on one process.
         shard_sizes: rows per rank (uneven splits allowed); default :func:`even_shard_sizes`.
@@ -388,9 +391,11 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
             logits = self._margin_logits(emb, weight, local, std, cloud_key, columns)
             per_sample = _sharded_cross_entropy(logits, local, group, distributed)
             per_sample = torch.where(valid, per_sample, torch.zeros_like(per_sample))
-        if self.reduction == "none":
+        if self.reduction == "none":  # own rows; every rank's upstream weights reach all shards
             rows = emb.shape[0] // self.world_size
-            return per_sample[self.rank * rows : self.rank * rows + local_rows]
+            if not distributed:
+                return per_sample[:local_rows]
+            return own_rows(per_sample, self.rank, rows, local_rows, group)
         total = per_sample.sum()
         if self.reduction == "sum":
             return total
@@ -533,7 +538,7 @@ def _sharded_cross_entropy(
     if distributed:
         sum_exp = _ReplicatedSum.apply(sum_exp, group)
         target = _ReplicatedSum.apply(target, group)
-    return torch.log(sum_exp) + row_max - target
+    return torch.log(sum_exp) + (row_max - target)  # near-equal logits cancel first
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ single-process behaviour.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, cast
 
 import torch
 import torch.distributed as dist
@@ -118,6 +118,33 @@ class _ReplicatedSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None]:
         return grad, None
+
+
+class _OwnRows(torch.autograd.Function):
+    """This rank's rows ``[rank * rows, rank * rows + n)`` of a per-sample vector computed
+    identically-laid-out on every rank (the global, padded batch), whose backward needs every
+    rank's upstream gradient: forward slices, backward all-gathers the ranks' upstream
+    gradients into the whole vector's (each rank's rows padded to ``rows``). A collective in
+    the backward: every rank must back-propagate."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, rank: int, rows: int, n: int, group: ProcessGroup) -> Tensor:
+        ctx.rows, ctx.n, ctx.group, ctx.length = rows, n, group, x.shape[0]
+        return x[rank * rows : rank * rows + n].clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None, None, None]:
+        padded = grad.new_zeros(ctx.rows)
+        padded[: ctx.n] = grad
+        parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(ctx.group))]
+        dist.all_gather(parts, padded.contiguous(), group=ctx.group)
+        return torch.cat(parts)[: ctx.length], None, None, None, None
+
+
+def own_rows(x: Tensor, rank: int, rows: int, n: int, group: ProcessGroup = None) -> Tensor:
+    """:class:`_OwnRows`: this rank's ``n`` rows of a global per-sample vector, with gradients
+    for the whole of it (every rank's upstream weights reach every shard)."""
+    return cast(Tensor, _OwnRows.apply(x, rank, rows, n, group))
 
 
 def gather_batch(

@@ -230,6 +230,32 @@ def check_sharded_head(rank: int, world: int) -> None:
                 _close(gw_s, gw_d[lo:hi], f"weight grad {what}")
                 _close(gx_s, gx_d[start : start + x.shape[0]], f"embedding grad {what}")
 
+    # reduction="none": each rank weights its own rows' losses (per-sample weights, mining);
+    # every rank's weights must reach every shard's weight gradient (they reached only the own)
+    torch.manual_seed(0)
+    dense = LEAPMarginHead(D, C, cloud=None, seed=5, reduction="none")
+    sharded = ShardedLEAPMarginHead(
+        D, C, cloud=None, seed=5, shard_sizes=custom, ddp_backbone=False, reduction="none"
+    )
+    sharded.load_state_dict(split_state_dict(dense.state_dict(), world, custom)[rank])
+    lo, hi = sharded.shard_start, sharded.shard_end
+    for step, sizes in enumerate(SCHEDULE):
+        batches = _batches(step, sizes[:world])
+        xa, ya = _cat(batches)
+        u = torch.rand(xa.shape[0], generator=torch.Generator().manual_seed(step))
+        xa.requires_grad_()
+        gx_d, gw_d = torch.autograd.grad((u * dense(xa, ya)).sum(), [xa, dense.weight])
+        x, y = batches[rank]
+        x = x.clone().requires_grad_()
+        start = sum(sizes[:rank])
+        own = sharded(x, y)
+        _close(own, dense(xa, ya)[start : start + x.shape[0]].detach(), f"none loss step {step}")
+        gx_s, gw_s = torch.autograd.grad(
+            (u[start : start + x.shape[0]] * own).sum(), [x, sharded.weight]
+        )
+        _close(gw_s, gw_d[lo:hi], f"none weight grad step {step}")
+        _close(gx_s, gx_d[start : start + x.shape[0]], f"none embedding grad step {step}")
+
     # ddp_backbone (default) scales the embeddings' gradient by world_size
     torch.manual_seed(0)
     dense = LEAPMarginHead(D, C, cloud=None, seed=5)
