@@ -562,8 +562,10 @@ class WithFeatureCloud:
 
     @property
     def seed(self) -> int:
-        """Seed of the cloud's noise stream (the ``feature_cloud.seed`` buffer; shared by all
-        ranks, whose streams differ by rank)."""
+        """Seed of the cloud's noise stream (the ``feature_cloud.seed`` buffer; the ranks'
+        streams differ by rank). ``seed=None`` draws it from the global RNG: the same on every
+        rank only if that RNG is, or once DDP broadcasts the buffers; pass ``seed`` for runs
+        that resume exactly on every rank (the sharded head broadcasts rank 0's)."""
         return int(self.feature_cloud.seed)
 
     @property

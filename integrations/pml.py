@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import sys
 from types import FrameType
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -166,6 +166,7 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         self.embedding_size = int(embedding_size)
         self.feature_cloud = make_cloud(cloud, self.num_classes, self.embedding_size, cloud_options)
         self.validate = bool(validate)
+        self._agreed: Optional[Tuple[Tensor, Tensor]] = None  # (embeddings, labels) of forward
         if metric_l2 is None:
             self.metric_l2: Optional[MetricL2] = None
         elif isinstance(metric_l2, MetricL2):
@@ -233,7 +234,22 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         upcast = _at_least_float32(embeddings)
         if ref_emb is embeddings:
             ref_emb = upcast
-        return super().forward(upcast, labels, indices_tuple, ref_emb, ref_labels)
+        self._agreed = None
+        if labels is not None and self._collective_step():
+            # ranks agree on the batch before PML's own shape checks, which would raise on one
+            # rank while the others wait in the statistics' collective: all raise or none
+            self._cloud_to(upcast.device)
+            self._sync_mode()
+            checked = self.feature_cloud.check(upcast, labels, validate=self.validate)
+            self._agreed = (upcast, checked)
+        try:
+            return super().forward(upcast, labels, indices_tuple, ref_emb, ref_labels)
+        finally:
+            self._agreed = None
+
+    def _collective_step(self) -> bool:
+        """Whether this call's training step is a collective (synchronised statistics)."""
+        return self.training and torch.is_grad_enabled() and self.feature_cloud.collective
 
     def compute_loss(
         self,
@@ -249,9 +265,13 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         self._cloud_to(device)  # the checks of a collective update run on the device
         cloud = self.feature_cloud
         train = self.training and torch.is_grad_enabled()
-        if train:
-            self._sync_mode()
-        labels = cloud.check(embeddings, labels, validate=self.validate, train=train)
+        agreed = self._agreed
+        if train and agreed is not None and agreed[0] is embeddings:
+            labels = agreed[1]  # agreed on by every rank in forward
+        else:
+            if train:
+                self._sync_mode()
+            labels = cloud.check(embeddings, labels, validate=self.validate, train=train)
         self.cast_types(dtype, device)  # W follows the batch once the batch is accepted
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
         cloud.imprint(self.W.t(), self.sub_centers, train=train)

@@ -594,6 +594,28 @@ def check_pml_imprint(rank: int, world: int) -> None:
     _assert_replicated({"W": loss.W.detach()}, "PML imprinted weights")
 
 
+def check_ddp_broadcasts_a_rank0_checkpoint(rank: int, world: int) -> None:
+    """A checkpoint loaded on rank 0 only, then broadcast by DDP's construction: every rank's
+    cloud follows the broadcast step (ranks >= 1 kept their host step copy of 0 and trained
+    without the cloud: the warm-up was not over for them)."""
+    torch.manual_seed(0)
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=11, warmup_steps=4)
+    net = _Net(head)
+    if rank == 0:
+        kw = dict(class_counts=COUNTS, seed=11, warmup_steps=4, sync="off")  # rank 0 alone
+        trained = _Net(LEAPMarginHead(D, C, **kw))
+        for step in range(5):
+            trained(*_batches(step, [4], dim=IN, ignored=0.0)[0])
+        net.load_state_dict(trained.state_dict())
+    model = DDP(net)  # broadcasts rank 0's parameters and buffers
+    assert head.step == 5 and head.cloud_active, f"rank {rank}"
+    x, y = _batches(9, [4] * world, dim=IN, ignored=0.0)[rank]
+    model(x, y).backward()
+    steps: List = [None] * world
+    dist.all_gather_object(steps, (head.step, head.cloud_active))
+    assert steps == [(6, True)] * world, steps
+
+
 CHECKS = [
     "check_gather_batch",
     "check_synced_statistics",
@@ -603,6 +625,7 @@ CHECKS = [
     "check_negative_sampling",
     "check_ddp_training",
     "check_sharded_ddp_training",
+    "check_ddp_broadcasts_a_rank0_checkpoint",
     "check_imprint",
 ]
 #: PML's DistributedLossWrapper: 2 ranks (the usual setting) and 3, where its rotated order is

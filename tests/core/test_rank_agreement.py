@@ -104,7 +104,38 @@ def check_sharded_head(rank: int, world: int) -> None:
     assert head.step == 1 and torch.isfinite(loss)
 
 
-CHECKS = ["check_synced_head", "check_synced_statistics_pad_to", "check_sharded_head"]
+def check_pml_loss(rank: int, world: int) -> None:
+    """PML's ``LEAPLoss`` under synchronised statistics: a batch that PML's own shape checks
+    refuse on one rank (labels of another length, 2-D labels) raises on every rank (that rank
+    raised PML's error while the other waited in the statistics' collective), and NaN too."""
+    pytest.importorskip("pytorch_metric_learning")
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    torch.manual_seed(0)
+    loss = LEAPLoss(C, D, class_counts=COUNTS, seed=1)
+    x, y = _batch(0, rank)
+    loss(x, y).backward()
+    before = state_snapshot(loss)
+    bad_x, bad_y = _batch(1, rank)
+    short = bad_y[:-1] if rank == 1 else bad_y
+    _fails_together(rank, lambda: loss(bad_x, short), ValueError, r"one label per.*rank 1 of 2")
+    two_d = bad_y[:, None] if rank == 0 else bad_y
+    _fails_together(rank, lambda: loss(bad_x, two_d), ValueError, r"rank 0 of 2")
+    if rank == 1:
+        bad_x[0, 0] = float("nan")
+    _fails_together(rank, lambda: loss(bad_x, bad_y), ValueError, r"NaN.*rank 1 of 2")
+    assert_same_state(state_snapshot(loss), before, f"rank {rank} after rejected batches")
+    x, y = _batch(2, rank)
+    loss(x, y).backward()  # still in step
+    assert loss.feature_cloud.steps_taken == 2
+
+
+CHECKS = [
+    "check_synced_head",
+    "check_synced_statistics_pad_to",
+    "check_sharded_head",
+    "check_pml_loss",
+]
 
 
 def test_ranks_fail_together() -> None:
