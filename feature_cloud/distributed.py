@@ -484,10 +484,15 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
             )
         ):
             rows, d = state_dict[key].shape if key in state_dict else (None, None)
+            what = (
+                f"a dense state dict ({rows} classes of size {d}, no shard layout: "
+                f"split_state_dict(state, {len(self.sizes)}) gives each rank its shard)"
+                if layout is None
+                else f"checkpoint shard has {rows} classes of size {d} (rank "
+                f"{_item(state_dict.get(prefix + 'shard_rank'))} of sizes {layout.tolist()})"
+            )
             raise ValueError(
-                f"checkpoint shard has {rows} classes of size {d} (rank "
-                f"{_item(state_dict.get(prefix + 'shard_rank'))} of sizes "
-                f"{None if layout is None else layout.tolist()}); rank {self.rank} holds "
+                f"{what}; rank {self.rank} holds "
                 f"{self.weight.shape[0]} classes of size {self.embedding_size} of sizes "
                 f"{self.sizes} (use consolidate_state_dicts / split_state_dict to change the "
                 "layout)"

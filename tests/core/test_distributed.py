@@ -727,6 +727,9 @@ def test_bad_arguments() -> None:
         head(torch.randn(2, D), torch.tensor([0, 7]))
     with pytest.raises(ValueError, match="holds"):
         head.load_state_dict({**head.state_dict(), "weight": torch.zeros(3, D)})
+    dense = {k: v for k, v in head.state_dict().items() if k not in ("shard_rank", "shard_sizes")}
+    with pytest.raises(ValueError, match=r"a dense state dict \(3 classes .*split_state_dict"):
+        head.load_state_dict({**dense, "weight": torch.zeros(3, D)}, strict=False)
 
 
 def test_ignored_rows_do_not_change_the_statistics() -> None:
