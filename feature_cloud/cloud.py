@@ -277,6 +277,16 @@ class FeatureCloud(nn.Module):
         """Training steps taken: the ``step`` buffer (one host read)."""
         return int(self.step)
 
+    def train(self, mode: bool = True) -> FeatureCloud:
+        """Also marks the host copy of ``step`` for a re-read at the next training step (one
+        host sync then): writes that bump no version counter (``dist.broadcast``, DDP's buffer
+        broadcast, ``.data``) are seen at the next ``train()``. Entering eval mode, a cloud-less
+        head reads whether its statistics hold centers (loaded or copied: its prototypes)."""
+        self._count = -1
+        if not mode and self.rule is None:
+            self.statistics.has_centers = bool(self.statistics.center_initialized.any())
+        return super().train(mode)
+
     def _stamp(self) -> Tuple[int, int]:
         """Which ``step`` tensor, at which in-place version: a write from outside (an EMA copy,
         ``copy_``, ``load_state_dict``, ``.to(device)``) changes it."""
@@ -288,8 +298,9 @@ class FeatureCloud(nn.Module):
 
     def _host_count(self) -> int:
         """The host copy of ``step`` that the training step branches on, re-read (one host
-        sync) only when the buffer was written from outside or after compiled steps, which count
-        on the device only (:meth:`_advance_compiled`); ``train()`` needs no read."""
+        sync) when the buffer was written in place or replaced (``copy_``, an EMA update,
+        ``load_state_dict``, ``.to``), after ``train()`` and after compiled steps, which count
+        on the device only (:meth:`_advance_compiled`)."""
         stamp = self._stamp()
         if self._count < 0 or stamp != getattr(self, "_seen", None) or stamp[1] < 0:
             self._count, self._seen = int(self.step), stamp
@@ -319,17 +330,23 @@ class FeatureCloud(nn.Module):
         if rule is not None and rule not in FC.CLOUD_RULES:
             raise ValueError(f"cloud must be one of {FC.CLOUD_RULES} or None, got {rule!r}")
         stats = self.statistics
+        steps = self._host_count()
         if (
             rule is not None
             and stats.counting
-            and self._host_count() >= self.warmup_steps
+            and (steps > 0 or self.warmup_steps == 0)
             and not bool(stats.class_counts.any())
         ):
+            why = (
+                f"counting them online now would miss the {steps} steps already taken"
+                if steps > 0
+                else "warmup_steps=0 leaves no warm-up to count them in"
+            )
             raise ValueError(
-                f"cloud={rule!r} after {self._host_count()} steps (warmup_steps="
-                f"{self.warmup_steps}): the class sizes K_i (LEAP Eq. 5) were never counted. "
-                "Call statistics.allocate_memory(class_counts) first (the head's "
-                "`.statistics`), or build the head with class_counts."
+                f"cloud={rule!r}: the class sizes K_i (LEAP Eq. 5) are unknown (a head without "
+                f"a cloud does not count them) and {why}. Call "
+                "statistics.allocate_memory(class_counts) first (the head's `.statistics`), or "
+                "build the head with class_counts."
             )
         self.rule = rule
         if rule is not None:

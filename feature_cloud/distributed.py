@@ -506,8 +506,10 @@ def _item(x: Optional[Tensor]) -> Optional[int]:
 
 def _broadcast_seed(process_group: ProcessGroup) -> int:
     """A seed from rank 0's global RNG, the same on every rank of ``process_group``."""
-    s = torch.randint(0, 2**62, (1,), dtype=torch.long)
+    s = torch.randint(0, 2**62, (1,), dtype=torch.long, device="cpu")  # also under meta
     if is_distributed(process_group):
+        if dist.get_backend(process_group) == "nccl":  # NCCL moves CUDA tensors only
+            s = s.to(torch.device("cuda", torch.cuda.current_device()))
         src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
         dist.broadcast(s, src=src, group=process_group)
     return int(s.item())

@@ -351,6 +351,23 @@ class ClassStatistics(KeepBufferDtypes):
             ),
         )
 
+    def _keep_layout(self, state_dict: Dict[str, Any], prefix: str) -> None:
+        """Load this module's ``class_counts`` and memory layout instead of the checkpoint's,
+        with the memory emptied as :meth:`allocate_memory` leaves it."""
+        if self.class_counts.is_meta:
+            raise ValueError(
+                "the checkpoint holds no class sizes K_i (a head trained without a cloud) and "
+                "this module's class_counts were built on the meta device, without values: "
+                "build the head on a real device, or load and then call "
+                "statistics.allocate_memory(class_counts)"
+            )
+        for name in _LAYOUT_BUFFERS:
+            if prefix + name not in state_dict:
+                continue
+            own = getattr(self, name)
+            keep = name in ("class_counts", "memory_capacity", "memory_offsets", "memory_owner")
+            state_dict[prefix + name] = own if keep else _empty_like(own, name)
+
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         self.check_state_dict(state_dict, prefix)
         # checkpoints written before these buffers existed: fill them from the layout
@@ -373,7 +390,8 @@ class ClassStatistics(KeepBufferDtypes):
         if init is not None and prefix + "center_updates" not in state_dict:
             # settled centers continue at rate gamma
             state_dict[prefix + "center_updates"] = init.long() * math.ceil(1.0 / self.gamma)
-        self.has_centers = isinstance(init, Tensor) and bool(init.any())  # one read, at load
+        if isinstance(init, Tensor):
+            self.has_centers = bool(init.any())  # one read, at load
         counts, mem = state_dict.get(prefix + "class_counts"), state_dict.get(prefix + "memory")
         if (
             self.memory_allocated
@@ -381,10 +399,8 @@ class ClassStatistics(KeepBufferDtypes):
             and isinstance(mem, Tensor)
             and mem.numel() == 0
             and not bool(counts.any())
-        ):  # a checkpoint that never knew K_i (trained with cloud=None): keep this module's
-            for name in _LAYOUT_BUFFERS:  # counts and memory (one host read, at load)
-                if prefix + name in state_dict:
-                    state_dict[prefix + name] = getattr(self, name)
+        ):  # a checkpoint that never knew K_i (trained with cloud=None): this module's
+            self._keep_layout(state_dict, prefix)  # counts stay, with an empty memory
         # the memory's length depends on class_counts: take the checkpoint's layout
         for name in _MEMORY_BUFFERS:
             src = state_dict.get(prefix + name)
@@ -392,6 +408,12 @@ class ClassStatistics(KeepBufferDtypes):
             if src is not None and src.shape != own.shape:  # own dtype: load_state_dict casts
                 setattr(self, name, torch.empty(src.shape, dtype=own.dtype, device=own.device))
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def _empty_like(own: Tensor, name: str) -> Tensor:
+    """A just-laid-out value of the layout buffer ``name`` (as :meth:`allocate_memory` leaves
+    it), shaped like ``own``."""
+    return torch.full_like(own, -1) if name == "memory_stamp" else torch.zeros_like(own)
 
 
 def _warn_vanilla_without_both_groups(counts: Tensor, threshold: int) -> None:

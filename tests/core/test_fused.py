@@ -490,10 +490,11 @@ def test_training_step_has_no_host_sync(impl):
     assert watch.syncs == []
 
 
-def test_train_mode_switch_reads_no_step_and_outside_writes_are_seen():
-    """Loops that call ``model.train()`` every step (e.g. transformers' Trainer) pay no host
-    read for it; a write to the ``step`` buffer from outside (an EMA copy, ``copy_``) is still
-    seen by the next training step (the cloud turns off again before the warm-up's end)."""
+def test_step_is_reread_once_after_train_and_after_outside_writes():
+    """Mode switches read nothing; the next training step after ``train()`` re-reads the step
+    once (a broadcast or ``.data`` write bumps no version counter), later steps read nothing;
+    an in-place write to the ``step`` buffer (an EMA copy, ``copy_``) is seen by the next
+    training step without ``train()`` (the cloud turns off again before the warm-up's end)."""
     head = _head("fused", validate=False, warmup_steps=2)
     x, _, y = _data()
     for _ in range(3):
@@ -503,6 +504,11 @@ def test_train_mode_switch_reads_no_step_and_outside_writes_are_seen():
         head.train()
         head.eval()
         head.train()
+    assert watch.syncs == []
+    with _Watch() as watch:
+        head(x, y)
+    assert watch.syncs == ["_local_scalar_dense"]
+    with _Watch() as watch:
         head(x, y)
     assert watch.syncs == []
     with torch.no_grad():

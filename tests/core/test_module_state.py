@@ -415,7 +415,7 @@ def test_turning_the_cloud_on_needs_class_sizes() -> None:
     (it gave a zero cloud reported active); with the counts laid out first it trains."""
     D, C = 8, 4
     head = LEAPMarginHead(D, C, cloud=None)
-    with pytest.raises(ValueError, match="never counted.*allocate_memory"):
+    with pytest.raises(ValueError, match="unknown.*allocate_memory"):
         head.cloud = "full"
     assert head.cloud is None
     head.statistics.allocate_memory([30, 30, 2, 2])
@@ -480,3 +480,57 @@ def test_head_built_on_meta_then_loaded_scores_as_the_trained_head(assign: bool)
     assert torch.equal(head.train()(x, y), trained.train()(x, y))  # the next step too
     with pytest.raises(ValueError, match="meta tensor"):
         LEAPMarginHead(D, C, class_counts=torch.tensor(counts, device="meta"))
+
+
+def test_kept_layout_starts_empty_and_writes_without_a_version_are_seen_after_train() -> None:
+    """Loading a cloud-less checkpoint into a trained LEAP head keeps its counts and layout but
+    not its stored angles (they belonged to the dropped centers: as if just laid out); a step
+    write that bumps no version (``.data``, ``dist.broadcast``) is seen after ``train()``;
+    turning a cloud on after steps without counts is refused."""
+    D, C = 8, 4
+    counts = [30, 30, 2, 2]
+    y = torch.tensor([0, 1, 2, 3] * 4)
+    gen = torch.Generator().manual_seed(0)
+    head = LEAPMarginHead(D, C, class_counts=counts, seed=0, warmup_steps=2)
+    for _ in range(4):
+        head(torch.randn(16, D, generator=gen), y)
+    assert head.statistics.memory_fill.sum() > 0
+    head.load_state_dict(LEAPMarginHead(D, C, cloud=None, warmup_steps=2).state_dict())
+    laid_out = LEAPMarginHead(D, C, class_counts=counts, seed=0, warmup_steps=2).statistics
+    for k, v in laid_out.state_dict().items():
+        assert torch.equal(head.statistics.state_dict()[k], v), k
+    assert head.step == 0 and not head.cloud_active
+    head.feature_cloud.step.data.fill_(5)  # no version bump, as a broadcast from rank 0
+    head.train()
+    assert head.cloud_active and head.feature_cloud.steps_taken == 5
+
+    plain = LEAPMarginHead(D, C, cloud=None, warmup_steps=4, count_steps=4)
+    plain(torch.randn(16, D, generator=gen), y)
+    with pytest.raises(ValueError, match="miss the 1 steps already taken"):
+        plain.cloud = "full"  # the rest of the warm-up would count 3 of its 4 batches
+
+
+def test_cloudless_head_prototypes_follow_copies_and_partial_loads() -> None:
+    """A cloud-less head's prototypes follow its centers however they arrive: an in-place copy
+    (an EMA update) is seen when the copy enters eval mode; a load without the centers keeps
+    what the head holds; on the meta device a cloud-less checkpoint without K_i is refused."""
+    D, C = 8, 4
+    y = torch.tensor([0, 1, 2, 3] * 4)
+    gen = torch.Generator().manual_seed(0)
+    trained = LEAPMarginHead(D, C, class_counts=[30, 30, 2, 2], seed=0)
+    for _ in range(3):
+        trained(torch.randn(16, D, generator=gen), y)
+    q = torch.randn(5, D, generator=gen)
+    want = trained.eval().logits(q)
+    ema = LEAPMarginHead(D, C, cloud=None)
+    with torch.no_grad():  # timm's ModelEmaV3 copies tensors in place
+        for (_, e), (_, t) in zip(ema.state_dict().items(), trained.state_dict().items()):
+            if e.shape == t.shape:
+                e.copy_(t)
+    torch.testing.assert_close(ema.eval().logits(q), want)
+    ema.load_state_dict({"weight": trained.weight.detach().clone()}, strict=False)
+    torch.testing.assert_close(ema.eval().logits(q), want)
+    with torch.device("meta"):
+        meta = LEAPMarginHead(D, C, class_counts=[30, 30, 2, 2])
+    with pytest.raises(ValueError, match="built on the meta device"):
+        meta.load_state_dict(LEAPMarginHead(D, C, cloud=None).state_dict(), assign=True)
