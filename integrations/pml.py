@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import sys
 from types import FrameType
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union, cast
 
 import torch
 
@@ -235,12 +235,13 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         if ref_emb is embeddings:
             ref_emb = upcast
         self._agreed = None
-        if labels is not None and self._collective_step():
+        if self._collective_step():
             # ranks agree on the batch before PML's own shape checks, which would raise on one
             # rank while the others wait in the statistics' collective: all raise or none
+            # (labels=None on a rank is one of the problems agreed on: not an integer tensor)
             self._cloud_to(upcast.device)
             self._sync_mode()
-            checked = self.feature_cloud.check(upcast, labels, validate=self.validate)
+            checked = self.feature_cloud.check(upcast, cast(Tensor, labels), validate=self.validate)
             self._agreed = (upcast, checked)
         try:
             return super().forward(upcast, labels, indices_tuple, ref_emb, ref_labels)

@@ -121,6 +121,8 @@ def check_pml_loss(rank: int, world: int) -> None:
     _fails_together(rank, lambda: loss(bad_x, short), ValueError, r"one label per.*rank 1 of 2")
     two_d = bad_y[:, None] if rank == 0 else bad_y
     _fails_together(rank, lambda: loss(bad_x, two_d), ValueError, r"rank 0 of 2")
+    none = None if rank == 1 else bad_y  # PML's labels_required would raise on rank 1 alone
+    _fails_together(rank, lambda: loss(bad_x, none), TypeError, r"integer tensor.*rank 1 of 2")
     if rank == 1:
         bad_x[0, 0] = float("nan")
     _fails_together(rank, lambda: loss(bad_x, bad_y), ValueError, r"NaN.*rank 1 of 2")
