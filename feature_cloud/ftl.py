@@ -1012,5 +1012,6 @@ class AlternatingScheduler:
         return (
             f"AlternatingScheduler(stage={self._stage}, iteration={self.iteration}, "
             f"stage_iteration={self.stage_iteration}/{self.stage_length}, "
-            f"alternation={self.alternation}/{self.max_alternations})"
+            f"alternation={self.alternation}/{self.max_alternations}"
+            + (", finished)" if self.finished else ")")
         )

@@ -152,8 +152,10 @@ def test_stage_schedule_and_counters():
             with pytest.raises(RuntimeError, match="update_stats"):
                 sched.step()
             sched.needs_stats = False  # pretend UpdateStats ran (no data in this test)
+        assert "finished" not in repr(sched)
         sched.step()
     assert seen == [0, 0, 0, 1, 1, 2, 2, 1, 1, 2, 2]
+    assert repr(sched).endswith("alternation=2/2, finished)")
     assert sched.iteration == 11 and sched.alternation == 2
     with pytest.raises(RuntimeError, match="finished"):
         sched.step()
