@@ -62,7 +62,7 @@ from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 
 from feature_cloud._buffers import restore_on_error
-from feature_cloud._validation import check_labels
+from feature_cloud._validation import as_float, check_labels
 from feature_cloud.ftl import (
     DEFAULT_TAIL_SAMPLING,
     AlternatingScheduler,
@@ -212,29 +212,49 @@ class ModelEmaV3Following(ModelEmaV3):
         super().update(model, step=step)
 
 
+def refuse_soft_target(target: Optional[Tensor], task: str) -> None:
+    """A ``(B, C)`` float target (timm's ``Mixup`` / ``CutMix``, or label smoothing in the
+    loader) named as such: a margin loss and the class statistics need each sample's class."""
+    if isinstance(target, Tensor) and target.is_floating_point() and target.dim() == 2:
+        raise TypeError(
+            f"{task} got a soft target of shape {tuple(target.shape)} (timm's Mixup / CutMix, or "
+            "label smoothing in the loader): the margin loss and the cloud's class statistics "
+            "need each sample's class. Train without mixup and cutmix (train.py --mixup 0 "
+            "--cutmix 0 --smoothing 0; mixing two identities makes no sample of either) and "
+            "give the task label_smoothing=eps instead"
+        )
+
+
 class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
     """Backbone + head in one Module (what DDP wraps and what EMA copies).
 
     ``forward(input, target)`` returns ``(loss, logits, embeddings)``; ``forward(input)`` returns
     the plain ``s cos(theta)`` logits. ``no_weight_decay()`` / ``group_matcher()`` are the
     backbone's (``backbone.*``), the head a last layer group, for timm's ``create_optimizer_v2``.
+    ``label_smoothing``: as ``F.cross_entropy``'s, in the head's margin loss.
     """
 
-    def __init__(self, backbone: nn.Module, head: LEAPMarginHead) -> None:
+    def __init__(
+        self, backbone: nn.Module, head: LEAPMarginHead, label_smoothing: float = 0.0
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.label_smoothing = as_float(
+            label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0, max_inclusive=False
+        )
 
     def _timm_backbone(self) -> nn.Module:
         return self.backbone
 
     def forward(self, input: Tensor, target: Optional[Tensor] = None):
         if target is not None:  # type and shape before the backbone's BatchNorm takes the batch
+            refuse_soft_target(target, "LEAPTask")
             check_labels(target, input.shape[0], "target")  # (free: the range needs a sync)
         embeddings = self.backbone(input)
         if target is None:
             return self.head.logits(embeddings)
-        loss = self.head(embeddings, target)
+        loss = self.head(embeddings, target, label_smoothing=self.label_smoothing)
         with torch.no_grad():
             logits = self.head.logits(embeddings)
         return loss, logits, embeddings
@@ -260,6 +280,8 @@ class LEAPTask(_AllOrNothingLoad):
         model: a timm model created with ``num_classes=0`` (outputs ``(B, D)`` embeddings).
         head: the :class:`LEAPMarginHead` (``embedding_size`` must equal ``model.num_features``).
         metric_l2: optional ``alpha`` of the m-L2 regulariser (FTL Eq. 3) added to the loss.
+        label_smoothing: as timm's ``--smoothing`` (``F.cross_entropy``'s), inside the margin
+            loss; timm's loader-side smoothing and Mixup / CutMix give soft targets, refused.
         device, dtype, verbose: as in ``timm.task.TrainingTask``.
     """
 
@@ -268,6 +290,7 @@ class LEAPTask(_AllOrNothingLoad):
         model: nn.Module,
         head: LEAPMarginHead,
         metric_l2: Optional[float] = None,
+        label_smoothing: float = 0.0,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
@@ -283,7 +306,9 @@ class LEAPTask(_AllOrNothingLoad):
                 f"the backbone outputs num_features={features} but the head expects "
                 f"embedding_size={head.embedding_size}"
             )
-        self.trainable_module = LEAPTrainableModule(model, head).to(device=self.device)
+        self.trainable_module = LEAPTrainableModule(model, head, label_smoothing).to(
+            device=self.device
+        )
         self.metric_l2 = MetricL2(float(metric_l2)) if metric_l2 is not None else None
         if self.metric_l2 is not None:
             warn_metric_l2_with_margin("LEAPMarginHead", "metric_l2", self.metric_l2.alpha)
@@ -297,6 +322,7 @@ class LEAPTask(_AllOrNothingLoad):
         pretrained: bool = False,
         model_kwargs: Optional[Dict[str, Any]] = None,
         metric_l2: Optional[float] = None,
+        label_smoothing: float = 0.0,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
@@ -306,7 +332,15 @@ class LEAPTask(_AllOrNothingLoad):
         backbone, head = create_backbone_and_head(
             model_name, num_classes, pretrained=pretrained, model_kwargs=model_kwargs, **head_kwargs
         )
-        return cls(backbone, head, metric_l2=metric_l2, device=device, dtype=dtype, verbose=verbose)
+        return cls(
+            backbone,
+            head,
+            metric_l2=metric_l2,
+            label_smoothing=label_smoothing,
+            device=device,
+            dtype=dtype,
+            verbose=verbose,
+        )
 
     # ------------------------------------------------------------------ parts
     def _parts(self, module: Optional[nn.Module] = None, ema: bool = False) -> LEAPTrainableModule:
@@ -803,6 +837,8 @@ class FTLTask(_AllOrNothingLoad):
         """Eq. 4 on ``(input, target)`` in stages 0 and 2; in stage 1 the loss of the hard batch
         ``(input, target)``, the long-tail batch ``(tail_input, tail_target)`` and their
         transferred batch (Eq. 6)."""
+        refuse_soft_target(target, "FTLTask")
+        refuse_soft_target(tail_target, "FTLTask")
         has_tail = tail_input is not None or tail_target is not None
         if self.scheduler.stage == 1:
             if tail_input is None or tail_target is None:

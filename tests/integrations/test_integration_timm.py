@@ -69,6 +69,34 @@ def test_targets_of_the_wrong_type_or_shape_are_refused_before_the_backbone_runs
     task(x, y.int())  # any integer dtype is a target
 
 
+def test_timm_mixup_targets_are_refused_and_label_smoothing_is_the_tasks():
+    """timm's train.py mixes by default (Mixup / CutMix give (B, C) soft targets; so does its
+    loader-side smoothing): refused with what to do, for LEAPTask and FTLTask alike;
+    ``label_smoothing`` is applied inside the margin loss instead."""
+    from timm.data import Mixup
+
+    task = _task(cloud=None)
+    task.train()
+    x, y = _images(COUNTS, 0)
+    x, y = x[:16], y[:16]
+    soft = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=C)(x, y)[1]
+    with pytest.raises(TypeError, match=r"soft target of shape \(16, 6\).*--mixup 0"):
+        task(x, soft)
+    with pytest.raises(TypeError, match="soft target"):
+        _ftl_task()(x, soft)
+    smooth = _task(cloud=None, label_smoothing=0.1)
+    smooth.trainable_module.load_state_dict(task.trainable_module.state_dict())
+    smooth.train()
+    emb = task.backbone(x)
+    logits = FC.margin_logits(
+        FC.cosine_logits(emb, task.head.weight), y, scale=task.head.scale, margin=task.head.margin
+    )
+    want = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
+    torch.testing.assert_close(smooth(x, y)["loss"], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        _task(label_smoothing=1.0)
+
+
 @pytest.mark.filterwarnings("ignore:LEAPMarginHead normalises W and f")  # test_timm_optim_ema.py
 def test_training_steps_decrease_loss_and_update_statistics():
     task = _task(metric_l2=1e-3)
