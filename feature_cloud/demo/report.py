@@ -56,6 +56,13 @@ RESULTS_FILE = "results.json"
 PROJECTION_FILE = "projection.npz"
 
 
+def wrote_line(files: Dict[str, str], out: str) -> str:
+    """``"wrote a, b, ... to OUT"``: the rendered ``files`` and the run's own data files."""
+    own = [f for f in (RESULTS_FILE, PROJECTION_FILE) if os.path.isfile(os.path.join(out, f))]
+    names = sorted(set(own) | {os.path.basename(f) for f in files.values()})
+    return f"wrote {', '.join(names)} to {out}"
+
+
 def counted(n: int, noun: str) -> str:
     """``"1 epoch"``, ``"3 epochs"``: a count with its noun (plural in ``s``)."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
@@ -294,5 +301,5 @@ def render_report(path: str, log: Callable[[str], None] = print) -> Dict[str, st
     log("")
     log(compact_table(results))
     log("")
-    log(f"wrote {', '.join(sorted(os.path.basename(f) for f in files.values()))} to {out}")
+    log(wrote_line(files, out))
     return files

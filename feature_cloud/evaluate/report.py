@@ -10,7 +10,7 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..demo import plots as demo_plots
-from ..demo.report import _markdown, counted, csv_cell, load_results, write_json
+from ..demo.report import _markdown, counted, csv_cell, load_results, write_json, wrote_line
 from .stats import paired_differences, t_interval, t_quantile
 
 __all__ = [
@@ -478,7 +478,7 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
             f"{counted(len(cfg['seeds']) * len(cfg['methods']), 'run')} (--resume trains the rest)"
         )
     log(_markdown(prows if len(prows) > 1 else srows))
-    log(f"wrote {', '.join(sorted(os.path.basename(f) for f in files.values()))} to {out}")
+    log(wrote_line(files, out))
     return files
 
 

@@ -235,3 +235,11 @@ def test_counted_nouns_agree_with_their_number():
     from feature_cloud.demo.report import counted
 
     assert [counted(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
+
+
+def test_wrote_line_names_the_runs_own_files_too(tmp_path):
+    from feature_cloud.demo.report import wrote_line
+
+    (tmp_path / "results.json").write_text("{}")
+    line = wrote_line({"summary.md": str(tmp_path / "summary.md")}, str(tmp_path))
+    assert line == f"wrote results.json, summary.md to {tmp_path}"

@@ -5,6 +5,7 @@ adapter whose framework is missing says what to install."""
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -105,6 +106,13 @@ def test_wheel_contains_every_subpackage_and_the_fastreid_configs(tmp_path):
         assert proc.returncode == 0, (command, proc.stderr[-3000:])
         assert f"usage: feature-cloud {command}" in proc.stdout
     # the package and its adapters import from the installed wheel (none from the checkout)
+    missing = [
+        m
+        for m in ("pytorch_metric_learning", "timm", "fastreid")
+        if importlib.util.find_spec(m) is None
+    ]
+    if missing:  # a packager's environment without every extra (make test installs them all)
+        pytest.skip(f"the wheel's contents check out; the adapters need {', '.join(missing)}")
     code = (
         "import os, feature_cloud, feature_cloud.evaluate\n"
         "import feature_cloud.integrations.pml as p, feature_cloud.integrations.timm as t\n"
