@@ -401,6 +401,21 @@ class ClassStatistics(KeepBufferDtypes):
             and not bool(counts.any())
         ):  # a checkpoint that never knew K_i (trained with cloud=None): this module's
             self._keep_layout(state_dict, prefix)  # counts stay, with an empty memory
+        elif (
+            self.memory_allocated
+            and isinstance(counts, Tensor)
+            and isinstance(mem, Tensor)
+            and mem.numel() > 0
+            and not self.class_counts.is_meta
+            and not torch.equal(counts.to(self.class_counts), self.class_counts)
+        ):  # both know K_i and they differ (another dataset?): said once, at load
+            changed = int((counts.to(self.class_counts) != self.class_counts).sum())
+            warn_user(
+                f"the checkpoint's class_counts differ from this module's for {changed} of "
+                f"{self.num_classes} classes: the checkpoint's are loaded, with its angle memory "
+                "laid out for them. Fine-tuning on other data? Call "
+                "statistics.allocate_memory(class_counts) after loading to lay out yours."
+            )
         # the memory's length depends on class_counts: take the checkpoint's layout
         for name in _MEMORY_BUFFERS:
             src = state_dict.get(prefix + name)

@@ -1,6 +1,7 @@
 """ClassStatistics: EMA centers, ring angle memory, moments and cloud variances."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -167,6 +168,21 @@ def test_state_dict_roundtrip_with_different_memory_layout(tmp_path):
     assert c.memory.dtype == torch.float32 and c.memory.shape == a.memory.shape
     c.update(torch.randn(2, 4), torch.tensor([1, 2]))
     assert torch.isfinite(c.memory).all()
+
+
+def test_loading_other_known_counts_warns_once_and_loads_them():
+    """Both the module and the checkpoint know K_i and they differ (fine-tuning on another
+    dataset): the checkpoint's counts load, with a warning saying how to lay out one's own;
+    the same counts (a resume) load silently."""
+    a = ClassStatistics(3, 4, class_counts=[5, 1, 2])
+    b = ClassStatistics(3, 4, class_counts=[5, 3, 3])
+    with pytest.warns(UserWarning, match="differ from this module's for 2 of 3 classes"):
+        b.load_state_dict(a.state_dict())
+    assert b.class_counts.tolist() == [5, 1, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ClassStatistics(3, 4, class_counts=[5, 1, 2]).load_state_dict(a.state_dict())
+        ClassStatistics(3, 4).load_state_dict(a.state_dict())  # counting online: nothing to say
 
 
 def test_adaptive_center_rate_is_running_mean_then_gamma():
