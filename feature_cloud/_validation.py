@@ -303,10 +303,9 @@ def problem_tensor(
     out = torch.tensor(static + [0, 0], dtype=torch.long, device=device)
     if validate and shape_ok and lab_shape_ok and embeddings.numel() and not is_compiling():
         y = labels.long()
-        values = torch.stack(
-            [(~torch.isfinite(embeddings.detach())).any(), ((y < -1) | (y >= num_classes)).any()]
-        )
-        out[4:] = values.to(device=device, dtype=torch.long)
+        bad_embeddings = (~torch.isfinite(embeddings.detach())).any().to(device)
+        bad_labels = ((y < -1) | (y >= num_classes)).any().to(device)  # labels may live elsewhere
+        out[4:] = torch.stack([bad_embeddings, bad_labels]).long()
     return out
 
 

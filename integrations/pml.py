@@ -27,6 +27,7 @@ rank holds the same statistics, with no extra call.
 
 from __future__ import annotations
 
+import math
 import sys
 from types import FrameType
 from typing import Any, Dict, List, Optional, Tuple, Union, cast
@@ -48,11 +49,11 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
-from torch import Tensor
+from torch import Tensor, nn
 
 from feature_cloud import functional as FC
 from feature_cloud import margins
-from feature_cloud._validation import as_int, check_embeddings, refuse_other_shape
+from feature_cloud._validation import as_int, check_embeddings, refuse_other_shape, warn_user
 from feature_cloud.cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from feature_cloud.heads import cloud_margin_loss, make_cloud
 from feature_cloud.regularizers import MetricL2, warn_metric_l2_with_margin
@@ -64,6 +65,24 @@ __all__ = ["LEAPLoss", "PML_DEFAULT_MARGIN", "PML_DEFAULT_SCALE"]
 #: ``ArcFaceLoss(margin=28.6 deg, scale=64)``.
 PML_DEFAULT_MARGIN = {n: margins.get(n).pml_margin for n in margins.names()}
 PML_DEFAULT_SCALE = {n: margins.get(n).pml_scale for n in margins.names()}
+
+
+def _holds(module: Any, loss: nn.Module) -> bool:
+    """Whether ``module`` is ``loss`` or holds it as a submodule."""
+    if module is loss:
+        return True
+    return isinstance(module, nn.Module) and any(m is loss for m in module.modules())
+
+
+def _avg_target_angle(embeddings: Tensor, W: Tensor, labels: Tensor, sub_centers: int) -> float:
+    """Mean angle (degrees) between the embeddings and their class weights (the closest
+    sub-center), over the rows with a label: PML's ``avg_angle`` (one host read, as PML's)."""
+    valid = labels >= 0
+    if not bool(valid.any()):
+        return 0.0
+    cos = FC.cosine_logits(*FC.common_float(embeddings[valid], W.t()), sub_centers)
+    target = cos.gather(1, labels[valid].unsqueeze(1)).squeeze(1)
+    return math.degrees(float(torch.acos(target.clamp(-1.0, 1.0)).mean()))
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
@@ -157,6 +176,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         self.add_to_recordable_attributes(
             list_of_names=["num_classes", "margin", "scale"], is_stat=False
         )
+        self.add_to_recordable_attributes(name="avg_angle", is_stat=True)  # as PML's margins'
+        self._warned_eval = False
         # W first, so that under the same seed it equals PML's CosFaceLoss/ArcFaceLoss W
         # (PML's SubCenterArcFaceLoss: D x C K, the K columns of class j side by side)
         self.W = torch.nn.Parameter(
@@ -200,12 +221,12 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
         frame: Optional[FrameType] = sys._getframe(1)
-        for _ in range(12):
+        for _ in range(40):  # the wrapper may hold this loss inside a user's own loss
             frame = frame.f_back if frame is not None else None
             if frame is None:
                 return False
             owner = frame.f_locals.get("self")
-            if isinstance(owner, DistributedLossWrapper) and owner.loss is self:
+            if isinstance(owner, DistributedLossWrapper) and _holds(owner.loss, self):
                 return True
         return False
 
@@ -235,6 +256,20 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         if ref_emb is embeddings:
             ref_emb = upcast
         self._agreed = None
+        if isinstance(labels, Tensor):  # as PML's forward does, before the ranks' agreement
+            labels = c_f.to_device(labels, upcast)
+        if (
+            not self.training
+            and torch.is_grad_enabled()
+            and not getattr(self, "_warned_eval", True)
+        ):
+            self._warned_eval = True
+            warn_user(
+                "LEAPLoss is in eval mode with gradients on (PML's freeze_these puts a frozen "
+                "loss in eval mode): no cloud and no statistics update, the plain margin loss. "
+                "To train with W fixed, set loss.W.requires_grad_(False) and keep the loss in "
+                "train mode."
+            )
         if self._collective_step():
             # ranks agree on the batch before PML's own shape checks, which would raise on one
             # rank while the others wait in the statistics' collective: all raise or none
@@ -290,6 +325,9 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             sub_centers=self.sub_centers,
             reduction="none",
         )
+        if self.collect_stats:  # PML's LargeMarginSoftmaxLoss.get_angles statistic
+            with torch.no_grad():
+                self.avg_angle = _avg_target_angle(embeddings, self.W, labels, self.sub_centers)
         indices = c_f.torch_arange_from_size(embeddings)
         loss_dict: Dict[str, Dict[str, Any]] = {
             "loss": {

@@ -491,15 +491,26 @@ def check_pml_wrapper(rank: int, world: int) -> None:
     ``DistributedLossWrapper`` around ``integrations.pml.LEAPLoss`` (the wrapper hands every rank
     the gathered batch, own rank first) the statistics are replicated and equal the reference,
     without any synchronize() call; the same for a LEAPLoss called on each rank's own batch."""
+    from pytorch_metric_learning.losses import BaseMetricLossFunction
     from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
     from feature_cloud.integrations.pml import LEAPLoss
 
+    class Combined(BaseMetricLossFunction):  # a user's loss holding LEAPLoss (PML's wrapper
+        def __init__(self, leap: nn.Module) -> None:  # refuses MultipleLosses)
+            super().__init__()
+            self.leap = leap
+
+        def forward(self, embeddings, labels, *args, **kwargs):
+            return self.leap(embeddings, labels)
+
     torch.manual_seed(0)
     loss = LEAPLoss(C, D, class_counts=COUNTS, seed=6)
     direct = LEAPLoss(C, D, class_counts=COUNTS, seed=6)  # not wrapped: gathers by itself
+    nested = LEAPLoss(C, D, class_counts=COUNTS, seed=6)  # wrapped inside the user's loss
     assert loss.statistics.noise_stream == rank
     loss_fn = DistributedLossWrapper(loss)
+    nested_fn = DistributedLossWrapper(Combined(nested))
     ref = ClassStatistics(C, D, class_counts=COUNTS)
     for step in range(4):
         batches = _batches(step, [4] * world, ignored=0.0)
@@ -510,8 +521,10 @@ def check_pml_wrapper(rank: int, world: int) -> None:
         assert loss.statistics.batch == "pml_gathered" and not loss.statistics.collective
         direct(x.detach(), y)
         assert direct.statistics.batch == "local"
+        nested_fn(x.detach(), y)  # the gathered batch, not gathered again
+        assert nested.statistics.batch == "pml_gathered"
         ref.update(*_cat(batches))
-    for what, module in (("PML wrapper", loss), ("PML direct", direct)):
+    for what, module in (("PML wrapper", loss), ("PML direct", direct), ("nested", nested)):
         assert module.step == 4
         _assert_replicated(module.statistics.state_dict(), what)
         _assert_close_states(module.statistics.state_dict(), ref.state_dict(), what)

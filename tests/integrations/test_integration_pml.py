@@ -217,11 +217,28 @@ def test_cloud_changes_the_loss_and_only_while_training():
     with torch.no_grad():
         assert torch.allclose(loss(emb, labels), plain(emb, labels))
     loss.eval()
-    assert torch.allclose(loss(emb, labels), plain(emb, labels))
+    # PML's freeze_these puts a frozen loss in eval mode: with gradients on, said once
+    with pytest.warns(UserWarning, match="eval mode with gradients on.*freeze_these"):
+        assert torch.allclose(loss(emb, labels), plain(emb, labels))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss(emb, labels)
     for k, v in loss.statistics.state_dict().items():
         assert torch.equal(v, before[k]), k
     loss.train()
     assert not torch.allclose(loss(emb, labels), plain(emb, labels))
+
+
+@pytest.mark.parametrize("margin_type,margin", [("cosface", 0.35), ("arcface", 28.6)])
+def test_collect_stats_records_pmls_avg_angle(margin_type, margin):
+    """``collect_stats=True``: the ``avg_angle`` statistic PML's margin losses record (record-
+    keeper dashboards plot it), the same value as PML's with the cloud off."""
+    ref, ours = _pair(margin_type, margin, 64.0, collect_stats=True)
+    emb, labels = _batch(4)
+    ref(emb, labels)
+    ours(emb, labels)
+    assert "avg_angle" in ours._record_these_stats
+    assert ours.avg_angle == pytest.approx(ref.avg_angle, abs=1e-3)
 
 
 @pytest.mark.filterwarnings("ignore:LEAPLoss normalises W and f")  # tested in test_pml_dtype.py
