@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 DATA_SOURCES = ("digits", "synthetic", "market1501", "imagefolder")
+#: Files that operating systems leave in folders, skipped without a word.
+_SYSTEM_FILES = ("thumbs.db", "desktop.ini")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -149,17 +152,45 @@ def _load_images(paths: Sequence[str], size: Tuple[int, int]) -> Tensor:
 
     Image = need("PIL.Image", "reading image files", "Pillow")
 
+    from PIL import ImageOps
+
     h, w = size
     out = torch.empty(len(paths), 3, h, w)
     for i, path in enumerate(progress(paths, desc="loading images", unit="img")):
         try:
             with Image.open(path) as img:
-                rgb = img.convert("RGB").resize((w, h), Image.BILINEAR)
-        except OSError as exc:  # not an image, truncated, unsupported
+                img = ImageOps.exif_transpose(img)  # phone photos: the orientation they show
+                rgb = _as_rgb(img, path).resize((w, h), Image.BILINEAR)
+        except (OSError, Image.DecompressionBombError) as exc:  # not an image, truncated, huge
             raise ValueError(f"cannot read image {path!r} ({exc}); remove or replace it") from None
         arr = np.asarray(rgb, dtype=np.float32)
         out[i] = torch.from_numpy(arr).permute(2, 0, 1) / 255.0
     return out
+
+
+def _as_rgb(img: Any, path: str) -> Any:
+    """An 8-bit RGB copy of ``img``: 16-bit and 32-bit integer images scaled from their range
+    (Pillow's own conversion clips them at 255), float images in [0, 1] or [0, 255]."""
+    from PIL import Image
+
+    if img.mode.startswith("I") or img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        top = float(arr.max()) if arr.size else 0.0
+        if img.mode == "F":
+            scale = 255.0 if top <= 1.0 else 1.0
+        elif img.mode.startswith("I;16") or top > 255.0:
+            scale = 255.0 / 65535.0
+        else:
+            scale = 1.0
+        if arr.min() < 0 or top * scale > 255.0 + 1e-6:
+            raise ValueError(
+                f"image {path!r} (mode {img.mode}) holds values in [{arr.min():g}, {top:g}]: "
+                "expected 8- or 16-bit intensities, or floats in [0, 1]; convert it to 8-bit"
+            )
+        img = Image.fromarray(np.rint(arr * scale).astype(np.uint8), "L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # Pillow warns converting such palettes straight to RGB
+    return img.convert("RGB")
 
 
 def _from_paths(
@@ -209,14 +240,37 @@ def load_imagefolder(root: str, size: Tuple[int, int] = (32, 32)) -> LabeledData
     if not os.path.isdir(root):
         raise ValueError(f"imagefolder path {root!r} is not a directory")
     paths, ids = [], []
+    skipped: Dict[str, List[str]] = {"identity folders without images": [], "other entries": []}
     for ident in sorted(os.listdir(root)):
         sub = os.path.join(root, ident)
         if ident.startswith(".") or not os.path.isdir(sub):
+            if not ident.startswith(".") and ident.lower().endswith(IMAGE_EXTENSIONS):
+                skipped["other entries"].append(ident)  # an image outside any identity folder
             continue
+        found = 0
         for fname in sorted(os.listdir(sub)):
-            if not fname.startswith(".") and fname.lower().endswith(IMAGE_EXTENSIONS):
+            if fname.startswith(".") or fname.lower() in _SYSTEM_FILES:
+                continue
+            if fname.lower().endswith(IMAGE_EXTENSIONS):
                 paths.append(os.path.join(sub, fname))
                 ids.append(ident)
+                found += 1
+            else:  # another extension, or a nested folder (sessions, cameras, ...)
+                skipped["other entries"].append(os.path.join(ident, fname))
+        if not found:
+            skipped["identity folders without images"].append(ident)
+    said = [(what, names) for what, names in skipped.items() if names]
+    if said and paths:
+        warnings.warn(
+            f"{root!r}: left out "
+            + "; ".join(
+                f"{len(names)} {what} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+                for what, names in said
+            )
+            + f". Only {', '.join(IMAGE_EXTENSIONS)} files directly inside an identity's "
+            "folder are read: flatten nested folders, convert other formats",
+            stacklevel=2,
+        )
     return _from_paths(paths, ids, size, "imagefolder", root)
 
 

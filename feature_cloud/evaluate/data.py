@@ -105,7 +105,9 @@ def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> Labeled
         class_names = [str(u) for u in uniq]
     else:
         class_names = (
-            [names[int(u)] for u in uniq] if uniq.max() < len(names) else [str(u) for u in uniq]
+            [names[int(u)] for u in uniq]
+            if uniq.min() >= 0 and uniq.max() < len(names)  # names index the labels
+            else [str(u) for u in uniq]
         )
     info = {"path": os.path.abspath(path)}
     if camids is not None:

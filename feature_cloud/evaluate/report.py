@@ -397,6 +397,8 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
         f"# {results['data']['name']}: {results['setting']} ({cfg['backbone']}, "
         f"{counted(cfg['epochs'], 'epoch')}, seeds {cfg['seeds']})",
         "",
+        _data_line(results),
+        "",
         "Mean ± 95% t-interval half-width over seeds (accuracies in %, angles in rad²).",
         "",
     ]
@@ -724,10 +726,31 @@ def check_compatible(
     _check_same_data(res, first, path, first_path, verb)
 
 
+def _data_line(results: Dict[str, Any]) -> str:
+    """What the evaluation ran on: the data's size and each seed's split (or the range)."""
+    data = results["data"]
+    splits = list(results.get("splits", {}).values())
+
+    def spread(key: str) -> str:
+        values = sorted({int(s[key]) for s in splits if key in s})
+        if not values:
+            return "?"
+        return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+    return (
+        f"Data: {data['samples']} images of {data['num_classes']} identities; split per seed: "
+        f"{spread('head_classes')} head / {spread('tail_classes')} tail identities, "
+        f"{spread('train')} training and {spread('test')} test images."
+    )
+
+
 def _check_same_data(
     res: Dict[str, Any], first: Dict[str, Any], path: str, first_path: str, verb: str
 ) -> None:
     data_diff = [k for k in _DATA_KEYS if res["data"].get(k) != first["data"].get(k)]
+    a, b = res["data"].get("fingerprint"), first["data"].get("fingerprint")
+    if a is not None and b is not None and a != b:  # runs of earlier releases have none
+        data_diff.append("fingerprint (the images, labels or camera ids)")
     if data_diff:
         raise ValueError(f"cannot {verb} {path} with {first_path}: the data differ in {data_diff}")
 

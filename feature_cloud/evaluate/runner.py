@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -190,6 +191,16 @@ class EvalConfig:
             text = str(err).strip()
             reason = text.splitlines()[0].split(". ")[0][:160] if text else type(err).__name__
             raise ValueError(f"device {self.device!r} is not usable here: {reason}") from None
+
+
+def data_fingerprint(data: LabeledData, camids: Optional[Tensor] = None) -> str:
+    """A hash of the loaded images, labels and camera ids: ``--resume`` and pooling refuse runs
+    on a data file whose contents changed (same name, counts and shapes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in (data.x, data.y, camids):
+        if t is not None:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def setting_name(cfg: EvalConfig) -> str:
@@ -723,6 +734,7 @@ def run_evaluation(
             "num_classes": data.num_classes,
             "input_shape": list(data.x.shape[1:]),
             "camids": camids is not None,
+            "fingerprint": data_fingerprint(data, camids),
             "info": json.loads(json.dumps(data.info, default=str)),
         },
         "splits": {

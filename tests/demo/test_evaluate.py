@@ -999,6 +999,29 @@ def test_evaluate_writes_every_run_and_resume_trains_only_the_missing_ones(
     assert "Partial" not in load(part, "summary.md")
 
 
+def test_resume_and_pooling_refuse_a_data_file_whose_contents_changed(tmp_path, capsys):
+    """Same name, counts and shapes, other pixels: the runs would mix two datasets, so resume
+    and report refuse (the results record a fingerprint of the loaded data)."""
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = ["evaluate", p, "--protocol", "natural", "-T", "5", "--n-test", "1", "--quiet"]
+    common += ["--methods", "cosface", "--epochs", "1", "--batch-size", "8"]
+    common += ["--embedding-size", "8", "--image-size", "8", "8"]
+    out, other = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main(common + ["--seeds", "0", "--out", out]) == 0
+    with np.load(p) as d:
+        arrays = dict(d)
+    np.savez(p, images=255 - arrays["images"], labels=arrays["labels"])
+    capsys.readouterr()
+    assert main(common + ["--seeds", "0", "1", "--out", out, "--resume"]) == 2
+    assert "the data differ in ['fingerprint" in capsys.readouterr().err
+    assert main(common + ["--seeds", "1", "--out", other]) == 0
+    assert main(["report", out, other, "--out", str(tmp_path / "m"), "--quiet"]) == 2
+    assert "fingerprint" in capsys.readouterr().err
+
+
 def test_imprint_fraction_reaches_the_leap_heads_only():
     """``--imprint-fraction f`` gives the LEAP methods' heads ``imprint_step = round(f * steps)``
     (FTL's LEAP FC included); baselines without a cloud never imprint."""

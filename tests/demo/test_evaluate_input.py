@@ -213,3 +213,47 @@ def test_cli_evaluate_with_one_training_image_per_identity_plots_and_reports(tmp
     assert norms[8:] == [None, None] and None not in norms[:8]  # the untrained rows: n/a
     assert accs[8:] == [None, None] and None not in accs[:8]  # no test image: n/a, not 0
     assert main(["report", str(out), "--quiet"]) == 0
+
+
+@pytest.mark.filterwarnings("ignore:.*left out 1 identity folders")  # asserted once, below
+def test_image_folder_reads_what_a_users_camera_and_tools_write(tmp_path, monkeypatch):
+    """16-bit and float images keep their contrast (Pillow's RGB conversion clipped 16-bit at
+    255: a white image; float [0, 1] became black), EXIF orientation is applied, palette images
+    with transparency load without Pillow's warning, a decompression bomb is one clear error,
+    and files or folders the loader does not read are named in a warning."""
+    Image = pytest.importorskip("PIL.Image")
+    import warnings
+
+    from feature_cloud.demo.data import load_imagefolder
+
+    ramp = np.linspace(0.0, 1.0, 16 * 16).reshape(16, 16)
+    root = tmp_path / "faces"
+    for ident in ("a", "b"):
+        (root / ident).mkdir(parents=True)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(root / "a" / "16bit.png")
+    Image.fromarray(ramp.astype(np.float32), mode="F").save(root / "a" / "float.tif")
+    landscape = np.zeros((8, 16, 3), np.uint8)
+    landscape[:, :4] = 255  # a white strip on the left, shown on top after orientation 6
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6
+    Image.fromarray(landscape).save(root / "b" / "phone.jpg", exif=exif.tobytes())
+    palette = Image.new("P", (16, 16))
+    palette.info["transparency"] = b"\x00"
+    palette.save(root / "b" / "palette.png", transparency=0)
+    (root / "b" / "notes.txt").write_text("x")
+    (root / "b" / "session2").mkdir()
+    (root / "empty").mkdir()
+    with pytest.warns(UserWarning, match=r"left out 1 identity folders without images \(empty\)"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="Palette images")
+            data = load_imagefolder(str(root), (16, 16))
+    assert data.class_names == ["a", "b"] and data.x.shape[0] == 4
+    for img in data.x[data.y == 0]:  # both ramps: the full range, not clipped or black
+        assert float(img.min()) < 0.05 and float(img.max()) > 0.95
+        assert 0.4 < float(img.mean()) < 0.6
+    phone = data.x[data.y == 1][1]  # sorted: palette.png, phone.jpg
+    assert phone.shape == (3, 16, 16)
+    assert float(phone[:, :4].mean()) > 0.8 and float(phone[:, -4:].mean()) < 0.2  # top strip
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # as a 14000 x 14000 image would
+    with pytest.raises(ValueError, match=r"cannot read image .*16bit.png.*decompression bomb"):
+        load_imagefolder(str(root), (16, 16))
