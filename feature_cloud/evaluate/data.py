@@ -137,6 +137,6 @@ def load_dataset(path: str, image_size: Optional[Tuple[int, int]] = None) -> Lab
         return data
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such dataset file or folder: {path!r}")
-    if not path.endswith(".npz"):
+    if not path.lower().endswith(".npz"):
         raise ValueError(f"dataset must be an .npz file or an image folder, got {path!r}")
     return load_npz(path, image_size)

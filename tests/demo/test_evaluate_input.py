@@ -132,6 +132,23 @@ def test_cli_evaluate_refuses_an_output_path_through_a_file(tmp_path, capsys):
     assert main(["report", str(tmp_path), str(tmp_path), "--out", str(blocker)]) == 2
 
 
+def test_cli_evaluate_never_overwrites_a_users_files_and_takes_an_upper_case_npz(tmp_path, capsys):
+    """An --out holding files of the names an evaluation writes (a user's own summary.md) but no
+    results.json is refused before anything trains; ``.NPZ`` is an npz file."""
+    data = _npz(tmp_path / "d.npz")
+    upper = tmp_path / "FACES.NPZ"
+    os.replace(data, upper)
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "summary.md").write_text("my notes")
+    assert main(["evaluate", str(upper), *TINY, "--out", str(out)]) == 2
+    assert "holds summary.md but no evaluation" in capsys.readouterr().err
+    assert (out / "summary.md").read_text() == "my notes" and sorted(os.listdir(out)) == [
+        "summary.md"
+    ]
+    assert main(["evaluate", str(upper), *TINY, "--out", str(tmp_path / "fresh")]) == 0
+
+
 def test_cli_evaluate_never_overwrites_an_evaluation_and_writes_paired_md(tmp_path, capsys):
     data = _npz(tmp_path / "d.npz")
     out = tmp_path / "out"
