@@ -23,7 +23,16 @@ def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> Labeled
     pickle is loaded). Refuses, naming the problem: missing arrays, other layouts (e.g.
     PyTorch's ``(N, C, H, W)``), non-finite pixels, labels that are not 1-D integers or strings
     of length ``N`` (or object arrays, which need pickle), camids that are not 1-D integers, and
-    fewer than 2 identities."""
+    fewer than 2 identities. Every message names the file."""
+    try:
+        return _load_npz(path, image_size)
+    except ValueError as err:
+        if repr(path) in str(err):
+            raise
+        raise ValueError(f"{path!r}: {err}") from None
+
+
+def _load_npz(path: str, image_size: Optional[Tuple[int, int]]) -> LabeledData:
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path!r} is not an .npz archive (np.savez writes one)")
     try:
@@ -49,9 +58,13 @@ def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> Labeled
         names = [str(n) for n in arrays["subject_names"]] if "subject_names" in arrays else None
         camids = arrays.get("camids")
     if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D (N,), got shape {labels.shape}")
+        hint = "; save labels.ravel()" if labels.ndim == 2 and 1 in labels.shape else ""
+        raise ValueError(f"labels must be 1-D (N,), got shape {labels.shape}{hint}")
     if labels.dtype.kind not in "iuUS":
-        raise ValueError(f"labels must be integers or strings (identity names), got {labels.dtype}")
+        hint = "; save labels.astype(int)" if labels.dtype.kind == "f" else ""
+        raise ValueError(
+            f"labels must be integers or strings (identity names), got {labels.dtype}{hint}"
+        )
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[0] != labels.shape[0]:
@@ -65,6 +78,8 @@ def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> Labeled
         hint = (
             "; it looks like (N, C, H, W): save images.transpose(0, 2, 3, 1)"
             if images.shape[1] in (1, 3)
+            else "; RGBA? save images[..., :3]"
+            if images.shape[3] == 4
             else ""
         )
         raise ValueError(
