@@ -407,6 +407,7 @@ class ClassStatistics(KeepBufferDtypes):
             and isinstance(mem, Tensor)
             and mem.numel() > 0
             and not self.class_counts.is_meta
+            and bool(self.class_counts.any())  # this module's are known (not still to come)
             and not torch.equal(counts.to(self.class_counts), self.class_counts)
         ):  # both know K_i and they differ (another dataset?): said once, at load
             changed = int((counts.to(self.class_counts) != self.class_counts).sum())
