@@ -385,6 +385,27 @@ _PAIRED_NOTE = (
 )
 
 
+#: The files :func:`render_evaluation` (and ``combine_settings``) write into ``--out``, besides
+#: ``results.json``: ``evaluate`` never overwrites a user's files of these names.
+OUTPUT_FILES = (
+    "summary.md",
+    "summary.csv",
+    "paired.md",
+    "paired.csv",
+    "paired.json",
+    "runs.csv",
+    "sweep.md",
+    "sweep.csv",
+    "sweep.json",
+    "paired.png",
+    "sweep.png",
+    "accuracy_head_tail.png",
+    "angle_variance_vs_class_size.png",
+    "weight_norm_vs_class_size.png",
+    "combined.md",
+)
+
+
 def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str, str]:
     """Write ``summary.md/.csv``, ``paired.md/.csv/.json`` (paired.md: with a baseline in the
     run), ``runs.csv`` and the PNG plots of the evaluation in ``path``. Returns ``{artifact: file}``."""

@@ -37,7 +37,7 @@ from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
 from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
 from .protocol import hs_split, natural_split, open_split
-from .report import check_compatible, head_defaults, make_output_dir
+from .report import OUTPUT_FILES, check_compatible, head_defaults, make_output_dir
 
 __all__ = [
     "EvalConfig",
@@ -613,32 +613,12 @@ def check_output(cfg: EvalConfig, resume: bool = False) -> None:
             "(nothing is overwritten)"
         )
     if os.path.isdir(cfg.out) and not os.path.exists(file):
-        taken = sorted(set(os.listdir(cfg.out)) & set(_OUTPUT_NAMES))
+        taken = sorted(set(os.listdir(cfg.out)) & set(OUTPUT_FILES))
         if taken:  # somebody's own files of the names the evaluation writes
             raise ValueError(
                 f"--out {cfg.out!r} holds {', '.join(taken)} but no evaluation ({RESULTS_FILE}): "
                 "choose another --out (nothing is overwritten)"
             )
-
-
-#: The files an evaluation writes into ``--out`` (besides ``results.json``).
-_OUTPUT_NAMES = (
-    "summary.md",
-    "summary.csv",
-    "paired.md",
-    "paired.csv",
-    "paired.json",
-    "runs.csv",
-    "sweep.md",
-    "sweep.csv",
-    "sweep.json",
-    "paired.png",
-    "sweep.png",
-    "accuracy_head_tail.png",
-    "angle_variance_vs_class_size.png",
-    "weight_norm_vs_class_size.png",
-    "combined.md",
-)
 
 
 def _check_training_sets(
