@@ -648,6 +648,21 @@ def _check_training_sets(
                 hint = "lower --test-fraction"
             raise ValueError(f"{where} trains {trained} identities: need at least 2 ({hint})")
     first = next(iter(splits.values()))
+    camids: Optional[Tensor] = getattr(data, "camids", None)
+    if camids is not None and first.label_map is None:
+        _, _, valid = camera_retrieval(
+            torch.zeros(first.test.numel(), 1), data.y[first.test], camids[first.test]
+        )
+        if not bool(valid.any()):
+            cams = torch.unique(camids[first.test]).numel()
+            warnings.warn(
+                f"no test image has an image of its identity from another camera among the test "
+                f"images ({cams} camera{'s' if cams != 1 else ''} in them): the cross-camera "
+                "rank-1 / mAP columns will be n/a (leave camids out of the file for retrieval "
+                "among all test images)",
+                UserWarning,
+                stacklevel=3,
+            )
     if first.label_map is None:  # closed set: the same identities are left out in every seed
         left = int(((counts > 0) & (counts <= cfg.n_test)).sum())
         if left:

@@ -1668,3 +1668,28 @@ def test_cli_evaluate_ftl_filter_reaches_ftl_and_its_baseline(tmp_path, capsys):
     path.write_text(json.dumps(r))
     assert main(["evaluate", p, *common, "--out", str(tmp_path / "mlp"), "--resume"]) == 2
     assert main(["evaluate", p, *mlp, "--out", str(tmp_path / "mlp"), "--resume"]) == 0
+
+
+def test_cli_evaluate_warns_when_the_camids_leave_no_cross_camera_query(tmp_path, capsys):
+    """camids of one camera (a face set saved with a constant camera column): every query's
+    same-identity images are on its own camera, so the cross-camera rank-1 / mAP are n/a; one
+    warning says so before training (they used to be n/a silently). Two cameras: no warning."""
+    from feature_cloud.cli import main
+
+    rng = np.random.RandomState(0)
+    y = np.repeat(np.arange(4), [8, 8, 5, 5])
+    imgs = rng.randint(0, 255, size=(y.size, 8, 8, 3)).astype(np.uint8)
+    one, two = str(tmp_path / "one.npz"), str(tmp_path / "two.npz")
+    np.savez(one, images=imgs, labels=y, camids=np.zeros(y.size, np.int64))
+    np.savez(two, images=imgs, labels=y, camids=np.arange(y.size) % 2)
+    args = ["--protocol", "natural", "-T", "4", "--methods", "leap_full_cosface", "--epochs"]
+    args += ["1", "--batch-size", "8", "--embedding-size", "8", "--seeds", "0", "--quiet"]
+    capsys.readouterr()
+    assert main(["evaluate", one, *args, "--out", str(tmp_path / "o1")]) == 0
+    err = capsys.readouterr().err
+    warned = [ln for ln in err.splitlines() if ln.startswith("feature-cloud: warning:")]
+    assert len(warned) == 1 and "1 camera in them" in warned[0], err
+    res = json.loads((tmp_path / "o1" / "results.json").read_text())
+    assert {r["metrics"]["rank1_tail"] for r in res["runs"]} == {None}
+    assert main(["evaluate", two, *args, "--out", str(tmp_path / "o2")]) == 0
+    assert "warning" not in capsys.readouterr().err
