@@ -358,15 +358,24 @@ class FeatureCloud(nn.Module):
 
     # ------------------------------------------------------------------ training step
     def check(
-        self, embeddings: Tensor, labels: Tensor, *, validate: bool = True, train: bool = True
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        *,
+        validate: bool = True,
+        train: bool = True,
+        problem: Optional[Exception] = None,
     ) -> Tensor:
         """Every check of a batch, before any state changes; returns the labels as int64.
 
         When the training step's update is collective, all ranks agree on the verdict first
         (one all-reduce: every rank raises together, see
-        :meth:`~feature_cloud.sync.SyncedClassStatistics.agree`)."""
+        :meth:`~feature_cloud.sync.SyncedClassStatistics.agree`). ``problem``: an error the
+        caller found in its other arguments, agreed on like a bad batch (then raised)."""
         if train and self.collective:
-            return self.statistics.agree(embeddings, labels, validate)
+            return self.statistics.agree(embeddings, labels, validate, problem)
+        if problem is not None:
+            raise problem
         return check_batch(embeddings, labels, self.embedding_size, self.num_classes, validate)
 
     def counts_batch(self, features: Tensor, *, count_empty: bool = False) -> bool:

@@ -110,7 +110,7 @@ def cosine_logits(embeddings: Tensor, weight: Tensor, sub_centers: int = 1) -> T
         raise ValueError(
             f"weight has {weight.shape[0]} rows, not a multiple of sub_centers={sub_centers}"
         )
-    return cos.view(cos.shape[0], -1, sub_centers).max(dim=2).values
+    return cos.view(cos.shape[0], cos.shape[1] // sub_centers, sub_centers).max(dim=2).values
 
 
 def margin_logits(

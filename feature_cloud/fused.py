@@ -33,8 +33,9 @@ with one custom :class:`torch.autograd.Function` instead of a chain of autograd 
 * The one saved ``B x C`` buffer is ``softmax * d cos(theta + alpha) / d c / ||W_j||`` (turned
   in place from the exponentials; ``s`` and ``g / sum`` are applied after the GEMMs); the
   ``- onehot`` of the target column is written into the buffer's ``B`` target entries for the
-  two backward GEMMs and the saved values are put back after them (full-precision GEMMs in one
-  process; otherwise a rank-``B`` correction after the GEMMs), so the backward makes no
+  two backward GEMMs and the saved values are put back after them (under reduced-precision
+  GEMMs, where a folded value would not fit their dtype, a rank-``B`` correction after the
+  GEMMs), so the backward makes no
   elementwise pass over ``B x C`` and leaves the saved buffer intact (``retain_graph`` works).
 * Under autocast the GEMMs run in the autocast dtype on operands of bounded magnitude: the
   saved buffer is at most ``max d / ||W_j||``, and the per-sample factor ``g / sum`` enters the
@@ -62,7 +63,7 @@ import torch
 from torch import Tensor
 
 from . import margins as _margins
-from ._validation import check_values
+from ._validation import as_float, check_values
 from .angles import _PI_BELOW, _SQRT_FLOOR, _cloud_cosine_, cloud_cosine
 from .functional import safe_normalize
 from .noise import counter_normal, random_key
@@ -376,10 +377,10 @@ def _chunk_backward(
     E_jn`` plus target and smoothing terms) and ``c_n = dL/dz_{n y_n}``, ``dL/d(W_j . xn_n) =
     s (a_n G_jn + c_n d_y rw_y [j = y_n])`` where ``G0 = (E - u) d rw`` everywhere except at the
     targets, which hold ``(E_y - u) d_y rw_y``. The target terms form one coefficient per sample
-    (``corr``), so the backward makes no pass over ``B x C``: with full-precision GEMMs in one
-    process they are folded into the ``B`` target entries of ``G0`` (``+ corr / (s a)``) for
-    the two GEMMs and the entries are written back after them; otherwise they are a rank-``B``
-    correction after the GEMMs. Returns ``(G0^T @ Wc, corr * W_y or None when folded)`` (the
+    (``corr``), so the backward makes no pass over ``B x C``: they are folded into the ``B``
+    target entries of ``G0`` (``+ corr / (s a)``) for the two GEMMs and the entries are written
+    back after them; under reduced-precision GEMMs or sharded, entries whose folded value would
+    not fit the GEMM's dtype keep a rank-``B`` correction after the GEMMs instead. Returns ``(G0^T @ Wc, corr * W_y or None when folded)`` (the
     caller scales the first by ``s a``) and writes the class-weight gradient into ``gWc``: ``M = s G0 @ (a xn)`` (the GEMM
     operand is ``xs = s a xn``, divided by ``post`` under reduced-precision GEMMs and ``post``
     applied in float32) plus ``corr xn`` on the target rows, then ``grad W_j = M_j - rw_j^2
@@ -398,9 +399,24 @@ def _chunk_backward(
     # gather of W_y and a scatter of corr xn (strided in PML's (D, C) layout). Sharded, the local
     # s a can underflow while corr (the target's own term) cannot, so the correction stays apart.
     fold = plan.reducer is None and post is None and G0.dtype == plan.gemm == Wc.dtype
+    refold = not fold
     if fold:
         sa = a * plan.scale
         flat.scatter_(0, idx, g_y + torch.where(sa != 0, corr / sa, torch.zeros_like(corr)))
+    elif refold:
+        # Reduced-precision GEMMs (autocast) or sharded: the target entry ~ p_y and a
+        # correction ~ -1 after the GEMM cancel, leaving the GEMM's rounding of p_y W_y (2^-8
+        # in bf16) in a gradient of size 1 - p_y (a converged sample: most of it noise).
+        # Folded, the GEMM sees the small difference. Where the folded entry would not fit the
+        # GEMM's dtype (a flat softmax, S ~ C, in float16; a shard's underflowing local s a)
+        # the correction stays apart.
+        sa = a * plan.scale
+        folded = g_y + corr / torch.where(sa != 0, sa, torch.ones_like(sa))
+        # |folded| <= max / 2B: a weight-gradient row (a sum over <= B samples of the folded
+        # entry times an operand in [-1, 1]) stays finite in the GEMM's dtype
+        fits = (sa != 0) & (folded.abs() <= torch.finfo(plan.gemm).max / (2 * max(B, 1)))
+        flat.scatter_(0, idx, torch.where(fits, folded, g_y))
+        corr = torch.where(fits, torch.zeros_like(corr), corr)
     Gg = G0.to(plan.gemm) if plan.gemm != G0.dtype else G0
     Wg = Wc.to(plan.gemm) if plan.gemm != Wc.dtype else Wc
     gx = torch.mm(Gg.t(), Wg).to(plan.compute)
@@ -414,9 +430,9 @@ def _chunk_backward(
         gWc.copy_(torch.mm(Gg, xsg))
         if post is not None:
             gWc.mul_(post)
-    if fold:
+    if fold or refold:
         flat.scatter_(0, idx, g_y)  # G0 exactly as saved (retain_graph, double backward)
-    else:
+    if not fold:
         rows = (corr.unsqueeze(1) * xn).to(gWc.dtype)
         if _column_major(gWc):  # PML's (D, C) gradient: add along its contiguous dimension
             gWc.t().index_add_(1, local, rows.t())
@@ -628,6 +644,11 @@ class _FusedMarginCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, _grad_pred: Optional[Tensor]) -> Tuple[Any, ...]:
+        if torch.is_grad_enabled():  # backward(create_graph=True): no graph of this backward
+            raise RuntimeError(
+                "the fused margin loss has no double backward (create_graph=True, e.g. a "
+                "gradient penalty): build the head with impl='reference' for that"
+            )
         plan: _Plan = ctx.plan
         (xn, W, labels, valid, sigma, noise, key, alpha_t, rw, norms, S, local_scale, shift_t) = (
             ctx.saved_tensors[:13]
@@ -784,8 +805,9 @@ def margin_loss(
     over shards).
     """
     rule = _margins.get(margin_type)
-    if not 0.0 <= float(label_smoothing) < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    label_smoothing = as_float(
+        label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0, max_inclusive=False
+    )
     if label_smoothing and reducer is not None:
         raise ValueError("label_smoothing is not supported with sharded classes (reducer)")
     if not rule.has_fused or rule.sub_centers != 1:

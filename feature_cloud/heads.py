@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -359,17 +359,46 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         cross-entropy (fastreid) call this.
         """
         std, key, labels = self._training_step(embeddings, labels)
+        return self._margin_logits(embeddings, labels, (std, key))
+
+    def _margin_logits(
+        self, embeddings: Tensor, labels: Tensor, draw: Tuple[Optional[Tensor], Optional[Tensor]]
+    ) -> Tensor:
         return cloud_margin_logits(
             self.feature_cloud,
             embeddings,
             self.weight,
             labels,
-            (std, key),
+            draw,
             margin_type=self.margin_rule,
             scale=self.scale,
             margin=self.margin,
             sub_centers=self.sub_centers,
         )
+
+    def _forward_arguments(
+        self, labels: Optional[Tensor], reduction: Optional[str], label_smoothing: float
+    ) -> Tuple[Optional[Exception], str, float]:
+        """:meth:`forward`'s arguments other than the batch, checked: ``(problem, reduction,
+        label_smoothing)``. A problem is raised by the batch check, before any state changes
+        (with synchronised statistics, on every rank: a rank that raised alone would leave the
+        others waiting in the collective)."""
+        try:
+            if labels is None:
+                raise TypeError(
+                    f"{type(self).__name__}(embeddings, labels): the forward is the training "
+                    "loss and needs labels; for inference scores call head.logits(embeddings) "
+                    "(with head.eval(): cosines to the prototypes)"
+                )
+            reduction = self.reduction if reduction is None else reduction
+            if reduction not in ("mean", "sum", "none"):
+                raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+            smoothing = as_float(
+                label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0, max_inclusive=False
+            )
+        except (TypeError, ValueError) as exc:
+            return exc, "mean", 0.0
+        return None, reduction, smoothing
 
     def forward(
         self,
@@ -387,26 +416,21 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         ``return_top1``: also return, per sample, whether its target has the largest plain
         cosine (top-1 accuracy logging; the fused path gets it without a second GEMM).
         """
-        if labels is None:
-            raise TypeError(
-                f"{type(self).__name__}(embeddings, labels): the forward is the training loss "
-                "and needs labels; for inference scores call head.logits(embeddings) (with "
-                "head.eval(): cosines to the prototypes)"
-            )
-        reduction = self.reduction if reduction is None else reduction
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        problem, reduction, label_smoothing = self._forward_arguments(
+            labels, reduction, label_smoothing
+        )
         if self.backend == "reference":
-            logits = self.margin_logits(embeddings, labels)
-            loss = FC.margin_cross_entropy(logits, labels.long(), reduction, label_smoothing)
+            std, key, labels = self._training_step(embeddings, cast(Tensor, labels), problem)
+            logits = self._margin_logits(embeddings, labels, (std, key))
+            loss = FC.margin_cross_entropy(logits, labels, reduction, label_smoothing)
             if not return_top1:
                 return loss
             with torch.no_grad():
                 cos = FC.cosine_logits(*FC.common_float(embeddings, self.weight), self.sub_centers)
-                y = labels.long()
+                y = labels
                 top1 = (y >= 0) & (cos.gather(1, y.clamp_min(0)[:, None])[:, 0] >= cos.amax(1))
             return loss, top1
-        std, key, labels = self._training_step(embeddings, labels)
+        std, key, labels = self._training_step(embeddings, cast(Tensor, labels), problem)
         noise_std, noise_key, target_angles = fused_cloud(self.feature_cloud, (std, key))
         x, w = FC.common_float(embeddings, self.weight)
         return fused.margin_loss(
@@ -434,14 +458,17 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         return _BACKENDS[(self.impl, fusable, self.chunk_size is not None)]
 
     def _training_step(
-        self, embeddings: Tensor, labels: Tensor
+        self, embeddings: Tensor, labels: Tensor, problem: Optional[Exception] = None
     ) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor]:
-        """Check the batch (every check before any state changes); when training, advance the
-        cloud. Returns the cloud draw ``(std, key)`` (``None`` when inactive) and the labels as
+        """Check the batch (every check before any state changes; ``problem``: one found in
+        the caller's other arguments, raised by the check); when training, advance the cloud.
+        Returns the cloud draw ``(std, key)`` (``None`` when inactive) and the labels as
         int64."""
         train = self.training and torch.is_grad_enabled()
         cloud = self.feature_cloud
-        labels = cloud.check(embeddings, labels, validate=self.validate, train=train)
+        labels = cloud.check(
+            embeddings, labels, validate=self.validate, train=train, problem=problem
+        )
         cloud.imprint(self.weight, self.sub_centers, train=train and cloud.counts_batch(embeddings))
         std, key = cloud.advance(embeddings, labels, train=train)
         return std, key, labels
@@ -469,4 +496,7 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             ),
         )
         migrate_state_dict(state_dict, prefix, prefix + "feature_cloud.")
+        # torch loads the weight before the cloud's statistics, which would refuse theirs with
+        # the weight already taken: checked first, a refused checkpoint changes nothing
+        self.feature_cloud.check_state_dict(state_dict, prefix + "feature_cloud.")
         super()._load_from_state_dict(state_dict, prefix, *args)

@@ -25,6 +25,18 @@ from ._validation import (
 __all__ = ["ClassStatistics", "CENTER_RATES", "DEFAULT_CENTER_RATE"]
 
 _MEMORY_BUFFERS = ("memory", "memory_stamp", "memory_owner")
+#: The statistics' buffers with one entry a class.
+_PER_CLASS_BUFFERS = (
+    "center_initialized",
+    "class_counts",
+    "memory_offsets",
+    "memory_capacity",
+    "memory_pointer",
+    "memory_fill",
+    "angle_sum",
+    "angle_sqsum",
+    "center_updates",
+)
 #: What ``class_counts`` lays out (:meth:`ClassStatistics.allocate_memory`).
 _LAYOUT_BUFFERS = (
     "class_counts",
@@ -216,10 +228,19 @@ class ClassStatistics(KeepBufferDtypes):
         self.memory_owner = torch.cat([owner, owner.new_zeros(1)])
 
     # ------------------------------------------------------------------ update
-    def agree(self, features: Tensor, labels: Tensor, validate: bool = True) -> Tensor:
+    def agree(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        validate: bool = True,
+        problem: Optional[Exception] = None,
+    ) -> Tensor:
         """Every check of an :meth:`update` batch, before any state changes; returns the labels
-        as int64. A process-group subclass makes all ranks agree on the verdict first (see
+        as int64. ``problem``: an error the caller found in its other arguments, raised first.
+        A process-group subclass makes all ranks agree on the verdict first (see
         :meth:`feature_cloud.distributed.SyncedClassStatistics.agree`)."""
+        if problem is not None:
+            raise problem
         return check_batch(features, labels, self.embedding_size, self.num_classes, validate)
 
     @torch.no_grad()
@@ -340,7 +361,8 @@ class ClassStatistics(KeepBufferDtypes):
     # ------------------------------------------------------------------ checkpoints
     def check_state_dict(self, state_dict: Dict[str, Any], prefix: str = "") -> None:
         """Raise if the statistics under ``prefix`` are for another class count or embedding
-        size; changes nothing."""
+        size, or are not laid out consistently (an edited or damaged checkpoint: one entry a
+        class, one angle memory whose length the capacities give); changes nothing."""
         refuse_other_shape(
             state_dict,
             prefix + "centers",
@@ -350,6 +372,32 @@ class ClassStatistics(KeepBufferDtypes):
                 f"this module has num_classes={self.num_classes}, embedding_size={self.embedding_size}"
             ),
         )
+        for name in _PER_CLASS_BUFFERS:
+            value = state_dict.get(prefix + name)
+            if isinstance(value, Tensor) and tuple(value.shape) != (self.num_classes,):
+                raise ValueError(
+                    f"checkpoint's {prefix}{name} has shape {tuple(value.shape)}, expected "
+                    f"({self.num_classes},) (one entry a class, num_classes={self.num_classes}): "
+                    "the checkpoint is damaged or was edited"
+                )
+        shapes = {
+            name: tuple(state_dict[prefix + name].shape)
+            for name in _MEMORY_BUFFERS
+            if isinstance(state_dict.get(prefix + name), Tensor)
+        }
+        capacity = state_dict.get(prefix + "memory_capacity")
+        want = None
+        if isinstance(capacity, Tensor) and not capacity.is_meta and "memory" in shapes:
+            total = int(capacity.sum())  # one read, at load
+            want = (total + 1,) if total > 0 else None  # laid out: the slots and a trash slot
+        if len(set(shapes.values())) > 1 or (
+            want is not None and shapes.get("memory") not in (want, (0,))
+        ):
+            raise ValueError(
+                f"checkpoint's angle memory is inconsistent: {shapes}"
+                + ("" if want is None else f", memory_capacity gives {want}")
+                + ": the checkpoint is damaged or was edited"
+            )
 
     def _keep_layout(self, state_dict: Dict[str, Any], prefix: str) -> None:
         """Load this module's ``class_counts`` and memory layout instead of the checkpoint's,

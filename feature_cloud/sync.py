@@ -201,9 +201,14 @@ def agree_on_batch(
     device: Optional[torch.device] = None,
     pad_to: Optional[int] = None,
     same_dtype: bool = False,
+    problem: Optional[Exception] = None,
 ) -> Tuple[Tensor, int]:
     """Check this rank's batch and agree with every rank of ``group`` before any collective
     touches it; returns the labels as int64 and the per-rank row count to pad to.
+
+    ``problem``: an error this rank found in the caller's other arguments (``labels=None``, an
+    unknown ``reduction``); it is agreed on first: this rank raises it, naming the rank, and
+    every other rank raises a ``ValueError`` that points to it.
 
     All checks (type, shape, finite values, label range, ``pad_to``, and with ``same_dtype``
     the embeddings' dtype) become a small int64 code vector (:func:`problem_tensor`) that is
@@ -221,16 +226,30 @@ def agree_on_batch(
     n = int(embeddings.shape[0]) if isinstance(embeddings, Tensor) and embeddings.dim() else 0
     too_big = int(pad_to is not None and n > pad_to)
     dtype_code = _DTYPE_CODES.get(embeddings.dtype, 5) if isinstance(embeddings, Tensor) else 0
-    extra = torch.tensor([too_big, n, dtype_code, -dtype_code, 0], dtype=torch.long, device=device)
-    payload = torch.cat([codes, extra])
+    bad_args = int(problem is not None)
+    extra = [too_big, n, dtype_code, -dtype_code, bad_args, 0]
+    payload = torch.cat([codes, torch.tensor(extra, dtype=torch.long, device=device)])
     k = len(PROBLEM_SLOTS)
-    payload[-1] = (world - rank) * payload[: k + 1].amax().clamp_max(1)  # lowest failing rank
+    failing = torch.cat([payload[: k + 1], payload[k + 4 : k + 5]]).amax().clamp_max(1)
+    payload[-1] = (world - rank) * failing  # MAX: the lowest failing rank
     if world > 1:
         dist.all_reduce(payload, op=dist.ReduceOp.MAX, group=group)
     verdict = payload.tolist()  # the one host sync
     where = ""
     if world > 1 and verdict[-1]:
         where = f"rank {world - verdict[-1]} of {world}; raised on every rank"
+    if verdict[k + 4]:
+        if world == 1 and problem is not None:
+            raise problem
+        # every rank knows that some rank's arguments were bad: all take part in one more
+        # collective (an error path only) and raise the lowest such rank's error
+        mine = None if problem is None else (type(problem) is TypeError, str(problem))
+        errors: list = [None] * world
+        dist.all_gather_object(errors, mine, group=group)
+        first = next(r for r, e in enumerate(errors) if e is not None)
+        is_type_error, message = errors[first]
+        exc = TypeError if is_type_error else ValueError
+        raise exc(f"{message} (rank {first} of {world}; raised on every rank)")
     raise_for_problems(verdict[:k], embedding_size, num_classes, where)
     if verdict[k]:
         raise ValueError(
@@ -329,7 +348,7 @@ class SyncedClassStatistics(ClassStatistics):
         return _rank_world(self.process_group)[0]
 
     def _agree_on_batch(
-        self, features: Tensor, labels: Tensor, validate: bool
+        self, features: Tensor, labels: Tensor, validate: bool, problem: Optional[Exception] = None
     ) -> Tuple[Tensor, int]:
         """:func:`agree_on_batch` with this module's sizes, group, device and padding."""
         return agree_on_batch(
@@ -341,15 +360,23 @@ class SyncedClassStatistics(ClassStatistics):
             group=self.process_group,
             device=self.centers.device,
             pad_to=self.pad_to,
+            problem=problem,
         )
 
-    def agree(self, features: Tensor, labels: Tensor, validate: bool = True) -> Tensor:
+    def agree(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        validate: bool = True,
+        problem: Optional[Exception] = None,
+    ) -> Tensor:
         """All ranks check their batch and agree on the verdict (one all-reduce; a collective
         call when :attr:`collective`); returns the int64 labels. The next :meth:`update` with
-        these tensors reuses the verdict instead of agreeing again."""
+        these tensors reuses the verdict instead of agreeing again. ``problem``: see
+        :func:`agree_on_batch`."""
         if not self.collective:
-            return super().agree(features, labels, validate)
-        labels, rows = self._agree_on_batch(features, labels, validate)
+            return super().agree(features, labels, validate, problem)
+        labels, rows = self._agree_on_batch(features, labels, validate, problem)
         self._agreed = (features, labels, rows)
         return labels
 

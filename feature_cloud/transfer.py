@@ -422,8 +422,14 @@ class FeatureTransfer(KeepBufferDtypes):
             )
         b = g.shape[0]
         y = check_labels(y, b)
-        if fb.flipped is not None and fb.flipped.shape != g.shape:
-            raise ValueError(f"flipped must have the shape of features {tuple(g.shape)}")
+        if fb.flipped is not None and (
+            not isinstance(fb.flipped, Tensor)
+            or not fb.flipped.is_floating_point()
+            or fb.flipped.shape != g.shape
+        ):
+            raise ValueError(
+                f"flipped must be a floating point tensor of the shape of features {tuple(g.shape)}"
+            )
         if fb.keep is not None and (fb.keep.dtype != torch.bool or fb.keep.shape != (b,)):
             raise ValueError(f"keep must be a bool tensor of shape ({b},)")
         indices = None if fb.indices is None else check_labels(fb.indices, b, "indices")
@@ -431,6 +437,10 @@ class FeatureTransfer(KeepBufferDtypes):
             raise ValueError(f"labels must lie in [0, {self.num_classes}) or be -1 (ignored)")
         if b and not bool(torch.isfinite(g).all()):
             raise ValueError("features contain NaN or Inf values")
+        if b and fb.flipped is not None and not bool(torch.isfinite(fb.flipped).all()):
+            raise ValueError("flipped features contain NaN or Inf values")
+        if b and indices is not None and bool((indices < 0).any()):
+            raise ValueError("indices must be dataset indices (>= 0), got a negative one")
         return FeatureBatch(
             g.to(device),
             y.to(device),

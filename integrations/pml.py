@@ -53,7 +53,13 @@ from torch import Tensor, nn
 
 from feature_cloud import functional as FC
 from feature_cloud import margins
-from feature_cloud._validation import as_int, check_embeddings, refuse_other_shape, warn_user
+from feature_cloud._validation import (
+    as_float,
+    as_int,
+    check_embeddings,
+    refuse_other_shape,
+    warn_user,
+)
 from feature_cloud.cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from feature_cloud.heads import cloud_margin_loss, make_cloud
 from feature_cloud.regularizers import MetricL2, warn_metric_l2_with_margin
@@ -86,7 +92,10 @@ def _avg_target_angle(embeddings: Tensor, W: Tensor, labels: Tensor, sub_centers
 
 
 def _at_least_float32(x: Tensor) -> Tensor:
-    """``x`` in float32 when it is bf16/fp16 (differentiable; float64 stays float64)."""
+    """``x`` in float32 when it is bf16/fp16 (differentiable; float64 stays float64); anything
+    else as it is, for the batch check to refuse (integers would be promoted silently)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        return x
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
@@ -164,12 +173,14 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         self._with_metric_l2 = metric_l2 is not None
         super().__init__(**kwargs)
         c_f.assert_distance_type(self, CosineSimilarity)
-        self.num_classes = int(num_classes)
+        self.num_classes = as_int(num_classes, "num_classes", 1)
         self.margin_type = rule.name
         self.margin_rule = rule
-        self.margin = float(rule.pml_margin if margin is None else margin)
+        self.margin = as_float(rule.pml_margin if margin is None else margin, "margin")
         margins.check_unit(rule, self.margin, "degrees")
-        self.scale = float(rule.pml_scale if scale is None else scale)
+        self.scale = as_float(
+            rule.pml_scale if scale is None else scale, "scale", minimum=0.0, min_inclusive=False
+        )
         self.sub_centers = as_int(
             rule.sub_centers if sub_centers is None else sub_centers, "sub_centers", 1
         )
@@ -184,7 +195,7 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             torch.empty(int(embedding_size), self.num_classes * self.sub_centers)
         )
         self.weight_init_func(self.W)
-        self.embedding_size = int(embedding_size)
+        self.embedding_size = as_int(embedding_size, "embedding_size", 1)
         self.feature_cloud = make_cloud(cloud, self.num_classes, self.embedding_size, cloud_options)
         self.validate = bool(validate)
         self._agreed: Optional[Tuple[Tensor, Tensor]] = None  # (embeddings, labels) of forward
@@ -274,10 +285,13 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             # ranks agree on the batch before PML's own shape checks, which would raise on one
             # rank while the others wait in the statistics' collective: all raise or none
             # (labels=None on a rank is one of the problems agreed on: not an integer tensor)
-            self._cloud_to(upcast.device)
+            if isinstance(upcast, Tensor):
+                self._cloud_to(upcast.device)
             self._sync_mode()
             checked = self.feature_cloud.check(upcast, cast(Tensor, labels), validate=self.validate)
             self._agreed = (upcast, checked)
+        elif isinstance(upcast, Tensor) and not upcast.is_floating_point():
+            raise TypeError(f"embeddings must be a floating point tensor, got dtype {upcast.dtype}")
         try:
             return super().forward(upcast, labels, indices_tuple, ref_emb, ref_labels)
         finally:

@@ -59,6 +59,19 @@ def check_synced_head(rank: int, world: int) -> None:
     if rank == 1:
         bad_x = bad_x[:, :3]
     _fails_together(rank, lambda: head(bad_x, _batch(1, rank)[1]), ValueError, "shape")
+    # the forward's other arguments: checked on one rank only, that rank raised while the
+    # other waited in the agreement's all-reduce until the group's timeout
+    x, y = _batch(1, rank)
+    none = None if rank == 1 else y
+    _fails_together(rank, lambda: head(x, none), TypeError, r"needs labels.*rank 1 of 2")
+    bad = "avg" if rank == 0 else "mean"
+    _fails_together(
+        rank, lambda: head(x, y, reduction=bad), ValueError, r"reduction.*'avg' \(rank 0 of 2"
+    )
+    eps = 1.5 if rank == 1 else 0.0
+    _fails_together(
+        rank, lambda: head(x, y, label_smoothing=eps), ValueError, r"label_smoothing.*rank 1 of 2"
+    )
     assert_same_state(state_snapshot(head), before, f"rank {rank} after rejected batches")
 
     # still in step: int32 labels on rank 0, int64 on rank 1 (the label-dtype policy)
@@ -123,6 +136,8 @@ def check_pml_loss(rank: int, world: int) -> None:
     _fails_together(rank, lambda: loss(bad_x, two_d), ValueError, r"rank 0 of 2")
     none = None if rank == 1 else bad_y  # PML's labels_required would raise on rank 1 alone
     _fails_together(rank, lambda: loss(bad_x, none), TypeError, r"integer tensor.*rank 1 of 2")
+    ints = bad_x.long() if rank == 1 else bad_x  # were promoted to float silently
+    _fails_together(rank, lambda: loss(ints, bad_y), TypeError, r"floating point.*rank 1 of 2")
     if rank == 1:
         bad_x[0, 0] = float("nan")
     _fails_together(rank, lambda: loss(bad_x, bad_y), ValueError, r"NaN.*rank 1 of 2")

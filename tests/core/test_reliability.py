@@ -535,3 +535,124 @@ def test_ftl_model_loss_accepts_integer_label_dtypes(dtype):
     assert torch.equal(want["loss"].detach(), got["loss"].detach())
     with pytest.raises(TypeError, match="labels must be an integer tensor"):
         model.loss(x, y.float())
+
+
+# ------------------------------------------------------------------ session 44: attack trial
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+@pytest.mark.parametrize("eps", [1.5, -0.1, float("nan"), 1.0, "0.1"])
+def test_label_smoothing_is_checked_before_any_state_change(impl, eps):
+    """An invalid ``label_smoothing`` was checked by the fused loss after the cloud step had
+    advanced the statistics; the reference path let -0.1, NaN and 1.0 through (another loss)."""
+    head = _head(impl)
+    x, y = _batch(0)
+    before = state_snapshot(head)
+    with pytest.raises((TypeError, ValueError), match="label_smoothing"):
+        head(x, y, label_smoothing=eps)
+    assert_same_state(before, state_snapshot(head))
+
+
+@pytest.mark.parametrize("cloud", ["full", None])
+def test_sub_center_head_takes_an_empty_batch(cloud):
+    """An empty batch (allowed: a rank with no samples) gave a reshape error in the sub-center
+    head's cosines, in training and in eval ``logits``."""
+    head = LEAPMarginHead(D, C, "subcenter_arcface", cloud=cloud, class_counts=COUNTS, seed=0)
+    loss = head(torch.randn(0, D), torch.zeros(0, dtype=torch.long))
+    assert float(loss.detach()) == 0.0
+    assert head.eval().logits(torch.randn(0, D)).shape == (0, C)
+
+
+def test_fused_head_refuses_double_backward_with_a_clear_error():
+    """``create_graph=True`` through the fused loss: a message naming the way out (was torch's
+    "mm(): functions with out=... arguments don't support automatic differentiation"); the
+    reference path differentiates twice."""
+    x, y = _batch(0)
+    for impl, ok in (("fused", False), ("reference", True)):
+        head = _head(impl)
+        xx = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(head(xx, y), xx, create_graph=True) if ok else (None,)
+        if ok:
+            (gg,) = torch.autograd.grad(g.pow(2).sum(), xx)
+            assert torch.isfinite(gg).all()
+            continue
+        with pytest.raises(RuntimeError, match="impl='reference'"):
+            torch.autograd.grad(head(xx, y), xx, create_graph=True)
+
+
+def test_refused_checkpoint_leaves_the_head_as_it_was():
+    """torch loads the head's weight before the cloud's statistics: a checkpoint whose
+    statistics are refused (another class count behind a weight of the same shape; an edited
+    ``class_counts``; an angle memory of the wrong length) had already replaced the weight (and
+    step, seed), or loaded and failed at the next step with an IndexError."""
+    src = LEAPMarginHead(D, 3 * C, "cosface", class_counts=[4] * (3 * C), seed=1)
+    dst = LEAPMarginHead(D, C, "subcenter_arcface", class_counts=COUNTS, seed=0)
+    before = state_snapshot(dst)
+    with pytest.raises(ValueError, match="num_classes=30"):
+        dst.load_state_dict(src.state_dict())
+    assert_same_state(before, state_snapshot(dst))
+    trained = _head()
+    trained(*_batch(0))
+    for name, value in (
+        ("class_counts", torch.ones(C + 2, dtype=torch.long)),
+        ("angle_sum", torch.zeros(C - 1, dtype=torch.float64)),
+        ("memory", torch.zeros(3)),
+    ):
+        state = trained.state_dict()
+        state["feature_cloud.statistics." + name] = value
+        head = _head()
+        before = state_snapshot(head)
+        with pytest.raises(ValueError, match="damaged or was edited"):
+            head.load_state_dict(state)
+        assert_same_state(before, state_snapshot(head))
+    head = _head()
+    head.load_state_dict(trained.state_dict())  # the untouched checkpoint loads
+    head(*_batch(1))
+
+
+def test_feature_transfer_checks_flipped_features_and_indices():
+    """NaN in the flipped features ended in a LinAlgError from the PCA (or a NaN center of a
+    tail class, silently); negative dataset indices went into the hard list."""
+    torch.manual_seed(0)
+    g = torch.randn(40, D)
+    y = torch.tensor([0] * 25 + [1] * 10 + [2] * 3 + [3] * 2)
+    ft = FeatureTransfer(D, 4, tail_threshold=5, num_components=2)
+    flipped = g.clone()
+    flipped[-1] = float("nan")
+    with pytest.raises(ValueError, match="flipped features contain NaN"):
+        ft.update_stats([(g, y, None, flipped)])
+    with pytest.raises(ValueError, match="flipped must be a floating point"):
+        ft.update_stats([(g, y, None, flipped.long())])
+    with pytest.raises(ValueError, match="indices must be dataset indices"):
+        ft.update_stats([(g, y, -torch.arange(40) - 1)])
+    assert not ft.ready
+    ft.update_stats([(g, y, torch.arange(40), g.clone())])
+    assert ft.ready
+
+
+def test_pml_loss_checks_its_hyper_parameters_and_embedding_dtype():
+    """``LEAPLoss`` took ``scale=0`` (NaN loss), ``scale=-64`` (the objective inverted), NaN /
+    inf margins, ``scale="64"``, ``num_classes=5.7`` (5); integer and bool embeddings were
+    promoted to float and trained on. The core head refuses all of them."""
+    pytest.importorskip("pytorch_metric_learning")
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    for kw, exc in (
+        (dict(scale=0), ValueError),
+        (dict(scale=-64), ValueError),
+        (dict(scale=float("nan")), ValueError),
+        (dict(margin=float("inf")), ValueError),
+        (dict(scale="64"), TypeError),
+        (dict(num_classes=5.7), TypeError),
+    ):
+        args = dict(num_classes=C, embedding_size=D, class_counts=COUNTS)
+        args.update(kw)
+        with pytest.raises(exc, match=next(iter(kw))):
+            LEAPLoss(**args)
+    loss = LEAPLoss(C, D, class_counts=COUNTS, seed=0)
+    x, y = _batch(0)
+    before = state_snapshot(loss)
+    for bad in (x.long(), x > 0):
+        with pytest.raises(TypeError, match="floating point"):
+            loss(bad, y)
+    assert_same_state(before, state_snapshot(loss))
