@@ -7,7 +7,7 @@ single-process behaviour.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple, cast
+from typing import Any, List, Optional, Tuple, cast
 
 import torch
 import torch.distributed as dist
@@ -244,10 +244,11 @@ def agree_on_batch(
         # every rank knows that some rank's arguments were bad: all take part in one more
         # collective (an error path only) and raise the lowest such rank's error
         mine = None if problem is None else (type(problem) is TypeError, str(problem))
-        errors: list = [None] * world
+        errors: List[Optional[Tuple[bool, str]]] = [None] * world
         dist.all_gather_object(errors, mine, group=group)
-        first = next(r for r, e in enumerate(errors) if e is not None)
-        is_type_error, message = errors[first]
+        first, (is_type_error, message) = next(
+            (r, e) for r, e in enumerate(errors) if e is not None
+        )
         exc = TypeError if is_type_error else ValueError
         raise exc(f"{message} (rank {first} of {world}; raised on every rank)")
     raise_for_problems(verdict[:k], embedding_size, num_classes, where)
