@@ -404,8 +404,8 @@ class FTLModel(nn.Module):
         and momentum cannot move them) and eval mode (BatchNorm statistics stay fixed); a frozen
         :class:`LEAPMarginHead` stays in train mode (statistics and cloud live, weights fixed)
         unless ``head_cloud_when_frozen=False``. Unfrozen parameters get back
-        the ``requires_grad`` they had before the first freeze (a backbone's own frozen stages
-        stay frozen).
+        the ``requires_grad`` they had when they were last unfrozen here (a backbone's own
+        frozen stages stay frozen, also ones frozen after the model was built).
         """
         parts = tuple(parts)
         for p in parts:
@@ -414,6 +414,10 @@ class FTLModel(nn.Module):
         if self._base_requires_grad is None:
             self._base_requires_grad = {n: q.requires_grad for n, q in self.named_parameters()}
         base = self._base_requires_grad
+        for name in PARTS:  # the parts not frozen here: the user's own freezing since
+            module = getattr(self, name)
+            if module is not None and name not in self.frozen:
+                base.update({n: q.requires_grad for n, q in module.named_parameters(prefix=name)})
         for name in PARTS:
             module = getattr(self, name)
             if module is None:
@@ -462,6 +466,16 @@ class IndexedDataset(Dataset[Tuple[Any, ...]]):
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
+
+    @property
+    def transform(self) -> Any:
+        """The wrapped dataset's ``transform`` (timm's ``create_loader`` sets it on the dataset
+        it is given: it reaches the images)."""
+        return getattr(self.dataset, "transform", None)
+
+    @transform.setter
+    def transform(self, value: Any) -> None:
+        self.dataset.transform = value
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -633,6 +633,16 @@ class FTLTask(_AllOrNothingLoad):
             quality=quality,
             tail_sampling=tail_sampling,
         )
+        self._defer_freeze()
+
+    def _defer_freeze(self) -> None:
+        """Unfreeze the parts the current stage keeps fixed until the first training forward:
+        timm's ``create_optimizer_v2`` leaves out parameters with ``requires_grad=False``, so an
+        optimiser built after a task that starts in stage 1 (``stage0_iters=0``, or a resume)
+        never trained ``Enc`` in stage 2."""
+        self._freeze_pending = bool(self._parts().frozen)
+        if self._freeze_pending:
+            self._parts().set_frozen(())
 
     @classmethod
     def from_timm(
@@ -755,6 +765,17 @@ class FTLTask(_AllOrNothingLoad):
                     return None
         return FTLEmbedding(self._parts(module))
 
+    def compile(
+        self, backend: str = "inductor", mode: Optional[str] = None, **compile_kwargs: Any
+    ) -> nn.Module:
+        """Compile ``Enc`` in place (``nn.Module.compile``: parameter names, checkpoints and the
+        parts' freezing are unchanged; ``R``, ``FC``, ``Dec`` and the transfer stay eager);
+        returns the eval model (:class:`FTLEmbedding`, its ``Enc`` compiled)."""
+        parts = self._parts()
+        parts.encoder.compile(backend=backend, mode=mode, **compile_kwargs)
+        self.eval_model = FTLEmbedding(parts)
+        return self.eval_model
+
     def get_task_state(
         self, module: Optional[nn.Module] = None, ema: bool = False
     ) -> Dict[str, Any]:
@@ -807,6 +828,8 @@ class FTLTask(_AllOrNothingLoad):
                 parts.decoder.load_state_dict(state["decoder"], strict=strict)
             parts.classifier.load_state_dict(state["classifier"], strict=strict)
             parts.feature_transfer.load_state_dict(state["feature_transfer"], strict=strict)
+        if not ema:
+            self._defer_freeze()  # an optimiser built after the resume sees every part
 
     def _ema_module(self) -> nn.Module:
         module = self.get_trainable_module(ema=True)
@@ -840,7 +863,10 @@ class FTLTask(_AllOrNothingLoad):
         refuse_soft_target(target, "FTLTask")
         refuse_soft_target(tail_target, "FTLTask")
         has_tail = tail_input is not None or tail_target is not None
-        if self.scheduler.stage == 1:
+        if getattr(self, "_freeze_pending", False) and self.training and torch.is_grad_enabled():
+            self.scheduler.apply()
+            self._freeze_pending = False
+        if self.scheduler.stage == 1 and (self.training or has_tail):
             if tail_input is None or tail_target is None:
                 raise ValueError(
                     "stage 1 of Algorithm 1 needs the long-tail batch: task(hard_x, hard_y, tail_x, tail_y) "
@@ -852,7 +878,7 @@ class FTLTask(_AllOrNothingLoad):
             raise ValueError(
                 f"a long-tail batch is only used in stage 1; the task is in stage {self.scheduler.stage}"
             )
-        out = self._parts().loss(input, target)
+        out = self._parts().loss(input, target)  # in eval mode (validation): Eq. 4, any stage
         return {
             "loss": out["loss"],
             "sfmx_loss": out["sfmx"],

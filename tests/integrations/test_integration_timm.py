@@ -306,6 +306,101 @@ def test_ftl_task_runs_the_stages():
     assert 0.0 <= evaluator.compute()["top1"] <= 100.0
 
 
+@pytest.mark.parametrize("start", ["stage0_iters=0", "resume"])
+def test_ftl_task_and_timm_optimizer_built_in_stage_1_train_the_encoder_in_stage_2(start, tmp_path):
+    """timm's ``create_optimizer_v2`` leaves out parameters with ``requires_grad=False``: a task
+    that started in stage 1 (``stage0_iters=0``, or resumed mid-stage-1) had frozen ``Enc``
+    already, so an optimiser built then had no encoder parameter and stage 2 never trained it
+    (silently). The parts are now frozen at the first training forward. Layers the user froze
+    after building the task stay frozen when stage 2 unfreezes ``Enc``."""
+    from timm.optim import create_optimizer_v2
+
+    dataset, stats_loader = _data()
+    if start == "resume":
+        first = _ftl_task()
+        run_ftl_task(
+            first,
+            dataset,
+            stats_loader,
+            torch.optim.SGD(first.model.param_groups(), lr=0.01),
+            until=4,
+        )
+        assert first.stage == 1
+        task = _ftl_task(init_seed=3)
+        task.model.load_state_dict(first.model.state_dict())
+        task.load_task_state(first.get_task_state())
+    else:
+        task = _ftl_task(stage0_iters=0)
+        task.update_stats(stats_loader)
+    model = task.model
+    assert task.stage == 1 and model.frozen == ()
+    stem = [p for n, p in model.encoder.named_parameters() if n.startswith("conv1")]
+    assert stem
+    for p in stem:
+        p.requires_grad_(False)  # the user's own frozen layers
+    opt = create_optimizer_v2(task.get_trainable_module(), opt="adamw", lr=1e-2, weight_decay=0.05)
+    optimized = {id(p) for g in opt.param_groups for p in g["params"]}
+    trainable = [p for n, p in model.encoder.named_parameters() if not n.startswith("conv1")]
+    assert all(id(p) in optimized for p in trainable)
+    enc = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    run_ftl_task(
+        task, dataset, stats_loader, opt, until=task.scheduler.iteration + task.scheduler.remaining
+    )
+    assert task.stage == 2 and model.frozen == ("classifier",)
+    assert all(torch.equal(v, enc[k]) for k, v in model.encoder.state_dict().items())  # stage 1
+    assert all(not p.requires_grad for p in stem) and all(p.requires_grad for p in trainable)
+    stem_before = [p.detach().clone() for p in stem]
+    run_ftl_task(task, dataset, stats_loader, opt)  # stage 2
+    changed = [k for k, v in model.encoder.state_dict().items() if not torch.equal(v, enc[k])]
+    assert any("layer" in k for k in changed), changed  # Enc trained in stage 2
+    assert all(torch.equal(a, b) for a, b in zip(stem, stem_before))  # the user's frozen stem
+
+
+def test_ftl_task_compiles_its_encoder_in_place_and_scores_validation_in_stage_1():
+    """``FTLTask.compile()`` returned None and compiled nothing (timm's base); it compiles
+    ``Enc`` in place (parameter names and checkpoints unchanged). A validation loss in eval
+    mode is Eq. 4 in every stage (stage 1 asked for a long-tail batch)."""
+    dataset, stats_loader = _data()
+    task = _ftl_task(stage0_iters=0)
+    keys = set(task.get_checkpoint_state()["state_dict"])
+    eval_model = task.compile(backend="eager")
+    assert isinstance(eval_model, FTLEmbedding) and task.get_eval_model() is eval_model
+    assert set(task.get_checkpoint_state()["state_dict"]) == keys
+    x, y = dataset.dataset.tensors
+    task.eval()
+    with torch.no_grad():
+        assert eval_model(x[:4]).shape == (4, 32)
+        before = {k: v.clone() for k, v in task.model.state_dict().items()}
+        out = task(x[:8], y[:8])
+    assert set(out) >= {"loss", "sfmx_loss"} and torch.isfinite(out["loss"])
+    assert all(torch.equal(v, before[k]) for k, v in task.model.state_dict().items())
+    task.update_stats(stats_loader)
+    run_ftl_task(
+        task, dataset, stats_loader, torch.optim.SGD(task.model.param_groups(), lr=0.01), until=1
+    )
+
+
+def test_indexed_dataset_passes_timm_transform_to_the_images():
+    """timm's ``create_loader`` sets ``dataset.transform`` on the dataset it is given: on an
+    ``IndexedDataset`` it never reached the wrapped dataset (PIL images in the batch)."""
+
+    class Images(torch.utils.data.Dataset):
+        transform = None
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            x = torch.full((3, 4, 4), float(i))
+            return (x if self.transform is None else self.transform(x)), i
+
+    ds = IndexedDataset(Images())
+    ds.transform = lambda x: x + 1
+    assert (
+        ds.dataset.transform is ds.transform and float(ds[2][0][0, 0, 0]) == 3.0 and ds[2][2] == 2
+    )
+
+
 def test_ftl_task_gives_stage_2_its_own_length_and_resume_checks_it():
     task = _ftl_task(stage2_iters=1, max_alternations=2)
     assert task.scheduler.total_iters == 3 + 2 * (2 + 1)
@@ -380,7 +475,8 @@ def test_ftl_task_state_round_trips_mid_stage_1(tmp_path):
         _ftl_task(seed=2).load_task_state(state["task_state"])  # another sampler seed is refused
     resume_task_checkpoint(restored, path, log_info=False)  # timm's loader, weights_only
     assert restored.scheduler.state_dict() == task.scheduler.state_dict()
-    assert restored.model.frozen == ("encoder", "decoder") and not restored.needs_stats
+    # frozen at the first training forward: an optimiser built now sees every part
+    assert restored.model.frozen == () and not restored.needs_stats
     for name, value in task.model.feature_transfer.state_dict().items():
         assert torch.equal(value, restored.model.feature_transfer.state_dict()[name]), name
     # the next stage-1 step is identical: same samplers position, statistics, weights, cloud RNG
@@ -393,6 +489,7 @@ def test_ftl_task_state_round_trips_mid_stage_1(tmp_path):
         batches.append((ir, it, t(xr, yr, xt, yt)["loss"]))
     assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
     assert torch.equal(batches[0][2], batches[1][2])
+    assert restored.model.frozen == ("encoder", "decoder")
     with pytest.raises(KeyError, match="scheduler"):
         restored.load_task_state({"classifier": {}, "decoder": {}, "feature_transfer": {}})
     # the load is all or nothing: statistics that do not load leave the schedule, the decoder and
