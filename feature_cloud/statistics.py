@@ -465,6 +465,24 @@ class ClassStatistics(KeepBufferDtypes):
                 "laid out for them. Fine-tuning on other data? Call "
                 "statistics.allocate_memory(class_counts) after loading to lay out yours."
             )
+        capacity = state_dict.get(prefix + "memory_capacity")
+        if (
+            isinstance(counts, Tensor)
+            and isinstance(capacity, Tensor)
+            and isinstance(mem, Tensor)
+            and mem.numel() > 0
+            and bool(counts.any())
+            and not counts.is_meta
+            and not torch.equal(
+                capacity.cpu().long(), (counts.cpu().long() * self.memory_per_sample).clamp_min(1)
+            )
+        ):  # laid out for another memory_per_sample P (a changed setting): said once, at load
+            warn_user(
+                f"the checkpoint's angle memory is laid out for another memory_per_sample than "
+                f"this module's P = {self.memory_per_sample} (LEAP Eq. 5): its layout is "
+                "loaded. Call statistics.allocate_memory() after loading to lay out P slots a "
+                "sample (the stored angles are dropped, the centers kept)."
+            )
         # the memory's length depends on class_counts: take the checkpoint's layout
         for name in _MEMORY_BUFFERS:
             src = state_dict.get(prefix + name)

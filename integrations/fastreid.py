@@ -520,16 +520,27 @@ def _skip_mismatched_units(
         for k in [k for k in state if k.startswith(prefix)]:
             del state[k]
         logger.warning(
-            "%s not loaded from the checkpoint: it holds the state of a model with %s classes, "
-            "this model has %s (its %s is %s, the model's %s); it starts fresh (step 0, warm-up, "
-            "class counts from the new training set). fastreid skips the class weights itself",
+            "%s not loaded from the checkpoint: it holds the state of %s (its %s is %s, the "
+            "model's %s); it starts fresh (step 0, warm-up, class counts from the new training "
+            "set). fastreid skips the class weights itself",
             name or type(model.get_submodule(name)).__name__,
-            saved[0] if saved else "?",
-            own[0] if own else "?",
+            _other_model(saved, own),
             key,
             saved,
             own,
         )
+
+
+def _other_model(saved: Tuple[int, ...], own: Tuple[int, ...]) -> str:
+    """What differs between a checkpoint tensor's shape and the model's: the class count (the
+    first dimension) or, with the same classes, the feature size."""
+    if saved and own and saved[0] == own[0] and saved[1:] != own[1:]:
+        return (
+            f"a model with features of size {'x'.join(map(str, saved[1:]))}, this model's "
+            f"are of size {'x'.join(map(str, own[1:]))} (MODEL.HEADS.EMBEDDING_DIM / "
+            "MODEL.BACKBONE.FEAT_DIM)"
+        )
+    return f"a model with {saved[0] if saved else '?'} classes, this model has {own[0] if own else '?'}"
 
 
 def _fixed_tensors(module: nn.Module) -> List[Tuple[str, Tensor]]:
@@ -583,6 +594,25 @@ def _migrate_legacy_heads(model: nn.Module, state: Dict[str, Any]) -> None:
         if isinstance(module, LEAPMarginHead):
             prefix = name + "." if name else ""
             migrate_state_dict(state, prefix, prefix + "feature_cloud.")
+        if isinstance(module, LEAPHead) and module.margin_head is not None:
+            # fastreid's own EmbeddingHead keeps its class weights as `heads.weight` (C, D),
+            # the LEAP head's classifier as `heads.margin_head.weight`: the same matrix
+            prefix = name + "." if name else ""
+            stock, own = prefix + "weight", prefix + "margin_head.weight"
+            saved = state.get(stock)
+            if (
+                own not in state
+                and isinstance(saved, Tensor)
+                and tuple(saved.shape) == tuple(module.margin_head.weight.shape)
+            ):
+                state[own] = state.pop(stock)
+                logger.info(
+                    "%s: the class weights of fastreid's EmbeddingHead (%s) load as the LEAP "
+                    "head's classifier (%s)",
+                    name or "heads",
+                    stock,
+                    own,
+                )
 
 
 def _check_filter_forms(model: nn.Module, state: Dict[str, Any]) -> None:
@@ -651,9 +681,8 @@ def _checkpointer_load_model(load_model: Callable[..., Any]) -> Callable[..., An
                 # too, and the first step would fail on its shapes
                 name, _, saved, own = mismatched[0]
                 raise ValueError(
-                    f"cannot resume: the checkpoint's {name or 'head'} is of a model with "
-                    f"{saved[0] if saved else '?'} classes, this model has "
-                    f"{own[0] if own else '?'} (its optimizer state would not fit); to start "
+                    f"cannot resume: the checkpoint's {name or 'head'} is of "
+                    f"{_other_model(saved, own)} (its optimizer state would not fit); to start "
                     "from its weights on this training set, load it with resume=False "
                     "(MODEL.WEIGHTS, without --resume)"
                 )
@@ -932,8 +961,14 @@ class LEAPHead(nn.Module):
 
     @property
     def statistics(self):
-        """The :class:`feature_cloud.ClassStatistics` of the cloud."""
-        return self._margin_head().statistics
+        """The :class:`feature_cloud.ClassStatistics` of the cloud (an inference-only head,
+        ``NUM_CLASSES: 0``, has none: ``AttributeError``, so that ``hasattr`` and
+        ``torch.jit.trace`` see no attribute)."""
+        if self.margin_head is None:
+            raise AttributeError(
+                "statistics: LEAPHead was built with MODEL.HEADS.NUM_CLASSES: 0 (inference only)"
+            )
+        return self.margin_head.statistics
 
     @property
     def class_counts_pending(self) -> bool:
@@ -954,6 +989,15 @@ class LEAPHead(nn.Module):
         stats = head.statistics
         if not self._counts_pending:
             if torch.equal(stats.class_counts.cpu(), counts.cpu().long()):
+                want = (counts.cpu().long() * stats.memory_per_sample).clamp_min(1)
+                if torch.equal(stats.memory_capacity.cpu(), want):
+                    return
+                logger.warning(
+                    "LEAPHead: the loaded checkpoint's angle memory was laid out for another "
+                    "MODEL.HEADS.FEATURE_CLOUD.MEMORY_PER_SAMPLE; laid out again for "
+                    f"{stats.memory_per_sample} (stored angles dropped, class centers kept)"
+                )
+                stats.allocate_memory(counts)
                 return
             if self._counts_from_checkpoint:
                 logger.warning(

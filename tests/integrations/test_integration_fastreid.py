@@ -365,6 +365,13 @@ def test_inference_build_needs_no_data_and_no_num_classes(tmp_path, monkeypatch)
     model.eval()
     with torch.no_grad():
         assert model(torch.rand(2, 3, 64, 32) * 255).shape == (2, 512)
+    # the inference model traces (torch.jit.trace asks hasattr() of every attribute: the
+    # statistics property raised a RuntimeError, which hasattr does not catch)
+    assert not hasattr(model.heads, "statistics")
+    x = torch.rand(2, 3, 64, 32) * 255
+    traced = torch.jit.trace(model, x.clone(), check_trace=False)
+    with torch.no_grad():  # (fastreid normalises the images in place: a copy each)
+        torch.testing.assert_close(traced(x.clone()), model(x.clone()))
     model.train()
     with pytest.raises(RuntimeError, match="NUM_CLASSES"):
         model({"images": torch.rand(2, 3, 64, 32) * 255, "targets": torch.tensor([0, 1])})
@@ -680,6 +687,45 @@ def test_checkpointer_finetune_to_other_classes_starts_a_fresh_cloud(tmp_path, c
     assert set(got) == set(want)
     for key, value in want.items():
         assert torch.equal(got[key], value), key
+
+
+def test_stock_embedding_head_checkpoint_gives_its_class_weights_to_the_leap_head(tmp_path):
+    """fastreid's own ``EmbeddingHead`` (CosSoftmax) keeps its classifier as ``heads.weight``,
+    the LEAP head as ``heads.margin_head.weight``: fine-tuning a stock re-ID checkpoint on the
+    same identities started from a random classifier (fastreid logged the key as missing)."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    cfg = _head_cfg(NAME="EmbeddingHead", CLS_LAYER="CosSoftmax")
+    torch.manual_seed(1)
+    stock = torch.nn.Module()
+    stock.heads = build_heads(cfg)
+    Checkpointer(stock, str(tmp_path)).save("stock")
+    model = _trained_model(5, 0)
+    Checkpointer(model).load(str(tmp_path / "stock.pth"))
+    assert torch.equal(model.heads.margin_head.weight, stock.heads.weight)
+    # the reverse (a LEAP checkpoint into fastreid's head) is unchanged: keys by their names
+    assert "heads.margin_head.weight" in model.state_dict()
+
+
+def test_resumed_checkpoint_of_another_memory_per_sample_is_laid_out_again(tmp_path, caplog):
+    """``MEMORY_PER_SAMPLE`` changed between the checkpoint and the run (same identities):
+    the checkpoint's layout was kept silently (69 slots where the setting gives 207)."""
+    import logging
+
+    from fastreid.utils.checkpoint import Checkpointer
+
+    source = _trained_model(4, 3, CLASS_COUNTS="dataset", WARMUP_ITERS=1)
+    Checkpointer(source, str(tmp_path)).save("p1")
+    model = _trained_model(4, 0, CLASS_COUNTS="dataset", WARMUP_ITERS=1, MEMORY_PER_SAMPLE=3)
+    with pytest.warns(UserWarning, match="memory_per_sample"):
+        Checkpointer(model).load(str(tmp_path / "p1.pth"))
+    stats = model.heads.statistics
+    assert stats.memory_capacity.tolist() == [4, 4, 4, 4]  # the checkpoint's, P = 1
+    with caplog.at_level(logging.WARNING, logger=fr.logger.name):
+        model.heads.set_class_counts(torch.full((4,), 4))  # what the trainer's hook does
+    assert stats.memory_capacity.tolist() == [12, 12, 12, 12] and stats.memory.numel() == 49
+    assert any("MEMORY_PER_SAMPLE" in r.getMessage() for r in caplog.records)
+    assert torch.equal(stats.centers, source.heads.statistics.centers)  # centers kept
 
 
 def test_resuming_onto_another_class_count_is_refused_before_anything_loads(tmp_path):
