@@ -3,12 +3,14 @@
 Trained-like logits: target angle 0.8 rad (cos 0.70), non-targets at pi/2 + N(0, 0.12) rad; cloud std 0.05.
 Run: python benchmarks/cloud_mechanism.py (about 20 s on one core)."""
 
+import argparse
 import math
 
 import torch
 
 from feature_cloud import functional as FC
 
+argparse.ArgumentParser(description=__doc__).parse_args()
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
 B = 512

@@ -10,6 +10,7 @@ Cases: the core head (``fused``, ``chunked``, ``reference``; ``validate=False`` 
 
 from __future__ import annotations
 
+import argparse
 import traceback
 import warnings
 from typing import Callable, Dict, List
@@ -78,6 +79,11 @@ def _metric_l2_step() -> Callable[[], object]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("cuda_sync_report: needs a CUDA device (CUDA's sync debug mode)")
     cases: Dict[str, Callable[[], object]] = {}
     for meth in ("leap", "leap_cloud", "leap_cloud_margin", "leap_chunked", "leap_cloud_chunked"):
         cases[meth] = make_case(meth, 256, 20000, 512, scale=64.0, margin=0.35, device="cuda")

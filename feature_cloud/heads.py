@@ -283,10 +283,12 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             enters the logits: ``"margin"`` (default), ``"paper"`` or ``"target"``),
             ``cloud_scale`` (default 2), ``prototype_shrinkage`` (``kappa`` of the
             prototypes :meth:`logits` scores against, default 10; ``None``: the weights, as in
-            the paper), ``center_rate``,
+            the paper), ``prototype_min_count`` (classes with fewer ``K_i`` keep their
+            weights, default 2), ``imprint_step``, ``center_rate``,
             ``unknown_variance``, ``angle_max_age``, ``seed`` (of the noise stream; default
-            from the global RNG) and ``sync`` (``"auto"``: statistics synchronised over an
-            initialised process group; ``"off"``: per rank).
+            from the global RNG), ``sync`` (``"auto"``: statistics synchronised over an
+            initialised process group; ``"off"``: per rank), ``process_group`` and
+            ``pad_to`` (see :class:`~feature_cloud.cloud.FeatureCloud` for each).
 
     State (tensors only): ``weight``, ``feature_cloud.step``, ``feature_cloud.seed`` and
     ``feature_cloud.statistics.*``; 0.1.0 checkpoints (with an ``_extra_state`` dict) load.

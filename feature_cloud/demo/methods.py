@@ -270,11 +270,18 @@ FTL_STAGE1_FILTER = ("trained", "fixed")
 
 def check_margin_options(cfg: Any) -> None:
     """Check ``scale`` and ``margin`` of a :class:`MethodConfig` or an evaluation config: ``None``
-    or a finite number (scale > 0, margin >= 0), and not also in ``leap_options`` (they apply to
-    a method *and* its baseline; ``leap_options`` only to the LEAP heads); ``ValueError``."""
+    or a finite number (scale > 0, margin >= 0), and never in ``leap_options`` (they apply to a
+    method *and* its baseline; ``leap_options`` only to the LEAP heads, whose cloud-off baseline
+    would keep the default); ``ValueError``."""
     for name, bound in (("scale", "> 0"), ("margin", ">= 0")):
         value = getattr(cfg, name)
         if value is None:
+            if name in (cfg.leap_options or {}):
+                raise ValueError(
+                    f"{name} in leap_options ({cfg.leap_options[name]}) would set the LEAP heads "
+                    f"only, not their baseline (the same head with the cloud off): give it as "
+                    f"--{name} ({name}=...), which sets every margin head"
+                )
             continue
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not (

@@ -1544,6 +1544,8 @@ def test_scale_and_margin_reach_every_margin_head_and_its_baseline():
         (dict(margin=float("nan")), "margin must be a finite number >= 0"),
         (dict(scale=64.0, leap_options={"scale": 32}), "scale is given twice"),
         (dict(margin=0.35, leap_options={"margin": 0.2}), "margin is given twice"),
+        (dict(leap_options={"scale": 64}), "scale in leap_options .* not their baseline"),
+        (dict(leap_options={"margin": 0.35}), "--margin"),
     ],
 )
 def test_scale_and_margin_are_checked_before_training(fields, match):
