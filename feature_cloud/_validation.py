@@ -257,6 +257,11 @@ def check_batch(
     """All checks for an ``(embeddings, labels)`` training batch; returns the int64 labels."""
     check_embeddings(embeddings, embedding_size)
     labels = check_labels(labels, embeddings.shape[0])
+    if labels.device != embeddings.device:
+        raise ValueError(
+            f"labels are on {labels.device} and embeddings on {embeddings.device}: put them on "
+            "the same device (labels.to(embeddings.device))"
+        )
     if validate:
         check_values(embeddings, labels, num_classes)
     return labels

@@ -99,6 +99,8 @@ def _check_config(
             )
     if seed is not None:
         seed = as_int(seed, "seed")
+        if not -(2**63) <= seed < 2**63:  # an int64 buffer
+            raise ValueError(f"seed must fit in 64 bits, [-2**63, 2**63), got {seed}")
     if sync not in SYNC_MODES:
         raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
     return warmup_steps, count_steps
@@ -354,7 +356,10 @@ class FeatureCloud(nn.Module):
 
     def reseed(self, seed: int) -> None:
         """Set the seed of the noise stream."""
-        self.seed.fill_(int(seed))
+        seed = as_int(seed, "seed")
+        if not -(2**63) <= seed < 2**63:
+            raise ValueError(f"seed must fit in 64 bits, [-2**63, 2**63), got {seed}")
+        self.seed.fill_(seed)
 
     # ------------------------------------------------------------------ training step
     def check(

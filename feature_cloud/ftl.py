@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import functional as FC
 from ._buffers import restore_on_error
-from ._validation import check_class_counts, check_labels, check_values
+from ._validation import as_float, as_int, check_class_counts, check_labels, check_values
 from .heads import LEAPMarginHead
 from .regularizers import MetricL2, warn_metric_l2_with_margin
 from .transfer import FeatureBatch, FeatureTransfer
@@ -237,8 +237,7 @@ class FTLModel(nn.Module):
             ("alpha_recon", alpha_recon),
             ("alpha_reg", alpha_reg),
         ):
-            if float(value) < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+            as_float(value, name, minimum=0.0)  # finite, >= 0 (NaN / inf: a NaN loss)
         if decoder is None and float(alpha_recon) > 0:
             raise ValueError(
                 "alpha_recon > 0 needs a decoder (FTL Eq. 1): pass decoder=..., or alpha_recon=0 "
@@ -343,20 +342,28 @@ class FTLModel(nn.Module):
 
     def _split_margin_loss(self, f: Tensor, labels: Tensor, rows: slice) -> Tensor:
         head = self.classifier
+        assert isinstance(head, LEAPMarginHead)  # is_margin_head
         start, stop, stride = rows.indices(f.shape[0])
         if stride != 1:
             raise ValueError("stats_rows must be a contiguous slice (step 1)")
         segments = [(a, b) for a, b in ((0, start), (start, stop), (stop, f.shape[0])) if b > a]
+        # the whole batch first: a bad row after the statistics' segment raised once that
+        # segment had updated them (and each segment checked its values: one sync each)
+        head.feature_cloud.check(f, labels, validate=head.validate)
         losses: List[Tensor] = []
-        for a, b in segments:
-            if (a, b) == (start, stop):
-                losses.append(head(f[a:b], labels[a:b]))  # train mode: statistics + cloud
-                continue
-            head.train(False)
-            try:  # eval mode: the plain margin loss, statistics untouched
-                losses.append(head(f[a:b], labels[a:b]))
-            finally:
-                head.train(True)
+        validate, head.validate = head.validate, False
+        try:
+            for a, b in segments:
+                if (a, b) == (start, stop):
+                    losses.append(head(f[a:b], labels[a:b]))  # train mode: statistics + cloud
+                    continue
+                head.train(False)
+                try:  # eval mode: the plain margin loss, statistics untouched
+                    losses.append(head(f[a:b], labels[a:b]))
+                finally:
+                    head.train(True)
+        finally:
+            head.validate = validate
         if head.reduction == "none":
             return torch.cat(losses)
         if head.reduction == "sum":
@@ -658,20 +665,19 @@ class AlternatingScheduler:
             raise TypeError(f"model must be an FTLModel, got {type(model).__name__}")
         if tail_sampling not in TAIL_SAMPLING:
             raise ValueError(f"tail_sampling must be one of {TAIL_SAMPLING}, got {tail_sampling!r}")
-        if int(stage0_iters) < 0:
-            raise ValueError(f"stage0_iters must be >= 0, got {stage0_iters}")
-        if int(stage_iters) < 1:
-            raise ValueError(f"stage_iters must be >= 1, got {stage_iters}")
-        if stage2_iters is not None and int(stage2_iters) < 1:
-            raise ValueError(f"stage2_iters must be >= 1 or None, got {stage2_iters}")
-        if max_alternations is not None and int(max_alternations) < 1:
-            raise ValueError(f"max_alternations must be >= 1 or None, got {max_alternations}")
+        # integers (2.5, "3", True, NaN are refused, not truncated)
+        stage0_iters = as_int(stage0_iters, "stage0_iters", 0)
+        stage_iters = as_int(stage_iters, "stage_iters", 1)
+        if stage2_iters is not None:
+            stage2_iters = as_int(stage2_iters, "stage2_iters", 1)
+        if max_alternations is not None:
+            max_alternations = as_int(max_alternations, "max_alternations", 1)
         self.model = model
-        self.stage0_iters = int(stage0_iters)
-        self.stage_iters = int(stage_iters)
-        self.stage2_iters = self.stage_iters if stage2_iters is None else int(stage2_iters)
-        self.max_alternations = None if max_alternations is None else int(max_alternations)
-        self.seed = int(seed)
+        self.stage0_iters = stage0_iters
+        self.stage_iters = stage_iters
+        self.stage2_iters = self.stage_iters if stage2_iters is None else stage2_iters
+        self.max_alternations = max_alternations
+        self.seed = as_int(seed, "seed")
         self.flip = flip
         self.quality = quality
         self.tail_sampling = tail_sampling
@@ -821,9 +827,11 @@ class AlternatingScheduler:
             )
         stage = int(state["stage"])
         length = self._length(stage)
-        for key in ("iteration", "stage_iteration", "alternation"):
-            if isinstance(state[key], bool) or int(state[key]) < 0:
-                raise ValueError(f"scheduler state has {key}={state[key]!r}; must be >= 0")
+        for key in ("stage", "iteration", "stage_iteration", "alternation"):
+            as_int(state[key], f"scheduler state's {key}", 0)  # integers, >= 0
+        saved_max = state.get("max_alternations")
+        if saved_max is not None:
+            as_int(saved_max, "scheduler state's max_alternations", 1)
         if int(state["stage_iteration"]) >= length:
             raise ValueError(
                 f"scheduler state has stage_iteration={state['stage_iteration']} but stage {stage} "
@@ -840,7 +848,8 @@ class AlternatingScheduler:
         self.alternation = int(state["alternation"])
         self.needs_stats = bool(state["needs_stats"])
         if "max_alternations" in state:
-            self.max_alternations = state["max_alternations"]
+            saved = state["max_alternations"]
+            self.max_alternations = None if saved is None else int(saved)
         self.apply()
 
     # ------------------------------------------------------------------ data

@@ -322,9 +322,7 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         if impl == "chunked" and chunk_size is None:
             raise ValueError("impl='chunked' needs chunk_size (classes per chunk)")
         rule, scale, margin = resolve_margin(margin_type, scale, margin)
-        k = rule.sub_centers if sub_centers is None else sub_centers
-        if isinstance(k, bool) or int(k) < 1:
-            raise ValueError(f"sub_centers must be a positive integer, got {sub_centers!r}")
+        k = as_int(rule.sub_centers if sub_centers is None else sub_centers, "sub_centers", 1)
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         self.feature_cloud = make_cloud(cloud, num_classes, embedding_size, cloud_options)

@@ -362,11 +362,20 @@ def test_scheduler_rejects_stage_iteration_beyond_the_stage():
     for key, value, match in [
         ("stage_iteration", 99, "stage 0 lasts 3"),
         ("stage_iteration", 3, "stage_iteration must be in"),
-        ("iteration", -1, "iteration=-1"),
+        ("iteration", -1, "iteration must be >= 0, got -1"),
         ("alternation", -2, "alternation"),
+        ("max_alternations", -3, "max_alternations must be >= 1"),
     ]:
         with pytest.raises(ValueError, match=match):
             sched.load_state_dict({**good, key: value})
+    for key, value in (("stage", 1.7), ("max_alternations", "x"), ("iteration", True)):
+        with pytest.raises(TypeError, match=f"{key} must be an integer"):
+            sched.load_state_dict({**good, key: value})
+    assert sched.state_dict() == good  # refused before anything changed
+    # the constructor's lengths are integers too (2.5 was truncated to 2, "3" and True taken)
+    for kw in (dict(stage_iters=2.5), dict(stage_iters="3"), dict(stage0_iters=True)):
+        with pytest.raises(TypeError, match="must be an integer"):
+            AlternatingScheduler(model, **{"stage0_iters": 3, **kw})
     with pytest.raises(ValueError, match="stage 1 lasts 2"):
         sched.load_state_dict({**good, "stage": 1, "stage_iteration": 2})
     sched.load_state_dict({**good, "stage": 2, "stage_iteration": 1})
@@ -656,3 +665,65 @@ def test_pml_loss_checks_its_hyper_parameters_and_embedding_dtype():
         with pytest.raises(TypeError, match="floating point"):
             loss(bad, y)
     assert_same_state(before, state_snapshot(loss))
+
+
+def test_ftl_split_loss_checks_the_whole_batch_before_the_statistics_segment():
+    """``FTLModel.classification_loss(..., stats_rows=)`` with a LEAP head: a bad row after the
+    statistics' rows raised once those rows had updated the head (its step, centers, memory);
+    loss weights of NaN / inf were taken (a NaN loss)."""
+    from torch import nn
+
+    from feature_cloud import FTLModel
+
+    head = LEAPMarginHead(4, 4, class_counts=[25, 10, 3, 2], seed=0)
+    model = FTLModel(
+        nn.Linear(5, 6),
+        head,
+        feature_dim=6,
+        alpha_recon=0,
+        alpha_reg=0,
+        transfer=FeatureTransfer(6, 4, tail_threshold=5, num_components=2),
+    )
+    torch.manual_seed(0)
+    f, y = torch.randn(9, 4), torch.tensor([0, 1, 0, 2, 3, 2, 0, 1, 0])
+    bad_f = f.clone()
+    bad_f[8] = float("nan")
+    bad_y = y.clone()
+    bad_y[8] = 7
+    before = state_snapshot(head)
+    for ff, yy, match in ((bad_f, y, "NaN"), (f, bad_y, r"labels must lie in \[0, 4\)")):
+        with pytest.raises(ValueError, match=match):
+            model.classification_loss(ff, yy, stats_rows=slice(3, 6))
+        assert_same_state(before, state_snapshot(head))
+    assert head.validate
+    model.classification_loss(f, y, stats_rows=slice(3, 6))
+    assert head.step == 1
+    for kw in (dict(alpha_sfmx=float("nan")), dict(alpha_reg=float("inf"))):
+        with pytest.raises(ValueError, match="must be finite"):
+            FTLModel(
+                nn.Linear(5, 6), nn.Linear(4, 4, bias=False), feature_dim=6, alpha_recon=0, **kw
+            )
+
+
+def test_labels_on_another_device_than_the_embeddings_are_named():
+    """Labels on another device (the meta device stands in for CUDA): a clear error, was
+    "Tensor on device meta is not on the expected device cpu!" from the value check."""
+    head = _head()
+    x, y = _batch(0)
+    with pytest.raises(ValueError, match="labels are on meta and embeddings on cpu"):
+        head(x, y.to("meta"))
+
+
+def test_seed_and_sub_centers_are_integers_in_range():
+    """``seed=2**70`` ended in "Overflow when unpacking long long" (no name); ``reseed(1.7)``
+    was truncated; ``sub_centers=2.5`` became 2 and ``"3"`` was taken."""
+    with pytest.raises(ValueError, match="seed must fit in 64 bits"):
+        LEAPMarginHead(D, C, cloud=None, seed=2**70)
+    head = LEAPMarginHead(D, C, cloud=None, seed=1)
+    for bad, exc in ((1.7, TypeError), ("x", TypeError), (2**64, ValueError)):
+        with pytest.raises(exc, match="seed"):
+            head.feature_cloud.reseed(bad)
+    assert int(head.feature_cloud.seed) == 1
+    for bad in (2.5, "3", True):
+        with pytest.raises(TypeError, match="sub_centers must be an integer"):
+            LEAPMarginHead(D, C, "subcenter_arcface", cloud=None, sub_centers=bad)
