@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import contextlib
 import functools
 import importlib
 import inspect
@@ -64,7 +65,8 @@ import os
 import re
 import sys
 import types
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -464,6 +466,33 @@ _YAML_KEYS = {
 _YAML_PATTERN = re.compile(r"""('[^']*'|"[^"]*")|\b(""" + "|".join(_YAML_KEYS) + r")\b")
 
 
+@contextlib.contextmanager
+def _yaml_warnings() -> Iterator[None]:
+    """The head's warnings while it is built from the config, with its argument names replaced
+    by the YAML keys (as :func:`_yaml_error` does for errors), also in fastreid's log (its
+    ``log.txt``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        text = _WARNING_PATTERN.sub(
+            lambda m: m.group(1) or _YAML_KEYS[m.group(2) or m.group(3)], str(w.message)
+        )
+        logger.warning(text)
+        warnings.warn(text, w.category, stacklevel=4)
+
+
+#: in a warning's prose ("the feature cloud counts ..."), a name without an underscore is an
+#: argument only as ``name=value``
+_WARNING_PATTERN = re.compile(
+    r"""('[^']*'|"[^"]*")|\b("""
+    + "|".join(k for k in _YAML_KEYS if "_" in k)
+    + r")\b|\b("
+    + "|".join(k for k in _YAML_KEYS if "_" not in k)
+    + r")(?==)"
+)
+
+
 def _yaml_error(error: Exception) -> Exception:
     """The same exception with the head's argument names replaced by the YAML keys; quoted values
     (the user's value, the allowed choices) are left as they are."""
@@ -706,11 +735,28 @@ class FeatureCloudHook(HookBase):
     def before_train(self) -> None:
         dataset = self.trainer.data_loader.dataset
         counts = None
+        sampler = _train_sampler_name(self.trainer.data_loader)
         for head in _leap_heads(self.trainer.model):
+            if head.class_counts_source == "online" and "Identity" in sampler:
+                logger.warning(
+                    "MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS: online with %s: an identity "
+                    "sampler draws DATALOADER.NUM_INSTANCE images of each identity it picks, so "
+                    "the online counts are how often each identity was drawn, not its K_i (the "
+                    "tail over-counted, the head under-counted). Use CLASS_COUNTS: dataset",
+                    sampler,
+                )
             if head.class_counts_source != "dataset":
                 continue
             counts = class_counts_from_dataset(dataset) if counts is None else counts
             head.set_class_counts(counts)
+
+
+def _train_sampler_name(loader: Any) -> str:
+    """The class name of the sampler behind a training loader (fastreid wraps its identity
+    samplers in a ``BatchSampler``); ``""`` when there is none."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(loader, "sampler", None)
+    return "" if sampler is None else type(sampler).__name__
 
 
 def _check_class_count(heads: List[LEAPHead], dataset: Any) -> None:
@@ -852,33 +898,34 @@ class LEAPHead(nn.Module):
             else:
                 counts = None if isinstance(class_counts, str) else class_counts
             try:
-                self.margin_head = LEAPMarginHead(
-                    feat_dim,
-                    int(num_classes),
-                    margin_type=margin_type,
-                    scale=scale,
-                    margin=margin,
-                    cloud=cloud,
-                    tail_threshold=tail_threshold,
-                    gamma=gamma,
-                    memory_per_sample=memory_per_sample,
-                    warmup_steps=warmup_steps,
-                    class_counts=counts,
-                    seed=seed,
-                    validate=validate,
-                    count_steps=count_steps if self.class_counts_source == "online" else None,
-                    cloud_mode=cloud_mode,
-                    cloud_scale=cloud_scale,
-                    prototype_shrinkage=prototype_shrinkage,
-                    prototype_min_count=prototype_min_count,
-                    imprint_step=imprint_step,
-                    center_rate=center_rate,
-                    unknown_variance=unknown_variance,
-                    angle_max_age=angle_max_age,
-                    # statistics identical on every rank under a process group (sync="auto", the
-                    # head's default); the per-rank batch size spares a host sync per step
-                    pad_to=batch_size_per_rank,
-                )
+                with _yaml_warnings():
+                    self.margin_head = LEAPMarginHead(
+                        feat_dim,
+                        int(num_classes),
+                        margin_type=margin_type,
+                        scale=scale,
+                        margin=margin,
+                        cloud=cloud,
+                        tail_threshold=tail_threshold,
+                        gamma=gamma,
+                        memory_per_sample=memory_per_sample,
+                        warmup_steps=warmup_steps,
+                        class_counts=counts,
+                        seed=seed,
+                        validate=validate,
+                        count_steps=count_steps if self.class_counts_source == "online" else None,
+                        cloud_mode=cloud_mode,
+                        cloud_scale=cloud_scale,
+                        prototype_shrinkage=prototype_shrinkage,
+                        prototype_min_count=prototype_min_count,
+                        imprint_step=imprint_step,
+                        center_rate=center_rate,
+                        unknown_variance=unknown_variance,
+                        angle_max_age=angle_max_age,
+                        # statistics identical on every rank under a process group (sync="auto", the
+                        # head's default); the per-rank batch size spares a host sync per step
+                        pad_to=batch_size_per_rank,
+                    )
             except (TypeError, ValueError) as error:
                 raise _yaml_error(error) from error
         self.register_load_state_dict_post_hook(_counts_loaded)

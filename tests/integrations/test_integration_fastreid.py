@@ -269,11 +269,41 @@ def test_trainer_refuses_a_wrong_num_classes_when_built_and_cloud_none_does_not_
     trainer = DefaultTrainer(cfg)
     hook = trainer._hooks[0]
     assert isinstance(hook, fr.FeatureCloudHook)
-    with caplog.at_level(logging.WARNING, logger=fr.logger.name):
-        hook.before_train()  # what train() calls first
+    fr.logger.addHandler(caplog.handler)  # fastreid's setup_logger stops propagation
+    try:
+        with caplog.at_level(logging.WARNING, logger=fr.logger.name):
+            hook.before_train()  # what train() calls first
+    finally:
+        fr.logger.removeHandler(caplog.handler)
     assert not [r for r in caplog.records if "loaded checkpoint" in r.getMessage()]
     counts = fr.class_counts_from_dataset(trainer.data_loader.dataset)
     assert torch.equal(trainer.model.heads.statistics.class_counts.cpu(), counts)
+
+
+def test_online_counts_under_an_identity_sampler_warn_in_the_trainer(market_root, tmp_path, caplog):
+    """``CLASS_COUNTS: online`` with the shipped ``NaiveIdentitySampler`` counts how often each
+    identity is drawn (NUM_INSTANCE a pick), not K_i (a user trial: tail classes doubled, head
+    halved, silently); the trainer's hook says so in fastreid's log. ``TrainingSampler``: no
+    warning."""
+    import logging
+
+    online = ("MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS", "online")
+    online += ("MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS", "4")
+    for sampler, warns in (("NaiveIdentitySampler", True), ("TrainingSampler", False)):
+        os.makedirs(tmp_path / sampler)
+        cfg = _tiny_cfg(tmp_path / sampler, *online, "DATALOADER.SAMPLER_TRAIN", sampler)
+        hook = DefaultTrainer(cfg)._hooks[0]
+        caplog.clear()
+        fr.logger.addHandler(caplog.handler)  # fastreid's setup_logger stops propagation
+        try:
+            with caplog.at_level(logging.WARNING, logger=fr.logger.name):
+                hook.before_train()
+        finally:
+            fr.logger.removeHandler(caplog.handler)
+        said = [r.getMessage() for r in caplog.records if "identity sampler" in r.getMessage()]
+        assert bool(said) == warns, said
+        if warns:
+            assert "NaiveIdentitySampler" in said[0] and "CLASS_COUNTS: dataset" in said[0]
 
 
 def test_precise_bn_hook_leaves_statistics_untouched(market_root, tmp_path):
