@@ -238,7 +238,9 @@ def test_ftl_checkpoint_saver_resume_mid_stage_1_with_class_balanced_tail(tmp_pa
     assert resume_task_checkpoint(restored, path, optimizer=restored_opt, log_info=False) == 1
     load_task_ema_checkpoint(restored, path)
     assert restored.scheduler.state_dict() == task.scheduler.state_dict()
-    assert restored.model.frozen == task.model.frozen == ("encoder", "decoder")
+    # the restored task freezes at its first training forward (an optimiser built after the
+    # resume, as timm's create_optimizer_v2 would be, sees every part)
+    assert task.model.frozen == ("encoder", "decoder") and restored.model.frozen == ()
     for t, o in ((task, opt), (restored, restored_opt)):
         torch.manual_seed(0)
         # four more steps: into stage 2 and back
