@@ -168,6 +168,26 @@ class _BackboneOptimizerHooks:
 
         return _matcher
 
+    @property
+    def pretrained_cfg(self) -> Dict[str, Any]:
+        """The backbone's (``timm.data.resolve_data_config(model=...)`` reads it: input size,
+        mean, std, interpolation; it fell back to 224 px ImageNet settings)."""
+        return dict(getattr(self._backbone_and_prefix()[0], "pretrained_cfg", None) or {})
+
+    @property
+    def default_cfg(self) -> Dict[str, Any]:
+        """timm's older name of :attr:`pretrained_cfg`."""
+        return self.pretrained_cfg
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """The backbone's gradient checkpointing (timm's ``--grad-checkpointing``)."""
+        backbone = self._backbone_and_prefix()[0]
+        if not hasattr(backbone, "set_grad_checkpointing"):
+            raise NotImplementedError(
+                f"{type(backbone).__name__} has no set_grad_checkpointing (a timm model's)"
+            )
+        backbone.set_grad_checkpointing(enable)
+
 
 class _AllOrNothingLoad(TrainingTask):
     """timm's ``load_checkpoint_state`` (``resume_task_checkpoint``, ``load_task_ema_checkpoint``)

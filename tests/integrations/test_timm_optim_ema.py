@@ -190,3 +190,21 @@ def test_metric_l2_with_a_margin_head_warns():
 def test_create_ftl_model_keeps_its_class_contract():
     model = create_ftl_model("test_resnet", C, embedding_size=16, cloud=None)
     assert hasattr(model, "no_weight_decay") and hasattr(model, "group_matcher")
+
+
+def test_trainable_modules_give_timm_the_backbones_data_config_and_grad_checkpointing():
+    """``timm.data.resolve_data_config(model=task.get_trainable_module())`` read no
+    ``pretrained_cfg`` and fell back to 224 px (timm's ``test_vit`` is a 160 px model); ``set_grad_checkpointing``
+    (train.py ``--grad-checkpointing``) reaches the backbone."""
+    from timm.data import resolve_data_config
+
+    for task in (_leap("test_vit", {}), _ftl("test_vit", {})):
+        module = task.get_trainable_module()
+        backbone = module.backbone if hasattr(module, "backbone") else module.encoder
+        want = resolve_data_config(model=backbone)
+        assert want["input_size"] == (3, 160, 160)
+        assert resolve_data_config(model=module) == want
+        module.set_grad_checkpointing(True)
+        assert backbone.grad_checkpointing
+        module.set_grad_checkpointing(False)
+        assert not backbone.grad_checkpointing
