@@ -272,6 +272,7 @@ class FTLModel(nn.Module):
         self.feature_transfer = transfer
         self.head_cloud_when_frozen = bool(head_cloud_when_frozen)
         self.frozen: Tuple[str, ...] = ()
+        self._pending_frozen: Optional[Tuple[str, ...]] = None  # see defer_freeze
         self._base_requires_grad: Optional[Dict[str, bool]] = None
 
     def extra_repr(self) -> str:
@@ -325,6 +326,7 @@ class FTLModel(nn.Module):
         statistics and draw the cloud; the other rows get the plain margin loss (the head in
         eval mode). The loss is the same mean over all valid rows either way.
         """
+        self.apply_pending_freeze()
         labels = check_labels(labels, f.shape[0])  # any integer dtype, as int64
         if self.is_margin_head and stats_rows is not None and self.classifier.training:
             sfmx = self._split_margin_loss(f, labels, stats_rows)
@@ -347,15 +349,19 @@ class FTLModel(nn.Module):
         if stride != 1:
             raise ValueError("stats_rows must be a contiguous slice (step 1)")
         segments = [(a, b) for a, b in ((0, start), (start, stop), (stop, f.shape[0])) if b > a]
-        # the whole batch first: a bad row after the statistics' segment raised once that
-        # segment had updated them (and each segment checked its values: one sync each)
-        head.feature_cloud.check(f, labels, validate=head.validate)
+        # the whole batch first, on this process: a bad row after the statistics' segment
+        # raised once that segment had updated them. The statistics' segment keeps its own
+        # check where it is collective (the ranks agree on it: pad_to is per segment)
+        head.feature_cloud.check(f, labels, validate=head.validate, train=False)
+        collective = head.feature_cloud.collective and torch.is_grad_enabled()
         losses: List[Tensor] = []
         validate, head.validate = head.validate, False
         try:
             for a, b in segments:
                 if (a, b) == (start, stop):
+                    head.validate = validate and collective
                     losses.append(head(f[a:b], labels[a:b]))  # train mode: statistics + cloud
+                    head.validate = False
                     continue
                 head.train(False)
                 try:  # eval mode: the plain margin loss, statistics untouched
@@ -389,6 +395,7 @@ class FTLModel(nn.Module):
         ``Dec`` runs only when ``alpha_recon > 0`` and the decoder is not frozen (in stage 1 it
         is fixed and Eq. 1 has no trainable parameter left).
         """
+        self.apply_pending_freeze()
         g = self.encode(x)
         out = self.classification_loss(self.embed(g), labels)
         recon = self.reconstruction_loss(x, g)
@@ -418,6 +425,7 @@ class FTLModel(nn.Module):
         for p in parts:
             if p not in PARTS:
                 raise ValueError(f"unknown part {p!r}; parts are {PARTS}")
+        self._pending_frozen = None
         if self._base_requires_grad is None:
             self._base_requires_grad = {n: q.requires_grad for n, q in self.named_parameters()}
         base = self._base_requires_grad
@@ -438,6 +446,23 @@ class FTLModel(nn.Module):
                     q.requires_grad_(base.get(pname, True))
         self.frozen = parts
         self.train(self.training)
+
+    def defer_freeze(self) -> None:
+        """Unfreeze the frozen parts until the next training computation (:meth:`loss`,
+        :meth:`classification_loss` / :meth:`feature_loss` or stage 1's batches in train mode),
+        which freezes them again: an optimiser built in between sees every part (timm's
+        ``create_optimizer_v2`` leaves out parameters with ``requires_grad=False``, which would
+        never train them when they are unfrozen later)."""
+        pending = self.frozen
+        if pending:
+            self.set_frozen(())
+            self._pending_frozen = pending
+
+    def apply_pending_freeze(self) -> None:
+        """Freeze what :meth:`defer_freeze` left pending (in train mode; a no-op otherwise)."""
+        pending = getattr(self, "_pending_frozen", None)
+        if pending is not None and self.training:
+            self.set_frozen(pending)
 
     def train(self, mode: bool = True) -> FTLModel:
         """Like ``nn.Module.train``, but frozen parts stay in eval mode."""
@@ -1010,6 +1035,7 @@ class AlternatingScheduler:
             raise RuntimeError(
                 "call update_stats() at the start of stage 1 (UpdateStats of Algorithm 1)"
             )
+        self.model.apply_pending_freeze()  # Enc in eval mode before it encodes
         xr, yr, _, _ = self._split(hard_batch)
         xt, yt, _, _ = self._split(tail_batch)
         with torch.no_grad():

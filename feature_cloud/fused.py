@@ -396,25 +396,30 @@ def _chunk_backward(
     corr = torch.where(inside, corr, torch.zeros_like(corr))
     # Full-precision GEMMs of one process: fold the target terms into G0's target entries for
     # the GEMMs (corr / (s a), read by both) and put the entries back afterwards, instead of a
-    # gather of W_y and a scatter of corr xn (strided in PML's (D, C) layout). Sharded, the local
-    # s a can underflow while corr (the target's own term) cannot, so the correction stays apart.
+    # gather of W_y and a scatter of corr xn (strided in PML's (D, C) layout). Otherwise per
+    # sample (below).
     fold = plan.reducer is None and post is None and G0.dtype == plan.gemm == Wc.dtype
     refold = not fold
     if fold:
         sa = a * plan.scale
         flat.scatter_(0, idx, g_y + torch.where(sa != 0, corr / sa, torch.zeros_like(corr)))
     elif refold:
-        # Reduced-precision GEMMs (autocast) or sharded: the target entry ~ p_y and a
-        # correction ~ -1 after the GEMM cancel, leaving the GEMM's rounding of p_y W_y (2^-8
-        # in bf16) in a gradient of size 1 - p_y (a converged sample: most of it noise).
-        # Folded, the GEMM sees the small difference. Where the folded entry would not fit the
-        # GEMM's dtype (a flat softmax, S ~ C, in float16; a shard's underflowing local s a)
-        # the correction stays apart.
+        # Reduced-precision GEMMs (autocast) or sharded: where the target entry ~ p_y and the
+        # correction ~ -1 after the GEMM cancel (a converged sample), the gradient of size
+        # 1 - p_y was mostly the GEMM's rounding of p_y W_y (2^-8 in bf16). Folded where that
+        # happens (the folded entry smaller than the saved one), the GEMM sees the small
+        # difference; elsewhere (p_y ~ 0: the exact float32 correction is the larger term) and
+        # where the folded entry would not fit the GEMM's dtype (a shard's underflowing local
+        # s a) the correction stays apart.
         sa = a * plan.scale
         folded = g_y + corr / torch.where(sa != 0, sa, torch.ones_like(sa))
         # |folded| <= max / 2B: a weight-gradient row (a sum over <= B samples of the folded
         # entry times an operand in [-1, 1]) stays finite in the GEMM's dtype
-        fits = (sa != 0) & (folded.abs() <= torch.finfo(plan.gemm).max / (2 * max(B, 1)))
+        fits = (
+            (sa != 0)
+            & (folded.abs() < g_y.abs())
+            & (folded.abs() <= torch.finfo(plan.gemm).max / (2 * max(B, 1)))
+        )
         flat.scatter_(0, idx, torch.where(fits, folded, g_y))
         corr = torch.where(fits, torch.zeros_like(corr), corr)
     Gg = G0.to(plan.gemm) if plan.gemm != G0.dtype else G0

@@ -471,8 +471,8 @@ class ClassStatistics(KeepBufferDtypes):
             and isinstance(capacity, Tensor)
             and isinstance(mem, Tensor)
             and mem.numel() > 0
-            and bool(counts.any())
             and not counts.is_meta
+            and bool(counts.any())
             and not torch.equal(
                 capacity.cpu().long(), (counts.cpu().long() * self.memory_per_sample).clamp_min(1)
             )
@@ -480,8 +480,9 @@ class ClassStatistics(KeepBufferDtypes):
             warn_user(
                 f"the checkpoint's angle memory is laid out for another memory_per_sample than "
                 f"this module's P = {self.memory_per_sample} (LEAP Eq. 5): its layout is "
-                "loaded. Call statistics.allocate_memory() after loading to lay out P slots a "
-                "sample (the stored angles are dropped, the centers kept)."
+                "loaded. statistics.allocate_memory() after loading lays out P slots a sample "
+                "(the stored angles are dropped, the centers kept; fastreid's trainer does it "
+                "itself for CLASS_COUNTS: dataset)."
             )
         # the memory's length depends on class_counts: take the checkpoint's layout
         for name in _MEMORY_BUFFERS:

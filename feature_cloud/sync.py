@@ -207,8 +207,9 @@ def agree_on_batch(
     touches it; returns the labels as int64 and the per-rank row count to pad to.
 
     ``problem``: an error this rank found in the caller's other arguments (``labels=None``, an
-    unknown ``reduction``); it is agreed on first: this rank raises it, naming the rank, and
-    every other rank raises a ``ValueError`` that points to it.
+    unknown ``reduction``); it is agreed on first: every rank raises the lowest such rank's
+    error (its message, naming that rank; a ``TypeError`` stays one, anything else is a
+    ``ValueError``).
 
     All checks (type, shape, finite values, label range, ``pad_to``, and with ``same_dtype``
     the embeddings' dtype) become a small int64 code vector (:func:`problem_tensor`) that is

@@ -439,8 +439,10 @@ class FeatureTransfer(KeepBufferDtypes):
             raise ValueError("features contain NaN or Inf values")
         if b and fb.flipped is not None and not bool(torch.isfinite(fb.flipped).all()):
             raise ValueError("flipped features contain NaN or Inf values")
-        if b and indices is not None and bool((indices < 0).any()):
-            raise ValueError("indices must be dataset indices (>= 0), got a negative one")
+        if b and indices is not None and bool(((indices < 0) & (y >= 0)).any()):
+            raise ValueError(
+                "indices must be dataset indices (>= 0), got a negative one on a labelled row"
+            )
         return FeatureBatch(
             g.to(device),
             y.to(device),

@@ -1017,6 +1017,14 @@ class LEAPHead(nn.Module):
             )
         return self.margin_head.statistics
 
+    def __getattr__(self, name: str) -> Any:
+        if name == "statistics":  # the property raised: say why (nn.Module's message would not)
+            raise AttributeError(
+                "statistics: LEAPHead was built with MODEL.HEADS.NUM_CLASSES: 0 (inference only): "
+                "it has no classifier and no cloud statistics"
+            )
+        return super().__getattr__(name)
+
     @property
     def class_counts_pending(self) -> bool:
         """Whether ``K_i`` still have to come from the training set (:meth:`set_class_counts`)."""

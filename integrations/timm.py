@@ -656,13 +656,11 @@ class FTLTask(_AllOrNothingLoad):
         self._defer_freeze()
 
     def _defer_freeze(self) -> None:
-        """Unfreeze the parts the current stage keeps fixed until the first training forward:
-        timm's ``create_optimizer_v2`` leaves out parameters with ``requires_grad=False``, so an
-        optimiser built after a task that starts in stage 1 (``stage0_iters=0``, or a resume)
-        never trained ``Enc`` in stage 2."""
-        self._freeze_pending = bool(self._parts().frozen)
-        if self._freeze_pending:
-            self._parts().set_frozen(())
+        """Unfreeze the parts the current stage keeps fixed until the first training computation
+        (:meth:`FTLModel.defer_freeze`): timm's ``create_optimizer_v2`` leaves out parameters
+        with ``requires_grad=False``, so an optimiser built after a task that starts in stage 1
+        (``stage0_iters=0``, or a resume) never trained ``Enc`` in stage 2."""
+        self._parts().defer_freeze()
 
     @classmethod
     def from_timm(
@@ -883,9 +881,6 @@ class FTLTask(_AllOrNothingLoad):
         refuse_soft_target(target, "FTLTask")
         refuse_soft_target(tail_target, "FTLTask")
         has_tail = tail_input is not None or tail_target is not None
-        if getattr(self, "_freeze_pending", False) and self.training and torch.is_grad_enabled():
-            self.scheduler.apply()
-            self._freeze_pending = False
         if self.scheduler.stage == 1 and (self.training or has_tail):
             if tail_input is None or tail_target is None:
                 raise ValueError(

@@ -637,6 +637,11 @@ def test_feature_transfer_checks_flipped_features_and_indices():
     assert not ft.ready
     ft.update_stats([(g, y, torch.arange(40), g.clone())])
     assert ft.ready
+    # rows labelled -1 (padding) may carry index -1: their indices are never used
+    pad = torch.full((4,), -1)
+    ft.update_stats(
+        [(torch.cat([g, g[:4]]), torch.cat([y, pad]), torch.cat([torch.arange(40), pad]))]
+    )
 
 
 def test_pml_loss_checks_its_hyper_parameters_and_embedding_dtype():

@@ -398,6 +398,8 @@ def test_inference_build_needs_no_data_and_no_num_classes(tmp_path, monkeypatch)
     # the inference model traces (torch.jit.trace asks hasattr() of every attribute: the
     # statistics property raised a RuntimeError, which hasattr does not catch)
     assert not hasattr(model.heads, "statistics")
+    with pytest.raises(AttributeError, match="NUM_CLASSES: 0"):
+        _ = model.heads.statistics
     x = torch.rand(2, 3, 64, 32) * 255
     traced = torch.jit.trace(model, x.clone(), check_trace=False)
     with torch.no_grad():  # (fastreid normalises the images in place: a copy each)

@@ -356,6 +356,25 @@ def test_ftl_task_and_timm_optimizer_built_in_stage_1_train_the_encoder_in_stage
     assert all(torch.equal(a, b) for a, b in zip(stem, stem_before))  # the user's frozen stem
 
 
+def test_ftl_task_deferred_freeze_holds_for_loops_that_call_the_scheduler_directly():
+    """The parts freeze at the first training computation of the model, not only at the
+    task's forward: a loop that calls ``task.scheduler.stage1_loss`` (the README's plain loop)
+    had ``Enc`` in train mode, its BatchNorm statistics moving in stage 1 (a review)."""
+    dataset, stats_loader = _data()
+    task = _ftl_task(stage0_iters=0)
+    task.update_stats(stats_loader)
+    model = task.model
+    task.train()
+    assert model.frozen == () and model.encoder.training
+    bn = {k: v.clone() for k, v in model.encoder.state_dict().items() if "running" in k}
+    hard, tail = task.loaders(dataset, batch_size=12)
+    (xr, yr, _), (xt, yt, _) = next(iter(zip(hard, tail)))
+    task.scheduler.stage1_loss((xr, yr), (xt, yt))["loss"].backward()
+    assert model.frozen == ("encoder", "decoder") and not model.encoder.training
+    assert all(torch.equal(v, bn[k]) for k, v in model.encoder.state_dict().items() if k in bn)
+    assert all(p.grad is None for p in model.encoder.parameters())
+
+
 def test_ftl_task_compiles_its_encoder_in_place_and_scores_validation_in_stage_1():
     """``FTLTask.compile()`` returned None and compiled nothing (timm's base); it compiles
     ``Enc`` in place (parameter names and checkpoints unchanged). A validation loss in eval
