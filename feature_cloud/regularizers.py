@@ -7,7 +7,7 @@ from typing import Optional, Union
 from torch import Tensor, nn
 
 from . import functional as FC
-from ._validation import as_float, check_embeddings, warn_user
+from ._validation import as_float, check_embeddings, check_labels, warn_user
 
 __all__ = ["MetricL2", "warn_metric_l2_with_margin"]
 
@@ -69,11 +69,9 @@ class MetricL2(nn.Module):
 
     @staticmethod
     def _check_labels(labels: Tensor, batch: int) -> None:
-        if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != batch:
-            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-            raise ValueError(f"labels must be a ({batch},) tensor matching the batch, got {shape}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        """The package's one label policy (:func:`~feature_cloud._validation.check_labels`):
+        an integer tensor of shape ``(batch,)`` (bool labels refused, as everywhere else)."""
+        check_labels(labels, batch)
 
     def _masked(self, per_sample: Tensor, labels: Tensor) -> Tensor:
         valid = (labels >= 0).to(per_sample.device)

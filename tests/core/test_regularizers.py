@@ -79,3 +79,18 @@ def test_ftl_model_reg_term_ignores_rows():
     f = model(x)
     expected = (model.classifier(f[y >= 0]) ** 2).sum(1).mean()
     torch.testing.assert_close(out["reg"], expected)
+
+
+def test_metric_l2_labels_follow_the_package_label_policy():
+    """Bool labels were taken by ``MetricL2`` (the heads refuse them); (B, 1) labels and other
+    lengths are named as everywhere else."""
+
+    reg = MetricL2(0.1)
+    logits = torch.randn(4, 3)
+    with pytest.raises(TypeError, match="integer tensor"):
+        reg.from_logits(logits, torch.tensor([True, False, True, True]))
+    with pytest.raises(ValueError, match="1-D"):
+        reg.from_logits(logits, torch.zeros(4, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch size mismatch"):
+        reg.from_logits(logits, torch.zeros(3, dtype=torch.long))
+    assert torch.isfinite(reg.from_logits(logits, torch.tensor([0, 1, -1, 2], dtype=torch.int32)))
