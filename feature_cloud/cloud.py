@@ -251,6 +251,7 @@ class FeatureCloud(nn.Module):
                 batch=batch,
                 **kwargs,
             )
+        self.statistics.memory_in_use = rule is not None
         if rule is not None and class_counts is None and count_steps is None:
             warn_user(
                 f"the feature cloud counts K_i online over all warmup_steps={warmup_steps} "
@@ -351,6 +352,7 @@ class FeatureCloud(nn.Module):
                 "build the head with class_counts."
             )
         self.rule = rule
+        self.statistics.memory_in_use = rule is not None
         if rule is not None:
             self.statistics.rule = rule
 

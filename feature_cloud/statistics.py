@@ -148,6 +148,8 @@ class ClassStatistics(KeepBufferDtypes):
         self.gamma = float(gamma)
         self.memory_per_sample = int(memory_per_sample)
         self.rule = cloud
+        #: whether a cloud reads the angle memory (its owner's rule is set; see FeatureCloud)
+        self.memory_in_use = True
         self.tail_threshold = int(tail_threshold)
 
         C = self.num_classes
@@ -467,7 +469,8 @@ class ClassStatistics(KeepBufferDtypes):
             )
         capacity = state_dict.get(prefix + "memory_capacity")
         if (
-            isinstance(counts, Tensor)
+            getattr(self, "memory_in_use", True)  # a cloud-less head never reads the memory
+            and isinstance(counts, Tensor)
             and isinstance(capacity, Tensor)
             and isinstance(mem, Tensor)
             and mem.numel() > 0

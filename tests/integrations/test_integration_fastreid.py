@@ -758,6 +758,16 @@ def test_resumed_checkpoint_of_another_memory_per_sample_is_laid_out_again(tmp_p
     assert stats.memory_capacity.tolist() == [12, 12, 12, 12] and stats.memory.numel() == 49
     assert any("MEMORY_PER_SAMPLE" in r.getMessage() for r in caplog.records)
     assert torch.equal(stats.centers, source.heads.statistics.centers)  # centers kept
+    # an inference head without a cloud never reads the memory: no warning (a compat trial)
+    import warnings
+
+    from feature_cloud import LEAPMarginHead
+
+    trained = LEAPMarginHead(8, 4, class_counts=[5, 5, 2, 2], memory_per_sample=3, seed=0)
+    trained(torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 0, 1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LEAPMarginHead(8, 4, cloud=None).load_state_dict(trained.state_dict())
 
 
 def test_resuming_onto_another_class_count_is_refused_before_anything_loads(tmp_path):
