@@ -56,9 +56,10 @@ def verification_tar(
 ) -> Dict[float, float]:
     """1:1 verification over every pair of ``features`` (cosine similarity): for each false
     accept rate ``far``, the share of same-identity pairs scoring above the threshold that
-    accepts ``far`` of the different-identity pairs (the ``ceil(far * n_neg)``-th highest
-    negative score). With ``camids``, same-identity pairs from one camera are left out (re-ID).
-    NaN without a positive or a negative pair."""
+    accepts at most ``far`` of the different-identity pairs (above the
+    ``floor(far * n_neg) + 1``-th highest negative score). With ``camids``, same-identity pairs
+    from one camera are left out (re-ID). NaN without a positive pair, or with fewer than
+    ``1 / far`` negative pairs (that false accept rate cannot be measured on them)."""
     f = F.normalize(features.double(), dim=1)
     n = f.shape[0]
     i, j = torch.triu_indices(n, n, offset=1)
@@ -70,11 +71,14 @@ def verification_tar(
     for far in fars:
         if not 0.0 < far < 1.0:
             raise ValueError(f"far must be in (0, 1), got {far}")
-        if neg_scores.numel() == 0 or pos_scores.numel() == 0:
+        accepted = math.floor(far * neg_scores.numel() + 1e-9)  # negatives the FAR allows
+        if accepted < 1 or pos_scores.numel() == 0:
             out[far] = math.nan
             continue
-        k = min(max(1, math.ceil(far * neg_scores.numel())), neg_scores.numel())
+        k = min(accepted + 1, neg_scores.numel())
         threshold = neg_scores.topk(k).values[-1]
+        if accepted >= neg_scores.numel():  # every negative may pass
+            threshold = neg_scores.min() - 1.0
         out[far] = float((pos_scores > threshold).double().mean())
     return out
 

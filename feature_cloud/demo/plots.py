@@ -101,7 +101,8 @@ def _spread(stat: Tuple[float, float, int], t_quantile: Optional[Callable[[int],
     _, std, n = stat
     if t_quantile is None:
         return 100 * std
-    return 100 * t_quantile(n - 1) * std / math.sqrt(n) if n > 1 else 0.0
+    # one seed has no interval: no bar (a bar of zero reads as no uncertainty)
+    return 100 * t_quantile(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
 
 
 def plot_per_class(

@@ -114,16 +114,26 @@ SWEEP_KEYS: List[Tuple[str, str]] = [
 def _fmt(mean: float, half: float, digits: int) -> str:
     if math.isnan(mean):
         return "n/a"
+    text = f"{mean:.{digits}f}"
+    if float(text) == 0.0:  # a small negative mean rounds to "-0.0": no sign
+        text = f"{0.0:.{digits}f}"
     if math.isnan(half):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+        return text
+    return f"{text} ± {half:.{digits}f}"
 
 
-def _stat(mean: float, half: float, digits: int, numeric: bool) -> List[Any]:
-    """One value column: the Markdown cell ``mean ± half`` (``n/a`` where the mean is NaN) or,
-    ``numeric``, two CSV cells: the mean and the half-width as numbers (empty where NaN)."""
+def _stat(
+    mean: float, half: float, digits: int, numeric: bool, n: int = 0, row_n: int = 0
+) -> List[Any]:
+    """One value column: the Markdown cell ``mean ± half`` (``n/a`` where the mean is NaN; with
+    ``(n=K)`` where fewer values than the row's ``row_n`` seeds / pairs stand behind it: n/a
+    ones dropped) or, ``numeric``, two CSV cells: the mean and the half-width as numbers (empty
+    where NaN)."""
     if not numeric:
-        return [_fmt(mean, half, digits)]
+        cell = _fmt(mean, half, digits)
+        if 0 < n < row_n and not math.isnan(mean):
+            cell += f" (n={n})"
+        return [cell]
     return ["" if math.isnan(x) else round(x, digits + 3) for x in (mean, half)]
 
 
@@ -144,8 +154,8 @@ def summary_rows(results: Dict[str, Any], numeric: bool = False) -> List[List[An
             continue
         cells = [results["labels"].get(m, m), str(len(ms))]
         for k, _, s in keys:
-            mean, half, _ = t_interval([r.get(k, float("nan")) for r in ms])
-            cells += _stat(mean * s, half * s, 1 if s == 100.0 else 4, numeric)
+            mean, half, n = t_interval([r.get(k, float("nan")) for r in ms])
+            cells += _stat(mean * s, half * s, 1 if s == 100.0 else 4, numeric, n, len(ms))
         rows.append(cells)
     return rows
 
@@ -298,7 +308,9 @@ def paired_rows(
             labels.get(d["baseline"], d["baseline"]),
             str(n),
         ]
-        cells += [c for k, _ in keys for c in _stat(d[k]["mean"], d[k]["ci95"], 1, numeric)]
+        cells += [
+            c for k, _ in keys for c in _stat(d[k]["mean"], d[k]["ci95"], 1, numeric, d[k]["n"], n)
+        ]
         rows.append(cells)
     return rows
 
@@ -332,7 +344,8 @@ def plot_paired(results: Dict[str, Any], file: str) -> str:
     colors = demo_plots._colors(len(keys))
     for j, k in enumerate(keys):
         means = [d[m][k]["mean"] for m in methods]
-        errs = [0.0 if math.isnan(d[m][k]["ci95"]) else d[m][k]["ci95"] for m in methods]
+        # no interval (one pair): no bar, not a bar of zero width that reads as no uncertainty
+        errs = [math.nan if math.isnan(d[m][k]["ci95"]) else d[m][k]["ci95"] for m in methods]
         xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(methods))]
         ax.bar(
             xs,

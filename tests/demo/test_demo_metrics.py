@@ -243,3 +243,31 @@ def test_wrote_line_names_the_runs_own_files_too(tmp_path):
     (tmp_path / "results.json").write_text("{}")
     line = wrote_line({"summary.md": str(tmp_path / "summary.md")}, str(tmp_path))
     assert line == f"wrote results.json, summary.md to {tmp_path}"
+
+
+def test_verification_tar_accepts_as_many_impostors_as_the_far_allows():
+    """The threshold accepted one impostor fewer than the FAR allows where ``far * n_neg`` is a
+    whole number (``ceil``), and with fewer than ``1 / far`` impostor pairs it reported the TAR
+    at FAR 0. Scores built by hand: 1 genuine pair at 0.5, 10 impostor pairs at 0.9, 0.8, 0.4,
+    ... (four images of identities 0, 0, 1, 2 plus more singletons)."""
+    import torch
+
+    from feature_cloud.demo.metrics import verification_tar
+
+    # 2-D features at chosen angles: genuine pair (0, 1) cosine 0.5
+    angles = torch.tensor([0.0, 1.0471976, 0.4510268, 2.0, 2.6, 3.1])
+    f = torch.stack([angles.cos(), angles.sin()], dim=1)
+    y = torch.tensor([0, 0, 1, 2, 3, 4])
+    sim = f @ f.T
+    i, j = torch.triu_indices(6, 6, offset=1)
+    neg = sim[i, j][y[i] != y[j]]
+    n_neg = neg.numel()  # 14
+    genuine = float(sim[0, 1])
+    above = int((neg > genuine).sum())  # impostors scoring above the genuine pair
+    assert above >= 1
+    far = above / n_neg  # exactly `above` impostors allowed: the genuine pair is accepted
+    assert verification_tar(f, y, [far])[far] == 1.0
+    tighter = (above - 0.5) / n_neg  # one impostor fewer allowed: rejected
+    assert verification_tar(f, y, [tighter])[tighter] == 0.0
+    tiny = 0.5 / n_neg  # not one impostor allowed: cannot be measured
+    assert math.isnan(verification_tar(f, y, [tiny])[tiny])

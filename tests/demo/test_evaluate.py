@@ -45,17 +45,22 @@ def test_hs_split_keeps_s_for_tail_and_same_test_set():
 
 
 def test_t_interval_and_paired_differences():
-    assert t_quantile(2) == pytest.approx(4.303)
+    assert t_quantile(2) == pytest.approx(4.302653)
+    # scipy.stats.t.ppf(0.975, df) to 1e-5 at every df (a 3-decimal table was off by 4.7e-4)
+    exact = {1: 12.706205, 7: 2.364624, 26: 2.055529, 30: 2.042272, 31: 2.039513, 45: 2.014103}
+    exact.update({60: 2.000298, 61: 1.999624, 100: 1.983972, 1000: 1.962339})
+    for df, want in exact.items():
+        assert t_quantile(df) == pytest.approx(want, abs=2e-5), df
     assert t_quantile(1000) == pytest.approx(1.9623, abs=2e-3)
     mean, half, n = t_interval([1.0, 2.0, 3.0])
-    assert (mean, n) == (2.0, 3) and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3))
     runs = [
         {"seed": s, "method": m, "metrics": {"acc": v}}
         for s, m, v in [(0, "a", 0.5), (0, "b", 0.6), (1, "a", 0.4), (1, "b", 0.6), (2, "b", 0.9)]
     ]  # seed 2 has no pair: left out
     d = paired_differences(runs, "b", "a", ["acc"])["acc"]
     assert d["n"] == 2 and d["mean"] == pytest.approx(0.15)
-    assert d["ci95"] == pytest.approx(12.706 * math.sqrt(0.005) / math.sqrt(2))
+    assert d["ci95"] == pytest.approx(12.706205 * math.sqrt(0.005) / math.sqrt(2))
 
 
 def test_camera_retrieval_ignores_same_camera_matches():
@@ -1291,8 +1296,11 @@ def test_cli_evaluate_open_set_trains_on_the_kept_identities_and_reports_retriev
     assert len(held) == 3
     for run in res["runs"]:
         met = run["metrics"]
-        for k in ("rank1_all", "map_all", "tar_far2", "tar_far3"):
+        for k in ("rank1_all", "map_all"):
             assert 0.0 <= met[k] <= 1.0, (run["method"], k)
+        # under a hundred different-identity pairs cannot measure a FAR of 1e-2 (or 1e-3): n/a,
+        # not the TAR at FAR 0 it used to report
+        assert met["tar_far2"] is None and met["tar_far3"] is None, run["method"]
         assert "fc_acc_tail" not in met  # nothing is classified
         norms = run["per_class"]["weight_norm"]
         assert len(norms) == 6 and [c for c, v in enumerate(norms) if v is None] == held
@@ -1695,3 +1703,16 @@ def test_cli_evaluate_warns_when_the_camids_leave_no_cross_camera_query(tmp_path
     assert {r["metrics"]["rank1_tail"] for r in res["runs"]} == {None}
     assert main(["evaluate", two, *args, "--out", str(tmp_path / "o2")]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_table_cells_name_a_smaller_n_and_never_print_minus_zero():
+    """A cell whose n/a values were dropped stands on fewer seeds / pairs than its row's count:
+    it says so (the row said "pairs 3" over cells of 2 pairs); a small negative mean printed as
+    "-0.0" (a statistics audit of this release)."""
+    from feature_cloud.evaluate.report import _fmt, _stat
+
+    assert _stat(0.9, 1.7, 1, False, n=2, row_n=3) == ["0.9 ± 1.7 (n=2)"]
+    assert _stat(0.9, 1.7, 1, False, n=3, row_n=3) == ["0.9 ± 1.7"]
+    assert _stat(float("nan"), float("nan"), 1, False, n=0, row_n=3) == ["n/a"]
+    assert _stat(0.9, 1.7, 1, True, n=2, row_n=3) == [0.9, 1.7]  # CSV: numbers only
+    assert _fmt(-0.04, 0.1, 1) == "0.0 ± 0.1" and _fmt(-0.06, float("nan"), 1) == "-0.1"
