@@ -65,6 +65,14 @@ SYNC_MODES = ("auto", "pml_gathered", "off")
 ProcessGroup = Any
 
 
+def _check_seed(seed: Any) -> int:
+    """A noise seed: an integer that fits the int64 ``seed`` buffer."""
+    seed = as_int(seed, "seed")
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must fit in 64 bits, [-2**63, 2**63), got {seed}")
+    return seed
+
+
 def _check_config(
     rule: Optional[str],
     warmup_steps: Any,
@@ -98,9 +106,7 @@ def _check_config(
                 f"during the warm-up), got {count_steps}"
             )
     if seed is not None:
-        seed = as_int(seed, "seed")
-        if not -(2**63) <= seed < 2**63:  # an int64 buffer
-            raise ValueError(f"seed must fit in 64 bits, [-2**63, 2**63), got {seed}")
+        seed = _check_seed(seed)
     if sync not in SYNC_MODES:
         raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
     return warmup_steps, count_steps
@@ -358,10 +364,7 @@ class FeatureCloud(nn.Module):
 
     def reseed(self, seed: int) -> None:
         """Set the seed of the noise stream."""
-        seed = as_int(seed, "seed")
-        if not -(2**63) <= seed < 2**63:
-            raise ValueError(f"seed must fit in 64 bits, [-2**63, 2**63), got {seed}")
-        self.seed.fill_(seed)
+        self.seed.fill_(_check_seed(seed))
 
     # ------------------------------------------------------------------ training step
     def check(

@@ -475,9 +475,7 @@ def _yaml_warnings() -> Iterator[None]:
         warnings.simplefilter("always")
         yield
     for w in caught:
-        text = _WARNING_PATTERN.sub(
-            lambda m: m.group(1) or _YAML_KEYS[m.group(2) or m.group(3)], str(w.message)
-        )
+        text = _to_yaml_keys(str(w.message), _WARNING_PATTERN)
         logger.warning(text)
         warnings.warn(text, w.category, stacklevel=4)
 
@@ -493,12 +491,15 @@ _WARNING_PATTERN = re.compile(
 )
 
 
+def _to_yaml_keys(text: str, pattern: re.Pattern) -> str:
+    """``text`` with the head's argument names that ``pattern`` finds replaced by the YAML keys;
+    quoted values (group 1: the user's value, the allowed choices) are left as they are."""
+    return pattern.sub(lambda m: m.group(1) or _YAML_KEYS[m.group(m.lastindex or 0)], text)
+
+
 def _yaml_error(error: Exception) -> Exception:
-    """The same exception with the head's argument names replaced by the YAML keys; quoted values
-    (the user's value, the allowed choices) are left as they are."""
-    return type(error)(
-        _YAML_PATTERN.sub(lambda m: m.group(1) or _YAML_KEYS[m.group(2)], str(error))
-    )
+    """The same exception with the head's argument names replaced by the YAML keys."""
+    return type(error)(_to_yaml_keys(str(error), _YAML_PATTERN))
 
 
 # ------------------------------------------------------------------ checkpoints and the trainer
