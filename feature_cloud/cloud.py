@@ -268,6 +268,7 @@ class FeatureCloud(nn.Module):
             seed = int(torch.randint(0, 2**62, (), device="cpu").item())  # also on meta
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.long))
+        self._seed = int(seed)  # host copy for reset_parameters (the buffer may be on meta)
         self._count = 0  # host copy of ``step`` (control flow without a device sync)
         self._seen = self._stamp()  # the ``step`` tensor that ``_count`` was read from
         self._imprinted = -1  # the step imprint() last ran at
@@ -364,7 +365,17 @@ class FeatureCloud(nn.Module):
 
     def reseed(self, seed: int) -> None:
         """Set the seed of the noise stream."""
-        self.seed.fill_(_check_seed(seed))
+        self._seed = _check_seed(seed)
+        self.seed.fill_(self._seed)
+
+    def reset_parameters(self) -> None:
+        """Back to the state of construction (step 0, the last seed set, fresh statistics:
+        :meth:`ClassStatistics.reset_parameters`); for a module built on the ``meta`` device
+        and moved by ``to_empty``."""
+        self.step.zero_()
+        self.seed.fill_(getattr(self, "_seed", None) or int(self.seed))  # a 0.1 pickle has none
+        self.statistics.reset_parameters()
+        self._count, self._seen, self._imprinted = 0, self._stamp(), -1
 
     # ------------------------------------------------------------------ training step
     def check(

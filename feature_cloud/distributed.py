@@ -47,6 +47,7 @@ from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from .heads import cloud_margin_logits, fused_cloud, make_cloud, resolve_margin
 from .sync import (  # noqa: F401  (re-exported: the process-group API lives here)
     BATCH_MODES,
+    HoldsProcessGroup,
     ProcessGroup,
     SyncedClassStatistics,
     _pml_to_rank_order,
@@ -131,7 +132,7 @@ def _check_sizes(sizes: Sequence[int], num_classes: int, world_size: int) -> Lis
     return sizes
 
 
-class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
+class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, nn.Module):
     r"""LEAP margin softmax head whose ``(C, D)`` class weights are split over the ranks.
 
     Rank ``r`` of ``process_group`` holds ``weight`` rows ``[shard_start, shard_end)`` (sizes from
@@ -255,11 +256,24 @@ class ShardedLEAPMarginHead(WithFeatureCloud, nn.Module):
         self.pad_to = None if pad_to is None else int(pad_to)
         self.ddp_backbone = bool(ddp_backbone)
         self.sample_rate = float(sample_rate)
-        # rows drawn like the dense head's xavier_normal_ init of the full (C, D) matrix
         self.weight = nn.Parameter(torch.empty(sizes[rank], self.embedding_size))
-        nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (num_classes + self.embedding_size)))
         self.register_buffer("shard_rank", torch.tensor(rank, dtype=torch.long))
         self.register_buffer("shard_sizes", torch.tensor(sizes, dtype=torch.long))
+        self._init_weight()
+
+    def _init_weight(self) -> None:
+        # rows drawn like the dense head's xavier_normal_ init of the full (C, D) matrix
+        std = math.sqrt(2.0 / (self.num_classes + self.embedding_size))
+        nn.init.normal_(self.weight, 0.0, std)
+
+    def reset_parameters(self) -> None:
+        """Fresh weights (as at construction), shard layout and cloud
+        (:meth:`FeatureCloud.reset_parameters`): the re-initialisation of a head built on the
+        ``meta`` device and moved by ``to_empty``."""
+        self._init_weight()
+        self.shard_rank.fill_(self.rank)
+        self.shard_sizes.copy_(torch.tensor(self.sizes, dtype=torch.long))
+        self.feature_cloud.reset_parameters()
 
     # ------------------------------------------------------------------ public API
     def shard_logits(self, embeddings: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import functional as FC
 from . import fused, margins
-from ._validation import as_float, as_int, check_embeddings, refuse_other_shape
+from ._validation import as_float, as_int, check_embeddings, refuse_other_shape, warn_user
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from .noise import capturing
 
@@ -64,6 +64,16 @@ def resolve_margin(
     margin = rule.default_margin if margin is None else as_float(margin, "margin")
     margins.check_unit(rule, margin, "radians")
     return rule, float(scale), float(margin)
+
+
+def _rows_layout(state_dict: Mapping[str, Any], prefix: str, rows: int) -> str:
+    """`` (num_classes=C x sub_centers=K)`` of a checkpoint's weight, read from its statistics'
+    class count (empty where it holds none)."""
+    counts = state_dict.get(prefix + "feature_cloud.statistics.class_counts")
+    classes = counts.numel() if isinstance(counts, Tensor) else 0
+    if not classes or rows % classes:
+        return ""
+    return f" (num_classes={classes} x sub_centers={rows // classes})"
 
 
 def _check_cloud_options(options: Mapping[str, Any]) -> None:
@@ -325,6 +335,17 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         k = as_int(rule.sub_centers if sub_centers is None else sub_centers, "sub_centers", 1)
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if impl in ("fused", "chunked") and not (rule.has_fused and k == 1):
+            why = (
+                f"sub_centers={k}"
+                if rule.has_fused
+                else f"margin {rule.name!r} has no fused_target"
+            )
+            warn_user(
+                f"impl={impl!r} runs the reference path here ({why}: the fused kernels need a "
+                "margin's fused_target and one weight row per class), which holds the B x C "
+                "logits"
+            )
         self.feature_cloud = make_cloud(cloud, num_classes, embedding_size, cloud_options)
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
@@ -340,6 +361,13 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             torch.empty(self.num_classes * self.sub_centers, self.embedding_size)
         )
         nn.init.xavier_normal_(self.weight)
+
+    def reset_parameters(self) -> None:
+        """Fresh weights (Xavier normal, as at construction) and a fresh cloud
+        (:meth:`FeatureCloud.reset_parameters`): the re-initialisation of a head built on the
+        ``meta`` device and moved by ``to_empty``."""
+        nn.init.xavier_normal_(self.weight)
+        self.feature_cloud.reset_parameters()
 
     # ------------------------------------------------------------------ public API
     def logits(self, embeddings: Tensor) -> Tensor:
@@ -489,10 +517,9 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             prefix + "weight",
             self.weight,
             lambda c, d: (
-                f"checkpoint head has {c} weight rows (num_classes="
-                f"{c // self.sub_centers} x sub_centers={self.sub_centers}) of size {d}; this head "
-                f"has num_classes={self.num_classes} x sub_centers={self.sub_centers} rows of size "
-                f"embedding_size={self.embedding_size}"
+                f"checkpoint head has {c} weight rows{_rows_layout(state_dict, prefix, c)} of "
+                f"size {d}; this head has num_classes={self.num_classes} x "
+                f"sub_centers={self.sub_centers} rows of size embedding_size={self.embedding_size}"
             ),
         )
         migrate_state_dict(state_dict, prefix, prefix + "feature_cloud.")

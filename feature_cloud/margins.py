@@ -72,8 +72,12 @@ class Margin:
 
     @property
     def has_fused(self) -> bool:
-        """Whether :meth:`fused_target` is implemented (the fused paths can run this margin)."""
-        return type(self).fused_target is not Margin.fused_target
+        """Whether :meth:`fused_target` is implemented for this margin's :meth:`target` (the
+        fused paths can run it): a subclass that overrides :meth:`target` and inherits its
+        parent's :meth:`fused_target` has none (that one computes the parent's margin)."""
+        cls = type(self)
+        own = issubclass(_defined_in(cls, "fused_target"), _defined_in(cls, "target"))
+        return own and cls.fused_target is not Margin.fused_target
 
     def from_pml(self, margin: float) -> float:
         """PML's margin value in this package's unit (radians for angular margins)."""
@@ -129,6 +133,11 @@ class SubCenterArcFace(ArcFace):
 
     name = "subcenter_arcface"
     sub_centers = 3
+
+
+def _defined_in(cls: type, name: str) -> type:
+    """The class of ``cls``'s MRO whose body defines ``name``."""
+    return next(k for k in cls.__mro__ if name in vars(k))
 
 
 _REGISTRY: Dict[str, Margin] = {}

@@ -169,8 +169,13 @@ class ClassStatistics(KeepBufferDtypes):
         self.register_buffer("memory_owner", torch.zeros(0, dtype=torch.long))
         #: Whether centers were trained (an update) or loaded: a host flag, no device read.
         self.has_centers = False
+        #: the constructor's ``class_counts`` on the host (:meth:`reset_parameters` lays the
+        #: memory out from them again)
+        self._initial_counts: Optional[Tensor] = None
         if class_counts is not None:
-            self.allocate_memory(class_counts)
+            counts = check_class_counts(class_counts, C)
+            self.allocate_memory(counts)
+            self._initial_counts = counts.detach().to("cpu", dtype=torch.long, copy=True)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -350,6 +355,26 @@ class ClassStatistics(KeepBufferDtypes):
             getattr(self, name).zero_()
         self.memory_stamp.fill_(-1)
         self.center_initialized.zero_()
+
+    def reset_parameters(self) -> None:
+        """Back to the state of construction: no centers, angles or online counts, the memory
+        laid out from the constructor's ``class_counts`` (if any). The re-initialisation of a
+        module built on the ``meta`` device and moved by ``to_empty`` (whose buffers hold
+        whatever the memory held)."""
+        for name in ("centers", "angle_sum", "angle_sqsum", "class_counts", "memory_offsets"):
+            getattr(self, name).zero_()
+        for name in ("memory_pointer", "memory_fill", "num_updates", "center_updates"):
+            getattr(self, name).zero_()
+        self.center_initialized.zero_()
+        self.memory_capacity.fill_(1)
+        device = self.centers.device
+        self.memory = torch.zeros(0, device=device)
+        self.memory_stamp = torch.zeros(0, dtype=torch.long, device=device)
+        self.memory_owner = torch.zeros(0, dtype=torch.long, device=device)
+        self.has_centers = False
+        counts = getattr(self, "_initial_counts", None)  # a pickle of an older release has none
+        if counts is not None:
+            self.allocate_memory(counts)
 
     def extra_repr(self) -> str:
         return (

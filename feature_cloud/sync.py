@@ -7,13 +7,20 @@ single-process behaviour.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple, cast
+import copy
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._validation import PROBLEM_SLOTS, check_batch, problem_tensor, raise_for_problems
+from ._validation import (
+    PROBLEM_SLOTS,
+    check_batch,
+    problem_tensor,
+    raise_for_problems,
+    warn_user,
+)
 from .statistics import ClassStatistics
 
 __all__ = [
@@ -274,7 +281,44 @@ def agree_on_batch(
 # --------------------------------------------------------------------------------------------
 
 
-class SyncedClassStatistics(ClassStatistics):
+class HoldsProcessGroup:
+    """Mixin for modules with a ``process_group`` attribute, which ``pickle`` cannot hold:
+    ``copy.deepcopy`` (an EMA copy) shares the group; ``pickle`` / ``torch.save`` of the whole
+    module leaves an explicit group out, and the loaded module (another process) uses the
+    default group, with a warning."""
+
+    process_group: ProcessGroup
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> Any:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = super().__getstate__()  # type: ignore[misc]
+        group = state.pop("process_group", None)
+        state = copy.deepcopy(state, memo)
+        state["process_group"] = group
+        new.__setstate__(state)
+        return new
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state: Dict[str, Any] = super().__getstate__()  # type: ignore[misc]
+        if state.get("process_group") is not None:
+            state["process_group"] = None
+            state["_group_left_out"] = True
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        left_out = state.pop("_group_left_out", False)
+        super().__setstate__(state)  # type: ignore[misc]
+        if left_out:
+            warn_user(
+                f"this {type(self).__name__} was pickled with an explicit process_group, which "
+                "pickle cannot hold; it uses the default group now (set the group again: "
+                "feature_cloud.distributed.synchronize(head, process_group=...) for a replicated "
+                "head, the process_group attribute of a ShardedLEAPMarginHead)"
+            )
+
+
+class SyncedClassStatistics(HoldsProcessGroup, ClassStatistics):
     r""":class:`ClassStatistics` updated from the global batch of a process group.
 
     Every rank calls :meth:`update` with its own batch (``batch="local"``); the detached features

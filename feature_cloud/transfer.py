@@ -137,15 +137,15 @@ class FeatureTransfer(KeepBufferDtypes):
         self.tail_threshold = int(tail_threshold)
         self.validate = bool(validate)
 
-        counts = torch.zeros(c, dtype=torch.long)
-        regular = torch.zeros(c, dtype=torch.bool)
+        counts = torch.zeros(c, dtype=torch.long, device="cpu")  # host, also under meta
+        regular = torch.zeros(c, dtype=torch.bool, device="cpu")
         self._counts_given = class_counts is not None
         self._regular_fixed = class_counts is not None or regular_mask is not None
         if class_counts is not None:
             counts = check_class_counts(class_counts, c).cpu()
             regular = FC.ftl_regular_classes(counts, self.tail_threshold)
         if regular_mask is not None:
-            regular = torch.as_tensor(regular_mask).flatten()
+            regular = torch.as_tensor(regular_mask, device="cpu").flatten()
             if regular.dtype != torch.bool or regular.shape != (c,):
                 raise ValueError(f"regular_mask must be a bool tensor of {c} entries")
         if self._regular_fixed and not bool(regular.any()):
@@ -153,6 +153,8 @@ class FeatureTransfer(KeepBufferDtypes):
                 "no regular class: every class has <= tail_threshold images (or regular_mask is "
                 "all False); the intra-class variance to transfer needs regular classes"
             )
+        #: host copies of the constructor's counts and regular classes (reset_parameters)
+        self._initial = (counts.clone(), regular.clone())
         self.register_buffer("class_counts", counts)
         self.register_buffer("regular", regular.clone())
         self.register_buffer("centers", torch.zeros(c, d))
@@ -450,6 +452,20 @@ class FeatureTransfer(KeepBufferDtypes):
             None if fb.flipped is None else fb.flipped.to(device),
             None if fb.keep is None else fb.keep.to(device),
         )
+
+    def reset_parameters(self) -> None:
+        """Back to the state of construction (no statistics: :meth:`update_stats` to run; the
+        constructor's class counts and regular classes): for a module built on the ``meta``
+        device and moved by ``to_empty``."""
+        device = self.centers.device
+        counts, regular = self._initial
+        self.class_counts = counts.to(device, copy=True)
+        self.regular = regular.to(device, copy=True)
+        for name in ("centers", "has_center", "covariance", "eigenvalues", "mean_distance"):
+            getattr(self, name).zero_()
+        self.basis = torch.zeros(self.feature_dim, 0, device=device)
+        for name in ("hard_indices", "hard_labels", "tail_indices", "tail_labels"):
+            setattr(self, name, torch.zeros(0, dtype=torch.long, device=device))
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         # every shape checked before a data-sized buffer is resized: a refused checkpoint leaves

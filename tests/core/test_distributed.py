@@ -629,7 +629,59 @@ def check_ddp_broadcasts_a_rank0_checkpoint(rank: int, world: int) -> None:
     assert steps == [(6, True)] * world, steps
 
 
+_LOAD_WHOLE = """
+import sys, warnings, torch
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    dense, sharded = torch.load(sys.argv[1], weights_only=False)
+said = [str(w.message) for w in caught if "explicit process_group" in str(w.message)]
+assert len(said) == 2, said  # the statistics' and the sharded head's
+x, y = torch.randn(4, {D}), torch.tensor([0, 1, 2, 3])
+dense(x, y).backward()  # no process group here: the single-process head
+assert dense.statistics.process_group is None and sharded.process_group is None
+"""
+
+
+def check_explicit_group_copies_and_pickles(rank: int, world: int) -> None:
+    """A head given ``process_group=`` (user trial: deepcopy and ``torch.save`` of the whole
+    module raised "cannot pickle 'ProcessGroup'", so an EMA copy could not be made): a deepcopy
+    shares the group and stays synchronised; a pickle leaves the group out and warns at load."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    group = dist.new_group(list(range(world)))
+    torch.manual_seed(0)
+    dense = LEAPMarginHead(D, C, class_counts=COUNTS, seed=4, process_group=group)
+    sharded = ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=4, process_group=group)
+    ema = copy.deepcopy(dense)
+    assert ema.statistics.process_group is group and copy.deepcopy(sharded).process_group is group
+    for step in range(2):
+        x, y = _batches(step, [4] * world)[rank]
+        ema(x, y)
+        dense(x, y)
+        sharded(x, y)
+    _assert_replicated(ema.state_dict(), "deep copy")
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in dense.state_dict().items())
+    if rank == 0 and world == 2:  # a fresh process without a process group loads them
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "heads.pt")
+            torch.save((dense, sharded), path)
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+            run = subprocess.run(
+                [sys.executable, "-c", _LOAD_WHOLE.format(D=D), path],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert run.returncode == 0, run.stderr[-2000:]
+    assert dense.statistics.process_group is group  # pickling left the module as it was
+
+
 CHECKS = [
+    "check_explicit_group_copies_and_pickles",
     "check_gather_batch",
     "check_synced_statistics",
     "check_synced_head",

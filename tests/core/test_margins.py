@@ -1,6 +1,7 @@
 """The margin registry (feature_cloud.margins): plug-ins used by functional and fused alike."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -65,18 +66,23 @@ def test_a_new_margin_is_one_subclass_and_runs_on_every_backend(registered, clou
         ("test_combined_nofused", "fused"),
     ):
         torch.manual_seed(0)
-        head = LEAPMarginHead(
-            D,
-            C,
-            name,
-            scale=16.0,
-            margin=0.3,
-            cloud=cloud,
-            class_counts=[5] * C,
-            seed=1,
-            impl=impl,
-            chunk_size=4 if impl == "chunked" else None,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            head = LEAPMarginHead(
+                D,
+                C,
+                name,
+                scale=16.0,
+                margin=0.3,
+                cloud=cloud,
+                class_counts=[5] * C,
+                seed=1,
+                impl=impl,
+                chunk_size=4 if impl == "chunked" else None,
+            )
+        # an implementation asked for by name that cannot run says so
+        said = [str(w.message) for w in caught if "runs the reference path" in str(w.message)]
+        assert len(said) == (name == "test_combined_nofused"), said
         if cloud:
             head(x + 0.3, y)  # two angles per class: the cloud is on in the next step
             head(x - 0.3, y)
@@ -199,3 +205,51 @@ def test_sharded_head_runs_fused_and_falls_back_like_the_dense_head(registered):
         assert reference.called == (name == "test_combined_nofused")  # fused unless it cannot
         for r, g in zip(_run(dense, x, y), got):
             torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-5)
+
+
+class OverridesTargetOnly(margins.ArcFace):
+    """A subclass of a fused margin that changes the target and not its fused derivative."""
+
+    name = "test_target_only"
+
+    def target(self, cos_y, alpha_y, margin):
+        return super().target(cos_y, alpha_y, margin) - 0.5
+
+
+def test_a_margin_that_overrides_target_alone_runs_its_own_target_not_the_parents():
+    """The fused paths would run the inherited ArcFace ``fused_target``: another loss than the
+    subclass's ``target`` (user trial: 3.51, plain ArcFace's, for 8.87 at s = 64)."""
+    rule = OverridesTargetOnly()
+    assert not rule.has_fused
+    assert CombinedMargin().has_fused and CombinedNoFused().has_fused is False
+    assert margins.get("subcenter_arcface").has_fused  # inherits target and fused_target alike
+    margins.register(rule)
+    try:
+        x, y = _batch(4)
+        losses = {}
+        for impl in ("auto", "reference"):
+            torch.manual_seed(0)
+            head = LEAPMarginHead(
+                D, C, "test_target_only", scale=64.0, margin=0.5, cloud=None, impl=impl
+            )
+            assert head.backend == "reference"
+            losses[impl] = head(x, y)
+        torch.manual_seed(0)
+        arc = LEAPMarginHead(D, C, "arcface", scale=64.0, margin=0.5, cloud=None)
+        assert torch.equal(losses["auto"], losses["reference"])
+        assert losses["auto"] > arc(x, y) + 1.0  # the subclass's margin, not ArcFace's
+        with pytest.raises(ValueError, match="no fused implementation"):
+            fused.margin_loss(
+                x, arc.weight, y, margin_type="test_target_only", scale=64.0, margin=0.5
+            )
+    finally:
+        margins.unregister("test_target_only")
+
+
+def test_a_sub_center_head_asked_for_fused_warns_that_it_runs_the_reference_path():
+    with pytest.warns(UserWarning, match=r"impl='chunked' runs the reference path.*sub_centers=3"):
+        head = LEAPMarginHead(D, C, "subcenter_arcface", cloud=None, impl="chunked", chunk_size=4)
+    assert head.backend == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LEAPMarginHead(D, C, "subcenter_arcface", cloud=None)  # "auto" chooses, quietly

@@ -482,6 +482,65 @@ def test_head_built_on_meta_then_loaded_scores_as_the_trained_head(assign: bool)
         LEAPMarginHead(D, C, class_counts=torch.tensor(counts, device="meta"))
 
 
+@pytest.mark.parametrize("counts", [[40, 40, 40, 3, 3, 2], None])
+def test_head_built_on_meta_then_to_empty_and_reset_parameters_trains_as_a_new_head(
+    counts,
+) -> None:
+    """The other meta route, a fresh start: ``to_empty`` leaves every buffer as whatever the
+    memory held (user trial: memory offsets of 1e14, then an IndexError or a division by zero);
+    ``reset_parameters`` on every module that has one, as FSDP's ``param_init_fn`` and
+    ``torch.nn.init`` users do, gives the state of a head built on the device."""
+    D, C = 16, 6
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])
+    kwargs = dict(class_counts=counts, seed=3, warmup_steps=2, count_steps=None if counts else 2)
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(D, D), LEAPMarginHead(D, C, **kwargs))
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(D, D), LEAPMarginHead(D, C, **kwargs))
+    net.to_empty(device="cpu")
+    for module in net.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    net.load_state_dict(
+        {k: v for k, v in ref.state_dict().items() if k.startswith("0.")}, strict=False
+    )
+    net[1].weight.data.copy_(ref[1].weight)
+    want, got = ref.state_dict(), net.state_dict()
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):  # warm-up, online counts, the cloud on
+        x = torch.randn(8, D, generator=gen)
+        assert torch.equal(net[1](net[0](x), y), ref[1](ref[0](x), y))
+    assert ref[1].cloud_active and net[1].cloud_active
+
+
+def test_feature_transfer_and_sharded_head_reset_parameters_after_meta() -> None:
+    from feature_cloud import FeatureTransfer
+
+    counts = [30, 30, 2, 3]
+    with torch.device("meta"):
+        ft = FeatureTransfer(8, 4, class_counts=counts, num_components=2)
+        sharded = ShardedLEAPMarginHead(8, 4, class_counts=counts, seed=5)
+    for module in (ft, sharded):
+        module.to_empty(device="cpu")
+        module.reset_parameters()
+    fresh = FeatureTransfer(8, 4, class_counts=counts, num_components=2)
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in ft.state_dict().items())
+    dense = ShardedLEAPMarginHead(8, 4, class_counts=counts, seed=5)
+    got, want = sharded.state_dict(), dense.state_dict()
+    assert [k for k in want if k != "weight" and not torch.equal(want[k], got[k])] == []
+    assert sharded.weight.std() > 0.1  # drawn again, not left as memory garbage
+
+
+def test_a_checkpoint_of_another_sub_center_count_is_named_with_its_layout() -> None:
+    plain = LEAPMarginHead(8, 200, cloud="full", class_counts=[3] * 200)
+    sub = LEAPMarginHead(8, 200, "subcenter_arcface", class_counts=[3] * 200)
+    with pytest.raises(ValueError, match=r"200 weight rows \(num_classes=200 x sub_centers=1\)"):
+        sub.load_state_dict(plain.state_dict())
+    with pytest.raises(ValueError, match=r"600 weight rows \(num_classes=200 x sub_centers=3\)"):
+        plain.load_state_dict(sub.state_dict())
+
+
 def test_kept_layout_starts_empty_and_writes_without_a_version_are_seen_after_train() -> None:
     """Loading a cloud-less checkpoint into a trained LEAP head keeps its counts and layout but
     not its stored angles (they belonged to the dropped centers: as if just laid out); a step
