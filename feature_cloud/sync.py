@@ -390,8 +390,10 @@ class SyncedClassStatistics(HoldsProcessGroup, ClassStatistics):
 
     @property
     def noise_stream(self) -> int:
-        """The rank in the process group (0 without one)."""
-        return _rank_world(self.process_group)[0]
+        """The rank in the process group (0 without one); 0 on every rank for a batch that PML's
+        ``DistributedLossWrapper`` gathered (every rank holds the global batch, and draws one
+        cloud for it: the same loss on every rank, so ``W`` stays the same without DDP)."""
+        return 0 if self.batch == "pml_gathered" else _rank_world(self.process_group)[0]
 
     def _agree_on_batch(
         self, features: Tensor, labels: Tensor, validate: bool, problem: Optional[Exception] = None
@@ -452,12 +454,10 @@ class SyncedClassStatistics(HoldsProcessGroup, ClassStatistics):
         return super().extra_repr() + f", batch={self.batch!r}, pad_to={self.pad_to}"
 
 
-def _pml_to_rank_order(
-    features: Tensor, labels: Tensor, group: ProcessGroup
-) -> Tuple[Tensor, Tensor]:
-    """Undo ``DistributedLossWrapper``'s order ``[own, 0, .., r-1, r+1, ..]`` (equal blocks)."""
+def pml_rank_order(n: int, group: ProcessGroup, device: torch.device) -> Tensor:
+    """Rows of a batch that ``DistributedLossWrapper`` gathered (order ``[own, 0, .., r-1,
+    r+1, ..]``, equal blocks) in rank order: ``batch[index]`` is the same on every rank."""
     rank, world = _rank_world(group)
-    n = features.shape[0]
     if n % world:
         raise ValueError(
             f"a batch gathered by DistributedLossWrapper has world_size * B rows; got {n} rows "
@@ -466,5 +466,12 @@ def _pml_to_rank_order(
     b = n // world
     # block position of rank k in PML's order
     pos = [0 if k == rank else (k + 1 if k < rank else k) for k in range(world)]
-    index = torch.cat([torch.arange(p * b, (p + 1) * b, device=features.device) for p in pos])
+    return torch.cat([torch.arange(p * b, (p + 1) * b, device=device) for p in pos])
+
+
+def _pml_to_rank_order(
+    features: Tensor, labels: Tensor, group: ProcessGroup
+) -> Tuple[Tensor, Tensor]:
+    """Undo ``DistributedLossWrapper``'s order (:func:`pml_rank_order`)."""
+    index = pml_rank_order(features.shape[0], group, features.device)
     return features.detach().index_select(0, index), labels.index_select(0, index)

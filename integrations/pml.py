@@ -63,7 +63,7 @@ from feature_cloud._validation import (
 from feature_cloud.cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from feature_cloud.heads import cloud_margin_loss, make_cloud
 from feature_cloud.regularizers import MetricL2, warn_metric_l2_with_margin
-from feature_cloud.sync import SyncedClassStatistics, is_distributed
+from feature_cloud.sync import SyncedClassStatistics, is_distributed, pml_rank_order
 
 __all__ = ["LEAPLoss", "PML_DEFAULT_MARGIN", "PML_DEFAULT_SCALE"]
 
@@ -326,12 +326,15 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
         cloud.imprint(self.W.t(), self.sub_centers, train=train)
         draw = cloud.advance(embeddings, labels, train=train)
+        x, y, order = embeddings, labels, self._gathered_rank_order(embeddings, draw)
+        if order is not None:  # one cloud over the global batch, drawn in rank order
+            x, y, draw = x[order], y[order], (cast(Tensor, draw[0])[order], draw[1])
         # per-sample losses (PML's reducers and miner weights apply) on the fused kernels
         losses = cloud_margin_loss(
             cloud,
-            embeddings,
+            x,
             self.W.t(),
-            labels,
+            y,
             draw,
             margin_type=self.margin_rule,
             scale=self.scale,
@@ -339,6 +342,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             sub_centers=self.sub_centers,
             reduction="none",
         )
+        if order is not None:
+            losses = losses[torch.argsort(order)]  # back to the wrapper's rows
         if self.collect_stats:  # PML's LargeMarginSoftmaxLoss.get_angles statistic
             with torch.no_grad():
                 self.avg_angle = _avg_target_angle(embeddings, self.W, labels, self.sub_centers)
@@ -358,6 +363,19 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             }
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict
+
+    def _gathered_rank_order(
+        self, embeddings: Tensor, draw: Tuple[Optional[Tensor], Optional[Tensor]]
+    ) -> Optional[Tensor]:
+        """For a cloud drawn over a batch that ``DistributedLossWrapper`` gathered: its rows in
+        rank order (every rank then draws the same noise for the same sample, so every rank
+        computes the same loss, as PML's ``CosFaceLoss`` does, and ``W`` needs no DDP)."""
+        stats = self.feature_cloud.statistics
+        if draw[0] is None or not isinstance(stats, SyncedClassStatistics):
+            return None
+        if stats.batch != "pml_gathered" or not is_distributed(stats.process_group):
+            return None
+        return pml_rank_order(embeddings.shape[0], stats.process_group, embeddings.device)
 
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """``s cos(theta)`` for every class ``(B, C)``, as PML's ``CosFaceLoss.get_logits``,

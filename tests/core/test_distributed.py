@@ -530,6 +530,41 @@ def check_pml_wrapper(rank: int, world: int) -> None:
         _assert_close_states(module.statistics.state_dict(), ref.state_dict(), what)
 
 
+def check_pml_wrapper_computes_one_loss_on_every_rank(rank: int, world: int) -> None:
+    """PML's ``DistributedLossWrapper`` around the loss alone (its docs' usage: no DDP on the
+    loss). Every rank holds the gathered batch; the cloud is drawn once for it, in rank order,
+    so every rank computes the loss one process computes on the concatenated batch and ``W``
+    stays the same on every rank (user trial: W 2.9e-2 apart after 5 steps, from a cloud drawn
+    per rank; CosFaceLoss: 3e-7)."""
+    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
+
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    kw = dict(class_counts=COUNTS, seed=8, margin=0.35, scale=64.0)
+    torch.manual_seed(0)
+    loss = LEAPLoss(C, D, **kw)
+    torch.manual_seed(0)
+    one = LEAPLoss(C, D, sync="off", **kw)  # one process, the concatenated batch
+    wrapped = DistributedLossWrapper(loss)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (loss, one)]
+    for step in range(5):
+        batches = _batches(step, [4] * world, ignored=0.0)
+        x, y = batches[rank]
+        got = wrapped(x.clone().requires_grad_(), y) / world  # PML scales by the world size
+        want = one(*_cat(batches))
+        _close(got.detach(), want.detach(), f"loss at step {step}")
+        for value, opt in zip((got, want), opts):
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+    assert loss.feature_cloud.active and bool((loss.statistics.cloud_variance() > 0).any())
+    _close(loss.W.detach(), one.W.detach(), "W against one process")
+    weights: List = [None] * world
+    dist.all_gather_object(weights, loss.W.detach())
+    for other in weights:  # rounding apart at most (rows summed in another order)
+        torch.testing.assert_close(other, loss.W.detach(), atol=1e-6, rtol=1e-6)
+
+
 def check_gather_batch(rank: int, world: int) -> None:
     """Padding layout and the differentiable gather's backward (sum over ranks, scaled)."""
     sizes = [3, 0, 2][:world]
@@ -695,7 +730,11 @@ CHECKS = [
 ]
 #: PML's DistributedLossWrapper: 2 ranks (the usual setting) and 3, where its rotated order is
 #: not trivial
-CHECKS_PML = ["check_pml_wrapper", "check_pml_imprint"]
+CHECKS_PML = [
+    "check_pml_wrapper",
+    "check_pml_imprint",
+    "check_pml_wrapper_computes_one_loss_on_every_rank",
+]
 
 
 # --------------------------------------------------------------------------------------------
