@@ -464,6 +464,15 @@ class FeatureCloud(nn.Module):
         self._count = -1
         return std, key
 
+    def draw_order(self, features: Tensor, std: Optional[Tensor]) -> Optional[Tensor]:
+        """The rows of a batch in the order this step's cloud (``std`` from :meth:`advance`) is
+        drawn in, where that is not the batch's own: a batch that PML's
+        ``DistributedLossWrapper`` gathered is drawn in rank order, one cloud for the global
+        batch, the same on every rank (:meth:`ClassStatistics.draw_order`). ``None`` otherwise."""
+        if std is None:
+            return None
+        return self.statistics.draw_order(features.shape[0], features.device)
+
     def noise_key(self, stream: Optional[int] = None, purpose: int = N.PURPOSE_CLOUD) -> Tensor:
         """Key of the current step's draw (before :meth:`advance` counts it)."""
         return N.noise_key(

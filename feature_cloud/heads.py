@@ -447,9 +447,39 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         problem, reduction, label_smoothing = self._forward_arguments(
             labels, reduction, label_smoothing
         )
+        std, key, labels = self._training_step(embeddings, cast(Tensor, labels), problem)
+        order = self.feature_cloud.draw_order(embeddings, std)
+        if order is None:
+            return self._loss(
+                embeddings, labels, (std, key), reduction, label_smoothing, return_top1
+            )
+        # a gathered batch: the loss of its rows in the order the cloud is drawn in
+        out = self._loss(
+            embeddings[order],
+            labels[order],
+            (cast(Tensor, std)[order], key),
+            reduction,
+            label_smoothing,
+            return_top1,
+        )
+        back = torch.argsort(order)
+        if isinstance(out, tuple):
+            loss, top1 = out
+            return (loss[back] if reduction == "none" else loss), top1[back]
+        return out[back] if reduction == "none" else out
+
+    def _loss(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        draw: Tuple[Optional[Tensor], Optional[Tensor]],
+        reduction: str,
+        label_smoothing: float,
+        return_top1: bool,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+        """:meth:`forward`'s loss of a checked batch and its cloud ``draw``, on :attr:`backend`."""
         if self.backend == "reference":
-            std, key, labels = self._training_step(embeddings, cast(Tensor, labels), problem)
-            logits = self._margin_logits(embeddings, labels, (std, key))
+            logits = self._margin_logits(embeddings, labels, draw)
             loss = FC.margin_cross_entropy(logits, labels, reduction, label_smoothing)
             if not return_top1:
                 return loss
@@ -458,8 +488,7 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
                 y = labels
                 top1 = (y >= 0) & (cos.gather(1, y.clamp_min(0)[:, None])[:, 0] >= cos.amax(1))
             return loss, top1
-        std, key, labels = self._training_step(embeddings, cast(Tensor, labels), problem)
-        noise_std, noise_key, target_angles = fused_cloud(self.feature_cloud, (std, key))
+        noise_std, noise_key, target_angles = fused_cloud(self.feature_cloud, draw)
         x, w = FC.common_float(embeddings, self.weight)
         return fused.margin_loss(
             x,

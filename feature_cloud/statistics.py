@@ -192,6 +192,11 @@ class ClassStatistics(KeepBufferDtypes):
     #: on every training step, even with an empty batch); the head then never skips the update.
     collective: bool = False
 
+    def draw_order(self, rows: int, device: torch.device) -> Optional[Tensor]:
+        """Rows of a batch in the order its cloud is drawn in, if not the batch's (a subclass
+        that receives gathered batches); ``None`` here."""
+        return None
+
     @property
     def noise_stream(self) -> int:
         """Index of this process's cloud-noise stream: 0 here; a process-group subclass returns

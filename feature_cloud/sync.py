@@ -395,6 +395,14 @@ class SyncedClassStatistics(HoldsProcessGroup, ClassStatistics):
         cloud for it: the same loss on every rank, so ``W`` stays the same without DDP)."""
         return 0 if self.batch == "pml_gathered" else _rank_world(self.process_group)[0]
 
+    def draw_order(self, rows: int, device: torch.device) -> Optional[Tensor]:
+        """A batch that ``DistributedLossWrapper`` gathered, in rank order
+        (:func:`pml_rank_order`): its cloud is drawn in that order from one stream
+        (:attr:`noise_stream`), the same on every rank."""
+        if self.batch != "pml_gathered" or not is_distributed(self.process_group):
+            return None
+        return pml_rank_order(rows, self.process_group, device)
+
     def _agree_on_batch(
         self, features: Tensor, labels: Tensor, validate: bool, problem: Optional[Exception] = None
     ) -> Tuple[Tensor, int]:

@@ -63,7 +63,7 @@ from feature_cloud._validation import (
 from feature_cloud.cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from feature_cloud.heads import cloud_margin_loss, make_cloud
 from feature_cloud.regularizers import MetricL2, warn_metric_l2_with_margin
-from feature_cloud.sync import SyncedClassStatistics, is_distributed, pml_rank_order
+from feature_cloud.sync import SyncedClassStatistics, is_distributed
 
 __all__ = ["LEAPLoss", "PML_DEFAULT_MARGIN", "PML_DEFAULT_SCALE"]
 
@@ -326,7 +326,7 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
         cloud.imprint(self.W.t(), self.sub_centers, train=train)
         draw = cloud.advance(embeddings, labels, train=train)
-        x, y, order = embeddings, labels, self._gathered_rank_order(embeddings, draw)
+        x, y, order = embeddings, labels, cloud.draw_order(embeddings, draw[0])
         if order is not None:  # one cloud over the global batch, drawn in rank order
             x, y, draw = x[order], y[order], (cast(Tensor, draw[0])[order], draw[1])
         # per-sample losses (PML's reducers and miner weights apply) on the fused kernels
@@ -363,19 +363,6 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             }
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict
-
-    def _gathered_rank_order(
-        self, embeddings: Tensor, draw: Tuple[Optional[Tensor], Optional[Tensor]]
-    ) -> Optional[Tensor]:
-        """For a cloud drawn over a batch that ``DistributedLossWrapper`` gathered: its rows in
-        rank order (every rank then draws the same noise for the same sample, so every rank
-        computes the same loss, as PML's ``CosFaceLoss`` does, and ``W`` needs no DDP)."""
-        stats = self.feature_cloud.statistics
-        if draw[0] is None or not isinstance(stats, SyncedClassStatistics):
-            return None
-        if stats.batch != "pml_gathered" or not is_distributed(stats.process_group):
-            return None
-        return pml_rank_order(embeddings.shape[0], stats.process_group, embeddings.device)
 
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """``s cos(theta)`` for every class ``(B, C)``, as PML's ``CosFaceLoss.get_logits``,

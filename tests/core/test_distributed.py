@@ -557,6 +557,26 @@ def check_pml_wrapper_computes_one_loss_on_every_rank(rank: int, world: int) -> 
             opt.zero_grad()
             value.backward()
             opt.step()
+    # the core head with synchronize(batch="pml_gathered") (a user's PML loss holding it): per
+    # sample losses and top-1 flags come back in the gathered batch's own rows
+    torch.manual_seed(0)
+    head = synchronize(LEAPMarginHead(D, C, class_counts=COUNTS, seed=8), batch="pml_gathered")
+    torch.manual_seed(0)
+    ref = LEAPMarginHead(D, C, class_counts=COUNTS, seed=8, sync="off")
+    for step in range(3):
+        batches = _batches(step, [4] * world, ignored=0.0)
+        gathered = [batches[rank]] + [b for k, b in enumerate(batches) if k != rank]  # PML's
+        x, y = torch.cat([b[0] for b in gathered]), torch.cat([b[1] for b in gathered])
+        got, top1 = head(x, y, reduction="none", return_top1=True)
+        want, want_top1 = ref(*_cat(batches), reduction="none", return_top1=True)
+        order = torch.cat([torch.arange(k * 4, k * 4 + 4) for k in range(world)])
+        order = torch.cat(
+            [order[rank * 4 : rank * 4 + 4]]
+            + [order[k * 4 : k * 4 + 4] for k in range(world) if k != rank]
+        )  # rank-order row of each gathered row
+        _close(got.detach(), want.detach()[order], f"head per-sample losses at step {step}")
+        assert torch.equal(top1, want_top1[order])
+    assert head.feature_cloud.active
     assert loss.feature_cloud.active and bool((loss.statistics.cloud_variance() > 0).any())
     _close(loss.W.detach(), one.W.detach(), "W against one process")
     weights: List = [None] * world
