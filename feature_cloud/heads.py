@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Dict, Mapping, Optional, Tuple, Union, cast
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -76,22 +76,25 @@ def _rows_layout(state_dict: Mapping[str, Any], prefix: str, rows: int) -> str:
     return f" (num_classes={classes} x sub_centers={rows // classes})"
 
 
-def _check_cloud_options(options: Mapping[str, Any]) -> None:
-    """A keyword that is no cloud option (a typo) is named, with the nearest one."""
+def _check_cloud_options(options: Mapping[str, Any], owner: Tuple[str, Sequence[str]]) -> None:
+    """A keyword that is no cloud option (a typo) is named, with the nearest one among the
+    cloud's options and ``owner``'s own keywords (``(what, names)``, e.g. PML's base classes')."""
     known = [
         p
         for p in inspect.signature(FeatureCloud.__init__).parameters
         if p not in ("self", "num_classes", "embedding_size", "rule")
     ]
+    what, others = owner
     for key in options:
         if key not in known:
             near = {"s": ["scale"], "m": ["margin"]}.get(key) or difflib.get_close_matches(
-                key, known, n=1
+                key, [*known, *others], n=1
             )
             hint = f" (did you mean {near[0]!r}?)" if near else ""
+            also = f"; {what}: {', '.join(others)}" if others else ""
             raise TypeError(
                 f"unexpected keyword argument {key!r}{hint}; the feature cloud's options are "
-                f"{', '.join(known)}"
+                f"{', '.join(known)}{also}"
             )
 
 
@@ -102,11 +105,13 @@ def make_cloud(
     options: Mapping[str, Any],
     *,
     replicated: bool = False,
+    owner: Tuple[str, Sequence[str]] = ("", ()),
 ) -> FeatureCloud:
     """The :class:`FeatureCloud` of a head: ``cloud`` itself, or one built from the rule and the
     cloud options (the one place the heads and adapters turn their arguments into a cloud).
     ``replicated``: the head feeds every rank the same (gathered) batch, so statistics that are
-    not synchronised are identical anyway (the sharded head)."""
+    not synchronised are identical anyway (the sharded head). ``owner``: ``(what, keywords)``
+    of the caller's other keywords, offered for a misspelt option."""
     if isinstance(cloud, FeatureCloud):
         if options:
             raise TypeError(f"cloud options {sorted(options)} given with a ready FeatureCloud")
@@ -116,7 +121,7 @@ def make_cloud(
                 f"{cloud.embedding_size}; the head has {num_classes}, {embedding_size}"
             )
     else:
-        _check_cloud_options(options)
+        _check_cloud_options(options, owner)
         cloud = FeatureCloud(num_classes, embedding_size, cloud, **options)
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -45,7 +45,7 @@ except ImportError as _err:
         "pip install 'feature-cloud[pml]'",
         _err,
     ) from _err
-from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.losses import BaseMetricLossFunction, SubCenterArcFaceLoss
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
@@ -176,8 +176,10 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         self.num_classes = as_int(num_classes, "num_classes", 1)
         self.margin_type = rule.name
         self.margin_rule = rule
-        self.margin = as_float(rule.pml_margin if margin is None else margin, "margin")
-        margins.check_unit(rule, self.margin, "degrees")
+        margin = as_float(rule.pml_margin if margin is None else margin, "margin")
+        margins.check_unit(rule, margin, "degrees")
+        #: in this package's unit, as PML's attribute: radians for ArcFace (given in degrees)
+        self.margin = rule.from_pml(margin)
         self.scale = as_float(
             rule.pml_scale if scale is None else scale, "scale", minimum=0.0, min_inclusive=False
         )
@@ -196,7 +198,13 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         )
         self.weight_init_func(self.W)
         self.embedding_size = as_int(embedding_size, "embedding_size", 1)
-        self.feature_cloud = make_cloud(cloud, self.num_classes, self.embedding_size, cloud_options)
+        self.feature_cloud = make_cloud(
+            cloud,
+            self.num_classes,
+            self.embedding_size,
+            cloud_options,
+            owner=("PML's loss keywords", self._PML_KWARGS),
+        )
         self.validate = bool(validate)
         self._agreed: Optional[Tuple[Tensor, Tensor]] = None  # (embeddings, labels) of forward
         if metric_l2 is None:
@@ -326,6 +334,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
         cloud.imprint(self.W.t(), self.sub_centers, train=train)
         draw = cloud.advance(embeddings, labels, train=train)
+        if embeddings.shape[0] == 0:  # PML's zero loss (its reducers return 0, not a NaN mean)
+            return self.zero_losses()
         x, y, order = embeddings, labels, cloud.draw_order(embeddings, draw[0])
         if order is not None:  # one cloud over the global batch, drawn in rank order
             x, y, draw = x[order], y[order], (cast(Tensor, draw[0])[order], draw[1])
@@ -338,7 +348,7 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             draw,
             margin_type=self.margin_rule,
             scale=self.scale,
-            margin=self.margin_rule.from_pml(self.margin),
+            margin=self.margin,
             sub_centers=self.sub_centers,
             reduction="none",
         )
@@ -363,6 +373,26 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             }
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict
+
+    def get_cosine(self, embeddings: Tensor) -> Tensor:
+        """Cosine to every class ``(B, C)`` (the best sub-center), as PML's margin losses'."""
+        embeddings = _at_least_float32(embeddings)
+        self.cast_types(embeddings.dtype, embeddings.device)
+        check_embeddings(embeddings, self.embedding_size)
+        return FC.cosine_logits(embeddings, self.W.t(), self.sub_centers)
+
+    def get_angles(self, cosine_of_target_classes: Tensor) -> Tensor:
+        """``acos`` of target cosines (radians), as PML's; sets ``avg_angle`` (degrees) with
+        ``collect_stats``."""
+        angles = torch.acos(cosine_of_target_classes.clamp(-1.0, 1.0))
+        if self.collect_stats:
+            with torch.no_grad():
+                self.avg_angle = math.degrees(float(angles.mean()))
+        return angles
+
+    #: PML's data cleaning of sub-center ArcFace (``SubCenterArcFaceLoss.get_outliers``: samples
+    #: whose angle to their class's dominant sub-center exceeds ``threshold`` degrees), on ``W``
+    get_outliers = SubCenterArcFaceLoss.get_outliers
 
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """``s cos(theta)`` for every class ``(B, C)``, as PML's ``CosFaceLoss.get_logits``,

@@ -75,7 +75,9 @@ def test_cloud_off_matches_pml_values_and_gradients(margin_type, margin, scale):
 def test_pml_default_kwargs_are_pml_defaults():
     assert LEAPLoss(C, D, cloud=None).margin == losses.CosFaceLoss(C, D).margin
     arc = LEAPLoss(C, D, margin_type="arcface", cloud=None)
-    assert arc.margin == 28.6 and arc.scale == 64.0
+    # given in degrees, held in radians, as PML's attribute (user trial: loss.margin read 28.6
+    # where PML's ArcFaceLoss.margin reads 0.499)
+    assert arc.margin == pytest.approx(losses.ArcFaceLoss(C, D).margin) and arc.scale == 64.0
     with pytest.warns(UserWarning, match="looks like radians"):
         LEAPLoss(C, D, margin=0.5, margin_type="arcface", cloud=None)
 
@@ -433,7 +435,8 @@ def test_leaploss_runs_on_the_fused_kernels_and_subcenter_equals_pml():
     torch.manual_seed(5)
     ours = LEAPLoss(C, D, margin_type="subcenter_arcface", cloud=None)
     assert ours.W.shape == ref.W.shape == (D, 3 * C) and torch.equal(ours.W, ref.W)
-    assert (ours.margin, ours.scale, ours.sub_centers) == (28.6, 64.0, 3)
+    assert (ours.margin, ours.scale, ours.sub_centers) == (math.radians(28.6), 64.0, 3)
+    assert ref.margin == pytest.approx(ours.margin)
     for seed in range(3):
         emb, labels = _batch(10 + seed)
         assert (
@@ -533,3 +536,53 @@ def test_warnings_point_at_the_users_line():
             head(torch.randn(8, 8), torch.arange(8) % 4)
     for record in (online, degrees, ml2, vanilla):
         assert [r.filename for r in record] == [__file__] * len(record), record[0].filename
+
+
+def test_pml_helpers_of_margin_losses_match_pml():
+    """``get_cosine``, ``get_angles`` (with ``avg_angle``) and sub-center ArcFace's data
+    cleaning ``get_outliers`` (user trial: AttributeError) give PML's answers."""
+    torch.manual_seed(5)
+    ref = losses.SubCenterArcFaceLoss(num_classes=C, embedding_size=D, sub_centers=3)
+    ours = LEAPLoss(C, D, margin_type="subcenter_arcface", cloud=None, collect_stats=True)
+    ours.W.data.copy_(ref.W.data)
+    ref.collect_stats = True
+    emb, labels = _batch(11)
+    cos = ours.get_cosine(emb)
+    torch.testing.assert_close(cos, ref.get_cosine(emb), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours.get_angles(cos[:, 0]), ref.get_angles(cos[:, 0]))
+    assert ours.avg_angle == pytest.approx(ref.avg_angle, abs=1e-4)
+    found = []
+    for threshold in (30, 60, 75, 89):
+        got, got_centers = ours.get_outliers(emb, labels, threshold=threshold)
+        want, want_centers = ref.get_outliers(emb, labels, threshold=threshold)
+        assert torch.equal(got, want)
+        found.append(got.numel())
+        seen = torch.unique(labels)
+        torch.testing.assert_close(got_centers[:, seen], want_centers[:, seen])
+    assert found[0] > found[-1]  # the threshold matters: not an empty answer throughout
+
+
+def test_an_empty_batch_gives_pml_zero_loss_not_nan():
+    """PML's reducers give 0 for a loss that returns ``zero_losses`` (user trial: a NaN loss
+    from the mean of no rows); the graph reaches the embeddings and ``W`` gets no NaN."""
+    counts = torch.full((C,), 4)
+    for reducer in (None, reducers.AvgNonZeroReducer(), reducers.SumReducer()):
+        kw = {} if reducer is None else {"reducer": reducer}
+        loss_fn = LEAPLoss(C, D, class_counts=counts, seed=0, metric_l2=0.01, **kw)
+        before = copy.deepcopy(loss_fn.state_dict())
+        emb = torch.zeros(0, D, requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the m-L2 with a margin loss warns
+            value = loss_fn(emb, torch.zeros(0, dtype=torch.long))
+        assert value.item() == 0.0
+        value.backward()
+        assert loss_fn.W.grad is None or bool(torch.isfinite(loss_fn.W.grad).all())
+        state = loss_fn.state_dict()
+        assert all(torch.equal(v, state[k]) for k, v in before.items())  # not a step
+
+
+def test_a_misspelt_pml_keyword_is_named_with_the_pml_keyword_it_resembles():
+    with pytest.raises(TypeError, match=r"did you mean 'weight_reg_weight'.*PML's loss keywords"):
+        LEAPLoss(C, D, weight_reg_wieght=0.1)
+    with pytest.raises(TypeError, match="did you mean 'tail_threshold'"):
+        LEAPLoss(C, D, tail_treshold=3)
