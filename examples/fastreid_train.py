@@ -15,7 +15,8 @@ the trainer choice), and its flags: ``--eval-only`` (with ``MODEL.WEIGHTS``), ``
     FASTREID_DATASETS=/data python examples/fastreid_train.py --resume \
         --config-file Market1501/leap_R50.yml                 # continues from OUTPUT_DIR
 
-CPU smoke run on a generated Market-1501-format set (no download, ~1 min)::
+CPU smoke run on a generated Market-1501-format set (no download, ~1 min; checkpoints in
+``outputs/fastreid_tiny/leap_R50``, about 250 MB, unless ``--output-dir`` says otherwise)::
 
     python examples/fastreid_train.py --synthetic /tmp/market --tiny
 """
@@ -156,7 +157,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
         help="write a tiny generated Market-1501 set to DIR and use it",
     )
     parser.add_argument("--tiny", action="store_true", help="CPU-sized overrides (see TINY_OPTS)")
-    parser.add_argument("--output-dir", default=None)
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="OUTPUT_DIR (default: the config's; with --tiny outputs/fastreid_tiny/<config>, "
+        "away from the real-data run's checkpoints)",
+    )
     parser.add_argument(
         "--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS (fastreid's train_net.py)"
     )
@@ -178,8 +184,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
         write_synthetic_market1501(args.synthetic)
         data_build._root = args.synthetic  # fastreid reads FASTREID_DATASETS at import time
     opts = (TINY_OPTS if args.tiny else []) + list(args.opts)
-    if args.output_dir:
-        opts += ["OUTPUT_DIR", args.output_dir]
+    output_dir = args.output_dir
+    if output_dir is None and args.tiny:  # a smoke run never lands where --resume looks
+        stem = os.path.splitext(os.path.basename(args.config_file))[0]
+        output_dir = os.path.join("outputs", "fastreid_tiny", stem)
+    if output_dir:
+        opts += ["OUTPUT_DIR", output_dir]
     cfg = build_cfg(args.config_file, opts)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
 

@@ -10,8 +10,9 @@ from typing import Optional
 __all__ = ["MissingExtra", "missing", "need"]
 
 
-class MissingExtra(ImportError):
-    """A package that a feature needs does not import; the message names the install."""
+class MissingExtra(ModuleNotFoundError):
+    """A package that a feature needs does not import; the message names the install, and
+    ``name`` the module that is missing (as Python's own ``ModuleNotFoundError``)."""
 
 
 def missing(
@@ -19,7 +20,10 @@ def missing(
 ) -> MissingExtra:
     """``"<purpose> needs <package>, which does not import[ (cause)]: <install>"``."""
     detail = "" if cause is None else f" ({cause})"
-    return MissingExtra(f"{purpose} needs {package}, which does not import{detail}: {install}")
+    name = getattr(cause, "name", None) or package
+    return MissingExtra(
+        f"{purpose} needs {package}, which does not import{detail}: {install}", name=name
+    )
 
 
 def need(module: str, purpose: str, package: str, extra: str = "demo") -> ModuleType:

@@ -200,7 +200,7 @@ def test_imprint_step_replaces_the_weights_by_the_prototypes_once():
     """Before training step ``imprint_step`` the weights become the inference prototypes (row
     norms kept), exactly once; eval mode, no-grad and other steps leave them alone; PML's
     ``(D, C)`` weight gets the same rows."""
-    from integrations.pml import LEAPLoss
+    from feature_cloud.integrations.pml import LEAPLoss
 
     torch.manual_seed(0)
     counts = torch.tensor([2, 3, 5, 20, 40, 80])

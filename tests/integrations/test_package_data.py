@@ -139,8 +139,9 @@ import sys
 sys.modules[{framework!r}] = None  # as if it were not installed
 try:
     import feature_cloud.integrations.{adapter}
-except ImportError as e:
+except ModuleNotFoundError as e:  # what `except ModuleNotFoundError` in a user's code catches
     print(e)
+    print("missing module:", e.name)
 """
 
 
@@ -169,3 +170,20 @@ def test_an_adapter_without_its_framework_says_what_to_install(adapter, framewor
     wanted = "fastreid" if adapter.startswith("fastreid") else adapter
     assert f"feature_cloud.integrations.{wanted} needs" in proc.stdout, proc.stdout
     assert install in proc.stdout, proc.stdout
+    assert f"missing module: {framework}" in proc.stdout, proc.stdout
+
+
+def test_the_integrations_folder_does_not_import_under_a_second_name():
+    """From a source checkout ``import integrations`` would load the adapters a second time
+    (user trial: two LEAPLoss classes, fastreid's registry refusing LEAPHead): it says which
+    name to use instead."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import integrations.pml"],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "import the adapters as feature_cloud.integrations" in proc.stderr, proc.stderr
