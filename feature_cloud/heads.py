@@ -23,6 +23,8 @@ __all__ = [
     "resolve_margin",
     "make_cloud",
     "cloud_margin_logits",
+    "cloud_margin_loss",
+    "fused_cloud",
 ]
 
 #: Loss implementations of :meth:`LEAPMarginHead.forward` (all compute the same loss).
