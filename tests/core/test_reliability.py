@@ -94,7 +94,7 @@ def test_feature_transfer_accepts_integer_label_dtypes(dtype):
 
 
 def test_pml_adapter_accepts_int32_labels():
-    pml = pytest.importorskip("integrations.pml")
+    pml = pytest.importorskip("feature_cloud.integrations.pml")
     torch.manual_seed(0)
     a = pml.LEAPLoss(C, D, class_counts=COUNTS, seed=1)
     b = copy.deepcopy(a)
@@ -472,7 +472,7 @@ def test_module_casts_keep_statistics_dtypes_and_training_works(cast, impl):
 
 
 def test_pml_loss_double_keeps_float32_statistics():
-    pml = pytest.importorskip("integrations.pml")
+    pml = pytest.importorskip("feature_cloud.integrations.pml")
     loss_fn = pml.LEAPLoss(C, D, class_counts=COUNTS, seed=1).double()
     assert loss_fn.W.dtype == torch.float64
     assert loss_fn.statistics.centers.dtype == torch.float32
