@@ -254,7 +254,10 @@ def _add_evaluate(sub) -> None:
         formatter_class=_HelpFormatter,
     )
     ev.add_argument(
-        "data", help=".npz (images, labels[, camids]) or a folder with one sub-folder per identity"
+        "data",
+        help=".npz (images, labels[, camids]) or a folder with one sub-folder per identity "
+        "(camera ids where every file name is <anything>_c<digits>..., Market-1501 / DukeMTMC "
+        "style: cross-camera retrieval; otherwise none)",
     )
     ev.add_argument(
         "--protocol",
@@ -298,7 +301,8 @@ def _add_evaluate(sub) -> None:
         nargs=2,
         default=None,
         metavar=("H", "W"),
-        help="resize the images (area); folders default to 64 64",
+        help="resize the images (area, folders and .npz alike, each image from its own size); "
+        "folders default to 64 64",
     )
     ev.add_argument(
         "--methods",
