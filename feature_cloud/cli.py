@@ -548,7 +548,13 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
     from .evaluate.data import load_dataset
     from .evaluate.methods import BASELINES
     from .evaluate.report import combine_settings
-    from .evaluate.runner import EvalConfig, check_output, run_evaluation, setting_name
+    from .evaluate.runner import (
+        EvalConfig,
+        check_output,
+        prepare_evaluation,
+        run_evaluation,
+        setting_name,
+    )
 
     methods: list = []
     for m in args.methods:  # each method after its baseline
@@ -614,12 +620,14 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
             c.out = os.path.join(args.out, setting_name(c))
             check_output(c, args.resume)
     data = load_dataset(args.data, tuple(args.image_size) if args.image_size else None)
+    # every setting's (and seed's) split checks, errors and warnings before the first trains
+    prepared = [prepare_evaluation(c, data, resume=args.resume) for c in configs]
     if len(configs) == 1:
-        run_evaluation(configs[0], data, log=log, resume=args.resume)
+        run_evaluation(configs[0], data, log=log, resume=args.resume, prepared=prepared[0])
         return
     dirs = []
-    for c in configs:
-        run_evaluation(c, data, log=log, resume=args.resume)
+    for c, p in zip(configs, prepared):
+        run_evaluation(c, data, log=log, resume=args.resume, prepared=p)
         dirs.append(c.out)
     log("")
     log(combine_settings(dirs, args.out))

@@ -4,6 +4,7 @@ identities are named in warnings and in results.json, file names give camera ids
 logs to a file are handled."""
 
 import io
+import json
 import os
 
 import numpy as np
@@ -92,6 +93,76 @@ def test_a_symlinked_identity_folder_is_one_identity_named_in_a_warning(tmp_path
         data = load_dataset(str(root), (8, 8))
     assert data.class_names == [f"id{i}" for i in range(len(SIZES))]
     assert data.x.shape[0] == sum(SIZES)
+
+
+def test_warnings_name_the_identities_left_out_in_singular_or_plural(tmp_path, capsys):
+    root = tmp_path / "faces"
+    _folder(root, sizes=(9, 8, 6, 5, 4, 2), names=["ann", "bob", "cy", "di", "ed", "Flo Z"])
+    out = tmp_path / "out"
+    assert main(["evaluate", str(root), *TINY, "--methods", "cosface", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "1 of 6 identities has at most --n-test 2 images (Flo Z): it is left out (no training "
+        "or test image; its classifier row stays, untrained, and its per-class values are n/a)"
+    ) in err, err
+    args = ["evaluate", str(root), *TINY, "--n-test", "8", "--out", str(tmp_path / "o2")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "trains 1 identity: need at least 2" in err, err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_every_settings_split_is_checked_before_the_first_setting_trains(tmp_path, capsys):
+    """-S 1 50 with FTL: -S 50 leaves no regular identity (the tail keeps as many images as
+    the head); refused before -S 1 trains or writes anything (it used to train -S 1 first)."""
+    images, y = _images(sizes=(12, 12, 12, 12, 3, 3))
+    data = str(tmp_path / "d.npz")
+    np.savez(data, images=images, labels=y)
+    out = tmp_path / "out"
+    args = ["evaluate", data, *TINY, "-T", "12", "--protocol", "hs", "-H", "2", "--methods", "ftl"]
+    assert main(args + ["-S", "1", "50", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "FTL needs regular identities" in err and "(H2_S50)" in err, err
+    assert not out.exists()
+
+
+def test_folder_results_name_the_identities_the_folder_and_the_cameras(tmp_path, capsys):
+    """results.json records the class names; titles show the folder's name (data.name stays
+    "imagefolder": runs on copies of the folder under another name still pool); Market-style
+    file names give camera ids (retrieval cross-camera, said in the log and summary.md), any
+    other name none; --methods cosface alone writes a note instead of an empty paired table."""
+    root = tmp_path / "my_faces"
+    _folder(root, cameras=True)
+    out = tmp_path / "out"
+    args = ["evaluate", str(root), *TINY[:-1], "--methods", "cosface"]
+    assert main(args + ["--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "feature-cloud evaluate: my_faces (34 images, 6 identities)" in log, log
+    assert "cross-camera retrieval (camera ids from file names" in log
+    assert "No paired differences: no method in --methods has its baseline run" in log
+    with open(out / "results.json") as fh:
+        data = json.load(fh)["data"]
+    assert data["class_names"] == [f"id{i}" for i in range(6)]
+    assert (data["name"], data["title"], data["camids"]) == ("imagefolder", "my_faces", True)
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# my_faces: natural") and "cross-camera retrieval" in summary
+    assert "(cosface is itself the baseline of leap_vanilla_cosface, leap_full_cosface)" in summary
+    assert "Paired differences against" not in summary
+    assert "cosface is itself the baseline" in (out / "paired.md").read_text()
+    assert not (out / "paired.csv").exists() and not (out / "paired.json").exists()
+    # the same images in a folder of another name, another seed: pooled with the first
+    (root / "id0" / "0000_c1s1_000000_00.png").rename(root / "id0" / "first.png")
+    copy = tmp_path / "copy"
+    os.rename(root, copy)
+    plain = load_dataset(str(copy), (8, 8))
+    assert plain.camids is None  # one name without _c<digits>: no camera ids at all
+    (copy / "id0" / "first.png").rename(copy / "id0" / "0000_c1s1_000000_00.png")
+    args = ["evaluate", str(copy), *TINY[:-1], "--methods", "cosface", "--seeds", "1"]
+    assert main(args + ["--out", str(tmp_path / "out1")]) == 0
+    merged = str(tmp_path / "merged")
+    assert main(["report", str(out), str(tmp_path / "out1"), "--out", merged, "--quiet"]) == 0
+    with open(os.path.join(merged, "results.json")) as fh:
+        assert sorted(r["seed"] for r in json.load(fh)["runs"]) == [0, 1]
 
 
 def test_no_progress_bars_where_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch):
