@@ -717,6 +717,37 @@ def _show_warning(
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted command kept: for ``evaluate``, the finished runs in ``--out``'s
+    ``results.json`` files (one per setting) and how to train the rest."""
+    if args.command != "evaluate":
+        return "nothing more was written"
+    import json
+
+    from .demo.report import counted
+
+    files = [os.path.join(args.out, "results.json")]
+    if os.path.isdir(args.out) and not os.path.isfile(files[0]):  # several settings: sub-folders
+        files = sorted(
+            os.path.join(args.out, sub, "results.json")
+            for sub in os.listdir(args.out)
+            if os.path.isfile(os.path.join(args.out, sub, "results.json"))
+        )
+    runs = 0
+    for file in files:
+        try:
+            with open(file) as fh:
+                runs += len(json.load(fh).get("runs", []))
+        except (OSError, ValueError, AttributeError):
+            continue
+    if not runs:
+        return f"no run finished (nothing saved in {args.out!r})"
+    return (
+        f"{counted(runs, 'finished run')} saved in {args.out!r}; rerun the same command with "
+        "--resume to train the rest (the finished runs are reused)"
+    )
+
+
 def _main(
     args: argparse.Namespace, log: Callable[..., None], progress_before: bool, threads_before: int
 ) -> int:
@@ -779,6 +810,9 @@ def _main(
     except (ValueError, FileNotFoundError, MissingExtra) as exc:
         print(f"feature-cloud: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was kept and how to go on, not a traceback
+        print(f"\nfeature-cloud: interrupted; {_interrupted(args)}", file=sys.stderr)
+        return 130
     finally:  # leave the process as we found it (main() is also called in-process)
         set_progress(progress_before)
         torch.set_num_threads(threads_before)

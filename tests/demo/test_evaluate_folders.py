@@ -165,6 +165,30 @@ def test_folder_results_name_the_identities_the_folder_and_the_cameras(tmp_path,
         assert sorted(r["seed"] for r in json.load(fh)["runs"]) == [0, 1]
 
 
+def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, capsys, monkeypatch):
+    import feature_cloud.evaluate.runner as runner
+
+    images, y = _images()
+    data = str(tmp_path / "d.npz")
+    np.savez(data, images=images, labels=y)
+    real, calls = runner.train_model, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_model", interrupted)
+    out = tmp_path / "out"
+    args = ["evaluate", data, *TINY, "--methods", "leap_full_cosface", "--out", str(out)]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"feature-cloud: interrupted; 1 finished run saved in {str(out)!r}" in err, err
+    assert "with --resume" in err
+
+
 def test_no_progress_bars_where_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch):
     """Piped to a file, stderr gets no carriage-return frames (a bar per run); stdout keeps the
     per-run lines. On a terminal the bars are drawn as before."""
