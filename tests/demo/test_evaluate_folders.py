@@ -194,6 +194,7 @@ def test_no_progress_bars_where_stderr_is_not_a_terminal(tmp_path, capsys, monke
     per-run lines. On a terminal the bars are drawn as before."""
     import sys
 
+    import feature_cloud.demo._progress as progress_mod
     from feature_cloud.demo._progress import progress
 
     class Terminal(io.StringIO):
@@ -201,11 +202,12 @@ def test_no_progress_bars_where_stderr_is_not_a_terminal(tmp_path, capsys, monke
             return True
 
     term = Terminal()
+    monkeypatch.setattr(progress_mod, "_ENABLED", True)  # whatever tests before left
     monkeypatch.setattr(sys, "stderr", term)
     for _ in progress(range(3), desc="x", mininterval=0):
         pass
     assert "\r" in term.getvalue()
-    monkeypatch.undo()
+    monkeypatch.undo()  # main() turns the bars on itself (no --quiet)
     images, y = _images()
     data = str(tmp_path / "d.npz")
     np.savez(data, images=images, labels=y)
