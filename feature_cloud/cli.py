@@ -254,7 +254,10 @@ def _add_evaluate(sub) -> None:
         formatter_class=_HelpFormatter,
     )
     ev.add_argument(
-        "data", help=".npz (images, labels[, camids]) or a folder with one sub-folder per identity"
+        "data",
+        help=".npz (images, labels[, camids]) or a folder with one sub-folder per identity "
+        "(camera ids where every file name is <anything>_c<digits>..., Market-1501 / DukeMTMC "
+        "style: cross-camera retrieval; otherwise none)",
     )
     ev.add_argument(
         "--protocol",
@@ -298,7 +301,8 @@ def _add_evaluate(sub) -> None:
         nargs=2,
         default=None,
         metavar=("H", "W"),
-        help="resize the images (area); folders default to 64 64",
+        help="resize the images (area, folders and .npz alike, each image from its own size); "
+        "folders default to 64 64",
     )
     ev.add_argument(
         "--methods",
@@ -544,7 +548,13 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
     from .evaluate.data import load_dataset
     from .evaluate.methods import BASELINES
     from .evaluate.report import combine_settings
-    from .evaluate.runner import EvalConfig, check_output, run_evaluation, setting_name
+    from .evaluate.runner import (
+        EvalConfig,
+        check_output,
+        prepare_evaluation,
+        run_evaluation,
+        setting_name,
+    )
 
     methods: list = []
     for m in args.methods:  # each method after its baseline
@@ -610,12 +620,14 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
             c.out = os.path.join(args.out, setting_name(c))
             check_output(c, args.resume)
     data = load_dataset(args.data, tuple(args.image_size) if args.image_size else None)
+    # every setting's (and seed's) split checks, errors and warnings before the first trains
+    prepared = [prepare_evaluation(c, data, resume=args.resume) for c in configs]
     if len(configs) == 1:
-        run_evaluation(configs[0], data, log=log, resume=args.resume)
+        run_evaluation(configs[0], data, log=log, resume=args.resume, prepared=prepared[0])
         return
     dirs = []
-    for c in configs:
-        run_evaluation(c, data, log=log, resume=args.resume)
+    for c, p in zip(configs, prepared):
+        run_evaluation(c, data, log=log, resume=args.resume, prepared=p)
         dirs.append(c.out)
     log("")
     log(combine_settings(dirs, args.out))
@@ -705,6 +717,37 @@ def _show_warning(
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
+def _interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted command kept: for ``evaluate``, the finished runs in ``--out``'s
+    ``results.json`` files (one per setting) and how to train the rest."""
+    if args.command != "evaluate":
+        return "nothing more was written"
+    import json
+
+    from .demo.report import counted
+
+    files = [os.path.join(args.out, "results.json")]
+    if os.path.isdir(args.out) and not os.path.isfile(files[0]):  # several settings: sub-folders
+        files = sorted(
+            os.path.join(args.out, sub, "results.json")
+            for sub in os.listdir(args.out)
+            if os.path.isfile(os.path.join(args.out, sub, "results.json"))
+        )
+    runs = 0
+    for file in files:
+        try:
+            with open(file) as fh:
+                runs += len(json.load(fh).get("runs", []))
+        except (OSError, ValueError, AttributeError):
+            continue
+    if not runs:
+        return f"no run finished (nothing saved in {args.out!r})"
+    return (
+        f"{counted(runs, 'finished run')} saved in {args.out!r}; rerun the same command with "
+        "--resume to train the rest (the finished runs are reused)"
+    )
+
+
 def _main(
     args: argparse.Namespace, log: Callable[..., None], progress_before: bool, threads_before: int
 ) -> int:
@@ -767,6 +810,9 @@ def _main(
     except (ValueError, FileNotFoundError, MissingExtra) as exc:
         print(f"feature-cloud: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was kept and how to go on, not a traceback
+        print(f"\nfeature-cloud: interrupted; {_interrupted(args)}", file=sys.stderr)
+        return 130
     finally:  # leave the process as we found it (main() is also called in-process)
         set_progress(progress_before)
         torch.set_num_threads(threads_before)

@@ -1,7 +1,10 @@
-"""tqdm progress bars that can be silenced (tests, ``--quiet``); none without tqdm."""
+"""tqdm progress bars that can be silenced (tests, ``--quiet``); none without tqdm, and none
+where stderr is not a terminal (a log file, a pipe: bars would write a carriage-return frame per
+update there; the per-run lines on stdout say the progress)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Iterable, Iterator, Optional
 
 try:
@@ -42,11 +45,21 @@ class _NoBar:
         pass
 
 
+def _on_terminal(stream: Any) -> bool:
+    """Whether ``stream`` (the bars' file) is a terminal (not a file, pipe or closed stream)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 def progress(iterable: Optional[Iterable[Any]] = None, **kwargs: Any) -> Any:
-    """``tqdm(iterable, **kwargs)``, disabled when :func:`set_progress` turned bars off (a bar
-    that does nothing where tqdm is not installed)."""
+    """``tqdm(iterable, **kwargs)``, disabled when :func:`set_progress` turned bars off or the
+    bars' stream (stderr) is not a terminal (a bar that does nothing where tqdm is not
+    installed)."""
     if tqdm is None:
         return _NoBar(iterable)
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, disable=not _ENABLED or kwargs.pop("disable", False), **kwargs)
+    shown = _ENABLED and _on_terminal(kwargs.get("file") or sys.stderr)
+    return tqdm(iterable, disable=not shown or kwargs.pop("disable", False), **kwargs)

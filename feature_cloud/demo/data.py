@@ -145,27 +145,63 @@ def make_synthetic(cfg: Optional[SyntheticConfig] = None) -> LabeledData:
     )
 
 
-def _load_images(paths: Sequence[str], size: Tuple[int, int]) -> Tensor:
-    """Read images as RGB, resize to ``size`` = (height, width), return ``(N, 3, H, W)`` in [0, 1]."""
+#: how many unreadable files an error names (the rest: counted)
+_NAMED_ERRORS = 10
+
+
+def _load_images(paths: Sequence[str], size: Tuple[int, int], resize: str = "bilinear") -> Tensor:
+    """Read images as RGB, resize to ``size`` = (height, width), return ``(N, 3, H, W)`` in [0, 1].
+
+    ``resize``: ``"bilinear"`` (Pillow, the demo's) or ``"area"`` (each image read at its own
+    size, then ``F.interpolate(mode="area")``: what ``.npz`` data get). Every file is read before
+    anything fails: unreadable ones are named together in one ``ValueError``."""
     from .._extras import need
     from ._progress import progress
 
+    if resize not in ("bilinear", "area"):
+        raise ValueError(f"resize must be 'bilinear' or 'area', got {resize!r}")
     Image = need("PIL.Image", "reading image files", "Pillow")
 
     from PIL import ImageOps
 
     h, w = size
     out = torch.empty(len(paths), 3, h, w)
+    failed: List[Tuple[str, str]] = []
     for i, path in enumerate(progress(paths, desc="loading images", unit="img")):
         try:
             with Image.open(path) as img:
                 img = ImageOps.exif_transpose(img)  # phone photos: the orientation they show
-                rgb = _as_rgb(img, path).resize((w, h), Image.BILINEAR)
+                rgb = _as_rgb(img, path)
+                if resize == "bilinear":
+                    rgb = rgb.resize((w, h), Image.BILINEAR)
+                arr = np.asarray(rgb, dtype=np.float32)
         except (OSError, Image.DecompressionBombError) as exc:  # not an image, truncated, huge
-            raise ValueError(f"cannot read image {path!r} ({exc}); remove or replace it") from None
-        arr = np.asarray(rgb, dtype=np.float32)
-        out[i] = torch.from_numpy(arr).permute(2, 0, 1) / 255.0
+            failed.append((path, str(exc)))
+            continue
+        except ValueError as exc:  # _as_rgb: intensities out of any range it knows
+            failed.append((path, str(exc).replace(f"image {path!r} ", "")))
+            continue
+        img_t = torch.from_numpy(arr).permute(2, 0, 1) / 255.0
+        if resize == "area" and tuple(img_t.shape[1:]) != (h, w):
+            img_t = torch.nn.functional.interpolate(img_t[None], size=(h, w), mode="area")[0]
+        out[i] = img_t
+    if failed:
+        raise ValueError(_unreadable_message(failed))
     return out
+
+
+def _unreadable_message(failed: List[Tuple[str, str]]) -> str:
+    """One error naming every unreadable file (the first :data:`_NAMED_ERRORS`, then a count)."""
+    if len(failed) == 1:
+        path, why = failed[0]
+        return f"cannot read image {path!r} ({why}); remove or replace it"
+    named = "; ".join(f"{p!r} ({why})" for p, why in failed[:_NAMED_ERRORS])
+    more = len(failed) - _NAMED_ERRORS
+    return (
+        f"cannot read {len(failed)} image files: {named}"
+        + (f"; and {more} more" if more > 0 else "")
+        + "; remove or replace them"
+    )
 
 
 def _as_rgb(img: Any, path: str) -> Any:
@@ -194,14 +230,19 @@ def _as_rgb(img: Any, path: str) -> Any:
 
 
 def _from_paths(
-    paths: List[str], ids: List[str], size: Tuple[int, int], name: str, root: str
+    paths: List[str],
+    ids: List[str],
+    size: Tuple[int, int],
+    name: str,
+    root: str,
+    resize: str = "bilinear",
 ) -> LabeledData:
     if not paths:
         raise ValueError(f"no images found under {root!r}")
     names = sorted(set(ids))
     index = {n: i for i, n in enumerate(names)}
     y = torch.tensor([index[i] for i in ids], dtype=torch.long)
-    return LabeledData(_load_images(paths, size), y, names, name, info={"root": root})
+    return LabeledData(_load_images(paths, size, resize), y, names, name, info={"root": root})
 
 
 _MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
@@ -234,19 +275,50 @@ def load_market1501(root: str, size: Tuple[int, int] = (64, 32)) -> LabeledData:
     return _from_paths(paths, ids, size, "market1501", root)
 
 
-def load_imagefolder(root: str, size: Tuple[int, int] = (32, 32)) -> LabeledData:
-    """One sub-folder per identity (``root/<identity>/<image>``), images resized to ``size``.
-    Hidden entries (names starting with ``.``, e.g. macOS ``._*`` files) are skipped."""
+def _counted(n: int, singular: str, plural: str) -> str:
+    return f"{n} {singular if n == 1 else plural}"
+
+
+def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
+    """The image files of ``root/<identity>/<image>`` and their identities (folder names), in
+    sorted order. Hidden entries (names starting with ``.``, e.g. macOS ``._*`` files) are
+    skipped; other entries left out (nested folders, other formats, loose images, empty
+    identity folders) are named in one warning; identity folders that are the same directory
+    (a symlink to another identity's folder) are read once, named in a warning."""
     if not os.path.isdir(root):
         raise ValueError(f"imagefolder path {root!r} is not a directory")
     paths, ids = [], []
-    skipped: Dict[str, List[str]] = {"identity folders without images": [], "other entries": []}
+    skipped: Dict[Tuple[str, str], List[str]] = {
+        ("identity folder without images", "identity folders without images"): [],
+        ("other entry", "other entries"): [],
+    }
+    folders: Dict[str, List[str]] = {}  # real directory -> identity folders naming it
     for ident in sorted(os.listdir(root)):
         sub = os.path.join(root, ident)
         if ident.startswith(".") or not os.path.isdir(sub):
             if not ident.startswith(".") and ident.lower().endswith(IMAGE_EXTENSIONS):
-                skipped["other entries"].append(ident)  # an image outside any identity folder
+                skipped[("other entry", "other entries")].append(ident)  # outside any identity
             continue
+        folders.setdefault(os.path.realpath(sub), []).append(ident)
+    keep = set()
+    same: List[str] = []
+    for names in folders.values():
+        # the folder itself rather than a link to it; else the first name
+        real = [n for n in names if not os.path.islink(os.path.join(root, n))]
+        kept = (real or names)[0]
+        keep.add(kept)
+        if len(names) > 1:
+            others = [n for n in names if n != kept]
+            same.append(f"{', '.join(others)} (kept {kept})")
+    if same:
+        warnings.warn(
+            f"{root!r}: identity folders that are the same folder (a symlink) are read once, "
+            f"as one identity: left out {'; '.join(same)}",
+            UserWarning,
+            stacklevel=3,
+        )
+    for ident in sorted(keep):
+        sub = os.path.join(root, ident)
         found = 0
         for fname in sorted(os.listdir(sub)):
             if fname.startswith(".") or fname.lower() in _SYSTEM_FILES:
@@ -256,22 +328,36 @@ def load_imagefolder(root: str, size: Tuple[int, int] = (32, 32)) -> LabeledData
                 ids.append(ident)
                 found += 1
             else:  # another extension, or a nested folder (sessions, cameras, ...)
-                skipped["other entries"].append(os.path.join(ident, fname))
+                skipped[("other entry", "other entries")].append(os.path.join(ident, fname))
         if not found:
-            skipped["identity folders without images"].append(ident)
-    said = [(what, names) for what, names in skipped.items() if names]
+            skipped[("identity folder without images", "identity folders without images")].append(
+                ident
+            )
+    said = [(what, sorted(names)) for what, names in skipped.items() if names]
     if said and paths:
         warnings.warn(
             f"{root!r}: left out "
             + "; ".join(
-                f"{len(names)} {what} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+                f"{_counted(len(names), *what)} ({', '.join(names[:5])}"
+                f"{', ...' if len(names) > 5 else ''})"
                 for what, names in said
             )
             + f". Only {', '.join(IMAGE_EXTENSIONS)} files directly inside an identity's "
             "folder are read: flatten nested folders, convert other formats",
-            stacklevel=2,
+            UserWarning,
+            stacklevel=3,
         )
-    return _from_paths(paths, ids, size, "imagefolder", root)
+    return paths, ids
+
+
+def load_imagefolder(
+    root: str, size: Tuple[int, int] = (32, 32), resize: str = "bilinear"
+) -> LabeledData:
+    """One sub-folder per identity (``root/<identity>/<image>``, :func:`scan_imagefolder`),
+    images resized to ``size`` (``resize``: ``"bilinear"``, Pillow's, the demo's; or
+    ``"area"``, as ``feature-cloud evaluate`` resizes ``.npz`` images)."""
+    paths, ids = scan_imagefolder(root)
+    return _from_paths(paths, ids, size, "imagefolder", root, resize)
 
 
 def load_data(

@@ -88,7 +88,9 @@ def plot_accuracy(
     n = len(results["config"]["seeds"])
     spread = "std" if t_quantile is None else "95% t-interval"
     over = f"mean ± {spread} over {n} seeds" if n > 1 else "1 seed"
-    where = results["data"]["name"] + (f" {results['setting']}" if "setting" in results else "")
+    where = str(results["data"].get("title") or results["data"]["name"]) + (
+        f" {results['setting']}" if "setting" in results else ""
+    )
     fig.suptitle(f"{where}: head vs tail accuracy ({over})", fontsize=11, x=0.4)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(file, dpi=110)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 import zipfile
-from typing import Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..demo.data import LabeledData, load_imagefolder
+from ..demo.data import LabeledData, _from_paths, scan_imagefolder
 
-__all__ = ["load_dataset", "load_npz"]
+__all__ = ["load_dataset", "load_npz", "load_image_folder", "camera_ids"]
 
 
 def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> LabeledData:
@@ -124,9 +125,10 @@ def _load_npz(path: str, image_size: Optional[Tuple[int, int]]) -> LabeledData:
             if uniq.min() >= 0 and uniq.max() < len(names)  # names index the labels
             else [str(u) for u in uniq]
         )
-    info = {"path": os.path.abspath(path)}
+    info: Dict[str, Any] = {"path": os.path.abspath(path)}
     if camids is not None:
         info["has_camids"] = True
+        info["camids_from"] = "the file's camids array"
     data = LabeledData(
         x.contiguous(),
         torch.as_tensor(y, dtype=torch.long),
@@ -138,18 +140,56 @@ def _load_npz(path: str, image_size: Optional[Tuple[int, int]]) -> LabeledData:
     return data
 
 
+#: a camera id in a file name, Market-1501 / DukeMTMC-reID style: ``0002_c1s1_000451_03.jpg``,
+#: ``0005_c2_f0046985.jpg`` (the first ``_c<digits>``)
+_CAMERA_IN_NAME = re.compile(r"_c(\d+)")
+
+
+def camera_ids(paths: List[str]) -> Optional[torch.Tensor]:
+    """The camera of each image from its file name (``<anything>_c<digits>...``, Market-1501 /
+    DukeMTMC-reID style), or ``None`` unless every file name holds one."""
+    cams = []
+    for path in paths:
+        match = _CAMERA_IN_NAME.search(os.path.basename(path))
+        if match is None:
+            return None
+        cams.append(int(match.group(1)))
+    return torch.as_tensor(cams, dtype=torch.long) if cams else None
+
+
+def load_image_folder(path: str, image_size: Tuple[int, int] = (64, 64)) -> LabeledData:
+    """A folder with one sub-folder per identity (:func:`~feature_cloud.demo.data.scan_imagefolder`),
+    each image read at its own size and area-resized to ``image_size`` (as :func:`load_npz`
+    resizes). Camera ids come from the file names where every one is ``<anything>_c<digits>...``
+    (Market-1501 / DukeMTMC-reID style), else there are none. Every unreadable file is named in
+    one error."""
+    paths, ids = scan_imagefolder(path)
+    data = _from_paths(paths, ids, tuple(image_size), "imagefolder", path, resize="area")  # type: ignore[arg-type]
+    if data.num_classes < 2:
+        raise ValueError(
+            f"{path!r} holds {data.num_classes} identity (sub-folder): need at least 2"
+        )
+    camids = camera_ids(paths)
+    data.info["title"] = os.path.basename(os.path.normpath(os.path.abspath(path)))
+    if camids is not None:
+        data.info["has_camids"] = True
+        data.info["camids_from"] = "file names (_c<digits>)"
+    data.camids = camids  # type: ignore[attr-defined]
+    return data
+
+
+def dataset_title(data: LabeledData) -> str:
+    """The data's name in titles and messages: a folder's own name (its ``name`` stays
+    ``"imagefolder"``, which runs compare to pool), else ``data.name``."""
+    return str(data.info.get("title", data.name))
+
+
 def load_dataset(path: str, image_size: Optional[Tuple[int, int]] = None) -> LabeledData:
     """An ``.npz`` file (see :func:`load_npz`) or a folder with one sub-folder per identity."""
     if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
         raise ValueError(f"image_size must be two sizes >= 1 (H, W), got {tuple(image_size)}")
     if os.path.isdir(path):
-        data = load_imagefolder(path, image_size or (64, 64))
-        if data.num_classes < 2:
-            raise ValueError(
-                f"{path!r} holds {data.num_classes} identity (sub-folder): need at least 2"
-            )
-        data.camids = None  # type: ignore[attr-defined]
-        return data
+        return load_image_folder(path, image_size or (64, 64))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such dataset file or folder: {path!r}")
     if not path.lower().endswith(".npz"):

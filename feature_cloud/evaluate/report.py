@@ -277,7 +277,7 @@ def plot_sweep(results: Dict[str, Any], file: str, table: Optional[SweepTable] =
     ax.set_xlabel("Δ FC tail (points)")
     ax.set_ylabel("Δ FC head (points)")
     ax.set_title(
-        f"{results['data']['name']} {results['setting']}: prototypes at each kappa vs the baseline",
+        f"{data_title(results)} {results['setting']}: prototypes at each kappa vs the baseline",
         fontsize=9,
     )
     ax.grid(alpha=0.3)
@@ -367,7 +367,7 @@ def plot_paired(results: Dict[str, Any], file: str) -> str:
     )
     ax.set_ylabel("paired difference (points)")
     ax.set_title(
-        f"{results['data']['name']} {results['setting']}: paired differences, 95% t-intervals",
+        f"{data_title(results)} {results['setting']}: paired differences, 95% t-intervals",
         fontsize=9,
     )
     ax.grid(axis="y", alpha=0.3)
@@ -396,6 +396,29 @@ _PAIRED_NOTE = (
     "Paired differences against each method's own baseline (same seed, backbone, "
     "budget and batch order), points, mean ± 95% t-interval."
 )
+
+
+def no_pairs_note(results: Dict[str, Any]) -> str:
+    """One line instead of an empty paired table: no method of the run has its baseline run,
+    and which baseline each method needs (or which methods a baseline is the baseline of)."""
+    from .methods import BASELINES
+
+    needs = []
+    for m in results.get("methods", []):
+        base = BASELINES.get(m)
+        if base is not None:
+            needs.append(f"{m} needs {base}")
+        else:
+            of = [k for k, v in BASELINES.items() if v == m]
+            needs.append(
+                f"{m} is itself the baseline of {', '.join(of)}" if of else f"{m} has no baseline"
+            )
+    return (
+        "No paired differences: no method in --methods has its baseline run ("
+        + "; ".join(needs)
+        + "). Add a method together with its baseline (the command line adds each method's "
+        "baseline)."
+    )
 
 
 #: The files :func:`render_evaluation` (and ``combine_settings``) write into ``--out``, besides
@@ -428,7 +451,7 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     srows, prows = summary_rows(results), paired_rows(results)
     cfg = results["config"]
     text = [
-        f"# {results['data']['name']}: {results['setting']} ({cfg['backbone']}, "
+        f"# {data_title(results)}: {results['setting']} ({cfg['backbone']}, "
         f"{counted(cfg['epochs'], 'epoch')}, seeds {cfg['seeds']})",
         "",
         _data_line(results),
@@ -454,6 +477,8 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
             _markdown(prows),
             "",
         ]
+    else:
+        text += [no_pairs_note(results), ""]
     table = sweep(results)  # once: the Markdown, CSV, JSON and the plot
     wrows = sweep_rows(results, table=table)
     if len(wrows) > 1:
@@ -461,16 +486,19 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     pieces = [("summary.md", "\n".join(text))]
     if len(prows) > 1:
         pieces.append(("paired.md", _PAIRED_NOTE + "\n\n" + _markdown(prows) + "\n"))
+    else:  # no method with its baseline: a note, not an empty table (no paired.csv / .json)
+        pieces.append(("paired.md", no_pairs_note(results) + "\n"))
     for name, content in pieces:
         files[name] = os.path.join(out, name)
         with open(files[name], "w") as fh:
             fh.write(content)
     files["summary.csv"] = os.path.join(out, "summary.csv")
     _write_csv(summary_rows(results, numeric=True), files["summary.csv"])
-    files["paired.csv"] = os.path.join(out, "paired.csv")
-    _write_csv(paired_rows(results, numeric=True), files["paired.csv"])
-    files["paired.json"] = os.path.join(out, "paired.json")
-    write_json(paired(results), files["paired.json"])
+    if len(prows) > 1:
+        files["paired.csv"] = os.path.join(out, "paired.csv")
+        _write_csv(paired_rows(results, numeric=True), files["paired.csv"])
+        files["paired.json"] = os.path.join(out, "paired.json")
+        write_json(paired(results), files["paired.json"])
     files["runs.csv"] = os.path.join(out, "runs.csv")
     _runs_csv(results, files["runs.csv"])
     if len(wrows) > 1:
@@ -514,6 +542,8 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
             f"{counted(len(cfg['seeds']) * len(cfg['methods']), 'run')} (--resume trains the rest)"
         )
     log(_markdown(prows if len(prows) > 1 else srows))
+    if len(prows) <= 1:
+        log(no_pairs_note(results))
     log(wrote_line(files, out))
     return files
 
@@ -549,7 +579,7 @@ def combine_settings(paths: Sequence[str], out: str) -> str:
         what = "Open set (held-out identities): p" if is_open else "P"
         parts += [
             f"{what}aired differences (points, mean ± 95% t-interval over seeds)\n\n"
-            + _markdown(rows)
+            + (_markdown(rows) if len(rows) > 1 else no_pairs_note(load_results(paths[0])))
             + (
                 "\n\nOpen set: absolute values (%, mean ± 95% t-interval)\n\n"
                 if is_open
@@ -760,6 +790,13 @@ def check_compatible(
     _check_same_data(res, first, path, first_path, verb)
 
 
+def data_title(results: Dict[str, Any]) -> str:
+    """The data's name in titles: a folder's own name (``data.title``; files of earlier
+    releases: ``data.name``)."""
+    data = results["data"]
+    return str(data.get("title") or data["name"])
+
+
 def _data_line(results: Dict[str, Any]) -> str:
     """What the evaluation ran on: the data's size and each seed's split (or the range)."""
     data = results["data"]
@@ -774,8 +811,19 @@ def _data_line(results: Dict[str, Any]) -> str:
     return (
         f"Data: {data['samples']} images of {data['num_classes']} identities; split per seed: "
         f"{spread('head_classes')} head / {spread('tail_classes')} tail identities, "
-        f"{spread('train')} training and {spread('test')} test images."
+        f"{spread('train')} training and {spread('test')} test images; "
+        + retrieval_line(data)
+        + "."
     )
+
+
+def retrieval_line(data: Dict[str, Any]) -> str:
+    """How rank-1 / mAP were retrieved, from a results file's ``data``: cross-camera (camera ids
+    given) or among all test images."""
+    if not data.get("camids"):
+        return "retrieval among all test images (no camera ids)"
+    source = (data.get("info") or {}).get("camids_from") or "the data's camids"
+    return f"cross-camera retrieval (camera ids from {source})"
 
 
 def _check_same_data(

@@ -35,12 +35,21 @@ from ..demo.report import counted, load_results, write_json
 from ..demo.runner import _device_of, embed_all, evaluate_method
 from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
+from .data import dataset_title
 from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
 from .protocol import hs_split, natural_split, open_split
-from .report import OUTPUT_FILES, check_compatible, head_defaults, make_output_dir
+from .report import (
+    OUTPUT_FILES,
+    check_compatible,
+    head_defaults,
+    make_output_dir,
+    retrieval_line,
+)
 
 __all__ = [
     "EvalConfig",
+    "PreparedEvaluation",
+    "prepare_evaluation",
     "run_evaluation",
     "train_model",
     "setting_name",
@@ -201,6 +210,17 @@ def data_fingerprint(data: LabeledData, camids: Optional[Tensor] = None) -> str:
         if t is not None:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def counted_as(n: int, singular: str, plural: str) -> str:
+    """``"1 identity"``, ``"3 identities"``."""
+    return f"{n} {singular if n == 1 else plural}"
+
+
+def _first_names(names: List[str], shown: int = 5) -> str:
+    """``"a, b, c"`` or ``"a, b, c, d, e and 7 more"``."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def setting_name(cfg: EvalConfig) -> str:
@@ -630,7 +650,7 @@ def _check_training_sets(
     counts = torch.bincount(data.y, minlength=data.num_classes)
     if cfg.protocol == "hs" and cfg.num_head > data.num_classes:
         raise ValueError(
-            f"-H {cfg.num_head}: {data.name} has {data.num_classes} identities; choose -H in "
+            f"-H {cfg.num_head}: {dataset_title(data)} has {data.num_classes} identities; choose -H in "
             f"[0, {data.num_classes}] (below it, so that some identities are the tail)"
         )
     for seed, split in splits.items():
@@ -646,7 +666,10 @@ def _check_training_sets(
                 )
             else:
                 hint = "lower --test-fraction"
-            raise ValueError(f"{where} trains {trained} identities: need at least 2 ({hint})")
+            raise ValueError(
+                f"{where} trains {counted_as(trained, 'identity', 'identities')}: need at least 2 "
+                f"({hint})"
+            )
     first = next(iter(splits.values()))
     camids: Optional[Tensor] = getattr(data, "camids", None)
     if camids is not None and first.label_map is None:
@@ -664,12 +687,15 @@ def _check_training_sets(
                 stacklevel=3,
             )
     if first.label_map is None:  # closed set: the same identities are left out in every seed
-        left = int(((counts > 0) & (counts <= cfg.n_test)).sum())
+        left = torch.nonzero((counts > 0) & (counts <= cfg.n_test)).flatten().tolist()
         if left:
+            one = len(left) == 1
+            names = _first_names([str(data.class_names[i]) for i in left])
             warnings.warn(
-                f"{left} of {data.num_classes} identities have at most --n-test {cfg.n_test} "
-                "images: they are left out (no training or test image; their classifier rows "
-                "stay, untrained, and their per-class values are n/a)",
+                f"{len(left)} of {data.num_classes} identities {'has' if one else 'have'} at most "
+                f"--n-test {cfg.n_test} images ({names}): {'it is' if one else 'they are'} left "
+                f"out (no training or test image; {'its classifier row stays' if one else 'their classifier rows stay'}, "
+                f"untrained, and {'its' if one else 'their'} per-class values are n/a)",
                 UserWarning,
                 stacklevel=3,
             )
@@ -723,24 +749,32 @@ def check_models(
                 ) from None
 
 
-def run_evaluation(
-    cfg: EvalConfig,
-    data: LabeledData,
-    log: Callable[[str], None] = print,
-    write: bool = True,
-    resume: bool = False,
-) -> Dict[str, Any]:
-    """Train and evaluate every method on every seed; write ``results.json`` and the report to
-    ``cfg.out`` (if ``write``). Returns the results dictionary.
+@dataclass
+class PreparedEvaluation:
+    """What :func:`prepare_evaluation` checked and decided before anything trains or is
+    written: each seed's split and methods' ``T``, the results header and, with ``resume``, the
+    runs to reuse (and the wall time they took)."""
 
-    With ``write``, ``results.json`` is rewritten after every (seed, method) run with
-    ``"complete": false`` until the last one, so a killed evaluation keeps what it finished;
-    ``resume`` reuses those runs (the file must be of this setting, configuration, data and
-    splits) and trains only the missing ones."""
+    cfg: EvalConfig
+    splits: Dict[int, LongTailSplit]
+    thresholds: Dict[int, int]
+    results: Dict[str, Any]
+    done: Dict[Tuple[int, str], Dict[str, Any]]
+    earlier: float
+    write: bool
+    resume: bool
+
+
+def prepare_evaluation(
+    cfg: EvalConfig, data: LabeledData, write: bool = True, resume: bool = False
+) -> PreparedEvaluation:
+    """Every check of an evaluation of ``cfg`` on ``data`` that needs no training: the
+    configuration, the output folder, each seed's split (its errors and warnings), every method
+    built on the data, and what ``--resume`` would reuse. Nothing is written or trained: several
+    settings (``-S 1 2 5``) are all prepared before the first trains."""
     cfg.validate()
     if write:
         check_output(cfg, resume)
-    start = time.perf_counter()
     camids: Optional[Tensor] = getattr(data, "camids", None)
     splits = {seed: make_split(cfg, data, seed) for seed in cfg.seeds}
     thresholds = {seed: method_threshold(cfg, split) for seed, split in splits.items()}
@@ -751,12 +785,17 @@ def run_evaluation(
         "config": asdict(cfg),
         "head_defaults": head_defaults(),  # what leap_options left out resolved to (report merge)
         "data": {
+            # name: what runs compare to pool / resume ("imagefolder" for any folder: the same
+            # images in folders of other names pool); title: what titles and messages show
             "name": data.name,
+            "title": dataset_title(data),
             "samples": int(data.x.shape[0]),
             "num_classes": data.num_classes,
             "input_shape": list(data.x.shape[1:]),
             "camids": camids is not None,
             "fingerprint": data_fingerprint(data, camids),
+            # the identity of each per-class value (class order: sorted folder / label names)
+            "class_names": [str(n) for n in data.class_names],
             "info": json.loads(json.dumps(data.info, default=str)),
         },
         "splits": {
@@ -795,14 +834,41 @@ def run_evaluation(
     _check_split_groups(cfg, splits, thresholds)
     check_models(cfg, data, splits, thresholds)
     done, earlier = _previous_runs(cfg, results) if resume else ({}, 0.0)
-    start -= earlier  # wall_seconds: summed over the processes that wrote this file
+    return PreparedEvaluation(cfg, splits, thresholds, results, done, earlier, write, resume)
+
+
+def run_evaluation(
+    cfg: EvalConfig,
+    data: LabeledData,
+    log: Callable[[str], None] = print,
+    write: bool = True,
+    resume: bool = False,
+    prepared: Optional[PreparedEvaluation] = None,
+) -> Dict[str, Any]:
+    """Train and evaluate every method on every seed; write ``results.json`` and the report to
+    ``cfg.out`` (if ``write``). Returns the results dictionary.
+
+    With ``write``, ``results.json`` is rewritten after every (seed, method) run with
+    ``"complete": false`` until the last one, so a killed evaluation keeps what it finished;
+    ``resume`` reuses those runs (the file must be of this setting, configuration, data and
+    splits) and trains only the missing ones. ``prepared``: :func:`prepare_evaluation` of the
+    same ``cfg``, ``data``, ``write`` and ``resume`` (its checks are then not repeated)."""
+    if prepared is None:
+        prepared = prepare_evaluation(cfg, data, write, resume)
+    elif prepared.cfg is not cfg or (prepared.write, prepared.resume) != (write, resume):
+        raise ValueError("prepared: prepare_evaluation of another configuration or mode")
+    camids: Optional[Tensor] = getattr(data, "camids", None)
+    splits, thresholds, results = prepared.splits, prepared.thresholds, prepared.results
+    done = prepared.done
+    start = time.perf_counter() - prepared.earlier  # wall_seconds: summed over the processes
     file = os.path.join(cfg.out, RESULTS_FILE)
     if write:
         make_output_dir(cfg.out)
     log(
-        f"feature-cloud evaluate: {data.name} ({data.x.shape[0]} images, {data.num_classes} "
-        f"identities), {setting_name(cfg)}, backbone {cfg.backbone}, {counted(cfg.epochs, 'epoch')}, "
-        f"seeds {cfg.seeds}, methods {cfg.methods}"
+        f"feature-cloud evaluate: {dataset_title(data)} ({data.x.shape[0]} images, "
+        f"{counted_as(data.num_classes, 'identity', 'identities')}), {setting_name(cfg)}, "
+        f"backbone {cfg.backbone}, {counted(cfg.epochs, 'epoch')}, seeds {cfg.seeds}, methods "
+        f"{cfg.methods}; {retrieval_line(results['data'])}"
         + (f"; {counted(len(done), 'run')} reused from {file}" if done else "")
     )
     runs: List[Dict[str, Any]] = results["runs"]

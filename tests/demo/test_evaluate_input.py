@@ -239,7 +239,7 @@ def test_cli_evaluate_with_one_training_image_per_identity_plots_and_reports(tmp
     assert main(["report", str(out), "--quiet"]) == 0
 
 
-@pytest.mark.filterwarnings("ignore:.*left out 1 identity folders")  # asserted once, below
+@pytest.mark.filterwarnings("ignore:.*left out 1 identity folder")  # asserted once, below
 def test_image_folder_reads_what_a_users_camera_and_tools_write(tmp_path, monkeypatch):
     """16-bit and float images keep their contrast (Pillow's RGB conversion clipped 16-bit at
     255: a white image; float [0, 1] became black), EXIF orientation is applied, palette images
@@ -267,7 +267,7 @@ def test_image_folder_reads_what_a_users_camera_and_tools_write(tmp_path, monkey
     (root / "b" / "notes.txt").write_text("x")
     (root / "b" / "session2").mkdir()
     (root / "empty").mkdir()
-    with pytest.warns(UserWarning, match=r"left out 1 identity folders without images \(empty\)"):
+    with pytest.warns(UserWarning, match=r"left out 1 identity folder without images \(empty\)"):
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message="Palette images")
             data = load_imagefolder(str(root), (16, 16))
@@ -279,5 +279,7 @@ def test_image_folder_reads_what_a_users_camera_and_tools_write(tmp_path, monkey
     assert phone.shape == (3, 16, 16)
     assert float(phone[:, :4].mean()) > 0.8 and float(phone[:, -4:].mean()) < 0.2  # top strip
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # as a 14000 x 14000 image would
-    with pytest.raises(ValueError, match=r"cannot read image .*16bit.png.*decompression bomb"):
+    with pytest.raises(
+        ValueError, match=r"cannot read 4 image files: .*16bit.png.*decompression bomb"
+    ):
         load_imagefolder(str(root), (16, 16))

@@ -1,0 +1,218 @@
+"""feature-cloud evaluate on a user's own image folders (a user trial): folders load like the
+same images in an .npz (area resize), problems are named together and before anything trains,
+identities are named in warnings and in results.json, file names give camera ids, Ctrl-C and
+logs to a file are handled."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from feature_cloud.cli import main
+from feature_cloud.evaluate.data import load_dataset
+
+Image = pytest.importorskip("PIL.Image")
+
+SIZES = (8, 8, 6, 5, 4, 3)
+TINY = ["--image-size", "8", "8", "--epochs", "1", "--seeds", "0", "-T", "4", "--quiet"]
+
+
+def _images(sizes=SIZES, hw=(12, 12), seed=0):
+    rng = np.random.RandomState(seed)
+    y = np.repeat(np.arange(len(sizes)), sizes)
+    proto = rng.randint(0, 255, size=(len(sizes), *hw, 3))
+    noise = rng.randint(-30, 30, size=(y.size, *hw, 3))
+    return np.clip(proto[y] + noise, 0, 255).astype(np.uint8), y
+
+
+def _folder(root, sizes=SIZES, cameras=False, names=None):
+    """One sub-folder per identity (``id0``, ``id1``, ...), PNG files; with ``cameras``
+    Market-1501-style names ``0001_c1s1_000001_00.png`` (cameras alternating 1, 2)."""
+    images, y = _images(sizes)
+    names = names or [f"id{i}" for i in range(len(sizes))]
+    for i, (img, label) in enumerate(zip(images, y)):
+        folder = root / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        fname = f"{label:04d}_c{i % 2 + 1}s1_{i:06d}_00.png" if cameras else f"{i:03d}.png"
+        Image.fromarray(img).save(folder / fname)
+    return str(root)
+
+
+def test_folder_images_are_area_resized_like_the_same_images_in_an_npz(tmp_path):
+    """--image-size resizes folders as it resizes .npz data ("area"), image by image at each
+    one's own size (the folder path used Pillow's bilinear resize: other inputs for the same
+    images); the demo keeps its bilinear resize."""
+    from feature_cloud.demo.data import load_imagefolder
+
+    images, y = _images()
+    root = tmp_path / "faces"
+    _folder(root)
+    np.savez(tmp_path / "faces.npz", images=images, labels=y)
+    big = np.random.RandomState(1).randint(0, 255, (30, 20, 3)).astype(np.uint8)
+    Image.fromarray(big).save(root / "id5" / "zz_big.png")  # another size, last in id5
+    folder = load_dataset(str(root), (8, 8))
+    npz = load_dataset(str(tmp_path / "faces.npz"), (8, 8))
+    assert torch.equal(folder.x[:-1], npz.x) and torch.equal(folder.y[:-1], npz.y)
+    own = torch.from_numpy(big).permute(2, 0, 1).float()[None] / 255.0
+    assert torch.allclose(folder.x[-1], F.interpolate(own, size=(8, 8), mode="area")[0])
+    demo = load_imagefolder(str(root), (8, 8))  # the demo: Pillow's bilinear, as before
+    pil = Image.fromarray(images[0]).resize((8, 8), Image.BILINEAR)
+    assert torch.allclose(demo.x[0], torch.from_numpy(np.array(pil)).permute(2, 0, 1) / 255.0)
+
+
+def test_every_unreadable_image_is_named_in_one_error_before_training(tmp_path, capsys):
+    root = tmp_path / "faces"
+    _folder(root)
+    (root / "id1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    buf = io.BytesIO()
+    Image.fromarray(_images()[0][0]).save(buf, format="JPEG")
+    (root / "id3" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    out = tmp_path / "out"
+    assert main(["evaluate", str(root), *TINY, "--methods", "cosface", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("feature-cloud: error: cannot read 2 image files:") and err.count("\n") == 1
+    )
+    assert "broken.jpg" in err and "truncated.jpg" in err and "remove or replace them" in err
+    assert not out.exists()
+    for i in range(12):  # many: the first ten named, the rest counted
+        (root / "id0" / f"bad{i:02d}.png").write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"cannot read 14 image files: .*; and 4 more; remove"):
+        load_dataset(str(root), (8, 8))
+
+
+def test_a_symlinked_identity_folder_is_one_identity_named_in_a_warning(tmp_path):
+    root = tmp_path / "faces"
+    _folder(root)
+    os.symlink(root / "id2", root / "Alias_of_id2")  # sorts before id2: the folder is kept
+    with pytest.warns(UserWarning, match=r"same folder .*left out Alias_of_id2 \(kept id2\)"):
+        data = load_dataset(str(root), (8, 8))
+    assert data.class_names == [f"id{i}" for i in range(len(SIZES))]
+    assert data.x.shape[0] == sum(SIZES)
+
+
+def test_warnings_name_the_identities_left_out_in_singular_or_plural(tmp_path, capsys):
+    root = tmp_path / "faces"
+    _folder(root, sizes=(9, 8, 6, 5, 4, 2), names=["ann", "bob", "cy", "di", "ed", "Flo Z"])
+    out = tmp_path / "out"
+    assert main(["evaluate", str(root), *TINY, "--methods", "cosface", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "1 of 6 identities has at most --n-test 2 images (Flo Z): it is left out (no training "
+        "or test image; its classifier row stays, untrained, and its per-class values are n/a)"
+    ) in err, err
+    args = ["evaluate", str(root), *TINY, "--n-test", "8", "--out", str(tmp_path / "o2")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "trains 1 identity: need at least 2" in err, err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_every_settings_split_is_checked_before_the_first_setting_trains(tmp_path, capsys):
+    """-S 1 50 with FTL: -S 50 leaves no regular identity (the tail keeps as many images as
+    the head); refused before -S 1 trains or writes anything (it used to train -S 1 first)."""
+    images, y = _images(sizes=(12, 12, 12, 12, 3, 3))
+    data = str(tmp_path / "d.npz")
+    np.savez(data, images=images, labels=y)
+    out = tmp_path / "out"
+    args = ["evaluate", data, *TINY, "-T", "12", "--protocol", "hs", "-H", "2", "--methods", "ftl"]
+    assert main(args + ["-S", "1", "50", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "FTL needs regular identities" in err and "(H2_S50)" in err, err
+    assert not out.exists()
+
+
+def test_folder_results_name_the_identities_the_folder_and_the_cameras(tmp_path, capsys):
+    """results.json records the class names; titles show the folder's name (data.name stays
+    "imagefolder": runs on copies of the folder under another name still pool); Market-style
+    file names give camera ids (retrieval cross-camera, said in the log and summary.md), any
+    other name none; --methods cosface alone writes a note instead of an empty paired table."""
+    root = tmp_path / "my_faces"
+    _folder(root, cameras=True)
+    out = tmp_path / "out"
+    args = ["evaluate", str(root), *TINY[:-1], "--methods", "cosface"]
+    assert main(args + ["--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "feature-cloud evaluate: my_faces (34 images, 6 identities)" in log, log
+    assert "cross-camera retrieval (camera ids from file names" in log
+    assert "No paired differences: no method in --methods has its baseline run" in log
+    with open(out / "results.json") as fh:
+        data = json.load(fh)["data"]
+    assert data["class_names"] == [f"id{i}" for i in range(6)]
+    assert (data["name"], data["title"], data["camids"]) == ("imagefolder", "my_faces", True)
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# my_faces: natural") and "cross-camera retrieval" in summary
+    assert "(cosface is itself the baseline of leap_vanilla_cosface, leap_full_cosface)" in summary
+    assert "Paired differences against" not in summary
+    assert "cosface is itself the baseline" in (out / "paired.md").read_text()
+    assert not (out / "paired.csv").exists() and not (out / "paired.json").exists()
+    # the same images in a folder of another name, another seed: pooled with the first
+    (root / "id0" / "0000_c1s1_000000_00.png").rename(root / "id0" / "first.png")
+    copy = tmp_path / "copy"
+    os.rename(root, copy)
+    plain = load_dataset(str(copy), (8, 8))
+    assert plain.camids is None  # one name without _c<digits>: no camera ids at all
+    (copy / "id0" / "first.png").rename(copy / "id0" / "0000_c1s1_000000_00.png")
+    args = ["evaluate", str(copy), *TINY[:-1], "--methods", "cosface", "--seeds", "1"]
+    assert main(args + ["--out", str(tmp_path / "out1")]) == 0
+    merged = str(tmp_path / "merged")
+    assert main(["report", str(out), str(tmp_path / "out1"), "--out", merged, "--quiet"]) == 0
+    with open(os.path.join(merged, "results.json")) as fh:
+        assert sorted(r["seed"] for r in json.load(fh)["runs"]) == [0, 1]
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, capsys, monkeypatch):
+    import feature_cloud.evaluate.runner as runner
+
+    images, y = _images()
+    data = str(tmp_path / "d.npz")
+    np.savez(data, images=images, labels=y)
+    real, calls = runner.train_model, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_model", interrupted)
+    out = tmp_path / "out"
+    args = ["evaluate", data, *TINY, "--methods", "leap_full_cosface", "--out", str(out)]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"feature-cloud: interrupted; 1 finished run saved in {str(out)!r}" in err, err
+    assert "with --resume" in err
+
+
+def test_no_progress_bars_where_stderr_is_not_a_terminal(tmp_path, capsys, monkeypatch):
+    """Piped to a file, stderr gets no carriage-return frames (a bar per run); stdout keeps the
+    per-run lines. On a terminal the bars are drawn as before."""
+    import sys
+
+    import feature_cloud.demo._progress as progress_mod
+    from feature_cloud.demo._progress import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(progress_mod, "_ENABLED", True)  # whatever tests before left
+    monkeypatch.setattr(sys, "stderr", term)
+    for _ in progress(range(3), desc="x", mininterval=0):
+        pass
+    assert "\r" in term.getvalue()
+    monkeypatch.undo()  # main() turns the bars on itself (no --quiet)
+    images, y = _images()
+    data = str(tmp_path / "d.npz")
+    np.savez(data, images=images, labels=y)
+    args = ["evaluate", data, *TINY[:-1], "--methods", "cosface", "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "step/s" not in captured.err, captured.err
+    assert "  seed 0 CosFace" in captured.out
