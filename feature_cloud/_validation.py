@@ -25,10 +25,15 @@ import sys
 import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
+import numpy.typing as npt
 import torch
 from torch import Tensor
 
 from ._compat import is_compiling
+
+#: per-class sample counts as the constructors take them: a tensor, a list of ints or a NumPy
+#: integer array (``np.bincount(labels)``)
+ClassCounts = Union[Tensor, Sequence[int], "npt.NDArray[Any]"]
 
 __all__ = [
     "check_embeddings",
@@ -38,6 +43,7 @@ __all__ = [
     "as_int",
     "as_float",
     "check_class_counts",
+    "ClassCounts",
     "problem_tensor",
     "raise_for_problems",
     "PROBLEM_SLOTS",
@@ -142,9 +148,7 @@ def as_float(
     return out
 
 
-def check_class_counts(
-    counts: Union[Tensor, Sequence[int]], num_classes: int, name: str = "class_counts"
-) -> Tensor:
+def check_class_counts(counts: ClassCounts, num_classes: int, name: str = "class_counts") -> Tensor:
     """Per-class sample counts as an ``int64`` tensor ``(C,)`` (on the input's device).
 
     ``TypeError`` for bool, floating or non-numeric input; ``ValueError`` for a wrong length or

@@ -14,7 +14,7 @@ a pure function of ``(seed, step, stream, row, class)``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,14 @@ from torch import Tensor, nn
 from . import functional as FC
 from . import noise as N
 from ._compat import is_compiling
-from ._validation import as_float, as_int, check_batch, check_class_counts, warn_user
+from ._validation import (
+    ClassCounts,
+    as_float,
+    as_int,
+    check_batch,
+    check_class_counts,
+    warn_user,
+)
 from .statistics import DEFAULT_CENTER_RATE, ClassStatistics
 from .sync import BATCH_MODES, SyncedClassStatistics
 
@@ -181,7 +188,7 @@ class FeatureCloud(nn.Module):
         gamma: float = 0.1,
         memory_per_sample: int = 1,
         warmup_steps: int = 0,
-        class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
+        class_counts: Optional[ClassCounts] = None,
         seed: Optional[int] = None,
         count_steps: Optional[int] = None,
         cloud_mode: str = DEFAULT_CLOUD_MODE,
@@ -573,18 +580,27 @@ class FeatureCloud(nn.Module):
             self._count = -1  # re-read when next needed
 
     def extra_repr(self) -> str:
-        return (
-            f"rule={self.rule!r}, mode={self.mode!r}, scale={self.scale}, "
-            f"prototype_shrinkage={self.prototype_shrinkage}, "
-            + (
-                ""
-                if self.prototype_min_count == DEFAULT_PROTOTYPE_MIN_COUNT
-                else f"prototype_min_count={self.prototype_min_count}, "
-            )
-            + ("" if self.imprint_step is None else f"imprint_step={self.imprint_step}, ")
-            + "warmup_steps="
-            f"{self.warmup_steps}, sync={self.sync!r}, steps_taken={self._host_count()}"
-        )
+        """The constructor's keywords (those that are not their defaults, for the optional
+        ones) and the steps taken."""
+        stats = self.statistics
+        parts = [
+            f"rule={self.rule!r}",
+            f"cloud_mode={self.mode!r}",
+            f"cloud_scale={self.scale}",
+            f"prototype_shrinkage={self.prototype_shrinkage}",
+        ]
+        if self.prototype_min_count != DEFAULT_PROTOTYPE_MIN_COUNT:
+            parts.append(f"prototype_min_count={self.prototype_min_count}")
+        if self.imprint_step is not None:
+            parts.append(f"imprint_step={self.imprint_step}")
+        parts.append(f"warmup_steps={self.warmup_steps}")
+        if stats.count_updates is not None:
+            parts.append(f"count_steps={stats.count_updates}")
+        if stats.max_age is not None:
+            parts.append(f"angle_max_age={stats.max_age}")
+        seed = "?" if self.seed.is_meta else int(self.seed)
+        parts += [f"seed={seed}", f"sync={self.sync!r}", f"steps_taken={self._host_count()}"]
+        return ", ".join(parts)
 
 
 class WithFeatureCloud:

@@ -33,14 +33,14 @@ Sharded classifier (:class:`ShardedLEAPMarginHead`)
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as FC
-from . import fused
+from . import fused, margins
 from . import noise as N
 from ._validation import as_float, as_int, check_batch, check_embeddings
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
@@ -73,13 +73,17 @@ __all__ = [
 ]
 
 
+#: the head :func:`synchronize` returns is the one it was given
+HeadT = TypeVar("HeadT", bound=nn.Module)
+
+
 def synchronize(
-    head: nn.Module,
+    head: HeadT,
     process_group: ProcessGroup = None,
     *,
     pad_to: Optional[int] = None,
     batch: str = "local",
-) -> nn.Module:
+) -> HeadT:
     """Make ``head`` update its LEAP statistics from the global batch of ``process_group``.
 
     Heads synchronise over the default group already (``sync="auto"``, the default of
@@ -194,7 +198,7 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, nn.Module):
         self,
         embedding_size: int,
         num_classes: int,
-        margin_type: str = "cosface",
+        margin_type: Union[str, margins.Margin] = "cosface",
         scale: Optional[float] = None,
         margin: Optional[float] = None,
         cloud: Union[None, str, FeatureCloud] = "full",

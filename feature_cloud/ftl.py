@@ -22,7 +22,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import functional as FC
 from ._buffers import restore_on_error
-from ._validation import as_float, as_int, check_class_counts, check_labels, check_values
+from ._validation import (
+    ClassCounts,
+    as_float,
+    as_int,
+    check_class_counts,
+    check_labels,
+    check_values,
+)
 from .heads import LEAPMarginHead
 from .regularizers import MetricL2, warn_metric_l2_with_margin
 from .transfer import FeatureBatch, FeatureTransfer
@@ -212,7 +219,7 @@ class FTLModel(nn.Module):
     def __init__(
         self,
         encoder: nn.Module,
-        classifier: nn.Module,
+        classifier: Union[nn.Linear, LEAPMarginHead],
         *,
         feature_dim: int = 320,
         filter_net: Optional[nn.Module] = None,
@@ -541,7 +548,7 @@ def class_balanced_pool(indices: Tensor, labels: Tensor) -> Tensor:
     return idx[(starts[:, None] + cycle[None, :] % counts[:, None]).flatten()]
 
 
-def check_tail_split(transfer: FeatureTransfer, class_counts: Union[Tensor, Sequence[int]]) -> None:
+def check_tail_split(transfer: FeatureTransfer, class_counts: ClassCounts) -> None:
     """Raise ``ValueError`` unless a training set with ``class_counts`` images per class has both
     regular classes (their intra-class variance is what FTL transfers) and long-tail ones (stage 1
     trains on them) for ``transfer`` (its ``regular_mask`` / ``class_counts`` when given, else
@@ -721,7 +728,7 @@ class AlternatingScheduler:
             )
         self.apply()
 
-    def check_class_counts(self, class_counts: Union[Tensor, Sequence[int]]) -> None:
+    def check_class_counts(self, class_counts: ClassCounts) -> None:
         """:func:`check_tail_split` for the model's :class:`FeatureTransfer`: called when the
         scheduler is built (split given to the transfer) and at the end of :meth:`update_stats`'
         first pass; adapters that know the training set call it before training starts."""

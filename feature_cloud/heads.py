@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union, cast
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Dict,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    cast,
+    overload,
+)
 
 import torch
 from torch import Tensor, nn
@@ -317,7 +329,7 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         self,
         embedding_size: int,
         num_classes: int,
-        margin_type: str = "cosface",
+        margin_type: Union[str, margins.Margin] = "cosface",
         scale: Optional[float] = None,
         margin: Optional[float] = None,
         cloud: Union[None, str, FeatureCloud] = "full",
@@ -435,6 +447,28 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             return exc, "mean", 0.0
         return None, reduction, smoothing
 
+    @overload
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Optional[Tensor] = ...,
+        *,
+        label_smoothing: float = ...,
+        return_top1: Literal[False] = ...,
+        reduction: Optional[str] = ...,
+    ) -> Tensor: ...
+
+    @overload
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Optional[Tensor] = ...,
+        *,
+        label_smoothing: float = ...,
+        return_top1: Literal[True],
+        reduction: Optional[str] = ...,
+    ) -> Tuple[Tensor, Tensor]: ...
+
     def forward(
         self,
         embeddings: Tensor,
@@ -474,6 +508,9 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             loss, top1 = out
             return (loss[back] if reduction == "none" else loss), top1[back]
         return out[back] if reduction == "none" else out
+
+    if TYPE_CHECKING:  # head(x, y) is a Tensor, head(x, y, return_top1=True) a pair
+        __call__ = forward
 
     def _loss(
         self,
@@ -543,6 +580,7 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             f"margin_type={self.margin_type!r}, scale={self.scale}, margin={self.margin}, "
             + (f"sub_centers={self.sub_centers}, " if self.sub_centers != 1 else "")
             + f"reduction={self.reduction!r}, impl={self.impl!r}"
+            + ("" if self.validate else ", validate=False")
             + ("" if self.chunk_size is None else f", chunk_size={self.chunk_size}")
         )
 

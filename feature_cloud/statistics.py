@@ -6,7 +6,7 @@ A thin stateful Module: every formula lives in :mod:`feature_cloud.functional`.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -14,6 +14,7 @@ from torch import Tensor
 from . import functional as FC
 from ._buffers import KeepBufferDtypes
 from ._validation import (
+    ClassCounts,
     as_float,
     as_int,
     check_batch,
@@ -78,9 +79,10 @@ class ClassStatistics(KeepBufferDtypes):
             running mean while a class is young; ``"paper"`` the constant :math:`\gamma`.
         unknown_variance: cloud of classes with fewer than two stored angles, one of
             :data:`~feature_cloud.functional.UNKNOWN_VARIANCE` (default ``"tail_prior"``).
-        max_age: if set, angles written more than ``max_age`` updates ago do not count (stale
-            angles of rarely seen classes, computed under an older network); ``None`` keeps
-            every angle until overwritten (the paper's ring memory).
+        max_age: if set, only the angles written in the last ``max_age`` updates count (the
+            update that writes an angle is the first of them; stale angles of rarely seen
+            classes, computed under an older network); ``None`` keeps every angle until
+            overwritten (the paper's ring memory).
 
     The memory is one flat float32 buffer with per-class ``memory_offsets``, ``memory_capacity``,
     ring ``memory_pointer`` and ``memory_fill``; float64 running sums give the per-class moments
@@ -111,7 +113,7 @@ class ClassStatistics(KeepBufferDtypes):
         *,
         gamma: float = 0.1,
         memory_per_sample: int = 1,
-        class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
+        class_counts: Optional[ClassCounts] = None,
         cloud: str = "full",
         tail_threshold: int = 20,
         count_updates: Optional[int] = None,
@@ -203,7 +205,7 @@ class ClassStatistics(KeepBufferDtypes):
         the rank, so that ranks draw independent clouds (see :mod:`feature_cloud.distributed`)."""
         return 0
 
-    def allocate_memory(self, class_counts: Optional[Union[Tensor, Sequence[int]]] = None) -> None:
+    def allocate_memory(self, class_counts: Optional[ClassCounts] = None) -> None:
         """Lay out the flat angle memory, ``K_i * P`` slots per class (LEAP Eq. 5).
 
         With ``class_counts=None`` the online counts are used. This reads sizes on the host (one

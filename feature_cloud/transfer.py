@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import functional as FC
 from ._buffers import KeepBufferDtypes
-from ._validation import as_float, as_int, check_class_counts, check_labels
+from ._validation import ClassCounts, as_float, as_int, check_class_counts, check_labels
 
 __all__ = ["FeatureTransfer", "FeatureBatch"]
 
@@ -108,7 +108,7 @@ class FeatureTransfer(KeepBufferDtypes):
         num_components: Optional[int] = None,
         energy: Optional[float] = None,
         tail_threshold: int = 20,
-        class_counts: Optional[Union[Tensor, Sequence[int]]] = None,
+        class_counts: Optional[ClassCounts] = None,
         regular_mask: Optional[Union[Tensor, Sequence[bool]]] = None,
         validate: bool = True,
     ) -> None:

@@ -73,6 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from feature_cloud._extras import missing
+from feature_cloud._validation import ClassCounts
 from feature_cloud.cloud import (
     DEFAULT_CLOUD_MODE,
     DEFAULT_CLOUD_SCALE,
@@ -1031,7 +1032,7 @@ class LEAPHead(nn.Module):
         """Whether ``K_i`` still have to come from the training set (:meth:`set_class_counts`)."""
         return self._counts_pending
 
-    def set_class_counts(self, counts: Union[Tensor, Sequence[int]]) -> None:
+    def set_class_counts(self, counts: ClassCounts) -> None:
         """Give the cloud its ``K_i`` (LEAP Eq. 5), e.g. ``class_counts_from_dataset(dataset)``.
 
         Lays out the angle memory. Counts equal to those already held (a resumed checkpoint) change

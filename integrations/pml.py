@@ -112,7 +112,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         num_classes: ``C``.
         embedding_size: ``D``.
         margin: PML convention: cosine margin for ``"cosface"`` (default 0.35), **degrees** for
-            ``"arcface"`` (default 28.6; a margin below 1 warns: it looks like radians).
+            ``"arcface"`` (default 28.6; a margin below 1 warns: it looks like radians). The
+            ``margin`` attribute holds radians for the angular margins, as PML's.
         scale: ``s`` (PML default 64).
         margin_type: a registered margin (:mod:`feature_cloud.margins`): ``"cosface"``,
             ``"arcface"`` or ``"subcenter_arcface"`` (PML's ``SubCenterArcFaceLoss``: ``W`` is
@@ -120,6 +121,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         cloud: ``"full"`` (LEAP Eq. 9), ``"vanilla"`` (Eq. 6) or ``None`` (plain CosFace/ArcFace),
             or a ready :class:`feature_cloud.FeatureCloud`.
         validate: check label range and finiteness each step (one host sync).
+        sub_centers: weight columns per class (default from the margin: 3 for
+            ``"subcenter_arcface"``, else 1).
         metric_l2: ``None``, an ``alpha`` (float) or a :class:`feature_cloud.MetricL2`. Adds the
             m-L2 regulariser of FTL Eq. 3, :math:`\alpha\|W^T f\|^2`, as a second sub-loss
             ``"metric_l2_loss"`` (per element, so PML reducers apply). PML's regularisers see
@@ -127,12 +130,15 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         **kwargs: PML's ``weight_regularizer``, ``weight_reg_weight``, ``weight_init_func``,
             ``embedding_regularizer``, ``embedding_reg_weight``, ``reducer``, ``distance``,
             ``collect_stats``; every other keyword is a cloud setting of
-            :class:`feature_cloud.FeatureCloud` (``tail_threshold``, ``gamma``,
-            ``memory_per_sample``, ``warmup_steps``, ``class_counts`` (the per-class sample counts
-            ``K_i`` of the training set; without them ``warmup_steps`` must cover an epoch so
-            they can be counted online), ``seed``, ``sync``, ``cloud_mode`` / ``cloud_scale`` (default
-            ``"margin"`` / 2; the paper's cloud: ``cloud_mode="paper", cloud_scale=1.0``),
-            ``prototype_shrinkage`` (``get_logits``' prototypes, default 10; ``None``: ``W``)).
+            :class:`feature_cloud.FeatureCloud` (all of its keywords; among them
+            ``class_counts``, the per-class sample counts ``K_i`` of the training set: without
+            them ``warmup_steps`` with ``count_steps`` must cover an epoch so they can be counted
+            online; ``cloud_mode`` / ``cloud_scale``, default ``"margin"`` / 2, the paper's cloud:
+            ``cloud_mode="paper", cloud_scale=1.0``; ``prototype_shrinkage``, ``get_logits``'
+            prototypes, default 10, ``None``: ``W``; and ``tail_threshold``, ``gamma``,
+            ``memory_per_sample``, ``warmup_steps``, ``count_steps``, ``prototype_min_count``,
+            ``center_rate``, ``unknown_variance``, ``angle_max_age``, ``imprint_step``, ``seed``,
+            ``sync``, ``process_group``, ``pad_to``).
 
     State (tensors only): ``W`` and ``feature_cloud.*`` (statistics, step, seed); 0.1.0
     checkpoints (``head.*``) load.
@@ -156,7 +162,7 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         embedding_size: int,
         margin: Optional[float] = None,
         scale: Optional[float] = None,
-        margin_type: str = "cosface",
+        margin_type: Union[str, margins.Margin] = "cosface",
         cloud: Union[None, str, FeatureCloud] = "full",
         validate: bool = True,
         metric_l2: Union[None, float, MetricL2] = None,
