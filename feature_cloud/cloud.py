@@ -380,7 +380,8 @@ class FeatureCloud(nn.Module):
         :meth:`ClassStatistics.reset_parameters`); for a module built on the ``meta`` device
         and moved by ``to_empty``."""
         self.step.zero_()
-        self.seed.fill_(getattr(self, "_seed", None) or int(self.seed))  # a 0.1 pickle has none
+        # a pickle of an earlier release has no host copy: its buffer holds the seed
+        self.seed.fill_(self._seed if hasattr(self, "_seed") else int(self.seed))
         self.statistics.reset_parameters()
         self._count, self._seen, self._imprinted = 0, self._stamp(), -1
 

@@ -469,6 +469,17 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         reduction: Optional[str] = ...,
     ) -> Tuple[Tensor, Tensor]: ...
 
+    @overload
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Optional[Tensor] = ...,
+        *,
+        label_smoothing: float = ...,
+        return_top1: bool,
+        reduction: Optional[str] = ...,
+    ) -> Union[Tensor, Tuple[Tensor, Tensor]]: ...
+
     def forward(
         self,
         embeddings: Tensor,

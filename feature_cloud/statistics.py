@@ -368,6 +368,10 @@ class ClassStatistics(KeepBufferDtypes):
         laid out from the constructor's ``class_counts`` (if any). The re-initialisation of a
         module built on the ``meta`` device and moved by ``to_empty`` (whose buffers hold
         whatever the memory held)."""
+        if hasattr(self, "_initial_counts"):
+            counts = self._initial_counts
+        else:  # unpickled from an earlier release: the buffers hold its layout's counts
+            counts = self.class_counts.detach().cpu().clone() if self.memory_allocated else None
         for name in ("centers", "angle_sum", "angle_sqsum", "class_counts", "memory_offsets"):
             getattr(self, name).zero_()
         for name in ("memory_pointer", "memory_fill", "num_updates", "center_updates"):
@@ -379,7 +383,6 @@ class ClassStatistics(KeepBufferDtypes):
         self.memory_stamp = torch.zeros(0, dtype=torch.long, device=device)
         self.memory_owner = torch.zeros(0, dtype=torch.long, device=device)
         self.has_centers = False
-        counts = getattr(self, "_initial_counts", None)  # a pickle of an older release has none
         if counts is not None:
             self.allocate_memory(counts)
 

@@ -283,7 +283,7 @@ def agree_on_batch(
 
 class HoldsProcessGroup:
     """Mixin for modules with a ``process_group`` attribute, which ``pickle`` cannot hold:
-    ``copy.deepcopy`` (an EMA copy) shares the group; ``pickle`` / ``torch.save`` of the whole
+    ``copy.copy`` and ``copy.deepcopy`` (an EMA copy) share the group; ``pickle`` / ``torch.save`` of the whole
     module leaves an explicit group out, and the loaded module (another process) uses the
     default group, with a warning."""
 
@@ -297,6 +297,11 @@ class HoldsProcessGroup:
         state = copy.deepcopy(state, memo)
         state["process_group"] = group
         new.__setstate__(state)
+        return new
+
+    def __copy__(self) -> Any:
+        new = type(self).__new__(type(self))
+        new.__setstate__(super().__getstate__())  # type: ignore[misc]
         return new
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -381,6 +386,7 @@ class SyncedClassStatistics(HoldsProcessGroup, ClassStatistics):
         ).to(stats.centers.device)
         new.load_state_dict(stats.state_dict())
         new.train(stats.training)
+        new._initial_counts = getattr(stats, "_initial_counts", None)  # reset_parameters' layout
         return new
 
     @property

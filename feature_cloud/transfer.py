@@ -458,7 +458,8 @@ class FeatureTransfer(KeepBufferDtypes):
         constructor's class counts and regular classes): for a module built on the ``meta``
         device and moved by ``to_empty``."""
         device = self.centers.device
-        counts, regular = self._initial
+        # a pickle of an earlier release has no host copies: its buffers hold them
+        counts, regular = getattr(self, "_initial", (self.class_counts, self.regular))
         self.class_counts = counts.to(device, copy=True)
         self.regular = regular.to(device, copy=True)
         for name in ("centers", "has_center", "covariance", "eigenvalues", "mean_distance"):

@@ -186,6 +186,7 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         margins.check_unit(rule, margin, "degrees")
         #: in this package's unit, as PML's attribute: radians for ArcFace (given in degrees)
         self.margin = rule.from_pml(margin)
+        self._margin_in_radians = True
         self.scale = as_float(
             rule.pml_scale if scale is None else scale, "scale", minimum=0.0, min_inclusive=False
         )
@@ -221,6 +222,14 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             self.metric_l2 = MetricL2(float(metric_l2), reduction="none")
         if self.metric_l2 is not None:
             warn_metric_l2_with_margin("LEAPLoss", "metric_l2", self.metric_l2.alpha)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """A whole-module pickle of an earlier release held the ArcFace ``margin`` in degrees
+        (PML's keyword); this release holds it in radians, as PML's attribute."""
+        if not state.get("_margin_in_radians", False) and "margin_rule" in state:
+            state["margin"] = state["margin_rule"].from_pml(state["margin"])
+            state["_margin_in_radians"] = True
+        super().__setstate__(state)
 
     # ------------------------------------------------------------------ PML hooks
     def _sub_loss_names(self) -> List[str]:

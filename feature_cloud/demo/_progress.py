@@ -61,5 +61,6 @@ def progress(iterable: Optional[Iterable[Any]] = None, **kwargs: Any) -> Any:
         return _NoBar(iterable)
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
-    shown = _ENABLED and _on_terminal(kwargs.get("file") or sys.stderr)
-    return tqdm(iterable, disable=not shown or kwargs.pop("disable", False), **kwargs)
+    disable = kwargs.pop("disable", False)
+    shown = _ENABLED and not disable and _on_terminal(kwargs.get("file") or sys.stderr)
+    return tqdm(iterable, disable=not shown, **kwargs)

@@ -712,6 +712,8 @@ def check_explicit_group_copies_and_pickles(rank: int, world: int) -> None:
     sharded = ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=4, process_group=group)
     ema = copy.deepcopy(dense)
     assert ema.statistics.process_group is group and copy.deepcopy(sharded).process_group is group
+    assert copy.copy(dense.statistics).process_group is group  # shallow copies share it too
+    assert copy.copy(sharded).process_group is group
     for step in range(2):
         x, y = _batches(step, [4] * world)[rank]
         ema(x, y)

@@ -532,6 +532,33 @@ def test_feature_transfer_and_sharded_head_reset_parameters_after_meta() -> None
     assert sharded.weight.std() > 0.1  # drawn again, not left as memory garbage
 
 
+def test_reset_parameters_keeps_seed_zero_the_synchronised_layout_and_older_pickles() -> None:
+    """Review: seed 0 read as "no host copy" (the reset took the buffer's garbage);
+    ``synchronize`` dropped the constructor's counts (the reset laid out no memory); modules
+    unpickled from an earlier release have no host copies (their buffers hold the values)."""
+    from feature_cloud import FeatureTransfer
+    from feature_cloud.distributed import synchronize
+
+    with torch.device("meta"):
+        head = LEAPMarginHead(8, 4, class_counts=[3, 4, 5, 30], seed=0)
+    head.to_empty(device="cpu")
+    head.reset_parameters()
+    assert head.feature_cloud.seed == 0
+    synced = synchronize(LEAPMarginHead(8, 4, class_counts=[3, 4, 5, 30], seed=1))
+    synced.reset_parameters()
+    assert synced.statistics.class_counts.tolist() == [3, 4, 5, 30]
+    assert synced.statistics.memory.numel() == 3 + 4 + 5 + 30 + 1
+    old = LEAPMarginHead(8, 4, class_counts=[3, 4, 5, 30], seed=9)
+    del old.feature_cloud._seed, old.statistics._initial_counts  # as unpickled from 0.1
+    old.reset_parameters()
+    assert old.feature_cloud.seed == 9 and old.statistics.class_counts.tolist() == [3, 4, 5, 30]
+    assert old.statistics.memory.numel() == 3 + 4 + 5 + 30 + 1
+    ft = FeatureTransfer(8, 4, class_counts=[30, 30, 2, 3], num_components=2)
+    del ft._initial
+    ft.reset_parameters()
+    assert ft.class_counts.tolist() == [30, 30, 2, 3] and ft.regular.tolist() == [1, 1, 0, 0]
+
+
 def test_a_checkpoint_of_another_sub_center_count_is_named_with_its_layout() -> None:
     plain = LEAPMarginHead(8, 200, cloud="full", class_counts=[3] * 200)
     sub = LEAPMarginHead(8, 200, "subcenter_arcface", class_counts=[3] * 200)

@@ -35,6 +35,8 @@ model = FTLModel(torch.nn.Linear(3, 8), head, feature_dim=8, alpha_recon=0.0)
 weight: Tensor = model.classifier.weight.detach()
 reveal_type(head(x, y))
 reveal_type(head(x, y, return_top1=True))
+flag: bool = bool(torch.rand(()) > 0.5)
+either = head(x, y, return_top1=flag)  # a run-time flag: either
 """
 
 

@@ -538,6 +538,22 @@ def test_warnings_point_at_the_users_line():
         assert [r.filename for r in record] == [__file__] * len(record), record[0].filename
 
 
+def test_a_whole_module_pickle_of_an_earlier_release_holds_the_margin_in_degrees():
+    """Review: such a loss would have used 28.6 as radians (loss 95.3 for PML's 56.8)."""
+    emb, labels = _batch(2)
+    now = LEAPLoss(C, D, margin_type="arcface", cloud=None)
+    state = now.__getstate__()
+    state.pop("_margin_in_radians")
+    state["margin"] = 28.6  # what an earlier release stored
+    old = LEAPLoss.__new__(LEAPLoss)
+    old.__setstate__(state)
+    assert old.margin == pytest.approx(math.radians(28.6))
+    assert torch.equal(old(emb, labels), now(emb, labels))
+    again = LEAPLoss.__new__(LEAPLoss)
+    again.__setstate__(now.__getstate__())  # this release's pickle: converted once only
+    assert again.margin == now.margin
+
+
 def test_pml_helpers_of_margin_losses_match_pml():
     """``get_cosine``, ``get_angles`` (with ``avg_angle``) and sub-center ArcFace's data
     cleaning ``get_outliers`` (user trial: AttributeError) give PML's answers."""
