@@ -681,8 +681,9 @@ def _check_training_sets(
             warnings.warn(
                 f"no test image has an image of its identity from another camera among the test "
                 f"images ({cams} camera{'s' if cams != 1 else ''} in them): the cross-camera "
-                "rank-1 / mAP columns will be n/a (leave camids out of the file for retrieval "
-                "among all test images)",
+                "rank-1 / mAP columns will be n/a (for retrieval among all test images leave "
+                "camids out of the .npz; in a folder, camera ids come from file names that all "
+                "hold _c<digits>)",
                 UserWarning,
                 stacklevel=3,
             )
