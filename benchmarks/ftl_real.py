@@ -9,7 +9,7 @@ paired (same seed, same initial weights, same optimiser steps), without transfer
 
 Prints one JSON line per run with head / tail FC accuracy and nearest-neighbour accuracy.
 
-    python benchmarks/ftl_real.py --setting natural --seed 0 --variant default
+    python benchmarks/ftl_real.py --setting natural --seed 0 --variant ftl
 """
 
 from __future__ import annotations
