@@ -37,6 +37,7 @@ __all__ = [
     "cloud_margin_logits",
     "cloud_margin_loss",
     "fused_cloud",
+    "in_draw_order",
 ]
 
 #: Loss implementations of :meth:`LEAPMarginHead.forward` (all compute the same loss).
@@ -78,6 +79,28 @@ def resolve_margin(
     margin = rule.default_margin if margin is None else as_float(margin, "margin")
     margins.check_unit(rule, margin, "radians")
     return rule, float(scale), float(margin)
+
+
+def _fusable(rule: margins.Margin, sub_centers: int) -> bool:
+    """Whether the fused kernels can run ``rule``: a fused derivative, one weight row per class
+    (a graph capture runs the reference path besides: the compiler fuses it)."""
+    return rule.has_fused and sub_centers == 1
+
+
+def in_draw_order(
+    cloud: FeatureCloud,
+    embeddings: Tensor,
+    labels: Tensor,
+    draw: Tuple[Optional[Tensor], Optional[Tensor]],
+) -> Tuple[Tensor, Tensor, Tuple[Optional[Tensor], Optional[Tensor]], Optional[Tensor]]:
+    """The batch and its cloud ``draw`` with rows in the order the cloud is drawn in
+    (:meth:`FeatureCloud.draw_order`: a gathered batch in rank order), and the index that puts
+    per-sample results back in the batch's rows (``None``: the batch's own order)."""
+    order = cloud.draw_order(embeddings, draw[0])
+    if order is None:
+        return embeddings, labels, draw, None
+    draw = (cast(Tensor, draw[0])[order], draw[1])
+    return embeddings[order], labels[order], draw, torch.argsort(order)
 
 
 def _rows_layout(state_dict: Mapping[str, Any], prefix: str, rows: int) -> str:
@@ -219,7 +242,7 @@ def cloud_margin_loss(
     one weight row per class and no graph capture (every cloud mode); otherwise on the
     reference pipeline. For adapters that hold their own weight (PML's ``W``)."""
     rule = margins.get(margin_type)
-    if rule.has_fused and sub_centers == 1 and not capturing():
+    if _fusable(rule, sub_centers) and not capturing():
         noise_std, noise_key, target_angles = fused_cloud(cloud, draw)
         x, w = FC.common_float(embeddings, weight)
         return fused.margin_loss(
@@ -354,7 +377,7 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         k = as_int(rule.sub_centers if sub_centers is None else sub_centers, "sub_centers", 1)
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        if impl in ("fused", "chunked") and not (rule.has_fused and k == 1):
+        if impl in ("fused", "chunked") and not _fusable(rule, k):
             why = (
                 f"sub_centers={k}"
                 if rule.has_fused
@@ -500,21 +523,10 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             labels, reduction, label_smoothing
         )
         std, key, labels = self._training_step(embeddings, cast(Tensor, labels), problem)
-        order = self.feature_cloud.draw_order(embeddings, std)
-        if order is None:
-            return self._loss(
-                embeddings, labels, (std, key), reduction, label_smoothing, return_top1
-            )
-        # a gathered batch: the loss of its rows in the order the cloud is drawn in
-        out = self._loss(
-            embeddings[order],
-            labels[order],
-            (cast(Tensor, std)[order], key),
-            reduction,
-            label_smoothing,
-            return_top1,
-        )
-        back = torch.argsort(order)
+        x, y, draw, back = in_draw_order(self.feature_cloud, embeddings, labels, (std, key))
+        out = self._loss(x, y, draw, reduction, label_smoothing, return_top1)
+        if back is None:
+            return out
         if isinstance(out, tuple):
             loss, top1 = out
             return (loss[back] if reduction == "none" else loss), top1[back]
@@ -566,7 +578,7 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
     def backend(self) -> str:
         """The implementation :meth:`forward` runs: ``impl`` resolved against the margin and
         the cloud mode (and ``"reference"`` while a graph is captured)."""
-        fusable = self.margin_rule.has_fused and self.sub_centers == 1 and not capturing()
+        fusable = _fusable(self.margin_rule, self.sub_centers) and not capturing()
         return _BACKENDS[(self.impl, fusable, self.chunk_size is not None)]
 
     def _training_step(

@@ -75,9 +75,7 @@ class Margin:
         """Whether :meth:`fused_target` is implemented for this margin's :meth:`target` (the
         fused paths can run it): a subclass that overrides :meth:`target` and inherits its
         parent's :meth:`fused_target` has none (that one computes the parent's margin)."""
-        cls = type(self)
-        own = issubclass(_defined_in(cls, "fused_target"), _defined_in(cls, "target"))
-        return own and cls.fused_target is not Margin.fused_target
+        return _fused_for(type(self))
 
     def from_pml(self, margin: float) -> float:
         """PML's margin value in this package's unit (radians for angular margins)."""
@@ -138,6 +136,18 @@ class SubCenterArcFace(ArcFace):
 def _defined_in(cls: type, name: str) -> type:
     """The class of ``cls``'s MRO whose body defines ``name``."""
     return next(k for k in cls.__mro__ if name in vars(k))
+
+
+_FUSED: Dict[type, bool] = {}
+
+
+def _fused_for(cls: type) -> bool:
+    """:attr:`Margin.has_fused` of a margin class (once per class: the heads ask every step)."""
+    if cls not in _FUSED:
+        fused = _defined_in(cls, "fused_target")
+        own = issubclass(fused, _defined_in(cls, "target"))
+        _FUSED[cls] = own and vars(fused)["fused_target"] is not Margin.fused_target
+    return _FUSED[cls]
 
 
 _REGISTRY: Dict[str, Margin] = {}

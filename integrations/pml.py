@@ -61,7 +61,7 @@ from feature_cloud._validation import (
     warn_user,
 )
 from feature_cloud.cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
-from feature_cloud.heads import cloud_margin_loss, make_cloud
+from feature_cloud.heads import cloud_margin_loss, in_draw_order, make_cloud
 from feature_cloud.regularizers import MetricL2, warn_metric_l2_with_margin
 from feature_cloud.sync import SyncedClassStatistics, is_distributed
 
@@ -351,9 +351,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         draw = cloud.advance(embeddings, labels, train=train)
         if embeddings.shape[0] == 0:  # PML's zero loss (its reducers return 0, not a NaN mean)
             return self.zero_losses()
-        x, y, order = embeddings, labels, cloud.draw_order(embeddings, draw[0])
-        if order is not None:  # one cloud over the global batch, drawn in rank order
-            x, y, draw = x[order], y[order], (cast(Tensor, draw[0])[order], draw[1])
+        # a gathered batch: one cloud over the global batch, drawn in rank order
+        x, y, draw, back = in_draw_order(cloud, embeddings, labels, draw)
         # per-sample losses (PML's reducers and miner weights apply) on the fused kernels
         losses = cloud_margin_loss(
             cloud,
@@ -367,8 +366,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             sub_centers=self.sub_centers,
             reduction="none",
         )
-        if order is not None:
-            losses = losses[torch.argsort(order)]  # back to the wrapper's rows
+        if back is not None:
+            losses = losses[back]  # the wrapper's rows
         if self.collect_stats:  # PML's LargeMarginSoftmaxLoss.get_angles statistic
             with torch.no_grad():
                 self.avg_angle = _avg_target_angle(embeddings, self.W, labels, self.sub_centers)
@@ -389,12 +388,16 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict
 
-    def get_cosine(self, embeddings: Tensor) -> Tensor:
-        """Cosine to every class ``(B, C)`` (the best sub-center), as PML's margin losses'."""
+    def _scored(self, embeddings: Tensor) -> Tensor:
+        """Embeddings to score (at least float32, checked), ``W`` on their device and dtype."""
         embeddings = _at_least_float32(embeddings)
         self.cast_types(embeddings.dtype, embeddings.device)
         check_embeddings(embeddings, self.embedding_size)
-        return FC.cosine_logits(embeddings, self.W.t(), self.sub_centers)
+        return embeddings
+
+    def get_cosine(self, embeddings: Tensor) -> Tensor:
+        """Cosine to every class ``(B, C)`` (the best sub-center), as PML's margin losses'."""
+        return FC.cosine_logits(self._scored(embeddings), self.W.t(), self.sub_centers)
 
     def get_angles(self, cosine_of_target_classes: Tensor) -> Tensor:
         """``acos`` of target cosines (radians), as PML's; sets ``avg_angle`` (degrees) with
@@ -413,9 +416,7 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         """``s cos(theta)`` for every class ``(B, C)``, as PML's ``CosFaceLoss.get_logits``,
         in eval mode against the cloud's prototypes (``prototype_shrinkage``; see
         ``LEAPMarginHead.logits``)."""
-        embeddings = _at_least_float32(embeddings)
-        self.cast_types(embeddings.dtype, embeddings.device)
-        check_embeddings(embeddings, self.embedding_size)
+        embeddings = self._scored(embeddings)
         weight = self.feature_cloud.prototypes(self.W.t(), self.sub_centers)
         return FC.cosine_logits(embeddings, weight, self.sub_centers) * self.scale
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .report import counted
+
 __all__ = [
     "LabeledData",
     "SyntheticConfig",
@@ -275,10 +277,6 @@ def load_market1501(root: str, size: Tuple[int, int] = (64, 32)) -> LabeledData:
     return _from_paths(paths, ids, size, "market1501", root)
 
 
-def _counted(n: int, singular: str, plural: str) -> str:
-    return f"{n} {singular if n == 1 else plural}"
-
-
 def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
     """The image files of ``root/<identity>/<image>`` and their identities (folder names), in
     sorted order. Hidden entries (names starting with ``.``, e.g. macOS ``._*`` files) are
@@ -338,7 +336,7 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
         warnings.warn(
             f"{root!r}: left out "
             + "; ".join(
-                f"{_counted(len(names), *what)} ({', '.join(names[:5])}"
+                f"{counted(len(names), *what)} ({', '.join(names[:5])}"
                 f"{', ...' if len(names) > 5 else ''})"
                 for what, names in said
             )

@@ -10,7 +10,7 @@ import csv
 import json
 import math
 import os
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -63,9 +63,10 @@ def wrote_line(files: Dict[str, str], out: str) -> str:
     return f"wrote {', '.join(names)} to {out}"
 
 
-def counted(n: int, noun: str) -> str:
-    """``"1 epoch"``, ``"3 epochs"``: a count with its noun (plural in ``s``)."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def counted(n: int, noun: str, plural: Optional[str] = None) -> str:
+    """``"1 epoch"``, ``"3 epochs"``: a count with its noun (plural in ``s`` unless given:
+    ``counted(3, "identity", "identities")``)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def strict_json(obj: Any) -> Any:

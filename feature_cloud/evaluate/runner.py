@@ -212,11 +212,6 @@ def data_fingerprint(data: LabeledData, camids: Optional[Tensor] = None) -> str:
     return h.hexdigest()
 
 
-def counted_as(n: int, singular: str, plural: str) -> str:
-    """``"1 identity"``, ``"3 identities"``."""
-    return f"{n} {singular if n == 1 else plural}"
-
-
 def _first_names(names: List[str], shown: int = 5) -> str:
     """``"a, b, c"`` or ``"a, b, c, d, e and 7 more"``."""
     more = len(names) - shown
@@ -667,7 +662,7 @@ def _check_training_sets(
             else:
                 hint = "lower --test-fraction"
             raise ValueError(
-                f"{where} trains {counted_as(trained, 'identity', 'identities')}: need at least 2 "
+                f"{where} trains {counted(trained, 'identity', 'identities')}: need at least 2 "
                 f"({hint})"
             )
     first = next(iter(splits.values()))
@@ -867,7 +862,7 @@ def run_evaluation(
         make_output_dir(cfg.out)
     log(
         f"feature-cloud evaluate: {dataset_title(data)} ({data.x.shape[0]} images, "
-        f"{counted_as(data.num_classes, 'identity', 'identities')}), {setting_name(cfg)}, "
+        f"{counted(data.num_classes, 'identity', 'identities')}), {setting_name(cfg)}, "
         f"backbone {cfg.backbone}, {counted(cfg.epochs, 'epoch')}, seeds {cfg.seeds}, methods "
         f"{cfg.methods}; {retrieval_line(results['data'])}"
         + (f"; {counted(len(done), 'run')} reused from {file}" if done else "")
