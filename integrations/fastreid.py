@@ -350,7 +350,7 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     Eq. 5; ``WARMUP_ITERS``: iterations without cloud; ``CLASS_COUNTS``: ``dataset`` (``K_i`` of
     the trainer's own training set, taken when training starts; a checkpoint carries them) or
     ``online`` (counted during the warm-up); ``COUNT_ITERS``: with ``online``, count over the
-    first ``COUNT_ITERS`` iterations only (one epoch; ``0``: the whole warm-up); ``SEED``: cloud RNG
+    first ``COUNT_ITERS`` iterations only (one epoch; ``0`` or ``-1``: the whole warm-up); ``SEED``: cloud RNG
     seed (``-1``: from the global RNG); ``VALIDATE``: per-step label/finiteness check (one host
     sync); ``MODE``: where the cloud enters the logits (``paper``, ``target``, ``margin``) and
     ``SCALE``: factor on the cloud's standard deviation (the head's ``cloud_mode`` /
@@ -966,6 +966,11 @@ class LEAPHead(nn.Module):
                 "MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS: online counts K_i during "
                 f"MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS, which is {fc.WARMUP_ITERS}: set WARMUP_ITERS "
                 "to at least one epoch of iterations, or use CLASS_COUNTS: dataset"
+            )
+        if int(fc.COUNT_ITERS) < -1:
+            raise ValueError(
+                "MODEL.HEADS.FEATURE_CLOUD.COUNT_ITERS must be the iterations of one epoch, or 0 "
+                f"(-1) for the whole warm-up, got {fc.COUNT_ITERS}"
             )
         from fastreid.utils import comm
 

@@ -851,6 +851,7 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
     """
     if len(paths) < 2:
         raise ValueError("merge_runs needs at least two run directories")
+    _refuse_overwriting_a_run(out, paths)
     runs = [(p, load_results(p)) for p in paths]
     for p, res in runs:
         if res.get("kind") != "evaluate":
@@ -897,6 +898,30 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
     file = os.path.join(out, "results.json")
     write_json(merged, file)
     return file
+
+
+def _refuse_overwriting_a_run(out: str, paths: Sequence[str]) -> None:
+    """``ValueError`` before anything is read or written where ``out`` is one of the merged
+    ``paths`` or holds a ``results.json`` that is not an earlier merge (an evaluation's own
+    results, which the merge would replace); an earlier merge is rewritten."""
+    target = os.path.realpath(out)
+    if any(os.path.realpath(p) == target for p in paths):
+        raise ValueError(
+            f"--out {out!r} is one of the runs being merged: write the merge to another folder "
+            "(nothing was written)"
+        )
+    file = os.path.join(out, "results.json")
+    if os.path.isfile(file):
+        try:
+            with open(file) as fh:
+                earlier_merge = "merged_from" in json.load(fh)
+        except (OSError, ValueError, TypeError):
+            earlier_merge = False
+        if not earlier_merge:
+            raise ValueError(
+                f"--out {out!r} holds an evaluation's own {file!r}, which the merge would "
+                "replace: write the merge to another folder (nothing was written)"
+            )
 
 
 #: config keys that define the setting: two evaluations compared seed by seed must share them

@@ -704,6 +704,16 @@ def test_report_pools_the_seeds_of_separate_runs(tmp_path, capsys):
     assert "configuration differs in ['epochs']" in capsys.readouterr().err
     assert main(["report", out["a"], "--out", str(tmp_path / "z"), "--quiet"]) == 2
     assert "--out is for merging" in capsys.readouterr().err
+    # the merge never replaces an evaluation's own results (one of its inputs, or another run's
+    # folder); an earlier merge is rewritten
+    before = load(out["a"], "results.json")
+    for target in (out["a"], out["all"]):
+        capsys.readouterr()
+        assert main(["report", out["a"], out["b"], "--out", target, "--quiet"]) == 2
+        assert "nothing was written" in capsys.readouterr().err
+    assert load(out["a"], "results.json") == before
+    assert load(out["all"], "results.json") == whole
+    assert main(["report", out["a"], out["b"], "--out", out["m"], "--quiet"]) == 0
     # leap options compare as resolved head options: the defaults spelled out pool, others not
     spelled = ["--leap-option", "cloud_mode=margin", "--leap-option", "cloud_scale=2"]
     assert main(common + ["--seeds", "4", *spelled, "--out", str(tmp_path / "d")]) == 0

@@ -119,6 +119,13 @@ def test_from_config_translates_fastreid_keys():
         build_heads(_head_cfg(CLS_LAYER="Linear"))
     with pytest.raises(ValueError, match="CLASS_COUNTS"):
         build_heads(_head_cfg(FC__CLASS_COUNTS="guess"))
+    # COUNT_ITERS: 0 and -1 (the sentinel of the node's other options) count over the whole
+    # warm-up; below that is a mistake, named
+    for whole in (0, -1):
+        online = build_heads(_head_cfg(FC__CLASS_COUNTS="online", FC__COUNT_ITERS=whole))
+        assert online.margin_head.statistics.count_updates is None
+    with pytest.raises(ValueError, match="COUNT_ITERS must be"):
+        build_heads(_head_cfg(FC__CLASS_COUNTS="online", FC__COUNT_ITERS=-5))
     assert build_heads(_head_cfg(FC__CLOUD="none")).margin_head.cloud is None
 
 
