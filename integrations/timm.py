@@ -39,6 +39,7 @@ from typing import (
 )
 
 import torch
+from torch.utils.data import DataLoader
 
 from feature_cloud._extras import missing
 
@@ -731,7 +732,9 @@ class FTLTask(_AllOrNothingLoad):
         """UpdateStats() of Algorithm 1 (:meth:`AlternatingScheduler.update_stats`)."""
         return self.scheduler.update_stats(loader)
 
-    def loaders(self, dataset: Any, batch_size: int, **loader_kwargs: Any):
+    def loaders(
+        self, dataset: Any, batch_size: int, **loader_kwargs: Any
+    ) -> Union[DataLoader[Any], Tuple[DataLoader[Any], DataLoader[Any]]]:
         """The current stage's ``DataLoader``\\ s (:meth:`AlternatingScheduler.loaders`)."""
         return self.scheduler.loaders(dataset, batch_size, **loader_kwargs)
 
