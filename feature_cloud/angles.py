@@ -60,7 +60,7 @@ class _SafeAcos(torch.autograd.Function):
 
 
 def safe_acos(x: Tensor) -> Tensor:
-    r"""Numerically safe :math:`\arccos` (the angle of LEAP Eq. 3 and of every margin).
+    r"""Numerically safe :math:`\arccos` (the target angle of every margin).
 
     The input is clamped to ``[-1, 1]`` (rounding can push a cosine of normalised vectors past 1)
     and the derivative :math:`-1/\sqrt{1-x^2}` uses ``max(1 - x^2, eps)`` so that it stays finite

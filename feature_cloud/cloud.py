@@ -90,6 +90,7 @@ def _check_config(
     gamma: Any,
     memory_per_sample: Any,
     tail_threshold: Any,
+    angle_max_age: Any,
 ) -> Tuple[int, Optional[int]]:
     """The cloud's argument checks, named as the user passed them (the statistics re-check
     their own); returns ``(warmup_steps, count_steps)`` as ints."""
@@ -98,6 +99,8 @@ def _check_config(
     as_int(tail_threshold, "tail_threshold", 0)
     as_int(memory_per_sample, "memory_per_sample", 1)
     as_float(gamma, "gamma", minimum=0.0, maximum=1.0, min_inclusive=False)
+    if angle_max_age is not None:
+        as_int(angle_max_age, "angle_max_age", 1)
     warmup_steps = as_int(warmup_steps, "warmup_steps", 0)
     if rule is not None and class_counts is None and warmup_steps == 0:
         raise ValueError(
@@ -214,6 +217,7 @@ class FeatureCloud(nn.Module):
             gamma,
             memory_per_sample,
             tail_threshold,
+            angle_max_age,
         )
         if class_counts is not None:
             class_counts = check_class_counts(class_counts, as_int(num_classes, "num_classes", 1))
@@ -269,7 +273,8 @@ class FeatureCloud(nn.Module):
             warn_user(
                 f"the feature cloud counts K_i online over all warmup_steps={warmup_steps} "
                 "steps: correct only if the warm-up is exactly one epoch. Pass class_counts, or "
-                "count_steps=<steps per epoch>."
+                f"count_steps=<steps per epoch> (count_steps={warmup_steps} when the warm-up is "
+                "one epoch: no warning)."
             )
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), device="cpu").item())  # also on meta

@@ -467,7 +467,7 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, nn.Module):
         score = torch.cat(
             [
                 N.counter_uniform(key, self.shard_start, self.shard_end),
-                torch.zeros(1, device=device),
+                torch.zeros(1, dtype=torch.float32, device=device),
             ]
         )
         slot = torch.where(local >= 0, local, torch.full_like(local, c))  # c: trash slot

@@ -32,6 +32,8 @@ __all__ = [
     "DEFAULT_SCALE",
     "DEFAULT_MARGIN",
     "IMPLS",
+    "check_impl",
+    "backend_for",
     "resolve_margin",
     "make_cloud",
     "cloud_margin_logits",
@@ -85,6 +87,43 @@ def _fusable(rule: margins.Margin, sub_centers: int) -> bool:
     """Whether the fused kernels can run ``rule``: a fused derivative, one weight row per class
     (a graph capture runs the reference path besides: the compiler fuses it)."""
     return rule.has_fused and sub_centers == 1
+
+
+def check_impl(
+    impl: str, chunk_size: Optional[int], rule: margins.Margin, sub_centers: int
+) -> Optional[int]:
+    """Check a loss implementation choice (:data:`IMPLS`; ``"chunked"`` needs ``chunk_size``,
+    classes per chunk) and return the checked ``chunk_size``; an ``impl="fused"`` /
+    ``"chunked"`` that cannot run (no ``fused_target``, sub-centers) warns that the reference
+    path runs instead."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if chunk_size is not None:
+        chunk_size = as_int(chunk_size, "chunk_size", 1)
+    if impl == "chunked" and chunk_size is None:
+        raise ValueError("impl='chunked' needs chunk_size (classes per chunk)")
+    if impl in ("fused", "chunked") and not _fusable(rule, sub_centers):
+        why = (
+            f"sub_centers={sub_centers}"
+            if rule.has_fused
+            else f"margin {rule.name!r} has no fused_target"
+        )
+        warn_user(
+            f"impl={impl!r} runs the reference path here ({why}: the fused kernels need a "
+            "margin's fused_target and one weight row per class), which holds the B x C "
+            "logits"
+        )
+    return chunk_size
+
+
+def backend_for(
+    impl: str, rule: margins.Margin, sub_centers: int, chunk_size: Optional[int]
+) -> str:
+    """The loss backend that ``impl`` runs (``"reference"``, ``"fused"`` or ``"chunked"``), from
+    the table of :data:`IMPLS` against the margin, the weight layout and ``chunk_size`` (and
+    ``"reference"`` while a graph is captured: the compiler fuses it)."""
+    fusable = _fusable(rule, sub_centers) and not capturing()
+    return _BACKENDS[(impl, fusable, chunk_size is not None)]
 
 
 def in_draw_order(
@@ -236,13 +275,52 @@ def cloud_margin_loss(
     margin: float,
     sub_centers: int = 1,
     reduction: str = "mean",
+    impl: str = "auto",
+    chunk_size: Optional[int] = None,
 ) -> Tensor:
-    """The margin softmax loss of :func:`cloud_margin_logits` (same arguments), on the fused
-    kernels (:func:`feature_cloud.fused.margin_loss`) whenever the margin has a fused derivative,
-    one weight row per class and no graph capture (every cloud mode); otherwise on the
-    reference pipeline. For adapters that hold their own weight (PML's ``W``)."""
-    rule = margins.get(margin_type)
-    if _fusable(rule, sub_centers) and not capturing():
+    """The margin softmax loss of :func:`cloud_margin_logits` (same arguments), on the backend
+    that ``impl`` runs (:func:`backend_for`, as :class:`LEAPMarginHead`'s ``impl`` /
+    ``chunk_size``, checked by :func:`check_impl`): by default the fused kernels
+    (:func:`feature_cloud.fused.margin_loss`) whenever the margin has a fused derivative, one
+    weight row per class and no graph capture (every cloud mode); otherwise the reference
+    pipeline. For adapters that hold their own weight (PML's ``W``)."""
+    loss = _margin_loss(
+        cloud,
+        embeddings,
+        weight,
+        labels,
+        draw,
+        margins.get(margin_type),
+        scale,
+        margin,
+        sub_centers,
+        reduction,
+        impl,
+        chunk_size,
+    )
+    return cast(Tensor, loss)
+
+
+def _margin_loss(
+    cloud: FeatureCloud,
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    draw: Tuple[Optional[Tensor], Optional[Tensor]],
+    rule: margins.Margin,
+    scale: float,
+    margin: float,
+    sub_centers: int,
+    reduction: str,
+    impl: str,
+    chunk_size: Optional[int],
+    label_smoothing: float = 0.0,
+    return_top1: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """:func:`cloud_margin_loss` with ``label_smoothing`` and the per-row top-1 flags
+    (``return_top1``, :meth:`LEAPMarginHead.forward`'s): the one dispatch over the backends."""
+    backend = backend_for(impl, rule, sub_centers, chunk_size)
+    if backend != "reference":
         noise_std, noise_key, target_angles = fused_cloud(cloud, draw)
         x, w = FC.common_float(embeddings, weight)
         return fused.margin_loss(
@@ -256,6 +334,9 @@ def cloud_margin_loss(
             noise_key=noise_key,
             target_angles=target_angles,
             reduction=reduction,
+            chunk_size=chunk_size if backend == "chunked" else None,
+            label_smoothing=label_smoothing,
+            return_top1=return_top1,
             validate=False,
         )
     logits = cloud_margin_logits(
@@ -269,7 +350,13 @@ def cloud_margin_loss(
         margin=margin,
         sub_centers=sub_centers,
     )
-    return FC.margin_cross_entropy(logits, labels, reduction=reduction)
+    loss = FC.margin_cross_entropy(logits, labels, reduction, label_smoothing)
+    if not return_top1:
+        return loss
+    with torch.no_grad():
+        cos = FC.cosine_logits(*FC.common_float(embeddings, weight), sub_centers)
+        top1 = (labels >= 0) & (cos.gather(1, labels.clamp_min(0)[:, None])[:, 0] >= cos.amax(1))
+    return loss, top1
 
 
 class LEAPMarginHead(WithFeatureCloud, nn.Module):
@@ -367,27 +454,11 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         super().__init__()
         embedding_size = as_int(embedding_size, "embedding_size", 1)
         num_classes = as_int(num_classes, "num_classes", 1)
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if chunk_size is not None:
-            chunk_size = as_int(chunk_size, "chunk_size", 1)
-        if impl == "chunked" and chunk_size is None:
-            raise ValueError("impl='chunked' needs chunk_size (classes per chunk)")
         rule, scale, margin = resolve_margin(margin_type, scale, margin)
         k = as_int(rule.sub_centers if sub_centers is None else sub_centers, "sub_centers", 1)
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        if impl in ("fused", "chunked") and not _fusable(rule, k):
-            why = (
-                f"sub_centers={k}"
-                if rule.has_fused
-                else f"margin {rule.name!r} has no fused_target"
-            )
-            warn_user(
-                f"impl={impl!r} runs the reference path here ({why}: the fused kernels need a "
-                "margin's fused_target and one weight row per class), which holds the B x C "
-                "logits"
-            )
+        chunk_size = check_impl(impl, chunk_size, rule, k)
         self.feature_cloud = make_cloud(cloud, num_classes, embedding_size, cloud_options)
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
@@ -545,41 +616,29 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         return_top1: bool,
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
         """:meth:`forward`'s loss of a checked batch and its cloud ``draw``, on :attr:`backend`."""
-        if self.backend == "reference":
-            logits = self._margin_logits(embeddings, labels, draw)
-            loss = FC.margin_cross_entropy(logits, labels, reduction, label_smoothing)
-            if not return_top1:
-                return loss
-            with torch.no_grad():
-                cos = FC.cosine_logits(*FC.common_float(embeddings, self.weight), self.sub_centers)
-                y = labels
-                top1 = (y >= 0) & (cos.gather(1, y.clamp_min(0)[:, None])[:, 0] >= cos.amax(1))
-            return loss, top1
-        noise_std, noise_key, target_angles = fused_cloud(self.feature_cloud, draw)
-        x, w = FC.common_float(embeddings, self.weight)
-        return fused.margin_loss(
-            x,
-            w,
+        return _margin_loss(
+            self.feature_cloud,
+            embeddings,
+            self.weight,
             labels,
-            margin_type=self.margin_rule,
-            scale=self.scale,
-            validate=False,
-            margin=self.margin,
-            reduction=reduction,
-            chunk_size=self.chunk_size if self.backend == "chunked" else None,
-            label_smoothing=label_smoothing,
-            return_top1=return_top1,
-            noise_std=noise_std,
-            noise_key=noise_key,
-            target_angles=target_angles,
+            draw,
+            self.margin_rule,
+            self.scale,
+            self.margin,
+            self.sub_centers,
+            reduction,
+            self.impl,
+            self.chunk_size,
+            label_smoothing,
+            return_top1,
         )
 
     @property
     def backend(self) -> str:
-        """The implementation :meth:`forward` runs: ``impl`` resolved against the margin and
-        the cloud mode (and ``"reference"`` while a graph is captured)."""
-        fusable = _fusable(self.margin_rule, self.sub_centers) and not capturing()
-        return _BACKENDS[(self.impl, fusable, self.chunk_size is not None)]
+        """The implementation :meth:`forward` runs: ``impl`` resolved against the margin, the
+        weight layout and ``chunk_size`` (:func:`backend_for`; ``"reference"`` while a graph is
+        captured)."""
+        return backend_for(self.impl, self.margin_rule, self.sub_centers, self.chunk_size)
 
     def _training_step(
         self, embeddings: Tensor, labels: Tensor, problem: Optional[Exception] = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import types
+import weakref
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -36,6 +37,8 @@ __all__ = [
     "ArcFace",
     "SubCenterArcFace",
     "register",
+    "unregister",
+    "check",
     "get",
     "names",
     "check_unit",
@@ -82,7 +85,9 @@ class Margin:
         return math.radians(margin) if self.pml_degrees else float(margin)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r})"
+        """The class, its name and the instance's own settings (a subclass's parameters)."""
+        own = "".join(f", {k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}(name={self.name!r}{own})"
 
 
 class CosFace(Margin):
@@ -150,15 +155,89 @@ def _fused_for(cls: type) -> bool:
     return _FUSED[cls]
 
 
+def check(margin: Margin, margin_value: Optional[float] = None) -> None:
+    """Check a margin's :meth:`~Margin.target` and :meth:`~Margin.fused_target` against each
+    other on a grid of float64 cosines, with and without cloud angles, at ``margin_value``
+    (default: the margin's ``default_margin``): ``target`` implemented and shaped like its
+    input; where the margin has a fused path (:attr:`~Margin.has_fused`), ``fused_target`` a
+    ``(value, derivative)`` pair shaped like ``c_y``, its value equal to ``target``'s and its
+    derivative equal to autograd's of ``target`` (relative 1e-6). ``TypeError`` /
+    ``ValueError`` naming the margin and the first disagreement otherwise. :func:`register`
+    runs it; the heads run it once for a margin passed as an instance.
+
+    The grid keeps away from ``cos = +-1`` and from ``theta + alpha + m`` near ``0`` or ``pi``
+    (where the built-in margins clip); a margin with a kink elsewhere can be registered with
+    ``register(..., check=False)``."""
+    who = f"margin {type(margin).__name__}(name={margin.name!r})"
+    m = float(margin.default_margin if margin_value is None else margin_value)
+    cos = torch.linspace(-0.6, 0.9, 13, dtype=torch.float64)
+    for alpha in (None, torch.linspace(-0.05, 0.05, 13, dtype=torch.float64)):
+        c = cos.clone().requires_grad_(True)
+        try:
+            value = margin.target(c, alpha, m)
+        except NotImplementedError:
+            raise TypeError(f"{who} does not implement target(cos_y, alpha_y, margin)") from None
+        if not isinstance(value, Tensor) or value.shape != c.shape:
+            raise ValueError(
+                f"{who}: target must return a tensor shaped like cos_y {tuple(c.shape)}, "
+                f"got {type(value).__name__} {tuple(getattr(value, 'shape', ()))}"
+            )
+        if not value.requires_grad:
+            raise ValueError(f"{who}: target's value does not depend on cos_y (no gradient)")
+        (derivative,) = torch.autograd.grad(value.sum(), c)
+        if not margin.has_fused:
+            continue
+        pair = margin.fused_target(cos.clone(), alpha, m)
+        if (
+            not isinstance(pair, tuple)
+            or len(pair) != 2
+            or not all(isinstance(t, Tensor) and t.shape == cos.shape for t in pair)
+        ):
+            raise ValueError(
+                f"{who}: fused_target must return a pair (value, d value / d cos_y) of tensors "
+                f"shaped like c_y {tuple(cos.shape)}, got {_describe(pair)}"
+            )
+        cloud = "without" if alpha is None else "with"
+        for what, ours, ref in (
+            ("value", pair[0].detach().double(), value.detach()),
+            ("derivative", pair[1].detach().double(), derivative),
+        ):
+            bad = ~torch.isclose(ours, ref, rtol=1e-6, atol=1e-6)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"{who}: fused_target's {what} disagrees with target's "
+                    f"{'autograd derivative' if what == 'derivative' else 'value'} {cloud} cloud "
+                    f"angles at cos_y={float(cos[i]):.3f}, margin={m}: {float(ours[i]):.6g} vs "
+                    f"{float(ref[i]):.6g} (the fused paths would train another loss)"
+                )
+
+
+def _describe(value: object) -> str:
+    """A short description of what a ``fused_target`` returned."""
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)}: " + ", ".join(
+            f"{type(v).__name__} {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+            for v in value
+        )
+    return f"{type(value).__name__} {tuple(getattr(value, 'shape', ()))}"
+
+
 _REGISTRY: Dict[str, Margin] = {}
+#: margins passed to the heads as instances (not registered) that :func:`check` has passed
+_CHECKED: weakref.WeakSet[Margin] = weakref.WeakSet()
 
 
-def register(margin: Margin, *, replace: bool = False) -> Margin:
-    """Add ``margin`` under ``margin.name``; returns it. ``replace=True`` overrides an entry."""
+def register(margin: Margin, *, replace: bool = False, check: bool = True) -> Margin:
+    """Add ``margin`` under ``margin.name``; returns it. ``replace=True`` overrides an entry;
+    the margin is checked first (:func:`check`; ``check=False`` skips it)."""
     if not isinstance(margin, Margin) or not margin.name:
         raise TypeError(f"register expects a named Margin instance, got {margin!r}")
     if margin.name in _REGISTRY and not replace:
         raise ValueError(f"a margin named {margin.name!r} is already registered")
+    if check:
+        _check(margin)
+    _CHECKED.add(margin)
     _REGISTRY[margin.name] = margin
     return margin
 
@@ -174,8 +253,12 @@ def names() -> Tuple[str, ...]:
 
 
 def get(margin_type: Union[str, Margin]) -> Margin:
-    """The registered :class:`Margin` named ``margin_type`` (a ``Margin`` is returned as is)."""
+    """The registered :class:`Margin` named ``margin_type``; a ``Margin`` instance is returned
+    as is, once checked (:func:`check`, the first time it is seen)."""
     if isinstance(margin_type, Margin):
+        if margin_type not in _CHECKED:
+            _check(margin_type)
+            _CHECKED.add(margin_type)
         return margin_type
     try:
         return _REGISTRY[margin_type]
@@ -208,6 +291,8 @@ def check_unit(margin_type: Union[str, Margin], margin: float, unit: str = "radi
             f"margin={math.degrees(m):.1f}?"
         )
 
+
+_check = check  # register's keyword of the same name hides the function there
 
 for _m in (CosFace(), ArcFace(), SubCenterArcFace()):
     register(_m)

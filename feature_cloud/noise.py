@@ -161,7 +161,7 @@ def _blocked_box_muller(key: Tensor, pairs: Tensor, num_rows: int, num_classes: 
     n = max(8, (_CPU_BLOCK // max(num_rows, 1)) // 8 * 8)  # whole vectors per block
     h1 = torch.empty((min(n, P), num_rows), dtype=torch.int32)
     h2, t = torch.empty_like(h1), torch.empty_like(h1)
-    f, g, q = torch.empty(h1.shape), torch.empty(h1.shape), torch.empty(h1.shape)
+    f, g, q = (torch.empty(h1.shape, dtype=torch.float32) for _ in range(3))
     for a in range(0, P, n):
         m = min(n, P - a)
         x, y, tt, ff, rr, ss = h1[:m], h2[:m], t[:m], f[:m], g[:m], q[:m]
@@ -170,10 +170,13 @@ def _blocked_box_muller(key: Tensor, pairs: Tensor, num_rows: int, num_classes: 
         _hash32_buf_(torch.bitwise_xor(x, k1, out=y), tt)
         # transcendental ops on contiguous scratch (several times slower on the strided rows
         # of ``out``); only the two final products write into ``out``
+        # int32 -> float32 by copy_ (exact below 2^24), then float32 arithmetic: an int32 times
+        # a Python float would compute in torch's default dtype (bfloat16 under Lightning's
+        # bf16-true) before the float32 ``out=``
         torch.bitwise_right_shift(x, 8, out=tt).bitwise_and_(0xFFFFFF).add_(1)
-        torch.mul(tt, 2.0**-24, out=rr).log_().mul_(-2.0).sqrt_()  # r from u1 in (0, 1]
+        rr.copy_(tt).mul_(2.0**-24).log_().mul_(-2.0).sqrt_()  # r from u1 in (0, 1]
         torch.bitwise_right_shift(y, 8, out=tt).bitwise_and_(0xFFFFFF)
-        torch.mul(tt, _TWO_PI_2_24, out=ff)  # phi in [0, 2 pi)
+        ff.copy_(tt).mul_(_TWO_PI_2_24)  # phi in [0, 2 pi)
         torch.mul(torch.sin(ff, out=ss), rr, out=out[a : a + m, 1])
         torch.mul(rr, ff.cos_(), out=out[a : a + m, 0])
     return out

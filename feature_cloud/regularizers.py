@@ -89,6 +89,22 @@ class MetricL2(nn.Module):
         return f"alpha={self.alpha}, reduction={self.reduction!r}"
 
 
+def as_metric_l2(
+    value: Union[None, float, MetricL2], reduction: str = "mean", name: str = "metric_l2"
+) -> Optional[MetricL2]:
+    """An adapter's ``metric_l2`` option: ``None`` (off), an ``alpha`` or a :class:`MetricL2`
+    (its ``alpha``), as a :class:`MetricL2` of the adapter's ``reduction``."""
+    if value is None:
+        return None
+    if isinstance(value, MetricL2):
+        return MetricL2(value.alpha, reduction=reduction)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name} must be None, a float alpha or a MetricL2, got {type(value).__name__}"
+        )
+    return MetricL2(float(value), reduction=reduction)
+
+
 def warn_metric_l2_with_margin(owner: str, option: str, alpha: float) -> None:
     """Warn when m-L2 (``option`` = ``alpha`` > 0) is on with a cosine-margin loss (``owner``
     normalises ``W`` and ``f``): FTL's term is for a linear softmax; here it only shrinks the

@@ -155,7 +155,7 @@ class ClassStatistics(KeepBufferDtypes):
         self.tail_threshold = int(tail_threshold)
 
         C = self.num_classes
-        self.register_buffer("centers", torch.zeros(C, self.embedding_size))
+        self.register_buffer("centers", torch.zeros(C, self.embedding_size, dtype=torch.float32))
         self.register_buffer("center_initialized", torch.zeros(C, dtype=torch.bool))
         self.register_buffer("class_counts", torch.zeros(C, dtype=torch.long))
         self.register_buffer("memory_offsets", torch.zeros(C, dtype=torch.long))
@@ -166,7 +166,7 @@ class ClassStatistics(KeepBufferDtypes):
         self.register_buffer("angle_sqsum", torch.zeros(C, dtype=torch.float64))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("center_updates", torch.zeros(C, dtype=torch.long))
-        self.register_buffer("memory", torch.zeros(0))
+        self.register_buffer("memory", torch.zeros(0, dtype=torch.float32))
         self.register_buffer("memory_stamp", torch.zeros(0, dtype=torch.long))
         self.register_buffer("memory_owner", torch.zeros(0, dtype=torch.long))
         #: Whether centers were trained (an update) or loaded: a host flag, no device read.
@@ -232,7 +232,7 @@ class ClassStatistics(KeepBufferDtypes):
         self.angle_sum.zero_()
         self.angle_sqsum.zero_()
         # one extra trash slot at the end absorbs writes that must not land
-        self.memory = torch.zeros(total + 1, device=device)
+        self.memory = torch.zeros(total + 1, dtype=torch.float32, device=device)
         # write time of each slot (-1: empty) and its class; the trash slot belongs to class 0
         # and is never valid
         self.memory_stamp = torch.full((total + 1,), -1, dtype=torch.long, device=device)
@@ -379,7 +379,7 @@ class ClassStatistics(KeepBufferDtypes):
         self.center_initialized.zero_()
         self.memory_capacity.fill_(1)
         device = self.centers.device
-        self.memory = torch.zeros(0, device=device)
+        self.memory = torch.zeros(0, dtype=torch.float32, device=device)
         self.memory_stamp = torch.zeros(0, dtype=torch.long, device=device)
         self.memory_owner = torch.zeros(0, dtype=torch.long, device=device)
         self.has_centers = False

@@ -157,12 +157,12 @@ class FeatureTransfer(KeepBufferDtypes):
         self._initial = (counts.clone(), regular.clone())
         self.register_buffer("class_counts", counts)
         self.register_buffer("regular", regular.clone())
-        self.register_buffer("centers", torch.zeros(c, d))
+        self.register_buffer("centers", torch.zeros(c, d, dtype=torch.float32))
         self.register_buffer("has_center", torch.zeros(c, dtype=torch.bool))
         self.register_buffer("covariance", torch.zeros(d, d, dtype=torch.float64))
         self.register_buffer("eigenvalues", torch.zeros(d, dtype=torch.float64))
-        self.register_buffer("basis", torch.zeros(d, 0))
-        self.register_buffer("mean_distance", torch.zeros(c))
+        self.register_buffer("basis", torch.zeros(d, 0, dtype=torch.float32))
+        self.register_buffer("mean_distance", torch.zeros(c, dtype=torch.float32))
         for name in ("hard_indices", "hard_labels", "tail_indices", "tail_labels"):
             self.register_buffer(name, torch.zeros(0, dtype=torch.long))
 
@@ -464,7 +464,7 @@ class FeatureTransfer(KeepBufferDtypes):
         self.regular = regular.to(device, copy=True)
         for name in ("centers", "has_center", "covariance", "eigenvalues", "mean_distance"):
             getattr(self, name).zero_()
-        self.basis = torch.zeros(self.feature_dim, 0, device=device)
+        self.basis = torch.zeros(self.feature_dim, 0, dtype=torch.float32, device=device)
         for name in ("hard_indices", "hard_labels", "tail_indices", "tail_labels"):
             setattr(self, name, torch.zeros(0, dtype=torch.long, device=device))
 

@@ -72,6 +72,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from feature_cloud import margins
 from feature_cloud._extras import missing
 from feature_cloud._validation import ClassCounts
 from feature_cloud.cloud import (
@@ -94,6 +95,7 @@ __all__ = [
     "class_counts_from_dataset",
     "class_counts_from_config",
     "CLS_LAYER_TO_MARGIN",
+    "margin_for_cls_layer",
     "config_path",
     "FeatureCloudHook",
 ]
@@ -102,6 +104,24 @@ logger = logging.getLogger("fastreid.feature_cloud")  # under "fastreid": in its
 
 #: fastreid's ``MODEL.HEADS.CLS_LAYER`` names and the margin they mean.
 CLS_LAYER_TO_MARGIN = {"CosSoftmax": "cosface", "ArcSoftmax": "arcface"}
+
+
+def margin_for_cls_layer(cls_layer: str, owner: str = "LEAPHead", extra: Sequence[str] = ()) -> str:
+    """The margin that ``MODEL.HEADS.CLS_LAYER`` names: fastreid's ``CosSoftmax`` /
+    ``ArcSoftmax``, or any margin of the registry by its name (:mod:`feature_cloud.margins`:
+    ``subcenter_arcface``, a margin of your own registered before the model is built).
+    ``ValueError`` listing both otherwise (``extra``: further names the caller accepts)."""
+    name = str(cls_layer)
+    if name in CLS_LAYER_TO_MARGIN:
+        return CLS_LAYER_TO_MARGIN[name]
+    if name in margins.names():
+        return name
+    choices = [*extra, *sorted(CLS_LAYER_TO_MARGIN), *margins.names()]
+    raise ValueError(
+        f"{owner} needs MODEL.HEADS.CLS_LAYER in {choices} (fastreid's names, or a registered "
+        f"margin of feature_cloud.margins), got {cls_layer!r}"
+    )
+
 
 _APPLIED: List[str] = []
 
@@ -370,10 +390,11 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     ``SCALE`` / ``MARGIN``.
     """
     node = CfgNode()
+    core = inspect.signature(FeatureCloud.__init__).parameters  # the core's defaults, once
     node.CLOUD = "full"
-    node.TAIL_THRESHOLD = 20
-    node.GAMMA = 0.1
-    node.MEMORY_PER_SAMPLE = 1
+    node.TAIL_THRESHOLD = core["tail_threshold"].default
+    node.GAMMA = core["gamma"].default
+    node.MEMORY_PER_SAMPLE = core["memory_per_sample"].default
     node.WARMUP_ITERS = 0
     node.CLASS_COUNTS = "dataset"
     node.COUNT_ITERS = 0
@@ -945,11 +966,7 @@ class LEAPHead(nn.Module):
                 "cfg.merge_from_file(...)"
             )
         fc = heads.FEATURE_CLOUD
-        if heads.CLS_LAYER not in CLS_LAYER_TO_MARGIN:
-            raise ValueError(
-                f"LEAPHead needs MODEL.HEADS.CLS_LAYER in {sorted(CLS_LAYER_TO_MARGIN)}, "
-                f"got {heads.CLS_LAYER!r}"
-            )
+        margin_type = margin_for_cls_layer(heads.CLS_LAYER)
         clouds: Dict[str, Optional[str]] = {**{r: r for r in CLOUD_RULES}, "none": None}
         if str(fc.CLOUD).lower() not in clouds:
             raise ValueError(
@@ -986,7 +1003,7 @@ class LEAPHead(nn.Module):
             "num_classes": heads.NUM_CLASSES,
             "neck_feat": heads.NECK_FEAT,
             "pool_type": heads.POOL_LAYER,
-            "margin_type": CLS_LAYER_TO_MARGIN[heads.CLS_LAYER],
+            "margin_type": margin_type,
             "scale": float(heads.SCALE),
             "margin": float(heads.MARGIN),
             "with_bnneck": heads.WITH_BNNECK,

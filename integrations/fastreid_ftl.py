@@ -53,6 +53,7 @@ from feature_cloud.integrations.fastreid import (  # noqa: F401
     CLS_LAYER_TO_MARGIN,
     class_counts_from_dataset,
     config_path,
+    margin_for_cls_layer,
     patch_fastreid_compat,
 )
 from feature_cloud.transfer import FeatureTransfer
@@ -213,19 +214,14 @@ class FTLBaseline(nn.Module):
         encoder = FTLEncoder(build_backbone(cfg), getattr(pooling, heads.POOL_LAYER)())
         if heads.CLS_LAYER == "Linear":
             classifier: nn.Module = nn.Linear(emb_dim, num_classes, bias=False)
-        elif heads.CLS_LAYER in CLS_LAYER_TO_MARGIN:
+        else:
             classifier = LEAPMarginHead(
                 emb_dim,
                 num_classes,
-                margin_type=CLS_LAYER_TO_MARGIN[heads.CLS_LAYER],
+                margin_type=margin_for_cls_layer(heads.CLS_LAYER, "FTLBaseline", ["Linear"]),
                 scale=float(heads.SCALE),
                 margin=float(heads.MARGIN),
                 cloud=None,
-            )
-        else:
-            raise ValueError(
-                f"FTLBaseline needs MODEL.HEADS.CLS_LAYER in ['Linear', {', '.join(map(repr, sorted(CLS_LAYER_TO_MARGIN)))}], "
-                f"got {heads.CLS_LAYER!r}"
             )
         channels = [int(c) for c in ftl_cfg.DECODER_CHANNELS]
         decoder = None

@@ -12,7 +12,8 @@ initialised by ``weight_init_func`` and regularised by ``weight_regularizer`` ex
 ``CosFaceLoss.W``; ``reducer``, ``distance`` (cosine only), miners' ``indices_tuple``,
 ``get_logits`` and ``utils.distributed.DistributedLossWrapper`` work as for the PML losses.
 
-No math lives here: the cloud (statistics update, LEAP Eq. 3-6/9; noise, Sec. 3.4) is a
+No loss math lives here (PML's ``avg_angle`` statistic and ``get_angles`` read the target
+angles, as PML's own losses do): the cloud (statistics update, LEAP Eq. 3-6/9; noise, Sec. 3.4) is a
 :class:`feature_cloud.FeatureCloud`, the per-sample margin softmax losses (Eq. 1-2, 7-8;
 ``reduction="none"`` so PML's reducers and miner weights apply) come from
 :func:`feature_cloud.heads.cloud_margin_loss` (the heads' own pipeline on ``W.t()``, on the fused
@@ -61,8 +62,8 @@ from feature_cloud._validation import (
     warn_user,
 )
 from feature_cloud.cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
-from feature_cloud.heads import cloud_margin_loss, in_draw_order, make_cloud
-from feature_cloud.regularizers import MetricL2, warn_metric_l2_with_margin
+from feature_cloud.heads import check_impl, cloud_margin_loss, in_draw_order, make_cloud
+from feature_cloud.regularizers import MetricL2, as_metric_l2, warn_metric_l2_with_margin
 from feature_cloud.sync import SyncedClassStatistics, is_distributed
 
 __all__ = ["LEAPLoss", "PML_DEFAULT_MARGIN", "PML_DEFAULT_SCALE"]
@@ -91,7 +92,7 @@ def _avg_target_angle(embeddings: Tensor, W: Tensor, labels: Tensor, sub_centers
     return math.degrees(float(torch.acos(target.clamp(-1.0, 1.0)).mean()))
 
 
-def _at_least_float32(x: Tensor) -> Tensor:
+def _half_to_float32(x: Tensor) -> Tensor:
     """``x`` in float32 when it is bf16/fp16 (differentiable; float64 stays float64); anything
     else as it is, for the batch check to refuse (integers would be promoted silently)."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -123,6 +124,10 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         validate: check label range and finiteness each step (one host sync).
         sub_centers: weight columns per class (default from the margin: 3 for
             ``"subcenter_arcface"``, else 1).
+        impl, chunk_size: the loss implementation, as :class:`feature_cloud.LEAPMarginHead`'s
+            (``"auto"``: the fused kernels where the margin has them; ``"chunked"`` with
+            ``chunk_size`` classes per chunk holds no ``B x C`` tensor, for very many classes;
+            ``"reference"``: the autograd pipeline).
         metric_l2: ``None``, an ``alpha`` (float) or a :class:`feature_cloud.MetricL2`. Adds the
             m-L2 regulariser of FTL Eq. 3, :math:`\alpha\|W^T f\|^2`, as a second sub-loss
             ``"metric_l2_loss"`` (per element, so PML reducers apply). PML's regularisers see
@@ -167,13 +172,12 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         validate: bool = True,
         metric_l2: Union[None, float, MetricL2] = None,
         sub_centers: Optional[int] = None,
+        impl: str = "auto",
+        chunk_size: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         rule = margins.get(margin_type)
-        if metric_l2 is not None and not isinstance(metric_l2, (MetricL2, int, float)):
-            raise TypeError(
-                f"metric_l2 must be None, a float alpha or a MetricL2, got {type(metric_l2).__name__}"
-            )
+        ml2 = as_metric_l2(metric_l2, reduction="none")  # checked before anything is built
         cloud_options = {k: kwargs.pop(k) for k in list(kwargs) if k not in self._PML_KWARGS}
         # read by sub_loss_names() while the PML base classes build the reducer
         self._with_metric_l2 = metric_l2 is not None
@@ -193,6 +197,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         self.sub_centers = as_int(
             rule.sub_centers if sub_centers is None else sub_centers, "sub_centers", 1
         )
+        self.chunk_size = check_impl(impl, chunk_size, rule, self.sub_centers)
+        self.impl = impl
         self.add_to_recordable_attributes(
             list_of_names=["num_classes", "margin", "scale"], is_stat=False
         )
@@ -214,18 +220,16 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         )
         self.validate = bool(validate)
         self._agreed: Optional[Tuple[Tensor, Tensor]] = None  # (embeddings, labels) of forward
-        if metric_l2 is None:
-            self.metric_l2: Optional[MetricL2] = None
-        elif isinstance(metric_l2, MetricL2):
-            self.metric_l2 = MetricL2(metric_l2.alpha, reduction="none")
-        else:
-            self.metric_l2 = MetricL2(float(metric_l2), reduction="none")
+        self.metric_l2: Optional[MetricL2] = ml2
         if self.metric_l2 is not None:
             warn_metric_l2_with_margin("LEAPLoss", "metric_l2", self.metric_l2.alpha)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """A whole-module pickle of an earlier release held the ArcFace ``margin`` in degrees
-        (PML's keyword); this release holds it in radians, as PML's attribute."""
+        (PML's keyword); this release holds it in radians, as PML's attribute. Pickles from
+        before ``impl`` / ``chunk_size`` run the default backend."""
+        state.setdefault("impl", "auto")
+        state.setdefault("chunk_size", None)
         if not state.get("_margin_in_radians", False) and "margin_rule" in state:
             state["margin"] = state["margin_rule"].from_pml(state["margin"])
             state["_margin_in_radians"] = True
@@ -286,7 +290,7 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         autocast; the core computes in float32 anyway): ``W`` stays float32, and PML's reducers
         (with ``metric_l2`` or a regulariser, ``MultipleReducers`` sums the sub-losses in the
         embeddings' dtype) return a float32 loss, as PML's ``CosFaceLoss`` does."""
-        upcast = _at_least_float32(embeddings)
+        upcast = _half_to_float32(embeddings)
         if ref_emb is embeddings:
             ref_emb = upcast
         self._agreed = None
@@ -365,6 +369,8 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
             margin=self.margin,
             sub_centers=self.sub_centers,
             reduction="none",
+            impl=self.impl,
+            chunk_size=self.chunk_size,
         )
         if back is not None:
             losses = losses[back]  # the wrapper's rows
@@ -390,7 +396,7 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
 
     def _scored(self, embeddings: Tensor) -> Tensor:
         """Embeddings to score (at least float32, checked), ``W`` on their device and dtype."""
-        embeddings = _at_least_float32(embeddings)
+        embeddings = _half_to_float32(embeddings)
         self.cast_types(embeddings.dtype, embeddings.device)
         check_embeddings(embeddings, self.embedding_size)
         return embeddings

@@ -72,7 +72,7 @@ from feature_cloud.ftl import (
     make_filter,
 )
 from feature_cloud.heads import LEAPMarginHead
-from feature_cloud.regularizers import MetricL2, warn_metric_l2_with_margin
+from feature_cloud.regularizers import MetricL2, as_metric_l2, warn_metric_l2_with_margin
 from feature_cloud.transfer import FeatureTransfer
 
 __all__ = [
@@ -300,7 +300,8 @@ class LEAPTask(_AllOrNothingLoad):
     Args:
         model: a timm model created with ``num_classes=0`` (outputs ``(B, D)`` embeddings).
         head: the :class:`LEAPMarginHead` (``embedding_size`` must equal ``model.num_features``).
-        metric_l2: optional ``alpha`` of the m-L2 regulariser (FTL Eq. 3) added to the loss.
+        metric_l2: optional ``alpha`` of the m-L2 regulariser (FTL Eq. 3) added to the loss (a
+            float, or a :class:`feature_cloud.MetricL2`: its ``alpha``).
         label_smoothing: as timm's ``--smoothing`` (``F.cross_entropy``'s), inside the margin
             loss; timm's loader-side smoothing and Mixup / CutMix give soft targets, refused.
         device, dtype, verbose: as in ``timm.task.TrainingTask``.
@@ -310,7 +311,7 @@ class LEAPTask(_AllOrNothingLoad):
         self,
         model: nn.Module,
         head: LEAPMarginHead,
-        metric_l2: Optional[float] = None,
+        metric_l2: Union[None, float, MetricL2] = None,
         label_smoothing: float = 0.0,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
@@ -330,7 +331,7 @@ class LEAPTask(_AllOrNothingLoad):
         self.trainable_module = LEAPTrainableModule(model, head, label_smoothing).to(
             device=self.device
         )
-        self.metric_l2 = MetricL2(float(metric_l2)) if metric_l2 is not None else None
+        self.metric_l2 = as_metric_l2(metric_l2)
         if self.metric_l2 is not None:
             warn_metric_l2_with_margin("LEAPMarginHead", "metric_l2", self.metric_l2.alpha)
 
@@ -342,7 +343,7 @@ class LEAPTask(_AllOrNothingLoad):
         *,
         pretrained: bool = False,
         model_kwargs: Optional[Dict[str, Any]] = None,
-        metric_l2: Optional[float] = None,
+        metric_l2: Union[None, float, MetricL2] = None,
         label_smoothing: float = 0.0,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,

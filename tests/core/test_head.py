@@ -444,3 +444,42 @@ def test_logits_of_half_precision_features_without_autocast():
         out = head.logits(low)
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, head.logits(low.float()))
+
+
+@pytest.mark.parametrize("counts", ["given", "online"])
+def test_a_bf16_default_dtype_keeps_the_statistics_and_the_cloud_float32(counts):
+    """Lightning trial: ``precision="bf16-true"`` (and its ``init_module()``) set torch's default
+    dtype to bfloat16, so buffers made without a dtype were bf16: the online-counted angle
+    memory broke ``index_copy_`` at the end of the warm-up, a head built there failed its
+    first update, and the cloud noise changed (max 0.057) though it is a pure function of the
+    key. The statistics are float32 and the losses those of a float32 default on bf16 inputs
+    and weights."""
+    from feature_cloud import noise as N
+    from feature_cloud.transfer import FeatureTransfer
+
+    kw = dict(class_counts=[20] * 4 + [2] * (C - 4)) if counts == "given" else {}
+    kw.update(warmup_steps=2, count_steps=2 if counts == "online" else None, seed=3)
+    key = torch.tensor([7, 11], dtype=torch.int64)
+    runs = {}
+    for default in (torch.float32, torch.bfloat16):
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            torch.manual_seed(0)
+            head = LEAPMarginHead(D, C, cloud_mode="paper", **kw)
+            transfer = FeatureTransfer(D, C, class_counts=[40] * 4 + [2] * (C - 4))
+            noise = N.counter_normal(key, 5, 0, C, C)
+            head.weight.data = head.weight.data.bfloat16()  # bf16-true: bf16 weights and inputs
+            losses = []
+            for step in range(5):
+                x, y = _batch(step)
+                losses.append(head(x.bfloat16(), y).detach().float())
+        finally:
+            torch.set_default_dtype(before)
+        stats = head.statistics
+        assert stats.centers.dtype == stats.memory.dtype == torch.float32, default
+        assert transfer.centers.dtype == transfer.basis.dtype == torch.float32
+        assert noise.dtype == torch.float32 and head.cloud_active
+        runs[default] = (torch.stack(losses), noise, stats.centers.clone())
+    for a, b in zip(runs[torch.float32], runs[torch.bfloat16]):
+        assert torch.equal(a, b)

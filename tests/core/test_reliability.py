@@ -253,6 +253,9 @@ def test_other_modules_validate_their_hyper_parameters():
         ShardedLEAPMarginHead(D, C, scale=NAN, cloud=None)
     with pytest.raises(ValueError, match="sample_rate"):
         ShardedLEAPMarginHead(D, C, sample_rate=NAN, cloud=None)
+    # named as the user spelt it (review: "max_age must be >= 1", the statistics' own name)
+    with pytest.raises(ValueError, match="angle_max_age must be >= 1"):
+        LEAPMarginHead(D, C, class_counts=[5] * C, angle_max_age=0)
     with pytest.raises(ValueError, match="num_classes"):
         ShardedLEAPMarginHead(D, -1, cloud=None)
 

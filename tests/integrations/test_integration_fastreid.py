@@ -117,6 +117,12 @@ def test_from_config_translates_fastreid_keys():
     assert mh.statistics.tail_threshold == 7 and mh.warmup_steps == 2
     with pytest.raises(ValueError, match="CLS_LAYER"):
         build_heads(_head_cfg(CLS_LAYER="Linear"))
+    # a margin of the registry by its name (contributor trial: only fastreid's two names were
+    # accepted, so a registered margin could not be named in the YAML)
+    sub = build_heads(_head_cfg(CLS_LAYER="subcenter_arcface")).margin_head
+    assert (sub.margin_type, sub.sub_centers) == ("subcenter_arcface", 3)
+    with pytest.raises(ValueError, match="'CosSoftmax', 'cosface'"):
+        build_heads(_head_cfg(CLS_LAYER="CircleSoftmax"))
     with pytest.raises(ValueError, match="CLASS_COUNTS"):
         build_heads(_head_cfg(FC__CLASS_COUNTS="guess"))
     # COUNT_ITERS: 0 and -1 (the sentinel of the node's other options) count over the whole
@@ -188,6 +194,8 @@ def test_default_trainer_end_to_end(market_root, tmp_path):
     assert sorted(expected.tolist()) == sorted(
         [HEAD_IMAGES] * HEAD_IDS + [TAIL_IMAGES] * (NUM_IDS - HEAD_IDS)
     )
+    # a custom loop's counts from the config alone: the trainer's, class by class
+    assert torch.equal(fr.class_counts_from_config(cfg), expected)
     assert head.class_counts_pending and isinstance(trainer._hooks[0], fr.FeatureCloudHook)
 
     # plain (no-cloud) margin loss of the eval-mode model over the whole training split

@@ -445,6 +445,46 @@ def test_leaploss_runs_on_the_fused_kernels_and_subcenter_equals_pml():
     torch.testing.assert_close(ours.get_logits(emb), ref.get_logits(emb), atol=1e-4, rtol=1e-5)
 
 
+def test_leaploss_chooses_the_loss_backend_as_the_head_does():
+    """User trial: ``impl`` / ``chunk_size`` were refused (TypeError), so a PML user with very
+    many classes could not run the chunked loss. Every backend gives the default's losses and
+    gradients with the cloud on, over steps; the chunked one holds chunks of ``chunk_size``."""
+    from unittest import mock
+
+    from feature_cloud import fused
+
+    counts = [40] * 4 + [3] * (C - 4)
+
+    def make(**kw):
+        torch.manual_seed(3)
+        return LEAPLoss(C, D, class_counts=counts, warmup_steps=1, seed=7, **kw)
+
+    runs = {
+        impl: make(impl=impl, chunk_size=5 if impl == "chunked" else None)
+        for impl in ("auto", "reference", "chunked")
+    }
+    seen = []
+    real = fused.margin_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("chunk_size"))
+        return real(*args, **kwargs)
+
+    for step in range(3):
+        emb, labels = _batch(20 + step)
+        with mock.patch.object(fused, "margin_loss", side_effect=spy):
+            got = {impl: _loss_and_grads(loss, emb, labels) for impl, loss in runs.items()}
+        for impl in ("reference", "chunked"):
+            assert _max_diff(got[impl], got["auto"]) <= TOL, (impl, step)
+    assert seen == [None, 5] * 3  # auto: one fused call, chunked: chunks of 5; reference: none
+    with pytest.raises(ValueError, match="impl must be one of"):
+        LEAPLoss(C, D, impl="fast")
+    with pytest.raises(ValueError, match="needs chunk_size"):
+        LEAPLoss(C, D, impl="chunked")
+    with pytest.warns(UserWarning, match="runs the reference path"):
+        LEAPLoss(C, D, margin_type="subcenter_arcface", impl="fused", cloud=None)
+
+
 def test_get_logits_use_the_cloud_prototypes():
     """After training steps ``get_logits`` in eval mode scores against the weights shrunk towards
     the class centers (``prototype_shrinkage``, as ``LEAPMarginHead.logits``); in train mode or
@@ -552,6 +592,11 @@ def test_a_whole_module_pickle_of_an_earlier_release_holds_the_margin_in_degrees
     again = LEAPLoss.__new__(LEAPLoss)
     again.__setstate__(now.__getstate__())  # this release's pickle: converted once only
     assert again.margin == now.margin
+    del state["impl"], state["chunk_size"]  # a pickle from before the backend choice
+    older = LEAPLoss.__new__(LEAPLoss)
+    older.__setstate__(state)
+    assert (older.impl, older.chunk_size) == ("auto", None)
+    assert torch.equal(older(emb, labels), now(emb, labels))
 
 
 def test_pml_helpers_of_margin_losses_match_pml():

@@ -117,6 +117,12 @@ def test_training_steps_decrease_loss_and_update_statistics():
     head = task.head
     assert head.step == 8
     assert int(head.statistics.memory_fill.sum()) > 0
+    # a MetricL2 module is accepted as PML's LEAPLoss accepts it (review: TypeError from float())
+    from feature_cloud import MetricL2
+
+    assert _task(metric_l2=MetricL2(1e-3)).metric_l2.alpha == 1e-3
+    with pytest.raises(TypeError, match="metric_l2 must be None, a float alpha or a MetricL2"):
+        _task(metric_l2="0.1")
     assert float(head.statistics.cloud_variance().max()) > 0
     # plain margin loss on the full set, eval mode (no cloud, no statistics update)
     task.eval()
