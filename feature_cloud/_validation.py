@@ -43,6 +43,7 @@ __all__ = [
     "as_int",
     "as_float",
     "check_class_counts",
+    "check_reduction",
     "ClassCounts",
     "problem_tensor",
     "raise_for_problems",
@@ -146,6 +147,17 @@ def as_float(
         hi = "inf)" if maximum is None else f"{maximum}" + ("]" if max_inclusive else ")")
         raise ValueError(f"{name} must be in {lo}, {hi}, got {out}")
     return out
+
+
+#: the reductions of every loss and regulariser (``torch.nn`` losses' own)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction: Any) -> str:
+    """``reduction`` if it is one of :data:`REDUCTIONS`, else ``ValueError`` naming them."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return str(reduction)
 
 
 def check_class_counts(counts: ClassCounts, num_classes: int, name: str = "class_counts") -> Tensor:

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from . import functional as FC
 from . import fused, margins
 from . import noise as N
-from ._validation import as_float, as_int, check_batch, check_embeddings
+from ._validation import as_float, as_int, check_batch, check_embeddings, check_reduction
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from .heads import cloud_margin_logits, fused_cloud, make_cloud, resolve_margin
 from .sync import (  # noqa: F401  (re-exported: the process-group API lives here)
@@ -222,8 +222,7 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, nn.Module):
                 "head does not support; use LEAPMarginHead"
             )
         self.margin_type, self.margin_rule = rule.name, rule
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        check_reduction(reduction)
         sample_rate = as_float(
             sample_rate, "sample_rate", minimum=0.0, maximum=1.0, min_inclusive=False
         )

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import margins as _margins
+from ._validation import check_reduction
 from .angles import safe_acos, shifted_cosine
 
 __all__ = [
@@ -199,8 +200,7 @@ def margin_cross_entropy(
     ignored or the batch is empty. ``label_smoothing`` as in ``F.cross_entropy`` (targets
     ``1 - eps + eps / C`` and ``eps / C``).
     """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    check_reduction(reduction)
     per_sample = F.cross_entropy(
         logits,
         labels.clamp_min(-1),
@@ -241,14 +241,13 @@ def metric_l2(embeddings: Tensor, weight: Tensor, reduction: str = "mean") -> Te
 
 def metric_l2_from_logits(logits: Tensor, reduction: str = "mean") -> Tensor:
     r"""FTL Eq. 3 from already computed raw logits :math:`W^T f` ``(B, C)`` (saves a GEMM)."""
+    check_reduction(reduction)
     per_sample = _at_least_float32(logits).pow(2).sum(dim=1)
     if reduction == "none":
         return per_sample
     if reduction == "sum":
         return per_sample.sum()
-    if reduction == "mean":
-        return per_sample.sum() / max(per_sample.shape[0], 1)
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return per_sample.sum() / max(per_sample.shape[0], 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from . import margins as _margins
-from ._validation import as_float, check_values
+from ._validation import as_float, check_reduction, check_values
 from .angles import _PI_BELOW, _SQRT_FLOOR, _cloud_cosine_, cloud_cosine
 from .functional import safe_normalize
 from .noise import counter_normal, random_key
@@ -821,8 +821,7 @@ def margin_loss(
             f"sub-center weight layout); use feature_cloud.functional (LEAPMarginHead falls "
             "back to it automatically)"
         )
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    check_reduction(reduction)
     if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
         raise ValueError(
             f"embeddings (B, D) and weight (C, D) must agree in D, got {tuple(embeddings.shape)} "

@@ -23,7 +23,14 @@ from torch import Tensor, nn
 
 from . import functional as FC
 from . import fused, margins
-from ._validation import as_float, as_int, check_embeddings, refuse_other_shape, warn_user
+from ._validation import (
+    as_float,
+    as_int,
+    check_embeddings,
+    check_reduction,
+    refuse_other_shape,
+    warn_user,
+)
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from .noise import capturing
 
@@ -60,9 +67,10 @@ _BACKENDS = {
 }
 
 #: Defaults of the built-in margins (paper re-ID setting, LEAP Sec. 4.1: CosFace s=24, m=0.2;
-#: ArcFace s=16, m=0.2 rad). The registry (:mod:`feature_cloud.margins`) is authoritative.
-DEFAULT_SCALE = {n: margins.get(n).default_scale for n in margins.names()}
-DEFAULT_MARGIN = {n: margins.get(n).default_margin for n in margins.names()}
+#: ArcFace s=16, m=0.2 rad): live views of the registry (:mod:`feature_cloud.margins`), a margin
+#: registered later included.
+DEFAULT_SCALE = margins.Defaults("default_scale")
+DEFAULT_MARGIN = margins.Defaults("default_margin")
 
 
 def resolve_margin(
@@ -456,8 +464,7 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         num_classes = as_int(num_classes, "num_classes", 1)
         rule, scale, margin = resolve_margin(margin_type, scale, margin)
         k = as_int(rule.sub_centers if sub_centers is None else sub_centers, "sub_centers", 1)
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        check_reduction(reduction)
         chunk_size = check_impl(impl, chunk_size, rule, k)
         self.feature_cloud = make_cloud(cloud, num_classes, embedding_size, cloud_options)
         self.embedding_size = int(embedding_size)
@@ -532,8 +539,7 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
                     "(with head.eval(): cosines to the prototypes)"
                 )
             reduction = self.reduction if reduction is None else reduction
-            if reduction not in ("mean", "sum", "none"):
-                raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+            check_reduction(reduction)
             smoothing = as_float(
                 label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0, max_inclusive=False
             )

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import types
 import weakref
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -42,6 +42,7 @@ __all__ = [
     "get",
     "names",
     "check_unit",
+    "Defaults",
 ]
 
 
@@ -264,6 +265,28 @@ def get(margin_type: Union[str, Margin]) -> Margin:
         return _REGISTRY[margin_type]
     except (KeyError, TypeError):
         raise ValueError(f"margin_type must be one of {names()}, got {margin_type!r}") from None
+
+
+class Defaults(Mapping[str, float]):
+    """A read-only view ``{margin name: its attribute}`` over the registry, read when looked up:
+    a margin registered later is in it (the heads' ``DEFAULT_SCALE``, PML's defaults)."""
+
+    def __init__(self, attribute: str) -> None:
+        self.attribute = attribute
+
+    def __getitem__(self, name: str) -> float:
+        if name not in _REGISTRY:
+            raise KeyError(name)
+        return float(getattr(_REGISTRY[name], self.attribute))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(_REGISTRY))
+
+    def __len__(self) -> int:
+        return len(_REGISTRY)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 def check_unit(margin_type: Union[str, Margin], margin: float, unit: str = "radians") -> None:

@@ -7,7 +7,7 @@ from typing import Optional, Union
 from torch import Tensor, nn
 
 from . import functional as FC
-from ._validation import as_float, check_embeddings, check_labels, warn_user
+from ._validation import as_float, check_embeddings, check_labels, check_reduction, warn_user
 
 __all__ = ["MetricL2", "warn_metric_l2_with_margin"]
 
@@ -30,8 +30,7 @@ class MetricL2(nn.Module):
 
     def __init__(self, alpha: float = 0.25, reduction: str = "mean") -> None:
         super().__init__()
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        check_reduction(reduction)
         self.alpha = as_float(alpha, "alpha", minimum=0.0)
         self.reduction = reduction
 

@@ -125,12 +125,8 @@ class FeatureTransfer(KeepBufferDtypes):
             raise ValueError(
                 f"num_components must be in [1, feature_dim={d}], got {num_components} (k > D?)"
             )
-        if num_components is None:
+        if num_components is None:  # energy and tail_threshold were range-checked above
             energy = 0.95 if energy is None else float(energy)
-            if not 0.0 < energy <= 1.0:
-                raise ValueError(f"energy must be in (0, 1], got {energy}")
-        if int(tail_threshold) < 0:
-            raise ValueError(f"tail_threshold must be >= 0, got {tail_threshold}")
         self.feature_dim, self.num_classes = d, c
         self.num_components_requested = None if num_components is None else int(num_components)
         self.energy = energy

@@ -70,8 +70,8 @@ __all__ = ["LEAPLoss", "PML_DEFAULT_MARGIN", "PML_DEFAULT_SCALE"]
 
 #: PML's defaults (from the margin registry): ``CosFaceLoss(margin=0.35, scale=64)``,
 #: ``ArcFaceLoss(margin=28.6 deg, scale=64)``.
-PML_DEFAULT_MARGIN = {n: margins.get(n).pml_margin for n in margins.names()}
-PML_DEFAULT_SCALE = {n: margins.get(n).pml_scale for n in margins.names()}
+PML_DEFAULT_MARGIN = margins.Defaults("pml_margin")
+PML_DEFAULT_SCALE = margins.Defaults("pml_scale")
 
 
 def _holds(module: Any, loss: nn.Module) -> bool:

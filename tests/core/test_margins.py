@@ -324,3 +324,14 @@ def test_a_margin_is_checked_before_it_runs():
     assert repr(WithParameters(0.5)) == "WithParameters(name='test_with_parameters', m3=0.5)"
     assert repr(margins.get("cosface")) == "CosFace(name='cosface')"
     assert "unregister" in margins.__all__ and "check" in margins.__all__
+
+
+def test_the_default_tables_see_a_margin_registered_later(registered):
+    """Contributor trial: ``DEFAULT_SCALE`` was a copy made at import, without later margins."""
+    from feature_cloud.heads import DEFAULT_MARGIN, DEFAULT_SCALE
+
+    assert DEFAULT_SCALE["test_combined"] == CombinedMargin.default_scale
+    assert DEFAULT_MARGIN["cosface"] == 0.2 and "test_combined" in DEFAULT_MARGIN
+    assert dict(DEFAULT_SCALE)["arcface"] == 16.0 and len(DEFAULT_SCALE) == len(margins.names())
+    with pytest.raises(KeyError):
+        DEFAULT_SCALE["no_such_margin"]
