@@ -765,6 +765,7 @@ def margin_loss(
     reducer: Optional[Reducer] = None,
     num_classes: Optional[int] = None,
     class_start: int = 0,
+    sub_centers: Optional[int] = None,
 ) -> Any:  # the loss, or (loss, top1) with return_top1
     r"""LEAP margin softmax loss (a registered margin, :mod:`feature_cloud.margins`, with an
     optional feature cloud) in one fused op. The margin must implement
@@ -808,6 +809,9 @@ def margin_loss(
     index of the shard's first class (the cloud noise is indexed by global class). The loss is
     then the global one on every shard; the embeddings' gradient is this shard's part (sum it
     over shards).
+
+    ``sub_centers``: weight rows per class (default: the margin's, 3 for sub-center ArcFace);
+    the fused kernels need 1 (a sub-center margin with ``sub_centers=1`` is its base margin).
     """
     rule = _margins.get(margin_type)
     label_smoothing = as_float(
@@ -815,11 +819,12 @@ def margin_loss(
     )
     if label_smoothing and reducer is not None:
         raise ValueError("label_smoothing is not supported with sharded classes (reducer)")
-    if not rule.has_fused or rule.sub_centers != 1:
+    k = rule.sub_centers if sub_centers is None else sub_centers
+    if not rule.has_fused or k != 1:
+        why = "no fused_target" if not rule.has_fused else f"sub_centers={k} weight rows a class"
         raise ValueError(
-            f"margin {rule.name!r} has no fused implementation (no fused_target or a "
-            f"sub-center weight layout); use feature_cloud.functional (LEAPMarginHead falls "
-            "back to it automatically)"
+            f"margin {rule.name!r} has no fused implementation here ({why}); use "
+            "feature_cloud.functional (LEAPMarginHead falls back to it automatically)"
         )
     check_reduction(reduction)
     if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:

@@ -345,6 +345,7 @@ def _margin_loss(
             chunk_size=chunk_size if backend == "chunked" else None,
             label_smoothing=label_smoothing,
             return_top1=return_top1,
+            sub_centers=sub_centers,
             validate=False,
         )
     logits = cloud_margin_logits(
@@ -419,7 +420,9 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             (``torch.compile``, ``torch.export``, ``torch.jit.trace``: the compiler fuses it).
             Every implementation draws the same counter-based cloud
             (:mod:`feature_cloud.noise`), so a seed gives the same cloud whichever is used.
-        chunk_size: classes per chunk of the ``"chunked"`` implementation.
+        chunk_size: classes per chunk of the ``"chunked"`` implementation, rounded up to a
+            multiple of :data:`feature_cloud.fused.NOISE_BLOCK` (1024 classes): below that
+            many classes the chunked loss is one chunk, the fused loss.
         **cloud_options: the cloud's settings, passed to
             :class:`~feature_cloud.cloud.FeatureCloud` (checked there, once for every head and
             adapter): ``tail_threshold`` (``T`` of the vanilla rule), ``gamma`` (center

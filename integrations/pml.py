@@ -127,7 +127,7 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         impl, chunk_size: the loss implementation, as :class:`feature_cloud.LEAPMarginHead`'s
             (``"auto"``: the fused kernels where the margin has them; ``"chunked"`` with
             ``chunk_size`` classes per chunk holds no ``B x C`` tensor, for very many classes;
-            ``"reference"``: the autograd pipeline).
+            ``"reference"``: the autograd pipeline; chunks are multiples of 1024 classes).
         metric_l2: ``None``, an ``alpha`` (float) or a :class:`feature_cloud.MetricL2`. Adds the
             m-L2 regulariser of FTL Eq. 3, :math:`\alpha\|W^T f\|^2`, as a second sub-loss
             ``"metric_l2_loss"`` (per element, so PML reducers apply). PML's regularisers see

@@ -335,3 +335,22 @@ def test_the_default_tables_see_a_margin_registered_later(registered):
     assert dict(DEFAULT_SCALE)["arcface"] == 16.0 and len(DEFAULT_SCALE) == len(margins.names())
     with pytest.raises(KeyError):
         DEFAULT_SCALE["no_such_margin"]
+
+
+def test_a_sub_center_margin_with_one_row_a_class_runs_fused_as_its_base_margin():
+    """Option-matrix trial: ``subcenter_arcface`` with ``sub_centers=1`` was accepted, reported
+    the fused backend, and every forward raised from the fused kernel (after the step and the
+    statistics had moved). It is ArcFace with one row a class: fused, equal to the reference."""
+    x, y = _batch(6)
+    losses = {}
+    for impl in ("auto", "reference"):
+        torch.manual_seed(0)
+        head = LEAPMarginHead(
+            D, C, "subcenter_arcface", sub_centers=1, class_counts=[4] * C, seed=0, impl=impl
+        )
+        assert head.backend == ("fused" if impl == "auto" else "reference")
+        losses[impl] = [head(x + 0.1 * k, y) for k in range(3)]
+    for a, b in zip(losses["auto"], losses["reference"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="sub_centers=3 weight rows a class"):
+        fused.margin_loss(x, torch.randn(3 * C, D), y, margin_type="subcenter_arcface")
