@@ -226,11 +226,7 @@ class FeatureCloud(nn.Module):
         self.rule = rule
         self.mode = cloud_mode
         self.scale = as_float(cloud_scale, "cloud_scale", minimum=0.0)
-        self.prototype_shrinkage = (
-            None
-            if prototype_shrinkage is None
-            else as_float(prototype_shrinkage, "prototype_shrinkage", minimum=0.0)
-        )
+        self.prototype_shrinkage = prototype_shrinkage  # checked by the property's setter
         self.prototype_min_count = as_int(prototype_min_count, "prototype_min_count", 1)
         if imprint_step is not None:
             imprint_step = as_int(imprint_step, "imprint_step", 0)
@@ -332,6 +328,30 @@ class FeatureCloud(nn.Module):
     def active(self) -> bool:
         """Whether the next training step draws a feature cloud (rule set, warm-up over)."""
         return self.rule is not None and self._host_count() >= self.warmup_steps
+
+    @property
+    def prototype_shrinkage(self) -> Optional[float]:
+        """``kappa`` of the inference prototypes (``None``: the weights); settable, e.g. to score
+        the weights for a comparison, and checked as the constructor's keyword (a ``nan`` or
+        negative ``kappa`` gave non-finite or nonsense logits)."""
+        return self._prototype_shrinkage
+
+    @prototype_shrinkage.setter
+    def prototype_shrinkage(self, value: Optional[float]) -> None:
+        kappa = None if value is None else as_float(value, "prototype_shrinkage", minimum=0.0)
+        if kappa is None and getattr(self, "imprint_step", None) is not None:
+            raise ValueError(
+                f"prototype_shrinkage=None: imprint_step={self.imprint_step} imprints the "
+                "prototypes, which need a kappa"
+            )
+        self._prototype_shrinkage = kappa
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """Whole-module pickles of earlier releases held ``prototype_shrinkage`` as a plain
+        attribute."""
+        if "prototype_shrinkage" in state:
+            state["_prototype_shrinkage"] = state.pop("prototype_shrinkage")
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
 
     @property
     def noise_stream(self) -> int:

@@ -13,7 +13,19 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    cast,
+)
 
 import torch
 import torch.nn.functional as F
@@ -253,7 +265,11 @@ class FTLModel(nn.Module):
         self.is_margin_head = isinstance(classifier, LEAPMarginHead)
         if self.is_margin_head:
             warn_metric_l2_with_margin("LEAPMarginHead", "alpha_reg", float(alpha_reg))
-        self.num_classes, self.embedding_size = int(weight.shape[0]), int(weight.shape[1])
+        # a margin head's weight may hold several rows a class (sub-centers): its own count
+        rows, self.embedding_size = int(weight.shape[0]), int(weight.shape[1])
+        self.num_classes = (
+            cast(LEAPMarginHead, classifier).num_classes if self.is_margin_head else rows
+        )
         self.feature_dim = int(feature_dim)
         self.encoder = encoder
         self.decoder = decoder

@@ -97,6 +97,18 @@ def _fusable(rule: margins.Margin, sub_centers: int) -> bool:
     return rule.has_fused and sub_centers == 1
 
 
+def _checked_chunking(impl: str, chunk_size: Optional[int]) -> Optional[int]:
+    """``impl`` one of :data:`IMPLS` and ``chunk_size`` a positive integer (needed by
+    ``"chunked"``); returns ``chunk_size`` as an int (or ``None``)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if chunk_size is not None:
+        chunk_size = as_int(chunk_size, "chunk_size", 1)
+    if impl == "chunked" and chunk_size is None:
+        raise ValueError("impl='chunked' needs chunk_size (classes per chunk)")
+    return chunk_size
+
+
 def check_impl(
     impl: str, chunk_size: Optional[int], rule: margins.Margin, sub_centers: int
 ) -> Optional[int]:
@@ -104,12 +116,7 @@ def check_impl(
     classes per chunk) and return the checked ``chunk_size``; an ``impl="fused"`` /
     ``"chunked"`` that cannot run (no ``fused_target``, sub-centers) warns that the reference
     path runs instead."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if chunk_size is not None:
-        chunk_size = as_int(chunk_size, "chunk_size", 1)
-    if impl == "chunked" and chunk_size is None:
-        raise ValueError("impl='chunked' needs chunk_size (classes per chunk)")
+    chunk_size = _checked_chunking(impl, chunk_size)
     if impl in ("fused", "chunked") and not _fusable(rule, sub_centers):
         why = (
             f"sub_centers={sub_centers}"
@@ -288,10 +295,12 @@ def cloud_margin_loss(
 ) -> Tensor:
     """The margin softmax loss of :func:`cloud_margin_logits` (same arguments), on the backend
     that ``impl`` runs (:func:`backend_for`, as :class:`LEAPMarginHead`'s ``impl`` /
-    ``chunk_size``, checked by :func:`check_impl`): by default the fused kernels
+    ``chunk_size``): by default the fused kernels
     (:func:`feature_cloud.fused.margin_loss`) whenever the margin has a fused derivative, one
     weight row per class and no graph capture (every cloud mode); otherwise the reference
-    pipeline. For adapters that hold their own weight (PML's ``W``)."""
+    pipeline. For adapters that hold their own weight (PML's ``W``); ``impl`` and
+    ``chunk_size`` are checked here too (no warning: the caller's constructor gives it)."""
+    chunk_size = _checked_chunking(impl, chunk_size)
     loss = _margin_loss(
         cloud,
         embeddings,

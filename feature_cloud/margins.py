@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import types
-import weakref
 from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
@@ -161,14 +160,22 @@ def check(margin: Margin, margin_value: Optional[float] = None) -> None:
     other on a grid of float64 cosines, with and without cloud angles, at ``margin_value``
     (default: the margin's ``default_margin``): ``target`` implemented and shaped like its
     input; where the margin has a fused path (:attr:`~Margin.has_fused`), ``fused_target`` a
-    ``(value, derivative)`` pair shaped like ``c_y``, its value equal to ``target``'s and its
-    derivative equal to autograd's of ``target`` (relative 1e-6). ``TypeError`` /
-    ``ValueError`` naming the margin and the first disagreement otherwise. :func:`register`
-    runs it; the heads run it once for a margin passed as an instance.
+    ``(value, derivative)`` pair of tensors shaped like ``c_y`` (a list too), its value
+    equal to ``target``'s and its derivative to autograd's of ``target`` (to 1e-6, relative
+    and absolute). ``TypeError`` / ``ValueError`` naming the margin and the first disagreement
+    otherwise. :func:`register` runs it; the heads run it once for a margin passed as an
+    instance (a mark in the instance: copies and pickles keep it).
 
     The grid keeps away from ``cos = +-1`` and from ``theta + alpha + m`` near ``0`` or ``pi``
     (where the built-in margins clip); a margin with a kink elsewhere can be registered with
-    ``register(..., check=False)``."""
+    ``register(..., check=False)``. Runs on the CPU with autograd on, whatever the caller's
+    context (``torch.no_grad()``, ``inference_mode``, a ``torch.device("meta")`` block)."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.device("cpu"):
+        _check_on_cpu(margin, margin_value)
+
+
+def _check_on_cpu(margin: Margin, margin_value: Optional[float]) -> None:
+    """:func:`check`'s body, in a context with autograd on and CPU tensors."""
     who = f"margin {type(margin).__name__}(name={margin.name!r})"
     m = float(margin.default_margin if margin_value is None else margin_value)
     cos = torch.linspace(-0.6, 0.9, 13, dtype=torch.float64)
@@ -189,6 +196,8 @@ def check(margin: Margin, margin_value: Optional[float] = None) -> None:
         if not margin.has_fused:
             continue
         pair = margin.fused_target(cos.clone(), alpha, m)
+        if isinstance(pair, list):  # any pair unpacks in the kernels
+            pair = tuple(pair)
         if (
             not isinstance(pair, tuple)
             or len(pair) != 2
@@ -225,8 +234,12 @@ def _describe(value: object) -> str:
 
 
 _REGISTRY: Dict[str, Margin] = {}
-#: margins passed to the heads as instances (not registered) that :func:`check` has passed
-_CHECKED: weakref.WeakSet[Margin] = weakref.WeakSet()
+
+
+def _mark_checked(margin: Margin) -> None:
+    """Mark an instance :func:`check` has passed (in its own ``__dict__``: copies and pickles
+    keep the mark; margins need not be hashable)."""
+    vars(margin)["_checked"] = True
 
 
 def register(margin: Margin, *, replace: bool = False, check: bool = True) -> Margin:
@@ -238,7 +251,7 @@ def register(margin: Margin, *, replace: bool = False, check: bool = True) -> Ma
         raise ValueError(f"a margin named {margin.name!r} is already registered")
     if check:
         _check(margin)
-    _CHECKED.add(margin)
+    _mark_checked(margin)
     _REGISTRY[margin.name] = margin
     return margin
 
@@ -257,9 +270,9 @@ def get(margin_type: Union[str, Margin]) -> Margin:
     """The registered :class:`Margin` named ``margin_type``; a ``Margin`` instance is returned
     as is, once checked (:func:`check`, the first time it is seen)."""
     if isinstance(margin_type, Margin):
-        if margin_type not in _CHECKED:
+        if not vars(margin_type).get("_checked", False):
             _check(margin_type)
-            _CHECKED.add(margin_type)
+            _mark_checked(margin_type)
         return margin_type
     try:
         return _REGISTRY[margin_type]

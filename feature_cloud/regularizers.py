@@ -97,11 +97,17 @@ def as_metric_l2(
         return None
     if isinstance(value, MetricL2):
         return MetricL2(value.alpha, reduction=reduction)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    alpha: Optional[float] = None
+    if not isinstance(value, (bool, str, bytes)):
+        try:  # any real number: numpy scalars, one-element tensors (hyper-parameter sweeps)
+            alpha = float(value)
+        except (TypeError, ValueError):
+            alpha = None
+    if alpha is None:
         raise TypeError(
             f"{name} must be None, a float alpha or a MetricL2, got {type(value).__name__}"
         )
-    return MetricL2(float(value), reduction=reduction)
+    return MetricL2(alpha, reduction=reduction)
 
 
 def warn_metric_l2_with_margin(owner: str, option: str, alpha: float) -> None:

@@ -890,3 +890,36 @@ def test_check_tail_split_says_which_way_to_move_the_threshold_or_that_none_work
         ):
             check_tail_split(FeatureTransfer(8, 4, tail_threshold=t), [2, 2, 2, 2])
     check_tail_split(FeatureTransfer(8, 4, tail_threshold=4), [3, 9, 5, 4])  # both kinds: fine
+
+
+def test_a_sub_center_margin_head_as_ftls_classifier():
+    """Review: ``FTLModel`` read ``num_classes`` from the weight's rows, 3 C for sub-center
+    ArcFace, and refused its own transfer ("num_classes=30; the model has 90"): fastreid's
+    ``CLS_LAYER: subcenter_arcface`` could not build. The head's class count is used; stage 0
+    and stage 1 run and train."""
+    xtr, ytr, _, _, _ = _data(6)
+    counts = torch.bincount(ytr, minlength=30)
+    torch.manual_seed(6)
+    head = LEAPMarginHead(E, 30, "subcenter_arcface", cloud=None, validate=False)
+    assert head.weight.shape[0] == 90
+    model = FTLModel(
+        nn.Sequential(nn.Linear(P, 64), nn.ReLU(), nn.Linear(64, D)),
+        head,
+        feature_dim=D,
+        filter_net=make_filter(D, E, 64),
+        alpha_recon=0,
+        alpha_reg=0,
+        transfer=FeatureTransfer(D, 30, energy=0.95, class_counts=counts),
+    )
+    assert model.num_classes == 30
+    ds = IndexedDataset(TensorDataset(xtr, ytr))
+    sched = AlternatingScheduler(model, stage0_iters=1, stage_iters=2)
+    (loader,) = [sched.loaders(ds, 16)]
+    x, y = next(iter(loader))[:2]
+    model.loss(x, y)["loss"].backward()
+    sched.step()
+    sched.update_stats(DataLoader(ds, batch_size=256))
+    hl, tl = sched.loaders(ds, 16)
+    out = sched.stage1_loss(next(iter(hl)), next(iter(tl)))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and head.weight.grad is not None

@@ -483,3 +483,30 @@ def test_a_bf16_default_dtype_keeps_the_statistics_and_the_cloud_float32(counts)
         runs[default] = (torch.stack(losses), noise, stats.centers.clone())
     for a, b in zip(runs[torch.float32], runs[torch.bfloat16]):
         assert torch.equal(a, b)
+
+
+def test_prototype_shrinkage_set_on_the_cloud_is_checked():
+    """Option-matrix trial: the README's ``head.feature_cloud.prototype_shrinkage = None`` path
+    took ``nan`` (non-finite eval logits), ``-5.0`` and ``"10"`` unchecked. It is checked as the
+    constructor's keyword; a pickle of an earlier release (a plain attribute) loads."""
+    import pickle
+
+    head = LEAPMarginHead(D, C, class_counts=[5] * C, seed=0)
+    cloud = head.feature_cloud
+    for bad, exc in ((float("nan"), ValueError), (-5.0, ValueError), ("10", TypeError)):
+        with pytest.raises(exc, match="prototype_shrinkage"):
+            cloud.prototype_shrinkage = bad
+        assert cloud.prototype_shrinkage == 10.0  # unchanged
+    cloud.prototype_shrinkage = None
+    cloud.prototype_shrinkage = 3
+    assert cloud.prototype_shrinkage == 3.0
+    imprinting = LEAPMarginHead(D, C, class_counts=[5] * C, imprint_step=4).feature_cloud
+    with pytest.raises(ValueError, match="imprint_step=4 imprints the prototypes"):
+        imprinting.prototype_shrinkage = None
+    state = cloud.__getstate__() if hasattr(cloud, "__getstate__") else dict(cloud.__dict__)
+    state = dict(state)
+    state["prototype_shrinkage"] = state.pop("_prototype_shrinkage")  # an earlier release's
+    old = type(cloud).__new__(type(cloud))
+    old.__setstate__(state)
+    assert old.prototype_shrinkage == 3.0
+    assert pickle.loads(pickle.dumps(cloud)).prototype_shrinkage == 3.0

@@ -354,3 +354,48 @@ def test_a_sub_center_margin_with_one_row_a_class_runs_fused_as_its_base_margin(
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="sub_centers=3 weight rows a class"):
         fused.margin_loss(x, torch.randn(3 * C, D), y, margin_type="subcenter_arcface")
+
+
+def test_the_margin_check_runs_in_any_context_and_on_any_margin_instance():
+    """Review of the check: it needed autograd on and CPU tensors, so ``import feature_cloud``,
+    a head built under ``no_grad`` / ``inference_mode`` / ``torch.device("meta")`` and the
+    first loss of a deep-copied head (an EMA copy) under ``no_grad`` raised; unhashable margins
+    (a dataclass) were refused; a ``fused_target`` returning a list was refused."""
+    import copy
+    import dataclasses
+    import pickle
+    import subprocess
+    import sys
+
+    code = "import torch\nwith torch.no_grad():\n    import feature_cloud\nprint('ok')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr
+    for context in (torch.no_grad, torch.inference_mode, lambda: torch.device("meta")):
+        with context():
+            LEAPMarginHead(D, C, CombinedMargin(), cloud=None)
+    head = LEAPMarginHead(D, C, CombinedMargin(), class_counts=[4] * C, seed=0)
+    x, y = _batch(7)
+    for twin in (copy.deepcopy(head), pickle.loads(pickle.dumps(head))):
+        with torch.no_grad():
+            twin(x, y)  # a training-mode forward under no_grad: a plain loss, no check needed
+
+    @dataclasses.dataclass
+    class Dataclass(margins.CosFace):  # eq=True: unhashable
+        name: str = "test_dataclass"
+        shift: float = 0.0
+
+    class ListPair(margins.CosFace):
+        name = "test_list_pair"
+
+        def fused_target(self, c_y, alpha_y, margin):
+            return list(super().fused_target(c_y, alpha_y, margin))
+
+    for rule in (Dataclass(), ListPair()):
+        margins.register(rule)
+        try:
+            reference = LEAPMarginHead(D, C, rule.name, cloud=None, impl="reference")
+            fast = LEAPMarginHead(D, C, rule.name, cloud=None)
+            fast.load_state_dict(reference.state_dict())
+            torch.testing.assert_close(fast(x, y), reference(x, y), atol=1e-5, rtol=1e-5)
+        finally:
+            margins.unregister(rule.name)

@@ -483,6 +483,22 @@ def test_leaploss_chooses_the_loss_backend_as_the_head_does():
         LEAPLoss(C, D, impl="chunked")
     with pytest.warns(UserWarning, match="runs the reference path"):
         LEAPLoss(C, D, margin_type="subcenter_arcface", impl="fused", cloud=None)
+    # the pure function an adapter calls checks them too (review: a bare KeyError, a silent
+    # fused run for "chunked" without chunk_size, a float chunk_size taken)
+    from feature_cloud.heads import cloud_margin_loss
+
+    loss = runs["auto"]
+    emb, labels = _batch(30)
+    for kw, exc in (
+        (dict(impl="bogus"), ValueError),
+        (dict(impl="chunked"), ValueError),
+        (dict(impl="auto", chunk_size=2.5), TypeError),
+    ):
+        with pytest.raises(exc, match="impl|chunk_size"):
+            cloud_margin_loss(
+                loss.feature_cloud, emb, loss.W.t(), labels, (None, None),
+                margin_type="cosface", scale=64.0, margin=0.35, **kw,
+            )  # fmt: skip
 
 
 def test_get_logits_use_the_cloud_prototypes():

@@ -121,6 +121,10 @@ def test_training_steps_decrease_loss_and_update_statistics():
     from feature_cloud import MetricL2
 
     assert _task(metric_l2=MetricL2(1e-3)).metric_l2.alpha == 1e-3
+    import numpy as np  # numbers of a sweep: numpy scalars, one-element tensors (review)
+
+    for alpha in (np.float32(0.5), np.int64(1), torch.tensor(0.25)):
+        assert _task(metric_l2=alpha).metric_l2.alpha == float(alpha)
     with pytest.raises(TypeError, match="metric_l2 must be None, a float alpha or a MetricL2"):
         _task(metric_l2="0.1")
     assert float(head.statistics.cloud_variance().max()) > 0
