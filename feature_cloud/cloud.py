@@ -94,8 +94,7 @@ def _check_config(
 ) -> Tuple[int, Optional[int]]:
     """The cloud's argument checks, named as the user passed them (the statistics re-check
     their own); returns ``(warmup_steps, count_steps)`` as ints."""
-    if rule is not None and rule not in FC.CLOUD_RULES:
-        raise ValueError(f"cloud must be one of {FC.CLOUD_RULES} or None, got {rule!r}")
+    FC.check_cloud_rule(rule)
     as_int(tail_threshold, "tail_threshold", 0)
     as_int(memory_per_sample, "memory_per_sample", 1)
     as_float(gamma, "gamma", minimum=0.0, maximum=1.0, min_inclusive=False)
@@ -369,8 +368,7 @@ class FeatureCloud(nn.Module):
         Turning a cloud on past the warm-up needs ``K_i``: a head built with ``cloud=None`` and
         no ``class_counts`` never counted them, so lay them out first
         (``statistics.allocate_memory(class_counts)``)."""
-        if rule is not None and rule not in FC.CLOUD_RULES:
-            raise ValueError(f"cloud must be one of {FC.CLOUD_RULES} or None, got {rule!r}")
+        FC.check_cloud_rule(rule)
         stats = self.statistics
         steps = self._host_count()
         if (

@@ -30,6 +30,7 @@ from .angles import safe_acos, shifted_cosine
 __all__ = [
     "MARGIN_TYPES",
     "CLOUD_RULES",
+    "check_cloud_rule",
     "CLOUD_MODES",
     "target_cloud_angles",
     "safe_acos",
@@ -448,6 +449,15 @@ def full_cloud_variance(
     return torch.where(has_stats | prior, out, torch.zeros_like(out))
 
 
+def check_cloud_rule(rule: Optional[str], optional: bool = True) -> Optional[str]:
+    """``rule`` if it is one of :data:`CLOUD_RULES` (or ``None`` where ``optional``: no cloud),
+    else ``ValueError`` naming them."""
+    if (rule is None and optional) or rule in CLOUD_RULES:
+        return rule
+    choices = f"{CLOUD_RULES} or None" if optional else f"{CLOUD_RULES}"
+    raise ValueError(f"cloud must be one of {choices}, got {rule!r}")
+
+
 def cloud_variance(
     rule: str,
     var: Tensor,
@@ -457,11 +467,9 @@ def cloud_variance(
     prior: Optional[Tensor] = None,
 ) -> Tensor:
     """Dispatch to :func:`full_cloud_variance` or :func:`vanilla_cloud_variance` by ``rule``."""
-    if rule == "full":
+    if check_cloud_rule(rule, optional=False) == "full":
         return full_cloud_variance(var, has_stats, class_counts, prior)
-    if rule == "vanilla":
-        return vanilla_cloud_variance(var, has_stats, class_counts, threshold, prior)
-    raise ValueError(f"cloud rule must be one of {CLOUD_RULES}, got {rule!r}")
+    return vanilla_cloud_variance(var, has_stats, class_counts, threshold, prior)
 
 
 def center_prototypes(

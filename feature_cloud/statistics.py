@@ -129,8 +129,7 @@ class ClassStatistics(KeepBufferDtypes):
         )
         memory_per_sample = as_int(memory_per_sample, "memory_per_sample (P)", 1)
         tail_threshold = as_int(tail_threshold, "tail_threshold", 0)
-        if cloud not in FC.CLOUD_RULES:
-            raise ValueError(f"cloud must be one of {FC.CLOUD_RULES}, got {cloud!r}")
+        FC.check_cloud_rule(cloud, optional=False)
         if center_rate not in CENTER_RATES:
             raise ValueError(f"center_rate must be one of {CENTER_RATES}, got {center_rate!r}")
         if unknown_variance not in FC.UNKNOWN_VARIANCE:
