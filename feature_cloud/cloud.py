@@ -271,6 +271,11 @@ class FeatureCloud(nn.Module):
                 f"count_steps=<steps per epoch> (count_steps={warmup_steps} when the warm-up is "
                 "one epoch: no warning)."
             )
+        if class_counts is not None and count_steps is not None:
+            warn_user(
+                f"count_steps={count_steps} has no effect: class_counts are given, so K_i are not "
+                "counted online"
+            )
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), device="cpu").item())  # also on meta
         self.register_buffer("step", torch.zeros((), dtype=torch.long))

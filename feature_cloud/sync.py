@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ._validation import (
     PROBLEM_SLOTS,
+    as_int,
     check_batch,
     problem_tensor,
     raise_for_problems,
@@ -360,11 +361,11 @@ class SyncedClassStatistics(HoldsProcessGroup, ClassStatistics):
     ) -> None:
         if batch not in BATCH_MODES:
             raise ValueError(f"batch must be one of {BATCH_MODES}, got {batch!r}")
-        if pad_to is not None and int(pad_to) < 0:
-            raise ValueError(f"pad_to must be >= 0, got {pad_to}")
+        if pad_to is not None:
+            pad_to = as_int(pad_to, "pad_to", 0)
         super().__init__(num_classes, embedding_size, **kwargs)
         self.process_group = process_group
-        self.pad_to = None if pad_to is None else int(pad_to)
+        self.pad_to = pad_to
         self.batch = batch
         self._agreed: Optional[Tuple[Tensor, Tensor, int]] = None
 

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -510,3 +511,12 @@ def test_prototype_shrinkage_set_on_the_cloud_is_checked():
     old.__setstate__(state)
     assert old.prototype_shrinkage == 3.0
     assert pickle.loads(pickle.dumps(cloud)).prototype_shrinkage == 3.0
+
+
+def test_count_steps_beside_class_counts_says_it_has_no_effect():
+    """Option-matrix trial: ``count_steps`` with ``class_counts`` given was dropped silently."""
+    with pytest.warns(UserWarning, match="count_steps=3 has no effect: class_counts are given"):
+        LEAPMarginHead(D, C, class_counts=[5] * C, warmup_steps=4, count_steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LEAPMarginHead(D, C, warmup_steps=4, count_steps=4)  # online over one epoch: quiet

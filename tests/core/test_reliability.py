@@ -253,6 +253,13 @@ def test_other_modules_validate_their_hyper_parameters():
         ShardedLEAPMarginHead(D, C, scale=NAN, cloud=None)
     with pytest.raises(ValueError, match="sample_rate"):
         ShardedLEAPMarginHead(D, C, sample_rate=NAN, cloud=None)
+    # pad_to is an integer (option-matrix trial: 2.5 was taken and truncated)
+    from feature_cloud.sync import SyncedClassStatistics
+
+    with pytest.raises(TypeError, match="pad_to"):
+        SyncedClassStatistics(C, D, class_counts=[5] * C, pad_to=2.5)
+    with pytest.raises(ValueError, match="pad_to"):
+        SyncedClassStatistics(C, D, class_counts=[5] * C, pad_to=-1)
     # named as the user spelt it (review: "max_age must be >= 1", the statistics' own name)
     with pytest.raises(ValueError, match="angle_max_age must be >= 1"):
         LEAPMarginHead(D, C, class_counts=[5] * C, angle_max_age=0)
