@@ -62,7 +62,13 @@ from feature_cloud._validation import (
     warn_user,
 )
 from feature_cloud.cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
-from feature_cloud.heads import check_impl, cloud_margin_loss, in_draw_order, make_cloud
+from feature_cloud.heads import (
+    backend_for,
+    check_impl,
+    cloud_margin_loss,
+    in_draw_order,
+    make_cloud,
+)
 from feature_cloud.regularizers import MetricL2, as_metric_l2, warn_metric_l2_with_margin
 from feature_cloud.sync import SyncedClassStatistics, is_distributed
 
@@ -417,6 +423,12 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
     #: PML's data cleaning of sub-center ArcFace (``SubCenterArcFaceLoss.get_outliers``: samples
     #: whose angle to their class's dominant sub-center exceeds ``threshold`` degrees), on ``W``
     get_outliers = SubCenterArcFaceLoss.get_outliers
+
+    @property
+    def backend(self) -> str:
+        """The loss implementation ``forward`` runs (``"reference"``, ``"fused"`` or
+        ``"chunked"``), as :attr:`feature_cloud.LEAPMarginHead.backend`."""
+        return backend_for(self.impl, self.margin_rule, self.sub_centers, self.chunk_size)
 
     def get_logits(self, embeddings: Tensor) -> Tensor:
         """``s cos(theta)`` for every class ``(B, C)``, as PML's ``CosFaceLoss.get_logits``,

@@ -477,6 +477,7 @@ def test_leaploss_chooses_the_loss_backend_as_the_head_does():
         for impl in ("reference", "chunked"):
             assert _max_diff(got[impl], got["auto"]) <= TOL, (impl, step)
     assert seen == [None, 5] * 3  # auto: one fused call, chunked: chunks of 5; reference: none
+    assert [loss.backend for loss in runs.values()] == ["fused", "reference", "chunked"]
     with pytest.raises(ValueError, match="impl must be one of"):
         LEAPLoss(C, D, impl="fast")
     with pytest.raises(ValueError, match="needs chunk_size"):
