@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["is_compiling", "is_exporting"]
+__all__ = ["is_compiling", "is_exporting", "is_tracing"]
 
 is_compiling: Callable[[], bool]
 is_exporting: Callable[[], bool]
@@ -28,3 +28,8 @@ else:  # torch < 2.5
 
     def is_exporting() -> bool:
         return False
+
+
+def is_tracing() -> bool:
+    """Whether ``torch.jit.trace`` (or the legacy ONNX exporter, which traces) is running."""
+    return bool(torch._C._get_tracing_state())

@@ -29,7 +29,7 @@ import numpy.typing as npt
 import torch
 from torch import Tensor
 
-from ._compat import is_compiling
+from ._compat import is_compiling, is_tracing
 
 #: per-class sample counts as the constructors take them: a tensor, a list of ints or a NumPy
 #: integer array (``np.bincount(labels)``)
@@ -204,7 +204,9 @@ def check_embeddings(embeddings: Tensor, embedding_size: int, name: str = "embed
         raise ValueError(
             f"{name} must have shape (batch, {embedding_size}), got {tuple(embeddings.shape)}"
         )
-    if embeddings.shape[1] != embedding_size:
+    # (a traced shape is a tensor: comparing it warns in a legacy ONNX export; a traced graph
+    # cannot raise anyway, and a wrong width fails in its matrix product)
+    if not is_tracing() and embeddings.shape[1] != embedding_size:
         raise ValueError(
             f"{name} has dimension {embeddings.shape[1]} but the module expects "
             f"embedding_size={embedding_size}"

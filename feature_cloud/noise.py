@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._compat import is_compiling, is_exporting
+from ._compat import is_compiling, is_exporting, is_tracing
 
 __all__ = [
     "noise_key",
@@ -131,8 +131,7 @@ def _box_muller(pair: Tensor, key: Tensor, odd: Tensor | None = None) -> Tensor:
 
 def capturing() -> bool:
     """Whether a graph is being captured (``torch.compile``, ``torch.export``, ``jit.trace``)."""
-    tracing = bool(torch._C._get_tracing_state())  # torch.jit.is_tracing()  # type: ignore[attr-defined,no-untyped-call], typed
-    return is_compiling() or is_exporting() or tracing
+    return is_compiling() or is_exporting() or is_tracing()
 
 
 def _hash32_buf_(x: Tensor, t: Tensor) -> Tensor:

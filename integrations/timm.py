@@ -25,6 +25,7 @@ reports closed-set top-1/top-5 of the head's ``s cos(theta)`` logits. No math he
 
 from __future__ import annotations
 
+import logging
 from typing import (
     Any,
     Callable,
@@ -74,6 +75,8 @@ from feature_cloud.ftl import (
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.regularizers import MetricL2, as_metric_l2, warn_metric_l2_with_margin
 from feature_cloud.transfer import FeatureTransfer
+
+_logger = logging.getLogger(__name__)
 
 __all__ = [
     "LEAPTask",
@@ -282,16 +285,64 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
 
 
 class LEAPEvaluator(ClassificationEvaluator):
-    """timm's classification evaluator on the head's cosine logits of the eval model's embeddings
-    (``head``: a :class:`LEAPMarginHead`, or an :class:`FTLModel` whose ``logits(f)`` is its FC)."""
+    """timm's classification evaluator on the head's logits of the eval model's embeddings
+    (``head``: a :class:`LEAPMarginHead`, or an :class:`FTLModel` whose ``logits(f)`` is its FC).
+
+    ``loss``, ``top1``, ``top5``: the head's inference logits, in eval mode whatever mode the
+    loop left the head in (a timm loop puts only :meth:`LEAPTask.get_eval_model`, the backbone,
+    in eval mode): with the default ``prototype_shrinkage`` the inference prototypes.
+    ``top1_weights``: top-1 against the class weights themselves (the head in train mode: the
+    paper's logits), to see what the prototypes change.
+    """
+
+    metric_names = ("loss", "top1", "top5", "top1_weights")
 
     def __init__(self, head: Union[LEAPMarginHead, FTLModel], device=None, **kwargs: Any) -> None:
         super().__init__(device=device, **kwargs)
         self.head = head
 
+    def reset(self) -> None:
+        super().reset()
+        self.weights_correct = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    def _logits(self, output: Tensor, training: bool) -> Tensor:
+        """The head's logits with the classifier in the given mode (every module's own mode
+        put back afterwards)."""
+        head = self.head
+        part = head.classifier if isinstance(head, FTLModel) else head
+        modes = [(m, m.training) for m in part.modules()]
+        part.train(training)
+        try:
+            return head.logits(output)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+
     @torch.no_grad()
     def update(self, output: Tensor, target: Tensor):
-        return super().update(self.head.logits(output), target)
+        seen = self.num_samples
+        super().update(self._logits(output, False), target)
+        used = self.num_samples - seen  # the rows timm kept (max_samples)
+        if used:
+            weights = self._logits(output[:used], True)
+            hits = weights.argmax(1).eq(target[:used].to(weights.device)).sum()
+            self.weights_correct += hits.to(self.weights_correct.device)
+
+    def _summary(self, loss_sum: Tensor, counts: Tensor) -> Any:
+        out = super()._summary(loss_sum, counts)
+        out["top1_weights"] = 100 * self._weights_total / max(int(counts[0]), 1)
+        return out
+
+    def compute(self, distributed: bool = False) -> Any:
+        total = self.weights_correct.clone()
+        if distributed:
+            torch.distributed.all_reduce(total)
+        self._weights_total = int(total)
+        return super().compute(distributed)
+
+    def summary(self) -> Any:
+        self._weights_total = int(self.weights_correct)
+        return super().summary()
 
 
 class LEAPTask(_AllOrNothingLoad):
@@ -730,8 +781,12 @@ class FTLTask(_AllOrNothingLoad):
         return self.scheduler.finished
 
     def update_stats(self, loader: Iterable[Any]) -> Dict[str, Any]:
-        """UpdateStats() of Algorithm 1 (:meth:`AlternatingScheduler.update_stats`)."""
-        return self.scheduler.update_stats(loader)
+        """UpdateStats() of Algorithm 1 (:meth:`AlternatingScheduler.update_stats`); its summary
+        is logged (``verbose``, logger ``feature_cloud.integrations.timm``)."""
+        summary = self.scheduler.update_stats(loader)
+        if self.verbose:
+            _logger.info("FTL UpdateStats: %s", summary)
+        return summary
 
     def loaders(
         self, dataset: Any, batch_size: int, **loader_kwargs: Any
@@ -740,8 +795,18 @@ class FTLTask(_AllOrNothingLoad):
         return self.scheduler.loaders(dataset, batch_size, **loader_kwargs)
 
     def step(self) -> int:
-        """Count one finished iteration (after ``optimizer.step()``); returns the next stage."""
-        return self.scheduler.step()
+        """Count one finished iteration (after ``optimizer.step()``); returns the next stage. A
+        stage switch is logged (``verbose``), as fastreid's hook logs ``ftl_stage``."""
+        before = self.scheduler.stage
+        stage = self.scheduler.step()
+        if self.verbose and (stage != before or self.scheduler.finished):
+            _logger.info(
+                "FTL: stage %d -> %s (%s)",
+                before,
+                "finished" if self.scheduler.finished else stage,
+                self.scheduler,
+            )
+        return stage
 
     # ------------------------------------------------------------------ timm task hooks
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs: Any) -> FTLTask:

@@ -147,6 +147,23 @@ def test_training_steps_decrease_loss_and_update_statistics():
         assert (proto - plain).abs().max() > 1e-3
         torch.testing.assert_close(task.get_trainable_module()(x), proto)
 
+    # timm-real trial: the evaluator's top-1 followed the mode the loop left the head in (a timm
+    # loop puts only the backbone in eval mode), and nothing showed the weights' own top-1
+    # (the prototypes had moved it 35 head points). Inference logits always; top1_weights too.
+    def top1(logits):
+        return 100.0 * float(logits.argmax(1).eq(y).float().mean())
+
+    for mode in (True, False):
+        head.train(mode)
+        ev = task.create_evaluator()
+        ev.update(emb, y)
+        got = ev.compute()
+        assert got["top1"] == pytest.approx(top1(proto)), mode
+        assert got["top1_weights"] == pytest.approx(top1(plain)), mode
+        assert ev.summary()["top1_weights"] == got["top1_weights"]
+        assert head.training is mode  # the loop's mode put back
+    assert "top1_weights" in LEAPEvaluator.metric_names
+
 
 def test_task_state_round_trips_through_a_timm_checkpoint(tmp_path):
     task = _task(seed=1)
@@ -275,8 +292,11 @@ def test_ftl_task_refuses_a_split_without_long_tail_classes():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_ftl_task_runs_the_stages():
-    task = _ftl_task()
+def test_ftl_task_runs_the_stages(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="feature_cloud.integrations.timm")
+    task = _ftl_task(verbose=True)
     model = task.model
     dataset, stats_loader = _data()
     opt = torch.optim.Adam(model.param_groups(), lr=1e-3, weight_decay=1e-4)
@@ -308,6 +328,11 @@ def test_ftl_task_runs_the_stages():
     assert torch.equal(snaps["fc"], model.classifier.weight)  # FC fixed in stage 2
     assert task.finished and [s for s, _ in record] == [0, 0, 0, 1, 1, 2, 2]
     assert all(torch.isfinite(torch.tensor([v for _, v in record])))
+    # the stage switches and UpdateStats are logged (timm-real trial: nothing was)
+    said = [r.getMessage() for r in caplog.records if r.name == "feature_cloud.integrations.timm"]
+    switches = [m.split(" (")[0] for m in said if m.startswith("FTL: stage")]
+    assert switches == ["FTL: stage 0 -> 1", "FTL: stage 1 -> 2", "FTL: stage 2 -> finished"]
+    assert sum(m.startswith("FTL UpdateStats: ") for m in said) == 1
 
     task.eval()
     evaluator = task.create_evaluator()
