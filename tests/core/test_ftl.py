@@ -337,11 +337,18 @@ def test_stage1_batches_are_the_three_batches_of_algorithm1():
     torch.testing.assert_close(out["loss"], ref)
 
 
-def _leap_ftl(seed: int, counts, **kw):
+def _leap_ftl(seed: int, counts, head=None, **kw):
     torch.manual_seed(seed)
-    head = LEAPMarginHead(
-        E, 30, cloud="vanilla", tail_threshold=20, class_counts=counts, seed=seed, validate=False
-    )
+    if head is None:
+        head = LEAPMarginHead(
+            E,
+            30,
+            cloud="vanilla",
+            tail_threshold=20,
+            class_counts=counts,
+            seed=seed,
+            validate=False,
+        )
     enc = nn.Sequential(nn.Linear(P, 64), nn.ReLU(), nn.Linear(64, D))
     return FTLModel(
         enc,
@@ -899,18 +906,9 @@ def test_a_sub_center_margin_head_as_ftls_classifier():
     and stage 1 run and train."""
     xtr, ytr, _, _, _ = _data(6)
     counts = torch.bincount(ytr, minlength=30)
-    torch.manual_seed(6)
     head = LEAPMarginHead(E, 30, "subcenter_arcface", cloud=None, validate=False)
     assert head.weight.shape[0] == 90
-    model = FTLModel(
-        nn.Sequential(nn.Linear(P, 64), nn.ReLU(), nn.Linear(64, D)),
-        head,
-        feature_dim=D,
-        filter_net=make_filter(D, E, 64),
-        alpha_recon=0,
-        alpha_reg=0,
-        transfer=FeatureTransfer(D, 30, energy=0.95, class_counts=counts),
-    )
+    model = _leap_ftl(6, counts, head=head)
     assert model.num_classes == 30
     ds = IndexedDataset(TensorDataset(xtr, ytr))
     sched = AlternatingScheduler(model, stage0_iters=1, stage_iters=2)
