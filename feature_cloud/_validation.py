@@ -194,6 +194,17 @@ def check_class_counts(counts: ClassCounts, num_classes: int, name: str = "class
 # ------------------------------------------------------------------------------------------
 
 
+def differs(size: Any, expected: int) -> bool:
+    """``size != expected`` for a tensor's size, without the tracer's warning ("Converting a
+    tensor to a Python boolean"): under ``torch.jit.trace`` and a legacy ONNX export a size is a
+    traced tensor; the check still runs on the example inputs."""
+    if not is_tracing():
+        return bool(size != expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit._trace.TracerWarning)
+        return bool(size != expected)
+
+
 def check_embeddings(embeddings: Tensor, embedding_size: int, name: str = "embeddings") -> None:
     """Type and shape of a ``(B, D)`` floating tensor (free: no device sync)."""
     if not isinstance(embeddings, Tensor):
@@ -204,9 +215,7 @@ def check_embeddings(embeddings: Tensor, embedding_size: int, name: str = "embed
         raise ValueError(
             f"{name} must have shape (batch, {embedding_size}), got {tuple(embeddings.shape)}"
         )
-    # (a traced shape is a tensor: comparing it warns in a legacy ONNX export; a traced graph
-    # cannot raise anyway, and a wrong width fails in its matrix product)
-    if not is_tracing() and embeddings.shape[1] != embedding_size:
+    if differs(embeddings.shape[1], embedding_size):
         raise ValueError(
             f"{name} has dimension {embeddings.shape[1]} but the module expects "
             f"embedding_size={embedding_size}"

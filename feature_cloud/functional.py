@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import margins as _margins
-from ._validation import check_reduction
+from ._validation import check_reduction, differs
 from .angles import safe_acos, shifted_cosine
 
 __all__ = [
@@ -108,7 +108,7 @@ def cosine_logits(embeddings: Tensor, weight: Tensor, sub_centers: int = 1) -> T
     cos = F.linear(safe_normalize(embeddings, dim=1), F.normalize(weight, dim=1))
     if sub_centers == 1:
         return cos
-    if weight.shape[0] % sub_centers:
+    if differs(weight.shape[0] % sub_centers, 0):
         raise ValueError(
             f"weight has {weight.shape[0]} rows, not a multiple of sub_centers={sub_centers}"
         )

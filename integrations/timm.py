@@ -304,15 +304,22 @@ class LEAPEvaluator(ClassificationEvaluator):
     def reset(self) -> None:
         super().reset()
         self.weights_correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._entered_eval = False
 
     def _logits(self, output: Tensor, training: bool) -> Tensor:
         """The head's logits with the classifier in the given mode (every module's own mode
-        put back afterwards)."""
+        put back afterwards). Mode flags are set directly: ``train()`` itself runs once an
+        evaluation (a cloud-less head reads there whether it holds centers, one host read),
+        not on every batch."""
         head = self.head
         part = head.classifier if isinstance(head, FTLModel) else head
         modes = [(m, m.training) for m in part.modules()]
-        part.train(training)
         try:
+            if not training and not getattr(self, "_entered_eval", False):
+                part.eval()
+                self._entered_eval = True
+            for module, _ in modes:
+                module.training = training
             return head.logits(output)
         finally:
             for module, mode in modes:

@@ -188,9 +188,16 @@ def test_onnx_export_legacy_and_dynamo() -> None:
         warnings.simplefilter("always")
         torch.onnx.export(model, (x,), buf, dynamo=False)
     # timm-real trial: the head's width check warned "Converting a tensor to a Python boolean
-    # might cause the trace to be incorrect" (harmless, alarming)
-    ours = [w for w in seen if "Converting a tensor" in str(w.message)]
+    # might cause the trace to be incorrect" (harmless, alarming); a sub-center head's layout
+    # check too (review)
+    sub = _Net(LEAPMarginHead(D, C, "subcenter_arcface", class_counts=COUNTS, seed=1)).eval()
+    with warnings.catch_warnings(record=True) as more:
+        warnings.simplefilter("always")
+        torch.onnx.export(sub, (x,), io.BytesIO(), dynamo=False)
+    ours = [w for w in seen + more if "Converting a tensor" in str(w.message)]
     assert not ours, [(w.filename, w.lineno, str(w.message)) for w in ours]
+    with pytest.raises(ValueError, match="has dimension 5 but the module expects"):
+        torch.jit.trace(lambda f: model.head.logits(f), (torch.randn(4, 5),))  # named
     import onnx
 
     graph = onnx.load_from_string(buf.getvalue())

@@ -163,6 +163,21 @@ def test_training_steps_decrease_loss_and_update_statistics():
         assert ev.summary()["top1_weights"] == got["top1_weights"]
         assert head.training is mode  # the loop's mode put back
     assert "top1_weights" in LEAPEvaluator.metric_names
+    # a cloud-less head holding a LEAP head's centers (never in eval mode itself) scores the
+    # prototypes, and the evaluator enters eval mode once an evaluation, not on every batch
+    # (review: train() reads the centers on the host each time)
+    from unittest import mock
+
+    from feature_cloud.cloud import FeatureCloud
+
+    plain_head = LEAPMarginHead(head.embedding_size, C, cloud=None, scale=16.0, margin=0.2)
+    plain_head.load_state_dict(head.state_dict())
+    ev = LEAPEvaluator(plain_head)
+    with mock.patch.object(FeatureCloud, "train", autospec=True, wraps=FeatureCloud.train) as tr:
+        for part in (slice(0, 40), slice(40, None)):
+            ev.update(emb[part], y[part])
+    assert tr.call_count == 1 and plain_head.training
+    assert ev.compute()["top1"] == pytest.approx(top1(proto))
 
 
 def test_task_state_round_trips_through_a_timm_checkpoint(tmp_path):
