@@ -519,17 +519,12 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         cross-entropy (fastreid) call this.
         """
         std, key, labels = self._training_step(embeddings, labels)
-        return self._margin_logits(embeddings, labels, (std, key))
-
-    def _margin_logits(
-        self, embeddings: Tensor, labels: Tensor, draw: Tuple[Optional[Tensor], Optional[Tensor]]
-    ) -> Tensor:
         return cloud_margin_logits(
             self.feature_cloud,
             embeddings,
             self.weight,
             labels,
-            draw,
+            (std, key),
             margin_type=self.margin_rule,
             scale=self.scale,
             margin=self.margin,
@@ -613,32 +608,11 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         )
         std, key, labels = self._training_step(embeddings, cast(Tensor, labels), problem)
         x, y, draw, back = in_draw_order(self.feature_cloud, embeddings, labels, (std, key))
-        out = self._loss(x, y, draw, reduction, label_smoothing, return_top1)
-        if back is None:
-            return out
-        if isinstance(out, tuple):
-            loss, top1 = out
-            return (loss[back] if reduction == "none" else loss), top1[back]
-        return out[back] if reduction == "none" else out
-
-    if TYPE_CHECKING:  # head(x, y) is a Tensor, head(x, y, return_top1=True) a pair
-        __call__ = forward
-
-    def _loss(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        draw: Tuple[Optional[Tensor], Optional[Tensor]],
-        reduction: str,
-        label_smoothing: float,
-        return_top1: bool,
-    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        """:meth:`forward`'s loss of a checked batch and its cloud ``draw``, on :attr:`backend`."""
-        return _margin_loss(
+        out = _margin_loss(
             self.feature_cloud,
-            embeddings,
+            x,
             self.weight,
-            labels,
+            y,
             draw,
             self.margin_rule,
             self.scale,
@@ -650,6 +624,15 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
             label_smoothing,
             return_top1,
         )
+        if back is None:
+            return out
+        if isinstance(out, tuple):
+            loss, top1 = out
+            return (loss[back] if reduction == "none" else loss), top1[back]
+        return out[back] if reduction == "none" else out
+
+    if TYPE_CHECKING:  # head(x, y) is a Tensor, head(x, y, return_top1=True) a pair
+        __call__ = forward
 
     @property
     def backend(self) -> str:

@@ -87,17 +87,6 @@ def _holds(module: Any, loss: nn.Module) -> bool:
     return isinstance(module, nn.Module) and any(m is loss for m in module.modules())
 
 
-def _avg_target_angle(embeddings: Tensor, W: Tensor, labels: Tensor, sub_centers: int) -> float:
-    """Mean angle (degrees) between the embeddings and their class weights (the closest
-    sub-center), over the rows with a label: PML's ``avg_angle`` (one host read, as PML's)."""
-    valid = labels >= 0
-    if not bool(valid.any()):
-        return 0.0
-    cos = FC.cosine_logits(*FC.common_float(embeddings[valid], W.t()), sub_centers)
-    target = cos.gather(1, labels[valid].unsqueeze(1)).squeeze(1)
-    return math.degrees(float(torch.acos(target.clamp(-1.0, 1.0)).mean()))
-
-
 def _half_to_float32(x: Tensor) -> Tensor:
     """``x`` in float32 when it is bf16/fp16 (differentiable; float64 stays float64); anything
     else as it is, for the batch check to refuse (integers would be promoted silently)."""
@@ -380,9 +369,14 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         )
         if back is not None:
             losses = losses[back]  # the wrapper's rows
-        if self.collect_stats:  # PML's LargeMarginSoftmaxLoss.get_angles statistic
+        if self.collect_stats:  # PML's avg_angle: the target angles of the labelled rows
             with torch.no_grad():
-                self.avg_angle = _avg_target_angle(embeddings, self.W, labels, self.sub_centers)
+                valid = labels >= 0
+                if bool(valid.any()):  # one host read, as PML's
+                    cos = self.get_cosine(embeddings[valid])
+                    self.get_angles(cos.gather(1, labels[valid].unsqueeze(1)).squeeze(1))
+                else:
+                    self.avg_angle = 0.0
         indices = c_f.torch_arange_from_size(embeddings)
         loss_dict: Dict[str, Dict[str, Any]] = {
             "loss": {

@@ -303,7 +303,8 @@ class LEAPEvaluator(ClassificationEvaluator):
 
     def reset(self) -> None:
         super().reset()
-        self.weights_correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        # timm's counts (examples, top-1, top-5) and the weights' top-1: one all-reduce for all
+        self.counts = torch.zeros(4, dtype=torch.int64, device=self.device)
         self._entered_eval = False
 
     def _logits(self, output: Tensor, training: bool) -> Tensor:
@@ -315,7 +316,7 @@ class LEAPEvaluator(ClassificationEvaluator):
         part = head.classifier if isinstance(head, FTLModel) else head
         modes = [(m, m.training) for m in part.modules()]
         try:
-            if not training and not getattr(self, "_entered_eval", False):
+            if not training and not self._entered_eval:
                 part.eval()
                 self._entered_eval = True
             for module, _ in modes:
@@ -333,23 +334,12 @@ class LEAPEvaluator(ClassificationEvaluator):
         if used:
             weights = self._logits(output[:used], True)
             hits = weights.argmax(1).eq(target[:used].to(weights.device)).sum()
-            self.weights_correct += hits.to(self.weights_correct.device)
+            self.counts[3] += hits.to(self.counts.device)
 
     def _summary(self, loss_sum: Tensor, counts: Tensor) -> Any:
-        out = super()._summary(loss_sum, counts)
-        out["top1_weights"] = 100 * self._weights_total / max(int(counts[0]), 1)
+        out = super()._summary(loss_sum, counts[:3])
+        out["top1_weights"] = 100 * int(counts[3]) / max(int(counts[0]), 1)
         return out
-
-    def compute(self, distributed: bool = False) -> Any:
-        total = self.weights_correct.clone()
-        if distributed:
-            torch.distributed.all_reduce(total)
-        self._weights_total = int(total)
-        return super().compute(distributed)
-
-    def summary(self) -> Any:
-        self._weights_total = int(self.weights_correct)
-        return super().summary()
 
 
 class LEAPTask(_AllOrNothingLoad):
