@@ -604,9 +604,35 @@ class FeatureCloud(nn.Module):
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         self.check_state_dict(state_dict, prefix)  # torch loads step / seed before statistics
+        self._warn_cloudless_source(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)
         if prefix + "step" in state_dict:
             self._count = -1  # re-read when next needed
+
+    def _warn_cloudless_source(self, state_dict: Dict[str, Any], prefix: str) -> None:
+        """A state of a head trained without a cloud (``cloud=None``: its step counted, no
+        center) loaded into a cloud with a warm-up: the step skips the warm-up, so the cloud
+        would start at once on empty statistics, with the source's seed. Said once, at load."""
+        step = state_dict.get(prefix + "step")
+        init = state_dict.get(prefix + "statistics.center_initialized")
+        if (
+            self.rule is None
+            or self.warmup_steps == 0
+            or not isinstance(step, Tensor)
+            or not isinstance(init, Tensor)
+            or step.is_meta
+            or init.is_meta
+        ):
+            return
+        steps = int(step)
+        if steps >= self.warmup_steps and not bool(init.any()):
+            warn_user(
+                f"the loaded state has taken {steps} steps (past this cloud's warmup_steps="
+                f"{self.warmup_steps}) but holds no class center: a head trained without a "
+                "cloud (cloud=None)? Its step, seed and empty statistics are loaded, so the cloud "
+                "starts at once, without a warm-up. To start LEAP from such a head, load its "
+                "weight only: head.load_state_dict({'weight': state['weight']}, strict=False)"
+            )
 
     def extra_repr(self) -> str:
         """The constructor's keywords (those that are not their defaults, for the optional

@@ -19,6 +19,7 @@ from typing import (
 )
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as FC
@@ -510,6 +511,31 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         check_embeddings(embeddings, self.embedding_size)
         weight = self.feature_cloud.prototypes(self.weight, self.sub_centers)
         return FC.cosine_logits(embeddings, weight, self.sub_centers) * self.scale
+
+    @torch.no_grad()
+    def as_linear(self) -> nn.Linear:
+        """The inference classifier as a plain ``nn.Linear(D, C * sub_centers, bias=False)``
+        for a serving stack: on L2-normalised embeddings it gives :meth:`logits` of the head in
+        eval mode, whatever mode the head is in now (``s`` times the normalised prototypes;
+        ``prototype_shrinkage=None``: the normalised weights). With ``sub_centers = K > 1`` it
+        returns every sub-center's logit: ``out.view(B, C, K).amax(-1)`` is :meth:`logits`.
+        A copy: later training does not change it."""
+        cloud = self.feature_cloud
+        was_training = cloud.training
+        cloud.train(False)  # the eval-mode prototypes (train mode scores the raw weights)
+        try:
+            weight = cloud.prototypes(self.weight.detach(), self.sub_centers)
+        finally:
+            cloud.train(was_training)
+        linear = nn.Linear(
+            self.embedding_size,
+            weight.shape[0],
+            bias=False,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        linear.weight.copy_(F.normalize(weight, dim=1) * self.scale)
+        return linear
 
     def margin_logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Margin logits of the training loss (LEAP Eq. 1-2 or, with the cloud, Eq. 7-8).

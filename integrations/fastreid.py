@@ -667,6 +667,33 @@ def _migrate_legacy_heads(model: nn.Module, state: Dict[str, Any]) -> None:
                 )
 
 
+def _map_baseline_backbone(model: nn.Module, state: Dict[str, Any]) -> None:
+    """A stock fastreid checkpoint (``Baseline``, or this module's LEAP head, keeps its backbone
+    as ``backbone.*``) loaded into an FTL model (``FTLBaseline`` keeps it in ``Enc``:
+    ``ftl.encoder.backbone.*``): the backbone's entries are renamed in place, so starting FTL
+    from a trained model (``MODEL.WEIGHTS``, ``MODEL.FTL.STAGE0_ITERS: 0``) loads the backbone
+    instead of matching no key. The other entries (the stock head) stay as they are, and
+    fastreid's loader reports them as unused."""
+    for name, module in model.named_modules():
+        backbone = getattr(getattr(module, "encoder", None), "backbone", None)
+        if not isinstance(module, FTLModel) or not isinstance(backbone, nn.Module):
+            continue
+        target = (name + "." if name else "") + "encoder.backbone."
+        if any(k.startswith(target) for k in state):
+            continue  # the model's own layout: nothing to rename
+        stock = [k for k in state if k.startswith("backbone.")]
+        for key in stock:
+            state[target + key[len("backbone.") :]] = state.pop(key)
+        if stock:
+            logger.info(
+                "the checkpoint's backbone (%d entries, backbone.*) loads as FTL's Enc backbone "
+                "(%s*)",
+                len(stock),
+                target,
+            )
+        return
+
+
 def _check_filter_forms(model: nn.Module, state: Dict[str, Any]) -> None:
     """Refuse a checkpoint whose FTL filter ``R`` has the other form (plain MLP vs residual,
     ``MODEL.FTL.FILTER``): the parameters share their names, and fastreid's non-strict load
@@ -724,6 +751,7 @@ def _checkpointer_load_model(load_model: Callable[..., Any]) -> Callable[..., An
         if isinstance(state, dict):
             model = self.model.module if hasattr(self.model, "module") else self.model
             _strip_prefix_if_present(state, "module.")  # what fastreid's loader does first
+            _map_baseline_backbone(model, state)
             _check_filter_forms(model, state)
             _migrate_legacy_heads(model, state)
             mismatched = _mismatched_units(model, state)

@@ -631,3 +631,35 @@ def test_cloudless_head_prototypes_follow_copies_and_partial_loads() -> None:
         meta = LEAPMarginHead(D, C, class_counts=[30, 30, 2, 2])
     with pytest.raises(ValueError, match="built on the meta device"):
         meta.load_state_dict(LEAPMarginHead(D, C, cloud=None).state_dict(), assign=True)
+
+
+def test_a_cloudless_state_loaded_into_a_warming_up_cloud_warns_and_weight_only_warms_up():
+    """A head trained with ``cloud=None`` counts its steps but holds no center: its whole
+    state would make a LEAP head skip the warm-up (and take its seed), so that load warns and
+    names the weight-only load, which warms up from step 0 with the new seed, silently; a LEAP
+    head's own checkpoint past its warm-up loads silently too."""
+    from conftest import make_batch
+
+    x, y = make_batch(0, 40, D, C)
+    off = LEAPMarginHead(D, C, cloud=None)
+    for _ in range(5):
+        off(x, y)
+    leap = LEAPMarginHead(D, C, class_counts=COUNTS, warmup_steps=3, seed=1)
+    with pytest.warns(UserWarning, match=r"taken 5 steps .*warmup_steps=3.*weight only"):
+        leap.load_state_dict(off.state_dict())
+    assert leap.feature_cloud.steps_taken == 5 and int(leap.feature_cloud.seed) == int(
+        off.feature_cloud.seed
+    )
+
+    fresh = LEAPMarginHead(D, C, class_counts=COUNTS, warmup_steps=3, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict({"weight": off.weight.detach()}, strict=False)
+        assert fresh.feature_cloud.steps_taken == 0 and int(fresh.feature_cloud.seed) == 1
+        assert torch.equal(fresh.weight, off.weight)
+        for _ in range(4):
+            fresh(x, y)
+        again = LEAPMarginHead(D, C, class_counts=COUNTS, warmup_steps=3, seed=1)
+        again.load_state_dict(fresh.state_dict())
+        off_again = LEAPMarginHead(D, C, cloud=None)
+        off_again.load_state_dict(off.state_dict())  # cloud-less into cloud-less: as before

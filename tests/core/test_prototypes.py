@@ -272,3 +272,39 @@ def test_imprint_resumes_from_a_checkpoint_like_an_uninterrupted_run():
     never.feature_cloud.imprint_step = None
     train(never, opt, range(8))
     assert not torch.allclose(never.weight, whole.weight)
+
+
+@pytest.mark.parametrize("sub_centers", [1, 3])
+def test_as_linear_is_the_eval_logits_in_any_mode_and_a_copy(sub_centers):
+    """``head.as_linear()`` on normalised embeddings gives the eval-mode ``head.logits`` (the
+    prototypes, not the raw weights a train-mode head scores), from a train-mode head too, and
+    stays as exported while the head trains on; ``prototype_shrinkage=None``: the weights."""
+    torch.manual_seed(0)
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+    head = LEAPMarginHead(D, C, class_counts=counts, seed=0, sub_centers=sub_centers)
+    x, y = make_batch(0, 48, D, C)
+    for _ in range(3):
+        head(x, y)
+    assert head.training
+    linear = head.as_linear()
+    assert head.training and linear.bias is None
+    assert linear.weight.shape == (C * sub_centers, D)
+    out = linear(F.normalize(x))
+    served = out if sub_centers == 1 else out.view(len(x), C, sub_centers).amax(-1)
+    train_logits = head.logits(x)
+    head.eval()
+    torch.testing.assert_close(served, head.logits(x), rtol=1e-5, atol=1e-5)
+    assert (served - train_logits).abs().max() > 0.1  # not the raw weights' logits
+    head.train()
+    head(x, y)
+    torch.testing.assert_close(linear(F.normalize(x)), out, rtol=0, atol=0)
+    paper = LEAPMarginHead(
+        D, C, class_counts=counts, sub_centers=sub_centers, prototype_shrinkage=None
+    )
+    paper.load_state_dict(head.state_dict())
+    torch.testing.assert_close(
+        paper.as_linear().weight,
+        paper.scale * F.normalize(paper.weight.detach(), dim=1),
+        rtol=0,
+        atol=0,
+    )

@@ -22,6 +22,7 @@ from _fastreid_data import (
     FTL_YAML,
     HEAD_IDS,
     HEAD_IMAGES,
+    LEAP_YAML,
     NUM_IDS,
     TAIL_IMAGES,
     market_root,  # noqa: F401 (a pytest fixture)
@@ -150,6 +151,50 @@ def test_filter_key_builds_the_residual_filter_and_checkpointer_refuses_the_othe
     Checkpointer(other).load(str(tmp_path / "residual.pth"))
     for key, value in residual.state_dict().items():
         assert torch.equal(other.state_dict()[key], value), key
+
+
+def test_ftl_trainer_starts_from_a_stock_fastreid_checkpoint(market_root, tmp_path):
+    """``MODEL.WEIGHTS`` of a stock fastreid model (``Baseline`` + ``EmbeddingHead``: its
+    backbone is ``backbone.*``) loads as FTL's ``Enc`` backbone (``ftl.encoder.backbone.*``)
+    through the trainer's own ``resume_or_load``, so ``STAGE0_ITERS: 0`` starts stage 1 on the
+    trained backbone; the stock head's entries stay unused, every other FTL part as built."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    stock_cfg = tiny_cfg(
+        LEAP_YAML,
+        tmp_path / "stock",
+        "MODEL.HEADS.NAME",
+        "EmbeddingHead",
+        "MODEL.HEADS.CLS_LAYER",
+        "Linear",
+        "MODEL.HEADS.NUM_CLASSES",
+        str(NUM_IDS),
+    )
+    stock = build_model(stock_cfg)
+    with torch.no_grad():
+        for p in stock.backbone.parameters():
+            p.add_(torch.randn_like(p))  # not the initialisation FTLBaseline would draw
+    for folder in ("stock", "ftl", "ftl2"):
+        os.makedirs(tmp_path / folder)
+    Checkpointer(stock, str(tmp_path / "stock"), save_to_disk=True).save("model_final")
+    weights = str(tmp_path / "stock" / "model_final.pth")
+
+    trainer = ftlint.FTLTrainer(_ftl_cfg(tmp_path / "ftl", "MODEL.WEIGHTS", weights))
+    built = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.resume_or_load(resume=False)
+    loaded = trainer.model.state_dict()
+    expected = stock.backbone.state_dict()
+    assert expected and all(
+        torch.equal(loaded["ftl.encoder.backbone." + k], v) for k, v in expected.items()
+    )
+    others = [k for k in loaded if not k.startswith("ftl.encoder.backbone.")]
+    assert others and all(torch.equal(loaded[k], built[k]) for k in others if "pixel" not in k)
+
+    # an FTL checkpoint keeps its own layout: a resume loads it whole, no renaming
+    Checkpointer(trainer.model, str(tmp_path / "ftl"), save_to_disk=True).save("ftl")
+    again = ftlint.FTLTrainer(_ftl_cfg(tmp_path / "ftl2"))
+    Checkpointer(again.model).load(str(tmp_path / "ftl" / "ftl.pth"))
+    assert all(torch.equal(again.model.state_dict()[k], v) for k, v in loaded.items())
 
 
 def test_hook_refuses_fastreid_contiguous_optimizer_and_a_short_schedule(market_root, tmp_path):
