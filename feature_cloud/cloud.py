@@ -674,6 +674,16 @@ class WithFeatureCloud:
         self.feature_cloud.set_rule(rule)
 
     @property
+    def prototype_shrinkage(self) -> Optional[float]:
+        """``kappa`` of the inference prototypes (the cloud's); settable: ``None`` scores the
+        weights until set back (a plain attribute of that name would change nothing)."""
+        return self.feature_cloud.prototype_shrinkage
+
+    @prototype_shrinkage.setter
+    def prototype_shrinkage(self, kappa: Optional[float]) -> None:
+        self.feature_cloud.prototype_shrinkage = kappa
+
+    @property
     def statistics(self) -> ClassStatistics:
         """The class statistics of the cloud (buffers)."""
         return self.feature_cloud.statistics

@@ -308,3 +308,28 @@ def test_as_linear_is_the_eval_logits_in_any_mode_and_a_copy(sub_centers):
         rtol=0,
         atol=0,
     )
+
+
+def test_the_head_forwards_prototype_shrinkage_to_its_cloud():
+    """``head.prototype_shrinkage = None`` (as a reader of the cloud's keyword would write it)
+    scores the weights, checked as the keyword; PML's loss forwards it alike."""
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+    head = LEAPMarginHead(D, C, class_counts=counts, seed=0)
+    x, y = make_batch(0, 48, D, C)
+    head(x, y)
+    head.eval()
+    assert head.prototype_shrinkage == DEFAULT_PROTOTYPE_SHRINKAGE
+    head.prototype_shrinkage = None
+    assert head.feature_cloud.prototype_shrinkage is None and "prototype_shrinkage" not in vars(
+        head
+    )
+    torch.testing.assert_close(
+        head.logits(x), head.scale * FC.cosine_logits(x, head.weight), rtol=0, atol=0
+    )
+    with pytest.raises(ValueError, match="prototype_shrinkage"):
+        head.prototype_shrinkage = -1.0
+    loss = LEAPLoss(num_classes=C, embedding_size=D, class_counts=counts)
+    loss.prototype_shrinkage = 3.0
+    assert loss.feature_cloud.prototype_shrinkage == 3.0
