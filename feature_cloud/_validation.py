@@ -23,7 +23,7 @@ import numbers
 import os
 import sys
 import warnings
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy.typing as npt
 import torch
@@ -309,6 +309,23 @@ PROBLEM_SLOTS = (
 )
 
 
+def static_problems(embeddings: Any, labels: Any, embedding_size: int) -> List[int]:
+    """The type and shape checks of :func:`problem_tensor` (its first four slots), read from
+    the host-side attributes only: no device work, no sync."""
+    emb_ok = isinstance(embeddings, Tensor) and embeddings.dtype.is_floating_point
+    shape_ok = emb_ok and embeddings.dim() == 2 and embeddings.shape[1] == embedding_size
+    lab_ok = isinstance(labels, Tensor) and _label_dtype_ok(labels)
+    lab_shape_ok = (
+        lab_ok and labels.dim() == 1 and (not shape_ok or labels.shape[0] == embeddings.shape[0])
+    )
+    return [
+        int(not emb_ok),
+        int(emb_ok and not shape_ok),
+        int(not lab_ok),
+        int(lab_ok and not lab_shape_ok),
+    ]
+
+
 def problem_tensor(
     embeddings: Any,
     labels: Any,
@@ -320,20 +337,9 @@ def problem_tensor(
     """Every batch check as an int64 code vector on ``device`` (see :data:`PROBLEM_SLOTS`;
     ``0`` = fine), never raising and without a host sync of its own: the payload of the one
     all-reduce by which ranks agree on a batch before any collective touches it."""
-    emb_ok = isinstance(embeddings, Tensor) and embeddings.dtype.is_floating_point
-    shape_ok = emb_ok and embeddings.dim() == 2 and embeddings.shape[1] == embedding_size
-    lab_ok = isinstance(labels, Tensor) and _label_dtype_ok(labels)
-    lab_shape_ok = (
-        lab_ok and labels.dim() == 1 and (not shape_ok or labels.shape[0] == embeddings.shape[0])
-    )
-    static = [
-        int(not emb_ok),
-        int(emb_ok and not shape_ok),
-        int(not lab_ok),
-        int(lab_ok and not lab_shape_ok),
-    ]
+    static = static_problems(embeddings, labels, embedding_size)
     out = torch.tensor(static + [0, 0], dtype=torch.long, device=device)
-    if validate and shape_ok and lab_shape_ok and embeddings.numel() and not is_compiling():
+    if validate and not any(static) and embeddings.numel() and not is_compiling():
         y = labels.long()
         bad_embeddings = (~torch.isfinite(embeddings.detach())).any().to(device)
         bad_labels = ((y < -1) | (y >= num_classes)).any().to(device)  # labels may live elsewhere

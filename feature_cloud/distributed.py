@@ -174,8 +174,10 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, nn.Module):
         process_group: the group the classes are sharded over (default: WORLD). Without an
             initialised process group the head holds all classes on one process.
         shard_sizes: rows per rank (uneven splits allowed); default :func:`even_shard_sizes`.
-        pad_to: per-rank batch size to pad to (see :func:`gather_batch`); ``None`` all-reduces
-            the maximum (one host sync per step).
+        pad_to: per-rank batch size to pad to (see :func:`gather_batch`); ``None``: the
+            maximum, found by the ranks' batch agreement (:func:`agree_on_batch`: one host sync
+            per step, also with ``pad_to``); ``validate=False`` with ``pad_to`` skips that
+            agreement (no sync; bad batches raise on their own rank only).
         ddp_backbone: scale the embeddings' gradient by ``world_size`` (see above).
         sample_rate: PartialFC-style negative-class sampling, an **approximation**, off at 1.0.
             In training each shard keeps every class that is a label in the global batch plus

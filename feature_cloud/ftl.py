@@ -386,11 +386,13 @@ class FTLModel(nn.Module):
                     losses.append(head(f[a:b], labels[a:b]))  # train mode: statistics + cloud
                     head.validate = False
                     continue
-                head.train(False)
-                try:  # eval mode: the plain margin loss, statistics untouched
+                # the head's own flag (eval: the plain margin loss, statistics untouched);
+                # head.train() would also make the cloud re-read its step: a host sync a step
+                head.training = False
+                try:
                     losses.append(head(f[a:b], labels[a:b]))
                 finally:
-                    head.train(True)
+                    head.training = True
         finally:
             head.validate = validate
         if head.reduction == "none":

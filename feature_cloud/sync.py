@@ -20,6 +20,7 @@ from ._validation import (
     check_batch,
     problem_tensor,
     raise_for_problems,
+    static_problems,
     warn_user,
 )
 from .statistics import ClassStatistics
@@ -227,8 +228,17 @@ def agree_on_batch(
     no rank's state moves ahead of the others'. One host sync (the verdict), replacing the
     size all-reduce of :func:`gather_batch` and the value check of a single process. Without a
     process group this is the local check.
+
+    ``validate=False`` with ``pad_to`` (the batch size known, the value checks off) skips the
+    agreement and its host sync: the type, shape, ``pad_to`` and argument checks run on this
+    rank alone (host-side attributes only) and raise here only, so the other ranks wait in
+    their next collective until the process group's timeout; ranks' dtypes are not compared.
     """
     rank, world = _rank_world(group)
+    if world > 1 and not validate and pad_to is not None:
+        return _local_batch_checks(
+            embeddings, labels, embedding_size, num_classes, pad_to, problem, rank, world
+        )
     if device is None:
         device = embeddings.device if isinstance(embeddings, Tensor) else torch.device("cpu")
     codes = problem_tensor(embeddings, labels, embedding_size, num_classes, validate, device)
@@ -275,6 +285,35 @@ def agree_on_batch(
         )
     rows = int(pad_to) if pad_to is not None else int(verdict[k + 1])
     return labels.long(), rows
+
+
+def _local_batch_checks(
+    embeddings: Tensor,
+    labels: Tensor,
+    embedding_size: int,
+    num_classes: int,
+    pad_to: int,
+    problem: Optional[Exception],
+    rank: int,
+    world: int,
+) -> Tuple[Tensor, int]:
+    """:func:`agree_on_batch` without the agreement (``validate=False`` with ``pad_to``)."""
+    where = f"rank {rank} of {world}; validate=False with pad_to: raised on this rank only"
+    if problem is not None:
+        raise (TypeError if isinstance(problem, TypeError) else ValueError)(f"{problem} ({where})")
+    raise_for_problems(
+        static_problems(embeddings, labels, embedding_size) + [0, 0],
+        embedding_size,
+        num_classes,
+        where,
+    )
+    if int(embeddings.shape[0]) > pad_to:
+        raise ValueError(
+            f"this rank's batch has {int(embeddings.shape[0])} samples, more than pad_to="
+            f"{pad_to} ({where}); pass the largest per-rank batch size (the same value on "
+            "every rank)"
+        )
+    return labels.long(), int(pad_to)
 
 
 # --------------------------------------------------------------------------------------------

@@ -401,6 +401,33 @@ def test_stage1_with_leap_head_only_real_tail_rows_enter_statistics():
     assert head.weight.grad is not None and model.filter[0].weight.grad is not None
 
 
+def test_stage1_split_loss_reads_nothing_on_the_host_and_keeps_the_modes():
+    """Stage 1's split loss with a LEAP head (``validate=False``): the plain-margin segments
+    run with the head's own flag off, so the cloud keeps its host step count (``train()``
+    would make every stage-1 step re-read it: a host sync a step); modes are as they were."""
+    xtr, ytr, _, _, _ = _data(5)
+    counts = torch.bincount(ytr, minlength=30)
+    model = _leap_ftl(5, counts)
+    model.train()
+    f = torch.randn(9, E)
+    y = torch.tensor([0, 1, -1, 25, -1, 26, 2, -1, 3])
+    reads = []
+
+    class Reads(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    model.classification_loss(f, y, stats_rows=slice(3, 6))
+    with Reads():
+        for _ in range(3):
+            model.classification_loss(f, y, stats_rows=slice(3, 6))
+    assert reads == []
+    head = model.classifier
+    assert head.training and head.feature_cloud.training and head.step == 4
+
+
 def test_stage1_split_loss_ignored_rows_and_reductions():
     xtr, ytr, _, _, _ = _data(5)
     counts = torch.bincount(ytr, minlength=30)

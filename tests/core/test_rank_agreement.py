@@ -147,11 +147,64 @@ def check_pml_loss(rank: int, world: int) -> None:
     assert loss.feature_cloud.steps_taken == 2
 
 
+class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read a device value on the host (a sync on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def check_no_agreement_with_pad_to_and_validate_off(rank: int, world: int) -> None:
+    """``validate=False`` with ``pad_to``: no agreement, no host read in a training step of
+    the synced head, the sharded head and PML's loss (the statistics as agreed ones); the
+    type / shape / ``pad_to`` checks still raise, on the rank that has the problem (here
+    both), naming the mode."""
+    pytest.importorskip("pytorch_metric_learning")
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    torch.manual_seed(0)
+    agreed = synchronize(LEAPMarginHead(D, C, class_counts=COUNTS, seed=1), pad_to=B)
+    local = synchronize(LEAPMarginHead(D, C, class_counts=COUNTS, seed=1, validate=False), pad_to=B)
+    sharded = ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=2, pad_to=B, validate=False)
+    pml = LEAPLoss(C, D, class_counts=COUNTS, seed=1, validate=False)
+    synchronize(pml, pad_to=B)
+    for step in range(3):
+        x, y = _batch(step, rank)
+        agreed(x, y)
+        for module in (local, sharded, pml):
+            syncs = _HostSyncs()
+            with syncs:
+                module(x, y)
+            # at most the first step after train() re-reads the host step count (documented)
+            assert syncs.count <= int(step == 0), (type(module).__name__, step, syncs.count)
+    assert_same_state(
+        state_snapshot(local.feature_cloud),
+        state_snapshot(agreed.feature_cloud),
+        "validate=False, pad_to",
+    )
+    before = state_snapshot(local)
+    x, y = _batch(3, rank)
+    with pytest.raises(ValueError, match=r"shape.*raised on this rank only"):
+        local(x[:, :3], y)
+    with pytest.raises(ValueError, match=r"more than pad_to=5.*raised on this rank only"):
+        local(torch.randn(B + 1, D), torch.zeros(B + 1, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"integer tensor.*raised on this rank only"):
+        sharded(x, y.float())
+    assert_same_state(state_snapshot(local), before, "after the refused batches")
+
+
 CHECKS = [
     "check_synced_head",
     "check_synced_statistics_pad_to",
     "check_sharded_head",
     "check_pml_loss",
+    "check_no_agreement_with_pad_to_and_validate_off",
 ]
 
 
