@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="re-render tables and plots of a saved run, or pool the seeds of several "
         "evaluate runs of one setting (PATH PATH ... --out DIR)",
+        description="Re-render the tables and plots of a saved demo or evaluate run from its "
+        "results.json (nothing is trained), pool the seeds of several evaluate runs of one "
+        "setting into a new run (PATH PATH ... --out DIR), or compare two runs seed by seed "
+        "(A B --compare).",
     )
     report.add_argument(
         "paths",
@@ -551,6 +555,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
     from .evaluate.runner import (
         EvalConfig,
         check_output,
+        check_settings_root,
         prepare_evaluation,
         run_evaluation,
         setting_name,
@@ -616,6 +621,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
     for c in configs:
         c.validate()
     if len(configs) > 1:  # every setting's folder before the first trains (one: run_evaluation)
+        check_settings_root(args.out, len(configs))
         for c in configs:
             c.out = os.path.join(args.out, setting_name(c))
             check_output(c, args.resume)

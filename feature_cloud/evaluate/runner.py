@@ -31,7 +31,7 @@ from ..demo.methods import (
     check_training_options,
 )
 from ..demo.protocol import LongTailSplit
-from ..demo.report import counted, load_results, write_json
+from ..demo.report import counted, load_results, run_subfolders, write_json
 from ..demo.runner import _device_of, embed_all, evaluate_method
 from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
@@ -628,12 +628,33 @@ def check_output(cfg: EvalConfig, resume: bool = False) -> None:
             "(nothing is overwritten)"
         )
     if os.path.isdir(cfg.out) and not os.path.exists(file):
+        settings = [os.path.basename(d) for d in run_subfolders(cfg.out)]
+        if settings:  # `report` of this folder would show them and not this run
+            raise ValueError(
+                f"--out {cfg.out!r} holds an evaluation of several settings "
+                f"({', '.join(settings)}): a run of one setting beside them would be left out "
+                "of `feature-cloud report` of that folder; choose another --out (nothing is "
+                "overwritten)"
+            )
         taken = sorted(set(os.listdir(cfg.out)) & set(OUTPUT_FILES))
         if taken:  # somebody's own files of the names the evaluation writes
             raise ValueError(
                 f"--out {cfg.out!r} holds {', '.join(taken)} but no evaluation ({RESULTS_FILE}): "
                 "choose another --out (nothing is overwritten)"
             )
+
+
+def check_settings_root(out: str, settings: int) -> None:
+    """Before anything is trained or written: the ``--out`` of an evaluation of several
+    settings (one folder each, then ``combined.md``) must not hold the evaluation of one
+    setting, which `feature-cloud report` of that folder would show instead of them."""
+    file = os.path.join(out, RESULTS_FILE)
+    if os.path.exists(file):
+        raise ValueError(
+            f"--out {out!r} holds an evaluation of one setting ({file}): the {settings} "
+            "settings' folders would sit beside it and `feature-cloud report` of that folder "
+            "would show only it; choose another --out (nothing is overwritten)"
+        )
 
 
 def _check_training_sets(

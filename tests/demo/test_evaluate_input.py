@@ -170,6 +170,31 @@ def test_cli_evaluate_never_overwrites_an_evaluation_and_writes_paired_md(tmp_pa
     assert json.loads((out / "results.json").read_text())["complete"] is True
 
 
+def test_cli_evaluate_keeps_one_and_several_setting_runs_apart(tmp_path, capsys):
+    """An evaluation of several settings (a folder each) into an --out that holds one
+    setting's evaluation, or one setting into the --out of several, is refused before anything
+    trains: `report` of that folder would show one of them and skip the other silently."""
+    data = _npz(tmp_path / "d.npz")
+    base = ["evaluate", data, *TINY, "--methods", "cosface"]
+    several = ["--protocol", "hs", "-H", "2", "-S", "1", "2"]
+    one = tmp_path / "one"
+    assert main(base + ["--out", str(one)]) == 0
+    before = sorted(os.listdir(one))
+    capsys.readouterr()
+    assert main(base + several + ["--out", str(one)]) == 2
+    assert "holds an evaluation of one setting" in capsys.readouterr().err
+    assert sorted(os.listdir(one)) == before
+    many = tmp_path / "many"
+    assert main(base + several + ["--out", str(many)]) == 0
+    before = sorted(os.listdir(many))
+    capsys.readouterr()
+    assert main(base + ["--out", str(many)]) == 2
+    err = capsys.readouterr().err
+    assert "holds an evaluation of several settings (H2_S1, H2_S2)" in err, err
+    assert sorted(os.listdir(many)) == before
+    assert main(base + several + ["--out", str(many), "--resume"]) == 0  # continuing: fine
+
+
 def test_cli_evaluate_reports_a_diverged_training_instead_of_scoring_it(tmp_path, capsys):
     data = _npz(tmp_path / "d.npz")
     out = tmp_path / "out"
