@@ -48,13 +48,15 @@ class _SafeAcos(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:
-        x = x.clamp(-1.0, 1.0)
-        ctx.save_for_backward(x)
-        return torch.acos(x)
+        ctx.save_for_backward(x)  # the input itself: its graph makes the backward differentiable
+        return torch.acos(x.clamp(-1.0, 1.0))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
+        # torch ops on the saved input: backward(create_graph=True) records them, so a gradient
+        # penalty gets the true second derivative (a detached clamp gave it as zero)
         (x,) = ctx.saved_tensors
+        x = x.clamp(-1.0, 1.0)
         floor = _ACOS_GRAD_FLOOR if x.dtype != torch.float64 else 1e-30
         return -grad * torch.rsqrt((1.0 - x * x).clamp_min(floor))
 

@@ -655,10 +655,11 @@ class _FusedMarginCE(torch.autograd.Function):
                 "gradient penalty): build the head with impl='reference' for that"
             )
         plan: _Plan = ctx.plan
+        every = ctx.saved_tensors  # read once: activation checkpointing allows one unpack
         (xn, W, labels, valid, sigma, noise, key, alpha_t, rw, norms, S, local_scale, shift_t) = (
-            ctx.saved_tensors[:13]
+            every[:13]
         )
-        saved = ctx.saved_tensors[13:]
+        saved = every[13:]
         B, C = xn.shape[0], W.shape[0]
         compute, device = plan.compute, xn.device
         has_target = labels >= 0

@@ -599,6 +599,32 @@ def test_fused_head_refuses_double_backward_with_a_clear_error():
             torch.autograd.grad(head(xx, y), xx, create_graph=True)
 
 
+@pytest.mark.parametrize("margin_type, cloud", [("arcface", None), ("cosface", "full")])
+def test_reference_double_backward_is_the_true_second_derivative(margin_type, cloud):
+    """``gradgradcheck`` (float64) of the reference loss in the weight, the cloud active (the
+    same draw each call: the state is restored): the target angle's ``safe_acos`` gave a zero
+    second derivative, so a gradient penalty through ArcFace or the cloud was off by a few %."""
+    from feature_cloud.functional import safe_acos
+
+    x = torch.tensor([0.3, -0.6, 0.999], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(safe_acos, (x,))
+    g = torch.Generator().manual_seed(0)
+    head = LEAPMarginHead(
+        D, C, margin_type, cloud=cloud, class_counts=COUNTS, seed=1, impl="reference"
+    ).double()
+    head(torch.randn(16, D, dtype=torch.float64, generator=g), torch.arange(16) % C)
+    state = {k: v.clone() for k, v in head.state_dict().items() if k != "weight"}
+    f = torch.randn(4, D, dtype=torch.float64, generator=g)
+    y = torch.tensor([0, 1, 3, 2])
+
+    def loss(weight):
+        head.load_state_dict(state, strict=False)
+        return torch.func.functional_call(head, {"weight": weight}, (f, y))
+
+    w = head.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(loss, (w,))
+
+
 def test_refused_checkpoint_leaves_the_head_as_it_was():
     """torch loads the head's weight before the cloud's statistics: a checkpoint whose
     statistics are refused (another class count behind a weight of the same shape; an edited
