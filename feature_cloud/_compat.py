@@ -33,3 +33,12 @@ else:  # torch < 2.5
 def is_tracing() -> bool:
     """Whether ``torch.jit.trace`` (or the legacy ONNX exporter, which traces) is running."""
     return bool(torch._C._get_tracing_state())
+
+
+_GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def in_backward() -> bool:
+    """Whether autograd is running a backward pass on this thread: a forward called then is
+    activation checkpointing recomputing it (``torch.utils.checkpoint``, both modes)."""
+    return _GRAPH_TASK is not None and _GRAPH_TASK() != -1

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import functional as FC
 from . import noise as N
-from ._compat import is_compiling
+from ._compat import in_backward, is_compiling
 from ._validation import (
     ClassCounts,
     as_float,
@@ -284,6 +284,9 @@ class FeatureCloud(nn.Module):
         self._count = 0  # host copy of ``step`` (control flow without a device sync)
         self._seen = self._stamp()  # the ``step`` tensor that ``_count`` was read from
         self._imprinted = -1  # the step imprint() last ran at
+        # (stamp, rows, std, key) of the last step taken outside backward: what activation
+        # checkpointing's recomputation of it replays (see _recomputing)
+        self._last_step: Optional[Tuple[Tuple[int, int], int, Any, Any]] = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -352,9 +355,10 @@ class FeatureCloud(nn.Module):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """Whole-module pickles of earlier releases held ``prototype_shrinkage`` as a plain
-        attribute."""
+        attribute, and no ``_last_step``."""
         if "prototype_shrinkage" in state:
             state["_prototype_shrinkage"] = state.pop("prototype_shrinkage")
+        state.setdefault("_last_step", None)
         super().__setstate__(state)  # type: ignore[no-untyped-call]
 
     @property
@@ -430,7 +434,12 @@ class FeatureCloud(nn.Module):
         :meth:`~feature_cloud.sync.SyncedClassStatistics.agree`). ``problem``: an error the
         caller found in its other arguments, agreed on like a bad batch (then raised)."""
         if train and self.collective:
-            return self.statistics.agree(embeddings, labels, validate, problem)
+            rows = (
+                embeddings.shape[0] if isinstance(embeddings, Tensor) and embeddings.dim() else -1
+            )
+            if not self._recomputing(rows):
+                return self.statistics.agree(embeddings, labels, validate, problem)
+            validate = False  # checkpointing's recomputation: agreed on in the step itself
         if problem is not None:
             raise problem
         return check_batch(embeddings, labels, self.embedding_size, self.num_classes, validate)
@@ -459,6 +468,10 @@ class FeatureCloud(nn.Module):
             return std, key
         if is_compiling():
             return self._advance_compiled(features, labels)
+        last = self._last_step
+        if last is not None and self._recomputing(features.shape[0]):
+            self._last_step = None  # activation checkpointing: the last step, replayed
+            return last[2], last[3]
         if self.rule is not None:
             active = self.active
             stats = self.statistics
@@ -473,7 +486,25 @@ class FeatureCloud(nn.Module):
         count = self._host_count()
         self.step.add_(1)
         self._count, self._seen = count + 1, self._stamp()
+        # a step taken outside backward may be recomputed inside it (non-reentrant
+        # checkpointing); one taken inside it (reentrant: the first forward ran without grad)
+        # was the step itself
+        self._last_step = None if in_backward() else (self._seen, features.shape[0], std, key)
         return std, key
+
+    def _recomputing(self, rows: Optional[int] = None) -> bool:
+        """Whether this training forward is activation checkpointing's recomputation of the
+        last step (``torch.utils.checkpoint``, non-reentrant: the forward runs again during
+        backward): autograd is in a backward, no step was taken since, and the batch has as
+        many ``rows`` (``None``: not compared). It then folds nothing into the statistics, counts no step and draws the
+        same cloud (the last step's ``std`` and key), so the gradient is the logged loss's."""
+        last = self._last_step
+        return (
+            last is not None
+            and in_backward()
+            and last[0] == self._stamp()
+            and (rows is None or last[1] == rows)
+        )
 
     def _advance_compiled(
         self, features: Tensor, labels: Tensor
@@ -565,6 +596,8 @@ class FeatureCloud(nn.Module):
         Returns whether it imprinted."""
         if not train or self.rule is None or self.imprint_step is None:
             return False
+        if not is_compiling() and self._recomputing():
+            return False  # checkpointing recomputes a step taken already (imprinted before it)
         if is_compiling():  # no host count: a select on the device step
             with torch.no_grad():
                 new = self._prototypes(weight, sub_centers, class_start).float()

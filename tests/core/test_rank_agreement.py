@@ -199,12 +199,33 @@ def check_no_agreement_with_pad_to_and_validate_off(rank: int, world: int) -> No
     assert_same_state(state_snapshot(local), before, "after the refused batches")
 
 
+def check_checkpointed_synced_head(rank: int, world: int) -> None:
+    """Non-reentrant activation checkpointing of a head with synchronised statistics: the
+    recomputation in backward replays the step (no second agreement or gather), so the
+    statistics and gradients equal the run without checkpointing on every rank."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    plain = LEAPMarginHead(D, C, class_counts=COUNTS, seed=1, warmup_steps=1)
+    ckpt = LEAPMarginHead(D, C, class_counts=COUNTS, seed=1, warmup_steps=1)
+    ckpt.load_state_dict(plain.state_dict())
+    for step in range(3):
+        x, y = _batch(step, rank)
+        plain.weight.grad = ckpt.weight.grad = None
+        plain(x, y).backward()
+        checkpoint(ckpt, x.requires_grad_(), y, use_reentrant=False).backward()
+        assert torch.equal(plain.weight.grad, ckpt.weight.grad), step
+    assert_same_state(state_snapshot(ckpt), state_snapshot(plain), "checkpointed, synced")
+    assert ckpt.step == 3
+
+
 CHECKS = [
     "check_synced_head",
     "check_synced_statistics_pad_to",
     "check_sharded_head",
     "check_pml_loss",
     "check_no_agreement_with_pad_to_and_validate_off",
+    "check_checkpointed_synced_head",
 ]
 
 
