@@ -138,7 +138,7 @@ def as_float(
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     out = float(value)
-    if not math.isfinite(out):
+    if out != out or abs(out) == math.inf:  # not math.isfinite: dynamo traces a SymFloat here
         raise ValueError(f"{name} must be finite, got {out}")
     low_bad = minimum is not None and (out < minimum if min_inclusive else out <= minimum)
     high_bad = maximum is not None and (out > maximum if max_inclusive else out >= maximum)

@@ -287,6 +287,21 @@ def test_compiled_training_step_fullgraph_matches_eager(
     torch.testing.assert_close(compiled.head.weight, eager.head.weight, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_head_with_dynamic_shapes_trains_every_batch_size() -> None:
+    """``torch.compile(head, dynamic=True, fullgraph=True)`` (a user's trial: the finiteness
+    check of ``label_smoothing`` called ``math.isfinite`` on dynamo's symbolic float, and the
+    compile failed on the first call); batch sizes vary, the loss is eager's."""
+    torch._dynamo.reset()
+    eager = LEAPMarginHead(D, C, class_counts=COUNTS, warmup_steps=1, seed=0)
+    head = copy.deepcopy(eager)
+    compiled = torch.compile(head, backend="eager", dynamic=True, fullgraph=True)
+    with dynamo_limits(8, error_on_recompile=False):
+        for b in (6, 4, 9, 5):
+            x, y = torch.randn(b, D), torch.arange(b) % C
+            torch.testing.assert_close(compiled(x, y), eager(x, y), atol=1e-5, rtol=1e-5)
+    assert head.step == eager.step == 4
+
+
 # ---------------------------------------------------------------- the FeatureCloud component
 def test_feature_cloud_is_shared_and_checks_its_arguments_once() -> None:
     cloud = FeatureCloud(C, D, "vanilla", class_counts=COUNTS, seed=4)
