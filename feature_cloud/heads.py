@@ -21,6 +21,7 @@ from typing import (
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import functional as FC
 from . import fused, margins
@@ -679,7 +680,27 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         labels = cloud.check(
             embeddings, labels, validate=self.validate, train=train, problem=problem
         )
-        cloud.imprint(self.weight, self.sub_centers, train=train and cloud.counts_batch(embeddings))
+        parametrized = cloud.imprint_step is not None and parametrize.is_parametrized(
+            self, "weight"
+        )
+        if parametrized and not all(
+            hasattr(p, "right_inverse")
+            for p in cast(nn.ModuleDict, self.parametrizations)["weight"].children()
+        ):
+            raise ValueError(
+                f"imprint_step={cloud.imprint_step}: the head's weight is parametrized without "
+                "a right_inverse, so the imprinted prototypes could not be set; give the "
+                "parametrization a right_inverse or leave imprint_step=None"
+            )
+        weight = self.weight
+        imprinted = cloud.imprint(
+            weight, self.sub_centers, train=train and cloud.counts_batch(embeddings)
+        )
+        if imprinted and parametrized:
+            # the imprint went into the tensor the parametrization computed: set it through
+            # the parametrization's right_inverse (weight_norm, orthogonal, ...)
+            with torch.no_grad():
+                self.weight = weight.detach()
         std, key = cloud.advance(embeddings, labels, train=train)
         return std, key, labels
 

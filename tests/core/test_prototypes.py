@@ -230,6 +230,42 @@ def test_imprint_step_replaces_the_weights_by_the_prototypes_once():
         torch.testing.assert_close(pml.W.detach().t(), head.weight.detach())
 
 
+def test_imprint_step_sets_a_parametrized_weight_through_its_right_inverse():
+    """With ``weight_norm`` (a parametrization with a right_inverse) the imprint reaches the
+    weight as without it (it went into a computed tensor and was lost); a parametrization
+    without a right_inverse is refused at the first training step, before any state changes."""
+    from torch import nn
+    from torch.nn.utils.parametrizations import weight_norm
+
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+
+    def run(parametrization, imprint_step=2):
+        torch.manual_seed(0)
+        head = LEAPMarginHead(D, C, class_counts=counts, seed=0, imprint_step=imprint_step)
+        if parametrization is not None:
+            parametrization(head)
+        for step in range(3):
+            head(*make_batch(step, 24, D, C))
+        return head
+
+    plain, normed = run(None), run(lambda h: weight_norm(h, "weight", dim=0))
+    torch.testing.assert_close(normed.weight, plain.weight, atol=1e-5, rtol=1e-5)
+    unchanged = run(None, imprint_step=None)
+    assert (plain.weight - unchanged.weight).abs().max() > 0.1  # an imprint happened
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            return 2.0 * w
+
+    torch.manual_seed(0)
+    head = LEAPMarginHead(D, C, class_counts=counts, seed=0, imprint_step=2)
+    torch.nn.utils.parametrize.register_parametrization(head, "weight", Scale())
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    with pytest.raises(ValueError, match="parametrized without a right_inverse"):
+        head(*make_batch(0, 24, D, C))
+    assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
+
+
 def test_imprint_step_is_checked_by_name():
     for kwargs in (
         dict(imprint_step=-1),
