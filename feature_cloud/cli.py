@@ -277,7 +277,12 @@ def _add_evaluate(sub) -> None:
         default=e.test_fraction,
         help="open: share of the identities with 2+ images (re-ID: 2+ cameras) held out",
     )
-    ev.add_argument("--n-test", type=int, default=e.n_test, help="test images per identity")
+    ev.add_argument(
+        "--n-test",
+        type=int,
+        default=e.n_test,
+        help="test images per identity (natural and hs; open holds out whole identities)",
+    )
     ev.add_argument(
         "-T",
         "--threshold",
@@ -519,6 +524,8 @@ def _ignored_options(args: argparse.Namespace, methods: Sequence[str]) -> list:
         out.append("-H / -S (--protocol hs only)")
     if args.protocol != "open" and args.test_fraction != e.test_fraction:
         out.append("--test-fraction (--protocol open only)")
+    if args.protocol == "open" and args.n_test != e.n_test:
+        out.append("--n-test (the closed-set protocols natural and hs only)")
     ftl = "ftl" in methods
     if not ftl:
         changed = [

@@ -279,9 +279,9 @@ def load_market1501(root: str, size: Tuple[int, int] = (64, 32)) -> LabeledData:
 
 def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
     """The image files of ``root/<identity>/<image>`` and their identities (folder names), in
-    sorted order. Hidden entries (names starting with ``.``, e.g. macOS ``._*`` files) are
-    skipped; other entries left out (nested folders, other formats, loose images, empty
-    identity folders) are named in one warning; identity folders that are the same directory
+    sorted order. Hidden files (names starting with ``.``, e.g. macOS ``._*`` files) are
+    skipped; other entries left out (hidden folders, nested folders, other formats, loose
+    images, empty identity folders) are named in one warning; identity folders that are the same directory
     (a symlink to another identity's folder) are read once, named in a warning."""
     if not os.path.isdir(root):
         raise ValueError(f"imagefolder path {root!r} is not a directory")
@@ -289,10 +289,14 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
     skipped: Dict[Tuple[str, str], List[str]] = {
         ("identity folder without images", "identity folders without images"): [],
         ("other entry", "other entries"): [],
+        ("hidden folder", "hidden folders"): [],
     }
     folders: Dict[str, List[str]] = {}  # real directory -> identity folders naming it
     for ident in sorted(os.listdir(root)):
         sub = os.path.join(root, ident)
+        if ident.startswith(".") and os.path.isdir(sub):  # an identity hidden by a rename?
+            skipped[("hidden folder", "hidden folders")].append(ident)
+            continue
         if ident.startswith(".") or not os.path.isdir(sub):
             if not ident.startswith(".") and ident.lower().endswith(IMAGE_EXTENSIONS):
                 skipped[("other entry", "other entries")].append(ident)  # outside any identity

@@ -187,7 +187,9 @@ def dataset_title(data: LabeledData) -> str:
 def load_dataset(path: str, image_size: Optional[Tuple[int, int]] = None) -> LabeledData:
     """An ``.npz`` file (see :func:`load_npz`) or a folder with one sub-folder per identity."""
     if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
-        raise ValueError(f"image_size must be two sizes >= 1 (H, W), got {tuple(image_size)}")
+        raise ValueError(
+            f"image_size (--image-size) must be two sizes >= 1 (H, W), got {tuple(image_size)}"
+        )
     if os.path.isdir(path):
         return load_image_folder(path, image_size or (64, 64))
     if not os.path.isfile(path):

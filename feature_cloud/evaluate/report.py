@@ -922,6 +922,13 @@ def _refuse_overwriting_a_run(out: str, paths: Sequence[str]) -> None:
                 f"--out {out!r} holds an evaluation's own {file!r}, which the merge would "
                 "replace: write the merge to another folder (nothing was written)"
             )
+    elif os.path.isdir(out):
+        taken = sorted(set(os.listdir(out)) & set(OUTPUT_FILES))
+        if taken:  # somebody's own files of the names the merge's report writes
+            raise ValueError(
+                f"--out {out!r} holds {', '.join(taken)} but no evaluation (results.json): "
+                "write the merge to another folder (nothing was written)"
+            )
 
 
 #: config keys that define the setting: two evaluations compared seed by seed must share them
@@ -937,6 +944,8 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
     agree; the configuration differences are listed, and a baseline whose metrics differ
     between the two files (another release, another machine) is named in ``notes``. With
     ``out``: ``compare.md`` and ``compare.json`` there. Returns the comparison."""
+    if out is not None:
+        _refuse_overwriting_files_of_others(out)
     a, b = load_results(path_a), load_results(path_b)
     for p, res in ((path_a, a), (path_b, b)):
         if res.get("kind") != "evaluate":
@@ -1025,6 +1034,24 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
         with open(os.path.join(out, "compare.md"), "w") as fh:
             fh.write(comparison_markdown(result))
     return result
+
+
+def _refuse_overwriting_files_of_others(out: str) -> None:
+    """``ValueError`` where ``out`` holds a ``compare.md`` / ``compare.json`` that no earlier
+    comparison wrote (a user's own file of that name); an earlier comparison is rewritten."""
+    names = [n for n in ("compare.json", "compare.md") if os.path.exists(os.path.join(out, n))]
+    if not names:
+        return
+    try:
+        with open(os.path.join(out, "compare.json")) as fh:
+            earlier = "differences" in json.load(fh)
+    except (OSError, ValueError, TypeError):
+        earlier = False
+    if not earlier:
+        raise ValueError(
+            f"--out {out!r} holds {', '.join(names)} that no comparison wrote: write the "
+            "comparison to another folder (nothing was written)"
+        )
 
 
 def comparison_markdown(cmp: Dict[str, Any]) -> str:

@@ -67,6 +67,25 @@ RESULTS_FILE = "results.json"
 PROTOCOLS = ("natural", "hs", "open")
 
 
+#: the command-line flag of each EvalConfig field its checks name (messages name both)
+_FLAGS = {
+    "test_fraction": "--test-fraction",
+    "n_test": "--n-test",
+    "epochs": "--epochs",
+    "embedding_size": "--embedding-size",
+    "shots": "-S",
+    "batch_size": "--batch-size",
+    "threshold": "-T",
+    "num_head": "-H",
+}
+
+
+def _option(name: str) -> str:
+    """``name (flag)``: an :class:`EvalConfig` field as the Python and command-line user
+    know it."""
+    return f"{name} ({_FLAGS[name]})"
+
+
 @dataclass
 class EvalConfig:
     """One evaluation setting (saved in ``results.json``)."""
@@ -142,22 +161,27 @@ class EvalConfig:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if not 0.0 < float(self.test_fraction) < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+            raise ValueError(
+                f"{_option('test_fraction')} must be in (0, 1), got {self.test_fraction}"
+            )
         unknown = [m for m in self.methods if m not in EVAL_METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; available: {list(EVAL_METHODS)}")
-        if not self.methods or not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError("need at least one method and distinct seeds")
+        if not self.methods:
+            raise ValueError("need at least one method (--methods)")
+        repeated = sorted({int(s) for s in self.seeds if list(self.seeds).count(s) > 1})
+        if not self.seeds or repeated:
+            raise ValueError(f"need distinct seeds (--seeds), got {list(self.seeds)}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         for name in ("n_test", "epochs", "embedding_size", "shots"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{_option(name)} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:
-            raise ValueError("batch_size must be >= 2 (BatchNorm)")
+            raise ValueError(f"{_option('batch_size')} must be >= 2 (BatchNorm)")
         for name in ("threshold", "num_head"):
             if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{_option(name)} must be >= 0, got {getattr(self, name)}")
         bad_seeds = [s for s in self.seeds if not 0 <= int(s) < 2**32]
         if bad_seeds:
             raise ValueError(f"seeds must be in [0, 2**32), got {bad_seeds}")
@@ -666,8 +690,8 @@ def _check_training_sets(
     counts = torch.bincount(data.y, minlength=data.num_classes)
     if cfg.protocol == "hs" and cfg.num_head > data.num_classes:
         raise ValueError(
-            f"-H {cfg.num_head}: {dataset_title(data)} has {data.num_classes} identities; choose -H in "
-            f"[0, {data.num_classes}] (below it, so that some identities are the tail)"
+            f"-H {cfg.num_head}: {dataset_title(data)} has {data.num_classes} identities; choose -H "
+            f"below {data.num_classes}, so that some identities are the tail"
         )
     for seed, split in splits.items():
         trained = int((split.train_counts > 0).sum())

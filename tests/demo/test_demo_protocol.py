@@ -129,9 +129,10 @@ def test_imagefolder_and_market1501_layouts(tmp_path):
             _write_png(root / ident / f"{i}.png", 40 * i)
     (root / "notes.txt").write_text("ignored")
     (root / "alice" / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata, hidden
-    os.makedirs(root / ".cache")  # a hidden folder is no identity
+    os.makedirs(root / ".cache")  # a hidden folder is no identity, but it is named
     _write_png(root / ".cache" / "0.png", 1)
-    data = load_imagefolder(str(root), size=(8, 4))
+    with pytest.warns(UserWarning, match=r"left out .*1 hidden folder \(\.cache\)"):
+        data = load_imagefolder(str(root), size=(8, 4))
     assert data.x.shape == (5, 3, 8, 4) and data.class_names == ["alice", "bob"]
     assert torch.bincount(data.y).tolist() == [3, 2]
     (root / "bob" / "broken.jpg").write_bytes(b"not a jpeg")  # named, not a traceback

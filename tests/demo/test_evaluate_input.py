@@ -108,13 +108,15 @@ TINY = ["--image-size", "8", "8", "--epochs", "2", "--seeds", "0", "-T", "5", "-
         (["--leap-option", "cloud_mode=xyz"], "cloud_mode"),
         (["--lr", "nan"], "lr must be a finite number > 0"),
         (["--weight-decay", "-1"], "weight_decay"),
-        (["-T", "-1"], "threshold must be >= 0"),
+        (["-T", "-1"], r"threshold \(-T\) must be >= 0"),
+        (["--protocol", "hs", "-S", "0"], r"shots \(-S\) must be >= 1, got 0"),
+        (["--seeds", "0", "3", "0"], r"need distinct seeds \(--seeds\), got \[0, 3, 0\]"),
         (["--methods", "ftl", "--ftl-alternations", "0"], "ftl_alternations must be >= 1"),
         (["--seeds", "-1"], r"seeds must be in \[0, 2\*\*32\)"),
         (["--threads", "-1"], "--threads must be >= 0"),
         (["--n-test", "16"], "trains 0 identities: need at least 2"),
-        (["--protocol", "hs", "-H", "500"], r"-H 500: .* has \d+ identities; choose -H in \[0, "),
-        (["--image-size", "0", "0"], "image_size must be two sizes >= 1"),
+        (["--protocol", "hs", "-H", "500"], r"-H 500: .* has \d+ identities; choose -H below "),
+        (["--image-size", "0", "0"], r"image_size \(--image-size\) must be two sizes >= 1"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),
 )
@@ -154,6 +156,20 @@ def test_cli_evaluate_never_overwrites_a_users_files_and_takes_an_upper_case_npz
         "summary.md"
     ]
     assert main(["evaluate", str(upper), *TINY, "--out", str(tmp_path / "fresh")]) == 0
+    # report's merge and comparison refuse the user's files alike (they were overwritten)
+    fresh = str(tmp_path / "fresh")
+    assert main(["evaluate", str(upper), *TINY, "--seeds", "0", "1", "--out", fresh + "1"]) == 0
+    capsys.readouterr()
+    assert main(["report", fresh, fresh + "1", "--out", str(out)]) == 2
+    assert "holds summary.md but no evaluation" in capsys.readouterr().err
+    (out / "compare.md").write_text("my comparison")
+    assert main(["report", fresh, fresh + "1", "--compare", "--out", str(out)]) == 2
+    assert "holds compare.md that no comparison wrote" in capsys.readouterr().err
+    assert (out / "summary.md").read_text() == "my notes"
+    assert (out / "compare.md").read_text() == "my comparison"
+    cmp = str(tmp_path / "cmp")
+    for _ in range(2):  # an earlier comparison is rewritten
+        assert main(["report", fresh, fresh + "1", "--compare", "--out", cmp]) == 0
 
 
 def test_cli_evaluate_never_overwrites_an_evaluation_and_writes_paired_md(tmp_path, capsys):
@@ -235,6 +251,9 @@ def test_cli_evaluate_warns_about_options_this_evaluation_ignores(tmp_path, caps
     args[-1] = str(tmp_path / "out2")
     assert main(args + ["--methods", "leap_full_cosface", "--leap-option", "gamma=0.2"]) == 0
     assert "ignored" not in capsys.readouterr().err
+    args[-1] = str(tmp_path / "out3")  # the open protocol holds out identities, not images
+    assert main(args + ["--protocol", "open", "--n-test", "3"]) == 0
+    assert "--n-test (the closed-set protocols" in capsys.readouterr().err
 
 
 def test_cli_evaluate_with_one_training_image_per_identity_plots_and_reports(tmp_path, capsys):
