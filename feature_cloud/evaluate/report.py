@@ -833,6 +833,8 @@ def _check_same_data(
     a, b = res["data"].get("fingerprint"), first["data"].get("fingerprint")
     if a is not None and b is not None and a != b:  # runs of earlier releases have none
         data_diff.append("fingerprint (the images, labels or camera ids)")
+    elif a is not None and a == b:  # the same images and labels: a renamed or copied file
+        data_diff = [k for k in data_diff if k != "name"]
     if data_diff:
         raise ValueError(f"cannot {verb} {path} with {first_path}: the data differ in {data_diff}")
 

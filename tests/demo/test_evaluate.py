@@ -1036,6 +1036,15 @@ def test_resume_and_pooling_refuse_a_data_file_whose_contents_changed(tmp_path, 
     assert main(common + ["--seeds", "1", "--out", other]) == 0
     assert main(["report", out, other, "--out", str(tmp_path / "m"), "--quiet"]) == 2
     assert "fingerprint" in capsys.readouterr().err
+    # the same contents under another file name (a copy): resumed and pooled (was refused
+    # on the name)
+    copy = str(tmp_path / "copy.npz")
+    np.savez(copy, images=255 - arrays["images"], labels=arrays["labels"])
+    renamed = [copy if a == p else a for a in common]
+    assert main(renamed + ["--seeds", "1", "2", "--out", other, "--resume"]) == 0
+    third = str(tmp_path / "c")
+    assert main(common + ["--seeds", "3", "--out", third]) == 0
+    assert main(["report", other, third, "--out", str(tmp_path / "m2"), "--quiet"]) == 0
 
 
 def test_imprint_fraction_reaches_the_leap_heads_only():
