@@ -39,6 +39,6 @@ _GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", None)
 
 
 def in_backward() -> bool:
-    """Whether autograd is running a backward pass on this thread: a forward called then is
-    activation checkpointing recomputing it (``torch.utils.checkpoint``, both modes)."""
+    """Whether autograd is running a backward pass on this thread (as when activation
+    checkpointing, ``torch.utils.checkpoint``, recomputes a forward)."""
     return _GRAPH_TASK is not None and _GRAPH_TASK() != -1

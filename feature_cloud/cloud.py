@@ -284,9 +284,6 @@ class FeatureCloud(nn.Module):
         self._count = 0  # host copy of ``step`` (control flow without a device sync)
         self._seen = self._stamp()  # the ``step`` tensor that ``_count`` was read from
         self._imprinted = -1  # the step imprint() last ran at
-        # (stamp, rows, std, key) of the last step taken outside backward: what activation
-        # checkpointing's recomputation of it replays (see _recomputing)
-        self._last_step: Optional[Tuple[Tuple[int, int], int, Any, Any]] = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -355,10 +352,9 @@ class FeatureCloud(nn.Module):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """Whole-module pickles of earlier releases held ``prototype_shrinkage`` as a plain
-        attribute, and no ``_last_step``."""
+        attribute."""
         if "prototype_shrinkage" in state:
             state["_prototype_shrinkage"] = state.pop("prototype_shrinkage")
-        state.setdefault("_last_step", None)
         super().__setstate__(state)  # type: ignore[no-untyped-call]
 
     @property
@@ -433,13 +429,10 @@ class FeatureCloud(nn.Module):
         (one all-reduce: every rank raises together, see
         :meth:`~feature_cloud.sync.SyncedClassStatistics.agree`). ``problem``: an error the
         caller found in its other arguments, agreed on like a bad batch (then raised)."""
+        if train:
+            self._refuse_recomputation()
         if train and self.collective:
-            rows = (
-                embeddings.shape[0] if isinstance(embeddings, Tensor) and embeddings.dim() else -1
-            )
-            if not self._recomputing(rows):
-                return self.statistics.agree(embeddings, labels, validate, problem)
-            validate = False  # checkpointing's recomputation: agreed on in the step itself
+            return self.statistics.agree(embeddings, labels, validate, problem)
         if problem is not None:
             raise problem
         return check_batch(embeddings, labels, self.embedding_size, self.num_classes, validate)
@@ -468,10 +461,7 @@ class FeatureCloud(nn.Module):
             return std, key
         if is_compiling():
             return self._advance_compiled(features, labels)
-        last = self._last_step
-        if last is not None and self._recomputing(features.shape[0]):
-            self._last_step = None  # activation checkpointing: the last step, replayed
-            return last[2], last[3]
+        self._refuse_recomputation()
         if self.rule is not None:
             active = self.active
             stats = self.statistics
@@ -486,25 +476,22 @@ class FeatureCloud(nn.Module):
         count = self._host_count()
         self.step.add_(1)
         self._count, self._seen = count + 1, self._stamp()
-        # a step taken outside backward may be recomputed inside it (non-reentrant
-        # checkpointing); one taken inside it (reentrant: the first forward ran without grad)
-        # was the step itself
-        self._last_step = None if in_backward() else (self._seen, features.shape[0], std, key)
         return std, key
 
-    def _recomputing(self, rows: Optional[int] = None) -> bool:
-        """Whether this training forward is activation checkpointing's recomputation of the
-        last step (``torch.utils.checkpoint``, non-reentrant: the forward runs again during
-        backward): autograd is in a backward, no step was taken since, and the batch has as
-        many ``rows`` (``None``: not compared). It then folds nothing into the statistics, counts no step and draws the
-        same cloud (the last step's ``std`` and key), so the gradient is the logged loss's."""
-        last = self._last_step
-        return (
-            last is not None
-            and in_backward()
-            and last[0] == self._stamp()
-            and (rows is None or last[1] == rows)
-        )
+    def _refuse_recomputation(self) -> None:
+        """A training step run while autograd runs a backward is activation checkpointing
+        recomputing the head (``torch.utils.checkpoint`` around it): the step is stateful (the
+        statistics, the step count and the cloud drawn from it), so a recomputation would take
+        a second step and draw another cloud than the loss it differentiates. Refused before
+        any state changes, with the way out."""
+        if not is_compiling() and in_backward():
+            raise RuntimeError(
+                "the feature cloud's training step ran during backward: activation "
+                "checkpointing (torch.utils.checkpoint) recomputes the head, whose step updates "
+                "the class statistics and draws the cloud, so it would count twice and draw "
+                "another cloud. Checkpoint the backbone only: loss = head(checkpoint(backbone, "
+                "x, use_reentrant=False), labels)"
+            )
 
     def _advance_compiled(
         self, features: Tensor, labels: Tensor
@@ -553,7 +540,9 @@ class FeatureCloud(nn.Module):
         return N.counter_normal(key, std.shape[0], 0, 1, 1)[0].to(std.dtype)
 
     # ------------------------------------------------------------------ inference
-    def prototypes(self, weight: Tensor, sub_centers: int = 1, class_start: int = 0) -> Tensor:
+    def prototypes(
+        self, weight: Tensor, sub_centers: int = 1, class_start: int = 0, *, inference: bool = False
+    ) -> Tensor:
         """The class prototypes of inference logits: in eval mode ``weight`` shrunk towards the
         class centers (:func:`~feature_cloud.functional.center_prototypes`, ``kappa =
         prototype_shrinkage``); ``weight`` itself in train mode (training accuracy monitors the
@@ -562,8 +551,9 @@ class FeatureCloud(nn.Module):
         trained or loaded (a cloud-less inference head loading a trained LEAP head scores as
         that head did; without centers the blend would only renormalise ``weight``).
         ``weight`` holds the classes ``class_start .. class_start + rows / sub_centers - 1``
-        (a shard of a model-parallel head; default: all classes)."""
-        if self.prototype_shrinkage is None or self.training:
+        (a shard of a model-parallel head; default: all classes). ``inference=True``: the eval-mode
+        prototypes whatever the mode (an export)."""
+        if self.prototype_shrinkage is None or (self.training and not inference):
             return weight
         if self.rule is None and not getattr(self.statistics, "has_centers", False):
             return weight
@@ -596,8 +586,7 @@ class FeatureCloud(nn.Module):
         Returns whether it imprinted."""
         if not train or self.rule is None or self.imprint_step is None:
             return False
-        if not is_compiling() and self._recomputing():
-            return False  # checkpointing recomputes a step taken already (imprinted before it)
+        self._refuse_recomputation()
         if is_compiling():  # no host count: a select on the device step
             with torch.no_grad():
                 new = self._prototypes(weight, sub_centers, class_start).float()
@@ -664,7 +653,8 @@ class FeatureCloud(nn.Module):
                 f"{self.warmup_steps}) but holds no class center: a head trained without a "
                 "cloud (cloud=None)? Its step, seed and empty statistics are loaded, so the cloud "
                 "starts at once, without a warm-up. To start LEAP from such a head, load its "
-                "weight only: head.load_state_dict({'weight': state['weight']}, strict=False)"
+                "class weights only (e.g. head.load_state_dict({'weight': state['weight']}, "
+                "strict=False); PML's LEAPLoss: {'W': ...})"
             )
 
     def extra_repr(self) -> str:

@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 
 from . import functional as FC
 from . import fused, margins
+from ._compat import is_compiling
 from ._validation import (
     as_float,
     as_int,
@@ -521,13 +522,9 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         ``prototype_shrinkage=None``: the normalised weights). With ``sub_centers = K > 1`` it
         returns every sub-center's logit: ``out.view(B, C, K).amax(-1)`` is :meth:`logits`.
         A copy: later training does not change it."""
-        cloud = self.feature_cloud
-        was_training = cloud.training
-        cloud.train(False)  # the eval-mode prototypes (train mode scores the raw weights)
-        try:
-            weight = cloud.prototypes(self.weight.detach(), self.sub_centers)
-        finally:
-            cloud.train(was_training)
+        weight = self.feature_cloud.prototypes(
+            self.weight.detach(), self.sub_centers, inference=True
+        )
         linear = nn.Linear(
             self.embedding_size,
             weight.shape[0],
@@ -680,29 +677,46 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         labels = cloud.check(
             embeddings, labels, validate=self.validate, train=train, problem=problem
         )
-        parametrized = cloud.imprint_step is not None and parametrize.is_parametrized(
-            self, "weight"
-        )
-        if parametrized and not all(
-            hasattr(p, "right_inverse")
-            for p in cast(nn.ModuleDict, self.parametrizations)["weight"].children()
-        ):
-            raise ValueError(
-                f"imprint_step={cloud.imprint_step}: the head's weight is parametrized without "
-                "a right_inverse, so the imprinted prototypes could not be set; give the "
-                "parametrization a right_inverse or leave imprint_step=None"
-            )
+        parametrized = train and self._imprint_through_parametrization(cloud)
         weight = self.weight
         imprinted = cloud.imprint(
             weight, self.sub_centers, train=train and cloud.counts_batch(embeddings)
         )
         if imprinted and parametrized:
             # the imprint went into the tensor the parametrization computed: set it through
-            # the parametrization's right_inverse (weight_norm, orthogonal, ...)
+            # its right_inverse (weight_norm keeps it exactly; a projecting right_inverse, e.g.
+            # orthogonal's, keeps its nearest weight of that form)
             with torch.no_grad():
                 self.weight = weight.detach()
         std, key = cloud.advance(embeddings, labels, train=train)
         return std, key, labels
+
+    def _imprint_through_parametrization(self, cloud: FeatureCloud) -> bool:
+        """Whether an imprint still ahead (``imprint_step``) has to reach a parametrized
+        weight through its ``right_inverse``; refuses, before any state changes, a
+        parametrization without one, and ``parametrize.cached()`` (its cached weight is in
+        the graph the imprint would modify in place)."""
+        if (
+            cloud.imprint_step is None
+            or cloud.rule is None
+            or is_compiling()
+            or not parametrize.is_parametrized(self, "weight")
+            or cloud.steps_taken > cloud.imprint_step
+        ):
+            return False
+        where = f"imprint_step={cloud.imprint_step}: the head's weight is parametrized"
+        chain = cast(nn.ModuleDict, self.parametrizations)["weight"].children()
+        if not all(hasattr(p, "right_inverse") for p in chain):
+            raise ValueError(
+                f"{where} without a right_inverse, so the imprinted prototypes could not be "
+                "set; give the parametrization a right_inverse or leave imprint_step=None"
+            )
+        if getattr(parametrize, "_cache_enabled", 0):
+            raise RuntimeError(
+                f"{where} and cached (parametrize.cached()): the imprint would modify the "
+                "cached weight in place; train the imprint step outside the cache"
+            )
+        return True
 
     def extra_repr(self) -> str:
         return (

@@ -300,9 +300,11 @@ def _local_batch_checks(
     """:func:`agree_on_batch` without the agreement (``validate=False`` with ``pad_to``)."""
     where = f"rank {rank} of {world}; validate=False with pad_to: raised on this rank only"
     if problem is not None:
-        raise (TypeError if isinstance(problem, TypeError) else ValueError)(f"{problem} ({where})")
+        exc = TypeError if type(problem) is TypeError else ValueError  # as the agreement's
+        raise exc(f"{problem} ({where})") from problem
+    static = static_problems(embeddings, labels, embedding_size)
     raise_for_problems(
-        static_problems(embeddings, labels, embedding_size) + [0, 0],
+        static + [0] * (len(PROBLEM_SLOTS) - len(static)),  # no value checks: validate=False
         embedding_size,
         num_classes,
         where,

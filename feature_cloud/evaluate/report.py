@@ -10,7 +10,15 @@ import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..demo import plots as demo_plots
-from ..demo.report import _markdown, counted, csv_cell, load_results, write_json, wrote_line
+from ..demo.report import (
+    _markdown,
+    counted,
+    csv_cell,
+    load_results,
+    run_subfolders,
+    write_json,
+    wrote_line,
+)
 from .stats import paired_differences, t_interval, t_quantile
 
 __all__ = [
@@ -925,6 +933,13 @@ def _refuse_overwriting_a_run(out: str, paths: Sequence[str]) -> None:
                 "replace: write the merge to another folder (nothing was written)"
             )
     elif os.path.isdir(out):
+        settings = run_subfolders(out)
+        if settings:  # `report` of that folder would show the merge and skip them
+            raise ValueError(
+                f"--out {out!r} holds an evaluation of several settings "
+                f"({', '.join(os.path.basename(d) for d in settings)}): write the merge to "
+                "another folder (nothing was written)"
+            )
         taken = sorted(set(os.listdir(out)) & set(OUTPUT_FILES))
         if taken:  # somebody's own files of the names the merge's report writes
             raise ValueError(
@@ -1046,7 +1061,8 @@ def _refuse_overwriting_files_of_others(out: str) -> None:
         return
     try:
         with open(os.path.join(out, "compare.json")) as fh:
-            earlier = "differences" in json.load(fh)
+            saved = json.load(fh)
+        earlier = isinstance(saved, dict) and "differences" in saved
     except (OSError, ValueError, TypeError):
         earlier = False
     if not earlier:

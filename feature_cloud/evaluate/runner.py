@@ -171,7 +171,10 @@ class EvalConfig:
             raise ValueError("need at least one method (--methods)")
         repeated = sorted({int(s) for s in self.seeds if list(self.seeds).count(s) > 1})
         if not self.seeds or repeated:
-            raise ValueError(f"need distinct seeds (--seeds), got {list(self.seeds)}")
+            raise ValueError(
+                f"need distinct seeds (--seeds), got {list(self.seeds)}"
+                + (f": {repeated} repeated" if repeated else "")
+            )
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         for name in ("n_test", "epochs", "embedding_size", "shots"):

@@ -1,9 +1,7 @@
-"""Activation checkpointing (``torch.utils.checkpoint``) around a backbone and the head: the
-training step is taken once. Non-reentrant checkpointing recomputes the forward during
-backward: the recomputation replays the step's cloud without a second statistics update, so
-loss, gradients and state equal the run without checkpointing, bit for bit. Reentrant
-checkpointing runs the first forward without gradients (an inference forward for the head:
-the logged loss has no cloud) and the training step in the backward's recomputation."""
+"""Activation checkpointing (``torch.utils.checkpoint``): the backbone checkpointed, the head
+outside, trains exactly as without checkpointing. The head's training step is stateful
+(statistics, step count, the cloud drawn from it), so a checkpointed head, recomputed during
+backward, is refused there with the way out, before a second step is taken."""
 
 from __future__ import annotations
 
@@ -42,19 +40,17 @@ def _head(impl: str, **kw) -> nn.Module:
     )
 
 
-def _run(net: nn.Module, mode, steps: int = 5):
+def _run(net: nn.Module, checkpointed: bool, steps: int = 5):
     """Per step: (loss, gradients); and the final state."""
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     out = []
     for step in range(steps):
         x, y = make_batch(step, 12, IN, C)
         opt.zero_grad()
-        if mode is None:
+        if checkpointed:
+            loss = net.head(checkpoint(net.backbone, x, use_reentrant=False), y)
+        else:
             loss = net(x, y)
-        elif mode:  # reentrant: a segment whose input needs grad, here the head
-            loss = checkpoint(net.head, net.backbone(x), y, use_reentrant=True)
-        else:  # backbone and head
-            loss = checkpoint(net, x, y, use_reentrant=False)
         loss.backward()
         out.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))
         opt.step()
@@ -62,35 +58,37 @@ def _run(net: nn.Module, mode, steps: int = 5):
 
 
 @pytest.mark.parametrize("impl", ["auto", "reference", "pml"])
-def test_non_reentrant_checkpointing_takes_the_step_once(impl):
+def test_a_checkpointed_backbone_trains_as_without_checkpointing(impl):
     torch.manual_seed(0)
     net = _Net(_head(impl))
-    plain, plain_state = _run(copy.deepcopy(net), None)
-    ckpt, ckpt_state = _run(copy.deepcopy(net), False)
+    plain, plain_state = _run(copy.deepcopy(net), False)
+    ckpt, ckpt_state = _run(copy.deepcopy(net), True)
     for step, ((l0, g0), (l1, g1)) in enumerate(zip(plain, ckpt)):
-        assert torch.equal(l0, l1), step  # the cloud was drawn (warm-up over at step 2)
+        assert torch.equal(l0, l1), step  # the cloud drawn (warm-up over at step 2)
         for a, b in zip(g0, g1):
             assert torch.equal(a, b), step
     assert_same_state(plain_state, ckpt_state, "after five checkpointed steps")
     assert int(ckpt_state["head.feature_cloud.step"]) == 5
 
 
-def test_reentrant_checkpointing_trains_as_without_it():
+@pytest.mark.parametrize("impl", ["auto", "reference", "pml"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_head_is_refused_during_backward(impl, reentrant):
+    """Non-reentrant: the forward took the step, the backward's recomputation is refused (it
+    took a second step and drew another cloud); reentrant: the first forward ran without
+    gradients (no step), the recomputation is refused. Either way no second step."""
     torch.manual_seed(0)
-    net = _Net(_head("auto"))
-    plain, plain_state = _run(copy.deepcopy(net), None)
-    ckpt, ckpt_state = _run(copy.deepcopy(net), True)
-    for (_, g0), (_, g1) in zip(plain, ckpt):
-        for a, b in zip(g0, g1):
-            assert torch.equal(a, b)
-    assert_same_state(plain_state, ckpt_state, "after five reentrant steps")
-    # the logged loss is the first, gradient-free forward's: no cloud once the warm-up is over
-    assert not torch.equal(plain[4][0], ckpt[4][0])
-
-
-def test_checkpointed_imprint_happens_once_before_its_step():
-    torch.manual_seed(0)
-    net = _Net(_head("auto", imprint_step=3))
-    _, plain_state = _run(copy.deepcopy(net), None)
-    _, ckpt_state = _run(copy.deepcopy(net), False)
-    assert_same_state(plain_state, ckpt_state, "imprint_step=3, checkpointed")
+    net = _Net(_head(impl, imprint_step=1))
+    x, y = make_batch(0, 12, IN, C)
+    if reentrant:
+        loss = checkpoint(net.head, net.backbone(x), y, use_reentrant=True)
+    else:
+        loss = checkpoint(net, x, y, use_reentrant=False)
+    cloud = net.head.feature_cloud
+    taken = cloud.steps_taken
+    assert taken == int(not reentrant)
+    before = state_snapshot(net)
+    with pytest.raises(RuntimeError, match="ran during backward.*Checkpoint the backbone only"):
+        loss.backward()
+    assert cloud.steps_taken == taken
+    assert_same_state(state_snapshot(net), before, "after the refused recomputation")

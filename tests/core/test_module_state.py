@@ -660,7 +660,7 @@ def test_a_cloudless_state_loaded_into_a_warming_up_cloud_warns_and_weight_only_
     for _ in range(5):
         off(x, y)
     leap = LEAPMarginHead(D, C, class_counts=COUNTS, warmup_steps=3, seed=1)
-    with pytest.warns(UserWarning, match=r"taken 5 steps .*warmup_steps=3.*weight only"):
+    with pytest.warns(UserWarning, match=r"taken 5 steps .*warmup_steps=3.*class weights only"):
         leap.load_state_dict(off.state_dict())
     assert leap.feature_cloud.steps_taken == 5 and int(leap.feature_cloud.seed) == int(
         off.feature_cloud.seed

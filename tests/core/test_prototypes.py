@@ -264,6 +264,17 @@ def test_imprint_step_sets_a_parametrized_weight_through_its_right_inverse():
     with pytest.raises(ValueError, match="parametrized without a right_inverse"):
         head(*make_batch(0, 24, D, C))
     assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
+    head.eval()
+    head(*make_batch(0, 24, D, C))  # no imprint in eval mode: no refusal
+    # parametrized after its imprint step (a fine-tune): nothing left to imprint, trains
+    done = run(None)
+    torch.nn.utils.parametrize.register_parametrization(done, "weight", Scale())
+    done(*make_batch(3, 24, D, C))
+    # parametrize.cached(): the imprint would write into the cached weight in place
+    cached = run(lambda h: weight_norm(h, "weight", dim=0), imprint_step=5)
+    with torch.nn.utils.parametrize.cached():
+        with pytest.raises(RuntimeError, match=r"cached \(parametrize.cached\(\)\)"):
+            cached(*make_batch(3, 24, D, C))
 
 
 def test_imprint_step_is_checked_by_name():

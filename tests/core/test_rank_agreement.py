@@ -174,15 +174,33 @@ def check_no_agreement_with_pad_to_and_validate_off(rank: int, world: int) -> No
     sharded = ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=2, pad_to=B, validate=False)
     pml = LEAPLoss(C, D, class_counts=COUNTS, seed=1, validate=False)
     synchronize(pml, pad_to=B)
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def counted(self):
+        reads.append(1)
+        return tolist(self)
+
+    def step_reads(module, x, y):
+        """Host reads in one step: the dispatcher's, and ``tolist`` (the agreement's verdict,
+        which never reaches the dispatcher)."""
+        syncs = _HostSyncs()
+        reads.clear()
+        torch.Tensor.tolist = counted
+        try:
+            with syncs:
+                module(x, y)
+        finally:
+            torch.Tensor.tolist = tolist
+        return syncs.count + len(reads)
+
     for step in range(3):
         x, y = _batch(step, rank)
         agreed(x, y)
         for module in (local, sharded, pml):
-            syncs = _HostSyncs()
-            with syncs:
-                module(x, y)
             # at most the first step after train() re-reads the host step count (documented)
-            assert syncs.count <= int(step == 0), (type(module).__name__, step, syncs.count)
+            n = step_reads(module, x, y)
+            assert n <= int(step == 0), (type(module).__name__, step, n)
     assert_same_state(
         state_snapshot(local.feature_cloud),
         state_snapshot(agreed.feature_cloud),
@@ -197,26 +215,7 @@ def check_no_agreement_with_pad_to_and_validate_off(rank: int, world: int) -> No
     with pytest.raises(TypeError, match=r"integer tensor.*raised on this rank only"):
         sharded(x, y.float())
     assert_same_state(state_snapshot(local), before, "after the refused batches")
-
-
-def check_checkpointed_synced_head(rank: int, world: int) -> None:
-    """Non-reentrant activation checkpointing of a head with synchronised statistics: the
-    recomputation in backward replays the step (no second agreement or gather), so the
-    statistics and gradients equal the run without checkpointing on every rank."""
-    from torch.utils.checkpoint import checkpoint
-
-    torch.manual_seed(0)
-    plain = LEAPMarginHead(D, C, class_counts=COUNTS, seed=1, warmup_steps=1)
-    ckpt = LEAPMarginHead(D, C, class_counts=COUNTS, seed=1, warmup_steps=1)
-    ckpt.load_state_dict(plain.state_dict())
-    for step in range(3):
-        x, y = _batch(step, rank)
-        plain.weight.grad = ckpt.weight.grad = None
-        plain(x, y).backward()
-        checkpoint(ckpt, x.requires_grad_(), y, use_reentrant=False).backward()
-        assert torch.equal(plain.weight.grad, ckpt.weight.grad), step
-    assert_same_state(state_snapshot(ckpt), state_snapshot(plain), "checkpointed, synced")
-    assert ckpt.step == 3
+    assert step_reads(agreed, x, y) >= 1  # the agreed head's verdict is counted
 
 
 CHECKS = [
@@ -225,7 +224,6 @@ CHECKS = [
     "check_sharded_head",
     "check_pml_loss",
     "check_no_agreement_with_pad_to_and_validate_off",
-    "check_checkpointed_synced_head",
 ]
 
 

@@ -110,7 +110,10 @@ TINY = ["--image-size", "8", "8", "--epochs", "2", "--seeds", "0", "-T", "5", "-
         (["--weight-decay", "-1"], "weight_decay"),
         (["-T", "-1"], r"threshold \(-T\) must be >= 0"),
         (["--protocol", "hs", "-S", "0"], r"shots \(-S\) must be >= 1, got 0"),
-        (["--seeds", "0", "3", "0"], r"need distinct seeds \(--seeds\), got \[0, 3, 0\]"),
+        (
+            ["--seeds", "0", "3", "0"],
+            r"distinct seeds \(--seeds\), got \[0, 3, 0\]: \[0\] repeated",
+        ),
         (["--methods", "ftl", "--ftl-alternations", "0"], "ftl_alternations must be >= 1"),
         (["--seeds", "-1"], r"seeds must be in \[0, 2\*\*32\)"),
         (["--threads", "-1"], "--threads must be >= 0"),
@@ -209,6 +212,12 @@ def test_cli_evaluate_keeps_one_and_several_setting_runs_apart(tmp_path, capsys)
     assert "holds an evaluation of several settings (H2_S1, H2_S2)" in err, err
     assert sorted(os.listdir(many)) == before
     assert main(base + several + ["--out", str(many), "--resume"]) == 0  # continuing: fine
+    two = tmp_path / "two"  # report's merge into it is refused alike
+    assert main(base + ["--seeds", "1", "--out", str(two)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(one), str(two), "--out", str(many)]) == 2
+    assert "holds an evaluation of several settings" in capsys.readouterr().err
+    assert sorted(os.listdir(many)) == before
 
 
 def test_cli_evaluate_reports_a_diverged_training_instead_of_scoring_it(tmp_path, capsys):
