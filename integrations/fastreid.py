@@ -799,7 +799,8 @@ class FeatureCloudHook(HookBase):
             if head.class_counts_source != "dataset":
                 continue
             counts = class_counts_from_dataset(dataset) if counts is None else counts
-            head.set_class_counts(counts)
+            with _yaml_warnings():  # in fastreid's log.txt too (the vanilla rule's, ...)
+                head.set_class_counts(counts)
 
 
 def _train_sampler_name(loader: Any) -> str:

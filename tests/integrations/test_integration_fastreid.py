@@ -321,6 +321,34 @@ def test_online_counts_under_an_identity_sampler_warn_in_the_trainer(market_root
             assert "NaiveIdentitySampler" in said[0] and "CLASS_COUNTS: dataset" in said[0]
 
 
+def test_warnings_of_the_counts_laid_out_at_train_start_reach_fastreids_log(
+    market_root, tmp_path, caplog
+):
+    """The counts are laid out when training starts (``CLASS_COUNTS: dataset``), outside the
+    model build whose warnings are relayed: the vanilla rule's "every cloud is zero" (a real
+    re-ID trial: VIPeR, every identity two images) reached stderr only, not ``log.txt``; it is
+    logged now, with the YAML key."""
+    import logging
+
+    cfg = _tiny_cfg(
+        tmp_path,
+        "MODEL.HEADS.FEATURE_CLOUD.CLOUD",
+        "vanilla",
+        "MODEL.HEADS.FEATURE_CLOUD.TAIL_THRESHOLD",
+        "1000",
+    )
+    hook = DefaultTrainer(cfg)._hooks[0]
+    fr.logger.addHandler(caplog.handler)  # fastreid's setup_logger stops propagation
+    try:
+        with caplog.at_level(logging.WARNING, logger=fr.logger.name):
+            with pytest.warns(UserWarning, match="every cloud is zero"):
+                hook.before_train()
+    finally:
+        fr.logger.removeHandler(caplog.handler)
+    said = [r.getMessage() for r in caplog.records if "every cloud is zero" in r.getMessage()]
+    assert said and "MODEL.HEADS.FEATURE_CLOUD.TAIL_THRESHOLD" in said[0], said
+
+
 def test_precise_bn_hook_leaves_statistics_untouched(market_root, tmp_path):
     torch.manual_seed(1)
     cfg = _tiny_cfg(tmp_path, "SOLVER.MAX_EPOCH", "1")
