@@ -307,11 +307,20 @@ def check_unit(margin_type: Union[str, Margin], margin: float, unit: str = "radi
 
     ``unit="radians"`` (the heads, fastreid): a margin above ``pi / 2`` is almost certainly in
     degrees. ``unit="degrees"`` (the PML adapter, as PML's ``ArcFaceLoss``): a non-zero margin
-    below 1 is almost certainly in radians. Cosine margins (CosFace) are not checked.
+    below 1 is almost certainly in radians. CosFace's cosine margin has no unit: one of 1 or more
+    puts every target logit ``s (cos theta - m)`` at or below 0, where no non-target logit can
+    fall below ``-s`` (the papers use 0.2-0.35): it warns too.
     """
     if unit not in ("radians", "degrees"):
         raise ValueError(f"unit must be 'radians' or 'degrees', got {unit!r}")
     rule = get(margin_type)
+    if isinstance(rule, CosFace) and float(margin) >= 1.0:
+        warn_user(
+            f"{rule.name} margin={float(margin)} is a cosine margin (no unit): at 1 or more "
+            "every target logit s (cos theta - m) is at or below 0; CosFace margins are "
+            f"0.1-0.5 (default {rule.default_margin})"
+        )
+        return
     if not rule.pml_degrees:  # not an angular margin
         return
     m = float(margin)

@@ -133,6 +133,22 @@ def test_registry_lookup_and_units():
         margins.register("cosface")
 
 
+def test_a_cosine_margin_of_one_or_more_warns_in_every_adapter():
+    """A fastreid user typed ``MODEL.HEADS.MARGIN 20`` with CosSoftmax: accepted silently (an
+    ArcFace margin above pi/2 warned already). CosFace margins below 1 say nothing."""
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    for margin in (1.0, 20.0):
+        with pytest.warns(UserWarning, match=rf"cosface margin={margin} is a cosine margin"):
+            LEAPMarginHead(D, C, "cosface", margin=margin, cloud=None)
+        with pytest.warns(UserWarning, match="is a cosine margin"):
+            LEAPLoss(C, D, margin_type="cosface", margin=margin, cloud=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LEAPMarginHead(D, C, "cosface", margin=0.35, cloud=None)
+        LEAPLoss(C, D, margin_type="cosface", margin=0.35, cloud=None)
+
+
 def test_subcenter_arcface_equals_pml(seed=0):
     """Sub-center ArcFace through the registry and the (K C, D) layout equals PML's
     SubCenterArcFaceLoss (values and gradients, 1e-5)."""
