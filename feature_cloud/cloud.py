@@ -429,8 +429,6 @@ class FeatureCloud(nn.Module):
         (one all-reduce: every rank raises together, see
         :meth:`~feature_cloud.sync.SyncedClassStatistics.agree`). ``problem``: an error the
         caller found in its other arguments, agreed on like a bad batch (then raised)."""
-        if train:
-            self._refuse_recomputation()
         if train and self.collective:
             return self.statistics.agree(embeddings, labels, validate, problem)
         if problem is not None:

@@ -675,8 +675,7 @@ def _map_baseline_backbone(model: nn.Module, state: Dict[str, Any]) -> None:
     instead of matching no key. The other entries (the stock head) stay as they are, and
     fastreid's loader reports them as unused."""
     for name, module in model.named_modules():
-        backbone = getattr(getattr(module, "encoder", None), "backbone", None)
-        if not isinstance(module, FTLModel) or not isinstance(backbone, nn.Module):
+        if not isinstance(module, FTLModel) or not hasattr(module.encoder, "backbone"):
             continue
         target = (name + "." if name else "") + "encoder.backbone."
         if any(k.startswith(target) for k in state):

@@ -281,8 +281,8 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
     """The image files of ``root/<identity>/<image>`` and their identities (folder names), in
     sorted order. Hidden files (names starting with ``.``, e.g. macOS ``._*`` files) are
     skipped; other entries left out (hidden folders, nested folders, other formats, loose
-    images, empty identity folders) are named in one warning; identity folders that are the same directory
-    (a symlink to another identity's folder) are read once, named in a warning."""
+    images, empty identity folders) are named in one warning; identity folders that are the
+    same directory (a symlink to another identity's folder) are read once, named in a warning."""
     if not os.path.isdir(root):
         raise ValueError(f"imagefolder path {root!r} is not a directory")
     paths, ids = [], []
@@ -294,11 +294,12 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
     folders: Dict[str, List[str]] = {}  # real directory -> identity folders naming it
     for ident in sorted(os.listdir(root)):
         sub = os.path.join(root, ident)
-        if ident.startswith(".") and os.path.isdir(sub):  # an identity hidden by a rename?
-            skipped[("hidden folder", "hidden folders")].append(ident)
+        if ident.startswith("."):  # hidden files skipped; a hidden folder named (an identity?)
+            if os.path.isdir(sub):
+                skipped[("hidden folder", "hidden folders")].append(ident)
             continue
-        if ident.startswith(".") or not os.path.isdir(sub):
-            if not ident.startswith(".") and ident.lower().endswith(IMAGE_EXTENSIONS):
+        if not os.path.isdir(sub):
+            if ident.lower().endswith(IMAGE_EXTENSIONS):
                 skipped[("other entry", "other entries")].append(ident)  # outside any identity
             continue
         folders.setdefault(os.path.realpath(sub), []).append(ident)

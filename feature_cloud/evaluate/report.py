@@ -933,19 +933,25 @@ def _refuse_overwriting_a_run(out: str, paths: Sequence[str]) -> None:
                 "replace: write the merge to another folder (nothing was written)"
             )
     elif os.path.isdir(out):
-        settings = run_subfolders(out)
-        if settings:  # `report` of that folder would show the merge and skip them
-            raise ValueError(
-                f"--out {out!r} holds an evaluation of several settings "
-                f"({', '.join(os.path.basename(d) for d in settings)}): write the merge to "
-                "another folder (nothing was written)"
-            )
-        taken = sorted(set(os.listdir(out)) & set(OUTPUT_FILES))
-        if taken:  # somebody's own files of the names the merge's report writes
-            raise ValueError(
-                f"--out {out!r} holds {', '.join(taken)} but no evaluation (results.json): "
-                "write the merge to another folder (nothing was written)"
-            )
+        refuse_other_contents(out, "write the merge to another folder (nothing was written)")
+
+
+def refuse_other_contents(out: str, instead: str) -> None:
+    """``ValueError`` (ending in ``instead``) where the folder ``out``, holding no
+    ``results.json``, holds the settings' folders of an evaluation of several settings
+    (`feature-cloud report` of it would show those or the new run, not both) or files of the
+    names an evaluation's report writes (a user's own ``summary.md``)."""
+    settings = [os.path.basename(d) for d in run_subfolders(out)]
+    if settings:
+        raise ValueError(
+            f"--out {out!r} holds an evaluation of several settings ({', '.join(settings)}), "
+            f"which `feature-cloud report` of that folder would show instead: {instead}"
+        )
+    taken = sorted(set(os.listdir(out)) & set(OUTPUT_FILES))
+    if taken:
+        raise ValueError(
+            f"--out {out!r} holds {', '.join(taken)} but no evaluation (results.json): {instead}"
+        )
 
 
 #: config keys that define the setting: two evaluations compared seed by seed must share them

@@ -9,6 +9,7 @@ import os
 import platform
 import time
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -31,7 +32,7 @@ from ..demo.methods import (
     check_training_options,
 )
 from ..demo.protocol import LongTailSplit
-from ..demo.report import counted, load_results, run_subfolders, write_json
+from ..demo.report import counted, load_results, write_json
 from ..demo.runner import _device_of, embed_all, evaluate_method
 from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
@@ -39,10 +40,10 @@ from .data import dataset_title
 from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
 from .protocol import hs_split, natural_split, open_split
 from .report import (
-    OUTPUT_FILES,
     check_compatible,
     head_defaults,
     make_output_dir,
+    refuse_other_contents,
     retrieval_line,
 )
 
@@ -169,7 +170,7 @@ class EvalConfig:
             raise ValueError(f"unknown methods {unknown}; available: {list(EVAL_METHODS)}")
         if not self.methods:
             raise ValueError("need at least one method (--methods)")
-        repeated = sorted({int(s) for s in self.seeds if list(self.seeds).count(s) > 1})
+        repeated = sorted(int(s) for s, n in Counter(self.seeds).items() if n > 1)
         if not self.seeds or repeated:
             raise ValueError(
                 f"need distinct seeds (--seeds), got {list(self.seeds)}"
@@ -655,20 +656,7 @@ def check_output(cfg: EvalConfig, resume: bool = False) -> None:
             "(nothing is overwritten)"
         )
     if os.path.isdir(cfg.out) and not os.path.exists(file):
-        settings = [os.path.basename(d) for d in run_subfolders(cfg.out)]
-        if settings:  # `report` of this folder would show them and not this run
-            raise ValueError(
-                f"--out {cfg.out!r} holds an evaluation of several settings "
-                f"({', '.join(settings)}): a run of one setting beside them would be left out "
-                "of `feature-cloud report` of that folder; choose another --out (nothing is "
-                "overwritten)"
-            )
-        taken = sorted(set(os.listdir(cfg.out)) & set(OUTPUT_FILES))
-        if taken:  # somebody's own files of the names the evaluation writes
-            raise ValueError(
-                f"--out {cfg.out!r} holds {', '.join(taken)} but no evaluation ({RESULTS_FILE}): "
-                "choose another --out (nothing is overwritten)"
-            )
+        refuse_other_contents(cfg.out, "choose another --out (nothing is overwritten)")
 
 
 def check_settings_root(out: str, settings: int) -> None:
