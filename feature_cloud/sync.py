@@ -57,14 +57,22 @@ def _rank_world(group: ProcessGroup = None) -> Tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 
 
+def _over_pad_to(pad_to: int, n: Optional[int], where: str = "") -> ValueError:
+    """The error for a batch of ``n`` rows (``None``: some rank's, size unknown here) over ``pad_to``."""
+    what = f"this rank's batch has {n} samples, more than pad_to={pad_to}"
+    if n is None:
+        what = f"a rank's batch has more than pad_to={pad_to} samples"
+    at = f" ({where})" if where else ""
+    return ValueError(
+        f"{what}{at}; pass the largest per-rank batch size (the same value on every rank)"
+    )
+
+
 def _common_size(n: int, device: torch.device, group: ProcessGroup, pad_to: Optional[int]) -> int:
     """The per-rank size every rank pads to: ``pad_to``, or the all-reduced maximum."""
     if pad_to is not None:
         if n > pad_to:
-            raise ValueError(
-                f"this rank's batch has {n} samples, more than pad_to={pad_to}; pass the largest "
-                "per-rank batch size (the same value on every rank)"
-            )
+            raise _over_pad_to(pad_to, n)
         return int(pad_to)
     size = torch.tensor([n], device=device, dtype=torch.long)
     dist.all_reduce(size, op=dist.ReduceOp.MAX, group=group)
@@ -272,10 +280,7 @@ def agree_on_batch(
         raise exc(f"{message} (rank {first} of {world}; raised on every rank)")
     raise_for_problems(verdict[:k], embedding_size, num_classes, where)
     if verdict[k]:
-        raise ValueError(
-            f"a rank's batch has more than pad_to={pad_to} samples ({where}); pass the largest "
-            "per-rank batch size (the same value on every rank)"
-        )
+        raise _over_pad_to(pad_to, None, where)
     if same_dtype and world > 1 and verdict[k + 2] != -verdict[k + 3]:
         names = {v: str(d).replace("torch.", "") for d, v in _DTYPE_CODES.items()}
         raise TypeError(
@@ -310,11 +315,7 @@ def _local_batch_checks(
         where,
     )
     if int(embeddings.shape[0]) > pad_to:
-        raise ValueError(
-            f"this rank's batch has {int(embeddings.shape[0])} samples, more than pad_to="
-            f"{pad_to} ({where}); pass the largest per-rank batch size (the same value on "
-            "every rank)"
-        )
+        raise _over_pad_to(pad_to, int(embeddings.shape[0]), where)
     return labels.long(), int(pad_to)
 
 

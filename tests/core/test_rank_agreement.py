@@ -89,7 +89,12 @@ def check_synced_statistics_pad_to(rank: int, world: int) -> None:
     x, y = _batch(0, rank)
     if rank == 0:
         x, y = torch.randn(B + 2, D), torch.zeros(B + 2, dtype=torch.long)
-    _fails_together(rank, lambda: stats.update(x, y), ValueError, "pad_to")
+    _fails_together(
+        rank,
+        lambda: stats.update(x, y),
+        ValueError,
+        r"more than pad_to=5 samples \(rank 0 of 2; raised on every rank\)",
+    )
     assert_same_state(state_snapshot(stats), before, "statistics after a rejected batch")
     x, y = _batch(0, rank)
     stats.update(x.double(), y.to(torch.int16))  # other float / int dtypes on every rank: fine
