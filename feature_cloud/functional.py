@@ -76,11 +76,14 @@ def safe_normalize(x: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
     below ~1e-19, and ``F.normalize`` then returns a zero (or unscaled) vector. Dividing by the
     detached per-row max-abs first keeps :math:`\|x\|` near 1; normalisation is scale-invariant,
     so value and gradient equal those of ``x / ||x||`` (the scale is a constant for autograd).
-    Rows that are exactly zero stay zero.
+    Rows that are exactly zero (a masked or padded sample) stay zero, with a zero gradient
+    (``F.normalize`` gives them ``1 / eps``, ~1e12: ``inf`` in float16, then NaN in the
+    backbone's gradients).
     """
     m = x.detach().abs().amax(dim=dim, keepdim=True)
-    m = torch.where(m > 0, m, torch.ones_like(m))
-    return F.normalize(x / m, dim=dim, eps=eps)
+    nonzero = m > 0
+    unit = torch.where(nonzero, x / torch.where(nonzero, m, torch.ones_like(m)), 1.0)
+    return torch.where(nonzero, F.normalize(unit, dim=dim, eps=eps), 0.0)
 
 
 def common_float(embeddings: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:

@@ -166,6 +166,31 @@ def test_safe_normalize_matches_f_normalize_in_value_and_gradient():
     torch.testing.assert_close(FC.safe_normalize(big), torch.tensor([[0.6, 0.8]]))
 
 
+@pytest.mark.parametrize("impl", ["reference", "fused", "chunked"])
+@pytest.mark.parametrize("margin_type", ["cosface", "arcface"])
+def test_an_all_zero_feature_row_gets_a_zero_gradient_not_one_over_eps(impl, margin_type):
+    """A masked / padded sample (an all-zero row) at s = 64: its gradient was ~1e12
+    (``F.normalize``'s ``1 / eps``), ``inf`` in float16, which made the backbone's gradients
+    NaN under fp16 autocast even where the mask multiplied it by zero. Now zero; the other
+    rows' gradients are those of the batch without the masking."""
+    torch.manual_seed(0)
+    head = LEAPMarginHead(D, C, margin_type, scale=64.0, cloud=None, impl=impl, chunk_size=4)
+    backbone = torch.nn.Linear(3, D)
+    img, y = torch.randn(B, 3), make_batch(1, B, D, C)[1]
+    mask = torch.ones(B, 1)
+    mask[2] = 0.0
+    x = backbone(img) * mask
+    x.retain_grad()
+    head(x, y).backward()
+    assert x.grad[2].abs().max() == 0.0
+    assert x.grad.abs().max() < 10.0
+    assert all(p.grad.isfinite().all() for p in backbone.parameters())
+    backbone.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        head(backbone(img) * mask, y).backward()
+    assert all(p.grad.isfinite().all() for p in backbone.parameters())
+
+
 # ------------------------------------------------------------------ item 7: hyper-parameters
 
 NAN, INF = float("nan"), float("inf")
