@@ -65,7 +65,7 @@ from torch import Tensor
 from . import margins as _margins
 from ._validation import as_float, check_reduction, check_values
 from .angles import _PI_BELOW, _SQRT_FLOOR, _cloud_cosine_, cloud_cosine
-from .functional import safe_normalize
+from .functional import common_float, safe_normalize
 from .noise import counter_normal, random_key
 
 __all__ = [
@@ -872,6 +872,9 @@ def margin_loss(
             raise ValueError(
                 f"target_angles must have shape ({B},), got {tuple(target_angles.shape)}"
             )
+    # half-precision tensors without autocast are upcast, as the heads do (the GEMM wrote a
+    # float16 product into the float32 logits buffer)
+    embeddings, weight = common_float(embeddings, weight)
     compute = _compute_dtype(embeddings, weight)
     device = embeddings.device
     key = None

@@ -436,6 +436,23 @@ def test_bf16_autocast_no_nan_including_feature_equal_to_weight(impl):
         assert abs(ref.item() - got.item()) < 0.05
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("which", ["both", "weight"])
+def test_half_precision_tensors_without_autocast_are_upcast(dtype, which):
+    """The public ``fused.margin_loss`` with a float16 / bfloat16 weight and no autocast
+    raised in its GEMM (a half product into the float32 logits buffer); it upcasts, as the
+    heads do, and the gradients come back in each input's dtype."""
+    torch.manual_seed(0)
+    x, w, y = torch.randn(8, 16), torch.randn(10, 16), torch.randint(0, 10, (8,))
+    xh = (x.to(dtype) if which == "both" else x.clone()).requires_grad_()
+    wh = w.to(dtype).requires_grad_()
+    loss = fused.margin_loss(xh, wh, y, scale=64.0, margin=0.35)
+    loss.backward()
+    ref = fused.margin_loss(xh.detach().float(), wh.detach().float(), y, scale=64.0, margin=0.35)
+    assert loss.dtype == torch.float32 and wh.grad.dtype == dtype and xh.grad.dtype == xh.dtype
+    torch.testing.assert_close(loss, ref)
+
+
 def test_empty_and_all_ignored_batches():
     for impl in ("fused", "chunked"):
         head = _head(impl, chunk_size=8 if impl == "chunked" else None)
