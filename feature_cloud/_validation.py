@@ -153,6 +153,32 @@ def as_float(
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def checked_attribute(name: str, check: Callable[[Any, Any], Any], doc: str) -> Any:
+    """A hyperparameter attribute (a ``property``) that runs ``check(owner, value)`` on every
+    assignment, as the constructor checks its keyword: a plain attribute took ``nan`` or
+    ``"bogus"`` silently, or failed in the next step after the statistics had moved. The
+    value lives in ``_<name>`` (:func:`migrate_checked` reads earlier whole-module pickles)."""
+    private = "_" + name
+
+    def fget(owner: Any) -> Any:
+        return getattr(owner, private)
+
+    def fset(owner: Any, value: Any) -> None:
+        object.__setattr__(owner, private, check(owner, value))
+
+    return property(fget, fset, doc=doc)
+
+
+def migrate_checked(state: Dict[str, Any], names: Sequence[str]) -> Dict[str, Any]:
+    """A whole-module pickle of an earlier release held these :func:`checked_attribute`
+    names as plain attributes: a copy of ``state`` with them moved to ``_<name>``."""
+    state = dict(state)
+    for name in names:
+        if name in state:
+            state["_" + name] = state.pop(name)
+    return state
+
+
 def check_reduction(reduction: Any) -> str:
     """``reduction`` if it is one of :data:`REDUCTIONS`, else ``ValueError`` naming them."""
     if reduction not in REDUCTIONS:

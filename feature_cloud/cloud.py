@@ -28,6 +28,8 @@ from ._validation import (
     as_int,
     check_batch,
     check_class_counts,
+    checked_attribute,
+    migrate_checked,
     warn_user,
 )
 from .statistics import DEFAULT_CENTER_RATE, ClassStatistics
@@ -119,6 +121,20 @@ def _check_config(
     if sync not in SYNC_MODES:
         raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
     return warmup_steps, count_steps
+
+
+def _check_mode(owner: Any, value: Any) -> str:
+    if value not in FC.CLOUD_MODES:
+        raise ValueError(f"cloud_mode must be one of {FC.CLOUD_MODES}, got {value!r}")
+    return str(value)
+
+
+def _check_cloud_scale(owner: Any, value: Any) -> float:
+    return as_float(value, "cloud_scale", minimum=0.0)
+
+
+def _check_min_count(owner: Any, value: Any) -> int:
+    return as_int(value, "prototype_min_count", 1)
 
 
 class FeatureCloud(nn.Module):
@@ -220,13 +236,11 @@ class FeatureCloud(nn.Module):
         )
         if class_counts is not None:
             class_counts = check_class_counts(class_counts, as_int(num_classes, "num_classes", 1))
-        if cloud_mode not in FC.CLOUD_MODES:
-            raise ValueError(f"cloud_mode must be one of {FC.CLOUD_MODES}, got {cloud_mode!r}")
         self.rule = rule
-        self.mode = cloud_mode
-        self.scale = as_float(cloud_scale, "cloud_scale", minimum=0.0)
-        self.prototype_shrinkage = prototype_shrinkage  # checked by the property's setter
-        self.prototype_min_count = as_int(prototype_min_count, "prototype_min_count", 1)
+        self.mode = cloud_mode  # checked by the properties' setters
+        self.scale = cloud_scale
+        self.prototype_shrinkage = prototype_shrinkage
+        self.prototype_min_count = prototype_min_count
         if imprint_step is not None:
             imprint_step = as_int(imprint_step, "imprint_step", 0)
             if rule is None or self.prototype_shrinkage is None:
@@ -333,6 +347,18 @@ class FeatureCloud(nn.Module):
         """Whether the next training step draws a feature cloud (rule set, warm-up over)."""
         return self.rule is not None and self._host_count() >= self.warmup_steps
 
+    mode = checked_attribute(
+        "mode", _check_mode, "Where the cloud enters the logits (``cloud_mode``); settable."
+    )
+    scale = checked_attribute(
+        "scale", _check_cloud_scale, "The cloud's std factor (``cloud_scale``); settable."
+    )
+    prototype_min_count = checked_attribute(
+        "prototype_min_count",
+        _check_min_count,
+        "Classes with fewer ``K_i`` keep their weights as prototypes; settable.",
+    )
+
     @property
     def prototype_shrinkage(self) -> Optional[float]:
         """``kappa`` of the inference prototypes (``None``: the weights); settable, e.g. to score
@@ -351,11 +377,10 @@ class FeatureCloud(nn.Module):
         self._prototype_shrinkage = kappa
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        """Whole-module pickles of earlier releases held ``prototype_shrinkage`` as a plain
-        attribute."""
-        if "prototype_shrinkage" in state:
-            state["_prototype_shrinkage"] = state.pop("prototype_shrinkage")
-        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        """Whole-module pickles of earlier releases held ``prototype_shrinkage`` and the
+        checked settings as plain attributes."""
+        names = ("prototype_shrinkage", "mode", "scale", "prototype_min_count")
+        super().__setstate__(migrate_checked(state, names))  # type: ignore[no-untyped-call]
 
     @property
     def noise_stream(self) -> int:
@@ -703,6 +728,16 @@ class WithFeatureCloud:
     @prototype_shrinkage.setter
     def prototype_shrinkage(self, kappa: Optional[float]) -> None:
         self.feature_cloud.prototype_shrinkage = kappa
+
+    @property
+    def prototype_min_count(self) -> int:
+        """Classes with fewer ``K_i`` keep their weights as inference prototypes (the
+        cloud's); settable, checked."""
+        return self.feature_cloud.prototype_min_count
+
+    @prototype_min_count.setter
+    def prototype_min_count(self, count: int) -> None:
+        self.feature_cloud.prototype_min_count = count
 
     @property
     def statistics(self) -> ClassStatistics:

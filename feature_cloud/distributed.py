@@ -44,7 +44,7 @@ from . import fused, margins
 from . import noise as N
 from ._validation import as_float, as_int, check_batch, check_embeddings, check_reduction
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
-from .heads import cloud_margin_logits, fused_cloud, make_cloud, resolve_margin
+from .heads import MarginSettings, cloud_margin_logits, fused_cloud, make_cloud, resolve_margin
 from .sync import (  # noqa: F401  (re-exported: the process-group API lives here)
     BATCH_MODES,
     HoldsProcessGroup,
@@ -136,7 +136,7 @@ def _check_sizes(sizes: Sequence[int], num_classes: int, world_size: int) -> Lis
     return sizes
 
 
-class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, nn.Module):
+class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings, nn.Module):
     r"""LEAP margin softmax head whose ``(C, D)`` class weights are split over the ranks.
 
     Rank ``r`` of ``process_group`` holds ``weight`` rows ``[shard_start, shard_end)`` (sizes from
@@ -217,13 +217,13 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, nn.Module):
         super().__init__()
         embedding_size = as_int(embedding_size, "embedding_size", 1)
         num_classes = as_int(num_classes, "num_classes", 1)
-        rule, self.scale, self.margin = resolve_margin(margin_type, scale, margin)
+        rule, scale, margin = resolve_margin(margin_type, scale, margin)
         if rule.sub_centers != 1:
             raise ValueError(
                 f"margin_type {rule.name!r} uses sub-centers, which the sharded "
                 "head does not support; use LEAPMarginHead"
             )
-        self.margin_type, self.margin_rule = rule.name, rule
+        self.margin_rule, self._scale, self._margin = rule, scale, margin
         check_reduction(reduction)
         sample_rate = as_float(
             sample_rate, "sample_rate", minimum=0.0, maximum=1.0, min_inclusive=False

@@ -31,6 +31,8 @@ from ._validation import (
     as_int,
     check_embeddings,
     check_reduction,
+    checked_attribute,
+    migrate_checked,
     refuse_other_shape,
     warn_user,
 )
@@ -92,6 +94,72 @@ def resolve_margin(
     margin = rule.default_margin if margin is None else as_float(margin, "margin")
     margins.check_unit(rule, margin, "radians")
     return rule, float(scale), float(margin)
+
+
+def _check_scale(owner: Any, value: Any) -> float:
+    return as_float(value, "scale", minimum=0.0, min_inclusive=False)
+
+
+def _check_margin(owner: Any, value: Any) -> float:
+    margin = as_float(value, "margin")
+    margins.check_unit(owner.margin_rule, margin, "radians")
+    return margin
+
+
+class MarginSettings:
+    """``scale`` and ``margin`` of a margin head, checked on every assignment as the
+    constructor checks them (a margin schedule's ``head.margin = m``); ``margin_type`` is the
+    rule's name, fixed at construction (an assignment used to change the repr, not the loss)."""
+
+    margin_rule: margins.Margin
+    scale = checked_attribute("scale", _check_scale, "``s`` of the logits; settable, checked.")
+    margin = checked_attribute(
+        "margin", _check_margin, "The margin (radians for angular ones); settable, checked."
+    )
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """Whole-module pickles of earlier releases held them as plain attributes."""
+        super().__setstate__(migrate_checked(state, ("scale", "margin")))  # type: ignore[misc]
+
+    @property
+    def margin_type(self) -> str:
+        """The margin rule's registered name."""
+        return self.margin_rule.name
+
+    @margin_type.setter
+    def margin_type(self, value: Any) -> None:
+        raise AttributeError(
+            f"margin_type is fixed at construction ({self.margin_rule.name!r}; the margin rule "
+            f"sets the weight layout and defaults): build a head with margin_type={value!r} "
+            "and load this one's weight into it"
+        )
+
+
+def _check_impl(owner: Any, value: Any) -> str:
+    _checked_chunking(value, getattr(owner, "chunk_size", None))
+    return str(value)
+
+
+def _check_chunk_size(owner: Any, value: Any) -> Optional[int]:
+    return _checked_chunking(getattr(owner, "impl", "auto"), value)
+
+
+class ImplSettings:
+    """``impl`` and ``chunk_size`` of a head with a fused loss, checked on every assignment
+    (a bad one raised in the next step, after the statistics had moved)."""
+
+    impl = checked_attribute("impl", _check_impl, "The loss implementation; settable, checked.")
+    chunk_size = checked_attribute(
+        "chunk_size", _check_chunk_size, "Classes per chunk of ``impl='chunked'``; settable."
+    )
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """Whole-module pickles of earlier releases held them as plain attributes (or, before
+        ``impl``, not at all: the default backend)."""
+        state = migrate_checked(state, ("impl", "chunk_size"))
+        state.setdefault("_impl", "auto")
+        state.setdefault("_chunk_size", None)
+        super().__setstate__(state)  # type: ignore[misc]
 
 
 def _fusable(rule: margins.Margin, sub_centers: int) -> bool:
@@ -380,7 +448,7 @@ def _margin_loss(
     return loss, top1
 
 
-class LEAPMarginHead(WithFeatureCloud, nn.Module):
+class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
     r"""Margin softmax head with a learnable feature cloud for tail classes (LEAP Eq. 7-8).
 
     Holds the class weights ``weight`` ``(C, D)`` and a :class:`~feature_cloud.cloud.FeatureCloud`
@@ -484,14 +552,12 @@ class LEAPMarginHead(WithFeatureCloud, nn.Module):
         self.feature_cloud = make_cloud(cloud, num_classes, embedding_size, cloud_options)
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
-        self.margin_type = rule.name
         self.margin_rule = rule
         self.sub_centers = int(k)
-        self.scale, self.margin = scale, margin
+        self._scale, self._margin = scale, margin  # checked above (resolve_margin)
         self.reduction = reduction
         self.validate = bool(validate)
-        self.impl = impl
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self._impl, self._chunk_size = impl, chunk_size  # checked above (check_impl)
         self.weight = nn.Parameter(
             torch.empty(self.num_classes * self.sub_centers, self.embedding_size)
         )

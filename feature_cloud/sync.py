@@ -57,7 +57,7 @@ def _rank_world(group: ProcessGroup = None) -> Tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 
 
-def _over_pad_to(pad_to: int, n: Optional[int], where: str = "") -> ValueError:
+def _over_pad_to(pad_to: Optional[int], n: Optional[int], where: str = "") -> ValueError:
     """The error for a batch of ``n`` rows (``None``: some rank's, size unknown here) over ``pad_to``."""
     what = f"this rank's batch has {n} samples, more than pad_to={pad_to}"
     if n is None:

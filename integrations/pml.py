@@ -63,6 +63,8 @@ from feature_cloud._validation import (
 )
 from feature_cloud.cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from feature_cloud.heads import (
+    ImplSettings,
+    MarginSettings,
     backend_for,
     check_impl,
     cloud_margin_loss,
@@ -95,7 +97,9 @@ def _half_to_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction):
+class LEAPLoss(
+    WithFeatureCloud, MarginSettings, ImplSettings, WeightRegularizerMixin, BaseMetricLossFunction
+):
     r"""CosFace / ArcFace loss with the LEAP feature cloud for tail classes (LEAP Eq. 7-8).
 
     With ``cloud=None`` it computes the same values and gradients as PML's ``CosFaceLoss`` /
@@ -179,21 +183,19 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         super().__init__(**kwargs)
         c_f.assert_distance_type(self, CosineSimilarity)
         self.num_classes = as_int(num_classes, "num_classes", 1)
-        self.margin_type = rule.name
         self.margin_rule = rule
         margin = as_float(rule.pml_margin if margin is None else margin, "margin")
         margins.check_unit(rule, margin, "degrees")
-        #: in this package's unit, as PML's attribute: radians for ArcFace (given in degrees)
-        self.margin = rule.from_pml(margin)
+        #: in this package's unit, as PML's attribute: radians for ArcFace (given in degrees;
+        #: an assignment is in radians, checked)
+        self._margin = rule.from_pml(margin)
         self._margin_in_radians = True
-        self.scale = as_float(
-            rule.pml_scale if scale is None else scale, "scale", minimum=0.0, min_inclusive=False
-        )
+        self.scale = rule.pml_scale if scale is None else scale
         self.sub_centers = as_int(
             rule.sub_centers if sub_centers is None else sub_centers, "sub_centers", 1
         )
-        self.chunk_size = check_impl(impl, chunk_size, rule, self.sub_centers)
-        self.impl = impl
+        self._chunk_size = check_impl(impl, chunk_size, rule, self.sub_centers)
+        self._impl = impl
         self.add_to_recordable_attributes(
             list_of_names=["num_classes", "margin", "scale"], is_stat=False
         )
@@ -223,8 +225,6 @@ class LEAPLoss(WithFeatureCloud, WeightRegularizerMixin, BaseMetricLossFunction)
         """A whole-module pickle of an earlier release held the ArcFace ``margin`` in degrees
         (PML's keyword); this release holds it in radians, as PML's attribute. Pickles from
         before ``impl`` / ``chunk_size`` run the default backend."""
-        state.setdefault("impl", "auto")
-        state.setdefault("chunk_size", None)
         if not state.get("_margin_in_radians", False) and "margin_rule" in state:
             state["margin"] = state["margin_rule"].from_pml(state["margin"])
             state["_margin_in_radians"] = True

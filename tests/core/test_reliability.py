@@ -197,6 +197,78 @@ NAN, INF = float("nan"), float("inf")
 
 
 @pytest.mark.parametrize(
+    "owner, name, value, exc, match",
+    [
+        ("head", "scale", NAN, ValueError, "scale must be finite"),
+        ("head", "scale", -1.0, ValueError, "scale must be in"),
+        ("head", "margin", NAN, ValueError, "margin must be finite"),
+        ("head", "margin", "0.2", TypeError, "margin must be a real number"),
+        ("head", "impl", "bogus", ValueError, "impl must be one of"),
+        ("head", "impl", "chunked", ValueError, "impl='chunked' needs chunk_size"),
+        ("head", "chunk_size", -3, ValueError, "chunk_size must be"),
+        ("head", "prototype_min_count", 2.5, TypeError, "prototype_min_count"),
+        ("head", "margin_type", "arcface", AttributeError, "margin_type is fixed at construction"),
+        ("cloud", "mode", "bogus", ValueError, "cloud_mode must be one of"),
+        ("cloud", "scale", -1.0, ValueError, "cloud_scale must be in"),
+        ("cloud", "scale", NAN, ValueError, "cloud_scale must be finite"),
+        ("cloud", "prototype_min_count", None, TypeError, "prototype_min_count"),
+        ("cloud", "prototype_min_count", 0, ValueError, "prototype_min_count"),
+    ],
+)
+def test_settings_assigned_after_construction_are_checked_as_the_constructor_checks_them(
+    owner, name, value, exc, match
+):
+    """Reliability trial: ``head.scale = nan`` gave a NaN loss, ``head.impl = "bogus"`` a bare
+    KeyError in the next step after the statistics had moved, ``head.margin_type = ...``
+    changed the repr and not the loss, and ``head.prototype_min_count`` was a plain attribute
+    that changed nothing. Each assignment is checked where it is made; nothing changes."""
+    head = _head()
+    head(*_batch(0)).backward()
+    target = head if owner == "head" else head.feature_cloud
+    before, setting = state_snapshot(head), getattr(target, name)
+    with pytest.raises(exc, match=match):
+        setattr(target, name, value)
+    assert getattr(target, name) == setting
+    assert_same_state(state_snapshot(head), before, f"after {owner}.{name} = {value!r}")
+
+
+def test_settings_assigned_after_construction_take_effect():
+    """A margin schedule (``head.margin = m``), a new scale, backend or prototype minimum
+    act as the same keywords at construction (forwarded to the cloud where they live)."""
+    x, y = _batch(1)
+    head = _head(cloud=None)
+    head.margin, head.scale, head.impl = 0.35, 64.0, "reference"
+    built = _head(cloud=None, margin=0.35, scale=64.0, impl="reference")
+    torch.testing.assert_close(head(x, y), built(x, y))
+    head.chunk_size, head.impl = 4, "chunked"  # chunk_size first: "chunked" needs one
+    torch.testing.assert_close(head(x, y), built(x, y), rtol=1e-5, atol=1e-5)
+    assert "impl='chunked'" in repr(head) and head.margin_type == "cosface"
+    head.prototype_min_count = 5
+    assert head.feature_cloud.prototype_min_count == 5 and "prototype_min_count=5" in repr(head)
+
+
+def test_a_whole_module_pickle_with_plain_setting_attributes_loads():
+    """Earlier releases pickled ``scale``, ``margin``, ``impl``, ``chunk_size`` and the
+    cloud's ``mode`` / ``scale`` / ``prototype_min_count`` as plain attributes."""
+    head = _head()
+    x, y = _batch(2)
+    state = head.__getstate__()
+    for name in ("scale", "margin", "impl", "chunk_size"):
+        state[name] = state.pop("_" + name)
+    cloud_state = head.feature_cloud.__getstate__()
+    for name in ("mode", "scale", "prototype_min_count"):
+        cloud_state[name] = cloud_state.pop("_" + name)
+    cloud = type(head.feature_cloud).__new__(type(head.feature_cloud))
+    cloud.__setstate__(cloud_state)
+    state["_modules"] = dict(state["_modules"], feature_cloud=cloud)
+    old = LEAPMarginHead.__new__(LEAPMarginHead)
+    old.__setstate__(state)
+    assert repr(old) == repr(head)
+    head.eval(), old.eval()
+    torch.testing.assert_close(old.logits(x), head.logits(x))
+
+
+@pytest.mark.parametrize(
     "kwargs, exc, match",
     [
         (dict(scale=NAN), ValueError, "scale must be finite"),

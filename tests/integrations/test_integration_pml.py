@@ -601,6 +601,8 @@ def test_a_whole_module_pickle_of_an_earlier_release_holds_the_margin_in_degrees
     now = LEAPLoss(C, D, margin_type="arcface", cloud=None)
     state = now.__getstate__()
     state.pop("_margin_in_radians")
+    for name in ("scale", "impl", "chunk_size", "margin"):  # plain attributes back then
+        state[name] = state.pop("_" + name)
     state["margin"] = 28.6  # what an earlier release stored
     old = LEAPLoss.__new__(LEAPLoss)
     old.__setstate__(state)
@@ -664,3 +666,23 @@ def test_a_misspelt_pml_keyword_is_named_with_the_pml_keyword_it_resembles():
         LEAPLoss(C, D, weight_reg_wieght=0.1)
     with pytest.raises(TypeError, match="did you mean 'tail_threshold'"):
         LEAPLoss(C, D, tail_treshold=3)
+
+
+def test_settings_assigned_after_construction_are_checked_and_take_effect():
+    """``loss.margin`` (radians, as PML's attribute) and ``loss.scale`` assigned by a margin
+    schedule are checked as the keywords are and act as them; ``margin_type`` is fixed."""
+    emb, labels = _batch(4)
+    loss = LEAPLoss(C, D, margin_type="arcface", cloud=None, seed=0)
+    with pytest.raises(ValueError, match="margin must be finite"):
+        loss.margin = float("nan")
+    with pytest.raises(ValueError, match="scale must be in"):
+        loss.scale = 0.0
+    with pytest.raises(AttributeError, match="margin_type is fixed"):
+        loss.margin_type = "cosface"
+    loss.margin, loss.scale = math.radians(20.0), 30.0
+    torch.manual_seed(0)
+    built = LEAPLoss(C, D, margin_type="arcface", margin=20.0, scale=30.0, cloud=None, seed=0)
+    built.load_state_dict(loss.state_dict())
+    torch.testing.assert_close(loss(emb, labels), built(emb, labels))
+    loss.prototype_min_count = 3
+    assert loss.feature_cloud.prototype_min_count == 3
