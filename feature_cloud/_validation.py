@@ -300,6 +300,36 @@ def check_values(
         )
 
 
+def inference_problem(embeddings: Any, state: Tensor) -> Optional[Exception]:
+    """In a training step (gradients on, outside ``torch.inference_mode``): the error for
+    embeddings computed under ``inference_mode`` (autograd cannot save them for the backward:
+    torch raised that after the statistics had moved) or a module state built there (it
+    cannot be updated in place outside it), else ``None``. Labels made there are copied
+    instead (:func:`trainable_labels`). Skipped while a graph is captured."""
+    if is_compiling() or torch.is_inference_mode_enabled():
+        return None
+    if state.is_inference():
+        return ValueError(
+            "this module was built under torch.inference_mode, so its state (inference "
+            "tensors) cannot be updated in a training step; build it outside inference_mode"
+        )
+    if isinstance(embeddings, Tensor) and embeddings.is_inference():
+        return ValueError(
+            "embeddings were computed under torch.inference_mode, so autograd cannot save them "
+            "for the backward of a training step: compute them under torch.no_grad() (a frozen "
+            "backbone) or pass embeddings.clone()"
+        )
+    return None
+
+
+def trainable_labels(labels: Tensor) -> Tensor:
+    """Labels made under ``torch.inference_mode`` (cached pseudo-labels), copied for a
+    training step: the fused losses save them for the backward."""
+    if not is_compiling() and labels.is_inference() and not torch.is_inference_mode_enabled():
+        return labels.clone()
+    return labels
+
+
 def check_batch(
     embeddings: Tensor,
     labels: Tensor,

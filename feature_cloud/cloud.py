@@ -29,7 +29,9 @@ from ._validation import (
     check_batch,
     check_class_counts,
     checked_attribute,
+    inference_problem,
     migrate_checked,
+    trainable_labels,
     warn_user,
 )
 from .statistics import DEFAULT_CENTER_RATE, ClassStatistics
@@ -454,11 +456,17 @@ class FeatureCloud(nn.Module):
         (one all-reduce: every rank raises together, see
         :meth:`~feature_cloud.sync.SyncedClassStatistics.agree`). ``problem``: an error the
         caller found in its other arguments, agreed on like a bad batch (then raised)."""
+        if train:
+            problem = problem or inference_problem(embeddings, self.step)
         if train and self.collective:
-            return self.statistics.agree(embeddings, labels, validate, problem)
-        if problem is not None:
+            checked = self.statistics.agree(embeddings, labels, validate, problem)
+        elif problem is not None:
             raise problem
-        return check_batch(embeddings, labels, self.embedding_size, self.num_classes, validate)
+        else:
+            checked = check_batch(
+                embeddings, labels, self.embedding_size, self.num_classes, validate
+            )
+        return trainable_labels(checked) if train else checked
 
     def counts_batch(self, features: Tensor, *, count_empty: bool = False) -> bool:
         """Whether a training :meth:`advance` on ``features`` counts a step: a non-empty batch,

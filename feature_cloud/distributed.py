@@ -42,7 +42,15 @@ from torch import Tensor, nn
 from . import functional as FC
 from . import fused, margins
 from . import noise as N
-from ._validation import as_float, as_int, check_batch, check_embeddings, check_reduction
+from ._validation import (
+    as_float,
+    as_int,
+    check_batch,
+    check_embeddings,
+    check_reduction,
+    inference_problem,
+    trainable_labels,
+)
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
 from .heads import MarginSettings, cloud_margin_logits, fused_cloud, make_cloud, resolve_margin
 from .sync import (  # noqa: F401  (re-exported: the process-group API lives here)
@@ -328,6 +336,8 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
         """LEAP margin softmax loss of the global batch (see the class docstring)."""
         group = self.process_group
         distributed = self.world_size > 1
+        train = self.training and torch.is_grad_enabled()
+        problem = inference_problem(embeddings, self.feature_cloud.step) if train else None
         if distributed:  # every rank agrees on every check before the gather: all raise or none
             labels, rows = agree_on_batch(
                 embeddings,
@@ -339,11 +349,16 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
                 device=self.weight.device,
                 pad_to=self.pad_to,
                 same_dtype=True,
+                problem=problem,
             )
+        elif problem is not None:
+            raise problem
         else:
             labels = check_batch(
                 embeddings, labels, self.embedding_size, self.num_classes, self.validate
             )
+        if train:
+            labels = trainable_labels(labels)
         local_rows = embeddings.shape[0]
         if distributed:
             scale = float(self.world_size) if self.ddp_backbone else 1.0
@@ -357,7 +372,6 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
             )
         else:
             emb, lab = embeddings, labels
-        train = self.training and torch.is_grad_enabled()
         # the noise key is the step's before the count moves; stream 0: the dense head's cloud
         sampling = train and self.sample_rate < 1.0
         key = (

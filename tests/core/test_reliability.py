@@ -865,3 +865,32 @@ def test_seed_and_sub_centers_are_integers_in_range():
     for bad in (2.5, "3", True):
         with pytest.raises(TypeError, match="sub_centers must be an integer"):
             LEAPMarginHead(D, C, "subcenter_arcface", cloud=None, sub_centers=bad)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused", "chunked"])
+def test_inference_mode_tensors_in_a_training_step(impl):
+    """Reliability trial: labels made under ``torch.inference_mode`` (cached pseudo-labels)
+    made the fused losses take the step and then raise torch's "Inference tensors cannot be
+    saved for backward" (a retry counted the batch twice). They train as other labels do;
+    embeddings computed there, and a head built there, are refused before any state changes
+    (the first took the step and raised; the second wrote the centers and raised). In eval
+    mode, inference tensors are fine."""
+    x, y = _batch(4)
+    with torch.inference_mode():
+        y_inf, x_inf = y.clone(), x.clone()
+        built_there = _head(impl)
+    head, twin = _head(impl), _head(impl)
+    torch.testing.assert_close(head(x, y_inf), twin(x, y))
+    assert_same_state(state_snapshot(head), state_snapshot(twin), "inference-mode labels")
+    for module, features, match in (
+        (head, x_inf, "embeddings were computed under torch.inference_mode"),
+        (built_there, x, "built under torch.inference_mode"),
+    ):
+        before = state_snapshot(module)
+        with pytest.raises(ValueError, match=match):
+            module(features, y)
+        assert_same_state(state_snapshot(module), before, match)
+    head.eval()
+    with torch.inference_mode():
+        head.logits(x_inf)
+        head(x_inf, y_inf)
