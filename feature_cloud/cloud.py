@@ -14,7 +14,8 @@ a pure function of ``(seed, step, stream, row, class)``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+import weakref
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -137,6 +138,37 @@ def _check_cloud_scale(owner: Any, value: Any) -> float:
 
 def _check_min_count(owner: Any, value: Any) -> int:
     return as_int(value, "prototype_min_count", 1)
+
+
+class _Backward:
+    """A training forward's graph, until it is backpropagated (``done``) or freed (then no
+    reference is left to it): :meth:`FeatureCloud.watch`."""
+
+    __slots__ = ("done", "__weakref__")
+
+    def __init__(self) -> None:
+        self.done = False
+
+
+class _MarkBackward(torch.autograd.Function):
+    """The identity on a head's output that marks its graph's backward as run."""
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, token: _Backward) -> Tensor:
+        ctx.token = token  # lives as long as the graph
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None]:
+        ctx.token.done = True
+        return grad, None
+
+
+#: the graphs of each cloud's training forwards not yet backpropagated, while an imprint is
+#: ahead (weak: a freed graph drops out; outside the module: pickles and copies stay plain)
+_UNDONE: weakref.WeakKeyDictionary[FeatureCloud, List[weakref.ref[_Backward]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class FeatureCloud(nn.Module):
@@ -605,6 +637,34 @@ class FeatureCloud(nn.Module):
             min_count=self.prototype_min_count,
         )
 
+    def watch(self, output: Tensor) -> Tensor:
+        """A head's training output, marked so that :meth:`imprint` can refuse to overwrite
+        the weight while a graph that saved it waits for its backward (gradient accumulation
+        over ``imprint_step``: torch raised in that backward, after the step had been taken).
+        The output itself while no imprint is ahead (and under a graph capture)."""
+        if (
+            self.imprint_step is None
+            or self.rule is None
+            or is_compiling()
+            or not output.requires_grad
+            or self._host_count() > self.imprint_step
+        ):
+            return output
+        token = _Backward()
+        alive = [r for r in _UNDONE.get(self, []) if (t := r()) is not None and not t.done]
+        _UNDONE[self] = alive + [weakref.ref(token)]
+        return _MarkBackward.apply(output, token)
+
+    def _refuse_undone_backward(self) -> None:
+        if any((t := r()) is not None and not t.done for r in _UNDONE.get(self, [])):
+            raise RuntimeError(
+                f"imprint_step={self.imprint_step}: a training forward's loss still waits for "
+                "its backward (gradient accumulation over the imprint step?), and the imprint "
+                "would overwrite the weight that backward needs; imprint_step counts forwards "
+                "(micro-batches): choose one that starts an accumulation cycle, or call "
+                "backward first"
+            )
+
     def imprint(
         self, weight: Tensor, sub_centers: int = 1, class_start: int = 0, *, train: bool = True
     ) -> bool:
@@ -627,6 +687,8 @@ class FeatureCloud(nn.Module):
         count = self._host_count()
         if count != self.imprint_step or self._imprinted == count:  # skipped (empty) steps
             return False
+        self._refuse_undone_backward()
+        _UNDONE.pop(self, None)
         self._imprinted = count
         with torch.no_grad():
             new = self._prototypes(weight, sub_centers, class_start).float()

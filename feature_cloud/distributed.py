@@ -334,6 +334,9 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """LEAP margin softmax loss of the global batch (see the class docstring)."""
+        return self.feature_cloud.watch(self._loss(embeddings, labels))
+
+    def _loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         group = self.process_group
         distributed = self.world_size > 1
         train = self.training and torch.is_grad_enabled()

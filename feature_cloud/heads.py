@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import functional as FC
 from . import fused, margins
@@ -609,7 +611,7 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
         cross-entropy (fastreid) call this.
         """
         std, key, labels = self._training_step(embeddings, labels)
-        return cloud_margin_logits(
+        logits = cloud_margin_logits(
             self.feature_cloud,
             embeddings,
             self.weight,
@@ -620,6 +622,7 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
             margin=self.margin,
             sub_centers=self.sub_centers,
         )
+        return self.feature_cloud.watch(logits)
 
     def _forward_arguments(
         self, labels: Optional[Tensor], reduction: Optional[str], label_smoothing: float
@@ -714,12 +717,15 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
             label_smoothing,
             return_top1,
         )
-        if back is None:
-            return out
+        watch = self.feature_cloud.watch
         if isinstance(out, tuple):
             loss, top1 = out
-            return (loss[back] if reduction == "none" else loss), top1[back]
-        return out[back] if reduction == "none" else out
+            if back is None:
+                return watch(loss), top1
+            return watch(loss[back] if reduction == "none" else loss), top1[back]
+        if back is None:
+            return watch(out)
+        return watch(out[back] if reduction == "none" else out)
 
     if TYPE_CHECKING:  # head(x, y) is a Tensor, head(x, y, return_top1=True) a pair
         __call__ = forward
@@ -766,9 +772,23 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
             cloud.imprint_step is None
             or cloud.rule is None
             or is_compiling()
-            or not parametrize.is_parametrized(self, "weight")
             or cloud.steps_taken > cloud.imprint_step
         ):
+            return False
+        recomputed = [
+            type(h).__name__
+            for h in self._forward_pre_hooks.values()
+            if isinstance(h, (WeightNorm, SpectralNorm)) and h.name == "weight"
+        ]
+        if recomputed:
+            raise ValueError(
+                f"imprint_step={cloud.imprint_step}: the head's weight is recomputed before "
+                f"every forward by the hook-based {recomputed[0]} (torch.nn.utils.weight_norm / "
+                "spectral_norm), which would discard the imprint; use "
+                "torch.nn.utils.parametrizations.weight_norm / spectral_norm (their "
+                "right_inverse keeps it) or leave imprint_step=None"
+            )
+        if not parametrize.is_parametrized(self, "weight"):
             return False
         where = f"imprint_step={cloud.imprint_step}: the head's weight is parametrized"
         chain = cast(nn.ModuleDict, self.parametrizations)["weight"].children()

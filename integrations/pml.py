@@ -369,6 +369,7 @@ class LEAPLoss(
         )
         if back is not None:
             losses = losses[back]  # the wrapper's rows
+        losses = cloud.watch(losses)
         if self.collect_stats:  # PML's avg_angle: the target angles of the labelled rows
             with torch.no_grad():
                 valid = labels >= 0

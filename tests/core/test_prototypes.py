@@ -277,6 +277,67 @@ def test_imprint_step_sets_a_parametrized_weight_through_its_right_inverse():
             cached(*make_batch(3, 24, D, C))
 
 
+def test_imprint_step_refuses_the_hook_based_weight_norm_and_spectral_norm():
+    """Reliability trial: with the hook-based ``torch.nn.utils.weight_norm`` /
+    ``spectral_norm`` the imprint went into the ``weight`` that the hook recomputes before the
+    next forward, and was lost without a word; refused at the first training step."""
+    import warnings
+
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+    for wrap in (torch.nn.utils.weight_norm, torch.nn.utils.spectral_norm):
+        torch.manual_seed(0)
+        head = LEAPMarginHead(D, C, class_counts=counts, seed=0, imprint_step=2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # weight_norm: deprecated
+            wrap(head, "weight")
+        # all but spectral_norm's power-iteration vectors (its own hook moves them first)
+        power = ("weight_u", "weight_v") if wrap is torch.nn.utils.spectral_norm else ()
+        before = {k: v.clone() for k, v in head.state_dict().items() if k not in power}
+        with pytest.raises(ValueError, match="hook-based .*parametrizations.weight_norm"):
+            head(*make_batch(0, 24, D, C))
+        assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items() if k in before)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_gradient_accumulation_over_the_imprint_step_is_refused_before_the_step(impl):
+    """Reliability trial: two forwards and one backward, the second forward at
+    ``imprint_step``: the imprint overwrote the weight the first graph had saved, and torch
+    raised in the backward after the step had been taken. Refused at the forward, nothing
+    changed; after that backward the imprint runs. A forward whose graph was dropped without
+    a backward (a logged loss) does not hold it up; an accumulation cycle that starts at the
+    imprint step runs as without accumulation."""
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+
+    def build(cls=LEAPMarginHead):
+        torch.manual_seed(0)
+        if cls is LEAPLoss:
+            return LEAPLoss(C, D, class_counts=counts, seed=0, imprint_step=3, impl=impl)
+        return LEAPMarginHead(D, C, class_counts=counts, seed=0, imprint_step=3, impl=impl)
+
+    for cls in (LEAPMarginHead, LEAPLoss):
+        head = build(cls)
+        for step in range(2):
+            head(*make_batch(step, 24, D, C)).backward()
+        pending = head(*make_batch(2, 24, D, C))  # micro-batch 1 of 2
+        before = {k: v.clone() for k, v in head.state_dict().items()}
+        with pytest.raises(RuntimeError, match="imprint_step=3: a training forward's loss"):
+            head(*make_batch(3, 24, D, C))
+        assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
+        pending.backward()
+        head(*make_batch(3, 24, D, C)).backward()  # the imprint step, now allowed
+        assert head.feature_cloud._imprinted == 3
+
+    head = build()
+    for step in range(5):
+        x, y = make_batch(step, 24, D, C)
+        if step == 2:
+            head(x, y)  # a loss computed and never backpropagated: its graph is freed
+        head(x, y).backward()
+    assert head.feature_cloud._imprinted == 3
+
+
 def test_imprint_step_is_checked_by_name():
     for kwargs in (
         dict(imprint_step=-1),
