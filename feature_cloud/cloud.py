@@ -715,6 +715,21 @@ class FeatureCloud(nn.Module):
         (another class count or embedding size); changes nothing. Loading checks it before any
         buffer of the cloud loads, so a refused checkpoint leaves step, seed and statistics as
         they were."""
+        for name in ("step", "seed"):  # 0-d integer counters (a damaged or edited checkpoint)
+            value = state_dict.get(prefix + name)
+            if not isinstance(value, Tensor) or value.is_meta:
+                continue
+            if value.dim() != 0 or value.dtype.is_floating_point or value.dtype == torch.bool:
+                raise ValueError(
+                    f"checkpoint's {prefix}{name} is a {value.dtype} tensor of shape "
+                    f"{tuple(value.shape)}, expected a 0-d integer tensor: the checkpoint is "
+                    "damaged or was edited"
+                )
+            if name == "step" and int(value) < 0:  # one read, at load
+                raise ValueError(
+                    f"checkpoint's {prefix}step is {int(value)}: the checkpoint is damaged or "
+                    "was edited"
+                )
         self.statistics.check_state_dict(state_dict, prefix + "statistics.")
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:

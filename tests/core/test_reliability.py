@@ -894,3 +894,24 @@ def test_inference_mode_tensors_in_a_training_step(impl):
     with torch.inference_mode():
         head.logits(x_inf)
         head(x_inf, y_inf)
+
+
+@pytest.mark.parametrize(
+    "step, match",
+    [
+        (torch.tensor([3, 4]), r"step is a torch.int64 tensor of shape \(2,\)"),
+        (torch.tensor(2.7), "step is a torch.float32 tensor"),
+        (torch.tensor(-5), "step is -5"),
+    ],
+)
+def test_a_damaged_step_counter_is_refused_before_anything_loads(step, match):
+    """Reliability trial: a ``feature_cloud.step`` of shape ``(2,)`` raised torch's size
+    mismatch after every statistic had been overwritten; a float or negative step loaded."""
+    source, head = _head(), _head()
+    source(*_batch(0)).backward()
+    state = source.state_dict()
+    state["feature_cloud.step"] = step
+    before = state_snapshot(head)
+    with pytest.raises(ValueError, match=match):
+        head.load_state_dict(state)
+    assert_same_state(state_snapshot(head), before, "after a refused checkpoint")
