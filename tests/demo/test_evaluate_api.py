@@ -1,0 +1,64 @@
+"""``feature_cloud.evaluate`` from Python, as a hyperparameter search or a notebook calls it: the
+caller's RNG and matplotlib backend are left alone, the configuration's numbers are checked by
+type, and a diverged trial is one importable exception that leaves no empty folder behind."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from feature_cloud.demo.data import LabeledData
+from feature_cloud.evaluate import EvalConfig, run_evaluation
+
+
+def _data(sizes=(16, 12, 4, 4, 3, 3), seed=0):
+    """Six identities of 8x8 RGB images: a prototype each plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    proto = torch.rand(len(sizes), 3, 8, 8, generator=g)
+    x = (proto[y] + 0.1 * torch.randn(y.numel(), 3, 8, 8, generator=g)).clamp(0, 1)
+    return LabeledData(x, y, [f"id{i}" for i in range(len(sizes))], "toy")
+
+
+def _cfg(**kw):
+    base = dict(threshold=5, epochs=1, batch_size=8, seeds=[0], embedding_size=8)
+    return EvalConfig(**{**base, "methods": ["cosface"], **kw})
+
+
+def _quiet(_line):
+    pass
+
+
+def test_writing_the_plots_leaves_the_matplotlib_backend_and_pyplot_alone(tmp_path):
+    """A notebook's backend stays its own: the plots are drawn on Agg canvases of their own
+    (no ``matplotlib.use``, no pyplot figure left open)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    from feature_cloud.demo import plots
+
+    before = matplotlib.get_backend()
+    pyplot = __import__("sys").modules.get("matplotlib.pyplot")
+    figures = pyplot.get_fignums() if pyplot is not None else []
+    matplotlib.use("svg")  # stands in for the user's (inline) backend
+    try:
+        cfg = _cfg(
+            methods=["cosface", "leap_full_cosface"], shrinkage_sweep=[0.0, 10.0], out=str(tmp_path)
+        )
+        run_evaluation(cfg, _data(), log=_quiet)  # paired, sweep, accuracy, per-class plots
+        projection = {
+            "classes": np.array([0, 1]),
+            "is_head": np.array([True, False]),
+            "m/train_features": np.random.RandomState(0).randn(6, 4),
+            "m/train_labels": np.array([0, 0, 0, 1, 1, 1]),
+            "m/eval_features": np.random.RandomState(1).randn(2, 4),
+            "m/eval_labels": np.array([0, 1]),
+        }
+        results = {"methods": ["m"], "config": {"seeds": [0]}, "data": {"name": "toy"}}
+        plots.plot_projection(results, projection, str(tmp_path / "projection.png"))
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    pngs = sorted(f for f in os.listdir(tmp_path) if f.endswith(".png"))
+    assert {"paired.png", "sweep.png", "accuracy_head_tail.png", "projection.png"} <= set(pngs)
+    pyplot = __import__("sys").modules.get("matplotlib.pyplot")
+    assert pyplot is None or pyplot.get_fignums() == figures  # no figure left open
