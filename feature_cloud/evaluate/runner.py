@@ -33,7 +33,7 @@ from ..demo.methods import (
 )
 from ..demo.protocol import LongTailSplit
 from ..demo.report import counted, load_results, write_json
-from ..demo.runner import _device_of, embed_all, evaluate_method
+from ..demo.runner import _device_of, embed_all, evaluate_method, seed_torch
 from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
 from .data import dataset_title
@@ -313,13 +313,14 @@ def train_model(
 ) -> Method:
     """A fresh backbone (seeded by ``seed``: identical for every method) + method ``name``,
     trained for ``cfg.epochs`` epochs in the batch order of ``seed``; ``threshold``: the methods'
-    ``T`` (default ``cfg.threshold``; :func:`method_threshold`)."""
+    ``T`` (default ``cfg.threshold``; :func:`method_threshold`). Re-seeds torch's global RNG
+    of the CPU and ``cfg.device`` (:func:`run_evaluation` restores the caller's)."""
     steps = _steps_per_epoch(x.shape[0], cfg.batch_size)
     total = cfg.epochs * steps
     mcfg = _method_config(cfg, total, seed, threshold)
-    torch.manual_seed(seed)
-    backbone = build_backbone(cfg.backbone, tuple(x.shape[1:]), cfg.embedding_size)
     device = torch.device(cfg.device)
+    seed_torch(seed, device)
+    backbone = build_backbone(cfg.backbone, tuple(x.shape[1:]), cfg.embedding_size)
     model = EVAL_METHODS[name](backbone, num_classes, counts.to(device), mcfg).to(device)
     x, y = x.to(device), y.to(device)
     if cfg.optimizer == "sgd":
@@ -371,7 +372,7 @@ def train_model(
     model.train()
     fit = getattr(model, "fit", None)
     if fit is not None:  # FTL's own schedule (Algorithm 1) within the same budget
-        torch.manual_seed(seed)
+        seed_torch(seed, device)
         fit(x, y, total, cfg.batch_size, step, augment=augment)  # fresh flips per batch, as below
     else:
         for _ in range(cfg.epochs):
@@ -884,11 +885,31 @@ def run_evaluation(
     ``"complete": false`` until the last one, so a killed evaluation keeps what it finished;
     ``resume`` reuses those runs (the file must be of this setting, configuration, data and
     splits) and trains only the missing ones. ``prepared``: :func:`prepare_evaluation` of the
-    same ``cfg``, ``data``, ``write`` and ``resume`` (its checks are then not repeated)."""
+    same ``cfg``, ``data``, ``write`` and ``resume`` (its checks are then not repeated).
+
+    Every run starts from its seed (:func:`train_model`); the caller's torch RNG state (CPU, and
+    ``cfg.device``'s GPU) is restored afterwards."""
     if prepared is None:
         prepared = prepare_evaluation(cfg, data, write, resume)
     elif prepared.cfg is not cfg or (prepared.write, prepared.resume) != (write, resume):
         raise ValueError("prepared: prepare_evaluation of another configuration or mode")
+    with torch.random.fork_rng(devices=_rng_devices(cfg.device)):
+        return _run_prepared(prepared, data, log)
+
+
+def _rng_devices(device: str) -> List[int]:
+    """The CUDA devices whose RNG state an evaluation on ``device`` changes (none on the CPU)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return []
+    return [torch.cuda.current_device() if dev.index is None else dev.index]
+
+
+def _run_prepared(
+    prepared: PreparedEvaluation, data: LabeledData, log: Callable[[str], None]
+) -> Dict[str, Any]:
+    """:func:`run_evaluation` after its checks."""
+    cfg, write = prepared.cfg, prepared.write
     camids: Optional[Tensor] = getattr(data, "camids", None)
     splits, thresholds, results = prepared.splits, prepared.thresholds, prepared.results
     done = prepared.done

@@ -10,6 +10,7 @@ import torch
 
 from feature_cloud.demo.data import LabeledData
 from feature_cloud.evaluate import EvalConfig, run_evaluation
+from feature_cloud.evaluate.runner import TrainingDiverged
 
 
 def _data(sizes=(16, 12, 4, 4, 3, 3), seed=0):
@@ -62,3 +63,45 @@ def test_writing_the_plots_leaves_the_matplotlib_backend_and_pyplot_alone(tmp_pa
     assert {"paired.png", "sweep.png", "accuracy_head_tail.png", "projection.png"} <= set(pngs)
     pyplot = __import__("sys").modules.get("matplotlib.pyplot")
     assert pyplot is None or pyplot.get_fignums() == figures  # no figure left open
+
+
+def test_run_evaluation_restores_the_callers_torch_rng():
+    """A search drawing its next trial from torch gets its own stream back after each trial
+    (the runs still start from their seeds: the results do not depend on the caller's state)."""
+    data = _data()
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = run_evaluation(_cfg(methods=["leap_full_cosface"]), data, log=_quiet, write=False)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(7)
+    again = run_evaluation(_cfg(methods=["leap_full_cosface"]), data, log=_quiet, write=False)
+    assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in first["runs"]]
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    with pytest.raises(TrainingDiverged):  # a failed trial restores it too
+        run_evaluation(_cfg(lr=1e12), data, log=_quiet, write=False)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_run_demo_restores_the_callers_torch_rng(tmp_path):
+    from feature_cloud.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        data="synthetic",
+        synthetic={"num_classes": 6, "max_per_class": 12, "min_per_class": 6, "dim": 8},
+        num_head=2,
+        tail_shots=2,
+        epochs=1,
+        batch_size=8,
+        embedding_size=4,
+        seeds=[0],
+        methods=["softmax", "leap_full"],
+        out=str(tmp_path),
+    )
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    run_demo(cfg, log=_quiet)
+    assert torch.equal(torch.rand(4), expected)
