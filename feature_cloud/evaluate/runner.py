@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import __version__
+from .._validation import as_float, as_int
 from ..cloud import FeatureCloud
 from ..demo import metrics as M
 from ..demo._progress import progress
@@ -78,7 +79,52 @@ _FLAGS = {
     "batch_size": "--batch-size",
     "threshold": "-T",
     "num_head": "-H",
+    "seeds": "--seeds",
+    "lr": "--lr",
+    "weight_decay": "--weight-decay",
+    "warmup_fraction": "--warmup-fraction",
+    "scale": "--scale",
+    "margin": "--margin",
+    "flip": "--no-flip",
+    "ml2_alpha": "--ml2-alpha",
+    "ftl_alternations": "--ftl-alternations",
+    "ftl_stage0_fraction": "--ftl-stage0-fraction",
+    "ftl_stage1_share": "--ftl-stage1-share",
+    "ftl_energy": "--ftl-energy",
+    "ftl_prototype_shrinkage": "--ftl-prototype-shrinkage",
+    "imprint_fraction": "--imprint-fraction",
+    "shrinkage_sweep": "--shrinkage-sweep",
+    "save_logits": "--save-logits",
 }
+
+#: the EvalConfig fields that hold integers, numbers, numbers or None, and booleans
+_INT_FIELDS = (
+    "n_test",
+    "threshold",
+    "num_head",
+    "shots",
+    "epochs",
+    "batch_size",
+    "embedding_size",
+    "ftl_alternations",
+)
+_FLOAT_FIELDS = (
+    "test_fraction",
+    "lr",
+    "weight_decay",
+    "warmup_fraction",
+    "ml2_alpha",
+    "ftl_stage1_share",
+    "ftl_energy",
+)
+_OPTIONAL_FLOAT_FIELDS = (
+    "scale",
+    "margin",
+    "ftl_stage0_fraction",
+    "ftl_prototype_shrinkage",
+    "imprint_fraction",
+)
+_BOOL_FIELDS = ("flip", "save_logits")
 
 
 def _option(name: str) -> str:
@@ -159,6 +205,9 @@ class EvalConfig:
     device: str = "cpu"
 
     def validate(self) -> None:
+        """``ValueError`` / ``TypeError`` naming the first bad field (and its flag); the
+        integer and number fields are stored as ``int`` / ``float`` (``2.0`` epochs: 2)."""
+        _types_of(self)
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if not 0.0 < float(self.test_fraction) < 1.0:
@@ -228,6 +277,36 @@ class EvalConfig:
             text = str(err).strip()
             reason = text.splitlines()[0].split(". ")[0][:160] if text else type(err).__name__
             raise ValueError(f"device {self.device!r} is not usable here: {reason}") from None
+
+
+def _number(value: Any, label: str) -> Any:
+    """``value`` as a ``float`` (:func:`as_float`'s ``TypeError`` for strings, bools, ...); a
+    non-finite number is returned as it is, for the field's range check to name its bounds."""
+    try:
+        return as_float(value, label)
+    except ValueError:
+        return value
+
+
+def _types_of(cfg: EvalConfig) -> None:
+    """The integer, number and boolean fields of ``cfg`` checked by type and converted in place
+    (``epochs=2.0`` -> ``2``, as :func:`as_int`; ``"2"``, ``1.5`` epochs: ``TypeError``)."""
+    for name in _INT_FIELDS:
+        setattr(cfg, name, as_int(getattr(cfg, name), _option(name)))
+    for name in _FLOAT_FIELDS + _OPTIONAL_FLOAT_FIELDS:
+        value = getattr(cfg, name)
+        if value is not None or name in _FLOAT_FIELDS:
+            setattr(cfg, name, _number(value, _option(name)))
+    for name in _BOOL_FIELDS:
+        value = getattr(cfg, name)
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{_option(name)} must be True or False, got {value!r}")
+        setattr(cfg, name, bool(value))
+    for name, convert in (("seeds", as_int), ("shrinkage_sweep", _number)):
+        values = getattr(cfg, name)
+        if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+            raise TypeError(f"{_option(name)} must be a list, got {values!r}")
+        setattr(cfg, name, [convert(v, f"each of {_option(name)}") for v in values])
 
 
 def data_fingerprint(data: LabeledData, camids: Optional[Tensor] = None) -> str:

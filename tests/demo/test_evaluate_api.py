@@ -105,3 +105,40 @@ def test_run_demo_restores_the_callers_torch_rng(tmp_path):
     torch.manual_seed(11)
     run_demo(cfg, log=_quiet)
     assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize(
+    "fields, error, match",
+    [
+        (dict(epochs="2"), TypeError, r"epochs \(--epochs\) must be an integer, got '2'"),
+        (dict(epochs=1.5), TypeError, r"epochs \(--epochs\) must be an integer, got 1.5"),
+        (dict(batch_size=True), TypeError, r"batch_size \(--batch-size\) must be an integer"),
+        (dict(embedding_size=None), TypeError, r"embedding_size \(--embedding-size\)"),
+        (dict(threshold="10"), TypeError, r"threshold \(-T\) must be an integer"),
+        (dict(seeds=[0.5]), TypeError, r"each of seeds \(--seeds\) must be an integer"),
+        (dict(seeds=3), TypeError, r"seeds \(--seeds\) must be a list, got 3"),
+        (dict(lr="0.1"), TypeError, r"lr \(--lr\) must be a real number, got '0.1'"),
+        (dict(scale="64"), TypeError, r"scale \(--scale\) must be a real number"),
+        (dict(shrinkage_sweep=["3"]), TypeError, r"shrinkage_sweep \(--shrinkage-sweep\)"),
+        (dict(flip="no"), TypeError, r"flip \(--no-flip\) must be True or False, got 'no'"),
+        (dict(lr=float("nan")), ValueError, "lr must be a finite number > 0"),  # as before
+        (dict(epochs=0.0), ValueError, r"epochs \(--epochs\) must be >= 1, got 0"),
+    ],
+)
+def test_validate_checks_the_number_fields_by_type(fields, error, match):
+    with pytest.raises(error, match=match):
+        _cfg(**fields).validate()
+
+
+def test_validate_takes_integral_floats_as_integers_and_they_run():
+    """``2.0`` epochs is 2 (as :func:`feature_cloud._validation.as_int` takes it): stored as an
+    int, so the run is the one of the integer configuration."""
+    cfg = _cfg(epochs=1.0, batch_size=8.0, embedding_size=8.0, threshold=5.0, seeds=[0.0], lr=1)
+    cfg.validate()
+    assert (cfg.epochs, cfg.batch_size, cfg.embedding_size, cfg.threshold) == (1, 8, 8, 5)
+    assert all(type(v) is int for v in (cfg.epochs, cfg.batch_size, cfg.seeds[0]))
+    assert type(cfg.lr) is float and cfg.lr == 1.0
+    data = _data()
+    got = run_evaluation(cfg, data, log=_quiet, write=False)["runs"]
+    want = run_evaluation(_cfg(lr=1.0), data, log=_quiet, write=False)["runs"]
+    assert [r["metrics"] for r in got] == [r["metrics"] for r in want]
