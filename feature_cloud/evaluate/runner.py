@@ -967,13 +967,26 @@ def run_evaluation(
     same ``cfg``, ``data``, ``write`` and ``resume`` (its checks are then not repeated).
 
     Every run starts from its seed (:func:`train_model`); the caller's torch RNG state (CPU, and
-    ``cfg.device``'s GPU) is restored afterwards."""
+    ``cfg.device``'s GPU) is restored afterwards. A failed evaluation (e.g.
+    :class:`TrainingDiverged`) removes the output folders it created while they are empty."""
     if prepared is None:
         prepared = prepare_evaluation(cfg, data, write, resume)
     elif prepared.cfg is not cfg or (prepared.write, prepared.resume) != (write, resume):
         raise ValueError("prepared: prepare_evaluation of another configuration or mode")
-    with torch.random.fork_rng(devices=_rng_devices(cfg.device)):
-        return _run_prepared(prepared, data, log)
+    created = _missing_folders(cfg.out) if write else []
+    try:
+        with torch.random.fork_rng(devices=_rng_devices(cfg.device)):
+            return _run_prepared(prepared, data, log)
+    except BaseException as err:
+        _remove_empty(created)
+        file = os.path.join(cfg.out, RESULTS_FILE)
+        if isinstance(err, TrainingDiverged) and write and os.path.isfile(file):
+            kept = len(load_results(file).get("runs", []))
+            err.args = (
+                f"{err}; the {counted(kept, 'run')} finished before it "
+                f"{'is' if kept == 1 else 'are'} saved in {file}",
+            )
+        raise
 
 
 def _rng_devices(device: str) -> List[int]:
@@ -982,6 +995,26 @@ def _rng_devices(device: str) -> List[int]:
     if dev.type != "cuda":
         return []
     return [torch.cuda.current_device() if dev.index is None else dev.index]
+
+
+def _missing_folders(path: str) -> List[str]:
+    """``path`` and its parents that do not exist yet, deepest first."""
+    missing: List[str] = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and path != os.path.dirname(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_empty(folders: List[str]) -> None:
+    """Remove ``folders`` (deepest first) while they exist and are empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (runs it kept), or already gone: leave the rest
+            if os.path.exists(folder):
+                return
 
 
 def _run_prepared(

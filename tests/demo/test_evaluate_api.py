@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from feature_cloud.demo.data import LabeledData
-from feature_cloud.evaluate import EvalConfig, run_evaluation
-from feature_cloud.evaluate.runner import TrainingDiverged
+from feature_cloud.evaluate import EvalConfig, TrainingDiverged, run_evaluation
 
 
 def _data(sizes=(16, 12, 4, 4, 3, 3), seed=0):
@@ -142,3 +141,38 @@ def test_validate_takes_integral_floats_as_integers_and_they_run():
     got = run_evaluation(cfg, data, log=_quiet, write=False)["runs"]
     want = run_evaluation(_cfg(lr=1.0), data, log=_quiet, write=False)["runs"]
     assert [r["metrics"] for r in got] == [r["metrics"] for r in want]
+
+
+def test_a_diverged_trial_is_importable_and_leaves_no_empty_folder(tmp_path, monkeypatch):
+    """``TrainingDiverged`` (a ``ValueError``) from ``feature_cloud.evaluate``; the output folders
+    the evaluation created are removed while empty; one that holds finished runs is kept and the
+    message says so; a folder that was there before stays."""
+    import feature_cloud.evaluate as E
+    import feature_cloud.evaluate.runner as R
+
+    assert "TrainingDiverged" in E.__all__ and issubclass(TrainingDiverged, ValueError)
+    data = _data()
+    out = tmp_path / "trials" / "lr1e12"
+    with pytest.raises(TrainingDiverged, match="training diverged: natural seed 0 cosface"):
+        run_evaluation(_cfg(lr=1e12, out=str(out)), data, log=_quiet)
+    assert os.listdir(tmp_path) == []  # trials/ and lr1e12/ were this run's, and empty
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(TrainingDiverged):
+        run_evaluation(_cfg(lr=1e12, out=str(mine)), data, log=_quiet)
+    assert mine.is_dir()  # the caller's folder stays
+
+    train = R.train_model
+
+    def second_seed_diverges(name, *args, **kw):
+        if args[5] == 1:  # the seed
+            raise TrainingDiverged("training diverged: seed 1")
+        return train(name, *args, **kw)
+
+    monkeypatch.setattr(R, "train_model", second_seed_diverges)
+    out = tmp_path / "kept"
+    with pytest.raises(TrainingDiverged) as info:
+        run_evaluation(_cfg(seeds=[0, 1], out=str(out)), data, log=_quiet)
+    assert str(info.value).startswith("training diverged: seed 1; the 1 run finished before it ")
+    assert f"is saved in {out / 'results.json'}" in str(info.value)
+    assert os.listdir(out) == ["results.json"]  # --resume / resume=True continues it
