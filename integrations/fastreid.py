@@ -361,6 +361,26 @@ def config_path(name: str = "Market1501/leap_R50.yml") -> str:
     return path
 
 
+def _register_once(registry: Any) -> Callable[[Any], Any]:
+    """``registry.register()`` (a fastreid ``Registry``) that a re-execution of the defining
+    module repeats without error (``importlib.reload``, a notebook's autoreload): the earlier
+    class of the same module and name is replaced by the new one."""
+
+    def deco(cls: Any) -> Any:
+        held = registry._obj_map.get(cls.__name__)  # fastreid 1.4.0's name -> object map
+        if held is not None and (held.__module__, held.__qualname__) == (
+            cls.__module__,
+            cls.__qualname__,
+        ):
+            # our own earlier registration: the configs build the class the module now defines.
+            # Any other object under the name (another package's) stays fastreid's
+            # AssertionError: replacing it would silently change what that package's configs build.
+            del registry._obj_map[cls.__name__]
+        return registry.register()(cls)
+
+    return deco
+
+
 # ------------------------------------------------------------------ configuration
 def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     """Add the ``MODEL.HEADS.FEATURE_CLOUD`` node (defaults = LEAP paper, Sec. 4.1).
@@ -857,7 +877,7 @@ _integrate_trainer()
 
 
 # ------------------------------------------------------------------ the head
-@REID_HEADS_REGISTRY.register()
+@_register_once(REID_HEADS_REGISTRY)
 class LEAPHead(nn.Module):
     """fastreid re-ID head: pooling + BN neck (as ``EmbeddingHead``) + LEAP margin classifier.
 
@@ -1207,7 +1227,7 @@ class _PredictedClasses:
         return None, self.pred.unsqueeze(1)
 
 
-@META_ARCH_REGISTRY.register()
+@_register_once(META_ARCH_REGISTRY)
 class LEAPBaseline(Baseline):
     """fastreid's ``Baseline`` whose cross-entropy runs inside :class:`LEAPHead` on the fused
     kernels (``MODEL.META_ARCHITECTURE: LEAPBaseline``).

@@ -51,6 +51,7 @@ from feature_cloud.ftl import (
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.integrations.fastreid import (  # noqa: F401
     CLS_LAYER_TO_MARGIN,
+    _register_once,
     class_counts_from_dataset,
     config_path,
     margin_for_cls_layer,
@@ -161,7 +162,7 @@ def _filter(ftl_cfg: CfgNode, feat_dim: int, emb_dim: int, hidden: int) -> nn.Mo
     return make_filter(feat_dim, emb_dim, hidden, form=form)
 
 
-@META_ARCH_REGISTRY.register()
+@_register_once(META_ARCH_REGISTRY)
 class FTLBaseline(nn.Module):
     """fastreid meta-architecture holding an :class:`~feature_cloud.FTLModel` (FTL Fig. 2).
 

@@ -1,0 +1,64 @@
+"""The fastreid adapters under a notebook's re-execution: ``importlib.reload`` (autoreload)
+replaces their own registrations."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("fastreid")
+fr = pytest.importorskip("feature_cloud.integrations.fastreid")
+ftl = pytest.importorskip("feature_cloud.integrations.fastreid_ftl")
+
+from fastreid.utils.registry import Registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _define():
+    """A class of this module named ``Head``: each call a new object of the same definition."""
+
+    class Head:
+        pass
+
+    return Head
+
+
+def test_register_once_replaces_its_own_definition_and_refuses_another():
+    registry = Registry("TEST")
+    first, again = _define(), _define()
+    fr._register_once(registry)(first)
+    assert fr._register_once(registry)(again) is again  # the module executed again
+    assert registry.get("Head") is again
+    other = type("Head", (), {"__module__": "another_package.heads"})
+    with pytest.raises(AssertionError, match="already registered"):
+        fr._register_once(registry)(other)  # another package's Head is not replaced
+    assert registry.get("Head") is again
+
+
+def test_importlib_reload_of_the_fastreid_adapters():
+    """In a fresh process (a reload here would swap the classes under the other tests)."""
+    script = """
+import importlib
+import feature_cloud.integrations.fastreid as fr
+import feature_cloud.integrations.fastreid_ftl as ftl
+from fastreid.modeling.heads import REID_HEADS_REGISTRY
+from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
+old = fr.LEAPHead
+for _ in range(2):
+    importlib.reload(fr)
+    importlib.reload(ftl)
+assert fr.LEAPHead is not old
+assert REID_HEADS_REGISTRY.get("LEAPHead") is fr.LEAPHead
+assert META_ARCH_REGISTRY.get("LEAPBaseline") is fr.LEAPBaseline
+assert META_ARCH_REGISTRY.get("FTLBaseline") is ftl.FTLBaseline
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
