@@ -408,6 +408,9 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     the moments, e.g. under fastreid's identity samplers, which visit a class rarely; ``-1``:
     never, the default and the paper). The margin is fastreid's own ``MODEL.HEADS.CLS_LAYER`` /
     ``SCALE`` / ``MARGIN``.
+
+    Called again on a config that has the node (a re-run notebook cell), it adds only the keys
+    the node lacks: values already set (yours) stay.
     """
     node = CfgNode()
     core = inspect.signature(FeatureCloud.__init__).parameters  # the core's defaults, once
@@ -428,9 +431,24 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     node.CENTER_RATE = DEFAULT_CENTER_RATE
     node.UNKNOWN_VARIANCE = DEFAULT_UNKNOWN_VARIANCE
     node.ANGLE_MAX_AGE = -1
+    return _add_missing_node(cfg, ("MODEL", "HEADS", "FEATURE_CLOUD"), node)
+
+
+def _add_missing_node(cfg: CfgNode, path: Sequence[str], defaults: CfgNode) -> CfgNode:
+    """``cfg.<path> = defaults``, or where ``cfg`` has that node already, only its missing keys
+    from ``defaults`` (the values there stay); a frozen ``cfg`` is frozen again."""
     frozen = cfg.is_frozen()
     cfg.defrost()
-    cfg.MODEL.HEADS.FEATURE_CLOUD = node
+    parent = cfg
+    for key in path[:-1]:
+        parent = parent[key]
+    if path[-1] not in parent:
+        parent[path[-1]] = defaults
+    else:
+        node = parent[path[-1]]
+        for key, value in defaults.items():
+            if key not in node:
+                node[key] = value
     if frozen:
         cfg.freeze()
     return cfg

@@ -51,6 +51,7 @@ from feature_cloud.ftl import (
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.integrations.fastreid import (  # noqa: F401
     CLS_LAYER_TO_MARGIN,
+    _add_missing_node,
     _register_once,
     class_counts_from_dataset,
     config_path,
@@ -97,7 +98,8 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     ``SOLVER.IMS_PER_BATCH``), ``TAIL_SAMPLING`` (how the long-tail batch is drawn:
     ``"samples"``, uniform over the long-tail images, or ``"classes"``, every long-tail class
     equally often: :class:`AlternatingScheduler`'s ``tail_sampling``). ``SEED``: the stage-1
-    samplers' seed.
+    samplers' seed. Called again on a config that has the node, it adds only the missing keys
+    (values already set stay).
     """
     node = CfgNode()
     node.STAGE0_ITERS = 5000
@@ -118,12 +120,7 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     node.STAGE1_BATCH_SIZE = 0
     node.TAIL_SAMPLING = DEFAULT_TAIL_SAMPLING
     node.SEED = 0
-    frozen = cfg.is_frozen()
-    cfg.defrost()
-    cfg.MODEL.FTL = node
-    if frozen:
-        cfg.freeze()
-    return cfg
+    return _add_missing_node(cfg, ("MODEL", "FTL"), node)
 
 
 def _ftl_node(cfg: CfgNode) -> CfgNode:

@@ -1,5 +1,6 @@
 """The fastreid adapters under a notebook's re-execution: ``importlib.reload`` (autoreload)
-replaces their own registrations."""
+replaces their own registrations, and a re-run ``add_feature_cloud_config`` / ``add_ftl_config``
+keeps the values already set."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ pytest.importorskip("fastreid")
 fr = pytest.importorskip("feature_cloud.integrations.fastreid")
 ftl = pytest.importorskip("feature_cloud.integrations.fastreid_ftl")
 
+from fastreid.config import get_cfg
 from fastreid.utils.registry import Registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,3 +64,27 @@ print("ok")
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "add, node, key, value",
+    [
+        (fr.add_feature_cloud_config, ("MODEL", "HEADS", "FEATURE_CLOUD"), "GAMMA", 0.5),
+        (ftl.add_ftl_config, ("MODEL", "FTL"), "ENERGY", 0.5),
+    ],
+)
+def test_adding_the_config_node_again_keeps_the_values_set(add, node, key, value):
+    def get(cfg):
+        for name in node:
+            cfg = cfg[name]
+        return cfg
+
+    cfg = add(get_cfg())
+    default = dict(get(cfg))
+    get(cfg)[key] = value
+    del get(cfg)["SEED"]  # a key the node lacks (a config of an earlier release)
+    cfg.freeze()
+    add(cfg)  # the notebook cell run again
+    assert get(cfg)[key] == value  # the user's edit stays
+    assert get(cfg)["SEED"] == default["SEED"]  # the missing key is added
+    assert set(get(cfg)) == set(default) and cfg.is_frozen()
