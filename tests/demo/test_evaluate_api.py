@@ -176,3 +176,23 @@ def test_a_diverged_trial_is_importable_and_leaves_no_empty_folder(tmp_path, mon
     assert str(info.value).startswith("training diverged: seed 1; the 1 run finished before it ")
     assert f"is saved in {out / 'results.json'}" in str(info.value)
     assert os.listdir(out) == ["results.json"]  # --resume / resume=True continues it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_run_evaluation_on_cuda_restores_the_gpu_rng_and_seeds_as_manual_seed():
+    """On a GPU the fork covers the training device's generator too; seeding the CPU and that
+    device only draws what ``torch.manual_seed`` (every device) drew there."""
+    from feature_cloud.demo.runner import seed_torch
+
+    cfg = _cfg(methods=["cosface", "leap_full_cosface"], device="cuda")
+    torch.manual_seed(3)
+    expected = (torch.rand(2), torch.rand(2, device="cuda"))
+    torch.manual_seed(3)
+    run_evaluation(cfg, _data(), log=_quiet, write=False)
+    assert torch.equal(torch.rand(2), expected[0])
+    assert torch.equal(torch.rand(2, device="cuda"), expected[1])
+    seed_torch(5, torch.device("cuda"))
+    ours = (torch.rand(2), torch.rand(2, device="cuda"))
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(2), ours[0])
+    assert torch.equal(torch.rand(2, device="cuda"), ours[1])
