@@ -361,6 +361,26 @@ def config_path(name: str = "Market1501/leap_R50.yml") -> str:
     return path
 
 
+def _register_once(registry: Any) -> Callable[[Any], Any]:
+    """``registry.register()`` (a fastreid ``Registry``) that a re-execution of the defining
+    module repeats without error (``importlib.reload``, a notebook's autoreload): the earlier
+    class of the same module and name is replaced by the new one."""
+
+    def deco(cls: Any) -> Any:
+        held = registry._obj_map.get(cls.__name__)  # fastreid 1.4.0's name -> object map
+        if held is not None and (held.__module__, held.__qualname__) == (
+            cls.__module__,
+            cls.__qualname__,
+        ):
+            # our own earlier registration: the configs build the class the module now defines.
+            # Any other object under the name (another package's) stays fastreid's
+            # AssertionError: replacing it would silently change what that package's configs build.
+            del registry._obj_map[cls.__name__]
+        return registry.register()(cls)
+
+    return deco
+
+
 # ------------------------------------------------------------------ configuration
 def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     """Add the ``MODEL.HEADS.FEATURE_CLOUD`` node (defaults = LEAP paper, Sec. 4.1).
@@ -388,6 +408,9 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     the moments, e.g. under fastreid's identity samplers, which visit a class rarely; ``-1``:
     never, the default and the paper). The margin is fastreid's own ``MODEL.HEADS.CLS_LAYER`` /
     ``SCALE`` / ``MARGIN``.
+
+    Called again on a config that has the node (a re-run notebook cell), it adds only the keys
+    the node lacks: values already set (yours) stay.
     """
     node = CfgNode()
     core = inspect.signature(FeatureCloud.__init__).parameters  # the core's defaults, once
@@ -408,9 +431,24 @@ def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
     node.CENTER_RATE = DEFAULT_CENTER_RATE
     node.UNKNOWN_VARIANCE = DEFAULT_UNKNOWN_VARIANCE
     node.ANGLE_MAX_AGE = -1
+    return _add_missing_node(cfg, ("MODEL", "HEADS", "FEATURE_CLOUD"), node)
+
+
+def _add_missing_node(cfg: CfgNode, path: Sequence[str], defaults: CfgNode) -> CfgNode:
+    """``cfg.<path> = defaults``, or where ``cfg`` has that node already, only its missing keys
+    from ``defaults`` (the values there stay); a frozen ``cfg`` is frozen again."""
     frozen = cfg.is_frozen()
     cfg.defrost()
-    cfg.MODEL.HEADS.FEATURE_CLOUD = node
+    parent = cfg
+    for key in path[:-1]:
+        parent = parent[key]
+    if path[-1] not in parent:
+        parent[path[-1]] = defaults
+    else:
+        node = parent[path[-1]]
+        for key, value in defaults.items():
+            if key not in node:
+                node[key] = value
     if frozen:
         cfg.freeze()
     return cfg
@@ -857,7 +895,7 @@ _integrate_trainer()
 
 
 # ------------------------------------------------------------------ the head
-@REID_HEADS_REGISTRY.register()
+@_register_once(REID_HEADS_REGISTRY)
 class LEAPHead(nn.Module):
     """fastreid re-ID head: pooling + BN neck (as ``EmbeddingHead``) + LEAP margin classifier.
 
@@ -1207,7 +1245,7 @@ class _PredictedClasses:
         return None, self.pred.unsqueeze(1)
 
 
-@META_ARCH_REGISTRY.register()
+@_register_once(META_ARCH_REGISTRY)
 class LEAPBaseline(Baseline):
     """fastreid's ``Baseline`` whose cross-entropy runs inside :class:`LEAPHead` on the fused
     kernels (``MODEL.META_ARCHITECTURE: LEAPBaseline``).

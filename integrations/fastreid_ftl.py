@@ -51,6 +51,8 @@ from feature_cloud.ftl import (
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.integrations.fastreid import (  # noqa: F401
     CLS_LAYER_TO_MARGIN,
+    _add_missing_node,
+    _register_once,
     class_counts_from_dataset,
     config_path,
     margin_for_cls_layer,
@@ -96,7 +98,8 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     ``SOLVER.IMS_PER_BATCH``), ``TAIL_SAMPLING`` (how the long-tail batch is drawn:
     ``"samples"``, uniform over the long-tail images, or ``"classes"``, every long-tail class
     equally often: :class:`AlternatingScheduler`'s ``tail_sampling``). ``SEED``: the stage-1
-    samplers' seed.
+    samplers' seed. Called again on a config that has the node, it adds only the missing keys
+    (values already set stay).
     """
     node = CfgNode()
     node.STAGE0_ITERS = 5000
@@ -117,12 +120,7 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     node.STAGE1_BATCH_SIZE = 0
     node.TAIL_SAMPLING = DEFAULT_TAIL_SAMPLING
     node.SEED = 0
-    frozen = cfg.is_frozen()
-    cfg.defrost()
-    cfg.MODEL.FTL = node
-    if frozen:
-        cfg.freeze()
-    return cfg
+    return _add_missing_node(cfg, ("MODEL", "FTL"), node)
 
 
 def _ftl_node(cfg: CfgNode) -> CfgNode:
@@ -161,7 +159,7 @@ def _filter(ftl_cfg: CfgNode, feat_dim: int, emb_dim: int, hidden: int) -> nn.Mo
     return make_filter(feat_dim, emb_dim, hidden, form=form)
 
 
-@META_ARCH_REGISTRY.register()
+@_register_once(META_ARCH_REGISTRY)
 class FTLBaseline(nn.Module):
     """fastreid meta-architecture holding an :class:`~feature_cloud.FTLModel` (FTL Fig. 2).
 

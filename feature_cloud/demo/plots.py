@@ -1,4 +1,5 @@
-"""PNG plots of a demo run (matplotlib, Agg backend: no display needed)."""
+"""PNG plots of a demo run: matplotlib figures drawn by the Agg canvas, without pyplot, so
+no display is needed and the process's backend (a notebook's inline plots) stays as it was."""
 
 from __future__ import annotations
 
@@ -19,18 +20,24 @@ __all__ = [
 ]
 
 
-def _plt():
+def _figure(figsize: Tuple[float, float]) -> Any:
+    """A ``matplotlib.figure.Figure`` on its own Agg canvas: outside pyplot (nothing to close,
+    never shown) and without ``matplotlib.use`` (the process's backend is left alone)."""
     from .._extras import need
 
-    need("matplotlib", "drawing the PNG plots", "matplotlib").use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    need("matplotlib", "drawing the PNG plots", "matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    return plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _colors(n: int) -> List[Any]:
-    plt = _plt()
-    cmap = plt.get_cmap("tab10")
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
     return [cmap(i % 10) for i in range(n)]
 
 
@@ -44,11 +51,11 @@ def plot_accuracy(
     """Grouped bars: head and tail accuracy per method (FC classifier and rank-1), mean +- std;
     with ``t_quantile`` (``df -> t_0.975``) mean +- the 95% t-interval's half-width, as in the
     evaluation tool's tables."""
-    plt = _plt()
     agg = aggregate(results)
     methods = [m for m in results["methods"] if m in agg]
     panels = [("fc_acc", "closed-set classifier (FC) accuracy"), ("rank1", "retrieval rank-1")]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig = _figure((11, 4.2))
+    axes = fig.subplots(1, 2, sharey=True)
     x = np.arange(len(methods))
     for ax, (key, title) in zip(axes, panels):
         for j, (part, color) in enumerate((("head", "#4C72B0"), ("tail", "#DD8452"))):
@@ -94,7 +101,6 @@ def plot_accuracy(
     fig.suptitle(f"{where}: head vs tail accuracy ({over})", fontsize=11, x=0.4)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(file, dpi=110)
-    plt.close(fig)
     return file
 
 
@@ -113,13 +119,11 @@ def plot_per_class(
     """One panel per method: per-class ``key`` against the class's training size (every seed;
     head classes as dots, tail classes as triangles). ``relative`` divides each run's values by
     their mean (weight norms of different heads live on different scales)."""
-    plt = _plt()
     methods = [m for m in results["methods"] if any(r["method"] == m for r in results["runs"])]
     cols = min(4, len(methods))
     rows = math.ceil(len(methods) / cols)
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(3.3 * cols, 2.9 * rows), squeeze=False, sharex=True
-    )
+    fig = _figure((3.3 * cols, 2.9 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
     rng = np.random.default_rng(0)
     labelled: Set[str] = set()  # one legend entry per group that has points
     plotted = False
@@ -196,7 +200,6 @@ def plot_per_class(
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(file, dpi=110)
-    plt.close(fig)
     return file
 
 
@@ -219,13 +222,13 @@ def plot_projection(results: Dict[str, Any], projection: Dict[str, np.ndarray], 
     evaluation features of the same classes. Shows how narrow the tail classes' training cloud
     is and whether held-out tail samples fall inside it.
     """
-    plt = _plt()
     classes = [int(c) for c in projection["classes"]]
     is_head = [bool(h) for h in projection["is_head"]]
     methods = [m for m in results["methods"] if f"{m}/train_features" in projection]
     cols = min(4, len(methods))
     rows = math.ceil(len(methods) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.3 * rows), squeeze=False)
+    fig = _figure((3.4 * cols, 3.3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     colors = _colors(len(classes))
     names = results["data"].get("class_names")
     for i, method in enumerate(methods):
@@ -275,7 +278,6 @@ def plot_projection(results: Dict[str, Any], projection: Dict[str, np.ndarray], 
     )
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(file, dpi=110)
-    plt.close(fig)
     return file
 
 

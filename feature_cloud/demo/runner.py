@@ -184,6 +184,19 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return full + (1 if rest >= 2 or (full == 0 and rest > 0) else 0)
 
 
+def seed_torch(seed: int, device: Optional[torch.device] = None) -> None:
+    """``torch.manual_seed(seed)`` for the CPU and ``device`` only: not every GPU, so that
+    ``torch.random.fork_rng`` over these two restores all that training re-seeded."""
+    torch.default_generator.manual_seed(seed)
+    if device is None or device.type == "cpu":
+        return
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+    else:  # other accelerators (mps, xpu, ...): torch's own seeding
+        torch.manual_seed(seed)
+
+
 def train_method(
     name: str,
     x: Tensor,
@@ -209,7 +222,7 @@ def train_method(
         ftl_classifier=cfg.ftl_classifier,
         seed=seed,
     )
-    torch.manual_seed(seed)
+    seed_torch(seed)
     model = build_method(name, tuple(x.shape[1:]), num_classes, counts, mcfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = int(cfg.epochs) * steps  # type: ignore[arg-type]
@@ -229,7 +242,7 @@ def train_method(
 
     fit = getattr(model, "fit", None)
     if fit is not None:  # methods with their own schedule (FTL's Algorithm 1), same budget
-        torch.manual_seed(seed)
+        seed_torch(seed)
         fit(x, y, total, cfg.batch_size, step)
     else:
         for _ in range(int(cfg.epochs)):  # type: ignore[arg-type]
@@ -345,7 +358,14 @@ def rank_classes_from_counts(counts: Tensor) -> List[int]:
 
 def run_demo(cfg: DemoConfig, data: Optional[LabeledData] = None, log=print) -> Dict[str, Any]:
     """Run every method on every seed, write ``results.json`` (+ projection features) to
-    ``cfg.out`` and render the report (tables, CSV, PNG). Returns the results dictionary."""
+    ``cfg.out`` and render the report (tables, CSV, PNG). Returns the results dictionary.
+    Every run starts from its seed; the caller's torch RNG state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):  # the demo trains on the CPU
+        return _run_demo(cfg, data, log)
+
+
+def _run_demo(cfg: DemoConfig, data: Optional[LabeledData], log) -> Dict[str, Any]:
+    """:func:`run_demo` inside its RNG fork."""
     cfg = cfg.resolved()
     start = time.perf_counter()
     if data is None:

@@ -14,7 +14,7 @@ from .data import load_dataset
 from .methods import BASELINES, EVAL_METHODS
 from .protocol import hs_split, natural_split, open_split
 from .report import render_evaluation
-from .runner import EvalConfig, run_evaluation
+from .runner import EvalConfig, TrainingDiverged, run_evaluation
 from .stats import paired_differences, t_interval
 
 __all__ = [
@@ -30,5 +30,6 @@ __all__ = [
     "t_interval",
     "EvalConfig",
     "run_evaluation",
+    "TrainingDiverged",
     "render_evaluation",
 ]

@@ -261,9 +261,9 @@ _SWEEP_NOTE = (
 def plot_sweep(results: Dict[str, Any], file: str, table: Optional[SweepTable] = None) -> str:
     """Δ FC head against Δ FC tail (points) of each method's sweep, one point per kappa
     (``table``: :func:`sweep` of ``results``, if already computed)."""
-    plt = demo_plots._plt()
     d = sweep(results) if table is None else table
-    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    fig = demo_plots._figure((5.2, 4.0))
+    ax = fig.subplots()
     colors = demo_plots._colors(max(len(d), 1))
     for (m, by_kappa), color in zip(d.items(), colors):
         xs = [v["fc_acc_tail"]["mean"] for v in by_kappa.values()]
@@ -292,7 +292,6 @@ def plot_sweep(results: Dict[str, Any], file: str, table: Optional[SweepTable] =
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(file, dpi=110)
-    plt.close(fig)
     return file
 
 
@@ -341,13 +340,13 @@ def _runs_csv(results: Dict[str, Any], file: str) -> None:
 
 def plot_paired(results: Dict[str, Any], file: str) -> str:
     """Bars of the paired differences (points) with 95% t-interval error bars."""
-    plt = demo_plots._plt()
     d = paired(results)
     methods = list(d)
     keys = [k for k, _ in paired_keys(results)][:4]
     if not _open(results):
         keys = ["fc_acc_head", "fc_acc_tail", "nn_acc_head", "nn_acc_tail"]
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(methods) + 2), 3.8))
+    fig = demo_plots._figure((max(5.0, 1.6 * len(methods) + 2), 3.8))
+    ax = fig.subplots()
     width = 0.8 / len(keys)
     colors = demo_plots._colors(len(keys))
     for j, k in enumerate(keys):
@@ -382,7 +381,6 @@ def plot_paired(results: Dict[str, Any], file: str) -> str:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(file, dpi=110)
-    plt.close(fig)
     return file
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import __version__
+from .._validation import as_float, as_int
 from ..cloud import FeatureCloud
 from ..demo import metrics as M
 from ..demo._progress import progress
@@ -33,7 +34,7 @@ from ..demo.methods import (
 )
 from ..demo.protocol import LongTailSplit
 from ..demo.report import counted, load_results, write_json
-from ..demo.runner import _device_of, embed_all, evaluate_method
+from ..demo.runner import _device_of, embed_all, evaluate_method, seed_torch
 from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
 from .data import dataset_title
@@ -78,7 +79,52 @@ _FLAGS = {
     "batch_size": "--batch-size",
     "threshold": "-T",
     "num_head": "-H",
+    "seeds": "--seeds",
+    "lr": "--lr",
+    "weight_decay": "--weight-decay",
+    "warmup_fraction": "--warmup-fraction",
+    "scale": "--scale",
+    "margin": "--margin",
+    "flip": "--no-flip",
+    "ml2_alpha": "--ml2-alpha",
+    "ftl_alternations": "--ftl-alternations",
+    "ftl_stage0_fraction": "--ftl-stage0-fraction",
+    "ftl_stage1_share": "--ftl-stage1-share",
+    "ftl_energy": "--ftl-energy",
+    "ftl_prototype_shrinkage": "--ftl-prototype-shrinkage",
+    "imprint_fraction": "--imprint-fraction",
+    "shrinkage_sweep": "--shrinkage-sweep",
+    "save_logits": "--save-logits",
 }
+
+#: the EvalConfig fields that hold integers, numbers, numbers or None, and booleans
+_INT_FIELDS = (
+    "n_test",
+    "threshold",
+    "num_head",
+    "shots",
+    "epochs",
+    "batch_size",
+    "embedding_size",
+    "ftl_alternations",
+)
+_FLOAT_FIELDS = (
+    "test_fraction",
+    "lr",
+    "weight_decay",
+    "warmup_fraction",
+    "ml2_alpha",
+    "ftl_stage1_share",
+    "ftl_energy",
+)
+_OPTIONAL_FLOAT_FIELDS = (
+    "scale",
+    "margin",
+    "ftl_stage0_fraction",
+    "ftl_prototype_shrinkage",
+    "imprint_fraction",
+)
+_BOOL_FIELDS = ("flip", "save_logits")
 
 
 def _option(name: str) -> str:
@@ -159,6 +205,9 @@ class EvalConfig:
     device: str = "cpu"
 
     def validate(self) -> None:
+        """``ValueError`` / ``TypeError`` naming the first bad field (and its flag); the
+        integer and number fields are stored as ``int`` / ``float`` (``2.0`` epochs: 2)."""
+        _types_of(self)
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if not 0.0 < float(self.test_fraction) < 1.0:
@@ -228,6 +277,36 @@ class EvalConfig:
             text = str(err).strip()
             reason = text.splitlines()[0].split(". ")[0][:160] if text else type(err).__name__
             raise ValueError(f"device {self.device!r} is not usable here: {reason}") from None
+
+
+def _number(value: Any, label: str) -> Any:
+    """``value`` as a ``float`` (:func:`as_float`'s ``TypeError`` for strings, bools, ...); a
+    non-finite number is returned as it is, for the field's range check to name its bounds."""
+    try:
+        return as_float(value, label)
+    except ValueError:
+        return value
+
+
+def _types_of(cfg: EvalConfig) -> None:
+    """The integer, number and boolean fields of ``cfg`` checked by type and converted in place
+    (``epochs=2.0`` -> ``2``, as :func:`as_int`; ``"2"``, ``1.5`` epochs: ``TypeError``)."""
+    for name in _INT_FIELDS:
+        setattr(cfg, name, as_int(getattr(cfg, name), _option(name)))
+    for name in _FLOAT_FIELDS + _OPTIONAL_FLOAT_FIELDS:
+        value = getattr(cfg, name)
+        if value is not None or name in _FLOAT_FIELDS:
+            setattr(cfg, name, _number(value, _option(name)))
+    for name in _BOOL_FIELDS:
+        value = getattr(cfg, name)
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{_option(name)} must be True or False, got {value!r}")
+        setattr(cfg, name, bool(value))
+    for name, convert in (("seeds", as_int), ("shrinkage_sweep", _number)):
+        values = getattr(cfg, name)
+        if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+            raise TypeError(f"{_option(name)} must be a list, got {values!r}")
+        setattr(cfg, name, [convert(v, f"each of {_option(name)}") for v in values])
 
 
 def data_fingerprint(data: LabeledData, camids: Optional[Tensor] = None) -> str:
@@ -313,13 +392,14 @@ def train_model(
 ) -> Method:
     """A fresh backbone (seeded by ``seed``: identical for every method) + method ``name``,
     trained for ``cfg.epochs`` epochs in the batch order of ``seed``; ``threshold``: the methods'
-    ``T`` (default ``cfg.threshold``; :func:`method_threshold`)."""
+    ``T`` (default ``cfg.threshold``; :func:`method_threshold`). Re-seeds torch's global RNG
+    of the CPU and ``cfg.device`` (:func:`run_evaluation` restores the caller's)."""
     steps = _steps_per_epoch(x.shape[0], cfg.batch_size)
     total = cfg.epochs * steps
     mcfg = _method_config(cfg, total, seed, threshold)
-    torch.manual_seed(seed)
-    backbone = build_backbone(cfg.backbone, tuple(x.shape[1:]), cfg.embedding_size)
     device = torch.device(cfg.device)
+    seed_torch(seed, device)
+    backbone = build_backbone(cfg.backbone, tuple(x.shape[1:]), cfg.embedding_size)
     model = EVAL_METHODS[name](backbone, num_classes, counts.to(device), mcfg).to(device)
     x, y = x.to(device), y.to(device)
     if cfg.optimizer == "sgd":
@@ -371,7 +451,7 @@ def train_model(
     model.train()
     fit = getattr(model, "fit", None)
     if fit is not None:  # FTL's own schedule (Algorithm 1) within the same budget
-        torch.manual_seed(seed)
+        seed_torch(seed, device)
         fit(x, y, total, cfg.batch_size, step, augment=augment)  # fresh flips per batch, as below
     else:
         for _ in range(cfg.epochs):
@@ -884,11 +964,64 @@ def run_evaluation(
     ``"complete": false`` until the last one, so a killed evaluation keeps what it finished;
     ``resume`` reuses those runs (the file must be of this setting, configuration, data and
     splits) and trains only the missing ones. ``prepared``: :func:`prepare_evaluation` of the
-    same ``cfg``, ``data``, ``write`` and ``resume`` (its checks are then not repeated)."""
+    same ``cfg``, ``data``, ``write`` and ``resume`` (its checks are then not repeated).
+
+    Every run starts from its seed (:func:`train_model`); the caller's torch RNG state (CPU, and
+    ``cfg.device``'s GPU) is restored afterwards. A failed evaluation (e.g.
+    :class:`TrainingDiverged`) removes the output folders it created while they are empty."""
     if prepared is None:
         prepared = prepare_evaluation(cfg, data, write, resume)
     elif prepared.cfg is not cfg or (prepared.write, prepared.resume) != (write, resume):
         raise ValueError("prepared: prepare_evaluation of another configuration or mode")
+    created = _missing_folders(cfg.out) if write else []
+    try:
+        with torch.random.fork_rng(devices=_rng_devices(cfg.device)):
+            return _run_prepared(prepared, data, log)
+    except BaseException as err:
+        _remove_empty(created)
+        file = os.path.join(cfg.out, RESULTS_FILE)
+        if isinstance(err, TrainingDiverged) and write and os.path.isfile(file):
+            kept = len(load_results(file).get("runs", []))
+            err.args = (
+                f"{err}; the {counted(kept, 'run')} finished before it "
+                f"{'is' if kept == 1 else 'are'} saved in {file}",
+            )
+        raise
+
+
+def _rng_devices(device: str) -> List[int]:
+    """The CUDA devices whose RNG state an evaluation on ``device`` changes (none on the CPU)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return []
+    return [torch.cuda.current_device() if dev.index is None else dev.index]
+
+
+def _missing_folders(path: str) -> List[str]:
+    """``path`` and its parents that do not exist yet, deepest first."""
+    missing: List[str] = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and path != os.path.dirname(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_empty(folders: List[str]) -> None:
+    """Remove ``folders`` (deepest first) while they exist and are empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (runs it kept), or already gone: leave the rest
+            if os.path.exists(folder):
+                return
+
+
+def _run_prepared(
+    prepared: PreparedEvaluation, data: LabeledData, log: Callable[[str], None]
+) -> Dict[str, Any]:
+    """:func:`run_evaluation` after its checks."""
+    cfg, write = prepared.cfg, prepared.write
     camids: Optional[Tensor] = getattr(data, "camids", None)
     splits, thresholds, results = prepared.splits, prepared.thresholds, prepared.results
     done = prepared.done

@@ -228,7 +228,7 @@ def test_cli_evaluate_reports_a_diverged_training_instead_of_scoring_it(tmp_path
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "training diverged" in err and "cosface" in err and "--lr" in err, err
-    assert not (out / "results.json").exists()  # nothing scored, nothing to resume
+    assert not out.exists()  # nothing scored, nothing to resume: the empty folder removed
 
 
 def test_cli_evaluate_warns_when_no_tail_identity_reaches_s(tmp_path, capsys):

@@ -1,0 +1,198 @@
+"""``feature_cloud.evaluate`` from Python, as a hyperparameter search or a notebook calls it: the
+caller's RNG and matplotlib backend are left alone, the configuration's numbers are checked by
+type, and a diverged trial is one importable exception that leaves no empty folder behind."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from feature_cloud.demo.data import LabeledData
+from feature_cloud.evaluate import EvalConfig, TrainingDiverged, run_evaluation
+
+
+def _data(sizes=(16, 12, 4, 4, 3, 3), seed=0):
+    """Six identities of 8x8 RGB images: a prototype each plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    proto = torch.rand(len(sizes), 3, 8, 8, generator=g)
+    x = (proto[y] + 0.1 * torch.randn(y.numel(), 3, 8, 8, generator=g)).clamp(0, 1)
+    return LabeledData(x, y, [f"id{i}" for i in range(len(sizes))], "toy")
+
+
+def _cfg(**kw):
+    base = dict(threshold=5, epochs=1, batch_size=8, seeds=[0], embedding_size=8)
+    return EvalConfig(**{**base, "methods": ["cosface"], **kw})
+
+
+def _quiet(_line):
+    pass
+
+
+def test_writing_the_plots_leaves_the_matplotlib_backend_and_pyplot_alone(tmp_path):
+    """A notebook's backend stays its own: the plots are drawn on Agg canvases of their own
+    (no ``matplotlib.use``, no pyplot figure left open)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    from feature_cloud.demo import plots
+
+    before = matplotlib.get_backend()
+    pyplot = __import__("sys").modules.get("matplotlib.pyplot")
+    figures = pyplot.get_fignums() if pyplot is not None else []
+    matplotlib.use("svg")  # stands in for the user's (inline) backend
+    try:
+        cfg = _cfg(
+            methods=["cosface", "leap_full_cosface"], shrinkage_sweep=[0.0, 10.0], out=str(tmp_path)
+        )
+        run_evaluation(cfg, _data(), log=_quiet)  # paired, sweep, accuracy, per-class plots
+        projection = {
+            "classes": np.array([0, 1]),
+            "is_head": np.array([True, False]),
+            "m/train_features": np.random.RandomState(0).randn(6, 4),
+            "m/train_labels": np.array([0, 0, 0, 1, 1, 1]),
+            "m/eval_features": np.random.RandomState(1).randn(2, 4),
+            "m/eval_labels": np.array([0, 1]),
+        }
+        results = {"methods": ["m"], "config": {"seeds": [0]}, "data": {"name": "toy"}}
+        plots.plot_projection(results, projection, str(tmp_path / "projection.png"))
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    pngs = sorted(f for f in os.listdir(tmp_path) if f.endswith(".png"))
+    assert {"paired.png", "sweep.png", "accuracy_head_tail.png", "projection.png"} <= set(pngs)
+    pyplot = __import__("sys").modules.get("matplotlib.pyplot")
+    assert pyplot is None or pyplot.get_fignums() == figures  # no figure left open
+
+
+def test_run_evaluation_restores_the_callers_torch_rng():
+    """A search drawing its next trial from torch gets its own stream back after each trial
+    (the runs still start from their seeds: the results do not depend on the caller's state)."""
+    data = _data()
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = run_evaluation(_cfg(methods=["leap_full_cosface"]), data, log=_quiet, write=False)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(7)
+    again = run_evaluation(_cfg(methods=["leap_full_cosface"]), data, log=_quiet, write=False)
+    assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in first["runs"]]
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    with pytest.raises(TrainingDiverged):  # a failed trial restores it too
+        run_evaluation(_cfg(lr=1e12), data, log=_quiet, write=False)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_run_demo_restores_the_callers_torch_rng(tmp_path):
+    from feature_cloud.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(
+        data="synthetic",
+        synthetic={"num_classes": 6, "max_per_class": 12, "min_per_class": 6, "dim": 8},
+        num_head=2,
+        tail_shots=2,
+        epochs=1,
+        batch_size=8,
+        embedding_size=4,
+        seeds=[0],
+        methods=["softmax", "leap_full"],
+        out=str(tmp_path),
+    )
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    run_demo(cfg, log=_quiet)
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize(
+    "fields, error, match",
+    [
+        (dict(epochs="2"), TypeError, r"epochs \(--epochs\) must be an integer, got '2'"),
+        (dict(epochs=1.5), TypeError, r"epochs \(--epochs\) must be an integer, got 1.5"),
+        (dict(batch_size=True), TypeError, r"batch_size \(--batch-size\) must be an integer"),
+        (dict(embedding_size=None), TypeError, r"embedding_size \(--embedding-size\)"),
+        (dict(threshold="10"), TypeError, r"threshold \(-T\) must be an integer"),
+        (dict(seeds=[0.5]), TypeError, r"each of seeds \(--seeds\) must be an integer"),
+        (dict(seeds=3), TypeError, r"seeds \(--seeds\) must be a list, got 3"),
+        (dict(lr="0.1"), TypeError, r"lr \(--lr\) must be a real number, got '0.1'"),
+        (dict(scale="64"), TypeError, r"scale \(--scale\) must be a real number"),
+        (dict(shrinkage_sweep=["3"]), TypeError, r"shrinkage_sweep \(--shrinkage-sweep\)"),
+        (dict(flip="no"), TypeError, r"flip \(--no-flip\) must be True or False, got 'no'"),
+        (dict(lr=float("nan")), ValueError, "lr must be a finite number > 0"),  # as before
+        (dict(epochs=0.0), ValueError, r"epochs \(--epochs\) must be >= 1, got 0"),
+    ],
+)
+def test_validate_checks_the_number_fields_by_type(fields, error, match):
+    with pytest.raises(error, match=match):
+        _cfg(**fields).validate()
+
+
+def test_validate_takes_integral_floats_as_integers_and_they_run():
+    """``2.0`` epochs is 2 (as :func:`feature_cloud._validation.as_int` takes it): stored as an
+    int, so the run is the one of the integer configuration."""
+    cfg = _cfg(epochs=1.0, batch_size=8.0, embedding_size=8.0, threshold=5.0, seeds=[0.0], lr=1)
+    cfg.validate()
+    assert (cfg.epochs, cfg.batch_size, cfg.embedding_size, cfg.threshold) == (1, 8, 8, 5)
+    assert all(type(v) is int for v in (cfg.epochs, cfg.batch_size, cfg.seeds[0]))
+    assert type(cfg.lr) is float and cfg.lr == 1.0
+    data = _data()
+    got = run_evaluation(cfg, data, log=_quiet, write=False)["runs"]
+    want = run_evaluation(_cfg(lr=1.0), data, log=_quiet, write=False)["runs"]
+    assert [r["metrics"] for r in got] == [r["metrics"] for r in want]
+
+
+def test_a_diverged_trial_is_importable_and_leaves_no_empty_folder(tmp_path, monkeypatch):
+    """``TrainingDiverged`` (a ``ValueError``) from ``feature_cloud.evaluate``; the output folders
+    the evaluation created are removed while empty; one that holds finished runs is kept and the
+    message says so; a folder that was there before stays."""
+    import feature_cloud.evaluate as E
+    import feature_cloud.evaluate.runner as R
+
+    assert "TrainingDiverged" in E.__all__ and issubclass(TrainingDiverged, ValueError)
+    data = _data()
+    out = tmp_path / "trials" / "lr1e12"
+    with pytest.raises(TrainingDiverged, match="training diverged: natural seed 0 cosface"):
+        run_evaluation(_cfg(lr=1e12, out=str(out)), data, log=_quiet)
+    assert os.listdir(tmp_path) == []  # trials/ and lr1e12/ were this run's, and empty
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(TrainingDiverged):
+        run_evaluation(_cfg(lr=1e12, out=str(mine)), data, log=_quiet)
+    assert mine.is_dir()  # the caller's folder stays
+
+    train = R.train_model
+
+    def second_seed_diverges(name, *args, **kw):
+        if args[5] == 1:  # the seed
+            raise TrainingDiverged("training diverged: seed 1")
+        return train(name, *args, **kw)
+
+    monkeypatch.setattr(R, "train_model", second_seed_diverges)
+    out = tmp_path / "kept"
+    with pytest.raises(TrainingDiverged) as info:
+        run_evaluation(_cfg(seeds=[0, 1], out=str(out)), data, log=_quiet)
+    assert str(info.value).startswith("training diverged: seed 1; the 1 run finished before it ")
+    assert f"is saved in {out / 'results.json'}" in str(info.value)
+    assert os.listdir(out) == ["results.json"]  # --resume / resume=True continues it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_run_evaluation_on_cuda_restores_the_gpu_rng_and_seeds_as_manual_seed():
+    """On a GPU the fork covers the training device's generator too; seeding the CPU and that
+    device only draws what ``torch.manual_seed`` (every device) drew there."""
+    from feature_cloud.demo.runner import seed_torch
+
+    cfg = _cfg(methods=["cosface", "leap_full_cosface"], device="cuda")
+    torch.manual_seed(3)
+    expected = (torch.rand(2), torch.rand(2, device="cuda"))
+    torch.manual_seed(3)
+    run_evaluation(cfg, _data(), log=_quiet, write=False)
+    assert torch.equal(torch.rand(2), expected[0])
+    assert torch.equal(torch.rand(2, device="cuda"), expected[1])
+    seed_torch(5, torch.device("cuda"))
+    ours = (torch.rand(2), torch.rand(2, device="cuda"))
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(2), ours[0])
+    assert torch.equal(torch.rand(2, device="cuda"), ours[1])
