@@ -371,13 +371,11 @@ class LEAPLoss(
             losses = losses[back]  # the wrapper's rows
         losses = cloud.watch(losses)
         if self.collect_stats:  # PML's avg_angle: the target angles of the labelled rows
-            with torch.no_grad():
+            with torch.no_grad():  # (0 without any); one host read, as PML's
                 valid = labels >= 0
-                if bool(valid.any()):  # one host read, as PML's
-                    cos = self.get_cosine(embeddings[valid])
-                    self.get_angles(cos.gather(1, labels[valid].unsqueeze(1)).squeeze(1))
-                else:
-                    self.avg_angle = 0.0
+                cos = self.get_cosine(embeddings).gather(1, labels.clamp_min(0).unsqueeze(1))
+                angles = torch.acos(cos.squeeze(1).clamp(-1.0, 1.0)) * valid
+                self.avg_angle = math.degrees(float(angles.sum() / valid.sum().clamp_min(1)))
         indices = c_f.torch_arange_from_size(embeddings)
         loss_dict: Dict[str, Dict[str, Any]] = {
             "loss": {

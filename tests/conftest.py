@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 torch.set_num_threads(1)
 
@@ -170,3 +171,29 @@ def run_ftl_task(task, dataset, stats_loader, opt, until=None, ema=None, record=
                 break
         if until is not None and task.scheduler.iteration >= until:
             return
+
+
+class SyncWatch(TorchDispatchMode):
+    """Records ops that force a host sync and the largest tensor any op returns."""
+
+    SYNC = {"_local_scalar_dense", "nonzero", "masked_select", "item", "_assert_async"}
+
+    def __init__(self):
+        super().__init__()
+        self.syncs, self.largest = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.SYNC:
+            self.syncs.append(name)
+        if name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (args[1] if len(args) > 1 else ())
+            if i is not None
+        ):
+            self.syncs.append(name + "[bool mask]")
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

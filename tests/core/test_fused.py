@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import loss_and_grads
+from conftest import SyncWatch, loss_and_grads
 from feature_cloud import LEAPMarginHead, fused
 from feature_cloud import functional as FC
 from feature_cloud.noise import noise_key
@@ -468,32 +468,6 @@ def test_empty_and_all_ignored_batches():
         assert torch.count_nonzero(head.weight.grad) == 0
 
 
-class _Watch(TorchDispatchMode):
-    """Records ops that force a host sync and the largest tensor any op returns."""
-
-    SYNC = {"_local_scalar_dense", "nonzero", "masked_select", "item", "_assert_async"}
-
-    def __init__(self):
-        super().__init__()
-        self.syncs, self.largest = [], 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in self.SYNC:
-            self.syncs.append(name)
-        if name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool
-            for i in (args[1] if len(args) > 1 else ())
-            if i is not None
-        ):
-            self.syncs.append(name + "[bool mask]")
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("impl", ["fused", "chunked"])
 def test_training_step_has_no_host_sync(impl):
     """Forward (statistics update, cloud draw, loss) and backward dispatch no op that reads a
@@ -504,7 +478,7 @@ def test_training_step_has_no_host_sync(impl):
     x, _, y = _data()
     head(x, y)  # creates the generator (once)
     x.requires_grad_(True)
-    with _Watch() as watch:
+    with SyncWatch() as watch:
         loss = head(x, y)
         loss.backward()
     assert watch.syncs == []
@@ -520,15 +494,15 @@ def test_step_is_reread_once_after_train_and_after_outside_writes():
     for _ in range(3):
         head(x, y)
     assert head.cloud_active
-    with _Watch() as watch:
+    with SyncWatch() as watch:
         head.train()
         head.eval()
         head.train()
     assert watch.syncs == []
-    with _Watch() as watch:
+    with SyncWatch() as watch:
         head(x, y)
     assert watch.syncs == ["_local_scalar_dense"]
-    with _Watch() as watch:
+    with SyncWatch() as watch:
         head(x, y)
     assert watch.syncs == []
     with torch.no_grad():
@@ -543,7 +517,7 @@ def test_step_is_reread_once_after_train_and_after_outside_writes():
 def test_sync_watch_can_fail():
     """The check above sees what .item(), bool() and boolean-mask indexing dispatch."""
     t = torch.randn(5)
-    with _Watch() as watch:
+    with SyncWatch() as watch:
         t.sum().item()
         bool(t[0] > 0)
         t[t > 0]
@@ -555,7 +529,7 @@ def test_chunked_never_materialises_a_batch_by_class_tensor():
     x, W, y = _data(b=b, c=c)
     W.requires_grad_(True)
     std = torch.full((b,), 0.2)
-    with _Watch() as watch:
+    with SyncWatch() as watch:
         loss = fused.margin_loss(
             x,
             W,
@@ -567,7 +541,7 @@ def test_chunked_never_materialises_a_batch_by_class_tensor():
         )
         loss.backward()
     assert watch.largest <= max(c * D, chunk * max(b, D)) < b * c
-    with _Watch() as dense:
+    with SyncWatch() as dense:
         fused.margin_loss(
             x, W, y, noise_std=std, generator=torch.Generator().manual_seed(0)
         ).backward()

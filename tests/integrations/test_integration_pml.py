@@ -686,3 +686,23 @@ def test_settings_assigned_after_construction_are_checked_and_take_effect():
     torch.testing.assert_close(loss(emb, labels), built(emb, labels))
     loss.prototype_min_count = 3
     assert loss.feature_cloud.prototype_min_count == 3
+
+
+def test_collect_stats_reads_the_host_once_a_step():
+    """``collect_stats=True`` cost two host reads a step (a ``bool`` and a ``float``); now
+    one, as PML's margin losses' ``.item()``, with ``validate=False`` the step's only one (the
+    first step after ``train()`` re-reads the step count: documented)."""
+    from conftest import SyncWatch
+
+    emb, labels = _batch(5)
+    labels[:3] = -1
+    for cloud in (None, "full"):
+        loss = LEAPLoss(C, D, cloud=cloud, class_counts=[4] * C, validate=False, collect_stats=True)
+        loss(emb, labels)
+        with SyncWatch() as watch:
+            loss(emb, labels)
+        assert watch.syncs == ["_local_scalar_dense"], (cloud, watch.syncs)
+    ref = losses.CosFaceLoss(C, D, collect_stats=True)
+    with SyncWatch() as watch:
+        ref(emb, labels.clamp_min(0))
+    assert "_local_scalar_dense" in watch.syncs  # PML's own: its .item() (and a mask index)
