@@ -299,9 +299,11 @@ def _chunk_logits(
             half = torch.mul(noise_c.to(plan.compute), half_sigma, out=ws.get("n", Cc))
         else:
             half = noise_c.mul_(half_sigma)
+        # the target's angle before the clamp: the margin's target clips theta + alpha + m
+        # itself, as the reference does (clamping alpha first moved it off 0 when alpha < -pi)
+        alpha_y: Optional[Tensor] = half.view(-1).gather(0, idx) * 2.0
         half.clamp_(-0.5 * plan.pi_below, 0.5 * plan.pi_below)
         c_y = c.view(-1).gather(0, idx)
-        alpha_y: Optional[Tensor] = half.view(-1).gather(0, idx) * 2.0
         f, d = _cloud_cosine_(
             c, half, ws.get("f", Cc), ws.get("t", Cc), ws.get("d", Cc), plan.sqrt_floor
         )

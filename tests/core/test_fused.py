@@ -360,6 +360,42 @@ def _train(head, steps=3, dtype=torch.float32):
     return out
 
 
+@pytest.mark.parametrize("alpha_y", [-4.0, -3.3, 3.3, 4.0])
+def test_a_target_cloud_angle_beyond_pi_gives_the_references_arcface_logit(alpha_y):
+    """Numerics trial: with the paper's cloud the fused path clamped the target's angle
+    ``alpha`` into ``(-pi, pi)`` before adding ArcFace's margin: at ``theta = pi - 0.1``,
+    ``alpha = -4``, ``m = 0.5`` the reference's ``cos(clip(theta + alpha + m, 0, pi)) = 1``
+    became ``cos(theta - pi + m)`` (loss 2.0 for 0.04)."""
+    theta = math.pi - 0.1
+    x = torch.tensor([[math.cos(theta), math.sin(theta), 0.0, 0.0]], dtype=torch.float64)
+    w = torch.eye(3, 4, dtype=torch.float64)
+    w[1] = 0.95 * x[0] + math.sqrt(1 - 0.95**2) * torch.tensor([0.0, 0.0, 1.0, 0.0])
+    y, std = torch.tensor([0]), torch.ones(1, dtype=torch.float64)
+    noise = torch.tensor([[alpha_y], [0.0], [0.0]], dtype=torch.float64)
+    for chunk_size in (None, 1):
+        got = fused.margin_loss(
+            x,
+            w,
+            y,
+            margin_type="arcface",
+            scale=64.0,
+            margin=0.5,
+            noise_std=std,
+            noise=noise,
+            chunk_size=chunk_size,
+            block=1,
+        )
+        logits = FC.margin_logits(
+            FC.cosine_logits(x, w),
+            y,
+            margin_type="arcface",
+            scale=64.0,
+            margin=0.5,
+            alpha=noise.t(),
+        )
+        torch.testing.assert_close(got, FC.margin_cross_entropy(logits, y))
+
+
 @pytest.mark.parametrize("margin_type", ["cosface", "arcface"])
 def test_every_impl_draws_the_same_cloud_and_agrees(monkeypatch, margin_type):
     """Same seed: reference, fused and chunked heads give the same losses and gradients step by
