@@ -1,6 +1,6 @@
 """tqdm progress bars that can be silenced (tests, ``--quiet``); none without tqdm, and none
-where stderr is not a terminal (a log file, a pipe: bars would write a carriage-return frame per
-update there; the per-run lines on stdout say the progress)."""
+where stderr is neither a terminal nor a Jupyter kernel's stream (a log file, a pipe: bars would
+write a carriage-return frame per update there; the per-run lines on stdout say the progress)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,10 @@ class _NoBar:
 
 
 def _on_terminal(stream: Any) -> bool:
-    """Whether ``stream`` (the bars' file) is a terminal (not a file, pipe or closed stream)."""
+    """Whether ``stream`` (the bars' file) is a terminal (not a file, pipe or closed stream),
+    or a Jupyter kernel's stream (``tqdm.auto`` draws a notebook widget there)."""
+    if type(stream).__module__.startswith("ipykernel."):
+        return True
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):

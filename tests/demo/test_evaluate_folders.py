@@ -207,6 +207,9 @@ def test_no_progress_bars_where_stderr_is_not_a_terminal(tmp_path, capsys, monke
     for _ in progress(range(3), desc="x", mininterval=0):
         pass
     assert "\r" in term.getvalue()
+    kernel_stream = type("OutStream", (io.StringIO,), {"__module__": "ipykernel.iostream"})
+    bar = progress(range(3), mininterval=0, file=kernel_stream())  # a notebook (hpsearch trial)
+    assert not bar.disable
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # a caller's disable=True, off a terminal
     assert list(progress(range(3), disable=True)) == [0, 1, 2]  # (review: disable given twice)
     monkeypatch.undo()  # main() turns the bars on itself (no --quiet)
