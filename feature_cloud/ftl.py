@@ -41,6 +41,7 @@ from ._validation import (
     check_class_counts,
     check_labels,
     check_values,
+    warn_user,
 )
 from .heads import LEAPMarginHead
 from .regularizers import MetricL2, warn_metric_l2_with_margin
@@ -890,16 +891,26 @@ class AlternatingScheduler:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict` and re-apply the stage's freezing; a state that
-        :meth:`check_state_dict` refuses is refused before anything changes."""
+        :meth:`check_state_dict` refuses is refused before anything changes. The constructed
+        ``max_alternations`` is kept (a run resumed to be extended), with a warning where the
+        checkpoint's differs (it replaced the constructed one silently)."""
         self.check_state_dict(state)
         self._stage = int(state["stage"])
         self.iteration = int(state["iteration"])
         self.stage_iteration = int(state["stage_iteration"])
         self.alternation = int(state["alternation"])
         self.needs_stats = bool(state["needs_stats"])
-        if "max_alternations" in state:
-            saved = state["max_alternations"]
-            self.max_alternations = None if saved is None else int(saved)
+        saved = state.get("max_alternations", self.max_alternations)
+        if saved != self.max_alternations:  # the run's length is the constructed one
+            warn_user(
+                f"the checkpoint's schedule was built with max_alternations={saved}; this "
+                f"scheduler's max_alternations={self.max_alternations} is kept ("
+                + (
+                    "None: the alternation does not end by itself)"
+                    if self.max_alternations is None
+                    else "the run ends after that many (stage 1, stage 2) pairs)"
+                )
+            )
         self.apply()
 
     # ------------------------------------------------------------------ data

@@ -14,7 +14,14 @@ from torch import Tensor
 
 from . import functional as FC
 from ._buffers import KeepBufferDtypes
-from ._validation import ClassCounts, as_float, as_int, check_class_counts, check_labels
+from ._validation import (
+    ClassCounts,
+    as_float,
+    as_int,
+    check_class_counts,
+    check_labels,
+    warn_user,
+)
 
 __all__ = ["FeatureTransfer", "FeatureBatch"]
 
@@ -346,6 +353,16 @@ class FeatureTransfer(KeepBufferDtypes):
         n_total = int(n_reg)
         if n_total < 2:
             raise ValueError("the regular classes have fewer than 2 samples: no covariance")
+        rank = n_total - int(regular_seen.sum())  # centred per class: at most N - C_r
+        wanted = self.num_components_requested
+        if wanted is not None and wanted > rank:
+            warn_user(
+                f"num_components={wanted} exceeds the rank of the regular classes' centred "
+                f"features (at most {rank}: {n_total} samples of {int(regular_seen.sum())} "
+                "classes): the extra components are arbitrary directions without variance "
+                "(with num_components = D the projection is the identity); lower it, or give "
+                "energy instead"
+            )
         covariance = scatter / n_total
         basis, evals = FC.ftl_pca_basis(
             covariance,

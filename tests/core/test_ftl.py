@@ -603,6 +603,37 @@ def test_scheduler_state_validation():
         AlternatingScheduler(nn.Linear(2, 2), stage0_iters=1)  # type: ignore[arg-type]
 
 
+def test_scheduler_keeps_its_constructed_max_alternations_on_load():
+    """FTL trial: a checkpoint's ``max_alternations`` silently replaced the constructed one
+    (a run resumed to be extended stopped early; a ``None`` one made ``while not
+    sched.finished`` endless). The constructed value is kept, with a warning naming both."""
+    saved = AlternatingScheduler(_model(0), stage0_iters=3, stage_iters=2, max_alternations=2)
+    for _ in range(4):
+        saved.needs_stats = False  # pretend UpdateStats ran (no data in this test)
+        saved.step()
+    state = saved.state_dict()
+    for asked in (3, None):
+        sched = AlternatingScheduler(
+            _model(0), stage0_iters=3, stage_iters=2, max_alternations=asked
+        )
+        with pytest.warns(UserWarning, match=f"max_alternations=2; .*={asked} is kept"):
+            sched.load_state_dict(state)
+        assert sched.max_alternations == asked and sched.iteration == 4
+    same = AlternatingScheduler(_model(0), stage0_iters=3, stage_iters=2, max_alternations=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(state)
+    longer = AlternatingScheduler(_model(0), stage0_iters=3, stage_iters=2, max_alternations=3)
+    with pytest.warns(UserWarning):
+        longer.load_state_dict(state)
+    stages = []
+    while not longer.finished:
+        stages.append(longer.stage)
+        longer.needs_stats = False
+        longer.step()
+    assert longer.alternation == 3 and stages == [1, 2, 2, 1, 1, 2, 2, 1, 1, 2, 2]
+
+
 def test_scheduler_restoring_undoes_a_failed_load():
     """``AlternatingScheduler.restoring``: a load that fails part-way (here the statistics of
     another feature size after the schedule and the classifier loaded) leaves the schedule, the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -99,6 +101,41 @@ def test_transfer_is_differentiable_wrt_g():
     ft.transfer(g_r, y_r, y_t).sum().backward()
     q = ft.basis.double()
     torch.testing.assert_close(g_r.grad, (torch.ones(7, 5, dtype=torch.float64) @ q @ q.T))
+
+
+def test_transfer_under_bf16_autocast_computes_in_float32():
+    """FTL trial: a bf16 ``g`` (autocast or a bf16 model) cast the centers and ``Q`` down to
+    bf16 for Eq. 6 (0.9 % of the residual); computed in float32, returned in ``g``'s dtype
+    (only its rounding left)."""
+    g, y, counts = _random_longtail(seed=3, d=16)
+    ft = FeatureTransfer(16, len(counts), num_components=6, class_counts=counts)
+    ft.update_stats([(g, y)])
+    reg = ft.regular[y]
+    g_r, y_r = g[reg][:32], y[reg][:32]
+    y_t = torch.full_like(y_r, int((~ft.regular).nonzero()[0]))
+    exact = FC.feature_transfer(g_r.double(), y_r, y_t, ft.centers.double(), ft.basis.double())
+    residual = (exact - ft.centers.double()[y_t]).norm()
+    for g_in, ctx in ((g_r.bfloat16(), torch.no_grad()), (g_r, torch.autocast("cpu"))):
+        with ctx:
+            out = ft.transfer(g_in, y_r, y_t)
+        assert out.dtype == g_in.dtype
+        rounding = (exact.to(out.dtype).double() - exact).norm() / residual  # the dtype's own
+        err = (out.double() - exact).norm() / residual  # bf16 math: 0.0050 for 0.0026 here
+        assert err <= 1.3 * rounding + 1e-6, (err, rounding)
+
+
+def test_more_components_than_the_regular_classes_rank_warns():
+    """FTL trial: ``num_components`` above the rank of the regular classes' centred features
+    (fewer samples than ``D``) was accepted silently: the extra components are arbitrary."""
+    g, y, counts = _random_longtail(seed=4, d=16, n_reg=2, per_reg=6)  # 6 + 9 regular samples
+    kw = dict(class_counts=counts, tail_threshold=5)
+    ft = FeatureTransfer(16, len(counts), num_components=16, **kw)
+    with pytest.warns(UserWarning, match=r"num_components=16 exceeds the rank .*at most 13"):
+        ft.update_stats([(g, y)])
+    fine = FeatureTransfer(16, len(counts), energy=0.95, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fine.update_stats([(g, y)])
 
 
 # ----------------------------------------------------------------------------- Eq. 5 centers
