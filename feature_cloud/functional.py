@@ -115,7 +115,8 @@ def cosine_logits(embeddings: Tensor, weight: Tensor, sub_centers: int = 1) -> T
         raise ValueError(
             f"weight has {weight.shape[0]} rows, not a multiple of sub_centers={sub_centers}"
         )
-    return cos.view(cos.shape[0], cos.shape[1] // sub_centers, sub_centers).max(dim=2).values
+    # (-1, C, K): a constant shape for exporters (ONNX's Reshape of a traced (B, C, K) refused B = 0)
+    return cos.reshape(-1, cos.shape[1] // sub_centers, sub_centers).max(dim=2).values
 
 
 def margin_logits(

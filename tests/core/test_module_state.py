@@ -207,6 +207,18 @@ def test_onnx_export_legacy_and_dynamo() -> None:
     (onnx_logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():  # the exported eval-mode logits (prototypes) match eager
         torch.testing.assert_close(torch.from_numpy(onnx_logits), model(x), atol=1e-4, rtol=1e-4)
+    # serving trial: the sub-center layout's Reshape, traced as (B, C, K), refused a batch of 0
+    dynamic = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            sub, (x,), dynamic, dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "b"}}
+        )
+    sub_session = ort.InferenceSession(dynamic.getvalue(), providers=["CPUExecutionProvider"])
+    for rows in (0, 3):
+        (got,) = sub_session.run(None, {"x": x[:rows].numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), sub(x[:rows]), atol=1e-4, rtol=1e-4)
     pytest.importorskip("onnxscript")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
