@@ -254,7 +254,9 @@ def _label_dtype_ok(labels: Tensor) -> bool:
     )
 
 
-def check_labels(labels: Tensor, batch_size: int, name: str = "labels") -> Tensor:
+def check_labels(
+    labels: Tensor, batch_size: int, name: str = "labels", rows: str = "embeddings"
+) -> Tensor:
     """Type and shape of ``(B,)`` integer labels (free: no device sync); returns them as int64.
 
     Every integer dtype is accepted and converted (``uint8`` / ``int16`` / ``int32`` labels index
@@ -268,14 +270,18 @@ def check_labels(labels: Tensor, batch_size: int, name: str = "labels") -> Tenso
         raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
     if labels.shape[0] != batch_size:
         raise ValueError(
-            f"batch size mismatch: {batch_size} embeddings but {labels.shape[0]} {name} "
+            f"batch size mismatch: {batch_size} {rows} but {labels.shape[0]} {name} "
             f"({name} must have shape ({batch_size},))"
         )
     return labels if labels.dtype == torch.long else labels.long()
 
 
 def check_values(
-    embeddings: Tensor, labels: Optional[Tensor], num_classes: int, label_name: str = "labels"
+    embeddings: Tensor,
+    labels: Optional[Tensor],
+    num_classes: int,
+    label_name: str = "labels",
+    input_name: str = "embeddings",
 ) -> None:
     """Value checks: labels in ``[0, C)`` or ``-1`` (ignored), finite embeddings.
 
@@ -291,7 +297,7 @@ def check_values(
         flags.append(((labels < -1) | (labels >= num_classes)).any())
     bad = torch.stack(flags).tolist()
     if bad[0]:
-        raise ValueError("embeddings contain NaN or Inf values")
+        raise ValueError(f"{input_name} contain NaN or Inf values")
     if labels is not None and bad[1]:
         lo, hi = int(labels.min()), int(labels.max())
         raise ValueError(
@@ -327,6 +333,19 @@ def trainable_labels(labels: Tensor) -> Tensor:
     training step: the fused losses save them for the backward."""
     if not is_compiling() and labels.is_inference() and not torch.is_inference_mode_enabled():
         return labels.clone()
+    return labels
+
+
+def check_inputs(
+    inputs: Tensor, labels: Tensor, num_classes: int, validate: bool, name: str = "labels"
+) -> Tensor:
+    """The checks a model runs on its batch *before* its network (whose BatchNorm takes every
+    batch it sees: a refused batch, or a NaN image, moved its running statistics): ``labels``
+    type and shape against the inputs' batch; with ``validate``, their range and the inputs'
+    finiteness in one host read (skipped under a graph capture). Returns int64 labels."""
+    labels = check_labels(labels, inputs.shape[0], name, "inputs")
+    if validate:
+        check_values(inputs, labels, num_classes, name, "inputs")
     return labels
 
 

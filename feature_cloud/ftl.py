@@ -39,6 +39,7 @@ from ._validation import (
     as_float,
     as_int,
     check_class_counts,
+    check_inputs,
     check_labels,
     check_values,
     warn_user,
@@ -412,7 +413,9 @@ class FTLModel(nn.Module):
         self, g: Tensor, labels: Tensor, stats_rows: Optional[slice] = None
     ) -> Dict[str, Tensor]:
         """Loss of a batch given as rich features ``g`` (stage 1 of Algorithm 1: ``R`` and ``FC``);
-        ``stats_rows`` as in :meth:`classification_loss`."""
+        ``stats_rows`` as in :meth:`classification_loss`. The batch is checked before ``R``
+        (its BatchNorm), the features after it again."""
+        labels = check_inputs(g, labels, self.num_classes, self.validate)
         return self.classification_loss(self.embed(g), labels, stats_rows)
 
     def loss(self, x: Tensor, labels: Tensor) -> Dict[str, Tensor]:
@@ -422,6 +425,7 @@ class FTLModel(nn.Module):
         is fixed and Eq. 1 has no trainable parameter left).
         """
         self.apply_pending_freeze()
+        labels = check_inputs(x, labels, self.num_classes, self.validate)  # before Enc's BN
         g = self.encode(x)
         out = self.classification_loss(self.embed(g), labels)
         recon = self.reconstruction_loss(x, g)

@@ -64,7 +64,7 @@ from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 
 from feature_cloud._buffers import restore_on_error
-from feature_cloud._validation import as_float, check_labels
+from feature_cloud._validation import as_float, check_inputs
 from feature_cloud.ftl import (
     DEFAULT_TAIL_SAMPLING,
     AlternatingScheduler,
@@ -272,9 +272,10 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
         return self.backbone
 
     def forward(self, input: Tensor, target: Optional[Tensor] = None):
-        if target is not None:  # type and shape before the backbone's BatchNorm takes the batch
+        if target is not None:  # checked before the backbone's BatchNorm takes the batch
             refuse_soft_target(target, "LEAPTask")
-            check_labels(target, input.shape[0], "target")  # (free: the range needs a sync)
+            head = self.head
+            check_inputs(input, target, head.num_classes, head.validate, "target")
         embeddings = self.backbone(input)
         if target is None:
             return self.head.logits(embeddings)

@@ -80,6 +80,32 @@ def test_total_loss_is_eq4():
     assert model.logits(model(x)).shape == (8, 30)
 
 
+def test_a_refused_batch_reaches_no_batchnorm():
+    """Attacker trial: ``FTLModel.loss`` checked its labels after ``Enc`` ran (each refused
+    call moved the encoder's BatchNorm), and a NaN batch in stage 1 left NaN in ``R``'s
+    running mean. The batch is checked before the network; nothing changes."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(P, D), nn.BatchNorm1d(D))
+    model = FTLModel(enc, nn.Linear(E, 5), feature_dim=D, alpha_recon=0.0)
+    model.train()
+    x, y = torch.randn(8, P), torch.randint(0, 5, (8,))
+    nan = x.clone()
+    nan[2, 3] = float("nan")
+    before = _snapshot(model)
+    for inputs, labels, error, match in (
+        (x, y.float(), TypeError, "integer"),
+        (x, y[:7], ValueError, "8 inputs but 7 labels"),
+        (x, y.clone().fill_(5), ValueError, r"labels must lie in \[0, 5\)"),
+        (nan, y, ValueError, "inputs contain NaN"),
+    ):
+        with pytest.raises(error, match=match):
+            model.loss(inputs, labels)
+        with pytest.raises(error, match=match):
+            model.feature_loss(inputs @ torch.randn(P, D) if inputs is nan else x[:, :D], labels)
+        assert not _changed(before, model), match
+    model.loss(x, y)  # a good batch trains
+
+
 def test_decoder_is_optional_only_explicitly():
     enc = nn.Linear(P, D)
     with pytest.raises(ValueError, match="alpha_recon"):

@@ -53,8 +53,9 @@ def test_is_a_timm_training_task_and_builds_backbone_and_head():
 
 
 def test_targets_of_the_wrong_type_or_shape_are_refused_before_the_backbone_runs():
-    """A float, 2-D or short target is refused before the backbone's forward, so its BatchNorm
-    running statistics do not take the refused batch (nothing of the task changes)."""
+    """A float, 2-D, short or out-of-range target and a NaN image are refused before the
+    backbone's forward, so its BatchNorm running statistics do not take the refused batch
+    (nothing of the task changes)."""
     from conftest import assert_same_state, state_snapshot
 
     task = _task()
@@ -66,6 +67,17 @@ def test_targets_of_the_wrong_type_or_shape_are_refused_before_the_backbone_runs
         with pytest.raises(error, match="target"):
             task(x, bad)
         assert_same_state(before, state_snapshot(task.get_trainable_module()), str(bad.shape))
+    # attacker trial: an out-of-range target or a NaN image was refused by the head, after the
+    # backbone's BatchNorm had taken the batch (a NaN image: NaN running means, then the EMA)
+    nan_image = x.clone()
+    nan_image[3, 0, 5, 5] = float("nan")
+    for images, target, match in (
+        (x, y.clone().fill_(C), r"target must lie in \[0, 6\)"),
+        (nan_image, y, "inputs contain NaN"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            task(images, target)
+        assert_same_state(before, state_snapshot(task.get_trainable_module()), match)
     task(x, y.int())  # any integer dtype is a target
 
 
