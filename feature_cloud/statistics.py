@@ -416,6 +416,7 @@ class ClassStatistics(KeepBufferDtypes):
                     f"({self.num_classes},) (one entry a class, num_classes={self.num_classes}): "
                     "the checkpoint is damaged or was edited"
                 )
+        self._check_state_values(state_dict, prefix)
         shapes = {
             name: tuple(state_dict[prefix + name].shape)
             for name in _MEMORY_BUFFERS
@@ -433,6 +434,39 @@ class ClassStatistics(KeepBufferDtypes):
                 f"checkpoint's angle memory is inconsistent: {shapes}"
                 + ("" if want is None else f", memory_capacity gives {want}")
                 + ": the checkpoint is damaged or was edited"
+            )
+
+    def _check_state_values(self, state_dict: Dict[str, Any], prefix: str) -> None:
+        """Values an edited or damaged checkpoint can hold and training cannot (one host read,
+        at load): negative counts, a memory fill or pointer outside its class's capacity,
+        non-finite centers."""
+        get = {n: state_dict.get(prefix + n) for n in ("class_counts", "memory_capacity")}
+        get.update({n: state_dict.get(prefix + n) for n in ("memory_fill", "memory_pointer")})
+        centers = state_dict.get(prefix + "centers")
+        tensors = [t for t in (*get.values(), centers) if isinstance(t, Tensor)]
+        if any(t.is_meta for t in tensors) or not tensors:
+            return
+        checks: Dict[str, Tensor] = {}
+        if isinstance(get["class_counts"], Tensor):
+            checks["class_counts below 0"] = (get["class_counts"] < 0).any()
+        cap = get["memory_capacity"]
+        for name in ("memory_fill", "memory_pointer"):
+            value = get[name]
+            if isinstance(value, Tensor) and isinstance(cap, Tensor):
+                top = cap if name == "memory_fill" else (cap - 1).clamp_min(0)
+                checks[f"{name} outside [0, memory_capacity]"] = (
+                    (value < 0) | (value.to(cap.device) > top)
+                ).any()
+        if isinstance(centers, Tensor) and centers.is_floating_point():
+            checks["non-finite centers"] = ~torch.isfinite(centers).all()
+        if not checks:
+            return
+        flags = torch.stack([c.to("cpu") for c in checks.values()]).tolist()
+        bad = [name for name, flag in zip(checks, flags) if flag]
+        if bad:
+            raise ValueError(
+                f"checkpoint's {prefix.rstrip('.')} holds {', '.join(bad)}: the checkpoint is "
+                "damaged or was edited"
             )
 
     def _keep_layout(self, state_dict: Dict[str, Any], prefix: str) -> None:

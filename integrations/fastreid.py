@@ -73,8 +73,9 @@ import torch
 from torch import Tensor, nn
 
 from feature_cloud import margins
+from feature_cloud._buffers import restore_on_error
 from feature_cloud._extras import missing
-from feature_cloud._validation import ClassCounts
+from feature_cloud._validation import ClassCounts, check_inputs
 from feature_cloud.cloud import (
     DEFAULT_CLOUD_MODE,
     DEFAULT_CLOUD_SCALE,
@@ -760,8 +761,15 @@ def _checkpointer_load(load: Callable[..., Any]) -> Callable[..., Any]:
         self._feature_cloud_loading = (
             list(self.checkpointables) if checkpointables is None else list(checkpointables)
         )
-        try:
-            return load(self, path, checkpointables)
+        parts = [self.model] + [
+            self.checkpointables[k]
+            for k in self._feature_cloud_loading
+            if hasattr(self.checkpointables.get(k), "load_state_dict")
+        ]
+        try:  # all or nothing: a part refused after the model loaded (a damaged head or FTL
+            # statistics state) left the model half loaded
+            with restore_on_error(*parts):
+                return load(self, path, checkpointables)
         finally:
             del self._feature_cloud_loading
 
@@ -1021,6 +1029,7 @@ class LEAPHead(nn.Module):
         #: fastreid's ``CE.EPSILON`` when :class:`LEAPBaseline` runs the cross-entropy inside the
         #: head (fused kernels); ``None``: return margin logits for fastreid's own loss
         self.fused_ce_epsilon: Optional[float] = None
+        self._batch_checked = False  # LEAPBaseline checked the step's batch before the backbone
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
@@ -1171,15 +1180,14 @@ class LEAPHead(nn.Module):
             )
         return self.margin_head
 
-    def forward(self, features: Tensor, targets: Optional[Tensor] = None):
-        pool_feat = self.pool_layer(features)
-        neck_feat = self.bottleneck(pool_feat)[..., 0, 0]
-        if not self.training:
-            return neck_feat
+    def _check_step(self, features: Tensor, targets: Optional[Tensor]) -> None:
+        """A training step's checks before any of the head's layers runs (the neck's BatchNorm
+        took a refused batch): the counts are set; the targets' type, shape and range and the
+        features' finiteness (one host read with the head's ``validate``)."""
         if targets is None:
             raise ValueError("LEAPHead needs targets (identity labels) in training mode")
         head = self._margin_head()
-        if self._counts_pending and torch.is_grad_enabled():
+        if self._counts_pending:
             raise RuntimeError(
                 "MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS: dataset, but the class counts are not set yet: "
                 "fastreid's DefaultTrainer sets them from its training set when training starts "
@@ -1187,6 +1195,18 @@ class LEAPHead(nn.Module):
                 "head.set_class_counts(class_counts_from_dataset(train_set)) first, load a checkpoint, "
                 "or use CLASS_COUNTS: online with WARMUP_ITERS covering an epoch"
             )
+        check_inputs(features, targets, head.num_classes, head.validate, "targets")
+
+    def forward(self, features: Tensor, targets: Optional[Tensor] = None):
+        if self.training and torch.is_grad_enabled() and not self._batch_checked:
+            self._check_step(features, targets)  # before the neck's BatchNorm
+        pool_feat = self.pool_layer(features)
+        neck_feat = self.bottleneck(pool_feat)[..., 0, 0]
+        if not self.training:
+            return neck_feat
+        if targets is None:
+            raise ValueError("LEAPHead needs targets (identity labels) in training mode")
+        head = self._margin_head()
         feat = pool_feat[..., 0, 0] if self.neck_feat == "before" else neck_feat
         if self.fused_ce_epsilon is not None:  # LEAPBaseline: the loss on the fused kernels
             losses, top1 = head(
@@ -1271,6 +1291,28 @@ class LEAPBaseline(Baseline):
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
         return Baseline.from_config(cfg)
+
+    def forward(self, batched_inputs: Any) -> Any:
+        """``Baseline.forward`` with a training batch checked before the backbone (its
+        BatchNorm took a refused batch: a NaN image left NaN running means): the targets'
+        type, shape and range, finite images (one host read with the head's ``validate``)."""
+        heads = self.heads
+        images = batched_inputs.get("images") if isinstance(batched_inputs, dict) else None
+        targets = batched_inputs.get("targets") if isinstance(batched_inputs, dict) else None
+        if not (
+            self.training
+            and torch.is_grad_enabled()
+            and isinstance(heads, LEAPHead)
+            and isinstance(images, Tensor)
+            and isinstance(targets, Tensor)
+        ):
+            return super().forward(batched_inputs)
+        heads._check_step(images, targets.to(images.device))
+        heads._batch_checked = True
+        try:
+            return super().forward(batched_inputs)
+        finally:
+            heads._batch_checked = False
 
     def losses(self, outputs: Dict[str, Any], gt_labels: Tensor) -> Dict[str, Tensor]:
         if "cls_losses" not in outputs:  # margin logits: fastreid's own cross-entropy

@@ -896,21 +896,36 @@ def test_inference_mode_tensors_in_a_training_step(impl):
         head(x_inf, y_inf)
 
 
+def _edited(key, value):
+    def edit(state):
+        state[key] = value(state[key]) if callable(value) else value
+
+    return edit
+
+
 @pytest.mark.parametrize(
-    "step, match",
+    "edit, match",
     [
-        (torch.tensor([3, 4]), r"step is a torch.int64 tensor of shape \(2,\)"),
-        (torch.tensor(2.7), "step is a torch.float32 tensor"),
-        (torch.tensor(-5), "step is -5"),
+        (_edited("feature_cloud.step", torch.tensor([3, 4])), r"step is a torch.int64 .* \(2,\)"),
+        (_edited("feature_cloud.step", torch.tensor(2.7)), "step is a torch.float32 tensor"),
+        (_edited("feature_cloud.step", torch.tensor(-5)), "step is -5"),
+        (
+            _edited("feature_cloud.statistics.class_counts", lambda c: c - 10),
+            "class_counts below 0",
+        ),
+        (_edited("feature_cloud.statistics.memory_fill", lambda f: f + 99), "memory_fill outside"),
+        (_edited("feature_cloud.statistics.memory_pointer", lambda p: p - 5), "memory_pointer"),
+        (_edited("feature_cloud.statistics.centers", lambda c: c * float("nan")), "non-finite"),
     ],
 )
-def test_a_damaged_step_counter_is_refused_before_anything_loads(step, match):
-    """Reliability trial: a ``feature_cloud.step`` of shape ``(2,)`` raised torch's size
-    mismatch after every statistic had been overwritten; a float or negative step loaded."""
+def test_a_damaged_checkpoint_is_refused_before_anything_loads(edit, match):
+    """Reliability trials: a ``feature_cloud.step`` of shape ``(2,)`` raised torch's size
+    mismatch after every statistic had been overwritten; a float or negative step, negative
+    class counts, a memory fill beyond its capacity or NaN centers loaded silently."""
     source, head = _head(), _head()
     source(*_batch(0)).backward()
     state = source.state_dict()
-    state["feature_cloud.step"] = step
+    edit(state)
     before = state_snapshot(head)
     with pytest.raises(ValueError, match=match):
         head.load_state_dict(state)

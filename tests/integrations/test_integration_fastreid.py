@@ -856,3 +856,58 @@ def test_yaml_error_messages_keep_the_allowed_values():
     assert str(error) == (
         "MODEL.HEADS.FEATURE_CLOUD.GAMMA must be in (0, 1], got 'gamma' for MODEL.HEADS.MARGIN"
     )
+
+
+@pytest.mark.parametrize("arch", ["Baseline", "LEAPBaseline"])
+def test_a_refused_training_batch_reaches_no_batchnorm_of_the_head(arch, tmp_path):
+    """Attacker trial: a pid outside NUM_CLASSES, float targets or a NaN image were refused by
+    the margin head after the head's BN neck (and, with LEAPBaseline, the backbone) had taken
+    the batch (a NaN image: NaN running means). LEAPBaseline checks the batch before the
+    backbone; with fastreid's own Baseline the backbone has run before the head sees the
+    targets, so only the head's layers are kept."""
+    from fastreid.modeling import build_model
+
+    cfg = _tiny_cfg(tmp_path, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.META_ARCHITECTURE", arch)
+    model = build_model(cfg).train()
+    model.heads.set_class_counts(torch.tensor([8, 4, 2, 2]))
+    images = torch.rand(4, 3, 32, 16) * 255
+    nan = images.clone()
+    nan[0, 0, 3, 3] = float("nan")
+    good = torch.tensor([0, 1, 2, 3])
+    kept = "heads." if arch == "Baseline" else ""
+    before = {n: b.clone() for n, b in model.named_buffers() if n.startswith(kept)}
+    for batch, error, match in (
+        ({"images": images, "targets": torch.tensor([0, 1, 2, 7])}, ValueError, r"\[0, 4\)"),
+        ({"images": images, "targets": good.float()}, TypeError, "integer"),
+        ({"images": nan, "targets": good}, ValueError, "NaN"),
+    ):
+        with pytest.raises(error, match=match):
+            model(batch)
+        changed = [
+            n for n, b in model.named_buffers() if n in before and not torch.equal(b, before[n])
+        ]
+        assert not changed, (match, changed[:3])
+    from fastreid.utils.events import EventStorage
+
+    with EventStorage(0):
+        model({"images": images, "targets": good})  # a good batch trains
+
+
+def test_a_checkpoint_refused_after_the_model_loaded_leaves_it_as_it_was(tmp_path):
+    """Attacker trial: a checkpoint whose head state is damaged (a negative step) was refused
+    by the head after fastreid had loaded the backbone; a damaged FTL hook state after the
+    whole model. The adapter's Checkpointer loads all of it or nothing."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    from conftest import assert_same_state, state_snapshot
+
+    source = _trained_model(4, 2, CLASS_COUNTS="online")
+    state = {"model": source.state_dict()}
+    state["model"]["heads.margin_head.feature_cloud.step"] = torch.tensor(-1)
+    path = str(tmp_path / "damaged.pth")
+    torch.save(state, path)
+    model = _trained_model(4, 1, CLASS_COUNTS="online")
+    before = state_snapshot(model)
+    with pytest.raises(ValueError, match="step is -1"):
+        Checkpointer(model, str(tmp_path / "o")).load(path)
+    assert_same_state(before, state_snapshot(model), "a refused checkpoint")
