@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import functional as FC
 from . import noise as N
+from ._buffers import restore_on_error
 from ._compat import in_backward, is_compiling
 from ._validation import (
     ClassCounts,
@@ -793,6 +794,18 @@ class WithFeatureCloud:
     """Read-only views of ``self.feature_cloud`` shared by every head and adapter holding one."""
 
     feature_cloud: FeatureCloud
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, all or nothing: torch's strict load refuses missing
+        or unexpected keys after it has copied the others (a weight-only dict left the weight
+        loaded and the error raised). As a submodule of a model, the model's load is torch's;
+        a module on the ``meta`` device has no values to keep."""
+        load = super().load_state_dict  # type: ignore[misc]
+        module: nn.Module = self  # type: ignore[assignment]
+        if any(t.is_meta for t in module.state_dict().values() if isinstance(t, Tensor)):
+            return load(state_dict, strict=strict, assign=assign)
+        with restore_on_error(module):
+            return load(state_dict, strict=strict, assign=assign)
 
     @property
     def cloud(self) -> Optional[str]:

@@ -508,7 +508,9 @@ class LEAPTask(_AllOrNothingLoad):
             return
         if "head" not in state:
             raise KeyError(f"LEAP task state needs a 'head' entry, got keys {sorted(state)}")
-        self._parts(module, ema).head.load_state_dict(state["head"], strict=strict)
+        head = self._parts(module, ema).head
+        with restore_on_error(head):  # all or nothing: torch's strict load refuses missing or
+            head.load_state_dict(state["head"], strict=strict)  # unexpected keys after copying
 
     def create_evaluator(self, ema: bool = False, **kwargs: Any) -> LEAPEvaluator:
         """timm's top-1/top-5 on the head's logits; ``ema=True``: the EMA copy's head, to score

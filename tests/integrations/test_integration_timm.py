@@ -233,6 +233,10 @@ def test_task_state_round_trips_through_a_timm_checkpoint(tmp_path):
         restored.load_task_state(None)
     with pytest.raises(KeyError, match="head"):
         restored.load_task_state({"projection": {}})
+    before = {k: v.clone() for k, v in restored.head.state_dict().items()}
+    with pytest.raises(RuntimeError, match="Missing key"):  # attacker trial: a partial head
+        restored.load_task_state({"head": {"weight": torch.zeros_like(restored.head.weight)}})
+    assert all(torch.equal(v, before[k]) for k, v in restored.head.state_dict().items())
 
 
 def test_ema_copy_carries_the_head():
