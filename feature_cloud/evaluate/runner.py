@@ -11,7 +11,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -95,6 +95,11 @@ _FLAGS = {
     "imprint_fraction": "--imprint-fraction",
     "shrinkage_sweep": "--shrinkage-sweep",
     "save_logits": "--save-logits",
+    "methods": "--methods",
+    "backbone": "--backbone",
+    "leap_options": "--leap-option",
+    "out": "--out",
+    "device": "--device",
 }
 
 #: the EvalConfig fields that hold integers, numbers, numbers or None, and booleans
@@ -205,8 +210,11 @@ class EvalConfig:
     device: str = "cpu"
 
     def validate(self) -> None:
-        """``ValueError`` / ``TypeError`` naming the first bad field (and its flag); the
-        integer and number fields are stored as ``int`` / ``float`` (``2.0`` epochs: 2)."""
+        """``ValueError`` / ``TypeError`` naming the first bad field (and its flag); the fields
+        are stored as the command line's types: integer and number fields as ``int`` /
+        ``float`` (``2.0`` epochs: 2), ``seeds`` / ``methods`` / ``shrinkage_sweep`` (any
+        iterable but a string) as lists, ``out`` (``os.PathLike``) and ``device``
+        (``torch.device``) as ``str``, ``leap_options`` (``None``: none) as a ``dict``."""
         _types_of(self)
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
@@ -303,10 +311,56 @@ def _types_of(cfg: EvalConfig) -> None:
             raise TypeError(f"{_option(name)} must be True or False, got {value!r}")
         setattr(cfg, name, bool(value))
     for name, convert in (("seeds", as_int), ("shrinkage_sweep", _number)):
-        values = getattr(cfg, name)
-        if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
-            raise TypeError(f"{_option(name)} must be a list, got {values!r}")
+        values = _sequence(getattr(cfg, name), name, "numbers")
         setattr(cfg, name, [convert(v, f"each of {_option(name)}") for v in values])
+    methods = _sequence(cfg.methods, "methods", "method names")
+    odd = [m for m in methods if not isinstance(m, str)]
+    if odd:
+        raise TypeError(f"each of {_option('methods')} must be a str, got {odd[0]!r}")
+    cfg.methods = [str(m) for m in methods]
+    if isinstance(cfg.out, os.PathLike):
+        cfg.out = os.fspath(cfg.out)
+    if isinstance(cfg.device, torch.device):
+        cfg.device = str(cfg.device)
+    for name, what in (
+        ("backbone", "a str ('conv4', 'timm:<name>')"),
+        ("out", "a folder path (str or os.PathLike)"),
+        ("device", "a device name ('cpu', 'cuda:1') or a torch.device"),
+    ):
+        value = getattr(cfg, name)
+        if not isinstance(value, str):
+            raise TypeError(f"{_option(name)} must be {what}, got {value!r}")
+        setattr(cfg, name, str(value))  # np.str_ -> str
+    cfg.leap_options = _leap_options(cfg.leap_options)
+
+
+def _sequence(values: Any, name: str, what: str) -> List[Any]:
+    """The items of ``values`` (a list, tuple, ``range``, NumPy array, ...) as a list;
+    ``TypeError`` naming field ``name`` for a string, a mapping or a non-iterable."""
+    if not isinstance(values, (str, bytes, Mapping)):
+        try:
+            return list(values)
+        except TypeError:
+            pass
+    raise TypeError(
+        f"{_option(name)} must be a list (or another iterable) of {what}, got {values!r}"
+    )
+
+
+def _leap_options(options: Any) -> Dict[str, Any]:
+    """``leap_options`` as a new ``dict`` (``None``: no options) with NumPy scalar values as
+    Python numbers (``results.json`` stores them); ``TypeError`` for other types or a key
+    that is not a str."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(
+            f"{_option('leap_options')} must be a dict of LEAPMarginHead keywords, got {options!r}"
+        )
+    odd = [k for k in options if not isinstance(k, str)]
+    if odd:
+        raise TypeError(f"{_option('leap_options')} keys must be str, got {odd[0]!r}")
+    return {str(k): v.item() if isinstance(v, np.generic) else v for k, v in options.items()}
 
 
 def data_fingerprint(data: LabeledData, camids: Optional[Tensor] = None) -> str:

@@ -2,6 +2,7 @@
 caller's RNG and matplotlib backend are left alone, the configuration's numbers are checked by
 type, and a diverged trial is one importable exception that leaves no empty folder behind."""
 
+import json
 import os
 
 import numpy as np
@@ -115,7 +116,15 @@ def test_run_demo_restores_the_callers_torch_rng(tmp_path):
         (dict(embedding_size=None), TypeError, r"embedding_size \(--embedding-size\)"),
         (dict(threshold="10"), TypeError, r"threshold \(-T\) must be an integer"),
         (dict(seeds=[0.5]), TypeError, r"each of seeds \(--seeds\) must be an integer"),
-        (dict(seeds=3), TypeError, r"seeds \(--seeds\) must be a list, got 3"),
+        (dict(seeds=3), TypeError, r"seeds \(--seeds\) must be a list .*, got 3"),
+        (dict(seeds="012"), TypeError, r"seeds \(--seeds\) must be a list .*, got '012'"),
+        (dict(methods="cosface"), TypeError, r"methods \(--methods\) must be a list .*'cosface'"),
+        (dict(methods=["cosface", 1]), TypeError, r"each of methods \(--methods\) must be a str"),
+        (dict(backbone=None), TypeError, r"backbone \(--backbone\) must be a str"),
+        (dict(out=None), TypeError, r"out \(--out\) must be a folder path"),
+        (dict(device=None), TypeError, r"device \(--device\) must be a device name"),
+        (dict(leap_options=[("cloud_scale", 2.0)]), TypeError, r"leap_options \(--leap-option\)"),
+        (dict(leap_options={1: 2.0}), TypeError, r"leap_options \(--leap-option\) keys must"),
         (dict(lr="0.1"), TypeError, r"lr \(--lr\) must be a real number, got '0.1'"),
         (dict(scale="64"), TypeError, r"scale \(--scale\) must be a real number"),
         (dict(shrinkage_sweep=["3"]), TypeError, r"shrinkage_sweep \(--shrinkage-sweep\)"),
@@ -124,7 +133,7 @@ def test_run_demo_restores_the_callers_torch_rng(tmp_path):
         (dict(epochs=0.0), ValueError, r"epochs \(--epochs\) must be >= 1, got 0"),
     ],
 )
-def test_validate_checks_the_number_fields_by_type(fields, error, match):
+def test_validate_checks_the_fields_by_type(fields, error, match):
     with pytest.raises(error, match=match):
         _cfg(**fields).validate()
 
@@ -141,6 +150,48 @@ def test_validate_takes_integral_floats_as_integers_and_they_run():
     got = run_evaluation(cfg, data, log=_quiet, write=False)["runs"]
     want = run_evaluation(_cfg(lr=1.0), data, log=_quiet, write=False)["runs"]
     assert [r["metrics"] for r in got] == [r["metrics"] for r in want]
+
+
+def test_validate_stores_the_types_a_notebook_hands_in_as_results_json_does(tmp_path):
+    """A ``pathlib.Path`` out, a NumPy array or tuple of methods, a ``torch.device``, ``range`` /
+    ``np.arange`` seeds, an array sweep, ``leap_options=None`` or with NumPy values: stored as
+    the command line's str / list / dict (they used to pass validate and fail writing
+    ``results.json`` after the first trained model, leaving ``results.json.tmp``)."""
+    cfg = _cfg(
+        out=tmp_path / "run",
+        methods=np.array(["cosface", "leap_full_cosface"]),
+        device=torch.device("cpu"),
+        seeds=range(2),
+        shrinkage_sweep=np.array([0.0, 10.0]),
+        leap_options={"cloud_scale": np.float64(2.0)},
+    )
+    cfg.validate()
+    assert cfg.out == str(tmp_path / "run") and cfg.device == "cpu"
+    assert cfg.methods == ["cosface", "leap_full_cosface"] and cfg.seeds == [0, 1]
+    assert cfg.shrinkage_sweep == [0.0, 10.0] and type(cfg.leap_options["cloud_scale"]) is float
+    assert all(type(m) is str for m in cfg.methods)
+    assert _cfg(leap_options=None, seeds=np.arange(1)).validate() is None
+    cfg = _cfg(
+        out=tmp_path / "path", methods=("cosface",), device=torch.device("cpu"), leap_options=None
+    )
+    run_evaluation(cfg, _data(), log=_quiet)
+    files = os.listdir(tmp_path / "path")
+    assert "results.json" in files and "summary.md" in files and "results.json.tmp" not in files
+    with open(tmp_path / "path" / "results.json") as fh:
+        saved = json.load(fh)["config"]
+    assert (saved["out"], saved["methods"], saved["device"]) == (cfg.out, ["cosface"], "cpu")
+
+
+def test_load_dataset_takes_a_pathlib_path(tmp_path):
+    """``load_dataset(Path("faces.npz"))`` as ``load_dataset("faces.npz")`` (it raised
+    ``AttributeError: 'PosixPath' object has no attribute 'lower'``)."""
+    from feature_cloud.evaluate import load_dataset
+
+    images = (np.arange(12 * 4 * 4 * 3) % 256).astype(np.uint8).reshape(12, 4, 4, 3)
+    np.savez(tmp_path / "faces.npz", images=images, labels=np.repeat(np.arange(3), 4))
+    data = load_dataset(tmp_path / "faces.npz", image_size=(2, 2))
+    assert data.x.shape == (12, 3, 2, 2) and data.num_classes == 3
+    assert data.info["path"] == str(tmp_path / "faces.npz")
 
 
 def test_a_diverged_trial_is_importable_and_leaves_no_empty_folder(tmp_path, monkeypatch):
