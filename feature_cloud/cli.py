@@ -557,7 +557,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
     from dataclasses import replace
 
     from .evaluate.data import load_dataset
-    from .evaluate.methods import BASELINES
+    from .evaluate.methods import with_baselines
     from .evaluate.report import combine_settings
     from .evaluate.runner import (
         EvalConfig,
@@ -568,12 +568,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         setting_name,
     )
 
-    methods: list = []
-    for m in args.methods:  # each method after its baseline
-        base = BASELINES[m]
-        for name in ([base] if base else []) + [m]:
-            if name not in methods:
-                methods.append(name)
+    methods = with_baselines(args.methods)  # each method after its baseline
     options = {}
     for item in args.leap_option:
         if "=" not in item:

@@ -422,8 +422,8 @@ def no_pairs_note(results: Dict[str, Any]) -> str:
     return (
         "No paired differences: no method in --methods has its baseline run ("
         + "; ".join(needs)
-        + "). Add a method together with its baseline (the command line adds each method's "
-        "baseline)."
+        + "). Add a method together with its baseline (the command line and EvalConfig add "
+        "each method's baseline)."
     )
 
 

@@ -38,7 +38,7 @@ from ..demo.runner import _device_of, embed_all, evaluate_method, seed_torch
 from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
 from .data import dataset_title
-from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
+from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS, with_baselines
 from .protocol import hs_split, natural_split, open_split
 from .report import (
     check_compatible,
@@ -149,6 +149,7 @@ class EvalConfig:
     num_head: int = 20  # hs: H
     shots: int = 5  # hs: S
     backbone: str = "conv4"  # "conv4" | "timm:<name>"
+    # each method's baseline is added before it where it is missing (validate, as --methods)
     methods: List[str] = field(default_factory=lambda: ["cosface", "leap_full_cosface"])
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: int = 20
@@ -214,7 +215,9 @@ class EvalConfig:
         are stored as the command line's types: integer and number fields as ``int`` /
         ``float`` (``2.0`` epochs: 2), ``seeds`` / ``methods`` / ``shrinkage_sweep`` (any
         iterable but a string) as lists, ``out`` (``os.PathLike``) and ``device``
-        (``torch.device``) as ``str``, ``leap_options`` (``None``: none) as a ``dict``."""
+        (``torch.device``) as ``str``, ``leap_options`` (``None``: none) as a ``dict``. As
+        ``--methods``, each method's baseline is added before it where it is missing
+        (:func:`~feature_cloud.evaluate.methods.with_baselines`)."""
         _types_of(self)
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
@@ -227,6 +230,7 @@ class EvalConfig:
             raise ValueError(f"unknown methods {unknown}; available: {list(EVAL_METHODS)}")
         if not self.methods:
             raise ValueError("need at least one method (--methods)")
+        self.methods = with_baselines(self.methods)  # as --methods: every method paired
         repeated = sorted(int(s) for s, n in Counter(self.seeds).items() if n > 1)
         if not self.seeds or repeated:
             raise ValueError(

@@ -182,6 +182,66 @@ def test_validate_stores_the_types_a_notebook_hands_in_as_results_json_does(tmp_
     assert (saved["out"], saved["methods"], saved["device"]) == (cfg.out, ["cosface"], "cpu")
 
 
+def test_python_adds_each_methods_baseline_as_the_command_line_does():
+    """``methods=["cosface", "leap_full_cosface", "ftl"]`` used to train FTL without its
+    baseline (no paired differences, no warning) where ``--methods`` adds ``ftl_base``: both now
+    take the list of :func:`with_baselines`, each baseline right before its method."""
+    from feature_cloud.evaluate.methods import with_baselines
+
+    cfg = _cfg(methods=["cosface", "leap_full_cosface", "ftl"])
+    cfg.validate()
+    assert cfg.methods == ["cosface", "leap_full_cosface", "ftl_base", "ftl"]
+    cfg = _cfg(methods=["ml2", "leap_full_arcface", "softmax"])
+    cfg.validate()
+    assert cfg.methods == ["softmax", "ml2", "arcface", "leap_full_arcface"]
+    assert with_baselines(["cosface", "leap_full_cosface"]) == ["cosface", "leap_full_cosface"]
+    cfg.validate()  # again: unchanged
+    assert cfg.methods == ["softmax", "ml2", "arcface", "leap_full_arcface"]
+    from feature_cloud.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "x.npz", "--methods", "ftl", "ml2"])
+    assert with_baselines(args.methods) == ["ftl_base", "ftl", "softmax", "ml2"]
+
+
+def test_resuming_a_run_saved_without_its_baseline_trains_the_baseline(tmp_path):
+    """A ``results.json`` of an earlier release's Python run of a method alone (no baseline)
+    pools with a run that has the baseline (``methods`` may differ) and resumes: its runs are
+    reused and the baseline trains; compared with a fresh run, every difference is 0."""
+    from feature_cloud.evaluate.report import compare_runs, merge_runs
+
+    data = _data()
+    old, new, fresh = (str(tmp_path / name) for name in ("old", "new", "fresh"))
+    run_evaluation(_cfg(methods=["cosface", "leap_full_cosface"], out=old), data, log=_quiet)
+    file = os.path.join(old, "results.json")
+    with open(file) as fh:
+        res = json.load(fh)  # made as the earlier release wrote methods=["leap_full_cosface"]
+    res["runs"] = [r for r in res["runs"] if r["method"] == "leap_full_cosface"]
+    res["methods"] = res["config"]["methods"] = ["leap_full_cosface"]
+    res["labels"] = {"leap_full_cosface": res["labels"]["leap_full_cosface"]}
+    res["baselines"] = {}
+    with open(file, "w") as fh:
+        json.dump(res, fh)
+    run_evaluation(_cfg(methods=["leap_full_cosface"], seeds=[1], out=new), data, log=_quiet)
+    with open(merge_runs([old, new], str(tmp_path / "pooled"))) as fh:
+        pooled = json.load(fh)
+    assert pooled["methods"] == ["leap_full_cosface", "cosface"]
+    assert pooled["baselines"] == {"leap_full_cosface": "cosface"}
+    assert len(pooled["runs"]) == 3  # leap seeds 0 and 1, cosface seed 1
+
+    cfg = _cfg(methods=["leap_full_cosface"], out=old)
+    got = run_evaluation(cfg, data, log=_quiet, resume=True)
+    assert got["methods"] == ["cosface", "leap_full_cosface"]
+    assert got["baselines"] == {"leap_full_cosface": "cosface"}
+    assert [r["method"] for r in got["runs"]] == ["cosface", "leap_full_cosface"]
+    saved = res["runs"][0]["metrics"]["fc_acc_tail"]
+    assert got["runs"][1]["metrics"]["fc_acc_tail"] == saved  # reused, not trained again
+    run_evaluation(_cfg(methods=["leap_full_cosface"], out=fresh), data, log=_quiet)
+    cmp = compare_runs(old, fresh)
+    assert cmp["config_b_vs_a"] == {} and not cmp["notes"]
+    assert set(cmp["differences"]) == {"cosface", "leap_full_cosface"}
+    assert all(v["mean"] == 0.0 for d in cmp["differences"].values() for v in d.values())
+
+
 def test_load_dataset_takes_a_pathlib_path(tmp_path):
     """``load_dataset(Path("faces.npz"))`` as ``load_dataset("faces.npz")`` (it raised
     ``AttributeError: 'PosixPath' object has no attribute 'lower'``)."""
