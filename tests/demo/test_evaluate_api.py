@@ -242,6 +242,36 @@ def test_resuming_a_run_saved_without_its_baseline_trains_the_baseline(tmp_path)
     assert all(v["mean"] == 0.0 for d in cmp["differences"].values() for v in d.values())
 
 
+def test_paired_differences_reads_plain_json_and_names_what_it_does_not_find():
+    """``null`` (n/a in a ``results.json`` read by ``json.load``) is NaN (it raised
+    ``TypeError``); a method, baseline or metric key no run has is a ``ValueError`` naming what
+    the runs have (it returned NaN with ``n`` 0, so a typo looked like a missing head); the
+    differences are fractions, keyed by int seeds."""
+    from feature_cloud.evaluate import paired_differences
+
+    runs = json.loads(
+        json.dumps(
+            [
+                {"seed": s, "method": m, "metrics": {"fc_acc_tail": v, "fc_acc_head": None}}
+                for s, m, v in [(0, "cosface", 0.5), (0, "leap", 0.53), (1, "cosface", 0.4)]
+                + [(1, "leap", 0.45)]
+            ]
+        )
+    )
+    d = paired_differences(runs, "leap", "cosface", ["fc_acc_tail", "fc_acc_head"])
+    assert d["fc_acc_tail"]["n"] == 2 and d["fc_acc_tail"]["mean"] == pytest.approx(0.04)
+    assert list(d["fc_acc_tail"]["per_seed"]) == [0, 1]
+    assert d["fc_acc_head"]["n"] == 0 and np.isnan(d["fc_acc_head"]["mean"])  # n/a: no head
+    with pytest.raises(ValueError, match=r"no run of method 'leap_ful'.*\['cosface', 'leap'\]"):
+        paired_differences(runs, "leap_ful", "cosface", ["fc_acc_tail"])
+    with pytest.raises(ValueError, match=r"'cosfce'"):
+        paired_differences(runs, "leap", "cosfce", ["fc_acc_tail"])
+    with pytest.raises(ValueError, match=r"metric 'fc_tail_acc'; available: \['fc_acc_head'"):
+        paired_differences(runs, "leap", "cosface", ["fc_tail_acc"])
+    lenient = paired_differences(runs, "x", "cosface", ["y"], strict=False)  # the report's use
+    assert lenient["y"]["n"] == 0
+
+
 def test_load_dataset_takes_a_pathlib_path(tmp_path):
     """``load_dataset(Path("faces.npz"))`` as ``load_dataset("faces.npz")`` (it raised
     ``AttributeError: 'PosixPath' object has no attribute 'lower'``)."""
