@@ -8,7 +8,6 @@ import math
 import os
 import platform
 import time
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import __version__
-from .._validation import as_float, as_int
+from .._validation import as_float, as_int, warn_user
 from ..cloud import FeatureCloud
 from ..demo import metrics as M
 from ..demo._progress import progress
@@ -767,11 +766,9 @@ def _check_split_groups(
                     )
                 )
         if empty and not warned:
-            warnings.warn(
+            warn_user(
                 f"{where}: no {' and no '.join(empty)} identities ({s['head_classes']} head, "
-                f"{s['tail_classes']} tail); the {'/'.join(empty)} columns will be n/a. {hint}",
-                UserWarning,
-                stacklevel=3,
+                f"{s['tail_classes']} tail); the {'/'.join(empty)} columns will be n/a. {hint}"
             )
             warned = True
 
@@ -847,39 +844,33 @@ def _check_training_sets(
         pairs = torch.unique(torch.stack([data.y[first.test], camids[first.test]]), dim=1)
         if not bool((torch.bincount(pairs[0]) > 1).any()):
             cams = torch.unique(camids[first.test]).numel()
-            warnings.warn(
+            warn_user(
                 f"no test image has an image of its identity from another camera among the test "
                 f"images ({cams} camera{'s' if cams != 1 else ''} in them): the cross-camera "
                 "rank-1 / mAP columns will be n/a (for retrieval among all test images leave "
                 "camids out of the .npz; in a folder, camera ids come from file names that all "
-                "hold _c<digits>)",
-                UserWarning,
-                stacklevel=3,
+                "hold _c<digits>)"
             )
     if first.label_map is None:  # closed set: the same identities are left out in every seed
         left = torch.nonzero((counts > 0) & (counts <= cfg.n_test)).flatten().tolist()
         if left:
             one = len(left) == 1
             names = _first_names([str(data.class_names[i]) for i in left])
-            warnings.warn(
+            warn_user(
                 f"{len(left)} of {data.num_classes} identities {'has' if one else 'have'} at most "
                 f"--n-test {cfg.n_test} images ({names}): {'it is' if one else 'they are'} left "
                 f"out (no training or test image; {'its classifier row stays' if one else 'their classifier rows stay'}, "
-                f"untrained, and {'its' if one else 'their'} per-class values are n/a)",
-                UserWarning,
-                stacklevel=3,
+                f"untrained, and {'its' if one else 'their'} per-class values are n/a)"
             )
     if cfg.protocol == "hs":
         split = next(iter(splits.values()))
         tail = ~split.head & (split.train_counts > 0)
         most = int(split.train_counts[tail].max()) if bool(tail.any()) else cfg.shots
         if most < cfg.shots:
-            warnings.warn(
+            warn_user(
                 f"-S {cfg.shots}: no tail identity has {cfg.shots} training images (the most: "
                 f"{most}), so every tail identity keeps all it "
-                "has: the setting is the natural tail of those identities",
-                UserWarning,
-                stacklevel=3,
+                "has: the setting is the natural tail of those identities"
             )
 
 

@@ -272,6 +272,38 @@ def test_paired_differences_reads_plain_json_and_names_what_it_does_not_find():
     assert lenient["y"]["n"] == 0
 
 
+def test_warnings_of_an_evaluation_name_the_callers_line(tmp_path):
+    """A warning of ``run_evaluation`` (no head identities) and of ``load_dataset`` (a folder's
+    files it does not read) is attributed to the caller's line, as the core modules' warnings
+    are (it named an internal line of runner.py / demo/data.py, whose once-per-location
+    registry then hid it from every later call site)."""
+    import inspect
+    import warnings
+
+    from feature_cloud.evaluate import load_dataset
+
+    Image = pytest.importorskip("PIL.Image")
+
+    for ident in ("a", "b"):
+        (tmp_path / ident).mkdir()
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / ident / "0.png")
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    for _ in range(2):  # a loop of trials: attributed to the same (the caller's) line each time
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            line = inspect.currentframe().f_lineno + 1
+            run_evaluation(_cfg(threshold=50), _data(), log=_quiet, write=False)
+        (w,) = caught
+        assert "no head identities" in str(w.message)
+        assert (w.filename, w.lineno) == (__file__, line)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        load_dataset(tmp_path, image_size=(4, 4))
+    (w,) = caught
+    assert "notes.txt" in str(w.message) and (w.filename, w.lineno) == (__file__, line)
+
+
 def test_load_dataset_takes_a_pathlib_path(tmp_path):
     """``load_dataset(Path("faces.npz"))`` as ``load_dataset("faces.npz")`` (it raised
     ``AttributeError: 'PosixPath' object has no attribute 'lower'``)."""
