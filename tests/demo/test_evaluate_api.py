@@ -304,6 +304,19 @@ def test_warnings_of_an_evaluation_name_the_callers_line(tmp_path):
     assert "notes.txt" in str(w.message) and (w.filename, w.lineno) == (__file__, line)
 
 
+def test_the_reports_python_equivalents_are_exported():
+    """``report A B --compare``, pooling, several ``-S`` and ``--quiet``'s bars from
+    ``feature_cloud.evaluate`` (README "From Python"; they were in its ``report`` module only)."""
+    import feature_cloud.evaluate as E
+    from feature_cloud.demo import _progress
+    from feature_cloud.evaluate import report
+
+    for name in ("compare_runs", "merge_runs", "combine_settings"):
+        assert name in E.__all__ and getattr(E, name) is getattr(report, name)
+    assert "set_progress" in E.__all__ and E.set_progress is _progress.set_progress
+    assert E.with_baselines(["ftl"]) == ["ftl_base", "ftl"]
+
+
 def test_load_dataset_takes_a_pathlib_path(tmp_path):
     """``load_dataset(Path("faces.npz"))`` as ``load_dataset("faces.npz")`` (it raised
     ``AttributeError: 'PosixPath' object has no attribute 'lower'``)."""
