@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 import warnings
+from types import FrameType
 from typing import Callable, Optional, Sequence, TextIO, Type, Union
 
 __all__ = ["main", "build_parser"]
@@ -557,7 +558,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
     from dataclasses import replace
 
     from .evaluate.data import load_dataset
-    from .evaluate.methods import BASELINES
+    from .evaluate.methods import with_baselines
     from .evaluate.report import combine_settings
     from .evaluate.runner import (
         EvalConfig,
@@ -568,12 +569,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         setting_name,
     )
 
-    methods: list = []
-    for m in args.methods:  # each method after its baseline
-        base = BASELINES[m]
-        for name in ([base] if base else []) + [m]:
-            if name not in methods:
-                methods.append(name)
+    methods = with_baselines(args.methods)  # each method after its baseline
     options = {}
     for item in args.leap_option:
         if "=" not in item:
@@ -722,12 +718,25 @@ def _show_warning(
     line: Optional[str] = None,
 ) -> None:
     """``warnings.showwarning`` of the CLI: a warning raised from this package's code is one
-    ``feature-cloud: warning: ...`` line on stderr; any other keeps Python's format."""
+    ``feature-cloud: warning: ...`` line on stderr; any other keeps Python's format. The
+    package's warnings name the user's line (``warn_user``: the caller of ``main``), so the
+    code that called ``warnings.warn`` decides, not ``filename``."""
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    if os.path.abspath(filename).startswith(package):
+    if _warned_from(sys._getframe(1)).startswith(package) or os.path.abspath(filename).startswith(
+        package
+    ):
         print(f"feature-cloud: warning: {message}", file=sys.stderr)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _warned_from(frame: Optional[FrameType]) -> str:
+    """The file of the code that called ``warnings.warn``: the first of ``frame`` and its
+    callers outside :mod:`warnings` (whose ``_showwarnmsg`` calls ``showwarning``)."""
+    own = os.path.abspath(warnings.__file__)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename) == own:
+        frame = frame.f_back
+    return "" if frame is None else os.path.abspath(frame.f_code.co_filename)
 
 
 def _interrupted(args: argparse.Namespace) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._validation import warn_user
 from .report import counted
 
 __all__ = [
@@ -314,11 +314,9 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
             others = [n for n in names if n != kept]
             same.append(f"{', '.join(others)} (kept {kept})")
     if same:
-        warnings.warn(
+        warn_user(
             f"{root!r}: identity folders that are the same folder (a symlink) are read once, "
-            f"as one identity: left out {'; '.join(same)}",
-            UserWarning,
-            stacklevel=3,
+            f"as one identity: left out {'; '.join(same)}"
         )
     for ident in sorted(keep):
         sub = os.path.join(root, ident)
@@ -338,7 +336,7 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
             )
     said = [(what, sorted(names)) for what, names in skipped.items() if names]
     if said and paths:
-        warnings.warn(
+        warn_user(
             f"{root!r}: left out "
             + "; ".join(
                 f"{counted(len(names), *what)} ({', '.join(names[:5])}"
@@ -346,9 +344,7 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
                 for what, names in said
             )
             + f". Only {', '.join(IMAGE_EXTENSIONS)} files directly inside an identity's "
-            "folder are read: flatten nested folders, convert other formats",
-            UserWarning,
-            stacklevel=3,
+            "folder are read: flatten nested folders, convert other formats"
         )
     return paths, ids
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -15,8 +15,11 @@ from ..demo.data import LabeledData, _from_paths, scan_imagefolder
 
 __all__ = ["load_dataset", "load_npz", "load_image_folder", "camera_ids"]
 
+#: a file or folder path: a ``str`` or a ``pathlib.Path`` (any ``os.PathLike`` of ``str``)
+PathArg = Union[str, "os.PathLike[str]"]
 
-def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> LabeledData:
+
+def load_npz(path: PathArg, image_size: Optional[Tuple[int, int]] = None) -> LabeledData:
     """``images`` ``(N, H, W[, 1 | 3])`` (uint8 or other integers in 0..255, or finite floats),
     ``labels`` ``(N,)`` ints or strings (identity names, classes in sorted order), optional
     ``camids`` ``(N,)`` ints and ``subject_names``. Images
@@ -25,6 +28,7 @@ def load_npz(path: str, image_size: Optional[Tuple[int, int]] = None) -> Labeled
     PyTorch's ``(N, C, H, W)``), non-finite pixels, labels that are not 1-D integers or strings
     of length ``N`` (or object arrays, which need pickle), camids that are not 1-D integers, and
     fewer than 2 identities. Every message names the file."""
+    path = os.fspath(path)
     try:
         return _load_npz(path, image_size)
     except ValueError as err:
@@ -157,12 +161,13 @@ def camera_ids(paths: List[str]) -> Optional[torch.Tensor]:
     return torch.as_tensor(cams, dtype=torch.long) if cams else None
 
 
-def load_image_folder(path: str, image_size: Tuple[int, int] = (64, 64)) -> LabeledData:
+def load_image_folder(path: PathArg, image_size: Tuple[int, int] = (64, 64)) -> LabeledData:
     """A folder with one sub-folder per identity (:func:`~feature_cloud.demo.data.scan_imagefolder`),
     each image read at its own size and area-resized to ``image_size`` (as :func:`load_npz`
     resizes). Camera ids come from the file names where every one is ``<anything>_c<digits>...``
     (Market-1501 / DukeMTMC-reID style), else there are none. Every unreadable file is named in
     one error."""
+    path = os.fspath(path)
     paths, ids = scan_imagefolder(path)
     data = _from_paths(paths, ids, tuple(image_size), "imagefolder", path, resize="area")  # type: ignore[arg-type]
     if data.num_classes < 2:
@@ -184,8 +189,10 @@ def dataset_title(data: LabeledData) -> str:
     return str(data.info.get("title", data.name))
 
 
-def load_dataset(path: str, image_size: Optional[Tuple[int, int]] = None) -> LabeledData:
-    """An ``.npz`` file (see :func:`load_npz`) or a folder with one sub-folder per identity."""
+def load_dataset(path: PathArg, image_size: Optional[Tuple[int, int]] = None) -> LabeledData:
+    """An ``.npz`` file (see :func:`load_npz`) or a folder with one sub-folder per identity;
+    ``path`` a ``str`` or a ``pathlib.Path``."""
+    path = os.fspath(path)
     if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
         raise ValueError(
             f"image_size (--image-size) must be two sizes >= 1 (H, W), got {tuple(image_size)}"

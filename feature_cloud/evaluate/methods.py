@@ -7,13 +7,20 @@ trained for the same number of steps without feature transfer (stage 0 throughou
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 from torch import Tensor, nn
 
 from ..demo.methods import METHODS, FTLMethod, Method, MethodConfig, _margin
 
-__all__ = ["EVAL_METHODS", "BASELINES", "METHOD_LABELS", "FTLWithoutTransfer", "head_use"]
+__all__ = [
+    "EVAL_METHODS",
+    "BASELINES",
+    "METHOD_LABELS",
+    "FTLWithoutTransfer",
+    "head_use",
+    "with_baselines",
+]
 
 
 class FTLWithoutTransfer(FTLMethod):
@@ -55,6 +62,22 @@ BASELINES: Dict[str, Optional[str]] = {
     "ftl_base": None,
     "ftl": "ftl_base",
 }
+
+
+def with_baselines(methods: Iterable[str]) -> List[str]:
+    """``methods`` with each method's baseline (:data:`BASELINES`) right before it, each name
+    once: ``["leap_full_cosface", "ftl"]`` -> ``["cosface", "leap_full_cosface", "ftl_base",
+    "ftl"]``. What ``--methods`` and :meth:`~feature_cloud.evaluate.EvalConfig.validate`
+    train, so that every method is paired with its baseline. ``KeyError`` for an unknown
+    method."""
+    out: List[str] = []
+    for method in methods:
+        base = BASELINES[method]
+        for name in ([base] if base else []) + [method]:
+            if name not in out:
+                out.append(name)
+    return out
+
 
 METHOD_LABELS: Dict[str, str] = {
     "softmax": "Softmax",

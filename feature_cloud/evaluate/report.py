@@ -172,7 +172,9 @@ def paired(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """``{method: {"baseline": name, metric: {"mean", "ci95", "n", "per_seed"}}}`` in points."""
     out: Dict[str, Dict[str, Any]] = {}
     for m, base in results.get("baselines", {}).items():
-        d = paired_differences(results["runs"], m, base, [k for k, _ in paired_keys(results)])
+        d = paired_differences(
+            results["runs"], m, base, [k for k, _ in paired_keys(results)], strict=False
+        )
         for v in d.values():
             v["mean"] = 100 * v["mean"]
             v["ci95"] = 100 * v["ci95"]
@@ -212,7 +214,7 @@ def sweep(results: Dict[str, Any]) -> Dict[str, Dict[str, Dict[str, Any]]]:
                 for r in results["runs"]
                 if r["method"] == base
             ]
-            d = paired_differences(runs, "m", "b", [k for k, _ in SWEEP_KEYS])
+            d = paired_differences(runs, "m", "b", [k for k, _ in SWEEP_KEYS], strict=False)
             for v in d.values():
                 v["mean"], v["ci95"] = 100 * v["mean"], 100 * v["ci95"]
                 v["per_seed"] = {str(s): 100 * x for s, x in v["per_seed"].items()}
@@ -422,8 +424,8 @@ def no_pairs_note(results: Dict[str, Any]) -> str:
     return (
         "No paired differences: no method in --methods has its baseline run ("
         + "; ".join(needs)
-        + "). Add a method together with its baseline (the command line adds each method's "
-        "baseline)."
+        + "). Add a method together with its baseline (the command line and EvalConfig add "
+        "each method's baseline)."
     )
 
 
@@ -1012,7 +1014,7 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
             continue
         runs = [{"method": "B", "seed": s, "metrics": by_b[(m, s)]} for s in common]
         runs += [{"method": "A", "seed": s, "metrics": by_a[(m, s)]} for s in common]
-        d = paired_differences(runs, "B", "A", [k for k, _ in paired_keys(a)])
+        d = paired_differences(runs, "B", "A", [k for k, _ in paired_keys(a)], strict=False)
         for v in d.values():
             v["mean"], v["ci95"] = 100 * v["mean"], 100 * v["ci95"]
             v["per_seed"] = {str(s): 100 * x for s, x in v["per_seed"].items()}

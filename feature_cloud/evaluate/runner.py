@@ -8,10 +8,9 @@ import math
 import os
 import platform
 import time
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import __version__
-from .._validation import as_float, as_int
+from .._validation import as_float, as_int, warn_user
 from ..cloud import FeatureCloud
 from ..demo import metrics as M
 from ..demo._progress import progress
@@ -38,7 +37,7 @@ from ..demo.runner import _device_of, embed_all, evaluate_method, seed_torch
 from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
 from .data import dataset_title
-from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS
+from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS, with_baselines
 from .protocol import hs_split, natural_split, open_split
 from .report import (
     check_compatible,
@@ -95,6 +94,11 @@ _FLAGS = {
     "imprint_fraction": "--imprint-fraction",
     "shrinkage_sweep": "--shrinkage-sweep",
     "save_logits": "--save-logits",
+    "methods": "--methods",
+    "backbone": "--backbone",
+    "leap_options": "--leap-option",
+    "out": "--out",
+    "device": "--device",
 }
 
 #: the EvalConfig fields that hold integers, numbers, numbers or None, and booleans
@@ -144,6 +148,7 @@ class EvalConfig:
     num_head: int = 20  # hs: H
     shots: int = 5  # hs: S
     backbone: str = "conv4"  # "conv4" | "timm:<name>"
+    # each method's baseline is added before it where it is missing (validate, as --methods)
     methods: List[str] = field(default_factory=lambda: ["cosface", "leap_full_cosface"])
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: int = 20
@@ -205,8 +210,13 @@ class EvalConfig:
     device: str = "cpu"
 
     def validate(self) -> None:
-        """``ValueError`` / ``TypeError`` naming the first bad field (and its flag); the
-        integer and number fields are stored as ``int`` / ``float`` (``2.0`` epochs: 2)."""
+        """``ValueError`` / ``TypeError`` naming the first bad field (and its flag); the fields
+        are stored as the command line's types: integer and number fields as ``int`` /
+        ``float`` (``2.0`` epochs: 2), ``seeds`` / ``methods`` / ``shrinkage_sweep`` (any
+        iterable but a string) as lists, ``out`` (``os.PathLike``) and ``device``
+        (``torch.device``) as ``str``, ``leap_options`` (``None``: none) as a ``dict``. As
+        ``--methods``, each method's baseline is added before it where it is missing
+        (:func:`~feature_cloud.evaluate.methods.with_baselines`)."""
         _types_of(self)
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
@@ -219,6 +229,7 @@ class EvalConfig:
             raise ValueError(f"unknown methods {unknown}; available: {list(EVAL_METHODS)}")
         if not self.methods:
             raise ValueError("need at least one method (--methods)")
+        self.methods = with_baselines(self.methods)  # as --methods: every method paired
         repeated = sorted(int(s) for s, n in Counter(self.seeds).items() if n > 1)
         if not self.seeds or repeated:
             raise ValueError(
@@ -303,10 +314,56 @@ def _types_of(cfg: EvalConfig) -> None:
             raise TypeError(f"{_option(name)} must be True or False, got {value!r}")
         setattr(cfg, name, bool(value))
     for name, convert in (("seeds", as_int), ("shrinkage_sweep", _number)):
-        values = getattr(cfg, name)
-        if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
-            raise TypeError(f"{_option(name)} must be a list, got {values!r}")
+        values = _sequence(getattr(cfg, name), name, "numbers")
         setattr(cfg, name, [convert(v, f"each of {_option(name)}") for v in values])
+    methods = _sequence(cfg.methods, "methods", "method names")
+    odd = [m for m in methods if not isinstance(m, str)]
+    if odd:
+        raise TypeError(f"each of {_option('methods')} must be a str, got {odd[0]!r}")
+    cfg.methods = [str(m) for m in methods]
+    if isinstance(cfg.out, os.PathLike):
+        cfg.out = os.fspath(cfg.out)
+    if isinstance(cfg.device, torch.device):
+        cfg.device = str(cfg.device)
+    for name, what in (
+        ("backbone", "a str ('conv4', 'timm:<name>')"),
+        ("out", "a folder path (str or os.PathLike)"),
+        ("device", "a device name ('cpu', 'cuda:1') or a torch.device"),
+    ):
+        value = getattr(cfg, name)
+        if not isinstance(value, str):
+            raise TypeError(f"{_option(name)} must be {what}, got {value!r}")
+        setattr(cfg, name, str(value))  # np.str_ -> str
+    cfg.leap_options = _leap_options(cfg.leap_options)
+
+
+def _sequence(values: Any, name: str, what: str) -> List[Any]:
+    """The items of ``values`` (a list, tuple, ``range``, NumPy array, ...) as a list;
+    ``TypeError`` naming field ``name`` for a string, a mapping or a non-iterable."""
+    if not isinstance(values, (str, bytes, Mapping)):
+        try:
+            return list(values)
+        except TypeError:
+            pass
+    raise TypeError(
+        f"{_option(name)} must be a list (or another iterable) of {what}, got {values!r}"
+    )
+
+
+def _leap_options(options: Any) -> Dict[str, Any]:
+    """``leap_options`` as a new ``dict`` (``None``: no options) with NumPy scalar values as
+    Python numbers (``results.json`` stores them); ``TypeError`` for other types or a key
+    that is not a str."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(
+            f"{_option('leap_options')} must be a dict of LEAPMarginHead keywords, got {options!r}"
+        )
+    odd = [k for k in options if not isinstance(k, str)]
+    if odd:
+        raise TypeError(f"{_option('leap_options')} keys must be str, got {odd[0]!r}")
+    return {str(k): v.item() if isinstance(v, np.generic) else v for k, v in options.items()}
 
 
 def data_fingerprint(data: LabeledData, camids: Optional[Tensor] = None) -> str:
@@ -709,11 +766,9 @@ def _check_split_groups(
                     )
                 )
         if empty and not warned:
-            warnings.warn(
+            warn_user(
                 f"{where}: no {' and no '.join(empty)} identities ({s['head_classes']} head, "
-                f"{s['tail_classes']} tail); the {'/'.join(empty)} columns will be n/a. {hint}",
-                UserWarning,
-                stacklevel=3,
+                f"{s['tail_classes']} tail); the {'/'.join(empty)} columns will be n/a. {hint}"
             )
             warned = True
 
@@ -789,39 +844,33 @@ def _check_training_sets(
         pairs = torch.unique(torch.stack([data.y[first.test], camids[first.test]]), dim=1)
         if not bool((torch.bincount(pairs[0]) > 1).any()):
             cams = torch.unique(camids[first.test]).numel()
-            warnings.warn(
+            warn_user(
                 f"no test image has an image of its identity from another camera among the test "
                 f"images ({cams} camera{'s' if cams != 1 else ''} in them): the cross-camera "
                 "rank-1 / mAP columns will be n/a (for retrieval among all test images leave "
                 "camids out of the .npz; in a folder, camera ids come from file names that all "
-                "hold _c<digits>)",
-                UserWarning,
-                stacklevel=3,
+                "hold _c<digits>)"
             )
     if first.label_map is None:  # closed set: the same identities are left out in every seed
         left = torch.nonzero((counts > 0) & (counts <= cfg.n_test)).flatten().tolist()
         if left:
             one = len(left) == 1
             names = _first_names([str(data.class_names[i]) for i in left])
-            warnings.warn(
+            warn_user(
                 f"{len(left)} of {data.num_classes} identities {'has' if one else 'have'} at most "
                 f"--n-test {cfg.n_test} images ({names}): {'it is' if one else 'they are'} left "
                 f"out (no training or test image; {'its classifier row stays' if one else 'their classifier rows stay'}, "
-                f"untrained, and {'its' if one else 'their'} per-class values are n/a)",
-                UserWarning,
-                stacklevel=3,
+                f"untrained, and {'its' if one else 'their'} per-class values are n/a)"
             )
     if cfg.protocol == "hs":
         split = next(iter(splits.values()))
         tail = ~split.head & (split.train_counts > 0)
         most = int(split.train_counts[tail].max()) if bool(tail.any()) else cfg.shots
         if most < cfg.shots:
-            warnings.warn(
+            warn_user(
                 f"-S {cfg.shots}: no tail identity has {cfg.shots} training images (the most: "
                 f"{most}), so every tail identity keeps all it "
-                "has: the setting is the natural tail of those identities",
-                UserWarning,
-                stacklevel=3,
+                "has: the setting is the natural tail of those identities"
             )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 __all__ = ["t_quantile", "t_interval", "paired_differences"]
 
@@ -98,19 +98,51 @@ def t_interval(values: Sequence[float]) -> Tuple[float, float, int]:
     return mean, t_quantile(n - 1) * sd / math.sqrt(n), n
 
 
+def _value(metrics: Dict[str, Any], key: str) -> float:
+    """``metrics[key]`` as a float; NaN where it is missing or ``None`` (n/a: ``null`` in a
+    ``results.json`` read by ``json.load``)."""
+    value = metrics.get(key)
+    return float("nan") if value is None else float(value)
+
+
 def paired_differences(
-    runs: List[Dict], method: str, baseline: str, keys: Sequence[str]
-) -> Dict[str, Dict[str, object]]:
+    runs: List[Dict[str, Any]],
+    method: str,
+    baseline: str,
+    keys: Sequence[str],
+    *,
+    strict: bool = True,
+) -> Dict[str, Dict[str, Any]]:
     """For each metric key: per-seed ``method - baseline`` (runs matched by seed) and its
-    :func:`t_interval`. ``runs`` are dicts with ``seed``, ``method`` and ``metrics``."""
-    by = {(r["method"], r["seed"]): r["metrics"] for r in runs}
+    :func:`t_interval`: ``{key: {"mean", "ci95", "n", "per_seed": {seed: difference}}}``.
+
+    ``runs``: dicts with ``seed``, ``method`` and ``metrics``, e.g. ``results["runs"]`` of
+    :func:`~feature_cloud.evaluate.run_evaluation` or of its ``results.json`` read by
+    ``json.load`` (``null``, n/a, counts as NaN). Units are the metrics': accuracies are
+    fractions (``0.031`` = 3.1 points, where the report's tables and ``paired.json`` show
+    ``3.1``); seeds are ints. ``ValueError`` when no run has ``method`` or ``baseline`` (naming
+    the methods the runs have) or no run of either has a key (naming the keys they have);
+    ``strict=False`` skips these checks (NaN, ``n`` 0), for a run in progress or files of
+    releases without a newer key."""
+    if strict:
+        present = list(dict.fromkeys(str(r["method"]) for r in runs))
+        missing = [m for m in (method, baseline) if m not in present]
+        if missing:
+            raise ValueError(
+                f"no run of method {' or '.join(map(repr, missing))}: the runs have {present}"
+            )
+        have = {k for r in runs if r["method"] in (method, baseline) for k in r["metrics"]}
+        unknown = [k for k in keys if k not in have]
+        if unknown:
+            raise ValueError(
+                f"no run of {method!r} or {baseline!r} has the metric "
+                f"{', '.join(map(repr, unknown))}; available: {sorted(have)}"
+            )
+    by = {(r["method"], int(r["seed"])): r["metrics"] for r in runs}
     seeds = sorted({s for (m, s) in by if m == method and (baseline, s) in by})
-    out: Dict[str, Dict[str, object]] = {}
+    out: Dict[str, Dict[str, Any]] = {}
     for k in keys:
-        diffs = [
-            by[(method, s)].get(k, float("nan")) - by[(baseline, s)].get(k, float("nan"))
-            for s in seeds
-        ]
+        diffs = [_value(by[(method, s)], k) - _value(by[(baseline, s)], k) for s in seeds]
         mean, half, n = t_interval(diffs)
         out[k] = {"mean": mean, "ci95": half, "n": n, "per_seed": dict(zip(seeds, diffs))}
     return out

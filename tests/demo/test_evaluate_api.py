@@ -2,6 +2,7 @@
 caller's RNG and matplotlib backend are left alone, the configuration's numbers are checked by
 type, and a diverged trial is one importable exception that leaves no empty folder behind."""
 
+import json
 import os
 
 import numpy as np
@@ -115,7 +116,15 @@ def test_run_demo_restores_the_callers_torch_rng(tmp_path):
         (dict(embedding_size=None), TypeError, r"embedding_size \(--embedding-size\)"),
         (dict(threshold="10"), TypeError, r"threshold \(-T\) must be an integer"),
         (dict(seeds=[0.5]), TypeError, r"each of seeds \(--seeds\) must be an integer"),
-        (dict(seeds=3), TypeError, r"seeds \(--seeds\) must be a list, got 3"),
+        (dict(seeds=3), TypeError, r"seeds \(--seeds\) must be a list .*, got 3"),
+        (dict(seeds="012"), TypeError, r"seeds \(--seeds\) must be a list .*, got '012'"),
+        (dict(methods="cosface"), TypeError, r"methods \(--methods\) must be a list .*'cosface'"),
+        (dict(methods=["cosface", 1]), TypeError, r"each of methods \(--methods\) must be a str"),
+        (dict(backbone=None), TypeError, r"backbone \(--backbone\) must be a str"),
+        (dict(out=None), TypeError, r"out \(--out\) must be a folder path"),
+        (dict(device=None), TypeError, r"device \(--device\) must be a device name"),
+        (dict(leap_options=[("cloud_scale", 2.0)]), TypeError, r"leap_options \(--leap-option\)"),
+        (dict(leap_options={1: 2.0}), TypeError, r"leap_options \(--leap-option\) keys must"),
         (dict(lr="0.1"), TypeError, r"lr \(--lr\) must be a real number, got '0.1'"),
         (dict(scale="64"), TypeError, r"scale \(--scale\) must be a real number"),
         (dict(shrinkage_sweep=["3"]), TypeError, r"shrinkage_sweep \(--shrinkage-sweep\)"),
@@ -124,7 +133,7 @@ def test_run_demo_restores_the_callers_torch_rng(tmp_path):
         (dict(epochs=0.0), ValueError, r"epochs \(--epochs\) must be >= 1, got 0"),
     ],
 )
-def test_validate_checks_the_number_fields_by_type(fields, error, match):
+def test_validate_checks_the_fields_by_type(fields, error, match):
     with pytest.raises(error, match=match):
         _cfg(**fields).validate()
 
@@ -141,6 +150,183 @@ def test_validate_takes_integral_floats_as_integers_and_they_run():
     got = run_evaluation(cfg, data, log=_quiet, write=False)["runs"]
     want = run_evaluation(_cfg(lr=1.0), data, log=_quiet, write=False)["runs"]
     assert [r["metrics"] for r in got] == [r["metrics"] for r in want]
+
+
+def test_validate_stores_the_types_a_notebook_hands_in_as_results_json_does(tmp_path):
+    """A ``pathlib.Path`` out, a NumPy array or tuple of methods, a ``torch.device``, ``range`` /
+    ``np.arange`` seeds, an array sweep, ``leap_options=None`` or with NumPy values: stored as
+    the command line's str / list / dict (they used to pass validate and fail writing
+    ``results.json`` after the first trained model, leaving ``results.json.tmp``)."""
+    cfg = _cfg(
+        out=tmp_path / "run",
+        methods=np.array(["cosface", "leap_full_cosface"]),
+        device=torch.device("cpu"),
+        seeds=range(2),
+        shrinkage_sweep=np.array([0.0, 10.0]),
+        leap_options={"cloud_scale": np.float64(2.0)},
+    )
+    cfg.validate()
+    assert cfg.out == str(tmp_path / "run") and cfg.device == "cpu"
+    assert cfg.methods == ["cosface", "leap_full_cosface"] and cfg.seeds == [0, 1]
+    assert cfg.shrinkage_sweep == [0.0, 10.0] and type(cfg.leap_options["cloud_scale"]) is float
+    assert all(type(m) is str for m in cfg.methods)
+    assert _cfg(leap_options=None, seeds=np.arange(1)).validate() is None
+    cfg = _cfg(
+        out=tmp_path / "path", methods=("cosface",), device=torch.device("cpu"), leap_options=None
+    )
+    run_evaluation(cfg, _data(), log=_quiet)
+    files = os.listdir(tmp_path / "path")
+    assert "results.json" in files and "summary.md" in files and "results.json.tmp" not in files
+    with open(tmp_path / "path" / "results.json") as fh:
+        saved = json.load(fh)["config"]
+    assert (saved["out"], saved["methods"], saved["device"]) == (cfg.out, ["cosface"], "cpu")
+
+
+def test_python_adds_each_methods_baseline_as_the_command_line_does():
+    """``methods=["cosface", "leap_full_cosface", "ftl"]`` used to train FTL without its
+    baseline (no paired differences, no warning) where ``--methods`` adds ``ftl_base``: both now
+    take the list of :func:`with_baselines`, each baseline right before its method."""
+    from feature_cloud.evaluate.methods import with_baselines
+
+    cfg = _cfg(methods=["cosface", "leap_full_cosface", "ftl"])
+    cfg.validate()
+    assert cfg.methods == ["cosface", "leap_full_cosface", "ftl_base", "ftl"]
+    cfg = _cfg(methods=["ml2", "leap_full_arcface", "softmax"])
+    cfg.validate()
+    assert cfg.methods == ["softmax", "ml2", "arcface", "leap_full_arcface"]
+    assert with_baselines(["cosface", "leap_full_cosface"]) == ["cosface", "leap_full_cosface"]
+    cfg.validate()  # again: unchanged
+    assert cfg.methods == ["softmax", "ml2", "arcface", "leap_full_arcface"]
+    from feature_cloud.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "x.npz", "--methods", "ftl", "ml2"])
+    assert with_baselines(args.methods) == ["ftl_base", "ftl", "softmax", "ml2"]
+
+
+def test_resuming_a_run_saved_without_its_baseline_trains_the_baseline(tmp_path):
+    """A ``results.json`` of an earlier release's Python run of a method alone (no baseline)
+    pools with a run that has the baseline (``methods`` may differ) and resumes: its runs are
+    reused and the baseline trains; compared with a fresh run, every difference is 0."""
+    from feature_cloud.evaluate.report import compare_runs, merge_runs
+
+    data = _data()
+    old, new, fresh = (str(tmp_path / name) for name in ("old", "new", "fresh"))
+    run_evaluation(_cfg(methods=["cosface", "leap_full_cosface"], out=old), data, log=_quiet)
+    file = os.path.join(old, "results.json")
+    with open(file) as fh:
+        res = json.load(fh)  # made as the earlier release wrote methods=["leap_full_cosface"]
+    res["runs"] = [r for r in res["runs"] if r["method"] == "leap_full_cosface"]
+    res["methods"] = res["config"]["methods"] = ["leap_full_cosface"]
+    res["labels"] = {"leap_full_cosface": res["labels"]["leap_full_cosface"]}
+    res["baselines"] = {}
+    with open(file, "w") as fh:
+        json.dump(res, fh)
+    run_evaluation(_cfg(methods=["leap_full_cosface"], seeds=[1], out=new), data, log=_quiet)
+    with open(merge_runs([old, new], str(tmp_path / "pooled"))) as fh:
+        pooled = json.load(fh)
+    assert pooled["methods"] == ["leap_full_cosface", "cosface"]
+    assert pooled["baselines"] == {"leap_full_cosface": "cosface"}
+    assert len(pooled["runs"]) == 3  # leap seeds 0 and 1, cosface seed 1
+
+    cfg = _cfg(methods=["leap_full_cosface"], out=old)
+    got = run_evaluation(cfg, data, log=_quiet, resume=True)
+    assert got["methods"] == ["cosface", "leap_full_cosface"]
+    assert got["baselines"] == {"leap_full_cosface": "cosface"}
+    assert [r["method"] for r in got["runs"]] == ["cosface", "leap_full_cosface"]
+    saved = res["runs"][0]["metrics"]["fc_acc_tail"]
+    assert got["runs"][1]["metrics"]["fc_acc_tail"] == saved  # reused, not trained again
+    run_evaluation(_cfg(methods=["leap_full_cosface"], out=fresh), data, log=_quiet)
+    cmp = compare_runs(old, fresh)
+    assert cmp["config_b_vs_a"] == {} and not cmp["notes"]
+    assert set(cmp["differences"]) == {"cosface", "leap_full_cosface"}
+    assert all(v["mean"] == 0.0 for d in cmp["differences"].values() for v in d.values())
+
+
+def test_paired_differences_reads_plain_json_and_names_what_it_does_not_find():
+    """``null`` (n/a in a ``results.json`` read by ``json.load``) is NaN (it raised
+    ``TypeError``); a method, baseline or metric key no run has is a ``ValueError`` naming what
+    the runs have (it returned NaN with ``n`` 0, so a typo looked like a missing head); the
+    differences are fractions, keyed by int seeds."""
+    from feature_cloud.evaluate import paired_differences
+
+    runs = json.loads(
+        json.dumps(
+            [
+                {"seed": s, "method": m, "metrics": {"fc_acc_tail": v, "fc_acc_head": None}}
+                for s, m, v in [(0, "cosface", 0.5), (0, "leap", 0.53), (1, "cosface", 0.4)]
+                + [(1, "leap", 0.45)]
+            ]
+        )
+    )
+    d = paired_differences(runs, "leap", "cosface", ["fc_acc_tail", "fc_acc_head"])
+    assert d["fc_acc_tail"]["n"] == 2 and d["fc_acc_tail"]["mean"] == pytest.approx(0.04)
+    assert list(d["fc_acc_tail"]["per_seed"]) == [0, 1]
+    assert d["fc_acc_head"]["n"] == 0 and np.isnan(d["fc_acc_head"]["mean"])  # n/a: no head
+    with pytest.raises(ValueError, match=r"no run of method 'leap_ful'.*\['cosface', 'leap'\]"):
+        paired_differences(runs, "leap_ful", "cosface", ["fc_acc_tail"])
+    with pytest.raises(ValueError, match=r"'cosfce'"):
+        paired_differences(runs, "leap", "cosfce", ["fc_acc_tail"])
+    with pytest.raises(ValueError, match=r"metric 'fc_tail_acc'; available: \['fc_acc_head'"):
+        paired_differences(runs, "leap", "cosface", ["fc_tail_acc"])
+    lenient = paired_differences(runs, "x", "cosface", ["y"], strict=False)  # the report's use
+    assert lenient["y"]["n"] == 0
+
+
+def test_warnings_of_an_evaluation_name_the_callers_line(tmp_path):
+    """A warning of ``run_evaluation`` (no head identities) and of ``load_dataset`` (a folder's
+    files it does not read) is attributed to the caller's line, as the core modules' warnings
+    are (it named an internal line of runner.py / demo/data.py, whose once-per-location
+    registry then hid it from every later call site)."""
+    import inspect
+    import warnings
+
+    from feature_cloud.evaluate import load_dataset
+
+    Image = pytest.importorskip("PIL.Image")
+
+    for ident in ("a", "b"):
+        (tmp_path / ident).mkdir()
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / ident / "0.png")
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    for _ in range(2):  # a loop of trials: attributed to the same (the caller's) line each time
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            line = inspect.currentframe().f_lineno + 1
+            run_evaluation(_cfg(threshold=50), _data(), log=_quiet, write=False)
+        (w,) = caught
+        assert "no head identities" in str(w.message)
+        assert (w.filename, w.lineno) == (__file__, line)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        line = inspect.currentframe().f_lineno + 1
+        load_dataset(tmp_path, image_size=(4, 4))
+    (w,) = caught
+    assert "notes.txt" in str(w.message) and (w.filename, w.lineno) == (__file__, line)
+
+
+def test_the_reports_python_equivalents_are_exported():
+    """``report A B --compare``, pooling, several ``-S`` and ``--quiet``'s bars from
+    ``feature_cloud.evaluate`` (README "From Python"; they were in its ``report`` module only)."""
+    import feature_cloud.evaluate as E
+    from feature_cloud.demo import _progress
+    from feature_cloud.evaluate import report
+
+    for name in ("compare_runs", "merge_runs", "combine_settings"):
+        assert name in E.__all__ and getattr(E, name) is getattr(report, name)
+    assert "set_progress" in E.__all__ and E.set_progress is _progress.set_progress
+    assert E.with_baselines(["ftl"]) == ["ftl_base", "ftl"]
+
+
+def test_load_dataset_takes_a_pathlib_path(tmp_path):
+    """``load_dataset(Path("faces.npz"))`` as ``load_dataset("faces.npz")`` (it raised
+    ``AttributeError: 'PosixPath' object has no attribute 'lower'``)."""
+    from feature_cloud.evaluate import load_dataset
+
+    images = (np.arange(12 * 4 * 4 * 3) % 256).astype(np.uint8).reshape(12, 4, 4, 3)
+    np.savez(tmp_path / "faces.npz", images=images, labels=np.repeat(np.arange(3), 4))
+    data = load_dataset(tmp_path / "faces.npz", image_size=(2, 2))
+    assert data.x.shape == (12, 3, 2, 2) and data.num_classes == 3
+    assert data.info["path"] == str(tmp_path / "faces.npz")
 
 
 def test_a_diverged_trial_is_importable_and_leaves_no_empty_folder(tmp_path, monkeypatch):
