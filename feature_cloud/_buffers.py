@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, Dict, Iterator
+from typing import Any, Callable, Dict, Iterator
 
 from torch import Tensor, nn
 
@@ -13,16 +13,36 @@ __all__ = ["KeepBufferDtypes", "restore_on_error"]
 
 
 @contextlib.contextmanager
-def restore_on_error(*modules: nn.Module) -> Iterator[None]:
+def restore_on_error(*modules: Any) -> Iterator[None]:
     """Put the ``modules``' state (copied on entry) back if the block raises: checkpoint loaders
-    that load several parts in turn leave nothing half loaded when a later part is refused."""
-    saved = [copy.deepcopy(m.state_dict()) for m in modules]
+    that load several parts in turn leave nothing half loaded when a later part is refused.
+    ``modules``: anything with ``state_dict`` / ``load_state_dict`` (an optimizer too); the copy
+    is kept in host memory (a resume does not hold a second copy on the device)."""
+    saved = [_host_copy(m.state_dict()) for m in modules]
     try:
         yield
     except BaseException:
         for module, state in zip(modules, saved):
-            module.load_state_dict(state)
+            try:
+                module.load_state_dict(state)
+            except Exception:  # the part that refused the block's state may refuse this too;
+                pass  # the others are put back all the same, and the block's error is raised
         raise
+
+
+def _host_copy(value: Any) -> Any:
+    """A deep copy of a state (nested dicts / lists of tensors and plain values) whose tensors
+    live in host memory (``meta`` tensors stay: they hold no values)."""
+    if isinstance(value, Tensor):
+        return value.detach().clone() if value.is_meta else value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        out = type(value)((k, _host_copy(v)) for k, v in value.items())
+        if hasattr(value, "_metadata"):  # a state_dict's versions, read by the loaders
+            out._metadata = copy.deepcopy(value._metadata)  # type: ignore[attr-defined]
+        return out
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    return copy.deepcopy(value)
 
 
 class KeepBufferDtypes(nn.Module):

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from . import functional as FC
 from . import noise as N
-from ._buffers import restore_on_error
 from ._compat import in_backward, is_compiling
 from ._validation import (
     ClassCounts,
@@ -150,19 +149,8 @@ class _Backward:
     def __init__(self) -> None:
         self.done = False
 
-
-class _MarkBackward(torch.autograd.Function):
-    """The identity on a head's output that marks its graph's backward as run."""
-
-    @staticmethod
-    def forward(ctx: Any, output: Tensor, token: _Backward) -> Tensor:
-        ctx.token = token  # lives as long as the graph
-        return output.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None]:
-        ctx.token.done = True
-        return grad, None
+    def __call__(self, *_: Any) -> None:  # a hook of the graph's output node: lives with it
+        self.done = True
 
 
 #: the graphs of each cloud's training forwards not yet backpropagated, while an imprint is
@@ -646,15 +634,17 @@ class FeatureCloud(nn.Module):
         if (
             self.imprint_step is None
             or self.rule is None
+            or not self.training
             or is_compiling()
-            or not output.requires_grad
+            or output.grad_fn is None
             or self._host_count() > self.imprint_step
         ):
             return output
         token = _Backward()
+        output.grad_fn.register_hook(token)  # the node holds the token: freed with the graph
         alive = [r for r in _UNDONE.get(self, []) if (t := r()) is not None and not t.done]
         _UNDONE[self] = alive + [weakref.ref(token)]
-        return _MarkBackward.apply(output, token)
+        return output
 
     def _refuse_undone_backward(self) -> None:
         if any((t := r()) is not None and not t.done for r in _UNDONE.get(self, [])):
@@ -662,8 +652,8 @@ class FeatureCloud(nn.Module):
                 f"imprint_step={self.imprint_step}: a training forward's loss still waits for "
                 "its backward (gradient accumulation over the imprint step?), and the imprint "
                 "would overwrite the weight that backward needs; imprint_step counts forwards "
-                "(micro-batches): choose one that starts an accumulation cycle, or call "
-                "backward first"
+                "(micro-batches): choose one that starts an accumulation cycle, call backward "
+                "first, or del a loss you will not backpropagate"
             )
 
     def imprint(
@@ -794,18 +784,6 @@ class WithFeatureCloud:
     """Read-only views of ``self.feature_cloud`` shared by every head and adapter holding one."""
 
     feature_cloud: FeatureCloud
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """``nn.Module.load_state_dict``, all or nothing: torch's strict load refuses missing
-        or unexpected keys after it has copied the others (a weight-only dict left the weight
-        loaded and the error raised). As a submodule of a model, the model's load is torch's;
-        a module on the ``meta`` device has no values to keep."""
-        load = super().load_state_dict  # type: ignore[misc]
-        module: nn.Module = self  # type: ignore[assignment]
-        if any(t.is_meta for t in module.state_dict().values() if isinstance(t, Tensor)):
-            return load(state_dict, strict=strict, assign=assign)
-        with restore_on_error(module):
-            return load(state_dict, strict=strict, assign=assign)
 
     @property
     def cloud(self) -> Optional[str]:

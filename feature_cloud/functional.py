@@ -81,9 +81,9 @@ def safe_normalize(x: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
     backbone's gradients).
     """
     m = x.detach().abs().amax(dim=dim, keepdim=True)
-    nonzero = m > 0
-    unit = torch.where(nonzero, x / torch.where(nonzero, m, torch.ones_like(m)), 1.0)
-    return torch.where(nonzero, F.normalize(unit, dim=dim, eps=eps), 0.0)
+    zero = m == 0  # not ``m > 0``: a NaN row must stay NaN (a non-finite loss, not a silent 0)
+    unit = torch.where(zero, 1.0, x / torch.where(zero, torch.ones_like(m), m))
+    return torch.where(zero, 0.0, F.normalize(unit, dim=dim, eps=eps))
 
 
 def common_float(embeddings: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:

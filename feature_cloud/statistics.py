@@ -454,7 +454,7 @@ class ClassStatistics(KeepBufferDtypes):
             value = get[name]
             if isinstance(value, Tensor) and isinstance(cap, Tensor):
                 top = cap if name == "memory_fill" else (cap - 1).clamp_min(0)
-                checks[f"{name} outside [0, memory_capacity]"] = (
+                checks[f"{name} outside its class's memory capacity"] = (
                     (value < 0) | (value.to(cap.device) > top)
                 ).any()
         if isinstance(centers, Tensor) and centers.is_floating_point():

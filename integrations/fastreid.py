@@ -766,10 +766,16 @@ def _checkpointer_load(load: Callable[..., Any]) -> Callable[..., Any]:
             for k in self._feature_cloud_loading
             if hasattr(self.checkpointables.get(k), "load_state_dict")
         ]
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        flags = [(h, h._counts_pending, h._counts_from_checkpoint) for h in _leap_heads(model)]
         try:  # all or nothing: a part refused after the model loaded (a damaged head or FTL
             # statistics state) left the model half loaded
             with restore_on_error(*parts):
                 return load(self, path, checkpointables)
+        except BaseException:
+            for head, pending, loaded in flags:  # set by _counts_loaded of the refused load
+                head._counts_pending, head._counts_from_checkpoint = pending, loaded
+            raise
         finally:
             del self._feature_cloud_loading
 

@@ -373,9 +373,11 @@ def test_a_target_cloud_angle_beyond_pi_gives_the_references_arcface_logit(alpha
     y, std = torch.tensor([0]), torch.ones(1, dtype=torch.float64)
     noise = torch.tensor([[alpha_y], [0.0], [0.0]], dtype=torch.float64)
     for chunk_size in (None, 1):
+        xf, wf = x.clone().requires_grad_(), w.clone().requires_grad_()
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
         got = fused.margin_loss(
-            x,
-            w,
+            xf,
+            wf,
             y,
             margin_type="arcface",
             scale=64.0,
@@ -386,14 +388,19 @@ def test_a_target_cloud_angle_beyond_pi_gives_the_references_arcface_logit(alpha
             block=1,
         )
         logits = FC.margin_logits(
-            FC.cosine_logits(x, w),
+            FC.cosine_logits(xr, wr),
             y,
             margin_type="arcface",
             scale=64.0,
             margin=0.5,
             alpha=noise.t(),
         )
-        torch.testing.assert_close(got, FC.margin_cross_entropy(logits, y))
+        want = FC.margin_cross_entropy(logits, y)
+        torch.testing.assert_close(got, want)
+        got.backward()
+        want.backward()  # the gradients too (review: base's |dx| 27.6 for 0.78)
+        torch.testing.assert_close(xf.grad, xr.grad)
+        torch.testing.assert_close(wf.grad, wr.grad)
 
 
 @pytest.mark.parametrize("margin_type", ["cosface", "arcface"])

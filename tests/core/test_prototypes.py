@@ -334,8 +334,11 @@ def test_gradient_accumulation_over_the_imprint_step_is_refused_before_the_step(
         x, y = make_batch(step, 24, D, C)
         if step == 2:
             head(x, y)  # a loss computed and never backpropagated: its graph is freed
+            head.eval()
+            kept = head(x, y)  # review: an eval-mode loss kept for logging (grad on) is no step
+            head.train()
         head(x, y).backward()
-    assert head.feature_cloud._imprinted == 3
+    assert head.feature_cloud._imprinted == 3 and kept.requires_grad
 
 
 def test_imprint_step_is_checked_by_name():

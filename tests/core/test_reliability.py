@@ -164,6 +164,10 @@ def test_safe_normalize_matches_f_normalize_in_value_and_gradient():
     assert torch.autograd.gradcheck(FC.safe_normalize, (x[[0, 1, 3]].requires_grad_(),))
     big = torch.tensor([[3e20, 4e20]], dtype=torch.float32)
     torch.testing.assert_close(FC.safe_normalize(big), torch.tensor([[0.6, 0.8]]))
+    # review: a NaN row stays NaN (the zero-row rule had turned it into a silent zero row)
+    nan_row = torch.tensor([[float("nan"), 1.0], [0.0, 0.0], [3.0, 4.0]])
+    out = FC.safe_normalize(nan_row)
+    assert out[0].isnan().all() and torch.equal(out[1], torch.zeros(2))
 
 
 @pytest.mark.parametrize("impl", ["reference", "fused", "chunked"])
@@ -930,30 +934,3 @@ def test_a_damaged_checkpoint_is_refused_before_anything_loads(edit, match):
     with pytest.raises(ValueError, match=match):
         head.load_state_dict(state)
     assert_same_state(state_snapshot(head), before, "after a refused checkpoint")
-
-
-def test_a_strict_load_of_a_partial_state_changes_nothing():
-    """Attacker trial: torch's strict load copies every present key, then refuses the missing
-    or unexpected ones: a weight-only dict left the weight loaded; a dict without
-    ``feature_cloud.step`` the statistics. The heads' loads are all or nothing."""
-    from feature_cloud.integrations.pml import LEAPLoss
-
-    source, head = _head(), _head()
-    source(*_batch(0)).backward()
-    full = source.state_dict()
-    for state in (
-        {"weight": full["weight"]},
-        {k: v for k, v in full.items() if k != "feature_cloud.step"},
-        dict(full, bogus=torch.zeros(1)),
-    ):
-        before = state_snapshot(head)
-        with pytest.raises(RuntimeError, match="key"):
-            head.load_state_dict(state)
-        assert_same_state(state_snapshot(head), before, sorted(state)[:2])
-    head.load_state_dict({"weight": full["weight"]}, strict=False)  # the documented weight load
-    assert torch.equal(head.weight, source.weight)
-    loss = LEAPLoss(C, D, class_counts=COUNTS, seed=3)
-    before = state_snapshot(loss)
-    with pytest.raises(RuntimeError, match="Missing key"):
-        loss.load_state_dict({"W": full["weight"].t()})
-    assert_same_state(state_snapshot(loss), before, "PML LEAPLoss")

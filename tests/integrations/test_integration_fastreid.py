@@ -911,3 +911,22 @@ def test_a_checkpoint_refused_after_the_model_loaded_leaves_it_as_it_was(tmp_pat
     with pytest.raises(ValueError, match="step is -1"):
         Checkpointer(model, str(tmp_path / "o")).load(path)
     assert_same_state(before, state_snapshot(model), "a refused checkpoint")
+
+    class Refuses:  # a checkpointable loaded after the model and the optimizer (an FTL hook)
+        def state_dict(self):
+            return {"fine": True}
+
+        def load_state_dict(self, state):
+            raise ValueError("refused by the last checkpointable")
+
+    opt = torch.optim.SGD(source.parameters(), lr=0.1, momentum=0.9)
+    sum(p.sum() for p in source.parameters()).backward()
+    opt.step()
+    Checkpointer(source, str(tmp_path), optimizer=opt, last=Refuses()).save("with_opt")
+    own_opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt_before = own_opt.state_dict()
+    checkpointer = Checkpointer(model, str(tmp_path / "o"), optimizer=own_opt, last=Refuses())
+    with pytest.raises(ValueError, match="refused by the last"):
+        checkpointer.load(str(tmp_path / "with_opt.pth"))
+    assert_same_state(before, state_snapshot(model), "model, a checkpointable refused")
+    assert own_opt.state_dict() == opt_before  # the loaded momentum put back
