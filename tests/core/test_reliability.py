@@ -168,6 +168,11 @@ def test_safe_normalize_matches_f_normalize_in_value_and_gradient():
     nan_row = torch.tensor([[float("nan"), 1.0], [0.0, 0.0], [3.0, 4.0]])
     out = FC.safe_normalize(nan_row)
     assert out[0].isnan().all() and torch.equal(out[1], torch.zeros(2))
+    half = torch.zeros(2, 4, dtype=torch.float16)  # float16's eps underflows: 0 / 0 in backward
+    half[1] = 1.0
+    half.requires_grad_()
+    FC.safe_normalize(half).sum().backward()
+    assert torch.equal(half.grad[0], torch.zeros(4, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("impl", ["reference", "fused", "chunked"])
