@@ -459,6 +459,13 @@ class ClassStatistics(KeepBufferDtypes):
                 ).any()
         if isinstance(centers, Tensor) and centers.is_floating_point():
             checks["non-finite centers"] = ~torch.isfinite(centers).all()
+        for name in ("num_updates", "center_updates", "angle_sum", "angle_sqsum"):
+            value = state_dict.get(prefix + name)
+            if isinstance(value, Tensor) and not value.is_meta:  # counts and sums of angles
+                floor = -1e-6 if value.is_floating_point() else 0  # a running sum's rounding
+                checks[f"{name} below 0 or not finite"] = ~(
+                    torch.isfinite(value.double()) & (value >= floor)
+                ).all()
         if not checks:
             return
         flags = torch.stack([c.to("cpu") for c in checks.values()]).tolist()

@@ -97,6 +97,25 @@ def _half_to_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _miner_problem(indices_tuple: Any, labels: Any, embeddings: Any) -> Optional[Exception]:
+    """A miner's ``indices_tuple`` that PML's ``convert_to_weights`` refuses (an index outside
+    the batch), found before the ranks agree on the batch: one rank raised it after the others
+    had taken the step (or waited in the statistics' collective)."""
+    if (
+        indices_tuple is None
+        or not isinstance(labels, Tensor)
+        or not isinstance(embeddings, Tensor)
+    ):
+        return None
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
+        return None  # the agreement names the labels' problem
+    try:
+        lmu.convert_to_weights(indices_tuple, labels.long(), dtype=embeddings.dtype)
+    except (IndexError, ValueError, TypeError, RuntimeError) as exc:
+        return ValueError(f"indices_tuple does not fit the batch of {labels.shape[0]}: {exc}")
+    return None
+
+
 class LEAPLoss(
     WithFeatureCloud, MarginSettings, ImplSettings, WeightRegularizerMixin, BaseMetricLossFunction
 ):
@@ -310,7 +329,10 @@ class LEAPLoss(
             if isinstance(upcast, Tensor):
                 self._cloud_to(upcast.device)
             self._sync_mode()
-            checked = self.feature_cloud.check(upcast, cast(Tensor, labels), validate=self.validate)
+            problem = _miner_problem(indices_tuple, labels, upcast)  # agreed on with the batch
+            checked = self.feature_cloud.check(
+                upcast, cast(Tensor, labels), validate=self.validate, problem=problem
+            )
             self._agreed = (upcast, checked)
         elif isinstance(upcast, Tensor) and not upcast.is_floating_point():
             raise TypeError(f"embeddings must be a floating point tensor, got dtype {upcast.dtype}")
@@ -344,8 +366,8 @@ class LEAPLoss(
             if train:
                 self._sync_mode()
             labels = cloud.check(embeddings, labels, validate=self.validate, train=train)
-        self.cast_types(dtype, device)  # W follows the batch once the batch is accepted
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
+        self.cast_types(dtype, device)  # W follows the batch once the batch is accepted
         cloud.imprint(self.W.t(), self.sub_centers, train=train)
         draw = cloud.advance(embeddings, labels, train=train)
         if embeddings.shape[0] == 0:  # PML's zero loss (its reducers return 0, not a NaN mean)
@@ -396,8 +418,8 @@ class LEAPLoss(
     def _scored(self, embeddings: Tensor) -> Tensor:
         """Embeddings to score (at least float32, checked), ``W`` on their device and dtype."""
         embeddings = _half_to_float32(embeddings)
+        check_embeddings(embeddings, self.embedding_size)  # before W follows them
         self.cast_types(embeddings.dtype, embeddings.device)
-        check_embeddings(embeddings, self.embedding_size)
         return embeddings
 
     def get_cosine(self, embeddings: Tensor) -> Tensor:

@@ -143,6 +143,12 @@ def check_pml_loss(rank: int, world: int) -> None:
     _fails_together(rank, lambda: loss(bad_x, none), TypeError, r"integer tensor.*rank 1 of 2")
     ints = bad_x.long() if rank == 1 else bad_x  # were promoted to float silently
     _fails_together(rank, lambda: loss(ints, bad_y), TypeError, r"floating point.*rank 1 of 2")
+    # PML trial: a miner's indices_tuple outside the batch on one rank raised there alone
+    # (PML's convert_to_weights), while the other waited in the statistics' collective
+    pairs = torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([2, 99 if rank == 1 else 3])
+    _fails_together(
+        rank, lambda: loss(bad_x, bad_y, pairs), ValueError, r"indices_tuple.*rank 1 of 2"
+    )
     if rank == 1:
         bad_x[0, 0] = float("nan")
     _fails_together(rank, lambda: loss(bad_x, bad_y), ValueError, r"NaN.*rank 1 of 2")

@@ -925,6 +925,8 @@ def _edited(key, value):
         (_edited("feature_cloud.statistics.memory_fill", lambda f: f + 99), "memory_fill outside"),
         (_edited("feature_cloud.statistics.memory_pointer", lambda p: p - 5), "memory_pointer"),
         (_edited("feature_cloud.statistics.centers", lambda c: c * float("nan")), "non-finite"),
+        (_edited("feature_cloud.statistics.num_updates", torch.tensor(-1)), "num_updates below 0"),
+        (_edited("feature_cloud.statistics.angle_sqsum", lambda a: a - 1.0), "angle_sqsum below"),
     ],
 )
 def test_a_damaged_checkpoint_is_refused_before_anything_loads(edit, match):

@@ -706,3 +706,21 @@ def test_collect_stats_reads_the_host_once_a_step():
     with SyncWatch() as watch:
         ref(emb, labels.clamp_min(0))
     assert "_local_scalar_dense" in watch.syncs  # PML's own: its .item() (and a mask index)
+
+
+def test_a_refused_call_leaves_w_and_its_dtype_as_they_were():
+    """PML attacker trial: ``get_logits`` of integer embeddings turned a frozen ``W`` into
+    int64 (truncated values) before refusing them; float64 embeddings refused for their width,
+    or with a miner's ``indices_tuple`` outside the batch, left ``W`` in float64."""
+    emb, labels = _batch(6)
+    loss = LEAPLoss(C, D, class_counts=[4] * C, seed=0)
+    loss.W.requires_grad_(False)  # the README's way to train with W fixed
+    before = loss.W.detach().clone()
+    with pytest.raises(TypeError, match="floating point"):
+        loss.get_logits(torch.ones(2, D, dtype=torch.long))
+    with pytest.raises(ValueError, match="dimension"):
+        loss.get_logits(torch.randn(2, D + 1, dtype=torch.float64))
+    with pytest.raises(IndexError):
+        out_of_batch = (torch.tensor([0]), torch.tensor([1]), torch.tensor([B + 5]))
+        loss(emb.double(), labels, out_of_batch)
+    assert loss.W.dtype == torch.float32 and torch.equal(loss.W, before)
