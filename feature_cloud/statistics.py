@@ -26,6 +26,18 @@ from ._validation import (
 __all__ = ["ClassStatistics", "CENTER_RATES", "DEFAULT_CENTER_RATE"]
 
 _MEMORY_BUFFERS = ("memory", "memory_stamp", "memory_owner")
+#: The buffers whose values a loaded checkpoint must hold within range (``_check_state_values``).
+_VALUE_CHECKED = (
+    "class_counts",
+    "num_updates",
+    "center_updates",
+    "angle_sum",
+    "angle_sqsum",
+    "memory_capacity",
+    "memory_fill",
+    "memory_pointer",
+    "centers",
+)
 #: The statistics' buffers with one entry a class.
 _PER_CLASS_BUFFERS = (
     "center_initialized",
@@ -437,38 +449,31 @@ class ClassStatistics(KeepBufferDtypes):
             )
 
     def _check_state_values(self, state_dict: Dict[str, Any], prefix: str) -> None:
-        """Values an edited or damaged checkpoint can hold and training cannot (one host read,
-        at load): negative counts, a memory fill or pointer outside its class's capacity,
-        non-finite centers."""
-        get = {n: state_dict.get(prefix + n) for n in ("class_counts", "memory_capacity")}
-        get.update({n: state_dict.get(prefix + n) for n in ("memory_fill", "memory_pointer")})
-        centers = state_dict.get(prefix + "centers")
-        tensors = [t for t in (*get.values(), centers) if isinstance(t, Tensor)]
-        if any(t.is_meta for t in tensors) or not tensors:
+        """Values an edited or damaged checkpoint can hold and training cannot (read once, at
+        load): negative or non-finite counts and sums of angles, a memory fill or pointer
+        outside its class's capacity, non-finite centers."""
+        saved = {n: state_dict.get(prefix + n) for n in _VALUE_CHECKED}
+        present = {n: t for n, t in saved.items() if isinstance(t, Tensor)}
+        if not present or any(t.is_meta for t in present.values()):
             return
         checks: Dict[str, Tensor] = {}
-        if isinstance(get["class_counts"], Tensor):
-            checks["class_counts below 0"] = (get["class_counts"] < 0).any()
-        cap = get["memory_capacity"]
-        for name in ("memory_fill", "memory_pointer"):
-            value = get[name]
-            if isinstance(value, Tensor) and isinstance(cap, Tensor):
-                top = cap if name == "memory_fill" else (cap - 1).clamp_min(0)
-                checks[f"{name} outside its class's memory capacity"] = (
-                    (value < 0) | (value.to(cap.device) > top)
-                ).any()
-        if isinstance(centers, Tensor) and centers.is_floating_point():
-            checks["non-finite centers"] = ~torch.isfinite(centers).all()
-        for name in ("num_updates", "center_updates", "angle_sum", "angle_sqsum"):
-            value = state_dict.get(prefix + name)
-            if isinstance(value, Tensor) and not value.is_meta:  # counts and sums of angles
+        for name in ("class_counts", "num_updates", "center_updates", "angle_sum", "angle_sqsum"):
+            if name in present:
+                value = present[name]
                 floor = -1e-6 if value.is_floating_point() else 0  # a running sum's rounding
-                checks[f"{name} below 0 or not finite"] = ~(
-                    torch.isfinite(value.double()) & (value >= floor)
-                ).all()
-        if not checks:
-            return
-        flags = torch.stack([c.to("cpu") for c in checks.values()]).tolist()
+                ok = torch.isfinite(value.double()) & (value >= floor)
+                checks[f"{name} below 0 or not finite"] = ~ok.all()
+        cap = present.get("memory_capacity")
+        for name, top in (("memory_fill", 0), ("memory_pointer", 1)):  # pointer < capacity
+            if name in present and cap is not None:
+                value = present[name].to(cap.device)
+                limit = (cap - top).clamp_min(0)
+                checks[f"{name} outside its class's memory capacity"] = (
+                    (value < 0) | (value > limit)
+                ).any()
+        if "centers" in present:
+            checks["non-finite centers"] = ~torch.isfinite(present["centers"]).all()
+        flags = torch.stack([c.to("cpu") for c in checks.values()]).tolist() if checks else []
         bad = [name for name, flag in zip(checks, flags) if flag]
         if bad:
             raise ValueError(

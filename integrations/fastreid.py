@@ -66,7 +66,7 @@ import re
 import sys
 import types
 import warnings
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -1186,12 +1186,10 @@ class LEAPHead(nn.Module):
             )
         return self.margin_head
 
-    def _check_step(self, features: Tensor, targets: Optional[Tensor]) -> None:
+    def _check_step(self, features: Tensor, targets: Tensor) -> None:
         """A training step's checks before any of the head's layers runs (the neck's BatchNorm
         took a refused batch): the counts are set; the targets' type, shape and range and the
         features' finiteness (one host read with the head's ``validate``)."""
-        if targets is None:
-            raise ValueError("LEAPHead needs targets (identity labels) in training mode")
         head = self._margin_head()
         if self._counts_pending:
             raise RuntimeError(
@@ -1204,14 +1202,14 @@ class LEAPHead(nn.Module):
         check_inputs(features, targets, head.num_classes, head.validate, "targets")
 
     def forward(self, features: Tensor, targets: Optional[Tensor] = None):
+        if self.training and targets is None:
+            raise ValueError("LEAPHead needs targets (identity labels) in training mode")
         if self.training and torch.is_grad_enabled() and not self._batch_checked:
-            self._check_step(features, targets)  # before the neck's BatchNorm
+            self._check_step(features, cast(Tensor, targets))  # before the neck's BatchNorm
         pool_feat = self.pool_layer(features)
         neck_feat = self.bottleneck(pool_feat)[..., 0, 0]
         if not self.training:
             return neck_feat
-        if targets is None:
-            raise ValueError("LEAPHead needs targets (identity labels) in training mode")
         head = self._margin_head()
         feat = pool_feat[..., 0, 0] if self.neck_feat == "before" else neck_feat
         if self.fused_ce_epsilon is not None:  # LEAPBaseline: the loss on the fused kernels

@@ -97,23 +97,27 @@ def _half_to_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _miner_problem(indices_tuple: Any, labels: Any, embeddings: Any) -> Optional[Exception]:
-    """A miner's ``indices_tuple`` that PML's ``convert_to_weights`` refuses (an index outside
-    the batch), found before the ranks agree on the batch: one rank raised it after the others
-    had taken the step (or waited in the statistics' collective)."""
+def _miner_weights(
+    indices_tuple: Any, labels: Any, embeddings: Any
+) -> Tuple[Optional[Tensor], Optional[Exception]]:
+    """PML's ``convert_to_weights`` of a miner's ``indices_tuple``, taken before the ranks
+    agree on the batch, and the error it raised (an index outside the batch: one rank raised it
+    after the others had taken the step, or while they waited in the statistics' collective);
+    ``(None, None)`` without a miner or where the agreement names the labels' problem."""
     if (
         indices_tuple is None
         or not isinstance(labels, Tensor)
         or not isinstance(embeddings, Tensor)
+        or labels.dtype.is_floating_point
+        or labels.dtype == torch.bool
+        or labels.dim() != 1
     ):
-        return None
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
-        return None  # the agreement names the labels' problem
+        return None, None
     try:
-        lmu.convert_to_weights(indices_tuple, labels.long(), dtype=embeddings.dtype)
+        return lmu.convert_to_weights(indices_tuple, labels.long(), dtype=embeddings.dtype), None
     except (IndexError, ValueError, TypeError, RuntimeError) as exc:
-        return ValueError(f"indices_tuple does not fit the batch of {labels.shape[0]}: {exc}")
-    return None
+        problem = ValueError(f"indices_tuple does not fit the batch of {labels.shape[0]}: {exc}")
+        return None, problem
 
 
 class LEAPLoss(
@@ -235,7 +239,8 @@ class LEAPLoss(
             owner=("PML's loss keywords", self._PML_KWARGS),
         )
         self.validate = bool(validate)
-        self._agreed: Optional[Tuple[Tensor, Tensor]] = None  # (embeddings, labels) of forward
+        #: (embeddings, labels, miner weights) agreed on in forward
+        self._agreed: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None
         self.metric_l2: Optional[MetricL2] = ml2
         if self.metric_l2 is not None:
             warn_metric_l2_with_margin("LEAPLoss", "metric_l2", self.metric_l2.alpha)
@@ -329,11 +334,11 @@ class LEAPLoss(
             if isinstance(upcast, Tensor):
                 self._cloud_to(upcast.device)
             self._sync_mode()
-            problem = _miner_problem(indices_tuple, labels, upcast)  # agreed on with the batch
+            weights, problem = _miner_weights(indices_tuple, labels, upcast)  # agreed on too
             checked = self.feature_cloud.check(
                 upcast, cast(Tensor, labels), validate=self.validate, problem=problem
             )
-            self._agreed = (upcast, checked)
+            self._agreed = (upcast, checked, weights)
         elif isinstance(upcast, Tensor) and not upcast.is_floating_point():
             raise TypeError(f"embeddings must be a floating point tensor, got dtype {upcast.dtype}")
         try:
@@ -360,13 +365,15 @@ class LEAPLoss(
         cloud = self.feature_cloud
         train = self.training and torch.is_grad_enabled()
         agreed = self._agreed
+        miner_weights = None
         if train and agreed is not None and agreed[0] is embeddings:
-            labels = agreed[1]  # agreed on by every rank in forward
+            labels, miner_weights = agreed[1], agreed[2]  # agreed on by every rank in forward
         else:
             if train:
                 self._sync_mode()
             labels = cloud.check(embeddings, labels, validate=self.validate, train=train)
-        miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
+        if miner_weights is None:
+            miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
         self.cast_types(dtype, device)  # W follows the batch once the batch is accepted
         cloud.imprint(self.W.t(), self.sub_centers, train=train)
         draw = cloud.advance(embeddings, labels, train=train)
