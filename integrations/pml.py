@@ -341,6 +341,8 @@ class LEAPLoss(
             self._agreed = (upcast, checked, weights)
         elif isinstance(upcast, Tensor) and not upcast.is_floating_point():
             raise TypeError(f"embeddings must be a floating point tensor, got dtype {upcast.dtype}")
+        elif isinstance(labels, Tensor) and labels.dim() != 1:  # PML's check_shapes: IndexError
+            raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
         try:
             return super().forward(upcast, labels, indices_tuple, ref_emb, ref_labels)
         finally:

@@ -724,3 +724,13 @@ def test_a_refused_call_leaves_w_and_its_dtype_as_they_were():
         out_of_batch = (torch.tensor([0]), torch.tensor([1]), torch.tensor([B + 5]))
         loss(emb.double(), labels, out_of_batch)
     assert loss.W.dtype == torch.float32 and torch.equal(loss.W, before)
+
+
+def test_zero_d_labels_are_refused_by_name_before_anything_moves():
+    """0-d labels (a single sample's ``label`` instead of ``label[None]``) reached PML's own
+    ``check_shapes``, an ``IndexError: tuple index out of range``; the core head names them."""
+    loss = LEAPLoss(C, D, class_counts=[4] * C, seed=0)
+    state = {k: v.clone() for k, v in loss.state_dict().items()}
+    with pytest.raises(ValueError, match=r"labels must be 1-D, got shape \(\)"):
+        loss(torch.randn(1, D), torch.tensor(3))
+    assert all(torch.equal(v, loss.state_dict()[k]) for k, v in state.items())
