@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -642,22 +643,96 @@ class FTLHook(HookBase):
         self._saved_iter = None
 
 
+# ------------------------------------------------------------------ fastreid's names
+class _FastreidNames(nn.Module):
+    """:class:`FTLBaseline`'s modules under the names of fastreid's ``Baseline``, for fastreid's
+    own optimizer and freeze rules: ``backbone`` (``Enc``'s backbone: ``MODEL.FREEZE_LAYERS``)
+    and ``ftl`` (the rest). It holds the model's own modules and builds nothing."""
+
+    def __init__(self, meta: FTLBaseline) -> None:
+        super().__init__()
+        ftl = meta.ftl
+        self.backbone = ftl.encoder.backbone
+        self.ftl = ftl  # registered last: its backbone is named above
+
+
+def _check_freeze_layers(cfg: CfgNode, names: _FastreidNames) -> None:
+    """Refuse a ``MODEL.FREEZE_LAYERS`` entry that matches no parameter name (fastreid matches
+    them from the start of ``backbone.*`` / ``ftl.*``) while ``SOLVER.FREEZE_ITERS``
+    is on: fastreid would freeze nothing and still log the layer group as frozen."""
+    if int(cfg.SOLVER.FREEZE_ITERS) <= 0:
+        return
+    params = [n for n, _ in names.named_parameters()]
+    for layer in cfg.MODEL.FREEZE_LAYERS:
+        if not any(re.match(layer, n) for n in params):
+            raise ValueError(
+                f"MODEL.FREEZE_LAYERS: {layer!r} matches no parameter of FTLBaseline; under "
+                "fastreid's names its parameters are backbone.* (Enc's backbone) and ftl.* (the "
+                "other parts: ftl.filter, ftl.classifier, ftl.decoder)"
+            )
+
+
+class _FTLLayerFreeze(hooks.LayerFreeze):
+    """fastreid's ``LayerFreeze`` over :class:`_FastreidNames`: the named groups (``backbone``)
+    in eval mode for ``SOLVER.FREEZE_ITERS`` iterations (fastreid's optimizer holds back their
+    gradients). FTL's stage switches, UpdateStats and the evaluation hook set the model's train
+    mode again, so the groups go back to eval before and after every frozen step (fastreid's
+    PreciseBN, at the epoch's end, then leaves them alone as it does Baseline's); when they open,
+    the parts that FTL's stage keeps fixed stay in eval."""
+
+    def __init__(self, meta: FTLBaseline, freeze_layers: Sequence[str], freeze_iters: int) -> None:
+        super().__init__(_FastreidNames(meta), freeze_layers, freeze_iters)
+        self._ftl = meta.ftl
+
+    def before_step(self) -> None:
+        super().before_step()
+        self._keep_frozen()
+
+    def after_step(self) -> None:  # after FTLHook's stage switch, before PreciseBN's epoch end
+        self._keep_frozen()
+
+    def _keep_frozen(self) -> None:
+        if self.is_frozen:
+            for name, module in self.model.named_children():
+                if name in self.freeze_layers:
+                    module.eval()
+
+    def open_all_layer(self) -> None:
+        super().open_all_layer()
+        self._ftl.train(self._ftl.training)  # FTL's frozen parts back in eval
+
+
 # ------------------------------------------------------------------ the trainer
 class FTLTrainer(DefaultTrainer):
-    """fastreid's ``DefaultTrainer`` with two changes for FTL: the optimizer is built over the
+    """fastreid's ``DefaultTrainer`` with these changes for FTL: the optimizer is built over the
     parameters themselves (``contiguous=False``, so that frozen parts get no weight decay or
-    momentum step) and :class:`FTLHook` is registered right after the LR scheduler hook. Eq. 5's
-    quality filter comes from :meth:`build_ftl_quality` (override it, as fastreid's ``build_*``
-    class methods)."""
+    momentum step) by fastreid's ``build_optimizer`` on Baseline's names
+    (:class:`_FastreidNames`: ``MODEL.FREEZE_LAYERS: [backbone]`` freezes ``Enc``'s backbone),
+    fastreid's ``LayerFreeze`` hook works on the same names, and :class:`FTLHook` is registered
+    right after the LR scheduler hook. Eq. 5's quality filter comes from
+    :meth:`build_ftl_quality` (override it, as fastreid's ``build_*`` class methods)."""
 
     @classmethod
     def build_optimizer(
         cls, cfg: CfgNode, model: nn.Module
     ) -> Tuple[torch.optim.Optimizer, List[Dict[str, Any]]]:
+        meta = _unwrap(model)
+        if isinstance(meta, FTLBaseline):  # fastreid's rules on Baseline's names
+            names = _FastreidNames(meta)
+            _check_freeze_layers(cfg, names)
+            return solver_build.build_optimizer(cfg, names, contiguous=False)
         return solver_build.build_optimizer(cfg, model, contiguous=False)
 
     def build_hooks(self) -> List[HookBase]:
         ret = super().build_hooks()
+        meta = _unwrap(self.model)
+        if isinstance(meta, FTLBaseline):  # fastreid's LayerFreeze sees only the child `ftl`
+            ret = [
+                _FTLLayerFreeze(meta, h.freeze_layers, h.freeze_iters)
+                if isinstance(h, hooks.LayerFreeze)
+                else h
+                for h in ret
+            ]
         position = next((i + 1 for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)), 0)
         ret.insert(position, FTLHook.from_trainer(self, quality=self.build_ftl_quality(self.cfg)))
         return ret

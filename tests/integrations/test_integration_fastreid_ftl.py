@@ -489,3 +489,51 @@ def test_stage1_stream_matches_the_scheduler_loss(market_root, tmp_path):
     model = trainer.model
     model.train()
     torch.testing.assert_close(model(data)["loss_ftl"], sched.stage1_loss(hard, tail)["loss"])
+
+
+# ---------------------------------------------------------------- fastreid's own keys
+def test_freeze_layers_backbone_freezes_enc_backbone_across_stage_switches(market_root, tmp_path):
+    """``MODEL.FREEZE_LAYERS: [backbone]`` + ``SOLVER.FREEZE_ITERS`` (fastreid's Base-SBS) freeze
+    FTL's ``Enc`` backbone as fastreid freezes Baseline's: its parameters and BatchNorm
+    statistics do not move for FREEZE_ITERS iterations, also through stage 1 (UpdateStats) and
+    stage 2 (FTL sets train mode again), while R trains; afterwards the backbone trains. A name
+    that matches no parameter is refused when the trainer is built."""
+
+    def run(iters):
+        os.makedirs(tmp_path / f"fz{iters}")
+        cfg = _ftl_cfg(
+            tmp_path / f"fz{iters}",
+            "MODEL.FREEZE_LAYERS",
+            "['backbone']",
+            "SOLVER.FREEZE_ITERS",
+            str(iters),
+            "MODEL.FTL.STAGE0_ITERS",
+            "1",
+            "MODEL.FTL.STAGE_ITERS",
+            "1",
+            "MODEL.FTL.MAX_ALTERNATIONS",
+            "0",
+            "SOLVER.MAX_EPOCH",
+            "1",
+        )  # 5 iterations: stages 0, 1, 2, 1, 2
+        trainer = ftlint.FTLTrainer(cfg)
+        ftl = trainer.model.ftl
+        before = {k: v.clone() for k, v in ftl.encoder.backbone.state_dict().items()}
+        r_before = [p.detach().clone() for p in ftl.filter.parameters()]
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        after = ftl.encoder.backbone.state_dict()
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert any(not torch.equal(a, b) for a, b in zip(r_before, ftl.filter.parameters()))
+        return changed, len(before)
+
+    changed, total = run(100)
+    assert changed == []  # weights and running statistics
+    changed, total = run(2)  # opens before stage 2 (iteration 2): the backbone trains there
+    assert any("running_mean" in k for k in changed) and any("conv1.weight" in k for k in changed)
+
+    bad = _ftl_cfg(
+        tmp_path, "MODEL.FREEZE_LAYERS", "['ftl.encoder.backbone']", "SOLVER.FREEZE_ITERS", "5"
+    )
+    with pytest.raises(ValueError, match="MODEL.FREEZE_LAYERS: 'ftl.encoder.backbone' matches no"):
+        ftlint.FTLTrainer(bad)
