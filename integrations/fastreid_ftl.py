@@ -646,19 +646,24 @@ class FTLHook(HookBase):
 # ------------------------------------------------------------------ fastreid's names
 class _FastreidNames(nn.Module):
     """:class:`FTLBaseline`'s modules under the names of fastreid's ``Baseline``, for fastreid's
-    own optimizer and freeze rules: ``backbone`` (``Enc``'s backbone: ``MODEL.FREEZE_LAYERS``)
-    and ``ftl`` (the rest). It holds the model's own modules and builds nothing."""
+    own optimizer and freeze rules: ``backbone`` (``Enc``'s backbone: ``MODEL.FREEZE_LAYERS``),
+    ``heads`` (what fastreid's ``EmbeddingHead`` holds: ``Enc``'s pooling, ``R``, the embedding,
+    and ``FC``: ``SOLVER.HEADS_LR_FACTOR``) and ``ftl`` (the rest: ``Dec``). It holds the model's
+    own modules and builds nothing."""
 
     def __init__(self, meta: FTLBaseline) -> None:
         super().__init__()
         ftl = meta.ftl
         self.backbone = ftl.encoder.backbone
-        self.ftl = ftl  # registered last: its backbone is named above
+        self.heads = nn.ModuleDict(
+            {"pool_layer": ftl.encoder.pool, "filter": ftl.filter, "classifier": ftl.classifier}
+        )
+        self.ftl = ftl  # registered last: its backbone, pooling, R and FC are named above
 
 
 def _check_freeze_layers(cfg: CfgNode, names: _FastreidNames) -> None:
     """Refuse a ``MODEL.FREEZE_LAYERS`` entry that matches no parameter name (fastreid matches
-    them from the start of ``backbone.*`` / ``ftl.*``) while ``SOLVER.FREEZE_ITERS``
+    them from the start of ``backbone.*`` / ``heads.*`` / ``ftl.*``) while ``SOLVER.FREEZE_ITERS``
     is on: fastreid would freeze nothing and still log the layer group as frozen."""
     if int(cfg.SOLVER.FREEZE_ITERS) <= 0:
         return
@@ -667,8 +672,8 @@ def _check_freeze_layers(cfg: CfgNode, names: _FastreidNames) -> None:
         if not any(re.match(layer, n) for n in params):
             raise ValueError(
                 f"MODEL.FREEZE_LAYERS: {layer!r} matches no parameter of FTLBaseline; under "
-                "fastreid's names its parameters are backbone.* (Enc's backbone) and ftl.* (the "
-                "other parts: ftl.filter, ftl.classifier, ftl.decoder)"
+                "fastreid's names its parameters are backbone.* (Enc's backbone), heads.* "
+                "(heads.pool_layer, heads.filter: R, heads.classifier: FC) and ftl.decoder.*"
             )
 
 
@@ -707,7 +712,8 @@ class FTLTrainer(DefaultTrainer):
     """fastreid's ``DefaultTrainer`` with these changes for FTL: the optimizer is built over the
     parameters themselves (``contiguous=False``, so that frozen parts get no weight decay or
     momentum step) by fastreid's ``build_optimizer`` on Baseline's names
-    (:class:`_FastreidNames`: ``MODEL.FREEZE_LAYERS: [backbone]`` freezes ``Enc``'s backbone),
+    (:class:`_FastreidNames`: ``MODEL.FREEZE_LAYERS: [backbone]`` freezes ``Enc``'s backbone,
+    ``SOLVER.HEADS_LR_FACTOR`` applies to ``R`` and ``FC``),
     fastreid's ``LayerFreeze`` hook works on the same names, and :class:`FTLHook` is registered
     right after the LR scheduler hook. Eq. 5's quality filter comes from
     :meth:`build_ftl_quality` (override it, as fastreid's ``build_*`` class methods)."""

@@ -537,3 +537,24 @@ def test_freeze_layers_backbone_freezes_enc_backbone_across_stage_switches(marke
     )
     with pytest.raises(ValueError, match="MODEL.FREEZE_LAYERS: 'ftl.encoder.backbone' matches no"):
         ftlint.FTLTrainer(bad)
+
+
+def test_heads_lr_factor_applies_to_r_and_fc(tmp_path):
+    """``SOLVER.HEADS_LR_FACTOR`` (fastreid: the parameters under ``heads.``) scales the learning
+    rate of FTL's head, ``R`` and ``FC`` (what fastreid's EmbeddingHead holds: neck/embedding
+    and classifier); ``Enc``'s backbone and ``Dec`` keep ``SOLVER.BASE_LR``."""
+    cfg = _ftl_cfg(tmp_path, "MODEL.HEADS.NUM_CLASSES", "7", "SOLVER.HEADS_LR_FACTOR", "10.0")
+    model = build_model(cfg)
+    optimizer, _ = ftlint.FTLTrainer.build_optimizer(cfg, model)
+    lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    base = cfg.SOLVER.BASE_LR
+    ftl = model.ftl
+    for part, want in (
+        (ftl.filter, 10 * base),
+        (ftl.classifier, 10 * base),
+        (ftl.encoder.backbone, base),
+        (ftl.decoder, base),
+    ):
+        params = list(part.parameters())
+        assert params and all(lr[id(p)] == pytest.approx(want) for p in params)
+    assert len(lr) == len(list(model.parameters()))  # every parameter once
