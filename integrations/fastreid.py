@@ -528,34 +528,39 @@ _YAML_PATTERN = re.compile(r"""('[^']*'|"[^"]*")|\b(""" + "|".join(_YAML_KEYS) +
 
 
 @contextlib.contextmanager
-def _yaml_warnings() -> Iterator[None]:
+def _yaml_warnings(keys: Optional[Dict[str, str]] = None) -> Iterator[None]:
     """The head's warnings while it is built from the config, with its argument names replaced
     by the YAML keys (as :func:`_yaml_error` does for errors), also in fastreid's log (its
-    ``log.txt``)."""
+    ``log.txt``). ``keys``: argument name -> YAML key (default: LEAPHead's, :data:`_YAML_KEYS`)."""
+    pattern = _WARNING_PATTERN if keys is None else _warning_pattern(keys)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
     for w in caught:
-        text = _to_yaml_keys(str(w.message), _WARNING_PATTERN)
+        text = _to_yaml_keys(str(w.message), pattern, keys)
         logger.warning(text)
         warnings.warn(text, w.category, stacklevel=4)
 
 
-#: in a warning's prose ("the feature cloud counts ..."), a name without an underscore is an
-#: argument only as ``name=value``
-_WARNING_PATTERN = re.compile(
-    r"""('[^']*'|"[^"]*")|\b("""
-    + "|".join(k for k in _YAML_KEYS if "_" in k)
-    + r")\b|\b("
-    + "|".join(k for k in _YAML_KEYS if "_" not in k)
-    + r")(?==)"
-)
+def _warning_pattern(keys: Dict[str, str]) -> re.Pattern:
+    """In a warning's prose ("the feature cloud counts ..."), a name without an underscore is an
+    argument only as ``name=value``; quoted values (group 1) are kept."""
+    with_underscore = "|".join(k for k in keys if "_" in k) or "(?!)"
+    plain = "|".join(k for k in keys if "_" not in k) or "(?!)"
+    return re.compile(
+        r"""('[^']*'|"[^"]*")|\b(""" + with_underscore + r")\b|\b(" + plain + r")(?==)"
+    )
 
 
-def _to_yaml_keys(text: str, pattern: re.Pattern) -> str:
-    """``text`` with the head's argument names that ``pattern`` finds replaced by the YAML keys;
-    quoted values (group 1: the user's value, the allowed choices) are left as they are."""
-    return pattern.sub(lambda m: m.group(1) or _YAML_KEYS[m.group(m.lastindex or 0)], text)
+_WARNING_PATTERN = _warning_pattern(_YAML_KEYS)
+
+
+def _to_yaml_keys(text: str, pattern: re.Pattern, keys: Optional[Dict[str, str]] = None) -> str:
+    """``text`` with the head's argument names that ``pattern`` finds replaced by the YAML keys
+    (``keys``, default :data:`_YAML_KEYS`); quoted values (group 1: the user's value, the allowed
+    choices) are left as they are."""
+    keys = _YAML_KEYS if keys is None else keys
+    return pattern.sub(lambda m: m.group(1) or keys[m.group(m.lastindex or 0)], text)
 
 
 def _yaml_error(error: Exception) -> Exception:

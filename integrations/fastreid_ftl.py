@@ -33,7 +33,8 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -51,9 +52,11 @@ from feature_cloud.ftl import (
 )
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.integrations.fastreid import (  # noqa: F401
+    _YAML_KEYS,
     CLS_LAYER_TO_MARGIN,
     _add_missing_node,
     _register_once,
+    _yaml_warnings,
     class_counts_from_dataset,
     config_path,
     margin_for_cls_layer,
@@ -63,7 +66,7 @@ from feature_cloud.transfer import FeatureTransfer
 
 patch_fastreid_compat()
 
-from fastreid.config import CfgNode, configurable  # noqa: E402
+from fastreid.config import CfgNode, configurable, get_cfg  # noqa: E402
 from fastreid.data.build import fast_batch_collator  # noqa: E402
 from fastreid.data.transforms import build_transforms  # noqa: E402
 from fastreid.engine import DefaultTrainer, hooks  # noqa: E402
@@ -146,6 +149,46 @@ class FTLEncoder(nn.Module):
         return self.pool(self.backbone(x)).flatten(1)
 
 
+#: ``FTLModel`` / margin-head argument -> the YAML key (warnings name the key)
+_FTL_YAML_KEYS = {
+    **_YAML_KEYS,
+    "alpha_sfmx": "MODEL.FTL.ALPHA_SFMX",
+    "alpha_recon": "MODEL.FTL.ALPHA_RECON",
+    "alpha_reg": "MODEL.FTL.ALPHA_REG",
+}
+
+#: ``MODEL.HEADS`` keys that FTLBaseline reads (``SCALE`` / ``MARGIN`` with a margin ``CLS_LAYER``)
+_FTL_HEADS_KEYS = ("NUM_CLASSES", "EMBEDDING_DIM", "POOL_LAYER", "CLS_LAYER")
+
+
+def _unused_fastreid_keys(cfg: CfgNode) -> List[str]:
+    """``KEY: value`` of the ``MODEL.HEADS`` / ``MODEL.LOSSES`` keys that differ from fastreid's
+    defaults (``get_cfg()``) and that FTLBaseline does not read: fastreid's head and losses
+    (``NAME``, ``NECK_FEAT``, ``WITH_BNNECK``, ``NORM``, every ``LOSSES`` key; ``SCALE`` and
+    ``MARGIN`` with ``CLS_LAYER: Linear``). FTL's loss is Eq. 4 (``MODEL.FTL.ALPHA_*``)."""
+    used = set(_FTL_HEADS_KEYS)
+    if cfg.MODEL.HEADS.CLS_LAYER != "Linear":
+        used |= {"SCALE", "MARGIN"}
+    defaults = get_cfg().MODEL
+
+    def norm(value: Any) -> Any:
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    def walk(node: CfgNode, default: CfgNode, path: str, skip: Sequence[str]) -> Iterator[str]:
+        for key, value in default.items():
+            if key in skip or key not in node:
+                continue
+            if isinstance(value, CfgNode):
+                yield from walk(node[key], value, f"{path}.{key}", ())
+            elif norm(node[key]) != norm(value):
+                yield f"{path}.{key}: {node[key]!r}"
+
+    return [
+        *walk(cfg.MODEL.HEADS, defaults.HEADS, "MODEL.HEADS", [*used, "FEATURE_CLOUD"]),
+        *walk(cfg.MODEL.LOSSES, defaults.LOSSES, "MODEL.LOSSES", ()),
+    ]
+
+
 def _filter(ftl_cfg: CfgNode, feat_dim: int, emb_dim: int, hidden: int) -> nn.Module:
     """``R`` of ``MODEL.FTL.FILTER`` (``mlp`` in configurations written before the key)."""
     form = str(ftl_cfg.get("FILTER", "mlp"))
@@ -197,8 +240,6 @@ class FTLBaseline(nn.Module):
     def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:
         ftl_cfg = _ftl_node(cfg)
         heads = cfg.MODEL.HEADS
-        feat_dim = int(cfg.MODEL.BACKBONE.FEAT_DIM)
-        emb_dim = int(heads.EMBEDDING_DIM) or feat_dim
         num_classes = int(heads.NUM_CLASSES)
         if num_classes < 0:
             raise ValueError(f"MODEL.HEADS.NUM_CLASSES must be >= 0, got {num_classes}")
@@ -210,6 +251,25 @@ class FTLBaseline(nn.Module):
             raise ValueError(
                 f"unknown MODEL.HEADS.POOL_LAYER {heads.POOL_LAYER!r}; expected one of {pooling.__all__}"
             )
+        with _yaml_warnings(_FTL_YAML_KEYS):  # fastreid's log names the YAML keys
+            unused = _unused_fastreid_keys(cfg)
+            if unused:
+                warnings.warn(
+                    "FTLBaseline does not use these fastreid keys, set to other than fastreid's "
+                    f"defaults: {', '.join(unused)}. FTL's loss is Eq. 4 (MODEL.FTL.ALPHA_SFMX, "
+                    "ALPHA_RECON, ALPHA_REG), its head R and FC (MODEL.HEADS.EMBEDDING_DIM, "
+                    "CLS_LAYER; SCALE and MARGIN with CosSoftmax / ArcSoftmax)",
+                    stacklevel=2,  # re-emitted by _yaml_warnings
+                )
+            return cls._build(cfg, ftl_cfg, num_classes, inference_only)
+
+    @classmethod
+    def _build(
+        cls, cfg: CfgNode, ftl_cfg: CfgNode, num_classes: int, inference_only: bool
+    ) -> Dict[str, Any]:
+        heads = cfg.MODEL.HEADS
+        feat_dim = int(cfg.MODEL.BACKBONE.FEAT_DIM)
+        emb_dim = int(heads.EMBEDDING_DIM) or feat_dim
         encoder = FTLEncoder(build_backbone(cfg), getattr(pooling, heads.POOL_LAYER)())
         if heads.CLS_LAYER == "Linear":
             classifier: nn.Module = nn.Linear(emb_dim, num_classes, bias=False)
@@ -656,7 +716,11 @@ class _FastreidNames(nn.Module):
         ftl = meta.ftl
         self.backbone = ftl.encoder.backbone
         self.heads = nn.ModuleDict(
-            {"pool_layer": ftl.encoder.pool, "filter": ftl.filter, "classifier": ftl.classifier}
+            {
+                "pool_layer": cast(nn.Module, ftl.encoder.pool),
+                "filter": ftl.filter,
+                "classifier": ftl.classifier,
+            }
         )
         self.ftl = ftl  # registered last: its backbone, pooling, R and FC are named above
 

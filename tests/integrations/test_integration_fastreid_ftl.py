@@ -558,3 +558,64 @@ def test_heads_lr_factor_applies_to_r_and_fc(tmp_path):
         params = list(part.parameters())
         assert params and all(lr[id(p)] == pytest.approx(want) for p in params)
     assert len(lr) == len(list(model.parameters()))  # every parameter once
+
+
+def test_unused_fastreid_keys_and_the_ml2_warning_name_yaml_keys_in_fastreid_log(tmp_path, caplog):
+    """FTLBaseline names, once and in fastreid's log, the fastreid head / loss keys that a YAML
+    sets to other than fastreid's defaults and that FTL does not read (its loss is Eq. 4); keys
+    it reads (EMBEDDING_DIM, POOL_LAYER, CLS_LAYER; SCALE / MARGIN with a margin CLS_LAYER) are
+    not listed. The m-L2 warning of a margin FC names MODEL.FTL.ALPHA_REG, also in the log."""
+    import logging
+
+    import feature_cloud.integrations.fastreid as fr
+
+    def warned(*opts):
+        cfg = _ftl_cfg(tmp_path, "MODEL.HEADS.NUM_CLASSES", "7", *opts)
+        caplog.clear()
+        fr.logger.addHandler(caplog.handler)  # fastreid's setup_logger stops propagation
+        try:
+            with caplog.at_level(logging.WARNING, logger=fr.logger.name):
+                with warnings_recorded() as caught:
+                    build_model(cfg)
+        finally:
+            fr.logger.removeHandler(caplog.handler)
+        logged = sorted({r.getMessage() for r in caplog.records})  # the handler may see it twice
+        assert logged == sorted(str(w.message) for w in caught)
+        return logged
+
+    assert warned() == []  # the shipped YAML: nothing unused
+    (text,) = warned(
+        *("MODEL.HEADS.SCALE", "24", "MODEL.HEADS.MARGIN", "0.3", "MODEL.HEADS.NECK_FEAT"),
+        *("after", "MODEL.HEADS.WITH_BNNECK", "True", "MODEL.HEADS.NAME", "LEAPHead"),
+        *("MODEL.LOSSES.NAME", "('TripletLoss',)", "MODEL.LOSSES.CE.EPSILON", "0.1"),
+        *("MODEL.HEADS.POOL_LAYER", "GlobalMaxPool", "MODEL.HEADS.EMBEDDING_DIM", "32"),
+    )
+    for key in (
+        "MODEL.HEADS.SCALE: 24",
+        "MODEL.HEADS.MARGIN: 0.3",
+        "MODEL.HEADS.NECK_FEAT: 'after'",
+        "MODEL.HEADS.WITH_BNNECK: True",
+        "MODEL.HEADS.NAME: 'LEAPHead'",
+        "MODEL.LOSSES.NAME: ('TripletLoss',)",
+        "MODEL.LOSSES.CE.EPSILON: 0.1",
+    ):
+        assert key in text
+    assert "POOL_LAYER:" not in text and "EMBEDDING_DIM:" not in text
+    margin = warned(
+        *("MODEL.HEADS.CLS_LAYER", "CosSoftmax", "MODEL.HEADS.SCALE", "24"),
+        *("MODEL.HEADS.MARGIN", "0.3"),
+    )
+    assert len(margin) == 1 and "MODEL.FTL.ALPHA_REG=0" in margin[0]
+    assert "alpha_reg" not in margin[0]  # SCALE / MARGIN are used: not listed
+
+
+def warnings_recorded():
+    import warnings
+
+    class _Recorded(warnings.catch_warnings):
+        def __enter__(self):
+            caught = super().__enter__()
+            warnings.simplefilter("always")
+            return caught
+
+    return _Recorded(record=True)
