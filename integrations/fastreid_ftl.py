@@ -405,14 +405,22 @@ class _Stage1Stream:
 def _check_tail_split(
     ftl: FTLModel, train_set: Dataset, datasets: Optional[Sequence[str]] = None
 ) -> None:
-    """Refuse a training set without long-tail or without regular classes
-    (:func:`feature_cloud.ftl.check_tail_split`) before anything trains; with ``datasets``
+    """Refuse a training set of another class count than ``MODEL.HEADS.NUM_CLASSES``, or without
+    long-tail or without regular classes (:func:`feature_cloud.ftl.check_tail_split`), before
+    anything trains; with ``datasets``
     (``DATASETS.NAMES``) the message names ``MODEL.FTL.TAIL_THRESHOLD``. A dataset that is not
     fastreid's ``CommDataset`` is left to UpdateStats, which checks the same after its first pass."""
     try:
         counts = class_counts_from_dataset(train_set)
     except TypeError:
         return
+    if counts.numel() != ftl.num_classes:  # LEAPHead's message (FeatureTransfer's names its args)
+        names = "" if datasets is None else f" (DATASETS.NAMES {tuple(datasets)})"
+        raise ValueError(
+            f"the training set{names} has {counts.numel()} identities but "
+            f"MODEL.HEADS.NUM_CLASSES is {ftl.num_classes} (leave it 0: fastreid's trainer sets "
+            "it from the data)"
+        )
     try:
         check_tail_split(ftl.feature_transfer, counts)
     except ValueError as error:

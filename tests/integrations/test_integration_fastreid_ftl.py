@@ -619,3 +619,15 @@ def warnings_recorded():
             return caught
 
     return _Recorded(record=True)
+
+
+@pytest.mark.parametrize("num_classes", ["5", "20"])
+def test_trainer_refuses_another_num_classes_naming_the_key(market_root, tmp_path, num_classes):
+    """A ``MODEL.HEADS.NUM_CLASSES`` other than the training set's identities is refused when
+    the trainer is built, naming the key as LEAPHead does (not FeatureTransfer's arguments)."""
+    cfg = _ftl_cfg(tmp_path, "MODEL.HEADS.NUM_CLASSES", num_classes)
+    with pytest.raises(
+        ValueError,
+        match=rf"has {NUM_IDS} identities but MODEL.HEADS.NUM_CLASSES is {num_classes} \(leave",
+    ):
+        ftlint.FTLTrainer(cfg)
