@@ -1285,7 +1285,8 @@ class LEAPBaseline(Baseline):
     ``CE.SCALE``; top-1 accuracy logged as ``cls_accuracy``; triplet, circle and pairwise
     cosface losses computed by ``Baseline.losses`` on the head's features. The head returns
     per-sample losses instead of ``B x C`` margin logits, so the step makes no logit matrix
-    outside the fused kernels. With adaptive label smoothing (``CE.EPSILON < 0``) or another
+    outside the fused kernels. With adaptive label smoothing (``CE.EPSILON < 0``), with
+    ``CE.EPSILON >= (C - 1) / C`` (no ``label_smoothing`` below 1 means it; a warning) or another
     head it is exactly ``Baseline``.
     """
 
@@ -1295,7 +1296,20 @@ class LEAPBaseline(Baseline):
         names = self.loss_kwargs["loss_names"]
         eps = float(self.loss_kwargs.get("ce", {}).get("eps", 0.0))
         if isinstance(self.heads, LEAPHead) and "CrossEntropyLoss" in names and eps >= 0:
-            self.heads.fused_ce_epsilon = eps
+            head = self.heads.margin_head
+            classes = 0 if head is None else head.num_classes
+            if classes > 1 and fastreid_epsilon_to_label_smoothing(eps, classes) >= 1.0:
+                with _yaml_warnings():  # in fastreid's log.txt too
+                    warnings.warn(
+                        f"MODEL.LOSSES.CE.EPSILON {eps} is at least (C - 1) / C = "
+                        f"{(classes - 1) / classes:.4g} for MODEL.HEADS.NUM_CLASSES {classes}: "
+                        "fastreid's targets give the true class no more weight than the others "
+                        "(torch's label_smoothing would be >= 1), so LEAPBaseline runs fastreid's "
+                        "own cross-entropy on the margin logits, as Baseline does",
+                        stacklevel=2,
+                    )
+            else:
+                self.heads.fused_ce_epsilon = eps
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:

@@ -630,13 +630,22 @@ def _meta_step(model, feats, labels):
     return {k: v.detach() for k, v in losses.items()}, acc, feats.grad, grads
 
 
-@pytest.mark.parametrize("eps,cloud", [(0.0, "none"), (0.1, "none"), (-1.0, "none"), (0.1, "full")])
+@pytest.mark.parametrize(
+    "eps,cloud",
+    [(0.0, "none"), (0.1, "none"), (-1.0, "none"), (0.1, "full"), (0.8, "none"), (0.95, "none")],
+)
 def test_leap_baseline_runs_the_fused_loss_and_equals_baseline(eps, cloud):
     """MODEL.META_ARCHITECTURE: LEAPBaseline computes fastreid's cross-entropy (CE.EPSILON label
     smoothing, its normalisation and CE.SCALE) inside the head on the fused kernels: the same
-    losses, accuracy and gradients as Baseline + fastreid's cross_entropy_loss on margin logits."""
-    ref, ours = _meta_pair(eps, cloud)
-    assert (ours.heads.fused_ce_epsilon is None) == (eps < 0)  # adaptive smoothing: Baseline's
+    losses, accuracy and gradients as Baseline + fastreid's cross_entropy_loss on margin logits.
+    CE.EPSILON < 0 (adaptive) or >= (C - 1) / C (0.8 for 5 classes: no torch label_smoothing
+    below 1 for it) is Baseline's own loss, the latter with a warning naming the key."""
+    if eps >= 0.8:
+        with pytest.warns(UserWarning, match=rf"MODEL.LOSSES.CE.EPSILON {eps} is at least"):
+            ref, ours = _meta_pair(eps, cloud)
+    else:
+        ref, ours = _meta_pair(eps, cloud)
+    assert (ours.heads.fused_ce_epsilon is None) == (eps < 0 or eps >= 0.8)  # Baseline's
     feats = torch.randn(8, 32, 1, 1, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 0, 1, 1, 2, 3, 4, 4])
     for _ in range(3 if cloud != "none" else 1):  # past the 2 warm-up steps: the cloud is on
@@ -649,7 +658,7 @@ def test_leap_baseline_runs_the_fused_loss_and_equals_baseline(eps, cloud):
     torch.testing.assert_close(got[2], want[2], atol=1e-5, rtol=1e-5)
     for g, w in zip(got[3], want[3]):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-    if eps >= 0:
+    if ours.heads.fused_ce_epsilon is not None:
         out = ours.heads(feats, labels)
         assert set(out) == {"cls_losses", "top1", "features"} and out["cls_losses"].shape == (8,)
         assert ours.heads.margin_head.backend == "fused"
