@@ -824,10 +824,56 @@ def _checkpointer_load_model(load_model: Callable[..., Any]) -> Callable[..., An
                 )
             _skip_mismatched_units(model, state, mismatched)
             _size_variable_buffers(model, state)
+            if "optimizer" not in getattr(self, "_feature_cloud_loading", ()):
+                continued = _clouds_in(model, state)  # MODEL.WEIGHTS, --eval-only: no resume
+                result = load_model(self, checkpoint)
+                _log_continued_clouds(continued)
+                return result
         return load_model(self, checkpoint)
 
     wrapped._feature_cloud = True  # type: ignore[attr-defined]
     return wrapped
+
+
+def _clouds_in(model: nn.Module, state: Dict[str, Any]) -> List[Tuple[str, LEAPHead]]:
+    """The LEAP heads whose feature-cloud state (step, seed, statistics) ``state`` holds."""
+    found = []
+    for name, head in model.named_modules():
+        if isinstance(head, LEAPHead) and head.margin_head is not None:
+            prefix = (name + "." if name else "") + "margin_head.feature_cloud."
+            if prefix + "step" in state:
+                found.append((name or "heads", head))
+    return found
+
+
+def _log_continued_clouds(heads: List[Tuple[str, LEAPHead]]) -> None:
+    """Say, after a load without resume (a fine-tune from ``MODEL.WEIGHTS``), which cloud values
+    came from the checkpoint: the cloud's state loads as a unit, so its step (the warm-up counts
+    from it), seed and class statistics continue; a YAML ``SEED`` >= 0 that differs is named."""
+    for name, head in heads:
+        cloud = cast(LEAPMarginHead, head.margin_head).feature_cloud
+        step, seed, warmup = int(cloud.step), int(cloud.seed), int(cloud.warmup_steps)
+        left = "done" if step >= warmup else f"{warmup - step} iterations left"
+        logger.info(
+            "%s: the checkpoint's feature cloud continues (a load without resume keeps its state "
+            "as a unit): step %d (MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS %d: %s), seed %d and "
+            "the class statistics come from the checkpoint",
+            name,
+            step,
+            warmup,
+            left,
+            seed,
+        )
+        given = head.configured_seed
+        if given is not None and given != seed:
+            logger.warning(
+                "%s: MODEL.HEADS.FEATURE_CLOUD.SEED %d is not used: the checkpoint's feature "
+                "cloud continues with its own seed %d (and step %d) from MODEL.WEIGHTS",
+                name,
+                given,
+                seed,
+                step,
+            )
 
 
 class FeatureCloudHook(HookBase):
@@ -1036,6 +1082,9 @@ class LEAPHead(nn.Module):
                     )
             except (TypeError, ValueError) as error:
                 raise _yaml_error(error) from error
+        #: ``MODEL.HEADS.FEATURE_CLOUD.SEED`` (``None``: -1, from the global RNG); a checkpoint's
+        #: cloud keeps its own seed (named in the log when this differs)
+        self.configured_seed = seed
         self.register_load_state_dict_post_hook(_counts_loaded)
         #: fastreid's ``CE.EPSILON`` when :class:`LEAPBaseline` runs the cross-entropy inside the
         #: head (fused kernels); ``None``: return margin logits for fastreid's own loss

@@ -760,12 +760,24 @@ def test_checkpointer_finetune_to_other_classes_starts_a_fresh_cloud(tmp_path, c
     Checkpointer(model).load(path)
     assert model.heads.margin_head.step == 0 and model.heads.class_counts_pending
 
-    # the same number of classes: everything restored exactly, no warning
+    # the same number of classes: everything restored exactly (the seed too: one warning names
+    # the YAML's SEED that is not used), step and seed in fastreid's log
     caplog.clear()
-    same = _trained_model(7, 0, CLASS_COUNTS="online", WARMUP_ITERS=2, SEED=11)
-    with caplog.at_level(logging.WARNING, logger=fr.logger.name):
+    same = _trained_model(7, 0, CLASS_COUNTS="online", WARMUP_ITERS=4, SEED=11)
+    with caplog.at_level(logging.INFO, logger=fr.logger.name):
         Checkpointer(same).load(path)
-    assert not [r for r in caplog.records if r.name == fr.logger.name]
+    notes = [r for r in caplog.records if r.name == fr.logger.name]
+    (warning,) = [r.getMessage() for r in notes if r.levelno == logging.WARNING]
+    assert "MODEL.HEADS.FEATURE_CLOUD.SEED 11 is not used" in warning and "seed 3" in warning
+    (info,) = [r.getMessage() for r in notes if r.levelno == logging.INFO]
+    assert "step 5 (MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS 4: done), seed 3" in info
+    caplog.clear()
+    unseeded = _trained_model(7, 0, CLASS_COUNTS="online", WARMUP_ITERS=9, SEED=-1)
+    with caplog.at_level(logging.INFO, logger=fr.logger.name):
+        Checkpointer(unseeded).load(path)
+    notes = [r for r in caplog.records if r.name == fr.logger.name]
+    assert not [r for r in notes if r.levelno >= logging.WARNING]  # SEED -1: nothing replaced
+    assert any("WARMUP_ITERS 9: 4 iterations left" in r.getMessage() for r in notes)
     want = source.state_dict()
     got = same.state_dict()
     assert set(got) == set(want)
