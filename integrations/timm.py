@@ -58,7 +58,7 @@ except ImportError as _err:  # timm.task: 1.0.25; its ClassificationEvaluator: 1
         f"timm.task.ClassificationEvaluator); this is timm {timm.__version__}: "
         "pip install 'timm>=1.0.31'"
     ) from _err
-from timm.models import group_parameters
+from timm.models._manipulate import group_with_matcher  # group_parameters without a module
 from timm.utils.model import unwrap_model
 from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
@@ -133,11 +133,15 @@ def _compiled_eval_model(task: TrainingTask, ema: bool) -> Optional[nn.Module]:
     return getattr(task, "eval_model_ema" if ema else "eval_model", None)
 
 
+_UNMATCHED = "\x00feature_cloud adapter"
+"""A parameter name no timm ``group_matcher`` matches: the adapter's parameters' layer group."""
+
+
 class _BackboneOptimizerHooks:
     """timm's optimizer hooks for a module around a timm backbone, as timm's
     ``FeatureDistillationTrainableModule`` does for its student: ``create_optimizer_v2`` sees the
     backbone's ``no_weight_decay()`` and ``group_matcher()`` (layer decay) under the backbone's
-    prefix; the other parameters (the head; ``R``, ``FC``, ``Dec``) form one last layer group,
+    prefix; the other parameters (the head; ``R``, ``FC``, ``Dec``) are in the last layer group,
     where timm puts a model's unmatched classifier head."""
 
     def _timm_backbone(self) -> nn.Module:
@@ -157,18 +161,26 @@ class _BackboneOptimizerHooks:
         return {prefix + name for name in backbone.no_weight_decay()}
 
     def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        """The backbone's layer groups (timm's ``group_with_matcher`` on its parameter names);
+        the adapter's own parameters are grouped as a name the backbone's matcher leaves
+        unmatched: timm's last group, where it puts a classifier together with the backbone's
+        unmatched neck (ConvNeXt's ``head.norm``, MobileNetV3's ``conv_head``), so every
+        backbone parameter gets the ``lr_scale`` of the same model built with ``num_classes``."""
         backbone, prefix = self._backbone_and_prefix()
-        layers: Dict[str, int] = (
-            group_parameters(backbone, backbone.group_matcher(coarse=coarse), reverse=True)
-            if hasattr(backbone, "group_matcher")
-            else {}
+        if not hasattr(backbone, "group_matcher"):
+            return lambda name: 0 if name.startswith(prefix) else 1
+        names = [name for name, _ in backbone.named_parameters()]
+        layers: Dict[str, int] = group_with_matcher(
+            [(name, None) for name in [*names, _UNMATCHED]],
+            backbone.group_matcher(coarse=coarse),
+            reverse=True,
         )
-        last = max(layers.values(), default=0) + 1
+        head = layers.pop(_UNMATCHED)
 
         def _matcher(name: str) -> int:
             if name.startswith(prefix):
                 return layers.get(name[len(prefix) :], 0)
-            return last
+            return head
 
         return _matcher
 
@@ -254,7 +266,8 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
 
     ``forward(input, target)`` returns ``(loss, logits, embeddings)``; ``forward(input)`` returns
     the plain ``s cos(theta)`` logits. ``no_weight_decay()`` / ``group_matcher()`` are the
-    backbone's (``backbone.*``), the head a last layer group, for timm's ``create_optimizer_v2``.
+    backbone's (``backbone.*``), the head in the backbone's last layer group (where timm puts a
+    classifier), for timm's ``create_optimizer_v2``.
     ``label_smoothing``: as ``F.cross_entropy``'s, in the head's margin loss.
     """
 
@@ -615,7 +628,7 @@ def create_ftl_model(
 class TimmFTLModel(_BackboneOptimizerHooks, FTLModel):
     """:class:`feature_cloud.FTLModel` whose ``Enc`` is a timm model (what
     :func:`create_ftl_model` builds): ``no_weight_decay()`` / ``group_matcher()`` are the
-    encoder's (``encoder.*``), ``R``, ``FC`` and ``Dec`` a last layer group, for timm's
+    encoder's (``encoder.*``), ``R``, ``FC`` and ``Dec`` in its last layer group, for timm's
     ``create_optimizer_v2``. Otherwise an ``FTLModel`` (same state, same loss)."""
 
     def _timm_backbone(self) -> nn.Module:

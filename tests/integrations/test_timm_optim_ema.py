@@ -56,10 +56,10 @@ def _groups(opt, module):
     }
 
 
-def _timm_reference(layer_decay):
-    """timm's own grouping of the same ViT *with* a classifier head (unmatched: a last layer)."""
+def _timm_reference(layer_decay, name="vit_tiny_patch16_224", model_kwargs=VIT):
+    """timm's own grouping of the same model *with* a classifier head (unmatched: a last layer)."""
     torch.manual_seed(0)
-    ref = timm.create_model("vit_tiny_patch16_224", num_classes=C, **VIT)
+    ref = timm.create_model(name, num_classes=C, **(model_kwargs or {}))
     return _groups(
         create_optimizer_v2(ref, "adamw", weight_decay=0.05, layer_decay=layer_decay), ref
     )
@@ -121,6 +121,28 @@ def test_ftl_model_forwards_the_encoder_hooks():
         else:  # R, FC, Dec: the last group, like timm's classifier head
             assert scale == 1.0, name
     assert layered["encoder.blocks.0.attn.qkv.weight"][1] < layered["encoder.norm.weight"][1] < 1.0
+
+
+@pytest.mark.parametrize("make, prefix", [(_leap, "backbone."), (_ftl, "encoder.")])
+@pytest.mark.parametrize(
+    "name, model_kwargs",
+    [("convnext_atto", None), ("mobilenetv3_small_050", None), ("resnet10t", None), ("vit", VIT)],
+)
+def test_layer_decay_scales_the_backbone_as_timm_scales_the_model(make, prefix, name, model_kwargs):
+    """ConvNeXt's ``head.norm`` and MobileNetV3's ``conv_head`` are left unmatched by their
+    ``group_matcher``: timm puts them in the last group with the classifier; the adapter's
+    parameters join that group instead of adding one (an extra x0.75 on every backbone layer)."""
+    name = "vit_tiny_patch16_224" if name == "vit" else name
+    module = make(name, model_kwargs).get_trainable_module()
+    layered = _groups(
+        create_optimizer_v2(module, "adamw", weight_decay=0.05, layer_decay=0.75), module
+    )
+    ref = _timm_reference(0.75, name, model_kwargs)
+    backbone = {n[len(prefix) :]: g for n, g in layered.items() if n.startswith(prefix)}
+    assert backbone.keys() <= ref.keys() and len(backbone) >= len(ref) - 2  # less fc / head
+    for key, (wd, scale) in backbone.items():
+        assert (wd, scale) == pytest.approx(ref[key]), key
+    assert {scale for n, (_, scale) in layered.items() if not n.startswith(prefix)} == {1.0}
 
 
 @pytest.mark.parametrize("make", [_leap, _ftl])
