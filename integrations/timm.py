@@ -65,6 +65,7 @@ from torch import Tensor, nn
 
 from feature_cloud._buffers import restore_on_error
 from feature_cloud._validation import as_float, check_inputs
+from feature_cloud.cloud import FeatureCloud
 from feature_cloud.ftl import (
     DEFAULT_TAIL_SAMPLING,
     AlternatingScheduler,
@@ -74,6 +75,7 @@ from feature_cloud.ftl import (
 )
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.regularizers import MetricL2, as_metric_l2, warn_metric_l2_with_margin
+from feature_cloud.statistics import ClassStatistics
 from feature_cloud.transfer import FeatureTransfer
 
 _logger = logging.getLogger(__name__)
@@ -225,14 +227,30 @@ class _AllOrNothingLoad(TrainingTask):
             super().load_checkpoint_state(state_dict, task_state, ema=ema, strict=strict)
 
 
-class ModelEmaV3Following(ModelEmaV3):
-    """timm's ``ModelEmaV3`` for models with data-sized buffers.
+_STATISTICS: Tuple[type, ...] = (FeatureCloud, ClassStatistics, FeatureTransfer)
+"""Modules whose buffers are one history (sums, memories, counters, centers, the FTL basis)."""
 
-    ``ModelEmaV3`` pairs the EMA copy's and the model's ``state_dict`` entries by position and
-    interpolates (or copies) them in place, so a buffer that changes shape in the model (the LEAP
-    angle memory laid out after an online-count warm-up, FTL's basis and sample lists at every
-    UpdateStats) would break it. Before each update such a buffer is replaced in the copy by the
-    model's current one; everything else is timm's update.
+
+def _statistics_buffers(model: nn.Module) -> Dict[str, Tensor]:
+    """Every buffer of the statistics modules in ``model`` (:data:`_STATISTICS`), by name."""
+    found: Dict[str, Tensor] = {}
+    for owner, module in model.named_modules():
+        if isinstance(module, _STATISTICS):
+            found.update(module.named_buffers(prefix=owner))
+    return found
+
+
+class ModelEmaV3Following(ModelEmaV3):
+    """timm's ``ModelEmaV3`` for models with class statistics.
+
+    Weights and the other buffers (BatchNorm running statistics) are timm's average. The buffers
+    of the statistics modules (:class:`FeatureCloud` with its :class:`ClassStatistics`,
+    :class:`FeatureTransfer`) are copied from the model: angle sums averaged against copied
+    counts, or an averaged PCA basis, are no statistics of anything (and the EMA evaluator's
+    prototypes are the EMA centers). A buffer that changes shape in the model (the angle memory
+    laid out after an online-count warm-up, FTL's basis and sample lists at every UpdateStats)
+    is replaced in the copy before timm's update, which pairs tensors by position in place.
+    ``exclude_buffers=True`` (timm's): every buffer copied, BatchNorm's too.
     """
 
     @torch.no_grad()
@@ -246,6 +264,9 @@ class ModelEmaV3Following(ModelEmaV3):
                 target = self.module.get_submodule(owner) if owner else self.module
                 setattr(target, attr, buf.detach().to(device=mine.device, copy=True))
         super().update(model, step=step)
+        ema_buffers = dict(self.module.named_buffers())
+        for name, buf in _statistics_buffers(model).items():
+            ema_buffers[name].copy_(buf)
 
 
 def refuse_soft_target(target: Optional[Tensor], task: str) -> None:
@@ -468,10 +489,11 @@ class LEAPTask(_AllOrNothingLoad):
         device: Optional[torch.device] = None,
         **kwargs: Any,
     ) -> ModelEmaV3Following:
-        """timm's EMA of backbone + head (:class:`ModelEmaV3Following`); ``task.update_ema()`` or
-        ``ema.update(task.get_trainable_module())`` after each optimiser step. The EMA head's class
-        statistics are averaged like BatchNorm statistics; only its weights feed the evaluator
-        (``create_evaluator(ema=True)``)."""
+        """timm's EMA of backbone + head (:class:`ModelEmaV3Following`); ``task.update_ema()``
+        (or ``update_ema(step=...)``) or ``ema.update(task.get_trainable_module())`` after each
+        optimiser step. Weights and BatchNorm statistics are averaged; the head's statistics
+        (centers, angles, counts, step) are copied from the live head, and the EMA head's
+        prototypes (its centers) score ``create_evaluator(ema=True)``."""
         _forget_compiled_ema(self)
         self.trainable_module_ema = ModelEmaV3Following(
             unwrap_model(self.get_trainable_module()),
@@ -835,11 +857,12 @@ class FTLTask(_AllOrNothingLoad):
         device: Optional[torch.device] = None,
         **kwargs: Any,
     ) -> ModelEmaV3Following:
-        """timm's EMA of the :class:`FTLModel` (:class:`ModelEmaV3Following`: the FTL statistics
-        change shape at every UpdateStats and are followed, not averaged away). ``task.update_ema()``
-        or ``ema.update(task.model)`` after each optimiser step; the EMA eval model is
-        :class:`FTLEmbedding` of the copy; ``create_evaluator(ema=True)`` scores it with the
-        copy's ``FC``."""
+        """timm's EMA of the :class:`FTLModel` (:class:`ModelEmaV3Following`: weights and
+        BatchNorm statistics averaged; the FC's class statistics and the FTL statistics, basis
+        and sample lists, which change shape at every UpdateStats, copied from the live model).
+        ``task.update_ema()`` or ``ema.update(task.model)`` after each optimiser step; the EMA
+        eval model is :class:`FTLEmbedding` of the copy; ``create_evaluator(ema=True)`` scores it
+        with the copy's ``FC``."""
         _forget_compiled_ema(self)
         self.trainable_module_ema = ModelEmaV3Following(
             self._parts(),
