@@ -144,9 +144,18 @@ class _BackboneOptimizerHooks:
     ``FeatureDistillationTrainableModule`` does for its student: ``create_optimizer_v2`` sees the
     backbone's ``no_weight_decay()`` and ``group_matcher()`` (layer decay) under the backbone's
     prefix; the other parameters (the head; ``R``, ``FC``, ``Dec``) are in the last layer group,
-    where timm puts a model's unmatched classifier head."""
+    where timm puts a model's unmatched classifier head. Like timm's ``fc.weight``, the
+    classifier's weight gets weight decay unless ``head_weight_decay`` is ``False``."""
+
+    head_weight_decay: bool = True
+    """``False``: the classifier's parameters (the LEAP head; FTL's ``FC``) are in
+    :meth:`no_weight_decay`. A cosine head's logits do not depend on ``||W||``: weight decay
+    only shrinks it, which raises the weight's effective learning rate."""
 
     def _timm_backbone(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _classifier(self) -> nn.Module:
         raise NotImplementedError
 
     def _backbone_and_prefix(self) -> Tuple[nn.Module, str]:
@@ -157,10 +166,19 @@ class _BackboneOptimizerHooks:
         raise RuntimeError("the backbone is not a submodule of this module")
 
     def no_weight_decay(self) -> Set[str]:
+        """The backbone's (under its prefix), and the classifier's parameters when
+        ``head_weight_decay`` is ``False``."""
         backbone, prefix = self._backbone_and_prefix()
-        if not hasattr(backbone, "no_weight_decay"):
-            return set()
-        return {prefix + name for name in backbone.no_weight_decay()}
+        names = (
+            {prefix + name for name in backbone.no_weight_decay()}
+            if hasattr(backbone, "no_weight_decay")
+            else set()
+        )
+        if not self.head_weight_decay:
+            head = {id(p) for p in self._classifier().parameters()}
+            own = self.named_parameters()  # type: ignore[attr-defined]
+            names |= {name for name, p in own if id(p) in head}
+        return names
 
     def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
         """The backbone's layer groups (timm's ``group_with_matcher`` on its parameter names);
@@ -290,10 +308,15 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
     backbone's (``backbone.*``), the head in the backbone's last layer group (where timm puts a
     classifier), for timm's ``create_optimizer_v2``.
     ``label_smoothing``: as ``F.cross_entropy``'s, in the head's margin loss.
+    ``head_weight_decay=False``: ``head.weight`` in ``no_weight_decay()``.
     """
 
     def __init__(
-        self, backbone: nn.Module, head: LEAPMarginHead, label_smoothing: float = 0.0
+        self,
+        backbone: nn.Module,
+        head: LEAPMarginHead,
+        label_smoothing: float = 0.0,
+        head_weight_decay: bool = True,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -301,9 +324,13 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
         self.label_smoothing = as_float(
             label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0, max_inclusive=False
         )
+        self.head_weight_decay = bool(head_weight_decay)
 
     def _timm_backbone(self) -> nn.Module:
         return self.backbone
+
+    def _classifier(self) -> nn.Module:
+        return self.head
 
     def forward(self, input: Tensor, target: Optional[Tensor] = None):
         if target is not None:  # checked before the backbone's BatchNorm takes the batch
@@ -387,6 +414,8 @@ class LEAPTask(_AllOrNothingLoad):
             float, or a :class:`feature_cloud.MetricL2`: its ``alpha``).
         label_smoothing: as timm's ``--smoothing`` (``F.cross_entropy``'s), inside the margin
             loss; timm's loader-side smoothing and Mixup / CutMix give soft targets, refused.
+        head_weight_decay: ``False`` leaves the head's weight out of ``create_optimizer_v2``'s
+            weight decay (it is in the trainable module's ``no_weight_decay()``).
         device, dtype, verbose: as in ``timm.task.TrainingTask``.
     """
 
@@ -396,6 +425,7 @@ class LEAPTask(_AllOrNothingLoad):
         head: LEAPMarginHead,
         metric_l2: Union[None, float, MetricL2] = None,
         label_smoothing: float = 0.0,
+        head_weight_decay: bool = True,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
@@ -411,9 +441,9 @@ class LEAPTask(_AllOrNothingLoad):
                 f"the backbone outputs num_features={features} but the head expects "
                 f"embedding_size={head.embedding_size}"
             )
-        self.trainable_module = LEAPTrainableModule(model, head, label_smoothing).to(
-            device=self.device
-        )
+        self.trainable_module = LEAPTrainableModule(
+            model, head, label_smoothing, head_weight_decay
+        ).to(device=self.device)
         self.metric_l2 = as_metric_l2(metric_l2)
         if self.metric_l2 is not None:
             warn_metric_l2_with_margin("LEAPMarginHead", "metric_l2", self.metric_l2.alpha)
@@ -428,6 +458,7 @@ class LEAPTask(_AllOrNothingLoad):
         model_kwargs: Optional[Dict[str, Any]] = None,
         metric_l2: Union[None, float, MetricL2] = None,
         label_smoothing: float = 0.0,
+        head_weight_decay: bool = True,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
@@ -442,6 +473,7 @@ class LEAPTask(_AllOrNothingLoad):
             head,
             metric_l2=metric_l2,
             label_smoothing=label_smoothing,
+            head_weight_decay=head_weight_decay,
             device=device,
             dtype=dtype,
             verbose=verbose,
@@ -586,6 +618,7 @@ def create_ftl_model(
     alpha_recon: Optional[float] = None,
     alpha_reg: Optional[float] = None,
     transfer_kwargs: Optional[Dict[str, Any]] = None,
+    head_weight_decay: bool = True,
     **head_kwargs: Any,
 ) -> FTLModel:
     """An :class:`FTLModel` (FTL Fig. 2) around ``timm.create_model(model_name, num_classes=0)``.
@@ -598,7 +631,8 @@ def create_ftl_model(
     default 0.25); ``Dec`` is a :class:`~feature_cloud.ftl.ConvDecoder` to ``decoder_shape``
     (``(C, H, W)`` of the input; ``None``: no reconstruction, ``alpha_recon`` default 0, else 1).
     ``transfer_kwargs`` go to :class:`FeatureTransfer` (``energy``, ``num_components``,
-    ``tail_threshold``, ``class_counts``, ...).
+    ``tail_threshold``, ``class_counts``, ...). ``head_weight_decay=False``: ``FC``'s weight in
+    ``no_weight_decay()`` (:class:`TimmFTLModel`).
     """
     if classifier not in ("leap", "linear"):
         raise ValueError(f"classifier must be 'leap' or 'linear', got {classifier!r}")
@@ -629,7 +663,7 @@ def create_ftl_model(
         alpha_recon = 1.0 if decoder is not None else 0.0
     if alpha_reg is None:
         alpha_reg = 0.0 if classifier == "leap" else 0.25
-    return TimmFTLModel(
+    model = TimmFTLModel(
         backbone,
         fc,
         feature_dim=feat,
@@ -645,6 +679,8 @@ def create_ftl_model(
         alpha_reg=alpha_reg,
         transfer=FeatureTransfer(feat, int(num_classes), **(transfer_kwargs or {})),
     )
+    model.head_weight_decay = bool(head_weight_decay)
+    return model
 
 
 class TimmFTLModel(_BackboneOptimizerHooks, FTLModel):
@@ -655,6 +691,9 @@ class TimmFTLModel(_BackboneOptimizerHooks, FTLModel):
 
     def _timm_backbone(self) -> nn.Module:
         return self.encoder
+
+    def _classifier(self) -> nn.Module:
+        return self.classifier
 
 
 class FTLEmbedding(nn.Module):

@@ -145,6 +145,28 @@ def test_layer_decay_scales_the_backbone_as_timm_scales_the_model(make, prefix, 
     assert {scale for n, (_, scale) in layered.items() if not n.startswith(prefix)} == {1.0}
 
 
+@pytest.mark.parametrize("layer_decay", [None, 0.75])
+def test_head_weight_decay_false_leaves_the_classifier_weight_undecayed(layer_decay):
+    """A cosine head's logits ignore ``||W||``: weight decay on ``head.weight`` (timm treats it
+    as its ``fc.weight``) only raises its effective lr. The opt-out reaches timm's factory
+    through ``no_weight_decay()``; the layer groups stay as they were."""
+    kw = dict(weight_decay=0.05, layer_decay=layer_decay)
+    leap_on, leap_off = _leap(), _leap(head_weight_decay=False)
+    ftl = dict(model_kwargs=VIT, embedding_size=16, class_counts=[5] * C)
+    ftl_on = create_ftl_model("vit_tiny_patch16_224", C, **ftl)
+    ftl_off = create_ftl_model("vit_tiny_patch16_224", C, head_weight_decay=False, **ftl)
+    for on, off, weight in [
+        (leap_on.get_trainable_module(), leap_off.get_trainable_module(), "head.weight"),
+        (ftl_on, ftl_off, "classifier.weight"),
+    ]:
+        default = _groups(create_optimizer_v2(on, "adamw", **kw), on)
+        opted = _groups(create_optimizer_v2(off, "adamw", **kw), off)
+        assert default[weight][0] == 0.05 and opted[weight] == (0.0, default[weight][1])
+        assert {n: g for n, g in opted.items() if n != weight} == {
+            n: g for n, g in default.items() if n != weight
+        }
+
+
 @pytest.mark.parametrize("make", [_leap, _ftl])
 def test_compile_ema_gives_the_compiled_ema_eval_model(make):
     task = make("test_resnet", model_kwargs=None)
