@@ -93,6 +93,21 @@ __all__ = [
 ]
 
 
+def _headless_backbone(
+    model_name: str, pretrained: bool, model_kwargs: Optional[Dict[str, Any]]
+) -> nn.Module:
+    """``timm.create_model(model_name, num_classes=0, **model_kwargs)``: pooled embeddings."""
+    if model_kwargs and "num_classes" in model_kwargs:
+        raise TypeError(
+            f"model_kwargs sets num_classes={model_kwargs['num_classes']!r}: the backbone is "
+            "built with num_classes=0 (it outputs embeddings; the head is the classifier). Give "
+            "the number of classes as the num_classes argument"
+        )
+    return timm.create_model(
+        model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {})
+    )
+
+
 def create_backbone_and_head(
     model_name: str,
     num_classes: int,
@@ -107,9 +122,7 @@ def create_backbone_and_head(
     :class:`LEAPMarginHead` (``margin_type``, ``scale``, ``margin``, ``cloud``,
     ``class_counts``, ``warmup_steps``, ...).
     """
-    backbone = timm.create_model(
-        model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {})
-    )
+    backbone = _headless_backbone(model_name, pretrained, model_kwargs)
     head = LEAPMarginHead(int(backbone.num_features), int(num_classes), **head_kwargs)
     return backbone, head
 
@@ -214,6 +227,18 @@ class _BackboneOptimizerHooks:
     def default_cfg(self) -> Dict[str, Any]:
         """timm's older name of :attr:`pretrained_cfg`."""
         return self.pretrained_cfg
+
+    def _refuse_backbone_classifier(self) -> None:
+        """A timm backbone given a classifier again (``reset_classifier(n)``) outputs ``n``
+        logits, not embeddings: refused before it runs (its BatchNorm would take the batch)."""
+        classes = getattr(unwrap_model(self._timm_backbone()), "num_classes", 0)
+        if classes:
+            path = self._backbone_and_prefix()[1]
+            raise ValueError(
+                f"the backbone has a classifier (num_classes={classes}, e.g. after "
+                f"reset_classifier({classes})): it outputs logits, not the embeddings the head "
+                f"needs. Call {path}reset_classifier(0); the head is the classifier"
+            )
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """The backbone's gradient checkpointing (timm's ``--grad-checkpointing``)."""
@@ -332,8 +357,19 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
     def _classifier(self) -> nn.Module:
         return self.head
 
+    @property
+    def num_classes(self) -> int:
+        """timm's model attribute: the head's classes (``forward(input)``'s logits)."""
+        return self.head.num_classes
+
+    @property
+    def num_features(self) -> int:
+        """timm's model attribute: the embedding size (the backbone's ``num_features``)."""
+        return self.head.embedding_size
+
     def forward(self, input: Tensor, target: Optional[Tensor] = None):
-        if target is not None:  # checked before the backbone's BatchNorm takes the batch
+        self._refuse_backbone_classifier()  # checked before the backbone's BatchNorm takes
+        if target is not None:  # the batch
             refuse_soft_target(target, "LEAPTask")
             head = self.head
             check_inputs(input, target, head.num_classes, head.validate, "target")
@@ -640,9 +676,7 @@ def create_ftl_model(
         raise TypeError(
             f"classifier='linear' takes no LEAPMarginHead arguments, got {sorted(head_kwargs)}"
         )
-    backbone = timm.create_model(
-        model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {})
-    )
+    backbone = _headless_backbone(model_name, pretrained, model_kwargs)
     feat = int(backbone.num_features)
     emb = int(embedding_size) if embedding_size is not None else feat
     if filter == "residual" and emb != feat:
@@ -694,6 +728,11 @@ class TimmFTLModel(_BackboneOptimizerHooks, FTLModel):
 
     def _classifier(self) -> nn.Module:
         return self.classifier
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``g = Enc(x)``; an encoder given a classifier again is refused before it runs."""
+        self._refuse_backbone_classifier()
+        return super().encode(x)
 
 
 class FTLEmbedding(nn.Module):
