@@ -231,9 +231,11 @@ class _BackboneOptimizerHooks:
     def _refuse_backbone_classifier(self) -> None:
         """A timm backbone given a classifier again (``reset_classifier(n)``) outputs ``n``
         logits, not embeddings: refused before it runs (its BatchNorm would take the batch)."""
-        classes = getattr(unwrap_model(self._timm_backbone()), "num_classes", 0)
+        wrapped = self._timm_backbone()
+        classes = getattr(unwrap_model(wrapped), "num_classes", 0)
         if classes:
-            path = self._backbone_and_prefix()[1]
+            own = self.named_children()  # type: ignore[attr-defined]
+            path = next((name + "." for name, child in own if child is wrapped), "")
             raise ValueError(
                 f"the backbone has a classifier (num_classes={classes}, e.g. after "
                 f"reset_classifier({classes})): it outputs logits, not the embeddings the head "
