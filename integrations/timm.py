@@ -58,13 +58,14 @@ except ImportError as _err:  # timm.task: 1.0.25; its ClassificationEvaluator: 1
         f"timm.task.ClassificationEvaluator); this is timm {timm.__version__}: "
         "pip install 'timm>=1.0.31'"
     ) from _err
-from timm.models import group_parameters
+from timm.models._manipulate import group_with_matcher  # group_parameters without a module
 from timm.utils.model import unwrap_model
 from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 
 from feature_cloud._buffers import restore_on_error
 from feature_cloud._validation import as_float, check_inputs
+from feature_cloud.cloud import FeatureCloud
 from feature_cloud.ftl import (
     DEFAULT_TAIL_SAMPLING,
     AlternatingScheduler,
@@ -74,6 +75,7 @@ from feature_cloud.ftl import (
 )
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.regularizers import MetricL2, as_metric_l2, warn_metric_l2_with_margin
+from feature_cloud.statistics import ClassStatistics
 from feature_cloud.transfer import FeatureTransfer
 
 _logger = logging.getLogger(__name__)
@@ -91,6 +93,21 @@ __all__ = [
 ]
 
 
+def _headless_backbone(
+    model_name: str, pretrained: bool, model_kwargs: Optional[Dict[str, Any]]
+) -> nn.Module:
+    """``timm.create_model(model_name, num_classes=0, **model_kwargs)``: pooled embeddings."""
+    if model_kwargs and "num_classes" in model_kwargs:
+        raise TypeError(
+            f"model_kwargs sets num_classes={model_kwargs['num_classes']!r}: the backbone is "
+            "built with num_classes=0 (it outputs embeddings; the head is the classifier). Give "
+            "the number of classes as the num_classes argument"
+        )
+    return timm.create_model(
+        model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {})
+    )
+
+
 def create_backbone_and_head(
     model_name: str,
     num_classes: int,
@@ -105,9 +122,7 @@ def create_backbone_and_head(
     :class:`LEAPMarginHead` (``margin_type``, ``scale``, ``margin``, ``cloud``,
     ``class_counts``, ``warmup_steps``, ...).
     """
-    backbone = timm.create_model(
-        model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {})
-    )
+    backbone = _headless_backbone(model_name, pretrained, model_kwargs)
     head = LEAPMarginHead(int(backbone.num_features), int(num_classes), **head_kwargs)
     return backbone, head
 
@@ -133,14 +148,27 @@ def _compiled_eval_model(task: TrainingTask, ema: bool) -> Optional[nn.Module]:
     return getattr(task, "eval_model_ema" if ema else "eval_model", None)
 
 
+_UNMATCHED = "\x00feature_cloud adapter"
+"""A parameter name no timm ``group_matcher`` matches: the adapter's parameters' layer group."""
+
+
 class _BackboneOptimizerHooks:
     """timm's optimizer hooks for a module around a timm backbone, as timm's
     ``FeatureDistillationTrainableModule`` does for its student: ``create_optimizer_v2`` sees the
     backbone's ``no_weight_decay()`` and ``group_matcher()`` (layer decay) under the backbone's
-    prefix; the other parameters (the head; ``R``, ``FC``, ``Dec``) form one last layer group,
-    where timm puts a model's unmatched classifier head."""
+    prefix; the other parameters (the head; ``R``, ``FC``, ``Dec``) are in the last layer group,
+    where timm puts a model's unmatched classifier head. Like timm's ``fc.weight``, the
+    classifier's weight gets weight decay unless ``head_weight_decay`` is ``False``."""
+
+    head_weight_decay: bool = True
+    """``False``: the classifier's parameters (the LEAP head; FTL's ``FC``) are in
+    :meth:`no_weight_decay`. A cosine head's logits do not depend on ``||W||``: weight decay
+    only shrinks it, which raises the weight's effective learning rate."""
 
     def _timm_backbone(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _classifier(self) -> nn.Module:
         raise NotImplementedError
 
     def _backbone_and_prefix(self) -> Tuple[nn.Module, str]:
@@ -151,24 +179,41 @@ class _BackboneOptimizerHooks:
         raise RuntimeError("the backbone is not a submodule of this module")
 
     def no_weight_decay(self) -> Set[str]:
+        """The backbone's (under its prefix), and the classifier's parameters when
+        ``head_weight_decay`` is ``False``."""
         backbone, prefix = self._backbone_and_prefix()
-        if not hasattr(backbone, "no_weight_decay"):
-            return set()
-        return {prefix + name for name in backbone.no_weight_decay()}
+        names = (
+            {prefix + name for name in backbone.no_weight_decay()}
+            if hasattr(backbone, "no_weight_decay")
+            else set()
+        )
+        if not self.head_weight_decay:
+            head = {id(p) for p in self._classifier().parameters()}
+            own = self.named_parameters()  # type: ignore[attr-defined]
+            names |= {name for name, p in own if id(p) in head}
+        return names
 
     def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        """The backbone's layer groups (timm's ``group_with_matcher`` on its parameter names);
+        the adapter's own parameters are grouped as a name the backbone's matcher leaves
+        unmatched: timm's last group, where it puts a classifier together with the backbone's
+        unmatched neck (ConvNeXt's ``head.norm``, MobileNetV3's ``conv_head``), so every
+        backbone parameter gets the ``lr_scale`` of the same model built with ``num_classes``."""
         backbone, prefix = self._backbone_and_prefix()
-        layers: Dict[str, int] = (
-            group_parameters(backbone, backbone.group_matcher(coarse=coarse), reverse=True)
-            if hasattr(backbone, "group_matcher")
-            else {}
+        if not hasattr(backbone, "group_matcher"):
+            return lambda name: 0 if name.startswith(prefix) else 1
+        names = [name for name, _ in backbone.named_parameters()]
+        layers: Dict[str, int] = group_with_matcher(
+            [(name, None) for name in [*names, _UNMATCHED]],
+            backbone.group_matcher(coarse=coarse),
+            reverse=True,
         )
-        last = max(layers.values(), default=0) + 1
+        head = layers.pop(_UNMATCHED)
 
         def _matcher(name: str) -> int:
             if name.startswith(prefix):
                 return layers.get(name[len(prefix) :], 0)
-            return last
+            return head
 
         return _matcher
 
@@ -182,6 +227,20 @@ class _BackboneOptimizerHooks:
     def default_cfg(self) -> Dict[str, Any]:
         """timm's older name of :attr:`pretrained_cfg`."""
         return self.pretrained_cfg
+
+    def _refuse_backbone_classifier(self) -> None:
+        """A timm backbone given a classifier again (``reset_classifier(n)``) outputs ``n``
+        logits, not embeddings: refused before it runs (its BatchNorm would take the batch)."""
+        wrapped = self._timm_backbone()
+        classes = getattr(unwrap_model(wrapped), "num_classes", 0)
+        if classes:
+            own = self.named_children()  # type: ignore[attr-defined]
+            path = next((name + "." for name, child in own if child is wrapped), "")
+            raise ValueError(
+                f"the backbone has a classifier (num_classes={classes}, e.g. after "
+                f"reset_classifier({classes})): it outputs logits, not the embeddings the head "
+                f"needs. Call {path}reset_classifier(0); the head is the classifier"
+            )
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """The backbone's gradient checkpointing (timm's ``--grad-checkpointing``)."""
@@ -213,14 +272,30 @@ class _AllOrNothingLoad(TrainingTask):
             super().load_checkpoint_state(state_dict, task_state, ema=ema, strict=strict)
 
 
-class ModelEmaV3Following(ModelEmaV3):
-    """timm's ``ModelEmaV3`` for models with data-sized buffers.
+_STATISTICS: Tuple[type, ...] = (FeatureCloud, ClassStatistics, FeatureTransfer)
+"""Modules whose buffers are one history (sums, memories, counters, centers, the FTL basis)."""
 
-    ``ModelEmaV3`` pairs the EMA copy's and the model's ``state_dict`` entries by position and
-    interpolates (or copies) them in place, so a buffer that changes shape in the model (the LEAP
-    angle memory laid out after an online-count warm-up, FTL's basis and sample lists at every
-    UpdateStats) would break it. Before each update such a buffer is replaced in the copy by the
-    model's current one; everything else is timm's update.
+
+def _statistics_buffers(model: nn.Module) -> Dict[str, Tensor]:
+    """Every buffer of the statistics modules in ``model`` (:data:`_STATISTICS`), by name."""
+    found: Dict[str, Tensor] = {}
+    for owner, module in model.named_modules():
+        if isinstance(module, _STATISTICS):
+            found.update(module.named_buffers(prefix=owner))
+    return found
+
+
+class ModelEmaV3Following(ModelEmaV3):
+    """timm's ``ModelEmaV3`` for models with class statistics.
+
+    Weights and the other buffers (BatchNorm running statistics) are timm's average. The buffers
+    of the statistics modules (:class:`FeatureCloud` with its :class:`ClassStatistics`,
+    :class:`FeatureTransfer`) are copied from the model: angle sums averaged against copied
+    counts, or an averaged PCA basis, are no statistics of anything (and the EMA evaluator's
+    prototypes are the EMA centers). A buffer that changes shape in the model (the angle memory
+    laid out after an online-count warm-up, FTL's basis and sample lists at every UpdateStats)
+    is replaced in the copy before timm's update, which pairs tensors by position in place.
+    ``exclude_buffers=True`` (timm's): every buffer copied, BatchNorm's too.
     """
 
     @torch.no_grad()
@@ -234,6 +309,9 @@ class ModelEmaV3Following(ModelEmaV3):
                 target = self.module.get_submodule(owner) if owner else self.module
                 setattr(target, attr, buf.detach().to(device=mine.device, copy=True))
         super().update(model, step=step)
+        ema_buffers = dict(self.module.named_buffers())
+        for name, buf in _statistics_buffers(model).items():
+            ema_buffers[name].copy_(buf)
 
 
 def refuse_soft_target(target: Optional[Tensor], task: str) -> None:
@@ -254,12 +332,18 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
 
     ``forward(input, target)`` returns ``(loss, logits, embeddings)``; ``forward(input)`` returns
     the plain ``s cos(theta)`` logits. ``no_weight_decay()`` / ``group_matcher()`` are the
-    backbone's (``backbone.*``), the head a last layer group, for timm's ``create_optimizer_v2``.
+    backbone's (``backbone.*``), the head in the backbone's last layer group (where timm puts a
+    classifier), for timm's ``create_optimizer_v2``.
     ``label_smoothing``: as ``F.cross_entropy``'s, in the head's margin loss.
+    ``head_weight_decay=False``: ``head.weight`` in ``no_weight_decay()``.
     """
 
     def __init__(
-        self, backbone: nn.Module, head: LEAPMarginHead, label_smoothing: float = 0.0
+        self,
+        backbone: nn.Module,
+        head: LEAPMarginHead,
+        label_smoothing: float = 0.0,
+        head_weight_decay: bool = True,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -267,12 +351,27 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
         self.label_smoothing = as_float(
             label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0, max_inclusive=False
         )
+        self.head_weight_decay = bool(head_weight_decay)
 
     def _timm_backbone(self) -> nn.Module:
         return self.backbone
 
+    def _classifier(self) -> nn.Module:
+        return self.head
+
+    @property
+    def num_classes(self) -> int:
+        """timm's model attribute: the head's classes (``forward(input)``'s logits)."""
+        return self.head.num_classes
+
+    @property
+    def num_features(self) -> int:
+        """timm's model attribute: the embedding size (the backbone's ``num_features``)."""
+        return self.head.embedding_size
+
     def forward(self, input: Tensor, target: Optional[Tensor] = None):
-        if target is not None:  # checked before the backbone's BatchNorm takes the batch
+        self._refuse_backbone_classifier()  # checked before the backbone's BatchNorm takes
+        if target is not None:  # the batch
             refuse_soft_target(target, "LEAPTask")
             head = self.head
             check_inputs(input, target, head.num_classes, head.validate, "target")
@@ -353,6 +452,8 @@ class LEAPTask(_AllOrNothingLoad):
             float, or a :class:`feature_cloud.MetricL2`: its ``alpha``).
         label_smoothing: as timm's ``--smoothing`` (``F.cross_entropy``'s), inside the margin
             loss; timm's loader-side smoothing and Mixup / CutMix give soft targets, refused.
+        head_weight_decay: ``False`` leaves the head's weight out of ``create_optimizer_v2``'s
+            weight decay (it is in the trainable module's ``no_weight_decay()``).
         device, dtype, verbose: as in ``timm.task.TrainingTask``.
     """
 
@@ -362,6 +463,7 @@ class LEAPTask(_AllOrNothingLoad):
         head: LEAPMarginHead,
         metric_l2: Union[None, float, MetricL2] = None,
         label_smoothing: float = 0.0,
+        head_weight_decay: bool = True,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
@@ -377,9 +479,9 @@ class LEAPTask(_AllOrNothingLoad):
                 f"the backbone outputs num_features={features} but the head expects "
                 f"embedding_size={head.embedding_size}"
             )
-        self.trainable_module = LEAPTrainableModule(model, head, label_smoothing).to(
-            device=self.device
-        )
+        self.trainable_module = LEAPTrainableModule(
+            model, head, label_smoothing, head_weight_decay
+        ).to(device=self.device)
         self.metric_l2 = as_metric_l2(metric_l2)
         if self.metric_l2 is not None:
             warn_metric_l2_with_margin("LEAPMarginHead", "metric_l2", self.metric_l2.alpha)
@@ -394,6 +496,7 @@ class LEAPTask(_AllOrNothingLoad):
         model_kwargs: Optional[Dict[str, Any]] = None,
         metric_l2: Union[None, float, MetricL2] = None,
         label_smoothing: float = 0.0,
+        head_weight_decay: bool = True,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
@@ -408,6 +511,7 @@ class LEAPTask(_AllOrNothingLoad):
             head,
             metric_l2=metric_l2,
             label_smoothing=label_smoothing,
+            head_weight_decay=head_weight_decay,
             device=device,
             dtype=dtype,
             verbose=verbose,
@@ -455,10 +559,11 @@ class LEAPTask(_AllOrNothingLoad):
         device: Optional[torch.device] = None,
         **kwargs: Any,
     ) -> ModelEmaV3Following:
-        """timm's EMA of backbone + head (:class:`ModelEmaV3Following`); ``task.update_ema()`` or
-        ``ema.update(task.get_trainable_module())`` after each optimiser step. The EMA head's class
-        statistics are averaged like BatchNorm statistics; only its weights feed the evaluator
-        (``create_evaluator(ema=True)``)."""
+        """timm's EMA of backbone + head (:class:`ModelEmaV3Following`); ``task.update_ema()``
+        (or ``update_ema(step=...)``) or ``ema.update(task.get_trainable_module())`` after each
+        optimiser step. Weights and BatchNorm statistics are averaged; the head's statistics
+        (centers, angles, counts, step) are copied from the live head, and the EMA head's
+        prototypes (its centers) score ``create_evaluator(ema=True)``."""
         _forget_compiled_ema(self)
         self.trainable_module_ema = ModelEmaV3Following(
             unwrap_model(self.get_trainable_module()),
@@ -551,6 +656,7 @@ def create_ftl_model(
     alpha_recon: Optional[float] = None,
     alpha_reg: Optional[float] = None,
     transfer_kwargs: Optional[Dict[str, Any]] = None,
+    head_weight_decay: bool = True,
     **head_kwargs: Any,
 ) -> FTLModel:
     """An :class:`FTLModel` (FTL Fig. 2) around ``timm.create_model(model_name, num_classes=0)``.
@@ -563,7 +669,8 @@ def create_ftl_model(
     default 0.25); ``Dec`` is a :class:`~feature_cloud.ftl.ConvDecoder` to ``decoder_shape``
     (``(C, H, W)`` of the input; ``None``: no reconstruction, ``alpha_recon`` default 0, else 1).
     ``transfer_kwargs`` go to :class:`FeatureTransfer` (``energy``, ``num_components``,
-    ``tail_threshold``, ``class_counts``, ...).
+    ``tail_threshold``, ``class_counts``, ...). ``head_weight_decay=False``: ``FC``'s weight in
+    ``no_weight_decay()`` (:class:`TimmFTLModel`).
     """
     if classifier not in ("leap", "linear"):
         raise ValueError(f"classifier must be 'leap' or 'linear', got {classifier!r}")
@@ -571,9 +678,7 @@ def create_ftl_model(
         raise TypeError(
             f"classifier='linear' takes no LEAPMarginHead arguments, got {sorted(head_kwargs)}"
         )
-    backbone = timm.create_model(
-        model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {})
-    )
+    backbone = _headless_backbone(model_name, pretrained, model_kwargs)
     feat = int(backbone.num_features)
     emb = int(embedding_size) if embedding_size is not None else feat
     if filter == "residual" and emb != feat:
@@ -594,7 +699,7 @@ def create_ftl_model(
         alpha_recon = 1.0 if decoder is not None else 0.0
     if alpha_reg is None:
         alpha_reg = 0.0 if classifier == "leap" else 0.25
-    return TimmFTLModel(
+    model = TimmFTLModel(
         backbone,
         fc,
         feature_dim=feat,
@@ -610,16 +715,26 @@ def create_ftl_model(
         alpha_reg=alpha_reg,
         transfer=FeatureTransfer(feat, int(num_classes), **(transfer_kwargs or {})),
     )
+    model.head_weight_decay = bool(head_weight_decay)
+    return model
 
 
 class TimmFTLModel(_BackboneOptimizerHooks, FTLModel):
     """:class:`feature_cloud.FTLModel` whose ``Enc`` is a timm model (what
     :func:`create_ftl_model` builds): ``no_weight_decay()`` / ``group_matcher()`` are the
-    encoder's (``encoder.*``), ``R``, ``FC`` and ``Dec`` a last layer group, for timm's
+    encoder's (``encoder.*``), ``R``, ``FC`` and ``Dec`` in its last layer group, for timm's
     ``create_optimizer_v2``. Otherwise an ``FTLModel`` (same state, same loss)."""
 
     def _timm_backbone(self) -> nn.Module:
         return self.encoder
+
+    def _classifier(self) -> nn.Module:
+        return self.classifier
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``g = Enc(x)``; an encoder given a classifier again is refused before it runs."""
+        self._refuse_backbone_classifier()
+        return super().encode(x)
 
 
 class FTLEmbedding(nn.Module):
@@ -822,11 +937,12 @@ class FTLTask(_AllOrNothingLoad):
         device: Optional[torch.device] = None,
         **kwargs: Any,
     ) -> ModelEmaV3Following:
-        """timm's EMA of the :class:`FTLModel` (:class:`ModelEmaV3Following`: the FTL statistics
-        change shape at every UpdateStats and are followed, not averaged away). ``task.update_ema()``
-        or ``ema.update(task.model)`` after each optimiser step; the EMA eval model is
-        :class:`FTLEmbedding` of the copy; ``create_evaluator(ema=True)`` scores it with the
-        copy's ``FC``."""
+        """timm's EMA of the :class:`FTLModel` (:class:`ModelEmaV3Following`: weights and
+        BatchNorm statistics averaged; the FC's class statistics and the FTL statistics, basis
+        and sample lists, which change shape at every UpdateStats, copied from the live model).
+        ``task.update_ema()`` or ``ema.update(task.model)`` after each optimiser step; the EMA
+        eval model is :class:`FTLEmbedding` of the copy; ``create_evaluator(ema=True)`` scores it
+        with the copy's ``FC``."""
         _forget_compiled_ema(self)
         self.trainable_module_ema = ModelEmaV3Following(
             self._parts(),

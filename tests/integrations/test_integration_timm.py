@@ -81,6 +81,41 @@ def test_targets_of_the_wrong_type_or_shape_are_refused_before_the_backbone_runs
     task(x, y.int())  # any integer dtype is a target
 
 
+def test_a_backbone_given_a_classifier_again_is_refused_before_it_runs():
+    """``task.backbone.reset_classifier(7)`` made the backbone output 7 logits: the head refused
+    them only after the backbone's BatchNorm had taken the batch. Now the classifier is named
+    (with ``reset_classifier(0)``) before the backbone runs, for LEAPTask and FTLTask."""
+    from conftest import assert_same_state, state_snapshot
+
+    x, y = _images(COUNTS, 0)
+    x, y = x[:8], y[:8]
+    leap, ftl = _task(), _ftl_task()
+    for task, module, path in (
+        (leap, leap.backbone, "backbone"),
+        (ftl, ftl.model.encoder, "encoder"),
+    ):
+        module.reset_classifier(7)
+        task.train()
+        before = state_snapshot(task.get_trainable_module())
+        with pytest.raises(ValueError, match=rf"num_classes=7.*{path}\.reset_classifier\(0\)"):
+            task(x, y)
+        assert_same_state(before, state_snapshot(task.get_trainable_module()), path)
+        module.reset_classifier(0)
+        task(x, y)["loss"].backward()
+    with pytest.raises(ValueError, match="reset_classifier"):
+        leap.backbone.reset_classifier(3)
+        leap.get_trainable_module()(x)  # the plain logits path too
+
+
+def test_from_timm_refuses_num_classes_in_model_kwargs_and_forwards_timm_attributes():
+    for build in (_task, _ftl_task):
+        with pytest.raises(TypeError, match="model_kwargs sets num_classes=10.*num_classes=0"):
+            build(model_kwargs=dict(num_classes=10))
+    module = _task().get_trainable_module()
+    assert module.num_classes == C and module.num_features == module.backbone.num_features
+    assert module(torch.randn(2, 3, 32, 32)).shape == (2, module.num_classes)
+
+
 def test_timm_mixup_targets_are_refused_and_label_smoothing_is_the_tasks():
     """timm's train.py mixes by default (Mixup / CutMix give (B, C) soft targets; so does its
     loader-side smoothing): refused with what to do, for LEAPTask and FTLTask alike;

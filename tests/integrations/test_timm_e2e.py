@@ -85,6 +85,55 @@ def test_ema_follows_online_counting_memory():
     assert ema.module.head.statistics.memory.shape == task.head.statistics.memory.shape
 
 
+def _statistics(module):
+    """The buffers of the statistics modules (``FeatureCloud``, ``FeatureTransfer``) in
+    ``module``, by name."""
+    from feature_cloud import FeatureCloud, FeatureTransfer
+
+    return {
+        name: buf
+        for owner, m in module.named_modules()
+        if isinstance(m, (FeatureCloud, FeatureTransfer))
+        for name, buf in m.named_buffers(prefix=owner)
+    }
+
+
+def _assert_statistics_followed(ema_module, live_module):
+    live, ema = _statistics(live_module), _statistics(ema_module)
+    assert live and live.keys() == ema.keys()
+    for name, buf in live.items():
+        assert torch.equal(ema[name], buf), name
+
+
+@pytest.mark.parametrize("with_step", [False, True])
+def test_ema_copies_the_statistics_and_averages_the_rest(with_step):
+    """The head's statistics are sums, memories, counters and centers of one history: averaged
+    against copied counters they were inconsistent (a 25x variance), and the EMA evaluator's
+    prototypes are the EMA centers. ``task.update_ema()`` (README) and ``update_ema(step=)``
+    (timm's train.py) copy them; weights and BatchNorm statistics are still averaged."""
+    task = _leap_task()
+    ema = task.setup_ema(decay=0.9)
+    x, y = _images([4] * C, 3)
+    opt = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.1)
+    task.train()
+    for i in range(4):
+        before = ema.module.backbone.bn1.running_mean.clone()
+        opt.zero_grad()
+        task(x[i::2], y[i::2])["loss"].backward()
+        opt.step()
+        task.update_ema(step=i + 2) if with_step else task.update_ema()
+    live = task.get_trainable_module()
+    _assert_statistics_followed(ema.module, live)
+    stats, ema_stats = task.head.statistics, ema.module.head.statistics
+    assert int(stats.memory_fill.sum()) > 0
+    torch.testing.assert_close(ema_stats.cloud_variance(), stats.cloud_variance())
+    torch.testing.assert_close(  # BatchNorm running statistics: still timm's average
+        ema.module.backbone.bn1.running_mean,
+        torch.lerp(before, live.backbone.bn1.running_mean, 0.1),
+    )
+    assert not torch.equal(ema.module.head.weight, task.head.weight)  # weights averaged
+
+
 def _ftl_task(seed=0, **kwargs):
     torch.manual_seed(seed)
     kw = dict(
@@ -121,6 +170,7 @@ def test_ftl_task_ema_through_update_stats():
     assert (
         ft.basis.numel() > 0 and ema_ft.basis.shape == ft.basis.shape
     )  # followed across UpdateStats
+    _assert_statistics_followed(ema.module, task.model)  # copied, not averaged
     emb = task.get_eval_model(ema=True)
     assert emb(x[:2]).shape == (2, 32)
     state = task.get_checkpoint_state(ema=True)
@@ -128,6 +178,32 @@ def test_ftl_task_ema_through_update_stats():
         set(state) == {"state_dict_ema", "task_state_ema"}
         and "scheduler" not in state["task_state_ema"]
     )
+
+
+def test_ftl_ema_basis_stays_orthonormal_across_update_stats():
+    """A second UpdateStats with the same number of components: an averaged basis ``Q`` was not
+    orthonormal (max |Q^T Q - I| = 0.48 in a trial); the copy's is the live one."""
+    task = _ftl_task(
+        stage_iters=2,
+        max_alternations=2,
+        classifier="leap",
+        cloud="full",
+        class_counts=COUNTS,
+        transfer_kwargs=dict(tail_threshold=10, num_components=4),
+    )
+    task.setup_ema(decay=0.9)
+    x, dataset, stats_loader = _ftl_dataset()
+    opt = torch.optim.SGD(task.model.param_groups(), lr=0.05)
+    updates = []
+    real = task.scheduler.update_stats
+    task.scheduler.update_stats = lambda loader: updates.append(1) or real(loader)
+    run_ftl_task(task, dataset, stats_loader, opt, ema=task.get_trainable_module(ema=True))
+    assert len(updates) >= 2
+    ema = task.get_trainable_module(ema=True).module
+    q = ema.feature_transfer.basis.double()
+    assert q.shape[1] == 4
+    torch.testing.assert_close(q.T @ q, torch.eye(4, dtype=q.dtype), atol=1e-5, rtol=0)
+    _assert_statistics_followed(ema, task.model)
 
 
 # ---------------------------------------------------------------- CheckpointSaver

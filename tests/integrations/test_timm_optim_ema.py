@@ -56,10 +56,10 @@ def _groups(opt, module):
     }
 
 
-def _timm_reference(layer_decay):
-    """timm's own grouping of the same ViT *with* a classifier head (unmatched: a last layer)."""
+def _timm_reference(layer_decay, name="vit_tiny_patch16_224", model_kwargs=VIT):
+    """timm's own grouping of the same model *with* a classifier head (unmatched: a last layer)."""
     torch.manual_seed(0)
-    ref = timm.create_model("vit_tiny_patch16_224", num_classes=C, **VIT)
+    ref = timm.create_model(name, num_classes=C, **(model_kwargs or {}))
     return _groups(
         create_optimizer_v2(ref, "adamw", weight_decay=0.05, layer_decay=layer_decay), ref
     )
@@ -121,6 +121,50 @@ def test_ftl_model_forwards_the_encoder_hooks():
         else:  # R, FC, Dec: the last group, like timm's classifier head
             assert scale == 1.0, name
     assert layered["encoder.blocks.0.attn.qkv.weight"][1] < layered["encoder.norm.weight"][1] < 1.0
+
+
+@pytest.mark.parametrize("make, prefix", [(_leap, "backbone."), (_ftl, "encoder.")])
+@pytest.mark.parametrize(
+    "name, model_kwargs",
+    [("convnext_atto", None), ("mobilenetv3_small_050", None), ("resnet10t", None), ("vit", VIT)],
+)
+def test_layer_decay_scales_the_backbone_as_timm_scales_the_model(make, prefix, name, model_kwargs):
+    """ConvNeXt's ``head.norm`` and MobileNetV3's ``conv_head`` are left unmatched by their
+    ``group_matcher``: timm puts them in the last group with the classifier; the adapter's
+    parameters join that group instead of adding one (an extra x0.75 on every backbone layer)."""
+    name = "vit_tiny_patch16_224" if name == "vit" else name
+    module = make(name, model_kwargs).get_trainable_module()
+    layered = _groups(
+        create_optimizer_v2(module, "adamw", weight_decay=0.05, layer_decay=0.75), module
+    )
+    ref = _timm_reference(0.75, name, model_kwargs)
+    backbone = {n[len(prefix) :]: g for n, g in layered.items() if n.startswith(prefix)}
+    assert backbone.keys() <= ref.keys() and len(backbone) >= len(ref) - 2  # less fc / head
+    for key, (wd, scale) in backbone.items():
+        assert (wd, scale) == pytest.approx(ref[key]), key
+    assert {scale for n, (_, scale) in layered.items() if not n.startswith(prefix)} == {1.0}
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.75])
+def test_head_weight_decay_false_leaves_the_classifier_weight_undecayed(layer_decay):
+    """A cosine head's logits ignore ``||W||``: weight decay on ``head.weight`` (timm treats it
+    as its ``fc.weight``) only raises its effective lr. The opt-out reaches timm's factory
+    through ``no_weight_decay()``; the layer groups stay as they were."""
+    kw = dict(weight_decay=0.05, layer_decay=layer_decay)
+    leap_on, leap_off = _leap(), _leap(head_weight_decay=False)
+    ftl = dict(model_kwargs=VIT, embedding_size=16, class_counts=[5] * C)
+    ftl_on = create_ftl_model("vit_tiny_patch16_224", C, **ftl)
+    ftl_off = create_ftl_model("vit_tiny_patch16_224", C, head_weight_decay=False, **ftl)
+    for on, off, weight in [
+        (leap_on.get_trainable_module(), leap_off.get_trainable_module(), "head.weight"),
+        (ftl_on, ftl_off, "classifier.weight"),
+    ]:
+        default = _groups(create_optimizer_v2(on, "adamw", **kw), on)
+        opted = _groups(create_optimizer_v2(off, "adamw", **kw), off)
+        assert default[weight][0] == 0.05 and opted[weight] == (0.0, default[weight][1])
+        assert {n: g for n, g in opted.items() if n != weight} == {
+            n: g for n, g in default.items() if n != weight
+        }
 
 
 @pytest.mark.parametrize("make", [_leap, _ftl])
