@@ -23,7 +23,7 @@ import numbers
 import os
 import sys
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy.typing as npt
 import torch
@@ -169,13 +169,21 @@ def checked_attribute(name: str, check: Callable[[Any, Any], Any], doc: str) -> 
     return property(fget, fset, doc=doc)
 
 
-def migrate_checked(state: Dict[str, Any], names: Sequence[str]) -> Dict[str, Any]:
-    """A whole-module pickle of an earlier release held these :func:`checked_attribute`
-    names as plain attributes: a copy of ``state`` with them moved to ``_<name>``."""
+def migrate_checked(
+    state: Dict[str, Any],
+    names: Sequence[str] = (),
+    predating: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """A copy of a whole-module pickle's ``state`` of an earlier release: the
+    :func:`checked_attribute` ``names`` it held as plain attributes moved to ``_<name>``, and
+    each attribute of ``predating`` (``{attribute: value for pickles that predate it}``, the
+    value that gives that release's behaviour) filled in where the pickle lacks it."""
     state = dict(state)
     for name in names:
         if name in state:
             state["_" + name] = state.pop(name)
+    for name, value in (predating or {}).items():
+        state.setdefault(name, value)
     return state
 
 

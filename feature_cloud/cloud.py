@@ -160,6 +160,20 @@ _UNDONE: weakref.WeakKeyDictionary[FeatureCloud, List[weakref.ref[_Backward]]] =
 )
 
 
+#: what a whole-module pickle (``torch.save(head)``) of an earlier release may lack: attribute
+#: -> the value that gives that release's behaviour (the host copies ``_seed`` / ``_seen`` are
+#: read with a fallback)
+_PICKLE_PREDATES: Dict[str, Any] = {
+    # before the inference prototypes (0.2.0.dev0 of 12-02): eval logits scored the weights
+    "_prototype_shrinkage": None,
+    # before prototype_min_count: every class with a center leaned (1; a class with a center
+    # but K_i = 0 leaned fully onto it then, a case only online counting can reach)
+    "_prototype_min_count": 1,
+    "imprint_step": None,  # before weight imprinting: never
+    "_imprinted": -1,
+}
+
+
 class FeatureCloud(nn.Module):
     r"""Class statistics, step counter, warm-up and noise stream of the LEAP feature cloud.
 
@@ -401,9 +415,10 @@ class FeatureCloud(nn.Module):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """Whole-module pickles of earlier releases held ``prototype_shrinkage`` and the
-        checked settings as plain attributes."""
+        checked settings as plain attributes, or lack them (:data:`_PICKLE_PREDATES`)."""
         names = ("prototype_shrinkage", "mode", "scale", "prototype_min_count")
-        super().__setstate__(migrate_checked(state, names))  # type: ignore[no-untyped-call]
+        state = migrate_checked(state, names, _PICKLE_PREDATES)
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
 
     @property
     def noise_stream(self) -> int:

@@ -158,9 +158,9 @@ class ImplSettings:
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """Whole-module pickles of earlier releases held them as plain attributes (or, before
         ``impl``, not at all: the default backend)."""
-        state = migrate_checked(state, ("impl", "chunk_size"))
-        state.setdefault("_impl", "auto")
-        state.setdefault("_chunk_size", None)
+        state = migrate_checked(
+            state, ("impl", "chunk_size"), {"_impl": "auto", "_chunk_size": None}
+        )
         super().__setstate__(state)  # type: ignore[misc]
 
 

@@ -4,6 +4,7 @@ features, hyper-parameter validation, CLI / report / scheduler errors."""
 import copy
 import json
 import os
+import pickle
 
 import pytest
 import torch
@@ -275,6 +276,38 @@ def test_a_whole_module_pickle_with_plain_setting_attributes_loads():
     assert repr(old) == repr(head)
     head.eval(), old.eval()
     torch.testing.assert_close(old.logits(x), head.logits(x))
+
+
+@pytest.mark.parametrize("prototypes", [False, True])
+def test_a_whole_module_pickle_from_before_prototypes_and_imprinting_works(prototypes):
+    """Pickles of the releases before the inference prototypes (12-02) or before
+    ``prototype_min_count`` and ``imprint_step`` (12-03) lack attributes the cloud reads: they
+    loaded, then failed on first use (repr, eval logits, a training step). They get that
+    release's behaviour: eval logits on the weights, or every class leaning (one-shot too)."""
+    counts = [30] * 5 + [1] * 5  # one-shot classes: prototype_min_count 1 and 2 differ
+    head = _head(class_counts=counts)
+    x, y = _batch(2)
+    head(x, y)  # class centers
+    pickled = copy.deepcopy(head)
+    cloud, stats = vars(pickled.feature_cloud), vars(pickled.statistics)
+    for name in ("_prototype_min_count", "imprint_step", "_imprinted", "_seed", "_seen"):
+        del cloud[name]
+    for name in ("_initial_counts", "has_centers", "memory_in_use"):
+        del stats[name]
+    kappa = cloud.pop("_prototype_shrinkage")
+    if prototypes:
+        cloud["prototype_shrinkage"] = kappa  # a plain attribute then
+    old = pickle.loads(pickle.dumps(pickled))
+    then = _head(class_counts=counts, prototype_shrinkage=kappa if prototypes else None)
+    then.prototype_min_count = 1
+    then.load_state_dict(head.state_dict())
+    assert repr(old) == repr(then)
+    old.eval(), then.eval(), head.eval()
+    torch.testing.assert_close(old.logits(x), then.logits(x), rtol=0, atol=0)
+    assert not torch.allclose(old.logits(x), head.logits(x))  # this release's defaults differ
+    old.train(), then.train()
+    torch.testing.assert_close(old(x, y), then(x, y), rtol=0, atol=0)
+    assert old.step == 2
 
 
 @pytest.mark.parametrize(

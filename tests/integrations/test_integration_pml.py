@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import pickle
 import warnings
 
 import pytest
@@ -616,6 +617,22 @@ def test_a_whole_module_pickle_of_an_earlier_release_holds_the_margin_in_degrees
     older.__setstate__(state)
     assert (older.impl, older.chunk_size) == ("auto", None)
     assert torch.equal(older(emb, labels), now(emb, labels))
+
+
+def test_a_whole_module_pickle_from_before_imprinting_trains():
+    """A pickle of the 12-02 / 12-03 releases has no cloud ``imprint_step`` (nor the
+    prototype settings of 12-02): its first forward raised AttributeError."""
+    emb, labels = _batch(3)
+    now = LEAPLoss(C, D, seed=1, class_counts=[4] * C, prototype_shrinkage=None)
+    now.prototype_min_count = 1
+    pickled = copy.deepcopy(now)
+    cloud = vars(pickled.feature_cloud)
+    for name in ("_prototype_shrinkage", "_prototype_min_count", "imprint_step", "_imprinted"):
+        del cloud[name]
+    old = pickle.loads(pickle.dumps(pickled))
+    assert repr(old) == repr(now)
+    assert torch.equal(old(emb, labels), now(emb, labels))
+    assert torch.equal(old.get_logits(emb), now.get_logits(emb))
 
 
 def test_pml_helpers_of_margin_losses_match_pml():
