@@ -42,6 +42,7 @@ from ._validation import (
     check_inputs,
     check_labels,
     check_values,
+    migrate_checked,
     warn_user,
 )
 from .heads import LEAPMarginHead
@@ -183,6 +184,15 @@ class ConvDecoder(nn.Module):
         return x
 
 
+#: what a whole-module pickle of an :class:`FTLModel` of an earlier release may lack: attribute
+#: -> its value for such pickles (``_pending_frozen`` is read with a fallback)
+_PICKLE_PREDATES: Dict[str, Any] = {
+    # before validate: a linear FC's batch was left to cross_entropy; the checks change no
+    # valid batch's loss, only refuse a bad one before Enc (this release's default)
+    "validate": True,
+}
+
+
 class FTLModel(nn.Module):
     r"""FTL's network (Fig. 2) and its total loss, Eq. 4:
 
@@ -299,6 +309,11 @@ class FTLModel(nn.Module):
         self.frozen: Tuple[str, ...] = ()
         self._pending_frozen: Optional[Tuple[str, ...]] = None  # see defer_freeze
         self._base_requires_grad: Optional[Dict[str, bool]] = None
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """Whole-module pickles of earlier releases lack what :data:`_PICKLE_PREDATES` fills."""
+        state = migrate_checked(state, predating=_PICKLE_PREDATES)
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
 
     def extra_repr(self) -> str:
         """The loss weights of Eq. 4 (the ``metric_l2`` child is weighted by ``alpha_reg``)."""
@@ -750,6 +765,12 @@ class AlternatingScheduler:
                 else torch.ones(transfer.num_classes, dtype=torch.long)
             )
         self.apply()
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """A pickle of an earlier release: before ``stage2_iters`` stage 2 was as long as stage
+        1; before ``tail_sampling`` the long-tail batch was drawn from the samples."""
+        predating = {"stage2_iters": state.get("stage_iters"), "tail_sampling": "samples"}
+        self.__dict__.update(migrate_checked(state, predating=predating))
 
     def check_class_counts(self, class_counts: ClassCounts) -> None:
         """:func:`check_tail_split` for the model's :class:`FeatureTransfer`: called when the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -186,6 +187,26 @@ def test_stage_schedule_and_counters():
     with pytest.raises(RuntimeError, match="finished"):
         sched.step()
     assert AlternatingScheduler(_model(0), stage0_iters=0, stage_iters=2).stage == 1
+
+
+def test_whole_module_pickles_of_earlier_releases_train():
+    """An FTLModel pickled by the releases up to 12-05 has no ``validate`` (its first loss
+    raised AttributeError); a scheduler of 12-02 / 12-03 no ``stage2_iters`` nor
+    ``tail_sampling`` (its stage lengths raised): they get that release's behaviour."""
+    xtr, ytr, _, _, _ = _data(0)
+    model = _model(0)
+    pickled = copy.deepcopy(model)
+    del vars(pickled)["validate"], vars(pickled)["_pending_frozen"]
+    del vars(pickled.feature_transfer)["_initial"]
+    old = pickle.loads(pickle.dumps(pickled))
+    assert old.validate
+    assert torch.equal(old.loss(xtr[:8], ytr[:8])["loss"], model.loss(xtr[:8], ytr[:8])["loss"])
+    sched = AlternatingScheduler(model, stage0_iters=1, stage_iters=2, max_alternations=1)
+    then = copy.copy(sched)
+    del vars(then)["stage2_iters"], vars(then)["tail_sampling"]
+    then = pickle.loads(pickle.dumps(then))
+    assert (then.stage2_iters, then.tail_sampling) == (2, "samples")
+    assert then.total_iters == 5 and then.state_dict() == sched.state_dict()
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
