@@ -75,7 +75,7 @@ from torch import Tensor, nn
 from feature_cloud import margins
 from feature_cloud._buffers import restore_on_error
 from feature_cloud._extras import missing
-from feature_cloud._validation import ClassCounts, check_inputs
+from feature_cloud._validation import ClassCounts, check_inputs, migrate_checked
 from feature_cloud.cloud import (
     DEFAULT_CLOUD_MODE,
     DEFAULT_CLOUD_SCALE,
@@ -960,6 +960,16 @@ _integrate_trainer()
 
 
 # ------------------------------------------------------------------ the head
+#: what a whole-module pickle of a :class:`LEAPHead` of an earlier release may lack: attribute
+#: -> the value that gives that release's behaviour
+_PICKLE_PREDATES: Dict[str, Any] = {
+    # before the flag: other counts than the held ones were re-laid out with a warning
+    "_counts_from_checkpoint": True,
+    "_batch_checked": False,  # the head checks its batch itself
+    "configured_seed": None,  # not known: a fine-tune's log names no YAML seed
+}
+
+
 @_register_once(REID_HEADS_REGISTRY)
 class LEAPHead(nn.Module):
     """fastreid re-ID head: pooling + BN neck (as ``EmbeddingHead``) + LEAP margin classifier.
@@ -1090,6 +1100,10 @@ class LEAPHead(nn.Module):
         #: head (fused kernels); ``None``: return margin logits for fastreid's own loss
         self.fused_ce_epsilon: Optional[float] = None
         self._batch_checked = False  # LEAPBaseline checked the step's batch before the backbone
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """Whole-module pickles of earlier releases lack what :data:`_PICKLE_PREDATES` fills."""
+        super().__setstate__(migrate_checked(state, predating=_PICKLE_PREDATES))
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict[str, Any]:

@@ -64,7 +64,7 @@ from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 
 from feature_cloud._buffers import restore_on_error
-from feature_cloud._validation import as_float, check_inputs
+from feature_cloud._validation import as_float, check_inputs, migrate_checked
 from feature_cloud.cloud import FeatureCloud
 from feature_cloud.ftl import (
     DEFAULT_TAIL_SAMPLING,
@@ -327,6 +327,11 @@ def refuse_soft_target(target: Optional[Tensor], task: str) -> None:
         )
 
 
+#: what a whole-module pickle of a :class:`LEAPTrainableModule` of an earlier release may lack:
+#: attribute -> the value that gives that release's behaviour
+_PICKLE_PREDATES: Dict[str, Any] = {"label_smoothing": 0.0}  # before the option: none
+
+
 class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
     """Backbone + head in one Module (what DDP wraps and what EMA copies).
 
@@ -352,6 +357,10 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
             label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0, max_inclusive=False
         )
         self.head_weight_decay = bool(head_weight_decay)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """Whole-module pickles of earlier releases lack what :data:`_PICKLE_PREDATES` fills."""
+        super().__setstate__(migrate_checked(state, predating=_PICKLE_PREDATES))
 
     def _timm_backbone(self) -> nn.Module:
         return self.backbone

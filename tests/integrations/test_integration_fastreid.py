@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -662,6 +663,40 @@ def test_leap_baseline_runs_the_fused_loss_and_equals_baseline(eps, cloud):
         out = ours.heads(feats, labels)
         assert set(out) == {"cls_losses", "top1", "features"} and out["cls_losses"].shape == (8,)
         assert ours.heads.margin_head.backend == "fused"
+
+
+def test_a_whole_module_pickle_of_an_earlier_release_trains():
+    """A LEAPHead pickled by the 12-02 ... 12-05 releases has no ``_batch_checked`` nor
+    ``_counts_from_checkpoint`` (its first training forward raised AttributeError) nor
+    ``configured_seed`` (read by a fine-tune's load)."""
+    import pickle
+
+    head = fr.LEAPHead(
+        feat_dim=16,
+        embedding_dim=0,
+        num_classes=4,
+        neck_feat="before",
+        pool_type="GlobalAvgPool",
+        margin_type="cosface",
+        scale=24.0,
+        margin=0.2,
+        with_bnneck=False,
+        norm_type="BN",
+        class_counts=[4, 4, 2, 2],
+        seed=0,
+    )
+    feats = torch.randn(8, 16, 1, 1, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    pickled = copy.deepcopy(head)
+    for name in ("_batch_checked", "_counts_from_checkpoint", "configured_seed"):
+        del vars(pickled)[name]
+    old = pickle.loads(pickle.dumps(pickled))
+    assert old._counts_from_checkpoint and not old._batch_checked
+    assert old.configured_seed is None
+    old.train(), head.train()
+    torch.testing.assert_close(
+        old(feats, labels)["cls_outputs"], head(feats, labels)["cls_outputs"], rtol=0, atol=0
+    )
 
 
 # ---------------------------------------------------------------- 0.1.0 checkpoints

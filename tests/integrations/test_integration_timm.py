@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 
 import pytest
 import torch
@@ -50,6 +51,20 @@ def test_is_a_timm_training_task_and_builds_backbone_and_head():
         LEAPTask(backbone, LEAPMarginHead(backbone.num_features + 1, C, cloud=None), verbose=False)
     with pytest.raises(TypeError, match="LEAPMarginHead"):
         LEAPTask(backbone, torch.nn.Linear(backbone.num_features, C), verbose=False)
+
+
+def test_a_whole_module_pickle_from_before_label_smoothing_trains():
+    """A task pickled by the 12-02 / 12-03 / 12-05 releases: its trainable module has no
+    ``label_smoothing`` (AttributeError in the first training forward); it trains without."""
+    task = _task()
+    x, y = _images(COUNTS, 0)
+    x, y = x[:8], y[:8]
+    pickled = copy.deepcopy(task)
+    del vars(pickled.get_trainable_module())["label_smoothing"]
+    old = pickle.loads(pickle.dumps(pickled))
+    assert old.get_trainable_module().label_smoothing == 0.0
+    old.train(), task.train()
+    assert torch.equal(old(x, y)["loss"], task(x, y)["loss"])
 
 
 def test_targets_of_the_wrong_type_or_shape_are_refused_before_the_backbone_runs():
