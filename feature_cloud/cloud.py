@@ -800,6 +800,17 @@ class WithFeatureCloud:
 
     feature_cloud: FeatureCloud
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """A whole-module pickle of 0.1.0 (statistics and a generator on the head, no
+        ``FeatureCloud``) is refused by name: it loaded, then failed on ``step``."""
+        if "feature_cloud" not in state.get("_modules", {}):
+            raise RuntimeError(
+                f"a whole-module pickle of a feature-cloud 0.1.0 {type(self).__name__}: this "
+                "release cannot rebuild it. Load it with 0.1.0, save its state_dict(), and load "
+                "that into a new head (state dicts are the upgrade path; README, Checkpoints)"
+            )
+        super().__setstate__(state)  # type: ignore[misc]
+
     @property
     def cloud(self) -> Optional[str]:
         """The cloud rule (``"full"``, ``"vanilla"``) or ``None``; settable (``None`` turns the

@@ -115,6 +115,25 @@ def test_v0_1_0_checkpoints_load_with_step_and_seed() -> None:
     assert torch.equal(pml.statistics.centers, old["pml"]["head.statistics.centers"])
 
 
+def test_a_0_1_0_whole_module_pickle_is_refused_by_name() -> None:
+    """0.1.0 pickled its statistics and generator on the head (no FeatureCloud): such a
+    pickle loaded, then raised AttributeError on ``step``; its state dict is the way over."""
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    loss = LEAPLoss(C, D, class_counts=COUNTS, seed=0)
+    for module, child in ((head, "statistics"), (loss, "head")):
+        state = module.__getstate__()
+        state["_modules"] = dict(state["_modules"])  # a copy: the head keeps its own
+        cloud = state["_modules"].pop("feature_cloud")
+        state["_modules"][child] = cloud.statistics if child == "statistics" else cloud
+        state.update(step=3, _generator=None)  # 0.1.0's plain attributes
+        old = type(module).__new__(type(module))
+        with pytest.raises(RuntimeError, match="0.1.0 .*state_dict"):
+            old.__setstate__(state)
+    assert copy.deepcopy(head).step == 0  # this release's pickles and copies are not refused
+
+
 def test_resume_in_a_fresh_process_is_bit_identical(tmp_path: Path) -> None:
     model = _net()
     _train(model, 3)
