@@ -685,10 +685,15 @@ def _size_variable_buffers(model: nn.Module, state: Dict[str, Any]) -> None:
 
 def _migrate_legacy_heads(model: nn.Module, state: Dict[str, Any]) -> None:
     """Rewrite the entries of 0.1.0 heads (a dict ``_extra_state``, which fastreid's loader
-    rejects) into the tensor-only layout, in place, before fastreid sees them."""
+    rejects) into the tensor-only layout, in place, before fastreid sees them; also those of
+    the margin head an inference-only ``LEAPHead`` (``NUM_CLASSES: 0``) lacks, which fastreid
+    then reports as unused, as it does this release's."""
     for name, module in model.named_modules():
         if isinstance(module, LEAPMarginHead):
             prefix = name + "." if name else ""
+            migrate_state_dict(state, prefix, prefix + "feature_cloud.")
+        if isinstance(module, LEAPHead) and module.margin_head is None:
+            prefix = (name + "." if name else "") + "margin_head."
             migrate_state_dict(state, prefix, prefix + "feature_cloud.")
         if isinstance(module, LEAPHead) and module.margin_head is not None:
             # fastreid's own EmbeddingHead keeps its class weights as `heads.weight` (C, D),

@@ -738,6 +738,41 @@ def test_checkpointer_loads_a_0_1_0_head(tmp_path):
     assert torch.equal(head.weight, dense["weight"]) and not model.heads.class_counts_pending
 
 
+def test_an_inference_only_head_loads_a_0_1_0_checkpoint(tmp_path, monkeypatch):
+    """``NUM_CLASSES: 0`` (no margin head; --eval-only, feature extraction) and a 0.1.0
+    checkpoint: fastreid raised "Unsupported type found in checkpoint!" on the margin head's
+    ``_extra_state``. Its entries are reported as unused, in this release's names, as those
+    of a checkpoint of this release are."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    fixture = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "v0_1_0_checkpoints.pt"
+    )
+    dense = torch.load(fixture, weights_only=False)["dense"]
+    c, d = dense["weight"].shape
+    kw = dict(feat_dim=d, embedding_dim=0, neck_feat="before", pool_type="GlobalAvgPool")
+    kw.update(margin_type="cosface", scale=24.0, margin=0.2, with_bnneck=False, norm_type="BN")
+    kw.update(class_counts="dataset")
+    trained = fr.LEAPHead(num_classes=c, **kw).state_dict()
+    unused = {}
+    monkeypatch.setattr(
+        Checkpointer, "_log_incompatible_keys", lambda self, keys: unused.update(keys._asdict())
+    )
+    for name, heads in (
+        ("0.1.0", {"margin_head." + k: v for k, v in dense.items()}),
+        ("now", trained),
+    ):
+        model = torch.nn.Module()
+        model.heads = fr.LEAPHead(num_classes=0, **kw)
+        path = str(tmp_path / f"{name}.pth")
+        torch.save({"model": {"module.heads." + k: v for k, v in heads.items()}}, path)
+        Checkpointer(model).load(path)
+        skipped = set(unused["unexpected_keys"])
+        assert skipped and all(k.startswith("heads.margin_head.") for k in skipped), name
+        assert "heads.margin_head.feature_cloud.step" in skipped, name
+        assert not any("_extra_state" in k for k in skipped) and not unused["missing_keys"]
+
+
 # ---------------------------------------------------------------- fine-tuning to other classes
 def _trained_model(num_classes, steps, **fc):
     """A model holding ``build_heads`` of the shipped YAML (``num_classes``, ``fc`` keys of
