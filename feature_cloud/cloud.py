@@ -869,22 +869,68 @@ class WithFeatureCloud:
         return self.feature_cloud.active
 
 
+#: the settings 0.1.0 trained and scored with (the paper's LEAP), as this release's keywords
+_V0_1_0_SETTINGS: Dict[str, Any] = {
+    "cloud_mode": "paper",
+    "cloud_scale": 1.0,
+    "prototype_shrinkage": None,
+    "center_rate": "paper",
+    "unknown_variance": "pooled",
+}
+
+
+def _warn_off_v0_1_0_settings(cloud: FeatureCloud) -> None:
+    """A 0.1.0 checkpoint loaded into a cloud off 0.1.0's settings: its eval logits and cloud
+    change, silently (a cloud-less head: only the eval logits' ``prototype_shrinkage``)."""
+    stats = cloud.statistics
+    own = {
+        "cloud_mode": cloud.mode,
+        "cloud_scale": cloud.scale,
+        "prototype_shrinkage": cloud.prototype_shrinkage,
+        "center_rate": stats.center_rate,
+        "unknown_variance": stats.unknown_variance,
+    }
+    names = list(_V0_1_0_SETTINGS) if cloud.rule is not None else ["prototype_shrinkage"]
+    off = [name for name in names if own[name] != _V0_1_0_SETTINGS[name]]
+    if off:
+        noise = (
+            " (the cloud's noise still differs: it continues from (seed, step), not from "
+            "0.1.0's generator state)"
+        )
+        warn_user(
+            "a 0.1.0 checkpoint (an _extra_state dict) loaded into a head with "
+            + ", ".join(f"{n}={own[n]!r}" for n in off)
+            + "; 0.1.0 ran "
+            + ", ".join(f"{n}={_V0_1_0_SETTINGS[n]!r}" for n in off)
+            + (": its eval logits and cloud change" if cloud.rule else ": its eval logits change")
+            + ". Build the head with those to continue it as 0.1.0 did"
+            + (noise if cloud.rule else "")
+        )
+
+
 def migrate_state_dict(
-    state_dict: Dict[str, Any], old_prefix: str, new_prefix: str
+    state_dict: Dict[str, Any],
+    old_prefix: str,
+    new_prefix: str,
+    cloud: Optional[FeatureCloud] = None,
 ) -> Dict[str, Any]:
     """Rewrite a 0.1.0 checkpoint's cloud entries in place into the tensor-only layout.
 
     0.1.0 kept ``{old_prefix}statistics.*`` and a dict ``{old_prefix}_extra_state`` (step, seed,
     generator state). They become ``{new_prefix}statistics.*``, ``{new_prefix}step`` and
     ``{new_prefix}seed``; the generator state is dropped (the noise is counter-based now: a
-    resumed run continues from ``(seed, step)``). Returns the 0.1.0 extra-state dict (empty when
-    the entries are already in the new layout) for callers with more to migrate.
+    resumed run continues from ``(seed, step)``). With the ``cloud`` that will load them, a
+    warning names its settings that differ from 0.1.0's (:data:`_V0_1_0_SETTINGS`). Returns the
+    0.1.0 extra-state dict (empty when the entries are already in the new layout) for callers
+    with more to migrate.
     """
     extra = state_dict.pop(old_prefix + "_extra_state", None)
     if extra is None:
         return {}
     if not isinstance(extra, dict) or "step" not in extra:
         raise ValueError(f"unrecognised extra state under {old_prefix + '_extra_state'!r}")
+    if cloud is not None:
+        _warn_off_v0_1_0_settings(cloud)
     if old_prefix != new_prefix:
         for key in [k for k in state_dict if k.startswith(old_prefix + "statistics.")]:
             state_dict[new_prefix + key[len(old_prefix) :]] = state_dict.pop(key)

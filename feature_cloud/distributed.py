@@ -505,7 +505,9 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
 
     # ------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-        extra = migrate_state_dict(state_dict, prefix, prefix + "feature_cloud.")
+        extra = migrate_state_dict(
+            state_dict, prefix, prefix + "feature_cloud.", self.feature_cloud
+        )
         if "shard" in extra:  # 0.1.0 kept the layout in the extra state
             state_dict.setdefault(prefix + "shard_rank", torch.tensor(int(extra["shard"]["rank"])))
             state_dict.setdefault(

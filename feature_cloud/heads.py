@@ -826,7 +826,7 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
                 f"sub_centers={self.sub_centers} rows of size embedding_size={self.embedding_size}"
             ),
         )
-        migrate_state_dict(state_dict, prefix, prefix + "feature_cloud.")
+        migrate_state_dict(state_dict, prefix, prefix + "feature_cloud.", self.feature_cloud)
         # torch loads the weight before the cloud's statistics, which would refuse theirs with
         # the weight already taken: checked first, a refused checkpoint changes nothing
         self.feature_cloud.check_state_dict(state_dict, prefix + "feature_cloud.")

@@ -691,7 +691,7 @@ def _migrate_legacy_heads(model: nn.Module, state: Dict[str, Any]) -> None:
     for name, module in model.named_modules():
         if isinstance(module, LEAPMarginHead):
             prefix = name + "." if name else ""
-            migrate_state_dict(state, prefix, prefix + "feature_cloud.")
+            migrate_state_dict(state, prefix, prefix + "feature_cloud.", module.feature_cloud)
         if isinstance(module, LEAPHead) and module.margin_head is None:
             prefix = (name + "." if name else "") + "margin_head."
             migrate_state_dict(state, prefix, prefix + "feature_cloud.")

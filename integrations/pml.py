@@ -469,7 +469,9 @@ class LEAPLoss(
         )
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-        migrate_state_dict(state_dict, prefix + "head.", prefix + "feature_cloud.")
+        migrate_state_dict(
+            state_dict, prefix + "head.", prefix + "feature_cloud.", self.feature_cloud
+        )
         # refused before anything loads (torch loads W, then the cloud's own buffers, then its
         # statistics, which would refuse another class count with W and the step already taken)
         refuse_other_shape(

@@ -91,7 +91,8 @@ def test_v0_1_0_checkpoints_load_with_step_and_seed() -> None:
     x, y = old["x"], old["y"]
 
     head = LEAPMarginHead(D, C, class_counts=[1] * C, warmup_steps=1, seed=0)
-    head.load_state_dict(old["dense"], strict=True)
+    with pytest.warns(UserWarning, match="0.1.0 ran cloud_mode='paper'"):  # this release's defaults
+        head.load_state_dict(old["dense"], strict=True)
     assert (head.step, head.seed) == (3, 1234)
     assert torch.equal(head.weight, old["dense"]["weight"])
     assert torch.equal(head.statistics.memory, old["dense"]["statistics.memory"])
@@ -101,7 +102,8 @@ def test_v0_1_0_checkpoints_load_with_step_and_seed() -> None:
     assert all(isinstance(v, Tensor) for v in head.state_dict().values())
 
     sharded = ShardedLEAPMarginHead(D, C, class_counts=[1] * C, warmup_steps=1, seed=0)
-    sharded.load_state_dict(old["sharded"], strict=True)
+    with pytest.warns(UserWarning, match="0.1.0 ran cloud_mode='paper'"):
+        sharded.load_state_dict(old["sharded"], strict=True)
     assert (sharded.step, sharded.seed) == (2, 99)
     full = consolidate_state_dicts([old["sharded"]])  # 0.1.0 shards consolidate too
     assert int(full["feature_cloud.step"]) == 2 and "_extra_state" not in full
@@ -109,10 +111,40 @@ def test_v0_1_0_checkpoints_load_with_step_and_seed() -> None:
     from feature_cloud.integrations.pml import LEAPLoss
 
     pml = LEAPLoss(C, D, class_counts=[1] * C, warmup_steps=1, seed=0)
-    pml.load_state_dict(old["pml"], strict=True)
+    with pytest.warns(UserWarning, match="0.1.0 ran cloud_mode='paper'"):
+        pml.load_state_dict(old["pml"], strict=True)
     assert (pml.step, int(pml.feature_cloud.seed)) == (4, 7)
     assert torch.equal(pml.W, old["pml"]["W"])
     assert torch.equal(pml.statistics.centers, old["pml"]["head.statistics.centers"])
+
+
+def test_a_0_1_0_checkpoint_warns_where_the_head_is_off_its_settings() -> None:
+    """0.1.0 ran the paper's cloud, the weights as eval prototypes, the constant center rate
+    and the pooled unknown variance: loaded into a head on other settings its eval logits and
+    cloud changed without a word. The warning names the settings that differ."""
+    old = torch.load(FIXTURE, weights_only=False)["dense"]
+    now = (
+        r"cloud_mode='margin', cloud_scale=2\.0, prototype_shrinkage=10\.0, "
+        r"center_rate='adaptive', unknown_variance='tail_prior'; 0\.1\.0 ran cloud_mode='paper', "
+        r"cloud_scale=1\.0, prototype_shrinkage=None, center_rate='paper', unknown_variance='pooled'"
+    )
+    with pytest.warns(UserWarning, match=now) as record:
+        LEAPMarginHead(D, C, class_counts=COUNTS, seed=0).load_state_dict(old)
+    assert [r.filename for r in record] == [__file__]
+    cloudless = LEAPMarginHead(D, C, cloud=None)
+    with pytest.warns(UserWarning, match="prototype_shrinkage=10.0; 0.1.0 ran prototype_shrinkage"):
+        cloudless.load_state_dict(old)
+    paper = dict(cloud_mode="paper", cloud_scale=1.0, prototype_shrinkage=None)
+    paper.update(center_rate="paper", unknown_variance="pooled")
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0, **paper)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head.load_state_dict(old)  # on 0.1.0's settings
+        LEAPMarginHead(D, C, class_counts=COUNTS).load_state_dict(head.state_dict())  # no 0.1.0
+    head.eval()
+    x = torch.randn(3, D, generator=torch.Generator().manual_seed(0))
+    weights = FC.cosine_logits(x, head.weight) * head.scale  # 0.1.0's eval logits
+    torch.testing.assert_close(head.logits(x), weights)
 
 
 def test_a_0_1_0_whole_module_pickle_is_refused_by_name() -> None:

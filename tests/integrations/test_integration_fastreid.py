@@ -728,7 +728,8 @@ def test_checkpointer_loads_a_0_1_0_head(tmp_path):
     assert model.heads.class_counts_pending
     path = str(tmp_path / "model_old.pth")
     torch.save({"model": {"module.heads.margin_head." + k: v for k, v in dense.items()}}, path)
-    Checkpointer(model).load(path)
+    with pytest.warns(UserWarning, match="0.1.0 ran cloud_mode='paper'"):  # the YAML's defaults
+        Checkpointer(model).load(path)
     head = model.heads.margin_head
     assert head.step == int(dense["_extra_state"]["step"]) and head.seed == int(
         dense["_extra_state"]["seed"]
