@@ -623,11 +623,12 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
     configs = [replace(base, shots=s) for s in dict.fromkeys(shots)]
     for c in configs:
         c.validate()
-    if len(configs) > 1:  # every setting's folder before the first trains (one: run_evaluation)
+    if len(configs) > 1:  # every setting's folder before the first trains
         check_settings_root(args.out, len(configs))
         for c in configs:
             c.out = os.path.join(args.out, setting_name(c))
-            check_output(c, args.resume)
+    for c in configs:  # before the data are loaded (again in prepare_evaluation)
+        check_output(c, args.resume)
     data = load_dataset(args.data, tuple(args.image_size) if args.image_size else None)
     # every setting's (and seed's) split checks, errors and warnings before the first trains
     prepared = [prepare_evaluation(c, data, resume=args.resume) for c in configs]
@@ -831,6 +832,10 @@ def _main(
         return 0
     except (ValueError, FileNotFoundError, MissingExtra) as exc:
         print(f"feature-cloud: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a folder that became unwritable, a full disk: a line, not a trace
+        where = f": {exc.filename!r}" if exc.filename else ""
+        print(f"feature-cloud: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was kept and how to go on, not a traceback
         print(f"\nfeature-cloud: interrupted; {_interrupted(args)}", file=sys.stderr)

@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -20,6 +21,8 @@ from .metrics import aggregate
 
 __all__ = [
     "load_results",
+    "check_writable",
+    "make_output_dir",
     "aggregate",
     "results_markdown",
     "compact_table",
@@ -88,6 +91,41 @@ def write_json(obj: Any, file: str) -> None:
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(strict_json(obj), fh, indent=1, allow_nan=False)
     os.replace(tmp, file)
+
+
+def make_output_dir(path: str) -> None:
+    """Create the output directory ``path`` (and its parents); ``ValueError`` naming the file
+    in the way where ``path`` or a parent is an existing file."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = os.path.abspath(path)
+        while not os.path.isfile(blocker) and blocker != os.path.dirname(blocker):
+            blocker = os.path.dirname(blocker)
+        raise ValueError(
+            f"output directory {path!r}: {blocker!r} is a file, not a directory"
+        ) from None
+
+
+def check_writable(path: str, what: str = "--out") -> None:
+    """``ValueError`` naming ``path`` where its folder (or, before it exists, the nearest
+    existing parent it would be made in) takes no new file: a temporary file is created there
+    and removed, before anything is trained or written (a read-only folder or file system, no
+    permission), or a file in the way (``path`` or a parent is a file)."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder) and folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path!r}: {folder!r} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".feature-cloud-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        where = "" if folder == os.path.abspath(path) else f" (in {folder!r}, where it is made)"
+        raise ValueError(
+            f"{what} {path!r} cannot be written{where}: {err.strerror or err}; nothing was written"
+        ) from None
 
 
 def csv_cell(value: Any) -> Any:
@@ -277,6 +315,7 @@ def render_report(path: str, log: Callable[[str], None] = print) -> Dict[str, st
     """
     results = load_results(path)
     out = path if os.path.isdir(path) else os.path.dirname(path)
+    check_writable(out or ".", "run folder")
     try:
         md = results_markdown(results)
     except (KeyError, IndexError, TypeError) as exc:  # a field inside the sections is missing

@@ -12,9 +12,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 from ..demo import plots as demo_plots
 from ..demo.report import (
     _markdown,
+    check_writable,
     counted,
     csv_cell,
     load_results,
+    make_output_dir,
     run_subfolders,
     write_json,
     wrote_line,
@@ -386,20 +388,6 @@ def plot_paired(results: Dict[str, Any], file: str) -> str:
     return file
 
 
-def make_output_dir(path: str) -> None:
-    """Create the output directory ``path`` (and its parents); ``ValueError`` naming the file
-    in the way where ``path`` or a parent is an existing file."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = os.path.abspath(path)
-        while not os.path.isfile(blocker) and blocker != os.path.dirname(blocker):
-            blocker = os.path.dirname(blocker)
-        raise ValueError(
-            f"output directory {path!r}: {blocker!r} is a file, not a directory"
-        ) from None
-
-
 _PAIRED_NOTE = (
     "Paired differences against each method's own baseline (same seed, backbone, "
     "budget and batch order), points, mean ± 95% t-interval."
@@ -455,6 +443,7 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     run), ``runs.csv`` and the PNG plots of the evaluation in ``path``. Returns ``{artifact: file}``."""
     results = load_results(path)
     out = path if os.path.isdir(path) else os.path.dirname(path)
+    check_writable(out or ".", "run folder")
     files: Dict[str, str] = {}
     srows, prows = summary_rows(results), paired_rows(results)
     cfg = results["config"]
@@ -559,6 +548,7 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
 def combine_settings(paths: Sequence[str], out: str) -> str:
     """One Markdown/CSV table of the paired differences of several settings (sub-runs); open-set
     settings (other metrics) get tables of their own below the closed-set ones."""
+    check_writable(out)
     # per protocol kind (open set or not) and form (Markdown, numeric CSV): paired, summary rows
     tables: Dict[Tuple[bool, bool], Tuple[List[List[Any]], List[List[Any]]]] = {}
     sweep_tables: Dict[bool, List[List[Any]]] = {False: [], True: []}
@@ -862,6 +852,7 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
     if len(paths) < 2:
         raise ValueError("merge_runs needs at least two run directories")
     _refuse_overwriting_a_run(out, paths)
+    check_writable(out)
     runs = [(p, load_results(p)) for p in paths]
     for p, res in runs:
         if res.get("kind") != "evaluate":
@@ -969,6 +960,7 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
     ``out``: ``compare.md`` and ``compare.json`` there. Returns the comparison."""
     if out is not None:
         _refuse_overwriting_files_of_others(out)
+        check_writable(out)
     a, b = load_results(path_a), load_results(path_b)
     for p, res in ((path_a, a), (path_b, b)):
         if res.get("kind") != "evaluate":

@@ -32,7 +32,7 @@ from ..demo.methods import (
     check_training_options,
 )
 from ..demo.protocol import LongTailSplit
-from ..demo.report import counted, load_results, write_json
+from ..demo.report import check_writable, counted, load_results, write_json
 from ..demo.runner import _device_of, embed_all, evaluate_method, seed_torch
 from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
@@ -782,7 +782,8 @@ def _percent(value: float) -> str:
 def check_output(cfg: EvalConfig, resume: bool = False) -> None:
     """Before anything is trained or written: ``cfg.out`` must hold no evaluation
     (``results.json``) unless ``resume`` continues it: a finished evaluation is never
-    overwritten (a file in the way of ``cfg.out``: :func:`make_output_dir`). ``ValueError``."""
+    overwritten (a file in the way of ``cfg.out``: :func:`make_output_dir`), and it must be
+    writable (:func:`~feature_cloud.demo.report.check_writable`). ``ValueError``."""
     file = os.path.join(cfg.out, RESULTS_FILE)
     if not resume and os.path.exists(file):
         raise ValueError(
@@ -792,6 +793,7 @@ def check_output(cfg: EvalConfig, resume: bool = False) -> None:
         )
     if os.path.isdir(cfg.out) and not os.path.exists(file):
         refuse_other_contents(cfg.out, "choose another --out (nothing is overwritten)")
+    check_writable(cfg.out)
 
 
 def check_settings_root(out: str, settings: int) -> None:
@@ -805,6 +807,7 @@ def check_settings_root(out: str, settings: int) -> None:
             "settings' folders would sit beside it and `feature-cloud report` of that folder "
             "would show only it; choose another --out (nothing is overwritten)"
         )
+    check_writable(out)
 
 
 def _check_training_sets(

@@ -1,0 +1,110 @@
+"""Where an evaluation writes: an output folder that cannot be written, one inside the data,
+and results files that `report` cannot render are named in one line before anything is
+trained or written."""
+
+import errno
+import json
+import os
+import tempfile
+
+import numpy as np
+import pytest
+
+from feature_cloud.cli import main
+
+TINY = ["--image-size", "8", "8", "--epochs", "1", "--seeds", "0", "-T", "5", "--quiet"]
+
+
+def _npz(path, sizes=(16, 12, 4, 4, 3, 3), seed=0):
+    rng = np.random.RandomState(seed)
+    y = np.repeat(np.arange(len(sizes)), sizes)
+    proto = rng.randint(0, 255, size=(len(sizes), 12, 12, 3))
+    noise = rng.randint(-30, 30, size=(y.size, 12, 12, 3))
+    np.savez(path, images=np.clip(proto[y] + noise, 0, 255).astype(np.uint8), labels=y)
+    return str(path)
+
+
+def _read_only(monkeypatch):
+    """Every new file fails as on a read-only file system (root ignores chmod)."""
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+
+
+def _one_error(capsys):
+    err = capsys.readouterr().err
+    assert err.startswith("feature-cloud: error:") and err.count("\n") == 1, err
+    return err
+
+
+def test_an_unwritable_out_is_refused_before_anything_trains(tmp_path, capsys, monkeypatch):
+    data = _npz(tmp_path / "d.npz")
+    trained = []
+    monkeypatch.setattr(
+        "feature_cloud.evaluate.runner.train_model", lambda *a, **k: trained.append(a)
+    )
+    _read_only(monkeypatch)
+    for out in (tmp_path / "ro", tmp_path / "ro" / "sub"):
+        assert main(["evaluate", data, *TINY, "--out", str(out)]) == 2
+        err = _one_error(capsys)
+        assert f"--out {str(out)!r} cannot be written" in err and "Read-only" in err, err
+        assert not out.exists() and not trained
+    several = ["--protocol", "hs", "-H", "2", "-S", "1", "2"]
+    assert main(["evaluate", data, *TINY, *several, "--out", str(tmp_path / "ro")]) == 2
+    assert "cannot be written" in _one_error(capsys) and not trained
+    assert main(["demo", "--epochs", "1", "--seeds", "0", "--out", str(tmp_path / "d")]) == 2
+    assert "cannot be written" in _one_error(capsys)
+
+
+def test_report_of_an_unwritable_run_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    data = _npz(tmp_path / "d.npz")
+    out = tmp_path / "run"
+    assert main(["evaluate", data, *TINY, "--methods", "cosface", "--out", str(out)]) == 0
+    before = sorted(os.listdir(out))
+    os.remove(out / "summary.md")
+    _read_only(monkeypatch)
+    assert main(["report", str(out), "--quiet"]) == 2
+    err = _one_error(capsys)
+    assert f"run folder {str(out)!r} cannot be written" in err, err
+    assert sorted(os.listdir(out)) == sorted(set(before) - {"summary.md"})
+    assert main(["report", str(out), str(out), "--out", str(tmp_path / "m")]) == 2
+    assert "cannot be written" in _one_error(capsys)
+
+
+def test_an_oserror_while_writing_is_one_line(tmp_path, capsys, monkeypatch):
+    """A folder that turns unwritable during a run (a full disk) ends in one line."""
+    data = _npz(tmp_path / "d.npz")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "results.json.tmp")
+
+    monkeypatch.setattr("feature_cloud.evaluate.runner.write_json", full)
+    out = tmp_path / "out"
+    assert main(["evaluate", data, *TINY, "--methods", "cosface", "--out", str(out)]) == 2
+    err = _one_error(capsys)
+    assert "No space left on device: 'results.json.tmp'" in err, err
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores chmod")
+def test_a_read_only_folder_by_its_permissions_is_refused(tmp_path, capsys):
+    data = _npz(tmp_path / "d.npz")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o555)
+    try:
+        assert main(["evaluate", data, *TINY, "--out", str(ro / "sub")]) == 2
+        assert "cannot be written" in _one_error(capsys)
+        assert main(["evaluate", data, *TINY, "--out", str(ro)]) == 2
+        assert "Permission denied" in _one_error(capsys)
+    finally:
+        os.chmod(ro, 0o755)
+
+
+def test_demo_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    assert main(["demo", "--epochs", "1", "--seeds", "0", "--out", str(blocker)]) == 2
+    assert "is a file, not a directory" in _one_error(capsys)
+    assert json.dumps(blocker.read_text()) == '""'
