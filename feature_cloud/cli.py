@@ -562,6 +562,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
     from .evaluate.report import combine_settings
     from .evaluate.runner import (
         EvalConfig,
+        check_out_outside_data,
         check_output,
         check_settings_root,
         prepare_evaluation,
@@ -627,6 +628,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         check_settings_root(args.out, len(configs))
         for c in configs:
             c.out = os.path.join(args.out, setting_name(c))
+    check_out_outside_data(args.out, args.data)
     for c in configs:  # before the data are loaded (again in prepare_evaluation)
         check_output(c, args.resume)
     data = load_dataset(args.data, tuple(args.image_size) if args.image_size else None)

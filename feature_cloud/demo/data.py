@@ -39,6 +39,8 @@ __all__ = [
 DATA_SOURCES = ("digits", "synthetic", "market1501", "imagefolder")
 #: Files that operating systems leave in folders, skipped without a word.
 _SYSTEM_FILES = ("thumbs.db", "desktop.ini")
+#: the file of a run's output folder: a sub-folder holding it is no identity
+_RUN_FILE = "results.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -282,7 +284,8 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
     sorted order. Hidden files (names starting with ``.``, e.g. macOS ``._*`` files) are
     skipped; other entries left out (hidden folders, nested folders, other formats, loose
     images, empty identity folders) are named in one warning; identity folders that are the
-    same directory (a symlink to another identity's folder) are read once, named in a warning."""
+    same directory (a symlink to another identity's folder) are read once, named in a warning;
+    sub-folders holding a ``results.json`` (a run's ``--out``) are left out, named in a warning."""
     if not os.path.isdir(root):
         raise ValueError(f"imagefolder path {root!r} is not a directory")
     paths, ids = [], []
@@ -318,7 +321,14 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
             f"{root!r}: identity folders that are the same folder (a symlink) are read once, "
             f"as one identity: left out {'; '.join(same)}"
         )
-    for ident in sorted(keep):
+    runs = sorted(n for n in keep if os.path.isfile(os.path.join(root, n, _RUN_FILE)))
+    if runs:
+        warn_user(
+            f"{root!r}: left out {', '.join(runs)}: {'it holds' if len(runs) == 1 else 'they hold'} "
+            f"a {_RUN_FILE}, the output of a feature-cloud run, not an identity's images; "
+            "write runs (--out) outside the image folder"
+        )
+    for ident in sorted(keep - set(runs)):
         sub = os.path.join(root, ident)
         found = 0
         for fname in sorted(os.listdir(sub)):

@@ -22,6 +22,7 @@ from .metrics import aggregate
 __all__ = [
     "load_results",
     "check_writable",
+    "check_out_outside_data",
     "make_output_dir",
     "aggregate",
     "results_markdown",
@@ -126,6 +127,19 @@ def check_writable(path: str, what: str = "--out") -> None:
         raise ValueError(
             f"{what} {path!r} cannot be written{where}: {err.strerror or err}; nothing was written"
         ) from None
+
+
+def check_out_outside_data(out: str, data_path: Optional[str]) -> None:
+    """``ValueError`` where ``out`` (its real path) is the image folder ``data_path`` or inside
+    it: the next evaluation of that folder would read the run's plots as an identity."""
+    if not data_path or not os.path.isdir(data_path):
+        return
+    root, target = os.path.realpath(data_path), os.path.realpath(out)
+    if os.path.commonpath([root, target]) == root:
+        raise ValueError(
+            f"--out {out!r} is inside the image folder {data_path!r}: a later evaluation of that "
+            "folder would read the run's files as an identity; choose an --out outside it"
+        )
 
 
 def csv_cell(value: Any) -> Any:

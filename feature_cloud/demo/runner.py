@@ -30,6 +30,7 @@ from .protocol import LongTailSplit, long_tail_split, rank_classes
 from .report import (
     PROJECTION_FILE,
     RESULTS_FILE,
+    check_out_outside_data,
     check_writable,
     make_output_dir,
     render_report,
@@ -375,6 +376,7 @@ def _run_demo(cfg: DemoConfig, data: Optional[LabeledData], log) -> Dict[str, An
     """:func:`run_demo` inside its RNG fork."""
     cfg = cfg.resolved()
     check_writable(cfg.out)
+    check_out_outside_data(cfg.out, cfg.path)
     start = time.perf_counter()
     if data is None:
         syn = SyntheticConfig(**cfg.synthetic) if cfg.data == "synthetic" else None

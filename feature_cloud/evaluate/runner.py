@@ -32,7 +32,13 @@ from ..demo.methods import (
     check_training_options,
 )
 from ..demo.protocol import LongTailSplit
-from ..demo.report import check_writable, counted, load_results, write_json
+from ..demo.report import (
+    check_out_outside_data,
+    check_writable,
+    counted,
+    load_results,
+    write_json,
+)
 from ..demo.runner import _device_of, embed_all, evaluate_method, seed_torch
 from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
@@ -57,6 +63,7 @@ __all__ = [
     "shrinkage_sweep",
     "save_logits",
     "check_output",
+    "check_out_outside_data",
     "check_models",
     "TrainingDiverged",
     "RESULTS_FILE",
@@ -939,6 +946,7 @@ def prepare_evaluation(
     cfg.validate()
     if write:
         check_output(cfg, resume)
+        check_out_outside_data(cfg.out, str(data.info.get("root") or ""))
     camids: Optional[Tensor] = getattr(data, "camids", None)
     splits = {seed: make_split(cfg, data, seed) for seed in cfg.seeds}
     thresholds = {seed: method_threshold(cfg, split) for seed, split in splits.items()}

@@ -221,3 +221,36 @@ def test_no_progress_bars_where_stderr_is_not_a_terminal(tmp_path, capsys, monke
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "step/s" not in captured.err, captured.err
     assert "  seed 0 CosFace" in captured.out
+
+
+def test_an_out_inside_the_image_folder_is_refused_and_a_run_there_is_no_identity(tmp_path, capsys):
+    """A run written into the image folder would be read as an identity by the next evaluation
+    (its PNG plots its images, its non-``_c`` names switching camera ids off): --out there is
+    refused before anything is read, Python and command line, and a run folder already there
+    is left out with a warning that says why."""
+    root = tmp_path / "faces"
+    _folder(root, cameras=True)
+    inside = root / "run1"
+    assert main(["evaluate", str(root), *TINY, "--out", str(inside)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is inside the image folder" in err, err
+    assert not inside.exists()
+    os.symlink(root, tmp_path / "link")  # the real path counts
+    assert main(["evaluate", str(tmp_path / "link"), *TINY, "--out", str(inside)]) == 2
+    assert main(["evaluate", str(root), *TINY, "--out", str(tmp_path / "link" / "r")]) == 2
+    capsys.readouterr()
+    from feature_cloud.evaluate import EvalConfig, run_evaluation
+
+    data = load_dataset(str(root), (8, 8))
+    cfg = EvalConfig(epochs=1, seeds=[0], threshold=4, methods=["cosface"], out=str(inside))
+    with pytest.raises(ValueError, match="inside the image folder"):
+        run_evaluation(cfg, data, log=lambda line: None)
+    assert not inside.exists()
+    # a run written there by an earlier release: left out, named, the cameras kept
+    inside.mkdir()
+    (inside / "results.json").write_text("{}")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(inside / "paired.png")
+    with pytest.warns(UserWarning, match=r"left out run1: it holds a results\.json"):
+        data = load_dataset(str(root), (8, 8))
+    assert "run1" not in data.class_names and data.camids is not None
+    assert data.x.shape[0] == sum(SIZES)
