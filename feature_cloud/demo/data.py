@@ -293,6 +293,7 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
         ("identity folder without images", "identity folders without images"): [],
         ("other entry", "other entries"): [],
         ("hidden folder", "hidden folders"): [],
+        ("loose file at the top", "loose files at the top"): [],
     }
     folders: Dict[str, List[str]] = {}  # real directory -> identity folders naming it
     for ident in sorted(os.listdir(root)):
@@ -302,8 +303,8 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
                 skipped[("hidden folder", "hidden folders")].append(ident)
             continue
         if not os.path.isdir(sub):
-            if ident.lower().endswith(IMAGE_EXTENSIONS):
-                skipped[("other entry", "other entries")].append(ident)  # outside any identity
+            if ident.lower() not in _SYSTEM_FILES:  # a loose file, outside any identity
+                skipped[("loose file at the top", "loose files at the top")].append(ident)
             continue
         folders.setdefault(os.path.realpath(sub), []).append(ident)
     keep = set()
@@ -345,18 +346,51 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
                 ident
             )
     said = [(what, sorted(names)) for what, names in skipped.items() if names]
-    if said and paths:
-        warn_user(
-            f"{root!r}: left out "
-            + "; ".join(
-                f"{counted(len(names), *what)} ({', '.join(names[:5])}"
-                f"{', ...' if len(names) > 5 else ''})"
-                for what, names in said
-            )
-            + f". Only {', '.join(IMAGE_EXTENSIONS)} files directly inside an identity's "
-            "folder are read: flatten nested folders, convert other formats"
+    summary = "; ".join(
+        f"{counted(len(names), *what)} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+        for what, names in said
+    )
+    rule = (
+        f"Only {', '.join(IMAGE_EXTENSIONS)} files directly inside an identity's folder are "
+        "read: flatten nested folders, convert other formats"
+    )
+    if not paths:
+        raise ValueError(
+            f"no images found under {root!r}: expected {os.path.join(root, '<identity>', '<image>')}"
+            + (f"; left out {summary}" if summary else "")
+            + _layout_hint(root, skipped)
         )
+    if said:
+        warn_user(f"{root!r}: left out {summary}. {rule}")
     return paths, ids
+
+
+def _layout_hint(root: str, skipped: Dict[Tuple[str, str], List[str]]) -> str:
+    """Why a folder gave no image: images loose at the top (no identity folders), or identity
+    folders one level too deep (``root/train/<identity>/<image>``)."""
+    loose = [
+        n
+        for n in skipped[("loose file at the top", "loose files at the top")]
+        if n.lower().endswith(IMAGE_EXTENSIONS)
+    ]
+    if loose:
+        return (
+            f". The images at the top belong in one folder per identity "
+            f"({os.path.join(root, '<identity>', loose[0])})"
+        )
+    deeper = sorted(
+        {
+            os.path.join(root, entry.split(os.sep)[0])
+            for entry in skipped[("other entry", "other entries")]
+            if os.path.isdir(os.path.join(root, entry))
+        }
+    )
+    if deeper:
+        return (
+            f". The identity folders seem one level down: give {', '.join(map(repr, deeper[:3]))}"
+            + (" (each a dataset of its own)" if len(deeper) > 1 else "")
+        )
+    return ""
 
 
 def load_imagefolder(

@@ -254,3 +254,27 @@ def test_an_out_inside_the_image_folder_is_refused_and_a_run_there_is_no_identit
         data = load_dataset(str(root), (8, 8))
     assert "run1" not in data.class_names and data.camids is not None
     assert data.x.shape[0] == sum(SIZES)
+
+
+def test_a_folder_without_identity_folders_says_what_it_found_and_where_images_go(tmp_path):
+    """Images one level too deep (``root/train/<identity>/``) or loose at the top give an error
+    that names what was left out and the layout expected; a loose file beside the identity
+    folders is named in a warning (README)."""
+    _folder(tmp_path / "deep" / "train")
+    with pytest.raises(ValueError) as info:
+        load_dataset(str(tmp_path / "deep"), (8, 8))
+    text = str(info.value)
+    assert "no images found under" in text and os.path.join("<identity>", "<image>") in text
+    assert "1 identity folder without images (train)" in text
+    assert f"one level down: give {os.path.join(str(tmp_path / 'deep'), 'train')!r}" in text
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, img in enumerate(_images()[0][:4]):
+        Image.fromarray(img).save(flat / f"{i}.png")
+    with pytest.raises(ValueError, match=r"4 loose files at the top \(0\.png, .*one folder per"):
+        load_dataset(str(flat), (8, 8))
+    root = tmp_path / "faces"
+    _folder(root)
+    (root / "labels.csv").write_text("a,b\n")
+    with pytest.warns(UserWarning, match=r"left out 1 loose file at the top \(labels\.csv\)"):
+        load_dataset(str(root), (8, 8))
