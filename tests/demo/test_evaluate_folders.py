@@ -6,6 +6,7 @@ logs to a file are handled."""
 import io
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -278,3 +279,46 @@ def test_a_folder_without_identity_folders_says_what_it_found_and_where_images_g
     (root / "labels.csv").write_text("a,b\n")
     with pytest.warns(UserWarning, match=r"left out 1 loose file at the top \(labels\.csv\)"):
         load_dataset(str(root), (8, 8))
+
+
+def test_16bit_and_float_images_give_the_same_inputs_as_a_folder_or_an_npz(tmp_path):
+    """One rule for both (README): 16-bit data scaled from 0..65535 without rounding to 8 bits
+    (16-bit PNGs holding 8-bit values were 2 grey levels, the same uint16 array in an .npz was
+    read as 0..255), with a warning where they use less than 1/16 of the range; floats in
+    [0, 1] as they are, floats up to 255 divided by 255 (an .npz kept them at 0..255)."""
+    images, y = _images()
+    grey = images.mean(-1)
+    cases = {
+        "sixteen": ((grey * 257).astype(np.uint16), None),
+        "eight_in_16": (grey.astype(np.uint16), "less than 1/16"),
+        "float255": (grey.astype(np.float32), None),
+        "float01": ((grey / 255).astype(np.float32), None),
+    }
+    for name, (arr, warns) in cases.items():
+        root = tmp_path / name
+        for i, (img, label) in enumerate(zip(arr, y)):
+            (root / f"id{label}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img, "F" if arr.dtype == np.float32 else None).save(
+                root / f"id{label}" / f"{i:03d}.{'tif' if arr.dtype == np.float32 else 'png'}"
+            )
+        np.savez(tmp_path / f"{name}.npz", images=arr, labels=y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            folder = load_dataset(str(root), (12, 12))
+            npz = load_dataset(str(tmp_path / f"{name}.npz"))
+        said = [str(w.message) for w in caught]
+        if warns:
+            assert len(said) == 2 and all(warns in w for w in said), said
+        else:
+            assert not said, said
+        assert torch.equal(folder.x, npz.x), name
+        expected = torch.from_numpy(arr.astype(np.float32)) / float(
+            {np.dtype(np.uint16): 65535, np.dtype(np.float32): 255}[arr.dtype]
+            if name != "float01"
+            else 1.0
+        )
+        assert torch.equal(npz.x[:, 0], expected), name
+    with pytest.warns(UserWarning, match="at most 242 of the 16-bit range"):
+        assert float(load_dataset(str(tmp_path / "eight_in_16.npz")).x.max()) < 0.004
+    sixteen = load_dataset(str(tmp_path / "sixteen.npz")).x
+    assert torch.unique(sixteen).numel() > 100 and float(sixteen.max()) > 0.9

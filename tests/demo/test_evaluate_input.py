@@ -336,3 +336,19 @@ def test_image_folder_reads_what_a_users_camera_and_tools_write(tmp_path, monkey
         ValueError, match=r"cannot read 4 image files: .*16bit.png.*decompression bomb"
     ):
         load_imagefolder(str(root), (16, 16))
+
+
+def test_integer_images_holding_only_0_and_1_are_refused(tmp_path, capsys):
+    """Floats in [0, 1] cast to uint8 (``(x / 255).astype(np.uint8)``) hold only 0 and 1:
+    they would train on black images; the error says how to save them."""
+    images, _ = _arrays()
+    path = _npz(tmp_path / "d.npz", images=(images / 255).astype(np.uint8))
+    out = tmp_path / "out"
+    assert main(["evaluate", path, *TINY, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "hold only 0 and 1" in err and "(x * 255).round().astype(np.uint8)" in err, err
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"float images \(float32\) hold values in \[-1, "):
+        load_npz(_npz(tmp_path / "neg.npz", images=images.astype(np.float32) / 127.5 - 1))
+    with pytest.raises(ValueError, match="zero size"):
+        load_npz(_npz(tmp_path / "empty.npz", images=images[:, :0]))
