@@ -806,11 +806,12 @@ def _main(
             subs = run_subfolders(path)
             if subs and not os.path.isfile(os.path.join(path, RESULTS_FILE)):
                 # the --out of an evaluation of several settings: each, then the combined table
-                from .evaluate.report import combine_settings, render_evaluation
+                from .evaluate.report import check_combinable, combine_settings, render_evaluation
 
                 for sub in subs:
                     if load_results(sub).get("kind") != "evaluate":
                         raise ValueError(f"{sub!r} is not a feature-cloud evaluate run")
+                check_combinable(subs)  # before any file is written
                 for sub in subs:
                     render_evaluation(sub, log=log)
                 combine_settings(subs, path)

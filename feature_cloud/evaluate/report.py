@@ -547,8 +547,11 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
 
 def combine_settings(paths: Sequence[str], out: str) -> str:
     """One Markdown/CSV table of the paired differences of several settings (sub-runs); open-set
-    settings (other metrics) get tables of their own below the closed-set ones."""
+    settings (other metrics) get tables of their own below the closed-set ones. The runs must
+    be of one data set (fingerprint) and configuration except the setting (protocol, ``-S``,
+    ``-H``), each setting once: ``ValueError`` before anything is written."""
     check_writable(out)
+    check_combinable(paths)
     # per protocol kind (open set or not) and form (Markdown, numeric CSV): paired, summary rows
     tables: Dict[Tuple[bool, bool], Tuple[List[List[Any]], List[List[Any]]]] = {}
     sweep_tables: Dict[bool, List[List[Any]]] = {False: [], True: []}
@@ -595,10 +598,51 @@ def combine_settings(paths: Sequence[str], out: str) -> str:
     return md
 
 
+def check_combinable(paths: Sequence[str]) -> None:
+    """``ValueError`` unless the runs ``paths`` may share one table of settings: distinct
+    folders and setting names, the same data and configuration but for the setting."""
+    seen: Dict[str, str] = {}
+    settings: Dict[str, str] = {}
+    first_path, first = paths[0], load_results(paths[0])
+    current = head_defaults()
+    for p in paths:
+        real = os.path.realpath(p)
+        if real in seen:
+            raise ValueError(f"{p} and {seen[real]} are the same run: combine each setting once")
+        seen[real] = p
+        res = load_results(p)
+        if res.get("kind") != "evaluate":
+            raise ValueError(f"{p} is not a `feature-cloud evaluate` run")
+        name = str(res.get("setting"))
+        if name in settings:
+            raise ValueError(
+                f"{p} and {settings[name]} are both setting {name!r}: one table shows each "
+                "setting once (pool their seeds with `report A B --out M` first)"
+            )
+        settings[name] = p
+        check_compatible(res, first, p, first_path, current, "combine", other_settings=True)
+
+
 #: config keys that may differ between runs merged by :func:`merge_runs`
 #: (device: checked by --resume; shrinkage_sweep: inference only, each kappa on the runs that have
 #: it; save_logits: an output only)
 _MERGE_FREE = ("seeds", "methods", "out", "device", "shrinkage_sweep", "save_logits")
+#: config keys that define a setting and may differ between the settings of one table
+#: (:func:`combine_settings`)
+_SETTING_FREE = ("protocol", "shots", "num_head")
+#: config fields that only some protocols read
+_PROTOCOL_FIELDS = {"n_test": ("natural", "hs"), "test_fraction": ("open",)}
+
+
+def _setting_field(key: str, a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """Whether ``key`` may differ between the settings ``a`` and ``b`` of one table: a field
+    of the setting (:data:`_SETTING_FREE`) or one the protocol of only one of them reads."""
+    readers = _PROTOCOL_FIELDS.get(key)
+    return key in _SETTING_FREE or (
+        readers is not None and not (a.get("protocol") in readers and b.get("protocol") in readers)
+    )
+
+
 #: dataset keys that must agree (its ``info``, e.g. the path it was read from, may differ)
 _DATA_KEYS = ("name", "samples", "num_classes", "input_shape", "camids")
 
@@ -739,6 +783,7 @@ def check_compatible(
     first_path: str,
     current: Optional[Dict[str, Any]] = None,
     verb: str = "merge",
+    other_settings: bool = False,
 ) -> None:
     """Raise ``ValueError`` unless the evaluation ``res`` (read from ``path``) may be pooled with
     ``first`` (from ``first_path``): same setting and data, every configuration field equal
@@ -748,9 +793,10 @@ def check_compatible(
     made by releases that record the head defaults (``current``: the defaults assumed where a
     run recorded none, default this release's). Only the head defaults that the methods of the
     two runs depend on count (:func:`_head_scope`): runs without a margin head need no record.
-    ``verb`` names the action in the message."""
+    ``verb`` names the action in the message. ``other_settings``: the settings may differ (the
+    fields :data:`_SETTING_FREE`; the settings of one evaluation's table, ``-S 1 5``)."""
     current = head_defaults() if current is None else current
-    if res["setting"] != first["setting"]:
+    if not other_settings and res["setting"] != first["setting"]:
         raise ValueError(
             f"cannot {verb} {path} (setting {res['setting']!r}) with {first_path} "
             f"(setting {first['setting']!r})"
@@ -769,6 +815,7 @@ def check_compatible(
         k
         for k in set(res["config"]) | set(first["config"])
         if k not in _MERGE_FREE
+        and not (other_settings and _setting_field(k, res["config"], first["config"]))
         and k not in unused
         and not _same_setting(k, res["config"], first["config"], da, db, scope)
     )

@@ -5,6 +5,8 @@ trained or written."""
 import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 
 import numpy as np
@@ -108,3 +110,42 @@ def test_demo_out_that_is_a_file_is_one_line(tmp_path, capsys):
     assert main(["demo", "--epochs", "1", "--seeds", "0", "--out", str(blocker)]) == 2
     assert "is a file, not a directory" in _one_error(capsys)
     assert json.dumps(blocker.read_text()) == '""'
+
+
+def test_report_root_combines_only_settings_of_one_data_and_configuration(tmp_path, capsys):
+    """`report ROOT` and combine_settings: sub-runs of other data (fingerprint) or another
+    configuration, two runs of one setting name and the same run twice are refused before any
+    file is written (they showed as identical-looking rows)."""
+    from feature_cloud.evaluate.report import combine_settings
+
+    data = _npz(tmp_path / "d.npz")
+    _npz(tmp_path / "e.npz", seed=1)
+    root = tmp_path / "root"
+    hs = ["--protocol", "hs", "-H", "2", "--methods", "cosface"]
+    assert main(["evaluate", data, *TINY, *hs, "-S", "1", "2", "--out", str(root)]) == 0
+    subs = [str(root / "H2_S1"), str(root / "H2_S2")]
+    assert "H2_S2" in combine_settings(subs, str(tmp_path / "ok"))
+    os.remove(root / "combined.md")
+    cases = {
+        "other data": ([*hs, "-S", "3"], data.replace("d.npz", "e.npz"), "data differ in"),
+        "other epochs": ([*hs, "-S", "3", "--epochs", "2"], data, r"differs in \['epochs'\]"),
+    }
+    for name, (args, source, match) in cases.items():
+        sub = root / "H2_S3"
+        run = ["evaluate", source, *TINY, *args, "--out", str(sub)]
+        assert main(run) == 0, name
+        capsys.readouterr()
+        os.remove(sub / "summary.md")
+        assert main(["report", str(root), "--quiet"]) == 2, name
+        assert re.search(match, _one_error(capsys)), name
+        assert not (root / "combined.md").exists() and not (sub / "summary.md").exists()
+        with pytest.raises(ValueError, match=match):
+            combine_settings(subs + [str(sub)], str(tmp_path / "c"))
+        shutil.rmtree(sub)
+    with pytest.raises(ValueError, match="both setting 'H2_S1'"):
+        copy = tmp_path / "copy"
+        shutil.copytree(subs[0], copy)
+        combine_settings([subs[0], str(copy)], str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="are the same run"):
+        combine_settings([subs[0], subs[0] + os.sep], str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
