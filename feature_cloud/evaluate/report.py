@@ -17,6 +17,7 @@ from ..demo.report import (
     csv_cell,
     load_results,
     make_output_dir,
+    refuse_no_runs,
     run_subfolders,
     write_json,
     wrote_line,
@@ -443,6 +444,7 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     run), ``runs.csv`` and the PNG plots of the evaluation in ``path``. Returns ``{artifact: file}``."""
     results = load_results(path)
     out = path if os.path.isdir(path) else os.path.dirname(path)
+    refuse_no_runs(results, path)
     check_writable(out or ".", "run folder")
     files: Dict[str, str] = {}
     srows, prows = summary_rows(results), paired_rows(results)

@@ -149,3 +149,81 @@ def test_report_root_combines_only_settings_of_one_data_and_configuration(tmp_pa
     with pytest.raises(ValueError, match="are the same run"):
         combine_settings([subs[0], subs[0] + os.sep], str(tmp_path / "c"))
     assert not (tmp_path / "c").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    data, out = _npz(tmp / "d.npz"), tmp / "run"
+    assert main(["evaluate", data, *TINY, "--methods", "cosface", "--out", str(out)]) == 0
+    with open(out / "results.json") as fh:
+        return json.load(fh)
+
+
+def _edit(results, path, value):
+    *head, last = path
+    for key in head:
+        results = results[key]
+    if value is KeyError:
+        del results[last]
+    else:
+        results[last] = value
+
+
+#: hand edits of a results.json and the field the error names (each crashed `report`)
+EDITS = {
+    "runs not a list": ([(["runs"], 5)], "runs must be a list"),
+    "run not an object": ([(["runs"], [1])], r"runs\[0\] must be an object"),
+    "seed as text": ([(["runs", 0, "seed"], "0")], r"runs\[0\]\.seed must be an integer"),
+    "metrics null": ([(["runs", 0, "metrics"], None)], r"runs\[0\]\.metrics must be an object"),
+    "huge metric": (
+        [(["runs", 0, "metrics", "fc_acc_head"], 1e308)],
+        r"runs\[0\]\.metrics\['fc_acc_head'\] must be a finite number",
+    ),
+    "metric a list": (
+        [(["runs", 0, "metrics", "fc_acc_head"], [1, 2])],
+        r"metrics\['fc_acc_head'\] must be a number or null",
+    ),
+    "per-class short": (
+        [(["runs", 0, "per_class", "weight_norm"], [0.5])],
+        r"per_class\['weight_norm'\] must be 6 values",
+    ),
+    "per_class missing": ([(["runs", 0, "per_class"], KeyError)], r"per_class must be an object"),
+    "train counts short": (
+        [(["splits", "0", "train_counts"], [1, 2])],
+        r"splits\['0'\]\.train_counts must be 6 counts",
+    ),
+    "no splits": ([(["splits"], {})], "splits must be one split per seed"),
+    "seed not in splits": ([(["runs", 0, "seed"], 7)], r"runs\[0\]\.seed must be a seed of splits"),
+    "no runs": ([(["runs"], [])], "holds no finished run"),
+    "labels missing": ([(["labels"], KeyError)], "labels must be an object"),
+    "data a list": ([(["data"], [])], "data must be an object"),
+    "config a list": ([(["config"], [])], "config must be an object"),
+    "sweep a text": ([(["runs", 0, "sweep"], {"3": "x"})], r"sweep\['3'\] must be an object"),
+    "no methods": ([(["methods"], [])], "methods must be a non-empty list"),
+    "setting missing": ([(["setting"], KeyError)], "setting must be a string"),
+    "run twice": ("dup", r"runs\[1\] is a second run of method 'cosface' seed 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+def test_report_names_the_field_of_a_hand_edited_results_file(tmp_path, capsys, finished_run, case):
+    """A results.json edited into another shape is one error naming the file and the field,
+    before any file is written (tracebacks: TypeError, KeyError, ZeroDivisionError in the plots,
+    OverflowError; some after 8 files)."""
+    import copy
+
+    edits, match = EDITS[case]
+    results = copy.deepcopy(finished_run)
+    if edits == "dup":
+        results["runs"].insert(1, copy.deepcopy(results["runs"][0]))
+    else:
+        for path, value in edits:
+            _edit(results, path, value)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(results))
+    assert main(["report", str(run), "--quiet"]) == 2
+    err = _one_error(capsys)
+    assert str(run) in err and re.search(match, err), err
+    assert os.listdir(run) == ["results.json"]
