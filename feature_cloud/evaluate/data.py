@@ -62,13 +62,25 @@ def _load_npz(path: str, image_size: Optional[Tuple[int, int]]) -> LabeledData:
             if key not in d.files:
                 continue
             try:
-                arrays[key] = d[key]
-            except ValueError as err:  # an object array: it would need pickle
-                raise ValueError(
-                    f"{path!r}: {key!r} is an array of Python objects ({err}); save it with a "
-                    "plain dtype, e.g. np.asarray(names, dtype=str) or integer ids"
-                ) from None
+                value = d[key]
+            except ValueError as err:
+                if "Object arrays cannot be loaded" in str(err):  # it would need pickle
+                    raise ValueError(
+                        f"{path!r}: {key!r} is an array of Python objects ({err}); save it with "
+                        "a plain dtype, e.g. np.asarray(names, dtype=str) or integer ids"
+                    ) from None
+                raise ValueError(f"{path!r}: {key!r} cannot be read (damaged: {err})") from None
+            except (OSError, EOFError, zipfile.BadZipFile) as err:
+                raise ValueError(f"{path!r}: {key!r} cannot be read (damaged: {err})") from None
+            if value.dtype.byteorder not in "=|":  # big-endian data: native order for torch
+                value = value.astype(value.dtype.newbyteorder("="))
+            arrays[key] = value
         images, labels = arrays["images"], arrays["labels"]
+        if "subject_names" in arrays and arrays["subject_names"].ndim != 1:
+            raise ValueError(
+                "subject_names must be 1-D (one name per label id), got shape "
+                f"{arrays['subject_names'].shape}"
+            )
         names = [str(n) for n in arrays["subject_names"]] if "subject_names" in arrays else None
         camids = arrays.get("camids")
     if labels.ndim != 1:
@@ -177,6 +189,13 @@ def camera_ids(paths: List[str]) -> Optional[torch.Tensor]:
         if match is None:
             return None
         cams.append(int(match.group(1)))
+    too_big = [p for p, c in zip(paths, cams) if c >= 2**63]
+    if too_big:
+        raise ValueError(
+            f"camera id (_c<digits>) too large for a 64-bit integer in {too_big[0]!r}"
+            + (f" and {len(too_big) - 1} more files" if len(too_big) > 1 else "")
+            + ": rename the files (the digits after _c are the camera)"
+        )
     return torch.as_tensor(cams, dtype=torch.long) if cams else None
 
 

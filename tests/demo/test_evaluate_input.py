@@ -352,3 +352,49 @@ def test_integer_images_holding_only_0_and_1_are_refused(tmp_path, capsys):
         load_npz(_npz(tmp_path / "neg.npz", images=images.astype(np.float32) / 127.5 - 1))
     with pytest.raises(ValueError, match="zero size"):
         load_npz(_npz(tmp_path / "empty.npz", images=images[:, :0]))
+
+
+def test_load_npz_reads_big_endian_arrays_and_names_damaged_ones(tmp_path):
+    """Big-endian arrays (saved on another machine or by another tool) load as the native ones
+    (torch refused them); a truncated member is named as damaged (it was called an object
+    array); 0-d subject_names are named (a TypeError)."""
+    import io
+    import zipfile
+
+    images, labels = _arrays()
+    cams = (np.arange(labels.size) % 2).astype(">i8")
+    native = load_npz(_npz(tmp_path / "n.npz", camids=cams.astype(np.int64)))
+    swapped = load_npz(
+        _npz(tmp_path / "b.npz", images=images.astype(">u2") * 257, labels=labels.astype(">i4"))
+    )
+    assert torch.equal(native.x, swapped.x) and torch.equal(native.y, swapped.y)
+    be = load_npz(_npz(tmp_path / "c.npz", images=images.astype(">f4") / 255, camids=cams))
+    assert torch.equal(be.camids, native.camids) and torch.allclose(be.x, native.x)
+    buf = io.BytesIO()
+    np.save(buf, images)
+    full = io.BytesIO()
+    np.save(full, labels)
+    damaged = tmp_path / "damaged.npz"
+    with zipfile.ZipFile(damaged, "w") as zf:
+        zf.writestr("images.npy", buf.getvalue()[:500])
+        zf.writestr("labels.npy", full.getvalue())
+    with pytest.raises(ValueError, match=r"'images' cannot be read \(damaged") as info:
+        load_npz(str(damaged))
+    assert "Python objects" not in str(info.value)
+    with pytest.raises(ValueError, match=r"subject_names must be 1-D .* shape \(\)"):
+        load_npz(_npz(tmp_path / "s.npz", subject_names=np.array("ann")))
+
+
+def test_camera_digits_beyond_64_bits_name_the_file(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    for ident in ("a", "b"):
+        (tmp_path / ident).mkdir()
+        for i in range(3):
+            digits = "9" * 25 if (ident, i) == ("b", 1) else "1"
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(
+                tmp_path / ident / f"x_c{digits}_{i}.png"
+            )
+    from feature_cloud.evaluate.data import load_dataset
+
+    with pytest.raises(ValueError, match=r"camera id .* too large .*x_c9{25}_1\.png"):
+        load_dataset(str(tmp_path), (4, 4))
