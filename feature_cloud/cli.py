@@ -626,6 +626,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         c.validate()
     if len(configs) > 1:  # every setting's folder before the first trains
         check_settings_root(args.out, len(configs))
+        _refuse_other_settings(args.out, [setting_name(c) for c in configs], shots)
         for c in configs:
             c.out = os.path.join(args.out, setting_name(c))
     check_out_outside_data(args.out, args.data)
@@ -643,6 +644,21 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         dirs.append(c.out)
     log("")
     log(combine_settings(dirs, args.out))
+
+
+def _refuse_other_settings(out: str, names: Sequence[str], shots: Sequence[int]) -> None:
+    """``ValueError`` where the ``--out`` of an evaluation of several settings holds settings'
+    folders besides ``names`` (a changed ``-S`` list, ``--resume`` or not): ``combined.md``
+    would leave them out silently."""
+    from .demo.report import run_subfolders
+
+    other = sorted({os.path.basename(d) for d in run_subfolders(out)} - set(names))
+    if other:
+        raise ValueError(
+            f"--out {out!r} holds the settings {', '.join(other)} besides those of -S "
+            f"{' '.join(map(str, shots))}: the combined table would leave them out; ask for them "
+            "too (the same -S list as before) or choose another --out"
+        )
 
 
 def _demo_config(args: argparse.Namespace):

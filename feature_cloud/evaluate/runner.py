@@ -341,6 +341,8 @@ def _types_of(cfg: EvalConfig) -> None:
         if not isinstance(value, str):
             raise TypeError(f"{_option(name)} must be {what}, got {value!r}")
         setattr(cfg, name, str(value))  # np.str_ -> str
+    if not cfg.out.strip():
+        raise ValueError(f"{_option('out')} must name a folder, got {cfg.out!r}")
     cfg.leap_options = _leap_options(cfg.leap_options)
 
 
@@ -827,7 +829,7 @@ def _check_training_sets(
     if cfg.protocol == "hs" and cfg.num_head > data.num_classes:
         raise ValueError(
             f"-H {cfg.num_head}: {dataset_title(data)} has {data.num_classes} identities; choose -H "
-            f"below {data.num_classes}, so that some identities are the tail"
+            f"at most {data.num_classes} (below it, so that some identities are the tail)"
         )
     for seed, split in splits.items():
         trained = int((split.train_counts > 0).sum())

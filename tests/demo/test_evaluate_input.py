@@ -118,7 +118,10 @@ TINY = ["--image-size", "8", "8", "--epochs", "2", "--seeds", "0", "-T", "5", "-
         (["--seeds", "-1"], r"seeds must be in \[0, 2\*\*32\)"),
         (["--threads", "-1"], "--threads must be >= 0"),
         (["--n-test", "16"], "trains 0 identities: need at least 2"),
-        (["--protocol", "hs", "-H", "500"], r"-H 500: .* has \d+ identities; choose -H below "),
+        (
+            ["--protocol", "hs", "-H", "500"],
+            r"-H 500: .* has (\d+) identities; choose -H at most \1 ",
+        ),
         (["--image-size", "0", "0"], r"image_size \(--image-size\) must be two sizes >= 1"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),
@@ -398,3 +401,27 @@ def test_camera_digits_beyond_64_bits_name_the_file(tmp_path):
 
     with pytest.raises(ValueError, match=r"camera id .* too large .*x_c9{25}_1\.png"):
         load_dataset(str(tmp_path), (4, 4))
+
+
+def test_cli_evaluate_refuses_an_empty_out_and_a_changed_settings_list(tmp_path, capsys):
+    """``--out ''`` is named before the data are read; an evaluation of several settings whose
+    -S list changed (``--resume`` or not) is refused: combined.md would drop the other
+    settings silently."""
+    data = _npz(tmp_path / "d.npz")
+    assert main(["evaluate", str(tmp_path / "missing.npz"), *TINY, "--out", ""]) == 2
+    assert "out (--out) must name a folder, got ''" in capsys.readouterr().err
+    root = tmp_path / "root"
+    hs = ["evaluate", data, *TINY, "--methods", "cosface", "--protocol", "hs", "-H", "2"]
+    assert main([*hs, "-S", "1", "2", "--out", str(root)]) == 0
+    for more in (["--resume"], []):
+        assert main([*hs, "-S", "1", "3", *more, "--out", str(root)]) == 2
+        err = capsys.readouterr().err
+        assert "holds the settings H2_S2 besides those of -S 1 3" in err, err
+        assert sorted(os.listdir(root)) == [
+            "H2_S1",
+            "H2_S2",
+            "combined.md",
+            "combined_paired.csv",
+            "combined_summary.csv",
+        ]
+    assert main([*hs, "-S", "1", "2", "--resume", "--out", str(root)]) == 0
