@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._validation import warn_user
+from .._validation import as_int, warn_user
 from ..demo.data import (
     LabeledData,
     _from_paths,
@@ -227,14 +227,29 @@ def dataset_title(data: LabeledData) -> str:
     return str(data.info.get("title", data.name))
 
 
+def _image_size(value: Any) -> Tuple[int, int]:
+    """``image_size`` as two ints ``(H, W)`` >= 1 (NumPy integers, ``16.0``: taken); a
+    ``TypeError`` / ``ValueError`` naming it otherwise."""
+    what = "image_size (--image-size) must be two sizes >= 1 (H, W)"
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        shown = tuple(value) if isinstance(value, (list, tuple)) else value
+        if isinstance(value, (list, tuple)):
+            raise ValueError(f"{what}, got {shown}")
+        raise TypeError(f"{what}, got {value!r}")
+    size = tuple(as_int(v, "each of image_size (--image-size)") for v in value)
+    if min(size) < 1:
+        raise ValueError(f"{what}, got {size}")
+    return size  # type: ignore[return-value]
+
+
 def load_dataset(path: PathArg, image_size: Optional[Tuple[int, int]] = None) -> LabeledData:
     """An ``.npz`` file (see :func:`load_npz`) or a folder with one sub-folder per identity;
     ``path`` a ``str`` or a ``pathlib.Path``."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise TypeError(f"path must be a str or pathlib.Path (a file or folder), got {path!r}")
     path = os.fspath(path)
-    if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
-        raise ValueError(
-            f"image_size (--image-size) must be two sizes >= 1 (H, W), got {tuple(image_size)}"
-        )
+    if image_size is not None:
+        image_size = _image_size(image_size)
     if os.path.isdir(path):
         return load_image_folder(path, image_size or (64, 64))
     if not os.path.isfile(path):

@@ -65,6 +65,7 @@ __all__ = [
     "check_output",
     "check_out_outside_data",
     "check_models",
+    "check_data",
     "TrainingDiverged",
     "RESULTS_FILE",
 ]
@@ -886,6 +887,46 @@ def _check_training_sets(
             )
 
 
+def check_data(data: Any) -> None:
+    """A :class:`LabeledData` an evaluation can train on, for one built by hand: finite
+    ``float32`` inputs, integer labels, and ``camids`` (if any) one integer per image;
+    ``TypeError`` / ``ValueError`` naming what is wrong."""
+    if not isinstance(data, LabeledData):
+        shown = f" {data!r}" if isinstance(data, (str, os.PathLike)) else ""
+        raise TypeError(
+            "data must be a LabeledData (load_dataset(path) returns one), got "
+            f"{type(data).__name__}{shown}"
+        )
+    if not isinstance(data.x, Tensor) or data.x.dtype != torch.float32:
+        raise TypeError(
+            f"data.x must be a float32 tensor (x.float()), got {getattr(data.x, 'dtype', type(data.x))}"
+        )
+    if (
+        not isinstance(data.y, Tensor)
+        or data.y.dtype.is_floating_point
+        or data.y.dtype == torch.bool
+        or data.y.dim() != 1
+    ):
+        raise TypeError(
+            f"data.y must be a 1-D integer tensor (y.long()), got {getattr(data.y, 'dtype', type(data.y))}"
+        )
+    if not bool(torch.isfinite(data.x).all()):
+        raise ValueError("data.x holds non-finite values (NaN or inf)")
+    camids = getattr(data, "camids", None)
+    if camids is not None:
+        if (
+            not isinstance(camids, Tensor)
+            or camids.dtype.is_floating_point
+            or camids.dtype == torch.bool
+            or tuple(camids.shape) != tuple(data.y.shape)
+        ):
+            raise ValueError(
+                f"data.camids must be a 1-D integer tensor of {data.y.numel()} camera ids (one "
+                f"per image) or None, got {getattr(camids, 'dtype', type(camids))} "
+                f"{tuple(getattr(camids, 'shape', ()))}"
+            )
+
+
 def check_models(
     cfg: EvalConfig, data: LabeledData, splits: Dict[int, LongTailSplit], thresholds: Dict[int, int]
 ) -> None:
@@ -946,6 +987,7 @@ def prepare_evaluation(
     built on the data, and what ``--resume`` would reuse. Nothing is written or trained: several
     settings (``-S 1 2 5``) are all prepared before the first trains."""
     cfg.validate()
+    check_data(data)
     if write:
         check_output(cfg, resume)
         check_out_outside_data(cfg.out, str(data.info.get("root") or ""))
