@@ -562,6 +562,7 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
     from .evaluate.report import combine_settings
     from .evaluate.runner import (
         EvalConfig,
+        check_out_outside_data,
         check_output,
         check_settings_root,
         prepare_evaluation,
@@ -623,11 +624,14 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
     configs = [replace(base, shots=s) for s in dict.fromkeys(shots)]
     for c in configs:
         c.validate()
-    if len(configs) > 1:  # every setting's folder before the first trains (one: run_evaluation)
+    if len(configs) > 1:  # every setting's folder before the first trains
         check_settings_root(args.out, len(configs))
+        _refuse_other_settings(args.out, [setting_name(c) for c in configs], shots)
         for c in configs:
             c.out = os.path.join(args.out, setting_name(c))
-            check_output(c, args.resume)
+    check_out_outside_data(args.out, args.data)
+    for c in configs:  # before the data are loaded (again in prepare_evaluation)
+        check_output(c, args.resume)
     data = load_dataset(args.data, tuple(args.image_size) if args.image_size else None)
     # every setting's (and seed's) split checks, errors and warnings before the first trains
     prepared = [prepare_evaluation(c, data, resume=args.resume) for c in configs]
@@ -640,6 +644,21 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         dirs.append(c.out)
     log("")
     log(combine_settings(dirs, args.out))
+
+
+def _refuse_other_settings(out: str, names: Sequence[str], shots: Sequence[int]) -> None:
+    """``ValueError`` where the ``--out`` of an evaluation of several settings holds settings'
+    folders besides ``names`` (a changed ``-S`` list, ``--resume`` or not): ``combined.md``
+    would leave them out silently."""
+    from .demo.report import run_subfolders
+
+    other = sorted({os.path.basename(d) for d in run_subfolders(out)} - set(names))
+    if other:
+        raise ValueError(
+            f"--out {out!r} holds the settings {', '.join(other)} besides those of -S "
+            f"{' '.join(map(str, shots))}: the combined table would leave them out; ask for them "
+            "too (the same -S list as before) or choose another --out"
+        )
 
 
 def _demo_config(args: argparse.Namespace):
@@ -803,11 +822,12 @@ def _main(
             subs = run_subfolders(path)
             if subs and not os.path.isfile(os.path.join(path, RESULTS_FILE)):
                 # the --out of an evaluation of several settings: each, then the combined table
-                from .evaluate.report import combine_settings, render_evaluation
+                from .evaluate.report import check_combinable, combine_settings, render_evaluation
 
                 for sub in subs:
                     if load_results(sub).get("kind") != "evaluate":
                         raise ValueError(f"{sub!r} is not a feature-cloud evaluate run")
+                check_combinable(subs)  # before any file is written
                 for sub in subs:
                     render_evaluation(sub, log=log)
                 combine_settings(subs, path)
@@ -831,6 +851,10 @@ def _main(
         return 0
     except (ValueError, FileNotFoundError, MissingExtra) as exc:
         print(f"feature-cloud: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a folder that became unwritable, a full disk: a line, not a trace
+        where = f": {exc.filename!r}" if exc.filename else ""
+        print(f"feature-cloud: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was kept and how to go on, not a traceback
         print(f"\nfeature-cloud: interrupted; {_interrupted(args)}", file=sys.stderr)

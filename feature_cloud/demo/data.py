@@ -39,6 +39,8 @@ __all__ = [
 DATA_SOURCES = ("digits", "synthetic", "market1501", "imagefolder")
 #: Files that operating systems leave in folders, skipped without a word.
 _SYSTEM_FILES = ("thumbs.db", "desktop.ini")
+#: the file of a run's output folder: a sub-folder holding it is no identity
+_RUN_FILE = "results.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -169,26 +171,41 @@ def _load_images(paths: Sequence[str], size: Tuple[int, int], resize: str = "bil
     h, w = size
     out = torch.empty(len(paths), 3, h, w)
     failed: List[Tuple[str, str]] = []
+    dim: List[Tuple[str, float]] = []  # 16-bit images using < 1/16 of their range
     for i, path in enumerate(progress(paths, desc="loading images", unit="img")):
         try:
             with Image.open(path) as img:
                 img = ImageOps.exif_transpose(img)  # phone photos: the orientation they show
-                rgb = _as_rgb(img, path)
-                if resize == "bilinear":
-                    rgb = rgb.resize((w, h), Image.BILINEAR)
-                arr = np.asarray(rgb, dtype=np.float32)
+                rgb, is_dim = _as_rgb(img, path)
+                if isinstance(rgb, np.ndarray):  # 16-bit / float: in [0, 1] already, grey
+                    if is_dim:
+                        dim.append((path, float(np.asarray(img).max())))
+                    if resize == "bilinear":
+                        rgb = np.asarray(Image.fromarray(rgb, "F").resize((w, h), Image.BILINEAR))
+                    arr, scale = np.repeat(rgb[..., None], 3, axis=2), 1.0
+                else:
+                    if resize == "bilinear":
+                        rgb = rgb.resize((w, h), Image.BILINEAR)
+                    arr, scale = np.asarray(rgb, dtype=np.float32), 255.0
         except (OSError, Image.DecompressionBombError) as exc:  # not an image, truncated, huge
             failed.append((path, str(exc)))
             continue
         except ValueError as exc:  # _as_rgb: intensities out of any range it knows
             failed.append((path, str(exc).replace(f"image {path!r} ", "")))
             continue
-        img_t = torch.from_numpy(arr).permute(2, 0, 1) / 255.0
+        img_t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1) / scale
         if resize == "area" and tuple(img_t.shape[1:]) != (h, w):
             img_t = torch.nn.functional.interpolate(img_t[None], size=(h, w), mode="area")[0]
         out[i] = img_t
     if failed:
         raise ValueError(_unreadable_message(failed))
+    if dim:
+        names = ", ".join(repr(p) for p, _ in dim[:3]) + (", ..." if len(dim) > 3 else "")
+        warn_user(
+            dim_16bit_message(
+                f"{counted(len(dim), '16-bit image')} ({names})", max(t for _, t in dim)
+            )
+        )
     return out
 
 
@@ -206,29 +223,62 @@ def _unreadable_message(failed: List[Tuple[str, str]]) -> str:
     )
 
 
-def _as_rgb(img: Any, path: str) -> Any:
-    """An 8-bit RGB copy of ``img``: 16-bit and 32-bit integer images scaled from their range
-    (Pillow's own conversion clips them at 255), float images in [0, 1] or [0, 255]."""
-    from PIL import Image
+#: 16-bit data using less than this share of 0..65535 warn: 8-bit values saved as 16-bit come
+#: out nearly black, scaled from 65535 as every 16-bit image is
+DIM_16BIT = 1 / 16
 
+
+def unit_range(arr: np.ndarray, depth: str) -> np.ndarray:
+    """``arr`` as ``float32`` in [0, 1], one rule for folder and ``.npz`` images: ``depth``
+    ``"8"`` (0..255, divided by 255), ``"16"`` (0..65535, divided by 65535, no rounding) or
+    ``"float"`` (in [0, 1] as they are; a maximum above 1, up to 255, is 0..255: divided by
+    255). ``ValueError`` for values outside that range."""
+    top = float(arr.max()) if arr.size else 0.0
+    low = float(arr.min()) if arr.size else 0.0
+    if depth == "float":
+        high, scale = (1.0, 1.0) if top <= 1.0 else (255.0, 255.0)
+        expected = "floats in [0, 1] (or 0..255)"
+    else:
+        high = scale = 65535.0 if depth == "16" else 255.0
+        expected = f"{depth}-bit intensities 0..{high:g}"
+    if low < 0 or top > high:
+        raise ValueError(f"values in [{low:g}, {top:g}]: expected {expected}")
+    return arr.astype(np.float32) / np.float32(scale)  # type: ignore[no-any-return]
+
+
+def dim_16bit(arr: np.ndarray) -> bool:
+    """Whether 16-bit data ``arr`` use less than :data:`DIM_16BIT` of their range."""
+    return bool(arr.size) and float(arr.max()) < DIM_16BIT * 65535
+
+
+def dim_16bit_message(what: str, top: float) -> str:
+    """The warning of :func:`dim_16bit` data, ``what`` naming them."""
+    return (
+        f"{what} use at most {top:g} of the 16-bit range 0..65535 (less than 1/16): 16-bit "
+        "data are scaled from 65535, so 8-bit values saved as 16-bit come out nearly black; "
+        "save them as 8-bit"
+    )
+
+
+def _as_rgb(img: Any, path: str) -> Any:
+    """An RGB Pillow image of ``img``, or for 16-bit / 32-bit integer and float images a
+    ``float32`` ``(H, W)`` array in [0, 1] (:func:`unit_range`: 16-bit scaled from 0..65535,
+    mode ``I`` from 0..255 unless it holds more; Pillow's own conversion clips them at 255)."""
     if img.mode.startswith("I") or img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        top = float(arr.max()) if arr.size else 0.0
+        arr = np.asarray(img)
         if img.mode == "F":
-            scale = 255.0 if top <= 1.0 else 1.0
-        elif img.mode.startswith("I;16") or top > 255.0:
-            scale = 255.0 / 65535.0
+            depth = "float"
         else:
-            scale = 1.0
-        if arr.min() < 0 or top * scale > 255.0 + 1e-6:
+            depth = "16" if img.mode.startswith("I;16") or float(arr.max()) > 255 else "8"
+        try:
+            return unit_range(arr, depth), depth == "16" and dim_16bit(arr)
+        except ValueError as err:
             raise ValueError(
-                f"image {path!r} (mode {img.mode}) holds values in [{arr.min():g}, {top:g}]: "
-                "expected 8- or 16-bit intensities, or floats in [0, 1]; convert it to 8-bit"
-            )
-        img = Image.fromarray(np.rint(arr * scale).astype(np.uint8), "L")
-    elif img.mode == "P" and "transparency" in img.info:
+                f"image {path!r} (mode {img.mode}) holds {err}; convert it to 8-bit"
+            ) from None
+    if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # Pillow warns converting such palettes straight to RGB
-    return img.convert("RGB")
+    return img.convert("RGB"), False
 
 
 def _from_paths(
@@ -282,7 +332,8 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
     sorted order. Hidden files (names starting with ``.``, e.g. macOS ``._*`` files) are
     skipped; other entries left out (hidden folders, nested folders, other formats, loose
     images, empty identity folders) are named in one warning; identity folders that are the
-    same directory (a symlink to another identity's folder) are read once, named in a warning."""
+    same directory (a symlink to another identity's folder) are read once, named in a warning;
+    sub-folders holding a ``results.json`` (a run's ``--out``) are left out, named in a warning."""
     if not os.path.isdir(root):
         raise ValueError(f"imagefolder path {root!r} is not a directory")
     paths, ids = [], []
@@ -290,6 +341,7 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
         ("identity folder without images", "identity folders without images"): [],
         ("other entry", "other entries"): [],
         ("hidden folder", "hidden folders"): [],
+        ("loose file at the top", "loose files at the top"): [],
     }
     folders: Dict[str, List[str]] = {}  # real directory -> identity folders naming it
     for ident in sorted(os.listdir(root)):
@@ -299,8 +351,8 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
                 skipped[("hidden folder", "hidden folders")].append(ident)
             continue
         if not os.path.isdir(sub):
-            if ident.lower().endswith(IMAGE_EXTENSIONS):
-                skipped[("other entry", "other entries")].append(ident)  # outside any identity
+            if ident.lower() not in _SYSTEM_FILES:  # a loose file, outside any identity
+                skipped[("loose file at the top", "loose files at the top")].append(ident)
             continue
         folders.setdefault(os.path.realpath(sub), []).append(ident)
     keep = set()
@@ -318,7 +370,14 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
             f"{root!r}: identity folders that are the same folder (a symlink) are read once, "
             f"as one identity: left out {'; '.join(same)}"
         )
-    for ident in sorted(keep):
+    runs = sorted(n for n in keep if os.path.isfile(os.path.join(root, n, _RUN_FILE)))
+    if runs:
+        warn_user(
+            f"{root!r}: left out {', '.join(runs)}: {'it holds' if len(runs) == 1 else 'they hold'} "
+            f"a {_RUN_FILE}, the output of a feature-cloud run, not an identity's images; "
+            "write runs (--out) outside the image folder"
+        )
+    for ident in sorted(keep - set(runs)):
         sub = os.path.join(root, ident)
         found = 0
         for fname in sorted(os.listdir(sub)):
@@ -335,18 +394,51 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
                 ident
             )
     said = [(what, sorted(names)) for what, names in skipped.items() if names]
-    if said and paths:
-        warn_user(
-            f"{root!r}: left out "
-            + "; ".join(
-                f"{counted(len(names), *what)} ({', '.join(names[:5])}"
-                f"{', ...' if len(names) > 5 else ''})"
-                for what, names in said
-            )
-            + f". Only {', '.join(IMAGE_EXTENSIONS)} files directly inside an identity's "
-            "folder are read: flatten nested folders, convert other formats"
+    summary = "; ".join(
+        f"{counted(len(names), *what)} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+        for what, names in said
+    )
+    rule = (
+        f"Only {', '.join(IMAGE_EXTENSIONS)} files directly inside an identity's folder are "
+        "read: flatten nested folders, convert other formats"
+    )
+    if not paths:
+        raise ValueError(
+            f"no images found under {root!r}: expected {os.path.join(root, '<identity>', '<image>')}"
+            + (f"; left out {summary}" if summary else "")
+            + _layout_hint(root, skipped)
         )
+    if said:
+        warn_user(f"{root!r}: left out {summary}. {rule}")
     return paths, ids
+
+
+def _layout_hint(root: str, skipped: Dict[Tuple[str, str], List[str]]) -> str:
+    """Why a folder gave no image: images loose at the top (no identity folders), or identity
+    folders one level too deep (``root/train/<identity>/<image>``)."""
+    loose = [
+        n
+        for n in skipped[("loose file at the top", "loose files at the top")]
+        if n.lower().endswith(IMAGE_EXTENSIONS)
+    ]
+    if loose:
+        return (
+            f". The images at the top belong in one folder per identity "
+            f"({os.path.join(root, '<identity>', loose[0])})"
+        )
+    deeper = sorted(
+        {
+            os.path.join(root, entry.split(os.sep)[0])
+            for entry in skipped[("other entry", "other entries")]
+            if os.path.isdir(os.path.join(root, entry))
+        }
+    )
+    if deeper:
+        return (
+            f". The identity folders seem one level down: give {', '.join(map(repr, deeper[:3]))}"
+            + (" (each a dataset of its own)" if len(deeper) > 1 else "")
+        )
+    return ""
 
 
 def load_imagefolder(

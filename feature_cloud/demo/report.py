@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -20,6 +21,10 @@ from .metrics import aggregate
 
 __all__ = [
     "load_results",
+    "check_results",
+    "check_writable",
+    "check_out_outside_data",
+    "make_output_dir",
     "aggregate",
     "results_markdown",
     "compact_table",
@@ -90,6 +95,54 @@ def write_json(obj: Any, file: str) -> None:
     os.replace(tmp, file)
 
 
+def make_output_dir(path: str) -> None:
+    """Create the output directory ``path`` (and its parents); ``ValueError`` naming the file
+    in the way where ``path`` or a parent is an existing file."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = os.path.abspath(path)
+        while not os.path.isfile(blocker) and blocker != os.path.dirname(blocker):
+            blocker = os.path.dirname(blocker)
+        raise ValueError(
+            f"output directory {path!r}: {blocker!r} is a file, not a directory"
+        ) from None
+
+
+def check_writable(path: str, what: str = "--out") -> None:
+    """``ValueError`` naming ``path`` where its folder (or, before it exists, the nearest
+    existing parent it would be made in) takes no new file: a temporary file is created there
+    and removed, before anything is trained or written (a read-only folder or file system, no
+    permission), or a file in the way (``path`` or a parent is a file)."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder) and folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path!r}: {folder!r} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".feature-cloud-", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        where = "" if folder == os.path.abspath(path) else f" (in {folder!r}, where it is made)"
+        raise ValueError(
+            f"{what} {path!r} cannot be written{where}: {err.strerror or err}; nothing was written"
+        ) from None
+
+
+def check_out_outside_data(out: str, data_path: Optional[str]) -> None:
+    """``ValueError`` where ``out`` (its real path) is the image folder ``data_path`` or inside
+    it: the next evaluation of that folder would read the run's plots as an identity."""
+    if not data_path or not os.path.isdir(data_path):
+        return
+    root, target = os.path.realpath(data_path), os.path.realpath(out)
+    if os.path.commonpath([root, target]) == root:
+        raise ValueError(
+            f"--out {out!r} is inside the image folder {data_path!r}: a later evaluation of that "
+            "folder would read the run's files as an identity; choose an --out outside it"
+        )
+
+
 def csv_cell(value: Any) -> Any:
     """A CSV cell: empty where the value is NaN / missing (the tables' n/a), else the value."""
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
@@ -139,12 +192,150 @@ def load_results(path: str) -> Dict[str, Any]:
     for key in ("config", "data", "methods", "runs", "splits"):
         if key not in results:
             raise ValueError(f"{file} has no {key!r}: not a feature-cloud demo or evaluate run")
+    check_results(results, file)
     for run in results["runs"]:  # n/a metrics: null in the file (strict JSON), NaN in the tables
         if isinstance(run, dict) and isinstance(run.get("metrics"), dict):
             run["metrics"] = _nan_for_null(run["metrics"])
             if isinstance(run.get("sweep"), dict):
                 run["sweep"] = {k: _nan_for_null(v) for k, v in run["sweep"].items()}
     return results
+
+
+#: the largest magnitude a metric may have (its squares and sums stay finite)
+_LARGEST_METRIC = 1e100
+
+
+class _Shape:
+    """The checks of :func:`check_results`: each names the file and the field."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def fail(self, field: str, what: str, value: Any) -> ValueError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return ValueError(
+            f"{self.file}: {field} must be {what}, got {shown} (not as feature-cloud writes "
+            "it: edited by hand?)"
+        )
+
+    def mapping(self, value: Any, field: str) -> Dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(field, "an object", value)
+        return value
+
+    def sequence(self, value: Any, field: str) -> List[Any]:
+        if not isinstance(value, list):
+            raise self.fail(field, "a list", value)
+        return value
+
+    def integer(self, value: Any, field: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(field, "an integer", value)
+        return value
+
+    def text(self, value: Any, field: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(field, "a string", value)
+        return value
+
+    def number(self, value: Any, field: str) -> None:
+        """A finite number of a sane size, or ``null`` (n/a)."""
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(field, "a number or null", value)
+        if not abs(value) <= _LARGEST_METRIC:  # NaN too
+            raise self.fail(field, f"a finite number of magnitude <= {_LARGEST_METRIC:g}", value)
+
+
+def check_results(results: Dict[str, Any], file: str) -> None:
+    """``ValueError`` naming ``file`` and the field where a ``results.json`` (a demo's or an
+    evaluation's) does not have the shape feature-cloud writes: the types of its sections, each
+    run's seed, method, metrics and per-class values (one per identity of its seed's split),
+    every run's seed in ``splits`` and method in ``methods``, each (seed, method) once. Checked
+    when the file is read, before anything is rendered or written."""
+    c = _Shape(file)
+    c.mapping(results["config"], "config")
+    c.mapping(results["data"], "data")
+    methods = c.sequence(results["methods"], "methods")
+    if not methods:
+        raise c.fail("methods", "a non-empty list of method names", methods)
+    for i, m in enumerate(methods):
+        c.text(m, f"methods[{i}]")
+    evaluate = results.get("kind") == "evaluate"
+    classes = None
+    if evaluate:
+        for key in ("samples", "num_classes"):
+            c.integer(results["data"].get(key), f"data.{key}")
+        classes = results["data"]["num_classes"]
+    splits = c.mapping(results["splits"], "splits")
+    sizes: Dict[str, int] = {}
+    for seed, split in splits.items():
+        where = f"splits[{seed!r}]"
+        c.mapping(split, where)
+        if "train_counts" in split:
+            counts = c.sequence(split["train_counts"], f"{where}.train_counts")
+            for j, v in enumerate(counts):
+                c.integer(v, f"{where}.train_counts[{j}]")
+            if classes is not None and len(counts) != classes:
+                raise c.fail(
+                    f"{where}.train_counts", f"{classes} counts (data.num_classes)", counts
+                )
+            sizes[seed] = len(counts)
+            if "head" in split and len(c.sequence(split["head"], f"{where}.head")) != len(counts):
+                raise c.fail(
+                    f"{where}.head", f"{len(counts)} flags (one per identity)", split["head"]
+                )
+    if evaluate:
+        c.text(results.get("setting"), "setting")
+        cfg = results["config"]
+        c.text(cfg.get("backbone"), "config.backbone")
+        c.integer(cfg.get("epochs"), "config.epochs")
+        for i, seed in enumerate(c.sequence(cfg.get("seeds"), "config.seeds")):
+            c.integer(seed, f"config.seeds[{i}]")
+        for key in ("labels", "baselines"):
+            for m, v in c.mapping(
+                results.get(key, {} if key == "baselines" else None), key
+            ).items():
+                c.text(v, f"{key}[{m!r}]")
+        if not splits:
+            raise c.fail("splits", "one split per seed", splits)
+    seen = set()
+    for i, run in enumerate(c.sequence(results["runs"], "runs")):
+        where = f"runs[{i}]"
+        c.mapping(run, where)
+        seed = c.integer(run.get("seed"), f"{where}.seed")
+        method = c.text(run.get("method"), f"{where}.method")
+        if method not in methods:
+            raise c.fail(f"{where}.method", f"one of methods {methods}", method)
+        if (seed, method) in seen:
+            raise ValueError(
+                f"{file}: runs[{i}] is a second run of method {method!r} seed {seed}: each "
+                "(seed, method) is run once (pool runs of other seeds with `report A B --out M`)"
+            )
+        seen.add((seed, method))
+        if str(seed) not in splits:
+            raise c.fail(f"{where}.seed", f"a seed of splits {sorted(splits, key=str)}", seed)
+        for key, value in c.mapping(run.get("metrics"), f"{where}.metrics").items():
+            c.number(value, f"{where}.metrics[{key!r}]")
+        for kappa, values in c.mapping(run.get("sweep", {}), f"{where}.sweep").items():
+            for key, value in c.mapping(values, f"{where}.sweep[{kappa!r}]").items():
+                c.number(value, f"{where}.sweep[{kappa!r}][{key!r}]")
+        size = sizes.get(str(seed))
+        for key, values in c.mapping(run.get("per_class"), f"{where}.per_class").items():
+            field = f"{where}.per_class[{key!r}]"
+            c.sequence(values, field)
+            if size is not None and len(values) != size:
+                raise c.fail(field, f"{size} values (one per identity of seed {seed})", values)
+            for j, value in enumerate(values):
+                c.number(value, f"{field}[{j}]")
+
+
+def refuse_no_runs(results: Dict[str, Any], path: str) -> None:
+    """``ValueError`` where ``results`` (read from ``path``) holds no run: nothing to render."""
+    if not results["runs"]:
+        raise ValueError(f"{path}: its {RESULTS_FILE} holds no finished run: nothing to report")
 
 
 def _fmt(stat: Tuple[float, float, int], scale: float, digits: int) -> str:
@@ -277,6 +468,8 @@ def render_report(path: str, log: Callable[[str], None] = print) -> Dict[str, st
     """
     results = load_results(path)
     out = path if os.path.isdir(path) else os.path.dirname(path)
+    refuse_no_runs(results, path)
+    check_writable(out or ".", "run folder")
     try:
         md = results_markdown(results)
     except (KeyError, IndexError, TypeError) as exc:  # a field inside the sections is missing

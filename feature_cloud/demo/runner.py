@@ -27,7 +27,15 @@ from .methods import (
     method_label,
 )
 from .protocol import LongTailSplit, long_tail_split, rank_classes
-from .report import PROJECTION_FILE, RESULTS_FILE, render_report, write_json
+from .report import (
+    PROJECTION_FILE,
+    RESULTS_FILE,
+    check_out_outside_data,
+    check_writable,
+    make_output_dir,
+    render_report,
+    write_json,
+)
 
 __all__ = [
     "DemoConfig",
@@ -367,6 +375,8 @@ def run_demo(cfg: DemoConfig, data: Optional[LabeledData] = None, log=print) -> 
 def _run_demo(cfg: DemoConfig, data: Optional[LabeledData], log) -> Dict[str, Any]:
     """:func:`run_demo` inside its RNG fork."""
     cfg = cfg.resolved()
+    check_writable(cfg.out)
+    check_out_outside_data(cfg.out, cfg.path)
     start = time.perf_counter()
     if data is None:
         syn = SyntheticConfig(**cfg.synthetic) if cfg.data == "synthetic" else None
@@ -377,7 +387,7 @@ def _run_demo(cfg: DemoConfig, data: Optional[LabeledData], log) -> Dict[str, An
             f"-H {cfg.num_head}: {data.name} has {data.num_classes} identities with at least two "
             f"samples; choose -H in [0, {data.num_classes}]"
         )
-    os.makedirs(cfg.out, exist_ok=True)
+    make_output_dir(cfg.out)
     runs: List[Dict[str, Any]] = []
     splits: Dict[str, Any] = {}
     projection: Dict[str, np.ndarray] = {}

@@ -11,7 +11,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..demo.data import LabeledData, _from_paths, scan_imagefolder
+from .._validation import as_int, warn_user
+from ..demo.data import (
+    LabeledData,
+    _from_paths,
+    dim_16bit,
+    dim_16bit_message,
+    scan_imagefolder,
+    unit_range,
+)
 
 __all__ = ["load_dataset", "load_npz", "load_image_folder", "camera_ids"]
 
@@ -20,10 +28,11 @@ PathArg = Union[str, "os.PathLike[str]"]
 
 
 def load_npz(path: PathArg, image_size: Optional[Tuple[int, int]] = None) -> LabeledData:
-    """``images`` ``(N, H, W[, 1 | 3])`` (uint8 or other integers in 0..255, or finite floats),
+    """``images`` ``(N, H, W[, 1 | 3])`` (uint8 or other integers in 0..255, uint16 0..65535, or
+    finite floats in [0, 1] or 0..255: :func:`~feature_cloud.demo.data.unit_range`),
     ``labels`` ``(N,)`` ints or strings (identity names, classes in sorted order), optional
     ``camids`` ``(N,)`` ints and ``subject_names``. Images
-    become ``(N, 3, H, W)`` float (integers / 255), area-resized to ``image_size`` if given (no
+    become ``(N, 3, H, W)`` float in [0, 1], area-resized to ``image_size`` if given (no
     pickle is loaded). Refuses, naming the problem: missing arrays, other layouts (e.g.
     PyTorch's ``(N, C, H, W)``), non-finite pixels, labels that are not 1-D integers or strings
     of length ``N`` (or object arrays, which need pickle), camids that are not 1-D integers, and
@@ -53,13 +62,25 @@ def _load_npz(path: str, image_size: Optional[Tuple[int, int]]) -> LabeledData:
             if key not in d.files:
                 continue
             try:
-                arrays[key] = d[key]
-            except ValueError as err:  # an object array: it would need pickle
-                raise ValueError(
-                    f"{path!r}: {key!r} is an array of Python objects ({err}); save it with a "
-                    "plain dtype, e.g. np.asarray(names, dtype=str) or integer ids"
-                ) from None
+                value = d[key]
+            except ValueError as err:
+                if "Object arrays cannot be loaded" in str(err):  # it would need pickle
+                    raise ValueError(
+                        f"{path!r}: {key!r} is an array of Python objects ({err}); save it with "
+                        "a plain dtype, e.g. np.asarray(names, dtype=str) or integer ids"
+                    ) from None
+                raise ValueError(f"{path!r}: {key!r} cannot be read (damaged: {err})") from None
+            except (OSError, EOFError, zipfile.BadZipFile) as err:
+                raise ValueError(f"{path!r}: {key!r} cannot be read (damaged: {err})") from None
+            if value.dtype.byteorder not in "=|":  # big-endian data: native order for torch
+                value = value.astype(value.dtype.newbyteorder("="))
+            arrays[key] = value
         images, labels = arrays["images"], arrays["labels"]
+        if "subject_names" in arrays and arrays["subject_names"].ndim != 1:
+            raise ValueError(
+                "subject_names must be 1-D (one name per label id), got shape "
+                f"{arrays['subject_names'].shape}"
+            )
         names = [str(n) for n in arrays["subject_names"]] if "subject_names" in arrays else None
         camids = arrays.get("camids")
     if labels.ndim != 1:
@@ -91,16 +112,21 @@ def _load_npz(path: str, image_size: Optional[Tuple[int, int]]) -> LabeledData:
             f"images must be (N, H, W) or (N, H, W, C) with C = 1 or 3 channels last; got "
             f"{images.shape}{hint}"
         )
+    if 0 in images.shape[1:3]:
+        raise ValueError(f"images have zero size: {images.shape} (N, H, W, C)")
     kind = images.dtype.kind
-    if kind in "iu":
-        low, high = int(images.min()), int(images.max())
-        if low < 0 or high > 255:
+    if kind in "iu":  # uint16: 16-bit (0..65535), as a folder's 16-bit images; else 0..255
+        depth = "16" if images.dtype == np.uint16 else "8"
+        if int(images.max()) <= 1:
             raise ValueError(
-                f"integer images must hold 0..255, got {images.dtype} values {low}..{high}"
+                f"integer images ({images.dtype}) hold only 0 and 1: floats in [0, 1] cast to "
+                "integers (x.astype(np.uint8), (x / 255).astype(np.uint8)) would train on black "
+                "images; save (x * 255).round().astype(np.uint8), or the floats themselves"
             )
     elif kind == "f":
         if not np.isfinite(images).all():
             raise ValueError(f"images hold non-finite values (NaN or inf): {path!r}")
+        depth = "float"
     else:
         raise ValueError(f"images must be integers (0..255) or floats, got {images.dtype}")
     if camids is not None:
@@ -109,9 +135,14 @@ def _load_npz(path: str, image_size: Optional[Tuple[int, int]]) -> LabeledData:
                 f"camids must be integers of shape {labels.shape} (one camera per image), got "
                 f"{camids.dtype} {camids.shape}"
             )
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    if kind in "iu":
-        x = x / 255.0
+    try:  # one rule with a folder's images (unit_range)
+        unit = unit_range(images, depth)
+    except ValueError as err:
+        what = "float" if depth == "float" else "integer"
+        raise ValueError(f"{what} images ({images.dtype}) hold {err}") from None
+    if depth == "16" and dim_16bit(images):
+        warn_user(dim_16bit_message(f"{path!r}: the uint16 images", float(images.max())))
+    x = torch.from_numpy(unit).permute(0, 3, 1, 2)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if image_size is not None and tuple(x.shape[2:]) != tuple(image_size):
@@ -158,6 +189,13 @@ def camera_ids(paths: List[str]) -> Optional[torch.Tensor]:
         if match is None:
             return None
         cams.append(int(match.group(1)))
+    too_big = [p for p, c in zip(paths, cams) if c >= 2**63]
+    if too_big:
+        raise ValueError(
+            f"camera id (_c<digits>) too large for a 64-bit integer in {too_big[0]!r}"
+            + (f" and {len(too_big) - 1} more files" if len(too_big) > 1 else "")
+            + ": rename the files (the digits after _c are the camera)"
+        )
     return torch.as_tensor(cams, dtype=torch.long) if cams else None
 
 
@@ -189,14 +227,29 @@ def dataset_title(data: LabeledData) -> str:
     return str(data.info.get("title", data.name))
 
 
+def _image_size(value: Any) -> Tuple[int, int]:
+    """``image_size`` as two ints ``(H, W)`` >= 1 (NumPy integers, ``16.0``: taken); a
+    ``TypeError`` / ``ValueError`` naming it otherwise."""
+    what = "image_size (--image-size) must be two sizes >= 1 (H, W)"
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        shown = tuple(value) if isinstance(value, (list, tuple)) else value
+        if isinstance(value, (list, tuple)):
+            raise ValueError(f"{what}, got {shown}")
+        raise TypeError(f"{what}, got {value!r}")
+    size = tuple(as_int(v, "each of image_size (--image-size)") for v in value)
+    if min(size) < 1:
+        raise ValueError(f"{what}, got {size}")
+    return size  # type: ignore[return-value]
+
+
 def load_dataset(path: PathArg, image_size: Optional[Tuple[int, int]] = None) -> LabeledData:
     """An ``.npz`` file (see :func:`load_npz`) or a folder with one sub-folder per identity;
     ``path`` a ``str`` or a ``pathlib.Path``."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise TypeError(f"path must be a str or pathlib.Path (a file or folder), got {path!r}")
     path = os.fspath(path)
-    if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
-        raise ValueError(
-            f"image_size (--image-size) must be two sizes >= 1 (H, W), got {tuple(image_size)}"
-        )
+    if image_size is not None:
+        image_size = _image_size(image_size)
     if os.path.isdir(path):
         return load_image_folder(path, image_size or (64, 64))
     if not os.path.isfile(path):

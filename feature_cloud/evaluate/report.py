@@ -12,9 +12,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 from ..demo import plots as demo_plots
 from ..demo.report import (
     _markdown,
+    check_writable,
     counted,
     csv_cell,
     load_results,
+    make_output_dir,
+    refuse_no_runs,
     run_subfolders,
     write_json,
     wrote_line,
@@ -386,20 +389,6 @@ def plot_paired(results: Dict[str, Any], file: str) -> str:
     return file
 
 
-def make_output_dir(path: str) -> None:
-    """Create the output directory ``path`` (and its parents); ``ValueError`` naming the file
-    in the way where ``path`` or a parent is an existing file."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = os.path.abspath(path)
-        while not os.path.isfile(blocker) and blocker != os.path.dirname(blocker):
-            blocker = os.path.dirname(blocker)
-        raise ValueError(
-            f"output directory {path!r}: {blocker!r} is a file, not a directory"
-        ) from None
-
-
 _PAIRED_NOTE = (
     "Paired differences against each method's own baseline (same seed, backbone, "
     "budget and batch order), points, mean ± 95% t-interval."
@@ -455,6 +444,8 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     run), ``runs.csv`` and the PNG plots of the evaluation in ``path``. Returns ``{artifact: file}``."""
     results = load_results(path)
     out = path if os.path.isdir(path) else os.path.dirname(path)
+    refuse_no_runs(results, path)
+    check_writable(out or ".", "run folder")
     files: Dict[str, str] = {}
     srows, prows = summary_rows(results), paired_rows(results)
     cfg = results["config"]
@@ -558,7 +549,11 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
 
 def combine_settings(paths: Sequence[str], out: str) -> str:
     """One Markdown/CSV table of the paired differences of several settings (sub-runs); open-set
-    settings (other metrics) get tables of their own below the closed-set ones."""
+    settings (other metrics) get tables of their own below the closed-set ones. The runs must
+    be of one data set (fingerprint) and configuration except the setting (protocol, ``-S``,
+    ``-H``), each setting once: ``ValueError`` before anything is written."""
+    check_writable(out)
+    check_combinable(paths)
     # per protocol kind (open set or not) and form (Markdown, numeric CSV): paired, summary rows
     tables: Dict[Tuple[bool, bool], Tuple[List[List[Any]], List[List[Any]]]] = {}
     sweep_tables: Dict[bool, List[List[Any]]] = {False: [], True: []}
@@ -605,10 +600,51 @@ def combine_settings(paths: Sequence[str], out: str) -> str:
     return md
 
 
+def check_combinable(paths: Sequence[str]) -> None:
+    """``ValueError`` unless the runs ``paths`` may share one table of settings: distinct
+    folders and setting names, the same data and configuration but for the setting."""
+    seen: Dict[str, str] = {}
+    settings: Dict[str, str] = {}
+    first_path, first = paths[0], load_results(paths[0])
+    current = head_defaults()
+    for p in paths:
+        real = os.path.realpath(p)
+        if real in seen:
+            raise ValueError(f"{p} and {seen[real]} are the same run: combine each setting once")
+        seen[real] = p
+        res = load_results(p)
+        if res.get("kind") != "evaluate":
+            raise ValueError(f"{p} is not a `feature-cloud evaluate` run")
+        name = str(res.get("setting"))
+        if name in settings:
+            raise ValueError(
+                f"{p} and {settings[name]} are both setting {name!r}: one table shows each "
+                "setting once (pool their seeds with `report A B --out M` first)"
+            )
+        settings[name] = p
+        check_compatible(res, first, p, first_path, current, "combine", other_settings=True)
+
+
 #: config keys that may differ between runs merged by :func:`merge_runs`
 #: (device: checked by --resume; shrinkage_sweep: inference only, each kappa on the runs that have
 #: it; save_logits: an output only)
 _MERGE_FREE = ("seeds", "methods", "out", "device", "shrinkage_sweep", "save_logits")
+#: config keys that define a setting and may differ between the settings of one table
+#: (:func:`combine_settings`)
+_SETTING_FREE = ("protocol", "shots", "num_head")
+#: config fields that only some protocols read
+_PROTOCOL_FIELDS = {"n_test": ("natural", "hs"), "test_fraction": ("open",)}
+
+
+def _setting_field(key: str, a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """Whether ``key`` may differ between the settings ``a`` and ``b`` of one table: a field
+    of the setting (:data:`_SETTING_FREE`) or one the protocol of only one of them reads."""
+    readers = _PROTOCOL_FIELDS.get(key)
+    return key in _SETTING_FREE or (
+        readers is not None and not (a.get("protocol") in readers and b.get("protocol") in readers)
+    )
+
+
 #: dataset keys that must agree (its ``info``, e.g. the path it was read from, may differ)
 _DATA_KEYS = ("name", "samples", "num_classes", "input_shape", "camids")
 
@@ -749,6 +785,7 @@ def check_compatible(
     first_path: str,
     current: Optional[Dict[str, Any]] = None,
     verb: str = "merge",
+    other_settings: bool = False,
 ) -> None:
     """Raise ``ValueError`` unless the evaluation ``res`` (read from ``path``) may be pooled with
     ``first`` (from ``first_path``): same setting and data, every configuration field equal
@@ -758,9 +795,10 @@ def check_compatible(
     made by releases that record the head defaults (``current``: the defaults assumed where a
     run recorded none, default this release's). Only the head defaults that the methods of the
     two runs depend on count (:func:`_head_scope`): runs without a margin head need no record.
-    ``verb`` names the action in the message."""
+    ``verb`` names the action in the message. ``other_settings``: the settings may differ (the
+    fields :data:`_SETTING_FREE`; the settings of one evaluation's table, ``-S 1 5``)."""
     current = head_defaults() if current is None else current
-    if res["setting"] != first["setting"]:
+    if not other_settings and res["setting"] != first["setting"]:
         raise ValueError(
             f"cannot {verb} {path} (setting {res['setting']!r}) with {first_path} "
             f"(setting {first['setting']!r})"
@@ -779,6 +817,7 @@ def check_compatible(
         k
         for k in set(res["config"]) | set(first["config"])
         if k not in _MERGE_FREE
+        and not (other_settings and _setting_field(k, res["config"], first["config"]))
         and k not in unused
         and not _same_setting(k, res["config"], first["config"], da, db, scope)
     )
@@ -862,6 +901,7 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
     if len(paths) < 2:
         raise ValueError("merge_runs needs at least two run directories")
     _refuse_overwriting_a_run(out, paths)
+    check_writable(out)
     runs = [(p, load_results(p)) for p in paths]
     for p, res in runs:
         if res.get("kind") != "evaluate":
@@ -969,6 +1009,7 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
     ``out``: ``compare.md`` and ``compare.json`` there. Returns the comparison."""
     if out is not None:
         _refuse_overwriting_files_of_others(out)
+        check_writable(out)
     a, b = load_results(path_a), load_results(path_b)
     for p, res in ((path_a, a), (path_b, b)):
         if res.get("kind") != "evaluate":

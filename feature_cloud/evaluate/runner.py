@@ -32,7 +32,13 @@ from ..demo.methods import (
     check_training_options,
 )
 from ..demo.protocol import LongTailSplit
-from ..demo.report import counted, load_results, write_json
+from ..demo.report import (
+    check_out_outside_data,
+    check_writable,
+    counted,
+    load_results,
+    write_json,
+)
 from ..demo.runner import _device_of, embed_all, evaluate_method, seed_torch
 from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
@@ -57,7 +63,9 @@ __all__ = [
     "shrinkage_sweep",
     "save_logits",
     "check_output",
+    "check_out_outside_data",
     "check_models",
+    "check_data",
     "TrainingDiverged",
     "RESULTS_FILE",
 ]
@@ -334,6 +342,8 @@ def _types_of(cfg: EvalConfig) -> None:
         if not isinstance(value, str):
             raise TypeError(f"{_option(name)} must be {what}, got {value!r}")
         setattr(cfg, name, str(value))  # np.str_ -> str
+    if not cfg.out.strip():
+        raise ValueError(f"{_option('out')} must name a folder, got {cfg.out!r}")
     cfg.leap_options = _leap_options(cfg.leap_options)
 
 
@@ -782,7 +792,8 @@ def _percent(value: float) -> str:
 def check_output(cfg: EvalConfig, resume: bool = False) -> None:
     """Before anything is trained or written: ``cfg.out`` must hold no evaluation
     (``results.json``) unless ``resume`` continues it: a finished evaluation is never
-    overwritten (a file in the way of ``cfg.out``: :func:`make_output_dir`). ``ValueError``."""
+    overwritten (a file in the way of ``cfg.out``: :func:`make_output_dir`), and it must be
+    writable (:func:`~feature_cloud.demo.report.check_writable`). ``ValueError``."""
     file = os.path.join(cfg.out, RESULTS_FILE)
     if not resume and os.path.exists(file):
         raise ValueError(
@@ -792,6 +803,7 @@ def check_output(cfg: EvalConfig, resume: bool = False) -> None:
         )
     if os.path.isdir(cfg.out) and not os.path.exists(file):
         refuse_other_contents(cfg.out, "choose another --out (nothing is overwritten)")
+    check_writable(cfg.out)
 
 
 def check_settings_root(out: str, settings: int) -> None:
@@ -805,6 +817,7 @@ def check_settings_root(out: str, settings: int) -> None:
             "settings' folders would sit beside it and `feature-cloud report` of that folder "
             "would show only it; choose another --out (nothing is overwritten)"
         )
+    check_writable(out)
 
 
 def _check_training_sets(
@@ -817,7 +830,7 @@ def _check_training_sets(
     if cfg.protocol == "hs" and cfg.num_head > data.num_classes:
         raise ValueError(
             f"-H {cfg.num_head}: {dataset_title(data)} has {data.num_classes} identities; choose -H "
-            f"below {data.num_classes}, so that some identities are the tail"
+            f"at most {data.num_classes} (below it, so that some identities are the tail)"
         )
     for seed, split in splits.items():
         trained = int((split.train_counts > 0).sum())
@@ -871,6 +884,46 @@ def _check_training_sets(
                 f"-S {cfg.shots}: no tail identity has {cfg.shots} training images (the most: "
                 f"{most}), so every tail identity keeps all it "
                 "has: the setting is the natural tail of those identities"
+            )
+
+
+def check_data(data: Any) -> None:
+    """A :class:`LabeledData` an evaluation can train on, for one built by hand: finite
+    ``float32`` inputs, integer labels, and ``camids`` (if any) one integer per image;
+    ``TypeError`` / ``ValueError`` naming what is wrong."""
+    if not isinstance(data, LabeledData):
+        shown = f" {data!r}" if isinstance(data, (str, os.PathLike)) else ""
+        raise TypeError(
+            "data must be a LabeledData (load_dataset(path) returns one), got "
+            f"{type(data).__name__}{shown}"
+        )
+    if not isinstance(data.x, Tensor) or data.x.dtype != torch.float32:
+        raise TypeError(
+            f"data.x must be a float32 tensor (x.float()), got {getattr(data.x, 'dtype', type(data.x))}"
+        )
+    if (
+        not isinstance(data.y, Tensor)
+        or data.y.dtype.is_floating_point
+        or data.y.dtype == torch.bool
+        or data.y.dim() != 1
+    ):
+        raise TypeError(
+            f"data.y must be a 1-D integer tensor (y.long()), got {getattr(data.y, 'dtype', type(data.y))}"
+        )
+    if not bool(torch.isfinite(data.x).all()):
+        raise ValueError("data.x holds non-finite values (NaN or inf)")
+    camids = getattr(data, "camids", None)
+    if camids is not None:
+        if (
+            not isinstance(camids, Tensor)
+            or camids.dtype.is_floating_point
+            or camids.dtype == torch.bool
+            or tuple(camids.shape) != tuple(data.y.shape)
+        ):
+            raise ValueError(
+                f"data.camids must be a 1-D integer tensor of {data.y.numel()} camera ids (one "
+                f"per image) or None, got {getattr(camids, 'dtype', type(camids))} "
+                f"{tuple(getattr(camids, 'shape', ()))}"
             )
 
 
@@ -934,8 +987,10 @@ def prepare_evaluation(
     built on the data, and what ``--resume`` would reuse. Nothing is written or trained: several
     settings (``-S 1 2 5``) are all prepared before the first trains."""
     cfg.validate()
+    check_data(data)
     if write:
         check_output(cfg, resume)
+        check_out_outside_data(cfg.out, str(data.info.get("root") or ""))
     camids: Optional[Tensor] = getattr(data, "camids", None)
     splits = {seed: make_split(cfg, data, seed) for seed in cfg.seeds}
     thresholds = {seed: method_threshold(cfg, split) for seed, split in splits.items()}

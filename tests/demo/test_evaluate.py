@@ -1126,7 +1126,7 @@ def test_cli_evaluate_shrinkage_sweep_scores_the_same_models_at_each_kappa(tmp_p
         assert json.load(fh)["leap_full_cosface"]["10"]["fc_acc_tail"]["n"] == 2  # seeds 0, 1
     from feature_cloud.evaluate.report import combine_settings
 
-    assert "--shrinkage-sweep" in combine_settings([a, b], str(tmp_path / "comb"))
+    assert "--shrinkage-sweep" in combine_settings([a], str(tmp_path / "comb"))
     capsys.readouterr()
     assert main(common + ["--seeds", "0", "--shrinkage-sweep", "-1", "--out", b + "x"]) == 2
     assert "shrinkage_sweep" in capsys.readouterr().err

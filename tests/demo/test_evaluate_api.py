@@ -382,3 +382,50 @@ def test_run_evaluation_on_cuda_restores_the_gpu_rng_and_seeds_as_manual_seed():
     torch.manual_seed(5)
     assert torch.equal(torch.rand(2), ours[0])
     assert torch.equal(torch.rand(2, device="cuda"), ours[1])
+
+
+def test_the_python_api_names_wrong_types_before_anything_is_written(tmp_path):
+    """load_dataset's path and image_size, run_evaluation's data (a path instead of a
+    LabeledData) and a hand-built LabeledData (float labels, float64 or non-finite inputs,
+    camids of another length or dtype) are named in a TypeError / ValueError, before the
+    output folder exists (they were torch's messages, an AttributeError or an IndexError)."""
+    from feature_cloud.evaluate import load_dataset
+
+    data = _data()
+    path = tmp_path / "d.npz"
+    np.savez(
+        path,
+        images=(data.x.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8),
+        labels=data.y.numpy(),
+    )
+    for size, error, match in (
+        ((8.5, 8), TypeError, "each of image_size"),
+        (("8", "8"), TypeError, "each of image_size"),
+        (8, TypeError, "two sizes"),
+        ((8, 8, 3), ValueError, "two sizes"),
+    ):
+        with pytest.raises(error, match=match):
+            load_dataset(path, image_size=size)
+    assert load_dataset(path, image_size=np.array([6, 6])).x.shape[2:] == (6, 6)
+    for bad in (b"d.npz", None):
+        with pytest.raises(TypeError, match="path must be a str or pathlib.Path"):
+            load_dataset(bad)
+
+    def hand(x=data.x, y=data.y, camids=None):
+        d = LabeledData(x, y, data.class_names, "hand")
+        d.camids = camids
+        return d
+
+    out = tmp_path / "out"
+    cases = [
+        (str(path), TypeError, "data must be a LabeledData .* got str"),
+        (hand(y=data.y.float()), TypeError, "data.y must be a 1-D integer tensor"),
+        (hand(x=data.x.double()), TypeError, "data.x must be a float32 tensor"),
+        (hand(x=data.x * float("nan")), ValueError, "non-finite"),
+        (hand(camids=torch.zeros(5, dtype=torch.long)), ValueError, "data.camids must be"),
+        (hand(camids=torch.zeros(data.y.numel())), ValueError, "data.camids must be"),
+    ]
+    for given, error, match in cases:
+        with pytest.raises(error, match=match):
+            run_evaluation(_cfg(out=str(out)), given, log=_quiet)
+        assert not out.exists()

@@ -6,6 +6,7 @@ logs to a file are handled."""
 import io
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -221,3 +222,103 @@ def test_no_progress_bars_where_stderr_is_not_a_terminal(tmp_path, capsys, monke
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "step/s" not in captured.err, captured.err
     assert "  seed 0 CosFace" in captured.out
+
+
+def test_an_out_inside_the_image_folder_is_refused_and_a_run_there_is_no_identity(tmp_path, capsys):
+    """A run written into the image folder would be read as an identity by the next evaluation
+    (its PNG plots its images, its non-``_c`` names switching camera ids off): --out there is
+    refused before anything is read, Python and command line, and a run folder already there
+    is left out with a warning that says why."""
+    root = tmp_path / "faces"
+    _folder(root, cameras=True)
+    inside = root / "run1"
+    assert main(["evaluate", str(root), *TINY, "--out", str(inside)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is inside the image folder" in err, err
+    assert not inside.exists()
+    os.symlink(root, tmp_path / "link")  # the real path counts
+    assert main(["evaluate", str(tmp_path / "link"), *TINY, "--out", str(inside)]) == 2
+    assert main(["evaluate", str(root), *TINY, "--out", str(tmp_path / "link" / "r")]) == 2
+    capsys.readouterr()
+    from feature_cloud.evaluate import EvalConfig, run_evaluation
+
+    data = load_dataset(str(root), (8, 8))
+    cfg = EvalConfig(epochs=1, seeds=[0], threshold=4, methods=["cosface"], out=str(inside))
+    with pytest.raises(ValueError, match="inside the image folder"):
+        run_evaluation(cfg, data, log=lambda line: None)
+    assert not inside.exists()
+    # a run written there by an earlier release: left out, named, the cameras kept
+    inside.mkdir()
+    (inside / "results.json").write_text("{}")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(inside / "paired.png")
+    with pytest.warns(UserWarning, match=r"left out run1: it holds a results\.json"):
+        data = load_dataset(str(root), (8, 8))
+    assert "run1" not in data.class_names and data.camids is not None
+    assert data.x.shape[0] == sum(SIZES)
+
+
+def test_a_folder_without_identity_folders_says_what_it_found_and_where_images_go(tmp_path):
+    """Images one level too deep (``root/train/<identity>/``) or loose at the top give an error
+    that names what was left out and the layout expected; a loose file beside the identity
+    folders is named in a warning (README)."""
+    _folder(tmp_path / "deep" / "train")
+    with pytest.raises(ValueError) as info:
+        load_dataset(str(tmp_path / "deep"), (8, 8))
+    text = str(info.value)
+    assert "no images found under" in text and os.path.join("<identity>", "<image>") in text
+    assert "1 identity folder without images (train)" in text
+    assert f"one level down: give {os.path.join(str(tmp_path / 'deep'), 'train')!r}" in text
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, img in enumerate(_images()[0][:4]):
+        Image.fromarray(img).save(flat / f"{i}.png")
+    with pytest.raises(ValueError, match=r"4 loose files at the top \(0\.png, .*one folder per"):
+        load_dataset(str(flat), (8, 8))
+    root = tmp_path / "faces"
+    _folder(root)
+    (root / "labels.csv").write_text("a,b\n")
+    with pytest.warns(UserWarning, match=r"left out 1 loose file at the top \(labels\.csv\)"):
+        load_dataset(str(root), (8, 8))
+
+
+def test_16bit_and_float_images_give_the_same_inputs_as_a_folder_or_an_npz(tmp_path):
+    """One rule for both (README): 16-bit data scaled from 0..65535 without rounding to 8 bits
+    (16-bit PNGs holding 8-bit values were 2 grey levels, the same uint16 array in an .npz was
+    read as 0..255), with a warning where they use less than 1/16 of the range; floats in
+    [0, 1] as they are, floats up to 255 divided by 255 (an .npz kept them at 0..255)."""
+    images, y = _images()
+    grey = images.mean(-1)
+    cases = {
+        "sixteen": ((grey * 257).astype(np.uint16), None),
+        "eight_in_16": (grey.astype(np.uint16), "less than 1/16"),
+        "float255": (grey.astype(np.float32), None),
+        "float01": ((grey / 255).astype(np.float32), None),
+    }
+    for name, (arr, warns) in cases.items():
+        root = tmp_path / name
+        for i, (img, label) in enumerate(zip(arr, y)):
+            (root / f"id{label}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img, "F" if arr.dtype == np.float32 else None).save(
+                root / f"id{label}" / f"{i:03d}.{'tif' if arr.dtype == np.float32 else 'png'}"
+            )
+        np.savez(tmp_path / f"{name}.npz", images=arr, labels=y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            folder = load_dataset(str(root), (12, 12))
+            npz = load_dataset(str(tmp_path / f"{name}.npz"))
+        said = [str(w.message) for w in caught]
+        if warns:
+            assert len(said) == 2 and all(warns in w for w in said), said
+        else:
+            assert not said, said
+        assert torch.equal(folder.x, npz.x), name
+        expected = torch.from_numpy(arr.astype(np.float32)) / float(
+            {np.dtype(np.uint16): 65535, np.dtype(np.float32): 255}[arr.dtype]
+            if name != "float01"
+            else 1.0
+        )
+        assert torch.equal(npz.x[:, 0], expected), name
+    with pytest.warns(UserWarning, match="at most 242 of the 16-bit range"):
+        assert float(load_dataset(str(tmp_path / "eight_in_16.npz")).x.max()) < 0.004
+    sixteen = load_dataset(str(tmp_path / "sixteen.npz")).x
+    assert torch.unique(sixteen).numel() > 100 and float(sixteen.max()) > 0.9

@@ -118,7 +118,10 @@ TINY = ["--image-size", "8", "8", "--epochs", "2", "--seeds", "0", "-T", "5", "-
         (["--seeds", "-1"], r"seeds must be in \[0, 2\*\*32\)"),
         (["--threads", "-1"], "--threads must be >= 0"),
         (["--n-test", "16"], "trains 0 identities: need at least 2"),
-        (["--protocol", "hs", "-H", "500"], r"-H 500: .* has \d+ identities; choose -H below "),
+        (
+            ["--protocol", "hs", "-H", "500"],
+            r"-H 500: .* has (\d+) identities; choose -H at most \1 ",
+        ),
         (["--image-size", "0", "0"], r"image_size \(--image-size\) must be two sizes >= 1"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),
@@ -336,3 +339,89 @@ def test_image_folder_reads_what_a_users_camera_and_tools_write(tmp_path, monkey
         ValueError, match=r"cannot read 4 image files: .*16bit.png.*decompression bomb"
     ):
         load_imagefolder(str(root), (16, 16))
+
+
+def test_integer_images_holding_only_0_and_1_are_refused(tmp_path, capsys):
+    """Floats in [0, 1] cast to uint8 (``(x / 255).astype(np.uint8)``) hold only 0 and 1:
+    they would train on black images; the error says how to save them."""
+    images, _ = _arrays()
+    path = _npz(tmp_path / "d.npz", images=(images / 255).astype(np.uint8))
+    out = tmp_path / "out"
+    assert main(["evaluate", path, *TINY, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "hold only 0 and 1" in err and "(x * 255).round().astype(np.uint8)" in err, err
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"float images \(float32\) hold values in \[-1, "):
+        load_npz(_npz(tmp_path / "neg.npz", images=images.astype(np.float32) / 127.5 - 1))
+    with pytest.raises(ValueError, match="zero size"):
+        load_npz(_npz(tmp_path / "empty.npz", images=images[:, :0]))
+
+
+def test_load_npz_reads_big_endian_arrays_and_names_damaged_ones(tmp_path):
+    """Big-endian arrays (saved on another machine or by another tool) load as the native ones
+    (torch refused them); a truncated member is named as damaged (it was called an object
+    array); 0-d subject_names are named (a TypeError)."""
+    import io
+    import zipfile
+
+    images, labels = _arrays()
+    cams = (np.arange(labels.size) % 2).astype(">i8")
+    native = load_npz(_npz(tmp_path / "n.npz", camids=cams.astype(np.int64)))
+    swapped = load_npz(
+        _npz(tmp_path / "b.npz", images=images.astype(">u2") * 257, labels=labels.astype(">i4"))
+    )
+    assert torch.equal(native.x, swapped.x) and torch.equal(native.y, swapped.y)
+    be = load_npz(_npz(tmp_path / "c.npz", images=images.astype(">f4") / 255, camids=cams))
+    assert torch.equal(be.camids, native.camids) and torch.allclose(be.x, native.x)
+    buf = io.BytesIO()
+    np.save(buf, images)
+    full = io.BytesIO()
+    np.save(full, labels)
+    damaged = tmp_path / "damaged.npz"
+    with zipfile.ZipFile(damaged, "w") as zf:
+        zf.writestr("images.npy", buf.getvalue()[:500])
+        zf.writestr("labels.npy", full.getvalue())
+    with pytest.raises(ValueError, match=r"'images' cannot be read \(damaged") as info:
+        load_npz(str(damaged))
+    assert "Python objects" not in str(info.value)
+    with pytest.raises(ValueError, match=r"subject_names must be 1-D .* shape \(\)"):
+        load_npz(_npz(tmp_path / "s.npz", subject_names=np.array("ann")))
+
+
+def test_camera_digits_beyond_64_bits_name_the_file(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    for ident in ("a", "b"):
+        (tmp_path / ident).mkdir()
+        for i in range(3):
+            digits = "9" * 25 if (ident, i) == ("b", 1) else "1"
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(
+                tmp_path / ident / f"x_c{digits}_{i}.png"
+            )
+    from feature_cloud.evaluate.data import load_dataset
+
+    with pytest.raises(ValueError, match=r"camera id .* too large .*x_c9{25}_1\.png"):
+        load_dataset(str(tmp_path), (4, 4))
+
+
+def test_cli_evaluate_refuses_an_empty_out_and_a_changed_settings_list(tmp_path, capsys):
+    """``--out ''`` is named before the data are read; an evaluation of several settings whose
+    -S list changed (``--resume`` or not) is refused: combined.md would drop the other
+    settings silently."""
+    data = _npz(tmp_path / "d.npz")
+    assert main(["evaluate", str(tmp_path / "missing.npz"), *TINY, "--out", ""]) == 2
+    assert "out (--out) must name a folder, got ''" in capsys.readouterr().err
+    root = tmp_path / "root"
+    hs = ["evaluate", data, *TINY, "--methods", "cosface", "--protocol", "hs", "-H", "2"]
+    assert main([*hs, "-S", "1", "2", "--out", str(root)]) == 0
+    for more in (["--resume"], []):
+        assert main([*hs, "-S", "1", "3", *more, "--out", str(root)]) == 2
+        err = capsys.readouterr().err
+        assert "holds the settings H2_S2 besides those of -S 1 3" in err, err
+        assert sorted(os.listdir(root)) == [
+            "H2_S1",
+            "H2_S2",
+            "combined.md",
+            "combined_paired.csv",
+            "combined_summary.csv",
+        ]
+    assert main([*hs, "-S", "1", "2", "--resume", "--out", str(root)]) == 0
