@@ -666,7 +666,7 @@ class FeatureCloud(nn.Module):
         nothing. No communication: replicas stay identical where the statistics are (the heads
         refuse ``sync="off"`` with ``imprint_step`` in a process group of several ranks).
         Returns whether it imprinted."""
-        if not train or self.rule is None or self.imprint_step is None:
+        if not train or self.rule is None or self.imprint_step is None or self.imprint_behind:
             return False
         self._refuse_recomputation()
         if is_compiling():  # no host count: a select on the device step
@@ -676,6 +676,8 @@ class FeatureCloud(nn.Module):
                 weight.copy_(torch.where(self.step == self.imprint_step, new, weight.float()))
             return False
         count = self._host_count()
+        if count > self.imprint_step:  # behind us (a resumed run): known without a host read
+            self._imprinted = self.imprint_step
         if count != self.imprint_step or self._imprinted == count:  # skipped (empty) steps
             return False
         self._refuse_undone_backward()
@@ -685,6 +687,13 @@ class FeatureCloud(nn.Module):
             new = self._prototypes(weight, sub_centers, class_start).float()
             weight.copy_(new * weight.float().norm(dim=1, keepdim=True))
         return True
+
+    @property
+    def imprint_behind(self) -> bool:
+        """Whether ``imprint_step`` is known to be behind without a host read: an eager
+        training step of this process imprinted at it or ran past it (compiled steps count on
+        the device only, so while compiling nothing else tells)."""
+        return self.imprint_step is not None and self._imprinted == self.imprint_step
 
     # ------------------------------------------------------------------ distributed
     def synchronize(
