@@ -12,7 +12,13 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-__all__ = ["disable_compile", "is_compiling", "is_exporting", "is_tracing"]
+__all__ = [
+    "disable_compile",
+    "is_compiling",
+    "is_exporting",
+    "is_tracing",
+    "at_trace_time",
+]
 
 is_compiling: Callable[[], bool]
 is_exporting: Callable[[], bool]
@@ -54,3 +60,12 @@ def disable_compile(fn: _F, reason: str) -> _F:
         return torch.compiler.disable(fn, reason=reason)  # type: ignore[no-untyped-call]
     except TypeError:
         return torch.compiler.disable(fn)  # type: ignore[no-untyped-call]
+
+
+def at_trace_time(fn: Callable[[Any], None]) -> None:
+    """``torch._dynamo.comptime(fn)``: ``fn(ctx)`` runs while dynamo traces the caller (once
+    per compiled graph, no graph break; ``ctx.get_local(name)`` reads the caller's locals);
+    nothing when not compiling."""
+    from torch._dynamo.comptime import comptime
+
+    comptime(fn)

@@ -28,7 +28,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from . import functional as FC
 from . import fused, margins
-from ._compat import disable_compile, is_compiling
+from ._compat import at_trace_time, disable_compile, is_compiling
 from ._validation import (
     as_float,
     as_int,
@@ -213,6 +213,22 @@ def backend_for(
     ``"reference"`` while a graph is captured: the compiler fuses it)."""
     fusable = _fusable(rule, sub_centers) and not capturing()
     return _BACKENDS[(impl, fusable, chunk_size is not None)]
+
+
+def _warn_compiled_impl(impl: str) -> None:
+    """Warn that ``impl`` (``"fused"`` / ``"chunked"``, asked for by name) runs the reference
+    path under ``torch.compile``: once per compiled graph, at trace time (no graph break)."""
+    chunked = ", so chunk_size saves no memory" if impl == "chunked" else ""
+    warn_user(
+        f"impl={impl!r} runs the reference path under torch.compile (the compiler fuses that "
+        f"graph), which holds the B x C logits{chunked}; with very many classes compile the "
+        "backbone only and keep the head eager"
+    )
+
+
+def _warn_compiled_impl_now(ctx: Any) -> None:
+    """:func:`_warn_compiled_impl` of the ``impl`` of :func:`_margin_loss`, traced by dynamo."""
+    _warn_compiled_impl(ctx.get_local("impl", stacklevel=1).as_python_constant())
 
 
 def in_draw_order(
@@ -411,6 +427,8 @@ def _margin_loss(
     """:func:`cloud_margin_loss` with ``label_smoothing`` and the per-row top-1 flags
     (``return_top1``, :meth:`LEAPMarginHead.forward`'s): the one dispatch over the backends."""
     backend = backend_for(impl, rule, sub_centers, chunk_size)
+    if impl in ("fused", "chunked") and is_compiling() and _fusable(rule, sub_centers):
+        at_trace_time(_warn_compiled_impl_now)  # (not fusable: the constructor warned)
     if backend != "reference":
         noise_std, noise_key, target_angles = fused_cloud(cloud, draw)
         x, w = FC.common_float(embeddings, weight)
