@@ -586,7 +586,12 @@ class LEAPTask(_AllOrNothingLoad):
     def compile(
         self, backend: str = "inductor", mode: Optional[str] = None, **compile_kwargs: Any
     ) -> nn.Module:
-        """Compile the backbone (the head stays eager: it updates buffers with data-dependent indices)."""
+        """Compile the backbone, the eval model this returns (validation, checkpoint export).
+
+        The head stays eager on its fused (or chunked) loss, which a compiled head replaces by
+        the reference graph (more memory with very many classes). On a GPU a compiled head is
+        faster (README, "On a GPU"): ``task.head.compile(fullgraph=True)`` compiles it in place
+        (parameter names and checkpoints unchanged)."""
         parts = self._parts()
         parts.backbone = torch.compile(parts.backbone, backend=backend, mode=mode, **compile_kwargs)
         self.eval_model = parts.backbone

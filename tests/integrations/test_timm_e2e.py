@@ -517,3 +517,23 @@ def test_tasks_see_through_a_compiled_trainable_module(tmp_path):
     ftl.trainable_module = torch.compile(ftl.trainable_module, backend="eager")
     assert isinstance(ftl.model, FTLModel)
     assert set(ftl.get_task_state()) >= {"classifier", "feature_transfer"}
+
+
+def test_leap_task_compile_keeps_the_head_eager_which_compiles_in_place():
+    """``LEAPTask.compile()`` compiles the backbone (the eval model it returns); the head,
+    eager, compiles in place with ``task.head.compile(fullgraph=True)`` (the README's advice on
+    a GPU): it trains, keeps its names and serves the task state and evaluator."""
+    import torch._dynamo
+
+    from feature_cloud import LEAPMarginHead
+
+    torch._dynamo.reset()
+    task = _leap_task(seed=1)
+    assert task.compile(backend="eager") is task.get_eval_model()
+    assert isinstance(task.head, LEAPMarginHead)
+    names = list(task.head.state_dict())
+    task.head.compile(backend="eager", fullgraph=True)
+    x, y = _images([4] * C, 3)
+    _steps(task, torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.05), x, y, 2)
+    assert task.head.step == 2 and list(task.get_task_state()["head"]) == names
+    task.create_evaluator()
