@@ -407,6 +407,23 @@ def test_compile_refuses_a_cloud_that_counts_online() -> None:
     assert int(model.head.feature_cloud.step) == 6
 
 
+def test_compile_without_fullgraph_trains_a_cloud_that_counts_online_as_eager() -> None:
+    """The README's nuance: ``fullgraph=False`` compiles a cloud that counts K_i online (the
+    host-side parts run eagerly, graph breaks): losses and statistics equal eager's through
+    the warm-up's end (the memory laid out) and after it."""
+    torch._dynamo.reset()
+    eager = LEAPMarginHead(D, C, warmup_steps=2, count_steps=2, seed=1)
+    head = copy.deepcopy(eager)
+    compiled = torch.compile(head, backend="eager")
+    for step in range(5):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(12, D, generator=g), torch.randint(0, C, (12,), generator=g)
+        torch.testing.assert_close(compiled(x, y), eager(x, y), atol=1e-5, rtol=1e-5)
+    assert not head.feature_cloud.statistics.counting and int(head.feature_cloud.step) == 5
+    for k, v in eager.state_dict().items():
+        torch.testing.assert_close(head.state_dict()[k], v, atol=1e-5, rtol=1e-5, msg=k)
+
+
 def test_compiled_head_imprints_once_across_an_empty_batch_at_the_imprint_step() -> None:
     """An empty batch is not a step (the count does not move), so under ``torch.compile`` (where
     the imprint is a device-side select on the step) it must not imprint either: otherwise the
