@@ -738,6 +738,7 @@ class FeatureCloud(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
         if prefix + "step" in state_dict:
             self._count = -1  # re-read when next needed
+            self._imprinted = -1  # an earlier state imprints again at its imprint_step
 
     def _warn_cloudless_source(self, state_dict: Dict[str, Any], prefix: str) -> None:
         """A state of a head trained without a cloud (``cloud=None``: its step counted, no

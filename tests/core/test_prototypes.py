@@ -277,6 +277,33 @@ def test_imprint_step_sets_a_parametrized_weight_through_its_right_inverse():
             cached(*make_batch(3, 24, D, C))
 
 
+def test_a_state_from_before_the_imprint_step_loaded_after_it_imprints_again():
+    """Train past ``imprint_step``, load the state of step 0 and train again: the imprint
+    happens at its step as in a fresh run (the host note of the imprint done was kept and the
+    step skipped; under compile it would skip it too)."""
+    import copy
+
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+
+    def head():
+        torch.manual_seed(0)
+        return LEAPMarginHead(D, C, class_counts=counts, seed=0, imprint_step=2)
+
+    def train(h, start, stop):
+        for step in range(start, stop):
+            h(*make_batch(step, 24, D, C))
+
+    reloaded, fresh = head(), head()
+    start = copy.deepcopy(reloaded.state_dict())
+    train(reloaded, 0, 4)
+    assert reloaded.feature_cloud.imprint_behind
+    reloaded.load_state_dict(start)
+    assert not reloaded.feature_cloud.imprint_behind
+    train(reloaded, 0, 3)
+    train(fresh, 0, 3)
+    torch.testing.assert_close(reloaded.weight, fresh.weight)
+
+
 def test_imprint_step_refuses_the_hook_based_weight_norm_and_spectral_norm():
     """Reliability trial: with the hook-based ``torch.nn.utils.weight_norm`` /
     ``spectral_norm`` the imprint went into the ``weight`` that the hook recomputes before the
