@@ -8,11 +8,17 @@ ones it knows.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
-__all__ = ["is_compiling", "is_exporting", "is_tracing"]
+__all__ = [
+    "disable_compile",
+    "is_compiling",
+    "is_exporting",
+    "is_tracing",
+    "at_trace_time",
+]
 
 is_compiling: Callable[[], bool]
 is_exporting: Callable[[], bool]
@@ -42,3 +48,24 @@ def in_backward() -> bool:
     """Whether autograd is running a backward pass on this thread (as when activation
     checkpointing, ``torch.utils.checkpoint``, recomputes a forward)."""
     return _GRAPH_TASK is not None and _GRAPH_TASK() != -1
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def disable_compile(fn: _F, reason: str) -> _F:
+    """``torch.compiler.disable(fn, reason=reason)``: ``fn`` runs eagerly, a graph break (which
+    ``fullgraph=True`` refuses, naming ``reason``; torch < 2.8 takes no reason)."""
+    try:
+        return torch.compiler.disable(fn, reason=reason)  # type: ignore[no-untyped-call]
+    except TypeError:
+        return torch.compiler.disable(fn)  # type: ignore[no-untyped-call]
+
+
+def at_trace_time(fn: Callable[[Any], None]) -> None:
+    """``torch._dynamo.comptime(fn)``: ``fn(ctx)`` runs while dynamo traces the caller (once
+    per compiled graph, no graph break; ``ctx.get_local(name)`` reads the caller's locals);
+    nothing when not compiling."""
+    from torch._dynamo.comptime import comptime
+
+    comptime(fn)

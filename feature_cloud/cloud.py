@@ -681,7 +681,7 @@ class FeatureCloud(nn.Module):
         nothing. No communication: replicas stay identical where the statistics are (the heads
         refuse ``sync="off"`` with ``imprint_step`` in a process group of several ranks).
         Returns whether it imprinted."""
-        if not train or self.rule is None or self.imprint_step is None:
+        if not train or self.rule is None or self.imprint_step is None or self.imprint_behind:
             return False
         self._refuse_recomputation()
         if is_compiling():  # no host count: a select on the device step
@@ -691,6 +691,8 @@ class FeatureCloud(nn.Module):
                 weight.copy_(torch.where(self.step == self.imprint_step, new, weight.float()))
             return False
         count = self._host_count()
+        if count > self.imprint_step:  # behind us (a resumed run): known without a host read
+            self._imprinted = self.imprint_step
         if count != self.imprint_step or self._imprinted == count:  # skipped (empty) steps
             return False
         self._refuse_undone_backward()
@@ -700,6 +702,13 @@ class FeatureCloud(nn.Module):
             new = self._prototypes(weight, sub_centers, class_start).float()
             weight.copy_(new * weight.float().norm(dim=1, keepdim=True))
         return True
+
+    @property
+    def imprint_behind(self) -> bool:
+        """Whether ``imprint_step`` is known to be behind without a host read: an eager
+        training step of this process imprinted at it or ran past it (compiled steps count on
+        the device only, so while compiling nothing else tells)."""
+        return self.imprint_step is not None and self._imprinted == self.imprint_step
 
     # ------------------------------------------------------------------ distributed
     def synchronize(
@@ -744,6 +753,7 @@ class FeatureCloud(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
         if prefix + "step" in state_dict:
             self._count = -1  # re-read when next needed
+            self._imprinted = -1  # an earlier state imprints again at its imprint_step
 
     def _warn_cloudless_source(self, state_dict: Dict[str, Any], prefix: str) -> None:
         """A state of a head trained without a cloud (``cloud=None``: its step counted, no

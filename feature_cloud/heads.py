@@ -8,6 +8,7 @@ from typing import (
     TYPE_CHECKING,
     Any,
     Dict,
+    List,
     Literal,
     Mapping,
     Optional,
@@ -27,7 +28,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from . import functional as FC
 from . import fused, margins
-from ._compat import is_compiling
+from ._compat import at_trace_time, disable_compile, is_compiling
 from ._validation import (
     as_float,
     as_int,
@@ -212,6 +213,22 @@ def backend_for(
     ``"reference"`` while a graph is captured: the compiler fuses it)."""
     fusable = _fusable(rule, sub_centers) and not capturing()
     return _BACKENDS[(impl, fusable, chunk_size is not None)]
+
+
+def _warn_compiled_impl(impl: str) -> None:
+    """Warn that ``impl`` (``"fused"`` / ``"chunked"``, asked for by name) runs the reference
+    path under ``torch.compile``: once per compiled graph, at trace time (no graph break)."""
+    chunked = ", so chunk_size saves no memory" if impl == "chunked" else ""
+    warn_user(
+        f"impl={impl!r} runs the reference path under torch.compile (the compiler fuses that "
+        f"graph), which holds the B x C logits{chunked}; with very many classes compile the "
+        "backbone only and keep the head eager"
+    )
+
+
+def _warn_compiled_impl_now(ctx: Any) -> None:
+    """:func:`_warn_compiled_impl` of the ``impl`` of :func:`_margin_loss`, traced by dynamo."""
+    _warn_compiled_impl(ctx.get_local("impl", stacklevel=1).as_python_constant())
 
 
 def in_draw_order(
@@ -410,6 +427,8 @@ def _margin_loss(
     """:func:`cloud_margin_loss` with ``label_smoothing`` and the per-row top-1 flags
     (``return_top1``, :meth:`LEAPMarginHead.forward`'s): the one dispatch over the backends."""
     backend = backend_for(impl, rule, sub_centers, chunk_size)
+    if impl in ("fused", "chunked") and is_compiling() and _fusable(rule, sub_centers):
+        at_trace_time(_warn_compiled_impl_now)  # (not fusable: the constructor warned)
     if backend != "reference":
         noise_std, noise_key, target_angles = fused_cloud(cloud, draw)
         x, w = FC.common_float(embeddings, weight)
@@ -749,37 +768,60 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
         labels = cloud.check(
             embeddings, labels, validate=self.validate, train=train, problem=problem
         )
+        counted = train and cloud.counts_batch(embeddings)
+        if train and is_compiling() and self._recomputed_weight(cloud):
+            _imprint_outside_the_graph(self, cloud, train, counted)
+        else:
+            self._imprint(cloud, train, counted)
+        std, key = cloud.advance(embeddings, labels, train=train)
+        return std, key, labels
+
+    def _imprint(self, cloud: FeatureCloud, train: bool, counted: bool) -> None:
+        """The imprint of this step (:meth:`FeatureCloud.imprint`), through a parametrized
+        weight's ``right_inverse`` where it has one."""
         parametrized = train and self._imprint_through_parametrization(cloud)
         weight = self.weight
-        imprinted = cloud.imprint(
-            weight, self.sub_centers, train=train and cloud.counts_batch(embeddings)
-        )
+        imprinted = cloud.imprint(weight, self.sub_centers, train=counted)
         if imprinted and parametrized:
             # the imprint went into the tensor the parametrization computed: set it through
             # its right_inverse (weight_norm keeps it exactly; a projecting right_inverse, e.g.
             # orthogonal's, keeps its nearest weight of that form)
             with torch.no_grad():
                 self.weight = weight.detach()
-        std, key = cloud.advance(embeddings, labels, train=train)
-        return std, key, labels
 
-    def _imprint_through_parametrization(self, cloud: FeatureCloud) -> bool:
-        """Whether an imprint still ahead (``imprint_step``) has to reach a parametrized
-        weight through its ``right_inverse``; refuses, before any state changes, a
-        parametrization without one, and ``parametrize.cached()`` (its cached weight is in
-        the graph the imprint would modify in place)."""
-        if (
-            cloud.imprint_step is None
-            or cloud.rule is None
-            or is_compiling()
-            or cloud.steps_taken > cloud.imprint_step
-        ):
+    def _recomputed_weight(self, cloud: FeatureCloud) -> bool:
+        """Whether an imprint that may still be ahead would go into a weight recomputed from
+        other tensors (a parametrization, the hook-based ``weight_norm`` / ``spectral_norm``):
+        Python state only, read while compiling too (where the imprint writes in place into
+        the tensor it is given, and would be lost)."""
+        if cloud.imprint_step is None or cloud.rule is None or cloud.imprint_behind:
             return False
-        recomputed = [
+        return bool(self._recomputing_hooks()) or parametrize.is_parametrized(self, "weight")
+
+    def _recomputing_hooks(self) -> List[str]:
+        """The hook-based ``weight_norm`` / ``spectral_norm`` on ``weight`` (their names)."""
+        return [
             type(h).__name__
             for h in self._forward_pre_hooks.values()
             if isinstance(h, (WeightNorm, SpectralNorm)) and h.name == "weight"
         ]
+
+    def _imprint_through_parametrization(self, cloud: FeatureCloud) -> bool:
+        """Whether an imprint still ahead (``imprint_step``) has to reach a parametrized
+        weight through its ``right_inverse``; refuses, before any state changes, a weight that
+        the hook-based ``weight_norm`` / ``spectral_norm`` recomputes, a parametrization
+        without a ``right_inverse``, and ``parametrize.cached()`` (its cached weight is in
+        the graph the imprint would modify in place). Compiled, only a plain weight or one
+        whose imprint is behind gets here (:meth:`_recomputed_weight`): no host read."""
+        if (
+            cloud.imprint_step is None
+            or cloud.rule is None
+            or cloud.imprint_behind
+            or is_compiling()
+            or cloud.steps_taken > cloud.imprint_step
+        ):
+            return False
+        recomputed = self._recomputing_hooks()
         if recomputed:
             raise ValueError(
                 f"imprint_step={cloud.imprint_step}: the head's weight is recomputed before "
@@ -831,3 +873,11 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
         # the weight already taken: checked first, a refused checkpoint changes nothing
         self.feature_cloud.check_state_dict(state_dict, prefix + "feature_cloud.")
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+_imprint_outside_the_graph = disable_compile(
+    LEAPMarginHead._imprint,
+    "imprint_step with a parametrized (or hook-recomputed) head weight: the imprint is set "
+    "through the parametrization eagerly, a graph break. With fullgraph=True, run the steps "
+    "up to imprint_step eagerly (after resuming past it, one eager step) and compile afterwards",
+)

@@ -252,6 +252,15 @@ class _BackboneOptimizerHooks:
         backbone.set_grad_checkpointing(enable)
 
 
+def _wrapped(module: nn.Module) -> Optional[nn.Module]:
+    """The module a wrapper holds (DDP's and ``ModelEmaV3``'s ``module``, ``torch.compile``'s
+    ``_orig_mod``), one level; ``None`` for a module that wraps none."""
+    inner = getattr(module, "module", None)
+    if inner is None:
+        inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
 class _AllOrNothingLoad(TrainingTask):
     """timm's ``load_checkpoint_state`` (``resume_task_checkpoint``, ``load_task_ema_checkpoint``)
     writes the eval model's weights, then the task state; here a task state that is refused
@@ -535,13 +544,13 @@ class LEAPTask(_AllOrNothingLoad):
                 if ema
                 else "the task has no trainable module"
             )
-        current = module
+        current: Optional[nn.Module] = module
         while not isinstance(current, LEAPTrainableModule):
-            if not hasattr(current, "module"):
+            if current is None:
                 raise TypeError(
                     f"cannot find the LEAP backbone/head inside {type(module).__name__}"
                 )
-            current = current.module  # DDP, ModelEmaV3, compile wrappers
+            current = _wrapped(current)
         return current
 
     @property
@@ -586,7 +595,12 @@ class LEAPTask(_AllOrNothingLoad):
     def compile(
         self, backend: str = "inductor", mode: Optional[str] = None, **compile_kwargs: Any
     ) -> nn.Module:
-        """Compile the backbone (the head stays eager: it updates buffers with data-dependent indices)."""
+        """Compile the backbone, the eval model this returns (validation, checkpoint export).
+
+        The head stays eager on its fused (or chunked) loss, which a compiled head replaces by
+        the reference graph (more memory with very many classes). On a GPU a compiled head is
+        faster (README, "On a GPU"): ``task.head.compile(fullgraph=True)`` compiles it in place
+        (parameter names and checkpoints unchanged)."""
         parts = self._parts()
         parts.backbone = torch.compile(parts.backbone, backend=backend, mode=mode, **compile_kwargs)
         self.eval_model = parts.backbone
@@ -877,11 +891,12 @@ class FTLTask(_AllOrNothingLoad):
 
     # ------------------------------------------------------------------ parts
     def _parts(self, module: Optional[nn.Module] = None) -> FTLModel:
-        current = module if module is not None else self.get_trainable_module()
+        outer = module if module is not None else self.get_trainable_module()
+        current = outer
         while not isinstance(current, FTLModel):
-            if not hasattr(current, "module"):
-                raise TypeError(f"cannot find the FTLModel inside {type(current).__name__}")
-            current = current.module
+            if current is None:
+                raise TypeError(f"cannot find the FTLModel inside {type(outer).__name__}")
+            current = _wrapped(current)
         return current
 
     @property

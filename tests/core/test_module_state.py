@@ -365,6 +365,32 @@ def test_compiled_head_with_dynamic_shapes_trains_every_batch_size() -> None:
     assert head.step == eager.step == 4
 
 
+@pytest.mark.parametrize("impl", ["fused", "chunked", "auto"])
+def test_compiled_head_warns_once_that_a_named_impl_runs_the_reference_path(impl: str) -> None:
+    """Compile trial: ``impl="chunked"`` (or ``"fused"``) asked for by name ran the reference
+    path under ``torch.compile`` without a word (``chunk_size``'s memory saving lost). One
+    warning per compiled graph, at trace time: ``fullgraph=True`` still compiles; none for
+    ``impl="auto"`` and none eagerly."""
+    torch._dynamo.reset()
+    kw = dict(chunk_size=1024) if impl == "chunked" else {}
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, warmup_steps=1, seed=0, impl=impl, **kw)
+    compiled = torch.compile(head, backend="aot_eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            head(torch.randn(6, D), torch.arange(6) % C)  # eager: no warning
+            compiled(torch.randn(6, D), torch.arange(6) % C).backward()
+    ours = [w for w in caught if "torch.compile" in str(w.message)]
+    messages = [str(w.message) for w in ours]
+    if impl == "auto":
+        assert messages == []
+        return
+    assert len(messages) == 1 and f"impl={impl!r} runs the reference path" in messages[0]
+    assert ("chunk_size saves no memory" in messages[0]) == (impl == "chunked")
+    assert "compile the backbone only" in messages[0]
+    assert ours[0].filename == __file__  # the user's line
+
+
 # ---------------------------------------------------------------- the FeatureCloud component
 def test_feature_cloud_is_shared_and_checks_its_arguments_once() -> None:
     cloud = FeatureCloud(C, D, "vanilla", class_counts=COUNTS, seed=4)
@@ -430,6 +456,23 @@ def test_compile_refuses_a_cloud_that_counts_online() -> None:
         with torch._dynamo.config.patch(error_on_recompile=step > 2):
             assert torch.isfinite(cmodel(x, y))
     assert int(model.head.feature_cloud.step) == 6
+
+
+def test_compile_without_fullgraph_trains_a_cloud_that_counts_online_as_eager() -> None:
+    """The README's nuance: ``fullgraph=False`` compiles a cloud that counts K_i online (the
+    host-side parts run eagerly, graph breaks): losses and statistics equal eager's through
+    the warm-up's end (the memory laid out) and after it."""
+    torch._dynamo.reset()
+    eager = LEAPMarginHead(D, C, warmup_steps=2, count_steps=2, seed=1)
+    head = copy.deepcopy(eager)
+    compiled = torch.compile(head, backend="eager")
+    for step in range(5):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(12, D, generator=g), torch.randint(0, C, (12,), generator=g)
+        torch.testing.assert_close(compiled(x, y), eager(x, y), atol=1e-5, rtol=1e-5)
+    assert not head.feature_cloud.statistics.counting and int(head.feature_cloud.step) == 5
+    for k, v in eager.state_dict().items():
+        torch.testing.assert_close(head.state_dict()[k], v, atol=1e-5, rtol=1e-5, msg=k)
 
 
 def test_compiled_head_imprints_once_across_an_empty_batch_at_the_imprint_step() -> None:

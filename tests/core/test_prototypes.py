@@ -277,6 +277,33 @@ def test_imprint_step_sets_a_parametrized_weight_through_its_right_inverse():
             cached(*make_batch(3, 24, D, C))
 
 
+def test_a_state_from_before_the_imprint_step_loaded_after_it_imprints_again():
+    """Train past ``imprint_step``, load the state of step 0 and train again: the imprint
+    happens at its step as in a fresh run (the host note of the imprint done was kept and the
+    step skipped; under compile it would skip it too)."""
+    import copy
+
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+
+    def head():
+        torch.manual_seed(0)
+        return LEAPMarginHead(D, C, class_counts=counts, seed=0, imprint_step=2)
+
+    def train(h, start, stop):
+        for step in range(start, stop):
+            h(*make_batch(step, 24, D, C))
+
+    reloaded, fresh = head(), head()
+    start = copy.deepcopy(reloaded.state_dict())
+    train(reloaded, 0, 4)
+    assert reloaded.feature_cloud.imprint_behind
+    reloaded.load_state_dict(start)
+    assert not reloaded.feature_cloud.imprint_behind
+    train(reloaded, 0, 3)
+    train(fresh, 0, 3)
+    torch.testing.assert_close(reloaded.weight, fresh.weight)
+
+
 def test_imprint_step_refuses_the_hook_based_weight_norm_and_spectral_norm():
     """Reliability trial: with the hook-based ``torch.nn.utils.weight_norm`` /
     ``spectral_norm`` the imprint went into the ``weight`` that the hook recomputes before the
@@ -296,6 +323,68 @@ def test_imprint_step_refuses_the_hook_based_weight_norm_and_spectral_norm():
         with pytest.raises(ValueError, match="hook-based .*parametrizations.weight_norm"):
             head(*make_batch(0, 24, D, C))
         assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items() if k in before)
+
+
+def test_compiled_head_imprints_a_parametrized_weight_as_eager_and_refuses_the_hook():
+    """Compile trial: under ``torch.compile`` the imprint of a ``weight_norm``-parametrized
+    weight went into the weight the parametrization recomputes (lost, no error), and the
+    hook-based ``weight_norm``, refused eagerly, was accepted (its imprint lasted one step).
+    Compiled with ``fullgraph=False`` the imprint now runs eagerly (a graph break until it is
+    behind): the weights equal eager's; the hook is refused before any state changes;
+    ``fullgraph=True`` stops and names the way out."""
+    import copy
+    import inspect
+    import warnings
+
+    import torch._dynamo
+    from torch.nn.utils.parametrizations import weight_norm
+
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+
+    def head():
+        torch.manual_seed(0)
+        return LEAPMarginHead(
+            D, C, class_counts=counts, seed=0, warmup_steps=1, imprint_step=2, validate=False
+        )
+
+    def steps(fn, module, start, stop):
+        for step in range(start, stop):
+            fn(*make_batch(step, 24, D, C)).backward()
+            with torch.no_grad():
+                for p in module.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad = None
+
+    torch._dynamo.reset()
+    eager = head()
+    weight_norm(eager, "weight", dim=0)
+    compiled = copy.deepcopy(eager)
+    fn = torch.compile(compiled, backend="aot_eager")
+    for step in range(4):
+        steps(eager, eager, step, step + 1)
+        steps(fn, compiled, step, step + 1)
+        torch.testing.assert_close(compiled.weight, eager.weight, atol=1e-5, rtol=1e-5)
+    assert compiled.feature_cloud.imprint_behind and int(compiled.feature_cloud.step) == 4
+
+    hooked = head()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm: deprecated
+        torch.nn.utils.weight_norm(hooked, "weight")
+    before = {k: v.clone() for k, v in hooked.state_dict().items()}
+    with pytest.raises(ValueError, match="hook-based .*parametrizations.weight_norm"):
+        torch.compile(hooked, backend="aot_eager")(*make_batch(0, 24, D, C))
+    assert all(torch.equal(v, before[k]) for k, v in hooked.state_dict().items())
+
+    torch._dynamo.reset()
+    full = head()
+    weight_norm(full, "weight", dim=0)
+    with pytest.raises(Exception) as err:
+        torch.compile(full, backend="aot_eager", fullgraph=True)(*make_batch(0, 24, D, C))
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:  # named in the error
+        assert "compile afterwards" in str(err.value)
+    steps(full, full, 0, 3)  # the steps up to the imprint eagerly, then compile
+    steps(torch.compile(full, backend="aot_eager", fullgraph=True), full, 3, 5)
+    assert int(full.feature_cloud.step) == 5
 
 
 @pytest.mark.parametrize("impl", ["reference", "fused"])

@@ -479,3 +479,61 @@ def test_prepare_distributed_synchronises_statistics_on_two_gloo_ranks(tmp_path)
     assert (
         int(a["memory_fill"].sum()) == 2 * 3 * 8
     )  # both ranks' samples on each rank (capacity 30 per class)
+
+
+# ---------------------------------------------------------------- a compiled trainable module
+def test_tasks_see_through_a_compiled_trainable_module(tmp_path):
+    """Compile trial: after ``task.trainable_module = torch.compile(task.trainable_module)``
+    (the plain-PyTorch way) training worked but ``task.head``, ``get_task_state``,
+    ``get_checkpoint_state``, ``create_evaluator`` and ``FTLTask.model`` raised "cannot find
+    ... inside OptimizedModule". They follow ``_orig_mod`` now; timm's ``CheckpointSaver``
+    writes keys without ``_orig_mod.``, which an uncompiled task resumes from."""
+    import torch._dynamo
+
+    from feature_cloud import FTLModel, LEAPMarginHead
+
+    torch._dynamo.reset()
+    task = _leap_task(seed=1)
+    task.trainable_module = torch.compile(task.trainable_module, backend="eager")
+    x, y = _images([4] * C, 3)
+    opt = torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.05)
+    _steps(task, opt, x, y, 1)
+    assert isinstance(task.head, LEAPMarginHead) and task.head.step == 1
+    assert "feature_cloud.step" in task.get_task_state()["head"]
+    state = task.get_checkpoint_state()
+    keys = [*state["state_dict"], *state["task_state"]["head"]]
+    assert keys and not any("_orig_mod" in k for k in keys)
+    task.create_evaluator()
+    path = _save(task, opt, tmp_path)
+    saved = torch.load(path, weights_only=True)
+    assert not any("_orig_mod" in k for k in saved["state_dict"])
+
+    restored = _leap_task(seed=7)
+    resume_task_checkpoint(restored, path, log_info=False)
+    for k, v in task.get_trainable_module().state_dict().items():
+        assert torch.equal(restored.get_trainable_module().state_dict()[k[len("_orig_mod.") :]], v)
+
+    ftl = _ftl_task()
+    ftl.trainable_module = torch.compile(ftl.trainable_module, backend="eager")
+    assert isinstance(ftl.model, FTLModel)
+    assert set(ftl.get_task_state()) >= {"classifier", "feature_transfer"}
+
+
+def test_leap_task_compile_keeps_the_head_eager_which_compiles_in_place():
+    """``LEAPTask.compile()`` compiles the backbone (the eval model it returns); the head,
+    eager, compiles in place with ``task.head.compile(fullgraph=True)`` (the README's advice on
+    a GPU): it trains, keeps its names and serves the task state and evaluator."""
+    import torch._dynamo
+
+    from feature_cloud import LEAPMarginHead
+
+    torch._dynamo.reset()
+    task = _leap_task(seed=1)
+    assert task.compile(backend="eager") is task.get_eval_model()
+    assert isinstance(task.head, LEAPMarginHead)
+    names = list(task.head.state_dict())
+    task.head.compile(backend="eager", fullgraph=True)
+    x, y = _images([4] * C, 3)
+    _steps(task, torch.optim.SGD(task.get_trainable_module().parameters(), lr=0.05), x, y, 2)
+    assert task.head.step == 2 and list(task.get_task_state()["head"]) == names
+    task.create_evaluator()
