@@ -227,8 +227,13 @@ def _warn_compiled_impl(impl: str) -> None:
 
 
 def _warn_compiled_impl_now(ctx: Any) -> None:
-    """:func:`_warn_compiled_impl` of the ``impl`` of :func:`_margin_loss`, traced by dynamo."""
-    _warn_compiled_impl(ctx.get_local("impl", stacklevel=1).as_python_constant())
+    """:func:`_warn_compiled_impl` of the ``impl`` of :func:`_margin_loss`, traced by dynamo
+    (a torch whose ``comptime`` context reads no caller's locals: the warning without it)."""
+    try:
+        impl = ctx.get_local("impl", stacklevel=1).as_python_constant()
+    except Exception:  # private dynamo API: a warning must never fail the compile
+        impl = "fused' or 'chunked"
+    _warn_compiled_impl(str(impl))
 
 
 def in_draw_order(
