@@ -231,13 +231,19 @@ DIM_16BIT = 1 / 16
 def unit_range(arr: np.ndarray, depth: str) -> np.ndarray:
     """``arr`` as ``float32`` in [0, 1], one rule for folder and ``.npz`` images: ``depth``
     ``"8"`` (0..255, divided by 255), ``"16"`` (0..65535, divided by 65535, no rounding) or
-    ``"float"`` (in [0, 1] as they are; a maximum above 1, up to 255, is 0..255: divided by
-    255). ``ValueError`` for values outside that range."""
+    ``"float"`` (in [0, 1] as they are; a maximum above 2, up to 255, is 0..255: divided by
+    255). ``ValueError`` for values outside that range, and for a float maximum in (1, 2]
+    (neither range: [0, 1] data overshooting would come out nearly black)."""
     top = float(arr.max()) if arr.size else 0.0
     low = float(arr.min()) if arr.size else 0.0
     if depth == "float":
         high, scale = (1.0, 1.0) if top <= 1.0 else (255.0, 255.0)
         expected = "floats in [0, 1] (or 0..255)"
+        if 1.0 < top <= 2.0:  # [0, 1] with an overshoot (a resize), not 0..255: not made black
+            raise ValueError(
+                f"values in [{low:g}, {top:g}]: expected {expected}; a maximum just above 1 "
+                "(a resize's overshoot?) is neither: clip to [0, 1]"
+            )
     else:
         high = scale = 65535.0 if depth == "16" else 255.0
         expected = f"{depth}-bit intensities 0..{high:g}"

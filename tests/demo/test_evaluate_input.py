@@ -425,3 +425,18 @@ def test_cli_evaluate_refuses_an_empty_out_and_a_changed_settings_list(tmp_path,
             "combined_summary.csv",
         ]
     assert main([*hs, "-S", "1", "2", "--resume", "--out", str(root)]) == 0
+
+
+def test_float_images_just_above_one_are_refused_not_scaled_to_black(tmp_path):
+    """Floats in [0, 1] with a resize's overshoot (max 1.03) are neither [0, 1] nor 0..255:
+    refused by name, where the 0..255 rule divided them by 255 (nearly black images)."""
+    rng = np.random.default_rng(0)
+    images = rng.random((8, 6, 6, 3)).astype(np.float32)
+    images[0, 0, 0, 0] = 1.03
+    np.savez(tmp_path / "over.npz", images=images, labels=np.repeat(np.arange(4), 2))
+    with pytest.raises(ValueError, match=r"maximum just above 1.*clip to \[0, 1\]"):
+        load_npz(str(tmp_path / "over.npz"))
+    images[0, 0, 0, 0] = 3.0  # 0..255 data: divided by 255
+    np.savez(tmp_path / "u255.npz", images=images, labels=np.repeat(np.arange(4), 2))
+    x = load_npz(str(tmp_path / "u255.npz")).x
+    assert float(x.max()) <= 3.0 / 255 + 1e-6
