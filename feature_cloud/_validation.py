@@ -25,6 +25,7 @@ import sys
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor
@@ -93,6 +94,14 @@ def refuse_other_shape(
 # ------------------------------------------------------------------------------------------
 # hyper-parameters
 # ------------------------------------------------------------------------------------------
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """``value`` if it is ``True`` / ``False`` (numpy's too), else ``TypeError``: ``bool("False")``
+    is ``True``, so a flag given as a string would silently mean the opposite."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 def as_int(value: Any, name: str, minimum: Optional[int] = None) -> int:

@@ -687,7 +687,14 @@ def _migrate_legacy_heads(model: nn.Module, state: Dict[str, Any]) -> None:
     """Rewrite the entries of 0.1.0 heads (a dict ``_extra_state``, which fastreid's loader
     rejects) into the tensor-only layout, in place, before fastreid sees them; also those of
     the margin head an inference-only ``LEAPHead`` (``NUM_CLASSES: 0``) lacks, which fastreid
-    then reports as unused, as it does this release's."""
+    then reports as unused, as it does this release's. The warning of a 0.1.0 state loaded off
+    0.1.0's settings names the YAML keys, also in fastreid's log (:func:`_yaml_warnings`)."""
+    with _yaml_warnings():
+        _migrate_legacy_heads_in(model, state)
+
+
+def _migrate_legacy_heads_in(model: nn.Module, state: Dict[str, Any]) -> None:
+    """:func:`_migrate_legacy_heads`' work."""
     for name, module in model.named_modules():
         if isinstance(module, LEAPMarginHead):
             prefix = name + "." if name else ""

@@ -64,7 +64,7 @@ from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 
 from feature_cloud._buffers import restore_on_error
-from feature_cloud._validation import as_float, check_inputs, migrate_checked
+from feature_cloud._validation import as_bool, as_float, check_inputs, migrate_checked
 from feature_cloud.cloud import FeatureCloud
 from feature_cloud.ftl import (
     DEFAULT_TAIL_SAMPLING,
@@ -365,7 +365,7 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
         self.label_smoothing = as_float(
             label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0, max_inclusive=False
         )
-        self.head_weight_decay = bool(head_weight_decay)
+        self.head_weight_decay = as_bool(head_weight_decay, "head_weight_decay")
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """Whole-module pickles of earlier releases lack what :data:`_PICKLE_PREDATES` fills."""
@@ -738,7 +738,7 @@ def create_ftl_model(
         alpha_reg=alpha_reg,
         transfer=FeatureTransfer(feat, int(num_classes), **(transfer_kwargs or {})),
     )
-    model.head_weight_decay = bool(head_weight_decay)
+    model.head_weight_decay = as_bool(head_weight_decay, "head_weight_decay")
     return model
 
 

@@ -223,61 +223,60 @@ def _unreadable_message(failed: List[Tuple[str, str]]) -> str:
     )
 
 
-#: 16-bit data using less than this share of 0..65535 warn: 8-bit values saved as 16-bit come
-#: out nearly black, scaled from 65535 as every 16-bit image is
+#: 16-bit data (integers above 255) using less than this share of 0..65535 warn: they come out
+#: dark, scaled from 65535 as every 16-bit image is (12-bit data, for instance)
 DIM_16BIT = 1 / 16
 
 
 def unit_range(arr: np.ndarray, depth: str) -> np.ndarray:
-    """``arr`` as ``float32`` in [0, 1], one rule for folder and ``.npz`` images: ``depth``
-    ``"8"`` (0..255, divided by 255), ``"16"`` (0..65535, divided by 65535, no rounding) or
-    ``"float"`` (in [0, 1] as they are; a maximum above 2, up to 255, is 0..255: divided by
-    255). ``ValueError`` for values outside that range, and for a float maximum in (1, 2]
-    (neither range: [0, 1] data overshooting would come out nearly black)."""
+    """``arr`` as ``float32``, one rule for folder and ``.npz`` images. ``depth="int"``:
+    0..255 divided by 255 (8-bit values in a 16-bit container too), up to 65535 (16-bit data)
+    by 65535, no rounding. ``depth="float"``: as they are ([0, 1], a resize's overshoot,
+    standardised values), except non-negative floats with a maximum above 2 (0..255 data),
+    divided by 255. ``ValueError`` for negative integers, integers above 65535 and non-finite
+    floats."""
+    if depth == "float":
+        if not np.isfinite(arr).all():
+            raise ValueError("non-finite values (NaN or inf)")
+        top = float(arr.max()) if arr.size else 0.0
+        low = float(arr.min()) if arr.size else 0.0
+        scale = 255.0 if low >= 0 and 2.0 < top <= 255.0 else 1.0
+        return arr.astype(np.float32) / np.float32(scale)  # type: ignore[no-any-return]
     top = float(arr.max()) if arr.size else 0.0
     low = float(arr.min()) if arr.size else 0.0
-    if depth == "float":
-        high, scale = (1.0, 1.0) if top <= 1.0 else (255.0, 255.0)
-        expected = "floats in [0, 1] (or 0..255)"
-        if 1.0 < top <= 2.0:  # [0, 1] with an overshoot (a resize), not 0..255: not made black
-            raise ValueError(
-                f"values in [{low:g}, {top:g}]: expected {expected}; a maximum just above 1 "
-                "(a resize's overshoot?) is neither: clip to [0, 1]"
-            )
-    else:
-        high = scale = 65535.0 if depth == "16" else 255.0
-        expected = f"{depth}-bit intensities 0..{high:g}"
-    if low < 0 or top > high:
-        raise ValueError(f"values in [{low:g}, {top:g}]: expected {expected}")
+    if low < 0 or top > 65535:
+        raise ValueError(
+            f"values in [{low:g}, {top:g}]: expected intensities 0..255 (8-bit) or 0..65535"
+        )
+    scale = 255.0 if top <= 255 else 65535.0
     return arr.astype(np.float32) / np.float32(scale)  # type: ignore[no-any-return]
 
 
 def dim_16bit(arr: np.ndarray) -> bool:
-    """Whether 16-bit data ``arr`` use less than :data:`DIM_16BIT` of their range."""
-    return bool(arr.size) and float(arr.max()) < DIM_16BIT * 65535
+    """Whether integer data ``arr`` are 16-bit (above 255) and use less than
+    :data:`DIM_16BIT` of 0..65535."""
+    top = float(arr.max()) if arr.size else 0.0
+    return 255 < top < DIM_16BIT * 65535
 
 
 def dim_16bit_message(what: str, top: float) -> str:
     """The warning of :func:`dim_16bit` data, ``what`` naming them."""
     return (
-        f"{what} use at most {top:g} of the 16-bit range 0..65535 (less than 1/16): 16-bit "
-        "data are scaled from 65535, so 8-bit values saved as 16-bit come out nearly black; "
-        "save them as 8-bit"
+        f"{what} use at most {top:g} of the 16-bit range 0..65535 (less than 1/16): integers "
+        "above 255 are scaled from 65535, so they come out dark (12-bit data, for instance); "
+        "rescale them to 0..255 or 0..65535"
     )
 
 
 def _as_rgb(img: Any, path: str) -> Any:
     """An RGB Pillow image of ``img``, or for 16-bit / 32-bit integer and float images a
-    ``float32`` ``(H, W)`` array in [0, 1] (:func:`unit_range`: 16-bit scaled from 0..65535,
-    mode ``I`` from 0..255 unless it holds more; Pillow's own conversion clips them at 255)."""
+    ``float32`` ``(H, W)`` array (:func:`unit_range`: integers from 0..255, or from 0..65535
+    where they hold more; Pillow's own conversion clips them at 255)."""
     if img.mode.startswith("I") or img.mode == "F":
         arr = np.asarray(img)
-        if img.mode == "F":
-            depth = "float"
-        else:
-            depth = "16" if img.mode.startswith("I;16") or float(arr.max()) > 255 else "8"
+        depth = "float" if img.mode == "F" else "int"
         try:
-            return unit_range(arr, depth), depth == "16" and dim_16bit(arr)
+            return unit_range(arr, depth), depth == "int" and dim_16bit(arr)
         except ValueError as err:
             raise ValueError(
                 f"image {path!r} (mode {img.mode}) holds {err}; convert it to 8-bit"
@@ -414,8 +413,9 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
             + (f"; left out {summary}" if summary else "")
             + _layout_hint(root, skipped)
         )
-    if said:
-        warn_user(f"{root!r}: left out {summary}. {rule}")
+    if said:  # loose files alone (a README.txt): named, without the layout advice
+        loose_only = all(what[0] == "loose file at the top" for what, _ in said)
+        warn_user(f"{root!r}: left out {summary}." + ("" if loose_only else f" {rule}"))
     return paths, ids
 
 

@@ -240,12 +240,13 @@ class _Shape:
         return value
 
     def number(self, value: Any, field: str) -> None:
-        """A finite number of a sane size, or ``null`` (n/a)."""
+        """A finite number of a sane size, or ``null`` / ``NaN`` (n/a: files written before
+        12-05 wrote NaN)."""
         if value is None:
             return
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(field, "a number or null", value)
-        if not abs(value) <= _LARGEST_METRIC:  # NaN too
+        if not abs(value) <= _LARGEST_METRIC and value == value:  # NaN: n/a
             raise self.fail(field, f"a finite number of magnitude <= {_LARGEST_METRIC:g}", value)
 
 

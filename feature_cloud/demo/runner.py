@@ -376,7 +376,8 @@ def _run_demo(cfg: DemoConfig, data: Optional[LabeledData], log) -> Dict[str, An
     """:func:`run_demo` inside its RNG fork."""
     cfg = cfg.resolved()
     check_writable(cfg.out)
-    check_out_outside_data(cfg.out, cfg.path)
+    if cfg.data == "imagefolder":  # market1501 reads bounding_box_train/ only
+        check_out_outside_data(cfg.out, cfg.path)
     start = time.perf_counter()
     if data is None:
         syn = SyntheticConfig(**cfg.synthetic) if cfg.data == "synthetic" else None

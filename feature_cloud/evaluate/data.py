@@ -28,8 +28,8 @@ PathArg = Union[str, "os.PathLike[str]"]
 
 
 def load_npz(path: PathArg, image_size: Optional[Tuple[int, int]] = None) -> LabeledData:
-    """``images`` ``(N, H, W[, 1 | 3])`` (uint8 or other integers in 0..255, uint16 0..65535, or
-    finite floats in [0, 1] or 0..255: :func:`~feature_cloud.demo.data.unit_range`),
+    """``images`` ``(N, H, W[, 1 | 3])`` (integers in 0..255, or up to 65535 for 16-bit data;
+    finite floats, 0..255 ones divided by 255: :func:`~feature_cloud.demo.data.unit_range`),
     ``labels`` ``(N,)`` ints or strings (identity names, classes in sorted order), optional
     ``camids`` ``(N,)`` ints and ``subject_names``. Images
     become ``(N, 3, H, W)`` float in [0, 1], area-resized to ``image_size`` if given (no
@@ -115,8 +115,8 @@ def _load_npz(path: str, image_size: Optional[Tuple[int, int]]) -> LabeledData:
     if 0 in images.shape[1:3]:
         raise ValueError(f"images have zero size: {images.shape} (N, H, W, C)")
     kind = images.dtype.kind
-    if kind in "iu":  # uint16: 16-bit (0..65535), as a folder's 16-bit images; else 0..255
-        depth = "16" if images.dtype == np.uint16 else "8"
+    if kind in "iu":  # as a folder's: 0..255, or 0..65535 where they hold more (unit_range)
+        depth = "int"
         if int(images.max()) <= 1:
             raise ValueError(
                 f"integer images ({images.dtype}) hold only 0 and 1: floats in [0, 1] cast to "
@@ -140,8 +140,8 @@ def _load_npz(path: str, image_size: Optional[Tuple[int, int]]) -> LabeledData:
     except ValueError as err:
         what = "float" if depth == "float" else "integer"
         raise ValueError(f"{what} images ({images.dtype}) hold {err}") from None
-    if depth == "16" and dim_16bit(images):
-        warn_user(dim_16bit_message(f"{path!r}: the uint16 images", float(images.max())))
+    if depth == "int" and dim_16bit(images):
+        warn_user(dim_16bit_message(f"{path!r}: the images", float(images.max())))
     x = torch.from_numpy(unit).permute(0, 3, 1, 2)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)

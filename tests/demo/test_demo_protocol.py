@@ -162,3 +162,22 @@ def test_imagefolder_and_market1501_layouts(tmp_path):
         load_data("imagefolder")
     with pytest.raises(ValueError, match="takes no PATH"):
         load_data("digits", "somewhere")
+
+
+def test_demo_out_inside_the_data_folder_is_refused_for_an_imagefolder_only(tmp_path, monkeypatch):
+    """An --out inside an image folder would become an identity on the next run (refused);
+    a Market-1501 root is read through bounding_box_train/ only, so ROOT/runs/x is fine (it
+    was refused too)."""
+    from feature_cloud.demo import runner
+
+    def reached(*args, **kwargs):
+        raise RuntimeError("loading reached")
+
+    monkeypatch.setattr(runner, "load_data", reached)
+    root = tmp_path / "data"
+    root.mkdir()
+    out = str(root / "runs" / "x")
+    with pytest.raises(RuntimeError, match="loading reached"):
+        runner.run_demo(runner.DemoConfig(data="market1501", path=str(root), out=out))
+    with pytest.raises(ValueError, match="inside the image folder"):
+        runner.run_demo(runner.DemoConfig(data="imagefolder", path=str(root), out=out))

@@ -41,7 +41,8 @@ def _bad_arrays():
         ),
         "2-D labels": (dict(labels=labels[:, None]), r"labels must be 1-D.*labels\.ravel\(\)"),
         "NaN pixel": (dict(images=nan), "non-finite"),
-        "ints above 255": (dict(images=images.astype(np.int64) * 4), r"0\.\.255"),
+        "ints above 65535": (dict(images=images.astype(np.int64) * 300), r"0\.\.65535"),
+        "negative ints": (dict(images=images.astype(np.int64) - 1), r"0\.\.255"),
         "bool images": (dict(images=images > 127), "integers .* or floats"),
         "camids too short": (dict(camids=np.zeros(labels.size - 1, np.int64)), "camids"),
         "float camids": (dict(camids=np.zeros(labels.size)), "camids must be integers"),
@@ -351,8 +352,6 @@ def test_integer_images_holding_only_0_and_1_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "hold only 0 and 1" in err and "(x * 255).round().astype(np.uint8)" in err, err
     assert not out.exists()
-    with pytest.raises(ValueError, match=r"float images \(float32\) hold values in \[-1, "):
-        load_npz(_npz(tmp_path / "neg.npz", images=images.astype(np.float32) / 127.5 - 1))
     with pytest.raises(ValueError, match="zero size"):
         load_npz(_npz(tmp_path / "empty.npz", images=images[:, :0]))
 
@@ -427,16 +426,20 @@ def test_cli_evaluate_refuses_an_empty_out_and_a_changed_settings_list(tmp_path,
     assert main([*hs, "-S", "1", "2", "--resume", "--out", str(root)]) == 0
 
 
-def test_float_images_just_above_one_are_refused_not_scaled_to_black(tmp_path):
-    """Floats in [0, 1] with a resize's overshoot (max 1.03) are neither [0, 1] nor 0..255:
-    refused by name, where the 0..255 rule divided them by 255 (nearly black images)."""
+def test_float_images_just_above_one_or_standardised_are_kept_as_they_are(tmp_path):
+    """Floats in [0, 1] with a resize's overshoot (max 1.03), or standardised (negative), are
+    kept as they are (the 0..255 rule divided an overshooting [0, 1] set by 255: nearly black
+    images); non-negative floats with a maximum above 2 are 0..255 data, divided by 255."""
     rng = np.random.default_rng(0)
     images = rng.random((8, 6, 6, 3)).astype(np.float32)
-    images[0, 0, 0, 0] = 1.03
-    np.savez(tmp_path / "over.npz", images=images, labels=np.repeat(np.arange(4), 2))
-    with pytest.raises(ValueError, match=r"maximum just above 1.*clip to \[0, 1\]"):
-        load_npz(str(tmp_path / "over.npz"))
-    images[0, 0, 0, 0] = 3.0  # 0..255 data: divided by 255
-    np.savez(tmp_path / "u255.npz", images=images, labels=np.repeat(np.arange(4), 2))
-    x = load_npz(str(tmp_path / "u255.npz")).x
-    assert float(x.max()) <= 3.0 / 255 + 1e-6
+    labels = np.repeat(np.arange(4), 2)
+    for name, top, low, divisor in (
+        ("over", 1.03, 0.0, 1),
+        ("std", 3.0, -2.0, 1),
+        ("u255", 3.0, 0.0, 255),
+    ):
+        arr = images.copy()
+        arr[0, 0, 0, 0], arr[0, 0, 0, 1] = top, low
+        np.savez(tmp_path / f"{name}.npz", images=arr, labels=labels)
+        x = load_npz(str(tmp_path / f"{name}.npz")).x
+        assert torch.allclose(x, torch.from_numpy(arr).permute(0, 3, 1, 2) / divisor), name

@@ -227,3 +227,20 @@ def test_report_names_the_field_of_a_hand_edited_results_file(tmp_path, capsys, 
     err = _one_error(capsys)
     assert str(run) in err and re.search(match, err), err
     assert os.listdir(run) == ["results.json"]
+
+
+def test_report_reads_nan_as_not_available_as_files_before_12_05_wrote_it(
+    tmp_path, capsys, finished_run
+):
+    """Files written before 12-05 stored n/a as NaN (now null): the shape check refused them
+    ('must be a finite number'), so report / --resume / pooling of those runs failed."""
+    import copy
+
+    results = copy.deepcopy(finished_run)
+    results["runs"][0]["metrics"]["fc_acc_head"] = float("nan")
+    results["runs"][0]["per_class"]["weight_norm"][0] = float("nan")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps(results))  # NaN as JSON's NaN literal
+    assert main(["report", str(run), "--quiet"]) == 0, capsys.readouterr().err
+    assert (run / "summary.md").exists()

@@ -700,9 +700,12 @@ def test_a_whole_module_pickle_of_an_earlier_release_trains():
 
 
 # ---------------------------------------------------------------- 0.1.0 checkpoints
-def test_checkpointer_loads_a_0_1_0_head(tmp_path):
+def test_checkpointer_loads_a_0_1_0_head(tmp_path, caplog):
     """A fastreid checkpoint written by feature-cloud 0.1.0 (dict ``_extra_state``, which
-    fastreid's loader rejects) loads through fastreid's Checkpointer, statistics included."""
+    fastreid's loader rejects) loads through fastreid's Checkpointer, statistics included; the
+    warning about 0.1.0's settings names the YAML keys, also in fastreid's log."""
+    import logging
+
     from fastreid.utils.checkpoint import Checkpointer
 
     fixture = os.path.join(
@@ -728,8 +731,10 @@ def test_checkpointer_loads_a_0_1_0_head(tmp_path):
     assert model.heads.class_counts_pending
     path = str(tmp_path / "model_old.pth")
     torch.save({"model": {"module.heads.margin_head." + k: v for k, v in dense.items()}}, path)
-    with pytest.warns(UserWarning, match="0.1.0 ran cloud_mode='paper'"):  # the YAML's defaults
+    said = "0.1.0 ran MODEL.HEADS.FEATURE_CLOUD.MODE='paper'"  # the YAML's defaults differ
+    with pytest.warns(UserWarning, match=said), caplog.at_level(logging.WARNING):
         Checkpointer(model).load(path)
+    assert any(said in r.getMessage() for r in caplog.records if r.name == fr.logger.name)
     head = model.heads.margin_head
     assert head.step == int(dense["_extra_state"]["step"]) and head.seed == int(
         dense["_extra_state"]["seed"]

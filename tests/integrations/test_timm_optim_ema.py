@@ -167,6 +167,15 @@ def test_head_weight_decay_false_leaves_the_classifier_weight_undecayed(layer_de
         }
 
 
+def test_head_weight_decay_takes_a_bool_only():
+    """``bool("False")`` is True: a flag given as a string (a config file) meant the opposite."""
+    with pytest.raises(TypeError, match="head_weight_decay must be True or False, got 'False'"):
+        _leap(head_weight_decay="False")
+    ftl = dict(model_kwargs=VIT, embedding_size=16, class_counts=[5] * C)
+    with pytest.raises(TypeError, match="head_weight_decay must be True or False"):
+        create_ftl_model("vit_tiny_patch16_224", C, head_weight_decay=0, **ftl)
+
+
 @pytest.mark.parametrize("make", [_leap, _ftl])
 def test_compile_ema_gives_the_compiled_ema_eval_model(make):
     task = make("test_resnet", model_kwargs=None)
