@@ -671,20 +671,7 @@ def test_a_whole_module_pickle_of_an_earlier_release_trains():
     ``configured_seed`` (read by a fine-tune's load)."""
     import pickle
 
-    head = fr.LEAPHead(
-        feat_dim=16,
-        embedding_dim=0,
-        num_classes=4,
-        neck_feat="before",
-        pool_type="GlobalAvgPool",
-        margin_type="cosface",
-        scale=24.0,
-        margin=0.2,
-        with_bnneck=False,
-        norm_type="BN",
-        class_counts=[4, 4, 2, 2],
-        seed=0,
-    )
+    head = _plain_leap_head(16, 4, class_counts=[4, 4, 2, 2], seed=0)
     feats = torch.randn(8, 16, 1, 1, generator=torch.Generator().manual_seed(2))
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     pickled = copy.deepcopy(head)
@@ -700,6 +687,29 @@ def test_a_whole_module_pickle_of_an_earlier_release_trains():
 
 
 # ---------------------------------------------------------------- 0.1.0 checkpoints
+_V0_1_0_FIXTURE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "v0_1_0_checkpoints.pt"
+)
+
+
+def _plain_leap_head(feat_dim: int, num_classes: int, **kw):
+    """A ``LEAPHead`` of the shipped YAML's CosFace settings without neck (pooled ``feat_dim``
+    features in, ``num_classes`` out); ``kw``: ``class_counts``, ``seed``, ..."""
+    return fr.LEAPHead(
+        feat_dim=feat_dim,
+        embedding_dim=0,
+        num_classes=num_classes,
+        neck_feat="before",
+        pool_type="GlobalAvgPool",
+        margin_type="cosface",
+        scale=24.0,
+        margin=0.2,
+        with_bnneck=False,
+        norm_type="BN",
+        **kw,
+    )
+
+
 def test_checkpointer_loads_a_0_1_0_head(tmp_path, caplog):
     """A fastreid checkpoint written by feature-cloud 0.1.0 (dict ``_extra_state``, which
     fastreid's loader rejects) loads through fastreid's Checkpointer, statistics included; the
@@ -708,26 +718,10 @@ def test_checkpointer_loads_a_0_1_0_head(tmp_path, caplog):
 
     from fastreid.utils.checkpoint import Checkpointer
 
-    fixture = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "v0_1_0_checkpoints.pt"
-    )
-    old = torch.load(fixture, weights_only=False)
-    dense = old["dense"]
+    dense = torch.load(_V0_1_0_FIXTURE, weights_only=False)["dense"]
     c, d = dense["weight"].shape
     model = torch.nn.Module()
-    model.heads = fr.LEAPHead(
-        feat_dim=d,
-        embedding_dim=0,
-        num_classes=c,
-        neck_feat="before",
-        pool_type="GlobalAvgPool",
-        margin_type="cosface",
-        scale=24.0,
-        margin=0.2,
-        with_bnneck=False,
-        norm_type="BN",
-        class_counts="dataset",
-    )
+    model.heads = _plain_leap_head(d, c, class_counts="dataset")
     assert model.heads.class_counts_pending
     path = str(tmp_path / "model_old.pth")
     torch.save({"model": {"module.heads.margin_head." + k: v for k, v in dense.items()}}, path)
@@ -751,15 +745,9 @@ def test_an_inference_only_head_loads_a_0_1_0_checkpoint(tmp_path, monkeypatch):
     of a checkpoint of this release are."""
     from fastreid.utils.checkpoint import Checkpointer
 
-    fixture = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "v0_1_0_checkpoints.pt"
-    )
-    dense = torch.load(fixture, weights_only=False)["dense"]
+    dense = torch.load(_V0_1_0_FIXTURE, weights_only=False)["dense"]
     c, d = dense["weight"].shape
-    kw = dict(feat_dim=d, embedding_dim=0, neck_feat="before", pool_type="GlobalAvgPool")
-    kw.update(margin_type="cosface", scale=24.0, margin=0.2, with_bnneck=False, norm_type="BN")
-    kw.update(class_counts="dataset")
-    trained = fr.LEAPHead(num_classes=c, **kw).state_dict()
+    trained = _plain_leap_head(d, c, class_counts="dataset").state_dict()
     unused = {}
     monkeypatch.setattr(
         Checkpointer, "_log_incompatible_keys", lambda self, keys: unused.update(keys._asdict())
@@ -769,7 +757,7 @@ def test_an_inference_only_head_loads_a_0_1_0_checkpoint(tmp_path, monkeypatch):
         ("now", trained),
     ):
         model = torch.nn.Module()
-        model.heads = fr.LEAPHead(num_classes=0, **kw)
+        model.heads = _plain_leap_head(d, 0, class_counts="dataset")
         path = str(tmp_path / f"{name}.pth")
         torch.save({"model": {"module.heads." + k: v for k, v in heads.items()}}, path)
         Checkpointer(model).load(path)
