@@ -533,13 +533,15 @@ def _yaml_warnings(keys: Optional[Dict[str, str]] = None) -> Iterator[None]:
     by the YAML keys (as :func:`_yaml_error` does for errors), also in fastreid's log (its
     ``log.txt``). ``keys``: argument name -> YAML key (default: LEAPHead's, :data:`_YAML_KEYS`)."""
     pattern = _WARNING_PATTERN if keys is None else _warning_pattern(keys)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    for w in caught:
-        text = _to_yaml_keys(str(w.message), pattern, keys)
-        logger.warning(text)
-        warnings.warn(text, w.category, stacklevel=4)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:  # also when the build then fails: the warnings may say why
+        for w in caught:
+            text = _to_yaml_keys(str(w.message), pattern, keys)
+            logger.warning(text)
+            warnings.warn(text, w.category, stacklevel=4)
 
 
 def _warning_pattern(keys: Dict[str, str]) -> re.Pattern:

@@ -716,8 +716,8 @@ class _FastreidNames(nn.Module):
     """:class:`FTLBaseline`'s modules under the names of fastreid's ``Baseline``, for fastreid's
     own optimizer and freeze rules: ``backbone`` (``Enc``'s backbone: ``MODEL.FREEZE_LAYERS``),
     ``heads`` (what fastreid's ``EmbeddingHead`` holds: ``Enc``'s pooling, ``R``, the embedding,
-    and ``FC``: ``SOLVER.HEADS_LR_FACTOR``) and ``ftl`` (the rest: ``Dec``). It holds the model's
-    own modules and builds nothing."""
+    and ``FC``: ``SOLVER.HEADS_LR_FACTOR``), ``decoder`` (``Dec``) and ``ftl`` (anything else).
+    It holds the model's own modules and builds nothing."""
 
     def __init__(self, meta: FTLBaseline) -> None:
         super().__init__()
@@ -730,13 +730,16 @@ class _FastreidNames(nn.Module):
                 "classifier": ftl.classifier,
             }
         )
-        self.ftl = ftl  # registered last: its backbone, pooling, R and FC are named above
+        if ftl.decoder is not None:  # a child of its own: FREEZE_LAYERS [decoder] puts it in eval
+            self.decoder = ftl.decoder
+        self.ftl = ftl  # registered last: its parts are named above (`ftl` matches no parameter)
 
 
 def _check_freeze_layers(cfg: CfgNode, names: _FastreidNames) -> None:
     """Refuse a ``MODEL.FREEZE_LAYERS`` entry that matches no parameter name (fastreid matches
-    them from the start of ``backbone.*`` / ``heads.*`` / ``ftl.*``) while ``SOLVER.FREEZE_ITERS``
-    is on: fastreid would freeze nothing and still log the layer group as frozen."""
+    them from the start of ``backbone.*`` / ``heads.*`` / ``decoder.*``) while
+    ``SOLVER.FREEZE_ITERS`` is on: fastreid would freeze nothing and still log the layer group as
+    frozen (``ftl``, the whole model, is one such: its parts have the names above)."""
     if int(cfg.SOLVER.FREEZE_ITERS) <= 0:
         return
     params = [n for n, _ in names.named_parameters()]
@@ -745,7 +748,7 @@ def _check_freeze_layers(cfg: CfgNode, names: _FastreidNames) -> None:
             raise ValueError(
                 f"MODEL.FREEZE_LAYERS: {layer!r} matches no parameter of FTLBaseline; under "
                 "fastreid's names its parameters are backbone.* (Enc's backbone), heads.* "
-                "(heads.pool_layer, heads.filter: R, heads.classifier: FC) and ftl.decoder.*"
+                "(heads.pool_layer, heads.filter: R, heads.classifier: FC) and decoder.* (Dec)"
             )
 
 
@@ -763,6 +766,10 @@ class _FTLLayerFreeze(hooks.LayerFreeze):
 
     def before_step(self) -> None:
         super().before_step()
+        if self.trainer.iter >= self.freeze_iters:  # fastreid's optimizer counts its own steps
+            for group in self.trainer.optimizer.param_groups:  # from 0 again after a resume:
+                if group.get("freeze_status") == "freeze":  # the iteration decides, as here
+                    group["freeze_status"] = "normal"
         self._keep_frozen()
 
     def after_step(self) -> None:  # after FTLHook's stage switch, before PreciseBN's epoch end
@@ -777,6 +784,22 @@ class _FTLLayerFreeze(hooks.LayerFreeze):
     def open_all_layer(self) -> None:
         super().open_all_layer()
         self._ftl.train(self._ftl.training)  # FTL's frozen parts back in eval
+
+
+def _in_model_order(
+    optimizer: torch.optim.Optimizer, params: List[Dict[str, Any]], model: nn.Module
+) -> None:
+    """Order the (new, stepless) optimizer's parameter groups as ``model.parameters()``: the
+    order of an optimizer built over the model itself, which checkpoints of earlier releases
+    hold their per-group state in (fastreid's loader pairs groups by position; on the names of
+    :class:`_FastreidNames` ``Dec`` came after ``R`` and ``FC``)."""
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+
+    def first(group: Dict[str, Any]) -> int:
+        return min(order[id(p)] for p in group["params"])
+
+    optimizer.param_groups.sort(key=first)
+    params.sort(key=first)
 
 
 # ------------------------------------------------------------------ the trainer
@@ -798,7 +821,9 @@ class FTLTrainer(DefaultTrainer):
         if isinstance(meta, FTLBaseline):  # fastreid's rules on Baseline's names
             names = _FastreidNames(meta)
             _check_freeze_layers(cfg, names)
-            return solver_build.build_optimizer(cfg, names, contiguous=False)
+            optimizer, params = solver_build.build_optimizer(cfg, names, contiguous=False)
+            _in_model_order(optimizer, params, meta)
+            return optimizer, params
         return solver_build.build_optimizer(cfg, model, contiguous=False)
 
     def build_hooks(self) -> List[HookBase]:

@@ -17,6 +17,7 @@ ftlint = pytest.importorskip("feature_cloud.integrations.fastreid_ftl")
 from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer, hooks
 from fastreid.modeling import build_model
+from fastreid.solver import build as solver_build
 
 from _fastreid_data import (
     FTL_YAML,
@@ -537,6 +538,27 @@ def test_freeze_layers_backbone_freezes_enc_backbone_across_stage_switches(marke
     )
     with pytest.raises(ValueError, match="MODEL.FREEZE_LAYERS: 'ftl.encoder.backbone' matches no"):
         ftlint.FTLTrainer(bad)
+    # `ftl` (the whole model) would put all of it in eval and hold back only Dec's gradients
+    whole = _ftl_cfg(tmp_path, "MODEL.FREEZE_LAYERS", "['ftl']", "SOLVER.FREEZE_ITERS", "5")
+    with pytest.raises(ValueError, match=r"'ftl' matches no.*decoder\.\* \(Dec\)"):
+        ftlint.FTLTrainer(whole)
+
+
+def test_freeze_follows_the_iteration_after_a_resume(tmp_path):
+    """fastreid's freezing optimizer counts its own steps from 0 again after a resume: resumed
+    past FREEZE_ITERS it held the backbone's gradients back for FREEZE_ITERS more steps (with
+    BatchNorm training). The freeze hook opens the optimizer's groups by the iteration."""
+    from types import SimpleNamespace
+
+    cfg = _ftl_cfg(tmp_path, "MODEL.HEADS.NUM_CLASSES", "7")
+    hook = ftlint._FTLLayerFreeze(build_model(cfg), ["backbone"], 3)
+    groups = [{"freeze_status": "freeze"}, {"freeze_status": "normal"}]
+    hook.trainer = SimpleNamespace(iter=2, optimizer=SimpleNamespace(param_groups=groups))
+    hook.before_step()  # still frozen at iteration 2
+    assert [g["freeze_status"] for g in groups] == ["freeze", "normal"] and hook.is_frozen
+    hook.trainer.iter = 5  # a run resumed at iteration 5
+    hook.before_step()
+    assert [g["freeze_status"] for g in groups] == ["normal", "normal"] and not hook.is_frozen
 
 
 def test_heads_lr_factor_applies_to_r_and_fc(tmp_path):
@@ -558,6 +580,15 @@ def test_heads_lr_factor_applies_to_r_and_fc(tmp_path):
         params = list(part.parameters())
         assert params and all(lr[id(p)] == pytest.approx(want) for p in params)
     assert len(lr) == len(list(model.parameters()))  # every parameter once
+    # the groups in the model's parameter order: a checkpoint of the earlier trainer (built over
+    # the model itself) resumes with each group's momentum on its own parameter (on the
+    # optimizer's names Dec came after R and FC: 19 states on parameters of other shapes)
+    groups = [g["params"][0] for g in optimizer.param_groups]
+    assert [id(p) for p in groups] == [id(p) for p in model.parameters() if p.requires_grad]
+    plain, _ = solver_build.build_optimizer(cfg, model, contiguous=False)
+    assert [tuple(g["params"][0].shape) for g in plain.param_groups] == [
+        tuple(p.shape) for p in groups
+    ]
 
 
 def test_unused_fastreid_keys_and_the_ml2_warning_name_yaml_keys_in_fastreid_log(tmp_path, caplog):
@@ -607,6 +638,16 @@ def test_unused_fastreid_keys_and_the_ml2_warning_name_yaml_keys_in_fastreid_log
     )
     assert len(margin) == 1 and "MODEL.FTL.ALPHA_REG=0" in margin[0]
     assert "alpha_reg" not in margin[0]  # SCALE / MARGIN are used: not listed
+    # a build that then fails still says which keys it did not use (they may be why)
+    with warnings_recorded() as caught, pytest.raises(ValueError, match="CircleSoftmax"):
+        build_model(
+            _ftl_cfg(
+                tmp_path,
+                *("MODEL.HEADS.NUM_CLASSES", "7", "MODEL.LOSSES.CE.EPSILON", "0.1"),
+                *("MODEL.HEADS.CLS_LAYER", "CircleSoftmax"),
+            )
+        )
+    assert any("MODEL.LOSSES.CE.EPSILON: 0.1" in str(w.message) for w in caught)
 
 
 def warnings_recorded():
