@@ -692,37 +692,32 @@ def _migrate_legacy_heads(model: nn.Module, state: Dict[str, Any]) -> None:
     then reports as unused, as it does this release's. The warning of a 0.1.0 state loaded off
     0.1.0's settings names the YAML keys, also in fastreid's log (:func:`_yaml_warnings`)."""
     with _yaml_warnings():
-        _migrate_legacy_heads_in(model, state)
-
-
-def _migrate_legacy_heads_in(model: nn.Module, state: Dict[str, Any]) -> None:
-    """:func:`_migrate_legacy_heads`' work."""
-    for name, module in model.named_modules():
-        if isinstance(module, LEAPMarginHead):
-            prefix = name + "." if name else ""
-            migrate_state_dict(state, prefix, prefix + "feature_cloud.", module.feature_cloud)
-        if isinstance(module, LEAPHead) and module.margin_head is None:
-            prefix = (name + "." if name else "") + "margin_head."
-            migrate_state_dict(state, prefix, prefix + "feature_cloud.")
-        if isinstance(module, LEAPHead) and module.margin_head is not None:
-            # fastreid's own EmbeddingHead keeps its class weights as `heads.weight` (C, D),
-            # the LEAP head's classifier as `heads.margin_head.weight`: the same matrix
-            prefix = name + "." if name else ""
-            stock, own = prefix + "weight", prefix + "margin_head.weight"
-            saved = state.get(stock)
-            if (
-                own not in state
-                and isinstance(saved, Tensor)
-                and tuple(saved.shape) == tuple(module.margin_head.weight.shape)
-            ):
-                state[own] = state.pop(stock)
-                logger.info(
-                    "%s: the class weights of fastreid's EmbeddingHead (%s) load as the LEAP "
-                    "head's classifier (%s)",
-                    name or "heads",
-                    stock,
-                    own,
-                )
+        for name, module in model.named_modules():
+            if isinstance(module, LEAPMarginHead):
+                prefix = name + "." if name else ""
+                migrate_state_dict(state, prefix, prefix + "feature_cloud.", module.feature_cloud)
+            if isinstance(module, LEAPHead) and module.margin_head is None:
+                prefix = (name + "." if name else "") + "margin_head."
+                migrate_state_dict(state, prefix, prefix + "feature_cloud.")
+            if isinstance(module, LEAPHead) and module.margin_head is not None:
+                # fastreid's own EmbeddingHead keeps its class weights as `heads.weight` (C, D),
+                # the LEAP head's classifier as `heads.margin_head.weight`: the same matrix
+                prefix = name + "." if name else ""
+                stock, own = prefix + "weight", prefix + "margin_head.weight"
+                saved = state.get(stock)
+                if (
+                    own not in state
+                    and isinstance(saved, Tensor)
+                    and tuple(saved.shape) == tuple(module.margin_head.weight.shape)
+                ):
+                    state[own] = state.pop(stock)
+                    logger.info(
+                        "%s: the class weights of fastreid's EmbeddingHead (%s) load as the LEAP "
+                        "head's classifier (%s)",
+                        name or "heads",
+                        stock,
+                        own,
+                    )
 
 
 def _map_baseline_backbone(model: nn.Module, state: Dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .._validation import warn_user
-from .report import counted
+from .report import RESULTS_FILE, counted
 
 __all__ = [
     "LabeledData",
@@ -39,8 +39,6 @@ __all__ = [
 DATA_SOURCES = ("digits", "synthetic", "market1501", "imagefolder")
 #: Files that operating systems leave in folders, skipped without a word.
 _SYSTEM_FILES = ("thumbs.db", "desktop.ini")
-#: the file of a run's output folder: a sub-folder holding it is no identity
-_RUN_FILE = "results.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -375,11 +373,11 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
             f"{root!r}: identity folders that are the same folder (a symlink) are read once, "
             f"as one identity: left out {'; '.join(same)}"
         )
-    runs = sorted(n for n in keep if os.path.isfile(os.path.join(root, n, _RUN_FILE)))
+    runs = sorted(n for n in keep if os.path.isfile(os.path.join(root, n, RESULTS_FILE)))
     if runs:
         warn_user(
             f"{root!r}: left out {', '.join(runs)}: {'it holds' if len(runs) == 1 else 'they hold'} "
-            f"a {_RUN_FILE}, the output of a feature-cloud run, not an identity's images; "
+            f"a {RESULTS_FILE}, the output of a feature-cloud run, not an identity's images; "
             "write runs (--out) outside the image folder"
         )
     for ident in sorted(keep - set(runs)):
