@@ -93,6 +93,33 @@ __all__ = [
 ]
 
 
+_UNPOOLED = (
+    "outputs unpooled feature maps, not the (batch, num_features) embeddings the head needs: "
+    "give it a pooling (timm's default global_pool, e.g. 'avg'; reset_classifier(0, 'avg'))"
+)
+
+
+def _unpooled(backbone: nn.Module) -> bool:
+    """Whether a timm model was built (or reset) with ``global_pool=''``: its pooling, on the
+    model or on its ``head`` (ConvNeXt), is timm's identity (a ``SelectAdaptivePool2d`` whose
+    ``is_identity()``, or the pool type ``''`` as a string, ViT's)."""
+    for owner in (backbone, getattr(backbone, "head", None)):
+        pool = getattr(owner, "global_pool", None)
+        if isinstance(pool, str) and pool == "":
+            return True
+        if isinstance(pool, nn.Module) and callable(getattr(pool, "is_identity", None)):
+            if pool.is_identity():
+                return True
+    return False
+
+
+def _refuse_unpooled(backbone: nn.Module, what: str) -> None:
+    """A backbone without pooling refused before it runs (its BatchNorm would take the batch,
+    then the head refused the 4-D output)."""
+    if _unpooled(unwrap_model(backbone)):
+        raise ValueError(f"{what} {_UNPOOLED}")
+
+
 def _headless_backbone(
     model_name: str, pretrained: bool, model_kwargs: Optional[Dict[str, Any]]
 ) -> nn.Module:
@@ -103,9 +130,13 @@ def _headless_backbone(
             "built with num_classes=0 (it outputs embeddings; the head is the classifier). Give "
             "the number of classes as the num_classes argument"
         )
-    return timm.create_model(
+    if model_kwargs and model_kwargs.get("global_pool", None) == "":
+        raise ValueError(f"model_kwargs sets global_pool='': {model_name} then {_UNPOOLED}")
+    backbone = timm.create_model(
         model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {})
     )
+    _refuse_unpooled(backbone, f"{model_name} (model_kwargs={model_kwargs!r})")
+    return backbone
 
 
 def create_backbone_and_head(
@@ -230,17 +261,42 @@ class _BackboneOptimizerHooks:
 
     def _refuse_backbone_classifier(self) -> None:
         """A timm backbone given a classifier again (``reset_classifier(n)``) outputs ``n``
-        logits, not embeddings: refused before it runs (its BatchNorm would take the batch)."""
+        logits, not embeddings, and one reset to ``global_pool=''`` feature maps: refused
+        before it runs (its BatchNorm would take the batch). Checked by the training forward
+        and by the eval models (:meth:`LEAPTask.get_eval_model`, :class:`FTLEmbedding`)."""
         wrapped = self._timm_backbone()
-        classes = getattr(unwrap_model(wrapped), "num_classes", 0)
+        backbone = unwrap_model(wrapped)
+        classes = getattr(backbone, "num_classes", 0)
+        own = self.named_children()  # type: ignore[attr-defined]
+        path = next((name + "." for name, child in own if child is wrapped), "")
         if classes:
-            own = self.named_children()  # type: ignore[attr-defined]
-            path = next((name + "." for name, child in own if child is wrapped), "")
             raise ValueError(
                 f"the backbone has a classifier (num_classes={classes}, e.g. after "
                 f"reset_classifier({classes})): it outputs logits, not the embeddings the head "
                 f"needs. Call {path}reset_classifier(0); the head is the classifier"
             )
+        _refuse_unpooled(backbone, f"the backbone ({path or 'backbone.'}global_pool='')")
+
+    def get_classifier(self) -> nn.Module:
+        """timm's model method: the classifier (the LEAP head; FTL's ``FC``)."""
+        return self._classifier()
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Refused: timm's ``reset_classifier`` builds a fresh classifier for ``num_classes``,
+        but this classifier carries per-class statistics (class counts, centers, angle memory;
+        FTL's transfer statistics) and settings that a plain resize would lose or leave sized
+        for the old classes."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.reset_classifier({num_classes!r}) is not supported: the "
+            f"classifier ({type(self._classifier()).__name__}) holds per-class statistics "
+            "(class counts, centers, angle memory) sized for its classes. For embeddings use "
+            "the task's eval model (task.get_eval_model(): the backbone, no classifier); for "
+            "other classes build a new task on the trained backbone, e.g. "
+            "LEAPTask(task.backbone, LEAPMarginHead(task.head.embedding_size, num_classes, "
+            "..., class_counts=new_counts)) (FTL: create_ftl_model / FTLModel with a new FC "
+            "and FeatureTransfer); the backbone's pooling is "
+            "task.backbone.reset_classifier(0, global_pool)"
+        )
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """The backbone's gradient checkpointing (timm's ``--grad-checkpointing``)."""
@@ -387,6 +443,18 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
         """timm's model attribute: the embedding size (the backbone's ``num_features``)."""
         return self.head.embedding_size
 
+    def forward_features(self, input: Tensor) -> Tensor:
+        """timm's model method: the backbone's unpooled features."""
+        self._refuse_backbone_classifier()
+        return self.backbone.forward_features(input)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """timm's model method on :meth:`forward_features`' output: the pooled embeddings
+        (``pre_logits=True``) or the head's ``s cos(theta)`` logits, as ``forward(input)``."""
+        self._refuse_backbone_classifier()
+        embeddings = self.backbone.forward_head(x, pre_logits=True)
+        return embeddings if pre_logits else self.head.logits(embeddings)
+
     def forward(self, input: Tensor, target: Optional[Tensor] = None):
         self._refuse_backbone_classifier()  # checked before the backbone's BatchNorm takes
         if target is not None:  # the batch
@@ -491,6 +559,7 @@ class LEAPTask(_AllOrNothingLoad):
             raise TypeError(
                 f"head must be a feature_cloud.LEAPMarginHead, got {type(head).__name__}"
             )
+        _refuse_unpooled(model, "the backbone")
         features = getattr(unwrap_model(model), "num_features", None)
         if features is not None and int(features) != head.embedding_size:
             raise ValueError(
@@ -610,14 +679,17 @@ class LEAPTask(_AllOrNothingLoad):
         self, module: Optional[nn.Module] = None, ema: bool = False
     ) -> Optional[nn.Module]:
         """The backbone alone (embeddings; the compiled one after ``compile()`` /
-        ``compile_ema()``); the head is task state."""
+        ``compile_ema()``); the head is task state. A backbone given a classifier again (or
+        reset to ``global_pool=''``) is refused here: its outputs are no embeddings."""
+        try:
+            parts = self._parts(module, ema)
+        except RuntimeError:
+            return None
+        parts._refuse_backbone_classifier()
         compiled = _compiled_eval_model(self, ema) if module is None else None
         if compiled is not None:
             return compiled
-        try:
-            return self._parts(module, ema).backbone
-        except RuntimeError:
-            return None
+        return parts.backbone
 
     def get_task_state(
         self, module: Optional[nn.Module] = None, ema: bool = False
@@ -772,9 +844,10 @@ class FTLEmbedding(nn.Module):
         self.encoder = model.encoder
         self.filter = model.filter
         self._frozen = lambda: model.frozen
+        self._encode = model.encode  # TimmFTLModel's: an encoder given a classifier is refused
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.filter(self.encoder(x))
+        return self.filter(self._encode(x))
 
     def train(self, mode: bool = True) -> FTLEmbedding:
         super().train(mode)
@@ -981,7 +1054,12 @@ class FTLTask(_AllOrNothingLoad):
         self, module: Optional[nn.Module] = None, ema: bool = False
     ) -> Optional[nn.Module]:
         """:class:`FTLEmbedding`: ``f = R(Enc(x))`` (of the EMA copy with ``ema=True``; the
-        compiled one after ``compile_ema()``)."""
+        compiled one after ``compile_ema()``). An encoder given a classifier again (or reset to
+        ``global_pool=''``) is refused here and when the eval model runs."""
+        checked = module if module is not None else self.get_trainable_module(ema=ema)
+        parts = self._parts(checked) if checked is not None else None
+        if isinstance(parts, TimmFTLModel):
+            parts._refuse_backbone_classifier()
         if module is None:
             compiled = _compiled_eval_model(self, ema)
             if compiled is not None:

@@ -122,6 +122,79 @@ def test_a_backbone_given_a_classifier_again_is_refused_before_it_runs():
         leap.get_trainable_module()(x)  # the plain logits path too
 
 
+def test_the_eval_models_refuse_a_backbone_given_a_classifier_again():
+    """Training refused a backbone given a classifier again; the eval models did not: LEAP's
+    (the backbone) returned (B, 7) logits as embeddings, FTL's failed with a matmul shape
+    error. Both now name ``reset_classifier(0)``, FTL's before the encoder runs."""
+    from conftest import assert_same_state, state_snapshot
+
+    x = _images(COUNTS, 0)[0][:4]
+    leap, ftl = _task(), _ftl_task()
+    held = ftl.get_eval_model()  # an eval model fetched before the reset
+    leap.backbone.reset_classifier(7)
+    ftl.model.encoder.reset_classifier(7)
+    with pytest.raises(ValueError, match=r"num_classes=7.*backbone\.reset_classifier\(0\)"):
+        leap.get_eval_model()
+    with pytest.raises(ValueError, match=r"num_classes=7.*encoder\.reset_classifier\(0\)"):
+        ftl.get_eval_model()
+    held.train()
+    before = state_snapshot(ftl.get_trainable_module())
+    with pytest.raises(ValueError, match=r"encoder\.reset_classifier\(0\)"):
+        held(x)
+    assert_same_state(before, state_snapshot(ftl.get_trainable_module()), "FTL eval model")
+    leap.backbone.reset_classifier(0)
+    ftl.model.encoder.reset_classifier(0)
+    assert leap.get_eval_model()(x).shape == (4, leap.head.embedding_size)
+    assert held(x).shape == (4, 32)
+
+
+def test_an_unpooled_backbone_is_refused_before_it_runs():
+    """``model_kwargs=dict(global_pool='')`` built a backbone of feature maps that the head
+    refused only after the backbone had run (its BatchNorm took the batch); now refused when
+    the task is built, and a backbone reset to ``global_pool=''`` later before it runs."""
+    from conftest import assert_same_state, state_snapshot
+
+    for build in (_task, _ftl_task):
+        with pytest.raises(ValueError, match="global_pool=''.*unpooled feature maps"):
+            build(model_kwargs=dict(global_pool=""))
+    unpooled = timm.create_model("test_resnet", num_classes=0, global_pool="")
+    with pytest.raises(ValueError, match="unpooled feature maps"):
+        LEAPTask(unpooled, LEAPMarginHead(unpooled.num_features, C, cloud=None), verbose=False)
+    x, y = _images(COUNTS, 0)
+    x, y = x[:8], y[:8]
+    for task, module in ((_task(), "backbone"), (_ftl_task(), "encoder")):
+        task.get_trainable_module().get_submodule(module).reset_classifier(0, "")
+        task.train()
+        before = state_snapshot(task.get_trainable_module())
+        with pytest.raises(ValueError, match=rf"{module}\.global_pool=''.*reset_classifier\(0"):
+            task(x, y)
+        assert_same_state(before, state_snapshot(task.get_trainable_module()), module)
+        with pytest.raises(ValueError, match="unpooled"):
+            task.get_eval_model()
+
+
+def test_timm_classifier_methods_of_the_trainable_modules():
+    """timm's ``get_classifier`` / ``forward_features`` / ``forward_head`` work on the LEAP
+    module; ``reset_classifier`` (timm's re-targeting, which would leave the head's class
+    statistics sized for the old classes) is refused with what to do instead, for LEAP and FTL;
+    nothing changes."""
+    task = _task()
+    module = task.get_trainable_module()
+    assert module.get_classifier() is task.head
+    x = _images(COUNTS, 0)[0][:4]
+    module.eval()
+    features = module.forward_features(x)
+    torch.testing.assert_close(module.forward_head(features), module(x))
+    torch.testing.assert_close(module.forward_head(features, pre_logits=True), task.backbone(x))
+    ftl = _ftl_task().model
+    assert ftl.get_classifier() is ftl.classifier
+    for model in (module, ftl):
+        state = copy.deepcopy(model.state_dict())
+        with pytest.raises(NotImplementedError, match=r"reset_classifier\(10\).*get_eval_model"):
+            model.reset_classifier(10)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
 def test_from_timm_refuses_num_classes_in_model_kwargs_and_forwards_timm_attributes():
     for build in (_task, _ftl_task):
         with pytest.raises(TypeError, match="model_kwargs sets num_classes=10.*num_classes=0"):
