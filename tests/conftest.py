@@ -13,6 +13,7 @@ import faulthandler
 import importlib
 import os
 import socket
+import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -31,6 +32,28 @@ torch.set_num_threads(1)
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 #: the repository root (examples/, benchmarks/)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: tests/data: checkpoints and pickles written by earlier releases and commits
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def run_fresh_python(script: str, *paths: str, timeout: float = 300) -> None:
+    """Run ``script`` in a fresh Python process (one intra-op thread) that imports this
+    checkout's package, ``conftest`` and ``tests/data``'s scripts, and ``paths`` (a test's own
+    folder, to import the test module); a failure fails the test with the process's output."""
+    head = (
+        f"import sys\nsys.path[:0] = {[REPO_ROOT, os.path.dirname(DATA_DIR), DATA_DIR, *paths]!r}\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", head + script],
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        pytest.fail(f"the fresh process failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
 
 
 def make_batch(seed: int = 0, b: int = 32, d: int = 16, c: int = 12) -> Tuple[Tensor, Tensor]:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import copy
 import io
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -15,15 +12,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from conftest import TORCH_VERSION, dynamo_limits
+from conftest import DATA_DIR, TORCH_VERSION, dynamo_limits, run_fresh_python
 from feature_cloud import FeatureCloud, LEAPMarginHead
 from feature_cloud import functional as FC
 from feature_cloud.distributed import ShardedLEAPMarginHead, consolidate_state_dicts
 
 D, C, IN = 8, 5, 6
 COUNTS = [3, 1, 2, 4, 1]
-ROOT = Path(__file__).resolve().parents[2]
-FIXTURE = Path(__file__).parent.parent / "data" / "v0_1_0_checkpoints.pt"
+FIXTURE = Path(DATA_DIR) / "v0_1_0_checkpoints.pt"
 
 
 class _Net(nn.Module):
@@ -173,10 +169,7 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path: Path) -> None:
     x, y = _batch(7)
     expected = model(x, y)
     script = f"""
-import sys, torch
-sys.path.insert(0, {str(ROOT)!r})
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+import torch
 from test_module_state import _net, _batch
 model = _net(seed=12345)
 model.load_state_dict(torch.load({str(tmp_path / "model.pt")!r}, weights_only=True), strict=True)
@@ -190,8 +183,7 @@ with torch.no_grad():
         f = model.backbone(x)
         plain = model.head.scale * FC.cosine_logits(f, model.head.weight)
     assert (logits - plain).abs().max() > 1e-3  # the prototypes are in effect
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, env=env, timeout=300)
+    run_fresh_python(script, str(Path(__file__).parent))
     got = torch.load(tmp_path / "loss.pt")
     assert torch.equal(got, expected.detach()), (got, expected)
     assert torch.equal(torch.load(tmp_path / "logits.pt"), logits)

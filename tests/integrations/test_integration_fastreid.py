@@ -26,6 +26,7 @@ from _fastreid_data import (
     tiny_cfg,
 )
 from _fastreid_data import LEAP_YAML as YAML
+from conftest import DATA_DIR
 
 
 def _tiny_cfg(output_dir, *extra):
@@ -687,9 +688,7 @@ def test_a_whole_module_pickle_of_an_earlier_release_trains():
 
 
 # ---------------------------------------------------------------- 0.1.0 checkpoints
-_V0_1_0_FIXTURE = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "v0_1_0_checkpoints.pt"
-)
+_V0_1_0_FIXTURE = os.path.join(DATA_DIR, "v0_1_0_checkpoints.pt")
 
 
 def _plain_leap_head(feat_dim: int, num_classes: int, **kw):
