@@ -91,6 +91,27 @@ def refuse_other_shape(
         raise ValueError(message(*saved.shape))
 
 
+def refuse_bad_weight(state_dict: Dict[str, Any], key: str) -> None:
+    """Checkpoints: a class weight ``state_dict[key]`` that is not floating point (torch's load
+    copies an integer or bool tensor in, cast, without a word) or holds NaN / infinite values
+    (every logit of every sample NaN from the first step) is refused, naming the key, before
+    anything loads. Run at load only (one host read), never in a step. Used by every head."""
+    saved = state_dict.get(key)
+    if not isinstance(saved, Tensor) or saved.is_meta:
+        return
+    if not (saved.is_floating_point() or saved.is_complex()):
+        raise TypeError(
+            f"checkpoint's {key} is a {saved.dtype} tensor, not a floating-point class weight: "
+            "the checkpoint is damaged or was edited (torch would cast it in silently)"
+        )
+    bad = int((~torch.isfinite(saved)).sum())
+    if bad:
+        raise ValueError(
+            f"checkpoint's {key} holds {bad} NaN / infinite values (of {saved.numel()}): the "
+            "checkpoint is damaged (a diverged run saved it?); load an earlier one"
+        )
+
+
 # ------------------------------------------------------------------------------------------
 # hyper-parameters
 # ------------------------------------------------------------------------------------------

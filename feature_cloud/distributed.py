@@ -49,6 +49,7 @@ from ._validation import (
     check_embeddings,
     check_reduction,
     inference_problem,
+    refuse_bad_weight,
     trainable_labels,
 )
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
@@ -535,6 +536,7 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
                 f"{self.sizes} (use consolidate_state_dicts / split_state_dict to change the "
                 "layout)"
             )
+        refuse_bad_weight(state_dict, key)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 

@@ -36,6 +36,7 @@ from ._validation import (
     check_reduction,
     checked_attribute,
     migrate_checked,
+    refuse_bad_weight,
     refuse_other_shape,
     warn_user,
 )
@@ -873,6 +874,7 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
                 f"sub_centers={self.sub_centers} rows of size embedding_size={self.embedding_size}"
             ),
         )
+        refuse_bad_weight(state_dict, prefix + "weight")
         migrate_state_dict(state_dict, prefix, prefix + "feature_cloud.", self.feature_cloud)
         # torch loads the weight before the cloud's statistics, which would refuse theirs with
         # the weight already taken: checked first, a refused checkpoint changes nothing

@@ -58,6 +58,7 @@ from feature_cloud._validation import (
     as_float,
     as_int,
     check_embeddings,
+    refuse_bad_weight,
     refuse_other_shape,
     warn_user,
 )
@@ -484,5 +485,6 @@ class LEAPLoss(
                 f"has {tuple(self.W.shape)}"
             ),
         )
+        refuse_bad_weight(state_dict, prefix + "W")
         self.feature_cloud.check_state_dict(state_dict, prefix + "feature_cloud.")
         super()._load_from_state_dict(state_dict, prefix, *args)

@@ -692,6 +692,34 @@ def test_a_checkpoint_of_another_sub_center_count_is_named_with_its_layout() -> 
         plain.load_state_dict(sub.state_dict())
 
 
+def test_a_checkpoint_weight_with_nan_or_of_integers_is_refused_by_key() -> None:
+    """torch's load copied a class weight holding NaN (a diverged run's checkpoint: every logit
+    NaN from the first step) or an integer tensor (cast in) without a word, into the dense head,
+    the sharded head and PML's loss. Refused now, naming the key, before anything loads."""
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    for module, key in (
+        (LEAPMarginHead(D, C, class_counts=COUNTS, seed=0), "weight"),
+        (ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=0), "weight"),
+        (LEAPLoss(C, D, class_counts=COUNTS, seed=0), "W"),
+    ):
+        before = copy.deepcopy(module.state_dict())
+        nan = copy.deepcopy(before)
+        nan[key][1, 2] = float("nan")
+        nan[key][0, 0] = float("inf")
+        with pytest.raises(ValueError, match=rf"checkpoint's {key} holds 2 NaN / infinite"):
+            module.load_state_dict(nan)
+        ints = copy.deepcopy(before)
+        ints[key] = ints[key].round().to(torch.int64)
+        with pytest.raises(TypeError, match=rf"checkpoint's {key} is a torch.int64 tensor"):
+            module.load_state_dict(ints)
+        after = module.state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in before.items()), type(module).__name__
+        half = copy.deepcopy(before)
+        half[key] = half[key].half()  # a floating weight of another precision still loads
+        module.load_state_dict(half)
+
+
 def test_kept_layout_starts_empty_and_writes_without_a_version_are_seen_after_train() -> None:
     """Loading a cloud-less checkpoint into a trained LEAP head keeps its counts and layout but
     not its stored angles (they belonged to the dropped centers: as if just laid out); a step
