@@ -332,7 +332,7 @@ except ImportError as _err:
     ) from _err
 patch_fastreid_compat()
 
-from fastreid.config import CfgNode, configurable  # noqa: E402
+from fastreid.config import CfgNode, configurable, get_cfg  # noqa: E402
 from fastreid.engine import DefaultTrainer  # noqa: E402
 from fastreid.engine.train_loop import HookBase  # noqa: E402
 from fastreid.layers import get_norm, pooling  # noqa: E402
@@ -467,6 +467,51 @@ def _max_age(value: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool) and value < 0:
         return None
     return value
+
+
+def _warn_fastreid_margin_defaults(cfg: CfgNode, owner: str = "LEAPHead") -> None:
+    """Warn when a margin ``MODEL.HEADS.CLS_LAYER`` (``CosSoftmax``, ``ArcSoftmax``, a registered
+    margin) comes with ``MODEL.HEADS.SCALE`` still at fastreid's default, 1 (made for its
+    ``Linear`` layer): the logits ``s cos(theta)`` stay in ``[-1, 1]`` and the head cannot fit
+    its training set, silently. The warning names the keys left at fastreid's defaults, the
+    values of the shipped configs and, where the YAML sets it, ``FEATURE_CLOUD.SCALE`` (the
+    cloud's factor, not ``s``). Call it inside :func:`_yaml_warnings` to reach fastreid's log."""
+    heads = cfg.MODEL.HEADS
+    try:
+        margin_type = margin_for_cls_layer(heads.CLS_LAYER)
+    except ValueError:
+        return  # not a margin: refused (LEAPHead) or a Linear FC (FTLBaseline)
+    stock = get_cfg().MODEL.HEADS
+    if float(heads.SCALE) != float(stock.SCALE):
+        return
+    rule = margins.get(margin_type)
+    scale = float(heads.SCALE)
+    keys = f"MODEL.HEADS.SCALE is {heads.SCALE}"
+    if float(heads.MARGIN) == float(stock.MARGIN):
+        keys += f" and MODEL.HEADS.MARGIN {heads.MARGIN}, fastreid's defaults"
+    else:
+        keys += ", fastreid's default"
+    classes = int(heads.NUM_CLASSES)
+    bound = ""
+    if classes > 1:
+        floor = math.log1p((classes - 1) * math.exp(-2.0 * scale))
+        bound = (
+            f": over {classes} classes the cross-entropy stays above {floor:.2f} nats even for "
+            f"perfectly separated features (chance: {math.log(classes):.2f})"
+        )
+    cloud = ""
+    node = heads.get("FEATURE_CLOUD")
+    if node is not None and float(node.get("SCALE", DEFAULT_CLOUD_SCALE)) != DEFAULT_CLOUD_SCALE:
+        cloud = f" (yours is {node.SCALE}: meant for MODEL.HEADS.SCALE?)"
+    warnings.warn(
+        f"{owner}: {keys} (for its Linear CLS_LAYER). With CLS_LAYER: {heads.CLS_LAYER} the "
+        f"logits are s cos(theta) in [-{scale:g}, {scale:g}] and the head cannot train{bound}. "
+        f"Set MODEL.HEADS.SCALE and MARGIN, e.g. SCALE: {rule.default_scale:g}, MARGIN: "
+        f"{rule.default_margin:g} ({margin_type}'s defaults; the shipped Base-LEAP.yml has "
+        "CLS_LAYER: CosSoftmax, SCALE: 24, MARGIN: 0.2). MODEL.HEADS.FEATURE_CLOUD.SCALE is "
+        f"another setting, the factor on the cloud's standard deviation{cloud}",
+        stacklevel=2,
+    )
 
 
 def _shrinkage(value: Any) -> Optional[float]:
@@ -1177,6 +1222,8 @@ class LEAPHead(nn.Module):
                 "feature_cloud.integrations.fastreid.add_feature_cloud_config(cfg) before "
                 "cfg.merge_from_file(...)"
             )
+        with _yaml_warnings():  # in fastreid's log.txt too
+            _warn_fastreid_margin_defaults(cfg)
         fc = heads.FEATURE_CLOUD
         clouds: Dict[str, Optional[str]] = {**{r: r for r in CLOUD_RULES}, "none": None}
         if str(fc.CLOUD).lower() not in clouds:

@@ -56,6 +56,7 @@ from feature_cloud.integrations.fastreid import (  # noqa: F401
     CLS_LAYER_TO_MARGIN,
     _add_missing_node,
     _register_once,
+    _warn_fastreid_margin_defaults,
     _yaml_warnings,
     class_counts_from_dataset,
     config_path,
@@ -261,6 +262,7 @@ class FTLBaseline(nn.Module):
                     "CLS_LAYER; SCALE and MARGIN with CosSoftmax / ArcSoftmax)",
                     stacklevel=2,  # re-emitted by _yaml_warnings
                 )
+            _warn_fastreid_margin_defaults(cfg, "FTLBaseline")  # a margin FC at SCALE 1
             return cls._build(cfg, ftl_cfg, num_classes, inference_only)
 
     @classmethod

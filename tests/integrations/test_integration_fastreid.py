@@ -950,6 +950,67 @@ def test_yaml_error_messages_keep_the_allowed_values():
     )
 
 
+def _warned_build(cfg):
+    """``build_heads(cfg)``: its warnings' texts, checked to be in fastreid's log as well."""
+    import logging
+    import warnings
+
+    records = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = _Keep(logging.WARNING)
+    fr.logger.addHandler(handler)  # fastreid's setup_logger stops propagation
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_heads(cfg)
+    finally:
+        fr.logger.removeHandler(handler)
+    texts = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert sorted(texts) == sorted(records)
+    return texts
+
+
+def test_fastreids_default_scale_under_a_margin_cls_layer_is_warned_naming_the_keys():
+    """Swapping only NAME and CLS_LAYER leaves fastreid's SCALE 1 / MARGIN 0 (made for its Linear
+    layer): a cosine head at s = 1 cannot train, which the build said nowhere. The warning names
+    the keys, the shipped values and the trap of FEATURE_CLOUD.SCALE (the cloud's factor)."""
+
+    def cfg(*opts):
+        c = get_cfg()
+        fr.add_feature_cloud_config(c)
+        c.merge_from_list(
+            ["MODEL.BACKBONE.FEAT_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "751"]
+            + ["MODEL.HEADS.NAME", "LEAPHead", "MODEL.HEADS.CLS_LAYER", "CosSoftmax", *opts]
+        )
+        return c
+
+    (text,) = [t for t in _warned_build(cfg()) if "SCALE" in t]
+    for part in (
+        "MODEL.HEADS.SCALE is 1 and MODEL.HEADS.MARGIN 0.0, fastreid's defaults",
+        "cannot train",
+        "above 4.63 nats",  # log(1 + 750 e^-2)
+        "SCALE: 24, MARGIN: 0.2",
+        "MODEL.HEADS.FEATURE_CLOUD.SCALE is another setting",
+    ):
+        assert part in text, text
+    (text,) = _warned_build(cfg("MODEL.HEADS.FEATURE_CLOUD.SCALE", "32.0"))
+    assert "yours is 32.0: meant for MODEL.HEADS.SCALE?" in text
+    arc = _warned_build(cfg("MODEL.HEADS.CLS_LAYER", "ArcSoftmax", "MODEL.HEADS.MARGIN", "0.3"))
+    assert len(arc) == 1 and "MODEL.HEADS.SCALE is 1, fastreid's default" in arc[0]
+    assert "SCALE: 16, MARGIN: 0.2" in arc[0]  # ArcFace's defaults
+    assert _warned_build(cfg("MODEL.HEADS.SCALE", "24")) == []  # MARGIN 0: a plain cosine head
+    assert _warned_build(_head_cfg(FC__WARMUP_ITERS=4, FC__COUNT_ITERS=4)) == []  # shipped YAML
+    shipped = get_cfg()
+    fr.add_feature_cloud_config(shipped)
+    shipped.merge_from_file(fr.config_path("Base-LEAP.yml"))
+    heads = shipped.MODEL.HEADS  # the values the warning quotes
+    assert (heads.CLS_LAYER, heads.SCALE, heads.MARGIN) == ("CosSoftmax", 24, 0.2)
+
+
 def _python_head(**kw):
     """``LEAPHead`` called from Python (no config), with the shipped CosFace settings."""
     args = dict(
