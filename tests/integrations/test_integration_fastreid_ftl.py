@@ -632,6 +632,14 @@ def test_unused_fastreid_keys_and_the_ml2_warning_name_yaml_keys_in_fastreid_log
     ):
         assert key in text
     assert "POOL_LAYER:" not in text and "EMBEDDING_DIM:" not in text
+    # LEAPHead's cloud node: FTL's FC has none, so a set key is named, not silently dropped
+    (text,) = warned(
+        *("MODEL.HEADS.FEATURE_CLOUD.CLOUD", "vanilla", "MODEL.HEADS.FEATURE_CLOUD.MODE"),
+        *("paper", "MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS", "100"),
+    )
+    for key in ("CLOUD: 'vanilla'", "MODE: 'paper'", "WARMUP_ITERS: 100"):
+        assert "MODEL.HEADS.FEATURE_CLOUD." + key in text, text
+    assert "its FC has no feature cloud" in text
     margin = warned(
         *("MODEL.HEADS.CLS_LAYER", "CosSoftmax", "MODEL.HEADS.SCALE", "24"),
         *("MODEL.HEADS.MARGIN", "0.3"),
