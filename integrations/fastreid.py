@@ -107,11 +107,17 @@ logger = logging.getLogger("fastreid.feature_cloud")  # under "fastreid": in its
 CLS_LAYER_TO_MARGIN = {"CosSoftmax": "cosface", "ArcSoftmax": "arcface"}
 
 
-def margin_for_cls_layer(cls_layer: str, owner: str = "LEAPHead", extra: Sequence[str] = ()) -> str:
+def margin_for_cls_layer(
+    cls_layer: str,
+    owner: str = "LEAPHead",
+    extra: Sequence[str] = (),
+    key: str = "MODEL.HEADS.CLS_LAYER",
+) -> str:
     """The margin that ``MODEL.HEADS.CLS_LAYER`` names: fastreid's ``CosSoftmax`` /
     ``ArcSoftmax``, or any margin of the registry by its name (:mod:`feature_cloud.margins`:
     ``subcenter_arcface``, a margin of your own registered before the model is built).
-    ``ValueError`` listing both otherwise (``extra``: further names the caller accepts)."""
+    ``ValueError`` listing both otherwise (``extra``: further names the caller accepts; ``key``:
+    the setting's name in the message, ``margin_type`` for a head built from Python)."""
     name = str(cls_layer)
     if name in CLS_LAYER_TO_MARGIN:
         return CLS_LAYER_TO_MARGIN[name]
@@ -119,7 +125,7 @@ def margin_for_cls_layer(cls_layer: str, owner: str = "LEAPHead", extra: Sequenc
         return name
     choices = [*extra, *sorted(CLS_LAYER_TO_MARGIN), *margins.names()]
     raise ValueError(
-        f"{owner} needs MODEL.HEADS.CLS_LAYER in {choices} (fastreid's names, or a registered "
+        f"{owner} needs {key} in {choices} (fastreid's names, or a registered "
         f"margin of feature_cloud.margins), got {cls_layer!r}"
     )
 
@@ -326,7 +332,7 @@ except ImportError as _err:
     ) from _err
 patch_fastreid_compat()
 
-from fastreid.config import CfgNode, configurable  # noqa: E402
+from fastreid.config import CfgNode, configurable, get_cfg  # noqa: E402
 from fastreid.engine import DefaultTrainer  # noqa: E402
 from fastreid.engine.train_loop import HookBase  # noqa: E402
 from fastreid.layers import get_norm, pooling  # noqa: E402
@@ -463,6 +469,51 @@ def _max_age(value: Any) -> Any:
     return value
 
 
+def _warn_fastreid_margin_defaults(cfg: CfgNode, owner: str = "LEAPHead") -> None:
+    """Warn when a margin ``MODEL.HEADS.CLS_LAYER`` (``CosSoftmax``, ``ArcSoftmax``, a registered
+    margin) comes with ``MODEL.HEADS.SCALE`` still at fastreid's default, 1 (made for its
+    ``Linear`` layer): the logits ``s cos(theta)`` stay in ``[-1, 1]`` and the head cannot fit
+    its training set, silently. The warning names the keys left at fastreid's defaults, the
+    values of the shipped configs and, where the YAML sets it, ``FEATURE_CLOUD.SCALE`` (the
+    cloud's factor, not ``s``). Call it inside :func:`_yaml_warnings` to reach fastreid's log."""
+    heads = cfg.MODEL.HEADS
+    try:
+        margin_type = margin_for_cls_layer(heads.CLS_LAYER)
+    except ValueError:
+        return  # not a margin: refused (LEAPHead) or a Linear FC (FTLBaseline)
+    stock = get_cfg().MODEL.HEADS
+    if float(heads.SCALE) != float(stock.SCALE):
+        return
+    rule = margins.get(margin_type)
+    scale = float(heads.SCALE)
+    keys = f"MODEL.HEADS.SCALE is {heads.SCALE}"
+    if float(heads.MARGIN) == float(stock.MARGIN):
+        keys += f" and MODEL.HEADS.MARGIN {heads.MARGIN}, fastreid's defaults"
+    else:
+        keys += ", fastreid's default"
+    classes = int(heads.NUM_CLASSES)
+    bound = ""
+    if classes > 1:
+        floor = math.log1p((classes - 1) * math.exp(-2.0 * scale))
+        bound = (
+            f": over {classes} classes the cross-entropy stays above {floor:.2f} nats even for "
+            f"perfectly separated features (chance: {math.log(classes):.2f})"
+        )
+    cloud = ""
+    node = heads.get("FEATURE_CLOUD")
+    if node is not None and float(node.get("SCALE", DEFAULT_CLOUD_SCALE)) != DEFAULT_CLOUD_SCALE:
+        cloud = f" (yours is {node.SCALE}: meant for MODEL.HEADS.SCALE?)"
+    warnings.warn(
+        f"{owner}: {keys} (for its Linear CLS_LAYER). With CLS_LAYER: {heads.CLS_LAYER} the "
+        f"logits are s cos(theta) in [-{scale:g}, {scale:g}] and the head cannot train{bound}. "
+        f"Set MODEL.HEADS.SCALE and MARGIN, e.g. SCALE: {rule.default_scale:g}, MARGIN: "
+        f"{rule.default_margin:g} ({margin_type}'s defaults; the shipped Base-LEAP.yml has "
+        "CLS_LAYER: CosSoftmax, SCALE: 24, MARGIN: 0.2). MODEL.HEADS.FEATURE_CLOUD.SCALE is "
+        f"another setting, the factor on the cloud's standard deviation{cloud}",
+        stacklevel=2,
+    )
+
+
 def _shrinkage(value: Any) -> Optional[float]:
     """``MODEL.HEADS.FEATURE_CLOUD.PROTOTYPE_SHRINKAGE``: a negative value means none (the weights)."""
     return None if value is None or float(value) < 0 else float(value)
@@ -522,16 +573,17 @@ _YAML_KEYS = {
     "margin": "MODEL.HEADS.MARGIN",
     "num_classes": "MODEL.HEADS.NUM_CLASSES",
     "embedding_size": "MODEL.HEADS.EMBEDDING_DIM (or MODEL.BACKBONE.FEAT_DIM)",
+    "pool_type": "MODEL.HEADS.POOL_LAYER",
+    "neck_feat": "MODEL.HEADS.NECK_FEAT",
 }
-#: a quoted value (kept as it is: ``'margin'`` is a MODE value, not the argument) or an argument name
-_YAML_PATTERN = re.compile(r"""('[^']*'|"[^"]*")|\b(""" + "|".join(_YAML_KEYS) + r")\b")
 
 
 @contextlib.contextmanager
-def _yaml_warnings(keys: Optional[Dict[str, str]] = None) -> Iterator[None]:
+def _yaml_warnings(keys: Optional[Dict[str, str]] = None, stacklevel: int = 4) -> Iterator[None]:
     """The head's warnings while it is built from the config, with its argument names replaced
     by the YAML keys (as :func:`_yaml_error` does for errors), also in fastreid's log (its
-    ``log.txt``). ``keys``: argument name -> YAML key (default: LEAPHead's, :data:`_YAML_KEYS`)."""
+    ``log.txt``). ``keys``: argument name -> YAML key (default: LEAPHead's, :data:`_YAML_KEYS`);
+    ``stacklevel``: of the re-emitted warnings, counted from this generator."""
     pattern = _WARNING_PATTERN if keys is None else _warning_pattern(keys)
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -541,16 +593,24 @@ def _yaml_warnings(keys: Optional[Dict[str, str]] = None) -> Iterator[None]:
         for w in caught:
             text = _to_yaml_keys(str(w.message), pattern, keys)
             logger.warning(text)
-            warnings.warn(text, w.category, stacklevel=4)
+            warnings.warn(text, w.category, stacklevel=stacklevel)
 
 
 def _warning_pattern(keys: Dict[str, str]) -> re.Pattern:
-    """In a warning's prose ("the feature cloud counts ..."), a name without an underscore is an
-    argument only as ``name=value``; quoted values (group 1) are kept."""
+    """The argument names of a message (error or warning). In its prose ("the feature cloud
+    needs ..."), a name without an underscore is an argument only as ``name=value`` or as the
+    message's first word ("gamma must be ..."); quoted values (group 1: the user's value, the
+    allowed choices; ``'margin'`` is a MODE value as well as an argument) are kept."""
     with_underscore = "|".join(k for k in keys if "_" in k) or "(?!)"
     plain = "|".join(k for k in keys if "_" not in k) or "(?!)"
     return re.compile(
-        r"""('[^']*'|"[^"]*")|\b(""" + with_underscore + r")\b|\b(" + plain + r")(?==)"
+        r"""('[^']*'|"[^"]*")|\b("""
+        + with_underscore
+        + r")\b|\b("
+        + plain
+        + r")(?==)|^("
+        + plain
+        + r")\b"
     )
 
 
@@ -567,7 +627,7 @@ def _to_yaml_keys(text: str, pattern: re.Pattern, keys: Optional[Dict[str, str]]
 
 def _yaml_error(error: Exception) -> Exception:
     """The same exception with the head's argument names replaced by the YAML keys."""
-    return type(error)(_to_yaml_keys(str(error), _YAML_PATTERN))
+    return type(error)(_to_yaml_keys(str(error), _WARNING_PATTERN))
 
 
 # ------------------------------------------------------------------ checkpoints and the trainer
@@ -976,6 +1036,7 @@ _PICKLE_PREDATES: Dict[str, Any] = {
     "_counts_from_checkpoint": True,
     "_batch_checked": False,  # the head checks its batch itself
     "configured_seed": None,  # not known: a fine-tune's log names no YAML seed
+    "_config_keys": True,  # messages named the YAML keys
 }
 
 
@@ -997,6 +1058,11 @@ class LEAPHead(nn.Module):
     YAMLs: fastreid's trainer fills ``NUM_CLASSES`` from the training set) the head has no
     classifier and serves inference only. Under an initialised process group the class
     statistics are synchronised across ranks (the head's ``sync="auto"``).
+
+    Built from Python (without a config), the keywords are :class:`LEAPMarginHead`'s with its
+    values (``None``, not the YAML's ``-1``; ``margin_type`` also in fastreid's spelling,
+    ``CosSoftmax``) and messages name them; built from the config (:meth:`from_config`) they
+    name the YAML keys.
     """
 
     @configurable
@@ -1031,76 +1097,84 @@ class LEAPHead(nn.Module):
         center_rate: str = DEFAULT_CENTER_RATE,
         unknown_variance: str = DEFAULT_UNKNOWN_VARIANCE,
         angle_max_age: Optional[int] = None,
+        _from_config: bool = False,
     ) -> None:
         super().__init__()
-        if not hasattr(pooling, pool_type):
-            raise ValueError(
-                f"unknown MODEL.HEADS.POOL_LAYER {pool_type!r}; expected one of {pooling.__all__}"
-            )
-        if neck_feat not in ("before", "after"):
-            raise ValueError(
-                f"MODEL.HEADS.NECK_FEAT must be 'before' or 'after', got {neck_feat!r}"
-            )
-        if isinstance(class_counts, str) and class_counts not in ("dataset", "online"):
-            raise ValueError(
-                f"MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS must be 'dataset' or 'online', got {class_counts!r}"
-            )
-        if int(num_classes) < 0:
-            raise ValueError(f"MODEL.HEADS.NUM_CLASSES must be >= 0, got {num_classes}")
-        self.pool_layer = getattr(pooling, pool_type)()
-        self.neck_feat = neck_feat
-        neck: List[nn.Module] = []
-        if embedding_dim > 0:
-            neck.append(nn.Conv2d(feat_dim, embedding_dim, 1, 1, bias=False))
-            feat_dim = embedding_dim
-        if with_bnneck:
-            neck.append(get_norm(norm_type, feat_dim, bias_freeze=True))
-        self.bottleneck = nn.Sequential(*neck)
-        self.bottleneck.apply(weights_init_kaiming)
+        #: messages name the YAML keys (built by :meth:`from_config`) or the Python arguments
+        self._config_keys = bool(_from_config)
+        with self._naming():  # every message below names the Python arguments
+            if not hasattr(pooling, pool_type):
+                raise ValueError(
+                    f"unknown pool_type {pool_type!r}; expected one of {pooling.__all__}"
+                )
+            if neck_feat not in ("before", "after"):
+                raise ValueError(f"neck_feat must be 'before' or 'after', got {neck_feat!r}")
+            if isinstance(class_counts, str) and class_counts not in ("dataset", "online"):
+                raise ValueError(
+                    "class_counts must be 'dataset', 'online' or the per-class counts, got "
+                    f"{class_counts!r}"
+                )
+            if int(num_classes) < 0:
+                raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+            margin_type = margin_for_cls_layer(margin_type, key=self._key("margin_type"))
+            online = class_counts is None or class_counts == "online"
+            if cloud is not None and online and int(warmup_steps) <= 0:
+                raise ValueError(
+                    f"{self._setting('class_counts', 'online')} counts K_i during "
+                    f"{self._key('warmup_steps')}, which is {warmup_steps}: set it to at least "
+                    f"one epoch of iterations, or use {self._setting('class_counts', 'dataset')}"
+                )
+            self.pool_layer = getattr(pooling, pool_type)()
+            self.neck_feat = neck_feat
+            neck: List[nn.Module] = []
+            if embedding_dim > 0:
+                neck.append(nn.Conv2d(feat_dim, embedding_dim, 1, 1, bias=False))
+                feat_dim = embedding_dim
+            if with_bnneck:
+                neck.append(get_norm(norm_type, feat_dim, bias_freeze=True))
+            self.bottleneck = nn.Sequential(*neck)
+            self.bottleneck.apply(weights_init_kaiming)
 
-        #: where ``K_i`` come from: "dataset" (set_class_counts / a checkpoint), "online" or "given"
-        self.class_counts_source = class_counts if isinstance(class_counts, str) else "given"
-        if class_counts is None:
-            self.class_counts_source = "online"
-        self._counts_pending = cloud is not None and self.class_counts_source == "dataset"
-        self._counts_from_checkpoint = False  # K_i came with a loaded state dict
-        self.margin_head: Optional[LEAPMarginHead] = None
-        if int(num_classes) > 0:
-            if self._counts_pending:
-                counts: Any = torch.zeros(int(num_classes), dtype=torch.long)  # placeholder layout
-            else:
-                counts = None if isinstance(class_counts, str) else class_counts
-            try:
-                with _yaml_warnings():
-                    self.margin_head = LEAPMarginHead(
-                        feat_dim,
-                        int(num_classes),
-                        margin_type=margin_type,
-                        scale=scale,
-                        margin=margin,
-                        cloud=cloud,
-                        tail_threshold=tail_threshold,
-                        gamma=gamma,
-                        memory_per_sample=memory_per_sample,
-                        warmup_steps=warmup_steps,
-                        class_counts=counts,
-                        seed=seed,
-                        validate=validate,
-                        count_steps=count_steps if self.class_counts_source == "online" else None,
-                        cloud_mode=cloud_mode,
-                        cloud_scale=cloud_scale,
-                        prototype_shrinkage=prototype_shrinkage,
-                        prototype_min_count=prototype_min_count,
-                        imprint_step=imprint_step,
-                        center_rate=center_rate,
-                        unknown_variance=unknown_variance,
-                        angle_max_age=angle_max_age,
-                        # statistics identical on every rank under a process group (sync="auto", the
-                        # head's default); the per-rank batch size spares a host sync per step
-                        pad_to=batch_size_per_rank,
-                    )
-            except (TypeError, ValueError) as error:
-                raise _yaml_error(error) from error
+            #: where ``K_i`` come from: "dataset" (set_class_counts / a checkpoint), "online" or
+            #: "given"
+            self.class_counts_source = class_counts if isinstance(class_counts, str) else "given"
+            if class_counts is None:
+                self.class_counts_source = "online"
+            self._counts_pending = cloud is not None and self.class_counts_source == "dataset"
+            self._counts_from_checkpoint = False  # K_i came with a loaded state dict
+            self.margin_head: Optional[LEAPMarginHead] = None
+            if int(num_classes) > 0:
+                if self._counts_pending:
+                    counts: Any = torch.zeros(int(num_classes), dtype=torch.long)  # placeholder
+                else:
+                    counts = None if isinstance(class_counts, str) else class_counts
+                self.margin_head = LEAPMarginHead(
+                    feat_dim,
+                    int(num_classes),
+                    margin_type=margin_type,
+                    scale=scale,
+                    margin=margin,
+                    cloud=cloud,
+                    tail_threshold=tail_threshold,
+                    gamma=gamma,
+                    memory_per_sample=memory_per_sample,
+                    warmup_steps=warmup_steps,
+                    class_counts=counts,
+                    seed=seed,
+                    validate=validate,
+                    count_steps=count_steps if self.class_counts_source == "online" else None,
+                    cloud_mode=cloud_mode,
+                    cloud_scale=cloud_scale,
+                    prototype_shrinkage=prototype_shrinkage,
+                    prototype_min_count=prototype_min_count,
+                    imprint_step=imprint_step,
+                    center_rate=center_rate,
+                    unknown_variance=unknown_variance,
+                    angle_max_age=angle_max_age,
+                    # statistics identical on every rank under a process group (sync="auto",
+                    # the head's default); the per-rank batch size spares a host sync per step
+                    pad_to=batch_size_per_rank,
+                )
         #: ``MODEL.HEADS.FEATURE_CLOUD.SEED`` (``None``: -1, from the global RNG); a checkpoint's
         #: cloud keeps its own seed (named in the log when this differs)
         self.configured_seed = seed
@@ -1109,6 +1183,31 @@ class LEAPHead(nn.Module):
         #: head (fused kernels); ``None``: return margin logits for fastreid's own loss
         self.fused_ce_epsilon: Optional[float] = None
         self._batch_checked = False  # LEAPBaseline checked the step's batch before the backbone
+
+    def _key(self, argument: str) -> str:
+        """How this head's messages name a setting: its YAML key when :meth:`from_config` built
+        it, else the Python argument."""
+        return _YAML_KEYS[argument] if self._config_keys else argument
+
+    def _setting(self, argument: str, value: Any) -> str:
+        """A setting with its value, as the caller writes it (``CLASS_COUNTS: online`` in the
+        YAML, ``class_counts='online'`` in Python)."""
+        return f"{self._key(argument)}: {value}" if self._config_keys else f"{argument}={value!r}"
+
+    @contextlib.contextmanager
+    def _naming(self) -> Iterator[None]:
+        """The one place where the head's messages get the caller's names: built from the config,
+        the errors and warnings inside (the core head's and the head's own, written with the
+        Python arguments) name the YAML keys (:func:`_yaml_error`, :func:`_yaml_warnings`: also
+        in fastreid's log); built from Python they pass as they are."""
+        if not self._config_keys:
+            yield
+            return
+        try:
+            with _yaml_warnings(stacklevel=6):  # fastreid's configurable, as before
+                yield
+        except (TypeError, ValueError) as error:
+            raise _yaml_error(error) from error
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """Whole-module pickles of earlier releases lack what :data:`_PICKLE_PREDATES` fills."""
@@ -1123,8 +1222,9 @@ class LEAPHead(nn.Module):
                 "feature_cloud.integrations.fastreid.add_feature_cloud_config(cfg) before "
                 "cfg.merge_from_file(...)"
             )
+        with _yaml_warnings():  # in fastreid's log.txt too
+            _warn_fastreid_margin_defaults(cfg)
         fc = heads.FEATURE_CLOUD
-        margin_type = margin_for_cls_layer(heads.CLS_LAYER)
         clouds: Dict[str, Optional[str]] = {**{r: r for r in CLOUD_RULES}, "none": None}
         if str(fc.CLOUD).lower() not in clouds:
             raise ValueError(
@@ -1135,12 +1235,6 @@ class LEAPHead(nn.Module):
         if mode not in ("dataset", "online"):
             raise ValueError(
                 f"MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS must be 'dataset' or 'online', got {fc.CLASS_COUNTS!r}"
-            )
-        if cloud is not None and mode == "online" and int(fc.WARMUP_ITERS) <= 0:
-            raise ValueError(
-                "MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS: online counts K_i during "
-                f"MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS, which is {fc.WARMUP_ITERS}: set WARMUP_ITERS "
-                "to at least one epoch of iterations, or use CLASS_COUNTS: dataset"
             )
         if int(fc.COUNT_ITERS) < -1:
             raise ValueError(
@@ -1161,7 +1255,7 @@ class LEAPHead(nn.Module):
             "num_classes": heads.NUM_CLASSES,
             "neck_feat": heads.NECK_FEAT,
             "pool_type": heads.POOL_LAYER,
-            "margin_type": margin_type,
+            "margin_type": heads.CLS_LAYER,
             "scale": float(heads.SCALE),
             "margin": float(heads.MARGIN),
             "with_bnneck": heads.WITH_BNNECK,
@@ -1186,6 +1280,7 @@ class LEAPHead(nn.Module):
             "center_rate": str(fc.get("CENTER_RATE", DEFAULT_CENTER_RATE)).lower(),
             "unknown_variance": str(fc.get("UNKNOWN_VARIANCE", DEFAULT_UNKNOWN_VARIANCE)).lower(),
             "angle_max_age": _max_age(fc.get("ANGLE_MAX_AGE", -1)),
+            "_from_config": True,  # messages name the YAML keys
         }
 
     @property
@@ -1195,14 +1290,16 @@ class LEAPHead(nn.Module):
         ``torch.jit.trace`` see no attribute)."""
         if self.margin_head is None:
             raise AttributeError(
-                "statistics: LEAPHead was built with MODEL.HEADS.NUM_CLASSES: 0 (inference only)"
+                f"statistics: LEAPHead was built with {self._setting('num_classes', 0)} "
+                "(inference only)"
             )
         return self.margin_head.statistics
 
     def __getattr__(self, name: str) -> Any:
         if name == "statistics":  # the property raised: say why (nn.Module's message would not)
             raise AttributeError(
-                "statistics: LEAPHead was built with MODEL.HEADS.NUM_CLASSES: 0 (inference only): "
+                f"statistics: LEAPHead was built with {self._setting('num_classes', 0)} "
+                "(inference only): "
                 "it has no classifier and no cloud statistics"
             )
         return super().__getattr__(name)
@@ -1249,17 +1346,23 @@ class LEAPHead(nn.Module):
         """Raise unless the training set's ``identities`` are this head's classes."""
         head = self._margin_head()
         if identities != head.num_classes:
+            hint = " (leave it 0: fastreid's trainer sets it from the data)"
             raise ValueError(
-                f"the training set has {identities} identities but MODEL.HEADS.NUM_CLASSES is "
-                f"{head.num_classes} (leave it 0: fastreid's trainer sets it from the data)"
+                f"the training set has {identities} identities but {self._key('num_classes')} is "
+                f"{head.num_classes}{hint if self._config_keys else ''}"
             )
 
     def _margin_head(self) -> LEAPMarginHead:
         if self.margin_head is None:
+            how = (
+                "fastreid's DefaultTrainer sets NUM_CLASSES from the training set; set it in the "
+                "config"
+                if self._config_keys
+                else "build it with the number of classes"
+            )
             raise RuntimeError(
-                "LEAPHead was built with MODEL.HEADS.NUM_CLASSES: 0 (inference only). fastreid's "
-                "DefaultTrainer sets NUM_CLASSES from the training set; set it in the config to train "
-                "or to use the classifier"
+                f"LEAPHead was built with {self._setting('num_classes', 0)} (inference only). "
+                f"{how} to train or to use the classifier"
             )
         return self.margin_head
 
@@ -1270,11 +1373,12 @@ class LEAPHead(nn.Module):
         head = self._margin_head()
         if self._counts_pending:
             raise RuntimeError(
-                "MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS: dataset, but the class counts are not set yet: "
-                "fastreid's DefaultTrainer sets them from its training set when training starts "
-                "(FeatureCloudHook); in another training loop call "
-                "head.set_class_counts(class_counts_from_dataset(train_set)) first, load a checkpoint, "
-                "or use CLASS_COUNTS: online with WARMUP_ITERS covering an epoch"
+                f"{self._setting('class_counts', 'dataset')}, but the class counts are not set "
+                "yet: fastreid's DefaultTrainer sets them from its training set when training "
+                "starts (FeatureCloudHook); in another training loop call "
+                "head.set_class_counts(class_counts_from_dataset(train_set)) first, load a "
+                f"checkpoint, or use {self._setting('class_counts', 'online')} with "
+                f"{self._key('warmup_steps')} covering an epoch"
             )
         check_inputs(features, targets, head.num_classes, head.validate, "targets")
 

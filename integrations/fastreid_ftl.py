@@ -56,7 +56,9 @@ from feature_cloud.integrations.fastreid import (  # noqa: F401
     CLS_LAYER_TO_MARGIN,
     _add_missing_node,
     _register_once,
+    _warn_fastreid_margin_defaults,
     _yaml_warnings,
+    add_feature_cloud_config,
     class_counts_from_dataset,
     config_path,
     margin_for_cls_layer,
@@ -163,13 +165,15 @@ _FTL_HEADS_KEYS = ("NUM_CLASSES", "EMBEDDING_DIM", "POOL_LAYER", "CLS_LAYER")
 
 def _unused_fastreid_keys(cfg: CfgNode) -> List[str]:
     """``KEY: value`` of the ``MODEL.HEADS`` / ``MODEL.LOSSES`` keys that differ from fastreid's
-    defaults (``get_cfg()``) and that FTLBaseline does not read: fastreid's head and losses
-    (``NAME``, ``NECK_FEAT``, ``WITH_BNNECK``, ``NORM``, every ``LOSSES`` key; ``SCALE`` and
-    ``MARGIN`` with ``CLS_LAYER: Linear``). FTL's loss is Eq. 4 (``MODEL.FTL.ALPHA_*``)."""
+    defaults (``get_cfg()``, with :func:`add_feature_cloud_config`'s node) and that FTLBaseline
+    does not read: fastreid's head and losses (``NAME``, ``NECK_FEAT``, ``WITH_BNNECK``, ``NORM``,
+    every ``LOSSES`` key; ``SCALE`` and ``MARGIN`` with ``CLS_LAYER: Linear``) and LEAPHead's
+    ``FEATURE_CLOUD`` node (FTL's ``FC`` has no cloud). FTL's loss is Eq. 4
+    (``MODEL.FTL.ALPHA_*``)."""
     used = set(_FTL_HEADS_KEYS)
     if cfg.MODEL.HEADS.CLS_LAYER != "Linear":
         used |= {"SCALE", "MARGIN"}
-    defaults = get_cfg().MODEL
+    defaults = add_feature_cloud_config(get_cfg()).MODEL
 
     def norm(value: Any) -> Any:
         return list(value) if isinstance(value, (list, tuple)) else value
@@ -184,7 +188,7 @@ def _unused_fastreid_keys(cfg: CfgNode) -> List[str]:
                 yield f"{path}.{key}: {node[key]!r}"
 
     return [
-        *walk(cfg.MODEL.HEADS, defaults.HEADS, "MODEL.HEADS", [*used, "FEATURE_CLOUD"]),
+        *walk(cfg.MODEL.HEADS, defaults.HEADS, "MODEL.HEADS", list(used)),
         *walk(cfg.MODEL.LOSSES, defaults.LOSSES, "MODEL.LOSSES", ()),
     ]
 
@@ -254,13 +258,21 @@ class FTLBaseline(nn.Module):
         with _yaml_warnings(_FTL_YAML_KEYS):  # fastreid's log names the YAML keys
             unused = _unused_fastreid_keys(cfg)
             if unused:
+                cloud = any(k.startswith("MODEL.HEADS.FEATURE_CLOUD.") for k in unused)
                 warnings.warn(
                     "FTLBaseline does not use these fastreid keys, set to other than fastreid's "
                     f"defaults: {', '.join(unused)}. FTL's loss is Eq. 4 (MODEL.FTL.ALPHA_SFMX, "
                     "ALPHA_RECON, ALPHA_REG), its head R and FC (MODEL.HEADS.EMBEDDING_DIM, "
-                    "CLS_LAYER; SCALE and MARGIN with CosSoftmax / ArcSoftmax)",
+                    "CLS_LAYER; SCALE and MARGIN with CosSoftmax / ArcSoftmax)"
+                    + (
+                        "; its FC has no feature cloud (MODEL.HEADS.FEATURE_CLOUD is LEAPHead's; "
+                        "FTL with a LEAP FC: timm's FTLTask, or the core FTLModel)"
+                        if cloud
+                        else ""
+                    ),
                     stacklevel=2,  # re-emitted by _yaml_warnings
                 )
+            _warn_fastreid_margin_defaults(cfg, "FTLBaseline")  # a margin FC at SCALE 1
             return cls._build(cfg, ftl_cfg, num_classes, inference_only)
 
     @classmethod

@@ -154,7 +154,16 @@ def create_backbone_and_head(
     ``class_counts``, ``warmup_steps``, ...).
     """
     backbone = _headless_backbone(model_name, pretrained, model_kwargs)
-    head = LEAPMarginHead(int(backbone.num_features), int(num_classes), **head_kwargs)
+    features = int(backbone.num_features)
+    size = head_kwargs.pop("embedding_size", None)
+    if size is not None and size != features:
+        raise ValueError(
+            f"embedding_size={size!r}: the head's embedding size is {model_name}'s "
+            f"num_features={features} (the backbone's pooled embedding; leave embedding_size "
+            "out). For embeddings of another size, give the timm model a projection of that "
+            "size (model_kwargs) or use FTLTask / create_ftl_model, whose embedding_size is R's"
+        )
+    head = LEAPMarginHead(features, int(num_classes), **head_kwargs)
     return backbone, head
 
 
@@ -764,11 +773,15 @@ def create_ftl_model(
     default 0.25); ``Dec`` is a :class:`~feature_cloud.ftl.ConvDecoder` to ``decoder_shape``
     (``(C, H, W)`` of the input; ``None``: no reconstruction, ``alpha_recon`` default 0, else 1).
     ``transfer_kwargs`` go to :class:`FeatureTransfer` (``energy``, ``num_components``,
-    ``tail_threshold``, ``class_counts``, ...). ``head_weight_decay=False``: ``FC``'s weight in
-    ``no_weight_decay()`` (:class:`TimmFTLModel`).
+    ``tail_threshold``, ``class_counts``, ...). ``class_counts`` and ``tail_threshold`` (the
+    training set's images per class, the long-tail bound) given once, with the head's keywords
+    or in ``transfer_kwargs``, reach both the LEAP head and ``FeatureTransfer`` (with
+    ``classifier="linear"``, ``FeatureTransfer``). ``head_weight_decay=False``: ``FC``'s weight
+    in ``no_weight_decay()`` (:class:`TimmFTLModel`).
     """
     if classifier not in ("leap", "linear"):
         raise ValueError(f"classifier must be 'leap' or 'linear', got {classifier!r}")
+    transfer_kwargs = _share_training_set(classifier, head_kwargs, transfer_kwargs)
     if classifier == "linear" and head_kwargs:
         raise TypeError(
             f"classifier='linear' takes no LEAPMarginHead arguments, got {sorted(head_kwargs)}"
@@ -782,7 +795,13 @@ def create_ftl_model(
             f"{model_name}'s num_features={feat} (leave embedding_size=None, or use filter='mlp')"
         )
     if classifier == "leap":
-        fc: nn.Module = LEAPMarginHead(emb, int(num_classes), **head_kwargs)
+        try:
+            fc: nn.Module = LEAPMarginHead(emb, int(num_classes), **head_kwargs)
+        except (TypeError, ValueError) as error:  # say which part of FTL refused
+            raise type(error)(
+                "FTL's FC (classifier='leap': a LEAPMarginHead, with the feature cloud unless "
+                f"cloud=None): {error}"
+            ) from error
     else:
         fc = nn.Linear(emb, int(num_classes), bias=False)
     decoder = (
@@ -808,10 +827,47 @@ def create_ftl_model(
         alpha_sfmx=alpha_sfmx,
         alpha_recon=alpha_recon,
         alpha_reg=alpha_reg,
-        transfer=FeatureTransfer(feat, int(num_classes), **(transfer_kwargs or {})),
+        transfer=FeatureTransfer(feat, int(num_classes), **transfer_kwargs),
     )
     model.head_weight_decay = as_bool(head_weight_decay, "head_weight_decay")
     return model
+
+
+#: settings of the training set that FTL's FC (a LEAP head: its cloud) and FeatureTransfer (the
+#: long-tail split) both read: given once, to either, they reach both
+_TRAINING_SET_KWARGS = ("class_counts", "tail_threshold")
+
+
+def _share_training_set(
+    classifier: str, head_kwargs: Dict[str, Any], transfer_kwargs: Optional[Dict[str, Any]]
+) -> Dict[str, Any]:
+    """:data:`_TRAINING_SET_KWARGS` given to one of the LEAP head (``head_kwargs``, changed in
+    place; a linear FC takes none) and ``FeatureTransfer`` (returned: a copy of
+    ``transfer_kwargs``) also go to the other; ``None`` is not given. Counts given to both must
+    be the same (they are the training set's ``K_i``); a ``tail_threshold`` given to both may
+    differ (the cloud's ``T`` and FTL's split, each set on purpose)."""
+    transfer = dict(transfer_kwargs or {})
+    for name in _TRAINING_SET_KWARGS:
+        head_value, transfer_value = head_kwargs.pop(name, None), transfer.get(name)
+        if head_value is not None and transfer_value is not None:
+            if name == "class_counts" and not _same_counts(head_value, transfer_value):
+                raise ValueError(
+                    "class_counts (the FC head's) and transfer_kwargs['class_counts'] differ: both "
+                    "are the training set's images per class; give them once (they reach both)"
+                )
+        elif head_value is not None or transfer_value is not None:
+            transfer[name] = transfer_value if transfer_value is not None else head_value
+        value = head_value if head_value is not None else transfer.get(name)
+        if classifier == "leap" and value is not None:
+            head_kwargs[name] = value
+    return transfer
+
+
+def _same_counts(a: Any, b: Any) -> bool:
+    try:
+        return torch.equal(torch.as_tensor(a).long().cpu(), torch.as_tensor(b).long().cpu())
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 class TimmFTLModel(_BackboneOptimizerHooks, FTLModel):

@@ -935,11 +935,144 @@ def test_yaml_error_messages_keep_the_allowed_values():
     message = str(info.value)
     assert "'none'" in message and "None" not in message and "'fulll'" in message, message
     assert "'full'" in message and "'vanilla'" in message
-    # an argument name outside quotes still becomes its key
-    error = fr._yaml_error(ValueError("gamma must be in (0, 1], got 'gamma' for margin"))
+    # an argument name outside quotes still becomes its key; a name without an underscore only
+    # as the first word or as name=value: in prose it is a word ("the cloud needs K_i" became
+    # "the MODEL.HEADS.FEATURE_CLOUD.CLOUD needs K_i")
+    error = fr._yaml_error(ValueError("gamma must be in (0, 1], got 'gamma' for margin=0.5"))
     assert str(error) == (
-        "MODEL.HEADS.FEATURE_CLOUD.GAMMA must be in (0, 1], got 'gamma' for MODEL.HEADS.MARGIN"
+        "MODEL.HEADS.FEATURE_CLOUD.GAMMA must be in (0, 1], got 'gamma' for MODEL.HEADS.MARGIN=0.5"
     )
+    prose = "class_counts is required when warmup_steps == 0: the cloud needs K_i"
+    assert str(fr._yaml_error(ValueError(prose))) == (
+        "MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS is required when "
+        "MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS == 0: the cloud needs K_i"
+    )
+
+
+def _warned_build(cfg):
+    """``build_heads(cfg)``: its warnings' texts, checked to be in fastreid's log as well."""
+    import logging
+    import warnings
+
+    records = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = _Keep(logging.WARNING)
+    fr.logger.addHandler(handler)  # fastreid's setup_logger stops propagation
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build_heads(cfg)
+    finally:
+        fr.logger.removeHandler(handler)
+    texts = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert sorted(texts) == sorted(records)
+    return texts
+
+
+def test_fastreids_default_scale_under_a_margin_cls_layer_is_warned_naming_the_keys():
+    """Swapping only NAME and CLS_LAYER leaves fastreid's SCALE 1 / MARGIN 0 (made for its Linear
+    layer): a cosine head at s = 1 cannot train, which the build said nowhere. The warning names
+    the keys, the shipped values and the trap of FEATURE_CLOUD.SCALE (the cloud's factor)."""
+
+    def cfg(*opts):
+        c = get_cfg()
+        fr.add_feature_cloud_config(c)
+        c.merge_from_list(
+            ["MODEL.BACKBONE.FEAT_DIM", "8", "MODEL.HEADS.NUM_CLASSES", "751"]
+            + ["MODEL.HEADS.NAME", "LEAPHead", "MODEL.HEADS.CLS_LAYER", "CosSoftmax", *opts]
+        )
+        return c
+
+    (text,) = [t for t in _warned_build(cfg()) if "SCALE" in t]
+    for part in (
+        "MODEL.HEADS.SCALE is 1 and MODEL.HEADS.MARGIN 0.0, fastreid's defaults",
+        "cannot train",
+        "above 4.63 nats",  # log(1 + 750 e^-2)
+        "SCALE: 24, MARGIN: 0.2",
+        "MODEL.HEADS.FEATURE_CLOUD.SCALE is another setting",
+    ):
+        assert part in text, text
+    (text,) = _warned_build(cfg("MODEL.HEADS.FEATURE_CLOUD.SCALE", "32.0"))
+    assert "yours is 32.0: meant for MODEL.HEADS.SCALE?" in text
+    arc = _warned_build(cfg("MODEL.HEADS.CLS_LAYER", "ArcSoftmax", "MODEL.HEADS.MARGIN", "0.3"))
+    assert len(arc) == 1 and "MODEL.HEADS.SCALE is 1, fastreid's default" in arc[0]
+    assert "SCALE: 16, MARGIN: 0.2" in arc[0]  # ArcFace's defaults
+    assert _warned_build(cfg("MODEL.HEADS.SCALE", "24")) == []  # MARGIN 0: a plain cosine head
+    assert _warned_build(_head_cfg(FC__WARMUP_ITERS=4, FC__COUNT_ITERS=4)) == []  # shipped YAML
+    shipped = get_cfg()
+    fr.add_feature_cloud_config(shipped)
+    shipped.merge_from_file(fr.config_path("Base-LEAP.yml"))
+    heads = shipped.MODEL.HEADS  # the values the warning quotes
+    assert (heads.CLS_LAYER, heads.SCALE, heads.MARGIN) == ("CosSoftmax", 24, 0.2)
+
+
+def _python_head(**kw):
+    """``LEAPHead`` called from Python (no config), with the shipped CosFace settings."""
+    args = dict(
+        feat_dim=8,
+        embedding_dim=0,
+        num_classes=4,
+        neck_feat="before",
+        pool_type="GlobalAvgPool",
+        margin_type="cosface",
+        scale=24.0,
+        margin=0.2,
+        with_bnneck=False,
+        norm_type="BN",
+        class_counts=[5, 5, 30, 30],
+    )
+    return fr.LEAPHead(**{**args, **kw})
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        (dict(prototype_shrinkage=-1.0), "prototype_shrinkage"),  # YAML -1: the weights
+        (dict(imprint_step=-1), "imprint_step"),  # YAML -1: never
+        (dict(cloud_mode="logits"), "cloud_mode"),
+        (dict(margin_type="CircleSoftmax"), "margin_type"),
+        (dict(neck_feat="middle"), "neck_feat"),
+        (dict(pool_type="NoPool"), "pool_type"),
+        (dict(class_counts="guess"), "class_counts"),
+        (dict(class_counts="online"), "class_counts='online'"),  # without a warm-up
+    ],
+)
+def test_a_head_built_from_python_names_its_arguments(kw, name):
+    """Built from Python, ``LEAPHead``'s messages name its arguments, not the YAML keys whose
+    rules differ (YAML ``-1`` sentinels, ``CLS_LAYER``), and are not garbled (the online-counts
+    message said "the MODEL.HEADS.FEATURE_CLOUD.CLOUD needs K_i")."""
+    with pytest.raises(ValueError) as info:
+        _python_head(**kw)
+    message = str(info.value)
+    assert name in message and "MODEL." not in message, message
+    assert "FEATURE_CLOUD" not in message and "CLS_LAYER" not in message, message
+
+
+def test_a_head_built_from_python_takes_fastreids_margin_names_and_says_how_to_set_counts():
+    assert _python_head(margin_type="CosSoftmax").margin_head.margin_type == "cosface"
+    assert _python_head(margin_type="ArcSoftmax", scale=16.0).margin_head.margin_type == "arcface"
+    head = _python_head(class_counts="dataset").train()  # counts from set_class_counts
+    with pytest.raises(RuntimeError, match="class_counts='dataset'") as info:
+        head(torch.randn(4, 8, 1, 1), torch.tensor([0, 1, 2, 3]))
+    assert "MODEL." not in str(info.value)
+    with pytest.raises(ValueError, match="num_classes is 4") as info:
+        head.check_class_count(5)
+    assert "MODEL." not in str(info.value)
+    with pytest.raises(RuntimeError, match="num_classes=0") as info:
+        _python_head(num_classes=0).set_class_counts([5, 5])
+    assert "MODEL." not in str(info.value)
+    # the same mistakes from the YAML name its keys
+    with pytest.raises(ValueError, match="CLASS_COUNTS: online") as info:
+        build_heads(_head_cfg(FC__WARMUP_ITERS=0))
+    assert "class_counts" not in str(info.value) and "warmup_steps" not in str(info.value)
+    with pytest.raises(ValueError, match="MODEL.HEADS.NECK_FEAT"):
+        build_heads(_head_cfg(NECK_FEAT="middle"))
+    with pytest.raises(ValueError, match="MODEL.HEADS.POOL_LAYER"):
+        build_heads(_head_cfg(POOL_LAYER="NoPool"))
 
 
 @pytest.mark.parametrize("arch", ["Baseline", "LEAPBaseline"])

@@ -632,12 +632,28 @@ def test_unused_fastreid_keys_and_the_ml2_warning_name_yaml_keys_in_fastreid_log
     ):
         assert key in text
     assert "POOL_LAYER:" not in text and "EMBEDDING_DIM:" not in text
+    # LEAPHead's cloud node: FTL's FC has none, so a set key is named, not silently dropped
+    (text,) = warned(
+        *("MODEL.HEADS.FEATURE_CLOUD.CLOUD", "vanilla", "MODEL.HEADS.FEATURE_CLOUD.MODE"),
+        *("paper", "MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS", "100"),
+    )
+    for key in ("CLOUD: 'vanilla'", "MODE: 'paper'", "WARMUP_ITERS: 100"):
+        assert "MODEL.HEADS.FEATURE_CLOUD." + key in text, text
+    assert "its FC has no feature cloud" in text
     margin = warned(
         *("MODEL.HEADS.CLS_LAYER", "CosSoftmax", "MODEL.HEADS.SCALE", "24"),
         *("MODEL.HEADS.MARGIN", "0.3"),
     )
     assert len(margin) == 1 and "MODEL.FTL.ALPHA_REG=0" in margin[0]
     assert "alpha_reg" not in margin[0]  # SCALE / MARGIN are used: not listed
+    # a margin FC at fastreid's SCALE 1 (for its Linear layer) cannot train: named
+    (scale,) = [
+        t
+        for t in warned("MODEL.HEADS.CLS_LAYER", "CosSoftmax", "MODEL.FTL.ALPHA_REG", "0.0")
+        if "SCALE" in t
+    ]
+    assert scale.startswith("FTLBaseline: MODEL.HEADS.SCALE is 1 and MODEL.HEADS.MARGIN 0.0")
+    assert "cannot train" in scale and "SCALE: 24, MARGIN: 0.2" in scale
     # a build that then fails still says which keys it did not use (they may be why)
     with warnings_recorded() as caught, pytest.raises(ValueError, match="CircleSoftmax"):
         build_model(

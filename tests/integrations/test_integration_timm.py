@@ -438,12 +438,61 @@ def test_ftl_task_refuses_a_split_without_long_tail_classes():
     the first UpdateStats pass, before any statistics change (every class above T here)."""
     with pytest.raises(ValueError, match="no long-tail class"):
         _ftl_task(transfer_kwargs=dict(tail_threshold=5, class_counts=COUNTS))
-    task = _ftl_task(transfer_kwargs=dict(tail_threshold=5))
+    with pytest.raises(ValueError, match="no long-tail class"):  # the counts given to FC only
+        _ftl_task(transfer_kwargs=dict(tail_threshold=5))
+    task = _ftl_task(transfer_kwargs=dict(tail_threshold=5), class_counts=None, cloud=None)
     before = {k: v.clone() for k, v in task.model.feature_transfer.state_dict().items()}
     with pytest.raises(ValueError, match="no long-tail class"):
         task.update_stats(_data()[1])
     after = task.model.feature_transfer.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ftl_counts_and_tail_threshold_given_once_reach_the_fc_head_and_feature_transfer():
+    """``class_counts`` given with the head's keywords reached only FC (FeatureTransfer's stayed
+    0: a split without long-tail classes passed the build); given in ``transfer_kwargs`` only (as
+    the README said) FC's cloud failed with "class_counts is required". Now either reaches both,
+    as ``tail_threshold`` does, and FC's errors say they are FC's."""
+
+    def parts(**kw):
+        model = create_ftl_model("test_resnet", C, **kw)
+        return model.classifier.statistics, model.feature_transfer
+
+    for kw in (
+        dict(class_counts=COUNTS, tail_threshold=10),
+        dict(transfer_kwargs=dict(class_counts=COUNTS, tail_threshold=10)),
+        dict(class_counts=COUNTS, transfer_kwargs=dict(tail_threshold=10)),
+    ):
+        stats, transfer = parts(**kw)
+        assert stats.class_counts.tolist() == transfer.class_counts.tolist() == COUNTS, kw
+        assert stats.tail_threshold == transfer.tail_threshold == 10, kw
+    stats, transfer = parts(class_counts=COUNTS, transfer_kwargs=dict(tail_threshold=10))
+    assert transfer.regular.tolist() == [True, True, False, False, False, False]
+    # each part's own tail_threshold, set on purpose, stays its own
+    stats, transfer = parts(
+        class_counts=COUNTS, tail_threshold=3, transfer_kwargs=dict(tail_threshold=10)
+    )
+    assert (stats.tail_threshold, transfer.tail_threshold) == (3, 10)
+    linear = create_ftl_model("test_resnet", C, classifier="linear", class_counts=COUNTS)
+    assert linear.feature_transfer.class_counts.tolist() == COUNTS
+    with pytest.raises(ValueError, match="differ"):
+        parts(class_counts=COUNTS, transfer_kwargs=dict(class_counts=[9] * C))
+    with pytest.raises(ValueError, match="FTL's FC .*class_counts is required"):
+        parts()  # the cloud's K_i: FC's need, named as FC's
+    with pytest.raises(ValueError, match="no long-tail class"):  # refused when built
+        FTLTask.from_timm("test_resnet", C, stage0_iters=3, class_counts=[24] * C, verbose=False)
+
+
+def test_leap_task_embedding_size_is_the_backbones_and_another_is_refused_by_name():
+    """``LEAPTask.from_timm(embedding_size=...)`` gave an internal ``TypeError`` (multiple values
+    for the head's ``embedding_size``)."""
+    import timm
+
+    features = timm.create_model("test_resnet", num_classes=0).num_features
+    task = LEAPTask.from_timm("test_resnet", C, embedding_size=features, class_counts=COUNTS)
+    assert task.head.embedding_size == features
+    with pytest.raises(ValueError, match=f"embedding_size=128: .*num_features={features}"):
+        LEAPTask.from_timm("test_resnet", C, embedding_size=128, class_counts=COUNTS)
 
 
 def test_ftl_task_runs_the_stages(caplog):

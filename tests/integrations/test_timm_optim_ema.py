@@ -14,6 +14,8 @@ from timm.optim import create_optimizer_v2
 from feature_cloud.integrations.timm import FTLTask, LEAPTask, create_ftl_model
 
 C = 4
+#: FTL's split (reaching FeatureTransfer too, which refuses one without regular classes)
+FTL_COUNTS = [30, 30, 5, 5]
 VIT = dict(img_size=32, depth=2)  # a two-block ViT: pos_embed / cls_token, layer groups
 
 
@@ -41,7 +43,7 @@ def _ftl(name="vit_tiny_patch16_224", model_kwargs=VIT):
         decoder_shape=(3, 32, 32),
         decoder_channels=(8,),
         cloud="full",
-        class_counts=[5] * C,
+        class_counts=FTL_COUNTS,
         verbose=False,
     )
 
@@ -152,7 +154,7 @@ def test_head_weight_decay_false_leaves_the_classifier_weight_undecayed(layer_de
     through ``no_weight_decay()``; the layer groups stay as they were."""
     kw = dict(weight_decay=0.05, layer_decay=layer_decay)
     leap_on, leap_off = _leap(), _leap(head_weight_decay=False)
-    ftl = dict(model_kwargs=VIT, embedding_size=16, class_counts=[5] * C)
+    ftl = dict(model_kwargs=VIT, embedding_size=16, class_counts=FTL_COUNTS)
     ftl_on = create_ftl_model("vit_tiny_patch16_224", C, **ftl)
     ftl_off = create_ftl_model("vit_tiny_patch16_224", C, head_weight_decay=False, **ftl)
     for on, off, weight in [
@@ -171,7 +173,7 @@ def test_head_weight_decay_takes_a_bool_only():
     """``bool("False")`` is True: a flag given as a string (a config file) meant the opposite."""
     with pytest.raises(TypeError, match="head_weight_decay must be True or False, got 'False'"):
         _leap(head_weight_decay="False")
-    ftl = dict(model_kwargs=VIT, embedding_size=16, class_counts=[5] * C)
+    ftl = dict(model_kwargs=VIT, embedding_size=16, class_counts=FTL_COUNTS)
     with pytest.raises(TypeError, match="head_weight_decay must be True or False"):
         create_ftl_model("vit_tiny_patch16_224", C, head_weight_decay=0, **ftl)
 
