@@ -6,18 +6,17 @@ import hashlib
 import json
 import math
 import os
-import platform
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import __version__
 from .._validation import as_float, as_int, warn_user
 from ..cloud import FeatureCloud
 from ..demo import metrics as M
@@ -43,6 +42,7 @@ from ..demo.runner import _device_of, embed_all, evaluate_method, seed_torch
 from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
 from .data import dataset_title
+from .environment import environment
 from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS, with_baselines
 from .protocol import hs_split, natural_split, open_split
 from .report import (
@@ -677,15 +677,6 @@ def _normalise(x: Tensor, train: Tensor) -> Tensor:
     return (x - mean) / std
 
 
-def _device_name(device: str) -> str:
-    """``device`` and, for a GPU, its name (``"cuda:0 (NVIDIA H200)"``)."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return str(dev)
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-
-
 def _previous_runs(
     cfg: EvalConfig, results: Dict[str, Any]
 ) -> Tuple[Dict[Tuple[int, str], Dict[str, Any]], float]:
@@ -980,12 +971,17 @@ class PreparedEvaluation:
 
 
 def prepare_evaluation(
-    cfg: EvalConfig, data: LabeledData, write: bool = True, resume: bool = False
+    cfg: EvalConfig,
+    data: LabeledData,
+    write: bool = True,
+    resume: bool = False,
+    argv: Optional[Sequence[str]] = None,
 ) -> PreparedEvaluation:
     """Every check of an evaluation of ``cfg`` on ``data`` that needs no training: the
     configuration, the output folder, each seed's split (its errors and warnings), every method
-    built on the data, and what ``--resume`` would reuse. Nothing is written or trained: several
-    settings (``-S 1 2 5``) are all prepared before the first trains."""
+    built on the data, and what ``--resume`` would reuse. Nothing is written or trained:
+    several settings (``-S 1 2 5``) are all prepared before the first trains. ``argv``: the command line
+    ``results.json`` records (default ``sys.argv``)."""
     cfg.validate()
     check_data(data)
     if write:
@@ -1036,13 +1032,10 @@ def prepare_evaluation(
             if BASELINES[m] is not None and BASELINES[m] in cfg.methods
         },
         "runs": [],
-        "environment": {
-            "feature_cloud": __version__,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": _device_name(cfg.device),
-        },
+        # the process that writes the file: its command line and what trains its runs (each run
+        # records its own environment: a --resume may continue in another process)
+        "argv": [str(a) for a in (sys.argv if argv is None else argv)],
+        "environment": environment(cfg.device),
         "complete": False,
         "wall_seconds": 0.0,
     }
@@ -1202,6 +1195,7 @@ def _run_prepared(
                 "per_class": per_class,
                 "train_seconds": round(seconds, 2),
                 "device": cfg.device,
+                "environment": dict(results["environment"]),  # what trained this run
             }
             if sweep:
                 run["sweep"] = sweep
