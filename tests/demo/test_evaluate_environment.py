@@ -118,3 +118,35 @@ def test_git_revision_reads_the_files_of_a_checkout_and_a_worktree(tmp_path):
     assert E._head_commit(str(wt)) == sha
     assert E._git_dir(str(tmp_path)) is None
     assert E._dirty(str(tmp_path)) in (None, False, True)  # no checkout: no hang, no error
+
+
+def test_compare_names_every_environment_difference(tmp_path, capsys):
+    """Finding 3: two evaluations of one configuration and seeds but another thread count or
+    torch: each difference is a note, whatever the baselines show."""
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = [*_common(p)[:7], "leap_full_cosface", *_common(p)[8:], "--seeds", "0"]
+    assert main([*common, "--out", a]) == 0
+    shutil.copytree(a, b)
+    res = _load(b)
+    _forge(res, threads=2, torch="9.9.9")
+    res["config"]["out"] = b
+    _save(res, b)
+    capsys.readouterr()
+    out = str(tmp_path / "cmp")
+    assert main(["report", a, b, "--compare", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    with open(os.path.join(out, "compare.json")) as fh:
+        cmp = json.load(fh)
+    assert cmp["config_b_vs_a"] == {}
+    notes = cmp["notes"]
+    assert any("environments differ in threads: 2 (B) vs 1 (A)" in n for n in notes), notes
+    assert any(f"torch: 9.9.9 (B) vs {torch.__version__} (A)" in n for n in notes), notes
+    assert "Note: the runs' environments differ in threads" in printed
+    assert cmp["environment_b_vs_a"]["threads"] == [[2], [1]]
+    # identical environments: no note
+    assert main(["report", a, a, "--compare"]) == 0
+    assert "Note:" not in capsys.readouterr().out
