@@ -120,6 +120,41 @@ def test_git_revision_reads_the_files_of_a_checkout_and_a_worktree(tmp_path):
     assert E._dirty(str(tmp_path)) in (None, False, True)  # no checkout: no hang, no error
 
 
+def test_resume_refuses_another_thread_count_and_names_every_other_difference(tmp_path, capsys):
+    """Finding 2: ``--resume`` in another environment. Another thread count (the user's to set)
+    is refused with the flag that matches; other versions are a warning naming each
+    difference; the resumed runs keep the environment that trained them (a file of an earlier
+    release, without per-run environments: the file's), the new runs record this one."""
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    out = str(tmp_path / "run")
+    assert main([*_common(p), "--seeds", "0", "--out", out]) == 0
+    res = _load(out)
+    for r in res["runs"]:  # as an earlier release wrote it: one environment for the file
+        r.pop("environment", None)
+    _forge(res, threads=8)
+    _save(res, out)
+    capsys.readouterr()
+    assert main([*_common(p), "--seeds", "0", "1", "--out", out, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on 8 CPU threads, this process has 1" in err and "--threads 8" in err, err
+    assert _load(out) == res  # nothing trained or written
+    _forge(res, threads=1, torch="2.0.0", feature_cloud="0.1.0", python="3.9.0")
+    _save(res, out)
+    assert main([*_common(p), "--seeds", "0", "1", "--out", out, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "were trained in another environment" in err, err
+    for named in ("feature_cloud 0.1.0 (file) vs", "torch 2.0.0 (file) vs", "python 3.9.0"):
+        assert named in err, err
+    done = _load(out)
+    envs = {r["seed"]: r["environment"] for r in done["runs"]}
+    assert envs[0]["torch"] == "2.0.0" and envs[1]["torch"] == torch.__version__
+    assert done["environment"]["torch"] == torch.__version__  # the process that wrote the file
+    assert done["earlier_argv"] == [res["argv"]]
+
+
 def test_compare_names_every_environment_difference(tmp_path, capsys):
     """Finding 3: two evaluations of one configuration and seeds but another thread count or
     torch: each difference is a note, whatever the baselines show."""
