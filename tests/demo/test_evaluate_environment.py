@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -185,3 +186,32 @@ def test_compare_names_every_environment_difference(tmp_path, capsys):
     # identical environments: no note
     assert main(["report", a, a, "--compare"]) == 0
     assert "Note:" not in capsys.readouterr().out
+
+
+def _backward_ops(t):
+    seen, names, todo = set(), set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo += [n for n, _ in fn.next_functions]
+    return names
+
+
+def test_conv_backbones_have_no_backward_without_a_deterministic_cuda_kernel():
+    """Finding 5 (conv4): on a (faked) CUDA device the backbones' global average pooling is a
+    mean (``AdaptiveAvgPool2d(1)`` dispatches to ``mean``, whose backward is deterministic), not
+    ``adaptive_avg_pool2d_backward_cuda``, which deterministic mode refuses."""
+    fake = pytest.importorskip("torch._subclasses.fake_tensor")
+    from feature_cloud.demo.methods import ConvBackbone
+    from feature_cloud.evaluate.backbones import ConvNet4
+
+    refused = {"AdaptiveAvgPool2DBackward0", "UpsampleBilinear2DBackward0"}
+    with fake.FakeTensorMode(), torch.device("cuda"):
+        for net in (ConvNet4(3, 16), ConvBackbone(3, 16)):
+            y = net.train()(torch.empty(4, 3, 12, 10))
+            assert y.device.type == "cuda"
+            ops = _backward_ops(y.sum())
+            assert "MeanBackward1" in ops and not ops & refused, sorted(ops)
