@@ -737,10 +737,10 @@ def _check_resumed_environment(prev: Dict[str, Any], results: Dict[str, Any], fi
             else "its runs already mix thread counts; write to another --out"
         )
         raise ValueError(
-            f"--resume: the runs in {file} trained on {show_values(before)} CPU threads, this "
-            f"process has {now['threads']}: {hint}. Another thread count rounds sums "
-            "differently, so the runs trained now would not be those of an uninterrupted run "
-            "(and a seed's method and baseline could differ by rounding alone)"
+            f"--resume: the runs in {file} trained with {show_values(before)} CPU thread(s) "
+            f"(environment.threads), this process has {now['threads']}: {hint}. Another thread "
+            "count rounds sums differently, so the runs trained now would not be those of an "
+            "uninterrupted run (and a seed's method and baseline could differ by rounding alone)"
         )
     if diff:
         named = "; ".join(

@@ -140,7 +140,10 @@ def test_resume_refuses_another_thread_count_and_names_every_other_difference(tm
     capsys.readouterr()
     assert main([*_common(p), "--seeds", "0", "1", "--out", out, "--resume"]) == 2
     err = capsys.readouterr().err
-    assert "trained on 8 CPU threads, this process has 1" in err and "--threads 8" in err, err
+    assert (
+        "trained with 8 CPU thread(s) (environment.threads), this process has 1" in err
+        and "--threads 8" in err
+    ), err
     assert _load(out) == res  # nothing trained or written
     _forge(res, threads=1, torch="2.0.0", feature_cloud="0.1.0", python="3.9.0")
     _save(res, out)
