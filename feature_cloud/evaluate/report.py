@@ -1018,8 +1018,10 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
     ran. For a variant against the default (``--leap-option``, ``--imprint-fraction``, another
     epoch count ...) on the same seeds: the same split, initial weights and batch order, so the
     difference is the variant's alone. Refused unless data, setting and the shared seeds' splits
-    agree; the configuration differences are listed, and a baseline whose metrics differ
-    between the two files (another release, another machine) is named in ``notes``. With
+    agree; the configuration differences are listed, every difference between the runs'
+    environments (threads, versions, revision, platform, device, numerics flags) is a note and
+    in ``environment_b_vs_a``, and a baseline whose metrics differ between the two files is
+    named in ``notes``. With
     ``out``: ``compare.md`` and ``compare.json`` there. Returns the comparison."""
     if out is not None:
         _refuse_overwriting_files_of_others(out)
