@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import __version__
 from . import metrics as M
 from ._progress import progress
 from .data import LabeledData, SyntheticConfig, load_data
@@ -452,6 +451,8 @@ def _run_demo(cfg: DemoConfig, data: Optional[LabeledData], log) -> Dict[str, An
                     rows = torch.isin(yy, torch.tensor(shown))
                     projection[f"{name}/{part}_features"] = f[rows].numpy().astype(np.float32)
                     projection[f"{name}/{part}_labels"] = yy[rows].numpy()
+    from ..evaluate.environment import environment  # evaluate imports this module
+
     results = {
         "version": 1,
         # + the FTL stage-0 share the demo's methods use (MethodConfig's; no demo option)
@@ -471,14 +472,10 @@ def _run_demo(cfg: DemoConfig, data: Optional[LabeledData], log) -> Dict[str, An
         "methods": list(cfg.methods),
         "labels": labels,
         "runs": runs,
-        "environment": {
-            "feature_cloud": __version__,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "loadavg_start": _loadavg(),
-        },
+        # what a rerun needs (as evaluate's): the command line and the environment's versions,
+        # git revision, platform, threads and numerics flags; the load average (and timings) differ
+        "argv": [str(a) for a in sys.argv],
+        "environment": dict(environment("cpu"), cpu_count=os.cpu_count(), loadavg_start=_loadavg()),
     }
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
     results["environment"]["loadavg_end"] = _loadavg()

@@ -22,6 +22,7 @@ from ..demo.report import (
     write_json,
     wrote_line,
 )
+from .environment import environment_differences, run_environments, show_values
 from .stats import paired_differences, t_interval, t_quantile
 
 __all__ = [
@@ -934,6 +935,8 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
                     "merge runs of different seeds"
                 )
             seen[pair] = p
+            if "environment" not in r and isinstance(res.get("environment"), dict):
+                r = dict(r, environment=res["environment"])  # an earlier release: the file's
             merged["runs"].append(r)
         merged["wall_seconds"] += float(res.get("wall_seconds", 0.0))
     merged["complete"] = all(res.get("complete") is not False for _, res in runs)
@@ -994,6 +997,17 @@ def refuse_other_contents(out: str, instead: str) -> None:
         )
 
 
+#: why an environment difference changes the numbers (compare's notes)
+_ENVIRONMENT_WHY = {
+    "threads": " (another CPU thread count rounds sums differently)",
+    "device": " (another device computes in another order and precision)",
+    "cpu_capability": " (torch's CPU kernels differ by instruction set)",
+    "cuda_matmul_allow_tf32": " (TF32 matmuls round to 10 mantissa bits)",
+    "cudnn_allow_tf32": " (TF32 convolutions round to 10 mantissa bits)",
+    "float32_matmul_precision": " (TF32 / bf16 matmuls round)",
+    "cudnn_benchmark": " (cuDNN picks its algorithms per run)",
+}
+
 #: config keys that define the setting: two evaluations compared seed by seed must share them
 _SETTING_KEYS = ("protocol", "n_test", "threshold", "num_head", "shots")
 
@@ -1004,8 +1018,10 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
     ran. For a variant against the default (``--leap-option``, ``--imprint-fraction``, another
     epoch count ...) on the same seeds: the same split, initial weights and batch order, so the
     difference is the variant's alone. Refused unless data, setting and the shared seeds' splits
-    agree; the configuration differences are listed, and a baseline whose metrics differ
-    between the two files (another release, another machine) is named in ``notes``. With
+    agree; the configuration differences are listed, every difference between the runs'
+    environments (threads, versions, revision, platform, device, numerics flags) is a note and
+    in ``environment_b_vs_a``, and a baseline whose metrics differ between the two files is
+    named in ``notes``. With
     ``out``: ``compare.md`` and ``compare.json`` there. Returns the comparison."""
     if out is not None:
         _refuse_overwriting_files_of_others(out)
@@ -1062,7 +1078,18 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
         diffs[m] = d
     if not diffs:
         raise ValueError(f"{path_a} and {path_b} share no (method, seed) run")
-    notes = []
+    env_diff, unrecorded = environment_differences(run_environments(a), run_environments(b))
+    notes = [
+        f"the runs' environments differ in {k}: {show_values(vb)} (B) vs {show_values(va)} (A)"
+        + _ENVIRONMENT_WHY.get(k, "")
+        + "; B - A includes its effect, not the configuration's alone"
+        for k, (vb, va) in env_diff.items()
+    ]
+    if unrecorded:
+        notes.append(
+            f"only one of the files records {', '.join(unrecorded)} of its runs' environment "
+            "(the other is of an earlier release): those cannot be compared"
+        )
     for m, base in b.get("baselines", {}).items():
         if (
             m in diffs
@@ -1073,9 +1100,12 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
                 if not math.isnan(v["mean"])
             )
         ):
+            causes = [f"the configurations differ in {sorted(config)}"] if config else []
+            if env_diff:
+                causes.append(f"the environments differ in {list(env_diff)}")
             why = (
-                f"the configurations differ in {sorted(config)}, or another release or machine"
-                if config
+                ", ".join(causes) + ("" if env_diff else ", or another release or machine")
+                if causes
                 else "another release or machine?"
             )
             notes.append(
@@ -1088,6 +1118,8 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
         "setting": a["setting"],
         "protocol": a["config"].get("protocol"),
         "config_b_vs_a": config,
+        # every environment key whose values differ (each file: the values of its runs)
+        "environment_b_vs_a": {k: [vb, va] for k, (vb, va) in env_diff.items()},
         "labels": {m: b["labels"].get(m, a["labels"].get(m, m)) for m in diffs},
         "differences": diffs,
         "notes": notes,

@@ -6,18 +6,17 @@ import hashlib
 import json
 import math
 import os
-import platform
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import __version__
 from .._validation import as_float, as_int, warn_user
 from ..cloud import FeatureCloud
 from ..demo import metrics as M
@@ -43,6 +42,7 @@ from ..demo.runner import _device_of, embed_all, evaluate_method, seed_torch
 from ..functional import ftl_regular_classes
 from .backbones import build_backbone, check_backbone
 from .data import dataset_title
+from .environment import environment, environment_differences, run_environments, show_values
 from .methods import BASELINES, EVAL_METHODS, METHOD_LABELS, with_baselines
 from .protocol import hs_split, natural_split, open_split
 from .report import (
@@ -677,15 +677,6 @@ def _normalise(x: Tensor, train: Tensor) -> Tensor:
     return (x - mean) / std
 
 
-def _device_name(device: str) -> str:
-    """``device`` and, for a GPU, its name (``"cuda:0 (NVIDIA H200)"``)."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return str(dev)
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-
-
 def _previous_runs(
     cfg: EvalConfig, results: Dict[str, Any]
 ) -> Tuple[Dict[Tuple[int, str], Dict[str, Any]], float]:
@@ -711,6 +702,12 @@ def _previous_runs(
         if seed in results["splits"] and results["splits"][seed] != split:
             raise ValueError(f"--resume: seed {seed} has a different split in {file}")
     done = {(int(r["seed"]), str(r["method"])): r for r in prev["runs"]}
+    _check_resumed_environment(prev, results, file)
+    if isinstance(prev.get("environment"), dict):  # runs of earlier releases: the file's
+        for r in done.values():
+            r.setdefault("environment", prev["environment"])
+    if "argv" in prev:  # the command lines of the processes that wrote the file before
+        results["earlier_argv"] = list(prev.get("earlier_argv", [])) + [prev["argv"]]
     extra = sorted(k for k in done if k[0] not in cfg.seeds or k[1] not in cfg.methods)
     if extra:
         raise ValueError(
@@ -718,6 +715,44 @@ def _previous_runs(
             f"--methods {cfg.methods}; ask for them too, or write to another --out"
         )
     return done, float(prev.get("wall_seconds", 0.0))
+
+
+def _check_resumed_environment(prev: Dict[str, Any], results: Dict[str, Any], file: str) -> None:
+    """``--resume``: refuse where this process's thread count is not the one ``prev``'s runs
+    trained with (CPU sums round differently: the runs trained now would not be those of an
+    uninterrupted run, and a seed's method and baseline could differ by rounding alone; the
+    count is the user's to set), and warn naming every other difference of the environment
+    (versions, revision, platform, device name, numerics flags), which the user may not be
+    able to undo; each run keeps its own environment in ``results.json``."""
+    envs = run_environments(prev)
+    if not envs:
+        return
+    now = results["environment"]
+    diff, _ = environment_differences([now], envs)  # (file's values, this process's)
+    if "threads" in diff:
+        before = diff.pop("threads")[0]
+        hint = (
+            f"rerun with --threads {before[0]} (torch.set_num_threads({before[0]}) in Python)"
+            if len(before) == 1
+            else "its runs already mix thread counts; write to another --out"
+        )
+        raise ValueError(
+            f"--resume: the runs in {file} trained with {show_values(before)} CPU thread(s) "
+            f"(environment.threads), this process has {now['threads']}: {hint}. Another thread "
+            "count rounds sums differently, so the runs trained now would not be those of an "
+            "uninterrupted run (and a seed's method and baseline could differ by rounding alone)"
+        )
+    if diff:
+        named = "; ".join(
+            f"{k} {show_values(before)} (file) vs {show_values(after)} (now)"
+            for k, (before, after) in diff.items()
+        )
+        warn_user(
+            f"--resume: the runs in {file} were trained in another environment: {named}. The "
+            "runs trained now may differ from those an uninterrupted run would give; each run's "
+            "environment is recorded in results.json (report A B --compare names such "
+            "differences)"
+        )
 
 
 def method_threshold(cfg: EvalConfig, split: LongTailSplit) -> int:
@@ -980,12 +1015,19 @@ class PreparedEvaluation:
 
 
 def prepare_evaluation(
-    cfg: EvalConfig, data: LabeledData, write: bool = True, resume: bool = False
+    cfg: EvalConfig,
+    data: LabeledData,
+    write: bool = True,
+    resume: bool = False,
+    argv: Optional[Sequence[str]] = None,
 ) -> PreparedEvaluation:
     """Every check of an evaluation of ``cfg`` on ``data`` that needs no training: the
     configuration, the output folder, each seed's split (its errors and warnings), every method
-    built on the data, and what ``--resume`` would reuse. Nothing is written or trained: several
-    settings (``-S 1 2 5``) are all prepared before the first trains."""
+    built on the data, and what ``--resume`` would reuse (refused where this process's thread
+    count differs from the one the file's runs trained with; a warning naming every other
+    difference of the environment). Nothing is written or trained: several settings
+    (``-S 1 2 5``) are all prepared before the first trains. ``argv``: the command line
+    ``results.json`` records (default ``sys.argv``)."""
     cfg.validate()
     check_data(data)
     if write:
@@ -1036,13 +1078,10 @@ def prepare_evaluation(
             if BASELINES[m] is not None and BASELINES[m] in cfg.methods
         },
         "runs": [],
-        "environment": {
-            "feature_cloud": __version__,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "device": _device_name(cfg.device),
-        },
+        # the process that writes the file: its command line and what trains its runs (each run
+        # records its own environment: a --resume may continue in another process)
+        "argv": [str(a) for a in (sys.argv if argv is None else argv)],
+        "environment": environment(cfg.device),
         "complete": False,
         "wall_seconds": 0.0,
     }
@@ -1202,6 +1241,7 @@ def _run_prepared(
                 "per_class": per_class,
                 "train_seconds": round(seconds, 2),
                 "device": cfg.device,
+                "environment": dict(results["environment"]),  # what trained this run
             }
             if sweep:
                 run["sweep"] = sweep

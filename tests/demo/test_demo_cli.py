@@ -108,6 +108,21 @@ def test_demo_writes_every_artifact(tiny_run):
         assert npz["cosface/train_features"].shape[1] == 64
 
 
+def test_demo_results_record_what_a_rerun_needs(tiny_run):
+    """As evaluate's: the command line, the versions (numpy, timm, PML too), the package's git
+    revision where it is a checkout, the platform and the torch flags that change numerics;
+    the load average as before."""
+    with open(os.path.join(tiny_run, "results.json")) as fh:
+        res = json.load(fh)
+    assert res["argv"] == [str(a) for a in sys.argv]  # the process's (pytest's here)
+    env = res["environment"]
+    for key in ("feature_cloud", "git_revision", "torch", "numpy", "timm", "platform"):
+        assert key in env, key
+    assert env["numpy"] == np.__version__ and env["threads"] == 1 and env["device"] == "cpu"
+    assert env["deterministic_algorithms"] is False and "cudnn_benchmark" in env
+    assert "loadavg_start" in env and "loadavg_end" in env and "cpu_count" in env
+
+
 def test_report_rerenders_identically(tiny_run, tmp_path):
     before = open(os.path.join(tiny_run, "results.md")).read()
     summary = open(os.path.join(tiny_run, "summary.csv")).read()

@@ -1,0 +1,248 @@
+"""What trained an evaluation's runs: the package's version and git revision, the versions of
+the libraries that build or score the models, the platform, the thread count, the device and
+the torch flags that change numerics. ``results.json`` records it per run (``--resume`` and
+``report A B --compare`` compare it) and for the process that wrote the file."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .. import __version__
+
+__all__ = [
+    "environment",
+    "git_revision",
+    "environment_differences",
+    "run_environments",
+    "show_values",
+    "ENVIRONMENT_KEYS",
+]
+
+#: the keys of :func:`environment`, in the order messages and notes name them
+ENVIRONMENT_KEYS = (
+    "feature_cloud",
+    "git_revision",
+    "git_dirty",
+    "torch",
+    "numpy",
+    "timm",
+    "pytorch_metric_learning",
+    "python",
+    "platform",
+    "cpu_capability",
+    "threads",
+    "device",
+    "cuda_matmul_allow_tf32",
+    "cudnn_allow_tf32",
+    "float32_matmul_precision",
+    "cudnn_benchmark",
+    "cudnn_deterministic",
+    "deterministic_algorithms",
+    "cublas_workspace_config",
+)
+
+_SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _git_dir(root: str) -> Optional[str]:
+    """``root/.git`` (a folder, or a worktree's / submodule's ``gitdir:`` file), or ``None``."""
+    dot = os.path.join(root, ".git")
+    if os.path.isdir(dot):
+        return dot
+    text = _read(dot) if os.path.isfile(dot) else None
+    if text and text.startswith("gitdir:"):
+        return os.path.normpath(os.path.join(root, text[len("gitdir:") :].strip()))
+    return None
+
+
+def _head_commit(gitdir: str) -> Optional[str]:
+    """The commit ``HEAD`` names, read from the files (loose ref, ``packed-refs``; a worktree's
+    refs in its ``commondir``), without running git."""
+    head = _read(os.path.join(gitdir, "HEAD"))
+    if not head:
+        return None
+    if not head.startswith("ref:"):
+        return head if _SHA.match(head) else None
+    ref = head[len("ref:") :].strip()
+    common = _read(os.path.join(gitdir, "commondir"))
+    bases = [gitdir] + ([os.path.normpath(os.path.join(gitdir, common))] if common else [])
+    for base in bases:
+        sha = _read(os.path.join(base, *ref.split("/")))
+        if sha and _SHA.match(sha):
+            return sha
+    for base in bases:
+        packed = _read(os.path.join(base, "packed-refs")) or ""
+        for line in packed.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[1] == ref and _SHA.match(parts[0]):
+                return parts[0]
+    return None
+
+
+def _dirty(root: str) -> Optional[bool]:
+    """Whether the package's files differ from ``HEAD`` (``git status`` of ``feature_cloud/``,
+    untracked files included); ``None`` without git, or when it fails or takes over 10 s."""
+    git = shutil.which("git")
+    if git is None:
+        return None
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0", GIT_TERMINAL_PROMPT="0", LC_ALL="C")
+    try:
+        done = subprocess.run(
+            [git, "-C", root, "status", "--porcelain", "--", "feature_cloud"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=10,
+            env=env,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(done.stdout.strip()) if done.returncode == 0 else None
+
+
+def _installed_commit() -> Optional[str]:
+    """The commit pip recorded when the package was installed from a git URL (PEP 610)."""
+    try:
+        text = importlib.metadata.distribution("feature-cloud").read_text("direct_url.json")
+        commit = json.loads(text or "{}").get("vcs_info", {}).get("commit_id")
+    except (importlib.metadata.PackageNotFoundError, ValueError, AttributeError, OSError):
+        return None
+    return commit if isinstance(commit, str) else None
+
+
+@functools.lru_cache(maxsize=1)
+def git_revision() -> Tuple[Optional[str], Optional[bool]]:
+    """``(commit, dirty)`` of the code this process imported: where ``feature_cloud`` is
+    imported from a git checkout, its ``HEAD`` commit (read from ``.git``, no git needed) and
+    whether ``feature_cloud/`` differs from it (``git status``, ``None`` without git); otherwise
+    the commit pip recorded for an install from a git URL (dirty ``None``), or ``(None, None)``.
+    Once per process (the code that runs is the code imported)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(package)
+    gitdir = _git_dir(root)
+    if gitdir is not None:
+        commit = _head_commit(gitdir)
+        if commit is not None:
+            return commit, _dirty(root)
+    return _installed_commit(), None
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _device_name(device: str) -> str:
+    """``device`` and, for a GPU, its name (``"cuda:0 (NVIDIA H200)"``)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return str(dev)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+def environment(device: str = "cpu") -> Dict[str, Any]:
+    """What trains a run in this process on ``device`` (:data:`ENVIRONMENT_KEYS`): versions
+    (``None``: a library not installed), the git revision (``None``: not a checkout), the
+    platform and CPU instruction set torch uses, torch's CPU threads, the device, and the torch
+    flags that change numerics (TF32, cuDNN benchmark / deterministic, deterministic
+    algorithms, ``CUBLAS_WORKSPACE_CONFIG``)."""
+    commit, dirty = git_revision()
+    with warnings.catch_warnings():  # newer torch warns on the TF32 flags' old names
+        warnings.simplefilter("ignore")
+        matmul_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+        cudnn_tf32 = bool(torch.backends.cudnn.allow_tf32)
+    cpu = getattr(torch.backends, "cpu", None)
+    return {
+        "feature_cloud": __version__,
+        "git_revision": commit,
+        "git_dirty": dirty,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "timm": _version("timm"),
+        "pytorch_metric_learning": _version("pytorch-metric-learning"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_capability": cpu.get_cpu_capability() if cpu is not None else None,
+        "threads": torch.get_num_threads(),
+        "device": _device_name(device),
+        "cuda_matmul_allow_tf32": matmul_tf32,
+        "cudnn_allow_tf32": cudnn_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    }
+
+
+def _ordered(keys: Sequence[str]) -> List[str]:
+    known = [k for k in ENVIRONMENT_KEYS if k in keys]
+    return known + sorted(k for k in keys if k not in ENVIRONMENT_KEYS)
+
+
+def _distinct(envs: Sequence[Dict[str, Any]], key: str) -> List[Any]:
+    values: List[Any] = []
+    for e in envs:
+        if key in e and e[key] not in values:
+            values.append(e[key])
+    return values
+
+
+def show_values(values: Sequence[Any]) -> str:
+    """``2`` or ``1 and 2`` (a file whose runs mix them); ``null`` for ``None``."""
+    shown = ["null" if v is None else str(v) for v in values]
+    return " and ".join(shown) if shown else "n/a"
+
+
+def environment_differences(
+    first: Sequence[Dict[str, Any]], second: Sequence[Dict[str, Any]]
+) -> Tuple[Dict[str, Tuple[List[Any], List[Any]]], List[str]]:
+    """Between two sets of run environments (each set: the distinct environments of one
+    file's runs): ``({key: (second's values, first's values)}, keys only one set records)``
+    for every key both record whose values differ (a set mixing values differs from one that
+    does not)."""
+    keys_a = {k for e in first for k in e}
+    keys_b = {k for e in second for k in e}
+    diff: Dict[str, Tuple[List[Any], List[Any]]] = {}
+    for k in _ordered(list(keys_a & keys_b)):
+        va, vb = _distinct(first, k), _distinct(second, k)
+        if va != vb:
+            diff[k] = (vb, va)
+    return diff, _ordered(list(keys_a ^ keys_b))
+
+
+def run_environments(results: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The distinct environments of ``results``' runs: each run's own (``environment``), or,
+    for a run of an earlier release that recorded none, the file's."""
+    top = results.get("environment")
+    envs: List[Dict[str, Any]] = []
+    for r in results.get("runs", []):
+        e = r.get("environment", top)
+        if isinstance(e, dict) and e not in envs:
+            envs.append(e)
+    if not envs and isinstance(top, dict):
+        envs.append(top)
+    return envs
