@@ -634,7 +634,9 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         check_output(c, args.resume)
     data = load_dataset(args.data, tuple(args.image_size) if args.image_size else None)
     # every setting's (and seed's) split checks, errors and warnings before the first trains
-    prepared = [prepare_evaluation(c, data, resume=args.resume) for c in configs]
+    prepared = [
+        prepare_evaluation(c, data, resume=args.resume, argv=args.command_line) for c in configs
+    ]
     if len(configs) == 1:
         run_evaluation(configs[0], data, log=log, resume=args.resume, prepared=prepared[0])
         return
@@ -716,6 +718,8 @@ def _demo_config(args: argparse.Namespace):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``feature-cloud`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    # the command line results.json records: this process's, or the one main() was given
+    args.command_line = list(sys.argv) if argv is None else ["feature-cloud", *map(str, argv)]
     import torch
 
     from .demo._progress import is_enabled, set_progress
@@ -847,7 +851,7 @@ def _main(
         if args.command == "evaluate":
             _run_evaluate(args, log)
             return 0
-        run_demo(_demo_config(args).resolved(), log=log)
+        run_demo(_demo_config(args).resolved(), log=log, argv=args.command_line)
         return 0
     except (ValueError, FileNotFoundError, MissingExtra) as exc:
         print(f"feature-cloud: error: {exc}", file=sys.stderr)

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -363,15 +363,23 @@ def rank_classes_from_counts(counts: Tensor) -> List[int]:
     ).tolist()
 
 
-def run_demo(cfg: DemoConfig, data: Optional[LabeledData] = None, log=print) -> Dict[str, Any]:
+def run_demo(
+    cfg: DemoConfig,
+    data: Optional[LabeledData] = None,
+    log=print,
+    argv: Optional[Sequence[str]] = None,
+) -> Dict[str, Any]:
     """Run every method on every seed, write ``results.json`` (+ projection features) to
     ``cfg.out`` and render the report (tables, CSV, PNG). Returns the results dictionary.
-    Every run starts from its seed; the caller's torch RNG state is restored afterwards."""
+    Every run starts from its seed; the caller's torch RNG state is restored afterwards.
+    ``argv``: the command line ``results.json`` records (default ``sys.argv``)."""
     with torch.random.fork_rng(devices=[]):  # the demo trains on the CPU
-        return _run_demo(cfg, data, log)
+        return _run_demo(cfg, data, log, sys.argv if argv is None else argv)
 
 
-def _run_demo(cfg: DemoConfig, data: Optional[LabeledData], log) -> Dict[str, Any]:
+def _run_demo(
+    cfg: DemoConfig, data: Optional[LabeledData], log, argv: Sequence[str]
+) -> Dict[str, Any]:
     """:func:`run_demo` inside its RNG fork."""
     cfg = cfg.resolved()
     check_writable(cfg.out)
@@ -474,7 +482,7 @@ def _run_demo(cfg: DemoConfig, data: Optional[LabeledData], log) -> Dict[str, An
         "runs": runs,
         # what a rerun needs (as evaluate's): the command line and the environment's versions,
         # git revision, platform, threads and numerics flags; the load average (and timings) differ
-        "argv": [str(a) for a in sys.argv],
+        "argv": [str(a) for a in argv],
         "environment": dict(environment("cpu"), cpu_count=os.cpu_count(), loadavg_start=_loadavg()),
     }
     results["wall_seconds"] = round(time.perf_counter() - start, 1)

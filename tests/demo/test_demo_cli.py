@@ -114,7 +114,8 @@ def test_demo_results_record_what_a_rerun_needs(tiny_run):
     the load average as before."""
     with open(os.path.join(tiny_run, "results.json")) as fh:
         res = json.load(fh)
-    assert res["argv"] == [str(a) for a in sys.argv]  # the process's (pytest's here)
+    # the command line main() was given (not pytest's sys.argv, which the process has)
+    assert res["argv"] == ["feature-cloud", *TINY, "--seeds", "0", "1", "--out", tiny_run]
     env = res["environment"]
     for key in ("feature_cloud", "git_revision", "torch", "numpy", "timm", "platform"):
         assert key in env, key

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -54,7 +53,7 @@ def _forge(res, **values):
 
 
 def test_results_json_records_the_command_versions_revision_and_numerics_flags(
-    tmp_path, monkeypatch
+    tmp_path,
 ):
     """Finding 4: the command line as given, the package's git revision (this checkout's HEAD),
     numpy / timm / PML versions, the platform and the torch flags that change numerics, for the
@@ -65,8 +64,7 @@ def test_results_json_records_the_command_versions_revision_and_numerics_flags(
     _tiny_npz(p)
     out = str(tmp_path / "run")
     argv = ["feature-cloud", *_common(p), "--seeds", "0", "--out", out]
-    monkeypatch.setattr(sys, "argv", argv)
-    assert main(argv[1:]) == 0
+    assert main(argv[1:]) == 0  # in this process: pytest's sys.argv is not the command
     res = _load(out)
     assert res["argv"] == argv
     from feature_cloud.evaluate import environment as E
