@@ -453,13 +453,16 @@ def full_cloud_variance(
     return torch.where(has_stats | prior, out, torch.zeros_like(out))
 
 
-def check_cloud_rule(rule: Optional[str], optional: bool = True) -> Optional[str]:
+def check_cloud_rule(
+    rule: Optional[str], optional: bool = True, name: str = "cloud"
+) -> Optional[str]:
     """``rule`` if it is one of :data:`CLOUD_RULES` (or ``None`` where ``optional``: no cloud),
-    else ``ValueError`` naming them."""
+    else ``ValueError`` naming them and the argument ``name`` (the heads' ``cloud``,
+    :class:`~feature_cloud.FeatureCloud`'s and this module's ``rule``)."""
     if (rule is None and optional) or rule in CLOUD_RULES:
         return rule
     choices = f"{CLOUD_RULES} or None" if optional else f"{CLOUD_RULES}"
-    raise ValueError(f"cloud must be one of {choices}, got {rule!r}")
+    raise ValueError(f"{name} must be one of {choices}, got {rule!r}")
 
 
 def cloud_variance(
@@ -471,7 +474,7 @@ def cloud_variance(
     prior: Optional[Tensor] = None,
 ) -> Tensor:
     """Dispatch to :func:`full_cloud_variance` or :func:`vanilla_cloud_variance` by ``rule``."""
-    if check_cloud_rule(rule, optional=False) == "full":
+    if check_cloud_rule(rule, optional=False, name="rule") == "full":
         return full_cloud_variance(var, has_stats, class_counts, prior)
     return vanilla_cloud_variance(var, has_stats, class_counts, threshold, prior)
 

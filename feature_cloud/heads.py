@@ -307,6 +307,7 @@ def make_cloud(
                 f"{cloud.embedding_size}; the head has {num_classes}, {embedding_size}"
             )
     else:
+        FC.check_cloud_rule(cloud, name="cloud")  # the heads' keyword (the cloud's is rule)
         _check_cloud_options(options, owner)
         cloud = FeatureCloud(num_classes, embedding_size, cloud, **options)
     dist = torch.distributed

@@ -201,7 +201,7 @@ def test_cloud_variance_rules_closed_form():
     full = FC.full_cloud_variance(var, has, counts)
     torch.testing.assert_close(full, (sigma2 - var).clamp_min(0))
     assert full[0] == 0 and full[2] > 0
-    with pytest.raises(ValueError, match="cloud must be one of"):
+    with pytest.raises(ValueError, match="^rule must be one of"):  # the argument's name
         FC.cloud_variance("half", var, has, counts)
 
 
