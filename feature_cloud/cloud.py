@@ -139,8 +139,22 @@ def _check_mode(owner: Any, value: Any) -> str:
     return str(value)
 
 
+#: ``cloud_scale`` above this warns: twice the largest the evaluations tried (docs/real-faces.md:
+#: 0 to 4, no gain above the default 2)
+_CLOUD_SCALE_WARN = 8.0
+
+
 def _check_cloud_scale(owner: Any, value: Any) -> float:
-    return as_float(value, "cloud_scale", minimum=0.0)
+    scale = as_float(value, "cloud_scale", minimum=0.0)
+    if scale > _CLOUD_SCALE_WARN:
+        warn_user(
+            f"cloud_scale={scale} multiplies the cloud's standard deviation (default "
+            f"{DEFAULT_CLOUD_SCALE}, the paper's 1; the evaluations tried 0 to 4): above "
+            f"{_CLOUD_SCALE_WARN:g} the cloud's angles dwarf the classes' own spread. The logit "
+            "scale s is the head's scale= (fastreid: MODEL.HEADS.SCALE, not "
+            "FEATURE_CLOUD.SCALE)"
+        )
+    return scale
 
 
 def _check_min_count(owner: Any, value: Any) -> int:

@@ -85,9 +85,13 @@ def resolve_margin(
     margin_type: Union[str, margins.Margin],
     scale: Optional[float],
     margin: Optional[float],
+    num_classes: Optional[int] = None,
 ) -> Tuple[margins.Margin, float, float]:
     """The checked margin rule, scale and margin (radians for angular margins) of a head, with
-    the registry's defaults filled in; an angular margin that looks like degrees warns."""
+    the registry's defaults filled in; an angular margin that looks like degrees warns, and so
+    does a scale too small to train over ``num_classes`` classes
+    (:func:`~feature_cloud.margins.check_scale`: a scale and margin that look swapped are said
+    to be, rather than the margin's unit)."""
     rule = margins.get(margin_type)
     scale = (
         rule.default_scale
@@ -95,12 +99,15 @@ def resolve_margin(
         else as_float(scale, "scale", minimum=0.0, min_inclusive=False)
     )
     margin = rule.default_margin if margin is None else as_float(margin, "margin")
-    margins.check_unit(rule, margin, "radians")
+    if not margins.check_scale(rule, scale, num_classes, margin):
+        margins.check_unit(rule, margin, "radians")
     return rule, float(scale), float(margin)
 
 
 def _check_scale(owner: Any, value: Any) -> float:
-    return as_float(value, "scale", minimum=0.0, min_inclusive=False)
+    scale = as_float(value, "scale", minimum=0.0, min_inclusive=False)
+    margins.check_scale(owner.margin_rule, scale, getattr(owner, "num_classes", None))
+    return scale
 
 
 def _check_margin(owner: Any, value: Any) -> float:
@@ -507,7 +514,10 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
             ``"subcenter_arcface"`` (ArcFace over the best of ``sub_centers`` weight rows per
             class), or a :class:`~feature_cloud.margins.Margin` instance.
         scale: ``s``; default from the margin: 24 (CosFace) / 16 (ArcFace), the paper's re-ID
-            setting.
+            setting. One below :func:`~feature_cloud.margins.trainable_scale` of ``C``,
+            :math:`\frac{C-1}{C}\log(C-1)` (6.6 for 751 classes), warns: there not even a
+            perfectly separated sample reaches a target probability of 1/2. Note the order
+            ``(margin_type, scale, margin)``; PML's ``LEAPLoss`` takes ``(margin, scale)``.
         margin: default from the margin (0.2 for both).
         sub_centers: weight rows per class (``weight`` is ``(sub_centers * C, D)``, rows
             ``j K .. j K + K - 1`` for class ``j``); default from the margin (3 for sub-center
@@ -572,7 +582,7 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
         super().__init__()
         embedding_size = as_int(embedding_size, "embedding_size", 1)
         num_classes = as_int(num_classes, "num_classes", 1)
-        rule, scale, margin = resolve_margin(margin_type, scale, margin)
+        rule, scale, margin = resolve_margin(margin_type, scale, margin, num_classes)
         k = as_int(rule.sub_centers if sub_centers is None else sub_centers, "sub_centers", 1)
         check_reduction(reduction)
         chunk_size = check_impl(impl, chunk_size, rule, k)

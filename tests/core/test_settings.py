@@ -159,3 +159,20 @@ def test_the_head_seed_is_settable_and_reseeds_the_cloud():
     assert head.seed == 7 and int(head.feature_cloud.seed) == 7
     with pytest.raises(TypeError, match="seed must be an integer"):
         head.seed = 1.5
+
+
+def test_a_cloud_scale_far_above_the_evaluated_range_warns():
+    """``cloud_scale=32`` (the logit scale given to the cloud, e.g. fastreid's
+    ``FEATURE_CLOUD.SCALE``) was accepted silently: above 8 (twice the largest the evaluations
+    tried) it warns, at construction and on assignment; the tried range says nothing."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"cloud_scale=32.0 multiplies the cloud's standard"):
+        LEAPMarginHead(D, C, class_counts=COUNTS, cloud_scale=32.0)
+    head = LEAPMarginHead(D, C, class_counts=COUNTS)
+    with pytest.warns(UserWarning, match="MODEL.HEADS.SCALE"):
+        head.cloud_scale = 16.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for scale in (0.0, 1.0, 2.0, 4.0, 8.0):
+            head.cloud_scale = scale
