@@ -211,7 +211,9 @@ class FTLModel(nn.Module):
         classifier: ``FC``: an ``nn.Linear(embedding_size, num_classes)`` (the paper's plain softmax
             classifier) or a :class:`~feature_cloud.LEAPMarginHead` (its own margin loss then
             replaces the softmax; it normalises ``W`` and ``f``, so m-L2 only shrinks norms there:
-            pass ``alpha_reg=0`` with it — a warning says so otherwise).
+            pass ``alpha_reg=0`` with it — a warning says so otherwise). Any other module with a
+            ``(num_classes, embedding_size)`` ``.weight`` whose ``classifier(f)`` gives logits
+            works as the plain classifier (the type hint is ``nn.Module``).
         feature_dim: size of ``g`` (paper: 320).
         filter_net: ``R``; default :func:`make_filter` (``feature_dim -> embedding_size``).
         decoder: ``Dec`` producing the input's shape from ``g`` (e.g. :class:`ConvDecoder`).
@@ -240,10 +242,14 @@ class FTLModel(nn.Module):
     tail classes look like head classes) get the plain margin loss and leave the statistics alone.
     """
 
+    #: ``FC``: any module with a 2-D ``weight`` (checked at construction); typed as the two
+    #: built-in kinds so that ``model.classifier.weight`` is a ``Tensor`` to a type checker
+    classifier: Union[nn.Linear, LEAPMarginHead]
+
     def __init__(
         self,
         encoder: nn.Module,
-        classifier: Union[nn.Linear, LEAPMarginHead],
+        classifier: nn.Module,
         *,
         feature_dim: int = 320,
         filter_net: Optional[nn.Module] = None,
@@ -290,7 +296,7 @@ class FTLModel(nn.Module):
             if filter_net is not None
             else make_filter(self.feature_dim, self.embedding_size)
         )
-        self.classifier = classifier
+        self.classifier = cast(Union[nn.Linear, LEAPMarginHead], classifier)
         self.alpha_sfmx, self.alpha_recon, self.alpha_reg = (
             float(alpha_sfmx),
             float(alpha_recon),

@@ -124,8 +124,8 @@ def margin_logits(
     labels: Tensor,
     *,
     margin_type: Union[str, _margins.Margin] = "cosface",
-    scale: float = 24.0,
-    margin: float = 0.2,
+    scale: Optional[float] = None,
+    margin: Optional[float] = None,
     alpha: Optional[Tensor] = None,
     target_alpha: Optional[Tensor] = None,
 ) -> Tensor:
@@ -148,8 +148,12 @@ def margin_logits(
 
     every angle sum clipped to ``[0, pi]``. Labels ``< 0`` mark ignored rows (their target logit
     is left unmodified). Computed in float32 at least, whatever the autocast dtype of ``cos``.
+    ``scale`` / ``margin`` default to the margin's (:class:`~feature_cloud.LEAPMarginHead`'s:
+    CosFace 24 / 0.2, ArcFace 16 / 0.2 rad).
     """
     rule = _margins.get(margin_type)
+    scale = rule.default_scale if scale is None else scale
+    margin = rule.default_margin if margin is None else margin
     cos = _at_least_float32(cos)
     index = labels.clamp_min(0).unsqueeze(1)
     cos_y = cos.gather(1, index)

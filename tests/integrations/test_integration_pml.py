@@ -775,3 +775,8 @@ def test_cloud_settings_assigned_on_the_loss_reach_its_cloud():
     scheduled.load_state_dict(built.state_dict())
     scheduled.cloud_scale = 0.0
     torch.testing.assert_close(scheduled(x, y), built(x, y), rtol=0, atol=0)
+
+
+def test_the_repr_names_embedding_size():
+    """API review s50: ``LEAPLoss``'s repr lacked ``embedding_size``."""
+    assert f"num_classes={C}, embedding_size={D}, " in repr(LEAPLoss(C, D, cloud=None))
