@@ -504,7 +504,16 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
     the class centers (``prototype_shrinkage``), in train mode against the weights.
 
     With ``cloud=None``, during warm-up, in eval mode or under ``torch.no_grad()`` the loss is
-    plain CosFace / ArcFace (LEAP Eq. 1-2) and no statistic changes; labels ``< 0`` are ignored.
+    plain CosFace / ArcFace (LEAP Eq. 1-2). No statistic changes with ``cloud=None``, in eval
+    mode or under ``torch.no_grad()``; a warm-up step does gather them (centers, angle memory,
+    step count: the cloud needs them when it starts). Labels ``-1`` are ignored (left out of
+    the statistics and of the mean); other negative labels are refused with ``validate=True``
+    and ignored like ``-1`` with ``validate=False`` (no check).
+
+    In eval mode :meth:`forward` (the loss, and ``return_top1``) still scores ``weight``, the
+    classifier being trained, while :meth:`logits` scores the prototypes: a validation loss or
+    top-1 from ``forward`` describes the weights, ``head.logits(x).argmax(1)`` the served
+    classifier (they agree with ``prototype_shrinkage=None``).
 
     Args:
         embedding_size: ``D``.
@@ -544,8 +553,10 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
             :class:`~feature_cloud.cloud.FeatureCloud` (checked there, once for every head and
             adapter): ``tail_threshold`` (``T`` of the vanilla rule), ``gamma`` (center
             learning rate, paper 0.1), ``memory_per_sample`` (``P`` of Eq. 5),
-            ``warmup_steps`` (steps without cloud; with ``class_counts=None`` the counts are
-            taken online during warm-up, which should cover an epoch), ``class_counts``
+            ``warmup_steps`` (steps without cloud; **default 0**: the cloud starts at the first
+            step, on untrained features, where the paper waits some epochs, so set it: the
+            ``evaluate`` tool uses a third of training; with ``class_counts=None`` the counts
+            are taken online during warm-up, which should cover an epoch), ``class_counts``
             (``K_i`` per class, recommended), ``count_steps``, ``cloud_mode`` (where the cloud
             enters the logits: ``"margin"`` (default), ``"paper"`` or ``"target"``),
             ``cloud_scale`` (default 2), ``prototype_shrinkage`` (``kappa`` of the
@@ -730,6 +741,10 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
         ``label_smoothing``: as ``F.cross_entropy``'s (targets ``1 - eps + eps / C``, ``eps / C``).
         ``return_top1``: also return, per sample, whether its target has the largest plain
         cosine (top-1 accuracy logging; the fused path gets it without a second GEMM).
+
+        Loss and top-1 score ``weight`` in eval mode too (the training loss's classifier);
+        :meth:`logits` in eval mode scores the prototypes, so for the accuracy of the served
+        classifier use ``head.logits(x).argmax(1)`` (the class docstring).
         """
         problem, reduction, label_smoothing = self._forward_arguments(
             labels, reduction, label_smoothing
