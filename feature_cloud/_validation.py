@@ -199,6 +199,66 @@ def checked_attribute(name: str, check: Callable[[Any, Any], Any], doc: str) -> 
     return property(fget, fset, doc=doc)
 
 
+def _holder(owner: Any, parts: Sequence[str]) -> Any:
+    for part in parts:
+        owner = getattr(owner, part)
+    return owner
+
+
+def forwarded(path: str, check: Optional[Callable[[Any, Any], Any]] = None, doc: str = "") -> Any:
+    """A setting that an object holds in one of its parts (a ``property``): reading it reads
+    ``owner.<path>`` (``"feature_cloud.cloud_scale"``, ``"statistics.gamma"``); assigning it
+    assigns ``check(owner, value)`` there (the part's own check where it has one), so a
+    schedule's ``head.cloud_scale = s`` reaches the cloud (a plain attribute of that name, which
+    ``nn.Module`` creates silently, changed nothing). A class attribute: no per-step cost, no
+    ``__setattr__`` hook."""
+    *parts, attribute = path.split(".")
+
+    def fget(owner: Any) -> Any:
+        return getattr(_holder(owner, parts), attribute)
+
+    def fset(owner: Any, value: Any) -> None:
+        setattr(_holder(owner, parts), attribute, value if check is None else check(owner, value))
+
+    return property(fget, fset, doc=doc or f"``{path}``; settable, checked.")
+
+
+def fixed_setting(
+    name: str, why: str, path: Optional[str] = None, default: Any = None, how: str = ""
+) -> Any:
+    """A constructor setting that cannot change after construction (it sizes buffers, or the
+    statistics gathered so far depend on it), as a ``property`` that reads ``owner.<path>``
+    (``default`` where that part lacks it) and refuses an assignment with ``why`` and the way
+    out (``how``; default: build a new one with the value and load the old one's
+    ``state_dict()``). Without ``path`` the value lives in ``_<name>``: the constructor sets it once (any
+    later assignment is refused; the class's own code writes ``_<name>``)."""
+    private = "_" + name
+    parts = (path or private).split(".")
+
+    def fget(owner: Any) -> Any:
+        try:
+            return getattr(_holder(owner, parts[:-1]), parts[-1])
+        except AttributeError:
+            if path is None:
+                raise
+            return default
+
+    def fset(owner: Any, value: Any) -> None:
+        if path is None and private not in vars(owner):  # the constructor's assignment
+            object.__setattr__(owner, private, value)
+            return
+        raise AttributeError(
+            f"{name} is fixed at construction ({why}); "
+            + (
+                how
+                or f"to change it, build a new {type(owner).__name__} with {name}={value!r} "
+                "and load this one's state_dict()"
+            )
+        )
+
+    return property(fget, fset, doc=f"``{name}`` (fixed at construction: {why}).")
+
+
 def migrate_checked(
     state: Dict[str, Any],
     names: Sequence[str] = (),

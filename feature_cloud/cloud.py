@@ -30,12 +30,20 @@ from ._validation import (
     check_batch,
     check_class_counts,
     checked_attribute,
+    fixed_setting,
+    forwarded,
     inference_problem,
     migrate_checked,
     trainable_labels,
     warn_user,
 )
-from .statistics import DEFAULT_CENTER_RATE, ClassStatistics
+from .statistics import (
+    DEFAULT_CENTER_RATE,
+    ClassStatistics,
+    check_center_rate,
+    check_gamma,
+    check_unknown_variance,
+)
 from .sync import BATCH_MODES, SyncedClassStatistics
 
 __all__ = [
@@ -99,12 +107,11 @@ def _check_config(
 ) -> Tuple[int, Optional[int]]:
     """The cloud's argument checks, named as the user passed them (the statistics re-check
     their own); returns ``(warmup_steps, count_steps)`` as ints."""
-    FC.check_cloud_rule(rule)
-    as_int(tail_threshold, "tail_threshold", 0)
+    FC.check_cloud_rule(rule, name="rule")
+    _check_tail_threshold(None, tail_threshold)
     as_int(memory_per_sample, "memory_per_sample", 1)
-    as_float(gamma, "gamma", minimum=0.0, maximum=1.0, min_inclusive=False)
-    if angle_max_age is not None:
-        as_int(angle_max_age, "angle_max_age", 1)
+    check_gamma(gamma)
+    _check_max_age(None, angle_max_age)
     warmup_steps = as_int(warmup_steps, "warmup_steps", 0)
     if rule is not None and class_counts is None and warmup_steps == 0:
         raise ValueError(
@@ -132,12 +139,62 @@ def _check_mode(owner: Any, value: Any) -> str:
     return str(value)
 
 
+#: ``cloud_scale`` above this warns: twice the largest the evaluations tried (docs/real-faces.md:
+#: 0 to 4, no gain above the default 2)
+_CLOUD_SCALE_WARN = 8.0
+
+
 def _check_cloud_scale(owner: Any, value: Any) -> float:
-    return as_float(value, "cloud_scale", minimum=0.0)
+    scale = as_float(value, "cloud_scale", minimum=0.0)
+    if scale > _CLOUD_SCALE_WARN:
+        warn_user(
+            f"cloud_scale={scale} multiplies the cloud's standard deviation (default "
+            f"{DEFAULT_CLOUD_SCALE}, the paper's 1; the evaluations tried 0 to 4): above "
+            f"{_CLOUD_SCALE_WARN:g} the cloud's angles dwarf the classes' own spread. The logit "
+            "scale s is the head's scale= (fastreid: MODEL.HEADS.SCALE, not "
+            "FEATURE_CLOUD.SCALE)"
+        )
+    return scale
 
 
 def _check_min_count(owner: Any, value: Any) -> int:
     return as_int(value, "prototype_min_count", 1)
+
+
+def _check_rule(owner: Any, value: Any) -> Optional[str]:
+    return FC.check_cloud_rule(value, name="rule")
+
+
+def _check_tail_threshold(owner: Any, value: Any) -> int:
+    return as_int(value, "tail_threshold", 0)
+
+
+def _check_max_age(owner: Any, value: Any) -> Optional[int]:
+    return None if value is None else as_int(value, "angle_max_age", 1)
+
+
+def _check_imprint_step(owner: Any, value: Any) -> Optional[int]:
+    if value is None:
+        return None
+    step = as_int(value, "imprint_step", 0)
+    rule, kappa = owner.rule, owner.prototype_shrinkage
+    if rule is None or kappa is None:
+        raise ValueError(
+            f"imprint_step={step} imprints the inference prototypes: it needs a cloud rule (got "
+            f"{rule!r}) and prototype_shrinkage (got {kappa!r})"
+        )
+    return step
+
+
+#: why the settings that cannot change after construction cannot (:func:`fixed_setting`)
+_WHY_FIXED = {
+    "warmup_steps": "the step count, the online count of K_i and the cloud's start are set by it",
+    "memory_per_sample": "it sizes the angle memory, K_i * P slots per class (LEAP Eq. 5)",
+    "count_steps": "K_i are counted online over the first count_steps steps",
+    "class_counts": "they lay out the angle memory (LEAP Eq. 5)",
+    "sync": "it chose the statistics' class",
+}
+_SYNCHRONIZE = "call feature_cloud.synchronize(process_group, pad_to=...) instead"
 
 
 class _Backward:
@@ -169,7 +226,7 @@ _PICKLE_PREDATES: Dict[str, Any] = {
     # before prototype_min_count: every class with a center leaned (1; a class with a center
     # but K_i = 0 leaned fully onto it then, a case only online counting can reach)
     "_prototype_min_count": 1,
-    "imprint_step": None,  # before weight imprinting: never
+    "_imprint_step": None,  # before weight imprinting: never
     "_imprinted": -1,
 }
 
@@ -186,8 +243,10 @@ class FeatureCloud(nn.Module):
         gamma: center learning rate (paper: 0.1).
         memory_per_sample: ``P`` of LEAP Eq. 5.
         warmup_steps: training steps without cloud (the paper starts the cloud after some
-            epochs). With ``class_counts=None`` the counts ``K_i`` are taken online during
-            warm-up, which must then be ``>= 1`` and should cover an epoch.
+            epochs; **default 0**: from the first step, on untrained features, so set it: the
+            ``evaluate`` tool warms up for a third of training). With ``class_counts=None`` the
+            counts ``K_i`` are taken online during warm-up, which must then be ``>= 1`` and
+            should cover an epoch.
         class_counts: ``K_i`` per class from the dataset (recommended).
         count_steps: with ``class_counts=None``, the steps of one epoch: ``K_i`` are counted
             online over the first ``count_steps`` steps only (must be ``<= warmup_steps``);
@@ -273,21 +332,13 @@ class FeatureCloud(nn.Module):
         )
         if class_counts is not None:
             class_counts = check_class_counts(class_counts, as_int(num_classes, "num_classes", 1))
-        self.rule = rule
+        self._rule = rule  # checked above (_check_config)
         self.mode = cloud_mode  # checked by the properties' setters
         self.scale = cloud_scale
         self.prototype_shrinkage = prototype_shrinkage
         self.prototype_min_count = prototype_min_count
-        if imprint_step is not None:
-            imprint_step = as_int(imprint_step, "imprint_step", 0)
-            if rule is None or self.prototype_shrinkage is None:
-                raise ValueError(
-                    f"imprint_step={imprint_step} imprints the inference prototypes: it needs a "
-                    f"cloud rule (got {rule!r}) and prototype_shrinkage (got "
-                    f"{self.prototype_shrinkage!r})"
-                )
         self.imprint_step = imprint_step
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = warmup_steps  # set once (fixed_setting)
         self.sync = sync
         kwargs: Dict[str, Any] = dict(
             gamma=gamma,
@@ -390,6 +441,53 @@ class FeatureCloud(nn.Module):
     scale = checked_attribute(
         "scale", _check_cloud_scale, "The cloud's std factor (``cloud_scale``); settable."
     )
+    # Every constructor keyword is an attribute of the same name (the repr's names): a setting
+    # a run may change is forwarded to where it lives and checked as the constructor checks
+    # it (a cloud-scale schedule's ``cloud.cloud_scale = s``); one that cannot change refuses
+    # an assignment, saying why (a plain attribute of that name changed nothing).
+    rule = property(
+        lambda self: self._rule,
+        lambda self, rule: self.set_rule(rule),
+        doc='The cloud rule (``"full"``, ``"vanilla"``) or ``None``; settable (:meth:`set_rule`).',
+    )
+    cloud_mode = forwarded("mode", doc="``cloud_mode`` (the attribute ``mode``); settable.")
+    cloud_scale = forwarded("scale", doc="``cloud_scale`` (the attribute ``scale``); settable.")
+    gamma = forwarded("statistics.gamma", lambda _, v: check_gamma(v))
+    tail_threshold = forwarded("statistics.tail_threshold", _check_tail_threshold)
+    center_rate = forwarded("statistics.center_rate", lambda _, v: check_center_rate(v))
+    unknown_variance = forwarded(
+        "statistics.unknown_variance", lambda _, v: check_unknown_variance(v)
+    )
+    angle_max_age = forwarded("statistics.max_age", _check_max_age)
+    imprint_step = checked_attribute(
+        "imprint_step",
+        _check_imprint_step,
+        "The training step that imprints the prototypes (``None``: never); settable, checked.",
+    )
+    warmup_steps = fixed_setting("warmup_steps", _WHY_FIXED["warmup_steps"])
+    sync = fixed_setting("sync", _WHY_FIXED["sync"], how=_SYNCHRONIZE)
+    memory_per_sample = fixed_setting(
+        "memory_per_sample", _WHY_FIXED["memory_per_sample"], "statistics.memory_per_sample"
+    )
+    count_steps = fixed_setting(
+        "count_steps", _WHY_FIXED["count_steps"], "statistics.count_updates"
+    )
+    class_counts = fixed_setting(
+        "class_counts",
+        _WHY_FIXED["class_counts"],
+        "statistics.class_counts",
+        how="lay the memory out anew with statistics.allocate_memory(class_counts) (the stored "
+        "angles are dropped)",
+    )
+    process_group = fixed_setting(
+        "process_group",
+        "the statistics' collectives use it",
+        "statistics.process_group",
+        how=_SYNCHRONIZE,
+    )
+    pad_to = fixed_setting(
+        "pad_to", "the statistics' gathers use it", "statistics.pad_to", how=_SYNCHRONIZE
+    )
     prototype_min_count = checked_attribute(
         "prototype_min_count",
         _check_min_count,
@@ -416,7 +514,16 @@ class FeatureCloud(nn.Module):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """Whole-module pickles of earlier releases held ``prototype_shrinkage`` and the
         checked settings as plain attributes, or lack them (:data:`_PICKLE_PREDATES`)."""
-        names = ("prototype_shrinkage", "mode", "scale", "prototype_min_count")
+        names = (
+            "prototype_shrinkage",
+            "mode",
+            "scale",
+            "prototype_min_count",
+            "rule",
+            "imprint_step",
+            "warmup_steps",
+            "sync",
+        )
         state = migrate_checked(state, names, _PICKLE_PREDATES)
         super().__setstate__(state)  # type: ignore[no-untyped-call]
 
@@ -436,7 +543,7 @@ class FeatureCloud(nn.Module):
         Turning a cloud on past the warm-up needs ``K_i``: a head built with ``cloud=None`` and
         no ``class_counts`` never counted them, so lay them out first
         (``statistics.allocate_memory(class_counts)``)."""
-        FC.check_cloud_rule(rule)
+        FC.check_cloud_rule(rule, name="rule")
         stats = self.statistics
         steps = self._host_count()
         if (
@@ -456,7 +563,7 @@ class FeatureCloud(nn.Module):
                 "statistics.allocate_memory(class_counts) first (the head's `.statistics`), or "
                 "build the head with class_counts."
             )
-        self.rule = rule
+        self._rule = rule
         self.statistics.memory_in_use = rule is not None
         if rule is not None:
             self.statistics.rule = rule
@@ -722,7 +829,7 @@ class FeatureCloud(nn.Module):
         self.statistics = SyncedClassStatistics.from_statistics(
             self.statistics, process_group=process_group, pad_to=pad_to, batch=batch
         )
-        self.sync = "pml_gathered" if batch == "pml_gathered" else "auto"
+        self._sync = "pml_gathered" if batch == "pml_gathered" else "auto"
 
     # ------------------------------------------------------------------ checkpoints
     def check_state_dict(self, state_dict: Dict[str, Any], prefix: str = "") -> None:
@@ -829,36 +936,46 @@ class WithFeatureCloud:
 
     @cloud.setter
     def cloud(self, rule: Optional[str]) -> None:
-        self.feature_cloud.set_rule(rule)
+        self.feature_cloud.set_rule(FC.check_cloud_rule(rule, name="cloud"))
 
-    @property
-    def prototype_shrinkage(self) -> Optional[float]:
-        """``kappa`` of the inference prototypes (the cloud's); settable: ``None`` scores the
-        weights until set back (a plain attribute of that name would change nothing)."""
-        return self.feature_cloud.prototype_shrinkage
-
-    @prototype_shrinkage.setter
-    def prototype_shrinkage(self, kappa: Optional[float]) -> None:
-        self.feature_cloud.prototype_shrinkage = kappa
-
-    @property
-    def prototype_min_count(self) -> int:
-        """Classes with fewer ``K_i`` keep their weights as inference prototypes (the
-        cloud's); settable, checked."""
-        return self.feature_cloud.prototype_min_count
-
-    @prototype_min_count.setter
-    def prototype_min_count(self, count: int) -> None:
-        self.feature_cloud.prototype_min_count = count
+    # The cloud's settings under their keywords' names, forwarded to the FeatureCloud (one
+    # mechanism, :func:`forwarded`): assignable ones are checked there as its constructor
+    # checks them (a cloud-scale schedule's ``head.cloud_scale = s``), fixed ones refuse
+    # (:func:`fixed_setting`, saying why); a plain attribute of such a name changed nothing.
+    # Not ``process_group`` / ``pad_to``: a sharded head holds its own.
+    cloud_mode = forwarded("feature_cloud.cloud_mode", doc="The cloud's ``cloud_mode``; settable.")
+    cloud_scale = forwarded(
+        "feature_cloud.cloud_scale", doc="The cloud's ``cloud_scale``; settable (a schedule)."
+    )
+    prototype_shrinkage = forwarded(
+        "feature_cloud.prototype_shrinkage",
+        doc="``kappa`` of the inference prototypes (the cloud's); settable: ``None`` scores the "
+        "weights until set back.",
+    )
+    prototype_min_count = forwarded(
+        "feature_cloud.prototype_min_count",
+        doc="Classes with fewer ``K_i`` keep their weights as inference prototypes; settable.",
+    )
+    gamma = forwarded("feature_cloud.gamma", doc="The center learning rate; settable.")
+    tail_threshold = forwarded("feature_cloud.tail_threshold", doc="``T``; settable.")
+    center_rate = forwarded("feature_cloud.center_rate", doc="The center rule; settable.")
+    unknown_variance = forwarded(
+        "feature_cloud.unknown_variance", doc="The cloud of classes without angles; settable."
+    )
+    angle_max_age = forwarded("feature_cloud.angle_max_age", doc="Angle age limit; settable.")
+    imprint_step = forwarded(
+        "feature_cloud.imprint_step", doc="The imprint's training step (``None``); settable."
+    )
+    warmup_steps = forwarded("feature_cloud.warmup_steps", doc="Steps without cloud; fixed.")
+    memory_per_sample = forwarded("feature_cloud.memory_per_sample", doc="``P``; fixed.")
+    count_steps = forwarded("feature_cloud.count_steps", doc="The online count window; fixed.")
+    class_counts = forwarded("feature_cloud.class_counts", doc="``K_i`` (a buffer); fixed.")
+    sync = forwarded("feature_cloud.sync", doc="The statistics' synchronisation; fixed.")
 
     @property
     def statistics(self) -> ClassStatistics:
         """The class statistics of the cloud (buffers)."""
         return self.feature_cloud.statistics
-
-    @property
-    def warmup_steps(self) -> int:
-        return self.feature_cloud.warmup_steps
 
     @property
     def step(self) -> int:
@@ -872,6 +989,10 @@ class WithFeatureCloud:
         rank only if that RNG is, or once DDP broadcasts the buffers; pass ``seed`` for runs
         that resume exactly on every rank (the sharded head broadcasts rank 0's)."""
         return int(self.feature_cloud.seed)
+
+    @seed.setter
+    def seed(self, seed: int) -> None:
+        self.feature_cloud.reseed(seed)
 
     @property
     def cloud_active(self) -> bool:

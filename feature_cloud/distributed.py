@@ -226,7 +226,7 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
         super().__init__()
         embedding_size = as_int(embedding_size, "embedding_size", 1)
         num_classes = as_int(num_classes, "num_classes", 1)
-        rule, scale, margin = resolve_margin(margin_type, scale, margin)
+        rule, scale, margin = resolve_margin(margin_type, scale, margin, num_classes)
         if rule.sub_centers != 1:
             raise ValueError(
                 f"margin_type {rule.name!r} uses sub-centers, which the sharded "

@@ -211,7 +211,9 @@ class FTLModel(nn.Module):
         classifier: ``FC``: an ``nn.Linear(embedding_size, num_classes)`` (the paper's plain softmax
             classifier) or a :class:`~feature_cloud.LEAPMarginHead` (its own margin loss then
             replaces the softmax; it normalises ``W`` and ``f``, so m-L2 only shrinks norms there:
-            pass ``alpha_reg=0`` with it — a warning says so otherwise).
+            pass ``alpha_reg=0`` with it — a warning says so otherwise). Any other module with a
+            ``(num_classes, embedding_size)`` ``.weight`` whose ``classifier(f)`` gives logits
+            works as the plain classifier (the type hint is ``nn.Module``).
         feature_dim: size of ``g`` (paper: 320).
         filter_net: ``R``; default :func:`make_filter` (``feature_dim -> embedding_size``).
         decoder: ``Dec`` producing the input's shape from ``g`` (e.g. :class:`ConvDecoder`).
@@ -240,10 +242,14 @@ class FTLModel(nn.Module):
     tail classes look like head classes) get the plain margin loss and leave the statistics alone.
     """
 
+    #: ``FC``: any module with a 2-D ``weight`` (checked at construction); typed as the two
+    #: built-in kinds so that ``model.classifier.weight`` is a ``Tensor`` to a type checker
+    classifier: Union[nn.Linear, LEAPMarginHead]
+
     def __init__(
         self,
         encoder: nn.Module,
-        classifier: Union[nn.Linear, LEAPMarginHead],
+        classifier: nn.Module,
         *,
         feature_dim: int = 320,
         filter_net: Optional[nn.Module] = None,
@@ -290,7 +296,7 @@ class FTLModel(nn.Module):
             if filter_net is not None
             else make_filter(self.feature_dim, self.embedding_size)
         )
-        self.classifier = classifier
+        self.classifier = cast(Union[nn.Linear, LEAPMarginHead], classifier)
         self.alpha_sfmx, self.alpha_recon, self.alpha_reg = (
             float(alpha_sfmx),
             float(alpha_recon),
@@ -622,12 +628,20 @@ def check_tail_split(transfer: FeatureTransfer, class_counts: ClassCounts) -> No
         )
 
 
+def _draw_seed() -> int:
+    """A sampler seed from torch's global RNG (``torch.manual_seed`` sets it), as
+    ``RandomSampler`` draws its generator's seed."""
+    return int(torch.randint(0, 2**62, (), device="cpu").item())
+
+
 class StreamSampler(Sampler[int]):
     """A resumable stream of dataset indices drawn from a pool, for a normal ``DataLoader``.
 
     The stream is a concatenation of random permutations of the pool (epochs without
     replacement), seeded by ``seed``; it yields positions ``start .. start + num_samples - 1`` of
-    that stream, so a resumed run can continue exactly where it stopped. ``pool`` is a tensor of
+    that stream, so a resumed run can continue exactly where it stopped. ``seed=None`` draws one
+    from torch's global RNG when the sampler is built (as ``RandomSampler`` does per epoch: runs
+    under another ``torch.manual_seed`` draw other streams); it is then fixed in ``seed``. ``pool`` is a tensor of
     dataset indices or a callable returning one, read when iteration starts (the hard list and
     the long-tail pool change at every UpdateStats).
     """
@@ -636,7 +650,7 @@ class StreamSampler(Sampler[int]):
         self,
         pool: Union[Tensor, Callable[[], Tensor]],
         num_samples: int,
-        seed: int = 0,
+        seed: Optional[int] = None,
         start: int = 0,
         name: str = "pool",
     ) -> None:
@@ -645,7 +659,7 @@ class StreamSampler(Sampler[int]):
         self.pool = pool
         self.num_samples, self.seed, self.start, self.name = (
             int(num_samples),
-            int(seed),
+            _draw_seed() if seed is None else as_int(seed, "seed"),
             int(start),
             name,
         )
@@ -707,7 +721,11 @@ class AlternatingScheduler:
             ``stage2_iters`` is given.
         stage2_iters: iterations of each stage 2; ``None`` (default): ``stage_iters``.
         max_alternations: number of (stage 1, stage 2) pairs, or ``None``.
-        seed: seed of the samplers.
+        seed: seed of the samplers; ``None`` (default) draws one from torch's global RNG (as
+            ``torch.utils.data.RandomSampler`` does: ``torch.manual_seed`` sets it, so runs
+            under other seeds sample other batches). It is in :meth:`state_dict`: a scheduler
+            built with ``seed=None`` takes the checkpoint's on :meth:`load_state_dict` (an
+            explicit one must match it), so a resumed run continues identically.
         flip: ``x -> flipped x`` for the flipped-image centers of Eq. 5 (e.g.
             ``lambda x: x.flip(-1)`` for images); ``None``: plain means.
         quality: ``(x, g) -> bool (B,)`` quality filter :math:`\Omega` of Eq. 5 (paper: yaw below
@@ -726,7 +744,7 @@ class AlternatingScheduler:
         stage_iters: int = 5000,
         stage2_iters: Optional[int] = None,
         max_alternations: Optional[int] = None,
-        seed: int = 0,
+        seed: Optional[int] = None,
         flip: Optional[Callable[[Tensor], Tensor]] = None,
         quality: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
         tail_sampling: str = DEFAULT_TAIL_SAMPLING,
@@ -747,7 +765,10 @@ class AlternatingScheduler:
         self.stage_iters = stage_iters
         self.stage2_iters = self.stage_iters if stage2_iters is None else stage2_iters
         self.max_alternations = max_alternations
-        self.seed = as_int(seed, "seed")
+        #: whether ``seed`` was given (a checkpoint must then match it) or drawn (the
+        #: checkpoint's is taken on load)
+        self.seed_given = seed is not None
+        self.seed = _draw_seed() if seed is None else as_int(seed, "seed")
         self.flip = flip
         self.quality = quality
         self.tail_sampling = tail_sampling
@@ -769,7 +790,11 @@ class AlternatingScheduler:
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """A pickle of an earlier release: before ``stage2_iters`` stage 2 was as long as stage
         1; before ``tail_sampling`` the long-tail batch was drawn from the samples."""
-        predating = {"stage2_iters": state.get("stage_iters"), "tail_sampling": "samples"}
+        predating = {
+            "stage2_iters": state.get("stage_iters"),
+            "tail_sampling": "samples",
+            "seed_given": True,  # before seed=None: the seed (default 0) was always fixed
+        }
         self.__dict__.update(migrate_checked(state, predating=predating))
 
     def check_class_counts(self, class_counts: ClassCounts) -> None:
@@ -881,7 +906,12 @@ class AlternatingScheduler:
             raise ValueError(f"scheduler state lacks {sorted(missing)}")
         if int(state["stage"]) not in STAGE_TRAINABLE:
             raise ValueError(f"invalid stage {state['stage']!r}")
-        for key in ("stage0_iters", "stage_iters", "seed"):
+        keys = (
+            ("stage0_iters", "stage_iters", "seed")
+            if self.seed_given
+            else ("stage0_iters", "stage_iters")
+        )
+        for key in keys:
             if key in state and int(state[key]) != getattr(self, key):
                 raise ValueError(
                     f"checkpoint has {key}={state[key]} but this scheduler has {getattr(self, key)}"
@@ -925,6 +955,8 @@ class AlternatingScheduler:
         self.stage_iteration = int(state["stage_iteration"])
         self.alternation = int(state["alternation"])
         self.needs_stats = bool(state["needs_stats"])
+        if not self.seed_given:  # drawn: continue the checkpoint's streams (0 before the key)
+            self.seed = int(state.get("seed", 0))
         saved = state.get("max_alternations", self.max_alternations)
         if saved != self.max_alternations:  # the run's length is the constructed one
             warn_user(

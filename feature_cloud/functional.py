@@ -124,8 +124,8 @@ def margin_logits(
     labels: Tensor,
     *,
     margin_type: Union[str, _margins.Margin] = "cosface",
-    scale: float = 24.0,
-    margin: float = 0.2,
+    scale: Optional[float] = None,
+    margin: Optional[float] = None,
     alpha: Optional[Tensor] = None,
     target_alpha: Optional[Tensor] = None,
 ) -> Tensor:
@@ -148,8 +148,12 @@ def margin_logits(
 
     every angle sum clipped to ``[0, pi]``. Labels ``< 0`` mark ignored rows (their target logit
     is left unmodified). Computed in float32 at least, whatever the autocast dtype of ``cos``.
+    ``scale`` / ``margin`` default to the margin's (:class:`~feature_cloud.LEAPMarginHead`'s:
+    CosFace 24 / 0.2, ArcFace 16 / 0.2 rad).
     """
     rule = _margins.get(margin_type)
+    scale = rule.default_scale if scale is None else scale
+    margin = rule.default_margin if margin is None else margin
     cos = _at_least_float32(cos)
     index = labels.clamp_min(0).unsqueeze(1)
     cos_y = cos.gather(1, index)
@@ -453,13 +457,16 @@ def full_cloud_variance(
     return torch.where(has_stats | prior, out, torch.zeros_like(out))
 
 
-def check_cloud_rule(rule: Optional[str], optional: bool = True) -> Optional[str]:
+def check_cloud_rule(
+    rule: Optional[str], optional: bool = True, name: str = "cloud"
+) -> Optional[str]:
     """``rule`` if it is one of :data:`CLOUD_RULES` (or ``None`` where ``optional``: no cloud),
-    else ``ValueError`` naming them."""
+    else ``ValueError`` naming them and the argument ``name`` (the heads' ``cloud``,
+    :class:`~feature_cloud.FeatureCloud`'s and this module's ``rule``)."""
     if (rule is None and optional) or rule in CLOUD_RULES:
         return rule
     choices = f"{CLOUD_RULES} or None" if optional else f"{CLOUD_RULES}"
-    raise ValueError(f"cloud must be one of {choices}, got {rule!r}")
+    raise ValueError(f"{name} must be one of {choices}, got {rule!r}")
 
 
 def cloud_variance(
@@ -471,7 +478,7 @@ def cloud_variance(
     prior: Optional[Tensor] = None,
 ) -> Tensor:
     """Dispatch to :func:`full_cloud_variance` or :func:`vanilla_cloud_variance` by ``rule``."""
-    if check_cloud_rule(rule, optional=False) == "full":
+    if check_cloud_rule(rule, optional=False, name="rule") == "full":
         return full_cloud_variance(var, has_stats, class_counts, prior)
     return vanilla_cloud_variance(var, has_stats, class_counts, threshold, prior)
 

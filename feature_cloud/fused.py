@@ -751,8 +751,8 @@ def margin_loss(
     labels: Tensor,
     *,
     margin_type: Union[str, _margins.Margin] = "cosface",
-    scale: float = 24.0,
-    margin: float = 0.2,
+    scale: Optional[float] = None,
+    margin: Optional[float] = None,
     noise_std: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     noise: Optional[Tensor] = None,
@@ -815,8 +815,11 @@ def margin_loss(
 
     ``sub_centers``: weight rows per class (default: the margin's, 3 for sub-center ArcFace);
     the fused kernels need 1 (a sub-center margin with ``sub_centers=1`` is its base margin).
+    ``scale`` / ``margin`` default to the margin's (CosFace 24 / 0.2, ArcFace 16 / 0.2 rad).
     """
     rule = _margins.get(margin_type)
+    scale = rule.default_scale if scale is None else scale
+    margin = rule.default_margin if margin is None else margin
     label_smoothing = as_float(
         label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0, max_inclusive=False
     )

@@ -86,9 +86,13 @@ def resolve_margin(
     margin_type: Union[str, margins.Margin],
     scale: Optional[float],
     margin: Optional[float],
+    num_classes: Optional[int] = None,
 ) -> Tuple[margins.Margin, float, float]:
     """The checked margin rule, scale and margin (radians for angular margins) of a head, with
-    the registry's defaults filled in; an angular margin that looks like degrees warns."""
+    the registry's defaults filled in; an angular margin that looks like degrees warns, and so
+    does a scale too small to train over ``num_classes`` classes
+    (:func:`~feature_cloud.margins.check_scale`: a scale and margin that look swapped are said
+    to be, rather than the margin's unit)."""
     rule = margins.get(margin_type)
     scale = (
         rule.default_scale
@@ -96,12 +100,15 @@ def resolve_margin(
         else as_float(scale, "scale", minimum=0.0, min_inclusive=False)
     )
     margin = rule.default_margin if margin is None else as_float(margin, "margin")
-    margins.check_unit(rule, margin, "radians")
+    if not margins.check_scale(rule, scale, num_classes, margin):
+        margins.check_unit(rule, margin, "radians")
     return rule, float(scale), float(margin)
 
 
 def _check_scale(owner: Any, value: Any) -> float:
-    return as_float(value, "scale", minimum=0.0, min_inclusive=False)
+    scale = as_float(value, "scale", minimum=0.0, min_inclusive=False)
+    margins.check_scale(owner.margin_rule, scale, getattr(owner, "num_classes", None))
+    return scale
 
 
 def _check_margin(owner: Any, value: Any) -> float:
@@ -308,6 +315,7 @@ def make_cloud(
                 f"{cloud.embedding_size}; the head has {num_classes}, {embedding_size}"
             )
     else:
+        FC.check_cloud_rule(cloud, name="cloud")  # the heads' keyword (the cloud's is rule)
         _check_cloud_options(options, owner)
         cloud = FeatureCloud(num_classes, embedding_size, cloud, **options)
     dist = torch.distributed
@@ -497,7 +505,16 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
     the class centers (``prototype_shrinkage``), in train mode against the weights.
 
     With ``cloud=None``, during warm-up, in eval mode or under ``torch.no_grad()`` the loss is
-    plain CosFace / ArcFace (LEAP Eq. 1-2) and no statistic changes; labels ``< 0`` are ignored.
+    plain CosFace / ArcFace (LEAP Eq. 1-2). No statistic changes with ``cloud=None``, in eval
+    mode or under ``torch.no_grad()``; a warm-up step does gather them (centers, angle memory,
+    step count: the cloud needs them when it starts). Labels ``-1`` are ignored (left out of
+    the statistics and of the mean); other negative labels are refused with ``validate=True``
+    and ignored like ``-1`` with ``validate=False`` (no check).
+
+    In eval mode :meth:`forward` (the loss, and ``return_top1``) still scores ``weight``, the
+    classifier being trained, while :meth:`logits` scores the prototypes: a validation loss or
+    top-1 from ``forward`` describes the weights, ``head.logits(x).argmax(1)`` the served
+    classifier (they agree with ``prototype_shrinkage=None``).
 
     Args:
         embedding_size: ``D``.
@@ -507,7 +524,10 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
             ``"subcenter_arcface"`` (ArcFace over the best of ``sub_centers`` weight rows per
             class), or a :class:`~feature_cloud.margins.Margin` instance.
         scale: ``s``; default from the margin: 24 (CosFace) / 16 (ArcFace), the paper's re-ID
-            setting.
+            setting. One below :func:`~feature_cloud.margins.trainable_scale` of ``C``,
+            :math:`\frac{C-1}{C}\log(C-1)` (6.6 for 751 classes), warns: there not even a
+            perfectly separated sample reaches a target probability of 1/2. Note the order
+            ``(margin_type, scale, margin)``; PML's ``LEAPLoss`` takes ``(margin, scale)``.
         margin: default from the margin (0.2 for both).
         sub_centers: weight rows per class (``weight`` is ``(sub_centers * C, D)``, rows
             ``j K .. j K + K - 1`` for class ``j``); default from the margin (3 for sub-center
@@ -534,8 +554,10 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
             :class:`~feature_cloud.cloud.FeatureCloud` (checked there, once for every head and
             adapter): ``tail_threshold`` (``T`` of the vanilla rule), ``gamma`` (center
             learning rate, paper 0.1), ``memory_per_sample`` (``P`` of Eq. 5),
-            ``warmup_steps`` (steps without cloud; with ``class_counts=None`` the counts are
-            taken online during warm-up, which should cover an epoch), ``class_counts``
+            ``warmup_steps`` (steps without cloud; **default 0**: the cloud starts at the first
+            step, on untrained features, where the paper waits some epochs, so set it: the
+            ``evaluate`` tool uses a third of training; with ``class_counts=None`` the counts
+            are taken online during warm-up, which should cover an epoch), ``class_counts``
             (``K_i`` per class, recommended), ``count_steps``, ``cloud_mode`` (where the cloud
             enters the logits: ``"margin"`` (default), ``"paper"`` or ``"target"``),
             ``cloud_scale`` (default 2), ``prototype_shrinkage`` (``kappa`` of the
@@ -572,7 +594,7 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
         super().__init__()
         embedding_size = as_int(embedding_size, "embedding_size", 1)
         num_classes = as_int(num_classes, "num_classes", 1)
-        rule, scale, margin = resolve_margin(margin_type, scale, margin)
+        rule, scale, margin = resolve_margin(margin_type, scale, margin, num_classes)
         k = as_int(rule.sub_centers if sub_centers is None else sub_centers, "sub_centers", 1)
         check_reduction(reduction)
         chunk_size = check_impl(impl, chunk_size, rule, k)
@@ -720,6 +742,10 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
         ``label_smoothing``: as ``F.cross_entropy``'s (targets ``1 - eps + eps / C``, ``eps / C``).
         ``return_top1``: also return, per sample, whether its target has the largest plain
         cosine (top-1 accuracy logging; the fused path gets it without a second GEMM).
+
+        Loss and top-1 score ``weight`` in eval mode too (the training loss's classifier);
+        :meth:`logits` in eval mode scores the prototypes, so for the accuracy of the served
+        classifier use ``head.logits(x).argmax(1)`` (the class docstring).
         """
         problem, reduction, label_smoothing = self._forward_arguments(
             labels, reduction, label_smoothing

@@ -41,6 +41,8 @@ __all__ = [
     "get",
     "names",
     "check_unit",
+    "check_scale",
+    "trainable_scale",
     "Defaults",
 ]
 
@@ -335,6 +337,61 @@ def check_unit(margin_type: Union[str, Margin], margin: float, unit: str = "radi
             f"{rule.pml_margin}); a margin below 1 looks like radians: did you mean "
             f"margin={math.degrees(m):.1f}?"
         )
+
+
+#: the target probability below which :func:`check_scale` warns (the loss floor above log 2)
+_MIN_TARGET_PROBABILITY = 0.5
+
+
+def trainable_scale(num_classes: int) -> float:
+    r"""The smallest logit scale ``s`` at which a cosine softmax over ``C = num_classes`` classes
+    can give a sample's target class a probability of 1/2 (a loss of ``log 2``): the best case
+    puts the features on their class weights and the weights as far apart as they can be, a
+    regular simplex (cosine :math:`-1/(C-1)` between classes; NormFace, Wang et al. 2017), where
+    the target probability is at most :math:`p(s) = 1 / (1 + (C-1) e^{-s C/(C-1)})`. Solving
+    :math:`p(s) = 1/2`: :math:`s = \frac{C-1}{C}\log(C-1)` (0 for ``C <= 2``). A margin only
+    raises it. CosFace / ArcFace use 16-64."""
+    c = int(num_classes)
+    return 0.0 if c <= 2 else (c - 1) / c * math.log(c - 1)
+
+
+def check_scale(
+    margin_type: Union[str, Margin],
+    scale: float,
+    num_classes: Optional[int],
+    margin: Optional[float] = None,
+) -> bool:
+    """Warn when a cosine-softmax ``scale`` is below :func:`trainable_scale` of ``num_classes``:
+    the loss cannot train there (not even a perfectly separated sample reaches a target
+    probability of 1/2). With the head's ``margin`` given and looking like a scale (``>= 4``)
+    while the scale looks like a margin, the warning says the two are swapped (PML's
+    ``LEAPLoss(num_classes, embedding_size, margin, scale)`` order ported to
+    ``LEAPMarginHead(embedding_size, num_classes, margin_type, scale, margin)``) instead of
+    suggesting another margin for the broken scale. Returns whether it warned."""
+    if num_classes is None:
+        return False
+    rule, s, c = get(margin_type), float(scale), int(num_classes)
+    floor = trainable_scale(c)
+    if s >= floor:
+        return False
+    best = 1.0 / (1.0 + (c - 1) * math.exp(-s * c / (c - 1)))
+    why = (
+        f"scale={s} is too small to train a softmax over {c} classes: even with every sample on "
+        f"its class weight and the weights as far apart as they can be (NormFace's bound), the "
+        f"target's probability stays below {best:.2f}, the loss above {-math.log(best):.2f} "
+        f"nats (chance: log C = {math.log(c):.2f}). Use scale >= {floor:.1f} (16-64 are usual; "
+        f"{rule.name}'s default {rule.default_scale}"
+    )
+    if margin is not None and float(margin) >= 4.0 and s < math.pi / 2:
+        warn_user(
+            f"{why}). scale and margin look swapped (scale={s}, margin={float(margin)}): the "
+            "head's order is (embedding_size, num_classes, margin_type, scale, margin), PML's "
+            f"LEAPLoss's (num_classes, embedding_size, margin, scale); did you mean "
+            f"scale={float(margin)}, margin={s}? Pass them by keyword."
+        )
+    else:
+        warn_user(f"{why}).")
+    return True
 
 
 _check = check  # register's keyword of the same name hides the function there

@@ -19,6 +19,7 @@ from ._validation import (
     as_int,
     check_batch,
     check_class_counts,
+    forwarded,
     refuse_other_shape,
     warn_user,
 )
@@ -67,6 +68,25 @@ CENTER_RATES = ("adaptive", "paper")
 #: the default center rule: ``"adaptive"`` (not the paper's constant ``gamma``: a tail class's
 #: center starts at one batch mean and moves only when the class appears; README, "Real faces")
 DEFAULT_CENTER_RATE = "adaptive"
+
+
+def check_gamma(gamma: Any) -> float:
+    """The center learning rate ``gamma``, in ``(0, 1]``."""
+    return as_float(gamma, "gamma", minimum=0.0, maximum=1.0, min_inclusive=False)
+
+
+def check_center_rate(rule: Any) -> str:
+    """One of :data:`CENTER_RATES`."""
+    if rule not in CENTER_RATES:
+        raise ValueError(f"center_rate must be one of {CENTER_RATES}, got {rule!r}")
+    return str(rule)
+
+
+def check_unknown_variance(rule: Any) -> str:
+    """One of :data:`~feature_cloud.functional.UNKNOWN_VARIANCE`."""
+    if rule not in FC.UNKNOWN_VARIANCE:
+        raise ValueError(f"unknown_variance must be one of {FC.UNKNOWN_VARIANCE}, got {rule!r}")
+    return str(rule)
 
 
 class ClassStatistics(KeepBufferDtypes):
@@ -136,18 +156,12 @@ class ClassStatistics(KeepBufferDtypes):
         super().__init__()
         num_classes = as_int(num_classes, "num_classes", 1)
         embedding_size = as_int(embedding_size, "embedding_size", 1)
-        gamma = as_float(
-            gamma, "gamma (center learning rate)", minimum=0.0, maximum=1.0, min_inclusive=False
-        )
+        gamma = check_gamma(gamma)
         memory_per_sample = as_int(memory_per_sample, "memory_per_sample (P)", 1)
         tail_threshold = as_int(tail_threshold, "tail_threshold", 0)
         FC.check_cloud_rule(cloud, optional=False)
-        if center_rate not in CENTER_RATES:
-            raise ValueError(f"center_rate must be one of {CENTER_RATES}, got {center_rate!r}")
-        if unknown_variance not in FC.UNKNOWN_VARIANCE:
-            raise ValueError(
-                f"unknown_variance must be one of {FC.UNKNOWN_VARIANCE}, got {unknown_variance!r}"
-            )
+        check_center_rate(center_rate)
+        check_unknown_variance(unknown_variance)
         if count_updates is not None:
             count_updates = as_int(count_updates, "count_updates", 1)
         if max_age is not None:
@@ -189,6 +203,18 @@ class ClassStatistics(KeepBufferDtypes):
             counts = check_class_counts(class_counts, C)
             self.allocate_memory(counts)
             self._initial_counts = counts.detach().to("cpu", dtype=torch.long, copy=True)
+
+    #: the constructor's keyword ``cloud`` (the repr's name) is the attribute ``rule``
+    cloud = forwarded(
+        "rule",
+        lambda _, rule: FC.check_cloud_rule(rule, optional=False),
+        "The variance rule (``cloud``, the attribute ``rule``); settable, checked.",
+    )
+
+    @property
+    def memory_slots(self) -> int:
+        """Angle slots of the memory (``K_i * P`` summed; 0 before it is laid out)."""
+        return max(self.memory.numel() - 1, 0)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -401,7 +427,7 @@ class ClassStatistics(KeepBufferDtypes):
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
             f"gamma={self.gamma}, memory_per_sample={self.memory_per_sample}, cloud={self.rule!r}, "
-            f"tail_threshold={self.tail_threshold}, memory_slots={max(self.memory.numel() - 1, 0)}, "
+            f"tail_threshold={self.tail_threshold}, memory_slots={self.memory_slots}, "
             f"center_rate={self.center_rate!r}, unknown_variance={self.unknown_variance!r}, "
             f"count_updates={self.count_updates}, max_age={self.max_age}"
         )

@@ -465,7 +465,8 @@ class LEAPLoss(
 
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, margin={self.margin}, scale={self.scale}, "
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
+            f"margin={self.margin}, scale={self.scale}, "
             f"margin_type={self.margin_type!r}, cloud={self.cloud!r}"
         )
 

@@ -1026,3 +1026,38 @@ def test_a_sub_center_margin_head_as_ftls_classifier():
     out = sched.stage1_loss(next(iter(hl)), next(iter(tl)))
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and head.weight.grad is not None
+
+
+def test_an_unset_sampler_seed_follows_torch_manual_seed_and_resumes_exactly():
+    """API review s50: the scheduler's sampler seed was fixed at 0, so runs under other
+    ``torch.manual_seed`` values (a multi-seed study) drew identical FTL batches. Unset, it is
+    drawn from torch's global RNG (as ``RandomSampler`` does): equal under equal manual seeds,
+    different otherwise; a scheduler built with ``seed=None`` resumes the checkpoint's streams
+    (an explicit seed must still match it)."""
+    pool = torch.arange(97)
+
+    def built(global_seed, **kw):
+        model = _model(0)  # seeds the global RNG itself: the scheduler draws after it
+        torch.manual_seed(global_seed)
+        return AlternatingScheduler(model, stage0_iters=4, stage_iters=3, **kw)
+
+    def stream(sched):
+        return list(sched.data_sampler(len(pool), 8))
+
+    a, b, other = built(1), built(1), built(2)
+    assert a.seed == b.seed != other.seed
+    assert stream(a) == stream(b) != stream(other)
+    assert built(1, seed=0).seed == built(2, seed=0).seed == 0  # explicit: reproducible
+    torch.manual_seed(3)
+    drawn = StreamSampler(pool, 50)
+    torch.manual_seed(3)
+    assert list(StreamSampler(pool, 50)) == list(drawn)
+    # resume: one stage-0 step, saved, restored into a scheduler built under another RNG state
+    a.step()
+    state = a.state_dict()
+    resumed = built(99)
+    resumed.load_state_dict(state)
+    assert resumed.seed == a.seed and resumed.state_dict() == a.state_dict()
+    assert stream(resumed) == stream(a)
+    with pytest.raises(ValueError, match="seed"):
+        built(99, seed=a.seed + 1).load_state_dict(state)

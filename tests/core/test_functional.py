@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from feature_cloud import functional as FC
+from feature_cloud import margins
 
 
 def test_safe_acos_gradcheck_float64():
@@ -201,7 +202,7 @@ def test_cloud_variance_rules_closed_form():
     full = FC.full_cloud_variance(var, has, counts)
     torch.testing.assert_close(full, (sigma2 - var).clamp_min(0))
     assert full[0] == 0 and full[2] > 0
-    with pytest.raises(ValueError, match="cloud must be one of"):
+    with pytest.raises(ValueError, match="^rule must be one of"):  # the argument's name
         FC.cloud_variance("half", var, has, counts)
 
 
@@ -218,3 +219,25 @@ def test_angles_to_centers_accurate_for_tiny_angles():
     f = torch.stack([torch.ones(3), eps, torch.zeros(3)], dim=1)
     c = torch.tensor([[1.0, 0.0, 0.0]]).expand(3, 3)
     torch.testing.assert_close(FC.angles_to_centers(f, c), torch.atan(eps), rtol=1e-4, atol=0)
+
+
+def test_the_functional_margin_defaults_are_the_heads():
+    """API review s50: ``margin_logits(margin_type="arcface")`` and ``fused.margin_loss`` used
+    CosFace's s = 24 while the head's (and the README's) ArcFace default is 16."""
+    from feature_cloud import fused
+
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 8), torch.randn(5, 8)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    cos = FC.cosine_logits(x, w)
+    for name in ("cosface", "arcface"):
+        rule = margins.get(name)
+        given = dict(scale=rule.default_scale, margin=rule.default_margin)
+        torch.testing.assert_close(
+            FC.margin_logits(cos, y, margin_type=name),
+            FC.margin_logits(cos, y, margin_type=name, **given),
+        )
+        torch.testing.assert_close(
+            fused.margin_loss(x, w, y, margin_type=name),
+            fused.margin_loss(x, w, y, margin_type=name, **given),
+        )

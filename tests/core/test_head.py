@@ -520,3 +520,24 @@ def test_count_steps_beside_class_counts_says_it_has_no_effect():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LEAPMarginHead(D, C, warmup_steps=4, count_steps=4)  # online over one epoch: quiet
+
+
+def test_the_docstring_states_what_warm_up_eval_forward_and_labels_do():
+    """API review s50: the class docstring said a warm-up step changes no statistic (it
+    gathers them: the cloud needs them when it starts) and that labels ``< 0`` are ignored
+    (``-2`` is refused with ``validate=True``); the eval-mode forward scores the weights while
+    ``logits`` scores the prototypes, and ``warmup_steps`` defaults to 0: now said."""
+    doc = " ".join((LEAPMarginHead.__doc__ or "").split())
+    forward_doc = " ".join((LEAPMarginHead.forward.__doc__ or "").split())
+    assert "a warm-up step does gather them" in doc and "no statistic changes;" not in doc
+    assert "Labels ``-1`` are ignored" in doc and "labels ``< 0`` are ignored" not in doc
+    assert "**default 0**" in doc and "scores the prototypes" in forward_doc
+    head = LEAPMarginHead(8, 4, class_counts=[5, 5, 30, 30], warmup_steps=100, seed=0)
+    before = head.statistics.centers.clone()
+    head(torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 2, 3]))
+    assert not torch.equal(head.statistics.centers, before)  # the warm-up gathers
+    with pytest.raises(ValueError, match="or be -1"):
+        head(torch.randn(3, 8), torch.tensor([0, 1, -2]))
+    head.validate = False
+    head(torch.randn(3, 8), torch.tensor([0, 1, -2]))  # ignored like -1
+    assert LEAPMarginHead(8, 4, class_counts=[5, 5, 30, 30]).warmup_steps == 0

@@ -415,3 +415,44 @@ def test_the_margin_check_runs_in_any_context_and_on_any_margin_instance():
             torch.testing.assert_close(fast(x, y), reference(x, y), atol=1e-5, rtol=1e-5)
         finally:
             margins.unregister(rule.name)
+
+
+def test_a_scale_too_small_to_train_warns_with_the_bound():
+    """API review s50: ``scale=1`` (fastreid's untouched default) or 0.35 (PML's margin given
+    as the head's positional scale) was accepted silently: a cosine softmax over C classes
+    cannot reach a target probability of 1/2 below ``(C-1)/C log(C-1)`` (NormFace's bound).
+    Warned at construction and assignment, with the bound; the usual scales say nothing."""
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    c = 751
+    bound = (c - 1) / c * math.log(c - 1)
+    assert margins.trainable_scale(c) == pytest.approx(bound)
+    assert margins.trainable_scale(2) == 0.0
+    for scale in (1.0, 6.5):
+        with pytest.warns(UserWarning, match=rf"scale={scale} is too small to train .* 751 cl"):
+            LEAPMarginHead(D, c, "cosface", scale=scale, cloud=None)
+        with pytest.warns(UserWarning, match=rf"Use scale >= {bound:.1f}"):
+            LEAPLoss(c, D, scale=scale, cloud=None)
+    head = LEAPMarginHead(D, c, "arcface", cloud=None)
+    with pytest.warns(UserWarning, match="scale=2.0 is too small"):
+        head.scale = 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for scale in (6.7, 16.0, 64.0):
+            LEAPMarginHead(D, c, "arcface", scale=scale, cloud=None)
+            LEAPLoss(c, D, scale=scale, cloud=None)
+        LEAPMarginHead(D, 2, scale=0.1, cloud=None)  # two classes: any scale can train
+
+
+@pytest.mark.parametrize("margin_type", ["arcface", "cosface"])
+def test_a_swapped_scale_and_margin_is_named_as_such(margin_type):
+    """``LEAPMarginHead(D, C, "arcface", 0.5, 64)`` (PML's margin, scale order) warned only
+    "did you mean margin=1.117?", which kept the unusable scale 0.5; one warning now says the
+    two look swapped and gives the call that was meant."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LEAPMarginHead(D, 10, margin_type, 0.5, 64, cloud=None)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "look swapped" in messages[0] and "did you mean scale=64.0, margin=0.5?" in messages[0]
+    assert "did you mean margin=" not in messages[0]

@@ -290,7 +290,7 @@ def test_a_whole_module_pickle_from_before_prototypes_and_imprinting_works(proto
     head(x, y)  # class centers
     pickled = copy.deepcopy(head)
     cloud, stats = vars(pickled.feature_cloud), vars(pickled.statistics)
-    for name in ("_prototype_min_count", "imprint_step", "_imprinted", "_seed", "_seen"):
+    for name in ("_prototype_min_count", "_imprint_step", "_imprinted", "_seed", "_seen"):
         del cloud[name]
     for name in ("_initial_counts", "has_centers", "memory_in_use"):
         del stats[name]

@@ -35,6 +35,18 @@ model = FTLModel(torch.nn.Linear(3, 8), head, feature_dim=8, alpha_recon=0.0)
 weight: Tensor = model.classifier.weight.detach()
 reveal_type(head(x, y))
 reveal_type(head(x, y, return_top1=True))
+
+
+class MyFC(torch.nn.Module):  # any module with a (C, D) weight is an FC (API review s50)
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, f: Tensor) -> Tensor:
+        return f @ self.weight.t()
+
+
+own = FTLModel(torch.nn.Linear(3, 8), MyFC(), feature_dim=8, alpha_recon=0.0)
 flag: bool = bool(torch.rand(()) > 0.5)
 either = head(x, y, return_top1=flag)  # a run-time flag: either
 """

@@ -627,7 +627,7 @@ def test_a_whole_module_pickle_from_before_imprinting_trains():
     now.prototype_min_count = 1
     pickled = copy.deepcopy(now)
     cloud = vars(pickled.feature_cloud)
-    for name in ("_prototype_shrinkage", "_prototype_min_count", "imprint_step", "_imprinted"):
+    for name in ("_prototype_shrinkage", "_prototype_min_count", "_imprint_step", "_imprinted"):
         del cloud[name]
     old = pickle.loads(pickle.dumps(pickled))
     assert repr(old) == repr(now)
@@ -751,3 +751,33 @@ def test_zero_d_labels_are_refused_by_name_before_anything_moves():
     with pytest.raises(ValueError, match=r"labels must be 1-D, got shape \(\)"):
         loss(torch.randn(1, D), torch.tensor(3))
     assert all(torch.equal(v, loss.state_dict()[k]) for k, v in state.items())
+
+
+def test_cloud_settings_assigned_on_the_loss_reach_its_cloud():
+    """API review s50: ``loss.cloud_scale = 1.0`` (a schedule), ``loss.gamma``,
+    ``loss.tail_threshold`` ... created plain attributes that changed nothing; they are
+    forwarded to the cloud and checked, and the fixed ones refuse, as on the core head."""
+    counts = [3, 40, 2, 30, 1, 25, 4, 50, 2, 35, 3, 45]
+    loss_fn = LEAPLoss(C, D, class_counts=counts, seed=0)
+    cloud = loss_fn.feature_cloud
+    loss_fn.cloud_scale, loss_fn.cloud_mode = 0.5, "paper"
+    loss_fn.gamma, loss_fn.tail_threshold, loss_fn.angle_max_age = 0.5, 3, 7
+    assert (cloud.scale, cloud.mode) == (0.5, "paper")
+    stats = cloud.statistics
+    assert (stats.gamma, stats.tail_threshold, stats.max_age) == (0.5, 3, 7)
+    with pytest.raises(ValueError, match="cloud_scale must be in"):
+        loss_fn.cloud_scale = -1.0
+    with pytest.raises(AttributeError, match="warmup_steps is fixed at construction"):
+        loss_fn.warmup_steps = 10
+    x, y = make_batch(0, B, D, C)
+    built = LEAPLoss(C, D, class_counts=counts, seed=0, cloud_scale=0.0)
+    scheduled = LEAPLoss(C, D, class_counts=counts, seed=0)
+    scheduled.load_state_dict(built.state_dict())
+    scheduled.cloud_scale = 0.0
+    torch.testing.assert_close(scheduled(x, y), built(x, y), rtol=0, atol=0)
+
+
+def test_the_repr_names_embedding_size():
+    """API review s50: ``LEAPLoss``'s repr lacked ``embedding_size``."""
+    own = repr(LEAPLoss(C, D, cloud=None)).splitlines()[1].strip()  # not the statistics'
+    assert own.startswith(f"num_classes={C}, embedding_size={D}, "), own

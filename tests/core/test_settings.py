@@ -1,0 +1,178 @@
+"""Settings assigned after construction: every constructor keyword of the cloud is an attribute
+of the same name on the cloud and on the heads holding it, forwarded and checked where a run may
+change it (a cloud-scale schedule), refused with the reason where it cannot change. A plain
+attribute of that name (``nn.Module`` creates one silently) changed nothing: API review s50."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+import torch
+
+from conftest import make_batch
+from feature_cloud import ClassStatistics, FeatureCloud, LEAPMarginHead
+
+D, C = 16, 12
+COUNTS = [3, 40, 2, 30, 1, 25, 4, 50, 2, 35, 3, 45]
+
+#: keyword -> (a new value, where the cloud holds it)
+SETTABLE = {
+    "cloud_mode": ("paper", lambda fc: fc.mode),
+    "cloud_scale": (0.5, lambda fc: fc.scale),
+    "prototype_shrinkage": (3.0, lambda fc: fc.prototype_shrinkage),
+    "prototype_min_count": (5, lambda fc: fc.prototype_min_count),
+    "gamma": (0.5, lambda fc: fc.statistics.gamma),
+    "tail_threshold": (3, lambda fc: fc.statistics.tail_threshold),
+    "center_rate": ("paper", lambda fc: fc.statistics.center_rate),
+    "unknown_variance": ("pooled", lambda fc: fc.statistics.unknown_variance),
+    "angle_max_age": (7, lambda fc: fc.statistics.max_age),
+    "imprint_step": (9, lambda fc: fc.imprint_step),
+}
+#: keyword -> a new value (refused after construction)
+FIXED = {
+    "warmup_steps": 50,
+    "memory_per_sample": 3,
+    "count_steps": 4,
+    "class_counts": [1] * C,
+    "sync": "off",
+}
+#: a bad value of each settable keyword, and the words of its refusal
+BAD = {
+    "cloud_mode": ("x", "cloud_mode must be one of"),
+    "cloud_scale": (-1.0, "cloud_scale must be in"),
+    "prototype_min_count": (0, "prototype_min_count must be >= 1"),
+    "gamma": (0.0, "gamma must be in"),
+    "tail_threshold": (-1, "tail_threshold must be >= 0"),
+    "center_rate": ("fast", "center_rate must be one of"),
+    "unknown_variance": ("x", "unknown_variance must be one of"),
+    "angle_max_age": (0, "angle_max_age must be >= 1"),
+    "imprint_step": (-1, "imprint_step must be >= 0"),
+}
+
+
+def _holders():
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    return [("head", head, head.feature_cloud), ("cloud", head.feature_cloud, head.feature_cloud)]
+
+
+@pytest.mark.parametrize("name", sorted(SETTABLE))
+def test_a_settable_cloud_setting_reaches_the_cloud(name):
+    value, where = SETTABLE[name]
+    for what, owner, cloud in _holders():
+        setattr(owner, name, value)
+        assert where(cloud) == value, (what, name)
+        assert getattr(owner, name) == value, (what, name)
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_a_settable_cloud_setting_is_checked(name):
+    value, words = BAD[name]
+    for what, owner, cloud in _holders():
+        before = SETTABLE[name][1](cloud)
+        with pytest.raises((TypeError, ValueError), match=re.escape(words)):
+            setattr(owner, name, value)
+        assert SETTABLE[name][1](cloud) == before, (what, name)
+
+
+@pytest.mark.parametrize("name", sorted(FIXED))
+def test_a_fixed_cloud_setting_refuses_an_assignment_saying_why(name):
+    for what, owner, _cloud in _holders():
+        before = getattr(owner, name)
+        with pytest.raises(AttributeError, match=f"{name} is fixed at construction \\(.+\\); "):
+            setattr(owner, name, FIXED[name])
+        after = getattr(owner, name)
+        same = torch.equal(after, before) if isinstance(before, torch.Tensor) else after == before
+        assert same, (what, name)
+    with pytest.raises(AttributeError, match="synchronize"):
+        _holders()[1][1].process_group = None
+
+
+def test_every_cloud_keyword_is_an_attribute_of_the_cloud_and_of_the_head():
+    """The repr prints the keywords: each is an attribute of that name, forwarded or refused
+    (``seed``: the buffer on the cloud, an int on the head)."""
+    keywords = set(inspect.signature(FeatureCloud.__init__).parameters) - {"self"}
+    assert keywords - {"num_classes", "embedding_size", "process_group", "pad_to"} <= (
+        set(SETTABLE) | set(FIXED) | {"rule", "seed"}
+    )
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    for name in keywords:
+        descriptor = inspect.getattr_static(FeatureCloud, name, None)
+        assert isinstance(descriptor, property) or name in ("seed",), name
+        getattr(head.feature_cloud, name)
+    for name in set(SETTABLE) | set(FIXED) | {"seed"}:
+        assert isinstance(inspect.getattr_static(type(head), name, None), property), name
+
+
+def test_the_reprs_name_attributes_with_the_values_shown():
+    """``FeatureCloud`` printed ``cloud_mode=`` / ``cloud_scale=`` for attributes called
+    ``mode`` / ``scale``, ``ClassStatistics`` ``cloud=`` for ``rule``: assigning the printed
+    name did nothing and the repr kept the old value."""
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0, angle_max_age=3, imprint_step=5)
+    for module in (head.feature_cloud, head.statistics):
+        for name, shown in re.findall(r"(\w+)=('[^']*'|[^,]+)", module.extra_repr()):
+            if name == "steps_taken":
+                continue
+            value = getattr(module, name)
+            value = int(value) if isinstance(value, torch.Tensor) else value
+            assert (repr(value) if isinstance(value, str) else str(value)) == shown, name
+    head.feature_cloud.cloud_scale = 1.0
+    head.statistics.cloud = "vanilla"
+    assert "cloud_scale=1.0" in repr(head.feature_cloud)
+    assert head.statistics.rule == "vanilla" and "cloud='vanilla'" in repr(head.statistics)
+    with pytest.raises(ValueError, match="cloud must be one of"):
+        head.statistics.cloud = "none"
+
+
+def test_a_cloud_scale_schedule_changes_the_training_loss():
+    """``head.cloud_scale = 0`` trains as a head built with ``cloud_scale=0`` (it used to keep
+    the constructed scale, silently)."""
+    x, y = make_batch(0, 48, D, C)
+    built = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0, cloud_scale=0.0)
+    scheduled = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    scheduled.load_state_dict(built.state_dict())
+    scheduled.cloud_scale = 0.0
+    torch.testing.assert_close(scheduled(x, y), built(x, y), rtol=0, atol=0)
+
+
+def test_the_rule_errors_name_the_argument_given():
+    """``FeatureCloud(rule="ful")`` was told ``cloud must be one of``."""
+    with pytest.raises(ValueError, match="^rule must be one of"):
+        FeatureCloud(C, D, rule="ful", class_counts=COUNTS)
+    with pytest.raises(ValueError, match="^cloud must be one of"):
+        LEAPMarginHead(D, C, cloud="ful", class_counts=COUNTS)
+    head = LEAPMarginHead(D, C, class_counts=COUNTS)
+    with pytest.raises(ValueError, match="^cloud must be one of"):
+        head.cloud = "ful"
+    with pytest.raises(ValueError, match="^rule must be one of"):
+        head.feature_cloud.rule = "ful"
+    head.feature_cloud.rule = "vanilla"  # through set_rule: the statistics follow
+    assert head.cloud == "vanilla" and head.statistics.rule == "vanilla"
+    with pytest.raises(ValueError, match="^cloud must be one of"):
+        ClassStatistics(C, D, cloud="ful")
+
+
+def test_the_head_seed_is_settable_and_reseeds_the_cloud():
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    head.seed = 7
+    assert head.seed == 7 and int(head.feature_cloud.seed) == 7
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        head.seed = 1.5
+
+
+def test_a_cloud_scale_far_above_the_evaluated_range_warns():
+    """``cloud_scale=32`` (the logit scale given to the cloud, e.g. fastreid's
+    ``FEATURE_CLOUD.SCALE``) was accepted silently: above 8 (twice the largest the evaluations
+    tried) it warns, at construction and on assignment; the tried range says nothing."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"cloud_scale=32.0 multiplies the cloud's standard"):
+        LEAPMarginHead(D, C, class_counts=COUNTS, cloud_scale=32.0)
+    head = LEAPMarginHead(D, C, class_counts=COUNTS)
+    with pytest.warns(UserWarning, match="MODEL.HEADS.SCALE"):
+        head.cloud_scale = 16.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for scale in (0.0, 1.0, 2.0, 4.0, 8.0):
+            head.cloud_scale = scale
