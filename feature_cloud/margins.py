@@ -378,7 +378,7 @@ def check_scale(
     why = (
         f"scale={s} is too small to train a softmax over {c} classes: even with every sample on "
         f"its class weight and the weights as far apart as they can be (NormFace's bound), the "
-        f"target's probability stays below {best:.2f}, the loss above {-math.log(best):.2f} "
+        f"target's probability stays below {best:.2g}, the loss above {-math.log(best):.2f} "
         f"nats (chance: log C = {math.log(c):.2f}). Use scale >= {floor:.1f} (16-64 are usual; "
         f"{rule.name}'s default {rule.default_scale}"
     )

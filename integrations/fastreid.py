@@ -491,21 +491,14 @@ def _warn_fastreid_margin_defaults(cfg: CfgNode, owner: str = "LEAPHead") -> Non
         keys += f" and MODEL.HEADS.MARGIN {heads.MARGIN}, fastreid's defaults"
     else:
         keys += ", fastreid's default"
-    classes = int(heads.NUM_CLASSES)
-    bound = ""
-    if classes > 1:
-        floor = math.log1p((classes - 1) * math.exp(-2.0 * scale))
-        bound = (
-            f": over {classes} classes the cross-entropy stays above {floor:.2f} nats even for "
-            f"perfectly separated features (chance: {math.log(classes):.2f})"
-        )
     cloud = ""
     node = heads.get("FEATURE_CLOUD")
     if node is not None and float(node.get("SCALE", DEFAULT_CLOUD_SCALE)) != DEFAULT_CLOUD_SCALE:
         cloud = f" (yours is {node.SCALE}: meant for MODEL.HEADS.SCALE?)"
     warnings.warn(
         f"{owner}: {keys} (for its Linear CLS_LAYER). With CLS_LAYER: {heads.CLS_LAYER} the "
-        f"logits are s cos(theta) in [-{scale:g}, {scale:g}] and the head cannot train{bound}. "
+        f"logits are s cos(theta) in [-{scale:g}, {scale:g}] and the head cannot train (the "
+        "head's warning gives the loss floor over MODEL.HEADS.NUM_CLASSES). "
         f"Set MODEL.HEADS.SCALE and MARGIN, e.g. SCALE: {rule.default_scale:g}, MARGIN: "
         f"{rule.default_margin:g} ({margin_type}'s defaults; the shipped Base-LEAP.yml has "
         "CLS_LAYER: CosSoftmax, SCALE: 24, MARGIN: 0.2). MODEL.HEADS.FEATURE_CLOUD.SCALE is "

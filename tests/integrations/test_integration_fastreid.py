@@ -987,18 +987,28 @@ def test_fastreids_default_scale_under_a_margin_cls_layer_is_warned_naming_the_k
         )
         return c
 
-    (text,) = [t for t in _warned_build(cfg()) if "SCALE" in t]
+    warned = _warned_build(cfg())
+    (text,) = [t for t in warned if "fastreid's default" in t]
     for part in (
         "MODEL.HEADS.SCALE is 1 and MODEL.HEADS.MARGIN 0.0, fastreid's defaults",
         "cannot train",
-        "above 4.63 nats",  # log(1 + 750 e^-2)
         "SCALE: 24, MARGIN: 0.2",
         "MODEL.HEADS.FEATURE_CLOUD.SCALE is another setting",
     ):
         assert part in text, text
-    (text,) = _warned_build(cfg("MODEL.HEADS.FEATURE_CLOUD.SCALE", "32.0"))
+    # the head's own warning gives the loss floor, once (NormFace's simplex bound, the core's)
+    (floor,) = [t for t in warned if "too small to train" in t]
+    assert "MODEL.HEADS.SCALE=1.0" in floor and "above 5.62 nats" in floor, floor
+    assert "below 0.0036" in floor  # 1 / (1 + 750 e^(-751/750)), not rounded to 0.00
+    assert len(warned) == 2, warned
+    (text,) = [
+        t
+        for t in _warned_build(cfg("MODEL.HEADS.FEATURE_CLOUD.SCALE", "32.0"))
+        if "fastreid's default" in t
+    ]
     assert "yours is 32.0: meant for MODEL.HEADS.SCALE?" in text
     arc = _warned_build(cfg("MODEL.HEADS.CLS_LAYER", "ArcSoftmax", "MODEL.HEADS.MARGIN", "0.3"))
+    arc = [t for t in arc if "fastreid's default" in t]
     assert len(arc) == 1 and "MODEL.HEADS.SCALE is 1, fastreid's default" in arc[0]
     assert "SCALE: 16, MARGIN: 0.2" in arc[0]  # ArcFace's defaults
     assert _warned_build(cfg("MODEL.HEADS.SCALE", "24")) == []  # MARGIN 0: a plain cosine head

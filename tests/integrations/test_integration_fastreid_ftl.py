@@ -650,7 +650,7 @@ def test_unused_fastreid_keys_and_the_ml2_warning_name_yaml_keys_in_fastreid_log
     (scale,) = [
         t
         for t in warned("MODEL.HEADS.CLS_LAYER", "CosSoftmax", "MODEL.FTL.ALPHA_REG", "0.0")
-        if "SCALE" in t
+        if "fastreid's default" in t
     ]
     assert scale.startswith("FTLBaseline: MODEL.HEADS.SCALE is 1 and MODEL.HEADS.MARGIN 0.0")
     assert "cannot train" in scale and "SCALE: 24, MARGIN: 0.2" in scale
