@@ -1071,10 +1071,23 @@ class AlternatingScheduler:
         b = int(batch_size)
         # one independent stream per (stage run, sampler kind): stage 0 is run 0, then stage 1
         # and stage 2 of alternation a are runs 2a+1 and 2a+2
-        run = 0 if self._stage == 0 else 2 * self.alternation + self._stage
-        seed = (self.seed * 1_000_003 + run * 7 + which) % (2**63)
         start = self.stage_iteration * b
+        seed = self._stream_seed(which)
         return StreamSampler(pool, self.remaining * b, seed=seed, start=start, name=name)
+
+    def _stream_seed(self, which: int) -> int:
+        """One independent stream per (stage run, kind): stage 0 is run 0, then stage 1 and stage
+        2 of alternation ``a`` are runs ``2a+1`` and ``2a+2``; kinds 0-2 are the samplers (dataset,
+        hard list, long-tail pool), 3-5 their loaders' generators."""
+        run = 0 if self._stage == 0 else 2 * self.alternation + self._stage
+        return (self.seed * 1_000_003 + run * 7 + which) % (2**63)
+
+    def _loader(
+        self, dataset: Any, batch_size: int, sampler: StreamSampler, which: int, kw: Dict[str, Any]
+    ) -> DataLoader[Any]:
+        if "generator" not in kw:  # the stage run's own: no draw from torch's global RNG
+            kw = dict(kw, generator=torch.Generator().manual_seed(self._stream_seed(3 + which)))
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kw)
 
     def loaders(
         self, dataset: Any, batch_size: int, **loader_kwargs: Any
@@ -1082,7 +1095,11 @@ class AlternatingScheduler:
         """``DataLoader``\\ s for the rest of the current stage: ``(hard_loader, tail_loader)`` in
         stage 1, one loader over the whole dataset in stages 0 and 2. Each yields exactly
         :attr:`remaining` batches (``drop_last``); extra keyword arguments go to ``DataLoader``.
-        Create them after :meth:`update_stats` in stage 1.
+        Create them after :meth:`update_stats` in stage 1. Unless ``generator`` is given, each
+        loader has its own generator seeded from the stage run (its workers' base seed), so
+        iterating it leaves torch's global RNG alone and a run resumed mid-stage, with the RNG
+        state restored, continues bit-identically with dropout or augmentation drawing from
+        that RNG; ``generator=None``: the global RNG, as ``DataLoader``'s default.
         """
         kw = dict(loader_kwargs)
         for bad in ("sampler", "batch_sampler", "shuffle", "batch_size", "drop_last"):
@@ -1090,28 +1107,10 @@ class AlternatingScheduler:
                 raise ValueError(f"loaders() sets {bad!r} itself")
         if self._stage == 1:
             return (
-                DataLoader(
-                    dataset,
-                    batch_size=batch_size,
-                    sampler=self.hard_sampler(batch_size),
-                    drop_last=True,
-                    **kw,
-                ),
-                DataLoader(
-                    dataset,
-                    batch_size=batch_size,
-                    sampler=self.tail_sampler(batch_size),
-                    drop_last=True,
-                    **kw,
-                ),
+                self._loader(dataset, batch_size, self.hard_sampler(batch_size), 1, kw),
+                self._loader(dataset, batch_size, self.tail_sampler(batch_size), 2, kw),
             )
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=self.data_sampler(len(dataset), batch_size),
-            drop_last=True,
-            **kw,
-        )
+        return self._loader(dataset, batch_size, self.data_sampler(len(dataset), batch_size), 0, kw)
 
     # ------------------------------------------------------------------ stage 1
     def stage1_batches(

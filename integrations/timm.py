@@ -938,7 +938,8 @@ class FTLTask(_AllOrNothingLoad):
         model: the :class:`FTLModel` (e.g. from :func:`create_ftl_model`).
         stage0_iters, stage_iters, stage2_iters, max_alternations, seed, flip, quality,
             tail_sampling: the :class:`AlternatingScheduler`'s (``tail_sampling="classes"``: every
-            long-tail class equally often in stage 1's long-tail batch; default ``"samples"``).
+            long-tail class equally often in stage 1's long-tail batch; default ``"samples"``;
+            ``seed=None``: drawn from torch's global RNG, saved in the task state).
         device, dtype, verbose: as in ``timm.task.TrainingTask``.
     """
 
@@ -950,7 +951,7 @@ class FTLTask(_AllOrNothingLoad):
         stage_iters: int = 5000,
         stage2_iters: Optional[int] = None,
         max_alternations: Optional[int] = None,
-        seed: int = 0,
+        seed: Optional[int] = None,
         flip: Optional[Callable[[Tensor], Tensor]] = None,
         quality: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
         tail_sampling: str = DEFAULT_TAIL_SAMPLING,
@@ -992,7 +993,7 @@ class FTLTask(_AllOrNothingLoad):
         stage_iters: int = 5000,
         stage2_iters: Optional[int] = None,
         max_alternations: Optional[int] = None,
-        seed: int = 0,
+        seed: Optional[int] = None,
         flip: Optional[Callable[[Tensor], Tensor]] = None,
         quality: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
         tail_sampling: str = DEFAULT_TAIL_SAMPLING,

@@ -569,7 +569,9 @@ class FTLMethod(Method):
                 break
             if sched.needs_stats:
                 sched.update_stats(stats_loader)
-            loaders = sched.loaders(ds, batch_size)
+            # the global RNG's base seeds, as before loaders() had their own generators: the
+            # tool's runs (and the tables of docs/real-faces.md) keep their bits
+            loaders = sched.loaders(ds, batch_size, generator=None)
             if stage == 1 and self.stage1_filter_fixed:  # FC alone in stage 1
                 self.ftl.set_frozen((*self.ftl.frozen, "filter"))
             with self._stage1_rows_fixed(stage == 1) as restore_rows:

@@ -51,9 +51,12 @@ def _data(
     return xtr, ytr, xte, yte, n_reg
 
 
-def _model(seed: int, num_classes: int = 30, form: str = "mlp", **kw) -> FTLModel:
+def _model(
+    seed: int, num_classes: int = 30, form: str = "mlp", dropout: float = 0.0, **kw
+) -> FTLModel:
     torch.manual_seed(seed)
-    enc = nn.Sequential(nn.Linear(P, 64), nn.ReLU(), nn.Linear(64, D))
+    drop = [nn.Dropout(dropout)] if dropout else []  # draws from torch's global RNG
+    enc = nn.Sequential(nn.Linear(P, 64), nn.ReLU(), *drop, nn.Linear(64, D))
     dec = nn.Sequential(nn.Linear(D, 64), nn.ReLU(), nn.Linear(64, P))
     fc = nn.Linear(E, num_classes, bias=False)  # the paper's FC: w_j^T f, no bias
     kw.setdefault("transfer", FeatureTransfer(D, num_classes, energy=0.95))
@@ -515,8 +518,9 @@ def test_frozen_leap_head_keeps_statistics_and_cloud_in_stage2(live):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _train(model, sched, opt, ds, stats_loader, n_iters, batch=32):
-    """A plain loop over Algorithm 1 that stops after n_iters iterations (mid-stage allowed)."""
+def _train(model, sched, opt, ds, stats_loader, n_iters, batch=32, after_step=None):
+    """A plain loop over Algorithm 1 that stops after n_iters iterations (mid-stage allowed);
+    ``after_step(done)`` is called after each iteration."""
     done = 0
     while done < n_iters and not sched.finished:
         stage = sched.stage
@@ -529,7 +533,10 @@ def _train(model, sched, opt, ds, stats_loader, n_iters, batch=32):
             out["loss"].backward()
             opt.step()
             done += 1
-            if sched.step() != stage or done >= n_iters:
+            next_stage = sched.step()
+            if after_step is not None:
+                after_step(done)
+            if next_stage != stage or done >= n_iters:
                 break
 
 
@@ -571,6 +578,73 @@ def test_checkpoint_resume_mid_stage_continues_identically(stop_at, form):
     assert sched2.state_dict() == sched.state_dict()
     for (k, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("stop_at", [9, 15])  # mid stage 1, mid stage 2
+def test_resume_mid_stage_with_dropout_continues_identically(stop_at):
+    """Dropout in Enc (or a random augmentation in the main process) draws from torch's global
+    RNG: a checkpoint with ``torch.get_rng_state()`` taken mid-stage continues bit-identically,
+    although the resumed run builds its loaders mid-stage (an iterator of a ``DataLoader``
+    without a ``generator`` draws its base seed from the global RNG: the loaders get their
+    own, one stream per stage run and kind)."""
+    xtr, ytr, _, _, _ = _data(4)
+    ds = IndexedDataset(TensorDataset(xtr, ytr))
+    stats_loader = DataLoader(ds, batch_size=256)
+
+    def fresh():
+        model = _model(4, dropout=0.3)
+        sched = AlternatingScheduler(
+            model, stage0_iters=4, stage_iters=6, max_alternations=2, seed=11
+        )
+        return model, sched, torch.optim.Adam(model.param_groups(), lr=1e-3)
+
+    model, sched, opt = fresh()
+    ckpt = {}
+
+    def save(done):  # the uninterrupted run keeps its loaders across the checkpoint
+        if done == stop_at:
+            assert sched.stage_iteration > 0
+            ckpt.update(
+                copy.deepcopy(
+                    {
+                        "model": model.state_dict(),
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                    }
+                ),
+                rng=torch.get_rng_state(),
+            )
+
+    _train(model, sched, opt, ds, stats_loader, 100, after_step=save)
+
+    model2, sched2, opt2 = fresh()
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    torch.set_rng_state(ckpt["rng"])
+    _train(model2, sched2, opt2, ds, stats_loader, 100)
+    assert sched2.finished and sched.finished
+    for (k, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_loaders_leave_the_global_rng_alone_unless_given_generator_none():
+    """``loaders()``' ``DataLoader``s draw their base seed from their own generator (the
+    stage run's stream): iterating them leaves torch's global RNG where it was, and the same
+    stage run gives the same worker seeds; ``generator=None`` is the global RNG (as before)."""
+    xtr, ytr, _, _, _ = _data(4)
+    ds = IndexedDataset(TensorDataset(xtr, ytr))
+    sched = AlternatingScheduler(_model(4), stage0_iters=4, stage_iters=6, seed=11)
+    before = torch.get_rng_state()
+    (loader,) = [sched.loaders(ds, 32)]
+    next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)
+    base = iter(sched.loaders(ds, 32))._base_seed
+    assert iter(sched.loaders(ds, 32))._base_seed == base
+    given = torch.Generator().manual_seed(5)
+    assert sched.loaders(ds, 32, generator=given).generator is given
+    next(iter(sched.loaders(ds, 32, generator=None)))
+    assert not torch.equal(torch.get_rng_state(), before)
 
 
 def test_residual_filter_starts_as_the_identity_and_learns():

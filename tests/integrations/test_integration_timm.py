@@ -401,6 +401,8 @@ def _ftl_task(seed=0, init_seed=None, **kwargs):
         verbose=False,
     )
     kw.update(kwargs)
+    if seed is None:  # the task's default
+        del kw["seed"]
     return FTLTask.from_timm("test_resnet", C, **kw)
 
 
@@ -794,3 +796,21 @@ def test_an_older_timm_is_named_in_the_import_error():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "needs timm >= 1.0.31" in proc.stdout and "this is timm 1.0.29" in proc.stdout
+
+
+def test_ftl_task_sampler_seed_unset_follows_torch_manual_seed_and_resumes():
+    """As the core scheduler's: ``FTLTask(seed=None)`` (the default) draws the FTL samplers'
+    seed from torch's global RNG (it was fixed at 0: a multi-seed study that varies
+    ``torch.manual_seed`` sampled the same FTL batches in every run); a task built without a
+    seed takes the checkpoint's from its task state."""
+    seeds = []
+    for init in (3, 3, 4):
+        torch.manual_seed(init)
+        seeds.append(_ftl_task(seed=None, init_seed=init).scheduler.seed)
+    assert seeds[0] == seeds[1] != seeds[2]
+    task = _ftl_task(seed=None, init_seed=3)
+    state = task.get_task_state()
+    restored = _ftl_task(seed=None, init_seed=4)
+    assert restored.scheduler.seed != task.scheduler.seed
+    restored.load_task_state(state)
+    assert restored.scheduler.seed == task.scheduler.seed
