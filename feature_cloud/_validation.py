@@ -23,7 +23,7 @@ import numbers
 import os
 import sys
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -190,13 +190,22 @@ def checked_attribute(name: str, check: Callable[[Any, Any], Any], doc: str) -> 
     value lives in ``_<name>`` (:func:`migrate_checked` reads earlier whole-module pickles)."""
     private = "_" + name
 
-    def fget(owner: Any) -> Any:
-        return getattr(owner, private)
-
     def fset(owner: Any, value: Any) -> None:
         object.__setattr__(owner, private, check(owner, value))
 
-    return property(fget, fset, doc=doc)
+    return property(_attribute_getter(private), fset, doc=doc)
+
+
+def _attribute_getter(private: str) -> Callable[[Any], Any]:
+    """``lambda owner: owner.<private>`` as a function with neither closure nor defaults: torch
+    2.2 - 2.3's dynamo guards a property getter's closure cells (and defaults) on the property's
+    *value* (``L['self'].impl.__closure__``), so a getter closing over the name failed every
+    ``torch.compile`` of a head there (``'str' object has no attribute '__closure__'``)."""
+    if not private.isidentifier():
+        raise ValueError(f"not an attribute name: {private!r}")
+    namespace: Dict[str, Any] = {}
+    exec(f"def fget(owner):\n    return owner.{private}\n", namespace)
+    return cast(Callable[[Any], Any], namespace["fget"])
 
 
 def migrate_checked(
