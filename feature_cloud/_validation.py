@@ -271,8 +271,8 @@ def differs(size: Any, expected: int) -> bool:
     """``size != expected`` for a tensor's size, without the tracer's warning ("Converting a
     tensor to a Python boolean"): under ``torch.jit.trace`` and a legacy ONNX export a size is a
     traced tensor; the check still runs on the example inputs."""
-    if not is_tracing():
-        return bool(size != expected)
+    if not is_tracing():  # (under dynamo a SymBool: torch 2.2's could not bool() one)
+        return size != expected
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit._trace.TracerWarning)
         return bool(size != expected)
