@@ -34,7 +34,7 @@ from ._compat import is_compiling, is_tracing
 
 #: per-class sample counts as the constructors take them: a tensor, a list of ints or a NumPy
 #: integer array (``np.bincount(labels)``)
-ClassCounts = Union[Tensor, Sequence[int], "npt.NDArray[Any]"]
+ClassCounts = Union[Tensor, Sequence[int], npt.NDArray[Any]]
 
 __all__ = [
     "check_embeddings",

@@ -21,14 +21,18 @@ heads and the adapters look it up by name (:func:`get`).
 from __future__ import annotations
 
 import math
-import types
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ._validation import warn_user
 from .angles import cloud_cosine, shifted_cosine
+
+if TYPE_CHECKING:
+    from types import NotImplementedType
+else:  # types.NotImplementedType is Python 3.10+: typing.get_type_hints resolves this on 3.9
+    NotImplementedType = type(NotImplemented)
 
 __all__ = [
     "Margin",
@@ -87,7 +91,7 @@ class Margin:
 
     def fused_target(
         self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float
-    ) -> Union[Tuple[Tensor, Tensor], types.NotImplementedType]:
+    ) -> Union[Tuple[Tensor, Tensor], NotImplementedType]:
         """``(value, d value / d c_y)`` for the fused paths (plain tensors, no autograd), or
         ``NotImplemented`` when only :meth:`target` exists (the heads then use the reference
         path). ``c_y`` is clamped to ``[-1, 1]``."""
