@@ -18,6 +18,7 @@ Pure functions, no state. The policies in one place:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -59,11 +60,13 @@ __all__ = [
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 #: code whose frames a warning skips to reach the user's line: this package, its adapters (a
 #: sibling folder in a source checkout, inside the package once installed) and torch's Module
-#: call machinery
+#: call machinery (and contextlib's wrappers, which torch 2.4's dynamo runs between its frames and
+#: the user's when it warns at trace time)
 _SKIPPED = (
     _PACKAGE + os.sep,
     os.path.join(os.path.dirname(_PACKAGE), "integrations") + os.sep,
     os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+    os.path.abspath(contextlib.__file__),
 )
 
 
