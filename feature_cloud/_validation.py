@@ -18,12 +18,13 @@ Pure functions, no state. The policies in one place:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
 import sys
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -34,7 +35,7 @@ from ._compat import is_compiling, is_tracing
 
 #: per-class sample counts as the constructors take them: a tensor, a list of ints or a NumPy
 #: integer array (``np.bincount(labels)``)
-ClassCounts = Union[Tensor, Sequence[int], "npt.NDArray[Any]"]
+ClassCounts = Union[Tensor, Sequence[int], npt.NDArray[Any]]
 
 __all__ = [
     "check_embeddings",
@@ -59,11 +60,13 @@ __all__ = [
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 #: code whose frames a warning skips to reach the user's line: this package, its adapters (a
 #: sibling folder in a source checkout, inside the package once installed) and torch's Module
-#: call machinery
+#: call machinery (and contextlib's wrappers, which torch 2.4's dynamo runs between its frames and
+#: the user's when it warns at trace time)
 _SKIPPED = (
     _PACKAGE + os.sep,
     os.path.join(os.path.dirname(_PACKAGE), "integrations") + os.sep,
     os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+    os.path.abspath(contextlib.__file__),
 )
 
 
@@ -190,13 +193,22 @@ def checked_attribute(name: str, check: Callable[[Any, Any], Any], doc: str) -> 
     value lives in ``_<name>`` (:func:`migrate_checked` reads earlier whole-module pickles)."""
     private = "_" + name
 
-    def fget(owner: Any) -> Any:
-        return getattr(owner, private)
-
     def fset(owner: Any, value: Any) -> None:
         object.__setattr__(owner, private, check(owner, value))
 
-    return property(fget, fset, doc=doc)
+    return property(_attribute_getter(private), fset, doc=doc)
+
+
+def _attribute_getter(private: str) -> Callable[[Any], Any]:
+    """``lambda owner: owner.<private>`` as a function with neither closure nor defaults: torch
+    2.2 - 2.3's dynamo guards a property getter's closure cells (and defaults) on the property's
+    *value* (``L['self'].impl.__closure__``), so a getter closing over the name failed every
+    ``torch.compile`` of a head there (``'str' object has no attribute '__closure__'``)."""
+    if not private.isidentifier():
+        raise ValueError(f"not an attribute name: {private!r}")
+    namespace: Dict[str, Any] = {}
+    exec(f"def fget(owner):\n    return owner.{private}\n", namespace)
+    return cast(Callable[[Any], Any], namespace["fget"])
 
 
 def _holder(owner: Any, parts: Sequence[str]) -> Any:
@@ -322,8 +334,8 @@ def differs(size: Any, expected: int) -> bool:
     """``size != expected`` for a tensor's size, without the tracer's warning ("Converting a
     tensor to a Python boolean"): under ``torch.jit.trace`` and a legacy ONNX export a size is a
     traced tensor; the check still runs on the example inputs."""
-    if not is_tracing():
-        return bool(size != expected)
+    if not is_tracing():  # (under dynamo a SymBool: torch 2.2's could not bool() one)
+        return size != expected
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit._trace.TracerWarning)
         return bool(size != expected)

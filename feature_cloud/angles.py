@@ -13,7 +13,7 @@ logit from these, :mod:`feature_cloud.functional` (the reference pipeline, which
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -73,7 +73,7 @@ def safe_acos(x: Tensor) -> Tensor:
     return _SafeAcos.apply(x)
 
 
-def shifted_cosine(cos: Tensor, shift: Tensor | float) -> Tensor:
+def shifted_cosine(cos: Tensor, shift: Union[Tensor, float]) -> Tensor:
     r""":math:`\cos(\mathrm{clip}(\theta + \delta, 0, \pi))` with :math:`\theta = \arccos(\cos)`.
 
     The clipped angle sum of LEAP Eq. 7-8: ``shift`` is the cloud angle :math:`\alpha` (plus the

@@ -295,7 +295,7 @@ def center_rate(gamma: float, appearances: Tensor, adaptive: bool = True) -> Ten
 
 
 def ema_centers(
-    old: Tensor, batch_mean: Tensor, initialized: Tensor, gamma: float | Tensor
+    old: Tensor, batch_mean: Tensor, initialized: Tensor, gamma: Union[float, Tensor]
 ) -> Tensor:
     r"""EMA class-center update of LEAP Eq. 4 with :math:`\gamma` the *center learning rate*.
 

@@ -21,14 +21,18 @@ heads and the adapters look it up by name (:func:`get`).
 from __future__ import annotations
 
 import math
-import types
-from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ._validation import warn_user
 from .angles import cloud_cosine, shifted_cosine
+
+if TYPE_CHECKING:
+    from types import NotImplementedType
+else:  # types.NotImplementedType is Python 3.10+: typing.get_type_hints resolves this on 3.9
+    NotImplementedType = type(NotImplemented)
 
 __all__ = [
     "Margin",
@@ -47,6 +51,19 @@ __all__ = [
 ]
 
 
+def _defined_in(cls: type, name: str) -> type:
+    """The class of ``cls``'s MRO whose body defines ``name``."""
+    return next(k for k in cls.__mro__ if name in vars(k))
+
+
+def _fused_for(cls: type) -> bool:
+    """:attr:`Margin.has_fused` of a margin class, at its creation (``Margin.__init_subclass__``:
+    never inside a forward, where ``vars`` and a dict lookup broke older torch's graph capture)."""
+    fused = _defined_in(cls, "fused_target")
+    own = issubclass(fused, _defined_in(cls, "target"))
+    return own and vars(fused)["fused_target"] is not Margin.fused_target
+
+
 class Margin:
     """Base class: a named margin with its defaults; subclasses implement :meth:`target`."""
 
@@ -62,6 +79,13 @@ class Margin:
     pml_degrees: bool = False
     #: class-weight rows per class (weight layout ``(sub_centers * C, D)``, class-major)
     sub_centers: int = 1
+    #: :attr:`has_fused` of the class, set when the class is created (``__init_subclass__``):
+    #: a plain attribute, so a graph capture (``torch.compile(fullgraph=True)``) reads a constant
+    _has_fused: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._has_fused = _fused_for(cls)
 
     def target(self, cos_y: Tensor, alpha_y: Optional[Tensor], margin: float) -> Tensor:
         """Modified cosine of the target (before the scale ``s``); autograd-differentiable."""
@@ -69,7 +93,7 @@ class Margin:
 
     def fused_target(
         self, c_y: Tensor, alpha_y: Optional[Tensor], margin: float
-    ) -> Union[Tuple[Tensor, Tensor], types.NotImplementedType]:
+    ) -> Union[Tuple[Tensor, Tensor], NotImplementedType]:
         """``(value, d value / d c_y)`` for the fused paths (plain tensors, no autograd), or
         ``NotImplemented`` when only :meth:`target` exists (the heads then use the reference
         path). ``c_y`` is clamped to ``[-1, 1]``."""
@@ -79,8 +103,9 @@ class Margin:
     def has_fused(self) -> bool:
         """Whether :meth:`fused_target` is implemented for this margin's :meth:`target` (the
         fused paths can run it): a subclass that overrides :meth:`target` and inherits its
-        parent's :meth:`fused_target` has none (that one computes the parent's margin)."""
-        return _fused_for(type(self))
+        parent's :meth:`fused_target` has none (that one computes the parent's margin). Fixed
+        when the class is created."""
+        return type(self)._has_fused
 
     def from_pml(self, margin: float) -> float:
         """PML's margin value in this package's unit (radians for angular margins)."""
@@ -138,23 +163,6 @@ class SubCenterArcFace(ArcFace):
 
     name = "subcenter_arcface"
     sub_centers = 3
-
-
-def _defined_in(cls: type, name: str) -> type:
-    """The class of ``cls``'s MRO whose body defines ``name``."""
-    return next(k for k in cls.__mro__ if name in vars(k))
-
-
-_FUSED: Dict[type, bool] = {}
-
-
-def _fused_for(cls: type) -> bool:
-    """:attr:`Margin.has_fused` of a margin class (once per class: the heads ask every step)."""
-    if cls not in _FUSED:
-        fused = _defined_in(cls, "fused_target")
-        own = issubclass(fused, _defined_in(cls, "target"))
-        _FUSED[cls] = own and vars(fused)["fused_target"] is not Margin.fused_target
-    return _FUSED[cls]
 
 
 def check(margin: Margin, margin_value: Optional[float] = None) -> None:
@@ -272,7 +280,7 @@ def get(margin_type: Union[str, Margin]) -> Margin:
     """The registered :class:`Margin` named ``margin_type``; a ``Margin`` instance is returned
     as is, once checked (:func:`check`, the first time it is seen)."""
     if isinstance(margin_type, Margin):
-        if not vars(margin_type).get("_checked", False):
+        if not getattr(margin_type, "_checked", False):  # (no vars: torch 2.2-2.6 dynamo)
             _check(margin_type)
             _mark_checked(margin_type)
         return margin_type

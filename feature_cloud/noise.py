@@ -30,6 +30,7 @@ class sampling) together.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -98,7 +99,7 @@ def noise_key(seed: Tensor, step: Tensor, stream: int = 0, purpose: int = PURPOS
     return torch.stack([h, _hash64(h ^ 0x5BD1E995)])
 
 
-def random_key(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+def random_key(device: torch.device, generator: Optional[torch.Generator] = None) -> Tensor:
     """A key drawn from a ``torch.Generator`` (the global RNG when ``None``), for one-off draws."""
     words = torch.randint(
         0,
@@ -111,7 +112,7 @@ def random_key(device: torch.device, generator: torch.Generator | None = None) -
     return words.to(device)
 
 
-def _box_muller(pair: Tensor, key: Tensor, odd: Tensor | None = None) -> Tensor:
+def _box_muller(pair: Tensor, key: Tensor, odd: Optional[Tensor] = None) -> Tensor:
     """Normals of the int32 pair counters ``pair`` ``(P, B)`` (overwritten): ``(P, 2, B)`` (cosine
     and sine normal of each pair) or, with ``odd`` given, ``(P, B)`` (the sine where ``odd``)."""
     h1 = _hash32_(pair)

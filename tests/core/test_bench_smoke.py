@@ -34,6 +34,7 @@ def test_every_case_runs_and_implementations_agree(margin_type):
 
 
 def test_interleaved_report_and_png(tmp_path):
+    pytest.importorskip("matplotlib")  # the [test] extra's: the PNG
     run = {
         "batch": B,
         "classes": C,

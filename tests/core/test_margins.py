@@ -262,6 +262,18 @@ def test_a_margin_that_overrides_target_alone_runs_its_own_target_not_the_parent
         margins.unregister("test_target_only")
 
 
+def test_has_fused_is_fixed_at_class_creation_not_looked_up_in_a_forward(monkeypatch):
+    """The MRO walk behind ``has_fused`` (``vars`` of each class) runs when a margin class is
+    created: inside a forward (``torch.compile(fullgraph=True)`` traces the backend choice)
+    torch 2.2 - 2.6's dynamo stopped at ``vars`` / the cache's dict lookup (s50 trial)."""
+    monkeypatch.setattr(margins, "_fused_for", lambda cls: pytest.fail("looked up again"))
+    assert CombinedMargin().has_fused and not OverridesTargetOnly().has_fused
+    for impl, chunk_size, backend in (("auto", None, "fused"), ("chunked", 4, "chunked")):
+        head = LEAPMarginHead(D, C, "arcface", cloud=None, impl=impl, chunk_size=chunk_size)
+        head(*_batch()).backward()
+        assert head.backend == backend
+
+
 def test_a_sub_center_head_asked_for_fused_warns_that_it_runs_the_reference_path():
     with pytest.warns(UserWarning, match=r"impl='chunked' runs the reference path.*sub_centers=3"):
         head = LEAPMarginHead(D, C, "subcenter_arcface", cloud=None, impl="chunked", chunk_size=4)

@@ -458,6 +458,11 @@ def test_compile_without_fullgraph_trains_a_cloud_that_counts_online_as_eager() 
     eager = LEAPMarginHead(D, C, warmup_steps=2, count_steps=2, seed=1)
     head = copy.deepcopy(eager)
     compiled = torch.compile(head, backend="eager")
+    if TORCH_VERSION < (2, 4):  # dynamo there does not run the frame eagerly on the refusal
+        with pytest.raises(RuntimeError, match="counts K_i online.*Pass class_counts"):
+            compiled(torch.randn(12, D), torch.randint(0, C, (12,)))
+        assert int(head.feature_cloud.step) == 0  # refused before the step counted
+        return
     for step in range(5):
         g = torch.Generator().manual_seed(step)
         x, y = torch.randn(12, D, generator=g), torch.randint(0, C, (12,), generator=g)

@@ -13,7 +13,7 @@ timm = pytest.importorskip("timm")
 pytest.importorskip("timm.task")
 from timm.task import TrainingTask, resume_task_checkpoint
 
-from conftest import run_ftl_task
+from conftest import TORCH_VERSION, run_ftl_task
 from feature_cloud import LEAPMarginHead
 from feature_cloud import functional as FC
 from feature_cloud.integrations.timm import LEAPEvaluator, LEAPTask, create_backbone_and_head
@@ -370,6 +370,11 @@ def test_ema_copy_carries_the_head():
     assert ema_backbone is not task.backbone
     state = task.get_task_state(ema=True)
     assert set(state) == {"head"}
+    if TORCH_VERSION < (2, 3):  # (s50 trial, timm 1.0.31 on torch 2.2.0)
+        pytest.skip(
+            "torch < 2.3 cannot deepcopy a torch.Generator, which timm's ModelEmaV3 holds "
+            "(trainable_module_ema._sr_generator): timm's and torch's limit, not the head's"
+        )
     copy.deepcopy(task)  # tasks are deep-copyable (timm EMA relies on it)
 
 
