@@ -199,15 +199,27 @@ def checked_attribute(name: str, check: Callable[[Any, Any], Any], doc: str) -> 
     return property(_attribute_getter(private), fset, doc=doc)
 
 
-def _attribute_getter(private: str) -> Callable[[Any], Any]:
-    """``lambda owner: owner.<private>`` as a function with neither closure nor defaults: torch
-    2.2 - 2.3's dynamo guards a property getter's closure cells (and defaults) on the property's
-    *value* (``L['self'].impl.__closure__``), so a getter closing over the name failed every
-    ``torch.compile`` of a head there (``'str' object has no attribute '__closure__'``)."""
-    if not private.isidentifier():
-        raise ValueError(f"not an attribute name: {private!r}")
-    namespace: Dict[str, Any] = {}
-    exec(f"def fget(owner):\n    return owner.{private}\n", namespace)
+_NO_DEFAULT = object()
+
+
+def _attribute_getter(path: str, default: Any = _NO_DEFAULT) -> Callable[[Any], Any]:
+    """``lambda owner: owner.<path>`` (a dotted path: ``"_impl"``, ``"statistics.gamma"``; with
+    ``default``, returned where the path is missing) as a function with neither closure nor
+    defaults: torch 2.2 - 2.3's dynamo guards a property getter's closure cells (and defaults) on
+    the property's *value* (``L['self'].impl.__closure__``), so a getter closing over the name
+    failed every ``torch.compile`` of a head there (``'str' object has no attribute
+    '__closure__'``). The default is a global of the getter's own namespace."""
+    if not all(part.isidentifier() for part in path.split(".")):
+        raise ValueError(f"not an attribute path: {path!r}")
+    namespace: Dict[str, Any] = {"_default": default}
+    if default is _NO_DEFAULT:
+        source = f"def fget(owner):\n    return owner.{path}\n"
+    else:
+        source = (
+            f"def fget(owner):\n    try:\n        return owner.{path}\n"
+            "    except AttributeError:\n        return _default\n"
+        )
+    exec(source, namespace)
     return cast(Callable[[Any], Any], namespace["fget"])
 
 
@@ -226,13 +238,10 @@ def forwarded(path: str, check: Optional[Callable[[Any, Any], Any]] = None, doc:
     ``__setattr__`` hook."""
     *parts, attribute = path.split(".")
 
-    def fget(owner: Any) -> Any:
-        return getattr(_holder(owner, parts), attribute)
-
     def fset(owner: Any, value: Any) -> None:
         setattr(_holder(owner, parts), attribute, value if check is None else check(owner, value))
 
-    return property(fget, fset, doc=doc or f"``{path}``; settable, checked.")
+    return property(_attribute_getter(path), fset, doc=doc or f"``{path}``; settable, checked.")
 
 
 def fixed_setting(
@@ -245,15 +254,7 @@ def fixed_setting(
     ``state_dict()``). Without ``path`` the value lives in ``_<name>``: the constructor sets it once (any
     later assignment is refused; the class's own code writes ``_<name>``)."""
     private = "_" + name
-    parts = (path or private).split(".")
-
-    def fget(owner: Any) -> Any:
-        try:
-            return getattr(_holder(owner, parts[:-1]), parts[-1])
-        except AttributeError:
-            if path is None:
-                raise
-            return default
+    fget = _attribute_getter(private) if path is None else _attribute_getter(path, default)
 
     def fset(owner: Any, value: Any) -> None:
         if path is None and private not in vars(owner):  # the constructor's assignment
