@@ -693,11 +693,9 @@ _V0_1_0_FIXTURE = os.path.join(DATA_DIR, "v0_1_0_checkpoints.pt")
 
 def _plain_leap_head(feat_dim: int, num_classes: int, **kw):
     """A ``LEAPHead`` of the shipped YAML's CosFace settings without neck (pooled ``feat_dim``
-    features in, ``num_classes`` out); ``kw``: ``class_counts``, ``seed``, ..."""
-    return fr.LEAPHead(
-        feat_dim=feat_dim,
+    features in, ``num_classes`` out); ``kw``: ``class_counts``, ``seed``, ... or another setting."""
+    shipped = dict(
         embedding_dim=0,
-        num_classes=num_classes,
         neck_feat="before",
         pool_type="GlobalAvgPool",
         margin_type="cosface",
@@ -705,8 +703,8 @@ def _plain_leap_head(feat_dim: int, num_classes: int, **kw):
         margin=0.2,
         with_bnneck=False,
         norm_type="BN",
-        **kw,
     )
+    return fr.LEAPHead(feat_dim=feat_dim, num_classes=num_classes, **{**shipped, **kw})
 
 
 def test_checkpointer_loads_a_0_1_0_head(tmp_path, caplog):
@@ -1022,20 +1020,9 @@ def test_fastreids_default_scale_under_a_margin_cls_layer_is_warned_naming_the_k
 
 def _python_head(**kw):
     """``LEAPHead`` called from Python (no config), with the shipped CosFace settings."""
-    args = dict(
-        feat_dim=8,
-        embedding_dim=0,
-        num_classes=4,
-        neck_feat="before",
-        pool_type="GlobalAvgPool",
-        margin_type="cosface",
-        scale=24.0,
-        margin=0.2,
-        with_bnneck=False,
-        norm_type="BN",
-        class_counts=[5, 5, 30, 30],
+    return _plain_leap_head(
+        **{"feat_dim": 8, "num_classes": 4, "class_counts": [5, 5, 30, 30], **kw}
     )
-    return fr.LEAPHead(**{**args, **kw})
 
 
 @pytest.mark.parametrize(
