@@ -19,7 +19,9 @@ from ._validation import (
     as_int,
     check_batch,
     check_class_counts,
-    forwarded,
+    checked_attribute,
+    fixed_setting,
+    migrate_checked,
     refuse_other_shape,
     warn_user,
 )
@@ -204,12 +206,35 @@ class ClassStatistics(KeepBufferDtypes):
             self.allocate_memory(counts)
             self._initial_counts = counts.detach().to("cpu", dtype=torch.long, copy=True)
 
-    #: the constructor's keyword ``cloud`` (the repr's name) is the attribute ``rule``
-    cloud = forwarded(
-        "rule",
-        lambda _, rule: FC.check_cloud_rule(rule, optional=False),
-        "The variance rule (``cloud``, the attribute ``rule``); settable, checked.",
+    # the settings a cloud forwards are checked here too (assigned on the statistics directly, a
+    # bad value reached the next step); whole-module pickles of earlier releases held them as
+    # plain attributes (:meth:`__setstate__`)
+    _CHECKED = ("gamma", "center_rate", "unknown_variance")
+    gamma = checked_attribute(
+        "gamma", lambda _, v: check_gamma(v), "The center learning rate; settable, checked."
     )
+    center_rate = checked_attribute(
+        "center_rate", lambda _, v: check_center_rate(v), "The center rule; settable, checked."
+    )
+    unknown_variance = checked_attribute(
+        "unknown_variance",
+        lambda _, v: check_unknown_variance(v),
+        "The variance of a class with too few angles; settable, checked.",
+    )
+    #: the constructor's keyword ``cloud`` (the repr's name) reads the attribute ``rule``; set it
+    #: on the owner, which keeps the cloud and its statistics in step
+    cloud = fixed_setting(
+        "cloud",
+        "the statistics follow their cloud's rule",
+        path="rule",
+        how="set the rule on the owner instead: head.cloud = ... or FeatureCloud.rule = ... "
+        "(set_rule), which keeps the cloud and its statistics in step",
+    )
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """A whole-module pickle of an earlier release: its checked settings as plain
+        attributes."""
+        super().__setstate__(migrate_checked(state, self._CHECKED))  # type: ignore[no-untyped-call]
 
     @property
     def memory_slots(self) -> int:

@@ -6,6 +6,7 @@ attribute of that name (``nn.Module`` creates one silently) changed nothing: API
 from __future__ import annotations
 
 import inspect
+import pickle
 import re
 
 import pytest
@@ -118,11 +119,29 @@ def test_the_reprs_name_attributes_with_the_values_shown():
             value = int(value) if isinstance(value, torch.Tensor) else value
             assert (repr(value) if isinstance(value, str) else str(value)) == shown, name
     head.feature_cloud.cloud_scale = 1.0
-    head.statistics.cloud = "vanilla"
     assert "cloud_scale=1.0" in repr(head.feature_cloud)
-    assert head.statistics.rule == "vanilla" and "cloud='vanilla'" in repr(head.statistics)
-    with pytest.raises(ValueError, match="cloud must be one of"):
-        head.statistics.cloud = "none"
+    # the statistics' rule is their cloud's: set on the statistics alone it split the head's
+    # state (head.cloud and the cloud's rule still said 'full'); refused, naming the way
+    with pytest.raises(AttributeError, match="head.cloud = ... or FeatureCloud.rule"):
+        head.statistics.cloud = "vanilla"
+    head.cloud = "vanilla"
+    assert head.statistics.rule == "vanilla" == head.feature_cloud.rule
+    assert "cloud='vanilla'" in repr(head.statistics)
+
+
+def test_settings_assigned_on_the_statistics_are_checked_as_on_the_head():
+    """``head.gamma = 5`` was refused while ``head.statistics.gamma = 5`` (and ``center_rate =
+    "bogus"``, which then trained as ``"paper"``) was taken."""
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    for name, bad in (("gamma", 5.0), ("center_rate", "bogus"), ("unknown_variance", "x")):
+        before = getattr(head.statistics, name)
+        with pytest.raises(ValueError, match=name):
+            setattr(head.statistics, name, bad)
+        assert getattr(head.statistics, name) == before
+    head.statistics.gamma = 0.25
+    assert head.gamma == 0.25
+    restored = pickle.loads(pickle.dumps(head))
+    assert restored.statistics.gamma == 0.25 and restored.gamma == 0.25
 
 
 def test_a_cloud_scale_schedule_changes_the_training_loss():
@@ -176,3 +195,13 @@ def test_a_cloud_scale_far_above_the_evaluated_range_warns():
         warnings.simplefilter("error")
         for scale in (0.0, 1.0, 2.0, 4.0, 8.0):
             head.cloud_scale = scale
+
+
+def test_a_small_scale_leaves_the_margins_unit_check_to_run():
+    """A scale too small to train (not swapped with the margin) warned alone: an ArcFace margin
+    of 28.6 (degrees, 1639 degrees as radians) went unnamed beside it."""
+    with pytest.warns(UserWarning) as caught:
+        LEAPMarginHead(D, 751, "arcface", 4.0, 28.6, class_counts=torch.full((751,), 5))
+    texts = [str(w.message) for w in caught]
+    assert any("too small to train" in t for t in texts), texts
+    assert any("degrees" in t for t in texts), texts
