@@ -102,7 +102,7 @@ def refuse_bad_weight(state_dict: Dict[str, Any], key: str) -> None:
     saved = state_dict.get(key)
     if not isinstance(saved, Tensor) or saved.is_meta:
         return
-    if not (saved.is_floating_point() or saved.is_complex()):
+    if not saved.is_floating_point():  # integers, bool, complex (its imaginary part dropped)
         raise TypeError(
             f"checkpoint's {key} is a {saved.dtype} tensor, not a floating-point class weight: "
             "the checkpoint is damaged or was edited (torch would cast it in silently)"

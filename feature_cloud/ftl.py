@@ -641,7 +641,8 @@ class StreamSampler(Sampler[int]):
     replacement), seeded by ``seed``; it yields positions ``start .. start + num_samples - 1`` of
     that stream, so a resumed run can continue exactly where it stopped. ``seed=None`` draws one
     from torch's global RNG when the sampler is built (as ``RandomSampler`` does per epoch: runs
-    under another ``torch.manual_seed`` draw other streams); it is then fixed in ``seed``. ``pool`` is a tensor of
+    under another ``torch.manual_seed`` draw other streams); it is then fixed in ``seed``, and a
+    resume (``start > 0``) must give it. ``pool`` is a tensor of
     dataset indices or a callable returning one, read when iteration starts (the hard list and
     the long-tail pool change at every UpdateStats).
     """
@@ -656,6 +657,12 @@ class StreamSampler(Sampler[int]):
     ) -> None:
         if int(num_samples) < 0 or int(start) < 0:
             raise ValueError(f"num_samples and start must be >= 0, got {num_samples}, {start}")
+        if seed is None and int(start) > 0:  # a resume: the stream it continues has a seed
+            raise ValueError(
+                f"start={int(start)} continues a stream, but seed=None draws a new one: pass the "
+                "seed of the stream being resumed (the sampler's .seed; before this release "
+                "the default was 0)"
+            )
         self.pool = pool
         self.num_samples, self.seed, self.start, self.name = (
             int(num_samples),

@@ -375,7 +375,9 @@ def check_scale(
     while the scale looks like a margin, the warning says the two are swapped (PML's
     ``LEAPLoss(num_classes, embedding_size, margin, scale)`` order ported to
     ``LEAPMarginHead(embedding_size, num_classes, margin_type, scale, margin)``) instead of
-    suggesting another margin for the broken scale. Returns whether it warned."""
+    suggesting another margin for the broken scale. Returns whether it said they look swapped
+    (the margin's unit is then not the problem; a scale too small alone leaves the margin's own
+    checks to run)."""
     if num_classes is None:
         return False
     rule, s, c = get(margin_type), float(scale), int(num_classes)
@@ -397,9 +399,9 @@ def check_scale(
             f"LEAPLoss's (num_classes, embedding_size, margin, scale); did you mean "
             f"scale={float(margin)}, margin={s}? Pass them by keyword."
         )
-    else:
-        warn_user(f"{why}).")
-    return True
+        return True
+    warn_user(f"{why}).")
+    return False
 
 
 _check = check  # register's keyword of the same name hides the function there

@@ -318,6 +318,9 @@ def test_samplers_draw_from_hard_list_and_long_tail_and_resume():
     full = list(StreamSampler(torch.arange(37), 100, seed=5))
     assert sorted(full[:37]) == list(range(37))
     assert list(StreamSampler(torch.arange(37), 60, seed=5, start=40)) == full[40:]
+    # a resume continues a stream: a drawn seed (the default since seed=None) would be another
+    with pytest.raises(ValueError, match="start=40 continues a stream, but seed=None"):
+        StreamSampler(torch.arange(37), 60, start=40)
     hl, tl = sched.loaders(ds, 16)
     assert len(hl) == len(tl) == 10
     xb, yb, ib = next(iter(tl))

@@ -718,6 +718,10 @@ def test_a_checkpoint_weight_with_nan_or_of_integers_is_refused_by_key() -> None
         ints[key] = ints[key].round().to(torch.int64)
         with pytest.raises(TypeError, match=rf"checkpoint's {key} is a torch.int64 tensor"):
             module.load_state_dict(ints)
+        cplx = copy.deepcopy(before)  # torch dropped the imaginary part, with a warning only
+        cplx[key] = cplx[key].to(torch.complex64)
+        with pytest.raises(TypeError, match=rf"checkpoint's {key} is a torch.complex64 tensor"):
+            module.load_state_dict(cplx)
         after = module.state_dict()
         assert all(torch.equal(v, after[k]) for k, v in before.items()), type(module).__name__
         half = copy.deepcopy(before)
