@@ -100,15 +100,16 @@ def _head_commit(gitdir: str) -> Optional[str]:
 
 
 def _dirty(root: str) -> Optional[bool]:
-    """Whether the package's files differ from ``HEAD`` (``git status`` of ``feature_cloud/``,
-    untracked files included); ``None`` without git, or when it fails or takes over 10 s."""
+    """Whether the package's files differ from ``HEAD`` (``git status`` of ``feature_cloud/``
+    and ``integrations/``, the adapters, untracked files included); ``None`` without git, or
+    when it fails or takes over 10 s."""
     git = shutil.which("git")
     if git is None:
         return None
     env = dict(os.environ, GIT_OPTIONAL_LOCKS="0", GIT_TERMINAL_PROMPT="0", LC_ALL="C")
     try:
         done = subprocess.run(
-            [git, "-C", root, "status", "--porcelain", "--", "feature_cloud"],
+            [git, "-C", root, "status", "--porcelain", "--", "feature_cloud", "integrations"],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=10,
@@ -134,7 +135,8 @@ def _installed_commit() -> Optional[str]:
 def git_revision() -> Tuple[Optional[str], Optional[bool]]:
     """``(commit, dirty)`` of the code this process imported: where ``feature_cloud`` is
     imported from a git checkout, its ``HEAD`` commit (read from ``.git``, no git needed) and
-    whether ``feature_cloud/`` differs from it (``git status``, ``None`` without git); otherwise
+    whether ``feature_cloud/`` or ``integrations/`` differ from it (``git status``, ``None``
+    without git); otherwise
     the commit pip recorded for an install from a git URL (dirty ``None``), or ``(None, None)``.
     Once per process (the code that runs is the code imported)."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -216,3 +216,25 @@ def test_conv_backbones_have_no_backward_without_a_deterministic_cuda_kernel():
             assert y.device.type == "cuda"
             ops = _backward_ops(y.sum())
             assert "MeanBackward1" in ops and not ops & refused, sorted(ops)
+
+
+def test_dirty_sees_the_adapters_too(tmp_path):
+    """``git_dirty`` read ``feature_cloud/`` only: an edited adapter (``integrations/``, installed
+    as ``feature_cloud.integrations``) was recorded as a clean checkout."""
+    from feature_cloud.evaluate import environment as E
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    root = str(tmp_path)
+    for folder in ("feature_cloud", "integrations"):
+        os.makedirs(os.path.join(root, folder))
+        with open(os.path.join(root, folder, "a.py"), "w") as fh:
+            fh.write("x = 1\n")
+    git = ["git", "-C", root, "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    assert E._dirty(root) is False
+    with open(os.path.join(root, "integrations", "a.py"), "w") as fh:
+        fh.write("x = 2\n")
+    assert E._dirty(root) is True
