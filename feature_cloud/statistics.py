@@ -209,7 +209,7 @@ class ClassStatistics(KeepBufferDtypes):
     # the settings a cloud forwards are checked here too (assigned on the statistics directly, a
     # bad value reached the next step); whole-module pickles of earlier releases held them as
     # plain attributes (:meth:`__setstate__`)
-    _CHECKED = ("gamma", "center_rate", "unknown_variance")
+    _CHECKED = ("gamma", "center_rate", "unknown_variance", "tail_threshold", "max_age")
     gamma = checked_attribute(
         "gamma", lambda _, v: check_gamma(v), "The center learning rate; settable, checked."
     )
@@ -220,6 +220,16 @@ class ClassStatistics(KeepBufferDtypes):
         "unknown_variance",
         lambda _, v: check_unknown_variance(v),
         "The variance of a class with too few angles; settable, checked.",
+    )
+    tail_threshold = checked_attribute(
+        "tail_threshold",
+        lambda _, v: as_int(v, "tail_threshold", 0),
+        "Classes with at most this many images are tail classes; settable, checked.",
+    )
+    max_age = checked_attribute(
+        "max_age",
+        lambda _, v: None if v is None else as_int(v, "max_age", 1),
+        "Angles older than this many updates are left out (``None``: never); settable, checked.",
     )
     #: the constructor's keyword ``cloud`` (the repr's name) reads the attribute ``rule``; set it
     #: on the owner, which keeps the cloud and its statistics in step

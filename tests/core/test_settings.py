@@ -133,7 +133,13 @@ def test_settings_assigned_on_the_statistics_are_checked_as_on_the_head():
     """``head.gamma = 5`` was refused while ``head.statistics.gamma = 5`` (and ``center_rate =
     "bogus"``, which then trained as ``"paper"``) was taken."""
     head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
-    for name, bad in (("gamma", 5.0), ("center_rate", "bogus"), ("unknown_variance", "x")):
+    for name, bad in (
+        ("gamma", 5.0),
+        ("center_rate", "bogus"),
+        ("unknown_variance", "x"),
+        ("tail_threshold", -1),
+        ("max_age", 0),
+    ):
         before = getattr(head.statistics, name)
         with pytest.raises(ValueError, match=name):
             setattr(head.statistics, name, bad)
