@@ -40,9 +40,7 @@ from ._validation import (
 from .statistics import (
     DEFAULT_CENTER_RATE,
     ClassStatistics,
-    check_center_rate,
     check_gamma,
-    check_unknown_variance,
 )
 from .sync import BATCH_MODES, SyncedClassStatistics
 
@@ -108,7 +106,7 @@ def _check_config(
     """The cloud's argument checks, named as the user passed them (the statistics re-check
     their own); returns ``(warmup_steps, count_steps)`` as ints."""
     FC.check_cloud_rule(rule, name="rule")
-    _check_tail_threshold(None, tail_threshold)
+    as_int(tail_threshold, "tail_threshold", 0)
     as_int(memory_per_sample, "memory_per_sample", 1)
     check_gamma(gamma)
     _check_max_age(None, angle_max_age)
@@ -163,10 +161,6 @@ def _check_min_count(owner: Any, value: Any) -> int:
 
 def _check_rule(owner: Any, value: Any) -> Optional[str]:
     return FC.check_cloud_rule(value, name="rule")
-
-
-def _check_tail_threshold(owner: Any, value: Any) -> int:
-    return as_int(value, "tail_threshold", 0)
 
 
 def _check_max_age(owner: Any, value: Any) -> Optional[int]:
@@ -452,11 +446,12 @@ class FeatureCloud(nn.Module):
     )
     cloud_mode = forwarded("mode", doc="``cloud_mode`` (the attribute ``mode``); settable.")
     cloud_scale = forwarded("scale", doc="``cloud_scale`` (the attribute ``scale``); settable.")
-    gamma = forwarded("statistics.gamma", lambda _, v: check_gamma(v))
-    tail_threshold = forwarded("statistics.tail_threshold", _check_tail_threshold)
-    center_rate = forwarded("statistics.center_rate", lambda _, v: check_center_rate(v))
+    # checked by the statistics (their own attributes, under the same names)
+    gamma = forwarded("statistics.gamma", doc="The center learning rate; settable, checked.")
+    tail_threshold = forwarded("statistics.tail_threshold", doc="``T``; settable, checked.")
+    center_rate = forwarded("statistics.center_rate", doc="The center rule; settable, checked.")
     unknown_variance = forwarded(
-        "statistics.unknown_variance", lambda _, v: check_unknown_variance(v)
+        "statistics.unknown_variance", doc="An unknown variance's rule; settable, checked."
     )
     angle_max_age = forwarded("statistics.max_age", _check_max_age)
     imprint_step = checked_attribute(

@@ -71,18 +71,10 @@ def _grad(module: nn.Module, loss: Tensor) -> Tensor:
 
 
 def run_head(m: Any, t: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Eval logits (the head's ``logits``, PML's ``get_logits``), then one training loss."""
     m.eval()
     with torch.no_grad():
-        out = m.logits(t["f"])
-    m.train()
-    loss = m(t["f"], t["y"])
-    return out, loss.detach(), _grad(m, loss)
-
-
-def run_pml(m: Any, t: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    m.eval()
-    with torch.no_grad():
-        out = m.get_logits(t["f"])
+        out = (m.get_logits if hasattr(m, "get_logits") else m.logits)(t["f"])
     m.train()
     loss = m(t["f"], t["y"])
     return out, loss.detach(), _grad(m, loss)
@@ -126,7 +118,7 @@ def run_fastreid(m: Any, t: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
 
 RUN: Dict[str, Callable[[Any, Dict[str, Tensor]], Tuple[Tensor, Tensor, Tensor]]] = {
     "head": run_head,
-    "pml": run_pml,
+    "pml": run_head,
     "ftl": run_ftl,
     "scheduler": run_scheduler,
     "timm": run_timm,
