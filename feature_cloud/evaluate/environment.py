@@ -26,6 +26,8 @@ __all__ = [
     "git_revision",
     "environment_differences",
     "run_environments",
+    "mixed_environments",
+    "mixed_environments_note",
     "show_values",
     "ENVIRONMENT_KEYS",
 ]
@@ -248,3 +250,42 @@ def run_environments(results: Dict[str, Any]) -> List[Dict[str, Any]]:
     if not envs and isinstance(top, dict):
         envs.append(top)
     return envs
+
+
+def mixed_environments(results: Dict[str, Any]) -> Tuple[Dict[str, List[Any]], int, int]:
+    """Where ``results``' runs were trained in more than one environment (a merge of runs of
+    two machines, a resume after an upgrade): ``({key: its values across the runs}, pairs,
+    crossing)``, ``crossing`` of the ``pairs`` (method, seed) with its baseline run being a
+    method run and its baseline run of different environments (their paired difference
+    includes the environments' difference). ``({}, pairs, 0)`` where every run shares one."""
+    top = results.get("environment")
+    env_of = {
+        (str(r["method"]), int(r["seed"])): r.get("environment", top) for r in results["runs"]
+    }
+    envs = [e for e in run_environments(results) if isinstance(e, dict)]
+    keys = _ordered(list({k for e in envs for k in e}))
+    mixed = {k: v for k in keys if len(v := _distinct(envs, k)) > 1}
+    pairs = crossing = 0
+    for (method, seed), env in env_of.items():
+        base = results.get("baselines", {}).get(method)
+        if base is None or (base, seed) not in env_of:
+            continue
+        pairs += 1
+        crossing += int(env != env_of[(base, seed)])
+    return mixed, pairs, crossing
+
+
+def mixed_environments_note(results: Dict[str, Any]) -> Optional[str]:
+    """One sentence naming the environment keys whose values differ between ``results``'
+    runs and how many paired seeds pair runs of different environments; ``None`` where
+    every run shares one environment."""
+    mixed, pairs, crossing = mixed_environments(results)
+    if not mixed:
+        return None
+    named = "; ".join(f"{k} {show_values(v)}" for k, v in mixed.items())
+    return (
+        f"the runs were trained in more than one environment ({named}): {crossing} of "
+        f"{pairs} paired (method, seed) differences pair a method and its baseline trained in "
+        "different environments and include that difference, not the method's alone "
+        "(results.json records each run's environment)"
+    )

@@ -9,6 +9,7 @@ import math
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
+from .._validation import warn_user
 from ..demo import plots as demo_plots
 from ..demo.report import (
     _markdown,
@@ -22,7 +23,12 @@ from ..demo.report import (
     write_json,
     wrote_line,
 )
-from .environment import environment_differences, run_environments, show_values
+from .environment import (
+    environment_differences,
+    mixed_environments_note,
+    run_environments,
+    show_values,
+)
 from .stats import paired_differences, t_interval, t_quantile
 
 __all__ = [
@@ -466,6 +472,8 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
             "rest).",
             "",
         ]
+    note = mixed_environments_note(results)
+    text += [f"**Note**: {note}.", ""] if note is not None else []
     text += [
         _markdown(srows),
         "",
@@ -485,7 +493,8 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
         text += [_SWEEP_NOTE, "", _markdown(wrows), ""]
     pieces = [("summary.md", "\n".join(text))]
     if len(prows) > 1:
-        pieces.append(("paired.md", _PAIRED_NOTE + "\n\n" + _markdown(prows) + "\n"))
+        mixed = f"**Note**: {note}.\n\n" if note is not None else ""
+        pieces.append(("paired.md", _PAIRED_NOTE + "\n\n" + mixed + _markdown(prows) + "\n"))
     else:  # no method with its baseline: a note, not an empty table (no paired.csv / .json)
         pieces.append(("paired.md", no_pairs_note(results) + "\n"))
     for name, content in pieces:
@@ -541,6 +550,8 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
             f"Partial: {len(results['runs'])} of "
             f"{counted(len(cfg['seeds']) * len(cfg['methods']), 'run')} (--resume trains the rest)"
         )
+    if note is not None:
+        log(f"Note: {note}")
     log(_markdown(prows if len(prows) > 1 else srows))
     if len(prows) <= 1:
         log(no_pairs_note(results))
@@ -947,6 +958,9 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
     )
     merged["config"]["out"] = out
     merged["merged_from"] = [os.path.abspath(p) for p, _ in runs]
+    note = mixed_environments_note(merged)
+    if note is not None:
+        warn_user(f"merge_runs: {note}; `report A B --compare` names such differences")
     make_output_dir(out)
     file = os.path.join(out, "results.json")
     write_json(merged, file)

@@ -238,3 +238,55 @@ def test_dirty_sees_the_adapters_too(tmp_path):
     with open(os.path.join(root, "integrations", "a.py"), "w") as fh:
         fh.write("x = 2\n")
     assert E._dirty(root) is True
+
+
+def test_merging_runs_of_two_environments_warns_and_the_report_says_so(tmp_path, capsys):
+    """Left alone in s50: runs of two machines (or torch versions) pooled by ``report A B
+    --out`` gave one table with no word of it, and a run resumed in another environment can pair
+    a method trained there with its baseline trained here. The merge warns naming every
+    differing key and the crossing pairs; summary.md and paired.md say it too; one
+    environment: silent."""
+    import warnings
+
+    from feature_cloud.cli import main
+    from feature_cloud.evaluate.report import merge_runs, render_evaluation
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = _common(p)
+    common = [*common[:7], "leap_full_cosface", *common[8:]]
+    a, b, b2 = (str(tmp_path / n) for n in ("a", "b", "b2"))
+    assert main([*common, "--seeds", "0", "--out", a]) == 0
+    assert main([*common, "--seeds", "1", "--out", b]) == 0
+    shutil.copytree(b, b2)
+    capsys.readouterr()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merged = merge_runs([a, b], str(tmp_path / "same"))
+    files = render_evaluation(merged, log=lambda s: None)
+    with open(files["summary.md"]) as fh:
+        assert "more than one environment" not in fh.read()
+
+    res = _load(b)  # another machine: every run of b
+    _forge(res, threads=2, torch="9.9.9")
+    _save(res, b)
+    with pytest.warns(UserWarning) as caught:
+        merge_runs([a, b], str(tmp_path / "machines"))
+    text = " ".join(str(w.message) for w in caught)
+    assert f"torch {torch.__version__} and 9.9.9" in text, text
+    assert "threads 1 and 2" in text, text
+    assert "0 of 2 paired (method, seed) differences" in text, text
+
+    res = _load(b2)  # resumed elsewhere: the method's run only
+    [run] = [r for r in res["runs"] if r["method"] == "leap_full_cosface"]
+    run["environment"]["torch"] = "9.9.9"
+    _save(res, b2)
+    with pytest.warns(UserWarning, match="1 of 2 paired"):
+        merged = merge_runs([a, b2], str(tmp_path / "resumed"))
+    files = render_evaluation(merged, log=lambda s: None)
+    for name in ("summary.md", "paired.md"):
+        with open(files[name]) as fh:
+            text = fh.read()
+        assert "1 of 2 paired (method, seed) differences" in text, name
+        assert f"torch {torch.__version__} and 9.9.9" in text, name
