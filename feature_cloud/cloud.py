@@ -15,7 +15,7 @@ a pure function of ``(seed, step, stream, row, class)``.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -587,17 +587,22 @@ class FeatureCloud(nn.Module):
         validate: bool = True,
         train: bool = True,
         problem: Optional[Exception] = None,
+        settings: Sequence[Tuple[str, Any]] = (),
     ) -> Tensor:
         """Every check of a batch, before any state changes; returns the labels as int64.
 
         When the training step's update is collective, all ranks agree on the verdict first
         (one all-reduce: every rank raises together, see
-        :meth:`~feature_cloud.sync.SyncedClassStatistics.agree`). ``problem``: an error the
-        caller found in its other arguments, agreed on like a bad batch (then raised)."""
+        :meth:`~feature_cloud.sync.SyncedClassStatistics.agree`), and on the settings
+        (:meth:`agreed_settings` and the caller's ``settings``, e.g. the head's margin: a
+        setting assigned on some ranks only raises on every rank, naming it). ``problem``: an
+        error the caller found in its other arguments, agreed on like a bad batch (then raised)."""
         if train:
             problem = problem or inference_problem(embeddings, self.step)
         if train and self.collective:
-            checked = self.statistics.agree(embeddings, labels, validate, problem)
+            checked = self.statistics.agree(
+                embeddings, labels, validate, problem, tuple(settings) + self.agreed_settings()
+            )
         elif problem is not None:
             raise problem
         else:
@@ -605,6 +610,35 @@ class FeatureCloud(nn.Module):
                 embeddings, labels, self.embedding_size, self.num_classes, validate
             )
         return trainable_labels(checked) if train else checked
+
+    def agreed_settings(self) -> Tuple[Tuple[str, Any], ...]:
+        """The settings every rank of a synchronised cloud must share, compared at every
+        training step's batch agreement (:func:`~feature_cloud.sync.agree_on_batch`): what
+        changes the gathered statistics (``gamma``, ``center_rate``, ``tail_threshold``,
+        ``unknown_variance``, ``angle_max_age``, the rule, the memory layout, ``pad_to``), the
+        cloud drawn from them (``cloud_mode``, ``cloud_scale``, ``warmup_steps``) and, while an
+        imprint is ahead, the imprint (``imprint_step``, ``prototype_shrinkage``,
+        ``prototype_min_count``). Host values only (no device read)."""
+        stats = self.statistics
+        ahead = self.imprint_step is not None and not self.imprint_behind
+        return (
+            ("cloud", self.rule),
+            ("statistics.rule", stats.rule if self.rule is not None else None),
+            ("cloud_mode", self.mode),
+            ("cloud_scale", self.scale),
+            ("gamma", stats.gamma),
+            ("center_rate", stats.center_rate),
+            ("tail_threshold", stats.tail_threshold),
+            ("unknown_variance", stats.unknown_variance),
+            ("angle_max_age", stats.max_age),
+            ("memory_per_sample", stats.memory_per_sample),
+            ("count_steps", stats.count_updates),
+            ("pad_to", getattr(stats, "pad_to", None)),
+            ("warmup_steps", self.warmup_steps),
+            ("imprint_step", self.imprint_step),
+            ("prototype_shrinkage", self.prototype_shrinkage if ahead else None),
+            ("prototype_min_count", self.prototype_min_count if ahead else None),
+        )
 
     def counts_batch(self, features: Tensor, *, count_empty: bool = False) -> bool:
         """Whether a training :meth:`advance` on ``features`` counts a step: a non-empty batch,

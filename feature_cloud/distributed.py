@@ -354,6 +354,9 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
                 pad_to=self.pad_to,
                 same_dtype=True,
                 problem=problem,
+                settings=self.margin_settings()
+                + (("reduction", self.reduction),)
+                + self.feature_cloud.agreed_settings(),
             )
         elif problem is not None:
             raise problem

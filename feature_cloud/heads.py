@@ -132,6 +132,16 @@ class MarginSettings:
         """Whole-module pickles of earlier releases held them as plain attributes."""
         super().__setstate__(migrate_checked(state, ("scale", "margin")))  # type: ignore[misc]
 
+    def margin_settings(self) -> Tuple[Tuple[str, Any], ...]:
+        """The loss's settings that every rank of a synchronised head must share (compared
+        with the cloud's at the training step's batch agreement)."""
+        return (
+            ("margin_type", self.margin_rule.name),
+            ("scale", self.scale),
+            ("margin", self.margin),
+            ("sub_centers", getattr(self, "sub_centers", 1)),
+        )
+
     @property
     def margin_type(self) -> str:
         """The margin rule's registered name."""
@@ -798,7 +808,12 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
         train = self.training and torch.is_grad_enabled()
         cloud = self.feature_cloud
         labels = cloud.check(
-            embeddings, labels, validate=self.validate, train=train, problem=problem
+            embeddings,
+            labels,
+            validate=self.validate,
+            train=train,
+            problem=problem,
+            settings=self.margin_settings(),
         )
         counted = train and cloud.counts_batch(embeddings)
         if train and is_compiling() and self._recomputed_weight(cloud):

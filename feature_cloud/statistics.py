@@ -6,7 +6,7 @@ A thin stateful Module: every formula lives in :mod:`feature_cloud.functional`.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -320,11 +320,15 @@ class ClassStatistics(KeepBufferDtypes):
         labels: Tensor,
         validate: bool = True,
         problem: Optional[Exception] = None,
+        settings: Sequence[Tuple[str, Any]] = (),
+        *,
+        keep: bool = True,
     ) -> Tensor:
         """Every check of an :meth:`update` batch, before any state changes; returns the labels
         as int64. ``problem``: an error the caller found in its other arguments, raised first.
-        A process-group subclass makes all ranks agree on the verdict first (see
-        :meth:`feature_cloud.distributed.SyncedClassStatistics.agree`)."""
+        A process-group subclass makes all ranks agree on the verdict first, and on
+        ``settings`` (see :meth:`feature_cloud.distributed.SyncedClassStatistics.agree`;
+        ``keep``: whether an update follows); here both are unused."""
         if problem is not None:
             raise problem
         return check_batch(features, labels, self.embedding_size, self.num_classes, validate)

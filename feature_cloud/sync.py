@@ -8,7 +8,10 @@ single-process behaviour.
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional, Tuple, cast
+import functools
+import hashlib
+import numbers
+from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.distributed as dist
@@ -30,6 +33,7 @@ __all__ = [
     "is_distributed",
     "gather_batch",
     "agree_on_batch",
+    "shown_setting",
     "SyncedClassStatistics",
 ]
 
@@ -206,6 +210,86 @@ def gather_batch(
 # dtype codes compared across ranks (all-reduced with MAX of the code and of its negation)
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 
+#: The settings ranks compare in :func:`agree_on_batch`: ``(name, value)`` pairs of host
+#: values, the same names in the same order on every rank.
+Settings = Sequence[Tuple[str, Any]]
+
+
+_PLAIN = (type(None), bool, int, float, str)
+
+
+def shown_setting(value: Any) -> str:
+    """A setting's value as text that is the same in every process for the same value (a
+    numpy or Python number alike; ``repr`` of a float round-trips exactly)."""
+    if type(value) in _PLAIN:  # the usual case, without the slower ABC checks
+        return repr(value)
+    if isinstance(value, numbers.Integral):
+        return repr(int(value))
+    if isinstance(value, numbers.Real):
+        return repr(float(value))
+    return repr(value)
+
+
+def _setting_code(text: str) -> int:
+    """A 56-bit code of a setting's text (not Python's ``hash``, which differs per process):
+    it and its negation fit the agreement's int64 payload."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
+
+
+@functools.lru_cache(maxsize=64)
+def _settings_codes(key: Tuple[Tuple[str, type, Any], ...]) -> Tuple[List[str], List[int]]:
+    """Each setting's text and code (cached: settings seldom change between steps; the key
+    holds the types, as ``1 == 1.0 == True`` would share an entry)."""
+    shown = [shown_setting(value) for _, _, value in key]
+    return shown, [_setting_code(text) for text in shown]
+
+
+def settings_codes(settings: Settings) -> Tuple[List[str], List[int]]:
+    """:func:`shown_setting` and the code of each of ``settings``' values."""
+    try:
+        return _settings_codes(tuple((name, type(value), value) for name, value in settings))
+    except TypeError:  # an unhashable value
+        shown = [shown_setting(value) for _, value in settings]
+        return shown, [_setting_code(text) for text in shown]
+
+
+def _raise_for_settings(
+    settings: Settings, shown: List[str], group: ProcessGroup, world: int
+) -> None:
+    """Every rank knows that some setting differs (the agreed codes): all take part in one
+    more collective (an error path only) and raise the same error, naming each differing
+    setting and its value on every rank."""
+    per_rank: List[Optional[List[str]]] = [None] * world
+    dist.all_gather_object(per_rank, shown, group=group)
+    parts = []
+    for i, (name, _) in enumerate(settings):
+        values: Dict[str, List[int]] = {}
+        for r, theirs in enumerate(per_rank):
+            values.setdefault(theirs[i] if theirs is not None else "?", []).append(r)
+        if len(values) > 1:
+            on = [
+                f"{v} on rank{'s' if len(rs) > 1 else ''} {_ranks(rs)}" for v, rs in values.items()
+            ]
+            parts.append(f"{name}: {', '.join(on)}")
+    raise ValueError(
+        "the ranks hold different settings (assigned on some ranks only?): "
+        + "; ".join(parts)
+        + ". Every rank's statistics are updated from the same gathered batch and must stay "
+        "identical, and the loss must be the same function on every rank: assign the setting on "
+        f"every rank (raised on every rank of {world}, before any state changed)"
+    )
+
+
+def _ranks(ranks: List[int]) -> str:
+    """``0``, ``0, 2`` or ``0-5, 7`` (ranks in runs)."""
+    runs: List[List[int]] = []
+    for r in ranks:
+        if runs and runs[-1][1] == r - 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
 
 def agree_on_batch(
     embeddings: Tensor,
@@ -219,6 +303,7 @@ def agree_on_batch(
     pad_to: Optional[int] = None,
     same_dtype: bool = False,
     problem: Optional[Exception] = None,
+    settings: Settings = (),
 ) -> Tuple[Tensor, int]:
     """Check this rank's batch and agree with every rank of ``group`` before any collective
     touches it; returns the labels as int64 and the per-rank row count to pad to.
@@ -227,6 +312,14 @@ def agree_on_batch(
     unknown ``reduction``); it is agreed on first: every rank raises the lowest such rank's
     error (its message, naming that rank; a ``TypeError`` stays one, anything else is a
     ``ValueError``).
+
+    ``settings``: ``(name, value)`` pairs of the caller's settings that must be the same on
+    every rank (the cloud rule, ``gamma``, ``cloud_scale``, the margin, ...: see
+    :meth:`FeatureCloud.agreed_settings <feature_cloud.cloud.FeatureCloud.agreed_settings>`),
+    the same names in the same order on every rank. Each value's code (a 56-bit hash of its
+    text) and its negation ride in the same all-reduce; where they differ, every rank raises
+    the same ``ValueError`` naming each differing setting and its value on every rank (one
+    more collective, on that error path only), before any state changes.
 
     All checks (type, shape, finite values, label range, ``pad_to``, and with ``same_dtype``
     the embeddings' dtype) become a small int64 code vector (:func:`problem_tensor`) that is
@@ -243,7 +336,7 @@ def agree_on_batch(
     their next collective until the process group's timeout; ranks' dtypes are not compared.
     """
     rank, world = _rank_world(group)
-    if world > 1 and not validate and pad_to is not None:
+    if world > 1 and not validate and pad_to is not None:  # no agreement: settings unchecked
         return _local_batch_checks(
             embeddings, labels, embedding_size, num_classes, pad_to, problem, rank, world
         )
@@ -254,7 +347,8 @@ def agree_on_batch(
     too_big = int(pad_to is not None and n > pad_to)
     dtype_code = _DTYPE_CODES.get(embeddings.dtype, 5) if isinstance(embeddings, Tensor) else 0
     bad_args = int(problem is not None)
-    extra = [too_big, n, dtype_code, -dtype_code, bad_args, 0]
+    shown, codes_s = settings_codes(settings) if world > 1 else ([], [])
+    extra = [too_big, n, dtype_code, -dtype_code, bad_args] + codes_s + [-c for c in codes_s] + [0]
     payload = torch.cat([codes, torch.tensor(extra, dtype=torch.long, device=device)])
     k = len(PROBLEM_SLOTS)
     failing = torch.cat([payload[: k + 1], payload[k + 4 : k + 5]]).amax().clamp_max(1)
@@ -262,6 +356,9 @@ def agree_on_batch(
     if world > 1:
         dist.all_reduce(payload, op=dist.ReduceOp.MAX, group=group)
     verdict = payload.tolist()  # the one host sync
+    m = len(codes_s)
+    if m and verdict[k + 5 : k + 5 + m] != [-c for c in verdict[k + 5 + m : k + 5 + 2 * m]]:
+        _raise_for_settings(settings, shown, group, world)
     where = ""
     if world > 1 and verdict[-1]:
         where = f"rank {world - verdict[-1]} of {world}; raised on every rank"
@@ -453,7 +550,12 @@ class SyncedClassStatistics(HoldsProcessGroup, ClassStatistics):
         return pml_rank_order(rows, self.process_group, device)
 
     def _agree_on_batch(
-        self, features: Tensor, labels: Tensor, validate: bool, problem: Optional[Exception] = None
+        self,
+        features: Tensor,
+        labels: Tensor,
+        validate: bool,
+        problem: Optional[Exception] = None,
+        settings: Settings = (),
     ) -> Tuple[Tensor, int]:
         """:func:`agree_on_batch` with this module's sizes, group, device and padding."""
         return agree_on_batch(
@@ -466,6 +568,7 @@ class SyncedClassStatistics(HoldsProcessGroup, ClassStatistics):
             device=self.centers.device,
             pad_to=self.pad_to,
             problem=problem,
+            settings=settings,
         )
 
     def agree(
@@ -474,15 +577,18 @@ class SyncedClassStatistics(HoldsProcessGroup, ClassStatistics):
         labels: Tensor,
         validate: bool = True,
         problem: Optional[Exception] = None,
+        settings: Settings = (),
+        *,
+        keep: bool = True,
     ) -> Tensor:
         """All ranks check their batch and agree on the verdict (one all-reduce; a collective
         call when :attr:`collective`); returns the int64 labels. The next :meth:`update` with
-        these tensors reuses the verdict instead of agreeing again. ``problem``: see
-        :func:`agree_on_batch`."""
+        these tensors reuses the verdict instead of agreeing again (``keep=False``: no update
+        follows). ``problem``, ``settings``: see :func:`agree_on_batch`."""
         if not self.collective:
             return super().agree(features, labels, validate, problem)
-        labels, rows = self._agree_on_batch(features, labels, validate, problem)
-        self._agreed = (features, labels, rows)
+        labels, rows = self._agree_on_batch(features, labels, validate, problem, settings)
+        self._agreed = (features, labels, rows) if keep else None
         return labels
 
     @torch.no_grad()

@@ -337,7 +337,11 @@ class LEAPLoss(
             self._sync_mode()
             weights, problem = _miner_weights(indices_tuple, labels, upcast)  # agreed on too
             checked = self.feature_cloud.check(
-                upcast, cast(Tensor, labels), validate=self.validate, problem=problem
+                upcast,
+                cast(Tensor, labels),
+                validate=self.validate,
+                problem=problem,
+                settings=self.margin_settings(),
             )
             self._agreed = (upcast, checked, weights)
         elif isinstance(upcast, Tensor) and not upcast.is_floating_point():
@@ -374,7 +378,13 @@ class LEAPLoss(
         else:
             if train:
                 self._sync_mode()
-            labels = cloud.check(embeddings, labels, validate=self.validate, train=train)
+            labels = cloud.check(
+                embeddings,
+                labels,
+                validate=self.validate,
+                train=train,
+                settings=self.margin_settings(),
+            )
         if miner_weights is None:
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
         self.cast_types(dtype, device)  # W follows the batch once the batch is accepted

@@ -229,7 +229,81 @@ def check_no_agreement_with_pad_to_and_validate_off(rank: int, world: int) -> No
     assert step_reads(agreed, x, y) >= 1  # the agreed head's verdict is counted
 
 
+def _assigned_on_rank_1(rank, module, name, value, target=None):
+    """Assign ``name = value`` on rank 1 only; returns a function that undoes it."""
+    target = module if target is None else target
+    old = getattr(target, name)
+    if rank == 1:
+        setattr(target, name, value)
+    return old, lambda: setattr(target, name, old)
+
+
+def check_settings_agree(rank: int, world: int) -> None:
+    """s51 finding 10: a setting assigned on one rank only (a schedule driven by a rank-local
+    metric) made the ranks' statistics (or losses) differ without a word, and ``cloud = None``
+    on one rank left the other waiting in the agreement until the group's timeout. Now every
+    rank raises at the next training step, naming the setting and its value on every rank,
+    before any state changes; assigned on every rank, training goes on in step."""
+    torch.manual_seed(0)
+    head = synchronize(LEAPMarginHead(D, C, class_counts=COUNTS, seed=1, imprint_step=5))
+    x, y = _batch(0, rank)
+    head(x, y).backward()
+    before = state_snapshot(head)
+    cloud = head.feature_cloud
+    cases = [  # (where, name, value, the name the error gives)
+        (head, "gamma", 0.9, "gamma"),
+        (head, "center_rate", "paper", "center_rate"),
+        (head, "tail_threshold", 7, "tail_threshold"),
+        (head, "unknown_variance", "pooled", "unknown_variance"),
+        (head, "angle_max_age", 3, "angle_max_age"),
+        (head, "cloud_scale", 0.5, "cloud_scale"),
+        (head, "cloud_mode", "paper", "cloud_mode"),
+        (head, "cloud", "vanilla", "cloud"),
+        (head, "margin", 0.3, "margin"),
+        (head, "scale", 20.0, "scale"),
+        (head, "imprint_step", 7, "imprint_step"),
+        (head, "prototype_shrinkage", 3.0, "prototype_shrinkage"),
+        (head.statistics, "gamma", 0.5, "gamma"),
+        (cloud, "scale", 4.0, "cloud_scale"),
+    ]
+    x, y = _batch(1, rank)
+    for target, name, value, shown in cases:
+        old, undo = _assigned_on_rank_1(rank, head, name, value, target)
+        pattern = rf"{shown}: {old!r} on rank 0, {value!r} on rank 1"
+        _fails_together(rank, lambda: head(x, y), ValueError, pattern)
+        assert_same_state(state_snapshot(head), before, f"rank {rank} after {name}={value!r}")
+        undo()
+    head(x, y).backward()  # in step again, and the statistics identical on every rank
+    assert head.step == 2
+    centers = [torch.empty_like(head.statistics.centers) for _ in range(world)]
+    dist.all_gather(centers, head.statistics.centers)
+    assert torch.equal(centers[0], centers[1])
+
+    # the same setting assigned on every rank: no error
+    head.gamma = 0.5
+    head(*_batch(2, rank)).backward()
+    # the sharded head (which agrees at every step) and PML's loss
+    sharded = ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=2)
+    before = state_snapshot(sharded)
+    for name, value in [("gamma", 0.9), ("cloud", None), ("reduction", "sum")]:
+        old, undo = _assigned_on_rank_1(rank, sharded, name, value)
+        pattern = rf"{name}: {old!r} on rank 0, {value!r} on rank 1"
+        _fails_together(rank, lambda: sharded(x, y), ValueError, pattern)
+        undo()
+    assert_same_state(state_snapshot(sharded), before, f"sharded rank {rank}")
+    sharded(x, y).backward()
+    pytest.importorskip("pytorch_metric_learning")
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    loss = LEAPLoss(C, D, class_counts=COUNTS, seed=1)
+    old, undo = _assigned_on_rank_1(rank, loss, "center_rate", "paper")
+    _fails_together(rank, lambda: loss(x, y), ValueError, r"center_rate: 'adaptive' on rank 0")
+    undo()
+    loss(x, y).backward()
+
+
 CHECKS = [
+    "check_settings_agree",
     "check_synced_head",
     "check_synced_statistics_pad_to",
     "check_sharded_head",
