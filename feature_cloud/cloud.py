@@ -596,12 +596,29 @@ class FeatureCloud(nn.Module):
         :meth:`~feature_cloud.sync.SyncedClassStatistics.agree`), and on the settings
         (:meth:`agreed_settings` and the caller's ``settings``, e.g. the head's margin: a
         setting assigned on some ranks only raises on every rank, naming it). ``problem``: an
-        error the caller found in its other arguments, agreed on like a bad batch (then raised)."""
+        error the caller found in its other arguments, agreed on like a bad batch (then raised).
+
+        The first training step after the cloud was turned off (``rule=None``) on a rank agrees
+        once more (then no more, a cloud-off step has no collective): where the other ranks
+        kept the cloud on, every rank raises there, instead of the others waiting in the
+        agreement until the process group's timeout."""
         if train:
             problem = problem or inference_problem(embeddings, self.step)
-        if train and self.collective:
+        collective = train and self.collective
+        farewell = (
+            train
+            and not collective
+            and getattr(self, "_agreed_last", False)
+            and self.statistics.collective
+        )
+        if collective or farewell:
             checked = self.statistics.agree(
-                embeddings, labels, validate, problem, tuple(settings) + self.agreed_settings()
+                embeddings,
+                labels,
+                validate,
+                problem,
+                tuple(settings) + self.agreed_settings(),
+                keep=not farewell,  # a cloud-off step updates no statistics
             )
         elif problem is not None:
             raise problem
@@ -609,6 +626,8 @@ class FeatureCloud(nn.Module):
             checked = check_batch(
                 embeddings, labels, self.embedding_size, self.num_classes, validate
             )
+        if train and collective != getattr(self, "_agreed_last", False):
+            self._agreed_last = collective  # written on a change only (compiled steps: no guard)
         return trainable_labels(checked) if train else checked
 
     def agreed_settings(self) -> Tuple[Tuple[str, Any], ...]:

@@ -259,6 +259,7 @@ def check_settings_agree(rank: int, world: int) -> None:
         (head, "cloud_scale", 0.5, "cloud_scale"),
         (head, "cloud_mode", "paper", "cloud_mode"),
         (head, "cloud", "vanilla", "cloud"),
+        (head, "cloud", None, "cloud"),  # the cloud-off rank agrees once more: no hang
         (head, "margin", 0.3, "margin"),
         (head, "scale", 20.0, "scale"),
         (head, "imprint_step", 7, "imprint_step"),
@@ -282,6 +283,24 @@ def check_settings_agree(rank: int, world: int) -> None:
     # the same setting assigned on every rank: no error
     head.gamma = 0.5
     head(*_batch(2, rank)).backward()
+    # the cloud turned off on every rank: one more agreement (the first cloud-off step), then
+    # none: a cloud-off head has no collective
+    head.cloud = None
+    reduces = []
+    all_reduce = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        reduces.append(1)
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        for step in range(3, 6):
+            head(*_batch(step, rank)).backward()
+            assert len(reduces) == 1, (step, len(reduces))  # cumulative: the first step only
+    finally:
+        dist.all_reduce = all_reduce
+
     # the sharded head (which agrees at every step) and PML's loss
     sharded = ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=2)
     before = state_snapshot(sharded)
@@ -298,6 +317,10 @@ def check_settings_agree(rank: int, world: int) -> None:
     loss = LEAPLoss(C, D, class_counts=COUNTS, seed=1)
     old, undo = _assigned_on_rank_1(rank, loss, "center_rate", "paper")
     _fails_together(rank, lambda: loss(x, y), ValueError, r"center_rate: 'adaptive' on rank 0")
+    undo()
+    loss(x, y).backward()
+    old, undo = _assigned_on_rank_1(rank, loss, "cloud", None)
+    _fails_together(rank, lambda: loss(x, y), ValueError, r"cloud: 'full' on rank 0, None on")
     undo()
     loss(x, y).backward()
 
