@@ -77,6 +77,36 @@ def _git_dir(root: str) -> Optional[str]:
     return None
 
 
+#: git's repository-local environment variables (``git rev-parse --local-env-vars``, less the
+#: ``-c`` options): a git hook or a CI job sets them (``GIT_DIR``, ``GIT_WORK_TREE``,
+#: ``GIT_INDEX_FILE``, ...), and a ``git status`` inheriting them read another repository,
+#: work tree or index than the package's
+_GIT_LOCAL_ENV = (
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_CONFIG",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_IMPLICIT_WORK_TREE",
+    "GIT_GRAFT_FILE",
+    "GIT_INDEX_FILE",
+    "GIT_NO_REPLACE_OBJECTS",
+    "GIT_REPLACE_REF_BASE",
+    "GIT_PREFIX",
+    "GIT_INTERNAL_SUPER_PREFIX",
+    "GIT_SHALLOW_FILE",
+    "GIT_COMMON_DIR",
+)
+
+
+def _git_env() -> Dict[str, str]:
+    """The environment of the git commands run here: this process's, without
+    :data:`_GIT_LOCAL_ENV` (git then finds the package's checkout from ``-C``)."""
+    env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCAL_ENV}
+    env.update(GIT_OPTIONAL_LOCKS="0", GIT_TERMINAL_PROMPT="0", LC_ALL="C")
+    return env
+
+
 def _head_commit(gitdir: str) -> Optional[str]:
     """The commit ``HEAD`` names, read from the files (loose ref, ``packed-refs``; a worktree's
     refs in its ``commondir``), without running git."""
@@ -103,19 +133,19 @@ def _head_commit(gitdir: str) -> Optional[str]:
 
 def _dirty(root: str) -> Optional[bool]:
     """Whether the package's files differ from ``HEAD`` (``git status`` of ``feature_cloud/``
-    and ``integrations/``, the adapters, untracked files included); ``None`` without git, or
-    when it fails or takes over 10 s."""
+    and ``integrations/``, the adapters, untracked files included; git runs without the
+    repository variables a hook or CI may set: :data:`_GIT_LOCAL_ENV`); ``None`` without git,
+    or when it fails or takes over 10 s."""
     git = shutil.which("git")
     if git is None:
         return None
-    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0", GIT_TERMINAL_PROMPT="0", LC_ALL="C")
     try:
         done = subprocess.run(
             [git, "-C", root, "status", "--porcelain", "--", "feature_cloud", "integrations"],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=10,
-            env=env,
+            env=_git_env(),
             check=False,
         )
     except (OSError, subprocess.SubprocessError):

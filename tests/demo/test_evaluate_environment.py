@@ -240,6 +240,58 @@ def test_dirty_sees_the_adapters_too(tmp_path):
     assert E._dirty(root) is True
 
 
+def _git_repo(root, files):
+    """A git repository at ``root`` holding ``files`` (``{relative path: text}``), committed;
+    returns its HEAD commit."""
+    for name, text in files.items():
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as fh:
+            fh.write(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "c"]):
+        subprocess.run([*git, *args], check=True, env=env)
+    done = subprocess.run([*git, "rev-parse", "HEAD"], check=True, env=env, capture_output=True)
+    return done.stdout.decode().strip()
+
+
+def _revision_of(monkeypatch, root):
+    """``git_revision()`` (uncached) of a package ``feature_cloud/`` imported from ``root``."""
+    from feature_cloud.evaluate import environment as E
+
+    fake = os.path.join(str(root), "feature_cloud", "evaluate", "environment.py")
+    with monkeypatch.context() as m:
+        m.setattr(E, "__file__", fake)
+        return E.git_revision.__wrapped__()
+
+
+PACKAGE = {"feature_cloud/__init__.py": "x = 1\n", "integrations/a.py": "y = 1\n"}
+
+
+def test_git_status_ignores_the_repository_variables_of_a_hook_or_ci(tmp_path, monkeypatch):
+    """s51 finding 13: with ``GIT_DIR`` / ``GIT_WORK_TREE`` / ``GIT_INDEX_FILE`` set (a git hook,
+    some CI), ``git status`` read that repository, work tree or index: a clean checkout was
+    recorded ``git_dirty: True``."""
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    head = _git_repo(tmp_path / "pkg", PACKAGE)
+    _git_repo(tmp_path / "other", {"feature_cloud/b.py": "z = 1\n"})
+    (tmp_path / "other" / "feature_cloud" / "b.py").write_text("z = 2\n")  # other: dirty
+    for env in (
+        {"GIT_DIR": str(tmp_path / "other" / ".git"), "GIT_WORK_TREE": str(tmp_path / "other")},
+        {"GIT_DIR": str(tmp_path / "other" / ".git")},
+        {"GIT_INDEX_FILE": str(tmp_path / "no-index")},
+    ):
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            assert _revision_of(monkeypatch, tmp_path / "pkg") == (head, False), env
+    (tmp_path / "pkg" / "integrations" / "a.py").write_text("y = 2\n")
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "other" / ".git"))
+    assert _revision_of(monkeypatch, tmp_path / "pkg") == (head, True)
+
+
 def test_merging_runs_of_two_environments_warns_and_the_report_says_so(tmp_path, capsys):
     """Left alone in s50: runs of two machines (or torch versions) pooled by ``report A B
     --out`` gave one table with no word of it, and a run resumed in another environment can pair
