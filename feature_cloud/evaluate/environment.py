@@ -107,6 +107,41 @@ def _git_env() -> Dict[str, str]:
     return env
 
 
+def _checkout(root: str) -> Optional[Tuple[str, str]]:
+    """``(top, gitdir)`` of the checkout holding ``root``: ``.git`` looked up from ``root``
+    upward, as git does (not past a ``GIT_CEILING_DIRECTORIES`` entry, nor onto another
+    filesystem unless ``GIT_DISCOVERY_ACROSS_FILESYSTEM`` is set); ``None`` if there is none."""
+    path = os.path.abspath(root)
+    ceilings = {
+        os.path.abspath(c)
+        for c in os.environ.get("GIT_CEILING_DIRECTORIES", "").split(os.pathsep)
+        if c
+    }
+    across = os.environ.get("GIT_DISCOVERY_ACROSS_FILESYSTEM", "").lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+    )
+    try:
+        device = os.stat(path).st_dev
+    except OSError:
+        return None
+    while True:
+        gitdir = _git_dir(path)
+        if gitdir is not None:
+            return path, gitdir
+        parent = os.path.dirname(path)
+        if parent == path or parent in ceilings:
+            return None
+        try:
+            if not across and os.stat(parent).st_dev != device:
+                return None
+        except OSError:
+            return None
+        path = parent
+
+
 def _head_commit(gitdir: str) -> Optional[str]:
     """The commit ``HEAD`` names, read from the files (loose ref, ``packed-refs``; a worktree's
     refs in its ``commondir``), without running git."""
@@ -131,17 +166,15 @@ def _head_commit(gitdir: str) -> Optional[str]:
     return None
 
 
-def _dirty(root: str) -> Optional[bool]:
-    """Whether the package's files differ from ``HEAD`` (``git status`` of ``feature_cloud/``
-    and ``integrations/``, the adapters, untracked files included; git runs without the
-    repository variables a hook or CI may set: :data:`_GIT_LOCAL_ENV`); ``None`` without git,
-    or when it fails or takes over 10 s."""
+def _git(root: str, *args: str) -> Optional[bytes]:
+    """The output of ``git -C root args`` (environment: :func:`_git_env`); ``None`` without
+    git, or when it fails or takes over 10 s."""
     git = shutil.which("git")
     if git is None:
         return None
     try:
         done = subprocess.run(
-            [git, "-C", root, "status", "--porcelain", "--", "feature_cloud", "integrations"],
+            [git, "-C", root, *args],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=10,
@@ -150,7 +183,37 @@ def _dirty(root: str) -> Optional[bool]:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return bool(done.stdout.strip()) if done.returncode == 0 else None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _dirty(root: str) -> Optional[bool]:
+    """Whether the package's files differ from ``HEAD`` (``git status`` of ``feature_cloud/``
+    and ``integrations/`` under ``root``, the adapters, untracked files included; another
+    part of a larger repository does not count); ``None`` without git, or when it fails or
+    takes over 10 s."""
+    out = _git(root, "status", "--porcelain", "--", "feature_cloud", "integrations")
+    return None if out is None else bool(out.strip())
+
+
+def _tracked(root: str) -> bool:
+    """Whether the checkout holding ``root`` tracks the package (``feature_cloud/__init__.py``
+    under ``root``): not so for a package installed into a virtual environment inside
+    another project's checkout. ``False`` without git."""
+    out = _git(root, "ls-files", "--", os.path.join("feature_cloud", "__init__.py"))
+    return bool(out and out.strip())
+
+
+def _revision(root: str) -> Tuple[Optional[str], Optional[bool]]:
+    """:func:`git_revision` of a package ``feature_cloud/`` under ``root``."""
+    found = _checkout(root)
+    if found is not None:
+        top, gitdir = found
+        commit = _head_commit(gitdir)
+        # a .git above root (a package in a subfolder of a larger repository) counts where
+        # that repository tracks the package, which needs git to tell
+        if commit is not None and (top == os.path.abspath(root) or _tracked(root)):
+            return commit, _dirty(root)
+    return _installed_commit(), None
 
 
 def _installed_commit() -> Optional[str]:
@@ -170,15 +233,14 @@ def git_revision() -> Tuple[Optional[str], Optional[bool]]:
     whether ``feature_cloud/`` or ``integrations/`` differ from it (``git status``, ``None``
     without git); otherwise
     the commit pip recorded for an install from a git URL (dirty ``None``), or ``(None, None)``.
+    The checkout's ``.git`` is looked up from the package's folder upward, as git does: a
+    package in a subfolder of a larger repository records that repository's commit (where it
+    tracks the package: git tells), and dirty for the package's paths only. git runs without
+    the repository variables a hook or CI may set (``GIT_DIR``, ``GIT_WORK_TREE``,
+    ``GIT_INDEX_FILE``, ...: :data:`_GIT_LOCAL_ENV`), which pointed it at another repository.
     Once per process (the code that runs is the code imported)."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    root = os.path.dirname(package)
-    gitdir = _git_dir(root)
-    if gitdir is not None:
-        commit = _head_commit(gitdir)
-        if commit is not None:
-            return commit, _dirty(root)
-    return _installed_commit(), None
+    return _revision(os.path.dirname(package))
 
 
 def _version(dist: str) -> Optional[str]:

@@ -292,6 +292,33 @@ def test_git_status_ignores_the_repository_variables_of_a_hook_or_ci(tmp_path, m
     assert _revision_of(monkeypatch, tmp_path / "pkg") == (head, True)
 
 
+def test_a_package_in_a_subfolder_of_a_larger_repository(tmp_path, monkeypatch):
+    """s51 finding 13: ``.git`` was looked for in the package's folder only, so a package in
+    a subfolder of a larger repository (a monorepo) was recorded ``(None, None)``. Now it is
+    looked up upward as git does, and ``git_dirty`` is the package's paths only; a package
+    installed into a virtual environment that another project's checkout ignores is not
+    recorded as that project's commit."""
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    from feature_cloud.evaluate import environment as E
+
+    files = {f"libs/pkg/{k}": v for k, v in PACKAGE.items()}
+    head = _git_repo(tmp_path / "mono", {**files, "app/main.py": "a = 1\n"})
+    pkg = tmp_path / "mono" / "libs" / "pkg"
+    assert _revision_of(monkeypatch, pkg) == (head, False)
+    (tmp_path / "mono" / "app" / "main.py").write_text("a = 2\n")  # outside the package
+    (tmp_path / "mono" / "libs" / "new.py").write_text("n = 1\n")
+    assert _revision_of(monkeypatch, pkg) == (head, False)
+    (pkg / "feature_cloud" / "__init__.py").write_text("x = 2\n")
+    assert _revision_of(monkeypatch, pkg) == (head, True)
+    # a package installed into an ignored virtual environment inside another checkout
+    _git_repo(tmp_path / "project", {".gitignore": ".venv/\n", "main.py": "m = 1\n"})
+    site = tmp_path / "project" / ".venv" / "lib" / "site-packages"
+    (site / "feature_cloud").mkdir(parents=True)
+    (site / "feature_cloud" / "__init__.py").write_text("x = 1\n")
+    assert _revision_of(monkeypatch, site) == (E._installed_commit(), None)
+
+
 def test_merging_runs_of_two_environments_warns_and_the_report_says_so(tmp_path, capsys):
     """Left alone in s50: runs of two machines (or torch versions) pooled by ``report A B
     --out`` gave one table with no word of it, and a run resumed in another environment can pair
