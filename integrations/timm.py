@@ -32,6 +32,7 @@ from typing import (
     ContextManager,
     Dict,
     Iterable,
+    Mapping,
     Optional,
     Sequence,
     Set,
@@ -64,7 +65,13 @@ from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 
 from feature_cloud._buffers import restore_on_error
-from feature_cloud._validation import as_bool, as_float, check_inputs, migrate_checked
+from feature_cloud._validation import (
+    as_bool,
+    as_float,
+    check_inputs,
+    class_counts_from_mapping,
+    migrate_checked,
+)
 from feature_cloud.cloud import FeatureCloud
 from feature_cloud.ftl import (
     DEFAULT_TAIL_SAMPLING,
@@ -865,6 +872,13 @@ def _share_training_set(
 
 def _same_counts(a: Any, b: Any) -> bool:
     try:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            a, b = dict(a), dict(b)
+            return {k: v for k, v in a.items() if v} == {k: v for k, v in b.items() if v}
+        if isinstance(a, Mapping):  # Counter(dataset.targets): laid out as the other's length
+            a = class_counts_from_mapping(a, len(b))
+        if isinstance(b, Mapping):
+            b = class_counts_from_mapping(b, len(a))
         return torch.equal(torch.as_tensor(a).long().cpu(), torch.as_tensor(b).long().cpu())
     except (TypeError, ValueError, RuntimeError):
         return False

@@ -149,6 +149,40 @@ def test_bad_class_counts():
         ClassStatistics(3, 4, gamma=0.0)
 
 
+def test_class_counts_as_a_mapping_class_to_count():
+    """``class_counts=collections.Counter(dataset.targets)``, the obvious way to count, was
+    refused ("Could not infer dtype of Counter"). A mapping class -> count is taken now (a class
+    it lacks has 0); keys outside the classes, non-integer keys and a Counter over a tensor's
+    elements (each element a key of its own) are refused by name."""
+    import collections
+
+    import numpy as np
+
+    targets = [0, 0, 2, 2, 2, 0, 3]
+    want = [3, 0, 3, 1]
+    for counts in (
+        collections.Counter(targets),
+        dict(collections.Counter(targets)),
+        collections.Counter(np.array(targets)),  # numpy integer keys
+    ):
+        stats = ClassStatistics(4, 4, class_counts=counts)
+        assert stats.class_counts.tolist() == want, counts
+    head = LEAPMarginHead(4, 4, cloud="full", class_counts=collections.Counter(targets))
+    assert head.statistics.class_counts.tolist() == want
+    with pytest.raises(ValueError, match=r"outside the classes \[0, 4\): 4, 7"):
+        ClassStatistics(4, 4, class_counts={0: 1, 4: 2, 7: 1})
+    with pytest.raises(ValueError, match="outside the classes .*: -1"):
+        ClassStatistics(4, 4, class_counts={-1: 1, 0: 2})
+    with pytest.raises(TypeError, match="integer class indices, got 'cat'"):
+        ClassStatistics(4, 4, class_counts={"cat": 3})
+    with pytest.raises(ValueError, match="class 0 appears twice"):
+        ClassStatistics(4, 4, class_counts=collections.Counter(torch.tensor(targets)))
+    with pytest.raises(TypeError, match="must hold integers"):
+        ClassStatistics(4, 4, class_counts={0: 1.5})
+    with pytest.raises(ValueError, match="non-negative"):
+        ClassStatistics(4, 4, class_counts={0: -1})
+
+
 def test_state_dict_roundtrip_with_different_memory_layout(tmp_path):
     a = ClassStatistics(3, 4, class_counts=[5, 1, 2])
     a.update(torch.randn(6, 4), torch.tensor([0, 0, 1, 2, 2, 0]))

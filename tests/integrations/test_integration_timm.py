@@ -480,6 +480,12 @@ def test_ftl_counts_and_tail_threshold_given_once_reach_the_fc_head_and_feature_
         class_counts=COUNTS, tail_threshold=3, transfer_kwargs=dict(tail_threshold=10)
     )
     assert (stats.tail_threshold, transfer.tail_threshold) == (3, 10)
+    # a mapping class -> count (collections.Counter(dataset.targets)) is the same counts
+    counter = dict(enumerate(COUNTS))
+    stats, transfer = parts(class_counts=counter, transfer_kwargs=dict(class_counts=COUNTS))
+    assert stats.class_counts.tolist() == transfer.class_counts.tolist() == COUNTS
+    stats, transfer = parts(class_counts=counter, tail_threshold=10)
+    assert stats.class_counts.tolist() == transfer.class_counts.tolist() == COUNTS
     linear = create_ftl_model("test_resnet", C, classifier="linear", class_counts=COUNTS)
     assert linear.feature_transfer.class_counts.tolist() == COUNTS
     with pytest.raises(ValueError, match="differ"):
