@@ -41,6 +41,7 @@ from .statistics import (
     DEFAULT_CENTER_RATE,
     ClassStatistics,
     check_gamma,
+    warn_full_without_pairs,
 )
 from .sync import BATCH_MODES, SyncedClassStatistics
 
@@ -360,6 +361,8 @@ class FeatureCloud(nn.Module):
                 **kwargs,
             )
         self.statistics.memory_in_use = rule is not None
+        if rule == "full" and class_counts is not None:
+            warn_full_without_pairs(class_counts)  # (the vanilla rule's say-so: the statistics)
         if rule is not None and class_counts is None and count_steps is None:
             warn_user(
                 f"the feature cloud counts K_i online over all warmup_steps={warmup_steps} "
