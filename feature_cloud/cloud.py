@@ -241,7 +241,7 @@ class FeatureCloud(nn.Module):
             epochs; **default 0**: from the first step, on untrained features, so set it: the
             ``evaluate`` tool warms up for a third of training). With ``class_counts=None`` the
             counts ``K_i`` are taken online during warm-up, which must then be ``>= 1`` and
-            should cover an epoch.
+            exactly one epoch (longer: give ``count_steps``).
         class_counts: ``K_i`` per class from the dataset (recommended).
         count_steps: with ``class_counts=None``, the steps of one epoch: ``K_i`` are counted
             online over the first ``count_steps`` steps only (must be ``<= warmup_steps``);

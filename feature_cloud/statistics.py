@@ -100,9 +100,11 @@ class ClassStatistics(KeepBufferDtypes):
         gamma: center learning rate (paper Sec. 4.1: 0.1), the weight of the current batch mean in
             :func:`~feature_cloud.functional.ema_centers` (the printed Eq. 4 swaps the weights).
         memory_per_sample: ``P`` of Eq. 5; class ``i`` keeps its last ``K_i * P`` angles.
-        class_counts: ``K_i`` per class, from the dataset. If ``None`` they are counted online
-            while :meth:`counting` is true (the head counts during its warm-up, which should then
-            cover at least one epoch) and the memory is laid out by :meth:`allocate_memory`.
+        class_counts: ``K_i`` per class, from the dataset (a tensor, list or NumPy array, or a
+            mapping class -> count: ``collections.Counter(dataset.targets)``). If ``None`` they
+            are counted online while :meth:`counting` is true (the head counts during its
+            warm-up, which must then be exactly one epoch, or over ``count_updates``) and the
+            memory is laid out by :meth:`allocate_memory`.
         cloud: ``"full"`` (Eq. 9) or ``"vanilla"`` (Eq. 6, head classes have ``K_i > T``).
         tail_threshold: ``T`` of the vanilla rule.
         count_updates: with online counting, count ``K_i`` over the first ``count_updates``
