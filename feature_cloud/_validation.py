@@ -33,9 +33,10 @@ from torch import Tensor
 
 from ._compat import is_compiling, is_tracing
 
-#: per-class sample counts as the constructors take them: a tensor, a list of ints or a NumPy
-#: integer array (``np.bincount(labels)``)
-ClassCounts = Union[Tensor, Sequence[int], npt.NDArray[Any]]
+#: per-class sample counts as the constructors take them: a tensor, a list of ints, a NumPy
+#: integer array (``np.bincount(labels)``) or a mapping class -> count
+#: (``collections.Counter(dataset.targets)``; a class it lacks has 0)
+ClassCounts = Union[Tensor, Sequence[int], npt.NDArray[Any], Mapping[int, int]]
 
 __all__ = [
     "check_embeddings",
@@ -45,6 +46,7 @@ __all__ = [
     "as_int",
     "as_float",
     "check_class_counts",
+    "class_counts_from_mapping",
     "check_reduction",
     "ClassCounts",
     "problem_tensor",
@@ -297,19 +299,70 @@ def check_reduction(reduction: Any) -> str:
     return str(reduction)
 
 
+def class_counts_from_mapping(
+    counts: Mapping[Any, Any], num_classes: int, name: str = "class_counts"
+) -> List[Any]:
+    """The list ``[counts.get(0, 0), ..., counts.get(C - 1, 0)]`` of a mapping class -> count
+    (``collections.Counter(dataset.targets)``): a class the mapping lacks has 0 images.
+
+    ``TypeError`` for a key that is not an integer; ``ValueError`` naming the keys outside
+    ``[0, num_classes)`` or a class given twice (a ``Counter`` over a tensor's elements counts
+    each element apart). The values are checked by :func:`check_class_counts`.
+    """
+    out: List[Any] = [0] * num_classes
+    seen: Dict[int, int] = {}
+    outside: List[Any] = []
+    for key, value in counts.items():
+        if isinstance(key, Tensor) and key.numel() == 1 and not key.dtype.is_floating_point:
+            key = key.item()
+        if isinstance(key, (bool, np.bool_)) or not isinstance(key, (numbers.Integral, np.integer)):
+            raise TypeError(
+                f"{name}: a mapping's keys must be integer class indices, got {key!r} "
+                f"({type(key).__name__}); map class names to indices first (e.g. "
+                "ImageFolder's class_to_idx) or count the integer targets"
+            )
+        k = int(key)
+        if not 0 <= k < num_classes:
+            outside.append(k)
+            continue
+        if k in seen:
+            raise ValueError(
+                f"{name}: class {k} appears twice among the mapping's keys (a Counter over a "
+                "tensor counts each element apart: use Counter(targets.tolist()) or "
+                "torch.bincount(targets, minlength=num_classes))"
+            )
+        seen[k] = 1
+        out[k] = value
+    if outside:
+        shown = ", ".join(str(k) for k in sorted(outside)[:5]) + (
+            ", ..." if len(outside) > 5 else ""
+        )
+        raise ValueError(
+            f"{name}: {len(outside)} key(s) outside the classes [0, {num_classes}): {shown} "
+            f"(num_classes={num_classes}; labels must be 0 .. num_classes - 1)"
+        )
+    return out
+
+
 def check_class_counts(counts: ClassCounts, num_classes: int, name: str = "class_counts") -> Tensor:
     """Per-class sample counts as an ``int64`` tensor ``(C,)`` (on the input's device).
 
+    A mapping class -> count (``collections.Counter(dataset.targets)``) is taken through
+    :func:`class_counts_from_mapping` (a class it lacks has 0 images).
     ``TypeError`` for bool, floating or non-numeric input; ``ValueError`` for a wrong length or
     negative counts (one host read: this runs at construction, not in the training step).
     """
+    if isinstance(counts, Mapping):
+        counts = class_counts_from_mapping(counts, num_classes, name)
     if isinstance(counts, (str, bytes)):
         raise TypeError(f"{name} must be a 1-D integer sequence or tensor, got a string")
     try:
         # a list becomes a host tensor, also under ``with torch.device("meta")``
         t = counts if isinstance(counts, Tensor) else torch.as_tensor(counts, device="cpu")
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{name} must be a 1-D integer sequence or tensor: {exc}") from None
+        raise TypeError(
+            f"{name} must be a 1-D integer sequence or tensor, or a mapping class -> count: {exc}"
+        ) from None
     if t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex:
         raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
     if t.dim() != 1:

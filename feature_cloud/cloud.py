@@ -41,6 +41,7 @@ from .statistics import (
     DEFAULT_CENTER_RATE,
     ClassStatistics,
     check_gamma,
+    warn_full_without_pairs,
 )
 from .sync import BATCH_MODES, SyncedClassStatistics
 
@@ -240,7 +241,7 @@ class FeatureCloud(nn.Module):
             epochs; **default 0**: from the first step, on untrained features, so set it: the
             ``evaluate`` tool warms up for a third of training). With ``class_counts=None`` the
             counts ``K_i`` are taken online during warm-up, which must then be ``>= 1`` and
-            should cover an epoch.
+            exactly one epoch (longer: give ``count_steps``).
         class_counts: ``K_i`` per class from the dataset (recommended).
         count_steps: with ``class_counts=None``, the steps of one epoch: ``K_i`` are counted
             online over the first ``count_steps`` steps only (must be ``<= warmup_steps``);
@@ -360,6 +361,8 @@ class FeatureCloud(nn.Module):
                 **kwargs,
             )
         self.statistics.memory_in_use = rule is not None
+        if rule == "full" and class_counts is not None:
+            warn_full_without_pairs(class_counts)  # (the vanilla rule's say-so: the statistics)
         if rule is not None and class_counts is None and count_steps is None:
             warn_user(
                 f"the feature cloud counts K_i online over all warmup_steps={warmup_steps} "

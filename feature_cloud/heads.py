@@ -567,7 +567,7 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
             ``warmup_steps`` (steps without cloud; **default 0**: the cloud starts at the first
             step, on untrained features, where the paper waits some epochs, so set it: the
             ``evaluate`` tool uses a third of training; with ``class_counts=None`` the counts
-            are taken online during warm-up, which should cover an epoch), ``class_counts``
+            are taken online during warm-up, exactly one epoch or ``count_steps``), ``class_counts``
             (``K_i`` per class, recommended), ``count_steps``, ``cloud_mode`` (where the cloud
             enters the logits: ``"margin"`` (default), ``"paper"`` or ``"target"``),
             ``cloud_scale`` (default 2), ``prototype_shrinkage`` (``kappa`` of the

@@ -100,9 +100,11 @@ class ClassStatistics(KeepBufferDtypes):
         gamma: center learning rate (paper Sec. 4.1: 0.1), the weight of the current batch mean in
             :func:`~feature_cloud.functional.ema_centers` (the printed Eq. 4 swaps the weights).
         memory_per_sample: ``P`` of Eq. 5; class ``i`` keeps its last ``K_i * P`` angles.
-        class_counts: ``K_i`` per class, from the dataset. If ``None`` they are counted online
-            while :meth:`counting` is true (the head counts during its warm-up, which should then
-            cover at least one epoch) and the memory is laid out by :meth:`allocate_memory`.
+        class_counts: ``K_i`` per class, from the dataset (a tensor, list or NumPy array, or a
+            mapping class -> count: ``collections.Counter(dataset.targets)``). If ``None`` they
+            are counted online while :meth:`counting` is true (the head counts during its
+            warm-up, which must then be exactly one epoch, or over ``count_updates``) and the
+            memory is laid out by :meth:`allocate_memory`.
         cloud: ``"full"`` (Eq. 9) or ``"vanilla"`` (Eq. 6, head classes have ``K_i > T``).
         tail_threshold: ``T`` of the vanilla rule.
         count_updates: with online counting, count ``K_i`` over the first ``count_updates``
@@ -203,7 +205,9 @@ class ClassStatistics(KeepBufferDtypes):
         self._initial_counts: Optional[Tensor] = None
         if class_counts is not None:
             counts = check_class_counts(class_counts, C)
+            self._building = True  # the owner says whether a cloud reads it (FeatureCloud)
             self.allocate_memory(counts)
+            self._building = False
             self._initial_counts = counts.detach().to("cpu", dtype=torch.long, copy=True)
 
     # the settings a cloud forwards are checked here too (assigned on the statistics directly, a
@@ -291,6 +295,8 @@ class ClassStatistics(KeepBufferDtypes):
         counts = counts.to(dtype=torch.long)
         if self.rule == "vanilla":
             _warn_vanilla_without_both_groups(counts, self.tail_threshold)
+        elif self.memory_in_use and not getattr(self, "_building", False):
+            warn_full_without_pairs(counts)
         # sized from the counts where they are (a module built on "meta" gets host counts)
         total = int((counts * self.memory_per_sample).clamp_min(1).sum())
         counts = counts.to(device)
@@ -655,10 +661,49 @@ def _warn_vanilla_without_both_groups(counts: Tensor, threshold: int) -> None:
     if seen.numel() == 0:
         return
     head = int((seen > threshold).sum())
-    if head == 0 or head == seen.numel():
+    smallest, largest = int(seen.min()), int(seen.max())
+    if smallest == largest:  # one class size (re-ID: VIPeR's 2 images an identity): no T splits it
+        full = (
+            "cloud='full' is zero too (no class has two images to estimate a variance from)"
+            if largest < 2
+            else "cloud='full' only evens the angle variance out among these equally sized "
+            "classes (nothing is transferred from a head)"
+        )
+        missing = "tail to transfer to" if head else "head to transfer from"
+        advice = (
+            ". LEAP transfers from classes with many images: train these identities as a tail "
+            "together with a head set (a dataset with many images per class)"
+            if not head
+            else ""
+        )
+        warn_user(
+            f"cloud='vanilla' with tail_threshold T={threshold}: all {seen.numel()} classes have "
+            f"K_i = {largest}, so no T splits them into head and tail: the vanilla rule has no "
+            f"{missing} and every cloud is zero; {full}{advice}"
+        )
+    elif head == 0 or head == seen.numel():
         missing = "head class (K_i > T)" if head == 0 else "tail class (K_i <= T)"
         warn_user(
             f"cloud='vanilla' with tail_threshold T={threshold}: no {missing} among the "
-            f"{seen.numel()} classes (K_i {int(seen.min())}..{int(seen.max())}), so every cloud "
+            f"{seen.numel()} classes (K_i {smallest}..{largest}), so every cloud "
             "is zero; choose T between the class sizes, or use cloud='full' (no threshold)"
         )
+
+
+def warn_full_without_pairs(counts: ClassCounts) -> None:
+    """The full rule (LEAP Eq. 9) pools the class variances with weights ``K_i - 1``: when no
+    class has two images every weight is 0 and every cloud is zero. Said once, when the counts
+    are laid out (all-zero placeholder counts, still to come, say nothing)."""
+    if isinstance(counts, Tensor) and counts.is_meta:
+        return
+    counts = counts.cpu() if isinstance(counts, Tensor) else torch.as_tensor(counts, device="cpu")
+    seen = counts[counts > 0]
+    if seen.numel() == 0 or int(seen.max()) > 1:
+        return
+    warn_user(
+        f"cloud='full': every one of the {seen.numel()} classes with images has K_i = 1, so no "
+        "class has two "
+        "images to estimate an angle variance from (LEAP Eq. 9 weighs class i by K_i - 1 = 0) "
+        "and every cloud is zero. LEAP transfers from classes with many images: train these "
+        "identities as a tail together with a head set (a dataset with many images per class)"
+    )

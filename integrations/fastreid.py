@@ -75,7 +75,12 @@ from torch import Tensor, nn
 from feature_cloud import margins
 from feature_cloud._buffers import restore_on_error
 from feature_cloud._extras import missing
-from feature_cloud._validation import ClassCounts, check_inputs, migrate_checked
+from feature_cloud._validation import (
+    ClassCounts,
+    check_inputs,
+    class_counts_from_mapping,
+    migrate_checked,
+)
 from feature_cloud.cloud import (
     DEFAULT_CLOUD_MODE,
     DEFAULT_CLOUD_SCALE,
@@ -1309,6 +1314,8 @@ class LEAPHead(nn.Module):
         nothing; different counts re-lay out the memory (centers kept) with a warning.
         """
         head = self._margin_head()
+        if isinstance(counts, collections.abc.Mapping):  # Counter(dataset.targets)
+            counts = class_counts_from_mapping(counts, head.num_classes)
         counts = torch.as_tensor(counts)
         if counts.dim() != 1:
             raise ValueError(f"class counts must be 1-D, got shape {tuple(counts.shape)}")

@@ -159,9 +159,11 @@ class LEAPLoss(
             ``embedding_regularizer``, ``embedding_reg_weight``, ``reducer``, ``distance``,
             ``collect_stats``; every other keyword is a cloud setting of
             :class:`feature_cloud.FeatureCloud` (all of its keywords; among them
-            ``class_counts``, the per-class sample counts ``K_i`` of the training set: without
-            them ``warmup_steps`` with ``count_steps`` must cover an epoch so they can be counted
-            online; ``cloud_mode`` / ``cloud_scale``, default ``"margin"`` / 2, the paper's cloud:
+            ``class_counts``, the per-class sample counts ``K_i`` of the training set (a
+            tensor or list ``(C,)``, or ``collections.Counter(dataset.targets)``): without them
+            the first ``count_steps`` steps (else all ``warmup_steps``) must be exactly one epoch
+            so they can be counted online (PML's trainers drop the last partial batch: those
+            images go uncounted); ``cloud_mode`` / ``cloud_scale``, default ``"margin"`` / 2, the paper's cloud:
             ``cloud_mode="paper", cloud_scale=1.0``; ``prototype_shrinkage``, ``get_logits``'
             prototypes, default 10, ``None``: ``W``; and ``tail_threshold``, ``gamma``,
             ``memory_per_sample``, ``warmup_steps``, ``count_steps``, ``prototype_min_count``,

@@ -32,6 +32,7 @@ from typing import (
     ContextManager,
     Dict,
     Iterable,
+    Mapping,
     Optional,
     Sequence,
     Set,
@@ -64,7 +65,13 @@ from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 
 from feature_cloud._buffers import restore_on_error
-from feature_cloud._validation import as_bool, as_float, check_inputs, migrate_checked
+from feature_cloud._validation import (
+    as_bool,
+    as_float,
+    check_inputs,
+    class_counts_from_mapping,
+    migrate_checked,
+)
 from feature_cloud.cloud import FeatureCloud
 from feature_cloud.ftl import (
     DEFAULT_TAIL_SAMPLING,
@@ -479,6 +486,28 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
         return loss, logits, embeddings
 
 
+def _check_training_classes(target: Tensor, num_classes: int) -> None:
+    """``ValueError`` naming the label range unless every label of ``target`` is one of the
+    head's ``num_classes`` training classes (torch's cross-entropy said only "Target 316 is out
+    of bounds"): held-out identities (re-ID test sets) are retrieved, not classified. One host
+    read a batch (evaluation only)."""
+    if not isinstance(target, Tensor) or target.dim() != 1 or target.is_floating_point():
+        return  # timm's own checks (soft targets ...)
+    if target.numel() == 0:
+        return
+    low, high = int(target.min()), int(target.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"LEAPEvaluator: labels {low}..{high} reach outside the head's training classes "
+            f"0..{num_classes - 1}: the evaluator scores closed-set classification (top-1 among "
+            "the classes the head trained on). For held-out identities (a re-ID query / gallery "
+            "split) embed with task.get_eval_model() and retrieve: "
+            "feature_cloud.demo.metrics.retrieval_per_query(features, labels) gives leave-one-out "
+            "rank-1 and AP per query (feature_cloud.evaluate.runner.camera_retrieval(features, "
+            "labels, camids) the cross-camera ones)"
+        )
+
+
 class LEAPEvaluator(ClassificationEvaluator):
     """timm's classification evaluator on the head's logits of the eval model's embeddings
     (``head``: a :class:`LEAPMarginHead`, or an :class:`FTLModel` whose ``logits(f)`` is its FC).
@@ -524,7 +553,9 @@ class LEAPEvaluator(ClassificationEvaluator):
     @torch.no_grad()
     def update(self, output: Tensor, target: Tensor):
         seen = self.num_samples
-        super().update(self._logits(output, False), target)
+        logits = self._logits(output, False)
+        _check_training_classes(target, logits.shape[-1])
+        super().update(logits, target)
         used = self.num_samples - seen  # the rows timm kept (max_samples)
         if used:
             weights = self._logits(output[:used], True)
@@ -865,6 +896,13 @@ def _share_training_set(
 
 def _same_counts(a: Any, b: Any) -> bool:
     try:
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            a, b = dict(a), dict(b)
+            return {k: v for k, v in a.items() if v} == {k: v for k, v in b.items() if v}
+        if isinstance(a, Mapping):  # Counter(dataset.targets): laid out as the other's length
+            a = class_counts_from_mapping(a, len(b))
+        if isinstance(b, Mapping):
+            b = class_counts_from_mapping(b, len(a))
         return torch.equal(torch.as_tensor(a).long().cpu(), torch.as_tensor(b).long().cpu())
     except (TypeError, ValueError, RuntimeError):
         return False

@@ -789,12 +789,24 @@ def _check_split_groups(
         else:
             kept = split.train_counts[split.train_counts > 0]
             most, fewest = int(kept.max()), int(kept.min())
-            hint = f"head = more than -T {cfg.threshold} training images; choose -T " + (
-                f"at most {most - 1} (the largest identity trains on {most})"
-                if "head" in empty
-                else f"at least {fewest} (the smallest identity trains on {fewest})"
-            )
-            hint += " (or --protocol hs -H N -S K)"
+            if most == fewest:  # re-ID data (VIPeR: 2 images an identity): no -T splits them
+                hint = (
+                    f"every identity trains on {counted(most, 'image', 'images')}, so no -T "
+                    "splits them into head and tail (the data has no long tail)"
+                )
+                if cfg.protocol != "open":
+                    hint += (
+                        "; --protocol open evaluates retrieval on held-out identities instead "
+                        "(its accuracy columns are not split into head and tail)"
+                    )
+            else:
+                hint = f"head = more than -T {cfg.threshold} training images; choose -T " + (
+                    f"at most {most - 1} (the largest identity trains on {most})"
+                    if "head" in empty
+                    else f"at least {fewest} (the smallest identity trains on {fewest})"
+                )
+                if cfg.protocol != "open":
+                    hint += " (or --protocol hs -H N -S K)"
         if "ftl" in cfg.methods:
             t, counts = thresholds[seed], split.train_counts
             is_regular = ftl_regular_classes(counts, t)  # FeatureTransfer's own rule
@@ -810,7 +822,9 @@ def _check_split_groups(
                         else f"; choose -T between the tail's and the head's training images (now -T {cfg.threshold})"
                     )
                 )
-        if empty and not warned:
+        # the open-set accuracy columns have no head / tail (a vanilla head's zero cloud: the
+        # head's own warning)
+        if empty and not warned and cfg.protocol != "open":
             warn_user(
                 f"{where}: no {' and no '.join(empty)} identities ({s['head_classes']} head, "
                 f"{s['tail_classes']} tail); the {'/'.join(empty)} columns will be n/a. {hint}"
@@ -876,7 +890,10 @@ def _check_training_sets(
                 hint = (
                     f"each identity gives --n-test {cfg.n_test} test images first and trains on "
                     f"the rest: {more} of {data.num_classes} identities have more than "
-                    f"{cfg.n_test} images; lower --n-test or add images"
+                    f"{cfg.n_test} images; lower --n-test or add images, or use --protocol "
+                    "open (held-out identities: each identity is trained or tested whole, "
+                    "retrieval among the test identities' images; re-ID data with 2 images an "
+                    "identity runs there)"
                 )
             else:
                 hint = "lower --test-fraction"
@@ -1230,9 +1247,16 @@ def _run_prepared(
                     save_logits(model, emb, ey, split.head, cfg.out, name, seed)
                 sweep = shrinkage_sweep(model, emb, ey, split.head, cfg.shrinkage_sweep)
                 pct = {k: _percent(v) for k, v in scalars.items()}
+                fc = (pct["fc_acc_head"], pct["fc_acc_tail"])
+                # the class weights' FC beside the prototypes' where they differ: a short-trained
+                # LEAP head scores its prototypes near 0 on the head (README: inference prototypes)
+                fcw = tuple(
+                    pct.get(k, fc[i]) for i, k in enumerate(("fcw_acc_head", "fcw_acc_tail"))
+                )
                 line = (
-                    f"FC head {pct['fc_acc_head']} tail {pct['fc_acc_tail']} | NN head "
-                    f"{pct['nn_acc_head']} tail {pct['nn_acc_tail']}"
+                    f"FC head {fc[0]} tail {fc[1]}"
+                    + ("" if fcw == fc else f" (FC(W) {fcw[0].strip()} / {fcw[1].strip()})")
+                    + f" | NN head {pct['nn_acc_head']} tail {pct['nn_acc_tail']}"
                 )
             run: Dict[str, Any] = {
                 "seed": seed,

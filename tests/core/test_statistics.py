@@ -149,6 +149,40 @@ def test_bad_class_counts():
         ClassStatistics(3, 4, gamma=0.0)
 
 
+def test_class_counts_as_a_mapping_class_to_count():
+    """``class_counts=collections.Counter(dataset.targets)``, the obvious way to count, was
+    refused ("Could not infer dtype of Counter"). A mapping class -> count is taken now (a class
+    it lacks has 0); keys outside the classes, non-integer keys and a Counter over a tensor's
+    elements (each element a key of its own) are refused by name."""
+    import collections
+
+    import numpy as np
+
+    targets = [0, 0, 2, 2, 2, 0, 3]
+    want = [3, 0, 3, 1]
+    for counts in (
+        collections.Counter(targets),
+        dict(collections.Counter(targets)),
+        collections.Counter(np.array(targets)),  # numpy integer keys
+    ):
+        stats = ClassStatistics(4, 4, class_counts=counts)
+        assert stats.class_counts.tolist() == want, counts
+    head = LEAPMarginHead(4, 4, cloud="full", class_counts=collections.Counter(targets))
+    assert head.statistics.class_counts.tolist() == want
+    with pytest.raises(ValueError, match=r"outside the classes \[0, 4\): 4, 7"):
+        ClassStatistics(4, 4, class_counts={0: 1, 4: 2, 7: 1})
+    with pytest.raises(ValueError, match="outside the classes .*: -1"):
+        ClassStatistics(4, 4, class_counts={-1: 1, 0: 2})
+    with pytest.raises(TypeError, match="integer class indices, got 'cat'"):
+        ClassStatistics(4, 4, class_counts={"cat": 3})
+    with pytest.raises(ValueError, match="class 0 appears twice"):
+        ClassStatistics(4, 4, class_counts=collections.Counter(torch.tensor(targets)))
+    with pytest.raises(TypeError, match="must hold integers"):
+        ClassStatistics(4, 4, class_counts={0: 1.5})
+    with pytest.raises(ValueError, match="non-negative"):
+        ClassStatistics(4, 4, class_counts={0: -1})
+
+
 def test_state_dict_roundtrip_with_different_memory_layout(tmp_path):
     a = ClassStatistics(3, 4, class_counts=[5, 1, 2])
     a.update(torch.randn(6, 4), torch.tensor([0, 0, 1, 2, 2, 0]))
@@ -326,7 +360,7 @@ def test_vanilla_rule_warns_when_the_counts_leave_no_head_or_no_tail_class():
 
     from feature_cloud import LEAPMarginHead
 
-    for counts, missing in (([2, 2, 2, 2], "no head class"), ([30, 25, 40, 21], "no tail class")):
+    for counts, missing in (([2, 3, 2, 5], "no head class"), ([30, 25, 40, 21], "no tail class")):
         with pytest.warns(
             UserWarning, match=f"cloud='vanilla' with tail_threshold T=20: {missing}"
         ):
@@ -342,6 +376,49 @@ def test_vanilla_rule_warns_when_the_counts_leave_no_head_or_no_tail_class():
         LEAPMarginHead(8, 4, cloud="vanilla", tail_threshold=20, class_counts=[30, 2, 3, 40])
         LEAPMarginHead(8, 4, cloud="full", class_counts=[2, 2, 2, 2])  # no threshold: no warning
         LEAPMarginHead(8, 4, cloud="vanilla", class_counts=[0, 0, 0, 0])  # placeholder counts
+
+
+def test_equal_class_sizes_get_advice_that_works_and_full_at_one_image_a_class_warns():
+    """Every class the same size (VIPeR: 2 images an identity): the vanilla warning advised
+    "choose T between the class sizes" (there is one size). It now says no T splits them, what
+    cloud='full' does there and to train them as a tail with a head set. At K_i = 1 everywhere
+    the full rule's cloud was zero for every class without a word (Eq. 9's weights K_i - 1 are
+    all 0): it warns once now, at the user's line, built with counts or counting online."""
+    import warnings
+
+    from feature_cloud import LEAPMarginHead
+
+    for k, full in ((2, "only evens the angle variance out"), (1, "cloud='full' is zero too")):
+        with pytest.warns(UserWarning) as record:
+            LEAPMarginHead(8, 4, cloud="vanilla", class_counts=[k] * 4)
+        (message,) = [str(w.message) for w in record]
+        assert "all 4 classes have K_i = " + str(k) in message and full in message, message
+        assert "no T splits them" in message and "between the class sizes" not in message
+        assert "as a tail together with a head set" in message
+        assert record[0].filename == __file__
+    with pytest.warns(UserWarning, match="no tail to transfer to") as record:
+        LEAPMarginHead(8, 4, cloud="vanilla", class_counts=[30] * 4)
+    assert "head set" not in str(record[0].message)
+
+    with pytest.warns(
+        UserWarning, match="every one of the 3 classes with images has K_i = 1"
+    ) as record:
+        head = LEAPMarginHead(8, 4, cloud="full", class_counts=[1, 1, 0, 1])
+    assert len(record) == 1 and record[0].filename == __file__
+    x = torch.nn.functional.normalize(torch.randn(8, 8), dim=1)
+    for _ in range(3):
+        head(x, torch.arange(8) % 4)
+    assert float(head.statistics.cloud_variance().max()) == 0.0  # what the warning says
+    online = LEAPMarginHead(8, 4, cloud="full", warmup_steps=1, count_steps=1)
+    online(x[:4], torch.arange(4))  # counting: one image a class
+    with pytest.warns(UserWarning, match="every one of the 4 classes with images has") as record:
+        online(x[:4], torch.arange(4))  # warm-up over: laid out
+    assert len(record) == 1 and record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LEAPMarginHead(8, 4, cloud=None, class_counts=[1] * 4)  # no cloud: nothing to say
+        LEAPMarginHead(8, 4, cloud="full", class_counts=[1, 2, 1, 1])  # one class pools
+        ClassStatistics(4, 8, class_counts=[1] * 4)  # a cloud's owner says it
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), 0.0])

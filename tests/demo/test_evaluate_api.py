@@ -429,3 +429,62 @@ def test_the_python_api_names_wrong_types_before_anything_is_written(tmp_path):
         with pytest.raises(error, match=match):
             run_evaluation(_cfg(out=str(out)), given, log=_quiet)
         assert not out.exists()
+
+
+def test_re_id_data_of_two_images_an_identity_is_pointed_to_the_open_protocol():
+    """VIPeR (2 images an identity): the natural / hs error said "lower --n-test or add images"
+    and not that ``--protocol open`` runs; with ``--n-test 1`` the warning advised "-T at most 0"
+    (every identity head) or ``--protocol hs`` (as useless on one size); under ``--protocol
+    open``, whose accuracy columns are not split, it warned the head columns would be n/a."""
+    import warnings
+
+    from feature_cloud.evaluate.runner import prepare_evaluation
+
+    data = _data(sizes=(2,) * 12)
+    for protocol in ("natural", "hs"):
+        with pytest.raises(ValueError, match="need at least 2") as info:
+            prepare_evaluation(_cfg(protocol=protocol, num_head=4), data, write=False)
+        assert "--protocol open" in str(info.value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_evaluation(_cfg(protocol="natural", n_test=1), data, write=False)
+    (message,) = [str(w.message) for w in caught if "no head identities" in str(w.message)]
+    assert "every identity trains on 1 image, so no -T splits them" in message, message
+    assert "--protocol open" in message
+    assert "-T at most 0" not in message and "--protocol hs" not in message
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_evaluation(_cfg(protocol="open"), data, write=False)  # runs on such data
+    assert not [w for w in caught if "identities" in str(w.message)], [
+        str(w.message) for w in caught
+    ]
+
+
+def test_the_per_seed_line_shows_the_class_weights_fc_where_it_differs(monkeypatch):
+    """The per-seed console line showed only the prototypes' FC: after short training a LEAP
+    head reads 0.0 on the head there while its class weights (FC(W), in every table) score
+    well, read as "LEAP destroys the head". FC(W) stands beside it now where they differ."""
+    from feature_cloud.evaluate import runner
+
+    real = runner.evaluate_method
+
+    def fake(model, *args, **kwargs):
+        scalars, *rest = real(model, *args, **kwargs)
+        scalars = dict(scalars)
+        if fake.calls % 2:  # every second model: prototypes far below the weights
+            scalars.update(fc_acc_head=0.0, fcw_acc_head=0.25, fcw_acc_tail=scalars["fc_acc_tail"])
+        fake.calls += 1
+        return (scalars, *rest)
+
+    fake.calls = 0
+    monkeypatch.setattr(runner, "evaluate_method", fake)
+    lines = []
+    run_evaluation(_cfg(methods=["cosface"], seeds=[0, 1]), _data(), log=lines.append, write=False)
+    runs = [ln for ln in lines if ln.startswith("  seed ")]
+    assert len(runs) == 2, lines
+    assert "(FC(W)" not in runs[0], runs[0]  # the same numbers: said once
+    import re
+
+    assert re.search(r"FC head   0\.0 tail +([\d.]+) \(FC\(W\) 25\.0 / \1\) \| NN head", runs[1]), (
+        runs[1]
+    )

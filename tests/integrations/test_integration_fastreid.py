@@ -1059,6 +1059,10 @@ def test_a_head_built_from_python_takes_fastreids_margin_names_and_says_how_to_s
     with pytest.raises(ValueError, match="num_classes is 4") as info:
         head.check_class_count(5)
     assert "MODEL." not in str(info.value)
+    head.set_class_counts({0: 5, 1: 3, 3: 2})  # a Counter of the targets: class 2 has none
+    assert head.margin_head.statistics.class_counts.tolist() == [5, 3, 0, 2]
+    with pytest.raises(ValueError, match=r"outside the classes \[0, 4\): 4"):
+        _python_head(class_counts="dataset").set_class_counts({0: 5, 4: 1})
     with pytest.raises(RuntimeError, match="num_classes=0") as info:
         _python_head(num_classes=0).set_class_counts([5, 5])
     assert "MODEL." not in str(info.value)

@@ -781,3 +781,19 @@ def test_the_repr_names_embedding_size():
     """API review s50: ``LEAPLoss``'s repr lacked ``embedding_size``."""
     own = repr(LEAPLoss(C, D, cloud=None)).splitlines()[1].strip()  # not the statistics'
     assert own.startswith(f"num_classes={C}, embedding_size={D}, "), own
+
+
+def test_class_counts_from_a_counter_of_the_dataset_targets():
+    """``LEAPLoss(..., class_counts=collections.Counter(dataset.targets))`` was refused ("Could
+    not infer dtype of Counter"); a mapping class -> count is taken (a class it lacks has 0)."""
+    import collections
+
+    targets = [c for c in range(C) for _ in range(c + 1)]
+    counts = collections.Counter(targets)
+    del counts[3]
+    loss = LEAPLoss(C, D, margin=0.2, scale=16, cloud="full", class_counts=counts)
+    want = [c + 1 for c in range(C)]
+    want[3] = 0
+    assert loss.statistics.class_counts.tolist() == want
+    with pytest.raises(ValueError, match=f"outside the classes \\[0, {C}\\): {C}"):
+        LEAPLoss(C, D, margin=0.2, scale=16, cloud="full", class_counts={C: 1})

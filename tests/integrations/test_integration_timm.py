@@ -315,6 +315,29 @@ def test_training_steps_decrease_loss_and_update_statistics():
     assert ev.compute()["top1"] == pytest.approx(top1(proto))
 
 
+def test_the_evaluator_refuses_held_out_identities_by_name():
+    """realuser: ``task.create_evaluator()`` on a re-ID test split (identities the head never
+    trained on) crashed in torch's cross-entropy with "IndexError: Target 316 is out of
+    bounds". Refused before anything is counted, naming the label range and retrieval on the
+    eval model's embeddings instead."""
+    task = _task()
+    task.eval()
+    with torch.no_grad():
+        emb = task.get_eval_model()(torch.randn(4, 3, 32, 32))
+    ev = task.create_evaluator()
+    with pytest.raises(
+        ValueError,
+        match=rf"labels 0..{C + 5} reach outside the head's training "
+        rf"classes 0..{C - 1}",
+    ) as info:
+        ev.update(emb, torch.tensor([C, C + 1, C + 5, 0]))  # 0: a training class
+    assert "get_eval_model()" in str(info.value) and "retrieval_per_query" in str(info.value)
+    with pytest.raises(ValueError, match="labels -1..2"):
+        ev.update(emb, torch.tensor([-1, 0, 1, 2]))
+    ev.update(emb, torch.tensor([0, 1, 2, 3]))  # nothing counted by the refused batches
+    assert ev.num_samples == 4
+
+
 def test_task_state_round_trips_through_a_timm_checkpoint(tmp_path):
     task = _task(seed=1)
     x, y = _images([8] * C, 1)
@@ -480,6 +503,12 @@ def test_ftl_counts_and_tail_threshold_given_once_reach_the_fc_head_and_feature_
         class_counts=COUNTS, tail_threshold=3, transfer_kwargs=dict(tail_threshold=10)
     )
     assert (stats.tail_threshold, transfer.tail_threshold) == (3, 10)
+    # a mapping class -> count (collections.Counter(dataset.targets)) is the same counts
+    counter = dict(enumerate(COUNTS))
+    stats, transfer = parts(class_counts=counter, transfer_kwargs=dict(class_counts=COUNTS))
+    assert stats.class_counts.tolist() == transfer.class_counts.tolist() == COUNTS
+    stats, transfer = parts(class_counts=counter, tail_threshold=10)
+    assert stats.class_counts.tolist() == transfer.class_counts.tolist() == COUNTS
     linear = create_ftl_model("test_resnet", C, classifier="linear", class_counts=COUNTS)
     assert linear.feature_transfer.class_counts.tolist() == COUNTS
     with pytest.raises(ValueError, match="differ"):
