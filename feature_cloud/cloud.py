@@ -836,7 +836,12 @@ class FeatureCloud(nn.Module):
             value = state_dict.get(prefix + name)
             if not isinstance(value, Tensor) or value.is_meta:
                 continue
-            if value.dim() != 0 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            if (
+                value.dim() != 0
+                or value.dtype.is_floating_point
+                or value.dtype.is_complex  # torch's load dropped the imaginary part
+                or value.dtype == torch.bool
+            ):
                 raise ValueError(
                     f"checkpoint's {prefix}{name} is a {value.dtype} tensor of shape "
                     f"{tuple(value.shape)}, expected a 0-d integer tensor: the checkpoint is "
