@@ -553,9 +553,9 @@ class ClassStatistics(KeepBufferDtypes):
             checks["memory_capacity below 1"] = (cap < 1).any()
             for name, power in (("angle_sum", 1), ("angle_sqsum", 2)):  # angles lie in [0, pi]
                 if name in present:
-                    top = cap.double().to(present[name].device) * math.pi**power
+                    most = cap.double().to(present[name].device) * math.pi**power
                     checks[f"{name} above capacity x pi^{power}"] = (
-                        present[name].double() > top * (1 + 1e-6) + 1e-3
+                        present[name].double() > most * (1 + 1e-6) + 1e-3
                     ).any()
         memory = present.get("memory")
         if memory is not None:  # angles to the centers, in [0, pi] (acos); NaN compares false
