@@ -1,5 +1,5 @@
-"""Module state helpers: buffers whose dtype a module cast must not change (statistics stay
-float32 / float64 / int), and loads that are all or nothing."""
+"""Module state helpers: buffers whose dtype a module cast or a load must not change (statistics
+stay float32 / float64 / int), and loads that are all or nothing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,27 @@ from typing import Any, Callable, Dict, Iterator
 
 from torch import Tensor, nn
 
-__all__ = ["KeepBufferDtypes", "restore_on_error"]
+__all__ = ["KeepBufferDtypes", "restore_on_error", "keep_loaded_dtypes"]
+
+
+def keep_loaded_dtypes(module: nn.Module, state_dict: Dict[str, Any], prefix: str) -> None:
+    """Cast the checkpoint's entries of ``module``'s own buffers to the buffers' dtypes, in the
+    state dict a ``_load_from_state_dict`` is given (torch's copy of the user's). A plain load
+    copies into the buffer, cast; ``load_state_dict(assign=True)`` (a module built on ``meta``)
+    takes the checkpoint's tensor as it is: a half-precision checkpoint left float16 statistics,
+    int32 counters, and the next step failed. Complex values are refused before (their imaginary
+    part would be dropped)."""
+    for name, own in module._buffers.items():
+        key = prefix + name
+        value = state_dict.get(key)
+        if (
+            own is not None
+            and name not in module._non_persistent_buffers_set
+            and isinstance(value, Tensor)
+            and value.dtype != own.dtype
+            and not value.dtype.is_complex
+        ):
+            state_dict[key] = value.to(own.dtype)
 
 
 @contextlib.contextmanager
@@ -62,3 +82,7 @@ class KeepBufferDtypes(nn.Module):
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(device=new.device)
         return self
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        keep_loaded_dtypes(self, state_dict, prefix)  # assign=True too
+        super()._load_from_state_dict(state_dict, prefix, *args)

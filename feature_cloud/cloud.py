@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import functional as FC
 from . import noise as N
+from ._buffers import keep_loaded_dtypes
 from ._compat import in_backward, is_compiling
 from ._validation import (
     ClassCounts,
@@ -857,6 +858,7 @@ class FeatureCloud(nn.Module):
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         self.check_state_dict(state_dict, prefix)  # torch loads step / seed before statistics
         self._warn_cloudless_source(state_dict, prefix)
+        keep_loaded_dtypes(self, state_dict, prefix)  # int64 step / seed, assign=True too
         super()._load_from_state_dict(state_dict, prefix, *args)
         if prefix + "step" in state_dict:
             self._count = -1  # re-read when next needed

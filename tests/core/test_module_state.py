@@ -611,6 +611,45 @@ def test_head_built_on_meta_then_loaded_scores_as_the_trained_head(assign: bool)
         LEAPMarginHead(D, C, class_counts=torch.tensor(counts, device="meta"))
 
 
+@pytest.mark.parametrize("saved_as", ["half", "bfloat16", "int32 counters", "double"])
+def test_assign_keeps_the_statistics_dtypes_of_a_checkpoint_saved_in_other_dtypes(
+    saved_as: str,
+) -> None:
+    """s51 trial: ``load_state_dict(assign=True)`` (the README's way into a head built on
+    ``meta``) took the checkpoint's tensors as they were: a checkpoint shipped in half precision
+    left float16 centers, sums and memory, int32 counters left int32 (the next step failed on
+    their dtypes, and ``head.float()`` kept them, as the statistics keep their dtypes). The
+    statistics are cast to their own dtypes at load: the next step works, with no cast after."""
+    D, C = 16, 6
+    counts = [40, 40, 40, 3, 3, 2]
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])
+    gen = torch.Generator().manual_seed(0)
+    trained = LEAPMarginHead(D, C, class_counts=counts, seed=2)
+    for _ in range(4):
+        trained(torch.randn(8, D, generator=gen), y)
+    cast = {
+        "half": lambda t: t.half() if t.is_floating_point() else t,
+        "bfloat16": lambda t: t.bfloat16() if t.is_floating_point() else t,
+        "int32 counters": lambda t: t.int() if t.dtype == torch.long else t,
+        "double": lambda t: t.double() if t.is_floating_point() else t,
+    }[saved_as]
+    state = {k: cast(v) for k, v in trained.state_dict().items()}
+    want = {k: v.dtype for k, v in trained.named_buffers()}
+    from feature_cloud import FeatureTransfer
+
+    with torch.device("meta"):
+        head = LEAPMarginHead(D, C, class_counts=counts, seed=2)
+        ft = FeatureTransfer(D, C, class_counts=counts, num_components=2)
+    head.load_state_dict(state, assign=True)
+    assert {k: v.dtype for k, v in head.named_buffers()} == want
+    head.train()(torch.randn(8, D, generator=gen), y).backward()  # no cast needed before
+    source = FeatureTransfer(D, C, class_counts=counts, num_components=2)
+    ft.load_state_dict({k: cast(v) for k, v in source.state_dict().items()}, assign=True)
+    assert {k: v.dtype for k, v in ft.named_buffers()} == {
+        k: v.dtype for k, v in source.named_buffers()
+    }
+
+
 @pytest.mark.parametrize("counts", [[40, 40, 40, 3, 3, 2], None])
 def test_head_built_on_meta_then_to_empty_and_reset_parameters_trains_as_a_new_head(
     counts,
