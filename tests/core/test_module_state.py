@@ -768,6 +768,49 @@ def test_a_checkpoint_weight_with_nan_or_of_integers_is_refused_by_key() -> None
         module.load_state_dict(half)
 
 
+@pytest.mark.parametrize("kind", ["dense", "sharded", "pml"])
+def test_a_parametrized_weight_with_nan_or_of_integers_is_refused_by_key(kind: str) -> None:
+    """s51 trial: under ``torch.nn.utils.parametrizations.weight_norm`` (README: supported)
+    the state holds ``parametrizations.weight.original0`` / ``original1`` instead of
+    ``weight``; a NaN or an integer tensor there loaded without a word (every loss NaN). Every
+    ``original*`` entry is checked now, by key, before anything loads; so is its shape."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        if kind == "pml":
+            return weight_norm(LEAPLoss(C, D, class_counts=COUNTS, seed=0), "W", dim=1)
+        cls = LEAPMarginHead if kind == "dense" else ShardedLEAPMarginHead
+        return weight_norm(cls(D, C, class_counts=COUNTS, seed=0), "weight", dim=0)
+
+    name = "W" if kind == "pml" else "weight"
+    module = build()
+    before = copy.deepcopy(module.state_dict())
+    keys = [k for k in before if k.startswith(f"parametrizations.{name}.original")]
+    assert len(keys) == 2
+    for key in keys:
+        for edit, exc, match in (
+            (lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), ValueError, "NaN"),
+            (lambda t: t + float("inf"), ValueError, "NaN / infinite"),
+            (lambda t: t.round().long(), TypeError, "torch.int64 tensor"),
+            (lambda t: t.to(torch.complex64), TypeError, "complex64"),
+            (lambda t: torch.cat([t, t]), ValueError, "has shape"),
+        ):
+            state = copy.deepcopy(before)
+            state[key] = edit(state[key])
+            with pytest.raises(exc, match=rf"checkpoint's {key} .*{match}"):
+                module.load_state_dict(state)
+            after = module.state_dict()
+            assert all(torch.equal(v, after[k]) for k, v in before.items()), key
+    if kind != "sharded":  # a NaN weight would have made every loss NaN
+        other = build()
+        other.load_state_dict(before)
+        x, y = torch.randn(6, D), torch.tensor([0, 1, 2, 3, 4, 0])
+        assert torch.isfinite(other(x, y))
+
+
 def test_kept_layout_starts_empty_and_writes_without_a_version_are_seen_after_train() -> None:
     """Loading a cloud-less checkpoint into a trained LEAP head keeps its counts and layout but
     not its stored angles (they belonged to the dropped centers: as if just laid out); a step
