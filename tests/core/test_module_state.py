@@ -114,6 +114,97 @@ def test_v0_1_0_checkpoints_load_with_step_and_seed() -> None:
     assert torch.equal(pml.statistics.centers, old["pml"]["head.statistics.centers"])
 
 
+class _LoadCalls:
+    """Records the modules whose own entries torch began to load (a load pre-hook)."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        self.calls: list = []
+        for module in modules:
+            module.register_load_state_dict_pre_hook(
+                lambda m, *args: self.calls.append(type(m).__name__)
+            )
+
+
+def test_check_state_dict_refuses_for_every_head_inside_a_model_without_loading() -> None:
+    """s51 trial: in ``nn.Sequential(backbone, head)`` a checkpoint the head refuses (a NaN
+    weight) had loaded the backbone first: torch loads the children in turn. The public
+    ``feature_cloud.check_state_dict(model, state)`` runs every feature-cloud module's load
+    checks under its prefix, without loading; called first, nothing is loaded."""
+    import feature_cloud
+    from feature_cloud import FeatureTransfer
+
+    assert "check_state_dict" in feature_cloud.__all__
+    model = nn.Sequential(nn.Linear(IN, D), nn.Sequential(_net(seed=4).head))
+    source = nn.Sequential(nn.Linear(IN, D), nn.Sequential(_net(seed=1).head))
+    source[1][0](torch.randn(6, D), torch.tensor([0, 1, 2, 3, 4, 0]))
+    good = source.state_dict()
+    feature_cloud.check_state_dict(model, good)  # a sound state passes
+    for key, edit, match in (
+        ("1.0.weight", lambda t: t * float("nan"), "checkpoint's 1.0.weight holds"),
+        ("1.0.feature_cloud.statistics.memory", lambda t: t + 1e30, "1.0.feature_cloud"),
+        ("1.0.feature_cloud.statistics.memory_owner", lambda t: t + 1, "1.0.feature_cloud"),
+        ("1.0.feature_cloud.step", lambda t: -t - 1, "1.0.feature_cloud.step is -2"),
+    ):
+        state = dict(good)
+        state[key] = edit(state[key])
+        copied = dict(state)
+        before = state_snapshot_of(model)
+        with pytest.raises(ValueError, match=match):
+            feature_cloud.check_state_dict(model, state)
+        assert state.keys() == copied.keys() and all(state[k] is copied[k] for k in state)
+        assert_same(before, state_snapshot_of(model))
+        with pytest.raises(ValueError, match=match):  # a plain container: the backbone loads
+            model.load_state_dict(state)  # first (the README says to check first)
+    # a 0.1.0 layout is checked as it loads, in a copy: the caller's state is left as it was
+    old = torch.load(FIXTURE, weights_only=False)["dense"]
+    state = {"head." + k: v for k, v in old.items()}
+    legacy = nn.Module()
+    legacy.head = LEAPMarginHead(D, C, class_counts=[1] * C, seed=0)
+    feature_cloud.check_state_dict(legacy, state)
+    assert "head._extra_state" in state and "head.feature_cloud.step" not in state
+    state["head.statistics.memory"] = state["head.statistics.memory"] * float("nan")
+    with pytest.raises(ValueError, match="head.feature_cloud.statistics holds memory angles"):
+        feature_cloud.check_state_dict(legacy, state)
+    # FeatureTransfer's shape checks, and a prefix for a model inside a larger state
+    ft = nn.Sequential(FeatureTransfer(D, C))
+    with pytest.raises(ValueError, match="statistics of another model"):
+        feature_cloud.check_state_dict(ft, {"net.0.centers": torch.zeros(C + 1, D)}, prefix="net.")
+
+
+def test_ftl_model_refuses_a_damaged_head_state_before_its_encoder_loads() -> None:
+    """The package's models that hold a head check the whole state before any child loads
+    (torch runs a module's own load before its children's): FTLModel's encoder, loaded first,
+    is left as it was by a checkpoint its LEAP head refuses."""
+    from feature_cloud import FTLModel
+
+    def build(seed: int) -> FTLModel:
+        torch.manual_seed(seed)
+        head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=seed)
+        return FTLModel(nn.Linear(IN, 12), head, feature_dim=12, alpha_recon=0, alpha_reg=0)
+
+    source, model = build(1), build(2)
+    state = source.state_dict()
+    key = "classifier.feature_cloud.statistics.centers"
+    state[key] = state[key] * float("nan")
+    loads = _LoadCalls(model.encoder, model.classifier)
+    before = state_snapshot_of(model)
+    with pytest.raises(ValueError, match="classifier.feature_cloud.statistics holds non-finite"):
+        model.load_state_dict(state)
+    assert loads.calls == []  # refused before the encoder (or anything) loaded
+    assert_same(before, state_snapshot_of(model))
+    model.load_state_dict(source.state_dict())  # a sound state loads
+    assert loads.calls == ["Linear", "LEAPMarginHead"]
+
+
+def state_snapshot_of(module: nn.Module) -> dict:
+    return copy.deepcopy(module.state_dict())
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
 def test_a_0_1_0_checkpoint_warns_where_the_head_is_off_its_settings() -> None:
     """0.1.0 ran the paper's cloud, the weights as eval prototypes, the constant center rate
     and the pooled unknown variance: loaded into a head on other settings its eval logits and
