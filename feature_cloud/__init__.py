@@ -1,6 +1,7 @@
 """feature-cloud: long-tail representation learning heads and losses (LEAP and FTL) for PyTorch."""
 
 from . import functional
+from ._buffers import check_state_dict
 from .cloud import FeatureCloud
 from .ftl import AlternatingScheduler, FTLModel
 from .heads import LEAPMarginHead
@@ -21,6 +22,7 @@ __all__ = [
     "__version__",
 ]
 __all__ += ["FeatureTransfer", "FeatureBatch", "FTLModel", "AlternatingScheduler"]
+__all__ += ["check_state_dict"]
 
 
 def _source_checkout_integrations() -> None:

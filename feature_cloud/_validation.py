@@ -117,6 +117,46 @@ def refuse_bad_weight(state_dict: Dict[str, Any], key: str) -> None:
         )
 
 
+def refuse_bad_weights(
+    state_dict: Dict[str, Any], prefix: str, name: str, owner: Optional[torch.nn.Module] = None
+) -> None:
+    """:func:`refuse_bad_weight` on the class weight ``prefix + name`` and, for a weight under a
+    parametrization (``torch.nn.utils.parametrizations.weight_norm``, whose state holds
+    ``parametrizations.<name>.original0`` / ``original1`` instead), on every
+    ``parametrizations.<name>.original*`` entry: a NaN there loaded without a word. With the
+    ``owner`` module, an original of another shape than the owner's own is refused too (torch
+    reported it after every other entry had loaded)."""
+    refuse_bad_weight(state_dict, prefix + name)
+    stem = f"{prefix}parametrizations.{name}.original"
+    own = dict(parametrized_originals(owner, name)) if owner is not None else {}
+    for key in [k for k in state_dict if k.startswith(stem)]:
+        mine = own.get(key[len(prefix) :])
+        if mine is not None:
+            refuse_other_shape(
+                state_dict,
+                key,
+                mine,
+                lambda *shape, key=key, mine=mine: (
+                    f"checkpoint's {key} has shape {tuple(shape)}, this module's "
+                    f"{tuple(mine.shape)}: a parametrized weight of another class count or "
+                    "embedding size"
+                ),
+            )
+        refuse_bad_weight(state_dict, key)
+
+
+def parametrized_originals(module: torch.nn.Module, name: str) -> List[tuple[str, Tensor]]:
+    """The tensors a parametrization (``torch.nn.utils.parametrize``) of ``module.<name>`` keeps,
+    under their state-dict names relative to ``module``; empty for a plain weight."""
+    lists = getattr(module, "parametrizations", None)
+    if not isinstance(lists, torch.nn.ModuleDict) or name not in lists:
+        return []
+    return [
+        (f"parametrizations.{name}.{key}", value)
+        for key, value in lists[name].named_parameters(recurse=False)
+    ]
+
+
 # ------------------------------------------------------------------------------------------
 # hyper-parameters
 # ------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import functional as FC
 from . import noise as N
+from ._buffers import keep_loaded_dtypes
 from ._compat import in_backward, is_compiling
 from ._validation import (
     ClassCounts,
@@ -892,7 +893,12 @@ class FeatureCloud(nn.Module):
             value = state_dict.get(prefix + name)
             if not isinstance(value, Tensor) or value.is_meta:
                 continue
-            if value.dim() != 0 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            if (
+                value.dim() != 0
+                or value.dtype.is_floating_point
+                or value.dtype.is_complex  # torch's load dropped the imaginary part
+                or value.dtype == torch.bool
+            ):
                 raise ValueError(
                     f"checkpoint's {prefix}{name} is a {value.dtype} tensor of shape "
                     f"{tuple(value.shape)}, expected a 0-d integer tensor: the checkpoint is "
@@ -908,6 +914,7 @@ class FeatureCloud(nn.Module):
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         self.check_state_dict(state_dict, prefix)  # torch loads step / seed before statistics
         self._warn_cloudless_source(state_dict, prefix)
+        keep_loaded_dtypes(self, state_dict, prefix)  # int64 step / seed, assign=True too
         super()._load_from_state_dict(state_dict, prefix, *args)
         if prefix + "step" in state_dict:
             self._count = -1  # re-read when next needed

@@ -49,7 +49,7 @@ from ._validation import (
     check_embeddings,
     check_reduction,
     inference_problem,
-    refuse_bad_weight,
+    refuse_bad_weights,
     trainable_labels,
 )
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
@@ -508,15 +508,31 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
         )
 
     # ------------------------------------------------------------------ checkpoints
-    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-        extra = migrate_state_dict(
-            state_dict, prefix, prefix + "feature_cloud.", self.feature_cloud
-        )
+    def check_state_dict(self, state_dict: Dict[str, Any], prefix: str = "") -> None:
+        """Raise what :meth:`load_state_dict` would refuse in this shard's entries under
+        ``prefix``: another shard layout or class count, a weight that is not floating point or
+        holds NaN / infinite values (a parametrized weight's ``original*`` too), a cloud state
+        :meth:`FeatureCloud.check_state_dict` refuses; changes nothing (a 0.1.0 layout is
+        migrated in a copy). :func:`feature_cloud.check_state_dict` runs it for every head
+        inside a model."""
+        if prefix + "_extra_state" in state_dict:
+            state_dict = dict(state_dict)
+            self._migrate(state_dict, prefix, None)
+        self._check_state(state_dict, prefix)
+
+    def _migrate(
+        self, state_dict: Dict[str, Any], prefix: str, cloud: Optional[FeatureCloud]
+    ) -> None:
+        """A 0.1.0 state's entries in this release's layout, in place (``cloud``: the cloud whose
+        settings off 0.1.0's are warned about)."""
+        extra = migrate_state_dict(state_dict, prefix, prefix + "feature_cloud.", cloud)
         if "shard" in extra:  # 0.1.0 kept the layout in the extra state
             state_dict.setdefault(prefix + "shard_rank", torch.tensor(int(extra["shard"]["rank"])))
             state_dict.setdefault(
                 prefix + "shard_sizes", torch.tensor(list(extra["shard"]["sizes"]))
             )
+
+    def _check_state(self, state_dict: Dict[str, Any], prefix: str) -> None:
         key = prefix + "weight"
         layout = state_dict.get(prefix + "shard_sizes")
         if (key in state_dict and tuple(state_dict[key].shape) != tuple(self.weight.shape)) or (
@@ -539,7 +555,14 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
                 f"{self.sizes} (use consolidate_state_dicts / split_state_dict to change the "
                 "layout)"
             )
-        refuse_bad_weight(state_dict, key)
+        refuse_bad_weights(state_dict, prefix, "weight", self)  # parametrized too
+        # torch loads the weight before the cloud's statistics, which would refuse theirs with
+        # the weight already taken (as the dense head): checked first, nothing changes
+        self.feature_cloud.check_state_dict(state_dict, prefix + "feature_cloud.")
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        self._migrate(state_dict, prefix, self.feature_cloud)
+        self._check_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 

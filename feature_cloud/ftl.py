@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import functional as FC
-from ._buffers import restore_on_error
+from ._buffers import CheckedBeforeLoading, restore_on_error
 from ._validation import (
     ClassCounts,
     as_float,
@@ -193,7 +193,7 @@ _PICKLE_PREDATES: Dict[str, Any] = {
 }
 
 
-class FTLModel(nn.Module):
+class FTLModel(CheckedBeforeLoading, nn.Module):
     r"""FTL's network (Fig. 2) and its total loss, Eq. 4:
 
     .. math:: \mathcal{L} = \alpha_{sfmx}\mathcal{L}_{sfmx} + \alpha_{recon}\mathcal{L}_{recon}

@@ -36,7 +36,7 @@ from ._validation import (
     check_reduction,
     checked_attribute,
     migrate_checked,
-    refuse_bad_weight,
+    refuse_bad_weights,
     refuse_other_shape,
     warn_user,
 )
@@ -904,7 +904,20 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
         )
 
     # ------------------------------------------------------------------ checkpoints
-    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    def check_state_dict(self, state_dict: Dict[str, Any], prefix: str = "") -> None:
+        """Raise what :meth:`load_state_dict` would refuse in this head's entries under
+        ``prefix``: a weight of another class count or sub-center layout, one that is not
+        floating point or holds NaN / infinite values (a parametrized weight's ``original*``
+        too), a cloud state :meth:`FeatureCloud.check_state_dict` refuses; changes nothing (a
+        0.1.0 layout is migrated in a copy). :func:`feature_cloud.check_state_dict` runs it
+        for every head inside a model."""
+        if prefix + "_extra_state" in state_dict:
+            state_dict = dict(state_dict)
+            migrate_state_dict(state_dict, prefix, prefix + "feature_cloud.")
+        self._check_weight(state_dict, prefix)
+        self.feature_cloud.check_state_dict(state_dict, prefix + "feature_cloud.")
+
+    def _check_weight(self, state_dict: Dict[str, Any], prefix: str) -> None:
         refuse_other_shape(
             state_dict,
             prefix + "weight",
@@ -915,7 +928,10 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
                 f"sub_centers={self.sub_centers} rows of size embedding_size={self.embedding_size}"
             ),
         )
-        refuse_bad_weight(state_dict, prefix + "weight")
+        refuse_bad_weights(state_dict, prefix, "weight", self)  # parametrized too
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        self._check_weight(state_dict, prefix)
         migrate_state_dict(state_dict, prefix, prefix + "feature_cloud.", self.feature_cloud)
         # torch loads the weight before the cloud's statistics, which would refuse theirs with
         # the weight already taken: checked first, a refused checkpoint changes nothing

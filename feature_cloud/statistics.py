@@ -40,7 +40,11 @@ _VALUE_CHECKED = (
     "memory_fill",
     "memory_pointer",
     "centers",
+    "memory",
+    "memory_stamp",
 )
+#: the largest angle the memory holds (``acos``'s top, pi, in float32 rounds up a little)
+_ANGLE_TOP = math.pi + 1e-5
 #: The statistics' buffers with one entry a class.
 _PER_CLASS_BUFFERS = (
     "center_initialized",
@@ -518,11 +522,22 @@ class ClassStatistics(KeepBufferDtypes):
                 + ("" if want is None else f", memory_capacity gives {want}")
                 + ": the checkpoint is damaged or was edited"
             )
+        self._check_memory_layout(state_dict, prefix)
 
     def _check_state_values(self, state_dict: Dict[str, Any], prefix: str) -> None:
         """Values an edited or damaged checkpoint can hold and training cannot (read once, at
         load): negative or non-finite counts and sums of angles, a memory fill or pointer
         outside its class's capacity, non-finite centers."""
+        complex_ = [
+            prefix + n
+            for n in self._buffers
+            if isinstance(t := state_dict.get(prefix + n), Tensor) and t.dtype.is_complex
+        ]
+        if complex_:  # torch's load would drop the imaginary part without a word
+            raise TypeError(
+                f"checkpoint's {', '.join(complex_)} hold complex numbers: the checkpoint is "
+                "damaged or was edited"
+            )
         saved = {n: state_dict.get(prefix + n) for n in _VALUE_CHECKED}
         present = {n: t for n, t in saved.items() if isinstance(t, Tensor)}
         if not present or any(t.is_meta for t in present.values()):
@@ -544,12 +559,67 @@ class ClassStatistics(KeepBufferDtypes):
                 ).any()
         if "centers" in present:
             checks["non-finite centers"] = ~torch.isfinite(present["centers"]).all()
+        if cap is not None:  # allocate_memory lays out at least one slot a class
+            checks["memory_capacity below 1"] = (cap < 1).any()
+            for name, power in (("angle_sum", 1), ("angle_sqsum", 2)):  # angles lie in [0, pi]
+                if name in present:
+                    most = cap.double().to(present[name].device) * math.pi**power
+                    checks[f"{name} above capacity x pi^{power}"] = (
+                        present[name].double() > most * (1 + 1e-6) + 1e-3
+                    ).any()
+        memory = present.get("memory")
+        if memory is not None:  # angles to the centers, in [0, pi] (acos); NaN compares false
+            inside = (memory >= 0) & (memory <= _ANGLE_TOP)
+            checks["memory angles outside [0, pi] or not finite"] = ~inside.all()
+        stamp = present.get("memory_stamp")
+        if stamp is not None:  # -1: empty; else the update that wrote it, before num_updates
+            late = present.get("num_updates")
+            outside = stamp < -1
+            if late is not None:
+                outside = outside | (stamp > late.to(stamp.device))
+            checks["memory_stamp outside [-1, num_updates]"] = outside.any()
         flags = torch.stack([c.to("cpu") for c in checks.values()]).tolist() if checks else []
         bad = [name for name, flag in zip(checks, flags) if flag]
         if bad:
             raise ValueError(
                 f"checkpoint's {prefix.rstrip('.')} holds {', '.join(bad)}: the checkpoint is "
                 "damaged or was edited"
+            )
+
+    def _check_memory_layout(self, state_dict: Dict[str, Any], prefix: str) -> None:
+        """A laid-out memory's index buffers as :meth:`allocate_memory` leaves them (an edited
+        ``memory_offsets`` or ``memory_owner`` indexed outside the memory, or into another
+        class's slots, at the next step): read once, at load."""
+        capacity = state_dict.get(prefix + "memory_capacity")
+        memory = state_dict.get(prefix + "memory")
+        if (
+            not isinstance(capacity, Tensor)
+            or not isinstance(memory, Tensor)
+            or capacity.is_meta
+            or memory.numel() == 0
+        ):
+            return
+        cap = capacity.detach().to("cpu", torch.long)
+        expected = {
+            "memory_offsets": torch.cumsum(cap, 0) - cap,
+            "memory_owner": torch.cat(
+                [torch.repeat_interleave(torch.arange(cap.numel()), cap), cap.new_zeros(1)]
+            ),
+        }
+        bad = []
+        for name, want in expected.items():
+            saved = state_dict.get(prefix + name)
+            if not isinstance(saved, Tensor) or saved.is_meta:
+                continue
+            if tuple(saved.shape) != tuple(want.shape) or not torch.equal(
+                saved.detach().to("cpu", torch.long), want
+            ):
+                bad.append(name)
+        if bad:
+            raise ValueError(
+                f"checkpoint's {' and '.join(prefix + n for n in bad)} do not lay out the memory "
+                f"that {prefix}memory_capacity gives (offsets: the running sum of the "
+                "capacities; owner: each slot's class): the checkpoint is damaged or was edited"
             )
 
     def _keep_layout(self, state_dict: Dict[str, Any], prefix: str) -> None:

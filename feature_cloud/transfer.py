@@ -481,9 +481,9 @@ class FeatureTransfer(KeepBufferDtypes):
         for name in ("hard_indices", "hard_labels", "tail_indices", "tail_labels"):
             setattr(self, name, torch.zeros(0, dtype=torch.long, device=device))
 
-    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-        # every shape checked before a data-sized buffer is resized: a refused checkpoint leaves
-        # this module as it was
+    def check_state_dict(self, state_dict: Dict[str, Any], prefix: str = "") -> None:
+        """Raise if the statistics under ``prefix`` are of another class count or feature size
+        (every shape but those of the data-sized buffers); changes nothing."""
         src = state_dict.get(prefix + "basis")
         if src is not None and (src.dim() != 2 or src.shape[0] != self.feature_dim):
             raise ValueError(
@@ -500,6 +500,11 @@ class FeatureTransfer(KeepBufferDtypes):
                     f"{tuple(cur.shape)} (num_classes={self.num_classes}, "
                     f"feature_dim={self.feature_dim}): statistics of another model"
                 )
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        # every shape checked before a data-sized buffer is resized: a refused checkpoint leaves
+        # this module as it was
+        self.check_state_dict(state_dict, prefix)
         for name in _VARIABLE_BUFFERS:
             key = prefix + name
             if key in state_dict:

@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from feature_cloud import margins
-from feature_cloud._buffers import restore_on_error
+from feature_cloud._buffers import CheckedBeforeLoading, restore_on_error
 from feature_cloud._extras import missing
 from feature_cloud._validation import (
     ClassCounts,
@@ -1451,7 +1451,7 @@ class _PredictedClasses:
 
 
 @_register_once(META_ARCH_REGISTRY)
-class LEAPBaseline(Baseline):
+class LEAPBaseline(CheckedBeforeLoading, Baseline):
     """fastreid's ``Baseline`` whose cross-entropy runs inside :class:`LEAPHead` on the fused
     kernels (``MODEL.META_ARCHITECTURE: LEAPBaseline``).
 

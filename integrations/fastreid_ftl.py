@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from feature_cloud._buffers import CheckedBeforeLoading
 from feature_cloud.ftl import (
     DEFAULT_TAIL_SAMPLING,
     FILTERS,
@@ -208,7 +209,7 @@ def _filter(ftl_cfg: CfgNode, feat_dim: int, emb_dim: int, hidden: int) -> nn.Mo
 
 
 @_register_once(META_ARCH_REGISTRY)
-class FTLBaseline(nn.Module):
+class FTLBaseline(CheckedBeforeLoading, nn.Module):
     """fastreid meta-architecture holding an :class:`~feature_cloud.FTLModel` (FTL Fig. 2).
 
     ``forward(batched_inputs)`` in training returns ``{"loss_ftl": L}``: Eq. 4

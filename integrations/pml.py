@@ -58,7 +58,7 @@ from feature_cloud._validation import (
     as_float,
     as_int,
     check_embeddings,
-    refuse_bad_weight,
+    refuse_bad_weights,
     refuse_other_shape,
     warn_user,
 )
@@ -482,10 +482,25 @@ class LEAPLoss(
             f"margin_type={self.margin_type!r}, cloud={self.cloud!r}"
         )
 
+    def check_state_dict(self, state_dict: Dict[str, Any], prefix: str = "") -> None:
+        """Raise what :meth:`load_state_dict` would refuse in this loss's entries under
+        ``prefix`` (``W`` of another shape, not floating point or not finite, a parametrized
+        ``W``'s ``original*`` too; a cloud state the cloud refuses); changes nothing (a 0.1.0
+        layout is migrated in a copy). ``feature_cloud.check_state_dict`` runs it for every
+        loss inside a model."""
+        if prefix + "head._extra_state" in state_dict:
+            state_dict = dict(state_dict)
+            migrate_state_dict(state_dict, prefix + "head.", prefix + "feature_cloud.")
+        self._check_state(state_dict, prefix)
+
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         migrate_state_dict(
             state_dict, prefix + "head.", prefix + "feature_cloud.", self.feature_cloud
         )
+        self._check_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _check_state(self, state_dict: Dict[str, Any], prefix: str) -> None:
         # refused before anything loads (torch loads W, then the cloud's own buffers, then its
         # statistics, which would refuse another class count with W and the step already taken)
         refuse_other_shape(
@@ -498,6 +513,5 @@ class LEAPLoss(
                 f"has {tuple(self.W.shape)}"
             ),
         )
-        refuse_bad_weight(state_dict, prefix + "W")
+        refuse_bad_weights(state_dict, prefix, "W", self)  # parametrized too
         self.feature_cloud.check_state_dict(state_dict, prefix + "feature_cloud.")
-        super()._load_from_state_dict(state_dict, prefix, *args)

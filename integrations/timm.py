@@ -64,7 +64,7 @@ from timm.utils.model import unwrap_model
 from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 
-from feature_cloud._buffers import restore_on_error
+from feature_cloud._buffers import CheckedBeforeLoading, restore_on_error
 from feature_cloud._validation import (
     as_bool,
     as_float,
@@ -413,7 +413,7 @@ def refuse_soft_target(target: Optional[Tensor], task: str) -> None:
 _PICKLE_PREDATES: Dict[str, Any] = {"label_smoothing": 0.0}  # before the option: none
 
 
-class LEAPTrainableModule(_BackboneOptimizerHooks, nn.Module):
+class LEAPTrainableModule(_BackboneOptimizerHooks, CheckedBeforeLoading, nn.Module):
     """Backbone + head in one Module (what DDP wraps and what EMA copies).
 
     ``forward(input, target)`` returns ``(loss, logits, embeddings)``; ``forward(input)`` returns

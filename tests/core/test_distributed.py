@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import run_gloo_checks
+from conftest import assert_same_state, run_gloo_checks, state_snapshot
 from feature_cloud import ClassStatistics, FeatureCloud, LEAPMarginHead
 from feature_cloud import functional as FC
 from feature_cloud.distributed import (
@@ -759,6 +759,43 @@ CHECKS_PML = [
 ]
 
 
+def check_sharded_load_refuses_before_its_weight_loads(rank: int, world: int) -> None:
+    """s51 trial: the sharded head loaded its weight, then its cloud refused the checkpoint (a
+    negative step, NaN centers, a float seed): a half-loaded module. The dense head and PML
+    checked the cloud first; the sharded head does too, and a NaN in a parametrized shard
+    weight (``parametrizations.weight_norm``'s ``original1``) is refused as a plain one is."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    def build(seed: int, norm: bool = False) -> ShardedLEAPMarginHead:
+        torch.manual_seed(seed)
+        head = ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=1)
+        return weight_norm(head, "weight", dim=0) if norm else head
+
+    for norm in (False, True):
+        source = build(0, norm)
+        source(*_batches(0, [6] * world, ignored=0.0)[rank])
+        key = "parametrizations.weight.original1" if norm else "weight"
+        for name, value in (
+            ("feature_cloud.step", lambda t: torch.tensor(-4)),
+            ("feature_cloud.statistics.centers", lambda t: torch.full_like(t, float("nan"))),
+            ("feature_cloud.seed", lambda t: torch.tensor(1.5)),
+            ("feature_cloud.statistics.memory", lambda t: t + 10.0),
+            (key, lambda t: torch.full_like(t, float("nan"))),
+        ):
+            state = copy.deepcopy(source.state_dict())
+            state[name] = value(state[name])
+            head = build(1, norm)
+            before = state_snapshot(head)
+            with pytest.raises(ValueError, match="damaged"):
+                head.load_state_dict(state)
+            assert_same_state(state_snapshot(head), before, f"{name} refused (norm={norm})")
+            with pytest.raises(ValueError, match="damaged"):  # the same, without loading
+                head.check_state_dict(state)
+        head = build(1, norm)
+        head.load_state_dict(source.state_dict())  # the untouched state loads
+        assert_same_state(state_snapshot(head), state_snapshot(source), "loaded")
+
+
 # --------------------------------------------------------------------------------------------
 # spawning
 # --------------------------------------------------------------------------------------------
@@ -767,6 +804,10 @@ CHECKS_PML = [
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_checks(world: int) -> None:
     run_gloo_checks(__name__, world, CHECKS + CHECKS_PML, SPAWN_TIMEOUT, group_timeout=60)
+
+
+def test_sharded_head_refuses_a_damaged_checkpoint_before_its_weight_loads() -> None:
+    run_gloo_checks(__name__, 1, ["check_sharded_load_refuses_before_its_weight_loads"], 60.0, 30)
 
 
 # --------------------------------------------------------------------------------------------

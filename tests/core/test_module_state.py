@@ -114,6 +114,97 @@ def test_v0_1_0_checkpoints_load_with_step_and_seed() -> None:
     assert torch.equal(pml.statistics.centers, old["pml"]["head.statistics.centers"])
 
 
+class _LoadCalls:
+    """Records the modules whose own entries torch began to load (a load pre-hook)."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        self.calls: list = []
+        for module in modules:
+            module.register_load_state_dict_pre_hook(
+                lambda m, *args: self.calls.append(type(m).__name__)
+            )
+
+
+def test_check_state_dict_refuses_for_every_head_inside_a_model_without_loading() -> None:
+    """s51 trial: in ``nn.Sequential(backbone, head)`` a checkpoint the head refuses (a NaN
+    weight) had loaded the backbone first: torch loads the children in turn. The public
+    ``feature_cloud.check_state_dict(model, state)`` runs every feature-cloud module's load
+    checks under its prefix, without loading; called first, nothing is loaded."""
+    import feature_cloud
+    from feature_cloud import FeatureTransfer
+
+    assert "check_state_dict" in feature_cloud.__all__
+    model = nn.Sequential(nn.Linear(IN, D), nn.Sequential(_net(seed=4).head))
+    source = nn.Sequential(nn.Linear(IN, D), nn.Sequential(_net(seed=1).head))
+    source[1][0](torch.randn(6, D), torch.tensor([0, 1, 2, 3, 4, 0]))
+    good = source.state_dict()
+    feature_cloud.check_state_dict(model, good)  # a sound state passes
+    for key, edit, match in (
+        ("1.0.weight", lambda t: t * float("nan"), "checkpoint's 1.0.weight holds"),
+        ("1.0.feature_cloud.statistics.memory", lambda t: t + 1e30, "1.0.feature_cloud"),
+        ("1.0.feature_cloud.statistics.memory_owner", lambda t: t + 1, "1.0.feature_cloud"),
+        ("1.0.feature_cloud.step", lambda t: -t - 1, "1.0.feature_cloud.step is -2"),
+    ):
+        state = dict(good)
+        state[key] = edit(state[key])
+        copied = dict(state)
+        before = state_snapshot_of(model)
+        with pytest.raises(ValueError, match=match):
+            feature_cloud.check_state_dict(model, state)
+        assert state.keys() == copied.keys() and all(state[k] is copied[k] for k in state)
+        assert_same(before, state_snapshot_of(model))
+        with pytest.raises(ValueError, match=match):  # a plain container: the backbone loads
+            model.load_state_dict(state)  # first (the README says to check first)
+    # a 0.1.0 layout is checked as it loads, in a copy: the caller's state is left as it was
+    old = torch.load(FIXTURE, weights_only=False)["dense"]
+    state = {"head." + k: v for k, v in old.items()}
+    legacy = nn.Module()
+    legacy.head = LEAPMarginHead(D, C, class_counts=[1] * C, seed=0)
+    feature_cloud.check_state_dict(legacy, state)
+    assert "head._extra_state" in state and "head.feature_cloud.step" not in state
+    state["head.statistics.memory"] = state["head.statistics.memory"] * float("nan")
+    with pytest.raises(ValueError, match="head.feature_cloud.statistics holds memory angles"):
+        feature_cloud.check_state_dict(legacy, state)
+    # FeatureTransfer's shape checks, and a prefix for a model inside a larger state
+    ft = nn.Sequential(FeatureTransfer(D, C))
+    with pytest.raises(ValueError, match="statistics of another model"):
+        feature_cloud.check_state_dict(ft, {"net.0.centers": torch.zeros(C + 1, D)}, prefix="net.")
+
+
+def test_ftl_model_refuses_a_damaged_head_state_before_its_encoder_loads() -> None:
+    """The package's models that hold a head check the whole state before any child loads
+    (torch runs a module's own load before its children's): FTLModel's encoder, loaded first,
+    is left as it was by a checkpoint its LEAP head refuses."""
+    from feature_cloud import FTLModel
+
+    def build(seed: int) -> FTLModel:
+        torch.manual_seed(seed)
+        head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=seed)
+        return FTLModel(nn.Linear(IN, 12), head, feature_dim=12, alpha_recon=0, alpha_reg=0)
+
+    source, model = build(1), build(2)
+    state = source.state_dict()
+    key = "classifier.feature_cloud.statistics.centers"
+    state[key] = state[key] * float("nan")
+    loads = _LoadCalls(model.encoder, model.classifier)
+    before = state_snapshot_of(model)
+    with pytest.raises(ValueError, match="classifier.feature_cloud.statistics holds non-finite"):
+        model.load_state_dict(state)
+    assert loads.calls == []  # refused before the encoder (or anything) loaded
+    assert_same(before, state_snapshot_of(model))
+    model.load_state_dict(source.state_dict())  # a sound state loads
+    assert loads.calls == ["Linear", "LEAPMarginHead"]
+
+
+def state_snapshot_of(module: nn.Module) -> dict:
+    return copy.deepcopy(module.state_dict())
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
 def test_a_0_1_0_checkpoint_warns_where_the_head_is_off_its_settings() -> None:
     """0.1.0 ran the paper's cloud, the weights as eval prototypes, the constant center rate
     and the pooled unknown variance: loaded into a head on other settings its eval logits and
@@ -611,6 +702,45 @@ def test_head_built_on_meta_then_loaded_scores_as_the_trained_head(assign: bool)
         LEAPMarginHead(D, C, class_counts=torch.tensor(counts, device="meta"))
 
 
+@pytest.mark.parametrize("saved_as", ["half", "bfloat16", "int32 counters", "double"])
+def test_assign_keeps_the_statistics_dtypes_of_a_checkpoint_saved_in_other_dtypes(
+    saved_as: str,
+) -> None:
+    """s51 trial: ``load_state_dict(assign=True)`` (the README's way into a head built on
+    ``meta``) took the checkpoint's tensors as they were: a checkpoint shipped in half precision
+    left float16 centers, sums and memory, int32 counters left int32 (the next step failed on
+    their dtypes, and ``head.float()`` kept them, as the statistics keep their dtypes). The
+    statistics are cast to their own dtypes at load: the next step works, with no cast after."""
+    D, C = 16, 6
+    counts = [40, 40, 40, 3, 3, 2]
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1])
+    gen = torch.Generator().manual_seed(0)
+    trained = LEAPMarginHead(D, C, class_counts=counts, seed=2)
+    for _ in range(4):
+        trained(torch.randn(8, D, generator=gen), y)
+    cast = {
+        "half": lambda t: t.half() if t.is_floating_point() else t,
+        "bfloat16": lambda t: t.bfloat16() if t.is_floating_point() else t,
+        "int32 counters": lambda t: t.int() if t.dtype == torch.long else t,
+        "double": lambda t: t.double() if t.is_floating_point() else t,
+    }[saved_as]
+    state = {k: cast(v) for k, v in trained.state_dict().items()}
+    want = {k: v.dtype for k, v in trained.named_buffers()}
+    from feature_cloud import FeatureTransfer
+
+    with torch.device("meta"):
+        head = LEAPMarginHead(D, C, class_counts=counts, seed=2)
+        ft = FeatureTransfer(D, C, class_counts=counts, num_components=2)
+    head.load_state_dict(state, assign=True)
+    assert {k: v.dtype for k, v in head.named_buffers()} == want
+    head.train()(torch.randn(8, D, generator=gen), y).backward()  # no cast needed before
+    source = FeatureTransfer(D, C, class_counts=counts, num_components=2)
+    ft.load_state_dict({k: cast(v) for k, v in source.state_dict().items()}, assign=True)
+    assert {k: v.dtype for k, v in ft.named_buffers()} == {
+        k: v.dtype for k, v in source.named_buffers()
+    }
+
+
 @pytest.mark.parametrize("counts", [[40, 40, 40, 3, 3, 2], None])
 def test_head_built_on_meta_then_to_empty_and_reset_parameters_trains_as_a_new_head(
     counts,
@@ -727,6 +857,49 @@ def test_a_checkpoint_weight_with_nan_or_of_integers_is_refused_by_key() -> None
         half = copy.deepcopy(before)
         half[key] = half[key].half()  # a floating weight of another precision still loads
         module.load_state_dict(half)
+
+
+@pytest.mark.parametrize("kind", ["dense", "sharded", "pml"])
+def test_a_parametrized_weight_with_nan_or_of_integers_is_refused_by_key(kind: str) -> None:
+    """s51 trial: under ``torch.nn.utils.parametrizations.weight_norm`` (README: supported)
+    the state holds ``parametrizations.weight.original0`` / ``original1`` instead of
+    ``weight``; a NaN or an integer tensor there loaded without a word (every loss NaN). Every
+    ``original*`` entry is checked now, by key, before anything loads; so is its shape."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        if kind == "pml":
+            return weight_norm(LEAPLoss(C, D, class_counts=COUNTS, seed=0), "W", dim=1)
+        cls = LEAPMarginHead if kind == "dense" else ShardedLEAPMarginHead
+        return weight_norm(cls(D, C, class_counts=COUNTS, seed=0), "weight", dim=0)
+
+    name = "W" if kind == "pml" else "weight"
+    module = build()
+    before = copy.deepcopy(module.state_dict())
+    keys = [k for k in before if k.startswith(f"parametrizations.{name}.original")]
+    assert len(keys) == 2
+    for key in keys:
+        for edit, exc, match in (
+            (lambda t: t.index_fill(0, torch.tensor([0]), float("nan")), ValueError, "NaN"),
+            (lambda t: t + float("inf"), ValueError, "NaN / infinite"),
+            (lambda t: t.round().long(), TypeError, "torch.int64 tensor"),
+            (lambda t: t.to(torch.complex64), TypeError, "complex64"),
+            (lambda t: torch.cat([t, t]), ValueError, "has shape"),
+        ):
+            state = copy.deepcopy(before)
+            state[key] = edit(state[key])
+            with pytest.raises(exc, match=rf"checkpoint's {key} .*{match}"):
+                module.load_state_dict(state)
+            after = module.state_dict()
+            assert all(torch.equal(v, after[k]) for k, v in before.items()), key
+    if kind != "sharded":  # a NaN weight would have made every loss NaN
+        other = build()
+        other.load_state_dict(before)
+        x, y = torch.randn(6, D), torch.tensor([0, 1, 2, 3, 4, 0])
+        assert torch.isfinite(other(x, y))
 
 
 def test_kept_layout_starts_empty_and_writes_without_a_version_are_seen_after_train() -> None:

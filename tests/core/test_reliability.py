@@ -960,17 +960,66 @@ def _edited(key, value):
         (_edited("feature_cloud.statistics.centers", lambda c: c * float("nan")), "non-finite"),
         (_edited("feature_cloud.statistics.num_updates", torch.tensor(-1)), "num_updates below 0"),
         (_edited("feature_cloud.statistics.angle_sqsum", lambda a: a - 1.0), "angle_sqsum below"),
+        # s51 trial: a NaN or absurd angle memory loaded, every later loss NaN; out-of-range
+        # offsets / owners loaded and failed with an IndexError in the middle of the next step
+        (_edited("feature_cloud.statistics.memory", lambda m: m * float("nan")), "memory angles"),
+        (_edited("feature_cloud.statistics.memory", lambda m: m + float("inf")), "memory angles"),
+        (_edited("feature_cloud.statistics.memory", lambda m: m + 1e30), "memory angles"),
+        (_edited("feature_cloud.statistics.memory", lambda m: m - 0.5), "outside \\[0, pi\\]"),
+        (_edited("feature_cloud.statistics.angle_sum", lambda a: a + 1e30), "angle_sum above"),
+        (_edited("feature_cloud.statistics.angle_sqsum", lambda a: a + 1e6), "angle_sqsum above"),
+        (_edited("feature_cloud.statistics.memory_stamp", lambda t: t + 1000), "memory_stamp"),
+        (_edited("feature_cloud.statistics.memory_stamp", lambda t: t - 5), "memory_stamp"),
+        (_edited("feature_cloud.statistics.memory_capacity", lambda c: c * 0), "capacity below 1"),
+        (
+            _edited("feature_cloud.statistics.memory_offsets", lambda o: o + 1_000_000),
+            "statistics.memory_offsets do not lay out",
+        ),
+        (
+            _edited("feature_cloud.statistics.memory_offsets", lambda o: o.flip(0)),
+            "statistics.memory_offsets do not lay out",
+        ),
+        (
+            _edited("feature_cloud.statistics.memory_owner", lambda o: o + C),
+            "statistics.memory_owner do not lay out",
+        ),
+        (
+            _edited("feature_cloud.statistics.memory_owner", lambda o: o.flip(0)),
+            "statistics.memory_owner do not lay out",
+        ),
+        (_edited("feature_cloud.statistics.memory", lambda m: m * 1j), "hold complex numbers"),
+        # s51 trial: a complex step or seed passed the "0-d integer" check, and torch dropped
+        # its imaginary part
+        (_edited("feature_cloud.step", torch.tensor(3 + 2j)), "step is a torch.complex64"),
+        (_edited("feature_cloud.seed", torch.tensor(5 + 0j)), "seed is a torch.complex64"),
     ],
 )
 def test_a_damaged_checkpoint_is_refused_before_anything_loads(edit, match):
     """Reliability trials: a ``feature_cloud.step`` of shape ``(2,)`` raised torch's size
     mismatch after every statistic had been overwritten; a float or negative step, negative
     class counts, a memory fill beyond its capacity or NaN centers loaded silently."""
-    source, head = _head(), _head()
-    source(*_batch(0)).backward()
-    state = source.state_dict()
-    edit(state)
-    before = state_snapshot(head)
-    with pytest.raises(ValueError, match=match):
-        head.load_state_dict(state)
-    assert_same_state(state_snapshot(head), before, "after a refused checkpoint")
+    for max_age in (None, 5):  # the aged read-out reads the memory and its owners directly
+        source, head = _head(angle_max_age=max_age), _head(angle_max_age=max_age)
+        for seed in range(3):
+            source(*_batch(seed)).backward()
+        state = source.state_dict()
+        edit(state)
+        before = state_snapshot(head)
+        with pytest.raises((ValueError, TypeError), match=match):
+            head.load_state_dict(state)
+        assert_same_state(state_snapshot(head), before, "after a refused checkpoint")
+        # the public check says the same without loading
+        with pytest.raises((ValueError, TypeError), match=match):
+            head.feature_cloud.check_state_dict(state, "feature_cloud.")
+
+
+def test_a_trained_angle_memory_passes_the_load_checks_and_trains_on():
+    """The checks above refuse no real state: a long-trained head with a full, wrapped ring
+    (every slot written, pointers past the capacity once) and its running sums reloads."""
+    source = _head(angle_max_age=3)
+    for seed in range(12):
+        source(*_batch(seed)).backward()
+    assert bool((source.statistics.memory_fill == source.statistics.memory_capacity).any())
+    head = _head(angle_max_age=3)
+    head.load_state_dict(source.state_dict())
+    torch.testing.assert_close(head(*_batch(20)), source(*_batch(20)))

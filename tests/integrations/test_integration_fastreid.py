@@ -1148,3 +1148,65 @@ def test_a_checkpoint_refused_after_the_model_loaded_leaves_it_as_it_was(tmp_pat
         checkpointer.load(str(tmp_path / "with_opt.pth"))
     assert_same_state(before, state_snapshot(model), "model, a checkpointable refused")
     assert own_opt.state_dict() == opt_before  # the loaded momentum put back
+
+
+def test_leap_baseline_refuses_a_damaged_head_state_before_its_backbone_loads(tmp_path):
+    """s51 trial: a model holding the head was left half loaded when the head refused (the
+    backbone, loaded first, took the checkpoint's weights; the adapter's Checkpointer put them
+    back afterwards, a direct ``load_state_dict`` did not). LEAPBaseline checks its head's
+    state before any child loads, through fastreid's Checkpointer and without it: the
+    backbone's load is never reached."""
+    from fastreid.modeling import build_model
+    from fastreid.utils.checkpoint import Checkpointer
+
+    from conftest import assert_same_state, state_snapshot
+
+    def build(seed):
+        torch.manual_seed(seed)
+        cfg = _tiny_cfg(
+            tmp_path, "MODEL.HEADS.NUM_CLASSES", "4", "MODEL.META_ARCHITECTURE", "LEAPBaseline"
+        )
+        model = build_model(cfg)
+        model.heads.set_class_counts(torch.tensor([8, 4, 2, 2]))
+        return model
+
+    source = build(0)
+    Checkpointer(source, str(tmp_path)).save("sound")
+    for key, edit in (
+        ("heads.margin_head.weight", lambda t: t * float("nan")),
+        ("heads.margin_head.feature_cloud.statistics.memory", lambda t: t - 1.0),
+        ("heads.margin_head.feature_cloud.statistics.memory_offsets", lambda t: t + 10**6),
+    ):
+        state = source.state_dict()
+        state[key] = edit(state[key])
+        path = str(tmp_path / "damaged.pth")
+        torch.save({"model": state}, path)
+        for load in (
+            lambda m: Checkpointer(m, str(tmp_path / "o")).load(path),
+            lambda m: m.load_state_dict(state),
+        ):
+            model = build(1)
+            reached = []
+            _record_checkpoint_loads(model.backbone, source.backbone, reached)
+            before = state_snapshot(model)
+            with pytest.raises(ValueError, match="checkpoint's heads.margin_head"):
+                load(model)
+            assert not any(reached), key  # refused before the backbone began to load
+            assert_same_state(before, state_snapshot(model), key)
+    model = build(1)
+    Checkpointer(model, str(tmp_path / "o")).load(str(tmp_path / "sound.pth"))
+    assert_same_state(state_snapshot(source), state_snapshot(model), "a sound checkpoint")
+
+
+def _record_checkpoint_loads(module, source, reached):
+    """Append to ``reached``, each time ``module`` begins to load, whether it was given the
+    checkpoint's (``source``'s) values; the Checkpointer's put-back of the module's own state
+    after a refusal gives it its own."""
+    name, value = next((n, p) for n, p in source.named_parameters() if p.dim() > 1)
+    value = value.detach().clone()
+
+    def hook(_, state, prefix, *args):
+        given = state.get(prefix + name)
+        reached.append(given is not None and torch.equal(given, value))
+
+    module.register_load_state_dict_pre_hook(hook)

@@ -688,3 +688,67 @@ def test_trainer_refuses_another_num_classes_naming_the_key(market_root, tmp_pat
         match=rf"has {NUM_IDS} identities but MODEL.HEADS.NUM_CLASSES is {num_classes} \(leave",
     ):
         ftlint.FTLTrainer(cfg)
+
+
+def test_ftl_baseline_refuses_a_damaged_head_state_before_its_encoder_loads(tmp_path):
+    """s51 trial: a model holding the head was left half loaded when the head refused (torch
+    loads the children in turn). FTLBaseline (and its FTLModel) check the margin FC's state
+    before any child loads, through fastreid's Checkpointer and without it: the encoder's load
+    is never reached."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    from conftest import assert_same_state, state_snapshot
+
+    def build(seed):
+        torch.manual_seed(seed)
+        cfg = _ftl_cfg(
+            tmp_path,
+            "MODEL.HEADS.NUM_CLASSES",
+            "7",
+            "MODEL.FTL.DECODER_CHANNELS",
+            "[]",
+            "MODEL.FTL.ALPHA_RECON",
+            "0.0",
+            "MODEL.FTL.ALPHA_REG",
+            "0.0",
+            "MODEL.HEADS.CLS_LAYER",
+            "CosSoftmax",
+            "MODEL.HEADS.SCALE",
+            "16",
+            "MODEL.HEADS.MARGIN",
+            "0.2",
+        )
+        return build_model(cfg)
+
+    source = build(0)
+    state = source.state_dict()
+    key = "ftl.classifier.weight"
+    state[key] = state[key] * float("nan")
+    path = str(tmp_path / "damaged.pth")
+    torch.save({"model": state}, path)
+    for load in (
+        lambda m: Checkpointer(m, str(tmp_path / "o")).load(path),
+        lambda m: m.load_state_dict(state),
+    ):
+        model = build(1)
+        reached = []
+        _record_checkpoint_loads(model.ftl.encoder, source.ftl.encoder, reached)
+        before = state_snapshot(model)
+        with pytest.raises(ValueError, match="checkpoint's ftl.classifier.weight holds"):
+            load(model)
+        assert not any(reached)  # refused before the encoder began to load
+        assert_same_state(before, state_snapshot(model), "a refused checkpoint")
+
+
+def _record_checkpoint_loads(module, source, reached):
+    """Append to ``reached``, each time ``module`` begins to load, whether it was given the
+    checkpoint's (``source``'s) values; the Checkpointer's put-back of the module's own state
+    after a refusal gives it its own."""
+    name, value = next((n, p) for n, p in source.named_parameters() if p.dim() > 1)
+    value = value.detach().clone()
+
+    def hook(_, state, prefix, *args):
+        given = state.get(prefix + name)
+        reached.append(given is not None and torch.equal(given, value))
+
+    module.register_load_state_dict_pre_hook(hook)

@@ -848,3 +848,54 @@ def test_ftl_task_sampler_seed_unset_follows_torch_manual_seed_and_resumes():
     assert restored.scheduler.seed != task.scheduler.seed
     restored.load_task_state(state)
     assert restored.scheduler.seed == task.scheduler.seed
+
+
+@pytest.mark.parametrize("kind", ["leap", "ftl"])
+@pytest.mark.parametrize("damage", ["head weight", "angle memory"])
+def test_timm_checkpoint_helpers_leave_the_backbone_as_it_was_when_the_head_refuses(
+    kind, damage, tmp_path
+):
+    """s51 trial: timm's own ``load_checkpoint`` / ``resume_checkpoint`` (train.py's
+    ``--initial-checkpoint`` / ``--resume``) on the trainable module loaded the backbone's 14
+    entries, then the head refused the checkpoint (an inf weight): a mixed model. The adapter's
+    trainable module (and the FTL model) check the whole state before any child loads: the
+    backbone's load is never reached."""
+    from timm.models import load_checkpoint, resume_checkpoint
+
+    from conftest import assert_same_state, state_snapshot
+
+    def build(seed):
+        if kind == "leap":
+            module = _task(seed).trainable_module
+            return module, module.backbone, "head."
+        model = _ftl_task(seed).model
+        return model, model.encoder, "classifier."
+
+    source, _, head = build(0)
+    state = source.state_dict()
+    key = head + ("weight" if damage == "head weight" else "feature_cloud.statistics.memory")
+    state[key] = state[key] + float("inf")
+    path = str(tmp_path / "damaged.pth")
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    for load in (
+        lambda m: load_checkpoint(m, path),
+        lambda m: load_checkpoint(m, path, strict=False),
+        lambda m: resume_checkpoint(m, path),
+    ):
+        model, backbone, _ = build(1)
+        reached = []
+        backbone.register_load_state_dict_pre_hook(lambda *args: reached.append(True))
+        before = state_snapshot(model)
+        with pytest.raises(ValueError, match=f"checkpoint's {key.rpartition('.')[0]}"):
+            load(model)
+        assert reached == []  # refused before the backbone began to load
+        assert_same_state(state_snapshot(model), before, "a refused timm checkpoint")
+    model, backbone, _ = build(1)
+    load_checkpoint(model, _save(source, tmp_path))
+    assert_same_state(state_snapshot(model), state_snapshot(source), "a sound checkpoint")
+
+
+def _save(module, tmp_path):
+    path = str(tmp_path / "sound.pth")
+    torch.save({"state_dict": module.state_dict()}, path)
+    return path
