@@ -471,6 +471,7 @@ class FeatureCloud(nn.Module):
         "class_counts",
         _WHY_FIXED["class_counts"],
         "statistics.class_counts",
+        copy=True,  # a copy: an in-place op on it cannot reach K_i before the refusal
         how="lay the memory out anew with statistics.allocate_memory(class_counts) (the stored "
         "angles are dropped)",
     )

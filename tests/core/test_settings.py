@@ -211,3 +211,35 @@ def test_a_small_scale_leaves_the_margins_unit_check_to_run():
     texts = [str(w.message) for w in caught]
     assert any("too small to train" in t for t in texts), texts
     assert any("degrees" in t for t in texts), texts
+
+
+def test_an_in_place_op_on_a_fixed_tensor_setting_leaves_the_state_as_it_was():
+    """``head.class_counts += 1`` changed ``K_i`` in place (the getter returned the buffer)
+    before the assignment was refused: counts ``[4, 41, ...]`` against a memory laid out for
+    ``[3, 40, ...]``; ``*= 0`` zeroed them and training went on (s51 trial)."""
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    for owner in (head, head.feature_cloud):
+        with pytest.raises(AttributeError, match="class_counts is fixed at construction"):
+            owner.class_counts += 1
+        with pytest.raises(AttributeError, match="class_counts is fixed at construction"):
+            owner.class_counts *= 0
+        assert head.statistics.class_counts.tolist() == COUNTS
+    assert head.class_counts.tolist() == COUNTS == head.feature_cloud.class_counts.tolist()
+
+
+def test_a_fixed_setting_refusal_names_the_class_it_was_assigned_on():
+    """The head's refusal said ``build a new FeatureCloud with memory_per_sample=3``: the user
+    holds a LEAPMarginHead (the head forwards to its cloud)."""
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    with pytest.raises(AttributeError, match="build a new LEAPMarginHead with memory_per_sample=3"):
+        head.memory_per_sample = 3
+    with pytest.raises(AttributeError, match="build a new FeatureCloud with warmup_steps=5"):
+        head.feature_cloud.warmup_steps = 5
+    with pytest.raises(AttributeError, match="build a new LEAPMarginHead with count_steps=2"):
+        head.count_steps = 2
+    error = pickle.loads(pickle.dumps(AttributeError("x")))  # (the refusal pickles, too)
+    try:
+        head.warmup_steps = 5
+    except AttributeError as exc:
+        error = pickle.loads(pickle.dumps(exc))
+    assert "LEAPMarginHead with warmup_steps=5" in str(error)
