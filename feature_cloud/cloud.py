@@ -189,6 +189,7 @@ _WHY_FIXED = {
     "sync": "it chose the statistics' class",
 }
 _SYNCHRONIZE = "call feature_cloud.synchronize(process_group, pad_to=...) instead"
+_NEW_SIZE = "build a new module of that size (a state_dict of another size does not load)"
 
 
 class _Backward:
@@ -382,13 +383,12 @@ class FeatureCloud(nn.Module):
         self._imprinted = -1  # the step imprint() last ran at
 
     # ------------------------------------------------------------------ state
-    @property
-    def num_classes(self) -> int:
-        return self.statistics.num_classes
-
-    @property
-    def embedding_size(self) -> int:
-        return self.statistics.embedding_size
+    num_classes = fixed_setting(
+        "num_classes", "it sizes the statistics", "statistics.num_classes", how=_NEW_SIZE
+    )
+    embedding_size = fixed_setting(
+        "embedding_size", "it sizes the statistics", "statistics.embedding_size", how=_NEW_SIZE
+    )
 
     @property
     def steps_taken(self) -> int:
@@ -562,7 +562,7 @@ class FeatureCloud(nn.Module):
         self._rule = rule
         self.statistics.memory_in_use = rule is not None
         if rule is not None:
-            self.statistics.rule = rule
+            self.statistics._rule = rule  # (refused on the statistics alone: their owner's)
 
     def reseed(self, seed: int) -> None:
         """Set the seed of the noise stream."""

@@ -91,6 +91,20 @@ def check_unknown_variance(rule: Any) -> str:
     return str(rule)
 
 
+#: why the settings that cannot change after construction cannot (:func:`fixed_setting`)
+_WHY_FIXED = {
+    "rule": "the statistics follow their cloud's rule",
+    "memory_per_sample": "it sizes the angle memory, K_i * P slots per class (LEAP Eq. 5)",
+    "count_updates": "K_i are counted online over the first count_updates updates",
+    "size": "it sizes every buffer of the statistics",
+}
+_SET_RULE_ON_THE_OWNER = (
+    "set the rule on the owner instead: head.cloud = ... or FeatureCloud.rule = ... "
+    "(set_rule), which keeps the cloud and its statistics in step"
+)
+_NEW_SIZE = "build a new module of that size (a state_dict of another size does not load)"
+
+
 class ClassStatistics(KeepBufferDtypes):
     r"""EMA class centers (LEAP Eq. 4), angle memory (Eq. 3, 5) and cloud variances (Eq. 6, 9).
 
@@ -232,19 +246,25 @@ class ClassStatistics(KeepBufferDtypes):
         "Angles older than this many updates are left out (``None``: never); settable, checked.",
     )
     #: the constructor's keyword ``cloud`` (the repr's name) reads the attribute ``rule``; set it
-    #: on the owner, which keeps the cloud and its statistics in step
-    cloud = fixed_setting(
-        "cloud",
-        "the statistics follow their cloud's rule",
-        path="rule",
-        how="set the rule on the owner instead: head.cloud = ... or FeatureCloud.rule = ... "
-        "(set_rule), which keeps the cloud and its statistics in step",
-    )
+    #: on the owner, which keeps the cloud and its statistics in step (its set_rule writes
+    #: ``_rule``): assigned here alone it split the head's state (the head reported ``'full'``
+    #: and trained ``'vanilla'``)
+    cloud = fixed_setting("cloud", _WHY_FIXED["rule"], path="_rule", how=_SET_RULE_ON_THE_OWNER)
+    rule = fixed_setting("rule", _WHY_FIXED["rule"], how=_SET_RULE_ON_THE_OWNER)
+    # the others size the buffers, or K_i are being counted with them: assigned, they were
+    # taken without a word (memory_per_sample read 3 with the memory laid out for 1)
+    memory_per_sample = fixed_setting("memory_per_sample", _WHY_FIXED["memory_per_sample"])
+    count_updates = fixed_setting("count_updates", _WHY_FIXED["count_updates"])
+    num_classes = fixed_setting("num_classes", _WHY_FIXED["size"], how=_NEW_SIZE)
+    embedding_size = fixed_setting("embedding_size", _WHY_FIXED["size"], how=_NEW_SIZE)
+    #: attributes that were plain in earlier releases (whole-module pickles hold them so)
+    _FIXED = ("rule", "memory_per_sample", "count_updates", "num_classes", "embedding_size")
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        """A whole-module pickle of an earlier release: its checked settings as plain
+        """A whole-module pickle of an earlier release: its checked and fixed settings as plain
         attributes."""
-        super().__setstate__(migrate_checked(state, self._CHECKED))  # type: ignore[no-untyped-call]
+        state = migrate_checked(state, self._CHECKED + self._FIXED)
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
 
     @property
     def memory_slots(self) -> int:

@@ -243,3 +243,53 @@ def test_a_fixed_setting_refusal_names_the_class_it_was_assigned_on():
     except AttributeError as exc:
         error = pickle.loads(pickle.dumps(exc))
     assert "LEAPMarginHead with warmup_steps=5" in str(error)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("rule", "vanilla"),
+        ("rule", "bogus"),
+        ("memory_per_sample", 3),
+        ("count_updates", 4),
+        ("num_classes", 3),
+        ("embedding_size", 8),
+    ],
+)
+def test_statistics_settings_that_split_the_state_or_size_buffers_are_refused(name, value):
+    """``head.statistics.rule = "vanilla"`` was taken while ``statistics.cloud`` was refused: the
+    head reported ``'full'`` and trained the vanilla rule; ``memory_per_sample = 3`` read 3 with
+    the memory laid out for 1; ``count_updates`` changed the window ``head.count_steps``
+    refuses (s51 trial)."""
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    stats = head.statistics
+    before = getattr(stats, name)
+    with pytest.raises(AttributeError, match=f"^{name} is fixed at construction"):
+        setattr(stats, name, value)
+    assert getattr(stats, name) == before
+    assert head.cloud == stats.rule == stats.cloud == "full"
+    if name in ("num_classes", "embedding_size"):  # the cloud's read its statistics'
+        with pytest.raises(AttributeError, match=f"^{name} is fixed at construction"):
+            setattr(head.feature_cloud, name, value)
+
+
+def test_the_statistics_rule_follows_the_owner_and_survives_pickles():
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    with pytest.raises(AttributeError, match=re.escape("head.cloud = ... or FeatureCloud.rule")):
+        head.statistics.rule = "vanilla"
+    head.cloud = "vanilla"
+    assert head.statistics.rule == "vanilla" == head.statistics.cloud
+    restored = pickle.loads(pickle.dumps(head))
+    assert restored.statistics.rule == "vanilla" and restored.statistics.memory_per_sample == 1
+    # a whole-module pickle of an earlier release held them as plain attributes
+    state = head.statistics.__getstate__()
+    for name in ("rule", "memory_per_sample", "count_updates", "num_classes", "embedding_size"):
+        state[name] = state.pop("_" + name)
+    old = ClassStatistics.__new__(ClassStatistics)
+    old.__setstate__(state)
+    assert (old.rule, old.memory_per_sample, old.num_classes, old.embedding_size) == (
+        "vanilla",
+        1,
+        C,
+        D,
+    )
