@@ -269,7 +269,7 @@ class FixedSettingError(AttributeError):
         super().__init__(
             f"{name} is fixed at construction ({why}); "
             + (
-                how
+                how.format(holder=holder, name=name, value=value)
                 or f"to change it, build a new {holder} with {name}={value!r} and load this "
                 "one's state_dict()"
             )
@@ -295,8 +295,9 @@ def fixed_setting(
     statistics gathered so far depend on it), as a ``property`` that reads ``owner.<path>``
     (``default`` where that part lacks it; ``copy``: a clone of a tensor, so that an in-place
     ``head.class_counts += 1`` cannot reach the state before its refusal) and refuses an
-    assignment (:class:`FixedSettingError`) with ``why`` and the way out (``how``; default:
-    build a new one with the value and load the old one's ``state_dict()``). Without ``path``
+    assignment (:class:`FixedSettingError`) with ``why`` and the way out (``how``, which may
+    name ``{holder}`` (the class assigned on), ``{name}`` and ``{value}``; default: build a new
+    one with the value and load the old one's ``state_dict()``). Without ``path``
     the value lives in ``_<name>``: the constructor sets it once (any later assignment is
     refused; the class's own code writes ``_<name>``)."""
     private = "_" + name

@@ -25,6 +25,7 @@ from . import noise as N
 from ._compat import in_backward, is_compiling
 from ._validation import (
     ClassCounts,
+    as_bool,
     as_float,
     as_int,
     check_batch,
@@ -189,7 +190,10 @@ _WHY_FIXED = {
     "sync": "it chose the statistics' class",
 }
 _SYNCHRONIZE = "call feature_cloud.synchronize(process_group, pad_to=...) instead"
-_NEW_SIZE = "build a new module of that size (a state_dict of another size does not load)"
+_NEW_SIZE = (
+    "build a new {holder} with {name}={value!r} (a state_dict of another size does not load "
+    "into it)"
+)
 
 
 class _Backward:
@@ -922,7 +926,22 @@ class WithFeatureCloud:
                 "release cannot rebuild it. Load it with 0.1.0, save its state_dict(), and load "
                 "that into a new head (state dicts are the upgrade path; README, Checkpoints)"
             )
-        super().__setstate__(state)  # type: ignore[misc]
+        super().__setstate__(migrate_checked(state, ("num_classes", "embedding_size", "validate")))  # type: ignore[misc]
+
+    # The head's own sizes, fixed (they size the class weight and the cloud's statistics:
+    # ``head.num_classes = 9`` was taken, the repr said 9 with 6 weight rows), and ``validate``,
+    # checked as a flag (``validate = "no"`` kept validating).
+    num_classes = fixed_setting(
+        "num_classes", "it sizes the class weight and the statistics", how=_NEW_SIZE
+    )
+    embedding_size = fixed_setting(
+        "embedding_size", "it sizes the class weight and the statistics", how=_NEW_SIZE
+    )
+    validate = checked_attribute(
+        "validate",
+        lambda _, value: as_bool(value, "validate"),
+        "Whether each step checks label range and finiteness (one host sync); settable.",
+    )
 
     @property
     def cloud(self) -> Optional[str]:

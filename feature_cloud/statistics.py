@@ -102,7 +102,10 @@ _SET_RULE_ON_THE_OWNER = (
     "set the rule on the owner instead: head.cloud = ... or FeatureCloud.rule = ... "
     "(set_rule), which keeps the cloud and its statistics in step"
 )
-_NEW_SIZE = "build a new module of that size (a state_dict of another size does not load)"
+_NEW_SIZE = (
+    "build a new {holder} with {name}={value!r} (a state_dict of another size does not load "
+    "into it)"
+)
 
 
 class ClassStatistics(KeepBufferDtypes):
@@ -153,6 +156,7 @@ class ClassStatistics(KeepBufferDtypes):
     center_updates: Tensor
     memory_stamp: Tensor
     memory_owner: Tensor
+    _rule: str  # the rule (its owner's set_rule writes it; assigned here alone, refused)
 
     def __init__(
         self,

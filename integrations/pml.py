@@ -239,7 +239,7 @@ class LEAPLoss(
             cloud_options,
             owner=("PML's loss keywords", self._PML_KWARGS),
         )
-        self.validate = bool(validate)
+        self.validate = validate  # checked (as_bool): "no" validated
         #: (embeddings, labels, miner weights) agreed on in forward
         self._agreed: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None
         self.metric_l2: Optional[MetricL2] = ml2

@@ -293,3 +293,57 @@ def test_the_statistics_rule_follows_the_owner_and_survives_pickles():
         C,
         D,
     )
+
+
+@pytest.mark.parametrize(
+    "name, value", [("num_classes", 9), ("embedding_size", 8), ("sub_centers", 3)]
+)
+def test_the_heads_sizes_are_refused_on_assignment(name, value):
+    """``head.sub_centers = 3`` was taken, and the next step raised ``index 5 is out of
+    bounds`` after the statistics had moved; ``head.num_classes = 9`` made the repr say 9 with
+    6 weight rows (s51 trial)."""
+    x, y = make_batch(0, 24, D, C)
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    head(x, y)
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    before = getattr(head, name)
+    with pytest.raises(AttributeError, match=f"^{name} is fixed at construction .+ weight"):
+        setattr(head, name, value)
+    assert getattr(head, name) == before
+    with pytest.raises(AttributeError, match=f"build a new LEAPMarginHead with {name}={value}"):
+        setattr(head, name, value)
+    assert all(torch.equal(v, state[k]) for k, v in head.state_dict().items())
+    head(x, y)  # trains on
+    restored = pickle.loads(pickle.dumps(head))
+    assert getattr(restored, name) == before
+
+
+def test_the_margin_rule_is_fixed_like_the_margin_type():
+    """``margin_type = "arcface"`` was refused while ``margin_rule = <arcface>`` was taken:
+    the loss changed to ArcFace and the repr read ``margin_type='arcface'``."""
+    from feature_cloud import margins
+
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    with pytest.raises(AttributeError, match="margin_rule is fixed at construction"):
+        head.margin_rule = margins.get("arcface")
+    assert head.margin_type == "cosface"
+
+
+def test_validate_and_reduction_are_checked_on_assignment():
+    """``head.validate = "no"`` kept validating (a truthy string), ``head.reduction = "avg"``
+    was taken and raised only in the next forward."""
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    for value in ("no", 0, None):
+        with pytest.raises(TypeError, match="validate must be True or False"):
+            head.validate = value
+    with pytest.raises(TypeError, match="validate must be True or False"):
+        LEAPMarginHead(D, C, class_counts=COUNTS, validate="no")
+    assert head.validate is True
+    head.validate = False
+    assert head.validate is False
+    for value in ("avg", None):
+        with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none'"):
+            head.reduction = value
+    assert head.reduction == "mean"
+    head.reduction = "sum"
+    assert "reduction='sum'" in repr(head)

@@ -781,3 +781,23 @@ def test_the_repr_names_embedding_size():
     """API review s50: ``LEAPLoss``'s repr lacked ``embedding_size``."""
     own = repr(LEAPLoss(C, D, cloud=None)).splitlines()[1].strip()  # not the statistics'
     assert own.startswith(f"num_classes={C}, embedding_size={D}, "), own
+
+
+@pytest.mark.parametrize(
+    "name, value", [("num_classes", 9), ("embedding_size", 8), ("sub_centers", 3)]
+)
+def test_leap_loss_sizes_are_refused_on_assignment(name, value):
+    """``loss.sub_centers = 3`` / ``num_classes`` / ``embedding_size`` were plain attributes
+    beside ``W`` (s51 trial): refused, naming the loss (not the cloud it forwards to)."""
+    loss_fn = LEAPLoss(C, D, class_counts=torch.full((C,), 5), seed=0)
+    before = getattr(loss_fn, name)
+    with pytest.raises(AttributeError, match=f"^{name} is fixed at construction .+ weight"):
+        setattr(loss_fn, name, value)
+    assert getattr(loss_fn, name) == before
+    with pytest.raises(AttributeError, match="build a new LEAPLoss with memory_per_sample=3"):
+        loss_fn.memory_per_sample = 3
+    with pytest.raises(TypeError, match="validate must be True or False"):
+        loss_fn.validate = "no"
+    emb, labels = _batch()
+    loss_fn(emb, labels)
+    assert getattr(pickle.loads(pickle.dumps(loss_fn)), name) == before
