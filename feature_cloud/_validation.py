@@ -239,6 +239,10 @@ def _holder(owner: Any, parts: Sequence[str]) -> Any:
     return owner
 
 
+def _is_property(owner: Any, name: str) -> bool:
+    return isinstance(getattr(type(owner), name, None), property)
+
+
 def forwarded(path: str, check: Optional[Callable[[Any, Any], Any]] = None, doc: str = "") -> Any:
     """A setting that an object holds in one of its parts (a ``property``): reading it reads
     ``owner.<path>`` (``"feature_cloud.cloud_scale"``, ``"statistics.gamma"``); assigning it
@@ -250,8 +254,13 @@ def forwarded(path: str, check: Optional[Callable[[Any, Any], Any]] = None, doc:
 
     def fset(owner: Any, value: Any) -> None:
         holder = _holder(owner, parts)
+        value = value if check is None else check(owner, value)
+        # to the holder's property itself: ``nn.Module.__setattr__`` would register a Module
+        # (or Parameter) value as a child of that name instead (``head.cloud_scale =
+        # nn.Identity()`` gave the cloud a child ``cloud_scale``)
+        store = object.__setattr__ if _is_property(holder, attribute) else setattr
         try:
-            setattr(holder, attribute, value if check is None else check(owner, value))
+            store(holder, attribute, value)
         except FixedSettingError as exc:  # named for the object the user holds (the head)
             raise exc.held_by(owner) from None
 

@@ -42,7 +42,7 @@ from ._validation import (
     refuse_other_shape,
     warn_user,
 )
-from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
+from .cloud import FeatureCloud, WithFeatureCloud, check_cloud_fits, migrate_state_dict
 from .noise import capturing
 
 __all__ = [
@@ -324,11 +324,7 @@ def make_cloud(
     if isinstance(cloud, FeatureCloud):
         if options:
             raise TypeError(f"cloud options {sorted(options)} given with a ready FeatureCloud")
-        if (cloud.num_classes, cloud.embedding_size) != (num_classes, embedding_size):
-            raise ValueError(
-                f"the FeatureCloud is for num_classes={cloud.num_classes}, embedding_size="
-                f"{cloud.embedding_size}; the head has {num_classes}, {embedding_size}"
-            )
+        check_cloud_fits(cloud, num_classes, embedding_size)
     else:
         FC.check_cloud_rule(cloud, name="cloud")  # the heads' keyword (the cloud's is rule)
         _check_cloud_options(options, owner)

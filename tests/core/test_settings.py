@@ -347,3 +347,60 @@ def test_validate_and_reduction_are_checked_on_assignment():
     assert head.reduction == "mean"
     head.reduction = "sum"
     assert "reduction='sum'" in repr(head)
+
+
+def test_a_module_assigned_to_a_setting_is_refused_not_registered():
+    """``nn.Module.__setattr__`` registers a Module before a property sees it:
+    ``head.statistics = ClassStatistics(gamma=0.9)`` and ``head.cloud = FeatureCloud(...)``
+    registered a second child (the head kept the old settings, its state dict gained
+    ``statistics.*`` / ``cloud.*`` keys), ``head.scale = nn.Identity()`` a child ``scale``,
+    ``head.cloud_scale = nn.Identity()`` a child of the cloud (s51 trial)."""
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    keys = list(head.state_dict())
+    with pytest.raises(AttributeError, match="statistics are the feature cloud's"):
+        head.statistics = ClassStatistics(C, D, gamma=0.9, class_counts=COUNTS)
+    with pytest.raises(TypeError, match="head.cloud takes a rule .+ head.feature_cloud ="):
+        head.cloud = FeatureCloud(C, D, "vanilla", class_counts=COUNTS)
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        head.scale = torch.nn.Identity()
+    with pytest.raises(TypeError, match="cloud_scale must be a real number"):
+        head.cloud_scale = torch.nn.Identity()
+    with pytest.raises(TypeError, match="imprint_step must be an integer"):
+        head.imprint_step = torch.nn.Identity()
+    assert list(head.state_dict()) == keys
+    assert [name for name, _ in head.named_modules()] == [
+        "",
+        "feature_cloud",
+        "feature_cloud.statistics",
+    ]
+    assert (head.gamma, head.cloud, head.scale, head.cloud_scale) == (0.1, "full", 24.0, 2.0)
+    # a 0-d tensor is a number (a Parameter too): it reaches the setting, not the parameters
+    head.gamma = torch.nn.Parameter(torch.tensor(0.5))
+    assert head.gamma == 0.5 and [name for name, _ in head.named_parameters()] == ["weight"]
+
+
+def test_a_feature_cloud_of_another_size_is_refused_as_at_construction():
+    """``head.feature_cloud = FeatureCloud(9, D)`` on a 6-class head was taken and trained,
+    while ``cloud=FeatureCloud(9, D)`` is refused at construction. A cloud the constructor
+    would take may replace the head's (e.g. one built with another fixed setting)."""
+    x, y = make_batch(0, 24, D, C)
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    cloud = head.feature_cloud
+    for other in (
+        FeatureCloud(C + 3, D, seed=1, class_counts=[5] * (C + 3)),
+        FeatureCloud(C, 8, seed=1, class_counts=COUNTS),
+    ):
+        with pytest.raises(ValueError, match="the FeatureCloud is for num_classes="):
+            head.feature_cloud = other
+    with pytest.raises(TypeError, match="feature_cloud must be a FeatureCloud"):
+        head.feature_cloud = ClassStatistics(C, D)
+    with pytest.raises(TypeError, match="head.cloud = None"):
+        head.feature_cloud = None
+    assert head.feature_cloud is cloud
+    wider = FeatureCloud(C, D, class_counts=COUNTS, seed=0, memory_per_sample=3)
+    with pytest.warns(UserWarning, match="another memory_per_sample"):
+        wider.load_state_dict(cloud.state_dict())
+    wider.statistics.allocate_memory()  # P slots a sample
+    head.feature_cloud = wider
+    assert head.memory_per_sample == 3 and head.feature_cloud is wider
+    head(x, y)

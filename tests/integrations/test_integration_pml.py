@@ -602,7 +602,9 @@ def test_a_whole_module_pickle_of_an_earlier_release_holds_the_margin_in_degrees
     now = LEAPLoss(C, D, margin_type="arcface", cloud=None)
     state = now.__getstate__()
     state.pop("_margin_in_radians")
-    for name in ("scale", "impl", "chunk_size", "margin"):  # plain attributes back then
+    plain = ("scale", "impl", "chunk_size", "margin", "margin_rule", "num_classes")
+    plain += ("embedding_size", "sub_centers", "validate")
+    for name in plain:  # plain attributes back then
         state[name] = state.pop("_" + name)
     state["margin"] = 28.6  # what an earlier release stored
     old = LEAPLoss.__new__(LEAPLoss)
