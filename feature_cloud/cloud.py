@@ -178,6 +178,15 @@ def _check_imprint_step(owner: Any, value: Any) -> Optional[int]:
             f"imprint_step={step} imprints the inference prototypes: it needs a cloud rule (got "
             f"{rule!r}) and prototype_shrinkage (got {kappa!r})"
         )
+    counter = getattr(owner, "_buffers", {}).get("step")  # (None while constructing)
+    if counter is not None and not counter.is_meta and step != vars(owner).get("_imprint_step"):
+        taken = owner._host_count()
+        if step < taken:  # assigned mid-training: it would never run
+            raise ValueError(
+                f"imprint_step={step} is behind the current step {taken} ({taken} training "
+                "steps taken): the imprint runs before training step imprint_step, so it would "
+                f"never run; choose imprint_step >= {taken}, or None"
+            )
     return step
 
 
@@ -544,6 +553,11 @@ class FeatureCloud(nn.Module):
         no ``class_counts`` never counted them, so lay them out first
         (``statistics.allocate_memory(class_counts)``)."""
         FC.check_cloud_rule(rule, name="rule")
+        if rule is None and self.imprint_step is not None:  # as the constructor refuses
+            raise ValueError(
+                f"cloud=None (rule=None) with imprint_step={self.imprint_step}: the imprint needs "
+                "a cloud rule (its class centers); set imprint_step = None first"
+            )
         stats = self.statistics
         steps = self._host_count()
         if (
