@@ -577,10 +577,13 @@ class FeatureCloud(nn.Module):
                 "statistics.allocate_memory(class_counts) first (the head's `.statistics`), or "
                 "build the head with class_counts."
             )
+        before = self._rule
         self._rule = rule
         self.statistics.memory_in_use = rule is not None
         if rule is not None:
             self.statistics._rule = rule  # (refused on the statistics alone: their owner's)
+        if rule == "vanilla" and before != "vanilla":  # T may leave no head class (a warning)
+            self.statistics.warn_vanilla_without_both_groups()
 
     def reseed(self, seed: int) -> None:
         """Set the seed of the noise stream."""

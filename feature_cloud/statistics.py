@@ -241,9 +241,32 @@ class ClassStatistics(KeepBufferDtypes):
     )
     tail_threshold = checked_attribute(
         "tail_threshold",
-        lambda _, v: as_int(v, "tail_threshold", 0),
-        "Classes with at most this many images are tail classes; settable, checked.",
+        lambda owner, v: owner._checked_tail_threshold(v),
+        "Classes with at most this many images are tail classes; settable, checked (under "
+        "the vanilla rule a threshold that leaves no head or no tail class warns).",
     )
+
+    def _checked_tail_threshold(self, value: Any) -> int:
+        threshold = as_int(value, "tail_threshold", 0)
+        if "_tail_threshold" in vars(self):  # assigned (the constructor's: at the layout)
+            self.warn_vanilla_without_both_groups(threshold)
+        return threshold
+
+    def warn_vanilla_without_both_groups(self, threshold: Optional[int] = None) -> None:
+        """Under the vanilla rule with the memory laid out, warn when ``threshold`` (default
+        ``tail_threshold``) leaves no head or no tail class (every cloud is zero), as the
+        constructor warns when it lays the counts out: an assignment of ``tail_threshold``,
+        or of the rule, said nothing (one host read of ``K_i``, at the assignment)."""
+        if (
+            self.rule != "vanilla"
+            or not getattr(self, "memory_in_use", True)  # the owner's cloud is off
+            or not self.memory_allocated
+            or self.class_counts.is_meta
+        ):
+            return
+        threshold = self.tail_threshold if threshold is None else threshold
+        _warn_vanilla_without_both_groups(self.class_counts.cpu(), threshold)
+
     max_age = checked_attribute(
         "max_age",
         lambda _, v: None if v is None else as_int(v, "max_age", 1),

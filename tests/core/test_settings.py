@@ -404,3 +404,25 @@ def test_a_feature_cloud_of_another_size_is_refused_as_at_construction():
     head.feature_cloud = wider
     assert head.memory_per_sample == 3 and head.feature_cloud is wider
     head(x, y)
+
+
+def test_a_vanilla_threshold_that_leaves_no_head_class_warns_when_assigned_too():
+    """The constructor warns that ``cloud='vanilla', tail_threshold=100`` leaves no head class
+    (every cloud zero); ``head.tail_threshold = 100`` said nothing, nor did ``head.cloud =
+    "vanilla"`` under such a threshold (s51 trial). A threshold between the sizes is quiet."""
+    import warnings
+
+    head = LEAPMarginHead(D, C, cloud="vanilla", class_counts=COUNTS, seed=0)
+    with pytest.warns(UserWarning, match="tail_threshold T=100: no head class"):
+        head.tail_threshold = 100
+    with pytest.warns(UserWarning, match="tail_threshold T=0: no tail class"):
+        head.statistics.tail_threshold = 0
+    full = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head.tail_threshold = 10
+        full.tail_threshold = 100  # the full rule has no threshold
+        off = LEAPMarginHead(D, C, cloud=None, class_counts=COUNTS, seed=0)
+        off.tail_threshold = 100  # no cloud
+    with pytest.warns(UserWarning, match="tail_threshold T=100: no head class"):
+        full.cloud = "vanilla"
