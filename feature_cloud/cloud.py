@@ -25,6 +25,7 @@ from . import noise as N
 from ._compat import in_backward, is_compiling
 from ._validation import (
     ClassCounts,
+    FixedSettingError,
     as_bool,
     as_float,
     as_int,
@@ -199,6 +200,7 @@ _WHY_FIXED = {
     "sync": "it chose the statistics' class",
 }
 _SYNCHRONIZE = "call feature_cloud.synchronize(process_group, pad_to=...) instead"
+_SIZES = "it sizes the statistics"
 _NEW_SIZE = (
     "build a new {holder} with {name}={value!r} (a state_dict of another size does not load "
     "into it)"
@@ -396,12 +398,22 @@ class FeatureCloud(nn.Module):
         self._imprinted = -1  # the step imprint() last ran at
 
     # ------------------------------------------------------------------ state
-    num_classes = fixed_setting(
-        "num_classes", "it sizes the statistics", "statistics.num_classes", how=_NEW_SIZE
-    )
-    embedding_size = fixed_setting(
-        "embedding_size", "it sizes the statistics", "statistics.embedding_size", how=_NEW_SIZE
-    )
+    # (plain getters, read in the compiled step: a fixed_setting's path getter has a try)
+    @property
+    def num_classes(self) -> int:
+        return self.statistics.num_classes
+
+    @num_classes.setter
+    def num_classes(self, value: Any) -> None:
+        raise FixedSettingError("num_classes", _SIZES, _NEW_SIZE, value, type(self).__name__)
+
+    @property
+    def embedding_size(self) -> int:
+        return self.statistics.embedding_size
+
+    @embedding_size.setter
+    def embedding_size(self, value: Any) -> None:
+        raise FixedSettingError("embedding_size", _SIZES, _NEW_SIZE, value, type(self).__name__)
 
     @property
     def steps_taken(self) -> int:
