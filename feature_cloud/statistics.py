@@ -227,7 +227,13 @@ class ClassStatistics(KeepBufferDtypes):
     # the settings a cloud forwards are checked here too (assigned on the statistics directly, a
     # bad value reached the next step); whole-module pickles of earlier releases held them as
     # plain attributes (:meth:`__setstate__`)
-    _CHECKED = ("gamma", "center_rate", "unknown_variance", "tail_threshold", "max_age")
+    _CHECKED: Tuple[str, ...] = (
+        "gamma",
+        "center_rate",
+        "unknown_variance",
+        "tail_threshold",
+        "max_age",
+    )
     gamma = checked_attribute(
         "gamma", lambda _, v: check_gamma(v), "The center learning rate; settable, checked."
     )

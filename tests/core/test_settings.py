@@ -426,3 +426,19 @@ def test_a_vanilla_threshold_that_leaves_no_head_class_warns_when_assigned_too()
         off.tail_threshold = 100  # no cloud
     with pytest.warns(UserWarning, match="tail_threshold T=100: no head class"):
         full.cloud = "vanilla"
+
+
+def test_the_synchronised_statistics_check_pad_to_and_batch_on_assignment():
+    """``head.statistics.batch = "bogus"`` (the statistics of ``sync="auto"``) and ``pad_to =
+    "x"`` were taken; ``FeatureCloud.pad_to`` refused while the statistics' own was plain."""
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    stats = head.statistics
+    with pytest.raises(ValueError, match="batch must be one of"):
+        stats.batch = "bogus"
+    with pytest.raises(TypeError, match="pad_to must be an integer"):
+        stats.pad_to = "x"
+    assert (stats.batch, stats.pad_to) == ("local", None)
+    stats.pad_to = 64
+    assert head.feature_cloud.pad_to == 64
+    restored = pickle.loads(pickle.dumps(head))
+    assert restored.statistics.pad_to == 64 and restored.statistics.batch == "local"
