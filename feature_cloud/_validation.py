@@ -244,31 +244,45 @@ def checked_attribute(name: str, check: Callable[[Any, Any], Any], doc: str) -> 
 _NO_DEFAULT = object()
 
 
-def _attribute_getter(path: str, default: Any = _NO_DEFAULT) -> Callable[[Any], Any]:
+def _attribute_getter(
+    path: str, default: Any = _NO_DEFAULT, copy: bool = False
+) -> Callable[[Any], Any]:
     """``lambda owner: owner.<path>`` (a dotted path: ``"_impl"``, ``"statistics.gamma"``; with
-    ``default``, returned where the path is missing) as a function with neither closure nor
-    defaults: torch 2.2 - 2.3's dynamo guards a property getter's closure cells (and defaults) on
-    the property's *value* (``L['self'].impl.__closure__``), so a getter closing over the name
-    failed every ``torch.compile`` of a head there (``'str' object has no attribute
-    '__closure__'``). The default is a global of the getter's own namespace."""
+    ``default``, returned where the path is missing; with ``copy``, a tensor value is cloned)
+    as a function with neither closure nor defaults: torch 2.2 - 2.3's dynamo guards a property
+    getter's closure cells (and defaults) on the property's *value*
+    (``L['self'].impl.__closure__``), so a getter closing over the name failed every
+    ``torch.compile`` of a head there (``'str' object has no attribute '__closure__'``). The
+    default and the copy are globals of the getter's own namespace."""
     if not all(part.isidentifier() for part in path.split(".")):
         raise ValueError(f"not an attribute path: {path!r}")
-    namespace: Dict[str, Any] = {"_default": default}
+    namespace: Dict[str, Any] = {"_default": default, "_copy": _copy}
+    value = f"_copy(owner.{path})" if copy else f"owner.{path}"
     if default is _NO_DEFAULT:
-        source = f"def fget(owner):\n    return owner.{path}\n"
+        source = f"def fget(owner):\n    return {value}\n"
     else:
         source = (
-            f"def fget(owner):\n    try:\n        return owner.{path}\n"
+            f"def fget(owner):\n    try:\n        return {value}\n"
             "    except AttributeError:\n        return _default\n"
         )
     exec(source, namespace)
     return cast(Callable[[Any], Any], namespace["fget"])
 
 
+def _copy(value: Any) -> Any:
+    """A tensor's copy (``value`` itself otherwise): what a fixed tensor setting reads, so that
+    ``head.class_counts += 1`` changes the copy, not the state, before its refusal."""
+    return value.detach().clone() if isinstance(value, Tensor) else value
+
+
 def _holder(owner: Any, parts: Sequence[str]) -> Any:
     for part in parts:
         owner = getattr(owner, part)
     return owner
+
+
+def _is_property(owner: Any, name: str) -> bool:
+    return isinstance(getattr(type(owner), name, None), property)
 
 
 def forwarded(path: str, check: Optional[Callable[[Any, Any], Any]] = None, doc: str = "") -> Any:
@@ -281,35 +295,74 @@ def forwarded(path: str, check: Optional[Callable[[Any, Any], Any]] = None, doc:
     *parts, attribute = path.split(".")
 
     def fset(owner: Any, value: Any) -> None:
-        setattr(_holder(owner, parts), attribute, value if check is None else check(owner, value))
+        holder = _holder(owner, parts)
+        value = value if check is None else check(owner, value)
+        # to the holder's property itself: ``nn.Module.__setattr__`` would register a Module
+        # (or Parameter) value as a child of that name instead (``head.cloud_scale =
+        # nn.Identity()`` gave the cloud a child ``cloud_scale``)
+        store = object.__setattr__ if _is_property(holder, attribute) else setattr
+        try:
+            store(holder, attribute, value)
+        except FixedSettingError as exc:  # named for the object the user holds (the head)
+            raise exc.held_by(owner) from None
 
     return property(_attribute_getter(path), fset, doc=doc or f"``{path}``; settable, checked.")
 
 
+class FixedSettingError(AttributeError):
+    """The refusal of an assignment to a setting fixed at construction (:func:`fixed_setting`),
+    worded for the class the user assigned it on (``holder``): a head forwarding to its cloud
+    names the head (``build a new LEAPMarginHead with ...``), not the cloud it forwards to."""
+
+    def __init__(self, name: str, why: str, how: str, value: Any, holder: str) -> None:
+        self.setting = (name, why, how, value)
+        self.holder = holder
+        super().__init__(
+            f"{name} is fixed at construction ({why}); "
+            + (
+                how.format(holder=holder, name=name, value=value)
+                or f"to change it, build a new {holder} with {name}={value!r} and load this "
+                "one's state_dict()"
+            )
+        )
+
+    def held_by(self, owner: Any) -> FixedSettingError:
+        """The same refusal, worded for ``owner``'s class."""
+        return FixedSettingError(*self.setting, type(owner).__name__)
+
+    def __reduce__(self) -> Any:
+        return (FixedSettingError, (*self.setting, self.holder))
+
+
 def fixed_setting(
-    name: str, why: str, path: Optional[str] = None, default: Any = None, how: str = ""
+    name: str,
+    why: str,
+    path: Optional[str] = None,
+    default: Any = None,
+    how: str = "",
+    copy: bool = False,
 ) -> Any:
     """A constructor setting that cannot change after construction (it sizes buffers, or the
     statistics gathered so far depend on it), as a ``property`` that reads ``owner.<path>``
-    (``default`` where that part lacks it) and refuses an assignment with ``why`` and the way
-    out (``how``; default: build a new one with the value and load the old one's
-    ``state_dict()``). Without ``path`` the value lives in ``_<name>``: the constructor sets it once (any
-    later assignment is refused; the class's own code writes ``_<name>``)."""
+    (``default`` where that part lacks it; ``copy``: a clone of a tensor, so that an in-place
+    ``head.class_counts += 1`` cannot reach the state before its refusal) and refuses an
+    assignment (:class:`FixedSettingError`) with ``why`` and the way out (``how``, which may
+    name ``{holder}`` (the class assigned on), ``{name}`` and ``{value}``; default: build a new
+    one with the value and load the old one's ``state_dict()``). Without ``path``
+    the value lives in ``_<name>``: the constructor sets it once (any later assignment is
+    refused; the class's own code writes ``_<name>``)."""
     private = "_" + name
-    fget = _attribute_getter(private) if path is None else _attribute_getter(path, default)
+    fget = (
+        _attribute_getter(private, copy=copy)
+        if path is None
+        else _attribute_getter(path, default, copy=copy)
+    )
 
     def fset(owner: Any, value: Any) -> None:
         if path is None and private not in vars(owner):  # the constructor's assignment
             object.__setattr__(owner, private, value)
             return
-        raise AttributeError(
-            f"{name} is fixed at construction ({why}); "
-            + (
-                how
-                or f"to change it, build a new {type(owner).__name__} with {name}={value!r} "
-                "and load this one's state_dict()"
-            )
-        )
+        raise FixedSettingError(name, why, how, value, type(owner).__name__)
 
     return property(fget, fset, doc=f"``{name}`` (fixed at construction: {why}).")
 

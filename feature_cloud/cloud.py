@@ -15,7 +15,7 @@ a pure function of ``(seed, step, stream, row, class)``.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,8 @@ from ._buffers import keep_loaded_dtypes
 from ._compat import in_backward, is_compiling
 from ._validation import (
     ClassCounts,
+    FixedSettingError,
+    as_bool,
     as_float,
     as_int,
     check_batch,
@@ -179,6 +181,15 @@ def _check_imprint_step(owner: Any, value: Any) -> Optional[int]:
             f"imprint_step={step} imprints the inference prototypes: it needs a cloud rule (got "
             f"{rule!r}) and prototype_shrinkage (got {kappa!r})"
         )
+    counter = getattr(owner, "_buffers", {}).get("step")  # (None while constructing)
+    if counter is not None and not counter.is_meta and step != vars(owner).get("_imprint_step"):
+        taken = owner._host_count()
+        if step < taken:  # assigned mid-training: it would never run
+            raise ValueError(
+                f"imprint_step={step} is behind the current step {taken} ({taken} training "
+                "steps taken): the imprint runs before training step imprint_step, so it would "
+                f"never run; choose imprint_step >= {taken}, or None"
+            )
     return step
 
 
@@ -191,6 +202,11 @@ _WHY_FIXED = {
     "sync": "it chose the statistics' class",
 }
 _SYNCHRONIZE = "call feature_cloud.synchronize(process_group, pad_to=...) instead"
+_SIZES = "it sizes the statistics"
+_NEW_SIZE = (
+    "build a new {holder} with {name}={value!r} (a state_dict of another size does not load "
+    "into it)"
+)
 
 
 class _Backward:
@@ -386,13 +402,22 @@ class FeatureCloud(nn.Module):
         self._imprinted = -1  # the step imprint() last ran at
 
     # ------------------------------------------------------------------ state
+    # (plain getters, read in the compiled step: a fixed_setting's path getter has a try)
     @property
     def num_classes(self) -> int:
         return self.statistics.num_classes
 
+    @num_classes.setter
+    def num_classes(self, value: Any) -> None:
+        raise FixedSettingError("num_classes", _SIZES, _NEW_SIZE, value, type(self).__name__)
+
     @property
     def embedding_size(self) -> int:
         return self.statistics.embedding_size
+
+    @embedding_size.setter
+    def embedding_size(self, value: Any) -> None:
+        raise FixedSettingError("embedding_size", _SIZES, _NEW_SIZE, value, type(self).__name__)
 
     @property
     def steps_taken(self) -> int:
@@ -475,6 +500,7 @@ class FeatureCloud(nn.Module):
         "class_counts",
         _WHY_FIXED["class_counts"],
         "statistics.class_counts",
+        copy=True,  # a copy: an in-place op on it cannot reach K_i before the refusal
         how="lay the memory out anew with statistics.allocate_memory(class_counts) (the stored "
         "angles are dropped)",
     )
@@ -543,6 +569,11 @@ class FeatureCloud(nn.Module):
         no ``class_counts`` never counted them, so lay them out first
         (``statistics.allocate_memory(class_counts)``)."""
         FC.check_cloud_rule(rule, name="rule")
+        if rule is None and self.imprint_step is not None:  # as the constructor refuses
+            raise ValueError(
+                f"cloud=None (rule=None) with imprint_step={self.imprint_step}: the imprint needs "
+                "a cloud rule (its class centers); set imprint_step = None first"
+            )
         stats = self.statistics
         steps = self._host_count()
         if (
@@ -562,10 +593,13 @@ class FeatureCloud(nn.Module):
                 "statistics.allocate_memory(class_counts) first (the head's `.statistics`), or "
                 "build the head with class_counts."
             )
+        before = self._rule
         self._rule = rule
         self.statistics.memory_in_use = rule is not None
         if rule is not None:
-            self.statistics.rule = rule
+            self.statistics._rule = rule  # (refused on the statistics alone: their owner's)
+        if rule == "vanilla" and before != "vanilla":  # T may leave no head class (a warning)
+            self.statistics.warn_vanilla_without_both_groups()
 
     def reseed(self, seed: int) -> None:
         """Set the seed of the noise stream."""
@@ -970,6 +1004,16 @@ class FeatureCloud(nn.Module):
         return ", ".join(parts)
 
 
+def check_cloud_fits(cloud: FeatureCloud, num_classes: int, embedding_size: int) -> None:
+    """``ValueError`` unless ``cloud`` is for ``num_classes`` classes of ``embedding_size``
+    (a ready cloud given to a head, at construction or assigned)."""
+    if (cloud.num_classes, cloud.embedding_size) != (num_classes, embedding_size):
+        raise ValueError(
+            f"the FeatureCloud is for num_classes={cloud.num_classes}, embedding_size="
+            f"{cloud.embedding_size}; the head has {num_classes}, {embedding_size}"
+        )
+
+
 class WithFeatureCloud:
     """Read-only views of ``self.feature_cloud`` shared by every head and adapter holding one."""
 
@@ -984,7 +1028,59 @@ class WithFeatureCloud:
                 "release cannot rebuild it. Load it with 0.1.0, save its state_dict(), and load "
                 "that into a new head (state dicts are the upgrade path; README, Checkpoints)"
             )
+        state = migrate_checked(state, ("num_classes", "embedding_size", "validate"))
         super().__setstate__(state)  # type: ignore[misc]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``nn.Module`` registers a Module (or Parameter) value before a class property sees
+        it: ``head.statistics = ClassStatistics(...)`` and ``head.cloud = FeatureCloud(...)``
+        registered a new child beside the cloud (the head kept the old one's settings, its
+        state dict gained keys), ``head.scale = nn.Identity()`` a child named ``scale``. Such a
+        value of a setting goes to its property (checked or refused there), and a new
+        ``feature_cloud`` is checked as the constructor checks ``cloud=`` (one type test per
+        assignment; nothing in a training step assigns to the head)."""
+        if isinstance(value, (nn.Module, nn.Parameter)):
+            if name in _properties(type(self)):
+                object.__setattr__(self, name, value)  # the property: checked or refused
+                return
+            if name == "feature_cloud":
+                value = self._checked_feature_cloud(value)
+        elif name == "feature_cloud" and "feature_cloud" in self.__dict__.get("_modules", ()):
+            raise TypeError(
+                f"feature_cloud must be a FeatureCloud, got {value!r}; to train without the "
+                "cloud set head.cloud = None"
+            )
+        super().__setattr__(name, value)
+
+    def _checked_feature_cloud(self, cloud: Any) -> FeatureCloud:
+        """A new ``feature_cloud`` replacing the head's: a :class:`FeatureCloud` of the head's
+        ``num_classes`` and ``embedding_size``, as its constructor's ``cloud=`` takes
+        (``head.feature_cloud = FeatureCloud(9, D)`` on a 6-class head trained a 9-class
+        cloud); the constructor's own assignment as it is. (The constructor's refusal of
+        ``imprint_step`` with ``sync="off"`` in a process group stays the constructor's: a head
+        fed the global batch on every rank, a reference, may take such a cloud.)"""
+        if "feature_cloud" not in self.__dict__.get("_modules", ()):
+            return cast(FeatureCloud, cloud)
+        if not isinstance(cloud, FeatureCloud):
+            raise TypeError(f"feature_cloud must be a FeatureCloud, got a {type(cloud).__name__}")
+        old = self.feature_cloud
+        check_cloud_fits(cloud, old.num_classes, old.embedding_size)
+        return cloud
+
+    # The head's own sizes, fixed (they size the class weight and the cloud's statistics:
+    # ``head.num_classes = 9`` was taken, the repr said 9 with 6 weight rows), and ``validate``,
+    # checked as a flag (``validate = "no"`` kept validating).
+    num_classes = fixed_setting(
+        "num_classes", "it sizes the class weight and the statistics", how=_NEW_SIZE
+    )
+    embedding_size = fixed_setting(
+        "embedding_size", "it sizes the class weight and the statistics", how=_NEW_SIZE
+    )
+    validate = checked_attribute(
+        "validate",
+        lambda _, value: as_bool(value, "validate"),
+        "Whether each step checks label range and finiteness (one host sync); settable.",
+    )
 
     @property
     def cloud(self) -> Optional[str]:
@@ -994,6 +1090,13 @@ class WithFeatureCloud:
 
     @cloud.setter
     def cloud(self, rule: Optional[str]) -> None:
+        if isinstance(rule, nn.Module):  # the constructor's cloud= takes one; this a rule
+            raise TypeError(
+                f"head.cloud takes a rule ('full', 'vanilla' or None), got a "
+                f"{type(rule).__name__}: to replace the FeatureCloud, assign "
+                "head.feature_cloud = FeatureCloud(...) (of the head's num_classes and "
+                "embedding_size), or pass cloud=FeatureCloud(...) at construction"
+            )
         self.feature_cloud.set_rule(FC.check_cloud_rule(rule, name="cloud"))
 
     # The cloud's settings under their keywords' names, forwarded to the FeatureCloud (one
@@ -1035,6 +1138,16 @@ class WithFeatureCloud:
         """The class statistics of the cloud (buffers)."""
         return self.feature_cloud.statistics
 
+    @statistics.setter
+    def statistics(self, value: Any) -> None:
+        raise AttributeError(
+            "statistics are the feature cloud's (head.feature_cloud.statistics) and are not "
+            "replaced on the head: set their settings on the head (head.gamma = ..., "
+            "head.cloud = ...), load a state with load_state_dict, or give the head another "
+            "cloud (head.feature_cloud = FeatureCloud(...), or cloud=FeatureCloud(...) at "
+            "construction)"
+        )
+
     @property
     def step(self) -> int:
         """Training steps taken (the ``feature_cloud.step`` buffer)."""
@@ -1056,6 +1169,25 @@ class WithFeatureCloud:
     def cloud_active(self) -> bool:
         """Whether the next training step draws a feature cloud."""
         return self.feature_cloud.active
+
+
+#: the names of the class properties of each holder class (:meth:`WithFeatureCloud.__setattr__`):
+#: those of this package's classes (not a parametrization's ``weight``)
+_PROPERTIES: weakref.WeakKeyDictionary[type, FrozenSet[str]] = weakref.WeakKeyDictionary()
+
+
+def _properties(cls: type) -> FrozenSet[str]:
+    names = _PROPERTIES.get(cls)
+    if names is None:
+        names = frozenset(
+            name
+            for klass in cls.__mro__
+            if klass.__module__.split(".")[0] in ("feature_cloud", "integrations")
+            for name, value in vars(klass).items()
+            if isinstance(value, property)
+        )
+        _PROPERTIES[cls] = names
+    return names
 
 
 #: the settings 0.1.0 trained and scored with (the paper's LEAP), as this release's keywords

@@ -655,19 +655,20 @@ class StreamSampler(Sampler[int]):
         start: int = 0,
         name: str = "pool",
     ) -> None:
-        if int(num_samples) < 0 or int(start) < 0:
-            raise ValueError(f"num_samples and start must be >= 0, got {num_samples}, {start}")
-        if seed is None and int(start) > 0:  # a resume: the stream it continues has a seed
+        # checked, not truncated: int() took 2.7 as 2, "3" as 3 and start=0.5 as 0
+        num_samples = as_int(num_samples, "num_samples", 0)
+        start = as_int(start, "start", 0)
+        if seed is None and start > 0:  # a resume: the stream it continues has a seed
             raise ValueError(
-                f"start={int(start)} continues a stream, but seed=None draws a new one: pass the "
+                f"start={start} continues a stream, but seed=None draws a new one: pass the "
                 "seed of the stream being resumed (the sampler's .seed; before this release "
                 "the default was 0)"
             )
         self.pool = pool
         self.num_samples, self.seed, self.start, self.name = (
-            int(num_samples),
+            num_samples,
             _draw_seed() if seed is None else as_int(seed, "seed"),
-            int(start),
+            start,
             name,
         )
 

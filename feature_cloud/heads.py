@@ -30,17 +30,19 @@ from . import functional as FC
 from . import fused, margins
 from ._compat import at_trace_time, disable_compile, is_compiling
 from ._validation import (
+    as_bool,
     as_float,
     as_int,
     check_embeddings,
     check_reduction,
     checked_attribute,
+    fixed_setting,
     migrate_checked,
     refuse_bad_weights,
     refuse_other_shape,
     warn_user,
 )
-from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
+from .cloud import FeatureCloud, WithFeatureCloud, check_cloud_fits, migrate_state_dict
 from .noise import capturing
 
 __all__ = [
@@ -122,7 +124,11 @@ class MarginSettings:
     constructor checks them (a margin schedule's ``head.margin = m``); ``margin_type`` is the
     rule's name, fixed at construction (an assignment used to change the repr, not the loss)."""
 
-    margin_rule: margins.Margin
+    margin_rule = fixed_setting(
+        "margin_rule",
+        "the margin rule sets the weight layout and defaults",
+        how="build a {holder} with that margin_type and load this one's weight into it",
+    )
     scale = checked_attribute("scale", _check_scale, "``s`` of the logits; settable, checked.")
     margin = checked_attribute(
         "margin", _check_margin, "The margin (radians for angular ones); settable, checked."
@@ -130,7 +136,8 @@ class MarginSettings:
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """Whole-module pickles of earlier releases held them as plain attributes."""
-        super().__setstate__(migrate_checked(state, ("scale", "margin")))  # type: ignore[misc]
+        state = migrate_checked(state, ("scale", "margin", "margin_rule"))
+        super().__setstate__(state)  # type: ignore[misc]
 
     def margin_settings(self) -> Tuple[Tuple[str, Any], ...]:
         """The loss's settings that every rank of a synchronised head must share (compared
@@ -167,18 +174,26 @@ def _check_chunk_size(owner: Any, value: Any) -> Optional[int]:
 
 class ImplSettings:
     """``impl`` and ``chunk_size`` of a head with a fused loss, checked on every assignment
-    (a bad one raised in the next step, after the statistics had moved)."""
+    (a bad one raised in the next step, after the statistics had moved), and its weight layout
+    ``sub_centers``, fixed (``head.sub_centers = 3`` was taken, and the next step failed after
+    the statistics had moved)."""
 
     impl = checked_attribute("impl", _check_impl, "The loss implementation; settable, checked.")
     chunk_size = checked_attribute(
         "chunk_size", _check_chunk_size, "Classes per chunk of ``impl='chunked'``; settable."
+    )
+    sub_centers = fixed_setting(
+        "sub_centers",
+        "it sizes the class weight, num_classes * sub_centers rows",
+        how="build a new {holder} with sub_centers={value!r} (a state_dict of another layout "
+        "does not load into it)",
     )
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """Whole-module pickles of earlier releases held them as plain attributes (or, before
         ``impl``, not at all: the default backend)."""
         state = migrate_checked(
-            state, ("impl", "chunk_size"), {"_impl": "auto", "_chunk_size": None}
+            state, ("impl", "chunk_size", "sub_centers"), {"_impl": "auto", "_chunk_size": None}
         )
         super().__setstate__(state)  # type: ignore[misc]
 
@@ -319,11 +334,7 @@ def make_cloud(
     if isinstance(cloud, FeatureCloud):
         if options:
             raise TypeError(f"cloud options {sorted(options)} given with a ready FeatureCloud")
-        if (cloud.num_classes, cloud.embedding_size) != (num_classes, embedding_size):
-            raise ValueError(
-                f"the FeatureCloud is for num_classes={cloud.num_classes}, embedding_size="
-                f"{cloud.embedding_size}; the head has {num_classes}, {embedding_size}"
-            )
+        check_cloud_fits(cloud, num_classes, embedding_size)
     else:
         FC.check_cloud_rule(cloud, name="cloud")  # the heads' keyword (the cloud's is rule)
         _check_cloud_options(options, owner)
@@ -584,6 +595,15 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
     """
 
     weight: Tensor
+    reduction = checked_attribute(
+        "reduction",
+        lambda _, value: check_reduction(value),
+        "The default reduction of :meth:`forward`; settable, checked.",
+    )
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """Whole-module pickles of earlier releases held ``reduction`` as a plain attribute."""
+        super().__setstate__(migrate_checked(state, ("reduction",)))
 
     def __init__(
         self,
@@ -607,6 +627,7 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
         rule, scale, margin = resolve_margin(margin_type, scale, margin, num_classes)
         k = as_int(rule.sub_centers if sub_centers is None else sub_centers, "sub_centers", 1)
         check_reduction(reduction)
+        validate = as_bool(validate, "validate")
         chunk_size = check_impl(impl, chunk_size, rule, k)
         self.feature_cloud = make_cloud(cloud, num_classes, embedding_size, cloud_options)
         self.embedding_size = int(embedding_size)
@@ -615,7 +636,7 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
         self.sub_centers = int(k)
         self._scale, self._margin = scale, margin  # checked above (resolve_margin)
         self.reduction = reduction
-        self.validate = bool(validate)
+        self.validate = validate
         self._impl, self._chunk_size = impl, chunk_size  # checked above (check_impl)
         self.weight = nn.Parameter(
             torch.empty(self.num_classes * self.sub_centers, self.embedding_size)
@@ -682,7 +703,11 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
         return self.feature_cloud.watch(logits)
 
     def _forward_arguments(
-        self, labels: Optional[Tensor], reduction: Optional[str], label_smoothing: float
+        self,
+        labels: Optional[Tensor],
+        reduction: Optional[str],
+        label_smoothing: float,
+        return_top1: bool = False,
     ) -> Tuple[Optional[Exception], str, float]:
         """:meth:`forward`'s arguments other than the batch, checked: ``(problem, reduction,
         label_smoothing)``. A problem is raised by the batch check, before any state changes
@@ -700,6 +725,8 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
             smoothing = as_float(
                 label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0, max_inclusive=False
             )
+            if return_top1 is not True and return_top1 is not False:  # (no numpy test traced)
+                as_bool(return_top1, "return_top1")  # "no" returned a (loss, top1) pair
         except (TypeError, ValueError) as exc:
             return exc, "mean", 0.0
         return None, reduction, smoothing
@@ -758,7 +785,7 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
         classifier use ``head.logits(x).argmax(1)`` (the class docstring).
         """
         problem, reduction, label_smoothing = self._forward_arguments(
-            labels, reduction, label_smoothing
+            labels, reduction, label_smoothing, return_top1
         )
         std, key, labels = self._training_step(embeddings, cast(Tensor, labels), problem)
         x, y, draw, back = in_draw_order(self.feature_cloud, embeddings, labels, (std, key))

@@ -95,6 +95,23 @@ def check_unknown_variance(rule: Any) -> str:
     return str(rule)
 
 
+#: why the settings that cannot change after construction cannot (:func:`fixed_setting`)
+_WHY_FIXED = {
+    "rule": "the statistics follow their cloud's rule",
+    "memory_per_sample": "it sizes the angle memory, K_i * P slots per class (LEAP Eq. 5)",
+    "count_updates": "K_i are counted online over the first count_updates updates",
+    "size": "it sizes every buffer of the statistics",
+}
+_SET_RULE_ON_THE_OWNER = (
+    "set the rule on the owner instead: head.cloud = ... or FeatureCloud.rule = ... "
+    "(set_rule), which keeps the cloud and its statistics in step"
+)
+_NEW_SIZE = (
+    "build a new {holder} with {name}={value!r} (a state_dict of another size does not load "
+    "into it)"
+)
+
+
 class ClassStatistics(KeepBufferDtypes):
     r"""EMA class centers (LEAP Eq. 4), angle memory (Eq. 3, 5) and cloud variances (Eq. 6, 9).
 
@@ -145,6 +162,7 @@ class ClassStatistics(KeepBufferDtypes):
     center_updates: Tensor
     memory_stamp: Tensor
     memory_owner: Tensor
+    _rule: str  # the rule (its owner's set_rule writes it; assigned here alone, refused)
 
     def __init__(
         self,
@@ -217,7 +235,13 @@ class ClassStatistics(KeepBufferDtypes):
     # the settings a cloud forwards are checked here too (assigned on the statistics directly, a
     # bad value reached the next step); whole-module pickles of earlier releases held them as
     # plain attributes (:meth:`__setstate__`)
-    _CHECKED = ("gamma", "center_rate", "unknown_variance", "tail_threshold", "max_age")
+    _CHECKED: Tuple[str, ...] = (
+        "gamma",
+        "center_rate",
+        "unknown_variance",
+        "tail_threshold",
+        "max_age",
+    )
     gamma = checked_attribute(
         "gamma", lambda _, v: check_gamma(v), "The center learning rate; settable, checked."
     )
@@ -231,28 +255,57 @@ class ClassStatistics(KeepBufferDtypes):
     )
     tail_threshold = checked_attribute(
         "tail_threshold",
-        lambda _, v: as_int(v, "tail_threshold", 0),
-        "Classes with at most this many images are tail classes; settable, checked.",
+        lambda owner, v: owner._checked_tail_threshold(v),
+        "Classes with at most this many images are tail classes; settable, checked (under "
+        "the vanilla rule a threshold that leaves no head or no tail class warns).",
     )
+
+    def _checked_tail_threshold(self, value: Any) -> int:
+        threshold = as_int(value, "tail_threshold", 0)
+        if "_tail_threshold" in vars(self):  # assigned (the constructor's: at the layout)
+            self.warn_vanilla_without_both_groups(threshold)
+        return threshold
+
+    def warn_vanilla_without_both_groups(self, threshold: Optional[int] = None) -> None:
+        """Under the vanilla rule with the memory laid out, warn when ``threshold`` (default
+        ``tail_threshold``) leaves no head or no tail class (every cloud is zero), as the
+        constructor warns when it lays the counts out: an assignment of ``tail_threshold``,
+        or of the rule, said nothing (one host read of ``K_i``, at the assignment)."""
+        if (
+            self.rule != "vanilla"
+            or not getattr(self, "memory_in_use", True)  # the owner's cloud is off
+            or not self.memory_allocated
+            or self.class_counts.is_meta
+        ):
+            return
+        threshold = self.tail_threshold if threshold is None else threshold
+        _warn_vanilla_without_both_groups(self.class_counts.cpu(), threshold)
+
     max_age = checked_attribute(
         "max_age",
         lambda _, v: None if v is None else as_int(v, "max_age", 1),
         "Angles older than this many updates are left out (``None``: never); settable, checked.",
     )
     #: the constructor's keyword ``cloud`` (the repr's name) reads the attribute ``rule``; set it
-    #: on the owner, which keeps the cloud and its statistics in step
-    cloud = fixed_setting(
-        "cloud",
-        "the statistics follow their cloud's rule",
-        path="rule",
-        how="set the rule on the owner instead: head.cloud = ... or FeatureCloud.rule = ... "
-        "(set_rule), which keeps the cloud and its statistics in step",
-    )
+    #: on the owner, which keeps the cloud and its statistics in step (its set_rule writes
+    #: ``_rule``): assigned here alone it split the head's state (the head reported ``'full'``
+    #: and trained ``'vanilla'``)
+    cloud = fixed_setting("cloud", _WHY_FIXED["rule"], path="_rule", how=_SET_RULE_ON_THE_OWNER)
+    rule = fixed_setting("rule", _WHY_FIXED["rule"], how=_SET_RULE_ON_THE_OWNER)
+    # the others size the buffers, or K_i are being counted with them: assigned, they were
+    # taken without a word (memory_per_sample read 3 with the memory laid out for 1)
+    memory_per_sample = fixed_setting("memory_per_sample", _WHY_FIXED["memory_per_sample"])
+    count_updates = fixed_setting("count_updates", _WHY_FIXED["count_updates"])
+    num_classes = fixed_setting("num_classes", _WHY_FIXED["size"], how=_NEW_SIZE)
+    embedding_size = fixed_setting("embedding_size", _WHY_FIXED["size"], how=_NEW_SIZE)
+    #: attributes that were plain in earlier releases (whole-module pickles hold them so)
+    _FIXED = ("rule", "memory_per_sample", "count_updates", "num_classes", "embedding_size")
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
-        """A whole-module pickle of an earlier release: its checked settings as plain
+        """A whole-module pickle of an earlier release: its checked and fixed settings as plain
         attributes."""
-        super().__setstate__(migrate_checked(state, self._CHECKED))  # type: ignore[no-untyped-call]
+        state = migrate_checked(state, self._CHECKED + self._FIXED)
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
 
     @property
     def memory_slots(self) -> int:

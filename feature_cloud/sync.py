@@ -21,6 +21,7 @@ from ._validation import (
     PROBLEM_SLOTS,
     as_int,
     check_batch,
+    checked_attribute,
     problem_tensor,
     raise_for_problems,
     static_problems,
@@ -463,6 +464,12 @@ class HoldsProcessGroup:
             )
 
 
+def _check_batch_mode(batch: Any) -> str:
+    if batch not in BATCH_MODES:
+        raise ValueError(f"batch must be one of {BATCH_MODES}, got {batch!r}")
+    return str(batch)
+
+
 class SyncedClassStatistics(HoldsProcessGroup, ClassStatistics):
     r""":class:`ClassStatistics` updated from the global batch of a process group.
 
@@ -498,8 +505,7 @@ class SyncedClassStatistics(HoldsProcessGroup, ClassStatistics):
         batch: str = "local",
         **kwargs: Any,
     ) -> None:
-        if batch not in BATCH_MODES:
-            raise ValueError(f"batch must be one of {BATCH_MODES}, got {batch!r}")
+        _check_batch_mode(batch)
         if pad_to is not None:
             pad_to = as_int(pad_to, "pad_to", 0)
         super().__init__(num_classes, embedding_size, **kwargs)
@@ -507,6 +513,20 @@ class SyncedClassStatistics(HoldsProcessGroup, ClassStatistics):
         self.pad_to = pad_to
         self.batch = batch
         self._agreed: Optional[Tuple[Tensor, Tensor, int]] = None
+
+    # checked on assignment too (PML's adapter sets ``batch`` for each step; ``batch =
+    # "bogus"`` or ``pad_to = "x"`` was taken, and changed the next step silently or in it)
+    _CHECKED = ClassStatistics._CHECKED + ("pad_to", "batch")
+    pad_to = checked_attribute(
+        "pad_to",
+        lambda _, value: None if value is None else as_int(value, "pad_to", 0),
+        "Rows every rank's batch is padded to for the gather (``None``: the largest); checked.",
+    )
+    batch = checked_attribute(
+        "batch",
+        lambda _, value: _check_batch_mode(value),
+        "Whether a batch is the rank's own (``'local'``) or PML's gathered one; checked.",
+    )
 
     @classmethod
     def from_statistics(cls, stats: ClassStatistics, **kwargs: Any) -> SyncedClassStatistics:

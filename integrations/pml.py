@@ -241,7 +241,7 @@ class LEAPLoss(
             cloud_options,
             owner=("PML's loss keywords", self._PML_KWARGS),
         )
-        self.validate = bool(validate)
+        self.validate = validate  # checked (as_bool): "no" validated
         #: (embeddings, labels, miner weights) agreed on in forward
         self._agreed: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None
         self.metric_l2: Optional[MetricL2] = ml2
@@ -252,8 +252,9 @@ class LEAPLoss(
         """A whole-module pickle of an earlier release held the ArcFace ``margin`` in degrees
         (PML's keyword); this release holds it in radians, as PML's attribute. Pickles from
         before ``impl`` / ``chunk_size`` run the default backend."""
-        if not state.get("_margin_in_radians", False) and "margin_rule" in state:
-            state["margin"] = state["margin_rule"].from_pml(state["margin"])
+        rule = state.get("margin_rule", state.get("_margin_rule"))  # (fixed: _margin_rule)
+        if not state.get("_margin_in_radians", False) and rule is not None:
+            state["margin"] = rule.from_pml(state["margin"])
             state["_margin_in_radians"] = True
         super().__setstate__(state)
 

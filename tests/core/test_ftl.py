@@ -327,6 +327,27 @@ def test_samplers_draw_from_hard_list_and_long_tail_and_resume():
     assert (yb >= 10).all() and torch.equal(ytr[ib], yb)
 
 
+def test_stream_sampler_refuses_fractional_and_string_sizes():
+    """``StreamSampler(num_samples=2.7)`` had length 2, ``num_samples="3"`` was taken and
+    ``start=0.5`` became 0 (``int()`` truncation; s51 trial), against the scheduler's own policy
+    (2.5, "3" and True refused, not truncated)."""
+    pool = torch.arange(10)
+    for kwargs, words in (
+        (dict(num_samples=2.7), "num_samples must be an integer"),
+        (dict(num_samples="3"), "num_samples must be an integer"),
+        (dict(num_samples=True), "num_samples must be an integer"),
+        (dict(num_samples=3, start=0.5), "start must be an integer"),
+        (dict(num_samples=3, start="2"), "start must be an integer"),
+    ):
+        with pytest.raises(TypeError, match=words):
+            StreamSampler(pool, seed=1, **kwargs)
+    with pytest.raises(ValueError, match="num_samples must be >= 0"):
+        StreamSampler(pool, -1, seed=1)
+    with pytest.raises(ValueError, match="start must be >= 0"):
+        StreamSampler(pool, 3, seed=1, start=-2)
+    assert len(StreamSampler(pool, 3.0, seed=1, start=torch.tensor(2))) == 3  # integral values
+
+
 def test_class_balanced_pool_gives_every_class_the_largest_class_share():
     idx = torch.tensor([10, 11, 12, 13, 14, 15, 16])
     lab = torch.tensor([5, 9, 5, 5, 7, 5, 9])

@@ -4,6 +4,7 @@ import copy
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -544,3 +545,16 @@ def test_the_docstring_states_what_warm_up_eval_forward_and_labels_do():
     head.validate = False
     head(torch.randn(3, 8), torch.tensor([0, 1, -2]))  # ignored like -1
     assert LEAPMarginHead(8, 4, class_counts=[5, 5, 30, 30]).warmup_steps == 0
+
+
+def test_return_top1_must_be_a_flag():
+    """``forward(return_top1="no")`` returned a ``(loss, top1)`` pair (a truthy string);
+    refused now, before any state changes."""
+    head = LEAPMarginHead(16, 6, class_counts=[5] * 6, seed=0)
+    x, y = torch.randn(8, 16), torch.arange(8) % 6
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    for value in ("no", 0, None):
+        with pytest.raises(TypeError, match="return_top1 must be True or False"):
+            head(x, y, return_top1=value)
+    assert all(torch.equal(v, state[k]) for k, v in head.state_dict().items())
+    assert isinstance(head(x, y, return_top1=np.bool_(True)), tuple)

@@ -447,6 +447,38 @@ def test_imprint_step_is_checked_by_name():
             LEAPMarginHead(D, C, class_counts=[3] * C, **kwargs)
 
 
+def test_an_imprint_step_assigned_behind_the_current_step_is_refused():
+    """At step 5, ``head.imprint_step = 2`` was taken and never imprinted (s51 trial); refused
+    now, naming the current step. The current step and later ones imprint as before."""
+    head = LEAPMarginHead(D, C, class_counts=[3] * C, seed=0)
+    for step in range(5):
+        head(*make_batch(step, 12, D, C))
+    with pytest.raises(ValueError, match="imprint_step=2 is behind the current step 5"):
+        head.imprint_step = 2
+    assert head.imprint_step is None
+    head.imprint_step = 5
+    before = head.weight.detach().clone()
+    head(*make_batch(5, 12, D, C))
+    assert not torch.equal(head.weight, before)  # no optimiser: the imprint moved it
+    head.imprint_step = 5  # (the value it holds: unchanged, taken)
+
+
+def test_the_cloud_turned_off_under_an_imprint_step_is_refused_as_at_construction():
+    """``imprint_step=2`` then ``head.cloud = None`` was taken (and nothing imprinted), while
+    the constructor refuses the two together; refused now, naming both (the other order was
+    refused already)."""
+    head = LEAPMarginHead(D, C, class_counts=[3] * C, seed=0, imprint_step=2)
+    with pytest.raises(ValueError, match=r"cloud=None \(rule=None\) with imprint_step=2"):
+        head.cloud = None
+    with pytest.raises(ValueError, match="imprint_step=2"):
+        head.feature_cloud.rule = None
+    assert head.cloud == "full"
+    head.imprint_step = None
+    head.cloud = None
+    with pytest.raises(ValueError, match="it needs a cloud rule"):
+        head.imprint_step = 2
+
+
 def test_imprint_resumes_from_a_checkpoint_like_an_uninterrupted_run():
     """Training with SGD through the imprint step, stopped before it and resumed from
     ``state_dict``s into fresh modules, ends bit-identical to the run that never stopped (the

@@ -211,3 +211,234 @@ def test_a_small_scale_leaves_the_margins_unit_check_to_run():
     texts = [str(w.message) for w in caught]
     assert any("too small to train" in t for t in texts), texts
     assert any("degrees" in t for t in texts), texts
+
+
+def test_an_in_place_op_on_a_fixed_tensor_setting_leaves_the_state_as_it_was():
+    """``head.class_counts += 1`` changed ``K_i`` in place (the getter returned the buffer)
+    before the assignment was refused: counts ``[4, 41, ...]`` against a memory laid out for
+    ``[3, 40, ...]``; ``*= 0`` zeroed them and training went on (s51 trial)."""
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    for owner in (head, head.feature_cloud):
+        with pytest.raises(AttributeError, match="class_counts is fixed at construction"):
+            owner.class_counts += 1
+        with pytest.raises(AttributeError, match="class_counts is fixed at construction"):
+            owner.class_counts *= 0
+        assert head.statistics.class_counts.tolist() == COUNTS
+    assert head.class_counts.tolist() == COUNTS == head.feature_cloud.class_counts.tolist()
+
+
+def test_a_fixed_setting_refusal_names_the_class_it_was_assigned_on():
+    """The head's refusal said ``build a new FeatureCloud with memory_per_sample=3``: the user
+    holds a LEAPMarginHead (the head forwards to its cloud)."""
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    with pytest.raises(AttributeError, match="build a new LEAPMarginHead with memory_per_sample=3"):
+        head.memory_per_sample = 3
+    with pytest.raises(AttributeError, match="build a new FeatureCloud with warmup_steps=5"):
+        head.feature_cloud.warmup_steps = 5
+    with pytest.raises(AttributeError, match="build a new LEAPMarginHead with count_steps=2"):
+        head.count_steps = 2
+    error = pickle.loads(pickle.dumps(AttributeError("x")))  # (the refusal pickles, too)
+    try:
+        head.warmup_steps = 5
+    except AttributeError as exc:
+        error = pickle.loads(pickle.dumps(exc))
+    assert "LEAPMarginHead with warmup_steps=5" in str(error)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("rule", "vanilla"),
+        ("rule", "bogus"),
+        ("memory_per_sample", 3),
+        ("count_updates", 4),
+        ("num_classes", 3),
+        ("embedding_size", 8),
+    ],
+)
+def test_statistics_settings_that_split_the_state_or_size_buffers_are_refused(name, value):
+    """``head.statistics.rule = "vanilla"`` was taken while ``statistics.cloud`` was refused: the
+    head reported ``'full'`` and trained the vanilla rule; ``memory_per_sample = 3`` read 3 with
+    the memory laid out for 1; ``count_updates`` changed the window ``head.count_steps``
+    refuses (s51 trial)."""
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    stats = head.statistics
+    before = getattr(stats, name)
+    with pytest.raises(AttributeError, match=f"^{name} is fixed at construction"):
+        setattr(stats, name, value)
+    assert getattr(stats, name) == before
+    assert head.cloud == stats.rule == stats.cloud == "full"
+    if name in ("num_classes", "embedding_size"):  # the cloud's read its statistics'
+        with pytest.raises(AttributeError, match=f"^{name} is fixed at construction"):
+            setattr(head.feature_cloud, name, value)
+
+
+def test_the_statistics_rule_follows_the_owner_and_survives_pickles():
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    with pytest.raises(AttributeError, match=re.escape("head.cloud = ... or FeatureCloud.rule")):
+        head.statistics.rule = "vanilla"
+    head.cloud = "vanilla"
+    assert head.statistics.rule == "vanilla" == head.statistics.cloud
+    restored = pickle.loads(pickle.dumps(head))
+    assert restored.statistics.rule == "vanilla" and restored.statistics.memory_per_sample == 1
+    # a whole-module pickle of an earlier release held them as plain attributes
+    state = head.statistics.__getstate__()
+    for name in ("rule", "memory_per_sample", "count_updates", "num_classes", "embedding_size"):
+        state[name] = state.pop("_" + name)
+    old = ClassStatistics.__new__(ClassStatistics)
+    old.__setstate__(state)
+    assert (old.rule, old.memory_per_sample, old.num_classes, old.embedding_size) == (
+        "vanilla",
+        1,
+        C,
+        D,
+    )
+
+
+@pytest.mark.parametrize(
+    "name, value", [("num_classes", 9), ("embedding_size", 8), ("sub_centers", 3)]
+)
+def test_the_heads_sizes_are_refused_on_assignment(name, value):
+    """``head.sub_centers = 3`` was taken, and the next step raised ``index 5 is out of
+    bounds`` after the statistics had moved; ``head.num_classes = 9`` made the repr say 9 with
+    6 weight rows (s51 trial)."""
+    x, y = make_batch(0, 24, D, C)
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    head(x, y)
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    before = getattr(head, name)
+    with pytest.raises(AttributeError, match=f"^{name} is fixed at construction .+ weight"):
+        setattr(head, name, value)
+    assert getattr(head, name) == before
+    with pytest.raises(AttributeError, match=f"build a new LEAPMarginHead with {name}={value}"):
+        setattr(head, name, value)
+    assert all(torch.equal(v, state[k]) for k, v in head.state_dict().items())
+    head(x, y)  # trains on
+    restored = pickle.loads(pickle.dumps(head))
+    assert getattr(restored, name) == before
+
+
+def test_the_margin_rule_is_fixed_like_the_margin_type():
+    """``margin_type = "arcface"`` was refused while ``margin_rule = <arcface>`` was taken:
+    the loss changed to ArcFace and the repr read ``margin_type='arcface'``."""
+    from feature_cloud import margins
+
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    with pytest.raises(AttributeError, match="margin_rule is fixed at construction"):
+        head.margin_rule = margins.get("arcface")
+    assert head.margin_type == "cosface"
+
+
+def test_validate_and_reduction_are_checked_on_assignment():
+    """``head.validate = "no"`` kept validating (a truthy string), ``head.reduction = "avg"``
+    was taken and raised only in the next forward."""
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    for value in ("no", 0, None):
+        with pytest.raises(TypeError, match="validate must be True or False"):
+            head.validate = value
+    with pytest.raises(TypeError, match="validate must be True or False"):
+        LEAPMarginHead(D, C, class_counts=COUNTS, validate="no")
+    assert head.validate is True
+    head.validate = False
+    assert head.validate is False
+    for value in ("avg", None):
+        with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none'"):
+            head.reduction = value
+    assert head.reduction == "mean"
+    head.reduction = "sum"
+    assert "reduction='sum'" in repr(head)
+
+
+def test_a_module_assigned_to_a_setting_is_refused_not_registered():
+    """``nn.Module.__setattr__`` registers a Module before a property sees it:
+    ``head.statistics = ClassStatistics(gamma=0.9)`` and ``head.cloud = FeatureCloud(...)``
+    registered a second child (the head kept the old settings, its state dict gained
+    ``statistics.*`` / ``cloud.*`` keys), ``head.scale = nn.Identity()`` a child ``scale``,
+    ``head.cloud_scale = nn.Identity()`` a child of the cloud (s51 trial)."""
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    keys = list(head.state_dict())
+    with pytest.raises(AttributeError, match="statistics are the feature cloud's"):
+        head.statistics = ClassStatistics(C, D, gamma=0.9, class_counts=COUNTS)
+    with pytest.raises(TypeError, match="head.cloud takes a rule .+ head.feature_cloud ="):
+        head.cloud = FeatureCloud(C, D, "vanilla", class_counts=COUNTS)
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        head.scale = torch.nn.Identity()
+    with pytest.raises(TypeError, match="cloud_scale must be a real number"):
+        head.cloud_scale = torch.nn.Identity()
+    with pytest.raises(TypeError, match="imprint_step must be an integer"):
+        head.imprint_step = torch.nn.Identity()
+    assert list(head.state_dict()) == keys
+    assert [name for name, _ in head.named_modules()] == [
+        "",
+        "feature_cloud",
+        "feature_cloud.statistics",
+    ]
+    assert (head.gamma, head.cloud, head.scale, head.cloud_scale) == (0.1, "full", 24.0, 2.0)
+    # a 0-d tensor is a number (a Parameter too): it reaches the setting, not the parameters
+    head.gamma = torch.nn.Parameter(torch.tensor(0.5))
+    assert head.gamma == 0.5 and [name for name, _ in head.named_parameters()] == ["weight"]
+
+
+def test_a_feature_cloud_of_another_size_is_refused_as_at_construction():
+    """``head.feature_cloud = FeatureCloud(9, D)`` on a 6-class head was taken and trained,
+    while ``cloud=FeatureCloud(9, D)`` is refused at construction. A cloud the constructor
+    would take may replace the head's (e.g. one built with another fixed setting)."""
+    x, y = make_batch(0, 24, D, C)
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    cloud = head.feature_cloud
+    for other in (
+        FeatureCloud(C + 3, D, seed=1, class_counts=[5] * (C + 3)),
+        FeatureCloud(C, 8, seed=1, class_counts=COUNTS),
+    ):
+        with pytest.raises(ValueError, match="the FeatureCloud is for num_classes="):
+            head.feature_cloud = other
+    with pytest.raises(TypeError, match="feature_cloud must be a FeatureCloud"):
+        head.feature_cloud = ClassStatistics(C, D)
+    with pytest.raises(TypeError, match="head.cloud = None"):
+        head.feature_cloud = None
+    assert head.feature_cloud is cloud
+    wider = FeatureCloud(C, D, class_counts=COUNTS, seed=0, memory_per_sample=3)
+    with pytest.warns(UserWarning, match="another memory_per_sample"):
+        wider.load_state_dict(cloud.state_dict())
+    wider.statistics.allocate_memory()  # P slots a sample
+    head.feature_cloud = wider
+    assert head.memory_per_sample == 3 and head.feature_cloud is wider
+    head(x, y)
+
+
+def test_a_vanilla_threshold_that_leaves_no_head_class_warns_when_assigned_too():
+    """The constructor warns that ``cloud='vanilla', tail_threshold=100`` leaves no head class
+    (every cloud zero); ``head.tail_threshold = 100`` said nothing, nor did ``head.cloud =
+    "vanilla"`` under such a threshold (s51 trial). A threshold between the sizes is quiet."""
+    import warnings
+
+    head = LEAPMarginHead(D, C, cloud="vanilla", class_counts=COUNTS, seed=0)
+    with pytest.warns(UserWarning, match="tail_threshold T=100: no head class"):
+        head.tail_threshold = 100
+    with pytest.warns(UserWarning, match="tail_threshold T=0: no tail class"):
+        head.statistics.tail_threshold = 0
+    full = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head.tail_threshold = 10
+        full.tail_threshold = 100  # the full rule has no threshold
+        off = LEAPMarginHead(D, C, cloud=None, class_counts=COUNTS, seed=0)
+        off.tail_threshold = 100  # no cloud
+    with pytest.warns(UserWarning, match="tail_threshold T=100: no head class"):
+        full.cloud = "vanilla"
+
+
+def test_the_synchronised_statistics_check_pad_to_and_batch_on_assignment():
+    """``head.statistics.batch = "bogus"`` (the statistics of ``sync="auto"``) and ``pad_to =
+    "x"`` were taken; ``FeatureCloud.pad_to`` refused while the statistics' own was plain."""
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    stats = head.statistics
+    with pytest.raises(ValueError, match="batch must be one of"):
+        stats.batch = "bogus"
+    with pytest.raises(TypeError, match="pad_to must be an integer"):
+        stats.pad_to = "x"
+    assert (stats.batch, stats.pad_to) == ("local", None)
+    stats.pad_to = 64
+    assert head.feature_cloud.pad_to == 64
+    restored = pickle.loads(pickle.dumps(head))
+    assert restored.statistics.pad_to == 64 and restored.statistics.batch == "local"

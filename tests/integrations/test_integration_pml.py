@@ -602,7 +602,9 @@ def test_a_whole_module_pickle_of_an_earlier_release_holds_the_margin_in_degrees
     now = LEAPLoss(C, D, margin_type="arcface", cloud=None)
     state = now.__getstate__()
     state.pop("_margin_in_radians")
-    for name in ("scale", "impl", "chunk_size", "margin"):  # plain attributes back then
+    plain = ("scale", "impl", "chunk_size", "margin", "margin_rule", "num_classes")
+    plain += ("embedding_size", "sub_centers", "validate")
+    for name in plain:  # plain attributes back then
         state[name] = state.pop("_" + name)
     state["margin"] = 28.6  # what an earlier release stored
     old = LEAPLoss.__new__(LEAPLoss)
@@ -797,3 +799,23 @@ def test_class_counts_from_a_counter_of_the_dataset_targets():
     assert loss.statistics.class_counts.tolist() == want
     with pytest.raises(ValueError, match=f"outside the classes \\[0, {C}\\): {C}"):
         LEAPLoss(C, D, margin=0.2, scale=16, cloud="full", class_counts={C: 1})
+
+
+@pytest.mark.parametrize(
+    "name, value", [("num_classes", 9), ("embedding_size", 8), ("sub_centers", 3)]
+)
+def test_leap_loss_sizes_are_refused_on_assignment(name, value):
+    """``loss.sub_centers = 3`` / ``num_classes`` / ``embedding_size`` were plain attributes
+    beside ``W`` (s51 trial): refused, naming the loss (not the cloud it forwards to)."""
+    loss_fn = LEAPLoss(C, D, class_counts=torch.full((C,), 5), seed=0)
+    before = getattr(loss_fn, name)
+    with pytest.raises(AttributeError, match=f"^{name} is fixed at construction .+ weight"):
+        setattr(loss_fn, name, value)
+    assert getattr(loss_fn, name) == before
+    with pytest.raises(AttributeError, match="build a new LEAPLoss with memory_per_sample=3"):
+        loss_fn.memory_per_sample = 3
+    with pytest.raises(TypeError, match="validate must be True or False"):
+        loss_fn.validate = "no"
+    emb, labels = _batch()
+    loss_fn(emb, labels)
+    assert getattr(pickle.loads(pickle.dumps(loss_fn)), name) == before
