@@ -259,7 +259,6 @@ def check_settings_agree(rank: int, world: int) -> None:
         (head, "cloud_scale", 0.5, "cloud_scale"),
         (head, "cloud_mode", "paper", "cloud_mode"),
         (head, "cloud", "vanilla", "cloud"),
-        (head, "cloud", None, "cloud"),  # the cloud-off rank agrees once more: no hang
         (head, "margin", 0.3, "margin"),
         (head, "scale", 20.0, "scale"),
         (head, "imprint_step", 7, "imprint_step"),
@@ -274,6 +273,15 @@ def check_settings_agree(rank: int, world: int) -> None:
         _fails_together(rank, lambda: head(x, y), ValueError, pattern)
         assert_same_state(state_snapshot(head), before, f"rank {rank} after {name}={value!r}")
         undo()
+    # the cloud turned off on one rank (the cloud-off rank agrees once more: no hang); a head
+    # with an imprint ahead refuses cloud = None itself, so the imprint goes on every rank first
+    head.imprint_step = None
+    old, undo = _assigned_on_rank_1(rank, head, "cloud", None)
+    _fails_together(
+        rank, lambda: head(x, y), ValueError, rf"cloud: {old!r} on rank 0, None on rank 1"
+    )
+    assert_same_state(state_snapshot(head), before, f"rank {rank} after cloud=None")
+    undo()
     head(x, y).backward()  # in step again, and the statistics identical on every rank
     assert head.step == 2
     centers = [torch.empty_like(head.statistics.centers) for _ in range(world)]
