@@ -345,7 +345,7 @@ def test_compiled_training_step_fullgraph_matches_eager(
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    TORCH_VERSION < (2, 4), reason="torch 2.3's inductor cannot compile a cloud-on head"
+    TORCH_VERSION == (2, 3), reason="torch 2.3.1 inductor fails to compile a cloud-on head"
 )
 def test_inductor_training_steps_match_eager_through_the_imprint_step() -> None:
     """The default backend (inductor), freshly compiled, against eager over 3 steps with
