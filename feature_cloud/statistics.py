@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import functional as FC
 from ._buffers import KeepBufferDtypes
+from ._compat import is_compiling, materialized
 from ._validation import (
     ClassCounts,
     as_float,
@@ -421,10 +422,14 @@ class ClassStatistics(KeepBufferDtypes):
         y = labels.clamp_min(0)
         # Scatter targets: duplicate indices must carry identical values, so every ignored row
         # (label < 0) writes exactly what the first valid row writes ("donor"); with no valid
-        # row at all every write is a no-op rewrite of the current values.
+        # row at all every write is a no-op rewrite of the current values. Compiled, the
+        # values go through a buffer of their own first (materialized): torch 2.2's inductor
+        # computed them inside the scatter loop, where a repeated class read its own write
+        # (a class seen twice in a batch counted two appearances, and its center moved twice)
         donor = torch.argmax(valid.to(torch.uint8))
         rows = torch.where(valid, torch.arange(labels.numel(), device=labels.device), donor)
         y_w = y[rows]
+        staged = materialized if is_compiling() else _unchanged
 
         batch_mean, _ = FC.batch_class_means(features, labels)
         old_centers = self.centers[y]
@@ -432,10 +437,12 @@ class ClassStatistics(KeepBufferDtypes):
         rate = FC.center_rate(self.gamma, appearances, adaptive=self.center_rate == "adaptive")
         new_centers = FC.ema_centers(old_centers, batch_mean, self.center_initialized[y], rate)
         new_centers = torch.where(valid.unsqueeze(1), new_centers, old_centers)
-        self.centers.index_copy_(0, y_w, new_centers[rows])
-        self.center_initialized.index_copy_(0, y_w, (self.center_initialized[y] | valid)[rows])
+        self.centers.index_copy_(0, y_w, staged(new_centers[rows]))
+        self.center_initialized.index_copy_(
+            0, y_w, staged((self.center_initialized[y] | valid)[rows])
+        )
         self.center_updates.index_copy_(
-            0, y_w, torch.where(valid, appearances, self.center_updates[y])[rows]
+            0, y_w, staged(torch.where(valid, appearances, self.center_updates[y])[rows])
         )
         now = self.num_updates.clone()
         self.num_updates += valid.any().long()  # a batch of ignored rows changes nothing
@@ -459,18 +466,18 @@ class ClassStatistics(KeepBufferDtypes):
         w = keep.double()
         self.angle_sum.index_add_(0, y, w * (new - old))
         self.angle_sqsum.index_add_(0, y, w * (new * new - old * old))
-        self.memory.index_copy_(0, slots, torch.where(keep, angles, old.to(angles.dtype)))
+        self.memory.index_copy_(0, slots, staged(torch.where(keep, angles, old.to(angles.dtype))))
         self.memory[-1:].zero_()  # the trash slot; a view: no host-to-device copy
         self.memory_stamp.index_copy_(
-            0, slots, torch.where(keep, now.expand_as(slots), self.memory_stamp[slots])
+            0, slots, staged(torch.where(keep, now.expand_as(slots), self.memory_stamp[slots]))
         )
         self.memory_stamp[-1:].fill_(-1)
         # per-class ring pointer and fill advance once per class present in the batch
         cap = self.memory_capacity[y]
         pointer = torch.where(valid, (self.memory_pointer[y] + count) % cap, self.memory_pointer[y])
         fill = torch.minimum(self.memory_fill[y] + count * valid, cap)
-        self.memory_pointer.index_copy_(0, y_w, pointer[rows])
-        self.memory_fill.index_copy_(0, y_w, fill[rows])
+        self.memory_pointer.index_copy_(0, y_w, staged(pointer[rows]))
+        self.memory_fill.index_copy_(0, y_w, staged(fill[rows]))
 
     # ------------------------------------------------------------------ read-out
     def angle_moments(self) -> Tuple[Tensor, Tensor, Tensor]:
@@ -768,6 +775,10 @@ class ClassStatistics(KeepBufferDtypes):
             if src is not None and src.shape != own.shape:  # own dtype: load_state_dict casts
                 setattr(self, name, torch.empty(src.shape, dtype=own.dtype, device=own.device))
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def _unchanged(x: Tensor) -> Tensor:
+    return x
 
 
 def _empty_like(own: Tensor, name: str) -> Tensor:

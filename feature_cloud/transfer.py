@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import functional as FC
 from ._buffers import KeepBufferDtypes
+from ._compat import is_compiling
 from ._validation import (
     ClassCounts,
     as_float,
@@ -91,7 +92,9 @@ class FeatureTransfer(KeepBufferDtypes):
         tail_threshold: classes with ``count <= tail_threshold`` are long-tail (paper: 20).
         class_counts: images per class ``(C,)``.
         regular_mask: bool ``(C,)``, ``True`` for regular classes (overrides the counts).
-        validate: check label values in :meth:`transfer` (one host sync per call).
+        validate: check label values in :meth:`transfer` (one host sync per call); skipped
+            under ``torch.compile``, as the heads' value checks are (the check read the labels
+            on the host: ``fullgraph=True`` refused it, and without it the graph broke there).
     """
 
     centers: Tensor
@@ -208,7 +211,7 @@ class FeatureTransfer(KeepBufferDtypes):
         b = g_regular.shape[0]
         y_regular = check_labels(y_regular, b, "y_regular")
         y_tail = check_labels(y_tail, b, "y_tail")
-        if self.validate and b > 0:
+        if self.validate and b > 0 and not is_compiling():  # a host read: eager only
             self._check_transfer_labels(y_regular, y_tail)
         dev = self.centers.device
         out = FC.feature_transfer(

@@ -268,7 +268,11 @@ class LEAPLoss(
     def cast_types(self, dtype: torch.dtype, device: torch.device) -> None:
         """PML convention: ``W`` follows the embeddings' device and dtype (at least float32:
         see :meth:`forward`); the cloud follows the device (its statistics stay float32)."""
-        self.W.data = c_f.to_device(self.W.data, device=device, dtype=dtype)
+        # only when they differ: the no-op assignment froze W's storage under torch.compile,
+        # and the compiled imprint's in-place write into W then failed ("cannot mutate tensors
+        # with frozen storage")
+        if self.W.dtype != dtype or self.W.device != device:
+            self.W.data = c_f.to_device(self.W.data, device=device, dtype=dtype)
         self._cloud_to(device)
 
     def _cloud_to(self, device: torch.device) -> None:

@@ -819,3 +819,25 @@ def test_leap_loss_sizes_are_refused_on_assignment(name, value):
     emb, labels = _batch()
     loss_fn(emb, labels)
     assert getattr(pickle.loads(pickle.dumps(loss_fn)), name) == before
+
+
+def test_compiled_loss_imprints_as_eager():
+    """``torch.compile(LEAPLoss(..., imprint_step=1))``: the compiled imprint writes ``W`` in
+    place (before, PML's no-op ``W.data = W`` in ``cast_types`` froze W's storage in the graph
+    and the compile failed: "cannot mutate tensors with frozen storage"); 3 steps as eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    kw = dict(class_counts=[3 + i % 4 for i in range(C)], seed=0, imprint_step=1)
+    eager = LEAPLoss(C, D, margin_type="cosface", cloud="full", prototype_shrinkage=0.5, **kw)
+    compiled = copy.deepcopy(eager)
+    cmodel = torch.compile(compiled, backend="aot_eager")
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x, y = torch.randn(16, D, generator=g), torch.randint(0, C, (16,), generator=g)
+        for loss, model in ((eager, eager), (compiled, cmodel)):
+            loss.W.grad = None
+            model(x, y).backward()
+            with torch.no_grad():
+                loss.W -= 0.5 * loss.W.grad
+        torch.testing.assert_close(compiled.W, eager.W, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+    assert eager.feature_cloud._imprinted == 1
