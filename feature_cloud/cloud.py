@@ -1043,7 +1043,11 @@ class WithFeatureCloud:
         state dict gained keys), ``head.scale = nn.Identity()`` a child named ``scale``. Such a
         value of a setting goes to its property (checked or refused there), and a new
         ``feature_cloud`` is checked as the constructor checks ``cloud=`` (one type test per
-        assignment; nothing in a training step assigns to the head)."""
+        assignment). Torch 2.2 / 2.3's dynamo cannot trace this method: an assignment on a head
+        inside compiled code breaks the graph there (``fullgraph=True`` fails). The heads and
+        PML's ``LEAPLoss`` assign nothing on themselves in a step (the loss keeps its per-call
+        batch in a holder); ``FTLModel``'s split step sets the head's ``validate`` and
+        ``training`` (a break on those torch versions; torch >= 2.4 traces it)."""
         if isinstance(value, (nn.Module, nn.Parameter)):
             if name in _properties(type(self)):
                 object.__setattr__(self, name, value)  # the property: checked or refused

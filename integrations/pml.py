@@ -83,6 +83,16 @@ PML_DEFAULT_MARGIN = margins.Defaults("pml_margin")
 PML_DEFAULT_SCALE = margins.Defaults("pml_scale")
 
 
+class _Agreed:
+    """The batch ``LEAPLoss.forward`` agreed on with the ranks (embeddings, labels, miner
+    weights), for its ``compute_loss``: a plain object written in place, as torch 2.2 / 2.3's
+    dynamo traces that (not an assignment on the loss, which goes through
+    ``WithFeatureCloud.__setattr__``)."""
+
+    def __init__(self) -> None:
+        self.batch: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None
+
+
 def _holds(module: Any, loss: nn.Module) -> bool:
     """Whether ``module`` is ``loss`` or holds it as a submodule."""
     if module is loss:
@@ -242,8 +252,10 @@ class LEAPLoss(
             owner=("PML's loss keywords", self._PML_KWARGS),
         )
         self.validate = validate  # checked (as_bool): "no" validated
-        #: (embeddings, labels, miner weights) agreed on in forward
-        self._agreed: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None
+        #: (embeddings, labels, miner weights) agreed on in forward, for compute_loss: held in
+        #: a holder made here and written in place (an attribute assigned in forward went through
+        #: WithFeatureCloud.__setattr__, which torch 2.2 / 2.3's dynamo cannot trace)
+        self._agreed = _Agreed()
         self.metric_l2: Optional[MetricL2] = ml2
         if self.metric_l2 is not None:
             warn_metric_l2_with_margin("LEAPLoss", "metric_l2", self.metric_l2.alpha)
@@ -256,6 +268,8 @@ class LEAPLoss(
         if not state.get("_margin_in_radians", False) and rule is not None:
             state["margin"] = rule.from_pml(state["margin"])
             state["_margin_in_radians"] = True
+        if not isinstance(state.get("_agreed"), _Agreed):  # pickles before the holder: None
+            state["_agreed"] = _Agreed()
         super().__setstate__(state)
 
     # ------------------------------------------------------------------ PML hooks
@@ -318,9 +332,9 @@ class LEAPLoss(
         (with ``metric_l2`` or a regulariser, ``MultipleReducers`` sums the sub-losses in the
         embeddings' dtype) return a float32 loss, as PML's ``CosFaceLoss`` does."""
         upcast = _half_to_float32(embeddings)
-        if ref_emb is embeddings:
+        if ref_emb is not None and ref_emb is embeddings:  # (torch 2.2's dynamo: None is x)
             ref_emb = upcast
-        self._agreed = None
+        self._agreed.batch = None
         if isinstance(labels, Tensor):  # as PML's forward does, before the ranks' agreement
             labels = c_f.to_device(labels, upcast)
         if (
@@ -350,7 +364,7 @@ class LEAPLoss(
                 problem=problem,
                 settings=self.margin_settings(),
             )
-            self._agreed = (upcast, checked, weights)
+            self._agreed.batch = (upcast, checked, weights)
         elif isinstance(upcast, Tensor) and not upcast.is_floating_point():
             raise TypeError(f"embeddings must be a floating point tensor, got dtype {upcast.dtype}")
         elif isinstance(labels, Tensor) and labels.dim() != 1:  # PML's check_shapes: IndexError
@@ -358,7 +372,7 @@ class LEAPLoss(
         try:
             return super().forward(upcast, labels, indices_tuple, ref_emb, ref_labels)
         finally:
-            self._agreed = None
+            self._agreed.batch = None
 
     def _collective_step(self) -> bool:
         """Whether this call's training step is a collective (synchronised statistics)."""
@@ -378,7 +392,7 @@ class LEAPLoss(
         self._cloud_to(device)  # the checks of a collective update run on the device
         cloud = self.feature_cloud
         train = self.training and torch.is_grad_enabled()
-        agreed = self._agreed
+        agreed = self._agreed.batch
         miner_weights = None
         if train and agreed is not None and agreed[0] is embeddings:
             labels, miner_weights = agreed[1], agreed[2]  # agreed on by every rank in forward
