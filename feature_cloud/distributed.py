@@ -261,7 +261,7 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
             cloud, num_classes, self.embedding_size, cloud_options, replicated=True
         )
         self.reduction = reduction
-        self.validate = bool(validate)
+        self.validate = validate  # checked (as_bool): bool("no") validated
         self.process_group = process_group
         self.rank, self.world_size = rank, world
         self.sizes = sizes

@@ -36,12 +36,14 @@ from . import functional as FC
 from ._buffers import CheckedBeforeLoading, restore_on_error
 from ._validation import (
     ClassCounts,
+    as_bool,
     as_float,
     as_int,
     check_class_counts,
     check_inputs,
     check_labels,
     check_values,
+    checked_attribute,
     migrate_checked,
     warn_user,
 )
@@ -189,7 +191,7 @@ class ConvDecoder(nn.Module):
 _PICKLE_PREDATES: Dict[str, Any] = {
     # before validate: a linear FC's batch was left to cross_entropy; the checks change no
     # valid batch's loss, only refuse a bad one before Enc (this release's default)
-    "validate": True,
+    "_validate": True,
 }
 
 
@@ -262,7 +264,7 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
         validate: bool = True,
     ) -> None:
         super().__init__()
-        self.validate = bool(validate)
+        self.validate = validate  # checked (as_bool): "no" validated
         weight = getattr(classifier, "weight", None)
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise TypeError(
@@ -318,8 +320,15 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """Whole-module pickles of earlier releases lack what :data:`_PICKLE_PREDATES` fills."""
-        state = migrate_checked(state, predating=_PICKLE_PREDATES)
+        state = migrate_checked(state, ("validate",), predating=_PICKLE_PREDATES)
         super().__setstate__(state)  # type: ignore[no-untyped-call]
+
+    validate = checked_attribute(
+        "validate",
+        lambda _, value: as_bool(value, "validate"),
+        "Whether each step checks the labels and the input's finiteness; settable (a flag: "
+        '``bool("no")`` validated).',
+    )
 
     def extra_repr(self) -> str:
         """The loss weights of Eq. 4 (the ``metric_l2`` child is weighted by ``alpha_reg``)."""

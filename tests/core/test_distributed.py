@@ -889,7 +889,12 @@ def test_bad_arguments() -> None:
         ShardedLEAPMarginHead(D, C)
     with pytest.raises(ValueError, match="every rank"):
         even_shard_sizes(2, 3)
+    with pytest.raises(TypeError, match="validate must be True or False"):
+        ShardedLEAPMarginHead(D, C, cloud=None, validate="no")  # was taken as True
     head = ShardedLEAPMarginHead(D, C, cloud=None)
+    with pytest.raises(TypeError, match="validate must be True or False"):
+        head.validate = "no"
+    assert head.validate is True
     with pytest.raises(ValueError, match=r"\[0, 7\)"):
         head(torch.randn(2, D), torch.tensor([0, 7]))
     with pytest.raises(ValueError, match="holds"):

@@ -127,6 +127,11 @@ def test_decoder_is_optional_only_explicitly():
     # cross_entropy's IndexError; on CUDA a device-side assert)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\)"):
         model.loss(torch.randn(4, P), torch.tensor([0, 1, 2, 5]))
+    with pytest.raises(TypeError, match="validate must be True or False"):
+        FTLModel(enc, nn.Linear(E, 5), feature_dim=D, alpha_recon=0.0, validate="no")
+    with pytest.raises(TypeError, match="validate must be True or False"):
+        model.validate = "no"  # was stored as 'no' (and validated)
+    assert model.validate is True
     unchecked = FTLModel(enc, nn.Linear(E, 5), feature_dim=D, alpha_recon=0.0, validate=False)
     assert "validate=False" in repr(unchecked) and "alpha_reg=0.25" in repr(unchecked)
     with pytest.raises(IndexError):
@@ -199,10 +204,13 @@ def test_whole_module_pickles_of_earlier_releases_train():
     xtr, ytr, _, _, _ = _data(0)
     model = _model(0)
     pickled = copy.deepcopy(model)
-    del vars(pickled)["validate"], vars(pickled)["_pending_frozen"]
+    del vars(pickled)["_validate"], vars(pickled)["_pending_frozen"]
     del vars(pickled.feature_transfer)["_initial"]
     old = pickle.loads(pickle.dumps(pickled))
     assert old.validate
+    plain = copy.deepcopy(model)  # of 12-06: validate a plain attribute
+    vars(plain)["validate"] = vars(plain).pop("_validate") and False
+    assert pickle.loads(pickle.dumps(plain)).validate is False
     assert torch.equal(old.loss(xtr[:8], ytr[:8])["loss"], model.loss(xtr[:8], ytr[:8])["loss"])
     sched = AlternatingScheduler(model, stage0_iters=1, stage_iters=2, max_alternations=1)
     then = copy.copy(sched)
