@@ -1043,17 +1043,23 @@ class WithFeatureCloud:
         state dict gained keys), ``head.scale = nn.Identity()`` a child named ``scale``. Such a
         value of a setting goes to its property (checked or refused there), and a new
         ``feature_cloud`` is checked as the constructor checks ``cloud=`` (one type test per
-        assignment). Torch 2.2 / 2.3's dynamo cannot trace this method: an assignment on a head
+        assignment). A Parameter (or a tensor that requires grad) is refused for a setting:
+        ``head.scale = nn.Parameter(torch.tensor(30.))`` was read as the number 30.0 and never
+        learned. Torch 2.2 / 2.3's dynamo cannot trace this method: an assignment on a head
         inside compiled code breaks the graph there (``fullgraph=True`` fails). The heads and
         PML's ``LEAPLoss`` assign nothing on themselves in a step (the loss keeps its per-call
         batch in a holder); ``FTLModel``'s split step sets the head's ``validate`` and
         ``training`` (a break on those torch versions; torch >= 2.4 traces it)."""
         if isinstance(value, (nn.Module, nn.Parameter)):
             if name in _properties(type(self)):
+                if isinstance(value, nn.Parameter):
+                    raise _not_learned(self, name, value)
                 object.__setattr__(self, name, value)  # the property: checked or refused
                 return
             if name == "feature_cloud":
                 value = self._checked_feature_cloud(value)
+        elif isinstance(value, Tensor) and value.requires_grad and name in _properties(type(self)):
+            raise _not_learned(self, name, value)
         elif name == "feature_cloud" and "feature_cloud" in self.__dict__.get("_modules", ()):
             raise TypeError(
                 f"feature_cloud must be a FeatureCloud, got {value!r}; to train without the "
@@ -1178,6 +1184,16 @@ class WithFeatureCloud:
     def cloud_active(self) -> bool:
         """Whether the next training step draws a feature cloud."""
         return self.feature_cloud.active
+
+
+def _not_learned(owner: Any, name: str, value: Tensor) -> TypeError:
+    """The refusal of a Parameter (or a tensor that requires grad) assigned to a setting."""
+    kind = "a Parameter" if isinstance(value, nn.Parameter) else "a tensor that requires grad"
+    return TypeError(
+        f"{type(owner).__name__}.{name} is a setting, a plain number: {kind} assigned to it "
+        "would be read as its value and not learned (it is not one of the module's "
+        "parameters); assign a plain number instead"
+    )
 
 
 #: the names of the class properties of each holder class (:meth:`WithFeatureCloud.__setattr__`):

@@ -374,8 +374,15 @@ def test_a_module_assigned_to_a_setting_is_refused_not_registered():
         "feature_cloud.statistics",
     ]
     assert (head.gamma, head.cloud, head.scale, head.cloud_scale) == (0.1, "full", 24.0, 2.0)
-    # a 0-d tensor is a number (a Parameter too): it reaches the setting, not the parameters
-    head.gamma = torch.nn.Parameter(torch.tensor(0.5))
+    # a Parameter (an attempt at a learned setting) is refused: it was read as the number 0.5
+    # and never learned (s51 review); a plain 0-d tensor is a number
+    for name in ("gamma", "scale", "margin", "cloud_scale"):
+        with pytest.raises(TypeError, match=rf"LEAPMarginHead.{name} is a setting.+not learned"):
+            setattr(head, name, torch.nn.Parameter(torch.tensor(0.5)))
+    with pytest.raises(TypeError, match="a tensor that requires grad .+ not learned"):
+        head.scale = torch.tensor(30.0, requires_grad=True)
+    assert (head.gamma, head.scale, head.cloud_scale) == (0.1, 24.0, 2.0)
+    head.gamma = torch.tensor(0.5)
     assert head.gamma == 0.5 and [name for name, _ in head.named_parameters()] == ["weight"]
 
 
