@@ -1023,6 +1023,9 @@ class WithFeatureCloud:
     """Read-only views of ``self.feature_cloud`` shared by every head and adapter holding one."""
 
     feature_cloud: FeatureCloud
+    #: what the messages call an instance (``head.gamma = ...``; PML's loss: ``loss.``), beside
+    #: its class's name, as :class:`FixedSettingError` names the class assigned on
+    _called = "head"
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """A whole-module pickle of 0.1.0 (statistics and a generator on the head, no
@@ -1063,7 +1066,7 @@ class WithFeatureCloud:
         elif name == "feature_cloud" and "feature_cloud" in self.__dict__.get("_modules", ()):
             raise TypeError(
                 f"feature_cloud must be a FeatureCloud, got {value!r}; to train without the "
-                "cloud set head.cloud = None"
+                f"cloud set {self._called}.cloud = None"
             )
         super().__setattr__(name, value)
 
@@ -1106,11 +1109,12 @@ class WithFeatureCloud:
     @cloud.setter
     def cloud(self, rule: Optional[str]) -> None:
         if isinstance(rule, nn.Module):  # the constructor's cloud= takes one; this a rule
+            v, holder = self._called, type(self).__name__
             raise TypeError(
-                f"head.cloud takes a rule ('full', 'vanilla' or None), got a "
-                f"{type(rule).__name__}: to replace the FeatureCloud, assign "
-                "head.feature_cloud = FeatureCloud(...) (of the head's num_classes and "
-                "embedding_size), or pass cloud=FeatureCloud(...) at construction"
+                f"{v}.cloud takes a rule ('full', 'vanilla' or None), got a "
+                f"{type(rule).__name__}: to replace the {holder}'s FeatureCloud, assign "
+                f"{v}.feature_cloud = FeatureCloud(...) (of the {holder}'s num_classes and "
+                f"embedding_size), or pass cloud=FeatureCloud(...) to {holder}(...)"
             )
         self.feature_cloud.set_rule(FC.check_cloud_rule(rule, name="cloud"))
 
@@ -1155,12 +1159,13 @@ class WithFeatureCloud:
 
     @statistics.setter
     def statistics(self, value: Any) -> None:
+        v, holder = self._called, type(self).__name__
         raise AttributeError(
-            "statistics are the feature cloud's (head.feature_cloud.statistics) and are not "
-            "replaced on the head: set their settings on the head (head.gamma = ..., "
-            "head.cloud = ...), load a state with load_state_dict, or give the head another "
-            "cloud (head.feature_cloud = FeatureCloud(...), or cloud=FeatureCloud(...) at "
-            "construction)"
+            f"statistics are the feature cloud's ({v}.feature_cloud.statistics) and are not "
+            f"replaced on the {holder}: set their settings on it ({v}.gamma = ..., "
+            f"{v}.cloud = ...), load a state with load_state_dict, or give it another "
+            f"cloud ({v}.feature_cloud = FeatureCloud(...), or cloud=FeatureCloud(...) to "
+            f"{holder}(...))"
         )
 
     @property

@@ -195,6 +195,7 @@ class LEAPLoss(
         "distance",
         "collect_stats",
     )
+    _called = "loss"  # in messages: loss.cloud = ..., not head.cloud
 
     def __init__(
         self,

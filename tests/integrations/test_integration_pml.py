@@ -822,6 +822,24 @@ def test_leap_loss_sizes_are_refused_on_assignment(name, value):
     assert getattr(pickle.loads(pickle.dumps(loss_fn)), name) == before
 
 
+def test_refusals_name_the_loss_not_a_head():
+    """``loss.cloud = FeatureCloud(...)`` and ``loss.statistics = ...`` were refused with advice
+    about ``head.cloud`` / ``head.feature_cloud``, names a PML user does not hold."""
+    from feature_cloud import ClassStatistics, FeatureCloud
+
+    loss = LEAPLoss(C, D, class_counts=[4] * C, seed=1)
+    with pytest.raises(TypeError) as cloud:
+        loss.cloud = FeatureCloud(C, D, class_counts=[4] * C)
+    with pytest.raises(AttributeError) as stats:
+        loss.statistics = ClassStatistics(C, D, class_counts=[4] * C)
+    with pytest.raises(TypeError) as none:
+        loss.feature_cloud = None
+    for refusal in (cloud, stats, none):
+        assert "head" not in str(refusal.value) and "loss." in str(refusal.value)
+    assert "loss.feature_cloud = FeatureCloud(...)" in str(cloud.value)
+    assert "LEAPLoss" in str(cloud.value) and "LEAPLoss" in str(stats.value)
+
+
 def test_compiled_loss_step_is_one_graph():
     """A compiled training step of the loss is one graph without breaks. Its forward assigned
     ``self._agreed`` twice per call; through ``WithFeatureCloud.__setattr__`` torch 2.3.1's
