@@ -679,8 +679,7 @@ class FeatureCloud(nn.Module):
         stats = self.statistics
         ahead = self.imprint_step is not None and not self.imprint_behind
         return (
-            ("cloud", self.rule),
-            ("statistics.rule", stats.rule if self.rule is not None else None),
+            ("cloud", self.rule),  # (the statistics' rule: the same, set_rule keeps them so)
             ("cloud_mode", self.mode),
             ("cloud_scale", self.scale),
             ("gamma", stats.gamma),

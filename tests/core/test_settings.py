@@ -279,6 +279,9 @@ def test_the_statistics_rule_follows_the_owner_and_survives_pickles():
         head.statistics.rule = "vanilla"
     head.cloud = "vanilla"
     assert head.statistics.rule == "vanilla" == head.statistics.cloud
+    # the ranks' settings name the rule once, as cloud: a mismatch listed statistics.rule too
+    names = [name for name, _ in head.feature_cloud.agreed_settings()]
+    assert names.count("cloud") == 1 and not any("rule" in name for name in names)
     restored = pickle.loads(pickle.dumps(head))
     assert restored.statistics.rule == "vanilla" and restored.statistics.memory_per_sample == 1
     # a whole-module pickle of an earlier release held them as plain attributes
