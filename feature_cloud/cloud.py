@@ -15,7 +15,7 @@ a pure function of ``(seed, step, stream, row, class)``.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,7 @@ from ._validation import (
     warn_user,
 )
 from .statistics import (
+    _NEW_SIZE,
     DEFAULT_CENTER_RATE,
     ClassStatistics,
     check_gamma,
@@ -203,10 +204,6 @@ _WHY_FIXED = {
 }
 _SYNCHRONIZE = "call feature_cloud.synchronize(process_group, pad_to=...) instead"
 _SIZES = "it sizes the statistics"
-_NEW_SIZE = (
-    "build a new {holder} with {name}={value!r} (a state_dict of another size does not load "
-    "into it)"
-)
 
 
 class _Backward:
@@ -1287,3 +1284,20 @@ def migrate_state_dict(
     state_dict.setdefault(new_prefix + "step", torch.tensor(int(extra["step"]), dtype=torch.long))
     state_dict.setdefault(new_prefix + "seed", torch.tensor(int(extra["seed"]), dtype=torch.long))
     return extra
+
+
+def migrated_for_checking(
+    state_dict: Dict[str, Any],
+    old_prefix: str,
+    new_prefix: str,
+    migrate: Callable[[Dict[str, Any], str, str], Any] = migrate_state_dict,
+) -> Dict[str, Any]:
+    """What a ``check_state_dict`` checks: ``state_dict`` itself, or, where it holds a 0.1.0
+    layout (``{old_prefix}_extra_state``), a copy of it migrated by ``migrate(copy, old_prefix,
+    new_prefix)`` (:func:`migrate_state_dict` or a holder's own), leaving the caller's dict
+    as it was."""
+    if old_prefix + "_extra_state" not in state_dict:
+        return state_dict
+    state_dict = dict(state_dict)
+    migrate(state_dict, old_prefix, new_prefix)
+    return state_dict

@@ -52,7 +52,7 @@ from ._validation import (
     refuse_bad_weights,
     trainable_labels,
 )
-from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
+from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict, migrated_for_checking
 from .heads import MarginSettings, cloud_margin_logits, fused_cloud, make_cloud, resolve_margin
 from .sync import (  # noqa: F401  (re-exported: the process-group API lives here)
     BATCH_MODES,
@@ -515,9 +515,9 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
         :meth:`FeatureCloud.check_state_dict` refuses; changes nothing (a 0.1.0 layout is
         migrated in a copy). :func:`feature_cloud.check_state_dict` runs it for every head
         inside a model."""
-        if prefix + "_extra_state" in state_dict:
-            state_dict = dict(state_dict)
-            self._migrate(state_dict, prefix, None)
+        state_dict = migrated_for_checking(
+            state_dict, prefix, prefix, lambda copy, old, _: self._migrate(copy, old, None)
+        )
         self._check_state(state_dict, prefix)
 
     def _migrate(

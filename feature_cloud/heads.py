@@ -42,7 +42,13 @@ from ._validation import (
     refuse_other_shape,
     warn_user,
 )
-from .cloud import FeatureCloud, WithFeatureCloud, check_cloud_fits, migrate_state_dict
+from .cloud import (
+    FeatureCloud,
+    WithFeatureCloud,
+    check_cloud_fits,
+    migrate_state_dict,
+    migrated_for_checking,
+)
 from .noise import capturing
 
 __all__ = [
@@ -938,9 +944,7 @@ class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
         too), a cloud state :meth:`FeatureCloud.check_state_dict` refuses; changes nothing (a
         0.1.0 layout is migrated in a copy). :func:`feature_cloud.check_state_dict` runs it
         for every head inside a model."""
-        if prefix + "_extra_state" in state_dict:
-            state_dict = dict(state_dict)
-            migrate_state_dict(state_dict, prefix, prefix + "feature_cloud.")
+        state_dict = migrated_for_checking(state_dict, prefix, prefix + "feature_cloud.")
         self._check_weight(state_dict, prefix)
         self.feature_cloud.check_state_dict(state_dict, prefix + "feature_cloud.")
 

@@ -107,6 +107,7 @@ _SET_RULE_ON_THE_OWNER = (
     "set the rule on the owner instead: head.cloud = ... or FeatureCloud.rule = ... "
     "(set_rule), which keeps the cloud and its statistics in step"
 )
+#: how to change a size (FixedSettingError's ``how``; the cloud's and heads' sizes too)
 _NEW_SIZE = (
     "build a new {holder} with {name}={value!r} (a state_dict of another size does not load "
     "into it)"

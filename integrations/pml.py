@@ -62,7 +62,12 @@ from feature_cloud._validation import (
     refuse_other_shape,
     warn_user,
 )
-from feature_cloud.cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict
+from feature_cloud.cloud import (
+    FeatureCloud,
+    WithFeatureCloud,
+    migrate_state_dict,
+    migrated_for_checking,
+)
 from feature_cloud.heads import (
     ImplSettings,
     MarginSettings,
@@ -508,9 +513,7 @@ class LEAPLoss(
         ``W``'s ``original*`` too; a cloud state the cloud refuses); changes nothing (a 0.1.0
         layout is migrated in a copy). ``feature_cloud.check_state_dict`` runs it for every
         loss inside a model."""
-        if prefix + "head._extra_state" in state_dict:
-            state_dict = dict(state_dict)
-            migrate_state_dict(state_dict, prefix + "head.", prefix + "feature_cloud.")
+        state_dict = migrated_for_checking(state_dict, prefix + "head.", prefix + "feature_cloud.")
         self._check_state(state_dict, prefix)
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:

@@ -113,6 +113,19 @@ def test_v0_1_0_checkpoints_load_with_step_and_seed() -> None:
     assert (pml.step, int(pml.feature_cloud.seed)) == (4, 7)
     assert torch.equal(pml.W, old["pml"]["W"])
     assert torch.equal(pml.statistics.centers, old["pml"]["head.statistics.centers"])
+    # check_state_dict checks each 0.1.0 layout migrated in a copy (one helper for the three)
+    for module, name, prefix in (
+        (head, "dense", ""),
+        (sharded, "sharded", ""),
+        (pml, "pml", "head."),
+    ):
+        state = dict(old[name])
+        module.check_state_dict(state)
+        assert state.keys() == old[name].keys()
+        state[prefix + "statistics.memory"] = state[prefix + "statistics.memory"] * float("nan")
+        with pytest.raises(ValueError, match="feature_cloud.statistics holds memory angles"):
+            module.check_state_dict(state)
+        assert prefix + "_extra_state" in state and "feature_cloud.step" not in state
 
 
 class _LoadCalls:
