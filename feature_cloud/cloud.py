@@ -636,7 +636,8 @@ class FeatureCloud(nn.Module):
         The first training step after the cloud was turned off (``rule=None``) on a rank agrees
         once more (then no more, a cloud-off step has no collective): where the other ranks
         kept the cloud on, every rank raises there, instead of the others waiting in the
-        agreement until the process group's timeout."""
+        agreement until the process group's timeout. Not with ``validate=False`` and ``pad_to``
+        (no agreement runs): the others then wait in the gather until that timeout."""
         if train:
             problem = problem or inference_problem(embeddings, self.step)
         collective = train and self.collective
