@@ -17,7 +17,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import distributed as pml_distributed
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-from conftest import loss_and_grads, make_batch
+from conftest import TORCH_VERSION, loss_and_grads, make_batch
 from feature_cloud.integrations.pml import LEAPLoss
 
 C, D, B = 12, 16, 48
@@ -840,6 +840,11 @@ def test_refusals_name_the_loss_not_a_head():
     assert "LEAPLoss" in str(cloud.value) and "LEAPLoss" in str(stats.value)
 
 
+@pytest.mark.skipif(
+    TORCH_VERSION < (2, 3),
+    reason="torch 2.2's dynamo breaks the graph twice in PML 2.0.0's own forward (a tensor "
+    "'is not' comparison it does not support)",
+)
 def test_compiled_loss_step_is_one_graph():
     """A compiled training step of the loss is one graph without breaks. Its forward assigned
     ``self._agreed`` twice per call; through ``WithFeatureCloud.__setattr__`` torch 2.3.1's
