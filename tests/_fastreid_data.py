@@ -68,3 +68,19 @@ def tiny_cfg(yaml, output_dir, *extra):
         + list(extra)
     )
     return EXAMPLE.build_cfg(yaml, opts)
+
+
+def record_checkpoint_loads(module, source, reached):
+    """Append to ``reached``, each time ``module`` begins to load, whether it was given the
+    checkpoint's (``source``'s) values; the Checkpointer's put-back of the module's own state
+    after a refusal gives it its own."""
+    import torch
+
+    name, value = next((n, p) for n, p in source.named_parameters() if p.dim() > 1)
+    value = value.detach().clone()
+
+    def hook(_, state, prefix, *args):
+        given = state.get(prefix + name)
+        reached.append(given is not None and torch.equal(given, value))
+
+    module.register_load_state_dict_pre_hook(hook)

@@ -23,6 +23,7 @@ from _fastreid_data import (
     NUM_IDS,
     TAIL_IMAGES,
     market_root,  # noqa: F401 (a pytest fixture)
+    record_checkpoint_loads,
     tiny_cfg,
 )
 from _fastreid_data import LEAP_YAML as YAML
@@ -1187,7 +1188,7 @@ def test_leap_baseline_refuses_a_damaged_head_state_before_its_backbone_loads(tm
         ):
             model = build(1)
             reached = []
-            _record_checkpoint_loads(model.backbone, source.backbone, reached)
+            record_checkpoint_loads(model.backbone, source.backbone, reached)
             before = state_snapshot(model)
             with pytest.raises(ValueError, match="checkpoint's heads.margin_head"):
                 load(model)
@@ -1196,17 +1197,3 @@ def test_leap_baseline_refuses_a_damaged_head_state_before_its_backbone_loads(tm
     model = build(1)
     Checkpointer(model, str(tmp_path / "o")).load(str(tmp_path / "sound.pth"))
     assert_same_state(state_snapshot(source), state_snapshot(model), "a sound checkpoint")
-
-
-def _record_checkpoint_loads(module, source, reached):
-    """Append to ``reached``, each time ``module`` begins to load, whether it was given the
-    checkpoint's (``source``'s) values; the Checkpointer's put-back of the module's own state
-    after a refusal gives it its own."""
-    name, value = next((n, p) for n, p in source.named_parameters() if p.dim() > 1)
-    value = value.detach().clone()
-
-    def hook(_, state, prefix, *args):
-        given = state.get(prefix + name)
-        reached.append(given is not None and torch.equal(given, value))
-
-    module.register_load_state_dict_pre_hook(hook)

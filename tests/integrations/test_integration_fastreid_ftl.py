@@ -27,6 +27,7 @@ from _fastreid_data import (
     NUM_IDS,
     TAIL_IMAGES,
     market_root,  # noqa: F401 (a pytest fixture)
+    record_checkpoint_loads,
     tiny_cfg,
 )
 from feature_cloud import FTLModel
@@ -732,23 +733,9 @@ def test_ftl_baseline_refuses_a_damaged_head_state_before_its_encoder_loads(tmp_
     ):
         model = build(1)
         reached = []
-        _record_checkpoint_loads(model.ftl.encoder, source.ftl.encoder, reached)
+        record_checkpoint_loads(model.ftl.encoder, source.ftl.encoder, reached)
         before = state_snapshot(model)
         with pytest.raises(ValueError, match="checkpoint's ftl.classifier.weight holds"):
             load(model)
         assert not any(reached)  # refused before the encoder began to load
         assert_same_state(before, state_snapshot(model), "a refused checkpoint")
-
-
-def _record_checkpoint_loads(module, source, reached):
-    """Append to ``reached``, each time ``module`` begins to load, whether it was given the
-    checkpoint's (``source``'s) values; the Checkpointer's put-back of the module's own state
-    after a refusal gives it its own."""
-    name, value = next((n, p) for n, p in source.named_parameters() if p.dim() > 1)
-    value = value.detach().clone()
-
-    def hook(_, state, prefix, *args):
-        given = state.get(prefix + name)
-        reached.append(given is not None and torch.equal(given, value))
-
-    module.register_load_state_dict_pre_hook(hook)
