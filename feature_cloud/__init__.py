@@ -1,7 +1,7 @@
 """feature-cloud: long-tail representation learning heads and losses (LEAP and FTL) for PyTorch."""
 
 from . import functional
-from ._buffers import check_state_dict
+from .checkpoints import check_state_dict
 from .cloud import FeatureCloud
 from .ftl import AlternatingScheduler, FTLModel
 from .heads import LEAPMarginHead

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import functional as FC
-from ._buffers import CheckedBeforeLoading, restore_on_error
+from ._buffers import restore_on_error
 from ._validation import (
     ClassCounts,
     as_bool,
@@ -47,6 +47,7 @@ from ._validation import (
     migrate_checked,
     warn_user,
 )
+from .checkpoints import CheckedBeforeLoading
 from .heads import LEAPMarginHead
 from .regularizers import MetricL2, warn_metric_l2_with_margin
 from .transfer import FeatureBatch, FeatureTransfer

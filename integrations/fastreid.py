@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from feature_cloud import margins
-from feature_cloud._buffers import CheckedBeforeLoading, restore_on_error
+from feature_cloud._buffers import restore_on_error
 from feature_cloud._extras import missing
 from feature_cloud._validation import (
     ClassCounts,
@@ -81,6 +81,7 @@ from feature_cloud._validation import (
     class_counts_from_mapping,
     migrate_checked,
 )
+from feature_cloud.checkpoints import CheckedBeforeLoading
 from feature_cloud.cloud import (
     DEFAULT_CLOUD_MODE,
     DEFAULT_CLOUD_SCALE,

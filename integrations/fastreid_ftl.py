@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from feature_cloud._buffers import CheckedBeforeLoading
+from feature_cloud.checkpoints import CheckedBeforeLoading
 from feature_cloud.ftl import (
     DEFAULT_TAIL_SAMPLING,
     FILTERS,

@@ -64,7 +64,7 @@ from timm.utils.model import unwrap_model
 from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 
-from feature_cloud._buffers import CheckedBeforeLoading, restore_on_error
+from feature_cloud._buffers import restore_on_error
 from feature_cloud._validation import (
     as_bool,
     as_float,
@@ -72,6 +72,7 @@ from feature_cloud._validation import (
     class_counts_from_mapping,
     migrate_checked,
 )
+from feature_cloud.checkpoints import CheckedBeforeLoading
 from feature_cloud.cloud import FeatureCloud
 from feature_cloud.ftl import (
     DEFAULT_TAIL_SAMPLING,
