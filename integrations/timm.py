@@ -926,6 +926,25 @@ class TimmFTLModel(_BackboneOptimizerHooks, FTLModel):
         self._refuse_backbone_classifier()
         return super().encode(x)
 
+    def forward_features(self, input: Tensor) -> Tensor:
+        """timm's model method: the encoder's unpooled features."""
+        self._refuse_backbone_classifier()
+        return self.encoder.forward_features(input)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """timm's model method on :meth:`forward_features`' output: the identity feature
+        ``f = R(g)`` (``pre_logits=True``; what ``forward(input)`` returns) or the classifier's
+        logits of ``f`` (:meth:`logits`)."""
+        self._refuse_backbone_classifier()
+        g = self.encoder.forward_head(x, pre_logits=True)
+        if g.dim() != 2 or g.shape[1] != self.feature_dim:
+            raise ValueError(
+                f"the encoder's pooled features must be (batch, feature_dim={self.feature_dim}), "
+                f"got {tuple(g.shape)}"
+            )
+        f = self.embed(g)
+        return f if pre_logits else self.logits(f)
+
 
 class FTLEmbedding(nn.Module):
     """The eval model of :class:`FTLTask`: the identity feature ``f = R(Enc(x))``.

@@ -175,7 +175,7 @@ def test_an_unpooled_backbone_is_refused_before_it_runs():
 
 def test_timm_classifier_methods_of_the_trainable_modules():
     """timm's ``get_classifier`` / ``forward_features`` / ``forward_head`` work on the LEAP
-    module; ``reset_classifier`` (timm's re-targeting, which would leave the head's class
+    and FTL modules; ``reset_classifier`` (timm's re-targeting, which would leave the head's class
     statistics sized for the old classes) is refused with what to do instead, for LEAP and FTL;
     nothing changes."""
     task = _task()
@@ -188,6 +188,10 @@ def test_timm_classifier_methods_of_the_trainable_modules():
     torch.testing.assert_close(module.forward_head(features, pre_logits=True), task.backbone(x))
     ftl = _ftl_task().model
     assert ftl.get_classifier() is ftl.classifier
+    ftl.eval()  # FTL's model had no forward_features / forward_head (left alone in s50)
+    features = ftl.forward_features(x)
+    torch.testing.assert_close(ftl.forward_head(features, pre_logits=True), ftl(x))
+    torch.testing.assert_close(ftl.forward_head(features), ftl.logits(ftl(x)))
     for model in (module, ftl):
         state = copy.deepcopy(model.state_dict())
         with pytest.raises(NotImplementedError, match=r"reset_classifier\(10\).*get_eval_model"):
