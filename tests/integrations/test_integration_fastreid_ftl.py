@@ -36,6 +36,25 @@ STAGE0, STAGE = 5, 5  # 84 training images / 16 per batch = 5 iterations per epo
 NUM_TAIL_IDS = NUM_IDS - HEAD_IDS
 
 
+#: a 7-class FTLBaseline with a CosFace FC (s=16, m=0.2), no decoder and no m-L2 term
+_MARGIN_FC_NO_DECODER = (
+    "MODEL.HEADS.NUM_CLASSES",
+    "7",
+    "MODEL.FTL.DECODER_CHANNELS",
+    "[]",
+    "MODEL.FTL.ALPHA_RECON",
+    "0.0",
+    "MODEL.FTL.ALPHA_REG",
+    "0.0",
+    "MODEL.HEADS.CLS_LAYER",
+    "CosSoftmax",
+    "MODEL.HEADS.SCALE",
+    "16",
+    "MODEL.HEADS.MARGIN",
+    "0.2",
+)
+
+
 def _ftl_cfg(output_dir, *extra):
     return tiny_cfg(
         FTL_YAML,
@@ -87,23 +106,7 @@ def test_yaml_needs_the_config_node_and_builds_ftl_baseline(tmp_path):
     no_dec = _ftl_cfg(tmp_path, "MODEL.HEADS.NUM_CLASSES", "7", "MODEL.FTL.DECODER_CHANNELS", "[]")
     with pytest.raises(ValueError, match="alpha_recon"):
         build_model(no_dec)  # FTLModel: reconstruction needs a decoder
-    margin = _ftl_cfg(
-        tmp_path,
-        "MODEL.HEADS.NUM_CLASSES",
-        "7",
-        "MODEL.FTL.DECODER_CHANNELS",
-        "[]",
-        "MODEL.FTL.ALPHA_RECON",
-        "0.0",
-        "MODEL.FTL.ALPHA_REG",
-        "0.0",
-        "MODEL.HEADS.CLS_LAYER",
-        "CosSoftmax",
-        "MODEL.HEADS.SCALE",
-        "16",
-        "MODEL.HEADS.MARGIN",
-        "0.2",
-    )
+    margin = _ftl_cfg(tmp_path, *_MARGIN_FC_NO_DECODER)
     ftl = build_model(margin).ftl
     assert ftl.is_margin_head and ftl.decoder is None
     assert (ftl.classifier.margin_type, ftl.classifier.scale, ftl.classifier.cloud) == (
@@ -702,23 +705,7 @@ def test_ftl_baseline_refuses_a_damaged_head_state_before_its_encoder_loads(tmp_
 
     def build(seed):
         torch.manual_seed(seed)
-        cfg = _ftl_cfg(
-            tmp_path,
-            "MODEL.HEADS.NUM_CLASSES",
-            "7",
-            "MODEL.FTL.DECODER_CHANNELS",
-            "[]",
-            "MODEL.FTL.ALPHA_RECON",
-            "0.0",
-            "MODEL.FTL.ALPHA_REG",
-            "0.0",
-            "MODEL.HEADS.CLS_LAYER",
-            "CosSoftmax",
-            "MODEL.HEADS.SCALE",
-            "16",
-            "MODEL.HEADS.MARGIN",
-            "0.2",
-        )
+        cfg = _ftl_cfg(tmp_path, *_MARGIN_FC_NO_DECODER)
         return build_model(cfg)
 
     source = build(0)
