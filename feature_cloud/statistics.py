@@ -104,8 +104,9 @@ _WHY_FIXED = {
     "size": "it sizes every buffer of the statistics",
 }
 _SET_RULE_ON_THE_OWNER = (
-    "set the rule on the owner instead: head.cloud = ... or FeatureCloud.rule = ... "
-    "(set_rule), which keeps the cloud and its statistics in step"
+    "set the rule on what holds them instead: head.cloud = ... (PML's LEAPLoss: "
+    "loss.cloud = ...) or FeatureCloud.rule = ... (set_rule), which keeps the cloud and its "
+    "statistics in step"
 )
 #: how to change a size (FixedSettingError's ``how``; the cloud's and heads' sizes too)
 _NEW_SIZE = (

@@ -275,7 +275,7 @@ def test_statistics_settings_that_split_the_state_or_size_buffers_are_refused(na
 
 def test_the_statistics_rule_follows_the_owner_and_survives_pickles():
     head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
-    with pytest.raises(AttributeError, match=re.escape("head.cloud = ... or FeatureCloud.rule")):
+    with pytest.raises(AttributeError, match=re.escape("head.cloud = ... (PML's LEAPLoss")):
         head.statistics.rule = "vanilla"
     head.cloud = "vanilla"
     assert head.statistics.rule == "vanilla" == head.statistics.cloud
