@@ -202,7 +202,12 @@ _WHY_FIXED = {
     "class_counts": "they lay out the angle memory (LEAP Eq. 5)",
     "sync": "it chose the statistics' class",
 }
-_SYNCHRONIZE = "call feature_cloud.synchronize(process_group, pad_to=...) instead"
+_SYNCHRONIZE = (
+    "to synchronise the statistics over another group or with another pad_to, call "
+    "feature_cloud.distributed.synchronize(head, process_group, pad_to=...) (on a FeatureCloud: "
+    "cloud.synchronize(process_group, pad_to=...)); for sync='off', build a new {holder} with "
+    "sync='off' and load this one's state_dict()"
+)
 _SIZES = "it sizes the statistics"
 
 
@@ -1119,7 +1124,7 @@ class WithFeatureCloud:
     # mechanism, :func:`forwarded`): assignable ones are checked there as its constructor
     # checks them (a cloud-scale schedule's ``head.cloud_scale = s``), fixed ones refuse
     # (:func:`fixed_setting`, saying why); a plain attribute of such a name changed nothing.
-    # Not ``process_group`` / ``pad_to``: a sharded head holds its own.
+    # ``process_group`` / ``pad_to``: :class:`WithStatisticsGroup` (a sharded head holds its own).
     cloud_mode = forwarded("feature_cloud.cloud_mode", doc="The cloud's ``cloud_mode``; settable.")
     cloud_scale = forwarded(
         "feature_cloud.cloud_scale", doc="The cloud's ``cloud_scale``; settable (a schedule)."
@@ -1186,6 +1191,18 @@ class WithFeatureCloud:
     def cloud_active(self) -> bool:
         """Whether the next training step draws a feature cloud."""
         return self.feature_cloud.active
+
+
+class WithStatisticsGroup:
+    """``process_group`` and ``pad_to`` of the statistics' synchronisation, read from the cloud
+    and refused on assignment as the cloud refuses them (the dense head, PML's ``LEAPLoss``;
+    the sharded head holds its own): ``head.pad_to = 8`` was a plain attribute that changed
+    nothing."""
+
+    process_group = forwarded(
+        "feature_cloud.process_group", doc="The statistics' process group; fixed."
+    )
+    pad_to = forwarded("feature_cloud.pad_to", doc="The statistics' per-rank padding; fixed.")
 
 
 def _not_learned(owner: Any, name: str, value: Tensor) -> TypeError:

@@ -45,6 +45,7 @@ from ._validation import (
 from .cloud import (
     FeatureCloud,
     WithFeatureCloud,
+    WithStatisticsGroup,
     check_cloud_fits,
     migrate_state_dict,
     migrated_for_checking,
@@ -510,7 +511,9 @@ def _margin_loss(
     return loss, top1
 
 
-class LEAPMarginHead(WithFeatureCloud, MarginSettings, ImplSettings, nn.Module):
+class LEAPMarginHead(
+    WithFeatureCloud, WithStatisticsGroup, MarginSettings, ImplSettings, nn.Module
+):
     r"""Margin softmax head with a learnable feature cloud for tail classes (LEAP Eq. 7-8).
 
     Holds the class weights ``weight`` ``(C, D)`` and a :class:`~feature_cloud.cloud.FeatureCloud`

@@ -65,6 +65,7 @@ from feature_cloud._validation import (
 from feature_cloud.cloud import (
     FeatureCloud,
     WithFeatureCloud,
+    WithStatisticsGroup,
     migrate_state_dict,
     migrated_for_checking,
 )
@@ -137,7 +138,12 @@ def _miner_weights(
 
 
 class LEAPLoss(
-    WithFeatureCloud, MarginSettings, ImplSettings, WeightRegularizerMixin, BaseMetricLossFunction
+    WithFeatureCloud,
+    WithStatisticsGroup,
+    MarginSettings,
+    ImplSettings,
+    WeightRegularizerMixin,
+    BaseMetricLossFunction,
 ):
     r"""CosFace / ArcFace loss with the LEAP feature cloud for tail classes (LEAP Eq. 7-8).
 

@@ -102,8 +102,32 @@ def test_every_cloud_keyword_is_an_attribute_of_the_cloud_and_of_the_head():
         descriptor = inspect.getattr_static(FeatureCloud, name, None)
         assert isinstance(descriptor, property) or name in ("seed",), name
         getattr(head.feature_cloud, name)
-    for name in set(SETTABLE) | set(FIXED) | {"seed"}:
+    for name in set(SETTABLE) | set(FIXED) | {"seed", "process_group", "pad_to"}:
         assert isinstance(inspect.getattr_static(type(head), name, None), property), name
+
+
+def test_the_statistics_group_is_refused_on_the_head_and_the_way_out_named_works():
+    """``head.pad_to = 8`` / ``head.process_group = ...`` (dense head, PML's loss) were plain
+    attributes that changed nothing (the cloud refused them); the refusal named
+    ``feature_cloud.synchronize(...)``, which does not exist (s52 docs audit)."""
+    pml = pytest.importorskip("feature_cloud.integrations.pml")
+    import feature_cloud
+    import feature_cloud.distributed
+
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    loss = pml.LEAPLoss(num_classes=C, embedding_size=D, class_counts=COUNTS, seed=0)
+    for owner in (head, loss, head.feature_cloud):
+        for name, value in (("pad_to", 8), ("process_group", None)):
+            with pytest.raises(AttributeError, match=f"^{name} is fixed at construction") as err:
+                setattr(owner, name, value)
+            assert name not in vars(owner)
+            # the way out the message names exists
+            call = re.search(r"call (feature_cloud\.[\w.]+)\(", str(err.value)).group(1)
+            assert callable(eval(call, {"feature_cloud": feature_cloud})), call
+        assert owner.pad_to is None and owner.process_group is None
+    for owner in (head, loss):
+        assert feature_cloud.distributed.synchronize(owner, None, pad_to=8) is owner
+        assert owner.pad_to == 8 == owner.feature_cloud.statistics.pad_to
 
 
 def test_the_reprs_name_attributes_with_the_values_shown():
@@ -122,7 +146,9 @@ def test_the_reprs_name_attributes_with_the_values_shown():
     assert "cloud_scale=1.0" in repr(head.feature_cloud)
     # the statistics' rule is their cloud's: set on the statistics alone it split the head's
     # state (head.cloud and the cloud's rule still said 'full'); refused, naming the way
-    with pytest.raises(AttributeError, match="head.cloud = ... or FeatureCloud.rule"):
+    with pytest.raises(
+        AttributeError, match=re.escape("head.cloud = ... (PML's LEAPLoss: loss.cloud")
+    ):
         head.statistics.cloud = "vanilla"
     head.cloud = "vanilla"
     assert head.statistics.rule == "vanilla" == head.feature_cloud.rule
