@@ -5,6 +5,9 @@ Directly before a block, an HTML comment (invisible on GitHub) may give
 * ``<!-- test-setup ... -->``: Python run first, defining what the snippet takes from the reader's
   own program (``num_classes``, a ``backbone``, small data); the snippet itself runs unchanged;
 * ``<!-- skip-test: reason -->``: not run (only for blocks that need a process group on GPUs).
+
+A paragraph starting ``Output`` right after a block, then a fenced block, is what the block
+prints: the run's output must match it (numbers within a rounding tolerance).
 """
 
 from __future__ import annotations
@@ -28,6 +31,42 @@ class Block(NamedTuple):
     code: str
     setup: str
     skip: Optional[str]
+    output: Optional[str] = None
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def printed_output(lines: List[str], end: int) -> Optional[str]:
+    """The fenced block after the ``Output ...`` paragraph that follows the code block ending
+    at line index ``end``, if any."""
+    i = end + 1
+    while i < len(lines) and not lines[i].strip():
+        i += 1
+    if i >= len(lines) or not lines[i].startswith("Output"):
+        return None
+    while i < len(lines) and not lines[i].startswith("```"):
+        i += 1
+    close = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
+    return "\n".join(lines[i + 1 : close])
+
+
+def output_mismatches(expected: str, got: str, rel: float = 1e-4, abs_: float = 1e-3) -> List[str]:
+    """Where ``got`` differs from ``expected``: the text between numbers must be equal, the
+    numbers equal within ``rel`` / ``abs_`` (a BLAS's last digits, a printed rounding)."""
+    bad = []
+    exp_lines, got_lines = expected.strip().splitlines(), got.strip().splitlines()
+    if len(exp_lines) != len(got_lines):
+        return [f"{len(got_lines)} lines printed, {len(exp_lines)} in the README"]
+    for e, g in zip(exp_lines, got_lines):
+        e_nums, g_nums = _NUMBER.findall(e), _NUMBER.findall(g)
+        same_numbers = len(e_nums) == len(g_nums) and all(
+            abs(float(a) - float(b)) <= max(abs_, rel * abs(float(a)))
+            for a, b in zip(e_nums, g_nums)
+        )
+        if _NUMBER.sub("#", e) != _NUMBER.sub("#", g) or not same_numbers:
+            bad.append(f"README: {e}\nprinted: {g}")
+    return bad
 
 
 def readme_blocks(text: str) -> List[Block]:
@@ -45,7 +84,8 @@ def readme_blocks(text: str) -> List[Block]:
                     setup = match.group(2).strip("\n")
                 else:
                     skip = match.group(2).strip()
-            blocks.append(Block(i + 1, "\n".join(lines[i + 1 : end]), setup, skip))
+            code = "\n".join(lines[i + 1 : end])
+            blocks.append(Block(i + 1, code, setup, skip, printed_output(lines, end)))
             i = end
         i += 1
     return blocks
@@ -68,6 +108,18 @@ def test_parser_reads_setup_and_skip_comments():
     assert (a.setup, a.code, a.skip) == ("a = 1", "print(a)", None)
     assert b.skip == "needs GPUs here" and b.setup == ""
     assert c.setup == "" and c.skip is None  # a comment before an earlier block does not carry over
+    assert a.output is None
+
+
+def test_printed_output_is_read_and_compared():
+    text = "```python\nprint(1.5)\n```\n\nOutput (rounded):\n\n```\nx 1.5000 |w| 2\n```\n"
+    (block,) = readme_blocks(text)
+    assert block.output == "x 1.5000 |w| 2"
+    assert output_mismatches(block.output, "x 1.50001 |w| 2\n") == []
+    assert output_mismatches(block.output, "x 1.6 |w| 2")  # a number off
+    assert output_mismatches(block.output, "y 1.5 |w| 2")  # the text off
+    assert output_mismatches(block.output, "x 1.5 |w| 2\nmore")  # a line more
+    assert any(b.output for b in BLOCKS)  # README's FTL usage block
 
 
 @pytest.mark.slow
@@ -107,6 +159,9 @@ def test_readme_block_runs(block, tmp_path):
     assert proc.returncode == 0, (
         f"README.md line {block.line}:\n" + proc.stdout[-2000:] + proc.stderr[-4000:]
     )
+    if block.output is not None:  # what the README shows it prints
+        mismatches = output_mismatches(block.output, proc.stdout)
+        assert not mismatches, f"README.md line {block.line}:\n" + "\n".join(mismatches)
 
 
 def heading_anchors(text: str) -> set:
