@@ -1058,10 +1058,13 @@ class LEAPHead(nn.Module):
     classifier and serves inference only. Under an initialised process group the class
     statistics are synchronised across ranks (the head's ``sync="auto"``).
 
-    Built from Python (without a config), the keywords are :class:`LEAPMarginHead`'s with its
-    values (``None``, not the YAML's ``-1``; ``margin_type`` also in fastreid's spelling,
-    ``CosSoftmax``) and messages name them; built from the config (:meth:`from_config`) they
-    name the YAML keys.
+    Built from Python (without a config), the keywords are ``EmbeddingHead``'s (``feat_dim``,
+    ``embedding_dim``, ``num_classes``, ``neck_feat``, ``pool_type``, ``with_bnneck``,
+    ``norm_type``), then the margin's and the cloud's as :class:`LEAPMarginHead` names them
+    (``pad_to``: ``batch_size_per_rank``; no ``sync``, ``process_group``, ``sub_centers``,
+    ``impl``, ``chunk_size``, ``reduction``), with its values (``None``, not the YAML's ``-1``;
+    ``margin_type`` also in fastreid's spelling, ``CosSoftmax``) and messages name them; built
+    from the config (:meth:`from_config`) they name the YAML keys.
     """
 
     @configurable
