@@ -1010,18 +1010,69 @@ def _build_hooks_with_feature_cloud(build_hooks: Callable[..., Any]) -> Callable
     return wrapped
 
 
+#: fastreid's identity samplers: each adds DATALOADER.NUM_INSTANCE images of an identity to the
+#: batch it builds and yields the batch only when it holds exactly the per-rank batch size
+_IDENTITY_SAMPLERS = ("NaiveIdentitySampler", "BalancedIdentitySampler")
+
+
+def _check_identity_batch(cfg: CfgNode) -> None:
+    """Refuse a per-rank batch that fastreid's identity sampler can never fill: with
+    ``SOLVER.IMS_PER_BATCH`` (per rank) not a multiple of ``DATALOADER.NUM_INSTANCE`` the sampler
+    skips every batch size it reaches and training hangs at full CPU without a word (s52 trial:
+    batch 30 with 4 instances ran 7 minutes). Only for models holding this package's head (the
+    shipped YAMLs use ``NaiveIdentitySampler``)."""
+    model = cfg.MODEL
+    ours = model.META_ARCHITECTURE in ("LEAPBaseline", "FTLBaseline") or (
+        model.HEADS.NAME == "LEAPHead"
+    )
+    if not ours or cfg.DATALOADER.SAMPLER_TRAIN not in _IDENTITY_SAMPLERS:
+        return
+    from fastreid.utils import comm
+
+    world = comm.get_world_size()
+    batch, instances = int(cfg.SOLVER.IMS_PER_BATCH) // world, int(cfg.DATALOADER.NUM_INSTANCE)
+    if instances < 1 or batch % instances:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} ({batch} per rank on {world} "
+            f"rank(s)) is not a multiple of DATALOADER.NUM_INSTANCE {instances}: fastreid's "
+            f"{cfg.DATALOADER.SAMPLER_TRAIN} adds {instances} images per identity and yields "
+            f"a batch only at exactly {batch}, so training would hang without a word; set "
+            "IMS_PER_BATCH to a multiple of NUM_INSTANCE x the number of ranks"
+        )
+
+
+def _build_train_loader_checked(build: Callable[..., Any]) -> Callable[..., Any]:
+    """``DefaultTrainer.build_train_loader`` (a bound classmethod) that first runs
+    :func:`_check_identity_batch` (before the loader, whose iterator fastreid starts at once)."""
+    func = build.__func__  # type: ignore[attr-defined]
+
+    @functools.wraps(func)
+    def wrapped(cls: Any, cfg: CfgNode, *args: Any, **kwargs: Any) -> Any:
+        _check_identity_batch(cfg)
+        return func(cls, cfg, *args, **kwargs)
+
+    wrapped._feature_cloud = True  # type: ignore[attr-defined]
+    return wrapped
+
+
 def _integrate_trainer() -> None:
     """The trainer integrations this module installs (idempotent): ``Checkpointer`` gives
     data-sized feature-cloud buffers the checkpoint's shape before fastreid's shape filter (which
     would drop them), skips a feature-cloud / FTL statistics state of another class count as a
-    whole, and lets checkpointables refuse their entry before the model loads, and
-    ``DefaultTrainer.build_hooks`` adds :class:`FeatureCloudHook`."""
+    whole, and lets checkpointables refuse their entry before the model loads,
+    ``DefaultTrainer.build_hooks`` adds :class:`FeatureCloudHook`, and
+    ``DefaultTrainer.build_train_loader`` refuses a batch fastreid's identity sampler cannot fill
+    (:func:`_check_identity_batch`)."""
     if not getattr(Checkpointer._load_model, "_feature_cloud", False):
         Checkpointer._load_model = _checkpointer_load_model(Checkpointer._load_model)
     if not getattr(Checkpointer.load, "_feature_cloud", False):
         Checkpointer.load = _checkpointer_load(Checkpointer.load)
     if not getattr(DefaultTrainer.build_hooks, "_feature_cloud", False):
         DefaultTrainer.build_hooks = _build_hooks_with_feature_cloud(DefaultTrainer.build_hooks)
+    if not getattr(DefaultTrainer.build_train_loader, "_feature_cloud", False):
+        DefaultTrainer.build_train_loader = classmethod(  # type: ignore[method-assign]
+            _build_train_loader_checked(DefaultTrainer.build_train_loader)
+        )
 
 
 _integrate_trainer()

@@ -270,6 +270,28 @@ def test_default_trainer_end_to_end(market_root, tmp_path):
     )
 
 
+def test_trainer_refuses_a_batch_the_identity_sampler_cannot_fill(market_root, tmp_path):
+    """``SOLVER.IMS_PER_BATCH`` not a multiple of ``DATALOADER.NUM_INSTANCE`` under the shipped
+    YAML's ``NaiveIdentitySampler`` hung training at full CPU without a word (fastreid's sampler
+    yields a batch only at exactly that size; s52 trial: 7 minutes at batch 30, 4 instances):
+    refused when the trainer builds its loader. A stock fastreid model is left to fastreid."""
+    for sampler in fr._IDENTITY_SAMPLERS:
+        cfg = _tiny_cfg(
+            tmp_path,
+            "SOLVER.IMS_PER_BATCH", "30",
+            "DATALOADER.NUM_INSTANCE", "4",
+            "DATALOADER.SAMPLER_TRAIN", sampler,
+        )  # fmt: skip
+        with pytest.raises(ValueError, match="IMS_PER_BATCH 30 .* multiple of DATALOADER.NUM_INS"):
+            DefaultTrainer(cfg)
+    stock = cfg.clone()
+    stock.defrost()
+    stock.MODEL.META_ARCHITECTURE, stock.MODEL.HEADS.NAME = "Baseline", "EmbeddingHead"
+    fr._check_identity_batch(stock)  # fastreid's own model: not this package's to refuse
+    fine = _tiny_cfg(tmp_path, "SOLVER.IMS_PER_BATCH", "32", "DATALOADER.NUM_INSTANCE", "4")
+    fr._check_identity_batch(fine)
+
+
 def test_trainer_refuses_a_wrong_num_classes_when_built_and_cloud_none_does_not_warn(
     market_root, tmp_path, caplog
 ):
