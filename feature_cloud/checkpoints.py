@@ -100,10 +100,10 @@ def prepare_dcp_load(model: nn.Module, checkpoint: Any, prefix: Optional[str] = 
     ``StorageReader`` or the checkpoint's ``Metadata``; only the metadata is read (no tensor,
     no collective). ``prefix``: where ``model``'s entries start among the checkpoint's keys
     (``"model."`` for ``dcp.save({"model": model_state}, ...)``); ``None`` finds it from the
-    keys of the resized buffers. Before anything changes, every feature-cloud module's shapes
-    are checked against the checkpoint's (:func:`check_state_dict` on the saved shapes), so a
-    checkpoint of another class count or embedding size is refused with the message
-    ``load_state_dict`` gives, and ``model`` is left as it was. The resized buffers hold an
+    keys of the resized buffers. Before anything changes, every feature-cloud module's buffers
+    are checked against the checkpoint's shapes (:func:`check_state_dict` on the saved shapes;
+    DCP checks the parameters' itself), so a checkpoint of another class count or embedding size
+    is refused with the message ``load_state_dict`` gives, and ``model`` is left as it was. The resized buffers hold an
     empty memory until ``dcp.load`` fills them: load right after.
     """
     saved = _saved_tensors(checkpoint)
@@ -112,10 +112,13 @@ def prepare_dcp_load(model: nn.Module, checkpoint: Any, prefix: Optional[str] = 
         return []
     if prefix is None:
         prefix = _find_prefix(saved, [key for key, _, _ in sized])
+    # the buffers' saved shapes: a parameter's shape here can be its shard's (FSDP1 with
+    # use_orig_params), and DCP checks the parameters' global shapes itself
+    buffers = {_clean_name(model, name) for name, _ in model.named_buffers()}
     shapes = {
         key[len(prefix) :]: torch.empty(shape, dtype=dtype, device="meta")
         for key, (shape, dtype) in saved.items()
-        if key.startswith(prefix)
+        if key.startswith(prefix) and key[len(prefix) :] in buffers
     }
     for name, module in _checked_modules(model, clean=True):  # refuses before anything changes
         if isinstance(module, ShardedLEAPMarginHead) and len(module.sizes) > 1:

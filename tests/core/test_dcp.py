@@ -88,7 +88,9 @@ def _batch(step: int, rank: int = 0) -> Tuple[Tensor, Tensor]:
     return torch.randn(B, IN, generator=g) + nn.functional.one_hot(y, IN).float() * 2, y
 
 
-def _train(model: Net, opt: torch.optim.Optimizer, steps: range, rank: int = 0) -> List[float]:
+def _train(
+    model: nn.Module, opt: torch.optim.Optimizer, steps: range, rank: int = 0
+) -> List[float]:
     losses = []
     for step in steps:
         loss = model(*_batch(step, rank))
@@ -99,12 +101,12 @@ def _train(model: Net, opt: torch.optim.Optimizer, steps: range, rank: int = 0) 
     return losses
 
 
-def _save(model: Net, opt: torch.optim.Optimizer, path: str) -> None:
+def _save(model: nn.Module, opt: torch.optim.Optimizer, path: str) -> None:
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
 
 
-def _resume(model: Net, opt: torch.optim.Optimizer, path: str) -> None:
+def _resume(model: nn.Module, opt: torch.optim.Optimizer, path: str) -> None:
     """The flow of torch's DCP recipe, after the package's layout step."""
     prepare_dcp_load(model, path)
     msd, osd = get_state_dict(model, opt)
@@ -113,7 +115,7 @@ def _resume(model: Net, opt: torch.optim.Optimizer, path: str) -> None:
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def _head_state(model: Net) -> Dict[str, Tensor]:
+def _head_state(model: nn.Module) -> Dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.head.state_dict().items()}
 
 
@@ -217,15 +219,32 @@ def test_dcp_resizes_feature_transfers_basis_and_sample_lists() -> None:
 
 
 def check_fsdp2_dcp_resume(rank: int, world: int) -> None:
-    assert fully_shard is not None and get_state_dict is not None
-    path = os.environ["FC_TEST_DCP_DIR"]
+    assert fully_shard is not None
 
-    def build() -> Tuple[Net, torch.optim.Optimizer]:
+    def build() -> Tuple[nn.Module, torch.optim.Optimizer]:
         model, _ = _build()
         fully_shard(model.backbone)
         fully_shard(model)
         return model, torch.optim.Adam(model.parameters(), lr=1e-2)
 
+    _check_resume(rank, build, "fsdp2")
+
+
+def check_fsdp1_dcp_resume(rank: int, world: int) -> None:
+    """FSDP1 with ``use_orig_params``: the head's weight attribute is a view of this rank's
+    shard, whose shape is not the checkpoint's (the layout step checks buffers only)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    def build() -> Tuple[nn.Module, torch.optim.Optimizer]:
+        model, _ = _build()
+        wrapped = FSDP(model, device_id=torch.device("cpu"), use_orig_params=True)
+        return wrapped, torch.optim.Adam(wrapped.parameters(), lr=1e-2)
+
+    _check_resume(rank, build, "fsdp1")
+
+
+def _check_resume(rank: int, build: Any, name: str) -> None:
+    path = os.path.join(os.environ["FC_TEST_DCP_DIR"], name)
     model, opt = build()
     _train(model, opt, range(3), rank)
     _save(model, opt, path)
@@ -253,5 +272,9 @@ def check_sharded_head_is_refused(rank: int, world: int) -> None:
 def test_fsdp2_dcp_resume_on_two_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     with tempfile.TemporaryDirectory() as path:
         monkeypatch.setenv("FC_TEST_DCP_DIR", path)  # the spawned ranks inherit it
-        checks = ["check_fsdp2_dcp_resume", "check_sharded_head_is_refused"]
+        checks = [
+            "check_fsdp2_dcp_resume",
+            "check_fsdp1_dcp_resume",
+            "check_sharded_head_is_refused",
+        ]
         run_gloo_checks(__name__, 2, checks, 120.0, 60)
