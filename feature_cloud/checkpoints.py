@@ -103,7 +103,10 @@ def prepare_dcp_load(model: nn.Module, checkpoint: Any, prefix: Optional[str] = 
     keys of the resized buffers. Before anything changes, every feature-cloud module's buffers
     are checked against the checkpoint's shapes (:func:`check_state_dict` on the saved shapes;
     DCP checks the parameters' itself), so a checkpoint of another class count or embedding size
-    is refused with the message ``load_state_dict`` gives, and ``model`` is left as it was. The resized buffers hold an
+    is refused with the message ``load_state_dict`` gives, and ``model`` is left as it was; so is
+    a checkpoint saved before its ``K_i`` were known (no angle memory: a head without a cloud,
+    or one still counting) for a head built with ``class_counts``, whose layout
+    ``load_state_dict`` keeps for a cloud-less source and DCP cannot. The resized buffers hold an
     empty memory until ``dcp.load`` fills them: load right after.
     """
     saved = _saved_tensors(checkpoint)
@@ -130,16 +133,30 @@ def prepare_dcp_load(model: nn.Module, checkpoint: Any, prefix: Optional[str] = 
             )
         where = name + "." if name else ""
         cast(Any, module).check_state_dict(dict(shapes), where)
-    resized = []
+    plan = []
     for key, module, name in sized:
         entry = shapes.get(key)
         own = getattr(module, name)
         if entry is None or not isinstance(own, Tensor) or tuple(own.shape) == entry.shape:
             continue
+        if (
+            isinstance(module, ClassStatistics)
+            and getattr(module, "_initial_counts", None) is not None  # built with class_counts
+            and entry.numel() == 0
+        ):
+            raise ValueError(
+                f"the checkpoint's {prefix + key} is empty (its K_i were not known yet: a head "
+                "trained without a cloud, or saved during a warm-up that counts K_i online) and "
+                "this model's is laid out (class_counts given). load_state_dict keeps this "
+                "layout for a head trained without a cloud; dcp.load cannot. Build the head as "
+                "the checkpoint's was (class_counts=None) to resume its warm-up, or load the "
+                "class weights only to start LEAP from a head trained without a cloud"
+            )
+        plan.append((key, module, name, own, entry.shape))
+    for _, module, name, own, shape in plan:  # every check passed: lay them out
         empty = -1 if name == "memory_stamp" else 0  # as allocate_memory leaves them
-        setattr(module, name, torch.full(entry.shape, empty, dtype=own.dtype, device=own.device))
-        resized.append(prefix + key)
-    return resized
+        setattr(module, name, torch.full(shape, empty, dtype=own.dtype, device=own.device))
+    return [prefix + key for key, *_ in plan]
 
 
 def _checked_modules(model: nn.Module, clean: bool = False) -> Iterator[Tuple[str, nn.Module]]:

@@ -194,6 +194,19 @@ def test_dcp_layout_refuses_another_class_count_before_anything_changes() -> Non
         with pytest.raises(TypeError, match="StorageReader or Metadata"):
             prepare_dcp_load(fresh, {"model": 1})
 
+    # saved during the warm-up (no angle memory yet) into a head built with class_counts:
+    # load_state_dict takes the checkpoint's partial counts (or keeps a cloud-less source's
+    # layout), which DCP cannot; refused, nothing changed
+    model, opt = _build()
+    _train(model, opt, range(1))
+    with tempfile.TemporaryDirectory() as path:
+        dcp.save({"model": model.state_dict()}, checkpoint_id=path)
+        given, _ = _build(counts=True)
+        before = state_snapshot(given)
+        with pytest.raises(ValueError, match="statistics.memory is empty"):
+            prepare_dcp_load(given, path)
+        assert_same_state(state_snapshot(given), before, "refused: empty memory")
+
 
 @one_process
 def test_dcp_resizes_feature_transfers_basis_and_sample_lists() -> None:
