@@ -1,7 +1,7 @@
 """feature-cloud: long-tail representation learning heads and losses (LEAP and FTL) for PyTorch."""
 
 from . import functional
-from .checkpoints import check_state_dict
+from .checkpoints import check_state_dict, prepare_dcp_load
 from .cloud import FeatureCloud
 from .ftl import AlternatingScheduler, FTLModel
 from .heads import LEAPMarginHead
@@ -22,7 +22,7 @@ __all__ = [
     "__version__",
 ]
 __all__ += ["FeatureTransfer", "FeatureBatch", "FTLModel", "AlternatingScheduler"]
-__all__ += ["check_state_dict"]
+__all__ += ["check_state_dict", "prepare_dcp_load"]
 
 
 def _source_checkout_integrations() -> None:

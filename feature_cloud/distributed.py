@@ -537,6 +537,7 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
         layout = state_dict.get(prefix + "shard_sizes")
         if (key in state_dict and tuple(state_dict[key].shape) != tuple(self.weight.shape)) or (
             layout is not None
+            and not layout.is_meta  # shapes only (prepare_dcp_load)
             and (
                 layout.tolist() != self.sizes or int(state_dict[prefix + "shard_rank"]) != self.rank
             )
