@@ -841,6 +841,25 @@ class AlternatingScheduler:
     whole dataset) that start at the current position of the stage, so a run restored with
     :meth:`load_state_dict` continues identically.
 
+    **Data parallel** (``torch.distributed``; DDP): build the scheduler with the same ``seed`` on
+    every rank (:meth:`loaders` refuses ranks whose seed, position or batch size differ, on
+    every rank) and wrap what computes the stage's loss in DDP (``find_unused_parameters=True``:
+    the frozen parts change with the stage). When ``torch.distributed`` is initialised with
+    more than one rank (or :meth:`loaders` is given ``process_group`` or ``rank`` and
+    ``world_size``), every stage's stream is the *global* stream of batch size ``world_size *
+    batch_size``, drawn alike on every rank, and rank ``r`` gets positions ``r * batch_size ..
+    (r + 1) * batch_size - 1`` of each global batch (:class:`StreamSampler`). So the
+    ``batch_size`` of :meth:`loaders` is the per-rank batch; the ranks' batches of an iteration
+    are disjoint shares of the stream and, concatenated in rank order, are the batch of one
+    process calling ``loaders(dataset, world_size * batch_size)``: with DDP's gradient average
+    of the per-rank batch means the step is that process's step (up to float rounding, and
+    as long as nothing in the model sees the batch as a whole: BatchNorm in ``Enc`` or ``R``
+    normalises per rank unless converted to ``SyncBatchNorm``). A resume continues every rank
+    where it stopped (the position is ``stage_iteration`` global batches; no rank is saved, so
+    the same ``world_size * batch_size`` continues the same stream). :meth:`update_stats`
+    reads the whole training set on every rank (a sharded loader is refused) and leaves rank
+    0's statistics on every rank. One process is unchanged (the same streams, bit for bit).
+
     Args:
         model: the :class:`FTLModel`.
         stage0_iters: iterations of stage 0.
@@ -1187,9 +1206,18 @@ class AlternatingScheduler:
         self.needs_stats = False
         return summary
 
-    def hard_sampler(self, batch_size: int, **shard: Any) -> StreamSampler:
-        """Sampler over the hard list ``h`` for the rest of the current (or next) stage 1.
-        ``shard``: ``process_group`` or ``rank`` and ``world_size``, as :meth:`loaders`."""
+    def hard_sampler(
+        self,
+        batch_size: int,
+        *,
+        process_group: Any = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ) -> StreamSampler:
+        """Sampler over the hard list ``h`` for the rest of the current (or next) stage 1; data
+        parallel, this rank's share of it (``process_group``, ``rank``, ``world_size``: as
+        :meth:`loaders`)."""
+        shard = data_parallel_shard(process_group, rank, world_size)
         return self._sampler(self._hard_pool, batch_size, 1, "hard list", shard)
 
     def _hard_pool(self) -> Tensor:
@@ -1201,8 +1229,16 @@ class AlternatingScheduler:
             )
         return ft.hard_indices
 
-    def tail_sampler(self, batch_size: int, **shard: Any) -> StreamSampler:
+    def tail_sampler(
+        self,
+        batch_size: int,
+        *,
+        process_group: Any = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ) -> StreamSampler:
         """Sampler over the samples of the long-tail classes (``D_lt``), same schedule."""
+        shard = data_parallel_shard(process_group, rank, world_size)
         return self._sampler(self.tail_pool, batch_size, 2, "long-tail pool", shard)
 
     def tail_pool(self) -> Tensor:
@@ -1219,21 +1255,27 @@ class AlternatingScheduler:
             return class_balanced_pool(ft.tail_indices, ft.tail_labels)
         return ft.tail_indices
 
-    def data_sampler(self, dataset_size: int, batch_size: int, **shard: Any) -> StreamSampler:
+    def data_sampler(
+        self,
+        dataset_size: int,
+        batch_size: int,
+        *,
+        process_group: Any = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ) -> StreamSampler:
         """Sampler over the whole dataset for the rest of the current stage 0 or 2 (Eq. 4)."""
         pool = torch.arange(int(dataset_size))
+        shard = data_parallel_shard(process_group, rank, world_size)
         return self._sampler(pool, batch_size, 0, "dataset", shard)
 
     def _sampler(
-        self, pool: Any, batch_size: int, which: int, name: str, shard: Dict[str, Any]
+        self, pool: Any, batch_size: int, which: int, name: str, shard: Tuple[int, int]
     ) -> StreamSampler:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         b = int(batch_size)
-        unknown = set(shard) - {"process_group", "rank", "world_size"}
-        if unknown:
-            raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
-        rank, world = data_parallel_shard(**shard)
+        rank, world = shard
         # one independent stream per (stage run, sampler kind): stage 0 is run 0, then stage 1
         # and stage 2 of alternation a are runs 2a+1 and 2a+2; data parallel: the global stream
         # of batch world * b, of which this rank takes its slice of every global batch
@@ -1286,16 +1328,12 @@ class AlternatingScheduler:
         state restored, continues bit-identically with dropout or augmentation drawing from
         that RNG; ``generator=None``: the global RNG, as ``DataLoader``'s default.
 
-        Data parallel: when ``torch.distributed`` is initialised with more than one rank (or
-        ``process_group`` spans several, or ``rank`` and ``world_size`` are given), every stage's
-        stream is the global stream of batch size ``world_size * batch_size`` (the same on every
-        rank: the scheduler's ``seed`` must be the same everywhere) and each rank's loaders yield
-        its own slice of every global batch (:class:`StreamSampler`): ``batch_size`` is the
-        *per-rank* batch; the ranks' batches of an iteration are disjoint and, concatenated in
-        rank order, are the batch of one process calling ``loaders(dataset, world_size *
-        batch_size)``. Resuming mid-stage continues every rank where it stopped (the position is
-        ``stage_iteration`` global batches). With several ranks the loaders' own generators
-        differ per rank (their workers' augmentation seeds); one process is unchanged.
+        Data parallel (the class docs): ``batch_size`` is the *per-rank* batch, and each
+        rank's loaders yield its share of every global batch of ``world_size * batch_size``.
+        The rank and world size are ``torch.distributed``'s (``process_group``'s; default: the
+        world group) when it is initialised, else one process; ``rank`` and ``world_size``
+        (both) override them. With several ranks the loaders' own generators differ per rank
+        (their workers' base seeds: other augmentation draws on every rank).
         """
         kw = dict(loader_kwargs)
         for bad in ("sampler", "batch_sampler", "shuffle", "batch_size", "drop_last"):
@@ -1309,7 +1347,13 @@ class AlternatingScheduler:
                         else ""
                     )
                 )
-        shard = {"process_group": process_group, "rank": rank, "world_size": world_size}
+        shard: Dict[str, Any] = {
+            "process_group": process_group,
+            "rank": rank,
+            "world_size": world_size,
+        }
+        if rank is None and data_parallel_shard(process_group)[1] > 1:
+            self._check_ranks_agree(process_group, batch_size)
         if self._stage == 1:
             return (
                 self._loader(dataset, batch_size, self.hard_sampler(batch_size, **shard), 1, kw),
@@ -1317,6 +1361,32 @@ class AlternatingScheduler:
             )
         sampler = self.data_sampler(len(dataset), batch_size, **shard)
         return self._loader(dataset, batch_size, sampler, 0, kw)
+
+    def _check_ranks_agree(self, group: Any, batch_size: int) -> None:
+        """Raise ``ValueError`` on every rank unless the ranks share the stream (``seed``), its
+        position and the per-rank batch size: otherwise their shares would overlap or miss
+        samples silently."""
+        keys = ("seed", "stage", "alternation", "stage_iteration", "batch_size")
+        local = torch.tensor(
+            [self.seed, self._stage, self.alternation, self.stage_iteration, int(batch_size)],
+            dtype=torch.long,
+        )
+        local = local.to(_collective_device(local, group))
+        both = torch.cat([local, -local])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        n = len(keys)
+        bad = [
+            f"{k} from {int(-both[n + i])} to {int(both[i])}"
+            for i, k in enumerate(keys)
+            if int(both[i]) != int(-both[n + i])
+        ]
+        if bad:
+            raise ValueError(
+                "loaders(): the ranks' schedulers differ (" + ", ".join(bad) + "): data "
+                "parallel, every rank draws its share of one stream, so every rank needs the same "
+                "seed (pass seed=, or the same torch.manual_seed before building the scheduler), "
+                "the same position (the same checkpoint) and the same per-rank batch_size"
+            )
 
     # ------------------------------------------------------------------ stage 1
     def stage1_batches(

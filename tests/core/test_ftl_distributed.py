@@ -191,9 +191,22 @@ def check_sharded_stats_loader_is_refused(rank: int, world: int) -> None:
     assert sched.needs_stats
     for name, value in model.feature_transfer.state_dict().items():
         assert torch.equal(value, before[name]), name
+    if rank == 1:  # another encoder: other statistics, another hard-list size
+        with torch.no_grad():
+            for p in model.encoder.parameters():
+                p.mul_(1.5).add_(0.3)
     sched.update_stats(DataLoader(ds, batch_size=16))  # the whole set: accepted
+    ft = model.feature_transfer.state_dict()  # rank 0's statistics, on every rank
+    for name, value in _gather(ft)[0].items():
+        assert torch.equal(ft[name], value), name
     hard, tail = sched.loaders(ds, B)
     assert len(hard) == len(tail) == 2
+    # ranks whose streams differ are refused on every rank: another seed, another batch size
+    other = AlternatingScheduler(model, stage0_iters=0, stage_iters=2, seed=3 + rank)
+    with pytest.raises(ValueError, match="seed from 3 to 4"):
+        other.loaders(ds, B)
+    with pytest.raises(ValueError, match="batch_size from 4 to 5"):
+        sched.loaders(ds, B + rank)
     # this rank's hard batches: its slice of one process's batches of world * B
     one = sched.loaders(ds, world * B, rank=0, world_size=1)
     mine = [b[2].tolist() for b in hard]
