@@ -1152,8 +1152,10 @@ class AlternatingScheduler:
         first pass the ranks compare what they read (per-class image counts and a checksum of
         the indices); ranks that read different samples (a sharded loader) are refused with a
         ``ValueError`` on every rank, before the statistics change. After the second pass rank
-        0's statistics are broadcast, so they are bit-identical on every rank even where an
-        accelerator's kernels are not deterministic.
+        0's statistics are broadcast, so they are bit-identical on every rank (the hard list and
+        long-tail pool that the loaders share out included) even where the ranks' encoders
+        differ slightly (BatchNorm running statistics of the last step, non-deterministic
+        kernels).
         """
         model = self.model
         was_training = model.encoder.training
