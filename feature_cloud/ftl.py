@@ -28,6 +28,7 @@ from typing import (
 )
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -644,6 +645,83 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**62, (), device="cpu").item())
 
 
+def data_parallel_shard(
+    process_group: Any = None, rank: Optional[int] = None, world_size: Optional[int] = None
+) -> Tuple[int, int]:
+    """``(rank, world_size)`` of this process for :class:`AlternatingScheduler`'s data-parallel
+    samplers: ``rank`` and ``world_size`` when given (both, and then no ``process_group``), else
+    ``process_group``'s (default: the world group) when ``torch.distributed`` is initialised,
+    else ``(0, 1)``: one process."""
+    if (rank is None) != (world_size is None):
+        raise ValueError("give both rank and world_size, or neither")
+    if rank is not None and world_size is not None:
+        if process_group is not None:
+            raise ValueError("give either process_group or rank and world_size, not both")
+        world_size = as_int(world_size, "world_size", 1)
+        rank = as_int(rank, "rank", 0)
+        if rank >= world_size:
+            raise ValueError(f"rank={rank} is not below world_size={world_size}")
+        return rank, world_size
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise ValueError("process_group given, but torch.distributed is not initialised")
+        return 0, 1
+    r, w = dist.get_rank(process_group), dist.get_world_size(process_group)
+    if r < 0:
+        raise ValueError("this process is not a member of process_group")
+    return r, w
+
+
+def _collective_device(t: Tensor, group: Any) -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo any."""
+    if dist.get_backend(group) == "nccl" and t.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
+def _check_same_data(summary: Tensor, group: Any) -> None:
+    """Raise ``ValueError`` on every rank unless ``summary`` (what a rank's UpdateStats pass
+    read: per-class counts, then sample count and index checksums) is the same on every rank."""
+    local = summary.to(_collective_device(summary, group), torch.long)
+    both = torch.cat([local, -local])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # max, and -min
+    n = local.numel()
+    if torch.equal(both[:n], -both[n:]):
+        return
+    lo, hi = -both[n - 3], both[n - 3]
+    raise ValueError(
+        "update_stats(): the ranks read different samples (between "
+        f"{int(lo)} and {int(hi)} samples a rank, or other indices or labels): a sharded loader "
+        "(DistributedSampler)? Data parallel, every rank reads the whole training set for "
+        "UpdateStats (a plain DataLoader), so that the statistics C, Q, h are those of the "
+        "whole set, the same on every rank"
+    )
+
+
+def _broadcast_own_buffers(module: nn.Module, group: Any) -> None:
+    """Broadcast ``module``'s own buffers from the group's rank 0 (those of another size on a
+    rank, like the hard list, are reallocated there first)."""
+    bufs: List[Tuple[str, Tensor]] = [(n, b) for n, b in module._buffers.items() if b is not None]
+    if not bufs:
+        return
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    dev = _collective_device(bufs[0][1], group)
+    shapes = torch.tensor([s for _, b in bufs for s in b.shape], dtype=torch.long, device=dev)
+    dist.broadcast(shapes, src, group=group)
+    flat = [int(s) for s in shapes.tolist()]
+    for name, b in bufs:
+        shape, flat = tuple(flat[: b.dim()]), flat[b.dim() :]
+        if tuple(b.shape) != shape:
+            b = torch.empty(shape, dtype=b.dtype, device=b.device)
+            module._buffers[name] = b
+        if b.numel() == 0:
+            continue
+        t = b.to(dev).contiguous()
+        dist.broadcast(t.view(torch.uint8) if t.dtype == torch.bool else t, src, group=group)
+        if t is not b:
+            b.copy_(t)
+
+
 class StreamSampler(Sampler[int]):
     """A resumable stream of dataset indices drawn from a pool, for a normal ``DataLoader``.
 
@@ -655,6 +733,15 @@ class StreamSampler(Sampler[int]):
     resume (``start > 0``) must give it. ``pool`` is a tensor of
     dataset indices or a callable returning one, read when iteration starts (the hard list and
     the long-tail pool change at every UpdateStats).
+
+    Data parallel (``world_size > 1``): ``start`` and ``num_samples`` are positions of the one
+    *global* stream, which every rank draws alike from the shared ``seed``; it is cut into global
+    batches of ``world_size * batch_size`` consecutive positions, and rank ``r`` yields positions
+    ``r * batch_size .. (r + 1) * batch_size - 1`` of each (``num_samples // world_size`` indices
+    in all). The ranks' batches are disjoint slices of the global stream, and concatenated in rank
+    order they are the batches of one process reading that stream with batch size
+    ``world_size * batch_size``. ``start`` and ``num_samples`` must then be multiples of the
+    global batch. ``world_size=1`` (default) is the plain stream.
     """
 
     def __init__(
@@ -664,10 +751,26 @@ class StreamSampler(Sampler[int]):
         seed: Optional[int] = None,
         start: int = 0,
         name: str = "pool",
+        *,
+        batch_size: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         # checked, not truncated: int() took 2.7 as 2, "3" as 3 and start=0.5 as 0
         num_samples = as_int(num_samples, "num_samples", 0)
         start = as_int(start, "start", 0)
+        batch_size = as_int(batch_size, "batch_size", 1)
+        world_size = as_int(world_size, "world_size", 1)
+        rank = as_int(rank, "rank", 0)
+        if rank >= world_size:
+            raise ValueError(f"rank={rank} is not below world_size={world_size}")
+        step = world_size * batch_size
+        if world_size > 1 and (start % step or num_samples % step):
+            raise ValueError(
+                f"start={start} and num_samples={num_samples} must be multiples of the global "
+                f"batch world_size * batch_size = {step}"
+            )
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         if seed is None and start > 0:  # a resume: the stream it continues has a seed
             raise ValueError(
                 f"start={start} continues a stream, but seed=None draws a new one: pass the "
@@ -682,8 +785,12 @@ class StreamSampler(Sampler[int]):
             name,
         )
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """A pickle of an earlier release: one process (no ``rank`` / ``world_size``)."""
+        self.__dict__.update({"batch_size": 1, "rank": 0, "world_size": 1, **state})
+
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples // self.world_size
 
     def __iter__(self) -> Iterator[int]:
         pool = self.pool() if callable(self.pool) else self.pool
@@ -705,6 +812,8 @@ class StreamSampler(Sampler[int]):
             chunks.append(perm[lo:hi])
             pos += n
         order = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
+        if self.world_size > 1:  # this rank's slice of each global batch
+            order = order.view(-1, self.world_size, self.batch_size)[:, self.rank].reshape(-1)
         return iter(pool[order].tolist())
 
 
@@ -731,6 +840,25 @@ class AlternatingScheduler:
     ``DataLoader``\ s over resumable :class:`StreamSampler`\ s (hard list, long-tail samples, or the
     whole dataset) that start at the current position of the stage, so a run restored with
     :meth:`load_state_dict` continues identically.
+
+    **Data parallel** (``torch.distributed``; DDP): build the scheduler with the same ``seed`` on
+    every rank (:meth:`loaders` refuses ranks whose seed, position or batch size differ, on
+    every rank) and wrap what computes the stage's loss in DDP (``find_unused_parameters=True``:
+    the frozen parts change with the stage). When ``torch.distributed`` is initialised with
+    more than one rank (or :meth:`loaders` is given ``process_group`` or ``rank`` and
+    ``world_size``), every stage's stream is the *global* stream of batch size ``world_size *
+    batch_size``, drawn alike on every rank, and rank ``r`` gets positions ``r * batch_size ..
+    (r + 1) * batch_size - 1`` of each global batch (:class:`StreamSampler`). So the
+    ``batch_size`` of :meth:`loaders` is the per-rank batch; the ranks' batches of an iteration
+    are disjoint shares of the stream and, concatenated in rank order, are the batch of one
+    process calling ``loaders(dataset, world_size * batch_size)``: with DDP's gradient average
+    of the per-rank batch means the step is that process's step (up to float rounding, and
+    as long as nothing in the model sees the batch as a whole: BatchNorm in ``Enc`` or ``R``
+    normalises per rank unless converted to ``SyncBatchNorm``). A resume continues every rank
+    where it stopped (the position is ``stage_iteration`` global batches; no rank is saved, so
+    the same ``world_size * batch_size`` continues the same stream). :meth:`update_stats`
+    reads the whole training set on every rank (a sharded loader is refused) and leaves rank
+    0's statistics on every rank. One process is unchanged (the same streams, bit for bit).
 
     Args:
         model: the :class:`FTLModel`.
@@ -1009,7 +1137,7 @@ class AlternatingScheduler:
         )
 
     @torch.no_grad()
-    def update_stats(self, loader: Iterable[Any]) -> Dict[str, Any]:
+    def update_stats(self, loader: Iterable[Any], *, process_group: Any = None) -> Dict[str, Any]:
         """UpdateStats() of Algorithm 1: encode the whole training set (twice: see
         :meth:`FeatureTransfer.update_stats`) with ``Enc`` in eval mode and refresh ``C``, ``Q``,
         ``h`` and the long-tail pool. ``loader`` must be re-iterable (a ``DataLoader``) and yield
@@ -1017,18 +1145,47 @@ class AlternatingScheduler:
         must not shuffle. Returns the :meth:`FeatureTransfer.update_stats` summary. A training
         set without regular or without long-tail classes (:func:`check_tail_split`) is refused
         at the end of the first pass, before the statistics change.
+
+        Data parallel (``torch.distributed`` initialised, ``process_group`` or the world group
+        spanning several ranks): every rank must read the *whole* training set, as one process
+        does (a plain ``DataLoader``, not a ``DistributedSampler`` shard). At the end of the
+        first pass the ranks compare what they read (per-class image counts and a checksum of
+        the indices); ranks that read different samples (a sharded loader) are refused with a
+        ``ValueError`` on every rank, before the statistics change. After the second pass rank
+        0's statistics are broadcast, so they are bit-identical on every rank (the hard list and
+        long-tail pool that the loaders share out included) even where the ranks' encoders
+        differ slightly (BatchNorm running statistics of the last step, non-deterministic
+        kernels).
         """
         model = self.model
         was_training = model.encoder.training
         c = model.feature_transfer.num_classes
         passes: List[Tensor] = []  # the first pass's image counts
+        group = process_group
+        if process_group is not None and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("process_group given, but torch.distributed is not initialised")
+        parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
         def features() -> Iterator[FeatureBatch]:
             counts = None if passes else torch.zeros(c, dtype=torch.long, device=self._device())
+            # what this rank read (data parallel: the ranks must agree): index checksums
+            digest = torch.zeros(3, dtype=torch.long, device=self._device())
+            position = 0
             for batch in loader:
                 x, y, idx, keep = self._split(batch)
                 if counts is not None:  # out-of-range labels are FeatureTransfer's to refuse
                     counts += torch.bincount(y[(y >= 0) & (y < c)], minlength=c)
+                    if parallel:
+                        i = (
+                            idx.reshape(-1).to(torch.long)
+                            if idx is not None
+                            else torch.arange(position, position + y.shape[0], device=y.device)
+                        )
+                        position += y.shape[0]
+                        # int64 sums wrap alike on every rank
+                        digest += torch.stack(
+                            [i.numel() + i.new_zeros(()), i.sum(), (i * (i % 1_000_003)).sum()]
+                        ).to(digest.device)
                 g = model.encode(x)
                 flipped = model.encode(self.flip(x)) if self.flip is not None else None
                 if keep is None and self.quality is not None:
@@ -1036,6 +1193,8 @@ class AlternatingScheduler:
                 yield FeatureBatch(g, y, idx, flipped, keep)
             if counts is not None:
                 passes.append(counts)
+                if parallel:  # every rank the same samples, before the statistics change
+                    _check_same_data(torch.cat([counts, digest]), group)
                 if bool(counts.sum() > 0):  # before the statistics change
                     self.check_class_counts(counts)
 
@@ -1044,12 +1203,24 @@ class AlternatingScheduler:
             summary = model.feature_transfer.update_stats(features)
         finally:
             model.encoder.train(was_training and "encoder" not in model.frozen)
+        if parallel:
+            _broadcast_own_buffers(model.feature_transfer, group)
         self.needs_stats = False
         return summary
 
-    def hard_sampler(self, batch_size: int) -> StreamSampler:
-        """Sampler over the hard list ``h`` for the rest of the current (or next) stage 1."""
-        return self._sampler(self._hard_pool, batch_size, 1, "hard list")
+    def hard_sampler(
+        self,
+        batch_size: int,
+        *,
+        process_group: Any = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ) -> StreamSampler:
+        """Sampler over the hard list ``h`` for the rest of the current (or next) stage 1; data
+        parallel, this rank's share of it (``process_group``, ``rank``, ``world_size``: as
+        :meth:`loaders`)."""
+        shard = data_parallel_shard(process_group, rank, world_size)
+        return self._sampler(self._hard_pool, batch_size, 1, "hard list", shard)
 
     def _hard_pool(self) -> Tensor:
         ft = self.model.feature_transfer
@@ -1060,9 +1231,17 @@ class AlternatingScheduler:
             )
         return ft.hard_indices
 
-    def tail_sampler(self, batch_size: int) -> StreamSampler:
+    def tail_sampler(
+        self,
+        batch_size: int,
+        *,
+        process_group: Any = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ) -> StreamSampler:
         """Sampler over the samples of the long-tail classes (``D_lt``), same schedule."""
-        return self._sampler(self.tail_pool, batch_size, 2, "long-tail pool")
+        shard = data_parallel_shard(process_group, rank, world_size)
+        return self._sampler(self.tail_pool, batch_size, 2, "long-tail pool", shard)
 
     def tail_pool(self) -> Tensor:
         """The dataset indices the long-tail batch is drawn from (uniformly): the long-tail
@@ -1078,20 +1257,42 @@ class AlternatingScheduler:
             return class_balanced_pool(ft.tail_indices, ft.tail_labels)
         return ft.tail_indices
 
-    def data_sampler(self, dataset_size: int, batch_size: int) -> StreamSampler:
+    def data_sampler(
+        self,
+        dataset_size: int,
+        batch_size: int,
+        *,
+        process_group: Any = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+    ) -> StreamSampler:
         """Sampler over the whole dataset for the rest of the current stage 0 or 2 (Eq. 4)."""
         pool = torch.arange(int(dataset_size))
-        return self._sampler(pool, batch_size, 0, "dataset")
+        shard = data_parallel_shard(process_group, rank, world_size)
+        return self._sampler(pool, batch_size, 0, "dataset", shard)
 
-    def _sampler(self, pool: Any, batch_size: int, which: int, name: str) -> StreamSampler:
+    def _sampler(
+        self, pool: Any, batch_size: int, which: int, name: str, shard: Tuple[int, int]
+    ) -> StreamSampler:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         b = int(batch_size)
+        rank, world = shard
         # one independent stream per (stage run, sampler kind): stage 0 is run 0, then stage 1
-        # and stage 2 of alternation a are runs 2a+1 and 2a+2
-        start = self.stage_iteration * b
+        # and stage 2 of alternation a are runs 2a+1 and 2a+2; data parallel: the global stream
+        # of batch world * b, of which this rank takes its slice of every global batch
+        start = self.stage_iteration * b * world
         seed = self._stream_seed(which)
-        return StreamSampler(pool, self.remaining * b, seed=seed, start=start, name=name)
+        return StreamSampler(
+            pool,
+            self.remaining * b * world,
+            seed=seed,
+            start=start,
+            name=name,
+            batch_size=b,
+            rank=rank,
+            world_size=world,
+        )
 
     def _stream_seed(self, which: int) -> int:
         """One independent stream per (stage run, kind): stage 0 is run 0, then stage 1 and stage
@@ -1104,11 +1305,21 @@ class AlternatingScheduler:
         self, dataset: Any, batch_size: int, sampler: StreamSampler, which: int, kw: Dict[str, Any]
     ) -> DataLoader[Any]:
         if "generator" not in kw:  # the stage run's own: no draw from torch's global RNG
-            kw = dict(kw, generator=torch.Generator().manual_seed(self._stream_seed(3 + which)))
+            seed = self._stream_seed(3 + which)
+            if sampler.world_size > 1:  # every rank's workers their own augmentation stream
+                seed = (seed * 1_000_003 + sampler.rank + 1) % (2**63)
+            kw = dict(kw, generator=torch.Generator().manual_seed(seed))
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kw)
 
     def loaders(
-        self, dataset: Any, batch_size: int, **loader_kwargs: Any
+        self,
+        dataset: Any,
+        batch_size: int,
+        *,
+        process_group: Any = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        **loader_kwargs: Any,
     ) -> Union[DataLoader[Any], Tuple[DataLoader[Any], DataLoader[Any]]]:
         """``DataLoader``\\ s for the rest of the current stage: ``(hard_loader, tail_loader)`` in
         stage 1, one loader over the whole dataset in stages 0 and 2. Each yields exactly
@@ -1118,17 +1329,66 @@ class AlternatingScheduler:
         iterating it leaves torch's global RNG alone and a run resumed mid-stage, with the RNG
         state restored, continues bit-identically with dropout or augmentation drawing from
         that RNG; ``generator=None``: the global RNG, as ``DataLoader``'s default.
+
+        Data parallel (the class docs): ``batch_size`` is the *per-rank* batch, and each
+        rank's loaders yield its share of every global batch of ``world_size * batch_size``.
+        The rank and world size are ``torch.distributed``'s (``process_group``'s; default: the
+        world group) when it is initialised, else one process; ``rank`` and ``world_size``
+        (both) override them. With several ranks the loaders' own generators differ per rank
+        (their workers' base seeds: other augmentation draws on every rank).
         """
         kw = dict(loader_kwargs)
         for bad in ("sampler", "batch_sampler", "shuffle", "batch_size", "drop_last"):
             if bad in kw:
-                raise ValueError(f"loaders() sets {bad!r} itself")
+                raise ValueError(
+                    f"loaders() sets {bad!r} itself"
+                    + (
+                        " (its resumable stream; under torch.distributed every rank gets its "
+                        "own share of it: no DistributedSampler is needed)"
+                        if bad in ("sampler", "batch_sampler")
+                        else ""
+                    )
+                )
+        shard: Dict[str, Any] = {
+            "process_group": process_group,
+            "rank": rank,
+            "world_size": world_size,
+        }
+        if rank is None and data_parallel_shard(process_group)[1] > 1:
+            self._check_ranks_agree(process_group, batch_size)
         if self._stage == 1:
             return (
-                self._loader(dataset, batch_size, self.hard_sampler(batch_size), 1, kw),
-                self._loader(dataset, batch_size, self.tail_sampler(batch_size), 2, kw),
+                self._loader(dataset, batch_size, self.hard_sampler(batch_size, **shard), 1, kw),
+                self._loader(dataset, batch_size, self.tail_sampler(batch_size, **shard), 2, kw),
             )
-        return self._loader(dataset, batch_size, self.data_sampler(len(dataset), batch_size), 0, kw)
+        sampler = self.data_sampler(len(dataset), batch_size, **shard)
+        return self._loader(dataset, batch_size, sampler, 0, kw)
+
+    def _check_ranks_agree(self, group: Any, batch_size: int) -> None:
+        """Raise ``ValueError`` on every rank unless the ranks share the stream (``seed``), its
+        position and the per-rank batch size: otherwise their shares would overlap or miss
+        samples silently."""
+        keys = ("seed", "stage", "alternation", "stage_iteration", "batch_size")
+        local = torch.tensor(
+            [self.seed, self._stage, self.alternation, self.stage_iteration, int(batch_size)],
+            dtype=torch.long,
+        )
+        local = local.to(_collective_device(local, group))
+        both = torch.cat([local, -local])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        n = len(keys)
+        bad = [
+            f"{k} from {int(-both[n + i])} to {int(both[i])}"
+            for i, k in enumerate(keys)
+            if int(both[i]) != int(-both[n + i])
+        ]
+        if bad:
+            raise ValueError(
+                "loaders(): the ranks' schedulers differ (" + ", ".join(bad) + "): data "
+                "parallel, every rank draws its share of one stream, so every rank needs the same "
+                "seed (pass seed=, or the same torch.manual_seed before building the scheduler), "
+                "the same position (the same checkpoint) and the same per-rank batch_size"
+            )
 
     # ------------------------------------------------------------------ stage 1
     def stage1_batches(

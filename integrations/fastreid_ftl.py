@@ -523,8 +523,9 @@ class FTLHook(HookBase):
             )
         if comm.get_world_size() > 1:
             raise NotImplementedError(
-                "FTLHook runs single-process: UpdateStats would need an all-reduce of the statistics "
-                "and fastreid's DDP wrapper has no find_unused_parameters for frozen stages"
+                "FTLHook runs single-process: fastreid's DDP wrapper has no "
+                "find_unused_parameters for frozen stages and the hook's data-parallel path is "
+                "untested; the core AlternatingScheduler runs data parallel (README, 'FTL: Usage')"
             )
         if int(stats_batch_size) < 1 or int(stage1_batch_size) < 1:
             raise ValueError(

@@ -1138,8 +1138,9 @@ class FTLTask(_AllOrNothingLoad):
     # ------------------------------------------------------------------ timm task hooks
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs: Any) -> FTLTask:
         raise NotImplementedError(
-            "FTLTask is single-process: UpdateStats does not all-reduce its statistics and DDP "
-            "needs every parameter it wraps to get a gradient in every stage"
+            "FTLTask is single-process: its data-parallel path is not tested through timm (DDP "
+            "would need find_unused_parameters=True for the stages' frozen parts); the core "
+            "AlternatingScheduler runs data parallel (README, 'FTL: Usage')"
         )
 
     def setup_ema(

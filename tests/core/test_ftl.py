@@ -335,6 +335,53 @@ def test_samplers_draw_from_hard_list_and_long_tail_and_resume():
     assert (yb >= 10).all() and torch.equal(ytr[ib], yb)
 
 
+def test_data_parallel_shares_are_slices_of_the_global_batches():
+    """``world_size`` ranks of per-rank batch ``b``: rank ``r`` yields positions ``r*b ..
+    (r+1)*b - 1`` of every global batch of the one stream; the scheduler's loaders under an
+    explicit ``rank`` / ``world_size`` concatenate to one process's batches of ``world * b``,
+    mid-stage too. (The spawned two-process run: tests/core/test_ftl_distributed.py.)"""
+    full = list(StreamSampler(torch.arange(37), 120, seed=5, start=24))
+    parts = [
+        list(StreamSampler(torch.arange(37), 120, 5, 24, batch_size=4, rank=r, world_size=3))
+        for r in range(3)
+    ]
+    assert [len(p) for p in parts] == [40] * 3
+    for k in range(10):
+        assert sum((p[4 * k : 4 * k + 4] for p in parts), []) == full[12 * k : 12 * k + 12]
+    with pytest.raises(ValueError, match="multiples of the global batch"):
+        StreamSampler(torch.arange(37), 120, 5, start=4, batch_size=4, world_size=3)
+    with pytest.raises(ValueError, match="rank=3 is not below world_size=3"):
+        StreamSampler(torch.arange(37), 120, 5, batch_size=4, rank=3, world_size=3)
+    xtr, ytr, _, _, _ = _data(2)
+    ds = IndexedDataset(TensorDataset(xtr, ytr))
+    model = _model(2)
+    sched = AlternatingScheduler(model, stage0_iters=5, stage_iters=4, seed=3)
+    for _ in range(2):
+        sched.step()  # mid-stage 0
+
+    def indices(loaders):
+        loaders = loaders if isinstance(loaders, tuple) else (loaders,)
+        return [[b[2].tolist() for b in loader] for loader in loaders]
+
+    for _ in range(2):  # stage 0 (mid-stage), then stage 1
+        one = indices(sched.loaders(ds, 16))
+        assert indices(sched.loaders(ds, 16, rank=0, world_size=1)) == one
+        ranks = [indices(sched.loaders(ds, 8, rank=r, world_size=2)) for r in range(2)]
+        assert [[a + b for a, b in zip(*pair)] for pair in zip(*ranks)] == one
+        while sched.stage == 0:
+            sched.step()
+        sched.update_stats(DataLoader(ds, batch_size=256))
+    # the loaders' own generators (workers' base seeds) differ per rank, not per process
+    seeds = [sched.loaders(ds, 8, rank=r, world_size=2)[0].generator.initial_seed() for r in (0, 1)]
+    assert seeds[0] != seeds[1] and sched.loaders(ds, 8)[0].generator.initial_seed() not in seeds
+    with pytest.raises(ValueError, match="both rank and world_size"):
+        sched.loaders(ds, 8, rank=1)
+    with pytest.raises(ValueError, match="not initialised"):
+        sched.loaders(ds, 8, process_group=object())
+    with pytest.raises(ValueError, match="no DistributedSampler is needed"):
+        sched.loaders(ds, 8, sampler=None)
+
+
 def test_stream_sampler_refuses_fractional_and_string_sizes():
     """``StreamSampler(num_samples=2.7)`` had length 2, ``num_samples="3"`` was taken and
     ``start=0.5`` became 0 (``int()`` truncation; s51 trial), against the scheduler's own policy
