@@ -152,3 +152,17 @@ def test_links_to_sections_resolve(doc, tmp_path):
     page = tmp_path / "page.md"  # the check itself finds a renamed section
     page.write_text("# A title: `x` (y)\n\n## A title: `x` (y)\n\n[a](#a-title-x-y-1) [b](#gone)\n")
     assert broken_links(str(page)) == ["#gone"]
+
+
+def test_pml_wrapper_paragraph_asks_for_equal_batch_sizes():
+    """s52 ddp finding 5: PML's ``DistributedLossWrapper`` aborts in its own all-gather when the
+    ranks' batches differ in size (PML's ``CosFaceLoss`` too), while the README's "Batch sizes
+    may differ between ranks" holds for the head's own gather only; the wrapper's paragraph
+    listed the dtype, width and missing-labels failures, not this one."""
+    with open(README, encoding="utf-8") as fh:
+        text = fh.read()
+    start = text.index("- With pytorch-metric-learning's `DistributedLossWrapper(loss)`")
+    end = min(text.index("\n- ", start + 1), text.index("\n\n", start))
+    paragraph = " ".join(text[start:end].split())
+    assert "per-rank batches of different sizes" in paragraph
+    assert "`drop_last=True`" in paragraph and "`CosFaceLoss`" in paragraph
