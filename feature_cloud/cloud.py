@@ -675,10 +675,12 @@ class FeatureCloud(nn.Module):
         """The settings every rank of a synchronised cloud must share, compared at every
         training step's batch agreement (:func:`~feature_cloud.sync.agree_on_batch`): what
         changes the gathered statistics (``gamma``, ``center_rate``, ``tail_threshold``,
-        ``unknown_variance``, ``angle_max_age``, the rule, the memory layout, ``pad_to``), the
-        cloud drawn from them (``cloud_mode``, ``cloud_scale``, ``warmup_steps``) and, while an
-        imprint is ahead, the imprint (``imprint_step``, ``prototype_shrinkage``,
-        ``prototype_min_count``). Host values only (no device read)."""
+        ``unknown_variance``, ``angle_max_age``, the rule, the memory layout: ``class_counts``
+        as :attr:`ClassStatistics.layout_setting
+        <feature_cloud.statistics.ClassStatistics.layout_setting>` gives them, ``memory_per_sample``,
+        ``count_steps``; ``pad_to``), the cloud drawn from them (``cloud_mode``, ``cloud_scale``,
+        ``warmup_steps``) and, while an imprint is ahead, the imprint (``imprint_step``,
+        ``prototype_shrinkage``, ``prototype_min_count``). Host values only (no device read)."""
         stats = self.statistics
         ahead = self.imprint_step is not None and not self.imprint_behind
         return (
@@ -690,6 +692,7 @@ class FeatureCloud(nn.Module):
             ("tail_threshold", stats.tail_threshold),
             ("unknown_variance", stats.unknown_variance),
             ("angle_max_age", stats.max_age),
+            ("class_counts", stats.layout_setting),  # K_i counted on each rank's shard?
             ("memory_per_sample", stats.memory_per_sample),
             ("count_steps", stats.count_updates),
             ("pad_to", getattr(stats, "pad_to", None)),

@@ -535,7 +535,12 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
     def _check_state(self, state_dict: Dict[str, Any], prefix: str) -> None:
         key = prefix + "weight"
         layout = state_dict.get(prefix + "shard_sizes")
-        if (key in state_dict and tuple(state_dict[key].shape) != tuple(self.weight.shape)) or (
+        # a dense head's state (no shard layout) is refused at every world size: at world size
+        # 1 its weight fits, and torch said only "Missing key(s): shard_rank, shard_sizes"
+        if (
+            (key in state_dict and layout is None)
+            or (key in state_dict and tuple(state_dict[key].shape) != tuple(self.weight.shape))
+        ) or (
             layout is not None
             and not layout.is_meta  # shapes only (prepare_dcp_load)
             and (

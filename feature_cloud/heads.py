@@ -292,6 +292,18 @@ def in_draw_order(
     return embeddings[order], labels[order], draw, torch.argsort(order)
 
 
+def _shard_rank(rank: Any) -> Any:
+    """A shard checkpoint's ``shard_rank`` as an int (``?`` where it holds none)."""
+    return "?" if rank is None else int(rank)
+
+
+def _listed(sizes: Any) -> Any:
+    """A shard checkpoint's ``shard_sizes`` as a list (``?`` where it holds none)."""
+    if sizes is None:
+        return "?"
+    return sizes.tolist() if isinstance(sizes, Tensor) else list(sizes)
+
+
 def _rows_layout(state_dict: Mapping[str, Any], prefix: str, rows: int) -> str:
     """`` (num_classes=C x sub_centers=K)`` of a checkpoint's weight, read from its statistics'
     class count (empty where it holds none)."""
@@ -947,9 +959,34 @@ class LEAPMarginHead(
         too), a cloud state :meth:`FeatureCloud.check_state_dict` refuses; changes nothing (a
         0.1.0 layout is migrated in a copy). :func:`feature_cloud.check_state_dict` runs it
         for every head inside a model."""
+        self._refuse_shard(state_dict, prefix)
         state_dict = migrated_for_checking(state_dict, prefix, prefix + "feature_cloud.")
         self._check_weight(state_dict, prefix)
         self.feature_cloud.check_state_dict(state_dict, prefix + "feature_cloud.")
+
+    def _refuse_shard(self, state_dict: Mapping[str, Any], prefix: str) -> None:
+        """One rank's state of a :class:`~feature_cloud.distributed.ShardedLEAPMarginHead`
+        (its ``shard_rank`` / ``shard_sizes``, or 0.1.0's ``shard`` extra state) is refused,
+        naming ``consolidate_state_dicts``, before anything loads: a shard of another world size
+        was refused as a weight of other rows only, and one of world size 1 loaded and then
+        raised torch's "Unexpected key(s)" with the state already changed."""
+        extra = state_dict.get(prefix + "_extra_state")
+        old = extra.get("shard") if isinstance(extra, dict) else None
+        sizes = state_dict.get(prefix + "shard_sizes")
+        rank = state_dict.get(prefix + "shard_rank")
+        if old is None and sizes is None and rank is None:
+            return
+        if isinstance(old, dict):
+            sizes, rank = old.get("sizes"), old.get("rank")
+        rows = state_dict.get(prefix + "weight")
+        raise ValueError(
+            f"the checkpoint is one rank's shard of a ShardedLEAPMarginHead (rank "
+            f"{_shard_rank(rank)} of shard sizes {_listed(sizes)}"
+            + (f", {rows.shape[0]} weight rows" if isinstance(rows, Tensor) else "")
+            + "), not a LEAPMarginHead's state: "
+            "feature_cloud.distributed.consolidate_state_dicts(shards) merges every rank's "
+            f"shard (in rank order) into this head's state (num_classes={self.num_classes})"
+        )
 
     def _check_weight(self, state_dict: Dict[str, Any], prefix: str) -> None:
         refuse_other_shape(
@@ -965,6 +1002,7 @@ class LEAPMarginHead(
         refuse_bad_weights(state_dict, prefix, "weight", self)  # parametrized too
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        self._refuse_shard(state_dict, prefix)
         self._check_weight(state_dict, prefix)
         migrate_state_dict(state_dict, prefix, prefix + "feature_cloud.", self.feature_cloud)
         # torch loads the weight before the cloud's statistics, which would refuse theirs with

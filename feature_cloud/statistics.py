@@ -5,6 +5,7 @@ A thin stateful Module: every formula lives in :mod:`feature_cloud.functional`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from . import functional as FC
 from ._buffers import KeepBufferDtypes
-from ._compat import is_compiling, materialized
+from ._compat import disable_compile, is_compiling, materialized
 from ._validation import (
     ClassCounts,
     as_float,
@@ -228,6 +229,7 @@ class ClassStatistics(KeepBufferDtypes):
         #: the constructor's ``class_counts`` on the host (:meth:`reset_parameters` lays the
         #: memory out from them again)
         self._initial_counts: Optional[Tensor] = None
+        self._layout_text = _COUNTING
         if class_counts is not None:
             counts = check_class_counts(class_counts, C)
             self._building = True  # the owner says whether a cloud reads it (FeatureCloud)
@@ -326,6 +328,32 @@ class ClassStatistics(KeepBufferDtypes):
         """True while ``class_counts`` are being counted online (memory not yet allocated)."""
         return not self.memory_allocated
 
+    @property
+    def layout_setting(self) -> str:
+        """``class_counts`` (the memory layout) as the ranks of a synchronised cloud compare
+        them (:meth:`FeatureCloud.agreed_settings
+        <feature_cloud.cloud.FeatureCloud.agreed_settings>`): their first values, their sum and a
+        digest of all of them, or that they are still counted online. A host value, set where the
+        memory is laid out (:meth:`allocate_memory`, the end of online counting, a load,
+        :meth:`reset_parameters`): no device read in a step. Counts written into the buffer
+        in place (``class_counts.copy_``) are not seen: lay them out with
+        :meth:`allocate_memory`."""
+        text = self.__dict__.get("_layout_text")
+        if text is None:  # a whole-module pickle of an earlier release: read once
+            text = self._refresh_layout_text()
+        return text
+
+    def _refresh_layout_text(self) -> str:
+        """:attr:`layout_setting` from the buffers (one host read; at a load, not in a step)."""
+        if not self.memory_allocated:
+            text = _COUNTING
+        elif self.class_counts.is_meta:
+            text = "unknown (on the meta device)"
+        else:
+            text = _counts_text(self.class_counts)
+        self._layout_text = text
+        return text
+
     #: True in subclasses whose :meth:`update` is a collective call (every process must make it
     #: on every training step, even with an empty batch); the head then never skips the update.
     collective: bool = False
@@ -359,6 +387,7 @@ class ClassStatistics(KeepBufferDtypes):
             warn_full_without_pairs(counts)
         # sized from the counts where they are (a module built on "meta" gets host counts)
         total = int((counts * self.memory_per_sample).clamp_min(1).sum())
+        text = _counts_text(counts)  # as the ranks compare it (layout_setting)
         counts = counts.to(device)
         capacity = (counts * self.memory_per_sample).clamp_min(1)
         offsets = torch.cumsum(capacity, 0) - capacity
@@ -378,6 +407,7 @@ class ClassStatistics(KeepBufferDtypes):
             torch.arange(self.num_classes, device=device), capacity, output_size=total
         )
         self.memory_owner = torch.cat([owner, owner.new_zeros(1)])
+        self._layout_text = text
 
     # ------------------------------------------------------------------ update
     def agree(
@@ -531,6 +561,7 @@ class ClassStatistics(KeepBufferDtypes):
         self.memory_stamp = torch.zeros(0, dtype=torch.long, device=device)
         self.memory_owner = torch.zeros(0, dtype=torch.long, device=device)
         self.has_centers = False
+        self._layout_text = _COUNTING
         if counts is not None:
             self.allocate_memory(counts)
 
@@ -777,6 +808,25 @@ class ClassStatistics(KeepBufferDtypes):
             if src is not None and src.shape != own.shape:  # own dtype: load_state_dict casts
                 setattr(self, name, torch.empty(src.shape, dtype=own.dtype, device=own.device))
         super()._load_from_state_dict(state_dict, prefix, *args)
+        self._refresh_layout_text()  # the loaded layout, as the ranks compare it (one read)
+
+
+#: :attr:`ClassStatistics.layout_setting` while ``K_i`` are counted online (memory not laid out)
+_COUNTING = "counted online (not laid out yet)"
+
+
+def _counts_text(counts: Tensor) -> str:
+    """``class_counts`` as :attr:`ClassStatistics.layout_setting` shows them: the first six,
+    the sum and a digest of all (the same text in every process for the same counts)."""
+    values = counts.detach().to("cpu", torch.long).contiguous()
+    digest = hashlib.blake2b(values.numpy().astype("<i8").tobytes(), digest_size=6).hexdigest()
+    first = ", ".join(map(str, values[:6].tolist())) + (", ..." if values.numel() > 6 else "")
+    return f"[{first}] (sum {int(values.sum())}, digest {digest})"
+
+
+# host-side text (NumPy bytes, a hash): the end of online counting inside torch.compile
+# (fullgraph=False) runs it eagerly, a graph break at the layout, as its host reads are
+_counts_text = disable_compile(_counts_text, "class_counts' host summary (layout_setting)")
 
 
 def _unchanged(x: Tensor) -> Tensor:

@@ -262,7 +262,7 @@ def _raise_for_settings(
     setting and its value on every rank."""
     per_rank: List[Optional[List[str]]] = [None] * world
     dist.all_gather_object(per_rank, shown, group=group)
-    parts = []
+    parts, hints = [], []
     for i, (name, _) in enumerate(settings):
         values: Dict[str, List[int]] = {}
         for r, theirs in enumerate(per_rank):
@@ -272,13 +272,25 @@ def _raise_for_settings(
                 f"{v} on rank{'s' if len(rs) > 1 else ''} {_ranks(rs)}" for v, rs in values.items()
             ]
             parts.append(f"{name}: {', '.join(on)}")
+            if name in _SETTING_HINTS:
+                hints.append(_SETTING_HINTS[name])
     raise ValueError(
         "the ranks hold different settings (assigned on some ranks only?): "
         + "; ".join(parts)
         + ". Every rank's statistics are updated from the same gathered batch and must stay "
         "identical, and the loss must be the same function on every rank: assign the setting on "
-        f"every rank (raised on every rank of {world}, before any state changed)"
+        f"every rank{''.join('. ' + h for h in hints)} (raised on every rank of {world}, before "
+        "any state changed)"
     )
+
+
+#: What to do about a differing setting whose fix is not "assign it on every rank".
+_SETTING_HINTS = {
+    "class_counts": "class_counts are the K_i of the whole training set (LEAP Eq. 5): count "
+    "them over the full dataset, not a rank's shard (a DistributedSampler's, per-rank data "
+    "shards), and pass the same on every rank (or load the same checkpoint on every rank, or "
+    "let every rank count them online from the synchronised batches)",
+}
 
 
 def _ranks(ranks: List[int]) -> str:

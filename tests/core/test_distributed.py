@@ -904,6 +904,46 @@ def test_bad_arguments() -> None:
         head.load_state_dict({**dense, "weight": torch.zeros(3, D)}, strict=False)
 
 
+def test_dense_states_and_shards_are_refused_at_every_world_size() -> None:
+    """s52 ddp finding 4: a dense (or consolidated) state loaded into a ShardedLEAPMarginHead at
+    world size 1 raised torch's "Missing key(s): shard_rank, shard_sizes" (at world size 2 the
+    layout message), and one rank's shard loaded into a LEAPMarginHead said only that the
+    weight rows differ (world size 1: torch's "Unexpected key(s)", after loading). Both now
+    name the layout and the function that converts it, before any state changes."""
+    import feature_cloud
+
+    dense = LEAPMarginHead(D, C, class_counts=COUNTS, seed=3)
+    dense(*_cat(_batches(0, [6])))
+    state = dense.state_dict()
+    sharded = ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=0)  # no process group
+    before = state_snapshot(sharded)
+    layout = rf"a dense state dict \({C} classes of size {D}, no shard layout: split_state_dict\("
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=layout + r"state, 1\)"):
+            sharded.load_state_dict(state, strict=strict)
+    with pytest.raises(ValueError, match=layout):
+        feature_cloud.check_state_dict(
+            nn.Sequential(sharded), {"0." + k: v for k, v in state.items()}
+        )
+    assert_same_state(state_snapshot(sharded), before, "sharded head after a dense state")
+    sharded.load_state_dict(split_state_dict(state, 1)[0])  # the way: loads
+    assert sharded.step == 1
+
+    for world, sizes in ((1, rf"\[{C}\]"), (2, r"\[4, 3\]")):
+        shard = split_state_dict(state, world)[0]
+        fresh = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+        before = state_snapshot(fresh)
+        is_shard = rf"one rank's shard .*\(rank 0 of shard sizes {sizes}.*consolidate_state_dicts"
+        for strict in (True, False):
+            with pytest.raises(ValueError, match=is_shard):
+                fresh.load_state_dict(shard, strict=strict)
+        with pytest.raises(ValueError, match=is_shard):
+            feature_cloud.check_state_dict(fresh, shard)
+        assert_same_state(state_snapshot(fresh), before, f"dense head after a shard of {world}")
+        fresh.load_state_dict(consolidate_state_dicts(split_state_dict(state, world)))  # the way
+        assert fresh.step == 1
+
+
 def test_ignored_rows_do_not_change_the_statistics() -> None:
     """The padding rows (label -1) of a gathered batch leave the update unchanged wherever
     they sit (regression: a trailing -1 row used to undo the update of class 0)."""

@@ -103,6 +103,9 @@ def test_v0_1_0_checkpoints_load_with_step_and_seed() -> None:
         sharded.load_state_dict(old["sharded"], strict=True)
     assert (sharded.step, sharded.seed) == (2, 99)
     full = consolidate_state_dicts([old["sharded"]])  # 0.1.0 shards consolidate too
+    dense = LEAPMarginHead(D, C, class_counts=[1] * C, warmup_steps=1, seed=0)
+    with pytest.raises(ValueError, match="one rank's shard .*consolidate_state_dicts"):
+        dense.load_state_dict(old["sharded"])  # a 0.1.0 shard: named as one (s52 ddp finding 4)
     assert int(full["feature_cloud.step"]) == 2 and "_extra_state" not in full
 
     from feature_cloud.integrations.pml import LEAPLoss

@@ -337,8 +337,55 @@ def check_settings_agree(rank: int, world: int) -> None:
     loss(x, y).backward()
 
 
+def check_class_counts_agree(rank: int, world: int) -> None:
+    """s52 ddp finding 1: class_counts that differ between ranks (each rank counting K_i on
+    its own data shard) were not compared: the ranks' statistics drifted apart without a word
+    (or, under DDP's buffer broadcast, a rank kept a memory its broadcast layout did not fit).
+    Now the layout is one of the agreed settings (a host summary set where the memory is laid
+    out: construction, allocate_memory, a load, the end of online counting), so the next
+    training step raises on every rank naming class_counts, before any state changes."""
+    mine = COUNTS if rank == 0 else [k + 1 for k in COUNTS]  # counted on each rank's shard
+    head = synchronize(LEAPMarginHead(D, C, class_counts=mine, seed=1))
+    x, y = _batch(0, rank)
+    differ = (
+        r"class_counts: '\[3, 2, 4, 1, 2, 3\] \(sum 15, digest \w+\)' on rank 0, "
+        r"'\[4, 3, 5, 2, 3, 4\] \(sum 21, digest \w+\)' on rank 1\..*whole training set"
+    )
+    before = state_snapshot(head)
+    _fails_together(rank, lambda: head(x, y), ValueError, differ)
+    assert_same_state(state_snapshot(head), before, f"rank {rank} after differing class_counts")
+    head.statistics.allocate_memory(COUNTS)  # laid out alike on every rank: in step
+    head(x, y).backward()
+    # laid out anew on one rank only
+    if rank == 1:
+        head.statistics.allocate_memory(mine)
+    _fails_together(rank, lambda: head(*_batch(1, rank)), ValueError, differ)
+    head.statistics.allocate_memory(COUNTS)
+    head(*_batch(1, rank)).backward()
+    # a checkpoint with other counts loaded on one rank (the load warns that they differ)
+    other = LEAPMarginHead(D, C, class_counts=[k + 1 for k in COUNTS], seed=1).state_dict()
+    if rank == 1:
+        with pytest.warns(UserWarning, match="class_counts differ"):
+            head.load_state_dict(other)
+    _fails_together(rank, lambda: head(*_batch(2, rank)), ValueError, differ)
+
+    # counted online: every rank counts the gathered batches, so the layouts agree
+    online = synchronize(LEAPMarginHead(D, C, seed=1, warmup_steps=2, count_steps=2))
+    assert online.statistics.layout_setting == "counted online (not laid out yet)"
+    for step in range(3):  # steps 0, 1 count; step 2 lays the memory out
+        online(*_batch(step, rank)).backward()
+    assert online.statistics.memory_allocated
+    seen = torch.cat([_batch(step, r)[1] for step in range(2) for r in range(world)])
+    assert torch.equal(online.statistics.class_counts, torch.bincount(seen, minlength=C))
+    texts: List[Optional[str]] = [None] * world
+    dist.all_gather_object(texts, online.statistics.layout_setting)
+    assert texts[0] == texts[1] and "sum 20" in str(texts[0]), texts
+    online(*_batch(3, rank)).backward()  # in step
+
+
 CHECKS = [
     "check_settings_agree",
+    "check_class_counts_agree",
     "check_synced_head",
     "check_synced_statistics_pad_to",
     "check_sharded_head",

@@ -324,6 +324,35 @@ def test_the_statistics_rule_follows_the_owner_and_survives_pickles():
     )
 
 
+def test_the_layout_the_ranks_compare_follows_every_layout():
+    """s52 ddp finding 1: ``class_counts`` are among the agreed settings, as a host summary
+    (``statistics.layout_setting``) kept where the memory is laid out; it must follow each such
+    place (or two ranks with the same counts would refuse each other, or differing counts
+    pass). tests/core/test_rank_agreement.py runs the ranks."""
+    text = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0).statistics.layout_setting
+    assert text.startswith("[3, 40, 2, 30, 1, 25, ...] (sum 240, digest ")
+    head = LEAPMarginHead(D, C, seed=0, warmup_steps=2, count_steps=2)
+    stats = head.statistics
+    assert ("class_counts", stats.layout_setting) in head.feature_cloud.agreed_settings()
+    assert stats.layout_setting == "counted online (not laid out yet)"
+    stats.allocate_memory(COUNTS)
+    assert stats.layout_setting == text
+    stats.reset_parameters()  # no constructor counts: counted online again
+    assert stats.layout_setting == "counted online (not laid out yet)"
+    head.load_state_dict(LEAPMarginHead(D, C, class_counts=COUNTS, seed=0).state_dict())
+    assert stats.layout_setting == text
+    with torch.device("meta"):  # host counts: no read of the meta buffer
+        meta = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    assert meta.statistics.layout_setting == text
+    # a whole-module pickle of an earlier release has no summary: read from its buffers once
+    state = stats.__getstate__()
+    del state["_layout_text"]
+    old = ClassStatistics.__new__(ClassStatistics)
+    old.__setstate__(state)
+    assert old.layout_setting == text
+    assert pickle.loads(pickle.dumps(head)).statistics.layout_setting == text
+
+
 @pytest.mark.parametrize(
     "name, value", [("num_classes", 9), ("embedding_size", 8), ("sub_centers", 3)]
 )

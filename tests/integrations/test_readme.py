@@ -221,3 +221,17 @@ def test_the_layout_names_every_module_of_the_package():
         n for n in modules if n != "__pycache__/" and not re.search(rf"\b{re.escape(n)}", layout)
     ]
     assert not missing, missing
+
+
+def test_pml_wrapper_paragraph_asks_for_equal_batch_sizes():
+    """s52 ddp finding 5: PML's ``DistributedLossWrapper`` aborts in its own all-gather when the
+    ranks' batches differ in size (PML's ``CosFaceLoss`` too), while the README's "Batch sizes
+    may differ between ranks" holds for the head's own gather only; the wrapper's paragraph
+    listed the dtype, width and missing-labels failures, not this one."""
+    with open(README, encoding="utf-8") as fh:
+        text = fh.read()
+    start = text.index("- With pytorch-metric-learning's `DistributedLossWrapper(loss)`")
+    end = min(text.index("\n- ", start + 1), text.index("\n\n", start))
+    paragraph = " ".join(text[start:end].split())
+    assert "per-rank batches of different sizes" in paragraph
+    assert "`drop_last=True`" in paragraph and "`CosFaceLoss`" in paragraph
