@@ -30,15 +30,19 @@ How FTL's Fig. 2 maps onto fastreid (the adapter only wires; every equation is t
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import logging
+import random
 import re
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from feature_cloud.checkpoints import CheckedBeforeLoading
 from feature_cloud.ftl import (
@@ -48,6 +52,7 @@ from feature_cloud.ftl import (
     AlternatingScheduler,
     ConvDecoder,
     FTLModel,
+    StreamSampler,
     check_tail_split,
     make_filter,
 )
@@ -105,7 +110,8 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     ``SOLVER.IMS_PER_BATCH``), ``TAIL_SAMPLING`` (how the long-tail batch is drawn:
     ``"samples"``, uniform over the long-tail images, or ``"classes"``, every long-tail class
     equally often: :class:`AlternatingScheduler`'s ``tail_sampling``). ``SEED``: the stage-1
-    samplers' seed. Called again on a config that has the node, it adds only the missing keys
+    samplers' seed, and their items' augmentation draws' (:meth:`FTLHook._stage1_loader`).
+    Called again on a config that has the node, it adds only the missing keys
     (values already set stay).
     """
     node = CfgNode()
@@ -380,6 +386,62 @@ class _WithIndex(Dataset):
         return item
 
 
+def _draw_seed(stream_seed: int, position: int) -> int:
+    """The seed of the item at ``position`` of a stage-1 stream (64 bits)."""
+    digest = hashlib.blake2b(f"{stream_seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@contextlib.contextmanager
+def _drawing_from(seed: int) -> Iterator[None]:
+    """The block draws from torch's CPU RNG, Python's ``random`` and NumPy's global RNG seeded
+    with ``seed`` (what fastreid's and torchvision's transforms draw from); their states are put
+    back afterwards. The CUDA RNG is not touched (the transforms run on the CPU)."""
+    cpu, py, npy = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
+class _SeededPositions(Sampler):
+    """A stage-1 :class:`StreamSampler`'s indices, each with the seed of its position in the
+    stream: ``(index, seed)``. The position (``start + i``) is where a resumed sampler continues,
+    so a resumed stage 1 gives every item the seed the uninterrupted run gave it."""
+
+    def __init__(self, sampler: StreamSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        seed, start = self.sampler.seed, self.sampler.start
+        for i, index in enumerate(self.sampler):
+            yield index, _draw_seed(seed, start + i)
+
+
+class _SeededItems(Dataset):
+    """The stage-1 loaders' dataset: item ``(index, seed)`` is ``dataset[index]`` with its random
+    augmentation drawn from ``seed`` (:func:`_drawing_from`), in the main process or a worker."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        index, seed = key
+        with _drawing_from(seed):
+            return self.dataset[index]
+
+
 class _Batches:
     """Re-iterable view of a fastreid ``DataLoader`` as ``(normalised images, targets, index)``
     tuples, the batch format of :class:`AlternatingScheduler`."""
@@ -445,6 +507,40 @@ def _check_tail_split(
         ) from error
 
 
+#: :class:`AlternatingScheduler`'s schedule settings -> their ``MODEL.FTL`` keys
+_SCHEDULE_KEYS = {
+    "stage0_iters": "MODEL.FTL.STAGE0_ITERS",
+    "stage_iters": "MODEL.FTL.STAGE_ITERS",
+    "stage2_iters": "MODEL.FTL.STAGE2_ITERS",
+    "seed": "MODEL.FTL.SEED",
+    "tail_sampling": "MODEL.FTL.TAIL_SAMPLING",
+}
+#: :meth:`AlternatingScheduler.check_state_dict`'s refusal of another schedule setting
+_SCHEDULE_REFUSAL = re.compile(
+    r"checkpoint has (\w+)=(.*?) but this scheduler has (.*?)( \(.*\))?", re.DOTALL
+)
+
+
+def _schedule_refusal(error: ValueError) -> ValueError:
+    """The core's refusal of a checkpoint of another schedule (``checkpoint has stage_iters=10
+    but this scheduler has 12``) in the fastreid user's terms: the ``MODEL.FTL`` key and the way
+    out. Any other error is returned as it is."""
+    match = _SCHEDULE_REFUSAL.fullmatch(str(error))
+    if match is None or match.group(1) not in _SCHEDULE_KEYS:
+        return error
+    name, saved, own, why = match.groups()
+    key = _SCHEDULE_KEYS[name]
+    notes = [why.strip()[1:-1].replace(name, key)] if why else []
+    if name == "stage2_iters":  # the scheduler's value; the YAML's 0 means STAGE_ITERS
+        notes.append(f"each stage 2's length; {key} 0 is MODEL.FTL.STAGE_ITERS")
+    note = f" ({'; '.join(notes)})" if notes else ""
+    return ValueError(
+        f"cannot resume: the checkpoint's FTL schedule has {key} {saved} but this config has "
+        f"{own}{note}; set {key} to the checkpoint's {saved} to resume, or start from its weights "
+        "with resume=False (MODEL.WEIGHTS, without --resume: the FTL schedule starts afresh)"
+    )
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return (
         model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
@@ -467,7 +563,9 @@ class FTLHook(HookBase):
       training size, ``Enc`` in eval mode, optional flipped views for Eq. 5).
     * **Stage 1 batches**: while stage 1 runs, the trainer's data iterator is swapped for a stream
       of hard + long-tail + transferred feature batches (the scheduler's resumable samplers over
-      the trainer's dataset with its training transform); the trainer's own ``run_step``
+      the trainer's dataset with its training transform, each item's random augmentation drawn
+      from a seed of its position in the stream, so that a resume mid stage 1 is bit for bit:
+      :meth:`_stage1_loader`); the trainer's own ``run_step``
       (forward, backward, optimizer step, metrics) is unchanged. Stages 0 and 2 use the trainer's
       own data loader.
     * **Regular and long-tail classes**: a training set without either (every class above, or
@@ -636,11 +734,18 @@ class FTLHook(HookBase):
     def check_state_dict(self, state: Dict[str, Any]) -> None:
         """Raise if :meth:`load_state_dict` would refuse the schedule of ``state``; changes
         nothing. The adapter's ``Checkpointer`` calls it before it loads the model, so a
-        checkpoint of another schedule leaves the whole trainer as it was."""
+        checkpoint of another schedule leaves the whole trainer as it was. A schedule setting
+        that differs is named by its ``MODEL.FTL`` key, with the way out."""
         missing = {"scheduler", "feature_transfer"} - set(state)
         if missing:
             raise ValueError(f"FTL hook state lacks {sorted(missing)}")
-        self.scheduler.check_state_dict(state["scheduler"])
+        try:
+            self.scheduler.check_state_dict(state["scheduler"])
+        except ValueError as error:  # the MODEL.FTL key, not the core's argument
+            translated = _schedule_refusal(error)
+            if translated is error:
+                raise
+            raise translated from error
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.check_state_dict(state)
@@ -699,14 +804,9 @@ class FTLHook(HookBase):
             self.last_update = sched.update_stats(self.stats_batches)
             logger.info("FTL UpdateStats at iteration %d: %s", sched.iteration, self.last_update)
         if self._stage1 is None:
-            kw = self._loader_kw
             b = self.stage1_batch_size
-            hard = DataLoader(
-                self.train_set, batch_size=b, sampler=sched.hard_sampler(b), drop_last=True, **kw
-            )
-            tail = DataLoader(
-                self.train_set, batch_size=b, sampler=sched.tail_sampler(b), drop_last=True, **kw
-            )
+            hard = self._stage1_loader(sched.hard_sampler(b))
+            tail = self._stage1_loader(sched.tail_sampler(b))
             preprocess = self.meta.preprocess_image
             self._stage1 = _Stage1Stream(
                 sched, _Batches(hard, preprocess), _Batches(tail, preprocess)
@@ -715,6 +815,21 @@ class FTLHook(HookBase):
             if inner is not None:
                 self._saved_iter = inner._data_loader_iter
                 inner._data_loader_iter = self._stage1
+
+    def _stage1_loader(self, sampler: StreamSampler) -> DataLoader:
+        """A stage-1 loader: the scheduler's resumable ``sampler`` over the training set with
+        its training transform, each item's random augmentation drawn from the seed of its
+        position in the stream (:class:`_SeededPositions`), so a run resumed mid-stage draws what
+        the uninterrupted run drew, with or without workers. Its own generator (the workers'
+        base seed): iterating it leaves torch's global RNG alone."""
+        return DataLoader(
+            _SeededItems(self.train_set),
+            batch_size=self.stage1_batch_size,
+            sampler=_SeededPositions(sampler),
+            drop_last=True,
+            generator=torch.Generator().manual_seed(sampler.seed),
+            **self._loader_kw,
+        )
 
     def _leave_stage1(self) -> None:
         if self._stage1 is None:

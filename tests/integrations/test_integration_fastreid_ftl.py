@@ -439,7 +439,10 @@ def test_ftl_trainer_runs_algorithm_1(market_root, tmp_path):
     before = other.ftl_hook.scheduler.state_dict()
     weights = {k: v.clone() for k, v in other.model.state_dict().items()}
     with pytest.raises(
-        ValueError, match="tail_sampling='samples' but this scheduler has 'classes'"
+        ValueError,
+        match=r"cannot resume: .* has MODEL.FTL.TAIL_SAMPLING 'samples' but this config has "
+        r"'classes' \(the long-tail batch stream would change on resume\); set "
+        r"MODEL.FTL.TAIL_SAMPLING to the checkpoint's 'samples' to resume, or .* resume=False",
     ):
         other.resume_or_load(resume=True)
     assert other.ftl_hook.scheduler.state_dict() == before
@@ -452,7 +455,7 @@ def test_ftl_trainer_runs_algorithm_1(market_root, tmp_path):
     # the hook's own load is all or nothing: a refused schedule loads no statistics, statistics
     # that do not load leave the schedule where it was
     fresh = ftlint.FTLTrainer(_ftl_cfg(tmp_path, "MODEL.FTL.TAIL_SAMPLING", "classes")).ftl_hook
-    with pytest.raises(ValueError, match="tail_sampling='samples'"):
+    with pytest.raises(ValueError, match="MODEL.FTL.TAIL_SAMPLING 'samples'"):
         fresh.load_state_dict(ckpt["ftl_scheduler"])
     assert fresh.ftl.feature_transfer.basis.shape[1] == 0 and not fresh.ftl.feature_transfer.ready
     broken = {
@@ -469,6 +472,42 @@ def test_ftl_trainer_runs_algorithm_1(market_root, tmp_path):
         f"{elapsed:.1f} s; train loss {loss_before:.3f} -> {loss_after:.3f}; k={ft.num_components}, "
         f"hard={ft.hard_indices.numel()}; Rank-1 {float(results['Rank-1']):.1f}, mAP {float(results['mAP']):.1f}"
     )
+
+
+@pytest.mark.parametrize(
+    "setting, saved, key",
+    [
+        ("stage0_iters", 7, "MODEL.FTL.STAGE0_ITERS 7 but this config has 5"),
+        ("stage_iters", 7, "MODEL.FTL.STAGE_ITERS 7 but this config has 5"),
+        ("stage2_iters", 3, "MODEL.FTL.STAGE2_ITERS 3 but this config has 5 (each stage 2's"),
+        ("seed", 4, "MODEL.FTL.SEED 4 but this config has 0"),
+        ("tail_sampling", "classes", "MODEL.FTL.TAIL_SAMPLING 'classes' but this config has"),
+    ],
+)
+def test_resume_of_another_schedule_names_the_yaml_key_and_the_way_out(
+    market_root, tmp_path, setting, saved, key
+):
+    """s52 trial: the refusal named AlternatingScheduler's arguments ("checkpoint has
+    stage_iters=10 but this scheduler has 12"); the fastreid user set MODEL.FTL keys. A damaged
+    state's refusal (not a schedule setting) passes through unchanged."""
+    hook = ftlint.FTLTrainer(_ftl_cfg(tmp_path)).ftl_hook
+    state = hook.state_dict()
+    state["scheduler"][setting] = saved
+    with pytest.raises(ValueError) as caught:
+        hook.check_state_dict(state)
+    message = str(caught.value)
+    assert message.startswith("cannot resume: the checkpoint's FTL schedule has " + key), message
+    value = repr(saved) if isinstance(saved, str) else str(saved)
+    assert f"; set {key.split()[0]} to the checkpoint's {value} to resume, or " in message
+    assert "resume=False (MODEL.WEIGHTS, without --resume" in message
+    assert f"{setting}=" not in message and "this scheduler" not in message
+    with pytest.raises(ValueError) as caught:  # the hook's own load: the same message
+        hook.load_state_dict(state)
+    assert str(caught.value) == message
+    damaged = hook.state_dict()
+    damaged["scheduler"]["stage"] = 7
+    with pytest.raises(ValueError, match="^invalid stage 7$"):
+        hook.check_state_dict(damaged)
 
 
 def test_stage1_stream_matches_the_scheduler_loss(market_root, tmp_path):
@@ -726,3 +765,97 @@ def test_ftl_baseline_refuses_a_damaged_head_state_before_its_encoder_loads(tmp_
             load(model)
         assert not any(reached)  # refused before the encoder began to load
         assert_same_state(before, state_snapshot(model), "a refused checkpoint")
+
+
+# ---------------------------------------------------------------- resume in the middle of stage 1
+#: 84 training images / 16 a batch: 5 iterations an epoch, 2 epochs; stage 0 = iterations 0-1,
+#: stage 1 = 2-9 (the run ends with it), the epoch-0 checkpoint (after iteration 4) lies inside it
+_MID_STAGE1 = (
+    "SOLVER.MAX_EPOCH",
+    "2",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "1",
+    "TEST.EVAL_PERIOD",
+    "2",
+    "TEST.PRECISE_BN.ENABLED",  # its pass would draw from fastreid's loader (stage 2 is next)
+    "False",
+    "MODEL.FTL.STAGE0_ITERS",
+    "2",
+    "MODEL.FTL.STAGE_ITERS",
+    "8",
+    "MODEL.FTL.MAX_ALTERNATIONS",
+    "0",
+    # the shipped Base-FTL.yml's random augmentation (TINY_OPTS turns the padding off)
+    "INPUT.FLIP.ENABLED",
+    "True",
+    "INPUT.PADDING.ENABLED",
+    "True",
+    "INPUT.PADDING.SIZE",
+    "4",
+)
+
+#: resumes each run directory given on the command line, as fastreid's train_net.py --resume
+_RESUME_SCRIPT = """
+import torch
+import feature_cloud.integrations.fastreid as fc_fastreid
+from feature_cloud.integrations.fastreid_ftl import FTLTrainer, add_ftl_config
+from fastreid.config import get_cfg
+
+torch.set_num_threads(1)
+for run in RUNS:
+    cfg = add_ftl_config(fc_fastreid.add_feature_cloud_config(get_cfg()))
+    cfg.merge_from_file(run + "/config.yaml")
+    cfg.freeze()
+    trainer = FTLTrainer(cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_epoch == 1, trainer.start_epoch  # model_0000.pth: iterations 0-4 done
+    trainer.train()
+"""
+
+
+def test_resume_mid_stage1_is_bit_for_bit_with_random_augmentation(
+    market_root, tmp_path, monkeypatch
+):
+    """s52 trial: with the shipped YAML's random flip and padding crop, a run stopped in the
+    middle of a stage 1 and resumed in a fresh process (``resume_or_load(resume=True)``) ended
+    that stage 1 with other weights than the uninterrupted run: the stage-1 loaders'
+    augmentation drew from torch's global RNG (in the main process, or in workers seeded from
+    it), which no checkpoint holds. Each stage-1 item now draws from its own seed (the stream's
+    seed and its position in the stream), in the main process and in workers alike."""
+    import shutil
+
+    from conftest import run_fresh_python
+
+    resumed_dirs = []
+    for workers in ("0", "2"):
+        full = tmp_path / f"full{workers}"
+        full.mkdir()
+        cfg = _ftl_cfg(full, *_MID_STAGE1, "DATALOADER.NUM_WORKERS", workers)
+        trainer = ftlint.FTLTrainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()  # uninterrupted
+        ckpt = torch.load(full / "model_0000.pth", map_location="cpu", weights_only=False)
+        sched = ckpt["ftl_scheduler"]["scheduler"]
+        assert (sched["stage"], sched["stage_iteration"]) == (1, 3)  # mid stage 1
+        resumed = tmp_path / f"resumed{workers}"  # what a run stopped there leaves
+        resumed.mkdir()
+        shutil.copy(full / "model_0000.pth", resumed)
+        (resumed / "last_checkpoint").write_text("model_0000.pth")
+        cfg.defrost()
+        cfg.OUTPUT_DIR = str(resumed)
+        (resumed / "config.yaml").write_text(cfg.dump())
+        resumed_dirs.append((full, resumed, ckpt))
+    monkeypatch.setenv("FASTREID_DATASETS", str(market_root))
+    runs = [str(r) for _, r, _ in resumed_dirs]
+    run_fresh_python(f"RUNS = {runs!r}\n" + _RESUME_SCRIPT)
+    for full, resumed, ckpt in resumed_dirs:
+        a = torch.load(full / "model_final.pth", map_location="cpu", weights_only=False)
+        b = torch.load(resumed / "model_final.pth", map_location="cpu", weights_only=False)
+        assert a["ftl_scheduler"]["scheduler"] == b["ftl_scheduler"]["scheduler"]
+        assert a["ftl_scheduler"]["scheduler"]["iteration"] == 10
+        differ = [k for k, v in a["model"].items() if not torch.equal(v, b["model"][k])]
+        assert not differ, (
+            f"{full.name}: {len(differ)} tensors differ after the resumed stage 1: {differ[:5]}"
+        )
+        before, after = ckpt["model"]["ftl.classifier.weight"], a["model"]["ftl.classifier.weight"]
+        assert not torch.equal(before, after)  # the rest of stage 1 trained FC
