@@ -204,8 +204,8 @@ _WHY_FIXED = {
 }
 _SYNCHRONIZE = (
     "to synchronise the statistics over another group or with another pad_to, call "
-    "feature_cloud.distributed.synchronize(head, process_group, pad_to=...) (on a FeatureCloud: "
-    "cloud.synchronize(process_group, pad_to=...)); for sync='off', build a new {holder} with "
+    "feature_cloud.distributed.synchronize(the {holder}, process_group, pad_to=...) (on a "
+    "FeatureCloud: its synchronize(process_group, pad_to=...)); for sync='off', build a new {holder} with "
     "sync='off' and load this one's state_dict()"
 )
 _SIZES = "it sizes the statistics"

@@ -1016,11 +1016,13 @@ _IDENTITY_SAMPLERS = ("NaiveIdentitySampler", "BalancedIdentitySampler")
 
 
 def _check_identity_batch(cfg: CfgNode) -> None:
-    """Refuse a per-rank batch that fastreid's identity sampler can never fill: with
-    ``SOLVER.IMS_PER_BATCH`` (per rank) not a multiple of ``DATALOADER.NUM_INSTANCE`` the sampler
-    skips every batch size it reaches and training hangs at full CPU without a word (s52 trial:
-    batch 30 with 4 instances ran 7 minutes). Only for models holding this package's head (the
-    shipped YAMLs use ``NaiveIdentitySampler``)."""
+    """Refuse a batch that fastreid's identity sampler can never fill. The sampler builds the
+    global batch (``SOLVER.IMS_PER_BATCH``, per-rank batch x ranks) ``DATALOADER.NUM_INSTANCE``
+    images at a time from ``per-rank batch // NUM_INSTANCE`` identities and yields it only at
+    exactly that size: a global batch not a multiple of ``NUM_INSTANCE``, or a per-rank batch
+    below it, hangs training at full CPU without a word (s52 trial: batch 30 with 4 instances
+    ran 7 minutes). Only for models holding this package's head (the shipped YAMLs use
+    ``NaiveIdentitySampler``)."""
     model = cfg.MODEL
     ours = model.META_ARCHITECTURE in ("LEAPBaseline", "FTLBaseline") or (
         model.HEADS.NAME == "LEAPHead"
@@ -1031,13 +1033,14 @@ def _check_identity_batch(cfg: CfgNode) -> None:
 
     world = comm.get_world_size()
     batch, instances = int(cfg.SOLVER.IMS_PER_BATCH) // world, int(cfg.DATALOADER.NUM_INSTANCE)
-    if instances < 1 or batch % instances:
+    if instances < 1 or batch < instances or (batch * world) % instances:
         raise ValueError(
             f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} ({batch} per rank on {world} "
-            f"rank(s)) is not a multiple of DATALOADER.NUM_INSTANCE {instances}: fastreid's "
+            f"rank(s)) does not fit DATALOADER.NUM_INSTANCE {instances}: fastreid's "
             f"{cfg.DATALOADER.SAMPLER_TRAIN} adds {instances} images per identity and yields "
-            f"a batch only at exactly {batch}, so training would hang without a word; set "
-            "IMS_PER_BATCH to a multiple of NUM_INSTANCE x the number of ranks"
+            f"a batch only at exactly {batch * world} images (per-rank batch x ranks), so "
+            "training would hang without a word; set IMS_PER_BATCH to a multiple of "
+            "NUM_INSTANCE with at least NUM_INSTANCE images per rank"
         )
 
 

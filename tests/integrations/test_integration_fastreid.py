@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -282,7 +283,7 @@ def test_trainer_refuses_a_batch_the_identity_sampler_cannot_fill(market_root, t
             "DATALOADER.NUM_INSTANCE", "4",
             "DATALOADER.SAMPLER_TRAIN", sampler,
         )  # fmt: skip
-        with pytest.raises(ValueError, match="IMS_PER_BATCH 30 .* multiple of DATALOADER.NUM_INS"):
+        with pytest.raises(ValueError, match="IMS_PER_BATCH 30 .* fit DATALOADER.NUM_INSTANCE"):
             DefaultTrainer(cfg)
     stock = cfg.clone()
     stock.defrost()
@@ -290,6 +291,20 @@ def test_trainer_refuses_a_batch_the_identity_sampler_cannot_fill(market_root, t
     fr._check_identity_batch(stock)  # fastreid's own model: not this package's to refuse
     fine = _tiny_cfg(tmp_path, "SOLVER.IMS_PER_BATCH", "32", "DATALOADER.NUM_INSTANCE", "4")
     fr._check_identity_batch(fine)
+    # the sampler fills the global batch (per-rank x ranks): 2 ranks of 6 with 4 instances
+    # fill 12 (s52 review: the check refused it); 2 ranks of 3 take 0 identities each and hang
+    from fastreid.utils import comm
+
+    for batch, ok in (("12", True), ("6", False), ("10", False)):
+        two = _tiny_cfg(
+            tmp_path, "SOLVER.IMS_PER_BATCH", batch, "DATALOADER.NUM_INSTANCE", "4"
+        )  # fmt: skip
+        with mock.patch.object(comm, "get_world_size", return_value=2):
+            if ok:
+                fr._check_identity_batch(two)
+            else:
+                with pytest.raises(ValueError, match=f"IMS_PER_BATCH {batch} .* on 2 rank"):
+                    fr._check_identity_batch(two)
 
 
 def test_trainer_refuses_a_wrong_num_classes_when_built_and_cloud_none_does_not_warn(
