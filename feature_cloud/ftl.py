@@ -688,7 +688,7 @@ def _check_same_data(summary: Tensor, group: Any) -> None:
     n = local.numel()
     if torch.equal(both[:n], -both[n:]):
         return
-    lo, hi = -both[n - 3], both[n - 3]
+    lo, hi = -both[2 * n - 3], both[n - 3]  # the sample count: 3rd from the end of each half
     raise ValueError(
         "update_stats(): the ranks read different samples (between "
         f"{int(lo)} and {int(hi)} samples a rank, or other indices or labels): a sharded loader "
@@ -696,6 +696,21 @@ def _check_same_data(summary: Tensor, group: Any) -> None:
         "UpdateStats (a plain DataLoader), so that the statistics C, Q, h are those of the "
         "whole set, the same on every rank"
     )
+
+
+def _held_summary(ft: FeatureTransfer, counts: Tensor) -> Dict[str, Any]:
+    """:meth:`FeatureTransfer.update_stats`' summary of the statistics ``ft`` holds (data
+    parallel: rank 0's, after the broadcast), ``counts`` the per-class image counts of the pass
+    (the same on every rank: :func:`_check_same_data`)."""
+    regular, has = ft.regular, ft.has_center
+    return {
+        "num_components": ft.num_components,
+        "explained_energy": ft.explained_energy,
+        "num_hard": int(ft.hard_indices.numel()),
+        "num_regular_classes": int((regular & has).sum()),
+        "num_tail_classes": int((has & ~regular).sum()),
+        "num_regular_samples": int(counts[regular.to(counts.device)].sum()),
+    }
 
 
 def _broadcast_own_buffers(module: nn.Module, group: Any) -> None:
@@ -1142,7 +1157,8 @@ class AlternatingScheduler:
         :meth:`FeatureTransfer.update_stats`) with ``Enc`` in eval mode and refresh ``C``, ``Q``,
         ``h`` and the long-tail pool. ``loader`` must be re-iterable (a ``DataLoader``) and yield
         ``(x, y, index[, keep])``; without ``index`` the positions in the loader are used, so it
-        must not shuffle. Returns the :meth:`FeatureTransfer.update_stats` summary. A training
+        must not shuffle. Returns the :meth:`FeatureTransfer.update_stats` summary (data
+        parallel: of the broadcast statistics, the same on every rank). A training
         set without regular or without long-tail classes (:func:`check_tail_split`) is refused
         at the end of the first pass, before the statistics change.
 
@@ -1203,8 +1219,9 @@ class AlternatingScheduler:
             summary = model.feature_transfer.update_stats(features)
         finally:
             model.encoder.train(was_training and "encoder" not in model.frozen)
-        if parallel:
+        if parallel:  # the summary of what this rank now holds: rank 0's, on every rank
             _broadcast_own_buffers(model.feature_transfer, group)
+            summary = _held_summary(model.feature_transfer, passes[0])
         self.needs_stats = False
         return summary
 
@@ -1355,7 +1372,7 @@ class AlternatingScheduler:
             "world_size": world_size,
         }
         if rank is None and data_parallel_shard(process_group)[1] > 1:
-            self._check_ranks_agree(process_group, batch_size)
+            self._check_ranks_agree(process_group, batch_size, dataset)
         if self._stage == 1:
             return (
                 self._loader(dataset, batch_size, self.hard_sampler(batch_size, **shard), 1, kw),
@@ -1364,13 +1381,17 @@ class AlternatingScheduler:
         sampler = self.data_sampler(len(dataset), batch_size, **shard)
         return self._loader(dataset, batch_size, sampler, 0, kw)
 
-    def _check_ranks_agree(self, group: Any, batch_size: int) -> None:
+    def _check_ranks_agree(self, group: Any, batch_size: int, dataset: Any) -> None:
         """Raise ``ValueError`` on every rank unless the ranks share the stream (``seed``), its
-        position and the per-rank batch size: otherwise their shares would overlap or miss
-        samples silently."""
-        keys = ("seed", "stage", "alternation", "stage_iteration", "batch_size")
+        position, the per-rank batch size and the dataset length (-1 without ``len``):
+        otherwise their shares would overlap or miss samples silently."""
+        keys = ("seed", "stage", "alternation", "stage_iteration", "batch_size", "len(dataset)")
+        try:
+            size = len(dataset)
+        except TypeError:  # stage 1 indexes it only: the hard list and pool are rank 0's
+            size = -1
         local = torch.tensor(
-            [self.seed, self._stage, self.alternation, self.stage_iteration, int(batch_size)],
+            [self.seed, self._stage, self.alternation, self.stage_iteration, int(batch_size), size],
             dtype=torch.long,
         )
         local = local.to(_collective_device(local, group))
@@ -1384,10 +1405,13 @@ class AlternatingScheduler:
         ]
         if bad:
             raise ValueError(
-                "loaders(): the ranks' schedulers differ (" + ", ".join(bad) + "): data "
+                "loaders(): the ranks' schedulers or datasets differ ("
+                + ", ".join(bad)
+                + "): data "
                 "parallel, every rank draws its share of one stream, so every rank needs the same "
                 "seed (pass seed=, or the same torch.manual_seed before building the scheduler), "
-                "the same position (the same checkpoint) and the same per-rank batch_size"
+                "the same position (the same checkpoint), the same per-rank batch_size and the "
+                "same dataset (each rank the whole training set, not a shard)"
             )
 
     # ------------------------------------------------------------------ stage 1

@@ -19,6 +19,7 @@ from feature_cloud.ftl import (
     IndexedDataset,
     ResidualFilter,
     StreamSampler,
+    _held_summary,
     class_balanced_pool,
     make_filter,
 )
@@ -289,6 +290,9 @@ def test_update_stats_through_the_encoder_with_flip_and_quality():
     sched = AlternatingScheduler(model, stage0_iters=0, stage_iters=5, flip=flip, quality=quality)
     summary = sched.update_stats(DataLoader(ds, batch_size=100, shuffle=True))
     assert summary["num_regular_classes"] == 10 and summary["num_tail_classes"] == 20
+    # data parallel returns the summary recomputed from the held (broadcast) statistics: the same
+    counts = torch.bincount(ytr, minlength=model.feature_transfer.num_classes)
+    assert _held_summary(model.feature_transfer, counts) == summary
     model.eval()
     with torch.no_grad():
         g, gf = model.encode(xtr), model.encode(flip(xtr))

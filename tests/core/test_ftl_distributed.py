@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from conftest import run_gloo_checks
@@ -188,6 +188,10 @@ def check_sharded_stats_loader_is_refused(rank: int, world: int) -> None:
     before = copy.deepcopy(model.feature_transfer.state_dict())
     with pytest.raises(ValueError, match="the ranks read different samples"):
         sched.update_stats(sharded)
+    # ranks that read sets of different sizes: the refusal names the smallest and largest
+    part = DataLoader(Subset(ds, range(100)) if rank == 1 else ds, batch_size=16)
+    with pytest.raises(ValueError, match="between 100 and 184 samples a rank"):
+        sched.update_stats(part)
     assert sched.needs_stats
     for name, value in model.feature_transfer.state_dict().items():
         assert torch.equal(value, before[name]), name
@@ -195,10 +199,17 @@ def check_sharded_stats_loader_is_refused(rank: int, world: int) -> None:
         with torch.no_grad():
             for p in model.encoder.parameters():
                 p.mul_(1.5).add_(0.3)
-    sched.update_stats(DataLoader(ds, batch_size=16))  # the whole set: accepted
+    summary = sched.update_stats(DataLoader(ds, batch_size=16))  # the whole set: accepted
     ft = model.feature_transfer.state_dict()  # rank 0's statistics, on every rank
     for name, value in _gather(ft)[0].items():
         assert torch.equal(ft[name], value), name
+    # the summary of the statistics held (rank 0's), not of this rank's own pass
+    assert all(s == summary for s in _gather(summary)), summary
+    held = model.feature_transfer
+    assert summary["num_hard"] == held.hard_indices.numel()
+    assert summary["num_components"] == held.num_components
+    assert summary["explained_energy"] == held.explained_energy
+    assert summary["num_regular_samples"] == 160 and summary["num_tail_classes"] == 8
     hard, tail = sched.loaders(ds, B)
     assert len(hard) == len(tail) == 2
     # ranks whose streams differ are refused on every rank: another seed, another batch size
@@ -207,6 +218,8 @@ def check_sharded_stats_loader_is_refused(rank: int, world: int) -> None:
         other.loaders(ds, B)
     with pytest.raises(ValueError, match="batch_size from 4 to 5"):
         sched.loaders(ds, B + rank)
+    with pytest.raises(ValueError, match=r"len\(dataset\) from 183 to 184"):  # another set
+        sched.loaders(Subset(ds, range(len(ds) - rank)), B)
     # this rank's hard batches: its slice of one process's batches of world * B
     one = sched.loaders(ds, world * B, rank=0, world_size=1)
     mine = [b[2].tolist() for b in hard]
