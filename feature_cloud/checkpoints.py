@@ -90,26 +90,40 @@ def prepare_dcp_load(model: nn.Module, checkpoint: Any, prefix: Optional[str] = 
 
         feature_cloud.prepare_dcp_load(model, path)
         state = {"model": get_model_state_dict(model)}  # or model.state_dict()
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path)  # torch 2.2: storage_reader=FileSystemReader(path)
         set_model_state_dict(model, state["model"])  # or model.load_state_dict(state["model"])
 
-    The last line runs the modules' load checks (a damaged or edited state) and re-reads their
-    host-side copies; keep it.
+    The last line runs the modules' load checks (a damaged or edited state); keep it. Without
+    it (``dcp.load`` into ``model.state_dict()``, in place), the host-side copies (the cloud's
+    step, the statistics' :attr:`~feature_cloud.statistics.ClassStatistics.layout_setting`) are
+    re-read once when next needed.
 
     ``checkpoint``: the checkpoint's folder (read with ``dcp.FileSystemReader``), a DCP
-    ``StorageReader`` or the checkpoint's ``Metadata``; only the metadata is read (no tensor,
-    no collective). ``prefix``: where ``model``'s entries start among the checkpoint's keys
+    ``StorageReader`` or the checkpoint's ``Metadata``; only the metadata is read (no tensor, no
+    collective). ``prefix``: where ``model``'s entries start among the checkpoint's keys
     (``"model."`` for ``dcp.save({"model": model_state}, ...)``); ``None`` finds it from the
-    keys of the resized buffers. Before anything changes, every feature-cloud module's buffers
-    are checked against the checkpoint's shapes (:func:`check_state_dict` on the saved shapes;
-    DCP checks the parameters' itself), so a checkpoint of another class count or embedding size
-    is refused with the message ``load_state_dict`` gives, and ``model`` is left as it was; so is
-    a checkpoint saved before its ``K_i`` were known (no angle memory: a head without a cloud,
-    or one still counting) for a head built with ``class_counts``, whose layout
-    ``load_state_dict`` keeps for a cloud-less source and DCP cannot. The resized buffers hold an
-    empty memory until ``dcp.load`` fills them: load right after.
+    keys of the resized buffers; one under which the checkpoint holds none of ``model``'s
+    entries is refused. Keys match with or without a compiled module's ``_orig_mod.`` (which
+    ``get_model_state_dict`` drops and ``model.state_dict()`` keeps). Before anything changes,
+    every feature-cloud module's buffers are checked against the checkpoint's shapes
+    (:func:`check_state_dict` on the saved shapes; DCP checks the parameters' itself), so a
+    checkpoint of another class count or embedding size is refused with the message
+    ``load_state_dict`` gives, and ``model`` is left as it was; so is a checkpoint saved before
+    its ``K_i`` were known (no angle memory: a head without a cloud, or one still counting) for
+    a head built with ``class_counts``, whose layout ``load_state_dict`` keeps for a cloud-less
+    source and DCP cannot. The resized buffers hold an empty memory until ``dcp.load`` fills
+    them: load right after.
     """
-    saved = _saved_tensors(checkpoint)
+    # the checkpoint's keys as get_state_dict writes them (no wrapper's path component), each
+    # with its own: model.state_dict() keeps a compiled child's "_orig_mod."
+    own_keys: Dict[str, str] = {}
+    saved: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
+    for key, meta in _saved_tensors(checkpoint).items():
+        clean = _unwrapped(key)
+        if clean not in saved or clean == key:
+            own_keys[clean], saved[clean] = key, meta
+    if prefix is not None:  # refused before anything changes
+        prefix = _checked_prefix(model, saved, prefix)
     sized = list(_state_sized_buffers(model))
     if not sized:
         return []
@@ -145,18 +159,23 @@ def prepare_dcp_load(model: nn.Module, checkpoint: Any, prefix: Optional[str] = 
             and entry.numel() == 0
         ):
             raise ValueError(
-                f"the checkpoint's {prefix + key} is empty (its K_i were not known yet: a head "
-                "trained without a cloud, or saved during a warm-up that counts K_i online) and "
-                "this model's is laid out (class_counts given). load_state_dict keeps this "
-                "layout for a head trained without a cloud; dcp.load cannot. Build the head as "
-                "the checkpoint's was (class_counts=None) to resume its warm-up, or load the "
-                "class weights only to start LEAP from a head trained without a cloud"
+                f"the checkpoint's {own_keys[prefix + key]} is empty (its K_i were not known "
+                "yet: a head trained without a cloud, or saved during a warm-up that counts K_i "
+                "online) and this model's is laid out (class_counts given). load_state_dict "
+                "keeps this layout for a head trained without a cloud; dcp.load cannot. Build "
+                "the head as the checkpoint's was (class_counts=None) to resume its warm-up, or "
+                "load the class weights only to start LEAP from a head trained without a cloud"
             )
         plan.append((key, module, name, own, entry.shape))
     for _, module, name, own, shape in plan:  # every check passed: lay them out
         empty = -1 if name == "memory_stamp" else 0  # as allocate_memory leaves them
         setattr(module, name, torch.full(shape, empty, dtype=own.dtype, device=own.device))
-    return [prefix + key for key, *_ in plan]
+    for key, module, name in sized:  # the layout the ranks compare: re-read once it is loaded
+        if isinstance(module, ClassStatistics) and name == "memory":
+            loaded = key[: -len(name)] + "class_counts"
+            if loaded in shapes:
+                module._expect_load_in_place()
+    return [own_keys[prefix + key] for key, *_ in plan]
 
 
 def _checked_modules(model: nn.Module, clean: bool = False) -> Iterator[Tuple[str, nn.Module]]:
@@ -182,6 +201,35 @@ def _clean_name(model: nn.Module, name: str) -> str:
     if wrapped and parts[:1] == ["module"]:
         parts = parts[1:]
     return ".".join(parts)
+
+
+def _unwrapped(key: str) -> str:
+    """A checkpoint key without the wrappers' path components (``get_state_dict``'s form)."""
+    return ".".join(p for p in key.split(".") if p not in _WRAPPER_NAMES)
+
+
+def _checked_prefix(model: nn.Module, saved: Mapping[str, Any], prefix: str) -> str:
+    """``prefix`` without the wrappers' path components, if the checkpoint holds some of
+    ``model``'s entries under it; else a ValueError naming the keys' beginnings."""
+    clean = _unwrapped(prefix[:-1]) + "." if prefix.endswith(".") else _unwrapped(prefix)
+    clean = "" if clean == "." else clean
+    names = {_clean_name(model, name) for name, _ in model.named_parameters()}
+    names |= {_clean_name(model, name) for name, _ in model.named_buffers()}
+    if any(k.startswith(clean) and k[len(clean) :] in names for k in saved):
+        return clean
+    starts = sorted({k.split(".")[0] + ("." if "." in k else "") for k in saved})
+    try:
+        found = _find_prefix(saved, [key for key, _, _ in _state_sized_buffers(model)])
+        hint = f"; prefix=None finds {found!r}"
+    except (ValueError, IndexError):
+        hint = ""
+    raise ValueError(
+        f"prefix={prefix!r}: the checkpoint holds none of the model's entries under it (a "
+        "prefix ends with its dot: 'model.' for dcp.save({'model': ...})); its keys begin with "
+        + ", ".join(map(repr, starts[:8]))
+        + (", ..." if len(starts) > 8 else "")
+        + hint
+    )
 
 
 def _state_sized_buffers(model: nn.Module) -> Iterator[Tuple[str, nn.Module, str]]:

@@ -337,14 +337,23 @@ class ClassStatistics(KeepBufferDtypes):
         memory is laid out (:meth:`allocate_memory`, the end of online counting, a load,
         :meth:`reset_parameters`): no device read in a step. Counts written into the buffer
         in place (``class_counts.copy_``) are not seen: lay them out with
-        :meth:`allocate_memory`."""
+        :meth:`allocate_memory`. After :func:`~feature_cloud.prepare_dcp_load`, the first read
+        once ``class_counts`` was written (``dcp.load`` in place) reads the buffers again."""
         text = self.__dict__.get("_layout_text")
         if text is None:  # a whole-module pickle of an earlier release: read once
             text = self._refresh_layout_text()
+        elif self.__dict__.get("_layout_mark") is not None:  # prepare_dcp_load: a load to come
+            text = _layout_after_load(self)
         return text
+
+    def _expect_load_in_place(self) -> None:
+        """Mark :attr:`layout_setting` for a re-read once ``class_counts`` is written (the load
+        in place that :func:`~feature_cloud.prepare_dcp_load` prepares)."""
+        self._layout_mark = _version_stamp(self.class_counts)
 
     def _refresh_layout_text(self) -> str:
         """:attr:`layout_setting` from the buffers (one host read; at a load, not in a step)."""
+        self.__dict__.pop("_layout_mark", None)
         if not self.memory_allocated:
             text = _COUNTING
         elif self.class_counts.is_meta:
@@ -810,6 +819,26 @@ class ClassStatistics(KeepBufferDtypes):
         super()._load_from_state_dict(state_dict, prefix, *args)
         self._refresh_layout_text()  # the loaded layout, as the ranks compare it (one read)
 
+
+def _version_stamp(tensor: Tensor) -> Tuple[int, int]:
+    """Which tensor, at which in-place version (-1: none, an inference-mode tensor)."""
+    try:
+        return id(tensor), tensor._version
+    except RuntimeError:
+        return id(tensor), -1
+
+
+def _layout_after_load(stats: ClassStatistics) -> str:
+    """:attr:`ClassStatistics.layout_setting` after :func:`~feature_cloud.prepare_dcp_load`:
+    read again from the buffers (once) when ``class_counts`` were written or replaced since."""
+    mark = stats.__dict__.get("_layout_mark")
+    if mark is None or mark[1] < 0 or _version_stamp(stats.class_counts) != mark:
+        return stats._refresh_layout_text()
+    return str(stats.__dict__["_layout_text"])  # not loaded yet
+
+
+# a host read of the buffers where they were loaded in place: eagerly, outside a compiled step
+_layout_after_load = disable_compile(_layout_after_load, "class_counts' host summary after a load")
 
 #: :attr:`ClassStatistics.layout_setting` while ``K_i`` are counted online (memory not laid out)
 _COUNTING = "counted online (not laid out yet)"

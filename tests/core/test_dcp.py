@@ -157,19 +157,69 @@ def test_dcp_resume_continues_bit_identically(counts: bool) -> None:
 @one_process
 def test_dcp_in_place_load_without_load_state_dict() -> None:
     """``dcp.load(model.state_dict())`` fills the module's own tensors: after the layout step,
-    that alone resumes (the host copy of the step is re-read from the loaded buffer)."""
+    that alone resumes (the host copies of the step and of the layout the ranks compare are
+    re-read from the loaded buffers)."""
     model, opt = _build()
     _train(model, opt, range(3))
+    stats = model.head.feature_cloud.statistics
     with tempfile.TemporaryDirectory() as path:
         dcp.save({"model": model.state_dict()}, checkpoint_id=path)
         reference = state_snapshot(model)
         fresh, _ = _build()
         prepare_dcp_load(fresh, path)
+        layout = fresh.head.feature_cloud.statistics
+        assert layout.layout_setting.startswith("counted online")  # not loaded yet
         dcp.load({"model": fresh.state_dict()}, checkpoint_id=path)
     assert_same_state(state_snapshot(fresh), reference, "in place")
+    assert layout.layout_setting == stats.layout_setting != fresh_text()
+    assert fresh.head.feature_cloud.agreed_settings() == model.head.feature_cloud.agreed_settings()
     fresh.train()
     x, y = _batch(3)
     assert fresh(x, y).item() == model(x, y).item()
+
+
+def fresh_text() -> str:
+    """``layout_setting`` of a head still counting its ``K_i`` online."""
+    return _build()[0].head.feature_cloud.statistics.layout_setting
+
+
+@one_process
+@needs_state_dict_api
+@pytest.mark.parametrize("saved_compiled", [True, False], ids=["state_dict", "get_state_dict"])
+def test_dcp_layout_of_a_compiled_child(saved_compiled: bool) -> None:
+    """A torch.compile'd head: ``model.state_dict()`` keys hold its ``_orig_mod.``,
+    ``get_model_state_dict``'s do not; the layout step matches either, found or given."""
+    model, opt = _build()
+    _train(model, opt, range(3))
+    if saved_compiled:
+        model.head = torch.compile(model.head, backend="eager")  # type: ignore[assignment]
+    with tempfile.TemporaryDirectory() as path:
+        dcp.save({"model": model.state_dict()}, checkpoint_id=path)
+        mid = "head._orig_mod." if saved_compiled else "head."
+        memory = "model." + mid + "feature_cloud.statistics.memory"
+        for prefix in (None, "model."):
+            fresh, _ = _build()
+            fresh.head = torch.compile(fresh.head, backend="eager")  # type: ignore[assignment]
+            resized = prepare_dcp_load(fresh, path, prefix=prefix)
+            assert resized == [memory, memory + "_stamp", memory + "_owner"]
+        fresh_opt = torch.optim.Adam(fresh.parameters(), lr=1e-2)
+        state = {
+            "model": fresh.state_dict() if saved_compiled else get_state_dict(fresh, fresh_opt)[0]
+        }
+        dcp.load(state, checkpoint_id=path)
+    head = fresh.head._orig_mod  # type: ignore[attr-defined]
+    assert_same_state(
+        state_snapshot(head),
+        state_snapshot(getattr(model.head, "_orig_mod", model.head)),
+        "compiled",
+    )
+    # a compiled root: its "_orig_mod." is part of the prefix, given or found
+    root = torch.compile(_build()[0], backend="eager")
+    with tempfile.TemporaryDirectory() as path:
+        dcp.save({"model": root.state_dict()}, checkpoint_id=path)
+        for prefix in (None, "model.", "model._orig_mod."):
+            fresh = torch.compile(_build()[0], backend="eager")
+            assert prepare_dcp_load(fresh, path, prefix=prefix) == []  # nothing to resize
 
 
 @one_process
@@ -188,7 +238,12 @@ def test_dcp_layout_refuses_another_class_count_before_anything_changes() -> Non
         reader = dcp.FileSystemReader(path)
         with pytest.raises(ValueError, match="holds no 'backbone.head"):
             prepare_dcp_load(nn.ModuleDict({"backbone": fresh}), path)
-        assert prepare_dcp_load(fresh, reader.read_metadata(), prefix="other.") == []
+        for wrong in ("other.", "model", "model.head."):  # refused, naming the keys' beginnings
+            with pytest.raises(ValueError, match=f"prefix='{wrong}'.*begin with 'model.'"):
+                prepare_dcp_load(fresh, reader.read_metadata(), prefix=wrong)
+            assert fresh.head.feature_cloud.statistics.memory.numel() == 0  # nothing changed
+        with pytest.raises(ValueError, match="prefix='nope.'.*begin with 'model.'"):
+            prepare_dcp_load(nn.Linear(2, 2), path, prefix="nope.")  # nothing state-sized
         assert len(prepare_dcp_load(fresh, reader, prefix="model.")) == 3
         assert prepare_dcp_load(nn.Linear(2, 2), path) == []  # nothing state-sized: no-op
         with pytest.raises(TypeError, match="StorageReader or Metadata"):
@@ -270,6 +325,26 @@ def _check_resume(rank: int, build: Any, name: str) -> None:
     dist.barrier()
 
 
+def check_in_place_and_set_state_dict_resumes_agree(rank: int, world: int) -> None:
+    """One rank resumes in place (``dcp.load`` into ``model.state_dict()``), the other with
+    ``set_state_dict``: their synchronised clouds agree on the loaded layout and train on."""
+    path = os.path.join(os.environ["FC_TEST_DCP_DIR"], "flows")
+    model, opt = _build()
+    _train(model, opt, range(3), rank)
+    _save(model, opt, path)
+    fresh, fresh_opt = _build()
+    if rank == 0:
+        prepare_dcp_load(fresh, path)
+        dcp.load({"model": fresh.state_dict()}, checkpoint_id=path)
+    else:
+        _resume(fresh, fresh_opt, path)
+    _train(fresh, fresh_opt, range(3, 4), rank)  # refused on both ranks if they disagreed
+    assert fresh.head.feature_cloud.statistics.layout_setting == (
+        model.head.feature_cloud.statistics.layout_setting
+    )
+    dist.barrier()
+
+
 def check_sharded_head_is_refused(rank: int, world: int) -> None:
     """DCP saves a plain tensor once, as a value all ranks hold alike: a shard of a
     ShardedLEAPMarginHead would come back as another rank's, so the layout step refuses it."""
@@ -288,6 +363,7 @@ def test_fsdp2_dcp_resume_on_two_processes(monkeypatch: pytest.MonkeyPatch) -> N
         checks = [
             "check_fsdp2_dcp_resume",
             "check_fsdp1_dcp_resume",
+            "check_in_place_and_set_state_dict_resumes_agree",
             "check_sharded_head_is_refused",
         ]
         run_gloo_checks(__name__, 2, checks, 120.0, 60)
