@@ -1383,15 +1383,23 @@ class AlternatingScheduler:
 
     def _check_ranks_agree(self, group: Any, batch_size: int, dataset: Any) -> None:
         """Raise ``ValueError`` on every rank unless the ranks share the stream (``seed``), its
-        position, the per-rank batch size and the dataset length (-1 without ``len``):
-        otherwise their shares would overlap or miss samples silently."""
+        position, the schedule (stage lengths, alternations, tail sampling), the per-rank batch
+        size and the dataset length (-1 without ``len``): otherwise their shares would overlap
+        or miss samples silently, or their stages part."""
         keys = ("seed", "stage", "alternation", "stage_iteration", "batch_size", "len(dataset)")
+        keys += ("stage0_iters", "stage_iters", "stage2_iters", "max_alternations")
+        keys += ("tail_sampling (0: samples, 1: classes)",)
         try:
             size = len(dataset)
         except TypeError:  # stage 1 indexes it only: the hard list and pool are rank 0's
             size = -1
+        # the schedule too: ranks whose stages end at other iterations would run other stages
+        # (different parts frozen, different loaders) in the same DDP step
+        alternations = -1 if self.max_alternations is None else self.max_alternations
         local = torch.tensor(
-            [self.seed, self._stage, self.alternation, self.stage_iteration, int(batch_size), size],
+            [self.seed, self._stage, self.alternation, self.stage_iteration, int(batch_size), size]
+            + [self.stage0_iters, self.stage_iters, self.stage2_iters, alternations]
+            + [TAIL_SAMPLING.index(self.tail_sampling)],
             dtype=torch.long,
         )
         local = local.to(_collective_device(local, group))
@@ -1410,8 +1418,8 @@ class AlternatingScheduler:
                 + "): data "
                 "parallel, every rank draws its share of one stream, so every rank needs the same "
                 "seed (pass seed=, or the same torch.manual_seed before building the scheduler), "
-                "the same position (the same checkpoint), the same per-rank batch_size and the "
-                "same dataset (each rank the whole training set, not a shard)"
+                "the same position (the same checkpoint) and schedule, the same per-rank "
+                "batch_size and the same dataset (each rank the whole training set, not a shard)"
             )
 
     # ------------------------------------------------------------------ stage 1

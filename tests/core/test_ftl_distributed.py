@@ -220,6 +220,16 @@ def check_sharded_stats_loader_is_refused(rank: int, world: int) -> None:
         sched.loaders(ds, B + rank)
     with pytest.raises(ValueError, match=r"len\(dataset\) from 183 to 184"):  # another set
         sched.loaders(Subset(ds, range(len(ds) - rank)), B)
+    # another schedule on one rank: its stages would end at other iterations (s52 review 7e)
+    for key, value in (("stage_iters", 2 + rank), ("max_alternations", 3 - rank)):
+        kw = {"stage0_iters": 0, "stage_iters": 2, "seed": 3, key: value}
+        with pytest.raises(ValueError, match=f"{key} from 2 to 3"):
+            AlternatingScheduler(model, **kw).loaders(ds, B)
+    tails = AlternatingScheduler(
+        model, stage0_iters=0, stage_iters=2, seed=3, tail_sampling=("samples", "classes")[rank]
+    )
+    with pytest.raises(ValueError, match=r"tail_sampling \(0: samples, 1: classes\) from 0 to 1"):
+        tails.loaders(ds, B)
     # this rank's hard batches: its slice of one process's batches of world * B
     one = sched.loaders(ds, world * B, rank=0, world_size=1)
     mine = [b[2].tolist() for b in hard]
