@@ -1386,9 +1386,11 @@ class AlternatingScheduler:
         position, the schedule (stage lengths, alternations, tail sampling), the per-rank batch
         size and the dataset length (-1 without ``len``): otherwise their shares would overlap
         or miss samples silently, or their stages part."""
-        keys = ("seed", "stage", "alternation", "stage_iteration", "batch_size", "len(dataset)")
-        keys += ("stage0_iters", "stage_iters", "stage2_iters", "max_alternations")
-        keys += ("tail_sampling (0: samples, 1: classes)",)
+        keys = (
+            *("seed", "stage", "alternation", "stage_iteration", "batch_size", "len(dataset)"),
+            *("stage0_iters", "stage_iters", "stage2_iters", "max_alternations"),
+            "tail_sampling (0: samples, 1: classes)",
+        )
         try:
             size = len(dataset)
         except TypeError:  # stage 1 indexes it only: the hard list and pool are rank 0's
