@@ -1016,31 +1016,38 @@ _IDENTITY_SAMPLERS = ("NaiveIdentitySampler", "BalancedIdentitySampler")
 
 
 def _check_identity_batch(cfg: CfgNode) -> None:
-    """Refuse a batch that fastreid's identity sampler can never fill. The sampler builds the
-    global batch (``SOLVER.IMS_PER_BATCH``, per-rank batch x ranks) ``DATALOADER.NUM_INSTANCE``
-    images at a time from ``per-rank batch // NUM_INSTANCE`` identities and yields it only at
-    exactly that size: a global batch not a multiple of ``NUM_INSTANCE``, or a per-rank batch
-    below it, hangs training at full CPU without a word (s52 trial: batch 30 with 4 instances
-    ran 7 minutes). Only for models holding this package's head (the shipped YAMLs use
-    ``NaiveIdentitySampler``)."""
+    """Refuse a batch that fastreid's identity sampler can never fill. Both samplers build the
+    global batch (per-rank batch ``b`` = ``SOLVER.IMS_PER_BATCH`` // ranks, times the ranks) of
+    identities with ``K`` = ``DATALOADER.NUM_INSTANCE`` images each and yield it only when it
+    holds exactly that many: ``BalancedIdentitySampler`` checks after every identity (the global
+    batch must be a multiple of ``K``), ``NaiveIdentitySampler`` after every round of ``b // K``
+    identities (a multiple of ``(b // K) * K``: 2 ranks of 10 with 4 instances add 8 a round and
+    never reach 20); ``b < K`` picks no identity. Such a batch hung training at full CPU without a
+    word (s52 trial: batch 30 with 4 instances ran 7 minutes). Only for models holding this
+    package's head (the shipped YAMLs use ``NaiveIdentitySampler``)."""
     model = cfg.MODEL
     ours = model.META_ARCHITECTURE in ("LEAPBaseline", "FTLBaseline") or (
         model.HEADS.NAME == "LEAPHead"
     )
-    if not ours or cfg.DATALOADER.SAMPLER_TRAIN not in _IDENTITY_SAMPLERS:
+    sampler = cfg.DATALOADER.SAMPLER_TRAIN
+    if not ours or sampler not in _IDENTITY_SAMPLERS:
         return
     from fastreid.utils import comm
 
     world = comm.get_world_size()
     batch, instances = int(cfg.SOLVER.IMS_PER_BATCH) // world, int(cfg.DATALOADER.NUM_INSTANCE)
-    if instances < 1 or batch < instances or (batch * world) % instances:
+    step = (
+        instances
+        if sampler == "BalancedIdentitySampler"
+        else (batch // max(instances, 1)) * instances
+    )
+    if instances < 1 or batch < instances or (batch * world) % step:
         raise ValueError(
             f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} ({batch} per rank on {world} "
-            f"rank(s)) does not fit DATALOADER.NUM_INSTANCE {instances}: fastreid's "
-            f"{cfg.DATALOADER.SAMPLER_TRAIN} adds {instances} images per identity and yields "
-            f"a batch only at exactly {batch * world} images (per-rank batch x ranks), so "
-            "training would hang without a word; set IMS_PER_BATCH to a multiple of "
-            "NUM_INSTANCE with at least NUM_INSTANCE images per rank"
+            f"rank(s)) does not fit DATALOADER.NUM_INSTANCE {instances}: fastreid's {sampler} "
+            f"adds {step} images at a time and yields a batch only at exactly {batch * world} "
+            "images (per-rank batch x ranks), so training would hang without a word; give "
+            "every rank a multiple of NUM_INSTANCE (IMS_PER_BATCH = NUM_INSTANCE x k x ranks)"
         )
 
 

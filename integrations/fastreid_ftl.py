@@ -416,8 +416,11 @@ def _drawing_from(seed: int) -> Iterator[None]:
 
 class _SeededPositions(Sampler):
     """A stage-1 :class:`StreamSampler`'s indices, each with the seed of its position in the
-    stream: ``(index, seed)``. The position (``start + i``) is where a resumed sampler continues,
-    so a resumed stage 1 gives every item the seed the uninterrupted run gave it."""
+    stream: ``(index, seed)``. The position is where a resumed sampler continues, so a resumed
+    stage 1 gives every item the seed the uninterrupted run gave it; a rank's share of a data-
+    parallel stream numbers its items by their positions in the one global stream (rank ``r``'s
+    ``j``-th item of global batch ``k``: ``start + k * world * b + r * b + j``), so the ranks'
+    items get different seeds."""
 
     def __init__(self, sampler: StreamSampler) -> None:
         self.sampler = sampler
@@ -426,9 +429,12 @@ class _SeededPositions(Sampler):
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        seed, start = self.sampler.seed, self.sampler.start
-        for i, index in enumerate(self.sampler):
-            yield index, _draw_seed(seed, start + i)
+        s = self.sampler
+        seed, start = s.seed, s.start
+        b, rank, world = s.batch_size, s.rank, s.world_size
+        for i, index in enumerate(s):
+            position = start + i if world == 1 else start + (i // b) * world * b + rank * b + i % b
+            yield index, _draw_seed(seed, position)
 
 
 class _SeededItems(Dataset):
@@ -569,8 +575,9 @@ class FTLHook(HookBase):
     * **Stage 1 batches**: while stage 1 runs, the trainer's data iterator is swapped for a stream
       of hard + long-tail + transferred feature batches (the scheduler's resumable samplers over
       the trainer's dataset with its training transform, each item's random augmentation drawn
-      from a seed of its position in the stream, so that a resume mid stage 1 is bit for bit:
-      :meth:`_stage1_loader`); the trainer's own ``run_step``
+      from a seed of its position in the stream, so that a resume mid stage 1 is bit for bit
+      (on a GPU host with workers: fastreid's GPU ``DataLoaderX`` draws from the same RNGs in a
+      thread of the main process; README): :meth:`_stage1_loader`); the trainer's own ``run_step``
       (forward, backward, optimizer step, metrics) is unchanged. Stages 0 and 2 use the trainer's
       own data loader.
     * **Regular and long-tail classes**: a training set without either (every class above, or
@@ -825,8 +832,10 @@ class FTLHook(HookBase):
         """A stage-1 loader: the scheduler's resumable ``sampler`` over the training set with
         its training transform, each item's random augmentation drawn from the seed of its
         position in the stream (:class:`_SeededPositions`), so a run resumed mid-stage draws what
-        the uninterrupted run drew, with or without workers. Its own generator (the workers'
-        base seed): iterating it leaves torch's global RNG alone."""
+        the uninterrupted run drew, with or without workers (on a GPU host, with workers only:
+        fastreid's ``DataLoaderX`` prefetches in a main-process thread drawing from the same
+        RNGs). Its own generator (the workers' base seed): iterating it leaves torch's global
+        RNG alone."""
         return DataLoader(
             _SeededItems(self.train_set),
             batch_size=self.stage1_batch_size,

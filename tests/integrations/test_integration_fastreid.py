@@ -295,7 +295,16 @@ def test_trainer_refuses_a_batch_the_identity_sampler_cannot_fill(market_root, t
     # fill 12 (s52 review: the check refused it); 2 ranks of 3 take 0 identities each and hang
     from fastreid.utils import comm
 
-    for batch, ok in (("12", True), ("6", False), ("10", False)):
+    # NaiveIdentitySampler fills it a round of (b // K) * K images at a time: 2 ranks of 10 add
+    # 8 a round and never reach 20 (s52 review 2, round 2: the check let 20 and 28 through)
+    for batch, ok in (
+        ("12", True),
+        ("16", True),
+        ("6", False),
+        ("10", False),
+        ("20", False),
+        ("28", False),
+    ):
         two = _tiny_cfg(
             tmp_path, "SOLVER.IMS_PER_BATCH", batch, "DATALOADER.NUM_INSTANCE", "4"
         )  # fmt: skip

@@ -859,3 +859,35 @@ def test_resume_mid_stage1_is_bit_for_bit_with_random_augmentation(
         )
         before, after = ckpt["model"]["ftl.classifier.weight"], a["model"]["ftl.classifier.weight"]
         assert not torch.equal(before, after)  # the rest of stage 1 trained FC
+
+
+def test_stage1_item_seeds_follow_the_global_stream_position_on_every_rank():
+    """A rank's share of a data-parallel stage-1 stream numbered its items ``start + i``: both
+    ranks drew the same augmentation seeds for different images (s52 review, round 2; latent
+    while FTLHook refuses DDP). The seeds are those of the items' positions in the one global
+    stream: the ranks' seeds joined are one process's seeds of the global batches, also after a
+    resume."""
+    from feature_cloud.ftl import StreamSampler
+    from feature_cloud.integrations.fastreid_ftl import _SeededPositions
+
+    pool, b, world = torch.arange(50), 3, 2
+    for start in (0, 12):
+        one = list(_SeededPositions(StreamSampler(pool, 24, seed=5, start=start)))
+        ranks = [
+            list(
+                _SeededPositions(
+                    StreamSampler(
+                        pool, 24, seed=5, start=start, batch_size=b, rank=r, world_size=world
+                    )
+                )
+            )
+            for r in range(world)
+        ]
+        joined = [
+            item
+            for k in range(len(ranks[0]) // b)
+            for r in range(world)
+            for item in ranks[r][k * b : (k + 1) * b]
+        ]
+        assert joined == one
+        assert not {s for _, s in ranks[0]} & {s for _, s in ranks[1]}
