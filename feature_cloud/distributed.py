@@ -63,6 +63,7 @@ from .sync import (  # noqa: F401  (re-exported: the process-group API lives her
     _rank_world,
     _ReplicatedSum,
     agree_on_batch,
+    collective_device,
     gather_batch,
     is_distributed,
     own_rows,
@@ -580,8 +581,7 @@ def _broadcast_seed(process_group: ProcessGroup) -> int:
     """A seed from rank 0's global RNG, the same on every rank of ``process_group``."""
     s = torch.randint(0, 2**62, (1,), dtype=torch.long, device="cpu")  # also under meta
     if is_distributed(process_group):
-        if dist.get_backend(process_group) == "nccl":  # NCCL moves CUDA tensors only
-            s = s.to(torch.device("cuda", torch.cuda.current_device()))
+        s = s.to(collective_device(s, process_group))
         src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
         dist.broadcast(s, src=src, group=process_group)
     return int(s.item())

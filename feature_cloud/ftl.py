@@ -51,6 +51,7 @@ from ._validation import (
 from .checkpoints import CheckedBeforeLoading
 from .heads import LEAPMarginHead
 from .regularizers import MetricL2, warn_metric_l2_with_margin
+from .sync import collective_device, is_distributed, range_over_ranks
 from .transfer import FeatureBatch, FeatureTransfer
 
 __all__ = [
@@ -672,26 +673,16 @@ def data_parallel_shard(
     return r, w
 
 
-def _collective_device(t: Tensor, group: Any) -> torch.device:
-    """NCCL reduces CUDA tensors only; gloo any."""
-    if dist.get_backend(group) == "nccl" and t.device.type != "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return t.device
-
-
 def _check_same_data(summary: Tensor, group: Any) -> None:
     """Raise ``ValueError`` on every rank unless ``summary`` (what a rank's UpdateStats pass
     read: per-class counts, then sample count and index checksums) is the same on every rank."""
-    local = summary.to(_collective_device(summary, group), torch.long)
-    both = torch.cat([local, -local])
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)  # max, and -min
-    n = local.numel()
-    if torch.equal(both[:n], -both[n:]):
+    lows, highs = range_over_ranks(summary, group)
+    if lows == highs:
         return
-    lo, hi = -both[2 * n - 3], both[n - 3]  # the sample count: 3rd from the end of each half
+    lo, hi = lows[-3], highs[-3]  # the sample count: 3rd from the end
     raise ValueError(
         "update_stats(): the ranks read different samples (between "
-        f"{int(lo)} and {int(hi)} samples a rank, or other indices or labels): a sharded loader "
+        f"{lo} and {hi} samples a rank, or other indices or labels): a sharded loader "
         "(DistributedSampler)? Data parallel, every rank reads the whole training set for "
         "UpdateStats (a plain DataLoader), so that the statistics C, Q, h are those of the "
         "whole set, the same on every rank"
@@ -720,7 +711,7 @@ def _broadcast_own_buffers(module: nn.Module, group: Any) -> None:
     if not bufs:
         return
     src = 0 if group is None else dist.get_global_rank(group, 0)
-    dev = _collective_device(bufs[0][1], group)
+    dev = collective_device(bufs[0][1], group)
     shapes = torch.tensor([s for _, b in bufs for s in b.shape], dtype=torch.long, device=dev)
     dist.broadcast(shapes, src, group=group)
     flat = [int(s) for s in shapes.tolist()]
@@ -1180,7 +1171,7 @@ class AlternatingScheduler:
         group = process_group
         if process_group is not None and not (dist.is_available() and dist.is_initialized()):
             raise ValueError("process_group given, but torch.distributed is not initialised")
-        parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+        parallel = is_distributed(group)
 
         def features() -> Iterator[FeatureBatch]:
             counts = None if passes else torch.zeros(c, dtype=torch.long, device=self._device())
@@ -1404,15 +1395,8 @@ class AlternatingScheduler:
             + [TAIL_SAMPLING.index(self.tail_sampling)],
             dtype=torch.long,
         )
-        local = local.to(_collective_device(local, group))
-        both = torch.cat([local, -local])
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-        n = len(keys)
-        bad = [
-            f"{k} from {int(-both[n + i])} to {int(both[i])}"
-            for i, k in enumerate(keys)
-            if int(both[i]) != int(-both[n + i])
-        ]
+        lows, highs = range_over_ranks(local, group)
+        bad = [f"{k} from {lo} to {hi}" for k, lo, hi in zip(keys, lows, highs) if lo != hi]
         if bad:
             raise ValueError(
                 "loaders(): the ranks' schedulers or datasets differ ("

@@ -51,6 +51,24 @@ def is_distributed(group: ProcessGroup = None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+def collective_device(t: Tensor, group: ProcessGroup = None) -> torch.device:
+    """Where ``t`` goes for a collective over ``group``: NCCL moves CUDA tensors only, gloo any."""
+    if dist.get_backend(group) == "nccl" and t.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
+def range_over_ranks(values: Tensor, group: ProcessGroup = None) -> Tuple[List[int], List[int]]:
+    """Each slot's smallest and largest value over the ranks of ``group`` (``values``: the same
+    length on every rank): one MAX all-reduce of ``[x, -x]``, one host read."""
+    local = values.to(collective_device(values, group), torch.long)
+    both = torch.cat([local, -local])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    n = local.numel()
+    out = both.tolist()
+    return [-v for v in out[n:]], out[:n]
+
+
 def _rank_world(group: ProcessGroup = None) -> Tuple[int, int]:
     if is_distributed(group):
         return dist.get_rank(group), dist.get_world_size(group)
