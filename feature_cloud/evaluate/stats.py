@@ -123,7 +123,16 @@ def paired_differences(
     ``3.1``); seeds are ints. ``ValueError`` when no run has ``method`` or ``baseline`` (naming
     the methods the runs have) or no run of either has a key (naming the keys they have);
     ``strict=False`` skips these checks (NaN, ``n`` 0), for a run in progress or files of
-    releases without a newer key."""
+    releases without a newer key.
+
+    Runs are paired by seed number alone, so they must come from one evaluation (one
+    setting and configuration): a (method, seed) that appears twice, e.g. in
+    ``a["runs"] + b["runs"]`` of two files, is a ``ValueError`` (with or without ``strict``;
+    it kept the last run and dropped the others). Pool the seeds of several evaluations with
+    :func:`~feature_cloud.evaluate.merge_runs` (``feature-cloud report A B --out M``), which
+    checks that they share the setting, data and configuration, and pass the pooled file's
+    ``runs``; do not mix one file's method runs with another's baseline runs (they carry no
+    setting to check)."""
     if strict:
         present = list(dict.fromkeys(str(r["method"]) for r in runs))
         missing = [m for m in (method, baseline) if m not in present]
@@ -138,7 +147,18 @@ def paired_differences(
                 f"no run of {method!r} or {baseline!r} has the metric "
                 f"{', '.join(map(repr, unknown))}; available: {sorted(have)}"
             )
-    by = {(r["method"], int(r["seed"])): r["metrics"] for r in runs}
+    by: Dict[Tuple[Any, int], Dict[str, Any]] = {}
+    for r in runs:
+        pair = (r["method"], int(r["seed"]))
+        if pair in by:
+            raise ValueError(
+                f"method {pair[0]!r} seed {pair[1]} appears in more than one run: "
+                "paired_differences pairs the runs of one evaluation by seed; pool the seeds of "
+                "several evaluations with merge_runs(paths, out) (`feature-cloud report A B "
+                "--out M`, which checks they share the setting and configuration) and pass the "
+                "pooled results' runs"
+            )
+        by[pair] = r["metrics"]
     seeds = sorted({s for (m, s) in by if m == method and (baseline, s) in by})
     out: Dict[str, Dict[str, Any]] = {}
     for k in keys:

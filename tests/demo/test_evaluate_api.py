@@ -272,6 +272,30 @@ def test_paired_differences_reads_plain_json_and_names_what_it_does_not_find():
     assert lenient["y"]["n"] == 0
 
 
+def test_paired_differences_refuses_a_method_and_seed_given_twice():
+    """``a["runs"] + b["runs"]`` of two evaluations with the same seeds: each (method, seed)
+    twice. It kept the last file's runs and dropped the others without a word (n 3 of 6 pairs,
+    a statistics audit); now a ``ValueError`` naming the pair and ``merge_runs``, with or
+    without ``strict``."""
+    from feature_cloud.evaluate import paired_differences
+
+    def runs(tail):
+        return [
+            {"seed": s, "method": m, "metrics": {"fc_acc_tail": v}}
+            for s in (0, 1, 2)
+            for m, v in (("cosface", 0.5), ("leap", 0.5 + tail * (s + 1)))
+        ]
+
+    a, b = runs(0.01), runs(0.02)
+    assert paired_differences(a, "leap", "cosface", ["fc_acc_tail"])["fc_acc_tail"]["n"] == 3
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"method 'cosface' seed 0 .*merge_runs"):
+            paired_differences(a + b, "leap", "cosface", ["fc_acc_tail"], strict=strict)
+    again = dict(a[3], seed="1")  # leap, seed 1 as a string: the same seed
+    with pytest.raises(ValueError, match=r"method 'leap' seed 1 appears in more than one run"):
+        paired_differences(a + [again], "leap", "cosface", ["fc_acc_tail"])
+
+
 def test_warnings_of_an_evaluation_name_the_callers_line(tmp_path):
     """A warning of ``run_evaluation`` (no head identities) and of ``load_dataset`` (a folder's
     files it does not read) is attributed to the caller's line, as the core modules' warnings
