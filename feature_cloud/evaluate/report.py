@@ -156,8 +156,16 @@ def _stat(
 
 
 def _titles(titles: Sequence[str], numeric: bool) -> List[str]:
-    """The header of :func:`_stat`'s columns: ``numeric`` adds ``"<title> ci95"`` after each."""
-    return [c for t in titles for c in ((t, f"{t} ci95") if numeric else (t,))]
+    """The header of :func:`_stat`'s columns: ``numeric`` adds ``"<title> ci95"`` after each
+    and, after them all, the columns of :func:`_counts` (``"<title> n"``)."""
+    cols = [c for t in titles for c in ((t, f"{t} ci95") if numeric else (t,))]
+    return cols + ([f"{t} n" for t in titles] if numeric else [])
+
+
+def _counts(ns: Sequence[int], numeric: bool) -> List[Any]:
+    """The CSV's last columns: how many seeds / pairs stand behind each value (the Markdown's
+    ``(n=K)``: 1 where a value has no interval, 0 where it is n/a); none in the Markdown."""
+    return [int(n) for n in ns] if numeric else []
 
 
 def summary_rows(results: Dict[str, Any], numeric: bool = False) -> List[List[Any]]:
@@ -171,10 +179,12 @@ def summary_rows(results: Dict[str, Any], numeric: bool = False) -> List[List[An
         if not ms:
             continue
         cells = [results["labels"].get(m, m), str(len(ms))]
+        ns = []
         for k, _, s in keys:
             mean, half, n = t_interval([r.get(k, float("nan")) for r in ms])
             cells += _stat(mean * s, half * s, 1 if s == 100.0 else 4, numeric, n, len(ms))
-        rows.append(cells)
+            ns.append(n)
+        rows.append(cells + _counts(ns, numeric))
     return rows
 
 
@@ -255,10 +265,16 @@ def sweep_rows(
     for m, by_kappa in (sweep(results) if table is None else table).items():
         base = results["baselines"][m]
         for kappa, d in by_kappa.items():
+            n = _pairs(d)
             rows.append(
                 ([results["setting"]] if setting else [])
-                + [labels.get(m, m), labels.get(base, base), kappa, str(_pairs(d))]
-                + [c for k, _ in SWEEP_KEYS for c in _stat(d[k]["mean"], d[k]["ci95"], 1, numeric)]
+                + [labels.get(m, m), labels.get(base, base), kappa, str(n)]
+                + [
+                    c
+                    for k, _ in SWEEP_KEYS
+                    for c in _stat(d[k]["mean"], d[k]["ci95"], 1, numeric, d[k]["n"], n)
+                ]
+                + _counts([d[k]["n"] for k, _ in SWEEP_KEYS], numeric)
             )
     return rows
 
@@ -330,7 +346,7 @@ def paired_rows(
         cells += [
             c for k, _ in keys for c in _stat(d[k]["mean"], d[k]["ci95"], 1, numeric, d[k]["n"], n)
         ]
-        rows.append(cells)
+        rows.append(cells + _counts([d[k]["n"] for k, _ in keys], numeric))
     return rows
 
 
@@ -465,13 +481,8 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
         "Mean ± 95% t-interval half-width over seeds (accuracies in %, angles in rad²).",
         "",
     ]
-    if results.get("complete") is False:  # absent in files of earlier releases: complete
-        text += [
-            f"**Partial**: the evaluation stopped after {len(results['runs'])} of "
-            f"{counted(len(cfg['seeds']) * len(cfg['methods']), 'run')} (`--resume` trains the "
-            "rest).",
-            "",
-        ]
+    partial = _partial_line(results)
+    text += [f"**Partial**: the evaluation {partial}.", ""] if partial is not None else []
     note = mixed_environments_note(results)
     text += [f"**Note**: {note}.", ""] if note is not None else []
     text += [
@@ -559,18 +570,60 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     return files
 
 
+def _partial_line(results: Dict[str, Any]) -> Optional[str]:
+    """How many of its runs a partial evaluation (``complete`` false) finished; ``None`` for a
+    complete one (files of earlier releases have no ``complete``: complete)."""
+    if results.get("complete") is not False:
+        return None
+    cfg = results["config"]
+    return (
+        f"stopped after {len(results['runs'])} of "
+        f"{counted(len(cfg['seeds']) * len(cfg['methods']), 'run')} (`--resume` trains the rest)"
+    )
+
+
+def combined_notes(settings: Sequence[Dict[str, Any]]) -> List[str]:
+    """The notes of ``combined.md`` over the evaluations ``settings``: each partial setting
+    (its ``summary.md`` says so), each setting whose runs mix environments, and each setting
+    trained in another environment than the first (their rows differ by that as well)."""
+    notes = []
+    for res in settings:
+        partial = _partial_line(res)
+        if partial is not None:
+            notes.append(f"**Partial**: setting {res['setting']} {partial}.")
+    for res in settings:
+        note = mixed_environments_note(res)
+        if note is not None:
+            notes.append(f"**Note** ({res['setting']}): {note}.")
+    first = settings[0]
+    for res in settings[1:]:
+        diff, _ = environment_differences(run_environments(first), run_environments(res))
+        if diff:
+            named = "; ".join(
+                f"{k} {show_values(v)} ({res['setting']}) vs {show_values(v0)} ({first['setting']})"
+                for k, (v, v0) in diff.items()
+            )
+            notes.append(
+                f"**Note**: setting {res['setting']} was trained in another environment than "
+                f"{first['setting']} ({named}): differences between their rows include it, not "
+                "the settings' alone."
+            )
+    return notes
+
+
 def combine_settings(paths: Sequence[str], out: str) -> str:
     """One Markdown/CSV table of the paired differences of several settings (sub-runs); open-set
     settings (other metrics) get tables of their own below the closed-set ones. The runs must
     be of one data set (fingerprint) and configuration except the setting (protocol, ``-S``,
-    ``-H``), each setting once: ``ValueError`` before anything is written."""
+    ``-H``), each setting once: ``ValueError`` before anything is written. ``combined.md``
+    opens with :func:`combined_notes` (partial settings, mixed environments)."""
     check_writable(out)
     check_combinable(paths)
     # per protocol kind (open set or not) and form (Markdown, numeric CSV): paired, summary rows
     tables: Dict[Tuple[bool, bool], Tuple[List[List[Any]], List[List[Any]]]] = {}
     sweep_tables: Dict[bool, List[List[Any]]] = {False: [], True: []}
-    for p in paths:
-        res = load_results(p)
+    settings = [load_results(p) for p in paths]
+    for res in settings:
         for numeric in (False, True):
             rows, base_rows = tables.setdefault((_open(res), numeric), ([], []))
             pr = paired_rows(res, setting=True, numeric=numeric)
@@ -581,10 +634,14 @@ def combine_settings(paths: Sequence[str], out: str) -> str:
             sr = summary_rows(res, numeric=numeric)
             values = 4 if _open(res) else 6  # the accuracy columns
             width = 2 + values * (2 if numeric else 1)  # after "Method", "seeds"
-            base_rows += [] if base_rows else [["Setting"] + sr[0][:width]]
-            base_rows += [[res["setting"]] + r[:width] for r in sr[1:]]
+            # numeric: and their "<title> n" columns, after all the metrics' mean and ci95
+            start = 2 + 2 * len(summary_keys(res))
+            ns = slice(start, start + values) if numeric else slice(0)
+            base_rows += [] if base_rows else [["Setting"] + sr[0][:width] + sr[0][ns]]
+            base_rows += [[res["setting"]] + r[:width] + r[ns] for r in sr[1:]]
     make_output_dir(out)
-    parts = []
+    notes = combined_notes(settings)
+    parts = ["\n\n".join(notes) + "\n"] if notes else []
     for (is_open, numeric), (rows, base_rows) in sorted(tables.items()):
         stem = "combined_open" if is_open else "combined"
         if numeric:
@@ -1172,8 +1229,16 @@ def comparison_markdown(cmp: Dict[str, Any]) -> str:
     header = ["Setting", "Method", "pairs"] + [t for _, t in keys]
     rows = [header]
     for m, d in cmp["differences"].items():
-        cells = [cmp["setting"], labels.get(m, m), str(_pairs(d, [k for k, _ in keys]))]
-        rows.append(cells + [_fmt(d[k]["mean"], d[k]["ci95"], 1) for k, _ in keys])
+        n = _pairs(d, [k for k, _ in keys])
+        cells = [cmp["setting"], labels.get(m, m), str(n)]
+        rows.append(
+            cells
+            + [
+                c
+                for k, _ in keys
+                for c in _stat(d[k]["mean"], d[k]["ci95"], 1, False, d[k]["n"], n)
+            ]
+        )
     conf = "; ".join(f"{k}: {v}" for k, v in cmp["config_b_vs_a"].items()) or "none"
     lines = [
         f"B - A, same seeds (points, mean ± 95% t-interval): B = {cmp['b']}, A = {cmp['a']}",

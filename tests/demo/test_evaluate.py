@@ -204,7 +204,9 @@ def test_cli_evaluate_end_to_end(tmp_path):
     with open(os.path.join(out, "combined_summary.csv")) as fh:
         header = next(csv.reader(fh))
     assert header[:5] == ["Setting", "Method", "seeds", "FC head", "FC head ci95"]
-    assert header[-1] == "FC tail→head ci95" and len(header) == 3 + 2 * 6
+    # the six accuracies' mean and ci95, then their counts (columns added at the end, s53)
+    assert header[2 + 2 * 6] == "FC tail→head ci95" and header[-1] == "FC tail→head n"
+    assert len(header) == 3 + 3 * 6
     # report re-renders an evaluation, and the --out of several settings with its combined table
     for report in ([os.path.join(out, "H2_S1"), "--quiet"], [out]):
         if report == [out]:
