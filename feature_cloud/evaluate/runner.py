@@ -614,13 +614,23 @@ def evaluate_open(
     return scalars, per_class, f_test
 
 
+def sweep_key(kappa: float) -> str:
+    """The key of ``kappa`` in a run's ``sweep`` (and the sweep tables' kappa column): ``%g``
+    (``"0"``, ``"10"``, ``"1e+06"``, as earlier releases wrote) where that reads back as the
+    same float, else ``repr`` (``"1234567.0"``: ``%g`` gave 1234567 and 1234568 one key, one
+    kappa's results overwrote the other's); distinct kappas never share a key."""
+    value = float(kappa) + 0.0  # -0.0: "0"
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
 def shrinkage_sweep(
     model: Method, emb: Tensor, labels: Tensor, head: Tensor, kappas: List[float]
 ) -> Dict[str, Dict[str, float]]:
     """FC accuracy (head / tail) and the shares of head test samples given to a tail class and
     the reverse of a trained ``model`` scored against its inference prototypes at each
     ``kappa`` (:func:`~feature_cloud.functional.center_prototypes`; 0: the weights), on the
-    embeddings ``emb`` of the test samples: ``{"<kappa>": {"fc_acc_head", "fc_acc_tail",
+    embeddings ``emb`` of the test samples: ``{sweep_key(kappa): {"fc_acc_head", "fc_acc_tail",
     "fc_cross_head", "fc_cross_tail"}}``. Empty for a model without a feature cloud keeping
     class centers (the baselines) or without ``kappas``; the model is left as it was."""
     clouds = [m for m in model.modules() if isinstance(m, FeatureCloud) and m.rule is not None]
@@ -636,7 +646,7 @@ def shrinkage_sweep(
                 logits = model.classify(emb).cpu()
                 acc = M.head_tail(M.correct_predictions(logits, labels), is_head)
                 cross = M.head_tail(M.cross_group_predictions(logits, labels, head), is_head)
-                out[f"{float(kappa):g}"] = {
+                out[sweep_key(kappa)] = {
                     "fc_acc_head": acc["head"],
                     "fc_acc_tail": acc["tail"],
                     "fc_cross_head": cross["head"],

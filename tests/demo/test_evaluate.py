@@ -1257,6 +1257,47 @@ def test_shrinkage_sweep_restores_the_head_and_skips_models_without_centers():
     assert shrinkage_sweep(model, emb, ey, is_head, []) == {}
 
 
+def test_shrinkage_sweep_keeps_kappas_that_print_alike_apart():
+    """``--shrinkage-sweep 0.5 1234567 1234568``: the keys were ``%g``, so the last two shared
+    '1.23457e+06' and one kappa's results overwrote the other's (a statistics audit, s53). A
+    key is ``%g`` where that reads back as the kappa (the keys of earlier files), else exact."""
+    from torch import nn
+
+    from feature_cloud import LEAPMarginHead
+    from feature_cloud.evaluate.runner import shrinkage_sweep, sweep_key
+
+    assert [sweep_key(k) for k in (0, -0.0, 0.5, 10, 30.0, 1e6, 1e-7)] == [
+        "0",
+        "0",
+        "0.5",
+        "10",
+        "30",
+        "1e+06",
+        "1e-07",
+    ]
+    kappas = [0.5, 1234567.0, 1234568.0, 0.1 + 0.2]
+    keys = [sweep_key(k) for k in kappas]
+    assert keys == ["0.5", "1234567.0", "1234568.0", "0.30000000000000004"]
+    assert [float(k) for k in keys] == kappas
+
+    class Model(nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def classify(self, emb):
+            return self.head.logits(emb)
+
+    torch.manual_seed(0)
+    head = LEAPMarginHead(8, 4, cloud="full", class_counts=[20, 20, 3, 2], warmup_steps=0)
+    labels = torch.tensor([0, 1, 2, 3] * 4)
+    head(torch.randn(16, 8), labels)
+    head.eval()
+    ey, is_head = torch.tensor([0, 1, 2, 3] * 2), torch.tensor([True, True, False, False])
+    got = shrinkage_sweep(Model(head), torch.randn(8, 8), ey, is_head, kappas)
+    assert list(got) == keys
+
+
 def test_open_split_holds_out_whole_retrievable_identities():
     from feature_cloud.evaluate import open_split
 
