@@ -92,9 +92,13 @@ def plot_accuracy(
     axes[0].set_ylabel("accuracy (%)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=2, frameon=False)
-    n = len(results["config"]["seeds"])
+    # the runs behind the bars (one per seed): a partial or pooled file can hold fewer runs of
+    # a method than its configured seeds
+    runs = sorted({sum(r["method"] == m for r in results["runs"]) for m in methods} or {0})
+    n = runs[-1]
     spread = "std" if t_quantile is None else "95% t-interval"
-    over = f"mean ± {spread} over {n} seeds" if n > 1 else "1 seed"
+    seeds = f"{runs[0]}-{n} seeds per method" if len(runs) > 1 else f"{n} seeds"
+    over = f"mean ± {spread} over {seeds}" if n > 1 else "1 seed"
     where = str(results["data"].get("title") or results["data"]["name"]) + (
         f" {results['setting']}" if "setting" in results else ""
     )

@@ -231,6 +231,35 @@ def test_accuracy_plot_error_bars_std_or_t_interval(tmp_path, monkeypatch):
     assert (tmp_path / "b.png").stat().st_size > 0
 
 
+def test_accuracy_plot_title_counts_the_runs_not_the_configured_seeds(tmp_path, monkeypatch):
+    """A partial or pooled evaluation's bars stand on the runs it has: the title said "over
+    {len(config.seeds)} seeds" (a statistics audit, s53)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from feature_cloud.demo import plots
+
+    metrics = {"fc_acc_head": 0.5, "fc_acc_tail": 0.2, "rank1_head": 0.5, "rank1_tail": 0.1}
+    titles = []
+    title = Figure.suptitle
+
+    def record(self, text, *args, **kwargs):
+        titles.append(text)
+        return title(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "suptitle", record)
+    for runs, want in (({"a": 2, "b": 2}, "over 2 seeds)"), ({"a": 3, "b": 2}, "over 2-3 seeds")):
+        results = {
+            "methods": ["a", "b"],
+            "runs": [{"method": m, "metrics": metrics} for m, n in runs.items() for _ in range(n)],
+            "config": {"seeds": [0, 1, 2, 3, 4]},
+            "data": {"name": "toy"},
+        }
+        plots.plot_accuracy(results, str(tmp_path / "a.png"))
+        assert want in titles[-1], titles[-1]
+        assert "5 seeds" not in titles[-1]
+
+
 def test_counted_nouns_agree_with_their_number():
     from feature_cloud.demo.report import counted
 
