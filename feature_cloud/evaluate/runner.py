@@ -884,7 +884,9 @@ def _check_training_sets(
 ) -> None:
     """Before anything trains: every seed's split must train at least 2 identities and, closed
     set, test some images; in the ``hs`` protocol warn (once) when no tail identity has ``S``
-    training images (the setting is then the natural tail of those identities)."""
+    training images (the setting is then the natural tail of those identities), and, closed
+    set, when no query can retrieve an image of its identity (``--n-test 1``, or camids of one
+    camera): rank-1 / mAP n/a."""
     counts = torch.bincount(data.y, minlength=data.num_classes)
     if cfg.protocol == "hs" and cfg.num_head > data.num_classes:
         raise ValueError(
@@ -913,7 +915,14 @@ def _check_training_sets(
             )
     first = next(iter(splits.values()))
     camids: Optional[Tensor] = getattr(data, "camids", None)
-    if camids is not None and first.label_map is None:
+    single = first.label_map is None and not bool((torch.bincount(data.y[first.test]) > 1).any())
+    if single:  # --n-test 1: every query is its identity's only test image
+        warn_user(
+            f"no identity has two test images (--n-test {cfg.n_test}): no query has an image "
+            "of its identity to retrieve among the test images, so the rank-1 / mAP columns "
+            "will be n/a (--n-test 2 or more for them; the FC and NN accuracies are unaffected)"
+        )
+    elif camids is not None and first.label_map is None:
         # a query has a match when its identity was also taken by another camera: an identity
         # with two or more cameras among the test images (no n x n similarity needed)
         pairs = torch.unique(torch.stack([data.y[first.test], camids[first.test]]), dim=1)

@@ -1768,6 +1768,32 @@ def test_cli_evaluate_warns_when_the_camids_leave_no_cross_camera_query(tmp_path
     assert "warning" not in capsys.readouterr().err
 
 
+def test_n_test_1_warns_that_rank1_and_map_will_be_n_a():
+    """``--n-test 1``: every query is its identity's only test image, so every rank-1 / mAP is
+    n/a; one warning says so before training, with or without camids (it was silent; a
+    statistics audit, s53). ``--n-test 2``: no warning."""
+    import warnings
+
+    from feature_cloud.demo.data import LabeledData
+    from feature_cloud.evaluate.runner import EvalConfig, _check_training_sets
+
+    y = torch.tensor(np.repeat(np.arange(4), [8, 8, 5, 5]))
+    data = LabeledData(torch.zeros(len(y), 3, 4, 4), y, ["a", "b", "c", "d"], "toy")
+    for n_test, camids in ((1, None), (1, torch.arange(len(y)) % 2), (2, None)):
+        data.camids = camids
+        cfg = EvalConfig(threshold=4, n_test=n_test, methods=["cosface"], seeds=[0])
+        splits = {0: natural_split(y, 4, n_test, 4, 0)}
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            _check_training_sets(cfg, data, splits)
+        said = [str(w.message) for w in seen]
+        if n_test == 1:
+            assert len(said) == 1 and "no identity has two test images (--n-test 1)" in said[0]
+            assert "rank-1 / mAP columns will be n/a" in said[0]
+        else:
+            assert said == []
+
+
 def test_table_cells_name_a_smaller_n_and_never_print_minus_zero():
     """A cell whose n/a values were dropped stands on fewer seeds / pairs than its row's count:
     it says so (the row said "pairs 3" over cells of 2 pairs); a small negative mean printed as
