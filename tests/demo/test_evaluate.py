@@ -1414,7 +1414,9 @@ def test_cli_evaluate_without_head_identities_warns_and_counts_the_pairs(tmp_pat
     assert len(runs) == 4 and all("FC head   n/a tail " in ln for ln in runs), runs  # not "nan"
     assert not any("nan" in ln for ln in runs), runs
     warned = [ln for ln in err.splitlines() if ln.startswith("feature-cloud: warning:")]
-    assert len(warned) == 1 and "no head identities" in warned[0] and "-T 20" in warned[0]
+    # and --n-test 1's: rank-1 / mAP n/a (a warning of its own since s53)
+    assert len(warned) == 2 and "no head identities" in warned[1] and "-T 20" in warned[1]
+    assert "(--n-test 1)" in warned[0], warned
 
     def strict(name):  # JSON has no NaN: n/a is null in every file (JavaScript parses them)
         with open(os.path.join(out, name)) as fh:
@@ -1449,11 +1451,12 @@ def test_cli_evaluate_without_head_identities_warns_and_counts_the_pairs(tmp_pat
     before = (tmp_path / "o" / "paired.md").read_text()
     assert main(args + ["--resume", "--quiet"]) == 0
     assert (tmp_path / "o" / "paired.md").read_text() == before and "n/a" in before
-    # a split with both groups: no warning
+    # a split with both groups: no warning but --n-test 1's
     ok = [a if a != "20" else "5" for a in args[:-1]] + [str(tmp_path / "ok")]
     capsys.readouterr()
     assert main(ok) == 0
-    assert "warning" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "(--n-test 1)" in err, err
 
 
 def test_hs_split_head_identities_are_the_methods_regular_classes(tmp_path, capsys):
