@@ -165,7 +165,9 @@ class LEAPLoss(
             ``(embedding_size, num_classes * sub_centers)``; ``sub_centers`` default 3).
         cloud: ``"full"`` (LEAP Eq. 9), ``"vanilla"`` (Eq. 6) or ``None`` (plain CosFace/ArcFace),
             or a ready :class:`feature_cloud.FeatureCloud`.
-        validate: check label range and finiteness each step (one host sync).
+        validate: check label range and finiteness each step (one host sync). ``False``: a
+            label ``>= C`` is not caught (the fused / chunked kernels score its row against no
+            target; the statistics update and ``impl="reference"`` fail in an index).
         sub_centers: weight columns per class (default from the margin: 3 for
             ``"subcenter_arcface"``, else 1).
         impl, chunk_size: the loss implementation, as :class:`feature_cloud.LEAPMarginHead`'s
