@@ -9,8 +9,12 @@ The swap is one line::
 Every keyword follows PML's own convention: the ArcFace margin is in **degrees** (PML's default
 28.6), the CosFace margin is a cosine; ``W`` is a ``(embedding_size, num_classes)`` parameter
 initialised by ``weight_init_func`` and regularised by ``weight_regularizer`` exactly like PML's
-``CosFaceLoss.W``; ``reducer``, ``distance`` (cosine only), miners' ``indices_tuple``,
-``get_logits`` and ``utils.distributed.DistributedLossWrapper`` work as for the PML losses.
+``CosFaceLoss.W``; ``reducer``, miners' ``indices_tuple``, ``get_logits`` and
+``utils.distributed.DistributedLossWrapper`` work as for the PML losses. ``distance`` must be
+PML's default, the plain ``CosineSimilarity()``: the loss and the cloud compute the cosine
+themselves (LEAP's angles are those of the plain cosine), so a distance that changes the
+similarity (another ``p`` or ``power``, a subclass overriding how it computes) is refused when
+it is given or assigned, rather than ignored.
 
 No loss math lives here (PML's ``avg_angle`` statistic and ``get_angles`` read the target
 angles, as PML's own losses do): the cloud (statistics update, LEAP Eq. 3-6/9; noise, Sec. 3.4) is a
@@ -28,6 +32,7 @@ rank holds the same statistics, with no extra call.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from types import FrameType
@@ -137,6 +142,99 @@ def _miner_weights(
         return None, problem
 
 
+def _as_int64(labels: Tensor) -> Tensor:
+    """Integer labels (uint8, int16, int32) as int64, the labels PML's reducers (and miners)
+    expect (``ClassWeightedReducer`` indexes its weights with them: uint8 labels were a boolean
+    mask); float, bool and complex ones as they are, for the batch check to refuse."""
+    dtype = labels.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        return labels
+    return labels.long()
+
+
+def _warn_if_sampler_counts(counts: Tensor) -> None:
+    """Warn where the ``K_i`` just counted online look like a class-balanced sampler's draws:
+    every count a multiple of the same ``m > 1`` while the counts differ (PML's
+    ``MPerClassSampler`` draws ``m`` images of a class at a time; a long-tailed dataset's counts
+    share no factor). One host read, once: at the step that lays out the memory, which reads
+    the counts anyway."""
+    drawn = [int(k) for k in counts.detach().long().cpu().tolist() if k > 0]
+    if len(set(drawn)) < 2:
+        return
+    m = functools.reduce(math.gcd, drawn)
+    if m < 2:
+        return
+    warn_user(
+        f"LEAPLoss counted K_i online and every count is a multiple of {m} while the counts "
+        "differ: what a class-balanced sampler draws (PML's MPerClassSampler draws m images of "
+        "a class at a time), not the training set's K_i, so the tail classes (LEAP Eq. 5) are "
+        "chosen at random. Pass the dataset's counts: "
+        "class_counts=collections.Counter(train_dataset.targets)."
+    )
+
+
+def _ref_emb_problem(
+    embeddings: Any, labels: Any, ref_emb: Any, ref_labels: Any
+) -> Optional[Exception]:
+    """PML's ``c_f.ref_not_supported`` (after its ``set_ref_emb``) as an error to agree on."""
+    if ref_emb is not None and (ref_emb is not embeddings or ref_labels is not labels):
+        return ValueError("ref_emb is not supported for this loss function")
+    return None
+
+
+#: the methods through which a ``CosineSimilarity`` (subclass) computes its similarity
+_DISTANCE_METHODS = (
+    "forward",
+    "compute_mat",
+    "pairwise_distance",
+    "normalize",
+    "maybe_normalize",
+    "get_norm",
+)
+
+
+def _check_distance(distance: Any) -> None:
+    """Refuse a ``distance`` that is not the plain cosine the loss computes itself.
+
+    PML's margin losses score with ``self.distance``; ``LEAPLoss`` computes the plain cosine
+    (the fused kernels, the cloud's angles, LEAP Eq. 7-8), so any distance that would give
+    other numbers is refused rather than ignored: another type, ``p != 2``, ``power != 1``,
+    ``normalize_embeddings`` or ``is_inverted`` turned off, a subclass (or an instance)
+    overriding a method the similarity is computed through, forward hooks. A subclass that
+    changes none of them computes the same, and is accepted."""
+    if not isinstance(distance, CosineSimilarity):
+        raise TypeError(
+            "LEAPLoss computes the plain cosine similarity: distance must be PML's "
+            f"CosineSimilarity() (the default; leave it out), got {type(distance).__name__}"
+        )
+    name = type(distance).__name__
+    problems = [
+        f"{attr}={getattr(distance, attr, None)!r} (must be {want!r})"
+        for attr, want in (
+            ("p", 2),
+            ("power", 1),
+            ("normalize_embeddings", True),
+            ("is_inverted", True),
+        )
+        if getattr(distance, attr, None) != want
+    ]
+    problems += [
+        f"{name} overrides {method}()"
+        for method in _DISTANCE_METHODS
+        if getattr(type(distance), method, None) is not getattr(CosineSimilarity, method)
+        or method in vars(distance)
+    ]
+    if getattr(distance, "_forward_hooks", None) or getattr(distance, "_forward_pre_hooks", None):
+        problems.append(f"{name} has forward hooks")
+    if problems:
+        raise ValueError(
+            "LEAPLoss computes the plain cosine similarity itself (its fused kernels and the "
+            "cloud's angles, LEAP Eq. 7-8) and cannot use another: distance must be PML's "
+            "CosineSimilarity() with p=2, power=1 (the default; leave it out), got "
+            f"{name} with " + ", ".join(problems)
+        )
+
+
 class LEAPLoss(
     WithFeatureCloud,
     WithStatisticsGroup,
@@ -165,7 +263,9 @@ class LEAPLoss(
             ``(embedding_size, num_classes * sub_centers)``; ``sub_centers`` default 3).
         cloud: ``"full"`` (LEAP Eq. 9), ``"vanilla"`` (Eq. 6) or ``None`` (plain CosFace/ArcFace),
             or a ready :class:`feature_cloud.FeatureCloud`.
-        validate: check label range and finiteness each step (one host sync).
+        validate: check label range and finiteness each step (one host sync). ``False``: a
+            label ``>= C`` is not caught (the fused / chunked kernels score its row against no
+            target; the statistics update and ``impl="reference"`` fail in an index).
         sub_centers: weight columns per class (default from the margin: 3 for
             ``"subcenter_arcface"``, else 1).
         impl, chunk_size: the loss implementation, as :class:`feature_cloud.LEAPMarginHead`'s
@@ -177,16 +277,21 @@ class LEAPLoss(
             ``"metric_l2_loss"`` (per element, so PML reducers apply). PML's regularisers see
             either the embeddings or the weights; m-L2 needs both, so it lives in the loss.
         **kwargs: PML's ``weight_regularizer``, ``weight_reg_weight``, ``weight_init_func``,
-            ``embedding_regularizer``, ``embedding_reg_weight``, ``reducer``, ``distance``,
+            ``embedding_regularizer``, ``embedding_reg_weight``, ``reducer``, ``distance``
+            (only the plain ``CosineSimilarity()``, the default: another is refused),
             ``collect_stats``; every other keyword is a cloud setting of
             :class:`feature_cloud.FeatureCloud` (all of its keywords; among them
             ``class_counts``, the per-class sample counts ``K_i`` of the training set (a
             tensor or list ``(C,)``, or ``collections.Counter(dataset.targets)``): without them
             the first ``count_steps`` steps (else all ``warmup_steps``) must be exactly one epoch
             so they can be counted online (PML's trainers drop the last partial batch: those
-            images go uncounted); ``cloud_mode`` / ``cloud_scale``, default ``"margin"`` / 2, the paper's cloud:
-            ``cloud_mode="paper", cloud_scale=1.0``; ``prototype_shrinkage``, ``get_logits``'
-            prototypes, default 10, ``None``: ``W``; and ``tail_threshold``, ``gamma``,
+            images go uncounted). Online counting counts what the sampler draws: with PML's
+            ``samplers.MPerClassSampler`` (or any class-balanced sampler) that is how often each
+            class was drawn, not ``K_i``; pass the dataset's counts,
+            ``class_counts=collections.Counter(train_dataset.targets)`` (the loss warns where
+            the online counts look like such a sampler's); ``cloud_mode`` / ``cloud_scale``,
+            default ``"margin"`` / 2, the paper's cloud: ``cloud_mode="paper", cloud_scale=1.0``;
+            ``prototype_shrinkage``, ``get_logits``' prototypes, default 10, ``None``: ``W``; and ``tail_threshold``, ``gamma``,
             ``memory_per_sample``, ``warmup_steps``, ``count_steps``, ``prototype_min_count``,
             ``center_rate``, ``unknown_variance``, ``angle_max_age``, ``imprint_step``, ``seed``,
             ``sync``, ``process_group``, ``pad_to``).
@@ -228,8 +333,7 @@ class LEAPLoss(
         cloud_options = {k: kwargs.pop(k) for k in list(kwargs) if k not in self._PML_KWARGS}
         # read by sub_loss_names() while the PML base classes build the reducer
         self._with_metric_l2 = metric_l2 is not None
-        super().__init__(**kwargs)
-        c_f.assert_distance_type(self, CosineSimilarity)
+        super().__init__(**kwargs)  # PML's distance: checked as it is assigned (__setattr__)
         self.num_classes = as_int(num_classes, "num_classes", 1)
         self.margin_rule = rule
         margin = as_float(rule.pml_margin if margin is None else margin, "margin")
@@ -283,6 +387,13 @@ class LEAPLoss(
         if not isinstance(state.get("_agreed"), _Agreed):  # pickles before the holder: None
             state["_agreed"] = _Agreed()
         super().__setstate__(state)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``distance`` (set by PML's constructor, or assigned later) is checked before it is
+        taken: only the plain cosine the loss computes (see :func:`_check_distance`)."""
+        if name == "distance":
+            _check_distance(value)
+        super().__setattr__(name, value)
 
     # ------------------------------------------------------------------ PML hooks
     def _sub_loss_names(self) -> List[str]:
@@ -348,7 +459,10 @@ class LEAPLoss(
             ref_emb = upcast
         self._agreed.batch = None
         if isinstance(labels, Tensor):  # as PML's forward does, before the ranks' agreement
-            labels = c_f.to_device(labels, upcast)
+            moved = _as_int64(c_f.to_device(labels, upcast))
+            if ref_labels is not None and ref_labels is labels:
+                ref_labels = moved
+            labels = moved
         if (
             not self.training
             and torch.is_grad_enabled()
@@ -361,14 +475,23 @@ class LEAPLoss(
                 "To train with W fixed, set loss.W.requires_grad_(False) and keep the loss in "
                 "train mode."
             )
+        if self.training and torch.is_grad_enabled():
+            # first: whether the step is collective depends on it (a direct call after a call
+            # inside PML's wrapper went past the agreement below: a ref_emb or a miner's index
+            # refused on one rank raised there while the others waited in the statistics')
+            self._sync_mode()
         if self._collective_step():
             # ranks agree on the batch before PML's own shape checks, which would raise on one
             # rank while the others wait in the statistics' collective: all raise or none
             # (labels=None on a rank is one of the problems agreed on: not an integer tensor)
             if isinstance(upcast, Tensor):
                 self._cloud_to(upcast.device)
-            self._sync_mode()
-            weights, problem = _miner_weights(indices_tuple, labels, upcast)  # agreed on too
+            # agreed on too: a ref_emb (DistributedLossWrapper(efficient=True) passes one,
+            # with an indices_tuple over the global batch), else the miner's indices
+            problem = _ref_emb_problem(upcast, labels, ref_emb, ref_labels)
+            weights = None
+            if problem is None:
+                weights, problem = _miner_weights(indices_tuple, labels, upcast)
             checked = self.feature_cloud.check(
                 upcast,
                 cast(Tensor, labels),
@@ -422,7 +545,10 @@ class LEAPLoss(
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
         self.cast_types(dtype, device)  # W follows the batch once the batch is accepted
         cloud.imprint(self.W.t(), self.sub_centers, train=train)
+        counting = train and cloud.statistics.counting  # K_i counted online (a host attribute)
         draw = cloud.advance(embeddings, labels, train=train)
+        if counting and not cloud.statistics.counting:  # laid out at this step: once
+            _warn_if_sampler_counts(cloud.statistics.class_counts)
         if embeddings.shape[0] == 0:  # PML's zero loss (its reducers return 0, not a NaN mean)
             return self.zero_losses()
         # a gathered batch: one cloud over the global batch, drawn in rank order

@@ -882,3 +882,108 @@ def test_compiled_loss_imprints_as_eager():
                 loss.W -= 0.5 * loss.W.grad
         torch.testing.assert_close(compiled.W, eager.W, atol=1e-5, rtol=1e-5, msg=f"step {step}")
     assert eager.feature_cloud._imprinted == 1
+
+
+# ---------------------------------------------------------------- s53 PML trial
+def test_a_distance_other_than_the_plain_cosine_is_refused():
+    """PML's ``CosFaceLoss`` scores with its ``distance``; ``LEAPLoss`` computes the plain cosine
+    itself, and took ``CosineSimilarity(power=2)``, ``p=1`` or a subclass changing the
+    similarity without a word (plain-cosine numbers, PML's the other's): refused now, when given
+    and when assigned; a subclass that changes nothing computes PML's numbers and is taken."""
+    from pytorch_metric_learning import distances
+
+    class Tempered(distances.CosineSimilarity):
+        def compute_mat(self, query_emb, ref_emb):
+            return super().compute_mat(query_emb, ref_emb) * 0.5
+
+    class Renamed(distances.CosineSimilarity):
+        pass
+
+    hooked = distances.CosineSimilarity()
+    hooked.register_forward_hook(lambda module, args, out: out * 0.5)
+    for distance, match in (
+        (distances.CosineSimilarity(power=2), r"power=2 \(must be 1\)"),
+        (distances.CosineSimilarity(p=1), r"p=1 \(must be 2\)"),
+        (Tempered(), r"Tempered overrides compute_mat\(\)"),
+        (hooked, "forward hooks"),
+    ):
+        with pytest.raises(
+            ValueError, match=r"distance must be PML's CosineSimilarity\(\).*" + match
+        ):
+            LEAPLoss(C, D, cloud=None, distance=distance)
+    with pytest.raises(TypeError, match=r"CosineSimilarity\(\).*got LpDistance"):
+        LEAPLoss(C, D, cloud=None, distance=distances.LpDistance())
+    ref, ours = _pair("cosface", 0.35, 64.0, distance=Renamed())
+    emb, labels = _batch(5)
+    assert _max_diff(_loss_and_grads(ref, emb, labels), _loss_and_grads(ours, emb, labels)) <= TOL
+    kept = ours.distance
+    with pytest.raises(ValueError, match="power=2"):
+        ours.distance = distances.CosineSimilarity(power=2)
+    assert ours.distance is kept
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+@pytest.mark.parametrize("cloud", [None, "full"])
+def test_narrow_integer_labels_reach_pmls_reducer_as_int64(dtype, cloud):
+    """The loss takes uint8 / int16 / int32 labels; PML's reducer got them as they came:
+    ``ClassWeightedReducer`` indexed its weights with uint8 labels as a boolean mask (B == C
+    without a label 0: each row weighted by its row index, silently) and crashed on int16."""
+    classes = 16
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(classes, D, generator=g) * 3
+    labels = torch.randint(1, classes, (classes,), generator=g)  # B == C, no label 0
+    weights = torch.rand(classes, generator=g)
+    kw = dict(cloud=cloud, seed=0, reducer=reducers.ClassWeightedReducer(weights))
+    if cloud is not None:
+        kw["class_counts"] = [4] * classes
+    torch.manual_seed(0)
+    ref = LEAPLoss(classes, D, **kw)
+    loss = copy.deepcopy(ref)
+    per = copy.deepcopy(ref)
+    per.reducer = reducers.DoNothingReducer()
+    expected = (per(emb, labels)["loss"]["losses"] * weights[labels]).mean()
+    torch.testing.assert_close(ref(emb, labels), expected)
+    torch.testing.assert_close(loss(emb, labels.to(dtype)), expected)
+
+
+def _long_tailed_labels(seed=0):
+    counts = [30, 20, 15, 10, 8, 6, 5, 4, 3, 3, 2, 2]  # K_i of a long tail: no common factor
+    labels = torch.arange(C).repeat_interleave(torch.tensor(counts))
+    return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
+
+
+def _count_online(loss, labels, batches):
+    """``batches`` (index lists) through ``loss`` and one step more (the memory's layout);
+    the warnings of each step."""
+    emb = torch.randn(len(labels), D, generator=torch.Generator().manual_seed(1))
+    seen = []
+    for step, idx in enumerate(batches + batches[:1]):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss(emb[idx], labels[idx])
+        seen += [(step, str(w.message)) for w in caught]
+    return seen
+
+
+def test_online_counts_drawn_by_a_class_balanced_sampler_warn_at_the_layout(monkeypatch):
+    """PML's ``MPerClassSampler`` with online ``K_i`` (a one-epoch warm-up, as documented) counted
+    how often each class was drawn, ``m`` at a time, and laid out the memory from those counts
+    (the tail set at random) without a word: the loss warns at the layout, naming the way out;
+    a plain shuffled epoch of the same long-tailed data does not."""
+    import numpy as np
+    from pytorch_metric_learning.samplers import MPerClassSampler
+
+    monkeypatch.setattr(c_f, "NUMPY_RANDOM", np.random.RandomState(0))  # the sampler's draws
+    labels = _long_tailed_labels()
+    sampler = MPerClassSampler(labels, m=4, batch_size=24, length_before_new_iter=len(labels))
+    order = list(iter(sampler))
+    drawn = [order[i : i + 24] for i in range(0, len(order) - 23, 24)]  # drop_last (PML's)
+    shuffled = [list(range(i, i + 24)) for i in range(0, len(labels) - 23, 24)]
+    for batches, warned in ((drawn, True), (shuffled, False)):
+        with pytest.warns(UserWarning, match="counts K_i online"):
+            loss = LEAPLoss(C, D, cloud="full", warmup_steps=len(batches), seed=0)
+        hints = [(s, m) for s, m in _count_online(loss, labels, batches) if "a multiple of" in m]
+        assert [s for s, _ in hints] == ([len(batches)] if warned else []), hints
+        if warned:
+            assert "MPerClassSampler" in hints[0][1]
+            assert "class_counts=collections.Counter(train_dataset.targets)" in hints[0][1]
