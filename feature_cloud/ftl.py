@@ -216,10 +216,11 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
     Args:
         encoder: ``Enc``, any backbone mapping inputs to a ``(B, feature_dim)`` rich feature ``g``
             (a timm model with ``num_classes=0``, a fastreid backbone + pooling, ...).
-        classifier: ``FC``: an ``nn.Linear(embedding_size, num_classes)`` (the paper's plain softmax
-            classifier) or a :class:`~feature_cloud.LEAPMarginHead` (its own margin loss then
-            replaces the softmax; it normalises ``W`` and ``f``, so m-L2 only shrinks norms there:
-            pass ``alpha_reg=0`` with it — a warning says so otherwise). Any other module with a
+        classifier: ``FC``: an ``nn.Linear(embedding_size, num_classes, bias=False)`` (the paper's
+            plain softmax classifier, Eq. 2: ``w_j^T f``, no bias) or a
+            :class:`~feature_cloud.LEAPMarginHead` (its own margin loss then replaces the softmax;
+            it normalises ``W`` and ``f``, so m-L2 only shrinks norms there: pass
+            ``alpha_reg=0`` with it — a warning says so otherwise). Any other module with a
             ``(num_classes, embedding_size)`` ``.weight`` whose ``classifier(f)`` gives logits
             works as the plain classifier (the type hint is ``nn.Module``).
         feature_dim: size of ``g`` (paper: 320).
