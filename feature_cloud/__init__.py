@@ -2,7 +2,7 @@
 
 from . import functional
 from .checkpoints import check_state_dict, prepare_dcp_load
-from .cloud import FeatureCloud
+from .cloud import PAPER_LEAP, FeatureCloud
 from .ftl import AlternatingScheduler, FTLModel
 from .heads import LEAPMarginHead
 from .regularizers import MetricL2
@@ -16,6 +16,7 @@ __version__ = "0.2.0.dev0"
 __all__ = [
     "functional",
     "FeatureCloud",
+    "PAPER_LEAP",
     "LEAPMarginHead",
     "MetricL2",
     "ClassStatistics",

@@ -15,7 +15,8 @@ a pure function of ``(seed, step, stream, row, class)``.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, cast
+from types import MappingProxyType
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -57,13 +58,15 @@ __all__ = [
     "DEFAULT_CLOUD_SCALE",
     "DEFAULT_PROTOTYPE_SHRINKAGE",
     "DEFAULT_PROTOTYPE_MIN_COUNT",
+    "PAPER_LEAP",
     "migrate_state_dict",
 ]
 
 #: where the cloud enters the logits by default (:data:`feature_cloud.functional.CLOUD_MODES`).
 #: ``"margin"`` (target logit only, never closer), not the paper's ``"paper"`` (every logit,
 #: LEAP Eq. 7-8): on real faces it raised tail accuracy more, at a third of the cloud's cost
-#: (README, "Real faces"); ``cloud_mode="paper", cloud_scale=1.0`` is the paper's cloud.
+#: (README, "Real faces"); ``cloud_mode="paper", cloud_scale=1.0`` is the paper's cloud
+#: (:data:`PAPER_LEAP`: the paper's LEAP as a whole).
 DEFAULT_CLOUD_MODE = "margin"
 #: factor on the cloud's standard deviation by default (1: the paper's variance; see above)
 DEFAULT_CLOUD_SCALE = 2.0
@@ -77,6 +80,39 @@ DEFAULT_PROTOTYPE_SHRINKAGE = 10.0
 #: took head test images on real faces at one shot per tail class (README, "Real faces");
 #: 1: every class leans (the rule of the previous release)
 DEFAULT_PROTOTYPE_MIN_COUNT = 2
+
+#: The LEAP paper's behaviour, as the keywords of :class:`FeatureCloud` (and of every head or
+#: adapter that passes them on: ``LEAPMarginHead(D, C, **PAPER_LEAP)``, PML
+#: ``LEAPLoss(C, D, **PAPER_LEAP)``, timm ``LEAPTask.from_timm(name, C, **PAPER_LEAP)``; fastreid:
+#: ``feature_cloud.integrations.fastreid.PAPER_LEAP_YAML``). It sets every cloud default that is
+#: not the paper's (README, "Defaults that differ from the paper"), and the opt-in ones to off:
+#:
+#: * ``cloud_mode="paper"``, ``cloud_scale=1.0``: an angle on every logit (Eq. 7-8) with the
+#:   estimated variance (Eq. 6 / 9);
+#: * ``prototype_shrinkage=None``: inference logits against the weights;
+#: * ``center_rate="paper"``: Eq. 4 with the constant ``gamma`` (the first batch initialises);
+#: * ``unknown_variance="pooled"``: a class with fewer than two stored angles has zero observed
+#:   spread, so it gets the whole pooled variance (the paper's Eq. 6 / 9 with
+#:   :math:`\sigma_i^2 = 0`; it does not discuss the case), as 0.1.0 did;
+#: * ``angle_max_age=None`` (the ring memory of Eq. 5) and ``imprint_step=None`` (no weight
+#:   imprinting): the defaults, listed so that the mapping stays the paper's.
+#:
+#: What the paper leaves to the data stays the caller's: ``class_counts`` (``K_i``),
+#: ``warmup_steps`` (the paper starts the cloud after some epochs), ``tail_threshold``,
+#: ``memory_per_sample``, and the margin's ``scale`` / ``margin`` (the heads' defaults are the
+#: paper's re-ID setting, PML's its face setting); ``gamma`` defaults to the paper's 0.1. A
+#: read-only mapping: ``dict(PAPER_LEAP, cloud_scale=2.0)`` for a variant.
+PAPER_LEAP: Mapping[str, Any] = MappingProxyType(
+    {
+        "cloud_mode": "paper",
+        "cloud_scale": 1.0,
+        "prototype_shrinkage": None,
+        "center_rate": "paper",
+        "unknown_variance": "pooled",
+        "angle_max_age": None,
+        "imprint_step": None,
+    }
+)
 
 #: ``sync`` settings: ``"auto"`` synchronises the statistics over the default process group
 #: whenever one is initialised with more than one rank (every rank all-gathers the detached batch,
@@ -271,8 +307,8 @@ class FeatureCloud(nn.Module):
             angle moves away by ``|alpha|``, a per-sample extra angular margin), ``"paper"``
             (LEAP Eq. 7-8, an angle on every logit) or ``"target"`` (target logit only).
         cloud_scale: factor on the cloud's standard deviation (default 2; 1: the paper's
-            variance). ``cloud_mode="paper", cloud_scale=1.0, prototype_shrinkage=None`` is the
-            paper's LEAP.
+            variance). The paper's LEAP is ``**``:data:`PAPER_LEAP` (these two, and the
+            prototype and statistics settings that differ).
         prototype_shrinkage: ``kappa`` of the inference prototypes (:meth:`prototypes`, used by
             the heads' ``logits`` in eval mode, never by the training loss): class ``i``'s
             weight leans towards its center by ``kappa / (kappa + K_i)`` (default 10; ``None``:
@@ -1237,13 +1273,17 @@ def _properties(cls: type) -> FrozenSet[str]:
     return names
 
 
-#: the settings 0.1.0 trained and scored with (the paper's LEAP), as this release's keywords
+#: the settings 0.1.0 trained and scored with, as this release's keywords: the paper's LEAP
+#: (:data:`PAPER_LEAP`; its other keywords did not exist then)
 _V0_1_0_SETTINGS: Dict[str, Any] = {
-    "cloud_mode": "paper",
-    "cloud_scale": 1.0,
-    "prototype_shrinkage": None,
-    "center_rate": "paper",
-    "unknown_variance": "pooled",
+    name: PAPER_LEAP[name]
+    for name in (
+        "cloud_mode",
+        "cloud_scale",
+        "prototype_shrinkage",
+        "center_rate",
+        "unknown_variance",
+    )
 }
 
 

@@ -195,6 +195,8 @@ _PICKLE_PREDATES: Dict[str, Any] = {
     # before validate: a linear FC's batch was left to cross_entropy; the checks change no
     # valid batch's loss, only refuse a bad one before Enc (this release's default)
     "_validate": True,
+    # before recon_reduction: Eq. 1 as the mean per element (this release's default)
+    "_recon_reduction": "mean",
 }
 
 
@@ -204,8 +206,9 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
     .. math:: \mathcal{L} = \alpha_{sfmx}\mathcal{L}_{sfmx} + \alpha_{recon}\mathcal{L}_{recon}
               + \alpha_{reg}\mathcal{L}_{reg}
 
-    with :math:`\mathcal{L}_{recon}` Eq. 1 (``Dec(Enc(x))`` vs ``x``, mean squared error per
-    element, i.e. Eq. 1 divided by the number of pixels), :math:`\mathcal{L}_{sfmx}` the softmax
+    with :math:`\mathcal{L}_{recon}` Eq. 1 (``Dec(Enc(x))`` vs ``x``, by default the mean squared
+    error per element, i.e. Eq. 1 divided by the number of pixels: ``recon_reduction``),
+    :math:`\mathcal{L}_{sfmx}` the softmax
     cross-entropy of ``FC(R(g))`` (Eq. 2) and :math:`\mathcal{L}_{reg}` the m-L2 regulariser of
     Eq. 3 (:class:`~feature_cloud.MetricL2` on the FC weight). Paper: all weights 1 but
     ``alpha_reg = 0.25``.
@@ -213,10 +216,11 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
     Args:
         encoder: ``Enc``, any backbone mapping inputs to a ``(B, feature_dim)`` rich feature ``g``
             (a timm model with ``num_classes=0``, a fastreid backbone + pooling, ...).
-        classifier: ``FC``: an ``nn.Linear(embedding_size, num_classes)`` (the paper's plain softmax
-            classifier) or a :class:`~feature_cloud.LEAPMarginHead` (its own margin loss then
-            replaces the softmax; it normalises ``W`` and ``f``, so m-L2 only shrinks norms there:
-            pass ``alpha_reg=0`` with it — a warning says so otherwise). Any other module with a
+        classifier: ``FC``: an ``nn.Linear(embedding_size, num_classes, bias=False)`` (the paper's
+            plain softmax classifier, Eq. 2: ``w_j^T f``, no bias) or a
+            :class:`~feature_cloud.LEAPMarginHead` (its own margin loss then replaces the softmax;
+            it normalises ``W`` and ``f``, so m-L2 only shrinks norms there: pass
+            ``alpha_reg=0`` with it — a warning says so otherwise). Any other module with a
             ``(num_classes, embedding_size)`` ``.weight`` whose ``classifier(f)`` gives logits
             works as the plain classifier (the type hint is ``nn.Module``).
         feature_dim: size of ``g`` (paper: 320).
@@ -227,6 +231,13 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
             pretrained classifier backbone; then ``g`` keeps only the variation the softmax needs,
             which makes the transferred variance less rich (the paper's motivation for Dec).
         alpha_sfmx, alpha_recon, alpha_reg: the weights of Eq. 4.
+        recon_reduction: how :math:`\mathcal{L}_{recon}` reduces
+            (:func:`~feature_cloud.functional.reconstruction_loss`): ``"mean"`` (default), the
+            mean over every element, Eq. 1 divided by the elements of a sample (``C * H * W``:
+            30000 for the paper's 3x100x100 images), so that the paper's ``alpha_recon = 1``
+            does not drown Eq. 2-3; ``"paper"``, Eq. 1 as printed, the squared error summed over
+            each sample and averaged over the batch (as Eq. 2-3 are); ``alpha_recon=1`` with it
+            is the paper's balance of Eq. 4. Settable, checked.
         transfer: the :class:`~feature_cloud.FeatureTransfer`; default
             ``FeatureTransfer(feature_dim, num_classes)`` (95% energy, long-tail ``<= 20`` images).
         head_cloud_when_frozen: with a :class:`~feature_cloud.LEAPMarginHead` as ``FC``: keep the
@@ -265,9 +276,11 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
         transfer: Optional[FeatureTransfer] = None,
         head_cloud_when_frozen: bool = True,
         validate: bool = True,
+        recon_reduction: str = FC.DEFAULT_RECON_REDUCTION,
     ) -> None:
         super().__init__()
         self.validate = validate  # checked (as_bool): "no" validated
+        self.recon_reduction = recon_reduction  # checked: one of RECON_REDUCTIONS
         weight = getattr(classifier, "weight", None)
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise TypeError(
@@ -333,12 +346,25 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
         '``bool("no")`` validated).',
     )
 
+    recon_reduction = checked_attribute(
+        "recon_reduction",
+        lambda _, value: FC.check_recon_reduction(value),
+        'How Eq. 1 reduces: ``"mean"`` (per element) or ``"paper"`` (per sample, summed); '
+        "settable, checked.",
+    )
+
     def extra_repr(self) -> str:
         """The loss weights of Eq. 4 (the ``metric_l2`` child is weighted by ``alpha_reg``)."""
+        reduction = self.recon_reduction
         return (
             f"feature_dim={self.feature_dim}, embedding_size={self.embedding_size}, "
             f"num_classes={self.num_classes}, alpha_sfmx={self.alpha_sfmx}, "
             f"alpha_recon={self.alpha_recon}, alpha_reg={self.alpha_reg}"
+            + (
+                ""
+                if reduction == FC.DEFAULT_RECON_REDUCTION
+                else f", recon_reduction={reduction!r}"
+            )
             + ("" if self.validate else ", validate=False")
         )
 
@@ -467,10 +493,10 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
         return out
 
     def reconstruction_loss(self, x: Tensor, g: Tensor) -> Tensor:
-        """Eq. 1 (unweighted) of ``Dec(g)`` against ``x``: mean squared error per element; zero
+        """Eq. 1 (unweighted) of ``Dec(g)`` against ``x``, reduced by ``recon_reduction``; zero
         when ``alpha_recon == 0``, without a decoder or while it is frozen."""
         if self.alpha_recon > 0 and self.decoder is not None and "decoder" not in self.frozen:
-            return F.mse_loss(self.decoder(g).float(), x.float())
+            return FC.reconstruction_loss(self.decoder(g), x, self.recon_reduction)
         return g.new_zeros((), dtype=torch.float32)
 
     # ------------------------------------------------------------------ freezing

@@ -17,7 +17,7 @@ Shapes: ``B`` batch, ``C`` classes, ``D`` embedding size. Class weights are stor
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -541,7 +541,20 @@ __all__ += [
     "ftl_num_components",
     "ftl_pca_basis",
     "feature_transfer",
+    "RECON_REDUCTIONS",
+    "DEFAULT_RECON_REDUCTION",
+    "check_recon_reduction",
+    "reconstruction_loss",
 ]
+
+#: reductions of FTL's reconstruction loss (:func:`reconstruction_loss`): ``"mean"`` over every
+#: element of the batch, or ``"paper"``, Eq. 1 per sample (a sum over its elements), averaged
+#: over the batch like Eq. 2-3
+RECON_REDUCTIONS = ("mean", "paper")
+#: the default :data:`RECON_REDUCTIONS`: ``"mean"``, Eq. 1 divided by the elements of a sample
+#: (``C * H * W``), which keeps ``alpha_recon = 1`` from drowning Eq. 2-3 (README, "Defaults
+#: that differ from the paper")
+DEFAULT_RECON_REDUCTION = "mean"
 
 
 def ftl_regular_classes(class_counts: Tensor, threshold: int = 20) -> Tensor:
@@ -723,3 +736,34 @@ def feature_transfer(
         q = basis.to(compute)
         residual = g_regular.to(compute) - c[y_regular]
         return (c[y_tail] + (residual @ q) @ q.T).to(dtype)
+
+
+def check_recon_reduction(reduction: Any) -> str:
+    """``reduction`` if it is one of :data:`RECON_REDUCTIONS`, else ``ValueError`` naming them."""
+    if not isinstance(reduction, str) or reduction not in RECON_REDUCTIONS:
+        raise ValueError(
+            f"recon_reduction must be one of {RECON_REDUCTIONS} ('mean': per element, the "
+            f"default; 'paper': FTL Eq. 1 per sample, averaged over the batch), got {reduction!r}"
+        )
+    return reduction
+
+
+def reconstruction_loss(
+    reconstruction: Tensor, inputs: Tensor, reduction: str = DEFAULT_RECON_REDUCTION
+) -> Tensor:
+    r"""Reconstruction loss of FTL Eq. 1, :math:`\mathcal{L}_{recon} = \|\mathbf{x}' - \mathbf{x}\|_2^2`.
+
+    ``reduction="paper"``: the squared norm of each sample's error (summed over its elements),
+    averaged over the batch; ``"mean"``: the mean over every element, i.e. the paper's value
+    divided by the number of elements of a sample. Computed in float32 (also for float64 or
+    half-precision inputs, as ``FTLModel`` always has).
+    """
+    check_recon_reduction(reduction)
+    if reconstruction.shape != inputs.shape:
+        raise ValueError(
+            f"the reconstruction has shape {tuple(reconstruction.shape)}, the inputs "
+            f"{tuple(inputs.shape)}: the decoder must reproduce the input's shape"
+        )
+    if reduction == "mean":
+        return F.mse_loss(reconstruction.float(), inputs.float())
+    return (reconstruction.float() - inputs.float()).pow(2).flatten(1).sum(dim=1).mean()

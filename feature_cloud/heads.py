@@ -541,8 +541,11 @@ class LEAPMarginHead(
        :math:`\alpha_n \sim N(0, v_{y_n})^{C}`,
     3. returns the cross-entropy of the CosFace (Eq. 7) / ArcFace (Eq. 8) logits.
 
-    Paper-exact LEAP: ``cloud_mode="paper", cloud_scale=1.0, prototype_shrinkage=None`` (the
-    defaults differ for real-data reasons: README, "Real faces"). The training loss always uses
+    Paper-exact LEAP: ``LEAPMarginHead(D, C, **feature_cloud.PAPER_LEAP)``
+    (:data:`~feature_cloud.cloud.PAPER_LEAP`: ``cloud_mode="paper", cloud_scale=1.0,
+    prototype_shrinkage=None, center_rate="paper", unknown_variance="pooled"``, with
+    ``angle_max_age`` and ``imprint_step`` off; the defaults differ for real-data reasons:
+    README, "Real faces"). The training loss always uses
     ``weight``; :meth:`logits` in eval mode (inference) scores against the weights shrunk towards
     the class centers (``prototype_shrinkage``), in train mode against the weights.
 

@@ -105,9 +105,25 @@ __all__ = [
     "margin_for_cls_layer",
     "config_path",
     "FeatureCloudHook",
+    "PAPER_LEAP_YAML",
 ]
 
 logger = logging.getLogger("fastreid.feature_cloud")  # under "fastreid": in its log.txt
+
+#: :data:`feature_cloud.PAPER_LEAP` (the LEAP paper's cloud settings) as
+#: ``MODEL.HEADS.FEATURE_CLOUD`` keys and values, of the YAML types (``-1``: off)::
+#:
+#:     for key, value in PAPER_LEAP_YAML.items():
+#:         cfg.MODEL.HEADS.FEATURE_CLOUD[key] = value  # after add_feature_cloud_config(cfg)
+PAPER_LEAP_YAML: Dict[str, Any] = {
+    "MODE": "paper",  # cloud_mode
+    "SCALE": 1.0,  # cloud_scale
+    "PROTOTYPE_SHRINKAGE": -1.0,  # prototype_shrinkage=None
+    "CENTER_RATE": "paper",  # center_rate
+    "UNKNOWN_VARIANCE": "pooled",  # unknown_variance
+    "ANGLE_MAX_AGE": -1,  # angle_max_age=None
+    "IMPRINT_ITERS": -1,  # imprint_step=None
+}
 
 #: fastreid's ``MODEL.HEADS.CLS_LAYER`` names and the margin they mean.
 CLS_LAYER_TO_MARGIN = {"CosSoftmax": "cosface", "ArcSoftmax": "arcface"}
@@ -396,7 +412,14 @@ def _register_once(registry: Any) -> Callable[[Any], Any]:
 
 # ------------------------------------------------------------------ configuration
 def add_feature_cloud_config(cfg: CfgNode) -> CfgNode:
-    """Add the ``MODEL.HEADS.FEATURE_CLOUD`` node (defaults = LEAP paper, Sec. 4.1).
+    """Add the ``MODEL.HEADS.FEATURE_CLOUD`` node (defaults = :class:`feature_cloud.FeatureCloud`'s).
+
+    The defaults are the core's, not all the paper's: ``MODE: margin``, ``SCALE: 2.0``,
+    ``PROTOTYPE_SHRINKAGE: 10.0``, ``CENTER_RATE: adaptive`` and ``UNKNOWN_VARIANCE: tail_prior``
+    differ from LEAP (README, "Defaults that differ from the paper"); :data:`PAPER_LEAP_YAML`
+    holds the paper's values of these keys (:data:`feature_cloud.PAPER_LEAP` as YAML). ``GAMMA``
+    (0.1) is the paper's (Sec. 4.1), and so is the margin of the shipped YAMLs (``CosSoftmax``,
+    ``SCALE: 24``, ``MARGIN: 0.2``: its re-ID setting).
 
     ``CLOUD``: ``full`` (LEAP Eq. 9), ``vanilla`` (Eq. 6) or ``none``; ``TAIL_THRESHOLD``: ``T``
     of the vanilla rule; ``GAMMA``: center learning rate of Eq. 4; ``MEMORY_PER_SAMPLE``: ``P`` of

@@ -56,6 +56,7 @@ from feature_cloud.ftl import (
     check_tail_split,
     make_filter,
 )
+from feature_cloud.functional import DEFAULT_RECON_REDUCTION, RECON_REDUCTIONS
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.integrations.fastreid import (  # noqa: F401
     _YAML_KEYS,
@@ -97,7 +98,10 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     Schedule (Algorithm 1, in trainer iterations): ``STAGE0_ITERS`` (stage 0, all modules),
     ``STAGE_ITERS`` (each stage 1, and each stage 2 unless ``STAGE2_ITERS`` > 0; paper 5000 both),
     ``MAX_ALTERNATIONS`` ((stage 1, stage 2) pairs; 0: until the trainer stops). Loss (Eq. 4):
-    ``ALPHA_SFMX``, ``ALPHA_RECON``, ``ALPHA_REG`` (paper 1, 1, 0.25). Modules:
+    ``ALPHA_SFMX``, ``ALPHA_RECON``, ``ALPHA_REG`` (paper 1, 1, 0.25), ``RECON_REDUCTION``
+    (``mean``, the default: Eq. 1 per pixel, the paper's divided by ``3 * H * W``; ``paper``:
+    Eq. 1 summed over each image, the paper's balance of Eq. 4 with ``ALPHA_RECON: 1``:
+    :class:`~feature_cloud.FTLModel`'s ``recon_reduction``). Modules:
     ``FILTER`` (``R``'s form: ``"mlp"``, the paper's role, or ``"residual"``, ``f = g + R(g)``
     starting at ``f = g``, needs ``EMBEDDING_DIM`` = the backbone's feature size:
     :func:`~feature_cloud.ftl.make_filter`), ``FILTER_HIDDEN`` (hidden width of ``R``; 0: twice
@@ -122,6 +126,7 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     node.ALPHA_SFMX = 1.0
     node.ALPHA_RECON = 1.0
     node.ALPHA_REG = 0.25
+    node.RECON_REDUCTION = DEFAULT_RECON_REDUCTION
     node.FILTER = "mlp"
     node.FILTER_HIDDEN = 0
     node.DECODER_CHANNELS = [256, 192, 128, 64]
@@ -164,6 +169,7 @@ _FTL_YAML_KEYS = {
     "alpha_sfmx": "MODEL.FTL.ALPHA_SFMX",
     "alpha_recon": "MODEL.FTL.ALPHA_RECON",
     "alpha_reg": "MODEL.FTL.ALPHA_REG",
+    "recon_reduction": "MODEL.FTL.RECON_REDUCTION",
 }
 
 #: ``MODEL.HEADS`` keys that FTLBaseline reads (``SCALE`` / ``MARGIN`` with a margin ``CLS_LAYER``)
@@ -198,6 +204,17 @@ def _unused_fastreid_keys(cfg: CfgNode) -> List[str]:
         *walk(cfg.MODEL.HEADS, defaults.HEADS, "MODEL.HEADS", list(used)),
         *walk(cfg.MODEL.LOSSES, defaults.LOSSES, "MODEL.LOSSES", ()),
     ]
+
+
+def _recon_reduction(ftl_cfg: CfgNode) -> str:
+    """``MODEL.FTL.RECON_REDUCTION`` (``mean`` in configurations written before the key)."""
+    reduction = str(ftl_cfg.get("RECON_REDUCTION", DEFAULT_RECON_REDUCTION)).lower()
+    if reduction not in RECON_REDUCTIONS:
+        raise ValueError(
+            f"MODEL.FTL.RECON_REDUCTION must be one of {RECON_REDUCTIONS} (mean: Eq. 1 per pixel, "
+            f"the default; paper: per image, as printed), got {ftl_cfg.RECON_REDUCTION!r}"
+        )
+    return reduction
 
 
 def _filter(ftl_cfg: CfgNode, feat_dim: int, emb_dim: int, hidden: int) -> nn.Module:
@@ -325,6 +342,7 @@ class FTLBaseline(CheckedBeforeLoading, nn.Module):
             alpha_sfmx=float(ftl_cfg.ALPHA_SFMX),
             alpha_recon=float(ftl_cfg.ALPHA_RECON),
             alpha_reg=float(ftl_cfg.ALPHA_REG),
+            recon_reduction=_recon_reduction(ftl_cfg),
             transfer=transfer,
         )
         return {

@@ -294,7 +294,11 @@ class LEAPLoss(
             ``prototype_shrinkage``, ``get_logits``' prototypes, default 10, ``None``: ``W``; and ``tail_threshold``, ``gamma``,
             ``memory_per_sample``, ``warmup_steps``, ``count_steps``, ``prototype_min_count``,
             ``center_rate``, ``unknown_variance``, ``angle_max_age``, ``imprint_step``, ``seed``,
-            ``sync``, ``process_group``, ``pad_to``).
+            ``sync``, ``process_group``, ``pad_to``). The paper's LEAP (every cloud default
+            that differs from it, set to the paper's): ``LEAPLoss(C, D, **feature_cloud.PAPER_LEAP)``
+            (``cloud_mode="paper", cloud_scale=1.0, prototype_shrinkage=None,
+            center_rate="paper", unknown_variance="pooled"``; PML's default ``scale`` /
+            ``margin`` are the paper's face setting).
 
     State (tensors only): ``W`` and ``feature_cloud.*`` (statistics, step, seed); 0.1.0
     checkpoints (``head.*``) load.

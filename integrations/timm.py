@@ -81,6 +81,7 @@ from feature_cloud.ftl import (
     FTLModel,
     make_filter,
 )
+from feature_cloud.functional import DEFAULT_RECON_REDUCTION
 from feature_cloud.heads import LEAPMarginHead
 from feature_cloud.regularizers import MetricL2, as_metric_l2, warn_metric_l2_with_margin
 from feature_cloud.statistics import ClassStatistics
@@ -791,6 +792,7 @@ def create_ftl_model(
     alpha_sfmx: float = 1.0,
     alpha_recon: Optional[float] = None,
     alpha_reg: Optional[float] = None,
+    recon_reduction: str = DEFAULT_RECON_REDUCTION,
     transfer_kwargs: Optional[Dict[str, Any]] = None,
     head_weight_decay: bool = True,
     **head_kwargs: Any,
@@ -803,7 +805,12 @@ def create_ftl_model(
     ``FC`` is a :class:`LEAPMarginHead` (``classifier="leap"``, ``head_kwargs`` go to it; m-L2
     off by default, ``alpha_reg=0``) or the paper's ``nn.Linear`` (``"linear"``, ``alpha_reg``
     default 0.25); ``Dec`` is a :class:`~feature_cloud.ftl.ConvDecoder` to ``decoder_shape``
-    (``(C, H, W)`` of the input; ``None``: no reconstruction, ``alpha_recon`` default 0, else 1).
+    (``(C, H, W)`` of the input; ``None``: no reconstruction, ``alpha_recon`` default 0, else 1);
+    ``recon_reduction`` as :class:`FTLModel`'s (``"mean"``: Eq. 1 per element, the default;
+    ``"paper"``: Eq. 1 summed over each image, the paper's balance with ``alpha_recon=1``).
+    The defaults are not the paper's FTL (a LEAP head, no m-L2, no decoder); the paper's:
+    ``classifier="linear", decoder_shape=(3, H, W), recon_reduction="paper"`` (README, "FTL in
+    timm").
     ``transfer_kwargs`` go to :class:`FeatureTransfer` (``energy``, ``num_components``,
     ``tail_threshold``, ``class_counts``, ...). ``class_counts`` and ``tail_threshold`` (the
     training set's images per class, the long-tail bound) given once, with the head's keywords
@@ -859,6 +866,7 @@ def create_ftl_model(
         alpha_sfmx=alpha_sfmx,
         alpha_recon=alpha_recon,
         alpha_reg=alpha_reg,
+        recon_reduction=recon_reduction,
         transfer=FeatureTransfer(feat, int(num_classes), **transfer_kwargs),
     )
     model.head_weight_decay = as_bool(head_weight_decay, "head_weight_decay")

@@ -85,6 +85,45 @@ def test_total_loss_is_eq4():
     assert model.logits(model(x)).shape == (8, 30)
 
 
+def test_recon_reduction_paper_is_eq1_per_sample():
+    """s53 paper trial 1: Eq. 1 is ``||Dec(Enc(x)) - x||^2`` per sample, the default a mean per
+    element (C*H*W times smaller: 30000 on the paper's 3x100x100 images). ``recon_reduction=
+    "paper"`` sums over each sample's elements and averages over the batch (as Eq. 2-3 do)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 10, 10)
+    enc = nn.Sequential(nn.Flatten(), nn.Linear(300, D))
+    dec = ConvDecoder(D, out_shape=(3, 10, 10), channels=(8, 4), base=2)
+    kw = dict(feature_dim=D, decoder=dec, alpha_reg=0.0)
+    mean = FTLModel(enc, nn.Linear(E, 5, bias=False), **kw)
+    paper = FTLModel(enc, nn.Linear(E, 5, bias=False), recon_reduction="paper", **kw)
+    y = torch.randint(0, 5, (4,))
+    out_mean, out_paper = mean.loss(x, y), paper.loss(x, y)
+    err = dec(enc(x)) - x
+    eq1 = (err**2).sum(dim=(1, 2, 3)).mean()  # ||x' - x||^2 per image, mean over the batch
+    torch.testing.assert_close(out_paper["recon"], eq1)
+    torch.testing.assert_close(out_mean["recon"], (err**2).mean())  # the default, unchanged
+    torch.testing.assert_close(out_paper["recon"], 300 * out_mean["recon"])
+    torch.testing.assert_close(out_paper["loss"], out_paper["sfmx"] + eq1)
+    assert "recon_reduction='paper'" in repr(paper) and "recon_reduction" not in repr(mean)
+    assert FC.reconstruction_loss(x, x + 1, "paper") == 300.0
+    # checked at construction and on assignment, naming the choices
+    with pytest.raises(ValueError, match=r"recon_reduction must be one of \('mean', 'paper'\)"):
+        FTLModel(enc, nn.Linear(E, 5), recon_reduction="sum", **kw)
+    with pytest.raises(ValueError, match="recon_reduction must be one of"):
+        paper.recon_reduction = "none"
+    assert paper.recon_reduction == "paper"
+    mean.recon_reduction = "paper"
+    torch.testing.assert_close(mean.loss(x, y)["recon"], eq1)
+    with pytest.raises(ValueError, match="the decoder must reproduce the input's shape"):
+        FC.reconstruction_loss(x[:, :1], x, "paper")  # broadcast would sum the wrong errors
+    # a deep copy and a pickle keep it; a pickle of an earlier release (no _recon_reduction)
+    # loads with that release's mean per element
+    assert pickle.loads(pickle.dumps(paper)).recon_reduction == "paper"
+    old = copy.deepcopy(paper)
+    del vars(old)["_recon_reduction"]
+    assert pickle.loads(pickle.dumps(old)).recon_reduction == "mean"
+
+
 def test_a_refused_batch_reaches_no_batchnorm():
     """Attacker trial: ``FTLModel.loss`` checked its labels after ``Enc`` ran (each refused
     call moved the encoder's BatchNorm), and a NaN batch in stage 1 left NaN in ``R``'s

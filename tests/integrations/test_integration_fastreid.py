@@ -564,6 +564,32 @@ def test_online_counts_error_names_the_yaml_keys():
         assert name not in str(info.value)
 
 
+def test_paper_leap_yaml_builds_the_paper_leap_head():
+    """``PAPER_LEAP_YAML`` is ``feature_cloud.PAPER_LEAP`` in YAML: merged into a config (yacs
+    checks the value types), it builds a head with every one of the paper's settings (s53 paper
+    trial 2: the docs' YAML recipe gave only ``MODE`` and ``SCALE``)."""
+    from fastreid.config import CfgNode
+
+    from feature_cloud import PAPER_LEAP
+
+    assert {fr._YAML_KEYS[k].rsplit(".", 1)[1] for k in PAPER_LEAP} == set(fr.PAPER_LEAP_YAML)
+    cfg = _head_cfg()
+    cfg.merge_from_other_cfg(
+        CfgNode({"MODEL": {"HEADS": {"FEATURE_CLOUD": dict(fr.PAPER_LEAP_YAML)}}})
+    )
+    cloud = build_heads(cfg).margin_head.feature_cloud
+    stats = cloud.statistics
+    assert {
+        "cloud_mode": cloud.mode,
+        "cloud_scale": cloud.scale,
+        "prototype_shrinkage": cloud.prototype_shrinkage,
+        "center_rate": stats.center_rate,
+        "unknown_variance": stats.unknown_variance,
+        "angle_max_age": stats.max_age,
+        "imprint_step": cloud.imprint_step,
+    } == dict(PAPER_LEAP)
+
+
 def test_every_cloud_option_has_a_yaml_key():
     """Each keyword of FeatureCloud that a user chooses is a MODEL.HEADS.FEATURE_CLOUD key (the
     layout keywords the adapter sets itself excepted), so no option is reachable in PML and timm

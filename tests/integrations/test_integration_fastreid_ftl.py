@@ -91,6 +91,12 @@ def test_yaml_needs_the_config_node_and_builds_ftl_baseline(tmp_path):
     assert isinstance(ftl.classifier, torch.nn.Linear) and ftl.classifier.bias is None
     assert ftl.decoder.out_shape == (3, 32, 16)
     assert (ftl.alpha_sfmx, ftl.alpha_recon, ftl.alpha_reg) == (1.0, 1.0, 0.25)
+    assert ftl.recon_reduction == "mean"  # MODEL.FTL.RECON_REDUCTION's default
+    paper = _ftl_cfg(tmp_path, "MODEL.HEADS.NUM_CLASSES", "7", "MODEL.FTL.RECON_REDUCTION", "paper")
+    assert build_model(paper).ftl.recon_reduction == "paper"  # Eq. 1 per image (s53 paper 1)
+    bogus = _ftl_cfg(tmp_path, "MODEL.HEADS.NUM_CLASSES", "7", "MODEL.FTL.RECON_REDUCTION", "sum")
+    with pytest.raises(ValueError, match=r"MODEL.FTL.RECON_REDUCTION must be one of"):
+        build_model(bogus)
     assert ftl.feature_transfer.tail_threshold == 8 and ftl.feature_transfer.energy == 0.95
     assert model.backbone is ftl.encoder.backbone
     model.eval()

@@ -459,6 +459,23 @@ def test_ftl_task_wraps_a_timm_backbone_and_leap_head():
     )
     with pytest.raises(TypeError, match="linear"):
         create_ftl_model("test_resnet", C, classifier="linear", cloud="full")
+    # the paper's FTL (s53 paper trial 1, 4): linear FC, m-L2 0.25, a decoder, Eq. 1 per image
+    paper = FTLTask.from_timm(
+        "test_resnet",
+        C,
+        stage0_iters=3,
+        classifier="linear",
+        decoder_shape=(3, 32, 32),
+        decoder_channels=(16, 8),
+        recon_reduction="paper",
+        transfer_kwargs={"class_counts": COUNTS, "tail_threshold": 10},
+        verbose=False,
+    ).model
+    assert (paper.alpha_sfmx, paper.alpha_recon, paper.alpha_reg) == (1.0, 1.0, 0.25)
+    assert paper.recon_reduction == "paper" and paper.classifier.bias is None
+    assert task.model.recon_reduction == "mean"
+    with pytest.raises(ValueError, match="recon_reduction must be one of"):
+        create_ftl_model("test_resnet", C, classifier="linear", recon_reduction="sum")
 
 
 def _data(seed=0):
