@@ -15,7 +15,6 @@ a pure function of ``(seed, step, stream, row, class)``.
 from __future__ import annotations
 
 import weakref
-from types import MappingProxyType
 from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, cast
 
 import torch
@@ -28,6 +27,7 @@ from ._compat import in_backward, is_compiling, materialized
 from ._validation import (
     ClassCounts,
     FixedSettingError,
+    ReadOnlyDict,
     as_bool,
     as_float,
     as_int,
@@ -101,8 +101,9 @@ DEFAULT_PROTOTYPE_MIN_COUNT = 2
 #: ``warmup_steps`` (the paper starts the cloud after some epochs), ``tail_threshold``,
 #: ``memory_per_sample``, and the margin's ``scale`` / ``margin`` (the heads' defaults are the
 #: paper's re-ID setting, PML's its face setting); ``gamma`` defaults to the paper's 0.1. A
-#: read-only mapping: ``dict(PAPER_LEAP, cloud_scale=2.0)`` for a variant.
-PAPER_LEAP: Mapping[str, Any] = MappingProxyType(
+#: read-only dict: ``dict(PAPER_LEAP, cloud_scale=2.0)`` for a variant (copies and pickles
+#: are plain dicts).
+PAPER_LEAP: Mapping[str, Any] = ReadOnlyDict(
     {
         "cloud_mode": "paper",
         "cloud_scale": 1.0,

@@ -132,3 +132,37 @@ def test_paper_leap_is_one_mapping_for_every_head_and_off_the_defaults():
     head.eval()
     expected = 24.0 * F.normalize(x) @ F.normalize(head.weight).T
     torch.testing.assert_close(head.logits(x), expected)
+
+
+def test_paper_leap_copies_as_a_plain_dict_inside_a_users_config():
+    """``PAPER_LEAP`` (a ``MappingProxyType`` at first) could not be deep-copied, pickled or
+    written to JSON, nor could a config holding it (review, s53): read-only itself, its copies
+    are plain dicts, and every way to change it in place is refused."""
+    import copy
+    import dataclasses
+    import json
+    import pickle
+
+    from feature_cloud.evaluate import EvalConfig
+
+    config = {"head": {"cloud": "full", **PAPER_LEAP}, "cloud": PAPER_LEAP}
+    for clone in (copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert clone == config and type(clone["cloud"]) is dict
+        clone["cloud"]["cloud_scale"] = 2.0  # the copy is the caller's
+    assert PAPER_LEAP["cloud_scale"] == 1.0
+    assert json.loads(json.dumps(config))["cloud"] == dict(PAPER_LEAP)
+    assert type(copy.copy(PAPER_LEAP)) is dict
+    asdict = dataclasses.asdict(EvalConfig(leap_options=PAPER_LEAP))
+    assert asdict["leap_options"] == dict(PAPER_LEAP)
+    for change in (
+        lambda m: m.update(cloud_scale=2.0),
+        lambda m: m.pop("cloud_scale"),
+        lambda m: m.setdefault("seed", 1),
+        lambda m: m.popitem(),
+        lambda m: m.clear(),
+        lambda m: m.__delitem__("cloud_scale"),
+        lambda m: m.__ior__({"cloud_scale": 2.0}),
+    ):
+        with pytest.raises(TypeError, match="read-only"):
+            change(PAPER_LEAP)
+    assert dict(PAPER_LEAP, cloud_scale=2.0)["cloud_scale"] == 2.0 and len(PAPER_LEAP) == 7
