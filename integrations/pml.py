@@ -32,7 +32,6 @@ rank holds the same statistics, with no extra call.
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 from types import FrameType
@@ -152,27 +151,6 @@ def _as_int64(labels: Tensor) -> Tensor:
     return labels.long()
 
 
-def _warn_if_sampler_counts(counts: Tensor) -> None:
-    """Warn where the ``K_i`` just counted online look like a class-balanced sampler's draws:
-    every count a multiple of the same ``m > 1`` while the counts differ (PML's
-    ``MPerClassSampler`` draws ``m`` images of a class at a time; a long-tailed dataset's counts
-    share no factor). One host read, once: at the step that lays out the memory, which reads
-    the counts anyway."""
-    drawn = [int(k) for k in counts.detach().long().cpu().tolist() if k > 0]
-    if len(set(drawn)) < 2:
-        return
-    m = functools.reduce(math.gcd, drawn)
-    if m < 2:
-        return
-    warn_user(
-        f"LEAPLoss counted K_i online and every count is a multiple of {m} while the counts "
-        "differ: what a class-balanced sampler draws (PML's MPerClassSampler draws m images of "
-        "a class at a time), not the training set's K_i, so the tail classes (LEAP Eq. 5) are "
-        "chosen at random. Pass the dataset's counts: "
-        "class_counts=collections.Counter(train_dataset.targets)."
-    )
-
-
 def _ref_emb_problem(
     embeddings: Any, labels: Any, ref_emb: Any, ref_labels: Any
 ) -> Optional[Exception]:
@@ -288,8 +266,7 @@ class LEAPLoss(
             images go uncounted). Online counting counts what the sampler draws: with PML's
             ``samplers.MPerClassSampler`` (or any class-balanced sampler) that is how often each
             class was drawn, not ``K_i``; pass the dataset's counts,
-            ``class_counts=collections.Counter(train_dataset.targets)`` (the loss warns where
-            the online counts look like such a sampler's); ``cloud_mode`` / ``cloud_scale``,
+            ``class_counts=collections.Counter(train_dataset.targets)``; ``cloud_mode`` / ``cloud_scale``,
             default ``"margin"`` / 2, the paper's cloud: ``cloud_mode="paper", cloud_scale=1.0``;
             ``prototype_shrinkage``, ``get_logits``' prototypes, default 10, ``None``: ``W``; and ``tail_threshold``, ``gamma``,
             ``memory_per_sample``, ``warmup_steps``, ``count_steps``, ``prototype_min_count``,
@@ -383,13 +360,17 @@ class LEAPLoss(
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """A whole-module pickle of an earlier release held the ArcFace ``margin`` in degrees
         (PML's keyword); this release holds it in radians, as PML's attribute. Pickles from
-        before ``impl`` / ``chunk_size`` run the default backend."""
+        before ``impl`` / ``chunk_size`` run the default backend. A ``distance`` other than the
+        plain cosine (taken and ignored before this release) is refused, as when assigned."""
         rule = state.get("margin_rule", state.get("_margin_rule"))  # (fixed: _margin_rule)
         if not state.get("_margin_in_radians", False) and rule is not None:
             state["margin"] = rule.from_pml(state["margin"])
             state["_margin_in_radians"] = True
         if not isinstance(state.get("_agreed"), _Agreed):  # pickles before the holder: None
             state["_agreed"] = _Agreed()
+        distance = state.get("_modules", {}).get("distance")
+        if distance is not None:  # earlier releases took any CosineSimilarity and ignored it
+            _check_distance(distance)
         super().__setstate__(state)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -549,10 +530,7 @@ class LEAPLoss(
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
         self.cast_types(dtype, device)  # W follows the batch once the batch is accepted
         cloud.imprint(self.W.t(), self.sub_centers, train=train)
-        counting = train and cloud.statistics.counting  # K_i counted online (a host attribute)
         draw = cloud.advance(embeddings, labels, train=train)
-        if counting and not cloud.statistics.counting:  # laid out at this step: once
-            _warn_if_sampler_counts(cloud.statistics.class_counts)
         if embeddings.shape[0] == 0:  # PML's zero loss (its reducers return 0, not a NaN mean)
             return self.zero_losses()
         # a gathered batch: one cloud over the global batch, drawn in rank order
