@@ -614,14 +614,18 @@ def evaluate_open(
     return scalars, per_class, f_test
 
 
-def sweep_key(kappa: float) -> str:
-    """The key of ``kappa`` in a run's ``sweep`` (and the sweep tables' kappa column): ``%g``
-    (``"0"``, ``"10"``, ``"1e+06"``, as earlier releases wrote) where that reads back as the
-    same float, else ``repr`` (``"1234567.0"``: ``%g`` gave 1234567 and 1234568 one key, one
-    kappa's results overwrote the other's); distinct kappas never share a key."""
-    value = float(kappa) + 0.0  # -0.0: "0"
-    short = f"{value:g}"
-    return short if float(short) == value else repr(value)
+def sweep_keys(kappas: Sequence[float]) -> List[str]:
+    """The keys of ``kappas`` in a run's ``sweep`` (and the sweep tables' kappa column): ``%g``
+    (``"0"``, ``"10"``, ``"1e+06"``, ``"0.1"``, as earlier releases wrote), except where two
+    different kappas of the sweep print alike (``1234567`` and ``1234568``: one kappa's results
+    overwrote the other's): those get ``repr`` (``"1234567.0"``). Distinct kappas never share
+    a key; a key depends on the sweep's own kappas only (runs of one configuration agree)."""
+    values = [float(k) + 0.0 for k in kappas]  # -0.0: "0"
+    short = [f"{v:g}" for v in values]
+    alike: Dict[str, set] = {}
+    for key, value in zip(short, values):
+        alike.setdefault(key, set()).add(value)
+    return [key if len(alike[key]) == 1 else repr(v) for key, v in zip(short, values)]
 
 
 def shrinkage_sweep(
@@ -630,8 +634,8 @@ def shrinkage_sweep(
     """FC accuracy (head / tail) and the shares of head test samples given to a tail class and
     the reverse of a trained ``model`` scored against its inference prototypes at each
     ``kappa`` (:func:`~feature_cloud.functional.center_prototypes`; 0: the weights), on the
-    embeddings ``emb`` of the test samples: ``{sweep_key(kappa): {"fc_acc_head", "fc_acc_tail",
-    "fc_cross_head", "fc_cross_tail"}}``. Empty for a model without a feature cloud keeping
+    embeddings ``emb`` of the test samples: ``{key: {"fc_acc_head", "fc_acc_tail",
+    "fc_cross_head", "fc_cross_tail"}}`` (keys: :func:`sweep_keys`). Empty for a model without a feature cloud keeping
     class centers (the baselines) or without ``kappas``; the model is left as it was."""
     clouds = [m for m in model.modules() if isinstance(m, FeatureCloud) and m.rule is not None]
     if not kappas or len(clouds) != 1:
@@ -641,12 +645,12 @@ def shrinkage_sweep(
     out: Dict[str, Dict[str, float]] = {}
     try:
         with torch.no_grad():
-            for kappa in kappas:
+            for kappa, key in zip(kappas, sweep_keys(kappas)):
                 cloud.prototype_shrinkage = float(kappa)
                 logits = model.classify(emb).cpu()
                 acc = M.head_tail(M.correct_predictions(logits, labels), is_head)
                 cross = M.head_tail(M.cross_group_predictions(logits, labels, head), is_head)
-                out[sweep_key(kappa)] = {
+                out[key] = {
                     "fc_acc_head": acc["head"],
                     "fc_acc_tail": acc["tail"],
                     "fc_cross_head": cross["head"],

@@ -1260,13 +1260,13 @@ def test_shrinkage_sweep_restores_the_head_and_skips_models_without_centers():
 def test_shrinkage_sweep_keeps_kappas_that_print_alike_apart():
     """``--shrinkage-sweep 0.5 1234567 1234568``: the keys were ``%g``, so the last two shared
     '1.23457e+06' and one kappa's results overwrote the other's (a statistics audit, s53). A
-    key is ``%g`` where that reads back as the kappa (the keys of earlier files), else exact."""
+    key is ``%g`` (the keys of earlier files) unless two kappas of the sweep print alike."""
     from torch import nn
 
     from feature_cloud import LEAPMarginHead
-    from feature_cloud.evaluate.runner import shrinkage_sweep, sweep_key
+    from feature_cloud.evaluate.runner import shrinkage_sweep, sweep_keys
 
-    assert [sweep_key(k) for k in (0, -0.0, 0.5, 10, 30.0, 1e6, 1e-7)] == [
+    assert sweep_keys([0, -0.0, 0.5, 10, 30.0, 1e6, 1e-7, 0.1 + 0.2]) == [
         "0",
         "0",
         "0.5",
@@ -1274,11 +1274,14 @@ def test_shrinkage_sweep_keeps_kappas_that_print_alike_apart():
         "30",
         "1e+06",
         "1e-07",
+        "0.3",
     ]
+    # a float32 kappa of the Python API keeps the key earlier releases wrote (review, s53)
+    assert sweep_keys([float(torch.tensor(0.1))]) == ["0.1"]
     kappas = [0.5, 1234567.0, 1234568.0, 0.1 + 0.2]
-    keys = [sweep_key(k) for k in kappas]
-    assert keys == ["0.5", "1234567.0", "1234568.0", "0.30000000000000004"]
-    assert [float(k) for k in keys] == kappas
+    keys = sweep_keys(kappas)
+    assert keys == ["0.5", "1234567.0", "1234568.0", "0.3"]
+    assert len(set(keys)) == len(kappas)
 
     class Model(nn.Module):
         def __init__(self, head):
