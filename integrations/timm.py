@@ -524,8 +524,8 @@ class LEAPEvaluator(ClassificationEvaluator):
     A :class:`LEAPMarginHead`'s scoring matrices (the normalised prototypes, the normalised
     weights) are built once an evaluation and reused for every batch, as ``head.as_linear()``
     would be (``head.logits`` rebuilds the prototypes from all ``C x D`` on every call): the
-    same logits. They are rebuilt when ``reset()`` starts the next evaluation, and before that
-    whenever a parameter or buffer of the head was replaced or changed in place (version
+    same logits. ``compute()`` and ``reset()`` drop them (no ``C x D`` copies held between
+    evaluations); they are rebuilt before that whenever a parameter or buffer of the head was replaced or changed in place (version
     counters; a write through ``.data`` is not seen) or a setting the prototypes read changed.
     """
 
@@ -614,6 +614,11 @@ class LEAPEvaluator(ClassificationEvaluator):
             weights = self._logits(output[:used], True)
             hits = weights.argmax(1).eq(target[:used].to(weights.device)).sum()
             self.counts[3] += hits.to(self.counts.device)
+
+    def compute(self, distributed: bool = False) -> Any:
+        """timm's end-of-evaluation metrics; drops the scoring matrices (:meth:`_scoring`)."""
+        self._scorings.clear()
+        return super().compute(distributed)
 
     def _summary(self, loss_sum: Tensor, counts: Tensor) -> Any:
         out = super()._summary(loss_sum, counts[:3])

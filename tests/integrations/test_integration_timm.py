@@ -910,7 +910,7 @@ def test_the_evaluator_builds_the_scoring_matrix_once_and_rebuilds_on_any_change
     prototypes from all ``C x D`` each time (4.5-13x the floor's inference at C=1e5). It now
     builds the eval and train-mode matrices once an evaluation and gives the same logits,
     bit for bit; and builds them again after an optimizer step, a statistics update, a load,
-    a dtype change, a setting change and ``reset()``."""
+    a dtype change, a setting change and ``reset()``; ``compute()`` drops them."""
     import feature_cloud.integrations.timm as T
 
     D = 8
@@ -950,6 +950,9 @@ def test_the_evaluator_builds_the_scoring_matrix_once_and_rebuilds_on_any_change
     ev.update(emb, y[:5])
     ev.update(emb, y[:5])
     assert len(builds) == 2
+    ev.compute()  # the end of an evaluation: no C x D copies held after it
+    assert ev._scorings == {}
+    check(ev, emb, True)
     # an optimizer step (in-place on the weight)
     opt = torch.optim.SGD(head.parameters(), lr=0.5)
     head(x, y).backward()  # the statistics update alone changes the centers: rebuilt too
