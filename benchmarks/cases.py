@@ -67,6 +67,59 @@ DATA = ("random", "trained")
 TARGET_COS = 0.66
 
 
+#: glibc's malloc thresholds (bytes) that :func:`pin_allocator` pins: 1 GiB (``mallopt``'s
+#: value is a C ``int``)
+PINNED_MALLOC_THRESHOLD = 1 << 30
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+_PINNED: Optional[Dict[str, object]] = None
+
+
+def pin_allocator() -> Dict[str, object]:
+    """Pin glibc malloc's mmap and trim thresholds (``mallopt(M_MMAP_THRESHOLD)`` and
+    ``mallopt(M_TRIM_THRESHOLD)`` = :data:`PINNED_MALLOC_THRESHOLD`), as the timing drivers do
+    at start-up; returns the setting, which they record in their output (``"allocator"``).
+
+    Why: by default glibc serves an allocation above its *dynamic* mmap threshold (128 KiB at
+    start, raised up to 32 MiB by each large ``free``) with fresh ``mmap``-ed pages, zeroed by
+    the kernel on first touch. The floor allocates and frees its ``F.normalize(W)`` temporaries
+    every step (~6 MB at re-ID C=751, D=2048): in a process where nothing large had been freed
+    yet they cost a page-fault pass each step, in one where other methods had already raised
+    the threshold they come back from the heap. The same LEAP step then read 0.53x or 1.14x
+    the floor depending on which other methods shared the process (s53 perf trial, finding 6).
+    With both thresholds pinned every method's temporaries are reused from the heap in every
+    process: the ratios no longer depend on the process's history (and match the many-method
+    runs the README's tables came from). ``FC_BENCH_MALLOC=default`` leaves the allocator as it
+    is (recorded too); elsewhere than glibc nothing is pinned and the setting says so."""
+    global _PINNED
+    if _PINNED is not None:
+        return _PINNED
+    import ctypes
+    import ctypes.util
+    import platform
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    setting: Dict[str, object] = {"pinned": False, "env": env}
+    if os.environ.get("FC_BENCH_MALLOC", "") == "default":
+        setting["note"] = "FC_BENCH_MALLOC=default: glibc's dynamic thresholds left as they are"
+    elif platform.libc_ver()[0] != "glibc":
+        setting["note"] = "not glibc: nothing pinned (ratios may depend on the process history)"
+    else:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, PINNED_MALLOC_THRESHOLD) == 1
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, PINNED_MALLOC_THRESHOLD) == 1 and ok
+        setting.update(
+            pinned=ok,
+            how="glibc mallopt",
+            mmap_threshold=PINNED_MALLOC_THRESHOLD,
+            trim_threshold=PINNED_MALLOC_THRESHOLD,
+        )
+        if not ok:
+            setting["note"] = "mallopt refused the thresholds"
+    _PINNED = setting
+    return setting
+
+
 def set_threads() -> int:
     """``FC_BENCH_THREADS`` (if set) -> ``torch.set_num_threads``; returns the thread count."""
     n = os.environ.get("FC_BENCH_THREADS")

@@ -19,7 +19,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from benchmarks.cases import make_case, set_threads
+from benchmarks.cases import make_case, pin_allocator, set_threads
 
 DEFAULT_METHODS = (
     "floor",
@@ -77,6 +77,7 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    allocator = pin_allocator()  # before any case allocates (cases.pin_allocator: why)
     threads = set_threads()
     load = os.getloadavg()
     result = {
@@ -89,6 +90,7 @@ def main(argv=None) -> None:
         "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "loadavg_before": load,
+        "allocator": allocator,
         "results": {},
     }
     methods = [m for m in a.methods.split(",") if m]
@@ -105,6 +107,7 @@ def main(argv=None) -> None:
             )
     result["loadavg_after"] = os.getloadavg()
     print("load average before/after:", load, result["loadavg_after"])
+    print("allocator:", allocator)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)

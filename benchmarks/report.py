@@ -81,6 +81,19 @@ def bench_table(data: Dict) -> List[str]:
     return lines
 
 
+def allocator_note(run: Dict) -> str:
+    """``"; glibc malloc thresholds pinned (1 GiB)"`` and the like, from a driver's
+    ``"allocator"`` record (:func:`benchmarks.cases.pin_allocator`); empty for a run from before
+    the drivers recorded it."""
+    setting = run.get("allocator")
+    if not setting:
+        return ""
+    if setting.get("pinned"):
+        gib = setting.get("mmap_threshold", 0) / 2**30
+        return f"; glibc malloc mmap/trim thresholds pinned ({gib:g} GiB)"
+    return "; allocator not pinned"
+
+
 def interleaved_table(runs: List[Dict]) -> List[str]:
     lines = []
     for run in runs:
@@ -88,8 +101,8 @@ def interleaved_table(runs: List[Dict]) -> List[str]:
             f"\nB={run['batch']}, D={run['dim']}, C={run['classes']}, float32, CPU "
             f"({run['cpus']} cores, {run['threads']} torch threads), {run['reps']} interleaved "
             f"repetitions, torch {run['torch']}; load average {run['loadavg_before'][0]:.1f} before, "
-            f"{run['loadavg_after'][0]:.1f} after. Ratio: median over repetitions of time / floor's "
-            "time in the same repetition (IQR in brackets).\n"
+            f"{run['loadavg_after'][0]:.1f} after{allocator_note(run)}. Ratio: median over "
+            "repetitions of time / floor's time in the same repetition (IQR in brackets).\n"
         )
         types = list(run["results"])
         lines.append("| method | " + " | ".join(f"{t} ms | {t} x floor" for t in types) + " |")
@@ -133,7 +146,8 @@ def suite_tables(run: Dict) -> List[str]:
         f"B={run['batch']}, D={run['dim']}, C={run['classes']}, CosFace, fwd+bwd {precision}, "
         f"{where}, {run['reps']} interleaved repetitions (all settings "
         f"and torch thread counts {', '.join(res)} inside each), torch {run['torch']}; load average "
-        f"{run['loadavg_before'][0]:.1f} before, {run['loadavg_after'][0]:.1f} after. "
+        f"{run['loadavg_before'][0]:.1f} before, {run['loadavg_after'][0]:.1f} after"
+        f"{allocator_note(run)}. "
         "Ratio: median over repetitions of time / time of the reference in the same "
         "repetition. `trained`: features at cosine 0.66 to their class weight; `random`: "
         "Gaussian features. Cloud from the head's statistics (primed on a long tail): `cloud` "

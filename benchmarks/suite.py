@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from benchmarks.cases import make_case
+from benchmarks.cases import make_case, pin_allocator
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SETTINGS = {"reid": (24.0, 0.2), "face": (64.0, 0.35)}
@@ -155,6 +155,7 @@ def main(argv=None) -> None:
     p.add_argument("--inner", type=int, default=1, help="steps per timing (GPU: 10-50)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    allocator = pin_allocator()  # before any case allocates (cases.pin_allocator: why)
     methods = [m for m in a.methods.split(",") if m]
     for need in ("floor", "gemm3"):
         if need not in methods:
@@ -189,6 +190,7 @@ def main(argv=None) -> None:
         "settings": {k: SETTINGS[k] for k in a.settings.split(",")},
         "loadavg_before": load,
         "loadavg_after": os.getloadavg(),
+        "allocator": allocator,
         "wall_s": time.time() - t0,
         "results": results,
     }
@@ -204,6 +206,7 @@ def main(argv=None) -> None:
                         f"  {meth:22s} {row['median_ms']:8.1f} ms  x{row['x_floor']:.2f} floor{extra}"
                     )
     print("load average before/after:", load, result["loadavg_after"])
+    print("allocator:", allocator)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)

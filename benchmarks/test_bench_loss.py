@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from benchmarks.cases import make_case, set_threads
+from benchmarks.cases import make_case, pin_allocator, set_threads
 
 ROUNDS = int(os.environ.get("FC_BENCH_ROUNDS", "5"))
 CLASSES = [int(c) for c in os.environ.get("FC_BENCH_CLASSES", "10000,100000").split(",")]
@@ -32,6 +32,14 @@ METHODS = [
 THREADS = set_threads()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def allocator():
+    """glibc's malloc thresholds pinned for this module's timings (:func:`pin_allocator`: why),
+    recorded in every case's ``extra_info``; a fixture, so that importing a helper from here
+    (the smoke tests) pins nothing."""
+    return pin_allocator()
+
+
 def _skip_missing(method):
     if method == "pml":
         pytest.importorskip("pytorch_metric_learning")
@@ -43,7 +51,7 @@ def _skip_missing(method):
 @pytest.mark.parametrize("classes", CLASSES)
 @pytest.mark.parametrize("margin_type", ["cosface", "arcface"])
 @pytest.mark.parametrize("method", METHODS)
-def test_loss_step(benchmark, method, margin_type, classes, batch):
+def test_loss_step(benchmark, allocator, method, margin_type, classes, batch):
     _skip_missing(method)
     step = make_case(method, batch, classes, 512, margin_type)
     benchmark.group = f"{margin_type} B={batch} C={classes}"
@@ -55,13 +63,14 @@ def test_loss_step(benchmark, method, margin_type, classes, batch):
         dim=512,
         threads=THREADS,
         loadavg=os.getloadavg(),
+        allocator=allocator,
     )
     loss = benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("classes", CLASSES)
-def test_statistics_update(benchmark, classes):
+def test_statistics_update(benchmark, allocator, classes):
     """The per-step statistics work of the cloud: centers, angle memory, variance read-out."""
     from feature_cloud import LEAPMarginHead
 
@@ -77,7 +86,12 @@ def test_statistics_update(benchmark, classes):
 
     benchmark.group = f"statistics B={batch} C={classes}"
     benchmark.extra_info.update(
-        method="statistics", batch=batch, classes=classes, dim=dim, threads=THREADS
+        method="statistics",
+        batch=batch,
+        classes=classes,
+        dim=dim,
+        threads=THREADS,
+        allocator=allocator,
     )
     std = benchmark.pedantic(stats, rounds=ROUNDS * 4, warmup_rounds=1, iterations=1)
     assert torch.isfinite(std).all()

@@ -7,11 +7,19 @@ import os
 import pytest
 import torch
 
-from benchmarks.cases import set_threads
+from benchmarks.cases import pin_allocator, set_threads
 
 ROUNDS = int(os.environ.get("FC_BENCH_ROUNDS", "5"))
 SAMPLES = int(os.environ.get("FC_BENCH_FTL_SAMPLES", "100000"))
 THREADS = set_threads()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def allocator():
+    """glibc's malloc thresholds pinned for this module's timings (:func:`pin_allocator`: why),
+    recorded in every case's ``extra_info``; a fixture, so that importing a helper from here
+    (the smoke tests) pins nothing."""
+    return pin_allocator()
 
 
 def make_transfer(samples: int = SAMPLES, dim: int = 320, classes: int = 1000, batch: int = 1024):
@@ -33,17 +41,19 @@ def make_transfer(samples: int = SAMPLES, dim: int = 320, classes: int = 1000, b
     return FeatureTransfer(dim, classes, class_counts=counts, validate=False), stream, counts
 
 
-def test_update_stats(benchmark):
+def test_update_stats(benchmark, allocator):
     ft, stream, _ = make_transfer()
     benchmark.group = f"FeatureTransfer update_stats {SAMPLES} x 320"
-    benchmark.extra_info.update(method="update_stats", samples=SAMPLES, dim=320, threads=THREADS)
+    benchmark.extra_info.update(
+        method="update_stats", samples=SAMPLES, dim=320, threads=THREADS, allocator=allocator
+    )
     benchmark.pedantic(
         ft.update_stats, args=(stream,), rounds=max(ROUNDS // 2, 1), warmup_rounds=0, iterations=1
     )
     assert ft.ready
 
 
-def test_transfer_batch(benchmark):
+def test_transfer_batch(benchmark, allocator):
     ft, stream, counts = make_transfer()
     ft.update_stats(stream)
     regular = torch.nonzero(ft.regular).flatten()
@@ -55,7 +65,9 @@ def test_transfer_batch(benchmark):
     y_t = tail[torch.randint(0, tail.numel(), (256,), generator=g)]
     x = torch.randn(256, 320, generator=g, requires_grad=True)
     benchmark.group = "FeatureTransfer transfer B=256"
-    benchmark.extra_info.update(method="transfer", batch=256, dim=320, threads=THREADS)
+    benchmark.extra_info.update(
+        method="transfer", batch=256, dim=320, threads=THREADS, allocator=allocator
+    )
     out = benchmark.pedantic(
         ft.transfer, args=(x, y_r, y_t), rounds=ROUNDS * 20, warmup_rounds=2, iterations=1
     )

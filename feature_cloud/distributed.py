@@ -53,7 +53,14 @@ from ._validation import (
     trainable_labels,
 )
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict, migrated_for_checking
-from .heads import MarginSettings, cloud_margin_logits, fused_cloud, make_cloud, resolve_margin
+from .heads import (
+    MarginSettings,
+    cloud_margin_logits,
+    fused_cloud,
+    make_cloud,
+    resolve_margin,
+    scoring_weight,
+)
 from .sync import (  # noqa: F401  (re-exported: the process-group API lives here)
     BATCH_MODES,
     HoldsProcessGroup,
@@ -298,8 +305,8 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
         of the consolidated head (in eval mode against this shard's rows of the cloud's
         prototypes; in train mode, or with ``prototype_shrinkage=None``, against the weights)."""
         check_embeddings(embeddings, self.embedding_size)
-        weight = self.feature_cloud.prototypes(self.weight, class_start=self.shard_start)
-        return FC.cosine_logits(embeddings, weight) * self.scale
+        weight, unit = scoring_weight(self.feature_cloud, self.weight, class_start=self.shard_start)
+        return FC.cosine_logits(embeddings, weight, unit_weight=unit) * self.scale
 
     def logits(self, embeddings: Tensor) -> Tensor:
         """All classes' inference logits ``(B_r, C)`` of this rank's ``embeddings``, equal to the

@@ -96,7 +96,9 @@ def common_float(embeddings: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
     return embeddings.to(dtype), weight.to(dtype)
 
 
-def cosine_logits(embeddings: Tensor, weight: Tensor, sub_centers: int = 1) -> Tensor:
+def cosine_logits(
+    embeddings: Tensor, weight: Tensor, sub_centers: int = 1, *, unit_weight: bool = False
+) -> Tensor:
     r"""Cosine of the angle between every embedding and every class weight, :math:`\cos\theta_{nj}`.
 
     ``embeddings`` ``(B, D)``, ``weight`` ``(C, D)``; both are L2-normalised (LEAP Eq. 1-2).
@@ -105,10 +107,16 @@ def cosine_logits(embeddings: Tensor, weight: Tensor, sub_centers: int = 1) -> T
     PML's ``SubCenterArcFaceLoss.get_cosine``). Runs in the input dtype (autocast may make it
     bf16/fp16); callers upcast before margins. Inputs of two dtypes (bf16 features, float32
     weights, without autocast) meet in :func:`common_float`'s.
+
+    ``unit_weight=True``: the rows of ``weight`` are already L2-normalised (the prototypes of
+    :func:`center_prototypes`, or ``F.normalize(weight, dim=1)`` cached by a caller that scores
+    many batches with fixed weights) and are not normalised again (a ``(C, D)`` pass and its
+    temporaries on every call; same numbers to rounding).
     """
     if embeddings.dtype != weight.dtype:  # under autocast the GEMM still runs in its dtype
         embeddings, weight = common_float(embeddings, weight)
-    cos = F.linear(safe_normalize(embeddings, dim=1), F.normalize(weight, dim=1))
+    unit = weight if unit_weight else F.normalize(weight, dim=1)
+    cos = F.linear(safe_normalize(embeddings, dim=1), unit)
     if sub_centers == 1:
         return cos
     if differs(weight.shape[0] % sub_centers, 0):

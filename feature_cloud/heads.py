@@ -336,6 +336,25 @@ def _check_cloud_options(options: Mapping[str, Any], owner: Tuple[str, Sequence[
             )
 
 
+def scoring_weight(
+    cloud: FeatureCloud,
+    weight: Tensor,
+    sub_centers: int = 1,
+    class_start: int = 0,
+    *,
+    inference: bool = False,
+) -> Tuple[Tensor, bool]:
+    """``(cloud.prototypes(weight, ...), unit)``: the matrix inference logits score against and
+    whether its rows are already L2-normalised (the center-shrunk prototypes of
+    :func:`~feature_cloud.functional.center_prototypes`), so that ``FC.cosine_logits(...,
+    unit_weight=unit)`` does not normalise them a second time. ``unit`` is ``False`` for the
+    weight itself and for a cloud subclass with its own ``prototypes``."""
+    proto = cloud.prototypes(weight, sub_centers, class_start, inference=inference)
+    own = type(cloud).prototypes is FeatureCloud.prototypes
+    own = own and type(cloud)._prototypes is FeatureCloud._prototypes
+    return proto, own and proto is not weight
+
+
 def make_cloud(
     cloud: Union[None, str, FeatureCloud],
     num_classes: int,
@@ -680,9 +699,18 @@ class LEAPMarginHead(
         mode against the cloud's prototypes: the weights shrunk towards the class centers
         (:meth:`FeatureCloud.prototypes <feature_cloud.cloud.FeatureCloud.prototypes>`;
         ``prototype_shrinkage=None``: the weights themselves)."""
+        return self._score(embeddings)
+
+    def _score(self, embeddings: Tensor, scoring: Optional[Tuple[Tensor, bool]] = None) -> Tensor:
+        """:meth:`logits` against ``scoring = (weight, unit)``: :func:`scoring_weight`'s, built
+        here (default) or once by a caller that scores many batches with fixed weights (timm's
+        evaluator)."""
         check_embeddings(embeddings, self.embedding_size)
-        weight = self.feature_cloud.prototypes(self.weight, self.sub_centers)
-        return FC.cosine_logits(embeddings, weight, self.sub_centers) * self.scale
+        if scoring is None:
+            scoring = scoring_weight(self.feature_cloud, self.weight, self.sub_centers)
+        weight, unit = scoring
+        cos = FC.cosine_logits(embeddings, weight, self.sub_centers, unit_weight=unit)
+        return cos * self.scale
 
     @torch.no_grad()
     def as_linear(self) -> nn.Linear:
@@ -692,8 +720,8 @@ class LEAPMarginHead(
         ``prototype_shrinkage=None``: the normalised weights). With ``sub_centers = K > 1`` it
         returns every sub-center's logit: ``out.view(B, C, K).amax(-1)`` is :meth:`logits`.
         A copy: later training does not change it."""
-        weight = self.feature_cloud.prototypes(
-            self.weight.detach(), self.sub_centers, inference=True
+        weight, unit = scoring_weight(
+            self.feature_cloud, self.weight.detach(), self.sub_centers, inference=True
         )
         linear = nn.Linear(
             self.embedding_size,
@@ -702,7 +730,7 @@ class LEAPMarginHead(
             device=weight.device,
             dtype=weight.dtype,
         )
-        linear.weight.copy_(F.normalize(weight, dim=1) * self.scale)
+        linear.weight.copy_((weight if unit else F.normalize(weight, dim=1)) * self.scale)
         return linear
 
     def margin_logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:

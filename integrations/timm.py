@@ -41,6 +41,7 @@ from typing import (
 )
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from feature_cloud._extras import missing
@@ -64,6 +65,7 @@ from timm.utils.model import unwrap_model
 from timm.utils.model_ema import ModelEmaV3
 from torch import Tensor, nn
 
+from feature_cloud import functional as FC
 from feature_cloud._buffers import restore_on_error
 from feature_cloud._validation import (
     as_bool,
@@ -82,7 +84,7 @@ from feature_cloud.ftl import (
     make_filter,
 )
 from feature_cloud.functional import DEFAULT_RECON_REDUCTION
-from feature_cloud.heads import LEAPMarginHead
+from feature_cloud.heads import LEAPMarginHead, scoring_weight
 from feature_cloud.regularizers import MetricL2, as_metric_l2, warn_metric_l2_with_margin
 from feature_cloud.statistics import ClassStatistics
 from feature_cloud.transfer import FeatureTransfer
@@ -519,6 +521,13 @@ class LEAPEvaluator(ClassificationEvaluator):
     in eval mode): with the default ``prototype_shrinkage`` the inference prototypes.
     ``top1_weights``: top-1 against the class weights themselves (the head in train mode: the
     paper's logits), to see what the prototypes change.
+
+    A :class:`LEAPMarginHead`'s scoring matrices (the normalised prototypes, the normalised
+    weights) are built once an evaluation and reused for every batch, as ``head.as_linear()``
+    would be (``head.logits`` rebuilds the prototypes from all ``C x D`` on every call): the
+    same logits. ``compute()`` and ``reset()`` drop them (no ``C x D`` copies held between
+    evaluations); they are rebuilt before that whenever a parameter or buffer of the head was replaced or changed in place (version
+    counters; a write through ``.data`` is not seen) or a setting the prototypes read changed.
     """
 
     metric_names = ("loss", "top1", "top5", "top1_weights")
@@ -532,6 +541,9 @@ class LEAPEvaluator(ClassificationEvaluator):
         # timm's counts (examples, top-1, top-5) and the weights' top-1: one all-reduce for all
         self.counts = torch.zeros(4, dtype=torch.int64, device=self.device)
         self._entered_eval = False
+        #: train mode (bool) -> (key, [the head's tensors, held], (weight, unit)): the scoring
+        #: matrices of this evaluation (:meth:`_scoring`)
+        self._scorings: Dict[bool, Tuple[Any, Any, Tuple[Tensor, bool]]] = {}
 
     def _logits(self, output: Tensor, training: bool) -> Tensor:
         """The head's logits with the classifier in the given mode (every module's own mode
@@ -547,10 +559,50 @@ class LEAPEvaluator(ClassificationEvaluator):
                 self._entered_eval = True
             for module, _ in modes:
                 module.training = training
+            if isinstance(part, LEAPMarginHead) and type(part).logits is LEAPMarginHead.logits:
+                return part._score(output, self._scoring(part, output, training))
             return head.logits(output)
         finally:
             for module, mode in modes:
                 module.training = mode
+
+    def _scoring(self, head: LEAPMarginHead, output: Tensor, training: bool) -> Tuple[Tensor, bool]:
+        """``(weight, True)``: the unit rows ``head.logits`` scores against in the head's
+        current mode, in the dtype it computes in for ``output``, built on the first batch of
+        an evaluation and kept while nothing it reads changes. The key holds each parameter's
+        and buffer's identity, storage address and version counter (the cache keeps the
+        tensors alive, so no address is reused) and the settings of the prototypes; a tensor
+        without a version counter (an inference tensor) disables the cache."""
+        cloud = head.feature_cloud
+        tensors = [*head.parameters(), *head.buffers()]
+        try:
+            state = tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+        except RuntimeError:  # inference tensors track no version: build every time
+            state = None
+        settings = (
+            output.dtype,
+            head.sub_centers,
+            id(cloud),
+            id(cloud.statistics),
+            cloud.rule,
+            cloud.prototype_shrinkage,
+            cloud.prototype_min_count,
+            getattr(cloud.statistics, "has_centers", False),
+            type(cloud),
+        )
+        key = None if state is None else (state, settings)
+        held = self._scorings.get(training)
+        if key is not None and held is not None and held[0] == key:
+            return held[2]
+        weight, unit = scoring_weight(cloud, head.weight.detach(), head.sub_centers)
+        if weight.dtype != output.dtype:  # cosine_logits' cast, once
+            weight = FC.common_float(output, weight)[1]
+        if not unit:  # cosine_logits' normalisation, once
+            weight = F.normalize(weight, dim=1)
+        scoring = (weight, True)
+        if key is not None:
+            self._scorings[training] = (key, [t.detach() for t in tensors], scoring)
+        return scoring
 
     @torch.no_grad()
     def update(self, output: Tensor, target: Tensor):
@@ -563,6 +615,11 @@ class LEAPEvaluator(ClassificationEvaluator):
             weights = self._logits(output[:used], True)
             hits = weights.argmax(1).eq(target[:used].to(weights.device)).sum()
             self.counts[3] += hits.to(self.counts.device)
+
+    def compute(self, distributed: bool = False) -> Any:
+        """timm's end-of-evaluation metrics; drops the scoring matrices (:meth:`_scoring`)."""
+        self._scorings.clear()
+        return super().compute(distributed)
 
     def _summary(self, loss_sum: Tensor, counts: Tensor) -> Any:
         out = super()._summary(loss_sum, counts[:3])

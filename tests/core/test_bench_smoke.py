@@ -1,6 +1,7 @@
 """Smoke subset of the benchmark suite (tiny sizes, a few seconds): every case runs and agrees."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -112,6 +113,74 @@ def test_peak_memory_child_process(tmp_path):
     (row,) = json.loads(out.read_text())
     assert row["status"] == "ok" and row["peak_rss"] >= row["rss_before_step"] > 0
     assert row["w_bytes"] == 4096 * 32 * 4
+
+
+def test_the_timing_drivers_pin_the_allocator_and_record_it(tmp_path):
+    """s53 perf finding 6: the floor's time (and so every ratio) depended on glibc's dynamic
+    mmap threshold, i.e. on which other methods had run in the process (LEAP cloud 0.53x or
+    1.14x the floor). The drivers pin the thresholds at start-up and record the setting; in a
+    child process, so that this test process keeps its allocator."""
+    import platform
+
+    glibc = platform.libc_ver()[0] == "glibc"
+    tiny = ["--batch", "8", "--classes", "96", "--dim", "16", "--reps", "2"]
+    drivers = {
+        "interleaved": ["--margin-types", "cosface", "--methods", "floor,leap"],
+        "suite": ["--methods", "floor", "--settings", "reid", "--data", "random", "--threads", "1"],
+    }
+    for name, args in drivers.items():
+        for env_value in (None, "default") if name == "interleaved" else (None,):
+            out = tmp_path / f"{name}_{env_value}.json"
+            env = {k: v for k, v in os.environ.items() if k != "FC_BENCH_MALLOC"}
+            if env_value:
+                env["FC_BENCH_MALLOC"] = env_value
+            run = subprocess.run(
+                [sys.executable, "-m", f"benchmarks.{name}", *tiny, *args, "--out", str(out)],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env=env,
+            )
+            data = json.loads(out.read_text())
+            setting = data["allocator"]
+            assert "allocator:" in run.stdout, name
+            if name == "interleaved":  # the generated table says so
+                text = "\n".join(report.interleaved_table([data]))
+                pinned = "malloc mmap/trim thresholds pinned (1 GiB)" in text
+                assert pinned is bool(setting["pinned"]), text
+            if env_value or not glibc:
+                assert setting["pinned"] is False and setting["note"], (name, setting)
+            else:
+                assert setting["pinned"] is True, (name, setting)
+                assert setting["mmap_threshold"] == cases.PINNED_MALLOC_THRESHOLD
+                assert setting["trim_threshold"] == cases.PINNED_MALLOC_THRESHOLD
+    if not glibc:
+        return
+    # the pin takes effect: a 100 MB block comes from the heap, not from mmap (mallinfo2)
+    probe = (
+        "import ctypes, ctypes.util\n"
+        "from benchmarks.cases import pin_allocator\n"
+        "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
+        "class MI(ctypes.Structure):\n"
+        "    _fields_ = [(n, ctypes.c_size_t) for n in 'a o s hblks hblkhd u f uo fo k'.split()]\n"
+        "libc.mallinfo2.restype = MI\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "def mapped():\n"
+        "    p = libc.malloc(100 << 20)\n"
+        "    n = libc.mallinfo2().hblkhd\n"
+        "    libc.free(p)\n"
+        "    return n >= 100 << 20\n"
+        "before = mapped()\n"
+        "pin_allocator()\n"
+        "print(before, mapped())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    run = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True, env=env
+    )
+    assert run.stdout.split() == ["True", "False"], run.stdout
 
 
 def test_feature_transfer_benchmark_case():

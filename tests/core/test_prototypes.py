@@ -572,3 +572,63 @@ def test_the_head_forwards_prototype_shrinkage_to_its_cloud():
     loss = LEAPLoss(num_classes=C, embedding_size=D, class_counts=counts)
     loss.prototype_shrinkage = 3.0
     assert loss.feature_cloud.prototype_shrinkage == 3.0
+
+
+@pytest.mark.parametrize("sub_centers", [1, 3])
+def test_eval_logits_normalise_the_prototypes_once(monkeypatch, sub_centers):
+    """s53 perf: eval-mode ``head.logits`` normalised the prototypes (already unit rows from
+    ``center_prototypes``) a second time in ``cosine_logits``, a ``C x D`` pass and its
+    temporaries on every call. Now ``cosine_logits(..., unit_weight=True)`` scores them as they
+    are: the same logits to rounding. Train mode, ``prototype_shrinkage=None`` and a cloud
+    subclass with its own ``prototypes`` still normalise."""
+    from feature_cloud import heads
+    from feature_cloud.cloud import FeatureCloud
+
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+    head = LEAPMarginHead(D, C, class_counts=counts, seed=0, sub_centers=sub_centers)
+    x, y = make_batch(0, 48, D, C)
+    for _ in range(3):
+        head(x, y)
+    head.eval()
+    proto = head.feature_cloud.prototypes(head.weight, sub_centers)
+    torch.testing.assert_close(proto.norm(dim=1), torch.ones(len(proto)))
+    before = FC.cosine_logits(x, proto, sub_centers) * head.scale  # normalised twice
+    seen = []
+    cosine = FC.cosine_logits
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("unit_weight", False))
+        return cosine(*args, **kwargs)
+
+    monkeypatch.setattr(heads.FC, "cosine_logits", spy)
+    after = head.logits(x)
+    torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-5)
+    assert seen == [True]
+    head.train()
+    head.logits(x)
+    head.eval()
+    head.prototype_shrinkage = None
+    torch.testing.assert_close(
+        head.logits(x), head.scale * cosine(x, head.weight, sub_centers), rtol=0, atol=0
+    )
+    assert seen == [True, False, False]
+    head.prototype_shrinkage = 10.0
+
+    class Doubled(FeatureCloud):  # not unit rows: must be normalised
+        def prototypes(self, weight, sub_centers=1, class_start=0, *, inference=False):
+            return 2.0 * super().prototypes(weight, sub_centers, class_start, inference=inference)
+
+    cloud = Doubled(C, D, "full", class_counts=counts)
+    cloud.load_state_dict(head.feature_cloud.state_dict())
+    assert heads.scoring_weight(cloud.eval(), head.weight, sub_centers)[1] is False
+    # unit_weight=True takes the rows as they are (a non-unit weight is not normalised)
+    w = torch.randn(C, D)
+    torch.testing.assert_close(
+        FC.cosine_logits(x, 3.0 * F.normalize(w, dim=1), unit_weight=True),
+        3.0 * FC.cosine_logits(x, w),
+    )
+    # the export skips the second normalisation too and still equals the eval logits
+    linear = head.as_linear()
+    out = linear(F.normalize(x))
+    out = out if sub_centers == 1 else out.view(len(x), C, sub_centers).amax(-1)
+    torch.testing.assert_close(out, head.logits(x), rtol=1e-5, atol=1e-5)

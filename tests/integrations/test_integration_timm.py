@@ -920,3 +920,79 @@ def _save(module, tmp_path):
     path = str(tmp_path / "sound.pth")
     torch.save({"state_dict": module.state_dict()}, path)
     return path
+
+
+def test_the_evaluator_builds_the_scoring_matrix_once_and_rebuilds_on_any_change(monkeypatch):
+    """s53 perf: the evaluator called ``head.logits`` on every batch, which rebuilds the
+    prototypes from all ``C x D`` each time (4.5-13x the floor's inference at C=1e5). It now
+    builds the eval and train-mode matrices once an evaluation and gives the same logits,
+    bit for bit; and builds them again after an optimizer step, a statistics update, a load,
+    a dtype change, a setting change and ``reset()``; ``compute()`` drops them."""
+    import feature_cloud.integrations.timm as T
+
+    D = 8
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0, scale=16.0, margin=0.2)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, D, generator=g), torch.arange(48) % C
+    head(x, y)
+    builds = []
+    real = T.scoring_weight
+
+    def counting(*args, **kwargs):
+        builds.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "scoring_weight", counting)
+
+    def expected(emb, training):
+        mode = head.training
+        head.train(training)
+        with torch.no_grad():
+            out = head.logits(emb)
+        head.train(mode)
+        return out
+
+    def check(ev, emb, rebuilt):
+        n = len(builds)
+        for training in (False, True):
+            with torch.no_grad():
+                got = ev._logits(emb, training)
+            assert torch.equal(got, expected(emb, training)), training
+        assert len(builds) - n == (2 if rebuilt else 0)
+
+    ev = LEAPEvaluator(head)
+    emb = torch.randn(5, D, generator=g)
+    check(ev, emb, True)
+    check(ev, torch.randn(7, D, generator=g), False)  # later batches: no rebuild
+    ev.update(emb, y[:5])
+    ev.update(emb, y[:5])
+    assert len(builds) == 2
+    ev.compute()  # the end of an evaluation: no C x D copies held after it
+    assert ev._scorings == {}
+    check(ev, emb, True)
+    # an optimizer step (in-place on the weight)
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    head(x, y).backward()  # the statistics update alone changes the centers: rebuilt too
+    check(ev, emb, True)
+    opt.step()
+    check(ev, emb, True)
+    # a load
+    other = LEAPMarginHead(D, C, class_counts=COUNTS, seed=1, scale=16.0, margin=0.2)
+    other(torch.randn(48, D, generator=g), y)
+    head.load_state_dict(other.state_dict())
+    check(ev, emb, True)
+    # a setting the prototypes read
+    head.prototype_shrinkage = 3.0
+    check(ev, emb, True)
+    head.prototype_min_count = 5
+    check(ev, emb, True)
+    # a dtype change, both ways (the parameter keeps its identity; its storage moves)
+    head.to(torch.float64)
+    check(ev, emb.double(), True)
+    head.to(torch.float32)
+    check(ev, emb, True)
+    check(ev, emb.double(), True)  # embeddings of another dtype: the cast matrix
+    # reset(): a new evaluation builds afresh
+    ev.reset()
+    check(ev, emb, True)
+    check(ev, emb, False)
