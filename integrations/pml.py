@@ -81,6 +81,7 @@ from feature_cloud.heads import (
     cloud_margin_loss,
     in_draw_order,
     make_cloud,
+    scoring_weight,
 )
 from feature_cloud.regularizers import MetricL2, as_metric_l2, warn_metric_l2_with_margin
 from feature_cloud.sync import SyncedClassStatistics, is_distributed
@@ -611,8 +612,8 @@ class LEAPLoss(
         in eval mode against the cloud's prototypes (``prototype_shrinkage``; see
         ``LEAPMarginHead.logits``)."""
         embeddings = self._scored(embeddings)
-        weight = self.feature_cloud.prototypes(self.W.t(), self.sub_centers)
-        return FC.cosine_logits(embeddings, weight, self.sub_centers) * self.scale
+        weight, unit = scoring_weight(self.feature_cloud, self.W.t(), self.sub_centers)
+        return FC.cosine_logits(embeddings, weight, self.sub_centers, unit_weight=unit) * self.scale
 
     def extra_repr(self) -> str:
         return (
