@@ -476,11 +476,16 @@ class ClassStatistics(KeepBufferDtypes):
         self.has_centers = True
         with torch.autocast(device_type=features.device.type, enabled=False):
             x = features.detach().float()
-            usable = torch.isfinite(x).all(1) & x.ne(0).any(1)  # a mask: no host sync
-            x = torch.where(usable.unsqueeze(1), x, torch.zeros_like(x))
-            self._update(x, torch.where(usable, labels, torch.full_like(labels, -1)))
+            # one row reduction for the mask and the angles' normalisation: a row's max-abs is
+            # finite and > 0 exactly when the row is finite and not all zero (amax keeps NaN)
+            top = x.abs().amax(dim=1, keepdim=True)
+            usable = torch.isfinite(top) & (top > 0)  # a mask: no host sync
+            x = torch.where(usable, x, torch.zeros_like(x))
+            top = torch.where(usable, top, torch.zeros_like(top))  # the masked rows' max-abs
+            usable = usable.squeeze(1)
+            self._update(x, torch.where(usable, labels, torch.full_like(labels, -1)), top)
 
-    def _update(self, features: Tensor, labels: Tensor) -> None:
+    def _update(self, features: Tensor, labels: Tensor, top: Optional[Tensor] = None) -> None:
         valid = labels >= 0
         y = labels.clamp_min(0)
         # Scatter targets: duplicate indices must carry identical values, so every ignored row
@@ -516,7 +521,7 @@ class ClassStatistics(KeepBufferDtypes):
                 self.class_counts.index_add_(0, y, valid.long() * (now < self.count_updates))
             return
 
-        angles = FC.angles_to_centers(features, new_centers)
+        angles = FC.angles_to_centers(features, new_centers, features_max=top)
         slots, keep, count = FC.ring_slots(
             labels,
             self.memory_offsets,
