@@ -614,7 +614,9 @@ class ClassStatistics(KeepBufferDtypes):
     def check_state_dict(self, state_dict: Dict[str, Any], prefix: str = "") -> None:
         """Raise if the statistics under ``prefix`` are for another class count or embedding
         size, or are not laid out consistently (an edited or damaged checkpoint: one entry a
-        class, one angle memory whose length the capacities give); changes nothing."""
+        class, one angle memory whose length the capacities give); changes nothing. A check
+        of the very tensor objects that passed the last one, none written since (their version
+        counters), is not repeated: the head's, the cloud's and this module's load each ask."""
         seen = self._state_seen(state_dict, prefix)
         if seen is not None and _same_state(_CHECKED.get(self), seen):
             return  # these very tensors, unchanged, passed moments ago (the same load)

@@ -140,7 +140,7 @@ def test_statistics_checked_once_a_load(monkeypatch):
     model, other = _Model(0), _Model(1)
     other.load_state_dict(model.state_dict())
     assert calls == ["head.feature_cloud.statistics."]
-    # the public check runs in full each time it is called outside a load
+    # a check and then a load of another dict (the keys without the prefix): checked twice
     calls.clear()
     fresh.feature_cloud.statistics.check_state_dict(state, "feature_cloud.statistics.")
     fresh.feature_cloud.statistics.load_state_dict(
