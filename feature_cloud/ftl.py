@@ -200,6 +200,25 @@ _PICKLE_PREDATES: Dict[str, Any] = {
 }
 
 
+def _raw_linear_logits(model: FTLModel, logits: Tensor) -> Optional[Tensor]:
+    """``W f`` (FTL Eq. 3's m-L2 input) from a plain ``nn.Linear`` classifier's output
+    ``W f + b``: the bias taken off (equal to ``F.linear(f, W)`` up to one rounding; exactly
+    without a bias), which saves m-L2 its own forward GEMM and two backward ones. None for any
+    other classifier, an overridden ``forward`` or a forward hook (its output need not be
+    ``W f + b``): :class:`MetricL2` computes ``W f`` itself then."""
+    fc = model.classifier
+    if (
+        not isinstance(fc, nn.Linear)
+        or type(fc).forward is not nn.Linear.forward
+        or fc._forward_hooks
+        or fc._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    ):
+        return None
+    return logits if fc.bias is None else logits - fc.bias.to(logits.dtype)
+
+
 class FTLModel(CheckedBeforeLoading, nn.Module):
     r"""FTL's network (Fig. 2) and its total loss, Eq. 4:
 
@@ -412,6 +431,7 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
         """
         self.apply_pending_freeze()
         labels = check_labels(labels, f.shape[0])  # any integer dtype, as int64
+        logits: Optional[Tensor] = None
         if self.is_margin_head and stats_rows is not None and self.classifier.training:
             sfmx = self._split_margin_loss(f, labels, stats_rows)
         elif self.is_margin_head:
@@ -419,8 +439,12 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
         else:
             if self.validate:
                 check_values(f, labels, self.num_classes)
-            sfmx = FC.margin_cross_entropy(self.classifier(f), labels)
-        if self.alpha_reg > 0:
+            logits = self.classifier(f)
+            sfmx = FC.margin_cross_entropy(logits, labels)
+        raw = None if logits is None or self.alpha_reg == 0 else _raw_linear_logits(self, logits)
+        if raw is not None:  # W f from the classifier's logits: no GEMM of its own
+            reg = self.metric_l2.from_logits(raw, labels)
+        elif self.alpha_reg > 0:
             reg = self.metric_l2(f, self.classifier, labels)
         else:
             reg = f.new_zeros(())

@@ -80,10 +80,20 @@ def safe_normalize(x: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
     (``F.normalize`` gives them ``1 / eps``, ~1e12: ``inf`` in float16, then NaN in the
     backbone's gradients).
     """
-    m = x.detach().abs().amax(dim=dim, keepdim=True)
+    return _normalize_by_max(x, x.detach().abs().amax(dim=dim, keepdim=True), dim, eps)
+
+
+def _normalize_by_max(x: Tensor, m: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
+    """:func:`safe_normalize` given ``m``, the detached max-abs of ``x`` along ``dim``
+    (``keepdim``): a caller that already has it (the statistics' usable-row test) saves that
+    pass. The zero-row rule acts on the per-row scales, not on ``x``-sized ``where``s; the
+    values and gradients are ``safe_normalize``'s own (``x / ||x||`` as ``F.normalize``
+    computes it)."""
     zero = m == 0  # not ``m > 0``: a NaN row must stay NaN (a non-finite loss, not a silent 0)
-    unit = torch.where(zero, 1.0, x / torch.where(zero, torch.ones_like(m), m))
-    return torch.where(zero, 0.0, F.normalize(unit, dim=dim, eps=eps))
+    unit = x / torch.where(zero, torch.ones_like(m), m)  # a zero row stays 0
+    norm = unit.norm(2, dim, keepdim=True).clamp_min(eps)  # F.normalize's denominator
+    # a zero row: 0 / inf = 0, with a zero gradient (F.normalize's 1 / eps scale never applies)
+    return unit / torch.where(zero, float("inf"), norm)
 
 
 def common_float(embeddings: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
@@ -322,14 +332,20 @@ def ema_centers(
     return torch.where(initialized.unsqueeze(1), ema, batch_mean)
 
 
-def angles_to_centers(features: Tensor, centers: Tensor) -> Tensor:
+def angles_to_centers(
+    features: Tensor, centers: Tensor, features_max: Optional[Tensor] = None
+) -> Tensor:
     r"""LEAP Eq. 3: :math:`\beta = \arccos(f \cdot c / \|f\|\|c\|)` row by row (``(N, D)`` each).
 
     Evaluated as :math:`2\,\mathrm{atan2}(\|\hat f - \hat c\|, \|\hat f + \hat c\|)`, which equals
     the arccos but stays accurate for small angles (``acos`` of a float32 cosine near 1 loses
-    ~4e-4 rad, as much as the spread of a tight class).
+    ~4e-4 rad, as much as the spread of a tight class). ``features_max``: the features'
+    per-row max-abs ``(N, 1)`` where the caller has it (:func:`_normalize_by_max`).
     """
-    f = safe_normalize(features, dim=1, eps=1e-12)
+    if features_max is None:
+        f = safe_normalize(features, dim=1, eps=1e-12)
+    else:
+        f = _normalize_by_max(features, features_max, dim=1, eps=1e-12)
     c = safe_normalize(centers, dim=1, eps=1e-12)
     return 2.0 * torch.atan2((f - c).norm(dim=1), (f + c).norm(dim=1))
 

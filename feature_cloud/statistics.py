@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -17,6 +18,7 @@ from ._buffers import KeepBufferDtypes
 from ._compat import disable_compile, is_compiling, materialized
 from ._validation import (
     ClassCounts,
+    any_nonfinite,
     as_float,
     as_int,
     check_batch,
@@ -45,6 +47,26 @@ _VALUE_CHECKED = (
     "memory",
     "memory_stamp",
 )
+#: Each module's last state-dict entries that passed :meth:`ClassStatistics.check_state_dict`:
+#: ``(prefix, ((key, weakref to the tensor, its _version), ...), own buffers' (id, _version))``.
+#: A load checks the statistics up to three times (the head's, the cloud's and the statistics'
+#: own ``_load_from_state_dict``); a check of the same tensor objects, unchanged since (their
+#: version counters) against the same module is not repeated. Kept outside the module (a
+#: weakref is not picklable); the statistics' own load takes the entry out.
+_CHECKED: weakref.WeakKeyDictionary[ClassStatistics, Tuple[Any, ...]] = weakref.WeakKeyDictionary()
+
+
+def _same_state(a: Optional[Tuple[Any, ...]], b: Tuple[Any, ...]) -> bool:
+    """Two :meth:`ClassStatistics._state_seen` records of the same tensor objects (compared by
+    identity: ``==`` on weakrefs compares the tensors), at the same versions."""
+    if a is None or a[0] != b[0] or a[2] != b[2] or len(a[1]) != len(b[1]):
+        return False
+    return all(
+        ka == kb and va == vb and ra() is not None and ra() is rb()
+        for (ka, ra, va), (kb, rb, vb) in zip(a[1], b[1])
+    )
+
+
 #: the largest angle the memory holds (``acos``'s top, pi, in float32 rounds up a little)
 _ANGLE_TOP = math.pi + 1e-5
 #: The statistics' buffers with one entry a class.
@@ -454,11 +476,16 @@ class ClassStatistics(KeepBufferDtypes):
         self.has_centers = True
         with torch.autocast(device_type=features.device.type, enabled=False):
             x = features.detach().float()
-            usable = torch.isfinite(x).all(1) & x.ne(0).any(1)  # a mask: no host sync
-            x = torch.where(usable.unsqueeze(1), x, torch.zeros_like(x))
-            self._update(x, torch.where(usable, labels, torch.full_like(labels, -1)))
+            # one row reduction for the mask and the angles' normalisation: a row's max-abs is
+            # finite and > 0 exactly when the row is finite and not all zero (amax keeps NaN)
+            top = x.abs().amax(dim=1, keepdim=True)
+            usable = torch.isfinite(top) & (top > 0)  # a mask: no host sync
+            x = torch.where(usable, x, torch.zeros_like(x))
+            top = torch.where(usable, top, torch.zeros_like(top))  # the masked rows' max-abs
+            usable = usable.squeeze(1)
+            self._update(x, torch.where(usable, labels, torch.full_like(labels, -1)), top)
 
-    def _update(self, features: Tensor, labels: Tensor) -> None:
+    def _update(self, features: Tensor, labels: Tensor, top: Optional[Tensor] = None) -> None:
         valid = labels >= 0
         y = labels.clamp_min(0)
         # Scatter targets: duplicate indices must carry identical values, so every ignored row
@@ -494,7 +521,7 @@ class ClassStatistics(KeepBufferDtypes):
                 self.class_counts.index_add_(0, y, valid.long() * (now < self.count_updates))
             return
 
-        angles = FC.angles_to_centers(features, new_centers)
+        angles = FC.angles_to_centers(features, new_centers, features_max=top)
         slots, keep, count = FC.ring_slots(
             labels,
             self.memory_offsets,
@@ -587,7 +614,30 @@ class ClassStatistics(KeepBufferDtypes):
     def check_state_dict(self, state_dict: Dict[str, Any], prefix: str = "") -> None:
         """Raise if the statistics under ``prefix`` are for another class count or embedding
         size, or are not laid out consistently (an edited or damaged checkpoint: one entry a
-        class, one angle memory whose length the capacities give); changes nothing."""
+        class, one angle memory whose length the capacities give); changes nothing. A check
+        of the very tensor objects that passed the last one, none written since (their version
+        counters), is not repeated: the head's, the cloud's and this module's load each ask."""
+        seen = self._state_seen(state_dict, prefix)
+        if seen is not None and _same_state(_CHECKED.get(self), seen):
+            return  # these very tensors, unchanged, passed moments ago (the same load)
+        _CHECKED.pop(self, None)
+        self._check_state_dict(state_dict, prefix)
+        if seen is not None:
+            _CHECKED[self] = seen
+
+    def _state_seen(self, state_dict: Dict[str, Any], prefix: str) -> Optional[Tuple[Any, ...]]:
+        """What identifies a check's input (see :data:`_CHECKED`); None when an entry under
+        ``prefix`` is not a tensor (never skipped then)."""
+        entries = []
+        for key, value in state_dict.items():
+            if key.startswith(prefix):
+                if not isinstance(value, Tensor):
+                    return None
+                entries.append((key, weakref.ref(value), value._version))
+        own = tuple((id(b), b._version) for b in self._buffers.values() if b is not None)
+        return (prefix, tuple(entries), own)
+
+    def _check_state_dict(self, state_dict: Dict[str, Any], prefix: str) -> None:
         refuse_other_shape(
             state_dict,
             prefix + "centers",
@@ -660,7 +710,7 @@ class ClassStatistics(KeepBufferDtypes):
                     (value < 0) | (value > limit)
                 ).any()
         if "centers" in present:
-            checks["non-finite centers"] = ~torch.isfinite(present["centers"]).all()
+            checks["non-finite centers"] = any_nonfinite(present["centers"])
         if cap is not None:  # allocate_memory lays out at least one slot a class
             checks["memory_capacity below 1"] = (cap < 1).any()
             for name, power in (("angle_sum", 1), ("angle_sqsum", 2)):  # angles lie in [0, pi]
@@ -670,9 +720,11 @@ class ClassStatistics(KeepBufferDtypes):
                         present[name].double() > most * (1 + 1e-6) + 1e-3
                     ).any()
         memory = present.get("memory")
-        if memory is not None:  # angles to the centers, in [0, pi] (acos); NaN compares false
-            inside = (memory >= 0) & (memory <= _ANGLE_TOP)
-            checks["memory angles outside [0, pi] or not finite"] = ~inside.all()
+        if memory is not None and memory.numel() > 0:  # angles to the centers, in [0, pi]
+            # (acos); one aminmax pass (no temporaries the memory's size): NaN compares false
+            low, high = torch.aminmax(memory if memory.dtype != torch.bool else memory.long())
+            inside = (low >= 0) & (high <= _ANGLE_TOP)
+            checks["memory angles outside [0, pi] or not finite"] = ~inside
         stamp = present.get("memory_stamp")
         if stamp is not None:  # -1: empty; else the update that wrote it, before num_updates
             late = present.get("num_updates")
@@ -742,7 +794,8 @@ class ClassStatistics(KeepBufferDtypes):
             state_dict[prefix + name] = own if keep else _empty_like(own, name)
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-        self.check_state_dict(state_dict, prefix)
+        self.check_state_dict(state_dict, prefix)  # not again when the head / cloud checked it
+        _CHECKED.pop(self, None)  # this load's: a later check reads the values again
         # checkpoints written before these buffers existed: fill them from the layout
         if prefix + "memory" in state_dict and prefix + "memory_stamp" not in state_dict:
             mem = state_dict[prefix + "memory"]
