@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import weakref
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -47,26 +46,6 @@ _VALUE_CHECKED = (
     "memory",
     "memory_stamp",
 )
-#: Each module's last state-dict entries that passed :meth:`ClassStatistics.check_state_dict`:
-#: ``(prefix, ((key, weakref to the tensor, its _version), ...), own buffers' (id, _version))``.
-#: A load checks the statistics up to three times (the head's, the cloud's and the statistics'
-#: own ``_load_from_state_dict``); a check of the same tensor objects, unchanged since (their
-#: version counters) against the same module is not repeated. Kept outside the module (a
-#: weakref is not picklable); the statistics' own load takes the entry out.
-_CHECKED: weakref.WeakKeyDictionary[ClassStatistics, Tuple[Any, ...]] = weakref.WeakKeyDictionary()
-
-
-def _same_state(a: Optional[Tuple[Any, ...]], b: Tuple[Any, ...]) -> bool:
-    """Two :meth:`ClassStatistics._state_seen` records of the same tensor objects (compared by
-    identity: ``==`` on weakrefs compares the tensors), at the same versions."""
-    if a is None or a[0] != b[0] or a[2] != b[2] or len(a[1]) != len(b[1]):
-        return False
-    return all(
-        ka == kb and va == vb and ra() is not None and ra() is rb()
-        for (ka, ra, va), (kb, rb, vb) in zip(a[1], b[1])
-    )
-
-
 #: the largest angle the memory holds (``acos``'s top, pi, in float32 rounds up a little)
 _ANGLE_TOP = math.pi + 1e-5
 #: The statistics' buffers with one entry a class.
@@ -614,30 +593,7 @@ class ClassStatistics(KeepBufferDtypes):
     def check_state_dict(self, state_dict: Dict[str, Any], prefix: str = "") -> None:
         """Raise if the statistics under ``prefix`` are for another class count or embedding
         size, or are not laid out consistently (an edited or damaged checkpoint: one entry a
-        class, one angle memory whose length the capacities give); changes nothing. A check
-        of the very tensor objects that passed the last one, none written since (their version
-        counters), is not repeated: the head's, the cloud's and this module's load each ask."""
-        seen = self._state_seen(state_dict, prefix)
-        if seen is not None and _same_state(_CHECKED.get(self), seen):
-            return  # these very tensors, unchanged, passed moments ago (the same load)
-        _CHECKED.pop(self, None)
-        self._check_state_dict(state_dict, prefix)
-        if seen is not None:
-            _CHECKED[self] = seen
-
-    def _state_seen(self, state_dict: Dict[str, Any], prefix: str) -> Optional[Tuple[Any, ...]]:
-        """What identifies a check's input (see :data:`_CHECKED`); None when an entry under
-        ``prefix`` is not a tensor (never skipped then)."""
-        entries = []
-        for key, value in state_dict.items():
-            if key.startswith(prefix):
-                if not isinstance(value, Tensor):
-                    return None
-                entries.append((key, weakref.ref(value), value._version))
-        own = tuple((id(b), b._version) for b in self._buffers.values() if b is not None)
-        return (prefix, tuple(entries), own)
-
-    def _check_state_dict(self, state_dict: Dict[str, Any], prefix: str) -> None:
+        class, one angle memory whose length the capacities give); changes nothing."""
         refuse_other_shape(
             state_dict,
             prefix + "centers",
@@ -794,8 +750,7 @@ class ClassStatistics(KeepBufferDtypes):
             state_dict[prefix + name] = own if keep else _empty_like(own, name)
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-        self.check_state_dict(state_dict, prefix)  # not again when the head / cloud checked it
-        _CHECKED.pop(self, None)  # this load's: a later check reads the values again
+        self.check_state_dict(state_dict, prefix)
         # checkpoints written before these buffers existed: fill them from the layout
         if prefix + "memory" in state_dict and prefix + "memory_stamp" not in state_dict:
             mem = state_dict[prefix + "memory"]
