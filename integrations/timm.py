@@ -512,6 +512,19 @@ def _check_training_classes(target: Tensor, num_classes: int) -> None:
         )
 
 
+def _stock_logits(head: nn.Module, part: nn.Module) -> bool:
+    """Whether ``head.logits`` is the package's own all the way down: a
+    :class:`~feature_cloud.LEAPMarginHead` (or an :class:`~feature_cloud.FTLModel` over one)
+    whose ``logits`` no subclass or instance replaced. Only then may the evaluator score
+    against its cached matrices (:meth:`LEAPEvaluator._scoring`); any other ``logits`` is
+    called as it is."""
+    if not isinstance(part, LEAPMarginHead) or type(part).logits is not LEAPMarginHead.logits:
+        return False
+    if "logits" in vars(part) or "logits" in vars(head):
+        return False
+    return head is part or type(head).logits is FTLModel.logits
+
+
 class LEAPEvaluator(ClassificationEvaluator):
     """timm's classification evaluator on the head's logits of the eval model's embeddings
     (``head``: a :class:`LEAPMarginHead`, or an :class:`FTLModel` whose ``logits(f)`` is its FC).
@@ -559,7 +572,7 @@ class LEAPEvaluator(ClassificationEvaluator):
                 self._entered_eval = True
             for module, _ in modes:
                 module.training = training
-            if isinstance(part, LEAPMarginHead) and type(part).logits is LEAPMarginHead.logits:
+            if _stock_logits(head, part):
                 return part._score(output, self._scoring(part, output, training))
             return head.logits(output)
         finally:

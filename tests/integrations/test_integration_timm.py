@@ -996,3 +996,32 @@ def test_the_evaluator_builds_the_scoring_matrix_once_and_rebuilds_on_any_change
     ev.reset()
     check(ev, emb, True)
     check(ev, emb, False)
+
+
+def test_the_evaluator_calls_a_logits_of_the_users_own():
+    """The evaluator's cached scoring stands for ``LEAPMarginHead.logits`` only: an
+    ``FTLModel`` subclass with its own ``logits`` (a temperature) or a ``logits`` set on the
+    instance was skipped, scoring 4x the model's logits (review of s53's evaluator cache)."""
+    from torch import nn
+
+    D = 8
+
+    class Tempered(FTLModel):
+        def logits(self, f):
+            return super().logits(f) / 4.0
+
+    g = torch.Generator().manual_seed(0)
+    f, y = torch.randn(32, D, generator=g), torch.arange(32) % C
+    torch.manual_seed(0)
+    head = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    head(f, y)
+    model = Tempered(nn.Identity(), head, feature_dim=D, alpha_recon=0.0, alpha_reg=0.0)
+    plain = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
+    plain(f, y)
+    plain.logits = lambda x: LEAPMarginHead.logits(plain, x) / 4.0  # on the instance
+    for owner in (model, plain):
+        owner.eval()
+        with torch.no_grad():
+            want = owner.logits(f)
+            got = LEAPEvaluator(owner)._logits(f, False)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
