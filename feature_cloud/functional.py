@@ -86,14 +86,11 @@ def safe_normalize(x: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
 def _normalize_by_max(x: Tensor, m: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
     """:func:`safe_normalize` given ``m``, the detached max-abs of ``x`` along ``dim``
     (``keepdim``): a caller that already has it (the statistics' usable-row test) saves that
-    pass. The zero-row rule acts on the per-row scales, not on ``x``-sized ``where``s; the
-    values and gradients are ``safe_normalize``'s own (``x / ||x||`` as ``F.normalize``
-    computes it)."""
+    pass. A zero row is normalised as a row of ones and then replaced by zeros, so no norm of
+    a zero vector enters autograd (its second derivative would be NaN: gradient penalties)."""
     zero = m == 0  # not ``m > 0``: a NaN row must stay NaN (a non-finite loss, not a silent 0)
-    unit = x / torch.where(zero, torch.ones_like(m), m)  # a zero row stays 0
-    norm = unit.norm(2, dim, keepdim=True).clamp_min(eps)  # F.normalize's denominator
-    # a zero row: 0 / inf = 0, with a zero gradient (F.normalize's 1 / eps scale never applies)
-    return unit / torch.where(zero, float("inf"), norm)
+    unit = torch.where(zero, 1.0, x / torch.where(zero, torch.ones_like(m), m))
+    return torch.where(zero, 0.0, F.normalize(unit, dim=dim, eps=eps))
 
 
 def common_float(embeddings: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:

@@ -1,7 +1,7 @@
-"""``safe_normalize`` with its zero-row rule on the per-row scales (no ``(B, D)`` ``where``s) and
-the statistics update sharing one per-row max-abs between its usable-row mask and the angles'
-normalisation: the same values and gradients as the formulation before, on random rows and on
-zero, -0, NaN, +-inf, huge and tiny rows, in float32 / float64 / half precision and autocast."""
+"""The statistics update sharing one per-row max-abs between its usable-row mask and the
+angles' normalisation (``safe_normalize`` given that max): the same values and gradients as the
+formulation before, on random rows and on zero, -0, NaN, +-inf, huge and tiny rows, in
+float32 / float64 / half precision and autocast; and finite second derivatives at zero rows."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from feature_cloud.statistics import ClassStatistics
 
 
 def _old_safe_normalize(x, dim=1, eps=1e-12):
-    """The formulation before (three ``where``s the size of ``x``)."""
+    """The formulation before (its own max-abs pass)."""
     m = x.detach().abs().amax(dim=dim, keepdim=True)
     zero = m == 0
     unit = torch.where(zero, 1.0, x / torch.where(zero, torch.ones_like(m), m))
@@ -128,3 +128,21 @@ def test_statistics_update_identical_to_before(monkeypatch, counts, dtype):
             assert mine.dtype == value.dtype and torch.equal(mine, value), (step, key)
     assert int(new.num_updates) > 0 and bool(new.center_initialized.any())
     assert bool(torch.isfinite(new.centers).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_zero_row_keeps_finite_second_derivatives(dtype):
+    """A zero (padded) embedding row under a gradient penalty (``create_graph=True``): the
+    row's second derivative was NaN when ``safe_normalize`` took the norm of the zero vector
+    itself (review of s53's rewrite); it normalises a row of ones there instead."""
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(4, 8, generator=g, dtype=dtype)
+    e[2] = 0.0
+    e.requires_grad_(True)
+    w = torch.randn(5, 8, generator=g, dtype=dtype)
+    logits = 16.0 * FC.cosine_logits(e, w)
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3]))
+    (grad,) = torch.autograd.grad(loss, e, create_graph=True)
+    grad.pow(2).sum().backward()
+    assert torch.isfinite(e.grad).all()
+    assert (grad[2] == 0).all()
