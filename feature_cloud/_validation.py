@@ -24,7 +24,7 @@ import numbers
 import os
 import sys
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -39,7 +39,6 @@ from ._compat import is_compiling, is_tracing
 ClassCounts = Union[Tensor, Sequence[int], npt.NDArray[Any], Mapping[int, int]]
 
 __all__ = [
-    "ReadOnlyDict",
     "check_embeddings",
     "check_labels",
     "check_values",
@@ -712,21 +711,3 @@ def raise_for_problems(
         raise ValueError(f"embeddings contain NaN or Inf values{suffix}")
     if worst[5]:
         raise ValueError(f"labels must lie in [0, {num_classes}) or be -1 (ignored){suffix}")
-
-
-class ReadOnlyDict(Dict[str, Any]):
-    """A dict of constant settings (:data:`feature_cloud.PAPER_LEAP`) that refuses to change:
-    ``dict(settings, key=value)`` makes a variant. Copies, pickles and ``json`` see a plain
-    dict (a ``MappingProxyType`` could not be deep-copied or pickled inside a user's config)."""
-
-    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(
-            "these settings are read-only: dict(settings, key=value) makes a changed copy"
-        )
-
-    __setitem__ = __delitem__ = __ior__ = _refuse
-    clear = pop = popitem = setdefault = update = _refuse
-
-    def __reduce__(self) -> Tuple[Any, ...]:
-        """Copied or pickled as a plain dict (the copy is the caller's to change)."""
-        return (dict, (dict(self),))

@@ -15,7 +15,7 @@ a pure function of ``(seed, step, stream, row, class)``.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,6 @@ from ._compat import in_backward, is_compiling, materialized
 from ._validation import (
     ClassCounts,
     FixedSettingError,
-    ReadOnlyDict,
     as_bool,
     as_float,
     as_int,
@@ -101,19 +100,17 @@ DEFAULT_PROTOTYPE_MIN_COUNT = 2
 #: ``warmup_steps`` (the paper starts the cloud after some epochs), ``tail_threshold``,
 #: ``memory_per_sample``, and the margin's ``scale`` / ``margin`` (the heads' defaults are the
 #: paper's re-ID setting, PML's its face setting); ``gamma`` defaults to the paper's 0.1. A
-#: read-only dict: ``dict(PAPER_LEAP, cloud_scale=2.0)`` for a variant (copies and pickles
-#: are plain dicts).
-PAPER_LEAP: Mapping[str, Any] = ReadOnlyDict(
-    {
-        "cloud_mode": "paper",
-        "cloud_scale": 1.0,
-        "prototype_shrinkage": None,
-        "center_rate": "paper",
-        "unknown_variance": "pooled",
-        "angle_max_age": None,
-        "imprint_step": None,
-    }
-)
+#: plain dict (it goes into configs, checkpoints and YAML as one): copy it for a variant,
+#: ``dict(PAPER_LEAP, cloud_scale=2.0)``; the heads copy its values when they are built.
+PAPER_LEAP: Dict[str, Any] = {
+    "cloud_mode": "paper",
+    "cloud_scale": 1.0,
+    "prototype_shrinkage": None,
+    "center_rate": "paper",
+    "unknown_variance": "pooled",
+    "angle_max_age": None,
+    "imprint_step": None,
+}
 
 #: ``sync`` settings: ``"auto"`` synchronises the statistics over the default process group
 #: whenever one is initialised with more than one rank (every rank all-gathers the detached batch,

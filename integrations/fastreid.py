@@ -77,7 +77,6 @@ from feature_cloud._buffers import restore_on_error
 from feature_cloud._extras import missing
 from feature_cloud._validation import (
     ClassCounts,
-    ReadOnlyDict,
     check_inputs,
     class_counts_from_mapping,
     migrate_checked,
@@ -117,18 +116,16 @@ logger = logging.getLogger("fastreid.feature_cloud")  # under "fastreid": in its
 #:     for key, value in PAPER_LEAP_YAML.items():
 #:         cfg.MODEL.HEADS.FEATURE_CLOUD[key] = value  # after add_feature_cloud_config(cfg)
 #:
-#: Read-only, as ``PAPER_LEAP`` (``dict(PAPER_LEAP_YAML, SCALE=2.0)`` for a variant).
-PAPER_LEAP_YAML: Dict[str, Any] = ReadOnlyDict(
-    {
-        "MODE": "paper",  # cloud_mode
-        "SCALE": 1.0,  # cloud_scale
-        "PROTOTYPE_SHRINKAGE": -1.0,  # prototype_shrinkage=None
-        "CENTER_RATE": "paper",  # center_rate
-        "UNKNOWN_VARIANCE": "pooled",  # unknown_variance
-        "ANGLE_MAX_AGE": -1,  # angle_max_age=None
-        "IMPRINT_ITERS": -1,  # imprint_step=None
-    }
-)
+#: A plain dict, as ``PAPER_LEAP``: copy it for a variant (``dict(PAPER_LEAP_YAML, SCALE=2.0)``).
+PAPER_LEAP_YAML: Dict[str, Any] = {
+    "MODE": "paper",  # cloud_mode
+    "SCALE": 1.0,  # cloud_scale
+    "PROTOTYPE_SHRINKAGE": -1.0,  # prototype_shrinkage=None
+    "CENTER_RATE": "paper",  # center_rate
+    "UNKNOWN_VARIANCE": "pooled",  # unknown_variance
+    "ANGLE_MAX_AGE": -1,  # angle_max_age=None
+    "IMPRINT_ITERS": -1,  # imprint_step=None
+}
 
 #: fastreid's ``MODEL.HEADS.CLS_LAYER`` names and the margin they mean.
 CLS_LAYER_TO_MARGIN = {"CosSoftmax": "cosface", "ArcSoftmax": "arcface"}
