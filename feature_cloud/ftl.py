@@ -201,14 +201,15 @@ _PICKLE_PREDATES: Dict[str, Any] = {
 
 
 def _raw_linear_logits(model: FTLModel, logits: Tensor) -> Optional[Tensor]:
-    """``W f`` (FTL Eq. 3's m-L2 input) from a plain ``nn.Linear`` classifier's output
-    ``W f + b``: the bias taken off (equal to ``F.linear(f, W)`` up to one rounding; exactly
-    without a bias), which saves m-L2 its own forward GEMM and two backward ones. None for any
-    other classifier, an overridden ``forward`` or a forward hook (its output need not be
-    ``W f + b``): :class:`MetricL2` computes ``W f`` itself then."""
+    """``W f`` (FTL Eq. 3's m-L2 input) from a bias-free ``nn.Linear`` classifier's output
+    (the paper's FC, Eq. 2), which saves m-L2 its own forward GEMM and two backward ones. None
+    for any other classifier, a bias (``W f + b - b`` loses ``W f``'s precision when ``b`` is
+    large: 4x the m-L2 gradient error under bf16 autocast), an overridden ``forward`` or a
+    forward hook (its output need not be ``W f``): :class:`MetricL2` computes ``W f`` then."""
     fc = model.classifier
     if (
         not isinstance(fc, nn.Linear)
+        or fc.bias is not None
         or type(fc).forward is not nn.Linear.forward
         or fc._forward_hooks
         or fc._forward_pre_hooks
@@ -216,7 +217,7 @@ def _raw_linear_logits(model: FTLModel, logits: Tensor) -> Optional[Tensor]:
         or nn.modules.module._global_forward_pre_hooks
     ):
         return None
-    return logits if fc.bias is None else logits - fc.bias.to(logits.dtype)
+    return logits
 
 
 class FTLModel(CheckedBeforeLoading, nn.Module):
