@@ -104,10 +104,16 @@ def pin_allocator() -> Dict[str, object]:
     elif platform.libc_ver()[0] != "glibc":
         setting["note"] = "not glibc: nothing pinned (ratios may depend on the process history)"
     else:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, PINNED_MALLOC_THRESHOLD) == 1
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, PINNED_MALLOC_THRESHOLD) == 1 and ok
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            mallopt = libc.mallopt
+        except (OSError, AttributeError) as err:  # no C library to load, or no mallopt in it
+            setting["note"] = f"glibc's mallopt not found ({err}): nothing pinned"
+            _PINNED = setting
+            return setting
+        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        ok = mallopt(_M_MMAP_THRESHOLD, PINNED_MALLOC_THRESHOLD) == 1
+        ok = mallopt(_M_TRIM_THRESHOLD, PINNED_MALLOC_THRESHOLD) == 1 and ok
         setting.update(
             pinned=ok,
             how="glibc mallopt",

@@ -183,6 +183,27 @@ def test_the_timing_drivers_pin_the_allocator_and_record_it(tmp_path):
     assert run.stdout.split() == ["True", "False"], run.stdout
 
 
+def test_pin_allocator_without_mallopt_records_it(monkeypatch):
+    """A C library without ``mallopt`` (or none to load): the drivers start and record that
+    nothing was pinned (an AttributeError escaped, s53 review)."""
+    import ctypes
+    import platform
+
+    from benchmarks import cases
+
+    class NoMallopt:
+        def __getattr__(self, name):
+            raise AttributeError(f"function {name!r} not found")
+
+    monkeypatch.setattr(cases, "_PINNED", None)
+    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("glibc", "2.36"))
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: NoMallopt())
+    monkeypatch.delenv("FC_BENCH_MALLOC", raising=False)
+    setting = cases.pin_allocator()
+    assert setting["pinned"] is False and "mallopt not found" in str(setting["note"])
+    monkeypatch.setattr(cases, "_PINNED", None)
+
+
 def test_feature_transfer_benchmark_case():
     from benchmarks.test_bench_transfer import make_transfer
 
