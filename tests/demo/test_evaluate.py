@@ -1214,21 +1214,23 @@ def test_head_offset_script_restores_the_head_and_shifts_the_baseline(tmp_path, 
     ]
 
 
+class _Classifier(torch.nn.Module):
+    """A trained model as ``shrinkage_sweep`` reads it: ``classify`` gives the head's logits."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def classify(self, emb):
+        return self.head.logits(emb)
+
+
 def test_shrinkage_sweep_restores_the_head_and_skips_models_without_centers():
     """The sweep leaves the cloud's ``prototype_shrinkage`` as it was (also when scoring
     fails), and returns nothing for a head that keeps no centers."""
-    from torch import nn
 
     from feature_cloud import LEAPMarginHead
     from feature_cloud.evaluate.runner import shrinkage_sweep
-
-    class Model(nn.Module):
-        def __init__(self, head):
-            super().__init__()
-            self.head = head
-
-        def classify(self, emb):
-            return self.head.logits(emb)
 
     torch.manual_seed(0)
     counts = [20, 20, 3, 2]
@@ -1237,7 +1239,7 @@ def test_shrinkage_sweep_restores_the_head_and_skips_models_without_centers():
     for _ in range(3):
         head(torch.randn(16, 8), labels)
     head.eval()
-    model, emb = Model(head), torch.randn(8, 8)
+    model, emb = _Classifier(head), torch.randn(8, 8)
     ey, is_head = torch.tensor([0, 1, 2, 3] * 2), torch.tensor([True, True, False, False])
     got = shrinkage_sweep(model, emb, ey, is_head, [0.0, 10.0, 1e6])
     assert head.feature_cloud.prototype_shrinkage == 10.0 and sorted(got) == ["0", "10", "1e+06"]
@@ -1252,7 +1254,7 @@ def test_shrinkage_sweep_restores_the_head_and_skips_models_without_centers():
     with pytest.raises(RuntimeError, match="scoring failed"):
         shrinkage_sweep(model, emb, ey, is_head, [3.0])
     assert head.feature_cloud.prototype_shrinkage == 10.0
-    plain = Model(LEAPMarginHead(8, 4, cloud=None))
+    plain = _Classifier(LEAPMarginHead(8, 4, cloud=None))
     assert shrinkage_sweep(plain, emb, ey, is_head, [0.0, 10.0]) == {}
     assert shrinkage_sweep(model, emb, ey, is_head, []) == {}
 
@@ -1261,7 +1263,6 @@ def test_shrinkage_sweep_keeps_kappas_that_print_alike_apart():
     """``--shrinkage-sweep 0.5 1234567 1234568``: the keys were ``%g``, so the last two shared
     '1.23457e+06' and one kappa's results overwrote the other's (a statistics audit, s53). A
     key is ``%g`` (the keys of earlier files) unless two kappas of the sweep print alike."""
-    from torch import nn
 
     from feature_cloud import LEAPMarginHead
     from feature_cloud.evaluate.runner import shrinkage_sweep, sweep_keys
@@ -1287,21 +1288,13 @@ def test_shrinkage_sweep_keeps_kappas_that_print_alike_apart():
     assert keys == ["0.5", "1234567.0", "1234568.0", "0.3"]
     assert len(set(keys)) == len(kappas)
 
-    class Model(nn.Module):
-        def __init__(self, head):
-            super().__init__()
-            self.head = head
-
-        def classify(self, emb):
-            return self.head.logits(emb)
-
     torch.manual_seed(0)
     head = LEAPMarginHead(8, 4, cloud="full", class_counts=[20, 20, 3, 2], warmup_steps=0)
     labels = torch.tensor([0, 1, 2, 3] * 4)
     head(torch.randn(16, 8), labels)
     head.eval()
     ey, is_head = torch.tensor([0, 1, 2, 3] * 2), torch.tensor([True, True, False, False])
-    got = shrinkage_sweep(Model(head), torch.randn(8, 8), ey, is_head, kappas)
+    got = shrinkage_sweep(_Classifier(head), torch.randn(8, 8), ey, is_head, kappas)
     assert list(got) == keys
 
 
