@@ -518,9 +518,12 @@ def _stock_logits(head: nn.Module, part: nn.Module) -> bool:
     whose ``logits`` no subclass or instance replaced. Only then may the evaluator score
     against its cached matrices (:meth:`LEAPEvaluator._scoring`); any other ``logits`` is
     called as it is."""
-    if not isinstance(part, LEAPMarginHead) or type(part).logits is not LEAPMarginHead.logits:
+    if not isinstance(part, LEAPMarginHead):
         return False
-    if "logits" in vars(part) or "logits" in vars(head):
+    for name in ("logits", "_score"):  # the cached path calls _score(output, scoring)
+        if getattr(type(part), name) is not getattr(LEAPMarginHead, name) or name in vars(part):
+            return False
+    if "logits" in vars(head):
         return False
     return head is part or type(head).logits is FTLModel.logits
 

@@ -615,24 +615,17 @@ def evaluate_open(
 
 
 def sweep_keys(kappas: Sequence[float]) -> List[str]:
-    """The keys of ``kappas`` in a run's ``sweep`` (and the sweep tables' kappa column), one
-    per kappa whatever the other kappas: ``%g`` (``"0"``, ``"10"``, ``"1e+06"``, ``"0.1"``, as
-    earlier releases wrote) where that reads back as the kappa to float32 precision (a float32
-    ``0.1`` of the Python API keeps ``"0.1"``), else ``repr`` (``"1234567.0"``: ``%g`` gave
-    1234567 and 1234568 one key, one kappa's results overwrote the other's). Two different
-    kappas of one sweep that still print alike both get ``repr``: distinct kappas never share
-    a key."""
+    """The keys of ``kappas`` in a run's ``sweep`` (and the sweep tables' kappa column): ``%g``
+    (``"0"``, ``"10"``, ``"3.33333"``, ``"1e+06"``, as earlier releases wrote, so that runs
+    of earlier files pool with new ones kappa by kappa), except where two different kappas of
+    the sweep print alike (``1234567`` and ``1234568``: one kappa's results overwrote the
+    other's): those get ``repr`` (``"1234567.0"``). Distinct kappas never share a key."""
     values = [float(k) + 0.0 for k in kappas]  # -0.0: "0"
-    keys = []
-    for v in values:
-        short = f"{v:g}"
-        back = float(short)
-        same = back == v or abs(back - v) <= 2.0**-24 * abs(v)  # float32's half-ulp, relative
-        keys.append(short if same else repr(v))
+    short = [f"{v:g}" for v in values]
     alike: Dict[str, set] = {}
-    for key, value in zip(keys, values):
+    for key, value in zip(short, values):
         alike.setdefault(key, set()).add(value)
-    return [key if len(alike[key]) == 1 else repr(v) for key, v in zip(keys, values)]
+    return [key if len(alike[key]) == 1 else repr(v) for key, v in zip(short, values)]
 
 
 def shrinkage_sweep(

@@ -1019,7 +1019,14 @@ def test_the_evaluator_calls_a_logits_of_the_users_own():
     plain = LEAPMarginHead(D, C, class_counts=COUNTS, seed=0)
     plain(f, y)
     plain.logits = lambda x: LEAPMarginHead.logits(plain, x) / 4.0  # on the instance
-    for owner in (model, plain):
+
+    class OwnScore(LEAPMarginHead):  # a private _score of another signature: called as is
+        def _score(self, embeddings):
+            return super()._score(embeddings) / 2.0
+
+    scored = OwnScore(D, C, class_counts=COUNTS, seed=0)
+    scored(f, y)
+    for owner in (model, plain, scored):
         owner.eval()
         with torch.no_grad():
             want = owner.logits(f)
