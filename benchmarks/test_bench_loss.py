@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from benchmarks.cases import make_case, pin_allocator, set_threads
+from benchmarks.cases import make_case, set_threads
 
 ROUNDS = int(os.environ.get("FC_BENCH_ROUNDS", "5"))
 CLASSES = [int(c) for c in os.environ.get("FC_BENCH_CLASSES", "10000,100000").split(",")]
@@ -30,14 +30,6 @@ METHODS = [
     "fastreid",
 ]
 THREADS = set_threads()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def allocator():
-    """glibc's malloc thresholds pinned for this module's timings (:func:`pin_allocator`: why),
-    recorded in every case's ``extra_info``; a fixture, so that importing a helper from here
-    (the smoke tests) pins nothing."""
-    return pin_allocator()
 
 
 def _skip_missing(method):

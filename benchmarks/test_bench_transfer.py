@@ -7,19 +7,11 @@ import os
 import pytest
 import torch
 
-from benchmarks.cases import pin_allocator, set_threads
+from benchmarks.cases import set_threads
 
 ROUNDS = int(os.environ.get("FC_BENCH_ROUNDS", "5"))
 SAMPLES = int(os.environ.get("FC_BENCH_FTL_SAMPLES", "100000"))
 THREADS = set_threads()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def allocator():
-    """glibc's malloc thresholds pinned for this module's timings (:func:`pin_allocator`: why),
-    recorded in every case's ``extra_info``; a fixture, so that importing a helper from here
-    (the smoke tests) pins nothing."""
-    return pin_allocator()
 
 
 def make_transfer(samples: int = SAMPLES, dim: int = 320, classes: int = 1000, batch: int = 1024):

@@ -37,6 +37,7 @@ __all__ = [
     "safe_normalize",
     "common_float",
     "cosine_logits",
+    "unit_rows",
     "shifted_cosine",
     "margin_logits",
     "margin_cross_entropy",
@@ -103,6 +104,12 @@ def common_float(embeddings: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
     return embeddings.to(dtype), weight.to(dtype)
 
 
+def unit_rows(weight: Tensor, unit: bool = False) -> Tensor:
+    """``weight`` with L2-normalised rows: itself when ``unit`` says they already are (the
+    prototypes of :func:`center_prototypes`), else ``F.normalize(weight, dim=1)``."""
+    return weight if unit else F.normalize(weight, dim=1)
+
+
 def cosine_logits(
     embeddings: Tensor, weight: Tensor, sub_centers: int = 1, *, unit_weight: bool = False
 ) -> Tensor:
@@ -122,8 +129,7 @@ def cosine_logits(
     """
     if embeddings.dtype != weight.dtype:  # under autocast the GEMM still runs in its dtype
         embeddings, weight = common_float(embeddings, weight)
-    unit = weight if unit_weight else F.normalize(weight, dim=1)
-    cos = F.linear(safe_normalize(embeddings, dim=1), unit)
+    cos = F.linear(safe_normalize(embeddings, dim=1), unit_rows(weight, unit_weight))
     if sub_centers == 1:
         return cos
     if differs(weight.shape[0] % sub_centers, 0):

@@ -20,7 +20,6 @@ from typing import (
 )
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
@@ -730,7 +729,7 @@ class LEAPMarginHead(
             device=weight.device,
             dtype=weight.dtype,
         )
-        linear.weight.copy_((weight if unit else F.normalize(weight, dim=1)) * self.scale)
+        linear.weight.copy_(FC.unit_rows(weight, unit) * self.scale)
         return linear
 
     def margin_logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:

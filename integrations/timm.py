@@ -41,7 +41,6 @@ from typing import (
 )
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from feature_cloud._extras import missing
@@ -613,9 +612,7 @@ class LEAPEvaluator(ClassificationEvaluator):
         weight, unit = scoring_weight(cloud, head.weight.detach(), head.sub_centers)
         if weight.dtype != output.dtype:  # cosine_logits' cast, once
             weight = FC.common_float(output, weight)[1]
-        if not unit:  # cosine_logits' normalisation, once
-            weight = F.normalize(weight, dim=1)
-        scoring = (weight, True)
+        scoring = (FC.unit_rows(weight, unit), True)  # cosine_logits' normalisation, once
         if key is not None:
             self._scorings[training] = (key, [t.detach() for t in tensors], scoring)
         return scoring
