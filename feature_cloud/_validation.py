@@ -86,14 +86,30 @@ def warn_user(message: str, category: type = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+def other_rank_message(key: str, saved: Sequence[int], own: Sequence[int]) -> str:
+    """The refusal of a checkpoint tensor ``key`` of shape ``saved`` with another number of
+    dimensions than the module's ``own`` (flattened, empty, an extra leading dimension): damage,
+    not another class count or feature size."""
+    return (
+        f"checkpoint's {key} has shape {tuple(saved)}, this module's {tuple(own)}: "
+        f"{len(saved)}-D, not {len(own)}-D (flattened, emptied or stacked?): the checkpoint is "
+        "damaged or was edited"
+    )
+
+
 def refuse_other_shape(
     state_dict: Dict[str, Any], key: str, own: Tensor, message: Callable[..., str]
 ) -> None:
     """Checkpoints: ``ValueError(message(*saved_shape))`` when ``state_dict[key]`` exists with
-    another shape than ``own`` (another class count or feature size), before anything loads."""
+    another shape than ``own`` (another class count or feature size), before anything loads;
+    ``message`` takes one size a dimension of ``own``. A tensor of another number of dimensions
+    is refused by :func:`other_rank_message` instead."""
     saved = state_dict.get(key)
-    if saved is not None and tuple(saved.shape) != tuple(own.shape):
-        raise ValueError(message(*saved.shape))
+    if saved is None or tuple(saved.shape) == tuple(own.shape):
+        return
+    if len(saved.shape) != own.dim():
+        raise ValueError(other_rank_message(key, saved.shape, own.shape))
+    raise ValueError(message(*saved.shape))
 
 
 def any_nonfinite(t: Tensor) -> Tensor:

@@ -110,3 +110,52 @@ def test_a_state_dict_made_under_inference_mode_loads():
         state = {k: v.clone() for k, v in source.state_dict().items()}
     fresh.load_state_dict(state)
     assert_same_state(state_snapshot(fresh), state_snapshot(source), "loaded")
+
+
+def _rank_cases():
+    """(module builder, key) of every class weight / centers whose shape a load checks."""
+    from feature_cloud.distributed import ShardedLEAPMarginHead
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    return [
+        ("dense weight", lambda: _head(seed=1), "weight"),
+        ("dense centers", lambda: _head(seed=1), "feature_cloud.statistics.centers"),
+        (
+            "sharded weight",
+            lambda: ShardedLEAPMarginHead(D, C, class_counts=[3] * C, seed=0),
+            "weight",
+        ),
+        ("pml W", lambda: LEAPLoss(C, D, class_counts=[3] * C, seed=0), "W"),
+        (
+            "pml centers",
+            lambda: LEAPLoss(C, D, class_counts=[3] * C, seed=0),
+            "feature_cloud.statistics.centers",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5), ids=[c[0] for c in _rank_cases()])
+@pytest.mark.parametrize("edit", ["flattened", "empty", "stacked"])
+def test_a_tensor_of_another_number_of_dimensions_is_refused_by_key_and_shapes(case, edit):
+    """s54 trial 1: a flattened, ``torch.empty(0)`` or stacked class weight / centers failed
+    with ``TypeError: <lambda>() missing 1 required positional argument`` (the sharded head:
+    "not enough values to unpack"). Refused now naming the key and both shapes, before
+    anything loads."""
+    _, build, key = _rank_cases()[case]
+    module = build()
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    own = tuple(state[key].shape)
+    state[key] = {
+        "flattened": state[key].flatten(),
+        "empty": torch.empty(0),
+        "stacked": state[key][None],
+    }[edit]
+    saved = tuple(state[key].shape)
+    before = state_snapshot(module)
+    for assign in (False, True):
+        with pytest.raises(ValueError) as info:
+            module.load_state_dict(state, assign=assign)
+        said = str(info.value)
+        assert f"checkpoint's {key} has shape {saved}" in said and str(own) in said, said
+        assert f"{len(saved)}-D, not {len(own)}-D" in said, said
+        assert_same_state(state_snapshot(module), before, "after a refused shape")
