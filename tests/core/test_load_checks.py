@@ -159,3 +159,20 @@ def test_a_tensor_of_another_number_of_dimensions_is_refused_by_key_and_shapes(c
         assert f"checkpoint's {key} has shape {saved}" in said and str(own) in said, said
         assert f"{len(saved)}-D, not {len(own)}-D" in said, said
         assert_same_state(state_snapshot(module), before, "after a refused shape")
+
+
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("meta", ["memory", "angle_sum", "memory_capacity"])
+def test_a_meta_tensor_among_the_statistics_does_not_turn_off_their_value_checks(assign, meta):
+    """s54 trial 2: one meta statistics buffer skipped every value check of the statistics,
+    so NaN centers loaded (``assign=True``: silently; ``assign=False``: torch copied them in
+    and then failed on the meta tensor). The meta tensor alone goes unchecked now."""
+    state = {k: v.clone() for k, v in _head().state_dict().items()}
+    prefix = "feature_cloud.statistics."
+    state[prefix + "centers"][2, 1] = float("nan")
+    state[prefix + meta] = torch.empty_like(state[prefix + meta], device="meta")
+    fresh = _head(seed=1)
+    before = state_snapshot(fresh)
+    with pytest.raises(ValueError, match="non-finite centers"):
+        fresh.load_state_dict(state, assign=assign)
+    assert_same_state(state_snapshot(fresh), before, "after refused statistics")
