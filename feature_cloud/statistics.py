@@ -26,6 +26,7 @@ from ._validation import (
     fixed_setting,
     migrate_checked,
     refuse_other_shape,
+    value_range,
     warn_user,
 )
 
@@ -680,7 +681,7 @@ class ClassStatistics(KeepBufferDtypes):
         memory = present.get("memory")
         if memory is not None and memory.numel() > 0:  # angles to the centers, in [0, pi]
             # (acos); one aminmax pass (no temporaries the memory's size): NaN compares false
-            low, high = torch.aminmax(memory if memory.dtype != torch.bool else memory.long())
+            low, high = value_range(memory if memory.dtype != torch.bool else memory.long())
             inside = (low >= 0) & (high <= _ANGLE_TOP)
             checks["memory angles outside [0, pi] or not finite"] = ~inside
         stamp = present.get("memory_stamp")
