@@ -1014,6 +1014,14 @@ def test_the_evaluator_builds_the_scoring_matrix_once_and_rebuilds_on_any_change
     ev.reset()
     check(ev, emb, True)
     check(ev, emb, False)
+    # a write through .data within one evaluation is not seen (README, the class docstring);
+    # compute() / reset() drop the matrices, so the next evaluation sees it
+    stale = ev._logits(emb, False)
+    head.weight.data.mul_(-1.0)
+    assert torch.equal(ev._logits(emb, False), stale)
+    ev.compute()
+    with torch.no_grad():
+        assert torch.equal(ev._logits(emb, False), expected(emb, False))
 
 
 def test_the_evaluator_calls_a_logits_of_the_users_own():
