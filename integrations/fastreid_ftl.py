@@ -115,8 +115,9 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     ``"samples"``, uniform over the long-tail images, or ``"classes"``, every long-tail class
     equally often: :class:`AlternatingScheduler`'s ``tail_sampling``). ``SEED``: the stage-1
     samplers' seed, and their items' augmentation draws' (:meth:`FTLHook._stage1_loader`).
-    Called again on a config that has the node, it adds only the missing keys
-    (values already set stay).
+    String values (``RECON_REDUCTION``, ``FILTER``, ``TAIL_SAMPLING``) are read in any case,
+    as ``MODEL.HEADS.FEATURE_CLOUD``'s. Called again on a config that has the node, it adds only
+    the missing keys (values already set stay).
     """
     node = CfgNode()
     node.STAGE0_ITERS = 5000
@@ -207,7 +208,9 @@ def _unused_fastreid_keys(cfg: CfgNode) -> List[str]:
 
 
 def _recon_reduction(ftl_cfg: CfgNode) -> str:
-    """``MODEL.FTL.RECON_REDUCTION`` (``mean`` in configurations written before the key)."""
+    """``MODEL.FTL.RECON_REDUCTION`` (``mean`` in configurations written before the key), in any
+    case (``PAPER``), as every string value of the ``MODEL.FTL`` and ``FEATURE_CLOUD`` nodes
+    (the Python keywords of ``FTLModel`` and timm take the lower-case names only)."""
     reduction = str(ftl_cfg.get("RECON_REDUCTION", DEFAULT_RECON_REDUCTION)).lower()
     if reduction not in RECON_REDUCTIONS:
         raise ValueError(
@@ -218,10 +221,11 @@ def _recon_reduction(ftl_cfg: CfgNode) -> str:
 
 
 def _filter(ftl_cfg: CfgNode, feat_dim: int, emb_dim: int, hidden: int) -> nn.Module:
-    """``R`` of ``MODEL.FTL.FILTER`` (``mlp`` in configurations written before the key)."""
-    form = str(ftl_cfg.get("FILTER", "mlp"))
+    """``R`` of ``MODEL.FTL.FILTER`` (``mlp`` in configurations written before the key; any
+    case, as the node's other string values)."""
+    form = str(ftl_cfg.get("FILTER", "mlp")).lower()
     if form not in FILTERS:
-        raise ValueError(f"MODEL.FTL.FILTER must be one of {FILTERS}, got {form!r}")
+        raise ValueError(f"MODEL.FTL.FILTER must be one of {FILTERS}, got {ftl_cfg.FILTER!r}")
     if form == "residual" and emb_dim != feat_dim:
         raise ValueError(
             f"MODEL.FTL.FILTER: residual maps g to f of the same size: MODEL.HEADS.EMBEDDING_DIM "
@@ -729,10 +733,11 @@ class FTLHook(HookBase):
         stats_cfg.defrost()
         stats_cfg.INPUT.SIZE_TEST = cfg.INPUT.SIZE_TRAIN  # statistics of the training-size g
         alternations = int(ftl_cfg.MAX_ALTERNATIONS)
-        tail_sampling = ftl_cfg.get("TAIL_SAMPLING", DEFAULT_TAIL_SAMPLING)
-        if tail_sampling not in TAIL_SAMPLING:
+        tail_sampling = str(ftl_cfg.get("TAIL_SAMPLING", DEFAULT_TAIL_SAMPLING)).lower()
+        if tail_sampling not in TAIL_SAMPLING:  # any case, as the node's other string values
             raise ValueError(
-                f"MODEL.FTL.TAIL_SAMPLING must be one of {TAIL_SAMPLING}, got {tail_sampling!r}"
+                f"MODEL.FTL.TAIL_SAMPLING must be one of {TAIL_SAMPLING}, got "
+                f"{ftl_cfg.TAIL_SAMPLING!r}"
             )
         return cls(
             trainer.model,

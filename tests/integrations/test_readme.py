@@ -259,3 +259,16 @@ def test_pml_wrapper_paragraph_asks_for_equal_batch_sizes():
     paragraph = " ".join(text[start:end].split())
     assert "per-rank batches of different sizes" in paragraph
     assert "`drop_last=True`" in paragraph and "`CosFaceLoss`" in paragraph
+
+
+def test_timm_evaluator_paragraph_says_a_data_write_within_an_evaluation_is_not_seen():
+    """s54 trial 5: the class docstring of timm's ``LEAPEvaluator`` says that its cached scoring
+    matrices miss a write through ``.data`` between ``update()`` calls of one evaluation (and
+    that ``compute()`` / ``reset()`` drop them); the README's evaluator paragraph did not."""
+    with open(README, encoding="utf-8") as fh:
+        text = fh.read()
+    start = text.index("- `create_evaluator()` reports timm's top-1/top-5 on the head's")
+    end = text.index("\n- ", start + 1)
+    paragraph = " ".join(text[start:end].split())
+    assert "write through `.data`" in paragraph and "`update()` calls is not seen" in paragraph
+    assert "`compute()` and `reset()` drop them" in paragraph
