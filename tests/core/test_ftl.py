@@ -843,6 +843,11 @@ def test_loaders_leave_the_global_rng_alone_unless_given_generator_none():
     (loader,) = [sched.loaders(ds, 32)]
     next(iter(loader))
     assert torch.equal(torch.get_rng_state(), before)
+    # an augmenting dataset without workers: its items' draws leave the main process's RNGs be
+    states = random.getstate(), np.random.get_state()[1].copy()
+    next(iter(sched.loaders(IndexedDataset(_Augmented(xtr, ytr)), 32)))
+    assert torch.equal(torch.get_rng_state(), before) and random.getstate() == states[0]
+    assert (np.random.get_state()[1] == states[1]).all()
     base = iter(sched.loaders(ds, 32))._base_seed
     assert iter(sched.loaders(ds, 32))._base_seed == base
     given = torch.Generator().manual_seed(5)
