@@ -1519,7 +1519,9 @@ class AlternatingScheduler:
         The rank and world size are ``torch.distributed``'s (``process_group``'s; default: the
         world group) when it is initialised, else one process; ``rank`` and ``world_size``
         (both) override them. With several ranks the loaders' own generators differ per rank
-        (their workers' base seeds: other augmentation draws on every rank).
+        (their workers' base seeds), and every item's draws are seeded from its position in the
+        global stream: the ranks draw other augmentations, and together the ones one process
+        with the global batch draws.
         """
         kw = dict(loader_kwargs)
         for bad in ("sampler", "batch_sampler", "shuffle", "batch_size", "drop_last"):

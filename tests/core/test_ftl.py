@@ -384,7 +384,8 @@ def test_data_parallel_shares_are_slices_of_the_global_batches():
     """``world_size`` ranks of per-rank batch ``b``: rank ``r`` yields positions ``r*b ..
     (r+1)*b - 1`` of every global batch of the one stream; the scheduler's loaders under an
     explicit ``rank`` / ``world_size`` concatenate to one process's batches of ``world * b``,
-    mid-stage too. (The spawned two-process run: tests/core/test_ftl_distributed.py.)"""
+    mid-stage too, the items' random augmentations included (seeded from their positions in
+    the global stream). (The spawned two-process run: tests/core/test_ftl_distributed.py.)"""
     full = list(StreamSampler(torch.arange(37), 120, seed=5, start=24))
     parts = [
         list(StreamSampler(torch.arange(37), 120, 5, 24, batch_size=4, rank=r, world_size=3))
@@ -408,11 +409,22 @@ def test_data_parallel_shares_are_slices_of_the_global_batches():
         loaders = loaders if isinstance(loaders, tuple) else (loaders,)
         return [[b[2].tolist() for b in loader] for loader in loaders]
 
+    def images(loaders):
+        loaders = loaders if isinstance(loaders, tuple) else (loaders,)
+        return [[b[0] for b in loader] for loader in loaders]
+
+    augmented = IndexedDataset(_Augmented(xtr, ytr))
     for _ in range(2):  # stage 0 (mid-stage), then stage 1
         one = indices(sched.loaders(ds, 16))
         assert indices(sched.loaders(ds, 16, rank=0, world_size=1)) == one
         ranks = [indices(sched.loaders(ds, 8, rank=r, world_size=2)) for r in range(2)]
         assert [[a + b for a, b in zip(*pair)] for pair in zip(*ranks)] == one
+        # each item's augmentation is seeded from its position in the global stream
+        one = images(sched.loaders(augmented, 16))
+        ranks = [images(sched.loaders(augmented, 8, rank=r, world_size=2)) for r in range(2)]
+        for pair, whole in zip(zip(*ranks), one):
+            for a, b, w in zip(*pair, whole):
+                assert torch.equal(torch.cat([a, b]), w)
         while sched.stage == 0:
             sched.step()
         sched.update_stats(DataLoader(ds, batch_size=256))
