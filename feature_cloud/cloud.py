@@ -852,11 +852,17 @@ class FeatureCloud(nn.Module):
         ``weight`` holds the classes ``class_start .. class_start + rows / sub_centers - 1``
         (a shard of a model-parallel head; default: all classes). ``inference=True``: the eval-mode
         prototypes whatever the mode (an export)."""
-        if self.prototype_shrinkage is None or (self.training and not inference):
-            return weight
-        if self.rule is None and not getattr(self.statistics, "has_centers", False):
+        if not self.blends_prototypes(inference=inference):
             return weight
         return self._prototypes(weight, sub_centers, class_start)
+
+    def blends_prototypes(self, *, inference: bool = False) -> bool:
+        """Whether :meth:`prototypes` blends the weight with the centers (``False``: it returns
+        ``weight`` itself); a Python bool of settings, no tensor read (a graph capture traces
+        it as a constant)."""
+        if self.prototype_shrinkage is None or (self.training and not inference):
+            return False
+        return self.rule is not None or bool(getattr(self.statistics, "has_centers", False))
 
     def _prototypes(self, weight: Tensor, sub_centers: int, class_start: int) -> Tensor:
         kappa = self.prototype_shrinkage

@@ -351,7 +351,9 @@ def scoring_weight(
     proto = cloud.prototypes(weight, sub_centers, class_start, inference=inference)
     own = type(cloud).prototypes is FeatureCloud.prototypes
     own = own and type(cloud)._prototypes is FeatureCloud._prototypes
-    return proto, own and proto is not weight
+    # from the settings, not ``proto is not weight``: torch 2.2's dynamo (torch.export) refuses
+    # an identity test of two tensors
+    return proto, own and cloud.blends_prototypes(inference=inference)
 
 
 def make_cloud(
