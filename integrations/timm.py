@@ -37,6 +37,7 @@ from typing import (
     Sequence,
     Set,
     Tuple,
+    TypeVar,
     Union,
 )
 
@@ -640,6 +641,17 @@ class LEAPEvaluator(ClassificationEvaluator):
         return out
 
 
+_Module = TypeVar("_Module", bound=nn.Module)
+
+
+def _placed(module: _Module, device: Optional[torch.device]) -> _Module:
+    """The task's model where the user put it, as timm's ``ClassificationTask`` leaves it: moved
+    only to a ``device`` given explicitly (not to ``TrainingTask``'s default cpu, which would pull
+    a model already on a GPU back to the host, and fail for one built under
+    ``with torch.device("meta")``)."""
+    return module if device is None else module.to(device=device)
+
+
 class LEAPTask(_AllOrNothingLoad):
     """Metric-learning training task: timm backbone -> embeddings -> LEAP margin loss.
 
@@ -652,7 +664,9 @@ class LEAPTask(_AllOrNothingLoad):
             loss; timm's loader-side smoothing and Mixup / CutMix give soft targets, refused.
         head_weight_decay: ``False`` leaves the head's weight out of ``create_optimizer_v2``'s
             weight decay (it is in the trainable module's ``no_weight_decay()``).
-        device, dtype, verbose: as in ``timm.task.TrainingTask``.
+        device, dtype, verbose: as in ``timm.task.TrainingTask``; the model stays where it is
+            (as timm's ``ClassificationTask`` leaves it) unless ``device`` is given, then it is
+            moved there.
     """
 
     def __init__(
@@ -678,9 +692,9 @@ class LEAPTask(_AllOrNothingLoad):
                 f"the backbone outputs num_features={features} but the head expects "
                 f"embedding_size={head.embedding_size}"
             )
-        self.trainable_module = LEAPTrainableModule(
-            model, head, label_smoothing, head_weight_decay
-        ).to(device=self.device)
+        self.trainable_module = _placed(
+            LEAPTrainableModule(model, head, label_smoothing, head_weight_decay), device
+        )
         self.metric_l2 = as_metric_l2(metric_l2)
         if self.metric_l2 is not None:
             warn_metric_l2_with_margin("LEAPMarginHead", "metric_l2", self.metric_l2.alpha)
@@ -1076,7 +1090,9 @@ class FTLTask(_AllOrNothingLoad):
             tail_sampling: the :class:`AlternatingScheduler`'s (``tail_sampling="classes"``: every
             long-tail class equally often in stage 1's long-tail batch; default ``"samples"``;
             ``seed=None``: drawn from torch's global RNG, saved in the task state).
-        device, dtype, verbose: as in ``timm.task.TrainingTask``.
+        device, dtype, verbose: as in ``timm.task.TrainingTask``; the model stays where it is
+            (as timm's ``ClassificationTask`` leaves it) unless ``device`` is given, then it is
+            moved there.
     """
 
     def __init__(
@@ -1098,7 +1114,7 @@ class FTLTask(_AllOrNothingLoad):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         if not isinstance(model, FTLModel):
             raise TypeError(f"model must be a feature_cloud.FTLModel, got {type(model).__name__}")
-        self.trainable_module = model.to(device=self.device)
+        self.trainable_module = _placed(model, device)
         self.scheduler = AlternatingScheduler(
             model,
             stage0_iters=stage0_iters,
