@@ -231,6 +231,9 @@ class ClassStatistics(KeepBufferDtypes):
         #: memory out from them again)
         self._initial_counts: Optional[Tensor] = None
         self._layout_text = _COUNTING
+        #: the laid-out ``class_counts`` on the host (set with :attr:`layout_setting`): what a
+        #: load compares a checkpoint's with (the buffer holds garbage after ``to_empty``)
+        self._layout_counts: Optional[Tensor] = None
         if class_counts is not None:
             counts = check_class_counts(class_counts, C)
             self._building = True  # the owner says whether a cloud reads it (FeatureCloud)
@@ -356,11 +359,11 @@ class ClassStatistics(KeepBufferDtypes):
         """:attr:`layout_setting` from the buffers (one host read; at a load, not in a step)."""
         self.__dict__.pop("_layout_mark", None)
         if not self.memory_allocated:
-            text = _COUNTING
+            text, self._layout_counts = _COUNTING, None
         elif self.class_counts.is_meta:
             text = "unknown (on the meta device)"
         else:
-            text = _counts_text(self.class_counts)
+            text, self._layout_counts = _counts_summary(self.class_counts)
         self._layout_text = text
         return text
 
@@ -397,7 +400,7 @@ class ClassStatistics(KeepBufferDtypes):
             warn_full_without_pairs(counts)
         # sized from the counts where they are (a module built on "meta" gets host counts)
         total = int((counts * self.memory_per_sample).clamp_min(1).sum())
-        text = _counts_text(counts)  # as the ranks compare it (layout_setting)
+        text, host = _counts_summary(counts)  # as the ranks compare it (layout_setting)
         counts = counts.to(device)
         capacity = (counts * self.memory_per_sample).clamp_min(1)
         offsets = torch.cumsum(capacity, 0) - capacity
@@ -418,6 +421,7 @@ class ClassStatistics(KeepBufferDtypes):
         )
         self.memory_owner = torch.cat([owner, owner.new_zeros(1)])
         self._layout_text = text
+        self._layout_counts = host
 
     # ------------------------------------------------------------------ update
     def agree(
@@ -577,6 +581,7 @@ class ClassStatistics(KeepBufferDtypes):
         self.memory_owner = torch.zeros(0, dtype=torch.long, device=device)
         self.has_centers = False
         self._layout_text = _COUNTING
+        self._layout_counts = None
         if counts is not None:
             self.allocate_memory(counts)
 
@@ -732,6 +737,17 @@ class ClassStatistics(KeepBufferDtypes):
                 "capacities; owner: each slot's class): the checkpoint is damaged or was edited"
             )
 
+    def _own_counts(self) -> Optional[Tensor]:
+        """This module's laid-out ``class_counts`` on the host: the copy kept where they were
+        laid out (after ``to_empty`` the buffer holds whatever the memory held), else (a
+        whole-module pickle of an earlier release) the buffer's; ``None``: not known (meta)."""
+        host = self.__dict__.get("_layout_counts")
+        if host is not None:
+            return host
+        if self.class_counts.is_meta:
+            return None
+        return self.class_counts.detach().to("cpu", torch.long)
+
     def _keep_layout(self, state_dict: Dict[str, Any], prefix: str) -> None:
         """Load this module's ``class_counts`` and memory layout instead of the checkpoint's,
         with the memory emptied as :meth:`allocate_memory` leaves it."""
@@ -787,11 +803,12 @@ class ClassStatistics(KeepBufferDtypes):
             and isinstance(counts, Tensor)
             and isinstance(mem, Tensor)
             and mem.numel() > 0
-            and not self.class_counts.is_meta
-            and bool(self.class_counts.any())  # this module's are known (not still to come)
-            and not torch.equal(counts.to(self.class_counts), self.class_counts)
+            and not counts.is_meta
+            and (own := self._own_counts()) is not None
+            and bool(own.any())  # this module's are known (not still to come)
+            and not torch.equal(counts.detach().to("cpu", torch.long), own)
         ):  # both know K_i and they differ (another dataset?): said once, at load
-            changed = int((counts.to(self.class_counts) != self.class_counts).sum())
+            changed = int((counts.detach().to("cpu", torch.long) != own).sum())
             warn_user(
                 f"the checkpoint's class_counts differ from this module's for {changed} of "
                 f"{self.num_classes} classes: the checkpoint's are loaded, with its angle memory "
@@ -852,18 +869,19 @@ _layout_after_load = disable_compile(_layout_after_load, "class_counts' host sum
 _COUNTING = "counted online (not laid out yet)"
 
 
-def _counts_text(counts: Tensor) -> str:
+def _counts_summary(counts: Tensor) -> Tuple[str, Tensor]:
     """``class_counts`` as :attr:`ClassStatistics.layout_setting` shows them: the first six,
-    the sum and a digest of all (the same text in every process for the same counts)."""
-    values = counts.detach().to("cpu", torch.long).contiguous()
+    the sum and a digest of all (the same text in every process for the same counts); and a
+    host copy of them (the layout's counts, which ``to_empty`` does not overwrite)."""
+    values = counts.detach().to("cpu", torch.long, copy=True).contiguous()
     digest = hashlib.blake2b(values.numpy().astype("<i8").tobytes(), digest_size=6).hexdigest()
     first = ", ".join(map(str, values[:6].tolist())) + (", ..." if values.numel() > 6 else "")
-    return f"[{first}] (sum {int(values.sum())}, digest {digest})"
+    return f"[{first}] (sum {int(values.sum())}, digest {digest})", values
 
 
 # host-side text (NumPy bytes, a hash): the end of online counting inside torch.compile
 # (fullgraph=False) runs it eagerly, a graph break at the layout, as its host reads are
-_counts_text = disable_compile(_counts_text, "class_counts' host summary (layout_setting)")
+_counts_summary = disable_compile(_counts_summary, "class_counts' host summary (layout_setting)")
 
 
 def _unchanged(x: Tensor) -> Tensor:

@@ -808,6 +808,33 @@ def test_head_built_on_meta_then_loaded_scores_as_the_trained_head(assign: bool)
         LEAPMarginHead(D, C, class_counts=torch.tensor(counts, device="meta"))
 
 
+def test_to_empty_then_a_load_of_the_same_counts_says_nothing_and_other_counts_are_named() -> None:
+    """s54 ecosystem 1: after ``to_empty`` the class_counts buffer holds whatever the memory held;
+    the load compared the checkpoint's counts with it and warned that they "differ for 2000 of
+    2000 classes" (the same counts). The layout's counts are kept on the host and compared."""
+    D, C = 8, 2000
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(2, 40, (C,), generator=gen)
+    state = LEAPMarginHead(D, C, class_counts=counts).state_dict()
+    with torch.device("meta"):
+        head = LEAPMarginHead(D, C, class_counts=counts)
+    head.to_empty(device="cpu")
+    # what to_empty leaves: garbage (filled here, not left to the allocator)
+    head.statistics.class_counts.copy_(torch.randint(0, 1000, (C,), generator=gen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head.load_state_dict(state)
+    assert torch.equal(head.statistics.class_counts, counts)
+    other = counts.clone()
+    other[:3] += 1  # another dataset's counts: still said, with the classes that differ
+    with torch.device("meta"):
+        head = LEAPMarginHead(D, C, class_counts=other)
+    head.to_empty(device="cpu")
+    head.statistics.class_counts.copy_(torch.randint(0, 1000, (C,), generator=gen))
+    with pytest.warns(UserWarning, match="differ from this module's for 3 of 2000 classes"):
+        head.load_state_dict(state)
+
+
 @pytest.mark.parametrize("saved_as", ["half", "bfloat16", "int32 counters", "double"])
 def test_assign_keeps_the_statistics_dtypes_of_a_checkpoint_saved_in_other_dtypes(
     saved_as: str,
