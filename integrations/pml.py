@@ -358,6 +358,14 @@ class LEAPLoss(
         if self.metric_l2 is not None:
             warn_metric_l2_with_margin("LEAPLoss", "metric_l2", self.metric_l2.alpha)
 
+    def reset_parameters(self) -> None:
+        """A fresh ``W`` (``weight_init_func``, as at construction, from torch's global RNG) and a
+        fresh cloud (:meth:`FeatureCloud.reset_parameters`): the re-initialisation of a loss
+        built on the ``meta`` device and moved by ``to_empty``, as the head's."""
+        with torch.no_grad():
+            self.weight_init_func(self.W)
+        self.feature_cloud.reset_parameters()
+
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """A whole-module pickle of an earlier release held the ArcFace ``margin`` in degrees
         (PML's keyword); this release holds it in radians, as PML's attribute. Pickles from

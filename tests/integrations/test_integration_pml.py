@@ -951,3 +951,34 @@ def test_narrow_integer_labels_reach_pmls_reducer_as_int64(dtype, cloud):
     expected = (per(emb, labels)["loss"]["losses"] * weights[labels]).mean()
     torch.testing.assert_close(ref(emb, labels), expected)
     torch.testing.assert_close(loss(emb, labels.to(dtype)), expected)
+
+
+def test_meta_then_to_empty_then_a_load_or_reset_parameters_gives_the_loss_back():
+    """s54 ecosystem 1 and 8: a LEAPLoss built on meta and moved by to_empty (the README's
+    routes): a load of the same counts warned that they "differ for 2000 of 2000 classes"
+    (compared with the garbage buffer), and ``reset_parameters`` ("starts afresh") left ``W``
+    uninitialised (zeros or garbage, a NaN first loss): it is drawn as at construction."""
+    C, D = 2000, 16
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(2, 40, (C,), generator=gen)
+    torch.manual_seed(3)
+    fresh = LEAPLoss(C, D, class_counts=counts, seed=1)
+    with torch.device("meta"):
+        loss = LEAPLoss(C, D, class_counts=counts, seed=1)
+    loss.to_empty(device="cpu")
+    for t in loss.state_dict().values():  # what to_empty leaves: garbage, filled here
+        t.copy_(torch.randint(0, 1000, t.shape, generator=gen).to(t.dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss.load_state_dict(fresh.state_dict())
+    for t in loss.state_dict().values():
+        t.copy_(torch.randint(0, 1000, t.shape, generator=gen).to(t.dtype))
+    torch.manual_seed(3)
+    loss.reset_parameters()
+    want = fresh.state_dict()
+    got = loss.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    emb, labels = torch.randn(32, D, generator=gen), torch.randint(0, C, (32,), generator=gen)
+    assert torch.equal(loss(emb, labels), fresh(emb, labels))
