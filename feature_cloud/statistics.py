@@ -635,7 +635,31 @@ class ClassStatistics(KeepBufferDtypes):
                 + ("" if want is None else f", memory_capacity gives {want}")
                 + ": the checkpoint is damaged or was edited"
             )
+        self._check_empty_memory(state_dict, prefix)
         self._check_memory_layout(state_dict, prefix)
+
+    def _check_empty_memory(self, state_dict: Dict[str, Any], prefix: str) -> None:
+        """An empty angle memory (not laid out yet, or emptied) with stored angles said to be in
+        it (fills, pointers, sums of angles): the next step lays the memory out afresh and drops
+        that history without a word. Read once, at load."""
+        memory = state_dict.get(prefix + "memory")
+        if not isinstance(memory, Tensor) or memory.is_meta or memory.numel() > 0:
+            return
+        held = [
+            prefix + name
+            for name in ("memory_fill", "memory_pointer", "angle_sum", "angle_sqsum")
+            if isinstance(t := state_dict.get(prefix + name), Tensor)
+            and not t.is_meta
+            and bool(t.any())
+        ]
+        if held:
+            raise ValueError(
+                f"checkpoint's {prefix}memory is empty (0 slots) but {', '.join(held)} say it "
+                "holds angles: the next step would lay the memory out afresh and drop them. The "
+                "checkpoint is damaged or was edited, or a loop lost the memory laid out at the "
+                "end of online counting (torch.func.functional_call does not write a buffer "
+                "that a step replaced back into the state it was given: see the README)"
+            )
 
     def _check_state_values(self, state_dict: Dict[str, Any], prefix: str) -> None:
         """Values an edited or damaged checkpoint can hold and training cannot (read once, at
