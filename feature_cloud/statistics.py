@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import functional as FC
-from ._buffers import KeepBufferDtypes
+from ._buffers import KeepBufferDtypes, resized_buffer
 from ._compat import disable_compile, is_compiling, materialized
 from ._validation import (
     ClassCounts,
@@ -864,7 +864,7 @@ class ClassStatistics(KeepBufferDtypes):
             src = state_dict.get(prefix + name)
             own = getattr(self, name)
             if src is not None and src.shape != own.shape:  # own dtype: load_state_dict casts
-                setattr(self, name, torch.empty(src.shape, dtype=own.dtype, device=own.device))
+                setattr(self, name, resized_buffer(src.shape, own))  # inference_mode too
         super()._load_from_state_dict(state_dict, prefix, *args)
         self._refresh_layout_text()  # the loaded layout, as the ranks compare it (one read)
 
