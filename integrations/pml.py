@@ -79,6 +79,7 @@ from feature_cloud.heads import (
     backend_for,
     check_impl,
     cloud_margin_loss,
+    hooked_weight,
     in_draw_order,
     make_cloud,
     scoring_weight,
@@ -594,7 +595,9 @@ class LEAPLoss(
 
     def get_cosine(self, embeddings: Tensor) -> Tensor:
         """Cosine to every class ``(B, C)`` (the best sub-center), as PML's margin losses'."""
-        return FC.cosine_logits(self._scored(embeddings), self.W.t(), self.sub_centers)
+        return FC.cosine_logits(
+            self._scored(embeddings), hooked_weight(self, "W").t(), self.sub_centers
+        )
 
     def get_angles(self, cosine_of_target_classes: Tensor) -> Tensor:
         """``acos`` of target cosines (radians), as PML's; sets ``avg_angle`` (degrees) with
@@ -620,7 +623,9 @@ class LEAPLoss(
         in eval mode against the cloud's prototypes (``prototype_shrinkage``; see
         ``LEAPMarginHead.logits``)."""
         embeddings = self._scored(embeddings)
-        weight, unit = scoring_weight(self.feature_cloud, self.W.t(), self.sub_centers)
+        weight, unit = scoring_weight(
+            self.feature_cloud, hooked_weight(self, "W").t(), self.sub_centers
+        )
         return FC.cosine_logits(embeddings, weight, self.sub_centers, unit_weight=unit) * self.scale
 
     def extra_repr(self) -> str:

@@ -84,7 +84,7 @@ from feature_cloud.ftl import (
     make_filter,
 )
 from feature_cloud.functional import DEFAULT_RECON_REDUCTION
-from feature_cloud.heads import LEAPMarginHead, scoring_weight
+from feature_cloud.heads import LEAPMarginHead, hooked_weight, scoring_weight
 from feature_cloud.regularizers import MetricL2, as_metric_l2, warn_metric_l2_with_margin
 from feature_cloud.statistics import ClassStatistics
 from feature_cloud.transfer import FeatureTransfer
@@ -610,7 +610,7 @@ class LEAPEvaluator(ClassificationEvaluator):
         held = self._scorings.get(training)
         if key is not None and held is not None and held[0] == key:
             return held[2]
-        weight, unit = scoring_weight(cloud, head.weight.detach(), head.sub_centers)
+        weight, unit = scoring_weight(cloud, hooked_weight(head).detach(), head.sub_centers)
         if weight.dtype != output.dtype:  # cosine_logits' cast, once
             weight = FC.common_float(output, weight)[1]
         scoring = (FC.unit_rows(weight, unit), True)  # cosine_logits' normalisation, once

@@ -982,3 +982,26 @@ def test_meta_then_to_empty_then_a_load_or_reset_parameters_gives_the_loss_back(
         assert torch.equal(got[k], want[k]), k
     emb, labels = torch.randn(32, D, generator=gen), torch.randint(0, C, (32,), generator=gen)
     assert torch.equal(loss(emb, labels), fresh(emb, labels))
+
+
+def test_get_logits_reads_the_pruned_W_forward_would():
+    """s54 ecosystem 2: with torch.nn.utils.prune on ``W`` get_logits scored the W of the last
+    forward (before the optimiser's step)."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    loss = LEAPLoss(C, D, cloud=None)
+    prune.l1_unstructured(loss, "W", amount=0.3)
+    opt = torch.optim.SGD(loss.parameters(), lr=0.5)
+    for seed in range(2):
+        opt.zero_grad()
+        loss(*_batch(seed)).backward()
+        opt.step()
+    emb = _batch(5)[0]
+    w = (loss.W_orig * loss.W_mask).detach()
+    want = (
+        loss.scale * torch.nn.functional.normalize(emb) @ torch.nn.functional.normalize(w.t()).t()
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(loss.eval().get_logits(emb), want)
