@@ -1119,3 +1119,20 @@ def test_a_cloudless_state_loaded_into_a_warming_up_cloud_warns_and_weight_only_
         again.load_state_dict(fresh.state_dict())
         off_again = LEAPMarginHead(D, C, cloud=None)
         off_again.load_state_dict(off.state_dict())  # cloud-less into cloud-less: as before
+
+
+def test_share_memory_says_the_cloud_is_not_hogwild_safe() -> None:
+    """s54 ecosystem 4: with share_memory() and torch.multiprocessing (Hogwild) each worker counted
+    the warm-up on its own host copy of the step, so the cloud never started, and an online
+    layout stayed private: said when the state is moved to shared memory (once)."""
+    head = LEAPMarginHead(8, 5, class_counts=[4, 4, 3, 2, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head.to("cpu").float()  # other moves say nothing
+        LEAPMarginHead(8, 5, cloud=None).share_memory()  # no cloud, no statistics to race
+    with pytest.warns(UserWarning, match="not Hogwild-safe.*DDP"):
+        torch.nn.Sequential(head).share_memory()
+    assert head.feature_cloud.step.is_shared()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head.share_memory()  # already shared: said once
