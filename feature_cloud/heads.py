@@ -336,6 +336,19 @@ def _check_cloud_options(options: Mapping[str, Any], owner: Tuple[str, Sequence[
             )
 
 
+def recomputing_hooks(module: nn.Module, name: str = "weight") -> List[str]:
+    """The forward pre-hooks that recompute ``module.<name>`` from other tensors before every
+    forward (the hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm``,
+    ``torch.nn.utils.prune``): their class names. An in-place imprint into the attribute is lost
+    at the next forward."""
+    return [
+        type(h).__name__
+        for h in module._forward_pre_hooks.values()
+        if (isinstance(h, (WeightNorm, SpectralNorm)) and h.name == name)
+        or (isinstance(h, BasePruningMethod) and h._tensor_name == name)
+    ]
+
+
 def hooked_weight(module: nn.Module, name: str = "weight") -> Tensor:
     """``module.<name>`` as its ``forward`` sees it: the hook-based reparametrisations
     (``torch.nn.utils.weight_norm`` / ``spectral_norm``, ``torch.nn.utils.prune``) recompute the
@@ -947,12 +960,7 @@ class LEAPMarginHead(
     def _recomputing_hooks(self) -> List[str]:
         """The hook-based ``weight_norm`` / ``spectral_norm`` and ``torch.nn.utils.prune`` on
         ``weight`` (their names): each recomputes it from other tensors before every forward."""
-        return [
-            type(h).__name__
-            for h in self._forward_pre_hooks.values()
-            if (isinstance(h, (WeightNorm, SpectralNorm)) and h.name == "weight")
-            or (isinstance(h, BasePruningMethod) and h._tensor_name == "weight")
-        ]
+        return recomputing_hooks(self)
 
     def _imprint_through_parametrization(self, cloud: FeatureCloud) -> bool:
         """Whether an imprint still ahead (``imprint_step``) has to reach a parametrized

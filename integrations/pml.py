@@ -55,9 +55,11 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from feature_cloud import functional as FC
 from feature_cloud import margins
+from feature_cloud._compat import is_compiling
 from feature_cloud._validation import (
     as_float,
     as_int,
@@ -82,6 +84,7 @@ from feature_cloud.heads import (
     hooked_weight,
     in_draw_order,
     make_cloud,
+    recomputing_hooks,
     scoring_weight,
 )
 from feature_cloud.regularizers import MetricL2, as_metric_l2, warn_metric_l2_with_margin
@@ -538,6 +541,8 @@ class LEAPLoss(
             )
         if miner_weights is None:
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
+        if train:
+            self._refuse_a_lost_imprint(cloud)
         self.cast_types(dtype, device)  # W follows the batch once the batch is accepted
         cloud.imprint(self.W.t(), self.sub_centers, train=train)
         draw = cloud.advance(embeddings, labels, train=train)
@@ -585,6 +590,31 @@ class LEAPLoss(
             }
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict
+
+    def _refuse_a_lost_imprint(self, cloud: FeatureCloud) -> None:
+        """An ``imprint_step`` still ahead with a ``W`` recomputed from other tensors (a forward
+        pre-hook: ``torch.nn.utils.prune``, the hook-based ``weight_norm`` / ``spectral_norm``;
+        or ``parametrize``): the imprint writes in place into the ``W`` computed for this step
+        and the next computation drops it. Refused before the statistics change (the plain
+        ``W``: one dict check and one attribute test; eager only)."""
+        hooks = recomputing_hooks(self, "W")
+        if not hooks and not parametrize.is_parametrized(self, "W"):
+            return
+        if (
+            cloud.imprint_step is None
+            or cloud.rule is None
+            or cloud.imprint_behind
+            or is_compiling()
+            or cloud.steps_taken > cloud.imprint_step
+        ):
+            return
+        how = f"the hook-based {hooks[0]}" if hooks else "a parametrization (parametrize)"
+        raise ValueError(
+            f"imprint_step={cloud.imprint_step}: LEAPLoss's W is recomputed from other tensors "
+            f"by {how}, which would discard the imprint; remove it before the imprint step "
+            "(prune.remove(loss, 'W'), parametrize.remove_parametrizations) or leave "
+            "imprint_step=None"
+        )
 
     def _scored(self, embeddings: Tensor) -> Tensor:
         """Embeddings to score (at least float32, checked), ``W`` on their device and dtype."""

@@ -1005,3 +1005,32 @@ def test_get_logits_reads_the_pruned_W_forward_would():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.testing.assert_close(loss.eval().get_logits(emb), want)
+
+
+@pytest.mark.parametrize("kind", ["prune", "parametrization"])
+def test_imprint_step_refuses_a_W_recomputed_from_other_tensors(kind):
+    """s54 ecosystem 3 (PML): the imprint writes in place into the W computed for the step; with
+    torch.nn.utils.prune the next forward recomputed W from W_orig * W_mask (the imprint lasted
+    one step), with parametrizations.weight_norm it never showed. Refused before the statistics
+    change; prune.remove before the imprint step lets it through."""
+    from torch.nn.utils import parametrizations, parametrize, prune
+
+    torch.manual_seed(0)
+    loss = LEAPLoss(C, D, class_counts=[8] * C, imprint_step=2, warmup_steps=1)
+    if kind == "prune":
+        prune.l1_unstructured(loss, "W", amount=0.3)
+    else:
+        parametrizations.weight_norm(loss, "W")
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+    with pytest.raises(ValueError, match="imprint_step=2: LEAPLoss's W is recomputed"):
+        loss(*_batch(0))
+    assert all(torch.equal(v, before[k]) for k, v in loss.state_dict().items())
+    if kind == "prune":
+        prune.remove(loss, "W")
+    else:
+        parametrize.remove_parametrizations(loss, "W")
+    for seed in range(2):
+        loss(*_batch(seed))
+    w = loss.W.detach().clone()
+    loss(*_batch(2))  # the imprint step
+    assert not torch.equal(loss.W, w)
