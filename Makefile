@@ -45,7 +45,8 @@ test-oldest:
 		pytest hypothesis scikit-learn matplotlib tqdm Pillow faiss-cpu
 	.venv-oldest/bin/python -m pip install -q --no-deps -e .
 	.venv-oldest/bin/python -m pytest -q -p no:cacheprovider tests/core tests/demo \
-		tests/integrations/test_integration_pml.py tests/integrations/test_pml_dtype.py
+		tests/integrations/test_integration_pml.py tests/integrations/test_pml_dtype.py \
+		tests/integrations/test_pml_distributed.py
 
 # Not one of the two newcomer commands: the full benchmark suite, its ratio table and plot
 # (benchmarks/README.md, benchmarks/ratios.png). `make test` runs only a smoke subset.

@@ -86,27 +86,66 @@ def warn_user(message: str, category: type = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+def other_rank_message(key: str, saved: Sequence[int], own: Sequence[int]) -> str:
+    """The refusal of a checkpoint tensor ``key`` of shape ``saved`` with another number of
+    dimensions than the module's ``own`` (flattened, empty, an extra leading dimension): damage,
+    not another class count or feature size."""
+    return (
+        f"checkpoint's {key} has shape {tuple(saved)}, this module's {tuple(own)}: "
+        f"{len(saved)}-D, not {len(own)}-D (flattened, emptied or stacked?): the checkpoint is "
+        "damaged or was edited"
+    )
+
+
 def refuse_other_shape(
     state_dict: Dict[str, Any], key: str, own: Tensor, message: Callable[..., str]
 ) -> None:
     """Checkpoints: ``ValueError(message(*saved_shape))`` when ``state_dict[key]`` exists with
-    another shape than ``own`` (another class count or feature size), before anything loads."""
+    another shape than ``own`` (another class count or feature size), before anything loads;
+    ``message`` takes one size a dimension of ``own``. A tensor of another number of dimensions
+    is refused by :func:`other_rank_message` instead."""
     saved = state_dict.get(key)
-    if saved is not None and tuple(saved.shape) != tuple(own.shape):
-        raise ValueError(message(*saved.shape))
+    if saved is None or tuple(saved.shape) == tuple(own.shape):
+        return
+    if len(saved.shape) != own.dim():
+        raise ValueError(other_rank_message(key, saved.shape, own.shape))
+    raise ValueError(message(*saved.shape))
+
+
+#: the floating dtypes ``torch.aminmax`` (and ``isfinite``) has kernels for; the others (the
+#: float8 dtypes of a quantised export) are read through float32 by :func:`value_range`
+_AMINMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: elements of such a tensor upcast at a time (16 MiB of float32, not 4 x the tensor)
+_UPCAST_CHUNK = 1 << 22
+
+
+def value_range(t: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.aminmax(t)`` of a non-empty real tensor (0-d results on its device; a NaN or
+    +-inf propagates into them). A floating dtype without an ``aminmax`` kernel (float8) is
+    read through float32, :data:`_UPCAST_CHUNK` elements at a time (no float32 copy of the
+    whole tensor); torch's ``NotImplementedError`` for one that cannot be cast (float4)."""
+    if not t.is_floating_point() or t.dtype in _AMINMAX_DTYPES:
+        return torch.aminmax(t)
+    flat = t.reshape(-1)
+    parts = [
+        torch.aminmax(flat[i : i + _UPCAST_CHUNK].float())
+        for i in range(0, flat.numel(), _UPCAST_CHUNK)
+    ]
+    return torch.stack([p[0] for p in parts]).amin(), torch.stack([p[1] for p in parts]).amax()
 
 
 def any_nonfinite(t: Tensor) -> Tensor:
     """A 0-d bool tensor on ``t``'s device: whether ``t`` holds a NaN or an infinite value. The
     load checks' finiteness test: one ``aminmax`` pass (it propagates NaN and +-inf into its
     results), no temporary of ``t``'s size and no host read (``~isfinite(t).all()`` built about
-    1.5 x ``t`` of temporaries a call on CPU). False for an empty tensor and for integer and bool
-    tensors (always finite); a meta tensor gives a meta result."""
+    1.5 x ``t`` of temporaries a call on CPU); float8 through :func:`value_range`. False for an
+    empty tensor and for integer and bool tensors (always finite); a meta tensor gives a meta
+    result."""
     if t.is_complex():  # aminmax has no complex kernel (rare: the callers refuse complex)
         return ~torch.isfinite(t).all()
     if not t.is_floating_point() or t.numel() == 0:
         return torch.zeros((), dtype=torch.bool, device=t.device)
-    lo, hi = torch.aminmax(t)
+    lo, hi = value_range(t)
     return ~(torch.isfinite(lo) & torch.isfinite(hi))
 
 
@@ -123,8 +162,16 @@ def refuse_bad_weight(state_dict: Dict[str, Any], key: str) -> None:
             f"checkpoint's {key} is a {saved.dtype} tensor, not a floating-point class weight: "
             "the checkpoint is damaged or was edited (torch would cast it in silently)"
         )
-    if bool(any_nonfinite(saved)):  # one pass; the count (C x D temporaries) only when it fails
-        bad = int((~torch.isfinite(saved)).sum())
+    try:
+        nonfinite = bool(any_nonfinite(saved))  # one pass; the count only when it fails
+    except NotImplementedError:  # a dtype torch cannot cast (float4): its own load fails too
+        raise TypeError(
+            f"checkpoint's {key} is a {saved.dtype} tensor, which torch cannot read as float32 "
+            "(no cast kernel): convert it to float32 / bfloat16 before loading"
+        ) from None
+    if nonfinite:
+        readable = saved if saved.dtype in _AMINMAX_DTYPES else saved.float()  # float8
+        bad = int((~torch.isfinite(readable)).sum())
         raise ValueError(
             f"checkpoint's {key} holds {bad} NaN / infinite values (of {saved.numel()}): the "
             "checkpoint is damaged (a diverged run saved it?); load an earlier one"

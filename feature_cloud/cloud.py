@@ -1089,7 +1089,7 @@ class WithFeatureCloud:
             raise RuntimeError(
                 f"a whole-module pickle of a feature-cloud 0.1.0 {type(self).__name__}: this "
                 "release cannot rebuild it. Load it with 0.1.0, save its state_dict(), and load "
-                "that into a new head (state dicts are the upgrade path; README, Checkpoints)"
+                "that into a new head (state dicts are the upgrade path; docs/core-head.md, Checkpoints)"
             )
         state = migrate_checked(state, ("num_classes", "embedding_size", "validate"))
         super().__setstate__(state)  # type: ignore[misc]

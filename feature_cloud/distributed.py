@@ -49,6 +49,7 @@ from ._validation import (
     check_embeddings,
     check_reduction,
     inference_problem,
+    other_rank_message,
     refuse_bad_weights,
     trainable_labels,
 )
@@ -542,6 +543,9 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
 
     def _check_state(self, state_dict: Dict[str, Any], prefix: str) -> None:
         key = prefix + "weight"
+        saved = state_dict.get(key)
+        if isinstance(saved, Tensor) and saved.dim() != self.weight.dim():  # before the unpacking
+            raise ValueError(other_rank_message(key, saved.shape, self.weight.shape))
         layout = state_dict.get(prefix + "shard_sizes")
         # a dense head's state (no shard layout) is refused at every world size: at world size
         # 1 its weight fits, and torch said only "Missing key(s): shard_rank, shard_sizes"

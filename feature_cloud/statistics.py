@@ -26,6 +26,7 @@ from ._validation import (
     fixed_setting,
     migrate_checked,
     refuse_other_shape,
+    value_range,
     warn_user,
 )
 
@@ -676,8 +677,10 @@ class ClassStatistics(KeepBufferDtypes):
                 "damaged or was edited"
             )
         saved = {n: state_dict.get(prefix + n) for n in _VALUE_CHECKED}
-        present = {n: t for n, t in saved.items() if isinstance(t, Tensor)}
-        if not present or any(t.is_meta for t in present.values()):
+        # a meta tensor (shapes only) has no values: the others are checked all the same (one
+        # meta buffer skipped every check, and NaN centers loaded beside it)
+        present = {n: t for n, t in saved.items() if isinstance(t, Tensor) and not t.is_meta}
+        if not present:
             return
         checks: Dict[str, Tensor] = {}
         for name in ("class_counts", "num_updates", "center_updates", "angle_sum", "angle_sqsum"):
@@ -707,7 +710,7 @@ class ClassStatistics(KeepBufferDtypes):
         memory = present.get("memory")
         if memory is not None and memory.numel() > 0:  # angles to the centers, in [0, pi]
             # (acos); one aminmax pass (no temporaries the memory's size): NaN compares false
-            low, high = torch.aminmax(memory if memory.dtype != torch.bool else memory.long())
+            low, high = value_range(memory if memory.dtype != torch.bool else memory.long())
             inside = (low >= 0) & (high <= _ANGLE_TOP)
             checks["memory angles outside [0, pi] or not finite"] = ~inside
         stamp = present.get("memory_stamp")

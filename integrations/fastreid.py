@@ -80,6 +80,7 @@ from feature_cloud._validation import (
     check_inputs,
     class_counts_from_mapping,
     migrate_checked,
+    other_rank_message,
 )
 from feature_cloud.checkpoints import CheckedBeforeLoading
 from feature_cloud.cloud import (
@@ -675,13 +676,20 @@ def _mismatched_units(
 ) -> List[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]]:
     """``(module name, key, checkpoint shape, model shape)`` of the first mismatched fixed-size
     tensor of every :data:`_STATE_UNITS` module whose checkpoint entries do not fit (a model of
-    another number of classes)."""
+    another number of classes). A tensor of another number of dimensions (flattened, emptied,
+    stacked) is damage, not another model: ``ValueError`` naming it, before anything loads
+    (a LEAP head's class weight too: fastreid's shape filter skipped a flattened one and loaded
+    the trained statistics beside a fresh weight)."""
     found = []
     for name, module in model.named_modules():
-        if not isinstance(module, _STATE_UNITS):
-            continue
         prefix = name + "." if name else ""
-        for key, tensor in _fixed_tensors(module):
+        units = _fixed_tensors(module) if isinstance(module, _STATE_UNITS) else []
+        weight = [("weight", module.weight)] if isinstance(module, LEAPMarginHead) else []
+        for key, tensor in weight + units:
+            saved = state.get(prefix + key)
+            if saved is not None and len(saved.shape) != tensor.dim():
+                raise ValueError(other_rank_message(prefix + key, saved.shape, tensor.shape))
+        for key, tensor in units:
             saved = state.get(prefix + key)
             if saved is not None and tuple(saved.shape) != tuple(tensor.shape):
                 found.append((name, key, tuple(saved.shape), tuple(tensor.shape)))

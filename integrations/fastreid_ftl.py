@@ -30,19 +30,15 @@ How FTL's Fig. 2 maps onto fastreid (the adapter only wires; every equation is t
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
 import logging
-import random
 import re
 import warnings
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
-import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from feature_cloud.checkpoints import CheckedBeforeLoading
 from feature_cloud.ftl import (
@@ -53,6 +49,8 @@ from feature_cloud.ftl import (
     ConvDecoder,
     FTLModel,
     StreamSampler,
+    _SeededItems,  # each item's augmentation seeded from its stream position (as loaders())
+    _SeededPositions,
     check_tail_split,
     make_filter,
 )
@@ -115,8 +113,9 @@ def add_ftl_config(cfg: CfgNode) -> CfgNode:
     ``"samples"``, uniform over the long-tail images, or ``"classes"``, every long-tail class
     equally often: :class:`AlternatingScheduler`'s ``tail_sampling``). ``SEED``: the stage-1
     samplers' seed, and their items' augmentation draws' (:meth:`FTLHook._stage1_loader`).
-    Called again on a config that has the node, it adds only the missing keys
-    (values already set stay).
+    String values (``RECON_REDUCTION``, ``FILTER``, ``TAIL_SAMPLING``) are read in any case,
+    as ``MODEL.HEADS.FEATURE_CLOUD``'s. Called again on a config that has the node, it adds only
+    the missing keys (values already set stay).
     """
     node = CfgNode()
     node.STAGE0_ITERS = 5000
@@ -207,7 +206,9 @@ def _unused_fastreid_keys(cfg: CfgNode) -> List[str]:
 
 
 def _recon_reduction(ftl_cfg: CfgNode) -> str:
-    """``MODEL.FTL.RECON_REDUCTION`` (``mean`` in configurations written before the key)."""
+    """``MODEL.FTL.RECON_REDUCTION`` (``mean`` in configurations written before the key), in any
+    case (``PAPER``), as every string value of the ``MODEL.FTL`` and ``FEATURE_CLOUD`` nodes
+    (the Python keywords of ``FTLModel`` and timm take the lower-case names only)."""
     reduction = str(ftl_cfg.get("RECON_REDUCTION", DEFAULT_RECON_REDUCTION)).lower()
     if reduction not in RECON_REDUCTIONS:
         raise ValueError(
@@ -218,10 +219,11 @@ def _recon_reduction(ftl_cfg: CfgNode) -> str:
 
 
 def _filter(ftl_cfg: CfgNode, feat_dim: int, emb_dim: int, hidden: int) -> nn.Module:
-    """``R`` of ``MODEL.FTL.FILTER`` (``mlp`` in configurations written before the key)."""
-    form = str(ftl_cfg.get("FILTER", "mlp"))
+    """``R`` of ``MODEL.FTL.FILTER`` (``mlp`` in configurations written before the key; any
+    case, as the node's other string values)."""
+    form = str(ftl_cfg.get("FILTER", "mlp")).lower()
     if form not in FILTERS:
-        raise ValueError(f"MODEL.FTL.FILTER must be one of {FILTERS}, got {form!r}")
+        raise ValueError(f"MODEL.FTL.FILTER must be one of {FILTERS}, got {ftl_cfg.FILTER!r}")
     if form == "residual" and emb_dim != feat_dim:
         raise ValueError(
             f"MODEL.FTL.FILTER: residual maps g to f of the same size: MODEL.HEADS.EMBEDDING_DIM "
@@ -402,73 +404,6 @@ class _WithIndex(Dataset):
         item = dict(self.dataset[index])
         item["index"] = index
         return item
-
-
-def _draw_seed(stream_seed: int, position: int) -> int:
-    """The seed of the item at ``position`` of a stage-1 stream (64 bits)."""
-    digest = hashlib.blake2b(f"{stream_seed}:{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-@contextlib.contextmanager
-def _drawing_from(seed: int) -> Iterator[None]:
-    """The block draws from torch's CPU RNG, Python's ``random`` and NumPy's global RNG seeded
-    with ``seed`` (what fastreid's and torchvision's transforms draw from). In the main process
-    (``NUM_WORKERS: 0``) their states are put back afterwards (the training step draws from
-    them too); a loader worker's states are its own and every item reseeds them, so a worker
-    skips that (NumPy's state alone took ~0.2 ms an item to save and restore, a third of a
-    flip-and-crop transform). The CUDA RNG is not touched (the transforms run on the CPU)."""
-    in_worker = torch.utils.data.get_worker_info() is not None
-    saved = None if in_worker else (torch.get_rng_state(), random.getstate(), np.random.get_state())
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            torch.set_rng_state(saved[0])
-            random.setstate(saved[1])
-            np.random.set_state(saved[2])
-
-
-class _SeededPositions(Sampler):
-    """A stage-1 :class:`StreamSampler`'s indices, each with the seed of its position in the
-    stream: ``(index, seed)``. The position is where a resumed sampler continues, so a resumed
-    stage 1 gives every item the seed the uninterrupted run gave it; a rank's share of a data-
-    parallel stream numbers its items by their positions in the one global stream (rank ``r``'s
-    ``j``-th item of global batch ``k``: ``start + k * world * b + r * b + j``), so the ranks'
-    items get different seeds."""
-
-    def __init__(self, sampler: StreamSampler) -> None:
-        self.sampler = sampler
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
-        s = self.sampler
-        seed, start = s.seed, s.start
-        b, rank, world = s.batch_size, s.rank, s.world_size
-        for i, index in enumerate(s):
-            position = start + i if world == 1 else start + (i // b) * world * b + rank * b + i % b
-            yield index, _draw_seed(seed, position)
-
-
-class _SeededItems(Dataset):
-    """The stage-1 loaders' dataset: item ``(index, seed)`` is ``dataset[index]`` with its random
-    augmentation drawn from ``seed`` (:func:`_drawing_from`), in the main process or a worker."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: Tuple[int, int]) -> Any:
-        index, seed = key
-        with _drawing_from(seed):
-            return self.dataset[index]
 
 
 class _Batches:
@@ -729,10 +664,11 @@ class FTLHook(HookBase):
         stats_cfg.defrost()
         stats_cfg.INPUT.SIZE_TEST = cfg.INPUT.SIZE_TRAIN  # statistics of the training-size g
         alternations = int(ftl_cfg.MAX_ALTERNATIONS)
-        tail_sampling = ftl_cfg.get("TAIL_SAMPLING", DEFAULT_TAIL_SAMPLING)
-        if tail_sampling not in TAIL_SAMPLING:
+        tail_sampling = str(ftl_cfg.get("TAIL_SAMPLING", DEFAULT_TAIL_SAMPLING)).lower()
+        if tail_sampling not in TAIL_SAMPLING:  # any case, as the node's other string values
             raise ValueError(
-                f"MODEL.FTL.TAIL_SAMPLING must be one of {TAIL_SAMPLING}, got {tail_sampling!r}"
+                f"MODEL.FTL.TAIL_SAMPLING must be one of {TAIL_SAMPLING}, got "
+                f"{ftl_cfg.TAIL_SAMPLING!r}"
             )
         return cls(
             trainer.model,

@@ -904,6 +904,8 @@ def create_ftl_model(
     """
     if classifier not in ("leap", "linear"):
         raise ValueError(f"classifier must be 'leap' or 'linear', got {classifier!r}")
+    # before the backbone is built (seconds, and draws of the global RNG a refusal kept)
+    recon_reduction = FC.check_recon_reduction(recon_reduction)
     transfer_kwargs = _share_training_set(classifier, head_kwargs, transfer_kwargs)
     if classifier == "linear" and head_kwargs:
         raise TypeError(

@@ -37,6 +37,9 @@ __all__ = [
 MAIN_COLUMNS: List[Tuple[str, str, float]] = [
     ("fc_acc_head", "FC acc head", 100.0),
     ("fc_acc_tail", "FC acc tail", 100.0),
+    # the same FC scored against the class weights (a LEAP head's FC uses its prototypes)
+    ("fcw_acc_head", "FC(W) head", 100.0),
+    ("fcw_acc_tail", "FC(W) tail", 100.0),
     ("nn_acc_tail", "NN acc tail", 100.0),
     ("rank1_head", "rank-1 head", 100.0),
     ("rank1_tail", "rank-1 tail", 100.0),
@@ -415,8 +418,10 @@ def results_markdown(results: Dict[str, Any]) -> str:
         "\n\n".join(
             [
                 _describe(results),
-                "Accuracy (%): FC = closed-set classifier, NN = nearest class center of the training "
-                "features, rank-1 / mAP = leave-one-out cosine retrieval on the evaluation split.",
+                "Accuracy (%): FC = closed-set classifier (a LEAP head: against its inference "
+                "prototypes), FC(W) = the same against the class weights, NN = nearest class center "
+                "of the training features, rank-1 / mAP = leave-one-out cosine retrieval on the "
+                "evaluation split.",
                 _markdown(_table(results, MAIN_COLUMNS, 1)),
                 "Diagnostics: angle (radians) between each feature and its class center, mean and "
                 "variance per class averaged over head / tail classes, on the training and the "

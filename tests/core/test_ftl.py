@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import pickle
+import random
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -382,7 +384,8 @@ def test_data_parallel_shares_are_slices_of_the_global_batches():
     """``world_size`` ranks of per-rank batch ``b``: rank ``r`` yields positions ``r*b ..
     (r+1)*b - 1`` of every global batch of the one stream; the scheduler's loaders under an
     explicit ``rank`` / ``world_size`` concatenate to one process's batches of ``world * b``,
-    mid-stage too. (The spawned two-process run: tests/core/test_ftl_distributed.py.)"""
+    mid-stage too, the items' random augmentations included (seeded from their positions in
+    the global stream). (The spawned two-process run: tests/core/test_ftl_distributed.py.)"""
     full = list(StreamSampler(torch.arange(37), 120, seed=5, start=24))
     parts = [
         list(StreamSampler(torch.arange(37), 120, 5, 24, batch_size=4, rank=r, world_size=3))
@@ -406,11 +409,22 @@ def test_data_parallel_shares_are_slices_of_the_global_batches():
         loaders = loaders if isinstance(loaders, tuple) else (loaders,)
         return [[b[2].tolist() for b in loader] for loader in loaders]
 
+    def images(loaders):
+        loaders = loaders if isinstance(loaders, tuple) else (loaders,)
+        return [[b[0] for b in loader] for loader in loaders]
+
+    augmented = IndexedDataset(_Augmented(xtr, ytr))
     for _ in range(2):  # stage 0 (mid-stage), then stage 1
         one = indices(sched.loaders(ds, 16))
         assert indices(sched.loaders(ds, 16, rank=0, world_size=1)) == one
         ranks = [indices(sched.loaders(ds, 8, rank=r, world_size=2)) for r in range(2)]
         assert [[a + b for a, b in zip(*pair)] for pair in zip(*ranks)] == one
+        # each item's augmentation is seeded from its position in the global stream
+        one = images(sched.loaders(augmented, 16))
+        ranks = [images(sched.loaders(augmented, 8, rank=r, world_size=2)) for r in range(2)]
+        for pair, whole in zip(zip(*ranks), one):
+            for a, b, w in zip(*pair, whole):
+                assert torch.equal(torch.cat([a, b]), w)
         while sched.stage == 0:
             sched.step()
         sched.update_stats(DataLoader(ds, batch_size=256))
@@ -640,20 +654,25 @@ def test_frozen_leap_head_keeps_statistics_and_cloud_in_stage2(live):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _train(model, sched, opt, ds, stats_loader, n_iters, batch=32, after_step=None):
+def _train(
+    model, sched, opt, ds, stats_loader, n_iters, batch=32, after_step=None, losses=None, **kw
+):
     """A plain loop over Algorithm 1 that stops after n_iters iterations (mid-stage allowed);
-    ``after_step(done)`` is called after each iteration."""
+    ``after_step(done)`` is called after each iteration, ``losses`` gets each loss, ``kw`` goes
+    to ``loaders()``."""
     done = 0
     while done < n_iters and not sched.finished:
         stage = sched.stage
         if sched.needs_stats:
             sched.update_stats(stats_loader)
-        loaders = sched.loaders(ds, batch)
+        loaders = sched.loaders(ds, batch, **kw)
         for batches in zip(*loaders) if stage == 1 else loaders:
             out = sched.stage1_loss(*batches) if stage == 1 else model.loss(batches[0], batches[1])
             opt.zero_grad()
             out["loss"].backward()
             opt.step()
+            if losses is not None:
+                losses.append(out["loss"].item())
             done += 1
             next_stage = sched.step()
             if after_step is not None:
@@ -750,6 +769,81 @@ def test_resume_mid_stage_with_dropout_continues_identically(stop_at):
         assert torch.equal(a, b), k
 
 
+class _Augmented(torch.utils.data.Dataset):
+    """``(x, y)`` with a random augmentation drawn from torch's CPU RNG, Python's ``random`` and
+    NumPy's global RNG (what torchvision's and fastreid's transforms draw from)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        x = self.x[i].flip(0) if bool(torch.rand(()) < 0.5) else self.x[i]
+        shift = random.uniform(-0.2, 0.2) + float(np.random.normal(0.0, 0.2))
+        return x + 0.1 * torch.randn(x.shape) + shift, self.y[i]
+
+
+def test_resume_mid_stage_with_augmentation_in_workers_continues_identically():
+    """s54: the loaders' generators were seeded once per stage run, so a loader built mid-stage
+    on resume restarted its workers' RNGs at the stage's start: with a random augmentation in
+    ``dataset[i]`` and ``num_workers=2`` a resume mid stage 0, 1 or 2 drew other augmentations
+    from its first step. Every item's draws are now seeded from its position in the stream: the
+    resumed run (RNG state restored, as the README says, for the dropout) equals the
+    uninterrupted one bit for bit, and ``num_workers=0`` draws the same stream. The resumes
+    rebuild model, optimizer and scheduler in this process from deep-copied state dicts, with
+    torch's, ``random``'s and NumPy's global RNGs scrambled first and torch's restored from the
+    checkpoint: forked workers reseed all three per item, so nothing else a fresh process
+    would lack is carried over."""
+    xtr, ytr, _, _, _ = _data(4, n_tail=10, per_reg=40)
+    ds = IndexedDataset(_Augmented(xtr, ytr))
+    stats_loader = DataLoader(IndexedDataset(TensorDataset(xtr, ytr)), batch_size=512)
+    stops = (2, 7, 12)  # mid stage 0 (0-3), mid stage 1 (4-9), mid stage 2 (10-15)
+    kw = dict(num_workers=2, persistent_workers=False)
+
+    def fresh():
+        model = _model(4, dropout=0.3)
+        sched = AlternatingScheduler(
+            model, stage0_iters=4, stage_iters=6, max_alternations=1, seed=11
+        )
+        return model, sched, torch.optim.Adam(model.param_groups(), lr=1e-3)
+
+    model, sched, opt = fresh()
+    ckpts, losses = {}, []
+
+    def save(done):  # the uninterrupted run keeps its loaders (and workers) across the save
+        if done in stops:
+            assert sched.stage_iteration > 0
+            state = {"model": model.state_dict(), "opt": opt.state_dict()}
+            ckpts[done] = dict(copy.deepcopy(state), sched=sched.state_dict())
+            ckpts[done]["rng"] = torch.get_rng_state()
+
+    _train(model, sched, opt, ds, stats_loader, 100, 16, save, losses, **kw)
+    assert sched.finished and len(losses) == 16 and sorted(ckpts) == list(stops)
+    in_main = []  # the same run without workers: the same augmentations
+    model0, sched0, opt0 = fresh()
+    _train(model0, sched0, opt0, ds, stats_loader, 100, 16, losses=in_main)
+    assert in_main == losses
+    for stop in stops:
+        torch.manual_seed(1000 + stop)
+        random.seed(stop)
+        np.random.seed(stop)
+        model2, sched2, opt2 = fresh()
+        model2.load_state_dict(ckpts[stop]["model"])
+        opt2.load_state_dict(ckpts[stop]["opt"])
+        sched2.load_state_dict(ckpts[stop]["sched"])
+        torch.set_rng_state(ckpts[stop]["rng"])
+        resumed = []
+        _train(model2, sched2, opt2, ds, stats_loader, 100, 16, losses=resumed, **kw)
+        assert resumed == losses[stop:], stop
+        for (k, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+            assert torch.equal(a, b), (stop, k)
+        for p, p2 in zip(model.parameters(), model2.parameters()):
+            for k, v in opt.state[p].items():
+                assert torch.equal(v, opt2.state[p2][k]), (stop, k)
+
+
 def test_loaders_leave_the_global_rng_alone_unless_given_generator_none():
     """``loaders()``' ``DataLoader``s draw their base seed from their own generator (the
     stage run's stream): iterating them leaves torch's global RNG where it was, and the same
@@ -761,6 +855,11 @@ def test_loaders_leave_the_global_rng_alone_unless_given_generator_none():
     (loader,) = [sched.loaders(ds, 32)]
     next(iter(loader))
     assert torch.equal(torch.get_rng_state(), before)
+    # an augmenting dataset without workers: its items' draws leave the main process's RNGs be
+    states = random.getstate(), np.random.get_state()[1].copy()
+    next(iter(sched.loaders(IndexedDataset(_Augmented(xtr, ytr)), 32)))
+    assert torch.equal(torch.get_rng_state(), before) and random.getstate() == states[0]
+    assert (np.random.get_state()[1] == states[1]).all()
     base = iter(sched.loaders(ds, 32))._base_seed
     assert iter(sched.loaders(ds, 32))._base_seed == base
     given = torch.Generator().manual_seed(5)

@@ -330,7 +330,7 @@ def test_imprint_step_refuses_the_hook_based_weight_norm_and_spectral_norm():
     reason="torch 2.2 / 2.3 cannot compile a head with a parametrized weight at all (torch's "
     "bugs: 2.2 traces weight_norm into _weight_norm_interface() without 'dim'; 2.3 guards "
     "torch's parametrization property through its value, 'Tensor' object has no attribute "
-    "'__closure__'); README: Versions tested",
+    "'__closure__'); docs/compatibility.md",
 )
 def test_compiled_head_imprints_a_parametrized_weight_as_eager_and_refuses_the_hook():
     """Compile trial: under ``torch.compile`` the imprint of a ``weight_norm``-parametrized

@@ -222,3 +222,26 @@ def test_every_option_is_explained_in_help(capsys):
             main([name, "--help"])
         text = capsys.readouterr().out
         assert "%%" not in text and "%(" not in text and "(default: None)" not in text, name
+
+
+def test_tables_show_the_weights_accuracy_beside_the_prototypes(tiny_run):
+    """results.md and the printed table carry ``FC(W)`` (the FC against the class weights) as
+    ``evaluate`` does: a LEAP head's FC is against its prototypes, which can cost the head much
+    on a short run (digits, 2 epochs: head 0.0 against 72.1 on the weights) with nothing in the
+    tables to say so."""
+    from feature_cloud.demo.report import aggregate, compact_table, load_results
+
+    results = load_results(tiny_run)
+    agg = aggregate(results)
+    text = open(os.path.join(tiny_run, "results.md")).read()
+    accuracy = text.split("Diagnostics:")[0]  # the accuracy table, not the diagnostics'
+    lines = [ln for ln in accuracy.splitlines() if ln.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip().strip("|").split("|")]
+    assert header[:5] == ["Method", "FC acc head", "FC acc tail", "FC(W) head", "FC(W) tail"]
+    leap = [ln for ln in lines if ln.startswith("| LEAP full (CosFace) |")]
+    assert len(leap) == 1
+    cells = [c.strip() for c in leap[0].strip().strip("|").split("|")]
+    for column, key in ((3, "fcw_acc_head"), (4, "fcw_acc_tail")):
+        mean = agg["leap_full"][key][0]
+        assert cells[column].startswith(f"{100 * mean:.1f} ±"), (cells, key, mean)
+    assert "FC(W) head" in compact_table(results)

@@ -919,6 +919,33 @@ def test_checkpointer_finetune_to_other_classes_starts_a_fresh_cloud(tmp_path, c
         assert torch.equal(got[key], value), key
 
 
+@pytest.mark.parametrize(
+    "key", ["margin_head.feature_cloud.statistics.centers", "margin_head.weight"]
+)
+def test_checkpointer_refuses_a_head_tensor_of_another_number_of_dimensions(tmp_path, key):
+    """s54 trial 1: a flattened ``centers`` was read as "a model with 6144 classes": the
+    trained statistics were dropped with a warning about another class count (a flattened
+    weight: fastreid's shape filter skipped it and the statistics loaded beside a fresh
+    weight). Damage, not another model: refused naming the key and both shapes, before
+    anything loads."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    from conftest import assert_same_state, state_snapshot
+
+    source = _trained_model(4, 3, CLASS_COUNTS="online")
+    state = {"heads." + k: v.clone() for k, v in source.heads.state_dict().items()}
+    own = tuple(state["heads." + key].shape)
+    state["heads." + key] = state["heads." + key].flatten()
+    path = str(tmp_path / "damaged.pth")
+    torch.save({"model": state}, path)
+    model = _trained_model(4, 2, CLASS_COUNTS="online")
+    before = state_snapshot(model)
+    flat = (own[0] * own[1],)
+    with pytest.raises(ValueError, match=rf"heads.{key} has shape \({flat[0]},\), this module's"):
+        Checkpointer(model).load(path)
+    assert_same_state(before, state_snapshot(model), "refused damaged checkpoint")
+
+
 def test_stock_embedding_head_checkpoint_gives_its_class_weights_to_the_leap_head(tmp_path):
     """fastreid's own ``EmbeddingHead`` (CosSoftmax) keeps its classifier as ``heads.weight``,
     the LEAP head as ``heads.margin_head.weight``: fine-tuning a stock re-ID checkpoint on the

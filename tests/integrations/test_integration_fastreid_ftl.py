@@ -94,6 +94,9 @@ def test_yaml_needs_the_config_node_and_builds_ftl_baseline(tmp_path):
     assert ftl.recon_reduction == "mean"  # MODEL.FTL.RECON_REDUCTION's default
     paper = _ftl_cfg(tmp_path, "MODEL.HEADS.NUM_CLASSES", "7", "MODEL.FTL.RECON_REDUCTION", "paper")
     assert build_model(paper).ftl.recon_reduction == "paper"  # Eq. 1 per image (s53 paper 1)
+    # the node's string values in any case, as MODEL.HEADS.FEATURE_CLOUD's (s54 trial 4)
+    upper = _ftl_cfg(tmp_path, "MODEL.HEADS.NUM_CLASSES", "7", "MODEL.FTL.RECON_REDUCTION", "PAPER")
+    assert build_model(upper).ftl.recon_reduction == "paper"
     bogus = _ftl_cfg(tmp_path, "MODEL.HEADS.NUM_CLASSES", "7", "MODEL.FTL.RECON_REDUCTION", "sum")
     with pytest.raises(ValueError, match=r"MODEL.FTL.RECON_REDUCTION must be one of"):
         build_model(bogus)
@@ -144,6 +147,9 @@ def test_filter_key_builds_the_residual_filter_and_checkpointer_refuses_the_othe
     assert residual.ftl.embedding_size == residual.ftl.feature_dim == 512
     mlp = build("mlp")
     assert not isinstance(mlp.ftl.filter, ResidualFilter)
+    # any case, as the node's other string values (RECON_REDUCTION: PAPER built 'paper')
+    assert isinstance(build("Residual").ftl.filter, ResidualFilter)
+    assert not isinstance(build("MLP").ftl.filter, ResidualFilter)
     assert _ftl_cfg(tmp_path).MODEL.FTL.FILTER == "mlp"  # the shipped YAML: the paper's form
     with pytest.raises(ValueError, match="MODEL.FTL.FILTER must be one of"):
         build("conv")
@@ -234,6 +240,8 @@ def test_hook_refuses_fastreid_contiguous_optimizer_and_a_short_schedule(market_
     assert short.ftl_hook.scheduler.tail_sampling == "samples"
     classes = ftlint.FTLTrainer(_ftl_cfg(tmp_path, "MODEL.FTL.TAIL_SAMPLING", "classes"))
     assert classes.ftl_hook.scheduler.tail_sampling == "classes"
+    upper = _ftl_cfg(tmp_path, "MODEL.FTL.TAIL_SAMPLING", "CLASSES")  # any case (s54 trial 4)
+    assert ftlint.FTLHook.from_trainer(classes, upper).scheduler.tail_sampling == "classes"
     bad = _ftl_cfg(tmp_path, "MODEL.FTL.TAIL_SAMPLING", "bogus")
     with pytest.raises(ValueError, match="MODEL.FTL.TAIL_SAMPLING must be one of"):
         ftlint.FTLHook.from_trainer(classes, bad)

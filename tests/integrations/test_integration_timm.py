@@ -478,6 +478,24 @@ def test_ftl_task_wraps_a_timm_backbone_and_leap_head():
         create_ftl_model("test_resnet", C, classifier="linear", recon_reduction="sum")
 
 
+def test_create_ftl_model_refuses_recon_reduction_before_building_the_backbone(monkeypatch):
+    """s54 trial 4: a bad ``recon_reduction`` was refused only after the timm backbone had been
+    built (seconds for a ResNet-50, and the global RNG advanced by the refused call)."""
+    import feature_cloud.integrations.timm as tint
+
+    def built(*args, **kwargs):
+        raise AssertionError("the backbone was built before the refusal")
+
+    monkeypatch.setattr(tint, "_headless_backbone", built)
+    rng = torch.get_rng_state()
+    for bad in ("sum", "PAPER", None):
+        with pytest.raises(ValueError, match="recon_reduction must be one of"):
+            create_ftl_model("test_resnet", C, classifier="linear", recon_reduction=bad)
+        with pytest.raises(ValueError, match="recon_reduction must be one of"):
+            FTLTask.from_timm("test_resnet", C, stage0_iters=1, recon_reduction=bad)
+    assert torch.equal(rng, torch.get_rng_state())
+
+
 def _data(seed=0):
     x, y = _images(COUNTS, seed)
     dataset = IndexedDataset(TensorDataset(x, y))
@@ -996,6 +1014,14 @@ def test_the_evaluator_builds_the_scoring_matrix_once_and_rebuilds_on_any_change
     ev.reset()
     check(ev, emb, True)
     check(ev, emb, False)
+    # a write through .data within one evaluation is not seen (README, the class docstring);
+    # compute() / reset() drop the matrices, so the next evaluation sees it
+    stale = ev._logits(emb, False)
+    head.weight.data.mul_(-1.0)
+    assert torch.equal(ev._logits(emb, False), stale)
+    ev.compute()
+    with torch.no_grad():
+        assert torch.equal(ev._logits(emb, False), expected(emb, False))
 
 
 def test_the_evaluator_calls_a_logits_of_the_users_own():

@@ -1,4 +1,5 @@
-"""Every ```python block of README.md runs, each in a fresh process (so a snippet cannot rot).
+"""Every ```python block of README.md (and of the docs pages moved out of it, ``DOCS_WITH_BLOCKS``)
+runs, each in a fresh process (so a snippet cannot rot).
 
 Directly before a block, an HTML comment (invisible on GitHub) may give
 
@@ -23,6 +24,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 README = os.path.join(ROOT, "README.md")
+#: the Markdown files whose ```python blocks run: the README and the parts moved out of it
+DOCS_WITH_BLOCKS = ("README.md", "docs/core-head.md")
 _COMMENT = re.compile(r"<!--\s*(test-setup|skip-test:)(.*?)-->\s*\Z", re.S)
 
 
@@ -32,6 +35,7 @@ class Block(NamedTuple):
     setup: str
     skip: Optional[str]
     output: Optional[str] = None
+    doc: str = "README.md"
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
@@ -91,8 +95,19 @@ def readme_blocks(text: str) -> List[Block]:
     return blocks
 
 
-with open(README, encoding="utf-8") as _f:
-    BLOCKS = readme_blocks(_f.read())
+def doc_blocks(doc: str) -> List[Block]:
+    """The ```python blocks of the Markdown file ``doc`` (relative to the repository root)."""
+    with open(os.path.join(ROOT, doc), encoding="utf-8") as fh:
+        return [b._replace(doc=doc) for b in readme_blocks(fh.read())]
+
+
+BLOCKS = [b for doc in DOCS_WITH_BLOCKS for b in doc_blocks(doc)]
+
+
+def _block_id(block: Block) -> str:
+    """``line<N>`` for the README's blocks (the ids of earlier releases), ``<page>-line<N>`` else."""
+    page = "" if block.doc == "README.md" else os.path.basename(block.doc)[: -len(".md")] + "-"
+    return f"{page}line{block.line}"
 
 
 def test_blocks_found_and_skips_are_rare_and_explained():
@@ -123,7 +138,7 @@ def test_printed_output_is_read_and_compared():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", BLOCKS, ids=[f"line{b.line}" for b in BLOCKS])
+@pytest.mark.parametrize("block", BLOCKS, ids=[_block_id(b) for b in BLOCKS])
 def test_readme_block_runs(block, tmp_path):
     if block.skip is not None:
         pytest.skip(block.skip)
@@ -137,7 +152,7 @@ def test_readme_block_runs(block, tmp_path):
     script.write_text(
         "import torch\ntorch.set_num_threads(1)\n"
         + block.setup
-        + "\n# --- README.md block\n"
+        + f"\n# --- {block.doc} block\n"
         + block.code
         + "\n"
     )
@@ -155,13 +170,13 @@ def test_readme_block_runs(block, tmp_path):
         text=True,
         timeout=600,
     )
-    print(f"\nREADME.md block at line {block.line}: {time.perf_counter() - start:.1f} s")
+    print(f"\n{block.doc} block at line {block.line}: {time.perf_counter() - start:.1f} s")
     assert proc.returncode == 0, (
-        f"README.md line {block.line}:\n" + proc.stdout[-2000:] + proc.stderr[-4000:]
+        f"{block.doc} line {block.line}:\n" + proc.stdout[-2000:] + proc.stderr[-4000:]
     )
     if block.output is not None:  # what the README shows it prints
         mismatches = output_mismatches(block.output, proc.stdout)
-        assert not mismatches, f"README.md line {block.line}:\n" + "\n".join(mismatches)
+        assert not mismatches, f"{block.doc} line {block.line}:\n" + "\n".join(mismatches)
 
 
 def heading_anchors(text: str) -> set:
@@ -199,9 +214,18 @@ def broken_links(path: str) -> List[str]:
     return bad
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/real-faces.md", "benchmarks/README.md"])
+@pytest.mark.parametrize(
+    "doc",
+    [
+        "README.md",
+        "docs/real-faces.md",
+        "docs/core-head.md",
+        "docs/compatibility.md",
+        "benchmarks/README.md",
+    ],
+)
 def test_links_to_sections_resolve(doc, tmp_path):
-    """Every link to a section (README <-> docs/real-faces.md, within a file) names a heading
+    """Every link to a section (README <-> docs/*.md, within a file) names a heading
     that exists, by GitHub's anchor rules (sections get renamed as results move)."""
     assert broken_links(os.path.join(ROOT, doc)) == []
     page = tmp_path / "page.md"  # the check itself finds a renamed section
@@ -235,3 +259,16 @@ def test_pml_wrapper_paragraph_asks_for_equal_batch_sizes():
     paragraph = " ".join(text[start:end].split())
     assert "per-rank batches of different sizes" in paragraph
     assert "`drop_last=True`" in paragraph and "`CosFaceLoss`" in paragraph
+
+
+def test_timm_evaluator_paragraph_says_a_data_write_within_an_evaluation_is_not_seen():
+    """s54 trial 5: the class docstring of timm's ``LEAPEvaluator`` says that its cached scoring
+    matrices miss a write through ``.data`` between ``update()`` calls of one evaluation (and
+    that ``compute()`` / ``reset()`` drop them); the README's evaluator paragraph did not."""
+    with open(README, encoding="utf-8") as fh:
+        text = fh.read()
+    start = text.index("- `create_evaluator()` reports timm's top-1/top-5 on the head's")
+    end = text.index("\n- ", start + 1)
+    paragraph = " ".join(text[start:end].split())
+    assert "write through `.data`" in paragraph and "`update()` calls is not seen" in paragraph
+    assert "`compute()` and `reset()` drop them" in paragraph
