@@ -5,15 +5,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, Dict, Iterator
+from typing import Any, Callable, Dict, Iterator, Sequence
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
     "KeepBufferDtypes",
     "restore_on_error",
     "keep_loaded_dtypes",
+    "resized_buffer",
 ]
+
+
+def resized_buffer(shape: Sequence[int], like: Tensor) -> Tensor:
+    """An empty buffer of ``shape`` with ``like``'s dtype and device, for a load to copy a
+    checkpoint's tensor of another length into: a normal tensor even when the load runs inside
+    ``torch.inference_mode()`` (an eval or serving helper). Made there, it was an inference
+    tensor, and the loaded module's next training step failed with torch's message, naming no
+    buffer; torch's own load copies into the existing, normal tensors."""
+    with torch.inference_mode(False):
+        return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
 
 
 def keep_loaded_dtypes(module: nn.Module, state_dict: Dict[str, Any], prefix: str) -> None:
@@ -33,7 +45,8 @@ def keep_loaded_dtypes(module: nn.Module, state_dict: Dict[str, Any], prefix: st
             and value.dtype != own.dtype
             and not value.dtype.is_complex
         ):
-            state_dict[key] = value.to(own.dtype)
+            with torch.inference_mode(False):  # assign=True takes it: a normal tensor
+                state_dict[key] = value.to(own.dtype)
 
 
 @contextlib.contextmanager

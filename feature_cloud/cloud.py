@@ -470,6 +470,22 @@ class FeatureCloud(nn.Module):
             self.statistics.has_centers = bool(self.statistics.center_initialized.any())
         return super().train(mode)
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FeatureCloud:
+        """Also says when the state was just moved to shared host memory (``share_memory()``,
+        the Hogwild recipe of ``torch.multiprocessing``): the cloud is not Hogwild-safe."""
+        shared = _host_shared(self.step)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        if not shared and _host_shared(self.step) and self.rule is not None:
+            warn_user(
+                "the feature cloud's step and class statistics were moved to shared memory "
+                "(share_memory(), Hogwild training with torch.multiprocessing): they are not "
+                "Hogwild-safe. Each process counts the warm-up on its own host copy of the step "
+                "(the cloud may never start), an angle memory laid out by online counting in a "
+                "worker stays private, and the workers' statistic updates race. Train the head "
+                "in one process, or with DDP (one head a process; README: Distributed)"
+            )
+        return self
+
     def _stamp(self) -> Tuple[int, int]:
         """Which ``step`` tensor, at which in-place version: a write from outside (an EMA copy,
         ``copy_``, ``load_state_dict``, ``.to(device)``) changes it."""
@@ -1366,3 +1382,9 @@ def migrated_for_checking(
     state_dict = dict(state_dict)
     migrate(state_dict, old_prefix, new_prefix)
     return state_dict
+
+
+def _host_shared(tensor: Tensor) -> bool:
+    """Whether ``tensor`` lies in shared host memory (``share_memory_()``); not meta tensors,
+    nor CUDA ones (for which ``is_shared`` is always true)."""
+    return tensor.device.type == "cpu" and bool(tensor.is_shared())  # type: ignore[no-untyped-call]

@@ -22,6 +22,7 @@ from typing import (
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -333,6 +334,39 @@ def _check_cloud_options(options: Mapping[str, Any], owner: Tuple[str, Sequence[
                 f"unexpected keyword argument {key!r}{hint}; the feature cloud's options are "
                 f"{', '.join(known)}{also}"
             )
+
+
+def recomputing_hooks(module: nn.Module, name: str = "weight") -> List[str]:
+    """The forward pre-hooks that recompute ``module.<name>`` from other tensors before every
+    forward (the hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm``,
+    ``torch.nn.utils.prune``): their class names. An in-place imprint into the attribute is lost
+    at the next forward."""
+    return [
+        type(h).__name__
+        for h in module._forward_pre_hooks.values()
+        if (isinstance(h, (WeightNorm, SpectralNorm)) and h.name == name)
+        or (isinstance(h, BasePruningMethod) and h._tensor_name == name)
+    ]
+
+
+def hooked_weight(module: nn.Module, name: str = "weight") -> Tensor:
+    """``module.<name>`` as its ``forward`` sees it: the hook-based reparametrisations
+    (``torch.nn.utils.weight_norm`` / ``spectral_norm``, ``torch.nn.utils.prune``) recompute the
+    attribute in a forward pre-hook, so outside ``forward`` (eval scoring, ``as_linear``) it is
+    the one computed at the last forward, before the optimiser's last step, or, after a load,
+    the fresh module's. Recomputed here as the hook would in eval mode (no power iteration);
+    the plain weight and torch's ``parametrizations`` (recomputed on access) as they are."""
+    weight = getattr(module, name)
+    if not module._forward_pre_hooks:  # the plain path: one dict check
+        return cast(Tensor, weight)
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            return hook.compute_weight(module)
+        if isinstance(hook, SpectralNorm) and hook.name == name:
+            return hook.compute_weight(module, do_power_iteration=False)
+        if isinstance(hook, BasePruningMethod) and hook._tensor_name == name:
+            return cast(Tensor, hook.apply_mask(module))  # type: ignore[no-untyped-call]
+    return cast(Tensor, weight)
 
 
 def scoring_weight(
@@ -708,7 +742,7 @@ class LEAPMarginHead(
         evaluator)."""
         check_embeddings(embeddings, self.embedding_size)
         if scoring is None:
-            scoring = scoring_weight(self.feature_cloud, self.weight, self.sub_centers)
+            scoring = scoring_weight(self.feature_cloud, hooked_weight(self), self.sub_centers)
         weight, unit = scoring
         cos = FC.cosine_logits(embeddings, weight, self.sub_centers, unit_weight=unit)
         return cos * self.scale
@@ -722,7 +756,7 @@ class LEAPMarginHead(
         returns every sub-center's logit: ``out.view(B, C, K).amax(-1)`` is :meth:`logits`.
         A copy: later training does not change it."""
         weight, unit = scoring_weight(
-            self.feature_cloud, self.weight.detach(), self.sub_centers, inference=True
+            self.feature_cloud, hooked_weight(self).detach(), self.sub_centers, inference=True
         )
         linear = nn.Linear(
             self.embedding_size,
@@ -926,12 +960,9 @@ class LEAPMarginHead(
         return bool(self._recomputing_hooks()) or parametrize.is_parametrized(self, "weight")
 
     def _recomputing_hooks(self) -> List[str]:
-        """The hook-based ``weight_norm`` / ``spectral_norm`` on ``weight`` (their names)."""
-        return [
-            type(h).__name__
-            for h in self._forward_pre_hooks.values()
-            if isinstance(h, (WeightNorm, SpectralNorm)) and h.name == "weight"
-        ]
+        """The hook-based ``weight_norm`` / ``spectral_norm`` and ``torch.nn.utils.prune`` on
+        ``weight`` (their names): each recomputes it from other tensors before every forward."""
+        return recomputing_hooks(self)
 
     def _imprint_through_parametrization(self, cloud: FeatureCloud) -> bool:
         """Whether an imprint still ahead (``imprint_step``) has to reach a parametrized
@@ -953,9 +984,10 @@ class LEAPMarginHead(
             raise ValueError(
                 f"imprint_step={cloud.imprint_step}: the head's weight is recomputed before "
                 f"every forward by the hook-based {recomputed[0]} (torch.nn.utils.weight_norm / "
-                "spectral_norm), which would discard the imprint; use "
-                "torch.nn.utils.parametrizations.weight_norm / spectral_norm (their "
-                "right_inverse keeps it) or leave imprint_step=None"
+                "spectral_norm, or torch.nn.utils.prune: weight_orig * weight_mask), which "
+                "would discard the imprint; use torch.nn.utils.parametrizations.weight_norm / "
+                "spectral_norm (their right_inverse keeps it), prune.remove(head, 'weight') "
+                "before the imprint step, or leave imprint_step=None"
             )
         if not parametrize.is_parametrized(self, "weight"):
             return False

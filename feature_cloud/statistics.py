@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import functional as FC
-from ._buffers import KeepBufferDtypes
+from ._buffers import KeepBufferDtypes, resized_buffer
 from ._compat import disable_compile, is_compiling, materialized
 from ._validation import (
     ClassCounts,
@@ -232,6 +232,9 @@ class ClassStatistics(KeepBufferDtypes):
         #: memory out from them again)
         self._initial_counts: Optional[Tensor] = None
         self._layout_text = _COUNTING
+        #: the laid-out ``class_counts`` on the host (set with :attr:`layout_setting`): what a
+        #: load compares a checkpoint's with (the buffer holds garbage after ``to_empty``)
+        self._layout_counts: Optional[Tensor] = None
         if class_counts is not None:
             counts = check_class_counts(class_counts, C)
             self._building = True  # the owner says whether a cloud reads it (FeatureCloud)
@@ -357,11 +360,11 @@ class ClassStatistics(KeepBufferDtypes):
         """:attr:`layout_setting` from the buffers (one host read; at a load, not in a step)."""
         self.__dict__.pop("_layout_mark", None)
         if not self.memory_allocated:
-            text = _COUNTING
+            text, self._layout_counts = _COUNTING, None
         elif self.class_counts.is_meta:
             text = "unknown (on the meta device)"
         else:
-            text = _counts_text(self.class_counts)
+            text, self._layout_counts = _counts_summary(self.class_counts)
         self._layout_text = text
         return text
 
@@ -398,7 +401,7 @@ class ClassStatistics(KeepBufferDtypes):
             warn_full_without_pairs(counts)
         # sized from the counts where they are (a module built on "meta" gets host counts)
         total = int((counts * self.memory_per_sample).clamp_min(1).sum())
-        text = _counts_text(counts)  # as the ranks compare it (layout_setting)
+        text, host = _counts_summary(counts)  # as the ranks compare it (layout_setting)
         counts = counts.to(device)
         capacity = (counts * self.memory_per_sample).clamp_min(1)
         offsets = torch.cumsum(capacity, 0) - capacity
@@ -419,6 +422,7 @@ class ClassStatistics(KeepBufferDtypes):
         )
         self.memory_owner = torch.cat([owner, owner.new_zeros(1)])
         self._layout_text = text
+        self._layout_counts = host
 
     # ------------------------------------------------------------------ update
     def agree(
@@ -578,6 +582,7 @@ class ClassStatistics(KeepBufferDtypes):
         self.memory_owner = torch.zeros(0, dtype=torch.long, device=device)
         self.has_centers = False
         self._layout_text = _COUNTING
+        self._layout_counts = None
         if counts is not None:
             self.allocate_memory(counts)
 
@@ -631,7 +636,31 @@ class ClassStatistics(KeepBufferDtypes):
                 + ("" if want is None else f", memory_capacity gives {want}")
                 + ": the checkpoint is damaged or was edited"
             )
+        self._check_empty_memory(state_dict, prefix)
         self._check_memory_layout(state_dict, prefix)
+
+    def _check_empty_memory(self, state_dict: Dict[str, Any], prefix: str) -> None:
+        """An empty angle memory (not laid out yet, or emptied) with stored angles said to be in
+        it (fills, pointers, sums of angles): the next step lays the memory out afresh and drops
+        that history without a word. Read once, at load."""
+        memory = state_dict.get(prefix + "memory")
+        if not isinstance(memory, Tensor) or memory.is_meta or memory.numel() > 0:
+            return
+        held = [
+            prefix + name
+            for name in ("memory_fill", "memory_pointer", "angle_sum", "angle_sqsum")
+            if isinstance(t := state_dict.get(prefix + name), Tensor)
+            and not t.is_meta
+            and bool(t.any())
+        ]
+        if held:
+            raise ValueError(
+                f"checkpoint's {prefix}memory is empty (0 slots) but {', '.join(held)} say it "
+                "holds angles: the next step would lay the memory out afresh and drop them. The "
+                "checkpoint is damaged or was edited, or a loop lost the memory laid out at the "
+                "end of online counting (torch.func.functional_call does not write a buffer "
+                "that a step replaced back into the state it was given: see the README)"
+            )
 
     def _check_state_values(self, state_dict: Dict[str, Any], prefix: str) -> None:
         """Values an edited or damaged checkpoint can hold and training cannot (read once, at
@@ -735,6 +764,17 @@ class ClassStatistics(KeepBufferDtypes):
                 "capacities; owner: each slot's class): the checkpoint is damaged or was edited"
             )
 
+    def _own_counts(self) -> Optional[Tensor]:
+        """This module's laid-out ``class_counts`` on the host: the copy kept where they were
+        laid out (after ``to_empty`` the buffer holds whatever the memory held), else (a
+        whole-module pickle of an earlier release) the buffer's; ``None``: not known (meta)."""
+        host = self.__dict__.get("_layout_counts")
+        if host is not None:
+            return host
+        if self.class_counts.is_meta:
+            return None
+        return self.class_counts.detach().to("cpu", torch.long)
+
     def _keep_layout(self, state_dict: Dict[str, Any], prefix: str) -> None:
         """Load this module's ``class_counts`` and memory layout instead of the checkpoint's,
         with the memory emptied as :meth:`allocate_memory` leaves it."""
@@ -790,11 +830,12 @@ class ClassStatistics(KeepBufferDtypes):
             and isinstance(counts, Tensor)
             and isinstance(mem, Tensor)
             and mem.numel() > 0
-            and not self.class_counts.is_meta
-            and bool(self.class_counts.any())  # this module's are known (not still to come)
-            and not torch.equal(counts.to(self.class_counts), self.class_counts)
+            and not counts.is_meta
+            and (own := self._own_counts()) is not None
+            and bool(own.any())  # this module's are known (not still to come)
+            and not torch.equal(counts.detach().to("cpu", torch.long), own)
         ):  # both know K_i and they differ (another dataset?): said once, at load
-            changed = int((counts.to(self.class_counts) != self.class_counts).sum())
+            changed = int((counts.detach().to("cpu", torch.long) != own).sum())
             warn_user(
                 f"the checkpoint's class_counts differ from this module's for {changed} of "
                 f"{self.num_classes} classes: the checkpoint's are loaded, with its angle memory "
@@ -826,7 +867,7 @@ class ClassStatistics(KeepBufferDtypes):
             src = state_dict.get(prefix + name)
             own = getattr(self, name)
             if src is not None and src.shape != own.shape:  # own dtype: load_state_dict casts
-                setattr(self, name, torch.empty(src.shape, dtype=own.dtype, device=own.device))
+                setattr(self, name, resized_buffer(src.shape, own))  # inference_mode too
         super()._load_from_state_dict(state_dict, prefix, *args)
         self._refresh_layout_text()  # the loaded layout, as the ranks compare it (one read)
 
@@ -855,18 +896,19 @@ _layout_after_load = disable_compile(_layout_after_load, "class_counts' host sum
 _COUNTING = "counted online (not laid out yet)"
 
 
-def _counts_text(counts: Tensor) -> str:
+def _counts_summary(counts: Tensor) -> Tuple[str, Tensor]:
     """``class_counts`` as :attr:`ClassStatistics.layout_setting` shows them: the first six,
-    the sum and a digest of all (the same text in every process for the same counts)."""
-    values = counts.detach().to("cpu", torch.long).contiguous()
+    the sum and a digest of all (the same text in every process for the same counts); and a
+    host copy of them (the layout's counts, which ``to_empty`` does not overwrite)."""
+    values = counts.detach().to("cpu", torch.long, copy=True).contiguous()
     digest = hashlib.blake2b(values.numpy().astype("<i8").tobytes(), digest_size=6).hexdigest()
     first = ", ".join(map(str, values[:6].tolist())) + (", ..." if values.numel() > 6 else "")
-    return f"[{first}] (sum {int(values.sum())}, digest {digest})"
+    return f"[{first}] (sum {int(values.sum())}, digest {digest})", values
 
 
 # host-side text (NumPy bytes, a hash): the end of online counting inside torch.compile
 # (fullgraph=False) runs it eagerly, a graph break at the layout, as its host reads are
-_counts_text = disable_compile(_counts_text, "class_counts' host summary (layout_setting)")
+_counts_summary = disable_compile(_counts_summary, "class_counts' host summary (layout_setting)")
 
 
 def _unchanged(x: Tensor) -> Tensor:

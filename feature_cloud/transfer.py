@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import functional as FC
-from ._buffers import KeepBufferDtypes
+from ._buffers import KeepBufferDtypes, resized_buffer
 from ._compat import is_compiling
 from ._validation import (
     ClassCounts,
@@ -385,14 +385,14 @@ class FeatureTransfer(KeepBufferDtypes):
         self.regular.copy_(regular)
         self.covariance.copy_(covariance)
         self.eigenvalues.copy_(evals)
-        self.basis = basis.to(
-            torch.float32
-        ).contiguous()  # same memory layout as a loaded checkpoint
         self.mean_distance.copy_(mean_distance.to(self.mean_distance.dtype))
-        self.hard_indices = torch.cat(reg_idx)[hard].to(torch.long)
-        self.hard_labels = labs[hard].to(torch.long)
-        self.tail_indices = torch.cat(tail_idx).to(torch.long)
-        self.tail_labels = torch.cat(tail_lab).to(torch.long)
+        # the resized buffers as normal tensors when the statistics were computed inside
+        # torch.inference_mode() (the transfer differentiates through basis in stage 1)
+        self.basis = _normal(basis.to(torch.float32).contiguous())  # a loaded one's layout
+        self.hard_indices = _normal(torch.cat(reg_idx)[hard].to(torch.long))
+        self.hard_labels = _normal(labs[hard].to(torch.long))
+        self.tail_indices = _normal(torch.cat(tail_idx).to(torch.long))
+        self.tail_labels = _normal(torch.cat(tail_lab).to(torch.long))
         return {
             "num_components": self.num_components,
             "explained_energy": self.explained_energy,
@@ -513,7 +513,7 @@ class FeatureTransfer(KeepBufferDtypes):
             if key in state_dict:
                 cur = getattr(self, name)
                 src = state_dict[key]
-                setattr(self, name, torch.empty(src.shape, dtype=cur.dtype, device=cur.device))
+                setattr(self, name, resized_buffer(src.shape, cur))  # inference_mode too
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
@@ -526,3 +526,13 @@ class FeatureTransfer(KeepBufferDtypes):
             f"feature_dim={self.feature_dim}, num_classes={self.num_classes}, {sel}, "
             f"tail_threshold={self.tail_threshold}"
         )
+
+
+def _normal(t: Tensor) -> Tensor:
+    """``t``, or a normal copy of it when it is an inference tensor (made inside
+    ``torch.inference_mode()``: autograd cannot save it, and it cannot be written in place
+    outside that mode)."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()

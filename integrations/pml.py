@@ -55,9 +55,11 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from feature_cloud import functional as FC
 from feature_cloud import margins
+from feature_cloud._compat import is_compiling
 from feature_cloud._validation import (
     as_float,
     as_int,
@@ -79,8 +81,10 @@ from feature_cloud.heads import (
     backend_for,
     check_impl,
     cloud_margin_loss,
+    hooked_weight,
     in_draw_order,
     make_cloud,
+    recomputing_hooks,
     scoring_weight,
 )
 from feature_cloud.regularizers import MetricL2, as_metric_l2, warn_metric_l2_with_margin
@@ -358,6 +362,14 @@ class LEAPLoss(
         if self.metric_l2 is not None:
             warn_metric_l2_with_margin("LEAPLoss", "metric_l2", self.metric_l2.alpha)
 
+    def reset_parameters(self) -> None:
+        """A fresh ``W`` (``weight_init_func``, as at construction, from torch's global RNG) and a
+        fresh cloud (:meth:`FeatureCloud.reset_parameters`): the re-initialisation of a loss
+        built on the ``meta`` device and moved by ``to_empty``, as the head's."""
+        with torch.no_grad():
+            self.weight_init_func(self.W)
+        self.feature_cloud.reset_parameters()
+
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """A whole-module pickle of an earlier release held the ArcFace ``margin`` in degrees
         (PML's keyword); this release holds it in radians, as PML's attribute. Pickles from
@@ -529,6 +541,8 @@ class LEAPLoss(
             )
         if miner_weights is None:
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
+        if train:
+            self._refuse_a_lost_imprint(cloud)
         self.cast_types(dtype, device)  # W follows the batch once the batch is accepted
         cloud.imprint(self.W.t(), self.sub_centers, train=train)
         draw = cloud.advance(embeddings, labels, train=train)
@@ -577,6 +591,31 @@ class LEAPLoss(
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict
 
+    def _refuse_a_lost_imprint(self, cloud: FeatureCloud) -> None:
+        """An ``imprint_step`` still ahead with a ``W`` recomputed from other tensors (a forward
+        pre-hook: ``torch.nn.utils.prune``, the hook-based ``weight_norm`` / ``spectral_norm``;
+        or ``parametrize``): the imprint writes in place into the ``W`` computed for this step
+        and the next computation drops it. Refused before the statistics change (the plain
+        ``W``: one dict check and one attribute test; eager only)."""
+        hooks = recomputing_hooks(self, "W")
+        if not hooks and not parametrize.is_parametrized(self, "W"):
+            return
+        if (
+            cloud.imprint_step is None
+            or cloud.rule is None
+            or cloud.imprint_behind
+            or is_compiling()
+            or cloud.steps_taken > cloud.imprint_step
+        ):
+            return
+        how = f"the hook-based {hooks[0]}" if hooks else "a parametrization (parametrize)"
+        raise ValueError(
+            f"imprint_step={cloud.imprint_step}: LEAPLoss's W is recomputed from other tensors "
+            f"by {how}, which would discard the imprint; remove it before the imprint step "
+            "(prune.remove(loss, 'W'), parametrize.remove_parametrizations) or leave "
+            "imprint_step=None"
+        )
+
     def _scored(self, embeddings: Tensor) -> Tensor:
         """Embeddings to score (at least float32, checked), ``W`` on their device and dtype."""
         embeddings = _half_to_float32(embeddings)
@@ -586,7 +625,9 @@ class LEAPLoss(
 
     def get_cosine(self, embeddings: Tensor) -> Tensor:
         """Cosine to every class ``(B, C)`` (the best sub-center), as PML's margin losses'."""
-        return FC.cosine_logits(self._scored(embeddings), self.W.t(), self.sub_centers)
+        return FC.cosine_logits(
+            self._scored(embeddings), hooked_weight(self, "W").t(), self.sub_centers
+        )
 
     def get_angles(self, cosine_of_target_classes: Tensor) -> Tensor:
         """``acos`` of target cosines (radians), as PML's; sets ``avg_angle`` (degrees) with
@@ -612,7 +653,9 @@ class LEAPLoss(
         in eval mode against the cloud's prototypes (``prototype_shrinkage``; see
         ``LEAPMarginHead.logits``)."""
         embeddings = self._scored(embeddings)
-        weight, unit = scoring_weight(self.feature_cloud, self.W.t(), self.sub_centers)
+        weight, unit = scoring_weight(
+            self.feature_cloud, hooked_weight(self, "W").t(), self.sub_centers
+        )
         return FC.cosine_logits(embeddings, weight, self.sub_centers, unit_weight=unit) * self.scale
 
     def extra_repr(self) -> str:

@@ -37,6 +37,7 @@ from typing import (
     Sequence,
     Set,
     Tuple,
+    TypeVar,
     Union,
 )
 
@@ -83,7 +84,7 @@ from feature_cloud.ftl import (
     make_filter,
 )
 from feature_cloud.functional import DEFAULT_RECON_REDUCTION
-from feature_cloud.heads import LEAPMarginHead, scoring_weight
+from feature_cloud.heads import LEAPMarginHead, hooked_weight, scoring_weight
 from feature_cloud.regularizers import MetricL2, as_metric_l2, warn_metric_l2_with_margin
 from feature_cloud.statistics import ClassStatistics
 from feature_cloud.transfer import FeatureTransfer
@@ -609,7 +610,7 @@ class LEAPEvaluator(ClassificationEvaluator):
         held = self._scorings.get(training)
         if key is not None and held is not None and held[0] == key:
             return held[2]
-        weight, unit = scoring_weight(cloud, head.weight.detach(), head.sub_centers)
+        weight, unit = scoring_weight(cloud, hooked_weight(head).detach(), head.sub_centers)
         if weight.dtype != output.dtype:  # cosine_logits' cast, once
             weight = FC.common_float(output, weight)[1]
         scoring = (FC.unit_rows(weight, unit), True)  # cosine_logits' normalisation, once
@@ -640,6 +641,17 @@ class LEAPEvaluator(ClassificationEvaluator):
         return out
 
 
+_Module = TypeVar("_Module", bound=nn.Module)
+
+
+def _placed(module: _Module, device: Optional[torch.device]) -> _Module:
+    """The task's model where the user put it, as timm's ``ClassificationTask`` leaves it: moved
+    only to a ``device`` given explicitly (not to ``TrainingTask``'s default cpu, which would pull
+    a model already on a GPU back to the host, and fail for one built under
+    ``with torch.device("meta")``)."""
+    return module if device is None else module.to(device=device)
+
+
 class LEAPTask(_AllOrNothingLoad):
     """Metric-learning training task: timm backbone -> embeddings -> LEAP margin loss.
 
@@ -652,7 +664,9 @@ class LEAPTask(_AllOrNothingLoad):
             loss; timm's loader-side smoothing and Mixup / CutMix give soft targets, refused.
         head_weight_decay: ``False`` leaves the head's weight out of ``create_optimizer_v2``'s
             weight decay (it is in the trainable module's ``no_weight_decay()``).
-        device, dtype, verbose: as in ``timm.task.TrainingTask``.
+        device, dtype, verbose: as in ``timm.task.TrainingTask``; the model stays where it is
+            (as timm's ``ClassificationTask`` leaves it) unless ``device`` is given, then it is
+            moved there.
     """
 
     def __init__(
@@ -678,9 +692,9 @@ class LEAPTask(_AllOrNothingLoad):
                 f"the backbone outputs num_features={features} but the head expects "
                 f"embedding_size={head.embedding_size}"
             )
-        self.trainable_module = LEAPTrainableModule(
-            model, head, label_smoothing, head_weight_decay
-        ).to(device=self.device)
+        self.trainable_module = _placed(
+            LEAPTrainableModule(model, head, label_smoothing, head_weight_decay), device
+        )
         self.metric_l2 = as_metric_l2(metric_l2)
         if self.metric_l2 is not None:
             warn_metric_l2_with_margin("LEAPMarginHead", "metric_l2", self.metric_l2.alpha)
@@ -1078,7 +1092,9 @@ class FTLTask(_AllOrNothingLoad):
             tail_sampling: the :class:`AlternatingScheduler`'s (``tail_sampling="classes"``: every
             long-tail class equally often in stage 1's long-tail batch; default ``"samples"``;
             ``seed=None``: drawn from torch's global RNG, saved in the task state).
-        device, dtype, verbose: as in ``timm.task.TrainingTask``.
+        device, dtype, verbose: as in ``timm.task.TrainingTask``; the model stays where it is
+            (as timm's ``ClassificationTask`` leaves it) unless ``device`` is given, then it is
+            moved there.
     """
 
     def __init__(
@@ -1100,7 +1116,7 @@ class FTLTask(_AllOrNothingLoad):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
         if not isinstance(model, FTLModel):
             raise TypeError(f"model must be a feature_cloud.FTLModel, got {type(model).__name__}")
-        self.trainable_module = model.to(device=self.device)
+        self.trainable_module = _placed(model, device)
         self.scheduler = AlternatingScheduler(
             model,
             stage0_iters=stage0_iters,

@@ -92,3 +92,27 @@ def test_a_checkpointed_head_is_refused_during_backward(impl, reentrant):
         loss.backward()
     assert cloud.steps_taken == taken
     assert_same_state(state_snapshot(net), before, "after the refused recomputation")
+
+
+def test_a_head_loaded_inside_inference_mode_trains_outside_it():
+    """s54 ecosystem 7: with online counts the load resizes the angle memory; inside
+    ``torch.inference_mode()`` (an eval or serving helper) the new buffers were inference tensors
+    and the next training step failed ("Inplace update to inference tensor outside InferenceMode"),
+    naming nothing. The loaded head is the trained one, as torch's own loads leave a module."""
+    C, D = 10, 8
+    gen = torch.Generator().manual_seed(0)
+    kw = dict(scale=24.0, seed=1, warmup_steps=2, count_steps=2)
+    trained = LEAPMarginHead(D, C, **kw)
+    y = torch.arange(16) % C
+    for _ in range(3):
+        trained(torch.randn(16, D, generator=gen), y)
+    assert trained.statistics.memory.numel() > 0
+    head = LEAPMarginHead(D, C, **kw)
+    with torch.inference_mode():
+        head.load_state_dict(trained.state_dict())
+    assert [n for n, b in head.named_buffers() if b.is_inference()] == []
+    x = torch.randn(16, D, generator=gen)
+    loss = head(x, y)
+    loss.backward()
+    assert torch.equal(loss.detach(), trained(x, y).detach())
+    assert_same_state(head.state_dict(), trained.state_dict())

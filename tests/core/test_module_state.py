@@ -808,6 +808,33 @@ def test_head_built_on_meta_then_loaded_scores_as_the_trained_head(assign: bool)
         LEAPMarginHead(D, C, class_counts=torch.tensor(counts, device="meta"))
 
 
+def test_to_empty_then_a_load_of_the_same_counts_says_nothing_and_other_counts_are_named() -> None:
+    """s54 ecosystem 1: after ``to_empty`` the class_counts buffer holds whatever the memory held;
+    the load compared the checkpoint's counts with it and warned that they "differ for 2000 of
+    2000 classes" (the same counts). The layout's counts are kept on the host and compared."""
+    D, C = 8, 2000
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(2, 40, (C,), generator=gen)
+    state = LEAPMarginHead(D, C, class_counts=counts).state_dict()
+    with torch.device("meta"):
+        head = LEAPMarginHead(D, C, class_counts=counts)
+    head.to_empty(device="cpu")
+    # what to_empty leaves: garbage (filled here, not left to the allocator)
+    head.statistics.class_counts.copy_(torch.randint(0, 1000, (C,), generator=gen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head.load_state_dict(state)
+    assert torch.equal(head.statistics.class_counts, counts)
+    other = counts.clone()
+    other[:3] += 1  # another dataset's counts: still said, with the classes that differ
+    with torch.device("meta"):
+        head = LEAPMarginHead(D, C, class_counts=other)
+    head.to_empty(device="cpu")
+    head.statistics.class_counts.copy_(torch.randint(0, 1000, (C,), generator=gen))
+    with pytest.warns(UserWarning, match="differ from this module's for 3 of 2000 classes"):
+        head.load_state_dict(state)
+
+
 @pytest.mark.parametrize("saved_as", ["half", "bfloat16", "int32 counters", "double"])
 def test_assign_keeps_the_statistics_dtypes_of_a_checkpoint_saved_in_other_dtypes(
     saved_as: str,
@@ -1092,3 +1119,20 @@ def test_a_cloudless_state_loaded_into_a_warming_up_cloud_warns_and_weight_only_
         again.load_state_dict(fresh.state_dict())
         off_again = LEAPMarginHead(D, C, cloud=None)
         off_again.load_state_dict(off.state_dict())  # cloud-less into cloud-less: as before
+
+
+def test_share_memory_says_the_cloud_is_not_hogwild_safe() -> None:
+    """s54 ecosystem 4: with share_memory() and torch.multiprocessing (Hogwild) each worker counted
+    the warm-up on its own host copy of the step, so the cloud never started, and an online
+    layout stayed private: said when the state is moved to shared memory (once)."""
+    head = LEAPMarginHead(8, 5, class_counts=[4, 4, 3, 2, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head.to("cpu").float()  # other moves say nothing
+        LEAPMarginHead(8, 5, cloud=None).share_memory()  # no cloud, no statistics to race
+    with pytest.warns(UserWarning, match="not Hogwild-safe.*DDP"):
+        torch.nn.Sequential(head).share_memory()
+    assert head.feature_cloud.step.is_shared()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head.share_memory()  # already shared: said once

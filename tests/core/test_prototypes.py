@@ -632,3 +632,67 @@ def test_eval_logits_normalise_the_prototypes_once(monkeypatch, sub_centers):
     out = linear(F.normalize(x))
     out = out if sub_centers == 1 else out.view(len(x), C, sub_centers).amax(-1)
     torch.testing.assert_close(out, head.logits(x), rtol=1e-5, atol=1e-5)
+
+
+def test_imprint_step_refuses_a_pruned_weight():
+    """s54 ecosystem 3: torch.nn.utils.prune recomputes weight = weight_orig * weight_mask in a
+    forward pre-hook, so the imprint was lost without a word (the weight did not change at
+    imprint_step); refused at the first training step, before any state changes."""
+    from torch.nn.utils import prune
+
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+    torch.manual_seed(0)
+    head = LEAPMarginHead(D, C, class_counts=counts, seed=0, imprint_step=2)
+    prune.l1_unstructured(head, "weight", amount=0.3)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    with pytest.raises(ValueError, match="L1Unstructured .*prune.*prune.remove"):
+        head(*make_batch(0, 24, D, C))
+    assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
+    prune.remove(head, "weight")  # the way out the message names: the imprint reaches it
+    head(*make_batch(0, 24, D, C))
+    head(*make_batch(1, 24, D, C))
+    weight = head.weight.detach().clone()
+    head(*make_batch(2, 24, D, C))  # the imprint step
+    assert not torch.equal(head.weight, weight)
+
+
+@pytest.mark.parametrize("hook", ["prune", "weight_norm"])
+def test_eval_scoring_reads_the_weight_a_forward_pre_hook_computes(hook):
+    """s54 ecosystem 2: with torch.nn.utils.prune (or the hook-based weight_norm) ``weight`` is
+    recomputed only in forward, so logits / as_linear scored the weight of the last forward,
+    before the optimiser's step (up to 21 logits off at s=64), and after a load the fresh
+    module's random one. They score the weight forward would compute."""
+    import warnings
+
+    from torch.nn.utils import prune
+
+    def wrap(module):
+        if hook == "prune":
+            prune.l1_unstructured(module, "weight", amount=0.3)
+            return lambda m: m.weight_orig * m.weight_mask
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # weight_norm: deprecated
+            torch.nn.utils.weight_norm(module, "weight")
+        return lambda m: m.weight_g * m.weight_v / m.weight_v.norm(dim=1, keepdim=True)
+
+    torch.manual_seed(0)
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+    head = LEAPMarginHead(D, C, scale=64.0, class_counts=counts, prototype_shrinkage=None)
+    current = wrap(head)
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    for step in range(3):
+        opt.zero_grad()
+        head(*make_batch(step, 24, D, C)).backward()
+        opt.step()
+    q = torch.randn(7, D, generator=torch.Generator().manual_seed(5))
+    want = 64.0 * F.normalize(q) @ F.normalize(current(head).detach()).t()
+    torch.testing.assert_close(head.eval().logits(q), want)
+    torch.testing.assert_close(head.as_linear()(F.normalize(q)), want)
+    fresh = LEAPMarginHead(D, C, scale=64.0, class_counts=counts, prototype_shrinkage=None)
+    if hook == "prune":
+        prune.identity(fresh, "weight")
+    else:
+        wrap(fresh)
+    fresh.load_state_dict(head.state_dict())
+    torch.testing.assert_close(fresh.eval().logits(q), want)
+    torch.testing.assert_close(fresh.as_linear()(F.normalize(q)), want)

@@ -455,3 +455,39 @@ def test_rows_without_a_direction_are_skipped_not_folded_in(bad):
     assert all(torch.isfinite(v).all() for v in head.state_dict().values())
     loss = head(x, y)
     assert torch.isfinite(loss) and torch.isfinite(head.eval().logits(x)).all()
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_a_state_with_an_empty_memory_that_says_it_holds_angles_is_refused(online):
+    """s54 ecosystem 6: a state whose angle memory is empty (0 slots) while memory_fill and the
+    sums of angles say it holds angles (a torch.func.functional_call loop that carried its state
+    through the end of online counting; an edited checkpoint) loaded without a word, and the
+    next step laid the memory out afresh, dropping the history. Refused before anything loads;
+    a state whose memory was never laid out (online counting, a cloud-less head) still loads."""
+    C, D = 10, 8
+    gen = torch.Generator().manual_seed(0)
+    kw = dict(warmup_steps=2, count_steps=2) if online else dict(class_counts=[6] * C)
+    trained = LEAPMarginHead(D, C, scale=24.0, seed=1, **kw)
+    y = torch.arange(16) % C
+    for _ in range(4):
+        trained(torch.randn(16, D, generator=gen), y)
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    p = "feature_cloud.statistics."
+    assert int(state[p + "memory_fill"].sum()) > 0
+    for k in ("memory", "memory_stamp", "memory_owner"):
+        state[p + k] = state[p + k][:0]
+    head = LEAPMarginHead(D, C, scale=24.0, seed=1, **kw)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"memory is empty \(0 slots\) but .*memory_fill.*angle_sum"
+    ):
+        head.load_state_dict(state)
+    after = head.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # not laid out yet: empty memory, nothing stored (the warm-up of online counting)
+    counting = LEAPMarginHead(D, C, scale=24.0, seed=1, warmup_steps=3, count_steps=3)
+    counting(torch.randn(16, D, generator=gen), y)
+    assert counting.statistics.memory.numel() == 0
+    LEAPMarginHead(D, C, scale=24.0, seed=1, warmup_steps=3, count_steps=3).load_state_dict(
+        counting.state_dict()
+    )

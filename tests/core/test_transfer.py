@@ -423,3 +423,26 @@ def test_cuda_matches_cpu():
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("where", ["load", "update_stats"])
+def test_statistics_loaded_or_computed_in_inference_mode_train_outside_it(where):
+    """s54 ecosystem 7: a load inside ``torch.inference_mode()`` (an eval or serving helper)
+    made the resized buffers (basis, hard / tail lists) inference tensors, and the stage-1
+    transfer's backward failed with torch's message, naming no buffer; statistics computed
+    there (update_stats) did the same. They are normal tensors, as torch's own loads leave."""
+    g, y, counts = _random_longtail()
+    source = FeatureTransfer(8, len(counts), class_counts=counts, num_components=2)
+    source.update_stats([(g, y)])
+    ft = FeatureTransfer(8, len(counts), class_counts=counts, num_components=2)
+    with torch.inference_mode():
+        if where == "load":
+            ft.load_state_dict(source.state_dict())
+        else:
+            ft.update_stats([(g, y)])
+    assert [n for n, b in ft.named_buffers() if b.is_inference()] == []
+    g_r = g[y == 0][:4].clone().requires_grad_()
+    out = ft.transfer(g_r, y[y == 0][:4], torch.full((4,), len(counts) - 1))
+    out.sum().backward()
+    assert g_r.grad is not None
+    torch.testing.assert_close(out, source.transfer(g_r, y[y == 0][:4], torch.full((4,), 8)))

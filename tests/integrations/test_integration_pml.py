@@ -951,3 +951,86 @@ def test_narrow_integer_labels_reach_pmls_reducer_as_int64(dtype, cloud):
     expected = (per(emb, labels)["loss"]["losses"] * weights[labels]).mean()
     torch.testing.assert_close(ref(emb, labels), expected)
     torch.testing.assert_close(loss(emb, labels.to(dtype)), expected)
+
+
+def test_meta_then_to_empty_then_a_load_or_reset_parameters_gives_the_loss_back():
+    """s54 ecosystem 1 and 8: a LEAPLoss built on meta and moved by to_empty (the README's
+    routes): a load of the same counts warned that they "differ for 2000 of 2000 classes"
+    (compared with the garbage buffer), and ``reset_parameters`` ("starts afresh") left ``W``
+    uninitialised (zeros or garbage, a NaN first loss): it is drawn as at construction."""
+    C, D = 2000, 16
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(2, 40, (C,), generator=gen)
+    torch.manual_seed(3)
+    fresh = LEAPLoss(C, D, class_counts=counts, seed=1)
+    with torch.device("meta"):
+        loss = LEAPLoss(C, D, class_counts=counts, seed=1)
+    loss.to_empty(device="cpu")
+    for t in loss.state_dict().values():  # what to_empty leaves: garbage, filled here
+        t.copy_(torch.randint(0, 1000, t.shape, generator=gen).to(t.dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss.load_state_dict(fresh.state_dict())
+    for t in loss.state_dict().values():
+        t.copy_(torch.randint(0, 1000, t.shape, generator=gen).to(t.dtype))
+    torch.manual_seed(3)
+    loss.reset_parameters()
+    want = fresh.state_dict()
+    got = loss.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    emb, labels = torch.randn(32, D, generator=gen), torch.randint(0, C, (32,), generator=gen)
+    assert torch.equal(loss(emb, labels), fresh(emb, labels))
+
+
+def test_get_logits_reads_the_pruned_W_forward_would():
+    """s54 ecosystem 2: with torch.nn.utils.prune on ``W`` get_logits scored the W of the last
+    forward (before the optimiser's step)."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    loss = LEAPLoss(C, D, cloud=None)
+    prune.l1_unstructured(loss, "W", amount=0.3)
+    opt = torch.optim.SGD(loss.parameters(), lr=0.5)
+    for seed in range(2):
+        opt.zero_grad()
+        loss(*_batch(seed)).backward()
+        opt.step()
+    emb = _batch(5)[0]
+    w = (loss.W_orig * loss.W_mask).detach()
+    want = (
+        loss.scale * torch.nn.functional.normalize(emb) @ torch.nn.functional.normalize(w.t()).t()
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(loss.eval().get_logits(emb), want)
+
+
+@pytest.mark.parametrize("kind", ["prune", "parametrization"])
+def test_imprint_step_refuses_a_W_recomputed_from_other_tensors(kind):
+    """s54 ecosystem 3 (PML): the imprint writes in place into the W computed for the step; with
+    torch.nn.utils.prune the next forward recomputed W from W_orig * W_mask (the imprint lasted
+    one step), with parametrizations.weight_norm it never showed. Refused before the statistics
+    change; prune.remove before the imprint step lets it through."""
+    from torch.nn.utils import parametrizations, parametrize, prune
+
+    torch.manual_seed(0)
+    loss = LEAPLoss(C, D, class_counts=[8] * C, imprint_step=2, warmup_steps=1)
+    if kind == "prune":
+        prune.l1_unstructured(loss, "W", amount=0.3)
+    else:
+        parametrizations.weight_norm(loss, "W")
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+    with pytest.raises(ValueError, match="imprint_step=2: LEAPLoss's W is recomputed"):
+        loss(*_batch(0))
+    assert all(torch.equal(v, before[k]) for k, v in loss.state_dict().items())
+    if kind == "prune":
+        prune.remove(loss, "W")
+    else:
+        parametrize.remove_parametrizations(loss, "W")
+    for seed in range(2):
+        loss(*_batch(seed))
+    w = loss.W.detach().clone()
+    loss(*_batch(2))  # the imprint step
+    assert not torch.equal(loss.W, w)

@@ -1058,3 +1058,29 @@ def test_the_evaluator_calls_a_logits_of_the_users_own():
             want = owner.logits(f)
             got = LEAPEvaluator(owner)._logits(f, False)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_tasks_leave_the_model_where_it_is_as_timms_classification_task_does():
+    """timm's ClassificationTask keeps its model on the device it was built on (meta included);
+    TrainingTask's default device (cpu) must not pull a placed model back (s54 ecosystem 5)."""
+
+    def devices(task):
+        return {t.device.type for t in task.get_trainable_module().parameters()}
+
+    with torch.device("meta"):
+        leap = _task()
+        ftl = _ftl_task()
+        backbone, head = create_backbone_and_head("test_resnet", C, class_counts=COUNTS)
+    assert devices(leap) == devices(ftl) == {"meta"}
+    # built outside the context: a model already placed stays there when no device is given
+    placed = LEAPTask(backbone, head, verbose=False)
+    assert devices(placed) == {"meta"} and placed.get_trainable_module().head is head
+    # a device given is where the model goes
+    cpu_backbone, cpu_head = create_backbone_and_head("test_resnet", C, class_counts=COUNTS)
+    moved = LEAPTask(cpu_backbone, cpu_head, device=torch.device("meta"), verbose=False)
+    assert devices(moved) == {"meta"}
+    # the meta-built task's README route: to_empty, then a checkpoint of a real task
+    leap.to_empty(device="cpu")
+    leap.get_trainable_module().load_state_dict(_task().get_trainable_module().state_dict())
+    x, y = _images([2] * C, seed=1)
+    assert torch.isfinite(leap(x, y)["loss"])
