@@ -969,6 +969,14 @@ class FeatureCloud(nn.Module):
         the device only, so while compiling nothing else tells)."""
         return self.imprint_step is not None and self._imprinted == self.imprint_step
 
+    def imprint_ahead(self) -> bool:
+        """Whether an eager step may still imprint (``imprint_step`` set, a cloud rule, not
+        imprinted, not past it): one host read of the step; ``False`` while compiling (the
+        checks that need it run eager only)."""
+        if self.imprint_step is None or self.rule is None or self.imprint_behind:
+            return False
+        return not is_compiling() and self.steps_taken <= self.imprint_step
+
     # ------------------------------------------------------------------ distributed
     def synchronize(
         self,

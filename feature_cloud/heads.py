@@ -971,13 +971,7 @@ class LEAPMarginHead(
         without a ``right_inverse``, and ``parametrize.cached()`` (its cached weight is in
         the graph the imprint would modify in place). Compiled, only a plain weight or one
         whose imprint is behind gets here (:meth:`_recomputed_weight`): no host read."""
-        if (
-            cloud.imprint_step is None
-            or cloud.rule is None
-            or cloud.imprint_behind
-            or is_compiling()
-            or cloud.steps_taken > cloud.imprint_step
-        ):
+        if not cloud.imprint_ahead():
             return False
         recomputed = self._recomputing_hooks()
         if recomputed:

@@ -685,9 +685,9 @@ class ClassStatistics(KeepBufferDtypes):
         checks: Dict[str, Tensor] = {}
         for name in ("class_counts", "num_updates", "center_updates", "angle_sum", "angle_sqsum"):
             if name in present:
-                value = present[name]
-                floor = -1e-6 if value.is_floating_point() else 0  # a running sum's rounding
-                ok = torch.isfinite(value.double()) & (value >= floor)
+                value = present[name].double()  # one entry a class; float8 has no compare
+                floor = -1e-6 if present[name].is_floating_point() else 0  # a sum's rounding
+                ok = torch.isfinite(value) & (value >= floor)
                 checks[f"{name} below 0 or not finite"] = ~ok.all()
         cap = present.get("memory_capacity")
         for name, top in (("memory_fill", 0), ("memory_pointer", 1)):  # pointer < capacity

@@ -59,7 +59,6 @@ from torch.nn.utils import parametrize
 
 from feature_cloud import functional as FC
 from feature_cloud import margins
-from feature_cloud._compat import is_compiling
 from feature_cloud._validation import (
     as_float,
     as_int,
@@ -600,13 +599,7 @@ class LEAPLoss(
         hooks = recomputing_hooks(self, "W")
         if not hooks and not parametrize.is_parametrized(self, "W"):
             return
-        if (
-            cloud.imprint_step is None
-            or cloud.rule is None
-            or cloud.imprint_behind
-            or is_compiling()
-            or cloud.steps_taken > cloud.imprint_step
-        ):
+        if not cloud.imprint_ahead():
             return
         how = f"the hook-based {hooks[0]}" if hooks else "a parametrization (parametrize)"
         raise ValueError(
