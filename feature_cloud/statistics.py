@@ -403,8 +403,7 @@ class ClassStatistics(KeepBufferDtypes):
         total = int((counts * self.memory_per_sample).clamp_min(1).sum())
         text, host = _counts_summary(counts)  # as the ranks compare it (layout_setting)
         counts = counts.to(device)
-        capacity = (counts * self.memory_per_sample).clamp_min(1)
-        offsets = torch.cumsum(capacity, 0) - capacity
+        capacity, offsets, owner = _memory_layout(counts, self.memory_per_sample, total)
         self.class_counts.copy_(counts)
         self.memory_capacity.copy_(capacity)
         self.memory_offsets.copy_(offsets)
@@ -417,10 +416,7 @@ class ClassStatistics(KeepBufferDtypes):
         # write time of each slot (-1: empty) and its class; the trash slot belongs to class 0
         # and is never valid
         self.memory_stamp = torch.full((total + 1,), -1, dtype=torch.long, device=device)
-        owner = torch.repeat_interleave(
-            torch.arange(self.num_classes, device=device), capacity, output_size=total
-        )
-        self.memory_owner = torch.cat([owner, owner.new_zeros(1)])
+        self.memory_owner = owner
         self._layout_text = text
         self._layout_counts = host
 
@@ -777,20 +773,43 @@ class ClassStatistics(KeepBufferDtypes):
 
     def _keep_layout(self, state_dict: Dict[str, Any], prefix: str) -> None:
         """Load this module's ``class_counts`` and memory layout instead of the checkpoint's,
-        with the memory emptied as :meth:`allocate_memory` leaves it."""
-        if self.class_counts.is_meta:
+        with the memory emptied as :meth:`allocate_memory` leaves it. Built from the host copy
+        of the laid-out counts (:meth:`_own_counts`), not from the buffers: after ``to_empty``
+        they hold whatever the memory held (that garbage was kept as the layout), and on the
+        ``meta`` device (``assign=True``) they hold no values."""
+        counts = self._own_counts()
+        if counts is None:
             raise ValueError(
                 "the checkpoint holds no class sizes K_i (a head trained without a cloud) and "
                 "this module's class_counts were built on the meta device, without values: "
                 "build the head on a real device, or load and then call "
                 "statistics.allocate_memory(class_counts)"
             )
-        for name in _LAYOUT_BUFFERS:
-            if prefix + name not in state_dict:
-                continue
-            own = getattr(self, name)
-            keep = name in ("class_counts", "memory_capacity", "memory_offsets", "memory_owner")
-            state_dict[prefix + name] = own if keep else _empty_like(own, name)
+        device = self.class_counts.device
+        if device.type == "meta":  # assign=True takes these tensors: the checkpoint's device
+            saved = state_dict.get(prefix + "class_counts")
+            device = saved.device if isinstance(saved, Tensor) else torch.device("cpu")
+        total = int((counts * self.memory_per_sample).clamp_min(1).sum())
+        with torch.inference_mode(False):  # a load in inference_mode: normal tensors
+            counts = counts.to(device, copy=True)
+            capacity, offsets, owner = _memory_layout(counts, self.memory_per_sample, total)
+            slots = (total + 1,)
+            fresh = {
+                "class_counts": counts,
+                "memory_capacity": capacity,
+                "memory_offsets": offsets,
+                "memory_owner": owner,
+                "memory_stamp": torch.full(slots, -1, dtype=torch.long, device=device),
+                "memory": torch.zeros(slots, device=device),
+            }
+            for name in _LAYOUT_BUFFERS:
+                if prefix + name not in state_dict:
+                    continue
+                own = getattr(self, name)
+                value = fresh.get(name)
+                if value is None:  # one entry a class, zero
+                    value = torch.zeros(self.num_classes, device=device)
+                state_dict[prefix + name] = value.to(own.dtype)
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         self.check_state_dict(state_dict, prefix)
@@ -911,14 +930,20 @@ def _counts_summary(counts: Tensor) -> Tuple[str, Tensor]:
 _counts_summary = disable_compile(_counts_summary, "class_counts' host summary (layout_setting)")
 
 
+def _memory_layout(counts: Tensor, per_sample: int, total: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The layout :meth:`ClassStatistics.allocate_memory` gives ``counts`` (``total``: the sum
+    of the capacities), on their device: each class's capacity ``K_i * P`` (at least 1), its
+    offset in the flat memory, and each slot's class (the trash slot at the end: class 0)."""
+    capacity = (counts * per_sample).clamp_min(1)
+    offsets = torch.cumsum(capacity, 0) - capacity
+    owner = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=counts.device), capacity, output_size=total
+    )
+    return capacity, offsets, torch.cat([owner, owner.new_zeros(1)])
+
+
 def _unchanged(x: Tensor) -> Tensor:
     return x
-
-
-def _empty_like(own: Tensor, name: str) -> Tensor:
-    """A just-laid-out value of the layout buffer ``name`` (as :meth:`allocate_memory` leaves
-    it), shaped like ``own``."""
-    return torch.full_like(own, -1) if name == "memory_stamp" else torch.zeros_like(own)
 
 
 def _warn_vanilla_without_both_groups(counts: Tensor, threshold: int) -> None:
