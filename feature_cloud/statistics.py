@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import functional as FC
-from ._buffers import KeepBufferDtypes, resized_buffer
+from ._buffers import KeepBufferDtypes, normal_tensors, resized_buffer
 from ._compat import disable_compile, is_compiling, materialized
 from ._validation import (
     ClassCounts,
@@ -402,21 +402,22 @@ class ClassStatistics(KeepBufferDtypes):
         # sized from the counts where they are (a module built on "meta" gets host counts)
         total = int((counts * self.memory_per_sample).clamp_min(1).sum())
         text, host = _counts_summary(counts)  # as the ranks compare it (layout_setting)
-        counts = counts.to(device)
-        capacity, offsets, owner = _memory_layout(counts, self.memory_per_sample, total)
-        self.class_counts.copy_(counts)
-        self.memory_capacity.copy_(capacity)
-        self.memory_offsets.copy_(offsets)
-        self.memory_pointer.zero_()
-        self.memory_fill.zero_()
-        self.angle_sum.zero_()
-        self.angle_sqsum.zero_()
-        # one extra trash slot at the end absorbs writes that must not land
-        self.memory = torch.zeros(total + 1, dtype=torch.float32, device=device)
-        # write time of each slot (-1: empty) and its class; the trash slot belongs to class 0
-        # and is never valid
-        self.memory_stamp = torch.full((total + 1,), -1, dtype=torch.long, device=device)
-        self.memory_owner = owner
+        with normal_tensors():  # inside torch.inference_mode() too (after a load there)
+            counts = counts.to(device)
+            capacity, offsets, owner = _memory_layout(counts, self.memory_per_sample, total)
+            self.class_counts.copy_(counts)
+            self.memory_capacity.copy_(capacity)
+            self.memory_offsets.copy_(offsets)
+            self.memory_pointer.zero_()
+            self.memory_fill.zero_()
+            self.angle_sum.zero_()
+            self.angle_sqsum.zero_()
+            # one extra trash slot at the end absorbs writes that must not land
+            self.memory = torch.zeros(total + 1, dtype=torch.float32, device=device)
+            # write time of each slot (-1: empty) and its class; the trash slot belongs to
+            # class 0 and is never valid
+            self.memory_stamp = torch.full((total + 1,), -1, dtype=torch.long, device=device)
+            self.memory_owner = owner
         self._layout_text = text
         self._layout_counts = host
 
@@ -573,9 +574,10 @@ class ClassStatistics(KeepBufferDtypes):
         self.center_initialized.zero_()
         self.memory_capacity.fill_(1)
         device = self.centers.device
-        self.memory = torch.zeros(0, dtype=torch.float32, device=device)
-        self.memory_stamp = torch.zeros(0, dtype=torch.long, device=device)
-        self.memory_owner = torch.zeros(0, dtype=torch.long, device=device)
+        with normal_tensors():  # inside torch.inference_mode() too
+            self.memory = torch.zeros(0, dtype=torch.float32, device=device)
+            self.memory_stamp = torch.zeros(0, dtype=torch.long, device=device)
+            self.memory_owner = torch.zeros(0, dtype=torch.long, device=device)
         self.has_centers = False
         self._layout_text = _COUNTING
         self._layout_counts = None
@@ -790,7 +792,7 @@ class ClassStatistics(KeepBufferDtypes):
             saved = state_dict.get(prefix + "class_counts")
             device = saved.device if isinstance(saved, Tensor) else torch.device("cpu")
         total = int((counts * self.memory_per_sample).clamp_min(1).sum())
-        with torch.inference_mode(False):  # a load in inference_mode: normal tensors
+        with normal_tensors():  # a load in inference_mode: normal tensors
             counts = counts.to(device, copy=True)
             capacity, offsets, owner = _memory_layout(counts, self.memory_per_sample, total)
             slots = (total + 1,)
