@@ -433,14 +433,14 @@ def imprint_weight(
     it already (the sharded head, before its ranks agree on the batch)."""
     if parametrized is None:
         parametrized = train and imprint_through_parametrization(module, cloud)
-    weight = module.weight
+    weight = cast(Tensor, module.weight)
     imprinted = cloud.imprint(weight, sub_centers, class_start, train=counted)
     if imprinted and parametrized:
         # the imprint went into the tensor the parametrization computed: set it through
         # its right_inverse (weight_norm keeps it exactly; a projecting right_inverse, e.g.
         # orthogonal's, keeps its nearest weight of that form)
         with torch.no_grad():
-            module.weight = weight.detach()
+            setattr(module, "weight", weight.detach())  # noqa: B010 (a parametrization's setter)
 
 
 def scoring_weight(
