@@ -402,22 +402,25 @@ class ClassStatistics(KeepBufferDtypes):
         # sized from the counts where they are (a module built on "meta" gets host counts)
         total = int((counts * self.memory_per_sample).clamp_min(1).sum())
         text, host = _counts_summary(counts)  # as the ranks compare it (layout_setting)
-        with normal_tensors():  # inside torch.inference_mode() too (after a load there)
+        # the new buffers are normal tensors inside torch.inference_mode() too (after a load
+        # there); the existing ones are written in place in the ambient mode (a module built
+        # under inference_mode holds inference tensors, written only there)
+        with normal_tensors():
             counts = counts.to(device)
             capacity, offsets, owner = _memory_layout(counts, self.memory_per_sample, total)
-            self.class_counts.copy_(counts)
-            self.memory_capacity.copy_(capacity)
-            self.memory_offsets.copy_(offsets)
-            self.memory_pointer.zero_()
-            self.memory_fill.zero_()
-            self.angle_sum.zero_()
-            self.angle_sqsum.zero_()
             # one extra trash slot at the end absorbs writes that must not land
-            self.memory = torch.zeros(total + 1, dtype=torch.float32, device=device)
+            memory = torch.zeros(total + 1, dtype=torch.float32, device=device)
             # write time of each slot (-1: empty) and its class; the trash slot belongs to
             # class 0 and is never valid
-            self.memory_stamp = torch.full((total + 1,), -1, dtype=torch.long, device=device)
-            self.memory_owner = owner
+            stamp = torch.full((total + 1,), -1, dtype=torch.long, device=device)
+        self.class_counts.copy_(counts)
+        self.memory_capacity.copy_(capacity)
+        self.memory_offsets.copy_(offsets)
+        self.memory_pointer.zero_()
+        self.memory_fill.zero_()
+        self.angle_sum.zero_()
+        self.angle_sqsum.zero_()
+        self.memory, self.memory_stamp, self.memory_owner = memory, stamp, owner
         self._layout_text = text
         self._layout_counts = host
 

@@ -476,11 +476,11 @@ class FeatureTransfer(KeepBufferDtypes):
         device = self.centers.device
         # a pickle of an earlier release has no host copies: its buffers hold them
         counts, regular = getattr(self, "_initial", (self.class_counts, self.regular))
+        for name in ("centers", "has_center", "covariance", "eigenvalues", "mean_distance"):
+            getattr(self, name).zero_()
         with normal_tensors():  # inside torch.inference_mode() too
             self.class_counts = counts.to(device, copy=True)
             self.regular = regular.to(device, copy=True)
-            for name in ("centers", "has_center", "covariance", "eigenvalues", "mean_distance"):
-                getattr(self, name).zero_()
             self.basis = torch.zeros(self.feature_dim, 0, dtype=torch.float32, device=device)
             for name in ("hard_indices", "hard_labels", "tail_indices", "tail_labels"):
                 setattr(self, name, torch.zeros(0, dtype=torch.long, device=device))
