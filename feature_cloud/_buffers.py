@@ -5,17 +5,32 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, Dict, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Dict, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ._compat import is_compiling
 
 __all__ = [
     "KeepBufferDtypes",
     "restore_on_error",
     "keep_loaded_dtypes",
     "resized_buffer",
+    "normal_tensors",
 ]
+
+
+def normal_tensors() -> ContextManager[Any]:
+    """``torch.inference_mode(False)`` where inference mode is on: the buffers a module makes
+    for itself outside ``forward`` (a memory laid out, a reset, a load prepared) are normal
+    tensors even when that runs inside ``torch.inference_mode()`` (an eval or serving helper).
+    Made there, they were inference tensors, and the next training step failed with torch's
+    "Inplace update to inference tensor outside InferenceMode", naming no buffer. Nothing
+    while compiling (the end of online counting lays the memory out inside compiled steps)."""
+    if not is_compiling() and torch.is_inference_mode_enabled():
+        return torch.inference_mode(False)
+    return contextlib.nullcontext()
 
 
 def resized_buffer(shape: Sequence[int], like: Tensor) -> Tensor:

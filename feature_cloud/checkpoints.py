@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple, cas
 import torch
 from torch import Tensor, nn
 
+from ._buffers import normal_tensors
 from .cloud import FeatureCloud
 from .distributed import ShardedLEAPMarginHead
 from .heads import LEAPMarginHead
@@ -169,7 +170,8 @@ def prepare_dcp_load(model: nn.Module, checkpoint: Any, prefix: Optional[str] = 
         plan.append((key, module, name, own, entry.shape))
     for _, module, name, own, shape in plan:  # every check passed: lay them out
         empty = -1 if name == "memory_stamp" else 0  # as allocate_memory leaves them
-        setattr(module, name, torch.full(shape, empty, dtype=own.dtype, device=own.device))
+        with normal_tensors():  # a load prepared inside torch.inference_mode() too
+            setattr(module, name, torch.full(shape, empty, dtype=own.dtype, device=own.device))
     for key, module, name in sized:  # the layout the ranks compare: re-read once it is loaded
         if isinstance(module, ClassStatistics) and name == "memory":
             loaded = key[: -len(name)] + "class_counts"

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from . import functional as FC
 from . import fused, margins
 from . import noise as N
+from ._compat import is_compiling
 from ._validation import (
     as_float,
     as_int,
@@ -56,9 +57,14 @@ from ._validation import (
 from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict, migrated_for_checking
 from .heads import (
     MarginSettings,
+    _imprint_outside_the_graph,
     cloud_margin_logits,
     fused_cloud,
+    hooked_weight,
+    imprint_through_parametrization,
+    imprint_weight,
     make_cloud,
+    recomputed_weight,
     resolve_margin,
     scoring_weight,
 )
@@ -306,7 +312,9 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
         of the consolidated head (in eval mode against this shard's rows of the cloud's
         prototypes; in train mode, or with ``prototype_shrinkage=None``, against the weights)."""
         check_embeddings(embeddings, self.embedding_size)
-        weight, unit = scoring_weight(self.feature_cloud, self.weight, class_start=self.shard_start)
+        weight, unit = scoring_weight(  # the weight as forward sees it (prune, weight_norm)
+            self.feature_cloud, hooked_weight(self), class_start=self.shard_start
+        )
         return FC.cosine_logits(embeddings, weight, unit_weight=unit) * self.scale
 
     def logits(self, embeddings: Tensor) -> Tensor:
@@ -351,6 +359,15 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
         distributed = self.world_size > 1
         train = self.training and torch.is_grad_enabled()
         problem = inference_problem(embeddings, self.feature_cloud.step) if train else None
+        parametrized = False
+        if train and not is_compiling():
+            # an imprint still ahead into a recomputed weight (prune, the hook-based
+            # weight_norm) is refused as the dense head refuses it, before the gather: the
+            # ranks agree on the refusal with the batch, so every rank raises
+            try:
+                parametrized = imprint_through_parametrization(self, self.feature_cloud)
+            except (ValueError, RuntimeError) as refusal:
+                problem = problem or refusal
         if distributed:  # every rank agrees on every check before the gather: all raise or none
             labels, rows = agree_on_batch(
                 embeddings,
@@ -393,10 +410,20 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
         key = (
             self.feature_cloud.noise_key(stream=0, purpose=N.PURPOSE_SAMPLING) if sampling else None
         )
-        counted = self.feature_cloud.counts_batch(emb, count_empty=distributed)
-        self.feature_cloud.imprint(
-            self.weight, class_start=self.shard_start, train=train and counted
-        )
+        counted = train and self.feature_cloud.counts_batch(emb, count_empty=distributed)
+        if train and is_compiling() and recomputed_weight(self, self.feature_cloud):
+            _imprint_outside_the_graph(
+                self, self.feature_cloud, train, counted, 1, self.shard_start
+            )
+        else:  # through a parametrization's right_inverse, as the dense head's imprint
+            imprint_weight(
+                self,
+                self.feature_cloud,
+                train,
+                counted,
+                class_start=self.shard_start,
+                parametrized=parametrized,
+            )
         std, cloud_key = self.feature_cloud.advance(
             emb.detach(), lab, train=train, count_empty=distributed
         )

@@ -369,6 +369,80 @@ def hooked_weight(module: nn.Module, name: str = "weight") -> Tensor:
     return cast(Tensor, weight)
 
 
+def recomputed_weight(module: nn.Module, cloud: FeatureCloud) -> bool:
+    """Whether an imprint that may still be ahead would go into a ``module.weight`` recomputed
+    from other tensors (a parametrization, the hook-based ``weight_norm`` / ``spectral_norm``,
+    ``torch.nn.utils.prune``): Python state only, read while compiling too (where the imprint
+    writes in place into the tensor it is given, and would be lost)."""
+    if cloud.imprint_step is None or cloud.rule is None or cloud.imprint_behind:
+        return False
+    return bool(recomputing_hooks(module)) or parametrize.is_parametrized(module, "weight")
+
+
+def imprint_through_parametrization(module: nn.Module, cloud: FeatureCloud) -> bool:
+    """Whether an imprint still ahead (``imprint_step``) has to reach a parametrized
+    ``module.weight`` through its ``right_inverse``; refuses, before any state changes, a weight
+    that the hook-based ``weight_norm`` / ``spectral_norm`` or ``torch.nn.utils.prune``
+    recomputes, a parametrization without a ``right_inverse``, and ``parametrize.cached()`` (its
+    cached weight is in the graph the imprint would modify in place). One host read of the
+    step while the imprint is ahead; compiled, only a plain weight or one whose imprint is
+    behind gets here (:func:`recomputed_weight`): no host read."""
+    if not cloud.imprint_ahead():
+        return False
+    recomputed = recomputing_hooks(module)
+    if recomputed:
+        raise ValueError(
+            f"imprint_step={cloud.imprint_step}: the head's weight is recomputed before "
+            f"every forward by the hook-based {recomputed[0]} (torch.nn.utils.weight_norm / "
+            "spectral_norm, or torch.nn.utils.prune: weight_orig * weight_mask), which "
+            "would discard the imprint; use torch.nn.utils.parametrizations.weight_norm / "
+            "spectral_norm (their right_inverse keeps it), prune.remove(head, 'weight') "
+            "before the imprint step, or leave imprint_step=None"
+        )
+    if not parametrize.is_parametrized(module, "weight"):
+        return False
+    where = f"imprint_step={cloud.imprint_step}: the head's weight is parametrized"
+    chain = cast(nn.ModuleDict, module.parametrizations)["weight"].children()
+    if not all(hasattr(p, "right_inverse") for p in chain):
+        raise ValueError(
+            f"{where} without a right_inverse, so the imprinted prototypes could not be "
+            "set; give the parametrization a right_inverse or leave imprint_step=None"
+        )
+    if getattr(parametrize, "_cache_enabled", 0):
+        raise RuntimeError(
+            f"{where} and cached (parametrize.cached()): the imprint would modify the "
+            "cached weight in place; train the imprint step outside the cache"
+        )
+    return True
+
+
+def imprint_weight(
+    module: nn.Module,
+    cloud: FeatureCloud,
+    train: bool,
+    counted: bool,
+    sub_centers: int = 1,
+    class_start: int = 0,
+    parametrized: Optional[bool] = None,
+) -> None:
+    """The imprint of a training step into ``module.weight`` (:meth:`FeatureCloud.imprint`;
+    its rows are the classes from ``class_start`` on), through a parametrized weight's
+    ``right_inverse`` where it has one; a weight that a forward pre-hook recomputes is refused
+    (:func:`imprint_through_parametrization`). ``train``: a training step; ``counted``: one that
+    the cloud counts (it imprints); ``parametrized``: that check's answer where the caller ran
+    it already (the sharded head, before its ranks agree on the batch)."""
+    if parametrized is None:
+        parametrized = train and imprint_through_parametrization(module, cloud)
+    weight = cast(Tensor, module.weight)
+    imprinted = cloud.imprint(weight, sub_centers, class_start, train=counted)
+    if imprinted and parametrized:
+        # the imprint went into the tensor the parametrization computed: set it through
+        # its right_inverse (weight_norm keeps it exactly; a projecting right_inverse, e.g.
+        # orthogonal's, keeps its nearest weight of that form)
+        with torch.no_grad():
+            setattr(module, "weight", weight.detach())  # noqa: B010 (a parametrization's setter)
+
+
 def scoring_weight(
     cloud: FeatureCloud,
     weight: Tensor,
@@ -930,74 +1004,16 @@ class LEAPMarginHead(
             settings=self.margin_settings(),
         )
         counted = train and cloud.counts_batch(embeddings)
-        if train and is_compiling() and self._recomputed_weight(cloud):
-            _imprint_outside_the_graph(self, cloud, train, counted)
+        if train and is_compiling() and recomputed_weight(self, cloud):
+            _imprint_outside_the_graph(self, cloud, train, counted, self.sub_centers)
         else:
             self._imprint(cloud, train, counted)
         std, key = cloud.advance(embeddings, labels, train=train)
         return std, key, labels
 
     def _imprint(self, cloud: FeatureCloud, train: bool, counted: bool) -> None:
-        """The imprint of this step (:meth:`FeatureCloud.imprint`), through a parametrized
-        weight's ``right_inverse`` where it has one."""
-        parametrized = train and self._imprint_through_parametrization(cloud)
-        weight = self.weight
-        imprinted = cloud.imprint(weight, self.sub_centers, train=counted)
-        if imprinted and parametrized:
-            # the imprint went into the tensor the parametrization computed: set it through
-            # its right_inverse (weight_norm keeps it exactly; a projecting right_inverse, e.g.
-            # orthogonal's, keeps its nearest weight of that form)
-            with torch.no_grad():
-                self.weight = weight.detach()
-
-    def _recomputed_weight(self, cloud: FeatureCloud) -> bool:
-        """Whether an imprint that may still be ahead would go into a weight recomputed from
-        other tensors (a parametrization, the hook-based ``weight_norm`` / ``spectral_norm``):
-        Python state only, read while compiling too (where the imprint writes in place into
-        the tensor it is given, and would be lost)."""
-        if cloud.imprint_step is None or cloud.rule is None or cloud.imprint_behind:
-            return False
-        return bool(self._recomputing_hooks()) or parametrize.is_parametrized(self, "weight")
-
-    def _recomputing_hooks(self) -> List[str]:
-        """The hook-based ``weight_norm`` / ``spectral_norm`` and ``torch.nn.utils.prune`` on
-        ``weight`` (their names): each recomputes it from other tensors before every forward."""
-        return recomputing_hooks(self)
-
-    def _imprint_through_parametrization(self, cloud: FeatureCloud) -> bool:
-        """Whether an imprint still ahead (``imprint_step``) has to reach a parametrized
-        weight through its ``right_inverse``; refuses, before any state changes, a weight that
-        the hook-based ``weight_norm`` / ``spectral_norm`` recomputes, a parametrization
-        without a ``right_inverse``, and ``parametrize.cached()`` (its cached weight is in
-        the graph the imprint would modify in place). Compiled, only a plain weight or one
-        whose imprint is behind gets here (:meth:`_recomputed_weight`): no host read."""
-        if not cloud.imprint_ahead():
-            return False
-        recomputed = self._recomputing_hooks()
-        if recomputed:
-            raise ValueError(
-                f"imprint_step={cloud.imprint_step}: the head's weight is recomputed before "
-                f"every forward by the hook-based {recomputed[0]} (torch.nn.utils.weight_norm / "
-                "spectral_norm, or torch.nn.utils.prune: weight_orig * weight_mask), which "
-                "would discard the imprint; use torch.nn.utils.parametrizations.weight_norm / "
-                "spectral_norm (their right_inverse keeps it), prune.remove(head, 'weight') "
-                "before the imprint step, or leave imprint_step=None"
-            )
-        if not parametrize.is_parametrized(self, "weight"):
-            return False
-        where = f"imprint_step={cloud.imprint_step}: the head's weight is parametrized"
-        chain = cast(nn.ModuleDict, self.parametrizations)["weight"].children()
-        if not all(hasattr(p, "right_inverse") for p in chain):
-            raise ValueError(
-                f"{where} without a right_inverse, so the imprinted prototypes could not be "
-                "set; give the parametrization a right_inverse or leave imprint_step=None"
-            )
-        if getattr(parametrize, "_cache_enabled", 0):
-            raise RuntimeError(
-                f"{where} and cached (parametrize.cached()): the imprint would modify the "
-                "cached weight in place; train the imprint step outside the cache"
-            )
-        return True
+        """The imprint of this step (:func:`imprint_weight`)."""
+        imprint_weight(self, cloud, train, counted, self.sub_centers)
 
     def extra_repr(self) -> str:
         return (
@@ -1070,7 +1086,7 @@ class LEAPMarginHead(
 
 
 _imprint_outside_the_graph = disable_compile(
-    LEAPMarginHead._imprint,
+    imprint_weight,
     "imprint_step with a parametrized (or hook-recomputed) head weight: the imprint is set "
     "through the parametrization eagerly, a graph break. With fullgraph=True, run the steps "
     "up to imprint_step eagerly (after resuming past it, one eager step) and compile afterwards",

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import functional as FC
-from ._buffers import KeepBufferDtypes, resized_buffer
+from ._buffers import KeepBufferDtypes, normal_tensors, resized_buffer
 from ._compat import disable_compile, is_compiling, materialized
 from ._validation import (
     ClassCounts,
@@ -402,9 +402,17 @@ class ClassStatistics(KeepBufferDtypes):
         # sized from the counts where they are (a module built on "meta" gets host counts)
         total = int((counts * self.memory_per_sample).clamp_min(1).sum())
         text, host = _counts_summary(counts)  # as the ranks compare it (layout_setting)
-        counts = counts.to(device)
-        capacity = (counts * self.memory_per_sample).clamp_min(1)
-        offsets = torch.cumsum(capacity, 0) - capacity
+        # the new buffers are normal tensors inside torch.inference_mode() too (after a load
+        # there); the existing ones are written in place in the ambient mode (a module built
+        # under inference_mode holds inference tensors, written only there)
+        with normal_tensors():
+            counts = counts.to(device)
+            capacity, offsets, owner = _memory_layout(counts, self.memory_per_sample, total)
+            # one extra trash slot at the end absorbs writes that must not land
+            memory = torch.zeros(total + 1, dtype=torch.float32, device=device)
+            # write time of each slot (-1: empty) and its class; the trash slot belongs to
+            # class 0 and is never valid
+            stamp = torch.full((total + 1,), -1, dtype=torch.long, device=device)
         self.class_counts.copy_(counts)
         self.memory_capacity.copy_(capacity)
         self.memory_offsets.copy_(offsets)
@@ -412,15 +420,7 @@ class ClassStatistics(KeepBufferDtypes):
         self.memory_fill.zero_()
         self.angle_sum.zero_()
         self.angle_sqsum.zero_()
-        # one extra trash slot at the end absorbs writes that must not land
-        self.memory = torch.zeros(total + 1, dtype=torch.float32, device=device)
-        # write time of each slot (-1: empty) and its class; the trash slot belongs to class 0
-        # and is never valid
-        self.memory_stamp = torch.full((total + 1,), -1, dtype=torch.long, device=device)
-        owner = torch.repeat_interleave(
-            torch.arange(self.num_classes, device=device), capacity, output_size=total
-        )
-        self.memory_owner = torch.cat([owner, owner.new_zeros(1)])
+        self.memory, self.memory_stamp, self.memory_owner = memory, stamp, owner
         self._layout_text = text
         self._layout_counts = host
 
@@ -577,9 +577,10 @@ class ClassStatistics(KeepBufferDtypes):
         self.center_initialized.zero_()
         self.memory_capacity.fill_(1)
         device = self.centers.device
-        self.memory = torch.zeros(0, dtype=torch.float32, device=device)
-        self.memory_stamp = torch.zeros(0, dtype=torch.long, device=device)
-        self.memory_owner = torch.zeros(0, dtype=torch.long, device=device)
+        with normal_tensors():  # inside torch.inference_mode() too
+            self.memory = torch.zeros(0, dtype=torch.float32, device=device)
+            self.memory_stamp = torch.zeros(0, dtype=torch.long, device=device)
+            self.memory_owner = torch.zeros(0, dtype=torch.long, device=device)
         self.has_centers = False
         self._layout_text = _COUNTING
         self._layout_counts = None
@@ -777,20 +778,43 @@ class ClassStatistics(KeepBufferDtypes):
 
     def _keep_layout(self, state_dict: Dict[str, Any], prefix: str) -> None:
         """Load this module's ``class_counts`` and memory layout instead of the checkpoint's,
-        with the memory emptied as :meth:`allocate_memory` leaves it."""
-        if self.class_counts.is_meta:
+        with the memory emptied as :meth:`allocate_memory` leaves it. Built from the host copy
+        of the laid-out counts (:meth:`_own_counts`), not from the buffers: after ``to_empty``
+        they hold whatever the memory held (that garbage was kept as the layout), and on the
+        ``meta`` device (``assign=True``) they hold no values."""
+        counts = self._own_counts()
+        if counts is None:
             raise ValueError(
                 "the checkpoint holds no class sizes K_i (a head trained without a cloud) and "
                 "this module's class_counts were built on the meta device, without values: "
                 "build the head on a real device, or load and then call "
                 "statistics.allocate_memory(class_counts)"
             )
-        for name in _LAYOUT_BUFFERS:
-            if prefix + name not in state_dict:
-                continue
-            own = getattr(self, name)
-            keep = name in ("class_counts", "memory_capacity", "memory_offsets", "memory_owner")
-            state_dict[prefix + name] = own if keep else _empty_like(own, name)
+        device = self.class_counts.device
+        if device.type == "meta":  # assign=True takes these tensors: the checkpoint's device
+            saved = state_dict.get(prefix + "class_counts")
+            device = saved.device if isinstance(saved, Tensor) else torch.device("cpu")
+        total = int((counts * self.memory_per_sample).clamp_min(1).sum())
+        with normal_tensors():  # a load in inference_mode: normal tensors
+            counts = counts.to(device, copy=True)
+            capacity, offsets, owner = _memory_layout(counts, self.memory_per_sample, total)
+            slots = (total + 1,)
+            fresh = {
+                "class_counts": counts,
+                "memory_capacity": capacity,
+                "memory_offsets": offsets,
+                "memory_owner": owner,
+                "memory_stamp": torch.full(slots, -1, dtype=torch.long, device=device),
+                "memory": torch.zeros(slots, device=device),
+            }
+            for name in _LAYOUT_BUFFERS:
+                if prefix + name not in state_dict:
+                    continue
+                own = getattr(self, name)
+                value = fresh.get(name)
+                if value is None:  # one entry a class, zero
+                    value = torch.zeros(self.num_classes, device=device)
+                state_dict[prefix + name] = value.to(own.dtype)
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         self.check_state_dict(state_dict, prefix)
@@ -911,14 +935,20 @@ def _counts_summary(counts: Tensor) -> Tuple[str, Tensor]:
 _counts_summary = disable_compile(_counts_summary, "class_counts' host summary (layout_setting)")
 
 
+def _memory_layout(counts: Tensor, per_sample: int, total: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The layout :meth:`ClassStatistics.allocate_memory` gives ``counts`` (``total``: the sum
+    of the capacities), on their device: each class's capacity ``K_i * P`` (at least 1), its
+    offset in the flat memory, and each slot's class (the trash slot at the end: class 0)."""
+    capacity = (counts * per_sample).clamp_min(1)
+    offsets = torch.cumsum(capacity, 0) - capacity
+    owner = torch.repeat_interleave(
+        torch.arange(counts.numel(), device=counts.device), capacity, output_size=total
+    )
+    return capacity, offsets, torch.cat([owner, owner.new_zeros(1)])
+
+
 def _unchanged(x: Tensor) -> Tensor:
     return x
-
-
-def _empty_like(own: Tensor, name: str) -> Tensor:
-    """A just-laid-out value of the layout buffer ``name`` (as :meth:`allocate_memory` leaves
-    it), shaped like ``own``."""
-    return torch.full_like(own, -1) if name == "memory_stamp" else torch.zeros_like(own)
 
 
 def _warn_vanilla_without_both_groups(counts: Tensor, threshold: int) -> None:

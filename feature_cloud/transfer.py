@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import functional as FC
-from ._buffers import KeepBufferDtypes, resized_buffer
+from ._buffers import KeepBufferDtypes, normal_tensors, resized_buffer
 from ._compat import is_compiling
 from ._validation import (
     ClassCounts,
@@ -476,13 +476,14 @@ class FeatureTransfer(KeepBufferDtypes):
         device = self.centers.device
         # a pickle of an earlier release has no host copies: its buffers hold them
         counts, regular = getattr(self, "_initial", (self.class_counts, self.regular))
-        self.class_counts = counts.to(device, copy=True)
-        self.regular = regular.to(device, copy=True)
         for name in ("centers", "has_center", "covariance", "eigenvalues", "mean_distance"):
             getattr(self, name).zero_()
-        self.basis = torch.zeros(self.feature_dim, 0, dtype=torch.float32, device=device)
-        for name in ("hard_indices", "hard_labels", "tail_indices", "tail_labels"):
-            setattr(self, name, torch.zeros(0, dtype=torch.long, device=device))
+        with normal_tensors():  # inside torch.inference_mode() too
+            self.class_counts = counts.to(device, copy=True)
+            self.regular = regular.to(device, copy=True)
+            self.basis = torch.zeros(self.feature_dim, 0, dtype=torch.float32, device=device)
+            for name in ("hard_indices", "hard_labels", "tail_indices", "tail_labels"):
+                setattr(self, name, torch.zeros(0, dtype=torch.long, device=device))
 
     def check_state_dict(self, state_dict: Dict[str, Any], prefix: str = "") -> None:
         """Raise if the statistics under ``prefix`` are of another class count or feature size

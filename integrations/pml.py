@@ -59,6 +59,7 @@ from torch.nn.utils import parametrize
 
 from feature_cloud import functional as FC
 from feature_cloud import margins
+from feature_cloud._compat import disable_compile, is_compiling
 from feature_cloud._validation import (
     as_float,
     as_int,
@@ -105,6 +106,40 @@ class _Agreed:
 
     def __init__(self) -> None:
         self.batch: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None
+
+
+def _refuse_a_lost_imprint_now(
+    cloud: FeatureCloud, hooks: List[str], compiled: bool = False
+) -> None:
+    """Raise :meth:`LEAPLoss._refuse_a_lost_imprint`'s refusal (``hooks``: the recomputing
+    hooks' names; none: a parametrization)."""
+    how = f"the hook-based {hooks[0]}" if hooks else "a parametrization (parametrize)"
+    raise ValueError(
+        f"imprint_step={cloud.imprint_step}: LEAPLoss's W is recomputed from other tensors "
+        f"by {how}, which would discard the imprint; remove it before the imprint step "
+        "(prune.remove(loss, 'W'), parametrize.remove_parametrizations) or leave "
+        "imprint_step=None"
+        + (
+            " (under torch.compile this is decided without reading the step: a run resumed "
+            "past imprint_step takes one eager step first)"
+            if compiled
+            else ""
+        )
+    )
+
+
+def _refuse_a_lost_imprint_compiled(cloud: FeatureCloud, hooks: List[str]) -> None:
+    _refuse_a_lost_imprint_now(cloud, hooks, compiled=True)
+
+
+# raised eagerly: raised while dynamo traces, the frames fell back to eager, where the check
+# (its step read traced again in a frame of its own) let the step through
+_refuse_a_lost_imprint_compiled = disable_compile(
+    _refuse_a_lost_imprint_compiled,
+    "LEAPLoss: imprint_step with a W recomputed from other tensors (prune, the hook-based "
+    "weight_norm / spectral_norm, parametrize) is refused, the imprint would be lost: remove "
+    "it before the imprint step or leave imprint_step=None",
+)
 
 
 def _holds(module: Any, loss: nn.Module) -> bool:
@@ -595,19 +630,19 @@ class LEAPLoss(
         pre-hook: ``torch.nn.utils.prune``, the hook-based ``weight_norm`` / ``spectral_norm``;
         or ``parametrize``): the imprint writes in place into the ``W`` computed for this step
         and the next computation drops it. Refused before the statistics change (the plain
-        ``W``: one dict check and one attribute test; eager only)."""
+        ``W``: one dict check and one attribute test). Compiled, on Python state only, as the
+        head decides while compiling (no host read of the step: the imprint counts as ahead
+        unless an eager step of this process saw it behind); the compiled imprint is in the
+        graph, where nothing moves it out, so it was lost without a word."""
         hooks = recomputing_hooks(self, "W")
         if not hooks and not parametrize.is_parametrized(self, "W"):
             return
-        if not cloud.imprint_ahead():
-            return
-        how = f"the hook-based {hooks[0]}" if hooks else "a parametrization (parametrize)"
-        raise ValueError(
-            f"imprint_step={cloud.imprint_step}: LEAPLoss's W is recomputed from other tensors "
-            f"by {how}, which would discard the imprint; remove it before the imprint step "
-            "(prune.remove(loss, 'W'), parametrize.remove_parametrizations) or leave "
-            "imprint_step=None"
-        )
+        if is_compiling():
+            if cloud.imprint_step is not None and cloud.rule is not None:
+                if not cloud.imprint_behind:
+                    _refuse_a_lost_imprint_compiled(cloud, hooks)
+        elif cloud.imprint_ahead():
+            _refuse_a_lost_imprint_now(cloud, hooks)
 
     def _scored(self, embeddings: Tensor) -> Tensor:
         """Embeddings to score (at least float32, checked), ``W`` on their device and dtype."""

@@ -6,6 +6,7 @@ backward, is refused there with the way out, before a second step is taken."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -116,3 +117,53 @@ def test_a_head_loaded_inside_inference_mode_trains_outside_it():
     loss.backward()
     assert torch.equal(loss.detach(), trained(x, y).detach())
     assert_same_state(head.state_dict(), trained.state_dict())
+
+
+@pytest.mark.parametrize("route", ["allocate_memory", "reset_parameters", "dcp", "transfer"])
+def test_buffers_made_inside_inference_mode_train_outside_it(route, tmp_path):
+    """s54 review 2, finding 4: the loads made normal tensors inside ``torch.inference_mode()``,
+    but the README's next step after a load of another dataset's checkpoint
+    (``statistics.allocate_memory(class_counts)``), ``reset_parameters()``,
+    ``prepare_dcp_load`` + ``dcp.load`` and ``FeatureTransfer.reset_parameters()`` made
+    inference tensors there, and the next training step failed with torch's "Inplace update to
+    inference tensor outside InferenceMode", naming nothing. They make normal tensors."""
+    C, D = 10, 8
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(16) % C
+    if route == "transfer":
+        from feature_cloud import FeatureTransfer
+
+        counts = [30, 30, 30, 30, 30, 2, 2, 2, 2, 2]
+        ft = FeatureTransfer(D, C, class_counts=counts, num_components=2)
+        with torch.inference_mode():
+            ft.reset_parameters()
+        assert [n for n, b in ft.named_buffers() if b.is_inference()] == []
+        labels = torch.cat([torch.full((k,), c) for c, k in enumerate(counts)])
+        ft.update_stats([(torch.randn(len(labels), D, generator=gen), labels)])
+        g = torch.randn(4, D, generator=gen, requires_grad=True)
+        ft.transfer(g, torch.zeros(4, dtype=torch.long), torch.full((4,), C - 1)).sum().backward()
+        return
+    kw = dict(scale=24.0, seed=1, warmup_steps=2, count_steps=2)
+    trained = LEAPMarginHead(D, C, **kw)
+    for _ in range(3):
+        trained(torch.randn(16, D, generator=gen), y)
+    head = LEAPMarginHead(D, C, **kw)
+    with torch.inference_mode():
+        if route == "dcp":
+            import torch.distributed.checkpoint as dcp
+
+            from feature_cloud import prepare_dcp_load
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # DCP's single-process notice
+                dcp.save({"model": trained.state_dict()}, checkpoint_id=str(tmp_path))
+                prepare_dcp_load(head, str(tmp_path))
+                dcp.load({"model": head.state_dict()}, checkpoint_id=str(tmp_path))
+        else:
+            head.load_state_dict(trained.state_dict())
+            if route == "allocate_memory":
+                head.statistics.allocate_memory(torch.arange(C) + 2)
+            else:
+                head.reset_parameters()
+    assert [n for n, b in head.named_buffers() if b.is_inference()] == []
+    head(torch.randn(16, D, generator=gen), y).backward()  # the next training step

@@ -835,6 +835,43 @@ def test_to_empty_then_a_load_of_the_same_counts_says_nothing_and_other_counts_a
         head.load_state_dict(state)
 
 
+@pytest.mark.parametrize("route", ["to_empty", "assign"])
+def test_meta_built_head_loading_a_cloudless_checkpoint_keeps_the_counts_it_was_built_with(
+    route: str,
+) -> None:
+    """s54 review 2, finding 1: a head built on ``meta`` with ``class_counts``, then a checkpoint
+    trained with ``cloud=None`` (no K_i: the load keeps this module's layout). After
+    ``to_empty`` the kept layout was the buffers' garbage (class_counts, capacities, offsets),
+    which then replaced the host copy of the counts; with ``assign=True`` the load was refused.
+    The kept layout is built from the host copy: as a head built on a real device lays it out."""
+    D, C = 8, 300
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(2, 40, (C,), generator=gen)
+    y = torch.arange(16) % C
+    state = LEAPMarginHead(D, C, cloud=None).state_dict()
+    want = LEAPMarginHead(D, C, class_counts=counts)
+    want.load_state_dict(state)
+    with torch.device("meta"):
+        head = LEAPMarginHead(D, C, class_counts=counts)
+    if route == "to_empty":
+        head.to_empty(device="cpu")
+        for name in ("class_counts", "memory_capacity", "memory_offsets", "memory_owner"):
+            buffer = getattr(head.statistics, name)  # what to_empty leaves: garbage
+            buffer.copy_(torch.randint(-5, 1000, buffer.shape, generator=gen))
+        head.load_state_dict(state)
+    else:
+        head.load_state_dict(state, assign=True)
+    for k, v in want.statistics.state_dict().items():
+        got = head.statistics.state_dict()[k]
+        assert not got.is_meta and got.dtype == v.dtype and torch.equal(got, v), k
+    assert head.statistics.layout_setting == want.statistics.layout_setting
+    assert torch.equal(head.statistics._layout_counts, counts)
+    x = torch.randn(16, D, generator=gen)
+    head.train()(x, y).backward()  # the next step lays its angles into the right slots
+    want.train()(x, y)
+    assert torch.equal(head.statistics.memory_fill, want.statistics.memory_fill)
+
+
 @pytest.mark.parametrize("saved_as", ["half", "bfloat16", "int32 counters", "double"])
 def test_assign_keeps_the_statistics_dtypes_of_a_checkpoint_saved_in_other_dtypes(
     saved_as: str,
@@ -1066,7 +1103,8 @@ def test_kept_layout_starts_empty_and_writes_without_a_version_are_seen_after_tr
 def test_cloudless_head_prototypes_follow_copies_and_partial_loads() -> None:
     """A cloud-less head's prototypes follow its centers however they arrive: an in-place copy
     (an EMA update) is seen when the copy enters eval mode; a load without the centers keeps
-    what the head holds; on the meta device a cloud-less checkpoint without K_i is refused."""
+    what the head holds; on the meta device a cloud-less checkpoint without K_i keeps the
+    counts the head was built with (known on the host)."""
     D, C = 8, 4
     y = torch.tensor([0, 1, 2, 3] * 4)
     gen = torch.Generator().manual_seed(0)
@@ -1085,8 +1123,8 @@ def test_cloudless_head_prototypes_follow_copies_and_partial_loads() -> None:
     torch.testing.assert_close(ema.eval().logits(q), want)
     with torch.device("meta"):
         meta = LEAPMarginHead(D, C, class_counts=[30, 30, 2, 2])
-    with pytest.raises(ValueError, match="built on the meta device"):
-        meta.load_state_dict(LEAPMarginHead(D, C, cloud=None).state_dict(), assign=True)
+    meta.load_state_dict(LEAPMarginHead(D, C, cloud=None).state_dict(), assign=True)
+    assert meta.statistics.class_counts.tolist() == [30, 30, 2, 2]
 
 
 def test_a_cloudless_state_loaded_into_a_warming_up_cloud_warns_and_weight_only_warms_up():

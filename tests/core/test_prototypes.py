@@ -696,3 +696,93 @@ def test_eval_scoring_reads_the_weight_a_forward_pre_hook_computes(hook):
     fresh.load_state_dict(head.state_dict())
     torch.testing.assert_close(fresh.eval().logits(q), want)
     torch.testing.assert_close(fresh.as_linear()(F.normalize(q)), want)
+
+
+@pytest.mark.parametrize("hook", ["prune", "weight_norm"])
+def test_sharded_shard_logits_read_the_weight_a_forward_pre_hook_computes(hook):
+    """s54 review 2, finding 2 (a): the sharded head scored ``self.weight`` in
+    ``shard_logits`` / ``logits``, which prune and the hook-based weight_norm recompute only in
+    forward: the weight before the optimiser's last step (up to 23 logits off at s=64). It
+    scores the weight forward would compute, as the dense head does."""
+    import warnings
+
+    from torch.nn.utils import prune
+
+    from feature_cloud.distributed import ShardedLEAPMarginHead
+
+    torch.manual_seed(0)
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+    head = ShardedLEAPMarginHead(
+        D, C, scale=64.0, class_counts=counts, seed=0, prototype_shrinkage=None
+    )
+    if hook == "prune":
+        prune.l1_unstructured(head, "weight", amount=0.3)
+        current = lambda m: m.weight_orig * m.weight_mask
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # weight_norm: deprecated
+            torch.nn.utils.weight_norm(head, "weight")
+        current = lambda m: m.weight_g * m.weight_v / m.weight_v.norm(dim=1, keepdim=True)
+    opt = torch.optim.SGD(head.parameters(), lr=0.5)
+    for step in range(3):
+        opt.zero_grad()
+        head(*make_batch(step, 24, D, C)).backward()
+        opt.step()
+    q = torch.randn(7, D, generator=torch.Generator().manual_seed(5))
+    want = 64.0 * F.normalize(q) @ F.normalize(current(head).detach()).t()
+    head.eval()
+    torch.testing.assert_close(head.shard_logits(q), want)
+    torch.testing.assert_close(head.logits(q), want)
+
+
+def test_sharded_imprint_refuses_a_recomputed_weight_and_reaches_a_parametrized_one():
+    """s54 review 2, finding 2 (b): the sharded head imprinted into ``self.weight`` with
+    neither of the dense head's checks: under prune / the hook-based weight_norm the next
+    forward recomputed the weight and, under ``parametrizations.weight_norm``, the imprint went
+    into a computed tensor: lost, without a word, each time. Refused as the dense head refuses
+    them, at the first training step before any state changes; a parametrization's
+    ``right_inverse`` sets it."""
+    import warnings
+
+    from torch.nn.utils import prune
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from feature_cloud.distributed import ShardedLEAPMarginHead, consolidate_state_dicts
+
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+
+    def build(imprint_step=2):
+        torch.manual_seed(0)
+        return ShardedLEAPMarginHead(D, C, class_counts=counts, seed=0, imprint_step=imprint_step)
+
+    for wrap, match in (
+        (lambda h: prune.l1_unstructured(h, "weight", amount=0.3), "L1Unstructured .*prune"),
+        (torch.nn.utils.weight_norm, "hook-based WeightNorm"),
+    ):
+        head = build()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # weight_norm: deprecated
+            wrap(head)
+        before = {k: v.clone() for k, v in head.state_dict().items()}
+        with pytest.raises(ValueError, match=match):
+            head(*make_batch(0, 24, D, C))
+        assert all(torch.equal(v, before[k]) for k, v in head.state_dict().items())
+        head.eval()
+        head(*make_batch(0, 24, D, C))  # no imprint in eval mode: no refusal
+
+    def run(parametrization, imprint_step=2):
+        head = build(imprint_step)
+        if parametrization is not None:
+            parametrization(head)
+        for step in range(3):
+            head(*make_batch(step, 24, D, C))
+        return head
+
+    plain, normed = run(None), run(lambda h: weight_norm(h, "weight", dim=0))
+    torch.testing.assert_close(normed.weight, plain.weight, atol=1e-5, rtol=1e-5)
+    assert (plain.weight - run(None, imprint_step=None).weight).abs().max() > 0.1  # imprinted
+    dense = LEAPMarginHead(D, C, class_counts=counts, seed=0, imprint_step=2)
+    dense.load_state_dict(consolidate_state_dicts([build().state_dict()]))  # the same start
+    for step in range(3):
+        dense(*make_batch(step, 24, D, C))
+    torch.testing.assert_close(plain.weight, dense.weight)
