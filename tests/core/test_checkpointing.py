@@ -128,6 +128,9 @@ def test_buffers_made_inside_inference_mode_train_outside_it(route, tmp_path):
     inference tensors there, and the next training step failed with torch's "Inplace update to
     inference tensor outside InferenceMode", naming nothing. They make normal tensors."""
     C, D = 10, 8
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if route == "dcp" and version < (2, 3):
+        pytest.skip("torch < 2.3's DCP needs a process group (tests/core/test_dcp.py alike)")
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(16) % C
     if route == "transfer":
