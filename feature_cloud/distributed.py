@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from . import functional as FC
 from . import fused, margins
 from . import noise as N
-from ._compat import is_compiling
+from ._compat import disable_compile, is_compiling
 from ._validation import (
     as_float,
     as_int,
@@ -359,15 +359,16 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
         distributed = self.world_size > 1
         train = self.training and torch.is_grad_enabled()
         problem = inference_problem(embeddings, self.feature_cloud.step) if train else None
-        parametrized = False
+        parametrized, refusal = False, None
+        # an imprint still ahead into a recomputed weight (prune, the hook-based weight_norm)
+        # is refused as the dense head refuses it, before the gather: the ranks agree on the
+        # refusal with the batch, so every rank raises (compiled too, where only one rank's
+        # shard has the hook: the check runs eagerly, a graph break, as the imprint does)
         if train and not is_compiling():
-            # an imprint still ahead into a recomputed weight (prune, the hook-based
-            # weight_norm) is refused as the dense head refuses it, before the gather: the
-            # ranks agree on the refusal with the batch, so every rank raises
-            try:
-                parametrized = imprint_through_parametrization(self, self.feature_cloud)
-            except (ValueError, RuntimeError) as refusal:
-                problem = problem or refusal
+            parametrized, refusal = _imprint_refusal(self, self.feature_cloud)
+        elif train and recomputed_weight(self, self.feature_cloud):
+            parametrized, refusal = _imprint_refusal_outside_the_graph(self, self.feature_cloud)
+        problem = problem or refusal
         if distributed:  # every rank agrees on every check before the gather: all raise or none
             labels, rows = agree_on_batch(
                 embeddings,
@@ -413,7 +414,13 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
         counted = train and self.feature_cloud.counts_batch(emb, count_empty=distributed)
         if train and is_compiling() and recomputed_weight(self, self.feature_cloud):
             _imprint_outside_the_graph(
-                self, self.feature_cloud, train, counted, 1, self.shard_start
+                self,
+                self.feature_cloud,
+                train,
+                counted,
+                1,
+                self.shard_start,
+                parametrized=parametrized,
             )
         else:  # through a parametrization's right_inverse, as the dense head's imprint
             imprint_weight(
@@ -609,6 +616,25 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
         self._migrate(state_dict, prefix, self.feature_cloud)
         self._check_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def _imprint_refusal(module: nn.Module, cloud: FeatureCloud) -> Tuple[bool, Optional[Exception]]:
+    """:func:`~feature_cloud.heads.imprint_through_parametrization`'s answer, and its refusal
+    returned rather than raised (``(False, refusal)``), for the ranks to agree on."""
+    try:
+        return imprint_through_parametrization(module, cloud), None
+    except (ValueError, RuntimeError) as refusal:
+        return False, refusal
+
+
+# compiled, with a recomputed weight (recomputed_weight): the step read and the refusal eagerly,
+# before the batch agreement, so that every rank raises (not only the one with the hook)
+_imprint_refusal_outside_the_graph = disable_compile(
+    _imprint_refusal,
+    "imprint_step with a parametrized (or hook-recomputed) shard weight: checked eagerly "
+    "before the ranks agree on the batch, a graph break. With fullgraph=True, run the steps "
+    "up to imprint_step eagerly (after resuming past it, one eager step) and compile afterwards",
+)
 
 
 def _item(x: Optional[Tensor]) -> Optional[int]:

@@ -768,7 +768,11 @@ class ClassStatistics(KeepBufferDtypes):
     def _own_counts(self) -> Optional[Tensor]:
         """This module's laid-out ``class_counts`` on the host: the copy kept where they were
         laid out (after ``to_empty`` the buffer holds whatever the memory held), else (a
-        whole-module pickle of an earlier release) the buffer's; ``None``: not known (meta)."""
+        whole-module pickle of an earlier release) the buffer's; ``None``: not known (meta).
+        After :func:`~feature_cloud.prepare_dcp_load`, the copy is first read again from the
+        buffers once ``dcp.load`` wrote them (as :attr:`layout_setting` reads them)."""
+        if self.__dict__.get("_layout_mark") is not None:
+            _layout_after_load(self)
         host = self.__dict__.get("_layout_counts")
         if host is not None:
             return host

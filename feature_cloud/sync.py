@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._compat import disable_compile
 from ._validation import (
     PROBLEM_SLOTS,
     as_int,
@@ -322,6 +323,24 @@ def _ranks(ranks: List[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
+def _raise_agreed_problem(problem: Optional[Exception], group: ProcessGroup, world: int) -> None:
+    """Every rank knows that some rank's arguments were bad (:func:`agree_on_batch`): all take
+    part in one more collective (an error path only) and raise the lowest such rank's error."""
+    mine = None if problem is None else (type(problem) is TypeError, str(problem))
+    errors: List[Optional[Tuple[bool, str]]] = [None] * world
+    dist.all_gather_object(errors, mine, group=group)
+    first, (is_type_error, message) = next((r, e) for r, e in enumerate(errors) if e is not None)
+    exc = TypeError if is_type_error else ValueError
+    raise exc(f"{message} (rank {first} of {world}; raised on every rank)")
+
+
+# eagerly under torch.compile: dynamo does not trace all_gather_object (a problem found while
+# compiling, e.g. the sharded head's imprint refusal, is raised on every rank too)
+_raise_agreed_problem = disable_compile(
+    _raise_agreed_problem, "a rank's bad arguments, agreed on by every rank (an error path)"
+)
+
+
 def agree_on_batch(
     embeddings: Tensor,
     labels: Tensor,
@@ -396,16 +415,7 @@ def agree_on_batch(
     if verdict[k + 4]:
         if world == 1 and problem is not None:
             raise problem
-        # every rank knows that some rank's arguments were bad: all take part in one more
-        # collective (an error path only) and raise the lowest such rank's error
-        mine = None if problem is None else (type(problem) is TypeError, str(problem))
-        errors: List[Optional[Tuple[bool, str]]] = [None] * world
-        dist.all_gather_object(errors, mine, group=group)
-        first, (is_type_error, message) = next(
-            (r, e) for r, e in enumerate(errors) if e is not None
-        )
-        exc = TypeError if is_type_error else ValueError
-        raise exc(f"{message} (rank {first} of {world}; raised on every rank)")
+        _raise_agreed_problem(problem, group, world)
     raise_for_problems(verdict[:k], embedding_size, num_classes, where)
     if verdict[k]:
         raise _over_pad_to(pad_to, None, where)

@@ -178,6 +178,35 @@ def test_dcp_in_place_load_without_load_state_dict() -> None:
     assert fresh(x, y).item() == model(x, y).item()
 
 
+@one_process
+def test_cloudless_load_after_an_in_place_dcp_load_keeps_the_loaded_counts() -> None:
+    """s54 review 3, finding 2: a cloud-less checkpoint loaded after ``dcp.load`` in place keeps
+    the counts that dcp.load wrote (its host copy read again, as ``layout_setting`` reads it),
+    not the counts the head was built with, whether or not ``layout_setting`` was read."""
+    d, c = 8, 6
+    built, saved = [3, 2, 4, 1, 2, 3], [9, 9, 1, 1, 5, 5]
+    cloudless = LEAPMarginHead(d, c, cloud=None, seed=2).state_dict()
+    reference = LEAPMarginHead(d, c, class_counts=saved, seed=1).statistics
+    with tempfile.TemporaryDirectory() as path:
+        dcp.save(
+            {"model": LEAPMarginHead(d, c, class_counts=saved, seed=1).state_dict()},
+            checkpoint_id=path,
+        )
+        for read in (False, True):
+            head = LEAPMarginHead(d, c, class_counts=built, seed=1)
+            prepare_dcp_load(head, path)
+            dcp.load({"model": head.state_dict()}, checkpoint_id=path)
+            stats = head.statistics
+            if read:
+                assert stats.layout_setting.startswith("[9, 9, 1, 1, 5, 5]")
+            head.load_state_dict(cloudless)
+            assert stats.class_counts.tolist() == saved, f"layout_setting read: {read}"
+            assert stats.layout_setting.startswith("[9, 9, 1, 1, 5, 5]")
+            for name in ("memory_capacity", "memory_offsets", "memory"):  # laid out for them
+                assert getattr(stats, name).shape == getattr(reference, name).shape, name
+            assert torch.equal(stats.memory_capacity, reference.memory_capacity)
+
+
 def fresh_text() -> str:
     """``layout_setting`` of a head still counting its ``K_i`` online."""
     return _build()[0].head.feature_cloud.statistics.layout_setting

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import pytest
 import torch
@@ -796,17 +796,24 @@ def check_sharded_load_refuses_before_its_weight_loads(rank: int, world: int) ->
         assert_same_state(state_snapshot(head), state_snapshot(source), "loaded")
 
 
-def check_sharded_imprint_refused_on_every_rank(rank: int, world: int) -> None:
+def check_sharded_imprint_refused_on_every_rank(
+    rank: int, world: int, compiled: bool = False
+) -> None:
     """s54 review 2, finding 2: an imprint still ahead into a shard weight that prune
     recomputes is refused as the dense head refuses it, on every rank before the gather, also
     where only one rank pruned (the others would wait in the gather); nothing changes. A
-    ``parametrizations.weight_norm`` shard takes the imprint through its right_inverse."""
+    ``parametrizations.weight_norm`` shard takes the imprint through its right_inverse.
+    ``compiled`` (s54 review 3, finding 1): the same under ``torch.compile``, where the check
+    runs eagerly before the ranks agree on the batch."""
     from torch.nn.utils import prune
     from torch.nn.utils.parametrizations import weight_norm
 
     def build(imprint_step: int = 1) -> ShardedLEAPMarginHead:
         torch.manual_seed(0)
         return ShardedLEAPMarginHead(D, C, class_counts=COUNTS, seed=1, imprint_step=imprint_step)
+
+    def step(head: nn.Module) -> Callable[..., Tensor]:
+        return torch.compile(head, backend="eager") if compiled else head
 
     for pruned in ([world - 1], list(range(world))):
         head = build()
@@ -815,12 +822,12 @@ def check_sharded_imprint_refused_on_every_rank(rank: int, world: int) -> None:
         before = state_snapshot(head)
         match = "L1Unstructured" + ("" if rank in pruned else f".*rank {pruned[0]} of {world}")
         with pytest.raises(ValueError, match=match):
-            head(*_batches(0, [4] * world)[rank])
+            step(head)(*_batches(0, [4] * world)[rank])
         assert_same_state(state_snapshot(head), before, f"pruned on ranks {pruned}")
     plain, normed = build(), weight_norm(build(), "weight", dim=0)
-    for step in range(2):
+    for i in range(2):
         for head in (plain, normed):
-            head(*_batches(step, [4] * world)[rank])
+            step(head)(*_batches(i, [4] * world)[rank])
     assert (plain.weight - build().weight).abs().max() > 0.1  # imprinted
     _close(normed.weight, plain.weight, "imprint through right_inverse")
 
@@ -835,8 +842,14 @@ def test_distributed_checks(world: int) -> None:
     run_gloo_checks(__name__, world, CHECKS + CHECKS_PML, SPAWN_TIMEOUT, group_timeout=60)
 
 
-def test_sharded_imprint_into_a_recomputed_weight_is_refused_on_every_rank() -> None:
-    run_gloo_checks(__name__, 2, ["check_sharded_imprint_refused_on_every_rank"], 60.0, 30)
+def check_sharded_imprint_refused_on_every_rank_compiled(rank: int, world: int) -> None:
+    check_sharded_imprint_refused_on_every_rank(rank, world, compiled=True)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_sharded_imprint_into_a_recomputed_weight_is_refused_on_every_rank(compiled: bool) -> None:
+    check = "check_sharded_imprint_refused_on_every_rank" + ("_compiled" if compiled else "")
+    run_gloo_checks(__name__, 2, [check], 90.0 if compiled else 60.0, 30)
 
 
 def test_sharded_head_refuses_a_damaged_checkpoint_before_its_weight_loads() -> None:
