@@ -335,9 +335,13 @@ def _raise_agreed_problem(problem: Optional[Exception], group: ProcessGroup, wor
 
 
 # eagerly under torch.compile: dynamo does not trace all_gather_object (a problem found while
-# compiling, e.g. the sharded head's imprint refusal, is raised on every rank too)
+# compiling, e.g. the sharded head's imprint refusal, and settings that differ between the ranks
+# of a compiled step are raised on every rank with their messages, not dynamo's internal error)
 _raise_agreed_problem = disable_compile(
     _raise_agreed_problem, "a rank's bad arguments, agreed on by every rank (an error path)"
+)
+_raise_for_settings = disable_compile(
+    _raise_for_settings, "settings that differ between the ranks (an error path)"
 )
 
 

@@ -383,8 +383,25 @@ def check_class_counts_agree(rank: int, world: int) -> None:
     online(*_batch(3, rank)).backward()  # in step
 
 
+def check_settings_agree_compiled(rank: int, world: int) -> None:
+    """A setting assigned on one rank of a compiled step: every rank raises the settings
+    message too (it was dynamo's internal error about an opaque object on every rank: the
+    agreement's all_gather_object ran inside the graph)."""
+    torch.manual_seed(0)
+    head = synchronize(LEAPMarginHead(D, C, class_counts=COUNTS, seed=1))
+    step = torch.compile(head, backend="eager")
+    x, y = _batch(0, rank)
+    step(x, y).backward()
+    before = state_snapshot(head)
+    _assigned_on_rank_1(rank, head, "gamma", 0.9)
+    x, y = _batch(1, rank)
+    _fails_together(rank, lambda: step(x, y), ValueError, r"gamma: 0.1 on rank 0, 0.9 on rank 1")
+    assert_same_state(state_snapshot(head), before, f"rank {rank} after a compiled refusal")
+
+
 CHECKS = [
     "check_settings_agree",
+    "check_settings_agree_compiled",
     "check_class_counts_agree",
     "check_synced_head",
     "check_synced_statistics_pad_to",
