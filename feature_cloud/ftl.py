@@ -1507,8 +1507,9 @@ class AlternatingScheduler:
         ``dataset[i]`` (a random ``collate_fn``), from a CUDA RNG or from a generator the
         dataset holds. The loader then wraps both (``loader.dataset.dataset`` is ``dataset``,
         ``loader.sampler.sampler`` the :class:`StreamSampler`; a batch calls ``dataset[i]``
-        per item; the seeding costs about 15 us an item). Before this release the items drew from the RNGs as they ran on (other
-        augmentations; with workers a mid-stage resume drew others than the uninterrupted run).
+        per item; the seeding costs about 15 us an item). Before this release the items drew
+        from the RNGs as they ran on (other augmentations; with workers a mid-stage resume drew
+        others than the uninterrupted run).
         ``generator`` given: the plain ``DataLoader`` with it, the items drawing from the RNGs
         as they stand, as before (a mid-stage resume is then exact only with ``num_workers=0``,
         the global RNG restored and a ``torch.Generator``; ``generator=None``, the global RNG
