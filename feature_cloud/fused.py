@@ -90,18 +90,33 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _autocast_by_device() -> bool:
+    """Whether this torch has ``is_autocast_enabled(device_type)`` / ``get_autocast_dtype``
+    (torch >= 2.4); read once, so that a compiled step branches on a constant (torch 2.2's
+    dynamo raised an internal error on the older torch's TypeError it was meant to catch)."""
+    try:
+        torch.is_autocast_enabled("cpu")
+        return hasattr(torch, "get_autocast_dtype")
+    except (TypeError, RuntimeError):
+        return False
+
+
+_AUTOCAST_BY_DEVICE = _autocast_by_device()
+
+
 def _gemm_dtype(device: torch.device, compute: torch.dtype) -> torch.dtype:
     """The autocast dtype when autocast is on for ``device`` (as ``F.linear`` would use)."""
     if compute == torch.float64:
         return compute
-    try:
+    if _AUTOCAST_BY_DEVICE:
         if torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)
-    except (TypeError, AttributeError, RuntimeError):  # older torch: no device argument
-        if device.type == "cpu" and torch.is_autocast_cpu_enabled():
-            return torch.get_autocast_cpu_dtype()
-        if device.type == "cuda" and torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype()
+        return compute
+    # older torch: no device argument
+    if device.type == "cpu" and torch.is_autocast_cpu_enabled():
+        return torch.get_autocast_cpu_dtype()
+    if device.type == "cuda" and torch.is_autocast_enabled():
+        return torch.get_autocast_gpu_dtype()
     return compute
 
 

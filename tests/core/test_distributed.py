@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from conftest import assert_same_state, run_gloo_checks, state_snapshot
+from conftest import TORCH_VERSION, assert_same_state, run_gloo_checks, state_snapshot
 from feature_cloud import ClassStatistics, FeatureCloud, LEAPMarginHead
 from feature_cloud import functional as FC
 from feature_cloud.distributed import (
@@ -848,6 +848,8 @@ def check_sharded_imprint_refused_on_every_rank_compiled(rank: int, world: int) 
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_sharded_imprint_into_a_recomputed_weight_is_refused_on_every_rank(compiled: bool) -> None:
+    if compiled and TORCH_VERSION < (2, 4):  # as PML's compiled imprint tests
+        pytest.skip("torch < 2.4's dynamo fails on a parametrized weight (ParametrizationList)")
     check = "check_sharded_imprint_refused_on_every_rank" + ("_compiled" if compiled else "")
     run_gloo_checks(__name__, 2, [check], 90.0 if compiled else 60.0, 30)
 
