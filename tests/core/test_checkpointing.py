@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from conftest import assert_same_state, make_batch, state_snapshot
+from conftest import TORCH_VERSION, assert_same_state, make_batch, state_snapshot
 from feature_cloud import LEAPMarginHead
 
 D, C, IN = 8, 6, 5
@@ -128,8 +128,7 @@ def test_buffers_made_inside_inference_mode_train_outside_it(route, tmp_path):
     inference tensors there, and the next training step failed with torch's "Inplace update to
     inference tensor outside InferenceMode", naming nothing. They make normal tensors."""
     C, D = 10, 8
-    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    if route == "dcp" and version < (2, 3):
+    if route == "dcp" and TORCH_VERSION < (2, 3):
         pytest.skip("torch < 2.3's DCP needs a process group (tests/core/test_dcp.py alike)")
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(16) % C

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TORCH_VERSION
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -206,8 +208,7 @@ def test_conv_backbones_have_no_backward_without_a_deterministic_cuda_kernel():
     mean (``AdaptiveAvgPool2d(1)`` dispatches to ``mean``, whose backward is deterministic), not
     ``adaptive_avg_pool2d_backward_cuda``, which deterministic mode refuses."""
     fake = pytest.importorskip("torch._subclasses.fake_tensor")
-    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    if version < (2, 3) and not torch.cuda.is_available():
+    if TORCH_VERSION < (2, 3) and not torch.cuda.is_available():
         pytest.skip("torch < 2.3 initialises CUDA for fake CUDA tensors (needs a driver)")
     from feature_cloud.demo.methods import ConvBackbone
     from feature_cloud.evaluate.backbones import ConvNet4
