@@ -971,11 +971,12 @@ class FeatureCloud(nn.Module):
 
     def imprint_ahead(self) -> bool:
         """Whether an eager step may still imprint (``imprint_step`` set, a cloud rule, not
-        imprinted, not past it): one host read of the step; ``False`` while compiling (the
-        checks that need it run eager only)."""
+        imprinted, not past it), from the host copy of the step the training step branches on
+        (no host read but :meth:`_host_count`'s); ``False`` while compiling (the checks that
+        need it run eager only)."""
         if self.imprint_step is None or self.rule is None or self.imprint_behind:
             return False
-        return not is_compiling() and self.steps_taken <= self.imprint_step
+        return not is_compiling() and self._host_count() <= self.imprint_step
 
     # ------------------------------------------------------------------ distributed
     def synchronize(

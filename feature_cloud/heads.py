@@ -384,12 +384,14 @@ def imprint_through_parametrization(module: nn.Module, cloud: FeatureCloud) -> b
     ``module.weight`` through its ``right_inverse``; refuses, before any state changes, a weight
     that the hook-based ``weight_norm`` / ``spectral_norm`` or ``torch.nn.utils.prune``
     recomputes, a parametrization without a ``right_inverse``, and ``parametrize.cached()`` (its
-    cached weight is in the graph the imprint would modify in place). One host read of the
-    step while the imprint is ahead; compiled, only a plain weight or one whose imprint is
-    behind gets here (:func:`recomputed_weight`): no host read."""
-    if not cloud.imprint_ahead():
-        return False
+    cached weight is in the graph the imprint would modify in place). A plain weight: Python
+    state only; a recomputed one: the host copy of the step (:meth:`FeatureCloud.imprint_ahead`);
+    compiled, only a plain weight or one whose imprint is behind gets here
+    (:func:`recomputed_weight`)."""
     recomputed = recomputing_hooks(module)
+    parametrized = parametrize.is_parametrized(module, "weight")
+    if not (recomputed or parametrized) or not cloud.imprint_ahead():
+        return False
     if recomputed:
         raise ValueError(
             f"imprint_step={cloud.imprint_step}: the head's weight is recomputed before "
@@ -399,8 +401,6 @@ def imprint_through_parametrization(module: nn.Module, cloud: FeatureCloud) -> b
             "spectral_norm (their right_inverse keeps it), prune.remove(head, 'weight') "
             "before the imprint step, or leave imprint_step=None"
         )
-    if not parametrize.is_parametrized(module, "weight"):
-        return False
     where = f"imprint_step={cloud.imprint_step}: the head's weight is parametrized"
     chain = cast(nn.ModuleDict, module.parametrizations)["weight"].children()
     if not all(hasattr(p, "right_inverse") for p in chain):

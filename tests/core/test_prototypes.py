@@ -786,3 +786,34 @@ def test_sharded_imprint_refuses_a_recomputed_weight_and_reaches_a_parametrized_
     for step in range(3):
         dense(*make_batch(step, 24, D, C))
     torch.testing.assert_close(plain.weight, dense.weight)
+
+
+def test_a_plain_weight_reads_no_step_while_the_imprint_is_ahead():
+    """A plain weight (no parametrization, no recomputing hook) needs no check of the step
+    before the imprint: the training steps before, at and after ``imprint_step`` dispatch no
+    host read (the first step reads the step once, as every head does), in the core head and
+    in the sharded head (one rank) and in PML's loss; the imprint still happens at its step.
+    (s54 left it: the plain weight paid one host read a step until the imprint.)"""
+    from conftest import SyncWatch
+    from feature_cloud.distributed import ShardedLEAPMarginHead
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+    kw = dict(class_counts=counts, seed=0, warmup_steps=1, imprint_step=3, validate=False)
+    head = LEAPMarginHead(D, C, **kw)
+    sharded = ShardedLEAPMarginHead(D, C, **kw)
+    pml = LEAPLoss(C, D, **kw)
+    for module, weight in (
+        (head, lambda: head.weight),
+        (sharded, lambda: sharded.weight),
+        (pml, lambda: pml.W.t()),
+    ):
+        x, y = make_batch(0, 24, D, C)
+        module(x, y)  # the first training step reads the step once
+        for step in range(1, 6):
+            x, y = make_batch(step, 24, D, C)
+            before = weight().detach().clone()
+            with SyncWatch() as watch:
+                module(x, y).backward()
+            assert watch.syncs == [], (type(module).__name__, step, watch.syncs)
+            assert torch.equal(weight(), before) != (step == 3), step
