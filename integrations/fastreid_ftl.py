@@ -364,13 +364,16 @@ class FTLBaseline(CheckedBeforeLoading, nn.Module):
         return self.ftl.encoder.backbone
 
     def preprocess_image(self, batched_inputs: Any) -> Tensor:
-        """fastreid's normalisation, ``(x - PIXEL_MEAN) / PIXEL_STD``, on the model's device."""
+        """fastreid's normalisation, ``(x - PIXEL_MEAN) / PIXEL_STD``, on the model's device and in
+        its dtype (the buffers' dtype: float32, or half / bfloat16 after ``.half()`` /
+        ``.to(torch.bfloat16)``, as fastreid's own ``Baseline``); uint8 images are accepted."""
         images = batched_inputs["images"] if isinstance(batched_inputs, dict) else batched_inputs
         if not isinstance(images, Tensor):
             raise TypeError(
                 f"batched_inputs must be a dict with 'images' or a tensor, got {type(batched_inputs).__name__}"
             )
-        return (images.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std
+        mean = self.pixel_mean
+        return (images.to(mean.device, mean.dtype) - mean) / self.pixel_std
 
     def forward(self, batched_inputs: Dict[str, Any]) -> Any:
         if not self.training:

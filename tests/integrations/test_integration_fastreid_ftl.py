@@ -125,6 +125,27 @@ def test_yaml_needs_the_config_node_and_builds_ftl_baseline(tmp_path):
     )
 
 
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+def test_ftl_baseline_serves_in_half_and_bfloat16(tmp_path, dtype, atol):
+    """s55 deploy 1: preprocess_image cast the images to float32 whatever the model's dtype, so an
+    FTLBaseline after .half() / .to(torch.bfloat16) crashed in its first conv (LEAPBaseline and
+    fastreid's Baseline run). The input now follows the model's dtype; uint8 images still work."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build_model(_ftl_cfg(tmp_path, "MODEL.HEADS.NUM_CLASSES", "7")).eval()
+    x = torch.rand(3, 3, 32, 16) * 255
+    with torch.no_grad():
+        ref = model({"images": x})
+        ref8 = model({"images": x.to(torch.uint8)})
+        low = copy.deepcopy(model).to(dtype)
+        for images, want in ((x.to(dtype), ref), (x.to(torch.uint8), ref8)):
+            out = low({"images": images})
+            assert out.dtype == dtype and out.shape == ref.shape
+            torch.testing.assert_close(out.float(), want, atol=atol, rtol=0)
+    assert model.pixel_mean.dtype == torch.float32  # the float32 model is untouched
+
+
 def test_filter_key_builds_the_residual_filter_and_checkpointer_refuses_the_other_form(tmp_path):
     """``MODEL.FTL.FILTER: residual`` builds ``f = g + R(g)`` (EMBEDDING_DIM = the feature size);
     bad values name the key. fastreid's ``Checkpointer`` (non-strict: it would only log the
