@@ -436,13 +436,28 @@ class LEAPLoss(
 
     def cast_types(self, dtype: torch.dtype, device: torch.device) -> None:
         """PML convention: ``W`` follows the embeddings' device and dtype (at least float32:
-        see :meth:`forward`); the cloud follows the device (its statistics stay float32)."""
+        see :meth:`forward`); the cloud follows the device (its statistics stay float32). A
+        training forward only: eval and inference follow the device and leave ``W``'s dtype
+        (see :meth:`_weight_for`)."""
         # only when they differ: the no-op assignment froze W's storage under torch.compile,
         # and the compiled imprint's in-place write into W then failed ("cannot mutate tensors
         # with frozen storage")
         if self.W.dtype != dtype or self.W.device != device:
             self.W.data = c_f.to_device(self.W.data, device=device, dtype=dtype)
         self._cloud_to(device)
+
+    def _weight_for(self, weight: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``weight`` (``W`` as this call sees it) to score a batch of ``dtype`` on ``device`` in
+        eval / inference: ``W`` and the cloud follow the device (PML's convention, as in a
+        training forward) but ``W`` keeps its dtype, the call computes with a local copy in
+        ``dtype`` (s55 deploy 2: an inference call turned a ``.half()`` loss's ``W`` back into
+        float32 for good, changing its ``state_dict``, and ``torch.export`` failed on the
+        ``W.data`` assignment)."""
+        if self.W.device != device:  # only when they differ (see cast_types)
+            self.W.data = self.W.data.to(device)
+            weight = weight.to(device)
+        self._cloud_to(device)
+        return weight.to(dtype)
 
     def _cloud_to(self, device: torch.device) -> None:
         """The cloud's buffers on ``device`` (a no-op once they are)."""
@@ -577,8 +592,11 @@ class LEAPLoss(
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
         if train:
             self._refuse_a_lost_imprint(cloud)
-        self.cast_types(dtype, device)  # W follows the batch once the batch is accepted
-        cloud.imprint(self.W.t(), self.sub_centers, train=train)
+            self.cast_types(dtype, device)  # W follows the batch once the batch is accepted
+            weight = self.W
+        else:  # eval (or no grad): W keeps its dtype, as in get_logits
+            weight = self._weight_for(self.W, dtype, device)
+        cloud.imprint(weight.t(), self.sub_centers, train=train)
         draw = cloud.advance(embeddings, labels, train=train)
         if embeddings.shape[0] == 0:  # PML's zero loss (its reducers return 0, not a NaN mean)
             return self.zero_losses()
@@ -588,7 +606,7 @@ class LEAPLoss(
         losses = cloud_margin_loss(
             cloud,
             x,
-            self.W.t(),
+            weight.t(),
             y,
             draw,
             margin_type=self.margin_rule,
@@ -618,11 +636,11 @@ class LEAPLoss(
         }
         if self.metric_l2 is not None:
             loss_dict["metric_l2_loss"] = {
-                "losses": self.metric_l2(embeddings, self.W.t()).to(dtype),
+                "losses": self.metric_l2(embeddings, weight.t()).to(dtype),
                 "indices": indices,
                 "reduction_type": "element",
             }
-        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
+        self.add_weight_regularization_to_loss_dict(loss_dict, weight.t())
         return loss_dict
 
     def _refuse_a_lost_imprint(self, cloud: FeatureCloud) -> None:
@@ -644,18 +662,18 @@ class LEAPLoss(
         elif cloud.imprint_ahead():
             _refuse_a_lost_imprint_now(cloud, hooks)
 
-    def _scored(self, embeddings: Tensor) -> Tensor:
-        """Embeddings to score (at least float32, checked), ``W`` on their device and dtype."""
+    def _scored(self, embeddings: Tensor) -> Tuple[Tensor, Tensor]:
+        """Embeddings to score (at least float32, checked) and ``W`` (as ``forward`` sees it)
+        on their device and in their dtype, a local copy: ``W``'s own dtype stays."""
         embeddings = _half_to_float32(embeddings)
         check_embeddings(embeddings, self.embedding_size)  # before W follows them
-        self.cast_types(embeddings.dtype, embeddings.device)
-        return embeddings
+        weight = self._weight_for(hooked_weight(self, "W"), embeddings.dtype, embeddings.device)
+        return embeddings, weight
 
     def get_cosine(self, embeddings: Tensor) -> Tensor:
         """Cosine to every class ``(B, C)`` (the best sub-center), as PML's margin losses'."""
-        return FC.cosine_logits(
-            self._scored(embeddings), hooked_weight(self, "W").t(), self.sub_centers
-        )
+        embeddings, weight = self._scored(embeddings)
+        return FC.cosine_logits(embeddings, weight.t(), self.sub_centers)
 
     def get_angles(self, cosine_of_target_classes: Tensor) -> Tensor:
         """``acos`` of target cosines (radians), as PML's; sets ``avg_angle`` (degrees) with
@@ -680,10 +698,8 @@ class LEAPLoss(
         """``s cos(theta)`` for every class ``(B, C)``, as PML's ``CosFaceLoss.get_logits``,
         in eval mode against the cloud's prototypes (``prototype_shrinkage``; see
         ``LEAPMarginHead.logits``)."""
-        embeddings = self._scored(embeddings)
-        weight, unit = scoring_weight(
-            self.feature_cloud, hooked_weight(self, "W").t(), self.sub_centers
-        )
+        embeddings, weight = self._scored(embeddings)
+        weight, unit = scoring_weight(self.feature_cloud, weight.t(), self.sub_centers)
         return FC.cosine_logits(embeddings, weight, self.sub_centers, unit_weight=unit) * self.scale
 
     def extra_repr(self) -> str:

@@ -75,3 +75,53 @@ def test_metric_l2_with_a_cosine_margin_loss_warns():
         warnings.simplefilter("error")
         LEAPLoss(C, D, cloud=None)
         LEAPLoss(C, D, cloud=None, metric_l2=0.0)
+
+
+class _Logits(torch.nn.Module):
+    """A serving module: ``loss.get_logits`` of a backbone's embeddings."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, embeddings):
+        return self.loss.get_logits(embeddings)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 0.15), (torch.bfloat16, 1.0)])
+def test_inference_after_an_explicit_cast_leaves_w_in_its_dtype_and_exports(dtype, atol):
+    """s55 deploy 2: after ``.half()`` / ``.bfloat16()`` for serving, the first ``get_logits``
+    turned ``W`` back into float32 for good (its ``state_dict`` too), and ``torch.export`` (and
+    the dynamo ONNX exporter) failed on that ``W.data`` assignment. Inference now computes in
+    float32 from a local copy; ``W`` stays as the user cast it."""
+    ref, loss = _pair()
+    emb, y = _batch()
+    for seed in range(3):  # some statistics, so the eval prototypes are the cloud's
+        e, t = _batch(seed)
+        ref(e, t)
+        loss(e, t)
+    ref.eval()
+    loss.eval().to(dtype)
+    with torch.no_grad():
+        expected = ref.get_logits(emb)
+        expected_cosine = ref.get_cosine(emb)
+        expected_value = ref(emb, y)
+        logits = loss.get_logits(emb.to(dtype))
+        cosine = loss.get_cosine(emb.to(dtype))
+        value = loss(emb.to(dtype), y)  # an eval-mode loss (validation) too
+    assert loss.W.dtype == dtype and loss.state_dict()["W"].dtype == dtype
+    assert logits.dtype == torch.float32 and bool(torch.isfinite(logits).all())
+    torch.testing.assert_close(logits, expected, atol=atol, rtol=0)
+    torch.testing.assert_close(cosine * loss.scale, expected_cosine * ref.scale, atol=atol, rtol=0)
+    assert value.dtype == torch.float32  # the loss in float32, as under autocast
+    assert float(value) == pytest.approx(float(expected_value), rel=2e-2)
+    exported = torch.export.export(_Logits(loss), (emb.to(dtype),))
+    assert exported.state_dict["loss.W"].dtype == dtype and loss.W.dtype == dtype
+    torch.testing.assert_close(exported.module()(emb.to(dtype)), logits)
+    pytest.importorskip("onnxscript")
+    import warnings as _warnings
+
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore")
+        program = torch.onnx.export(_Logits(loss), (emb.to(dtype),), dynamo=True, verbose=False)
+    assert program is not None and loss.W.dtype == dtype
