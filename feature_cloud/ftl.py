@@ -48,6 +48,7 @@ from ._validation import (
     check_labels,
     check_values,
     checked_attribute,
+    differs,
     migrate_checked,
     warn_user,
 )
@@ -401,7 +402,7 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Rich feature ``g = Enc(x)`` ``(B, feature_dim)``."""
         g = self.encoder(x)
-        if g.dim() != 2 or g.shape[1] != self.feature_dim:
+        if g.dim() != 2 or differs(g.shape[1], self.feature_dim):  # no tracer warning
             raise ValueError(
                 f"encoder must return (batch, feature_dim={self.feature_dim}), got {tuple(g.shape)}"
             )

@@ -72,6 +72,7 @@ from feature_cloud._validation import (
     as_float,
     check_inputs,
     class_counts_from_mapping,
+    differs,
     migrate_checked,
 )
 from feature_cloud.checkpoints import CheckedBeforeLoading
@@ -1031,7 +1032,7 @@ class TimmFTLModel(_BackboneOptimizerHooks, FTLModel):
         logits of ``f`` (:meth:`logits`)."""
         self._refuse_backbone_classifier()
         g = self.encoder.forward_head(x, pre_logits=True)
-        if g.dim() != 2 or g.shape[1] != self.feature_dim:
+        if g.dim() != 2 or differs(g.shape[1], self.feature_dim):
             raise ValueError(
                 f"the encoder's pooled features must be (batch, feature_dim={self.feature_dim}), "
                 f"got {tuple(g.shape)}"

@@ -344,9 +344,24 @@ def test_onnx_export_legacy_and_dynamo() -> None:
     # might cause the trace to be incorrect" (harmless, alarming); a sub-center head's layout
     # check too (review)
     sub = _Net(LEAPMarginHead(D, C, "subcenter_arcface", class_counts=COUNTS, seed=1)).eval()
+    # s55 deploy 4: the FTL eval model's (FTLModel.forward, f = R(Enc(x)); timm's FTLEmbedding
+    # and fastreid's FTLBaseline run it) encoder width check warned the same
+    from feature_cloud import FTLModel
+
+    ftl = FTLModel(
+        nn.Linear(IN, 12),
+        LEAPMarginHead(D, C, class_counts=COUNTS, seed=1),
+        feature_dim=12,
+        alpha_recon=0,
+        alpha_reg=0,
+    ).eval()
     with warnings.catch_warnings(record=True) as more:
         warnings.simplefilter("always")
         torch.onnx.export(sub, (x,), io.BytesIO(), dynamo=False)
+        torch.onnx.export(ftl, (x,), io.BytesIO(), dynamo=False)
+        traced_ftl = torch.jit.trace(ftl, (x,))
+    with torch.no_grad():
+        assert torch.equal(traced_ftl(x), ftl(x))
     ours = [w for w in seen + more if "Converting a tensor" in str(w.message)]
     assert not ours, [(w.filename, w.lineno, str(w.message)) for w in ours]
     with pytest.raises(ValueError, match="has dimension 5 but the module expects"):
