@@ -204,6 +204,21 @@ _UNMATCHED = "\x00feature_cloud adapter"
 """A parameter name no timm ``group_matcher`` matches: the adapter's parameters' layer group."""
 
 
+def _refuse_backbone_classifier(owner: Any, wrapped: nn.Module) -> None:
+    """:meth:`_BackboneOptimizerHooks._refuse_backbone_classifier` of ``owner`` holding the timm
+    backbone ``wrapped`` (a child of ``owner``; named in the message)."""
+    backbone = unwrap_model(wrapped)
+    classes = getattr(backbone, "num_classes", 0)
+    path = next((name + "." for name, child in owner.named_children() if child is wrapped), "")
+    if classes:
+        raise ValueError(
+            f"the backbone has a classifier (num_classes={classes}, e.g. after "
+            f"reset_classifier({classes})): it outputs logits, not the embeddings the head "
+            f"needs. Call {path}reset_classifier(0); the head is the classifier"
+        )
+    _refuse_unpooled(backbone, f"the backbone ({path or 'backbone.'}global_pool='')")
+
+
 class _BackboneOptimizerHooks:
     """timm's optimizer hooks for a module around a timm backbone, as timm's
     ``FeatureDistillationTrainableModule`` does for its student: ``create_optimizer_v2`` sees the
@@ -285,18 +300,7 @@ class _BackboneOptimizerHooks:
         logits, not embeddings, and one reset to ``global_pool=''`` feature maps: refused
         before it runs (its BatchNorm would take the batch). Checked by the training forward
         and by the eval models (:meth:`LEAPTask.get_eval_model`, :class:`FTLEmbedding`)."""
-        wrapped = self._timm_backbone()
-        backbone = unwrap_model(wrapped)
-        classes = getattr(backbone, "num_classes", 0)
-        own = self.named_children()  # type: ignore[attr-defined]
-        path = next((name + "." for name, child in own if child is wrapped), "")
-        if classes:
-            raise ValueError(
-                f"the backbone has a classifier (num_classes={classes}, e.g. after "
-                f"reset_classifier({classes})): it outputs logits, not the embeddings the head "
-                f"needs. Call {path}reset_classifier(0); the head is the classifier"
-            )
-        _refuse_unpooled(backbone, f"the backbone ({path or 'backbone.'}global_pool='')")
+        _refuse_backbone_classifier(self, self._timm_backbone())
 
     def get_classifier(self) -> nn.Module:
         """timm's model method: the classifier (the LEAP head; FTL's ``FC``)."""
@@ -1045,22 +1049,58 @@ class FTLEmbedding(nn.Module):
     """The eval model of :class:`FTLTask`: the identity feature ``f = R(Enc(x))``.
 
     Shares ``Enc`` and ``R`` with the :class:`FTLModel` (its ``state_dict`` has ``encoder.*`` and
-    ``filter.*``); ``train()`` keeps the model's frozen parts in eval mode.
+    ``filter.*``); ``train()`` keeps the model's frozen parts in eval mode. ``Enc(x)`` is checked
+    as :meth:`FTLModel.encode` (and :meth:`TimmFTLModel.encode`: a timm encoder given a
+    classifier again is refused) does; a subclass's own ``encode`` is not called.
+
+    Pickled whole (``torch.save``) or copied (``copy.deepcopy``), it holds ``Enc`` and ``R`` only
+    (not ``FC``, ``Dec`` or the transfer statistics) and the parts frozen at that time: the copy
+    no longer follows the training model.
     """
 
     def __init__(self, model: FTLModel) -> None:
         super().__init__()
         self.encoder = model.encoder
         self.filter = model.filter
-        self._frozen = lambda: model.frozen
-        self._encode = model.encode  # TimmFTLModel's: an encoder given a classifier is refused
+        self.feature_dim = model.feature_dim
+        #: TimmFTLModel's check: a timm encoder given a classifier again is refused
+        self.timm_encoder = isinstance(model, _BackboneOptimizerHooks)
+        self._frozen_parts: Tuple[str, ...] = tuple(model.frozen)
+        # the live model (its frozen parts), not a submodule; neither pickled nor copied (see
+        # __getstate__). s55 deploy 3: a lambda and the model's bound encode stored here made
+        # torch.save fail, and a deepcopy dragged the whole model along
+        self.__dict__["_model"] = model
+
+    @property
+    def frozen(self) -> Tuple[str, ...]:
+        """The model's frozen parts (those at pickling / copying time for a copy)."""
+        model = self.__dict__.get("_model")
+        return tuple(model.frozen) if model is not None else self._frozen_parts
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        model = state.pop("_model", None)
+        if model is not None:
+            state["_frozen_parts"] = tuple(model.frozen)
+        return state
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``g = Enc(x)`` ``(B, feature_dim)``, checked as :meth:`TimmFTLModel.encode`."""
+        if self.timm_encoder:
+            _refuse_backbone_classifier(self, self.encoder)
+        g = self.encoder(x)
+        if g.dim() != 2 or differs(g.shape[1], self.feature_dim):
+            raise ValueError(
+                f"encoder must return (batch, feature_dim={self.feature_dim}), got {tuple(g.shape)}"
+            )
+        return g
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.filter(self._encode(x))
+        return self.filter(self.encode(x))
 
     def train(self, mode: bool = True) -> FTLEmbedding:
         super().train(mode)
-        for name in self._frozen():
+        for name in self.frozen:
             if name in ("encoder", "filter"):
                 getattr(self, name).eval()
         return self

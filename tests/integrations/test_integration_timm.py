@@ -13,7 +13,7 @@ timm = pytest.importorskip("timm")
 pytest.importorskip("timm.task")
 from timm.task import TrainingTask, resume_task_checkpoint
 
-from conftest import TORCH_VERSION, run_ftl_task
+from conftest import TORCH_VERSION, run_fresh_python, run_ftl_task
 from feature_cloud import LEAPMarginHead
 from feature_cloud import functional as FC
 from feature_cloud.integrations.timm import LEAPEvaluator, LEAPTask, create_backbone_and_head
@@ -436,6 +436,59 @@ def _ftl_task(seed=0, init_seed=None, **kwargs):
     if seed is None:  # the task's default
         del kw["seed"]
     return FTLTask.from_timm("test_resnet", C, **kw)
+
+
+def test_ftl_eval_model_pickles_whole_and_copies_without_the_training_model(tmp_path):
+    """s55 deploy 3: ``torch.save(task.get_eval_model())`` failed (a lambda and the model's bound
+    ``encode`` stored on ``FTLEmbedding``), and ``copy.deepcopy`` of it dragged the whole
+    ``FTLModel`` along, its ``train()`` following the original model's frozen parts. It now
+    holds ``Enc`` and ``R``; a copy keeps the parts frozen when it was made."""
+    task = _ftl_task()
+    model = task.model
+    emb = task.get_eval_model().eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = emb(x)
+    torch.save(emb, tmp_path / "emb.pt")
+    torch.save((x, ref), tmp_path / "ref.pt")
+    run_fresh_python(
+        f"""
+import torch
+emb = torch.load({str(tmp_path / "emb.pt")!r}, weights_only=False)
+x, ref = torch.load({str(tmp_path / "ref.pt")!r})
+assert type(emb).__name__ == "FTLEmbedding" and not emb.training
+with torch.no_grad():
+    assert torch.equal(emb(x), ref)
+assert emb.frozen == () and emb.train().encoder.training
+"""
+    )
+    model.set_frozen(["encoder"])
+    live = task.get_eval_model()
+    twin = copy.deepcopy(live)
+    assert set(twin.state_dict()) == set(live.state_dict())
+    assert not any(isinstance(v, FTLModel) or callable(v) for v in vars(twin).values())
+    assert all(p is not q for p, q in zip(twin.parameters(), live.parameters()))
+    model.set_frozen([])
+    live.train()
+    twin.train()
+    assert live.encoder.training  # the eval model follows its training model
+    assert not twin.encoder.training and twin.filter.training  # frozen when it was copied
+    with torch.no_grad():
+        assert torch.equal(twin.eval()(x), live.eval()(x))
+    # the checks of FTLModel.encode / TimmFTLModel.encode
+    model.encoder.reset_classifier(4)
+    with pytest.raises(ValueError, match=r"Call encoder\.reset_classifier\(0\)"):
+        FTLEmbedding(model)(x)
+    flat = FTLModel(
+        torch.nn.Flatten(),
+        LEAPMarginHead(32, C, class_counts=COUNTS),
+        feature_dim=12,
+        alpha_recon=0,
+        alpha_reg=0,
+    )
+    assert FTLEmbedding(flat).eval()(torch.randn(2, 3, 2, 2)).shape == (2, 32)
+    with pytest.raises(ValueError, match=r"feature_dim=12\), got \(2, 18\)"):
+        FTLEmbedding(flat)(torch.randn(2, 3, 2, 3))
 
 
 def test_ftl_task_wraps_a_timm_backbone_and_leap_head():
