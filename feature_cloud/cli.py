@@ -722,11 +722,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.command_line = list(sys.argv) if argv is None else ["feature-cloud", *map(str, argv)]
     import torch
 
+    from ._validation import printable
     from .demo._progress import is_enabled, set_progress
 
     progress_before, threads_before = is_enabled(), torch.get_num_threads()
     set_progress(not args.quiet)
-    log = (lambda *_: None) if args.quiet else print
+    # a path's undecodable bytes (a folder name that is not UTF-8) as backslash escapes: a
+    # strict stdout never stops a finished evaluation
+    log = (lambda *_: None) if args.quiet else (lambda text="": print(printable(str(text))))
     with warnings.catch_warnings():  # the package's warnings as one CLI line (even --quiet)
         warnings.showwarning = _show_warning
         return _main(args, log, progress_before, threads_before)
@@ -748,7 +751,9 @@ def _show_warning(
     if _warned_from(sys._getframe(1)).startswith(package) or os.path.abspath(filename).startswith(
         package
     ):
-        print(f"feature-cloud: warning: {message}", file=sys.stderr)
+        from ._validation import printable
+
+        print(f"feature-cloud: warning: {printable(str(message))}", file=sys.stderr)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
@@ -854,7 +859,9 @@ def _main(
         run_demo(_demo_config(args).resolved(), log=log, argv=args.command_line)
         return 0
     except (ValueError, FileNotFoundError, MissingExtra) as exc:
-        print(f"feature-cloud: error: {exc}", file=sys.stderr)
+        from ._validation import printable
+
+        print(f"feature-cloud: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # a folder that became unwritable, a full disk: a line, not a trace
         where = f": {exc.filename!r}" if exc.filename else ""

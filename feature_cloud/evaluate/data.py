@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._validation import as_int, warn_user
+from .._validation import as_int, printable, warn_user
 from ..demo.data import (
     LabeledData,
     _from_paths,
@@ -221,8 +221,9 @@ def load_image_folder(path: PathArg, image_size: Tuple[int, int] = (64, 64)) -> 
 
 def dataset_title(data: LabeledData) -> str:
     """The data's name in titles and messages: a folder's own name (its ``name`` stays
-    ``"imagefolder"``, which runs compare to pool), else ``data.name``."""
-    return str(data.info.get("title", data.name))
+    ``"imagefolder"``, which runs compare to pool), else ``data.name``; a name's undecodable
+    bytes as backslash escapes (:func:`~feature_cloud._validation.printable`)."""
+    return printable(str(data.info.get("title", data.name)))
 
 
 def _image_size(value: Any) -> Tuple[int, int]:

@@ -3,6 +3,7 @@ same images in an .npz (area resize), problems are named together and before any
 identities are named in warnings and in results.json, file names give camera ids, Ctrl-C and
 logs to a file are handled."""
 
+import importlib.util
 import io
 import json
 import os
@@ -322,3 +323,50 @@ def test_16bit_and_float_images_give_the_same_inputs_as_a_folder_or_an_npz(tmp_p
     assert float(load_dataset(str(tmp_path / "eight_in_16.npz")).x.max()) > 0.9
     sixteen = load_dataset(str(tmp_path / "sixteen.npz")).x
     assert torch.unique(sixteen).numel() > 100 and float(sixteen.max()) > 0.9
+
+
+def _non_utf8_dir(parent, raw: bytes):
+    """A folder named by the bytes ``raw`` (not UTF-8: os.fsdecode's surrogate escapes), or a
+    skip where the filesystem refuses such a name."""
+    path = os.path.join(str(parent), os.fsdecode(raw))
+    try:
+        os.mkdir(path)
+    except (OSError, UnicodeError) as err:
+        pytest.skip(f"the filesystem refuses a non-UTF-8 name: {err}")
+    if os.fsdecode(raw) not in os.listdir(str(parent)):  # stored under another name
+        pytest.skip("the filesystem renamed the non-UTF-8 name")
+    return path
+
+
+def test_a_folder_name_that_is_not_utf8_is_escaped_in_every_file_and_report_renders_it(
+    tmp_path, capsys
+):
+    """A data folder named in Latin-1 bytes (b"visages_\\xe9t\\xe9", an old zip or a Windows
+    share) trained every run, then crashed writing summary.md (0 bytes, no CSV or plots), and
+    `report` failed the same way. Its title is now written as results.json and repr show it
+    (the backslash escape \\udce9) in summary.md, the log (capsys: a strict UTF-8 stdout), the
+    CSVs and the plots, and `report` renders a results.json that earlier code wrote (the title's
+    raw surrogates)."""
+    root = _non_utf8_dir(tmp_path, b"visages_\xe9t\xe9")
+    _folder(tmp_path / os.path.basename(root))
+    out = tmp_path / "out"
+    args = ["evaluate", root, *TINY[:-1], "--methods", "cosface", "leap_full_cosface"]
+    assert main(args + ["--out", str(out)]) == 0, capsys.readouterr().err
+    shown = "visages_\\udce9t\\udce9"
+    assert f"feature-cloud evaluate: {shown} (34 images" in capsys.readouterr().out
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert summary.startswith(f"# {shown}: natural"), summary[:80]
+    for name in ("summary.csv", "paired.md", "paired.csv", "runs.csv"):
+        assert (out / name).stat().st_size > 0, name
+    if importlib.util.find_spec("matplotlib") is not None:  # the plots' titles name the folder
+        assert (out / "paired.png").is_file() and (out / "accuracy_head_tail.png").is_file()
+    with open(out / "results.json", encoding="utf-8") as fh:
+        results = json.load(fh)
+    assert results["complete"] and results["data"]["title"] == shown
+    # a file of earlier code: the raw title (surrogates); report renders it all the same
+    results["data"]["title"] = os.path.basename(root)
+    with open(out / "results.json", "w", encoding="utf-8") as fh:
+        json.dump(results, fh)
+    (out / "summary.md").unlink()
+    assert main(["report", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    assert (out / "summary.md").read_text(encoding="utf-8") == summary
