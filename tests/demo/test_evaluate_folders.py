@@ -370,3 +370,29 @@ def test_a_folder_name_that_is_not_utf8_is_escaped_in_every_file_and_report_rend
     (out / "summary.md").unlink()
     assert main(["report", str(out), "--quiet"]) == 0, capsys.readouterr().err
     assert (out / "summary.md").read_text(encoding="utf-8") == summary
+
+
+def test_hs_head_counts_and_the_h_hint_leave_out_the_identities_left_out(tmp_path, capsys):
+    """-H beyond the identities split (2 of 6 have at most --n-test 2 images): they were
+    marked head (summary.md "5 head", results.json head True with no image) and the hint
+    offered -H 5 as leaving a tail; the up-front limit counted them too."""
+    root = tmp_path / "faces"
+    _folder(root, sizes=(8, 8, 6, 5, 2, 1), names=["ann", "bob", "cy", "di", "ed", "flo"])
+    hs = ["--protocol", "hs", "-S", "1", "--methods", "cosface"]
+    out = tmp_path / "H5"
+    assert main(["evaluate", str(root), *TINY, *hs, "-H", "5", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "(4 head, 0 tail)" in err and "choose -H in (0, 4) (the identities split), now 5" in err
+    assert (
+        "Data: 30 images of 6 identities; split per seed: 4 head / 0 tail"
+        in (out / "summary.md").read_text()
+    )
+    with open(out / "results.json") as fh:
+        split = json.load(fh)["splits"]["0"]
+    assert split["head"] == [True] * 4 + [False] * 2 and split["head_classes"] == 4
+    out = tmp_path / "H7"
+    assert main(["evaluate", str(root), *TINY, *hs, "-H", "7", "--out", str(out)]) == 2
+    assert (
+        "-H 7: faces has 6 identities, 4 of them with more than --n-test 2 images (the others "
+        "are left out); choose -H at most 4"
+    ) in capsys.readouterr().err
