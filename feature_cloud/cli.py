@@ -18,7 +18,7 @@ import os
 import sys
 import warnings
 from types import FrameType
-from typing import Callable, Optional, Sequence, TextIO, Type, Union
+from typing import Callable, Optional, Sequence, Set, TextIO, Type, Union
 
 __all__ = ["main", "build_parser"]
 
@@ -732,7 +732,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log = (lambda *_: None) if args.quiet else (lambda text="": print(printable(str(text))))
     with warnings.catch_warnings():  # the package's warnings as one CLI line (even --quiet)
         warnings.showwarning = _show_warning
-        return _main(args, log, progress_before, threads_before)
+        _SHOWN.clear()
+        try:
+            return _main(args, log, progress_before, threads_before)
+        finally:
+            _SHOWN.clear()
+
+
+#: the package's warnings :func:`_show_warning` printed in this command: each once, as Python's
+#: default filter would show them (checks repeated per setting, ``-S 1 2 5``, warn again where
+#: something resets the warnings registry between them, e.g. a ``catch_warnings`` block)
+_SHOWN: Set[str] = set()
 
 
 def _show_warning(
@@ -744,16 +754,20 @@ def _show_warning(
     line: Optional[str] = None,
 ) -> None:
     """``warnings.showwarning`` of the CLI: a warning raised from this package's code is one
-    ``feature-cloud: warning: ...`` line on stderr; any other keeps Python's format. The
-    package's warnings name the user's line (``warn_user``: the caller of ``main``), so the
-    code that called ``warnings.warn`` decides, not ``filename``."""
+    ``feature-cloud: warning: ...`` line on stderr, each once a command; any other keeps
+    Python's format. The package's warnings name the user's line (``warn_user``: the caller of
+    ``main``), so the code that called ``warnings.warn`` decides, not ``filename``."""
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     if _warned_from(sys._getframe(1)).startswith(package) or os.path.abspath(filename).startswith(
         package
     ):
         from ._validation import printable
 
-        print(f"feature-cloud: warning: {printable(str(message))}", file=sys.stderr)
+        text = f"feature-cloud: warning: {printable(str(message))}"
+        if text in _SHOWN:  # the same warning again (another setting's check): said once
+            return
+        _SHOWN.add(text)
+        print(text, file=sys.stderr)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 

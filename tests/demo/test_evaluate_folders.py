@@ -396,3 +396,17 @@ def test_hs_head_counts_and_the_h_hint_leave_out_the_identities_left_out(tmp_pat
         "-H 7: faces has 6 identities, 4 of them with more than --n-test 2 images (the others "
         "are left out); choose -H at most 4"
     ) in capsys.readouterr().err
+
+
+def test_a_warning_of_the_data_is_printed_once_for_several_settings(tmp_path, capsys):
+    """-S 1 2 9: the identities left out depend on --n-test alone, yet the warning naming them
+    was printed once per setting (each setting's checks warn again); a setting's own warning
+    (-S 9: no tail identity has 9 images) is still said."""
+    root = tmp_path / "faces"
+    _folder(root, sizes=(9, 8, 6, 5, 4, 2), names=["ann", "bob", "cy", "di", "ed", "Flo Z"])
+    args = ["evaluate", str(root), *TINY, "--protocol", "hs", "-H", "2", "-S", "1", "2", "9"]
+    assert main(args + ["--methods", "cosface", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("1 of 6 identities has at most --n-test 2 images (Flo Z)") == 1, err
+    assert err.count("-S 9: no tail identity has 9 training images") == 1, err
+    assert all(line.startswith("feature-cloud: warning: ") for line in err.splitlines()), err
