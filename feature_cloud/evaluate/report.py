@@ -936,9 +936,20 @@ def _data_line(results: Dict[str, Any]) -> str:
 
 def retrieval_line(data: Dict[str, Any]) -> str:
     """How rank-1 / mAP were retrieved, from a results file's ``data``: cross-camera (camera ids
-    given) or among all test images."""
+    given) or among all test images (in a folder where only some file names hold a camera id:
+    the first that do not)."""
     if not data.get("camids"):
-        return "retrieval among all test images (no camera ids)"
+        missing = (data.get("info") or {}).get("camids_missing")
+        if not isinstance(missing, dict):
+            return "retrieval among all test images (no camera ids)"
+        files = [printable(str(f)) for f in missing.get("files", [])]
+        more = int(missing.get("count", len(files))) - len(files)
+        return (
+            f"retrieval among all test images (no camera ids: {missing.get('count')} of "
+            f"{missing.get('of')} file names hold no _c<digits>: {', '.join(files)}"
+            + (f" and {more} more" if more > 0 else "")
+            + "; camera ids come from file names only where every one holds _c<digits>)"
+        )
     source = (data.get("info") or {}).get("camids_from") or "the data's camids"
     return f"cross-camera retrieval (camera ids from {source})"
 

@@ -410,3 +410,29 @@ def test_a_warning_of_the_data_is_printed_once_for_several_settings(tmp_path, ca
     assert err.count("1 of 6 identities has at most --n-test 2 images (Flo Z)") == 1, err
     assert err.count("-S 9: no tail identity has 9 training images") == 1, err
     assert all(line.startswith("feature-cloud: warning: ") for line in err.splitlines()), err
+
+
+def test_the_files_that_turn_camera_ids_off_are_named(tmp_path, capsys):
+    """One misnamed file in a re-ID folder turns camera ids off for the whole folder (as
+    documented), and only "no camera ids" said so: the run's first line and summary.md now name
+    the files without _c<digits>; a folder where no name holds one says no more than before."""
+    root = tmp_path / "reid"
+    _folder(root, cameras=True)
+    (root / "id3" / "0003_c1s1_000026_00.png").rename(root / "id3" / "IMG_0001.png")
+    out = tmp_path / "out"
+    args = ["evaluate", str(root), *TINY[:-1], "--methods", "cosface"]
+    assert main(args + ["--out", str(out)]) == 0
+    said = (
+        "retrieval among all test images (no camera ids: 1 of 34 file names hold no _c<digits>: "
+        f"{os.path.join('id3', 'IMG_0001.png')}; camera ids come from file names only where "
+        "every one holds _c<digits>)"
+    )
+    assert said in capsys.readouterr().out.splitlines()[0]
+    assert said in (out / "summary.md").read_text()
+    plain = tmp_path / "faces"
+    _folder(plain)
+    assert main(args[:1] + [str(plain)] + args[2:] + ["--out", str(tmp_path / "o2")]) == 0
+    assert (
+        "retrieval among all test images (no camera ids)."
+        in (tmp_path / "o2" / "summary.md").read_text()
+    )
