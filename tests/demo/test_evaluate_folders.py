@@ -436,3 +436,30 @@ def test_the_files_that_turn_camera_ids_off_are_named(tmp_path, capsys):
         "retrieval among all test images (no camera ids)."
         in (tmp_path / "o2" / "summary.md").read_text()
     )
+
+
+def test_identity_folders_equal_after_nfc_normalization_are_named_in_a_warning(tmp_path):
+    """ "Zoë" written NFC (Linux, Windows) and NFD (a macOS copy) are two folders that print the
+    same: they were two identities without a word. Still two (they may be two people), now
+    named in a warning that shows them apart (ascii)."""
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "Zoë"), unicodedata.normalize("NFD", "Zoë")
+    assert nfc != nfd
+    root = tmp_path / "faces"
+    try:
+        _folder(root, names=["id0", "id1", "id2", "id3", nfc, nfd])
+    except OSError as err:  # pragma: no cover - a filesystem that refuses or merges the names
+        pytest.skip(f"the filesystem refuses the names: {err}")
+    if sorted(os.listdir(root)) != sorted(["id0", "id1", "id2", "id3", nfc, nfd]):
+        pytest.skip("the filesystem normalizes names (one folder for both)")
+    with pytest.warns(UserWarning) as caught:
+        data = load_dataset(str(root), (8, 8))
+    said = [str(w.message) for w in caught if "Unicode normalization" in str(w.message)]
+    assert len(said) == 1 and f"{ascii(nfd)} and {ascii(nfc)}" in said[0], said
+    assert data.num_classes == 6 and {nfc, nfd} <= set(data.class_names)  # not merged
+    plain = tmp_path / "plain"
+    _folder(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say where no two names normalize alike
+        load_dataset(str(plain), (8, 8))
