@@ -421,7 +421,7 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
 
 def _warn_same_normalized(root: str, names: List[str]) -> None:
     """Warn naming the identity folders whose names are one name in Unicode normalization form
-    NFC (``Zo\xeb`` and ``Zoe\u0308``: a folder copied from macOS writes NFD): they look the
+    NFC (``Zo\\xeb`` and ``Zoe\\u0308``: a folder copied from macOS writes NFD): they look the
     same wherever printed, yet are read as different identities (not merged: they may be two
     people; renaming one merges them)."""
     groups: Dict[str, List[str]] = {}

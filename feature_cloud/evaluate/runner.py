@@ -893,16 +893,16 @@ def _check_training_sets(
     camera): rank-1 / mAP n/a."""
     counts = torch.bincount(data.y, minlength=data.num_classes)
     if cfg.protocol == "hs" and cfg.num_head > data.num_classes:
-        split = int((counts > cfg.n_test).sum())  # the others are left out: neither head nor tail
+        kept = int((counts > cfg.n_test).sum())  # the others are left out: neither head nor tail
         more = (
-            f", {split} of them with more than --n-test {cfg.n_test} images (the others are left "
+            f", {kept} of them with more than --n-test {cfg.n_test} images (the others are left "
             "out)"
-            if split < data.num_classes
+            if kept < data.num_classes
             else ""
         )
         raise ValueError(
             f"-H {cfg.num_head}: {dataset_title(data)} has {data.num_classes} identities{more}; "
-            f"choose -H at most {split} (below it, so that some identities are the tail)"
+            f"choose -H at most {kept} (below it, so that some identities are the tail)"
         )
     for seed, split in splits.items():
         trained = int((split.train_counts > 0).sum())
