@@ -24,7 +24,7 @@ import numbers
 import os
 import sys
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union, cast
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Union, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -70,6 +70,25 @@ _SKIPPED = (
     os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
     os.path.abspath(contextlib.__file__),
 )
+
+
+def printable(text: str) -> str:
+    """``text`` with every lone surrogate (the undecodable bytes of a file name:
+    ``os.fsdecode``'s surrogate escapes, e.g. Latin-1 ``b"\\xe9"`` as ``"\\udce9"``) written as its
+    backslash escape ``\\udce9``, as ``repr`` and JSON show it: text any UTF-8 file, terminal or
+    plot takes. Text without surrogates is returned unchanged."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def open_text(file: str, newline: Optional[str] = None) -> TextIO:
+    """``file`` opened to write text (Markdown, CSV): UTF-8 whatever the locale, anything UTF-8
+    cannot hold (:func:`printable`'s surrogates) as its backslash escape, never an error after
+    the work is done."""
+    return open(file, "w", encoding="utf-8", errors="backslashreplace", newline=newline)
 
 
 def warn_user(message: str, category: type = UserWarning) -> None:

@@ -18,7 +18,7 @@ import os
 import sys
 import warnings
 from types import FrameType
-from typing import Callable, Optional, Sequence, TextIO, Type, Union
+from typing import Callable, Optional, Sequence, Set, TextIO, Type, Union
 
 __all__ = ["main", "build_parser"]
 
@@ -722,14 +722,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.command_line = list(sys.argv) if argv is None else ["feature-cloud", *map(str, argv)]
     import torch
 
+    from ._validation import printable
     from .demo._progress import is_enabled, set_progress
 
     progress_before, threads_before = is_enabled(), torch.get_num_threads()
     set_progress(not args.quiet)
-    log = (lambda *_: None) if args.quiet else print
+    # a path's undecodable bytes (a folder name that is not UTF-8) as backslash escapes: a
+    # strict stdout never stops a finished evaluation
+    log = (lambda *_: None) if args.quiet else (lambda text="": print(printable(str(text))))
     with warnings.catch_warnings():  # the package's warnings as one CLI line (even --quiet)
         warnings.showwarning = _show_warning
-        return _main(args, log, progress_before, threads_before)
+        _SHOWN.clear()
+        try:
+            return _main(args, log, progress_before, threads_before)
+        finally:
+            _SHOWN.clear()
+
+
+#: the package's warnings :func:`_show_warning` printed in this command: each once, as Python's
+#: default filter would show them (checks repeated per setting, ``-S 1 2 5``, warn again where
+#: something resets the warnings registry between them, e.g. a ``catch_warnings`` block)
+_SHOWN: Set[str] = set()
 
 
 def _show_warning(
@@ -741,14 +754,20 @@ def _show_warning(
     line: Optional[str] = None,
 ) -> None:
     """``warnings.showwarning`` of the CLI: a warning raised from this package's code is one
-    ``feature-cloud: warning: ...`` line on stderr; any other keeps Python's format. The
-    package's warnings name the user's line (``warn_user``: the caller of ``main``), so the
-    code that called ``warnings.warn`` decides, not ``filename``."""
+    ``feature-cloud: warning: ...`` line on stderr, each once a command; any other keeps
+    Python's format. The package's warnings name the user's line (``warn_user``: the caller of
+    ``main``), so the code that called ``warnings.warn`` decides, not ``filename``."""
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     if _warned_from(sys._getframe(1)).startswith(package) or os.path.abspath(filename).startswith(
         package
     ):
-        print(f"feature-cloud: warning: {message}", file=sys.stderr)
+        from ._validation import printable
+
+        text = f"feature-cloud: warning: {printable(str(message))}"
+        if text in _SHOWN:  # the same warning again (another setting's check): said once
+            return
+        _SHOWN.add(text)
+        print(text, file=sys.stderr)
     else:
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
@@ -854,7 +873,9 @@ def _main(
         run_demo(_demo_config(args).resolved(), log=log, argv=args.command_line)
         return 0
     except (ValueError, FileNotFoundError, MissingExtra) as exc:
-        print(f"feature-cloud: error: {exc}", file=sys.stderr)
+        from ._validation import printable
+
+        print(f"feature-cloud: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # a folder that became unwritable, a full disk: a line, not a trace
         where = f": {exc.filename!r}" if exc.filename else ""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -414,7 +415,28 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
     if said:  # loose files alone (a README.txt): named, without the layout advice
         loose_only = all(what[0] == "loose file at the top" for what, _ in said)
         warn_user(f"{root!r}: left out {summary}." + ("" if loose_only else f" {rule}"))
+    _warn_same_normalized(root, sorted(set(ids)))
     return paths, ids
+
+
+def _warn_same_normalized(root: str, names: List[str]) -> None:
+    """Warn naming the identity folders whose names are one name in Unicode normalization form
+    NFC (``Zo\\xeb`` and ``Zoe\\u0308``: a folder copied from macOS writes NFD): they look the
+    same wherever printed, yet are read as different identities (not merged: they may be two
+    people; renaming one merges them)."""
+    groups: Dict[str, List[str]] = {}
+    for name in names:
+        groups.setdefault(unicodedata.normalize("NFC", name), []).append(name)
+    same = [group for group in groups.values() if len(group) > 1]
+    if same:
+        shown = "; ".join(" and ".join(ascii(n) for n in group) for group in same[:5])
+        more = f" and {len(same) - 5} more" if len(same) > 5 else ""
+        warn_user(
+            f"{root!r}: identity folders whose names differ only in their Unicode normalization "
+            f"(NFC vs NFD, e.g. a copy made on macOS) look the same but are read as different "
+            f"identities: {shown}{more}; if each pair is one person, rename one folder of it to "
+            "the other's name (its images then join that identity)"
+        )
 
 
 def _layout_hint(root: str, skipped: Dict[Tuple[str, str], List[str]]) -> str:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
+from .._validation import printable
 from .metrics import aggregate
 
 __all__ = [
@@ -99,7 +100,7 @@ def plot_accuracy(
     spread = "std" if t_quantile is None else "95% t-interval"
     seeds = f"{runs[0]}-{n} seeds per method" if len(runs) > 1 else f"{n} seeds"
     over = f"mean ± {spread} over {seeds}" if n > 1 else "1 seed"
-    where = str(results["data"].get("title") or results["data"]["name"]) + (
+    where = printable(str(results["data"].get("title") or results["data"]["name"])) + (
         f" {results['setting']}" if "setting" in results else ""
     )
     fig.suptitle(f"{where}: head vs tail accuracy ({over})", fontsize=11, x=0.4)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .._extras import MissingExtra
+from .._validation import open_text
 from . import plots
 from .metrics import aggregate
 
@@ -437,7 +438,7 @@ def results_markdown(results: Dict[str, Any]) -> str:
 
 def _write_csvs(results: Dict[str, Any], out: str) -> None:
     agg = aggregate(results)
-    with open(os.path.join(out, "summary.csv"), "w", newline="") as fh:
+    with open_text(os.path.join(out, "summary.csv"), newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["method", "metric", "mean", "std", "n"])
         for method, stats in agg.items():
@@ -446,7 +447,7 @@ def _write_csvs(results: Dict[str, Any], out: str) -> None:
                     [method, key, csv_cell(float(f"{mean:.6g}")), csv_cell(float(f"{std:.6g}")), n]
                 )
     keys = list(dict.fromkeys(k for r in results["runs"] for k in r["metrics"]))
-    with open(os.path.join(out, "runs.csv"), "w", newline="") as fh:
+    with open_text(os.path.join(out, "runs.csv"), newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["seed", "method", "train_seconds"] + keys)
         for r in results["runs"]:
@@ -454,7 +455,7 @@ def _write_csvs(results: Dict[str, Any], out: str) -> None:
                 [r["seed"], r["method"], r["train_seconds"]]
                 + [csv_cell(r["metrics"].get(k)) for k in keys]
             )
-    with open(os.path.join(out, "per_class.csv"), "w", newline="") as fh:
+    with open_text(os.path.join(out, "per_class.csv"), newline="") as fh:
         w = csv.writer(fh)
         pc_keys = list(dict.fromkeys(k for r in results["runs"] for k in r["per_class"]))
         w.writerow(["seed", "method", "class", "train_count", "head"] + pc_keys)
@@ -484,7 +485,7 @@ def render_report(path: str, log: Callable[[str], None] = print) -> Dict[str, st
             "it written by a feature-cloud demo run?"
         ) from None
     files = {"results.md": os.path.join(out, "results.md")}
-    with open(files["results.md"], "w") as fh:
+    with open_text(files["results.md"]) as fh:
         fh.write(md)
     _write_csvs(results, out)
     for name in ("summary.csv", "runs.csv", "per_class.csv"):

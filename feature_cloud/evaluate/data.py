@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._validation import as_int, warn_user
+from .._validation import as_int, printable, warn_user
 from ..demo.data import (
     LabeledData,
     _from_paths,
@@ -197,12 +197,27 @@ def camera_ids(paths: List[str]) -> Optional[torch.Tensor]:
     return torch.as_tensor(cams, dtype=torch.long) if cams else None
 
 
+def _without_camera(paths: List[str], root: str, shown: int = 3) -> Optional[Dict[str, Any]]:
+    """Where some file names hold a camera id (``_c<digits>``) and others do not (one misnamed
+    file turns camera ids off for the whole folder): how many lack one, of how many, and the
+    first ``shown`` of them (relative to ``root``); ``None`` where all or none hold one."""
+    missing = [p for p in paths if _CAMERA_IN_NAME.search(os.path.basename(p)) is None]
+    if not missing or len(missing) == len(paths):
+        return None
+    return {
+        "count": len(missing),
+        "of": len(paths),
+        "files": [os.path.relpath(p, root) for p in missing[:shown]],
+    }
+
+
 def load_image_folder(path: PathArg, image_size: Tuple[int, int] = (64, 64)) -> LabeledData:
     """A folder with one sub-folder per identity (:func:`~feature_cloud.demo.data.scan_imagefolder`),
     each image read at its own size and area-resized to ``image_size`` (as :func:`load_npz`
     resizes). Camera ids come from the file names where every one is ``<anything>_c<digits>...``
-    (Market-1501 / DukeMTMC-reID style), else there are none. Every unreadable file is named in
-    one error."""
+    (Market-1501 / DukeMTMC-reID style), else there are none (where some hold one,
+    ``info["camids_missing"]`` names the first files that do not). Every unreadable file is named
+    in one error."""
     path = os.fspath(path)
     paths, ids = scan_imagefolder(path)
     data = _from_paths(paths, ids, tuple(image_size), "imagefolder", path, resize="area")  # type: ignore[arg-type]
@@ -215,14 +230,19 @@ def load_image_folder(path: PathArg, image_size: Tuple[int, int] = (64, 64)) -> 
     if camids is not None:
         data.info["has_camids"] = True
         data.info["camids_from"] = "file names (_c<digits>)"
+    else:
+        missing = _without_camera(paths, path)
+        if missing is not None:  # the run's first line and summary.md name them
+            data.info["camids_missing"] = missing
     data.camids = camids  # type: ignore[attr-defined]
     return data
 
 
 def dataset_title(data: LabeledData) -> str:
     """The data's name in titles and messages: a folder's own name (its ``name`` stays
-    ``"imagefolder"``, which runs compare to pool), else ``data.name``."""
-    return str(data.info.get("title", data.name))
+    ``"imagefolder"``, which runs compare to pool), else ``data.name``; a name's undecodable
+    bytes as backslash escapes (:func:`~feature_cloud._validation.printable`)."""
+    return printable(str(data.info.get("title", data.name)))
 
 
 def _image_size(value: Any) -> Tuple[int, int]:

@@ -72,16 +72,20 @@ def hs_split(
     labels: Tensor, num_classes: int, num_head: int, shots: int, n_test: int = 2, seed: int = 0
 ) -> LongTailSplit:
     """LEAP's ``<H, S>``: the ``num_head`` largest identities keep their whole pool, the others
-    their first ``shots`` pool images."""
+    their first ``shots`` pool images. An identity left out (``n_test`` or fewer images: no pool)
+    is neither head nor tail, also where ``num_head`` reaches it (the largest identities come
+    first, so it is head only when ``num_head`` exceeds the identities split): ``num_head`` of
+    the result is the head identities there are."""
     if num_head < 0 or shots < 1:
         raise ValueError(f"need num_head >= 0 and shots >= 1, got H={num_head}, S={shots}")
     test, pools = _pools(labels, num_classes, n_test, seed)
     order = rank_classes(labels, num_classes)
     head = torch.zeros(num_classes, dtype=torch.bool)
     head[order[:num_head]] = True
+    head &= torch.tensor([p.size > 0 for p in pools], dtype=torch.bool)
     train = [p if head[c] else p[:shots] for c, p in enumerate(pools)]
     train_a = np.concatenate(train) if train else np.zeros(0, dtype=np.int64)
-    return _make(labels, num_classes, test, train_a, head, num_head, shots)
+    return _make(labels, num_classes, test, train_a, head, int(head.sum()), shots)
 
 
 def open_split(

@@ -9,7 +9,7 @@ import math
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from .._validation import warn_user
+from .._validation import open_text, printable, warn_user
 from ..demo import plots as demo_plots
 from ..demo.report import (
     _markdown,
@@ -351,7 +351,7 @@ def paired_rows(
 
 
 def _write_csv(rows: List[List[Any]], file: str) -> None:
-    with open(file, "w", newline="") as fh:
+    with open_text(file, newline="") as fh:
         csv.writer(fh).writerows(rows)
 
 
@@ -510,7 +510,7 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
         pieces.append(("paired.md", no_pairs_note(results) + "\n"))
     for name, content in pieces:
         files[name] = os.path.join(out, name)
-        with open(files[name], "w") as fh:
+        with open_text(files[name]) as fh:
             fh.write(content)
     files["summary.csv"] = os.path.join(out, "summary.csv")
     _write_csv(summary_rows(results, numeric=True), files["summary.csv"])
@@ -523,7 +523,7 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     _runs_csv(results, files["runs.csv"])
     if len(wrows) > 1:
         files["sweep.md"] = os.path.join(out, "sweep.md")
-        with open(files["sweep.md"], "w") as fh:
+        with open_text(files["sweep.md"]) as fh:
             fh.write(_SWEEP_NOTE + "\n\n" + _markdown(wrows) + "\n")
         files["sweep.csv"] = os.path.join(out, "sweep.csv")
         _write_csv(sweep_rows(results, table=table, numeric=True), files["sweep.csv"])
@@ -664,7 +664,7 @@ def combine_settings(paths: Sequence[str], out: str) -> str:
         parts.append(f"{_SWEEP_NOTE}\n\n{_markdown(sweep_tables[False])}\n")
         _write_csv(sweep_tables[True], os.path.join(out, "combined_sweep.csv"))
     md = "\n".join(parts)
-    with open(os.path.join(out, "combined.md"), "w") as fh:
+    with open_text(os.path.join(out, "combined.md")) as fh:
         fh.write(md)
     return md
 
@@ -908,9 +908,10 @@ def check_compatible(
 
 def data_title(results: Dict[str, Any]) -> str:
     """The data's name in titles: a folder's own name (``data.title``; files of earlier
-    releases: ``data.name``)."""
+    releases: ``data.name``), its undecodable bytes (a folder name that is not UTF-8) as backslash
+    escapes, as in the files of earlier releases too (:func:`~feature_cloud._validation.printable`)."""
     data = results["data"]
-    return str(data.get("title") or data["name"])
+    return printable(str(data.get("title") or data["name"]))
 
 
 def _data_line(results: Dict[str, Any]) -> str:
@@ -935,9 +936,20 @@ def _data_line(results: Dict[str, Any]) -> str:
 
 def retrieval_line(data: Dict[str, Any]) -> str:
     """How rank-1 / mAP were retrieved, from a results file's ``data``: cross-camera (camera ids
-    given) or among all test images."""
+    given) or among all test images (in a folder where only some file names hold a camera id:
+    the first that do not)."""
     if not data.get("camids"):
-        return "retrieval among all test images (no camera ids)"
+        missing = (data.get("info") or {}).get("camids_missing")
+        if not isinstance(missing, dict):
+            return "retrieval among all test images (no camera ids)"
+        files = [printable(str(f)) for f in missing.get("files", [])]
+        more = int(missing.get("count", len(files))) - len(files)
+        return (
+            f"retrieval among all test images (no camera ids: {missing.get('count')} of "
+            f"{missing.get('of')} file names hold no _c<digits>: {', '.join(files)}"
+            + (f" and {more} more" if more > 0 else "")
+            + "; camera ids come from file names only where every one holds _c<digits>)"
+        )
     source = (data.get("info") or {}).get("camids_from") or "the data's camids"
     return f"cross-camera retrieval (camera ids from {source})"
 
@@ -1198,7 +1210,7 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
     if out is not None:
         make_output_dir(out)
         write_json(result, os.path.join(out, "compare.json"))
-        with open(os.path.join(out, "compare.md"), "w") as fh:
+        with open_text(os.path.join(out, "compare.md")) as fh:
             fh.write(comparison_markdown(result))
     return result
 

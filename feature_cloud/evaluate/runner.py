@@ -798,8 +798,8 @@ def _check_split_groups(
         where = f"the split of seed {seed} ({setting_name(cfg)})"
         empty = [g for g in ("head", "tail") if s[f"{g}_classes"] == 0]
         if cfg.protocol == "hs":
-            identities = s["head_classes"] + s["tail_classes"]
-            hint = f"choose -H in (0, {identities}) (the identities), now {cfg.num_head}"
+            identities = s["head_classes"] + s["tail_classes"]  # those left out are neither
+            hint = f"choose -H in (0, {identities}) (the identities split), now {cfg.num_head}"
         else:
             kept = split.train_counts[split.train_counts > 0]
             most, fewest = int(kept.max()), int(kept.min())
@@ -893,9 +893,16 @@ def _check_training_sets(
     camera): rank-1 / mAP n/a."""
     counts = torch.bincount(data.y, minlength=data.num_classes)
     if cfg.protocol == "hs" and cfg.num_head > data.num_classes:
+        kept = int((counts > cfg.n_test).sum())  # the others are left out: neither head nor tail
+        more = (
+            f", {kept} of them with more than --n-test {cfg.n_test} images (the others are left "
+            "out)"
+            if kept < data.num_classes
+            else ""
+        )
         raise ValueError(
-            f"-H {cfg.num_head}: {dataset_title(data)} has {data.num_classes} identities; choose -H "
-            f"at most {data.num_classes} (below it, so that some identities are the tail)"
+            f"-H {cfg.num_head}: {dataset_title(data)} has {data.num_classes} identities{more}; "
+            f"choose -H at most {kept} (below it, so that some identities are the tail)"
         )
     for seed, split in splits.items():
         trained = int((split.train_counts > 0).sum())

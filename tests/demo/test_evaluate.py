@@ -44,6 +44,20 @@ def test_hs_split_keeps_s_for_tail_and_same_test_set():
     assert set(s.train.tolist()) <= set(n.train.tolist())
 
 
+def test_hs_split_identities_left_out_are_neither_head_nor_tail():
+    """An identity with --n-test or fewer images has no training or test image: it was marked
+    head once H reached it (the last in size order), counted in the head and in the -H hint."""
+    y = _labels([30, 20, 9, 2, 1])  # n_test 2: identities 3 and 4 are left out
+    for h in (3, 4, 5):
+        s = hs_split(y, 5, num_head=h, shots=3, n_test=2, seed=0)
+        assert s.head.tolist() == [True, True, True, False, False], h
+        assert (s.summary()["head_classes"], s.summary()["tail_classes"], s.num_head) == (3, 0, 3)
+        assert s.train_counts.tolist() == [28, 18, 7, 0, 0]
+    s = hs_split(y, 5, num_head=2, shots=3, n_test=2, seed=0)
+    assert s.head.tolist() == [True, True, False, False, False] and s.num_head == 2
+    assert (s.summary()["head_classes"], s.summary()["tail_classes"]) == (2, 1)
+
+
 def test_t_interval_and_paired_differences():
     assert t_quantile(2) == pytest.approx(4.302653)
     # scipy.stats.t.ppf(0.975, df) to 1e-5 at every df (a 3-decimal table was off by 4.7e-4)

@@ -3,6 +3,7 @@ same images in an .npz (area resize), problems are named together and before any
 identities are named in warnings and in results.json, file names give camera ids, Ctrl-C and
 logs to a file are handled."""
 
+import importlib.util
 import io
 import json
 import os
@@ -322,3 +323,143 @@ def test_16bit_and_float_images_give_the_same_inputs_as_a_folder_or_an_npz(tmp_p
     assert float(load_dataset(str(tmp_path / "eight_in_16.npz")).x.max()) > 0.9
     sixteen = load_dataset(str(tmp_path / "sixteen.npz")).x
     assert torch.unique(sixteen).numel() > 100 and float(sixteen.max()) > 0.9
+
+
+def _non_utf8_dir(parent, raw: bytes):
+    """A folder named by the bytes ``raw`` (not UTF-8: os.fsdecode's surrogate escapes), or a
+    skip where the filesystem refuses such a name."""
+    path = os.path.join(str(parent), os.fsdecode(raw))
+    try:
+        os.mkdir(path)
+    except (OSError, UnicodeError) as err:
+        pytest.skip(f"the filesystem refuses a non-UTF-8 name: {err}")
+    if os.fsdecode(raw) not in os.listdir(str(parent)):  # stored under another name
+        pytest.skip("the filesystem renamed the non-UTF-8 name")
+    return path
+
+
+def test_a_folder_name_that_is_not_utf8_is_escaped_in_every_file_and_report_renders_it(
+    tmp_path, capsys
+):
+    """A data folder named in Latin-1 bytes (b"visages_\\xe9t\\xe9", an old zip or a Windows
+    share) trained every run, then crashed writing summary.md (0 bytes, no CSV or plots), and
+    `report` failed the same way. Its title is now written as results.json and repr show it
+    (the backslash escape \\udce9) in summary.md, the log (capsys: a strict UTF-8 stdout), the
+    CSVs and the plots, and `report` renders a results.json that earlier code wrote (the title's
+    raw surrogates)."""
+    root = _non_utf8_dir(tmp_path, b"visages_\xe9t\xe9")
+    _folder(tmp_path / os.path.basename(root))
+    out = tmp_path / "out"
+    args = ["evaluate", root, *TINY[:-1], "--methods", "cosface", "leap_full_cosface"]
+    assert main(args + ["--out", str(out)]) == 0, capsys.readouterr().err
+    shown = "visages_\\udce9t\\udce9"
+    assert f"feature-cloud evaluate: {shown} (34 images" in capsys.readouterr().out
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert summary.startswith(f"# {shown}: natural"), summary[:80]
+    for name in ("summary.csv", "paired.md", "paired.csv", "runs.csv"):
+        assert (out / name).stat().st_size > 0, name
+    if importlib.util.find_spec("matplotlib") is not None:  # the plots' titles name the folder
+        assert (out / "paired.png").is_file() and (out / "accuracy_head_tail.png").is_file()
+    with open(out / "results.json", encoding="utf-8") as fh:
+        results = json.load(fh)
+    assert results["complete"] and results["data"]["title"] == shown
+    # a file of earlier code: the raw title (surrogates); report renders it all the same
+    results["data"]["title"] = os.path.basename(root)
+    with open(out / "results.json", "w", encoding="utf-8") as fh:
+        json.dump(results, fh)
+    (out / "summary.md").unlink()
+    assert main(["report", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    assert (out / "summary.md").read_text(encoding="utf-8") == summary
+
+
+def test_hs_head_counts_and_the_h_hint_leave_out_the_identities_left_out(tmp_path, capsys):
+    """-H beyond the identities split (2 of 6 have at most --n-test 2 images): they were
+    marked head (summary.md "5 head", results.json head True with no image) and the hint
+    offered -H 5 as leaving a tail; the up-front limit counted them too."""
+    root = tmp_path / "faces"
+    _folder(root, sizes=(8, 8, 6, 5, 2, 1), names=["ann", "bob", "cy", "di", "ed", "flo"])
+    hs = ["--protocol", "hs", "-S", "1", "--methods", "cosface"]
+    out = tmp_path / "H5"
+    assert main(["evaluate", str(root), *TINY, *hs, "-H", "5", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "(4 head, 0 tail)" in err and "choose -H in (0, 4) (the identities split), now 5" in err
+    assert (
+        "Data: 30 images of 6 identities; split per seed: 4 head / 0 tail"
+        in (out / "summary.md").read_text()
+    )
+    with open(out / "results.json") as fh:
+        split = json.load(fh)["splits"]["0"]
+    assert split["head"] == [True] * 4 + [False] * 2 and split["head_classes"] == 4
+    out = tmp_path / "H7"
+    assert main(["evaluate", str(root), *TINY, *hs, "-H", "7", "--out", str(out)]) == 2
+    assert (
+        "-H 7: faces has 6 identities, 4 of them with more than --n-test 2 images (the others "
+        "are left out); choose -H at most 4"
+    ) in capsys.readouterr().err
+
+
+def test_a_warning_of_the_data_is_printed_once_for_several_settings(tmp_path, capsys):
+    """-S 1 2 9: the identities left out depend on --n-test alone, yet the warning naming them
+    was printed once per setting (each setting's checks warn again); a setting's own warning
+    (-S 9: no tail identity has 9 images) is still said."""
+    root = tmp_path / "faces"
+    _folder(root, sizes=(9, 8, 6, 5, 4, 2), names=["ann", "bob", "cy", "di", "ed", "Flo Z"])
+    args = ["evaluate", str(root), *TINY, "--protocol", "hs", "-H", "2", "-S", "1", "2", "9"]
+    assert main(args + ["--methods", "cosface", "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("1 of 6 identities has at most --n-test 2 images (Flo Z)") == 1, err
+    assert err.count("-S 9: no tail identity has 9 training images") == 1, err
+    assert all(line.startswith("feature-cloud: warning: ") for line in err.splitlines()), err
+
+
+def test_the_files_that_turn_camera_ids_off_are_named(tmp_path, capsys):
+    """One misnamed file in a re-ID folder turns camera ids off for the whole folder (as
+    documented), and only "no camera ids" said so: the run's first line and summary.md now name
+    the files without _c<digits>; a folder where no name holds one says no more than before."""
+    root = tmp_path / "reid"
+    _folder(root, cameras=True)
+    (root / "id3" / "0003_c1s1_000026_00.png").rename(root / "id3" / "IMG_0001.png")
+    out = tmp_path / "out"
+    args = ["evaluate", str(root), *TINY[:-1], "--methods", "cosface"]
+    assert main(args + ["--out", str(out)]) == 0
+    said = (
+        "retrieval among all test images (no camera ids: 1 of 34 file names hold no _c<digits>: "
+        f"{os.path.join('id3', 'IMG_0001.png')}; camera ids come from file names only where "
+        "every one holds _c<digits>)"
+    )
+    assert said in capsys.readouterr().out.splitlines()[0]
+    assert said in (out / "summary.md").read_text()
+    plain = tmp_path / "faces"
+    _folder(plain)
+    assert main(args[:1] + [str(plain)] + args[2:] + ["--out", str(tmp_path / "o2")]) == 0
+    assert (
+        "retrieval among all test images (no camera ids)."
+        in (tmp_path / "o2" / "summary.md").read_text()
+    )
+
+
+def test_identity_folders_equal_after_nfc_normalization_are_named_in_a_warning(tmp_path):
+    """ "Zoë" written NFC (Linux, Windows) and NFD (a macOS copy) are two folders that print the
+    same: they were two identities without a word. Still two (they may be two people), now
+    named in a warning that shows them apart (ascii)."""
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "Zoë"), unicodedata.normalize("NFD", "Zoë")
+    assert nfc != nfd
+    root = tmp_path / "faces"
+    try:
+        _folder(root, names=["id0", "id1", "id2", "id3", nfc, nfd])
+    except OSError as err:  # pragma: no cover - a filesystem that refuses or merges the names
+        pytest.skip(f"the filesystem refuses the names: {err}")
+    if sorted(os.listdir(root)) != sorted(["id0", "id1", "id2", "id3", nfc, nfd]):
+        pytest.skip("the filesystem normalizes names (one folder for both)")
+    with pytest.warns(UserWarning) as caught:
+        data = load_dataset(str(root), (8, 8))
+    said = [str(w.message) for w in caught if "Unicode normalization" in str(w.message)]
+    assert len(said) == 1 and f"{ascii(nfd)} and {ascii(nfc)}" in said[0], said
+    assert data.num_classes == 6 and {nfc, nfd} <= set(data.class_names)  # not merged
+    plain = tmp_path / "plain"
+    _folder(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say where no two names normalize alike
+        load_dataset(str(plain), (8, 8))
