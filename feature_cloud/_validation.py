@@ -253,6 +253,17 @@ def as_int(value: Any, name: str, minimum: Optional[int] = None) -> int:
     return out
 
 
+def check_optional_callable(value: Any, name: str, expected: str) -> None:
+    """``TypeError`` naming ``name`` unless ``value`` is ``None`` or callable; ``expected``
+    describes the callable (``"a callable x -> flipped x"``). A setting used only late in training
+    (FTL's ``flip`` / ``quality``, first called by UpdateStats after stage 0) is checked when it is
+    given, not when it is first called."""
+    if value is not None and not callable(value):
+        raise TypeError(
+            f"{name} must be {expected} or None, got {value!r} ({type(value).__name__})"
+        )
+
+
 def as_float(
     value: Any,
     name: str,

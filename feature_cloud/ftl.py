@@ -46,6 +46,7 @@ from ._validation import (
     check_class_counts,
     check_inputs,
     check_labels,
+    check_optional_callable,
     check_values,
     checked_attribute,
     migrate_checked,
@@ -316,6 +317,8 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
             ("alpha_reg", alpha_reg),
         ):
             as_float(value, name, minimum=0.0)  # finite, >= 0 (NaN / inf: a NaN loss)
+        # an integer, as FeatureTransfer's (8.9, "8", True are refused, not truncated)
+        feature_dim = as_int(feature_dim, "feature_dim", 1)
         if decoder is None and float(alpha_recon) > 0:
             raise ValueError(
                 "alpha_recon > 0 needs a decoder (FTL Eq. 1): pass decoder=..., or alpha_recon=0 "
@@ -329,7 +332,7 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
         self.num_classes = (
             cast(LEAPMarginHead, classifier).num_classes if self.is_margin_head else rows
         )
-        self.feature_dim = int(feature_dim)
+        self.feature_dim = feature_dim
         self.encoder = encoder
         self.decoder = decoder
         self.filter = (
@@ -974,6 +977,15 @@ class _SeededItems(Dataset[Any]):
         return items
 
 
+def check_update_stats_callables(flip: Any, quality: Any) -> None:
+    """``TypeError`` naming the argument unless ``flip`` / ``quality`` are callables or ``None``.
+    They are first called by UpdateStats after stage 0 (the paper: 10K iterations), so a wrong
+    value (``flip=True``, the meaning of fastreid's ``FTLHook(flip=)`` / YAML ``FLIP``) is refused
+    when the scheduler or task is built."""
+    check_optional_callable(flip, "flip", "a callable x -> flipped x (e.g. lambda x: x.flip(-1))")
+    check_optional_callable(quality, "quality", "a callable (x, g) -> bool keep mask (B,)")
+
+
 class AlternatingScheduler:
     r"""The alternating training scheme of FTL, Algorithm 1.
 
@@ -1054,6 +1066,7 @@ class AlternatingScheduler:
     ) -> None:
         if not isinstance(model, FTLModel):
             raise TypeError(f"model must be an FTLModel, got {type(model).__name__}")
+        check_update_stats_callables(flip, quality)
         if tail_sampling not in TAIL_SAMPLING:
             raise ValueError(f"tail_sampling must be one of {TAIL_SAMPLING}, got {tail_sampling!r}")
         # integers (2.5, "3", True, NaN are refused, not truncated)

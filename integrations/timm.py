@@ -81,6 +81,7 @@ from feature_cloud.ftl import (
     AlternatingScheduler,
     ConvDecoder,
     FTLModel,
+    check_update_stats_callables,
     make_filter,
 )
 from feature_cloud.functional import DEFAULT_RECON_REDUCTION
@@ -1113,9 +1114,10 @@ class FTLTask(_AllOrNothingLoad):
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
     ) -> None:
-        super().__init__(device=device, dtype=dtype, verbose=verbose)
         if not isinstance(model, FTLModel):
             raise TypeError(f"model must be a feature_cloud.FTLModel, got {type(model).__name__}")
+        check_update_stats_callables(flip, quality)  # before the model moves
+        super().__init__(device=device, dtype=dtype, verbose=verbose)
         self.trainable_module = _placed(model, device)
         self.scheduler = AlternatingScheduler(
             model,
@@ -1157,6 +1159,7 @@ class FTLTask(_AllOrNothingLoad):
         **model_kwargs: Any,
     ) -> FTLTask:
         """:func:`create_ftl_model` (``model_kwargs``) wrapped in the task."""
+        check_update_stats_callables(flip, quality)  # before the model is built (global RNG)
         model = create_ftl_model(model_name, num_classes, **model_kwargs)
         return cls(
             model,

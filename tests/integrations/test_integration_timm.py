@@ -755,6 +755,22 @@ def test_ftl_task_gives_stage_2_its_own_length_and_resume_checks_it():
     assert task.finished and [s for s, _ in record] == [0, 0, 0, 1, 1, 2, 1, 1, 2]
 
 
+def test_ftl_task_refuses_a_flip_that_is_not_callable_before_building_anything():
+    """Typing trial: ``FTLTask.from_timm(flip=True)`` (fastreid's bool meaning) built, trained
+    stage 0 and failed in UpdateStats with ``'bool' object is not callable``. It is refused when
+    called, naming the argument, before the model is built (no global RNG drawn)."""
+    torch.manual_seed(0)
+    rng = torch.get_rng_state()
+    with pytest.raises(TypeError, match="flip must be a callable x -> flipped x"):
+        _ftl_task(flip=True, init_seed=0)
+    with pytest.raises(TypeError, match="quality must be a callable"):
+        _ftl_task(quality=True, init_seed=0)
+    assert torch.equal(torch.get_rng_state(), rng)
+    model = _ftl_task().model
+    with pytest.raises(TypeError, match="flip must be a callable"):
+        FTLTask(model, stage0_iters=1, flip=True, verbose=False)
+
+
 def test_ftl_task_passes_tail_sampling_and_quality_to_the_scheduler():
     """`FTLTask.from_timm(tail_sampling=..., quality=...)` reach the AlternatingScheduler (stage
     1's long-tail pool is then the class-balanced one); a checkpoint of the other sampling is
