@@ -185,6 +185,10 @@ class ConvDecoder(nn.Module):
         layers.append(nn.Conv2d(prev, self.out_shape[0], 3, 1, 1))
         self.body = nn.Sequential(*layers)
 
+    def extra_repr(self) -> str:
+        """What the layers do not show: the output shape (a final resize) and the base map."""
+        return f"out_shape={self.out_shape}, base={self.base}"
+
     def forward(self, g: Tensor) -> Tensor:
         x = self.fc(g).view(g.shape[0], -1, self.base, self.base)
         x = self.body(x)
@@ -391,6 +395,7 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
                 if reduction == FC.DEFAULT_RECON_REDUCTION
                 else f", recon_reduction={reduction!r}"
             )
+            + ("" if self.head_cloud_when_frozen else ", head_cloud_when_frozen=False")
             + ("" if self.validate else ", validate=False")
         )
 

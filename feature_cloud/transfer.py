@@ -525,7 +525,7 @@ class FeatureTransfer(KeepBufferDtypes):
         )
         return (
             f"feature_dim={self.feature_dim}, num_classes={self.num_classes}, {sel}, "
-            f"tail_threshold={self.tail_threshold}"
+            f"tail_threshold={self.tail_threshold}" + ("" if self.validate else ", validate=False")
         )
 
 

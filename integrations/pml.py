@@ -687,10 +687,23 @@ class LEAPLoss(
         return FC.cosine_logits(embeddings, weight, self.sub_centers, unit_weight=unit) * self.scale
 
     def extra_repr(self) -> str:
+        """The constructor's keywords that rebuild this loss: ``margin`` in the constructor's
+        unit (degrees for ArcFace, as PML's keyword; the attribute ``loss.margin`` is in
+        radians), ``sub_centers`` / ``impl`` / ``chunk_size`` / ``validate`` where they are not
+        the defaults. The cloud's options are in the ``feature_cloud`` child's line."""
+        rule = self.margin_rule
+        margin = float(self.margin)
+        if rule.pml_degrees:  # the unit LEAPLoss(margin=) takes (12 digits: 28.6, not 28.59...)
+            margin = float(f"{math.degrees(margin):.12g}")
+        subs = self.sub_centers != 1 or rule.sub_centers != 1  # rebuilt, the rule's default
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
-            f"margin={self.margin}, scale={self.scale}, "
+            f"margin={margin}, scale={self.scale}, "
             f"margin_type={self.margin_type!r}, cloud={self.cloud!r}"
+            + (f", sub_centers={self.sub_centers}" if subs else "")
+            + ("" if self.impl == "auto" else f", impl={self.impl!r}")
+            + ("" if self.chunk_size is None else f", chunk_size={self.chunk_size}")
+            + ("" if self.validate else ", validate=False")
         )
 
     def check_state_dict(self, state_dict: Dict[str, Any], prefix: str = "") -> None:

@@ -448,6 +448,13 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, CheckedBeforeLoading, nn.Modu
         """Whole-module pickles of earlier releases lack what :data:`_PICKLE_PREDATES` fills."""
         super().__setstate__(migrate_checked(state, predating=_PICKLE_PREDATES))
 
+    def extra_repr(self) -> str:
+        """``label_smoothing`` / ``head_weight_decay`` where they are not the defaults."""
+        return ", ".join(
+            ([f"label_smoothing={self.label_smoothing}"] if self.label_smoothing else [])
+            + ([] if self.head_weight_decay else ["head_weight_decay=False"])
+        )
+
     def _timm_backbone(self) -> nn.Module:
         return self.backbone
 

@@ -359,6 +359,18 @@ def test_ftl_model_refuses_a_feature_dim_that_is_not_a_positive_integer(value):
     )
 
 
+def test_reprs_show_the_settings_that_are_not_the_defaults():
+    """Typing trial: ``FTLModel``'s repr left out ``head_cloud_when_frozen=False``,
+    ``FeatureTransfer``'s ``validate=False``, and ``ConvDecoder`` had no settings line."""
+    plain = _model(0)
+    assert "head_cloud_when_frozen" not in repr(plain)
+    assert "head_cloud_when_frozen=False" in repr(_model(0, head_cloud_when_frozen=False))
+    assert "validate=False" in repr(FeatureTransfer(D, 30, validate=False))
+    assert "validate" not in repr(FeatureTransfer(D, 30))
+    dec = ConvDecoder(8, out_shape=(3, 20, 20), channels=(4, 2), base=3)
+    assert repr(dec).splitlines()[1].strip() == "out_shape=(3, 20, 20), base=3"
+
+
 def test_update_stats_through_the_encoder_with_flip_and_quality():
     xtr, ytr, _, _, _ = _data(1)
     ds = IndexedDataset(TensorDataset(xtr, ytr))
