@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import random
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
     Dict,
@@ -188,6 +189,10 @@ class ConvDecoder(nn.Module):
     def extra_repr(self) -> str:
         """What the layers do not show: the output shape (a final resize) and the base map."""
         return f"out_shape={self.out_shape}, base={self.base}"
+
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(self, g: Tensor) -> Tensor: ...
 
     def forward(self, g: Tensor) -> Tensor:
         x = self.fc(g).view(g.shape[0], -1, self.base, self.base)
@@ -418,6 +423,10 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
     def embed(self, g: Tensor) -> Tensor:
         """Identity feature ``f = R(g)``."""
         return self.filter(g)
+
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(self, x: Tensor) -> Tensor: ...
 
     def forward(self, x: Tensor) -> Tensor:
         """The identity feature ``f = R(Enc(x))`` (the embedding used at test time)."""

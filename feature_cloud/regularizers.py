@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from torch import Tensor, nn
 
@@ -33,6 +33,15 @@ class MetricL2(nn.Module):
         check_reduction(reduction)
         self.alpha = as_float(alpha, "alpha", minimum=0.0)
         self.reduction = reduction
+
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(
+            self,
+            embeddings: Tensor,
+            classifier: Union[Tensor, nn.Module],
+            labels: Optional[Tensor] = None,
+        ) -> Tensor: ...
 
     def forward(
         self,

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import sys
 from types import FrameType
-from typing import Any, Dict, List, Optional, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union, cast
 
 import torch
 
@@ -473,6 +473,17 @@ class LEAPLoss(
             and is_distributed()
         ):
             stats.batch = "pml_gathered" if self._wrapped_by_pml() else "local"
+
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(
+            self,
+            embeddings: Tensor,
+            labels: Optional[Tensor] = None,
+            indices_tuple: Any = None,
+            ref_emb: Optional[Tensor] = None,
+            ref_labels: Optional[Tensor] = None,
+        ) -> Tensor: ...
 
     def forward(
         self,

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import logging
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
     ContextManager,
     Dict,
     Iterable,
+    Literal,
     Mapping,
     Optional,
     Sequence,
@@ -39,6 +41,7 @@ from typing import (
     Tuple,
     TypeVar,
     Union,
+    overload,
 )
 
 import torch
@@ -343,6 +346,18 @@ class _AllOrNothingLoad(TrainingTask):
     writes the eval model's weights, then the task state; here a task state that is refused
     leaves the weights (of the EMA copy with ``ema=True``) as they were."""
 
+    if TYPE_CHECKING:  # typing only: timm's methods run
+        # timm types it Optional (the EMA copy may not exist); the task's own module always
+        # exists, so without ``ema=True`` it is typed ``nn.Module`` (README / example code
+        # ``task.get_trainable_module().parameters()`` type-checks; get_eval_model likewise)
+        @overload
+        def get_trainable_module(self, ema: Literal[False] = ...) -> nn.Module: ...
+
+        @overload
+        def get_trainable_module(self, ema: bool) -> Optional[nn.Module]: ...
+
+        def get_trainable_module(self, ema: bool = False) -> Optional[nn.Module]: ...
+
     def _restoring(self, modules: Sequence[nn.Module]) -> ContextManager[None]:
         return restore_on_error(*modules)
 
@@ -483,7 +498,23 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, CheckedBeforeLoading, nn.Modu
         embeddings = self.backbone.forward_head(x, pre_logits=True)
         return embeddings if pre_logits else self.head.logits(embeddings)
 
-    def forward(self, input: Tensor, target: Optional[Tensor] = None):
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        @overload
+        def __call__(self, input: Tensor, target: None = ...) -> Tensor: ...
+
+        @overload
+        def __call__(self, input: Tensor, target: Tensor) -> Tuple[Tensor, Tensor, Tensor]: ...
+
+        def __call__(
+            self, input: Tensor, target: Optional[Tensor] = None
+        ) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]: ...
+
+    def forward(
+        self, input: Tensor, target: Optional[Tensor] = None
+    ) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
+        """``(loss, logits, embeddings)`` of a batch with its targets; the plain ``s cos(theta)``
+        logits without ``target``."""
         self._refuse_backbone_classifier()  # checked before the backbone's BatchNorm takes
         if target is not None:  # the batch
             refuse_soft_target(target, "LEAPTask")
@@ -809,6 +840,16 @@ class LEAPTask(_AllOrNothingLoad):
         self.eval_model = parts.backbone
         return self.eval_model
 
+    @overload
+    def get_eval_model(
+        self, module: Optional[nn.Module] = ..., ema: Literal[False] = ...
+    ) -> nn.Module: ...
+
+    @overload
+    def get_eval_model(
+        self, module: Optional[nn.Module] = ..., ema: bool = ...
+    ) -> Optional[nn.Module]: ...
+
     def get_eval_model(
         self, module: Optional[nn.Module] = None, ema: bool = False
     ) -> Optional[nn.Module]:
@@ -856,6 +897,10 @@ class LEAPTask(_AllOrNothingLoad):
         if exclude_head:
             return parts.backbone.parameters()
         return parts.parameters()
+
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(self, input: Tensor, target: Tensor) -> Dict[str, Tensor]: ...
 
     def forward(self, input: Tensor, target: Tensor) -> Dict[str, Tensor]:
         """``{"loss", "output" (s cos logits), "leap_loss"[, "metric_l2_loss"]}``."""
@@ -1061,6 +1106,10 @@ class FTLEmbedding(nn.Module):
         self.filter = model.filter
         self._frozen = lambda: model.frozen
         self._encode = model.encode  # TimmFTLModel's: an encoder given a classifier is refused
+
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(self, x: Tensor) -> Tensor: ...
 
     def forward(self, x: Tensor) -> Tensor:
         return self.filter(self._encode(x))
@@ -1272,6 +1321,16 @@ class FTLTask(_AllOrNothingLoad):
         )
         return self.trainable_module_ema
 
+    @overload
+    def get_eval_model(
+        self, module: Optional[nn.Module] = ..., ema: Literal[False] = ...
+    ) -> nn.Module: ...
+
+    @overload
+    def get_eval_model(
+        self, module: Optional[nn.Module] = ..., ema: bool = ...
+    ) -> Optional[nn.Module]: ...
+
     def get_eval_model(
         self, module: Optional[nn.Module] = None, ema: bool = False
     ) -> Optional[nn.Module]:
@@ -1376,6 +1435,16 @@ class FTLTask(_AllOrNothingLoad):
             head = {id(p) for p in parts.classifier.parameters()}
             return [p for p in parts.parameters() if id(p) not in head]
         return parts.parameters()
+
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(
+            self,
+            input: Tensor,
+            target: Tensor,
+            tail_input: Optional[Tensor] = None,
+            tail_target: Optional[Tensor] = None,
+        ) -> Dict[str, Tensor]: ...
 
     def forward(
         self,
