@@ -136,6 +136,9 @@ def make_filter(
     :class:`ResidualFilter`, ``f = g + R(g)`` starting at ``f = g`` (needs ``in_dim ==
     out_dim``); on real faces the plain MLP between backbone and FC cost the Enc/R/FC model
     tail accuracy against the backbone + FC alone (README, "Real faces", FTL).
+
+    ``in_dim``: the size of ``g``; ``out_dim``: the embedding size of ``f``; ``hidden``: the
+    hidden layer's width (``"mlp"``) or the residual branch's (``"residual"``).
     """
     if form not in FILTERS:
         raise ValueError(f"form must be one of {FILTERS}, got {form!r}")
@@ -157,6 +160,10 @@ class ConvDecoder(nn.Module):
     Each stage doubles the resolution (``ConvTranspose2d`` 4x4/2 + BN + ReLU); the last layer is a
     plain 3x3 convolution (no BN/ReLU, like "FCv11"); a final bilinear resize gives exactly
     ``out_shape`` (100x100 in the paper). Defaults are sized for the paper's 320-D ``g``.
+
+    ``feature_dim``: the size of ``g``; ``out_shape``: ``(channels, height, width)`` of the
+    reconstructed input; ``channels``: the FC map's channels, then each upsampling stage's;
+    ``base``: the side of the FC's square map (6: 6x6).
     """
 
     def __init__(
@@ -1520,7 +1527,9 @@ class AlternatingScheduler:
         """``DataLoader``\\ s for the rest of the current stage: ``(hard_loader, tail_loader)`` in
         stage 1, one loader over the whole dataset in stages 0 and 2. Each yields exactly
         :attr:`remaining` batches (``drop_last``); extra keyword arguments go to ``DataLoader``.
-        Create them after :meth:`update_stats` in stage 1.
+        Create them after :meth:`update_stats` in stage 1. The return is typed as either (the
+        stage is known at run time only): ``isinstance(loaders, tuple)`` narrows it for a type
+        checker (``for batches in zip(*loaders) if isinstance(loaders, tuple) else loaders``).
 
         Randomness and resuming: unless ``generator`` is given, each loader has its own
         generator seeded from the stage run (its workers' base seed), so iterating it leaves

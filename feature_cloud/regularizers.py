@@ -26,6 +26,10 @@ class MetricL2(nn.Module):
     With ``labels``, rows labelled ``< 0`` (ignored, as in the classification loss) are left out:
     ``"mean"`` averages over the valid rows only, ``"sum"`` sums them, ``"none"`` gives 0 for the
     ignored rows. Without ``labels`` every row counts.
+
+    Args:
+        alpha: :math:`\alpha_{reg}` (FTL: 0.25), finite and ``>= 0``.
+        reduction: over the rows: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per row).
     """
 
     def __init__(self, alpha: float = 0.25, reduction: str = "mean") -> None:

@@ -432,6 +432,7 @@ class LEAPLoss(
         return ["loss", "metric_l2_loss"] if self._with_metric_l2 else ["loss"]
 
     def get_default_distance(self) -> CosineSimilarity:
+        """PML's hook: the plain cosine the loss computes (no other distance is taken)."""
         return CosineSimilarity()
 
     def cast_types(self, dtype: torch.dtype, device: torch.device) -> None:

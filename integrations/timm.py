@@ -166,7 +166,8 @@ def create_backbone_and_head(
 
     The backbone outputs pooled embeddings of size ``num_features``; ``head_kwargs`` go to
     :class:`LEAPMarginHead` (``margin_type``, ``scale``, ``margin``, ``cloud``,
-    ``class_counts``, ``warmup_steps``, ...).
+    ``class_counts``, ``warmup_steps``, ...). ``pretrained`` and ``model_kwargs`` (a dict of
+    further keywords) go to ``timm.create_model``.
     """
     backbone = _headless_backbone(model_name, pretrained, model_kwargs)
     features = int(backbone.num_features)
@@ -401,6 +402,8 @@ class ModelEmaV3Following(ModelEmaV3):
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: Optional[int] = None) -> None:
+        """timm's EMA step from ``model`` (unwrapped), the statistics buffers copied, not
+        averaged, and a buffer of another shape replaced first (the class docstring)."""
         model = unwrap_model(model)
         ema_buffers = dict(self.module.named_buffers())
         for name, buf in model.named_buffers():
@@ -587,11 +590,17 @@ class LEAPEvaluator(ClassificationEvaluator):
 
     metric_names = ("loss", "top1", "top5", "top1_weights")
 
-    def __init__(self, head: Union[LEAPMarginHead, FTLModel], device=None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        head: Union[LEAPMarginHead, FTLModel],
+        device: Optional[torch.device] = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(device=device, **kwargs)
         self.head = head
 
     def reset(self) -> None:
+        """timm's reset, and this evaluator's counts and scoring matrices dropped."""
         super().reset()
         # timm's counts (examples, top-1, top-5) and the weights' top-1: one all-reduce for all
         self.counts = torch.zeros(4, dtype=torch.int64, device=self.device)
@@ -658,7 +667,9 @@ class LEAPEvaluator(ClassificationEvaluator):
         return scoring
 
     @torch.no_grad()
-    def update(self, output: Tensor, target: Tensor):
+    def update(self, output: Tensor, target: Tensor) -> None:
+        """Count a batch of eval-model ``output`` (embeddings, scored by the head) against
+        ``target``: timm's loss / top-1 / top-5 and the weights' top-1 (``top1_weights``)."""
         seen = self.num_samples
         logits = self._logits(output, False)
         _check_training_classes(target, logits.shape[-1])
@@ -954,6 +965,11 @@ def create_ftl_model(
     or in ``transfer_kwargs``, reach both the LEAP head and ``FeatureTransfer`` (with
     ``classifier="linear"``, ``FeatureTransfer``). ``head_weight_decay=False``: ``FC``'s weight
     in ``no_weight_decay()`` (:class:`TimmFTLModel`).
+    ``pretrained`` and ``model_kwargs`` (a dict of further keywords) go to
+    ``timm.create_model``; ``filter_hidden``: ``R``'s hidden width
+    (:func:`~feature_cloud.ftl.make_filter`'s ``hidden``; default: twice the embedding size);
+    ``decoder_channels``: :class:`~feature_cloud.ftl.ConvDecoder`'s ``channels``;
+    ``alpha_sfmx``: the classification loss's weight in Eq. 4.
     """
     if classifier not in ("leap", "linear"):
         raise ValueError(f"classifier must be 'leap' or 'linear', got {classifier!r}")
@@ -1273,7 +1289,8 @@ class FTLTask(_AllOrNothingLoad):
     def loaders(
         self, dataset: Any, batch_size: int, **loader_kwargs: Any
     ) -> Union[DataLoader[Any], Tuple[DataLoader[Any], DataLoader[Any]]]:
-        """The current stage's ``DataLoader``\\ s (:meth:`AlternatingScheduler.loaders`)."""
+        """The current stage's ``DataLoader``\\ s (:meth:`AlternatingScheduler.loaders`: the pair
+        in stage 1, typed as either; ``isinstance(loaders, tuple)`` narrows it)."""
         return self.scheduler.loaders(dataset, batch_size, **loader_kwargs)
 
     def step(self) -> int:

@@ -224,6 +224,41 @@ def test_module_calls_and_settings_are_typed(tmp_path: Path) -> None:
     assert rc == 1 and lines == [10, 11, 12, 13, 14, 15], out
 
 
+#: README "FTL: Usage", reduced: ``loaders()`` is typed as the stage-0/2 loader or the stage-1
+#: pair (the stage is known at run time only); ``isinstance`` narrows it (typing trial s55: the
+#: README's ``if stage == 1`` gave ``batches[0]`` on a ``DataLoader``, an error in mypy and pyright)
+README_FTL_LOOP = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from feature_cloud import AlternatingScheduler, FeatureTransfer, FTLModel
+from feature_cloud.ftl import IndexedDataset
+
+x, y = torch.randn(60, 12), torch.arange(60) % 6
+dataset = IndexedDataset(TensorDataset(x, y))
+model = FTLModel(
+    nn.Linear(12, 8), nn.Linear(8, 6, bias=False), feature_dim=8, alpha_recon=0.0,
+    transfer=FeatureTransfer(8, 6, tail_threshold=20),
+)
+sched = AlternatingScheduler(model, stage0_iters=2, stage_iters=2, max_alternations=1)
+stage = sched.stage
+loaders = sched.loaders(dataset, batch_size=16)
+for batches in zip(*loaders) if isinstance(loaders, tuple) else loaders:
+    if stage == 1:
+        out = sched.stage1_loss(*batches)
+    else:
+        out = model.loss(batches[0], batches[1])
+"""
+
+
+def test_the_readme_ftl_loop_type_checks(tmp_path: Path) -> None:
+    rc, out = _mypy(tmp_path, README_FTL_LOOP)
+    assert rc == 0, out
+    readme = (ROOT / "README.md").read_text()
+    assert "for batches in zip(*loaders) if isinstance(loaders, tuple) else loaders:" in readme
+
+
 ADAPTERS = """
 from typing import Dict
 
