@@ -1483,7 +1483,10 @@ class LEAPHead(nn.Module):
             )
         check_inputs(features, targets, head.num_classes, head.validate, "targets")
 
-    def forward(self, features: Tensor, targets: Optional[Tensor] = None):
+    def forward(
+        self, features: Tensor, targets: Optional[Tensor] = None
+    ) -> Union[Tensor, Dict[str, Tensor]]:
+        """The neck features in eval mode; in training the dict of the class docstring."""
         if self.training and targets is None:
             raise ValueError("LEAPHead needs targets (identity labels) in training mode")
         if self.training and torch.is_grad_enabled() and not self._batch_checked:

@@ -1228,11 +1228,13 @@ class FTLTask(_AllOrNothingLoad):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
-        **model_kwargs: Any,
+        **ftl_kwargs: Any,
     ) -> FTLTask:
-        """:func:`create_ftl_model` (``model_kwargs``) wrapped in the task."""
+        """:func:`create_ftl_model` wrapped in the task: ``ftl_kwargs`` are its keywords
+        (``classifier``, ``embedding_size``, ``decoder_shape``, the head's, ``model_kwargs`` for
+        ``timm.create_model``, ...); the others are :class:`FTLTask`'s."""
         check_update_stats_callables(flip, quality)  # before the model is built (global RNG)
-        model = create_ftl_model(model_name, num_classes, **model_kwargs)
+        model = create_ftl_model(model_name, num_classes, **ftl_kwargs)
         return cls(
             model,
             stage0_iters=stage0_iters,
