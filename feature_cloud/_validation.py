@@ -24,7 +24,20 @@ import numbers
 import os
 import sys
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Union, cast
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    TextIO,
+    TypeVar,
+    Union,
+    cast,
+    overload,
+)
 
 import numpy as np
 import numpy.typing as npt
@@ -272,6 +285,17 @@ def as_int(value: Any, name: str, minimum: Optional[int] = None) -> int:
     return out
 
 
+def check_optional_callable(value: Any, name: str, expected: str) -> None:
+    """``TypeError`` naming ``name`` unless ``value`` is ``None`` or callable; ``expected``
+    describes the callable (``"a callable x -> flipped x"``). A setting used only late in training
+    (FTL's ``flip`` / ``quality``, first called by UpdateStats after stage 0) is checked when it is
+    given, not when it is first called."""
+    if value is not None and not callable(value):
+        raise TypeError(
+            f"{name} must be {expected} or None, got {value!r} ({type(value).__name__})"
+        )
+
+
 def as_float(
     value: Any,
     name: str,
@@ -308,17 +332,25 @@ def as_float(
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def checked_attribute(name: str, check: Callable[[Any, Any], Any], doc: str) -> Any:
+#: the type of a setting's value (what :func:`checked_attribute` / :func:`forwarded` are typed to
+#: return, for type checkers: the attribute reads and takes values of its check's result type)
+_T = TypeVar("_T")
+
+
+def checked_attribute(name: str, check: Callable[[Any, Any], _T], doc: str) -> _T:
     """A hyperparameter attribute (a ``property``) that runs ``check(owner, value)`` on every
     assignment, as the constructor checks its keyword: a plain attribute took ``nan`` or
     ``"bogus"`` silently, or failed in the next step after the statistics had moved. The
-    value lives in ``_<name>`` (:func:`migrate_checked` reads earlier whole-module pickles)."""
+    value lives in ``_<name>`` (:func:`migrate_checked` reads earlier whole-module pickles).
+
+    Typed as returning the check's result type (a ``property`` at run time): a type checker then
+    reads ``head.scale`` as a ``float`` and refuses ``head.scale = "64"``."""
     private = "_" + name
 
     def fset(owner: Any, value: Any) -> None:
         object.__setattr__(owner, private, check(owner, value))
 
-    return property(_attribute_getter(private), fset, doc=doc)
+    return cast(_T, property(_attribute_getter(private), fset, doc=doc))
 
 
 _NO_DEFAULT = object()
@@ -365,13 +397,22 @@ def _is_property(owner: Any, name: str) -> bool:
     return isinstance(getattr(type(owner), name, None), property)
 
 
+@overload
+def forwarded(path: str, check: Callable[[Any, Any], _T], doc: str = "") -> _T: ...
+
+
+@overload
+def forwarded(path: str, check: None = None, doc: str = "") -> Any: ...
+
+
 def forwarded(path: str, check: Optional[Callable[[Any, Any], Any]] = None, doc: str = "") -> Any:
     """A setting that an object holds in one of its parts (a ``property``): reading it reads
     ``owner.<path>`` (``"feature_cloud.cloud_scale"``, ``"statistics.gamma"``); assigning it
     assigns ``check(owner, value)`` there (the part's own check where it has one), so a
     schedule's ``head.cloud_scale = s`` reaches the cloud (a plain attribute of that name, which
     ``nn.Module`` creates silently, changed nothing). A class attribute: no per-step cost, no
-    ``__setattr__`` hook."""
+    ``__setattr__`` hook. Typed as the check's result type; without a check, ``Any``: the class
+    declares the type (``gamma: float = forwarded("statistics.gamma")``)."""
     *parts, attribute = path.split(".")
 
     def fset(owner: Any, value: Any) -> None:
@@ -430,7 +471,8 @@ def fixed_setting(
     name ``{holder}`` (the class assigned on), ``{name}`` and ``{value}``; default: build a new
     one with the value and load the old one's ``state_dict()``). Without ``path``
     the value lives in ``_<name>``: the constructor sets it once (any later assignment is
-    refused; the class's own code writes ``_<name>``)."""
+    refused; the class's own code writes ``_<name>``). Typed ``Any``: the class declares the
+    value's type (``warmup_steps: int = fixed_setting(...)``)."""
     private = "_" + name
     fget = (
         _attribute_getter(private, copy=copy)

@@ -42,6 +42,7 @@ QUIET_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``feature-cloud`` command line's parser (its sub-commands and their options)."""
     from .demo.methods import FTL_CLASSIFIERS, METHODS
     from .demo.runner import DATA_DEFAULTS, DemoConfig
 

@@ -525,13 +525,17 @@ class FeatureCloud(nn.Module):
         lambda self, rule: self.set_rule(rule),
         doc='The cloud rule (``"full"``, ``"vanilla"``) or ``None``; settable (:meth:`set_rule`).',
     )
-    cloud_mode = forwarded("mode", doc="``cloud_mode`` (the attribute ``mode``); settable.")
-    cloud_scale = forwarded("scale", doc="``cloud_scale`` (the attribute ``scale``); settable.")
+    cloud_mode: str = forwarded("mode", doc="``cloud_mode`` (the attribute ``mode``); settable.")
+    cloud_scale: float = forwarded(
+        "scale", doc="``cloud_scale`` (the attribute ``scale``); settable."
+    )
     # checked by the statistics (their own attributes, under the same names)
-    gamma = forwarded("statistics.gamma", doc="The center learning rate; settable, checked.")
-    tail_threshold = forwarded("statistics.tail_threshold", doc="``T``; settable, checked.")
-    center_rate = forwarded("statistics.center_rate", doc="The center rule; settable, checked.")
-    unknown_variance = forwarded(
+    gamma: float = forwarded("statistics.gamma", doc="The center learning rate; settable, checked.")
+    tail_threshold: int = forwarded("statistics.tail_threshold", doc="``T``; settable, checked.")
+    center_rate: str = forwarded(
+        "statistics.center_rate", doc="The center rule; settable, checked."
+    )
+    unknown_variance: str = forwarded(
         "statistics.unknown_variance", doc="An unknown variance's rule; settable, checked."
     )
     angle_max_age = forwarded("statistics.max_age", _check_max_age)
@@ -540,15 +544,15 @@ class FeatureCloud(nn.Module):
         _check_imprint_step,
         "The training step that imprints the prototypes (``None``: never); settable, checked.",
     )
-    warmup_steps = fixed_setting("warmup_steps", _WHY_FIXED["warmup_steps"])
-    sync = fixed_setting("sync", _WHY_FIXED["sync"], how=_SYNCHRONIZE)
-    memory_per_sample = fixed_setting(
+    warmup_steps: int = fixed_setting("warmup_steps", _WHY_FIXED["warmup_steps"])
+    sync: str = fixed_setting("sync", _WHY_FIXED["sync"], how=_SYNCHRONIZE)
+    memory_per_sample: int = fixed_setting(
         "memory_per_sample", _WHY_FIXED["memory_per_sample"], "statistics.memory_per_sample"
     )
-    count_steps = fixed_setting(
+    count_steps: Optional[int] = fixed_setting(
         "count_steps", _WHY_FIXED["count_steps"], "statistics.count_updates"
     )
-    class_counts = fixed_setting(
+    class_counts: Tensor = fixed_setting(
         "class_counts",
         _WHY_FIXED["class_counts"],
         "statistics.class_counts",
@@ -562,7 +566,7 @@ class FeatureCloud(nn.Module):
         "statistics.process_group",
         how=_SYNCHRONIZE,
     )
-    pad_to = fixed_setting(
+    pad_to: Optional[int] = fixed_setting(
         "pad_to", "the statistics' gathers use it", "statistics.pad_to", how=_SYNCHRONIZE
     )
     prototype_min_count = checked_attribute(
@@ -1158,10 +1162,10 @@ class WithFeatureCloud:
     # The head's own sizes, fixed (they size the class weight and the cloud's statistics:
     # ``head.num_classes = 9`` was taken, the repr said 9 with 6 weight rows), and ``validate``,
     # checked as a flag (``validate = "no"`` kept validating).
-    num_classes = fixed_setting(
+    num_classes: int = fixed_setting(
         "num_classes", "it sizes the class weight and the statistics", how=_NEW_SIZE
     )
-    embedding_size = fixed_setting(
+    embedding_size: int = fixed_setting(
         "embedding_size", "it sizes the class weight and the statistics", how=_NEW_SIZE
     )
     validate = checked_attribute(
@@ -1193,34 +1197,40 @@ class WithFeatureCloud:
     # checks them (a cloud-scale schedule's ``head.cloud_scale = s``), fixed ones refuse
     # (:func:`fixed_setting`, saying why); a plain attribute of such a name changed nothing.
     # ``process_group`` / ``pad_to``: :class:`WithStatisticsGroup` (a sharded head holds its own).
-    cloud_mode = forwarded("feature_cloud.cloud_mode", doc="The cloud's ``cloud_mode``; settable.")
-    cloud_scale = forwarded(
+    cloud_mode: str = forwarded(
+        "feature_cloud.cloud_mode", doc="The cloud's ``cloud_mode``; settable."
+    )
+    cloud_scale: float = forwarded(
         "feature_cloud.cloud_scale", doc="The cloud's ``cloud_scale``; settable (a schedule)."
     )
-    prototype_shrinkage = forwarded(
+    prototype_shrinkage: Optional[float] = forwarded(
         "feature_cloud.prototype_shrinkage",
         doc="``kappa`` of the inference prototypes (the cloud's); settable: ``None`` scores the "
         "weights until set back.",
     )
-    prototype_min_count = forwarded(
+    prototype_min_count: int = forwarded(
         "feature_cloud.prototype_min_count",
         doc="Classes with fewer ``K_i`` keep their weights as inference prototypes; settable.",
     )
-    gamma = forwarded("feature_cloud.gamma", doc="The center learning rate; settable.")
-    tail_threshold = forwarded("feature_cloud.tail_threshold", doc="``T``; settable.")
-    center_rate = forwarded("feature_cloud.center_rate", doc="The center rule; settable.")
-    unknown_variance = forwarded(
+    gamma: float = forwarded("feature_cloud.gamma", doc="The center learning rate; settable.")
+    tail_threshold: int = forwarded("feature_cloud.tail_threshold", doc="``T``; settable.")
+    center_rate: str = forwarded("feature_cloud.center_rate", doc="The center rule; settable.")
+    unknown_variance: str = forwarded(
         "feature_cloud.unknown_variance", doc="The cloud of classes without angles; settable."
     )
-    angle_max_age = forwarded("feature_cloud.angle_max_age", doc="Angle age limit; settable.")
-    imprint_step = forwarded(
+    angle_max_age: Optional[int] = forwarded(
+        "feature_cloud.angle_max_age", doc="Angle age limit; settable."
+    )
+    imprint_step: Optional[int] = forwarded(
         "feature_cloud.imprint_step", doc="The imprint's training step (``None``); settable."
     )
-    warmup_steps = forwarded("feature_cloud.warmup_steps", doc="Steps without cloud; fixed.")
-    memory_per_sample = forwarded("feature_cloud.memory_per_sample", doc="``P``; fixed.")
-    count_steps = forwarded("feature_cloud.count_steps", doc="The online count window; fixed.")
-    class_counts = forwarded("feature_cloud.class_counts", doc="``K_i`` (a buffer); fixed.")
-    sync = forwarded("feature_cloud.sync", doc="The statistics' synchronisation; fixed.")
+    warmup_steps: int = forwarded("feature_cloud.warmup_steps", doc="Steps without cloud; fixed.")
+    memory_per_sample: int = forwarded("feature_cloud.memory_per_sample", doc="``P``; fixed.")
+    count_steps: Optional[int] = forwarded(
+        "feature_cloud.count_steps", doc="The online count window; fixed."
+    )
+    class_counts: Tensor = forwarded("feature_cloud.class_counts", doc="``K_i`` (a buffer); fixed.")
+    sync: str = forwarded("feature_cloud.sync", doc="The statistics' synchronisation; fixed.")
 
     @property
     def statistics(self) -> ClassStatistics:
@@ -1270,7 +1280,9 @@ class WithStatisticsGroup:
     process_group = forwarded(
         "feature_cloud.process_group", doc="The statistics' process group; fixed."
     )
-    pad_to = forwarded("feature_cloud.pad_to", doc="The statistics' per-rank padding; fixed.")
+    pad_to: Optional[int] = forwarded(
+        "feature_cloud.pad_to", doc="The statistics' per-rank padding; fixed."
+    )
 
 
 def _not_learned(owner: Any, name: str, value: Tensor) -> TypeError:

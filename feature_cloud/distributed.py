@@ -33,7 +33,18 @@ Sharded classifier (:class:`ShardedLEAPMarginHead`)
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 import torch
 import torch.distributed as dist
@@ -349,6 +360,10 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
         dist.all_gather(parts, padded, group=group)
         full = torch.cat([part[:, :n] for part, n in zip(parts, self.sizes)], dim=1)
         return full[self.rank * rows : self.rank * rows + embeddings.shape[0]]
+
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(self, embeddings: Tensor, labels: Tensor) -> Tensor: ...
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """LEAP margin softmax loss of the global batch (see the class docstring)."""

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import random
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
     Dict,
@@ -46,6 +47,7 @@ from ._validation import (
     check_class_counts,
     check_inputs,
     check_labels,
+    check_optional_callable,
     check_values,
     checked_attribute,
     differs,
@@ -135,6 +137,9 @@ def make_filter(
     :class:`ResidualFilter`, ``f = g + R(g)`` starting at ``f = g`` (needs ``in_dim ==
     out_dim``); on real faces the plain MLP between backbone and FC cost the Enc/R/FC model
     tail accuracy against the backbone + FC alone (README, "Real faces", FTL).
+
+    ``in_dim``: the size of ``g``; ``out_dim``: the embedding size of ``f``; ``hidden``: the
+    hidden layer's width (``"mlp"``) or the residual branch's (``"residual"``).
     """
     if form not in FILTERS:
         raise ValueError(f"form must be one of {FILTERS}, got {form!r}")
@@ -156,6 +161,10 @@ class ConvDecoder(nn.Module):
     Each stage doubles the resolution (``ConvTranspose2d`` 4x4/2 + BN + ReLU); the last layer is a
     plain 3x3 convolution (no BN/ReLU, like "FCv11"); a final bilinear resize gives exactly
     ``out_shape`` (100x100 in the paper). Defaults are sized for the paper's 320-D ``g``.
+
+    ``feature_dim``: the size of ``g``; ``out_shape``: ``(channels, height, width)`` of the
+    reconstructed input; ``channels``: the FC map's channels, then each upsampling stage's;
+    ``base``: the side of the FC's square map (6: 6x6).
     """
 
     def __init__(
@@ -184,6 +193,14 @@ class ConvDecoder(nn.Module):
             prev = ch
         layers.append(nn.Conv2d(prev, self.out_shape[0], 3, 1, 1))
         self.body = nn.Sequential(*layers)
+
+    def extra_repr(self) -> str:
+        """What the layers do not show: the output shape (a final resize) and the base map."""
+        return f"out_shape={self.out_shape}, base={self.base}"
+
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(self, g: Tensor) -> Tensor: ...
 
     def forward(self, g: Tensor) -> Tensor:
         x = self.fc(g).view(g.shape[0], -1, self.base, self.base)
@@ -317,6 +334,8 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
             ("alpha_reg", alpha_reg),
         ):
             as_float(value, name, minimum=0.0)  # finite, >= 0 (NaN / inf: a NaN loss)
+        # an integer, as FeatureTransfer's (8.9, "8", True are refused, not truncated)
+        feature_dim = as_int(feature_dim, "feature_dim", 1)
         if decoder is None and float(alpha_recon) > 0:
             raise ValueError(
                 "alpha_recon > 0 needs a decoder (FTL Eq. 1): pass decoder=..., or alpha_recon=0 "
@@ -330,7 +349,7 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
         self.num_classes = (
             cast(LEAPMarginHead, classifier).num_classes if self.is_margin_head else rows
         )
-        self.feature_dim = int(feature_dim)
+        self.feature_dim = feature_dim
         self.encoder = encoder
         self.decoder = decoder
         self.filter = (
@@ -389,6 +408,7 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
                 if reduction == FC.DEFAULT_RECON_REDUCTION
                 else f", recon_reduction={reduction!r}"
             )
+            + ("" if self.head_cloud_when_frozen else ", head_cloud_when_frozen=False")
             + ("" if self.validate else ", validate=False")
         )
 
@@ -411,6 +431,10 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
     def embed(self, g: Tensor) -> Tensor:
         """Identity feature ``f = R(g)``."""
         return self.filter(g)
+
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(self, x: Tensor) -> Tensor: ...
 
     def forward(self, x: Tensor) -> Tensor:
         """The identity feature ``f = R(Enc(x))`` (the embedding used at test time)."""
@@ -975,6 +999,15 @@ class _SeededItems(Dataset[Any]):
         return items
 
 
+def check_update_stats_callables(flip: Any, quality: Any) -> None:
+    """``TypeError`` naming the argument unless ``flip`` / ``quality`` are callables or ``None``.
+    They are first called by UpdateStats after stage 0 (the paper: 10K iterations), so a wrong
+    value (``flip=True``, the meaning of fastreid's ``FTLHook(flip=)`` / YAML ``FLIP``) is refused
+    when the scheduler or task is built."""
+    check_optional_callable(flip, "flip", "a callable x -> flipped x (e.g. lambda x: x.flip(-1))")
+    check_optional_callable(quality, "quality", "a callable (x, g) -> bool keep mask (B,)")
+
+
 class AlternatingScheduler:
     r"""The alternating training scheme of FTL, Algorithm 1.
 
@@ -1055,6 +1088,7 @@ class AlternatingScheduler:
     ) -> None:
         if not isinstance(model, FTLModel):
             raise TypeError(f"model must be an FTLModel, got {type(model).__name__}")
+        check_update_stats_callables(flip, quality)
         if tail_sampling not in TAIL_SAMPLING:
             raise ValueError(f"tail_sampling must be one of {TAIL_SAMPLING}, got {tail_sampling!r}")
         # integers (2.5, "3", True, NaN are refused, not truncated)
@@ -1494,7 +1528,9 @@ class AlternatingScheduler:
         """``DataLoader``\\ s for the rest of the current stage: ``(hard_loader, tail_loader)`` in
         stage 1, one loader over the whole dataset in stages 0 and 2. Each yields exactly
         :attr:`remaining` batches (``drop_last``); extra keyword arguments go to ``DataLoader``.
-        Create them after :meth:`update_stats` in stage 1.
+        Create them after :meth:`update_stats` in stage 1. The return is typed as either (the
+        stage is known at run time only): ``isinstance(loaders, tuple)`` narrows it for a type
+        checker (``for batches in zip(*loaders) if isinstance(loaders, tuple) else loaders``).
 
         Randomness and resuming: unless ``generator`` is given, each loader has its own
         generator seeded from the stage run (its workers' base seed), so iterating it leaves

@@ -131,7 +131,7 @@ class MarginSettings:
     constructor checks them (a margin schedule's ``head.margin = m``); ``margin_type`` is the
     rule's name, fixed at construction (an assignment used to change the repr, not the loss)."""
 
-    margin_rule = fixed_setting(
+    margin_rule: margins.Margin = fixed_setting(
         "margin_rule",
         "the margin rule sets the weight layout and defaults",
         how="build a {holder} with that margin_type and load this one's weight into it",
@@ -189,7 +189,7 @@ class ImplSettings:
     chunk_size = checked_attribute(
         "chunk_size", _check_chunk_size, "Classes per chunk of ``impl='chunked'``; settable."
     )
-    sub_centers = fixed_setting(
+    sub_centers: int = fixed_setting(
         "sub_centers",
         "it sizes the class weight, num_classes * sub_centers rows",
         how="build a new {holder} with sub_centers={value!r} (a state_dict of another layout "
@@ -977,7 +977,42 @@ class LEAPMarginHead(
         return watch(out[back] if reduction == "none" else out)
 
     if TYPE_CHECKING:  # head(x, y) is a Tensor, head(x, y, return_top1=True) a pair
-        __call__ = forward
+        # a def, not ``__call__ = forward``: pyright (Pylance) keeps nn.Module's declared
+        # ``__call__: Callable[..., Any]`` for an assignment; at run time nn.Module's call runs
+        @overload
+        def __call__(
+            self,
+            embeddings: Tensor,
+            labels: Optional[Tensor] = ...,
+            *,
+            label_smoothing: float = ...,
+            return_top1: Literal[False] = ...,
+            reduction: Optional[str] = ...,
+        ) -> Tensor: ...
+
+        @overload
+        def __call__(
+            self,
+            embeddings: Tensor,
+            labels: Optional[Tensor] = ...,
+            *,
+            label_smoothing: float = ...,
+            return_top1: Literal[True],
+            reduction: Optional[str] = ...,
+        ) -> Tuple[Tensor, Tensor]: ...
+
+        @overload
+        def __call__(
+            self,
+            embeddings: Tensor,
+            labels: Optional[Tensor] = ...,
+            *,
+            label_smoothing: float = ...,
+            return_top1: bool,
+            reduction: Optional[str] = ...,
+        ) -> Union[Tensor, Tuple[Tensor, Tensor]]: ...
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
     @property
     def backend(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from torch import Tensor, nn
 
@@ -26,6 +26,10 @@ class MetricL2(nn.Module):
     With ``labels``, rows labelled ``< 0`` (ignored, as in the classification loss) are left out:
     ``"mean"`` averages over the valid rows only, ``"sum"`` sums them, ``"none"`` gives 0 for the
     ignored rows. Without ``labels`` every row counts.
+
+    Args:
+        alpha: :math:`\alpha_{reg}` (FTL: 0.25), finite and ``>= 0``.
+        reduction: over the rows: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per row).
     """
 
     def __init__(self, alpha: float = 0.25, reduction: str = "mean") -> None:
@@ -33,6 +37,15 @@ class MetricL2(nn.Module):
         check_reduction(reduction)
         self.alpha = as_float(alpha, "alpha", minimum=0.0)
         self.reduction = reduction
+
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(
+            self,
+            embeddings: Tensor,
+            classifier: Union[Tensor, nn.Module],
+            labels: Optional[Tensor] = None,
+        ) -> Tensor: ...
 
     def forward(
         self,

@@ -263,7 +263,7 @@ class ClassStatistics(KeepBufferDtypes):
         lambda _, v: check_unknown_variance(v),
         "The variance of a class with too few angles; settable, checked.",
     )
-    tail_threshold = checked_attribute(
+    tail_threshold: int = checked_attribute(
         "tail_threshold",
         lambda owner, v: owner._checked_tail_threshold(v),
         "Classes with at most this many images are tail classes; settable, checked (under "
@@ -300,14 +300,16 @@ class ClassStatistics(KeepBufferDtypes):
     #: on the owner, which keeps the cloud and its statistics in step (its set_rule writes
     #: ``_rule``): assigned here alone it split the head's state (the head reported ``'full'``
     #: and trained ``'vanilla'``)
-    cloud = fixed_setting("cloud", _WHY_FIXED["rule"], path="_rule", how=_SET_RULE_ON_THE_OWNER)
-    rule = fixed_setting("rule", _WHY_FIXED["rule"], how=_SET_RULE_ON_THE_OWNER)
+    cloud: str = fixed_setting(
+        "cloud", _WHY_FIXED["rule"], path="_rule", how=_SET_RULE_ON_THE_OWNER
+    )
+    rule: str = fixed_setting("rule", _WHY_FIXED["rule"], how=_SET_RULE_ON_THE_OWNER)
     # the others size the buffers, or K_i are being counted with them: assigned, they were
     # taken without a word (memory_per_sample read 3 with the memory laid out for 1)
-    memory_per_sample = fixed_setting("memory_per_sample", _WHY_FIXED["memory_per_sample"])
-    count_updates = fixed_setting("count_updates", _WHY_FIXED["count_updates"])
-    num_classes = fixed_setting("num_classes", _WHY_FIXED["size"], how=_NEW_SIZE)
-    embedding_size = fixed_setting("embedding_size", _WHY_FIXED["size"], how=_NEW_SIZE)
+    memory_per_sample: int = fixed_setting("memory_per_sample", _WHY_FIXED["memory_per_sample"])
+    count_updates: Optional[int] = fixed_setting("count_updates", _WHY_FIXED["count_updates"])
+    num_classes: int = fixed_setting("num_classes", _WHY_FIXED["size"], how=_NEW_SIZE)
+    embedding_size: int = fixed_setting("embedding_size", _WHY_FIXED["size"], how=_NEW_SIZE)
     #: attributes that were plain in earlier releases (whole-module pickles hold them so)
     _FIXED = ("rule", "memory_per_sample", "count_updates", "num_classes", "embedding_size")
 

@@ -7,7 +7,18 @@ applies Eq. 6.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Union,
+)
 
 import torch
 from torch import Tensor
@@ -244,6 +255,10 @@ class FeatureTransfer(KeepBufferDtypes):
         if flags[2]:
             bad = y_tail[~self.has_center[yt].to(y_tail.device)]
             raise ValueError(f"y_tail class {int(bad[0])} has no center: unknown to update_stats()")
+
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(self, g_regular: Tensor, y_regular: Tensor, y_tail: Tensor) -> Tensor: ...
 
     def forward(self, g_regular: Tensor, y_regular: Tensor, y_tail: Tensor) -> Tensor:
         """Same as :meth:`transfer`."""
@@ -525,7 +540,7 @@ class FeatureTransfer(KeepBufferDtypes):
         )
         return (
             f"feature_dim={self.feature_dim}, num_classes={self.num_classes}, {sel}, "
-            f"tail_threshold={self.tail_threshold}"
+            f"tail_threshold={self.tail_threshold}" + ("" if self.validate else ", validate=False")
         )
 
 

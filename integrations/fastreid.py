@@ -1180,7 +1180,7 @@ class LEAPHead(nn.Module):
         gamma: float = 0.1,
         memory_per_sample: int = 1,
         warmup_steps: int = 0,
-        class_counts: Optional[Union[Tensor, Sequence[int], str]] = "dataset",
+        class_counts: Optional[Union[ClassCounts, str]] = "dataset",
         count_steps: Optional[int] = None,
         seed: Optional[int] = None,
         validate: bool = True,
@@ -1213,7 +1213,10 @@ class LEAPHead(nn.Module):
             if int(num_classes) < 0:
                 raise ValueError(f"num_classes must be >= 0, got {num_classes}")
             margin_type = margin_for_cls_layer(margin_type, key=self._key("margin_type"))
-            online = class_counts is None or class_counts == "online"
+            # an isinstance test first: ``==`` on a NumPy array of counts compares elementwise
+            online = class_counts is None or (
+                isinstance(class_counts, str) and class_counts == "online"
+            )
             if cloud is not None and online and int(warmup_steps) <= 0:
                 raise ValueError(
                     f"{self._setting('class_counts', 'online')} counts K_i during "
@@ -1480,7 +1483,10 @@ class LEAPHead(nn.Module):
             )
         check_inputs(features, targets, head.num_classes, head.validate, "targets")
 
-    def forward(self, features: Tensor, targets: Optional[Tensor] = None):
+    def forward(
+        self, features: Tensor, targets: Optional[Tensor] = None
+    ) -> Union[Tensor, Dict[str, Tensor]]:
+        """The neck features in eval mode; in training the dict of the class docstring."""
         if self.training and targets is None:
             raise ValueError("LEAPHead needs targets (identity labels) in training mode")
         if self.training and torch.is_grad_enabled() and not self._batch_checked:

@@ -151,7 +151,10 @@ def _ftl_node(cfg: CfgNode) -> CfgNode:
 
 # ------------------------------------------------------------------ the model
 class FTLEncoder(nn.Module):
-    """FTL's ``Enc`` for fastreid: backbone feature map -> fastreid pooling -> ``g`` ``(B, D)``."""
+    """FTL's ``Enc`` for fastreid: backbone feature map -> fastreid pooling -> ``g`` ``(B, D)``.
+
+    ``backbone``: fastreid's backbone (a feature map); ``pool``: fastreid's pooling layer
+    (``MODEL.HEADS.POOL_LAYER``)."""
 
     def __init__(self, backbone: nn.Module, pool: nn.Module) -> None:
         super().__init__()
@@ -242,6 +245,11 @@ class FTLBaseline(CheckedBeforeLoading, nn.Module):
     :class:`FTLHook` feeds (``{"ftl_features": g, "targets": y}``), the ``R``/``FC`` loss of
     Eq. 2-3 on those rich features (:meth:`FTLModel.feature_loss`). In eval mode it returns the
     identity feature ``f = R(Enc(x))`` for fastreid's evaluator.
+
+    Built from the YAML (``META_ARCHITECTURE: FTLBaseline``) or from Python with ``ftl`` (the
+    :class:`~feature_cloud.FTLModel`), ``pixel_mean`` / ``pixel_std`` (per channel, as
+    fastreid's ``MODEL.PIXEL_MEAN`` / ``PIXEL_STD``: images are normalised with them) and
+    ``inference_only`` (``MODEL.HEADS.NUM_CLASSES: 0``: ``f`` only, no training).
     """
 
     @configurable
@@ -717,6 +725,8 @@ class FTLHook(HookBase):
             raise translated from error
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore the scheduler (and the transfer statistics) from :meth:`state_dict`'s
+        ``state``, all or nothing: checked first (:meth:`check_state_dict`)."""
         self.check_state_dict(state)
         with self.scheduler.restoring(self.ftl.feature_transfer):  # all or nothing
             self.scheduler.load_state_dict(state["scheduler"])  # checks the settings first

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import sys
 from types import FrameType
-from typing import Any, Dict, List, Optional, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union, cast
 
 import torch
 
@@ -432,6 +432,7 @@ class LEAPLoss(
         return ["loss", "metric_l2_loss"] if self._with_metric_l2 else ["loss"]
 
     def get_default_distance(self) -> CosineSimilarity:
+        """PML's hook: the plain cosine the loss computes (no other distance is taken)."""
         return CosineSimilarity()
 
     def cast_types(self, dtype: torch.dtype, device: torch.device) -> None:
@@ -488,6 +489,17 @@ class LEAPLoss(
             and is_distributed()
         ):
             stats.batch = "pml_gathered" if self._wrapped_by_pml() else "local"
+
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(
+            self,
+            embeddings: Tensor,
+            labels: Optional[Tensor] = None,
+            indices_tuple: Any = None,
+            ref_emb: Optional[Tensor] = None,
+            ref_labels: Optional[Tensor] = None,
+        ) -> Tensor: ...
 
     def forward(
         self,
@@ -703,10 +715,23 @@ class LEAPLoss(
         return FC.cosine_logits(embeddings, weight, self.sub_centers, unit_weight=unit) * self.scale
 
     def extra_repr(self) -> str:
+        """The constructor's keywords that rebuild this loss: ``margin`` in the constructor's
+        unit (degrees for ArcFace, as PML's keyword; the attribute ``loss.margin`` is in
+        radians), ``sub_centers`` / ``impl`` / ``chunk_size`` / ``validate`` where they are not
+        the defaults. The cloud's options are in the ``feature_cloud`` child's line."""
+        rule = self.margin_rule
+        margin = float(self.margin)
+        if rule.pml_degrees:  # the unit LEAPLoss(margin=) takes (12 digits: 28.6, not 28.59...)
+            margin = float(f"{math.degrees(margin):.12g}")
+        subs = self.sub_centers != 1 or rule.sub_centers != 1  # rebuilt, the rule's default
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
-            f"margin={self.margin}, scale={self.scale}, "
+            f"margin={margin}, scale={self.scale}, "
             f"margin_type={self.margin_type!r}, cloud={self.cloud!r}"
+            + (f", sub_centers={self.sub_centers}" if subs else "")
+            + ("" if self.impl == "auto" else f", impl={self.impl!r}")
+            + ("" if self.chunk_size is None else f", chunk_size={self.chunk_size}")
+            + ("" if self.validate else ", validate=False")
         )
 
     def check_state_dict(self, state_dict: Dict[str, Any], prefix: str = "") -> None:

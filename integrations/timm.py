@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import logging
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
     ContextManager,
     Dict,
     Iterable,
+    Literal,
     Mapping,
     Optional,
     Sequence,
@@ -39,6 +41,7 @@ from typing import (
     Tuple,
     TypeVar,
     Union,
+    overload,
 )
 
 import torch
@@ -82,6 +85,7 @@ from feature_cloud.ftl import (
     AlternatingScheduler,
     ConvDecoder,
     FTLModel,
+    check_update_stats_callables,
     make_filter,
 )
 from feature_cloud.functional import DEFAULT_RECON_REDUCTION
@@ -163,7 +167,8 @@ def create_backbone_and_head(
 
     The backbone outputs pooled embeddings of size ``num_features``; ``head_kwargs`` go to
     :class:`LEAPMarginHead` (``margin_type``, ``scale``, ``margin``, ``cloud``,
-    ``class_counts``, ``warmup_steps``, ...).
+    ``class_counts``, ``warmup_steps``, ...). ``pretrained`` and ``model_kwargs`` (a dict of
+    further keywords) go to ``timm.create_model``.
     """
     backbone = _headless_backbone(model_name, pretrained, model_kwargs)
     features = int(backbone.num_features)
@@ -347,6 +352,18 @@ class _AllOrNothingLoad(TrainingTask):
     writes the eval model's weights, then the task state; here a task state that is refused
     leaves the weights (of the EMA copy with ``ema=True``) as they were."""
 
+    if TYPE_CHECKING:  # typing only: timm's methods run
+        # timm types it Optional (the EMA copy may not exist); the task's own module always
+        # exists, so without ``ema=True`` it is typed ``nn.Module`` (README / example code
+        # ``task.get_trainable_module().parameters()`` type-checks; get_eval_model likewise)
+        @overload
+        def get_trainable_module(self, ema: Literal[False] = ...) -> nn.Module: ...
+
+        @overload
+        def get_trainable_module(self, ema: bool) -> Optional[nn.Module]: ...
+
+        def get_trainable_module(self, ema: bool = False) -> Optional[nn.Module]: ...
+
     def _restoring(self, modules: Sequence[nn.Module]) -> ContextManager[None]:
         return restore_on_error(*modules)
 
@@ -390,6 +407,8 @@ class ModelEmaV3Following(ModelEmaV3):
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: Optional[int] = None) -> None:
+        """timm's EMA step from ``model`` (unwrapped), the statistics buffers copied, not
+        averaged, and a buffer of another shape replaced first (the class docstring)."""
         model = unwrap_model(model)
         ema_buffers = dict(self.module.named_buffers())
         for name, buf in model.named_buffers():
@@ -452,6 +471,13 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, CheckedBeforeLoading, nn.Modu
         """Whole-module pickles of earlier releases lack what :data:`_PICKLE_PREDATES` fills."""
         super().__setstate__(migrate_checked(state, predating=_PICKLE_PREDATES))
 
+    def extra_repr(self) -> str:
+        """``label_smoothing`` / ``head_weight_decay`` where they are not the defaults."""
+        return ", ".join(
+            ([f"label_smoothing={self.label_smoothing}"] if self.label_smoothing else [])
+            + ([] if self.head_weight_decay else ["head_weight_decay=False"])
+        )
+
     def _timm_backbone(self) -> nn.Module:
         return self.backbone
 
@@ -480,7 +506,23 @@ class LEAPTrainableModule(_BackboneOptimizerHooks, CheckedBeforeLoading, nn.Modu
         embeddings = self.backbone.forward_head(x, pre_logits=True)
         return embeddings if pre_logits else self.head.logits(embeddings)
 
-    def forward(self, input: Tensor, target: Optional[Tensor] = None):
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        @overload
+        def __call__(self, input: Tensor, target: None = ...) -> Tensor: ...
+
+        @overload
+        def __call__(self, input: Tensor, target: Tensor) -> Tuple[Tensor, Tensor, Tensor]: ...
+
+        def __call__(
+            self, input: Tensor, target: Optional[Tensor] = None
+        ) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]: ...
+
+    def forward(
+        self, input: Tensor, target: Optional[Tensor] = None
+    ) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
+        """``(loss, logits, embeddings)`` of a batch with its targets; the plain ``s cos(theta)``
+        logits without ``target``."""
         self._refuse_backbone_classifier()  # checked before the backbone's BatchNorm takes
         if target is not None:  # the batch
             refuse_soft_target(target, "LEAPTask")
@@ -553,11 +595,17 @@ class LEAPEvaluator(ClassificationEvaluator):
 
     metric_names = ("loss", "top1", "top5", "top1_weights")
 
-    def __init__(self, head: Union[LEAPMarginHead, FTLModel], device=None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        head: Union[LEAPMarginHead, FTLModel],
+        device: Optional[torch.device] = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(device=device, **kwargs)
         self.head = head
 
     def reset(self) -> None:
+        """timm's reset, and this evaluator's counts and scoring matrices dropped."""
         super().reset()
         # timm's counts (examples, top-1, top-5) and the weights' top-1: one all-reduce for all
         self.counts = torch.zeros(4, dtype=torch.int64, device=self.device)
@@ -624,7 +672,9 @@ class LEAPEvaluator(ClassificationEvaluator):
         return scoring
 
     @torch.no_grad()
-    def update(self, output: Tensor, target: Tensor):
+    def update(self, output: Tensor, target: Tensor) -> None:
+        """Count a batch of eval-model ``output`` (embeddings, scored by the head) against
+        ``target``: timm's loss / top-1 / top-5 and the weights' top-1 (``top1_weights``)."""
         seen = self.num_samples
         logits = self._logits(output, False)
         _check_training_classes(target, logits.shape[-1])
@@ -806,6 +856,16 @@ class LEAPTask(_AllOrNothingLoad):
         self.eval_model = parts.backbone
         return self.eval_model
 
+    @overload
+    def get_eval_model(
+        self, module: Optional[nn.Module] = ..., ema: Literal[False] = ...
+    ) -> nn.Module: ...
+
+    @overload
+    def get_eval_model(
+        self, module: Optional[nn.Module] = ..., ema: bool = ...
+    ) -> Optional[nn.Module]: ...
+
     def get_eval_model(
         self, module: Optional[nn.Module] = None, ema: bool = False
     ) -> Optional[nn.Module]:
@@ -853,6 +913,10 @@ class LEAPTask(_AllOrNothingLoad):
         if exclude_head:
             return parts.backbone.parameters()
         return parts.parameters()
+
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(self, input: Tensor, target: Tensor) -> Dict[str, Tensor]: ...
 
     def forward(self, input: Tensor, target: Tensor) -> Dict[str, Tensor]:
         """``{"loss", "output" (s cos logits), "leap_loss"[, "metric_l2_loss"]}``."""
@@ -906,6 +970,11 @@ def create_ftl_model(
     or in ``transfer_kwargs``, reach both the LEAP head and ``FeatureTransfer`` (with
     ``classifier="linear"``, ``FeatureTransfer``). ``head_weight_decay=False``: ``FC``'s weight
     in ``no_weight_decay()`` (:class:`TimmFTLModel`).
+    ``pretrained`` and ``model_kwargs`` (a dict of further keywords) go to
+    ``timm.create_model``; ``filter_hidden``: ``R``'s hidden width
+    (:func:`~feature_cloud.ftl.make_filter`'s ``hidden``; default: twice the embedding size);
+    ``decoder_channels``: :class:`~feature_cloud.ftl.ConvDecoder`'s ``channels``;
+    ``alpha_sfmx``: the classification loss's weight in Eq. 4.
     """
     if classifier not in ("leap", "linear"):
         raise ValueError(f"classifier must be 'leap' or 'linear', got {classifier!r}")
@@ -1095,6 +1164,10 @@ class FTLEmbedding(nn.Module):
             )
         return g
 
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(self, x: Tensor) -> Tensor: ...
+
     def forward(self, x: Tensor) -> Tensor:
         return self.filter(self.encode(x))
 
@@ -1154,9 +1227,10 @@ class FTLTask(_AllOrNothingLoad):
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
     ) -> None:
-        super().__init__(device=device, dtype=dtype, verbose=verbose)
         if not isinstance(model, FTLModel):
             raise TypeError(f"model must be a feature_cloud.FTLModel, got {type(model).__name__}")
+        check_update_stats_callables(flip, quality)  # before the model moves
+        super().__init__(device=device, dtype=dtype, verbose=verbose)
         self.trainable_module = _placed(model, device)
         self.scheduler = AlternatingScheduler(
             model,
@@ -1195,10 +1269,13 @@ class FTLTask(_AllOrNothingLoad):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
-        **model_kwargs: Any,
+        **ftl_kwargs: Any,
     ) -> FTLTask:
-        """:func:`create_ftl_model` (``model_kwargs``) wrapped in the task."""
-        model = create_ftl_model(model_name, num_classes, **model_kwargs)
+        """:func:`create_ftl_model` wrapped in the task: ``ftl_kwargs`` are its keywords
+        (``classifier``, ``embedding_size``, ``decoder_shape``, the head's, ``model_kwargs`` for
+        ``timm.create_model``, ...); the others are :class:`FTLTask`'s."""
+        check_update_stats_callables(flip, quality)  # before the model is built (global RNG)
+        model = create_ftl_model(model_name, num_classes, **ftl_kwargs)
         return cls(
             model,
             stage0_iters=stage0_iters,
@@ -1255,7 +1332,8 @@ class FTLTask(_AllOrNothingLoad):
     def loaders(
         self, dataset: Any, batch_size: int, **loader_kwargs: Any
     ) -> Union[DataLoader[Any], Tuple[DataLoader[Any], DataLoader[Any]]]:
-        """The current stage's ``DataLoader``\\ s (:meth:`AlternatingScheduler.loaders`)."""
+        """The current stage's ``DataLoader``\\ s (:meth:`AlternatingScheduler.loaders`: the pair
+        in stage 1, typed as either; ``isinstance(loaders, tuple)`` narrows it)."""
         return self.scheduler.loaders(dataset, batch_size, **loader_kwargs)
 
     def step(self) -> int:
@@ -1302,6 +1380,16 @@ class FTLTask(_AllOrNothingLoad):
             **kwargs,
         )
         return self.trainable_module_ema
+
+    @overload
+    def get_eval_model(
+        self, module: Optional[nn.Module] = ..., ema: Literal[False] = ...
+    ) -> nn.Module: ...
+
+    @overload
+    def get_eval_model(
+        self, module: Optional[nn.Module] = ..., ema: bool = ...
+    ) -> Optional[nn.Module]: ...
 
     def get_eval_model(
         self, module: Optional[nn.Module] = None, ema: bool = False
@@ -1407,6 +1495,16 @@ class FTLTask(_AllOrNothingLoad):
             head = {id(p) for p in parts.classifier.parameters()}
             return [p for p in parts.parameters() if id(p) not in head]
         return parts.parameters()
+
+    if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
+
+        def __call__(
+            self,
+            input: Tensor,
+            target: Tensor,
+            tail_input: Optional[Tensor] = None,
+            tail_target: Optional[Tensor] = None,
+        ) -> Dict[str, Tensor]: ...
 
     def forward(
         self,

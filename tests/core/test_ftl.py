@@ -322,6 +322,55 @@ def test_unfreezing_restores_user_frozen_parameters():
 
 
 # ----------------------------------------------------------------------------- UpdateStats, samplers
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(flip=True), "flip must be a callable x -> flipped x"),  # fastreid FTLHook's bool
+        (dict(flip="horizontal"), "flip must be a callable"),
+        (dict(quality=0.5), "quality must be a callable"),
+        (dict(quality=torch.ones(4, dtype=torch.bool)), "quality must be a callable"),
+    ],
+)
+def test_scheduler_refuses_a_flip_or_quality_that_is_not_callable_when_built(kw, message):
+    """Typing trial: ``flip=True`` (fastreid's ``FTLHook(flip=)`` / YAML ``FLIP`` meaning) was
+    accepted and stage 0 trained; UpdateStats then raised ``'bool' object is not callable``,
+    naming no argument. Now the constructor refuses it, before the model is touched."""
+    model = _model(0)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match=message):
+        AlternatingScheduler(model, stage0_iters=2, stage_iters=2, **kw)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.requires_grad for p in model.parameters())  # no stage was applied
+
+
+@pytest.mark.parametrize("value", ["8", 8.9, True, 0, float("nan")])
+def test_ftl_model_refuses_a_feature_dim_that_is_not_a_positive_integer(value):
+    """Typing trial: ``feature_dim`` was ``int()``-converted ("8" -> 8, 8.9 -> 8, True -> 1)
+    where every other integer argument is checked (``as_int``)."""
+    error = ValueError if value == 0 else TypeError
+    with pytest.raises(error, match="feature_dim must be"):
+        FTLModel(nn.Linear(3, 8), nn.Linear(8, 4, bias=False), feature_dim=value, alpha_recon=0.0)
+    assert (
+        FTLModel(  # an integral float or a 0-d integer tensor is an integer, as elsewhere
+            nn.Linear(3, 8), nn.Linear(8, 4, bias=False), feature_dim=8.0, alpha_recon=0.0
+        ).feature_dim
+        == 8
+    )
+
+
+def test_reprs_show_the_settings_that_are_not_the_defaults():
+    """Typing trial: ``FTLModel``'s repr left out ``head_cloud_when_frozen=False``,
+    ``FeatureTransfer``'s ``validate=False``, and ``ConvDecoder`` had no settings line."""
+    plain = _model(0)
+    assert "head_cloud_when_frozen" not in repr(plain)
+    assert "head_cloud_when_frozen=False" in repr(_model(0, head_cloud_when_frozen=False))
+    assert "validate=False" in repr(FeatureTransfer(D, 30, validate=False))
+    assert "validate" not in repr(FeatureTransfer(D, 30))
+    dec = ConvDecoder(8, out_shape=(3, 20, 20), channels=(4, 2), base=3)
+    assert repr(dec).splitlines()[1].strip() == "out_shape=(3, 20, 20), base=3"
+
+
 def test_update_stats_through_the_encoder_with_flip_and_quality():
     xtr, ytr, _, _, _ = _data(1)
     ds = IndexedDataset(TensorDataset(xtr, ytr))

@@ -6,9 +6,11 @@ of a tensor and a pair, ``margin_type=ArcFace()`` and NumPy class counts were re
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import List, Tuple
 
 import pytest
 
@@ -52,6 +54,57 @@ either = head(x, y, return_top1=flag)  # a run-time flag: either
 """
 
 
+def _package_path(tmp_path: Path) -> Path:
+    """A folder holding ``feature_cloud`` as the wheel lays it out: the package's files and
+    ``integrations/`` as ``feature_cloud.integrations`` (pyproject's ``package-dir``), as
+    symlinks to the checkout, so that the checker sees the adapters as a user's install does."""
+    site = tmp_path / "site"
+    package = site / "feature_cloud"
+    if package.exists():
+        return site
+    package.mkdir(parents=True)
+    for entry in (ROOT / "feature_cloud").iterdir():
+        if entry.name != "__pycache__":
+            (package / entry.name).symlink_to(entry)
+    (package / "integrations").symlink_to(ROOT / "integrations")
+    return site
+
+
+def _mypy(tmp_path: Path, code: str) -> Tuple[int, str]:
+    """``mypy --strict`` on ``code`` as a user's module against the package (its own
+    strictness is the repo's mypy run)."""
+    pytest.importorskip("mypy")
+    (tmp_path / "user.py").write_text(code)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--follow-imports=silent",
+            "--no-incremental",
+            "--config-file",
+            os.devnull,
+            "user.py",
+        ],
+        cwd=tmp_path,
+        env=dict(os.environ, MYPYPATH=str(_package_path(tmp_path))),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _revealed(out: str) -> List[str]:
+    """The revealed types (``builtins.`` left out: mypy versions differ in writing it)."""
+    return [
+        line.split("Revealed type is ")[1].replace("builtins.", "")
+        for line in out.splitlines()
+        if "Revealed" in line
+    ]
+
+
 def test_user_code_type_checks_strictly_against_the_package(tmp_path: Path) -> None:
     pytest.importorskip("mypy")
     (tmp_path / "user.py").write_text(USER_CODE)
@@ -82,3 +135,220 @@ def test_user_code_type_checks_strictly_against_the_package(tmp_path: Path) -> N
         '"torch._tensor.Tensor"',
         '"tuple[torch._tensor.Tensor, torch._tensor.Tensor]"',
     ], out
+
+
+# Typing trial s55: calling any module but the head, and reading any setting, was ``Any``; the
+# head's typed call reached mypy only (pyright / Pylance kept nn.Module's ``Callable[..., Any]``).
+CALLS_AND_SETTINGS = """
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from feature_cloud import FeatureTransfer, FTLModel, LEAPMarginHead, MetricL2
+
+head = LEAPMarginHead(8, 4, class_counts=[5, 5, 5, 5])
+x, y = torch.randn(2, 8), torch.tensor([0, 1])
+reg = MetricL2(0.1)
+model = FTLModel(torch.nn.Linear(3, 8), head, feature_dim=8, alpha_recon=0.0)
+ft = FeatureTransfer(8, 4)
+
+
+def reg_term(f: Tensor) -> Tensor:
+    return reg(f, head)  # was: Returning Any from function declared to return "Tensor"
+
+
+def embed(z: Tensor) -> Tensor:
+    return model(z)
+
+
+def transferred(g: Tensor, yr: Tensor, yt: Tensor) -> Tensor:
+    return ft(g, yr, yt)
+
+
+pair: Tuple[Tensor, Tensor] = head(x, y, return_top1=True)
+scale: float = head.scale
+margin: float = head.margin
+reduction: str = head.reduction
+impl: str = head.impl
+chunk: Optional[int] = head.chunk_size
+shrinkage: Optional[float] = head.prototype_shrinkage
+warmup: int = head.warmup_steps
+head.scale = 30.0
+head.cloud_scale = 1.5
+reveal_type(head.scale)
+reveal_type(head.prototype_shrinkage)
+reveal_type(head.reduction)
+reveal_type(head.warmup_steps)
+reveal_type(head.class_counts)
+reveal_type(head.feature_cloud.statistics.tail_threshold)
+reveal_type(reg(x, head))
+reveal_type(model(torch.randn(2, 3)))
+"""
+
+WRONG = """
+import torch
+from torch import Tensor
+
+from feature_cloud import FTLModel, LEAPMarginHead, MetricL2
+
+head = LEAPMarginHead(8, 4, class_counts=[5, 5, 5, 5])
+x, y = torch.randn(2, 8), torch.tensor([0, 1])
+model = FTLModel(torch.nn.Linear(3, 8), head, feature_dim=8, alpha_recon=0.0)
+wrong_call: str = MetricL2()(x, head)  # line 10
+wrong_model: str = model(x)  # line 11
+wrong_setting: str = head.scale  # line 12
+head.scale = "64"  # line 13
+head.reduction = 2  # line 14
+wrong_pair: Tensor = head(x, y, return_top1=True)  # line 15
+"""
+
+
+def test_module_calls_and_settings_are_typed(tmp_path: Path) -> None:
+    rc, out = _mypy(tmp_path, CALLS_AND_SETTINGS)
+    assert rc == 0, out
+    assert _revealed(out) == [
+        '"float"',
+        '"float | None"',
+        '"str"',
+        '"int"',
+        '"torch._tensor.Tensor"',
+        '"int"',
+        '"torch._tensor.Tensor"',
+        '"torch._tensor.Tensor"',
+    ], out
+    rc, out = _mypy(tmp_path, WRONG)
+    lines = sorted(
+        {int(line.split(":")[1]) for line in out.splitlines() if line.startswith("user.py:")}
+    )
+    assert rc == 1 and lines == [10, 11, 12, 13, 14, 15], out
+
+
+#: README "FTL: Usage", reduced: ``loaders()`` is typed as the stage-0/2 loader or the stage-1
+#: pair (the stage is known at run time only); ``isinstance`` narrows it (typing trial s55: the
+#: README's ``if stage == 1`` gave ``batches[0]`` on a ``DataLoader``, an error in mypy and pyright)
+README_FTL_LOOP = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from feature_cloud import AlternatingScheduler, FeatureTransfer, FTLModel
+from feature_cloud.ftl import IndexedDataset
+
+x, y = torch.randn(60, 12), torch.arange(60) % 6
+dataset = IndexedDataset(TensorDataset(x, y))
+model = FTLModel(
+    nn.Linear(12, 8), nn.Linear(8, 6, bias=False), feature_dim=8, alpha_recon=0.0,
+    transfer=FeatureTransfer(8, 6, tail_threshold=20),
+)
+sched = AlternatingScheduler(model, stage0_iters=2, stage_iters=2, max_alternations=1)
+stage = sched.stage
+loaders = sched.loaders(dataset, batch_size=16)
+for batches in zip(*loaders) if isinstance(loaders, tuple) else loaders:
+    if stage == 1:
+        out = sched.stage1_loss(*batches)
+    else:
+        out = model.loss(batches[0], batches[1])
+"""
+
+
+def test_the_readme_ftl_loop_type_checks(tmp_path: Path) -> None:
+    rc, out = _mypy(tmp_path, README_FTL_LOOP)
+    assert rc == 0, out
+    readme = (ROOT / "README.md").read_text()
+    assert "for batches in zip(*loaders) if isinstance(loaders, tuple) else loaders:" in readme
+
+
+ADAPTERS = """
+from typing import Dict
+
+import torch
+from torch import Tensor
+
+from feature_cloud.integrations.pml import LEAPLoss
+from feature_cloud.integrations.timm import FTLTask, LEAPTask
+
+loss_func = LEAPLoss(4, 8, class_counts=[5, 5, 5, 5])
+emb, labels = torch.randn(2, 8), torch.tensor([0, 1])
+value: Tensor = loss_func(emb, labels)
+margin: float = loss_func.margin
+task = LEAPTask.from_timm("test_resnet", 4, class_counts=[5, 5, 5, 5])
+x = torch.randn(2, 3, 32, 32)
+out: Dict[str, Tensor] = task(x, labels)
+params = list(task.get_trainable_module().parameters())  # README / examples/timm_train.py
+served: Tensor = task.get_eval_model()(x)
+ema = task.get_eval_model(ema=True)
+reveal_type(ema)
+reveal_type(task.head(emb, labels))
+ftl = FTLTask.from_timm("test_resnet", 4, stage0_iters=1, class_counts=[5, 5, 5, 5])
+result: Dict[str, Tensor] = ftl(x, labels)
+f: Tensor = ftl.get_eval_model()(x)
+"""
+
+
+def test_adapter_calls_are_typed(tmp_path: Path) -> None:
+    """The README's / examples' timm calls (``get_trainable_module().parameters()``,
+    ``get_eval_model()(x)``) were rejected (``Module | None``); adapter calls were ``Any``."""
+    pytest.importorskip("timm")
+    pytest.importorskip("pytorch_metric_learning")
+    rc, out = _mypy(tmp_path, ADAPTERS)
+    assert rc == 0, out
+    assert _revealed(out) == [
+        '"torch.nn.modules.module.Module | None"',
+        '"torch._tensor.Tensor"',
+    ], out
+
+
+PYRIGHT_CONFIG = """{
+  "typeCheckingMode": "strict", "reportMissingTypeStubs": false,
+  "reportUnknownMemberType": false, "reportUnknownVariableType": false,
+  "reportUnknownArgumentType": false, "reportUnknownParameterType": false,
+  "reportUnknownLambdaType": false
+}"""
+
+
+def test_calls_and_settings_are_typed_for_pyright(tmp_path: Path) -> None:
+    """pyright (Pylance) read ``head(x, y)`` as ``Any`` (it keeps nn.Module's declared
+    ``__call__`` over an assignment ``__call__ = forward``). Optional: runs where ``pyright``
+    is on the PATH (it is no dependency of the package)."""
+    pyright = shutil.which("pyright")
+    if pyright is None:
+        pytest.skip("pyright is not installed")
+    code = CALLS_AND_SETTINGS + "reveal_type(head(x, y))\n"
+    (tmp_path / "user.py").write_text(code)
+    (tmp_path / "wrong.py").write_text(WRONG)
+    (tmp_path / "pyrightconfig.json").write_text(PYRIGHT_CONFIG)
+    site = _package_path(tmp_path)
+    proc = subprocess.run(
+        [pyright, "--pythonpath", sys.executable, "user.py", "wrong.py"],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(site)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    revealed = [
+        line.split('Type of "')[1].split('" is ')[1].strip('"')
+        for line in out.splitlines()
+        if "user.py" in line and "Type of" in line
+    ]
+    assert revealed == [
+        "float",
+        "float | None",
+        "str",
+        "int",
+        "Tensor",
+        "int",
+        "Tensor",
+        "Tensor",
+        "Tensor",
+    ], out
+    errors = sorted(
+        {
+            int(line.split("wrong.py:")[1].split(":")[0])
+            for line in out.splitlines()
+            if "wrong.py:" in line and "- error" in line
+        }
+    )
+    assert errors == [10, 11, 12, 13, 14, 15], out

@@ -1149,6 +1149,33 @@ def test_a_head_built_from_python_names_its_arguments(kw, name):
     assert "FEATURE_CLOUD" not in message and "CLS_LAYER" not in message, message
 
 
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [5, 5, 30, 30],
+        (5, 5, 30, 30),
+        torch.tensor([5, 5, 30, 30]),
+        pytest.param("numpy", id="numpy"),
+        pytest.param("counter", id="counter"),
+    ],
+)
+def test_a_head_built_from_python_takes_the_cores_class_counts(counts):
+    """Typing trial: ``LEAPHead(class_counts=<NumPy array>)`` raised NumPy's "truth value of an
+    array is ambiguous" (``class_counts == "online"``), while ``LEAPMarginHead`` takes a tensor,
+    a sequence, a NumPy array or a mapping (``ClassCounts``)."""
+    import collections
+
+    import numpy as np
+
+    if isinstance(counts, str) and counts == "numpy":
+        counts = np.array([5, 5, 30, 30])
+    elif isinstance(counts, str):
+        counts = collections.Counter({0: 5, 1: 5, 2: 30, 3: 30})
+    head = _python_head(class_counts=counts)
+    assert head.class_counts_source == "given" and not head.class_counts_pending
+    assert head.margin_head.statistics.class_counts.tolist() == [5, 5, 30, 30]
+
+
 def test_a_head_built_from_python_takes_fastreids_margin_names_and_says_how_to_set_counts():
     assert _python_head(margin_type="CosSoftmax").margin_head.margin_type == "cosface"
     assert _python_head(margin_type="ArcSoftmax", scale=16.0).margin_head.margin_type == "arcface"

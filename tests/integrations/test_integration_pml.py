@@ -786,6 +786,43 @@ def test_the_repr_names_embedding_size():
     assert own.startswith(f"num_classes={C}, embedding_size={D}, "), own
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(margin=28.6, margin_type="arcface"),
+        dict(margin=0.3, scale=30.0, margin_type="cosface", impl="chunked", chunk_size=4),
+        dict(
+            margin=28.6,
+            margin_type="subcenter_arcface",
+            sub_centers=2,
+            impl="reference",
+            validate=False,
+        ),
+        dict(margin_type="subcenter_arcface", sub_centers=1),  # not the rule's 3
+        dict(margin=20.0, margin_type="arcface", cloud=None),
+    ],
+)
+def test_the_repr_shows_what_rebuilds_the_loss(kw):
+    """Typing trial: the repr printed ArcFace's margin in radians (the constructor takes
+    degrees: rebuilt, 0.0087 rad with a warning) and left out ``sub_centers``, ``impl``,
+    ``chunk_size`` and ``validate``; the repr's keywords now rebuild the same loss."""
+    counts = [5] * C
+    loss = LEAPLoss(C, D, class_counts=counts, **kw)
+    own = repr(loss).splitlines()[1].strip()
+    settings = eval(f"dict({own})")  # the keywords as printed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "is in degrees here" warning on the rebuild
+        again = LEAPLoss(class_counts=counts, **settings)
+    assert math.isclose(again.margin, loss.margin, rel_tol=1e-12)
+    for name in ("scale", "margin_type", "cloud", "sub_centers", "impl", "chunk_size", "validate"):
+        assert getattr(again, name) == getattr(loss, name), name
+    assert again.W.shape == loss.W.shape
+    assert repr(again).splitlines()[1] == repr(loss).splitlines()[1]
+    if "margin" in kw:
+        assert f"margin={kw['margin']}," in own  # the constructor's unit (degrees for ArcFace)
+
+
 def test_class_counts_from_a_counter_of_the_dataset_targets():
     """``LEAPLoss(..., class_counts=collections.Counter(dataset.targets))`` was refused ("Could
     not infer dtype of Counter"); a mapping class -> count is taken (a class it lacks has 0)."""

@@ -808,6 +808,37 @@ def test_ftl_task_gives_stage_2_its_own_length_and_resume_checks_it():
     assert task.finished and [s for s, _ in record] == [0, 0, 0, 1, 1, 2, 1, 1, 2]
 
 
+def test_the_trainable_modules_repr_shows_its_own_settings():
+    """Typing trial: ``LEAPTrainableModule`` had no settings line (``label_smoothing``,
+    ``head_weight_decay`` were invisible)."""
+    from feature_cloud import LEAPMarginHead
+    from feature_cloud.integrations.timm import LEAPTrainableModule
+
+    head = LEAPMarginHead(4, 3, cloud=None)
+    plain = LEAPTrainableModule(torch.nn.Identity(), head)
+    assert repr(plain).splitlines()[0] == "LEAPTrainableModule("
+    tuned = LEAPTrainableModule(
+        torch.nn.Identity(), head, label_smoothing=0.1, head_weight_decay=False
+    )
+    assert repr(tuned).splitlines()[1].strip() == "label_smoothing=0.1, head_weight_decay=False"
+
+
+def test_ftl_task_refuses_a_flip_that_is_not_callable_before_building_anything():
+    """Typing trial: ``FTLTask.from_timm(flip=True)`` (fastreid's bool meaning) built, trained
+    stage 0 and failed in UpdateStats with ``'bool' object is not callable``. It is refused when
+    called, naming the argument, before the model is built (no global RNG drawn)."""
+    torch.manual_seed(0)
+    rng = torch.get_rng_state()
+    with pytest.raises(TypeError, match="flip must be a callable x -> flipped x"):
+        _ftl_task(flip=True, init_seed=0)
+    with pytest.raises(TypeError, match="quality must be a callable"):
+        _ftl_task(quality=True, init_seed=0)
+    assert torch.equal(torch.get_rng_state(), rng)
+    model = _ftl_task().model
+    with pytest.raises(TypeError, match="flip must be a callable"):
+        FTLTask(model, stage0_iters=1, flip=True, verbose=False)
+
+
 def test_ftl_task_passes_tail_sampling_and_quality_to_the_scheduler():
     """`FTLTask.from_timm(tail_sampling=..., quality=...)` reach the AlternatingScheduler (stage
     1's long-tail pool is then the class-balanced one); a checkpoint of the other sampling is
