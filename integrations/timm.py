@@ -41,6 +41,7 @@ from typing import (
     Tuple,
     TypeVar,
     Union,
+    cast,
     overload,
 )
 
@@ -1114,17 +1115,26 @@ class TimmFTLModel(_BackboneOptimizerHooks, FTLModel):
         return f if pre_logits else self.logits(f)
 
 
+def _own_encode(model: FTLModel) -> bool:
+    """Whether ``model``'s class encodes with its own ``encode`` (a user's subclass: pooling a
+    feature-map encoder, normalising ``g``), not :class:`FTLModel`'s or :class:`TimmFTLModel`'s,
+    whose checks :class:`FTLEmbedding` runs itself."""
+    return type(model).encode not in (FTLModel.encode, TimmFTLModel.encode)
+
+
 class FTLEmbedding(nn.Module):
     """The eval model of :class:`FTLTask`: the identity feature ``f = R(Enc(x))``.
 
     Shares ``Enc`` and ``R`` with the :class:`FTLModel` (its ``state_dict`` has ``encoder.*`` and
     ``filter.*``); ``train()`` keeps the model's frozen parts in eval mode. ``Enc(x)`` is checked
     as :meth:`FTLModel.encode` (and :meth:`TimmFTLModel.encode`: a timm encoder given a
-    classifier again is refused) does; a subclass's own ``encode`` is not called.
+    classifier again is refused) does; a model whose class has its own ``encode`` is encoded
+    by it (:func:`_own_encode`).
 
     Pickled whole (``torch.save``) or copied (``copy.deepcopy``), it holds ``Enc`` and ``R`` only
     (not ``FC``, ``Dec`` or the transfer statistics) and the parts frozen at that time: the copy
-    no longer follows the training model.
+    no longer follows the training model. A model with its own ``encode`` goes along (a copy
+    of it), so that the copy encodes as the model does.
     """
 
     def __init__(self, model: FTLModel) -> None:
@@ -1147,14 +1157,20 @@ class FTLEmbedding(nn.Module):
         return tuple(model.frozen) if model is not None else self._frozen_parts
 
     def __getstate__(self) -> Dict[str, Any]:
-        state = self.__dict__.copy()
-        model = state.pop("_model", None)
-        if model is not None:
+        # nn.Module's: without a compile()'d call (bound to this module, not to a copy)
+        state = cast(Dict[str, Any], super().__getstate__())
+        model = state.get("_model")
+        if model is not None and not _own_encode(model):
+            del state["_model"]
             state["_frozen_parts"] = tuple(model.frozen)
         return state
 
     def encode(self, x: Tensor) -> Tensor:
-        """``g = Enc(x)`` ``(B, feature_dim)``, checked as :meth:`TimmFTLModel.encode`."""
+        """``g = Enc(x)`` ``(B, feature_dim)``, checked as :meth:`TimmFTLModel.encode`; the
+        model's own ``encode`` where its class has one."""
+        model = self.__dict__.get("_model")
+        if model is not None and _own_encode(model):
+            return cast(Tensor, model.encode(x))
         if self.timm_encoder:
             _refuse_backbone_classifier(self, self.encoder)
         g = self.encoder(x)

@@ -491,6 +491,50 @@ assert emb.frozen == () and emb.train().encoder.training
         FTLEmbedding(flat)(torch.randn(2, 3, 2, 3))
 
 
+class _PooledFTL(FTLModel):
+    """A user's FTLModel whose encode pools a feature-map encoder and normalises g."""
+
+    def encode(self, x):
+        return torch.nn.functional.normalize(self.encoder(x).mean((2, 3)), dim=1)
+
+
+def test_ftl_eval_model_encodes_with_the_models_own_encode_and_a_compiled_one_copies(tmp_path):
+    """s55 review of the deploy fix: ``FTLEmbedding`` ran its own checks instead of a user
+    subclass's ``encode`` (a feature-map encoder: refused; a normalising one: other embeddings
+    without a word), and its ``__getstate__`` kept ``compile()``'s call, bound to the original
+    module: a deepcopy ran the original's weights and ``torch.save`` failed. The model's own
+    ``encode`` is used, live and in a copy (which then holds a copy of the model); a compiled
+    eval model copies and pickles as nn.Module does."""
+    torch.manual_seed(0)
+    model = _PooledFTL(
+        torch.nn.Conv2d(3, 16, 3),
+        LEAPMarginHead(16, C, class_counts=COUNTS),
+        feature_dim=16,
+        alpha_recon=0,
+        alpha_reg=0,
+    ).eval()
+    emb = FTLEmbedding(model).eval()
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(emb(x), ref, rtol=0, atol=0)
+        torch.testing.assert_close(copy.deepcopy(emb)(x), ref, rtol=0, atol=0)
+    torch.save(emb, tmp_path / "own.pt")
+    with torch.no_grad():
+        loaded = torch.load(tmp_path / "own.pt", weights_only=False)
+        torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)
+    plain = FTLEmbedding(_ftl_task().model).eval()
+    plain.compile()
+    twin = copy.deepcopy(plain)
+    with torch.no_grad():
+        for p in twin.filter.parameters():
+            p.zero_()
+        y = torch.randn(2, 3, 32, 32)
+        assert torch.equal(twin(y), twin.forward(y))  # the copy's own weights
+        assert not torch.equal(twin(y), plain.forward(y))
+    torch.save(plain, tmp_path / "compiled.pt")
+
+
 def test_ftl_task_wraps_a_timm_backbone_and_leap_head():
     task = _ftl_task()
     assert isinstance(task, TrainingTask)
