@@ -245,7 +245,7 @@ def plot_projection(results: Dict[str, Any], projection: Dict[str, np.ndarray], 
         xy = pca_2d(both)
         xy_tr, xy_ev = xy[: len(ftr)], xy[len(ftr) :]
         for c, head, color in zip(classes, is_head, colors):
-            name = names[c] if names else str(c)
+            name = printable(str(names[c])) if names else str(c)  # a folder name not UTF-8
             ax.scatter(
                 xy_ev[yev == c, 0],
                 xy_ev[yev == c, 1],

@@ -847,6 +847,24 @@ def _head_option_diff(
     return out
 
 
+def same_split(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """Whether two recorded splits of one seed are the same split: as recorded, or once the
+    identities without a training image are taken out of the head (earlier releases marked an
+    identity that ``--n-test`` left out as head where ``-H`` reached it: the same images and
+    numbers, so their runs still resume, pool and compare)."""
+    return a == b or without_empty_head(a) == without_empty_head(b)
+
+
+def without_empty_head(split: Dict[str, Any]) -> Dict[str, Any]:
+    """A recorded split with no identity of no training image in its head (see
+    :func:`same_split`); a split of this release as it is."""
+    head, counts = split.get("head"), split.get("train_counts")
+    if not isinstance(head, list) or not isinstance(counts, list) or len(head) != len(counts):
+        return split
+    kept = [bool(h) and int(c) > 0 for h, c in zip(head, counts)]
+    return dict(split, head=kept, head_classes=sum(kept)) if kept != head else split
+
+
 def check_compatible(
     res: Dict[str, Any],
     first: Dict[str, Any],
@@ -997,9 +1015,9 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
     for p, res in runs:
         check_compatible(res, first, p, first_path, current)
         for seed, split in res["splits"].items():
-            if seed in merged["splits"] and merged["splits"][seed] != split:
+            if seed in merged["splits"] and not same_split(merged["splits"][seed], split):
                 raise ValueError(f"seed {seed} has a different split in {p} than in an earlier run")
-            merged["splits"][seed] = split
+            merged["splits"][seed] = without_empty_head(split)
         for field in ("labels", "baselines"):
             for m, v in res.get(field, {}).items():
                 if merged[field].setdefault(m, v) != v:
@@ -1122,7 +1140,7 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
     _check_same_data(b, a, path_b, path_a, "compare")
     seeds = sorted(set(a["splits"]) & set(b["splits"]), key=int)
     for seed in seeds:
-        if a["splits"][seed] != b["splits"][seed]:
+        if not same_split(a["splits"][seed], b["splits"][seed]):
             raise ValueError(f"cannot compare: seed {seed} has another split in {path_b}")
     current = head_defaults()
     da, db = a.get("head_defaults", current), b.get("head_defaults", current)

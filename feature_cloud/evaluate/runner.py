@@ -51,6 +51,7 @@ from .report import (
     make_output_dir,
     refuse_other_contents,
     retrieval_line,
+    same_split,
 )
 
 __all__ = [
@@ -713,7 +714,7 @@ def _previous_runs(
             f"{cfg.device!r}; a seed's method and baseline must share a device"
         )
     for seed, split in prev["splits"].items():
-        if seed in results["splits"] and results["splits"][seed] != split:
+        if seed in results["splits"] and not same_split(results["splits"][seed], split):
             raise ValueError(f"--resume: seed {seed} has a different split in {file}")
     done = {(int(r["seed"]), str(r["method"])): r for r in prev["runs"]}
     _check_resumed_environment(prev, results, file)
