@@ -1314,10 +1314,11 @@ def _run_prepared(
             if sweep:
                 run["sweep"] = sweep
             runs.append(run)
-            log(f"  seed {seed} {METHOD_LABELS[name]:<26} {line} ({seconds:.0f} s)")
             if write:  # every finished run on disk (a killed evaluation keeps it: --resume)
                 results["wall_seconds"] = round(time.perf_counter() - start, 1)
                 write_json(results, file)
+            # after the write: a run whose line was shown is saved (a Ctrl-C in a slow log)
+            log(f"  seed {seed} {METHOD_LABELS[name]:<26} {line} ({seconds:.0f} s)")
     results["complete"] = True
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
     if write:

@@ -616,3 +616,20 @@ def test_hand_built_data_channels_last_small_int_labels_and_numpy(tmp_path):
         with pytest.raises(error, match=match):
             run_demo(cfg, bad, log=_quiet)
         assert not out.exists()
+
+
+def test_a_run_whose_line_was_shown_is_on_disk(tmp_path):
+    """s55 notebook finding 6: the run's line was logged before results.json was rewritten, so
+    a Ctrl-C in a slow log (a notebook widget) lost a run the user had seen finish."""
+    from feature_cloud.demo.report import load_results
+
+    def log(line):
+        if line.lstrip().startswith("seed"):
+            raise KeyboardInterrupt  # Ctrl-C while the first run's line is shown
+
+    out = tmp_path / "x"
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(_cfg(out=str(out), seeds=[0, 1]), _data(), log=log)
+    saved = load_results(str(out / "results.json"))
+    assert [(r["seed"], r["method"]) for r in saved["runs"]] == [(0, "cosface")]
+    assert saved["complete"] is False
