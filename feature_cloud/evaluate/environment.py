@@ -274,7 +274,7 @@ def environment(device: str = "cpu") -> Dict[str, Any]:
         "feature_cloud": __version__,
         "git_revision": commit,
         "git_dirty": dirty,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str (TorchVersion pickles with torch)
         "numpy": np.__version__,
         "timm": _version("timm"),
         "pytorch_metric_learning": _version("pytorch-metric-learning"),

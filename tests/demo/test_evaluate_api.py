@@ -260,7 +260,7 @@ def test_paired_differences_reads_plain_json_and_names_what_it_does_not_find():
     )
     d = paired_differences(runs, "leap", "cosface", ["fc_acc_tail", "fc_acc_head"])
     assert d["fc_acc_tail"]["n"] == 2 and d["fc_acc_tail"]["mean"] == pytest.approx(0.04)
-    assert list(d["fc_acc_tail"]["per_seed"]) == [0, 1]
+    assert list(d["fc_acc_tail"]["per_seed"]) == ["0", "1"]  # as compare_runs and paired.json
     assert d["fc_acc_head"]["n"] == 0 and np.isnan(d["fc_acc_head"]["mean"])  # n/a: no head
     with pytest.raises(ValueError, match=r"no run of method 'leap_ful'.*\['cosface', 'leap'\]"):
         paired_differences(runs, "leap_ful", "cosface", ["fc_acc_tail"])
@@ -633,3 +633,28 @@ def test_a_run_whose_line_was_shown_is_on_disk(tmp_path):
     saved = load_results(str(out / "results.json"))
     assert [(r["seed"], r["method"]) for r in saved["runs"]] == [(0, "cosface")]
     assert saved["complete"] is False
+
+
+def test_the_returned_results_hold_json_types_and_per_seed_keys_match(tmp_path):
+    """s55 notebook finding 9: ``environment.torch`` was a ``TorchVersion`` (a pickle of the
+    results needed torch to load), and ``per_seed`` was keyed by int in
+    ``paired_differences`` but by str in ``compare_runs`` (``per_seed[0]``: a KeyError in one
+    of them). The returned dict holds JSON's own types; both key the seeds as str."""
+    from feature_cloud.evaluate import compare_runs, paired_differences
+
+    out = tmp_path / "x"
+    cfg = _cfg(methods=["leap_full_cosface"], seeds=[0, 1], out=str(out))
+    results = run_evaluation(cfg, _data(), log=_quiet)
+
+    def walk(value, path="results"):
+        assert type(value) in (dict, list, str, int, float, bool, type(None)), (path, type(value))
+        if isinstance(value, (dict, list)):
+            for k, v in value.items() if isinstance(value, dict) else enumerate(value):
+                walk(v, f"{path}[{k!r}]")
+
+    walk(results)
+    assert type(results["environment"]["torch"]) is str
+    paired = paired_differences(results["runs"], "leap_full_cosface", "cosface", ["fc_acc_tail"])
+    cmp = compare_runs(str(out), str(out))
+    assert list(paired["fc_acc_tail"]["per_seed"]) == ["0", "1"]
+    assert list(cmp["differences"]["leap_full_cosface"]["fc_acc_tail"]["per_seed"]) == ["0", "1"]
