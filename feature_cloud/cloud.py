@@ -14,6 +14,7 @@ a pure function of ``(seed, step, stream, row, class)``.
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, cast
 
@@ -921,12 +922,21 @@ class FeatureCloud(nn.Module):
 
     def _refuse_undone_backward(self) -> None:
         if any((t := r()) is not None and not t.done for r in _UNDONE.get(self, [])):
+            kept = any(
+                getattr(sys, name, None) is not None
+                for name in ("last_exc", "last_value", "last_traceback")
+            )
             raise RuntimeError(
                 f"imprint_step={self.imprint_step}: a training forward's loss still waits for "
                 "its backward (gradient accumulation over the imprint step?), and the imprint "
                 "would overwrite the weight that backward needs; imprint_step counts forwards "
                 "(micro-batches): choose one that starts an accumulation cycle, call backward "
-                "first, or del a loss you will not backpropagate"
+                "first, or del a loss you will not backpropagate. A step interrupted between "
+                "its forward and backward (Ctrl-C, an error) leaves its loss in the traceback "
+                "an interactive interpreter keeps (python -i, IPython, Jupyter)"
+                + (", as this one keeps one" if kept else "")
+                + ": to continue training, drop it (import gc, sys; sys.last_exc = "
+                "sys.last_value = sys.last_traceback = None; gc.collect())"
             )
 
     def imprint(

@@ -28,6 +28,7 @@ from .report import RESULTS_FILE, counted
 
 __all__ = [
     "LabeledData",
+    "check_data",
     "SyntheticConfig",
     "load_digits",
     "make_synthetic",
@@ -43,6 +44,11 @@ _SYSTEM_FILES = ("thumbs.db", "desktop.ini")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
+#: label dtypes :class:`LabeledData` converts to int64 (torch indexes with int64 / int32 only,
+#: and reads a uint8 index as a boolean mask)
+_SMALL_INT_LABELS = (torch.uint8, torch.int8, torch.int16)
+
+
 @dataclass
 class LabeledData:
     """Inputs ``x`` (``(N, F)`` vectors or ``(N, C, H, W)`` images, float32) and labels ``y``
@@ -55,6 +61,15 @@ class LabeledData:
     info: Dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for what in ("x", "y"):
+            value = getattr(self, what)
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"LabeledData: {what} must be a torch.Tensor, got {type(value).__module__}."
+                    f"{type(value).__name__} (torch.from_numpy({what}) / torch.as_tensor({what}))"
+                )
+        if self.y.dtype in _SMALL_INT_LABELS:  # class indices: torch reads uint8 as a mask
+            self.y = self.y.long()
         if self.x.shape[0] != self.y.shape[0]:
             raise ValueError(f"{self.x.shape[0]} inputs but {self.y.shape[0]} labels")
         if self.x.dim() not in (2, 4):
@@ -69,6 +84,55 @@ class LabeledData:
     @property
     def is_image(self) -> bool:
         return self.x.dim() == 4
+
+
+def check_data(data: Any) -> None:
+    """A :class:`LabeledData` an evaluation (or the demo) can train on, for one built by hand:
+    finite ``float32`` inputs, images ``(N, C, H, W)`` (channels-last ``(N, H, W, C)`` is
+    refused), int64 / int32 labels, and ``camids`` (if any) one integer per image;
+    ``TypeError`` / ``ValueError`` naming what is wrong."""
+    if not isinstance(data, LabeledData):
+        shown = f" {data!r}" if isinstance(data, (str, os.PathLike)) else ""
+        raise TypeError(
+            "data must be a LabeledData (load_dataset(path) returns one), got "
+            f"{type(data).__name__}{shown}"
+        )
+    if not isinstance(data.x, Tensor) or data.x.dtype != torch.float32:
+        raise TypeError(
+            f"data.x must be a float32 tensor (x.float()), got {getattr(data.x, 'dtype', type(data.x))}"
+        )
+    shape = tuple(data.x.shape)
+    if len(shape) == 4 and shape[1] not in (1, 3) and shape[3] in (1, 3, 4):
+        raise ValueError(
+            f"data.x must be images (N, C, H, W) with C channels first; got {shape}, which "
+            "looks like channels-last (N, H, W, C): pass x.permute(0, 3, 1, 2)"
+            + (" (RGBA: x[..., :3] first)" if shape[3] == 4 else "")
+        )
+    if not isinstance(data.y, Tensor) or data.y.dtype not in (torch.int64, torch.int32):
+        got = getattr(data.y, "dtype", type(data.y))
+        raise TypeError(
+            f"data.y must be a 1-D int64 (or int32) tensor of class indices (y.long()), got {got}"
+            + (" (torch reads a uint8 index as a boolean mask)" if got == torch.uint8 else "")
+        )
+    if data.y.dim() != 1:
+        raise TypeError(
+            f"data.y must be a 1-D tensor of class indices, got shape {tuple(data.y.shape)}"
+        )
+    if not bool(torch.isfinite(data.x).all()):
+        raise ValueError("data.x holds non-finite values (NaN or inf)")
+    camids = getattr(data, "camids", None)
+    if camids is not None:
+        if (
+            not isinstance(camids, Tensor)
+            or camids.dtype.is_floating_point
+            or camids.dtype == torch.bool
+            or tuple(camids.shape) != tuple(data.y.shape)
+        ):
+            raise ValueError(
+                f"data.camids must be a 1-D integer tensor of {data.y.numel()} camera ids (one "
+                f"per image) or None, got {getattr(camids, 'dtype', type(camids))} "
+                f"{tuple(getattr(camids, 'shape', ()))}"
+            )
 
 
 def load_digits() -> LabeledData:

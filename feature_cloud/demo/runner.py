@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from . import metrics as M
 from ._progress import progress
-from .data import LabeledData, SyntheticConfig, load_data
+from .data import LabeledData, SyntheticConfig, check_data, load_data
 from .methods import (
     FTL_CLASSIFIERS,
     METHODS,
@@ -382,6 +382,8 @@ def _run_demo(
 ) -> Dict[str, Any]:
     """:func:`run_demo` inside its RNG fork."""
     cfg = cfg.resolved()
+    if data is not None:  # built by hand: refused before anything is written or trained
+        check_data(data)
     check_writable(cfg.out)
     if cfg.data == "imagefolder":  # market1501 reads bounding_box_train/ only
         check_out_outside_data(cfg.out, cfg.path)

@@ -5,7 +5,6 @@ the torch flags that change numerics. ``results.json`` records it per run (``--r
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import json
 import os
@@ -226,7 +225,6 @@ def _installed_commit() -> Optional[str]:
     return commit if isinstance(commit, str) else None
 
 
-@functools.lru_cache(maxsize=1)
 def git_revision() -> Tuple[Optional[str], Optional[bool]]:
     """``(commit, dirty)`` of the code this process imported: where ``feature_cloud`` is
     imported from a git checkout, its ``HEAD`` commit (read from ``.git``, no git needed) and
@@ -238,7 +236,8 @@ def git_revision() -> Tuple[Optional[str], Optional[bool]]:
     tracks the package: git tells), and dirty for the package's paths only. git runs without
     the repository variables a hook or CI may set (``GIT_DIR``, ``GIT_WORK_TREE``,
     ``GIT_INDEX_FILE``, ...: :data:`_GIT_LOCAL_ENV`), which pointed it at another repository.
-    Once per process (the code that runs is the code imported)."""
+    Read on every call (one ``git status``; :func:`environment` once per evaluation), not
+    once per process: a notebook that edits the checkout and reloads the code records it."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return _revision(os.path.dirname(package))
 
@@ -275,7 +274,7 @@ def environment(device: str = "cpu") -> Dict[str, Any]:
         "feature_cloud": __version__,
         "git_revision": commit,
         "git_dirty": dirty,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str (TorchVersion pickles with torch)
         "numpy": np.__version__,
         "timm": _version("timm"),
         "pytorch_metric_learning": _version("pytorch-metric-learning"),

@@ -198,7 +198,7 @@ def paired(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
         for v in d.values():
             v["mean"] = 100 * v["mean"]
             v["ci95"] = 100 * v["ci95"]
-            v["per_seed"] = {str(s): 100 * x for s, x in v["per_seed"].items()}
+            v["per_seed"] = {s: 100 * x for s, x in v["per_seed"].items()}
         out[m] = {"baseline": base, **d}
     return out
 
@@ -237,7 +237,7 @@ def sweep(results: Dict[str, Any]) -> Dict[str, Dict[str, Dict[str, Any]]]:
             d = paired_differences(runs, "m", "b", [k for k, _ in SWEEP_KEYS], strict=False)
             for v in d.values():
                 v["mean"], v["ci95"] = 100 * v["mean"], 100 * v["ci95"]
-                v["per_seed"] = {str(s): 100 * x for s, x in v["per_seed"].items()}
+                v["per_seed"] = {s: 100 * x for s, x in v["per_seed"].items()}
             if _pairs(d):
                 out.setdefault(m, {})[kappa] = d
     return out
@@ -1175,7 +1175,7 @@ def compare_runs(path_a: str, path_b: str, out: Optional[str] = None) -> Dict[st
         d = paired_differences(runs, "B", "A", [k for k, _ in paired_keys(a)], strict=False)
         for v in d.values():
             v["mean"], v["ci95"] = 100 * v["mean"], 100 * v["ci95"]
-            v["per_seed"] = {str(s): 100 * x for s, x in v["per_seed"].items()}
+            v["per_seed"] = {s: 100 * x for s, x in v["per_seed"].items()}
         diffs[m] = d
     if not diffs:
         raise ValueError(f"{path_a} and {path_b} share no (method, seed) run")

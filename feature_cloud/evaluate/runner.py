@@ -21,7 +21,7 @@ from .._validation import as_float, as_int, warn_user
 from ..cloud import FeatureCloud
 from ..demo import metrics as M
 from ..demo._progress import progress
-from ..demo.data import LabeledData
+from ..demo.data import LabeledData, check_data
 from ..demo.methods import (
     FTL_CLASSIFIERS,
     Method,
@@ -970,46 +970,6 @@ def _check_training_sets(
             )
 
 
-def check_data(data: Any) -> None:
-    """A :class:`LabeledData` an evaluation can train on, for one built by hand: finite
-    ``float32`` inputs, integer labels, and ``camids`` (if any) one integer per image;
-    ``TypeError`` / ``ValueError`` naming what is wrong."""
-    if not isinstance(data, LabeledData):
-        shown = f" {data!r}" if isinstance(data, (str, os.PathLike)) else ""
-        raise TypeError(
-            "data must be a LabeledData (load_dataset(path) returns one), got "
-            f"{type(data).__name__}{shown}"
-        )
-    if not isinstance(data.x, Tensor) or data.x.dtype != torch.float32:
-        raise TypeError(
-            f"data.x must be a float32 tensor (x.float()), got {getattr(data.x, 'dtype', type(data.x))}"
-        )
-    if (
-        not isinstance(data.y, Tensor)
-        or data.y.dtype.is_floating_point
-        or data.y.dtype == torch.bool
-        or data.y.dim() != 1
-    ):
-        raise TypeError(
-            f"data.y must be a 1-D integer tensor (y.long()), got {getattr(data.y, 'dtype', type(data.y))}"
-        )
-    if not bool(torch.isfinite(data.x).all()):
-        raise ValueError("data.x holds non-finite values (NaN or inf)")
-    camids = getattr(data, "camids", None)
-    if camids is not None:
-        if (
-            not isinstance(camids, Tensor)
-            or camids.dtype.is_floating_point
-            or camids.dtype == torch.bool
-            or tuple(camids.shape) != tuple(data.y.shape)
-        ):
-            raise ValueError(
-                f"data.camids must be a 1-D integer tensor of {data.y.numel()} camera ids (one "
-                f"per image) or None, got {getattr(camids, 'dtype', type(camids))} "
-                f"{tuple(getattr(camids, 'shape', ()))}"
-            )
-
-
 def check_models(
     cfg: EvalConfig, data: LabeledData, splits: Dict[int, LongTailSplit], thresholds: Dict[int, int]
 ) -> None:
@@ -1046,11 +1006,73 @@ def check_models(
                 ) from None
 
 
+def _data_header(data: LabeledData) -> Dict[str, Any]:
+    """``results["data"]``: what an evaluation records of its data."""
+    camids: Optional[Tensor] = getattr(data, "camids", None)
+    return {
+        # name: what runs compare to pool / resume ("imagefolder" for any folder: the same
+        # images in folders of other names pool); title: what titles and messages show
+        "name": data.name,
+        "title": dataset_title(data),
+        "samples": int(data.x.shape[0]),
+        "num_classes": data.num_classes,
+        "input_shape": list(data.x.shape[1:]),
+        "camids": camids is not None,
+        "fingerprint": data_fingerprint(data, camids),
+        # the identity of each per-class value (class order: sorted folder / label names)
+        "class_names": [str(n) for n in data.class_names],
+        "info": json.loads(json.dumps(data.info, default=str)),
+    }
+
+
+def _check_prepared(
+    prepared: PreparedEvaluation, cfg: EvalConfig, data: LabeledData, write: bool, resume: bool
+) -> None:
+    """``ValueError`` unless ``prepared`` is an unused :func:`prepare_evaluation` of this
+    ``cfg`` (as it is now: its fields unchanged since), this ``data`` (its contents), ``write``
+    and ``resume``."""
+    if prepared.used:
+        raise ValueError(
+            "prepared: this PreparedEvaluation was already used by a run_evaluation call (one "
+            "run per preparation: a second would train every run again into the same results); "
+            "call prepare_evaluation again (resume=True continues the folder the first wrote)"
+        )
+    if prepared.cfg is not cfg or (prepared.write, prepared.resume) != (write, resume):
+        raise ValueError("prepared: prepare_evaluation of another configuration or mode")
+    was, now = prepared.results["config"], asdict(cfg)
+    changed = [k for k in now if now[k] != was.get(k)]
+    if changed:
+        shown = "; ".join(f"{k} {was.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(
+            f"prepared: cfg changed after prepare_evaluation ({shown}): results.json would "
+            "record the prepared configuration for runs trained with another; call "
+            "prepare_evaluation again with the changed cfg"
+        )
+    check_data(data)
+    was, now = prepared.results["data"], _data_header(data)
+    changed = [k for k in now if now[k] != was.get(k)]
+    if changed:
+        if "name" in changed and "title" in changed:  # the title follows the name
+            changed.remove("title")
+        shown = ", ".join(
+            k
+            if k in ("fingerprint", "class_names", "info")
+            else f"{k} {was.get(k)!r} -> {now[k]!r}"
+            for k in changed
+        )
+        raise ValueError(
+            f"prepared: data differ from the data prepare_evaluation checked ({shown}): its "
+            "splits and results.json are of those data; call prepare_evaluation again with "
+            "these"
+        )
+
+
 @dataclass
 class PreparedEvaluation:
     """What :func:`prepare_evaluation` checked and decided before anything trains or is
     written: each seed's split and methods' ``T``, the results header and, with ``resume``, the
-    runs to reuse (and the wall time they took)."""
+    runs to reuse (and the wall time they took). One :func:`run_evaluation` uses it: a second
+    is refused (prepare again, with ``resume=True`` to continue the folder the first wrote)."""
 
     cfg: EvalConfig
     splits: Dict[int, LongTailSplit]
@@ -1060,6 +1082,8 @@ class PreparedEvaluation:
     earlier: float
     write: bool
     resume: bool
+    #: set by the :func:`run_evaluation` that used it: one preparation serves one run
+    used: bool = False
 
 
 def prepare_evaluation(
@@ -1081,7 +1105,6 @@ def prepare_evaluation(
     if write:
         check_output(cfg, resume)
         check_out_outside_data(cfg.out, str(data.info.get("root") or ""))
-    camids: Optional[Tensor] = getattr(data, "camids", None)
     splits = {seed: make_split(cfg, data, seed) for seed in cfg.seeds}
     thresholds = {seed: method_threshold(cfg, split) for seed, split in splits.items()}
     results: Dict[str, Any] = {
@@ -1090,20 +1113,7 @@ def prepare_evaluation(
         "setting": setting_name(cfg),
         "config": asdict(cfg),
         "head_defaults": head_defaults(),  # what leap_options left out resolved to (report merge)
-        "data": {
-            # name: what runs compare to pool / resume ("imagefolder" for any folder: the same
-            # images in folders of other names pool); title: what titles and messages show
-            "name": data.name,
-            "title": dataset_title(data),
-            "samples": int(data.x.shape[0]),
-            "num_classes": data.num_classes,
-            "input_shape": list(data.x.shape[1:]),
-            "camids": camids is not None,
-            "fingerprint": data_fingerprint(data, camids),
-            # the identity of each per-class value (class order: sorted folder / label names)
-            "class_names": [str(n) for n in data.class_names],
-            "info": json.loads(json.dumps(data.info, default=str)),
-        },
+        "data": _data_header(data),
         "splits": {
             str(seed): dict(
                 split.summary(),
@@ -1155,15 +1165,18 @@ def run_evaluation(
     ``"complete": false`` until the last one, so a killed evaluation keeps what it finished;
     ``resume`` reuses those runs (the file must be of this setting, configuration, data and
     splits) and trains only the missing ones. ``prepared``: :func:`prepare_evaluation` of the
-    same ``cfg``, ``data``, ``write`` and ``resume`` (its checks are then not repeated).
+    same ``cfg``, ``data``, ``write`` and ``resume`` (its checks are then not repeated), used
+    once: a second use, or a ``cfg`` or ``data`` changed since, is a ``ValueError`` before
+    anything trains or is written.
 
     Every run starts from its seed (:func:`train_model`); the caller's torch RNG state (CPU, and
     ``cfg.device``'s GPU) is restored afterwards. A failed evaluation (e.g.
     :class:`TrainingDiverged`) removes the output folders it created while they are empty."""
     if prepared is None:
         prepared = prepare_evaluation(cfg, data, write, resume)
-    elif prepared.cfg is not cfg or (prepared.write, prepared.resume) != (write, resume):
-        raise ValueError("prepared: prepare_evaluation of another configuration or mode")
+    else:
+        _check_prepared(prepared, cfg, data, write, resume)
+    prepared.used = True  # from here on it trains (and writes): never a second time
     created = _missing_folders(cfg.out) if write else []
     try:
         with torch.random.fork_rng(devices=_rng_devices(cfg.device)):
@@ -1214,7 +1227,8 @@ def _run_prepared(
     """:func:`run_evaluation` after its checks."""
     cfg, write = prepared.cfg, prepared.write
     camids: Optional[Tensor] = getattr(data, "camids", None)
-    splits, thresholds, results = prepared.splits, prepared.thresholds, prepared.results
+    splits, thresholds = prepared.splits, prepared.thresholds
+    results = dict(prepared.results, runs=[])  # the returned dict: this call's alone
     done = prepared.done
     start = time.perf_counter() - prepared.earlier  # wall_seconds: summed over the processes
     file = os.path.join(cfg.out, RESULTS_FILE)
@@ -1301,10 +1315,11 @@ def _run_prepared(
             if sweep:
                 run["sweep"] = sweep
             runs.append(run)
-            log(f"  seed {seed} {METHOD_LABELS[name]:<26} {line} ({seconds:.0f} s)")
             if write:  # every finished run on disk (a killed evaluation keeps it: --resume)
                 results["wall_seconds"] = round(time.perf_counter() - start, 1)
                 write_json(results, file)
+            # after the write: a run whose line was shown is saved (a Ctrl-C in a slow log)
+            log(f"  seed {seed} {METHOD_LABELS[name]:<26} {line} ({seconds:.0f} s)")
     results["complete"] = True
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
     if write:

@@ -114,13 +114,14 @@ def paired_differences(
     strict: bool = True,
 ) -> Dict[str, Dict[str, Any]]:
     """For each metric key: per-seed ``method - baseline`` (runs matched by seed) and its
-    :func:`t_interval`: ``{key: {"mean", "ci95", "n", "per_seed": {seed: difference}}}``.
+    :func:`t_interval`: ``{key: {"mean", "ci95", "n", "per_seed": {str(seed): difference}}}``
+    (the seed as a string, ``per_seed["0"]``, as ``compare_runs`` and ``paired.json`` key it).
 
     ``runs``: dicts with ``seed``, ``method`` and ``metrics``, e.g. ``results["runs"]`` of
     :func:`~feature_cloud.evaluate.run_evaluation` or of its ``results.json`` read by
     ``json.load`` (``null``, n/a, counts as NaN). Units are the metrics': accuracies are
     fractions (``0.031`` = 3.1 points, where the report's tables and ``paired.json`` show
-    ``3.1``); seeds are ints. ``ValueError`` when no run has ``method`` or ``baseline`` (naming
+    ``3.1``); a run's ``seed`` is an int. ``ValueError`` when no run has ``method`` or ``baseline`` (naming
     the methods the runs have) or no run of either has a key (naming the keys they have);
     ``strict=False`` skips these checks (NaN, ``n`` 0), for a run in progress or files of
     releases without a newer key.
@@ -164,5 +165,8 @@ def paired_differences(
     for k in keys:
         diffs = [_value(by[(method, s)], k) - _value(by[(baseline, s)], k) for s in seeds]
         mean, half, n = t_interval(diffs)
-        out[k] = {"mean": mean, "ci95": half, "n": n, "per_seed": dict(zip(seeds, diffs))}
+        # seeds as str: the keys results.json's splits and paired.json hold (a JSON round trip
+        # keeps them), as compare_runs gives them
+        per_seed = {str(s): d for s, d in zip(seeds, diffs)}
+        out[k] = {"mean": mean, "ci95": half, "n": n, "per_seed": per_seed}
     return out

@@ -817,3 +817,48 @@ def test_a_plain_weight_reads_no_step_while_the_imprint_is_ahead():
                 module(x, y).backward()
             assert watch.syncs == [], (type(module).__name__, step, watch.syncs)
             assert torch.equal(weight(), before) != (step == 3), step
+
+
+def test_an_interrupted_step_names_the_interpreters_traceback_and_how_to_drop_it(monkeypatch):
+    """s55 notebook finding 5: a Ctrl-C between forward and backward, in an interpreter that
+    keeps the last traceback (python -i, IPython, Jupyter: ``sys.last_traceback``), left that
+    step's loss alive in the traceback's frame, and the imprint step refused with a message
+    about gradient accumulation and ``del`` of a loss the user had no name for. The message
+    now names the kept traceback and how to drop it; doing so lets training continue."""
+    import gc
+    import sys
+
+    torch.manual_seed(0)
+    counts = torch.tensor([2, 3, 5, 20, 40, 80])
+    head = LEAPMarginHead(D, C, class_counts=counts, seed=0, imprint_step=3)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+
+    def train(steps, interrupt_at=None):
+        for i in range(steps):
+            loss = head(*make_batch(i, 24, D, C))
+            if i == interrupt_at:
+                raise KeyboardInterrupt  # Ctrl-C lands between forward and backward
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    try:
+        train(5, interrupt_at=2)
+    except KeyboardInterrupt:
+        kind, value, tb = sys.exc_info()
+    monkeypatch.setattr(sys, "last_type", kind, raising=False)  # what the interpreter does
+    monkeypatch.setattr(sys, "last_value", value, raising=False)
+    monkeypatch.setattr(sys, "last_traceback", tb, raising=False)
+    monkeypatch.setattr(sys, "last_exc", value, raising=False)  # Python 3.12+
+    del kind, value, tb  # the traceback's only holder: sys
+    with pytest.raises(RuntimeError, match="a training forward's loss still waits") as info:
+        train(2)
+    message = str(info.value)
+    assert "interrupted between its forward and backward" in message
+    assert "as this one keeps one" in message
+    assert "sys.last_exc = sys.last_value = sys.last_traceback = None; gc.collect()" in message
+    del info
+    sys.last_exc = sys.last_value = sys.last_traceback = None  # as the message says
+    gc.collect()
+    train(2)
+    assert head.feature_cloud._imprinted == 3

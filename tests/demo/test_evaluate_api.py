@@ -260,7 +260,7 @@ def test_paired_differences_reads_plain_json_and_names_what_it_does_not_find():
     )
     d = paired_differences(runs, "leap", "cosface", ["fc_acc_tail", "fc_acc_head"])
     assert d["fc_acc_tail"]["n"] == 2 and d["fc_acc_tail"]["mean"] == pytest.approx(0.04)
-    assert list(d["fc_acc_tail"]["per_seed"]) == [0, 1]
+    assert list(d["fc_acc_tail"]["per_seed"]) == ["0", "1"]  # as compare_runs and paired.json
     assert d["fc_acc_head"]["n"] == 0 and np.isnan(d["fc_acc_head"]["mean"])  # n/a: no head
     with pytest.raises(ValueError, match=r"no run of method 'leap_ful'.*\['cosface', 'leap'\]"):
         paired_differences(runs, "leap_ful", "cosface", ["fc_acc_tail"])
@@ -443,7 +443,7 @@ def test_the_python_api_names_wrong_types_before_anything_is_written(tmp_path):
     out = tmp_path / "out"
     cases = [
         (str(path), TypeError, "data must be a LabeledData .* got str"),
-        (hand(y=data.y.float()), TypeError, "data.y must be a 1-D integer tensor"),
+        (hand(y=data.y.float()), TypeError, r"data.y must be a 1-D int64 \(or int32\) tensor"),
         (hand(x=data.x.double()), TypeError, "data.x must be a float32 tensor"),
         (hand(x=data.x * float("nan")), ValueError, "non-finite"),
         (hand(camids=torch.zeros(5, dtype=torch.long)), ValueError, "data.camids must be"),
@@ -512,3 +512,149 @@ def test_the_per_seed_line_shows_the_class_weights_fc_where_it_differs(monkeypat
     assert re.search(r"FC head   0\.0 tail +([\d.]+) \(FC\(W\) 25\.0 / \1\) \| NN head", runs[1]), (
         runs[1]
     )
+
+
+def test_a_prepared_evaluation_is_used_once(tmp_path):
+    """s55 notebook finding 1: a second ``run_evaluation(..., prepared=p)`` (a re-run notebook
+    cell) skipped the check of the output folder, trained every run again and appended them to
+    the first call's results: results.json held each run twice (unreadable afterwards), and the
+    dict the first call returned grew. Now it is refused before anything trains or is written."""
+    from feature_cloud.evaluate.runner import prepare_evaluation
+
+    data, out = _data(), tmp_path / "x"
+    cfg = _cfg(out=str(out))
+    p = prepare_evaluation(cfg, data, argv=["notebook"])
+    first = run_evaluation(cfg, data, log=_quiet, prepared=p)
+    assert first is not p.results and len(first["runs"]) == 1
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(ValueError, match="already used by a run_evaluation call"):
+        run_evaluation(cfg, data, log=_quiet, prepared=p)
+    assert (out / "results.json").read_bytes() == before and len(first["runs"]) == 1
+    quiet_cfg = _cfg()
+    p = prepare_evaluation(quiet_cfg, data, write=False)
+    a = run_evaluation(quiet_cfg, data, log=_quiet, write=False, prepared=p)
+    with pytest.raises(ValueError, match="already used"):
+        run_evaluation(quiet_cfg, data, log=_quiet, write=False, prepared=p)
+    assert len(a["runs"]) == 1
+    again = run_evaluation(quiet_cfg, data, log=_quiet, write=False)  # a fresh call: a new dict
+    assert again is not a and len(a["runs"]) == 1
+    assert json.dumps(again["runs"][0]["metrics"]) == json.dumps(a["runs"][0]["metrics"])
+
+
+def test_a_cfg_or_data_changed_after_prepare_is_refused(tmp_path):
+    """s55 notebook finding 2: ``cfg.epochs = 6`` after ``prepare_evaluation`` trained 6 epochs
+    while results.json recorded the prepared 2; other data of the same size trained under the
+    prepared data's name and fingerprint (of another size: an IndexError). Refused before
+    anything is written, naming what changed; equal data in other tensors pass."""
+    from feature_cloud.evaluate.runner import prepare_evaluation
+
+    data, out = _data(), tmp_path / "x"
+    cfg = _cfg(out=str(out))
+    p = prepare_evaluation(cfg, data)
+    cfg.epochs, cfg.lr = 2, 0.05
+    with pytest.raises(ValueError, match=r"cfg changed .*epochs 1 -> 2; lr 0\.1 -> 0\.05"):
+        run_evaluation(cfg, data, log=_quiet, prepared=p)
+    cfg.epochs, cfg.lr = 1, 0.1
+    cfg.seeds.append(1)  # a list field changed in place
+    with pytest.raises(ValueError, match=r"seeds \[0\] -> \[0, 1\]"):
+        run_evaluation(cfg, data, log=_quiet, prepared=p)
+    cfg.seeds.pop()
+    other = LabeledData(1.0 - data.x, data.y, data.class_names, "inverted")
+    with pytest.raises(ValueError, match=r"data differ .*name 'toy' -> 'inverted', fingerprint"):
+        run_evaluation(cfg, other, log=_quiet, prepared=p)
+    with pytest.raises(ValueError, match=r"data differ .*samples 42 -> 45"):
+        run_evaluation(cfg, _data(sizes=(16, 12, 4, 4, 3, 6)), log=_quiet, prepared=p)
+    inplace = LabeledData(data.x.clone(), data.y, data.class_names, "toy")
+    inplace.x[0, 0, 0, 0] += 0.5
+    with pytest.raises(ValueError, match=r"data differ .*\(fingerprint\)"):
+        run_evaluation(cfg, inplace, log=_quiet, prepared=p)
+    assert not out.exists()  # nothing written by a refused call
+    same = LabeledData(data.x.clone(), data.y.clone(), list(data.class_names), "toy")
+    results = run_evaluation(cfg, same, log=_quiet, prepared=p)  # the prepared cfg and data
+    assert results["config"]["epochs"] == 1 and len(results["runs"]) == 1
+
+
+def test_hand_built_data_channels_last_small_int_labels_and_numpy(tmp_path):
+    """s55 notebook findings 3, 4, 8: channels-last float32 images (N, H, W, C) trained
+    silently as C = H channels; uint8 labels were read as a boolean mask and int16 ones
+    refused by torch, each after the first model trained (an IndexError); a NumPy array was an
+    AttributeError; ``run_demo`` checked nothing (uint8 images: torch's "expected scalar type
+    Byte", empty output folders left). Now: labels of a small integer type become int64, the
+    rest is refused before anything is written or trained, by both."""
+    from feature_cloud.demo import DemoConfig, run_demo
+
+    data, out = _data(), tmp_path / "out"
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor, got numpy.ndarray.*from_numpy"):
+        LabeledData(data.x.numpy(), data.y, data.class_names, "np")
+    with pytest.raises(TypeError, match=r"y must be a torch.Tensor, got numpy.ndarray"):
+        LabeledData(data.x, data.y.numpy(), data.class_names, "np")
+    hwc = LabeledData(data.x.permute(0, 2, 3, 1), data.y, data.class_names, "hwc")
+    with pytest.raises(ValueError, match=r"\(42, 8, 8, 3\).*channels-last.*permute\(0, 3, 1, 2\)"):
+        run_evaluation(_cfg(out=str(out)), hwc, log=_quiet)
+    assert not out.exists()
+    want = run_evaluation(_cfg(), data, log=_quiet, write=False)["runs"][0]["metrics"]
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        small = LabeledData(data.x, data.y.to(dtype), data.class_names, "toy")
+        assert small.y.dtype == (torch.int32 if dtype == torch.int32 else torch.int64)
+        got = run_evaluation(_cfg(), small, log=_quiet, write=False)["runs"][0]["metrics"]
+        assert json.dumps(got) == json.dumps(want), dtype
+    late = LabeledData(data.x, data.y, data.class_names, "toy")
+    late.y = data.y.to(torch.uint8)  # set after construction: refused, not converted
+    with pytest.raises(TypeError, match=r"int64 \(or int32\).*got torch.uint8.*boolean mask"):
+        run_evaluation(_cfg(out=str(out)), late, log=_quiet)
+    assert not out.exists()
+    cfg = DemoConfig(
+        data="imagefolder", num_head=2, tail_shots=2, epochs=1, batch_size=8, seeds=[0],
+        methods=["cosface"], out=str(out / "run"),
+    )  # fmt: skip
+    u8 = LabeledData((data.x * 255).round().to(torch.uint8), data.y, data.class_names, "u8")
+    for bad, error, match in (
+        (u8, TypeError, "data.x must be a float32 tensor"),
+        (hwc, ValueError, "channels-last"),
+        (late, TypeError, "boolean mask"),
+    ):
+        with pytest.raises(error, match=match):
+            run_demo(cfg, bad, log=_quiet)
+        assert not out.exists()
+
+
+def test_a_run_whose_line_was_shown_is_on_disk(tmp_path):
+    """s55 notebook finding 6: the run's line was logged before results.json was rewritten, so
+    a Ctrl-C in a slow log (a notebook widget) lost a run the user had seen finish."""
+    from feature_cloud.demo.report import load_results
+
+    def log(line):
+        if line.lstrip().startswith("seed"):
+            raise KeyboardInterrupt  # Ctrl-C while the first run's line is shown
+
+    out = tmp_path / "x"
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(_cfg(out=str(out), seeds=[0, 1]), _data(), log=log)
+    saved = load_results(str(out / "results.json"))
+    assert [(r["seed"], r["method"]) for r in saved["runs"]] == [(0, "cosface")]
+    assert saved["complete"] is False
+
+
+def test_the_returned_results_hold_json_types_and_per_seed_keys_match(tmp_path):
+    """s55 notebook finding 9: ``environment.torch`` was a ``TorchVersion`` (a pickle of the
+    results needed torch to load), and ``per_seed`` was keyed by int in
+    ``paired_differences`` but by str in ``compare_runs`` (``per_seed[0]``: a KeyError in one
+    of them). The returned dict holds JSON's own types; both key the seeds as str."""
+    from feature_cloud.evaluate import compare_runs, paired_differences
+
+    out = tmp_path / "x"
+    cfg = _cfg(methods=["leap_full_cosface"], seeds=[0, 1], out=str(out))
+    results = run_evaluation(cfg, _data(), log=_quiet)
+
+    def walk(value, path="results"):
+        assert type(value) in (dict, list, str, int, float, bool, type(None)), (path, type(value))
+        if isinstance(value, (dict, list)):
+            for k, v in value.items() if isinstance(value, dict) else enumerate(value):
+                walk(v, f"{path}[{k!r}]")
+
+    walk(results)
+    assert type(results["environment"]["torch"]) is str
+    paired = paired_differences(results["runs"], "leap_full_cosface", "cosface", ["fc_acc_tail"])
+    cmp = compare_runs(str(out), str(out))
+    assert list(paired["fc_acc_tail"]["per_seed"]) == ["0", "1"]
+    assert list(cmp["differences"]["leap_full_cosface"]["fc_acc_tail"]["per_seed"]) == ["0", "1"]

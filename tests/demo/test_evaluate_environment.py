@@ -261,13 +261,13 @@ def _git_repo(root, files):
 
 
 def _revision_of(monkeypatch, root):
-    """``git_revision()`` (uncached) of a package ``feature_cloud/`` imported from ``root``."""
+    """``git_revision()`` of a package ``feature_cloud/`` imported from ``root``."""
     from feature_cloud.evaluate import environment as E
 
     fake = os.path.join(str(root), "feature_cloud", "evaluate", "environment.py")
     with monkeypatch.context() as m:
         m.setattr(E, "__file__", fake)
-        return E.git_revision.__wrapped__()
+        return E.git_revision()
 
 
 PACKAGE = {"feature_cloud/__init__.py": "x = 1\n", "integrations/a.py": "y = 1\n"}
@@ -373,3 +373,19 @@ def test_merging_runs_of_two_environments_warns_and_the_report_says_so(tmp_path,
             text = fh.read()
         assert "1 of 2 paired (method, seed) differences" in text, name
         assert f"torch {torch.__version__} and 9.9.9" in text, name
+
+
+def test_git_dirty_is_read_again_by_each_evaluation(tmp_path, monkeypatch):
+    """s55 notebook finding 7: ``git_revision()`` was cached for the process, so a notebook
+    that edited the checkout and reloaded the code recorded ``git_dirty: false`` (and a commit
+    made since, the old one) in every later results.json. Each call reads it again."""
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    from feature_cloud.evaluate import environment as E
+
+    head = _git_repo(tmp_path / "pkg", PACKAGE)
+    fake = os.path.join(str(tmp_path / "pkg"), "feature_cloud", "evaluate", "environment.py")
+    monkeypatch.setattr(E, "__file__", fake)
+    assert E.environment()["git_dirty"] is False and E.git_revision() == (head, False)
+    (tmp_path / "pkg" / "feature_cloud" / "__init__.py").write_text("x = 2\n")  # edited
+    assert E.environment()["git_dirty"] is True and E.git_revision() == (head, True)
