@@ -252,6 +252,18 @@ def _check_distance(distance: Any) -> None:
         )
 
 
+def _degrees_that_rebuild(rule: margins.Margin, radians: float) -> float:
+    """``radians`` in degrees with the fewest digits (12 to 17: 28.6, not 28.599999999999998)
+    that the constructor turns back into ``radians`` (``rule.from_pml``); 17 digits, within a
+    unit in the last place, where no decimal does."""
+    degrees = math.degrees(radians)
+    for digits in range(12, 18):
+        text = float(f"{degrees:.{digits}g}")
+        if rule.from_pml(text) == radians:
+            return text
+    return float(f"{degrees:.17g}")
+
+
 class LEAPLoss(
     WithFeatureCloud,
     WithStatisticsGroup,
@@ -721,8 +733,8 @@ class LEAPLoss(
         the defaults. The cloud's options are in the ``feature_cloud`` child's line."""
         rule = self.margin_rule
         margin = float(self.margin)
-        if rule.pml_degrees:  # the unit LEAPLoss(margin=) takes (12 digits: 28.6, not 28.59...)
-            margin = float(f"{math.degrees(margin):.12g}")
+        if rule.pml_degrees:  # the unit LEAPLoss(margin=) takes
+            margin = _degrees_that_rebuild(rule, margin)
         subs = self.sub_centers != 1 or rule.sub_centers != 1  # rebuilt, the rule's default
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "

@@ -70,9 +70,16 @@ def _package_path(tmp_path: Path) -> Path:
     return site
 
 
-def _mypy(tmp_path: Path, code: str) -> Tuple[int, str]:
+@pytest.fixture(scope="module")
+def mypy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One mypy cache for this file's checks: torch's stubs are read once (about a minute),
+    not once per check."""
+    return tmp_path_factory.mktemp("mypy_cache")
+
+
+def _mypy(tmp_path: Path, code: str, cache: Path) -> Tuple[int, str]:
     """``mypy --strict`` on ``code`` as a user's module against the package (its own
-    strictness is the repo's mypy run)."""
+    strictness is the repo's mypy run), with the module's shared ``cache``."""
     pytest.importorskip("mypy")
     (tmp_path / "user.py").write_text(code)
     proc = subprocess.run(
@@ -82,7 +89,8 @@ def _mypy(tmp_path: Path, code: str) -> Tuple[int, str]:
             "mypy",
             "--strict",
             "--follow-imports=silent",
-            "--no-incremental",
+            "--cache-dir",
+            str(cache),
             "--config-file",
             os.devnull,
             "user.py",
@@ -105,29 +113,11 @@ def _revealed(out: str) -> List[str]:
     ]
 
 
-def test_user_code_type_checks_strictly_against_the_package(tmp_path: Path) -> None:
-    pytest.importorskip("mypy")
-    (tmp_path / "user.py").write_text(USER_CODE)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--strict",
-            "--follow-imports=silent",  # the package's own strictness is the repo's mypy run
-            "--no-incremental",
-            "--config-file",
-            os.devnull,
-            "user.py",
-        ],
-        cwd=tmp_path,
-        env=dict(os.environ, MYPYPATH=str(ROOT)),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+def test_user_code_type_checks_strictly_against_the_package(
+    tmp_path: Path, mypy_cache: Path
+) -> None:
+    rc, out = _mypy(tmp_path, USER_CODE, mypy_cache)
+    assert rc == 0, out
     revealed = [
         line.split("Revealed type is ")[1] for line in out.splitlines() if "Revealed" in line
     ]
@@ -204,8 +194,8 @@ wrong_pair: Tensor = head(x, y, return_top1=True)  # line 15
 """
 
 
-def test_module_calls_and_settings_are_typed(tmp_path: Path) -> None:
-    rc, out = _mypy(tmp_path, CALLS_AND_SETTINGS)
+def test_module_calls_and_settings_are_typed(tmp_path: Path, mypy_cache: Path) -> None:
+    rc, out = _mypy(tmp_path, CALLS_AND_SETTINGS, mypy_cache)
     assert rc == 0, out
     assert _revealed(out) == [
         '"float"',
@@ -217,7 +207,7 @@ def test_module_calls_and_settings_are_typed(tmp_path: Path) -> None:
         '"torch._tensor.Tensor"',
         '"torch._tensor.Tensor"',
     ], out
-    rc, out = _mypy(tmp_path, WRONG)
+    rc, out = _mypy(tmp_path, WRONG, mypy_cache)
     lines = sorted(
         {int(line.split(":")[1]) for line in out.splitlines() if line.startswith("user.py:")}
     )
@@ -252,8 +242,8 @@ for batches in zip(*loaders) if isinstance(loaders, tuple) else loaders:
 """
 
 
-def test_the_readme_ftl_loop_type_checks(tmp_path: Path) -> None:
-    rc, out = _mypy(tmp_path, README_FTL_LOOP)
+def test_the_readme_ftl_loop_type_checks(tmp_path: Path, mypy_cache: Path) -> None:
+    rc, out = _mypy(tmp_path, README_FTL_LOOP, mypy_cache)
     assert rc == 0, out
     readme = (ROOT / "README.md").read_text()
     assert "for batches in zip(*loaders) if isinstance(loaders, tuple) else loaders:" in readme
@@ -286,12 +276,12 @@ f: Tensor = ftl.get_eval_model()(x)
 """
 
 
-def test_adapter_calls_are_typed(tmp_path: Path) -> None:
+def test_adapter_calls_are_typed(tmp_path: Path, mypy_cache: Path) -> None:
     """The README's / examples' timm calls (``get_trainable_module().parameters()``,
     ``get_eval_model()(x)``) were rejected (``Module | None``); adapter calls were ``Any``."""
     pytest.importorskip("timm")
     pytest.importorskip("pytorch_metric_learning")
-    rc, out = _mypy(tmp_path, ADAPTERS)
+    rc, out = _mypy(tmp_path, ADAPTERS, mypy_cache)
     assert rc == 0, out
     assert _revealed(out) == [
         '"torch.nn.modules.module.Module | None"',

@@ -814,13 +814,28 @@ def test_the_repr_shows_what_rebuilds_the_loss(kw):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "is in degrees here" warning on the rebuild
         again = LEAPLoss(class_counts=counts, **settings)
-    assert math.isclose(again.margin, loss.margin, rel_tol=1e-12)
+    assert again.margin == loss.margin  # exactly (degrees printed with the digits that do)
     for name in ("scale", "margin_type", "cloud", "sub_centers", "impl", "chunk_size", "validate"):
         assert getattr(again, name) == getattr(loss, name), name
     assert again.W.shape == loss.W.shape
     assert repr(again).splitlines()[1] == repr(loss).splitlines()[1]
     if "margin" in kw:
         assert f"margin={kw['margin']}," in own  # the constructor's unit (degrees for ArcFace)
+
+
+def test_the_repr_rebuilds_an_arcface_margin_assigned_in_radians():
+    """Review of the repr fix: degrees printed to 12 digits rebuilt a margin assigned in
+    radians 1e-12 off (0.5 -> 0.4999999999992816); printed with the fewest digits that rebuild
+    it (17 where no decimal does: within one unit in the last place)."""
+    counts = [5] * C
+    for value in (0.5, 0.1, 0.35, 0.123456789, 1.0, math.pi / 7):
+        loss = LEAPLoss(C, D, class_counts=counts, margin_type="arcface")
+        loss.margin = value
+        settings = eval(f"dict({repr(loss).splitlines()[1].strip()})")
+        again = LEAPLoss(class_counts=counts, **settings)
+        assert math.isclose(again.margin, value, rel_tol=2.3e-16, abs_tol=0), value
+    loss.margin = 0.5
+    assert "margin=28.64788975654116," in repr(loss)
 
 
 def test_class_counts_from_a_counter_of_the_dataset_targets():
