@@ -254,13 +254,17 @@ def _check_distance(distance: Any) -> None:
 
 def _degrees_that_rebuild(rule: margins.Margin, radians: float) -> float:
     """``radians`` in degrees with the fewest digits (12 to 17: 28.6, not 28.599999999999998)
-    that the constructor turns back into ``radians`` (``rule.from_pml``); 17 digits, within a
-    unit in the last place, where no decimal does."""
+    that the constructor turns back into ``radians`` (``rule.from_pml``); else a double next
+    to the degrees that does (0.1 rad: 5.729577951308232, not 5.729577951308233); the degrees
+    themselves, within a unit in the last place, where no double does."""
     degrees = math.degrees(radians)
     for digits in range(12, 18):
         text = float(f"{degrees:.{digits}g}")
         if rule.from_pml(text) == radians:
             return text
+    for near in (math.nextafter(degrees, math.inf), math.nextafter(degrees, -math.inf)):
+        if rule.from_pml(near) == radians:
+            return near
     return float(f"{degrees:.17g}")
 
 

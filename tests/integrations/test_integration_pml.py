@@ -838,6 +838,23 @@ def test_the_repr_rebuilds_an_arcface_margin_assigned_in_radians():
     assert "margin=28.64788975654116," in repr(loss)
 
 
+def test_the_repr_rebuilds_exactly_where_a_neighbouring_degree_value_does():
+    """Review of ``_degrees_that_rebuild``: where ``radians(degrees(m)) != m`` (0.1 rad: its
+    degrees 5.729577951308233 rebuild 0.1 plus one unit in the last place), the double next to
+    the degrees may rebuild ``m`` exactly (5.729577951308232 does): the repr printed the
+    degrees themselves, a margin 1 ulp off, where a decimal that rebuilds it exists."""
+    counts = [5] * C
+    for value in (0.1, 0.2, 0.42, 1.43):
+        loss = LEAPLoss(C, D, class_counts=counts, margin_type="arcface")
+        loss.margin = value
+        settings = eval(f"dict({repr(loss).splitlines()[1].strip()})")
+        assert LEAPLoss(class_counts=counts, **settings).margin == value, value
+    loss.margin = 0.1
+    assert "margin=5.729577951308232," in repr(loss)
+    loss.margin = 0.73  # no double rebuilds it: the degrees, within a unit in the last place
+    assert "margin=41.8259190445501," in repr(loss)
+
+
 def test_class_counts_from_a_counter_of_the_dataset_targets():
     """``LEAPLoss(..., class_counts=collections.Counter(dataset.targets))`` was refused ("Could
     not infer dtype of Counter"); a mapping class -> count is taken (a class it lacks has 0)."""
