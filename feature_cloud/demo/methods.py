@@ -213,7 +213,7 @@ class SoftmaxMethod(Method):
 
     def loss(self, x: Tensor, y: Tensor) -> Tensor:
         logits = self.fc(self.backbone(x))
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y.long())  # int32 labels too (check_data takes them)
         if self.reg is not None:
             loss = loss + self.reg.from_logits(logits)
         return loss

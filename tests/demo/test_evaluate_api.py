@@ -618,6 +618,29 @@ def test_hand_built_data_channels_last_small_int_labels_and_numpy(tmp_path):
         assert not out.exists()
 
 
+def test_int32_labels_train_the_softmax_methods(tmp_path):
+    """s56 review: check_data accepts int32 labels (and LabeledData keeps them), but softmax /
+    ml2 (the plain linear classifier) passed them to ``F.cross_entropy``, which takes int64
+    only: "expected target dtype to be Long", after the earlier methods trained, in
+    ``run_evaluation`` (closed set) and ``run_demo`` (empty output folder left). They train as
+    with int64 labels."""
+    from feature_cloud.demo import DemoConfig, run_demo
+
+    data = _data()
+    int32 = LabeledData(data.x, data.y.int(), data.class_names, "toy")
+    cfg = _cfg(methods=["ml2"])  # softmax added as its baseline
+    want = run_evaluation(cfg, data, log=_quiet, write=False)["runs"]
+    got = run_evaluation(_cfg(methods=["ml2"]), int32, log=_quiet, write=False)["runs"]
+    assert [r["method"] for r in got] == ["softmax", "ml2"]
+    assert json.dumps([r["metrics"] for r in got]) == json.dumps([r["metrics"] for r in want])
+    demo = DemoConfig(
+        data="imagefolder", num_head=2, tail_shots=2, epochs=1, batch_size=8, seeds=[0],
+        methods=["softmax"], out=str(tmp_path / "demo"),
+    )  # fmt: skip
+    run_demo(demo, int32, log=_quiet)
+    assert (tmp_path / "demo" / "results.json").is_file()
+
+
 def test_a_run_whose_line_was_shown_is_on_disk(tmp_path):
     """s55 notebook finding 6: the run's line was logged before results.json was rewritten, so
     a Ctrl-C in a slow log (a notebook widget) lost a run the user had seen finish."""
