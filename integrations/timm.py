@@ -1118,8 +1118,21 @@ class TimmFTLModel(_BackboneOptimizerHooks, FTLModel):
 def _own_encode(model: FTLModel) -> bool:
     """Whether ``model``'s class encodes with its own ``encode`` (a user's subclass: pooling a
     feature-map encoder, normalising ``g``), not :class:`FTLModel`'s or :class:`TimmFTLModel`'s,
-    whose checks :class:`FTLEmbedding` runs itself."""
-    return type(model).encode not in (FTLModel.encode, TimmFTLModel.encode)
+    whose checks :class:`FTLEmbedding` runs itself. A ``torch.compile``'d model: its original's
+    class."""
+    cls = type(getattr(model, "_orig_mod", model))
+    return getattr(cls, "encode", None) not in (FTLModel.encode, TimmFTLModel.encode)
+
+
+#: the parts of an FTLModel that FTLEmbedding holds itself or never encodes with
+_NOT_ENCODING = ("encoder", "filter", "classifier", "decoder", "metric_l2", "feature_transfer")
+
+
+def _encoding_extras(model: FTLModel) -> Dict[str, nn.Module]:
+    """The child modules of a model with its own ``encode`` other than FTL's parts (a neck, a
+    pooling layer with weights): what that ``encode`` may use beside ``Enc``."""
+    inner = cast(nn.Module, getattr(model, "_orig_mod", model))
+    return {n: m for n, m in inner.named_children() if n not in _NOT_ENCODING}
 
 
 class FTLEmbedding(nn.Module):
@@ -1134,7 +1147,9 @@ class FTLEmbedding(nn.Module):
     Pickled whole (``torch.save``) or copied (``copy.deepcopy``), it holds ``Enc`` and ``R`` only
     (not ``FC``, ``Dec`` or the transfer statistics) and the parts frozen at that time: the copy
     no longer follows the training model. A model with its own ``encode`` goes along (a copy
-    of it), so that the copy encodes as the model does.
+    of it), so that the copy encodes as the model does; that model's other child modules (a
+    neck its ``encode`` uses; not ``FC``, ``Dec``) are submodules of the eval model under their
+    names: saved, averaged by an EMA, moved and switched to eval mode with it.
     """
 
     def __init__(self, model: FTLModel) -> None:
@@ -1149,6 +1164,16 @@ class FTLEmbedding(nn.Module):
         # __getstate__). s55 deploy 3: a lambda and the model's bound encode stored here made
         # torch.save fail, and a deepcopy dragged the whole model along
         self.__dict__["_model"] = model
+        if _own_encode(model):
+            # s56 review: the other parts its encode may use (a neck) are this module's too,
+            # shared: in its state_dict (a checkpoint, an EMA), moved by .to(), set by .train()
+            for name, part in _encoding_extras(model).items():
+                if hasattr(self, name):
+                    raise ValueError(
+                        f"{type(model).__name__}.{name}: FTLEmbedding has an attribute of that "
+                        "name; rename the model's part that its encode uses"
+                    )
+                self.add_module(name, part)
 
     @property
     def frozen(self) -> Tuple[str, ...]:

@@ -535,6 +535,70 @@ def test_ftl_eval_model_encodes_with_the_models_own_encode_and_a_compiled_one_co
     torch.save(plain, tmp_path / "compiled.pt")
 
 
+class _NeckFTL(FTLModel):
+    """A user's FTLModel whose encode pools the encoder's map through a neck with BatchNorm."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.neck = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16))
+
+    def encode(self, x):
+        return self.neck(self.encoder(x).mean((2, 3)))
+
+
+def test_ftl_eval_model_holds_the_parts_a_models_own_encode_uses(tmp_path):
+    """s56 review: a subclass's encode that uses a part beside Enc (a neck) ran through the eval
+    model, but the neck was not the eval model's: missing from its state_dict (a checkpoint of
+    the eval model lost the neck's weights, an EMA left it unaveraged), left in train mode by
+    ``eval()`` (BatchNorm's batch statistics at evaluation) and behind by ``.to()``. It is a
+    submodule of the eval model now (shared with the model); a compiled model encodes too."""
+    torch.manual_seed(0)
+
+    def build():
+        return _NeckFTL(
+            torch.nn.Conv2d(3, 16, 3),
+            LEAPMarginHead(16, C, class_counts=COUNTS),
+            feature_dim=16,
+            alpha_recon=0,
+            alpha_reg=0,
+        )
+
+    model = build().train()
+    emb = FTLEmbedding(model)
+    assert emb.neck is model.neck and any(k.startswith("neck.") for k in emb.state_dict())
+    assert not any(k.startswith(("classifier.", "decoder.")) for k in emb.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    model(x)  # a training step moves the neck's running statistics
+    emb.eval()
+    assert not model.neck.training
+    with torch.no_grad():
+        ref = emb(x)
+        torch.testing.assert_close(ref, model.filter(model.encode(x)), rtol=0, atol=0)
+        one = emb(x[:1])  # eval mode: one image embeds as in the batch
+        torch.testing.assert_close(one, ref[:1], rtol=1e-5, atol=1e-6)
+    # a user's checkpoint of the eval model carries the neck into a fresh model
+    torch.save(emb.state_dict(), tmp_path / "emb.pth")
+    fresh = FTLEmbedding(build()).eval()
+    fresh.load_state_dict(torch.load(tmp_path / "emb.pth", weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), ref, rtol=0, atol=0)
+    # timm's EMA averages the neck: a zeroed neck in the EMA copy after decay=0 comes back
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(emb, decay=0.0)
+    with torch.no_grad():
+        for p in ema.module.neck.parameters():
+            p.zero_()
+    ema.update(emb, step=10)
+    with torch.no_grad():
+        torch.testing.assert_close(ema.module(x), ref, rtol=0, atol=0)
+    twin = copy.deepcopy(emb)  # the copy's neck is its own model's, not the original's
+    assert twin.neck is twin.__dict__["_model"].neck and twin.neck is not model.neck
+    emb.double()
+    assert model.neck[0].weight.dtype == torch.float64
+    assert FTLEmbedding(torch.compile(build())).neck is not None  # a compiled model: its class
+
+
 def test_ftl_task_wraps_a_timm_backbone_and_leap_head():
     task = _ftl_task()
     assert isinstance(task, TrainingTask)
