@@ -618,6 +618,20 @@ def test_hand_built_data_channels_last_small_int_labels_and_numpy(tmp_path):
         assert not out.exists()
 
 
+def test_channels_first_data_with_a_narrow_width_is_not_taken_for_channels_last():
+    """s56 review: the channels-last check refused channels-first data of 2 or 4 channels (or
+    more) whose width is 1, 3 or 4 ((N, 2, 8, 3), (N, 4, 4, 4)) with no way around; those pass
+    now, channels-last images (a larger second axis) are still refused."""
+    from feature_cloud.demo.data import check_data
+
+    y = torch.arange(6) % 3
+    for shape in ((6, 2, 8, 3), (6, 4, 4, 4), (6, 4, 8, 1), (6, 1, 8, 3), (6, 3, 3, 3)):
+        check_data(LabeledData(torch.rand(shape), y, ["a", "b", "c"], "chw"))
+    for shape in ((6, 8, 8, 3), (6, 64, 56, 1), (6, 32, 32, 4)):
+        with pytest.raises(ValueError, match="channels-last"):
+            check_data(LabeledData(torch.rand(shape), y, ["a", "b", "c"], "hwc"))
+
+
 def test_int32_labels_train_the_softmax_methods(tmp_path):
     """s56 review: check_data accepts int32 labels (and LabeledData keeps them), but softmax /
     ml2 (the plain linear classifier) passed them to ``F.cross_entropy``, which takes int64
