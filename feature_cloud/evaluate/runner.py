@@ -994,12 +994,15 @@ def check_models(
                 model = EVAL_METHODS[name](backbone, classes, counts, mcfg).eval()
                 with torch.no_grad():
                     model.classify(model.embed(data.x[idx]))
-            except (TypeError, ValueError, RuntimeError) as err:
+            # AssertionError: timm's torch._assert, a model of a fixed input size (a ViT)
+            except (TypeError, ValueError, RuntimeError, AssertionError) as err:
                 hint = (
                     " (--leap-option keys and values are LEAPMarginHead keywords)"
                     if cfg.leap_options and name.startswith("leap")
                     else ""
                 )
+                if isinstance(err, AssertionError):
+                    hint = f" ({cfg.backbone} may take one input size: set it with --image-size)"
                 raise ValueError(
                     f"method {name!r} cannot be built or run on these images {list(shape)} "
                     f"with these options{hint}: {err}"

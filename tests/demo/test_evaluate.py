@@ -1587,6 +1587,28 @@ def test_missing_optional_packages_are_named_not_tracebacks(tmp_path, capsys, mo
     assert rc == 0 and any(f.endswith(".png") for f in os.listdir(str(tmp_path / "full")))
 
 
+def test_timm_model_of_a_fixed_input_size_is_refused_naming_the_image_size(tmp_path, capsys):
+    """A timm model with a fixed input size (a ViT: 224 x 224) at another --image-size failed
+    in timm's ``torch._assert`` (an ``AssertionError``) with a traceback; it is refused before
+    anything is written, naming the method, the size and --image-size."""
+    pytest.importorskip("timm")
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    out = tmp_path / "vit"
+    rc = main(
+        ["evaluate", p, "--backbone", "timm:vit_tiny_patch16_224", "--image-size", "16", "16"]
+        + ["--protocol", "natural", "-T", "5", "--n-test", "1", "--epochs", "1", "--seeds", "0"]
+        + ["--quiet", "--out", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err and "cannot be built or run on these images [3, 16, 16]" in err
+    assert "doesn't match model (224)" in err and "--image-size" in err, err
+    assert not out.exists()
+
+
 def test_scale_and_margin_reach_every_margin_head_and_its_baseline():
     """``EvalConfig(scale=64, margin=0.35)`` (face recognition's CosFace) builds every margin
     head with them, each method's and its baseline's alike (CosFace, LEAP, FTL's cosine FC and
