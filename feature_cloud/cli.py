@@ -528,6 +528,8 @@ def _ignored_options(args: argparse.Namespace, methods: Sequence[str]) -> list:
         out.append("--test-fraction (--protocol open only)")
     if args.protocol == "open" and args.n_test != e.n_test:
         out.append("--n-test (the closed-set protocols natural and hs only)")
+    if args.protocol == "open" and args.shrinkage_sweep:  # scores closed-set logits
+        out.append("--shrinkage-sweep (the closed-set protocols natural and hs only)")
     ftl = "ftl" in methods
     if not ftl:
         changed = [
@@ -546,7 +548,7 @@ def _ignored_options(args: argparse.Namespace, methods: Sequence[str]) -> list:
             for flag, given in (
                 ("--leap-option", bool(args.leap_option)),
                 ("--imprint-fraction", args.imprint_fraction is not None),
-                ("--shrinkage-sweep", bool(args.shrinkage_sweep)),
+                ("--shrinkage-sweep", bool(args.shrinkage_sweep) and args.protocol != "open"),
             )
             if given
         ]

@@ -267,6 +267,12 @@ def test_cli_evaluate_warns_about_options_this_evaluation_ignores(tmp_path, caps
     args[-1] = str(tmp_path / "out3")  # the open protocol holds out identities, not images
     assert main(args + ["--protocol", "open", "--n-test", "3"]) == 0
     assert "--n-test (the closed-set protocols" in capsys.readouterr().err
+    args[-1] = str(tmp_path / "out4")  # open: no closed-set logits, so no sweep.md either
+    sweep = ["--methods", "leap_full_cosface", "--shrinkage-sweep", "0", "10"]
+    assert main(args + ["--protocol", "open"] + sweep) == 0
+    err = capsys.readouterr().err
+    assert "ignored in this evaluation: --shrinkage-sweep (the closed-set protocols" in err, err
+    assert not (tmp_path / "out4" / "sweep.md").exists()
 
 
 def test_cli_evaluate_with_one_training_image_per_identity_plots_and_reports(tmp_path, capsys):
