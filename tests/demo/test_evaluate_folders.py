@@ -157,7 +157,8 @@ def test_folder_results_name_the_identities_the_folder_and_the_cameras(tmp_path,
     (root / "id0" / "0000_c1s1_000000_00.png").rename(root / "id0" / "first.png")
     copy = tmp_path / "copy"
     os.rename(root, copy)
-    plain = load_dataset(str(copy), (8, 8))
+    with pytest.warns(UserWarning, match=r"1 of 34 file names .* id0.first\.png"):
+        plain = load_dataset(str(copy), (8, 8))
     assert plain.camids is None  # one name without _c<digits>: no camera ids at all
     (copy / "id0" / "first.png").rename(copy / "id0" / "0000_c1s1_000000_00.png")
     args = ["evaluate", str(copy), *TINY[:-1], "--methods", "cosface", "--seeds", "1"]
@@ -464,8 +465,15 @@ def test_the_files_that_turn_camera_ids_off_are_named(tmp_path, capsys):
         f"{os.path.join('id3', 'IMG_0001.png')}; camera ids come from file names only where "
         "every one holds _c<digits>)"
     )
-    assert said in capsys.readouterr().out.splitlines()[0]
+    shown = capsys.readouterr()
+    assert said in shown.out.splitlines()[0]
     assert said in (out / "summary.md").read_text()
+    # s56 re-ID trial: a warning too, which --quiet shows (on stderr, once)
+    warned = "1 of 34 file names in"
+    assert shown.err.count(warned) == 1 and "not cross-camera" in shown.err
+    assert main(args + ["--quiet", "--out", str(tmp_path / "q")]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.out == "" and quiet.err.count(warned) == 1
     plain = tmp_path / "faces"
     _folder(plain)
     assert main(args[:1] + [str(plain)] + args[2:] + ["--out", str(tmp_path / "o2")]) == 0
