@@ -421,12 +421,7 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Rich feature ``g = Enc(x)`` ``(B, feature_dim)``."""
-        g = self.encoder(x)
-        if g.dim() != 2 or differs(g.shape[1], self.feature_dim):  # no tracer warning
-            raise ValueError(
-                f"encoder must return (batch, feature_dim={self.feature_dim}), got {tuple(g.shape)}"
-            )
-        return g
+        return check_encoded(self.encoder(x), self.feature_dim)
 
     def embed(self, g: Tensor) -> Tensor:
         """Identity feature ``f = R(g)``."""
@@ -997,6 +992,14 @@ class _SeededItems(Dataset[Any]):
                 _seed_rngs(seed)
                 items.append(self.dataset[index])
         return items
+
+
+def check_encoded(g: Tensor, feature_dim: int, what: str = "encoder must return") -> Tensor:
+    """``g`` unless it is not ``(batch, feature_dim)``: a ``ValueError`` starting ``what``
+    (compared with :func:`differs`: no tracer warning when exported)."""
+    if g.dim() != 2 or differs(g.shape[1], feature_dim):
+        raise ValueError(f"{what} (batch, feature_dim={feature_dim}), got {tuple(g.shape)}")
+    return g
 
 
 def check_update_stats_callables(flip: Any, quality: Any) -> None:

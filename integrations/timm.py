@@ -76,7 +76,6 @@ from feature_cloud._validation import (
     as_float,
     check_inputs,
     class_counts_from_mapping,
-    differs,
     migrate_checked,
 )
 from feature_cloud.checkpoints import CheckedBeforeLoading
@@ -86,6 +85,7 @@ from feature_cloud.ftl import (
     AlternatingScheduler,
     ConvDecoder,
     FTLModel,
+    check_encoded,
     check_update_stats_callables,
     make_filter,
 )
@@ -1105,12 +1105,11 @@ class TimmFTLModel(_BackboneOptimizerHooks, FTLModel):
         ``f = R(g)`` (``pre_logits=True``; what ``forward(input)`` returns) or the classifier's
         logits of ``f`` (:meth:`logits`)."""
         self._refuse_backbone_classifier()
-        g = self.encoder.forward_head(x, pre_logits=True)
-        if g.dim() != 2 or differs(g.shape[1], self.feature_dim):
-            raise ValueError(
-                f"the encoder's pooled features must be (batch, feature_dim={self.feature_dim}), "
-                f"got {tuple(g.shape)}"
-            )
+        g = check_encoded(
+            self.encoder.forward_head(x, pre_logits=True),
+            self.feature_dim,
+            "the encoder's pooled features must be",
+        )
         f = self.embed(g)
         return f if pre_logits else self.logits(f)
 
@@ -1198,12 +1197,7 @@ class FTLEmbedding(nn.Module):
             return cast(Tensor, model.encode(x))
         if self.timm_encoder:
             _refuse_backbone_classifier(self, self.encoder)
-        g = self.encoder(x)
-        if g.dim() != 2 or differs(g.shape[1], self.feature_dim):
-            raise ValueError(
-                f"encoder must return (batch, feature_dim={self.feature_dim}), got {tuple(g.shape)}"
-            )
-        return g
+        return check_encoded(self.encoder(x), self.feature_dim)
 
     if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
 
