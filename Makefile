@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.feature-cloud-installed
+# pytest-xdist workers of `make test` / `make test-core`: CI's two cores (each test process keeps
+# one torch thread; `make test TEST_WORKERS=0` runs in one process)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint test-core test-oldest bench
 
@@ -26,11 +29,11 @@ lint: $(STAMP)
 
 # while developing: the core modules' tests only (about 3 minutes; `make test` runs everything)
 test-core: lint
-	$(PY) -m pytest -q -p no:cacheprovider tests/core
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) tests/core
 
 # lint (ruff), format check and type check (mypy: strict on feature_cloud/) run before the tests
 test: lint
-	@$(PY) -m pytest -q; rc=$$?; \
+	@$(PY) -m pytest -q -n $(TEST_WORKERS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing (exit code 5)"; exit 1; fi; \
 	exit $$rc
 
