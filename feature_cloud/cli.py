@@ -857,7 +857,11 @@ def _main(
                 for sub in subs:
                     render_evaluation(sub, log=log)
                 combine_settings(subs, path)
-                log(f"wrote combined.md and combined_*.csv of {len(subs)} settings to {path}")
+                from .demo.report import counted
+
+                log(
+                    f"wrote combined.md and combined_*.csv of {counted(len(subs), 'setting')} to {path}"
+                )
                 return 0
             if load_results(path).get("kind") == "evaluate":
                 from .evaluate.report import render_evaluation

@@ -142,6 +142,9 @@ def plot_per_class(
             counts = np.array(split["train_counts"], dtype=float)
             head = np.array(split["head"], dtype=bool)
             vals = np.array([np.nan if v is None else v for v in r["per_class"][key]], dtype=float)
+            # rounding noise is 0: the two samples of a 2-image class lie at one angle from their
+            # mean, so its angle variance is ~1e-30, which would set the axis' scale
+            vals[np.abs(vals) < 1e-12] = 0.0
             shown = np.isfinite(vals) & (counts > 0)  # n/a (e.g. one training image) left out
             if relative and shown.any():
                 vals = vals / np.mean(vals[shown])

@@ -111,12 +111,12 @@ def open_split(
         eligible &= np.bincount(pairs[0], minlength=num_classes) >= 2  # cameras per identity
     pool = np.nonzero(eligible)[0]
     n_test = int(round(test_fraction * pool.size))
-    if n_test < 2 or n_test >= np.count_nonzero(counts):
+    if n_test < 2 or np.count_nonzero(counts) - n_test < 2:
         raise ValueError(
             f"open set: {pool.size} identities can be retrieved"
             + (" (images from 2 cameras)" if camids is not None else " (2 images)")
             + f"; test_fraction {test_fraction} holds out {n_test}: need at least 2 held out "
-            "and at least 1 identity left to train"
+            "and at least 2 identities left to train"
         )
     held = np.sort(np.random.RandomState(seed).permutation(pool)[:n_test])
     is_test = np.zeros(num_classes, dtype=bool)

@@ -260,6 +260,37 @@ def test_accuracy_plot_title_counts_the_runs_not_the_configured_seeds(tmp_path, 
         assert "5 seeds" not in titles[-1]
 
 
+def test_per_class_plot_shows_rounding_noise_as_zero(tmp_path, monkeypatch):
+    """Classes of two training images: both lie at one angle from their mean, so the angle
+    variance is rounding noise (~1e-30); the plot's axis spanned that noise (a 1e-29 scale, found
+    in a re-ID trial) where the tables show 0.0000. Real values keep their place."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from feature_cloud.demo import plots
+
+    figures = []
+    savefig = Figure.savefig
+
+    def record(self, *args, **kwargs):
+        figures.append(self)
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    split = {"train_counts": [2, 2, 2, 9], "head": [False, False, False, True]}
+    for values, top in (([3e-30, -1e-31, 7e-29, None], 0.1), ([3e-30, 0.02, 0.5, 0.01], 0.6)):
+        results = {
+            "methods": ["m"],
+            "runs": [{"method": "m", "seed": 0, "per_class": {"angle_var_train": values}}],
+            "splits": {"0": split},
+        }
+        plots.plot_per_class(results, "angle_var_train", "v", "t", str(tmp_path / "p.png"))
+        low, high = figures[-1].axes[0].get_ylim()
+        assert -0.1 <= low < 0.0 < high <= top, (values, low, high)
+        ys = np.concatenate([c.get_offsets()[:, 1] for c in figures[-1].axes[0].collections])
+        assert sorted(ys) == sorted(0.0 if abs(v) < 1e-12 else v for v in values if v is not None)
+
+
 def test_counted_nouns_agree_with_their_number():
     from feature_cloud.demo.report import counted
 

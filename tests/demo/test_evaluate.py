@@ -1345,6 +1345,12 @@ def test_open_split_holds_out_whole_retrievable_identities():
             open_split(y, 8, test_fraction=bad)
     with pytest.raises(ValueError, match="held out"):
         open_split(y, 8, test_fraction=0.5, camids=torch.zeros_like(y))  # nothing retrievable
+    # four identities, three held out: one left to train is refused by the split itself, with
+    # the number the later check needs (it said "at least 1 identity left to train")
+    four = torch.arange(4).repeat_interleave(3)
+    with pytest.raises(ValueError, match="at least 2 identities left to train"):
+        open_split(four, 4, test_fraction=0.75)
+    assert (open_split(four, 4, test_fraction=0.5).label_map >= 0).sum() == 2
 
 
 def test_cli_evaluate_open_set_trains_on_the_kept_identities_and_reports_retrieval(
