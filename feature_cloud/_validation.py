@@ -23,6 +23,7 @@ import math
 import numbers
 import os
 import sys
+import unicodedata
 import warnings
 from typing import (
     Any,
@@ -95,6 +96,25 @@ def printable(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
+
+
+def printable_name(name: str) -> str:
+    """A name (a file, a folder, a data set's title) on one line: :func:`printable`'s escapes,
+    and each control or line-separator character (a newline or tab in a folder name) as its
+    backslash escape (``\\n``, ``\\x1b``), as ``repr`` shows it. Other names are unchanged."""
+    text = printable(name)
+    if not any(unicodedata.category(ch) in _NOT_ON_ONE_LINE for ch in text):
+        return text
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch) in _NOT_ON_ONE_LINE
+        else ch
+        for ch in text
+    )
+
+
+#: Unicode categories :func:`printable_name` escapes: controls, line and paragraph separators
+_NOT_ON_ONE_LINE = ("Cc", "Zl", "Zp")
 
 
 def open_text(file: str, newline: Optional[str] = None) -> TextIO:

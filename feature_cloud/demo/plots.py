@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
-from .._validation import printable
+from .._validation import printable_name
 from .metrics import aggregate
 
 __all__ = [
@@ -100,7 +100,7 @@ def plot_accuracy(
     spread = "std" if t_quantile is None else "95% t-interval"
     seeds = f"{runs[0]}-{n} seeds per method" if len(runs) > 1 else f"{n} seeds"
     over = f"mean ± {spread} over {seeds}" if n > 1 else "1 seed"
-    where = printable(str(results["data"].get("title") or results["data"]["name"])) + (
+    where = printable_name(str(results["data"].get("title") or results["data"]["name"])) + (
         f" {results['setting']}" if "setting" in results else ""
     )
     fig.suptitle(f"{where}: head vs tail accuracy ({over})", fontsize=11, x=0.4)
@@ -248,7 +248,7 @@ def plot_projection(results: Dict[str, Any], projection: Dict[str, np.ndarray], 
         xy = pca_2d(both)
         xy_tr, xy_ev = xy[: len(ftr)], xy[len(ftr) :]
         for c, head, color in zip(classes, is_head, colors):
-            name = printable(str(names[c])) if names else str(c)  # a folder name not UTF-8
+            name = printable_name(str(names[c])) if names else str(c)  # a folder name not UTF-8
             ax.scatter(
                 xy_ev[yev == c, 0],
                 xy_ev[yev == c, 1],

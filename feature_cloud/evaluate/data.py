@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._validation import as_int, printable, warn_user
+from .._validation import as_int, printable, printable_name, warn_user
 from ..demo.data import (
     LabeledData,
     _from_paths,
@@ -236,7 +236,7 @@ def load_image_folder(path: PathArg, image_size: Tuple[int, int] = (64, 64)) -> 
             # warning (s56 re-ID trial: --quiet showed nothing, and rank-1 read 6.0 among all
             # images where cross-camera gave 0.3)
             data.info["camids_missing"] = missing
-            first = ", ".join(printable(f) for f in missing["files"])
+            first = ", ".join(printable_name(f) for f in missing["files"])
             warn_user(
                 f"{missing['count']} of {missing['of']} file names in {printable(path)!r} hold "
                 f"no camera id _c<digits> (first: {first}): camera ids are off for the whole "
@@ -251,8 +251,9 @@ def load_image_folder(path: PathArg, image_size: Tuple[int, int] = (64, 64)) -> 
 def dataset_title(data: LabeledData) -> str:
     """The data's name in titles and messages: a folder's own name (its ``name`` stays
     ``"imagefolder"``, which runs compare to pool), else ``data.name``; a name's undecodable
-    bytes as backslash escapes (:func:`~feature_cloud._validation.printable`)."""
-    return printable(str(data.info.get("title", data.name)))
+    bytes and control characters as backslash escapes, on one line
+    (:func:`~feature_cloud._validation.printable_name`)."""
+    return printable_name(str(data.info.get("title", data.name)))
 
 
 def _image_size(value: Any) -> Tuple[int, int]:

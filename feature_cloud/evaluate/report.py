@@ -9,7 +9,7 @@ import math
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from .._validation import open_text, printable, warn_user
+from .._validation import open_text, printable_name, warn_user
 from ..demo import plots as demo_plots
 from ..demo.report import (
     _markdown,
@@ -927,9 +927,10 @@ def check_compatible(
 def data_title(results: Dict[str, Any]) -> str:
     """The data's name in titles: a folder's own name (``data.title``; files of earlier
     releases: ``data.name``), its undecodable bytes (a folder name that is not UTF-8) as backslash
-    escapes, as in the files of earlier releases too (:func:`~feature_cloud._validation.printable`)."""
+    escapes and its control characters escaped too, on one line, as in the files of earlier
+    releases (:func:`~feature_cloud._validation.printable_name`)."""
     data = results["data"]
-    return printable(str(data.get("title") or data["name"]))
+    return printable_name(str(data.get("title") or data["name"]))
 
 
 def _data_line(results: Dict[str, Any]) -> str:
@@ -960,7 +961,7 @@ def retrieval_line(data: Dict[str, Any]) -> str:
         missing = (data.get("info") or {}).get("camids_missing")
         if not isinstance(missing, dict):
             return "retrieval among all test images (no camera ids)"
-        files = [printable(str(f)) for f in missing.get("files", [])]
+        files = [printable_name(str(f)) for f in missing.get("files", [])]
         more = int(missing.get("count", len(files))) - len(files)
         return (
             f"retrieval among all test images (no camera ids: {missing.get('count')} of "

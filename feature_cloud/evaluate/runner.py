@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._validation import as_float, as_int, warn_user
+from .._validation import as_float, as_int, printable_name, warn_user
 from ..cloud import FeatureCloud
 from ..demo import metrics as M
 from ..demo._progress import progress
@@ -951,7 +951,7 @@ def _check_training_sets(
         left = torch.nonzero((counts > 0) & (counts <= cfg.n_test)).flatten().tolist()
         if left:
             one = len(left) == 1
-            names = _first_names([str(data.class_names[i]) for i in left])
+            names = _first_names([printable_name(str(data.class_names[i])) for i in left])
             warn_user(
                 f"{len(left)} of {data.num_classes} identities {'has' if one else 'have'} at most "
                 f"--n-test {cfg.n_test} images ({names}): {'it is' if one else 'they are'} left "

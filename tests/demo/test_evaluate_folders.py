@@ -508,3 +508,36 @@ def test_identity_folders_equal_after_nfc_normalization_are_named_in_a_warning(t
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to say where no two names normalize alike
         load_dataset(str(plain), (8, 8))
+
+
+def test_a_newline_or_tab_in_a_folder_name_stays_on_one_line(tmp_path, capsys):
+    """Folder names may hold control characters (a newline, a tab: Linux allows them): the
+    data's title split summary.md's heading and the log's first line over two lines, and an
+    identity's name split its warning. Names are now written with those characters escaped, as
+    repr shows them (``printable_name``)."""
+    try:
+        root = tmp_path / "faces\nnew"
+        root.mkdir()
+    except OSError as err:  # pragma: no cover - a filesystem without such names
+        pytest.skip(f"the filesystem refuses a newline in a name: {err}")
+    _folder(root, sizes=(9, 8, 6, 5, 4, 2), names=["ann", "bob", "cy", "di", "ed", "Flo\tZ\n"])
+    out = tmp_path / "out"
+    args = ["evaluate", str(root), *TINY[:-1], "--methods", "cosface", "--out", str(out)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "feature-cloud evaluate: faces\\nnew (34 images" in captured.out, captured.out[:200]
+    assert "at most --n-test 2 images (Flo\\tZ\\n): it is left out" in captured.err, captured.err
+    heading = (out / "summary.md").read_text(encoding="utf-8").splitlines()[0]
+    assert heading.startswith("# faces\\nnew: natural"), heading
+    with open(out / "results.json", encoding="utf-8") as fh:
+        results = json.load(fh)
+    assert results["data"]["title"] == "faces\\nnew"
+    assert "Flo\tZ\n" in results["data"]["class_names"]  # the identity's own name is kept
+
+
+def test_printable_name_escapes_what_would_break_a_line_and_nothing_else():
+    from feature_cloud._validation import printable, printable_name
+
+    assert printable_name("Zoë Ölund 李") == "Zoë Ölund 李"
+    assert printable_name("a\nb\tc\x1b[31m\x85\u2028") == "a\\nb\\tc\\x1b[31m\\x85\\u2028"
+    assert printable_name("visages_\udce9") == printable("visages_\udce9") == "visages_\\udce9"
