@@ -16,7 +16,18 @@ from __future__ import annotations
 
 import sys
 import weakref
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, cast
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    TypedDict,
+    cast,
+)
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +63,8 @@ from .sync import BATCH_MODES, SyncedClassStatistics
 
 __all__ = [
     "FeatureCloud",
+    "CloudOptions",
+    "ShardedCloudOptions",
     "WithFeatureCloud",
     "SYNC_MODES",
     "DEFAULT_CLOUD_MODE",
@@ -121,6 +134,40 @@ PAPER_LEAP: Dict[str, Any] = {
 SYNC_MODES = ("auto", "pml_gathered", "off")
 
 ProcessGroup = Any
+
+
+class ShardedCloudOptions(TypedDict, total=False):
+    """The keywords of :class:`FeatureCloud` that a head passes on (``**cloud_options`` of
+    :class:`~feature_cloud.distributed.ShardedLEAPMarginHead`, which takes ``process_group`` and
+    ``pad_to`` as its own): a type checker checks their names and types in the heads' calls, as
+    it does for :class:`FeatureCloud` itself. Annotate a dict of options with it (or
+    :class:`CloudOptions`) to pass it as ``**options``."""
+
+    tail_threshold: int
+    gamma: float
+    memory_per_sample: int
+    warmup_steps: int
+    class_counts: Optional[ClassCounts]
+    seed: Optional[int]
+    count_steps: Optional[int]
+    cloud_mode: str
+    cloud_scale: float
+    prototype_shrinkage: Optional[float]
+    prototype_min_count: int
+    center_rate: str
+    unknown_variance: str
+    angle_max_age: Optional[int]
+    imprint_step: Optional[int]
+    sync: str
+
+
+class CloudOptions(ShardedCloudOptions, total=False):
+    """Every keyword of :class:`FeatureCloud` (``**cloud_options`` of
+    :class:`~feature_cloud.heads.LEAPMarginHead`): :class:`ShardedCloudOptions` with
+    ``process_group`` and ``pad_to``."""
+
+    process_group: ProcessGroup
+    pad_to: Optional[int]
 
 
 def _check_seed(seed: Any) -> int:

@@ -49,6 +49,7 @@ from typing import (
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from typing_extensions import Unpack  # torch's dependency (typing.Unpack: Python 3.11+)
 
 from . import functional as FC
 from . import fused, margins
@@ -65,7 +66,13 @@ from ._validation import (
     refuse_bad_weights,
     trainable_labels,
 )
-from .cloud import FeatureCloud, WithFeatureCloud, migrate_state_dict, migrated_for_checking
+from .cloud import (
+    FeatureCloud,
+    ShardedCloudOptions,
+    WithFeatureCloud,
+    migrate_state_dict,
+    migrated_for_checking,
+)
 from .heads import (
     MarginSettings,
     _imprint_outside_the_graph,
@@ -247,7 +254,7 @@ class ShardedLEAPMarginHead(HoldsProcessGroup, WithFeatureCloud, MarginSettings,
         pad_to: Optional[int] = None,
         ddp_backbone: bool = True,
         sample_rate: float = 1.0,
-        **cloud_options: Any,
+        **cloud_options: Unpack[ShardedCloudOptions],
     ) -> None:
         super().__init__()
         embedding_size = as_int(embedding_size, "embedding_size", 1)

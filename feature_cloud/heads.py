@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
+from typing_extensions import Unpack  # torch's dependency (typing.Unpack: Python 3.11+)
 
 from . import functional as FC
 from . import fused, margins
@@ -43,6 +44,7 @@ from ._validation import (
     warn_user,
 )
 from .cloud import (
+    CloudOptions,
     FeatureCloud,
     WithFeatureCloud,
     WithStatisticsGroup,
@@ -771,7 +773,7 @@ class LEAPMarginHead(
         impl: str = "auto",
         chunk_size: Optional[int] = None,
         sub_centers: Optional[int] = None,
-        **cloud_options: Any,
+        **cloud_options: Unpack[CloudOptions],
     ) -> None:
         super().__init__()
         embedding_size = as_int(embedding_size, "embedding_size", 1)

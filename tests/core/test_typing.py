@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import List, Tuple
 
@@ -174,6 +175,20 @@ reveal_type(head.class_counts)
 reveal_type(head.feature_cloud.statistics.tail_threshold)
 reveal_type(reg(x, head))
 reveal_type(model(torch.randn(2, 3)))
+
+# the cloud options as keywords of the heads (CloudOptions / ShardedCloudOptions), a dict of
+# them, and PAPER_LEAP (a plain dict) type-check
+import numpy as np  # noqa: E402
+
+from feature_cloud import PAPER_LEAP  # noqa: E402
+from feature_cloud.cloud import CloudOptions  # noqa: E402
+from feature_cloud.distributed import ShardedLEAPMarginHead  # noqa: E402
+
+opts: CloudOptions = {"warmup_steps": 10, "class_counts": [5, 5, 1, 1], "sync": "off"}
+h1 = LEAPMarginHead(8, 4, **opts)
+h2 = LEAPMarginHead(8, 4, "arcface", 64.0, 0.5, "vanilla", tail_threshold=3, **PAPER_LEAP)
+h3 = LEAPMarginHead(8, 4, prototype_shrinkage=None, seed=3, class_counts=np.ones(4))
+h4 = ShardedLEAPMarginHead(8, 4, warmup_steps=10, process_group=None, pad_to=8, gamma=0.2)
 """
 
 WRONG = """
@@ -181,7 +196,7 @@ import torch
 from torch import Tensor
 
 from feature_cloud import FTLModel, LEAPMarginHead, MetricL2
-
+from feature_cloud.distributed import ShardedLEAPMarginHead
 head = LEAPMarginHead(8, 4, class_counts=[5, 5, 5, 5])
 x, y = torch.randn(2, 8), torch.tensor([0, 1])
 model = FTLModel(torch.nn.Linear(3, 8), head, feature_dim=8, alpha_recon=0.0)
@@ -191,6 +206,9 @@ wrong_setting: str = head.scale  # line 12
 head.scale = "64"  # line 13
 head.reduction = 2  # line 14
 wrong_pair: Tensor = head(x, y, return_top1=True)  # line 15
+misspelt = LEAPMarginHead(8, 4, warmup_step=10)  # line 16: the cloud options are typed
+wrong_option = LEAPMarginHead(8, 4, gamma="0.1")  # line 17
+wrong_sharded = ShardedLEAPMarginHead(8, 4, imprint_step="3")  # line 18
 """
 
 
@@ -211,7 +229,7 @@ def test_module_calls_and_settings_are_typed(tmp_path: Path, mypy_cache: Path) -
     lines = sorted(
         {int(line.split(":")[1]) for line in out.splitlines() if line.startswith("user.py:")}
     )
-    assert rc == 1 and lines == [10, 11, 12, 13, 14, 15], out
+    assert rc == 1 and lines == [10, 11, 12, 13, 14, 15, 16, 17, 18], out
 
 
 #: README "FTL: Usage", reduced: ``loaders()`` is typed as the stage-0/2 loader or the stage-1
@@ -342,3 +360,25 @@ def test_calls_and_settings_are_typed_for_pyright(tmp_path: Path) -> None:
         }
     )
     assert errors == [10, 11, 12, 13, 14, 15], out
+
+
+def test_cloud_options_type_every_keyword_of_the_feature_cloud() -> None:
+    """``CloudOptions`` (the heads' ``**cloud_options``) names each keyword of
+    ``FeatureCloud.__init__`` with its annotation, so a new option cannot be left untyped;
+    ``ShardedCloudOptions`` leaves out the two the sharded head takes as its own."""
+    import inspect
+
+    from feature_cloud.cloud import CloudOptions, FeatureCloud, ShardedCloudOptions
+    from feature_cloud.distributed import ShardedLEAPMarginHead
+
+    params = inspect.signature(FeatureCloud.__init__).parameters.values()
+    hints = typing.get_type_hints(FeatureCloud.__init__)
+    options = {p.name: hints[p.name] for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    declared = typing.get_type_hints(CloudOptions)
+    assert (
+        set(CloudOptions.__optional_keys__) == set(options) and not CloudOptions.__required_keys__
+    )
+    assert declared == options
+    own = set(inspect.signature(ShardedLEAPMarginHead.__init__).parameters)
+    assert set(ShardedCloudOptions.__optional_keys__) == set(options) - own
+    assert own & set(options) == {"process_group", "pad_to"}
