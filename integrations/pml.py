@@ -56,6 +56,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from typing_extensions import Unpack
 
 from feature_cloud import functional as FC
 from feature_cloud import margins
@@ -69,6 +70,7 @@ from feature_cloud._validation import (
     warn_user,
 )
 from feature_cloud.cloud import (
+    CloudOptions,
     FeatureCloud,
     WithFeatureCloud,
     WithStatisticsGroup,
@@ -90,7 +92,23 @@ from feature_cloud.heads import (
 from feature_cloud.regularizers import MetricL2, as_metric_l2, warn_metric_l2_with_margin
 from feature_cloud.sync import SyncedClassStatistics, is_distributed
 
-__all__ = ["LEAPLoss", "PML_DEFAULT_MARGIN", "PML_DEFAULT_SCALE"]
+__all__ = ["LEAPLoss", "LEAPLossOptions", "PML_DEFAULT_MARGIN", "PML_DEFAULT_SCALE"]
+
+
+class LEAPLossOptions(CloudOptions, total=False):
+    """The keywords of :class:`LEAPLoss` besides its named ones (``**kwargs``): PML's (its base
+    classes' keywords, which PML leaves untyped) and every cloud setting
+    (:class:`feature_cloud.cloud.CloudOptions`), so that a type checker checks their names."""
+
+    weight_regularizer: Any
+    weight_reg_weight: float
+    weight_init_func: Any
+    embedding_regularizer: Any
+    embedding_reg_weight: float
+    reducer: Any
+    distance: Any
+    collect_stats: Optional[bool]
+
 
 #: PML's defaults (from the margin registry): ``CosFaceLoss(margin=0.35, scale=64)``,
 #: ``ArcFaceLoss(margin=28.6 deg, scale=64)``.
@@ -362,7 +380,7 @@ class LEAPLoss(
         sub_centers: Optional[int] = None,
         impl: str = "auto",
         chunk_size: Optional[int] = None,
-        **kwargs: Any,
+        **kwargs: Unpack[LEAPLossOptions],
     ) -> None:
         rule = margins.get(margin_type)
         ml2 = as_metric_l2(metric_l2, reduction="none")  # checked before anything is built

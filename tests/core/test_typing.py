@@ -291,6 +291,17 @@ reveal_type(task.head(emb, labels))
 ftl = FTLTask.from_timm("test_resnet", 4, stage0_iters=1, class_counts=[5, 5, 5, 5])
 result: Dict[str, Tensor] = ftl(x, labels)
 f: Tensor = ftl.get_eval_model()(x)
+from feature_cloud import PAPER_LEAP  # noqa: E402
+
+typed = LEAPLoss(4, 8, reducer=None, weight_reg_weight=0.5, warmup_steps=2, **PAPER_LEAP)
+"""
+
+#: LEAPLoss's ``**kwargs`` (PML's and the cloud's keywords, ``LEAPLossOptions``) are typed
+ADAPTERS_WRONG = """
+from feature_cloud.integrations.pml import LEAPLoss
+
+misspelt = LEAPLoss(4, 8, warmup_step=3)  # line 4
+wrong = LEAPLoss(4, 8, embedding_reg_weight="1")  # line 5
 """
 
 
@@ -305,6 +316,24 @@ def test_adapter_calls_are_typed(tmp_path: Path, mypy_cache: Path) -> None:
         '"torch.nn.modules.module.Module | None"',
         '"torch._tensor.Tensor"',
     ], out
+    rc, out = _mypy(tmp_path, ADAPTERS_WRONG, mypy_cache)
+    lines = sorted(
+        {int(line.split(":")[1]) for line in out.splitlines() if line.startswith("user.py:")}
+    )
+    assert rc == 1 and lines == [4, 5], out
+    assert 'did you mean "warmup_steps"' in out, out
+
+
+def test_pml_loss_options_are_pmls_keywords_and_the_clouds() -> None:
+    """``LEAPLossOptions`` types exactly the keywords ``LEAPLoss`` hands to PML's base classes
+    and every cloud option, so neither list can drift from the other."""
+    pytest.importorskip("pytorch_metric_learning")
+    from feature_cloud.cloud import CloudOptions
+    from feature_cloud.integrations.pml import LEAPLoss, LEAPLossOptions
+
+    pml = set(LEAPLossOptions.__optional_keys__) - set(CloudOptions.__optional_keys__)
+    assert pml == set(LEAPLoss._PML_KWARGS)
+    assert set(CloudOptions.__optional_keys__) <= set(LEAPLossOptions.__optional_keys__)
 
 
 PYRIGHT_CONFIG = """{
