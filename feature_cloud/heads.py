@@ -56,6 +56,7 @@ from .noise import capturing
 
 __all__ = [
     "LEAPMarginHead",
+    "HeadOptions",
     "DEFAULT_SCALE",
     "DEFAULT_MARGIN",
     "IMPLS",
@@ -126,6 +127,23 @@ def _check_margin(owner: Any, value: Any) -> float:
     margin = as_float(value, "margin")
     margins.check_unit(owner.margin_rule, margin, "radians")
     return margin
+
+
+class HeadOptions(CloudOptions, total=False):
+    """The keywords of :class:`LEAPMarginHead` but its sizes: the margin, the loss's settings
+    and every cloud option (:class:`~feature_cloud.cloud.CloudOptions`). Types the ``**``
+    keywords that the timm adapter passes on to the head (``LEAPTask.from_timm(name, C,
+    scale=..., class_counts=...)``)."""
+
+    margin_type: Union[str, margins.Margin]
+    scale: Optional[float]
+    margin: Optional[float]
+    cloud: Union[None, str, FeatureCloud]
+    reduction: str
+    validate: bool
+    impl: str
+    chunk_size: Optional[int]
+    sub_centers: Optional[int]
 
 
 class MarginSettings:

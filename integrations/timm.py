@@ -47,6 +47,7 @@ from typing import (
 
 import torch
 from torch.utils.data import DataLoader
+from typing_extensions import Unpack
 
 from feature_cloud._extras import missing
 
@@ -90,7 +91,7 @@ from feature_cloud.ftl import (
     make_filter,
 )
 from feature_cloud.functional import DEFAULT_RECON_REDUCTION
-from feature_cloud.heads import LEAPMarginHead, hooked_weight, scoring_weight
+from feature_cloud.heads import HeadOptions, LEAPMarginHead, hooked_weight, scoring_weight
 from feature_cloud.regularizers import MetricL2, as_metric_l2, warn_metric_l2_with_margin
 from feature_cloud.statistics import ClassStatistics
 from feature_cloud.transfer import FeatureTransfer
@@ -107,6 +108,7 @@ __all__ = [
     "TimmFTLModel",
     "create_ftl_model",
     "ModelEmaV3Following",
+    "TimmHeadOptions",
 ]
 
 
@@ -156,13 +158,21 @@ def _headless_backbone(
     return backbone
 
 
+class TimmHeadOptions(HeadOptions, total=False):
+    """The ``**head_kwargs`` of :func:`create_backbone_and_head` and ``LEAPTask.from_timm``:
+    :class:`~feature_cloud.heads.HeadOptions` (the head's keywords, the cloud's), and
+    ``embedding_size``, accepted only where it equals the backbone's ``num_features``."""
+
+    embedding_size: int
+
+
 def create_backbone_and_head(
     model_name: str,
     num_classes: int,
     *,
     pretrained: bool = False,
     model_kwargs: Optional[Dict[str, Any]] = None,
-    **head_kwargs: Any,
+    **head_kwargs: Unpack[TimmHeadOptions],
 ) -> Tuple[nn.Module, LEAPMarginHead]:
     """``timm.create_model(model_name, num_classes=0)`` and a matching :class:`LEAPMarginHead`.
 
@@ -769,7 +779,7 @@ class LEAPTask(_AllOrNothingLoad):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
-        **head_kwargs: Any,
+        **head_kwargs: Unpack[TimmHeadOptions],
     ) -> LEAPTask:
         """Build the backbone and head with :func:`create_backbone_and_head` and wrap them."""
         backbone, head = create_backbone_and_head(
@@ -949,7 +959,7 @@ def create_ftl_model(
     recon_reduction: str = DEFAULT_RECON_REDUCTION,
     transfer_kwargs: Optional[Dict[str, Any]] = None,
     head_weight_decay: bool = True,
-    **head_kwargs: Any,
+    **head_kwargs: Unpack[HeadOptions],
 ) -> FTLModel:
     """An :class:`FTLModel` (FTL Fig. 2) around ``timm.create_model(model_name, num_classes=0)``.
 
@@ -1304,7 +1314,7 @@ class FTLTask(_AllOrNothingLoad):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
-        **ftl_kwargs: Any,
+        **ftl_kwargs: Any,  # not a TypedDict: the head's seed would overlap the task's
     ) -> FTLTask:
         """:func:`create_ftl_model` wrapped in the task: ``ftl_kwargs`` are its keywords
         (``classifier``, ``embedding_size``, ``decoder_shape``, the head's, ``model_kwargs`` for

@@ -302,6 +302,11 @@ from feature_cloud.integrations.pml import LEAPLoss
 
 misspelt = LEAPLoss(4, 8, warmup_step=3)  # line 4
 wrong = LEAPLoss(4, 8, embedding_reg_weight="1")  # line 5
+from feature_cloud.integrations.timm import FTLTask, LEAPTask, create_ftl_model  # noqa: E402
+
+task = LEAPTask.from_timm("test_resnet", 4, warmup_step=3)  # line 8
+model = create_ftl_model("test_resnet", 4, scale="30")  # line 9
+ftl = FTLTask.from_timm("test_resnet", 4, stage0_iters=1, seed=3, filter="residual")
 """
 
 
@@ -320,8 +325,8 @@ def test_adapter_calls_are_typed(tmp_path: Path, mypy_cache: Path) -> None:
     lines = sorted(
         {int(line.split(":")[1]) for line in out.splitlines() if line.startswith("user.py:")}
     )
-    assert rc == 1 and lines == [4, 5], out
-    assert 'did you mean "warmup_steps"' in out, out
+    assert rc == 1 and lines == [4, 5, 8, 9], out
+    assert out.count('did you mean "warmup_steps"') == 2, out
 
 
 def test_pml_loss_options_are_pmls_keywords_and_the_clouds() -> None:
@@ -334,6 +339,46 @@ def test_pml_loss_options_are_pmls_keywords_and_the_clouds() -> None:
     pml = set(LEAPLossOptions.__optional_keys__) - set(CloudOptions.__optional_keys__)
     assert pml == set(LEAPLoss._PML_KWARGS)
     assert set(CloudOptions.__optional_keys__) <= set(LEAPLossOptions.__optional_keys__)
+
+
+def test_head_and_timm_options_are_the_keywords_they_pass_on() -> None:
+    """``HeadOptions`` is every keyword of ``LEAPMarginHead`` but its sizes, with the
+    annotations of its signature; timm's ``TimmHeadOptions`` adds the refused-unless-equal
+    ``embedding_size``. None of them names a keyword of the function it types (mypy reads such
+    an overlap as an error in the definition and the keywords as ``Any``)."""
+    import inspect
+
+    from feature_cloud.cloud import CloudOptions
+    from feature_cloud.heads import HeadOptions, LEAPMarginHead
+
+    hints = typing.get_type_hints(LEAPMarginHead.__init__)
+    own = inspect.signature(LEAPMarginHead.__init__).parameters.values()
+    named = {p.name for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    named -= {"self", "embedding_size", "num_classes"}
+    declared = typing.get_type_hints(HeadOptions)
+    assert set(HeadOptions.__optional_keys__) == named | set(CloudOptions.__optional_keys__)
+    assert {k: declared[k] for k in named} == {k: hints[k] for k in named}
+    pytest.importorskip("timm")
+    pytest.importorskip("pytorch_metric_learning")
+    from feature_cloud.integrations import pml, timm
+    from feature_cloud.integrations.timm import TimmHeadOptions
+
+    assert set(TimmHeadOptions.__optional_keys__) == {"embedding_size"} | named | set(
+        CloudOptions.__optional_keys__
+    )
+    from feature_cloud.cloud import ShardedCloudOptions
+    from feature_cloud.distributed import ShardedLEAPMarginHead
+
+    for function, options in (
+        (LEAPMarginHead.__init__, CloudOptions),
+        (ShardedLEAPMarginHead.__init__, ShardedCloudOptions),
+        (pml.LEAPLoss.__init__, pml.LEAPLossOptions),
+        (timm.create_backbone_and_head, TimmHeadOptions),
+        (timm.LEAPTask.from_timm, TimmHeadOptions),
+        (timm.create_ftl_model, HeadOptions),
+    ):
+        params = set(inspect.signature(function).parameters)
+        assert not params & set(options.__optional_keys__), (function, options)
 
 
 PYRIGHT_CONFIG = """{
