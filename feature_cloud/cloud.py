@@ -202,7 +202,8 @@ def _check_config(
         raise ValueError(
             "class_counts is required when warmup_steps == 0: the cloud needs K_i (LEAP "
             "Eq. 5). Pass the per-class sample counts, or warmup_steps >= 1 epoch to count "
-            "them online."
+            "them online; to load a trained state for inference only (no training), build it "
+            "with cloud=None: the statistics load, nothing updates them."
         )
     if count_steps is not None:
         count_steps = as_int(count_steps, "count_steps")

@@ -325,10 +325,11 @@ def check_unit(margin_type: Union[str, Margin], margin: float, unit: str = "radi
         raise ValueError(f"unit must be 'radians' or 'degrees', got {unit!r}")
     rule = get(margin_type)
     if isinstance(rule, CosFace) and float(margin) >= 1.0:
+        default = rule.pml_margin if unit == "degrees" else rule.default_margin  # PML's: 0.35
         warn_user(
             f"{rule.name} margin={float(margin)} is a cosine margin (no unit): at 1 or more "
             "every target logit s (cos theta - m) is at or below 0; CosFace margins are "
-            f"0.1-0.5 (default {rule.default_margin})"
+            f"0.1-0.5 (default {default})"
         )
         return
     if not rule.pml_degrees:  # not an angular margin

@@ -199,8 +199,10 @@ def test_constructor_validation():
         LEAPMarginHead(D, C, "sphereface")
     with pytest.raises(ValueError, match="cloud"):
         LEAPMarginHead(D, C, cloud="half")
-    with pytest.raises(ValueError, match="class_counts is required"):
+    with pytest.raises(ValueError, match="class_counts is required") as refused:
         LEAPMarginHead(D, C, cloud="full")
+    # a user loading a trained state for inference has no counts (PML trial, s57): the way out
+    assert "for inference only (no training), build it with cloud=None" in str(refused.value)
     with pytest.raises(ValueError, match="reduction"):
         LEAPMarginHead(D, C, cloud=None, reduction="avg")
     # a misspelt keyword is named with the nearest option (it used to surface as an unexpected

@@ -141,8 +141,11 @@ def test_a_cosine_margin_of_one_or_more_warns_in_every_adapter():
     for margin in (1.0, 20.0):
         with pytest.warns(UserWarning, match=rf"cosface margin={margin} is a cosine margin"):
             LEAPMarginHead(D, C, "cosface", margin=margin, cloud=None)
-        with pytest.warns(UserWarning, match="is a cosine margin"):
+        # each names its own default (PML's is 0.35; the PML adapter said 0.2, a user trial)
+        with pytest.warns(UserWarning, match=r"is a cosine margin.*\(default 0\.35\)"):
             LEAPLoss(C, D, margin_type="cosface", margin=margin, cloud=None)
+    with pytest.warns(UserWarning, match=r"\(default 0\.2\)"):
+        LEAPMarginHead(D, C, "cosface", margin=20.0, cloud=None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         LEAPMarginHead(D, C, "cosface", margin=0.35, cloud=None)
