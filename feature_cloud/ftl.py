@@ -470,8 +470,8 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
             reg = self.metric_l2.from_logits(raw, labels)
         elif self.alpha_reg > 0:
             reg = self.metric_l2(f, self.classifier, labels)
-        else:
-            reg = f.new_zeros(())
+        else:  # the loss's dtype (float32 under autocast, as the linear FC's m-L2 term)
+            reg = sfmx.new_zeros(())
         return {"loss": self.alpha_sfmx * sfmx + self.alpha_reg * reg, "sfmx": sfmx, "reg": reg}
 
     def _split_margin_loss(self, f: Tensor, labels: Tensor, rows: slice) -> Tensor:
@@ -676,6 +676,34 @@ def class_balanced_pool(indices: Tensor, labels: Tensor) -> Tensor:
     starts = torch.cumsum(counts, 0) - counts
     cycle = torch.arange(int(counts.max()), device=counts.device)
     return idx[(starts[:, None] + cycle[None, :] % counts[:, None]).flatten()]
+
+
+def warn_given_counts_disagree(transfer: FeatureTransfer, counted: Tensor) -> None:
+    """Warn where ``transfer``'s given ``class_counts`` put a class with images on the other side
+    of ``tail_threshold`` than the ``counted`` images of UpdateStats' first pass do: the given
+    counts decide which classes are regular (their variance is transferred; the hard list)
+    and which long-tail, so counts of another data set (or swapped ones) change Algorithm 1
+    silently. An explicit ``regular_mask`` is the caller's choice: nothing is said."""
+    if not transfer._counts_given or getattr(transfer, "_mask_given", False):  # older pickles
+        return
+    counted = counted.detach().cpu()
+    t = transfer.tail_threshold
+    given = FC.ftl_regular_classes(transfer.class_counts.cpu(), t)
+    read = FC.ftl_regular_classes(counted, t)
+    differ = torch.nonzero((counted > 0) & (given != read)).flatten().tolist()
+    if not differ:
+        return
+    first = ", ".join(
+        f"{c} (given {int(transfer.class_counts[c])}, read {int(counted[c])})" for c in differ[:5]
+    )
+    warn_user(
+        f"FeatureTransfer's class_counts disagree with the images UpdateStats read for "
+        f"{len(differ)} of {int((counted > 0).sum())} classes: regular (K_i > tail_threshold="
+        f"{t}) by one and long-tail by the other, e.g. class {first}. The given counts decide "
+        "(the variance transferred, the hard list, the long-tail pool): pass the training "
+        "set's counts (torch.bincount(labels, minlength=C)), or none to count them in "
+        "UpdateStats"
+    )
 
 
 def check_tail_split(transfer: FeatureTransfer, class_counts: ClassCounts) -> None:
@@ -1195,7 +1223,7 @@ class AlternatingScheduler:
             if self._stage == 2:
                 self.alternation += 1
             self._stage = 2 if self._stage == 1 else 1
-            self.needs_stats = self._stage == 1
+            self.needs_stats = self._stage == 1 and not self.finished  # no stage 1 follows
             self.apply()
         return self._stage
 
@@ -1393,6 +1421,7 @@ class AlternatingScheduler:
                     _check_same_data(torch.cat([counts, digest]), group)
                 if bool(counts.sum() > 0):  # before the statistics change
                     self.check_class_counts(counts)
+                    warn_given_counts_disagree(model.feature_transfer, counts)
 
         model.encoder.eval()
         try:
@@ -1564,6 +1593,11 @@ class AlternatingScheduler:
         global stream: the ranks draw other augmentations, and together the ones one process
         with the global batch draws.
         """
+        if self.finished:
+            raise RuntimeError(
+                "loaders(): the schedule is finished (max_alternations reached): no stage is left "
+                "to load batches for"
+            )
         kw = dict(loader_kwargs)
         for bad in ("sampler", "batch_sampler", "shuffle", "batch_size", "drop_last"):
             if bad in kw:
@@ -1638,6 +1672,14 @@ class AlternatingScheduler:
         row ``k`` of both batches (the first ``min(B_r, B_t)`` rows). ``Enc`` is fixed in stage 1,
         so ``g`` is computed without gradient.
         """
+        if self.finished or self._stage != 1:  # before Enc (train mode: BatchNorm) encodes
+            where = "the schedule is finished" if self.finished else f"stage {self._stage}"
+            raise RuntimeError(
+                f"stage1_batches() / stage1_loss() in {where}: Algorithm 1's stage-1 batches "
+                "(hard regular, long-tail, transferred) train R and FC in stage 1 only; in "
+                "stages 0 and 2 train with model.loss(x, y) (scheduler.stage is the stage of the "
+                "next iteration)"
+            )
         if self.needs_stats:
             raise RuntimeError(
                 "call update_stats() at the start of stage 1 (UpdateStats of Algorithm 1)"

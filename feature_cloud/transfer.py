@@ -158,6 +158,7 @@ class FeatureTransfer(KeepBufferDtypes):
         regular = torch.zeros(c, dtype=torch.bool, device="cpu")
         self._counts_given = class_counts is not None
         self._regular_fixed = class_counts is not None or regular_mask is not None
+        self._mask_given = regular_mask is not None
         if class_counts is not None:
             counts = check_class_counts(class_counts, c).cpu()
             regular = FC.ftl_regular_classes(counts, self.tail_threshold)

@@ -1405,3 +1405,83 @@ def test_an_unset_sampler_seed_follows_torch_manual_seed_and_resumes_exactly():
     assert stream(resumed) == stream(a)
     with pytest.raises(ValueError, match="seed"):
         built(99, seed=a.seed + 1).load_state_dict(state)
+
+
+def test_stage1_loss_outside_stage_1_is_refused_before_the_encoder_runs():
+    """A user trial (s57) called ``stage1_loss`` in stage 0 and 2: stage 0 failed on the missing
+    statistics after ``Enc`` (in train mode) had encoded both batches, moving its BatchNorm
+    statistics; stage 2 trained R on stage-1 batches silently. Both are refused first, and so
+    are ``loaders()`` once the schedule is finished, when no UpdateStats is due either."""
+    xtr, ytr, _, _, _ = _data(5)
+    ds = IndexedDataset(TensorDataset(xtr, ytr))
+    torch.manual_seed(5)
+    enc = nn.Sequential(nn.Linear(P, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, D))
+    model = FTLModel(
+        enc,
+        nn.Linear(E, 30, bias=False),
+        feature_dim=D,
+        alpha_recon=0,
+        transfer=FeatureTransfer(D, 30, energy=0.95),
+    )
+    sched = AlternatingScheduler(model, stage0_iters=1, stage_iters=1, max_alternations=1)
+    batch = (xtr[:8], ytr[:8])
+    bn = enc[1]
+
+    def refused(where):
+        before = (bn.running_mean.clone(), int(bn.num_batches_tracked))
+        with pytest.raises(RuntimeError, match=rf"stage1_loss\(\) in {where}.* stage 1 only"):
+            sched.stage1_loss(batch, batch)
+        assert torch.equal(bn.running_mean, before[0])
+        assert int(bn.num_batches_tracked) == before[1]
+
+    refused("stage 0")
+    sched.step()  # stage 1
+    sched.update_stats(DataLoader(ds, batch_size=256))
+    sched.stage1_loss(batch, batch)  # in stage 1: the three batches
+    sched.step()  # stage 2
+    refused("stage 2")
+    assert sched.step() == 1 and sched.finished
+    refused("the schedule is finished")
+    assert not sched.needs_stats  # no stage 1 follows: nothing to update
+    with pytest.raises(RuntimeError, match="loaders\\(\\): the schedule is finished"):
+        sched.loaders(ds, 8)
+
+
+def test_given_class_counts_that_disagree_with_the_images_read_warn():
+    """Counts of another data set (here the regular and long-tail classes swapped) decided the
+    split silently (a user trial, s57: 12 'regular' samples, a 7-sample hard list). UpdateStats
+    counts the images in its first pass: a class on the other side of the threshold is named."""
+    xtr, ytr, _, _, _ = _data(6)
+    ds = IndexedDataset(TensorDataset(xtr, ytr))
+    read = torch.bincount(ytr, minlength=30)
+    for counts, warns in ((read, False), (read.flip(0), True)):
+        transfer = FeatureTransfer(D, 30, energy=0.95, class_counts=counts, tail_threshold=20)
+        sched = AlternatingScheduler(_model(6, transfer=transfer), stage0_iters=0, stage_iters=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sched.update_stats(DataLoader(ds, batch_size=256))
+        said = [str(w.message) for w in caught if "disagree" in str(w.message)]
+        assert bool(said) == warns, said
+    assert said[0].startswith(
+        "FeatureTransfer's class_counts disagree with the images UpdateStats read for 20 of 30"
+    ), said
+    assert f"e.g. class 0 (given {int(read[29])}, read 120)" in said[0], said
+    # an explicit regular_mask is the caller's choice: nothing is said
+    mask = torch.arange(30) >= 10
+    transfer = FeatureTransfer(D, 30, energy=0.95, class_counts=read.flip(0), regular_mask=mask)
+    sched = AlternatingScheduler(_model(6, transfer=transfer), stage0_iters=0, stage_iters=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.update_stats(DataLoader(ds, batch_size=256))
+
+
+def test_the_zero_m_l2_term_has_the_loss_dtype_under_autocast():
+    """``out["reg"]`` without m-L2 (``alpha_reg=0``) was a bf16 zero under autocast (a float32
+    tensor with the linear FC's term): it is the loss's dtype now."""
+    counts = [120] * 10 + [3] * 20
+    model = _leap_ftl(0, counts)
+    x, y = torch.randn(8, P), torch.randint(0, 30, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.loss(x, y)
+    assert out["reg"].dtype == out["loss"].dtype == torch.float32
+    assert float(out["reg"]) == 0.0
