@@ -642,12 +642,24 @@ def _warning_pattern(keys: Dict[str, str]) -> re.Pattern:
 _WARNING_PATTERN = _warning_pattern(_YAML_KEYS)
 
 
+#: the core's Python advice where YAML takes another form (CLASS_COUNTS is 'dataset' or
+#: 'online' in YAML, not the counts themselves)
+_YAML_ADVICE = {
+    "Pass MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS,": (
+        "Set MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS: dataset (K_i from the training set),"
+    ),
+}
+
+
 def _to_yaml_keys(text: str, pattern: re.Pattern, keys: Optional[Dict[str, str]] = None) -> str:
     """``text`` with the head's argument names that ``pattern`` finds replaced by the YAML keys
     (``keys``, default :data:`_YAML_KEYS`); quoted values (group 1: the user's value, the allowed
-    choices) are left as they are."""
+    choices) are left as they are; advice that YAML words otherwise (:data:`_YAML_ADVICE`)."""
     keys = _YAML_KEYS if keys is None else keys
-    return pattern.sub(lambda m: m.group(1) or keys[m.group(m.lastindex or 0)], text)
+    text = pattern.sub(lambda m: m.group(1) or keys[m.group(m.lastindex or 0)], text)
+    for python, yaml in _YAML_ADVICE.items():
+        text = text.replace(python, yaml)
+    return text
 
 
 def _yaml_error(error: Exception) -> Exception:
@@ -990,7 +1002,11 @@ class FeatureCloudHook(HookBase):
         dataset = self.trainer.data_loader.dataset
         counts = None
         sampler = _train_sampler_name(self.trainer.data_loader)
+        max_iter = getattr(self.trainer, "max_iter", None)
         for head in _leap_heads(self.trainer.model):
+            cloud = None if head.margin_head is None else head.margin_head.feature_cloud
+            if cloud is not None and cloud.rule is not None and max_iter is not None:
+                _warn_warmup_past_the_run(head, cloud, int(max_iter))
             if head.class_counts_source == "online" and "Identity" in sampler:
                 logger.warning(
                     "MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS: online with %s: an identity "
@@ -1004,6 +1020,25 @@ class FeatureCloudHook(HookBase):
             counts = class_counts_from_dataset(dataset) if counts is None else counts
             with _yaml_warnings():  # in fastreid's log.txt too (the vanilla rule's, ...)
                 head.set_class_counts(counts)
+
+
+def _warn_warmup_past_the_run(head: LEAPHead, cloud: FeatureCloud, max_iter: int) -> None:
+    """A warm-up as long as the trainer's run (``SOLVER.MAX_EPOCH`` x iterations per epoch)
+    leaves the cloud off for all of it, and online counting unfinished: said at the start (a
+    user trial trained 18 iterations with ``WARMUP_ITERS: 5000``, the result the cloud-less one)."""
+    warmup = int(cloud.warmup_steps)
+    if warmup < max_iter:
+        return
+    online = head.class_counts_source == "online"
+    logger.warning(
+        "MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS is %d, the whole run or more (the trainer stops "
+        "at iteration %d, SOLVER.MAX_EPOCH x iterations per epoch): the cloud never starts%s; "
+        "set WARMUP_ITERS below the run (the LEAP paper: some epochs; a third of training is "
+        "this package's evaluation default)",
+        warmup,
+        max_iter,
+        " and the online counting of CLASS_COUNTS: online never ends" if online else "",
+    )
 
 
 def _train_sampler_name(loader: Any) -> str:

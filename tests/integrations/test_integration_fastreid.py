@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+import warnings
 from unittest import mock
 
 import pytest
@@ -368,6 +369,43 @@ def test_online_counts_under_an_identity_sampler_warn_in_the_trainer(market_root
         assert bool(said) == warns, said
         if warns:
             assert "NaiveIdentitySampler" in said[0] and "CLASS_COUNTS: dataset" in said[0]
+
+
+def test_a_warmup_as_long_as_the_run_and_the_online_count_advice_are_said_in_yaml(
+    market_root, tmp_path, caplog
+):
+    """A fastreid trial (s57) trained 18 iterations with ``WARMUP_ITERS: 5000``: the cloud never
+    started, nothing said so; the trainer's hook now logs it (online counting never ends too).
+    The online-count warning told a YAML user to "Pass ...CLASS_COUNTS" (YAML takes 'dataset' or
+    'online'): it says ``CLASS_COUNTS: dataset`` now."""
+    import logging
+
+    said = {}
+    for warmup in ("4", "5000"):
+        os.makedirs(tmp_path / warmup)
+        opts = ("MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS", "online")
+        opts += ("MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS", warmup)
+        cfg = _tiny_cfg(tmp_path / warmup, *opts, "DATALOADER.SAMPLER_TRAIN", "TrainingSampler")
+        with warnings.catch_warnings(record=True) as built:
+            warnings.simplefilter("always")
+            trainer = DefaultTrainer(cfg)
+        caplog.clear()
+        fr.logger.addHandler(caplog.handler)  # fastreid's setup_logger stops propagation
+        try:
+            with caplog.at_level(logging.WARNING, logger=fr.logger.name):
+                trainer._hooks[0].before_train()
+        finally:
+            fr.logger.removeHandler(caplog.handler)
+        said[warmup] = [r.getMessage() for r in caplog.records if "never starts" in r.getMessage()]
+        advice = [str(w.message) for w in built if "counts K_i online" in str(w.message)]
+        assert advice and "Set MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS: dataset" in advice[0], advice
+        assert "Pass MODEL.HEADS" not in advice[0]
+    assert not said["4"]
+    assert said["5000"] and said["5000"][0].startswith(
+        "MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS is 5000, the whole run or more (the trainer "
+        f"stops at iteration {trainer.max_iter}"
+    ), said
+    assert "online counting of CLASS_COUNTS: online never ends" in said["5000"][0]
 
 
 def test_warnings_of_the_counts_laid_out_at_train_start_reach_fastreids_log(
