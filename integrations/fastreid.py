@@ -1020,6 +1020,15 @@ class FeatureCloudHook(HookBase):
             counts = class_counts_from_dataset(dataset) if counts is None else counts
             with _yaml_warnings():  # in fastreid's log.txt too (the vanilla rule's, ...)
                 head.set_class_counts(counts)
+            present = counts[counts > 0]
+            logger.info(
+                "MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS: dataset: K_i of %d identities from the "
+                "training set (%d images; %d-%d an identity)",
+                int(present.numel()),
+                int(counts.sum()),
+                int(present.min()) if present.numel() else 0,
+                int(present.max()) if present.numel() else 0,
+            )
 
 
 def _warn_warmup_past_the_run(head: LEAPHead, cloud: FeatureCloud, max_iter: int) -> None:

@@ -343,6 +343,22 @@ def test_trainer_refuses_a_wrong_num_classes_when_built_and_cloud_none_does_not_
     assert not [r for r in caplog.records if "loaded checkpoint" in r.getMessage()]
     counts = fr.class_counts_from_dataset(trainer.data_loader.dataset)
     assert torch.equal(trainer.model.heads.statistics.class_counts.cpu(), counts)
+    # and the log says where K_i came from (a fastreid trial, s57: nothing confirmed it)
+    caplog.clear()
+    fr.logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=fr.logger.name):
+            hook.before_train()
+    finally:
+        fr.logger.removeHandler(caplog.handler)
+    said = [r.getMessage() for r in caplog.records if "CLASS_COUNTS: dataset" in r.getMessage()]
+    present = counts[counts > 0]
+    # (once, or twice where fastreid's logger also propagates to the root's capture)
+    assert said and set(said) == {
+        f"MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS: dataset: K_i of {present.numel()} identities "
+        f"from the training set ({int(counts.sum())} images; {int(present.min())}-"
+        f"{int(present.max())} an identity)"
+    }, said
 
 
 def test_online_counts_under_an_identity_sampler_warn_in_the_trainer(market_root, tmp_path, caplog):
