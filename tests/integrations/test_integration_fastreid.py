@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 import warnings
+from typing import List
 from unittest import mock
 
 import pytest
@@ -317,6 +319,19 @@ def test_trainer_refuses_a_batch_the_identity_sampler_cannot_fill(market_root, t
                     fr._check_identity_batch(two)
 
 
+def _before_train_logged(hook, caplog, level: int = logging.WARNING) -> List[str]:
+    """The messages fastreid's feature-cloud logger writes at ``level`` or above while
+    ``hook.before_train()`` runs (what ``train()`` calls first)."""
+    caplog.clear()
+    fr.logger.addHandler(caplog.handler)  # fastreid's setup_logger stops propagation
+    try:
+        with caplog.at_level(level, logger=fr.logger.name):
+            hook.before_train()
+    finally:
+        fr.logger.removeHandler(caplog.handler)
+    return [r.getMessage() for r in caplog.records]
+
+
 def test_trainer_refuses_a_wrong_num_classes_when_built_and_cloud_none_does_not_warn(
     market_root, tmp_path, caplog
 ):
@@ -334,24 +349,13 @@ def test_trainer_refuses_a_wrong_num_classes_when_built_and_cloud_none_does_not_
     trainer = DefaultTrainer(cfg)
     hook = trainer._hooks[0]
     assert isinstance(hook, fr.FeatureCloudHook)
-    fr.logger.addHandler(caplog.handler)  # fastreid's setup_logger stops propagation
-    try:
-        with caplog.at_level(logging.WARNING, logger=fr.logger.name):
-            hook.before_train()  # what train() calls first
-    finally:
-        fr.logger.removeHandler(caplog.handler)
-    assert not [r for r in caplog.records if "loaded checkpoint" in r.getMessage()]
+    logged = _before_train_logged(hook, caplog)  # what train() calls first
+    assert not [m for m in logged if "loaded checkpoint" in m]
     counts = fr.class_counts_from_dataset(trainer.data_loader.dataset)
     assert torch.equal(trainer.model.heads.statistics.class_counts.cpu(), counts)
     # and the log says where K_i came from (a fastreid trial, s57: nothing confirmed it)
-    caplog.clear()
-    fr.logger.addHandler(caplog.handler)
-    try:
-        with caplog.at_level(logging.INFO, logger=fr.logger.name):
-            hook.before_train()
-    finally:
-        fr.logger.removeHandler(caplog.handler)
-    said = [r.getMessage() for r in caplog.records if "CLASS_COUNTS: dataset" in r.getMessage()]
+    logged = _before_train_logged(hook, caplog, logging.INFO)
+    said = [m for m in logged if "CLASS_COUNTS: dataset" in m]
     present = counts[counts > 0]
     # (once, or twice where fastreid's logger also propagates to the root's capture)
     assert said and set(said) == {
@@ -366,7 +370,6 @@ def test_online_counts_under_an_identity_sampler_warn_in_the_trainer(market_root
     identity is drawn (NUM_INSTANCE a pick), not K_i (a user trial: tail classes doubled, head
     halved, silently); the trainer's hook says so in fastreid's log. ``TrainingSampler``: no
     warning."""
-    import logging
 
     online = ("MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS", "online")
     online += ("MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS", "4")
@@ -374,14 +377,7 @@ def test_online_counts_under_an_identity_sampler_warn_in_the_trainer(market_root
         os.makedirs(tmp_path / sampler)
         cfg = _tiny_cfg(tmp_path / sampler, *online, "DATALOADER.SAMPLER_TRAIN", sampler)
         hook = DefaultTrainer(cfg)._hooks[0]
-        caplog.clear()
-        fr.logger.addHandler(caplog.handler)  # fastreid's setup_logger stops propagation
-        try:
-            with caplog.at_level(logging.WARNING, logger=fr.logger.name):
-                hook.before_train()
-        finally:
-            fr.logger.removeHandler(caplog.handler)
-        said = [r.getMessage() for r in caplog.records if "identity sampler" in r.getMessage()]
+        said = [m for m in _before_train_logged(hook, caplog) if "identity sampler" in m]
         assert bool(said) == warns, said
         if warns:
             assert "NaiveIdentitySampler" in said[0] and "CLASS_COUNTS: dataset" in said[0]
@@ -394,7 +390,6 @@ def test_a_warmup_as_long_as_the_run_and_the_online_count_advice_are_said_in_yam
     started, nothing said so; the trainer's hook now logs it (online counting never ends too).
     The online-count warning told a YAML user to "Pass ...CLASS_COUNTS" (YAML takes 'dataset' or
     'online'): it says ``CLASS_COUNTS: dataset`` now."""
-    import logging
 
     said = {}
     for warmup in ("4", "5000"):
@@ -405,14 +400,8 @@ def test_a_warmup_as_long_as_the_run_and_the_online_count_advice_are_said_in_yam
         with warnings.catch_warnings(record=True) as built:
             warnings.simplefilter("always")
             trainer = DefaultTrainer(cfg)
-        caplog.clear()
-        fr.logger.addHandler(caplog.handler)  # fastreid's setup_logger stops propagation
-        try:
-            with caplog.at_level(logging.WARNING, logger=fr.logger.name):
-                trainer._hooks[0].before_train()
-        finally:
-            fr.logger.removeHandler(caplog.handler)
-        said[warmup] = [r.getMessage() for r in caplog.records if "never starts" in r.getMessage()]
+        logged = _before_train_logged(trainer._hooks[0], caplog)
+        said[warmup] = [m for m in logged if "never starts" in m]
         advice = [str(w.message) for w in built if "counts K_i online" in str(w.message)]
         assert advice and "Set MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS: dataset" in advice[0], advice
         assert "Pass MODEL.HEADS" not in advice[0]
