@@ -110,6 +110,16 @@ DEFAULT_PROTOTYPE_MIN_COUNT = 2
 #: * ``angle_max_age=None`` (the ring memory of Eq. 5) and ``imprint_step=None`` (no weight
 #:   imprinting): the defaults, listed so that the mapping stays the paper's.
 #:
+#: The warning for given ``class_counts`` that are all 0 (a count keyed by the wrong labels, a
+#: tensor never filled): no class has an angle memory (LEAP Eq. 5 sizes it by ``K_i``) and every
+#: class is tail. A placeholder that a checkpoint or ``allocate_memory`` replaces may ignore it.
+ALL_ZERO_COUNTS = (
+    "class_counts are all 0: no class has an angle memory (LEAP Eq. 5 sizes it by K_i) and every "
+    "class counts as tail, so the cloud has no variance to estimate. Pass the dataset's images "
+    "per class (collections.Counter(dataset.targets)), or class_counts=None to count them online; "
+    "a placeholder that a checkpoint's state replaces may ignore this."
+)
+
 #: What the paper leaves to the data stays the caller's: ``class_counts`` (``K_i``),
 #: ``warmup_steps`` (the paper starts the cloud after some epochs), ``tail_threshold``,
 #: ``memory_per_sample``, and the margin's ``scale`` / ``margin`` (the heads' defaults are the
@@ -463,6 +473,8 @@ class FeatureCloud(nn.Module):
                 **kwargs,
             )
         self.statistics.memory_in_use = rule is not None
+        if rule is not None and class_counts is not None and not class_counts.any():
+            warn_user(ALL_ZERO_COUNTS)
         if rule == "full" and class_counts is not None:
             warn_full_without_pairs(class_counts)  # (the vanilla rule's say-so: the statistics)
         if rule is not None and class_counts is None and count_steps is None:

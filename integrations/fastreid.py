@@ -84,6 +84,7 @@ from feature_cloud._validation import (
 )
 from feature_cloud.checkpoints import CheckedBeforeLoading
 from feature_cloud.cloud import (
+    ALL_ZERO_COUNTS,
     DEFAULT_CLOUD_MODE,
     DEFAULT_CLOUD_SCALE,
     DEFAULT_PROTOTYPE_MIN_COUNT,
@@ -1291,33 +1292,36 @@ class LEAPHead(nn.Module):
                     counts: Any = torch.zeros(int(num_classes), dtype=torch.long)  # placeholder
                 else:
                     counts = None if isinstance(class_counts, str) else class_counts
-                self.margin_head = LEAPMarginHead(
-                    feat_dim,
-                    int(num_classes),
-                    margin_type=margin_type,
-                    scale=scale,
-                    margin=margin,
-                    cloud=cloud,
-                    tail_threshold=tail_threshold,
-                    gamma=gamma,
-                    memory_per_sample=memory_per_sample,
-                    warmup_steps=warmup_steps,
-                    class_counts=counts,
-                    seed=seed,
-                    validate=validate,
-                    count_steps=count_steps if self.class_counts_source == "online" else None,
-                    cloud_mode=cloud_mode,
-                    cloud_scale=cloud_scale,
-                    prototype_shrinkage=prototype_shrinkage,
-                    prototype_min_count=prototype_min_count,
-                    imprint_step=imprint_step,
-                    center_rate=center_rate,
-                    unknown_variance=unknown_variance,
-                    angle_max_age=angle_max_age,
-                    # statistics identical on every rank under a process group (sync="auto",
-                    # the head's default); the per-rank batch size spares a host sync per step
-                    pad_to=batch_size_per_rank,
-                )
+                with warnings.catch_warnings():
+                    if self._counts_pending:  # set_class_counts lays the placeholder out
+                        warnings.filterwarnings("ignore", re.escape(ALL_ZERO_COUNTS))
+                    self.margin_head = LEAPMarginHead(
+                        feat_dim,
+                        int(num_classes),
+                        margin_type=margin_type,
+                        scale=scale,
+                        margin=margin,
+                        cloud=cloud,
+                        tail_threshold=tail_threshold,
+                        gamma=gamma,
+                        memory_per_sample=memory_per_sample,
+                        warmup_steps=warmup_steps,
+                        class_counts=counts,
+                        seed=seed,
+                        validate=validate,
+                        count_steps=count_steps if self.class_counts_source == "online" else None,
+                        cloud_mode=cloud_mode,
+                        cloud_scale=cloud_scale,
+                        prototype_shrinkage=prototype_shrinkage,
+                        prototype_min_count=prototype_min_count,
+                        imprint_step=imprint_step,
+                        center_rate=center_rate,
+                        unknown_variance=unknown_variance,
+                        angle_max_age=angle_max_age,
+                        # statistics identical on every rank under a process group (sync="auto",
+                        # the head's default); the per-rank batch size spares a host sync per step
+                        pad_to=batch_size_per_rank,
+                    )
         #: ``MODEL.HEADS.FEATURE_CLOUD.SEED`` (``None``: -1, from the global RNG); a checkpoint's
         #: cloud keeps its own seed (named in the log when this differs)
         self.configured_seed = seed

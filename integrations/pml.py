@@ -595,6 +595,12 @@ class LEAPLoss(
             self._agreed.batch = (upcast, checked, weights)
         elif isinstance(upcast, Tensor) and not upcast.is_floating_point():
             raise TypeError(f"embeddings must be a floating point tensor, got dtype {upcast.dtype}")
+        elif labels is not None and not isinstance(labels, Tensor):
+            # PML's own forward fails on a list / NumPy array in its device move (AttributeError)
+            raise TypeError(
+                f"labels must be a torch.Tensor of class indices, got {type(labels).__name__} "
+                "(torch.as_tensor(labels) converts a list or NumPy array)"
+            )
         elif isinstance(labels, Tensor) and labels.dim() != 1:  # PML's check_shapes: IndexError
             raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
         try:

@@ -493,6 +493,31 @@ def test_a_vanilla_threshold_that_leaves_no_head_class_warns_when_assigned_too()
         full.cloud = "vanilla"
 
 
+def test_given_class_counts_that_are_all_zero_warn_at_construction():
+    """PML trial s57: ``class_counts=[0] * C`` (a count keyed by the wrong labels, a tensor never
+    filled) trained silently with no angle memory and every class tail. It warns, attributed to
+    the user's line, for the core head and PML's loss; no cloud (inference loading) and real
+    counts stay quiet."""
+    import warnings
+
+    from feature_cloud.integrations.pml import LEAPLoss
+
+    for build in (
+        lambda counts: LEAPMarginHead(D, C, class_counts=counts, seed=0),
+        lambda counts: FeatureCloud(C, D, class_counts=counts, seed=0),
+        lambda counts: LEAPLoss(C, D, class_counts=counts, seed=0),
+    ):
+        with pytest.warns(UserWarning, match="class_counts are all 0: no class has an angle") as w:
+            build(torch.zeros(C, dtype=torch.long))
+        assert w[0].filename == __file__
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            build(COUNTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LEAPMarginHead(D, C, cloud=None, class_counts=[0] * C, seed=0)
+
+
 def test_the_synchronised_statistics_check_pad_to_and_batch_on_assignment():
     """``head.statistics.batch = "bogus"`` (the statistics of ``sync="auto"``) and ``pad_to =
     "x"`` were taken; ``FeatureCloud.pad_to`` refused while the statistics' own was plain."""

@@ -756,6 +756,22 @@ def test_zero_d_labels_are_refused_by_name_before_anything_moves():
     assert all(torch.equal(v, loss.state_dict()[k]) for k, v in state.items())
 
 
+@pytest.mark.parametrize("kind", ["list", "numpy"])
+def test_list_or_numpy_labels_are_named_before_anything_moves(kind):
+    """PML trial s57: labels as a Python list or a NumPy array reached PML's own device move,
+    an ``AttributeError: 'list' object has no attribute 'to'``; the loss names them (a
+    TypeError with the conversion) before its statistics or step move."""
+    np = pytest.importorskip("numpy")
+    emb, labels = _batch(6)
+    given = labels.tolist() if kind == "list" else np.asarray(labels.tolist())
+    loss = LEAPLoss(C, D, class_counts=[4] * C, seed=0)
+    state = {k: v.clone() for k, v in loss.state_dict().items()}
+    with pytest.raises(TypeError, match=r"labels must be a torch.Tensor .*torch.as_tensor"):
+        loss(emb, given)
+    assert all(torch.equal(v, loss.state_dict()[k]) for k, v in state.items())
+    loss(emb, torch.as_tensor(given))  # the advice works
+
+
 def test_cloud_settings_assigned_on_the_loss_reach_its_cloud():
     """API review s50: ``loss.cloud_scale = 1.0`` (a schedule), ``loss.gamma``,
     ``loss.tail_threshold`` ... created plain attributes that changed nothing; they are
