@@ -1451,6 +1451,39 @@ class LEAPHead(nn.Module):
             )
         return super().__getattr__(name)
 
+    def _load_from_state_dict(
+        self,
+        state_dict: Dict[str, Any],
+        prefix: str,
+        local_metadata: Dict[str, Any],
+        strict: bool,
+        missing_keys: List[str],
+        unexpected_keys: List[str],
+        error_msgs: List[str],
+    ) -> None:
+        """An inference-only head (``NUM_CLASSES: 0``, fastreid's ``--eval-only``) takes a trained
+        checkpoint's classifier and cloud state (``margin_head.*``) as not needed, said in one log
+        line, instead of fastreid's list of every one as unused (a strict load accepts them)."""
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if self.margin_head is not None:
+            return
+        own = prefix + "margin_head."
+        skipped = [k for k in unexpected_keys if k.startswith(own)]
+        if not skipped:
+            return
+        unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(own)]
+        weight = state_dict.get(own + "weight")
+        classes = f" of {weight.shape[0]} identities" if isinstance(weight, Tensor) else ""
+        logger.info(
+            "LEAPHead built for inference (NUM_CLASSES: 0): the checkpoint's classifier%s and "
+            "feature-cloud state (%d entries %s*) are not loaded; features do not use them",
+            classes,
+            len(skipped),
+            own,
+        )
+
     @property
     def class_counts_pending(self) -> bool:
         """Whether ``K_i`` still have to come from the training set (:meth:`set_class_counts`)."""

@@ -251,10 +251,8 @@ def test_leap_eval_only_with_shipped_yaml(leap_run, data_root):
         data_root,
         "leap eval-only",
     )
-    assert (
-        "Skip loading parameter" not in proc.stdout + proc.stderr
-        or "margin_head" not in proc.stdout + proc.stderr
-    )
+    log = proc.stdout + proc.stderr
+    assert "Skip loading parameter" not in log or "margin_head" not in log
     results = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
     for key in ("Rank-1", "mAP"):
         assert results[key] == pytest.approx(trained["results"][key], abs=0.01), key

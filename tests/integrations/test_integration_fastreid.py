@@ -122,6 +122,42 @@ def test_dataset_counts_placeholder_builds_quietly():
         _python_head(class_counts=torch.zeros(5, dtype=torch.long), num_classes=5)
 
 
+def test_an_inference_head_takes_a_trained_checkpoint_in_one_log_line(tmp_path, caplog):
+    """s57 left alone: ``--eval-only`` with ``NUM_CLASSES: 0`` had fastreid's ``Checkpointer``
+    list every ``heads.margin_head.*`` entry of a trained checkpoint as unused. The inference
+    head takes them as not needed (one INFO line; a strict load passes too) and its features
+    are the trained head's; a key of another part is still reported."""
+    import logging
+
+    from fastreid.utils.checkpoint import Checkpointer
+
+    trained = torch.nn.Module()
+    trained.heads = _python_head(num_classes=4)
+    Checkpointer(trained, str(tmp_path)).save("model_final")
+    model = torch.nn.Module()
+    model.heads = _python_head(num_classes=0, class_counts="dataset")
+    fastreid_log = logging.getLogger("fastreid")  # setup_logger stops its propagation
+    fastreid_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="fastreid"):
+            Checkpointer(model).load(str(tmp_path / "model_final.pth"))
+    finally:
+        fastreid_log.removeHandler(caplog.handler)
+    said = list(dict.fromkeys(r.getMessage() for r in caplog.records))  # (root's handler too)
+    assert not any("not used by the model" in m for m in said), said
+    ours = [m for m in said if "not loaded" in m]
+    n = len(trained.state_dict())
+    assert len(ours) == 1 and "classifier of 4 identities" in ours[0], said
+    assert f"({n} entries heads.margin_head.*)" in ours[0]
+    trained.eval(), model.eval()
+    x = torch.randn(3, 8, 2, 2)
+    torch.testing.assert_close(model.heads(x), trained.heads(x), rtol=0, atol=0)
+    state = trained.state_dict()
+    assert model.load_state_dict(state, strict=True) == ([], [])  # torch's own, strict
+    extra = {**state, "heads.other.weight": torch.ones(1)}
+    assert model.load_state_dict(extra, strict=False).unexpected_keys == ["heads.other.weight"]
+
+
 def test_from_config_translates_fastreid_keys():
     head = build_heads(
         _head_cfg(
