@@ -1175,7 +1175,9 @@ class AlternatingScheduler:
     # ------------------------------------------------------------------ state
     @property
     def stage(self) -> int:
-        """The stage of the next iteration (0, 1 or 2)."""
+        """The stage of the next iteration (0, 1 or 2). Once :attr:`finished`, no iteration
+        follows (``step`` and the stage-1 calls refuse): it reads the stage a further pair would
+        start with (1)."""
         return self._stage
 
     @property

@@ -903,7 +903,7 @@ def _check_training_sets(
         )
         raise ValueError(
             f"-H {cfg.num_head}: {dataset_title(data)} has {data.num_classes} identities{more}; "
-            f"choose -H at most {kept} (below it, so that some identities are the tail)"
+            f"choose -H in (0, {kept}) (below {kept}, so that some identities are the tail)"
         )
     for seed, split in splits.items():
         trained = int((split.train_counts > 0).sum())

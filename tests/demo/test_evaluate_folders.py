@@ -414,7 +414,7 @@ def test_hs_head_counts_and_the_h_hint_leave_out_the_identities_left_out(tmp_pat
     assert main(["evaluate", str(root), *TINY, *hs, "-H", "7", "--out", str(out)]) == 2
     assert (
         "-H 7: faces has 6 identities, 4 of them with more than --n-test 2 images (the others "
-        "are left out); choose -H at most 4"
+        "are left out); choose -H in (0, 4) (below 4, so that some identities are the tail)"
     ) in capsys.readouterr().err
 
 

@@ -121,7 +121,7 @@ TINY = ["--image-size", "8", "8", "--epochs", "2", "--seeds", "0", "-T", "5", "-
         (["--n-test", "16"], "trains 0 identities: need at least 2"),
         (
             ["--protocol", "hs", "-H", "500"],
-            r"-H 500: .* has (\d+) identities; choose -H at most \1 ",
+            r"-H 500: .* has (\d+) identities; choose -H in \(0, \1\) \(below \1, so",
         ),
         (["--image-size", "0", "0"], r"image_size \(--image-size\) must be two sizes >= 1"),
     ],
