@@ -156,7 +156,7 @@ def prepare_dcp_load(model: nn.Module, checkpoint: Any, prefix: Optional[str] = 
             continue
         if (
             isinstance(module, ClassStatistics)
-            and getattr(module, "_initial_counts", None) is not None  # built with class_counts
+            and module._counts_were_given()  # class_counts given (not counted online)
             and entry.numel() == 0
         ):
             raise ValueError(

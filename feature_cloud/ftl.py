@@ -1326,9 +1326,17 @@ class AlternatingScheduler:
         self.stage_iteration = int(state["stage_iteration"])
         self.alternation = int(state["alternation"])
         self.needs_stats = bool(state["needs_stats"])
+        saved = state.get("max_alternations", self.max_alternations)
+        if (
+            saved is not None
+            and self.alternation >= int(saved)
+            and not self.finished
+            and self._stage == 1
+            and self.stage_iteration == 0
+        ):  # a finished run extended: its stage 1 starts with UpdateStats, as an unbroken run's
+            self.needs_stats = True
         if not self.seed_given:  # drawn: continue the checkpoint's streams (0 before the key)
             self.seed = int(state.get("seed", 0))
-        saved = state.get("max_alternations", self.max_alternations)
         if saved != self.max_alternations:  # the run's length is the constructed one
             warn_user(
                 f"the checkpoint's schedule was built with max_alternations={saved}; this "

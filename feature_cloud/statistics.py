@@ -425,6 +425,9 @@ class ClassStatistics(KeepBufferDtypes):
         self.memory, self.memory_stamp, self.memory_owner = memory, stamp, owner
         self._layout_text = text
         self._layout_counts = host
+        #: whether the layout's counts were given (the constructor, a call with counts) rather
+        #: than counted online: a load of a checkpoint without K_i keeps given ones only
+        self._layout_given = class_counts is not None
 
     # ------------------------------------------------------------------ update
     def agree(
@@ -782,6 +785,16 @@ class ClassStatistics(KeepBufferDtypes):
             return None
         return self.class_counts.detach().to("cpu", torch.long)
 
+    def _counts_were_given(self) -> bool:
+        """Whether the laid-out ``K_i`` were given (constructor, :meth:`allocate_memory` with
+        counts) rather than counted online: a checkpoint that holds none (a head trained without
+        a cloud) keeps given ones; a head that counted its own takes the checkpoint's counting
+        state (its own state before the warm-up ended: the counting starts again)."""
+        given = self.__dict__.get("_layout_given")
+        if given is None:  # a pickle of an earlier release: built with counts?
+            return self.__dict__.get("_initial_counts") is not None
+        return bool(given)
+
     def _keep_layout(self, state_dict: Dict[str, Any], prefix: str) -> None:
         """Load this module's ``class_counts`` and memory layout instead of the checkpoint's,
         with the memory emptied as :meth:`allocate_memory` leaves it. Built from the host copy
@@ -849,6 +862,7 @@ class ClassStatistics(KeepBufferDtypes):
         counts, mem = state_dict.get(prefix + "class_counts"), state_dict.get(prefix + "memory")
         if (
             self.memory_allocated
+            and self._counts_were_given()  # counted online: the checkpoint's counting state loads
             and isinstance(counts, Tensor)
             and isinstance(mem, Tensor)
             and mem.numel() == 0

@@ -591,6 +591,7 @@ class SyncedClassStatistics(HoldsProcessGroup, ClassStatistics):
         new.load_state_dict(stats.state_dict())
         new.train(stats.training)
         new._initial_counts = getattr(stats, "_initial_counts", None)  # reset_parameters' layout
+        new._layout_given = stats._counts_were_given()  # where the loaded layout came from
         return new
 
     @property

@@ -1025,6 +1025,33 @@ def test_scheduler_keeps_its_constructed_max_alternations_on_load():
     assert longer.alternation == 3 and stages == [1, 2, 2, 1, 1, 2, 2, 1, 1, 2, 2]
 
 
+def test_a_finished_run_extended_starts_its_next_stage_1_with_update_stats():
+    """Attack trial s58: a checkpoint saved when the schedule finished holds ``stage=1,
+    needs_stats=False`` (no stage 1 followed); a scheduler built with more ``max_alternations``
+    (the README's way to extend a run) loaded it and trained stage 1 on the statistics from
+    before the last stage 2. The extended run asks for UpdateStats where an unbroken one does."""
+
+    def trace(sched):
+        seen = []
+        while not sched.finished:
+            seen.append((sched.stage, sched.needs_stats))
+            sched.needs_stats = False  # UpdateStats (no data in this test)
+            sched.step()
+        return seen
+
+    unbroken = trace(
+        AlternatingScheduler(_model(0), stage0_iters=2, stage_iters=2, max_alternations=2)
+    )
+    first = AlternatingScheduler(_model(0), stage0_iters=2, stage_iters=2, max_alternations=1)
+    head = trace(first)
+    assert first.state_dict()["needs_stats"] is False
+    extended = AlternatingScheduler(_model(0), stage0_iters=2, stage_iters=2, max_alternations=2)
+    with pytest.warns(UserWarning, match="max_alternations=1; .*=2 is kept"):
+        extended.load_state_dict(first.state_dict())
+    assert head + trace(extended) == unbroken
+    assert unbroken[len(head)] == (1, True)
+
+
 def test_scheduler_restoring_undoes_a_failed_load():
     """``AlternatingScheduler.restoring``: a load that fails part-way (here the statistics of
     another feature size after the schedule and the classifier loaded) leaves the schedule, the

@@ -751,6 +751,39 @@ def test_pretrained_cloudless_head_then_leap_keeps_the_given_class_counts() -> N
         assert torch.equal(leap.statistics.state_dict()[k], v), k
 
 
+def test_a_head_that_counted_online_rewinds_to_its_own_initial_state() -> None:
+    """Attack trial s58: a head with ``class_counts=None`` trained past its warm-up, then given
+    its own step-0 state back (a sweep that re-initialises), kept the K_i and memory layout it had
+    counted (the load took the empty, zero-count state for a head trained without a cloud) and
+    never counted again. It loads as the state says: counting again, as a fresh head does; a head
+    built with counts (or given them by ``allocate_memory``) keeps them, as the test above."""
+    import copy
+
+    D, C = 8, 6
+    head = LEAPMarginHead(D, C, warmup_steps=3, count_steps=3, seed=0)
+    initial = copy.deepcopy(head.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        head(torch.randn(10, D, generator=gen), torch.randint(0, C, (10,), generator=gen))
+    assert not head.statistics.counting
+    head.load_state_dict(initial)
+    fresh = LEAPMarginHead(D, C, warmup_steps=3, count_steps=3, seed=0)
+    fresh.load_state_dict(initial)
+    for key, value in initial.items():
+        assert torch.equal(head.state_dict()[key], value), key
+    assert head.statistics.counting
+    for _ in range(5):
+        x, y = torch.randn(10, D, generator=gen), torch.full((10,), 5)
+        assert torch.equal(head(x, y), fresh(x, y))
+    assert head.statistics.class_counts.tolist() == [0] * 5 + [30]
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(head.state_dict()[k], v), k
+    given = LEAPMarginHead(D, C, warmup_steps=3, count_steps=3, seed=0)
+    given.statistics.allocate_memory([4, 4, 3, 2, 2, 1])  # laid out by the caller: kept
+    given.load_state_dict(initial)
+    assert given.statistics.class_counts.tolist() == [4, 4, 3, 2, 2, 1]
+
+
 def test_turning_the_cloud_on_needs_class_sizes() -> None:
     """``head.cloud = "full"`` on a head built with ``cloud=None`` and no counts is refused
     (it gave a zero cloud reported active); with the counts laid out first it trains."""

@@ -354,8 +354,8 @@ def test_old_checkpoint_without_new_buffers_loads():
 
 def test_vanilla_rule_warns_when_the_counts_leave_no_head_or_no_tail_class():
     """LEAP Eq. 6 moves the head classes' mean variance to the tail: with every class on one
-    side of T every cloud is zero, which is said once when the counts are laid out (not for
-    the all-zero placeholder counts of a head whose counts are still to come)."""
+    side of T every cloud is zero, which is said once when the counts are laid out (all-zero
+    counts get their own warning instead)."""
     import warnings
 
     from feature_cloud import LEAPMarginHead
@@ -375,7 +375,9 @@ def test_vanilla_rule_warns_when_the_counts_leave_no_head_or_no_tail_class():
         warnings.simplefilter("error")
         LEAPMarginHead(8, 4, cloud="vanilla", tail_threshold=20, class_counts=[30, 2, 3, 40])
         LEAPMarginHead(8, 4, cloud="full", class_counts=[2, 2, 2, 2])  # no threshold: no warning
-        LEAPMarginHead(8, 4, cloud="vanilla", class_counts=[0, 0, 0, 0])  # placeholder counts
+    with pytest.warns(UserWarning) as said:  # all-zero counts: that warning, not the rule's
+        LEAPMarginHead(8, 4, cloud="vanilla", class_counts=[0, 0, 0, 0])
+    assert [str(w.message)[:24] for w in said] == ["class_counts are all 0: "]
 
 
 def test_equal_class_sizes_get_advice_that_works_and_full_at_one_image_a_class_warns():
