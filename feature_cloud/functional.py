@@ -294,8 +294,12 @@ def batch_class_means(features: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]
     valid = labels >= 0
     same = (labels.unsqueeze(0) == labels.unsqueeze(1)) & valid.unsqueeze(0) & valid.unsqueeze(1)
     counts = same.sum(dim=1)
-    means = same.to(features.dtype) @ features
-    return means / counts.clamp_min(1).unsqueeze(1).to(features.dtype), counts
+    # summed at the batch's power-of-two scale (exact: the same means bit for bit), so that
+    # huge finite features (norm ~1e37 in float32) do not overflow the sum to inf
+    # (2**(e - 1) <= max-abs < 2**e: 2**e itself overflows at float32's top exponent)
+    scale = torch.exp2(torch.frexp(features.abs().amax()).exponent.to(features.dtype) - 1)
+    means = same.to(features.dtype) @ (features / scale)
+    return means / counts.clamp_min(1).unsqueeze(1).to(features.dtype) * scale, counts
 
 
 def center_rate(gamma: float, appearances: Tensor, adaptive: bool = True) -> Tensor:

@@ -149,6 +149,32 @@ def test_huge_and_tiny_features_are_normalised_exactly(impl, factor):
 
 
 @pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_features_near_float32s_top_keep_the_statistics_finite(impl):
+    """Attack trial s58: rows of norm ~1.5e37 (finite, so validated), 61 of one class in a batch
+    of 64, overflowed the batch class mean's sum to inf: NaN loss, inf centers, every later
+    batch NaN and the checkpoint refused. Summed at the batch's power-of-two scale, the means are
+    the plain ones bit for bit in range and finite up to float32's top."""
+    x, y = _batch()
+    y = y % 3
+    plain = (
+        torch.zeros(C, D).index_add_(0, y, x) / torch.bincount(y, minlength=C).clamp_min(1)[:, None]
+    )
+    means, _ = FC.batch_class_means(x, y)
+    assert torch.equal(means, plain[y])
+    head = _head(impl, warmup_steps=0)
+    big = torch.rand(64, D) + 0.5
+    labels = torch.zeros(64, dtype=torch.long)
+    labels[-3:] = torch.tensor([1, 2, 3])
+    for factor in (1e37, 2e38):
+        loss = head(big * factor, labels)
+        assert loss.isfinite() and head.statistics.centers.isfinite().all(), factor
+        assert head.statistics.cloud_variance().isfinite().all()
+    assert head(x, y).isfinite()
+    fresh = _head(impl, warmup_steps=0)
+    fresh.load_state_dict(head.state_dict())  # finite centers: the checkpoint loads
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
 def test_features_of_1e20_give_the_loss_of_their_direction(impl):
     ref, other = _head(impl, cloud=None), _head(impl, cloud=None)
     x, y = _batch()
