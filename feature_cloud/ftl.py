@@ -241,6 +241,25 @@ def _raw_linear_logits(model: FTLModel, logits: Tensor) -> Optional[Tensor]:
     return logits
 
 
+def _check_alpha_recon(model: FTLModel, value: Any) -> float:
+    """``FTLModel.alpha_recon``: finite, ``>= 0``, and ``0`` without a decoder (as built)."""
+    alpha = as_float(value, "alpha_recon", minimum=0.0)
+    if alpha > 0 and model.decoder is None:
+        raise ValueError(
+            f"alpha_recon={alpha} needs a decoder (FTL Eq. 1): this FTLModel has none (the "
+            "reconstruction term would be 0 silently); set model.decoder first"
+        )
+    return alpha
+
+
+def _check_alpha_reg(model: FTLModel, value: Any) -> float:
+    """``FTLModel.alpha_reg``: finite, ``>= 0``; with a margin head, the constructor's warning."""
+    alpha = as_float(value, "alpha_reg", minimum=0.0)
+    if model.is_margin_head:
+        warn_metric_l2_with_margin("LEAPMarginHead", "alpha_reg", alpha)
+    return alpha
+
+
 class FTLModel(CheckedBeforeLoading, nn.Module):
     r"""FTL's network (Fig. 2) and its total loss, Eq. 4:
 
@@ -358,7 +377,8 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
             else make_filter(self.feature_dim, self.embedding_size)
         )
         self.classifier = cast(Union[nn.Linear, LEAPMarginHead], classifier)
-        self.alpha_sfmx, self.alpha_recon, self.alpha_reg = (
+        # checked above (the alpha_reg warning said once): set without the assignment's checks
+        self._alpha_sfmx, self._alpha_recon, self._alpha_reg = (
             float(alpha_sfmx),
             float(alpha_recon),
             float(alpha_reg),
@@ -379,7 +399,11 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         """Whole-module pickles of earlier releases lack what :data:`_PICKLE_PREDATES` fills."""
-        state = migrate_checked(state, ("validate",), predating=_PICKLE_PREDATES)
+        state = migrate_checked(
+            state,
+            ("validate", "alpha_sfmx", "alpha_recon", "alpha_reg"),
+            predating=_PICKLE_PREDATES,
+        )
         super().__setstate__(state)  # type: ignore[no-untyped-call]
 
     validate = checked_attribute(
@@ -387,6 +411,23 @@ class FTLModel(CheckedBeforeLoading, nn.Module):
         lambda _, value: as_bool(value, "validate"),
         "Whether each step checks the labels and the input's finiteness; settable (a flag: "
         '``bool("no")`` validated).',
+    )
+
+    alpha_sfmx = checked_attribute(
+        "alpha_sfmx",
+        lambda _, value: as_float(value, "alpha_sfmx", minimum=0.0),
+        "The weight of Eq. 2 in Eq. 4; settable, checked (finite, ``>= 0``).",
+    )
+    alpha_recon = checked_attribute(
+        "alpha_recon",
+        lambda owner, value: _check_alpha_recon(owner, value),
+        "The weight of Eq. 1 in Eq. 4; settable, checked (finite, ``>= 0``; ``> 0`` needs a "
+        "decoder).",
+    )
+    alpha_reg = checked_attribute(
+        "alpha_reg",
+        lambda owner, value: _check_alpha_reg(owner, value),
+        "The weight of Eq. 3 (m-L2) in Eq. 4; settable, checked (finite, ``>= 0``).",
     )
 
     recon_reduction = checked_attribute(

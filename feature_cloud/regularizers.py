@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
+import torch
 from torch import Tensor, nn
 
 from . import functional as FC
-from ._validation import as_float, check_embeddings, check_labels, check_reduction, warn_user
+from ._validation import (
+    as_float,
+    check_embeddings,
+    check_labels,
+    check_reduction,
+    checked_attribute,
+    migrate_checked,
+    warn_user,
+)
 
 __all__ = ["MetricL2", "warn_metric_l2_with_margin"]
 
@@ -34,9 +43,24 @@ class MetricL2(nn.Module):
 
     def __init__(self, alpha: float = 0.25, reduction: str = "mean") -> None:
         super().__init__()
-        check_reduction(reduction)
-        self.alpha = as_float(alpha, "alpha", minimum=0.0)
-        self.reduction = reduction
+        self.reduction = reduction  # checked: one of "mean", "sum", "none"
+        self.alpha = alpha  # checked: finite, >= 0
+
+    alpha = checked_attribute(
+        "alpha",
+        lambda _, value: as_float(value, "alpha", minimum=0.0),
+        r":math:`\alpha_{reg}`; settable, checked (finite, ``>= 0``: NaN gave a NaN loss).",
+    )
+    reduction = checked_attribute(
+        "reduction",
+        lambda _, value: check_reduction(value),
+        'Over the rows: ``"mean"``, ``"sum"`` or ``"none"``; settable, checked (another value '
+        'acted as ``"mean"``).',
+    )
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """Whole-module pickles of earlier releases held the settings as plain attributes."""
+        super().__setstate__(migrate_checked(state, ("alpha", "reduction")))  # type: ignore[no-untyped-call]
 
     if TYPE_CHECKING:  # the call's type (nn.Module's __call__ is Any); nn.Module's runs
 
@@ -65,6 +89,11 @@ class MetricL2(nn.Module):
                 f"a .weight, got {type(classifier).__name__}"
             )
         check_embeddings(embeddings, weight.shape[1])
+        if embeddings.dtype != weight.dtype:
+            # half embeddings against a float32 W outside autocast: in the wider dtype, not
+            # torch's "expected m1 and m2 to have the same dtype" (autocast's GEMM casts anyway)
+            common = torch.promote_types(embeddings.dtype, weight.dtype)
+            embeddings, weight = embeddings.to(common), weight.to(common)
         if labels is None:
             return self.alpha * FC.metric_l2(embeddings, weight, self.reduction)
         self._check_labels(labels, embeddings.shape[0])
@@ -74,6 +103,8 @@ class MetricL2(nn.Module):
         """The regulariser from raw logits :math:`W^T f` ``(B, C)``."""
         if logits.dim() != 2:
             raise ValueError(f"logits must be (batch, num_classes), got {tuple(logits.shape)}")
+        if not logits.is_floating_point():
+            raise TypeError(f"logits must be a floating point tensor, got dtype {logits.dtype}")
         if labels is None:
             return self.alpha * FC.metric_l2_from_logits(logits, self.reduction)
         self._check_labels(labels, logits.shape[0])

@@ -28,6 +28,7 @@ from ._buffers import KeepBufferDtypes, normal_tensors, resized_buffer
 from ._compat import is_compiling
 from ._validation import (
     ClassCounts,
+    any_nonfinite,
     as_float,
     as_int,
     check_class_counts,
@@ -520,6 +521,57 @@ class FeatureTransfer(KeepBufferDtypes):
                     f"{tuple(cur.shape)} (num_classes={self.num_classes}, "
                     f"feature_dim={self.feature_dim}): statistics of another model"
                 )
+        self._check_values(state_dict, prefix)
+
+    def _check_values(self, state_dict: Dict[str, Any], prefix: str) -> None:
+        """Values an edited or damaged checkpoint can hold and :meth:`update_stats` cannot (as
+        the head's statistics refuse theirs): non-finite statistics (a NaN center made every
+        transferred feature NaN), a basis of more columns than dimensions, sample lists of
+        unequal lengths, labels outside the classes, negative indices or counts. One host read,
+        at load."""
+        present = {
+            name: value
+            for name in self._buffers
+            if isinstance(value := state_dict.get(prefix + name), Tensor) and not value.is_meta
+        }
+        basis = present.get("basis")
+        if basis is not None and basis.shape[1] > self.feature_dim:
+            raise ValueError(
+                f"checkpoint's {prefix}basis has {basis.shape[1]} components for "
+                f"feature_dim={self.feature_dim} (at most that many): the checkpoint is damaged "
+                "or was edited"
+            )
+        for kind in ("hard", "tail"):
+            idx, lab = present.get(f"{kind}_indices"), present.get(f"{kind}_labels")
+            if idx is not None and lab is not None and idx.shape != lab.shape:
+                raise ValueError(
+                    f"checkpoint's {prefix}{kind}_indices and {kind}_labels have shapes "
+                    f"{tuple(idx.shape)} and {tuple(lab.shape)} (one label a sample): the "
+                    "checkpoint is damaged or was edited"
+                )
+        checks: Dict[str, Tensor] = {}
+        for name in ("centers", "covariance", "eigenvalues", "basis", "mean_distance"):
+            value = present.get(name)
+            if value is not None and value.is_floating_point() and value.numel():
+                checks[f"non-finite {name}"] = any_nonfinite(value)
+        for name in ("hard_labels", "tail_labels"):
+            value = present.get(name)
+            if value is not None and value.numel():
+                checks[f"{name} outside [0, {self.num_classes})"] = (
+                    (value < 0) | (value >= self.num_classes)
+                ).any()
+        for name in ("hard_indices", "tail_indices", "class_counts"):
+            value = present.get(name)
+            if value is not None and value.numel():
+                checks[f"negative {name}"] = (value < 0).any()
+        flags = torch.stack([c.to("cpu") for c in checks.values()]).tolist() if checks else []
+        bad = [name for name, flag in zip(checks, flags) if flag]
+        if bad:
+            where = prefix.rstrip(".") or "FeatureTransfer"
+            raise ValueError(
+                f"checkpoint's {where} holds {', '.join(bad)}: the checkpoint is damaged or was "
+                "edited"
+            )
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         # every shape checked before a data-sized buffer is resized: a refused checkpoint leaves

@@ -75,6 +75,7 @@ from feature_cloud._buffers import restore_on_error
 from feature_cloud._validation import (
     as_bool,
     as_float,
+    as_int,
     check_inputs,
     class_counts_from_mapping,
     migrate_checked,
@@ -181,6 +182,8 @@ def create_backbone_and_head(
     ``class_counts``, ``warmup_steps``, ...). ``pretrained`` and ``model_kwargs`` (a dict of
     further keywords) go to ``timm.create_model``.
     """
+    # as the head refuses 6.7 or "6" (int() truncated them), before the backbone is built
+    num_classes = as_int(num_classes, "num_classes", 1)
     backbone = _headless_backbone(model_name, pretrained, model_kwargs)
     features = int(backbone.num_features)
     size = head_kwargs.pop("embedding_size", None)
@@ -191,7 +194,7 @@ def create_backbone_and_head(
             "out). For embeddings of another size, give the timm model a projection of that "
             "size (model_kwargs) or use FTLTask / create_ftl_model, whose embedding_size is R's"
         )
-    head = LEAPMarginHead(features, int(num_classes), **head_kwargs)
+    head = LEAPMarginHead(features, num_classes, **head_kwargs)
     return backbone, head
 
 
@@ -435,15 +438,27 @@ class ModelEmaV3Following(ModelEmaV3):
 
 
 def refuse_soft_target(target: Optional[Tensor], task: str) -> None:
-    """A ``(B, C)`` float target (timm's ``Mixup`` / ``CutMix``, or label smoothing in the
-    loader) named as such: a margin loss and the class statistics need each sample's class."""
+    """A ``(B, C)`` float target (timm's ``Mixup`` / ``CutMix``) named as such: a margin loss
+    and the class statistics need each sample's class."""
     if isinstance(target, Tensor) and target.is_floating_point() and target.dim() == 2:
         raise TypeError(
-            f"{task} got a soft target of shape {tuple(target.shape)} (timm's Mixup / CutMix, or "
-            "label smoothing in the loader): the margin loss and the cloud's class statistics "
-            "need each sample's class. Train without mixup and cutmix (train.py --mixup 0 "
-            "--cutmix 0 --smoothing 0; mixing two identities makes no sample of either) and "
-            "give the task label_smoothing=eps instead"
+            f"{task} got a soft target of shape {tuple(target.shape)} (timm's Mixup / CutMix, "
+            "with any label smoothing folded in): the margin loss and the cloud's class "
+            "statistics need each sample's class. Train without mixup and cutmix (train.py "
+            "--mixup 0 --cutmix 0, its defaults; mixing two identities makes no sample of "
+            "either) and give the task label_smoothing=eps instead"
+        )
+
+
+def require_target(target: Optional[Tensor], task: str) -> None:
+    """A task's batch without its targets (``task(x, None)``), refused before the backbone runs:
+    the trainable module returned the logits, which a batch of 3 unpacked silently as the loss,
+    the output and the embeddings."""
+    if target is None:
+        raise TypeError(
+            f"{task} needs the batch's class indices: task(input, target), as timm's training "
+            "loop calls it; for logits without targets use task.trainable_module(input) (or "
+            "the eval model's embeddings)"
         )
 
 
@@ -931,6 +946,7 @@ class LEAPTask(_AllOrNothingLoad):
 
     def forward(self, input: Tensor, target: Tensor) -> Dict[str, Tensor]:
         """``{"loss", "output" (s cos logits), "leap_loss"[, "metric_l2_loss"]}``."""
+        require_target(target, "LEAPTask")
         leap_loss, logits, embeddings = self.trainable_module(input, target)
         result = {"loss": leap_loss, "output": logits, "leap_loss": leap_loss}
         if self.metric_l2 is not None:
@@ -991,6 +1007,7 @@ def create_ftl_model(
         raise ValueError(f"classifier must be 'leap' or 'linear', got {classifier!r}")
     # before the backbone is built (seconds, and draws of the global RNG a refusal kept)
     recon_reduction = FC.check_recon_reduction(recon_reduction)
+    num_classes = as_int(num_classes, "num_classes", 1)  # int() truncated 6.7
     transfer_kwargs = _share_training_set(classifier, head_kwargs, transfer_kwargs)
     if classifier == "linear" and head_kwargs:
         raise TypeError(
@@ -1006,14 +1023,14 @@ def create_ftl_model(
         )
     if classifier == "leap":
         try:
-            fc: nn.Module = LEAPMarginHead(emb, int(num_classes), **head_kwargs)
+            fc: nn.Module = LEAPMarginHead(emb, num_classes, **head_kwargs)
         except (TypeError, ValueError) as error:  # say which part of FTL refused
             raise type(error)(
                 "FTL's FC (classifier='leap': a LEAPMarginHead, with the feature cloud unless "
                 f"cloud=None): {error}"
             ) from error
     else:
-        fc = nn.Linear(emb, int(num_classes), bias=False)
+        fc = nn.Linear(emb, num_classes, bias=False)
     decoder = (
         ConvDecoder(feat, out_shape=decoder_shape, channels=decoder_channels)
         if decoder_shape is not None
@@ -1038,7 +1055,7 @@ def create_ftl_model(
         alpha_recon=alpha_recon,
         alpha_reg=alpha_reg,
         recon_reduction=recon_reduction,
-        transfer=FeatureTransfer(feat, int(num_classes), **transfer_kwargs),
+        transfer=FeatureTransfer(feat, num_classes, **transfer_kwargs),
     )
     model.head_weight_decay = as_bool(head_weight_decay, "head_weight_decay")
     return model
@@ -1561,6 +1578,7 @@ class FTLTask(_AllOrNothingLoad):
         """Eq. 4 on ``(input, target)`` in stages 0 and 2; in stage 1 the loss of the hard batch
         ``(input, target)``, the long-tail batch ``(tail_input, tail_target)`` and their
         transferred batch (Eq. 6)."""
+        require_target(target, "FTLTask")
         refuse_soft_target(target, "FTLTask")
         refuse_soft_target(tail_target, "FTLTask")
         has_tail = tail_input is not None or tail_target is not None

@@ -1052,6 +1052,42 @@ def test_a_finished_run_extended_starts_its_next_stage_1_with_update_stats():
     assert unbroken[len(head)] == (1, True)
 
 
+def test_ftl_model_and_metric_l2_settings_are_checked_on_assignment():
+    """Attack trial s58: ``model.alpha_sfmx = nan`` (a NaN loss), ``alpha_reg = -1`` and
+    ``alpha_recon = 1`` without a decoder (recon 0, silently; the constructor refuses it) were
+    taken, as were ``MetricL2.alpha = nan`` and ``reduction = "bogus"`` (acted as "mean");
+    half embeddings against a float32 W gave torch's dtype error, integer logits a value."""
+    model = _model(0)
+    for name, value, match in (
+        ("alpha_sfmx", float("nan"), "alpha_sfmx must be finite"),
+        ("alpha_reg", -1.0, r"alpha_reg must be in \[0.0, inf\)"),
+        ("alpha_recon", "1", "alpha_recon must be a real number"),
+    ):
+        before = getattr(model, name)
+        with pytest.raises((TypeError, ValueError), match=match):
+            setattr(model, name, value)
+        assert getattr(model, name) == before
+    model.alpha_reg = 0.5
+    assert model.alpha_reg == 0.5 and "alpha_reg=0.5" in repr(model)
+    bare = FTLModel(
+        torch.nn.Linear(3, 8), torch.nn.Linear(8, 4, bias=False), feature_dim=8, alpha_recon=0
+    )
+    with pytest.raises(ValueError, match="alpha_recon=1.0 needs a decoder"):
+        bare.alpha_recon = 1.0
+    reg = MetricL2(0.25)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        reg.alpha = float("nan")
+    with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none'"):
+        reg.reduction = "bogus"
+    assert (reg.alpha, reg.reduction) == (0.25, "mean")
+    x, w = torch.randn(4, 5), torch.randn(3, 5)
+    torch.testing.assert_close(reg(x.half(), w), reg(x.half().float(), w))
+    with pytest.raises(TypeError, match="logits must be a floating point tensor"):
+        reg.from_logits(torch.ones(4, 3, dtype=torch.long))
+    again = pickle.loads(pickle.dumps(reg))
+    assert (again.alpha, again.reduction) == (0.25, "mean")
+
+
 def test_scheduler_restoring_undoes_a_failed_load():
     """``AlternatingScheduler.restoring``: a load that fails part-way (here the statistics of
     another feature size after the schedule and the classifier loaded) leaves the schedule, the

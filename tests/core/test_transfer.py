@@ -314,6 +314,41 @@ def test_state_dict_round_trip():
     assert all(after[k].shape == v.shape and torch.equal(after[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda s: s["centers"].fill_(float("nan")), "non-finite centers"),
+        (lambda s: s["basis"].fill_(float("inf")), "non-finite basis"),
+        (lambda s: s["hard_labels"].fill_(99), r"hard_labels outside \[0, "),
+        (lambda s: s["hard_indices"].fill_(-5), "negative hard_indices"),
+        (lambda s: s.update(hard_labels=s["hard_labels"][:1]), "hard_indices and hard_labels"),
+        (lambda s: s["class_counts"].fill_(-3), "negative class_counts"),
+        (lambda s: s.update(basis=torch.randn(8, 11)), "basis has 11 components"),
+    ],
+    ids=["nan-centers", "inf-basis", "labels", "indices", "lengths", "counts", "k>D"],
+)
+def test_a_damaged_checkpoint_is_refused_before_anything_changes(edit, match):
+    """Attack trial s58: FeatureTransfer checked shapes only: NaN centers (every transferred
+    feature NaN), an inf basis, hard labels outside the classes, negative indices, lists of
+    unequal lengths, negative counts and a basis wider than D loaded silently (the head's
+    statistics refuse theirs). Refused by name, the module left as it was, as the head's."""
+    g, y, counts = _random_longtail(seed=10)
+    ft = FeatureTransfer(8, len(counts), energy=0.8, class_counts=counts)
+    ft.update_stats([(g, y)])
+    state = {k: v.clone() for k, v in ft.state_dict().items()}
+    edit(state)
+    other = FeatureTransfer(8, len(counts), energy=0.9, class_counts=counts)
+    other.update_stats([(g[: len(g) // 2], y[: len(y) // 2])])
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=f"{match}.*damaged or was edited"):
+        other.load_state_dict(state)
+    after = other.state_dict()
+    assert all(after[k].shape == v.shape and torch.equal(after[k], v) for k, v in before.items())
+    FeatureTransfer(8, len(counts), energy=0.8, class_counts=counts).load_state_dict(
+        ft.state_dict()
+    )  # the undamaged one loads
+
+
 def test_bad_configuration_fails_clearly():
     with pytest.raises(ValueError, match="k > D"):
         FeatureTransfer(4, 3, num_components=5)

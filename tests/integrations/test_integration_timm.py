@@ -16,7 +16,12 @@ from timm.task import TrainingTask, resume_task_checkpoint
 from conftest import TORCH_VERSION, run_fresh_python, run_ftl_task
 from feature_cloud import LEAPMarginHead
 from feature_cloud import functional as FC
-from feature_cloud.integrations.timm import LEAPEvaluator, LEAPTask, create_backbone_and_head
+from feature_cloud.integrations.timm import (
+    LEAPEvaluator,
+    LEAPTask,
+    create_backbone_and_head,
+    create_ftl_model,
+)
 
 C = 6
 COUNTS = [24, 24, 6, 6, 6, 6]
@@ -154,6 +159,7 @@ def test_an_unpooled_backbone_is_refused_before_it_runs():
     the task is built, and a backbone reset to ``global_pool=''`` later before it runs."""
     from conftest import assert_same_state, state_snapshot
 
+    x = _images(COUNTS, 0)[0][:3]
     for build in (_task, _ftl_task):
         with pytest.raises(ValueError, match="global_pool=''.*unpooled feature maps"):
             build(model_kwargs=dict(global_pool=""))
@@ -208,9 +214,32 @@ def test_from_timm_refuses_num_classes_in_model_kwargs_and_forwards_timm_attribu
     assert module(torch.randn(2, 3, 32, 32)).shape == (2, module.num_classes)
 
 
+def test_a_missing_target_and_a_fractional_num_classes_are_refused_before_work():
+    """timm trial s58: ``task(x, None)`` ran the backbone (its BatchNorm statistics moved)
+    and then unpacked the logits: a batch of 8 failed with "too many values to unpack", a batch
+    of 3 returned rows of the logits as the loss silently. ``from_timm(name, 6.7)`` built a
+    6-class head (``int()``), ``"6"`` too; the head itself refuses both."""
+    from conftest import assert_same_state, state_snapshot
+
+    x = _images(COUNTS, 0)[0][:3]
+    for build in (_task, _ftl_task):
+        task = build()
+        task.train()
+        before = state_snapshot(task)
+        with pytest.raises(TypeError, match=r"needs the batch's class indices: task\(input, targ"):
+            task(x, None)
+        assert_same_state(before, state_snapshot(task))
+    assert _task().trainable_module(x).shape == (3, C)  # the logits, as the message says
+    for bad in (6.7, "6"):
+        with pytest.raises(TypeError, match="num_classes"):
+            LEAPTask.from_timm("test_resnet", bad, class_counts=COUNTS, verbose=False)
+        with pytest.raises(TypeError, match="num_classes"):
+            create_ftl_model("test_resnet", bad)
+
+
 def test_timm_mixup_targets_are_refused_and_label_smoothing_is_the_tasks():
-    """timm's train.py mixes by default (Mixup / CutMix give (B, C) soft targets; so does its
-    loader-side smoothing): refused with what to do, for LEAPTask and FTLTask alike;
+    """timm's train.py with --mixup / --cutmix (Mixup / CutMix give (B, C) soft targets, its
+    smoothing folded in): refused with what to do, for LEAPTask and FTLTask alike;
     ``label_smoothing`` is applied inside the margin loss instead."""
     from timm.data import Mixup
 
