@@ -14,11 +14,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
 from types import FrameType
-from typing import Callable, Optional, Sequence, Set, TextIO, Type, Union
+from typing import Callable, Iterator, Optional, Sequence, Set, TextIO, Type, Union
 
 __all__ = ["main", "build_parser"]
 
@@ -618,6 +619,13 @@ def _run_evaluate(args: argparse.Namespace, log) -> None:
         out=args.out,
         device=args.device,
     )
+    if args.resume and not os.path.exists(args.out):  # a mistyped --out retrained all, silently
+        warnings.warn(
+            f"--resume: {args.out!r} does not exist, so there is nothing to resume: every run "
+            "trains (check the path if you meant to continue an evaluation)",
+            UserWarning,
+            stacklevel=2,
+        )
     ignored = _ignored_options(args, methods)
     if ignored:
         warnings.warn(
@@ -733,13 +741,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # a path's undecodable bytes (a folder name that is not UTF-8) as backslash escapes: a
     # strict stdout never stops a finished evaluation
     log = (lambda *_: None) if args.quiet else (lambda text="": print(printable(str(text))))
-    with warnings.catch_warnings():  # the package's warnings as one CLI line (even --quiet)
-        warnings.showwarning = _show_warning
+    with warnings.catch_warnings(), _terminate_as_interrupt():
+        warnings.showwarning = _show_warning  # the package's warnings as one CLI line
         _SHOWN.clear()
         try:
             return _main(args, log, progress_before, threads_before)
         finally:
             _SHOWN.clear()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, Slurm, ``docker stop``) delivered as an interrupt: the command
+    stops as on Ctrl-C (finished runs kept, an empty ``--out`` removed, what to do said), with
+    exit status 143."""
+
+
+def _raise_terminated(signum: int, frame: Optional[FrameType]) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` while a command runs (it killed the process without a
+    word and left an empty ``--out`` folder); only in the main thread and where SIGTERM has its
+    default action (an embedding program's own handler stays)."""
+    import signal
+    import threading
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 #: the package's warnings :func:`_show_warning` printed in this command: each once, as Python's
@@ -888,9 +927,10 @@ def _main(
         where = f": {exc.filename!r}" if exc.filename else ""
         print(f"feature-cloud: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: what was kept and how to go on, not a traceback
-        print(f"\nfeature-cloud: interrupted; {_interrupted(args)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C / SIGTERM: what was kept and how to go on
+        what = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(f"\nfeature-cloud: {what}; {_interrupted(args)}", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     finally:  # leave the process as we found it (main() is also called in-process)
         set_progress(progress_before)
         torch.set_num_threads(threads_before)

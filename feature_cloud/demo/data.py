@@ -487,8 +487,35 @@ def scan_imagefolder(root: str) -> Tuple[List[str], List[str]]:
     if said:  # loose files alone (a README.txt): named, without the layout advice
         loose_only = all(what[0] == "loose file at the top" for what, _ in said)
         warn_user(f"{root!r}: left out {summary}." + ("" if loose_only else f" {rule}"))
+    paths, ids = _once_per_file(root, paths, ids)
     _warn_same_normalized(root, sorted(set(ids)))
     return paths, ids
+
+
+def _once_per_file(root: str, paths: List[str], ids: List[str]) -> Tuple[List[str], List[str]]:
+    """Image files that are one file (a symlink to another image) read once, the file itself
+    kept rather than a link to it, the others named in a warning: counted twice, the same photo
+    could land in the training and the test images (eval trial s58)."""
+    where: Dict[str, List[int]] = {}
+    for i, path in enumerate(paths):
+        where.setdefault(os.path.realpath(path), []).append(i)
+    dropped: List[int] = []
+    for group in where.values():
+        if len(group) > 1:
+            real = [i for i in group if not os.path.islink(paths[i])]
+            kept = (real or group)[0]
+            dropped += [i for i in group if i != kept]
+    if not dropped:
+        return paths, ids
+    gone = set(dropped)
+    named = [os.path.relpath(paths[i], root) for i in sorted(gone)]
+    warn_user(
+        f"{root!r}: {counted(len(named), 'image file is', 'image files are')} the same file as "
+        f"another one read (a symlink), read once: left out {', '.join(named[:5])}"
+        + (", ..." if len(named) > 5 else "")
+    )
+    keep = [i for i in range(len(paths)) if i not in gone]
+    return [paths[i] for i in keep], [ids[i] for i in keep]
 
 
 def _warn_same_normalized(root: str, names: List[str]) -> None:

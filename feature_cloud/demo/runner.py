@@ -304,7 +304,14 @@ def evaluate_method(
     fc = M.correct_predictions(logits, eval_y)
     put("fc_acc", M.head_tail(fc, is_head_q))
     # head test samples the FC gives to a tail class ("fc_cross_head") and the reverse
-    put("fc_cross", M.head_tail(M.cross_group_predictions(logits, eval_y, head), is_head_q))
+    cross = M.head_tail(M.cross_group_predictions(logits, eval_y, head), is_head_q)
+    # without test samples of the other group there is no other group to mistake it for: n/a, as
+    # that group's own columns (a 0.0 read as "no confusion")
+    if not bool((~is_head_q).any()):
+        cross["head"] = math.nan
+    if not bool(is_head_q.any()):
+        cross["tail"] = math.nan
+    put("fc_cross", cross)
     # the same FC against the class weights themselves (a LEAP head classifies with prototypes)
     fcw = M.correct_predictions(model.classify_weights(f_eval.to(dev)).cpu(), eval_y)
     put("fcw_acc", M.head_tail(fcw, is_head_q))

@@ -505,6 +505,8 @@ def render_evaluation(path: str, log: Callable[[str], None] = print) -> Dict[str
     pieces = [("summary.md", "\n".join(text))]
     if len(prows) > 1:
         mixed = f"**Note**: {note}.\n\n" if note is not None else ""
+        # paired.md alone (eval trial s58: only summary.md said a run was partial)
+        mixed = (f"**Partial**: the evaluation {partial}.\n\n" if partial else "") + mixed
         pieces.append(("paired.md", _PAIRED_NOTE + "\n\n" + mixed + _markdown(prows) + "\n"))
     else:  # no method with its baseline: a note, not an empty table (no paired.csv / .json)
         pieces.append(("paired.md", no_pairs_note(results) + "\n"))
@@ -1001,6 +1003,12 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
     if len(paths) < 2:
         raise ValueError("merge_runs needs at least two run directories")
     _refuse_overwriting_a_run(out, paths)
+    where: Dict[str, str] = {}
+    for p in paths:  # the same folder (or results.json) twice: said so, not "in both X and X"
+        real = os.path.realpath(p if os.path.isdir(p) else os.path.dirname(p) or ".")
+        if real in where:
+            raise ValueError(f"{p} is given twice (as {where[real]}): pool different runs")
+        where[real] = p
     check_writable(out)
     runs = [(p, load_results(p)) for p in paths]
     for p, res in runs:

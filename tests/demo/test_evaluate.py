@@ -714,6 +714,10 @@ def test_report_pools_the_seeds_of_separate_runs(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", out["a"], out["all"], "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "seed 0 is in both" in capsys.readouterr().err
+    # the same folder twice (eval trial s58: "seed 0 is in both A and A")
+    twice = ["report", out["a"], out["a"] + "/", "--out", str(tmp_path / "x"), "--quiet"]
+    assert main(twice) == 2
+    assert f"{out['a']}/ is given twice (as {out['a']})" in capsys.readouterr().err
     assert main(common + ["--seeds", "3", "--epochs", "1", "--out", out["c"]]) == 0
     capsys.readouterr()
     assert main(["report", out["a"], out["c"], "--out", str(tmp_path / "y"), "--quiet"]) == 2
@@ -954,6 +958,50 @@ def test_report_pools_cloud_free_runs_across_cloud_defaults(tmp_path, capsys):
         assert json.load(fh)["config_b_vs_a"] == {}
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGTERM"), reason="no SIGTERM")
+def test_sigterm_stops_an_evaluation_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    """Eval trial s58: SIGTERM (``timeout``, Slurm, ``docker stop``) killed the process without a
+    word (exit -15) and left an empty ``--out``; Ctrl-C said what was kept and removed it. Now
+    SIGTERM stops it the same way (exit 143), and the default action is back afterwards."""
+    import signal
+
+    import feature_cloud.evaluate.runner as R
+    from feature_cloud.cli import main
+
+    p = str(tmp_path / "d.npz")
+    _tiny_npz(p)
+    common = ["evaluate", p, "--protocol", "natural", "-T", "5", "--n-test", "1", "--quiet"]
+    common += ["--methods", "cosface", "--epochs", "1", "--batch-size", "8", "--seeds", "0", "1"]
+    common += ["--embedding-size", "8", "--image-size", "8", "8"]
+    real, calls = R.train_model, []
+
+    def terminated_at(n):
+        def train(*args, **kwargs):
+            if len(calls) == n:
+                os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread: raises
+            calls.append(args[0])
+            return real(*args, **kwargs)
+
+        return train
+
+    monkeypatch.setattr(R, "train_model", terminated_at(0))
+    first = tmp_path / "first"
+    assert main(common + ["--out", str(first)]) == 143
+    err = capsys.readouterr().err
+    assert "terminated (SIGTERM); no run finished" in err, err
+    assert not first.exists()  # the empty folder removed, as on Ctrl-C
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    calls.clear()
+    monkeypatch.setattr(R, "train_model", terminated_at(1))
+    later = tmp_path / "later"
+    assert main(common + ["--out", str(later)]) == 143
+    assert "1 finished run saved in" in capsys.readouterr().err
+    with open(later / "results.json") as fh:
+        assert len(json.load(fh)["runs"]) == 1
+    monkeypatch.setattr(R, "train_model", real)
+    assert main(common + ["--out", str(later), "--resume"]) == 0
+
+
 def test_evaluate_writes_every_run_and_resume_trains_only_the_missing_ones(
     tmp_path, capsys, monkeypatch
 ):
@@ -975,8 +1023,12 @@ def test_evaluate_writes_every_run_and_resume_trains_only_the_missing_ones(
         with open(os.path.join(d, f)) as fh:
             return json.load(fh) if f.endswith(".json") else fh.read()
 
-    # --resume without a results file: an ordinary run
+    # --resume without a results file: an ordinary run, said where --out does not exist (a
+    # mistyped --out retrained everything silently: eval trial s58)
+    capsys.readouterr()
     assert main(common + ["--out", whole, "--resume"]) == 0
+    said = capsys.readouterr().err
+    assert f"--resume: {whole!r} does not exist, so there is nothing to resume" in said, said
     assert load(whole, "results.json")["complete"] is True
 
     real, calls = R.train_model, []
@@ -1000,6 +1052,7 @@ def test_evaluate_writes_every_run_and_resume_trains_only_the_missing_ones(
     assert not os.path.exists(os.path.join(part, "results.json.tmp"))
     assert main(["report", part, "--quiet"]) == 0  # a partial run renders, and says so
     assert "**Partial**: the evaluation stopped after 2 of 4 runs" in load(part, "summary.md")
+    assert "**Partial**: the evaluation stopped after 2 of 4 runs" in load(part, "paired.md")
     assert ", 2 epochs, seeds [0, 1])" in load(part, "summary.md").splitlines()[0]
 
     # refused before training or writing: another configuration; runs outside --seeds

@@ -98,6 +98,18 @@ def test_a_symlinked_identity_folder_is_one_identity_named_in_a_warning(tmp_path
     assert data.x.shape[0] == sum(SIZES)
 
 
+def test_a_symlinked_image_file_is_read_once_named_in_a_warning(tmp_path):
+    """Eval trial s58: ``id0/link.png`` -> ``id0/<an image>`` was read as a second image (the
+    same photo could be a training and a test image); read once, the file itself kept."""
+    root = tmp_path / "faces"
+    _folder(root)
+    first = sorted(os.listdir(root / "id0"))[0]
+    os.symlink(root / "id0" / first, root / "id0" / "a_link.png")  # sorts first: the file kept
+    with pytest.warns(UserWarning, match=r"1 image file is the same file .*left out id0.a_link"):
+        data = load_dataset(str(root), (8, 8))
+    assert data.x.shape[0] == sum(SIZES)
+
+
 def test_warnings_name_the_identities_left_out_in_singular_or_plural(tmp_path, capsys):
     root = tmp_path / "faces"
     _folder(root, sizes=(9, 8, 6, 5, 4, 2), names=["ann", "bob", "cy", "di", "ed", "Flo Z"])
@@ -390,8 +402,12 @@ def test_hs_head_counts_and_the_h_hint_leave_out_the_identities_left_out(tmp_pat
         in (out / "summary.md").read_text()
     )
     with open(out / "results.json") as fh:
-        split = json.load(fh)["splits"]["0"]
+        saved = json.load(fh)
+    split = saved["splits"]["0"]
     assert split["head"] == [True] * 4 + [False] * 2 and split["head_classes"] == 4
+    # no tail: "FC head→tail" is n/a as the tail columns (eval trial s58: it read 0.0)
+    metrics = saved["runs"][0]["metrics"]
+    assert metrics["fc_cross_head"] is None and metrics["fc_acc_tail"] is None, metrics
     # a file of an earlier release marked the left-out "ed" (2 images) head: the same images
     # and numbers, so it still resumes with more seeds and compares (review of the fix: both
     # refused, "a different split")
