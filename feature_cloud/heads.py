@@ -1050,6 +1050,8 @@ class LEAPMarginHead(
         int64."""
         train = self.training and torch.is_grad_enabled()
         cloud = self.feature_cloud
+        if not self.training and torch.is_grad_enabled() and not is_compiling():
+            self._warn_eval_training()
         labels = cloud.check(
             embeddings,
             labels,
@@ -1065,6 +1067,25 @@ class LEAPMarginHead(
             self._imprint(cloud, train, counted)
         std, key = cloud.advance(embeddings, labels, train=train)
         return std, key, labels
+
+    def _warn_eval_training(self) -> None:
+        """Once: a loss with gradients in eval mode while ``W`` trains is the plain margin loss
+        (no cloud, no statistics): LEAP is off silently where a loop's ``backbone.train()``
+        after validation does not reach a head kept outside the model (Lightning trial s58).
+        A frozen ``W`` (FTL's stage 2, a fixed classifier) says nothing."""
+        if (
+            self.__dict__.get("_warned_eval")
+            or self.feature_cloud.rule is None
+            or not self.weight.requires_grad
+        ):
+            return
+        self._warned_eval = True
+        warn_user(
+            "LEAPMarginHead is in eval mode but computes a loss with gradients while its weight "
+            "trains: the plain margin loss, without the cloud or a statistics update (LEAP is "
+            "off). Call head.train() with the backbone (a head outside the model is not reached "
+            "by model.train()), or compute validation losses under torch.no_grad()."
+        )
 
     def _imprint(self, cloud: FeatureCloud, train: bool, counted: bool) -> None:
         """The imprint of this step (:func:`imprint_weight`)."""

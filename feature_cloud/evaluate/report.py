@@ -1003,13 +1003,13 @@ def merge_runs(paths: Sequence[str], out: str) -> str:
     if len(paths) < 2:
         raise ValueError("merge_runs needs at least two run directories")
     _refuse_overwriting_a_run(out, paths)
+    check_writable(out)
     where: Dict[str, str] = {}
     for p in paths:  # the same folder (or results.json) twice: said so, not "in both X and X"
         real = os.path.realpath(p if os.path.isdir(p) else os.path.dirname(p) or ".")
         if real in where:
             raise ValueError(f"{p} is given twice (as {where[real]}): pool different runs")
         where[real] = p
-    check_writable(out)
     runs = [(p, load_results(p)) for p in paths]
     for p, res in runs:
         if res.get("kind") != "evaluate":

@@ -560,3 +560,31 @@ def test_return_top1_must_be_a_flag():
             head(x, y, return_top1=value)
     assert all(torch.equal(v, state[k]) for k, v in head.state_dict().items())
     assert isinstance(head(x, y, return_top1=np.bool_(True)), tuple)
+
+
+def test_a_loss_in_eval_mode_while_the_weight_trains_warns_once():
+    """Lightning trial s58: a loop that calls ``backbone.train()`` after validation but keeps
+    the head outside the model trained on the plain margin loss in eval mode (no cloud, no
+    statistics, the step frozen), silently. Said once; ``no_grad`` validation, a frozen ``W``
+    and ``cloud=None`` say nothing."""
+    import warnings
+
+    from conftest import make_batch
+
+    x, y = make_batch(0, 16, 8, 6)
+    head = LEAPMarginHead(8, 6, class_counts=[30, 30, 3, 3, 2, 2], seed=0).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            head(x, y)
+        LEAPMarginHead(8, 6, cloud=None).eval()(x, y)
+        frozen = LEAPMarginHead(8, 6, class_counts=[30, 30, 3, 3, 2, 2], seed=0).eval()
+        frozen.weight.requires_grad_(False)
+        frozen(x, y)
+    with pytest.warns(UserWarning, match="eval mode but computes a loss with gradients") as w:
+        head(x, y)
+    assert w[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head(x, y)  # once
+    assert int(head.feature_cloud.step) == 0
