@@ -186,6 +186,18 @@ def value_range(t: Tensor) -> tuple[Tensor, Tensor]:
     return torch.stack([p[0] for p in parts]).amin(), torch.stack([p[1] for p in parts]).amax()
 
 
+def raise_for_damage(checks: Dict[str, Tensor], where: str) -> None:
+    """The load checks' verdict: ``checks`` maps a problem's name to a 0-d bool tensor (on any
+    device); one host read for all of them, and a ``ValueError`` naming each one found in the
+    checkpoint's ``where`` (damaged or edited)."""
+    flags = torch.stack([c.to("cpu") for c in checks.values()]).tolist() if checks else []
+    bad = [name for name, flag in zip(checks, flags) if flag]
+    if bad:
+        raise ValueError(
+            f"checkpoint's {where} holds {', '.join(bad)}: the checkpoint is damaged or was edited"
+        )
+
+
 def any_nonfinite(t: Tensor) -> Tensor:
     """A 0-d bool tensor on ``t``'s device: whether ``t`` holds a NaN or an infinite value. The
     load checks' finiteness test: one ``aminmax`` pass (it propagates NaN and +-inf into its

@@ -285,11 +285,15 @@ def metric_l2_from_logits(logits: Tensor, reduction: str = "mean") -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def batch_class_means(features: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+def batch_class_means(
+    features: Tensor, labels: Tensor, features_max: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """For each sample, the mean feature of its class within the batch, and that class's count.
 
     Returns ``(means (B, D), counts (B,))``. Rows with ``labels < 0`` get count 0 and mean 0.
     Uses a ``B x B`` same-label matrix, so it costs ``O(B^2 D)`` whatever the number of classes.
+    ``features_max``: the rows' max-abs ``(B, 1)`` where the caller has it (as
+    :func:`angles_to_centers`), spared a second pass over the features.
     """
     valid = labels >= 0
     same = (labels.unsqueeze(0) == labels.unsqueeze(1)) & valid.unsqueeze(0) & valid.unsqueeze(1)
@@ -297,7 +301,8 @@ def batch_class_means(features: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]
     # summed at the batch's power-of-two scale (exact: the same means bit for bit), so that
     # huge finite features (norm ~1e37 in float32) do not overflow the sum to inf
     # (2**(e - 1) <= max-abs < 2**e: 2**e itself overflows at float32's top exponent)
-    scale = torch.exp2(torch.frexp(features.abs().amax()).exponent.to(features.dtype) - 1)
+    top = (features.abs() if features_max is None else features_max).amax()
+    scale = torch.exp2(torch.frexp(top).exponent.to(features.dtype) - 1)
     means = same.to(features.dtype) @ (features / scale)
     return means / counts.clamp_min(1).unsqueeze(1).to(features.dtype) * scale, counts
 

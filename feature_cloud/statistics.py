@@ -25,6 +25,7 @@ from ._validation import (
     checked_attribute,
     fixed_setting,
     migrate_checked,
+    raise_for_damage,
     refuse_other_shape,
     value_range,
     warn_user,
@@ -488,7 +489,7 @@ class ClassStatistics(KeepBufferDtypes):
         y_w = y[rows]
         staged = materialized if is_compiling() else _unchanged
 
-        batch_mean, _ = FC.batch_class_means(features, labels)
+        batch_mean, _ = FC.batch_class_means(features, labels, features_max=top)
         old_centers = self.centers[y]
         appearances = self.center_updates[y] + 1
         rate = FC.center_rate(self.gamma, appearances, adaptive=self.center_rate == "adaptive")
@@ -726,13 +727,7 @@ class ClassStatistics(KeepBufferDtypes):
             if late is not None:
                 outside = outside | (stamp > late.to(stamp.device))
             checks["memory_stamp outside [-1, num_updates]"] = outside.any()
-        flags = torch.stack([c.to("cpu") for c in checks.values()]).tolist() if checks else []
-        bad = [name for name, flag in zip(checks, flags) if flag]
-        if bad:
-            raise ValueError(
-                f"checkpoint's {prefix.rstrip('.')} holds {', '.join(bad)}: the checkpoint is "
-                "damaged or was edited"
-            )
+        raise_for_damage(checks, prefix.rstrip("."))
 
     def _check_memory_layout(self, state_dict: Dict[str, Any], prefix: str) -> None:
         """A laid-out memory's index buffers as :meth:`allocate_memory` leaves them (an edited

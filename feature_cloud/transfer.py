@@ -33,6 +33,7 @@ from ._validation import (
     as_int,
     check_class_counts,
     check_labels,
+    raise_for_damage,
     warn_user,
 )
 
@@ -564,14 +565,7 @@ class FeatureTransfer(KeepBufferDtypes):
             value = present.get(name)
             if value is not None and value.numel():
                 checks[f"negative {name}"] = (value < 0).any()
-        flags = torch.stack([c.to("cpu") for c in checks.values()]).tolist() if checks else []
-        bad = [name for name, flag in zip(checks, flags) if flag]
-        if bad:
-            where = prefix.rstrip(".") or "FeatureTransfer"
-            raise ValueError(
-                f"checkpoint's {where} holds {', '.join(bad)}: the checkpoint is damaged or was "
-                "edited"
-            )
+        raise_for_damage(checks, prefix.rstrip(".") or "FeatureTransfer")
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         # every shape checked before a data-sized buffer is resized: a refused checkpoint leaves
