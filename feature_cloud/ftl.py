@@ -57,7 +57,7 @@ from ._validation import (
 from .checkpoints import CheckedBeforeLoading
 from .heads import LEAPMarginHead
 from .regularizers import MetricL2, warn_metric_l2_with_margin
-from .sync import collective_device, is_distributed, range_over_ranks
+from .sync import agree_on_outcome, collective_device, is_distributed, range_over_ranks
 from .transfer import FeatureBatch, FeatureTransfer
 
 __all__ = [
@@ -816,13 +816,23 @@ def data_parallel_shard(
     return r, w
 
 
-def _check_same_data(summary: Tensor, group: Any) -> None:
+class _PeerFailed(Exception):
+    """Another rank's UpdateStats pass failed (its error follows, agreed on by every rank)."""
+
+
+def _check_same_data(summary: Tensor, group: Any, failed: bool = False) -> None:
     """Raise ``ValueError`` on every rank unless ``summary`` (what a rank's UpdateStats pass
-    read: per-class counts, then sample count and index checksums) is the same on every rank."""
-    lows, highs = range_over_ranks(summary, group)
+    read: per-class counts, then sample count and index checksums) is the same on every rank;
+    :class:`_PeerFailed` where some rank's pass ``failed`` before it (that rank: nothing)."""
+    flag = summary.new_tensor([int(failed)])
+    lows, highs = range_over_ranks(torch.cat([summary, flag]), group)
+    if failed:
+        return
+    if highs[-1]:
+        raise _PeerFailed()
     if lows == highs:
         return
-    lo, hi = lows[-3], highs[-3]  # the sample count: 3rd from the end
+    lo, hi = lows[-4], highs[-4]  # the sample count: 4th from the end (then 2 sums, the flag)
     raise ValueError(
         "update_stats(): the ranks read different samples (between "
         f"{lo} and {hi} samples a rank, or other indices or labels): a sharded loader "
@@ -1426,20 +1436,24 @@ class AlternatingScheduler:
         does (a plain ``DataLoader``, not a ``DistributedSampler`` shard). At the end of the
         first pass the ranks compare what they read (per-class image counts and a checksum of
         the indices); ranks that read different samples (a sharded loader) are refused with a
-        ``ValueError`` on every rank, before the statistics change. After the second pass rank
-        0's statistics are broadcast, so they are bit-identical on every rank (the hard list and
-        long-tail pool that the loaders share out included) even where the ranks' encoders
-        differ slightly (BatchNorm running statistics of the last step, non-deterministic
-        kernels).
+        ``ValueError`` on every rank, before the statistics change; an error of one rank's pass
+        (its copy of the data, its encoder) is raised on every rank too, naming that rank
+        (:func:`~feature_cloud.sync.agree_on_outcome`), and no rank's statistics change. After
+        the second pass rank 0's statistics are broadcast, so they are bit-identical on every
+        rank (the hard list and long-tail pool that the loaders share out included) even where
+        the ranks' encoders differ slightly (BatchNorm running statistics of the last step,
+        non-deterministic kernels).
         """
         model = self.model
         was_training = model.encoder.training
-        c = model.feature_transfer.num_classes
+        ft = model.feature_transfer
+        c = ft.num_classes
         passes: List[Tensor] = []  # the first pass's image counts
         group = process_group
         if process_group is not None and not (dist.is_available() and dist.is_initialized()):
             raise ValueError("process_group given, but torch.distributed is not initialised")
         parallel = is_distributed(group)
+        checked: List[bool] = []  # data parallel: this rank took part in the first pass's check
 
         def features() -> Iterator[FeatureBatch]:
             counts = None if passes else torch.zeros(c, dtype=torch.long, device=self._device())
@@ -1469,19 +1483,37 @@ class AlternatingScheduler:
             if counts is not None:
                 passes.append(counts)
                 if parallel:  # every rank the same samples, before the statistics change
+                    checked.append(True)
                     _check_same_data(torch.cat([counts, digest]), group)
                 if bool(counts.sum() > 0):  # before the statistics change
                     self.check_class_counts(counts)
-                    warn_given_counts_disagree(model.feature_transfer, counts)
+                    warn_given_counts_disagree(ft, counts)
 
         model.encoder.eval()
         try:
-            summary = model.feature_transfer.update_stats(features)
+            if not parallel:
+                summary = ft.update_stats(features)
+            else:
+                # a pass that fails on some ranks only (a NaN image, a bad label, a shuffling
+                # loader in that rank's copy of the data) is raised on every rank, before any
+                # rank's statistics change: the ranks agree on the outcome before the commit
+                problem: Optional[Exception] = None
+                try:
+                    stats = ft.compute_stats(features)
+                except _PeerFailed:  # another rank's error: raised below with its message
+                    pass
+                except Exception as exc:
+                    problem = exc
+                    if not checked:  # failed in the first pass: the others wait in its check
+                        empty = torch.zeros(c + 3, dtype=torch.long, device=self._device())
+                        _check_same_data(empty, group, failed=True)
+                agree_on_outcome(problem, self._device(), group)
+                summary = ft.commit_stats(stats)
         finally:
             model.encoder.train(was_training and "encoder" not in model.frozen)
         if parallel:  # the summary of what this rank now holds: rank 0's, on every rank
-            _broadcast_own_buffers(model.feature_transfer, group)
-            summary = _held_summary(model.feature_transfer, passes[0])
+            _broadcast_own_buffers(ft, group)
+            summary = _held_summary(ft, passes[0])
         self.needs_stats = False
         return summary
 

@@ -323,15 +323,40 @@ def _ranks(ranks: List[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
+_AGREED_TYPES = (TypeError, RuntimeError)  # kept as they are; any other error: ValueError
+
+
 def _raise_agreed_problem(problem: Optional[Exception], group: ProcessGroup, world: int) -> None:
     """Every rank knows that some rank's arguments were bad (:func:`agree_on_batch`): all take
-    part in one more collective (an error path only) and raise the lowest such rank's error."""
-    mine = None if problem is None else (type(problem) is TypeError, str(problem))
-    errors: List[Optional[Tuple[bool, str]]] = [None] * world
+    part in one more collective (an error path only) and raise the lowest such rank's error
+    (a ``TypeError`` or ``RuntimeError`` stays one, anything else is a ``ValueError``; on the
+    failing rank raised from its own)."""
+    kind = next((t.__name__ for t in _AGREED_TYPES if isinstance(problem, t)), "ValueError")
+    mine = None if problem is None else (kind, str(problem))
+    errors: List[Optional[Tuple[str, str]]] = [None] * world
     dist.all_gather_object(errors, mine, group=group)
-    first, (is_type_error, message) = next((r, e) for r, e in enumerate(errors) if e is not None)
-    exc = TypeError if is_type_error else ValueError
-    raise exc(f"{message} (rank {first} of {world}; raised on every rank)")
+    first, (name, message) = next((r, e) for r, e in enumerate(errors) if e is not None)
+    exc = next((t for t in _AGREED_TYPES if t.__name__ == name), ValueError)
+    raise exc(f"{message} (rank {first} of {world}; raised on every rank)") from problem
+
+
+def agree_on_outcome(
+    problem: Optional[Exception], device: torch.device, group: ProcessGroup
+) -> None:
+    """Every rank of ``group`` says whether its part of a collective operation failed
+    (``problem``, this rank's exception, or ``None``) before any rank keeps its result: one MAX
+    all-reduce and one host read; where some rank failed, every rank raises that rank's error
+    (the lowest such rank's, naming it; :func:`_raise_agreed_problem`), so none is left waiting
+    in a later collective. Without a process group, ``problem`` is raised as it is."""
+    rank, world = _rank_world(group)
+    if world == 1:
+        if problem is not None:
+            raise problem
+        return
+    flag = torch.tensor([int(problem is not None)], dtype=torch.long, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if flag.item():
+        _raise_agreed_problem(problem, group, world)
 
 
 # eagerly under torch.compile: dynamo does not trace all_gather_object (a problem found while

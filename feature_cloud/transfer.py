@@ -62,6 +62,25 @@ class FeatureBatch(NamedTuple):
 FeatureSource = Union[Iterable[Any], Callable[[], Iterable[Any]]]
 
 
+class UpdatedStats(NamedTuple):
+    """New statistics of :meth:`FeatureTransfer.compute_stats`, not yet taken (float64
+    centers, covariance, eigenvalues and mean distances; the buffers' names otherwise)."""
+
+    centers: Tensor
+    has_center: Tensor
+    counts: Tensor
+    regular: Tensor
+    covariance: Tensor
+    eigenvalues: Tensor
+    mean_distance: Tensor
+    basis: Tensor
+    hard_indices: Tensor
+    hard_labels: Tensor
+    tail_indices: Tensor
+    tail_labels: Tensor
+    num_regular_samples: int
+
+
 class FeatureTransfer(KeepBufferDtypes):
     r"""FTL feature transfer: UpdateStats() of Algorithm 1 and the transfer of Eq. 6.
 
@@ -275,8 +294,14 @@ class FeatureTransfer(KeepBufferDtypes):
         ``source``: a re-iterable of :class:`FeatureBatch` (or tuples ``(features, labels[,
         indices[, flipped[, keep]]])``) or a zero-argument callable returning a fresh one. Returns
         a summary (``num_components``, ``explained_energy``, ``num_hard``, ``num_regular_classes``,
-        ``num_tail_classes``, ``num_regular_samples``).
+        ``num_tail_classes``, ``num_regular_samples``). Nothing changes unless both passes succeed.
         """
+        return self.commit_stats(self.compute_stats(source))
+
+    @torch.no_grad()
+    def compute_stats(self, source: FeatureSource) -> UpdatedStats:
+        """The two passes of :meth:`update_stats` without changing this module: the new
+        statistics, for :meth:`commit_stats` (data parallel, the ranks agree in between)."""
         open_pass = self._opener(source)
         dev = self.centers.device
         c, d = self.num_classes, self.feature_dim
@@ -394,30 +419,49 @@ class FeatureTransfer(KeepBufferDtypes):
         dists = torch.cat(reg_dist)
         labs = torch.cat(reg_lab)
         hard = FC.ftl_hard_mask(dists, labs, mean_distance, regular)
+        return UpdatedStats(
+            centers64,
+            has_center,
+            counts,
+            regular,
+            covariance,
+            evals,
+            mean_distance,
+            basis,
+            torch.cat(reg_idx)[hard],
+            labs[hard],
+            torch.cat(tail_idx),
+            torch.cat(tail_lab),
+            n_total,
+        )
 
-        # commit everything together
-        self.centers.copy_(centers64.to(self.centers.dtype))
-        self.has_center.copy_(has_center)
+    @torch.no_grad()
+    def commit_stats(self, stats: UpdatedStats) -> Dict[str, Any]:
+        """Take the statistics of :meth:`compute_stats` (all together); returns the summary of
+        :meth:`update_stats`."""
+        self.centers.copy_(stats.centers.to(self.centers.dtype))
+        self.has_center.copy_(stats.has_center)
         if not self._counts_given:
-            self.class_counts.copy_(counts)
-        self.regular.copy_(regular)
-        self.covariance.copy_(covariance)
-        self.eigenvalues.copy_(evals)
-        self.mean_distance.copy_(mean_distance.to(self.mean_distance.dtype))
+            self.class_counts.copy_(stats.counts)
+        self.regular.copy_(stats.regular)
+        self.covariance.copy_(stats.covariance)
+        self.eigenvalues.copy_(stats.eigenvalues)
+        self.mean_distance.copy_(stats.mean_distance.to(self.mean_distance.dtype))
         # the resized buffers as normal tensors when the statistics were computed inside
         # torch.inference_mode() (the transfer differentiates through basis in stage 1)
-        self.basis = _normal(basis.to(torch.float32).contiguous())  # a loaded one's layout
-        self.hard_indices = _normal(torch.cat(reg_idx)[hard].to(torch.long))
-        self.hard_labels = _normal(labs[hard].to(torch.long))
-        self.tail_indices = _normal(torch.cat(tail_idx).to(torch.long))
-        self.tail_labels = _normal(torch.cat(tail_lab).to(torch.long))
+        self.basis = _normal(stats.basis.to(torch.float32).contiguous())  # a loaded one's layout
+        self.hard_indices = _normal(stats.hard_indices.to(torch.long))
+        self.hard_labels = _normal(stats.hard_labels.to(torch.long))
+        self.tail_indices = _normal(stats.tail_indices.to(torch.long))
+        self.tail_labels = _normal(stats.tail_labels.to(torch.long))
+        regular, has_center = stats.regular, stats.has_center
         return {
             "num_components": self.num_components,
             "explained_energy": self.explained_energy,
             "num_hard": int(self.hard_indices.numel()),
-            "num_regular_classes": int(regular_seen.sum()),
+            "num_regular_classes": int((regular & has_center).sum()),
             "num_tail_classes": int((has_center & ~regular).sum()),
-            "num_regular_samples": n_total,
+            "num_regular_samples": stats.num_regular_samples,
         }
 
     # ------------------------------------------------------------------ helpers

@@ -236,10 +236,63 @@ def check_sharded_stats_loader_is_refused(rank: int, world: int) -> None:
     assert [b[2].tolist()[rank * B : (rank + 1) * B] for b in one[0]] == mine
 
 
+def check_update_stats_failing_on_one_rank(rank: int, world: int) -> None:
+    """An UpdateStats pass that fails on one rank only (its copy of the data: a NaN image, a
+    label out of range, a shuffling loader without indices) raises that rank's error on every
+    rank, naming it, and no rank's statistics change; the next UpdateStats runs on every rank
+    (the ranks' collectives still line up). It left the others waiting in their next collective
+    until the group's timeout (distributed trial s58)."""
+    model = _model()
+    sched = AlternatingScheduler(model, stage0_iters=0, stage_iters=2, seed=3)
+    ds = _dataset()
+    x, y = ds.dataset.tensors  # type: ignore[attr-defined]
+    before = copy.deepcopy(model.feature_transfer.state_dict())
+
+    def unchanged() -> None:
+        assert sched.needs_stats
+        for name, value in model.feature_transfer.state_dict().items():
+            assert torch.equal(value, before[name]), name
+
+    # first pass, rank 1: a NaN image (its encoder's features are NaN)
+    bad_x = x.clone()
+    if rank == 1:
+        bad_x[100] = float("nan")
+    nan = IndexedDataset(TensorDataset(bad_x, y))
+    with pytest.raises(ValueError, match=r"NaN or Inf values \(rank 1 of 2; raised on every rank"):
+        sched.update_stats(DataLoader(nan, batch_size=16))
+    unchanged()
+    # first pass, rank 0: a label out of range
+    bad_y = y.clone()
+    if rank == 0:
+        bad_y[7] = C + 3
+    label = IndexedDataset(TensorDataset(x, bad_y))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 12\).*\(rank 0 of 2;"):
+        sched.update_stats(DataLoader(label, batch_size=16))
+    unchanged()
+    # second pass, rank 1: no indices and a shuffling loader (both passes of rank 0 succeed)
+    plain = TensorDataset(x, y)
+    loader = DataLoader(plain, batch_size=16, shuffle=rank == 1)
+    with pytest.raises(ValueError, match=r"a shuffling loader\?.*\(rank 1 of 2;"):
+        sched.update_stats(loader)
+    unchanged()
+    # an encoder that fails on one rank (torch's shape error): its RuntimeError stays one
+    if rank == 1:
+        model.encoder[0] = nn.Linear(P + 1, 16)
+    with pytest.raises(RuntimeError, match=r"rank 1 of 2; raised on every rank"):
+        sched.update_stats(DataLoader(ds, batch_size=16))
+    unchanged()
+    if rank == 1:
+        model.encoder[0] = _model().encoder[0]
+    summary = sched.update_stats(DataLoader(ds, batch_size=16))  # accepted on every rank
+    assert not sched.needs_stats
+    assert all(s == summary for s in _gather(summary)), summary
+
+
 CHECKS = [
     "check_ddp_ranks_share_the_global_batches",
     "check_ddp_resume_mid_stage",
     "check_sharded_stats_loader_is_refused",
+    "check_update_stats_failing_on_one_rank",
 ]
 
 

@@ -414,6 +414,23 @@ def test_update_stats_errors_leave_state_untouched():
     unchanged()
 
 
+def test_compute_stats_changes_nothing_and_commit_takes_them_all():
+    """update_stats = commit_stats(compute_stats(...)): the passes alone change no buffer (data
+    parallel, the ranks agree in between), the commit gives update_stats' state and summary."""
+    g, y, counts = _random_longtail(seed=12)
+    ft = FeatureTransfer(8, len(counts), energy=0.9)
+    before = {k: v.clone() for k, v in ft.state_dict().items()}
+    stats = ft.compute_stats([(g, y)])
+    assert all(torch.equal(before[k], v) for k, v in ft.state_dict().items())
+    assert not ft.ready
+    summary = ft.commit_stats(stats)
+    ref = FeatureTransfer(8, len(counts), energy=0.9)
+    assert ref.update_stats([(g, y)]) == summary
+    assert summary["num_regular_classes"] == 5 and summary["num_tail_classes"] == 4
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, ft.state_dict()[k]), k
+
+
 def test_transfer_label_errors():
     g, y, counts = _random_longtail(seed=12)
     ft = FeatureTransfer(8, len(counts) + 1, num_components=2)  # the last class is never seen
