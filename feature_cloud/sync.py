@@ -11,6 +11,7 @@ import copy
 import functools
 import hashlib
 import numbers
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
@@ -323,21 +324,57 @@ def _ranks(ranks: List[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-_AGREED_TYPES = (TypeError, RuntimeError)  # kept as they are; any other error: ValueError
+def _rank_name(rank: int, world: int, group: ProcessGroup) -> str:
+    """``rank 1 of 2``; in a subgroup the global rank first (torch's logs name that one)."""
+    if group is None or group is dist.group.WORLD:
+        return f"rank {rank} of {world}"
+    return f"rank {dist.get_global_rank(group, rank)} (rank {rank} of {world} in its process group)"
+
+
+def _described(problem: Optional[BaseException]) -> Optional[Tuple[str, str, str]]:
+    """``(module, qualname, message)`` of ``problem`` for the other ranks (a ``str()`` that
+    raises is replaced, so that this rank still takes part in the gather)."""
+    if problem is None:
+        return None
+    try:
+        text = str(problem)
+    except Exception:  # any error: this rank must not leave the others waiting
+        text = "<no message: its str() raised>"
+    return type(problem).__module__, type(problem).__qualname__, text
+
+
+def _rebuilt(module: str, qualname: str, message: str) -> Exception:
+    """An exception of the named class (imported on this rank already: the ranks run the same
+    code) that shows ``message``; a ``RuntimeError`` naming the class where none can be made
+    (a class that takes other arguments, or whose ``str()`` shows something else or raises)."""
+    cls: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            exc = cls(message)
+            if message in str(exc):
+                return exc
+        except Exception:
+            pass
+    return RuntimeError(f"{qualname}: {message}")
 
 
 def _raise_agreed_problem(problem: Optional[Exception], group: ProcessGroup, world: int) -> None:
-    """Every rank knows that some rank's arguments were bad (:func:`agree_on_batch`): all take
-    part in one more collective (an error path only) and raise the lowest such rank's error
-    (a ``TypeError`` or ``RuntimeError`` stays one, anything else is a ``ValueError``; on the
-    failing rank raised from its own)."""
-    kind = next((t.__name__ for t in _AGREED_TYPES if isinstance(problem, t)), "ValueError")
-    mine = None if problem is None else (kind, str(problem))
-    errors: List[Optional[Tuple[str, str]]] = [None] * world
+    """Every rank knows that some rank failed (:func:`agree_on_batch`, :func:`agree_on_outcome`):
+    all take part in one more collective (an error path only) and raise the lowest failing
+    rank's error, of its type where that type can be made from a message (``KeyError``,
+    ``torch.OutOfMemoryError``, ...; else a ``RuntimeError`` naming it), naming the rank, on the
+    failing rank raised from its own. Where every rank failed with the same error, each raises
+    its own, as one process would."""
+    mine = _described(problem)
+    errors: List[Optional[Tuple[str, str, str]]] = [None] * world
     dist.all_gather_object(errors, mine, group=group)
-    first, (name, message) = next((r, e) for r, e in enumerate(errors) if e is not None)
-    exc = next((t for t in _AGREED_TYPES if t.__name__ == name), ValueError)
-    raise exc(f"{message} (rank {first} of {world}; raised on every rank)") from problem
+    if problem is not None and all(e == mine for e in errors):
+        raise problem
+    first, (module, qualname, message) = next((r, e) for r, e in enumerate(errors) if e)
+    where = f"{_rank_name(first, world, group)}; raised on every rank"
+    raise _rebuilt(module, qualname, f"{message or qualname} ({where})") from problem
 
 
 def agree_on_outcome(
@@ -389,8 +426,7 @@ def agree_on_batch(
 
     ``problem``: an error this rank found in the caller's other arguments (``labels=None``, an
     unknown ``reduction``); it is agreed on first: every rank raises the lowest such rank's
-    error (its message, naming that rank; a ``TypeError`` stays one, anything else is a
-    ``ValueError``).
+    error (its type and message, naming that rank: :func:`_raise_agreed_problem`).
 
     ``settings``: ``(name, value)`` pairs of the caller's settings that must be the same on
     every rank (the cloud rule, ``gamma``, ``cloud_scale``, the margin, ...: see
@@ -440,7 +476,7 @@ def agree_on_batch(
         _raise_for_settings(settings, shown, group, world)
     where = ""
     if world > 1 and verdict[-1]:
-        where = f"rank {world - verdict[-1]} of {world}; raised on every rank"
+        where = f"{_rank_name(world - verdict[-1], world, group)}; raised on every rank"
     if verdict[k + 4]:
         if world == 1 and problem is not None:
             raise problem

@@ -236,6 +236,26 @@ def check_sharded_stats_loader_is_refused(rank: int, world: int) -> None:
     assert [b[2].tolist()[rank * B : (rank + 1) * B] for b in one[0]] == mine
 
 
+class _Unreadable(Exception):
+    def __str__(self) -> str:
+        raise AttributeError("no message")
+
+
+class _Failing(torch.utils.data.Dataset):
+    """``dataset`` whose item 60 raises ``error`` where ``fail``."""
+
+    def __init__(self, dataset: Any, fail: bool, error: Exception) -> None:
+        self.dataset, self.fail, self.error = dataset, fail, error
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        if self.fail and i == 60:
+            raise self.error
+        return self.dataset[i]
+
+
 def check_update_stats_failing_on_one_rank(rank: int, world: int) -> None:
     """An UpdateStats pass that fails on one rank only (its copy of the data: a NaN image, a
     label out of range, a shuffling loader without indices) raises that rank's error on every
@@ -283,6 +303,22 @@ def check_update_stats_failing_on_one_rank(rank: int, world: int) -> None:
     unchanged()
     if rank == 1:
         model.encoder[0] = _model().encoder[0]
+    # its type where it can be made from a message (a KeyError of a missing image file), the
+    # global rank named in a subgroup; one without a readable message does not hang the others
+    group = dist.new_group([0, 1])
+    with pytest.raises(KeyError, match=r"img_0042.jpg.*rank 1 \(rank 1 of 2 in its process group"):
+        sched.update_stats(
+            DataLoader(_Failing(ds, rank == 1, KeyError("img_0042.jpg"))), process_group=group
+        )
+    with pytest.raises(
+        RuntimeError, match=r"_Unreadable: <no message: its str\(\) raised> \(rank 0"
+    ):
+        sched.update_stats(DataLoader(_Failing(ds, rank == 0, _Unreadable()), batch_size=16))
+    unchanged()
+    # the same error on every rank (another class count than the model's) is raised as it is
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 12\) or be -1 \(ignored\)$"):
+        sched.update_stats(DataLoader(IndexedDataset(TensorDataset(x, y + 1)), batch_size=16))
+    unchanged()
     summary = sched.update_stats(DataLoader(ds, batch_size=16))  # accepted on every rank
     assert not sched.needs_stats
     assert all(s == summary for s in _gather(summary)), summary
