@@ -845,7 +845,7 @@ class FeatureCloud(nn.Module):
         if self.rule is not None:
             active = self.active
             stats = self.statistics
-            if stats.counting and active:
+            if stats.counting and (active or self._count_window_over()):
                 stats.allocate_memory()  # online K_i: lay out the memory once (one host sync)
             stats.update(features, labels, validate=False)
             if active:
@@ -857,6 +857,19 @@ class FeatureCloud(nn.Module):
         self.step.add_(1)
         self._count, self._seen = count + 1, self._stamp()
         return std, key
+
+    def _count_window_over(self) -> bool:
+        """Online ``K_i`` over ``count_steps`` shorter than the warm-up: whether the window is
+        over, so that the memory is laid out now and the rest of the warm-up fills it (it was
+        laid out when the cloud started: an empty memory, no variance, for another epoch). A
+        host read of the statistics' update count once the step count reaches the window (the
+        update count lags it only where batches held ignored rows alone)."""
+        window = self.statistics.count_updates
+        return (
+            window is not None
+            and self._host_count() >= window
+            and int(self.statistics.num_updates) >= window
+        )
 
     def _refuse_recomputation(self) -> None:
         """A training step run while autograd runs a backward is activation checkpointing
@@ -887,8 +900,9 @@ class FeatureCloud(nn.Module):
             if stats.counting:
                 raise RuntimeError(
                     "torch.compile of a feature cloud that counts K_i online: the angle memory is "
-                    "laid out when the warm-up ends (a host-side step). Pass class_counts, or run "
-                    "the warm-up (warmup_steps) eagerly and compile afterwards."
+                    "laid out when the counting ends (a host-side step). Pass class_counts, or run "
+                    "the counting steps (count_steps, else warmup_steps) eagerly and compile "
+                    "afterwards."
                 )
             stats.update(features, labels, validate=False)
             on = (self.step >= self.warmup_steps).float() * self.scale

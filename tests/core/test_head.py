@@ -249,6 +249,42 @@ def test_online_counting_over_a_multi_epoch_warmup_counts_one_epoch():
         LEAPMarginHead(D, C, cloud="full", warmup_steps=2, count_steps=3)
 
 
+def test_online_counts_over_one_epoch_fill_the_memory_over_the_rest_of_the_warmup():
+    """Face trial s59: with count_steps = one epoch of a two-epoch warm-up the memory was laid
+    out only when the cloud started, so it started on an empty memory (variance 0 for every
+    class, ~one more epoch without a cloud). Laid out when the count ends, the second warm-up
+    epoch fills it: at the end of the warm-up the statistics are those of a head given the
+    same counts (each ring holds the last epoch's angles)."""
+    gen = torch.Generator().manual_seed(5)
+    y_all = torch.cat([torch.full((n,), k) for k, n in enumerate([9, 7, 5, 3, 2, 2, 1, 1])])
+    x_all = torch.randn(len(y_all), D, generator=gen) + 3 * torch.eye(C, D)[y_all]
+    epoch = [torch.randperm(len(y_all), generator=gen) for _ in range(3)]
+    batches = [
+        (x_all[p[i : i + 6]], y_all[p[i : i + 6]]) for p in epoch for i in (0, 6, 12, 18, 24)
+    ]
+    steps = 5  # one epoch
+    counts = torch.bincount(y_all, minlength=C)
+    given = LEAPMarginHead(D, C, cloud="full", warmup_steps=2 * steps, class_counts=counts, seed=2)
+    online = LEAPMarginHead(D, C, cloud="full", warmup_steps=2 * steps, count_steps=steps, seed=2)
+    online.load_state_dict(
+        {k: v for k, v in given.state_dict().items() if k == "weight"}, strict=False
+    )
+    for step, (x, y) in enumerate(batches[: 2 * steps]):
+        given(x, y)
+        online(x, y)
+        assert online.statistics.counting == (step < steps), step  # laid out at step 6
+    s_on, s_given = online.statistics, given.statistics
+    assert s_on.class_counts.tolist() == counts.tolist()
+    assert int(s_on.memory_fill.sum()) == len(y_all)  # an epoch of angles before the cloud
+    assert torch.equal(s_on.memory_fill, s_given.memory_fill)
+    torch.testing.assert_close(
+        s_on.cloud_variance(), s_given.cloud_variance(), atol=1e-6, rtol=1e-4
+    )
+    assert float(s_on.cloud_variance().sum()) > 0  # was 0 for every class
+    for x, y in batches[2 * steps :]:  # the cloud's epoch: the same losses
+        torch.testing.assert_close(online(x, y), given(x, y), atol=1e-5, rtol=1e-5)
+
+
 def test_inference_logits_and_metric_l2_on_head():
     head = LEAPMarginHead(D, C, cloud=None)
     x, _ = _batch(0)
