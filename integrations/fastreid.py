@@ -1039,7 +1039,8 @@ def _warn_warmup_past_the_run(head: LEAPHead, cloud: FeatureCloud, max_iter: int
     warmup = int(cloud.warmup_steps)
     if warmup < max_iter:
         return
-    online = head.class_counts_source == "online"
+    window = cloud.count_steps  # online K_i end there when it is inside the run
+    online = head.class_counts_source == "online" and (window is None or window >= max_iter)
     logger.warning(
         "MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS is %d, the whole run or more (the trainer stops "
         "at iteration %d, SOLVER.MAX_EPOCH x iterations per epoch): the cloud never starts%s; "

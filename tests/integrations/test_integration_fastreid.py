@@ -460,6 +460,17 @@ def test_a_warmup_as_long_as_the_run_and_the_online_count_advice_are_said_in_yam
         f"stops at iteration {trainer.max_iter}"
     ), said
     assert "online counting of CLASS_COUNTS: online never ends" in said["5000"][0]
+    # with COUNT_ITERS inside the run the counting ends there (s59: its memory is laid out then)
+    os.makedirs(tmp_path / "window")
+    opts = ("MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS", "online")
+    opts += ("MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS", "5000")
+    opts += ("MODEL.HEADS.FEATURE_CLOUD.COUNT_ITERS", "4")
+    cfg = _tiny_cfg(tmp_path / "window", *opts, "DATALOADER.SAMPLER_TRAIN", "TrainingSampler")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DefaultTrainer(cfg)
+    logged = [m for m in _before_train_logged(trainer._hooks[0], caplog) if "never starts" in m]
+    assert logged and "never ends" not in logged[0], logged
 
 
 def test_warnings_of_the_counts_laid_out_at_train_start_reach_fastreids_log(
