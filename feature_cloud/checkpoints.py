@@ -85,7 +85,7 @@ def prepare_dcp_load(model: nn.Module, checkpoint: Any, prefix: Optional[str] = 
 
     Such buffers are a :class:`ClassStatistics`' angle memory (``memory``, ``memory_stamp``,
     ``memory_owner``: ``K_i * P`` slots, of size 0 in a head that counts ``K_i`` online until its
-    warm-up ends) and :class:`FeatureTransfer`'s PCA basis and sample lists (FTL), wherever they
+    count ends: ``count_steps``, else the warm-up) and :class:`FeatureTransfer`'s PCA basis and sample lists (FTL), wherever they
     are inside ``model`` (a head, PML's ``LEAPLoss``, ``FTLModel``). ``torch.load`` +
     ``load_state_dict`` needs none of this (the modules resize themselves as they load)::
 

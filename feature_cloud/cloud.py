@@ -900,9 +900,9 @@ class FeatureCloud(nn.Module):
             if stats.counting:
                 raise RuntimeError(
                     "torch.compile of a feature cloud that counts K_i online: the angle memory is "
-                    "laid out when the counting ends (a host-side step). Pass class_counts, or run "
-                    "the counting steps (count_steps, else warmup_steps) eagerly and compile "
-                    "afterwards."
+                    "laid out by the first step after the count (a host-side step). Pass "
+                    "class_counts, or run count_steps + 1 steps (else warmup_steps + 1) eagerly "
+                    "and compile afterwards."
                 )
             stats.update(features, labels, validate=False)
             on = (self.step >= self.warmup_steps).float() * self.scale

@@ -784,7 +784,7 @@ class ClassStatistics(KeepBufferDtypes):
         """Whether the laid-out ``K_i`` were given (constructor, :meth:`allocate_memory` with
         counts) rather than counted online: a checkpoint that holds none (a head trained without
         a cloud) keeps given ones; a head that counted its own takes the checkpoint's counting
-        state (its own state before the warm-up ended: the counting starts again)."""
+        state (its own state before the count ended: the counting starts again)."""
         given = self.__dict__.get("_layout_given")
         if given is None:  # a pickle of an earlier release: built with counts?
             return self.__dict__.get("_initial_counts") is not None

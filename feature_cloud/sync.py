@@ -328,53 +328,73 @@ def _rank_name(rank: int, world: int, group: ProcessGroup) -> str:
     """``rank 1 of 2``; in a subgroup the global rank first (torch's logs name that one)."""
     if group is None or group is dist.group.WORLD:
         return f"rank {rank} of {world}"
-    return f"rank {dist.get_global_rank(group, rank)} (rank {rank} of {world} in its process group)"
+    return f"global rank {dist.get_global_rank(group, rank)}, rank {rank} of {world} in its group"
 
 
-def _described(problem: Optional[BaseException]) -> Optional[Tuple[str, str, str]]:
-    """``(module, qualname, message)`` of ``problem`` for the other ranks (a ``str()`` that
-    raises is replaced, so that this rank still takes part in the gather)."""
+#: modules whose exception classes every rank has (the others: a lazily imported module, a
+#: class unpickled from a DataLoader worker, may be loaded on the failing rank only)
+_SHARED_MODULES = ("builtins", "torch")
+
+_Described = Tuple[List[Tuple[str, str]], str]
+
+
+class _Message(str):
+    """A message that ``KeyError`` shows as it is (``str(KeyError(m))`` is ``repr(m)``)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _described(problem: Optional[BaseException]) -> Optional[_Described]:
+    """``problem`` for the other ranks: its class and base classes (``(module, qualname)``,
+    nearest first) and its message (a ``str()`` that raises is replaced, so that this rank
+    still takes part in the gather)."""
     if problem is None:
         return None
     try:
         text = str(problem)
     except Exception:  # any error: this rank must not leave the others waiting
         text = "<no message: its str() raised>"
-    return type(problem).__module__, type(problem).__qualname__, text
+    return [(c.__module__, c.__qualname__) for c in type(problem).__mro__], text
 
 
-def _rebuilt(module: str, qualname: str, message: str) -> Exception:
-    """An exception of the named class (imported on this rank already: the ranks run the same
-    code) that shows ``message``; a ``RuntimeError`` naming the class where none can be made
-    (a class that takes other arguments, or whose ``str()`` shows something else or raises)."""
-    cls: Any = sys.modules.get(module)
-    for part in qualname.split("."):
-        cls = getattr(cls, part, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
+def _rebuilt(classes: List[Tuple[str, str]], message: str) -> Exception:
+    """The exception of the nearest class in ``classes`` (a class and its bases) that every
+    rank has (:data:`_SHARED_MODULES`) and that can be made from ``message`` alone: ``KeyError``,
+    ``OSError``, ``torch.OutOfMemoryError`` keep their class, a ``json.JSONDecodeError`` becomes
+    a ``ValueError``, a class of the user's an ``Exception``; the same on every rank. A message
+    of another class than the original's names that class."""
+    qualname = classes[0][1]
+    for module, name in classes:
+        cls: Any = sys.modules.get(module) if module in _SHARED_MODULES else None
+        for part in name.split("."):
+            cls = getattr(cls, part, None)
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            continue
+        text = _Message(message if name == qualname else f"{qualname}: {message}")
         try:
-            exc = cls(message)
-            if message in str(exc):
-                return exc
-        except Exception:
-            pass
-    return RuntimeError(f"{qualname}: {message}")
+            exc = cls(text)
+        except Exception:  # a class that takes other arguments: its base
+            continue
+        if exc.args == (text,):
+            return exc
+    return Exception(f"{qualname}: {message}")
 
 
 def _raise_agreed_problem(problem: Optional[Exception], group: ProcessGroup, world: int) -> None:
     """Every rank knows that some rank failed (:func:`agree_on_batch`, :func:`agree_on_outcome`):
     all take part in one more collective (an error path only) and raise the lowest failing
-    rank's error, of its type where that type can be made from a message (``KeyError``,
-    ``torch.OutOfMemoryError``, ...; else a ``RuntimeError`` naming it), naming the rank, on the
-    failing rank raised from its own. Where every rank failed with the same error, each raises
-    its own, as one process would."""
+    rank's error (:func:`_rebuilt`: its class where every rank can make it from a message, else
+    the nearest base class that can), naming the rank, on the failing rank raised from its own.
+    Where every rank failed with the same error, each raises its own, as one process would."""
     mine = _described(problem)
-    errors: List[Optional[Tuple[str, str, str]]] = [None] * world
+    errors: List[Optional[_Described]] = [None] * world
     dist.all_gather_object(errors, mine, group=group)
     if problem is not None and all(e == mine for e in errors):
         raise problem
-    first, (module, qualname, message) = next((r, e) for r, e in enumerate(errors) if e)
+    first, (classes, message) = next((r, e) for r, e in enumerate(errors) if e)
     where = f"{_rank_name(first, world, group)}; raised on every rank"
-    raise _rebuilt(module, qualname, f"{message or qualname} ({where})") from problem
+    raise _rebuilt(classes, f"{message or classes[0][1]} ({where})") from problem
 
 
 def agree_on_outcome(

@@ -414,7 +414,7 @@ class ModelEmaV3Following(ModelEmaV3):
     :class:`FeatureTransfer`) are copied from the model: angle sums averaged against copied
     counts, or an averaged PCA basis, are no statistics of anything (and the EMA evaluator's
     prototypes are the EMA centers). A buffer that changes shape in the model (the angle memory
-    laid out after an online-count warm-up, FTL's basis and sample lists at every UpdateStats)
+    laid out where an online count ends, FTL's basis and sample lists at every UpdateStats)
     is replaced in the copy before timm's update, which pairs tensors by position in place.
     ``exclude_buffers=True`` (timm's): every buffer copied, BatchNorm's too.
     """

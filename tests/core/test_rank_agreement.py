@@ -72,6 +72,16 @@ def check_synced_head(rank: int, world: int) -> None:
     _fails_together(
         rank, lambda: head(x, y, label_smoothing=eps), ValueError, r"label_smoothing.*rank 1 of 2"
     )
+    # the same bad argument on every rank: raised as it is, as one process raises it (s59; it
+    # was blamed on rank 0); in a subgroup the failing rank is named by its global rank too
+    _fails_together(rank, lambda: head(x, y, reduction="avg"), ValueError, r"'avg'[^(]*$")
+    group = dist.new_group([0, 1])
+    in_group = synchronize(LEAPMarginHead(D, C, class_counts=COUNTS, seed=1), group)
+    bad_x = x.clone()
+    if rank == 1:
+        bad_x[0, 0] = float("nan")
+    where = r"\(global rank 1, rank 1 of 2 in its group; raised on every rank\)$"
+    _fails_together(rank, lambda: in_group(bad_x, y), ValueError, where)
     assert_same_state(state_snapshot(head), before, f"rank {rank} after rejected batches")
 
     # still in step: int32 labels on rank 0, int64 on rank 1 (the label-dtype policy)
