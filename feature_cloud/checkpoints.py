@@ -85,9 +85,10 @@ def prepare_dcp_load(model: nn.Module, checkpoint: Any, prefix: Optional[str] = 
 
     Such buffers are a :class:`ClassStatistics`' angle memory (``memory``, ``memory_stamp``,
     ``memory_owner``: ``K_i * P`` slots, of size 0 in a head that counts ``K_i`` online until its
-    count ends: ``count_steps``, else the warm-up) and :class:`FeatureTransfer`'s PCA basis and sample lists (FTL), wherever they
-    are inside ``model`` (a head, PML's ``LEAPLoss``, ``FTLModel``). ``torch.load`` +
-    ``load_state_dict`` needs none of this (the modules resize themselves as they load)::
+    count ends: ``count_steps``, else the warm-up) and :class:`FeatureTransfer`'s PCA basis and
+    sample lists (FTL), wherever they are inside ``model`` (a head, PML's ``LEAPLoss``,
+    ``FTLModel``). ``torch.load`` + ``load_state_dict`` needs none of this (the modules resize
+    themselves as they load)::
 
         feature_cloud.prepare_dcp_load(model, path)
         state = {"model": get_model_state_dict(model)}  # or model.state_dict()

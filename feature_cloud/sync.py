@@ -405,7 +405,7 @@ def agree_on_outcome(
     all-reduce and one host read; where some rank failed, every rank raises that rank's error
     (the lowest such rank's, naming it; :func:`_raise_agreed_problem`), so none is left waiting
     in a later collective. Without a process group, ``problem`` is raised as it is."""
-    rank, world = _rank_world(group)
+    _, world = _rank_world(group)
     if world == 1:
         if problem is not None:
             raise problem

@@ -37,7 +37,7 @@ from ._validation import (
     warn_user,
 )
 
-__all__ = ["FeatureTransfer", "FeatureBatch"]
+__all__ = ["FeatureTransfer", "FeatureBatch", "UpdatedStats"]
 
 # buffers whose length depends on the data; resized when a checkpoint is loaded
 _VARIABLE_BUFFERS = ("basis", "hard_indices", "hard_labels", "tail_indices", "tail_labels")
