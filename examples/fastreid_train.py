@@ -177,7 +177,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     from feature_cloud.integrations.fastreid_ftl import FTLTrainer  # registers FTLBaseline
     from fastreid.data import build as data_build
     from fastreid.engine import DefaultTrainer
+    from fastreid.utils import comm
     from fastreid.utils.checkpoint import Checkpointer
+    from fastreid.utils.logger import setup_logger
     # isort: on
 
     if args.synthetic:
@@ -192,6 +194,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         opts += ["OUTPUT_DIR", output_dir]
     cfg = build_cfg(args.config_file, opts)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    # the logging of train_net.py's default_setup: the console and OUTPUT_DIR/log.txt, with
+    # feature-cloud's lines (logger "fastreid.feature_cloud"); without it nothing is saved
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank())
 
     if args.eval_only:  # as fastreid's tools/train_net.py
         cfg.defrost()

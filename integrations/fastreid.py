@@ -1007,7 +1007,8 @@ class FeatureCloudHook(HookBase):
         for head in _leap_heads(self.trainer.model):
             cloud = None if head.margin_head is None else head.margin_head.feature_cloud
             if cloud is not None and cloud.rule is not None and max_iter is not None:
-                _warn_warmup_past_the_run(head, cloud, int(max_iter))
+                start = int(getattr(self.trainer, "start_iter", 0))
+                _warn_warmup_past_the_run(head, cloud, int(max_iter), start)
             if head.class_counts_source == "online" and "Identity" in sampler:
                 logger.warning(
                     "MODEL.HEADS.FEATURE_CLOUD.CLASS_COUNTS: online with %s: an identity "
@@ -1032,22 +1033,37 @@ class FeatureCloudHook(HookBase):
             )
 
 
-def _warn_warmup_past_the_run(head: LEAPHead, cloud: FeatureCloud, max_iter: int) -> None:
+def _warn_warmup_past_the_run(
+    head: LEAPHead, cloud: FeatureCloud, max_iter: int, start_iter: int = 0
+) -> None:
     """A warm-up as long as the trainer's run (``SOLVER.MAX_EPOCH`` x iterations per epoch)
     leaves the cloud off for all of it, and online counting unfinished: said at the start (a
-    user trial trained 18 iterations with ``WARMUP_ITERS: 5000``, the result the cloud-less one)."""
+    user trial trained 18 iterations with ``WARMUP_ITERS: 5000``, the result the cloud-less one).
+    The cloud counts its steps from its own step, which ``MODEL.WEIGHTS`` carries in (s59: a
+    run continued from a checkpoint at step 5 was told its cloud never starts): the run ends
+    at the cloud's step + the iterations from ``start_iter`` to ``max_iter``."""
     warmup = int(cloud.warmup_steps)
-    if warmup < max_iter:
+    step = int(cloud.step)  # once, when training starts
+    end = step + max(max_iter - start_iter, 0)
+    if warmup < end:
         return
     window = cloud.count_steps  # online K_i end there when it is inside the run
-    online = head.class_counts_source == "online" and (window is None or window >= max_iter)
+    online = (
+        head.class_counts_source == "online"
+        and cloud.statistics.counting
+        and (window is None or window >= end)
+    )
+    carried = (
+        f"; the cloud's step is {step} at iteration {start_iter}" if step != start_iter else ""
+    )
     logger.warning(
         "MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS is %d, the whole run or more (the trainer stops "
-        "at iteration %d, SOLVER.MAX_EPOCH x iterations per epoch): the cloud never starts%s; "
+        "at iteration %d, SOLVER.MAX_EPOCH x iterations per epoch%s): the cloud never starts%s; "
         "set WARMUP_ITERS below the run (the LEAP paper: some epochs; a third of training is "
         "this package's evaluation default)",
         warmup,
         max_iter,
+        carried,
         " and the online counting of CLASS_COUNTS: online never ends" if online else "",
     )
 

@@ -253,6 +253,10 @@ def test_leap_eval_only_with_shipped_yaml(leap_run, data_root):
     )
     log = proc.stdout + proc.stderr
     assert "Skip loading parameter" not in log or "margin_head" not in log
+    # the example logs as train_net.py does: OUTPUT_DIR/log.txt (fastreid trial s59: none)
+    with open(os.path.join(out, "eval", "log.txt")) as f:
+        saved = f.read()
+    assert "fastreid" in saved and "Rank-1" in saved, saved[-2000:]
     results = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
     for key in ("Rank-1", "mAP"):
         assert results[key] == pytest.approx(trained["results"][key], abs=0.01), key

@@ -471,6 +471,21 @@ def test_a_warmup_as_long_as_the_run_and_the_online_count_advice_are_said_in_yam
         trainer = DefaultTrainer(cfg)
     logged = [m for m in _before_train_logged(trainer._hooks[0], caplog) if "never starts" in m]
     assert logged and "never ends" not in logged[0], logged
+    # a cloud whose step MODEL.WEIGHTS carried in starts within the run (fastreid trial s59:
+    # it was told it never starts): from step 5, WARMUP_ITERS = the run's length starts at
+    # iteration max_iter - 5; from step 0 it never starts
+    os.makedirs(tmp_path / "carried")
+    run = str(trainer.max_iter)
+    opts = ("MODEL.HEADS.FEATURE_CLOUD.WARMUP_ITERS", run)
+    cfg = _tiny_cfg(tmp_path / "carried", *opts, "DATALOADER.SAMPLER_TRAIN", "TrainingSampler")
+    trainer = DefaultTrainer(cfg)
+    cloud = trainer.model.heads.margin_head.feature_cloud
+    said = {}
+    for step in (0, 5):
+        cloud.step.fill_(step)
+        logged = _before_train_logged(trainer._hooks[0], caplog)
+        said[step] = [m for m in logged if "never starts" in m]
+    assert said[0] and not said[5], said
 
 
 def test_warnings_of_the_counts_laid_out_at_train_start_reach_fastreids_log(
