@@ -191,11 +191,29 @@ def _miner_weights(
         or labels.dim() != 1
     ):
         return None, None
+    negative = _negative_index(indices_tuple, labels.shape[0])
+    if negative is not None:
+        return None, ValueError(str(negative))
     try:
         return lmu.convert_to_weights(indices_tuple, labels.long(), dtype=embeddings.dtype), None
     except (IndexError, ValueError, TypeError, RuntimeError) as exc:
         problem = ValueError(f"indices_tuple does not fit the batch of {labels.shape[0]}: {exc}")
         return None, problem
+
+
+def _negative_index(indices_tuple: Any, batch: int) -> Optional[IndexError]:
+    """The error for a miner's ``indices_tuple`` holding a negative index (PML reads ``-1`` as
+    the batch's last row: a wrong pair or triplet, no error; below ``-batch`` it raises), else
+    ``None``. One host read of the smallest index."""
+    if not isinstance(indices_tuple, (tuple, list)):
+        return None
+    parts = [t.reshape(-1) for t in indices_tuple if isinstance(t, Tensor) and t.numel()]
+    if not parts or bool(torch.cat([p.to(parts[0].device) for p in parts]).min() >= 0):
+        return None
+    return IndexError(
+        f"indices_tuple holds a negative index: a miner's indices are rows 0..{batch - 1} of "
+        "the batch (PML would read -1 as the last row)"
+    )
 
 
 def _as_int64(labels: Tensor) -> Tensor:
@@ -603,6 +621,10 @@ class LEAPLoss(
             )
         elif isinstance(labels, Tensor) and labels.dim() != 1:  # PML's check_shapes: IndexError
             raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
+        elif isinstance(labels, Tensor):  # PML refuses an index past the batch, not a negative one
+            negative = _negative_index(indices_tuple, labels.shape[0])
+            if negative is not None:
+                raise negative
         try:
             return super().forward(upcast, labels, indices_tuple, ref_emb, ref_labels)
         finally:

@@ -159,6 +159,10 @@ def check_pml_loss(rank: int, world: int) -> None:
     _fails_together(
         rank, lambda: loss(bad_x, bad_y, pairs), ValueError, r"indices_tuple.*rank 1 of 2"
     )
+    pairs = torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([2, -1 if rank == 0 else 3])
+    _fails_together(
+        rank, lambda: loss(bad_x, bad_y, pairs), ValueError, r"negative index.*rank 0 of 2"
+    )
     if rank == 1:
         bad_x[0, 0] = float("nan")
     _fails_together(rank, lambda: loss(bad_x, bad_y), ValueError, r"NaN.*rank 1 of 2")

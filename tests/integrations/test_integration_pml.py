@@ -744,6 +744,13 @@ def test_a_refused_call_leaves_w_and_its_dtype_as_they_were():
         out_of_batch = (torch.tensor([0]), torch.tensor([1]), torch.tensor([B + 5]))
         loss(emb.double(), labels, out_of_batch)
     assert loss.W.dtype == torch.float32 and torch.equal(loss.W, before)
+    # a negative index (PML trial s59: -1 read as the last row, the step taken) is refused
+    state = {k: v.clone() for k, v in loss.state_dict().items()}
+    with pytest.raises(
+        IndexError, match=rf"negative index: a miner's indices are rows 0\.\.{B - 1}"
+    ):
+        loss(emb, labels, (torch.tensor([0]), torch.tensor([1]), torch.tensor([-1])))
+    assert all(torch.equal(v, loss.state_dict()[k]) for k, v in state.items())
 
 
 def test_zero_d_labels_are_refused_by_name_before_anything_moves():
